@@ -1,0 +1,43 @@
+"""vdkit: know, at runtime, exactly what is inside a disk image and its snapshots.
+
+The public entry point is :func:`open`; everything else is imported lazily so
+that ``vdkit-img`` starts quickly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vdkit.errors import VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.block.chain import OpenPolicy
+    from vdkit.block.node import Node
+
+__all__ = ["open", "VdkitError"]
+__version__ = "0.1.0"
+
+
+def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    backing: bool = True,
+    force_share: bool = False,
+    readonly: bool = True,
+    policy: OpenPolicy | None = None,
+) -> Node:
+    """Open an image read-only (by default) with its backing chain.
+
+    ``fmt`` forces the format (``"qcow2"`` or ``"raw"``); ``None`` probes.
+    ``policy`` (:class:`vdkit.block.chain.OpenPolicy`) limits which backing
+    and data files an untrusted image may make vdkit open.
+    """
+    from vdkit.block.chain import DEFAULT_POLICY
+    from vdkit.block.node import open_image
+
+    return open_image(
+        path, fmt, readonly=readonly, force_share=force_share, backing=backing,
+        policy=policy or DEFAULT_POLICY,
+    )

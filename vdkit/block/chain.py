@@ -1,0 +1,81 @@
+"""Backing-file resolution and the untrusted-image policy.
+
+An image names other files (its backing file, its external data file).  An
+image is untrusted input, so following such a name is a decision: the policy
+says whether to follow at all and, optionally, which folders are allowed.
+Names resolve the way QEMU resolves them: an absolute name is used as is, a
+relative one is joined to the folder part of the referring image's name *as
+given*, without normalisation (so ``sub/t.qcow2`` + ``../b.qcow2`` is
+``sub/../b.qcow2``, exactly what qemu-img prints).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vdkit.errors import PolicyError
+
+# A "protocol:" prefix (nbd:, http:, json:...) as QEMU's path_has_protocol sees it.
+_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-]+:")
+
+DEFAULT_MAX_CHAIN_DEPTH = 256
+
+
+def has_protocol(name: str) -> bool:
+    m = _PROTOCOL.match(name)
+    return bool(m) and "/" not in name[: m.end()]
+
+
+def resolve_backing_name(image_filename: str, stored: str) -> str | None:
+    """The name QEMU opens for ``stored`` referenced from ``image_filename``.
+
+    ``None`` when it cannot be determined (the referring image has a
+    protocol or ``json:`` name).
+    """
+    if stored.startswith("/") or has_protocol(stored):
+        return stored
+    if has_protocol(image_filename):
+        return None
+    slash = image_filename.rfind("/")
+    if slash < 0:
+        return stored
+    return image_filename[: slash + 1] + stored
+
+
+@dataclass(frozen=True)
+class OpenPolicy:
+    """What an image may make vdkit open besides itself.
+
+    ``allowed_dirs=None`` allows any folder; otherwise a referenced file must
+    resolve (symlinks followed) inside one of the folders.
+    """
+
+    follow_backing: bool = True
+    follow_data_file: bool = True
+    allowed_dirs: tuple[Path, ...] | None = None
+    max_chain_depth: int = DEFAULT_MAX_CHAIN_DEPTH
+
+    @classmethod
+    def restricted_to(cls, *dirs: str | os.PathLike[str], **kw: object) -> OpenPolicy:
+        return cls(allowed_dirs=tuple(Path(d).resolve() for d in dirs), **kw)  # type: ignore[arg-type]
+
+    def check(self, kind: str, name: str, resolved: str) -> None:
+        """Raise :class:`PolicyError` unless ``resolved`` may be opened as ``kind``."""
+        follow = self.follow_backing if kind == "backing file" else self.follow_data_file
+        if not follow:
+            raise PolicyError(f"{kind.capitalize()} '{name}' not opened: following {kind}s is disabled")
+        if has_protocol(resolved):
+            raise PolicyError(f"{kind.capitalize()} '{name}' uses a protocol, which is not allowed")
+        if self.allowed_dirs is None:
+            return
+        real = Path(resolved).resolve()
+        for d in self.allowed_dirs:
+            if real == d or d in real.parents:
+                return
+        raise PolicyError(f"{kind.capitalize()} '{name}' ({real}) is outside the allowed folders")
+
+
+DEFAULT_POLICY = OpenPolicy()

@@ -1,0 +1,78 @@
+"""The format driver protocol: the operations table every format fills in.
+
+Generic code (nodes, chains, info collection, the CLI and the monitor) only
+calls through this class.  An operation a format does not provide raises the
+standard "not supported" error here, in one place, like an empty slot in
+QEMU's ``BlockDriver`` table.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, ClassVar
+
+from vdkit.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.io.file import ImageFile
+
+
+class FormatDriver:
+    """One format opened on one file.  Subclasses override what they support."""
+
+    format_name: ClassVar[str] = ""
+    supports_backing: ClassVar[bool] = False
+
+    def __init__(self, file: ImageFile) -> None:
+        self.file = file
+
+    # -- geometry and state ---------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def cluster_size(self) -> int | None:
+        return None
+
+    @property
+    def encrypted(self) -> bool:
+        return False
+
+    @property
+    def dirty(self) -> bool:
+        return False
+
+    @property
+    def backing_file(self) -> str | None:
+        """The backing file name as stored in the image (unresolved)."""
+        return None
+
+    @property
+    def backing_format(self) -> str | None:
+        return None
+
+    def extra_files(self) -> list[ImageFile]:
+        """Other files this node owns (an external data file), for disk usage."""
+        return []
+
+    def allocated_size(self) -> int:
+        return self.file.allocated_size() + sum(f.allocated_size() for f in self.extra_files())
+
+    # -- snapshots ------------------------------------------------------------
+    def snapshots(self) -> list[SnapshotEntry]:
+        """Internal snapshots; formats without them have none."""
+        return []
+
+    def _unsupported(self) -> UnsupportedError:
+        return UnsupportedError("Block driver does not support snapshots", errno=errno.ENOTSUP)
+
+    # -- data -----------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        raise UnsupportedError(f"Driver '{self.format_name}' does not support reading")
+
+    def close(self) -> None:
+        for f in self.extra_files():
+            f.close()
+        self.file.close()

@@ -1,0 +1,199 @@
+"""Node: one open image with its driver and the nodes below it.
+
+A node owns its file (and external data file) for as long as it is open,
+including the QEMU-compatible locks on them.  Its ``backing`` is another node,
+opened through the same function with the format the image records (or
+probed), so a chain is a linked list of nodes that each know only their own
+format.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vdkit.block.chain import DEFAULT_POLICY, OpenPolicy, resolve_backing_name
+from vdkit.errors import OpenError, UnsupportedError, VdkitError
+from vdkit.formats.probe import PROBE_SIZE, SUPPORTED_FORMATS, probe_format
+from vdkit.io.file import ImageFile
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from vdkit.block.driver import FormatDriver
+    from vdkit.info.model import ImageInfo, SnapshotInfo
+
+
+class Node:
+    """An open image.  Use :func:`open_image` (or ``vdkit.open``) to make one."""
+
+    def __init__(self, filename: str, driver: FormatDriver, *, readonly: bool) -> None:
+        self.filename = filename
+        self.driver = driver
+        self.readonly = readonly
+        self.backing: Node | None = None
+
+    @property
+    def format(self) -> str:
+        return self.driver.format_name
+
+    @property
+    def backing_filename_resolved(self) -> str | None:
+        stored = self.driver.backing_file
+        return None if stored is None else resolve_backing_name(self.filename, stored)
+
+    def chain(self) -> Iterator[Node]:
+        node: Node | None = self
+        while node is not None:
+            yield node
+            node = node.backing
+
+    def info(self, *, nested: bool = False) -> ImageInfo:
+        """Image info of this node; ``nested`` fills ``backing-image`` recursively (QMP style)."""
+        from vdkit.info.collect import image_info
+
+        return image_info(self, nested=nested)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        from vdkit.info.collect import snapshot_infos
+
+        return snapshot_infos(self.driver)
+
+    def close(self) -> None:
+        for node in list(self.chain()):
+            node.driver.close()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.filename!r} format={self.format}>"
+
+
+def _make_driver(file: ImageFile, fmt: str, *, readonly: bool, check_mode: bool) -> FormatDriver:
+    if fmt == "qcow2":
+        from vdkit.formats.qcow2.driver import Qcow2Driver
+
+        return Qcow2Driver(file, readonly=readonly, check_mode=check_mode)
+    if fmt == "raw":
+        from vdkit.formats.raw import RawDriver
+
+        return RawDriver(file)
+    raise UnsupportedError(f"Image format '{fmt}' is not supported by vdkit")
+
+
+def open_image(
+    filename: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    readonly: bool = True,
+    force_share: bool = False,
+    backing: bool = True,
+    policy: OpenPolicy = DEFAULT_POLICY,
+    check_mode: bool = False,
+    no_io: bool = False,
+) -> Node:
+    """Open an image (and, with ``backing=True``, its whole backing chain).
+
+    ``no_io`` opens for metadata only, as ``qemu-img info`` does: a data file
+    that cannot be opened is then left closed instead of failing the open.
+    Errors carry qemu-img's text, prefixed with ``Could not open '<name>': ``.
+    """
+    name = os.fspath(filename)
+    try:
+        return _open(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                     policy=policy, check_mode=check_mode, no_io=no_io, depth=0, seen=frozenset())
+    except VdkitError as exc:
+        raise exc.prefixed(f"Could not open '{name}': ") from exc
+
+
+def _open(
+    name: str,
+    fmt: str | None,
+    *,
+    readonly: bool,
+    force_share: bool,
+    backing: bool,
+    policy: OpenPolicy,
+    check_mode: bool,
+    no_io: bool,
+    depth: int,
+    seen: frozenset[tuple[int, int]],
+) -> Node:
+    if fmt is not None and fmt not in SUPPORTED_FORMATS:
+        raise OpenError(f"Unknown driver '{fmt}'")
+    file = ImageFile(name, readonly=readonly, force_share=force_share)
+    node: Node | None = None
+    try:
+        st = os.fstat(file.fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident in seen:
+            raise OpenError(f"Backing file '{name}' creates an infinite loop.")
+        if fmt is None:
+            fmt = probe_format(file.pread(0, PROBE_SIZE))
+        driver = _make_driver(file, fmt, readonly=readonly, check_mode=check_mode)
+        node = Node(name, driver, readonly=readonly)
+        _open_data_file(node, policy, force_share=force_share, no_io=no_io)
+        if backing and driver.backing_file is not None:
+            _open_backing(node, policy, force_share=force_share, no_io=no_io, depth=depth,
+                          seen=seen | {ident})
+        return node
+    except BaseException:
+        if node is not None:
+            node.close()
+        else:
+            file.close()
+        raise
+
+
+def _open_data_file(node: Node, policy: OpenPolicy, *, force_share: bool, no_io: bool) -> None:
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+    driver = node.driver
+    if not isinstance(driver, Qcow2Driver) or not driver.header.has_data_file:
+        return
+    stored = driver.header.data_file
+    if stored is None:
+        raise OpenError("'data-file' is required for this image")
+    resolved = resolve_backing_name(node.filename, stored)
+    if resolved is None:
+        raise OpenError(f"Could not determine the path of data file '{stored}'")
+    try:
+        policy.check("data file", stored, resolved)
+        driver.data_file = ImageFile(resolved, readonly=node.readonly, force_share=force_share)
+    except VdkitError:
+        if not no_io:
+            raise
+
+
+def _open_backing(
+    node: Node,
+    policy: OpenPolicy,
+    *,
+    force_share: bool,
+    no_io: bool,
+    depth: int,
+    seen: frozenset[tuple[int, int]],
+) -> None:
+    stored = node.driver.backing_file
+    assert stored is not None
+    resolved = node.backing_filename_resolved
+    if resolved is None:
+        raise OpenError(
+            f"Could not determine absolute backing filename, but backing filename '{stored}' present"
+        )
+    if depth + 1 >= policy.max_chain_depth:
+        raise OpenError(f"Backing chain is deeper than {policy.max_chain_depth} images")
+    policy.check("backing file", stored, resolved)
+    try:
+        # Backing files are only ever read; they are opened read-only and shared
+        # the way QEMU shares them (others may read, nobody may write).
+        node.backing = _open(
+            resolved, node.driver.backing_format, readonly=True, force_share=force_share,
+            backing=True, policy=policy, check_mode=False, no_io=no_io, depth=depth + 1, seen=seen,
+        )
+    except VdkitError as exc:
+        raise exc.prefixed("Could not open backing file: ") from exc

@@ -1,0 +1,111 @@
+"""vdkit-img: the qemu-img compatible command line.
+
+This module is the only place where errors become exit codes and stderr
+lines.  Subcommands live in their own modules and are imported only when
+used, so that starting the program stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+from vdkit.errors import UsageError, VdkitError
+
+PROG = "vdkit-img"
+
+# subcommand -> module under vdkit.cli
+COMMANDS = {
+    "info": "info",
+    "snapshot": "snapshot",
+    "create": "create",
+    "check": "check",
+}
+
+# Exit code a subcommand returns through this exception (e.g. check's 2/3/63).
+class Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def write_out(text: str) -> None:
+    """Write to stdout keeping undecodable bytes of image names as they were."""
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+
+
+def write_err(text: str) -> None:
+    sys.stdout.flush()
+    sys.stderr.buffer.write(text.encode("utf-8", "surrogateescape"))
+    sys.stderr.flush()
+
+
+def error(message: str, hint: str | None = None) -> None:
+    """``vdkit-img: <message>`` plus unprefixed hint lines, as error_report does."""
+    text = f"{PROG}: {message}\n"
+    if hint:
+        text += hint if hint.endswith("\n") or hint.startswith("\0") else hint + "\n"
+    write_err(text.replace("\0", ""))
+
+
+def usage_error(message: str) -> int:
+    error(message, f"Try '{PROG} --help' for more information")
+    return 1
+
+
+HELP = f"""{PROG} version 0.1.0 (qemu-img 7.2 compatible)
+usage: {PROG} [standard options] command [command options]
+
+Command syntax:
+  check [--output=human|json] [-f fmt] [-q] [-r [leaks | all]] [-U] filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
+  snapshot [-q] [-U] [-f fmt] [--output=human|json] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+"""
+
+
+def run(argv: list[str]) -> int:
+    if not argv:
+        return usage_error("Not enough arguments")
+    cmd = argv[0]
+    if cmd in ("-h", "--help"):
+        write_out(HELP)
+        return 0
+    if cmd in ("-V", "--version"):
+        write_out(f"{PROG} version 0.1.0\n")
+        return 0
+    module = COMMANDS.get(cmd)
+    if module is None:
+        return usage_error(f"Command not found: {cmd}")
+    handler: Callable[[list[str]], int] = importlib.import_module(f"vdkit.cli.{module}").main
+    return handler(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except Exit as exc:
+        code = exc.code
+    except UsageError as exc:
+        code = usage_error(exc.message)
+    except VdkitError as exc:
+        error(exc.message, exc.hint)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as exc:  # a bug in vdkit: say so in one line, never a traceback
+        if os.environ.get("VDKIT_DEBUG"):
+            raise
+        error(f"internal error: {type(exc).__name__}: {exc} (set VDKIT_DEBUG=1 for a traceback)")
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

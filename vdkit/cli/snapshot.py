@@ -1,0 +1,53 @@
+"""``vdkit-img snapshot``: list (and, with the write side, create/apply/delete)."""
+
+from __future__ import annotations
+
+from vdkit.cli.main import write_out
+from vdkit.cli.options import LongOpt, getopt_long, output_format
+from vdkit.errors import UsageError
+
+LONGOPTS = [
+    LongOpt("help", False, "h"),
+    LongOpt("force-share", False, "U"),
+    LongOpt("image-opts", False, "image-opts"),
+    LongOpt("output", True, "output"),
+]
+
+
+def main(argv: list[str]) -> int:
+    p = getopt_long(argv, ":la:c:d:f:hqU", LONGOPTS)
+    if p.has("h"):
+        from vdkit.cli.main import HELP
+
+        write_out(HELP)
+        return 0
+    actions = [(k, v) for k, v in p.opts if k in "lacd"]
+    if len(actions) > 1:
+        raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+    if len(p.args) != 1:
+        raise UsageError("Expecting one image file name")
+    output = output_format(p.last("output"))
+    filename = p.args[0]
+    fmt = p.last("f")
+    action, arg = actions[0] if actions else (None, None)
+    if action == "l":
+        return _list(filename, fmt, force_share=p.has("U"), output=output)
+    from vdkit.cli import snapshot_write
+
+    return snapshot_write.run(action, arg, filename, fmt, force_share=p.has("U"), quiet=p.has("q"))
+
+
+def _list(filename: str, fmt: str | None, *, force_share: bool, output: str) -> int:
+    from vdkit.block.node import open_image
+
+    with open_image(filename, fmt, readonly=True, force_share=force_share) as node:
+        snaps = node.snapshots()
+    if output == "json":
+        from vdkit.info.render_json import render_pretty
+
+        write_out(render_pretty(snaps))
+    else:
+        from vdkit.info.render_human import snapshot_list
+
+        write_out(snapshot_list(snaps))
+    return 0

@@ -1,0 +1,1 @@
+"""The qcow2 format driver (versions 2 and 3)."""

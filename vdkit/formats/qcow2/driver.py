@@ -1,0 +1,156 @@
+"""Qcow2Driver: the qcow2 operations table, built from the modules beside it.
+
+Opening validates the header (``header``), then reads the snapshot table
+(``snapshot``).  Everything else (L1/L2 tables, refcounts, bitmaps, the LUKS
+header) is read lazily, only by the operations that need it, so that
+``info`` on an image with many snapshots or a huge L1 stays cheap.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from functools import cached_property
+
+from vdkit.block.driver import FormatDriver
+from vdkit.errors import CorruptImageError, OpenError
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.header import Qcow2Header, parse_header
+from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
+from vdkit.io.file import ImageFile
+
+
+@dataclass(frozen=True)
+class BitmapEntry:
+    """One bitmap directory entry (only what info and check need)."""
+
+    name: str
+    table_offset: int
+    table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    extra_data_size: int
+
+    IN_USE = 1 << 0
+    AUTO = 1 << 1
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+
+class Qcow2Driver(FormatDriver):
+    format_name = "qcow2"
+    supports_backing = True
+
+    def __init__(
+        self,
+        file: ImageFile,
+        *,
+        readonly: bool = True,
+        check_mode: bool = False,
+    ) -> None:
+        super().__init__(file)
+        self.readonly = readonly
+        self.check_mode = check_mode
+        head = file.pread(0, L.V3_MIN_HEADER_SIZE)
+        if head[:4] != L.MAGIC:
+            raise OpenError("Image is not in qcow2 format")
+        cluster_bits = int.from_bytes(head[20:24], "big")
+        # Validate the cluster size before reading "cluster 0" with it.
+        cluster0 = head
+        if L.MIN_CLUSTER_BITS <= cluster_bits <= L.MAX_CLUSTER_BITS:
+            cluster0 = file.pread(0, 1 << cluster_bits)
+        self.header: Qcow2Header = parse_header(cluster0, readonly=readonly, check_mode=check_mode)
+        self.data_file: ImageFile | None = None
+        self._snapshots: list[SnapshotEntry] = []
+        self.snapshot_table_size = 0
+        if not check_mode:
+            self._snapshots, self.snapshot_table_size = self._read_snapshot_table()
+
+    # -- snapshot table ---------------------------------------------------------
+    def _read_snapshot_table(self, *, check_mode: bool = False) -> tuple[list[SnapshotEntry], int]:
+        h = self.header
+        if h.nb_snapshots == 0:
+            return [], 0
+        # Read no more than the file holds: a table claimed past EOF costs no memory.
+        limit = min(L.MAX_SNAPSHOT_TABLE_SIZE, max(0, self.file.size() - h.snapshots_offset))
+        buf = self.file.pread(h.snapshots_offset, limit)
+        return parse_snapshot_table(buf, h.nb_snapshots, disk_size=h.size, check_mode=check_mode)
+
+    def snapshots(self) -> list[SnapshotEntry]:
+        return list(self._snapshots)
+
+    # -- geometry -------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        return self.header.size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.header.cluster_size
+
+    @property
+    def encrypted(self) -> bool:
+        return self.header.crypt_method != L.CRYPT_NONE
+
+    @property
+    def dirty(self) -> bool:
+        return self.header.dirty
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format if self.header.backing_file is not None else None
+
+    def extra_files(self) -> list[ImageFile]:
+        return [self.data_file] if self.data_file is not None else []
+
+    # -- bitmaps and encryption (read for info) -------------------------------
+    @cached_property
+    def bitmaps(self) -> list[BitmapEntry]:
+        h = self.header
+        if h.bitmaps is None or h.version < 3:
+            return []
+        if not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            # A program without bitmap support modified the image: the
+            # bitmaps are no longer trustworthy and QEMU ignores them.
+            return []
+        buf = self.file.pread(h.bitmaps.directory_offset, h.bitmaps.directory_size)
+        out: list[BitmapEntry] = []
+        off = 0
+        for _ in range(h.bitmaps.nb_bitmaps):
+            if off + L.BITMAP_DIR_ENTRY.size > len(buf):
+                raise CorruptImageError("Bitmap directory is corrupted")
+            (tbl_off, tbl_size, flags, btype, gran_bits, name_size,
+             extra_size) = L.BITMAP_DIR_ENTRY.unpack_from(buf, off)
+            name_off = off + L.BITMAP_DIR_ENTRY.size + extra_size
+            if name_off + name_size > len(buf):
+                raise CorruptImageError("Bitmap directory is corrupted")
+            name = buf[name_off : name_off + name_size].decode("utf-8", "replace")
+            out.append(BitmapEntry(name, tbl_off, tbl_size, flags, btype, gran_bits, extra_size))
+            off = L.align_up(name_off + name_size, 8)
+        return out
+
+    def luks_header(self) -> bytes | None:
+        """Raw bytes of the LUKS header area of an encrypted image."""
+        h = self.header
+        if h.crypt_method != L.CRYPT_LUKS or h.crypto is None:
+            return None
+        if h.crypto.offset % h.cluster_size:
+            raise CorruptImageError("Crypto header offset is not cluster aligned")
+        from vdkit.formats.luks import LUKS_MAX_HEADER
+
+        length = min(h.crypto.length, LUKS_MAX_HEADER)
+        return self.file.pread(h.crypto.offset, length)
+
+    def snapshot_unsupported_reason(self) -> str | None:
+        if self.header.has_data_file:
+            return "Operation not supported"
+        return None
+
+    ENOTSUP = errno.ENOTSUP

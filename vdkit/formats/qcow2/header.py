@@ -1,0 +1,388 @@
+"""Parse, validate and serialise the qcow2 header and its extensions.
+
+Validation follows the order QEMU 7.2 applies when opening an image, so that
+the first problem reported for a broken image is the one qemu-img reports,
+with the same text.  Everything the header points at is checked against the
+limits before anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+from vdkit.errors import CorruptImageError, OpenError, UnsupportedError
+from vdkit.formats.qcow2 import layout as L
+
+
+@dataclass(frozen=True)
+class FeatureName:
+    type: int
+    bit: int
+    name: str
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    nb_bitmaps: int
+    directory_size: int
+    directory_offset: int
+
+
+@dataclass(frozen=True)
+class CryptoExtension:
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class UnknownExtension:
+    type: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Qcow2Header:
+    """Everything cluster 0 says, decoded.  v2 images get v3's implicit defaults."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = L.V2_HEADER_SIZE
+    compression_type: int = L.CompressionType.ZLIB
+    unknown_header_fields: bytes = b""
+    # extensions
+    backing_format: str | None = None
+    data_file: str | None = None
+    crypto: CryptoExtension | None = None
+    feature_table: tuple[FeatureName, ...] = ()
+    bitmaps: BitmapsExtension | None = None
+    unknown_extensions: tuple[UnknownExtension, ...] = ()
+    backing_file: str | None = None
+    # raw bytes of the backing name, kept for the rare non-UTF-8 name
+    backing_file_raw: bytes | None = field(default=None, repr=False)
+
+    # -- derived geometry -----------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & L.INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def subcluster_size(self) -> int:
+        return self.cluster_size // 32 if self.extended_l2 else self.cluster_size
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.incompatible_features & L.INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.incompatible_features & L.INCOMPAT_CORRUPT)
+
+    @property
+    def has_data_file(self) -> bool:
+        return bool(self.incompatible_features & L.INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
+
+    def l1_entries_needed(self, size: int | None = None) -> int:
+        """L1 entries that describe the virtual disk (``size_to_l1``)."""
+        span = self.cluster_size * self.l2_entries
+        return ((self.size if size is None else size) + span - 1) // span
+
+    def evolve(self, **changes: object) -> Qcow2Header:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _unsupported_features(mask: int, table: tuple[FeatureName, ...]) -> str:
+    names = []
+    for feat in table:
+        if feat.type == L.FeatureType.INCOMPATIBLE and mask & (1 << feat.bit):
+            names.append(feat.name)
+            mask &= ~(1 << feat.bit)
+    if mask:
+        names.append(f"Unknown incompatible feature: {mask:x}")
+    return ", ".join(names)
+
+
+def _validate_table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str, cluster_size: int) -> None:
+    if entries > max_bytes // entry_len:
+        raise OpenError(f"{name} too large")
+    if (2**63 - 1) - entries * entry_len < offset or offset % cluster_size:
+        raise OpenError(f"{name} offset invalid")
+
+
+def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = False) -> Qcow2Header:
+    """Decode cluster 0 (or at least its first 2 MiB available bytes).
+
+    ``cluster0`` must hold the whole first cluster (zero padded if the file
+    is shorter); the caller reads ``max(header, cluster)`` bytes.
+    """
+    if len(cluster0) < L.V2_HEADER_SIZE or cluster0[:4] != L.MAGIC:
+        raise OpenError("Image is not in qcow2 format")
+    (
+        _magic,
+        version,
+        backing_file_offset,
+        backing_file_size,
+        cluster_bits,
+        size,
+        crypt_method,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
+    ) = L.HEADER_V2.unpack_from(cluster0)
+    if version not in (2, 3):
+        raise UnsupportedError(f"Unsupported qcow2 version {version}")
+    if not L.MIN_CLUSTER_BITS <= cluster_bits <= L.MAX_CLUSTER_BITS:
+        raise UnsupportedError(f"Unsupported cluster size: 2^{cluster_bits}")
+    cluster_size = 1 << cluster_bits
+    hdr: dict[str, object] = {}
+    if version == 3:
+        incompat, compat, autoclear, refcount_order, header_length = L.HEADER_V3_EXTRA.unpack_from(
+            cluster0, L.V2_HEADER_SIZE
+        )
+        if header_length < L.V3_MIN_HEADER_SIZE:
+            raise OpenError("qcow2 header too short")
+        if header_length > cluster_size:
+            raise OpenError("qcow2 header exceeds cluster size")
+        hdr.update(
+            incompatible_features=incompat,
+            compatible_features=compat,
+            autoclear_features=autoclear,
+            refcount_order=refcount_order,
+            header_length=header_length,
+        )
+        if header_length > L.V3_HEADER_SIZE:
+            hdr["unknown_header_fields"] = bytes(cluster0[L.V3_HEADER_SIZE:header_length])
+    else:
+        incompat = 0
+        header_length = L.V2_HEADER_SIZE
+    if backing_file_offset > cluster_size:
+        raise OpenError("Invalid backing file offset")
+
+    compression_type = L.CompressionType.ZLIB
+    if header_length > L.V3_MIN_HEADER_SIZE:
+        compression_type = cluster0[L.V3_MIN_HEADER_SIZE]
+        if compression_type not in (L.CompressionType.ZLIB, L.CompressionType.ZSTD):
+            raise OpenError(f"qcow2: unknown compression type: {compression_type}")
+        if compression_type != L.CompressionType.ZLIB and not incompat & L.INCOMPAT_COMPRESSION:
+            raise OpenError("qcow2: Compression type incompatible feature bit must be set")
+    if compression_type == L.CompressionType.ZLIB and incompat & L.INCOMPAT_COMPRESSION:
+        raise OpenError("qcow2: Compression type incompatible feature bit must not be set")
+
+    ext_end = backing_file_offset if backing_file_offset else cluster_size
+    ext = parse_extensions(cluster0, header_length, ext_end, cluster_size)
+
+    if incompat & ~L.INCOMPAT_MASK:
+        raise UnsupportedError(
+            "Unsupported qcow2 feature(s): "
+            + _unsupported_features(incompat & ~L.INCOMPAT_MASK, ext.get("feature_table", ()))  # type: ignore[arg-type]
+        )
+    if incompat & L.INCOMPAT_CORRUPT and not readonly and not check_mode:
+        raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+    refcount_order = int(hdr.get("refcount_order", 4))  # type: ignore[call-overload]
+    if refcount_order > L.MAX_REFCOUNT_ORDER:
+        raise OpenError("Reference count entry width too large; may not exceed 64 bits")
+    if incompat & L.INCOMPAT_EXTL2 and cluster_size // 32 < 512:
+        raise OpenError(f"Unsupported subcluster size: {cluster_size // 32}")
+    if crypt_method > L.CRYPT_LUKS:
+        raise OpenError(f"Unsupported encryption method: {crypt_method}")
+    if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
+        raise OpenError("Could not read encryption header: LUKS header extension is missing")  # pragma: no cover
+    if refcount_table_clusters == 0 and not check_mode:
+        raise OpenError("Image does not contain a reference count table")
+    _validate_table(
+        refcount_table_offset, refcount_table_clusters, cluster_size, L.MAX_REFTABLE_SIZE,
+        "Reference count table", cluster_size,
+    )
+    if not check_mode:
+        _validate_table(
+            snapshots_offset if nb_snapshots else 0, nb_snapshots, 40, 40 * L.MAX_SNAPSHOTS,
+            "Snapshot table", cluster_size,
+        )
+    if l1_size > L.MAX_L1_SIZE // 8:
+        raise OpenError("Active L1 table too large")
+    header = Qcow2Header(
+        version=version,
+        backing_file_offset=backing_file_offset,
+        backing_file_size=backing_file_size,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=crypt_method,
+        l1_size=l1_size,
+        l1_table_offset=l1_table_offset,
+        refcount_table_offset=refcount_table_offset,
+        refcount_table_clusters=refcount_table_clusters,
+        nb_snapshots=nb_snapshots,
+        snapshots_offset=snapshots_offset,
+        compression_type=compression_type,
+        **hdr,  # type: ignore[arg-type]
+        **ext,  # type: ignore[arg-type]
+    )
+    needed = header.l1_entries_needed()
+    if needed > 2**31 - 1:
+        raise OpenError("Image is too big")
+    if l1_size < needed:
+        raise OpenError("L1 table is too small")
+    if l1_size:
+        _validate_table(l1_table_offset, l1_size, 8, L.MAX_L1_SIZE, "Active L1 table", cluster_size)
+
+    if backing_file_offset:
+        if backing_file_size > L.MAX_BACKING_FILE_NAME or backing_file_size > cluster_size - backing_file_offset:
+            raise OpenError("Backing file name too long")
+        raw = bytes(cluster0[backing_file_offset : backing_file_offset + backing_file_size])
+        header = replace(
+            header, backing_file=raw.decode("utf-8", "surrogateescape"), backing_file_raw=raw
+        )
+    return header
+
+
+def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int) -> dict[str, object]:
+    """Walk the extension area ``[start, end)`` of cluster 0."""
+    out: dict[str, object] = {}
+    features: list[FeatureName] = []
+    unknown: list[UnknownExtension] = []
+    off = start
+    end = min(end, len(buf))
+    while True:
+        if off + L.EXT_HEADER.size > end:
+            # QEMU stops silently when no room is left for another header.
+            break
+        ext_type, ext_len = L.EXT_HEADER.unpack_from(buf, off)
+        off += L.EXT_HEADER.size
+        if ext_len > end - off:
+            raise OpenError("Header extension too large")
+        data = bytes(buf[off : off + ext_len])
+        if ext_type == L.EXT_END:
+            break
+        if ext_type == L.EXT_BACKING_FORMAT:
+            if ext_len >= L.MAX_BACKING_FORMAT_NAME:
+                raise OpenError(f"ERROR: ext_backing_format: len={ext_len} too large (>={L.MAX_BACKING_FORMAT_NAME})")
+            out["backing_format"] = data.decode("utf-8", "replace")
+        elif ext_type == L.EXT_FEATURE_TABLE:
+            for i in range(ext_len // L.FEATURE_ENTRY.size):
+                ftype, bit, name = L.FEATURE_ENTRY.unpack_from(data, i * L.FEATURE_ENTRY.size)
+                features.append(FeatureName(ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace")))
+        elif ext_type == L.EXT_BITMAPS:
+            if ext_len != L.BITMAPS_EXT.size:
+                raise OpenError("ERROR: bitmaps_ext: Invalid extension length")
+            nb, reserved, dsize, doff = L.BITMAPS_EXT.unpack(data)
+            if reserved:
+                raise OpenError("ERROR: bitmaps_ext: Reserved field is not zero")
+            if nb == 0 or nb > L.MAX_BITMAPS:
+                raise OpenError(f"ERROR: bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of {L.MAX_BITMAPS}"
+                                if nb else "ERROR: bitmaps_ext: found bitmaps extension with zero bitmaps")
+            if dsize > L.MAX_BITMAP_DIRECTORY_SIZE:
+                raise OpenError("ERROR: bitmaps_ext: bitmap directory size is too large")
+            if doff % cluster_size:
+                raise OpenError("ERROR: bitmaps_ext: invalid dir offset")
+            out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
+        elif ext_type == L.EXT_CRYPTO_HEADER:
+            if ext_len != L.CRYPTO_EXT.size:
+                raise OpenError(f"Unable to read crypto header extension: expected {L.CRYPTO_EXT.size} bytes, got {ext_len}")
+            out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
+        elif ext_type == L.EXT_DATA_FILE:
+            out["data_file"] = data.decode("utf-8", "surrogateescape")
+        else:
+            unknown.append(UnknownExtension(ext_type, data))
+        off += (ext_len + 7) & ~7
+    out["feature_table"] = tuple(features)
+    out["unknown_extensions"] = tuple(unknown)
+    return out
+
+
+# -- serialisation ------------------------------------------------------------------------------
+
+def _ext(ext_type: int, data: bytes) -> bytes:
+    pad = (-len(data)) % 8
+    return L.EXT_HEADER.pack(ext_type, len(data)) + data + bytes(pad)
+
+
+def feature_table_bytes() -> bytes:
+    return b"".join(L.FEATURE_ENTRY.pack(t, bit, name.encode()) for t, bit, name in L.FEATURE_TABLE)
+
+
+def serialize_header(h: Qcow2Header) -> bytes:
+    """Header, extensions and backing name exactly as QEMU 7.2 lays them out.
+
+    Returns the bytes of cluster 0 up to the end of the backing file name; the
+    backing file offset and size fields are computed here.
+    """
+    if h.version == 2:
+        header_length = L.V2_HEADER_SIZE
+    else:
+        header_length = max(L.V3_HEADER_SIZE, h.header_length)
+    exts = b""
+    if h.backing_format is not None:
+        exts += _ext(L.EXT_BACKING_FORMAT, h.backing_format.encode())
+    if h.data_file is not None:
+        exts += _ext(L.EXT_DATA_FILE, h.data_file.encode("utf-8", "surrogateescape"))
+    if h.crypto is not None:
+        exts += _ext(L.EXT_CRYPTO_HEADER, L.CRYPTO_EXT.pack(h.crypto.offset, h.crypto.length))
+    if h.version == 3 and h.cluster_size > 4096:
+        exts += _ext(L.EXT_FEATURE_TABLE, feature_table_bytes())
+    if h.bitmaps is not None:
+        exts += _ext(L.EXT_BITMAPS, L.BITMAPS_EXT.pack(h.bitmaps.nb_bitmaps, 0, h.bitmaps.directory_size,
+                                                      h.bitmaps.directory_offset))
+    for u in h.unknown_extensions:
+        exts += _ext(u.type, u.data)
+    exts += bytes(8)
+    backing = b""
+    if h.backing_file is not None:
+        backing = h.backing_file_raw if h.backing_file_raw is not None else h.backing_file.encode()
+    backing_offset = header_length + len(exts) if backing else 0
+    fixed = L.HEADER_V2.pack(
+        L.MAGIC, h.version, backing_offset, len(backing), h.cluster_bits, h.size, h.crypt_method,
+        h.l1_size, h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters,
+        h.nb_snapshots, h.snapshots_offset,
+    )
+    if h.version == 3:
+        fixed += L.HEADER_V3_EXTRA.pack(
+            h.incompatible_features, h.compatible_features, h.autoclear_features, h.refcount_order,
+            header_length,
+        )
+        fixed += struct.pack(">B7x", h.compression_type)
+        fixed += h.unknown_header_fields
+    out = fixed + exts + backing
+    if len(out) > h.cluster_size:
+        raise UnsupportedError("Header extensions do not fit in the first cluster")
+    return out

@@ -1,0 +1,128 @@
+"""The qcow2 internal snapshot table: entries, parsing and serialisation.
+
+The table is read whole at open (it is bounded by 64 MiB and 65536 entries,
+the limits QEMU enforces) and is never updated in place: writers build a new
+table elsewhere and switch the header to it (see the snapshot operations in
+``snapshot_ops``).  Unknown extra data is carried verbatim so a rewrite never
+drops what a newer writer stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vdkit.errors import OpenError
+from vdkit.formats.qcow2 import layout as L
+
+
+@dataclass
+class SnapshotEntry:
+    """One snapshot table entry as stored on disk."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int
+    icount: int = L.ICOUNT_UNUSED
+    extra_data_size: int = L.SNAPSHOT_EXTRA_SIZE
+    unknown_extra: bytes = field(default=b"", repr=False)
+
+    @property
+    def has_icount(self) -> bool:
+        return self.icount != L.ICOUNT_UNUSED
+
+    def encoded_size(self) -> int:
+        """Bytes this entry occupies when written, before alignment padding."""
+        extra = max(L.SNAPSHOT_EXTRA_SIZE, self.extra_data_size)
+        return L.SNAPSHOT_HEADER.size + extra + len(self.id_str.encode()) + len(self.name.encode())
+
+
+def parse_snapshot_table(
+    buf: bytes, nb_snapshots: int, *, disk_size: int, check_mode: bool = False
+) -> tuple[list[SnapshotEntry], int]:
+    """Decode ``nb_snapshots`` entries from ``buf`` (the table's bytes).
+
+    Returns the entries and the table size in bytes (ending right after the
+    last name).  ``buf`` may be shorter than the table when the file ends
+    early; missing bytes read as zero, as they do through QEMU's file layer.
+    """
+    entries: list[SnapshotEntry] = []
+    off = 0
+    for i in range(nb_snapshots):
+        off = L.align_up(off, 8)
+        fixed = _take(buf, off, L.SNAPSHOT_HEADER.size)
+        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
+         extra_size) = L.SNAPSHOT_HEADER.unpack(fixed)
+        off += L.SNAPSHOT_HEADER.size
+        if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA and not check_mode:
+            raise OpenError(
+                f"Too much extra metadata in snapshot table entry {i}",
+                hint="You can force-remove this extra metadata with qemu-img check -r all",
+            )
+        if off + extra_size + id_len + name_len > L.MAX_SNAPSHOT_TABLE_SIZE:
+            raise OpenError("Snapshot table is too big")
+        extra = _take(buf, off, min(extra_size, L.MAX_SNAPSHOT_EXTRA_DATA))
+        off += extra_size
+        vm_state_size = vm_state32
+        entry_disk_size = disk_size
+        icount = L.ICOUNT_UNUSED
+        if extra_size >= 8:
+            vm_state_size = int.from_bytes(extra[0:8], "big")
+        if extra_size >= 16:
+            entry_disk_size = int.from_bytes(extra[8:16], "big")
+        if extra_size >= 24:
+            icount = int.from_bytes(extra[16:24], "big")
+        unknown = extra[L.SNAPSHOT_EXTRA_SIZE:] if extra_size > L.SNAPSHOT_EXTRA_SIZE else b""
+        id_str = _take(buf, off, id_len).decode("utf-8", "surrogateescape")
+        off += id_len
+        name = _take(buf, off, name_len).decode("utf-8", "surrogateescape")
+        off += name_len
+        entries.append(
+            SnapshotEntry(
+                l1_table_offset=l1_off, l1_size=l1_size, id_str=id_str, name=name,
+                date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
+                vm_state_size=vm_state_size, disk_size=entry_disk_size, icount=icount,
+                extra_data_size=extra_size, unknown_extra=unknown,
+            )
+        )
+    return entries, off
+
+
+def _take(buf: bytes, off: int, n: int) -> bytes:
+    chunk = buf[off : off + n]
+    if len(chunk) < n:
+        chunk = bytes(chunk) + bytes(n - len(chunk))
+    return bytes(chunk)
+
+
+def table_size(entries: list[SnapshotEntry]) -> int:
+    """Size of the serialised table (QEMU counts no padding after the last entry)."""
+    off = 0
+    for e in entries:
+        off = L.align_up(off, 8) + e.encoded_size()
+    return off
+
+
+def serialize_snapshot_table(entries: list[SnapshotEntry]) -> bytes:
+    """The table exactly as QEMU 7.2 writes it (extra data at least 24 bytes)."""
+    out = bytearray()
+    for e in entries:
+        out += bytes(L.align_up(len(out), 8) - len(out))
+        extra_size = max(L.SNAPSHOT_EXTRA_SIZE, e.extra_data_size)
+        id_b = e.id_str.encode("utf-8", "surrogateescape")
+        name_b = e.name.encode("utf-8", "surrogateescape")
+        vm32 = e.vm_state_size if e.vm_state_size < 2**32 else 0
+        out += L.SNAPSHOT_HEADER.pack(
+            e.l1_table_offset, e.l1_size, len(id_b), len(name_b), e.date_sec, e.date_nsec,
+            e.vm_clock_nsec, vm32, extra_size,
+        )
+        out += L.SNAPSHOT_EXTRA.pack(e.vm_state_size, e.disk_size, e.icount)
+        unknown = e.unknown_extra[: extra_size - L.SNAPSHOT_EXTRA_SIZE]
+        out += unknown + bytes(extra_size - L.SNAPSHOT_EXTRA_SIZE - len(unknown))
+        out += id_b + name_b
+    return bytes(out)

@@ -1,0 +1,119 @@
+"""Node -> image info: the one place that turns driver state into reported info.
+
+The CLI (``info``, ``snapshot -l``), QMP (``query-block``,
+``query-snapshots``) and HMP all call these functions, so every front end
+reports the same facts.  The counterpart of QEMU's ``block/qapi.c``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vdkit.formats.qcow2 import layout as L
+from vdkit.info.model import (
+    AesEncryptionInfo,
+    ImageInfo,
+    ImageInfoSpecific,
+    ImageInfoSpecificQcow2,
+    LuksInfo,
+    Qcow2BitmapInfo,
+    SnapshotInfo,
+)
+
+if TYPE_CHECKING:
+    from vdkit.block.driver import FormatDriver
+    from vdkit.block.node import Node
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+
+
+def _truncate(text: str, max_bytes: int) -> str:
+    """The generic snapshot descriptor keeps at most ``max_bytes`` bytes."""
+    raw = text.encode("utf-8", "surrogateescape")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[:max_bytes].decode("utf-8", "surrogateescape")
+
+
+def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
+    return SnapshotInfo(
+        id=_truncate(entry.id_str, L.MAX_SNAPSHOT_ID_LEN),
+        name=_truncate(entry.name, L.MAX_SNAPSHOT_NAME_LEN),
+        vm_state_size=entry.vm_state_size,
+        date_sec=entry.date_sec,
+        date_nsec=entry.date_nsec,
+        vm_clock_sec=entry.vm_clock_nsec // 1_000_000_000,
+        vm_clock_nsec=entry.vm_clock_nsec % 1_000_000_000,
+        icount=entry.icount if entry.has_icount else None,
+    )
+
+
+def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
+    return [snapshot_info(e) for e in driver.snapshots()]
+
+
+def qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
+    h = driver.header
+    encrypt: LuksInfo | AesEncryptionInfo | None = None
+    if h.crypt_method == L.CRYPT_LUKS:
+        from vdkit.formats.luks import luks_info
+
+        raw = driver.luks_header()
+        encrypt = luks_info(raw) if raw is not None else None
+    elif h.crypt_method == L.CRYPT_AES:
+        encrypt = AesEncryptionInfo()
+    spec = ImageInfoSpecificQcow2(
+        compat="0.10" if h.version == 2 else "1.1",
+        refcount_bits=h.refcount_bits,
+        compression_type=L.CompressionType(h.compression_type).name.lower(),
+        encrypt=encrypt,
+    )
+    if h.version >= 3:
+        spec.lazy_refcounts = h.lazy_refcounts
+        spec.corrupt = h.corrupt
+        spec.extended_l2 = h.extended_l2
+        spec.data_file = h.data_file
+        if h.has_data_file:
+            spec.data_file_raw = h.data_file_raw
+        bitmaps = driver.bitmaps
+        if bitmaps:
+            spec.bitmaps = [
+                Qcow2BitmapInfo(
+                    name=b.name,
+                    granularity=b.granularity,
+                    flags=[f for bit, f in ((b.IN_USE, "in-use"), (b.AUTO, "auto")) if b.flags & bit],
+                )
+                for b in bitmaps
+            ]
+    return spec
+
+
+def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
+    """Info of one node (``nested``: with ``backing-image`` filled down the chain)."""
+    driver = node.driver
+    try:
+        actual: int | None = driver.allocated_size()
+    except OSError:
+        actual = None
+    info = ImageInfo(
+        filename=node.filename,
+        format=driver.format_name,
+        virtual_size=driver.virtual_size,
+        dirty_flag=driver.dirty,
+        actual_size=actual,
+        cluster_size=driver.cluster_size or None,
+        encrypted=True if driver.encrypted else None,
+    )
+    stored = driver.backing_file
+    if stored is not None:
+        info.backing_filename = stored
+        info.full_backing_filename = node.backing_filename_resolved
+        info.backing_filename_format = driver.backing_format
+    snaps = snapshot_infos(driver)
+    if snaps:
+        info.snapshots = snaps
+    if driver.format_name == "qcow2":
+        info.format_specific = ImageInfoSpecific("qcow2", qcow2_specific(driver))  # type: ignore[arg-type]
+    if nested and node.backing is not None:
+        info.backing_image = image_info(node.backing, nested=True)
+    return info

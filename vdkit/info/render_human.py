@@ -1,0 +1,124 @@
+"""Model objects to the text qemu-img and HMP print.
+
+Renderers are pure functions returning strings; the caller decides where the
+text goes and which line terminator to use (qemu-img writes ``\\n``; the
+monitor turns it into ``\\r\\n``).  The snapshot table has exactly one
+renderer, used by ``info``, ``snapshot -l`` and HMP ``info snapshots``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from vdkit.info.model import ImageInfo, SnapshotInfo
+from vdkit.info.render_json import qdict_order, to_qobject
+
+_PREFIXES = {0: "", 10: "Ki", 20: "Mi", 30: "Gi", 40: "Ti", 50: "Pi", 60: "Ei"}
+
+
+def size_to_str(value: int) -> str:
+    """Human size: 3 significant digits and an IEC prefix, like QEMU's size_to_str."""
+    _, e = math.frexp(value / (1000.0 / 1024.0))
+    i = int((e - 1) / 10) * 10  # C division truncates toward zero
+    i = max(0, min(i, 60))
+    return f"{value / float(1 << i):0.3g} {_PREFIXES[i]}B"
+
+
+SNAPSHOT_TABLE_HEADER = f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+
+
+def _vm_clock(sec: int, nsec: int) -> str:
+    total = sec * 1_000_000_000 + nsec
+    secs = total // 1_000_000_000
+    return "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60, (total // 1_000_000) % 1000)
+
+
+def snapshot_row(sn: SnapshotInfo) -> str:
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
+    icount = "" if sn.icount is None else str(sn.icount)
+    return (
+        f"{sn.id:<9} {sn.name:<16} {size_to_str(sn.vm_state_size):>8}{date:>20}"
+        f"{_vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec):>13}{icount:>11}"
+    )
+
+
+def snapshot_table(snapshots: Iterable[SnapshotInfo]) -> str:
+    """Header plus one row per snapshot, each line ending in ``\\n``."""
+    lines = [SNAPSHOT_TABLE_HEADER]
+    lines.extend(snapshot_row(sn) for sn in snapshots)
+    return "\n".join(lines) + "\n"
+
+
+def snapshot_list(snapshots: list[SnapshotInfo]) -> str:
+    """``qemu-img snapshot -l``: nothing at all when there are no snapshots."""
+    if not snapshots:
+        return ""
+    return "Snapshot list:\n" + snapshot_table(snapshots)
+
+
+def _dump_value(indent: int, value: Any, out: list[str]) -> None:
+    if isinstance(value, dict):
+        for key in qdict_order(list(value)):
+            _dump_member(indent, f"{key.replace('-', ' ')}:", value[key], out)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _dump_member(indent, f"[{i}]:", item, out)
+    elif value is True or value is False:
+        out.append(("true" if value else "false") + "\n")
+    else:
+        out.append(f"{value}\n")
+
+
+def _dump_member(indent: int, label: str, value: Any, out: list[str]) -> None:
+    out.append(" " * (indent * 4) + label)
+    out.append("\n" if isinstance(value, dict | list) else " ")
+    _dump_value(indent + 1, value, out)
+
+
+def format_specific(data: Any, indent: int = 1) -> str:
+    """The "Format specific information" dump of a model's ``data`` member."""
+    out: list[str] = []
+    _dump_value(indent, to_qobject(data), out)
+    return "".join(out)
+
+
+def image_info(info: ImageInfo) -> str:
+    """One image in ``qemu-img info`` human form, every line ending in ``\\n``."""
+    out = [
+        f"image: {info.filename}\n",
+        f"file format: {info.format}\n",
+        f"virtual size: {size_to_str(info.virtual_size)} ({info.virtual_size} bytes)\n",
+        "disk size: "
+        + (size_to_str(info.actual_size) if info.actual_size is not None else "unavailable")
+        + "\n",
+    ]
+    if info.encrypted:
+        out.append("encrypted: yes\n")
+    if info.cluster_size is not None:
+        out.append(f"cluster_size: {info.cluster_size}\n")
+    if info.dirty_flag:
+        out.append("cleanly shut down: no\n")
+    if info.backing_filename is not None:
+        line = f"backing file: {info.backing_filename}"
+        if info.full_backing_filename is None:
+            line += " (cannot determine actual path)"
+        elif info.full_backing_filename != info.backing_filename:
+            line += f" (actual path: {info.full_backing_filename})"
+        out.append(line + "\n")
+        if info.backing_filename_format is not None:
+            out.append(f"backing file format: {info.backing_filename_format}\n")
+    if info.snapshots:
+        out.append("Snapshot list:\n")
+        out.append(snapshot_table(info.snapshots))
+    if info.format_specific is not None:
+        out.append("Format specific information:\n")
+        out.append(format_specific(info.format_specific.data))
+    return "".join(out)
+
+
+def image_info_list(infos: list[ImageInfo]) -> str:
+    """``--backing-chain``: images separated by one empty line."""
+    return "\n".join(image_info(i) for i in infos)

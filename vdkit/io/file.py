@@ -1,0 +1,117 @@
+"""Positional file access for image files (the "file" protocol node).
+
+Reads and writes are positional (``os.pread``/``os.pwrite``): there is no shared
+seek position, so one open file can serve concurrent readers safely.  Reads
+past the end of the file return zeros, because a qcow2 image is not padded to
+a whole cluster and the missing tail of an allocated cluster reads as zero.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+from vdkit.errors import OpenError, os_error_message
+from vdkit.io.locks import ImageLock, LockMode
+
+
+class ImageFile:
+    """One open image file, with the QEMU-compatible lock held while open."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = True,
+        force_share: bool = False,
+        lock: bool = True,
+    ) -> None:
+        self.filename = os.fspath(path)
+        self.readonly = readonly
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            self.fd = os.open(self.filename, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OpenError(
+                f"Could not open '{self.filename}': {os_error_message(exc)}", errno=exc.errno
+            ) from exc
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise OpenError(
+                    f"'file' driver requires '{self.filename}' to be a regular file", errno=errno.EISDIR
+                )
+            self._is_block = stat.S_ISBLK(st.st_mode)
+            self.lock: ImageLock | None = None
+            if lock:
+                mode = LockMode.for_open(readonly=readonly, force_share=force_share)
+                self.lock = ImageLock(self.fd, self.filename, mode)
+                self.lock.acquire()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    # -- reading --------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; bytes past EOF read as zero."""
+        if length <= 0:
+            return b""
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # Short read: either EOF or a signal.  Loop until EOF really.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+            if len(data) < length:
+                data += bytes(length - len(data))
+        return data
+
+    def size(self) -> int:
+        if self._is_block:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return os.fstat(self.fd).st_size
+
+    def allocated_size(self) -> int:
+        """Host bytes allocated to the file (``st_blocks`` * 512), as qemu-img reports."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    # -- writing --------------------------------------------------------------
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            offset += n
+            view = view[n:]
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops its OFD locks
+            self.fd = -1
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageFile({self.filename!r}, readonly={self.readonly})"
+
+
+def dirname_of(filename: str) -> str:
+    return str(Path(filename).parent)
