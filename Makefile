@@ -1,0 +1,46 @@
+# Two entry points on a fresh Debian machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+APT_PKGS = qemu-utils qemu-system-x86 libnbd-bin
+
+.PHONY: demo test deps system-deps lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+deps: $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+
+# The oracle: the real QEMU 7.2 tools.  Installed only when missing.
+system-deps:
+	@if ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null || ! command -v nbdinfo >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
+
+demo: deps system-deps
+	@rm -rf demo && mkdir demo
+	@qemu-img create -q -f raw demo/base.raw 16M
+	@qemu-io -f raw -c 'write -P 0xaa 0 1M' demo/base.raw >/dev/null
+	@$(VENV)/bin/vdkit-img create -q -f qcow2 -b base.raw -F raw demo/top.qcow2 || qemu-img create -q -f qcow2 -b base.raw -F raw demo/top.qcow2
+	@qemu-io -c 'write -P 0x55 1M 64k' demo/top.qcow2 >/dev/null
+	@qemu-img snapshot -c before-upgrade demo/top.qcow2
+	@echo '$$ vdkit-img info --backing-chain demo/top.qcow2'
+	@$(VENV)/bin/vdkit-img info --backing-chain demo/top.qcow2
+	@echo '$$ vdkit-img snapshot -l --output=json demo/top.qcow2'
+	@$(VENV)/bin/vdkit-img snapshot -l --output=json demo/top.qcow2
+
+lint: deps
+	$(VENV)/bin/ruff check vdkit tests bench
+
+test: deps system-deps
+	$(VENV)/bin/ruff check vdkit tests bench
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: deps system-deps
+	$(PY) bench/info.py
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info

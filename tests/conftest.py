@@ -1,0 +1,85 @@
+"""Shared test machinery: run the real QEMU tools and vdkit side by side.
+
+Tests that need QEMU tools *fail* when the tools are missing (they are the
+oracle; a skipped oracle is a defect).  ``make test`` installs them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QEMU_TOOLS = ("qemu-img", "qemu-io", "qemu-system-x86_64")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def normalized_stderr(self) -> str:
+        return self.stderr.replace("vdkit-img:", "qemu-img:").replace("'vdkit-img --help'", "'qemu-img --help'")
+
+
+def _run(cmd: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None,
+         input: bytes | None = None) -> Result:
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, env=env, input=input, timeout=300)
+    return Result(p.returncode, p.stdout.decode("utf-8", "surrogateescape"),
+                  p.stderr.decode("utf-8", "surrogateescape"))
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; run 'make test' (it installs qemu-utils/qemu-system-x86)")
+    return path
+
+
+def qemu_img(*args: str, cwd: Path | str | None = None) -> Result:
+    return _run([require_tool("qemu-img"), *args], cwd=cwd)
+
+
+def qemu_io(*args: str, cwd: Path | str | None = None) -> Result:
+    return _run([require_tool("qemu-io"), *args], cwd=cwd)
+
+
+_ENV = dict(os.environ, TZ=os.environ.get("TZ", "UTC"), PYTHONPATH=str(ROOT))
+
+
+def vdkit_img(*args: str, cwd: Path | str | None = None) -> Result:
+    return _run([sys.executable, "-m", "vdkit.cli.main", *args], cwd=cwd, env=_ENV)
+
+
+def check_ok(*args: str, cwd: Path | str | None = None) -> Result:
+    """Run qemu-img and insist it succeeded (test set-up steps)."""
+    r = qemu_img(*args, cwd=cwd)
+    assert r.returncode == 0, f"qemu-img {' '.join(args)} failed: {r.stderr}"
+    return r
+
+
+def assert_same(args: list[str], cwd: Path | str) -> Result:
+    """Run ``qemu-img ARGS`` and ``vdkit-img ARGS``; stdout, stderr and exit code must agree."""
+    q = qemu_img(*args, cwd=cwd)
+    v = vdkit_img(*args, cwd=cwd)
+    assert v.stdout == q.stdout, f"stdout differs for {args}"
+    assert v.normalized_stderr() == q.stderr, f"stderr differs for {args}"
+    assert v.returncode == q.returncode, f"exit code differs for {args}"
+    return q
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _utc() -> None:
+    os.environ.setdefault("TZ", "UTC")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
