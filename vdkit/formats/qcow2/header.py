@@ -309,8 +309,10 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int) -> dic
             if reserved:
                 raise OpenError("ERROR: bitmaps_ext: Reserved field is not zero")
             if nb == 0 or nb > L.MAX_BITMAPS:
-                raise OpenError(f"ERROR: bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of {L.MAX_BITMAPS}"
-                                if nb else "ERROR: bitmaps_ext: found bitmaps extension with zero bitmaps")
+                raise OpenError(
+                    f"ERROR: bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
+                    f"{L.MAX_BITMAPS}" if nb else "ERROR: bitmaps_ext: found bitmaps extension with zero bitmaps"
+                )
             if dsize > L.MAX_BITMAP_DIRECTORY_SIZE:
                 raise OpenError("ERROR: bitmaps_ext: bitmap directory size is too large")
             if doff % cluster_size:
@@ -318,7 +320,9 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int) -> dic
             out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
         elif ext_type == L.EXT_CRYPTO_HEADER:
             if ext_len != L.CRYPTO_EXT.size:
-                raise OpenError(f"Unable to read crypto header extension: expected {L.CRYPTO_EXT.size} bytes, got {ext_len}")
+                raise OpenError(
+                    f"Unable to read crypto header extension: expected {L.CRYPTO_EXT.size} bytes, got {ext_len}"
+                )
             out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
         elif ext_type == L.EXT_DATA_FILE:
             out["data_file"] = data.decode("utf-8", "surrogateescape")
