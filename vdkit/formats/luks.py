@@ -12,9 +12,9 @@ Reference: the LUKS1 on-disk format specification (cryptsetup project).
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from vdkit.errors import CorruptImageError
-from vdkit.info.model import LuksInfo, LuksSlotInfo
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_MAX_HEADER = 16 * 1024 * 1024
@@ -40,6 +40,29 @@ _CIPHERS: dict[str, dict[int, str]] = {
 _HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 
 
+@dataclass(frozen=True)
+class LuksKeySlot:
+    active: bool
+    iterations: int
+    key_offset: int  # bytes
+    stripes: int
+
+
+@dataclass(frozen=True)
+class LuksHeader:
+    """The public part of a LUKS1 header, names already mapped to QEMU's."""
+
+    cipher_alg: str
+    cipher_mode: str
+    ivgen_alg: str
+    ivgen_hash_alg: str | None
+    hash_alg: str
+    payload_offset: int  # bytes
+    master_key_iterations: int
+    uuid: str
+    slots: tuple[LuksKeySlot, ...]
+
+
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
@@ -54,8 +77,8 @@ def _hash(name: str) -> str:
     return name
 
 
-def luks_info(raw: bytes) -> LuksInfo:
-    """Decode the LUKS1 header at the start of ``raw`` into the QAPI shape."""
+def parse_luks_header(raw: bytes) -> LuksHeader:
+    """Decode the LUKS1 header at the start of ``raw``."""
     if len(raw) < _PHDR.size + NUM_KEY_SLOTS * _SLOT.size:
         raise _corrupt("header is truncated")
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes, _digest, _salt,
@@ -75,26 +98,18 @@ def luks_info(raw: bytes) -> LuksInfo:
     alg = _CIPHERS.get(name, {}).get(alg_key_bytes)
     if alg is None:
         raise _corrupt(f"unsupported cipher '{name}' with {key_bytes}-byte key")
-    slots: list[LuksSlotInfo] = []
+    slots = []
     for i in range(NUM_KEY_SLOTS):
         active, iters, _slot_salt, key_offset, stripes = _SLOT.unpack_from(raw, _PHDR.size + i * _SLOT.size)
-        is_active = active == KEY_SLOT_ACTIVE
-        slots.append(
-            LuksSlotInfo(
-                active=is_active,
-                key_offset=key_offset * SECTOR,
-                iters=iters if is_active else None,
-                stripes=stripes if is_active else None,
-            )
-        )
-    return LuksInfo(
+        slots.append(LuksKeySlot(active == KEY_SLOT_ACTIVE, iters, key_offset * SECTOR, stripes))
+    return LuksHeader(
         cipher_alg=alg,
         cipher_mode=mode,
         ivgen_alg=ivgen,
         ivgen_hash_alg=_hash(ivgen_hash) if ivgen_hash else None,
         hash_alg=_hash(_cstr(hash_spec)),
         payload_offset=payload_offset * SECTOR,
-        master_key_iters=mk_iters,
+        master_key_iterations=mk_iters,
         uuid=_cstr(uuid),
-        slots=slots,
+        slots=tuple(slots),
     )

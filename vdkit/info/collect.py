@@ -16,6 +16,7 @@ from vdkit.info.model import (
     ImageInfoSpecific,
     ImageInfoSpecificQcow2,
     LuksInfo,
+    LuksSlotInfo,
     Qcow2BitmapInfo,
     SnapshotInfo,
 )
@@ -52,12 +53,36 @@ def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
     return [snapshot_info(e) for e in driver.snapshots()]
 
 
+def luks_info(raw: bytes) -> LuksInfo:
+    """LUKS header -> the QAPI encryption info (iterations and stripes only for active slots)."""
+    from vdkit.formats.luks import parse_luks_header
+
+    hdr = parse_luks_header(raw)
+    return LuksInfo(
+        cipher_alg=hdr.cipher_alg,
+        cipher_mode=hdr.cipher_mode,
+        ivgen_alg=hdr.ivgen_alg,
+        ivgen_hash_alg=hdr.ivgen_hash_alg,
+        hash_alg=hdr.hash_alg,
+        payload_offset=hdr.payload_offset,
+        master_key_iters=hdr.master_key_iterations,
+        uuid=hdr.uuid,
+        slots=[
+            LuksSlotInfo(
+                active=s.active,
+                key_offset=s.key_offset,
+                iters=s.iterations if s.active else None,
+                stripes=s.stripes if s.active else None,
+            )
+            for s in hdr.slots
+        ],
+    )
+
+
 def qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
     h = driver.header
     encrypt: LuksInfo | AesEncryptionInfo | None = None
     if h.crypt_method == L.CRYPT_LUKS:
-        from vdkit.formats.luks import luks_info
-
         raw = driver.luks_header()
         encrypt = luks_info(raw) if raw is not None else None
     elif h.crypt_method == L.CRYPT_AES:
