@@ -68,6 +68,21 @@ class FormatDriver:
     def _unsupported(self) -> UnsupportedError:
         return UnsupportedError("Block driver does not support snapshots", errno=errno.ENOTSUP)
 
+    supports_snapshots: ClassVar[bool] = False
+
+    def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
+                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+        raise self._unsupported()
+
+    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+        raise self._unsupported()
+
+    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+        raise self._unsupported()
+
+    def flush(self) -> None:
+        """Make everything written so far durable (nothing cached by default)."""
+
     # -- data -----------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         raise UnsupportedError(f"Driver '{self.format_name}' does not support reading")

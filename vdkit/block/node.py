@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from vdkit.block.driver import FormatDriver
+    from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfo, SnapshotInfo
 
 
@@ -58,6 +59,19 @@ class Node:
         from vdkit.info.collect import snapshot_infos
 
         return snapshot_infos(self.driver)
+
+    # -- internal snapshots (thin wrappers; the driver does the work) ----------
+    def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
+                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+        return self.driver.snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
+                                           vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
+                                           icount=icount)
+
+    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+        return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)
+
+    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+        self.driver.snapshot_revert(entry)
 
     def close(self) -> None:
         for node in list(self.chain()):

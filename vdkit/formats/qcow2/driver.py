@@ -11,13 +11,18 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from vdkit.block.driver import FormatDriver
-from vdkit.errors import CorruptImageError, OpenError
+from vdkit.errors import CorruptImageError, OpenError, VdkitError
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import Qcow2Header, parse_header
+from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 from vdkit.io.file import ImageFile
+
+if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
+    from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
+    from vdkit.formats.qcow2.refcount import Refcounts
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Qcow2Driver(FormatDriver):
         self.snapshot_table_size = 0
         if not check_mode:
             self._snapshots, self.snapshot_table_size = self._read_snapshot_table()
+        if not readonly and not check_mode:
+            self._prepare_writable()
 
     # -- snapshot table ---------------------------------------------------------
     def _read_snapshot_table(self, *, check_mode: bool = False) -> tuple[list[SnapshotEntry], int]:
@@ -147,6 +154,105 @@ class Qcow2Driver(FormatDriver):
 
         length = min(h.crypto.length, LUKS_MAX_HEADER)
         return self.file.pread(h.crypto.offset, length)
+
+    # -- writing: metadata structures and snapshot operations ------------------
+    supports_snapshots = True
+
+    @cached_property
+    def geometry(self) -> Geometry:
+        from vdkit.formats.qcow2.cluster import Geometry
+
+        h = self.header
+        return Geometry(h.cluster_bits, h.extended_l2, h.has_data_file)
+
+    @cached_property
+    def refcounts(self) -> Refcounts:
+        from vdkit.formats.qcow2.refcount import Refcounts
+
+        h = self.header
+        return Refcounts(self.file, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
+                         table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
+                         on_table_switch=self._refcount_table_switched)
+
+    @cached_property
+    def clusters(self) -> ClusterMap:
+        from vdkit.formats.qcow2.cluster import ClusterMap
+
+        cm = ClusterMap(self.file, self.geometry, self.header.l1_table_offset, self.header.l1_size)
+        self.refcounts.set_l2_flush(cm.l2.flush)
+        return cm
+
+    def _refcount_table_switched(self, offset: int, clusters: int) -> None:
+        self.header = self.header.evolve(refcount_table_offset=offset, refcount_table_clusters=clusters)
+
+    def _prepare_writable(self) -> None:
+        """What a writable open does first (algorithms §10.8): autoclear bits, dirty repair."""
+        h = self.header
+        if h.version >= 3 and h.autoclear_features & ~L.AUTOCLEAR_MASK:
+            self.header = h.evolve(autoclear_features=h.autoclear_features & L.AUTOCLEAR_MASK)
+            self.rewrite_header()
+        if self.header.dirty:
+            self._repair_dirty()
+
+    def _repair_dirty(self) -> None:
+        import importlib.util
+        import sys
+
+        if importlib.util.find_spec("vdkit.formats.qcow2.check") is None:
+            raise OpenError("Image is dirty (lazy refcounts); run 'qemu-img check -r all' on it first")
+        from vdkit.formats.qcow2 import check as qcheck
+
+        def report(line: str) -> None:
+            sys.stderr.write(line if line.endswith("\n") else line + "\n")
+
+        try:
+            qcheck.check(self, "all", report)  # type: ignore[attr-defined]
+        except VdkitError as exc:
+            raise OpenError(f"Could not repair dirty image: {exc.message}") from exc
+        # The repair rewrote metadata behind our back: start from the disk again.
+        self.header = parse_header(self.file.pread(0, self.header.cluster_size), readonly=False)
+        for attr in ("refcounts", "clusters"):
+            self.__dict__.pop(attr, None)
+        if self.header.dirty:
+            raise OpenError("Could not repair dirty image")
+
+    def rewrite_header(self) -> None:
+        """Rewrite cluster 0's header and extensions in one synchronous write."""
+        self.file.pwrite(0, serialize_header(self.header))
+        self.file.flush()
+
+    def flush(self) -> None:
+        """Write back cached metadata (refcounts first, then L2 tables) and sync."""
+        if "refcounts" in self.__dict__:
+            self.refcounts.flush()
+        if "clusters" in self.__dict__:
+            self.clusters.l2.flush()
+
+    def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
+                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+        from vdkit.formats.qcow2 import snapshot_ops
+
+        return snapshot_ops.create(self, name, date_sec=date_sec, date_nsec=date_nsec,
+                                   vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, icount=icount)
+
+    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+        from vdkit.formats.qcow2 import snapshot_ops
+
+        return snapshot_ops.delete(self, snapshot_id=snapshot_id, name=name)
+
+    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+        from vdkit.formats.qcow2 import snapshot_ops
+
+        snapshot_ops.revert(self, entry)
+
+    def close(self) -> None:
+        if not self.readonly and self.file.fd >= 0:
+            try:
+                self.flush()
+            finally:
+                super().close()
+            return
+        super().close()
 
     def snapshot_unsupported_reason(self) -> str | None:
         if self.header.has_data_file:

@@ -1,0 +1,679 @@
+"""qcow2 reference counts: block access for every width, a write-back cache,
+the allocator, and copy-on-write metadata transactions.
+
+Two ways of changing refcounts live here, for two kinds of callers:
+
+* :class:`Refcounts` changes counts **in place**, the way QEMU 7.2 does for
+  guest writes (algorithms doc §1): first-fit allocation from a free-cluster
+  hint, refcount blocks allocated on demand (self-describing when they fall
+  into their own range), refcount-table growth with one 12-byte header
+  switch, and a write-back cache whose flush order keeps increments on disk
+  before the metadata that uses them and decrements after it.  A crash then
+  leaks at worst.
+
+* :class:`Transaction` changes many counts **atomically**.  Snapshot
+  operations touch thousands of refcounts and COPIED flags; done in place,
+  a crash between the refcount write and the flag rewrite leaves a state
+  ``qemu-img check`` calls corrupt (a COPIED flag disagreeing with a count).
+  A transaction therefore never modifies a cluster the current header can
+  reach: every changed refcount block, the refcount table, L1/L2 tables and
+  the snapshot table are written as *copies* into clusters that are free now,
+  and a single 48-byte header write (bytes 24..71: size, L1, refcount table,
+  snapshot table) switches from the old state to the new one.  Before that
+  write the image is exactly the old image (the copies sit in free clusters);
+  after it, exactly the new one.  Nothing leaks either way.
+
+Refcount entries narrower than a byte are packed least-significant-bits
+first (entry 0 in the low bits of byte 0); wider ones are big-endian.
+Blocks are held decoded, as numpy ``uint64`` arrays, so walks over whole
+trees are vectorised.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError
+from vdkit.formats.qcow2 import layout as L
+
+if TYPE_CHECKING:
+    from vdkit.io.file import ImageFile
+
+_WIDE_DTYPES = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}
+
+
+# -- entry packing ------------------------------------------------------------------------------
+
+def get_refcount(block: bytes | bytearray, index: int, bits: int) -> int:
+    """Entry ``index`` of a packed refcount block of ``bits``-wide entries."""
+    if bits >= 8:
+        n = bits // 8
+        return int.from_bytes(block[index * n : index * n + n], "big")
+    bit = index * bits
+    return (block[bit // 8] >> (bit % 8)) & ((1 << bits) - 1)
+
+
+def set_refcount(block: bytearray, index: int, bits: int, value: int) -> None:
+    """Store ``value`` as entry ``index`` (the caller checked the range)."""
+    if bits >= 8:
+        n = bits // 8
+        block[index * n : index * n + n] = value.to_bytes(n, "big")
+        return
+    bit = index * bits
+    mask = ((1 << bits) - 1) << (bit % 8)
+    block[bit // 8] = (block[bit // 8] & ~mask) | ((value << (bit % 8)) & mask)
+
+
+def decode_block(block: bytes | bytearray, bits: int) -> np.ndarray:
+    """All entries of a packed block as a writable ``uint64`` array."""
+    if bits >= 8:
+        return np.frombuffer(bytes(block), dtype=_WIDE_DTYPES[bits]).astype(np.uint64)
+    raw = np.frombuffer(bytes(block), dtype=np.uint8)
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).ravel().astype(np.uint64)
+
+
+def encode_block(values: np.ndarray, bits: int) -> bytes:
+    """Inverse of :func:`decode_block`."""
+    if bits >= 8:
+        return values.astype(_WIDE_DTYPES[bits]).tobytes()
+    per_byte = 8 // bits
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    parts = values.astype(np.uint8).reshape(-1, per_byte) << shifts
+    return np.bitwise_or.reduce(parts, axis=1).astype(np.uint8).tobytes()
+
+
+class RefcountOverflow(VdkitError):
+    """An update would take a refcount below 0 or above ``refcount_max``."""
+
+
+class _Restart(Exception):
+    """A refcount block was allocated; the caller's free range may be gone."""
+
+
+# -- the refcount structure -------------------------------------------------------------------
+
+class Refcounts:
+    """The refcount table and blocks of one open image, with a write-back cache.
+
+    ``on_table_switch(offset, clusters)`` is called after the header switched
+    to a grown refcount table so the driver can update its header copy.
+    ``before_table_write`` is called before a refcount-table entry is written
+    (QEMU flushes the L2 cache there so no L2 write is reordered past it).
+    """
+
+    def __init__(
+        self,
+        file: ImageFile,
+        *,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+        on_table_switch: Callable[[int, int], None] | None = None,
+        before_table_write: Callable[[], None] | None = None,
+        cache_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.bits = 1 << refcount_order
+        self.refcount_max = (1 << self.bits) - 1
+        self.entries_per_block = self.cluster_size * 8 // self.bits
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = file.pread(table_offset, table_clusters * self.cluster_size)
+        self.table: np.ndarray = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.on_table_switch = on_table_switch
+        self.before_table_write = before_table_write
+        self.free_hint = 0
+        self.compressed_next = 0  # byte position for packed compressed data (0 = none)
+        # rt_index -> decoded values; dirty rt indices; LRU order
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._capacity = max(8, cache_bytes // self.cluster_size)
+        # Write ordering: callables to run before our dirty blocks may be written
+        # (set when a decrement must wait for the L2 tables that dropped the reference).
+        self.depends_on: Callable[[], None] | None = None
+
+    # -- geometry -------------------------------------------------------------------------------
+    def block_offset(self, rt_index: int) -> int:
+        """Host offset of refcount block ``rt_index`` (0 = not allocated)."""
+        if rt_index >= len(self.table):
+            return 0
+        entry = int(self.table[rt_index])
+        if entry & L.REFT_RESERVED_MASK:
+            raise CorruptImageError(
+                f"Refcount table entry {rt_index} has reserved bits set", errno=EINVAL
+            )
+        off = entry & L.REFT_OFFSET_MASK
+        if off % self.cluster_size:
+            raise CorruptImageError(
+                f"qcow2: Marking image as corrupt: Refblock offset {off:#x} unaligned "
+                f"(reftable index: {rt_index:#x}); further corruption events will be suppressed",
+                errno=5,
+            )
+        return off
+
+    def table_range(self) -> tuple[int, int]:
+        return self.table_offset, self.table_clusters * self.cluster_size
+
+    def block_clusters(self) -> list[int]:
+        """Host offsets of every allocated refcount block."""
+        return [self.block_offset(i) for i in np.flatnonzero(self.table).tolist()]
+
+    # -- cache ----------------------------------------------------------------------------------
+    def block_values(self, rt_index: int) -> np.ndarray | None:
+        """Decoded block ``rt_index`` (cached), or None when it is not allocated."""
+        vals = self._blocks.get(rt_index)
+        if vals is not None:
+            self._blocks.move_to_end(rt_index)
+            return vals
+        off = self.block_offset(rt_index)
+        if off == 0:
+            return None
+        vals = decode_block(self.file.pread(off, self.cluster_size), self.bits)
+        self._insert(rt_index, vals)
+        return vals
+
+    def _insert(self, rt_index: int, vals: np.ndarray) -> None:
+        self._blocks[rt_index] = vals
+        self._blocks.move_to_end(rt_index)
+        while len(self._blocks) > self._capacity:
+            victim = next(iter(self._blocks))
+            if victim in self._dirty:
+                self._write_block(victim)
+            del self._blocks[victim]
+
+    def _write_block(self, rt_index: int) -> None:
+        if self.depends_on is not None:
+            dep, self.depends_on = self.depends_on, None
+            dep()
+        off = self.block_offset(rt_index)
+        self.file.pwrite(off, encode_block(self._blocks[rt_index], self.bits))
+        self._dirty.discard(rt_index)
+
+    def write_back(self) -> None:
+        """Write dirty blocks (in index order) without syncing."""
+        for rt_index in sorted(self._dirty):
+            self._write_block(rt_index)
+
+    def flush(self) -> None:
+        """Write dirty blocks and make them durable."""
+        had = bool(self._dirty)
+        self.write_back()
+        if had:
+            self.file.flush()
+
+    def drop_cache(self) -> None:
+        """Forget decoded blocks (dirty ones too): used after a crash-abandon."""
+        self._blocks.clear()
+        self._dirty.clear()
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty)
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, cluster_index: int) -> int:
+        vals = self.block_values(cluster_index // self.entries_per_block)
+        return 0 if vals is None else int(vals[cluster_index % self.entries_per_block])
+
+    def get_many(self, clusters: np.ndarray) -> np.ndarray:
+        """Refcounts of many cluster indices at once (``uint64`` array)."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        out = np.zeros(len(clusters), dtype=np.uint64)
+        if not len(clusters):
+            return out
+        rt = clusters // self.entries_per_block
+        for r in np.unique(rt).tolist():
+            vals = self.block_values(r)
+            if vals is None:
+                continue
+            sel = rt == r
+            out[sel] = vals[clusters[sel] % self.entries_per_block]
+        return out
+
+    def nb_covered_clusters(self) -> int:
+        return len(self.table) * self.entries_per_block
+
+    # -- free-space search (§1.2) ---------------------------------------------------------------
+    def find_free(self, n: int, start: int, *, taken: Callable[[int, int], bool] | None = None) -> int:
+        """First cluster index ≥ ``start`` beginning ``n`` clusters of refcount 0."""
+        ci = start
+        run_start, run = ci, 0
+        epb = self.entries_per_block
+        limit = (L.MAX_HOST_OFFSET + 1) >> self.cluster_bits
+        while True:
+            if ci + (n - run) > limit:
+                raise VdkitError("File too large", errno=EFBIG)
+            vals = self.block_values(ci // epb)
+            seg = epb - ci % epb
+            if vals is None:
+                if run == 0:
+                    run_start = ci
+                run += seg
+                ci += seg
+            else:
+                part = vals[ci % epb :]
+                nz = np.flatnonzero(part)
+                if len(nz) == 0:
+                    if run == 0:
+                        run_start = ci
+                    run += seg
+                    ci += seg
+                else:
+                    # zero gaps: before nz[0] (continuing the carried run), between, after
+                    if run + int(nz[0]) >= n:
+                        if run == 0:
+                            run_start = ci
+                        return self._check_taken(run_start, n, taken)
+                    gaps = np.diff(nz) - 1
+                    big = np.flatnonzero(gaps >= n)
+                    if len(big):
+                        return self._check_taken(ci + int(nz[big[0]]) + 1, n, taken)
+                    tail = seg - int(nz[-1]) - 1
+                    run_start = ci + int(nz[-1]) + 1
+                    run = tail
+                    ci += seg
+            if run >= n:
+                return self._check_taken(run_start, n, taken)
+
+    def _check_taken(self, start: int, n: int, taken: Callable[[int, int], bool] | None) -> int:
+        if taken is not None and taken(start, n):
+            return self.find_free(n, start + 1, taken=taken)
+        return start
+
+    # -- in-place updates (§1.4) ----------------------------------------------------------------
+    def update(self, offset: int, length: int, addend: int) -> None:
+        """Change the refcount of every cluster in ``[offset, offset+length)`` by ``addend``.
+
+        Raises ``_Restart`` (after undoing this call) when a refcount block had
+        to be allocated, :class:`RefcountOverflow` (EINVAL) when a count would
+        leave ``0..refcount_max``.
+        """
+        if length <= 0 or addend == 0:
+            return
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        epb = self.entries_per_block
+        done: list[tuple[int, int, int]] = []  # (rt, idx, old)
+        try:
+            if addend < 0 and self.depends_on is None and self._l2_flush is not None:
+                self.depends_on = self._l2_flush
+            for ci in range(first, last + 1):
+                rt, idx = divmod(ci, epb)
+                vals = self.block_values(rt)
+                if vals is None:
+                    self._alloc_block(ci)  # raises _Restart on success
+                    vals = self.block_values(rt)
+                    assert vals is not None
+                old = int(vals[idx])
+                new = old + addend
+                if new < 0 or new > self.refcount_max:
+                    raise RefcountOverflow("Invalid argument", errno=EINVAL)
+                vals[idx] = new
+                self._dirty.add(rt)
+                done.append((rt, idx, old))
+                if new == 0 and ci < self.free_hint:
+                    self.free_hint = ci
+        except BaseException:
+            for rt, idx, old in reversed(done):
+                vals = self.block_values(rt)
+                if vals is not None:
+                    vals[idx] = old
+            raise
+
+    _l2_flush: Callable[[], None] | None = None
+
+    def set_l2_flush(self, fn: Callable[[], None]) -> None:
+        """How to flush the L2 cache (decrements wait for it; table writes too)."""
+        self._l2_flush = fn
+        self.before_table_write = self.before_table_write or fn
+
+    # -- allocation (§1.3) ----------------------------------------------------------------------
+    def alloc_clusters(self, size: int) -> int:
+        """Allocate ``size`` bytes worth of contiguous clusters; returns the host offset."""
+        n = (size + self.cluster_size - 1) >> self.cluster_bits
+        if n == 0:
+            return self.free_hint << self.cluster_bits
+        while True:
+            start = self.find_free(n, self.free_hint)
+            self.free_hint = start + n
+            try:
+                self.update(start << self.cluster_bits, n << self.cluster_bits, 1)
+            except _Restart:
+                self.free_hint = start
+                continue
+            except BaseException:
+                self.free_hint = min(self.free_hint, start)
+                raise
+            return start << self.cluster_bits
+
+    def alloc_at(self, offset: int, nb_clusters: int) -> int:
+        """Take the free clusters at ``offset``; returns how many could be taken (≥ 0)."""
+        ci = offset >> self.cluster_bits
+        n = 0
+        while n < nb_clusters and self.get(ci + n) == 0:
+            n += 1
+        while True:
+            try:
+                self.update(offset, n << self.cluster_bits, 1)
+                return n
+            except _Restart:
+                continue
+
+    def alloc_bytes(self, size: int) -> int:
+        """Byte-granular allocation for compressed data (§1.6)."""
+        cs = self.cluster_size
+        if size <= 0 or size > cs:
+            raise VdkitError("Invalid argument", errno=EINVAL)
+        while True:
+            pos = self.compressed_next
+            if pos and self.get(pos >> self.cluster_bits) == self.refcount_max:
+                pos = 0
+            if not pos or cs - (pos % cs) < size:
+                new = self.find_free(1, self.free_hint)
+                self.free_hint = new + 1
+                new_off = new << self.cluster_bits
+                if not pos or new_off != (pos - pos % cs) + cs:
+                    pos = new_off
+            try:
+                self.update(pos, size, 1)
+            except _Restart:
+                continue
+            end = pos + size
+            self.compressed_next = 0 if end % cs == 0 else end
+            return pos
+
+    def free(self, offset: int, length: int) -> None:
+        """Drop one reference from every cluster in the range (§1.7)."""
+        while True:
+            try:
+                self.update(offset, length, -1)
+                return
+            except _Restart:
+                continue
+
+    # -- refcount block allocation and table growth (§1.5) --------------------------------------
+    def _alloc_block(self, ci: int) -> None:
+        epb = self.entries_per_block
+        rt = ci // epb
+        if self.before_table_write is not None:
+            self.before_table_write()
+        b = self.find_free(1, self.free_hint)
+        self.free_hint = b + 1
+        if b // epb == rt:
+            vals = np.zeros(epb, dtype=np.uint64)
+            vals[b % epb] = 1
+        else:
+            try:
+                self.update(b << self.cluster_bits, self.cluster_size, 1)
+            except _Restart:
+                self.free_hint = min(self.free_hint, b)
+                raise
+            self.flush()
+            vals = np.zeros(epb, dtype=np.uint64)
+        self.file.pwrite(b << self.cluster_bits, encode_block(vals, self.bits))
+        self.file.flush()
+        if rt < len(self.table):
+            self.file.pwrite(self.table_offset + rt * 8, int(b << self.cluster_bits).to_bytes(8, "big"))
+            self.file.flush()
+            self.table[rt] = b << self.cluster_bits
+            self._insert(rt, vals)
+            raise _Restart
+        self._grow_table(rt, b, vals)
+        raise _Restart
+
+    def _grow_table(self, rt: int, b: int, b_vals: np.ndarray) -> None:
+        epb = self.entries_per_block
+        cs = self.cluster_size
+        used_blocks = max(rt, b // epb) + 1
+        area_ci = used_blocks * epb
+        r = used_blocks + 1
+        while True:  # blocks needed to describe everything up to the end of the new area
+            entries = r + (r + 1) // 2
+            table_cl = (entries * 8 + cs - 1) // cs
+            need = (area_ci + (r - used_blocks) + table_cl + epb - 1) // epb
+            if need <= r:
+                break
+            r = need
+        entries = r + (r + 1) // 2
+        table_cl = (entries * 8 + cs - 1) // cs
+        if table_cl * cs > L.MAX_REFTABLE_SIZE:
+            raise VdkitError("File too large", errno=EFBIG)
+        new_table = np.zeros(table_cl * cs // 8, dtype=np.uint64)
+        new_table[: len(self.table)] = self.table
+        new_table[rt] = b << self.cluster_bits
+        area = area_ci << self.cluster_bits
+        blocks: dict[int, np.ndarray] = {}
+        for k, idx in enumerate(range(used_blocks, r)):
+            new_table[idx] = area + k * cs
+            blocks[idx] = np.zeros(epb, dtype=np.uint64)
+        table_off = area + (r - used_blocks) * cs
+        for ci in range(area_ci, area_ci + (r - used_blocks) + table_cl):
+            blocks[ci // epb][ci % epb] = 1
+        for idx, vals in blocks.items():
+            self.file.pwrite(int(new_table[idx]), encode_block(vals, self.bits))
+        self.file.pwrite(table_off, new_table.astype(">u8").tobytes())
+        self.file.flush()
+        self.file.pwrite(48, table_off.to_bytes(8, "big") + table_cl.to_bytes(4, "big"))
+        self.file.flush()
+        old_off, old_cl = self.table_offset, self.table_clusters
+        self.table = new_table
+        self.table_offset, self.table_clusters = table_off, table_cl
+        self._insert(rt, b_vals)
+        for idx, vals in blocks.items():
+            self._insert(idx, vals)
+        if self.on_table_switch is not None:
+            self.on_table_switch(table_off, table_cl)
+        self.free(old_off, old_cl * cs)
+        self.flush()
+
+    # -- adopting a committed transaction -------------------------------------------------------
+    def adopt(self, table: np.ndarray, table_offset: int, table_clusters: int,
+              blocks: dict[int, np.ndarray], free_hint: int) -> None:
+        """Switch the in-memory state to the one a transaction just committed."""
+        self.table = table
+        self.table_offset, self.table_clusters = table_offset, table_clusters
+        for rt, vals in blocks.items():
+            self._dirty.discard(rt)
+            self._insert(rt, vals)
+        self.free_hint = min(self.free_hint, free_hint)
+
+
+# -- copy-on-write transactions ---------------------------------------------------------------
+
+class Transaction:
+    """A set of refcount changes and staged writes that commit atomically.
+
+    Use: allocate with :meth:`alloc` (clusters free in the current state),
+    stage content with :meth:`write`, record reference changes with
+    :meth:`add_refs`/:meth:`add_range`, query resulting counts with
+    :meth:`new_refcounts`, then :meth:`commit` with a callback producing the
+    header bytes 24..71 of the new state.
+    """
+
+    COMMIT_OFFSET = 24
+    COMMIT_SIZE = 48
+
+    def __init__(self, rc: Refcounts) -> None:
+        if rc.dirty:
+            rc.flush()
+        self.rc = rc
+        self.cursor = rc.free_hint
+        self._allocated: list[tuple[int, int]] = []  # (first cluster, count)
+        self._pending: list[tuple[np.ndarray, int]] = []
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._sums = np.zeros(0, dtype=np.int64)
+        self._writes: list[tuple[int, bytes]] = []
+        self._lowest_freed: int | None = None
+
+    # -- allocation and references --------------------------------------------------------------
+    def alloc(self, size: int) -> int:
+        """Clusters that are free now and not yet taken by this transaction."""
+        n = max(1, (size + self.rc.cluster_size - 1) >> self.rc.cluster_bits)
+        start = self.rc.find_free(n, self.cursor)
+        self.cursor = start + n
+        self._allocated.append((start, n))
+        self.add_refs(np.arange(start, start + n, dtype=np.int64), 1)
+        return start << self.rc.cluster_bits
+
+    def add_refs(self, clusters: np.ndarray | Iterable[int], addend: int) -> None:
+        arr = np.asarray(clusters if isinstance(clusters, np.ndarray) else list(clusters), dtype=np.int64)
+        if len(arr):
+            self._pending.append((arr, addend))
+
+    def add_range(self, offset: int, length: int, addend: int) -> None:
+        """Change by ``addend`` every cluster touching ``[offset, offset+length)``."""
+        if length <= 0:
+            return
+        first = offset >> self.rc.cluster_bits
+        last = (offset + length - 1) >> self.rc.cluster_bits
+        self.add_refs(np.arange(first, last + 1, dtype=np.int64), addend)
+
+    def _consolidate(self) -> None:
+        if not self._pending:
+            return
+        keys = [self._keys] + [a for a, _ in self._pending]
+        vals = [self._sums] + [np.full(len(a), d, dtype=np.int64) for a, d in self._pending]
+        k = np.concatenate(keys)
+        v = np.concatenate(vals)
+        self._keys, inv = np.unique(k, return_inverse=True)
+        self._sums = np.zeros(len(self._keys), dtype=np.int64)
+        np.add.at(self._sums, inv, v)
+        self._pending = []
+
+    def deltas(self) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted cluster indices and their net changes (zeros included)."""
+        self._consolidate()
+        return self._keys, self._sums
+
+    def new_refcounts(self, clusters: np.ndarray) -> np.ndarray:
+        """Refcounts after this transaction (as int64; may be out of range before validation)."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        cur = self.rc.get_many(clusters).astype(np.int64)
+        keys, sums = self.deltas()
+        if len(keys) and len(clusters):
+            pos = np.searchsorted(keys, clusters)
+            pos_c = np.minimum(pos, len(keys) - 1)
+            hit = keys[pos_c] == clusters
+            cur[hit] += sums[pos_c[hit]]
+        return cur
+
+    # -- staged writes --------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        self._writes.append((offset, bytes(data)))
+
+    def staged_clusters(self) -> set[int]:
+        out: set[int] = set()
+        for start, n in self._allocated:
+            out.update(range(start, start + n))
+        return out
+
+    # -- shadow refcount structures -------------------------------------------------------------
+    def _prepare_refcounts(self) -> tuple[np.ndarray, int, int, dict[int, np.ndarray]]:
+        """Copy every refcount block that changes, and the table, into free clusters."""
+        rc = self.rc
+        epb = rc.entries_per_block
+        cs = rc.cluster_size
+        new_block_off: dict[int, int] = {}
+        table_off = -1
+        table_cl = 0
+        old_table_freed = False
+        while True:
+            keys, sums = self.deltas()
+            touched = np.unique(keys[sums != 0] // epb).tolist()
+            grew = False
+            for rt in touched:
+                if rt not in new_block_off:
+                    old = rc.block_offset(rt)
+                    if old:
+                        self.add_range(old, cs, -1)
+                    new_block_off[rt] = self.alloc(cs)
+                    grew = True
+            if grew:
+                continue
+            needed = max(len(rc.table), (max(touched) + 1) if touched else 0)
+            have = table_cl * cs // 8
+            if table_off >= 0 and have >= needed:
+                break
+            if not old_table_freed:
+                self.add_range(rc.table_offset, rc.table_clusters * cs, -1)
+                old_table_freed = True
+            if table_off >= 0:
+                # too small after all: abandon it (it stays free) and take a bigger one
+                self.add_range(table_off, table_cl * cs, -1)
+                self._allocated = [(s, n) for s, n in self._allocated if s != table_off >> rc.cluster_bits]
+            entries = needed if needed <= len(rc.table) else needed + (needed + 1) // 2
+            table_cl = max(rc.table_clusters, (entries * 8 + cs - 1) // cs)
+            if table_cl * cs > L.MAX_REFTABLE_SIZE:
+                raise VdkitError("File too large", errno=EFBIG)
+            table_off = self.alloc(table_cl * cs)
+        keys, sums = self.deltas()
+        new_table = np.zeros(table_cl * cs // 8, dtype=np.uint64)
+        new_table[: len(rc.table)] = rc.table
+        blocks: dict[int, np.ndarray] = {}
+        rts = keys // epb
+        for rt, off in new_block_off.items():
+            old_vals = rc.block_values(rt)
+            vals = np.zeros(epb, dtype=np.uint64) if old_vals is None else old_vals.copy()
+            sel = rts == rt
+            idx = keys[sel] % epb
+            d = sums[sel]
+            cur = vals[idx].astype(np.int64) if rc.bits < 64 else vals[idx]
+            if rc.bits < 64:
+                new = cur + d
+                if np.any(new < 0) or np.any(new > rc.refcount_max):
+                    raise RefcountOverflow("Invalid argument", errno=EINVAL)
+                vals[idx] = new.astype(np.uint64)
+            else:
+                for j, i in enumerate(idx.tolist()):
+                    nv = int(vals[i]) + int(d[j])
+                    if nv < 0 or nv > rc.refcount_max:
+                        raise RefcountOverflow("Invalid argument", errno=EINVAL)
+                    vals[i] = nv
+            zero = idx[vals[idx] == 0]
+            if len(zero):
+                lowest = int(rt * epb + zero.min())
+                if self._lowest_freed is None or lowest < self._lowest_freed:
+                    self._lowest_freed = lowest
+            blocks[rt] = vals
+            new_table[rt] = off
+        for rt, off in new_block_off.items():
+            self.write(off, encode_block(blocks[rt], rc.bits))
+        self.write(table_off, new_table.astype(">u8").tobytes())
+        return new_table, table_off, table_cl, blocks
+
+    def check_overlap(self, metadata_clusters: set[int]) -> None:
+        """Refuse to write over live metadata (a lying refcount would make us)."""
+        staged = self.staged_clusters()
+        hit = staged & metadata_clusters
+        if hit:
+            raise CorruptImageError(
+                f"Preventing invalid write on metadata (cluster {min(hit)} is in use but has refcount 0)",
+                errno=5,
+            )
+
+    def commit(self, header_bytes: Callable[[int, int], bytes], metadata_clusters: set[int]) -> None:
+        """Write everything, sync, switch the header with one write, sync.
+
+        ``header_bytes(refcount_table_offset, refcount_table_clusters)`` returns
+        the 48 bytes at header offset 24 describing the new state.
+        """
+        rc = self.rc
+        new_table, table_off, table_cl, blocks = self._prepare_refcounts()
+        self.check_overlap(metadata_clusters)
+        for off, data in sorted(self._writes):
+            rc.file.pwrite(off, data)
+        rc.file.flush()
+        head = header_bytes(table_off, table_cl)
+        assert len(head) == self.COMMIT_SIZE
+        rc.file.pwrite(self.COMMIT_OFFSET, head)
+        rc.file.flush()
+        hint = self.cursor if self._lowest_freed is None else min(self._lowest_freed, self.cursor)
+        rc.adopt(new_table, table_off, table_cl, blocks, hint)

@@ -1,0 +1,357 @@
+"""Internal snapshots: create, delete, revert, lookup (algorithms doc §2–7).
+
+The *results* follow QEMU 7.2: IDs, entry fields, which clusters are shared
+and with what refcounts, COPIED flags equal to "refcount is 1" everywhere
+the active tree reaches, the same lookup rules.  The *write order* does not:
+QEMU updates refcounts and COPIED flags in place, so a crash in the middle
+leaves an image ``qemu-img check`` calls corrupt (a flag disagreeing with a
+count).  Here every operation is one :class:`~vdkit.formats.qcow2.refcount.
+Transaction`: L1/L2 tables that would change are written as copies into free
+clusters, refcount blocks and the refcount table likewise, and one header
+write switches to the new state.  A consequence visible in the file layout:
+after ``create`` the active tree has its own copies of the L2 tables whose
+flags changed instead of sharing them with the snapshot (the snapshot keeps
+the originals); data clusters are shared exactly as in QEMU.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
+from vdkit.formats.qcow2.refcount import Transaction
+from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
+
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+_COMMIT = struct.Struct(">QIIQQIIQ")  # header bytes 24..71
+_ULONG_MAX = 2**64 - 1
+
+
+# -- lookup (§7) ------------------------------------------------------------------------------
+
+def _trunc(text: str, max_bytes: int) -> str:
+    raw = text.encode("utf-8", "surrogateescape")
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "surrogateescape")
+
+
+def id_of(e: SnapshotEntry) -> str:
+    """The ID as QEMU's generic snapshot descriptor holds it (truncated to 127 bytes)."""
+    return _trunc(e.id_str, L.MAX_SNAPSHOT_ID_LEN)
+
+
+def name_of(e: SnapshotEntry) -> str:
+    """The name as the generic descriptor holds it (truncated to 255 bytes); lookups compare this."""
+    return _trunc(e.name, L.MAX_SNAPSHOT_NAME_LEN)
+
+
+def find_by_name(entries: Iterable[SnapshotEntry], name: str) -> SnapshotEntry | None:
+    """First entry (table order) whose name is ``name``; IDs are never consulted."""
+    return next((e for e in entries if name_of(e) == name), None)
+
+
+def find_by_id_and_name(
+    entries: Iterable[SnapshotEntry], snapshot_id: str | None, name: str | None
+) -> SnapshotEntry | None:
+    """Exact pair match: both given → both must match one entry; one given → that field."""
+    if snapshot_id is None and name is None:
+        return None
+    for e in entries:
+        if snapshot_id is not None and id_of(e) != snapshot_id:
+            continue
+        if name is not None and name_of(e) != name:
+            continue
+        return e
+    return None
+
+
+def find_id_then_name(entries: Iterable[SnapshotEntry], s: str) -> SnapshotEntry | None:
+    """Try ``s`` as an ID, then as a name (what revert and ``convert -l X`` use)."""
+    entries = list(entries)
+    return find_by_id_and_name(entries, s, None) or find_by_id_and_name(entries, None, s)
+
+
+def _strtoul(s: str) -> int:
+    """C ``strtoul(s, NULL, 10)`` on a 64-bit machine."""
+    t = s.lstrip(" \t\n\v\f\r")
+    neg = False
+    if t[:1] in ("+", "-"):
+        neg = t[0] == "-"
+        t = t[1:]
+    digits = ""
+    for ch in t:
+        if not ch.isascii() or not ch.isdigit():
+            break
+        digits += ch
+    if not digits:
+        return 0
+    v = int(digits)
+    if v > _ULONG_MAX:
+        return _ULONG_MAX
+    return (-v) & _ULONG_MAX if neg else v
+
+
+def next_snapshot_id(entries: Iterable[SnapshotEntry]) -> str:
+    """1 + the largest leading number among the IDs (so IDs get reused, §6)."""
+    top = 0
+    for e in entries:
+        top = max(top, _strtoul(e.id_str))
+    return str((top + 1) & _ULONG_MAX)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _require_snapshots(drv: Qcow2Driver) -> None:
+    if drv.readonly:
+        raise UnsupportedError("Image is opened read-only", errno=30)
+    if drv.header.has_data_file:
+        raise UnsupportedError("Operation not supported", errno=ENOTSUP)
+
+
+def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
+    cs = drv.header.cluster_size
+    if e.l1_size > L.MAX_L1_SIZE // 8:
+        raise CorruptImageError("Snapshot L1 table too large", errno=EFBIG)
+    if e.l1_table_offset % cs or e.l1_table_offset + e.l1_size * 8 > max(drv.file.size(), cs) + cs:
+        raise CorruptImageError("Snapshot L1 table offset invalid", errno=22)
+
+
+class _Tree:
+    """References of one L1 tree: L2 table clusters and data clusters (with multiplicity)."""
+
+    def __init__(self, drv: Qcow2Driver, l1: np.ndarray) -> None:
+        geom = drv.geometry
+        offs = geom.l1_tables(l1)
+        self.l2_offsets = offs[offs != 0]
+        self.l2_clusters = (self.l2_offsets >> np.uint64(geom.cluster_bits)).astype(np.int64)
+        refs = [np.zeros(0, dtype=np.int64)]
+        for off in self.l2_offsets.tolist():
+            entries, _ = drv.clusters.l2.get(off)
+            refs.append(geom.l2_references(entries, where=f" in L2 table {off:#x}"))
+        self.data = np.concatenate(refs)
+
+    def add_to(self, txn: Transaction, addend: int) -> None:
+        txn.add_refs(self.l2_clusters, addend)
+        txn.add_refs(self.data, addend)
+
+
+def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, tuple]]:
+    """The active L1 with COPIED flags for the refcounts the transaction leads to.
+
+    L2 tables whose flags change are copied (the originals are reachable from
+    the current header and must not change before the switch).  Returns the
+    new L1 and the new L2 tables by offset.
+    """
+    geom = drv.geometry
+    cs_bits = np.uint64(geom.cluster_bits)
+    l1 = l1.copy()
+    offs = geom.l1_tables(l1)
+    new_tables: dict[int, tuple] = {}
+    replaced: dict[int, int] = {}
+    distinct = np.unique(offs[offs != 0]).tolist()
+    for t in distinct:
+        entries, bitmaps = drv.clusters.l2.get(t)
+        std = (entries & COMPRESSED) == 0
+        host = entries & OFFSET_MASK
+        has = std & (host != 0)
+        want = entries.copy()
+        want[std] &= ~COPIED
+        if np.any(has):
+            rc = txn.new_refcounts((host[has] >> cs_bits).astype(np.int64))
+            sel = np.flatnonzero(has)
+            want[sel[rc == 1]] |= COPIED
+        if not np.array_equal(want, entries):
+            k = int(np.count_nonzero(offs == np.uint64(t)))
+            new_off = txn.alloc(geom.cluster_size)
+            if k > 1:
+                txn.add_refs(np.full(k - 1, new_off >> geom.cluster_bits, dtype=np.int64), 1)
+            txn.add_refs(np.full(k, t >> geom.cluster_bits, dtype=np.int64), -1)
+            txn.write(new_off, geom.encode_l2(want, bitmaps))
+            new_tables[new_off] = (want, bitmaps.copy())
+            replaced[t] = new_off
+    # L1 entries: new offsets, COPIED iff the table's final refcount is 1
+    out = np.zeros(len(l1), dtype=np.uint64)
+    nz = np.flatnonzero(offs)
+    if len(nz):
+        final = np.array([replaced.get(int(o), int(o)) for o in offs[nz].tolist()], dtype=np.uint64)
+        rc = txn.new_refcounts((final >> cs_bits).astype(np.int64))
+        out[nz] = final | np.where(rc == 1, COPIED, np.uint64(0))
+        # keep reserved bits of entries as they were (check reports them; we do not hide them)
+        out[nz] |= l1[nz] & np.uint64(L.L1E_RESERVED_MASK & ~L.OFLAG_COPIED)
+    return out, new_tables
+
+
+def _metadata_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> set[int]:
+    h = drv.header
+    bits = h.cluster_bits
+    cs = h.cluster_size
+    out = {0}
+
+    def rng(off: int, length: int) -> None:
+        if length > 0:
+            out.update(range(off >> bits, ((off + length - 1) >> bits) + 1))
+
+    rc = drv.refcounts
+    rng(rc.table_offset, rc.table_clusters * cs)
+    out.update(o >> bits for o in rc.block_clusters())
+    rng(drv.clusters.l1_offset, drv.clusters.l1_size * 8)
+    if h.nb_snapshots:
+        rng(h.snapshots_offset, drv.snapshot_table_size)
+    for e in drv.snapshots():
+        rng(e.l1_table_offset, e.l1_size * 8)
+    for tree in trees:
+        out.update(tree.l2_clusters.tolist())
+    return out
+
+
+def _commit(
+    drv: Qcow2Driver,
+    txn: Transaction,
+    *,
+    l1: np.ndarray,
+    old_l1: np.ndarray,
+    snapshots: list[SnapshotEntry] | None,
+    new_tables: dict[int, tuple],
+    trees: Iterable[_Tree],
+    size: int | None = None,
+) -> None:
+    """Place the new L1 and snapshot table, then switch the header in one write."""
+    h = drv.header
+    cm = drv.clusters
+    l1_off = cm.l1_offset
+    if len(l1) != len(old_l1) or not np.array_equal(l1, old_l1):
+        if len(old_l1):
+            txn.add_range(cm.l1_offset, len(old_l1) * 8, -1)
+        l1_off = txn.alloc(len(l1) * 8) if len(l1) else 0
+        if len(l1):
+            txn.write(l1_off, encode_l1(l1))
+    nb, snap_off, snap_size = h.nb_snapshots, h.snapshots_offset, drv.snapshot_table_size
+    if snapshots is not None:
+        if h.nb_snapshots:
+            txn.add_range(h.snapshots_offset, drv.snapshot_table_size, -1)
+        snap_size = table_size(snapshots)
+        if snap_size > L.MAX_SNAPSHOT_TABLE_SIZE:
+            raise VdkitError("File too large", errno=EFBIG)
+        nb = len(snapshots)
+        snap_off = 0
+        if snapshots:
+            snap_off = txn.alloc(snap_size)
+            txn.write(snap_off, serialize_snapshot_table(snapshots))
+    new_size = h.size if size is None else size
+
+    def header(rt_off: int, rt_cl: int) -> bytes:
+        return _COMMIT.pack(new_size, h.crypt_method, len(l1), l1_off, rt_off, rt_cl, nb, snap_off)
+
+    meta = _metadata_clusters(drv, trees)
+    try:
+        txn.commit(header, meta)
+    except BaseException:
+        # Whatever reached the disk sits in free clusters; forget cached state.
+        drv.clusters.l2.drop()
+        drv.refcounts.drop_cache()
+        raise
+    cm.l1 = l1
+    cm.l1_offset = l1_off
+    cm.l2.drop()
+    for off, (ent, bm) in new_tables.items():
+        cm.l2._insert(off, (ent, bm))
+    if snapshots is not None:
+        drv._snapshots = list(snapshots)
+        drv.snapshot_table_size = snap_size
+    drv.header = h.evolve(
+        size=new_size, l1_size=len(l1), l1_table_offset=l1_off,
+        refcount_table_offset=drv.refcounts.table_offset,
+        refcount_table_clusters=drv.refcounts.table_clusters,
+        nb_snapshots=nb, snapshots_offset=snap_off,
+    )
+
+
+# -- operations -------------------------------------------------------------------------------
+
+def create(
+    drv: Qcow2Driver,
+    name: str,
+    *,
+    date_sec: int,
+    date_nsec: int,
+    vm_clock_nsec: int = 0,
+    vm_state_size: int = 0,
+    icount: int | None = None,
+) -> SnapshotEntry:
+    """Take an internal snapshot of the active layer (§3)."""
+    _require_snapshots(drv)
+    entries = drv.snapshots()
+    if len(entries) >= L.MAX_SNAPSHOTS:
+        raise VdkitError("File too large", errno=EFBIG)
+    h = drv.header
+    cm = drv.clusters
+    active = cm.l1.copy()
+    entry = SnapshotEntry(
+        l1_table_offset=0, l1_size=len(active), id_str=next_snapshot_id(entries),
+        name=_trunc(name, L.MAX_SNAPSHOT_NAME_LEN), date_sec=date_sec & 0xFFFFFFFF,
+        date_nsec=date_nsec & 0xFFFFFFFF, vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
+        disk_size=h.size, icount=L.ICOUNT_UNUSED if icount is None else icount & 0xFFFFFFFFFFFFFFFF,
+    )
+    txn = Transaction(drv.refcounts)
+    if len(active):
+        entry.l1_table_offset = txn.alloc(len(active) * 8)
+        txn.write(entry.l1_table_offset, encode_l1(active))
+    tree = _Tree(drv, active)
+    tree.add_to(txn, +1)  # the snapshot's L1 references the current tree
+    l1, tables = _rebuild_active(drv, txn, active)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=[*entries, entry], new_tables=tables, trees=[tree])
+    return entry
+
+
+def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+    """Delete the snapshot matching ``snapshot_id`` and/or ``name`` exactly (§4)."""
+    _require_snapshots(drv)
+    entries = drv.snapshots()
+    victim = find_by_id_and_name(entries, snapshot_id, name)
+    if victim is None:
+        raise SnapshotNotFoundError("Can't find the snapshot", errno=ENOENT)
+    _validate_snapshot_l1(drv, victim)
+    remaining = [e for e in entries if e is not victim]
+    cm = drv.clusters
+    active = cm.l1.copy()
+    txn = Transaction(drv.refcounts)
+    snap_l1 = read_l1(drv.file, victim.l1_table_offset, victim.l1_size)
+    tree = _Tree(drv, snap_l1)
+    tree.add_to(txn, -1)
+    txn.add_range(victim.l1_table_offset, victim.l1_size * 8, -1)
+    active_tree = _Tree(drv, active)
+    l1, tables = _rebuild_active(drv, txn, active)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=remaining, new_tables=tables, trees=[tree, active_tree])
+    return victim
+
+
+def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
+    """Make the active layer equal to snapshot ``entry`` (§5); the entry is kept."""
+    _require_snapshots(drv)
+    if not any(e is entry or (e.id_str == entry.id_str and e.name == entry.name) for e in drv.snapshots()):
+        raise SnapshotNotFoundError("Can't find the snapshot", errno=ENOENT)
+    _validate_snapshot_l1(drv, entry)
+    h = drv.header
+    cm = drv.clusters
+    active = cm.l1.copy()
+    need = h.l1_entries_needed(entry.disk_size)
+    if need > L.MAX_L1_SIZE // 8:
+        raise CorruptImageError("Snapshot L1 table too large", errno=EFBIG)
+    new_size = max(len(active), entry.l1_size, need)
+    snap_l1 = np.zeros(new_size, dtype=np.uint64)
+    snap_l1[: entry.l1_size] = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
+    txn = Transaction(drv.refcounts)
+    new_tree = _Tree(drv, snap_l1)
+    new_tree.add_to(txn, +1)
+    old_tree = _Tree(drv, active)
+    old_tree.add_to(txn, -1)
+    l1, tables = _rebuild_active(drv, txn, snap_l1)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=None, new_tables=tables,
+            trees=[new_tree, old_tree], size=entry.disk_size)
