@@ -45,6 +45,9 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
             assert arg is not None
             try:
                 if not driver.supports_snapshots:
+                    if fmt is None and node.format == "raw":
+                        # qemu-img's fallback closes and reopens the image: a second warning
+                        write_err(_PROBE_WARNING.format(filename))
                     raise driver._unsupported()
                 entry = snapshot_ops.find_id_then_name(driver.snapshots(), arg)
                 if entry is None:

@@ -565,6 +565,23 @@ class Transaction:
             cur[hit] += sums[pos_c[hit]]
         return cur
 
+    def check_peak(self, increments: Iterable[np.ndarray]) -> None:
+        """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.
+
+        QEMU applies the increments of an operation before its decrements, so
+        it fails on a transient overflow even when the net result would fit;
+        callers use this to fail exactly where QEMU fails.
+        """
+        arrs = [np.asarray(a, dtype=np.int64) for a in increments]
+        allc = np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int64)
+        if not len(allc):
+            return
+        keys, counts = np.unique(allc, return_counts=True)
+        cur = self.rc.get_many(keys)
+        room = np.uint64(self.rc.refcount_max) - cur
+        if np.any(room < counts.astype(np.uint64)):
+            raise RefcountOverflow("Invalid argument", errno=EINVAL)
+
     # -- staged writes --------------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
         self._writes.append((offset, bytes(data)))

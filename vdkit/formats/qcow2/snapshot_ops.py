@@ -349,6 +349,8 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
     snap_l1[: entry.l1_size] = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
     txn = Transaction(drv.refcounts)
     new_tree = _Tree(drv, snap_l1)
+    # QEMU counts the snapshot's tree up before counting the old tree down.
+    txn.check_peak([new_tree.l2_clusters, new_tree.data])
     new_tree.add_to(txn, +1)
     old_tree = _Tree(drv, active)
     old_tree.add_to(txn, -1)
