@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vdkit.block.driver import FormatDriver
+
+if TYPE_CHECKING:
+    from vdkit.block.io import BlockStatus
 
 
 class RawDriver(FormatDriver):
@@ -14,5 +19,11 @@ class RawDriver(FormatDriver):
         # is a 1024-byte disk (the tail reads as zeros).
         return (self.file.size() + 511) // 512 * 512
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int, backing: object = None) -> bytes:
         return self.file.pread(offset, length)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """Data or hole at ``offset``, from SEEK_DATA/SEEK_HOLE as QEMU's file driver asks."""
+        from vdkit.block.io import raw_file_status
+
+        return raw_file_status(self.file, offset, length)

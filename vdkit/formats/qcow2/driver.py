@@ -9,6 +9,7 @@ header) is read lazily, only by the operations that need it, so that
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -21,7 +22,11 @@ from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 from vdkit.io.file import ImageFile
 
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
+    from collections.abc import Callable
+
+    from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
+    from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
 
 
@@ -43,6 +48,11 @@ class BitmapEntry:
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
+
+
+def _io_error(exc: OSError) -> VdkitError:
+    """An I/O failure while writing metadata, as a one-line error with its errno."""
+    return VdkitError(os.strerror(exc.errno) if exc.errno else str(exc), errno=exc.errno or errno.EIO)
 
 
 class Qcow2Driver(FormatDriver):
@@ -232,18 +242,27 @@ class Qcow2Driver(FormatDriver):
                         vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
         from vdkit.formats.qcow2 import snapshot_ops
 
-        return snapshot_ops.create(self, name, date_sec=date_sec, date_nsec=date_nsec,
-                                   vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, icount=icount)
+        try:
+            return snapshot_ops.create(self, name, date_sec=date_sec, date_nsec=date_nsec,
+                                       vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, icount=icount)
+        except OSError as exc:
+            raise _io_error(exc) from exc
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         from vdkit.formats.qcow2 import snapshot_ops
 
-        return snapshot_ops.delete(self, snapshot_id=snapshot_id, name=name)
+        try:
+            return snapshot_ops.delete(self, snapshot_id=snapshot_id, name=name)
+        except OSError as exc:
+            raise _io_error(exc) from exc
 
     def snapshot_revert(self, entry: SnapshotEntry) -> None:
         from vdkit.formats.qcow2 import snapshot_ops
 
-        snapshot_ops.revert(self, entry)
+        try:
+            snapshot_ops.revert(self, entry)
+        except OSError as exc:
+            raise _io_error(exc) from exc
 
     def close(self) -> None:
         if not self.readonly and self.file.fd >= 0:
@@ -253,6 +272,27 @@ class Qcow2Driver(FormatDriver):
                 super().close()
             return
         super().close()
+
+    # -- data path (vdkit.formats.qcow2.io) -------------------------------------
+    @cached_property
+    def io(self) -> Qcow2IO:
+        from vdkit.formats.qcow2.io import Qcow2IO
+
+        return Qcow2IO(self)
+
+    def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
+        return self.io.read(offset, length, backing)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        from vdkit.block.io import DATA, OFFSET_VALID, ZERO, BlockStatus
+        from vdkit.formats.qcow2.io import Kind
+
+        kind, n, host = self.io.block_status(offset, length)
+        flags = {Kind.DATA: DATA, Kind.ZERO: ZERO, Kind.COMPRESSED: DATA}.get(kind, 0)
+        if host is None:
+            return BlockStatus(flags, n)
+        src = self.io.data_file if self.header.has_data_file else self.file
+        return BlockStatus(flags | OFFSET_VALID, n, host, src.filename)
 
     def snapshot_unsupported_reason(self) -> str | None:
         if self.header.has_data_file:
