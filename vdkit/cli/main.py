@@ -22,6 +22,9 @@ COMMANDS = {
     "snapshot": "snapshot",
     "create": "create",
     "check": "check",
+    "map": "map",
+    "convert": "convert",
+    "compare": "compare",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).

@@ -36,11 +36,17 @@ def _vm_clock(sec: int, nsec: int) -> str:
     return "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60, (total // 1_000_000) % 1000)
 
 
+def _ljust_bytes(text: str, width: int) -> str:
+    """Left-justify like C ``%-*s``: the field width counts UTF-8 bytes, not characters."""
+    n = len(text.encode("utf-8", "surrogateescape"))
+    return text + " " * (width - n) if n < width else text
+
+
 def snapshot_row(sn: SnapshotInfo) -> str:
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
     icount = "" if sn.icount is None else str(sn.icount)
     return (
-        f"{sn.id:<9} {sn.name:<16} {size_to_str(sn.vm_state_size):>8}{date:>20}"
+        f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {size_to_str(sn.vm_state_size):>8}{date:>20}"
         f"{_vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec):>13}{icount:>11}"
     )
 
@@ -122,3 +128,79 @@ def image_info(info: ImageInfo) -> str:
 def image_info_list(infos: list[ImageInfo]) -> str:
     """``--backing-chain``: images separated by one empty line."""
     return "\n".join(image_info(i) for i in infos)
+
+
+# --------------------------------------------------------------------------
+# Monitor (HMP) renderers, appended for the storage daemon.
+# --------------------------------------------------------------------------
+
+
+def block_entry(name: str, inserted: Any, *, qdev: str | None = None, io_status: str | None = None,
+                removable: bool = False, locked: bool = False, tray_open: bool | None = None,
+                verbose: bool = False) -> str:
+    """One ``info block`` entry (a backend, or with only ``name``/``inserted`` a node).
+
+    ``inserted`` is a :class:`~vdkit.info.model.BlockDeviceInfo` or None.
+    Lines end in ``\\n``.
+    """
+    out = [name]
+    if inserted is not None:
+        flags = (", read-only" if inserted.ro else "") + (", encrypted" if inserted.encrypted else "")
+        out.append(f": {inserted.file} ({inserted.drv}{flags})\n")
+    else:
+        out.append(": [not inserted]\n")
+    if qdev is not None:
+        out.append(f"    Attached to:      {qdev}\n")
+    if io_status is not None and io_status != "ok":
+        out.append(f"    I/O status:       {io_status}\n")
+    if removable:
+        lock_text = "locked" if locked else "not locked"
+        out.append(f"    Removable device: {lock_text}, tray {'open' if tray_open else 'closed'}\n")
+    if inserted is None:
+        return "".join(out)
+    c = inserted.cache
+    out.append(f"    Cache mode:       {'writeback' if c.writeback else 'writethrough'}"
+               f"{', direct' if c.direct else ''}{', ignore flushes' if c.no_flush else ''}\n")
+    if inserted.backing_file is not None:
+        out.append(f"    Backing file:     {inserted.backing_file} (chain depth: {inserted.backing_file_depth})\n")
+    if inserted.detect_zeroes != "off":
+        out.append(f"    Detect zeroes:    {inserted.detect_zeroes}\n")
+    i = inserted
+    if i.bps or i.bps_rd or i.bps_wr or i.iops or i.iops_rd or i.iops_wr:
+        def v(x: int | None) -> int:
+            return x or 0
+
+        out.append(
+            f"    I/O throttling:   bps={i.bps} bps_rd={i.bps_rd} bps_wr={i.bps_wr} bps_max={v(i.bps_max)} "
+            f"bps_rd_max={v(i.bps_rd_max)} bps_wr_max={v(i.bps_wr_max)} iops={i.iops} iops_rd={i.iops_rd} "
+            f"iops_wr={i.iops_wr} iops_max={v(i.iops_max)} iops_rd_max={v(i.iops_rd_max)} "
+            f"iops_wr_max={v(i.iops_wr_max)} iops_size={v(i.iops_size)} group={i.group}\n"
+        )
+    if verbose:
+        out.append("\nImages:\n")
+        img: ImageInfo | None = inserted.image
+        while img is not None:
+            out.append(image_info(img))
+            img = img.backing_image
+    return "".join(out)
+
+
+def info_snapshots(vmstate_disk: bool, global_snapshots: list[SnapshotInfo],
+                   partial: list[tuple[str, list[SnapshotInfo]]], *, any_snapshots: bool) -> str:
+    """HMP ``info snapshots`` (``qmp-hmp.md`` §5.2); lines end in ``\\n``."""
+    import dataclasses
+
+    if not vmstate_disk:
+        return "no block device can store vmstate for snapshot\n"
+    if not any_snapshots:
+        return "There is no snapshot available.\n"
+    out = ["List of snapshots present on all disks:\n"]
+    if global_snapshots:
+        out.append(snapshot_table(dataclasses.replace(s, id="--") for s in global_snapshots))
+    else:
+        out.append("None\n")
+    for device, snaps in partial:
+        if snaps:
+            out.append(f"\nList of partial (non-loadable) snapshots on '{device}':\n")
+            out.append(snapshot_table(snaps))
+    return "".join(out)

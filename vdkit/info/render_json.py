@@ -47,12 +47,14 @@ def to_qobject(obj: Any) -> Any:
     """Dataclass tree -> JSON values; dict key order = QAPI insertion order."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         order = getattr(obj, "__qapi_order__", None) or [f.name for f in dataclasses.fields(obj)]
+        # QAPI members whose name keeps "_" (e.g. ``detect_zeroes``) are listed in ``__qapi_names__``
+        names: dict[str, str] = getattr(obj, "__qapi_names__", {})
         out: dict[str, Any] = {}
         for name in order:
             value = getattr(obj, name)
             if value is None:
                 continue
-            out[_member_name(name)] = to_qobject(value)
+            out[names.get(name) or _member_name(name)] = to_qobject(value)
         return out
     if isinstance(obj, enum.Enum):
         return obj.value

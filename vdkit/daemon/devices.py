@@ -1,0 +1,271 @@
+"""The daemon's device registry: drives, their media, the run state and the VM clock.
+
+Everything a monitor command reads or changes lives here, behind ONE lock
+(``DeviceRegistry.lock``).  Every command handler runs with that lock held
+(the runtime takes it around each dispatch), so a ``query-block`` never sees
+half of a ``savevm`` or ``transaction``: queries and snapshot operations are
+serialised.  The lock is a ``threading.RLock`` because handlers run in a
+worker thread (blocking file I/O must not stall the event loop) and HMP
+commands re-enter QMP handlers.
+
+Media are opened with :func:`vdkit.block.node.open_image`, which takes the
+QEMU-compatible image locks, so a QEMU (or qemu-img) trying to write an image
+the daemon has open is refused exactly as it would be by another QEMU.
+
+There is no guest.  A drive with ``if=none`` is an unattached BlockBackend
+(``removable`` true, no ``qdev``); any other interface is modelled as
+attached to an emulated device of that kind: ``media=cdrom`` gets a tray and
+I/O status like ``ide-cd``, a disk gets I/O status and is not removable.
+The "VM clock" is the time the daemon has spent in the ``running`` state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vdkit.errors import VdkitError
+from vdkit.info.model import BlockdevCacheInfo
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+THROTTLE_MAX_KEYS = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max", "iops_wr_max")
+THROTTLE_LENGTH_KEYS = tuple(k + "_length" for k in THROTTLE_MAX_KEYS)
+THROTTLE_VALUE_MAX = 1_000_000_000_000_000
+
+
+@dataclass
+class ThrottleConfig:
+    """Limits of one backend: ``avg``/``max``/``burst length`` for six buckets, plus ``iops_size``."""
+
+    avg: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 0))
+    max: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 0))
+    length: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 1))
+    iops_size: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return any(self.avg.values()) or any(self.max.values())
+
+    def validate(self) -> None:
+        """QEMU's ``throttle_is_valid`` checks, in its order, with its texts."""
+        a, m = self.avg, self.max
+        for vals in (a, m):
+            if (vals["bps"] and (vals["bps_rd"] or vals["bps_wr"])) or (
+                vals["iops"] and (vals["iops_rd"] or vals["iops_wr"])
+            ):
+                raise VdkitError("bps/iops/max total values and read/write values cannot be used at the same time")
+        if self.iops_size and not (a["iops"] or a["iops_rd"] or a["iops_wr"]):
+            raise VdkitError("iops size requires an iops value to be set")
+        for key in THROTTLE_KEYS:
+            avg, mx, length = a[key], m[key], self.length[key]
+            if avg < 0 or mx < 0 or avg > THROTTLE_VALUE_MAX or mx > THROTTLE_VALUE_MAX:
+                raise VdkitError(f"bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]")
+            if not length:
+                raise VdkitError("the burst length cannot be 0")
+            if length > 1 and not mx:
+                raise VdkitError("burst length set without burst rate")
+            if mx and length > THROTTLE_VALUE_MAX // mx:
+                raise VdkitError("burst length too high for this burst rate")
+            if mx and not avg:
+                raise VdkitError("bps_max/iops_max require corresponding bps/iops values")
+            if mx and mx < avg:
+                raise VdkitError("bps_max/iops_max cannot be lower than bps/iops")
+
+    def to_state(self) -> dict[str, int]:
+        out = dict(self.avg)
+        out.update({k + "_max": v for k, v in self.max.items()})
+        out.update({k + "_max_length": v for k, v in self.length.items()})
+        out["iops_size"] = self.iops_size
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, int]) -> ThrottleConfig:
+        cfg = cls()
+        for k in THROTTLE_KEYS:
+            cfg.avg[k] = int(state.get(k, 0))
+            cfg.max[k] = int(state.get(k + "_max", 0))
+            cfg.length[k] = int(state.get(k + "_max_length", 1))
+        cfg.iops_size = int(state.get("iops_size", 0))
+        return cfg
+
+
+@dataclass
+class DriveSpec:
+    """One ``-drive`` as parsed from the command line."""
+
+    id: str
+    file: str | None = None
+    interface: str = "none"
+    media: str = "disk"
+    format: str | None = None
+    readonly: bool = False
+    cache: BlockdevCacheInfo = field(default_factory=BlockdevCacheInfo)
+    detect_zeroes: str = "off"
+    node_name: str | None = None
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    group: str | None = None
+
+
+@dataclass
+class Medium:
+    """An inserted image: the open chain and the node names of its format and file nodes."""
+
+    node: Node
+    # per chain element (top first): (format node name, file node name)
+    names: list[tuple[str, str]]
+    ro: bool
+
+    @property
+    def node_name(self) -> str:
+        return self.names[0][0]
+
+
+@dataclass
+class Drive:
+    spec: DriveSpec
+    medium: Medium | None = None
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    group: str | None = None
+    tray_open: bool = False
+    qdev: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def has_tray(self) -> bool:
+        return self.qdev is not None and self.spec.media == "cdrom"
+
+    @property
+    def removable(self) -> bool:
+        return self.qdev is None or self.spec.media == "cdrom"
+
+
+class DeviceRegistry:
+    """All drives of one daemon, the run state and the VM clock, behind one lock."""
+
+    def __init__(self, *, start_paused: bool = False, package: str = "") -> None:
+        self.lock = threading.RLock()
+        self.drives: list[Drive] = []
+        self.package = package
+        self.run_state = "prelaunch" if start_paused else "running"
+        self._clock_ns = 0
+        self._running_since: int | None = None if start_paused else time.monotonic_ns()
+        self._name_counter = itertools.count(0)
+        self._used_names: set[str] = set()
+        self._qdev_counter = itertools.count(16)
+        self.shutdown_requested: str | None = None
+
+    # -- run state and clock ----------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.run_state == "running"
+
+    def vm_clock_ns(self) -> int:
+        extra = 0 if self._running_since is None else time.monotonic_ns() - self._running_since
+        return self._clock_ns + extra
+
+    def set_vm_clock_ns(self, value: int) -> None:
+        self._clock_ns = value
+        if self._running_since is not None:
+            self._running_since = time.monotonic_ns()
+
+    def stop(self) -> bool:
+        """Pause; True if the state changed from running (a ``STOP`` event is due)."""
+        if self.run_state != "running":
+            return False
+        self._clock_ns = self.vm_clock_ns()
+        self._running_since = None
+        self.run_state = "paused"
+        return True
+
+    def cont(self) -> bool:
+        """Resume; True if it was not running (a ``RESUME`` event is due)."""
+        if self.run_state == "running":
+            return False
+        self.run_state = "running"
+        self._running_since = time.monotonic_ns()
+        return True
+
+    # -- node names -----------------------------------------------------------------
+    def _auto_name(self) -> str:
+        while True:
+            # QEMU's automatic names are "#block" + 3 digits; keep that shape
+            n = next(self._name_counter)
+            name = f"#block{(n * 137 + 11) % 1000:03d}"
+            if n >= 1000:
+                name = f"#block{n}"
+            if name not in self._used_names:
+                self._used_names.add(name)
+                return name
+
+    def all_node_names(self) -> set[str]:
+        return set(self._used_names)
+
+    # -- drives -----------------------------------------------------------------------
+    def add_drive(self, spec: DriveSpec) -> Drive:
+        if any(d.id == spec.id for d in self.drives):
+            raise VdkitError(f"Duplicate ID '{spec.id}' for drive")
+        drive = Drive(spec)
+        if spec.interface != "none":
+            drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
+        if spec.file:
+            ro = spec.readonly or spec.media == "cdrom"
+            drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name)
+        if spec.throttle.enabled:
+            drive.throttle = spec.throttle
+            drive.group = spec.group or spec.id
+        self.drives.append(drive)
+        return drive
+
+    def open_medium(self, filename: str, fmt: str | None, *, readonly: bool,
+                    node_name: str | None = None) -> Medium:
+        from vdkit.block.node import open_image
+
+        if node_name is not None and node_name in self._used_names:
+            raise VdkitError(f"Duplicate nodes with node-name='{node_name}'")
+        node = open_image(filename, fmt, readonly=readonly)
+        names: list[tuple[str, str]] = []
+        for i, _ in enumerate(node.chain()):
+            fmt_name = node_name if (i == 0 and node_name is not None) else None
+            # creation order: the file node is named before its format node
+            file_name = self._auto_name()
+            if fmt_name is None:
+                fmt_name = self._auto_name()
+            else:
+                self._used_names.add(fmt_name)
+            names.append((fmt_name, file_name))
+        return Medium(node, names, readonly)
+
+    def close_medium(self, medium: Medium) -> None:
+        for fmt_name, file_name in medium.names:
+            self._used_names.discard(fmt_name)
+            self._used_names.discard(file_name)
+        medium.node.close()
+
+    def find_drive(self, name: str) -> Drive | None:
+        for d in self.drives:
+            if d.id == name:
+                return d
+        return None
+
+    def close_all(self) -> None:
+        for d in self.drives:
+            if d.medium is not None:
+                try:
+                    self.close_medium(d.medium)
+                except OSError:
+                    pass
+                d.medium = None
+
+
+def file_size(path: str) -> int:
+    return os.stat(path).st_size

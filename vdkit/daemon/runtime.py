@@ -1,0 +1,260 @@
+"""The daemon's asyncio runtime: the only asyncio code in vdkit.
+
+Listeners accept QMP and HMP connections; each connection task (the "upper
+half") reads bytes, feeds them to its sans-I/O core
+(:class:`vdkit.monitor.qmp_wire.QmpSession`, or the HMP line splitter here),
+and hands each request to a worker thread (the "bottom half") that runs the
+command handler with the device lock held.  Blocking image I/O therefore
+never stalls the event loop, and the lock serialises all commands of all
+clients.  Events a command raises are broadcast to every negotiated QMP
+client *before* that command's response is written, as QEMU orders them.
+
+Anything a handler raises that is not a :class:`~vdkit.errors.VdkitError` is
+a bug: it is logged with its traceback and answered as a ``GenericError``, and
+the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vdkit.daemon.devices import DeviceRegistry
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import CommandContext
+from vdkit.monitor.hmp import run_line
+from vdkit.monitor.machine_cmds import REGISTRY
+from vdkit.monitor.qmp_wire import (
+    NEED_DATA,
+    InputError,
+    QmpSession,
+    Request,
+    SessionState,
+    format_event,
+    version_info,
+)
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 65536
+HMP_MAX_LINE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Address:
+    """``unix:PATH`` or ``tcp:HOST:PORT``."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(eq=False)
+class _QmpConn:
+    session: QmpSession
+    writer: asyncio.StreamWriter
+
+    def send(self, data: bytes) -> None:
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+
+@dataclass
+class Daemon:
+    machine: DeviceRegistry
+    qmp_addrs: list[Address] = field(default_factory=list)
+    hmp_addrs: list[Address] = field(default_factory=list)
+    _qmp_conns: set[_QmpConn] = field(default_factory=set)
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _unix_paths: list[str] = field(default_factory=list)
+    _stop: asyncio.Event | None = None
+
+    # -- commands (bottom half: runs in a worker thread) ------------------------
+    def _execute(self, fn: Callable[[CommandContext], Any], ctx: CommandContext) -> Any:
+        with self.machine.lock:
+            return fn(ctx)
+
+    async def _run(self, fn: Callable[[CommandContext], Any], ctx: CommandContext) -> Any:
+        return await asyncio.to_thread(self._execute, fn, ctx)
+
+    def _broadcast(self, events: list[tuple[str, dict[str, Any] | None]]) -> None:
+        for name, data in events:
+            ev = format_event(name, data)
+            for conn in list(self._qmp_conns):
+                if conn.session.state is SessionState.COMMAND:
+                    conn.send(QmpSession._line(ev))
+
+    # -- QMP connection (upper half) -------------------------------------------------
+    async def _qmp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _QmpConn(QmpSession(package=self.machine.package), writer)
+        self._qmp_conns.add(conn)
+        log.debug("QMP client connected")
+        try:
+            conn.send(conn.session.greeting())
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                log.debug("--> %r", data[:200])
+                conn.session.receive_data(data)
+                while (ev := conn.session.next_event()) is not NEED_DATA:
+                    if isinstance(ev, InputError):
+                        conn.send(conn.session.input_error(ev))
+                    else:
+                        await self._qmp_request(conn, ev)
+                    if self.machine.shutdown_requested:
+                        break
+                await writer.drain()
+                if self.machine.shutdown_requested:
+                    self._request_stop()
+                    break
+        except (ConnectionError, OSError) as exc:
+            log.debug("QMP client gone: %s", exc)
+        finally:
+            self._qmp_conns.discard(conn)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _qmp_request(self, conn: _QmpConn, req: Request) -> None:
+        session = conn.session
+        ctx = CommandContext(self.machine, session)
+        negotiated = session.state is SessionState.COMMAND
+
+        def run(c: CommandContext) -> Any:
+            return REGISTRY.dispatch(c, req.name, req.arguments, oob=req.oob, negotiated=negotiated)
+
+        try:
+            result = await self._run(run, ctx)
+        except VdkitError as exc:
+            self._broadcast(ctx.events)
+            conn.send(session.error(exc.qmp_class, exc.message, id=req.id, has_id=req.has_id))
+            return
+        except Exception as exc:  # a bug: log it, answer, keep serving
+            log.exception("internal error in %s", req.name)
+            self._broadcast(ctx.events)
+            conn.send(session.error("GenericError", f"internal error: {exc}", id=req.id, has_id=req.has_id))
+            return
+        self._broadcast(ctx.events)
+        conn.send(session.reply(req, result))
+
+    # -- HMP connection ------------------------------------------------------------------
+    async def _hmp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Line mode: no echo or cursor control; output, then the ``(qemu) `` prompt."""
+        v = version_info(self.machine.package)["qemu"]
+        writer.write(f"QEMU {v['major']}.{v['minor']}.{v['micro']} monitor - type 'help' for more "
+                     f"information\r\n(qemu) ".encode())
+        buf = b""
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                buf += data
+                # a line ends at \n, \r or \r\n (a trailing \r waits for a possible \n)
+                complete = buf if not buf.endswith(b"\r") else buf[:-1]
+                lines = complete.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+                buf = lines.pop() + buf[len(complete):]
+                if len(buf) > HMP_MAX_LINE:
+                    buf = b""
+                    writer.write(b"line too long\r\n(qemu) ")
+                for line in lines:
+                    text = line.decode("utf-8", "replace")
+                    ctx = CommandContext(self.machine)
+                    try:
+                        out = await self._run(lambda c, t=text: run_line(REGISTRY, c, t), ctx)
+                    except Exception as exc:  # a bug
+                        log.exception("internal error in HMP %r", text)
+                        out = f"Error: internal error: {exc}\r\n"
+                    self._broadcast(ctx.events)
+                    writer.write(out.encode("utf-8", "replace") + b"(qemu) ")
+                    await writer.drain()
+                    if self.machine.shutdown_requested:
+                        self._request_stop()
+                        return
+        except (ConnectionError, OSError) as exc:
+            log.debug("HMP client gone: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # -- listeners and lifecycle -------------------------------------------------------
+    def _track(self, coro_fn: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]) -> Callable[..., None]:
+        def cb(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.ensure_future(coro_fn(reader, writer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return cb
+
+    async def _listen(self, addr: Address, handler: Callable[..., None]) -> None:
+        if addr.kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr.path)
+            old = os.umask(0o177)  # the socket is created mode 0600
+            try:
+                server = await asyncio.start_unix_server(handler, path=addr.path)
+            finally:
+                os.umask(old)
+            os.chmod(addr.path, 0o600)
+            self._unix_paths.append(addr.path)
+        else:
+            server = await asyncio.start_server(handler, host=addr.host, port=addr.port, reuse_address=True)
+        self._servers.append(server)
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        for a in self.qmp_addrs:
+            await self._listen(a, self._track(self._qmp_client))
+        for a in self.hmp_addrs:
+            await self._listen(a, self._track(self._hmp_client))
+
+    def _request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def _on_signal(self) -> None:
+        if not self.machine.shutdown_requested:
+            self.machine.shutdown_requested = "host-signal"
+            self._broadcast([("SHUTDOWN", {"guest": False, "reason": "host-signal"})])
+        self._request_stop()
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal)
+        await self.start()
+        if ready is not None:
+            ready()
+        assert self._stop is not None
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for s in self._servers:
+            s.close()
+        for conn in list(self._qmp_conns):
+            with contextlib.suppress(Exception):
+                await conn.writer.drain()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with self.machine.lock:
+            self.machine.close_all()

@@ -1,0 +1,79 @@
+"""Protocol and run-state QMP commands, and the registry every monitor uses.
+
+``qmp_capabilities``, ``query-version``, ``query-commands``, ``query-status``,
+``stop``, ``cont``, ``quit`` and ``human-monitor-command``; the block
+commands come from :mod:`vdkit.monitor.block_cmds`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vdkit.errors import VdkitError
+from vdkit.info.model import StatusInfo
+from vdkit.monitor import block_cmds
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
+from vdkit.monitor.qmp_wire import version_info
+
+
+def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
+    enable = args.get("enable", [])
+    offered = ["oob"] if ctx.session is not None and ctx.session.offer_oob else []
+    for cap in enable:
+        if cap not in offered:
+            raise VdkitError(f"Capability {cap} not available")
+    if ctx.session is not None:
+        ctx.session.negotiate(enable)
+
+
+def query_version(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    return version_info(ctx.machine.package)
+
+
+def query_status(ctx: CommandContext, args: dict[str, Any]) -> StatusInfo:
+    state = ctx.machine.run_state
+    return StatusInfo(running=state == "running", status=state)
+
+
+def stop(ctx: CommandContext, args: dict[str, Any]) -> None:
+    if ctx.machine.stop():
+        ctx.emit("STOP")
+
+
+def cont(ctx: CommandContext, args: dict[str, Any]) -> None:
+    if ctx.machine.cont():
+        ctx.emit("RESUME")
+
+
+def quit_(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.shutdown_requested = "host-qmp-quit"
+    ctx.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+
+
+def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
+    from vdkit.monitor.hmp import run_line
+
+    return run_line(REGISTRY, ctx, args["command-line"])
+
+
+def query_commands(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": n} for n in REGISTRY.names()]
+
+
+def build_registry() -> CommandRegistry:
+    reg = CommandRegistry()
+    r = reg.register
+    r("qmp_capabilities", opt("enable", "array", items=Arg("enable", enum=("oob",), enum_label="null")),
+      negotiation=True)(qmp_capabilities)
+    r("query-version")(query_version)
+    r("query-commands")(query_commands)
+    r("query-status")(query_status)
+    r("stop")(stop)
+    r("cont")(cont)
+    r("quit")(quit_)
+    r("human-monitor-command", Arg("command-line"), opt("cpu-index", "int"))(human_monitor_command)
+    block_cmds.register(reg)
+    return reg
+
+
+REGISTRY = build_registry()
