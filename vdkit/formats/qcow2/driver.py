@@ -287,8 +287,10 @@ class Qcow2Driver(FormatDriver):
         from vdkit.block.io import DATA, OFFSET_VALID, ZERO, BlockStatus
         from vdkit.formats.qcow2.io import Kind
 
-        kind, n, host = self.io.block_status(offset, length)
+        kind, n, host, file_zero = self.io.block_status(offset, length)
         flags = {Kind.DATA: DATA, Kind.ZERO: ZERO, Kind.COMPRESSED: DATA}.get(kind, 0)
+        if file_zero:
+            flags |= ZERO
         if host is None:
             return BlockStatus(flags, n)
         src = self.io.data_file if self.header.has_data_file else self.file
