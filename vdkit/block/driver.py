@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, ClassVar
 from vdkit.errors import UnsupportedError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.io.file import ImageFile
 
@@ -84,8 +87,13 @@ class FormatDriver:
         """Make everything written so far durable (nothing cached by default)."""
 
     # -- data -----------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
+        """Guest bytes of this layer; ranges it does not allocate come from ``backing`` (or zeros)."""
         raise UnsupportedError(f"Driver '{self.format_name}' does not support reading")
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """Status of the run at ``offset`` in this layer only (see :mod:`vdkit.block.io`)."""
+        raise UnsupportedError(f"Driver '{self.format_name}' does not support block status")
 
     def close(self) -> None:
         for f in self.extra_files():

@@ -1,0 +1,198 @@
+"""Chain-level data access: reads through the backing chain and block status.
+
+A format driver only knows its own layer.  This module composes layers the
+way QEMU's generic block layer does:
+
+* a read of a range the top layer does not allocate falls through to the
+  backing node at the same guest offset; bytes beyond the end of a shorter
+  backing file read as zeros;
+* a layer's block status gains ``ALLOCATED`` when the layer itself provides
+  data or zeros, and ``ZERO`` (without ``ALLOCATED``) for unallocated ranges
+  that have nothing below them (no backing file, or beyond its end);
+* :func:`map_entries` walks a range top-down per position, exactly as
+  ``qemu-img map`` does, yielding merged :class:`MapEntry` records with the
+  ``depth`` of the layer that answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.io.file import ImageFile
+
+# Status flags (the subset of QEMU's BDRV_BLOCK_* that qemu-img shows).
+DATA = 1
+ZERO = 2
+OFFSET_VALID = 4
+ALLOCATED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """Status of one run of a single layer, starting at the queried offset.
+
+    ``offset`` is where the bytes can be read raw in ``file`` (a file name),
+    valid only with ``OFFSET_VALID``.
+    """
+
+    flags: int
+    length: int
+    offset: int = 0
+    file: str | None = None
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
+
+
+def layer_status(node: Node, offset: int, length: int) -> BlockStatus:
+    """Block status of ``node`` alone at ``offset`` (``bdrv_block_status`` of one layer).
+
+    ``length`` is clipped to the node's size; a query at or past the end
+    returns a zero-length status.
+    """
+    size = node.driver.virtual_size
+    if offset >= size:
+        return BlockStatus(0, 0)
+    st = node.driver.block_status(offset, min(length, size - offset))
+    flags = st.flags
+    if flags & (DATA | ZERO):
+        flags |= ALLOCATED
+    elif node.driver.supports_backing and (node.backing is None or offset >= node.backing.driver.virtual_size):
+        flags |= ZERO
+    return BlockStatus(flags, st.length, st.offset, st.file)
+
+
+@dataclass(slots=True)
+class MapEntry:
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    filename: str | None
+
+    def mergeable(self, nxt: MapEntry) -> bool:
+        """qemu-img map's rule for extending this entry by ``nxt``."""
+        if self.length == 0:
+            return False
+        if (self.zero, self.data, self.depth, self.present) != (nxt.zero, nxt.data, nxt.depth, nxt.present):
+            return False
+        if (self.filename is None) != (nxt.filename is None) or (self.offset is None) != (nxt.offset is None):
+            return False
+        if self.filename is not None and self.filename != nxt.filename:
+            return False
+        return self.offset is None or self.offset + self.length == nxt.offset
+
+
+def chain_status(node: Node, offset: int, length: int) -> MapEntry:
+    """One map entry at ``offset``: the first layer (top-down) that reports data or zeros."""
+    depth = 0
+    cur: Node | None = node
+    st = BlockStatus(0, length)
+    while cur is not None:
+        st = layer_status(cur, offset, length)
+        if st.length == 0:  # beyond this layer's end (cannot happen for the top)
+            st = BlockStatus(ZERO | ALLOCATED, length)
+            break
+        length = st.length
+        if st.flags & (ZERO | DATA):
+            break
+        if cur.backing is None:
+            st = BlockStatus(0, length)
+            break
+        cur = cur.backing
+        depth += 1
+    has_off = st.has(OFFSET_VALID)
+    return MapEntry(
+        start=offset, length=st.length, depth=depth, present=st.has(ALLOCATED), zero=st.has(ZERO),
+        data=st.has(DATA), offset=st.offset if has_off else None,
+        filename=st.file if has_off else None,
+    )
+
+
+def map_entries(node: Node, start: int, end: int) -> Iterator[MapEntry]:
+    """Merged entries covering ``[start, end)`` (``qemu-img map``'s loop, output-agnostic)."""
+    cur: MapEntry | None = None
+    pos = start
+    while pos < end:
+        nxt = chain_status(node, pos, min(1 << 30, end - pos))
+        pos += nxt.length
+        if cur is not None and cur.mergeable(nxt):
+            cur.length += nxt.length
+            continue
+        if cur is not None:
+            yield cur
+        cur = nxt
+    if cur is not None:
+        yield cur
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def read(node: Node, offset: int, length: int) -> bytes:
+    """Guest bytes of ``node`` through its whole backing chain."""
+    if length <= 0:
+        return b""
+    return node.driver.read(offset, length, backing=_backing_reader(node))
+
+
+def _backing_reader(node: Node):  # type: ignore[no-untyped-def]
+    below = node.backing
+    if below is None:
+        return None
+
+    def backing_read(offset: int, length: int) -> bytes:
+        size = below.driver.virtual_size
+        if offset >= size:
+            return bytes(length)
+        part = min(length, size - offset)
+        data = read(below, offset, part)
+        return data if part == length else data + bytes(length - part)
+
+    return backing_read
+
+
+def allocated_runs(node: Node, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    """``(start, length, reads_as_zero)`` runs of the whole chain, for copying.
+
+    A run is "zero" when the chain is known to read zeros there without
+    looking at data (zero clusters, holes, unallocated everywhere).
+    """
+    end = offset + length
+    pos = offset
+    while pos < end:
+        e = chain_status(node, pos, end - pos)
+        zero = e.zero or not e.present and not e.data
+        yield pos, e.length, zero
+        pos += e.length
+
+
+def raw_file_status(file: ImageFile, offset: int, length: int) -> BlockStatus:
+    """Data/hole status of a plain file at ``offset`` (SEEK_DATA/SEEK_HOLE).
+
+    Mirrors QEMU's file driver: a data extent ends at the next hole, a hole
+    at the next data; past the last data extent everything is a hole; when
+    the file system cannot tell, everything is data.
+    """
+    import errno
+    import os
+
+    try:
+        data = os.lseek(file.fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # trailing hole
+            return BlockStatus(ZERO | OFFSET_VALID, length, offset, file.filename)
+        return BlockStatus(DATA | OFFSET_VALID, length, offset, file.filename)
+    if data > offset:
+        return BlockStatus(ZERO | OFFSET_VALID, min(length, data - offset), offset, file.filename)
+    try:
+        hole = os.lseek(file.fd, offset, os.SEEK_HOLE)
+    except OSError:
+        return BlockStatus(DATA | OFFSET_VALID, length, offset, file.filename)
+    return BlockStatus(DATA | OFFSET_VALID, min(length, max(hole - offset, 1)), offset, file.filename)
