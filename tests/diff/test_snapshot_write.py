@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 
 
 def make_image(path: Path, opts: str = "", size: str = "8M", writes: tuple[str, ...] = ()) -> Path:
@@ -62,6 +62,9 @@ def guest(path: Path, snapshot_id: str | None = None) -> bytes:
 def assert_equivalent(q: Path, v: Path, *, vdkit_clean: bool = True) -> None:
     """Same snapshots, same guest content; vdkit's image passes check cleanly."""
     assert snapshot_list(v) == snapshot_list(q)
+    # vdkit reads back what it wrote exactly as qemu-img does
+    assert_same(["snapshot", "-l", v.name], cwd=v.parent)
+    assert_same(["info", "--output=json", v.name], cwd=v.parent)
     rc, counts = check_counts(v)
     if vdkit_clean:
         assert (rc, counts) == (0, {"corruptions": 0, "leaks": 0, "check-errors": 0}), counts
@@ -249,3 +252,45 @@ def test_backing_chain_snapshot(tmp_path: Path) -> None:
     io_both(q, v, "write -P 7 0 128k")
     assert run_both(q, v, "-a", "s") == 0
     assert_equivalent(q, v)
+
+
+def test_revert_to_smaller_disk_size(tmp_path: Path) -> None:
+    base = make_image(tmp_path / "base.qcow2", size="1M", writes=("write -P 1 0 64k",))
+    check_ok("snapshot", "-c", "small", str(base))
+    check_ok("resize", "-q", str(base), "600M")
+    assert qemu_io("-c", "write -P 2 500M 64k", str(base)).returncode == 0
+    q, v = pair(tmp_path, base)
+    assert run_both(q, v, "-a", "small") == 0
+    assert_equivalent(q, v)
+    assert run_both(q, v, "-c", "after") == 0
+    assert_equivalent(q, v)
+
+
+def test_unknown_autoclear_bits_cleared_on_write_open(tmp_path: Path) -> None:
+    base = make_image(tmp_path / "base.qcow2", writes=("write -P 1 0 4k",))
+    with open(base, "r+b") as f:
+        f.seek(88)
+        f.write((1 << 40).to_bytes(8, "big"))
+    q, v = pair(tmp_path, base)
+    assert run_both(q, v, "-c", "s") == 0
+    assert_equivalent(q, v)
+    assert v.read_bytes()[88:96] == q.read_bytes()[88:96] == bytes(8)
+
+
+def test_dirty_image(tmp_path: Path) -> None:
+    """A lazy-refcount image left dirty: repaired first (as QEMU) or refused, never written blindly."""
+    import importlib.util
+
+    base = make_image(tmp_path / "base.qcow2", "lazy_refcounts=on", "1M")
+    qemu_io("-c", "write -P 1 0 64k", "-c", "sigraise 9", str(base))
+    assert "cleanly shut down: no" in check_ok("info", str(base)).stdout
+    q, v = pair(tmp_path, base)
+    rq = qemu_img("snapshot", "-c", "s", str(q))
+    rv = vdkit_img("snapshot", "-c", "s", str(v))
+    assert rq.returncode == 0
+    if importlib.util.find_spec("vdkit.formats.qcow2.check") is None:
+        assert rv.returncode == 1 and rv.stderr.count("\n") == 1 and "dirty" in rv.stderr
+        assert v.read_bytes() == base.read_bytes()
+    else:
+        assert rv.returncode == 0
+        assert_equivalent(q, v)
