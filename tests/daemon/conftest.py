@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +33,15 @@ class Monitor:
     def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except ConnectionRefusedError:  # bound but not yet listening
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.buf = b""
         self.events: list[dict[str, Any]] = []
         self.greeting_line = self.read_line()
@@ -143,13 +150,14 @@ class Daemons:
         return m
 
     def pair(self, drive_args: list[str], setup: Callable[[Path], None]) -> tuple[Monitor, Monitor]:
-        """QEMU and vdkit-daemon on identical copies of the images ``setup`` makes; (qemu, vdkit)."""
+        """QEMU and vdkit-daemon on identical images made by ``setup`` in two directories; (qemu, vdkit)."""
         qdir, vdir = self.tmp / "q", self.tmp / "v"
         for d in (qdir, vdir):
             d.mkdir(exist_ok=True)
+        # the same qemu-img commands in both directories: a copy would change
+        # the files' allocation, and "actual-size" must match
         setup(qdir)
-        for item in qdir.iterdir():
-            shutil.copy2(item, vdir / item.name)
+        setup(vdir)
         _, qpath, _ = self.qemu(drive_args, qdir)
         _, vpath, _ = self.vdkit(drive_args, vdir)
         return self.monitor(qpath).negotiate(), self.monitor(vpath).negotiate()

@@ -111,6 +111,7 @@ class DriveSpec:
     node_name: str | None = None
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     group: str | None = None
+    text: str = ""  # the option text, for error messages
 
 
 @dataclass
@@ -121,6 +122,9 @@ class Medium:
     # per chain element (top first): (format node name, file node name)
     names: list[tuple[str, str]]
     ro: bool
+    # per chain element: creation serials of (format node, file node); QEMU
+    # lists named nodes by creation time
+    serials: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def node_name(self) -> str:
@@ -160,6 +164,7 @@ class DeviceRegistry:
         self._clock_ns = 0
         self._running_since: int | None = None if start_paused else time.monotonic_ns()
         self._name_counter = itertools.count(0)
+        self._serial = itertools.count(0)
         self._used_names: set[str] = set()
         self._qdev_counter = itertools.count(16)
         self.shutdown_requested: str | None = None
@@ -234,7 +239,10 @@ class DeviceRegistry:
             raise VdkitError(f"Duplicate nodes with node-name='{node_name}'")
         node = open_image(filename, fmt, readonly=readonly)
         names: list[tuple[str, str]] = []
+        serials: list[tuple[int, int]] = []
         for i, _ in enumerate(node.chain()):
+            file_serial = next(self._serial)
+            serials.append((next(self._serial), file_serial))
             fmt_name = node_name if (i == 0 and node_name is not None) else None
             # creation order: the file node is named before its format node
             file_name = self._auto_name()
@@ -243,7 +251,7 @@ class DeviceRegistry:
             else:
                 self._used_names.add(fmt_name)
             names.append((fmt_name, file_name))
-        return Medium(node, names, readonly)
+        return Medium(node, names, readonly, serials)
 
     def close_medium(self, medium: Medium) -> None:
         for fmt_name, file_name in medium.names:

@@ -105,7 +105,7 @@ _THROTTLE_ALIASES = {
 
 
 def parse_drive(text: str, index: int) -> DriveSpec:
-    spec = DriveSpec(id="")
+    spec = DriveSpec(id="", text=text)
     cache: BlockdevCacheInfo | None = None
     direct = no_flush = None
     throttle = ThrottleConfig()
@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             machine.add_drive(spec)
         except VdkitError as exc:
-            _err(f"-drive {spec.file or ''}: {exc.message}")
+            from vdkit.monitor.block_cmds import open_error
+
+            _err(f"-drive {spec.text}: {open_error(exc).message}")
             machine.close_all()
             return 1
     if cfg.daemonize:

@@ -125,17 +125,28 @@ def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[BlockInfo]:
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
     flat = bool(args.get("flat", False))
-    out: list[BlockDeviceInfo] = []
-    # newest node first: later drives first, and within a drive the deepest
-    # backing file first, each format node before its file node
-    for drive in reversed(_machine(ctx).drives):
+    return [info for _, info in sorted(
+        ((serial, _node_info(drive, medium, i, kind, flat)) for serial, drive, medium, i, kind in _nodes(ctx)),
+        key=lambda item: -item[0])]
+
+
+def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
+    """Every named node: (creation serial, drive, medium, chain index, "fmt"|"file")."""
+    out = []
+    for drive in _machine(ctx).drives:
         medium = drive.medium
         if medium is None:
             continue
-        for i in reversed(range(len(medium.names))):
-            out.append(_format_node_info(drive, medium, i, backend=False, flat=flat))
-            out.append(_file_node_info(drive, medium, i))
+        for i, (fmt_serial, file_serial) in enumerate(medium.serials):
+            out.append((fmt_serial, drive, medium, i, "fmt"))
+            out.append((file_serial, drive, medium, i, "file"))
     return out
+
+
+def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool) -> BlockDeviceInfo:
+    if kind == "fmt":
+        return _format_node_info(drive, medium, index, backend=False, flat=flat)
+    return _file_node_info(drive, medium, index)
 
 
 def _node_stats(medium: Medium, index: int, *, recurse_backing: bool) -> BlockStats:
@@ -155,13 +166,12 @@ def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[BlockSta
     out: list[BlockStats] = []
     if args.get("query-nodes", False):
         # every named node, in creation order (file node before its format node)
-        for drive in machine.drives:
-            if drive.medium is None:
-                continue
-            for i, (_, file_name) in enumerate(drive.medium.names):
-                out.append(BlockStats(stats=BlockDeviceStats(), node_name=file_name,
+        for _, _drive, medium, i, kind in sorted(_nodes(ctx), key=lambda item: item[0]):
+            if kind == "file":
+                out.append(BlockStats(stats=BlockDeviceStats(), node_name=medium.names[i][1],
                                       driver_specific=BlockStatsSpecificFile()))
-                out.append(_node_stats(drive.medium, i, recurse_backing=False))
+            else:
+                out.append(_node_stats(medium, i, recurse_backing=False))
         return out
     for drive in machine.drives:
         backend = BlockDeviceStats(account_invalid=True, account_failed=True)
@@ -231,6 +241,13 @@ def block_set_io_throttle(ctx: CommandContext, args: dict[str, Any]) -> None:
         drive.group = None
 
 
+def open_error(exc: VdkitError) -> VdkitError:
+    """QEMU's monitor reports an open failure once ("Could not open 'x': <reason>"),
+    without the extra "Could not open" prefix qemu-img adds; lock conflicts bare."""
+    cause = exc.__cause__
+    return cause if isinstance(cause, VdkitError) else exc
+
+
 def _tray_event(ctx: CommandContext, drive: Drive, is_open: bool) -> None:
     ctx.emit("DEVICE_TRAY_MOVED", {"device": drive.id, "id": drive.qdev or "", "tray-open": is_open})
 
@@ -263,7 +280,10 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
     filename = args["filename"]
     if ctx.cwd is not None and not filename.startswith("/"):
         pass  # names stay as given, like QEMU's (relative to the daemon's cwd)
-    medium = _machine(ctx).open_medium(filename, args.get("format"), readonly=ro)
+    try:
+        medium = _machine(ctx).open_medium(filename, args.get("format"), readonly=ro)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
     if drive.has_tray and not drive.tray_open:
         drive.tray_open = True
         _tray_event(ctx, drive, True)

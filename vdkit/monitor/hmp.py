@@ -184,7 +184,9 @@ def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
 def _info_status(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
     a.end()
     st = _qmp(reg, ctx, "query-status")
-    return f"VM status: {st.status}\n"
+    if st.running:
+        return "VM status: running\n"
+    return "VM status: paused\n" if st.status == "paused" else f"VM status: paused ({st.status})\n"
 
 
 def _info_version(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
