@@ -74,7 +74,11 @@ class FormatDriver:
     supports_snapshots: ClassVar[bool] = False
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
-                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+                        vm_state_size: int = 0, icount: int | None = None,
+                        vm_state: bytes | None = None) -> SnapshotEntry:
+        raise self._unsupported()
+
+    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
         raise self._unsupported()
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:

@@ -62,10 +62,14 @@ class Node:
 
     # -- internal snapshots (thin wrappers; the driver does the work) ----------
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
-                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+                        vm_state_size: int = 0, icount: int | None = None,
+                        vm_state: bytes | None = None) -> SnapshotEntry:
         return self.driver.snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
                                            vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
-                                           icount=icount)
+                                           icount=icount, vm_state=vm_state)
+
+    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
+        return self.driver.read_vmstate(entry)
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)

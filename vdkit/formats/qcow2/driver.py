@@ -239,12 +239,23 @@ class Qcow2Driver(FormatDriver):
             self.clusters.l2.flush()
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
-                        vm_state_size: int = 0, icount: int | None = None) -> SnapshotEntry:
+                        vm_state_size: int = 0, icount: int | None = None,
+                        vm_state: bytes | None = None) -> SnapshotEntry:
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
             return snapshot_ops.create(self, name, date_sec=date_sec, date_nsec=date_nsec,
-                                       vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, icount=icount)
+                                       vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size, icount=icount,
+                                       vm_state=vm_state)
+        except OSError as exc:
+            raise _io_error(exc) from exc
+
+    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
+        """VM state saved with ``entry`` (``savevm``); empty for disk-only snapshots."""
+        from vdkit.formats.qcow2 import snapshot_ops
+
+        try:
+            return snapshot_ops.read_vmstate(self, entry)
         except OSError as exc:
             raise _io_error(exc) from exc
 

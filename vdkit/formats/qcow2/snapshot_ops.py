@@ -260,6 +260,8 @@ def _commit(
     cm.l1 = l1
     cm.l1_offset = l1_off
     cm.l2.drop()
+    if "io" in drv.__dict__:  # the data path caches decoded tables
+        drv.io.invalidate()
     for off, (ent, bm) in new_tables.items():
         cm.l2._insert(off, (ent, bm))
     if snapshots is not None:
@@ -275,6 +277,33 @@ def _commit(
 
 # -- operations -------------------------------------------------------------------------------
 
+def vm_state_offset(drv: Qcow2Driver, disk_size: int | None = None) -> int:
+    """Guest offset where VM state lives: the first L1 entry past the disk (format doc §8.3)."""
+    h = drv.header
+    return h.l1_entries_needed(h.size if disk_size is None else disk_size) * drv.geometry.l1_span
+
+
+def _vm_state_tables(drv: Qcow2Driver, txn: Transaction, snap_l1: np.ndarray, first: int, data: bytes) -> None:
+    """Store ``data`` in fresh clusters mapped from ``snap_l1[first:]`` (referenced only by the snapshot)."""
+    geom = drv.geometry
+    cs = geom.cluster_size
+    n = (len(data) + cs - 1) // cs
+    base = txn.alloc(n * cs)
+    txn.write(base, data + bytes(n * cs - len(data)))
+    per = geom.l2_entries
+    for k in range(0, n, per):
+        entries = np.zeros(per, dtype=np.uint64)
+        count = min(per, n - k)
+        offs = base + np.arange(k, k + count, dtype=np.uint64) * np.uint64(cs)
+        entries[:count] = offs | COPIED
+        bitmaps = np.zeros(per, dtype=np.uint64)
+        if geom.extended_l2:
+            bitmaps[:count] = np.uint64(0xFFFFFFFF)
+        l2_off = txn.alloc(cs)
+        txn.write(l2_off, geom.encode_l2(entries, bitmaps))
+        snap_l1[first + k // per] = np.uint64(l2_off) | COPIED
+
+
 def create(
     drv: Qcow2Driver,
     name: str,
@@ -284,8 +313,14 @@ def create(
     vm_clock_nsec: int = 0,
     vm_state_size: int = 0,
     icount: int | None = None,
+    vm_state: bytes | None = None,
 ) -> SnapshotEntry:
-    """Take an internal snapshot of the active layer (§3)."""
+    """Take an internal snapshot of the active layer (§3).
+
+    With ``vm_state``, the bytes are stored at the VM-state offset of the
+    snapshot's own tree (``vm_state_size`` becomes their length); the active
+    tree keeps nothing in that range, as after QEMU's discard.
+    """
     _require_snapshots(drv)
     entries = drv.snapshots()
     if len(entries) >= L.MAX_SNAPSHOTS:
@@ -293,6 +328,8 @@ def create(
     h = drv.header
     cm = drv.clusters
     active = cm.l1.copy()
+    if vm_state is not None:
+        vm_state_size = len(vm_state)
     entry = SnapshotEntry(
         l1_table_offset=0, l1_size=len(active), id_str=next_snapshot_id(entries),
         name=_trunc(name, L.MAX_SNAPSHOT_NAME_LEN), date_sec=date_sec & 0xFFFFFFFF,
@@ -300,14 +337,51 @@ def create(
         disk_size=h.size, icount=L.ICOUNT_UNUSED if icount is None else icount & 0xFFFFFFFFFFFFFFFF,
     )
     txn = Transaction(drv.refcounts)
-    if len(active):
-        entry.l1_table_offset = txn.alloc(len(active) * 8)
-        txn.write(entry.l1_table_offset, encode_l1(active))
-    tree = _Tree(drv, active)
+    disk_entries = h.l1_entries_needed()
+    trees = []
+    if vm_state is not None:
+        # The active tree drops whatever it mapped past the disk (state of an earlier revert).
+        beyond = active.copy()
+        beyond[:disk_entries] = 0
+        old_vm = _Tree(drv, beyond)
+        old_vm.add_to(txn, -1)
+        trees.append(old_vm)
+        active_new = active.copy()
+        active_new[disk_entries:] = 0
+        geom = drv.geometry
+        first = vm_state_offset(drv) // geom.l1_span
+        needed = first + max(1, -(-len(vm_state) // (geom.cluster_size * geom.l2_entries)))
+        if needed > L.MAX_L1_SIZE // 8:
+            raise VdkitError("File too large", errno=EFBIG)
+        snap_l1 = np.zeros(max(len(active), needed), dtype=np.uint64)
+        snap_l1[: len(active)] = active_new
+    else:
+        active_new = active
+        snap_l1 = active.copy()
+    tree = _Tree(drv, active_new)
     tree.add_to(txn, +1)  # the snapshot's L1 references the current tree
-    l1, tables = _rebuild_active(drv, txn, active)
-    _commit(drv, txn, l1=l1, old_l1=active, snapshots=[*entries, entry], new_tables=tables, trees=[tree])
+    trees.append(tree)
+    if vm_state is not None and len(vm_state):
+        _vm_state_tables(drv, txn, snap_l1, first, vm_state)
+    entry.l1_size = len(snap_l1)
+    if len(snap_l1):
+        entry.l1_table_offset = txn.alloc(len(snap_l1) * 8)
+        txn.write(entry.l1_table_offset, encode_l1(snap_l1))
+    l1, tables = _rebuild_active(drv, txn, active_new)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=[*entries, entry], new_tables=tables, trees=trees)
     return entry
+
+
+def read_vmstate(drv: Qcow2Driver, entry: SnapshotEntry) -> bytes:
+    """The VM state stored with snapshot ``entry`` (empty for disk-only snapshots)."""
+    if not entry.vm_state_size:
+        return b""
+    _validate_snapshot_l1(drv, entry)
+    start = vm_state_offset(drv, entry.disk_size)
+    if start + entry.vm_state_size > entry.l1_size * drv.geometry.l1_span:
+        raise CorruptImageError("Snapshot VM state extends past its L1 table", errno=22)
+    l1 = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
+    return drv.io.read(start, entry.vm_state_size, None, l1=l1)
 
 
 def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
