@@ -114,8 +114,8 @@ class HmpCommand:
         return f"{prefix}{'|'.join(self.names)} {self.params} -- {self.help}\n"
 
 
-def _qmp(reg: CommandRegistry, ctx: CommandContext, name: str, **args: Any) -> Any:
-    return reg.call(ctx, name, {k: v for k, v in args.items() if v is not None})
+def _qmp(reg: CommandRegistry, ctx: CommandContext, command: str, **args: Any) -> Any:
+    return reg.call(ctx, command, {k: v for k, v in args.items() if v is not None})
 
 
 # -- info subcommands ----------------------------------------------------------
