@@ -138,7 +138,7 @@ def test_transaction_overflow_writes_nothing(tmp_path: Path) -> None:
         txn = Transaction(drv.refcounts)
         txn.add_refs(np.array([0, 0, 0], dtype=np.int64), 1)  # header cluster 1 -> 4 > 3
         with pytest.raises(RefcountOverflow):
-            txn.commit(lambda off, cl: bytes(48), set())
+            txn.commit(lambda off, cl: bytes(48), np.zeros(0, dtype=np.int64))
     finally:
         drv.close()
     assert img.read_bytes() == before

@@ -294,3 +294,18 @@ def test_dirty_image(tmp_path: Path) -> None:
     else:
         assert rv.returncode == 0
         assert_equivalent(q, v)
+
+
+def test_lying_refcount_never_overwrites_data(tmp_path: Path) -> None:
+    """A data cluster whose refcount says 0 is not reused for metadata (untrusted images)."""
+    img = make_image(tmp_path / "lie.qcow2", writes=("write -P 5 0 64k",))
+    with open(img, "r+b") as f:  # refcount block at 0x20000, 16-bit entries; data cluster 5
+        f.seek(0x20000 + 5 * 2)
+        assert f.read(2) == b"\0\1"
+        f.seek(0x20000 + 5 * 2)
+        f.write(b"\0\0")
+    before = img.read_bytes()
+    r = vdkit_img("snapshot", "-c", "s", str(img))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "Could not create snapshot 's'" in r.stderr
+    assert img.read_bytes() == before

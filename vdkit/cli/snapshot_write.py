@@ -49,6 +49,8 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                         # qemu-img's fallback closes and reopens the image: a second warning
                         write_err(_PROBE_WARNING.format(filename))
                     raise driver._unsupported()
+                if driver.snapshot_unsupported_reason() is not None:  # external data file
+                    raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
                 entry = snapshot_ops.find_id_then_name(driver.snapshots(), arg)
                 if entry is None:
                     raise VdkitError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)

@@ -666,17 +666,17 @@ class Transaction:
         self.write(table_off, new_table.astype(">u8").tobytes())
         return new_table, table_off, table_cl, blocks
 
-    def check_overlap(self, metadata_clusters: set[int]) -> None:
-        """Refuse to write over live metadata (a lying refcount would make us)."""
-        staged = self.staged_clusters()
-        hit = staged & metadata_clusters
-        if hit:
+    def check_overlap(self, in_use: np.ndarray) -> None:
+        """Refuse to write over clusters in use (only a lying refcount of 0 could make us)."""
+        staged = np.asarray(sorted(self.staged_clusters()), dtype=np.int64)
+        hit = staged[np.isin(staged, in_use)]
+        if len(hit):
             raise CorruptImageError(
-                f"Preventing invalid write on metadata (cluster {min(hit)} is in use but has refcount 0)",
+                f"Preventing invalid write on metadata (cluster {int(hit[0])} is in use but has refcount 0)",
                 errno=5,
             )
 
-    def commit(self, header_bytes: Callable[[int, int], bytes], metadata_clusters: set[int]) -> None:
+    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: np.ndarray) -> None:
         """Write everything, sync, switch the header with one write, sync.
 
         ``header_bytes(refcount_table_offset, refcount_table_clusters)`` returns
@@ -684,7 +684,7 @@ class Transaction:
         """
         rc = self.rc
         new_table, table_off, table_cl, blocks = self._prepare_refcounts()
-        self.check_overlap(metadata_clusters)
+        self.check_overlap(in_use)
         for off, data in sorted(self._writes):
             rc.file.pwrite(off, data)
         rc.file.flush()

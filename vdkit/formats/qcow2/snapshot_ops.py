@@ -188,27 +188,28 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
     return out, new_tables
 
 
-def _metadata_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> set[int]:
+def _in_use_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> np.ndarray:
+    """Clusters the current state uses: metadata plus the walked trees (tables and data)."""
     h = drv.header
     bits = h.cluster_bits
     cs = h.cluster_size
-    out = {0}
+    parts = [np.zeros(1, dtype=np.int64)]
 
     def rng(off: int, length: int) -> None:
         if length > 0:
-            out.update(range(off >> bits, ((off + length - 1) >> bits) + 1))
+            parts.append(np.arange(off >> bits, ((off + length - 1) >> bits) + 1, dtype=np.int64))
 
     rc = drv.refcounts
     rng(rc.table_offset, rc.table_clusters * cs)
-    out.update(o >> bits for o in rc.block_clusters())
+    parts.append(np.asarray([o >> bits for o in rc.block_clusters()], dtype=np.int64))
     rng(drv.clusters.l1_offset, drv.clusters.l1_size * 8)
     if h.nb_snapshots:
         rng(h.snapshots_offset, drv.snapshot_table_size)
     for e in drv.snapshots():
         rng(e.l1_table_offset, e.l1_size * 8)
     for tree in trees:
-        out.update(tree.l2_clusters.tolist())
-    return out
+        parts += [tree.l2_clusters, tree.data]
+    return np.unique(np.concatenate(parts))
 
 
 def _commit(
@@ -249,7 +250,7 @@ def _commit(
     def header(rt_off: int, rt_cl: int) -> bytes:
         return _COMMIT.pack(new_size, h.crypt_method, len(l1), l1_off, rt_off, rt_cl, nb, snap_off)
 
-    meta = _metadata_clusters(drv, trees)
+    meta = _in_use_clusters(drv, trees)
     try:
         txn.commit(header, meta)
     except BaseException:
