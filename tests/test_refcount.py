@@ -142,3 +142,17 @@ def test_transaction_overflow_writes_nothing(tmp_path: Path) -> None:
     finally:
         drv.close()
     assert img.read_bytes() == before
+
+
+def test_dirty_bit_set_and_cleared(tmp_path: Path) -> None:
+    """Lazy-refcount writers set the dirty bit durably and a clean close clears it."""
+    img = tmp_path / "lazy.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(img), "1M")
+    drv = _open_rw(img)
+    try:
+        drv.mark_dirty()
+        assert "cleanly shut down: no" in check_ok("info", "-U", str(img)).stdout
+    finally:
+        drv.close()
+    assert "cleanly shut down" not in check_ok("info", str(img)).stdout
+    assert _check(img) == (0, {"corruptions": 0, "leaks": 0})

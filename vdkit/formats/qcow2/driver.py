@@ -275,10 +275,36 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    def mark_dirty(self) -> None:
+        """Set the dirty bit (durably) before the first write that postpones refcounts.
+
+        Only images with lazy refcounts do that; with the bit set, a crash
+        leaves refcounts a writable open must repair first.
+        """
+        h = self.header
+        if h.version < 3 or h.dirty:
+            return
+        self.file.flush()
+        self._write_incompatible(h.incompatible_features | L.INCOMPAT_DIRTY)
+
+    def mark_clean(self) -> None:
+        """Clear the dirty bit once every cached refcount and table is on disk."""
+        if not self.header.dirty:
+            return
+        self.flush()
+        self.file.flush()
+        self._write_incompatible(self.header.incompatible_features & ~L.INCOMPAT_DIRTY)
+
+    def _write_incompatible(self, value: int) -> None:
+        self.file.pwrite(72, value.to_bytes(8, "big"))
+        self.file.flush()
+        self.header = self.header.evolve(incompatible_features=value)
+
     def close(self) -> None:
         if not self.readonly and self.file.fd >= 0:
             try:
                 self.flush()
+                self.mark_clean()  # a clean close clears the dirty bit we may have set
             finally:
                 super().close()
             return
