@@ -109,10 +109,16 @@ def next_snapshot_id(entries: Iterable[SnapshotEntry]) -> str:
 # -- helpers ----------------------------------------------------------------------------------
 
 def _require_snapshots(drv: Qcow2Driver) -> None:
+    """Refuse what cannot have snapshots; then put cached metadata on disk.
+
+    A transaction reads the state the disk describes and drops the caches when
+    it commits, so writes a data path left in the caches must be durable first.
+    """
     if drv.readonly:
         raise UnsupportedError("Image is opened read-only", errno=30)
     if drv.header.has_data_file:
         raise UnsupportedError("Operation not supported", errno=ENOTSUP)
+    drv.flush()
 
 
 def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
