@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 _U64 = np.uint64
 COPIED = _U64(L.OFLAG_COPIED)
 COMPRESSED = _U64(L.OFLAG_COMPRESSED)
-OFFSET_MASK = _U64(L2_OFF := L.L2E_OFFSET_MASK)
+OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
 
 
 @dataclass(frozen=True)
@@ -248,12 +248,14 @@ class Mapping:
 class ClusterMap:
     """The active L1 table in memory plus lookup and growth through the L2 cache."""
 
-    def __init__(self, file: ImageFile, geom: Geometry, l1_offset: int, l1_size: int) -> None:
+    def __init__(self, file: ImageFile, geom: Geometry, l1_offset: int, l1_size: int,
+                 on_l1_switch: Callable[[int, int], None] | None = None) -> None:
         self.file = file
         self.geom = geom
         self.l1_offset = l1_offset
         self.l1 = read_l1(file, l1_offset, l1_size)
         self.l2 = L2Cache(file, geom)
+        self.on_l1_switch = on_l1_switch  # (offset, size) after the header moved to a new L1
 
     @property
     def l1_size(self) -> int:
@@ -308,5 +310,7 @@ class ClusterMap:
         self.file.flush()
         old_off, old_size = self.l1_offset, len(self.l1)
         self.l1, self.l1_offset = new, new_off
+        if self.on_l1_switch is not None:
+            self.on_l1_switch(new_off, new_size)
         if old_size:
             refcounts.free(old_off, old_size * 8)

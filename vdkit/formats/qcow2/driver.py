@@ -188,9 +188,13 @@ class Qcow2Driver(FormatDriver):
     def clusters(self) -> ClusterMap:
         from vdkit.formats.qcow2.cluster import ClusterMap
 
-        cm = ClusterMap(self.file, self.geometry, self.header.l1_table_offset, self.header.l1_size)
+        cm = ClusterMap(self.file, self.geometry, self.header.l1_table_offset, self.header.l1_size,
+                        on_l1_switch=self._l1_switched)
         self.refcounts.set_l2_flush(cm.l2.flush)
         return cm
+
+    def _l1_switched(self, offset: int, size: int) -> None:
+        self.header = self.header.evolve(l1_table_offset=offset, l1_size=size)
 
     def _refcount_table_switched(self, offset: int, clusters: int) -> None:
         self.header = self.header.evolve(refcount_table_offset=offset, refcount_table_clusters=clusters)
