@@ -29,6 +29,7 @@ DATA = 1
 ZERO = 2
 OFFSET_VALID = 4
 ALLOCATED = 8
+EOF = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,37 @@ def map_entries(node: Node, start: int, end: int) -> Iterator[MapEntry]:
         cur = nxt
     if cur is not None:
         yield cur
+
+
+def above_status(node: Node, offset: int, length: int) -> BlockStatus:
+    """Status of the whole chain at ``offset`` (``bdrv_block_status_above`` down to the bottom).
+
+    Unlike :func:`chain_status`, a layer reporting "zero because nothing is
+    below" does not stop the walk: the first *allocating* layer answers, a
+    layer shorter than the offset counts as allocated zeros, and a range no
+    layer allocates keeps the bottom layer's flags.  ``EOF`` is set when the
+    run ends at the end of ``node``.
+    """
+    top_size = node.driver.virtual_size
+    cur: Node | None = node
+    st = BlockStatus(0, 0)
+    first = True
+    while cur is not None:
+        st = layer_status(cur, offset, length)
+        if st.length == 0:
+            if first:
+                return st
+            st = BlockStatus(ZERO | ALLOCATED, length)
+            break
+        first = False
+        length = st.length
+        if st.flags & ALLOCATED:
+            break
+        cur = cur.backing
+    flags = st.flags
+    if offset + st.length == top_size:
+        flags |= EOF
+    return BlockStatus(flags, st.length, st.offset, st.file)
 
 
 # -- reading ------------------------------------------------------------------------------------

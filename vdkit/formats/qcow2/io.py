@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdkit.errors import EIO, CorruptImageError, UnsupportedError, VdkitError
+from vdkit.errors import EIO, ENOENT, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 
 if TYPE_CHECKING:
+    from vdkit.block.node import Node
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
 
@@ -384,3 +385,37 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
         host = int(hosts[s]) if valid[s] else None
         out.append(Run(k, base + s * unit, (e - s) * unit, host))
     return out
+
+
+def load_snapshot_tmp(node: Node, snapshot_id: str | None, name: str | None, *,
+                      fallback_name: bool = False) -> None:
+    """Make a read-only node show an internal snapshot (``convert -l``).
+
+    The node's driver switches to the snapshot's L1 table and virtual size;
+    nothing is written.  ``fallback_name`` looks ``snapshot_id`` up as an ID
+    first and then as a name, the rule for a plain ``-l NAME``.
+    """
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.snapshot_ops import find_by_id_and_name
+
+    drv = node.driver
+    if not isinstance(drv, Qcow2Driver):
+        raise UnsupportedError(
+            f"Block format '{drv.format_name}' used by device '' does not support temporarily "
+            "loading internal snapshots")
+    if not node.readonly:
+        raise VdkitError("Device is not readonly")
+    entries = drv.snapshots()
+    entry = find_by_id_and_name(entries, snapshot_id, name)
+    if entry is None and fallback_name:
+        entry = find_by_id_and_name(entries, None, snapshot_id)
+    if entry is None:
+        raise SnapshotNotFoundError("Can't find snapshot", errno=ENOENT)
+    if entry.l1_size > L.MAX_L1_SIZE // 8:
+        raise CorruptImageError("Snapshot L1 table too large")
+    if entry.l1_table_offset % drv.cluster_size:
+        raise CorruptImageError("Snapshot L1 table offset invalid")
+    drv.header = drv.header.evolve(size=entry.disk_size, l1_size=entry.l1_size,
+                                   l1_table_offset=entry.l1_table_offset)
+    for attr in ("clusters", "io"):
+        drv.__dict__.pop(attr, None)

@@ -1,0 +1,111 @@
+"""``vdkit-img convert`` against ``qemu-img convert``.
+
+Both tools convert the same source; the outputs must be byte-identical
+(``cmp``), stdout/stderr/exit status must match, and for raw outputs the
+sparse layout (``qemu-img map`` of the result) must match too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_ok, qemu_img, vdkit_img
+from tests.diff.io_corpus import KINDS, build, qio
+
+
+def _convert_both(cwd: Path, args: list[str], q_out: str = "q.out", v_out: str = "v.out") -> tuple[int, str]:
+    q = qemu_img("convert", *args, q_out, cwd=cwd)
+    v = vdkit_img("convert", *args, v_out, cwd=cwd)
+    assert v.stdout == q.stdout, f"stdout differs for {args}"
+    assert v.normalized_stderr() == q.stderr, f"stderr differs for {args}"
+    assert v.returncode == q.returncode, f"exit code differs for {args}"
+    if q.returncode == 0:
+        assert (cwd / q_out).read_bytes() == (cwd / v_out).read_bytes(), f"output differs for {args}"
+    return q.returncode, q.stdout
+
+
+def _same_layout(cwd: Path, fmt: str = "raw") -> None:
+    a = check_ok("map", "--output=json", "-f", fmt, "q.out", cwd=cwd).stdout
+    b = check_ok("map", "--output=json", "-f", fmt, "v.out", cwd=cwd).stdout
+    assert a == b, "sparse layout of the outputs differs"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_to_raw(workdir: Path, kind: str) -> None:
+    src = build(kind, workdir)
+    _convert_both(workdir, ["-O", "raw", src])
+    _same_layout(workdir)
+    _convert_both(workdir, ["-S", "0", "-O", "raw", src])
+    _convert_both(workdir, ["-S", "64k", src])
+    _same_layout(workdir)
+
+
+def test_convert_sparse_granularity(workdir: Path) -> None:
+    check_ok("create", "-q", "-f", "raw", "z.raw", "2M", cwd=workdir)
+    # data with zero gaps of 512 B, 3.5 KiB, 4 KiB, 12 KiB, at odd alignments
+    qio("z.raw", ["write -P 1 0 1k", "write -P 2 1536 1k", "write -P 3 6144 512", "write -P 4 10240 4k",
+                  "write -P 0 14336 12k", "write -P 5 26624 1k", "write -P 6 1M 64k", "write -P 0 1040k 8k"],
+        workdir, fmt="raw")
+    for s in ("512", "4k", "8k", "1M"):
+        _convert_both(workdir, ["-f", "raw", "-S", s, "z.raw"])
+        _same_layout(workdir)
+
+
+def test_convert_snapshots(workdir: Path) -> None:
+    src = build("snap", workdir)
+    for spec in ("first", "1", "2", "snapshot.id=1", "snapshot.name=1", "snapshot.name=first,snapshot.id=1",
+                 "snapshot.name=first,snapshot.id=2", "nope", "snapshot.foo=1", "snapshot.id=1,x=2"):
+        _convert_both(workdir, ["-O", "raw", "-l", spec, src])
+    # -l on raw, -l with several sources
+    check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=workdir)
+    _convert_both(workdir, ["-l", "first", "r.raw"])
+    _convert_both(workdir, ["-l", "first", src, "r.raw"])
+
+
+def test_convert_progress_and_quiet(workdir: Path) -> None:
+    src = build("v3", workdir)
+    _convert_both(workdir, ["-p", "-O", "raw", src])
+    _convert_both(workdir, ["-p", "-q", src])
+    check_ok("create", "-q", "-f", "qcow2", "big.qcow2", "64M", cwd=workdir)
+    qio("big.qcow2", ["write -P 1 0 20M", "write -P 2 30M 7M", "write -P 3 50M 1M"], workdir)
+    rc, out = _convert_both(workdir, ["-p", "big.qcow2"])
+    assert rc == 0 and out.count("\r") > 10
+
+
+def test_convert_concat_and_existing_target(workdir: Path) -> None:
+    a = build("raw", workdir)
+    b = build("v2", workdir)
+    _convert_both(workdir, ["-O", "raw", a, b])
+    # -n: write into an existing file (zero areas must be written too)
+    (workdir / "q.out").write_bytes(b"\xff" * (8 << 20))
+    (workdir / "v.out").write_bytes(b"\xff" * (8 << 20))
+    _convert_both(workdir, ["-n", "-O", "raw", b])
+    (workdir / "q.out").write_bytes(b"\xff" * 1024)
+    (workdir / "v.out").write_bytes(b"\xff" * 1024)
+    _convert_both(workdir, ["-n", b])
+
+
+@pytest.mark.parametrize("args", [
+    ["-O", "foo", "x"],
+    ["-S", "1000", "x"],
+    ["-S", "17M", "x"],
+    ["-c", "-O", "raw", "x"],
+    ["-B", "x", "-O", "raw", "x"],
+    ["-o", "foo=bar", "x"],
+    ["missing.qcow2"],
+    ["-n", "x"],
+])
+def test_convert_errors(workdir: Path, args: list[str]) -> None:
+    check_ok("create", "-q", "-f", "qcow2", "x", "1M", cwd=workdir)
+    q = qemu_img("convert", *args, "out.img", cwd=workdir)
+    v = vdkit_img("convert", *args, "out.img", cwd=workdir)
+    assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+
+
+def test_convert_usage(workdir: Path) -> None:
+    for args in (["x"], []):
+        q = qemu_img("convert", *args, cwd=workdir)
+        v = vdkit_img("convert", *args, cwd=workdir)
+        assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)

@@ -1,0 +1,476 @@
+"""``vdkit-img convert``: copy the guest view of one or more images into a new image.
+
+The copy walks the source in *iterations* the way qemu-img 7.2 does, because
+the iteration boundaries are visible: they decide which areas are skipped as
+zero, and the ``-p`` progress lines are printed per iteration.  Each
+iteration asks the chain for the status of the next run (data, zero, or —
+with ``-B`` — "leave to the backing file"), aligned to the source cluster
+size, and data runs are cut into buffers of at most 2 MiB.  Within a data
+buffer, stretches of zero sectors of at least ``-S`` bytes are not written
+(sparse output); ``-S 0`` writes everything.
+
+Sources are read through :mod:`vdkit.block.io`; targets are written through
+a small :class:`Target` interface (raw file, or a qcow2 image through
+:mod:`vdkit.formats.qcow2.io`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vdkit.cli.main import write_out
+from vdkit.cli.options import LongOpt, cvtnum, getopt_long
+from vdkit.errors import UsageError, VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+LONGOPTS = [
+    LongOpt("help", False, "h"),
+    LongOpt("object", True, "object"),
+    LongOpt("image-opts", False, "image-opts"),
+    LongOpt("target-image-opts", False, "target-image-opts"),
+    LongOpt("salvage", False, "salvage"),
+    LongOpt("target-is-zero", False, "target-is-zero"),
+    LongOpt("force-share", False, "U"),
+    LongOpt("bitmaps", False, "bitmaps"),
+    LongOpt("skip-broken-bitmaps", False, "skip-broken-bitmaps"),
+]
+
+SECTOR = 512
+IO_BUF_SECTORS = (2 * 1024 * 1024) // SECTOR
+MAX_REQUEST_SECTORS = (2**31 - 1) // SECTOR & ~7  # what one block-status query may cover
+
+BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
+
+
+@dataclass
+class ConvertArgs:
+    sources: list[str] = field(default_factory=list)
+    target: str = ""
+    fmt: str | None = None
+    out_fmt: str = "raw"
+    options: list[str] = field(default_factory=list)
+    compressed: bool = False
+    progress: bool = False
+    quiet: bool = False
+    backing: str | None = None
+    backing_fmt: str | None = None
+    snapshot: str | None = None
+    min_sparse: int = 8  # sectors
+    skip_create: bool = False
+    force_share: bool = False
+    target_is_zero: bool = False
+
+
+def parse(argv: list[str]) -> ConvertArgs:
+    p = getopt_long(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGOPTS)
+    a = ConvertArgs()
+    for key, value in p.opts:
+        if key == "h":
+            from vdkit.cli.main import HELP
+
+            write_out(HELP)
+            raise _Done(0)
+        if key == "f":
+            a.fmt = value
+        elif key == "O":
+            a.out_fmt = value or ""
+        elif key == "B":
+            a.backing = value
+        elif key == "F":
+            a.backing_fmt = value
+        elif key == "c":
+            a.compressed = True
+        elif key == "o":
+            if value is not None and value.strip() in ("help", "?"):
+                raise VdkitError("option help is not supported by vdkit-img convert")
+            a.options.append(value or "")
+        elif key == "l":
+            a.snapshot = value
+        elif key == "S":
+            try:
+                from vdkit.cli.options import strtosz
+
+                sval = strtosz(value or "")
+            except ValueError:
+                sval = -1
+            if sval < 0 or sval % SECTOR or sval > 16 * 1024 * 1024:
+                raise VdkitError(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
+                    "16777216. Select 0 to disable sparse detection (fully allocates output).")
+            a.min_sparse = sval // SECTOR
+        elif key == "p":
+            a.progress = True
+        elif key == "q":
+            a.quiet = True
+        elif key == "n":
+            a.skip_create = True
+        elif key == "U":
+            a.force_share = True
+        elif key == "target-is-zero":
+            a.target_is_zero = True
+        elif key == "m":
+            cvtnum("coroutines", value or "")  # validated, not used: vdkit copies sequentially
+        elif key in ("t", "T", "C", "W", "r", "salvage", "bitmaps", "skip-broken-bitmaps"):
+            pass  # cache modes, copy offloading, ordering, rate: no effect on the result
+        elif key in ("object", "image-opts", "target-image-opts"):
+            raise VdkitError(f"--{key} is not supported by vdkit-img")
+    if a.quiet:
+        a.progress = False
+    if len(p.args) < 2:
+        raise VdkitError("Must specify image file name")
+    a.sources, a.target = p.args[:-1], p.args[-1]
+    return a
+
+
+class _Done(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def main(argv: list[str]) -> int:
+    try:
+        a = parse(argv)
+    except _Done as d:
+        return d.code
+    return run(a)
+
+
+# -- progress (qemu-img -p) ----------------------------------------------------------------------
+
+class Progress:
+    """qemu-img's ``-p`` lines ``    (NN.NN/100%)\r``, computed in C ``float`` like the original.
+
+    A line is printed when the value moved by more than ``min_skip`` since
+    the last line, and always at 0 and 100.
+    """
+
+    def __init__(self, enabled: bool, min_skip: float = 1.0) -> None:
+        import numpy as np
+
+        self._f = np.float32
+        self.enabled = enabled
+        self.min_skip = self._f(min_skip)
+        self.current = self._f(0)
+        self.last = self._f(0)
+
+    def set(self, value: float) -> None:
+        """Absolute update (``qemu_progress_print(value, 0)``)."""
+        self._update(self._f(value))
+
+    def add(self, delta: float, max_: int = 100) -> None:
+        """Relative update (``qemu_progress_print(delta, max)``)."""
+        f = self._f
+        self._update(f(self.current + f(f(delta) / f(100)) * f(max_)))
+
+    def _update(self, cur) -> None:  # type: ignore[no-untyped-def]
+        if not self.enabled:
+            return
+        f = self._f
+        cur = min(cur, f(100))
+        self.current = cur
+        if cur > f(self.last + self.min_skip) or cur < f(self.last - self.min_skip) or cur == 0 or cur == 100:
+            self.last = cur
+            write_out(f"    ({float(cur):3.2f}/100%)\r")
+            import sys
+
+            sys.stdout.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            write_out("\n")
+
+
+# -- the copy --------------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    node: Node
+    start: int  # first sector in the concatenation
+    sectors: int
+    alignment: int  # sectors
+
+
+class Copier:
+    """qemu-img's iteration over the (concatenated) sources."""
+
+    def __init__(self, sources: list[_Source], *, target_has_backing: bool, compressed: bool,
+                 min_sparse: int, cluster_sectors: int, alignment: int) -> None:
+        self.sources = sources
+        self.total = sum(s.sectors for s in sources)
+        self.target_has_backing = target_has_backing
+        self.compressed = compressed
+        self.min_sparse = min_sparse
+        self.cluster_sectors = cluster_sectors
+        self.alignment = alignment
+        self.buf_sectors = max(IO_BUF_SECTORS, min_sparse) if not compressed else IO_BUF_SECTORS
+        self.next_status = 0
+        self.status = BLK_DATA
+
+    def _source_at(self, sector: int) -> _Source:
+        for s in self.sources:
+            if sector < s.start + s.sectors:
+                return s
+        return self.sources[-1]
+
+    def step(self, sector: int) -> int:
+        """Length (sectors) of the next piece at ``sector``; sets :attr:`status`."""
+        src = self._source_at(sector)
+        n = min(self.total - sector, MAX_REQUEST_SECTORS)
+        # a piece never crosses into the next source
+        n = min(n, src.start + src.sectors - sector)
+        if self.next_status <= sector:
+            from vdkit.block.io import DATA, ZERO, chain_status, layer_status
+
+            offset = (sector - src.start) * SECTOR
+            count = n * SECTOR
+            node = src.node
+            if self.target_has_backing:
+                st = layer_status(node, offset, count)
+                flags, count = st.flags, st.length
+            else:
+                e = chain_status(node, offset, count)
+                flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
+                count = e.length
+            n = (count + SECTOR - 1) // SECTOR
+            tail = (sector - src.start + n) % src.alignment
+            if n > tail:
+                n -= tail
+            if flags & ZERO:
+                self.status = BLK_ZERO
+            elif flags & DATA:
+                self.status = BLK_DATA
+            else:
+                self.status = BLK_BACKING if self.target_has_backing else BLK_DATA
+            self.next_status = sector + n
+        n = min(n, self.next_status - sector)
+        if self.status == BLK_DATA:
+            n = min(n, self.buf_sectors)
+        if self.compressed:
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total - sector)
+                self.status = BLK_DATA
+            else:
+                n -= n % self.cluster_sectors
+        return n
+
+    def allocated_sectors(self) -> int:
+        """First pass: how many sectors will be copied (the progress denominator)."""
+        count = 0
+        sector = 0
+        while sector < self.total:
+            n = self.step(sector)
+            if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
+                count += n
+            sector += n
+        self.next_status = 0
+        return count
+
+    def read(self, sector: int, n: int) -> bytes:
+        """Guest bytes of the concatenation (pieces never span two sources)."""
+        from vdkit.block.io import read
+
+        src = self._source_at(sector)
+        offset = (sector - src.start) * SECTOR
+        length = n * SECTOR
+        size = src.node.driver.virtual_size
+        part = max(0, min(length, size - offset))
+        data = read(src.node, offset, part)
+        return data if part == length else data + bytes(length - part)
+
+
+def _zero_sectors(buf: bytes) -> list[bool]:
+    import numpy as np
+
+    arr = np.frombuffer(buf, dtype=np.uint64).reshape(-1, SECTOR // 8)
+    return (~arr.any(axis=1)).tolist()
+
+
+def _allocated_prefix(zero: list[bool], start: int, n: int, sector: int, alignment: int) -> tuple[int, bool]:
+    """Length of the leading same-kind stretch of ``zero[start:start+n]``, end aligned like qemu-img."""
+    first = zero[start]
+    i = 1
+    while i < n and zero[start + i] == first:
+        i += 1
+    if i == n:
+        return i, not first
+    is_zero = first
+    tail = (sector + i) & (alignment - 1)
+    if tail:
+        if is_zero and i <= tail:
+            is_zero = False
+        if not is_zero:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return i, not is_zero
+
+
+def data_extent(zero: list[bool], start: int, n: int, min_sparse: int, sector: int, alignment: int) -> tuple[int, bool]:
+    """How many sectors to handle next and whether to write them (else they are zeros to skip).
+
+    A data stretch swallows following short zero gaps: only a zero stretch
+    of at least ``min_sparse`` sectors ends it.
+    """
+    lim = min(min_sparse, n)
+    used, data = _allocated_prefix(zero, start, n, sector, alignment)
+    if not data:
+        return used, False
+    checked = used
+    while checked < n:
+        k, d = _allocated_prefix(zero, start + checked, n - checked, sector + checked, alignment)
+        checked += k
+        if d:
+            used = checked
+        elif k >= lim:
+            break
+    return used, True
+
+
+def run(a: ConvertArgs) -> int:
+    from vdkit.block.node import open_image
+    from vdkit.formats.probe import SUPPORTED_FORMATS
+
+    if a.out_fmt not in SUPPORTED_FORMATS:
+        raise VdkitError(f"Unknown file format '{a.out_fmt}'")
+    if a.snapshot is not None and len(a.sources) > 1:
+        raise VdkitError("No support for concatenating multiple snapshot")
+    if a.backing is not None and a.skip_create:
+        raise VdkitError("Specifying backing image makes no sense when not creating the output image")
+    nodes: list[Node] = []
+    try:
+        for name in a.sources:
+            nodes.append(open_image(name, a.fmt, readonly=True, force_share=a.force_share))
+        if a.snapshot is not None:
+            _load_snapshot(nodes[0], a.snapshot)
+        return _convert(a, nodes)
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def _load_snapshot(node: Node, spec: str) -> None:
+    from vdkit.formats.qcow2.io import load_snapshot_tmp
+
+    snap_id: str | None = None
+    snap_name: str | None = None
+    exact = spec.startswith("snapshot.")
+    if exact:
+        for item in _split_opts(spec):
+            key, _, value = item.partition("=")
+            if key == "snapshot.id":
+                snap_id = value
+            elif key == "snapshot.name":
+                snap_name = value
+            else:
+                raise VdkitError(f"Invalid parameter '{key}'",
+                                 hint=f"\0vdkit-img: Failed in parsing snapshot param '{spec}'\n")
+    try:
+        if exact:
+            load_snapshot_tmp(node, snap_id, snap_name)
+        else:
+            load_snapshot_tmp(node, spec, None, fallback_name=True)
+    except VdkitError as exc:
+        raise exc.prefixed("Failed to load snapshot: ") from exc
+
+
+def _split_opts(text: str) -> list[str]:
+    """Split a QemuOpts list on single commas (``,,`` is a literal comma)."""
+    out, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
+    from vdkit.cli.convert_target import open_target
+
+    sources: list[_Source] = []
+    start = 0
+    for node in nodes:
+        sectors = (node.driver.virtual_size + SECTOR - 1) // SECTOR
+        cs = node.driver.cluster_size or SECTOR
+        sources.append(_Source(node, start, sectors, max(1, cs // SECTOR)))
+        start += sectors
+    total_bytes = start * SECTOR
+    target = open_target(a, total_bytes)
+    try:
+        copier = Copier(sources, target_has_backing=a.backing is not None, compressed=a.compressed,
+                        min_sparse=a.min_sparse, cluster_sectors=max(1, target.cluster_size // SECTOR),
+                        alignment=_pow2floor(max(a.min_sparse, 1)))
+        progress = Progress(a.progress)
+        progress.set(0.0)
+        allocated = copier.allocated_sectors() if a.progress else 0
+        has_zero_init = target.has_zero_init and not a.backing
+        done = 0
+        sector = 0
+        while sector < copier.total:
+            n = copier.step(sector)
+            status = copier.status
+            buf: bytes | None = None
+            if status == BLK_DATA:
+                buf = copier.read(sector, n)
+            elif status == BLK_ZERO and not a.min_sparse:
+                status, buf = BLK_DATA, bytes(n * SECTOR)
+            _write(target, copier, status, sector, n, buf, has_zero_init)
+            if status == BLK_DATA or (not a.min_sparse and copier.status == BLK_ZERO):
+                done += n
+                if allocated:
+                    progress.set(100.0 * done / allocated)
+            sector += n
+        target.finish()
+    except BaseException:
+        target.abort()
+        raise
+    progress.set(100.0)
+    progress.end()
+    return 0
+
+
+def _write(target, copier: Copier, status: int, sector: int, n: int, buf: bytes | None,  # type: ignore[no-untyped-def]
+           has_zero_init: bool) -> None:
+    if status == BLK_BACKING:
+        return
+    if status == BLK_ZERO:
+        if not has_zero_init:
+            target.write_zeroes(sector * SECTOR, n * SECTOR)
+        return
+    assert buf is not None
+    if not copier.min_sparse:
+        target.write(sector * SECTOR, buf, compressed=copier.compressed)
+        return
+    if copier.compressed:
+        if any(buf):
+            target.write(sector * SECTOR, buf, compressed=True)
+        elif not has_zero_init:
+            target.write_zeroes(sector * SECTOR, n * SECTOR)
+        return
+    zero = _zero_sectors(buf)
+    i = 0
+    while i < n:
+        k, data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
+        if data:
+            target.write((sector + i) * SECTOR, buf[i * SECTOR : (i + k) * SECTOR], compressed=False)
+        elif not has_zero_init:
+            target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
+        i += k
+
+
+def _pow2floor(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+__all__ = ["main", "run", "parse", "ConvertArgs", "UsageError"]

@@ -1,0 +1,162 @@
+"""Targets of ``vdkit-img convert``: create (unless ``-n``) and write the output image.
+
+A target offers ``write``, ``write_zeroes``, ``finish`` and ``abort``; the
+copier does not know the format.  A raw target is a plain file; zero ranges
+are punched out (the file stays sparse).  A qcow2 target is a writable
+qcow2 node written through :mod:`vdkit.formats.qcow2.io`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from vdkit.errors import UnsupportedError, VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.cli.convert import ConvertArgs
+    from vdkit.io.file import ImageFile
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _libc_fallocate():  # type: ignore[no-untyped-def]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def punch_hole(file: ImageFile, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can."""
+    if length <= 0:
+        return
+    if _FALLOCATE is not None:
+        end = min(offset + length, file.size())
+        if end > offset:
+            rc = _FALLOCATE(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
+            if rc == 0:
+                if offset + length > end:
+                    file.truncate(offset + length)
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        elif offset + length > file.size():
+            file.truncate(offset + length)
+            return
+    chunk = bytes(min(length, 1 << 20))
+    pos = offset
+    while pos < offset + length:
+        n = min(len(chunk), offset + length - pos)
+        file.pwrite(pos, chunk[:n])
+        pos += n
+
+
+class RawTarget:
+    cluster_size = 512
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        self.node = node
+        self.file: ImageFile = node.driver.file
+        self.has_zero_init = has_zero_init
+
+    def write(self, offset: int, data: bytes, *, compressed: bool = False) -> None:
+        self.file.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        punch_hole(self.file, offset, length)
+
+    def finish(self) -> None:
+        self.file.flush()
+        self.node.close()
+
+    def abort(self) -> None:
+        self.node.close()
+
+
+class Qcow2Target:
+    """A qcow2 image opened writable; data goes through the qcow2 write engine."""
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        self.node = node
+        self.io = node.driver.io  # type: ignore[attr-defined]
+        self.cluster_size = node.driver.cluster_size or 65536
+        self.has_zero_init = has_zero_init
+
+    def write(self, offset: int, data: bytes, *, compressed: bool = False) -> None:
+        if compressed:
+            cs = self.cluster_size
+            for pos in range(0, len(data), cs):
+                self.io.write_compressed(offset + pos, data[pos : pos + cs])
+        else:
+            self.io.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.io.write_zeroes(offset, length, unmap=True)
+
+    def finish(self) -> None:
+        self.node.driver.flush()
+        self.node.close()
+
+    def abort(self) -> None:
+        self.node.close()
+
+
+def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
+    """Create the output (unless ``-n``) and open it for writing."""
+    from vdkit.block.node import open_image
+
+    if a.compressed and a.out_fmt != "qcow2":
+        raise VdkitError("Compression not supported for this file format")
+    if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
+        raise VdkitError("Use of backing file requires explicit backing format")
+    if not a.skip_create:
+        _create(a, size)
+    node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
+    if a.skip_create and node.driver.virtual_size < size:
+        node.close()
+        raise VdkitError("output file is smaller than input file")
+    zero_init = a.target_is_zero or not a.skip_create
+    if node.format == "raw":
+        if not a.skip_create:
+            _allocate_first_block(node.driver.file, size)
+        return RawTarget(node, has_zero_init=zero_init)
+    if node.driver.encrypted:  # type: ignore[attr-defined]
+        node.close()
+        raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
+    if not zero_init or a.backing is not None:
+        zero_init = a.target_is_zero and a.backing is None
+    return Qcow2Target(node, has_zero_init=zero_init)
+
+
+def _allocate_first_block(file: ImageFile, size: int) -> None:
+    """Write zeros over the first 4 KiB of a new raw file, as QEMU's file driver does on creation.
+
+    (QEMU does it so later opens can probe the alignment; it is visible as a
+    data extent in ``map`` of the output, so we match it.)
+    """
+    n = min(size, 4096)
+    if n and file.allocated_size() == 0:
+        file.pwrite(0, bytes(n))
+
+
+def _create(a: ConvertArgs, size: int) -> None:
+    from vdkit.cli.create import img_create, split_options
+
+    items: list[tuple[str, str]] = []
+    for text in a.options:
+        items += [(k, v) for k, v in split_options(text) if k != "size"]
+    options = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items) or None
+    img_create(a.target, a.out_fmt, a.backing, a.backing_fmt, options, size, unsafe=True, quiet=True)
