@@ -309,6 +309,8 @@ class Refcounts:
                 rt, idx = divmod(ci, epb)
                 vals = self.block_values(rt)
                 if vals is None:
+                    if addend < 0:  # no block: the count is 0 and cannot go down
+                        raise RefcountOverflow("Invalid argument", errno=EINVAL)
                     self._alloc_block(ci)  # raises _Restart on success
                     vals = self.block_values(rt)
                     assert vals is not None
