@@ -166,6 +166,8 @@ def test_no_action_opens_read_write(tmp_path: Path) -> None:
     base = make_image(tmp_path / "base.qcow2", writes=("write -P 1 0 4k",))
     q, v = pair(tmp_path, base)
     assert run_both(q, v) == 0
+    assert run_both(q, v, "-U") == 1  # force-share needs a read-only open
+    assert run_both(q, v, "-U", "-c", "x") == 1
     assert v.read_bytes() == base.read_bytes()
 
 

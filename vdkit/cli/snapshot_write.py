@@ -29,7 +29,9 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
     from vdkit.block.node import open_image
     from vdkit.formats.qcow2 import snapshot_ops
 
-    with open_image(filename, fmt, readonly=False, force_share=force_share) as node:
+    if force_share:
+        raise VdkitError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    with open_image(filename, fmt, readonly=False, force_share=False) as node:
         if fmt is None and node.format == "raw":
             write_err(_PROBE_WARNING.format(filename))
         driver = node.driver
