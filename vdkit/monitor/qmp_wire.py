@@ -178,8 +178,13 @@ class _ParseError(Exception):
 _ESCAPES = {'"': '"', "'": "'", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
+_BAD_UTF8 = re.compile("[\udc80-\udcff]")
+
+
 def _decode_string(raw: str) -> str:
     body = raw[1:-1]
+    if _BAD_UTF8.search(body):  # bytes the UTF-8 decoder could not decode
+        raise _ParseError("invalid UTF-8 sequence in string")
     if "\\" not in body:
         return body
     out: list[str] = []
@@ -357,6 +362,8 @@ class QmpSession:
     _depth_square: int = 0
     _msg_size: int = 0
     _events: list[Request | InputError] = field(default_factory=list)
+    _discard_quote: str | None = None
+    _discard_escape: bool = False
     _decoder: codecs.IncrementalDecoder = field(
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")("surrogateescape")
     )
@@ -417,6 +424,9 @@ class QmpSession:
         pos = 0
         n = len(buf)
         while pos < n:
+            if self._discard_quote is not None:
+                pos = self._discard(buf, pos)
+                continue
             c = buf[pos]
             if c in _WS:
                 pos += 1
@@ -429,8 +439,12 @@ class QmpSession:
                 end = _scan_string(buf, pos)
                 if end is None:
                     if self._msg_size + (n - pos) > self.max_message_size:
+                        # drop the rest of this string as it arrives, then resume
                         self._limit("JSON token size limit exceeded")
-                        pos = n
+                        self._discard_quote = c
+                        self._discard_escape = False
+                        pos += 1
+                        continue
                     break
                 self._token(_Token(_Tok.STRING, buf[pos:end]))
                 pos = end
@@ -454,6 +468,21 @@ class QmpSession:
             self._token(_Token(_Tok.ERROR, c))
             pos += 1
         self._buf = buf[pos:]
+
+    def _discard(self, buf: str, pos: int) -> int:
+        """Skip an oversized string's remaining characters; returns the new position."""
+        n = len(buf)
+        while pos < n:
+            ch = buf[pos]
+            pos += 1
+            if self._discard_escape:
+                self._discard_escape = False
+            elif ch == "\\":
+                self._discard_escape = True
+            elif ch == self._discard_quote:
+                self._discard_quote = None
+                break
+        return pos
 
     def _limit(self, desc: str) -> None:
         self._reset_message()
