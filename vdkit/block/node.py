@@ -55,6 +55,13 @@ class Node:
 
         return image_info(self, nested=nested)
 
+    def warnings(self) -> list[tuple[str, str | None]]:
+        """Open-time warnings of the chain, top first, as ``(message, hint)``; front ends print them."""
+        out: list[tuple[str, str | None]] = []
+        for node in self.chain():
+            out.extend(getattr(node.driver, "open_warnings", ()))
+        return out
+
     def snapshots(self) -> list[SnapshotInfo]:
         from vdkit.info.collect import snapshot_infos
 
@@ -143,6 +150,8 @@ def _open(
 ) -> Node:
     if fmt is not None and fmt not in SUPPORTED_FORMATS:
         raise OpenError(f"Unknown driver '{fmt}'")
+    if not name:
+        raise OpenError("The 'file' block driver requires a file name")
     file = ImageFile(name, readonly=readonly, force_share=force_share)
     node: Node | None = None
     try:
@@ -154,6 +163,9 @@ def _open(
             fmt = probe_format(file.pread(0, PROBE_SIZE))
         driver = _make_driver(file, fmt, readonly=readonly, check_mode=check_mode)
         node = Node(name, driver, readonly=readonly)
+        if driver.encrypted and not no_io:
+            # Reading guest data needs the key; vdkit takes none, as qemu-img without --object/--image-opts.
+            raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         _open_data_file(node, policy, force_share=force_share, no_io=no_io)
         if backing and driver.backing_file is not None:
             _open_backing(node, policy, force_share=force_share, no_io=no_io, depth=depth,
@@ -176,9 +188,9 @@ def _open_data_file(node: Node, policy: OpenPolicy, *, force_share: bool, no_io:
     stored = driver.header.data_file
     if stored is None:
         raise OpenError("'data-file' is required for this image")
-    resolved = resolve_backing_name(node.filename, stored)
-    if resolved is None:
-        raise OpenError(f"Could not determine the path of data file '{stored}'")
+    # QEMU 7.2 opens the stored name as is: a relative data file name is
+    # relative to the working directory, not to the image (unlike backing files).
+    resolved = stored
     try:
         policy.check("data file", stored, resolved)
         driver.data_file = ImageFile(resolved, readonly=node.readonly, force_share=force_share)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
+from vdkit.cli.main import warn, write_out
 from vdkit.cli.options import LongOpt, getopt_long, output_format
 from vdkit.errors import OpenError, UsageError
 
@@ -13,6 +13,8 @@ LONGOPTS = [
     LongOpt("backing-chain", False, "backing-chain"),
     LongOpt("force-share", False, "U"),
     LongOpt("image-opts", False, "image-opts"),
+    # Accepted for compatibility (secrets for LUKS); info needs no key material.
+    LongOpt("object", True, "object"),
 ]
 
 
@@ -51,6 +53,8 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
             raise OpenError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
         with open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True) as node:
+            for message, hint in node.warnings():
+                warn(message, hint)
             info = node.info()
         infos.append(info)
         if not chain:

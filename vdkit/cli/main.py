@@ -53,6 +53,11 @@ def error(message: str, hint: str | None = None) -> None:
     write_err(text.replace("\0", ""))
 
 
+def warn(message: str, hint: str | None = None) -> None:
+    """``vdkit-img: warning: <message>``, as warn_report prints it."""
+    error(f"warning: {message}", hint)
+
+
 def usage_error(message: str) -> int:
     error(message, f"Try '{PROG} --help' for more information")
     return 1

@@ -60,9 +60,9 @@ def getopt_long(argv: list[str], shortopts: str, longopts: list[LongOpt]) -> Par
             name, eq, value = arg[2:].partition("=")
             exact = [lo for lo in longopts if lo.name == name]
             matches = exact or [lo for lo in longopts if lo.name.startswith(name)]
-            if len({(m.name) for m in matches}) != 1:
-                if len(matches) > 1:
-                    raise UsageError(f"option '{arg.split('=')[0]}' is ambiguous")
+            # glibc calls a prefix ambiguous only when the candidates differ in
+            # what they do; qemu-img's leading ':' turns that into "unrecognized".
+            if len({(m.has_arg, m.key) for m in matches}) != 1:
                 raise UsageError(f"unrecognized option '{arg}'")
             lo = matches[0]
             if lo.has_arg:

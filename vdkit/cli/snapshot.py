@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
+from vdkit.cli.main import warn, write_out
 from vdkit.cli.options import LongOpt, getopt_long, output_format
 from vdkit.errors import UsageError
 
@@ -10,12 +10,15 @@ LONGOPTS = [
     LongOpt("help", False, "h"),
     LongOpt("force-share", False, "U"),
     LongOpt("image-opts", False, "image-opts"),
+    LongOpt("object", True, "object"),
+    # vdkit extension (qemu-img 7.2 has no --output for snapshot): -l as JSON.
     LongOpt("output", True, "output"),
 ]
 
 
 def main(argv: list[str]) -> int:
-    p = getopt_long(argv, ":la:c:d:f:hqU", LONGOPTS)
+    # No -f: qemu-img 7.2's snapshot always probes the format.
+    p = getopt_long(argv, ":la:c:d:hqU", LONGOPTS)
     if p.has("h"):
         from vdkit.cli.main import HELP
 
@@ -41,6 +44,8 @@ def _list(filename: str, fmt: str | None, *, force_share: bool, output: str) -> 
     from vdkit.block.node import open_image
 
     with open_image(filename, fmt, readonly=True, force_share=force_share) as node:
+        for message, hint in node.warnings():
+            warn(message, hint)
         snaps = node.snapshots()
     if output == "json":
         from vdkit.info.render_json import render_pretty

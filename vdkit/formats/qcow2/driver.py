@@ -78,6 +78,17 @@ class Qcow2Driver(FormatDriver):
         if L.MIN_CLUSTER_BITS <= cluster_bits <= L.MAX_CLUSTER_BITS:
             cluster0 = file.pread(0, 1 << cluster_bits)
         self.header: Qcow2Header = parse_header(cluster0, readonly=readonly, check_mode=check_mode)
+        # (message, hint) pairs a front end prints as "warning: ..." after opening.
+        self.open_warnings: list[tuple[str, str | None]] = []
+        if self.header.bitmaps_inconsistent:
+            self.open_warnings.append((
+                "This qcow2 v2 image contains bitmaps, but they may have been modified by a program "
+                "without persistent bitmap support; so now they must all be considered inconsistent"
+                if self.header.version < 3 else
+                "a program lacking bitmap support modified this file, so all bitmaps are now considered "
+                "inconsistent",
+                "\0Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
+            ))
         self.data_file: ImageFile | None = None
         self._snapshots: list[SnapshotEntry] = []
         self.snapshot_table_size = 0
@@ -126,6 +137,10 @@ class Qcow2Driver(FormatDriver):
 
     def extra_files(self) -> list[ImageFile]:
         return [self.data_file] if self.data_file is not None else []
+
+    def allocated_size(self) -> int:
+        """Host bytes of the image file only: qemu-img 7.2 does not count the data file."""
+        return self.file.allocated_size()
 
     # -- bitmaps and encryption (read for info) -------------------------------
     @cached_property

@@ -72,6 +72,9 @@ class Qcow2Header:
     bitmaps: BitmapsExtension | None = None
     unknown_extensions: tuple[UnknownExtension, ...] = ()
     backing_file: str | None = None
+    # A bitmaps extension whose autoclear bit is clear: a program without
+    # bitmap support touched the image, so QEMU warns and ignores the bitmaps.
+    bitmaps_inconsistent: bool = False
     # raw bytes of the backing name, kept for the rare non-UTF-8 name
     backing_file_raw: bytes | None = field(default=None, repr=False)
 
@@ -210,7 +213,9 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
         raise OpenError("qcow2: Compression type incompatible feature bit must not be set")
 
     ext_end = backing_file_offset if backing_file_offset else cluster_size
-    ext = parse_extensions(cluster0, header_length, ext_end, cluster_size)
+    autoclear = int(hdr.get("autoclear_features", 0))  # type: ignore[call-overload]
+    ext = parse_extensions(cluster0, header_length, ext_end, cluster_size,
+                           bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS))
 
     if incompat & ~L.INCOMPAT_MASK:
         raise UnsupportedError(
@@ -276,8 +281,14 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     return header
 
 
-def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int) -> dict[str, object]:
-    """Walk the extension area ``[start, end)`` of cluster 0."""
+def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
+                     bitmaps_trusted: bool = True) -> dict[str, object]:
+    """Walk the extension area ``[start, end)`` of cluster 0.
+
+    ``bitmaps_trusted`` is the autoclear bitmaps bit: without it a bitmaps
+    extension is only length-checked, then flagged (``bitmaps_inconsistent``)
+    instead of validated, because QEMU ignores its content.
+    """
     out: dict[str, object] = {}
     features: list[FeatureName] = []
     unknown: list[UnknownExtension] = []
@@ -304,8 +315,13 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int) -> dic
                 features.append(FeatureName(ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace")))
         elif ext_type == L.EXT_BITMAPS:
             if ext_len != L.BITMAPS_EXT.size:
-                raise OpenError("ERROR: bitmaps_ext: Invalid extension length")
+                raise OpenError("bitmaps_ext: Invalid extension length")
             nb, reserved, dsize, doff = L.BITMAPS_EXT.unpack(data)
+            if not bitmaps_trusted:
+                out["bitmaps_inconsistent"] = True
+                out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
+                off += (ext_len + 7) & ~7
+                continue
             if reserved:
                 raise OpenError("ERROR: bitmaps_ext: Reserved field is not zero")
             if nb == 0 or nb > L.MAX_BITMAPS:
