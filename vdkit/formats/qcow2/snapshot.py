@@ -78,9 +78,11 @@ def parse_snapshot_table(
         if extra_size >= 24:
             icount = int.from_bytes(extra[16:24], "big")
         unknown = extra[L.SNAPSHOT_EXTRA_SIZE:] if extra_size > L.SNAPSHOT_EXTRA_SIZE else b""
-        id_str = _take(buf, off, id_len).decode("utf-8", "surrogateescape")
+        # QEMU keeps both as C strings: an embedded NUL (or a table cut short by
+        # EOF, which reads as zeros) ends the string.
+        id_str = _take(buf, off, id_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         off += id_len
-        name = _take(buf, off, name_len).decode("utf-8", "surrogateescape")
+        name = _take(buf, off, name_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         off += name_len
         entries.append(
             SnapshotEntry(
