@@ -99,6 +99,17 @@ class FormatDriver:
         """Status of the run at ``offset`` in this layer only (see :mod:`vdkit.block.io`)."""
         raise UnsupportedError(f"Driver '{self.format_name}' does not support block status")
 
+    def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
+        """Guest write; ``backing`` supplies the data a partial copy-on-write needs."""
+        raise UnsupportedError(f"Driver '{self.format_name}' does not support writing")
+
+    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
+                     unmap: bool = False) -> None:
+        self.write(offset, bytes(length), backing)
+
+    def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
+        """Drop data the guest no longer needs (a hint: doing nothing is correct)."""
+
     def close(self) -> None:
         for f in self.extra_files():
             f.close()

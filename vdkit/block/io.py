@@ -16,6 +16,10 @@ way QEMU's generic block layer does:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -228,3 +232,75 @@ def raw_file_status(file: ImageFile, offset: int, length: int) -> BlockStatus:
     except OSError:
         return BlockStatus(DATA | OFFSET_VALID, length, offset, file.filename)
     return BlockStatus(DATA | OFFSET_VALID, min(length, max(hole - offset, 1)), offset, file.filename)
+
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _libc_fallocate():  # type: ignore[no-untyped-def]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def punch_hole(file: ImageFile, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can."""
+    if length <= 0:
+        return
+    if _FALLOCATE is not None:
+        end = min(offset + length, file.size())
+        if end > offset:
+            rc = _FALLOCATE(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
+            if rc == 0:
+                if offset + length > end:
+                    file.truncate(offset + length)
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        elif offset + length > file.size():
+            file.truncate(offset + length)
+            return
+    chunk = bytes(min(length, 1 << 20))
+    pos = offset
+    while pos < offset + length:
+        n = min(len(chunk), offset + length - pos)
+        file.pwrite(pos, chunk[:n])
+        pos += n
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _require_writes(node: Node) -> None:
+    if node.readonly:
+        from vdkit.errors import VdkitError
+
+        raise VdkitError(f"Image '{node.filename}' is opened read-only")
+
+
+def write(node: Node, offset: int, data: bytes) -> None:
+    """Guest write to the top of a chain (copy-on-write reads come from the backing chain)."""
+    _require_writes(node)
+    node.driver.write(offset, data, backing=_backing_reader(node))
+
+
+def write_zeroes(node: Node, offset: int, length: int, *, unmap: bool = False) -> None:
+    _require_writes(node)
+    node.driver.write_zeroes(offset, length, backing=_backing_reader(node), unmap=unmap)
+
+
+def discard(node: Node, offset: int, length: int) -> None:
+    _require_writes(node)
+    node.driver.discard(offset, length, has_backing=node.backing is not None)
+
+
+def flush(node: Node) -> None:
+    node.driver.flush()

@@ -8,61 +8,15 @@ qcow2 node written through :mod:`vdkit.formats.qcow2.io`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import os
 from typing import TYPE_CHECKING
 
+from vdkit.block.io import punch_hole
 from vdkit.errors import UnsupportedError, VdkitError
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.cli.convert import ConvertArgs
     from vdkit.io.file import ImageFile
-
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
-
-
-def _libc_fallocate():  # type: ignore[no-untyped-def]
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.fallocate
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        fn.restype = ctypes.c_int
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_FALLOCATE = _libc_fallocate()
-
-
-def punch_hole(file: ImageFile, offset: int, length: int) -> None:
-    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can."""
-    if length <= 0:
-        return
-    if _FALLOCATE is not None:
-        end = min(offset + length, file.size())
-        if end > offset:
-            rc = _FALLOCATE(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
-            if rc == 0:
-                if offset + length > end:
-                    file.truncate(offset + length)
-                return
-            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        elif offset + length > file.size():
-            file.truncate(offset + length)
-            return
-    chunk = bytes(min(length, 1 << 20))
-    pos = offset
-    while pos < offset + length:
-        n = min(len(chunk), offset + length - pos)
-        file.pwrite(pos, chunk[:n])
-        pos += n
-
 
 class RawTarget:
     cluster_size = 512

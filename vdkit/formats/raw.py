@@ -22,6 +22,14 @@ class RawDriver(FormatDriver):
     def read(self, offset: int, length: int, backing: object = None) -> bytes:
         return self.file.pread(offset, length)
 
+    def write(self, offset: int, data: bytes, backing: object = None) -> None:
+        self.file.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int, backing: object = None, *, unmap: bool = False) -> None:
+        from vdkit.block.io import punch_hole
+
+        punch_hole(self.file, offset, length)
+
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or hole at ``offset``, from SEEK_DATA/SEEK_HOLE as QEMU's file driver asks."""
         from vdkit.block.io import raw_file_status

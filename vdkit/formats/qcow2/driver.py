@@ -352,6 +352,16 @@ class Qcow2Driver(FormatDriver):
         src = self.io.data_file if self.header.has_data_file else self.file
         return BlockStatus(flags | OFFSET_VALID, n, host, src.filename)
 
+    def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
+        self.io.write(offset, data, backing)
+
+    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
+                     unmap: bool = False) -> None:
+        self.io.write_zeroes(offset, length, backing, unmap=unmap)
+
+    def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
+        self.io.discard(offset, length, has_backing=has_backing)
+
     def snapshot_unsupported_reason(self) -> str | None:
         if self.header.has_data_file:
             return "Operation not supported"

@@ -131,12 +131,13 @@ class Qcow2IO:
     def _runs_of_table(self, l1: np.ndarray, i1: int) -> list[Run]:
         l1e = int(l1[i1]) if i1 < len(l1) else 0
         key = (i1, l1e)
-        hit = self._table_runs.get(key)
-        if hit is not None and l1 is self.active_l1:
+        cacheable = self.drv.readonly and l1 is self.active_l1
+        hit = self._table_runs.get(key) if cacheable else None
+        if hit is not None:
             self._table_runs.move_to_end(key)
             return hit
         runs = self._compute_table_runs(i1, l1e)
-        if l1 is self.active_l1:
+        if cacheable:
             self._table_runs[key] = runs
             while len(self._table_runs) > 64:
                 self._table_runs.popitem(last=False)
@@ -310,6 +311,378 @@ class Qcow2IO:
         data = decompress_cluster(raw, self.cluster_size, self.drv.header.compression_type)
         self._decompressed = (descriptor, data)
         return data
+
+
+    # -- writing ------------------------------------------------------------------------------
+    #
+    # Order of durable effects for every allocating write (algorithms §1.4, §9):
+    #   data → refcount increments → L2 entries → (flush) → refcount decrements.
+    # The L2 cache's ``depends_on`` hook flushes the refcount cache before any
+    # L2 table is written back; freed clusters are only decremented after the
+    # L2 tables that dropped them are on disk.  A new L2 table is written and
+    # synced before the L1 entry that points at it.
+
+    def _writable(self) -> None:
+        if self.drv.readonly:
+            raise VdkitError("Block node is read-only")
+        if self.drv.encrypted:
+            raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.drv.virtual_size:
+            raise VdkitError(f"Request beyond the end of the image (offset {offset}, length {length})",
+                             errno=EIO)
+
+    def _l2_for_write(self, i1: int) -> int:
+        """Host offset of a writable (refcount 1) L2 table for L1 index ``i1``, copying or creating it."""
+        cm = self.drv.clusters
+        rc = self.drv.refcounts
+        if i1 >= len(cm.l1):
+            cm.grow_l1(i1 + 1, rc)
+        l1e = int(cm.l1[i1])
+        old = l1e & L.L1E_OFFSET_MASK
+        if old and l1e & L.OFLAG_COPIED:
+            return old
+        if old % self.cluster_size:
+            raise CorruptImageError(f"L2 table offset {old:#x} unaligned (L1 index: {i1:#x})", errno=EIO)
+        new = rc.alloc_clusters(self.cluster_size)
+        rc.flush()
+        if old:
+            e, b = cm.l2.get(old)
+            e, b = e.copy(), b.copy()
+        else:
+            n = self.geom.l2_entries
+            e, b = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
+        f = self.drv.file
+        f.pwrite(new, self.geom.encode_l2(e, b))
+        f.flush()
+        cm.l2.put(new, e, b)
+        cm.l1[i1] = _U64(new | L.OFLAG_COPIED)
+        f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
+        f.flush()
+        if old:
+            rc.free(old, self.cluster_size)
+            if rc.get(old >> self.cluster_bits) == 0:
+                cm.l2.discard(old)
+        return new
+
+    def _free_entry(self, entry: int) -> None:
+        """Drop the reference an L2 entry held (§1.7); nothing is refcounted in a data file."""
+        rc = self.drv.refcounts
+        if entry & L.OFLAG_COMPRESSED:
+            coff, csize = self.geom.compressed_range(entry)
+            rc.free(coff, csize)
+            return
+        if self.geom.has_data_file:
+            return
+        off = entry & L.L2E_OFFSET_MASK
+        if off:
+            rc.free(off, self.cluster_size)
+
+    def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int]) -> None:
+        cm = self.drv.clusters
+        cm.l2.mark_dirty(l2_off)
+        if allocated:
+            cm.l2.depends_on = self.drv.refcounts.flush
+        if to_free:
+            cm.l2.flush()
+            for entry in to_free:
+                self._free_entry(entry)
+        self.invalidate()
+
+    def _alloc_data(self, guest: int, nb: int) -> int:
+        """Host offset of ``nb`` new contiguous clusters for guest offset ``guest``."""
+        if self.geom.has_data_file:
+            return guest - guest % self.cluster_size
+        return self.drv.refcounts.alloc_clusters(nb * self.cluster_size)
+
+    def write(self, offset: int, data: bytes, backing: BackingRead | None = None) -> None:
+        """Guest write: in place where the cluster is exclusively ours, else allocate with copy-on-write."""
+        self._writable()
+        self._check_range(offset, len(data))
+        span = self.geom.l1_span
+        pos, end = offset, offset + len(data)
+        view = memoryview(data)
+        while pos < end:
+            i1 = pos // span
+            t_end = min(end, (i1 + 1) * span)
+            self._write_table(i1, pos, view[pos - offset : t_end - offset], backing)
+            pos = t_end
+
+    def _write_table(self, i1: int, start: int, data: memoryview, backing: BackingRead | None) -> None:
+        g = self.geom
+        cs, cb = self.cluster_size, self.cluster_bits
+        l2_off = self._l2_for_write(i1)
+        entries, bitmaps = self.drv.clusters.l2.get(l2_off)
+        end = start + len(data)
+        first, last = start >> cb, (end - 1) >> cb
+        # which clusters can be written in place
+        inplace: list[bool] = []
+        for c in range(first, last + 1):
+            e = int(entries[g.l2_index(c << cb)])
+            normal = not e & L.OFLAG_COMPRESSED and (
+                e & L.L2E_OFFSET_MASK or (g.has_data_file and e & L.OFLAG_COPIED))
+            zero_flag = not g.extended_l2 and e & L.OFLAG_ZERO
+            inplace.append(bool(normal and not zero_flag and e & L.OFLAG_COPIED))
+        to_free: list[int] = []
+        allocated = False
+        c = first
+        while c <= last:
+            k = c - first
+            if inplace[k]:
+                self._write_inplace(c, entries, bitmaps, start, end, data, backing)
+                c += 1
+                continue
+            run = 1
+            while c + run <= last and not inplace[k + run]:
+                run += 1
+            host = self._alloc_data(c << cb, run)
+            allocated = allocated or not g.has_data_file
+            buf = bytearray(run * cs)
+            for j in range(run):
+                cc = c + j
+                idx = g.l2_index(cc << cb)
+                old = int(entries[idx])
+                buf[j * cs : (j + 1) * cs] = self._cow_cluster(cc, old, int(bitmaps[idx]), start, end, data,
+                                                              backing)
+                if g.extended_l2:
+                    bitmaps[idx] = _U64(self._new_bitmap(cc, old, int(bitmaps[idx]), start, end))
+                entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
+                if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
+                    to_free.append(old)
+            self.data_file.pwrite(host, bytes(buf))
+            c += run
+        self._finish_update(l2_off, allocated, to_free)
+
+    def _sc_region(self, c: int, start: int, end: int) -> tuple[int, int]:
+        """Guest range of cluster ``c`` the write touches, widened to subclusters (ext. L2) or the cluster."""
+        cs = self.cluster_size
+        cstart = c * cs
+        if not self.geom.extended_l2:
+            return cstart, cstart + cs
+        scs = cs // 32
+        s = max(start, cstart)
+        e = min(end, cstart + cs)
+        return s - (s - cstart) % scs, min(cstart + cs, e + (-(e - cstart)) % scs)
+
+    def _overlay(self, lo: int, hi: int, start: int, end: int, data: memoryview,
+                 backing: BackingRead | None) -> bytes:
+        """Guest bytes ``[lo, hi)`` after the write: the current view with ``data`` laid over it."""
+        s, e = max(lo, start), min(hi, end)
+        if s == lo and e == hi:
+            return bytes(data[s - start : e - start])
+        cur = bytearray(self.read(lo, hi - lo, backing))
+        cur[s - lo : e - lo] = data[s - start : e - start]
+        return bytes(cur)
+
+    def _cow_cluster(self, c: int, old: int, bitmap: int, start: int, end: int, data: memoryview,
+                     backing: BackingRead | None) -> bytes:
+        """Full content of a newly allocated cluster replacing entry ``old``."""
+        cs = self.cluster_size
+        cstart = c * cs
+        if not self.geom.extended_l2:
+            return self._overlay(cstart, cstart + cs, start, end, data, backing)
+        lo, hi = self._sc_region(c, start, end)
+        if old & L.OFLAG_COMPRESSED:
+            buf = bytearray(self.decompress(old))
+        elif old & L.L2E_OFFSET_MASK:
+            buf = bytearray(self.data_file.pread(old & L.L2E_OFFSET_MASK, cs))
+        else:
+            buf = bytearray(cs)
+        buf[lo - cstart : hi - cstart] = self._overlay(lo, hi, start, end, data, backing)
+        return bytes(buf)
+
+    def _new_bitmap(self, c: int, old: int, bitmap: int, start: int, end: int) -> int:
+        lo, hi = self._sc_region(c, start, end)
+        scs = self.cluster_size // 32
+        cstart = c * self.cluster_size
+        a, b = (lo - cstart) // scs, (hi - cstart) // scs
+        mask = ((1 << (b - a)) - 1) << a
+        if old & L.OFLAG_COMPRESSED:
+            return 0xFFFFFFFF
+        return (bitmap | mask) & ~(mask << 32) & 0xFFFFFFFFFFFFFFFF
+
+    def _write_inplace(self, c: int, entries: np.ndarray, bitmaps: np.ndarray, start: int, end: int,
+                       data: memoryview, backing: BackingRead | None) -> None:
+        g = self.geom
+        cs = self.cluster_size
+        idx = g.l2_index(c * cs)
+        host = int(entries[idx]) & L.L2E_OFFSET_MASK
+        cstart = c * cs
+        if not g.extended_l2:
+            s, e = max(start, cstart), min(end, cstart + cs)
+            self.data_file.pwrite(host + s - cstart, bytes(data[s - start : e - start]))
+            return
+        lo, hi = self._sc_region(c, start, end)
+        self.data_file.pwrite(host + lo - cstart, self._overlay(lo, hi, start, end, data, backing))
+        bitmaps[idx] = _U64(self._new_bitmap(c, int(entries[idx]), int(bitmaps[idx]), start, end))
+
+    def write_zeroes(self, offset: int, length: int, backing: BackingRead | None = None, *,
+                     unmap: bool = False) -> None:
+        """Make a range read as zeros: zero flags (v3) or zero subclusters where aligned, data elsewhere."""
+        self._writable()
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        g = self.geom
+        if self.drv.header.version < 3 or g.has_data_file:
+            self._write_zero_data(offset, length, backing)
+            return
+        gran = self.cluster_size // 32 if g.extended_l2 else self.cluster_size
+        end = offset + length
+        size = self.drv.virtual_size
+        lo = offset - offset % gran
+        hi = end + (-end) % gran
+        # Unaligned ends: widen to the granule when the extra part already reads
+        # as zero (or lies past the end of the disk), else write zero data there.
+        head_ok = lo == offset or not any(self.read(lo, offset - lo, backing))
+        tail_ok = hi == end or end >= size or not any(self.read(end, hi - end, backing))
+        if not head_ok:
+            self._write_zero_data(offset, min(end, lo + gran) - offset, backing)
+            lo += gran
+        if not tail_ok:
+            t = max(hi - gran, offset)
+            if hi - gran >= lo and t < end:
+                self._write_zero_data(t, end - t, backing)
+            hi -= gran
+        if hi <= lo:
+            return
+        span = g.l1_span
+        pos = lo
+        while pos < hi:
+            i1 = pos // span
+            t_end = min(hi, (i1 + 1) * span)
+            self._zero_table(i1, pos, t_end, unmap, backing)
+            pos = t_end
+
+    def _write_zero_data(self, offset: int, length: int, backing: BackingRead | None) -> None:
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(end - pos, 4 << 20)
+            self.write(pos, bytes(n), backing)
+            pos += n
+
+    def _zero_table(self, i1: int, start: int, end: int, unmap: bool, backing: BackingRead | None) -> None:
+        g = self.geom
+        cs, cb = self.cluster_size, self.cluster_bits
+        l2_off = self._l2_for_write(i1)
+        entries, bitmaps = self.drv.clusters.l2.get(l2_off)
+        to_free: list[int] = []
+        pending_data: list[tuple[int, int]] = []
+        for c in range(start >> cb, ((end - 1) >> cb) + 1):
+            idx = g.l2_index(c << cb)
+            old = int(entries[idx])
+            cstart = c << cb
+            s, e = max(start, cstart), min(end, cstart + cs)
+            full = s == cstart and e == cstart + cs
+            comp = bool(old & L.OFLAG_COMPRESSED)
+            if not full:  # extended L2, subcluster aligned
+                if comp:
+                    pending_data.append((s, e - s))
+                    continue
+                scs = cs // 32
+                a, b = (s - cstart) // scs, (e - cstart) // scs
+                mask = ((1 << (b - a)) - 1) << a
+                bitmaps[idx] = _U64((int(bitmaps[idx]) | (mask << 32)) & ~mask & 0xFFFFFFFFFFFFFFFF)
+                continue
+            allocated = comp or bool(old & L.L2E_OFFSET_MASK)
+            drop = comp or (unmap and allocated)
+            new = 0 if drop else old
+            if g.extended_l2:
+                bitmaps[idx] = _U64(0xFFFFFFFF00000000)
+            else:
+                new |= L.OFLAG_ZERO
+            entries[idx] = _U64(new)
+            if drop:
+                to_free.append(old)
+        self._finish_update(l2_off, False, to_free)
+        for s, n in pending_data:
+            self._write_zero_data(s, n, backing)
+
+    def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
+        """Guest discard of whole clusters: afterwards they read as zeros (v3) or fall through (v2)."""
+        self._writable()
+        self._check_range(offset, length)
+        g = self.geom
+        cs, cb = self.cluster_size, self.cluster_bits
+        end = offset + length
+        lo = offset + (-offset) % cs
+        hi = end - end % cs
+        if end == self.drv.virtual_size and offset % cs == 0:
+            hi = end  # the partial last cluster of an unaligned image counts as whole
+        if hi <= lo:
+            return
+        span = g.l1_span
+        pos = lo
+        while pos < hi:
+            i1 = pos // span
+            t_end = min(hi, (i1 + 1) * span)
+            cm = self.drv.clusters
+            if (i1 >= len(cm.l1) or not int(cm.l1[i1]) & L.L1E_OFFSET_MASK) and not has_backing:
+                pos = t_end
+                continue
+            l2_off = self._l2_for_write(i1)
+            entries, bitmaps = cm.l2.get(l2_off)
+            to_free: list[int] = []
+            for c in range(pos >> cb, ((t_end - 1) >> cb) + 1):
+                idx = g.l2_index(c << cb)
+                old, old_bm = int(entries[idx]), int(bitmaps[idx])
+                allocated = bool(old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK
+                                 or (g.has_data_file and old & L.OFLAG_COPIED))
+                if not (has_backing or allocated):
+                    continue
+                if g.extended_l2:
+                    new, new_bm = 0, 0xFFFFFFFF00000000
+                else:
+                    new, new_bm = (L.OFLAG_ZERO if self.drv.header.version >= 3 else 0), 0
+                if (new, new_bm) == (old, old_bm):
+                    continue
+                entries[idx] = _U64(new)
+                bitmaps[idx] = _U64(new_bm)
+                if allocated:
+                    to_free.append(old)
+            self._finish_update(l2_off, False, to_free)
+            pos = t_end
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write one whole cluster compressed (a short last cluster is zero-padded).
+
+        Like QEMU, the cluster must not be allocated yet; data that does not
+        compress below the cluster size is written uncompressed instead.
+        """
+        self._writable()
+        g = self.geom
+        cs = self.cluster_size
+        if offset % cs or len(data) > cs:
+            raise VdkitError("Compressed writes must cover exactly one cluster", errno=EIO)
+        self._check_range(offset, len(data))
+        if g.has_data_file:
+            raise UnsupportedError("Compressed writes are not supported with an external data file")
+        buf = bytes(data) + bytes(cs - len(data))
+        comp = compress_cluster(buf, self.drv.header.compression_type)
+        if len(comp) > cs - 1:
+            self.write(offset, bytes(data))
+            return
+        i1 = g.l1_index(offset)
+        l2_off = self._l2_for_write(i1)
+        entries, bitmaps = self.drv.clusters.l2.get(l2_off)
+        idx = g.l2_index(offset)
+        old = int(entries[idx])
+        if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
+            raise VdkitError("Compressed writes need an unallocated cluster", errno=EIO)
+        coff = self.drv.refcounts.alloc_bytes(len(comp))
+        self.drv.file.pwrite(coff, comp)
+        nb_sectors = ((coff + len(comp) - 1) >> 9) - (coff >> 9)
+        entries[idx] = _U64(L.OFLAG_COMPRESSED | (nb_sectors << g.csize_shift) | coff)
+        if g.extended_l2:
+            bitmaps[idx] = _U64(0)
+        self._finish_update(l2_off, True, [])
+
+    def flush(self) -> None:
+        self.drv.flush()
+        if self.drv.header.has_data_file and self.drv.data_file is not None:
+            self.drv.data_file.flush()
+        self.drv.file.flush()
 
 
 def decompress_cluster(raw: bytes, cluster_size: int, ctype: int) -> bytes:
