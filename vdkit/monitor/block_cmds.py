@@ -470,9 +470,9 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
 VMSTATE_MAGIC = b"VDKITVM1\n"
 
 
-def _encode_vmstate(machine: DeviceRegistry) -> bytes:
+def _encode_vmstate(machine: DeviceRegistry, run_state: str) -> bytes:
     state = {
-        "run_state": machine.run_state,
+        "run_state": run_state,
         "vm_clock_nsec": machine.vm_clock_ns(),
         "drives": [
             {
@@ -511,6 +511,40 @@ def _apply_vmstate(machine: DeviceRegistry, raw: bytes) -> None:
             drive.group = None
         if drive.has_tray:
             drive.tray_open = bool(ds.get("tray_open", False))
+        _restore_medium(machine, drive, ds.get("medium"))
+
+
+def _restore_medium(machine: DeviceRegistry, drive: Drive, recorded: dict[str, Any] | None) -> None:
+    """Put the recorded medium back into a drive whose medium changed since the savevm."""
+    current = drive.medium
+    if recorded is None:
+        if current is not None and current.ro:
+            machine.close_medium(current)
+            drive.medium = None
+        return
+    if current is not None and current.node.filename == recorded.get("file"):
+        return
+    if current is not None and not current.ro:
+        return  # a writable disk took part in the snapshot: it was reverted, keep it
+    try:
+        medium = machine.open_medium(recorded["file"], recorded.get("format"), readonly=bool(recorded.get("ro")))
+    except (OSError, VdkitError, KeyError):
+        return  # the image is gone: leave the drive as it is
+    if current is not None:
+        machine.close_medium(current)
+    drive.medium = medium
+
+
+def _can_store_vmstate(medium: Medium) -> bool:
+    """Whether the block layer can write VM state into the image (``vm_state=`` on create)."""
+    create = getattr(medium.node, "snapshot_create", None)
+    return create is not None and "vm_state" in inspect.signature(create).parameters
+
+
+def _vmstate_key(medium: Medium, entry: SnapshotEntry) -> tuple[str, str, str, int, int]:
+    import os
+
+    return (os.path.realpath(medium.node.filename), entry.id_str, entry.name, entry.date_sec, entry.date_nsec)
 
 
 def _all_capable(machine: DeviceRegistry) -> list[Drive]:
@@ -545,15 +579,17 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     if was_running:
         ctx.emit("STOP")
     try:
-        vm_state = _encode_vmstate(machine)
+        vm_state = _encode_vmstate(machine, "running" if was_running else machine.run_state)
         clock = machine.vm_clock_ns()
         made: list[Drive] = []
         for d in disks:
             assert d.medium is not None
             try:
-                _create(d.medium, name, date=date, vm_clock_nsec=clock,
-                        vm_state=vm_state if d is vmdisk else None)
+                entry = _create(d.medium, name, date=date, vm_clock_nsec=clock,
+                                vm_state=vm_state if d is vmdisk else None)
                 made.append(d)
+                if d is vmdisk and not _can_store_vmstate(d.medium):
+                    machine.vmstate_cache[_vmstate_key(d.medium, entry)] = vm_state
             except (OSError, VdkitError) as exc:
                 for m in made:
                     assert m.medium is not None
@@ -598,12 +634,17 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
             d.medium.node.snapshot_revert(found)  # type: ignore[attr-defined]
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Could not load snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
+    machine.set_vm_clock_ns(entry.vm_clock_nsec)
+    raw: bytes | None = None
     read = getattr(vmdisk.medium.node, "read_vmstate", None)
     if read is not None:
         try:
             raw = read(entry)
         except (OSError, VdkitError) as exc:
             raise VdkitError("Error -5 while loading VM state") from exc
+    else:
+        raw = machine.vmstate_cache.get(_vmstate_key(vmdisk.medium, entry))
+    if raw is not None:
         _apply_vmstate(machine, raw)
     if was_running:
         machine.cont()
