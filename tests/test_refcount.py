@@ -156,3 +156,49 @@ def test_dirty_bit_set_and_cleared(tmp_path: Path) -> None:
         drv.close()
     assert "cleanly shut down" not in check_ok("info", str(img)).stdout
     assert _check(img) == (0, {"corruptions": 0, "leaks": 0})
+
+
+def test_in_place_allocation_cut_at_every_write_only_leaks(tmp_path: Path) -> None:
+    """The QEMU-style path (blocks on demand, table growth) leaks at worst when cut short."""
+    import shutil
+
+    base = tmp_path / "base.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=16", str(base), "1M")
+
+    def run(path: Path, cut: int | None) -> int:
+        drv = _open_rw(path)
+        real = drv.file.pwrite
+        count = 0
+
+        def pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
+            nonlocal count
+            if cut is not None and count >= cut:
+                raise OSError(5, "Input/output error")
+            count += 1
+            real(offset, data)
+
+        drv.file.pwrite = pwrite  # type: ignore[method-assign]
+        try:
+            off = drv.refcounts.alloc_clusters(300 * 512)  # needs two more refcount blocks
+            drv.refcounts.alloc_clusters(17000 * 512)  # past the table's reach: it grows
+            drv.refcounts.flush()
+            drv.file.truncate(max(drv.file.size(), off + 17300 * 512))
+        except OSError:
+            assert cut is not None
+        finally:
+            try:
+                drv.close()
+            except OSError:
+                drv.file.close()
+        return count
+
+    full = tmp_path / "full.qcow2"
+    shutil.copy(base, full)
+    writes = run(full, None)
+    assert _check(full) == (3, {"corruptions": 0, "leaks": 17300})
+    cut = tmp_path / "cut.qcow2"
+    for n in range(0, writes, max(1, writes // 25)):
+        shutil.copy(base, cut)
+        run(cut, n)
+        rc, counts = _check(cut)
+        assert rc in (0, 3) and counts["corruptions"] == 0, (n, counts)

@@ -301,33 +301,42 @@ class Refcounts:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         epb = self.entries_per_block
-        done: list[tuple[int, int, int]] = []  # (rt, idx, old)
+        done: list[tuple[int, int, np.ndarray]] = []  # (rt, first index, old values)
         try:
             if addend < 0 and self.depends_on is None and self._l2_flush is not None:
                 self.depends_on = self._l2_flush
-            for ci in range(first, last + 1):
+            ci = first
+            while ci <= last:  # one refcount block at a time, vectorised within it
                 rt, idx = divmod(ci, epb)
+                end = min(epb, idx + (last - ci + 1))
                 vals = self.block_values(rt)
                 if vals is None:
                     if addend < 0:  # no block: the count is 0 and cannot go down
                         raise RefcountOverflow("Invalid argument", errno=EINVAL)
                     self._alloc_block(ci)  # raises _Restart on success
-                    vals = self.block_values(rt)
-                    assert vals is not None
-                old = int(vals[idx])
-                new = old + addend
-                if new < 0 or new > self.refcount_max:
+                    raise AssertionError("unreachable")
+                seg = vals[idx:end]
+                if addend > 0:
+                    if addend > self.refcount_max or np.any(seg > np.uint64(self.refcount_max - addend)):
+                        raise RefcountOverflow("Invalid argument", errno=EINVAL)
+                elif np.any(seg < np.uint64(-addend)):
                     raise RefcountOverflow("Invalid argument", errno=EINVAL)
-                vals[idx] = new
+                done.append((rt, idx, seg.copy()))
+                if addend > 0:
+                    seg += np.uint64(addend)
+                else:
+                    seg -= np.uint64(-addend)
+                    zeros = np.flatnonzero(seg == 0)
+                    if len(zeros):
+                        self.free_hint = min(self.free_hint, ci + int(zeros[0]))
                 self._dirty.add(rt)
-                done.append((rt, idx, old))
-                if new == 0 and ci < self.free_hint:
-                    self.free_hint = ci
+                ci += end - idx
         except BaseException:
             for rt, idx, old in reversed(done):
                 vals = self.block_values(rt)
                 if vals is not None:
-                    vals[idx] = old
+                    vals[idx : idx + len(old)] = old
+                    self._dirty.add(rt)  # it may have been written back meanwhile
             raise
 
     _l2_flush: Callable[[], None] | None = None
