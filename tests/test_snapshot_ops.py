@@ -140,18 +140,24 @@ def _verify(img: Path, model: Model) -> None:
         assert guest(img, sid) == content
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                     HealthCheck.function_scoped_fixture])
 @given(
     cluster_bits=st.sampled_from([9, 12, 16]),
     refcount_bits=st.sampled_from([1, 2, 4, 16]),
+    variant=st.sampled_from(["", "", "extended_l2", "v2"]),
     steps=st.lists(ops, min_size=4, max_size=9),
 )
-def test_random_sequences_match_model(cluster_bits: int, refcount_bits: int, steps: list[tuple]) -> None:
+def test_random_sequences_match_model(cluster_bits: int, refcount_bits: int, variant: str,
+                                      steps: list[tuple]) -> None:
+    opts = f"cluster_size={1 << cluster_bits},refcount_bits={refcount_bits}"
+    if variant == "extended_l2":
+        opts = f"cluster_size=65536,refcount_bits={refcount_bits},extended_l2=on"
+    elif variant == "v2":
+        opts = f"cluster_size={1 << cluster_bits},compat=0.10"  # v2: 16-bit refcounts only
     with tempfile.TemporaryDirectory() as d:
         img = Path(d) / "img.qcow2"
-        check_ok("create", "-q", "-f", "qcow2", "-o",
-                 f"cluster_size={1 << cluster_bits},refcount_bits={refcount_bits}", str(img), str(SIZE))
+        check_ok("create", "-q", "-f", "qcow2", "-o", opts, str(img), str(SIZE))
         model = Model()
         for step in steps:
             kind = step[0]
