@@ -11,6 +11,7 @@ copy of the same image.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -140,8 +141,11 @@ def _verify(img: Path, model: Model) -> None:
         assert guest(img, sid) == content
 
 
-@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                    HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("VDKIT_PROPERTY_EXAMPLES", "14")),  # raise it for a long hunt
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     cluster_bits=st.sampled_from([9, 12, 16]),
     refcount_bits=st.sampled_from([1, 2, 4, 16]),
