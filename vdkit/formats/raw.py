@@ -35,3 +35,38 @@ class RawDriver(FormatDriver):
         from vdkit.block.io import raw_file_status
 
         return raw_file_status(self.file, offset, length)
+
+
+def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
+    """Create (or truncate) ``filename`` as a raw image of ``size`` bytes, rounded up to 512.
+
+    Like qemu-img, a failed raw creation leaves the (emptied) file behind;
+    a size the file system refuses is reported as "too large" by the caller
+    (``errno`` is EFBIG on the error).
+    """
+    import os
+
+    from vdkit.errors import VdkitError, os_error_message
+
+    size = -(-size // 512) * 512
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise VdkitError(f"Could not create '{filename}': {os_error_message(exc)}", errno=exc.errno) from exc
+    try:
+        os.ftruncate(fd, 0)
+        if preallocation not in ("off", "falloc", "full"):
+            raise VdkitError(f"Unsupported preallocation mode: {preallocation}")
+        try:
+            if preallocation == "falloc" and size:
+                os.posix_fallocate(fd, 0, size)
+            elif preallocation == "full" and size:
+                chunk = bytes(1 << 20)
+                pos = 0
+                while pos < size:
+                    pos += os.pwrite(fd, chunk[: min(len(chunk), size - pos)], pos)
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise VdkitError(f"Could not resize file: {os_error_message(exc)}", errno=exc.errno) from exc
+    finally:
+        os.close(fd)

@@ -1,0 +1,553 @@
+"""Creating a qcow2 image whose bytes equal what ``qemu-img create`` 7.2 writes.
+
+QEMU does not lay a fresh image out from a formula: it writes a minimal
+image (header, a one-cluster refcount table and one refcount block), opens
+it, and then *grows* it with its ordinary allocator (the active L1 table,
+and with ``preallocation=metadata`` every L2 table and data cluster).  Where
+the L1 table, extra refcount blocks and relocated refcount tables land, and
+which stale bytes stay behind, are all consequences of that allocator's
+first-fit search, its "restart" protocol and its refcount-table growth
+(``qcow2-algorithms.md`` §1.2-§1.5, §1.8).  So :class:`_ImageBuilder`
+replays that allocator in memory, records every write in order, and the
+result is written to the file in one go.  Byte equality with qemu-img is
+checked by ``tests/diff/test_create.py`` over a matrix of options.
+
+The in-memory replay is also what keeps creation failure-safe: nothing is
+written until the whole layout is known, and a failed creation removes the
+file, as qemu-img does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vdkit.errors import VdkitError, os_error_message
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
+from vdkit.io.file import ImageFile
+
+DEFAULT_CLUSTER_SIZE = 65536
+MAX_CLUSTER_SIZE = 1 << L.MAX_CLUSTER_BITS
+MIN_EXTL2_CLUSTER_SIZE = 16384
+_V3 = "(use version=v3 or greater)"
+
+
+class ImageTooLargeError(VdkitError):
+    """The allocator ran out of room (QEMU's -EFBIG); the CLI rewords it."""
+
+    def __init__(self) -> None:
+        super().__init__("File too large", errno=errno.EFBIG)
+
+
+@dataclass
+class Qcow2CreateOptions:
+    """Validated-to-be creation parameters (``BlockdevCreateOptionsQcow2``)."""
+
+    size: int
+    version: int = 3
+    cluster_size: int = DEFAULT_CLUSTER_SIZE
+    refcount_bits: int = 16
+    lazy_refcounts: bool = False
+    extended_l2: bool = False
+    compression_type: str = "zlib"
+    preallocation: str = "off"
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    data_file: str | None = None
+    data_file_raw: bool = False
+
+
+def validate(o: Qcow2CreateOptions) -> None:
+    """Refuse bad combinations with qemu-img's words, in qemu-img's order."""
+    if o.extended_l2:
+        if o.version < 3:
+            raise VdkitError(f"Extended L2 entries are only supported with compatibility level 1.1 and above {_V3}")
+        if o.cluster_size < MIN_EXTL2_CLUSTER_SIZE:
+            raise VdkitError(
+                f"Extended L2 entries are only supported with cluster sizes of at least {MIN_EXTL2_CLUSTER_SIZE} bytes"
+            )
+    cs = o.cluster_size
+    if cs < 512 or cs > MAX_CLUSTER_SIZE or cs & (cs - 1):
+        raise VdkitError(f"Cluster size must be a power of two between 512 and {MAX_CLUSTER_SIZE // 1024}k")
+    if o.backing_file is not None and o.preallocation != "off" and not o.extended_l2:
+        raise VdkitError("Backing file and preallocation can only be used at the same time if extended_l2 is on")
+    if o.backing_fmt is not None and o.backing_file is None:
+        raise VdkitError("Backing format cannot be used without backing file")
+    if o.version < 3 and o.lazy_refcounts:
+        raise VdkitError(f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3}")
+    rb = o.refcount_bits
+    if rb > 64 or rb <= 0 or rb & (rb - 1):
+        raise VdkitError("Refcount width must be a power of two and may not exceed 64 bits")
+    if o.version < 3 and rb != 16:
+        raise VdkitError(f"Different refcount widths than 16 bits require compatibility level 1.1 or above {_V3}")
+    if o.data_file_raw and o.data_file is None:
+        raise VdkitError("data-file-raw requires data-file")
+    if o.data_file_raw and o.backing_file is not None:
+        raise VdkitError("Backing file and data-file-raw cannot be used at the same time")
+    if o.data_file is not None and o.version < 3:
+        raise VdkitError(f"External data files are only supported with compatibility level 1.1 and above {_V3}")
+    if o.compression_type != "zlib" and o.version < 3:
+        raise VdkitError(f"Non-zlib compression type is only supported with compatibility level 1.1 and above {_V3}")
+
+
+class _Again(Exception):
+    """The allocator's "restart": new refcount metadata may sit where the caller looked."""
+
+
+def _refcount_dtype(bits: int) -> type[np.unsignedinteger]:
+    return {64: np.uint64, 32: np.uint32, 16: np.uint16}.get(bits, np.uint8)  # type: ignore[return-value]
+
+
+def refcount_block_bytes(values: np.ndarray, bits: int) -> bytes:
+    """Serialise refcounts: big-endian for >= 8 bits, LSB-first packing below."""
+    if bits >= 8:
+        return values.astype(f">u{bits // 8}").tobytes()
+    per_byte = 8 // bits
+    v = values.astype(np.uint8).reshape(-1, per_byte)
+    out = np.zeros(v.shape[0], dtype=np.uint8)
+    for j in range(per_byte):
+        out |= (v[:, j] << (j * bits)).astype(np.uint8)
+    return out.tobytes()
+
+
+def refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: int, generous: bool) -> int:
+    """Refcount blocks needed to describe ``clusters`` plus the refcount structures themselves.
+
+    Iterates to a fixed point (blocks describe themselves and the table); with
+    ``generous`` it then adds half the table as slack once, as QEMU does when
+    it grows the table so the next growth is further away.
+    """
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n = 0
+            generous = False
+            continue
+        if n == last:
+            return blocks
+
+
+class _ImageBuilder:
+    """An in-memory replay of QEMU's cluster allocator on a fresh image."""
+
+    def __init__(self, cluster_bits: int, refcount_order: int) -> None:
+        self.cluster_bits = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.refcount_order = refcount_order
+        self.refcount_bits = 1 << refcount_order
+        self.rb_bits = cluster_bits + 3 - refcount_order
+        self.rb_entries = 1 << self.rb_bits
+        self.max_refcount = (1 << self.refcount_bits) - 1
+        self.dtype = _refcount_dtype(self.refcount_bits)
+        self.free_index = 0
+        self.disk: dict[int, bytearray] = {}
+        self.file_end = 0
+        # The minimal image qemu-img writes before opening it: header cluster,
+        # a one-cluster refcount table pointing at a zeroed block in cluster 2.
+        self.reftable_offset = self.cs
+        self.reftable: list[int] = [0] * (self.cs // 8)
+        self.reftable[0] = 2 * self.cs
+        self.blocks: dict[int, np.ndarray] = {2 * self.cs: np.zeros(self.rb_entries, dtype=self.dtype)}
+        self.write(0, bytes(self.cs))
+        self.write(self.cs, self._reftable_bytes() + bytes(self.cs))
+
+    # -- the file ----------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        cs = self.cs
+        pos = 0
+        while pos < len(data):
+            ci, within = divmod(offset + pos, cs)
+            n = min(cs - within, len(data) - pos)
+            buf = self.disk.get(ci)
+            if buf is None:
+                buf = self.disk[ci] = bytearray(cs)
+            buf[within : within + n] = data[pos : pos + n]
+            pos += n
+        self.file_end = max(self.file_end, offset + len(data))
+
+    def _reftable_bytes(self) -> bytes:
+        return np.array(self.reftable, dtype=">u8").tobytes()
+
+    # -- refcounts -----------------------------------------------------------------------------
+    def get_refcount(self, ci: int) -> int:
+        ti = ci >> self.rb_bits
+        if ti >= len(self.reftable) or not self.reftable[ti]:
+            return 0
+        return int(self.blocks[self.reftable[ti]][ci & (self.rb_entries - 1)])
+
+    def refcounts(self, start: int, n: int) -> np.ndarray:
+        """Refcounts of clusters ``[start, start + n)``; missing blocks read as 0."""
+        out = np.zeros(n, dtype=np.uint64)
+        ci = start
+        while ci < start + n:
+            ti = ci >> self.rb_bits
+            seg_end = min(start + n, (ti + 1) << self.rb_bits)
+            if ti < len(self.reftable) and self.reftable[ti]:
+                a = ci & (self.rb_entries - 1)
+                out[ci - start : seg_end - start] = self.blocks[self.reftable[ti]][a : a + seg_end - ci]
+            ci = seg_end
+        return out
+
+    def alloc_noref(self, nb: int) -> int:
+        """First fit from the free hint; the hint ends just past the clusters found.
+
+        Equivalent to QEMU's cluster-by-cluster search (a used cluster restarts
+        the count at the next one), done a window at a time.
+        """
+        s = self.free_index
+        window = max(nb, 4096)
+        while True:
+            nz = np.flatnonzero(self.refcounts(s, window))
+            starts = np.concatenate(([0], nz + 1))
+            ends = np.concatenate((nz, [window]))
+            ok = np.flatnonzero(ends - starts >= nb)
+            if ok.size:
+                s += int(starts[ok[0]])
+                break
+            s += int(starts[-1])
+        self.free_index = s + nb
+        if (self.free_index << self.cluster_bits) > L.MAX_HOST_OFFSET:
+            raise ImageTooLargeError()
+        return s << self.cluster_bits
+
+    def alloc(self, size: int) -> int:
+        while True:
+            offset = self.alloc_noref(-(-size // self.cs))
+            try:
+                self.update(offset, size, 1)
+                return offset
+            except _Again:
+                continue
+
+    def alloc_at(self, offset: int, nb: int) -> int:
+        """Allocate up to ``nb`` clusters exactly at ``offset``; returns how many."""
+        while True:
+            nz = np.flatnonzero(self.refcounts(offset >> self.cluster_bits, nb))
+            i = int(nz[0]) if nz.size else nb
+            try:
+                self.update(offset, i << self.cluster_bits, 1)
+                return i
+            except _Again:
+                continue
+
+    def free(self, offset: int, size: int) -> None:
+        self.update(offset, size, -1)
+
+    def update(self, offset: int, length: int, addend: int) -> None:
+        """Add ``addend`` to every cluster of the range; undo and re-raise on restart."""
+        if length <= 0:
+            return
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        ci = first
+        try:
+            while ci <= last:
+                ti = ci >> self.rb_bits
+                block = self.refcount_block_for(ci)
+                a = ci & (self.rb_entries - 1)
+                n = min(last + 1, (ti + 1) << self.rb_bits) - ci
+                seg = block[a : a + n]
+                if (addend < 0 and bool((seg == 0).any())) or (
+                    addend > 0 and bool((seg.astype(np.uint64) >= np.uint64(self.max_refcount)).any())
+                ):
+                    raise VdkitError("Invalid argument", errno=errno.EINVAL)
+                if addend > 0:
+                    seg += self.dtype(addend)
+                else:
+                    seg -= self.dtype(-addend)
+                    zeros = np.flatnonzero(seg == 0)
+                    if zeros.size and ci + int(zeros[0]) < self.free_index:
+                        self.free_index = ci + int(zeros[0])
+                ci += n
+        except _Again:
+            # The caller searches again, starting with the clusters it just tried.
+            self.free_index = min(self.free_index, first)
+            self.update(offset, (ci - first) << self.cluster_bits, -addend)
+            raise
+
+    def refcount_block_for(self, ci: int) -> np.ndarray:
+        """The block describing cluster ``ci``; allocating one raises :class:`_Again`."""
+        ti = ci >> self.rb_bits
+        if ti < len(self.reftable) and self.reftable[ti]:
+            return self.blocks[self.reftable[ti]]
+        new_block = self.alloc_noref(1)
+        nb_idx = new_block >> self.cluster_bits
+        if nb_idx >> self.rb_bits == ti:
+            blk = np.zeros(self.rb_entries, dtype=self.dtype)
+            blk[nb_idx & (self.rb_entries - 1)] = 1  # the block describes itself
+        else:
+            self.update(new_block, self.cs, 1)
+            blk = np.zeros(self.rb_entries, dtype=self.dtype)
+        self.blocks[new_block] = blk
+        self.write(new_block, bytes(self.cs))
+        if ti < len(self.reftable):
+            self.reftable[ti] = new_block
+            self.write(self.reftable_offset + ti * 8, new_block.to_bytes(8, "big"))
+            raise _Again
+        blocks_used = -(-max(ci + 1, nb_idx + 1) // self.rb_entries)
+        if blocks_used > L.MAX_REFTABLE_SIZE // 8:
+            raise ImageTooLargeError()
+        self.refcount_area(blocks_used * self.rb_entries * self.cs, ti, new_block)
+        raise _Again
+
+    def refcount_area(self, start: int, new_index: int, new_block: int) -> None:
+        """Grow the refcount table: new blocks and table at ``start``, describing themselves."""
+        cs = self.cs
+        total = refcount_metadata_blocks(start // cs, cs, self.refcount_order, True)
+        area_index = (start // cs) >> self.rb_bits
+        table_size = total + -(-total // 2)
+        per_cluster = cs // 8
+        table_size = -(-table_size // per_cluster) * per_cluster
+        if table_size > L.MAX_REFTABLE_SIZE:
+            raise ImageTooLargeError()
+        table_clusters = table_size * 8 // cs
+        new_table = (self.reftable + [0] * table_size)[:table_size]
+        new_table[new_index] = new_block
+        additional = sum(1 for i in range(area_index, total) if not new_table[i])
+        table_offset = start + additional * cs
+        end = table_offset + table_clusters * cs
+        block_offset = start
+        for i in range(area_index, total):
+            if new_table[i]:
+                blk = self.blocks[new_table[i]]
+            else:
+                blk = self.blocks[block_offset] = np.zeros(self.rb_entries, dtype=self.dtype)
+                new_table[i] = block_offset
+                self.write(block_offset, bytes(cs))
+                block_offset += cs
+            covered = i * self.rb_entries * cs
+            if covered < end:
+                j = (start - covered) // cs if covered < start else 0
+                stop = min((end - covered) // cs, self.rb_entries)
+                blk[j:stop] = 1
+        old_offset, old_size = self.reftable_offset, len(self.reftable)
+        self.reftable = new_table
+        self.reftable_offset = table_offset
+        self.write(table_offset, self._reftable_bytes())
+        self.free(old_offset, old_size * 8)
+
+    @property
+    def reftable_clusters(self) -> int:
+        return len(self.reftable) * 8 // self.cs
+
+    def finish(self) -> None:
+        """Write the final refcount blocks (they are cached and flushed last)."""
+        for off, blk in self.blocks.items():
+            self.write(off, refcount_block_bytes(blk, self.refcount_bits))
+
+
+@dataclass
+class _Plan:
+    builder: _ImageBuilder
+    header: Qcow2Header
+    data_file_size: int | None
+    data_end: int  # end of the preallocated data area in the image file (0: none)
+
+
+def plan_image(o: Qcow2CreateOptions) -> _Plan:
+    """The complete byte layout of the new image, without touching any file."""
+    validate(o)
+    cluster_bits = o.cluster_size.bit_length() - 1
+    refcount_order = o.refcount_bits.bit_length() - 1
+    size = -(-o.size // 512) * 512
+    prealloc = o.preallocation
+    if o.data_file_raw and prealloc == "off":
+        prealloc = "metadata"  # a raw data file needs every cluster mapped 1:1
+    b = _ImageBuilder(cluster_bits, refcount_order)
+    cs = b.cs
+    b.alloc(3 * cs)  # header, refcount table, first refcount block
+    l2_entry_size = 16 if o.extended_l2 else 8
+    l2_entries = cs // l2_entry_size
+    l1_size = -(-size // (cs * l2_entries))
+    if l1_size > L.MAX_L1_SIZE // 8:
+        raise ImageTooLargeError()
+    l1_offset = 0
+    l1 = np.zeros(l1_size, dtype=np.uint64)
+    l2_tables: dict[int, np.ndarray] = {}
+    if l1_size:
+        l1_offset = b.alloc(l1_size * 8)
+        b.write(l1_offset, bytes(l1_size * 8))
+    data_end = 0
+    data_file_size = size if o.data_file is not None else None
+    if prealloc != "off" and size:
+        data_end = _preallocate(b, o, size, l1, l2_tables, l2_entries, l2_entry_size)
+        if o.data_file is not None:
+            data_file_size = max(size, data_end)
+            data_end = 0
+    if l1_size:
+        b.write(l1_offset, l1.astype(">u8").tobytes())
+    for off, tbl in l2_tables.items():
+        b.write(off, tbl.astype(">u8").tobytes())
+    b.finish()
+    b.write(b.reftable_offset, b._reftable_bytes())
+    incompat = 0
+    if o.data_file is not None:
+        incompat |= L.INCOMPAT_DATA_FILE
+    if o.compression_type == "zstd":
+        incompat |= L.INCOMPAT_COMPRESSION
+    if o.extended_l2:
+        incompat |= L.INCOMPAT_EXTL2
+    header = Qcow2Header(
+        version=o.version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=0,
+        l1_size=l1_size,
+        l1_table_offset=l1_offset,
+        refcount_table_offset=b.reftable_offset,
+        refcount_table_clusters=b.reftable_clusters,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=incompat if o.version >= 3 else 0,
+        compatible_features=L.COMPAT_LAZY_REFCOUNTS if o.lazy_refcounts else 0,
+        autoclear_features=L.AUTOCLEAR_DATA_FILE_RAW if o.data_file_raw else 0,
+        refcount_order=refcount_order,
+        header_length=L.V3_HEADER_SIZE if o.version >= 3 else L.V2_HEADER_SIZE,
+        compression_type=L.CompressionType.ZSTD if o.compression_type == "zstd" else L.CompressionType.ZLIB,
+        backing_format=o.backing_fmt if o.backing_file is not None else None,
+        data_file=o.data_file,
+        backing_file=o.backing_file,
+    )
+    try:
+        cluster0 = serialize_header(header)
+    except VdkitError as exc:
+        raise VdkitError("Could not write qcow2 header: File too large") from exc
+    b.write(0, cluster0 + bytes(cs - len(cluster0)))
+    return _Plan(b, header, data_file_size, data_end)
+
+
+def _preallocate(
+    b: _ImageBuilder, o: Qcow2CreateOptions, size: int, l1: np.ndarray,
+    l2_tables: dict[int, np.ndarray], l2_entries: int, l2_entry_size: int,
+) -> int:
+    """Map every guest cluster, chunk by chunk as QEMU's metadata preallocation does.
+
+    Returns the end of the last data run (the file is extended to it).
+    """
+    cs = b.cs
+    words = l2_entry_size // 8
+    nb_clusters = -(-size // cs)
+    g = 0
+    last_host = 0
+    while g < nb_clusters:
+        host: int | None = None  # where the chunk would continue contiguously
+        while g < nb_clusters:
+            l1i = g // l2_entries
+            if not l1[l1i]:
+                off = b.alloc(cs)
+                b.write(off, bytes(cs))
+                l2_tables[off] = np.zeros(l2_entries * words, dtype=np.uint64)
+                l1[l1i] = off | L.OFLAG_COPIED
+            table = l2_tables[int(l1[l1i]) & L.L1E_OFFSET_MASK]
+            run = min(nb_clusters - g, l2_entries - g % l2_entries)
+            if o.data_file is not None:
+                start = g * cs
+                nb = run
+            elif host is None:
+                start = b.alloc(run * cs)
+                nb = run
+            else:
+                start = host
+                nb = b.alloc_at(host, run)
+                if nb == 0:
+                    break
+            idx = (g % l2_entries) * words
+            table[idx : idx + nb * words : words] = (
+                np.arange(nb, dtype=np.uint64) * np.uint64(cs) + np.uint64(start)
+            ) | np.uint64(L.OFLAG_COPIED)
+            host = start + nb * cs
+            g += nb
+            if g == nb_clusters:
+                last_host = host - cs
+    # The last cluster may be partly beyond the disk end: QEMU copies-on-write
+    # the rest of its (sub)cluster (zeros), then extends the file to the
+    # disk end if that is further.
+    tail = size - (nb_clusters - 1) * cs
+    sub = cs // 32 if o.extended_l2 else cs
+    cow_end = last_host + -(-tail // sub) * sub
+    data_end = last_host + tail
+    if cow_end > data_end:
+        if o.data_file is None:
+            b.write(data_end, bytes(cow_end - data_end))
+        return cow_end
+    return data_end
+
+
+def create_qcow2(filename: str, o: Qcow2CreateOptions) -> None:
+    """Create ``filename``; on failure the file is removed, as qemu-img does."""
+    try:
+        plan = plan_image(o)
+        _write_plan(filename, plan, o)
+    except BaseException:
+        try:
+            os.unlink(filename)
+        except OSError:
+            pass
+        raise
+
+
+def _create_file(filename: str) -> ImageFile:
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise VdkitError(f"Could not create '{filename}': {os_error_message(exc)}", errno=exc.errno) from exc
+    os.close(fd)
+    f = ImageFile(filename, readonly=False)
+    f.truncate(0)
+    return f
+
+
+def _write_plan(filename: str, plan: _Plan, o: Qcow2CreateOptions) -> None:
+    b = plan.builder
+    with _create_file(filename) as f:
+        # Cluster 0 (the header) goes last, so an interrupted creation leaves
+        # a file that is not a qcow2 image at all.
+        for ci in sorted(b.disk):
+            if ci == 0:
+                continue
+            data = b.disk[ci]
+            off = ci * b.cs
+            f.pwrite(off, data[: max(0, min(b.cs, b.file_end - off))])
+        length = max(b.file_end, plan.data_end)
+        f.truncate(length)
+        if o.preallocation in ("falloc", "full") and plan.data_end:
+            _fill(f, b.file_end, plan.data_end, o.preallocation)
+        f.pwrite(0, b.disk[0][: min(b.cs, b.file_end)])
+        f.flush()
+    if o.data_file is not None:
+        with _create_file(o.data_file) as df:
+            assert plan.data_file_size is not None
+            df.truncate(plan.data_file_size)
+            if o.preallocation in ("falloc", "full"):
+                _fill(df, 0, plan.data_file_size, o.preallocation)
+
+
+def _fill(f: ImageFile, start: int, end: int, mode: str) -> None:
+    """Really allocate ``[start, end)``: fallocate, or write zeros for ``full``."""
+    if end <= start:
+        return
+    if mode == "falloc":
+        try:
+            os.posix_fallocate(f.fd, start, end - start)
+            return
+        except OSError:
+            pass
+    chunk = bytes(1 << 20)
+    pos = start
+    while pos < end:
+        n = min(len(chunk), end - pos)
+        f.pwrite(pos, chunk[:n])
+        pos += n
