@@ -311,3 +311,17 @@ def test_lying_refcount_never_overwrites_data(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "Could not create snapshot 's'" in r.stderr
     assert img.read_bytes() == before
+
+
+def test_raw_image(tmp_path: Path) -> None:
+    """Raw has no snapshots: probing warnings (twice for apply) and qemu-img's errors."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x01" * 65536)
+    q = tmp_path / "q" / "img.raw"
+    v = tmp_path / "v" / "img.raw"
+    for p in (q, v):
+        p.parent.mkdir()
+        shutil.copy(base, p)
+    for args in (("-c", "x"), ("-a", "x"), ("-d", "x"), ()):
+        run_both(q, v, *args)
+    assert v.read_bytes() == base.read_bytes()
