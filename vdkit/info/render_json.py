@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any
 
 _BUCKETS = 512
 
 
+@functools.lru_cache(maxsize=4096)
 def qdict_bucket(key: str) -> int:
     """Bucket of ``key`` in QEMU's QDict (32-bit wrapping arithmetic)."""
     data = key.encode("utf-8", "surrogateescape")
@@ -69,6 +71,8 @@ _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n
 
 
 def quote(s: str) -> str:
+    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+        return '"' + s + '"'  # fast path: nothing to escape (isprintable excludes U+007F)
     out = ['"']
     for ch in s:
         esc = _SHORT_ESCAPES.get(ch)
