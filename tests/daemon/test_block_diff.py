@@ -8,6 +8,8 @@ VM state sizes (``conftest.normalise``).
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,38 @@ def test_eject_and_change_medium(pair: tuple[Monitor, Monitor]) -> None:
         ("query-named-block-nodes", None),
     ]:
         _same(q, v, name, args)
+
+
+ATTACHED = ["-drive", "if=ide,media=cdrom,id=cd0", "-drive", "file=c.qcow2,if=ide,id=hd",
+            "-drive", "file=r.raw,format=raw,if=virtio,id=vd"]
+
+
+def _setup_attached(d: Path) -> None:
+    check_ok("create", "-q", "-f", "qcow2", str(d / "c.qcow2"), "16M")
+    check_ok("create", "-q", "-f", "qcow2", str(d / "iso.qcow2"), "4M")
+    check_ok("create", "-q", "-f", "raw", str(d / "r.raw"), "1M")
+
+
+def test_attached_devices_tray_events(daemons: Daemons) -> None:
+    """Drives with if=ide/virtio model attached devices: cdrom tray, DEVICE_TRAY_MOVED, not removable disks."""
+    q, v = daemons.pair(ATTACHED, _setup_attached)
+    for name, args in [
+        ("query-block", None),
+        ("eject", {"device": "hd"}),
+        ("eject", {"device": "vd"}),
+        ("eject", {"device": "cd0"}),
+        ("eject", {"device": "cd0"}),
+        ("blockdev-change-medium", {"device": "cd0", "filename": "r.raw", "format": "raw"}),
+        ("blockdev-change-medium", {"device": "cd0", "filename": "iso.qcow2"}),
+        ("query-block", None),
+        ("blockdev-change-medium", {"device": "cd0", "filename": "iso.qcow2", "format": "qcow2"}),
+        ("query-block", None),
+    ]:
+        _same(q, v, name, args)
+    qev = [normalise(json.dumps(e["data"])) for e in q.events]
+    vev = [normalise(json.dumps(e["data"])) for e in v.events]
+    assert [e["event"] for e in v.events] == [e["event"] for e in q.events]
+    assert len(vev) == len(qev) and all(re.sub(r'"id": "[^"]*"', "", a) == re.sub(r'"id": "[^"]*"', "", b)
+                                        for a, b in zip(vev, qev, strict=True))
+    for line in ["info block", "info block -v cd0", "eject -f cd0", "info block cd0"]:
+        _same_hmp(q, v, line)

@@ -89,3 +89,27 @@ def test_drive_file_disappears(daemons: Daemons, tmp_path: Path) -> None:
     _alive(m)
     assert m.cmd("eject", {"device": "c"}) == {"return": {}}
     _alive(m)
+
+
+def test_queries_never_write(daemons: Daemons, tmp_path: Path) -> None:
+    import hashlib
+
+    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "16M")
+    check_ok("snapshot", "-c", "s", str(tmp_path / "base.qcow2"))
+    check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))
+    files = [tmp_path / "base.qcow2", tmp_path / "top.qcow2"]
+    before = [(hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files]
+    proc, path, _ = daemons.vdkit(["-drive", "file=top.qcow2,if=none,id=t"], tmp_path)
+    m = daemons.monitor(path).negotiate()
+    for name, args in [("query-block", None), ("query-named-block-nodes", None), ("query-blockstats", None),
+                       ("query-snapshots", None), ("human-monitor-command", {"command-line": "info block -v"}),
+                       ("human-monitor-command", {"command-line": "info snapshots"}),
+                       ("human-monitor-command", {"command-line": "loadvm nonexist"}),
+                       ("blockdev-snapshot-internal-sync", {"device": "t", "name": ""}),
+                       ("block_set_io_throttle", {"device": "t", "bps": 1, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                                                  "iops_rd": 0, "iops_wr": 0})]:
+        m.cmd(name, args)
+    m.cmd("quit")
+    assert proc.wait(timeout=20) == 0
+    after = [(hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files]
+    assert after == before
