@@ -187,6 +187,8 @@ def _open_data_file(node: Node, policy: OpenPolicy, *, force_share: bool, no_io:
         return
     stored = driver.header.data_file
     if stored is None:
+        if no_io:
+            return  # qemu-img info still describes such an image
         raise OpenError("'data-file' is required for this image")
     # QEMU 7.2 opens the stored name as is: a relative data file name is
     # relative to the working directory, not to the image (unlike backing files).

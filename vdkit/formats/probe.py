@@ -27,7 +27,10 @@ def probe_format(head: bytes) -> str:
     """Name of the format of an image whose first bytes are ``head``."""
     if len(head) >= 8 and head[:4] == b"QFI\xfb":
         version = int.from_bytes(head[4:8], "big")
-        return "qcow2" if version >= 2 else "qcow"
+        if version >= 2:
+            return "qcow2"
+        if version == 1:
+            return "qcow"
     for magic, name in _FOREIGN_MAGICS:
         if head.startswith(magic):
             return name

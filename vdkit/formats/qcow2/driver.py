@@ -94,6 +94,7 @@ class Qcow2Driver(FormatDriver):
         self.snapshot_table_size = 0
         if not check_mode:
             self._snapshots, self.snapshot_table_size = self._read_snapshot_table()
+            self.bitmaps  # noqa: B018 - validate the bitmap directory now, as QEMU does at open
         if not readonly and not check_mode:
             self._prepare_writable()
 
@@ -145,28 +146,57 @@ class Qcow2Driver(FormatDriver):
     # -- bitmaps and encryption (read for info) -------------------------------
     @cached_property
     def bitmaps(self) -> list[BitmapEntry]:
+        """The bitmap directory, validated the way QEMU 7.2 validates it when opening.
+
+        Read (and checked) at open time, because qemu-img refuses an image
+        with a broken directory even for ``info``.
+        """
         h = self.header
-        if h.bitmaps is None or h.version < 3:
+        if h.bitmaps is None or h.version < 3 or h.bitmaps_inconsistent:
             return []
-        if not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
-            # A program without bitmap support modified the image: the
-            # bitmaps are no longer trustworthy and QEMU ignores them.
-            return []
-        buf = self.file.pread(h.bitmaps.directory_offset, h.bitmaps.directory_size)
+        ext = h.bitmaps
+        if ext.directory_size == 0:
+            raise OpenError("Requested bitmap directory size is zero")
+        # Bounded by the extension check (<= 64 MiB) and by what the file holds.
+        avail = max(0, min(ext.directory_size, self.file.size() - ext.directory_offset))
+        buf = self.file.pread(ext.directory_offset, avail) + bytes(ext.directory_size - avail)
         out: list[BitmapEntry] = []
         off = 0
-        for _ in range(h.bitmaps.nb_bitmaps):
-            if off + L.BITMAP_DIR_ENTRY.size > len(buf):
-                raise CorruptImageError("Bitmap directory is corrupted")
+        end = ext.directory_size
+        while off < end:
+            if off + L.BITMAP_DIR_ENTRY.size > end:
+                raise OpenError("Broken bitmap directory")
             (tbl_off, tbl_size, flags, btype, gran_bits, name_size,
              extra_size) = L.BITMAP_DIR_ENTRY.unpack_from(buf, off)
             name_off = off + L.BITMAP_DIR_ENTRY.size + extra_size
-            if name_off + name_size > len(buf):
-                raise CorruptImageError("Bitmap directory is corrupted")
+            if name_off + name_size > end:
+                raise OpenError("Broken bitmap directory")
+            if len(out) >= ext.nb_bitmaps:
+                raise OpenError("More bitmaps found than specified in header extension")
             name = buf[name_off : name_off + name_size].decode("utf-8", "replace")
-            out.append(BitmapEntry(name, tbl_off, tbl_size, flags, btype, gran_bits, extra_size))
+            entry = BitmapEntry(name, tbl_off, tbl_size, flags, btype, gran_bits, extra_size)
+            if not self._bitmap_sane(entry):
+                raise OpenError(f"Bitmap '{name}' doesn't satisfy the constraints")
+            out.append(entry)
             off = L.align_up(name_off + name_size, 8)
+        if len(out) < ext.nb_bitmaps:
+            raise OpenError("Less bitmaps found than specified in header extension")
+        for e in out:
+            span = e.granularity * self.cluster_size * 8
+            if e.table_size != (self.header.size + span - 1) // span:
+                raise OpenError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
         return out
+
+    def _bitmap_sane(self, e: BitmapEntry) -> bool:
+        """Entry constraints observed in QEMU 7.2 (type, granularity, flags, table placement)."""
+        return (
+            e.type == 1
+            and 9 <= e.granularity_bits <= 31
+            and not e.flags & ~(BitmapEntry.IN_USE | BitmapEntry.AUTO)
+            and e.table_offset != 0
+            and e.table_offset % self.cluster_size == 0
+            and 0 < e.table_size <= 0x1000000 // 8
+        )
 
     def luks_header(self) -> bytes | None:
         """Raw bytes of the LUKS header area of an encrypted image."""

@@ -230,7 +230,7 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     if incompat & L.INCOMPAT_EXTL2 and cluster_size // 32 < 512:
         raise OpenError(f"Unsupported subcluster size: {cluster_size // 32}")
     if crypt_method > L.CRYPT_LUKS:
-        raise OpenError(f"Unsupported encryption method: {crypt_method}")
+        raise OpenError(f"Unsupported encryption method {crypt_method}")
     if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
         raise OpenError("Could not read encryption header: LUKS header extension is missing")  # pragma: no cover
     if refcount_table_clusters == 0 and not check_mode:
@@ -274,7 +274,8 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     if backing_file_offset:
         if backing_file_size > L.MAX_BACKING_FILE_NAME or backing_file_size > cluster_size - backing_file_offset:
             raise OpenError("Backing file name too long")
-        raw = bytes(cluster0[backing_file_offset : backing_file_offset + backing_file_size])
+        # A C string to QEMU: bytes past EOF read as zeros and end it.
+        raw = bytes(cluster0[backing_file_offset : backing_file_offset + backing_file_size]).split(b"\0", 1)[0]
         header = replace(
             header, backing_file=raw.decode("utf-8", "surrogateescape"), backing_file_raw=raw
         )
@@ -323,16 +324,19 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
                 off += (ext_len + 7) & ~7
                 continue
             if reserved:
-                raise OpenError("ERROR: bitmaps_ext: Reserved field is not zero")
+                raise OpenError("bitmaps_ext: Reserved field is not zero")
             if nb == 0 or nb > L.MAX_BITMAPS:
                 raise OpenError(
-                    f"ERROR: bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
-                    f"{L.MAX_BITMAPS}" if nb else "ERROR: bitmaps_ext: found bitmaps extension with zero bitmaps"
+                    f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
+                    f"{L.MAX_BITMAPS}" if nb else "found bitmaps extension with zero bitmaps"
                 )
             if dsize > L.MAX_BITMAP_DIRECTORY_SIZE:
-                raise OpenError("ERROR: bitmaps_ext: bitmap directory size is too large")
+                raise OpenError(
+                    f"bitmaps_ext: bitmap directory size ({dsize}) exceeds the maximum supported size "
+                    f"({L.MAX_BITMAP_DIRECTORY_SIZE})"
+                )
             if doff % cluster_size:
-                raise OpenError("ERROR: bitmaps_ext: invalid dir offset")
+                raise OpenError("bitmaps_ext: invalid bitmap directory offset")
             out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
         elif ext_type == L.EXT_CRYPTO_HEADER:
             if ext_len != L.CRYPTO_EXT.size:
