@@ -135,6 +135,7 @@ def test_internal_snapshot_commands(daemons: Daemons, tmp_path: Path) -> None:
 def test_transaction(daemons: Daemons, tmp_path: Path) -> None:
     p = Pair(*daemons.pair(DRIVES, _setup))
     act = "blockdev-snapshot-internal-sync"
+    actions: list[dict[str, object]] | dict[str, str]
     for actions in [
         [{"type": act, "data": {"device": "d0", "name": "t1"}}, {"type": act, "data": {"device": "d1", "name": "t1"}}],
         # second action fails: nothing may be left behind by the first
@@ -143,7 +144,20 @@ def test_transaction(daemons: Daemons, tmp_path: Path) -> None:
         [{"type": act, "data": {"device": "d0", "name": "t4"}}, {"type": act, "data": {"device": "d0", "name": "t4"}}],
         [{"type": act, "data": {"device": "d0"}}],
         [],
+        [{"type": act, "data": {"device": "d0", "name": "t5"}}, {"type": "abort", "data": {}}],
+        [{"type": act, "data": {"device": "nonexist", "name": "t6"}}, {"type": "abort", "data": {"x": 1}}],
+        [{"type": "bogus", "data": {}}],
+        [{"type": "abort"}],
+        [{"data": {}}],
+        [{"type": act, "data": {"device": "d0", "name": "t7", "extra": 1}}],
+        {"completion-mode": "grouped"},
+        {"completion-mode": "bogus"},
+        {"completion-mode": "individual"},
     ]:
+        if isinstance(actions, dict):
+            p.same("transaction", {"actions": [{"type": act, "data": {"device": "d0", "name": "t8"}}],
+                                   "properties": actions})
+            continue
         p.same("transaction", {"actions": actions})
         p.same("query-block")
     p.hmp("info snapshots")

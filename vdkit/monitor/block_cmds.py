@@ -427,19 +427,42 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, 
     return before
 
 
-_ACTION_TYPES = ("blockdev-snapshot-internal-sync",)
+# QAPI TransactionAction types (7.2); vdkit implements the internal snapshot and ``abort``
+ACTION_TYPES = (
+    "abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge", "blockdev-backup",
+    "blockdev-snapshot", "blockdev-snapshot-internal-sync", "blockdev-snapshot-sync", "drive-backup",
+)
+_ACTION_DATA = {
+    "abort": (),
+    "blockdev-snapshot-internal-sync": (Arg("device"), Arg("name")),
+}
 
 
 def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """All-or-nothing: check every action, then create; on failure delete what was made."""
-    actions = args["actions"]
-    plan: list[tuple[_Target, str]] = []
-    for i, action in enumerate(actions):
-        if action["type"] not in _ACTION_TYPES:
-            raise VdkitError(f"Action type '{action['type']}' is not supported by vdkit")
-        from vdkit.monitor.commands import validate
+    """All or nothing: validate every action, check them in order, then create; undo on failure.
 
-        data = validate((Arg("device"), Arg("name")), action.get("data", {}), prefix=f"actions[{i}].data.")
+    QEMU prepares (creates) action by action and aborts the prepared ones when
+    a later action fails; checking everything before creating anything gives
+    the same answers and leaves nothing to undo in the common case.
+    """
+    from vdkit.monitor.commands import validate
+
+    actions = args["actions"]
+    datas = []
+    for i, action in enumerate(actions):
+        schema = _ACTION_DATA.get(action["type"])
+        if schema is None:
+            raise VdkitError(f"Action type '{action['type']}' is not supported by vdkit")
+        datas.append(validate(schema, action["data"], prefix=f"actions[{i}].data."))
+    grouped = args.get("properties", {}).get("completion-mode") == "grouped"
+    plan: list[tuple[_Target, str]] = []
+    for action, data in zip(actions, datas, strict=True):
+        if action["type"] == "abort":
+            raise VdkitError("Transaction aborted using Abort action")
+        if grouped:
+            raise VdkitError(f"Action '{action['type']}' does not support Transaction property "
+                             "completion-mode = grouped")
         t = _resolve_root(ctx, data["device"])
         _snapshot_create_check(t, data["name"])
         # a later action may not reuse a name an earlier one creates on the same node
@@ -696,5 +719,8 @@ def register(reg: CommandRegistry) -> None:
     r("blockdev-snapshot-internal-sync", Arg("device"), Arg("name"))(blockdev_snapshot_internal_sync)
     r("blockdev-snapshot-delete-internal-sync", Arg("device"), opt("id"), opt("name"))(
         blockdev_snapshot_delete_internal_sync)
-    action = Arg("actions[]", "object", members=(Arg("type"), opt("data", "object")))
-    r("transaction", Arg("actions", "array", items=action), opt("properties", "object"))(transaction)
+    action = Arg("actions[]", "object", members=(Arg("type", enum=ACTION_TYPES, enum_label="type"),
+                                                  Arg("data", "object")))
+    props = opt("properties", "object", members=(
+        opt("completion-mode", enum=("individual", "grouped"), enum_label="completion-mode"),))
+    r("transaction", Arg("actions", "array", items=action), props)(transaction)
