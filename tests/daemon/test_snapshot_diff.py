@@ -166,13 +166,25 @@ def test_transaction(daemons: Daemons, tmp_path: Path) -> None:
     _check_images(tmp_path)
 
 
+def _global_section(info: str) -> list[str]:
+    """Tags of QEMU's "present on all disks" rows."""
+    if "List of snapshots present on all disks:" not in info:
+        return []
+    section = info.split("List of snapshots present on all disks:\r\n", 1)[1].split("\r\n\r\n", 1)[0]
+    return [row.split()[1] for row in section.split("\r\n")[1:] if row.startswith("--")]
+
+
 def test_savevm_loadvm_delvm(daemons: Daemons, tmp_path: Path) -> None:
     p = Pair(*daemons.pair(DRIVES, _setup), sizes=True)
     for line in ["info snapshots", "savevm vmsnap1", "info snapshots", "snapshot_blkdev_internal d1 disk-only",
                  "savevm", "info snapshots", "savevm vmsnap1", "info snapshots", "loadvm vmsnap1",
                  "loadvm nonexist", "loadvm pre", "loadvm 1", "info status", "delvm nonexist", "delvm vmsnap1",
-                 "info snapshots", "info block -v d0"]:
+                 "info snapshots", "info block -v d0", "savevm again", "snapshot_blkdev_internal d0 d0-only"]:
         p.hmp(line)
+        # query-snapshots (vdkit only) lists exactly QEMU's "present on all disks" rows
+        auto = re.compile(r"^vm-\d{14}$")  # savevm's automatic names may differ by a second
+        got = [auto.sub("vm-T", s["name"]) for s in p.v.cmd("query-snapshots")["return"]]
+        assert got == [auto.sub("vm-T", n) for n in _global_section(p.q.hmp("info snapshots"))], line
     p.same("query-block")
     p.q.cmd("quit")
     p.v.cmd("quit")
