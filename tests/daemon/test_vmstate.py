@@ -50,3 +50,46 @@ def test_vmstate_is_not_a_migration_stream() -> None:
     other = DeviceRegistry(start_paused=True)
     block_cmds._apply_vmstate(other, raw)
     assert other.vm_clock_ns() == 0
+
+
+def test_vmstate_survives_restart(daemons: Daemons, tmp_path: Path) -> None:
+    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "d0.qcow2"), "8M")
+    drives = ["-drive", "file=d0.qcow2,if=none,id=d0"]
+    proc, path, _ = daemons.vdkit(drives, tmp_path)
+    m = daemons.monitor(path).negotiate()
+    m.cmd("block_set_io_throttle", {**THROTTLE, "device": "d0", "iops": 77})
+    assert m.hmp("savevm persisted") == ""
+    m.cmd("quit")
+    assert proc.wait(timeout=20) == 0
+    check_ok("check", str(tmp_path / "d0.qcow2"))
+    _, path2, _ = daemons.vdkit(drives, tmp_path)
+    m2 = daemons.monitor(path2).negotiate()
+    assert m2.cmd("query-block")["return"][0]["inserted"]["iops"] == 0
+    assert m2.hmp("loadvm persisted") == ""
+    assert m2.cmd("query-block")["return"][0]["inserted"]["iops"] == 77
+
+
+def test_vmstate_area_matches_qemu(daemons: Daemons, tmp_path: Path) -> None:
+    """vdkit finds QEMU's migration stream where QEMU put it, and reverts disks of QEMU's VM snapshots."""
+    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "q.qcow2"), "8M")
+    proc, qpath, _ = daemons.qemu(["-drive", "file=q.qcow2,if=none,id=d0"], tmp_path)
+    q = daemons.monitor(qpath).negotiate()
+    assert q.hmp("savevm fromqemu") == ""
+    q.cmd("quit")
+    proc.wait(timeout=30)
+    from vdkit.block.node import open_image
+    from vdkit.daemon.devices import Medium
+
+    node = open_image(str(tmp_path / "q.qcow2"))
+    try:
+        entry = node.driver.snapshots()[0]
+        assert entry.vm_state_size > 0
+        raw = block_cmds._read_vmstate(Medium(node, [("a", "b")], True), entry)
+        assert raw.startswith(b"QEVM")
+    finally:
+        node.close()
+    _, vpath, _ = daemons.vdkit(["-drive", "file=q.qcow2,if=none,id=d0"], tmp_path)
+    v = daemons.monitor(vpath).negotiate()
+    assert v.hmp("loadvm fromqemu") == ""
+    v.cmd("quit")
+    check_ok("check", str(tmp_path / "q.qcow2"))

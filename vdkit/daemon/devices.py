@@ -168,9 +168,6 @@ class DeviceRegistry:
         self._used_names: set[str] = set()
         self._qdev_counter = itertools.count(16)
         self.shutdown_requested: str | None = None
-        # VM state of snapshots taken by this process, for block layers that
-        # cannot yet store it in the image (see ``block_cmds.savevm``)
-        self.vmstate_cache: dict[tuple[str, str, str, int, int], bytes] = {}
 
     # -- run state and clock ----------------------------------------------------
     @property

@@ -9,7 +9,6 @@ same handlers serve QMP and HMP.  Texts of errors are QEMU 7.2's
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import dataclass
@@ -353,17 +352,9 @@ def _now() -> tuple[int, int]:
 
 
 def _create(medium: Medium, name: str, *, date: tuple[int, int], vm_clock_nsec: int,
-            vm_state: bytes | None = None) -> SnapshotEntry:
-    node = medium.node
-    create = getattr(node, "snapshot_create", None)
-    if create is None:
-        raise VdkitError("internal snapshots need the qcow2 snapshot write support", errno=None)
-    kwargs: dict[str, Any] = {"date_sec": date[0], "date_nsec": date[1], "vm_clock_nsec": vm_clock_nsec}
-    if vm_state is not None:
-        kwargs["vm_state_size"] = len(vm_state)
-        if "vm_state" in inspect.signature(create).parameters:
-            kwargs["vm_state"] = vm_state
-    return create(name, **kwargs)  # type: ignore[no-any-return]
+            vm_state_size: int = 0) -> SnapshotEntry:
+    return medium.node.snapshot_create(name, date_sec=date[0], date_nsec=date[1],  # type: ignore[no-any-return]
+                                       vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size)
 
 
 def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> SnapshotEntry:
@@ -558,16 +549,40 @@ def _restore_medium(machine: DeviceRegistry, drive: Drive, recorded: dict[str, A
     drive.medium = medium
 
 
-def _can_store_vmstate(medium: Medium) -> bool:
-    """Whether the block layer can write VM state into the image (``vm_state=`` on create)."""
-    create = getattr(medium.node, "snapshot_create", None)
-    return create is not None and "vm_state" in inspect.signature(create).parameters
+def _vmstate_offset(medium: Medium) -> int:
+    """Where qcow2 keeps VM state: the first L1 entry past the disk (QEMU's ``qcow2_vm_state_offset``)."""
+    drv = medium.node.driver
+    span = drv.geometry.l1_span  # type: ignore[attr-defined]
+    return int(-(-drv.virtual_size // span) * span)
 
 
-def _vmstate_key(medium: Medium, entry: SnapshotEntry) -> tuple[str, str, str, int, int]:
-    import os
+def _write_vmstate(medium: Medium, data: bytes) -> None:
+    """Write ``data`` into the active layer's VM-state area (the snapshot then captures it).
 
-    return (os.path.realpath(medium.node.filename), entry.id_str, entry.name, entry.date_sec, entry.date_nsec)
+    Uses the qcow2 write engine's per-table writer directly, because the
+    public guest write refuses offsets past the disk end.
+    """
+    drv = medium.node.driver
+    io = drv.io  # type: ignore[attr-defined]
+    span = io.geom.l1_span
+    start = _vmstate_offset(medium)
+    view = memoryview(data)
+    pos, end = start, start + len(data)
+    while pos < end:
+        i1 = pos // span
+        t_end = min(end, (i1 + 1) * span)
+        io._write_table(i1, pos, view[pos - start : t_end - start], None)
+        pos = t_end
+    drv.flush()  # type: ignore[attr-defined]
+
+
+def _read_vmstate(medium: Medium, entry: SnapshotEntry) -> bytes:
+    """The VM state stored with snapshot ``entry`` (read through the snapshot's own L1)."""
+    from vdkit.formats.qcow2.cluster import read_l1
+
+    drv = medium.node.driver
+    l1 = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
+    return drv.io.read(_vmstate_offset(medium), entry.vm_state_size, l1=l1)  # type: ignore[attr-defined,no-any-return]
 
 
 def _all_capable(machine: DeviceRegistry) -> list[Drive]:
@@ -604,15 +619,18 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     try:
         vm_state = _encode_vmstate(machine, "running" if was_running else machine.run_state)
         clock = machine.vm_clock_ns()
+        assert vmdisk.medium is not None
+        try:
+            _write_vmstate(vmdisk.medium, vm_state)
+        except (OSError, VdkitError) as exc:
+            raise VdkitError(f"Error while writing VM state: {_os_text(exc)}") from exc
         made: list[Drive] = []
         for d in disks:
             assert d.medium is not None
             try:
-                entry = _create(d.medium, name, date=date, vm_clock_nsec=clock,
-                                vm_state=vm_state if d is vmdisk else None)
+                _create(d.medium, name, date=date, vm_clock_nsec=clock,
+                        vm_state_size=len(vm_state) if d is vmdisk else 0)
                 made.append(d)
-                if d is vmdisk and not _can_store_vmstate(d.medium):
-                    machine.vmstate_cache[_vmstate_key(d.medium, entry)] = vm_state
             except (OSError, VdkitError) as exc:
                 for m in made:
                     assert m.medium is not None
@@ -658,16 +676,13 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Could not load snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
     machine.set_vm_clock_ns(entry.vm_clock_nsec)
-    raw: bytes | None = None
-    read = getattr(vmdisk.medium.node, "read_vmstate", None)
-    if read is not None:
-        try:
-            raw = read(entry)
-        except (OSError, VdkitError) as exc:
-            raise VdkitError("Error -5 while loading VM state") from exc
-    else:
-        raw = machine.vmstate_cache.get(_vmstate_key(vmdisk.medium, entry))
-    if raw is not None:
+    try:
+        raw = _read_vmstate(vmdisk.medium, entry)
+    except (OSError, VdkitError) as exc:
+        raise VdkitError("Error -5 while loading VM state") from exc
+    # A state vdkit did not write (e.g. QEMU's "QEVM" migration stream) holds
+    # guest devices vdkit does not have: the disks are reverted, nothing else.
+    if raw.startswith(VMSTATE_MAGIC):
         _apply_vmstate(machine, raw)
     if was_running:
         machine.cont()
