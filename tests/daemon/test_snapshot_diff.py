@@ -215,3 +215,17 @@ def test_info_snapshots_cases(daemons: Daemons, drives: list[str], expect: str |
         snaps = p.v.cmd("query-snapshots")["return"]
         assert [s["name"] for s in snaps] == ["pre"]
         assert json.dumps(snaps)  # plain JSON values
+
+
+def test_events_while_running(daemons: Daemons, tmp_path: Path) -> None:
+    """savevm/loadvm on a running VM: STOP then RESUME, before the command's answer, like QEMU."""
+    p = Pair(*daemons.pair(DRIVES, _setup))
+    for m in (p.q, p.v):
+        m.cmd("cont")
+        m.events.clear()
+    for line in ["savevm run1", "loadvm run1", "stop", "savevm run2", "loadvm run2", "info status", "cont",
+                 "delvm run1", "info status"]:
+        p.hmp(line)
+    assert [e["event"] for e in p.v.events] == [e["event"] for e in p.q.events]
+    assert [e["event"] for e in p.v.events][:4] == ["STOP", "RESUME", "STOP", "RESUME"]
+    p.same("query-status")
