@@ -274,3 +274,21 @@ class StatusInfo:
     singlestep: bool = False
 
     __qapi_order__ = ("running", "singlestep", "status")
+
+
+@dataclass
+class ImageCheck:
+    """``qemu-img check`` result (QAPI ``ImageCheck``); counters are present only when non-zero."""
+
+    filename: str
+    format: str
+    check_errors: int
+    image_end_offset: int | None = None
+    corruptions: int | None = None
+    leaks: int | None = None
+    corruptions_fixed: int | None = None
+    leaks_fixed: int | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    compressed_clusters: int | None = None

@@ -1,0 +1,326 @@
+"""``vdkit-img check`` against ``qemu-img check`` on the same images.
+
+Images are made by qemu-img/qemu-io, then damaged on purpose with the small
+helpers below (which edit L1/L2 entries and refcounts directly), and both
+tools must print the same summary, the same diagnostic lines and return the
+same exit code, in human and JSON form.  Repairs run on separate copies of
+the image for each tool; the repaired vdkit copy must then be clean for
+qemu-img and hold the same guest data as before.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+
+# -- image surgery ---------------------------------------------------------------------------------
+
+class Img:
+    """Just enough qcow2 parsing to find and patch metadata in a test image."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        d = path.read_bytes()[:512]
+        self.cluster_bits = struct.unpack(">I", d[20:24])[0]
+        self.cs = 1 << self.cluster_bits
+        self.l1_size = struct.unpack(">I", d[36:40])[0]
+        self.l1_offset, self.rt_offset = struct.unpack(">QQ", d[40:56])
+        version = struct.unpack(">I", d[4:8])[0]
+        self.refcount_order = struct.unpack(">I", d[96:100])[0] if version >= 3 else 4
+        self.rbits = 1 << self.refcount_order
+
+    def u64(self, off: int) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(off)
+            return struct.unpack(">Q", f.read(8).ljust(8, b"\0"))[0]
+
+    def put64(self, off: int, value: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(off)
+            f.write(struct.pack(">Q", value))
+
+    def l1_entry_offset(self, i: int = 0) -> int:
+        return self.l1_offset + 8 * i
+
+    def l2_offset(self, i: int = 0) -> int:
+        return self.u64(self.l1_entry_offset(i)) & 0x00FFFFFFFFFFFE00
+
+    def l2_entry_offset(self, j: int = 0, i: int = 0) -> int:
+        return self.l2_offset(i) + 8 * j
+
+    def data_offset(self, j: int = 0) -> int:
+        return self.u64(self.l2_entry_offset(j)) & 0x00FFFFFFFFFFFE00
+
+    def _refcount_pos(self, cluster: int) -> tuple[int, int]:
+        per_block = self.cs * 8 // self.rbits
+        block = self.u64(self.rt_offset + 8 * (cluster // per_block)) & ~0x1FF
+        assert block, "no refcount block for that cluster"
+        bit = (cluster % per_block) * self.rbits
+        return block + bit // 8, bit % 8
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        pos, shift = self._refcount_pos(cluster)
+        with open(self.path, "r+b") as f:
+            if self.rbits >= 8:
+                f.seek(pos)
+                f.write(value.to_bytes(self.rbits // 8, "big"))
+            else:
+                f.seek(pos)
+                byte = f.read(1)[0]
+                mask = ((1 << self.rbits) - 1) << shift
+                f.seek(pos)
+                f.write(bytes([(byte & ~mask) | (value << shift)]))
+
+    def append_cluster(self) -> int:
+        """Grow the file by one cluster (aligned); returns its index."""
+        size = self.path.stat().st_size
+        start = -(-size // self.cs) * self.cs
+        with open(self.path, "r+b") as f:
+            f.truncate(start + self.cs)
+        return start // self.cs
+
+
+def make(tmp: Path, name: str, *opts: str, size: str = "64M", writes: tuple[str, ...] = ("write -P 0x5a 0 64k",)
+         ) -> Path:
+    path = tmp / name
+    args = ["create", "-q", "-f", "qcow2"]
+    if opts:
+        args += ["-o", ",".join(opts)]
+    check_ok(*args, str(path), size)
+    for w in writes:
+        r = qemu_io("-f", "qcow2", "-c", w, str(path))
+        assert r.returncode == 0, r.stderr
+    return path
+
+
+# -- comparing ---------------------------------------------------------------------------------------
+
+def compare(path: Path, *args: str) -> tuple[int, str]:
+    """Run both checks on the same (unmodified by them) image; everything must agree."""
+    q = qemu_img("check", *args, path.name, cwd=path.parent)
+    v = vdkit_img("check", *args, path.name, cwd=path.parent)
+    assert v.stdout == q.stdout, f"stdout differs for check {args}:\n{q.stdout}\n---\n{v.stdout}"
+    assert v.normalized_stderr() == q.stderr, f"stderr differs for check {args}:\n{q.stderr}\n---\n{v.stderr}"
+    assert v.returncode == q.returncode
+    return q.returncode, q.stdout
+
+
+def raw_data(path: Path) -> bytes:
+    out = path.with_suffix(".rawdump")
+    check_ok("convert", "-U", "-O", "raw", str(path), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def compare_repair(path: Path, mode: str, *extra: str) -> None:
+    """Repair two copies, one per tool: same output; the vdkit copy ends clean with the same data."""
+    before = raw_data(path) if mode == "leaks" else None
+    qcopy = path.with_name("q_" + path.name)
+    vcopy = path.with_name("v_" + path.name)
+    shutil.copy(path, qcopy)
+    shutil.copy(path, vcopy)
+    q = qemu_img("check", "-r", mode, *extra, qcopy.name, cwd=path.parent)
+    v = vdkit_img("check", "-r", mode, *extra, vcopy.name, cwd=path.parent)
+    assert v.stdout == q.stdout.replace(qcopy.name, vcopy.name), f"{q.stdout}\n---\n{v.stdout}"
+    assert v.normalized_stderr() == q.stderr, f"{q.stderr}\n---\n{v.stderr}"
+    assert v.returncode == q.returncode
+    after = qemu_img("check", vcopy.name, cwd=path.parent)
+    qafter = qemu_img("check", qcopy.name, cwd=path.parent)
+    assert after.returncode == qafter.returncode
+    if after.returncode == 0:
+        assert raw_data(vcopy) == raw_data(qcopy)
+    if before is not None:
+        assert raw_data(vcopy) == before
+
+
+def all_modes(path: Path) -> None:
+    compare(path)
+    compare(path, "--output=json")
+    compare_repair(path, "leaks")
+    compare_repair(path, "all")
+    compare_repair(path, "all", "--output=json")
+
+
+# -- clean images ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [
+    ("refcount_bits=1",), ("refcount_bits=2",), ("refcount_bits=4",), ("refcount_bits=8",),
+    ("refcount_bits=32",), ("refcount_bits=64",), ("cluster_size=512",), ("cluster_size=4k",),
+    ("cluster_size=2M",), ("extended_l2=on",), ("compat=0.10",), ("preallocation=metadata",),
+    ("compression_type=zstd",), ("lazy_refcounts=on",),
+])
+def test_clean(tmp_path: Path, opts: tuple[str, ...]) -> None:
+    path = make(tmp_path, "c.qcow2", *opts, size="8M",
+                writes=("write -P 1 0 64k", "write -P 2 1M 8k", "write -z 2M 64k"))
+    compare(path)
+    compare(path, "--output=json")
+
+
+def test_empty_and_quiet(tmp_path: Path) -> None:
+    path = make(tmp_path, "e.qcow2", writes=())
+    compare(path)
+    compare(path, "-q")
+    compare(path, "-q", "--output=json")
+
+
+def test_compressed(tmp_path: Path) -> None:
+    path = make(tmp_path, "z.qcow2", size="4M", writes=("write -c -P 3 0 64k", "write -c -P 4 64k 64k",
+                                                         "write -P 5 1M 64k"))
+    compare(path)
+    compare(path, "--output=json")
+
+
+def test_snapshots(tmp_path: Path) -> None:
+    path = make(tmp_path, "s.qcow2", size="4M", writes=("write -P 1 0 128k",))
+    check_ok("snapshot", "-c", "one", str(path))
+    assert qemu_io("-c", "write -P 2 0 64k", str(path)).returncode == 0
+    check_ok("snapshot", "-c", "two", str(path))
+    compare(path)
+    compare(path, "--output=json")
+
+
+def test_data_file(tmp_path: Path) -> None:
+    path = make(tmp_path, "d.qcow2", f"data_file={tmp_path / 'd.raw'}", size="4M")
+    compare(path)
+
+
+# -- leaks and corruptions -----------------------------------------------------------------------------
+
+def test_leak(tmp_path: Path) -> None:
+    path = make(tmp_path, "leak.qcow2")
+    img = Img(path)
+    img.set_refcount(img.append_cluster(), 1)
+    all_modes(path)
+
+
+@pytest.mark.parametrize("bits", [1, 4, 64])
+def test_leak_narrow_and_wide(tmp_path: Path, bits: int) -> None:
+    path = make(tmp_path, "leakw.qcow2", f"refcount_bits={bits}")
+    img = Img(path)
+    img.set_refcount(img.append_cluster(), 1)
+    compare(path)
+    compare_repair(path, "leaks")
+
+
+def test_refcount_too_low(tmp_path: Path) -> None:
+    path = make(tmp_path, "low.qcow2")
+    img = Img(path)
+    img.set_refcount(img.data_offset() // img.cs, 0)
+    all_modes(path)
+
+
+def test_refcount_too_high(tmp_path: Path) -> None:
+    path = make(tmp_path, "high.qcow2")
+    img = Img(path)
+    img.set_refcount(img.data_offset() // img.cs, 2)
+    all_modes(path)
+
+
+def test_refcount_lower_but_nonzero(tmp_path: Path) -> None:
+    path = make(tmp_path, "low2.qcow2", size="4M", writes=("write -c -P 7 0 64k", "write -c -P 8 64k 64k"))
+    img = Img(path)
+    cluster = (img.u64(img.l2_entry_offset(0)) & ((1 << 54) - 1)) // img.cs
+    img.set_refcount(cluster, 1)
+    all_modes(path)
+
+
+def test_l2_entry_outside_file(tmp_path: Path) -> None:
+    path = make(tmp_path, "out.qcow2")
+    img = Img(path)
+    img.put64(img.l2_entry_offset(1), (1 << 63) | (1 << 40))
+    compare(path)
+    compare(path, "--output=json")
+    compare_repair(path, "all")
+
+
+def test_overlapping_tables(tmp_path: Path) -> None:
+    path = make(tmp_path, "ovl.qcow2")
+    img = Img(path)
+    img.put64(img.l2_entry_offset(1), (1 << 63) | img.l1_offset)
+    all_modes(path)
+
+
+def test_reserved_bits(tmp_path: Path) -> None:
+    path = make(tmp_path, "res.qcow2")
+    img = Img(path)
+    img.put64(img.l2_entry_offset(0), img.u64(img.l2_entry_offset(0)) | 0x2)
+    img.put64(img.l1_entry_offset(0), img.u64(img.l1_entry_offset(0)) | (1 << 57))
+    compare(path)
+    compare(path, "--output=json")
+
+
+def test_copied_mismatch(tmp_path: Path) -> None:
+    path = make(tmp_path, "cop.qcow2")
+    img = Img(path)
+    img.put64(img.l2_entry_offset(0), img.u64(img.l2_entry_offset(0)) & ~(1 << 63))
+    img.put64(img.l1_entry_offset(0), img.u64(img.l1_entry_offset(0)) & ~(1 << 63))
+    all_modes(path)
+
+
+def test_unaligned_l2_offset(tmp_path: Path) -> None:
+    path = make(tmp_path, "ual.qcow2")
+    img = Img(path)
+    img.put64(img.l1_entry_offset(0), img.u64(img.l1_entry_offset(0)) + 0x200)
+    compare(path)
+    compare(path, "--output=json")
+
+
+def test_unaligned_preallocated_zero_cluster(tmp_path: Path) -> None:
+    path = make(tmp_path, "upz.qcow2")
+    img = Img(path)
+    img.put64(img.l2_entry_offset(3), (img.data_offset() + 0x200) | 1)
+    compare(path)
+    compare_repair(path, "all")
+
+
+def test_refcount_table_reserved_bits(tmp_path: Path) -> None:
+    path = make(tmp_path, "rt.qcow2")
+    img = Img(path)
+    img.put64(img.rt_offset, img.u64(img.rt_offset) | 0x1)
+    compare(path)
+    compare_repair(path, "leaks")
+
+
+def test_corrupt_bit_cleared_by_repair(tmp_path: Path) -> None:
+    path = make(tmp_path, "cb.qcow2")
+    img = Img(path)
+    img.put64(72, img.u64(72) | 2)
+    compare(path)
+    compare_repair(path, "all")
+    assert "corrupt: true" not in check_ok("info", str(path.with_name("v_" + path.name))).stdout
+
+
+def test_dirty_after_killed_writer(tmp_path: Path) -> None:
+    require_tool("qemu-io")
+    path = make(tmp_path, "dirty.qcow2", "lazy_refcounts=on", writes=())
+    r = subprocess.run(["qemu-io", "-c", "write -P 9 0 64k", "-c", "write -P 9 1M 64k", "-c", "abort",
+                        str(path)], capture_output=True, timeout=60)
+    assert r.returncode != 0
+    assert "cleanly shut down: no" in check_ok("info", "-U", str(path)).stdout
+    compare(path)
+    compare(path, "--output=json")
+    compare_repair(path, "all")
+    info = check_ok("info", str(path.with_name("v_" + path.name))).stdout
+    assert "cleanly shut down: no" not in info
+
+
+# -- errors ----------------------------------------------------------------------------------------------
+
+def test_raw_and_usage(tmp_path: Path) -> None:
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(4096))
+    compare(raw)
+    compare(raw, "-f", "raw")
+    path = make(tmp_path, "u.qcow2", writes=())
+    for args in (["-r", "foo"], ["--output=xml"], ["-U", "-r", "leaks"]):
+        compare(path, *args)
+    q = qemu_img("check", "nonexist.qcow2", cwd=tmp_path)
+    v = vdkit_img("check", "nonexist.qcow2", cwd=tmp_path)
+    assert (v.normalized_stderr(), v.returncode) == (q.stderr, q.returncode)

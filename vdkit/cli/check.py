@@ -1,0 +1,138 @@
+"""``vdkit-img check``: run the qcow2 check, print the summary, return qemu-img's exit code.
+
+Exit codes come from the result, not from exceptions: 0 clean, 2 corruptions
+left, 3 only leaks left, 1 when the check could not complete, 63 when the
+format has no check.  Per-problem diagnostics go to stderr as they are found.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vdkit.cli.main import PROG, write_err, write_out
+from vdkit.cli.options import LongOpt, getopt_long, output_format
+from vdkit.errors import OpenError, UsageError, VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.check import CheckResult
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.header import Qcow2Header
+    from vdkit.info.model import ImageCheck
+
+LONGOPTS = [
+    LongOpt("help", False, "h"),
+    LongOpt("format", True, "f"),
+    LongOpt("repair", True, "r"),
+    LongOpt("output", True, "output"),
+    LongOpt("object", True, "object"),
+    LongOpt("image-opts", False, "image-opts"),
+    LongOpt("force-share", False, "U"),
+]
+
+
+def _report(line: str) -> None:
+    if line.startswith("\0"):
+        write_err(f"{PROG}: {line[1:]}\n")
+    else:
+        write_err(line + "\n")
+
+
+def main(argv: list[str]) -> int:
+    p = getopt_long(argv, ":hf:r:T:qU", LONGOPTS)
+    repair: str | None = None
+    output = "human"
+    for key, value in p.opts:
+        if key == "h":
+            from vdkit.cli.main import HELP
+
+            write_out(HELP)
+            return 0
+        if key == "r":
+            if value not in ("leaks", "all"):
+                raise UsageError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}")
+            repair = value
+        if key == "output":
+            output = output_format(value)
+    if len(p.args) != 1:
+        raise UsageError("Expecting one image file name")
+    filename = p.args[0]
+    quiet = p.has("q")
+    force_share = p.has("U")
+    if force_share and repair:
+        raise OpenError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+    from vdkit.block.node import open_image
+    from vdkit.formats.qcow2.check import check
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+    with open_image(filename, p.last("f"), readonly=repair is None, force_share=force_share,
+                    check_mode=True) as node:
+        driver = node.driver
+        if not isinstance(driver, Qcow2Driver):
+            write_err(f"{PROG}: This image format does not support checks\n")
+            return 63
+        result = check(driver, repair, _report)
+        model = _model(filename, result)
+        if result.error == 0 and (result.corruptions_fixed or result.leaks_fixed):
+            if output == "human" and not quiet:
+                from vdkit.info.render_human import check_repaired_preamble
+
+                write_out(check_repaired_preamble(result.leaks_fixed, result.corruptions_fixed))
+            driver.header = _reread_header(driver)
+            second = check(driver, None, _report)
+            second.leaks_fixed = result.leaks_fixed
+            second.corruptions_fixed = result.corruptions_fixed
+            result = second
+            model = _model(filename, result)
+    if result.error == 0 and not quiet:
+        if output == "json":
+            from vdkit.info.render_json import render_pretty
+
+            write_out(render_pretty(model))
+        else:
+            from vdkit.info.render_human import image_check
+
+            write_out(image_check(model))
+    if result.error or result.check_errors:
+        msg = "Check failed" + (f": {os.strerror(-result.error)}" if result.error else "")
+        write_err(f"{PROG}: {msg}\n")
+        return 1
+    if result.corruptions:
+        return 2
+    if result.leaks:
+        return 3
+    return 0
+
+
+def _model(filename: str, r: CheckResult) -> ImageCheck:
+    from vdkit.info.model import ImageCheck
+
+    def nz(v: int) -> int | None:
+        return v or None
+
+    return ImageCheck(
+        filename=filename,
+        format="qcow2",
+        check_errors=r.check_errors,
+        image_end_offset=nz(r.image_end_offset),
+        corruptions=nz(r.corruptions),
+        leaks=nz(r.leaks),
+        corruptions_fixed=nz(r.corruptions_fixed),
+        leaks_fixed=nz(r.leaks_fixed),
+        total_clusters=nz(r.total_clusters),
+        allocated_clusters=nz(r.allocated_clusters),
+        fragmented_clusters=nz(r.fragmented_clusters),
+        compressed_clusters=nz(r.compressed_clusters),
+    )
+
+
+def _reread_header(driver: Qcow2Driver) -> Qcow2Header:
+    """The repair may have moved the refcount table: read the header again."""
+    from vdkit.formats.qcow2.header import parse_header
+
+    f = driver.file
+    cluster_bits = int.from_bytes(f.pread(20, 4), "big")
+    try:
+        return parse_header(f.pread(0, 1 << cluster_bits), readonly=True, check_mode=True)
+    except VdkitError:
+        return driver.header

@@ -1,0 +1,719 @@
+"""qcow2 consistency check and repair (``qemu-img check``), as QEMU 7.2 does it.
+
+The check recomputes every cluster's reference count from the metadata
+(header, L1/L2 tables of the active state and of every snapshot, snapshot
+table, refcount table and blocks, LUKS header, bitmaps) and compares it with
+the refcounts stored on disk (``qcow2-algorithms.md`` §8).  The walk is
+vectorised: each L1/L2 table is read as one big-endian ``uint64`` array, and
+per-table classification, statistics and reference counting are numpy
+operations.  Only a table that contains a problem is re-walked entry by
+entry, so that diagnostics come out in QEMU's order.
+
+Diagnostic lines go to ``report`` (one line per call, no newline).  A line
+starting with ``"\\0"`` is an ``error_report`` message: the front end prints
+it with its program prefix, as qemu-img does for those few messages.
+
+Repair order is crash safe: refcount increases are written before anything
+relies on them, a rebuilt refcount structure is written completely in free
+space before one 12-byte header write switches to it, and the old structures
+are only released afterwards (they are plain leaks until then).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vdkit.errors import VdkitError
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.refcount import decode_block, encode_block
+from vdkit.formats.qcow2.snapshot import parse_snapshot_table
+
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+Report = Callable[[str], None]
+
+_U64 = np.uint64
+_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+@dataclass
+class CheckResult:
+    """QEMU's ``BdrvCheckResult``; ``error`` is the negative errno of a check that could not finish."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    error: int = 0
+
+
+class _CheckFailed(Exception):
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+class _Checker:
+    def __init__(self, drv: Qcow2Driver, repair: str | None, report: Report) -> None:
+        self.drv = drv
+        self.f = drv.file
+        self.h = drv.header
+        self.fix_leaks = repair in ("leaks", "all")
+        self.fix_errors = repair == "all"
+        self.report = report
+        h = self.h
+        self.cs = h.cluster_size
+        self.cluster_bits = h.cluster_bits
+        self.rbits = h.refcount_bits
+        self.rb_bits = h.cluster_bits + 3 - h.refcount_order
+        self.rb_entries = 1 << self.rb_bits
+        self.refcount_max = (1 << self.rbits) - 1
+        self.extl2 = h.extended_l2
+        self.has_data_file = h.has_data_file
+        csize_shift = 62 - (h.cluster_bits - 8)
+        self.coffset_mask = (1 << csize_shift) - 1
+        self.csize_shift = csize_shift
+        self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self.reftable_offset = h.refcount_table_offset
+        self.reftable = self._read_u64(h.refcount_table_offset, h.refcount_table_clusters * self.cs // 8)
+        self.l1_size = h.l1_size
+        self.l1_offset = h.l1_table_offset
+        self.l1 = self._read_u64(h.l1_table_offset, h.l1_size)
+        self.blocks: dict[int, np.ndarray] = {}
+        self.dirty_blocks: set[int] = set()
+        self.snapshots: list = []
+        self.snapshots_size = 0
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read_u64(self, offset: int, count: int) -> np.ndarray:
+        if count <= 0:
+            return np.zeros(0, dtype=_U64)
+        return np.frombuffer(self.f.pread(offset, count * 8), dtype=">u8").astype(_U64)
+
+    def file_length(self) -> int:
+        return self.f.size()
+
+    # -- on-disk refcounts -------------------------------------------------------------------------
+    def _block(self, rt_index: int) -> np.ndarray | None:
+        if rt_index >= len(self.reftable):
+            return None
+        off = int(self.reftable[rt_index]) & L.REFT_OFFSET_MASK
+        if not off:
+            return None
+        if off % self.cs:
+            raise _CheckFailed(-errno.EIO)
+        blk = self.blocks.get(off)
+        if blk is None:
+            blk = self.blocks[off] = decode_block(self.f.pread(off, self.cs), self.rbits)
+        return blk
+
+    def disk_refcounts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored refcounts of clusters ``[0, n)`` and a mask of unreadable ones."""
+        out = np.zeros(n, dtype=_U64)
+        bad = np.zeros(n, dtype=bool)
+        for ti in range(min(len(self.reftable), -(-n // self.rb_entries))):
+            start = ti << self.rb_bits
+            end = min(n, start + self.rb_entries)
+            try:
+                blk = self._block(ti)
+            except _CheckFailed:
+                bad[start:end] = True
+                continue
+            if blk is not None:
+                out[start:end] = blk[: end - start]
+        return out, bad
+
+    def get_refcount(self, ci: int) -> int | None:
+        try:
+            blk = self._block(ci >> self.rb_bits)
+        except _CheckFailed:
+            return None
+        return 0 if blk is None else int(blk[ci & (self.rb_entries - 1)])
+
+    def set_refcount(self, ci: int, value: int) -> None:
+        ti = ci >> self.rb_bits
+        blk = self._block(ti)
+        assert blk is not None
+        blk[ci & (self.rb_entries - 1)] = value
+        self.dirty_blocks.add(int(self.reftable[ti]) & L.REFT_OFFSET_MASK)
+
+    def flush_blocks(self) -> None:
+        for off in sorted(self.dirty_blocks):
+            self.f.pwrite(off, encode_block(self.blocks[off], self.rbits))
+        self.dirty_blocks.clear()
+
+    # -- the in-memory reference counts --------------------------------------------------------------
+    def _ensure(self, n: int) -> None:
+        if n > len(self.refs):
+            grown = np.zeros(max(n, len(self.refs) + len(self.refs) // 4), dtype=np.int64)
+            grown[: len(self.refs)] = self.refs
+            self.refs = grown
+            self.nb_clusters = max(self.nb_clusters, n)
+        self.nb_clusters = max(self.nb_clusters, n)
+
+    def inc(self, res: CheckResult, offset: int, size: int) -> None:
+        """Count one reference to every cluster of ``[offset, offset + size)``."""
+        if size <= 0:
+            return
+        if offset + size - self.file_len >= self.cs:
+            self.report(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                f"offset 0x{offset:x} size 0x{size:x}"
+            )
+            res.corruptions += 1
+            return
+        first = offset >> self.cluster_bits
+        last = (offset + size - 1) >> self.cluster_bits
+        self._ensure(last + 1)
+        self.refs[first : last + 1] += 1
+
+    def inc_clusters(self, clusters: np.ndarray) -> None:
+        if clusters.size:
+            self._ensure(int(clusters.max()) + 1)
+            self.refs += np.bincount(clusters.astype(np.int64), minlength=len(self.refs))[: len(self.refs)]
+
+    # -- walking the tables --------------------------------------------------------------------------
+    def calculate(self, res: CheckResult, fix_errors: bool) -> bool:
+        """Fill ``self.refs``; returns whether the refcount structure must be rebuilt."""
+        self.file_len = self.file_length()
+        self.inc(res, 0, self.cs)
+        self.walk_l1(res, self.l1_offset, self.l1_size, stats=True, fix_errors=fix_errors)
+        if self.has_data_file and self.snapshots:
+            self.report(f"ERROR {len(self.snapshots)} snapshots in image with data file")
+            res.corruptions += 1
+        for sn in self.snapshots:
+            if sn.l1_table_offset % self.cs:
+                self.report(
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={_hexalt(sn.l1_table_offset)}: "
+                    "L1 table is not cluster aligned; snapshot table entry corrupted"
+                )
+                res.corruptions += 1
+                continue
+            if sn.l1_size > L.MAX_L1_SIZE // 8:
+                self.report(
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={_hexalt(sn.l1_size)}: "
+                    "L1 table is too large; snapshot table entry corrupted"
+                )
+                res.corruptions += 1
+                continue
+            self.walk_l1(res, sn.l1_table_offset, sn.l1_size, stats=False, fix_errors=fix_errors)
+        self.inc(res, self.h.snapshots_offset, self.snapshots_size)
+        self.inc(res, self.reftable_offset, len(self.reftable) * 8)
+        if self.h.crypto is not None and self.h.crypto.length:
+            self.inc(res, self.h.crypto.offset, self.h.crypto.length)
+        self.count_bitmaps(res)
+        self.flush_overflows(res)
+        return self.check_refblocks(res)
+
+    def count_bitmaps(self, res: CheckResult) -> None:
+        h = self.h
+        if h.bitmaps is None or h.version < 3 or not h.autoclear_features & L.AUTOCLEAR_BITMAPS:
+            return
+        self.inc(res, h.bitmaps.directory_offset, h.bitmaps.directory_size)
+        try:
+            bitmaps = self.drv.bitmaps
+        except VdkitError:
+            res.check_errors += 1
+            return
+        for bm in bitmaps:
+            self.inc(res, bm.table_offset, bm.table_size * 8)
+            for entry in self._read_u64(bm.table_offset, bm.table_size):
+                off = int(entry) & _BME_OFFSET_MASK
+                if off:
+                    self.inc(res, off, self.cs)
+
+    def flush_overflows(self, res: CheckResult) -> None:
+        over = np.flatnonzero(self.refs > self.refcount_max)
+        for ci in over:
+            for _ in range(int(self.refs[ci]) - self.refcount_max):
+                self.report(f"ERROR: overflow cluster offset=0x{int(ci) << self.cluster_bits:x}")
+                self.report(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create "
+                    "a clean copy if the image cannot be opened for writing"
+                )
+                res.corruptions += 1
+            self.refs[ci] = self.refcount_max
+
+    def walk_l1(self, res: CheckResult, l1_offset: int, l1_size: int, *, stats: bool, fix_errors: bool) -> None:
+        if not l1_size:
+            return
+        self.inc(res, l1_offset, l1_size * 8)
+        l1 = self._read_u64(l1_offset, l1_size)
+        for i in np.flatnonzero(l1):
+            entry = int(l1[i])
+            if entry & L.L1E_RESERVED_MASK:
+                self.report(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
+            l2_offset = entry & L.L1E_OFFSET_MASK
+            self.inc(res, l2_offset, self.cs)
+            if l2_offset % self.cs:
+                self.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted")
+                res.corruptions += 1
+            self.walk_l2(res, l2_offset, stats=stats, fix_errors=fix_errors)
+
+    def _l2(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray]:
+        raw = self._read_u64(l2_offset, self.cs // 8)
+        if self.extl2:
+            return raw[0::2].copy(), raw[1::2].copy()
+        return raw, np.zeros(len(raw), dtype=_U64)
+
+    def walk_l2(self, res: CheckResult, l2_offset: int, *, stats: bool, fix_errors: bool) -> None:
+        e, bm = self._l2(l2_offset)
+        cs = self.cs
+        compressed = (e & _U64(L.OFLAG_COMPRESSED)) != 0
+        off = e & _U64(L.L2E_OFFSET_MASK)
+        zero_flag = ((e & _U64(L.OFLAG_ZERO)) != 0) if not self.extl2 else np.zeros(len(e), dtype=bool)
+        has_off = off != 0
+        if self.has_data_file:
+            # Offset 0 is valid in a data file; COPIED tells it from unallocated.
+            has_off |= ~zero_flag & ((e & _U64(L.OFLAG_COPIED)) != 0)
+        normal = ~compressed & has_off  # normal or zero-with-offset
+        unalloc = ~compressed & ~has_off & ~zero_flag
+        coff = e & _U64(self.coffset_mask)
+        nsect = ((e >> _U64(self.csize_shift)) & _U64(self.csize_mask)) + _U64(1)
+        csize = nsect * _U64(512) - (coff & _U64(511))
+        problem = (
+            (~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0))
+            | (compressed & ((e & _U64(L.OFLAG_COPIED)) != 0))
+            | (compressed & ((bm != 0) | self.has_data_file))
+            | (normal & (((bm >> _U64(32)) & bm) != 0))
+            | (normal & ((off % _U64(cs)) != 0))
+            | (unalloc & ((bm & _U64(0xFFFFFFFF)) != 0))
+        )
+        flen = self.file_len
+        if not self.has_data_file:
+            problem |= normal & (off.astype(np.int64) + cs - flen >= cs)
+        problem |= compressed & ((coff + csize).astype(np.int64) - flen >= cs)
+        if problem.any():
+            self._walk_l2_slow(res, l2_offset, e, bm, stats=stats, fix_errors=fix_errors)
+            return
+        if stats:
+            n_norm = int(normal.sum())
+            n_comp = int(compressed.sum())
+            res.allocated_clusters += n_norm + n_comp
+            res.compressed_clusters += n_comp
+            res.fragmented_clusters += n_comp
+            if n_norm > 1:
+                offs = off[normal].astype(np.int64)
+                res.fragmented_clusters += int((offs[1:] != offs[:-1] + cs).sum())
+        if not self.has_data_file:
+            self.inc_clusters((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
+        if compressed.any():
+            c0 = coff[compressed].astype(np.int64)
+            c1 = c0 + csize[compressed].astype(np.int64) - 1
+            first = c0 >> self.cluster_bits
+            last = c1 >> self.cluster_bits
+            parts = [first]
+            k = first + 1
+            while (k <= last).any():
+                parts.append(k[k <= last])
+                k = k + 1
+            self.inc_clusters(np.concatenate(parts))
+
+    def _walk_l2_slow(
+        self, res: CheckResult, l2_offset: int, e: np.ndarray, bm: np.ndarray, *, stats: bool, fix_errors: bool
+    ) -> None:
+        """Entry by entry, for a table with findings, so messages keep QEMU's order."""
+        cs = self.cs
+        next_contiguous = 0
+        entry_size = 16 if self.extl2 else 8
+        for i in range(len(e)):
+            entry = int(e[i])
+            bitmap = int(bm[i])
+            is_compressed = bool(entry & L.OFLAG_COMPRESSED)
+            if not is_compressed and entry & L.L2E_STD_RESERVED_MASK:
+                self.report(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
+            if is_compressed:
+                if entry & L.OFLAG_COPIED:
+                    self.report(
+                        f"ERROR: coffset=0x{entry & self.coffset_mask:x}: copied flag must never be set for "
+                        "compressed clusters"
+                    )
+                    entry &= ~L.OFLAG_COPIED
+                    res.corruptions += 1
+                if self.has_data_file:
+                    self.report(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
+                    res.corruptions += 1
+                    continue
+                if bitmap:
+                    self.report(
+                        f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+                    )
+                    res.corruptions += 1
+                    continue
+                coff = entry & self.coffset_mask
+                nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
+                self.inc(res, coff, nsect * 512 - (coff & 511))
+                if stats:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
+                continue
+            offset = entry & L.L2E_OFFSET_MASK
+            zero = bool(entry & L.OFLAG_ZERO) and not self.extl2
+            if offset or (self.has_data_file and not zero and entry & L.OFLAG_COPIED):
+                if (bitmap >> 32) & bitmap:
+                    res.corruptions += 1
+                    self.report(
+                        f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                    )
+                if offset % cs:
+                    res.corruptions += 1
+                    contains_data = bool(bitmap & 0xFFFFFFFF) if self.extl2 else not zero
+                    if not contains_data:
+                        word = "Repairing" if fix_errors else "ERROR"
+                        self.report(
+                            f"{word} offset={offset:x}: Preallocated cluster is not properly aligned; "
+                            "L2 entry corrupted."
+                        )
+                        if fix_errors:
+                            new = 0 if self.extl2 else L.OFLAG_ZERO
+                            self.f.pwrite(l2_offset + i * entry_size, new.to_bytes(8, "big"))
+                            res.corruptions -= 1
+                            res.corruptions_fixed += 1
+                            continue
+                    else:
+                        self.report(
+                            f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
+                        )
+                if stats:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
+                if not self.has_data_file:
+                    self.inc(res, offset, cs)
+            elif not zero and bitmap & 0xFFFFFFFF:
+                res.corruptions += 1
+                self.report("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
+
+    def check_refblocks(self, res: CheckResult) -> bool:
+        rebuild = False
+        for i in range(len(self.reftable)):
+            raw = int(self.reftable[i])
+            offset = raw & L.REFT_OFFSET_MASK
+            cluster = offset >> self.cluster_bits
+            if raw & L.REFT_RESERVED_MASK:
+                self.report(f"ERROR refcount table entry {i} has reserved bits set")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            if offset % self.cs:
+                self.report(f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            if cluster >= self.nb_clusters:
+                res.corruptions += 1
+                self.report(f"{'Repairing' if self.fix_errors else 'ERROR'} refcount block {i} is outside image")
+                if self.fix_errors:
+                    self.f.truncate(offset + self.cs)
+                    self.file_len = self.file_length()
+                    self._ensure(-(-self.file_len // self.cs))
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+                    self.inc(res, offset, self.cs)
+                continue
+            if offset:
+                self.inc(res, offset, self.cs)
+                if self.refs[cluster] != 1:
+                    self.report(f"ERROR refcount block {i} refcount={int(self.refs[cluster])}")
+                    res.corruptions += 1
+                    rebuild = True
+        return rebuild
+
+    # -- comparing -----------------------------------------------------------------------------------
+    def compare(self, res: CheckResult, fix_leaks: bool, fix_errors: bool) -> tuple[bool, int]:
+        """Stored vs computed refcounts; returns (rebuild needed, highest used cluster)."""
+        n = self.nb_clusters
+        refs = self.refs[:n].astype(_U64)
+        disk, bad = self.disk_refcounts(n)
+        used = np.flatnonzero((disk > 0) | (refs > 0) | bad)
+        highest = int(used[-1]) if used.size else 0
+        rebuild = False
+        for i in np.flatnonzero((disk != refs) | bad):
+            i = int(i)
+            if bad[i]:
+                self.report(f"Can't get refcount for cluster {i}: Input/output error")
+                res.check_errors += 1
+                continue
+            r1 = int(disk[i])
+            r2 = int(refs[i])
+            fixed = None
+            if r1 == 0:
+                rebuild = True
+            elif r1 > r2 and fix_leaks:
+                fixed = "leaks_fixed"
+            elif r1 < r2 and fix_errors:
+                fixed = "corruptions_fixed"
+            word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
+            self.report(f"{word} cluster {i} refcount={r1} reference={r2}")
+            if fixed:
+                self.set_refcount(i, r2)
+                setattr(res, fixed, getattr(res, fixed) + 1)
+                continue
+            if r1 < r2:
+                res.corruptions += 1
+            else:
+                res.leaks += 1
+        self.flush_blocks()
+        return rebuild, highest
+
+    # -- rebuilding ----------------------------------------------------------------------------------
+    def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
+        """Find ``count`` free clusters in the computed counts (first fit), mark them used."""
+        n = self.nb_clusters
+        zero = self.refs[first_free:n] == 0
+        zpos = np.flatnonzero(zero)
+        if zpos.size:
+            first_free = first_free + int(zpos[0])
+        start = None
+        if zpos.size:
+            nzpos = np.flatnonzero(~zero)
+            starts = np.concatenate(([0], nzpos + 1))
+            ends = np.concatenate((nzpos, [len(zero)]))
+            ok = np.flatnonzero(ends - starts >= count)
+            if ok.size:
+                start = first_free - int(zpos[0]) + int(starts[ok[0]])
+        if start is None:
+            trailing = 0
+            nz = np.flatnonzero(~zero)
+            trailing = len(zero) - (int(nz[-1]) + 1) if nz.size else len(zero)
+            start = n - trailing
+            self._ensure(start + count)
+        self.refs[start : start + count] = 1
+        return start, first_free
+
+    def _write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
+        grown = False
+        first_free = 0
+        c = first
+        while c < end:
+            nz = np.flatnonzero(self.refs[c:end])
+            if not nz.size:
+                break
+            c += int(nz[0])
+            index = c >> self.rb_bits
+            start = index << self.rb_bits
+            if index < len(table) and table[index]:
+                block_offset = table[index]
+            else:
+                first_free = max(first_free, start)
+                cluster, first_free = self._alloc_imrt(1, first_free)
+                block_offset = cluster << self.cluster_bits
+                if cluster >= end:
+                    end = cluster + 1
+                if index >= len(table):
+                    entries = -(-(index + 1) * 8 // self.cs) * self.cs // 8
+                    table.extend([0] * (entries - len(table)))
+                    grown = True
+                table[index] = block_offset
+            self._ensure(start + self.rb_entries)
+            values = self.refs[start : start + self.rb_entries].clip(0, self.refcount_max).astype(_U64)
+            self.f.pwrite(block_offset, encode_block(values, self.rbits))
+            c = start + self.rb_entries
+        return grown
+
+    def rebuild(self) -> None:
+        self.report("Rebuilding refcount structure")
+        table: list[int] = []
+        self._write_refblocks(0, self.nb_clusters, table)
+        while True:
+            rt_clusters = -(-len(table) * 8 // self.cs)
+            start, _ = self._alloc_imrt(rt_clusters, 0)
+            if self._write_refblocks(start, start + rt_clusters, table):
+                self.refs[start : start + rt_clusters] = 0
+                continue
+            break
+        self.f.pwrite(start << self.cluster_bits, np.array(table, dtype=">u8").tobytes())
+        self.f.flush()
+        # The one write that switches to the new structure.
+        self.f.pwrite(48, (start << self.cluster_bits).to_bytes(8, "big") + rt_clusters.to_bytes(4, "big"))
+        self.f.flush()
+        self.reftable = np.array(table, dtype=_U64)
+        self.reftable_offset = start << self.cluster_bits
+        self.blocks.clear()
+
+    # -- COPIED flags --------------------------------------------------------------------------------
+    def check_copied(self, res: CheckResult) -> None:
+        if self.fix_errors:
+            repair = True
+        elif self.fix_leaks:
+            repair = not res.check_errors and not res.corruptions and not res.leaks
+        else:
+            repair = False
+        word = "Repairing" if repair else "ERROR"
+        entry_size = 16 if self.extl2 else 8
+        for i in range(len(self.l1)):
+            l1e = int(self.l1[i])
+            l2_offset = l1e & L.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            rc = self.get_refcount(l2_offset >> self.cluster_bits)
+            if rc is not None and (rc == 1) != bool(l1e & L.OFLAG_COPIED):
+                res.corruptions += 1
+                self.report(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
+                if repair:
+                    new = l1e | L.OFLAG_COPIED if rc == 1 else l1e & ~L.OFLAG_COPIED
+                    self.l1[i] = new
+                    self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+            e, _bm = self._l2(l2_offset)
+            off = e & _U64(L.L2E_OFFSET_MASK)
+            has_off = off != 0
+            if self.has_data_file:
+                zero = (e & _U64(L.OFLAG_ZERO)) != 0 if not self.extl2 else np.zeros(len(e), dtype=bool)
+                has_off |= ~zero & ((e & _U64(L.OFLAG_COPIED)) != 0)
+            cand = np.flatnonzero(((e & _U64(L.OFLAG_COMPRESSED)) == 0) & has_off)
+            if not cand.size:
+                continue
+            if self.has_data_file:
+                rcs = np.ones(len(cand), dtype=_U64)
+                ok = np.ones(len(cand), dtype=bool)
+            else:
+                clusters = (off[cand] >> _U64(self.cluster_bits)).astype(np.int64)
+                n = int(clusters.max()) + 1
+                disk, bad = self.disk_refcounts(n)
+                rcs = disk[clusters]
+                ok = ~bad[clusters]
+            copied = (e[cand] & _U64(L.OFLAG_COPIED)) != 0
+            wrong = np.flatnonzero(ok & ((rcs == 1) != copied))
+            if not wrong.size:
+                continue
+            raw = bytearray(self.f.pread(l2_offset, self.cs))
+            for k in wrong:
+                j = int(cand[k])
+                l2e = int(e[j])
+                rc = int(rcs[k])
+                res.corruptions += 1
+                self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={l2e:x} refcount={rc}")
+                if repair:
+                    new = l2e | L.OFLAG_COPIED if rc == 1 else l2e & ~L.OFLAG_COPIED
+                    raw[j * entry_size : j * entry_size + 8] = new.to_bytes(8, "big")
+            if repair:
+                self.f.pwrite(l2_offset, bytes(raw))
+                res.corruptions -= len(wrong)
+                res.corruptions_fixed += len(wrong)
+
+    # -- snapshot table (phase 1) --------------------------------------------------------------------
+    def read_snapshots(self, res: CheckResult) -> None:
+        h = self.h
+        if not h.nb_snapshots:
+            return
+        if h.nb_snapshots > L.MAX_SNAPSHOTS:
+            self.report("\0ERROR snapshot table too large")
+            res.check_errors += 1
+            return
+        if h.snapshots_offset % self.cs or h.snapshots_offset > 2**63 - 1 - h.nb_snapshots * 40:
+            self.report("\0ERROR snapshot table offset invalid")
+            res.check_errors += 1
+            return
+        limit = min(L.MAX_SNAPSHOT_TABLE_SIZE, max(0, self.file_length() - h.snapshots_offset))
+        try:
+            self.snapshots, self.snapshots_size = parse_snapshot_table(
+                self.f.pread(h.snapshots_offset, limit), h.nb_snapshots, disk_size=h.size, check_mode=True
+            )
+        except VdkitError as exc:
+            self.report("\0" + exc.message)
+            res.check_errors += 1
+            self.snapshots = []
+            return
+        if h.version >= 3:
+            for i, sn in enumerate(self.snapshots):
+                if sn.extra_data_size < 16:
+                    self.report(f"ERROR snapshot table entry {i} is incomplete")
+                    res.corruptions += 1
+
+    # -- the whole check -----------------------------------------------------------------------------
+    def run(self) -> CheckResult:
+        res = CheckResult()
+        self.read_snapshots(res)
+        if res.check_errors:
+            return replace(res, error=-errno.EINVAL)
+        size = self.file_length()
+        self.nb_clusters = -(-size // self.cs)
+        self.refs = np.zeros(max(self.nb_clusters, 1), dtype=np.int64)
+        res.total_clusters = -(-self.h.size // self.cs)
+        rebuild = self.calculate(res, self.fix_errors)
+        pre = replace(res)
+        need, highest = self.compare(res, False, False)
+        rebuild = rebuild or need
+        if rebuild and self.fix_errors:
+            old = replace(res)
+            self.rebuild()
+            res.corruptions = 0
+            res.leaks = 0
+            self.refs[:] = 0
+            self.calculate(res, False)
+            fresh_leaks = 0
+            if self.fix_leaks:
+                saved = replace(res)
+                scratch = CheckResult()
+                still, highest = self.compare(scratch, True, False)
+                if still:
+                    self.report("ERROR rebuilt refcount structure is still broken")
+                fresh_leaks = scratch.leaks
+                res = saved
+            if res.corruptions < old.corruptions:
+                res.corruptions_fixed += old.corruptions - res.corruptions
+            if res.leaks < old.leaks:
+                res.leaks_fixed += old.leaks - res.leaks
+            res.leaks += fresh_leaks
+        elif self.fix_leaks:
+            if rebuild:
+                self.report("ERROR need to rebuild refcount structures")
+                res.check_errors += 1
+                res.error = -errno.EIO
+                return res
+            if res.leaks or res.corruptions:
+                res = replace(pre)
+                _, highest = self.compare(res, self.fix_leaks, self.fix_errors)
+        self.check_copied(res)
+        res.image_end_offset = (highest + 1) * self.cs
+        if self.fix_leaks and not res.check_errors and not res.corruptions:
+            self.mark_clean()
+        return res
+
+    def mark_clean(self) -> None:
+        """Clear the dirty and corrupt bits once nothing is left to repair."""
+        h = self.h
+        if h.version < 3:
+            return
+        incompat = int.from_bytes(self.f.pread(72, 8), "big")
+        cleared = incompat & ~(L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT)
+        if cleared != incompat:
+            self.f.flush()
+            self.f.pwrite(72, cleared.to_bytes(8, "big"))
+            self.f.flush()
+
+
+def _hexalt(value: int) -> str:
+    """C's ``%#x``: ``0x`` prefix except for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResult:
+    """Check (and with ``repair`` = ``"leaks"``/``"all"``, repair) an open qcow2 image.
+
+    The driver must have been opened in check mode, read-write when repairing.
+    """
+    try:
+        return _Checker(driver, repair, report).run()
+    except _CheckFailed as exc:
+        return CheckResult(check_errors=1, error=exc.err)
+    except OSError as exc:
+        return CheckResult(check_errors=1, error=-(exc.errno or errno.EIO))
