@@ -109,3 +109,41 @@ def test_convert_usage(workdir: Path) -> None:
         q = qemu_img("convert", *args, cwd=workdir)
         v = vdkit_img("convert", *args, cwd=workdir)
         assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+
+
+QCOW2_TARGETS = [
+    [],
+    ["-c"],
+    ["-c", "-o", "compression_type=zstd"],
+    ["-o", "cluster_size=4k,compat=0.10"],
+    ["-o", "extended_l2=on"],
+    ["-S", "0"],
+    ["-o", "cluster_size=512,refcount_bits=1"],
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_to_qcow2(workdir: Path, kind: str) -> None:
+    """Same bytes as qemu-img's output (layout included), and qemu-img check is clean."""
+    src = build(kind, workdir)
+    for extra in QCOW2_TARGETS:
+        _convert_both(workdir, ["-O", "qcow2", *extra, src])
+        r = qemu_img("check", "v.out", cwd=workdir)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = qemu_img("compare", src, "v.out", cwd=workdir)
+        assert r.returncode == 0, r.stdout
+
+
+def test_convert_qcow2_with_backing(workdir: Path) -> None:
+    build("chain", workdir)
+    _convert_both(workdir, ["-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2"])
+    assert qemu_img("compare", "top.qcow2", "v.out", cwd=workdir).returncode == 0
+    _convert_both(workdir, ["-O", "qcow2", "-B", "mid.qcow2", "top.qcow2"])
+    # into an existing qcow2 (-n): zero areas become zero clusters
+    check_ok("create", "-q", "-f", "qcow2", "q.out", "4M", cwd=workdir)
+    check_ok("create", "-q", "-f", "qcow2", "v.out", "4M", cwd=workdir)
+    qio("q.out", ["write -P 0xff 0 4M"], workdir)
+    qio("v.out", ["write -P 0xff 0 4M"], workdir)
+    _convert_both(workdir, ["-n", "-O", "qcow2", "top.qcow2"])
+    assert qemu_img("compare", "top.qcow2", "v.out", cwd=workdir).returncode == 0
+    assert qemu_img("check", "v.out", cwd=workdir).returncode == 0

@@ -252,12 +252,20 @@ def _libc_fallocate():  # type: ignore[no-untyped-def]
 _FALLOCATE = _libc_fallocate()
 
 
-def punch_hole(file: ImageFile, offset: int, length: int) -> None:
-    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can."""
+def punch_hole(file: ImageFile, offset: int, length: int, *, extend: bool = True) -> None:
+    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can.
+
+    ``extend=False`` never grows the file (for discarding inside an image).
+    """
     if length <= 0:
         return
+    size = file.size()
+    if not extend:
+        length = min(length, size - offset)
+        if length <= 0:
+            return
     if _FALLOCATE is not None:
-        end = min(offset + length, file.size())
+        end = min(offset + length, size)
         if end > offset:
             rc = _FALLOCATE(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
             if rc == 0:
@@ -266,7 +274,7 @@ def punch_hole(file: ImageFile, offset: int, length: int) -> None:
                 return
             if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        elif offset + length > file.size():
+        elif offset + length > size:
             file.truncate(offset + length)
             return
     chunk = bytes(min(length, 1 << 20))

@@ -209,6 +209,7 @@ class Copier:
         self.buf_sectors = max(IO_BUF_SECTORS, min_sparse) if not compressed else IO_BUF_SECTORS
         self.next_status = 0
         self.status = BLK_DATA
+        self.target_backing_sectors = -1  # with -B: zeros past the new backing's end need no write
 
     def _source_at(self, sector: int) -> _Source:
         for s in self.sources:
@@ -222,6 +223,12 @@ class Copier:
         n = min(self.total - sector, MAX_REQUEST_SECTORS)
         # a piece never crosses into the next source
         n = min(n, src.start + src.sectors - sector)
+        post_backing_zero = False
+        if self.target_backing_sectors >= 0:
+            if sector >= self.target_backing_sectors:
+                post_backing_zero = True
+            elif sector + n > self.target_backing_sectors:
+                n = self.target_backing_sectors - sector
         if self.next_status <= sector:
             from vdkit.block.io import DATA, ZERO, chain_status, layer_status
 
@@ -240,7 +247,7 @@ class Copier:
             if n > tail:
                 n -= tail
             if flags & ZERO:
-                self.status = BLK_ZERO
+                self.status = BLK_BACKING if post_backing_zero else BLK_ZERO
             elif flags & DATA:
                 self.status = BLK_DATA
             else:
@@ -411,6 +418,8 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
         copier = Copier(sources, target_has_backing=a.backing is not None, compressed=a.compressed,
                         min_sparse=a.min_sparse, cluster_sectors=max(1, target.cluster_size // SECTOR),
                         alignment=_pow2floor(max(a.min_sparse, 1)))
+        if a.backing is not None:
+            copier.target_backing_sectors = target.backing_sectors()
         progress = Progress(a.progress)
         progress.set(0.0)
         allocated = copier.allocated_sectors() if a.progress else 0

@@ -48,9 +48,11 @@ class Qcow2Target:
         self.io = node.driver.io  # type: ignore[attr-defined]
         self.cluster_size = node.driver.cluster_size or 65536
         self.has_zero_init = has_zero_init
+        self.compressed = False
 
     def write(self, offset: int, data: bytes, *, compressed: bool = False) -> None:
         if compressed:
+            self.compressed = True
             cs = self.cluster_size
             for pos in range(0, len(data), cs):
                 self.io.write_compressed(offset + pos, data[pos : pos + cs])
@@ -60,8 +62,14 @@ class Qcow2Target:
     def write_zeroes(self, offset: int, length: int) -> None:
         self.io.write_zeroes(offset, length, unmap=True)
 
+    def backing_sectors(self) -> int:
+        below = self.node.backing
+        return -1 if below is None else (below.driver.virtual_size + 511) // 512
+
     def finish(self) -> None:
         self.node.driver.flush()
+        if self.compressed:
+            self.io.align_file_end()
         self.node.close()
 
     def abort(self) -> None:
@@ -92,7 +100,9 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
     if not zero_init or a.backing is not None:
         zero_init = a.target_is_zero and a.backing is None
-    return Qcow2Target(node, has_zero_init=zero_init)
+    target = Qcow2Target(node, has_zero_init=zero_init)
+    target.compressed = a.compressed  # qemu-img aligns the file end after any -c conversion
+    return target
 
 
 def _allocate_first_block(file: ImageFile, size: int) -> None:

@@ -366,20 +366,32 @@ class Qcow2IO:
                 cm.l2.discard(old)
         return new
 
-    def _free_entry(self, entry: int) -> None:
-        """Drop the reference an L2 entry held (§1.7); nothing is refcounted in a data file."""
+    def _free_entry(self, entry: int, *, discard: bool = False) -> None:
+        """Drop the reference an L2 entry held (§1.7); nothing is refcounted in a data file.
+
+        ``discard`` (guest discard / zero-with-unmap requests) also punches
+        clusters that became free out of the image file, as QEMU does when
+        the image is opened with unmap enabled (qemu-img's default).
+        """
         rc = self.drv.refcounts
         if entry & L.OFLAG_COMPRESSED:
-            coff, csize = self.geom.compressed_range(entry)
-            rc.free(coff, csize)
+            off, length = self.geom.compressed_range(entry)
+        elif self.geom.has_data_file:
             return
-        if self.geom.has_data_file:
-            return
-        off = entry & L.L2E_OFFSET_MASK
-        if off:
-            rc.free(off, self.cluster_size)
+        else:
+            off, length = entry & L.L2E_OFFSET_MASK, self.cluster_size
+            if not off:
+                return
+        rc.free(off, length)
+        if discard:
+            from vdkit.block.io import punch_hole
 
-    def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int]) -> None:
+            cb = self.cluster_bits
+            for ci in range(off >> cb, ((off + length - 1) >> cb) + 1):
+                if rc.get(ci) == 0:
+                    punch_hole(self.drv.file, ci << cb, self.cluster_size, extend=False)
+
+    def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int], *, discard: bool = False) -> None:
         cm = self.drv.clusters
         cm.l2.mark_dirty(l2_off)
         if allocated:
@@ -387,7 +399,7 @@ class Qcow2IO:
         if to_free:
             cm.l2.flush()
             for entry in to_free:
-                self._free_entry(entry)
+                self._free_entry(entry, discard=discard)
         self.invalidate()
 
     def _alloc_data(self, guest: int, nb: int) -> int:
@@ -438,19 +450,19 @@ class Qcow2IO:
                 run += 1
             host = self._alloc_data(c << cb, run)
             allocated = allocated or not g.has_data_file
-            buf = bytearray(run * cs)
+            segments: list[tuple[int, bytes]] = []
             for j in range(run):
                 cc = c + j
                 idx = g.l2_index(cc << cb)
                 old = int(entries[idx])
-                buf[j * cs : (j + 1) * cs] = self._cow_cluster(cc, old, int(bitmaps[idx]), start, end, data,
-                                                              backing)
+                rel, content = self._cow_cluster(cc, old, start, end, data, backing)
+                segments.append((host + j * cs + rel, content))
                 if g.extended_l2:
                     bitmaps[idx] = _U64(self._new_bitmap(cc, old, int(bitmaps[idx]), start, end))
                 entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
                 if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
                     to_free.append(old)
-            self.data_file.pwrite(host, bytes(buf))
+            self._write_segments(segments)
             c += run
         self._finish_update(l2_off, allocated, to_free)
 
@@ -475,22 +487,43 @@ class Qcow2IO:
         cur[s - lo : e - lo] = data[s - start : e - start]
         return bytes(cur)
 
-    def _cow_cluster(self, c: int, old: int, bitmap: int, start: int, end: int, data: memoryview,
-                     backing: BackingRead | None) -> bytes:
-        """Full content of a newly allocated cluster replacing entry ``old``."""
+    def _cow_cluster(self, c: int, old: int, start: int, end: int, data: memoryview,
+                     backing: BackingRead | None) -> tuple[int, bytes]:
+        """What to write into a newly allocated cluster replacing entry ``old``: (offset in cluster, bytes).
+
+        Standard L2: the whole cluster (the write plus copy-on-write of head
+        and tail).  Extended L2: only the touched subclusters when the old
+        cluster held no data (the others stay unallocated or zero), else
+        the whole cluster with the old data around the write.
+        """
         cs = self.cluster_size
         cstart = c * cs
         if not self.geom.extended_l2:
-            return self._overlay(cstart, cstart + cs, start, end, data, backing)
+            return 0, self._overlay(cstart, cstart + cs, start, end, data, backing)
         lo, hi = self._sc_region(c, start, end)
         if old & L.OFLAG_COMPRESSED:
             buf = bytearray(self.decompress(old))
         elif old & L.L2E_OFFSET_MASK:
             buf = bytearray(self.data_file.pread(old & L.L2E_OFFSET_MASK, cs))
         else:
-            buf = bytearray(cs)
+            return lo - cstart, self._overlay(lo, hi, start, end, data, backing)
         buf[lo - cstart : hi - cstart] = self._overlay(lo, hi, start, end, data, backing)
-        return bytes(buf)
+        return 0, bytes(buf)
+
+    def _write_segments(self, segments: list[tuple[int, bytes]]) -> None:
+        """pwrite (host, bytes) pieces, joining neighbours into one call."""
+        f = self.data_file
+        i = 0
+        while i < len(segments):
+            off, chunk = segments[i]
+            parts = [chunk]
+            nxt = off + len(chunk)
+            i += 1
+            while i < len(segments) and segments[i][0] == nxt:
+                parts.append(segments[i][1])
+                nxt += len(segments[i][1])
+                i += 1
+            f.pwrite(off, b"".join(parts))
 
     def _new_bitmap(self, c: int, old: int, bitmap: int, start: int, end: int) -> int:
         lo, hi = self._sc_region(c, start, end)
@@ -595,7 +628,7 @@ class Qcow2IO:
             entries[idx] = _U64(new)
             if drop:
                 to_free.append(old)
-        self._finish_update(l2_off, False, to_free)
+        self._finish_update(l2_off, False, to_free, discard=True)
         for s, n in pending_data:
             self._write_zero_data(s, n, backing)
 
@@ -641,7 +674,7 @@ class Qcow2IO:
                 bitmaps[idx] = _U64(new_bm)
                 if allocated:
                     to_free.append(old)
-            self._finish_update(l2_off, False, to_free)
+            self._finish_update(l2_off, False, to_free, discard=True)
             pos = t_end
 
     def write_compressed(self, offset: int, data: bytes) -> None:
@@ -677,6 +710,13 @@ class Qcow2IO:
         if g.extended_l2:
             bitmaps[idx] = _U64(0)
         self._finish_update(l2_off, True, [])
+
+    def align_file_end(self) -> None:
+        """Round the image file up to whole sectors (done after compressed writes, like qemu-img)."""
+        f = self.drv.file
+        size = f.size()
+        if size % 512:
+            f.truncate(size + (-size) % 512)
 
     def flush(self) -> None:
         self.drv.flush()
