@@ -63,16 +63,15 @@ class Qcow2CreateOptions:
 
 def validate(o: Qcow2CreateOptions) -> None:
     """Refuse bad combinations with qemu-img's words, in qemu-img's order."""
-    if o.extended_l2:
-        if o.version < 3:
-            raise VdkitError(f"Extended L2 entries are only supported with compatibility level 1.1 and above {_V3}")
-        if o.cluster_size < MIN_EXTL2_CLUSTER_SIZE:
-            raise VdkitError(
-                f"Extended L2 entries are only supported with cluster sizes of at least {MIN_EXTL2_CLUSTER_SIZE} bytes"
-            )
+    if o.extended_l2 and o.version < 3:
+        raise VdkitError(f"Extended L2 entries are only supported with compatibility level 1.1 and above {_V3}")
     cs = o.cluster_size
     if cs < 512 or cs > MAX_CLUSTER_SIZE or cs & (cs - 1):
         raise VdkitError(f"Cluster size must be a power of two between 512 and {MAX_CLUSTER_SIZE // 1024}k")
+    if o.extended_l2 and o.cluster_size < MIN_EXTL2_CLUSTER_SIZE:
+        raise VdkitError(
+            f"Extended L2 entries are only supported with cluster sizes of at least {MIN_EXTL2_CLUSTER_SIZE} bytes"
+        )
     if o.backing_file is not None and o.preallocation != "off" and not o.extended_l2:
         raise VdkitError("Backing file and preallocation can only be used at the same time if extended_l2 is on")
     if o.backing_fmt is not None and o.backing_file is None:
