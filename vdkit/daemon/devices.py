@@ -168,6 +168,9 @@ class DeviceRegistry:
         self._used_names: set[str] = set()
         self._qdev_counter = itertools.count(16)
         self.shutdown_requested: str | None = None
+        # bumped after every command that may change state (see runtime); keys render caches
+        self.generation = 0
+        self.render_cache: dict[str, tuple[object, str]] = {}
 
     # -- run state and clock ----------------------------------------------------
     @property

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ from vdkit.monitor.qmp_wire import (
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
+# commands that only read daemon state (all others invalidate cached renderings)
+PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-blockstats", "query-snapshots",
+                           "query-status", "query-version", "query-commands"})
 HMP_MAX_LINE = 1 << 16
 
 
@@ -81,12 +85,16 @@ class Daemon:
     _stop: asyncio.Event | None = None
 
     # -- commands (bottom half: runs in a worker thread) ------------------------
-    def _execute(self, fn: Callable[[CommandContext], Any], ctx: CommandContext) -> Any:
+    def _execute(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, *, pure: bool = False) -> Any:
         with self.machine.lock:
-            return fn(ctx)
+            try:
+                return fn(ctx)
+            finally:
+                if not pure:
+                    self.machine.generation += 1  # whatever it did, cached renderings are stale
 
-    async def _run(self, fn: Callable[[CommandContext], Any], ctx: CommandContext) -> Any:
-        return await asyncio.to_thread(self._execute, fn, ctx)
+    async def _run(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, *, pure: bool = False) -> Any:
+        return await asyncio.to_thread(self._execute, fn, ctx, pure=pure)
 
     def _broadcast(self, events: list[tuple[str, dict[str, Any] | None]]) -> None:
         for name, data in events:
@@ -136,7 +144,7 @@ class Daemon:
             return REGISTRY.dispatch(c, req.name, req.arguments, oob=req.oob, negotiated=negotiated)
 
         try:
-            result = await self._run(run, ctx)
+            result = await self._run(run, ctx, pure=req.name in PURE_COMMANDS)
         except VdkitError as exc:
             self._broadcast(ctx.events)
             conn.send(session.error(exc.qmp_class, exc.message, id=req.id, has_id=req.has_id))
@@ -201,14 +209,27 @@ class Daemon:
 
     async def _listen(self, addr: Address, handler: Callable[..., None]) -> None:
         if addr.kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(addr.path)
-            old = os.umask(0o177)  # the socket is created mode 0600
+            # bind and listen under a temporary name, then rename: the path
+            # appears only once connections are accepted, already mode 0600
+            tmp = f"{addr.path}.{os.getpid()}.tmp"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                server = await asyncio.start_unix_server(handler, path=addr.path)
-            finally:
-                os.umask(old)
-            os.chmod(addr.path, 0o600)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                old = os.umask(0o177)
+                try:
+                    sock.bind(tmp)
+                finally:
+                    os.umask(old)
+                os.chmod(tmp, 0o600)
+                sock.listen(128)
+                os.replace(tmp, addr.path)
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            server = await asyncio.start_unix_server(handler, sock=sock)
             self._unix_paths.append(addr.path)
         else:
             server = await asyncio.start_server(handler, host=addr.host, port=addr.port, reuse_address=True)

@@ -10,6 +10,7 @@ same handlers serve QMP and HMP.  Texts of errors are QEMU 7.2's
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,9 @@ from vdkit.info.model import (
     ImageInfo,
     SnapshotInfo,
 )
+from vdkit.info.render_json import dumps_compact, to_qobject
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
+from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -120,6 +123,36 @@ def block_info(drive: Drive) -> BlockInfo:
 
 def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[BlockInfo]:
     return [block_info(d) for d in _machine(ctx).drives]
+
+
+def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
+    if drive.medium is None:
+        return ()
+    out = []
+    for node in drive.medium.node.chain():
+        st = os.fstat(node.driver.file.fd)
+        out.append((st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
+def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
+    """``query-block`` for QMP, each drive's entry rendered once and reused.
+
+    An entry is re-rendered when a command may have changed daemon state
+    (``DeviceRegistry.generation``) or any file of the drive's chain changed
+    (size, allocation, modification time): the same model objects and the
+    same renderer as :func:`query_block`, only not repeated for every poll.
+    """
+    machine = _machine(ctx)
+    parts = []
+    for drive in machine.drives:
+        key = (machine.generation, _files_state(drive))
+        cached = machine.render_cache.get(drive.id)
+        if cached is None or cached[0] != key:
+            cached = (key, dumps_compact(to_qobject(block_info(drive))))
+            machine.render_cache[drive.id] = cached
+        parts.append(cached[1])
+    return RawJson("[" + ", ".join(parts) + "]")
 
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
@@ -723,7 +756,7 @@ def query_snapshots(ctx: CommandContext, args: dict[str, Any]) -> list[SnapshotI
 
 def register(reg: CommandRegistry) -> None:
     r = reg.register
-    r("query-block")(query_block)
+    r("query-block", render=query_block_json)(query_block)
     r("query-named-block-nodes", opt("flat", "bool"))(query_named_block_nodes)
     r("query-blockstats", opt("query-nodes", "bool"))(query_blockstats)
     r("block_set_io_throttle", *_THROTTLE_SCHEMA)(block_set_io_throttle)

@@ -20,6 +20,7 @@ from typing import Any
 
 from vdkit.errors import CommandNotFoundError, VdkitError
 from vdkit.info.render_json import to_qobject
+from vdkit.monitor.qmp_wire import RawJson
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "array": "array", "object": "object",
                "number": "number"}
@@ -132,16 +133,19 @@ class Command:
     allow_oob: bool = False
     # commands the negotiation mode accepts
     negotiation: bool = False
+    # optional QMP fast path returning the result already rendered (HMP uses ``handler``)
+    render: Callable[[CommandContext, dict[str, Any]], RawJson] | None = None
 
 
 class CommandRegistry:
     def __init__(self) -> None:
         self._commands: dict[str, Command] = {}
 
-    def register(self, name: str, *schema: Arg, allow_oob: bool = False,
-                 negotiation: bool = False) -> Callable[[Handler], Handler]:
+    def register(self, name: str, *schema: Arg, allow_oob: bool = False, negotiation: bool = False,
+                 render: Callable[[CommandContext, dict[str, Any]], RawJson] | None = None,
+                 ) -> Callable[[Handler], Handler]:
         def deco(fn: Handler) -> Handler:
-            self._commands[name] = Command(name, fn, tuple(schema), allow_oob, negotiation)
+            self._commands[name] = Command(name, fn, tuple(schema), allow_oob, negotiation, render)
             return fn
 
         return deco
@@ -172,6 +176,8 @@ class CommandRegistry:
         if oob and not cmd.allow_oob:
             raise VdkitError(f"The command {name} does not support OOB")
         args = validate(cmd.schema, arguments)
+        if cmd.render is not None:
+            return cmd.render(ctx, args)
         result = cmd.handler(ctx, args)
         return {} if result is None else to_qobject(result)
 

@@ -59,6 +59,10 @@ class SessionState(enum.Enum):
     COMMAND = "command"
 
 
+class RawJson(str):
+    """A result already rendered as compact QMP JSON; :meth:`QmpSession.reply` splices it in as is."""
+
+
 @dataclass(frozen=True)
 class Request:
     """A syntactically valid request: the command still has to be looked up."""
@@ -378,6 +382,12 @@ class QmpSession:
         return (dumps_compact(obj) + "\r\n").encode("ascii")
 
     def reply(self, request: Request, value: Any) -> bytes:
+        if isinstance(value, RawJson):
+            # pre-rendered result: QEMU prints "return" before "id"
+            text = '{"return": ' + value
+            if request.has_id:
+                text += ', "id": ' + dumps_compact(request.id)
+            return (text + "}\r\n").encode("ascii")
         msg: dict[str, Any] = {"return": value}
         if request.has_id:
             msg["id"] = request.id
