@@ -295,6 +295,7 @@ def test_dirty_image(tmp_path: Path) -> None:
         assert v.read_bytes() == base.read_bytes()
     else:
         assert rv.returncode == 0
+        assert rv.stderr == rq.stderr  # the repair's messages, as QEMU prints them
         assert_equivalent(q, v)
 
 
