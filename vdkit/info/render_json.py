@@ -36,27 +36,43 @@ def qdict_bucket(key: str) -> int:
 
 def qdict_order(keys: list[str]) -> list[str]:
     """The order QEMU iterates a QDict whose keys were inserted in ``keys`` order."""
+    return list(_qdict_order(tuple(keys)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
     indexed = [(qdict_bucket(k), -i, k) for i, k in enumerate(keys)]
     indexed.sort()
-    return [k for _, _, k in indexed]
+    return tuple(k for _, _, k in indexed)
 
 
 def _member_name(name: str) -> str:
     return name.rstrip("_").replace("_", "-")
 
 
+_PLANS: dict[type, list[tuple[str, str]]] = {}
+
+
+def _plan(cls: type) -> list[tuple[str, str]]:
+    """(attribute, member name) pairs of a model class in QAPI order, computed once per class."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        order = getattr(cls, "__qapi_order__", None) or [f.name for f in dataclasses.fields(cls)]
+        # QAPI members whose name keeps "_" (e.g. ``detect_zeroes``) are listed in ``__qapi_names__``
+        names: dict[str, str] = getattr(cls, "__qapi_names__", {})
+        plan = _PLANS[cls] = [(n, names.get(n) or _member_name(n)) for n in order]
+    return plan
+
+
 def to_qobject(obj: Any) -> Any:
     """Dataclass tree -> JSON values; dict key order = QAPI insertion order."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        order = getattr(obj, "__qapi_order__", None) or [f.name for f in dataclasses.fields(obj)]
-        # QAPI members whose name keeps "_" (e.g. ``detect_zeroes``) are listed in ``__qapi_names__``
-        names: dict[str, str] = getattr(obj, "__qapi_names__", {})
+    if hasattr(type(obj), "__dataclass_fields__") and not isinstance(obj, type):
         out: dict[str, Any] = {}
-        for name in order:
+        for name, member in _plan(type(obj)):
             value = getattr(obj, name)
             if value is None:
                 continue
-            out[names.get(name) or _member_name(name)] = to_qobject(value)
+            out[member] = to_qobject(value)
         return out
     if isinstance(obj, enum.Enum):
         return obj.value
