@@ -326,3 +326,20 @@ def test_raw_image(tmp_path: Path) -> None:
     for args in (("-c", "x"), ("-a", "x"), ("-d", "x"), ()):
         run_both(q, v, *args)
     assert v.read_bytes() == base.read_bytes()
+
+
+def test_snapshot_grows_refcount_table(tmp_path: Path) -> None:
+    """512-byte clusters, 64-bit refcounts: one table cluster covers 2 MiB of file."""
+    base = make_image(tmp_path / "base.qcow2", "cluster_size=512,refcount_bits=64", "4M",
+                      ("write -P 1 0 1800k",))
+    q, v = pair(tmp_path, base)
+    before = int.from_bytes(v.read_bytes()[48:56], "big")
+    for i in range(3):
+        assert run_both(q, v, "-c", f"s{i}") == 0
+        io_both(q, v, f"write -P {i + 2} {i * 600}k 300k")
+    assert int.from_bytes(v.read_bytes()[48:56], "big") != before
+    assert int.from_bytes(v.read_bytes()[56:60], "big") > 1  # the table grew
+    assert_equivalent(q, v)
+    assert run_both(q, v, "-a", "s0") == 0
+    assert run_both(q, v, "-d", "s1") == 0
+    assert_equivalent(q, v)
