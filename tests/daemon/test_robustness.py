@@ -113,3 +113,20 @@ def test_queries_never_write(daemons: Daemons, tmp_path: Path) -> None:
     assert proc.wait(timeout=20) == 0
     after = [(hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns) for f in files]
     assert after == before
+
+
+def test_hmp_socket_garbage(daemons: Daemons, tmp_path: Path) -> None:
+    _, path, hpath = daemons.vdkit([], tmp_path, hmp=True)
+    assert hpath is not None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(hpath)
+    s.sendall(b"\xff\xfe\x00garbage\r\n" + b"a" * 100_000 + b"\n\r\rinfo status\n")
+    buf = b""
+    while b"VM status: paused (prelaunch)\r\n(qemu) " not in buf:
+        data = s.recv(65536)
+        assert data, buf[-500:]
+        buf += data
+    s.close()
+    m = daemons.monitor(path).negotiate()
+    _alive(m)
