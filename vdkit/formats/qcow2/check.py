@@ -95,6 +95,7 @@ class _Checker:
         self.dirty_blocks: set[int] = set()
         self.snapshots: list = []
         self.snapshots_size = 0
+        self._active_tables: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_u64(self, offset: int, count: int) -> np.ndarray:
@@ -134,6 +135,22 @@ class _Checker:
             if blk is not None:
                 out[start:end] = blk[: end - start]
         return out, bad
+
+    def refcounts_at(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored refcounts of arbitrary clusters (and which could not be read), block by block."""
+        vals = np.zeros(len(clusters), dtype=_U64)
+        bad = np.zeros(len(clusters), dtype=bool)
+        ti = clusters >> self.rb_bits
+        for t in np.unique(ti):
+            m = ti == t
+            try:
+                blk = self._block(int(t))
+            except _CheckFailed:
+                bad[m] = True
+                continue
+            if blk is not None:
+                vals[m] = blk[clusters[m] & (self.rb_entries - 1)]
+        return vals, bad
 
     def get_refcount(self, ci: int) -> int | None:
         try:
@@ -251,6 +268,8 @@ class _Checker:
             return
         self.inc(res, l1_offset, l1_size * 8)
         l1 = self._read_u64(l1_offset, l1_size)
+        if self._walk_l1_batch(res, l1, stats=stats):
+            return
         for i in np.flatnonzero(l1):
             entry = int(l1[i])
             if entry & L.L1E_RESERVED_MASK:
@@ -263,18 +282,55 @@ class _Checker:
                 res.corruptions += 1
             self.walk_l2(res, l2_offset, stats=stats, fix_errors=fix_errors)
 
-    def _l2(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray]:
-        raw = self._read_u64(l2_offset, self.cs // 8)
-        if self.extl2:
-            return raw[0::2].copy(), raw[1::2].copy()
-        return raw, np.zeros(len(raw), dtype=_U64)
-
-    def walk_l2(self, res: CheckResult, l2_offset: int, *, stats: bool, fix_errors: bool) -> None:
-        e, bm = self._l2(l2_offset)
+    def read_tables(self, offsets: np.ndarray) -> np.ndarray:
+        """Tables at ``offsets`` as rows of one big-endian array; adjacent tables in one read."""
         cs = self.cs
+        out = np.empty((len(offsets), cs // 8), dtype=">u8")
+        if not len(offsets):
+            return out
+        order = np.argsort(offsets, kind="stable")
+        srt = offsets[order]
+        breaks = np.flatnonzero(np.diff(srt) != cs) + 1
+        if not breaks.size and bool((order == np.arange(len(order))).all()):
+            # the usual case of tables laid out in order: one read, no copy
+            data = self.f.pread(int(srt[0]), len(srt) * cs)
+            return np.frombuffer(data, dtype=">u8").reshape(len(srt), cs // 8)
+        for run in np.split(np.arange(len(srt)), breaks):
+            first = int(srt[run[0]])
+            data = np.frombuffer(self.f.pread(first, len(run) * cs), dtype=">u8").reshape(len(run), cs // 8)
+            out[order[run]] = data
+        return out
+
+    def sparse_entries(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(flat index, entry, bitmap, entries per table) of the non-empty L2 entries only.
+
+        Zero tests run on the raw bytes (byte order does not change whether a
+        word is zero), so only the few used entries are ever byte-swapped.
+        """
+        t = len(tables)
+        native = tables.view(np.uint64)
+        if self.extl2:
+            pair = native.reshape(t, -1, 2)
+            per = pair.shape[1]
+            sel = np.flatnonzero((pair[:, :, 0] != 0) | (pair[:, :, 1] != 0))
+            be = tables.reshape(t, -1, 2)
+            rows, cols = sel // per, sel % per
+            return sel, be[rows, cols, 0].astype(_U64), be[rows, cols, 1].astype(_U64), per
+        per = tables.shape[1] if t else self.cs // 8
+        sel = np.flatnonzero(native)
+        ent = tables.reshape(-1)[sel].astype(_U64)
+        return sel, ent, np.zeros(len(sel), dtype=_U64), per
+
+    def _split(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.extl2:
+            return tables[:, 0::2], tables[:, 1::2]
+        return tables, np.zeros(tables.shape, dtype=_U64)
+
+    def _classify(self, e: np.ndarray, bm: np.ndarray) -> dict[str, np.ndarray]:
+        """Entry types and problem flags, elementwise, for any shape of entry array."""
         compressed = (e & _U64(L.OFLAG_COMPRESSED)) != 0
         off = e & _U64(L.L2E_OFFSET_MASK)
-        zero_flag = ((e & _U64(L.OFLAG_ZERO)) != 0) if not self.extl2 else np.zeros(len(e), dtype=bool)
+        zero_flag = ((e & _U64(L.OFLAG_ZERO)) != 0) if not self.extl2 else np.zeros(e.shape, dtype=bool)
         has_off = off != 0
         if self.has_data_file:
             # Offset 0 is valid in a data file; COPIED tells it from unallocated.
@@ -284,6 +340,7 @@ class _Checker:
         coff = e & _U64(self.coffset_mask)
         nsect = ((e >> _U64(self.csize_shift)) & _U64(self.csize_mask)) + _U64(1)
         csize = nsect * _U64(512) - (coff & _U64(511))
+        cs = self.cs
         problem = (
             (~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0))
             | (compressed & ((e & _U64(L.OFLAG_COPIED)) != 0))
@@ -292,10 +349,74 @@ class _Checker:
             | (normal & ((off % _U64(cs)) != 0))
             | (unalloc & ((bm & _U64(0xFFFFFFFF)) != 0))
         )
-        flen = self.file_len
         if not self.has_data_file:
-            problem |= normal & (off.astype(np.int64) + cs - flen >= cs)
-        problem |= compressed & ((coff + csize).astype(np.int64) - flen >= cs)
+            problem |= normal & (off.astype(np.int64) + cs - self.file_len >= cs)
+        problem |= compressed & ((coff + csize).astype(np.int64) - self.file_len >= cs)
+        return {"compressed": compressed, "off": off, "normal": normal, "coff": coff, "csize": csize,
+                "problem": problem}
+
+    def _walk_l1_batch(self, res: CheckResult, l1: np.ndarray, *, stats: bool) -> bool:
+        """All L2 tables of a clean L1 at once; False (nothing done) if anything needs diagnostics.
+
+        Only non-zero entries are classified: a big, sparse disk is mostly
+        zero entries, and looking at those once (``flatnonzero``) is all
+        they need.
+        """
+        cs = self.cs
+        idx = np.flatnonzero(l1)
+        ent = l1[idx]
+        l2off = ent & _U64(L.L1E_OFFSET_MASK)
+        if (
+            ((ent & _U64(L.L1E_RESERVED_MASK)) != 0).any()
+            or ((l2off % _U64(cs)) != 0).any()
+            or (l2off.astype(np.int64) - self.file_len >= 0).any()
+        ):
+            return False
+        sel, e, bm, per_table = self.sparse_entries(self.read_tables(l2off))
+        if stats:
+            self._active_tables = (l2off, sel, e, per_table)
+        c = self._classify(e, bm)
+        if c["problem"].any():
+            return False
+        normal, compressed, off = c["normal"], c["compressed"], c["off"]
+        parts = [(l2off >> _U64(self.cluster_bits)).astype(np.int64)]
+        if stats:
+            n_norm = int(normal.sum())
+            n_comp = int(compressed.sum())
+            res.allocated_clusters += n_norm + n_comp
+            res.compressed_clusters += n_comp
+            res.fragmented_clusters += n_comp
+            rows = sel[normal] // per_table
+            offs = off[normal].astype(np.int64)
+            if offs.size > 1:
+                res.fragmented_clusters += int(((rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + cs)).sum())
+        if not self.has_data_file:
+            parts.append((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
+        if compressed.any():
+            c0 = c["coff"][compressed].astype(np.int64)
+            c1 = c0 + c["csize"][compressed].astype(np.int64) - 1
+            first = c0 >> self.cluster_bits
+            last = c1 >> self.cluster_bits
+            parts.append(first)
+            k = first + 1
+            while (k <= last).any():
+                parts.append(k[k <= last])
+                k = k + 1
+        self.inc_clusters(np.concatenate(parts))
+        return True
+
+    def _l2(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray]:
+        raw = self._read_u64(l2_offset, self.cs // 8)
+        if self.extl2:
+            return raw[0::2].copy(), raw[1::2].copy()
+        return raw, np.zeros(len(raw), dtype=_U64)
+
+    def walk_l2(self, res: CheckResult, l2_offset: int, *, stats: bool, fix_errors: bool) -> None:
+        e, bm = self._l2(l2_offset)
+        cs = self.cs
+        c = self._classify(e, bm)
+        compressed, off, normal, coff, csize, problem = (
+            c["compressed"], c["off"], c["normal"], c["coff"], c["csize"], c["problem"])
         if problem.any():
             self._walk_l2_slow(res, l2_offset, e, bm, stats=stats, fix_errors=fix_errors)
             return
@@ -382,6 +503,7 @@ class _Checker:
                         if fix_errors:
                             new = 0 if self.extl2 else L.OFLAG_ZERO
                             self.f.pwrite(l2_offset + i * entry_size, new.to_bytes(8, "big"))
+                            self._active_tables = None
                             res.corruptions -= 1
                             res.corruptions_fixed += 1
                             continue
@@ -557,12 +679,44 @@ class _Checker:
             repair = False
         word = "Repairing" if repair else "ERROR"
         entry_size = 16 if self.extl2 else 8
-        for i in range(len(self.l1)):
+        idx = np.flatnonzero(self.l1 & _U64(L.L1E_OFFSET_MASK))
+        if not idx.size:
+            return
+        l2off = self.l1[idx] & _U64(L.L1E_OFFSET_MASK)
+        cached = self._active_tables
+        if cached is not None and np.array_equal(cached[0], l2off):
+            _, sel, ent, per_table = cached
+        else:
+            if (l2off % _U64(self.cs)).any():  # unaligned tables: read them where they really are
+                tables = np.stack([
+                    np.frombuffer(self.f.pread(int(o), self.cs), dtype=">u8") for o in l2off])
+            else:
+                tables = self.read_tables(l2off)
+            sel, ent, _bm, per_table = self.sparse_entries(tables)
+        has_off = (ent & _U64(L.L2E_OFFSET_MASK)) != 0
+        if self.has_data_file:
+            zero = (ent & _U64(L.OFLAG_ZERO)) != 0 if not self.extl2 else np.zeros(ent.shape, dtype=bool)
+            has_off |= ~zero & ((ent & _U64(L.OFLAG_COPIED)) != 0)
+        keep = ((ent & _U64(L.OFLAG_COMPRESSED)) == 0) & has_off
+        sel, ent = sel[keep], ent[keep]
+        sel_rows = sel // per_table
+        sel_cols = sel % per_table
+        clusters_sel = ((ent & _U64(L.L2E_OFFSET_MASK)) >> _U64(self.cluster_bits)).astype(np.int64)
+        l2_rc, l2_bad = self.refcounts_at((l2off >> _U64(self.cluster_bits)).astype(np.int64))
+        if self.has_data_file:
+            rcs_sel = np.ones(len(sel), dtype=_U64)
+            ok_sel = np.ones(len(sel), dtype=bool)
+        else:
+            rcs_sel, bad_sel = self.refcounts_at(clusters_sel)
+            ok_sel = ~bad_sel
+        copied_sel = (ent & _U64(L.OFLAG_COPIED)) != 0
+        wrong_sel = ok_sel & ((rcs_sel == 1) != copied_sel)
+        bad_rows = set(np.unique(sel_rows[wrong_sel]).tolist())
+        for row, i in enumerate(idx):
+            i = int(i)
             l1e = int(self.l1[i])
             l2_offset = l1e & L.L1E_OFFSET_MASK
-            if not l2_offset:
-                continue
-            rc = self.get_refcount(l2_offset >> self.cluster_bits)
+            rc = None if l2_bad[row] else int(l2_rc[row])
             if rc is not None and (rc == 1) != bool(l1e & L.OFLAG_COPIED):
                 res.corruptions += 1
                 self.report(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
@@ -572,32 +726,17 @@ class _Checker:
                     self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            e, _bm = self._l2(l2_offset)
-            off = e & _U64(L.L2E_OFFSET_MASK)
-            has_off = off != 0
-            if self.has_data_file:
-                zero = (e & _U64(L.OFLAG_ZERO)) != 0 if not self.extl2 else np.zeros(len(e), dtype=bool)
-                has_off |= ~zero & ((e & _U64(L.OFLAG_COPIED)) != 0)
-            cand = np.flatnonzero(((e & _U64(L.OFLAG_COMPRESSED)) == 0) & has_off)
-            if not cand.size:
+            if row not in bad_rows:
                 continue
-            if self.has_data_file:
-                rcs = np.ones(len(cand), dtype=_U64)
-                ok = np.ones(len(cand), dtype=bool)
-            else:
-                clusters = (off[cand] >> _U64(self.cluster_bits)).astype(np.int64)
-                n = int(clusters.max()) + 1
-                disk, bad = self.disk_refcounts(n)
-                rcs = disk[clusters]
-                ok = ~bad[clusters]
-            copied = (e[cand] & _U64(L.OFLAG_COPIED)) != 0
-            wrong = np.flatnonzero(ok & ((rcs == 1) != copied))
-            if not wrong.size:
-                continue
+            mine = sel_rows == row
+            cand = sel_cols[mine]
+            ents = ent[mine]
+            rcs = rcs_sel[mine]
+            wrong = np.flatnonzero(wrong_sel[mine])
             raw = bytearray(self.f.pread(l2_offset, self.cs))
             for k in wrong:
                 j = int(cand[k])
-                l2e = int(e[j])
+                l2e = int(ents[k])
                 rc = int(rcs[k])
                 res.corruptions += 1
                 self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={l2e:x} refcount={rc}")

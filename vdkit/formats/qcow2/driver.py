@@ -370,17 +370,7 @@ class Qcow2Driver(FormatDriver):
         return self.io.read(offset, length, backing)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
-        from vdkit.block.io import DATA, OFFSET_VALID, ZERO, BlockStatus
-        from vdkit.formats.qcow2.io import Kind
-
-        kind, n, host, file_zero = self.io.block_status(offset, length)
-        flags = {Kind.DATA: DATA, Kind.ZERO: ZERO, Kind.COMPRESSED: DATA}.get(kind, 0)
-        if file_zero:
-            flags |= ZERO
-        if host is None:
-            return BlockStatus(flags, n)
-        src = self.io.data_file if self.header.has_data_file else self.file
-        return BlockStatus(flags | OFFSET_VALID, n, host, src.filename)
+        return self.io.status(offset, length)
 
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
         self.io.write(offset, data, backing)
