@@ -19,6 +19,7 @@ References: ``/work/shared/reference/qcow2-format.md`` §6–7,
 
 from __future__ import annotations
 
+import bisect
 import enum
 import zlib
 from collections import OrderedDict
@@ -29,6 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vdkit.block.io import DATA as _DATA_FLAG
+from vdkit.block.io import OFFSET_VALID as _OFFSET_VALID
+from vdkit.block.io import ZERO as _ZERO_FLAG
+from vdkit.block.io import BlockStatus
 from vdkit.errors import EIO, ENOENT, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 
@@ -54,6 +59,9 @@ class Kind(enum.IntEnum):
     ZERO = 1  # reads as zeros; ``host`` set for preallocated zero clusters
     UNALLOCATED = 2  # falls through to the backing file; ``host`` set inside an allocated cluster (ext. L2)
     COMPRESSED = 3  # one compressed cluster; ``host`` is the L2 descriptor
+
+
+_KIND_FLAGS = {0: _DATA_FLAG, 1: _ZERO_FLAG, 2: 0, 3: _DATA_FLAG}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +92,7 @@ class Qcow2IO:
         self.geom = drv.geometry
         self.cluster_bits = self.geom.cluster_bits
         self.cluster_size = self.geom.cluster_size
-        self._table_runs: OrderedDict[tuple[int, int], list[Run]] = OrderedDict()
+        self._table_runs: OrderedDict[tuple[int, int], tuple[list[Run], list[int]]] = OrderedDict()
         self._decompressed: tuple[int, bytes] | None = None  # (descriptor, cluster) of the last one
 
     # -- sources --------------------------------------------------------------------------------
@@ -114,21 +122,24 @@ class Qcow2IO:
         pos, end = offset, offset + length
         while pos < end:
             i1 = pos // span
-            for run in self._runs_of_table(l1, i1):
-                if run.end <= pos:
-                    continue
+            table, starts = self._runs_of_table(l1, i1)
+            k = bisect.bisect_right(starts, pos) - 1
+            while k < len(table) and pos < end:
+                run = table[k]
                 if run.guest >= end:
                     break
                 r = run.clip(pos, end)
                 yield r
                 pos = r.end
+                k += 1
             pos = max(pos, min(end, (i1 + 1) * span))
 
     def run_at(self, offset: int, length: int, l1: np.ndarray | None = None) -> Run:
         """The run starting at ``offset`` (at most ``length`` bytes)."""
         return next(self.runs(offset, length, l1))
 
-    def _runs_of_table(self, l1: np.ndarray, i1: int) -> list[Run]:
+    def _runs_of_table(self, l1: np.ndarray, i1: int) -> tuple[list[Run], list[int]]:
+        """The runs of one L2 table (cached while the image is read-only) and their start offsets."""
         l1e = int(l1[i1]) if i1 < len(l1) else 0
         key = (i1, l1e)
         cacheable = self.drv.readonly and l1 is self.active_l1
@@ -137,11 +148,12 @@ class Qcow2IO:
             self._table_runs.move_to_end(key)
             return hit
         runs = self._compute_table_runs(i1, l1e)
+        entry = (runs, [r.guest for r in runs])
         if cacheable:
-            self._table_runs[key] = runs
+            self._table_runs[key] = entry
             while len(self._table_runs) > 64:
                 self._table_runs.popitem(last=False)
-        return runs
+        return entry
 
     def _compute_table_runs(self, i1: int, l1e: int) -> list[Run]:
         g = self.geom
@@ -237,6 +249,14 @@ class Qcow2IO:
         if r.kind == Kind.DATA and host is not None and self.metadata_preallocation:
             n, zero = self._file_zero(host, n)
         return r.kind, n, host, zero
+
+    def status(self, offset: int, length: int) -> BlockStatus:
+        """:meth:`block_status` as the generic layer's :class:`~vdkit.block.io.BlockStatus`."""
+        kind, n, host, file_zero = self.block_status(offset, length)
+        flags = _KIND_FLAGS[kind] | (_ZERO_FLAG if file_zero else 0)
+        if host is None:
+            return BlockStatus(flags, n)
+        return BlockStatus(flags | _OFFSET_VALID, n, host, self.data_file.filename)
 
     def _file_zero(self, host: int, n: int) -> tuple[int, bool]:
         """Is the data file a hole at ``host``?  Returns the (possibly shortened) length and the answer."""
