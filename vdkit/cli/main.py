@@ -25,6 +25,7 @@ COMMANDS = {
     "map": "map",
     "convert": "convert",
     "compare": "compare",
+    "resize": "resize",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).

@@ -384,6 +384,15 @@ def plan_image(o: Qcow2CreateOptions) -> _Plan:
         if o.data_file is not None:
             data_file_size = max(size, data_end)
             data_end = 0
+        elif prealloc in ("falloc", "full"):
+            # Unlike metadata preallocation, these promise allocated zeros: a
+            # data cluster reusing a freed old refcount table must not show it.
+            for tbl in l2_tables.values():
+                words = 2 if o.extended_l2 else 1
+                for off in tbl[::words][tbl[::words] != 0]:
+                    ci = (int(off) & L.L2E_OFFSET_MASK) // cs
+                    if ci in b.disk:
+                        b.write(ci * cs, bytes(cs))
     if l1_size:
         b.write(l1_offset, l1.astype(">u8").tobytes())
     for off, tbl in l2_tables.items():
