@@ -548,16 +548,34 @@ class Transaction:
         self.add_refs(np.arange(first, last + 1, dtype=np.int64), addend)
 
     def _consolidate(self) -> None:
+        """Fold pending changes into the sorted (keys, sums) arrays.
+
+        Pending changes are summed on their own and merged by binary search, so
+        the many small additions of a transaction (one per allocation) do not
+        re-sort the large arrays a tree walk produced.
+        """
         if not self._pending:
             return
-        keys = [self._keys] + [a for a, _ in self._pending]
-        vals = [self._sums] + [np.full(len(a), d, dtype=np.int64) for a, d in self._pending]
-        k = np.concatenate(keys)
-        v = np.concatenate(vals)
-        self._keys, inv = np.unique(k, return_inverse=True)
-        self._sums = np.zeros(len(self._keys), dtype=np.int64)
-        np.add.at(self._sums, inv, v)
+        by_delta: dict[int, list[np.ndarray]] = {}
+        for a, d in self._pending:
+            by_delta.setdefault(d, []).append(a)
         self._pending = []
+        for d, arrs in by_delta.items():
+            uk, cnt = np.unique(np.concatenate(arrs), return_counts=True)
+            self._merge(uk, cnt.astype(np.int64) * d)
+
+    def _merge(self, uk: np.ndarray, us: np.ndarray) -> None:
+        if not len(self._keys):
+            self._keys, self._sums = uk, us
+            return
+        pos = np.searchsorted(self._keys, uk)
+        found = pos < len(self._keys)
+        found[found] = self._keys[pos[found]] == uk[found]
+        self._sums[pos[found]] += us[found]
+        if not np.all(found):
+            new = ~found
+            self._keys = np.insert(self._keys, pos[new], uk[new])
+            self._sums = np.insert(self._sums, pos[new], us[new])
 
     def deltas(self) -> tuple[np.ndarray, np.ndarray]:
         """Sorted cluster indices and their net changes (zeros included)."""

@@ -162,17 +162,24 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
     new_tables: dict[int, tuple] = {}
     replaced: dict[int, int] = {}
     distinct = np.unique(offs[offs != 0]).tolist()
+    # Data refcounts are final before any table is copied: look them all up at once.
+    tables = []
+    hosts = []
     for t in distinct:
         entries, bitmaps = drv.clusters.l2.get(t)
         std = (entries & COMPRESSED) == 0
         host = entries & OFFSET_MASK
-        has = std & (host != 0)
+        has = np.flatnonzero(std & (host != 0))
+        tables.append((t, entries, bitmaps, std, has))
+        hosts.append((host[has] >> cs_bits).astype(np.int64))
+    all_rc = txn.new_refcounts(np.concatenate(hosts)) if hosts else np.zeros(0, dtype=np.int64)
+    pos = 0
+    for t, entries, bitmaps, std, has in tables:
+        rc = all_rc[pos : pos + len(has)]
+        pos += len(has)
         want = entries.copy()
         want[std] &= ~COPIED
-        if np.any(has):
-            rc = txn.new_refcounts((host[has] >> cs_bits).astype(np.int64))
-            sel = np.flatnonzero(has)
-            want[sel[rc == 1]] |= COPIED
+        want[has[rc == 1]] |= COPIED
         if not np.array_equal(want, entries):
             k = int(np.count_nonzero(offs == np.uint64(t)))
             new_off = txn.alloc(geom.cluster_size)
