@@ -19,7 +19,7 @@ LONGOPTS = [
 
 
 def main(argv: list[str]) -> int:
-    p = getopt_long(argv, ":f:hU", LONGOPTS)
+    p = getopt_long(argv, ":f:hU", LONGOPTS, argv0="info")
     if p.has("h"):
         from vdkit.cli.main import HELP
 

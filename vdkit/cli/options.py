@@ -37,7 +37,14 @@ class Parsed:
         return any(k == key for k, _ in self.opts)
 
 
-def getopt_long(argv: list[str], shortopts: str, longopts: list[LongOpt]) -> Parsed:
+def getopt_long(argv: list[str], shortopts: str, longopts: list[LongOpt], argv0: str | None = None) -> Parsed:
+    """Parse ``argv`` (the arguments after the subcommand name ``argv0``).
+
+    qemu-img names the offending argument as ``argv[optind - 1]``; glibc has
+    not yet moved past a bundle (``-qx``) when it meets an unknown letter in
+    its middle, so the message then names the *previous* argument (the
+    subcommand itself for the first one).  Pass ``argv0`` to get that quirk.
+    """
     short_arg: dict[str, bool] = {}
     i = 0
     while i < len(shortopts):
@@ -83,7 +90,10 @@ def getopt_long(argv: list[str], shortopts: str, longopts: list[LongOpt]) -> Par
                 ch = arg[j]
                 j += 1
                 if ch not in short_arg:
-                    raise UsageError(f"unrecognized option '{arg}'")
+                    shown = arg
+                    if argv0 is not None and j < len(arg):
+                        shown = argv[i - 2] if i >= 2 else argv0
+                    raise UsageError(f"unrecognized option '{shown}'")
                 if short_arg[ch]:
                     if j < len(arg):
                         value = arg[j:]

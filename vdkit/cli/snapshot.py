@@ -18,7 +18,7 @@ LONGOPTS = [
 
 def main(argv: list[str]) -> int:
     # No -f: qemu-img 7.2's snapshot always probes the format.
-    p = getopt_long(argv, ":la:c:d:hqU", LONGOPTS)
+    p = getopt_long(argv, ":la:c:d:hqU", LONGOPTS, argv0="snapshot")
     if p.has("h"):
         from vdkit.cli.main import HELP
 

@@ -36,16 +36,22 @@ def _truncate(text: str, max_bytes: int) -> str:
     return raw[:max_bytes].decode("utf-8", "surrogateescape")
 
 
+def _int64(value: int) -> int:
+    """QAPI ``int`` members are signed 64-bit: QEMU reports 2^64-1 as -1."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
     return SnapshotInfo(
         id=_truncate(entry.id_str, L.MAX_SNAPSHOT_ID_LEN),
         name=_truncate(entry.name, L.MAX_SNAPSHOT_NAME_LEN),
-        vm_state_size=entry.vm_state_size,
+        vm_state_size=_int64(entry.vm_state_size),
         date_sec=entry.date_sec,
         date_nsec=entry.date_nsec,
         vm_clock_sec=entry.vm_clock_nsec // 1_000_000_000,
         vm_clock_nsec=entry.vm_clock_nsec % 1_000_000_000,
-        icount=entry.icount if entry.has_icount else None,
+        icount=_int64(entry.icount) if entry.has_icount else None,
     )
 
 

@@ -45,8 +45,9 @@ def _ljust_bytes(text: str, width: int) -> str:
 def snapshot_row(sn: SnapshotInfo) -> str:
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
     icount = "" if sn.icount is None else str(sn.icount)
+    vm_size = size_to_str(sn.vm_state_size & 0xFFFFFFFFFFFFFFFF)  # unsigned here, signed in JSON
     return (
-        f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {size_to_str(sn.vm_state_size):>8}{date:>20}"
+        f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {vm_size:>8}{date:>20}"
         f"{_vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec):>13}{icount:>11}"
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, replace
 
-from vdkit.errors import CorruptImageError, OpenError, UnsupportedError
+from vdkit.errors import CorruptImageError, OpenError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 
 
@@ -214,25 +214,26 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
 
     ext_end = backing_file_offset if backing_file_offset else cluster_size
     autoclear = int(hdr.get("autoclear_features", 0))  # type: ignore[call-overload]
-    ext = parse_extensions(cluster0, header_length, ext_end, cluster_size,
-                           bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS))
 
     if incompat & ~L.INCOMPAT_MASK:
+        # Only the feature names are wanted here; a broken extension area
+        # just means there are none to report.
+        try:
+            table = parse_extensions(cluster0, header_length, ext_end, cluster_size).get("feature_table", ())
+        except VdkitError:
+            table = ()
         raise UnsupportedError(
             "Unsupported qcow2 feature(s): "
-            + _unsupported_features(incompat & ~L.INCOMPAT_MASK, ext.get("feature_table", ()))  # type: ignore[arg-type]
+            + _unsupported_features(incompat & ~L.INCOMPAT_MASK, table)  # type: ignore[arg-type]
         )
     if incompat & L.INCOMPAT_CORRUPT and not readonly and not check_mode:
         raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
     refcount_order = int(hdr.get("refcount_order", 4))  # type: ignore[call-overload]
     if refcount_order > L.MAX_REFCOUNT_ORDER:
         raise OpenError("Reference count entry width too large; may not exceed 64 bits")
-    if incompat & L.INCOMPAT_EXTL2 and cluster_size // 32 < 512:
+    extl2 = bool(incompat & L.INCOMPAT_EXTL2)
+    if extl2 and cluster_size // 32 < 512:
         raise OpenError(f"Unsupported subcluster size: {cluster_size // 32}")
-    if crypt_method > L.CRYPT_LUKS:
-        raise OpenError(f"Unsupported encryption method {crypt_method}")
-    if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
-        raise OpenError("Could not read encryption header: LUKS header extension is missing")  # pragma: no cover
     if refcount_table_clusters == 0 and not check_mode:
         raise OpenError("Image does not contain a reference count table")
     _validate_table(
@@ -240,12 +241,26 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
         "Reference count table", cluster_size,
     )
     if not check_mode:
-        _validate_table(
-            snapshots_offset if nb_snapshots else 0, nb_snapshots, 40, 40 * L.MAX_SNAPSHOTS,
-            "Snapshot table", cluster_size,
-        )
+        # The offset is checked even when there are no snapshots.
+        _validate_table(snapshots_offset, nb_snapshots, 40, 40 * L.MAX_SNAPSHOTS, "Snapshot table", cluster_size)
     if l1_size > L.MAX_L1_SIZE // 8:
         raise OpenError("Active L1 table too large")
+    _validate_table(l1_table_offset, l1_size, 8, L.MAX_L1_SIZE, "Active L1 table", cluster_size)
+    span = cluster_size * (cluster_size // (16 if extl2 else 8))
+    needed = (size + span - 1) // span
+    if needed > 2**31 - 1:
+        raise OpenError("Image is too big")
+    if l1_size < needed:
+        raise OpenError("L1 table is too small")
+    if crypt_method > L.CRYPT_LUKS:
+        # QEMU prints the field as a signed 32-bit number.
+        signed = crypt_method - (1 << 32) if crypt_method >= 1 << 31 else crypt_method
+        raise OpenError(f"Unsupported encryption method {signed}")
+
+    ext = parse_extensions(cluster0, header_length, ext_end, cluster_size,
+                           bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS))
+    if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
+        raise OpenError("Could not read encryption header: LUKS header extension is missing")
     header = Qcow2Header(
         version=version,
         backing_file_offset=backing_file_offset,
@@ -263,19 +278,14 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
         **hdr,  # type: ignore[arg-type]
         **ext,  # type: ignore[arg-type]
     )
-    needed = header.l1_entries_needed()
-    if needed > 2**31 - 1:
-        raise OpenError("Image is too big")
-    if l1_size < needed:
-        raise OpenError("L1 table is too small")
-    if l1_size:
-        _validate_table(l1_table_offset, l1_size, 8, L.MAX_L1_SIZE, "Active L1 table", cluster_size)
 
     if backing_file_offset:
         if backing_file_size > L.MAX_BACKING_FILE_NAME or backing_file_size > cluster_size - backing_file_offset:
             raise OpenError("Backing file name too long")
         # A C string to QEMU: bytes past EOF read as zeros and end it.
         raw = bytes(cluster0[backing_file_offset : backing_file_offset + backing_file_size]).split(b"\0", 1)[0]
+        if not raw:
+            return header  # an empty name means no backing file
         header = replace(
             header, backing_file=raw.decode("utf-8", "surrogateescape"), backing_file_raw=raw
         )
@@ -309,7 +319,9 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
         if ext_type == L.EXT_BACKING_FORMAT:
             if ext_len >= L.MAX_BACKING_FORMAT_NAME:
                 raise OpenError(f"ERROR: ext_backing_format: len={ext_len} too large (>={L.MAX_BACKING_FORMAT_NAME})")
-            out["backing_format"] = data.decode("utf-8", "replace")
+            # A C string to QEMU: it ends at the first NUL; empty means "not stored".
+            fmt_name = data.split(b"\0", 1)[0]
+            out["backing_format"] = fmt_name.decode("utf-8", "replace") if fmt_name else None
         elif ext_type == L.EXT_FEATURE_TABLE:
             for i in range(ext_len // L.FEATURE_ENTRY.size):
                 ftype, bit, name = L.FEATURE_ENTRY.unpack_from(data, i * L.FEATURE_ENTRY.size)
