@@ -105,8 +105,27 @@ class Qcow2Driver(FormatDriver):
             return [], 0
         # Read no more than the file holds: a table claimed past EOF costs no memory.
         limit = min(L.MAX_SNAPSHOT_TABLE_SIZE, max(0, self.file.size() - h.snapshots_offset))
-        buf = self.file.pread(h.snapshots_offset, limit)
+        # ... and no more than the entries span (a table far from EOF is common after rewrites):
+        # grow the buffer until walking the entry headers ends inside it.
+        size = min(limit, 65536)
+        while True:
+            buf = self.file.pread(h.snapshots_offset, size)
+            if size >= limit or self._snapshot_table_end(buf, h.nb_snapshots) <= size:
+                break
+            size = min(limit, size * 4)
         return parse_snapshot_table(buf, h.nb_snapshots, disk_size=h.size, check_mode=check_mode)
+
+    @staticmethod
+    def _snapshot_table_end(buf: bytes, nb: int) -> int:
+        """Where the table ends according to the entry headers in ``buf`` (past ``len(buf)``: read more)."""
+        off = 0
+        for _ in range(nb):
+            off = L.align_up(off, 8)
+            if off + L.SNAPSHOT_HEADER.size > len(buf):
+                return len(buf) + 1
+            fields = L.SNAPSHOT_HEADER.unpack_from(buf, off)
+            off += L.SNAPSHOT_HEADER.size + fields[8] + fields[2] + fields[3]
+        return off
 
     def snapshots(self) -> list[SnapshotEntry]:
         return list(self._snapshots)

@@ -1,0 +1,105 @@
+"""``vdkit-img resize``: change the virtual size of an image.
+
+Argument handling follows qemu-img: the size is always the *last* argument
+and is taken off before option parsing, so ``resize img -1G`` works without
+``--``; ``+N``/``-N`` are relative to the current size; shrinking needs
+``--shrink``.
+"""
+
+from __future__ import annotations
+
+from vdkit.cli.main import write_err, write_out
+from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.errors import UnsupportedError, UsageError, VdkitError
+
+LONGOPTS = [
+    LongOpt("help", False, "h"),
+    LongOpt("object", True, "object"),
+    LongOpt("image-opts", False, "image-opts"),
+    LongOpt("preallocation", True, "preallocation"),
+    LongOpt("shrink", False, "shrink"),
+]
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        raise UsageError("Not enough arguments")
+    size_text = argv[-1]
+    p = getopt_long(argv[:-1], ":f:hq", LONGOPTS)
+    if p.has("h"):
+        from vdkit.cli.main import HELP
+
+        write_out(HELP)
+        return 0
+    prealloc = p.last("preallocation") or "off"
+    if prealloc not in PREALLOC_MODES:
+        raise VdkitError(f"Invalid preallocation mode '{prealloc}'")
+    if len(p.args) != 1:
+        raise UsageError("Expecting image file name and size")
+    if p.has("image-opts") or p.has("object"):
+        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
+    relative = 0
+    if size_text[:1] == "+":
+        relative, size_text = 1, size_text[1:]
+    elif size_text[:1] == "-":
+        relative, size_text = -1, size_text[1:]
+    from vdkit.cli.create import OptDesc, parse_value
+
+    n = int(parse_value(OptDesc("size", "size", None, "Virtual disk size"), size_text))
+    return run(p.args[0], p.last("f"), n, relative, prealloc=prealloc, shrink=p.has("shrink"), quiet=p.has("q"))
+
+
+def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str, shrink: bool,
+        quiet: bool) -> int:
+    from vdkit.block.node import open_image
+    from vdkit.cli.snapshot_write import _PROBE_WARNING
+
+    with open_image(filename, fmt, readonly=False) as node:
+        if fmt is None and node.format == "raw":
+            write_err(_PROBE_WARNING.format(filename))
+        current = node.driver.virtual_size
+        total = current + n * relative if relative else n
+        if total <= 0:
+            raise VdkitError("New image size must be positive")
+        if total <= current and prealloc != "off":
+            raise VdkitError("Preallocation can only be used for growing images")
+        if total < current and not shrink:
+            raise VdkitError(
+                "Use the --shrink option to perform a shrink operation.",
+                hint="\0vdkit-img: warning: Shrinking an image will delete all data beyond the shrunken "
+                     "image's end. Before performing such an operation, make sure there is no important "
+                     "data there.\n")
+        resize_node(node, total, prealloc)
+    if not quiet:
+        write_out("Image resized.\n")
+    return 0
+
+
+def resize_node(node, size: int, prealloc: str = "off") -> None:  # type: ignore[no-untyped-def]
+    """Truncate/grow the top image of ``node`` to ``size`` bytes."""
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+    drv = node.driver
+    if isinstance(drv, Qcow2Driver):
+        if prealloc != "off":
+            raise UnsupportedError(f"Preallocation mode '{prealloc}' is not supported by vdkit for qcow2 resize")
+        from vdkit.formats.qcow2.resize import truncate
+
+        truncate(drv, size)
+        return
+    import os
+
+    f = drv.file
+    old = f.size()
+    if prealloc == "falloc" and size > old:
+        os.posix_fallocate(f.fd, old, size - old)
+    elif prealloc == "full" and size > old:
+        pos = old
+        chunk = bytes(1 << 20)
+        while pos < size:
+            n = min(len(chunk), size - pos)
+            f.pwrite(pos, chunk[:n])
+            pos += n
+    f.truncate(size)
