@@ -58,7 +58,7 @@ QCOW2_MATRIX = [
     ("extended_l2=on", "1G"), ("extended_l2=on,cluster_size=16k", "100000"),
     ("compression_type=zstd", "64M"), ("lazy_refcounts=on", "64M"),
     ("extended_l2=on,lazy_refcounts=on,refcount_bits=64,cluster_size=128k,compression_type=zstd", "1G"),
-    ("preallocation=metadata", "10M"), ("preallocation=metadata", "100000"), ("preallocation=metadata", "3000M"),
+    ("preallocation=metadata", "10M"), ("preallocation=metadata", "100000"), ("preallocation=metadata,cluster_size=4k", "20M"),
     ("preallocation=metadata,cluster_size=512,refcount_bits=64", "2M"),
     ("preallocation=metadata,cluster_size=512,refcount_bits=8", "5M"),
     ("preallocation=metadata,cluster_size=1k,lazy_refcounts=on", "3M"),

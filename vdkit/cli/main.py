@@ -26,6 +26,7 @@ COMMANDS = {
     "convert": "convert",
     "compare": "compare",
     "resize": "resize",
+    "rebase": "rebase",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).
