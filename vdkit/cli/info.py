@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, getopt_long, output_format
-from vdkit.errors import OpenError, UsageError
+from vdkit.cli.options import LongOpt, getopt_long, image_opts, output_format, reprefix_open_error
+from vdkit.errors import OpenError, UsageError, VdkitError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -27,9 +27,19 @@ def main(argv: list[str]) -> int:
         return 0
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
+    filename, fmt, spec = p.args[0], p.last("f"), None
+    if p.has("image-opts"):
+        if fmt is not None:
+            raise VdkitError("--image-opts and --format are mutually exclusive")
+        spec = filename
+        filename, fmt = image_opts(spec)
     output = output_format(p.last("output"))
-    infos = collect_image_info_list(p.args[0], p.last("f"), chain=p.has("backing-chain"),
-                                    force_share=p.has("U"))
+    try:
+        infos = collect_image_info_list(filename, fmt, chain=p.has("backing-chain"), force_share=p.has("U"))
+    except VdkitError as exc:
+        if spec is None:
+            raise
+        raise reprefix_open_error(exc, filename, spec) from exc
     if output == "json":
         from vdkit.info.render_json import render_pretty
 

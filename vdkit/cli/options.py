@@ -215,3 +215,78 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
     if result is None or not min_value <= result <= max_value:
         raise VdkitError(f"Invalid {name} specified. Must be between {min_value} and {max_value}.")
     return result
+
+
+# -- --image-opts (the subset vdkit's formats need) ---------------------------------------------
+
+def _split_opts(spec: str) -> list[str]:
+    """QemuOpts syntax: comma separated, ``,,`` is a literal comma, empty items ignored."""
+    items, cur, i = [], [], 0
+    while i < len(spec):
+        if spec[i] == ",":
+            if spec[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(spec[i])
+        i += 1
+    items.append("".join(cur))
+    return [it for it in items if it]
+
+
+def image_opts(spec: str) -> tuple[str, str | None]:
+    """``--image-opts`` string -> (file name, format or None to probe).
+
+    Only ``driver`` (qcow2/raw), ``file.driver=file`` and ``file.filename``
+    are understood; anything else is refused with qemu-img's words.  Errors
+    carry the ``Could not open '<spec>': `` prefix qemu-img gives them.
+    """
+    from vdkit.errors import OpenError
+
+    opts: dict[str, str] = {}
+    try:
+        for item in _split_opts(spec):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise OpenError(f"Cannot find device='{item}' nor node-name='{item}'")
+            opts[key] = value
+        driver = opts.pop("driver", None)
+        filename = opts.pop("file.filename", None)
+        file_driver = opts.pop("file.driver", "file")
+        if driver is not None and driver not in ("qcow2", "raw"):
+            raise OpenError(f"Unknown driver '{driver}'")
+        if file_driver != "file":
+            raise OpenError(f"Unknown driver '{file_driver}'")
+        if opts:
+            key = next(iter(opts))
+            if driver is None:
+                raise OpenError("Must specify either driver or file")
+            raise OpenError(f"Block format '{driver}' does not support the option '{key}'")
+        if filename is None:
+            if driver is None:
+                raise OpenError("Must specify either driver or file")
+            raise OpenError('A block device must be specified for "file"')
+    except OpenError as exc:
+        raise exc.prefixed(f"Could not open '{spec}': ") from None
+    return filename, driver
+
+
+def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
+    """Name ``spec`` instead of ``filename`` in a top-level "Could not open" error, as qemu-img does."""
+    from vdkit.errors import VdkitError
+
+    if not isinstance(exc, VdkitError):
+        return exc
+    prefix = f"Could not open '{filename}': "
+    if exc.message.startswith(prefix):
+        inner = exc.__cause__ if isinstance(exc.__cause__, VdkitError) else None
+        if inner is not None and inner.message == exc.message[len(prefix):]:
+            return inner.prefixed(f"Could not open '{spec}': ")
+        err = exc.prefixed("")
+        err.message = f"Could not open '{spec}': " + exc.message[len(prefix):]
+        err.args = (err.message,)
+        return err
+    return exc

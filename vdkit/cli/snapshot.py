@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, getopt_long, output_format
-from vdkit.errors import UsageError
+from vdkit.cli.options import LongOpt, getopt_long, image_opts, output_format, reprefix_open_error
+from vdkit.errors import UsageError, VdkitError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -32,9 +32,18 @@ def main(argv: list[str]) -> int:
     output = output_format(p.last("output"))
     filename = p.args[0]
     fmt = p.last("f")
+    spec = None
+    if p.has("image-opts"):
+        spec = filename
+        filename, fmt = image_opts(spec)
     action, arg = actions[0] if actions else (None, None)
     if action == "l":
-        return _list(filename, fmt, force_share=p.has("U"), output=output)
+        try:
+            return _list(filename, fmt, force_share=p.has("U"), output=output)
+        except VdkitError as exc:
+            if spec is None:
+                raise
+            raise reprefix_open_error(exc, filename, spec) from exc
     from vdkit.cli import snapshot_write
 
     return snapshot_write.run(action, arg, filename, fmt, force_share=p.has("U"), quiet=p.has("q"))
