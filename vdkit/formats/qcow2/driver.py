@@ -133,7 +133,8 @@ class Qcow2Driver(FormatDriver):
     # -- geometry -------------------------------------------------------------
     @property
     def virtual_size(self) -> int:
-        return self.header.size
+        # The block layer counts whole sectors: a header size of 1000 is a 512-byte disk.
+        return self.header.size // 512 * 512
 
     @property
     def cluster_size(self) -> int:
@@ -202,7 +203,7 @@ class Qcow2Driver(FormatDriver):
             raise OpenError("Less bitmaps found than specified in header extension")
         for e in out:
             span = e.granularity * self.cluster_size * 8
-            if e.table_size != (self.header.size + span - 1) // span:
+            if e.table_size != (self.virtual_size + span - 1) // span:
                 raise OpenError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
         return out
 
