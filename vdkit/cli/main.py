@@ -27,6 +27,7 @@ COMMANDS = {
     "compare": "compare",
     "resize": "resize",
     "rebase": "rebase",
+    "commit": "commit",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).
