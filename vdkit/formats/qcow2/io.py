@@ -652,8 +652,12 @@ class Qcow2IO:
         for s, n in pending_data:
             self._write_zero_data(s, n, backing)
 
-    def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
-        """Guest discard of whole clusters: afterwards they read as zeros (v3) or fall through (v2)."""
+    def discard(self, offset: int, length: int, *, has_backing: bool = False, full: bool = False) -> None:
+        """Guest discard of whole clusters: afterwards they read as zeros (v3) or fall through (v2).
+
+        ``full`` makes the clusters plain unallocated instead (they show the
+        backing file again), as emptying an image after ``commit`` needs.
+        """
         self._writable()
         self._check_range(offset, length)
         g = self.geom
@@ -671,7 +675,7 @@ class Qcow2IO:
             i1 = pos // span
             t_end = min(hi, (i1 + 1) * span)
             cm = self.drv.clusters
-            if (i1 >= len(cm.l1) or not int(cm.l1[i1]) & L.L1E_OFFSET_MASK) and not has_backing:
+            if (i1 >= len(cm.l1) or not int(cm.l1[i1]) & L.L1E_OFFSET_MASK) and (full or not has_backing):
                 pos = t_end
                 continue
             l2_off = self._l2_for_write(i1)
@@ -682,9 +686,13 @@ class Qcow2IO:
                 old, old_bm = int(entries[idx]), int(bitmaps[idx])
                 allocated = bool(old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK
                                  or (g.has_data_file and old & L.OFLAG_COPIED))
-                if not (has_backing or allocated):
+                if full:
+                    if not old and not old_bm:
+                        continue
+                    new, new_bm = 0, 0
+                elif not (has_backing or allocated):
                     continue
-                if g.extended_l2:
+                elif g.extended_l2:
                     new, new_bm = 0, 0xFFFFFFFF00000000
                 else:
                     new, new_bm = (L.OFLAG_ZERO if self.drv.header.version >= 3 else 0), 0

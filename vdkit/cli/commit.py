@@ -1,0 +1,134 @@
+"""``vdkit-img commit``: write an overlay's changes into its backing file.
+
+Every range some layer above the base allocates is copied into the base
+(zeros as zero writes, data as data); a base smaller than the overlay is
+grown first.  Then, unless ``-d`` (or ``-b``, which implies it) is given, the
+overlay is emptied so it shows the base again.  The chain is opened by hand:
+the overlay and the base writable, intermediate layers read-only, so the
+base is never open twice in this process (QEMU's image locks would refuse).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vdkit.cli.main import write_out
+from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.errors import UsageError, VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+LONGOPTS = [
+    LongOpt("help", False, "h"),
+    LongOpt("object", True, "object"),
+    LongOpt("image-opts", False, "image-opts"),
+]
+
+CHUNK = 2 * 1024 * 1024
+
+
+def main(argv: list[str]) -> int:
+    p = getopt_long(argv, ":f:ht:b:dpqr:", LONGOPTS)
+    if p.has("h"):
+        from vdkit.cli.main import HELP
+
+        write_out(HELP)
+        return 0
+    if len(p.args) != 1:
+        raise UsageError("Expecting one image file name")
+    if p.has("image-opts") or p.has("object"):
+        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
+    base = p.last("b")
+    drop = p.has("d") or base is not None
+    quiet = p.has("q")
+    return run(p.args[0], p.last("f"), base, drop=drop, quiet=quiet, progress=p.has("p") and not quiet)
+
+
+def _open_chain(filename: str, fmt: str | None, base: str | None) -> tuple[Node, Node]:
+    """Top (writable), intermediates (read-only) and the base (writable, with its own backing)."""
+    from vdkit.block.node import open_image
+
+    top = open_image(filename, fmt, readonly=False, backing=False)
+    try:
+        cur = top
+        while True:
+            name = cur.backing_filename_resolved
+            if name is None:
+                if base is None and cur is top:
+                    raise VdkitError("Image does not have a backing file")
+                raise VdkitError(f"Did not find '{base}' in the backing chain of '{filename}'")
+            is_base = base is None or name == base or cur.driver.backing_file == base
+            nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base)
+            cur.backing = nxt
+            if is_base:
+                return top, nxt
+            cur = nxt
+    except BaseException:
+        top.close()
+        raise
+
+
+def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: bool, progress: bool) -> int:
+    from vdkit.block import io as bio
+    from vdkit.cli.convert import Progress
+
+    prog = Progress(progress, min_skip=1.0)
+    top, base_node = _open_chain(filename, fmt, base)
+    try:
+        prog.set(0.0)
+        size = top.driver.virtual_size
+        if base_node.driver.virtual_size < size:
+            from vdkit.cli.resize import resize_node
+
+            resize_node(base_node, size)
+            base_node.driver.__dict__.pop("io", None)
+        offset = 0
+        while offset < size:
+            allocated, n = _allocated_above(top, base_node, offset, min(CHUNK, size - offset))
+            if allocated:
+                st = bio.above_status(top, offset, n)
+                n = st.length
+                if st.flags & bio.ZERO:
+                    bio.write_zeroes(base_node, offset, n)
+                else:
+                    bio.write(base_node, offset, bio.read(top, offset, n))
+            offset += n
+            prog.set(100.0 * offset / size)
+        bio.flush(base_node)
+        if not drop:
+            _empty(top)
+    finally:
+        top.close()
+    prog.set(100.0)
+    prog.end()
+    if not quiet:
+        write_out("Image committed.\n")
+    return 0
+
+
+def _allocated_above(top: Node, base: Node, offset: int, length: int) -> tuple[bool, int]:
+    """Does a layer above ``base`` allocate ``offset``?  And for how many bytes that answer holds."""
+    from vdkit.block.io import ALLOCATED, layer_status
+
+    cur: Node | None = top
+    n = length
+    while cur is not None and cur is not base:
+        size = cur.driver.virtual_size
+        if offset >= size:  # a shorter intermediate reads zeros there: that counts as allocated
+            return True, n
+        st = layer_status(cur, offset, n)
+        if st.flags & ALLOCATED:
+            return True, st.length
+        n = st.length
+        cur = cur.backing
+    return False, n
+
+
+def _empty(top: Node) -> None:
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+    if isinstance(top.driver, Qcow2Driver):
+        from vdkit.formats.qcow2.empty import make_empty
+
+        make_empty(top.driver)
