@@ -22,7 +22,6 @@ The "VM clock" is the time the daemon has spent in the ``running`` state.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -276,7 +275,3 @@ class DeviceRegistry:
                 except OSError:
                     pass
                 d.medium = None
-
-
-def file_size(path: str) -> int:
-    return os.stat(path).st_size

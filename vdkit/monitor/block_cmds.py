@@ -310,8 +310,7 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
     else:
         ro = mode == "read-only"
     filename = args["filename"]
-    if ctx.cwd is not None and not filename.startswith("/"):
-        pass  # names stay as given, like QEMU's (relative to the daemon's cwd)
+    # relative names stay as given, resolved against the daemon's cwd (as QEMU does)
     try:
         medium = _machine(ctx).open_medium(filename, args.get("format"), readonly=ro)
     except VdkitError as exc:

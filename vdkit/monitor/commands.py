@@ -119,7 +119,6 @@ class CommandContext:
     machine: Any
     session: Any = None
     events: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
-    cwd: str | None = None
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.events.append((name, data))
