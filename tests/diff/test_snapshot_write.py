@@ -343,3 +343,22 @@ def test_snapshot_grows_refcount_table(tmp_path: Path) -> None:
     assert run_both(q, v, "-a", "s0") == 0
     assert run_both(q, v, "-d", "s1") == 0
     assert_equivalent(q, v)
+
+
+def test_snapshot_count_limit(tmp_path: Path) -> None:
+    """With 65536 snapshots, creating one more fails with -27 (File too large)."""
+    from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table
+
+    base = make_image(tmp_path / "base.qcow2", size="1M")
+    entries = [SnapshotEntry(0, 0, str(i + 1), "", 0, 0, 0, 0, 1 << 20) for i in range(65536)]
+    table = serialize_snapshot_table(entries)
+    with open(base, "r+b") as f:
+        f.seek(0, 2)
+        off = (f.tell() + 65535) // 65536 * 65536
+        f.seek(off)
+        f.write(table)
+        f.seek(60)
+        f.write((65536).to_bytes(4, "big") + off.to_bytes(8, "big"))
+    q, v = pair(tmp_path, base)
+    assert run_both(q, v, "-c", "one-too-many") == 1
+    assert v.read_bytes() == base.read_bytes()
