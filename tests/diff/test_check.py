@@ -324,3 +324,40 @@ def test_raw_and_usage(tmp_path: Path) -> None:
     q = qemu_img("check", "nonexist.qcow2", cwd=tmp_path)
     v = vdkit_img("check", "nonexist.qcow2", cwd=tmp_path)
     assert (v.normalized_stderr(), v.returncode) == (q.stderr, q.returncode)
+
+
+# -- more metadata damage ----------------------------------------------------------------------------
+
+def _snapshot_table_offset(path: Path) -> int:
+    return struct.unpack(">Q", path.read_bytes()[64:72])[0]
+
+
+@pytest.mark.parametrize("case", ["refblock_outside", "refblock_unaligned", "l2_beyond_eof", "compressed_copied",
+                                  "snapshot_l1_unaligned", "snapshot_incomplete", "leak_2bit"])
+def test_more_damage(tmp_path: Path, case: str) -> None:
+    opts = ("refcount_bits=2",) if case == "leak_2bit" else ()
+    writes = ("write -c -P 1 0 64k",) if case == "compressed_copied" else ("write -P 1 0 64k",)
+    path = make(tmp_path, f"{case}.qcow2", *opts, writes=writes)
+    if case.startswith("snapshot"):
+        check_ok("snapshot", "-c", "s1", str(path))
+    img = Img(path)
+    if case == "refblock_outside":
+        img.put64(img.rt_offset + 8, 100 << 20)
+    elif case == "refblock_unaligned":
+        img.put64(img.rt_offset, img.u64(img.rt_offset) + 0x200)
+    elif case == "l2_beyond_eof":
+        img.put64(img.l1_entry_offset(1), (1 << 63) | (1 << 36))
+    elif case == "compressed_copied":
+        img.put64(img.l2_entry_offset(0), img.u64(img.l2_entry_offset(0)) | (1 << 63))
+    elif case == "snapshot_l1_unaligned":
+        sn = _snapshot_table_offset(path)
+        img.put64(sn, img.u64(sn) + 0x200)
+    elif case == "snapshot_incomplete":
+        with open(path, "r+b") as f:
+            f.seek(_snapshot_table_offset(path) + 36)
+            f.write(struct.pack(">I", 8))
+    else:
+        img.set_refcount(img.append_cluster(), 3)
+    compare(path)
+    compare_repair(path, "leaks")
+    compare_repair(path, "all")

@@ -65,6 +65,7 @@ def main(argv: list[str]) -> int:
     from vdkit.formats.qcow2.check import check
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
+    preamble = ""
     with open_image(filename, p.last("f"), readonly=repair is None, force_share=force_share,
                     check_mode=True) as node:
         driver = node.driver
@@ -77,13 +78,22 @@ def main(argv: list[str]) -> int:
             if output == "human" and not quiet:
                 from vdkit.info.render_human import check_repaired_preamble
 
-                write_out(check_repaired_preamble(result.leaks_fixed, result.corruptions_fixed))
+                # Held back like qemu-img's buffered stdout, which appears after
+                # the second pass's diagnostics when both streams are merged.
+                preamble = check_repaired_preamble(result.leaks_fixed, result.corruptions_fixed)
             driver.header = _reread_header(driver)
             second = check(driver, None, _report)
             second.leaks_fixed = result.leaks_fixed
             second.corruptions_fixed = result.corruptions_fixed
             result = second
             model = _model(filename, result)
+    failed = bool(result.error or result.check_errors)
+    if failed:
+        # qemu-img reports this before its buffered stdout reaches a pipe.
+        msg = "Check failed" + (f": {os.strerror(-result.error)}" if result.error else "")
+        write_err(f"{PROG}: {msg}\n")
+    if preamble:
+        write_out(preamble)
     if result.error == 0 and not quiet:
         if output == "json":
             from vdkit.info.render_json import render_pretty
@@ -93,9 +103,7 @@ def main(argv: list[str]) -> int:
             from vdkit.info.render_human import image_check
 
             write_out(image_check(model))
-    if result.error or result.check_errors:
-        msg = "Check failed" + (f": {os.strerror(-result.error)}" if result.error else "")
-        write_err(f"{PROG}: {msg}\n")
+    if failed:
         return 1
     if result.corruptions:
         return 2

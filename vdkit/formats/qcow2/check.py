@@ -95,6 +95,7 @@ class _Checker:
         self.dirty_blocks: set[int] = set()
         self.snapshots: list = []
         self.snapshots_size = 0
+        self.snapshot_corruptions = 0
         self._active_tables: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
 
     # -- reading ---------------------------------------------------------------------------------
@@ -114,11 +115,26 @@ class _Checker:
         if not off:
             return None
         if off % self.cs:
+            self.signal_corruption(f"Refblock offset {_hexalt(off)} unaligned (reftable index: {_hexalt(rt_index)})")
             raise _CheckFailed(-errno.EIO)
         blk = self.blocks.get(off)
         if blk is None:
             blk = self.blocks[off] = decode_block(self.f.pread(off, self.cs), self.rbits)
         return blk
+
+    def signal_corruption(self, what: str) -> None:
+        """QEMU's corruption event: reported once per open image; fatal (corrupt bit) when writable."""
+        if getattr(self.drv, "corruption_signalled", False):
+            return
+        self.drv.corruption_signalled = True  # type: ignore[attr-defined]
+        if self.f.readonly:
+            self.report(f"qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed")
+            return
+        self.report(f"qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed")
+        incompat = int.from_bytes(self.f.pread(72, 8), "big") | L.INCOMPAT_CORRUPT
+        self.f.pwrite(72, incompat.to_bytes(8, "big"))
+        self.f.flush()
+        self.drv.io_dead = True  # type: ignore[attr-defined]
 
     def disk_refcounts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of clusters ``[0, n)`` and a mask of unreadable ones."""
@@ -563,7 +579,7 @@ class _Checker:
         n = self.nb_clusters
         refs = self.refs[:n].astype(_U64)
         disk, bad = self.disk_refcounts(n)
-        used = np.flatnonzero((disk > 0) | (refs > 0) | bad)
+        used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
         highest = int(used[-1]) if used.size else 0
         rebuild = False
         for i in np.flatnonzero((disk != refs) | bad):
@@ -643,6 +659,9 @@ class _Checker:
                     table.extend([0] * (entries - len(table)))
                     grown = True
                 table[index] = block_offset
+            if getattr(self.drv, "io_dead", False):
+                self.report("\0ERROR writing refblock: Input/output error")
+                raise _CheckFailed(-errno.EIO)
             self._ensure(start + self.rb_entries)
             values = self.refs[start : start + self.rb_entries].clip(0, self.refcount_max).astype(_U64)
             self.f.pwrite(block_offset, encode_block(values, self.rbits))
@@ -774,8 +793,28 @@ class _Checker:
         if h.version >= 3:
             for i, sn in enumerate(self.snapshots):
                 if sn.extra_data_size < 16:
-                    self.report(f"ERROR snapshot table entry {i} is incomplete")
-                    res.corruptions += 1
+                    self.report(f"{'Repairing' if self.fix_errors else 'ERROR'} snapshot table entry {i} is incomplete")
+                    self.snapshot_corruptions += 1
+
+    def rewrite_snapshot_table(self) -> None:
+        """Write the (repaired) snapshot table to new clusters, switch the header, free the old one."""
+        from vdkit.formats.qcow2.refcount import Refcounts
+        from vdkit.formats.qcow2.snapshot import serialize_snapshot_table
+
+        h = self.h
+        rc = Refcounts(self.f, cluster_bits=self.cluster_bits, refcount_order=h.refcount_order,
+                       table_offset=self.reftable_offset, table_clusters=len(self.reftable) * 8 // self.cs)
+        for sn in self.snapshots:
+            sn.extra_data_size = max(sn.extra_data_size, L.SNAPSHOT_EXTRA_SIZE)
+        data = serialize_snapshot_table(self.snapshots)
+        new_offset = rc.alloc_clusters(len(data))
+        rc.flush()
+        self.f.pwrite(new_offset, data)
+        self.f.flush()
+        self.f.pwrite(60, len(self.snapshots).to_bytes(4, "big") + new_offset.to_bytes(8, "big"))
+        self.f.flush()
+        rc.free(h.snapshots_offset, self.snapshots_size)
+        rc.flush()
 
     # -- the whole check -----------------------------------------------------------------------------
     def run(self) -> CheckResult:
@@ -823,6 +862,11 @@ class _Checker:
                 _, highest = self.compare(res, self.fix_leaks, self.fix_errors)
         self.check_copied(res)
         res.image_end_offset = (highest + 1) * self.cs
+        if self.snapshot_corruptions and self.fix_errors:
+            self.rewrite_snapshot_table()
+            res.corruptions_fixed += self.snapshot_corruptions
+        else:
+            res.corruptions += self.snapshot_corruptions
         if self.fix_leaks and not res.check_errors and not res.corruptions:
             self.mark_clean()
         return res
