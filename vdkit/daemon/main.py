@@ -143,6 +143,11 @@ def parse_drive(text: str, index: int) -> DriveSpec:
             spec.detect_zeroes = value
         elif key == "node-name":
             spec.node_name = value
+        elif key == "discard":
+            if value not in ("ignore", "off", "unmap", "on"):
+                raise OptionError("Invalid discard option")
+        elif key in ("aio", "werror", "rerror"):
+            pass  # I/O policies: accepted for command-line compatibility, nothing to configure yet
         elif key in THROTTLE_KEYS:
             throttle.avg[key] = _parse_int(key, value)
         elif key.endswith("_max") and key[:-4] in THROTTLE_KEYS:

@@ -1,0 +1,60 @@
+"""-drive option syntax: unit checks and a differential run of the less common spellings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_ok
+from tests.daemon.conftest import Daemons, normalise, normalise_hmp
+from vdkit.daemon.main import OptionError, parse_args, parse_drive, split_opts
+
+
+def test_split_opts() -> None:
+    assert split_opts("file=a,,b.qcow2,if=none,readonly") == [("file", "a,b.qcow2"), ("if", "none"),
+                                                                ("readonly", "on")]
+
+
+def test_parse_drive() -> None:
+    d = parse_drive("file=x.qcow2,cache=directsync,throttling.iops-total=5,throttling.group=g,bps_max=9,bps=3", 0)
+    assert (d.cache.writeback, d.cache.direct, d.cache.no_flush) == (False, True, False)
+    assert d.throttle.avg["iops"] == 5 and d.throttle.max["bps"] == 9 and d.group == "g"
+    assert d.id == "none0"
+    assert parse_drive("if=ide,media=cdrom", 1).id == "ide0-cd1"
+    with pytest.raises(OptionError, match="Invalid parameter 'bogus'"):
+        parse_drive("file=x,bogus=1", 0)
+    with pytest.raises(OptionError, match="expects 'on' or 'off'"):
+        parse_drive("file=x,readonly=maybe", 0)
+    with pytest.raises(OptionError, match="bps_max/iops_max cannot be lower than bps/iops"):
+        parse_drive("file=x,bps=10,bps_max=5", 0)
+
+
+def test_parse_args() -> None:
+    cfg = parse_args(["-S", "-machine", "q35", "-nodefaults", "--pidfile", "p", "-qmp", "unix:/tmp/s,server=on",
+                      "-qmp", "tcp:127.0.0.1:4444,server=on,wait=off", "-monitor", "unix:/tmp/h,server=on,wait=off"])
+    assert cfg.start_paused and cfg.pidfile == "p"
+    assert [str(a) for a in cfg.qmp] == ["unix:/tmp/s", "tcp:127.0.0.1:4444"]
+    with pytest.raises(OptionError, match="Duplicate ID 'a' for drive"):
+        parse_args(["-drive", "if=none,id=a", "-drive", "if=none,id=a"])
+
+
+DRIVES = [
+    "-drive", "file=wt.qcow2,if=none,id=wt,cache=writethrough",
+    "-drive", "file=ds.qcow2,if=none,id=ds,cache=directsync,detect-zeroes=unmap,discard=unmap",
+    "-drive", "file=th.qcow2,if=none,id=th,throttling.iops-total=5,throttling.iops-total-max=10,"
+              "throttling.iops-size=4096,throttling.group=grp",
+    "-drive", "file=nf.qcow2,if=none,id=nf,cache.no-flush=on,cache.direct=on,read-only=on",
+]
+
+
+def _setup(d: Path) -> None:
+    for name in ("wt", "ds", "th", "nf"):
+        check_ok("create", "-q", "-f", "qcow2", str(d / f"{name}.qcow2"), "4M")
+
+
+def test_drive_spellings_vs_qemu(daemons: Daemons) -> None:
+    q, v = daemons.pair(DRIVES, _setup)
+    assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
+    for line in ("info block", "info block -n"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line))
