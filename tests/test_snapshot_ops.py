@@ -247,3 +247,46 @@ def test_vm_state_roundtrip_and_interop(tmp_path: Path, opts: str) -> None:
         assert node.read_vmstate(find_by_name(node.driver.snapshots(), "qemu-copy")) == qemu_state
     assert check_counts(img) == (0, {"corruptions": 0, "leaks": 0, "check-errors": 0})
     assert guest(img) == b"\x03" * 65536 + bytes(16 * 1024 * 1024 - 65536)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    cluster_bits=st.sampled_from([9, 12, 16]),
+    steps=st.lists(st.one_of(
+        st.tuples(st.just("write"), st.integers(0, SIZE // 512 - 1), st.integers(1, 96), st.integers(1, 255)),
+        st.tuples(st.just("create"), st.booleans()),
+        st.tuples(st.just("delete"), st.integers(0, 7)),
+        st.tuples(st.just("revert"), st.integers(0, 7)),
+    ), min_size=3, max_size=10),
+)
+def test_one_session_writes_and_snapshots(cluster_bits: int, steps: list[tuple]) -> None:
+    """Guest writes through the data path and snapshot operations in one open (the daemon's case)."""
+    with tempfile.TemporaryDirectory() as d:
+        img = Path(d) / "img.qcow2"
+        check_ok("create", "-q", "-f", "qcow2", "-o", f"cluster_size={1 << cluster_bits}", str(img), str(SIZE))
+        model = Model()
+        with open_image(str(img), "qcow2", readonly=False) as node:
+            drv = node.driver
+            for step in steps:
+                if step[0] == "write":
+                    _, sector, nsect, pattern = step
+                    off, length = sector * 512, min(nsect * 512, SIZE - sector * 512)
+                    drv.write(off, bytes([pattern]) * length)  # type: ignore[attr-defined]
+                    model.active[off : off + length] = bytes([pattern]) * length
+                elif step[0] == "create":
+                    model.counter += 1
+                    name = f"s{model.counter}"
+                    node.snapshot_create(name, date_sec=1, date_nsec=0)
+                    model.snaps.append((model.next_id(), name, bytes(model.active)))
+                elif model.snaps:
+                    sid, name, content = model.snaps[step[1] % len(model.snaps)]
+                    if step[0] == "delete":
+                        node.snapshot_delete(snapshot_id=sid, name=name)
+                        model.snaps = [s for s in model.snaps if s[0] != sid]
+                    else:
+                        entry = find_id_then_name(drv.snapshots(), sid)
+                        assert entry is not None
+                        node.snapshot_revert(entry)
+                        model.active[:] = content
+                assert drv.read(0, SIZE) == bytes(model.active)  # type: ignore[attr-defined]
+        _verify(img, model)
