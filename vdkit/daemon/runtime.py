@@ -70,6 +70,7 @@ class _QmpConn:
 
     def send(self, data: bytes) -> None:
         if data and not self.writer.is_closing():
+            log.debug("<-- %r", data[:200])
             self.writer.write(data)
 
 
