@@ -242,7 +242,7 @@ class Refcounts:
         return len(self.table) * self.entries_per_block
 
     # -- free-space search (§1.2) ---------------------------------------------------------------
-    def find_free(self, n: int, start: int, *, taken: Callable[[int, int], bool] | None = None) -> int:
+    def find_free(self, n: int, start: int) -> int:
         """First cluster index ≥ ``start`` beginning ``n`` clusters of refcount 0."""
         ci = start
         run_start, run = ci, 0
@@ -271,22 +271,17 @@ class Refcounts:
                     if run + int(nz[0]) >= n:
                         if run == 0:
                             run_start = ci
-                        return self._check_taken(run_start, n, taken)
+                        return run_start
                     gaps = np.diff(nz) - 1
                     big = np.flatnonzero(gaps >= n)
                     if len(big):
-                        return self._check_taken(ci + int(nz[big[0]]) + 1, n, taken)
+                        return ci + int(nz[big[0]]) + 1
                     tail = seg - int(nz[-1]) - 1
                     run_start = ci + int(nz[-1]) + 1
                     run = tail
                     ci += seg
             if run >= n:
-                return self._check_taken(run_start, n, taken)
-
-    def _check_taken(self, start: int, n: int, taken: Callable[[int, int], bool] | None) -> int:
-        if taken is not None and taken(start, n):
-            return self.find_free(n, start + 1, taken=taken)
-        return start
+                return run_start
 
     # -- in-place updates (§1.4) ----------------------------------------------------------------
     def update(self, offset: int, length: int, addend: int) -> None:
@@ -366,12 +361,12 @@ class Refcounts:
             return start << self.cluster_bits
 
     def alloc_at(self, offset: int, nb_clusters: int) -> int:
-        """Take the free clusters at ``offset``; returns how many could be taken (≥ 0)."""
+        """Take the free clusters starting at ``offset``; returns how many could be taken (≥ 0)."""
         ci = offset >> self.cluster_bits
-        n = 0
-        while n < nb_clusters and self.get(ci + n) == 0:
-            n += 1
         while True:
+            n = 0  # (re)count: a refcount block allocated on the way may have taken one
+            while n < nb_clusters and self.get(ci + n) == 0:
+                n += 1
             try:
                 self.update(offset, n << self.cluster_bits, 1)
                 return n
