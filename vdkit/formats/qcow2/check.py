@@ -337,6 +337,19 @@ class _Checker:
         ent = tables.reshape(-1)[sel].astype(_U64)
         return sel, ent, np.zeros(len(sel), dtype=_U64), per
 
+    def sparse_l2(self, l2off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """:meth:`sparse_entries` of many tables, read a few MiB at a time (cache-friendly, bounded memory)."""
+        per_chunk = max(1, (8 << 20) // self.cs)
+        if len(l2off) <= per_chunk:
+            return self.sparse_entries(self.read_tables(l2off))
+        parts = []
+        per_table = 0
+        for first in range(0, len(l2off), per_chunk):
+            sel, ent, bm, per_table = self.sparse_entries(self.read_tables(l2off[first : first + per_chunk]))
+            parts.append((sel + first * per_table, ent, bm))
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), per_table)
+
     def _split(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.extl2:
             return tables[:, 0::2], tables[:, 1::2]
@@ -388,7 +401,7 @@ class _Checker:
             or (l2off.astype(np.int64) - self.file_len >= 0).any()
         ):
             return False
-        sel, e, bm, per_table = self.sparse_entries(self.read_tables(l2off))
+        sel, e, bm, per_table = self.sparse_l2(l2off)
         if stats:
             self._active_tables = (l2off, sel, e, per_table)
         c = self._classify(e, bm)
@@ -709,9 +722,9 @@ class _Checker:
             if (l2off % _U64(self.cs)).any():  # unaligned tables: read them where they really are
                 tables = np.stack([
                     np.frombuffer(self.f.pread(int(o), self.cs), dtype=">u8") for o in l2off])
+                sel, ent, _bm, per_table = self.sparse_entries(tables)
             else:
-                tables = self.read_tables(l2off)
-            sel, ent, _bm, per_table = self.sparse_entries(tables)
+                sel, ent, _bm, per_table = self.sparse_l2(l2off)
         has_off = (ent & _U64(L.L2E_OFFSET_MASK)) != 0
         if self.has_data_file:
             zero = (ent & _U64(L.OFLAG_ZERO)) != 0 if not self.extl2 else np.zeros(ent.shape, dtype=bool)
