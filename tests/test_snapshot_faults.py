@@ -70,6 +70,10 @@ def _create(node: Node) -> None:
     node.snapshot_create("new", date_sec=1, date_nsec=2)
 
 
+def _create_vm(node: Node) -> None:
+    node.snapshot_create("vm", date_sec=1, date_nsec=2, vm_state=bytes(range(256)) * 40)
+
+
 def _delete(node: Node) -> None:
     node.snapshot_delete(name="s1")
 
@@ -83,7 +87,7 @@ def _revert(node: Node) -> None:
 def _base(tmp_path: Path, opts: str, size: str) -> Path:
     base = tmp_path / "base.qcow2"
     check_ok("create", "-q", "-f", "qcow2", "-o", opts, str(base), size)
-    for cmd in ("write -P 1 0 20k", "write -P 2 600k 8k", "write -c -P 3 900k 4k"):
+    for cmd in ("write -P 1 0 20k", "write -P 2 600k 8k", "write -c -P 3 896k 16k", "write -P 7 1M 900k"):
         assert qemu_io("-c", cmd, str(base)).returncode == 0
     check_ok("snapshot", "-c", "s1", str(base))
     for cmd in ("write -P 4 2k 2k", "write -P 5 700k 1k"):
@@ -93,9 +97,12 @@ def _base(tmp_path: Path, opts: str, size: str) -> Path:
     return base
 
 
-@pytest.mark.parametrize("op", [_create, _delete, _revert], ids=["create", "delete", "revert"])
+@pytest.mark.parametrize("op", [_create, _create_vm, _delete, _revert],
+                         ids=["create", "create-vmstate", "delete", "revert"])
 @pytest.mark.parametrize("opts,size", [("cluster_size=1k,refcount_bits=16", "2M"),
-                                       ("cluster_size=512,refcount_bits=8", "1M")])
+                                       ("cluster_size=512,refcount_bits=8", "2M"),
+                                       ("cluster_size=16k,extended_l2=on", "2M"),
+                                       ("cluster_size=512,refcount_bits=64", "2M")])
 def test_every_cut_leaves_old_or_new(tmp_path: Path, op: Op, opts: str, size: str) -> None:
     base = _base(tmp_path, opts, size)
     old = _state(base)
