@@ -151,3 +151,28 @@ def test_full_preallocation_is_clean(tmp_path: Path, mode: str) -> None:
     assert path.stat().st_size >= 3 << 20
     r = vdkit_img("create", "-q", "-f", "raw", "-o", f"preallocation={mode}", str(tmp_path / "r.raw"), "1M")
     assert r.returncode == 0 and (tmp_path / "r.raw").stat().st_blocks * 512 >= 1 << 20
+
+
+def test_locked_target_is_left_alone(tmp_path: Path) -> None:
+    """An image another process has open is neither emptied nor removed; the lock error is qemu-img's."""
+    import subprocess
+    import time
+
+    target = tmp_path / "busy.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(target), "1M")
+    before = target.read_bytes()
+    holder = subprocess.Popen([require_tool("qemu-io"), "-c", "sleep 4000", str(target)])
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if qemu_img("info", str(target)).returncode != 0:
+                break
+            time.sleep(0.05)
+        for fmt in ("qcow2", "raw"):
+            q = qemu_img("create", "-q", "-f", fmt, target.name, "1M", cwd=tmp_path)
+            v = vdkit_img("create", "-q", "-f", fmt, target.name, "1M", cwd=tmp_path)
+            assert (v.normalized_stderr(), v.returncode) == (q.stderr, q.returncode)
+            assert q.returncode == 1 and target.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -339,8 +339,11 @@ _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 def _create_qcow2(filename: str, opts: CreateOpts) -> None:
     import os
 
-    from vdkit.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+    from vdkit.formats.qcow2.create import Qcow2CreateOptions, create_file, create_qcow2
 
+    # qemu-img creates (and locks) the file before it validates the options,
+    # and removes it again when they are refused; a locked file stays as it is.
+    file = create_file(filename)
     try:
         _no_encryption(opts)
         compat = opts.get("compat")
@@ -370,10 +373,10 @@ def _create_qcow2(filename: str, opts: CreateOpts) -> None:
             data_file_raw=bool(opts.get("data_file_raw", False)),
         )
     except VdkitError:
-        # qemu-img has already created the file at this point and removes it again.
+        file.close()
         try:
             os.unlink(filename)
         except OSError:
             pass
         raise
-    create_qcow2(filename, o)
+    create_qcow2(filename, o, file)

@@ -47,13 +47,15 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
     import os
 
     from vdkit.errors import VdkitError, os_error_message
+    from vdkit.io.file import ImageFile
 
     size = -(-size // 512) * 512
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
     except OSError as exc:
         raise VdkitError(f"Could not create '{filename}': {os_error_message(exc)}", errno=exc.errno) from exc
-    try:
+    with ImageFile(filename, readonly=False) as f:  # the write lock, before anything is changed
+        fd = f.fd
         os.ftruncate(fd, 0)
         if preallocation not in ("off", "falloc", "full"):
             raise VdkitError(f"Unsupported preallocation mode: {preallocation}")
@@ -68,5 +70,3 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
             os.ftruncate(fd, size)
         except OSError as exc:
             raise VdkitError(f"Could not resize file: {os_error_message(exc)}", errno=exc.errno) from exc
-    finally:
-        os.close(fd)

@@ -494,20 +494,30 @@ def _preallocate(
     return data_end
 
 
-def create_qcow2(filename: str, o: Qcow2CreateOptions) -> None:
-    """Create ``filename``; on failure the file is removed, as qemu-img does."""
+def create_qcow2(filename: str, o: Qcow2CreateOptions, file: ImageFile | None = None) -> None:
+    """Create ``filename``; on failure the file is removed, as qemu-img does.
+
+    ``file`` is the already created (locked, emptied) target, when the caller
+    made it first the way qemu-img does before validating the options.  If
+    the target cannot even be created or locked (another process uses it),
+    it is left alone.
+    """
+    f = file if file is not None else create_file(filename)
     try:
         plan = plan_image(o)
-        _write_plan(filename, plan, o)
+        _write_plan(f, plan, o)
     except BaseException:
+        f.close()
         try:
             os.unlink(filename)
         except OSError:
             pass
         raise
+    f.close()
 
 
-def _create_file(filename: str) -> ImageFile:
+def create_file(filename: str) -> ImageFile:
+    """Create (or empty) ``filename`` under the write lock, as QEMU's file driver does."""
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -518,25 +528,24 @@ def _create_file(filename: str) -> ImageFile:
     return f
 
 
-def _write_plan(filename: str, plan: _Plan, o: Qcow2CreateOptions) -> None:
+def _write_plan(f: ImageFile, plan: _Plan, o: Qcow2CreateOptions) -> None:
     b = plan.builder
-    with _create_file(filename) as f:
-        # Cluster 0 (the header) goes last, so an interrupted creation leaves
-        # a file that is not a qcow2 image at all.
-        for ci in sorted(b.disk):
-            if ci == 0:
-                continue
-            data = b.disk[ci]
-            off = ci * b.cs
-            f.pwrite(off, data[: max(0, min(b.cs, b.file_end - off))])
-        length = max(b.file_end, plan.data_end)
-        f.truncate(length)
-        if o.preallocation in ("falloc", "full") and plan.data_end:
-            _fill(f, b.file_end, plan.data_end, o.preallocation)
-        f.pwrite(0, b.disk[0][: min(b.cs, b.file_end)])
-        f.flush()
+    # Cluster 0 (the header) goes last, so an interrupted creation leaves
+    # a file that is not a qcow2 image at all.
+    for ci in sorted(b.disk):
+        if ci == 0:
+            continue
+        data = b.disk[ci]
+        off = ci * b.cs
+        f.pwrite(off, data[: max(0, min(b.cs, b.file_end - off))])
+    length = max(b.file_end, plan.data_end)
+    f.truncate(length)
+    if o.preallocation in ("falloc", "full") and plan.data_end:
+        _fill(f, b.file_end, plan.data_end, o.preallocation)
+    f.pwrite(0, b.disk[0][: min(b.cs, b.file_end)])
+    f.flush()
     if o.data_file is not None:
-        with _create_file(o.data_file) as df:
+        with create_file(o.data_file) as df:
             assert plan.data_file_size is not None
             df.truncate(plan.data_file_size)
             if o.preallocation in ("falloc", "full"):
