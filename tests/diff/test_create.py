@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_img, require_tool, vdkit_img
 
@@ -177,3 +179,24 @@ def test_locked_target_is_left_alone(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cluster_bits=st.integers(9, 17),
+    refcount_order=st.integers(0, 6),
+    size=st.one_of(st.integers(0, 1 << 26), st.integers(1 << 26, 1 << 36)),
+    prealloc=st.booleans(),
+    extl2=st.booleans(),
+)
+def test_layout_property(tmp_path: Path, cluster_bits: int, refcount_order: int, size: int, prealloc: bool,
+                         extl2: bool) -> None:
+    """Random geometry and size: the allocator replay lands every structure where QEMU's does."""
+    if prealloc:
+        size = min(size, 24 << 20)
+    opts = f"cluster_size={1 << cluster_bits},refcount_bits={1 << refcount_order}"
+    if prealloc:
+        opts += ",preallocation=metadata"
+    if extl2 and cluster_bits >= 14:
+        opts += ",extended_l2=on"
+    run_both(tmp_path, ["-q", "-f", "qcow2", "-o", opts, "img.qcow2", str(size)])
