@@ -361,3 +361,26 @@ def test_more_damage(tmp_path: Path, case: str) -> None:
     compare(path)
     compare_repair(path, "leaks")
     compare_repair(path, "all")
+
+
+@pytest.mark.parametrize("case", ["overflow_1bit", "overflow_2bit", "extl2_bitmap_both", "extl2_unallocated_bitmap",
+                                  "extl2_compressed_bitmap", "l1_reserved_bit"])
+def test_bitmaps_and_overflow(tmp_path: Path, case: str) -> None:
+    opts = {"overflow_1bit": ("refcount_bits=1",), "overflow_2bit": ("refcount_bits=2",),
+            "l1_reserved_bit": ()}.get(case, ("extended_l2=on",))
+    writes = ("write -c -P 1 0 64k",) if case == "extl2_compressed_bitmap" else ("write -P 1 0 64k",)
+    path = make(tmp_path, f"{case}.qcow2", *opts, writes=writes)
+    img = Img(path)
+    if case.startswith("overflow"):
+        for j in range(1, 2 if case == "overflow_1bit" else 5):
+            img.put64(img.l2_entry_offset(j), img.u64(img.l2_entry_offset(0)))
+    elif case == "extl2_bitmap_both":
+        img.put64(img.l2_offset(0) + 8, 0xFFFFFFFFFFFFFFFF)
+    elif case == "extl2_unallocated_bitmap":
+        img.put64(img.l2_offset(0) + 24, 0x1)
+    elif case == "extl2_compressed_bitmap":
+        img.put64(img.l2_offset(0) + 8, 0x1)
+    else:
+        img.put64(img.l1_entry_offset(0), img.u64(img.l1_entry_offset(0)) | 0x1)
+    compare(path)
+    compare_repair(path, "all")

@@ -549,7 +549,7 @@ class _Checker:
                     self.inc(res, offset, cs)
             elif not zero and bitmap & 0xFFFFFFFF:
                 res.corruptions += 1
-                self.report("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
+                self.report("ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
     def check_refblocks(self, res: CheckResult) -> bool:
         rebuild = False
