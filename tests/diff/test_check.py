@@ -384,3 +384,16 @@ def test_bitmaps_and_overflow(tmp_path: Path, case: str) -> None:
         img.put64(img.l1_entry_offset(0), img.u64(img.l1_entry_offset(0)) | 0x1)
     compare(path)
     compare_repair(path, "all")
+
+
+def test_persistent_bitmaps(tmp_path: Path) -> None:
+    """Bitmap directory, tables and data clusters are counted as references."""
+    path = make(tmp_path, "bm.qcow2", writes=("write -P 1 0 1M",))
+    check_ok("bitmap", "--add", str(path), "b0")
+    check_ok("bitmap", "--add", "-g", "512k", str(path), "b1")
+    assert qemu_io("-c", "write -P 2 2M 1M", str(path)).returncode == 0
+    compare(path)
+    compare(path, "--output=json")
+    img = Img(path)
+    img.set_refcount(img.append_cluster(), 1)
+    compare_repair(path, "leaks")
