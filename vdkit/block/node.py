@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from vdkit.block.driver import FormatDriver
+    from vdkit.block.io import MapEntry
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfo, SnapshotInfo
 
@@ -83,6 +84,43 @@ class Node:
 
     def snapshot_revert(self, entry: SnapshotEntry) -> None:
         self.driver.snapshot_revert(entry)
+
+    # -- data (the work is in vdkit.block.io; these are conveniences for API users) --------------
+    @property
+    def size(self) -> int:
+        """Virtual disk size in bytes."""
+        return self.driver.virtual_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Guest bytes through the whole backing chain."""
+        from vdkit.block import io
+
+        return io.read(self, offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        from vdkit.block import io
+
+        io.write(self, offset, data)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        from vdkit.block import io
+
+        io.write_zeroes(self, offset, length, unmap=unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        from vdkit.block import io
+
+        io.discard(self, offset, length)
+
+    def flush(self) -> None:
+        self.driver.flush()
+
+    def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
+        """``qemu-img map``'s entries (merged runs with depth, zero/data flags and host offsets)."""
+        from vdkit.block import io
+
+        end = self.size if length is None else min(self.size, offset + length)
+        return io.map_entries(self, offset, end)
 
     def close(self) -> None:
         for node in list(self.chain()):
