@@ -37,6 +37,9 @@ class ImageFile:
             raise OpenError(
                 f"Could not open '{self.filename}': {os_error_message(exc)}", errno=exc.errno
             ) from exc
+        except ValueError as exc:  # an embedded NUL: no such file can exist
+            raise OpenError(f"Could not open '{self.filename}': No such file or directory",
+                            errno=errno.ENOENT) from exc
         try:
             st = os.fstat(self.fd)
             if stat.S_ISDIR(st.st_mode):

@@ -305,10 +305,10 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
     unknown: list[UnknownExtension] = []
     off = start
     end = min(end, len(buf))
-    while True:
+    while off < end:
+        # Any bytes left start another extension; a header that does not fit is "too large".
         if off + L.EXT_HEADER.size > end:
-            # QEMU stops silently when no room is left for another header.
-            break
+            raise OpenError("Header extension too large")
         ext_type, ext_len = L.EXT_HEADER.unpack_from(buf, off)
         off += L.EXT_HEADER.size
         if ext_len > end - off:
@@ -357,7 +357,7 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
                 )
             out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
         elif ext_type == L.EXT_DATA_FILE:
-            out["data_file"] = data.decode("utf-8", "surrogateescape")
+            out["data_file"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a C string
         else:
             unknown.append(UnknownExtension(ext_type, data))
         off += (ext_len + 7) & ~7
