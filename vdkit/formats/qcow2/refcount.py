@@ -87,6 +87,13 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     return np.bitwise_or.reduce(parts, axis=1).astype(np.uint8).tobytes()
 
 
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """Distinct values of an already sorted array (cheaper than ``np.unique``)."""
+    if len(x) == 0:
+        return x
+    return x[np.concatenate(([True], x[1:] != x[:-1]))]
+
+
 class RefcountOverflow(VdkitError):
     """An update would take a refcount below 0 or above ``refcount_max``."""
 
@@ -230,7 +237,8 @@ class Refcounts:
         if not len(clusters):
             return out
         rt = clusters // self.entries_per_block
-        for r in np.unique(rt).tolist():
+        valid = (rt >= 0) & (rt < len(self.table))  # beyond the table: refcount 0
+        for r in np.flatnonzero(np.bincount(rt[valid])).tolist():
             vals = self.block_values(r)
             if vals is None:
                 continue
@@ -628,7 +636,7 @@ class Transaction:
         old_table_freed = False
         while True:
             keys, sums = self.deltas()
-            touched = np.unique(keys[sums != 0] // epb).tolist()
+            touched = _sorted_unique(keys[sums != 0] // epb).tolist()
             grew = False
             for rt in touched:
                 if rt not in new_block_off:
