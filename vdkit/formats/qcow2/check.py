@@ -31,7 +31,7 @@ import numpy as np
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.refcount import decode_block, encode_block
-from vdkit.formats.qcow2.snapshot import parse_snapshot_table
+from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
@@ -93,7 +93,7 @@ class _Checker:
         self.l1 = self._read_u64(h.l1_table_offset, h.l1_size)
         self.blocks: dict[int, np.ndarray] = {}
         self.dirty_blocks: set[int] = set()
-        self.snapshots: list = []
+        self.snapshots: list[SnapshotEntry] = []
         self.snapshots_size = 0
         self.snapshot_corruptions = 0
         self._active_tables: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
@@ -167,13 +167,6 @@ class _Checker:
             if blk is not None:
                 vals[m] = blk[clusters[m] & (self.rb_entries - 1)]
         return vals, bad
-
-    def get_refcount(self, ci: int) -> int | None:
-        try:
-            blk = self._block(ci >> self.rb_bits)
-        except _CheckFailed:
-            return None
-        return 0 if blk is None else int(blk[ci & (self.rb_entries - 1)])
 
     def set_refcount(self, ci: int, value: int) -> None:
         ti = ci >> self.rb_bits
@@ -640,10 +633,10 @@ class _Checker:
             if ok.size:
                 start = first_free - int(zpos[0]) + int(starts[ok[0]])
         if start is None:
-            trailing = 0
+            # Not enough room: the run continues with new clusters past the end.
             nz = np.flatnonzero(~zero)
             trailing = len(zero) - (int(nz[-1]) + 1) if nz.size else len(zero)
-            start = n - trailing
+            start = max(n, first_free) - trailing
             self._ensure(start + count)
         self.refs[start : start + count] = 1
         return start, first_free
