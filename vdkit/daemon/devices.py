@@ -32,6 +32,7 @@ from vdkit.info.model import BlockdevCacheInfo
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
+    from vdkit.daemon.iostats import DriveStats
 
 THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 THROTTLE_MAX_KEYS = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max", "iops_wr_max")
@@ -138,6 +139,8 @@ class Drive:
     group: str | None = None
     tray_open: bool = False
     qdev: str | None = None
+    # I/O accounting of the backend (NBD requests), reported by query-blockstats
+    stats: DriveStats = field(default_factory=lambda: _drive_stats())
 
     @property
     def id(self) -> str:
@@ -150,6 +153,12 @@ class Drive:
     @property
     def removable(self) -> bool:
         return self.qdev is None or self.spec.media == "cdrom"
+
+
+def _drive_stats() -> DriveStats:
+    from vdkit.daemon.iostats import DriveStats
+
+    return DriveStats()
 
 
 class DeviceRegistry:

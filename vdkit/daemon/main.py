@@ -10,6 +10,7 @@ Supported options (a subset of ``qemu-system-x86_64``'s, same syntax)::
            (and the equivalent throttling.bps-total=... spellings)
     -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
     -monitor unix:PATH,server=on,wait=off | tcp:...     (HMP, line mode)
+    -nbd unix:PATH | tcp:HOST:PORT   NBD server exporting every drive by its id
     -S                  start in the "prelaunch" state (otherwise "running")
     --pidfile FILE, --daemonize
     -machine/-display/-nodefaults/-name are accepted and ignored (there is no guest)
@@ -204,6 +205,7 @@ class Config:
     drives: list[DriveSpec] = field(default_factory=list)
     qmp: list[Address] = field(default_factory=list)
     hmp: list[Address] = field(default_factory=list)
+    nbd: list[Address] = field(default_factory=list)
     pidfile: str | None = None
     daemonize: bool = False
     start_paused: bool = False
@@ -239,6 +241,8 @@ def parse_args(argv: list[str]) -> Config:
                 cfg.qmp.append(parse_address(value(opt)))
             elif opt == "-monitor":
                 cfg.hmp.append(parse_address(value(opt)))
+            elif opt == "-nbd":  # NBD server exporting every drive by its id (vdkit.daemon.nbd_export)
+                cfg.nbd.append(parse_address(value(opt)))
             elif opt == "-pidfile":
                 cfg.pidfile = value(opt)
             elif opt == "-daemonize":
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         ready_fd: int | None = ready_w
     else:
         ready_fd = None
-    daemon = Daemon(machine, qmp_addrs=cfg.qmp, hmp_addrs=cfg.hmp)
+    daemon = Daemon(machine, qmp_addrs=cfg.qmp, hmp_addrs=cfg.hmp, nbd_addrs=cfg.nbd)
 
     def ready() -> None:
         nonlocal ready_fd

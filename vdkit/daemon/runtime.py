@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vdkit.daemon import nbd_export
 from vdkit.daemon.devices import DeviceRegistry
 from vdkit.errors import VdkitError
 from vdkit.monitor.commands import CommandContext
@@ -42,6 +43,7 @@ from vdkit.monitor.qmp_wire import (
 )
 
 log = logging.getLogger(__name__)
+nbd_export.register(REGISTRY)  # NBD commands live with the daemon (they need the event loop)
 
 READ_CHUNK = 65536
 # commands that only read daemon state (all others invalidate cached renderings)
@@ -79,6 +81,7 @@ class Daemon:
     machine: DeviceRegistry
     qmp_addrs: list[Address] = field(default_factory=list)
     hmp_addrs: list[Address] = field(default_factory=list)
+    nbd_addrs: list[Address] = field(default_factory=list)
     _qmp_conns: set[_QmpConn] = field(default_factory=set)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -242,6 +245,7 @@ class Daemon:
             await self._listen(a, self._track(self._qmp_client))
         for a in self.hmp_addrs:
             await self._listen(a, self._track(self._hmp_client))
+        await nbd_export.attach(self.machine, self.nbd_addrs)
 
     def _request_stop(self) -> None:
         if self._stop is not None:
@@ -278,5 +282,6 @@ class Daemon:
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        nbd_export.detach(self.machine)
         with self.machine.lock:
             self.machine.close_all()

@@ -206,7 +206,7 @@ def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[BlockSta
                 out.append(_node_stats(medium, i, recurse_backing=False))
         return out
     for drive in machine.drives:
-        backend = BlockDeviceStats(account_invalid=True, account_failed=True)
+        backend = drive.stats.to_model()  # NBD I/O accounted to the backend (vdkit.daemon.iostats)
         if drive.medium is None:
             out.append(BlockStats(stats=backend, device=drive.id, qdev=drive.qdev))
             continue
@@ -286,6 +286,10 @@ def _tray_event(ctx: CommandContext, drive: Drive, is_open: bool) -> None:
 
 def _remove_medium(ctx: CommandContext, drive: Drive) -> None:
     if drive.medium is not None:
+        if getattr(ctx.machine, "nbd", None) is not None:  # exports of this medium go with it
+            from vdkit.daemon.nbd_export import on_medium_change
+
+            on_medium_change(ctx, drive, drive.medium)
         _machine(ctx).close_medium(drive.medium)
         drive.medium = None
 

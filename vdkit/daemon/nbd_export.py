@@ -1,0 +1,578 @@
+"""NBD exports of the daemon's drives: the listener, client connections, QMP commands.
+
+Three parts, labelled as in ``runtime.py``:
+
+* **QMP handlers** (``nbd-server-start``/``-add``/``-remove``/``-stop``,
+  ``block-export-add``/``-del``, ``query-block-exports``) run in a worker
+  thread with the device lock held, like every command.  They change the
+  :class:`NbdService` tables directly; what needs the event loop (starting
+  the asyncio server, hanging up clients) is handed to it thread-safely.
+  Arguments, answers, errors and ``BLOCK_EXPORT_DELETED`` events are QEMU
+  7.2's (``SocketAddressLegacy`` with its ``data`` wrapper, exports listed
+  newest first).
+* **Connection task** (upper half, event loop): reads bytes, feeds the
+  sans-I/O :class:`vdkit.nbd.server.NbdServer`, waits while the VM is
+  ``paused`` (``stop`` quiesces I/O until ``cont``) and while the drive's
+  throttle group says so, and writes replies.
+* **I/O** (bottom half, worker thread): each batch of requests runs under
+  the device lock, so ``savevm``/``transaction``/``query-block`` only ever
+  see drained I/O.  Every request is accounted to the drive's
+  ``query-blockstats`` counters.
+
+Decisions: ``-nbd unix:PATH|tcp:HOST:PORT`` starts the server at start-up
+and exports every drive that has a medium under its drive id (writable
+unless the drive is read-only).  An export is bound to the medium it was
+created on; if that medium is ejected or changed, requests fail with EIO
+and an export made by ``nbd-server-add`` is removed (QEMU's on-eject rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as _errno
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vdkit.block import io as bio
+from vdkit.daemon import iostats
+from vdkit.daemon.throttle import Throttle
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
+from vdkit.nbd import wire as w
+from vdkit.nbd.server import NEED_DATA, Closed, ExportChosen, ExportInfo, NbdServer, Request
+
+if TYPE_CHECKING:
+    from vdkit.daemon.devices import DeviceRegistry, Drive, Medium
+    from vdkit.daemon.runtime import Address
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+PAUSE_POLL_S = 0.02
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
+
+
+@dataclass(eq=False)
+class _Conn:
+    core: NbdServer
+    writer: asyncio.StreamWriter
+    export: Export | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class Export:
+    id: str
+    name: str
+    medium: Medium
+    writable: bool
+    description: str = ""
+    on_eject_drive: str | None = None  # nbd-server-add: removed when this drive's medium goes
+    conns: set[_Conn] = field(default_factory=set)
+
+    @property
+    def node_name(self) -> str:
+        return self.medium.node_name
+
+
+class NbdService:
+    """The daemon's one NBD server: listener, exports, throttle state."""
+
+    def __init__(self, machine: DeviceRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self.machine = machine
+        self.loop = loop
+        self.server: asyncio.AbstractServer | None = None
+        self.unix_path: str | None = None
+        self.exports: list[Export] = []  # creation order
+        self._throttles: dict[str, tuple[dict[str, int], Throttle]] = {}
+        self._conns: set[_Conn] = set()
+
+    # -- catalogue for the protocol core (event loop) ---------------------------------------------
+    def _find(self, name: str) -> Export | None:
+        for e in self.exports:
+            if e.name == name:
+                return e
+        return None
+
+    def _info(self, e: Export) -> ExportInfo:
+        node = e.medium.node
+        return ExportInfo(e.name, node.driver.virtual_size, readonly=not e.writable or e.medium.ro,
+                          description=e.description)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        e = self._find(name)
+        return None if e is None else self._info(e)
+
+    def listing(self) -> list[ExportInfo]:
+        return [self._info(e) for e in self.exports]
+
+    # -- lifecycle (QMP handlers, worker thread) -----------------------------------------------------
+    def start(self, addr: Address) -> None:
+        """Bind the listener here (so bind errors are the command's), serve it on the loop."""
+        if self.server is not None:
+            raise VdkitError("NBD server already running")
+        if addr.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.exists(addr.path) and not os.path.isdir(addr.path):
+                        os.unlink(addr.path)
+                sock.bind(addr.path)
+            except OSError as exc:
+                sock.close()
+                raise VdkitError(f"Failed to bind socket to {addr.path}: {os.strerror(exc.errno or 0)}") from None
+        else:
+            try:
+                infos = socket.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise VdkitError(f"address resolution failed for {addr.host}:{addr.port}: {exc.strerror}") from None
+            family, _, _, _, sa = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sa)
+            except OSError as exc:
+                sock.close()
+                raise VdkitError(f"Failed to bind socket: {os.strerror(exc.errno or 0)}") from None
+        sock.listen(128)
+        sock.setblocking(False)
+
+        async def serve() -> asyncio.AbstractServer:
+            return await asyncio.start_server(self._client, sock=sock, limit=READ_CHUNK)
+
+        self.server = self._on_loop(serve())
+        self.unix_path = addr.path if addr.kind == "unix" else None
+
+    def _on_loop(self, coro: Any) -> Any:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:  # called from the loop itself (daemon start-up)
+            raise AssertionError("use start_async on the event loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def bound_address(self) -> tuple[str, int] | str | None:
+        if self.server is None:
+            return None
+        return self.server.sockets[0].getsockname()  # type: ignore[no-any-return]
+
+    def stop(self, ctx: CommandContext | None) -> None:
+        if self.server is None:
+            raise VdkitError("NBD server not running")
+        for e in list(self.exports):
+            self._delete(e, ctx)
+        server, self.server = self.server, None
+        self.loop.call_soon_threadsafe(server.close)
+        if self.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+            self.unix_path = None
+
+    def add(self, ctx: CommandContext, *, id: str, medium: Medium, name: str, writable: bool,
+            description: str = "", on_eject_drive: str | None = None) -> None:
+        if not _ID_RE.match(id):
+            raise VdkitError("Invalid block export id")
+        if any(e.id == id for e in self.exports):
+            raise VdkitError(f"Block export id '{id}' is already in use")
+        if self.server is None:
+            raise VdkitError("NBD server not running")
+        if len(name.encode()) > w.MAX_STRING:
+            raise VdkitError(f"export name '{name}' too long")
+        if len(description.encode()) > w.MAX_STRING:
+            raise VdkitError(f"description '{description}' too long")
+        if self._find(name) is not None:
+            raise VdkitError(f"NBD server already has export named '{name}'")
+        self.exports.append(Export(id, name, medium, writable, description, on_eject_drive))
+
+    def delete(self, ctx: CommandContext, id: str, mode: str) -> None:
+        exp = next((e for e in self.exports if e.id == id), None)
+        if exp is None:
+            raise VdkitError(f"Export '{id}' is not found")
+        if mode == "safe" and exp.conns:
+            raise VdkitError(f"export '{id}' still in use", hint="Use mode='hard' to force client disconnect")
+        self._delete(exp, ctx)
+
+    def _delete(self, exp: Export, ctx: CommandContext | None) -> None:
+        self.exports.remove(exp)
+        for conn in list(exp.conns):
+            self._hang_up(conn)
+        exp.conns.clear()
+        if ctx is not None:
+            ctx.emit("BLOCK_EXPORT_DELETED", {"id": exp.id})
+
+    def _hang_up(self, conn: _Conn) -> None:
+        def close() -> None:
+            transport = conn.writer.transport
+            if transport is not None:
+                transport.abort()
+            if conn.task is not None:
+                conn.task.cancel()
+
+        self.loop.call_soon_threadsafe(close)
+
+    def close_all(self) -> None:
+        """Daemon shutdown (event loop): drop the listener and every client."""
+        self.exports.clear()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for conn in list(self._conns):
+            if conn.writer.transport is not None:
+                conn.writer.transport.abort()
+        if self.unix_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.unix_path)
+
+    def _current_drive(self, exp: Export) -> Drive | None:
+        for d in self.machine.drives:
+            if d.medium is exp.medium:
+                return d
+        return None
+
+    def _throttle(self, drive: Drive) -> Throttle | None:
+        cfg = drive.throttle
+        if not cfg.enabled:
+            return None
+        key = drive.group or drive.id
+        state = cfg.to_state()
+        cached = self._throttles.get(key)
+        if cached is None or cached[0] != state:
+            cached = (state, Throttle.from_config(cfg))
+            self._throttles[key] = cached
+        return cached[1]
+
+    # -- connection task (event loop) -----------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(NbdServer(self.lookup, self.listing), writer)
+        conn.task = asyncio.current_task()
+        self._conns.add(conn)
+        log.debug("NBD client connected")
+        try:
+            writer.write(conn.core.greeting())
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                log.debug("--> %d bytes", len(data))
+                conn.core.receive_data(data)
+                batch: list[Request] = []
+                closed = False
+                while (ev := conn.core.next_event()) is not NEED_DATA:
+                    if isinstance(ev, Closed):
+                        log.debug("NBD client closing: %s", ev.reason)
+                        closed = True
+                        break
+                    if isinstance(ev, ExportChosen):
+                        exp = self._find(ev.export.name)
+                        if exp is None:  # removed while haggling
+                            closed = True
+                            break
+                        conn.export = exp
+                        exp.conns.add(conn)
+                    else:
+                        assert isinstance(ev, Request)
+                        batch.append(ev)
+                out = conn.core.data_to_send()
+                if out:
+                    writer.write(out)
+                if batch:
+                    await self._serve(conn, batch)
+                await writer.drain()
+                if closed:
+                    break
+        except (ConnectionError, OSError) as exc:
+            log.debug("NBD client gone: %s", exc)
+        finally:
+            self._conns.discard(conn)
+            if conn.export is not None:
+                conn.export.conns.discard(conn)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, conn: _Conn, batch: list[Request]) -> None:
+        """Run ``batch`` in order: wait for ``cont`` and the throttle, then the I/O in a thread."""
+        exp = conn.export
+        assert exp is not None
+        while batch:
+            while self.machine.run_state == "paused":
+                await asyncio.sleep(PAUSE_POLL_S)
+            drive = self._current_drive(exp)
+            throttle = self._throttle(drive) if drive is not None else None
+            if throttle is not None:
+                req = batch[0]
+                is_write = req.cmd in (w.CMD_WRITE, w.CMD_WRITE_ZEROES)
+                while (wait := throttle.wait_ns(is_write, time.monotonic_ns())) > 0:
+                    await asyncio.sleep(wait / 1e9)
+                if req.cmd in (w.CMD_READ, w.CMD_WRITE, w.CMD_WRITE_ZEROES):
+                    throttle.account(is_write, req.length)
+                todo = batch[:1]
+            else:
+                todo = batch
+            replies, done = await asyncio.to_thread(self._run_batch, conn, exp, todo)
+            if replies:
+                conn.writer.writelines(replies)
+            batch = todo[done:] + batch[len(todo):]
+            if len(replies) > 16 or sum(map(len, replies)) > (4 << 20):
+                await conn.writer.drain()
+
+    # -- I/O (worker thread) -----------------------------------------------------------------------
+    def _run_batch(self, conn: _Conn, exp: Export, batch: list[Request]) -> tuple[list[bytes], int]:
+        """Execute requests under the device lock; stops early (count returned) if the VM got paused."""
+        replies: list[bytes] = []
+        with self.machine.lock:
+            drive = self._current_drive(exp)
+            for i, req in enumerate(batch):
+                if self.machine.run_state == "paused":
+                    return replies, i
+                replies.append(self._one(conn.core, exp, drive, req))
+        return replies, len(batch)
+
+    def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request) -> bytes:
+        kind = {w.CMD_READ: iostats.READ, w.CMD_WRITE: iostats.WRITE, w.CMD_WRITE_ZEROES: iostats.WRITE,
+                w.CMD_FLUSH: iostats.FLUSH, w.CMD_TRIM: iostats.UNMAP}.get(req.cmd)
+        if drive is None:
+            return core.reply_error(req.handle, w.EIO, "export's medium is gone")
+        node = exp.medium.node
+        start = time.monotonic_ns()
+        try:
+            if req.cmd == w.CMD_READ:
+                data = bio.read(node, req.offset, req.length)
+                reply = core.reply_read(req, data)
+            elif req.cmd == w.CMD_BLOCK_STATUS:
+                reply = core.reply_block_status(req, self._extents(node, req))
+            elif req.cmd == w.CMD_CACHE:
+                reply = core.reply_ok(req)
+            else:
+                if req.cmd == w.CMD_WRITE:
+                    bio.write(node, req.offset, req.data)
+                elif req.cmd == w.CMD_WRITE_ZEROES:
+                    if req.flags & w.CMDFLAG_FAST_ZERO and req.flags & w.CMDFLAG_NO_HOLE and node.format == "raw":
+                        # a raw file can only write these zeros slowly: tell the client to fall back
+                        return core.reply_error(req.handle, w.ENOTSUP, "fast zeroing not possible")
+                    bio.write_zeroes(node, req.offset, req.length, unmap=not req.flags & w.CMDFLAG_NO_HOLE)
+                elif req.cmd == w.CMD_TRIM:
+                    bio.discard(node, req.offset, req.length)
+                if req.cmd == w.CMD_FLUSH or req.flags & w.CMDFLAG_FUA:
+                    bio.flush(node)
+                reply = core.reply_ok(req)
+        except (OSError, VdkitError) as exc:
+            log.warning("NBD %s at %d+%d failed: %s", req.name, req.offset, req.length, exc)
+            if kind is not None:
+                drive.stats.done(kind, req.length, start, ok=False)
+            code = getattr(exc, "errno", None)
+            err = w.ENOSPC if code == _errno.ENOSPC else w.EPERM if code in (_errno.EPERM, _errno.EROFS) else w.EIO
+            return core.reply_error(req.handle, err, str(exc))
+        if kind is not None:
+            nbytes = 0 if kind == iostats.FLUSH else req.length
+            drive.stats.done(kind, nbytes, start, end_offset=req.offset + req.length)
+        return reply
+
+    @staticmethod
+    def _extents(node: Any, req: Request) -> list[tuple[int, int]]:
+        """base:allocation extents: HOLE where the chain has no data, ZERO where it reads zeros."""
+        out: list[tuple[int, int]] = []
+        pos, end = req.offset, req.offset + req.length
+        while pos < end and len(out) < 4096:
+            st = bio.above_status(node, pos, end - pos)
+            if st.length <= 0:
+                break
+            flags = (0 if st.flags & bio.DATA else w.STATE_HOLE) | (w.STATE_ZERO if st.flags & bio.ZERO else 0)
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + st.length, flags)
+            else:
+                out.append((st.length, flags))
+            pos += st.length
+            if req.flags & w.CMDFLAG_REQ_ONE:
+                break
+        return [(min(length, 0xFFFFFFFF), f) for length, f in out]
+
+
+# -- daemon hooks -------------------------------------------------------------------------------------
+
+
+def service(machine: DeviceRegistry) -> NbdService:
+    svc = getattr(machine, "nbd", None)
+    if svc is None:
+        raise VdkitError("NBD server not available")  # the registry runs outside a daemon (unit tests)
+    return svc  # type: ignore[no-any-return]
+
+
+async def attach(machine: DeviceRegistry, addrs: list[Address]) -> NbdService:
+    """Daemon start (event loop): create the service; ``-nbd`` exports every drive with a medium."""
+    svc = NbdService(machine, asyncio.get_running_loop())
+    machine.nbd = svc  # type: ignore[attr-defined]
+    for addr in addrs:
+        try:
+            await asyncio.to_thread(_start_from_cli, svc, machine, addr)
+        except VdkitError as exc:  # the daemon reports start-up OSErrors as "could not listen"
+            raise OSError(0, exc.message) from None
+    return svc
+
+
+def _start_from_cli(svc: NbdService, machine: DeviceRegistry, addr: Address) -> None:
+    with machine.lock:
+        svc.start(addr)
+        ctx = CommandContext(machine)
+        for d in machine.drives:
+            if d.medium is not None:
+                svc.add(ctx, id=d.id, medium=d.medium, name=d.id, writable=not d.medium.ro,
+                        on_eject_drive=d.id)
+
+
+def detach(machine: DeviceRegistry) -> None:
+    svc = getattr(machine, "nbd", None)
+    if svc is not None:
+        svc.close_all()
+
+
+def on_medium_change(ctx: CommandContext, drive: Drive, old: Medium | None) -> None:
+    """A drive's medium was ejected or replaced: remove the nbd-server-add exports that named it."""
+    svc = getattr(ctx.machine, "nbd", None)
+    if svc is None or old is None:
+        return
+    for e in list(svc.exports):
+        if e.medium is old and e.on_eject_drive == drive.id:
+            svc._delete(e, ctx)
+
+
+# -- QMP handlers (worker thread, device lock held) ---------------------------------------------------
+
+
+def _parse_addr(addr: dict[str, Any]) -> Address:
+    from vdkit.daemon.runtime import Address
+
+    kind, data = addr["type"], addr["data"]
+    if kind == "unix":
+        return Address("unix", path=data["path"])
+    if kind == "inet":
+        try:
+            port = int(data["port"])
+        except ValueError:
+            raise VdkitError(f"Parameter 'addr.data.port' expects integer: {data['port']}") from None
+        return Address("tcp", host=data["host"], port=port)
+    raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
+
+
+def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
+    if "tls-creds" in args:
+        raise VdkitError(f"No TLS credentials with id '{args['tls-creds']}'")
+    service(ctx.machine).start(_parse_addr(args["addr"]))
+
+
+def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> tuple[Medium, Drive]:
+    """QEMU's ``bdrv_lookup_bs``: a drive id (with a medium) or a top node name."""
+    machine = ctx.machine
+    if device is not None:
+        d = machine.find_drive(device)
+        if d is not None:
+            if d.medium is None:
+                raise VdkitError(f"Device '{device}' has no medium")
+            return d.medium, d
+    if node_name is not None:
+        for d in machine.drives:
+            if d.medium is not None and d.medium.node_name == node_name:
+                return d.medium, d
+    raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    svc = service(ctx.machine)
+    if svc.server is None:
+        raise VdkitError("NBD server not running")
+    device = args["device"]
+    name = args.get("name", device)
+    medium, drive = _resolve(ctx, device, device)
+    if "bitmap" in args:
+        raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
+    # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
+    writable = bool(args.get("writable", False)) and not medium.ro
+    on_eject = drive.id if ctx.machine.find_drive(device) is drive else None
+    svc.add(ctx, id=name, medium=medium, name=name, writable=writable,
+            description=args.get("description", ""), on_eject_drive=on_eject)
+
+
+def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    svc = service(ctx.machine)
+    if args["type"] != "nbd":
+        raise VdkitError(f"Export type '{args['type']}' is not supported by vdkit-daemon")
+    if not _ID_RE.match(args["id"]):
+        raise VdkitError("Invalid block export id")
+    if any(e.id == args["id"] for e in svc.exports):
+        raise VdkitError(f"Block export id '{args['id']}' is already in use")
+    medium, _ = _resolve(ctx, None, args["node-name"])
+    writable = bool(args.get("writable", False))
+    if svc.server is None:
+        raise VdkitError("NBD server not running")
+    if writable and medium.ro:
+        raise VdkitError("Cannot export read-only node as writable")
+    if args.get("bitmaps"):
+        raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
+    svc.add(ctx, id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
+            description=args.get("description", ""))
+
+
+def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
+    service(ctx.machine).delete(ctx, args["name"], args.get("mode", "safe"))
+
+
+def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    service(ctx.machine).delete(ctx, args["id"], args.get("mode", "safe"))
+
+
+def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
+    service(ctx.machine).stop(ctx)
+
+
+def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    svc = getattr(ctx.machine, "nbd", None)
+    if svc is None:
+        return []
+    return [{"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": False}
+            for e in reversed(svc.exports)]
+
+
+def register(reg: CommandRegistry) -> None:
+    r = reg.register
+    unix = Arg("data", "object", members=(Arg("path"), opt("abstract", "bool"), opt("tight", "bool")))
+    inet = Arg("data", "object", members=(
+        Arg("host"), Arg("port"), opt("numeric", "bool"), opt("to", "int"), opt("ipv4", "bool"),
+        opt("ipv6", "bool"), opt("keep-alive", "bool"), opt("mptcp", "bool")))
+    # SocketAddressLegacy: a union on 'type'; the branch decides the 'data' schema (checked in _addr_schema)
+    addr = Arg("addr", "object", members=(Arg("type", enum=("inet", "unix", "vsock", "fd"), enum_label="type"),
+                                          Arg("data", "object")))
+    r("nbd-server-start", addr, opt("tls-creds"), opt("tls-authz"), opt("max-connections", "int"))(
+        _with_addr_branch(nbd_server_start, unix, inet))
+    r("nbd-server-add", Arg("device"), opt("name"), opt("description"), opt("writable", "bool"),
+      opt("bitmap"))(nbd_server_add)
+    mode = opt("mode", enum=("safe", "hard"))
+    r("nbd-server-remove", Arg("name"), mode)(nbd_server_remove)
+    r("nbd-server-stop")(nbd_server_stop)
+    r("block-export-add", Arg("type", enum=("nbd", "vhost-user-blk", "fuse", "vduse-blk")), Arg("id"),
+      opt("fixed-iothread", "bool"), opt("iothread"), Arg("node-name"), opt("writable", "bool"),
+      opt("writethrough", "bool"), opt("name"), opt("description"), opt("bitmaps", "array", items=Arg("bitmaps")),
+      opt("allocation-depth", "bool"))(block_export_add)
+    r("block-export-del", Arg("id"), mode)(block_export_del)
+    r("query-block-exports")(query_block_exports)
+
+
+def _with_addr_branch(fn: Any, unix: Arg, inet: Arg) -> Any:
+    """Validate ``addr.data`` against the branch ``addr.type`` selects, as QEMU's union visitor does."""
+    from vdkit.monitor.commands import validate
+
+    def handler(ctx: CommandContext, args: dict[str, Any]) -> None:
+        a = args["addr"]
+        branch = {"unix": unix, "inet": inet}.get(a["type"])
+        if branch is None:
+            raise VdkitError(f"Socket address type '{a['type']}' is not supported by vdkit-daemon")
+        data = validate(branch.members or (), a["data"], prefix="addr.data.")
+        fn(ctx, {**args, "addr": {"type": a["type"], "data": data}})
+
+    return handler
