@@ -169,6 +169,29 @@ def above_status(node: Node, offset: int, length: int) -> BlockStatus:
     return BlockStatus(flags, st.length, st.offset, st.file)
 
 
+def io_error(exc: Exception, what: str) -> Exception:
+    """Turn a failure below an I/O request into qemu-img's ``<what>: <strerror>`` error.
+
+    A qcow2 corruption event is first reported on stderr the way QEMU
+    reports it.  Errors that are not I/O errors (EIO/OSError) pass unchanged.
+    """
+    import sys
+
+    from vdkit.errors import VdkitError
+    from vdkit.formats.qcow2.io import CorruptionEvent
+
+    if isinstance(exc, CorruptionEvent):
+        sys.stdout.flush()
+        sys.stderr.write(f"qcow2: Image is corrupt: {exc.message}; further non-fatal corruption events will be "
+                         "suppressed\n")
+        sys.stderr.flush()
+    if isinstance(exc, OSError):
+        return VdkitError(f"{what}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)
+    if isinstance(exc, VdkitError) and exc.errno == errno.EIO:
+        return VdkitError(f"{what}: {os.strerror(errno.EIO)}", errno=errno.EIO)
+    return exc
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 def read(node: Node, offset: int, length: int) -> bytes:

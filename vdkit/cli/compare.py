@@ -77,6 +77,14 @@ def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: b
     return code
 
 
+def _strerror(exc: Exception) -> str:
+    """strerror of an I/O failure (printing a qcow2 corruption event first, as QEMU does)."""
+    from vdkit.block.io import io_error
+
+    err = io_error(exc, "")
+    return err.message[2:] if isinstance(err, VdkitError) and err.message.startswith(": ") else str(err)
+
+
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         write_out(text)
@@ -112,8 +120,8 @@ def _check_empty(node: Node, offset: int, length: int, filename: str, quiet: boo
 
     try:
         buf = read(node, offset, length)
-    except VdkitError as exc:
-        error(f"Error while reading offset {offset} of {filename}: {exc.message}")
+    except (VdkitError, OSError) as exc:
+        error(f"Error while reading offset {offset} of {filename}: {_strerror(exc)}")
         raise _Result(4) from exc
     idx = _first_nonzero_sector(buf)
     if idx >= 0:
@@ -126,7 +134,8 @@ def _status(node: Node, offset: int, length: int, filename: str):  # type: ignor
 
     try:
         return above_status(node, offset, length)
-    except VdkitError as exc:
+    except (VdkitError, OSError) as exc:
+        _strerror(exc)
         error(f"Sector allocation test failed for {filename}")
         raise _Result(3) from exc
 
@@ -164,13 +173,13 @@ def _compare(n1: Node, n2: Node, file1: str, file2: str, *, strict: bool, quiet:
                 chunk = min(chunk, IO_BUF)
                 try:
                     b1 = read(n1, offset, chunk)
-                except VdkitError as exc:
-                    error(f"Error while reading offset {offset} of {file1}: {exc.message}")
+                except (VdkitError, OSError) as exc:
+                    error(f"Error while reading offset {offset} of {file1}: {_strerror(exc)}")
                     return 4
                 try:
                     b2 = read(n2, offset, chunk)
-                except VdkitError as exc:
-                    error(f"Error while reading offset {offset} of {file2}: {exc.message}")
+                except (VdkitError, OSError) as exc:
+                    error(f"Error while reading offset {offset} of {file2}: {_strerror(exc)}")
                     return 4
                 d = _first_diff(b1, b2)
                 if d >= 0:

@@ -235,13 +235,18 @@ class Copier:
             offset = (sector - src.start) * SECTOR
             count = n * SECTOR
             node = src.node
-            if self.target_has_backing:
-                st = layer_status(node, offset, count)
-                flags, count = st.flags, st.length
-            else:
-                e = chain_status(node, offset, count)
-                flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
-                count = e.length
+            try:
+                if self.target_has_backing:
+                    st = layer_status(node, offset, count)
+                    flags, count = st.flags, st.length
+                else:
+                    e = chain_status(node, offset, count)
+                    flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
+                    count = e.length
+            except (VdkitError, OSError) as exc:
+                from vdkit.block.io import io_error
+
+                raise io_error(exc, f"error while reading block status at offset {offset}") from exc
             n = (count + SECTOR - 1) // SECTOR
             tail = (sector - src.start + n) % src.alignment
             if n > tail:
@@ -285,7 +290,12 @@ class Copier:
         length = n * SECTOR
         size = src.node.driver.virtual_size
         part = max(0, min(length, size - offset))
-        data = read(src.node, offset, part)
+        try:
+            data = read(src.node, offset, part)
+        except (VdkitError, OSError) as exc:
+            from vdkit.block.io import io_error
+
+            raise io_error(exc, f"error while reading at byte {sector * SECTOR}") from exc
         return data if part == length else data + bytes(length - part)
 
 
@@ -434,7 +444,12 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
                 buf = copier.read(sector, n)
             elif status == BLK_ZERO and not a.min_sparse:
                 status, buf = BLK_DATA, bytes(n * SECTOR)
-            _write(target, copier, status, sector, n, buf, has_zero_init)
+            try:
+                _write(target, copier, status, sector, n, buf, has_zero_init)
+            except (VdkitError, OSError) as exc:
+                from vdkit.block.io import io_error
+
+                raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
             if status == BLK_DATA or (not a.min_sparse and copier.status == BLK_ZERO):
                 done += n
                 if allocated:

@@ -70,7 +70,7 @@ def _human(node, start: int, end: int) -> int:  # type: ignore[no-untyped-def]
 
     out = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"]
     cur = None
-    for e in map_entries(node, start, end):
+    for e in _guarded(map_entries(node, start, end), out):
         if cur is not None:
             if cur.mergeable(e):
                 cur.length += e.length
@@ -109,7 +109,7 @@ def _json(node, start: int, end: int) -> int:  # type: ignore[no-untyped-def]
 
     any_entry = False
     buf = ["["]
-    for e in map_entries(node, start, end):
+    for e in _guarded(map_entries(node, start, end), buf):
         if any_entry:
             buf.append(",\n")
         buf.append(fmt(e))
@@ -122,6 +122,23 @@ def _json(node, start: int, end: int) -> int:  # type: ignore[no-untyped-def]
     buf.append("]\n")
     write_out("".join(buf))
     return 0
+
+
+def _guarded(entries, pending: list[str]):  # type: ignore[no-untyped-def]
+    """Entries until a metadata read fails; then print what is pending and fail like qemu-img."""
+    from vdkit.block.io import io_error
+
+    it = iter(entries)
+    while True:
+        try:
+            e = next(it)
+        except StopIteration:
+            return
+        except (VdkitError, OSError) as exc:
+            write_out("".join(pending))
+            pending.clear()
+            raise io_error(exc, "Could not read file metadata") from exc
+        yield e
 
 
 def _b(v: bool) -> str:

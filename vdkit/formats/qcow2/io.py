@@ -45,6 +45,21 @@ if TYPE_CHECKING:
 BackingRead = Callable[[int, int], bytes]
 
 _U64 = np.uint64
+
+
+def _hx(value: int) -> str:
+    """C's ``%#x``: no ``0x`` for zero (QEMU's messages print ``L2 index: 0``)."""
+    return f"{value:#x}" if value else "0"
+
+
+class CorruptionEvent(CorruptImageError):
+    """Metadata QEMU would call corrupt (unaligned offsets, invalid entries).
+
+    The message is the bare event text; front ends print it as QEMU does
+    (``qcow2: Image is corrupt: ...; further non-fatal corruption events
+    will be suppressed``) and then fail the operation with EIO.
+    """
+
 _MASK_OFF = _U64(L.L2E_OFFSET_MASK)
 _COMPRESSED = _U64(L.OFLAG_COMPRESSED)
 _COPIED = _U64(L.OFLAG_COPIED)
@@ -163,8 +178,8 @@ class Qcow2IO:
         if not l2_off:
             return [Run(Kind.UNALLOCATED, base, span)]
         if l2_off % self.cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset {l2_off:#x} unaligned (L1 index: {i1:#x})", errno=EIO
+            raise CorruptionEvent(
+                f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})", errno=EIO
             )
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         kinds, hosts, valid, unit = self._classify(entries, bitmaps, l2_off)
@@ -183,9 +198,9 @@ class Qcow2IO:
             has_off = has_off | ((e & _COPIED) != 0)
             if np.any(comp):
                 i = int(np.flatnonzero(comp)[0])
-                raise CorruptImageError(
+                raise CorruptionEvent(
                     f"Compressed cluster entry found in image with external data file "
-                    f"(L2 offset: {l2_off:#x}, L2 index: {i:#x})", errno=EIO)
+                    f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
         std = ~comp
         if not g.extended_l2:
             zero = std & ((e & _ZERO) != 0)
@@ -193,9 +208,9 @@ class Qcow2IO:
             bad = (normal | (zero & has_off)) & ((off & _U64(cs - 1)) != 0)
             if np.any(bad):
                 i = int(np.flatnonzero(bad)[0])
-                raise CorruptImageError(
-                    f"Cluster allocation offset {int(off[i]):#x} unaligned "
-                    f"(L2 offset: {l2_off:#x}, L2 index: {i:#x})", errno=EIO)
+                raise CorruptionEvent(
+                    f"Cluster allocation offset {_hx(int(off[i]))} unaligned "
+                    f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
             kinds = np.full(len(e), Kind.UNALLOCATED, dtype=np.uint8)
             kinds[normal] = Kind.DATA
             kinds[zero] = Kind.ZERO
@@ -211,14 +226,14 @@ class Qcow2IO:
         invalid = (normal_c & ((alloc_bits & zero_bits) != 0)) | (std & ~has_off & (alloc_bits != 0))
         if np.any(invalid):
             i = int(np.flatnonzero(invalid)[0])
-            raise CorruptImageError(
-                f"Invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {i:#x})", errno=EIO)
+            raise CorruptionEvent(
+                f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
         bad = normal_c & ((off & _U64(cs - 1)) != 0)
         if np.any(bad):
             i = int(np.flatnonzero(bad)[0])
-            raise CorruptImageError(
-                f"Cluster allocation offset {int(off[i]):#x} unaligned "
-                f"(L2 offset: {l2_off:#x}, L2 index: {i:#x})", errno=EIO)
+            raise CorruptionEvent(
+                f"Cluster allocation offset {_hx(int(off[i]))} unaligned "
+                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
         sc_alloc = ((alloc_bits[:, None] >> _SC_SHIFTS) & _U64(1)) != 0
         sc_zero = ((zero_bits[:, None] >> _SC_SHIFTS) & _U64(1)) != 0
         n = len(e)
@@ -364,7 +379,7 @@ class Qcow2IO:
         if old and l1e & L.OFLAG_COPIED:
             return old
         if old % self.cluster_size:
-            raise CorruptImageError(f"L2 table offset {old:#x} unaligned (L1 index: {i1:#x})", errno=EIO)
+            raise CorruptionEvent(f"L2 table offset {_hx(old)} unaligned (L1 index: {_hx(i1)})", errno=EIO)
         new = rc.alloc_clusters(self.cluster_size)
         rc.flush()
         if old:
@@ -760,7 +775,7 @@ def decompress_cluster(raw: bytes, cluster_size: int, ctype: int) -> bytes:
         try:
             out = d.decompress(raw, cluster_size)
         except zlib.error as exc:
-            raise CorruptImageError(f"Could not decompress cluster: {exc}", errno=EIO) from None
+            raise VdkitError(f"Could not decompress cluster: {exc}", errno=EIO) from None
     elif ctype == L.CompressionType.ZSTD:
         zstd = _zstd()
         import io
@@ -774,11 +789,11 @@ def decompress_cluster(raw: bytes, cluster_size: int, ctype: int) -> bytes:
                     break
                 out += more
         except zstd.ZstdError as exc:
-            raise CorruptImageError(f"Could not decompress cluster: {exc}", errno=EIO) from None
+            raise VdkitError(f"Could not decompress cluster: {exc}", errno=EIO) from None
     else:
         raise UnsupportedError(f"Unknown compression type {ctype}")
     if len(out) != cluster_size:
-        raise CorruptImageError("Could not decompress cluster: data is truncated", errno=EIO)
+        raise VdkitError("Could not decompress cluster: data is truncated", errno=EIO)
     return out
 
 
