@@ -362,3 +362,21 @@ def test_snapshot_count_limit(tmp_path: Path) -> None:
     q, v = pair(tmp_path, base)
     assert run_both(q, v, "-c", "one-too-many") == 1
     assert v.read_bytes() == base.read_bytes()
+
+
+def test_l1_repeating_one_table_is_cheap(tmp_path: Path) -> None:
+    """A crafted L1 pointing 131072 times at one full L2 table: a clean error, not a memory blow-up."""
+    img = make_image(tmp_path / "rep.qcow2", size="64T", writes=("write -P 1 0 64k",))
+    raw = bytearray(img.read_bytes())
+    l1_size = int.from_bytes(raw[36:40], "big")
+    l1_off = int.from_bytes(raw[40:48], "big")
+    assert l1_size == 131072
+    first = raw[l1_off : l1_off + 8]
+    with open(img, "r+b") as f:
+        f.seek(l1_off)
+        f.write(bytes(first) * l1_size)
+    before = img.read_bytes()
+    r = vdkit_img("snapshot", "-c", "s", str(img))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "-22 (Invalid argument)" in r.stderr  # 16-bit counts cannot hold 131072 references
+    assert img.read_bytes() == before

@@ -597,21 +597,30 @@ class Transaction:
             cur[hit] += sums[pos_c[hit]]
         return cur
 
-    def check_peak(self, increments: Iterable[np.ndarray]) -> None:
+    def check_peak(self, increments: Iterable[tuple[np.ndarray, int]]) -> None:
         """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.
 
         QEMU applies the increments of an operation before its decrements, so
         it fails on a transient overflow even when the net result would fit;
-        callers use this to fail exactly where QEMU fails.
+        callers use this to fail exactly where QEMU fails.  ``increments``
+        holds (clusters, times) pairs.
         """
-        arrs = [np.asarray(a, dtype=np.int64) for a in increments]
-        allc = np.concatenate(arrs) if arrs else np.zeros(0, dtype=np.int64)
-        if not len(allc):
+        keys_l: list[np.ndarray] = []
+        adds_l: list[np.ndarray] = []
+        for arr, times in increments:
+            uk, cnt = np.unique(np.asarray(arr, dtype=np.int64), return_counts=True)
+            keys_l.append(uk)
+            adds_l.append(cnt.astype(np.int64) * times)
+        if not keys_l:
             return
-        keys, counts = np.unique(allc, return_counts=True)
+        keys, inv = np.unique(np.concatenate(keys_l), return_inverse=True)
+        if not len(keys):
+            return
+        adds = np.zeros(len(keys), dtype=np.int64)
+        np.add.at(adds, inv, np.concatenate(adds_l))
         cur = self.rc.get_many(keys)
         room = np.uint64(self.rc.refcount_max) - cur
-        if np.any(room < counts.astype(np.uint64)):
+        if np.any(room < adds.astype(np.uint64)):
             raise RefcountOverflow("Invalid argument", errno=EINVAL)
 
     # -- staged writes --------------------------------------------------------------------------

@@ -130,22 +130,38 @@ def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
 
 
 class _Tree:
-    """References of one L1 tree: L2 table clusters and data clusters (with multiplicity)."""
+    """References of one L1 tree: L2 table clusters and data clusters.
+
+    A table referenced from k L1 entries counts k times (as ``qemu-img check``
+    counts), but is read and decoded once: ``parts`` pairs each distinct
+    table's data references with k, so a crafted L1 repeating one table
+    millions of times costs no more than the table itself.
+    """
 
     def __init__(self, drv: Qcow2Driver, l1: np.ndarray) -> None:
         geom = drv.geometry
         offs = geom.l1_tables(l1)
         self.l2_offsets = offs[offs != 0]
         self.l2_clusters = (self.l2_offsets >> np.uint64(geom.cluster_bits)).astype(np.int64)
-        refs = [np.zeros(0, dtype=np.int64)]
-        for off in self.l2_offsets.tolist():
+        distinct, counts = np.unique(self.l2_offsets, return_counts=True)
+        self.parts: list[tuple[np.ndarray, int]] = []
+        for off, k in zip(distinct.tolist(), counts.tolist(), strict=True):
             entries, _ = drv.clusters.l2.get(off)
-            refs.append(geom.l2_references(entries, where=f" in L2 table {off:#x}"))
-        self.data = np.concatenate(refs)
+            self.parts.append((geom.l2_references(entries, where=f" in L2 table {off:#x}"), k))
+
+    @property
+    def data(self) -> np.ndarray:
+        """Distinct-table data references (each table once)."""
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [a for a, _ in self.parts])
 
     def add_to(self, txn: Transaction, addend: int) -> None:
         txn.add_refs(self.l2_clusters, addend)
-        txn.add_refs(self.data, addend)
+        for refs, k in self.parts:
+            txn.add_refs(refs, addend * k)
+
+    def increments(self) -> list[tuple[np.ndarray, int]]:
+        """(clusters, times) pairs of one more reference to this whole tree."""
+        return [(self.l2_clusters, 1), *self.parts]
 
 
 def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, tuple]]:
@@ -438,7 +454,7 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
     txn = Transaction(drv.refcounts)
     new_tree = _Tree(drv, snap_l1)
     # QEMU counts the snapshot's tree up before counting the old tree down.
-    txn.check_peak([new_tree.l2_clusters, new_tree.data])
+    txn.check_peak(new_tree.increments())
     new_tree.add_to(txn, +1)
     old_tree = _Tree(drv, active)
     old_tree.add_to(txn, -1)
