@@ -360,6 +360,8 @@ def create(
     active = cm.l1.copy()
     if vm_state is not None:
         vm_state_size = len(vm_state)
+        if not vm_state:
+            vm_state = None  # an empty state is a disk-only snapshot
     entry = SnapshotEntry(
         l1_table_offset=0, l1_size=len(active), id_str=next_snapshot_id(entries),
         name=_trunc(name, L.MAX_SNAPSHOT_NAME_LEN), date_sec=date_sec & 0xFFFFFFFF,
