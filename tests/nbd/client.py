@@ -59,6 +59,7 @@ class NbdClient:
             if rep == w.REP_INFO and w.U16.unpack_from(data)[0] == w.INFO_EXPORT:
                 _, self.size, self.flags = w.INFO_EXPORT_DATA.unpack(data)
         self._handle = 0
+        self._reads: dict[int, int] = {}  # handle -> length, for simple read replies
 
     def option(self, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
         """Send one option; return ``(reply type, data)`` up to the final (non-SERVER/INFO/META) reply."""
@@ -73,6 +74,8 @@ class NbdClient:
 
     def send(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"", flags: int = 0) -> int:
         self._handle += 1
+        if cmd == w.CMD_READ:
+            self._reads[self._handle] = length
         self.sock.sendall(w.REQUEST.pack(w.REQUEST_MAGIC, flags, cmd, self._handle, offset, length) + data)
         return self._handle
 
@@ -81,7 +84,8 @@ class NbdClient:
         magic = w.U32.unpack(_recv_exact(self.sock, 4))[0]
         if magic == w.SIMPLE_REPLY_MAGIC:
             err, handle = struct.unpack(">IQ", _recv_exact(self.sock, 12))
-            return handle, Reply(err)
+            n = self._reads.pop(handle, 0)
+            return handle, Reply(err, _recv_exact(self.sock, n) if n and not err else b"")
         assert magic == w.STRUCTURED_REPLY_MAGIC, hex(magic)
         reply = Reply()
         while True:
