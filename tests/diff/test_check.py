@@ -119,7 +119,7 @@ def raw_data(path: Path) -> bytes:
     return data
 
 
-def compare_repair(path: Path, mode: str, *extra: str) -> None:
+def compare_repair(path: Path, mode: str, *extra: str, same_bytes: bool = True) -> None:
     """Repair two copies, one per tool: same output; the vdkit copy ends clean with the same data."""
     before = raw_data(path) if mode == "leaks" else None
     qcopy = path.with_name("q_" + path.name)
@@ -131,6 +131,9 @@ def compare_repair(path: Path, mode: str, *extra: str) -> None:
     assert v.stdout == q.stdout.replace(qcopy.name, vcopy.name), f"{q.stdout}\n---\n{v.stdout}"
     assert v.normalized_stderr() == q.stderr, f"{q.stderr}\n---\n{v.stderr}"
     assert v.returncode == q.returncode
+    # Repairs write exactly what qemu-img writes (new refcount structures, flags, discards).
+    if same_bytes:
+        assert vcopy.read_bytes() == qcopy.read_bytes(), f"repaired images differ for -r {mode}"
     after = qemu_img("check", vcopy.name, cwd=path.parent)
     qafter = qemu_img("check", qcopy.name, cwd=path.parent)
     assert after.returncode == qafter.returncode
@@ -396,4 +399,5 @@ def test_persistent_bitmaps(tmp_path: Path) -> None:
     compare(path, "--output=json")
     img = Img(path)
     img.set_refcount(img.append_cluster(), 1)
-    compare_repair(path, "leaks")
+    # qemu-img also rewrites the bitmap directory when it opens the image writable; vdkit does not
+    compare_repair(path, "leaks", same_bytes=False)

@@ -588,6 +588,7 @@ class _Checker:
         used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
         highest = int(used[-1]) if used.size else 0
         rebuild = False
+        freed: list[int] = []
         for i in np.flatnonzero((disk != refs) | bad):
             i = int(i)
             if bad[i]:
@@ -607,6 +608,8 @@ class _Checker:
             self.report(f"{word} cluster {i} refcount={r1} reference={r2}")
             if fixed:
                 self.set_refcount(i, r2)
+                if r2 == 0:
+                    freed.append(i)
                 setattr(res, fixed, getattr(res, fixed) + 1)
                 continue
             if r1 < r2:
@@ -614,7 +617,19 @@ class _Checker:
             else:
                 res.leaks += 1
         self.flush_blocks()
+        self.discard(freed)
         return rebuild, highest
+
+    def discard(self, clusters: list[int]) -> None:
+        """Zero clusters a repair freed (QEMU discards them), never growing the file."""
+        if not clusters:
+            return
+        size = self.file_length()
+        for ci in clusters:
+            off = ci << self.cluster_bits
+            n = min(self.cs, size - off)
+            if n > 0:
+                self.f.pwrite(off, bytes(n))
 
     # -- rebuilding ----------------------------------------------------------------------------------
     def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
@@ -821,6 +836,10 @@ class _Checker:
         self.f.flush()
         rc.free(h.snapshots_offset, self.snapshots_size)
         rc.flush()
+        if self.snapshots_size:  # freed snapshot clusters are discarded, as QEMU does by default
+            first = h.snapshots_offset >> self.cluster_bits
+            last = (h.snapshots_offset + self.snapshots_size - 1) >> self.cluster_bits
+            self.discard([ci for ci in range(first, last + 1) if rc.get(ci) == 0])
 
     # -- the whole check -----------------------------------------------------------------------------
     def run(self) -> CheckResult:
