@@ -260,7 +260,7 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     ext = parse_extensions(cluster0, header_length, ext_end, cluster_size,
                            bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS))
     if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
-        raise OpenError("Could not read encryption header: LUKS header extension is missing")
+        raise OpenError(f"Missing CRYPTO header for crypt method {crypt_method}")
     header = Qcow2Header(
         version=version,
         backing_file_offset=backing_file_offset,
