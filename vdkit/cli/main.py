@@ -76,11 +76,11 @@ Command syntax:
   convert [-c] [-p] [-q] [-n] [-f fmt] [-l snapshot_param] [-O output_fmt] [-B backing_file [-F backing_fmt]]
           [-o options] [-S sparse_size] [--target-is-zero] [-U] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
-  info [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
+  info [--image-opts] [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
   map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=human|json] [-U] filename
   rebase [-q] [-f fmt] [-p] [-u] -b backing_file [-F backing_fmt] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
-  snapshot [-q] [-U] [-f fmt] [--output=human|json] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+  snapshot [--image-opts] [-q] [-U] [--output=human|json] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 """
 
 

@@ -1,4 +1,13 @@
-"""``vdkit-img snapshot``: list (and, with the write side, create/apply/delete)."""
+"""``vdkit-img snapshot``: list (and, with the write side, create/apply/delete).
+
+Options are qemu-img 7.2's (no ``-f``: the format is always probed), plus one
+extension: ``-l --output=json`` prints the snapshots as a pretty JSON array
+of ``SnapshotInfo`` objects -- exactly the ``snapshots`` member that
+``qemu-img info --output=json`` prints, re-indented to the top level (same
+keys, key order and escaping).  With no snapshots it prints an empty array,
+``[`` newline ``]``, the way QEMU prints empty lists, where the human form
+prints nothing.
+"""
 
 from __future__ import annotations
 
