@@ -201,11 +201,18 @@ class NbdService:
 
     def _delete(self, exp: Export, ctx: CommandContext | None) -> None:
         self.exports.remove(exp)
+        busy = bool(exp.conns)
         for conn in list(exp.conns):
             self._hang_up(conn)
         exp.conns.clear()
-        if ctx is not None:
-            ctx.emit("BLOCK_EXPORT_DELETED", {"id": exp.id})
+        if ctx is None:
+            return
+        event = ("BLOCK_EXPORT_DELETED", {"id": exp.id})
+        if busy:
+            # QEMU deletes a busy export only once its clients are gone: the event follows the answer
+            ctx.__dict__.setdefault("late_events", []).append(event)
+        else:
+            ctx.emit(*event)
 
     def _hang_up(self, conn: _Conn) -> None:
         def close() -> None:

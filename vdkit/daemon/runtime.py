@@ -160,6 +160,7 @@ class Daemon:
             return
         self._broadcast(ctx.events)
         conn.send(session.reply(req, result))
+        self._broadcast(getattr(ctx, "late_events", []))  # events QEMU sends after the answer (nbd_export)
 
     # -- HMP connection ------------------------------------------------------------------
     async def _hmp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
