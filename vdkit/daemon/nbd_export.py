@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 PAUSE_POLL_S = 0.02
+_CHANGES = (w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM, w.CMD_FLUSH)
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
 
 
@@ -336,10 +337,14 @@ class NbdService:
         replies: list[bytes] = []
         with self.machine.lock:
             drive = self._current_drive(exp)
-            for i, req in enumerate(batch):
-                if self.machine.run_state == "paused":
-                    return replies, i
-                replies.append(self._one(conn.core, exp, drive, req))
+            try:
+                for i, req in enumerate(batch):
+                    if self.machine.run_state == "paused":
+                        return replies, i
+                    replies.append(self._one(conn.core, exp, drive, req))
+            finally:
+                if any(r.cmd in _CHANGES for r in batch):
+                    self.machine.generation += 1  # cached query-block renderings are stale
         return replies, len(batch)
 
     def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request) -> bytes:
