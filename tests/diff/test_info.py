@@ -218,6 +218,25 @@ def _set_backing_name(path: Path, name: str) -> None:
     g.patch(path, off, name.encode())
 
 
+@pytest.mark.parametrize("damage", ["version-4", "bad-magic", "truncated", "bad-backing-fmt"])
+def test_backing_broken_below(damage: str, tmp_path: Path) -> None:
+    """The bottom of a 3-image chain is damaged: errors carry each level's prefix."""
+    base = g.create(tmp_path, "base.qcow2", "1M")
+    g.create(tmp_path, "mid.qcow2", None, backing="base.qcow2", backing_fmt="qcow2")
+    g.create(tmp_path, "top.qcow2", None, backing="mid.qcow2", backing_fmt="qcow2")
+    if damage == "version-4":
+        g.set_u32(base, g.OFF_VERSION, 4)
+    elif damage == "bad-magic":
+        g.patch(base, 0, b"XXXX")
+    elif damage == "truncated":
+        g.truncate(base, 50)
+    else:
+        mid = g.create(tmp_path, "mid.qcow2", "1M", backing="base.qcow2", backing_fmt="raw", unsafe=True)
+        off = next(o for t, _, o in g.header_extensions(mid) if t == 0xE2792ACA)
+        g.patch(mid, off + 8, b"xyz")  # a format name neither tool knows
+    compare_image("top.qcow2", tmp_path)
+
+
 def test_backing_without_format(tmp_path: Path) -> None:
     """No backing format stored: --backing-chain and snapshot -l probe each layer."""
     g.create(tmp_path, "base.raw", "1M", fmt="raw")
