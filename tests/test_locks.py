@@ -29,6 +29,7 @@ def vm_holding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     d = tmp_path_factory.mktemp("locked")
     img = g.create(d, "lk.qcow2", "1M")
     g.snapshot(img, "-c", "s1")
+    g.bitmap_add(img, "bm")  # the running VM marks it in-use in the image: -U info shows that flag
     with g.Vm(img):
         yield img
 
@@ -48,6 +49,7 @@ def test_vm_lock_force_share(vm_holding: Path) -> None:
     for args in (["info", "-U", name], ["info", "--force-share", "--output=json", name],
                  ["snapshot", "-l", "-U", name]):
         assert same(args, d).returncode == 0
+    assert "in-use" in same(["info", "-U", "--output=json", name], d).stdout
     # The lock is on the file, not the name: an absolute path is refused the same way.
     same(["info", str(vm_holding)], "/")
 
