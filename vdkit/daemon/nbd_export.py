@@ -335,13 +335,15 @@ class NbdService:
             else:
                 todo = batch
             replies, done = self._run_batch(conn, exp, todo)
-            if replies:
-                conn.sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+            _send_all(conn.sock, replies)
             batch = todo[done:] + batch[len(todo):]
 
     # -- I/O (connection thread, device lock) -----------------------------------------------------------------------
     def _run_batch(self, conn: _Conn, exp: Export, batch: list[Request]) -> tuple[list[bytes], int]:
-        """Execute requests under the device lock; stops early (count returned) if the VM got paused."""
+        """Execute requests under the device lock; stops early (count returned) if the VM got paused.
+
+        Returns the reply buffers (a read's data is its own buffer, sent without copying).
+        """
         replies: list[bytes] = []
         with self.machine.lock:
             drive = self._current_drive(exp)
@@ -349,47 +351,47 @@ class NbdService:
                 for i, req in enumerate(batch):
                     if self.machine.run_state == "paused":
                         return replies, i
-                    replies.append(self._one(conn.core, exp, drive, req))
+                    replies += self._one(conn.core, exp, drive, req)
             finally:
                 if any(r.cmd in _CHANGES for r in batch):
                     self.machine.generation += 1  # cached query-block renderings are stale
         return replies, len(batch)
 
-    def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request) -> bytes:
+    def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request) -> list[bytes]:
         kind = {w.CMD_READ: iostats.READ, w.CMD_WRITE: iostats.WRITE, w.CMD_WRITE_ZEROES: iostats.WRITE,
                 w.CMD_FLUSH: iostats.FLUSH, w.CMD_TRIM: iostats.UNMAP}.get(req.cmd)
         if drive is None:
-            return core.reply_error(req.handle, w.EIO, "export's medium is gone")
+            return [core.reply_error(req.handle, w.EIO, "export's medium is gone")]
         node = exp.medium.node
         start = time.monotonic_ns()
         try:
             if req.cmd == w.CMD_READ:
                 data = bio.read(node, req.offset, req.length)
-                reply = core.reply_read(req, data)
+                reply = [core.reply_read_header(req), data]
             elif req.cmd == w.CMD_BLOCK_STATUS:
-                reply = core.reply_block_status(req, self._extents(node, req))
+                reply = [core.reply_block_status(req, self._extents(node, req))]
             elif req.cmd == w.CMD_CACHE:
-                reply = core.reply_ok(req)
+                reply = [core.reply_ok(req)]
             else:
                 if req.cmd == w.CMD_WRITE:
                     bio.write(node, req.offset, req.data)
                 elif req.cmd == w.CMD_WRITE_ZEROES:
                     if req.flags & w.CMDFLAG_FAST_ZERO and req.flags & w.CMDFLAG_NO_HOLE and node.format == "raw":
                         # a raw file can only write these zeros slowly: tell the client to fall back
-                        return core.reply_error(req.handle, w.ENOTSUP, "fast zeroing not possible")
+                        return [core.reply_error(req.handle, w.ENOTSUP, "fast zeroing not possible")]
                     bio.write_zeroes(node, req.offset, req.length, unmap=not req.flags & w.CMDFLAG_NO_HOLE)
                 elif req.cmd == w.CMD_TRIM:
                     bio.discard(node, req.offset, req.length)
                 if req.cmd == w.CMD_FLUSH or req.flags & w.CMDFLAG_FUA:
                     bio.flush(node)
-                reply = core.reply_ok(req)
+                reply = [core.reply_ok(req)]
         except (OSError, VdkitError) as exc:
             log.warning("NBD %s at %d+%d failed: %s", req.name, req.offset, req.length, exc)
             if kind is not None:
                 drive.stats.done(kind, req.length, start, ok=False)
             code = getattr(exc, "errno", None)
             err = w.ENOSPC if code == _errno.ENOSPC else w.EPERM if code in (_errno.EPERM, _errno.EROFS) else w.EIO
-            return core.reply_error(req.handle, err, str(exc))
+            return [core.reply_error(req.handle, err, str(exc))]
         if kind is not None:
             nbytes = 0 if kind == iostats.FLUSH else req.length
             drive.stats.done(kind, nbytes, start, end_offset=req.offset + req.length)
@@ -413,6 +415,21 @@ class NbdService:
             if req.flags & w.CMDFLAG_REQ_ONE:
                 break
         return [(min(length, 0xFFFFFFFF), f) for length, f in out]
+
+
+def _send_all(sock: socket.socket, bufs: list[bytes]) -> None:
+    """Send ``bufs`` in order with as few system calls as possible (small ones joined, big ones as is)."""
+    small: list[bytes] = []
+    for b in bufs:
+        if len(b) < 65536:
+            small.append(b)
+            continue
+        if small:
+            sock.sendall(b"".join(small))
+            small = []
+        sock.sendall(b)
+    if small:
+        sock.sendall(b"".join(small))
 
 
 # -- daemon hooks -------------------------------------------------------------------------------------

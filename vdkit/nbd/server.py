@@ -437,12 +437,19 @@ class NbdServer:
         return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, 0, req.handle)
 
     def reply_read(self, req: Request, data: bytes) -> bytes:
-        assert len(data) == req.length
+        return self.reply_read_header(req) + data
+
+    def reply_read_header(self, req: Request) -> bytes:
+        """What precedes ``req.length`` bytes of data in a successful read reply.
+
+        Lets the runtime send large data without copying it behind the header.
+        """
         if not self.structured:
-            return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, 0, req.handle) + data
-        if not data:
+            return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, 0, req.handle)
+        if not req.length:
             return self._chunk(req.handle, w.REPLY_TYPE_NONE, b"")
-        return self._chunk(req.handle, w.REPLY_TYPE_OFFSET_DATA, w.U64.pack(req.offset) + data)
+        return w.STRUCTURED_HEADER.pack(w.STRUCTURED_REPLY_MAGIC, w.REPLY_FLAG_DONE, w.REPLY_TYPE_OFFSET_DATA,
+                                        req.handle, 8 + req.length) + w.U64.pack(req.offset)
 
     def reply_error(self, handle: int, err: int, message: str = "") -> bytes:
         if not self.structured:
