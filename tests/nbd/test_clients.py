@@ -180,3 +180,31 @@ def test_tcp_and_many_clients(workdir: Path, serve: Any) -> None:
     for i in range(4):
         qio(uri, f"read -P {i + 1} {i * 16 * 16384} {16 * 16384}", fmt="raw")
     assert s.proc.poll() is None
+
+
+def test_garbage_from_many_clients(workdir: Path, serve: Any) -> None:
+    """Random bytes during the handshake and after GO: connections end, the daemon keeps serving."""
+    import random
+    import socket
+
+    make_image(workdir, size="1M")
+    s = serve(["-drive", "file=a.qcow2,if=none,id=drive0"], workdir)
+    rng = random.Random(7)
+    for i in range(40):
+        if i % 2:
+            c = NbdClient(s.sock, "drive0")
+            sock = c.sock
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(s.sock)
+            sock.recv(18)
+            if i % 4 == 0:
+                sock.sendall(w.CLIENT_FLAGS.pack(3))
+        sock.sendall(rng.randbytes(rng.randrange(1, 3000)))
+        sock.close()
+    c = NbdClient(s.sock, "drive0")
+    assert c.write(0, b"ok" * 100) == 0 and c.read(0, 200) == b"ok" * 100
+    c.close()
+    assert s.qmp.cmd("query-status")["return"]["status"] == "running"
+    assert s.proc.poll() is None
