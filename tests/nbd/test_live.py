@@ -148,3 +148,19 @@ def test_savevm_under_write_load(workdir: Path, serve: Any) -> None:
     data = raw.read_bytes()
     for block, value in written.items():
         assert data[block * 65536:(block + 1) * 65536] == bytes([value]) * 65536
+
+
+def test_loadvm_reverts_what_nbd_clients_see(workdir: Path, serve: Any) -> None:
+    make_image(workdir, size="1M")
+    s = serve(["-drive", "file=a.qcow2,if=none,id=drive0"], workdir)
+    c = NbdClient(s.sock, "drive0")
+    assert c.write(0, b"A" * 65536) == 0
+    assert s.qmp.hmp("savevm one") == ""
+    assert c.write(0, b"B" * 4096) == 0 and c.write(131072, b"C" * 4096) == 0
+    assert c.read(0, 8192) == b"B" * 4096 + b"A" * 4096
+    assert s.qmp.hmp("loadvm one") == ""
+    # same connection, same export: the reverted disk
+    assert c.read(0, 8192) == b"A" * 8192
+    assert c.read(131072, 4096) == bytes(4096)
+    assert s.qmp.cmd("query-block-exports")["return"][0]["id"] == "drive0"
+    c.close()
