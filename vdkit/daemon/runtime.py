@@ -242,11 +242,12 @@ class Daemon:
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
+        # NBD first: a -nbd address that cannot be bound leaves no monitor socket behind
+        await nbd_export.attach(self.machine, self.nbd_addrs)
         for a in self.qmp_addrs:
             await self._listen(a, self._track(self._qmp_client))
         for a in self.hmp_addrs:
             await self._listen(a, self._track(self._hmp_client))
-        await nbd_export.attach(self.machine, self.nbd_addrs)
 
     def _request_stop(self) -> None:
         if self._stop is not None:
