@@ -375,6 +375,7 @@ class Qcow2IO:
         cm = self.drv.clusters
         rc = self.drv.refcounts
         if i1 >= len(cm.l1):
+            self._before_decrement()
             cm.grow_l1(i1 + 1, rc)
         l1e = int(cm.l1[i1])
         old = l1e & L.L1E_OFFSET_MASK
@@ -398,10 +399,31 @@ class Qcow2IO:
         f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
         f.flush()
         if old:
+            self._before_decrement()
             rc.free(old, self.cluster_size)
             if rc.get(old >> self.cluster_bits) == 0:
                 cm.l2.discard(old)
         return new
+
+    # Write ordering between the two metadata caches.  The refcount cache may
+    # have to wait for the L2 cache (pending decrements: a cluster is only
+    # freed on disk after no L2 table references it) or the L2 cache for the
+    # refcount cache (new references: counts first).  Both at once would be a
+    # cycle in which one side gets written too early, so before creating one
+    # dependency the other is resolved by flushing (as QEMU's caches do).
+
+    def _before_new_references(self) -> None:
+        """Call before L2 entries start pointing at freshly counted clusters."""
+        rc = self.drv.refcounts
+        if rc.depends_on is not None:
+            self.drv.clusters.l2.flush()
+            rc.depends_on = None
+
+    def _before_decrement(self) -> None:
+        """Call before dropping references (the L2 tables that dropped them must be durable first)."""
+        l2 = self.drv.clusters.l2
+        if l2.depends_on is not None:
+            l2.flush()
 
     def _free_entry(self, entry: int, *, discard: bool = False) -> None:
         """Drop the reference an L2 entry held (§1.7); nothing is refcounted in a data file.
@@ -435,6 +457,7 @@ class Qcow2IO:
             cm.l2.depends_on = self.drv.refcounts.flush
         if to_free:
             cm.l2.flush()
+            self._before_decrement()
             for entry in to_free:
                 self._free_entry(entry, discard=discard)
         self.invalidate()
@@ -462,6 +485,7 @@ class Qcow2IO:
         g = self.geom
         cs, cb = self.cluster_size, self.cluster_bits
         l2_off = self._l2_for_write(i1)
+        self._before_new_references()
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         end = start + len(data)
         first, last = start >> cb, (end - 1) >> cb
@@ -743,6 +767,7 @@ class Qcow2IO:
             return
         i1 = g.l1_index(offset)
         l2_off = self._l2_for_write(i1)
+        self._before_new_references()
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         idx = g.l2_index(offset)
         old = int(entries[idx])

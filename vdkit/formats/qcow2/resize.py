@@ -102,6 +102,7 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
             if not l2_off:
                 continue
             cm.l2.discard(l2_off)
+            io._before_decrement()
             rc.free(l2_off, cs)
             if rc.get(l2_off >> cb) == 0:
                 punch_hole(drv.file, l2_off, cs, extend=False)
