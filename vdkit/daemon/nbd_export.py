@@ -269,14 +269,16 @@ class NbdService:
     def _connection(self, conn: _Conn) -> None:
         log.debug("NBD client connected")
         sock, core = conn.sock, conn.core
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
         try:
             sock.sendall(core.greeting())
             while True:
-                data = sock.recv(READ_CHUNK)
-                if not data:
+                n = sock.recv_into(buf)
+                if not n:
                     break
-                log.debug("--> %d bytes", len(data))
-                core.receive_data(data)
+                log.debug("--> %d bytes", n)
+                core.receive_data(view[:n])  # copied into the core's buffer
                 batch: list[Request] = []
                 closed = False
                 while (ev := core.next_event()) is not NEED_DATA:

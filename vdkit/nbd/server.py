@@ -142,7 +142,7 @@ class NbdServer:
         """The server's first message: magic, ``IHAVEOPT``, fixed-newstyle + no-zeroes."""
         return w.GREETING.pack(w.NBDMAGIC, w.IHAVEOPT, w.FLAG_FIXED_NEWSTYLE | w.FLAG_NO_ZEROES)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         if self.phase is not Phase.CLOSED:
             self._buf += data
 
@@ -162,7 +162,8 @@ class NbdServer:
     def _take(self, n: int) -> bytes | None:
         if self._avail() < n:
             return None
-        data = bytes(self._buf[self._pos:self._pos + n])
+        with memoryview(self._buf) as mv:  # one copy, and the view is gone before the buffer shrinks
+            data = bytes(mv[self._pos:self._pos + n])
         self._pos += n
         if self._pos > 1 << 20 or self._pos == len(self._buf):
             del self._buf[:self._pos]
