@@ -73,6 +73,17 @@ SCRIPT: list[tuple[str, dict[str, Any] | None]] = [
     ("nbd-server-stop", None),
     ("nbd-server-stop", None),
     ("query-block-exports", None),
+    # exports named by a drive go with its medium
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "@SOCK@"}}}),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "@SOCK@"}}, "tls-creds": "x"}),
+    ("nbd-server-add", {"device": "drive0"}),
+    ("nbd-server-add", {"device": "drive1", "name": "other"}),
+    ("eject", {"device": "drive0"}),
+    ("query-block-exports", None),
+    ("blockdev-change-medium", {"device": "drive1", "filename": "d.qcow2"}),
+    ("query-block-exports", None),
+    ("nbd-server-stop", None),
+    ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "@SOCK@"}}, "tls-creds": "x"}),
 ]
 
 

@@ -492,15 +492,18 @@ def _parse_addr(addr: dict[str, Any]) -> Address:
     if kind == "unix":
         return Address("unix", path=data["path"])
     if kind == "inet":
-        try:
-            port = int(data["port"])
-        except ValueError:
-            raise VdkitError(f"Parameter 'addr.data.port' expects integer: {data['port']}") from None
+        try:  # a number or a service name, as getaddrinfo takes it
+            port = int(data["port"]) if data["port"].isdigit() else socket.getservbyname(data["port"], "tcp")
+        except OSError:
+            raise VdkitError(f"address resolution failed for {data['host']}:{data['port']}: "
+                             "Servname not supported for ai_socktype") from None
         return Address("tcp", host=data["host"], port=port)
     raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
 
 
 def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
+    if service(ctx.machine).server is not None:
+        raise VdkitError("NBD server already running")
     if "tls-creds" in args:
         raise VdkitError(f"No TLS credentials with id '{args['tls-creds']}'")
     service(ctx.machine).start(_parse_addr(args["addr"]))
