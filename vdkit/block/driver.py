@@ -9,6 +9,7 @@ QEMU's ``BlockDriver`` table.
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from vdkit.errors import UnsupportedError
@@ -16,9 +17,34 @@ from vdkit.errors import UnsupportedError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.io.file import ImageFile
+
+
+# Block status flags (the subset of QEMU's BDRV_BLOCK_* that qemu-img shows).
+DATA = 1
+ZERO = 2
+OFFSET_VALID = 4
+ALLOCATED = 8
+EOF = 16
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStatus:
+    """Status of one run of a single layer, starting at the queried offset.
+
+    ``offset`` is where the bytes can be read raw in ``file`` (a file name),
+    valid only with ``OFFSET_VALID``.  (Defined here, with the operations
+    table, because formats return it; :mod:`vdkit.block.io` composes it.)
+    """
+
+    flags: int
+    length: int
+    offset: int = 0
+    file: str | None = None
+
+    def has(self, flag: int) -> bool:
+        return bool(self.flags & flag)
 
 
 class FormatDriver:

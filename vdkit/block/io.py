@@ -24,33 +24,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# The status flags and BlockStatus live with the operations table (formats return them);
+# they are re-exported here for callers of this module.
+from vdkit.block.driver import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockStatus
+
 if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.io.file import ImageFile
-
-# Status flags (the subset of QEMU's BDRV_BLOCK_* that qemu-img shows).
-DATA = 1
-ZERO = 2
-OFFSET_VALID = 4
-ALLOCATED = 8
-EOF = 16
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStatus:
-    """Status of one run of a single layer, starting at the queried offset.
-
-    ``offset`` is where the bytes can be read raw in ``file`` (a file name),
-    valid only with ``OFFSET_VALID``.
-    """
-
-    flags: int
-    length: int
-    offset: int = 0
-    file: str | None = None
-
-    def has(self, flag: int) -> bool:
-        return bool(self.flags & flag)
 
 
 def layer_status(node: Node, offset: int, length: int) -> BlockStatus:

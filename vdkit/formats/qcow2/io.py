@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdkit.block.io import DATA as _DATA_FLAG
-from vdkit.block.io import OFFSET_VALID as _OFFSET_VALID
-from vdkit.block.io import ZERO as _ZERO_FLAG
-from vdkit.block.io import BlockStatus
+from vdkit.block.driver import DATA as _DATA_FLAG
+from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
+from vdkit.block.driver import ZERO as _ZERO_FLAG
+from vdkit.block.driver import BlockStatus
 from vdkit.errors import EIO, ENOENT, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 
