@@ -5,8 +5,9 @@ Three parts, labelled as in ``runtime.py``:
 * **QMP handlers** (``nbd-server-start``/``-add``/``-remove``/``-stop``,
   ``block-export-add``/``-del``, ``query-block-exports``) run in a worker
   thread with the device lock held, like every command.  They change the
-  :class:`NbdService` tables directly; what needs the event loop (starting
-  the asyncio server, hanging up clients) is handed to it thread-safely.
+  :class:`NbdService` tables directly; the listener socket is bound by the
+  handler (so bind errors are the command's) and its accept task is handed to
+  the event loop thread-safely; clients are hung up with ``shutdown()``.
   Arguments, answers, errors and ``BLOCK_EXPORT_DELETED`` events are QEMU
   7.2's (``SocketAddressLegacy`` with its ``data`` wrapper, exports listed
   newest first).
@@ -103,7 +104,7 @@ class NbdService:
         self._throttle_lock = threading.Lock()
         self._conns: set[_Conn] = set()
 
-    # -- catalogue for the protocol core (event loop) ---------------------------------------------
+    # -- catalogue for the protocol core (connection threads) ---------------------------------------------
     def _find(self, name: str) -> Export | None:
         for e in self.exports:
             if e.name == name:
@@ -124,7 +125,7 @@ class NbdService:
 
     # -- lifecycle (QMP handlers, worker thread) -----------------------------------------------------
     def start(self, addr: Address) -> None:
-        """Bind the listener here (so bind errors are the command's), serve it on the loop."""
+        """Bind the listener here (so bind errors are the command's), accept on the event loop."""
         if self.server is not None:
             raise VdkitError("NBD server already running")
         if addr.kind == "unix":
