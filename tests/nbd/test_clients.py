@@ -208,3 +208,34 @@ def test_garbage_from_many_clients(workdir: Path, serve: Any) -> None:
     c.close()
     assert s.qmp.cmd("query-status")["return"]["status"] == "running"
     assert s.proc.poll() is None
+
+
+def test_sparse_reads_send_holes(workdir: Path, serve: Any) -> None:
+    make_image(workdir, size="2M")
+    qio(str(workdir / "a.qcow2"), "write -P 0x61 64k 64k", "write -z 192k 64k", "write -P 0x62 1M 4k")
+    s = serve(["-drive", "file=a.qcow2,if=none,id=drive0"], workdir)
+    c = NbdClient(s.sock, "drive0")
+    # a raw look at the chunks of one structured read
+    handle = c.send(w.CMD_READ, 0, 2 << 20)
+    chunks = []
+    while True:
+        magic, flags, rtype, h, n = w.STRUCTURED_HEADER.unpack(c.sock.recv(20, 0x100))
+        payload = b""
+        while len(payload) < n:
+            payload += c.sock.recv(n - len(payload))
+        assert (magic, h) == (w.STRUCTURED_REPLY_MAGIC, handle)
+        offset = w.U64.unpack_from(payload)[0]
+        length = w.U32.unpack_from(payload, 8)[0] if rtype == w.REPLY_TYPE_OFFSET_HOLE else n - 8
+        chunks.append((rtype, offset, length, payload[8:] if rtype == w.REPLY_TYPE_OFFSET_DATA else None))
+        if flags & w.REPLY_FLAG_DONE:
+            break
+    hole, data = w.REPLY_TYPE_OFFSET_HOLE, w.REPLY_TYPE_OFFSET_DATA
+    assert [c[:3] for c in chunks] == [(hole, 0, 65536), (data, 65536, 65536), (hole, 131072, 917504),
+                                       (data, 1 << 20, 65536), (hole, (1 << 20) + 65536, (1 << 20) - 65536)]
+    assert chunks[1][3] == b"\x61" * 65536 and chunks[3][3] == b"\x62" * 4096 + bytes(61440)
+    # with DF: one chunk; without structured replies: plain data
+    assert c.request(w.CMD_READ, 0, 2 << 20, flags=w.CMDFLAG_DF).data[65536:131072] == b"\x61" * 65536
+    c.close()
+    c = NbdClient(s.sock, "drive0", structured=False)
+    assert c.read(0, 2 << 20)[1 << 20:(1 << 20) + 4097] == b"\x62" * 4096 + b"\0"
+    c.close()

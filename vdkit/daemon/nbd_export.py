@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+SPARSE_READ_MIN = 65536  # smaller reads go out as one data chunk (a status walk costs more than it saves)
 PAUSE_POLL_S = 0.02
 _CHANGES = (w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM, w.CMD_FLUSH)
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
@@ -368,7 +369,10 @@ class NbdService:
         node = exp.medium.node
         start = time.monotonic_ns()
         try:
-            if req.cmd == w.CMD_READ:
+            if req.cmd == w.CMD_READ and core.structured and not req.flags & w.CMDFLAG_DF \
+                    and req.length >= SPARSE_READ_MIN:
+                reply = core.reply_read_sparse(req, self._sparse_pieces(node, req))
+            elif req.cmd == w.CMD_READ:
                 data = bio.read(node, req.offset, req.length)
                 reply = [core.reply_read_header(req), data]
             elif req.cmd == w.CMD_BLOCK_STATUS:
@@ -399,6 +403,22 @@ class NbdService:
             nbytes = 0 if kind == iostats.FLUSH else req.length
             drive.stats.done(kind, nbytes, start, end_offset=req.offset + req.length)
         return reply
+
+    @staticmethod
+    def _sparse_pieces(node: Any, req: Request) -> list[tuple[int, int, bytes | None]]:
+        """The request as runs of data (read) and holes (ranges the chain reads as zeros), as QEMU sends."""
+        runs: list[list[int]] = []  # [offset, length, is_hole]
+        pos, end = req.offset, req.offset + req.length
+        while pos < end:
+            st = bio.above_status(node, pos, end - pos)
+            n = st.length if st.length > 0 else end - pos
+            hole = int(bool(st.flags & bio.ZERO))
+            if runs and runs[-1][2] == hole:
+                runs[-1][1] += n
+            else:
+                runs.append([pos, n, hole])
+            pos += n
+        return [(off, n, None if hole else bio.read(node, off, n)) for off, n, hole in runs]
 
     @staticmethod
     def _extents(node: Any, req: Request) -> list[tuple[int, int]]:

@@ -452,6 +452,26 @@ class NbdServer:
         return w.STRUCTURED_HEADER.pack(w.STRUCTURED_REPLY_MAGIC, w.REPLY_FLAG_DONE, w.REPLY_TYPE_OFFSET_DATA,
                                         req.handle, 8 + req.length) + w.U64.pack(req.offset)
 
+    def reply_read_sparse(self, req: Request, pieces: list[tuple[int, int, bytes | None]]) -> list[bytes]:
+        """A structured read reply in chunks: ``(offset, length, data)``, ``data`` None for a hole.
+
+        The pieces cover the request in order; holes go out as ``OFFSET_HOLE``
+        (no zeros on the wire), the last chunk carries ``DONE``.  Only for
+        structured replies without ``DF`` (the client must accept fragments).
+        """
+        assert self.structured and not req.flags & w.CMDFLAG_DF and pieces
+        out: list[bytes] = []
+        for i, (offset, length, data) in enumerate(pieces):
+            flags = w.REPLY_FLAG_DONE if i == len(pieces) - 1 else 0
+            if data is None:
+                out.append(w.STRUCTURED_HEADER.pack(w.STRUCTURED_REPLY_MAGIC, flags, w.REPLY_TYPE_OFFSET_HOLE,
+                                                    req.handle, 12) + w.U64.pack(offset) + w.U32.pack(length))
+            else:
+                out.append(w.STRUCTURED_HEADER.pack(w.STRUCTURED_REPLY_MAGIC, flags, w.REPLY_TYPE_OFFSET_DATA,
+                                                    req.handle, 8 + len(data)) + w.U64.pack(offset))
+                out.append(data)
+        return out
+
     def reply_error(self, handle: int, err: int, message: str = "") -> bytes:
         if not self.structured:
             return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, err, handle)
