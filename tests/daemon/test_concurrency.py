@@ -99,5 +99,8 @@ def test_queries_consistent_under_snapshot_load(daemons: Daemons, tmp_path: Path
     blocks = m.cmd("query-block")["return"]
     assert {f"vm{ROUNDS - 1}", f"t{ROUNDS - 1}"} <= _names(blocks[0])
     m.cmd("quit")
+    # "quit" answers before the process has closed its images; their locks go with the process.
+    for proc in daemons.procs:
+        proc.wait(timeout=60)
     for d in DISKS:
         check_ok("check", str(tmp_path / f"{d}.qcow2"))
