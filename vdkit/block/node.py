@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from vdkit.block.chain import DEFAULT_POLICY, OpenPolicy, resolve_backing_name
+from vdkit.block.chain import DEFAULT_POLICY, QEMU_PROTOCOLS, OpenPolicy, protocol_of, resolve_backing_name
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats.probe import PROBE_SIZE, SUPPORTED_FORMATS, probe_format
 from vdkit.io.file import ImageFile
@@ -188,6 +188,13 @@ def _open(
 ) -> Node:
     if fmt is not None and fmt not in SUPPORTED_FORMATS:
         raise OpenError(f"Unknown driver '{fmt}'")
+    proto = protocol_of(name)
+    if proto == "file":
+        name = name[len("file:"):]
+    elif proto in QEMU_PROTOCOLS:
+        raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
+    elif proto is not None:
+        raise OpenError(f"Unknown protocol '{proto}'")
     if not name:
         raise OpenError("The 'file' block driver requires a file name")
     file = ImageFile(name, readonly=readonly, force_share=force_share)
