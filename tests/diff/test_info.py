@@ -280,6 +280,16 @@ def test_backing_loop(loop: str, tmp_path: Path) -> None:
     assert r.returncode == 1 and "creates an infinite loop" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("stored", ["file:base.qcow2", "x:base.qcow2", "file:sub/../base.qcow2"])
+def test_backing_with_protocol_prefix(stored: str, tmp_path: Path) -> None:
+    """"file:" is stripped when opening; an unknown prefix is QEMU's "Unknown protocol"."""
+    (tmp_path / "sub").mkdir()
+    g.create(tmp_path, "base.qcow2", "1M")
+    g.create(tmp_path, "top.qcow2", "1M", backing=stored, backing_fmt="qcow2", unsafe=True)
+    compare_image("top.qcow2", tmp_path)
+    compare_image("file:top.qcow2", tmp_path)
+
+
 def test_backing_protocol_name(tmp_path: Path) -> None:
     g.create(tmp_path, "p.qcow2", "1M", backing="nbd://localhost:1/x", backing_fmt="raw", unsafe=True)
     for variant in (("info",), ("info", "--output=json")):
@@ -411,6 +421,14 @@ CLI_CASES: list[list[str]] = [
     ["info", "--image-opts", "-f", "qcow2", "driver=qcow2,file.filename=q.qcow2"],
     ["snapshot", "-l", "--image-opts", "driver=qcow2,file.filename=q.qcow2"],
     ["snapshot", "-l", "--image-opts", "driver=qcow2,file.filename=r.raw"],
+    ["info", "x:y.qcow2"],
+    ["info", "FILE:q.qcow2"],
+    ["info", "file:q.qcow2"],
+    ["info", "--backing-chain", "--output=json", "file:q.qcow2"],
+    ["info", "file:"],
+    ["info", "file:nonexist"],
+    ["info", "./x:y.qcow2"],
+    ["snapshot", "-l", "file:q.qcow2"],
     ["snapshot", "-l", "q.qcow2"],
     ["snapshot", "-l", "-U", "q.qcow2"],
     ["snapshot", "q.qcow2", "-l"],
