@@ -122,3 +122,28 @@ def test_block_export_add_by_node_name_matches_qemu(daemons: Daemons) -> None:
         results.append(out)
     q_out, v_out = results  # the transmission flags too
     assert "\n".join(v_out) == "\n".join(q_out)
+
+
+HMP_LINES = [
+    "help nbd_server_start", "help nbd_server_add", "help nbd_server_remove", "help nbd_server_stop",
+    "nbd_server_add drive0", "nbd_server_stop", "nbd_server_start", "nbd_server_start bogus",
+    "nbd_server_start unix:/nonexistent/x", "nbd_server_start -x unix:@SOCK@", "nbd_server_start -w unix:@SOCK@",
+    "nbd_server_start -a -w unix:@SOCK@", "nbd_server_add drive0", "nbd_server_add -w drive1 foo",
+    "nbd_server_add nosuch", "nbd_server_remove foo", "nbd_server_remove nope", "nbd_server_remove -f drive0",
+    "nbd_server_remove", "nbd_server_stop", "nbd_server_stop",
+]
+
+
+def test_hmp_nbd_commands_match_qemu(daemons: Daemons) -> None:
+    q, v = daemons.pair(["-drive", "file=d.qcow2,if=none,id=drive0",
+                         "-drive", "file=r.qcow2,if=none,id=drive1,readonly=on"], setup)
+    outs = []
+    for m in (q, v):
+        sock = short_sock("n.sock")
+        out = []
+        for line in HMP_LINES:
+            m.events.clear()
+            out.append((line, m.hmp(line.replace("@SOCK@", sock)),
+                        [json.dumps(e["data"]) for e in m.events]))
+        outs.append(out)
+    assert outs[1] == outs[0]

@@ -192,6 +192,7 @@ class Daemon:
                         out = f"Error: internal error: {exc}\r\n"
                     self._broadcast(ctx.events)
                     writer.write(out.encode("utf-8", "replace") + b"(qemu) ")
+                    self._broadcast(getattr(ctx, "late_events", []))  # after the answer (nbd_export)
                     await writer.drain()
                     if self.machine.shutdown_requested:
                         self._request_stop()

@@ -329,6 +329,81 @@ def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: _Args) -
     return ""
 
 
+
+# -- NBD server (handlers live with the daemon: vdkit.daemon.nbd_export) --------------------------
+
+
+def _hmp_flags(a: _Args, allowed: str) -> set[str]:
+    """QEMU's ``-x`` flag arguments; any other letter is ``unsupported option``."""
+    got: set[str] = set()
+    while (f := a.peek_flag()) is not None:
+        if f not in allowed:
+            raise HmpArgError(f"{a.name}: unsupported option -{f}")
+        a.take_flag()
+        got.add(f)
+    return got
+
+
+def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+    from vdkit.daemon import nbd_export
+
+    flags = _hmp_flags(a, "aw")
+    uri = a.string()
+    a.end()
+    assert uri is not None
+    if "w" in flags and "a" not in flags:
+        raise VdkitError("-w only valid together with -a")
+    host, sep, port = uri.rpartition(":")
+    if uri.startswith("unix:"):
+        addr: dict[str, Any] = {"type": "unix", "data": {"path": uri[5:]}}
+    elif sep and port:
+        addr = {"type": "inet", "data": {"host": host.strip("[]"), "port": port}}
+    else:
+        raise VdkitError(f"error parsing address '{uri}'")
+    nbd_export.nbd_server_start(ctx, {"addr": addr})
+    if "a" in flags:  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
+        try:
+            for d in ctx.machine.drives:
+                if d.medium is not None:
+                    nbd_export.nbd_server_add(ctx, {"device": d.id, "writable": "w" in flags})
+        except VdkitError:
+            nbd_export.nbd_server_stop(ctx, {})
+            raise
+    return ""
+
+
+def _nbd_add(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+    from vdkit.daemon import nbd_export
+
+    flags = _hmp_flags(a, "w")
+    dev = _device(a)
+    name = a.string(optional=True)
+    a.end()
+    args: dict[str, Any] = {"device": dev, "writable": "w" in flags}
+    if name is not None:
+        args["name"] = name
+    nbd_export.nbd_server_add(ctx, args)
+    return ""
+
+
+def _nbd_remove(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+    from vdkit.daemon import nbd_export
+
+    flags = _hmp_flags(a, "f")
+    name = a.string()
+    a.end()
+    nbd_export.nbd_server_remove(ctx, {"name": name, "mode": "hard" if "f" in flags else "safe"})
+    return ""
+
+
+def _nbd_stop(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+    from vdkit.daemon import nbd_export
+
+    a.end()
+    nbd_export.nbd_server_stop(ctx, {})
+    return ""
+
+
 COMMANDS = (
     HmpCommand(("block_set_io_throttle",), "device bps bps_rd bps_wr iops iops_rd iops_wr",
                "change I/O throttle limits for a block drive", _throttle),
@@ -340,6 +415,13 @@ COMMANDS = (
     HmpCommand(("help", "?"), "[cmd]", "show the help", _help),
     HmpCommand(("info",), "[subcommand]", "show various information about the system state", _info),
     HmpCommand(("loadvm",), "tag", "restore a VM snapshot from its tag", _tagged(block_cmds.loadvm)),
+    HmpCommand(("nbd_server_add",), "nbd_server_add [-w] device [name]", "export a block device via NBD", _nbd_add),
+    HmpCommand(("nbd_server_remove",), "nbd_server_remove [-f] name",
+               "remove an export previously exposed via NBD", _nbd_remove),
+    HmpCommand(("nbd_server_start",), "nbd_server_start [-a] [-w] host:port",
+               "serve block devices on the given host and port", _nbd_start),
+    HmpCommand(("nbd_server_stop",), "nbd_server_stop", "stop serving block devices using the NBD protocol",
+               _nbd_stop),
     HmpCommand(("quit", "q"), "", "quit the emulator", _simple("quit")),
     HmpCommand(("savevm",), "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created",
                _savevm),
