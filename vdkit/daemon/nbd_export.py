@@ -320,7 +320,7 @@ class NbdService:
         exp = conn.export
         assert exp is not None
         while batch:
-            while self.machine.run_state == "paused":
+            while self.machine.run_state == "paused" and exp in self.exports:
                 time.sleep(PAUSE_POLL_S)
             drive = self._current_drive(exp)
             throttle = self._throttle(drive) if drive is not None else None
@@ -350,6 +350,8 @@ class NbdService:
         """
         replies: list[bytes] = []
         with self.machine.lock:
+            if exp not in self.exports:  # deleted (hard) while these waited: drop them, as QEMU does
+                return [], len(batch)
             drive = self._current_drive(exp)
             try:
                 for i, req in enumerate(batch):
