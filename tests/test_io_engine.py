@@ -37,6 +37,8 @@ class Geometry:
     size: int
     snapshot: bool
     zstd: bool = False
+    data_file: bool = False
+    data_file_raw: bool = False
 
 
 geometries = st.builds(
@@ -49,8 +51,12 @@ geometries = st.builds(
     size=st.sampled_from([1024 * 1024, 1024 * 1024 + 7 * 512]),
     snapshot=st.booleans(),
     zstd=st.booleans(),
+    data_file=st.booleans(),
+    data_file_raw=st.booleans(),
 ).filter(lambda g: (not g.extended_l2 or (g.compat == "1.1" and g.cluster_size >= 16384))
-         and not (g.zstd and g.compat == "0.10"))
+         and not (g.zstd and g.compat == "0.10")
+         and not (g.data_file and (g.compat == "0.10" or g.snapshot))
+         and not (g.data_file_raw and (not g.data_file or g.backing is not None)))
 
 op = st.tuples(
     st.sampled_from(["write", "write", "write", "zero", "zero_unmap", "discard", "compressed"]),
@@ -69,6 +75,8 @@ def _setup(d: Path, g: Geometry) -> bytearray:
     model = bytearray(g.size)
     opts = f"compat={g.compat},cluster_size={g.cluster_size}" + (",extended_l2=on" if g.extended_l2 else "")
     opts += ",compression_type=zstd" if g.zstd else ""
+    opts += f",data_file={d / 'top.data'}" if g.data_file else ""
+    opts += ",data_file_raw=on" if g.data_file_raw else ""
     back: list[str] = []
     if g.backing is not None:
         bname = f"base.{g.backing}"
@@ -80,11 +88,12 @@ def _setup(d: Path, g: Geometry) -> bytearray:
         model[g.backing_size // 2 + 4096 : g.backing_size // 2 + 4096 + 8192] = b"\xa5" * 8192
         back = ["-b", bname, "-F", g.backing]
     check_ok("create", "-q", "-f", "qcow2", "-o", opts, *back, "top.qcow2", str(g.size), cwd=d)
-    first = f"write -c -P 0x44 0 {g.cluster_size}" if g.cluster_size >= 4096 else "write -P 0x44 0 512"
+    first = f"write -c -P 0x44 0 {g.cluster_size}" if g.cluster_size >= 4096 and not g.data_file \
+        else "write -P 0x44 0 512"
     r = qemu_io("-c", first, "-c", "write -P 0x33 4096 70000", "top.qcow2", cwd=d)
     assert r.returncode == 0, r.stdout + r.stderr
-    model[0 : g.cluster_size if g.cluster_size >= 4096 else 512] = b"\x44" * (
-        g.cluster_size if g.cluster_size >= 4096 else 512)
+    n0 = g.cluster_size if g.cluster_size >= 4096 and not g.data_file else 512
+    model[0:n0] = b"\x44" * n0
     model[4096 : 4096 + 70000] = b"\x33" * 70000
     if g.snapshot:
         check_ok("snapshot", "-c", "snap", "top.qcow2", cwd=d)
@@ -152,7 +161,8 @@ def test_random_io_against_model(g: Geometry, ops: list[tuple[str, int, int, int
                     cs = g.cluster_size
                     coff = off - off % cs
                     kind_at = node.driver.io.run_at(coff, 1).kind.name
-                    free = kind_at in ("UNALLOCATED", "ZERO") and not _allocated_zero(node, coff)
+                    free = kind_at in ("UNALLOCATED", "ZERO") and not _allocated_zero(node, coff) \
+                        and not g.data_file
                     if free:
                         node.driver.io.write_compressed(coff, _pattern(seed, min(cs, g.size - coff)))
                     _apply_model(model, g, kind, coff, cs, seed, not free)
@@ -164,6 +174,8 @@ def test_random_io_against_model(g: Geometry, ops: list[tuple[str, int, int, int
         assert r.returncode == 0, r.stdout + r.stderr
         check_ok("convert", "-O", "raw", "top.qcow2", "out.raw", cwd=d)
         assert (d / "out.raw").read_bytes() == bytes(model)
+        if g.data_file_raw:  # the external data file is itself a raw image of the disk
+            assert (d / "top.data").read_bytes().ljust(g.size, b"\0")[: g.size] == bytes(model)
         if g.snapshot:
             check_ok("convert", "-l", "snap", "-O", "raw", "top.qcow2", "snap.raw", cwd=d)
             assert (d / "snap.raw").read_bytes() == snap_before

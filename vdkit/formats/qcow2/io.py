@@ -710,6 +710,10 @@ class Qcow2IO:
             hi = end  # the partial last cluster of an unaligned image counts as whole
         if hi <= lo:
             return
+        if g.has_data_file and self.drv.header.data_file_raw and not full:
+            # The data file must stay a valid raw image of the disk: discard by writing zeros.
+            self._write_zero_data(lo, hi - lo, None)
+            return
         span = g.l1_span
         pos = lo
         while pos < hi:
