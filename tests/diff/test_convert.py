@@ -96,6 +96,8 @@ def test_convert_concat_and_existing_target(workdir: Path) -> None:
     ["-o", "foo=bar", "x"],
     ["missing.qcow2"],
     ["-n", "x"],
+    ["--target-is-zero", "x"],
+    ["-c", "-O", "qcow2", "-o", "data_file=d.bin", "x"],
 ])
 def test_convert_errors(workdir: Path, args: list[str]) -> None:
     check_ok("create", "-q", "-f", "qcow2", "x", "1M", cwd=workdir)

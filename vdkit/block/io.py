@@ -167,8 +167,8 @@ def io_error(exc: Exception, what: str) -> Exception:
         sys.stderr.flush()
     if isinstance(exc, OSError):
         return VdkitError(f"{what}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)
-    if isinstance(exc, VdkitError) and exc.errno == errno.EIO:
-        return VdkitError(f"{what}: {os.strerror(errno.EIO)}", errno=errno.EIO)
+    if isinstance(exc, VdkitError) and exc.errno:
+        return VdkitError(f"{what}: {os.strerror(exc.errno)}", errno=exc.errno)
     return exc
 
 

@@ -119,6 +119,8 @@ def parse(argv: list[str]) -> ConvertArgs:
             raise VdkitError(f"--{key} is not supported by vdkit-img")
     if a.quiet:
         a.progress = False
+    if a.target_is_zero and not a.skip_create:
+        raise VdkitError("--target-is-zero requires use of -n flag")
     if len(p.args) < 2:
         raise VdkitError("Must specify image file name")
     a.sources, a.target = p.args[:-1], p.args[-1]

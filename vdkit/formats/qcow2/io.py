@@ -34,7 +34,7 @@ from vdkit.block.driver import DATA as _DATA_FLAG
 from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
 from vdkit.block.driver import ZERO as _ZERO_FLAG
 from vdkit.block.driver import BlockStatus
-from vdkit.errors import EIO, ENOENT, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
+from vdkit.errors import EIO, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 
 if TYPE_CHECKING:
@@ -763,7 +763,7 @@ class Qcow2IO:
             raise VdkitError("Compressed writes must cover exactly one cluster", errno=EIO)
         self._check_range(offset, len(data))
         if g.has_data_file:
-            raise UnsupportedError("Compressed writes are not supported with an external data file")
+            raise UnsupportedError("Compressed writes are not supported with an external data file", errno=ENOTSUP)
         buf = bytes(data) + bytes(cs - len(data))
         comp = compress_cluster(buf, self.drv.header.compression_type)
         if len(comp) > cs - 1:
