@@ -365,7 +365,12 @@ def run(a: ConvertArgs) -> int:
             nodes.append(open_image(name, a.fmt, readonly=True, force_share=a.force_share))
         if a.snapshot is not None:
             _load_snapshot(nodes[0], a.snapshot)
-        return _convert(a, nodes)
+        from vdkit.cli.convert_target import SilentFailure
+
+        try:
+            return _convert(a, nodes)
+        except SilentFailure:
+            return 1
     finally:
         for n in nodes:
             n.close()

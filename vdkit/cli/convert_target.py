@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from vdkit.cli.convert import ConvertArgs
     from vdkit.io.file import ImageFile
 
+class SilentFailure(Exception):
+    """The conversion failed in a way qemu-img reports only through the exit status."""
+
+
 class RawTarget:
     cluster_size = 512
 
@@ -69,6 +73,10 @@ class Qcow2Target:
     def finish(self) -> None:
         self.node.driver.flush()
         if self.compressed:
+            if self.node.driver.header.has_data_file:  # type: ignore[attr-defined]
+                # qemu-img's final "align the end" compressed write fails (ENOTSUP) without a message
+                self.node.close()
+                raise SilentFailure()
             self.io.align_file_end()
         self.node.close()
 
