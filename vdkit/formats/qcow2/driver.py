@@ -92,6 +92,14 @@ class Qcow2Driver(FormatDriver):
         self.data_file: ImageFile | None = None
         self._snapshots: list[SnapshotEntry] = []
         self.snapshot_table_size = 0
+        if self.header.crypt_method == L.CRYPT_LUKS and not check_mode:
+            # QEMU reads the LUKS header while opening (even for info), so a
+            # broken one fails the open, with the "Could not open" prefix.
+            from vdkit.formats.luks import parse_luks_header
+
+            raw = self.luks_header()
+            if raw is not None:
+                parse_luks_header(raw)
         if not check_mode:
             self._snapshots, self.snapshot_table_size = self._read_snapshot_table()
             self.bitmaps  # noqa: B018 - validate the bitmap directory now, as QEMU does at open
@@ -193,7 +201,8 @@ class Qcow2Driver(FormatDriver):
                 raise OpenError("Broken bitmap directory")
             if len(out) >= ext.nb_bitmaps:
                 raise OpenError("More bitmaps found than specified in header extension")
-            name = buf[name_off : name_off + name_size].decode("utf-8", "replace")
+            # A C string to QEMU: an embedded NUL ends the name.
+            name = buf[name_off : name_off + name_size].split(b"\0", 1)[0].decode("utf-8", "replace")
             entry = BitmapEntry(name, tbl_off, tbl_size, flags, btype, gran_bits, extra_size)
             if not self._bitmap_sane(entry):
                 raise OpenError(f"Bitmap '{name}' doesn't satisfy the constraints")

@@ -352,9 +352,7 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
             out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
         elif ext_type == L.EXT_CRYPTO_HEADER:
             if ext_len != L.CRYPTO_EXT.size:
-                raise OpenError(
-                    f"Unable to read crypto header extension: expected {L.CRYPTO_EXT.size} bytes, got {ext_len}"
-                )
+                raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT.size}")
             out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
         elif ext_type == L.EXT_DATA_FILE:
             out["data_file"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a C string
