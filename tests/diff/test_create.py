@@ -200,3 +200,28 @@ def test_layout_property(tmp_path: Path, cluster_bits: int, refcount_order: int,
     if extl2 and cluster_bits >= 14:
         opts += ",extended_l2=on"
     run_both(tmp_path, ["-q", "-f", "qcow2", "-o", opts, "img.qcow2", str(size)])
+
+
+@pytest.mark.parametrize(
+    ("args", "files"),
+    [
+        (["-f", "raw", "img.raw", "1M"], ["img.raw"]),
+        (["-f", "raw", "img.raw", "1000"], ["img.raw"]),
+        (["-f", "raw", "-o", "preallocation=falloc", "img.raw", "1M"], ["img.raw"]),
+        (["-f", "qcow2", "-o", "data_file=d.raw", "img.qcow2", "1M"], ["d.raw"]),
+        (["-f", "qcow2", "-o", "data_file=d.raw,preallocation=metadata", "img.qcow2", "1M"], ["d.raw"]),
+        (["-f", "qcow2", "-o", "data_file=d.raw,preallocation=falloc", "img.qcow2", "1M"], ["d.raw"]),
+        (["-f", "qcow2", "-o", "data_file=d.raw", "img.qcow2", "0"], ["d.raw"]),
+    ],
+)
+def test_new_raw_files_map_like_qemu(tmp_path: Path, args: list[str], files: list[str]) -> None:
+    """Equal bytes are not enough for raw files: qemu-img allocates the first block, and map shows it."""
+    for side, tool in (("q", qemu_img), ("v", vdkit_img)):
+        (tmp_path / side).mkdir()
+        assert tool("create", "-q", *args, cwd=tmp_path / side).returncode == 0
+    for name in files:
+        assert filecmp.cmp(tmp_path / "q" / name, tmp_path / "v" / name, shallow=False)
+        q = qemu_img("map", "--output=json", "-f", "raw", str(tmp_path / "q" / name))
+        v = qemu_img("map", "--output=json", "-f", "raw", str(tmp_path / "v" / name))
+        assert q.returncode == 0
+        assert v.stdout == q.stdout

@@ -68,5 +68,10 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
                 while pos < size:
                     pos += os.pwrite(fd, chunk[: min(len(chunk), size - pos)], pos)
             os.ftruncate(fd, size)
+            if size and preallocation != "full":
+                # Like QEMU, allocate the first block with real zeros: block-status
+                # users (map, convert) then see data there, and the host file
+                # system's alignment can be probed on it.
+                os.pwrite(fd, bytes(min(size, 4096)), 0)
         except OSError as exc:
             raise VdkitError(f"Could not resize file: {os_error_message(exc)}", errno=exc.errno) from exc

@@ -550,6 +550,9 @@ def _write_plan(f: ImageFile, plan: _Plan, o: Qcow2CreateOptions) -> None:
             df.truncate(plan.data_file_size)
             if o.preallocation in ("falloc", "full"):
                 _fill(df, 0, plan.data_file_size, o.preallocation)
+            if plan.data_file_size and o.preallocation != "full":
+                # As for any new raw file, QEMU allocates the first block with zeros.
+                df.pwrite(0, bytes(min(plan.data_file_size, 4096)))
 
 
 def _fill(f: ImageFile, start: int, end: int, mode: str) -> None:
