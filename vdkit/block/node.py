@@ -239,6 +239,8 @@ def _open_data_file(node: Node, policy: OpenPolicy, *, force_share: bool, no_io:
     # relative to the working directory, not to the image (unlike backing files).
     resolved = stored
     try:
+        if not resolved:
+            raise OpenError("The 'file' block driver requires a file name")
         policy.check("data file", stored, resolved)
         driver.data_file = ImageFile(resolved, readonly=node.readonly, force_share=force_share)
     except VdkitError:

@@ -56,6 +56,11 @@ def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
 
 
 def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
+    """Listed snapshots; none where the driver cannot do snapshots (qcow2 with an
+    external data file), as qemu-img treats "not supported" as an empty list."""
+    unsupported = getattr(driver, "snapshot_unsupported_reason", None)
+    if unsupported is not None and unsupported() is not None:
+        return []
     return [snapshot_info(e) for e in driver.snapshots()]
 
 

@@ -258,7 +258,7 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
         raise OpenError(f"Unsupported encryption method {signed}")
 
     ext = parse_extensions(cluster0, header_length, ext_end, cluster_size,
-                           bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS))
+                           bitmaps_trusted=bool(autoclear & L.AUTOCLEAR_BITMAPS), crypt_method=crypt_method)
     if crypt_method == L.CRYPT_LUKS and "crypto" not in ext:
         raise OpenError(f"Missing CRYPTO header for crypt method {crypt_method}")
     header = Qcow2Header(
@@ -293,7 +293,7 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
 
 
 def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
-                     bitmaps_trusted: bool = True) -> dict[str, object]:
+                     bitmaps_trusted: bool = True, crypt_method: int = L.CRYPT_LUKS) -> dict[str, object]:
     """Walk the extension area ``[start, end)`` of cluster 0.
 
     ``bitmaps_trusted`` is the autoclear bitmaps bit: without it a bitmaps
@@ -353,6 +353,8 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
         elif ext_type == L.EXT_CRYPTO_HEADER:
             if ext_len != L.CRYPTO_EXT.size:
                 raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT.size}")
+            if crypt_method != L.CRYPT_LUKS:
+                raise OpenError("CRYPTO header extension only expected with LUKS encryption method")
             out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
         elif ext_type == L.EXT_DATA_FILE:
             out["data_file"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a C string
