@@ -351,10 +351,10 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
                 raise OpenError("bitmaps_ext: invalid bitmap directory offset")
             out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
         elif ext_type == L.EXT_CRYPTO_HEADER:
-            if ext_len != L.CRYPTO_EXT.size:
-                raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT.size}")
             if crypt_method != L.CRYPT_LUKS:
                 raise OpenError("CRYPTO header extension only expected with LUKS encryption method")
+            if ext_len != L.CRYPTO_EXT.size:
+                raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT.size}")
             out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
         elif ext_type == L.EXT_DATA_FILE:
             out["data_file"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a C string
