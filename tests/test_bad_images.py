@@ -57,6 +57,8 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     g.snapshot(d / "snap.qcow2", "-c", "s2")
     g.create(d, "bitmap.qcow2", "1M")
     g.bitmap_add(d / "bitmap.qcow2", "b0")
+    g.create(d, "datafile.qcow2", "1M", options=["data_file=datafile.raw", "extended_l2=on",
+                                                  "compression_type=zstd"])
     return d
 
 
@@ -234,6 +236,10 @@ CASES: dict[str, tuple[str, Mutation]] = {
     "bitmaps-dir-unaligned": ("bitmap.qcow2", _bitmaps_field(16, ">Q", 0x10010)),
     "bitmaps-dir-past-eof": ("bitmap.qcow2", _bitmaps_field(16, ">Q", 1 << 40)),
     "bitmaps-dir-count-wrong": ("bitmap.qcow2", _bitmaps_field(0, ">I", 7)),
+    "data-file-name-empty": ("datafile.qcow2", _ext_len(0x44415441, 0)),
+    "data-file-name-nul": ("datafile.qcow2", lambda p: g.set_u8(p, _ext_offset(p, 0x44415441) + 8, 0)),
+    "data-file-snapshots-claimed": ("datafile.qcow2", _u32(g.OFF_NB_SNAPSHOTS, 3)),
+    "crypto-ext-without-luks": ("datafile.qcow2", lambda p: g.set_u32(p, _ext_offset(p, 0x44415441), 0x0537BE77)),
     "bitmaps-dir-size-zero": ("bitmap.qcow2", _bitmaps_field(8, ">Q", 0)),
     "bitmaps-dir-size-8": ("bitmap.qcow2", _bitmaps_field(8, ">Q", 8)),
     "bitmaps-dir-size-200": ("bitmap.qcow2", _bitmaps_field(8, ">Q", 200)),
@@ -261,7 +267,8 @@ def test_bad_image(case: str, templates: Path, tmp_path: Path) -> None:
     if template == "backed.qcow2":
         shutil.copy(templates / "base.qcow2", tmp_path / "base.qcow2")
     mutate(img)
-    for args in (["info", "bad.qcow2"], ["info", "-f", "qcow2", "--output=json", "bad.qcow2"]):
+    for args in (["info", "bad.qcow2"], ["info", "-f", "qcow2", "--output=json", "bad.qcow2"],
+                 ["snapshot", "-l", "bad.qcow2"]):
         q = run_qemu(args, tmp_path)
         v = run_vdkit_limited(args, tmp_path)
         assert "Traceback" not in v.stderr and "internal error" not in v.stderr, v.stderr
@@ -286,7 +293,8 @@ _FUZZ_VALUES = [0, 1, 2, 3, 7, 8, 9, 16, 21, 22, 30, 63, 64, 72, 104, 112, 511, 
                 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
 _FUZZ_OFFSETS = [4, 8, 16, 20, 24, 32, 36, 40, 48, 56, 60, 64, 72, 80, 88, 96, 100, 104, 112, 116, 120, 128,
                  136, 144, 152, 160, 176, 200, 256, 300]
-_FUZZ_TEMPLATES = ["v3.qcow2", "snap.qcow2", "backed.qcow2", "bitmap.qcow2", "v3-4k.qcow2", "v2.qcow2"]
+_FUZZ_TEMPLATES = ["v3.qcow2", "snap.qcow2", "backed.qcow2", "bitmap.qcow2", "v3-4k.qcow2", "v2.qcow2",
+                   "datafile.qcow2"]
 
 
 @pytest.mark.parametrize("seed", range(40))
