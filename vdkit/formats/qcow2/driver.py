@@ -199,6 +199,8 @@ class Qcow2Driver(FormatDriver):
             name_off = off + L.BITMAP_DIR_ENTRY.size + extra_size
             if name_off + name_size > end:
                 raise OpenError("Broken bitmap directory")
+            if extra_size:
+                raise OpenError("Bitmap extra data is not supported")
             if len(out) >= ext.nb_bitmaps:
                 raise OpenError("More bitmaps found than specified in header extension")
             # A C string to QEMU: an embedded NUL ends the name.
