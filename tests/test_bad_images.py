@@ -122,6 +122,15 @@ def _bitmap_entry(rel: int, fmt: str, value: int) -> Mutation:
     return m
 
 
+def _bitmap_extra_fits(p: Path) -> None:
+    """8 bytes of entry extra data, with the directory grown so that the entry still fits."""
+    ext = _ext_offset(p, 0x23852875) + 8
+    doff = g.get_u64(p, ext + 16)
+    g.set_u64(p, ext + 8, 40)
+    g.set_u32(p, doff + 20, 8)
+    g.patch(p, doff + 24, bytes(8) + b"b0")
+
+
 def _last_ext_len(value: int) -> Mutation:
     """Make the last real extension claim ``value`` bytes."""
     def m(p: Path) -> None:
@@ -251,6 +260,7 @@ CASES: dict[str, tuple[str, Mutation]] = {
     "bitmap-entry-name-0": ("bitmap.qcow2", _bitmap_entry(18, ">H", 0)),
     "bitmap-entry-name-1024": ("bitmap.qcow2", _bitmap_entry(18, ">H", 1024)),
     "bitmap-entry-extra-8": ("bitmap.qcow2", _bitmap_entry(20, ">I", 8)),
+    "bitmap-entry-extra-fits": ("bitmap.qcow2", _bitmap_extra_fits),
     "bitmap-entry-table-unaligned": ("bitmap.qcow2", _bitmap_entry(0, ">Q", 0x10008)),
     "bitmap-entry-table-zero": ("bitmap.qcow2", _bitmap_entry(0, ">Q", 0)),
     "bitmap-entry-table-size-0": ("bitmap.qcow2", _bitmap_entry(8, ">I", 0)),
