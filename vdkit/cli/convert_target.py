@@ -95,13 +95,16 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     if not a.skip_create:
         _create(a, size)
     node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
+    if a.cache in (None, "unsafe"):
+        # qemu-img convert writes its target with cache=unsafe unless -t says
+        # otherwise: a crash mid-convert leaves a useless target either way.
+        for f in (node.driver.file, *node.driver.extra_files()):
+            f.sync = False
     if a.skip_create and node.driver.virtual_size < size:
         node.close()
         raise VdkitError("output file is smaller than input file")
     zero_init = a.target_is_zero or not a.skip_create
     if node.format == "raw":
-        if not a.skip_create:
-            _allocate_first_block(node.driver.file, size)
         return RawTarget(node, has_zero_init=zero_init)
     if node.driver.encrypted:  # type: ignore[attr-defined]
         node.close()
@@ -111,17 +114,6 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     target = Qcow2Target(node, has_zero_init=zero_init)
     target.compressed = a.compressed  # qemu-img aligns the file end after any -c conversion
     return target
-
-
-def _allocate_first_block(file: ImageFile, size: int) -> None:
-    """Write zeros over the first 4 KiB of a new raw file, as QEMU's file driver does on creation.
-
-    (QEMU does it so later opens can probe the alignment; it is visible as a
-    data extent in ``map`` of the output, so we match it.)
-    """
-    n = min(size, 4096)
-    if n and file.allocated_size() == 0:
-        file.pwrite(0, bytes(n))
 
 
 def _create(a: ConvertArgs, size: int) -> None:

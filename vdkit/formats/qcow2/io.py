@@ -511,7 +511,7 @@ class Qcow2IO:
                 run += 1
             host = self._alloc_data(c << cb, run)
             allocated = allocated or not g.has_data_file
-            segments: list[tuple[int, bytes]] = []
+            segments: list[tuple[int, bytes | memoryview]] = []
             for j in range(run):
                 cc = c + j
                 idx = g.l2_index(cc << cb)
@@ -539,17 +539,22 @@ class Qcow2IO:
         return s - (s - cstart) % scs, min(cstart + cs, e + (-(e - cstart)) % scs)
 
     def _overlay(self, lo: int, hi: int, start: int, end: int, data: memoryview,
-                 backing: BackingRead | None) -> bytes:
-        """Guest bytes ``[lo, hi)`` after the write: the current view with ``data`` laid over it."""
+                 backing: BackingRead | None) -> bytes | memoryview:
+        """Guest bytes ``[lo, hi)`` after the write: the current view with ``data`` laid over it.
+
+        A range the write covers entirely is returned as a view of the
+        caller's buffer (no copy): large writes then go out with one
+        ``pwritev`` straight from it.
+        """
         s, e = max(lo, start), min(hi, end)
         if s == lo and e == hi:
-            return bytes(data[s - start : e - start])
+            return data[s - start : e - start]
         cur = bytearray(self.read(lo, hi - lo, backing))
         cur[s - lo : e - lo] = data[s - start : e - start]
         return bytes(cur)
 
     def _cow_cluster(self, c: int, old: int, start: int, end: int, data: memoryview,
-                     backing: BackingRead | None) -> tuple[int, bytes]:
+                     backing: BackingRead | None) -> tuple[int, bytes | memoryview]:
         """What to write into a newly allocated cluster replacing entry ``old``: (offset in cluster, bytes).
 
         Standard L2: the whole cluster (the write plus copy-on-write of head
@@ -571,8 +576,8 @@ class Qcow2IO:
         buf[lo - cstart : hi - cstart] = self._overlay(lo, hi, start, end, data, backing)
         return 0, bytes(buf)
 
-    def _write_segments(self, segments: list[tuple[int, bytes]]) -> None:
-        """pwrite (host, bytes) pieces, joining neighbours into one call."""
+    def _write_segments(self, segments: list[tuple[int, bytes | memoryview]]) -> None:
+        """Write (host, bytes) pieces, neighbours together in one vectored call."""
         f = self.data_file
         i = 0
         while i < len(segments):
@@ -584,7 +589,7 @@ class Qcow2IO:
                 parts.append(segments[i][1])
                 nxt += len(segments[i][1])
                 i += 1
-            f.pwrite(off, b"".join(parts))
+            f.pwritev(off, parts)
 
     def _new_bitmap(self, c: int, old: int, bitmap: int, start: int, end: int) -> int:
         lo, hi = self._sc_region(c, start, end)
