@@ -68,3 +68,28 @@ def test_broken_luks_header_is_a_clean_error(workdir: Path, patch: str) -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("vdkit-img: ") and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("pos", "value"),
+    [
+        (0, b"XUKS"),
+        (6, b"\x00\x02"),
+        (8, b"ae".ljust(32, b"\0")),
+        (40, b"xtsplain64".ljust(32, b"\0")),
+        (40, b"xts-plain6".ljust(32, b"\0")),
+        (40, b"foo-plain64".ljust(32, b"\0")),
+        (40, b"cbc-essiv:sha7".ljust(32, b"\0")),
+        (72, b"sha257".ljust(32, b"\0")),
+    ],
+    ids=["magic", "version", "cipher", "mode-format", "ivgen", "mode", "ivgen-hash", "hash"],
+)
+def test_damaged_luks_fields_match_qemu(workdir: Path, pos: int, value: bytes) -> None:
+    """Each damaged LUKS field is reported with qemu-img's words, in qemu-img's order of checks."""
+    img = _make(workdir, "enc.qcow2", "")
+    data = bytearray(img.read_bytes())
+    luks_off = data.find(b"LUKS\xba\xbe")
+    data[luks_off + pos : luks_off + pos + len(value)] = value
+    img.write_bytes(bytes(data))
+    q = assert_same(["info", "enc.qcow2"], workdir)
+    assert q.returncode == 1

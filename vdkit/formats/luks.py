@@ -67,37 +67,47 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def _corrupt(what: str) -> CorruptImageError:
-    return CorruptImageError(f"LUKS header is invalid: {what}")
+_MODES = ("ecb", "cbc", "xts", "ctr")
+_IVGENS = ("plain", "plain64", "essiv")
 
 
 def _hash(name: str) -> str:
     if name not in _HASHES:
-        raise _corrupt(f"unsupported hash '{name}'")
+        raise CorruptImageError(f"Hash algorithm '{name}' not supported")
     return name
 
 
 def parse_luks_header(raw: bytes) -> LuksHeader:
-    """Decode the LUKS1 header at the start of ``raw``."""
+    """Decode the LUKS1 header at the start of ``raw``.
+
+    Fields are checked in the order qemu-img checks them, with its words, so
+    a damaged header is reported the same way by both tools.
+    """
     if len(raw) < _PHDR.size + NUM_KEY_SLOTS * _SLOT.size:
-        raise _corrupt("header is truncated")
+        raise CorruptImageError("Volume is not in LUKS format")
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes, _digest, _salt,
      mk_iters, uuid) = _PHDR.unpack_from(raw)
     if magic != LUKS_MAGIC:
         raise CorruptImageError("Volume is not in LUKS format")
     if version != 1:
-        raise CorruptImageError(f"Unsupported LUKS version {version}")
+        raise CorruptImageError(f"LUKS version {version} is not supported")
     name = _cstr(cipher_name)
     mode_spec = _cstr(cipher_mode)
-    mode, _, ivgen_spec = mode_spec.partition("-")
-    if not ivgen_spec:
-        raise _corrupt(f"unexpected cipher mode string '{mode_spec}'")
-    ivgen, _, ivgen_hash = ivgen_spec.partition(":")
+    mode, dash, ivgen_spec = mode_spec.partition("-")
+    if not dash:
+        raise CorruptImageError(f"Unexpected cipher mode string format '{mode_spec}'")
+    if mode not in _MODES:
+        raise CorruptImageError(f"Cipher mode '{mode}' not supported")
+    ivgen, colon, ivgen_hash = ivgen_spec.partition(":")
+    if ivgen not in _IVGENS:
+        raise CorruptImageError(f"IV generator '{ivgen}' not supported")
+    ivgen_hash_alg = _hash(ivgen_hash) if colon else None
     # XTS uses two keys of half the stored length each.
     alg_key_bytes = key_bytes // 2 if mode == "xts" else key_bytes
     alg = _CIPHERS.get(name, {}).get(alg_key_bytes)
     if alg is None:
-        raise _corrupt(f"unsupported cipher '{name}' with {key_bytes}-byte key")
+        raise CorruptImageError(f"Algorithm '{name}' with key size {alg_key_bytes} bytes not supported")
+    hash_alg = _hash(_cstr(hash_spec))
     slots = []
     for i in range(NUM_KEY_SLOTS):
         active, iters, _slot_salt, key_offset, stripes = _SLOT.unpack_from(raw, _PHDR.size + i * _SLOT.size)
@@ -106,8 +116,8 @@ def parse_luks_header(raw: bytes) -> LuksHeader:
         cipher_alg=alg,
         cipher_mode=mode,
         ivgen_alg=ivgen,
-        ivgen_hash_alg=_hash(ivgen_hash) if ivgen_hash else None,
-        hash_alg=_hash(_cstr(hash_spec)),
+        ivgen_hash_alg=ivgen_hash_alg,
+        hash_alg=hash_alg,
         payload_offset=payload_offset * SECTOR,
         master_key_iterations=mk_iters,
         uuid=_cstr(uuid),
