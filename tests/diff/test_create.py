@@ -164,12 +164,12 @@ def test_locked_target_is_left_alone(tmp_path: Path) -> None:
     target = tmp_path / "busy.qcow2"
     check_ok("create", "-q", "-f", "qcow2", str(target), "1M")
     before = target.read_bytes()
-    holder = subprocess.Popen([require_tool("qemu-io"), "-c", "sleep 4000", str(target)])
+    # qemu-io's sleep is in milliseconds; the holder is killed below long before it ends.
+    holder = subprocess.Popen([require_tool("qemu-io"), "-c", "sleep 600000", str(target)])
     try:
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            if qemu_img("info", str(target)).returncode != 0:
-                break
+        deadline = time.monotonic() + 60
+        while qemu_img("info", str(target)).returncode == 0:
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
             time.sleep(0.05)
         for fmt in ("qcow2", "raw"):
             q = qemu_img("create", "-q", "-f", fmt, target.name, "1M", cwd=tmp_path)
