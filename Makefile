@@ -24,13 +24,15 @@ demo: deps system-deps
 	@rm -rf demo && mkdir demo
 	@qemu-img create -q -f raw demo/base.raw 16M
 	@qemu-io -f raw -c 'write -P 0xaa 0 1M' demo/base.raw >/dev/null
-	@$(VENV)/bin/vdkit-img create -q -f qcow2 -b base.raw -F raw demo/top.qcow2 || qemu-img create -q -f qcow2 -b base.raw -F raw demo/top.qcow2
+	@$(VENV)/bin/vdkit-img create -q -f qcow2 -b base.raw -F raw demo/top.qcow2
 	@qemu-io -c 'write -P 0x55 1M 64k' demo/top.qcow2 >/dev/null
-	@qemu-img snapshot -c before-upgrade demo/top.qcow2
+	@$(VENV)/bin/vdkit-img snapshot -c before-upgrade demo/top.qcow2
 	@echo '$$ vdkit-img info --backing-chain demo/top.qcow2'
 	@$(VENV)/bin/vdkit-img info --backing-chain demo/top.qcow2
 	@echo '$$ vdkit-img snapshot -l --output=json demo/top.qcow2'
 	@$(VENV)/bin/vdkit-img snapshot -l --output=json demo/top.qcow2
+	@echo '$$ vdkit-img check demo/top.qcow2'
+	@$(VENV)/bin/vdkit-img check demo/top.qcow2
 
 lint: deps
 	$(VENV)/bin/ruff check vdkit tests bench
@@ -41,6 +43,11 @@ test: deps system-deps
 
 bench: deps system-deps
 	$(PY) bench/info.py
+	$(PY) bench/snapshot.py
+	$(PY) bench/check.py
+	$(PY) bench/io.py
+	$(PY) bench/nbd.py
+	$(PY) bench/monitor.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info
