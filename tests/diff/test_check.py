@@ -119,9 +119,12 @@ def raw_data(path: Path) -> bytes:
     return data
 
 
-def compare_repair(path: Path, mode: str, *extra: str, same_bytes: bool = True) -> None:
-    """Repair two copies, one per tool: same output; the vdkit copy ends clean with the same data."""
-    before = raw_data(path) if mode == "leaks" else None
+def compare_repair(path: Path, mode: str, *extra: str, same_bytes: bool = True, opens: bool = True) -> None:
+    """Repair two copies, one per tool: same output; the vdkit copy ends clean with the same data.
+
+    ``opens=False``: the damaged image cannot be opened normally (no guest data to compare before).
+    """
+    before = raw_data(path) if mode == "leaks" and opens else None
     qcopy = path.with_name("q_" + path.name)
     vcopy = path.with_name("v_" + path.name)
     shutil.copy(path, qcopy)
@@ -401,3 +404,117 @@ def test_persistent_bitmaps(tmp_path: Path) -> None:
     img.set_refcount(img.append_cluster(), 1)
     # qemu-img also rewrites the bitmap directory when it opens the image writable; vdkit does not
     compare_repair(path, "leaks", same_bytes=False)
+
+
+# -- phase 1: the snapshot table --------------------------------------------------------------------
+
+_SN = struct.Struct(">QIHHIIQII")
+
+
+def _snapshot_entries(path: Path) -> tuple[int, list[bytes]]:
+    """The header's table offset and the raw entries (header, extra data, id, name) of the table."""
+    d = path.read_bytes()
+    nb, off = struct.unpack(">IQ", d[60:72])
+    out, p = [], off
+    for _ in range(nb):
+        p = (p + 7) & ~7
+        f = _SN.unpack(d[p : p + 40])
+        n = 40 + f[8] + f[2] + f[3]
+        out.append(d[p : p + n])
+        p += n
+    return off, out
+
+
+def _pack_entries(entries: list[bytes]) -> bytes:
+    out = bytearray()
+    for e in entries:
+        out += bytes(((len(out) + 7) & ~7) - len(out)) + e
+    return bytes(out)
+
+
+def _with_extra_size(entry: bytes, size: int, *, carry: bool = True) -> bytes:
+    """Change an entry's extra_data_size; ``carry`` also stores that many extra bytes (0xab filled)."""
+    f = list(_SN.unpack(entry[:40]))
+    old = f[8]
+    f[8] = size
+    extra, rest = entry[40 : 40 + old], entry[40 + old :]
+    return _SN.pack(*f) + (extra[:size].ljust(size, b"\xab") if carry else extra) + rest
+
+
+def _put(path: Path, off: int, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(off)
+        fh.write(data)
+
+
+def _snapshot_image(tmp: Path, case: str) -> Path:
+    nsnap = {"too_many": 1, "too_many_past_eof": 1, "table_cut": 3, "old_table_past_eof": 4}.get(case, 2)
+    opts = ("compat=0.10",) if case == "too_many" else ()
+    path = make(tmp, f"{case}.qcow2", *opts, size="4M")
+    for i in range(nsnap):
+        check_ok("snapshot", "-c", f"s{i}", str(path))
+    off, ents = _snapshot_entries(path)
+    img = Img(path)
+    if case == "extra_too_big":  # 2000 bytes of extra data, stored in place (the table stays in its cluster)
+        ents[1] = _with_extra_size(ents[1], 2000)
+        _put(path, off, _pack_entries(ents))
+    elif case == "table_cut":  # extra data claimed beyond INT_MAX: the table is cut before that entry
+        ents[1] = _with_extra_size(ents[1], 0x80000000, carry=False)
+        _put(path, off, _pack_entries(ents))
+    elif case == "old_table_past_eof":  # 65 MiB of extra data (not there): freeing the old table fails
+        ents[2] = _with_extra_size(ents[2], 65 << 20, carry=False)
+        ents[1] = _with_extra_size(ents[1], 2000)
+        _put(path, off, _pack_entries(ents[:3]))
+    elif case == "offset_unaligned":
+        _put(path, 64, struct.pack(">Q", off + 8))
+    elif case == "too_many_past_eof":  # 70000 entries, all but the first past the end of the file
+        _put(path, 60, struct.pack(">I", 70000))
+    else:  # too_many: 70000 entries (all but the first zero) in sparse, properly allocated clusters
+        start = -(-path.stat().st_size // img.cs) * img.cs
+        table = _pack_entries(ents)
+        n = -(-(len(table) + 40 * 69999) // img.cs)
+        with open(path, "r+b") as fh:
+            fh.truncate(start + n * img.cs)
+        _put(path, start, table)
+        for c in range(start // img.cs, start // img.cs + n):
+            img.set_refcount(c, 1)
+        img.set_refcount(off // img.cs, 0)
+        _put(path, 60, struct.pack(">IQ", 70000, start))
+    return path
+
+
+@pytest.mark.parametrize("case", ["extra_too_big", "table_cut", "too_many", "offset_unaligned",
+                                  "old_table_past_eof", "too_many_past_eof"])
+def test_snapshot_table_damage(tmp_path: Path, case: str) -> None:
+    path = _snapshot_image(tmp_path, case)
+    for cmd in (("info",), ("snapshot", "-l")):  # a normal open fails as qemu-img's does
+        q = qemu_img(*cmd, path.name, cwd=tmp_path)
+        v = vdkit_img(*cmd, path.name, cwd=tmp_path)
+        assert q.returncode == 1
+        assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+    compare(path)
+    if case.startswith("too_many"):
+        # 65536 snapshots make every qemu-img run slow: one repair, byte-identical results and a
+        # clean qemu-img check of vdkit's copy.  Past EOF, the table rewrite hits the old table:
+        # the image is marked corrupt and the check fails (exit 1), as with qemu-img.
+        copies = [path.with_name(p + path.name) for p in ("q_", "v_")]
+        for c in copies:
+            shutil.copy(path, c)
+        q = qemu_img("check", "-r", "all", copies[0].name, cwd=tmp_path)
+        v = vdkit_img("check", "-r", "all", copies[1].name, cwd=tmp_path)
+        assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout.replace("q_", "v_"),
+                                                                   q.stderr)
+        assert copies[0].read_bytes() == copies[1].read_bytes()
+        if case == "too_many":
+            assert q.returncode == 0 and "Discarding 4464 overhanging snapshots" in q.stderr
+            assert qemu_img("check", copies[1].name, cwd=tmp_path).returncode == 0
+        return
+    compare(path, "--output=json")
+    compare_repair(path, "leaks", opens=False)
+    compare_repair(path, "all", opens=False)
+    compare_repair(path, "all", "--output=json", opens=False)
+    vcopy = path.with_name("v_" + path.name)
+    qcopy = path.with_name("q_" + path.name)
+    lists = [qemu_img("snapshot", "-l", p.name, cwd=tmp_path) for p in (qcopy, vcopy)]
+    assert lists[0].returncode == lists[1].returncode == (1 if case == "offset_unaligned" else 0)
+    assert lists[0].stdout == lists[1].stdout

@@ -22,6 +22,7 @@ are only released afterwards (they are plain leaks until then).
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ import numpy as np
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.refcount import decode_block, encode_block
-from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
+from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
@@ -790,27 +791,56 @@ class _Checker:
 
     # -- snapshot table (phase 1) --------------------------------------------------------------------
     def read_snapshots(self, res: CheckResult) -> None:
+        """Phase 1: read the snapshot table; with ``-r all`` cut what QEMU cannot load.
+
+        A validation or read failure is a check error (``res.error`` says why)
+        and the check stops there.  Repairs: snapshots beyond 65536, and those
+        from the entry that makes the table too big on, are dropped at once by
+        rewriting ``nb_snapshots`` in the header (fixed corruptions; what they
+        referenced becomes leaks for phase 2); extra data beyond 1024 bytes is
+        dropped and, like incomplete entries, fixed by the table rewrite of
+        phase 3.
+        """
         h = self.h
-        if not h.nb_snapshots:
+        nb = h.nb_snapshots
+        if not nb:
             return
-        if h.nb_snapshots > L.MAX_SNAPSHOTS:
-            self.report("\0ERROR snapshot table too large")
-            res.check_errors += 1
-            return
-        if h.snapshots_offset % self.cs or h.snapshots_offset > 2**63 - 1 - h.nb_snapshots * 40:
+        repairs = TableRepairs()
+        if nb > L.MAX_SNAPSHOTS:
+            overhang = nb - L.MAX_SNAPSHOTS
+            if not self.fix_errors:
+                self.report(f"\0ERROR snapshot table too large\nYou can force-remove all {overhang} overhanging "
+                            "snapshots with qemu-img check -r all")
+                res.check_errors += 1
+                res.error = -errno.EFBIG
+                return
+            self.report(f"Discarding {overhang} overhanging snapshots")
+            repairs.snapshots_dropped += overhang
+            nb = L.MAX_SNAPSHOTS
+        if h.snapshots_offset % self.cs or h.snapshots_offset > 2**63 - 1 - nb * 40:
             self.report("\0ERROR snapshot table offset invalid")
             res.check_errors += 1
+            res.error = -errno.EINVAL
             return
         limit = min(L.MAX_SNAPSHOT_TABLE_SIZE, max(0, self.file_length() - h.snapshots_offset))
         try:
             self.snapshots, self.snapshots_size = parse_snapshot_table(
-                self.f.pread(h.snapshots_offset, limit), h.nb_snapshots, disk_size=h.size, check_mode=True
+                self.f.pread(h.snapshots_offset, limit), nb, disk_size=h.size,
+                repair=repairs if self.fix_errors else None, report=self.report,
             )
         except VdkitError as exc:
-            self.report("\0" + exc.message)
+            hint = f"\n{exc.hint.rstrip(chr(10))}" if exc.hint else ""
+            self.report(f"\0ERROR failed to read the snapshot table: {exc.message}{hint}")
             res.check_errors += 1
+            res.error = -(exc.errno or errno.EIO)
             self.snapshots = []
             return
+        self.snapshot_corruptions += repairs.extra_data_dropped
+        if repairs.snapshots_dropped:
+            # Make the cut effective now, so that phase 2 counts what the dropped entries held as leaks.
+            self.f.pwrite(60, len(self.snapshots).to_bytes(4, "big"))
+            self.f.flush()
+            res.corruptions_fixed += repairs.snapshots_dropped
         if h.version >= 3:
             for i, sn in enumerate(self.snapshots):
                 if sn.extra_data_size < 16:
@@ -830,11 +860,24 @@ class _Checker:
         data = serialize_snapshot_table(self.snapshots)
         new_offset = rc.alloc_clusters(len(data))
         rc.flush()
+        old_end = h.snapshots_offset + self.snapshots_size
+        if self.snapshots_size and new_offset < old_end and h.snapshots_offset < new_offset + len(data):
+            # The old table runs past the end of the file, where the new one was placed: QEMU's
+            # metadata overlap check refuses the write and marks the image corrupt.
+            self.signal_corruption("Preventing invalid write on metadata (overlaps with snapshot table)")
+            self.report(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
+            raise _CheckFailed(-errno.EIO)
         self.f.pwrite(new_offset, data)
         self.f.flush()
         self.f.pwrite(60, len(self.snapshots).to_bytes(4, "big") + new_offset.to_bytes(8, "big"))
         self.f.flush()
-        rc.free(h.snapshots_offset, self.snapshots_size)
+        try:
+            rc.free(h.snapshots_offset, self.snapshots_size)
+        except VdkitError as exc:
+            # e.g. an old table running past the end of the file: QEMU reports it and goes on
+            rc.flush()
+            self.report(f"qcow2_free_clusters failed: {os.strerror(exc.errno or errno.EIO)}")
+            return
         rc.flush()
         if self.snapshots_size:  # freed snapshot clusters are discarded, as QEMU does by default
             first = h.snapshots_offset >> self.cluster_bits
@@ -846,7 +889,7 @@ class _Checker:
         res = CheckResult()
         self.read_snapshots(res)
         if res.check_errors:
-            return replace(res, error=-errno.EINVAL)
+            return res
         size = self.file_length()
         self.nb_clusters = -(-size // self.cs)
         self.refs = np.zeros(max(self.nb_clusters, 1), dtype=np.int64)

@@ -9,6 +9,8 @@ drops what a newer writer stored.
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vdkit.errors import OpenError
@@ -42,32 +44,72 @@ class SnapshotEntry:
         return L.SNAPSHOT_HEADER.size + extra + len(self.id_str.encode()) + len(self.name.encode())
 
 
+@dataclass
+class TableRepairs:
+    """What a repairing read dropped (``qemu-img check -r all``, phase 1)."""
+
+    extra_data_dropped: int = 0
+    snapshots_dropped: int = 0
+
+
 def parse_snapshot_table(
-    buf: bytes, nb_snapshots: int, *, disk_size: int, check_mode: bool = False
+    buf: bytes, nb_snapshots: int, *, disk_size: int, check_mode: bool = False,
+    repair: TableRepairs | None = None, report: Callable[[str], None] | None = None,
 ) -> tuple[list[SnapshotEntry], int]:
     """Decode ``nb_snapshots`` entries from ``buf`` (the table's bytes).
 
     Returns the entries and the table size in bytes (ending right after the
     last name).  ``buf`` may be shorter than the table when the file ends
     early; missing bytes read as zero, as they do through QEMU's file layer.
+
+    Without ``repair`` an entry with more than 1024 bytes of extra data, or a
+    table whose entries (extra data counted up to 1024 bytes) exceed 64 MiB or
+    span more than ``INT_MAX`` bytes, is an error.  With ``repair`` (check
+    ``-r all``) the extra data is cut to 1024 bytes and the table is cut before
+    the entry that makes it too big; each step is announced through ``report``
+    and counted in ``repair``.  The returned size then ends after the last
+    entry kept (skipped extra data still counts: it lies inside the table).
     """
     entries: list[SnapshotEntry] = []
     off = 0
+    table_length = 0
     for i in range(nb_snapshots):
+        entry_start = off
         off = L.align_up(off, 8)
+        table_length = L.align_up(table_length, 8)
         fixed = _take(buf, off, L.SNAPSHOT_HEADER.size)
         (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
          extra_size) = L.SNAPSHOT_HEADER.unpack(fixed)
         off += L.SNAPSHOT_HEADER.size
-        if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA and not check_mode:
-            raise OpenError(
-                f"Too much extra metadata in snapshot table entry {i}",
-                hint="You can force-remove this extra metadata with qemu-img check -r all",
-            )
-        if off + extra_size + id_len + name_len > L.MAX_SNAPSHOT_TABLE_SIZE:
-            raise OpenError("Snapshot table is too big")
-        extra = _take(buf, off, min(extra_size, L.MAX_SNAPSHOT_EXTRA_DATA))
+        if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA:
+            if repair is None:
+                raise OpenError(
+                    f"Too much extra metadata in snapshot table entry {i}",
+                    hint="You can force-remove this extra metadata with qemu-img check -r all",
+                    errno=errno.EFBIG,
+                )
+            if report is not None:
+                report(f"Discarding too much extra metadata in snapshot table entry {i} "
+                       f"({extra_size} > {L.MAX_SNAPSHOT_EXTRA_DATA})")
+            repair.extra_data_dropped += 1
+        kept_extra = min(extra_size, L.MAX_SNAPSHOT_EXTRA_DATA)
+        table_length += L.SNAPSHOT_HEADER.size + kept_extra + id_len + name_len
+        if table_length > L.MAX_SNAPSHOT_TABLE_SIZE or off + extra_size + id_len + name_len > 2**31 - 1:
+            overhang = nb_snapshots - i
+            if repair is None:
+                raise OpenError(
+                    "Snapshot table is too big",
+                    hint=f"You can force-remove all {overhang} overhanging snapshots with qemu-img check -r all",
+                    errno=errno.EFBIG,
+                )
+            if report is not None:
+                report(f"Discarding {overhang} overhanging snapshots (snapshot table is too big)")
+            repair.snapshots_dropped += overhang
+            off = entry_start
+            break
+        extra = _take(buf, off, kept_extra)
         off += extra_size
+        extra_size = kept_extra
         vm_state_size = vm_state32
         entry_disk_size = disk_size
         icount = L.ICOUNT_UNUSED
