@@ -69,6 +69,8 @@ def parse_snapshot_table(
     the entry that makes it too big; each step is announced through ``report``
     and counted in ``repair``.  The returned size then ends after the last
     entry kept (skipped extra data still counts: it lies inside the table).
+    ``check_mode`` changes nothing (kept for callers): the check reads with
+    ``repair`` under ``-r all`` and fails like a normal open otherwise.
     """
     entries: list[SnapshotEntry] = []
     off = 0
