@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_img, qemu_io
+from tests.data.faults import cut_writes
 from vdkit.block import io as bio
 from vdkit.block.node import open_image
 from vdkit.errors import VdkitError
@@ -191,25 +192,11 @@ def _allocated_zero(node, offset: int) -> bool:  # type: ignore[no-untyped-def]
 
 # -- crash safety by fault injection ------------------------------------------------------------
 
-class _Cut(OSError):
-    pass
-
-
 def _faulty_run(path: Path, op, cut_after: int | None) -> int:  # type: ignore[no-untyped-def]
     """Run ``op(node)``; with ``cut_after``, every image-file write from that one on fails."""
     node = open_image(str(path), "qcow2", readonly=False)
     file = node.driver.file
-    real = file.pwrite
-    count = 0
-
-    def pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
-        nonlocal count
-        if cut_after is not None and count >= cut_after:
-            raise _Cut(5, "Input/output error")
-        count += 1
-        real(offset, data)
-
-    file.pwrite = pwrite  # type: ignore[method-assign]
+    writes_done = cut_writes(file, cut_after)
     try:
         op(node)
         node.flush()
@@ -220,7 +207,7 @@ def _faulty_run(path: Path, op, cut_after: int | None) -> int:  # type: ignore[n
             node.close()
         except (OSError, VdkitError):
             file.close()
-    return count
+    return writes_done()
 
 
 _FAULT_OPS = [

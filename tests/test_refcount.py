@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_img, qemu_io
+from tests.data.faults import cut_writes
 from vdkit.block.node import open_image
 from vdkit.formats.qcow2.driver import Qcow2Driver
 from vdkit.formats.qcow2.refcount import (
@@ -167,17 +168,7 @@ def test_in_place_allocation_cut_at_every_write_only_leaks(tmp_path: Path) -> No
 
     def run(path: Path, cut: int | None) -> int:
         drv = _open_rw(path)
-        real = drv.file.pwrite
-        count = 0
-
-        def pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
-            nonlocal count
-            if cut is not None and count >= cut:
-                raise OSError(5, "Input/output error")
-            count += 1
-            real(offset, data)
-
-        drv.file.pwrite = pwrite  # type: ignore[method-assign]
+        writes_done = cut_writes(drv.file, cut)
         try:
             off = drv.refcounts.alloc_clusters(300 * 512)  # needs two more refcount blocks
             drv.refcounts.alloc_clusters(17000 * 512)  # past the table's reach: it grows
@@ -190,7 +181,7 @@ def test_in_place_allocation_cut_at_every_write_only_leaks(tmp_path: Path) -> No
                 drv.close()
             except OSError:
                 drv.file.close()
-        return count
+        return writes_done()
 
     full = tmp_path / "full.qcow2"
     shutil.copy(base, full)

@@ -17,14 +17,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_io
+from tests.data.faults import cut_writes
 from tests.diff.test_snapshot_write import check_counts, guest, snapshot_list
 from vdkit.block.node import Node, open_image
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import snapshot_ops
-
-
-class _Cut(OSError):
-    pass
 
 
 def _state(path: Path) -> tuple[object, ...]:
@@ -43,17 +40,7 @@ def _run(path: Path, op: Op, cut_after: int | None) -> int:
     """Run ``op`` on ``path``; with ``cut_after``, fail writes from that one on. Returns writes done."""
     node = open_image(str(path), "qcow2", readonly=False)
     file = node.driver.file
-    real = file.pwrite
-    count = 0
-
-    def pwrite(offset: int, data: bytes | bytearray | memoryview) -> None:
-        nonlocal count
-        if cut_after is not None and count >= cut_after:
-            raise _Cut(5, "Input/output error")
-        count += 1
-        real(offset, data)
-
-    file.pwrite = pwrite  # type: ignore[method-assign]
+    writes_done = cut_writes(file, cut_after)
     try:
         op(node)
     except VdkitError:
@@ -63,7 +50,7 @@ def _run(path: Path, op: Op, cut_after: int | None) -> int:
             node.close()
         except OSError:
             file.close()
-    return count
+    return writes_done()
 
 
 def _create(node: Node) -> None:
