@@ -92,18 +92,6 @@ class Qcow2Header:
         return bool(self.incompatible_features & L.INCOMPAT_EXTL2)
 
     @property
-    def l2_entry_size(self) -> int:
-        return 16 if self.extended_l2 else 8
-
-    @property
-    def l2_entries(self) -> int:
-        return self.cluster_size // self.l2_entry_size
-
-    @property
-    def subcluster_size(self) -> int:
-        return self.cluster_size // 32 if self.extended_l2 else self.cluster_size
-
-    @property
     def dirty(self) -> bool:
         return bool(self.incompatible_features & L.INCOMPAT_DIRTY)
 
@@ -124,8 +112,12 @@ class Qcow2Header:
         return bool(self.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
 
     def l1_entries_needed(self, size: int | None = None) -> int:
-        """L1 entries that describe the virtual disk (``size_to_l1``)."""
-        span = self.cluster_size * self.l2_entries
+        """L1 entries that describe the virtual disk (``size_to_l1``).
+
+        The rest of the L1/L2 arithmetic lives in ``cluster.Geometry``; this one
+        sum is here because open-time validation needs it before numpy is loaded.
+        """
+        span = self.cluster_size * (self.cluster_size // (16 if self.extended_l2 else 8))
         return ((self.size if size is None else size) + span - 1) // span
 
     def evolve(self, **changes: object) -> Qcow2Header:
