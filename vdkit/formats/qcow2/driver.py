@@ -285,18 +285,18 @@ class Qcow2Driver(FormatDriver):
             self._repair_dirty()
 
     def _repair_dirty(self) -> None:
-        import importlib.util
         import sys
 
-        if importlib.util.find_spec("vdkit.formats.qcow2.check") is None:
-            raise OpenError("Image is dirty (lazy refcounts); run 'qemu-img check -r all' on it first")
         from vdkit.formats.qcow2 import check as qcheck
 
         def report(line: str) -> None:
+            # QEMU prints the repair's messages on stderr; a leading NUL marks an
+            # error_report line, which a front end would prefix with its name.
+            line = line.removeprefix("\0")
             sys.stderr.write(line if line.endswith("\n") else line + "\n")
 
         try:
-            qcheck.check(self, "all", report)  # type: ignore[attr-defined]
+            qcheck.check(self, "all", report)
         except VdkitError as exc:
             raise OpenError(f"Could not repair dirty image: {exc.message}") from exc
         # The repair rewrote metadata behind our back: start from the disk again.
