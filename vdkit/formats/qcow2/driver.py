@@ -417,5 +417,3 @@ class Qcow2Driver(FormatDriver):
         if self.header.has_data_file:
             return "Operation not supported"
         return None
-
-    ENOTSUP = errno.ENOTSUP
