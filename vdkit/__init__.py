@@ -34,10 +34,9 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
     ``policy`` (:class:`vdkit.block.chain.OpenPolicy`) limits which backing
     and data files an untrusted image may make vdkit open.
     """
-    from vdkit.block.chain import DEFAULT_POLICY
     from vdkit.block.node import open_image
 
     return open_image(
         path, fmt, readonly=readonly, force_share=force_share, backing=backing,
-        policy=policy or DEFAULT_POLICY,
+        policy=policy,
     )

@@ -100,3 +100,15 @@ class OpenPolicy:
 
 
 DEFAULT_POLICY = OpenPolicy()
+_process_default = DEFAULT_POLICY
+
+
+def default_policy() -> OpenPolicy:
+    """The policy used when a caller names none (``vdkit-img --allow-dir`` sets it)."""
+    return _process_default
+
+
+def set_default_policy(policy: OpenPolicy) -> None:
+    """Set the process-wide default; meant for front ends, which own the whole process."""
+    global _process_default
+    _process_default = policy

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from vdkit.block.chain import DEFAULT_POLICY, QEMU_PROTOCOLS, OpenPolicy, protocol_of, resolve_backing_name
+from vdkit.block.chain import QEMU_PROTOCOLS, OpenPolicy, default_policy, protocol_of, resolve_backing_name
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats.probe import PROBE_SIZE, SUPPORTED_FORMATS, probe_format
 from vdkit.io.file import ImageFile
@@ -155,7 +155,7 @@ def open_image(
     readonly: bool = True,
     force_share: bool = False,
     backing: bool = True,
-    policy: OpenPolicy = DEFAULT_POLICY,
+    policy: OpenPolicy | None = None,
     check_mode: bool = False,
     no_io: bool = False,
 ) -> Node:
@@ -168,7 +168,8 @@ def open_image(
     name = os.fspath(filename)
     try:
         return _open(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                     policy=policy, check_mode=check_mode, no_io=no_io, depth=0, seen=frozenset())
+                     policy=policy or default_policy(), check_mode=check_mode, no_io=no_io, depth=0,
+                     seen=frozenset())
     except VdkitError as exc:
         raise exc.prefixed(f"Could not open '{name}': ") from exc
 

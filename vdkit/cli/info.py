@@ -71,6 +71,11 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
             break
         fmt = info.backing_filename_format
         if info.full_backing_filename is not None:
+            from vdkit.block.chain import default_policy
+
+            # Each image is opened on its own, so the policy is applied here,
+            # where the chain is followed.
+            default_policy().check("backing file", info.backing_filename or "", info.full_backing_filename)
             name = info.full_backing_filename
         elif info.backing_filename is not None:
             raise OpenError(

@@ -69,6 +69,9 @@ def usage_error(message: str) -> int:
 HELP = f"""{PROG} version 0.1.0 (qemu-img 7.2 compatible)
 usage: {PROG} [standard options] command [command options]
 
+Standard options (vdkit extensions):
+  --allow-dir DIR   follow backing and data files only inside DIR (repeatable); for untrusted images
+
 Command syntax:
   check [--output=human|json] [-f fmt] [-q] [-r [leaks | all]] [-U] filename
   commit [-q] [-f fmt] [-b base] [-d] [-p] filename
@@ -85,6 +88,20 @@ Command syntax:
 
 
 def run(argv: list[str]) -> int:
+    allowed: list[str] = []
+    while argv and (argv[0] == "--allow-dir" or argv[0].startswith("--allow-dir=")):
+        if argv[0] == "--allow-dir":
+            if len(argv) < 2:
+                return usage_error("missing argument for option '--allow-dir'")
+            allowed.append(argv[1])
+            argv = argv[2:]
+        else:
+            allowed.append(argv[0].partition("=")[2])
+            argv = argv[1:]
+    if allowed:
+        from vdkit.block.chain import OpenPolicy, set_default_policy
+
+        set_default_policy(OpenPolicy.restricted_to(*allowed))
     if not argv:
         return usage_error("Not enough arguments")
     cmd = argv[0]
