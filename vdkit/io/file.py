@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 
 from vdkit.errors import OpenError, os_error_message
 from vdkit.io.locks import ImageLock, LockMode
@@ -141,7 +140,3 @@ class ImageFile:
 
     def __repr__(self) -> str:
         return f"ImageFile({self.filename!r}, readonly={self.readonly})"
-
-
-def dirname_of(filename: str) -> str:
-    return str(Path(filename).parent)

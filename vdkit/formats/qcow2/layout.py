@@ -124,9 +124,5 @@ class ClusterType(enum.Enum):
     COMPRESSED = "compressed"
 
 
-def size_to_clusters(size: int, cluster_size: int) -> int:
-    return (size + cluster_size - 1) // cluster_size
-
-
 def align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
