@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,26 @@ def run(m: Monitor, sock: str, script: list[tuple[str, dict[str, Any] | None]]) 
         out += [normalise(json.dumps({"event": e["event"], "data": e.get("data")})) for e in m.events]
         out.append(f"{name} -> {normalise(line)}")
     return out
+
+
+def wait_deleted(m: Monitor, lines: list[str], export_id: str) -> list[str]:
+    """Wait for an export's BLOCK_EXPORT_DELETED, which QEMU may emit after the command returns.
+
+    A hard removal with a connected client finishes when the client's coroutine has gone, so the
+    event arrives during the command or during a later one; the test waits so both orders read alike.
+    """
+    marker = json.dumps({"event": "BLOCK_EXPORT_DELETED", "data": {"id": export_id}})
+    seen = marker in lines
+    lines = [line for line in lines if line != marker]
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        m.events.clear()
+        m.cmd("query-status")
+        seen = any(e["event"] == "BLOCK_EXPORT_DELETED" and e.get("data") == {"id": export_id} for e in m.events)
+        if not seen:
+            time.sleep(0.02)
+    assert seen, f"no BLOCK_EXPORT_DELETED for {export_id}"
+    return [*lines, f"deleted {export_id}"]
 
 
 def node_name(m: Monitor, filename: str) -> str:
@@ -116,8 +137,9 @@ def test_block_export_add_by_node_name_matches_qemu(daemons: Daemons) -> None:
         c = NbdClient(sock, "n2")
         out.append(f"flags {c.flags:#x}")
         # a connected client makes a safe removal fail; hard removal drops it
-        out += run(m, sock, [("block-export-del", {"id": "e2"}), ("block-export-del", {"id": "e2", "mode": "hard"}),
-                             ("nbd-server-stop", None), ("query-block-exports", None)])
+        out += run(m, sock, [("block-export-del", {"id": "e2"})])
+        out += wait_deleted(m, run(m, sock, [("block-export-del", {"id": "e2", "mode": "hard"})]), "e2")
+        out += run(m, sock, [("nbd-server-stop", None), ("query-block-exports", None)])
         c.sock.close()
         results.append(out)
     q_out, v_out = results  # the transmission flags too
