@@ -7,10 +7,10 @@ that ``vdkit-img`` starts quickly.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from vdkit.errors import VdkitError
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.node import Node

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from tests.data.compare import run_qemu, run_vdkit
 from vdkit.info import model
 from vdkit.info.render_human import size_to_str, snapshot_row
 from vdkit.info.render_json import dumps_compact, dumps_pretty, qdict_bucket, qdict_order, quote
+from vdkit.record import fields
 
 # cli-output.md §0.1, verified renderings
 SIZE_TABLE = [
@@ -67,7 +67,7 @@ def test_snapshot_row_pads_bytes_not_characters() -> None:
 # -- QDict order -----------------------------------------------------------------------------
 
 def _schema_order(cls: type) -> list[str]:
-    names = getattr(cls, "__qapi_order__", None) or [f.name for f in dataclasses.fields(cls)]
+    names = getattr(cls, "__qapi_order__", None) or list(fields(cls))
     return [n.rstrip("_").replace("_", "-") for n in names]
 
 

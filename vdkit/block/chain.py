@@ -12,21 +12,23 @@ given*, without normalisation (so ``sub/t.qcow2`` + ``../b.qcow2`` is
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
 
 from vdkit.errors import PolicyError
+from vdkit.record import record
 
-# A "protocol:" prefix (nbd:, http:, json:...) as QEMU's path_has_protocol sees it.
-_PROTOCOL = re.compile(r"^[A-Za-z0-9+.\-]+:")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# Characters of a "protocol:" prefix (nbd:, http:, json:...) as QEMU's path_has_protocol sees it.
+_PROTOCOL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-")
 
 DEFAULT_MAX_CHAIN_DEPTH = 256
 
 
 def has_protocol(name: str) -> bool:
-    m = _PROTOCOL.match(name)
-    return bool(m) and "/" not in name[: m.end()]
+    colon = name.find(":")
+    return colon > 0 and _PROTOCOL_CHARS.issuperset(name[:colon])
 
 
 # Protocol prefixes QEMU 7.2 knows (others are "Unknown protocol").  vdkit
@@ -61,7 +63,7 @@ def resolve_backing_name(image_filename: str, stored: str) -> str | None:
     return image_filename[: slash + 1] + stored
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OpenPolicy:
     """What an image may make vdkit open besides itself.
 
@@ -76,6 +78,8 @@ class OpenPolicy:
 
     @classmethod
     def restricted_to(cls, *dirs: str | os.PathLike[str], **kw: object) -> OpenPolicy:
+        from pathlib import Path
+
         return cls(allowed_dirs=tuple(Path(d).resolve() for d in dirs), **kw)  # type: ignore[arg-type]
 
     def check(self, kind: str, name: str, resolved: str) -> None:
@@ -92,6 +96,8 @@ class OpenPolicy:
             return  # opening it fails with QEMU's "Unknown protocol" error
         if self.allowed_dirs is None:
             return
+        from pathlib import Path
+
         real = Path(resolved).resolve()
         for d in self.allowed_dirs:
             if real == d or d in real.parents:

@@ -9,13 +9,14 @@ QEMU's ``BlockDriver`` table.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
 
 from vdkit.errors import UnsupportedError
+from vdkit.record import record
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import ClassVar
 
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.io.file import ImageFile
@@ -29,7 +30,7 @@ ALLOCATED = 8
 EOF = 16
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class BlockStatus:
     """Status of one run of a single layer, starting at the queried offset.
 

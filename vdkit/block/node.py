@@ -10,13 +10,13 @@ format.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from vdkit.block.chain import QEMU_PROTOCOLS, OpenPolicy, default_policy, protocol_of, resolve_backing_name
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats.probe import PROBE_SIZE, SUPPORTED_FORMATS, probe_format
 from vdkit.io.file import ImageFile
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Iterator
 

@@ -7,12 +7,14 @@ used, so that starting the program stays cheap.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from collections.abc import Callable
 
 from vdkit.errors import UsageError, VdkitError
+
+TYPE_CHECKING = False  # typing and collections.abc are not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PROG = "vdkit-img"
 
@@ -114,7 +116,8 @@ def run(argv: list[str]) -> int:
     module = COMMANDS.get(cmd)
     if module is None:
         return usage_error(f"Command not found: {cmd}")
-    handler: Callable[[list[str]], int] = importlib.import_module(f"vdkit.cli.{module}").main
+    # __import__ rather than importlib.import_module: the importlib package is not loaded at start-up
+    handler: Callable[[list[str]], int] = __import__(f"vdkit.cli.{module}", fromlist=["main"]).main
     return handler(argv[1:])
 
 

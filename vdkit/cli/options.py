@@ -9,19 +9,18 @@ long options may be abbreviated to any unique prefix, ``--opt=value`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from vdkit.errors import UsageError
+from vdkit.record import field, record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LongOpt:
     name: str
     has_arg: bool
     key: str  # the short letter it maps to, or a long-only key such as "output"
 
 
-@dataclass
+@record
 class Parsed:
     opts: list[tuple[str, str | None]] = field(default_factory=list)
     args: list[str] = field(default_factory=list)

@@ -12,9 +12,9 @@ Reference: the LUKS1 on-disk format specification (cryptsetup project).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from vdkit.errors import CorruptImageError
+from vdkit.record import record
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_MAX_HEADER = 16 * 1024 * 1024
@@ -40,7 +40,7 @@ _CIPHERS: dict[str, dict[int, str]] = {
 _HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LuksKeySlot:
     active: bool
     iterations: int
@@ -48,7 +48,7 @@ class LuksKeySlot:
     stripes: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LuksHeader:
     """The public part of a LUKS1 header, names already mapped to QEMU's."""
 

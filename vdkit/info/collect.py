@@ -7,8 +7,6 @@ reports the same facts.  The counterpart of QEMU's ``block/qapi.c``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vdkit.formats.qcow2 import layout as L
 from vdkit.info.model import (
     AesEncryptionInfo,
@@ -21,6 +19,7 @@ from vdkit.info.model import (
     SnapshotInfo,
 )
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import FormatDriver
     from vdkit.block.node import Node
@@ -30,6 +29,8 @@ if TYPE_CHECKING:
 
 def _truncate(text: str, max_bytes: int) -> str:
     """The generic snapshot descriptor keeps at most ``max_bytes`` bytes."""
+    if text.isascii() and len(text) <= max_bytes:
+        return text
     raw = text.encode("utf-8", "surrogateescape")
     if len(raw) <= max_bytes:
         return text

@@ -9,10 +9,10 @@ them, the renderers print them, and the CLI, QMP and HMP share all three.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from vdkit.record import field, record
 
 
-@dataclass
+@record
 class SnapshotInfo:
     id: str
     name: str
@@ -24,14 +24,14 @@ class SnapshotInfo:
     icount: int | None = None
 
 
-@dataclass
+@record
 class Qcow2BitmapInfo:
     name: str
     granularity: int
     flags: list[str] = field(default_factory=list)
 
 
-@dataclass
+@record
 class LuksSlotInfo:
     active: bool
     key_offset: int
@@ -42,7 +42,7 @@ class LuksSlotInfo:
     __qapi_order__ = ("active", "iters", "stripes", "key_offset")
 
 
-@dataclass
+@record
 class LuksInfo:
     """``ImageInfoSpecificQCow2Encryption`` with format ``luks`` (flat union)."""
 
@@ -63,12 +63,12 @@ class LuksInfo:
     )
 
 
-@dataclass
+@record
 class AesEncryptionInfo:
     format: str = "aes"
 
 
-@dataclass
+@record
 class ImageInfoSpecificQcow2:
     compat: str
     refcount_bits: int
@@ -87,7 +87,7 @@ class ImageInfoSpecificQcow2:
     )
 
 
-@dataclass
+@record
 class ImageInfoSpecific:
     """The ``ImageInfoSpecific`` union: ``{"type": ..., "data": ...}``."""
 
@@ -95,7 +95,7 @@ class ImageInfoSpecific:
     data: ImageInfoSpecificQcow2
 
 
-@dataclass
+@record
 class ImageInfo:
     filename: str
     format: str
@@ -126,14 +126,14 @@ class ImageInfo:
 # --------------------------------------------------------------------------
 
 
-@dataclass
+@record
 class BlockdevCacheInfo:
     writeback: bool = True
     direct: bool = False
     no_flush: bool = False
 
 
-@dataclass
+@record
 class BlockDeviceInfo:
     """One node as ``query-block``'s ``inserted`` and ``query-named-block-nodes`` report it."""
 
@@ -180,7 +180,7 @@ class BlockDeviceInfo:
     __qapi_names__ = {n: n for n in __qapi_order__ if n != "node_name"}
 
 
-@dataclass
+@record
 class BlockInfo:
     """One BlockBackend in ``query-block``."""
 
@@ -197,7 +197,7 @@ class BlockInfo:
     __qapi_names__ = {"tray_open": "tray_open"}
 
 
-@dataclass
+@record
 class BlockDeviceStats:
     """I/O counters of a backend or node (``query-blockstats``)."""
 
@@ -242,7 +242,7 @@ class BlockDeviceStats:
     }
 
 
-@dataclass
+@record
 class BlockStatsSpecificFile:
     """``driver-specific`` of a ``file`` node (a flat union keyed by ``driver``)."""
 
@@ -254,7 +254,7 @@ class BlockStatsSpecificFile:
     __qapi_order__ = ("driver", "discard_nb_ok", "discard_nb_failed", "discard_bytes_ok")
 
 
-@dataclass
+@record
 class BlockStats:
     stats: BlockDeviceStats
     device: str | None = None
@@ -267,7 +267,7 @@ class BlockStats:
     __qapi_order__ = ("device", "qdev", "node_name", "stats", "driver_specific", "parent", "backing")
 
 
-@dataclass
+@record
 class StatusInfo:
     running: bool
     status: str
@@ -276,7 +276,7 @@ class StatusInfo:
     __qapi_order__ = ("running", "singlestep", "status")
 
 
-@dataclass
+@record
 class ImageCheck:
     """``qemu-img check`` result (QAPI ``ImageCheck``); counters are present only when non-zero."""
 

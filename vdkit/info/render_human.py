@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
-from typing import Any
 
-from vdkit.info.model import ImageCheck, ImageInfo, SnapshotInfo
 from vdkit.info.render_json import qdict_order, to_qobject
+from vdkit.record import replace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    from vdkit.info.model import ImageCheck, ImageInfo, SnapshotInfo
 
 _PREFIXES = {0: "", 10: "Ki", 20: "Mi", 30: "Gi", 40: "Ti", 50: "Pi", 60: "Ei"}
 
@@ -38,7 +43,7 @@ def _vm_clock(sec: int, nsec: int) -> str:
 
 def _ljust_bytes(text: str, width: int) -> str:
     """Left-justify like C ``%-*s``: the field width counts UTF-8 bytes, not characters."""
-    n = len(text.encode("utf-8", "surrogateescape"))
+    n = len(text) if text.isascii() else len(text.encode("utf-8", "surrogateescape"))
     return text + " " * (width - n) if n < width else text
 
 
@@ -189,15 +194,13 @@ def block_entry(name: str, inserted: Any, *, qdev: str | None = None, io_status:
 def info_snapshots(vmstate_disk: bool, global_snapshots: list[SnapshotInfo],
                    partial: list[tuple[str, list[SnapshotInfo]]], *, any_snapshots: bool) -> str:
     """HMP ``info snapshots`` (``qmp-hmp.md`` §5.2); lines end in ``\\n``."""
-    import dataclasses
-
     if not vmstate_disk:
         return "no block device can store vmstate for snapshot\n"
     if not any_snapshots:
         return "There is no snapshot available.\n"
     out = ["List of snapshots present on all disks:\n"]
     if global_snapshots:
-        out.append(snapshot_table(dataclasses.replace(s, id="--") for s in global_snapshots))
+        out.append(snapshot_table(replace(s, id="--") for s in global_snapshots))
     else:
         out.append("None\n")
     for device, snaps in partial:

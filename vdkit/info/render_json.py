@@ -10,40 +10,51 @@ Two QEMU details make its JSON byte-reproducible only with care:
   (upper-case hex, surrogate pairs above the BMP), as do control characters
   other than the five with short escapes.
 
-``to_qobject`` turns a dataclass tree into plain dicts/lists in schema order;
+``to_qobject`` turns a tree of records (:mod:`vdkit.record`) or dataclasses into plain dicts/lists in schema order;
 the two printers then only deal with JSON values.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import functools
-from typing import Any
+
+from vdkit.record import fields, is_record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _BUCKETS = 512
+_CACHE_LIMIT = 4096  # keys come from images and monitors: bound the memo tables
+_BUCKET_OF: dict[str, int] = {}
+_ORDER_OF: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
-@functools.lru_cache(maxsize=4096)
 def qdict_bucket(key: str) -> int:
     """Bucket of ``key`` in QEMU's QDict (32-bit wrapping arithmetic)."""
-    data = key.encode("utf-8", "surrogateescape")
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, c in enumerate(data):
-        value = (value + (c << ((i * 5) % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _BUCKETS
+    bucket = _BUCKET_OF.get(key)
+    if bucket is None:
+        data = key.encode("utf-8", "surrogateescape")
+        value = (0x238F13AF * len(data)) & 0xFFFFFFFF
+        for i, c in enumerate(data):
+            value = (value + (c << ((i * 5) % 24))) & 0xFFFFFFFF
+        bucket = ((1103515243 * value + 12345) & 0xFFFFFFFF) % _BUCKETS
+        if len(_BUCKET_OF) < _CACHE_LIMIT:
+            _BUCKET_OF[key] = bucket
+    return bucket
 
 
 def qdict_order(keys: list[str]) -> list[str]:
     """The order QEMU iterates a QDict whose keys were inserted in ``keys`` order."""
-    return list(_qdict_order(tuple(keys)))
-
-
-@functools.lru_cache(maxsize=1024)
-def _qdict_order(keys: tuple[str, ...]) -> tuple[str, ...]:
-    indexed = [(qdict_bucket(k), -i, k) for i, k in enumerate(keys)]
-    indexed.sort()
-    return tuple(k for _, _, k in indexed)
+    key = tuple(keys)
+    order = _ORDER_OF.get(key)
+    if order is None:
+        indexed = [(qdict_bucket(k), -i, k) for i, k in enumerate(keys)]
+        indexed.sort()
+        order = tuple(k for _, _, k in indexed)
+        if len(_ORDER_OF) < _CACHE_LIMIT:
+            _ORDER_OF[key] = order
+    return list(order)
 
 
 def _member_name(name: str) -> str:
@@ -57,7 +68,7 @@ def _plan(cls: type) -> list[tuple[str, str]]:
     """(attribute, member name) pairs of a model class in QAPI order, computed once per class."""
     plan = _PLANS.get(cls)
     if plan is None:
-        order = getattr(cls, "__qapi_order__", None) or [f.name for f in dataclasses.fields(cls)]
+        order = getattr(cls, "__qapi_order__", None) or fields(cls)
         # QAPI members whose name keeps "_" (e.g. ``detect_zeroes``) are listed in ``__qapi_names__``
         names: dict[str, str] = getattr(cls, "__qapi_names__", {})
         plan = _PLANS[cls] = [(n, names.get(n) or _member_name(n)) for n in order]
@@ -65,8 +76,8 @@ def _plan(cls: type) -> list[tuple[str, str]]:
 
 
 def to_qobject(obj: Any) -> Any:
-    """Dataclass tree -> JSON values; dict key order = QAPI insertion order."""
-    if hasattr(type(obj), "__dataclass_fields__") and not isinstance(obj, type):
+    """Record (or dataclass) tree -> JSON values; dict key order = QAPI insertion order."""
+    if is_record(obj) and not isinstance(obj, type):
         out: dict[str, Any] = {}
         for name, member in _plan(type(obj)):
             value = getattr(obj, name)

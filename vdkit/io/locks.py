@@ -20,9 +20,9 @@ import enum
 import fcntl
 import os
 import struct
-from dataclasses import dataclass
 
 from vdkit.errors import LockError
+from vdkit.record import record
 
 LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
@@ -49,7 +49,7 @@ _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LockMode:
     perms: Perm
     unshared: Perm

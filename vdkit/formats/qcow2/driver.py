@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from vdkit.block.driver import FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
@@ -20,7 +18,9 @@ from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 from vdkit.io.file import ImageFile
+from vdkit.record import record
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
     from collections.abc import Callable
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from vdkit.formats.qcow2.refcount import Refcounts
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BitmapEntry:
     """One bitmap directory entry (only what info and check need)."""
 

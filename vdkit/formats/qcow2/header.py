@@ -9,39 +9,39 @@ limits before anything is allocated for it.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
 
 from vdkit.errors import CorruptImageError, OpenError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
+from vdkit.record import field, record, replace
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FeatureName:
     type: int
     bit: int
     name: str
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BitmapsExtension:
     nb_bitmaps: int
     directory_size: int
     directory_offset: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CryptoExtension:
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class UnknownExtension:
     type: int
     data: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Qcow2Header:
     """Everything cluster 0 says, decoded.  v2 images get v3's implicit defaults."""
 

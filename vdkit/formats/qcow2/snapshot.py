@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from vdkit.errors import OpenError
 from vdkit.formats.qcow2 import layout as L
+from vdkit.record import field, record
 
 
-@dataclass
+@record
 class SnapshotEntry:
     """One snapshot table entry as stored on disk."""
 
@@ -44,7 +44,7 @@ class SnapshotEntry:
         return L.SNAPSHOT_HEADER.size + extra + len(self.id_str.encode()) + len(self.name.encode())
 
 
-@dataclass
+@record
 class TableRepairs:
     """What a repairing read dropped (``qemu-img check -r all``, phase 1)."""
 
@@ -75,15 +75,23 @@ def parse_snapshot_table(
     entries: list[SnapshotEntry] = []
     off = 0
     table_length = 0
+    # Hot loop for images with hundreds of snapshots (it runs on every ``info``): bind locals,
+    # unpack in place where the table is complete, copy only where the file ended early.
+    fixed_struct, fixed_size = L.SNAPSHOT_HEADER, L.SNAPSHOT_HEADER.size
+    extra_struct, known_extra = L.SNAPSHOT_EXTRA, L.SNAPSHOT_EXTRA_SIZE
+    max_extra, max_table, unused = L.MAX_SNAPSHOT_EXTRA_DATA, L.MAX_SNAPSHOT_TABLE_SIZE, L.ICOUNT_UNUSED
+    buf_len = len(buf)
     for i in range(nb_snapshots):
         entry_start = off
-        off = L.align_up(off, 8)
-        table_length = L.align_up(table_length, 8)
-        fixed = _take(buf, off, L.SNAPSHOT_HEADER.size)
-        (l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32,
-         extra_size) = L.SNAPSHOT_HEADER.unpack(fixed)
-        off += L.SNAPSHOT_HEADER.size
-        if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA:
+        off = (off + 7) & ~7
+        table_length = (table_length + 7) & ~7
+        if off + fixed_size <= buf_len:
+            fields = fixed_struct.unpack_from(buf, off)
+        else:
+            fields = fixed_struct.unpack(_take(buf, off, fixed_size))
+        l1_off, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state32, extra_size = fields
+        off += fixed_size
+        if extra_size > max_extra:
             if repair is None:
                 raise OpenError(
                     f"Too much extra metadata in snapshot table entry {i}",
@@ -92,11 +100,11 @@ def parse_snapshot_table(
                 )
             if report is not None:
                 report(f"Discarding too much extra metadata in snapshot table entry {i} "
-                       f"({extra_size} > {L.MAX_SNAPSHOT_EXTRA_DATA})")
+                       f"({extra_size} > {max_extra})")
             repair.extra_data_dropped += 1
-        kept_extra = min(extra_size, L.MAX_SNAPSHOT_EXTRA_DATA)
-        table_length += L.SNAPSHOT_HEADER.size + kept_extra + id_len + name_len
-        if table_length > L.MAX_SNAPSHOT_TABLE_SIZE or off + extra_size + id_len + name_len > 2**31 - 1:
+        kept_extra = min(extra_size, max_extra)
+        table_length += fixed_size + kept_extra + id_len + name_len
+        if table_length > max_table or off + extra_size + id_len + name_len > 2**31 - 1:
             overhang = nb_snapshots - i
             if repair is None:
                 raise OpenError(
@@ -109,19 +117,23 @@ def parse_snapshot_table(
             repair.snapshots_dropped += overhang
             off = entry_start
             break
-        extra = _take(buf, off, kept_extra)
-        off += extra_size
-        extra_size = kept_extra
         vm_state_size = vm_state32
         entry_disk_size = disk_size
-        icount = L.ICOUNT_UNUSED
-        if extra_size >= 8:
-            vm_state_size = int.from_bytes(extra[0:8], "big")
-        if extra_size >= 16:
-            entry_disk_size = int.from_bytes(extra[8:16], "big")
-        if extra_size >= 24:
-            icount = int.from_bytes(extra[16:24], "big")
-        unknown = extra[L.SNAPSHOT_EXTRA_SIZE:] if extra_size > L.SNAPSHOT_EXTRA_SIZE else b""
+        icount = unused
+        unknown = b""
+        if kept_extra == known_extra and off + known_extra <= buf_len:
+            vm_state_size, entry_disk_size, icount = extra_struct.unpack_from(buf, off)
+        elif kept_extra:
+            extra = _take(buf, off, kept_extra)
+            if kept_extra >= 8:
+                vm_state_size = int.from_bytes(extra[0:8], "big")
+            if kept_extra >= 16:
+                entry_disk_size = int.from_bytes(extra[8:16], "big")
+            if kept_extra >= 24:
+                icount = int.from_bytes(extra[16:24], "big")
+            if kept_extra > known_extra:
+                unknown = extra[known_extra:]
+        off += extra_size
         # QEMU keeps both as C strings: an embedded NUL (or a table cut short by
         # EOF, which reads as zeros) ends the string.
         id_str = _take(buf, off, id_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -129,21 +141,17 @@ def parse_snapshot_table(
         name = _take(buf, off, name_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         off += name_len
         entries.append(
-            SnapshotEntry(
-                l1_table_offset=l1_off, l1_size=l1_size, id_str=id_str, name=name,
-                date_sec=date_sec, date_nsec=date_nsec, vm_clock_nsec=vm_clock,
-                vm_state_size=vm_state_size, disk_size=entry_disk_size, icount=icount,
-                extra_data_size=extra_size, unknown_extra=unknown,
-            )
+            SnapshotEntry(l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state_size,
+                          entry_disk_size, icount, kept_extra, unknown)
         )
     return entries, off
 
 
 def _take(buf: bytes, off: int, n: int) -> bytes:
-    chunk = buf[off : off + n]
+    chunk = bytes(buf[off : off + n])
     if len(chunk) < n:
-        chunk = bytes(chunk) + bytes(n - len(chunk))
-    return bytes(chunk)
+        chunk += bytes(n - len(chunk))
+    return chunk
 
 
 def table_size(entries: list[SnapshotEntry]) -> int:
