@@ -16,7 +16,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # ``block.driver`` is the operations table the formats implement, so it sits
 # below them (as QEMU's BlockDriver definition sits below block/qcow2.c).
-LAYERS = ["errors", "io", "block.driver", "formats", "block", "info", "cli", "nbd", "monitor", "daemon"]
+LAYERS = ["errors", "record", "io", "block.driver", "formats", "block", "info", "cli", "nbd", "monitor", "daemon"]
 # Front ends are siblings: none may import another at module level.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 
