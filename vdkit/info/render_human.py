@@ -47,20 +47,31 @@ def _ljust_bytes(text: str, width: int) -> str:
     return text + " " * (width - n) if n < width else text
 
 
-def snapshot_row(sn: SnapshotInfo) -> str:
-    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
+def snapshot_row(sn: SnapshotInfo, memo: dict[object, str] | None = None) -> str:
+    """One table row.  ``memo`` shares formatted dates, sizes and clocks between the rows of a
+    table: images with hundreds of snapshots repeat them, and ``info`` prints every row."""
+    if memo is None:
+        memo = {}
+    date = memo.get(sn.date_sec)
+    if date is None:
+        date = memo[sn.date_sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
+    size_key = ("size", sn.vm_state_size)
+    vm_size = memo.get(size_key)
+    if vm_size is None:
+        vm_size = memo[size_key] = size_to_str(sn.vm_state_size & 0xFFFFFFFFFFFFFFFF)  # unsigned here
+    clock_key = ("clock", sn.vm_clock_sec, sn.vm_clock_nsec)
+    clock = memo.get(clock_key)
+    if clock is None:
+        clock = memo[clock_key] = _vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec)
     icount = "" if sn.icount is None else str(sn.icount)
-    vm_size = size_to_str(sn.vm_state_size & 0xFFFFFFFFFFFFFFFF)  # unsigned here, signed in JSON
-    return (
-        f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {vm_size:>8}{date:>20}"
-        f"{_vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec):>13}{icount:>11}"
-    )
+    return f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {vm_size:>8}{date:>20}{clock:>13}{icount:>11}"
 
 
 def snapshot_table(snapshots: Iterable[SnapshotInfo]) -> str:
     """Header plus one row per snapshot, each line ending in ``\\n``."""
+    memo: dict[object, str] = {}
     lines = [SNAPSHOT_TABLE_HEADER]
-    lines.extend(snapshot_row(sn) for sn in snapshots)
+    lines.extend(snapshot_row(sn, memo) for sn in snapshots)
     return "\n".join(lines) + "\n"
 
 
