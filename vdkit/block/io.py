@@ -16,19 +16,17 @@ way QEMU's generic block layer does:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 # The status flags and BlockStatus live with the operations table (formats return them);
 # they are re-exported here for callers of this module.
 from vdkit.block.driver import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockStatus
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from vdkit.block.node import Node
     from vdkit.io.file import ImageFile
 
@@ -51,16 +49,35 @@ def layer_status(node: Node, offset: int, length: int) -> BlockStatus:
     return BlockStatus(flags, st.length, st.offset, st.file)
 
 
-@dataclass(slots=True)
 class MapEntry:
-    start: int
-    length: int
-    depth: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    filename: str | None
+    """One ``qemu-img map`` record (a plain slotted class: ``dataclasses`` costs start-up time)."""
+
+    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
+
+    def __init__(self, start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
+                 offset: int | None, filename: str | None) -> None:
+        self.start = start
+        self.length = length
+        self.depth = depth
+        self.present = present
+        self.zero = zero
+        self.data = data
+        self.offset = offset
+        self.filename = filename
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"MapEntry({inner})"
 
     def mergeable(self, nxt: MapEntry) -> bool:
         """qemu-img map's rule for extending this entry by ``nxt``."""
@@ -181,6 +198,68 @@ def read(node: Node, offset: int, length: int) -> bytes:
     return node.driver.read(offset, length, backing=_backing_reader(node))
 
 
+def readinto(node: Node, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with guest bytes of ``node`` at ``offset``, through its whole backing chain.
+
+    The bulk path of ``convert``: data goes from the host file straight into
+    the caller's (reused) buffer.  Allocating a fresh multi-megabyte object
+    per request costs a page fault per 4 KiB (glibc hands such blocks out as
+    new mappings), which made copying several times slower than the copy.
+    """
+    length = len(view)
+    if length <= 0:
+        return
+    drv = node.driver
+    if node.format == "raw":
+        preadinto(drv.file, offset, view)
+        return
+    if node.format == "qcow2":
+        drv.io.readinto(offset, view, _backing_filler(node))  # type: ignore[attr-defined]
+        return
+    view[:] = drv.read(offset, length, backing=_backing_reader(node))
+
+
+def preadinto(file: ImageFile, offset: int, view: memoryview) -> None:
+    """``ImageFile.pread`` into a caller's buffer: short reads retried, bytes past EOF zeroed."""
+    fd = file.fd
+    done = 0
+    length = len(view)
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            zero_fill(view[done:])
+            return
+        done += n
+
+
+_ZEROS = memoryview(bytes(1 << 21))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set ``view`` to zeros (copied from a shared zero buffer: no allocation per call)."""
+    step = len(_ZEROS)
+    for at in range(0, len(view), step):
+        n = min(step, len(view) - at)
+        view[at : at + n] = _ZEROS[:n]
+
+
+def _backing_filler(node: Node):  # type: ignore[no-untyped-def]
+    """``(offset, view) -> None`` filling from the backing chain of ``node`` (None without one)."""
+    below = node.backing
+    if below is None:
+        return None
+
+    def backing_into(offset: int, view: memoryview) -> None:
+        size = below.driver.virtual_size
+        part = max(0, min(len(view), size - offset))
+        if part:
+            readinto(below, offset, view[:part])
+        if part < len(view):
+            zero_fill(view[part:])
+
+    return backing_into
+
+
 def _backing_reader(node: Node):  # type: ignore[no-untyped-def]
     below = node.backing
     if below is None:
@@ -242,17 +321,35 @@ FALLOC_FL_PUNCH_HOLE = 2
 
 
 def _libc_fallocate():  # type: ignore[no-untyped-def]
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.fallocate
+    """libc's ``fallocate`` (Python has no binding with flags), or None.
+
+    ``libc.so.6`` is tried first: ``ctypes.util.find_library`` runs
+    ``ldconfig -p`` in a subprocess, which cost every ``vdkit-img`` run
+    that imported this module about 20 ms.
+    """
+    import ctypes
+    import ctypes.util
+
+    for name in ("libc.so.6", None):
+        try:
+            libc = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
+            fn = libc.fallocate
+        except (OSError, AttributeError, TypeError):
+            continue
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         fn.restype = ctypes.c_int
         return fn
-    except (OSError, AttributeError):
-        return None
+    return None
 
 
-_FALLOCATE = _libc_fallocate()
+_FALLOCATE_FN: list[object] = []  # [fn or None] once looked up
+
+
+def _fallocate():  # type: ignore[no-untyped-def]
+    """The looked-up ``fallocate`` (loaded on first use: most runs never punch a hole)."""
+    if not _FALLOCATE_FN:
+        _FALLOCATE_FN.append(_libc_fallocate())
+    return _FALLOCATE_FN[0]
 
 
 def punch_hole(file: ImageFile, offset: int, length: int, *, extend: bool = True) -> None:
@@ -267,14 +364,17 @@ def punch_hole(file: ImageFile, offset: int, length: int, *, extend: bool = True
         length = min(length, size - offset)
         if length <= 0:
             return
-    if _FALLOCATE is not None:
+    fallocate = _fallocate()
+    if fallocate is not None:
         end = min(offset + length, size)
         if end > offset:
-            rc = _FALLOCATE(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
+            rc = fallocate(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
             if rc == 0:
                 if offset + length > end:
                     file.truncate(offset + length)
                 return
+            import ctypes
+
             if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         elif offset + length > size:

@@ -16,14 +16,21 @@ a small :class:`Target` interface (raw file, or a qcow2 image through
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+import os
+import struct
+
+# vdkit does no linear algebra; without this, importing numpy (the qcow2 engine
+# uses it) starts a pool of OpenBLAS threads, about 40 ms of every conversion.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import LongOpt, cvtnum, getopt_long
 from vdkit.errors import UsageError, VdkitError
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    import queue
+
     from vdkit.block.node import Node
 
 LONGOPTS = [
@@ -49,24 +56,26 @@ BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
 
-@dataclass
 class ConvertArgs:
-    sources: list[str] = field(default_factory=list)
-    target: str = ""
-    fmt: str | None = None
-    out_fmt: str = "raw"
-    options: list[str] = field(default_factory=list)
-    compressed: bool = False
-    progress: bool = False
-    quiet: bool = False
-    backing: str | None = None
-    backing_fmt: str | None = None
-    snapshot: str | None = None
-    min_sparse: int = 8  # sectors
-    skip_create: bool = False
-    force_share: bool = False
-    target_is_zero: bool = False
-    cache: str | None = None
+    """The parsed command line (a plain class: ``dataclasses`` costs start-up time)."""
+
+    def __init__(self) -> None:
+        self.sources: list[str] = []
+        self.target = ""
+        self.fmt: str | None = None
+        self.out_fmt = "raw"
+        self.options: list[str] = []
+        self.compressed = False
+        self.progress = False
+        self.quiet = False
+        self.backing: str | None = None
+        self.backing_fmt: str | None = None
+        self.snapshot: str | None = None
+        self.min_sparse = 8  # sectors
+        self.skip_create = False
+        self.force_share = False
+        self.target_is_zero = False
+        self.cache: str | None = None
 
 
 def parse(argv: list[str]) -> ConvertArgs:
@@ -156,36 +165,35 @@ class Progress:
     """qemu-img's ``-p`` lines ``    (NN.NN/100%)\r``, computed in C ``float`` like the original.
 
     A line is printed when the value moved by more than ``min_skip`` since
-    the last line, and always at 0 and 100.
+    the last line, and always at 0 and 100.  Values are kept as doubles that
+    hold float32 numbers; every operation is rounded back to float32, which
+    gives exactly the float32 result for the ``+ - * /`` used here (a double
+    carries more than twice float32's precision), without importing numpy.
     """
 
     def __init__(self, enabled: bool, min_skip: float = 1.0) -> None:
-        import numpy as np
-
-        self._f = np.float32
         self.enabled = enabled
-        self.min_skip = self._f(min_skip)
-        self.current = self._f(0)
-        self.last = self._f(0)
+        self.min_skip = _f32(min_skip)
+        self.current = 0.0
+        self.last = 0.0
 
     def set(self, value: float) -> None:
         """Absolute update (``qemu_progress_print(value, 0)``)."""
-        self._update(self._f(value))
+        self._update(_f32(value))
 
     def add(self, delta: float, max_: int = 100) -> None:
         """Relative update (``qemu_progress_print(delta, max)``)."""
-        f = self._f
-        self._update(f(self.current + f(f(delta) / f(100)) * f(max_)))
+        self._update(_f32(self.current + _f32(_f32(_f32(delta) / 100.0) * _f32(max_))))
 
-    def _update(self, cur) -> None:  # type: ignore[no-untyped-def]
+    def _update(self, cur: float) -> None:
         if not self.enabled:
             return
-        f = self._f
-        cur = min(cur, f(100))
+        cur = min(cur, 100.0)
         self.current = cur
-        if cur > f(self.last + self.min_skip) or cur < f(self.last - self.min_skip) or cur == 0 or cur == 100:
+        if (cur > _f32(self.last + self.min_skip) or cur < _f32(self.last - self.min_skip)
+                or cur == 0 or cur == 100):
             self.last = cur
-            write_out(f"    ({float(cur):3.2f}/100%)\r")
+            write_out(f"    ({cur:3.2f}/100%)\r")
             import sys
 
             sys.stdout.flush()
@@ -195,14 +203,24 @@ class Progress:
             write_out("\n")
 
 
+_F32 = struct.Struct("=f")
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest C ``float``."""
+    return _F32.unpack(_F32.pack(x))[0]
+
+
 # -- the copy --------------------------------------------------------------------------------------
 
-@dataclass
 class _Source:
-    node: Node
-    start: int  # first sector in the concatenation
-    sectors: int
-    alignment: int  # sectors
+    __slots__ = ("node", "start", "sectors", "alignment")
+
+    def __init__(self, node: Node, start: int, sectors: int, alignment: int) -> None:
+        self.node = node
+        self.start = start  # first sector in the concatenation
+        self.sectors = sectors
+        self.alignment = alignment  # sectors
 
 
 class Copier:
@@ -255,9 +273,7 @@ class Copier:
                     flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
                     count = e.length
             except (VdkitError, OSError) as exc:
-                from vdkit.block.io import io_error
-
-                raise io_error(exc, f"error while reading block status at offset {offset}") from exc
+                raise IOFailure(exc, f"error while reading block status at offset {offset}") from exc
             n = (count + SECTOR - 1) // SECTOR
             tail = (sector - src.start + n) % src.alignment
             if n > tail:
@@ -292,9 +308,9 @@ class Copier:
         self.next_status = 0
         return count
 
-    def read(self, sector: int, n: int) -> bytes:
-        """Guest bytes of the concatenation (pieces never span two sources)."""
-        from vdkit.block.io import read
+    def readinto(self, sector: int, n: int, view: memoryview) -> None:
+        """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
+        from vdkit.block.io import readinto, zero_fill
 
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR
@@ -302,19 +318,99 @@ class Copier:
         size = src.node.driver.virtual_size
         part = max(0, min(length, size - offset))
         try:
-            data = read(src.node, offset, part)
+            if part:
+                readinto(src.node, offset, view[:part])
         except (VdkitError, OSError) as exc:
-            from vdkit.block.io import io_error
+            raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
+        if part < length:
+            zero_fill(view[part:length])
 
-            raise io_error(exc, f"error while reading at byte {sector * SECTOR}") from exc
-        return data if part == length else data + bytes(length - part)
+
+class IOFailure(Exception):
+    """A source read failed; the copy reports it (``io_error``) when it reaches that piece.
+
+    Reads run ahead of writes in another thread, so the error message (and a
+    qcow2 corruption report on stderr) must wait until everything before the
+    failed piece has been written, as in a sequential copy.
+    """
+
+    def __init__(self, exc: Exception, what: str) -> None:
+        super().__init__(what)
+        self.exc = exc
+        self.what = what
+
+    def report(self) -> Exception:
+        from vdkit.block.io import io_error
+
+        return io_error(self.exc, self.what)
 
 
-def _zero_sectors(buf: bytes) -> bytes:
-    """One byte per sector: 1 where the sector is all zeros (searchable at C speed with ``bytes.find``)."""
+# -- zero detection ---------------------------------------------------------------------------------
+#
+# qemu-img skips sectors of zeros inside data (``-S``), so every data buffer
+# is searched for all-zero sectors.  The search runs at C speed on the bytes
+# themselves: ``find`` of 512 zero bytes says "none here" for ordinary data
+# (any zero sector contains that window), and zero stretches are measured by
+# comparing doubling lengths against a zero buffer with ``startswith``.
+# Only data with many scattered zero stretches falls back to numpy.
+
+_Z512 = bytes(SECTOR)
+_MAX_STRETCHES = 64  # Python-level stretches per buffer before numpy does the rest
+
+
+class ZeroMap:
+    """Zero-sector maps of buffers up to ``size`` bytes (owns the zero buffer it compares with)."""
+
+    def __init__(self, size: int) -> None:
+        self.zeros = memoryview(bytes(size))  # calloc'd: costs no memory until compared with
+        self.ones = b"\x01" * (size // SECTOR)
+
+    def is_zero(self, buf: bytearray, length: int) -> bool:
+        return buf.startswith(self.zeros[:length])
+
+    def sectors(self, buf: bytearray, n: int) -> bytes:
+        """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
+        end = n * SECTOR
+        p = buf.find(_Z512, 0, end)
+        if p < 0:
+            return bytes(n)
+        if p == 0 and buf.startswith(self.zeros[:end]):
+            return self.ones[:n]
+        flags = bytearray(n)
+        stretches = 0
+        while p >= 0:
+            s = -(-p // SECTOR)  # the first sector that can be zero: this window is the earliest
+            if s >= n:
+                break
+            k = self._zero_run(buf, s, n)
+            if k:
+                flags[s : s + k] = self.ones[:k]
+                stretches += 1
+                if stretches > _MAX_STRETCHES:
+                    return _zero_sectors_numpy(buf, n)
+            p = buf.find(_Z512, (s + k + (0 if k else 1)) * SECTOR, end)
+        return bytes(flags)
+
+    def _zero_run(self, buf: bytearray, s: int, n: int) -> int:
+        """How many all-zero sectors start at sector ``s`` (gallop up, then halve)."""
+        pos, step = s, 1
+        zeros = self.zeros
+        while pos < n:
+            k = min(step, n - pos)
+            if buf.startswith(zeros[: k * SECTOR], pos * SECTOR):
+                pos += k
+                step *= 2
+            elif k == 1:
+                break
+            else:
+                step = k // 2
+        return pos - s
+
+
+def _zero_sectors_numpy(buf: bytearray, n: int) -> bytes:
     import numpy as np
 
-    arr = np.frombuffer(buf, dtype=np.uint64).reshape(-1, SECTOR // 8)
+    arr = np.frombuffer(buf, dtype=np.uint64, count=n * SECTOR // 8).reshape(n, SECTOR // 8)
     return (~arr.any(axis=1)).astype(np.uint8).tobytes()
 
 
@@ -448,29 +544,37 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
             copier.target_backing_sectors = target.backing_sectors()
         progress = Progress(a.progress)
         progress.set(0.0)
-        allocated = copier.allocated_sectors() if a.progress else 0
+        try:
+            allocated = copier.allocated_sectors() if a.progress else 0
+        except IOFailure as f:
+            raise f.report() from f.exc
         has_zero_init = target.has_zero_init and not a.backing
+        zmap = ZeroMap(copier.buf_sectors * SECTOR)
         done = 0
-        sector = 0
-        while sector < copier.total:
-            n = copier.step(sector)
-            status = copier.status
-            buf: bytes | None = None
-            if status == BLK_DATA:
-                buf = copier.read(sector, n)
-            elif status == BLK_ZERO and not a.min_sparse:
-                status, buf = BLK_DATA, bytes(n * SECTOR)
-            try:
-                _write(target, copier, status, sector, n, buf, has_zero_init)
-            except (VdkitError, OSError) as exc:
-                from vdkit.block.io import io_error
+        with ReadAhead(copier, zmap, sparse=bool(a.min_sparse) and not a.compressed) as pieces:
+            for piece in pieces:
+                if isinstance(piece, IOFailure):
+                    raise piece.report() from piece.exc
+                sector, n, status, buf, zero = piece
+                data: bytes | memoryview | None = None
+                if status == BLK_DATA:
+                    assert buf is not None
+                    data = memoryview(buf)[: n * SECTOR]
+                elif status == BLK_ZERO and not a.min_sparse:
+                    status, data = BLK_DATA, bytes(n * SECTOR)
+                try:
+                    _write(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init)
+                except (VdkitError, OSError) as exc:
+                    from vdkit.block.io import io_error
 
-                raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
-            if status == BLK_DATA or (not a.min_sparse and copier.status == BLK_ZERO):
-                done += n
-                if allocated:
-                    progress.set(100.0 * done / allocated)
-            sector += n
+                    raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
+                finally:
+                    if buf is not None:
+                        pieces.release(buf)
+                if status == BLK_DATA:
+                    done += n
+                    if allocated:
+                        progress.set(100.0 * done / allocated)
         target.finish()
     except BaseException:
         target.abort()
@@ -480,7 +584,86 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     return 0
 
 
-def _write(target, copier: Copier, status: int, sector: int, n: int, buf: bytes | None,  # type: ignore[no-untyped-def]
+Piece = tuple[int, int, int, "bytearray | None", "bytes | None"]
+
+
+class ReadAhead:
+    """Runs the source side of the copy in a thread, a few buffers ahead of the writes.
+
+    The thread walks qemu-img's iterations (block status), reads data pieces
+    into pooled buffers and maps their zero sectors; the caller writes the
+    pieces in order and hands each buffer back with :meth:`release`.  The
+    system calls on both sides release the GIL, so reading the next pieces
+    overlaps writing this one (qemu-img overlaps them with 8 coroutines).
+    Only the thread touches the source nodes and only the caller the target,
+    so neither needs locking.  A failed piece is passed on as an
+    :class:`IOFailure` and ends the walk.
+    """
+
+    DEPTH = 4
+
+    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool) -> None:
+        import queue
+        import threading
+
+        self.copier = copier
+        self.zmap = zmap
+        self.sparse = sparse
+        self._pool: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(self.DEPTH):
+            self._pool.put(bytearray(copier.buf_sectors * SECTOR))
+        self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._pool.put(None)  # wakes the thread if it waits for a buffer
+        self._thread.join()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        while True:
+            piece = self._out.get()
+            if piece is None:
+                return
+            yield piece
+
+    def release(self, buf: bytearray) -> None:
+        self._pool.put(buf)
+
+    def _run(self) -> None:
+        c = self.copier
+        out = self._out
+        sector = 0
+        try:
+            while sector < c.total and not self._stop:
+                n = c.step(sector)
+                status = c.status
+                if status != BLK_DATA:
+                    out.put((sector, n, status, None, None))
+                    sector += n
+                    continue
+                buf = self._pool.get()
+                if buf is None or self._stop:
+                    return
+                c.readinto(sector, n, memoryview(buf))
+                zero = self.zmap.sectors(buf, n) if self.sparse else None
+                out.put((sector, n, status, buf, zero))
+                sector += n
+        except IOFailure as f:
+            out.put(f)
+        except BaseException as exc:  # a bug: surface it in the caller rather than hang
+            out.put(IOFailure(exc, "error while reading"))
+        finally:
+            out.put(None)
+
+
+def _write(target, copier: Copier, zmap: ZeroMap, status: int, sector: int, n: int,  # type: ignore[no-untyped-def]
+           buf: bytearray | None, data: bytes | memoryview | None, zero: bytes | None,
            has_zero_init: bool) -> None:
     if status == BLK_BACKING:
         return
@@ -488,22 +671,22 @@ def _write(target, copier: Copier, status: int, sector: int, n: int, buf: bytes 
         if not has_zero_init:
             target.write_zeroes(sector * SECTOR, n * SECTOR)
         return
-    assert buf is not None
+    assert data is not None
     if not copier.min_sparse:
-        target.write(sector * SECTOR, buf, compressed=copier.compressed)
+        target.write(sector * SECTOR, data, compressed=copier.compressed)
         return
     if copier.compressed:
-        if any(buf):
-            target.write(sector * SECTOR, buf, compressed=True)
+        if buf is None or not zmap.is_zero(buf, n * SECTOR):
+            target.write(sector * SECTOR, data, compressed=True)
         elif not has_zero_init:
             target.write_zeroes(sector * SECTOR, n * SECTOR)
         return
-    zero = _zero_sectors(buf)
+    assert zero is not None
     i = 0
     while i < n:
-        k, data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
-        if data:
-            target.write((sector + i) * SECTOR, buf[i * SECTOR : (i + k) * SECTOR], compressed=False)
+        k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
+        if is_data:
+            target.write((sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], compressed=False)
         elif not has_zero_init:
             target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
         i += k

@@ -8,11 +8,10 @@ qcow2 node written through :mod:`vdkit.formats.qcow2.io`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vdkit.block.io import punch_hole
 from vdkit.errors import UnsupportedError, VdkitError
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.cli.convert import ConvertArgs

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from vdkit.io.file import ImageFile
 
 BackingRead = Callable[[int, int], bytes]
+BackingFill = Callable[[int, memoryview], None]  # fills the view with the backing chain's bytes
 
 _U64 = np.uint64
 
@@ -320,24 +321,40 @@ class Qcow2IO:
     def read(self, offset: int, length: int, backing: BackingRead | None = None,
              l1: np.ndarray | None = None) -> bytes:
         """Guest bytes ``[offset, offset+length)``; unallocated parts come from ``backing`` (or zeros)."""
+        out = bytearray(length)
+        fill: BackingFill | None = None
+        if backing is not None:
+            def fill(guest: int, view: memoryview) -> None:
+                view[:] = backing(guest, len(view))
+        self.readinto(offset, memoryview(out), fill, l1)
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: BackingFill | None = None,
+                 l1: np.ndarray | None = None) -> None:
+        """Fill ``view`` with the guest bytes at ``offset`` (the buffer is reused by bulk copies).
+
+        Unallocated parts are filled by ``backing(guest, view)``, or zeroed.
+        Data runs are read from the host file directly into ``view``.
+        """
+        from vdkit.block.io import preadinto, zero_fill
+
         if self.drv.encrypted:
             raise UnsupportedError("Reading encrypted qcow2 images is not supported by vdkit")
-        out = bytearray(length)
-        view = memoryview(out)
-        for r in self.runs(offset, length, l1):
+        for r in self.runs(offset, len(view), l1):
             at = r.guest - offset
+            part = view[at : at + r.length]
             if r.kind == Kind.DATA:
                 assert r.host is not None
-                view[at : at + r.length] = self.data_file.pread(r.host, r.length)
-            elif r.kind == Kind.UNALLOCATED:
-                if backing is not None:
-                    view[at : at + r.length] = backing(r.guest, r.length)
+                preadinto(self.data_file, r.host, part)
+            elif r.kind == Kind.UNALLOCATED and backing is not None:
+                backing(r.guest, part)
             elif r.kind == Kind.COMPRESSED:
                 assert r.host is not None
                 cluster = self.decompress(r.host)
                 within = r.guest & (self.cluster_size - 1)
-                view[at : at + r.length] = cluster[within : within + r.length]
-        return bytes(out)
+                part[:] = cluster[within : within + r.length]
+            else:
+                zero_fill(part)
 
     def decompress(self, descriptor: int) -> bytes:
         """The full guest cluster stored by a compressed L2 entry."""

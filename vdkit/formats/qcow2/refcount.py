@@ -256,6 +256,13 @@ class Refcounts:
         run_start, run = ci, 0
         epb = self.entries_per_block
         limit = (L.MAX_HOST_OFFSET + 1) >> self.cluster_bits
+        # Fast path, the common case of sequential allocation: the clusters right at
+        # the hint are free (scanning the rest of the block cost more than the write).
+        idx = ci % epb
+        if idx + n <= epb and ci + n <= limit:
+            vals = self.block_values(ci // epb)
+            if vals is not None and not vals[idx : idx + n].any():
+                return ci
         while True:
             if ci + (n - run) > limit:
                 raise VdkitError("File too large", errno=EFBIG)
