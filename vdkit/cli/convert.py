@@ -550,6 +550,11 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
             raise f.report() from f.exc
         has_zero_init = target.has_zero_init and not a.backing
         zmap = ZeroMap(copier.buf_sectors * SECTOR)
+        # Everything alive now (modules, numpy, the open images) lives until the end: keep
+        # the collector from traversing it again and again while the copy allocates.
+        import gc
+
+        gc.freeze()  # undone below: a long-lived caller's later garbage must stay collectable
         done = 0
         with ReadAhead(copier, zmap, sparse=bool(a.min_sparse) and not a.compressed) as pieces:
             for piece in pieces:
@@ -579,6 +584,10 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     except BaseException:
         target.abort()
         raise
+    finally:
+        import gc
+
+        gc.unfreeze()
     progress.set(100.0)
     progress.end()
     return 0

@@ -499,6 +499,13 @@ class Qcow2IO:
             pos = t_end
 
     def _write_table(self, i1: int, start: int, data: memoryview, backing: BackingRead | None) -> None:
+        """The part of a guest write inside one L2 table.
+
+        Clusters we own exclusively are written in place; every maximal run
+        of the others gets one contiguous allocation, one vectored write and
+        its L2 entries set at once (the per-cluster Python loop cost more
+        than the copy for large writes such as ``convert``'s).
+        """
         g = self.geom
         cs, cb = self.cluster_size, self.cluster_bits
         l2_off = self._l2_for_write(i1)
@@ -506,43 +513,82 @@ class Qcow2IO:
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         end = start + len(data)
         first, last = start >> cb, (end - 1) >> cb
-        # which clusters can be written in place
-        inplace: list[bool] = []
-        for c in range(first, last + 1):
-            e = int(entries[g.l2_index(c << cb)])
-            normal = not e & L.OFLAG_COMPRESSED and (
-                e & L.L2E_OFFSET_MASK or (g.has_data_file and e & L.OFLAG_COPIED))
-            zero_flag = not g.extended_l2 and e & L.OFLAG_ZERO
-            inplace.append(bool(normal and not zero_flag and e & L.OFLAG_COPIED))
+        i0 = g.l2_index(first << cb)
+        ents = entries[i0 : i0 + last - first + 1]  # a view: assignments update the cached table
+        inplace = self._inplace_mask(ents)
         to_free: list[int] = []
         allocated = False
-        c = first
-        while c <= last:
-            k = c - first
-            if inplace[k]:
-                self._write_inplace(c, entries, bitmaps, start, end, data, backing)
-                c += 1
+        for a, b, own in _mask_runs(inplace):
+            if own:
+                for c in range(first + a, first + b):
+                    self._write_inplace(c, entries, bitmaps, start, end, data, backing)
                 continue
-            run = 1
-            while c + run <= last and not inplace[k + run]:
-                run += 1
+            c, run = first + a, b - a
             host = self._alloc_data(c << cb, run)
             allocated = allocated or not g.has_data_file
-            segments: list[tuple[int, bytes | memoryview]] = []
-            for j in range(run):
-                cc = c + j
-                idx = g.l2_index(cc << cb)
-                old = int(entries[idx])
-                rel, content = self._cow_cluster(cc, old, start, end, data, backing)
-                segments.append((host + j * cs + rel, content))
-                if g.extended_l2:
-                    bitmaps[idx] = _U64(self._new_bitmap(cc, old, int(bitmaps[idx]), start, end))
-                entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
-                if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
-                    to_free.append(old)
+            if g.extended_l2:
+                self._write_new_extended(c, run, host, entries, bitmaps, start, end, data, backing, to_free)
+                continue
+            segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
+            olds = ents[a:b]
+            to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
+            ents[a:b] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
             self._write_segments(segments)
-            c += run
         self._finish_update(l2_off, allocated, to_free)
+
+    def _inplace_mask(self, ents: np.ndarray) -> np.ndarray:
+        """Which of these L2 entries are clusters a write may overwrite in place (COPIED data)."""
+        g = self.geom
+        copied = (ents & _COPIED) != 0
+        has_off = (ents & _MASK_OFF) != 0
+        if g.has_data_file:
+            has_off = has_off | copied
+        normal = ((ents & _COMPRESSED) == 0) & has_off
+        if not g.extended_l2:
+            normal &= (ents & _ZERO) == 0
+        return normal & copied
+
+    def _new_cluster_segments(self, c: int, run: int, host: int, start: int, end: int, data: memoryview,
+                              backing: BackingRead | None) -> list[tuple[int, bytes | memoryview]]:
+        """(host, bytes) to write into ``run`` new clusters from cluster ``c`` (standard L2).
+
+        Clusters the write covers come straight from ``data`` (one slice);
+        a partly covered first or last cluster is completed from the current
+        view (copy-on-write), computed before any entry changes.
+        """
+        cs = self.cluster_size
+        lo, hi = c * cs, (c + run) * cs
+        head = lo < start
+        tail = hi > end and (run > 1 or not head)
+        segments: list[tuple[int, bytes | memoryview]] = []
+        if head:
+            segments.append((host, self._overlay(lo, lo + cs, start, end, data, backing)))
+        full_lo = lo + cs if head else lo
+        full_hi = hi - cs if tail else hi
+        if full_hi > full_lo:
+            segments.append((host + full_lo - lo, data[full_lo - start : full_hi - start]))
+        if tail:
+            segments.append((host + hi - cs - lo, self._overlay(hi - cs, hi, start, end, data, backing)))
+        return segments
+
+    def _write_new_extended(self, c: int, run: int, host: int, entries: np.ndarray, bitmaps: np.ndarray,
+                            start: int, end: int, data: memoryview, backing: BackingRead | None,
+                            to_free: list[int]) -> None:
+        """Extended L2: per cluster, because each one's subcluster bitmap decides what is written."""
+        g = self.geom
+        cs, cb = self.cluster_size, self.cluster_bits
+        segments: list[tuple[int, bytes | memoryview]] = []
+        for j in range(run):
+            cc = c + j
+            idx = g.l2_index(cc << cb)
+            old = int(entries[idx])
+            rel, content = self._cow_cluster(cc, old, start, end, data, backing)
+            segments.append((host + j * cs + rel, content))
+            bitmaps[idx] = _U64(self._new_bitmap(cc, old, int(bitmaps[idx]), start, end))
+            entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
+            if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
+                to_free.append(old)
+        self._write_segments(segments)
 
     def _sc_region(self, c: int, start: int, end: int) -> tuple[int, int]:
         """Guest range of cluster ``c`` the write touches, widened to subclusters (ext. L2) or the cluster."""
@@ -868,6 +914,17 @@ def _zstd():  # type: ignore[no-untyped-def]
             "zstd compressed clusters need the 'zstandard' Python package (pip install zstandard)"
         ) from None
     return zstandard
+
+
+def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(start, end, value)`` of a boolean array."""
+    n = len(mask)
+    if n == 0:
+        return []
+    cuts = (np.flatnonzero(mask[1:] != mask[:-1]) + 1).tolist()
+    bounds = [0, *cuts, n]
+    first = bool(mask[0])
+    return [(bounds[i], bounds[i + 1], first != (i % 2 == 1)) for i in range(len(bounds) - 1)]
 
 
 def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int, base: int) -> list[Run]:
