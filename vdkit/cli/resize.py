@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from vdkit.cli.main import write_err, write_out
 from vdkit.cli.options import LongOpt, getopt_long
-from vdkit.errors import UnsupportedError, UsageError, VdkitError
+from vdkit.errors import UsageError, VdkitError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -78,16 +78,22 @@ def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str,
 
 
 def resize_node(node, size: int, prealloc: str = "off") -> None:  # type: ignore[no-untyped-def]
-    """Truncate/grow the top image of ``node`` to ``size`` bytes."""
+    """Truncate/grow the top image of ``node`` to ``size`` bytes.
+
+    For qcow2 the backing chain is handed down: QEMU's block layer zeroes a
+    grown area that a longer backing file would otherwise show through, and
+    copy-on-write of a partly new cluster reads through the chain.
+    """
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
     drv = node.driver
     if isinstance(drv, Qcow2Driver):
-        if prealloc != "off":
-            raise UnsupportedError(f"Preallocation mode '{prealloc}' is not supported by vdkit for qcow2 resize")
+        from vdkit.block.io import _backing_reader
         from vdkit.formats.qcow2.resize import truncate
 
-        truncate(drv, size)
+        below = node.backing
+        backing_size = below.driver.virtual_size if below is not None else 0
+        truncate(drv, size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
         return
     import os
 
