@@ -195,6 +195,8 @@ _NORMALISE = [
     (re.compile(r'"vm-clock-sec": \d+'), '"vm-clock-sec": 0'),
     (re.compile(r'"vm-clock-nsec": \d+'), '"vm-clock-nsec": 0'),
     (re.compile(r'"vm-state-size": \d+'), '"vm-state-size": 0'),
+    # savevm's automatic names: the two daemons may take them a second apart
+    (re.compile(r'"vm-\d{14}"'), '"vm-TIME"'),
 ]
 
 

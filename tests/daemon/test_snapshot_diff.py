@@ -199,6 +199,20 @@ def test_disk_only_loadvm_and_raw(daemons: Daemons, tmp_path: Path) -> None:
     p.v.cmd("quit")
 
 
+def _setup_bitmap(d: Path) -> None:
+    _setup(d)
+    check_ok("bitmap", "--add", str(d / "d0.qcow2"), "b0")
+
+
+def test_loadvm_refused_with_persistent_bitmaps(daemons: Daemons, tmp_path: Path) -> None:
+    """loadvm stops at the first disk with dirty bitmaps, with QEMU's words; savevm/delvm still work."""
+    p = Pair(*daemons.pair(DRIVES, _setup_bitmap))
+    for line in ["savevm vm1", "loadvm vm1", "info snapshots", "delvm vm1", "info snapshots"]:
+        p.hmp(line)
+    p.q.cmd("quit")
+    p.v.cmd("quit")
+
+
 @pytest.mark.parametrize("drives,expect", [
     (["-drive", "file=d0.qcow2,if=none,id=d0"], "There is no snapshot available.\r\n"),
     (["-drive", "file=r.raw,if=none,id=rawd,format=raw"], "no block device can store vmstate for snapshot\r\n"),

@@ -380,3 +380,22 @@ def test_l1_repeating_one_table_is_cheap(tmp_path: Path) -> None:
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "-22 (Invalid argument)" in r.stderr  # 16-bit counts cannot hold 131072 references
     assert img.read_bytes() == before
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_revert_refused_with_persistent_bitmaps(tmp_path: Path, disable: bool) -> None:
+    """QEMU loads persistent bitmaps on open and will not revert under them, enabled or not."""
+    base = make_image(tmp_path / "base.qcow2", writes=("write -P 1 0 64k",))
+    check_ok("snapshot", "-c", "s1", str(base))
+    check_ok("bitmap", "--add", str(base), "b0")
+    if disable:
+        check_ok("bitmap", "--disable", str(base), "b0")
+    q, v = pair(tmp_path, base)
+    io_both(q, v, "write -P 2 0 64k")
+    before = v.read_bytes()
+    assert run_both(q, v, "-a", "s1") == 1
+    assert run_both(q, v, "-a", "nonexist") == 1  # the bitmap check comes before the lookup
+    assert v.read_bytes() == before
+    assert run_both(q, v, "-c", "s2") == 0  # creating and deleting are allowed
+    assert run_both(q, v, "-d", "s1") == 0
+    assert_equivalent(q, v)

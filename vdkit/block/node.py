@@ -82,7 +82,27 @@ class Node:
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
+    @property
+    def dirty_bitmaps(self) -> list[str]:
+        """Names of the persistent bitmaps loaded with the image (QEMU loads them on open)."""
+        return [b.name for b in getattr(self.driver, "bitmaps", ())]
+
+    def snapshot_goto_blocker(self) -> VdkitError | None:
+        """Why this node cannot be reverted to a snapshot, checked before the snapshot is looked up.
+
+        QEMU refuses while the node has dirty bitmaps: reverting would leave them describing
+        changes against data that is gone, and qcow2 has no way to revert them with the data.
+        """
+        if self.dirty_bitmaps:
+            import errno
+
+            return VdkitError("Device has active dirty bitmaps", errno=errno.EBUSY)
+        return None
+
     def snapshot_revert(self, entry: SnapshotEntry) -> None:
+        blocker = self.snapshot_goto_blocker()
+        if blocker is not None:
+            raise blocker
         self.driver.snapshot_revert(entry)
 
     # -- data (the work is in vdkit.block.io; these are conveniences for API users) --------------

@@ -46,6 +46,9 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
         elif action == "a":
             assert arg is not None
             try:
+                blocker = node.snapshot_goto_blocker()
+                if blocker is not None:
+                    raise blocker
                 if not driver.supports_snapshots:
                     if fmt is None and node.format == "raw":
                         # qemu-img's fallback closes and reopens the image: a second warning

@@ -16,6 +16,14 @@ from vdkit.errors import OpenError, os_error_message
 from vdkit.io.locks import ImageLock, LockMode
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# The block layer's largest byte offset; metadata of an untrusted image may name any 64-bit value,
+# and a request beyond this fails with EIO as in QEMU (rather than overflowing an off_t).
+MAX_OFFSET = (1 << 63) - 512
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or offset + length > MAX_OFFSET:
+        raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
 
 
 class ImageFile:
@@ -66,6 +74,7 @@ class ImageFile:
         """Read ``length`` bytes at ``offset``; bytes past EOF read as zero."""
         if length <= 0:
             return b""
+        _check_range(offset, length)
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             # Short read: either EOF or a signal.  Loop until EOF really.
@@ -94,6 +103,7 @@ class ImageFile:
     # -- writing --------------------------------------------------------------
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        _check_range(offset, view.nbytes)
         while view:
             n = os.pwrite(self.fd, view, offset)
             offset += n
@@ -102,6 +112,7 @@ class ImageFile:
     def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
         """Write several buffers back to back at ``offset`` with as few system calls as possible."""
         bufs = [memoryview(b) for b in buffers if len(b)]
+        _check_range(offset, sum(b.nbytes for b in bufs))
         while bufs:
             batch = bufs[:_IOV_MAX]
             n = os.pwritev(self.fd, batch, offset)
@@ -120,6 +131,8 @@ class ImageFile:
                     n = 0
 
     def truncate(self, size: int) -> None:
+        if not 0 <= size <= MAX_OFFSET:
+            raise OSError(errno.EFBIG, f"cannot resize a file to {size} bytes")
         os.ftruncate(self.fd, size)
 
     def flush(self) -> None:

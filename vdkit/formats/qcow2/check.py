@@ -120,7 +120,11 @@ class _Checker:
             raise _CheckFailed(-errno.EIO)
         blk = self.blocks.get(off)
         if blk is None:
-            blk = self.blocks[off] = decode_block(self.f.pread(off, self.cs), self.rbits)
+            try:
+                raw = self.f.pread(off, self.cs)
+            except OSError as exc:  # e.g. an offset past the block layer's limit: EIO, as in QEMU
+                raise _CheckFailed(-(exc.errno or errno.EIO)) from exc
+            blk = self.blocks[off] = decode_block(raw, self.rbits)
         return blk
 
     def signal_corruption(self, what: str) -> None:

@@ -396,7 +396,9 @@ def serialize_header(h: Qcow2Header) -> bytes:
     exts += bytes(8)
     backing = b""
     if h.backing_file is not None:
-        backing = h.backing_file_raw if h.backing_file_raw is not None else h.backing_file.encode()
+        backing = h.backing_file_raw
+        if backing is None:
+            backing = h.backing_file.encode("utf-8", "surrogateescape")
     backing_offset = header_length + len(exts) if backing else 0
     fixed = L.HEADER_V2.pack(
         L.MAGIC, h.version, backing_offset, len(backing), h.cluster_bits, h.size, h.crypt_method,

@@ -41,7 +41,8 @@ class SnapshotEntry:
     def encoded_size(self) -> int:
         """Bytes this entry occupies when written, before alignment padding."""
         extra = max(L.SNAPSHOT_EXTRA_SIZE, self.extra_data_size)
-        return L.SNAPSHOT_HEADER.size + extra + len(self.id_str.encode()) + len(self.name.encode())
+        names = len(self.id_str.encode("utf-8", "surrogateescape")) + len(self.name.encode("utf-8", "surrogateescape"))
+        return L.SNAPSHOT_HEADER.size + extra + names
 
 
 @record
