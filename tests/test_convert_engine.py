@@ -57,6 +57,19 @@ def test_zero_map_special_cases() -> None:
     for i in range(64):  # more stretches than the Python loop takes: numpy finishes
         alternating += bytes(SECTOR) if i % 2 else b"\x01" * SECTOR
     assert zmap.sectors(alternating, 64) == bytes([0, 1] * 32)
+    # sectors starting with a zero word but not zero: candidates that numpy finishes
+    heads = bytearray(b"\x01" * (64 * SECTOR))
+    for i in range(64):
+        heads[i * SECTOR : i * SECTOR + 8] = bytes(8)
+    heads[5 * SECTOR : 7 * SECTOR] = bytes(2 * SECTOR)
+    assert zmap.sectors(heads, 64) == _reference(heads, 64)
+    assert zmap.sectors(heads, 30) == _reference(heads, 30)
+    # zero bytes across the first words of neighbouring sectors, then a real zero sector
+    cross = bytearray(b"\x01" * (8 * SECTOR))
+    cross[SECTOR + 1 : SECTOR + 8] = bytes(7)
+    cross[2 * SECTOR : 2 * SECTOR + 4] = bytes(4)
+    cross[6 * SECTOR : 7 * SECTOR] = bytes(SECTOR)
+    assert zmap.sectors(cross, 8) == bytes([0, 0, 0, 0, 0, 0, 1, 0])
     # a zero window that straddles two sectors is not a zero sector
     buf = bytearray(b"\x01" * (4 * SECTOR))
     buf[300 : 300 + SECTOR] = bytes(SECTOR)

@@ -348,14 +348,16 @@ class IOFailure(Exception):
 # -- zero detection ---------------------------------------------------------------------------------
 #
 # qemu-img skips sectors of zeros inside data (``-S``), so every data buffer
-# is searched for all-zero sectors.  The search runs at C speed on the bytes
-# themselves: ``find`` of 512 zero bytes says "none here" for ordinary data
-# (any zero sector contains that window), and zero stretches are measured by
-# comparing doubling lengths against a zero buffer with ``startswith``.
-# Only data with many scattered zero stretches falls back to numpy.
+# is searched for all-zero sectors, at C speed and without numpy: the first
+# 8 bytes of every sector are gathered with a strided memoryview (one cache
+# line per sector is touched, like qemu's early-exit ``buffer_is_zero``) and
+# searched for a zero word; ordinary data has none.  From a candidate, the
+# stretch of zero sectors is measured by comparing doubling lengths against a
+# zero buffer with ``startswith``.  Only data with many scattered zero
+# stretches falls back to numpy.
 
-_Z512 = bytes(SECTOR)
-_MAX_STRETCHES = 64  # Python-level stretches per buffer before numpy does the rest
+_Z8 = bytes(8)
+_MAX_STRETCHES = 64  # candidates (zero first words) per buffer before numpy does the rest
 
 
 class ZeroMap:
@@ -371,7 +373,8 @@ class ZeroMap:
     def sectors(self, buf: bytearray, n: int) -> bytes:
         """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
         end = n * SECTOR
-        p = buf.find(_Z512, 0, end)
+        heads = memoryview(buf)[:end].cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
+        p = heads.find(_Z8)
         if p < 0:
             return bytes(n)
         if p == 0 and buf.startswith(self.zeros[:end]):
@@ -379,16 +382,16 @@ class ZeroMap:
         flags = bytearray(n)
         stretches = 0
         while p >= 0:
-            s = -(-p // SECTOR)  # the first sector that can be zero: this window is the earliest
-            if s >= n:
-                break
+            if p % 8:  # a zero word across two sectors' heads: realign (earlier aligned ones were seen)
+                p = heads.find(_Z8, p + 8 - p % 8)
+                continue
+            stretches += 1
+            if stretches > _MAX_STRETCHES:
+                return _zero_sectors_numpy(buf, n)
+            s = p // 8
             k = self._zero_run(buf, s, n)
-            if k:
-                flags[s : s + k] = self.ones[:k]
-                stretches += 1
-                if stretches > _MAX_STRETCHES:
-                    return _zero_sectors_numpy(buf, n)
-            p = buf.find(_Z512, (s + k + (0 if k else 1)) * SECTOR, end)
+            flags[s : s + k] = self.ones[:k]
+            p = heads.find(_Z8, (s + max(k, 1)) * 8)
         return bytes(flags)
 
     def _zero_run(self, buf: bytearray, s: int, n: int) -> int:

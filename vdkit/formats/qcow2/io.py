@@ -515,10 +515,11 @@ class Qcow2IO:
         first, last = start >> cb, (end - 1) >> cb
         i0 = g.l2_index(first << cb)
         ents = entries[i0 : i0 + last - first + 1]  # a view: assignments update the cached table
-        inplace = self._inplace_mask(ents)
+        # all entries empty (a fresh image, as convert writes): one run to allocate
+        runs = [(0, len(ents), False)] if not ents.any() else _mask_runs(self._inplace_mask(ents))
         to_free: list[int] = []
         allocated = False
-        for a, b, own in _mask_runs(inplace):
+        for a, b, own in runs:
             if own:
                 for c in range(first + a, first + b):
                     self._write_inplace(c, entries, bitmaps, start, end, data, backing)
