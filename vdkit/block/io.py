@@ -220,10 +220,18 @@ def readinto(node: Node, offset: int, view: memoryview) -> None:
 
 
 def preadinto(file: ImageFile, offset: int, view: memoryview) -> None:
-    """``ImageFile.pread`` into a caller's buffer: short reads retried, bytes past EOF zeroed."""
+    """``ImageFile.pread`` into a caller's buffer: short reads retried, bytes past EOF zeroed.
+
+    Offsets beyond the block layer's limit fail with EIO exactly as in
+    ``ImageFile.pread`` (hostile metadata can name any 64-bit offset).
+    """
+    from vdkit.io.file import MAX_OFFSET
+
     fd = file.fd
     done = 0
     length = len(view)
+    if offset < 0 or offset + length > MAX_OFFSET:
+        raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
     while done < length:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
