@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vdkit.errors import EFBIG, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.layout import ClusterType
@@ -25,10 +23,39 @@ if TYPE_CHECKING:
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.io.file import ImageFile
 
-_U64 = np.uint64
-COPIED = _U64(L.OFLAG_COPIED)
-COMPRESSED = _U64(L.OFLAG_COMPRESSED)
-OFFSET_MASK = _U64(L.L2E_OFFSET_MASK)
+if TYPE_CHECKING:
+    import numpy as np
+
+    COPIED: np.uint64
+    COMPRESSED: np.uint64
+    OFFSET_MASK: np.uint64
+else:
+
+    class _LazyNumpy:
+        """numpy, imported where it is first used: :class:`Geometry` serves readers that need none."""
+
+        def __getattr__(self, name: str) -> object:
+            import numpy
+
+            globals()["np"] = numpy
+            return getattr(numpy, name)
+
+    np = _LazyNumpy()
+
+_NUMPY_CONSTANTS = {"COPIED": L.OFLAG_COPIED, "COMPRESSED": L.OFLAG_COMPRESSED, "OFFSET_MASK": L.L2E_OFFSET_MASK}
+
+
+def __getattr__(name: str) -> object:
+    """``COPIED``, ``COMPRESSED``, ``OFFSET_MASK`` as numpy scalars, made when first imported."""
+    if name in _NUMPY_CONSTANTS:
+        value = np.uint64(_NUMPY_CONSTANTS[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _U64(value: int) -> np.uint64:
+    return np.uint64(value)
 
 
 @dataclass(frozen=True)
@@ -131,9 +158,9 @@ class Geometry:
         """
         if self.has_data_file:
             return np.zeros(0, dtype=np.int64)
-        comp = (entries & COMPRESSED) != 0
+        comp = (entries & _U64(L.OFLAG_COMPRESSED)) != 0
         std = entries[~comp]
-        offs = std & OFFSET_MASK
+        offs = std & _U64(L.L2E_OFFSET_MASK)
         offs = offs[offs != 0]
         if len(offs) and np.any(offs & _U64(self.cluster_size - 1)):
             bad = int(offs[(offs & _U64(self.cluster_size - 1)) != 0][0])

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from vdkit.block.driver import DATA as _DATA_FLAG
 from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
 from vdkit.block.driver import ZERO as _ZERO_FLAG
@@ -38,14 +36,38 @@ from vdkit.errors import EIO, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFou
 from vdkit.formats.qcow2 import layout as L
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vdkit.block.node import Node
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
+else:
+
+    class _LazyNumpy:
+        """numpy, imported where it is first used.
+
+        Reading a small read-only image (``convert`` from qcow2, ``map``)
+        decodes its few L2 tables in Python: importing numpy would cost more
+        than the whole decoding (about 50 ms).  Bigger walks and all writes
+        use numpy; the first attribute access imports it and replaces this
+        placeholder.
+        """
+
+        def __getattr__(self, name: str) -> object:
+            import numpy
+
+            globals()["np"] = numpy
+            return getattr(numpy, name)
+
+    np = _LazyNumpy()
 
 BackingRead = Callable[[int, int], bytes]
 BackingFill = Callable[[int, memoryview], None]  # fills the view with the backing chain's bytes
 
-_U64 = np.uint64
+
+def _U64(value: int) -> np.uint64:
+    return np.uint64(value)
+
 
 
 def _hx(value: int) -> str:
@@ -61,11 +83,12 @@ class CorruptionEvent(CorruptImageError):
     will be suppressed``) and then fail the operation with EIO.
     """
 
-_MASK_OFF = _U64(L.L2E_OFFSET_MASK)
-_COMPRESSED = _U64(L.OFLAG_COMPRESSED)
-_COPIED = _U64(L.OFLAG_COPIED)
-_ZERO = _U64(L.OFLAG_ZERO)
-_SC_SHIFTS = np.arange(32, dtype=np.uint64)
+# Entry masks as Python ints: combined with uint64 arrays they act as uint64 (they all fit).
+_MASK_OFF = L.L2E_OFFSET_MASK
+_COMPRESSED = L.OFLAG_COMPRESSED
+_COPIED = L.OFLAG_COPIED
+_ZERO = L.OFLAG_ZERO
+_PURE_TABLES = 16  # L2 tables a read-only image decodes without numpy before numpy takes over
 
 
 class Kind(enum.IntEnum):
@@ -110,6 +133,13 @@ class Qcow2IO:
         self.cluster_size = self.geom.cluster_size
         self._table_runs: OrderedDict[tuple[int, int], tuple[list[Run], list[int]]] = OrderedDict()
         self._decompressed: tuple[int, bytes] | None = None  # (descriptor, cluster) of the last one
+        # Read-only images with standard L2 tables map their first tables without numpy (see
+        # _LazyNumpy); nothing can be dirty in the metadata caches then, so the file is the truth.
+        import sys
+
+        pure = drv.readonly and not self.geom.extended_l2 and "numpy" not in sys.modules
+        self._pure_tables = _PURE_TABLES if pure else 0
+        self._pure_l1: tuple[int, ...] | None = None
 
     # -- sources --------------------------------------------------------------------------------
     @property
@@ -122,7 +152,16 @@ class Qcow2IO:
         return self.drv.file
 
     @property
-    def active_l1(self) -> np.ndarray:
+    def active_l1(self) -> np.ndarray | tuple[int, ...]:
+        """The active L1 table: numpy's (the cluster map's), or entries read directly while decoding without numpy."""
+        if self._pure_tables > 0:
+            if self._pure_l1 is None:
+                import struct
+
+                h = self.drv.header
+                raw = self.drv.file.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+                self._pure_l1 = struct.unpack(f">{h.l1_size}Q", raw)
+            return self._pure_l1
         return self.drv.clusters.l1
 
     def invalidate(self) -> None:
@@ -130,7 +169,7 @@ class Qcow2IO:
         self._table_runs.clear()
 
     # -- mapping --------------------------------------------------------------------------------
-    def runs(self, offset: int, length: int, l1: np.ndarray | None = None) -> Iterator[Run]:
+    def runs(self, offset: int, length: int, l1: np.ndarray | tuple[int, ...] | None = None) -> Iterator[Run]:
         """Runs covering ``[offset, offset+length)`` of the tree rooted at ``l1`` (default: active)."""
         if l1 is None:
             l1 = self.active_l1
@@ -154,7 +193,7 @@ class Qcow2IO:
         """The run starting at ``offset`` (at most ``length`` bytes)."""
         return next(self.runs(offset, length, l1))
 
-    def _runs_of_table(self, l1: np.ndarray, i1: int) -> tuple[list[Run], list[int]]:
+    def _runs_of_table(self, l1: np.ndarray | tuple[int, ...], i1: int) -> tuple[list[Run], list[int]]:
         """The runs of one L2 table (cached while the image is read-only) and their start offsets."""
         l1e = int(l1[i1]) if i1 < len(l1) else 0
         key = (i1, l1e)
@@ -184,9 +223,64 @@ class Qcow2IO:
             raise CorruptionEvent(
                 f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})", errno=EIO
             )
+        if self._pure_tables > 0:
+            self._pure_tables -= 1
+            return self._pure_table_runs(l2_off, base)
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         kinds, hosts, valid, unit = self._classify(entries, bitmaps, l2_off)
         return _coalesce(kinds, hosts, valid, unit, base)
+
+    def _pure_table_runs(self, l2_off: int, base: int) -> list[Run]:
+        """:meth:`_classify` + :func:`_coalesce` for a standard L2 table, in Python (same runs, same errors)."""
+        import struct
+
+        g = self.geom
+        cs = self.cluster_size
+        n = g.l2_entries
+        entries = struct.unpack(f">{n}Q", self.drv.file.pread(l2_off, cs))
+        data_file = g.has_data_file
+        first_comp = first_bad = -1
+        out: list[Run] = []
+        # the run being built: kind, first unit, host of the next unit (None: not valid), host step
+        kind = -1
+        start = 0
+        nxt: int | None = None
+        host0: int | None = None
+        for i, e in enumerate(entries):
+            if e & _COMPRESSED:
+                if first_comp < 0:
+                    first_comp = i
+                k, host, step = Kind.COMPRESSED, e, 0
+            else:
+                off = e & _MASK_OFF
+                has_off = bool(off) or bool(data_file and e & _COPIED)
+                if e & _ZERO:
+                    k, host, step = Kind.ZERO, (off if has_off else None), cs
+                elif has_off:
+                    k, host, step = Kind.DATA, off, cs
+                else:
+                    k, host, step = Kind.UNALLOCATED, None, cs
+                if host is not None and off & (cs - 1) and first_bad < 0:
+                    first_bad = i
+            if k == kind and (host is None) == (nxt is None) and (host is None or host == nxt):
+                if host is not None:
+                    nxt = host + step
+                continue
+            if kind >= 0:
+                out.append(Run(Kind(kind), base + start * cs, (i - start) * cs, host0))
+            kind, start, host0 = k, i, host
+            nxt = None if host is None else host + step
+        out.append(Run(Kind(kind), base + start * cs, (n - start) * cs, host0))
+        if data_file and first_comp >= 0:
+            raise CorruptionEvent(
+                f"Compressed cluster entry found in image with external data file "
+                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(first_comp)})", errno=EIO)
+        if first_bad >= 0:
+            bad = entries[first_bad] & _MASK_OFF
+            raise CorruptionEvent(
+                f"Cluster allocation offset {_hx(bad)} unaligned "
+                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(first_bad)})", errno=EIO)
+        return out
 
     def _classify(
         self, e: np.ndarray, b: np.ndarray, l2_off: int
@@ -237,14 +331,15 @@ class Qcow2IO:
             raise CorruptionEvent(
                 f"Cluster allocation offset {_hx(int(off[i]))} unaligned "
                 f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
-        sc_alloc = ((alloc_bits[:, None] >> _SC_SHIFTS) & _U64(1)) != 0
-        sc_zero = ((zero_bits[:, None] >> _SC_SHIFTS) & _U64(1)) != 0
+        shifts = np.arange(32, dtype=np.uint64)
+        sc_alloc = ((alloc_bits[:, None] >> shifts) & _U64(1)) != 0
+        sc_zero = ((zero_bits[:, None] >> shifts) & _U64(1)) != 0
         n = len(e)
         kinds = np.full((n, 32), Kind.UNALLOCATED, dtype=np.uint8)
         kinds[sc_alloc] = Kind.DATA
         kinds[sc_zero] = Kind.ZERO
         kinds[comp, :] = Kind.COMPRESSED
-        sc_off = off[:, None] + _SC_SHIFTS * _U64(scs)
+        sc_off = off[:, None] + shifts * _U64(scs)
         hosts = np.where(comp[:, None], e[:, None], sc_off)
         valid = np.broadcast_to(normal_c[:, None], (n, 32)) | comp[:, None]
         return kinds.ravel(), hosts.ravel(), valid.ravel(), scs
@@ -304,6 +399,9 @@ class Qcow2IO:
         real_clusters = f.allocated_size() // cs
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = (file_length + cs - 1) // cs
+        pure = self._pure_preallocation(end_cluster, threshold)
+        if pure is not None:
+            return pure
         rc = self.drv.refcounts
         epb = rc.entries_per_block
         count = 0
@@ -313,6 +411,39 @@ class Qcow2IO:
                 continue
             lim = min(epb, end_cluster - rt * epb)
             count += int(np.count_nonzero(vals[:lim]))
+            if count >= threshold:
+                return True
+        return count >= threshold
+
+    def _pure_preallocation(self, end_cluster: int, threshold: int) -> bool | None:
+        """:attr:`metadata_preallocation` without numpy for a few 16-bit refcount blocks (None: not here).
+
+        Anything unusual (other widths, many blocks, a bad table entry) goes
+        to the refcount cache, which raises the errors QEMU reports.
+        """
+        import struct
+
+        h = self.drv.header
+        cs = self.cluster_size
+        epb = cs // 2
+        nblocks = (end_cluster + epb - 1) // epb
+        if self._pure_tables <= 0 or h.refcount_order != 4 or nblocks > 64:
+            return None
+        f = self.drv.file
+        n = min(nblocks, h.refcount_table_clusters * cs // 8)
+        table = struct.unpack(f">{n}Q", f.pread(h.refcount_table_offset, n * 8)) if n else ()
+        count = 0
+        for rt, entry in enumerate(table):
+            off = entry & L.REFT_OFFSET_MASK
+            if entry & L.REFT_RESERVED_MASK or off % cs:
+                return None
+            if not off:
+                continue
+            lim = min(epb, end_cluster - rt * epb)
+            block = f.pread(off, 2 * lim)
+            # an entry is zero when both its bytes are: OR the high and low bytes, count zero bytes
+            ored = int.from_bytes(block[0::2], "big") | int.from_bytes(block[1::2], "big")
+            count += lim - ored.to_bytes(lim, "big").count(0)
             if count >= threshold:
                 return True
         return count >= threshold
