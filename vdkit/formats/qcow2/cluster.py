@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from vdkit.errors import EFBIG, CorruptImageError, VdkitError
@@ -66,19 +67,20 @@ class Geometry:
     extended_l2: bool = False
     has_data_file: bool = False
 
-    @property
+    # Cached: the fields never change, and the I/O paths ask for these on every request.
+    @cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @cached_property
     def l2_entry_size(self) -> int:
         return 16 if self.extended_l2 else 8
 
-    @property
+    @cached_property
     def l2_entries(self) -> int:
         return self.cluster_size // self.l2_entry_size
 
-    @property
+    @cached_property
     def l1_span(self) -> int:
         """Guest bytes one L1 entry describes."""
         return self.cluster_size * self.l2_entries

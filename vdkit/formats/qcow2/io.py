@@ -646,8 +646,9 @@ class Qcow2IO:
         first, last = start >> cb, (end - 1) >> cb
         i0 = g.l2_index(first << cb)
         ents = entries[i0 : i0 + last - first + 1]  # a view: assignments update the cached table
-        # all entries empty (a fresh image, as convert writes): one run to allocate
-        runs = [(0, len(ents), False)] if not ents.any() else _mask_runs(self._inplace_mask(ents))
+        # all entries empty (a fresh image, as convert writes): one run to allocate, nothing to free
+        fresh = not ents.any()
+        runs = [(0, len(ents), False)] if fresh else _mask_runs(self._inplace_mask(ents))
         to_free: list[int] = []
         allocated = False
         for a, b, own in runs:
@@ -662,8 +663,9 @@ class Qcow2IO:
                 self._write_new_extended(c, run, host, entries, bitmaps, start, end, data, backing, to_free)
                 continue
             segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
-            olds = ents[a:b]
-            to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
+            if not fresh:
+                olds = ents[a:b]
+                to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
             ents[a:b] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
             self._write_segments(segments)
         self._finish_update(l2_off, allocated, to_free)
