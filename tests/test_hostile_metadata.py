@@ -93,7 +93,7 @@ def _huge_refblock(tmp: Path) -> Path:
     return img
 
 
-@pytest.mark.parametrize("args", [["check"], ["check", "--output=json"], ["info"],
+@pytest.mark.parametrize("args", [["check"], ["check", "--output=json"], ["map", "--output=json"], ["info"],
                                   ["snapshot", "-c", "new"], ["snapshot", "-a", "s1"], ["snapshot", "-l"]])
 def test_refblock_beyond_limit_matches_qemu(args: list[str], tmp_path: Path) -> None:
     src = _huge_refblock(tmp_path)

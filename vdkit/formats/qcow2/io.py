@@ -391,8 +391,15 @@ class Qcow2IO:
         True when clearly more clusters are in use (non-zero refcount) than
         the file has blocks allocated: then data clusters may be holes, and
         block status checks the file for each of them.  Reproduced because it
-        changes what ``map`` prints.
+        changes what ``map`` prints.  A refcount that cannot be read makes
+        the guess "no", as in QEMU, rather than failing the caller.
         """
+        try:
+            return self._detect_metadata_preallocation()
+        except (OSError, VdkitError):
+            return False
+
+    def _detect_metadata_preallocation(self) -> bool:
         f = self.drv.file
         cs = self.cluster_size
         file_length = (f.size() + 511) // 512 * 512
