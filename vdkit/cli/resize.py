@@ -97,6 +97,8 @@ def resize_node(node, size: int, prealloc: str = "off") -> None:  # type: ignore
         return
     import os
 
+    if prealloc == "metadata":  # the file driver knows off, falloc and full only
+        raise VdkitError("Unsupported preallocation mode: metadata")
     f = drv.file
     old = f.size()
     if prealloc == "falloc" and size > old:

@@ -296,7 +296,11 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
         raise VdkitError("Failed to resize refcount structures: Input/output error", errno=errno.EIO)
     rc.flush()
     run_end = area_end + nb_new * cs
-    _fill(drv.file, drv.file.size(), run_end, mode)
+    try:
+        _fill(drv.file, drv.file.size(), run_end, mode)
+    except VdkitError as exc:
+        rc.free(area_end, nb_new * cs)  # nothing points at the run yet
+        raise VdkitError(f"Failed to resize underlying file: {exc.message}", errno=exc.errno) from exc
     head = _head_bytes(drv, start, backing)
     host = area_end
     g = first
@@ -316,25 +320,42 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
 
 
 def _fill(f: ImageFile, start: int, end: int, mode: str) -> None:
-    """Extend ``f`` to ``end``, really allocating ``[start, end)``: fallocate, or zeros for ``full``."""
+    """Extend ``f`` to ``end``, really allocating ``[start, end)``: fallocate, or zeros for ``full``.
+
+    On failure the file is cut back to ``start`` (which also releases blocks
+    a partly successful fallocate took) and QEMU's file-driver message is
+    raised.
+    """
     if end <= start:
         return
-    if mode == "falloc":
-        try:
-            os.posix_fallocate(f.fd, start, end - start)
-            return
-        except OSError:
-            f.truncate(end)
-            return
-    if mode != "full":
+    if mode not in ("falloc", "full"):
         f.truncate(end)
         return
-    chunk = bytes(1 << 20)
-    pos = start
-    while pos < end:
-        n = min(len(chunk), end - pos)
-        f.pwrite(pos, chunk[:n] if n < len(chunk) else chunk)
-        pos += n
+    try:
+        if mode == "falloc":
+            try:
+                os.posix_fallocate(f.fd, start, end - start)
+            except OSError as exc:
+                raise VdkitError(f"Could not preallocate new data: {os.strerror(exc.errno or errno.EIO)}",
+                                 errno=exc.errno) from exc
+            return
+        f.truncate(end)
+        chunk = bytes(1 << 20)
+        pos = start
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            try:
+                f.pwrite(pos, chunk[:n] if n < len(chunk) else chunk)
+            except OSError as exc:
+                raise VdkitError(f"Could not write zeros for preallocation: {os.strerror(exc.errno or errno.EIO)}",
+                                 errno=exc.errno) from exc
+            pos += n
+    except VdkitError:
+        try:
+            f.truncate(start)
+        except OSError:
+            pass
+        raise
 
 
 def _refcount_area(drv: Qcow2Driver, start: int, additional: int) -> int:
