@@ -207,6 +207,7 @@ def _prealloc_request(drv: Qcow2Driver, pos: int, req_end: int, backing: Backing
     while g < nb_end:
         i1 = g // n_l2
         l2_off = io._l2_for_write(i1)
+        io._before_new_references()  # pending decrements go out before new counts (no ordering cycle)
         entries, bitmaps = cm.l2.get(l2_off)
         idx = g % n_l2
         old = int(entries[idx])
@@ -239,6 +240,12 @@ def _prealloc_request(drv: Qcow2Driver, pos: int, req_end: int, backing: Backing
                 break
         if host_at_pos < 0:
             host_at_pos = first_host + (pos - (g << cb))
+        if not has_df:
+            # Entries must never point past the end of the file (``check`` calls that corruption):
+            # reach into the run's last cluster now; the final size is set after the walk.
+            reach = first_host + (nb - 1) * cs + 512
+            if drv.file.size() < reach:
+                drv.file.truncate(reach)
         head = _head_bytes(drv, pos, backing) if g << cb < pos else b""
         to_free = _link(drv, entries, bitmaps, idx, first_host, nb, keep_bitmaps=True)
         # COW: the old part of a partly new first cluster, the rest of the last (sub)cluster
@@ -310,6 +317,7 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
         idx = g % n_l2
         nb = min(last - g, n_l2 - idx)
         l2_off = io._l2_for_write(i1)
+        io._before_new_references()
         entries, bitmaps = cm.l2.get(l2_off)
         if g == first and head:
             _write_data(drv, host, head)
