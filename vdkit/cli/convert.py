@@ -352,9 +352,10 @@ class IOFailure(Exception):
 # 8 bytes of every sector are gathered with a strided memoryview (one cache
 # line per sector is touched, like qemu's early-exit ``buffer_is_zero``) and
 # searched for a zero word; ordinary data has none.  From a candidate, the
-# stretch of zero sectors is measured by comparing doubling lengths against a
-# zero buffer with ``startswith``.  Only data with many scattered zero
-# stretches falls back to numpy.
+# sectors whose first words are all zero are confirmed with one comparison
+# against a zero buffer (``startswith``, a memcmp without copying), or, when
+# some of them hold data further in, measured by comparing doubling lengths.
+# Only data with many scattered candidates falls back to numpy.
 
 _Z8 = bytes(8)
 _MAX_STRETCHES = 64  # candidates (zero first words) per buffer before numpy does the rest
