@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from vdkit.info.model import BlockDeviceStats
+from vdkit.record import replace
 
 READ, WRITE, FLUSH, UNMAP = "rd", "wr", "flush", "unmap"
 
