@@ -145,7 +145,7 @@ def test_read_error_after_written_pieces(workdir: Path) -> None:
         assert fv.read(4 << 20) == b"\x01" * (4 << 20)
 
 
-def test_preadinto_bounds_like_pread(workdir: Path) -> None:
+def test_readinto_bounds_like_pread(workdir: Path) -> None:
     """Reads into a buffer refuse offsets past the block layer's limit with EIO, as ImageFile.pread."""
     import errno
 
@@ -154,11 +154,11 @@ def test_preadinto_bounds_like_pread(workdir: Path) -> None:
     (workdir / "f.raw").write_bytes(b"\x07" * 1000)
     with ImageFile(workdir / "f.raw") as f:
         buf = bytearray(b"\xff" * 2048)
-        bio.preadinto(f, 0, memoryview(buf))
+        f.readinto(0, memoryview(buf))
         assert buf == b"\x07" * 1000 + bytes(1048)
         for offset in (MAX_OFFSET, 1 << 63, -512):
             with pytest.raises(OSError) as exc:
-                bio.preadinto(f, offset, memoryview(buf)[:512])
+                f.readinto(offset, memoryview(buf)[:512])
             assert exc.value.errno == errno.EIO
 
 

@@ -22,6 +22,7 @@ import os
 # The status flags and BlockStatus live with the operations table (formats return them);
 # they are re-exported here for callers of this module.
 from vdkit.block.driver import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockStatus
+from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -211,44 +212,12 @@ def readinto(node: Node, offset: int, view: memoryview) -> None:
         return
     drv = node.driver
     if node.format == "raw":
-        preadinto(drv.file, offset, view)
+        drv.file.readinto(offset, view)
         return
     if node.format == "qcow2":
         drv.io.readinto(offset, view, _backing_filler(node))  # type: ignore[attr-defined]
         return
     view[:] = drv.read(offset, length, backing=_backing_reader(node))
-
-
-def preadinto(file: ImageFile, offset: int, view: memoryview) -> None:
-    """``ImageFile.pread`` into a caller's buffer: short reads retried, bytes past EOF zeroed.
-
-    Offsets beyond the block layer's limit fail with EIO exactly as in
-    ``ImageFile.pread`` (hostile metadata can name any 64-bit offset).
-    """
-    from vdkit.io.file import MAX_OFFSET
-
-    fd = file.fd
-    done = 0
-    length = len(view)
-    if offset < 0 or offset + length > MAX_OFFSET:
-        raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
-    while done < length:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            zero_fill(view[done:])
-            return
-        done += n
-
-
-_ZEROS = memoryview(bytes(1 << 21))
-
-
-def zero_fill(view: memoryview) -> None:
-    """Set ``view`` to zeros (copied from a shared zero buffer: no allocation per call)."""
-    step = len(_ZEROS)
-    for at in range(0, len(view), step):
-        n = min(step, len(view) - at)
-        view[at : at + n] = _ZEROS[:n]
 
 
 def _backing_filler(node: Node):  # type: ignore[no-untyped-def]

@@ -16,12 +16,7 @@ a small :class:`Target` interface (raw file, or a qcow2 image through
 
 from __future__ import annotations
 
-import os
 import struct
-
-# vdkit does no linear algebra; without this, importing numpy (the qcow2 engine
-# uses it) starts a pool of OpenBLAS threads, about 40 ms of every conversion.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import LongOpt, cvtnum, getopt_long
@@ -310,7 +305,8 @@ class Copier:
 
     def readinto(self, sector: int, n: int, view: memoryview) -> None:
         """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
-        from vdkit.block.io import readinto, zero_fill
+        from vdkit.block.io import readinto
+        from vdkit.io.file import zero_fill
 
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR

@@ -122,6 +122,10 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # vdkit does no linear algebra; without this, importing numpy (the qcow2 metadata code uses it)
+    # starts a pool of OpenBLAS threads, about 40 ms of every command that needs it.  The process is
+    # ours here, unlike in library use, so the environment may be set.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except Exit as exc:

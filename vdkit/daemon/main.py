@@ -281,6 +281,7 @@ def _write_pidfile(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no linear algebra here: no BLAS thread pool
     try:
         cfg = parse_args(args)
     except OptionError as exc:

@@ -21,6 +21,17 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_OFFSET = (1 << 63) - 512
 
 
+_ZEROS = memoryview(bytes(1 << 21))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set ``view`` to zeros (copied from a shared zero buffer: no allocation per call)."""
+    step = len(_ZEROS)
+    for at in range(0, len(view), step):
+        n = min(step, len(view) - at)
+        view[at : at + n] = _ZEROS[:n]
+
+
 def _check_range(offset: int, length: int) -> None:
     if offset < 0 or offset + length > MAX_OFFSET:
         raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
@@ -90,6 +101,20 @@ class ImageFile:
             if len(data) < length:
                 data += bytes(length - len(data))
         return data
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """:meth:`pread` into a caller's buffer (no allocation per request); bytes past EOF read as zero."""
+        length = view.nbytes
+        if length <= 0:
+            return
+        _check_range(offset, length)
+        done = 0
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                zero_fill(view[done:])
+                return
+            done += n
 
     def size(self) -> int:
         if self._is_block:

@@ -474,7 +474,7 @@ class Qcow2IO:
         Unallocated parts are filled by ``backing(guest, view)``, or zeroed.
         Data runs are read from the host file directly into ``view``.
         """
-        from vdkit.block.io import preadinto, zero_fill
+        from vdkit.io.file import zero_fill
 
         if self.drv.encrypted:
             raise UnsupportedError("Reading encrypted qcow2 images is not supported by vdkit")
@@ -483,7 +483,7 @@ class Qcow2IO:
             part = view[at : at + r.length]
             if r.kind == Kind.DATA:
                 assert r.host is not None
-                preadinto(self.data_file, r.host, part)
+                self.data_file.readinto(r.host, part)
             elif r.kind == Kind.UNALLOCATED and backing is not None:
                 backing(r.guest, part)
             elif r.kind == Kind.COMPRESSED:
