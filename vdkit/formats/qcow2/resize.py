@@ -68,9 +68,6 @@ if TYPE_CHECKING:
 
 BackingRead = Callable[[int, int], bytes]
 
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
-
-
 def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
              backing: BackingRead | None = None, backing_size: int = 0) -> None:
     """Resize the virtual disk to ``new_size`` bytes (grow or shrink).
@@ -111,6 +108,8 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
             _zero_new_area(drv, old_size, new_size, backing)
     else:
         _shrink(drv, new_size, old_size, needed)
+    if prealloc == "off" and h.has_data_file and drv.data_file is not None:
+        drv.data_file.truncate(new_size)  # an external data file follows the disk size exactly
     drv.flush()
     drv.file.pwrite(24, new_size.to_bytes(8, "big"))
     drv.file.flush()
