@@ -192,9 +192,6 @@ def test_prealloc_errors(workdir: Path) -> None:
     assert _resize_both(workdir, ["--preallocation=metadata", "IMG", "2M"]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="Refcounts._grow_table (refcount.py) sizes a grown refcount table with its "
-                   "own fixed point, not QEMU's (generous metadata size, existing entries skipped): the table lands "
-                   "a few clusters off for refcount widths other than 16 bits and for large 16-bit images")
 def test_prealloc_metadata_grows_refcount_table_as_qemu(workdir: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", "img.qcow2", "64k",
              cwd=workdir)

@@ -28,6 +28,7 @@ import numpy as np
 from vdkit.errors import VdkitError, os_error_message
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
+from vdkit.formats.qcow2.refcount import RefcountArea
 from vdkit.io.file import ImageFile
 
 DEFAULT_CLUSTER_SIZE = 65536
@@ -111,30 +112,6 @@ def refcount_block_bytes(values: np.ndarray, bits: int) -> bytes:
     for j in range(per_byte):
         out |= (v[:, j] << (j * bits)).astype(np.uint8)
     return out.tobytes()
-
-
-def refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: int, generous: bool) -> int:
-    """Refcount blocks needed to describe ``clusters`` plus the refcount structures themselves.
-
-    Iterates to a fixed point (blocks describe themselves and the table); with
-    ``generous`` it then adds half the table as slack once, as QEMU does when
-    it grows the table so the next growth is further away.
-    """
-    per_table_cluster = cluster_size // 8
-    per_block = cluster_size * 8 >> refcount_order
-    table = blocks = n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table_cluster)
-        n = clusters + blocks + table
-        if n == last and generous:
-            clusters += -(-table // 2)
-            n = 0
-            generous = False
-            continue
-        if n == last:
-            return blocks
 
 
 class _ImageBuilder:
@@ -302,38 +279,20 @@ class _ImageBuilder:
 
     def refcount_area(self, start: int, new_index: int, new_block: int) -> None:
         """Grow the refcount table: new blocks and table at ``start``, describing themselves."""
-        cs = self.cs
-        total = refcount_metadata_blocks(start // cs, cs, self.refcount_order, True)
-        area_index = (start // cs) >> self.rb_bits
-        table_size = total + -(-total // 2)
-        per_cluster = cs // 8
-        table_size = -(-table_size // per_cluster) * per_cluster
-        if table_size > L.MAX_REFTABLE_SIZE:
-            raise ImageTooLargeError()
-        table_clusters = table_size * 8 // cs
-        new_table = (self.reftable + [0] * table_size)[:table_size]
-        new_table[new_index] = new_block
-        additional = sum(1 for i in range(area_index, total) if not new_table[i])
-        table_offset = start + additional * cs
-        end = table_offset + table_clusters * cs
-        block_offset = start
-        for i in range(area_index, total):
-            if new_table[i]:
-                blk = self.blocks[new_table[i]]
-            else:
-                blk = self.blocks[block_offset] = np.zeros(self.rb_entries, dtype=self.dtype)
-                new_table[i] = block_offset
-                self.write(block_offset, bytes(cs))
-                block_offset += cs
-            covered = i * self.rb_entries * cs
-            if covered < end:
-                j = (start - covered) // cs if covered < start else 0
-                stop = min((end - covered) // cs, self.rb_entries)
-                blk[j:stop] = 1
+        try:
+            plan = RefcountArea(self.reftable, start, 0, exact=False, cluster_bits=self.cluster_bits,
+                                refcount_order=self.refcount_order, new_block=(new_index, new_block))
+        except VdkitError:
+            raise ImageTooLargeError() from None
+        for i in plan.new_blocks:
+            self.blocks[plan.table[i]] = np.zeros(self.rb_entries, dtype=self.dtype)
+            self.write(plan.table[i], bytes(self.cs))
+        for i, lo, hi in plan.counted:
+            self.blocks[plan.table[i]][lo:hi] = 1
         old_offset, old_size = self.reftable_offset, len(self.reftable)
-        self.reftable = new_table
-        self.reftable_offset = table_offset
-        self.write(table_offset, self._reftable_bytes())
+        self.reftable = plan.table
+        self.reftable_offset = plan.table_offset
+        self.write(plan.table_offset, self._reftable_bytes())
         self.free(old_offset, old_size * 8)
 
     @property

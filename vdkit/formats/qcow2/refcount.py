@@ -104,6 +104,74 @@ class _Restart(Exception):
 
 # -- the refcount structure -------------------------------------------------------------------
 
+def refcount_metadata_blocks(clusters: int, cluster_size: int, refcount_order: int, generous: bool) -> int:
+    """Refcount blocks needed to describe ``clusters`` plus the refcount structures themselves.
+
+    Iterates to a fixed point (blocks describe themselves and the table); with
+    ``generous`` it then adds half the table as slack once, as QEMU does when
+    it grows the table so the next growth is further away.
+    """
+    per_table_cluster = cluster_size // 8
+    per_block = cluster_size * 8 >> refcount_order
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n = 0
+            generous = False
+            continue
+        if n == last:
+            return blocks
+
+
+
+class RefcountArea:
+    """Where QEMU's refcount-area algorithm puts a new refcount table and the blocks it lacks.
+
+    A pure plan, so the live allocator (:meth:`Refcounts.add_area`) and the
+    in-memory replay of ``qemu-img create`` (``create.py``) lay out the same
+    bytes from one computation.  ``table`` is the new table's entries,
+    ``new_blocks`` the table indices that get a fresh (zeroed) block at the
+    offset ``table`` names, ``counted`` the ``(index, first, end)`` entry
+    ranges of blocks whose clusters (the area itself) count 1.
+    """
+
+    __slots__ = ("table", "table_offset", "table_clusters", "end", "new_blocks", "counted")
+
+    def __init__(self, old_table: Iterable[int], start: int, additional: int, *, exact: bool,
+                 cluster_bits: int, refcount_order: int, new_block: tuple[int, int] | None = None) -> None:
+        cs = 1 << cluster_bits
+        per_block = cs * 8 >> refcount_order
+        total = refcount_metadata_blocks((start >> cluster_bits) + additional, cs, refcount_order,
+                                         generous=not exact)
+        area_index = (start >> cluster_bits) // per_block
+        per_cluster = cs // 8
+        size = total if exact else total + -(-total // 2)
+        size = -(-size // per_cluster) * per_cluster
+        if max(total, size) > L.MAX_REFTABLE_SIZE:  # QEMU compares entries with the byte limit here
+            raise VdkitError("File too large", errno=EFBIG)
+        table = list(old_table)[:size]
+        table += [0] * (size - len(table))
+        if new_block is not None:
+            table[new_block[0]] = new_block[1]
+        self.new_blocks = [i for i in range(area_index, total) if not table[i]]
+        for k, i in enumerate(self.new_blocks):
+            table[i] = start + k * cs
+        self.table = table
+        self.table_clusters = size * 8 // cs
+        self.table_offset = start + len(self.new_blocks) * cs
+        self.end = self.table_offset + self.table_clusters * cs
+        first, end = start >> cluster_bits, self.end >> cluster_bits
+        self.counted = [
+            (i, max(first, i * per_block) - i * per_block, min(end, (i + 1) * per_block) - i * per_block)
+            for i in range(area_index, total) if i * per_block < end
+        ]
+
+
 class Refcounts:
     """The refcount table and blocks of one open image, with a write-back cache.
 
@@ -451,49 +519,68 @@ class Refcounts:
         raise _Restart
 
     def _grow_table(self, rt: int, b: int, b_vals: np.ndarray) -> None:
+        """The table is full: a new one, with the blocks describing it, goes after everything in use.
+
+        ``b`` is the block just allocated for table index ``rt``; the area starts at
+        the first block boundary past both it and the clusters ``rt`` describes.
+        """
         epb = self.entries_per_block
-        cs = self.cluster_size
         used_blocks = max(rt, b // epb) + 1
-        area_ci = used_blocks * epb
-        r = used_blocks + 1
-        while True:  # blocks needed to describe everything up to the end of the new area
-            entries = r + (r + 1) // 2
-            table_cl = (entries * 8 + cs - 1) // cs
-            need = (area_ci + (r - used_blocks) + table_cl + epb - 1) // epb
-            if need <= r:
-                break
-            r = need
-        entries = r + (r + 1) // 2
-        table_cl = (entries * 8 + cs - 1) // cs
-        if table_cl * cs > L.MAX_REFTABLE_SIZE:
-            raise VdkitError("File too large", errno=EFBIG)
-        new_table = np.zeros(table_cl * cs // 8, dtype=np.uint64)
-        new_table[: len(self.table)] = self.table
-        new_table[rt] = b << self.cluster_bits
-        area = area_ci << self.cluster_bits
-        blocks: dict[int, np.ndarray] = {}
-        for k, idx in enumerate(range(used_blocks, r)):
-            new_table[idx] = area + k * cs
-            blocks[idx] = np.zeros(epb, dtype=np.uint64)
-        table_off = area + (r - used_blocks) * cs
-        for ci in range(area_ci, area_ci + (r - used_blocks) + table_cl):
-            blocks[ci // epb][ci % epb] = 1
-        for idx, vals in blocks.items():
-            self.file.pwrite(int(new_table[idx]), encode_block(vals, self.bits))
-        self.file.pwrite(table_off, new_table.astype(">u8").tobytes())
-        self.file.flush()
-        self.file.pwrite(48, table_off.to_bytes(8, "big") + table_cl.to_bytes(4, "big"))
-        self.file.flush()
-        old_off, old_cl = self.table_offset, self.table_clusters
-        self.table = new_table
-        self.table_offset, self.table_clusters = table_off, table_cl
-        self._insert(rt, b_vals)
-        for idx, vals in blocks.items():
-            self._insert(idx, vals)
-        if self.on_table_switch is not None:
-            self.on_table_switch(table_off, table_cl)
-        self.free(old_off, old_cl * cs)
+        self.add_area((used_blocks * epb) << self.cluster_bits, 0, exact=False,
+                      new_block=(rt, b << self.cluster_bits, b_vals))
         self.flush()
+
+    def add_area(self, start: int, additional: int, *, exact: bool,
+                 new_block: tuple[int, int, np.ndarray] | None = None) -> int:
+        """Put a new refcount table, and the blocks it lacks, at ``start``, and switch to it.
+
+        The table covers the clusters below ``start``, ``additional`` more
+        after the area, and the area itself (:class:`RefcountArea`): sized
+        exactly, or with QEMU's slack when growing on demand so the next
+        growth is further away.  ``new_block`` is ``(table index, offset,
+        values)`` of a block allocated for an index the old table cannot hold.
+        The blocks and the table are durable before the one 12-byte header
+        switch; the old table is freed after it.  Returns the end of the area.
+        """
+        plan = RefcountArea(self.table.tolist(), start, additional, exact=exact, cluster_bits=self.cluster_bits,
+                            refcount_order=self.bits.bit_length() - 1,
+                            new_block=None if new_block is None else new_block[:2])
+        if plan.table_clusters * self.cluster_size > L.MAX_REFTABLE_SIZE:
+            # QEMU would write it, then refuse to open the image ("Reference count table too large")
+            raise VdkitError("File too large", errno=EFBIG)
+        epb = self.entries_per_block
+        fresh = {i: np.zeros(epb, dtype=np.uint64) for i in plan.new_blocks}
+        for i, lo, hi in plan.counted:
+            if i in fresh:
+                fresh[i][lo:hi] = 1
+            else:
+                vals = self.block_values(i)
+                assert vals is not None
+                vals[lo:hi] += np.uint64(1)
+                self._dirty.add(i)
+        self.flush()
+        new_table = np.array(plan.table, dtype=np.uint64)
+        for i, vals in fresh.items():
+            self.file.pwrite(plan.table[i], encode_block(vals, self.bits))
+        self.file.pwrite(plan.table_offset, new_table.astype(">u8").tobytes())
+        self.file.flush()
+        self.file.pwrite(48, plan.table_offset.to_bytes(8, "big") + plan.table_clusters.to_bytes(4, "big"))
+        self.file.flush()
+        old_off, old_clusters = self.table_offset, self.table_clusters
+        self.table = new_table
+        self.table_offset, self.table_clusters = plan.table_offset, plan.table_clusters
+        if new_block is not None:
+            self._insert(new_block[0], new_block[2])
+        for i, vals in fresh.items():
+            self._insert(i, vals)
+        for i in list(self._blocks):
+            if i >= len(new_table):
+                self._blocks.pop(i, None)
+                self._dirty.discard(i)
+        if self.on_table_switch is not None:
+            self.on_table_switch(plan.table_offset, plan.table_clusters)
+        self.free(old_off, old_clusters * self.cluster_size)
+        return plan.end
 
     # -- adopting a committed transaction -------------------------------------------------------
     def adopt(self, table: np.ndarray, table_offset: int, table_clusters: int,

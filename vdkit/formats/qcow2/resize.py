@@ -296,7 +296,10 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
     # Free clusters at the end of the file are cut off first; the new area starts after the last used one.
     _cut_file(drv)
     file_end = -(-drv.file.size() // cs) * cs
-    area_end = _refcount_area(drv, file_end, nb_new + nb_l2)
+    try:
+        area_end = rc.add_area(file_end, nb_new + nb_l2, exact=True)
+    except VdkitError as exc:
+        raise exc.prefixed("Failed to resize refcount structures: ") from exc
     got = rc.alloc_at(area_end, nb_new)
     if got != nb_new:
         raise VdkitError("Failed to resize refcount structures: Input/output error", errno=errno.EIO)
@@ -363,77 +366,6 @@ def _fill(f: ImageFile, start: int, end: int, mode: str) -> None:
         except OSError:
             pass
         raise
-
-
-def _refcount_area(drv: Qcow2Driver, start: int, additional: int) -> int:
-    """Write a new, exactly sized refcount table at ``start`` (with the blocks it lacks) and switch to it.
-
-    The table covers everything below ``start`` plus ``additional``
-    clusters plus itself; the blocks it lacks are placed first, the table
-    right after them, and every cluster of the new area counts 1.  Blocks,
-    then the table, are durable before the one 12-byte header switch; the
-    old table is freed after it.  Returns the end of the new area, where
-    the caller's clusters go.
-    """
-    from vdkit.formats.qcow2.create import refcount_metadata_blocks
-    from vdkit.formats.qcow2.refcount import encode_block
-
-    rc = drv.refcounts
-    cs = drv.cluster_size
-    cb = drv.header.cluster_bits
-    epb = rc.entries_per_block
-    total = refcount_metadata_blocks(start // cs + additional, cs, drv.header.refcount_order, False)
-    area_index = (start >> cb) // epb
-    per_cluster = cs // 8
-    table_size = -(-total // per_cluster) * per_cluster
-    if table_size * 8 > L.MAX_REFTABLE_SIZE:
-        raise VdkitError("Failed to resize refcount structures: File too large", errno=errno.EFBIG)
-    table_clusters = table_size * 8 // cs
-    new_table = np.zeros(table_size, dtype=np.uint64)
-    keep = min(len(rc.table), table_size)
-    new_table[:keep] = rc.table[:keep]
-    missing = [i for i in range(area_index, total) if not new_table[i]]
-    table_off = start + len(missing) * cs
-    end = table_off + table_clusters * cs
-    new_blocks: dict[int, np.ndarray] = {}
-    block_off = start
-    for i in missing:
-        new_table[i] = block_off
-        new_blocks[i] = np.zeros(epb, dtype=np.uint64)
-        block_off += cs
-    for i in range(area_index, total):
-        covered = i * epb
-        if covered << cb >= end:
-            continue
-        lo = max(start >> cb, covered) - covered
-        hi = min(end >> cb, covered + epb) - covered
-        if i in new_blocks:
-            new_blocks[i][lo:hi] = 1
-        else:
-            vals = rc.block_values(i)
-            assert vals is not None
-            vals[lo:hi] += np.uint64(1)
-            rc._dirty.add(i)
-    rc.flush()
-    for i, vals in new_blocks.items():
-        drv.file.pwrite(int(new_table[i]), encode_block(vals, rc.bits))
-    drv.file.pwrite(table_off, new_table.astype(">u8").tobytes())
-    drv.file.flush()
-    drv.file.pwrite(48, table_off.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"))
-    drv.file.flush()
-    old_off, old_clusters = rc.table_offset, rc.table_clusters
-    rc.table = new_table
-    rc.table_offset, rc.table_clusters = table_off, table_clusters
-    for i, vals in new_blocks.items():
-        rc._insert(i, vals)
-    for i in list(rc._blocks):
-        if i >= table_size:
-            rc._blocks.pop(i, None)
-            rc._dirty.discard(i)
-    if rc.on_table_switch is not None:
-        rc.on_table_switch(table_off, table_clusters)
-    rc.free(old_off, old_clusters * cs)
-    return end
 
 
 def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None:
