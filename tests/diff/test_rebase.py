@@ -50,6 +50,7 @@ def test_rebase(workdir: Path, opts: str) -> None:
 def test_rebase_errors(workdir: Path) -> None:
     _chain(workdir, "compat=1.1")
     _rebase_both(workdir, ["-b", "missing.qcow2", "-F", "qcow2"])
+    _rebase_both(workdir, ["-c", "-u", "-b", "new.raw", "-F", "raw"])  # -c (compressed) is newer than 7.2
     (workdir / "old.qcow2").unlink()
     _rebase_both(workdir, ["-b", "new.raw", "-F", "raw"])  # old backing is gone: safe mode fails
     _rebase_both(workdir, ["-u", "-b", "new.raw", "-F", "raw"])  # unsafe mode does not need it

@@ -33,7 +33,7 @@ SECTOR = 512
 
 
 def main(argv: list[str]) -> int:
-    p = getopt_long(argv, ":hf:F:b:uqt:T:pUc", LONGOPTS)
+    p = getopt_long(argv, ":hf:F:b:uqt:T:pU", LONGOPTS)  # no -c: compressed rebase came after 7.2
     if p.has("h"):
         from vdkit.cli.main import HELP
 
@@ -48,8 +48,6 @@ def main(argv: list[str]) -> int:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
     if p.has("image-opts") or p.has("object"):
         raise VdkitError("--image-opts and --object are not supported by vdkit-img")
-    if p.has("c"):
-        raise UnsupportedError("Compressed rebase (-c) is not supported by vdkit-img")
     return run(p.args[0], p.last("f"), base or "", p.last("F"), unsafe=unsafe,
                progress=p.has("p") and not quiet)
 
