@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import PROG, write_err, write_out
-from vdkit.cli.options import LongOpt, getopt_long, output_format
+from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args, output_format
 from vdkit.errors import OpenError, UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -56,24 +56,25 @@ def main(argv: list[str]) -> int:
             output = output_format(value)
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
-    filename = p.args[0]
+    mutually_exclusive_image_opts(p, "f")
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     quiet = p.has("q")
     force_share = p.has("U")
     if force_share and repair:
-        raise OpenError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
+        raise OpenError(f"Could not open '{spec or filename}': force-share=on can only be used with read-only images")
     from vdkit.block.node import open_image
     from vdkit.formats.qcow2.check import check
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
     preamble = ""
-    with open_image(filename, p.last("f"), readonly=repair is None, force_share=force_share,
-                    check_mode=True) as node:
+    with SpecNames((filename, spec)), open_image(filename, fmt, readonly=repair is None,
+                                                  force_share=force_share, check_mode=True) as node:
         driver = node.driver
         if not isinstance(driver, Qcow2Driver):
             write_err(f"{PROG}: This image format does not support checks\n")
             return 63
         result = check(driver, repair, _report)
-        model = _model(filename, result)
+        model = _model(spec or filename, result)
         if result.error == 0 and (result.corruptions_fixed or result.leaks_fixed):
             if output == "human" and not quiet:
                 from vdkit.info.render_human import check_repaired_preamble
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> int:
             second.leaks_fixed = result.leaks_fixed
             second.corruptions_fixed = result.corruptions_fixed
             result = second
-            model = _model(filename, result)
+            model = _model(spec or filename, result)
     failed = bool(result.error or result.check_errors)
     if failed:
         # qemu-img reports this before its buffered stdout reaches a pipe.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -37,16 +37,20 @@ def main(argv: list[str]) -> int:
         return 0
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
-    if p.has("image-opts") or p.has("object"):
-        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
+    mutually_exclusive_image_opts(p, "f")
     base = p.last("b")
     drop = p.has("d") or base is not None
     quiet = p.has("q")
-    return run(p.args[0], p.last("f"), base, drop=drop, quiet=quiet, progress=p.has("p") and not quiet)
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
+    with SpecNames((filename, spec)):
+        return run(filename, fmt, base, drop=drop, quiet=quiet, progress=p.has("p") and not quiet, shown=spec)
 
 
-def _open_chain(filename: str, fmt: str | None, base: str | None) -> tuple[Node, Node]:
-    """Top (writable), intermediates (read-only) and the base (writable, with its own backing)."""
+def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | None = None) -> tuple[Node, Node]:
+    """Top (writable), intermediates (read-only) and the base (writable, with its own backing).
+
+    ``shown`` is the name messages give the top image (the spec under ``--image-opts``).
+    """
     from vdkit.block.node import open_image
 
     top = open_image(filename, fmt, readonly=False, backing=False)
@@ -57,7 +61,7 @@ def _open_chain(filename: str, fmt: str | None, base: str | None) -> tuple[Node,
             if name is None:
                 if base is None and cur is top:
                     raise VdkitError("Image does not have a backing file")
-                raise VdkitError(f"Did not find '{base}' in the backing chain of '{filename}'")
+                raise VdkitError(f"Did not find '{base}' in the backing chain of '{shown or filename}'")
             is_base = base is None or name == base or cur.driver.backing_file == base
             nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base)
             cur.backing = nxt
@@ -69,12 +73,13 @@ def _open_chain(filename: str, fmt: str | None, base: str | None) -> tuple[Node,
         raise
 
 
-def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: bool, progress: bool) -> int:
+def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: bool, progress: bool,
+        shown: str | None = None) -> int:
     from vdkit.block import io as bio
     from vdkit.cli.convert import Progress
 
     prog = Progress(progress, min_skip=1.0)
-    top, base_node = _open_chain(filename, fmt, base)
+    top, base_node = _open_chain(filename, fmt, base, shown)
     try:
         prog.set(0.0)
         size = top.driver.virtual_size

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import error, write_out
-from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.cli.options import LongOpt, ObjectError, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -38,36 +38,50 @@ class _Result(Exception):
 
 
 def main(argv: list[str]) -> int:
-    p = getopt_long(argv, ":hf:F:T:pqsU", LONGOPTS)
+    try:
+        p = getopt_long(argv, ":hf:F:T:pqsU", LONGOPTS)
+    except ObjectError as exc:  # qemu-img compare's status for errors, unlike the other commands
+        error(exc.message, exc.hint)
+        return 2
     if p.has("h"):
         from vdkit.cli.main import HELP
 
         write_out(HELP)
         return 0
-    if p.has("image-opts") or p.has("object"):
-        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
     if len(p.args) != 2:
         raise UsageError("Expecting two image file names")
+    try:
+        mutually_exclusive_image_opts(p, "f", "F")
+    except VdkitError as exc:
+        error(exc.message, exc.hint)
+        return 2
     quiet = p.has("q")
     return run(p.args[0], p.args[1], p.last("f"), p.last("F"), strict=p.has("s"), quiet=quiet,
-               progress=p.has("p") and not quiet, force_share=p.has("U"))
+               progress=p.has("p") and not quiet, force_share=p.has("U"), image_opts=p.has("image-opts"))
 
 
 def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: bool, quiet: bool,
-        progress: bool, force_share: bool) -> int:
+        progress: bool, force_share: bool, image_opts: bool = False) -> int:
+    """Compare ``file1`` and ``file2`` (QemuOpts specs with ``image_opts``); the exit status is the answer."""
     from vdkit.block.node import open_image
     from vdkit.cli.convert import Progress
 
     prog = Progress(progress, min_skip=2.0)
     nodes: list[Node] = []
     code = 2
+    names = SpecNames()
     try:
-        nodes.append(open_image(file1, fmt1, readonly=True, force_share=force_share))
-        nodes.append(open_image(file2, fmt2, readonly=True, force_share=force_share))
+        # qemu-img names the arguments as given (the specs) in every message
+        for name, fmt in ((file1, fmt1), (file2, fmt2)):
+            filename, fmt, spec = open_args(name, fmt, image_opts)
+            names = SpecNames((filename, spec))
+            nodes.append(open_image(filename, fmt, readonly=True, force_share=force_share))
         code = _compare(nodes[0], nodes[1], file1, file2, strict=strict, quiet=quiet, prog=prog)
     except _Result as r:
         code = r.code
     except VdkitError as exc:
+        exc = names.rewrite(exc)
+        assert isinstance(exc, VdkitError)
         error(exc.message, exc.hint)
         code = 2
     finally:

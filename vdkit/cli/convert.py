@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long
+from vdkit.cli.options import LongOpt, SpecNames, cvtnum, getopt_long, open_args
 from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -71,6 +71,9 @@ class ConvertArgs:
         self.force_share = False
         self.target_is_zero = False
         self.cache: str | None = None
+        self.out_fmt_given = False  # -O was given (refused next to --target-image-opts)
+        self.image_opts = False  # the sources are QemuOpts specs
+        self.target_image_opts = False  # the target is a QemuOpts spec (needs -n)
 
 
 def parse(argv: list[str]) -> ConvertArgs:
@@ -86,6 +89,7 @@ def parse(argv: list[str]) -> ConvertArgs:
             a.fmt = value
         elif key == "O":
             a.out_fmt = value or ""
+            a.out_fmt_given = True
         elif key == "B":
             a.backing = value
         elif key == "F":
@@ -128,10 +132,15 @@ def parse(argv: list[str]) -> ConvertArgs:
             a.cache = value
         elif key in ("T", "C", "W", "r", "salvage", "bitmaps", "skip-broken-bitmaps"):
             pass  # source cache mode, copy offloading, ordering, rate: no effect on the result
-        elif key in ("object", "image-opts", "target-image-opts"):
-            raise VdkitError(f"--{key} is not supported by vdkit-img")
+        elif key == "image-opts":
+            a.image_opts = True
+        elif key == "target-image-opts":
+            a.target_image_opts = True
+        # --object: created (checked) by getopt_long; objects do not change a copy
     if a.quiet:
         a.progress = False
+    if a.target_image_opts and not a.skip_create:
+        raise VdkitError("--target-image-opts requires use of -n flag")
     if a.target_is_zero and not a.skip_create:
         raise VdkitError("--target-is-zero requires use of -n flag")
     if len(p.args) < 2:
@@ -464,7 +473,8 @@ def run(a: ConvertArgs) -> int:
     from vdkit.block.node import open_image
     from vdkit.formats.probe import SUPPORTED_FORMATS
 
-    if a.out_fmt not in SUPPORTED_FORMATS:
+    # under --target-image-opts -O is refused when the target is opened (after the sources)
+    if a.out_fmt not in SUPPORTED_FORMATS and not a.target_image_opts:
         raise VdkitError(f"Unknown file format '{a.out_fmt}'")
     if a.snapshot is not None and len(a.sources) > 1:
         raise VdkitError("No support for concatenating multiple snapshot")
@@ -473,7 +483,11 @@ def run(a: ConvertArgs) -> int:
     nodes: list[Node] = []
     try:
         for name in a.sources:
-            nodes.append(open_image(name, a.fmt, readonly=True, force_share=a.force_share))
+            if a.image_opts and a.fmt is not None:
+                raise VdkitError("--image-opts and --format are mutually exclusive")
+            filename, fmt, spec = open_args(name, a.fmt, a.image_opts)
+            with SpecNames((filename, spec)):
+                nodes.append(open_image(filename, fmt, readonly=True, force_share=a.force_share))
         if a.snapshot is not None:
             _load_snapshot(nodes[0], a.snapshot)
         from vdkit.cli.convert_target import SilentFailure

@@ -85,20 +85,10 @@ class Qcow2Target:
 
 def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     """Create the output (unless ``-n``) and open it for writing."""
-    from vdkit.block.node import open_image
-
-    if a.compressed and a.out_fmt != "qcow2":
-        raise VdkitError("Compression not supported for this file format")
-    if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
-        raise VdkitError("Use of backing file requires explicit backing format")
-    if not a.skip_create:
-        _create(a, size)
-    node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
-    if a.cache in (None, "unsafe"):
-        # qemu-img convert writes its target with cache=unsafe unless -t says
-        # otherwise: a crash mid-convert leaves a useless target either way.
-        for f in (node.driver.file, *node.driver.extra_files()):
-            f.sync = False
+    if a.target_image_opts:  # implies -n (checked while parsing)
+        node = _open_target_spec(a)
+    else:
+        node = _create_and_open(a, size)
     if a.skip_create and node.driver.virtual_size < size:
         node.close()
         raise VdkitError("output file is smaller than input file")
@@ -113,6 +103,49 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     target = Qcow2Target(node, has_zero_init=zero_init)
     target.compressed = a.compressed  # qemu-img aligns the file end after any -c conversion
     return target
+
+
+def _no_flushes(a: ConvertArgs, node: Node) -> None:
+    if a.cache in (None, "unsafe"):
+        # qemu-img convert writes its target with cache=unsafe unless -t says
+        # otherwise: a crash mid-convert leaves a useless target either way.
+        for f in (node.driver.file, *node.driver.extra_files()):
+            f.sync = False
+
+
+def _open_target_spec(a: ConvertArgs) -> Node:
+    """``--target-image-opts``: the existing target named by a QemuOpts spec.
+
+    The driver comes from the spec, so ``-O`` is refused as ``-f`` is next to
+    ``--image-opts``; the compression check can only follow the open.
+    """
+    from vdkit.block.node import open_image
+    from vdkit.cli.options import SpecNames, image_opts
+
+    if a.out_fmt_given:
+        raise VdkitError("--image-opts and --format are mutually exclusive")
+    filename, driver = image_opts(a.target)
+    with SpecNames((filename, a.target)):
+        node = open_image(filename, driver, readonly=False, backing=True)
+    _no_flushes(a, node)
+    if a.compressed and node.format != "qcow2":
+        node.close()
+        raise VdkitError("Compression not supported for this file format")
+    return node
+
+
+def _create_and_open(a: ConvertArgs, size: int) -> Node:
+    from vdkit.block.node import open_image
+
+    if a.compressed and a.out_fmt != "qcow2":
+        raise VdkitError("Compression not supported for this file format")
+    if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
+        raise VdkitError("Use of backing file requires explicit backing format")
+    if not a.skip_create:
+        _create(a, size)
+    node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
+    _no_flushes(a, node)
+    return node
 
 
 def _create(a: ConvertArgs, size: int) -> None:

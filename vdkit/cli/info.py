@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, getopt_long, image_opts, output_format, reprefix_open_error
-from vdkit.errors import OpenError, UsageError, VdkitError
+from vdkit.cli.options import (
+    LongOpt,
+    SpecNames,
+    getopt_long,
+    image_opts_name,
+    mutually_exclusive_image_opts,
+    open_args,
+    output_format,
+)
+from vdkit.errors import OpenError, UsageError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -13,7 +21,7 @@ LONGOPTS = [
     LongOpt("backing-chain", False, "backing-chain"),
     LongOpt("force-share", False, "U"),
     LongOpt("image-opts", False, "image-opts"),
-    # Accepted for compatibility (secrets for LUKS); info needs no key material.
+    # Created and checked by getopt_long as qemu-img does; info needs no key material.
     LongOpt("object", True, "object"),
 ]
 
@@ -27,19 +35,16 @@ def main(argv: list[str]) -> int:
         return 0
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
-    filename, fmt, spec = p.args[0], p.last("f"), None
-    if p.has("image-opts"):
-        if fmt is not None:
-            raise VdkitError("--image-opts and --format are mutually exclusive")
-        spec = filename
-        filename, fmt = image_opts(spec)
+    mutually_exclusive_image_opts(p, "f")
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     output = output_format(p.last("output"))
-    try:
+    with SpecNames((filename, spec)):
         infos = collect_image_info_list(filename, fmt, chain=p.has("backing-chain"), force_share=p.has("U"))
-    except VdkitError as exc:
-        if spec is None:
-            raise
-        raise reprefix_open_error(exc, filename, spec) from exc
+    shown = image_opts_name(spec) if spec is not None else None
+    if shown is not None:
+        from vdkit.record import replace
+
+        infos[0] = replace(infos[0], filename=shown)
     if output == "json":
         from vdkit.info.render_json import render_pretty
 

@@ -7,7 +7,15 @@ renders entries the way ``qemu-img map`` prints them (cli-output.md §5).
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long, output_format
+from vdkit.cli.options import (
+    LongOpt,
+    SpecNames,
+    cvtnum,
+    getopt_long,
+    mutually_exclusive_image_opts,
+    open_args,
+    output_format,
+)
 from vdkit.errors import UsageError, VdkitError
 
 LONGOPTS = [
@@ -40,10 +48,10 @@ def main(argv: list[str]) -> int:
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
     output = output_format(p.last("output"))
-    if p.has("image-opts") or p.has("object"):
-        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
-    return run(p.args[0], p.last("f"), output=output, start=start, max_length=max_length,
-               force_share=p.has("U"))
+    mutually_exclusive_image_opts(p, "f")
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
+    with SpecNames((filename, spec)):
+        return run(filename, fmt, output=output, start=start, max_length=max_length, force_share=p.has("U"))
 
 
 def _hex(value: int) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UnsupportedError, UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -46,10 +46,10 @@ def main(argv: list[str]) -> int:
     base = p.last("b")
     if not unsafe and base is None:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
-    if p.has("image-opts") or p.has("object"):
-        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
-    return run(p.args[0], p.last("f"), base or "", p.last("F"), unsafe=unsafe,
-               progress=p.has("p") and not quiet)
+    mutually_exclusive_image_opts(p, "f")
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
+    with SpecNames((filename, spec)):
+        return run(filename, fmt, base or "", p.last("F"), unsafe=unsafe, progress=p.has("p") and not quiet)
 
 
 def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsafe: bool,

@@ -9,7 +9,7 @@ and is taken off before option parsing, so ``resize img -1G`` works without
 from __future__ import annotations
 
 from vdkit.cli.main import write_err, write_out
-from vdkit.cli.options import LongOpt, getopt_long
+from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UsageError, VdkitError
 
 LONGOPTS = [
@@ -38,8 +38,7 @@ def main(argv: list[str]) -> int:
         raise VdkitError(f"Invalid preallocation mode '{prealloc}'")
     if len(p.args) != 1:
         raise UsageError("Expecting image file name and size")
-    if p.has("image-opts") or p.has("object"):
-        raise VdkitError("--image-opts and --object are not supported by vdkit-img")
+    mutually_exclusive_image_opts(p, "f")
     relative = 0
     if size_text[:1] == "+":
         relative, size_text = 1, size_text[1:]
@@ -48,7 +47,9 @@ def main(argv: list[str]) -> int:
     from vdkit.cli.create import OptDesc, parse_value
 
     n = int(parse_value(OptDesc("size", "size", None, "Virtual disk size"), size_text))
-    return run(p.args[0], p.last("f"), n, relative, prealloc=prealloc, shrink=p.has("shrink"), quiet=p.has("q"))
+    filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
+    with SpecNames((filename, spec)):
+        return run(filename, fmt, n, relative, prealloc=prealloc, shrink=p.has("shrink"), quiet=p.has("q"))
 
 
 def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str, shrink: bool,

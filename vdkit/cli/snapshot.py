@@ -12,8 +12,8 @@ prints nothing.
 from __future__ import annotations
 
 from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, getopt_long, image_opts, output_format, reprefix_open_error
-from vdkit.errors import UsageError, VdkitError
+from vdkit.cli.options import LongOpt, SpecNames, getopt_long, open_args, output_format
+from vdkit.errors import UsageError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -39,23 +39,14 @@ def main(argv: list[str]) -> int:
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
     output = output_format(p.last("output"))
-    filename = p.args[0]
-    fmt = p.last("f")
-    spec = None
-    if p.has("image-opts"):
-        spec = filename
-        filename, fmt = image_opts(spec)
+    filename, fmt, spec = open_args(p.args[0], None, p.has("image-opts"))
     action, arg = actions[0] if actions else (None, None)
-    if action == "l":
-        try:
+    with SpecNames((filename, spec)):
+        if action == "l":
             return _list(filename, fmt, force_share=p.has("U"), output=output)
-        except VdkitError as exc:
-            if spec is None:
-                raise
-            raise reprefix_open_error(exc, filename, spec) from exc
-    from vdkit.cli import snapshot_write
+        from vdkit.cli import snapshot_write
 
-    return snapshot_write.run(action, arg, filename, fmt, force_share=p.has("U"), quiet=p.has("q"))
+        return snapshot_write.run(action, arg, filename, fmt, force_share=p.has("U"), quiet=p.has("q"))
 
 
 def _list(filename: str, fmt: str | None, *, force_share: bool, output: str) -> int:
