@@ -170,18 +170,23 @@ def above_status(node: Node, offset: int, length: int) -> BlockStatus:
 def io_error(exc: Exception, what: str) -> Exception:
     """Turn a failure below an I/O request into qemu-img's ``<what>: <strerror>`` error.
 
-    A qcow2 corruption event is first reported on stderr the way QEMU
-    reports it.  Errors that are not I/O errors (EIO/OSError) pass unchanged.
+    A qcow2 corruption event that no hook took (see
+    ``Qcow2Driver.signal_corruption``) is first printed on stderr, the way
+    QEMU reports it: this is qemu-img's printer, placed here because the CLI
+    maps every I/O failure through this function (and must print the event
+    only when the copy reaches the failed piece, not when a read-ahead
+    thread met it).  Errors that are not I/O errors (EIO/OSError) pass
+    unchanged.
     """
     import sys
 
     from vdkit.errors import VdkitError
-    from vdkit.formats.qcow2.io import CorruptionEvent
 
-    if isinstance(exc, CorruptionEvent):
+    report = getattr(exc, "report", None)
+    if report is not None:
+        exc.report = None  # type: ignore[attr-defined]  # printed once, however often it is mapped
         sys.stdout.flush()
-        sys.stderr.write(f"qcow2: Image is corrupt: {exc.message}; further non-fatal corruption events will be "
-                         "suppressed\n")
+        sys.stderr.write(report.text + "\n")
         sys.stderr.flush()
     if isinstance(exc, OSError):
         return VdkitError(f"{what}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)
@@ -215,6 +220,7 @@ def readinto(node: Node, offset: int, view: memoryview) -> None:
         drv.file.readinto(offset, view)
         return
     if node.format == "qcow2":
+        drv.require_alive()  # type: ignore[attr-defined]
         drv.io.readinto(offset, view, _backing_filler(node))  # type: ignore[attr-defined]
         return
     view[:] = drv.read(offset, length, backing=_backing_reader(node))

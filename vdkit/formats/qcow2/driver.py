@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
 
     from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
-    from vdkit.formats.qcow2.io import Qcow2IO
+    from vdkit.formats.qcow2.io import CorruptionEvent, Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
 
 
@@ -50,6 +50,29 @@ class BitmapEntry:
         return 1 << self.granularity_bits
 
 
+@record(frozen=True)
+class CorruptionReport:
+    """One qcow2 corruption event, as QEMU signals it (``BLOCK_IMAGE_CORRUPTED``'s data).
+
+    ``offset``/``size`` are -1 when the event is not about a host range (QMP
+    then leaves them out).  ``fatal`` events happen on writable images only:
+    the image was marked corrupt and the node is dead.
+    """
+
+    message: str
+    offset: int
+    size: int
+    fatal: bool
+
+    @property
+    def text(self) -> str:
+        """The stderr line QEMU prints (without the newline)."""
+        if self.fatal:
+            return f"qcow2: Marking image as corrupt: {self.message}; further corruption events will be suppressed"
+        return (f"qcow2: Image is corrupt: {self.message}; further non-fatal corruption events will be "
+                "suppressed")
+
+
 def _io_error(exc: OSError) -> VdkitError:
     """An I/O failure while writing metadata, as a one-line error with its errno."""
     return VdkitError(os.strerror(exc.errno) if exc.errno else str(exc), errno=exc.errno or errno.EIO)
@@ -58,6 +81,10 @@ def _io_error(exc: OSError) -> VdkitError:
 class Qcow2Driver(FormatDriver):
     format_name = "qcow2"
     supports_backing = True
+    # Where corruption events go (the daemon's event emitter, a CLI's stderr printer).  Without a
+    # hook the report travels on the raised CorruptionEvent for the front end to print when it maps
+    # the error (``vdkit.block.io.io_error``); the library itself never prints.
+    corruption_hook: Callable[[CorruptionReport], None] | None = None
 
     def __init__(
         self,
@@ -69,6 +96,10 @@ class Qcow2Driver(FormatDriver):
         super().__init__(file)
         self.readonly = readonly
         self.check_mode = check_mode
+        # Corruption state (QEMU's per-image rules): after the first event further ones are not
+        # reported; after a fatal one the node is dead and every request fails with ENOMEDIUM.
+        self.corruption_signalled = False
+        self.dead = False
         head = file.pread(0, L.V3_MIN_HEADER_SIZE)
         if head[:4] != L.MAGIC:
             raise OpenError("Image is not in qcow2 format")
@@ -258,7 +289,7 @@ class Qcow2Driver(FormatDriver):
         h = self.header
         return Refcounts(self.file, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
                          table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
-                         on_table_switch=self._refcount_table_switched)
+                         on_table_switch=self._refcount_table_switched, on_corruption=self.signal_corruption)
 
     @cached_property
     def clusters(self) -> ClusterMap:
@@ -313,6 +344,8 @@ class Qcow2Driver(FormatDriver):
 
     def flush(self) -> None:
         """Write back cached metadata (refcounts first, then L2 tables) and sync."""
+        if self.dead:
+            return  # nothing of a dead node is written back (its caches are not trusted)
         if "refcounts" in self.__dict__:
             self.refcounts.flush()
         if "clusters" in self.__dict__:
@@ -321,6 +354,7 @@ class Qcow2Driver(FormatDriver):
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
                         vm_state_size: int = 0, icount: int | None = None,
                         vm_state: bytes | None = None) -> SnapshotEntry:
+        self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
@@ -332,6 +366,7 @@ class Qcow2Driver(FormatDriver):
 
     def read_vmstate(self, entry: SnapshotEntry) -> bytes:
         """VM state saved with ``entry`` (``savevm``); empty for disk-only snapshots."""
+        self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
@@ -340,6 +375,7 @@ class Qcow2Driver(FormatDriver):
             raise _io_error(exc) from exc
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+        self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
@@ -348,6 +384,7 @@ class Qcow2Driver(FormatDriver):
             raise _io_error(exc) from exc
 
     def snapshot_revert(self, entry: SnapshotEntry) -> None:
+        self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
@@ -380,7 +417,54 @@ class Qcow2Driver(FormatDriver):
         self.file.flush()
         self.header = self.header.evolve(incompatible_features=value)
 
+    # -- corruption events ---------------------------------------------------------------------
+    def signal_corruption(self, message: str, *, offset: int = -1, size: int = -1, fatal: bool = True,
+                          fallback: Callable[[str], None] | None = None) -> CorruptionEvent:
+        """Signal metadata that cannot be trusted; returns the error the caller raises (EIO).
+
+        The one place for every qcow2 corruption event (I/O engine, refcounts,
+        check).  On a writable image the event is fatal, as in QEMU: the
+        corrupt bit is set on disk (one 8-byte header write, flushed) so no
+        later writable open trusts the image, and the node goes dead so no
+        further request can make things worse.  On a read-only image only
+        the request fails.  Only the first event of an image is reported
+        (a fatal one still is after a non-fatal one); the report goes to
+        :attr:`corruption_hook`, else to ``fallback`` (check's own output),
+        else it rides on the returned exception.
+        """
+        from vdkit.formats.qcow2.io import CorruptionEvent
+
+        fatal = fatal and not self.readonly and not self.file.readonly
+        exc = CorruptionEvent(message, errno=errno.EIO)
+        if self.corruption_signalled and (not fatal or self.header.corrupt):
+            return exc
+        report = CorruptionReport(message, offset, size, fatal)
+        if fatal:
+            self.dead = True
+            try:
+                self._write_incompatible(self.header.incompatible_features | L.INCOMPAT_CORRUPT)
+            except OSError:
+                pass  # the node is dead either way; QEMU ignores a failed marking too
+        self.corruption_signalled = True
+        hook = self.corruption_hook
+        if hook is not None:
+            hook(report)
+        elif fallback is not None:
+            fallback(report.text)
+        else:
+            exc.report = report
+        return exc
+
+    def require_alive(self) -> None:
+        """Fail a request on a node killed by a fatal corruption event, as QEMU does (no driver left)."""
+        if self.dead:
+            raise VdkitError("No medium found", errno=errno.ENOMEDIUM)
+
     def close(self) -> None:
+        if self.dead:
+            # Cached metadata of a dead node is not trusted: it is dropped, never written back.
+            super().close()
+            return
         if not self.readonly and self.file.fd >= 0:
             try:
                 self.flush()
@@ -398,19 +482,24 @@ class Qcow2Driver(FormatDriver):
         return Qcow2IO(self)
 
     def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
+        self.require_alive()
         return self.io.read(offset, length, backing)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
+        self.require_alive()
         return self.io.status(offset, length)
 
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
+        self.require_alive()
         self.io.write(offset, data, backing)
 
     def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
                      unmap: bool = False) -> None:
+        self.require_alive()
         self.io.write_zeroes(offset, length, backing, unmap=unmap)
 
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
+        self.require_alive()
         self.io.discard(offset, length, has_backing=has_backing)
 
     def snapshot_unsupported_reason(self) -> str | None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vdkit.block.node import Node
-    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.driver import CorruptionReport, Qcow2Driver
     from vdkit.io.file import ImageFile
 else:
 
@@ -76,12 +76,15 @@ def _hx(value: int) -> str:
 
 
 class CorruptionEvent(CorruptImageError):
-    """Metadata QEMU would call corrupt (unaligned offsets, invalid entries).
+    """A request failed on metadata QEMU would call corrupt (unaligned offsets, invalid entries).
 
-    The message is the bare event text; front ends print it as QEMU does
-    (``qcow2: Image is corrupt: ...; further non-fatal corruption events
-    will be suppressed``) and then fail the operation with EIO.
+    Made only by ``Qcow2Driver.signal_corruption`` (which also marks a
+    writable image corrupt).  The message is the bare event text; ``report``
+    is the event still to be printed when no hook took it (front ends print
+    ``report.text`` before the error), else None.
     """
+
+    report: CorruptionReport | None = None
 
 # Entry masks as Python ints: combined with uint64 arrays they act as uint64 (they all fit).
 _MASK_OFF = L.L2E_OFFSET_MASK
@@ -98,9 +101,10 @@ class Kind(enum.IntEnum):
     ZERO = 1  # reads as zeros; ``host`` set for preallocated zero clusters
     UNALLOCATED = 2  # falls through to the backing file; ``host`` set inside an allocated cluster (ext. L2)
     COMPRESSED = 3  # one compressed cluster; ``host`` is the L2 descriptor
+    CORRUPT = 4  # an entry QEMU calls corrupt; ``host`` is its L2 table (touching it signals corruption)
 
 
-_KIND_FLAGS = {0: _DATA_FLAG, 1: _ZERO_FLAG, 2: 0, 3: _DATA_FLAG}
+_KIND_FLAGS = {0: _DATA_FLAG, 1: _ZERO_FLAG, 2: 0, 3: _DATA_FLAG, 4: 0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,7 @@ class Run:
         """The part of this run inside ``[start, end)`` (host offset moved along)."""
         s, e = max(start, self.guest), min(end, self.end)
         host = self.host
-        if host is not None and self.kind != Kind.COMPRESSED:
+        if host is not None and self.kind not in (Kind.COMPRESSED, Kind.CORRUPT):
             host += s - self.guest
         return Run(self.kind, s, e - s, host)
 
@@ -133,6 +137,8 @@ class Qcow2IO:
         self.cluster_size = self.geom.cluster_size
         self._table_runs: OrderedDict[tuple[int, int], tuple[list[Run], list[int]]] = OrderedDict()
         self._decompressed: tuple[int, bytes] | None = None  # (descriptor, cluster) of the last one
+        # (L2 offset, L2 index) -> corruption message of each bad entry seen (Kind.CORRUPT runs)
+        self._bad: dict[tuple[int, int], str] = {}
         # Read-only images with standard L2 tables map their first tables without numpy (see
         # _LazyNumpy); nothing can be dirty in the metadata caches then, so the file is the truth.
         import sys
@@ -184,6 +190,11 @@ class Qcow2IO:
                 if run.guest >= end:
                     break
                 r = run.clip(pos, end)
+                if r.kind == Kind.CORRUPT:
+                    # only a request touching the bad entry fails (QEMU checks the entries it maps)
+                    assert r.host is not None
+                    index = (r.guest - i1 * span) // (span // self.geom.l2_entries)
+                    raise self.drv.signal_corruption(self._bad[(r.host, index)])
                 yield r
                 pos = r.end
                 k += 1
@@ -220,9 +231,8 @@ class Qcow2IO:
         if not l2_off:
             return [Run(Kind.UNALLOCATED, base, span)]
         if l2_off % self.cluster_size:
-            raise CorruptionEvent(
-                f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})", errno=EIO
-            )
+            raise self.drv.signal_corruption(
+                f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})")
         if self._pure_tables > 0:
             self._pure_tables -= 1
             return self._pure_table_runs(l2_off, base)
@@ -239,7 +249,6 @@ class Qcow2IO:
         n = g.l2_entries
         entries = struct.unpack(f">{n}Q", self.drv.file.pread(l2_off, cs))
         data_file = g.has_data_file
-        first_comp = first_bad = -1
         out: list[Run] = []
         # the run being built: kind, first unit, host of the next unit (None: not valid), host step
         kind = -1
@@ -248,9 +257,10 @@ class Qcow2IO:
         host0: int | None = None
         for i, e in enumerate(entries):
             if e & _COMPRESSED:
-                if first_comp < 0:
-                    first_comp = i
                 k, host, step = Kind.COMPRESSED, e, 0
+                if data_file:
+                    k, host, step = Kind.CORRUPT, l2_off, 0
+                    self._bad[(l2_off, i)] = self._compressed_msg(l2_off, i)
             else:
                 off = e & _MASK_OFF
                 has_off = bool(off) or bool(data_file and e & _COPIED)
@@ -260,8 +270,9 @@ class Qcow2IO:
                     k, host, step = Kind.DATA, off, cs
                 else:
                     k, host, step = Kind.UNALLOCATED, None, cs
-                if host is not None and off & (cs - 1) and first_bad < 0:
-                    first_bad = i
+                if host is not None and off & (cs - 1):
+                    k, host, step = Kind.CORRUPT, l2_off, 0
+                    self._bad[(l2_off, i)] = self._unaligned_msg(off, l2_off, i)
             if k == kind and (host is None) == (nxt is None) and (host is None or host == nxt):
                 if host is not None:
                     nxt = host + step
@@ -271,16 +282,16 @@ class Qcow2IO:
             kind, start, host0 = k, i, host
             nxt = None if host is None else host + step
         out.append(Run(Kind(kind), base + start * cs, (n - start) * cs, host0))
-        if data_file and first_comp >= 0:
-            raise CorruptionEvent(
-                f"Compressed cluster entry found in image with external data file "
-                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(first_comp)})", errno=EIO)
-        if first_bad >= 0:
-            bad = entries[first_bad] & _MASK_OFF
-            raise CorruptionEvent(
-                f"Cluster allocation offset {_hx(bad)} unaligned "
-                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(first_bad)})", errno=EIO)
         return out
+
+    @staticmethod
+    def _compressed_msg(l2_off: int, i: int) -> str:
+        return (f"Compressed cluster entry found in image with external data file "
+                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})")
+
+    @staticmethod
+    def _unaligned_msg(off: int, l2_off: int, i: int) -> str:
+        return f"Cluster allocation offset {_hx(off)} unaligned (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})"
 
     def _classify(
         self, e: np.ndarray, b: np.ndarray, l2_off: int
@@ -291,46 +302,41 @@ class Qcow2IO:
         comp = (e & _COMPRESSED) != 0
         off = e & _MASK_OFF
         has_off = off != 0
+        bad_comp = np.zeros(len(e), dtype=bool)
         if g.has_data_file:
             has_off = has_off | ((e & _COPIED) != 0)
-            if np.any(comp):
-                i = int(np.flatnonzero(comp)[0])
-                raise CorruptionEvent(
-                    f"Compressed cluster entry found in image with external data file "
-                    f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
+            bad_comp = comp
+            for i in np.flatnonzero(comp).tolist():
+                self._bad[(l2_off, i)] = self._compressed_msg(l2_off, i)
         std = ~comp
         if not g.extended_l2:
             zero = std & ((e & _ZERO) != 0)
             normal = std & ~zero & has_off
             bad = (normal | (zero & has_off)) & ((off & _U64(cs - 1)) != 0)
-            if np.any(bad):
-                i = int(np.flatnonzero(bad)[0])
-                raise CorruptionEvent(
-                    f"Cluster allocation offset {_hx(int(off[i]))} unaligned "
-                    f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
+            for i in np.flatnonzero(bad).tolist():
+                self._bad[(l2_off, i)] = self._unaligned_msg(int(off[i]), l2_off, i)
+            bad |= bad_comp
             kinds = np.full(len(e), Kind.UNALLOCATED, dtype=np.uint8)
             kinds[normal] = Kind.DATA
             kinds[zero] = Kind.ZERO
             kinds[comp] = Kind.COMPRESSED
-            valid = normal | (zero & has_off)
+            kinds[bad] = Kind.CORRUPT
+            valid = (normal | (zero & has_off) | comp) & ~bad
             hosts = np.where(comp, e, off)
-            return kinds, hosts, valid | comp, cs
+            hosts[bad] = _U64(l2_off)
+            return kinds, hosts, valid | bad, cs
         # extended L2: 32 subclusters per cluster
         scs = cs // 32
         normal_c = std & has_off
         alloc_bits = b & _U64(0xFFFFFFFF)
         zero_bits = b >> _U64(32)
         invalid = (normal_c & ((alloc_bits & zero_bits) != 0)) | (std & ~has_off & (alloc_bits != 0))
-        if np.any(invalid):
-            i = int(np.flatnonzero(invalid)[0])
-            raise CorruptionEvent(
-                f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
-        bad = normal_c & ((off & _U64(cs - 1)) != 0)
-        if np.any(bad):
-            i = int(np.flatnonzero(bad)[0])
-            raise CorruptionEvent(
-                f"Cluster allocation offset {_hx(int(off[i]))} unaligned "
-                f"(L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})", errno=EIO)
+        for i in np.flatnonzero(invalid).tolist():
+            self._bad[(l2_off, i)] = f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})"
+        unaligned = normal_c & ((off & _U64(cs - 1)) != 0) & ~invalid
+        for i in np.flatnonzero(unaligned).tolist():
+            self._bad[(l2_off, i)] = self._unaligned_msg(int(off[i]), l2_off, i)
+        bad = invalid | unaligned | bad_comp
         shifts = np.arange(32, dtype=np.uint64)
         sc_alloc = ((alloc_bits[:, None] >> shifts) & _U64(1)) != 0
         sc_zero = ((zero_bits[:, None] >> shifts) & _U64(1)) != 0
@@ -339,9 +345,11 @@ class Qcow2IO:
         kinds[sc_alloc] = Kind.DATA
         kinds[sc_zero] = Kind.ZERO
         kinds[comp, :] = Kind.COMPRESSED
+        kinds[bad, :] = Kind.CORRUPT
         sc_off = off[:, None] + shifts * _U64(scs)
         hosts = np.where(comp[:, None], e[:, None], sc_off)
-        valid = np.broadcast_to(normal_c[:, None], (n, 32)) | comp[:, None]
+        hosts[bad, :] = _U64(l2_off)
+        valid = np.broadcast_to((normal_c | comp | bad)[:, None], (n, 32))
         return kinds.ravel(), hosts.ravel(), valid.ravel(), scs
 
     # -- block status ---------------------------------------------------------------------------
@@ -534,10 +542,10 @@ class Qcow2IO:
             cm.grow_l1(i1 + 1, rc)
         l1e = int(cm.l1[i1])
         old = l1e & L.L1E_OFFSET_MASK
+        if old % self.cluster_size:
+            raise self.drv.signal_corruption(f"L2 table offset {_hx(old)} unaligned (L1 index: {_hx(i1)})")
         if old and l1e & L.OFLAG_COPIED:
             return old
-        if old % self.cluster_size:
-            raise CorruptionEvent(f"L2 table offset {_hx(old)} unaligned (L1 index: {_hx(i1)})", errno=EIO)
         new = rc.alloc_clusters(self.cluster_size)
         rc.flush()
         if old:
@@ -793,7 +801,62 @@ class Qcow2IO:
                 parts.append(segments[i][1])
                 nxt += len(segments[i][1])
                 i += 1
+            self._check_overlap(off, nxt - off)
             f.pwritev(off, parts)
+
+    def _check_overlap(self, host: int, size: int) -> None:
+        """Refuse a data write into the image's own metadata (QEMU's default "cached" overlap check).
+
+        Only a damaged image gets here (an L2 entry or a zero refcount
+        pointing at metadata); writing would destroy the tables that
+        describe the disk, so the write fails and the image is marked
+        corrupt instead.  The structures are tested in QEMU's order (the
+        first one hit names the event) at cluster granularity, from what is
+        in memory only: inactive L2 tables would need reading and are not
+        checked, as in QEMU's default mode.
+        """
+        if self.geom.has_data_file or size <= 0:
+            return  # data goes to another file: nothing of ours to hit
+        cs = self.cluster_size
+        lo = host - host % cs
+        hi = host + size + (-(host + size)) % cs
+        name = self._overlapping(lo, hi)
+        if name is not None:
+            raise self.drv.signal_corruption(
+                f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
+
+    def _overlapping(self, lo: int, hi: int) -> str | None:
+        """The first metadata structure with a cluster in ``[lo, hi)`` (cluster-aligned), or None."""
+        drv = self.drv
+        h = drv.header
+        cs = self.cluster_size
+
+        def hit(off: int, length: int) -> bool:
+            return length > 0 and off < hi and lo < off + length + (-(off + length)) % cs
+
+        def any_table(entries: np.ndarray, mask: int) -> bool:
+            offs = entries & _U64(mask)
+            return bool(np.any((offs != 0) & (offs < _U64(hi)) & (offs + _U64(cs) > _U64(lo))))
+
+        if lo < cs:
+            return "qcow2_header"
+        cm = drv.clusters
+        if hit(cm.l1_offset, len(cm.l1) * 8):
+            return "active L1 table"
+        if any_table(cm.l1, L.L1E_OFFSET_MASK):
+            return "active L2 table"
+        rc = drv.refcounts
+        if hit(rc.table_offset, rc.table_clusters * cs):
+            return "refcount table"
+        if any_table(rc.table, L.REFT_OFFSET_MASK):
+            return "refcount block"
+        if h.nb_snapshots and hit(h.snapshots_offset, drv.snapshot_table_size):
+            return "snapshot table"
+        if any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in drv._snapshots):
+            return "inactive L1 table"
+        if h.bitmaps is not None and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size):
+            return "bitmap directory"
+        return None
 
     def _new_bitmap(self, c: int, old: int, bitmap: int, start: int, end: int) -> int:
         lo, hi = self._sc_region(c, start, end)
@@ -812,11 +875,17 @@ class Qcow2IO:
         idx = g.l2_index(c * cs)
         host = int(entries[idx]) & L.L2E_OFFSET_MASK
         cstart = c * cs
+        if host & (cs - 1):
+            # a cluster we would overwrite in place must be aligned; anything else is a bad entry
+            raise self.drv.signal_corruption(
+                f"Data cluster offset {_hx(host)} unaligned (guest offset: {_hx(max(start, cstart))})")
         if not g.extended_l2:
             s, e = max(start, cstart), min(end, cstart + cs)
+            self._check_overlap(host + s - cstart, e - s)
             self.data_file.pwrite(host + s - cstart, bytes(data[s - start : e - start]))
             return
         lo, hi = self._sc_region(c, start, end)
+        self._check_overlap(host + lo - cstart, hi - lo)
         self.data_file.pwrite(host + lo - cstart, self._overlay(lo, hi, start, end, data, backing))
         bitmaps[idx] = _U64(self._new_bitmap(c, int(entries[idx]), int(bitmaps[idx]), start, end))
 
@@ -1077,7 +1146,7 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
     n = len(kinds)
     if n == 0:
         return []
-    comp = kinds == Kind.COMPRESSED
+    comp = (kinds == Kind.COMPRESSED) | (kinds == Kind.CORRUPT)  # hosts that do not advance per unit
     step = np.where(comp, _U64(0), _U64(unit))
     brk = np.ones(n, dtype=bool)
     if n > 1:

@@ -192,8 +192,11 @@ class Refcounts:
         on_table_switch: Callable[[int, int], None] | None = None,
         before_table_write: Callable[[], None] | None = None,
         cache_bytes: int = 16 * 1024 * 1024,
+        on_corruption: Callable[[str], Exception] | None = None,
     ) -> None:
         self.file = file
+        # the driver's signal_corruption (marks a writable image corrupt); the error to raise comes back
+        self.on_corruption = on_corruption
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.bits = 1 << refcount_order
@@ -227,11 +230,11 @@ class Refcounts:
             )
         off = entry & L.REFT_OFFSET_MASK
         if off % self.cluster_size:
-            raise CorruptImageError(
-                f"qcow2: Marking image as corrupt: Refblock offset {off:#x} unaligned "
-                f"(reftable index: {rt_index:#x}); further corruption events will be suppressed",
-                errno=5,
-            )
+            index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
+            msg = f"Refblock offset {off:#x} unaligned (reftable index: {index})"
+            if self.on_corruption is not None:
+                raise self.on_corruption(msg)
+            raise CorruptImageError(msg, errno=5)
         return off
 
     def table_range(self) -> tuple[int, int]:

@@ -1,0 +1,203 @@
+"""qcow2 corruption events, compared with QEMU 7.2 on the same damaged images.
+
+A writable image that meets untrusted metadata during I/O is marked corrupt
+(header bit, ``qcow2: Marking image as corrupt: ...``) and the node dies:
+every later request fails with ENOMEDIUM.  A read-only image only fails the
+request with EIO and reports the event once (``qcow2: Image is corrupt:
+...``).  The oracle is ``qemu-io``/``qemu-img`` run on an identical copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+
+import vdkit
+from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from vdkit.errors import VdkitError
+from vdkit.formats.qcow2.driver import CorruptionReport, Qcow2Driver
+
+
+def _u64(path: Path, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return int.from_bytes(f.read(8), "big")
+
+
+def _w64(path: Path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+COPIED = 1 << 63
+
+# damage -> what it does to the image made by _image (cluster 0 data at L2 entry 0)
+DAMAGE = ("data_unaligned", "l2_unaligned", "data_on_l1", "data_on_reftable", "data_on_l2", "data_on_refblock",
+          "refblock_unaligned")
+
+
+def _image(path: Path, damage: str) -> None:
+    """A 2 MiB image with data in cluster 0 and a compressed cluster 1, then one piece of damage."""
+    check_ok("create", "-q", "-f", "qcow2", str(path), "2M")
+    assert qemu_io("-c", "write -P 1 0 64k", "-c", "write -c -P 2 64k 64k", str(path)).returncode == 0
+    l1 = _u64(path, 40)
+    rt = _u64(path, 48)
+    l2 = _u64(path, l1) & 0x00FFFFFFFFFFFE00
+    target = {
+        "data_unaligned": (l2, COPIED | 0x50200),
+        "l2_unaligned": (l1, COPIED | (l2 + 0x200)),
+        "data_on_l1": (l2, COPIED | l1),
+        "data_on_reftable": (l2, COPIED | rt),
+        "data_on_l2": (l2, COPIED | l2),
+        "data_on_refblock": (l2, COPIED | _u64(path, rt)),
+        "refblock_unaligned": (rt, _u64(path, rt) + 0x200),
+    }[damage]
+    _w64(path, *target)
+
+
+def _info(path: Path, *, vdkit_tool: bool = False) -> str:
+    """``info`` text without the name and the disk size (copies differ in allocation, not content)."""
+    out = (vdkit_img if vdkit_tool else qemu_img)("info", str(path)).stdout
+    return "".join(line for line in out.splitlines(True) if not line.startswith(("image:", "disk size:")))
+
+
+def _corrupt_bit(path: Path) -> bool:
+    return bool(_u64(path, 72) & 2)
+
+
+def _twins(tmp: Path, damage: str) -> tuple[Path, Path]:
+    q, v = tmp / "q.qcow2", tmp / "v.qcow2"
+    _image(q, damage)
+    shutil.copyfile(q, v)
+    return q, v
+
+
+# -- library: the node's behaviour against qemu-io's ------------------------------------------------
+
+def _vdkit_ops(path: Path, readonly: bool, ops: list[str], reports: list[CorruptionReport]) -> list[str]:
+    """Run qemu-io-like ``read|write OFF LEN`` ops on a node; results as qemu-io words ("ok" or strerror)."""
+    import os
+
+    out = []
+    with vdkit.open(path, readonly=readonly) as node:
+        assert isinstance(node.driver, Qcow2Driver)
+        node.driver.corruption_hook = reports.append
+        for op in ops:
+            kind, off, length = op.split()
+            try:
+                if kind == "read":
+                    node.read(int(off), int(length))
+                else:
+                    node.write(int(off), b"\x05" * int(length))
+                out.append("ok")
+            except VdkitError as exc:
+                assert exc.errno is not None, exc
+                out.append(os.strerror(exc.errno))
+    return out
+
+
+def _qemu_ops(path: Path, readonly: bool, ops: list[str]) -> tuple[list[str], str]:
+    args = [a for op in ops for a in ("-c", f"{op.split()[0]} {op.split()[1]} {op.split()[2]}")]
+    r = qemu_io(*(["-r"] if readonly else []), *args, str(path))
+    words = []
+    for line in r.stdout.splitlines():
+        if " failed: " in line:
+            words.append(line.split(" failed: ", 1)[1])
+        elif line.startswith(("read ", "wrote ")):
+            words.append("ok")
+    return words, r.stderr
+
+
+WRITE_FIRST = ["write 4096 4096", "read 0 4096", "write 1048576 4096", "read 0 4096"]
+READ_FIRST = ["read 0 4096", "read 0 4096", "write 4096 4096"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_writable_node_dies_like_qemu(damage: str, tmp_path: Path) -> None:
+    """First bad request: EIO, corrupt bit, one "Marking image as corrupt"; then ENOMEDIUM (qemu-io)."""
+    q, v = _twins(tmp_path, damage)
+    words, stderr = _qemu_ops(q, False, WRITE_FIRST)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, False, WRITE_FIRST, reports) == words
+    assert "".join(r.text + "\n" for r in reports) == stderr
+    assert len(reports) == 1 and reports[0].fatal
+    assert _corrupt_bit(v) and _corrupt_bit(q)
+    assert _info(v, vdkit_tool=True) == _info(q)
+    assert "corrupt: true" in _info(q)
+
+
+@pytest.mark.parametrize(("damage", "last"), [("data_unaligned", "ok"), ("l2_unaligned", "Input/output error")])
+def test_readonly_node_fails_eio_once_reported(damage: str, last: str, tmp_path: Path) -> None:
+    """Read-only: every bad read fails with EIO, the event is reported once and the image is untouched.
+
+    Only requests touching the bad entry fail: a good cluster of the same L2 table still reads.
+    """
+    q, v = _twins(tmp_path, damage)
+    before = v.read_bytes()
+    ops = ["read 0 4096", "read 0 4096", "read 1048576 4096"]
+    words, stderr = _qemu_ops(q, True, ops)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, True, ops, reports) == words == ["Input/output error", "Input/output error", last]
+    assert [r.text + "\n" for r in reports] == [stderr]
+    assert not reports[0].fatal and (reports[0].offset, reports[0].size) == (-1, -1)
+    assert v.read_bytes() == before
+
+
+def test_overlap_event_carries_the_host_range(tmp_path: Path) -> None:
+    """The overlap check reports the refused host range (QMP's ``offset``/``size``)."""
+    v = tmp_path / "v.qcow2"
+    _image(v, "data_on_l1")
+    l1 = _u64(v, 40)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, False, ["write 4096 4096"], reports) == ["Input/output error"]
+    assert (reports[0].offset, reports[0].size) == (l1 + 4096, 4096)
+
+
+def test_without_hook_the_report_rides_on_the_error(tmp_path: Path) -> None:
+    """No hook: the library prints nothing; the error carries the report for the front end."""
+    v = tmp_path / "v.qcow2"
+    _image(v, "data_unaligned")
+    with vdkit.open(v, readonly=False) as node:
+        with pytest.raises(VdkitError) as first:
+            node.write(0, b"x" * 512)
+        report = getattr(first.value, "report", None)
+        assert report is not None and report.fatal
+        with pytest.raises(VdkitError) as later:
+            node.read(0, 512)
+        assert later.value.errno == errno.ENOMEDIUM and getattr(later.value, "report", None) is None
+
+
+# -- CLI: writers onto a damaged target, readers of a damaged source ----------------------------------
+
+@pytest.mark.parametrize("damage", ["data_unaligned", "l2_unaligned", "data_on_l1", "refblock_unaligned"])
+def test_convert_onto_damaged_target(damage: str, tmp_path: Path) -> None:
+    """``convert -n`` onto a damaged qcow2: the same stderr, exit code, corrupt bit and ``info`` afterwards."""
+    src = tmp_path / "src.raw"
+    check_ok("create", "-q", "-f", "raw", str(src), "2M")
+    assert qemu_io("-f", "raw", "-c", "write -P 7 0 2M", str(src)).returncode == 0
+    q, v = _twins(tmp_path, damage)
+    rq = qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(src), str(q))
+    rv = vdkit_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(src), str(v))
+    assert rv.normalized_stderr() == rq.stderr
+    assert rv.returncode == rq.returncode == 1
+    assert _corrupt_bit(v) and _corrupt_bit(q)
+    assert _info(v) == _info(q)
+    # a corrupt image cannot be opened for writing any more, by either tool
+    rq = qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(src), str(q))
+    rv = vdkit_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(src), str(v))
+    assert (rv.normalized_stderr().replace("v.qcow2", "q.qcow2"), rv.returncode) == (rq.stderr, rq.returncode)
+
+
+def test_convert_from_damaged_source_is_not_fatal(tmp_path: Path) -> None:
+    """A damaged source is opened read-only: non-fatal event, EIO, image unchanged."""
+    q, v = _twins(tmp_path, "data_unaligned")
+    before = v.read_bytes()
+    rq = qemu_img("convert", "-O", "raw", str(q), str(tmp_path / "q.raw"))
+    rv = vdkit_img("convert", "-O", "raw", str(v), str(tmp_path / "v.raw"))
+    assert (rv.normalized_stderr(), rv.returncode) == (rq.stderr, rq.returncode)
+    assert "further non-fatal corruption events" in rq.stderr
+    assert v.read_bytes() == before and not _corrupt_bit(q)
