@@ -21,11 +21,13 @@ The "VM clock" is the time the daemon has spent in the ``running`` state.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
@@ -33,6 +35,7 @@ from vdkit.info.model import BlockdevCacheInfo
 if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.daemon.iostats import DriveStats
+    from vdkit.formats.qcow2.driver import CorruptionReport
 
 THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
 THROTTLE_MAX_KEYS = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max", "iops_wr_max")
@@ -130,6 +133,11 @@ class Medium:
     def node_name(self) -> str:
         return self.names[0][0]
 
+    @property
+    def dead(self) -> bool:
+        """A fatal corruption event killed the top node: QEMU then shows the drive as not inserted."""
+        return bool(getattr(self.node.driver, "dead", False))
+
 
 @dataclass
 class Drive:
@@ -179,6 +187,9 @@ class DeviceRegistry:
         # bumped after every command that may change state (see runtime); keys render caches
         self.generation = 0
         self.render_cache: dict[str, tuple[object, str]] = {}
+        # Delivers events raised outside a command (NBD connection threads) to the QMP clients;
+        # set by the runtime (thread-safe hand-off to its event loop), None without one.
+        self.event_sink: Callable[[list[tuple[str, dict[str, Any] | None]]], None] | None = None
 
     # -- run state and clock ----------------------------------------------------
     @property
@@ -262,7 +273,37 @@ class DeviceRegistry:
             else:
                 self._used_names.add(fmt_name)
             names.append((fmt_name, file_name))
-        return Medium(node, names, readonly, serials)
+        medium = Medium(node, names, readonly, serials)
+        for i, layer in enumerate(node.chain()):
+            if hasattr(layer.driver, "corruption_hook"):
+                layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
+        return medium
+
+    def _corruption(self, medium: Medium, index: int, report: CorruptionReport) -> None:
+        """A qcow2 corruption event of one layer of ``medium``: QEMU's stderr line and ``BLOCK_IMAGE_CORRUPTED``.
+
+        Called from whatever thread ran the request (an NBD connection, a
+        command handler), with the device lock held.  ``device`` is the
+        drive's id for the top layer and empty for a backing layer (QEMU
+        names only a backend's root); ``offset``/``size`` only when the event
+        is about a host range.
+        """
+        import sys
+
+        sys.stderr.write(report.text + "\n")
+        sys.stderr.flush()
+        self.generation += 1  # query-block changes (a dead node shows as not inserted)
+        device = ""
+        if index == 0:
+            device = next((d.id for d in self.drives if d.medium is medium), "")
+        data: dict[str, Any] = {"device": device, "node-name": medium.names[index][0], "msg": report.message}
+        if report.offset >= 0:
+            data["offset"] = report.offset
+        if report.size >= 0:
+            data["size"] = report.size
+        data["fatal"] = report.fatal
+        if self.event_sink is not None:
+            self.event_sink([("BLOCK_IMAGE_CORRUPTED", data)])
 
     def close_medium(self, medium: Medium) -> None:
         for fmt_name, file_name in medium.names:

@@ -400,6 +400,8 @@ class NbdService:
                 drive.stats.done(kind, req.length, start, ok=False)
             code = getattr(exc, "errno", None)
             err = w.ENOSPC if code == _errno.ENOSPC else w.EPERM if code in (_errno.EPERM, _errno.EROFS) else w.EIO
+            if code == _errno.ENOMEDIUM:  # a node killed by a corruption event; NBD has no such code (QEMU: EINVAL)
+                err = w.EINVAL
             return [core.reply_error(req.handle, err, str(exc))]
         if kind is not None:
             nbytes = 0 if kind == iostats.FLUSH else req.length

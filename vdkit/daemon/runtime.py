@@ -243,6 +243,9 @@ class Daemon:
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # events met in worker/NBD threads (qcow2 corruption) go out from the loop, in order
+        self.machine.event_sink = lambda events: loop.call_soon_threadsafe(self._broadcast, events)
         # NBD first: a -nbd address that cannot be bound leaves no monitor socket behind
         await nbd_export.attach(self.machine, self.nbd_addrs)
         for a in self.qmp_addrs:

@@ -112,7 +112,7 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
 
 def block_info(drive: Drive) -> BlockInfo:
     info = BlockInfo(device=drive.id, qdev=drive.qdev, removable=drive.removable, locked=False)
-    if drive.medium is not None:
+    if drive.medium is not None and not drive.medium.dead:  # a dead node has no driver: not inserted
         info.inserted = _format_node_info(drive, drive.medium, 0, backend=True, flat=False)
     if drive.has_tray:
         info.tray_open = drive.tray_open
@@ -157,6 +157,9 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
     flat = bool(args.get("flat", False))
+    for _, _drive, medium, i, kind in sorted(_nodes(ctx), key=lambda item: item[0]):
+        if kind == "fmt" and i == 0 and medium.dead:  # QEMU refuses to describe a node without a driver
+            raise VdkitError(f"Block device {medium.names[0][0]} is ejected")
     return [info for _, info in sorted(
         ((serial, _node_info(drive, medium, i, kind, flat)) for serial, drive, medium, i, kind in _nodes(ctx)),
         key=lambda item: -item[0])]
