@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, vdkit_img
+from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
 from tests.diff.io_corpus import KINDS, build, qio
 
 
@@ -98,12 +98,44 @@ def test_convert_concat_and_existing_target(workdir: Path) -> None:
     ["-n", "x"],
     ["--target-is-zero", "x"],
     ["-c", "-O", "qcow2", "-o", "data_file=d.bin", "x"],
+    # checks after option parsing, in qemu-img's order, and options validated though without effect
+    ["-O", "foo", "missing.qcow2"],  # the sources are opened before the output format is looked up
+    ["-T", "bogus", "-O", "qcow2", "x"],
+    ["-T", "bogus", "-n", "-o", "cluster_size=4k", "x"],
+    ["-n", "-o", "cluster_size=4k", "-O", "qcow2", "x"],
+    ["-r", "abc", "-c", "-C", "x"],
+    ["-r", "-5", "x"],
+    ["-c", "-C", "-O", "qcow2", "x"],
+    ["-S", "0", "-C", "x"],
+    ["-C", "--salvage", "x"],
+    ["-B", "x", "-O", "qcow2", "x", "x"],
+    ["-o", "backing_file=x,backing_fmt=qcow2", "-O", "qcow2", "x", "x"],
+    ["-B", "x", "-O", "qcow2", "x", "missing.qcow2"],
+    ["-l", "s1", "-B", "x", "-O", "qcow2", "x", "x"],
+    ["--target-is-zero", "-n", "-B", "x", "-O", "qcow2", "x"],  # an error, yet exit status 0
 ])
 def test_convert_errors(workdir: Path, args: list[str]) -> None:
     check_ok("create", "-q", "-f", "qcow2", "x", "1M", cwd=workdir)
     q = qemu_img("convert", *args, "out.img", cwd=workdir)
     v = vdkit_img("convert", *args, "out.img", cwd=workdir)
     assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    ["-t", "off", "-T", "off", "-r", "1k", "-W", "-m", "4", "-C"],
+    ["-n", "-B", "x"],  # -B without -F is fine when the target exists: it has no effect
+])
+def test_convert_accepted_options(workdir: Path, args: list[str]) -> None:
+    """Options qemu-img accepts that change nothing in the result: same exit, output and bytes."""
+    check_ok("create", "-q", "-f", "qcow2", "x", "1M", cwd=workdir)
+    assert qemu_io("-c", "write -P 3 64k 64k", str(workdir / "x")).returncode == 0
+    for out in ("q.out", "v.out"):
+        check_ok("create", "-q", "-f", "qcow2", out, "1M", cwd=workdir)
+        assert qemu_io("-c", "write -P 9 0 1M", str(workdir / out)).returncode == 0
+    q = qemu_img("convert", *args, "-O", "qcow2", "x", "q.out", cwd=workdir)
+    v = vdkit_img("convert", *args, "-O", "qcow2", "x", "v.out", cwd=workdir)
+    assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+    assert qemu_img("compare", "q.out", "v.out", cwd=workdir).returncode == 0
 
 
 def test_convert_usage(workdir: Path) -> None:

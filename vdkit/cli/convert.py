@@ -48,7 +48,7 @@ BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
 
 
 # qemu-img's cache modes; convert's target default is "unsafe" (no flushes).
-CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 
 
 class ConvertArgs:
@@ -74,6 +74,10 @@ class ConvertArgs:
         self.out_fmt_given = False  # -O was given (refused next to --target-image-opts)
         self.image_opts = False  # the sources are QemuOpts specs
         self.target_image_opts = False  # the target is a QemuOpts spec (needs -n)
+        self.sparse_given = False  # -S was given (refused next to -C)
+        self.copy_offload = False  # -C: no effect on the result, but refused with -c/-S/--salvage
+        self.salvage = False
+        self.src_cache: str | None = None
 
 
 def parse(argv: list[str]) -> ConvertArgs:
@@ -114,6 +118,7 @@ def parse(argv: list[str]) -> ConvertArgs:
                     "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
                     "16777216. Select 0 to disable sparse detection (fully allocates output).")
             a.min_sparse = sval // SECTOR
+            a.sparse_given = True
         elif key == "p":
             a.progress = True
         elif key == "q":
@@ -130,8 +135,16 @@ def parse(argv: list[str]) -> ConvertArgs:
             if value not in CACHE_MODES:
                 raise VdkitError(f"Invalid cache option: {value}")
             a.cache = value
-        elif key in ("T", "C", "W", "r", "salvage", "bitmaps", "skip-broken-bitmaps"):
-            pass  # source cache mode, copy offloading, ordering, rate: no effect on the result
+        elif key == "T":
+            a.src_cache = value
+        elif key == "C":
+            a.copy_offload = True
+        elif key == "salvage":
+            a.salvage = True
+        elif key == "r":
+            cvtnum("rate limit", value or "")  # validated; a rate limit changes no byte of the result
+        elif key in ("W", "bitmaps", "skip-broken-bitmaps"):
+            pass  # out-of-order writes, bitmap copying: no effect on the data
         elif key == "image-opts":
             a.image_opts = True
         elif key == "target-image-opts":
@@ -139,12 +152,23 @@ def parse(argv: list[str]) -> ConvertArgs:
         # --object: created (checked) by getopt_long; objects do not change a copy
     if a.quiet:
         a.progress = False
+    # qemu-img's checks after option parsing, in its order
+    if a.compressed and a.copy_offload:
+        raise VdkitError("Cannot enable copy offloading when -c is used")
+    if a.sparse_given and a.copy_offload:
+        raise VdkitError("Cannot enable copy offloading when -S is used")
+    if a.copy_offload and a.salvage:
+        raise VdkitError("Cannot use copy offloading in salvaging mode")
     if a.target_image_opts and not a.skip_create:
         raise VdkitError("--target-image-opts requires use of -n flag")
+    if a.skip_create and a.options:
+        raise VdkitError("-o has no effect when skipping image creation")
     if a.target_is_zero and not a.skip_create:
         raise VdkitError("--target-is-zero requires use of -n flag")
     if len(p.args) < 2:
         raise VdkitError("Must specify image file name")
+    if a.src_cache is not None and a.src_cache not in CACHE_MODES:
+        raise VdkitError(f"Invalid source cache option: {a.src_cache}")
     a.sources, a.target = p.args[:-1], p.args[-1]
     return a
 
@@ -473,13 +497,8 @@ def run(a: ConvertArgs) -> int:
     from vdkit.block.node import open_image
     from vdkit.formats.probe import SUPPORTED_FORMATS
 
-    # under --target-image-opts -O is refused when the target is opened (after the sources)
-    if a.out_fmt not in SUPPORTED_FORMATS and not a.target_image_opts:
-        raise VdkitError(f"Unknown file format '{a.out_fmt}'")
     if a.snapshot is not None and len(a.sources) > 1:
         raise VdkitError("No support for concatenating multiple snapshot")
-    if a.backing is not None and a.skip_create:
-        raise VdkitError("Specifying backing image makes no sense when not creating the output image")
     nodes: list[Node] = []
     try:
         for name in a.sources:
@@ -490,6 +509,19 @@ def run(a: ConvertArgs) -> int:
                 nodes.append(open_image(filename, fmt, readonly=True, force_share=a.force_share))
         if a.snapshot is not None:
             _load_snapshot(nodes[0], a.snapshot)
+        # under --target-image-opts -O is refused when the target is opened (after the sources)
+        if a.out_fmt not in SUPPORTED_FORMATS and not a.target_image_opts:
+            raise VdkitError(f"Unknown file format '{a.out_fmt}'")
+        backing = a.backing or _option_value(a.options, "backing_file")
+        if a.target_is_zero and backing:
+            # qemu-img says so and stops, but exits with status 0
+            from vdkit.cli.main import error
+
+            error("Cannot use --target-is-zero when the destination image has a backing file")
+            return 0
+        if len(a.sources) > 1 and backing:
+            raise VdkitError("Having a backing file for the target makes no sense when concatenating multiple "
+                             "input images")
         from vdkit.cli.convert_target import SilentFailure
 
         try:
@@ -499,6 +531,17 @@ def run(a: ConvertArgs) -> int:
     finally:
         for n in nodes:
             n.close()
+
+
+def _option_value(options: list[str], key: str) -> str | None:
+    """The last ``key=value`` among the ``-o`` option strings (QemuOpts: the last one wins)."""
+    value = None
+    for text in options:
+        for item in _split_opts(text):
+            k, eq, v = item.partition("=")
+            if eq and k == key:
+                value = v
+    return value
 
 
 def _load_snapshot(node: Node, spec: str) -> None:

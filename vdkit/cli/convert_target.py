@@ -139,9 +139,9 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
 
     if a.compressed and a.out_fmt != "qcow2":
         raise VdkitError("Compression not supported for this file format")
-    if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
-        raise VdkitError("Use of backing file requires explicit backing format")
     if not a.skip_create:
+        if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
+            raise VdkitError("Use of backing file requires explicit backing format")
         _create(a, size)
     node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
     _no_flushes(a, node)
