@@ -11,7 +11,15 @@ import os
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import PROG, write_err, write_out
-from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args, output_format
+from vdkit.cli.options import (
+    LongOpt,
+    SpecNames,
+    check_cache_modes,
+    getopt_long,
+    mutually_exclusive_image_opts,
+    open_args,
+    output_format,
+)
 from vdkit.errors import OpenError, UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -56,6 +64,7 @@ def main(argv: list[str]) -> int:
             output = output_format(value)
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
+    check_cache_modes(p, cache=None)
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     quiet = p.has("q")

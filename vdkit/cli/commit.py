@@ -13,7 +13,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
+from vdkit.cli.options import (
+    LongOpt,
+    SpecNames,
+    check_cache_modes,
+    cvtnum,
+    getopt_long,
+    mutually_exclusive_image_opts,
+    open_args,
+)
 from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -30,6 +38,9 @@ CHUNK = 2 * 1024 * 1024
 
 def main(argv: list[str]) -> int:
     p = getopt_long(argv, ":f:ht:b:dpqr:", LONGOPTS)
+    for key, value in p.opts:
+        if key == "r":  # checked as it is parsed; a rate limit changes no byte of the result
+            cvtnum("rate limit", value or "")
     if p.has("h"):
         from vdkit.cli.main import HELP
 
@@ -37,6 +48,7 @@ def main(argv: list[str]) -> int:
         return 0
     if len(p.args) != 1:
         raise UsageError("Expecting one image file name")
+    check_cache_modes(p, src_cache=None)
     mutually_exclusive_image_opts(p, "f")
     base = p.last("b")
     drop = p.has("d") or base is not None

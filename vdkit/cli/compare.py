@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import error, write_out
-from vdkit.cli.options import LongOpt, ObjectError, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
+from vdkit.cli.options import (
+    LongOpt,
+    ObjectError,
+    SpecNames,
+    check_cache_modes,
+    getopt_long,
+    mutually_exclusive_image_opts,
+    open_args,
+)
 from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -51,6 +59,7 @@ def main(argv: list[str]) -> int:
     if len(p.args) != 2:
         raise UsageError("Expecting two image file names")
     try:
+        check_cache_modes(p, cache=None)
         mutually_exclusive_image_opts(p, "f", "F")
     except VdkitError as exc:
         error(exc.message, exc.hint)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, SpecNames, cvtnum, getopt_long, open_args
+from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args
 from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -48,7 +48,6 @@ BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
 
 
 # qemu-img's cache modes; convert's target default is "unsafe" (no flushes).
-CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
 
 
 class ConvertArgs:

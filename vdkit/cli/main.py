@@ -75,17 +75,23 @@ Standard options (vdkit extensions):
   --allow-dir DIR   follow backing and data files only inside DIR (repeatable); for untrusted images
 
 Command syntax:
-  check [--output=human|json] [-f fmt] [-q] [-r [leaks | all]] [-U] filename
-  commit [-q] [-f fmt] [-b base] [-d] [-p] filename
-  compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
-  convert [-c] [-p] [-q] [-n] [-f fmt] [-l snapshot_param] [-O output_fmt] [-B backing_file [-F backing_fmt]]
-          [-o options] [-S sparse_size] [--target-is-zero] [-U] filename [filename2 [...]] output_filename
-  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
-  info [--image-opts] [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
-  map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=human|json] [-U] filename
-  rebase [-q] [-f fmt] [-p] [-u] -b backing_file [-F backing_fmt] filename
-  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
-  snapshot [--image-opts] [-q] [-U] [--output=human|json] [-l | -a snapshot | -c snapshot | -d snapshot] filename
+  check [--object objectdef] [--image-opts] [--output=human|json] [-f fmt] [-q] [-r [leaks | all]] [-U] filename
+  commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-b base] [-d] [-p] filename
+  compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
+  convert [--object objectdef] [--image-opts] [--target-image-opts] [--target-is-zero] [-U] [-c] [-p] [-q] [-n]
+          [-f fmt] [-t cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param]
+          [-S sparse_size] filename [filename2 [...]] output_filename
+  create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [--object objectdef] [--image-opts] [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
+  map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=human|json]
+      [-U] filename
+  rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-p] [-u] -b backing_file [-F backing_fmt] filename
+  resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
+  snapshot [--object objectdef] [--image-opts] [-U] [-q] [--output=human|json] [-l | -a snapshot | -c snapshot |
+           -d snapshot] filename
+
+Options qemu-img accepts that cannot change the result are accepted and checked but have no effect:
+convert -T/-C/-W/-m/-r/--salvage/--bitmaps, commit -t/-r, rebase -t/-T, check/compare -T.
 """
 
 

@@ -349,6 +349,23 @@ def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
     return exc
 
 
+CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+
+
+def check_cache_modes(p: Parsed, *, cache: str | None = "t", src_cache: str | None = "T") -> None:
+    """qemu-img's cache-mode checks (``-t``, then ``-T``), which come before the images are opened.
+
+    vdkit's I/O does not depend on them (convert's target aside), but a bad
+    value is an error in qemu-img, so it is one here too.
+    """
+    from vdkit.errors import VdkitError
+
+    for key, what in ((cache, "cache"), (src_cache, "source cache")):
+        value = p.last(key) if key is not None else None
+        if value is not None and value not in CACHE_MODES:
+            raise VdkitError(f"Invalid {what} option: {value}")
+
+
 def mutually_exclusive_image_opts(p: Parsed, *fmt_keys: str) -> None:
     """qemu-img refuses a format option next to ``--image-opts`` (the spec names its driver)."""
     from vdkit.errors import VdkitError

@@ -15,7 +15,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
+from vdkit.cli.options import (
+    LongOpt,
+    SpecNames,
+    check_cache_modes,
+    getopt_long,
+    mutually_exclusive_image_opts,
+    open_args,
+)
 from vdkit.errors import UnsupportedError, UsageError, VdkitError
 
 if TYPE_CHECKING:
@@ -46,6 +53,7 @@ def main(argv: list[str]) -> int:
     base = p.last("b")
     if not unsafe and base is None:
         raise UsageError("Must specify backing file (-b) or use unsafe mode (-u)")
+    check_cache_modes(p)
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     with SpecNames((filename, spec)):
