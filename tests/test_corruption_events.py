@@ -37,7 +37,7 @@ COPIED = 1 << 63
 
 # damage -> what it does to the image made by _image (cluster 0 data at L2 entry 0)
 DAMAGE = ("data_unaligned", "l2_unaligned", "data_on_l1", "data_on_reftable", "data_on_l2", "data_on_refblock",
-          "refblock_unaligned")
+          "refblock_unaligned", "l1_refcount_zero", "l2_on_reftable", "l2_on_l1")
 
 
 def _image(path: Path, damage: str) -> None:
@@ -47,6 +47,11 @@ def _image(path: Path, damage: str) -> None:
     l1 = _u64(path, 40)
     rt = _u64(path, 48)
     l2 = _u64(path, l1) & 0x00FFFFFFFFFFFE00
+    if damage == "l1_refcount_zero":  # the allocator may hand out the L1 table's cluster for data
+        with open(path, "r+b") as f:
+            f.seek(_u64(path, rt) + 2 * (l1 >> 16))
+            f.write(b"\0\0")
+        return
     target = {
         "data_unaligned": (l2, COPIED | 0x50200),
         "l2_unaligned": (l1, COPIED | (l2 + 0x200)),
@@ -55,6 +60,8 @@ def _image(path: Path, damage: str) -> None:
         "data_on_l2": (l2, COPIED | l2),
         "data_on_refblock": (l2, COPIED | _u64(path, rt)),
         "refblock_unaligned": (rt, _u64(path, rt) + 0x200),
+        "l2_on_reftable": (l1, COPIED | rt),
+        "l2_on_l1": (l1, COPIED | l1),
     }[damage]
     _w64(path, *target)
 

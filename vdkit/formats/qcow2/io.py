@@ -139,6 +139,9 @@ class Qcow2IO:
         self._decompressed: tuple[int, bytes] | None = None  # (descriptor, cluster) of the last one
         # (L2 offset, L2 index) -> corruption message of each bad entry seen (Kind.CORRUPT runs)
         self._bad: dict[tuple[int, int], str] = {}
+        # host ranges known to overlap no metadata, valid while _overlap_stamp holds (see _check_overlap)
+        self._no_overlap: set[tuple[int, int, str | None]] = set()
+        self._overlap_stamp: tuple[object, ...] = ()
         # Read-only images with standard L2 tables map their first tables without numpy (see
         # _LazyNumpy); nothing can be dirty in the metadata caches then, so the file is the truth.
         import sys
@@ -545,6 +548,8 @@ class Qcow2IO:
         if old % self.cluster_size:
             raise self.drv.signal_corruption(f"L2 table offset {_hx(old)} unaligned (L1 index: {_hx(i1)})")
         if old and l1e & L.OFLAG_COPIED:
+            # updated in place: the table must not be some other metadata (QEMU refuses its write-back)
+            self._check_overlap(old, self.cluster_size, ignore="active L2 table")
             return old
         new = rc.alloc_clusters(self.cluster_size)
         rc.flush()
@@ -804,7 +809,7 @@ class Qcow2IO:
             self._check_overlap(off, nxt - off)
             f.pwritev(off, parts)
 
-    def _check_overlap(self, host: int, size: int) -> None:
+    def _check_overlap(self, host: int, size: int, *, ignore: str | None = None) -> None:
         """Refuse a data write into the image's own metadata (QEMU's default "cached" overlap check).
 
         Only a damaged image gets here (an L2 entry or a zero refcount
@@ -820,13 +825,28 @@ class Qcow2IO:
         cs = self.cluster_size
         lo = host - host % cs
         hi = host + size + (-(host + size)) % cs
-        name = self._overlapping(lo, hi)
-        if name is not None:
-            raise self.drv.signal_corruption(
-                f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
+        # Small writes hit the same clusters again and again (NBD, 4 KiB): remember the clean ones.
+        # Metadata only moves through a refcount change, a new L1 or refcount table array, or a new
+        # header (snapshots, bitmaps), so the memo is dropped when any of these changes.
+        drv = self.drv
+        cm, rc = drv.clusters, drv.refcounts
+        st = self._overlap_stamp
+        if not st or st[0] is not drv.header or st[1] is not cm.l1 or st[2] is not rc.table or st[3] != rc.changes:
+            self._no_overlap.clear()
+            self._overlap_stamp = (drv.header, cm.l1, rc.table, rc.changes)
+        key = (lo, hi, ignore)
+        if key in self._no_overlap:
+            return
+        name = self._overlapping(lo, hi, ignore)
+        if name is None:
+            if len(self._no_overlap) < 65536:
+                self._no_overlap.add(key)
+            return
+        raise drv.signal_corruption(
+            f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
 
-    def _overlapping(self, lo: int, hi: int) -> str | None:
-        """The first metadata structure with a cluster in ``[lo, hi)`` (cluster-aligned), or None."""
+    def _overlapping(self, lo: int, hi: int, ignore: str | None = None) -> str | None:
+        """The first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)`` (cluster-aligned), or None."""
         drv = self.drv
         h = drv.header
         cs = self.cluster_size
@@ -834,16 +854,18 @@ class Qcow2IO:
         def hit(off: int, length: int) -> bool:
             return length > 0 and off < hi and lo < off + length + (-(off + length)) % cs
 
+        # a table cluster at ``off`` (0 = none) meets [lo, hi) iff lo - cs < off < hi; with lo >= cs
+        # one unsigned subtraction and compare tests both ends and excludes 0 (per write: keep it cheap)
         def any_table(entries: np.ndarray, mask: int) -> bool:
-            offs = entries & _U64(mask)
-            return bool(np.any((offs != 0) & (offs < _U64(hi)) & (offs + _U64(cs) > _U64(lo))))
+            return bool(((entries & _U64(mask)) - base < span).any())
 
         if lo < cs:
             return "qcow2_header"
+        base, span = _U64(lo - cs + 1), _U64(hi - lo + cs - 1)
         cm = drv.clusters
         if hit(cm.l1_offset, len(cm.l1) * 8):
             return "active L1 table"
-        if any_table(cm.l1, L.L1E_OFFSET_MASK):
+        if ignore != "active L2 table" and any_table(cm.l1, L.L1E_OFFSET_MASK):
             return "active L2 table"
         rc = drv.refcounts
         if hit(rc.table_offset, rc.table_clusters * cs):
@@ -1056,6 +1078,7 @@ class Qcow2IO:
         if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
             raise VdkitError("Compressed writes need an unallocated cluster", errno=EIO)
         coff = self.drv.refcounts.alloc_bytes(len(comp))
+        self._check_overlap(coff, len(comp))
         self.drv.file.pwrite(coff, comp)
         nb_sectors = ((coff + len(comp) - 1) >> 9) - (coff >> 9)
         entries[idx] = _U64(L.OFLAG_COMPRESSED | (nb_sectors << g.csize_shift) | coff)

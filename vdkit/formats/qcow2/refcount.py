@@ -210,6 +210,9 @@ class Refcounts:
         self.before_table_write = before_table_write
         self.free_hint = 0
         self.compressed_next = 0  # byte position for packed compressed data (0 = none)
+        # bumped by every refcount change: metadata can only move where refcounts changed, so the
+        # I/O engine's memo of writes that overlap no metadata stays valid while this stands still
+        self.changes = 0
         # rt_index -> decoded values; dirty rt indices; LRU order
         self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._dirty: set[int] = set()
@@ -379,6 +382,7 @@ class Refcounts:
         """
         if length <= 0 or addend == 0:
             return
+        self.changes += 1
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         epb = self.entries_per_block
@@ -493,6 +497,7 @@ class Refcounts:
 
     # -- refcount block allocation and table growth (§1.5) --------------------------------------
     def _alloc_block(self, ci: int) -> None:
+        self.changes += 1
         epb = self.entries_per_block
         rt = ci // epb
         if self.before_table_write is not None:
@@ -589,6 +594,7 @@ class Refcounts:
     def adopt(self, table: np.ndarray, table_offset: int, table_clusters: int,
               blocks: dict[int, np.ndarray], free_hint: int) -> None:
         """Switch the in-memory state to the one a transaction just committed."""
+        self.changes += 1
         self.table = table
         self.table_offset, self.table_clusters = table_offset, table_clusters
         for rt, vals in blocks.items():
