@@ -208,3 +208,31 @@ def test_convert_from_damaged_source_is_not_fatal(tmp_path: Path) -> None:
     assert (rv.normalized_stderr(), rv.returncode) == (rq.stderr, rq.returncode)
     assert "further non-fatal corruption events" in rq.stderr
     assert v.read_bytes() == before and not _corrupt_bit(q)
+
+
+@pytest.mark.parametrize("damage", ["data_unaligned", "l2_unaligned"])
+@pytest.mark.parametrize("args", [["snapshot", "-c", "new"], ["resize", "4M"]])
+def test_other_writers_report_like_qemu(damage: str, args: list[str], tmp_path: Path) -> None:
+    """Snapshot and resize walk the tables too: QEMU's event line, then the command's own error."""
+    q, v = _twins(tmp_path, damage)
+    rq = qemu_img(*args, q.name, cwd=tmp_path)
+    rv = vdkit_img(*args, v.name, cwd=tmp_path)
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr().replace("v.qcow2", "q.qcow2")) == (
+        rq.returncode, rq.stdout, rq.stderr)
+    assert _corrupt_bit(v) == _corrupt_bit(q)
+
+
+@pytest.mark.parametrize("damage", ["data_unaligned", "l2_unaligned"])
+def test_commit_onto_damaged_base(damage: str, tmp_path: Path) -> None:
+    """The copy of ``commit`` is a block job in qemu-img: "Block job failed: <error>" after the event."""
+    out = {}
+    for who in ("q", "v"):
+        d = tmp_path / who
+        d.mkdir()
+        _image(d / "base.qcow2", damage)
+        check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
+        assert qemu_io("-c", "write -P 9 0 64k", str(d / "top.qcow2")).returncode == 0
+        r = (qemu_img if who == "q" else vdkit_img)("commit", "top.qcow2", cwd=d)
+        out[who] = (r.returncode, r.stdout, r.normalized_stderr() if who == "v" else r.stderr,
+                    _corrupt_bit(d / "base.qcow2"))
+    assert out["v"] == out["q"]

@@ -101,18 +101,21 @@ def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: 
             resize_node(base_node, size)
             base_node.driver.__dict__.pop("io", None)
         offset = 0
-        while offset < size:
-            allocated, n = _allocated_above(top, base_node, offset, min(CHUNK, size - offset))
-            if allocated:
-                st = bio.above_status(top, offset, n)
-                n = st.length
-                if st.flags & bio.ZERO:
-                    bio.write_zeroes(base_node, offset, n)
-                else:
-                    bio.write(base_node, offset, bio.read(top, offset, n))
-            offset += n
-            prog.set(100.0 * offset / size)
-        bio.flush(base_node)
+        try:
+            while offset < size:
+                allocated, n = _allocated_above(top, base_node, offset, min(CHUNK, size - offset))
+                if allocated:
+                    st = bio.above_status(top, offset, n)
+                    n = st.length
+                    if st.flags & bio.ZERO:
+                        bio.write_zeroes(base_node, offset, n)
+                    else:
+                        bio.write(base_node, offset, bio.read(top, offset, n))
+                offset += n
+                prog.set(100.0 * offset / size)
+            bio.flush(base_node)
+        except (OSError, VdkitError) as exc:  # qemu-img runs the copy as a block job
+            raise bio.io_error(exc, "Block job failed") from exc
         if not drop:
             _empty(top)
     finally:

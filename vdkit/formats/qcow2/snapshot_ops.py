@@ -140,14 +140,46 @@ class _Tree:
 
     def __init__(self, drv: Qcow2Driver, l1: np.ndarray) -> None:
         geom = drv.geometry
-        offs = geom.l1_tables(l1)
-        self.l2_offsets = offs[offs != 0]
-        self.l2_clusters = (self.l2_offsets >> np.uint64(geom.cluster_bits)).astype(np.int64)
-        distinct, counts = np.unique(self.l2_offsets, return_counts=True)
-        self.parts: list[tuple[np.ndarray, int]] = []
-        for off, k in zip(distinct.tolist(), counts.tolist(), strict=True):
-            entries, _ = drv.clusters.l2.get(off)
-            self.parts.append((geom.l2_references(entries, where=f" in L2 table {off:#x}"), k))
+        try:
+            offs = geom.l1_tables(l1)
+            self.l2_offsets = offs[offs != 0]
+            self.l2_clusters = (self.l2_offsets >> np.uint64(geom.cluster_bits)).astype(np.int64)
+            distinct, counts = np.unique(self.l2_offsets, return_counts=True)
+            self.parts: list[tuple[np.ndarray, int]] = []
+            for off, k in zip(distinct.tolist(), counts.tolist(), strict=True):
+                entries, _ = drv.clusters.l2.get(off)
+                self.parts.append((geom.l2_references(entries, where=f" in L2 table {off:#x}"), k))
+        except CorruptImageError:
+            raise _unaligned_event(drv, l1) from None
+
+
+def _hx(value: int) -> str:
+    """C's ``%#x``, as QEMU's messages print numbers (``0`` without ``0x``)."""
+    return f"{value:#x}" if value else "0"
+
+
+def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
+    """The corruption event QEMU signals for the first unaligned offset in L1 order (then L2 order).
+
+    Only reached on the error path, so it may walk the tree entry by entry.
+    """
+    geom = drv.geometry
+    mask = drv.cluster_size - 1
+    for i1, entry in enumerate(l1.tolist()):
+        l2_off = entry & L.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        if l2_off & mask:
+            return drv.signal_corruption(f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})")
+        if geom.has_data_file:
+            continue
+        entries, _ = drv.clusters.l2.get(l2_off)
+        for i2, e in enumerate(entries.tolist()):
+            off = e & L.L2E_OFFSET_MASK
+            if not e & COMPRESSED and off & mask:
+                return drv.signal_corruption(
+                    f"Cluster allocation offset {_hx(off)} unaligned (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i2)})")
+    return CorruptImageError("Input/output error", errno=5)
 
     @property
     def data(self) -> np.ndarray:
