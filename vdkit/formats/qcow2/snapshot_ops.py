@@ -153,6 +153,21 @@ class _Tree:
             raise _unaligned_event(drv, l1) from None
 
 
+    @property
+    def data(self) -> np.ndarray:
+        """Distinct-table data references (each table once)."""
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [a for a, _ in self.parts])
+
+    def add_to(self, txn: Transaction, addend: int) -> None:
+        txn.add_refs(self.l2_clusters, addend)
+        for refs, k in self.parts:
+            txn.add_refs(refs, addend * k)
+
+    def increments(self) -> list[tuple[np.ndarray, int]]:
+        """(clusters, times) pairs of one more reference to this whole tree."""
+        return [(self.l2_clusters, 1), *self.parts]
+
+
 def _hx(value: int) -> str:
     """C's ``%#x``, as QEMU's messages print numbers (``0`` without ``0x``)."""
     return f"{value:#x}" if value else "0"
@@ -180,20 +195,6 @@ def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
                 return drv.signal_corruption(
                     f"Cluster allocation offset {_hx(off)} unaligned (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i2)})")
     return CorruptImageError("Input/output error", errno=5)
-
-    @property
-    def data(self) -> np.ndarray:
-        """Distinct-table data references (each table once)."""
-        return np.concatenate([np.zeros(0, dtype=np.int64)] + [a for a, _ in self.parts])
-
-    def add_to(self, txn: Transaction, addend: int) -> None:
-        txn.add_refs(self.l2_clusters, addend)
-        for refs, k in self.parts:
-            txn.add_refs(refs, addend * k)
-
-    def increments(self) -> list[tuple[np.ndarray, int]]:
-        """(clusters, times) pairs of one more reference to this whole tree."""
-        return [(self.l2_clusters, 1), *self.parts]
 
 
 def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, tuple]]:
