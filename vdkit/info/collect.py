@@ -44,16 +44,22 @@ def _int64(value: int) -> int:
 
 
 def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
-    return SnapshotInfo(
-        id=_truncate(entry.id_str, L.MAX_SNAPSHOT_ID_LEN),
-        name=_truncate(entry.name, L.MAX_SNAPSHOT_NAME_LEN),
-        vm_state_size=_int64(entry.vm_state_size),
-        date_sec=entry.date_sec,
-        date_nsec=entry.date_nsec,
-        vm_clock_sec=entry.vm_clock_nsec // 1_000_000_000,
-        vm_clock_nsec=entry.vm_clock_nsec % 1_000_000_000,
-        icount=_int64(entry.icount) if entry.has_icount else None,
-    )
+    # runs once per snapshot on every ``info``: the common case (short ASCII names, values below
+    # 2^63) takes no function calls; positional arguments in SnapshotInfo's field order
+    sid, name, vm_size, icount = entry.id_str, entry.name, entry.vm_state_size, entry.icount
+    if len(sid) > L.MAX_SNAPSHOT_ID_LEN // 4 or not sid.isascii():
+        sid = _truncate(sid, L.MAX_SNAPSHOT_ID_LEN)
+    if len(name) > L.MAX_SNAPSHOT_NAME_LEN // 4 or not name.isascii():
+        name = _truncate(name, L.MAX_SNAPSHOT_NAME_LEN)
+    if vm_size >= 1 << 63:
+        vm_size = _int64(vm_size)
+    if icount == L.ICOUNT_UNUSED:
+        icount = None
+    elif icount >= 1 << 63:
+        icount = _int64(icount)
+    clock = entry.vm_clock_nsec
+    return SnapshotInfo(sid, name, vm_size, entry.date_sec, entry.date_nsec, clock // 1_000_000_000,
+                        clock % 1_000_000_000, icount)
 
 
 def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:

@@ -47,29 +47,40 @@ def _ljust_bytes(text: str, width: int) -> str:
     return text + " " * (width - n) if n < width else text
 
 
-def snapshot_row(sn: SnapshotInfo, memo: dict[object, str] | None = None) -> str:
-    """One table row.  ``memo`` shares formatted dates, sizes and clocks between the rows of a
-    table: images with hundreds of snapshots repeat them, and ``info`` prints every row."""
+class _RowMemo:
+    """Formatted dates, sizes and clocks shared by the rows of one table (they repeat a lot)."""
+
+    __slots__ = ("dates", "sizes", "clocks")
+
+    def __init__(self) -> None:
+        self.dates: dict[int, str] = {}
+        self.sizes: dict[int, str] = {}
+        self.clocks: dict[int, str] = {}
+
+
+def snapshot_row(sn: SnapshotInfo, memo: _RowMemo | None = None) -> str:
+    """One table row; ``info`` prints one per snapshot, hence the memo and the ASCII fast paths."""
     if memo is None:
-        memo = {}
-    date = memo.get(sn.date_sec)
+        memo = _RowMemo()
+    date = memo.dates.get(sn.date_sec)
     if date is None:
-        date = memo[sn.date_sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
-    size_key = ("size", sn.vm_state_size)
-    vm_size = memo.get(size_key)
+        date = memo.dates[sn.date_sec] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.date_sec))
+    vm_size = memo.sizes.get(sn.vm_state_size)
     if vm_size is None:
-        vm_size = memo[size_key] = size_to_str(sn.vm_state_size & 0xFFFFFFFFFFFFFFFF)  # unsigned here
-    clock_key = ("clock", sn.vm_clock_sec, sn.vm_clock_nsec)
-    clock = memo.get(clock_key)
+        vm_size = memo.sizes[sn.vm_state_size] = size_to_str(sn.vm_state_size & 0xFFFFFFFFFFFFFFFF)  # unsigned
+    clock_ns = sn.vm_clock_sec * 1_000_000_000 + sn.vm_clock_nsec
+    clock = memo.clocks.get(clock_ns)
     if clock is None:
-        clock = memo[clock_key] = _vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec)
+        clock = memo.clocks[clock_ns] = _vm_clock(sn.vm_clock_sec, sn.vm_clock_nsec)
     icount = "" if sn.icount is None else str(sn.icount)
-    return f"{_ljust_bytes(sn.id, 9)} {_ljust_bytes(sn.name, 16)} {vm_size:>8}{date:>20}{clock:>13}{icount:>11}"
+    sid = sn.id.ljust(9) if sn.id.isascii() else _ljust_bytes(sn.id, 9)
+    name = sn.name.ljust(16) if sn.name.isascii() else _ljust_bytes(sn.name, 16)
+    return f"{sid} {name} {vm_size:>8}{date:>20}{clock:>13}{icount:>11}"
 
 
 def snapshot_table(snapshots: Iterable[SnapshotInfo]) -> str:
     """Header plus one row per snapshot, each line ending in ``\\n``."""
-    memo: dict[object, str] = {}
+    memo = _RowMemo()
     lines = [SNAPSHOT_TABLE_HEADER]
     lines.extend(snapshot_row(sn, memo) for sn in snapshots)
     return "\n".join(lines) + "\n"

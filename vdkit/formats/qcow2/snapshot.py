@@ -137,10 +137,11 @@ def parse_snapshot_table(
         off += extra_size
         # QEMU keeps both as C strings: an embedded NUL (or a table cut short by
         # EOF, which reads as zeros) ends the string.
-        id_str = _take(buf, off, id_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        off += id_len
-        name = _take(buf, off, name_len).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        off += name_len
+        end = off + id_len + name_len
+        raw = bytes(buf[off:end]) if end <= buf_len else _take(buf, off, id_len + name_len)
+        id_str = raw[:id_len].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        name = raw[id_len:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        off = end
         entries.append(
             SnapshotEntry(l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock, vm_state_size,
                           entry_disk_size, icount, kept_extra, unknown)
