@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args
+from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args, split_qemu_opts
 from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -536,7 +536,7 @@ def _option_value(options: list[str], key: str) -> str | None:
     """The last ``key=value`` among the ``-o`` option strings (QemuOpts: the last one wins)."""
     value = None
     for text in options:
-        for item in _split_opts(text):
+        for item in split_qemu_opts(text):
             k, eq, v = item.partition("=")
             if eq and k == key:
                 value = v
@@ -550,7 +550,7 @@ def _load_snapshot(node: Node, spec: str) -> None:
     snap_name: str | None = None
     exact = spec.startswith("snapshot.")
     if exact:
-        for item in _split_opts(spec):
+        for item in split_qemu_opts(spec):
             key, _, value = item.partition("=")
             if key == "snapshot.id":
                 snap_id = value
@@ -566,24 +566,6 @@ def _load_snapshot(node: Node, spec: str) -> None:
             load_snapshot_tmp(node, spec, None, fallback_name=True)
     except VdkitError as exc:
         raise exc.prefixed("Failed to load snapshot: ") from exc
-
-
-def _split_opts(text: str) -> list[str]:
-    """Split a QemuOpts list on single commas (``,,`` is a literal comma)."""
-    out, cur, i = [], [], 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(text[i])
-        i += 1
-    out.append("".join(cur))
-    return out
 
 
 def _convert(a: ConvertArgs, nodes: list[Node]) -> int:

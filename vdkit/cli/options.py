@@ -234,8 +234,8 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
 
 # -- --image-opts (the subset vdkit's formats need) ---------------------------------------------
 
-def _split_opts(spec: str) -> list[str]:
-    """QemuOpts syntax: comma separated, ``,,`` is a literal comma, empty items ignored."""
+def split_qemu_opts(spec: str) -> list[str]:
+    """QemuOpts items: comma separated, ``,,`` a literal comma; every item, empty ones included."""
     items, cur, i = [], [], 0
     while i < len(spec):
         if spec[i] == ",":
@@ -249,7 +249,12 @@ def _split_opts(spec: str) -> list[str]:
             cur.append(spec[i])
         i += 1
     items.append("".join(cur))
-    return [it for it in items if it]
+    return items
+
+
+def _split_opts(spec: str) -> list[str]:
+    """QemuOpts items without the empty ones."""
+    return [it for it in split_qemu_opts(spec) if it]
 
 
 def image_opts(spec: str) -> tuple[str, str | None]:
@@ -525,19 +530,7 @@ def _split_opts_keep_empty(spec: str) -> list[str]:
     """Comma-separated items (``,,`` a literal comma), keeping empty ones so a leading ``,`` is seen."""
     if not spec:
         return []
-    items, cur, i = [], [], 0
-    while i < len(spec):
-        if spec[i] == ",":
-            if spec[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(spec[i])
-        i += 1
-    items.append("".join(cur))
+    items = split_qemu_opts(spec)
     if items and items[-1] == "" and len(items) > 1:
         items.pop()  # a trailing comma ends the list
     return items
