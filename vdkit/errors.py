@@ -86,6 +86,24 @@ def os_error_message(exc: OSError) -> str:
     return str(exc)
 
 
+def take_corruption_report(exc: BaseException) -> str | None:
+    """The text of a qcow2 corruption event riding on ``exc`` or on an error behind it, taken once.
+
+    The library never prints; the front end that reports the error prints this line first, as QEMU
+    prints the event when it happens.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        report = getattr(cur, "report", None)
+        if report is not None:
+            cur.report = None  # type: ignore[attr-defined]
+            return str(report.text)
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def errno_text(err: int) -> str:
     """QEMU's ``-N (strerror)`` rendering of a negative errno."""
     return f"-{err} ({os.strerror(err)})"

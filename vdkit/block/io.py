@@ -180,13 +180,12 @@ def io_error(exc: Exception, what: str) -> Exception:
     """
     import sys
 
-    from vdkit.errors import VdkitError
+    from vdkit.errors import VdkitError, take_corruption_report
 
-    report = getattr(exc, "report", None)
+    report = take_corruption_report(exc)  # printed once, however often the error is mapped
     if report is not None:
-        exc.report = None  # type: ignore[attr-defined]  # printed once, however often it is mapped
         sys.stdout.flush()
-        sys.stderr.write(report.text + "\n")
+        sys.stderr.write(report + "\n")
         sys.stderr.flush()
     if isinstance(exc, OSError):
         return VdkitError(f"{what}: {os.strerror(exc.errno or errno.EIO)}", errno=exc.errno or errno.EIO)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vdkit.errors import UsageError, VdkitError
+from vdkit.errors import UsageError, VdkitError, take_corruption_report
 
 TYPE_CHECKING = False  # typing and collections.abc are not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -127,23 +127,6 @@ def run(argv: list[str]) -> int:
     return handler(argv[1:])
 
 
-def _print_corruption_report(exc: BaseException) -> None:
-    """A qcow2 corruption event nobody printed yet goes first, as QEMU prints it when it happens.
-
-    The library never prints: the event rides on the error (or on the error it caused).
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        report = getattr(cur, "report", None)
-        if report is not None:
-            cur.report = None  # type: ignore[attr-defined]
-            write_err(report.text + "\n")
-            return
-        cur = cur.__cause__ or cur.__context__
-
-
 def main(argv: list[str] | None = None) -> int:
     # vdkit does no linear algebra; without this, importing numpy (the qcow2 metadata code uses it)
     # starts a pool of OpenBLAS threads, about 40 ms of every command that needs it.  The process is
@@ -156,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         code = usage_error(exc.message)
     except VdkitError as exc:
-        _print_corruption_report(exc)
+        report = take_corruption_report(exc)
+        if report is not None:
+            write_err(report + "\n")
         error(exc.message, exc.hint)
         code = 1
     except KeyboardInterrupt:

@@ -654,10 +654,9 @@ class Qcow2IO:
     def _write_owned_cluster(self, offset: int, data: bytes) -> bool:
         """The common small write (NBD's 4 KiB): inside one data cluster we own, standard L2.
 
-        Nothing but the data changes, so it goes straight to the host offset
-        (after the overlap check) without the table-level machinery, which
-        costs several times the write itself.  False: take the general path
-        (which also reports any damage it finds on the way).
+        Nothing but the data changes, so :meth:`_write_inplace` does it
+        without the table-level machinery, which costs several times the
+        write itself.  False: take the general path.
         """
         g = self.geom
         cs = self.cluster_size
@@ -672,14 +671,11 @@ class Qcow2IO:
         l2_off = l1e & L.L1E_OFFSET_MASK
         if not l1e & L.OFLAG_COPIED or not l2_off or l2_off % cs:
             return False
-        entries, _ = cm.l2.get(l2_off)
+        entries, bitmaps = cm.l2.get(l2_off)
         e = int(entries[g.l2_index(offset)])
-        host = e & _MASK_OFF
-        if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not host or host % cs:
+        if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not e & _MASK_OFF:
             return False
-        at = host + offset % cs
-        self._check_overlap(at, n)
-        self.data_file.pwrite(at, data)
+        self._write_inplace(offset // cs, entries, bitmaps, offset, offset + n, memoryview(data), None)
         return True
 
     def _write_table(self, i1: int, start: int, data: memoryview, backing: BackingRead | None) -> None:
