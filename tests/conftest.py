@@ -6,10 +6,12 @@ oracle; a skipped oracle is a defect).  ``make test`` installs them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +85,27 @@ def _utc() -> None:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@contextlib.contextmanager
+def held_by_qemu_io(image: Path, fmt: str | None = None) -> Iterator[None]:
+    """A qemu-io process holding ``image`` open read-write (QEMU's locks) for the ``with`` body.
+
+    Waits until ``qemu-img info`` is refused.  That probe takes a shared lock itself, so a qemu-io
+    starting at the same moment can fail to get its write lock and exit: it is then started again.
+    """
+    import time
+
+    cmd = [require_tool("qemu-io"), *(["-f", fmt] if fmt else []), "-c", "sleep 600000", str(image)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while qemu_img("info", str(image)).returncode == 0:
+            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            if proc.poll() is not None:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()

@@ -9,13 +9,12 @@ qemu-img and qemu-io fail.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import held_by_qemu_io, require_tool
 from tests.data import generate as g
 from tests.data.compare import run_qemu, run_vdkit, same
 from vdkit.block.node import open_image
@@ -61,29 +60,12 @@ def test_vm_lock_library(vm_holding: Path) -> None:
         assert [s.name for s in node.snapshots()] == ["s1"]
 
 
-def _wait_locked(img: Path, proc: subprocess.Popen[bytes]) -> None:
-    """Until qemu-io has the image open (qemu-img info starts failing)."""
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise AssertionError("qemu-io exited early")
-        if run_qemu(["info", img.name], img.parent).returncode != 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError("qemu-io never locked the image")
-
-
 def test_qemu_io_lock(tmp_path: Path) -> None:
     img = g.create(tmp_path, "io.qcow2", "1M")
-    proc = subprocess.Popen([require_tool("qemu-io"), "-f", "qcow2", "-c", "sleep 60000", str(img)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_locked(img, proc)
+    with held_by_qemu_io(img, "qcow2"):
         same(["info", "io.qcow2"], tmp_path)
         same(["info", "-U", "io.qcow2"], tmp_path)
         same(["snapshot", "-l", "io.qcow2"], tmp_path)
-    finally:
-        proc.kill()
-        proc.wait()
     # Released when the holder exits.
     assert same(["info", "io.qcow2"], tmp_path).returncode == 0
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import check_ok, qemu_img, require_tool, vdkit_img
+from tests.conftest import check_ok, held_by_qemu_io, qemu_img, require_tool, vdkit_img
 
 BASE_SIZE = "3M"
 
@@ -158,27 +158,15 @@ def test_full_preallocation_is_clean(tmp_path: Path, mode: str) -> None:
 
 def test_locked_target_is_left_alone(tmp_path: Path) -> None:
     """An image another process has open is neither emptied nor removed; the lock error is qemu-img's."""
-    import subprocess
-    import time
-
     target = tmp_path / "busy.qcow2"
     check_ok("create", "-q", "-f", "qcow2", str(target), "1M")
     before = target.read_bytes()
-    # qemu-io's sleep is in milliseconds; the holder is killed below long before it ends.
-    holder = subprocess.Popen([require_tool("qemu-io"), "-c", "sleep 600000", str(target)])
-    try:
-        deadline = time.monotonic() + 60
-        while qemu_img("info", str(target)).returncode == 0:
-            assert time.monotonic() < deadline, "qemu-io never locked the image"
-            time.sleep(0.05)
+    with held_by_qemu_io(target):
         for fmt in ("qcow2", "raw"):
             q = qemu_img("create", "-q", "-f", fmt, target.name, "1M", cwd=tmp_path)
             v = vdkit_img("create", "-q", "-f", fmt, target.name, "1M", cwd=tmp_path)
             assert (v.normalized_stderr(), v.returncode) == (q.stderr, q.returncode)
             assert q.returncode == 1 and target.read_bytes() == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
