@@ -243,3 +243,27 @@ def test_events_while_running(daemons: Daemons, tmp_path: Path) -> None:
     assert [e["event"] for e in p.v.events] == [e["event"] for e in p.q.events]
     assert [e["event"] for e in p.v.events][:4] == ["STOP", "RESUME", "STOP", "RESUME"]
     p.same("query-status")
+
+
+def _setup_dup(d: Path) -> None:
+    check_ok("create", "-q", "-f", "qcow2", str(d / "a.qcow2"), "64M")
+    check_ok("snapshot", "-c", "dup", str(d / "a.qcow2"))
+    check_ok("snapshot", "-c", "dup", str(d / "a.qcow2"))
+    check_ok("create", "-q", "-f", "qcow2", str(d / "b.qcow2"), "32M")
+    check_ok("snapshot", "-c", "dup", str(d / "b.qcow2"))
+
+
+def test_savevm_delvm_duplicate_names(daemons: Daemons, tmp_path: Path) -> None:
+    """A disk with two snapshots of one name: savevm and delvm remove only the first one on each disk."""
+    p = Pair(*daemons.pair(["-drive", "file=a.qcow2,if=none,id=d0", "-drive", "file=b.qcow2,if=none,id=d1"],
+                           _setup_dup))
+    for line in ["info snapshots", "savevm dup", "info snapshots", "delvm dup", "info snapshots", "savevm dup",
+                 "delvm dup", "delvm dup", "info snapshots"]:
+        p.hmp(line)
+        p.same("query-block")
+    p.q.cmd("quit")
+    p.v.cmd("quit")
+    for side in ("q", "v"):
+        for img in ("a.qcow2", "b.qcow2"):
+            r = qemu_img("check", str(tmp_path / side / img))
+            assert r.returncode == 0, (side, img, r.stdout, r.stderr)

@@ -641,11 +641,14 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     if name:
         for d in disks:
             assert d.medium is not None
-            for e in [e for e in _entries(d.medium) if e.name == name]:
-                try:
-                    _delete(d.medium, snapshot_id=e.id_str, name=e.name)
-                except (OSError, VdkitError) as exc:
-                    raise VdkitError(f"Could not delete snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
+            # QEMU deletes the first snapshot of that name on each disk, not every one
+            e = next((e for e in _entries(d.medium) if e.name == name), None)
+            if e is None:
+                continue
+            try:
+                _delete(d.medium, snapshot_id=e.id_str, name=e.name)
+            except (OSError, VdkitError) as exc:
+                raise VdkitError(f"Could not delete snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
     else:
         name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(date[0]))
         name = name.encode()[:255].decode(errors="ignore")
@@ -663,21 +666,19 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
             _write_vmstate(vmdisk.medium, vm_state)
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Error while writing VM state: {_os_text(exc)}") from exc
-        made: list[Drive] = []
+        made: list[tuple[Drive, SnapshotEntry]] = []
         for d in disks:
             assert d.medium is not None
             try:
-                _create(d.medium, name, date=date, vm_clock_nsec=clock,
-                        vm_state_size=len(vm_state) if d is vmdisk else 0)
-                made.append(d)
+                made.append((d, _create(d.medium, name, date=date, vm_clock_nsec=clock,
+                                        vm_state_size=len(vm_state) if d is vmdisk else 0)))
             except (OSError, VdkitError) as exc:
-                for m in made:
+                for m, e in made:  # undo exactly the snapshots this savevm made
                     assert m.medium is not None
-                    for e in [e for e in _entries(m.medium) if e.name == name]:
-                        try:
-                            _delete(m.medium, snapshot_id=e.id_str, name=e.name)
-                        except (OSError, VdkitError):
-                            pass
+                    try:
+                        _delete(m.medium, snapshot_id=e.id_str, name=e.name)
+                    except (OSError, VdkitError):
+                        pass
                 raise VdkitError(f"Could not create snapshot '{name}' on '{d.id}'") from exc
     finally:
         if was_running:
