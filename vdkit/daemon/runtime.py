@@ -98,6 +98,15 @@ class Daemon:
                     self.machine.generation += 1  # whatever it did, cached renderings are stale
 
     async def _run(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, *, pure: bool = False) -> Any:
+        # A query that finds the lock free runs right here: its answer is a
+        # cached rendering plus a few stat() calls, and the thread hand-off
+        # would cost more than the query.  Anything else, or a query that
+        # would have to wait for a command in progress, goes to a worker.
+        if pure and self.machine.lock.acquire(blocking=False):
+            try:
+                return fn(ctx)
+            finally:
+                self.machine.lock.release()
         return await asyncio.to_thread(self._execute, fn, ctx, pure=pure)
 
     def _broadcast(self, events: list[tuple[str, dict[str, Any] | None]]) -> None:
