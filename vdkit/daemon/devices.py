@@ -247,11 +247,27 @@ class DeviceRegistry:
         if spec.file:
             ro = spec.readonly or spec.media == "cdrom"
             drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name)
-        if spec.throttle.enabled:
-            drive.throttle = spec.throttle
-            drive.group = spec.group or spec.id
         self.drives.append(drive)
+        if spec.throttle.enabled:
+            self.set_throttle(drive, spec.throttle, spec.group or spec.id)
         return drive
+
+    def set_throttle(self, drive: Drive, cfg: ThrottleConfig, group: str | None) -> None:
+        """Put ``drive`` into throttle ``group`` with limits ``cfg`` (``group`` None: no throttling).
+
+        As in QEMU, a group has ONE configuration: whoever sets limits for a
+        group sets them for every member (all members share the same
+        ``ThrottleConfig`` object, and the NBD server one set of buckets).
+        """
+        if group is None or not cfg.enabled:
+            drive.throttle = ThrottleConfig()
+            drive.group = None
+            return
+        drive.group = group
+        for d in self.drives:
+            if d.group == group:
+                d.throttle = cfg
+        drive.throttle = cfg
 
     def open_medium(self, filename: str, fmt: str | None, *, readonly: bool,
                     node_name: str | None = None) -> Medium:

@@ -265,15 +265,9 @@ def block_set_io_throttle(ctx: CommandContext, args: dict[str, Any]) -> None:
         cfg.length[key] = args.get(key + "_max_length", 1)
     cfg.iops_size = args.get("iops_size", 0)
     cfg.validate()
-    if cfg.enabled:
-        if drive.group is None:
-            drive.group = args.get("group") or args.get("device") or args.get("id")
-        elif args.get("group"):
-            drive.group = args["group"]
-        drive.throttle = cfg
-    else:
-        drive.throttle = ThrottleConfig()
-        drive.group = None
+    # a throttled drive stays in its group unless another is named; limits are the group's
+    group = args.get("group") or drive.group or args.get("device") or args.get("id")
+    _machine(ctx).set_throttle(drive, cfg, group)
 
 
 def open_error(exc: VdkitError) -> VdkitError:
@@ -557,11 +551,9 @@ def _apply_vmstate(machine: DeviceRegistry, raw: bytes) -> None:
         if drive is None:
             continue
         if ds.get("throttle"):
-            drive.throttle = ThrottleConfig.from_state(ds["throttle"])
-            drive.group = ds.get("group")
+            machine.set_throttle(drive, ThrottleConfig.from_state(ds["throttle"]), ds.get("group") or drive.id)
         else:
-            drive.throttle = ThrottleConfig()
-            drive.group = None
+            machine.set_throttle(drive, ThrottleConfig(), None)
         if drive.has_tray:
             drive.tray_open = bool(ds.get("tray_open", False))
         _restore_medium(machine, drive, ds.get("medium"))
