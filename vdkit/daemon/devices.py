@@ -147,6 +147,9 @@ class Drive:
     group: str | None = None
     tray_open: bool = False
     qdev: str | None = None
+    # read-only state of the last medium inserted (the -drive options' before any):
+    # what blockdev-change-medium's read-only-mode=retain keeps, also across an eject
+    retained_ro: bool = False
     # I/O accounting of the backend (NBD requests), reported by query-blockstats
     stats: DriveStats = field(default_factory=lambda: _drive_stats())
 
@@ -244,8 +247,8 @@ class DeviceRegistry:
         drive = Drive(spec)
         if spec.interface != "none":
             drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
+        drive.retained_ro = ro = spec.readonly or spec.media == "cdrom"
         if spec.file:
-            ro = spec.readonly or spec.media == "cdrom"
             drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name)
         self.drives.append(drive)
         if spec.throttle.enabled:

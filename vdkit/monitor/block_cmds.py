@@ -306,8 +306,8 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
     if not drive.removable:
         raise VdkitError(f"Device '{drive.id}' is not removable")
     mode = args.get("read-only-mode", "retain")
-    if mode == "retain":
-        ro = drive.spec.readonly or drive.spec.media == "cdrom"
+    if mode == "retain":  # the previous medium's state (QEMU's root state), kept across ejects
+        ro = drive.retained_ro
     else:
         ro = mode == "read-only"
     filename = args["filename"]
@@ -321,6 +321,7 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
         _tray_event(ctx, drive, True)
     _remove_medium(ctx, drive)
     drive.medium = medium
+    drive.retained_ro = ro
     if drive.has_tray:
         drive.tray_open = False
         _tray_event(ctx, drive, False)
@@ -578,6 +579,7 @@ def _restore_medium(machine: DeviceRegistry, drive: Drive, recorded: dict[str, A
     if current is not None:
         machine.close_medium(current)
     drive.medium = medium
+    drive.retained_ro = medium.ro
 
 
 def _vmstate_offset(medium: Medium) -> int:
