@@ -267,3 +267,46 @@ def test_savevm_delvm_duplicate_names(daemons: Daemons, tmp_path: Path) -> None:
         for img in ("a.qcow2", "b.qcow2"):
             r = qemu_img("check", str(tmp_path / side / img))
             assert r.returncode == 0, (side, img, r.stdout, r.stderr)
+
+
+def _setup_ro(d: Path) -> None:
+    for name, snap in (("ro", "rs"), ("cd", "cs"), ("b", "bs")):
+        check_ok("create", "-q", "-f", "qcow2", str(d / f"{name}.qcow2"), "16M")
+        check_ok("snapshot", "-c", snap, str(d / f"{name}.qcow2"))
+    check_ok("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", str(d / "t.qcow2"))
+    check_ok("create", "-q", "-f", "raw", str(d / "r.raw"), "1M")
+
+
+def test_snapshot_commands_on_read_only_drives(daemons: Daemons, tmp_path: Path) -> None:
+    """Deleting on a read-only image fails with EPERM, and (as in QEMU) the open node stops listing
+    the snapshot while the file keeps it; creating is refused up front."""
+    p = Pair(*daemons.pair(["-drive", "file=ro.qcow2,if=none,id=ro,readonly=on",
+                            "-drive", "file=cd.qcow2,if=ide,media=cdrom,id=cd", "-drive", "file=t.qcow2,if=none,id=t",
+                            "-drive", "file=r.raw,if=none,id=rr,readonly=on,format=raw"], _setup_ro))
+    delete, create = "blockdev-snapshot-delete-internal-sync", "blockdev-snapshot-internal-sync"
+    for name, args in [
+        (delete, {"device": "ro", "name": "rs"}), ("query-block", None), (delete, {"device": "ro", "id": "1"}),
+        (delete, {"device": "ro", "name": "nonexist"}), (delete, {"device": "ro"}),
+        (delete, {"device": "cd", "id": "1"}),
+        (delete, {"device": "rr", "name": "x"}), (delete, {"device": "t", "name": "bs"}),
+        (create, {"device": "ro", "name": "rs"}), (create, {"device": "ro", "name": ""}),
+        (create, {"device": "cd", "name": "x"}), (create, {"device": "rr", "name": "x"}),
+        ("transaction", {"actions": [{"type": create, "data": {"device": "ro", "name": "n"}}]}),
+        ("query-block", None), ("query-named-block-nodes", None),
+    ]:
+        p.same(name, args)
+    for line in ["snapshot_delete_blkdev_internal ro rs", "snapshot_delete_blkdev_internal cd cs 1",
+                 "snapshot_delete_blkdev_internal cd cs", "snapshot_blkdev_internal ro x",
+                 "snapshot_blkdev_internal cd x",
+                 "delvm rs", "savevm x", "loadvm rs", "info snapshots", "info block -v"]:
+        p.hmp(line)
+    # a medium opened again lists the snapshot again
+    p.same("blockdev-change-medium", {"device": "cd", "filename": "ro.qcow2"})
+    p.same("blockdev-change-medium", {"device": "cd", "filename": "cd.qcow2"})
+    p.same("query-block")
+    p.q.cmd("quit")
+    p.v.cmd("quit")
+    for side in ("q", "v"):
+        for img in ("ro.qcow2", "cd.qcow2"):
+            out = qemu_img("snapshot", "-l", str(tmp_path / side / img)).stdout
+            assert " rs " in out or " cs " in out, (side, img, out)

@@ -445,6 +445,13 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, 
             f"'{name if name is not None else 'null'}' does not exist on device '{t.label}'"
         )
     before = snapshot_info(found)
+    if t.medium.ro:
+        # QEMU drops the entry from its in-memory table, then fails writing the
+        # table (EPERM): the image is unchanged, but the open node no longer
+        # lists the snapshot until the medium is opened again
+        drv = t.medium.node.driver
+        drv._snapshots = [e for e in drv._snapshots if e is not found]  # type: ignore[attr-defined]
+        raise VdkitError("Failed to remove snapshot from snapshot list: Operation not permitted")
     try:
         _delete(t.medium, snapshot_id=found.id_str, name=found.name)
     except (OSError, VdkitError) as exc:
