@@ -39,8 +39,9 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return out
 
 
-# QEMU refuses "\u0000" in strings (so does vdkit): leave NUL out
-_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=20)
+# QEMU refuses surrogates and noncharacters (U+FDD0..U+FDEF, U+xFFFE/U+xFFFF) in strings; NUL is fine
+_text = st.text(st.characters(blacklist_categories=("Cs",)).filter(
+    lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE)), max_size=20)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 63 - 1) | _text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(_text, children, max_size=4),
@@ -158,3 +159,33 @@ def test_dispatch_negotiation_rules() -> None:
     with pytest.raises(VdkitError, match="does not support OOB"):
         reg.dispatch(ctx, "q", {}, oob=True)
     assert reg.dispatch(ctx, "q", {}) == {"ok": True}
+
+
+@pytest.mark.parametrize("data,want", [
+    (b'{"execute":"a","id":1,"id":2}', ["JSON parse error, duplicate key"]),
+    (b'{"execute":"a","id":"\\ud800"}', ["JSON parse error, \\ud800 is not a valid Unicode character"]),
+    (b'{"execute":"a","id":"\\u12"}', ['JSON parse error, \\u12" is not a valid Unicode character']),
+    (b'{"execute":"a","id":"\\ud83f\\udfff"}', ["JSON parse error, \\ud83f\\udfff is not a valid Unicode character"]),
+    (b'{"execute":"a","id":"\xef\xbf\xbf"}', ["JSON parse error, invalid UTF-8 sequence in string"]),
+    (b'{"execute":"a","id":"\xff"}', ["JSON parse error, stray '\"\ufffd'", "JSON parse error, expecting value"]),
+    (b'{"a":"\xe2(\xa1\x01"}', ["JSON parse error, stray '\"\ufffd(\ufffd\x01'", "JSON parse error, expecting value"]),
+    (b'{"a":@abc "x"}', ["JSON parse error, stray '@'", "JSON parse error, expecting value"]),
+    (b"\xc3\xa9", ["JSON parse error, stray '\ufffd'"]),
+    (b"\x00", ["JSON parse error, stray ''"]),
+    (b'{"execute":"a","id":0e5}', ["JSON parse error, expected separator in dict"]),
+])
+def test_parse_errors_as_qemu(data: bytes, want: list[str]) -> None:
+    got = events(QmpSession(), [data, b"\n"])
+    assert [e.desc for e in got if isinstance(e, InputError)] == want
+
+
+@pytest.mark.parametrize("text,echo", [
+    (b"1.5e3", b"1500"), (b"0.1", b"0.10000000000000001"), (b"-0.0", b"-0"), (b"1e300", b"1.0000000000000001e+300"),
+    (b"-9223372036854775809", b"-9.2233720368547758e+18"), (b"18446744073709551615", b"18446744073709551615"),
+    (b"1e999", b"inf"), (b'"\\u0000\xc0\x80"', b'"\\u0000\\u0000"'), (b'"\xf0\x9f\x98\x80"', b'"\\uD83D\\uDE00"'),
+])
+def test_id_echo_as_qemu(text: bytes, echo: bytes) -> None:
+    s = QmpSession()
+    (req,) = events(s, [b'{"execute":"a","id":' + text + b"}"])
+    assert isinstance(req, Request)
+    assert s.reply(req, {}) == b'{"return": {}, "id": ' + echo + b"}\r\n"

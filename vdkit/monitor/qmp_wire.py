@@ -13,7 +13,12 @@ The JSON stream is split the way QEMU's lexer/streamer pair does it (see
 so objects may span lines, share a line, or arrive without any delimiter;
 single-quoted strings are accepted; a top-level scalar is a complete message
 as soon as a delimiter follows it.  A lexical error discards the partial
-message and is reported as ``JSON parse error, stray '...'``.
+message and is reported as ``JSON parse error, stray '...'``; the lexer then
+skips input up to a structural or control character (QEMU's recovery).
+The lexer works on bytes: strings are decoded by the parser as QEMU's
+modified UTF-8 (``C0 80`` and ``\\u0000`` are NUL; surrogates and
+noncharacters are refused), duplicate keys are an error, and numbers that
+QEMU holds as doubles are echoed as it prints them (``%.17g``).
 
 Limits (deliberate, documented): QEMU caps a message at 64 MiB of tokens, 2M
 tokens and nesting depth 1024.  This session caps a message at
@@ -26,7 +31,6 @@ message and reports QEMU's texts ``JSON token size limit exceeded`` /
 
 from __future__ import annotations
 
-import codecs
 import enum
 import re
 import time
@@ -115,29 +119,46 @@ class _Token:
     text: str
 
 
-def _scan_string(buf: str, pos: int) -> int | None:
-    """End index (exclusive) of the quoted string starting at ``pos``; None if incomplete."""
+# what ends a run of ordinary string bytes: the quote, a backslash, a control character, 0xFE, 0xFF
+_STOP_IN = {q: re.compile("[" + q + r"\\\x00-\x1f\xfe\xff]") for q in "\"'"}
+# what lexical-error recovery skips: everything but structural characters, control characters except
+# tab, and the bytes 0xFE/0xFF (each of those ends recovery and is lexed again)
+_RECOVERY_SKIP = re.compile(r"[^\x00-\x08\x0a-\x1f\xfe\xff{}\[\]:,]*")
+
+
+def _scan_string(buf: str, pos: int) -> tuple[int, bool] | None:
+    """(end, ok) of the quoted string starting at ``pos``; None if incomplete.
+
+    ``buf`` holds bytes (latin-1).  A control character or a byte 0xFE/0xFF
+    inside the string, also right after a backslash, is a lexical error: the
+    erroneous token runs from the quote up to and including that byte.
+    """
     quote = buf[pos]
+    stop = _STOP_IN[quote]
     i = pos + 1
     n = len(buf)
     while True:
-        j = buf.find(quote, i)
-        k = buf.find("\\", i)
-        if j < 0 and k < 0:
+        m = stop.search(buf, i)
+        if m is None:
             return None
-        if k >= 0 and (j < 0 or k < j):
-            if k + 1 >= n:
+        j = m.start()
+        c = buf[j]
+        if c == "\\":
+            if j + 1 >= n:
                 return None
-            i = k + 2
+            e = buf[j + 1]
+            if e < " " or e in "\xfe\xff":
+                return j + 2, False
+            i = j + 2
             continue
-        return j + 1
+        return j + 1, c == quote
 
 
 # number lexer states: transitions, and which states may end a number
 _NUM_TRANS: dict[str, dict[str, str]] = {
     "start": {"-": "minus", "0": "zero", **{d: "int" for d in "123456789"}},
     "minus": {"0": "zero", **{d: "int" for d in "123456789"}},
-    "zero": {".": "dot", "e": "e", "E": "e"},
+    "zero": {".": "dot"},  # QEMU: "0e5" is the number 0, then the keyword "e"
     "int": {".": "dot", "e": "e", "E": "e", **{d: "int" for d in "0123456789"}},
     "dot": {d: "frac" for d in "0123456789"},
     "frac": {"e": "e", "E": "e", **{d: "frac" for d in "0123456789"}},
@@ -162,7 +183,7 @@ def _scan_number(buf: str, pos: int) -> tuple[int, bool] | None:
     while i < n:
         nxt = _NUM_TRANS[state].get(buf[i])
         if nxt is None:
-            if state in _NUM_FINAL and not (state == "zero" and buf[i].isdigit()):
+            if state in _NUM_FINAL and not (state == "zero" and buf[i] in "0123456789"):
                 return i, True
             return i + 1, False
         state = nxt
@@ -180,51 +201,119 @@ class _ParseError(Exception):
 
 
 _ESCAPES = {'"': '"', "'": "'", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+# lead byte -> (sequence length, smallest code point that needs that length)
+_UTF8_LEAD = {**{b: (2, 0x80) for b in range(0xC0, 0xE0)}, **{b: (3, 0x800) for b in range(0xE0, 0xF0)},
+              **{b: (4, 0x10000) for b in range(0xF0, 0xF8)}, **{b: (5, 0x200000) for b in range(0xF8, 0xFC)},
+              **{b: (6, 0x4000000) for b in range(0xFC, 0xFE)}}
 
 
-_BAD_UTF8 = re.compile("[\udc80-\udcff]")
+def _bad_code_point(cp: int) -> bool:
+    """Surrogates, beyond U+10FFFF, and noncharacters: QEMU accepts none of them."""
+    return 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE
+
+
+def _utf8_char(text: str, i: int) -> tuple[int | None, int]:
+    """Decode the (modified) UTF-8 sequence at ``text[i]`` (bytes as latin-1 chars).
+
+    Returns (code point or None if invalid, index after the bytes consumed).
+    As observed in QEMU: the lead byte fixes the length (up to 6 bytes);
+    continuation bytes are consumed while they come, so a truncated sequence
+    is one invalid unit; a complete one is invalid when overlong (except the
+    two-byte NUL ``C0 80``), a surrogate, past U+10FFFF or a noncharacter.
+    """
+    b0 = ord(text[i])
+    if b0 < 0x80:
+        return b0, i + 1
+    lead = _UTF8_LEAD.get(b0)
+    if lead is None:  # continuation byte or 0xFE/0xFF
+        return None, i + 1
+    length, smallest = lead
+    cp = b0 & (0x7F >> length)
+    j = i + 1
+    end = min(i + length, len(text))
+    while j < end and 0x80 <= ord(text[j]) < 0xC0:
+        cp = cp << 6 | ord(text[j]) & 0x3F
+        j += 1
+    if j < i + length:
+        return None, j
+    if cp == 0 and length == 2:
+        return 0, j
+    if cp < smallest or _bad_code_point(cp):
+        return None, j
+    return cp, j
+
+
+def qemu_text(raw: str) -> str:
+    """Bytes (latin-1 chars) as QEMU prints them: cut at NUL, invalid UTF-8 as U+FFFD (one per unit)."""
+    raw = raw.split("\x00", 1)[0]
+    if raw.isascii():
+        return raw
+    out: list[str] = []
+    i = 0
+    n = len(raw)
+    while i < n:
+        cp, i = _utf8_char(raw, i)
+        out.append("\ufffd" if cp is None else chr(cp))
+    return "".join(out)
 
 
 def _decode_string(raw: str) -> str:
-    body = raw[1:-1]
-    if _BAD_UTF8.search(body):  # bytes the UTF-8 decoder could not decode
-        raise _ParseError("invalid UTF-8 sequence in string")
-    if "\\" not in body:
-        return body
+    """A string token's value; ``raw`` is the token with its quotes, bytes as latin-1 chars."""
+    n = len(raw) - 1  # the closing quote
+    if raw.isascii() and "\\" not in raw:
+        return raw[1:n]
     out: list[str] = []
-    i = 0
-    n = len(body)
+    i = 1
     while i < n:
-        c = body[i]
-        if c != "\\":
+        c = raw[i]
+        if c == "\\":
+            e = raw[i + 1]
+            if e in _ESCAPES:
+                out.append(_ESCAPES[e])
+                i += 2
+                continue
+            if e != "u":
+                raise _ParseError("invalid escape sequence in string")
+            cp, j = _hex_escape(raw, i)
+            out.append(chr(cp))
+            i = j
+            continue
+        if c < "\x80":
             out.append(c)
             i += 1
             continue
-        e = body[i + 1]
-        if e in _ESCAPES:
-            out.append(_ESCAPES[e])
-            i += 2
-            continue
-        if e != "u":
-            raise _ParseError("invalid escape sequence in string")
-        hexd = body[i + 2 : i + 6]
-        if len(hexd) != 4 or any(h not in "0123456789abcdefABCDEF" for h in hexd):
-            raise _ParseError("invalid hex escape sequence in string")
-        cp = int(hexd, 16)
-        i += 6
-        if 0xD800 <= cp <= 0xDBFF and body[i : i + 2] == "\\u":
-            low = body[i + 2 : i + 6]
-            if len(low) == 4 and all(h in "0123456789abcdefABCDEF" for h in low):
-                lo = int(low, 16)
-                if 0xDC00 <= lo <= 0xDFFF:
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
-                    i += 6
-        if 0xD800 <= cp <= 0xDFFF:
-            raise _ParseError("invalid \\u escape (unpaired surrogate)")
-        if cp == 0:
-            raise _ParseError("\\u0000 is not supported")
-        out.append(chr(cp))
+        ucp, i = _utf8_char(raw, i)  # the closing quote is no continuation byte
+        if ucp is None:
+            raise _ParseError("invalid UTF-8 sequence in string")
+        out.append(chr(ucp))
     return "".join(out)
+
+
+def _hex_escape(raw: str, i: int) -> tuple[int, int]:
+    """The ``\\uXXXX`` escape (or surrogate pair) at ``raw[i]``: (code point, index after it)."""
+    hexd = raw[i + 2 : i + 6]  # up to four characters, the closing quote included
+    if len(hexd) != 4 or not _HEX.issuperset(hexd):
+        raise _ParseError(f"{qemu_text(raw[i : i + 2 + len(hexd)])} is not a valid Unicode character")
+    cp = int(hexd, 16)
+    j = i + 6
+    if 0xD800 <= cp <= 0xDBFF:
+        low = raw[j + 2 : j + 6]
+        if raw[j : j + 2] == "\\u" and len(low) == 4 and _HEX.issuperset(low) and 0xDC00 <= int(low, 16) <= 0xDFFF:
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (int(low, 16) - 0xDC00)
+            j += 6
+    if _bad_code_point(cp):
+        raise _ParseError(f"{raw[i:j]} is not a valid Unicode character")
+    return cp, j
+
+
+class QFloat(float):
+    """A JSON number QEMU holds as a double: echoed as QEMU prints it (``%.17g``: 1500, 0.10000000000000001)."""
+
+    def __repr__(self) -> str:
+        return "%.17g" % self
+
+    __str__ = __repr__
 
 
 def _number(text: str) -> int | float:
@@ -232,7 +321,7 @@ def _number(text: str) -> int | float:
         v = int(text)
         if -(1 << 63) <= v < (1 << 64):
             return v
-    return float(text)
+    return QFloat(text)
 
 
 def _parse_message(tokens: list[_Token]) -> Any:
@@ -287,6 +376,8 @@ def _parse_message(tokens: list[_Token]) -> Any:
             return
         frame = stack[-1]
         if isinstance(frame[0], dict):
+            if frame[1] in frame[0]:
+                raise _ParseError("duplicate key")
             frame[0][frame[1]] = value
         else:
             frame[0].append(value)
@@ -368,9 +459,7 @@ class QmpSession:
     _events: list[Request | InputError] = field(default_factory=list)
     _discard_quote: str | None = None
     _discard_escape: bool = False
-    _decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    )
+    _recovering: bool = False
 
     # -- output -------------------------------------------------------------
     def greeting(self) -> bytes:
@@ -416,7 +505,9 @@ class QmpSession:
 
     # -- input ------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
-        self._buf += self._decoder.decode(data)
+        # the lexer works on bytes, as QEMU's does (one latin-1 char per byte);
+        # strings are UTF-8-decoded by the parser
+        self._buf += data.decode("latin-1")
         self._lex()
 
     def next_event(self) -> Request | InputError | _NeedData:
@@ -437,6 +528,11 @@ class QmpSession:
             if self._discard_quote is not None:
                 pos = self._discard(buf, pos)
                 continue
+            if self._recovering:
+                pos = _RECOVERY_SKIP.match(buf, pos).end()  # type: ignore[union-attr]
+                if pos < n:
+                    self._recovering = False
+                continue
             c = buf[pos]
             if c in _WS:
                 pos += 1
@@ -446,8 +542,8 @@ class QmpSession:
                 pos += 1
                 continue
             if c == '"' or c == "'":
-                end = _scan_string(buf, pos)
-                if end is None:
+                scanned = _scan_string(buf, pos)
+                if scanned is None:
                     if self._msg_size + (n - pos) > self.max_message_size:
                         # drop the rest of this string as it arrives, then resume
                         self._limit("JSON token size limit exceeded")
@@ -456,10 +552,11 @@ class QmpSession:
                         pos += 1
                         continue
                     break
-                self._token(_Token(_Tok.STRING, buf[pos:end]))
+                end, ok = scanned
+                self._token(_Token(_Tok.STRING if ok else _Tok.ERROR, buf[pos:end]))
                 pos = end
                 continue
-            if c == "-" or c.isdigit() and c.isascii():
+            if c == "-" or "0" <= c <= "9":
                 scanned = _scan_number(buf, pos)
                 if scanned is None:
                     break
@@ -500,8 +597,10 @@ class QmpSession:
 
     def _token(self, tok: _Token) -> None:
         if tok.kind is _Tok.ERROR:
+            # the partial message is dropped; the lexer skips to a likely start of a new token
             self._reset_message()
-            self._events.append(InputError(f"JSON parse error, stray '{tok.text}'"))
+            self._recovering = True
+            self._events.append(InputError(f"JSON parse error, stray '{qemu_text(tok.text)}'"))
             return
         self._tokens.append(tok)
         self._msg_size += len(tok.text)
