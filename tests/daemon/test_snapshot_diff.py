@@ -310,3 +310,44 @@ def test_snapshot_commands_on_read_only_drives(daemons: Daemons, tmp_path: Path)
         for img in ("ro.qcow2", "cd.qcow2"):
             out = qemu_img("snapshot", "-l", str(tmp_path / side / img)).stdout
             assert " rs " in out or " cs " in out, (side, img, out)
+
+
+def _setup_cut(d: Path) -> None:
+    check_ok("create", "-q", "-f", "qcow2", str(d / "gone.qcow2"), "16M")
+    check_ok("create", "-q", "-f", "qcow2", str(d / "cut.qcow2"), "16M")
+
+
+def test_image_truncated_under_the_daemon(daemons: Daemons, tmp_path: Path) -> None:
+    """An image cut to 0 bytes while open: the snapshot's first table write would overwrite the header,
+    so the image is marked corrupt (BLOCK_IMAGE_CORRUPTED, fatal), the command fails with EIO and the
+    drive is not inserted any more; savevm then goes on without it.  A deleted (but open) image works."""
+    p = Pair(*daemons.pair(["-drive", "file=gone.qcow2,if=none,id=g", "-drive", "file=cut.qcow2,if=none,id=c"],
+                           _setup_cut))
+    for side in ("q", "v"):
+        (tmp_path / side / "gone.qcow2").unlink()
+        with open(tmp_path / side / "cut.qcow2", "r+b") as f:
+            f.truncate(0)
+    zero = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+    for name, args in [
+        ("query-block", None),
+        ("blockdev-snapshot-internal-sync", {"device": "g", "name": "s"}),
+        ("blockdev-snapshot-internal-sync", {"device": "c", "name": "s"}),
+        ("query-block", None), ("query-named-block-nodes", None),
+        ("blockdev-snapshot-internal-sync", {"device": "c", "name": "s2"}),
+        ("blockdev-snapshot-delete-internal-sync", {"device": "c", "name": "s"}),
+        ("blockdev-snapshot-delete-internal-sync", {"device": "c"}),
+        ("transaction", {"actions": [{"type": "blockdev-snapshot-internal-sync",
+                                      "data": {"device": "c", "name": "t"}}]}),
+        ("block_set_io_throttle", {**zero, "device": "c", "bps": 5}),
+    ]:
+        p.same(name, args)
+    for line in ["savevm x", "info snapshots", "delvm x", "info snapshots", "info block", "loadvm s"]:
+        p.hmp(line)
+
+    def events(m: Monitor) -> list[str]:
+        return [normalise(json.dumps({k: v for k, v in e.items() if k != "timestamp"})) for e in m.events]
+
+    assert events(p.v) == events(p.q)
+    assert [e["event"] for e in p.q.events] == ["BLOCK_IMAGE_CORRUPTED"]
+    p.same("eject", {"device": "c"})
+    p.same("query-block")

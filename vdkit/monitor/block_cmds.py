@@ -337,8 +337,11 @@ def _snapshot_capable(medium: Medium) -> bool:
 
 
 def included_drives(machine: DeviceRegistry) -> list[Drive]:
-    """Disks taking part in VM snapshots: inserted and writable (``qmp-hmp.md`` §5.1)."""
-    return [d for d in machine.drives if d.medium is not None and not d.medium.ro]
+    """Disks taking part in VM snapshots: inserted and writable (``qmp-hmp.md`` §5.1).
+
+    A medium killed by a fatal corruption event is not inserted any more (QEMU: no driver).
+    """
+    return [d for d in machine.drives if d.medium is not None and not d.medium.ro and not d.medium.dead]
 
 
 def vmstate_drive(machine: DeviceRegistry) -> Drive | None:
@@ -398,10 +401,16 @@ def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> Sna
 def _os_text(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return os_error_message(exc)
+    from vdkit.formats.qcow2.io import CorruptionEvent
+
+    if isinstance(exc, CorruptionEvent) and exc.errno:  # the event was reported; the request saw EIO
+        return os.strerror(exc.errno)
     return str(exc)
 
 
 def _snapshot_create_check(t: _Target, name: str) -> None:
+    if t.medium.dead:  # killed by a corruption event: QEMU's node has no driver (not inserted)
+        raise VdkitError("Device has no medium")
     if t.medium.ro:
         raise VdkitError(f"Device '{t.label}' is read only")
     if not _snapshot_capable(t.medium):
@@ -430,6 +439,8 @@ def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -
 def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, Any]) -> SnapshotInfo:
     t = _resolve_root(ctx, args["device"])
     sid, name = args.get("id"), args.get("name")
+    if t.medium.dead:
+        raise VdkitError("Device has no medium")
     if sid is None and name is None:
         raise VdkitError("Name or id must be provided")
     if not _snapshot_capable(t.medium):

@@ -810,17 +810,37 @@ class Transaction:
         self.write(table_off, new_table.astype(">u8").tobytes())
         return new_table, table_off, table_cl, blocks
 
-    def check_overlap(self, in_use: np.ndarray) -> None:
-        """Refuse to write over clusters in use (only a lying refcount of 0 could make us)."""
+    def check_overlap(self, in_use: np.ndarray,
+                      name_of: Callable[[int, int], str | None] | None = None) -> None:
+        """Refuse to write over clusters in use (only a lying refcount of 0 could make us).
+
+        With ``name_of`` (the I/O engine's metadata overlap test: a cluster-aligned
+        host range -> the structure it meets, or None), the first staged write that
+        meets metadata is a corruption event as QEMU signals it for that write
+        ("... (overlaps with <structure>)", its offset and size).
+        """
         staged = np.asarray(sorted(self.staged_clusters()), dtype=np.int64)
         hit = staged[np.isin(staged, in_use)]
         if len(hit):
+            if name_of is not None and self.rc.on_corruption is not None:
+                cs, bits = self.rc.cluster_size, self.rc.cluster_bits
+                hit_set = set(hit.tolist())
+                for off, data in self._writes:  # staging order: QEMU's write order
+                    first, last = off >> bits, (off + max(len(data), 1) - 1) >> bits
+                    if not hit_set.intersection(range(first, last + 1)):
+                        continue
+                    name = name_of(first * cs, (last + 1) * cs)
+                    if name is not None:
+                        raise self.rc.on_corruption(  # type: ignore[call-arg]
+                            f"Preventing invalid write on metadata (overlaps with {name})",
+                            offset=off, size=len(data))
             raise CorruptImageError(
                 f"Preventing invalid write on metadata (cluster {int(hit[0])} is in use but has refcount 0)",
                 errno=5,
             )
 
-    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: np.ndarray) -> None:
+    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: np.ndarray,
+               name_of: Callable[[int, int], str | None] | None = None) -> None:
         """Write everything, sync, switch the header with one write, sync.
 
         ``header_bytes(refcount_table_offset, refcount_table_clusters)`` returns
@@ -828,7 +848,7 @@ class Transaction:
         """
         rc = self.rc
         new_table, table_off, table_cl, blocks = self._prepare_refcounts()
-        self.check_overlap(in_use)
+        self.check_overlap(in_use, name_of)
         for off, data in sorted(self._writes):
             rc.file.pwrite(off, data)
         rc.file.flush()

@@ -314,7 +314,7 @@ def _commit(
 
     meta = _in_use_clusters(drv, trees)
     try:
-        txn.commit(header, meta)
+        txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
     except BaseException:
         # Whatever reached the disk sits in free clusters; forget cached state.
         drv.clusters.l2.drop()
