@@ -130,3 +130,19 @@ def test_hmp_socket_garbage(daemons: Daemons, tmp_path: Path) -> None:
     s.close()
     m = daemons.monitor(path).negotiate()
     _alive(m)
+
+
+def test_hmp_cpu_index_and_integer_range(daemons: Daemons, tmp_path: Path) -> None:
+    """human-monitor-command's cpu-index names the one CPU (a C int: 2**40 is CPU 0 again); integers
+    beyond int64 are of the wrong type.  Compared with QEMU byte for byte."""
+    from tests.daemon.conftest import normalise
+
+    q, v = daemons.pair([], lambda d: None)
+    for index in [0, 1, 5, -1, 2 ** 32 - 1, 2 ** 32 + 1, 2 ** 40, 2 ** 63, 2 ** 70, -(2 ** 63) - 1, "x", None, 0.0,
+                  True]:
+        for line in ("info status", "nonexist"):
+            data = json.dumps({"execute": "human-monitor-command",
+                               "arguments": {"command-line": line, "cpu-index": index}}).encode()
+            q.send_raw(data)
+            v.send_raw(data)
+            assert normalise(v.response_line()) == normalise(q.response_line()), (line, index)

@@ -63,8 +63,8 @@ def _check_value(arg: Arg, value: Any, path: str) -> Any:
     if t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise VdkitError(f"Invalid parameter type for '{path}', expected: integer")
-        if not -(1 << 63) <= value < (1 << 63):
-            raise VdkitError(f"Parameter '{path}' expects integer")
+        if not -(1 << 63) <= value < (1 << 63):  # QEMU's parser made it a uint64 or a double
+            raise VdkitError(f"Invalid parameter type for '{path}', expected: integer")
         return value
     if t == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):

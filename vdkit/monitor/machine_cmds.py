@@ -53,6 +53,12 @@ def quit_(ctx: CommandContext, args: dict[str, Any]) -> None:
 def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
     from vdkit.monitor.hmp import run_line
 
+    if "cpu-index" in args:
+        # QEMU keeps the index in a C int (2**32 is CPU 0 again); the machine has one CPU, index 0
+        index = (args["cpu-index"] + (1 << 31)) % (1 << 32) - (1 << 31)
+        if index != 0:
+            raise VdkitError("Parameter 'cpu-index' expects a CPU number")
+
     return run_line(REGISTRY, ctx, args["command-line"])
 
 
