@@ -10,7 +10,6 @@ ends, as the monitor sends them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,84 +22,239 @@ from vdkit.monitor.commands import CommandContext, CommandRegistry
 
 
 class HmpArgError(Exception):
-    """Bad arguments: ``message`` then the ``Try "help <cmd>"`` hint."""
+    """Bad arguments: ``text`` (with its own line end, as QEMU prints it) then the ``Try "help <cmd>"`` hint."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class _Args:
-    """A cursor over the rest of a command line."""
-
-    def __init__(self, name: str, text: str) -> None:
-        self.name = name
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
         self.text = text
-        self.pos = 0
 
-    def _skip(self) -> None:
-        while self.pos < len(self.text) and self.text[self.pos].isspace():
+
+# The parser works on the command line's UTF-8 bytes (one latin-1 char per
+# byte), as QEMU's does: a string argument is cut at 1023 bytes and an invalid
+# character in an expression is reported as its first byte.
+_SPACE = " \t\n\v\f\r"  # C isspace()
+_STR_MAX = 1023
+_STR_ESCAPES = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}
+_U64 = 1 << 64
+
+
+def _to_bytes_text(line: str) -> str:
+    return line.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _from_bytes_text(text: str) -> str:
+    return text.encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _SPACE:
+        pos += 1
+    return pos
+
+
+def _get_str(text: str, pos: int) -> tuple[str | None, int]:
+    """One word or ``"quoted string"`` (escapes ``\\n \\r \\\\ \\' \\"``); None when missing or malformed.
+
+    QEMU prints its reason for a malformed string (unterminated, bad escape)
+    on its own stdout, not on the monitor: the monitor only sees the
+    caller's ``... expected``.
+    """
+    pos = _skip(text, pos)
+    n = len(text)
+    if pos >= n:
+        return None, pos
+    out: list[str] = []
+    if text[pos] == '"':
+        pos += 1
+        while pos < n and text[pos] != '"':
+            c = text[pos]
+            pos += 1
+            if c == "\\":
+                e = text[pos] if pos < n else ""
+                pos += 1
+                if e not in _STR_ESCAPES or not e:
+                    return None, pos
+                c = _STR_ESCAPES[e]
+            out.append(c)
+        if pos >= n:
+            return None, pos
+        pos += 1
+    else:
+        start = pos
+        while pos < n and text[pos] not in _SPACE:
+            pos += 1
+        out.append(text[start:pos])
+    return "".join(out)[:_STR_MAX], pos
+
+
+def _s64(v: int) -> int:
+    v %= _U64
+    return v - _U64 if v >= 1 << 63 else v
+
+
+class _Expr:
+    """HMP integer expressions: ``+ -`` below ``& | ^`` below ``* / %``; unary ``+ - ~``,
+    parentheses, C integer literals (``0x1f``, ``017``), ``'c'`` character constants;
+    64-bit two's complement arithmetic, C division."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.text = text
+        self.pos = _skip(text, pos)
+
+    def fail(self, msg: str) -> HmpArgError:
+        return HmpArgError(msg + "\n")
+
+    def cur(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def next(self) -> None:
+        if self.pos < len(self.text):
+            self.pos = _skip(self.text, self.pos + 1)
+
+    def sum(self) -> int:
+        v = self.logic()
+        while (op := self.cur()) and op in "+-":
+            self.next()
+            w = self.logic()
+            v = _s64(v + w if op == "+" else v - w)
+        return v
+
+    def logic(self) -> int:
+        v = self.prod()
+        while (op := self.cur()) and op in "&|^":
+            self.next()
+            w = self.prod()
+            v = _s64(v & w if op == "&" else v | w if op == "|" else v ^ w)
+        return v
+
+    def prod(self) -> int:
+        v = self.unary()
+        while (op := self.cur()) and op in "*/%":
+            self.next()
+            w = self.unary()
+            if op == "*":
+                v = _s64(v * w)
+                continue
+            if w == 0:
+                raise self.fail("division by zero")
+            q = abs(v) // abs(w)
+            q = q if (v < 0) == (w < 0) else -q  # C: truncation toward zero
+            v = _s64(q) if op == "/" else _s64(v - q * w)
+        return v
+
+    def unary(self) -> int:
+        c = self.cur()
+        if c == "+":
+            self.next()
+            return self.unary()
+        if c == "-":
+            self.next()
+            return _s64(-self.unary())
+        if c == "~":
+            self.next()
+            return _s64(~self.unary())
+        if c == "(":
+            self.next()
+            v = self.sum()
+            if self.cur() != ")":
+                raise self.fail("')' expected")
+            self.next()
+            return v
+        if c == "'":
             self.pos += 1
-
-    def at_end(self) -> bool:
-        self._skip()
-        return self.pos >= len(self.text)
-
-    def peek_flag(self) -> str | None:
-        self._skip()
-        if self.text.startswith("-", self.pos) and self.pos + 1 < len(self.text):
-            return self.text[self.pos + 1]
-        return None
-
-    def take_flag(self) -> None:
-        self.pos += 2
-
-    def string(self, *, optional: bool = False, what: str = "string expected") -> str | None:
-        self._skip()
-        if self.pos >= len(self.text):
-            if optional:
-                return None
-            raise HmpArgError(f"{self.name}: {what}")
-        t = self.text
-        if t[self.pos] == '"':
-            out = []
-            i = self.pos + 1
-            while i < len(t) and t[i] != '"':
-                if t[i] == "\\" and i + 1 < len(t):
-                    c = t[i + 1]
-                    esc = {"n": "\n", "r": "\r", "\\": "\\", "'": "'", '"': '"'}.get(c)
-                    if esc is None:
-                        raise HmpArgError(f"unsupported escape code: '\\{c}'")
-                    out.append(esc)
-                    i += 2
-                    continue
-                out.append(t[i])
-                i += 1
-            if i >= len(t):
-                raise HmpArgError("untermintated string")
-            self.pos = i + 1
-            return "".join(out)
-        start = self.pos
-        while self.pos < len(t) and not t[self.pos].isspace():
+            ch = self.cur()
+            if not ch:
+                raise self.fail("character constant expected")
             self.pos += 1
-        return t[start:self.pos]
+            if self.cur() != "'":
+                raise self.fail("missing terminating ' character")
+            self.next()
+            b = ord(ch)
+            return b - 256 if b >= 0x80 else b  # a C char is signed
+        if c == "$":
+            # CPU registers: vdkit has no CPU, so no register is known
+            raise self.fail("unknown register")
+        if not c:
+            raise self.fail("unexpected end of expression")
+        return self.number()
 
-    def integer(self) -> int:
-        self._skip()
+    def number(self) -> int:
+        """strtoull(…, 0): the longest valid C literal; ``0x`` without a hex digit is just ``0``."""
         t = self.text
-        if self.pos >= len(t):
-            raise HmpArgError("unexpected end of expression")
-        m = re.compile(r"(0x[0-9a-fA-F]+|[0-9]+)").match(t, self.pos)
-        if m is None:
-            raise HmpArgError(f"invalid char '{t[self.pos]}' in expression")
-        self.pos = m.end()
-        if self.pos < len(t) and not t[self.pos].isspace():
-            raise HmpArgError(f"invalid char '{t[self.pos]}' in expression")
-        return int(m.group(), 0)
+        p = self.pos
+        n = len(t)
+        if t.startswith(("0x", "0X"), p) and p + 2 < n and t[p + 2] in "0123456789abcdefABCDEF":
+            base, q = 16, p + 2
+            digits = "0123456789abcdefABCDEF"
+        elif t.startswith("0", p):
+            base, q, digits = 8, p, "01234567"
+        else:
+            base, q, digits = 10, p, "0123456789"
+        e = q
+        while e < n and t[e] in digits:
+            e += 1
+        if e == q:
+            raise self.fail(f"invalid char '{t[p]}' in expression")
+        v = int(t[q:e], base)
+        if v >= _U64:
+            raise self.fail("number too large")
+        self.pos = _skip(t, e)
+        return _s64(v)
 
-    def end(self) -> None:
-        if not self.at_end():
-            raise HmpArgError(f"{self.name}: extraneous characters at the end of line")
+
+@dataclass(frozen=True)
+class _Param:
+    key: str
+    kind: str  # "B" block device, "F" file name, "s" string, "S" rest of line, "l" integer, "-x" flag
+    optional: bool = False
+
+
+def _spec(text: str) -> tuple[_Param, ...]:
+    """QEMU's HMP argument notation: ``device:B,force:-f,name:s?``."""
+    out = []
+    for item in filter(None, text.split(",")):
+        key, kind = item.split(":")
+        out.append(_Param(key, kind.rstrip("?"), kind.endswith("?")))
+    return tuple(out)
+
+
+_EXPECTED = {"B": "block device name", "F": "filename", "s": "string"}
+
+
+def _parse_args(name: str, params: tuple[_Param, ...], text: str, pos: int) -> dict[str, Any]:
+    """Arguments in declared order: a flag's slot takes that flag or leaves a later flag for its own slot."""
+    args: dict[str, Any] = {}
+    for i, prm in enumerate(params):
+        pos = _skip(text, pos)
+        at_end = pos >= len(text)
+        if prm.kind.startswith("-"):
+            letter = prm.kind[1]
+            if not at_end and text[pos] == "-":
+                got = text[pos + 1] if pos + 1 < len(text) else ""
+                if got == letter:
+                    args[prm.key] = True
+                    pos += 2
+                elif not got or not any(q.kind == "-" + got for q in params[i + 1:]):
+                    # printf of a NUL character ends QEMU's message: no line end
+                    raise HmpArgError(f"{name}: unsupported option -{got}" + ("\n" if got else ""))
+            continue
+        if prm.optional and at_end:
+            continue
+        if prm.kind == "l":
+            ex = _Expr(text, pos)
+            args[prm.key] = ex.sum()
+            pos = ex.pos
+        elif prm.kind == "S":
+            args[prm.key] = _from_bytes_text(text[pos:])
+            pos = len(text)
+        else:
+            value, pos = _get_str(text, pos)
+            if value is None:
+                raise HmpArgError(f"{name}: {_EXPECTED[prm.kind]} expected\n")
+            args[prm.key] = _from_bytes_text(value)
+    if _skip(text, pos) < len(text):
+        raise HmpArgError(f"{name}: extraneous characters at the end of line\n")
+    return args
 
 
 @dataclass(frozen=True)
@@ -108,7 +262,8 @@ class HmpCommand:
     names: tuple[str, ...]
     params: str
     help: str
-    run: Callable[[CommandRegistry, CommandContext, _Args], str]
+    run: Callable[[CommandRegistry, CommandContext, dict[str, Any]], str]
+    args_type: str = ""
 
     def help_line(self, prefix: str = "") -> str:
         return f"{prefix}{'|'.join(self.names)} {self.params} -- {self.help}\n"
@@ -121,18 +276,10 @@ def _qmp(reg: CommandRegistry, ctx: CommandContext, command: str, **args: Any) -
 # -- info subcommands ----------------------------------------------------------
 
 
-def _info_block(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    nodes = verbose = False
-    while (flag := a.peek_flag()) is not None:
-        if flag == "n" and not nodes:
-            nodes = True
-        elif flag == "v" and not verbose:
-            verbose = True
-        else:
-            raise HmpArgError(f"{a.name}: unsupported option -{flag}")
-        a.take_flag()
-    device = a.string(optional=True)
-    a.end()
+def _info_block(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    nodes = a.get("nodes", False)
+    verbose = a.get("verbose", False)
+    device = a.get("device")
     out: list[str] = []
     printed = False
     if not nodes:
@@ -160,8 +307,7 @@ def _info_block(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
     return "".join(out)
 
 
-def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    a.end()
+def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     infos: list[BlockInfo] = _qmp(reg, ctx, "query-block")
     writable = [b for b in infos if b.inserted is not None and not b.inserted.ro]
     capable = [b for b in writable if b.inserted is not None and b.inserted.drv == "qcow2"]
@@ -181,23 +327,20 @@ def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
     return render_human.info_snapshots(True, global_snaps, partial, any_snapshots=True)
 
 
-def _info_status(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    a.end()
+def _info_status(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     st = _qmp(reg, ctx, "query-status")
     if st.running:
         return "VM status: running\n"
     return "VM status: paused\n" if st.status == "paused" else f"VM status: paused ({st.status})\n"
 
 
-def _info_version(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    a.end()
+def _info_version(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     v = _qmp(reg, ctx, "query-version")
     q = v["qemu"]
     return f"{q['major']}.{q['minor']}.{q['micro']}{v['package']}\n"
 
 
-def _info_blockstats(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    a.end()
+def _info_blockstats(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     out = []
     for s in _qmp(reg, ctx, "query-blockstats"):
         st = s.stats
@@ -213,7 +356,7 @@ def _info_blockstats(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str
 
 INFO_COMMANDS = (
     HmpCommand(("block",), "[-n] [-v] [device]", "show info of one block device or all block devices "
-               "(-n: show named nodes; -v: show details)", _info_block),
+               "(-n: show named nodes; -v: show details)", _info_block, "nodes:-n,verbose:-v,device:B?"),
     HmpCommand(("blockstats",), "", "show block device statistics", _info_blockstats),
     HmpCommand(("snapshots",), "", "show the currently saved VM snapshots", _info_snapshots),
     HmpCommand(("status",), "", "show the current VM status (running|paused)", _info_status),
@@ -224,134 +367,104 @@ INFO_COMMANDS = (
 # -- top-level commands ----------------------------------------------------------
 
 
-def _device(a: _Args) -> str:
-    d = a.string(what="block device name expected")
-    assert d is not None
-    return d
+def _find(table: tuple[HmpCommand, ...], name: str) -> HmpCommand | None:
+    return next((c for c in table if name in c.names), None)
 
 
-def _help(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    what = a.string(optional=True)
-    sub = a.string(optional=True) if what == "info" else None
-    if what is None:
+def _help(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    """Words split like string arguments (a malformed one prints nothing); the first unknown one is named."""
+    text = _to_bytes_text(a.get("name") or "")
+    words: list[str] = []
+    pos = 0
+    while _skip(text, pos) < len(text):
+        word, pos = _get_str(text, pos)
+        if word is None:
+            return ""
+        words.append(_from_bytes_text(word))
+    if not words:
         return "".join(c.help_line() for c in COMMANDS) + "".join(c.help_line("info ") for c in INFO_COMMANDS)
-    if what == "info":
-        cmds = [c for c in INFO_COMMANDS if sub is None or sub in c.names]
-        return "".join(c.help_line("info ") for c in cmds)
-    return "".join(c.help_line() for c in COMMANDS if what in c.names)
-
-
-def _info(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    sub = a.string(optional=True)
-    if sub is None:
+    cmd = _find(COMMANDS, words[0])
+    if cmd is None:
+        return f"unknown command: '{words[0]}'\n"
+    if cmd.names[0] == "info" and len(words) > 1:
+        sub = _find(INFO_COMMANDS, words[1])
+        if sub is None:
+            return f"unknown command: 'info {words[1]}'\n"
+        return sub.help_line("info ")
+    if cmd.names[0] == "info":
         return "".join(c.help_line("info ") for c in INFO_COMMANDS)
-    for c in INFO_COMMANDS:
-        if sub in c.names:
-            a.name = sub
-            try:
-                return c.run(reg, ctx, a)
-            except HmpArgError as exc:
-                raise HmpArgError(exc.message + f'\nTry "help info {sub}" for more information') from exc
-    return f"unknown command: 'info {sub}'\n"
+    return cmd.help_line()
 
 
-def _eject(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    force = None
-    if a.peek_flag() == "f":
-        a.take_flag()
-        force = True
-    dev = _device(a)
-    a.end()
-    _qmp(reg, ctx, "eject", device=dev, force=force)
+def _eject(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "eject", device=a["device"], force=a.get("force"))
     return ""
 
 
-def _change(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    dev = _device(a)
-    if a.peek_flag() == "f":
-        a.take_flag()
-    filename = a.string()
-    fmt = a.string(optional=True)
-    mode = a.string(optional=True)
-    a.end()
-    _qmp(reg, ctx, "blockdev-change-medium", device=dev, filename=filename, format=fmt, **{"read-only-mode": mode})
+_READ_ONLY_MODES = ("retain", "read-only", "read-write")
+
+
+def _change(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    dev, target, fmt, mode = a["device"], a["target"], a.get("arg"), a.get("read-only-mode")
+    if dev == "vnc":  # QEMU's "change vnc password [secret]"; this daemon has no VNC server
+        if mode is not None:
+            return "Parameter 'read-only-mode' is invalid for VNC\n"
+        if target != "password":
+            return "Expected 'password' after 'vnc'\n"
+        if fmt is None:
+            return "terminal does not support password prompting\n"
+        return "Error: Could not set password\n"
+    if mode is not None and mode not in _READ_ONLY_MODES:
+        raise VdkitError(f"invalid parameter value: {mode}")
+    _qmp(reg, ctx, "blockdev-change-medium", device=dev, filename=target, format=fmt, **{"read-only-mode": mode})
     return ""
 
 
-def _throttle(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    dev = _device(a)
-    vals = {k: a.integer() for k in ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")}
-    a.end()
-    _qmp(reg, ctx, "block_set_io_throttle", device=dev, **vals)
+def _throttle(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "block_set_io_throttle", **a)
     return ""
 
 
-def _simple(qmp_name: str) -> Callable[[CommandRegistry, CommandContext, _Args], str]:
-    def run(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-        a.end()
+def _simple(qmp_name: str) -> Callable[[CommandRegistry, CommandContext, dict[str, Any]], str]:
+    def run(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
         _qmp(reg, ctx, qmp_name)
         return ""
 
     return run
 
 
-def _savevm(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    tag = a.string(optional=True)
-    a.end()
-    block_cmds.savevm(ctx, {"name": tag} if tag is not None else {})
+def _savevm(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    block_cmds.savevm(ctx, {"name": a["name"]} if "name" in a else {})
     return ""
 
 
 def _tagged(fn: Callable[[CommandContext, dict[str, Any]], None]) -> Callable[..., str]:
-    def run(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-        tag = a.string()
-        a.end()
-        fn(ctx, {"name": tag})
+    def run(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+        fn(ctx, {"name": a["name"]})
         return ""
 
     return run
 
 
-def _snap_internal(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    dev = _device(a)
-    name = a.string()
-    a.end()
-    _qmp(reg, ctx, "blockdev-snapshot-internal-sync", device=dev, name=name)
+def _snap_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "blockdev-snapshot-internal-sync", device=a["device"], name=a["name"])
     return ""
 
 
-def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
-    dev = _device(a)
-    name = a.string()
-    sid = a.string(optional=True)
-    a.end()
-    _qmp(reg, ctx, "blockdev-snapshot-delete-internal-sync", device=dev, name=name, id=sid)
+def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "blockdev-snapshot-delete-internal-sync", device=a["device"], name=a["name"], id=a.get("id"))
     return ""
-
 
 
 # -- NBD server (handlers live with the daemon: vdkit.daemon.nbd_export) --------------------------
 
 
-def _hmp_flags(a: _Args, allowed: str) -> set[str]:
-    """QEMU's ``-x`` flag arguments; any other letter is ``unsupported option``."""
-    got: set[str] = set()
-    while (f := a.peek_flag()) is not None:
-        if f not in allowed:
-            raise HmpArgError(f"{a.name}: unsupported option -{f}")
-        a.take_flag()
-        got.add(f)
-    return got
-
-
-def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     from vdkit.daemon import nbd_export
 
-    flags = _hmp_flags(a, "aw")
-    uri = a.string()
-    a.end()
-    assert uri is not None
-    if "w" in flags and "a" not in flags:
+    uri = a["uri"]
+    writable = a.get("writable", False)
+    if writable and not a.get("all"):
         raise VdkitError("-w only valid together with -a")
     host, sep, port = uri.rpartition(":")
     if uri.startswith("unix:"):
@@ -361,99 +474,117 @@ def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
     else:
         raise VdkitError(f"error parsing address '{uri}'")
     nbd_export.nbd_server_start(ctx, {"addr": addr})
-    if "a" in flags:  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
+    if a.get("all"):  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
         try:
             for d in ctx.machine.drives:
                 if d.medium is not None:
-                    nbd_export.nbd_server_add(ctx, {"device": d.id, "writable": "w" in flags})
+                    nbd_export.nbd_server_add(ctx, {"device": d.id, "writable": writable})
         except VdkitError:
             nbd_export.nbd_server_stop(ctx, {})
             raise
     return ""
 
 
-def _nbd_add(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+def _nbd_add(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     from vdkit.daemon import nbd_export
 
-    flags = _hmp_flags(a, "w")
-    dev = _device(a)
-    name = a.string(optional=True)
-    a.end()
-    args: dict[str, Any] = {"device": dev, "writable": "w" in flags}
-    if name is not None:
-        args["name"] = name
+    args: dict[str, Any] = {"device": a["device"], "writable": a.get("writable", False)}
+    if a.get("name") is not None:
+        args["name"] = a["name"]
     nbd_export.nbd_server_add(ctx, args)
     return ""
 
 
-def _nbd_remove(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+def _nbd_remove(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     from vdkit.daemon import nbd_export
 
-    flags = _hmp_flags(a, "f")
-    name = a.string()
-    a.end()
-    nbd_export.nbd_server_remove(ctx, {"name": name, "mode": "hard" if "f" in flags else "safe"})
+    nbd_export.nbd_server_remove(ctx, {"name": a["name"], "mode": "hard" if a.get("force") else "safe"})
     return ""
 
 
-def _nbd_stop(reg: CommandRegistry, ctx: CommandContext, a: _Args) -> str:
+def _nbd_stop(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     from vdkit.daemon import nbd_export
 
-    a.end()
     nbd_export.nbd_server_stop(ctx, {})
     return ""
 
 
+def _info_help(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    return "".join(c.help_line("info ") for c in INFO_COMMANDS)
+
+
+_THROTTLE_ARGS = "device:B,bps:l,bps_rd:l,bps_wr:l,iops:l,iops_rd:l,iops_wr:l"
+
 COMMANDS = (
     HmpCommand(("block_set_io_throttle",), "device bps bps_rd bps_wr iops iops_rd iops_wr",
-               "change I/O throttle limits for a block drive", _throttle),
+               "change I/O throttle limits for a block drive", _throttle, _THROTTLE_ARGS),
     HmpCommand(("change",), "device [-f] filename [format [read-only-mode]]",
-               "change a removable medium, optional format, use -f to force the operation", _change),
+               "change a removable medium, optional format, use -f to force the operation", _change,
+               "device:B,force:-f,target:F,arg:s?,read-only-mode:s?"),
     HmpCommand(("cont", "c"), "", "resume emulation", _simple("cont")),
-    HmpCommand(("delvm",), "tag", "delete a VM snapshot from its tag", _tagged(block_cmds.delvm)),
-    HmpCommand(("eject",), "[-f] device", "eject a removable medium (use -f to force it)", _eject),
-    HmpCommand(("help", "?"), "[cmd]", "show the help", _help),
-    HmpCommand(("info",), "[subcommand]", "show various information about the system state", _info),
-    HmpCommand(("loadvm",), "tag", "restore a VM snapshot from its tag", _tagged(block_cmds.loadvm)),
-    HmpCommand(("nbd_server_add",), "nbd_server_add [-w] device [name]", "export a block device via NBD", _nbd_add),
+    HmpCommand(("delvm",), "tag", "delete a VM snapshot from its tag", _tagged(block_cmds.delvm), "name:s"),
+    HmpCommand(("eject",), "[-f] device", "eject a removable medium (use -f to force it)", _eject,
+               "force:-f,device:B"),
+    HmpCommand(("help", "?"), "[cmd]", "show the help", _help, "name:S?"),
+    HmpCommand(("info",), "[subcommand]", "show various information about the system state", _info_help),
+    HmpCommand(("loadvm",), "tag", "restore a VM snapshot from its tag", _tagged(block_cmds.loadvm), "name:s"),
+    HmpCommand(("nbd_server_add",), "nbd_server_add [-w] device [name]", "export a block device via NBD", _nbd_add,
+               "writable:-w,device:B,name:s?"),
     HmpCommand(("nbd_server_remove",), "nbd_server_remove [-f] name",
-               "remove an export previously exposed via NBD", _nbd_remove),
+               "remove an export previously exposed via NBD", _nbd_remove, "force:-f,name:s"),
     HmpCommand(("nbd_server_start",), "nbd_server_start [-a] [-w] host:port",
-               "serve block devices on the given host and port", _nbd_start),
+               "serve block devices on the given host and port", _nbd_start, "all:-a,writable:-w,uri:s"),
     HmpCommand(("nbd_server_stop",), "nbd_server_stop", "stop serving block devices using the NBD protocol",
                _nbd_stop),
     HmpCommand(("quit", "q"), "", "quit the emulator", _simple("quit")),
     HmpCommand(("savevm",), "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created",
-               _savevm),
+               _savevm, "name:s?"),
     HmpCommand(("snapshot_blkdev_internal",), "device name", "take an internal snapshot of device.\n"
                "\t\t\tThe format of the image used by device must\n\t\t\tsupport it, such as qcow2.\n\t\t\t",
-               _snap_internal),
+               _snap_internal, "device:B,name:s"),
     HmpCommand(("snapshot_delete_blkdev_internal",), "device name [id]", "delete an internal snapshot of device.\n"
                "\t\t\tIf id is specified, qemu will try delete\n\t\t\tthe snapshot matching both id and name.\n"
                "\t\t\tThe format of the image used by device must\n\t\t\tsupport it, such as qcow2.\n\t\t\t",
-               _snap_delete_internal),
+               _snap_delete_internal, "device:B,name:s,id:s?"),
     HmpCommand(("stop", "s"), "", "stop emulation", _simple("stop")),
 )
 
 
+def _command_name(text: str, pos: int) -> tuple[str, int]:
+    """A command name runs to a space or a ``/`` (QEMU's format suffix, as in ``x/4x``)."""
+    pos = _skip(text, pos)
+    end = pos
+    while end < len(text) and text[end] != "/" and text[end] not in _SPACE:
+        end += 1
+    return text[pos:end], end
+
+
 def run_line_lf(reg: CommandRegistry, ctx: CommandContext, line: str) -> str:
-    """Run one command line; output with ``\\n`` line ends."""
-    text = line.strip()
-    if not text:
+    """Run one command line; output with ``\\n`` line ends.
+
+    Messages name the command as its table entry does (``stop|s: ...``);
+    ``unknown command`` and the ``Try "help ..."`` hint quote the line up to
+    the end of the command name, leading spaces included.
+    """
+    text = _to_bytes_text(line)
+    if _skip(text, 0) >= len(text):
         return ""
-    m = re.match(r"\S+", text)
-    assert m is not None
-    name = m.group()
-    rest = text[m.end():]
-    cmd = next((c for c in COMMANDS if name in c.names), None)
+    name, pos = _command_name(text, 0)
+    cmd = _find(COMMANDS, name)
     if cmd is None:
-        return f"unknown command: '{name}'\n"
+        return f"unknown command: '{_from_bytes_text(text[:pos])}'\n"
+    if cmd.names[0] == "info" and _skip(text, pos) < len(text):
+        sub, pos = _command_name(text, pos)
+        cmd = _find(INFO_COMMANDS, sub)
+        if cmd is None:
+            return f"unknown command: '{_from_bytes_text(text[:pos])}'\n"
+    typed = _from_bytes_text(text[:pos])
     try:
-        return cmd.run(reg, ctx, _Args(name, rest))
+        args = _parse_args("|".join(cmd.names), _spec(cmd.args_type), text, pos)
     except HmpArgError as exc:
-        if "\nTry " in exc.message:
-            return exc.message + "\n"
-        return f'{exc.message}\nTry "help {name}" for more information\n'
+        return _from_bytes_text(exc.text) + f'Try "help {typed}" for more information\n'
+    try:
+        return cmd.run(reg, ctx, args)
     except VdkitError as exc:
         return f"Error: {exc.message}\n"
 
