@@ -22,14 +22,17 @@ NUMBERS = [
     b"123456789012345678901234567890", b"-12345678901234567890123", b"-9223372036854775809",
     b"-9223372036854775808", b"9223372036854775808", b"18446744073709551615", b"18446744073709551616",
     b"12345678901234567", b"-0", b"0e5", b"-0e0", b"0x10", b"00", b"-01", b"1.", b"0.", b"1e", b"1e-", b"-",
-    b"-a", b".5", b"+1", b"1.5.5", b"TRUE", b"truex", b"nul",
+    b"-a", b".5", b"+1", b"1.5.5", b"TRUE", b"truex", b"nul", b"1e01", b"1E-01", b"123.456e-789", b"0.1e1",
+    b"2.5e-1", b"100000000000000000000", b"1.7976931348623159e308",
 ]
 
 STRINGS = [
     # escapes
     b'"\\u0000"', b'"a\\u0000b"', b'"\\u0000\\u0001"', b'"\\ud800"', b'"\\udc00"', b'"\\ud800\\u0041"',
     b'"\\ud800x"', b'"\\ud800\\ud800"', b'"\\ud800\\u"', b'"\\ud800\\udc0"', b'"\\ud800\\udc0g"',
-    b'"\\ud800\\uzzzz"', b'"\\ud800\\n"', b'"\\ud83d\\ude00"', b'"\\uD83D\\uDE00"', b'"\\u12"', b'"\\u1"',
+    b'"\\ud800\\uzzzz"', b'"\\ud800\\n"', b'"\\U0041"', b'"\\u004G"', b'"\\uD800\\uDC00"', b'"\\uDFFF"',
+    b'"\\uDBFF\\uDFFD"', b'"\\u00ff\\u0080\\u007f\\u001f"', b'"\\b\\f\\n\\r\\t\\"\\\\\\/"',
+    b'"\\ud83d\\ude00"', b'"\\uD83D\\uDE00"', b'"\\u12"', b'"\\u1"',
     b'"\\u"', b'"\\u123"', b'"\\u00"', b'"\\u12345"', b'"\\uzzzz"', b'"\\u1g"', b'"\\u12g4"', b"'\\u12'",
     b'"\\uffff"', b'"\\ufffe"', b'"\\ufdd0"', b'"\\ud83f\\udfff"', b'"\\udbff\\udfff"', b'"\\uDBFF\\uDFFE"',
     b'"\\u00e9\\u20ac"', b'"\\a"', b'"\\x"', b'"\\/"', b'"\\\'"', b"'\\\"'", b'"\\ "', b'"\\\xc3\xa9"',
@@ -38,7 +41,8 @@ STRINGS = [
     b'"a\\u0000b\xc0\x80c"', b'"\xc3"', b'"\xc3\xa9\xc3"', b'"\xed\xa0\x80"', b'"\xf4\x90\x80\x80"',
     b'"\xef\xbf\xbf"', b'"\xef\xbf\xbe"', b'"\xef\xb7\x90"', b'"\xef\xb7\xaf"', b'"\xef\xb7\xb0"',
     b'"\xf0\x9f\xbf\xbf"', b'"\xf4\x8f\xbf\xbf"', b'"\xe0\x80\x80"', b'"\xc1\xbf"', b'"\xf8\x88\x80\x80\x80"',
-    b'"\x7f"',
+    b'"\x7f"', b'"\xc2\x80\xc2\xa0\xe2\x80\xa8\xef\xbb\xbf"', b'"\xf0\x90\x80"', b'"\xe2\x82"', b'"\xc2"', b'"\xbf"',
+    b'"\xf0\x90\x80\x01"', b'"x\\ud800',
     # lexical errors inside strings: control characters and 0xFE/0xFF, also after a backslash
     b'"\xff"', b'"a\xffb"', b'"\xfe"', b'"\xc3\xff"', b'"\xe2\x82\xff"', b'"\x01"', b'"\x1f\x7f"', b'"a\nb"',
     b'"\t"', b'"\\\x01"', b'"\\\xff"', b'"\\\n"', b'"abc', b'"\\ud800\\"',
@@ -76,6 +80,13 @@ OTHER = [
     b'{"execute":"human-monitor-command","arguments":{"command-line":"info \xc0\x80"}}',
     b'{"execute":"human-monitor-command","arguments":{"command-line":"\xc3\xa9"}}',
     b'{"execute":"eject","arguments":{"device":"cd\\u0000"}}',
+    # more lexer corners
+    b'\xef\xbb\xbf{"execute":"query-status","id":1}', b"-", b"- ", b"-1 ", b"tru\x01e",
+    b'{"execute":"query-status","id":1}\xff{"execute":"query-status","id":2}',
+    b'{"execute":"query-status","id":1}\x01{"execute":"query-status","id":2}', b'[1,{"a":[2,@]}]',
+    b"{'execute':'query-status','id':'\xff'}", b"{'execute':'query-status','id':'\\'}'}",
+    b'{"execute":"block_set_io_throttle","arguments":{"device":"d0","bps":1e3}}',
+    b'{"execute":"eject","arguments":{"device":"d0","force":1.5}}',
 ]
 
 INPUTS = ([b'{"execute":"query-status","id":' + n + b"}" for n in NUMBERS]
