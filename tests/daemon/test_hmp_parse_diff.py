@@ -88,6 +88,13 @@ STRINGS = [
     "nbd_server_remove", "nbd_server_remove a b", "nbd_server_stop",
 ]
 
+# nbd_server_start's address strings (successful ones on port 0: both daemons run on this host)
+NBD = [line for a in ("unix:", "localhost", "localhost:", ":", ":10809x", "[::1", "[::1]", "[::1]:0", "tcp:127.0.0.1:0",
+                      "tcp:", "tcp:localhost", "fd:3", "fd:", "vsock:1", "vsock:", "127.0.0.1:0,x=y",
+                      "inet:127.0.0.1:10996", "abc:def:10995", "127.0.0.1:abc", "-w unix:", "-w localhost",
+                      "-w 127.0.0.1:0", "tcp:[::1", "tcp::", "a" * 70 + ":1", "[" + "1" * 70 + "]:1", "/tmp/x.sock")
+       for line in ("nbd_server_start " + a, "nbd_server_stop")]
+
 # over the raw socket (QEMU echoes the line with cursor control; that is stripped)
 RAW = [
     "stop x", 'savevm "abc', T + "2+3 0 0 0 0 0", "info block d0", "info block -", "info block -v -n", "q x",
@@ -112,8 +119,8 @@ def hmp_pair(daemons: Daemons, tmp_path: Path) -> tuple[Monitor, Monitor, str, s
     return daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate(), qhmp, vhmp
 
 
-@pytest.mark.parametrize("lines", [THROTTLE, FLAGS, NAMES, HELP, STRINGS],
-                         ids=["expr", "flags", "names", "help", "strings"])
+@pytest.mark.parametrize("lines", [THROTTLE, FLAGS, NAMES, HELP, STRINGS, NBD],
+                         ids=["expr", "flags", "names", "help", "strings", "nbd"])
 def test_human_monitor_command(hmp_pair: tuple[Monitor, Monitor, str, str], lines: list[str]) -> None:
     q, v, _, _ = hmp_pair
     diffs = []

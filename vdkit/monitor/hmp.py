@@ -10,6 +10,7 @@ ends, as the monitor sends them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -459,6 +460,40 @@ def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str
 # -- NBD server (handlers live with the daemon: vdkit.daemon.nbd_export) --------------------------
 
 
+def _socket_address(text: str) -> dict[str, Any]:
+    """An address string as QEMU's monitor reads it: ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``,
+    else (after an optional ``tcp:``) ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT``; ``,options`` are ignored."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise VdkitError("invalid Unix socket address")
+        return {"type": "unix", "data": {"path": text[5:]}}
+    if text.startswith("fd:"):
+        if not text[3:]:
+            raise VdkitError("invalid file descriptor address")
+        # the daemon has no getfd: no descriptor has a name
+        raise VdkitError(f"File descriptor named '{text[3:]}' has not been found")
+    if text.startswith("vsock:"):
+        m = re.match(r"([^:]{1,32}):([^,]{1,32})", text[6:])
+        if m is None:
+            raise VdkitError(f"error parsing address '{text[6:]}'")
+        return {"type": "vsock", "data": {"cid": m.group(1), "port": m.group(2)}}
+    if text.startswith("tcp:"):
+        text = text[4:]
+    if text.startswith("["):
+        m = re.match(r"\[([^\]]{1,64})\]:([^,]{1,32})", text)
+        if m is None:
+            raise VdkitError(f"error parsing IPv6 address '{text}'")
+    elif text.startswith(":"):
+        m = re.match(r"()(?::([^,]{1,32}))", text)
+        if m is None:
+            raise VdkitError(f"error parsing port in address '{text}'")
+    else:
+        m = re.match(r"([^:]{1,64}):([^,]{1,32})", text)
+        if m is None:
+            raise VdkitError(f"error parsing address '{text}'")
+    return {"type": "inet", "data": {"host": m.group(1), "port": m.group(2)}}
+
+
 def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     from vdkit.daemon import nbd_export
 
@@ -466,13 +501,7 @@ def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> 
     writable = a.get("writable", False)
     if writable and not a.get("all"):
         raise VdkitError("-w only valid together with -a")
-    host, sep, port = uri.rpartition(":")
-    if uri.startswith("unix:"):
-        addr: dict[str, Any] = {"type": "unix", "data": {"path": uri[5:]}}
-    elif sep and port:
-        addr = {"type": "inet", "data": {"host": host.strip("[]"), "port": port}}
-    else:
-        raise VdkitError(f"error parsing address '{uri}'")
+    addr = _socket_address(uri)
     nbd_export.nbd_server_start(ctx, {"addr": addr})
     if a.get("all"):  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
         try:
