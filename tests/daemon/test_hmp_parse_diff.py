@@ -86,6 +86,12 @@ STRINGS = [
     'snapshot_delete_blkdev_internal d0 a "b', "snapshot_delete_blkdev_internal d0 nonexist", "nbd_server_start",
     'nbd_server_start -a -w "x', "nbd_server_add", "nbd_server_add d0 a b", 'nbd_server_add d0 "a',
     "nbd_server_remove", "nbd_server_remove a b", "nbd_server_stop",
+    # empty names
+    'eject ""', 'change "" r.raw', 'change cd0 ""', 'block_set_io_throttle "" 0 0 0 0 0 0', 'info block ""',
+    'info block -n ""', 'info block -v ""', 'snapshot_delete_blkdev_internal d0 x ""', 'snapshot_blkdev_internal "" x',
+    'info block \\"d0\\"', 'delvm ""', 'delvm "  "', "nbd_server_start 127.0.0.1:0", 'nbd_server_add d0 ""',
+    'nbd_server_add "" x', "nbd_server_add d0", "nbd_server_add d0", "nbd_server_add -w d0 w1", 'nbd_server_remove ""',
+    "nbd_server_remove -f d0", "nbd_server_remove w1", "nbd_server_stop",
 ]
 
 # nbd_server_start's address strings (successful ones on port 0: both daemons run on this host)

@@ -422,6 +422,9 @@ def _change(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str
 
 
 def _throttle(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    if a["device"] == "":
+        # QEMU looks an empty name up as a qdev id, where "" names the peripheral container
+        raise VdkitError(" is not a hotpluggable device")
     _qmp(reg, ctx, "block_set_io_throttle", **a)
     return ""
 
