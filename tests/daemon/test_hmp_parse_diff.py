@@ -92,6 +92,9 @@ STRINGS = [
     'info block \\"d0\\"', 'delvm ""', 'delvm "  "', "nbd_server_start 127.0.0.1:0", 'nbd_server_add d0 ""',
     'nbd_server_add "" x', "nbd_server_add d0", "nbd_server_add d0", "nbd_server_add -w d0 w1", 'nbd_server_remove ""',
     "nbd_server_remove -f d0", "nbd_server_remove w1", "nbd_server_stop",
+    # errors with hint lines (printed after the message, as error_report does)
+    "change cd0 -f b.qcow2", "change cd0 b.qcow2 qcow2", "change cd0 a.qcow2", "change d0 b.qcow2",
+    "change cd0 nonexist.qcow2", "change cd0 /tmp", "change cd0 r.raw qcow2", "info block cd0",
 ]
 
 # nbd_server_start's address strings (successful ones on port 0: both daemons run on this host)

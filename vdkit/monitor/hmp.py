@@ -618,7 +618,11 @@ def run_line_lf(reg: CommandRegistry, ctx: CommandContext, line: str) -> str:
     try:
         return cmd.run(reg, ctx, args)
     except VdkitError as exc:
-        return f"Error: {exc.message}\n"
+        # as error_report: the message, then the hint lines (a leading NUL: no line end added)
+        hint = exc.hint or ""
+        if hint and not hint.endswith("\n") and not hint.startswith("\0"):
+            hint += "\n"
+        return f"Error: {exc.message}\n" + hint.replace("\0", "")
 
 
 def run_line(reg: CommandRegistry, ctx: CommandContext, line: str) -> str:
