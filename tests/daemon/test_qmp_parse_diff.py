@@ -80,6 +80,10 @@ OTHER = [
     b'{"execute":"human-monitor-command","arguments":{"command-line":"info \xc0\x80"}}',
     b'{"execute":"human-monitor-command","arguments":{"command-line":"\xc3\xa9"}}',
     b'{"execute":"eject","arguments":{"device":"cd\\u0000"}}',
+    # NUL in HMP command lines (QEMU holds it as the bytes C0 80)
+    *(b'{"execute":"human-monitor-command","arguments":{"command-line":"' + line + b'"}}' for line in (
+        b"block_set_io_throttle d0 \\u0000 0 0 0 0 0", b"eject \\u0000", b'eject \\"a\\u0000b\\"', b"info \\u0000",
+        b"\\u0000", b"block_set_io_throttle d0 '\\u0000' 0 0 0 0 0", b"help \\u0000")),
     # more lexer corners
     b'\xef\xbb\xbf{"execute":"query-status","id":1}', b"-", b"- ", b"-1 ", b"tru\x01e",
     b'{"execute":"query-status","id":1}\xff{"execute":"query-status","id":2}',

@@ -40,11 +40,12 @@ _U64 = 1 << 64
 
 
 def _to_bytes_text(line: str) -> str:
-    return line.encode("utf-8", "surrogateescape").decode("latin-1")
+    # QEMU holds a NUL received over QMP as the two bytes C0 80 (modified UTF-8)
+    return line.encode("utf-8", "surrogateescape").decode("latin-1").replace("\x00", "\xc0\x80")
 
 
 def _from_bytes_text(text: str) -> str:
-    return text.encode("latin-1").decode("utf-8", "surrogateescape")
+    return text.replace("\xc0\x80", "\x00").encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 def _skip(text: str, pos: int) -> int:
