@@ -53,6 +53,10 @@ FLAGS = [
     "info    block -x", "  info    block -x", "eject -x cd0", "eject -fx cd0", "eject -f", "eject", "eject - cd0",
     "eject cd0 -f", "change cd0 -x r.raw", "nbd_server_start -x", "nbd_server_start -w", "nbd_server_start -w -a x",
     "nbd_server_add -x d0", "nbd_server_add -w", "nbd_server_remove -x", "nbd_server_remove -f",
+    # a foreign -X passes a flag slot when "-X" occurs later in the argument notation ("read-only-mode")
+    *("change cd0 -" + c + " r.raw" for c in "omredtasF,:?"), "change cd0 -", "eject -e cd0", "eject -d cd0", "eject -",
+    "info block -e", "nbd_server_add -e d0", "nbd_server_start -r x", "nbd_server_start -", "nbd_server_remove -",
+    "nbd_server_remove -a x",
 ]
 NAMES = [
     "stop x", "s x", "cont x", "c x", "quit x", "q x", "  stop x", "stop\tx", "stop\nx", "stop/x", "info/x block",

@@ -209,14 +209,17 @@ class _Param:
     key: str
     kind: str  # "B" block device, "F" file name, "s" string, "S" rest of line, "l" integer, "-x" flag
     optional: bool = False
+    rest: str = ""  # the argument notation after this argument
 
 
 def _spec(text: str) -> tuple[_Param, ...]:
     """QEMU's HMP argument notation: ``device:B,force:-f,name:s?``."""
+    items = [i for i in text.split(",") if i]
     out = []
-    for item in filter(None, text.split(",")):
+    for n, item in enumerate(items):
         key, kind = item.split(":")
-        out.append(_Param(key, kind.rstrip("?"), kind.endswith("?")))
+        rest = "".join("," + i for i in items[n + 1:])
+        out.append(_Param(key, kind.rstrip("?"), kind.endswith("?"), rest))
     return tuple(out)
 
 
@@ -224,9 +227,15 @@ _EXPECTED = {"B": "block device name", "F": "filename", "s": "string"}
 
 
 def _parse_args(name: str, params: tuple[_Param, ...], text: str, pos: int) -> dict[str, Any]:
-    """Arguments in declared order: a flag's slot takes that flag or leaves a later flag for its own slot."""
+    """Arguments in declared order.
+
+    A flag's slot takes its own flag; any other ``-X`` is left for a later
+    slot when ``-X`` occurs anywhere in the rest of the argument notation (as
+    QEMU checks it: so ``-o`` and ``-m`` pass ``change``'s flag slot, through
+    ``read-only-mode``, and become its file name), else it is refused.
+    """
     args: dict[str, Any] = {}
-    for i, prm in enumerate(params):
+    for prm in params:
         pos = _skip(text, pos)
         at_end = pos >= len(text)
         if prm.kind.startswith("-"):
@@ -236,7 +245,7 @@ def _parse_args(name: str, params: tuple[_Param, ...], text: str, pos: int) -> d
                 if got == letter:
                     args[prm.key] = True
                     pos += 2
-                elif not got or not any(q.kind == "-" + got for q in params[i + 1:]):
+                elif "-" + got not in prm.rest:
                     # printf of a NUL character ends QEMU's message: no line end
                     raise HmpArgError(f"{name}: unsupported option -{got}" + ("\n" if got else ""))
             continue
