@@ -1,7 +1,9 @@
 """HMP: the human monitor's line parser and commands.
 
-Every command parses its arguments the way QEMU's HMP does (errors such as
-``loadvm: string expected`` plus the ``Try "help ..."`` line), calls the QMP
+Every command declares its arguments in QEMU's notation (``force:-f,device:B``:
+flags, block device names, file names, strings, rest of line, integer
+expressions) and one parser reads them the way QEMU's HMP does (errors such as
+``loadvm: string expected`` plus the ``Try "help ..."`` line); the command calls the QMP
 handler (through :meth:`CommandRegistry.call`, so the same validation and the
 same model objects), and renders the result with ``vdkit.info.render_human``.
 Failures print ``Error: <message>``.  The returned text uses ``\\r\\n`` line
