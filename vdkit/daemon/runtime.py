@@ -52,6 +52,14 @@ PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-bloc
 HMP_MAX_LINE = 1 << 16
 
 
+def _hmp_bytes(text: str) -> bytes:
+    """HMP output as bytes: undecodable input bytes (kept as surrogate escapes) go back out unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from the input
+        return text.encode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class Address:
     """``unix:PATH`` or ``tcp:HOST:PORT``."""
@@ -192,7 +200,7 @@ class Daemon:
                     buf = b""
                     writer.write(b"line too long\r\n(qemu) ")
                 for line in lines:
-                    text = line.decode("utf-8", "replace")
+                    text = line.decode("utf-8", "surrogateescape")  # bytes echo back as QEMU echoes them
                     ctx = CommandContext(self.machine)
                     try:
                         out = await self._run(lambda c, t=text: run_line(REGISTRY, c, t), ctx)
@@ -200,7 +208,7 @@ class Daemon:
                         log.exception("internal error in HMP %r", text)
                         out = f"Error: internal error: {exc}\r\n"
                     self._broadcast(ctx.events)
-                    writer.write(out.encode("utf-8", "replace") + b"(qemu) ")
+                    writer.write(_hmp_bytes(out) + b"(qemu) ")
                     self._broadcast(getattr(ctx, "late_events", []))  # after the answer (nbd_export)
                     await writer.drain()
                     if self.machine.shutdown_requested:
