@@ -65,6 +65,9 @@ def node_name(m: Monitor, filename: str) -> str:
 SCRIPT: list[tuple[str, dict[str, Any] | None]] = [
     ("query-block-exports", None),
     ("nbd-server-add", {"device": "drive0"}),
+    ("nbd-server-add", {"device": "nosuch"}),  # the device is looked up before the server
+    ("nbd-server-add", {"device": "empty0"}),
+    ("nbd-server-add", {"device": "drive0", "bitmap": "bm"}),
     ("nbd-server-stop", None),
     ("nbd-server-start", {"addr": {"type": "unix", "path": "@SOCK@"}}),
     ("nbd-server-start", {"addr": {"type": "bogus", "data": {}}}),

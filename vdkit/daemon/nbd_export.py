@@ -552,11 +552,11 @@ def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> 
 
 def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     svc = service(ctx.machine)
-    if svc.server is None:
-        raise VdkitError("NBD server not running")
     device = args["device"]
     name = args.get("name", device)
-    medium, drive = _resolve(ctx, device, device)
+    medium, drive = _resolve(ctx, device, device)  # QEMU looks the device up before the server
+    if svc.server is None:
+        raise VdkitError("NBD server not running")
     if "bitmap" in args:
         raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
     # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
