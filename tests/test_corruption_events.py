@@ -236,3 +236,30 @@ def test_commit_onto_damaged_base(damage: str, tmp_path: Path) -> None:
         out[who] = (r.returncode, r.stdout, r.normalized_stderr() if who == "v" else r.stderr,
                     _corrupt_bit(d / "base.qcow2"))
     assert out["v"] == out["q"]
+
+
+def test_v2_header_is_never_marked(tmp_path: Path) -> None:
+    """compat=0.10 has no feature fields: bytes 72.. are header extensions, which neither tool touches.
+
+    The node still dies (qemu-io: EIO, then ENOMEDIUM), and the backing format survives.
+    """
+    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M")
+    q = tmp_path / "q.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2", str(q), "1M")
+    assert qemu_io("-c", "write 0 64k", str(q)).returncode == 0
+    l1 = _u64(q, 40)
+    _w64(q, l1, _u64(q, l1) + 0x200)  # unaligned L2 table offset
+    v = tmp_path / "v.qcow2"
+    shutil.copyfile(q, v)
+    header = q.read_bytes()[:65536]
+    rq = qemu_img("snapshot", "-c", "x", q.name, cwd=tmp_path)
+    rv = vdkit_img("snapshot", "-c", "x", v.name, cwd=tmp_path)
+    assert (rv.returncode, rv.normalized_stderr()) == (rq.returncode, rq.stderr)
+    assert "Marking image as corrupt" in rq.stderr
+    assert v.read_bytes()[:65536] == header == q.read_bytes()[:65536]
+    words, stderr = _qemu_ops(q, False, WRITE_FIRST)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, False, WRITE_FIRST, reports) == words
+    assert "".join(r.text + "\n" for r in reports) == stderr
+    assert v.read_bytes()[:65536] == header
+    assert "backing file format: qcow2" in _info(v, vdkit_tool=True)

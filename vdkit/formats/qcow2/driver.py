@@ -441,10 +441,13 @@ class Qcow2Driver(FormatDriver):
         report = CorruptionReport(message, offset, size, fatal)
         if fatal:
             self.dead = True
-            try:
-                self._write_incompatible(self.header.incompatible_features | L.INCOMPAT_CORRUPT)
-            except OSError:
-                pass  # the node is dead either way; QEMU ignores a failed marking too
+            # A version 2 header has no feature fields: bytes 72.. are its extensions
+            # (backing format, ...), so there is nothing to mark, only the node to kill.
+            if self.header.version >= 3:
+                try:
+                    self._write_incompatible(self.header.incompatible_features | L.INCOMPAT_CORRUPT)
+                except OSError:
+                    pass  # the node is dead either way; QEMU ignores a failed marking too
         self.corruption_signalled = True
         hook = self.corruption_hook
         if hook is not None:
