@@ -159,6 +159,24 @@ def test_dirty_bit_set_and_cleared(tmp_path: Path) -> None:
     assert _check(img) == (0, {"corruptions": 0, "leaks": 0})
 
 
+@pytest.mark.parametrize("lazy", ["on", "off"])
+def test_allocating_write_sets_the_dirty_bit_as_qemu_io(lazy: str, tmp_path: Path) -> None:
+    """The header a killed writer leaves equals qemu-io's after ``abort``: dirty iff lazy refcounts."""
+    q, v = tmp_path / "q.qcow2", tmp_path / "v.qcow2"
+    for img in (q, v):
+        check_ok("create", "-q", "-f", "qcow2", "-o", f"lazy_refcounts={lazy}", str(img), "4M")
+    before = v.read_bytes()[72:80]
+    qemu_io("-c", "write -P 7 64k 4k", "-c", "abort", str(q))  # abort(3): no clean close
+    with open_image(str(v), "qcow2", readonly=False) as node:
+        node.write(64 * 1024 + 512, b"\x07" * 512)  # in an unallocated cluster: allocates
+        killed = v.read_bytes()[72:80]
+        node.write(64 * 1024, b"\x07" * 512)  # in place: nothing more to mark
+    assert killed == q.read_bytes()[72:80]
+    assert (killed != before) == (lazy == "on")
+    assert v.read_bytes()[72:80] == before  # a clean close clears it again
+    assert _check(v) == (0, {"corruptions": 0, "leaks": 0})
+
+
 def test_in_place_allocation_cut_at_every_write_only_leaks(tmp_path: Path) -> None:
     """The QEMU-style path (blocks on demand, table growth) leaks at worst when cut short."""
     import shutil

@@ -581,7 +581,16 @@ class Qcow2IO:
     # dependency the other is resolved by flushing (as QEMU's caches do).
 
     def _before_new_references(self) -> None:
-        """Call before L2 entries start pointing at freshly counted clusters."""
+        """Call before L2 entries start pointing at freshly counted clusters.
+
+        On a lazy-refcount image this is where QEMU sets the dirty bit (its
+        refcounts may then lag behind the tables until a clean close).  Ours
+        never lag, but a reader of the header sees the state QEMU leaves, and
+        a crash leaves an image QEMU repairs on open, as after its own crash.
+        """
+        h = self.drv.header
+        if h.lazy_refcounts and not h.dirty:
+            self.drv.mark_dirty()
         rc = self.drv.refcounts
         if rc.depends_on is not None:
             self.drv.clusters.l2.flush()
