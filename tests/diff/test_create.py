@@ -133,6 +133,28 @@ def test_errors(tmp_path: Path, args: list[str]) -> None:
     run_both(tmp_path, args)
 
 
+@pytest.mark.parametrize("name", [
+    "file:img.qcow2", "json:{}", "foo:img.qcow2", "http:img", "https://h/img", "fat:img", "null-co://",
+    "blkdebug:img", "./a:b.qcow2", "a:b/c.qcow2",
+])
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_protocol_names(tmp_path: Path, name: str, fmt: str) -> None:
+    """``file:`` is a local file; unknown prefixes and protocols without creation fail before Formatting."""
+    run_both(tmp_path, ["-f", fmt, name, "1M"])
+
+
+def test_creatable_protocols_are_refused_after_formatting(tmp_path: Path) -> None:
+    """nbd/ssh/iscsi... images are created by opening them; vdkit opens none (QEMU's error names the address)."""
+    for name in ("nbd:foo", "ssh://h/x", "iscsi://h/iqn/0"):
+        q = qemu_img("create", "-f", "qcow2", name, "1M", cwd=tmp_path)
+        v = vdkit_img("create", "-f", "qcow2", name, "1M", cwd=tmp_path)
+        assert (v.returncode, v.stdout) == (q.returncode, q.stdout) == (1, v.stdout)
+        assert v.stdout.startswith(f"Formatting '{name}', fmt=qcow2 ")
+        proto = name.split(":")[0]
+        assert v.stderr == f"vdkit-img: {name}: Protocol '{proto}' is not supported by vdkit\n"
+    assert os.listdir(tmp_path) == []
+
+
 def test_failed_create_removes_existing_image(tmp_path: Path) -> None:
     """qemu-img deletes the target when qcow2 creation fails after it began; so does vdkit."""
     target = tmp_path / "x.qcow2"

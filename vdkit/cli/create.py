@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import LongOpt, SizeRangeError, cvtnum, getopt_long, strtosz
-from vdkit.errors import UsageError, VdkitError
+from vdkit.errors import UnsupportedError, UsageError, VdkitError
 
 LONGOPTS = [LongOpt("help", False, "h"), LongOpt("object", True, "object")]
 
@@ -258,6 +258,7 @@ def img_create(
 
     if fmt not in SUPPORTED_FORMATS:
         raise VdkitError(f"Unknown file format '{fmt}'")
+    path = _creatable_path(filename)
     opts = CreateOpts(option_table(fmt))
     if options is not None:
         for name, value in split_options(options):
@@ -295,18 +296,47 @@ def img_create(
     if not quiet:
         write_out(f"Formatting '{filename}', fmt={fmt} {opts.printed()}\n")
     try:
+        if path is None:  # a protocol QEMU creates images on by opening them; vdkit opens none
+            raise UnsupportedError(f"Protocol '{filename.split(':', 1)[0]}' is not supported by vdkit")
         if fmt == "qcow2":
-            _create_qcow2(filename, opts)
+            _create_qcow2(path, opts)
         else:
             from vdkit.formats.raw import create_raw
 
             _no_encryption(opts)
-            create_raw(filename, int(opts.get("size") or 0), str(opts.get("preallocation", "off")))
+            create_raw(path, int(opts.get("size") or 0), str(opts.get("preallocation", "off")))
     except VdkitError as exc:
         if exc.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if opts.get("cluster_size") else ""
             raise VdkitError(f"The image size is too large for file format '{fmt}'{hint}") from exc
         raise
+
+
+# Protocol drivers of QEMU 7.2 that cannot create images at all (refused before the
+# "Formatting" line), by prefix, with the driver name QEMU's message gives.
+_NO_CREATE = {"http": "http", "https": "https", "ftp": "ftp", "ftps": "ftps", "blkdebug": "blkdebug",
+              "blkverify": "blkverify", "fat": "vvfat", "null-co": "null-co", "null-aio": "null-aio"}
+
+
+def _creatable_path(filename: str) -> str | None:
+    """The local file ``create`` writes for ``filename``; None for a protocol vdkit cannot reach.
+
+    Prefixes are QEMU's: ``file:`` names a local file, unknown prefixes (``json:``
+    included) and protocols without image creation fail at once, the others
+    (nbd, ssh, iscsi, ...) only when the image would be opened.
+    """
+    from vdkit.block.chain import QEMU_PROTOCOLS, protocol_of
+
+    proto = protocol_of(filename)
+    if proto is None:
+        return filename
+    if proto == "file":
+        return filename[len("file:"):]
+    if proto not in QEMU_PROTOCOLS or proto == "json":
+        raise VdkitError(f"Unknown protocol '{proto}'")
+    if proto in _NO_CREATE:
+        raise VdkitError(f"Protocol driver '{_NO_CREATE[proto]}' does not support image creation")
+    return None
 
 
 def _open_backing(filename: str, backing_file: str, backing_fmt: str | None) -> int:
