@@ -173,3 +173,51 @@ def test_startup_errors(tmp_path: Path) -> None:
                            capture_output=True, timeout=60)
         assert r.returncode == 1
         assert r.stderr.decode() == msg
+
+
+def _start_both(tmp: Path, args: list[str], *, daemonize: bool = False) -> list[tuple[int, str]]:
+    """Run QEMU and vdkit-daemon with ``args`` (expected to fail at start-up): [(exit status, stderr)] each."""
+    from tests.conftest import require_tool
+    from tests.daemon.conftest import QEMU_BASE
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = []
+    for name, cmd in (("qemu-system-x86_64", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
+                      ("vdkit-daemon", [sys.executable, "-m", "vdkit.daemon.main", "-S"])):
+        flag = ["-daemonize"] if daemonize else []
+        r = subprocess.run([*cmd, *flag, *args], cwd=tmp, env=env, capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        out.append((r.returncode, r.stderr.decode().replace(f"{name}: ", "")))
+    return out
+
+
+def test_pidfile_like_qemu(daemons: Daemons, tmp_path: Path) -> None:
+    """Mode 0600 whatever the umask, the pid and a newline, a lock against a second daemon, QEMU's errors
+    (made before drives are opened), removed on exit, also after a start-up failure."""
+    _image(tmp_path)
+    old = os.umask(0o022)
+    try:
+        pidfiles = [tmp_path / "q.pid", tmp_path / "v.pid"]
+        procs = [daemons.qemu(["-pidfile", str(pidfiles[0])], tmp_path)[0],
+                 daemons.vdkit(["-pidfile", str(pidfiles[1])], tmp_path)[0]]
+    finally:
+        os.umask(old)
+    for proc, pidfile in zip(procs, pidfiles, strict=True):
+        st = pidfile.stat()
+        assert (st.st_mode & 0o777, pidfile.read_text()) == (0o600, f"{proc.pid}\n")
+    # a second process with the same pid file: refused by the lock, whoever holds it
+    for held in pidfiles:
+        (q_rc, q_err), (v_rc, v_err) = _start_both(tmp_path, ["-pidfile", str(held)])
+        assert (v_rc, v_err) == (q_rc, q_err) == (1, "cannot create PID file: Cannot lock pid file: "
+                                                     "Resource temporarily unavailable\n")
+    for proc, pidfile in zip(procs, pidfiles, strict=True):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert not pidfile.exists()
+    for args in (["-pidfile", "/nonexist/p.pid"], ["-pidfile", str(tmp_path)],
+                 ["-pidfile", "/nonexist/p.pid", "-drive", "file=nonexist.qcow2,if=none"],
+                 ["-pidfile", str(tmp_path / "x.pid"), "-drive", "file=nonexist.qcow2,if=none"]):
+        for daemonize in (False, True):
+            q, v = _start_both(tmp_path, args, daemonize=daemonize)
+            assert v == q, (args, daemonize)
+            assert not (tmp_path / "x.pid").exists()

@@ -273,14 +273,57 @@ def _err(msg: str) -> None:
     sys.stderr.write(f"{PROG}: {msg}\n")
 
 
-def _write_pidfile(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+class PidfileError(Exception):
+    pass
+
+
+def _open_pidfile(path: str) -> int:
+    """Create and lock the pid file as QEMU does: mode 0600, a write lock held while the daemon lives.
+
+    The lock is an OFD lock (it conflicts with QEMU's ``lockf``), so it stays
+    with the daemonized child after the fork.  Errors carry QEMU's texts.
+    """
+    import fcntl
+
+    from vdkit.io.locks import _F_OFD_SETLK, _FLOCK
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise PidfileError(f"cannot create PID file: Could not create '{path}': {os.strerror(exc.errno or 0)}") \
+            from None
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError as exc:
+        os.close(fd)
+        raise PidfileError(f"cannot create PID file: Cannot lock pid file: {os.strerror(exc.errno or 0)}") \
+            from None
+    return fd
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    """The ``vdkit-daemon`` entry point; with ``argv`` None (the process's own command line) it ends the process.
+
+    Everything is closed and flushed by then (images unlocked, sockets and pid
+    file removed); skipping the interpreter's teardown (numpy, asyncio) makes
+    the process end as promptly as QEMU after ``quit`` or SIGTERM.
+    """
+    rc = _main(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(args: list[str]) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no linear algebra here: no BLAS thread pool
     try:
         cfg = parse_args(args)
@@ -295,6 +338,21 @@ def main(argv: list[str] | None = None) -> int:
         package = f"vdkit {version('vdkit')}"
     except PackageNotFoundError:
         package = "vdkit"
+    # QEMU creates the pid file before it opens drives or monitors (their errors come later)
+    pid_fd: int | None = None
+    if cfg.pidfile:
+        try:
+            pid_fd = _open_pidfile(cfg.pidfile)
+        except PidfileError as exc:
+            _err(str(exc))
+            return 1
+        _write_pid(pid_fd)
+
+    def remove_pidfile() -> None:
+        if cfg.pidfile and pid_fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(cfg.pidfile)
+
     machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
     for spec in cfg.drives:
         try:
@@ -304,12 +362,15 @@ def main(argv: list[str] | None = None) -> int:
 
             _err(f"-drive {spec.text}: {open_error(exc).message}")
             machine.close_all()
+            remove_pidfile()
             return 1
     if cfg.daemonize:
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid > 0:
             os.close(ready_w)
+            if pid_fd is not None:
+                os.close(pid_fd)  # the child holds the lock (same open file description)
             msg = os.read(ready_r, 4096)
             os.close(ready_r)
             if msg.startswith(b"ok"):
@@ -318,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         os.close(ready_r)
         os.setsid()
+        if pid_fd is not None:
+            _write_pid(pid_fd)
         ready_fd: int | None = ready_w
     else:
         ready_fd = None
@@ -325,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def ready() -> None:
         nonlocal ready_fd
-        if cfg.pidfile:
-            _write_pidfile(cfg.pidfile)
         if ready_fd is not None:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
@@ -347,9 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         machine.close_all()
         return 1
     finally:
-        if cfg.pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(cfg.pidfile)
+        remove_pidfile()
     return 0
 
 
