@@ -87,7 +87,7 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     return np.bitwise_or.reduce(parts, axis=1).astype(np.uint8).tobytes()
 
 
-def _sorted_unique(x: np.ndarray) -> np.ndarray:
+def sorted_unique(x: np.ndarray) -> np.ndarray:
     """Distinct values of an already sorted array (cheaper than ``np.unique``)."""
     if len(x) == 0:
         return x
@@ -748,7 +748,7 @@ class Transaction:
         old_table_freed = False
         while True:
             keys, sums = self.deltas()
-            touched = _sorted_unique(keys[sums != 0] // epb).tolist()
+            touched = sorted_unique(keys[sums != 0] // epb).tolist()
             grew = False
             for rt in touched:
                 if rt not in new_block_off:
