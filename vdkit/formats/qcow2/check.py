@@ -65,6 +65,136 @@ class _CheckFailed(Exception):
         super().__init__(err)
         self.err = err
 
+_PAGE_BITS = 12
+_PAGE = 1 << _PAGE_BITS
+
+
+class _Refs:
+    """The computed reference counts: saturating at the refcount width's maximum, stored sparsely.
+
+    Clusters are grouped in pages of 4096; a page exists only once one of
+    its clusters is referenced (or allocated by a rebuild), so memory
+    follows the metadata actually found, never an offset an image merely
+    claims (a refcount block or table entry far past the end of the file).
+    Values never exceed ``max`` (QEMU counts with saturation and reports the
+    overflow when it happens), so the page dtype is the width's.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self.max = (1 << bits) - 1
+        self.dtype = np.uint8 if bits <= 8 else np.uint16 if bits == 16 else np.uint32 if bits == 32 else np.uint64
+        self.pages: dict[int, np.ndarray] = {}
+
+    def clear(self) -> None:
+        self.pages.clear()
+
+    def _page(self, p: int) -> np.ndarray:
+        page = self.pages.get(p)
+        if page is None:
+            page = self.pages[p] = np.zeros(_PAGE, dtype=self.dtype)
+        return page
+
+    def get(self, ci: int) -> int:
+        page = self.pages.get(ci >> _PAGE_BITS)
+        return 0 if page is None else int(page[ci & (_PAGE - 1)])
+
+    def set(self, ci: int, value: int) -> None:
+        self._page(ci >> _PAGE_BITS)[ci & (_PAGE - 1)] = value
+
+    def set_range(self, first: int, end: int, value: int) -> None:
+        c = first
+        while c < end:
+            p = c >> _PAGE_BITS
+            stop = min(end, (p + 1) << _PAGE_BITS)
+            if value or p in self.pages:
+                self._page(p)[c & (_PAGE - 1) : (c & (_PAGE - 1)) + stop - c] = value
+            c = stop
+
+    def add(self, clusters: np.ndarray) -> bool:
+        """Count one reference per element; False (nothing counted) if a count would pass ``max``."""
+        if not clusters.size:
+            return True
+        srt = np.sort(clusters.astype(np.int64), kind="stable")
+        pidx = srt >> _PAGE_BITS
+        cuts = np.flatnonzero(pidx[1:] != pidx[:-1]) + 1
+        starts = np.concatenate(([0], cuts))
+        ends = np.concatenate((cuts, [len(srt)]))
+        updates = []
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            p = int(pidx[a])
+            counts = np.bincount(srt[a:b] & (_PAGE - 1), minlength=_PAGE)
+            page = self.pages.get(p)
+            new = counts.astype(np.uint64) if page is None else page.astype(np.uint64) + counts.astype(np.uint64)
+            if int(counts.max()) > self.max or int(new.max()) > self.max:
+                return False
+            updates.append((p, new))
+        for p, new in updates:
+            self.pages[p] = new.astype(self.dtype)
+        return True
+
+    def dense(self, start: int, end: int) -> np.ndarray:
+        """Counts of clusters ``[start, end)`` as a ``uint64`` array."""
+        out = np.zeros(max(0, end - start), dtype=np.uint64)
+        c = start
+        while c < end:
+            p = c >> _PAGE_BITS
+            stop = min(end, (p + 1) << _PAGE_BITS)
+            page = self.pages.get(p)
+            if page is not None:
+                out[c - start : stop - start] = page[c & (_PAGE - 1) : (c & (_PAGE - 1)) + stop - c]
+            c = stop
+        return out
+
+    def page_ranges(self, end: int) -> list[int]:
+        """Sorted numbers of the pages holding counts below cluster ``end``."""
+        return sorted(p for p in self.pages if p << _PAGE_BITS < end)
+
+    def next_nonzero(self, c: int, end: int) -> int | None:
+        for p in sorted(q for q in self.pages if (q + 1) << _PAGE_BITS > c and q << _PAGE_BITS < end):
+            lo = max(c, p << _PAGE_BITS)
+            hi = min(end, (p + 1) << _PAGE_BITS)
+            nz = np.flatnonzero(self.pages[p][lo & (_PAGE - 1) : (lo & (_PAGE - 1)) + hi - lo])
+            if nz.size:
+                return lo + int(nz[0])
+        return None
+
+    def zero_run(self, first_free: int, n: int, count: int) -> tuple[int | None, int, int]:
+        """First fit in ``[first_free, n)``: (start of ``count`` zeros or None, first zero, zeros at the end)."""
+        run_start = None
+        run_len = 0
+        first_zero = None
+        c = first_free
+        while c < n:
+            p = c >> _PAGE_BITS
+            stop = min(n, (p + 1) << _PAGE_BITS)
+            page = self.pages.get(p)
+            if page is None:
+                zero = np.ones(stop - c, dtype=bool)
+            else:
+                zero = page[c & (_PAGE - 1) : (c & (_PAGE - 1)) + stop - c] == 0
+            nz = np.flatnonzero(~zero)
+            if first_zero is None:
+                z = np.flatnonzero(zero)
+                if z.size:
+                    first_zero = c + int(z[0])
+            # runs of zeros in this segment; the first one continues the run the last segment ended with
+            bounds = np.concatenate(([-1], nz, [len(zero)]))
+            lengths = np.diff(bounds) - 1
+            first_start = run_start if run_start is not None else c
+            first_len = run_len + int(lengths[0]) if run_start is not None else int(lengths[0])
+            if first_len >= count:
+                return first_start, first_zero if first_zero is not None else n, 0
+            ok = np.flatnonzero(lengths[1:] >= count)
+            if ok.size:
+                return c + int(bounds[ok[0] + 1]) + 1, first_zero if first_zero is not None else n, 0
+            if len(lengths) == 1:
+                run_start, run_len = first_start, first_len
+            else:
+                run_start, run_len = c + int(bounds[-2]) + 1, int(lengths[-1])
+            c = stop
+        trailing = run_len if run_start is not None and run_start + run_len == n else 0
+        return None, first_zero if first_zero is not None else first_free, trailing
+
 
 class _Checker:
     def __init__(self, drv: Qcow2Driver, repair: str | None, report: Report) -> None:
@@ -94,6 +224,7 @@ class _Checker:
         self.l1 = self._read_u64(h.l1_table_offset, h.l1_size)
         self.blocks: dict[int, np.ndarray] = {}
         self.dirty_blocks: set[int] = set()
+        self.bad_blocks: dict[int, int] = {}
         self.snapshots: list[SnapshotEntry] = []
         self.snapshots_size = 0
         self.snapshot_corruptions = 0
@@ -115,7 +246,10 @@ class _Checker:
         off = int(self.reftable[rt_index]) & L.REFT_OFFSET_MASK
         if not off:
             return None
+        if rt_index in self.bad_blocks:
+            raise _CheckFailed(self.bad_blocks[rt_index])
         if off % self.cs:
+            self.bad_blocks[rt_index] = -errno.EIO
             self.signal_corruption(f"Refblock offset {_hexalt(off)} unaligned (reftable index: {_hexalt(rt_index)})")
             raise _CheckFailed(-errno.EIO)
         blk = self.blocks.get(off)
@@ -123,6 +257,7 @@ class _Checker:
             try:
                 raw = self.f.pread(off, self.cs)
             except OSError as exc:  # e.g. an offset past the block layer's limit: EIO, as in QEMU
+                self.bad_blocks[rt_index] = -(exc.errno or errno.EIO)
                 raise _CheckFailed(-(exc.errno or errno.EIO)) from exc
             blk = self.blocks[off] = decode_block(raw, self.rbits)
         return blk
@@ -137,20 +272,20 @@ class _Checker:
         self.f.flush()
         self.drv.io_dead = True  # type: ignore[attr-defined]
 
-    def disk_refcounts(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored refcounts of clusters ``[0, n)`` and a mask of unreadable ones."""
-        out = np.zeros(n, dtype=_U64)
-        bad = np.zeros(n, dtype=bool)
-        for ti in range(min(len(self.reftable), -(-n // self.rb_entries))):
-            start = ti << self.rb_bits
-            end = min(n, start + self.rb_entries)
+    def disk_refcounts(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored refcounts of clusters ``[start, end)`` and a mask of unreadable ones."""
+        out = np.zeros(end - start, dtype=_U64)
+        bad = np.zeros(end - start, dtype=bool)
+        for ti in range(start >> self.rb_bits, min(len(self.reftable), ((end - 1) >> self.rb_bits) + 1)):
+            base = ti << self.rb_bits
+            lo, hi = max(start, base), min(end, base + self.rb_entries)
             try:
                 blk = self._block(ti)
             except _CheckFailed:
-                bad[start:end] = True
+                bad[lo - start : hi - start] = True
                 continue
             if blk is not None:
-                out[start:end] = blk[: end - start]
+                out[lo - start : hi - start] = blk[lo - base : hi - base]
         return out, bad
 
     def refcounts_at(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +318,6 @@ class _Checker:
 
     # -- the in-memory reference counts --------------------------------------------------------------
     def _ensure(self, n: int) -> None:
-        if n > len(self.refs):
-            grown = np.zeros(max(n, len(self.refs) + len(self.refs) // 4), dtype=np.int64)
-            grown[: len(self.refs)] = self.refs
-            self.refs = grown
-            self.nb_clusters = max(self.nb_clusters, n)
         self.nb_clusters = max(self.nb_clusters, n)
 
     def inc(self, res: CheckResult, offset: int, size: int) -> None:
@@ -204,12 +334,29 @@ class _Checker:
         first = offset >> self.cluster_bits
         last = (offset + size - 1) >> self.cluster_bits
         self._ensure(last + 1)
-        self.refs[first : last + 1] += 1
+        if last > first and self.refs.add(np.arange(first, last + 1, dtype=np.int64)):
+            return
+        for ci in range(first, last + 1):
+            value = self.refs.get(ci)
+            if value < self.refs.max:
+                self.refs.set(ci, value + 1)
+                continue
+            # QEMU counts with saturation and reports the overflow where it happens
+            self.report(f"ERROR: overflow cluster offset=0x{ci << self.cluster_bits:x}")
+            self.report(
+                "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create "
+                "a clean copy if the image cannot be opened for writing"
+            )
+            res.corruptions += 1
 
-    def inc_clusters(self, clusters: np.ndarray) -> None:
-        if clusters.size:
-            self._ensure(int(clusters.max()) + 1)
-            self.refs += np.bincount(clusters.astype(np.int64), minlength=len(self.refs))[: len(self.refs)]
+    def inc_clusters(self, clusters: np.ndarray) -> bool:
+        """Count many references at once; False (nothing counted) if one would overflow."""
+        if not clusters.size:
+            return True
+        if not self.refs.add(clusters):
+            return False
+        self._ensure(int(clusters.max()) + 1)
+        return True
 
     # -- walking the tables --------------------------------------------------------------------------
     def calculate(self, res: CheckResult, fix_errors: bool) -> bool:
@@ -241,7 +388,6 @@ class _Checker:
         if self.h.crypto is not None and self.h.crypto.length:
             self.inc(res, self.h.crypto.offset, self.h.crypto.length)
         self.count_bitmaps(res)
-        self.flush_overflows(res)
         return self.check_refblocks(res)
 
     def count_bitmaps(self, res: CheckResult) -> None:
@@ -260,18 +406,6 @@ class _Checker:
                 off = int(entry) & _BME_OFFSET_MASK
                 if off:
                     self.inc(res, off, self.cs)
-
-    def flush_overflows(self, res: CheckResult) -> None:
-        over = np.flatnonzero(self.refs > self.refcount_max)
-        for ci in over:
-            for _ in range(int(self.refs[ci]) - self.refcount_max):
-                self.report(f"ERROR: overflow cluster offset=0x{int(ci) << self.cluster_bits:x}")
-                self.report(
-                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create "
-                    "a clean copy if the image cannot be opened for writing"
-                )
-                res.corruptions += 1
-            self.refs[ci] = self.refcount_max
 
     def walk_l1(self, res: CheckResult, l1_offset: int, l1_size: int, *, stats: bool, fix_errors: bool) -> None:
         if not l1_size:
@@ -319,6 +453,10 @@ class _Checker:
         """
         t = len(tables)
         native = tables.view(np.uint64)
+        if not t:  # no tables: nothing to reshape (an empty array has no row length)
+            per = self.cs // (16 if self.extl2 else 8)
+            empty = np.zeros(0, dtype=_U64)
+            return np.zeros(0, dtype=np.int64), empty, empty.copy(), per
         if self.extl2:
             pair = native.reshape(t, -1, 2)
             per = pair.shape[1]
@@ -403,6 +541,12 @@ class _Checker:
             return False
         normal, compressed, off = c["normal"], c["compressed"], c["off"]
         parts = [(l2off >> _U64(self.cluster_bits)).astype(np.int64)]
+        if not self.has_data_file:
+            parts.append((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
+        if compressed.any():
+            parts += self._compressed_clusters(c["coff"][compressed], c["csize"][compressed])
+        if not self.inc_clusters(np.concatenate(parts)):
+            return False  # an overflow: walked table by table, so its messages come in QEMU's order
         if stats:
             n_norm = int(normal.sum())
             n_comp = int(compressed.sum())
@@ -413,20 +557,20 @@ class _Checker:
             offs = off[normal].astype(np.int64)
             if offs.size > 1:
                 res.fragmented_clusters += int(((rows[1:] == rows[:-1]) & (offs[1:] != offs[:-1] + cs)).sum())
-        if not self.has_data_file:
-            parts.append((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
-        if compressed.any():
-            c0 = c["coff"][compressed].astype(np.int64)
-            c1 = c0 + c["csize"][compressed].astype(np.int64) - 1
-            first = c0 >> self.cluster_bits
-            last = c1 >> self.cluster_bits
-            parts.append(first)
-            k = first + 1
-            while (k <= last).any():
-                parts.append(k[k <= last])
-                k = k + 1
-        self.inc_clusters(np.concatenate(parts))
         return True
+
+    def _compressed_clusters(self, coff: np.ndarray, csize: np.ndarray) -> list[np.ndarray]:
+        """Every cluster the compressed ranges ``[coff, coff + csize)`` touch."""
+        c0 = coff.astype(np.int64)
+        c1 = c0 + csize.astype(np.int64) - 1
+        first = c0 >> self.cluster_bits
+        last = c1 >> self.cluster_bits
+        parts = [first]
+        k = first + 1
+        while (k <= last).any():
+            parts.append(k[k <= last])
+            k = k + 1
+        return parts
 
     def _l2(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray]:
         raw = self._read_u64(l2_offset, self.cs // 8)
@@ -440,7 +584,12 @@ class _Checker:
         c = self._classify(e, bm)
         compressed, off, normal, coff, csize, problem = (
             c["compressed"], c["off"], c["normal"], c["coff"], c["csize"], c["problem"])
-        if problem.any():
+        parts = [np.zeros(0, dtype=np.int64)]
+        if not self.has_data_file:
+            parts.append((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
+        if compressed.any():
+            parts += self._compressed_clusters(coff[compressed], csize[compressed])
+        if problem.any() or not self.inc_clusters(np.concatenate(parts)):
             self._walk_l2_slow(res, l2_offset, e, bm, stats=stats, fix_errors=fix_errors)
             return
         if stats:
@@ -452,19 +601,6 @@ class _Checker:
             if n_norm > 1:
                 offs = off[normal].astype(np.int64)
                 res.fragmented_clusters += int((offs[1:] != offs[:-1] + cs).sum())
-        if not self.has_data_file:
-            self.inc_clusters((off[normal] >> _U64(self.cluster_bits)).astype(np.int64))
-        if compressed.any():
-            c0 = coff[compressed].astype(np.int64)
-            c1 = c0 + csize[compressed].astype(np.int64) - 1
-            first = c0 >> self.cluster_bits
-            last = c1 >> self.cluster_bits
-            parts = [first]
-            k = first + 1
-            while (k <= last).any():
-                parts.append(k[k <= last])
-                k = k + 1
-            self.inc_clusters(np.concatenate(parts))
 
     def _walk_l2_slow(
         self, res: CheckResult, l2_offset: int, e: np.ndarray, bm: np.ndarray, *, stats: bool, fix_errors: bool
@@ -565,7 +701,14 @@ class _Checker:
                 res.corruptions += 1
                 self.report(f"{'Repairing' if self.fix_errors else 'ERROR'} refcount block {i} is outside image")
                 if self.fix_errors:
-                    self.f.truncate(offset + self.cs)
+                    try:
+                        self.f.truncate(offset + self.cs)
+                    except OSError as exc:  # e.g. past the file system's limit: reported, then rebuilt
+                        msg = os.strerror(exc.errno or errno.EIO)
+                        self.report(f"\0Could not resize file: {msg}")
+                        self.report(f"ERROR could not resize image: {msg}")
+                        rebuild = True
+                        continue
                     self.file_len = self.file_length()
                     self._ensure(-(-self.file_len // self.cs))
                     res.corruptions -= 1
@@ -574,49 +717,64 @@ class _Checker:
                 continue
             if offset:
                 self.inc(res, offset, self.cs)
-                if self.refs[cluster] != 1:
-                    self.report(f"ERROR refcount block {i} refcount={int(self.refs[cluster])}")
+                if self.refs.get(cluster) != 1:
+                    self.report(f"ERROR refcount block {i} refcount={self.refs.get(cluster)}")
                     res.corruptions += 1
                     rebuild = True
         return rebuild
 
     # -- comparing -----------------------------------------------------------------------------------
     def compare(self, res: CheckResult, fix_leaks: bool, fix_errors: bool) -> tuple[bool, int]:
-        """Stored vs computed refcounts; returns (rebuild needed, highest used cluster)."""
+        """Stored vs computed refcounts; returns (rebuild needed, highest used cluster).
+
+        Only clusters that are referenced or covered by a refcount block can
+        differ; they are compared a page at a time.
+        """
         n = self.nb_clusters
-        refs = self.refs[:n].astype(_U64)
-        disk, bad = self.disk_refcounts(n)
-        used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
-        highest = int(used[-1]) if used.size else 0
+        pages = set(self.refs.page_ranges(n))
+        entries = np.flatnonzero(self.reftable & _U64(L.REFT_OFFSET_MASK))
+        for ti in entries[(entries << self.rb_bits) < n].tolist():
+            first = (ti << self.rb_bits) >> _PAGE_BITS
+            last = (min(n, (ti + 1) << self.rb_bits) - 1) >> _PAGE_BITS
+            pages.update(range(first, last + 1))
+        highest = 0
         rebuild = False
         freed: list[int] = []
-        for i in np.flatnonzero((disk != refs) | bad):
-            i = int(i)
-            if bad[i]:
-                self.report(f"Can't get refcount for cluster {i}: Input/output error")
-                res.check_errors += 1
-                continue
-            r1 = int(disk[i])
-            r2 = int(refs[i])
-            fixed = None
-            if r1 == 0:
-                rebuild = True
-            elif r1 > r2 and fix_leaks:
-                fixed = "leaks_fixed"
-            elif r1 < r2 and fix_errors:
-                fixed = "corruptions_fixed"
-            word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
-            self.report(f"{word} cluster {i} refcount={r1} reference={r2}")
-            if fixed:
-                self.set_refcount(i, r2)
-                if r2 == 0:
-                    freed.append(i)
-                setattr(res, fixed, getattr(res, fixed) + 1)
-                continue
-            if r1 < r2:
-                res.corruptions += 1
-            else:
-                res.leaks += 1
+        for p in sorted(pages):
+            start = p << _PAGE_BITS
+            end = min(n, start + _PAGE)
+            refs = self.refs.dense(start, end)
+            disk, bad = self.disk_refcounts(start, end)
+            used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
+            if used.size:
+                highest = start + int(used[-1])
+            for i in np.flatnonzero((disk != refs) | bad).tolist():
+                ci = start + i
+                if bad[i]:
+                    self.report(f"Can't get refcount for cluster {ci}: Input/output error")
+                    res.check_errors += 1
+                    continue
+                r1 = int(disk[i])
+                r2 = int(refs[i])
+                fixed = None
+                if r1 == 0:
+                    rebuild = True
+                elif r1 > r2 and fix_leaks:
+                    fixed = "leaks_fixed"
+                elif r1 < r2 and fix_errors:
+                    fixed = "corruptions_fixed"
+                word = "Repairing" if fixed else ("ERROR" if r1 < r2 else "Leaked")
+                self.report(f"{word} cluster {ci} refcount={r1} reference={r2}")
+                if fixed:
+                    self.set_refcount(ci, r2)
+                    if r2 == 0:
+                        freed.append(ci)
+                    setattr(res, fixed, getattr(res, fixed) + 1)
+                    continue
+                if r1 < r2:
+                    res.corruptions += 1
+                else:
+                    res.leaks += 1
         self.flush_blocks()
         self.discard(freed)
         return rebuild, highest
@@ -636,25 +794,12 @@ class _Checker:
     def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
         """Find ``count`` free clusters in the computed counts (first fit), mark them used."""
         n = self.nb_clusters
-        zero = self.refs[first_free:n] == 0
-        zpos = np.flatnonzero(zero)
-        if zpos.size:
-            first_free = first_free + int(zpos[0])
-        start = None
-        if zpos.size:
-            nzpos = np.flatnonzero(~zero)
-            starts = np.concatenate(([0], nzpos + 1))
-            ends = np.concatenate((nzpos, [len(zero)]))
-            ok = np.flatnonzero(ends - starts >= count)
-            if ok.size:
-                start = first_free - int(zpos[0]) + int(starts[ok[0]])
+        start, first_free, trailing = self.refs.zero_run(first_free, n, count)
         if start is None:
             # Not enough room: the run continues with new clusters past the end.
-            nz = np.flatnonzero(~zero)
-            trailing = len(zero) - (int(nz[-1]) + 1) if nz.size else len(zero)
             start = max(n, first_free) - trailing
             self._ensure(start + count)
-        self.refs[start : start + count] = 1
+        self.refs.set_range(start, start + count, 1)
         return start, first_free
 
     def _write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
@@ -662,10 +807,10 @@ class _Checker:
         first_free = 0
         c = first
         while c < end:
-            nz = np.flatnonzero(self.refs[c:end])
-            if not nz.size:
+            nz = self.refs.next_nonzero(c, end)
+            if nz is None:
                 break
-            c += int(nz[0])
+            c = nz
             index = c >> self.rb_bits
             start = index << self.rb_bits
             if index < len(table) and table[index]:
@@ -685,7 +830,7 @@ class _Checker:
                 self.report("\0ERROR writing refblock: Input/output error")
                 raise _CheckFailed(-errno.EIO)
             self._ensure(start + self.rb_entries)
-            values = self.refs[start : start + self.rb_entries].clip(0, self.refcount_max).astype(_U64)
+            values = self.refs.dense(start, start + self.rb_entries)
             self.f.pwrite(block_offset, encode_block(values, self.rbits))
             c = start + self.rb_entries
         return grown
@@ -698,7 +843,7 @@ class _Checker:
             rt_clusters = -(-len(table) * 8 // self.cs)
             start, _ = self._alloc_imrt(rt_clusters, 0)
             if self._write_refblocks(start, start + rt_clusters, table):
-                self.refs[start : start + rt_clusters] = 0
+                self.refs.set_range(start, start + rt_clusters, 0)
                 continue
             break
         self.f.pwrite(start << self.cluster_bits, np.array(table, dtype=">u8").tobytes())
@@ -709,6 +854,7 @@ class _Checker:
         self.reftable = np.array(table, dtype=_U64)
         self.reftable_offset = start << self.cluster_bits
         self.blocks.clear()
+        self.bad_blocks.clear()
 
     # -- COPIED flags --------------------------------------------------------------------------------
     def check_copied(self, res: CheckResult) -> None:
@@ -892,7 +1038,7 @@ class _Checker:
             return res
         size = self.file_length()
         self.nb_clusters = -(-size // self.cs)
-        self.refs = np.zeros(max(self.nb_clusters, 1), dtype=np.int64)
+        self.refs = _Refs(self.rbits)
         res.total_clusters = -(-self.h.size // self.cs)
         rebuild = self.calculate(res, self.fix_errors)
         pre = replace(res)
@@ -903,7 +1049,7 @@ class _Checker:
             self.rebuild()
             res.corruptions = 0
             res.leaks = 0
-            self.refs[:] = 0
+            self.refs.clear()
             self.calculate(res, False)
             fresh_leaks = 0
             if self.fix_leaks:
