@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import check_ok
 from tests.daemon.conftest import Daemons, normalise, normalise_hmp
-from vdkit.daemon.main import OptionError, parse_args, parse_drive, split_opts
+from vdkit.daemon.main import DriveIndexes, OptionError, parse_args, parse_drive, split_opts
 
 
 def test_split_opts() -> None:
@@ -17,17 +17,24 @@ def test_split_opts() -> None:
 
 
 def test_parse_drive() -> None:
-    d = parse_drive("file=x.qcow2,cache=directsync,throttling.iops-total=5,throttling.group=g,bps_max=9,bps=3", 0)
+    d = parse_drive("file=x.qcow2,cache=directsync,throttling.iops-total=5,throttling.group=g,bps_max=9,bps=3")
     assert (d.cache.writeback, d.cache.direct, d.cache.no_flush) == (False, True, False)
     assert d.throttle.avg["iops"] == 5 and d.throttle.max["bps"] == 9 and d.group == "g"
     assert d.id == "none0"
-    assert parse_drive("if=ide,media=cdrom", 1).id == "ide0-cd1"
-    with pytest.raises(OptionError, match="Invalid parameter 'bogus'"):
-        parse_drive("file=x,bogus=1", 0)
-    with pytest.raises(OptionError, match="expects 'on' or 'off'"):
-        parse_drive("file=x,readonly=maybe", 0)
+    indexes = DriveIndexes()
+    assert parse_drive("if=ide", indexes).id == "ide0-hd0"
+    assert parse_drive("if=ide,media=cdrom", indexes).id == "ide1-cd0"  # q35: one unit per IDE bus
+    # no -drive level takes it: left for the format driver, which refuses it once the image is open
+    assert parse_drive("file=x,bogus=1").leftover == ["bogus"]
+    assert parse_drive("file=x,bps_max_length=3").leftover == ["bps_max_length"]
+    with pytest.raises(OptionError, match="Parameter 'read-only' expects 'on' or 'off'"):
+        parse_drive("file=x,readonly=maybe")
+    with pytest.raises(OptionError, match="Parameter 'throttling.bps-total' expects a number"):
+        parse_drive("file=x,bps=1k")
     with pytest.raises(OptionError, match="bps_max/iops_max cannot be lower than bps/iops"):
-        parse_drive("file=x,bps=10,bps_max=5", 0)
+        parse_drive("file=x,bps=10,bps_max=5")
+    assert parse_drive("file=x,bps=0x10,iops=010").throttle.avg == {**parse_drive("").throttle.avg,
+                                                                     "bps": 16, "iops": 8}
 
 
 def test_parse_args() -> None:
@@ -35,8 +42,11 @@ def test_parse_args() -> None:
                       "-qmp", "tcp:127.0.0.1:4444,server=on,wait=off", "-monitor", "unix:/tmp/h,server=on,wait=off"])
     assert cfg.start_paused and cfg.pidfile == "p"
     assert [str(a) for a in cfg.qmp] == ["unix:/tmp/s", "tcp:127.0.0.1:4444"]
-    with pytest.raises(OptionError, match="Duplicate ID 'a' for drive"):
-        parse_args(["-drive", "if=none,id=a", "-drive", "if=none,id=a"])
+    # checked while the command line is read: identifiers and duplicates (the full -drive text first)
+    with pytest.raises(OptionError, match="^-drive if=none,id=a,format=raw: Duplicate ID 'a' for drive$"):
+        parse_args(["-drive", "if=none,id=a", "-drive", "if=none,id=a,format=raw"])
+    with pytest.raises(OptionError, match="Parameter 'id' expects an identifier"):
+        parse_args(["-drive", "if=none,id=d0,,bps=5"])
 
 
 DRIVES = [

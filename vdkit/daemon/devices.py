@@ -115,6 +115,12 @@ class DriveSpec:
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     group: str | None = None
     text: str = ""  # the option text, for error messages
+    force_share: bool = False
+    aio: str = "threads"
+    index: int = -1  # QEMU's drive index (bus * units per bus + unit)
+    bus: int = 0
+    # options no -drive level takes: QEMU hands them to the format driver, which refuses them
+    leftover: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,11 +165,12 @@ class Drive:
 
     @property
     def has_tray(self) -> bool:
-        return self.qdev is not None and self.spec.media == "cdrom"
+        # an IDE CD-ROM; a virtio disk with media=cdrom is only read-only
+        return self.qdev is not None and self.spec.media == "cdrom" and self.spec.interface != "virtio"
 
     @property
     def removable(self) -> bool:
-        return self.qdev is None or self.spec.media == "cdrom"
+        return self.qdev is None or self.has_tray
 
 
 def _drive_stats() -> DriveStats:
@@ -186,6 +193,7 @@ class DeviceRegistry:
         self._serial = itertools.count(0)
         self._used_names: set[str] = set()
         self._qdev_counter = itertools.count(16)
+        self._virtio_counter = itertools.count(0)
         self.shutdown_requested: str | None = None
         # bumped after every command that may change state (see runtime); keys render caches
         self.generation = 0
@@ -245,11 +253,14 @@ class DeviceRegistry:
         if any(d.id == spec.id for d in self.drives):
             raise VdkitError(f"Duplicate ID '{spec.id}' for drive")
         drive = Drive(spec)
-        if spec.interface != "none":
+        if spec.interface == "virtio":
+            drive.qdev = f"/machine/peripheral-anon/device[{next(self._virtio_counter)}]/virtio-backend"
+        elif spec.interface != "none":
             drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
         drive.retained_ro = ro = spec.readonly or spec.media == "cdrom"
         if spec.file:
-            drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name)
+            drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name,
+                                            force_share=spec.force_share)
         self.drives.append(drive)
         if spec.throttle.enabled:
             self.set_throttle(drive, spec.throttle, spec.group or spec.id)
@@ -273,12 +284,12 @@ class DeviceRegistry:
         drive.throttle = cfg
 
     def open_medium(self, filename: str, fmt: str | None, *, readonly: bool,
-                    node_name: str | None = None) -> Medium:
+                    node_name: str | None = None, force_share: bool = False) -> Medium:
         from vdkit.block.node import open_image
 
         if node_name is not None and node_name in self._used_names:
             raise VdkitError(f"Duplicate nodes with node-name='{node_name}'")
-        node = open_image(filename, fmt, readonly=readonly)
+        node = open_image(filename, fmt, readonly=readonly, force_share=force_share)
         names: list[tuple[str, str]] = []
         serials: list[tuple[int, int]] = []
         for i, _ in enumerate(node.chain()):

@@ -25,10 +25,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
-from vdkit.daemon.devices import THROTTLE_KEYS, DeviceRegistry, DriveSpec, ThrottleConfig
+from vdkit.daemon.devices import DeviceRegistry, DriveSpec, ThrottleConfig
 from vdkit.daemon.runtime import Address, Daemon
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
@@ -75,11 +76,33 @@ def parse_bool(key: str, value: str) -> bool:
     raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
-def _parse_int(key: str, value: str) -> int:
+_UINT64_MAX = (1 << 64) - 1
+
+
+def _parse_uint(key: str, value: str) -> int:
+    """A QemuOpts number: decimal, 0x hex or 0 octal (strtoull's base 0)."""
+    text = value.strip()
+    neg = text.startswith("-")
+    body = text[1:] if neg else text
     try:
-        return int(value, 0)
+        if body[:2].lower() == "0x":
+            n = int(body[2:], 16)
+        elif len(body) > 1 and body.startswith("0"):
+            n = int(body[1:], 8)
+        else:
+            if not body.isdigit():
+                raise ValueError
+            n = int(body, 10)
     except ValueError:
         raise OptionError(f"Parameter '{key}' expects a number") from None
+    if n > _UINT64_MAX:
+        raise OptionError(f"Value '{value}' is too large for parameter '{key}'")
+    return (-n) & _UINT64_MAX if neg else n
+
+
+def _throttle_number(key: str, value: str) -> int:
+    n = _parse_uint(key, value)
+    return n - (1 << 64) if n >= 1 << 63 else n  # QEMU keeps them in int64 fields
 
 
 _CACHE_MODES = {
@@ -90,96 +113,241 @@ _CACHE_MODES = {
     "unsafe": BlockdevCacheInfo(True, False, True),
 }
 
-# throttling.* spellings -> legacy -drive names
-_THROTTLE_ALIASES = {
-    "throttling.bps-total": "bps", "throttling.bps-read": "bps_rd", "throttling.bps-write": "bps_wr",
-    "throttling.iops-total": "iops", "throttling.iops-read": "iops_rd", "throttling.iops-write": "iops_wr",
-    "throttling.bps-total-max": "bps_max", "throttling.bps-read-max": "bps_rd_max",
-    "throttling.bps-write-max": "bps_wr_max", "throttling.iops-total-max": "iops_max",
-    "throttling.iops-read-max": "iops_rd_max", "throttling.iops-write-max": "iops_wr_max",
-    "throttling.bps-total-max-length": "bps_max_length", "throttling.bps-read-max-length": "bps_rd_max_length",
-    "throttling.bps-write-max-length": "bps_wr_max_length", "throttling.iops-total-max-length": "iops_max_length",
-    "throttling.iops-read-max-length": "iops_rd_max_length",
-    "throttling.iops-write-max-length": "iops_wr_max_length",
-    "throttling.iops-size": "iops_size", "throttling.group": "group",
+# legacy -drive names -> throttling.* spellings (QEMU renames before it parses; the
+# *_max_length limits have no legacy spelling: "bps_max_length" is an unknown option)
+_LEGACY_THROTTLE = {
+    "bps": "throttling.bps-total", "bps_rd": "throttling.bps-read", "bps_wr": "throttling.bps-write",
+    "iops": "throttling.iops-total", "iops_rd": "throttling.iops-read", "iops_wr": "throttling.iops-write",
+    "bps_max": "throttling.bps-total-max", "bps_rd_max": "throttling.bps-read-max",
+    "bps_wr_max": "throttling.bps-write-max", "iops_max": "throttling.iops-total-max",
+    "iops_rd_max": "throttling.iops-read-max", "iops_wr_max": "throttling.iops-write-max",
+    "iops_size": "throttling.iops-size", "group": "throttling.group", "readonly": "read-only",
 }
+# throttling.* spelling -> (bucket, "avg"|"max"|"length")
+_THROTTLE_OPTS: dict[str, tuple[str, str]] = {}
+for _bucket, _name in (("bps", "bps-total"), ("bps_rd", "bps-read"), ("bps_wr", "bps-write"),
+                       ("iops", "iops-total"), ("iops_rd", "iops-read"), ("iops_wr", "iops-write")):
+    _THROTTLE_OPTS[f"throttling.{_name}"] = (_bucket, "avg")
+    _THROTTLE_OPTS[f"throttling.{_name}-max"] = (_bucket, "max")
+    _THROTTLE_OPTS[f"throttling.{_name}-max-length"] = (_bucket, "length")
+
+_INTERFACES = ("ide", "scsi", "floppy", "pflash", "mtd", "sd", "virtio", "xen", "none")
+# units per bus and buses of q35 (AHCI: 6 ports, one device each); 0 units: index = unit
+_UNITS_PER_BUS = {"ide": 1, "scsi": 7}
+_MAX_BUS = {"ide": 5}
+# interfaces the q35 machine cannot attach a drive to
+_UNSUPPORTED_IF = ("scsi", "sd", "mtd", "xen")
+# qemu-img --help's list (Debian's 7.2): any other format= is an unknown driver before anything is opened
+_QEMU_FORMATS = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write", "copy-on-read",
+    "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "iser", "luks",
+    "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum",
+    "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"))
+# the qcow2 driver's open options: taken without effect (caches, discard passing, overlap checks)
+_QCOW2_RUNTIME_OPTS = frozenset((
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "overlap-check",
+    "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"))
+_ACCEPTED_FLAGS = ("copy-on-read", "auto-read-only", "stats-account-invalid", "stats-account-failed")
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_ID_ERROR = ("Parameter 'id' expects an identifier\n"
+             "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
 
 
-def parse_drive(text: str, index: int) -> DriveSpec:
-    spec = DriveSpec(id="", text=text)
-    cache: BlockdevCacheInfo | None = None
-    direct = no_flush = None
-    throttle = ThrottleConfig()
+def check_drive_id(text: str) -> str | None:
+    """What QEMU checks while it parses the command line: the id must be an identifier."""
+    drive_id = None
     for key, value in split_opts(text):
-        key = _THROTTLE_ALIASES.get(key, key)
-        if key == "file":
-            spec.file = value
-        elif key == "id":
-            spec.id = value
-        elif key == "if":
-            if value not in ("none", "ide", "virtio", "scsi", "floppy", "sd", "pflash", "mtd", "xen"):
-                raise OptionError(f"unsupported bus type '{value}'")
-            spec.interface = value
-        elif key == "media":
-            if value not in ("disk", "cdrom"):
-                raise OptionError(f"'{value}' invalid media")
-            spec.media = value
-        elif key == "format":
-            spec.format = value
-        elif key in ("readonly", "read-only"):
-            spec.readonly = parse_bool(key, value)
-        elif key == "cache":
-            if value not in _CACHE_MODES:
-                raise OptionError("invalid cache option")
-            cache = _CACHE_MODES[value]
-        elif key == "cache.direct":
-            direct = parse_bool(key, value)
-        elif key == "cache.no-flush":
-            no_flush = parse_bool(key, value)
-        elif key == "cache.writeback":
-            cache = BlockdevCacheInfo(parse_bool(key, value), False, False)
-        elif key == "detect-zeroes":
-            if value not in ("off", "on", "unmap"):
-                raise OptionError(f"Parameter 'detect-zeroes' does not accept value '{value}'")
-            spec.detect_zeroes = value
-        elif key == "node-name":
-            spec.node_name = value
-        elif key == "discard":
-            if value not in ("ignore", "off", "unmap", "on"):
-                raise OptionError("Invalid discard option")
-        elif key in ("aio", "werror", "rerror"):
-            pass  # I/O policies: accepted for command-line compatibility, nothing to configure yet
-        elif key in THROTTLE_KEYS:
-            throttle.avg[key] = _parse_int(key, value)
-        elif key.endswith("_max") and key[:-4] in THROTTLE_KEYS:
-            throttle.max[key[:-4]] = _parse_int(key, value)
-        elif key.endswith("_max_length") and key[:-11] in THROTTLE_KEYS:
-            throttle.length[key[:-11]] = _parse_int(key, value)
-        elif key == "iops_size":
-            throttle.iops_size = _parse_int(key, value)
-        elif key == "group":
-            spec.group = value
+        if key == "id":
+            drive_id = value
+    if drive_id is not None and not _ID_RE.match(drive_id):
+        raise OptionError(_ID_ERROR)
+    return drive_id
+
+
+class DriveIndexes:
+    """The indexes (bus/unit) taken so far, per interface, as QEMU assigns them."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, set[int]] = {}
+
+    def assign(self, interface: str, index: int | None, bus: int | None, unit: int | None) -> tuple[int, int, int]:
+        per_bus = _UNITS_PER_BUS.get(interface, 0)
+        if index is not None and (bus is not None or unit is not None):
+            raise OptionError("index cannot be used with bus and unit")
+        if index is not None:
+            bus, unit = (index // per_bus, index % per_bus) if per_bus else (0, index)
+        used = self.used.setdefault(interface, set())
+        if bus is None and unit is None:
+            index = 0
+            while index in used:
+                index += 1
+            bus, unit = (index // per_bus, index % per_bus) if per_bus else (0, index)
+        bus = bus or 0
+        if unit is None:  # the first free unit of that bus
+            unit = 0
+            while (bus * per_bus if per_bus else 0) + unit in used:
+                unit += 1
+        if per_bus and unit >= per_bus:
+            raise OptionError(f"unit {unit} too big (max is {per_bus - 1})")
+        index = bus * per_bus + unit if per_bus else unit
+        if index in used:
+            raise OptionError(f"drive with bus={bus}, unit={unit} (index={index}) exists")
+        used.add(index)
+        return index, bus, unit
+
+
+def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
+    """One -drive, checked in QEMU's order (the first error wins, with QEMU's text).
+
+    Options that no -drive level takes are kept in ``leftover``: QEMU hands
+    them to the format driver, which refuses them once the image is open.
+    """
+    indexes = indexes or DriveIndexes()
+    opts: dict[str, str] = {}
+    order: list[str] = []
+    pairs = split_opts(text)
+    given = {k for k, _ in pairs}
+    for key, value in pairs:
+        canon = _LEGACY_THROTTLE.get(key)
+        if canon is not None:
+            if canon in given:
+                raise OptionError(f"'{canon}' and its alias '{key}' can't be used at the same time")
+            key = canon
+        if key not in opts:
+            order.append(key)
+        opts[key] = value  # the last of a repeated option counts
+
+    def take(key: str) -> str | None:
+        if key in opts:
+            order.remove(key)
+        return opts.pop(key, None)
+
+    spec = DriveSpec(id=take("id") or "", text=text)
+
+    cache: BlockdevCacheInfo | None = None
+    mode = take("cache")
+    if mode is not None:
+        if mode not in _CACHE_MODES:
+            raise OptionError("invalid cache option")
+        cache = _CACHE_MODES[mode]
+    numbers = {k: take(k) for k in ("index", "bus", "unit")}
+    parsed = {k: None if v is None else _parse_uint(k, v) for k, v in numbers.items()}
+    ro = take("read-only")
+    spec.readonly = ro is not None and parse_bool("read-only", ro)
+    media = take("media")
+    if media is not None:
+        if media not in ("disk", "cdrom"):
+            raise OptionError(f"'{media}' invalid media")
+        spec.media = media
+    interface = take("if")
+    if interface is not None:
+        if interface not in _INTERFACES:
+            raise OptionError(f"unsupported bus type '{interface}'")
+        spec.interface = interface
+    snapshot = take("snapshot")
+    if snapshot is not None and parse_bool("snapshot", snapshot):
+        raise OptionError("snapshot=on is not supported by vdkit-daemon (QEMU would write to a temporary overlay)")
+    spec.index, spec.bus, unit = indexes.assign(spec.interface, parsed["index"], parsed["bus"], parsed["unit"])
+    if not spec.id:
+        per_bus = _UNITS_PER_BUS.get(spec.interface, 0)
+        if per_bus:
+            kind = "cd" if spec.media == "cdrom" else "hd"
+            spec.id = f"{spec.interface}{spec.bus}-{kind}{unit}"
         else:
-            raise OptionError(f"Invalid parameter '{key}'")
-    if cache is None:
-        cache = BlockdevCacheInfo()
-    spec.cache = BlockdevCacheInfo(cache.writeback, cache.direct if direct is None else direct,
-                                   cache.no_flush if no_flush is None else no_flush)
+            spec.id = f"{spec.interface}{unit}"
+    # blockdev options: throttling numbers first, then aio, the limits, detect-zeroes, error actions
+    throttle = ThrottleConfig()
+    for key in [k for k in order if k in _THROTTLE_OPTS or k == "throttling.iops-size"]:
+        value = take(key)
+        assert value is not None
+        if key == "throttling.iops-size":
+            throttle.iops_size = _throttle_number(key, value)
+            continue
+        bucket, what = _THROTTLE_OPTS[key]
+        getattr(throttle, what)[bucket] = _throttle_number(key, value)
+    aio = take("aio")
+    if aio is not None:
+        if aio not in ("threads", "native", "io_uring"):
+            raise OptionError("invalid aio option")
+        spec.aio = aio
     try:
         throttle.validate()
     except VdkitError as exc:
         raise OptionError(exc.message) from exc
     spec.throttle = throttle
-    if not spec.id:
-        if spec.interface == "none":
-            spec.id = f"none{index}"
-        elif spec.interface == "ide":
-            spec.id = f"ide{index // 2}-{'cd' if spec.media == 'cdrom' else 'hd'}{index % 2}"
-        else:
-            spec.id = f"{spec.interface}{index}"
-    if spec.media == "cdrom" and spec.interface == "virtio":
-        raise OptionError("virtio doesn't support media=cdrom")
+    spec.group = take("throttling.group")
+    dz = take("detect-zeroes")
+    if dz is not None:
+        if dz not in ("off", "on", "unmap"):
+            raise OptionError(f"invalid parameter value: {dz}")
+        spec.detect_zeroes = dz
+    for key, what in (("werror", "write"), ("rerror", "read")):
+        action = take(key)
+        allowed = ("ignore", "stop", "report", "enospc") if key == "werror" else ("ignore", "stop", "report")
+        if action is not None and action not in allowed:
+            raise OptionError(f"'{action}' invalid {what} error action")
+    share = take("force-share")
+    if share is not None and parse_bool("force-share", share):
+        if not spec.readonly:
+            raise OptionError("force-share=on can only be used with read-only images")
+        spec.force_share = True
+    fmt, driver = take("format"), take("driver")
+    spec.format = fmt if fmt is not None else driver
+    if spec.format is not None and spec.format not in _QEMU_FORMATS:
+        raise OptionError(f"Unknown driver '{spec.format}'")
+    discard = take("discard")
+    if discard is not None and discard not in ("ignore", "off", "unmap", "on"):
+        raise OptionError("Invalid discard option")
+    direct, no_flush, writeback = take("cache.direct"), take("cache.no-flush"), take("cache.writeback")
+    if cache is None:
+        cache = BlockdevCacheInfo()
+    spec.cache = BlockdevCacheInfo(
+        cache.writeback if writeback is None else parse_bool("cache.writeback", writeback),
+        cache.direct if direct is None else parse_bool("cache.direct", direct),
+        cache.no_flush if no_flush is None else parse_bool("cache.no-flush", no_flush))
+    for key in _ACCEPTED_FLAGS:
+        value = take(key)
+        if value is not None:
+            parse_bool(key, value)
+    node_name = take("node-name")
+    if node_name is not None:
+        if not _ID_RE.match(node_name):
+            raise OptionError(f"Invalid node-name: '{node_name}'")
+        spec.node_name = node_name
+    spec.file = take("file")
+    # the protocol layer's options (file.locking=off, ...) are taken without effect
+    spec.leftover = [k for k in order if not k.startswith("file.")]
     return spec
+
+
+def check_opened(spec: DriveSpec, fmt: str | None) -> None:
+    """After the image opened: the file driver's aio check, then options no layer took."""
+    if spec.file and spec.aio == "native" and not spec.cache.direct:
+        raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
+    leftover = [k for k in spec.leftover if not (fmt == "qcow2" and k in _QCOW2_RUNTIME_OPTS)]
+    if leftover:
+        if fmt is None:
+            raise OptionError("Must specify either driver or file")
+        raise OptionError(f"Block format '{fmt}' does not support the option '{leftover[0]}'")
+    if spec.interface in _UNSUPPORTED_IF or spec.bus > _MAX_BUS.get(spec.interface, spec.bus):
+        unit = spec.index % _UNITS_PER_BUS[spec.interface] if spec.interface in _UNITS_PER_BUS else spec.index
+        raise OptionError(f"machine type does not support if={spec.interface},bus={spec.bus},unit={unit}")
+
+
+def check_devices(specs: list[tuple[DriveSpec, bool, bool]]) -> None:
+    """Once every drive is open, the guest devices take them: IDE disks first (no -drive prefix), then virtio.
+
+    ``specs``: (spec, has a medium, medium read-only).
+    """
+    for spec, inserted, ro in specs:
+        if spec.interface == "ide" and spec.media != "cdrom":
+            if not inserted:
+                raise OptionError("Device needs media, but drive is empty")
+            if ro:
+                raise OptionError("Block node is read-only")
+    for spec, inserted, _ in specs:
+        if spec.interface == "virtio" and not inserted:
+            raise OptionError(f"-drive {spec.text}: Device needs media, but drive is empty")
 
 
 def parse_address(text: str) -> Address:
@@ -202,7 +370,7 @@ def parse_address(text: str) -> Address:
 
 @dataclass
 class Config:
-    drives: list[DriveSpec] = field(default_factory=list)
+    drive_texts: list[str] = field(default_factory=list)
     qmp: list[Address] = field(default_factory=list)
     hmp: list[Address] = field(default_factory=list)
     nbd: list[Address] = field(default_factory=list)
@@ -218,6 +386,7 @@ _IGNORED_FLAGS = ("-nodefaults", "-nographic")
 
 def parse_args(argv: list[str]) -> Config:
     cfg = Config()
+    ids: set[str] = set()
     i = 0
 
     def value(opt: str) -> str:
@@ -232,11 +401,17 @@ def parse_args(argv: list[str]) -> Config:
         opt = "-" + arg.lstrip("-") if arg.startswith("-") else arg
         try:
             if opt == "-drive":
+                # QEMU checks only the id while it reads the command line; the rest when it opens the drive
                 v = value(opt)
                 try:
-                    cfg.drives.append(parse_drive(v, len(cfg.drives)))
+                    drive_id = check_drive_id(v)
                 except OptionError as exc:
                     raise OptionError(f"-drive {v}: {exc}") from None
+                if drive_id is not None and drive_id in ids:
+                    raise OptionError(f"-drive {v}: Duplicate ID '{drive_id}' for drive")
+                if drive_id is not None:
+                    ids.add(drive_id)
+                cfg.drive_texts.append(v)
             elif opt == "-qmp":
                 cfg.qmp.append(parse_address(value(opt)))
             elif opt == "-monitor":
@@ -262,11 +437,46 @@ def parse_args(argv: list[str]) -> Config:
                 raise OptionError(f"{arg}: invalid option")
         finally:
             i += 1
-    ids = [d.id for d in cfg.drives]
-    for d in cfg.drives:
-        if ids.count(d.id) > 1:
-            raise OptionError(f"-drive id={d.id}: Duplicate ID '{d.id}' for drive")
     return cfg
+
+
+_RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write operations on block 0 "
+    "will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
+    """Each -drive in turn: its options, its image, then what only an open image tells; then the devices."""
+    from vdkit.monitor.block_cmds import open_error
+
+    indexes = DriveIndexes()
+    opened: list[tuple[DriveSpec, bool, bool]] = []
+    for text in texts:
+        try:
+            spec = parse_drive(text, indexes)
+            if spec.node_name is not None and machine.find_drive(spec.node_name) is not None:
+                raise OptionError(f"node-name={spec.node_name} is conflicting with a device id")
+            if spec.id in machine.all_node_names():
+                raise OptionError(f"Device name '{spec.id}' conflicts with an existing node name")
+            if spec.node_name is not None and spec.node_name == spec.id:
+                raise OptionError(f"Device name '{spec.id}' conflicts with an existing node name")
+            try:
+                drive = machine.add_drive(spec) if not (spec.leftover and not spec.file) else None
+            except VdkitError as exc:
+                err = open_error(exc)
+                hint = (err.hint or exc.hint or "").rstrip("\n")
+                raise OptionError(err.message + (f"\n{hint}" if hint else "")) from None
+            medium = drive.medium if drive is not None else None
+            if medium is not None and spec.format is None and medium.node.format == "raw" and not medium.ro:
+                sys.stderr.write(_RAW_PROBE_WARNING.format(spec.file))
+            check_opened(spec, medium.node.format if medium is not None else None)
+        except OptionError as exc:
+            raise OptionError(f"-drive {text}: {exc}") from None
+        assert drive is not None
+        opened.append((spec, drive.medium is not None, drive.medium is not None and drive.medium.ro))
+    check_devices(opened)
 
 
 def _err(msg: str) -> None:
@@ -354,16 +564,13 @@ def _main(args: list[str]) -> int:
                 os.unlink(cfg.pidfile)
 
     machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
-    for spec in cfg.drives:
-        try:
-            machine.add_drive(spec)
-        except VdkitError as exc:
-            from vdkit.monitor.block_cmds import open_error
-
-            _err(f"-drive {spec.text}: {open_error(exc).message}")
-            machine.close_all()
-            remove_pidfile()
-            return 1
+    try:
+        _open_drives(machine, cfg.drive_texts)
+    except OptionError as exc:
+        _err(str(exc))
+        machine.close_all()
+        remove_pidfile()
+        return 1
     if cfg.daemonize:
         ready_r, ready_w = os.pipe()
         pid = os.fork()

@@ -1,0 +1,137 @@
+"""-drive options at start-up: vdkit-daemon's refusals (exit status and stderr) and acceptances against QEMU 7.2.
+
+QEMU checks a -drive in stages: the id while it reads the command line, then
+per drive its own options (cache, index, read-only, media, if, snapshot),
+the block options (throttling numbers, aio, the limits, detect-zeroes, error
+actions, force-share, format, discard), the image, what only the open image
+tells (aio=native, options no layer took: "Block format 'qcow2' does not
+support the option ..."), and once every drive is open the guest devices
+(IDE, then virtio).  The first error wins; both processes must print it alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, check_ok, require_tool
+from tests.daemon.conftest import QEMU_BASE, Daemons, normalise, normalise_hmp
+
+
+def _setup(d: Path) -> None:
+    for name in "abcdefgh":
+        check_ok("create", "-q", "-f", "qcow2", str(d / f"{name}.qcow2"), "1M")
+    check_ok("create", "-q", "-f", "raw", str(d / "r.raw"), "1M")
+
+
+REFUSED = [
+    "file=a.qcow2,if=none,bps_max_length=3,bps_max=10,bps=5",
+    "file=a.qcow2,if=none,iops_rd_max_length=3,iops_rd_max=5,iops_rd=1",
+    "file=a.qcow2,if=none,throttling.bps-total-max-length=3,throttling.bps-total=5",
+    "file=a.qcow2,if=none,bps=abc", "file=a.qcow2,if=none,bps=1k", "file=a.qcow2,if=none,bps=1.5",
+    "file=a.qcow2,if=none,bps_max=abc", "file=a.qcow2,if=none,iops_size=abc",
+    "file=a.qcow2,if=none,throttling.bps-total=abc", "file=a.qcow2,if=none,bps=99999999999999999999",
+    "file=a.qcow2,if=none,bps=-1", "file=a.qcow2,if=none,bps=5,throttling.bps-total=6",
+    "file=a.qcow2,if=none,readonly=maybe", "file=a.qcow2,if=none,read-only=maybe",
+    "file=a.qcow2,if=none,cache.direct=maybe", "file=a.qcow2,if=none,cache=bogus",
+    "file=a.qcow2,if=none,foo=bar", "file=r.raw,format=raw,if=none,foo=bar", "file=r.raw,if=none,foo=bar",
+    "file=nonexist.qcow2,if=none,foo=bar", "if=none,id=d0,foo=bar", "if=virtio,foo=bar",
+    "file=a.qcow2,if=none,serial=abc", "file=a.qcow2,if=none,boot=on",
+    "if=virtio,id=v", "if=ide,id=v", "if=ide", "if=virtio,readonly=on",
+    "file=a.qcow2,if=ide,readonly=on", "file=a.qcow2,if=ide,readonly=on,foo=bar",
+    "file=a.qcow2,if=scsi", "if=scsi", "file=a.qcow2,if=scsi,id=d0,bus=1,unit=3", "file=nonexist.qcow2,if=scsi",
+    "file=a.qcow2,if=sd", "file=a.qcow2,if=mtd", "file=a.qcow2,if=xen", "file=a.qcow2,if=bogus",
+    "file=a.qcow2,if=none,media=bogus", "file=a.qcow2,if=none,werror=bogus", "file=a.qcow2,if=none,rerror=bogus",
+    "file=a.qcow2,if=none,rerror=enospc", "file=a.qcow2,if=none,aio=native", "file=a.qcow2,if=none,aio=bogus",
+    "file=a.qcow2,if=none,id=d0,,bps=5", "file=a.qcow2,if=none,id=1abc", "file=a.qcow2,if=none,id=",
+    "file=a.qcow2,if=ide,index=6", "file=a.qcow2,if=ide,bus=6", "file=a.qcow2,if=ide,bus=0,unit=1",
+    "file=a.qcow2,if=ide,index=1,bus=1", "file=a.qcow2,if=none,index=abc",
+    "file=a.qcow2,if=none,snapshot=maybe", "file=a.qcow2,if=none,detect-zeroes=bogus",
+    "file=a.qcow2,if=none,discard=bogus", "file=a.qcow2,if=none,format=bogus",
+    "file=a.qcow2,if=none,force-share=on", "file=a.qcow2,if=none,force-share=maybe",
+    "file=a.qcow2,if=none,node-name=1x", "file=a.qcow2,if=none,node-name=d0,id=d0",
+    "file=a.qcow2,if=none,bps=1,bps_rd=1,detect-zeroes=bogus",
+    # several errors: the first QEMU checks wins
+    "file=a.qcow2,if=none,foo=bar,bps=abc", "file=a.qcow2,if=none,werror=bogus,bps=abc",
+    "file=a.qcow2,if=none,werror=bogus,aio=bogus", "file=a.qcow2,if=none,rerror=bogus,werror=bogus",
+    "file=a.qcow2,if=none,detect-zeroes=bogus,bps=abc", "file=a.qcow2,if=none,cache=bogus,bps=abc",
+    "file=a.qcow2,if=none,discard=bogus,aio=bogus", "file=a.qcow2,if=none,discard=bogus,format=bogus",
+    "file=a.qcow2,if=none,werror=bogus,format=bogus", "file=a.qcow2,if=none,werror=bogus,discard=bogus",
+    "file=a.qcow2,if=none,readonly=maybe,bps=abc", "file=a.qcow2,if=none,snapshot=maybe,media=bogus",
+    "file=a.qcow2,if=bogus,media=bogus", "file=a.qcow2,if=none,index=abc,readonly=maybe",
+    "file=a.qcow2,if=none,cache.direct=x,cache=bogus", "file=a.qcow2,if=none,force-share=on,werror=bogus",
+    "file=a.qcow2,if=none,foo=bar,aio=native", "file=nonexist.qcow2,if=none,aio=native",
+    "file=a.qcow2,if=none,bps=1,bps_rd=1,aio=bogus",
+    # more than one drive
+    "file=a.qcow2,if=none,id=d0 && file=r.raw,if=none,id=d0,format=raw",
+    "file=a.qcow2,if=none,id=d0 && file=a.qcow2,if=none,id=d1",
+    "file=a.qcow2,if=ide,media=cdrom && file=r.raw,format=raw,if=ide,index=0",
+    "file=a.qcow2,if=virtio && file=r.raw,format=raw,if=virtio,index=0",
+    "file=a.qcow2,if=none,index=0 && file=r.raw,format=raw,if=none,index=0",
+    "file=a.qcow2,if=none,id=x && file=r.raw,format=raw,if=none,id=y,node-name=x",
+    "file=a.qcow2,if=ide,id=x,readonly=on && file=nonexist,if=none",
+    "file=a.qcow2,if=ide,id=x,readonly=on && if=ide,id=y",
+    "if=virtio,id=x && if=ide,id=y", "if=ide,id=y && if=virtio,id=x",
+]
+
+
+def _drives(case: str) -> list[str]:
+    return [a for d in case.split(" && ") for a in ("-drive", d)]
+
+
+def _start(cmd: list[str], args: list[str], cwd: Path) -> tuple[int | str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TZ="UTC")
+    sock = str(cwd / "x.sock")
+    try:
+        r = subprocess.run([*cmd, *args, "-qmp", f"unix:{sock},server=on,wait=off"], cwd=cwd, env=env,
+                           capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "still running", ""
+    return r.returncode, r.stderr.decode()
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_refused_like_qemu(tmp_path: Path, case: str) -> None:
+    _setup(tmp_path)
+    q_rc, q_err = _start([require_tool("qemu-system-x86_64"), *QEMU_BASE], _drives(case), tmp_path)
+    v_rc, v_err = _start([sys.executable, "-m", "vdkit.daemon.main", "-S"], _drives(case), tmp_path)
+    assert q_rc == 1, q_err  # the case list is of refusals
+    assert (v_rc, v_err.replace("vdkit-daemon: ", "")) == (q_rc, q_err.replace("qemu-system-x86_64: ", ""))
+
+
+ACCEPTED = [
+    ["file=a.qcow2,if=ide", "file=b.qcow2,if=ide,media=cdrom", "file=c.qcow2,if=none", "file=d.qcow2,if=virtio",
+     "file=e.qcow2,if=none", "file=f.qcow2,if=virtio"],
+    ["file=a.qcow2,if=ide,index=3", "file=b.qcow2,if=ide", "file=c.qcow2,if=none,index=5",
+     "file=d.qcow2,if=virtio,index=2", "file=e.qcow2,if=none", "file=f.qcow2,if=virtio",
+     "file=g.qcow2,if=ide,bus=2,unit=0,media=cdrom"],
+    ["file=a.qcow2,if=virtio,media=cdrom", "file=b.qcow2,if=none,index=1,media=cdrom",
+     "file=c.qcow2,if=none,copy-on-read=on", "file=d.qcow2,if=none,force-share=on,readonly=on",
+     "file=e.qcow2,if=none,snapshot=off,auto-read-only=on,driver=qcow2,stats-account-invalid=on,werror=stop,"
+     "rerror=ignore,aio=threads,l2-cache-size=1M,file.locking=off",
+     "file=f.qcow2,if=none,aio=native,cache.direct=on,bps=0x10,iops=010",
+     "file=g.qcow2,if=virtio,readonly=on", "file=h.qcow2,if=ide,media=cdrom,readonly=on"],
+    ["if=ide,media=cdrom", "if=none,media=cdrom,index=3", "file=r.raw,format=raw,if=none,werror=enospc,rerror=report",
+     "file=a.qcow2,if=none,id=a_b.c-d,detect-zeroes=unmap,discard=ignore"],
+]
+
+
+@pytest.mark.parametrize("drives", ACCEPTED)
+def test_accepted_like_qemu(daemons: Daemons, drives: list[str]) -> None:
+    """Automatic ids (q35: one IDE unit per bus; per-interface indexes), devices, read-only states."""
+    q, v = daemons.pair([a for d in drives for a in ("-drive", d)], _setup)
+    for name in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(name)) == normalise(q.cmd_line(name)), name
+    assert normalise_hmp(v.hmp("info block")) == normalise_hmp(q.hmp("info block"))
+
+
+def test_snapshot_on_is_refused_clearly(tmp_path: Path) -> None:
+    """QEMU runs the drive on a temporary overlay; vdkit does not implement it and says so."""
+    _setup(tmp_path)
+    rc, err = _start([sys.executable, "-m", "vdkit.daemon.main", "-S"],
+                     ["-drive", "file=a.qcow2,if=none,snapshot=on"], tmp_path)
+    assert rc == 1 and "snapshot=on is not supported by vdkit-daemon" in err
