@@ -270,7 +270,58 @@ class _Checker:
         """
         self.drv.signal_corruption(what, fallback=self.report)
         self.f.flush()
-        self.drv.io_dead = True  # type: ignore[attr-defined]
+
+    def overlap(self, offset: int, size: int, ignore: tuple[str, ...] = ()) -> str | None:
+        """The metadata structure a write of ``[offset, offset + size)`` would hit, as QEMU's check sees it.
+
+        QEMU's default overlap check (everything but inactive L2 tables),
+        with its in-memory state during a check: the L1 table and refcount
+        table as opened (the L1 with the repairs made so far), the snapshot
+        table and snapshot L1 tables, the bitmap directory.  The range is
+        widened to whole clusters, the structures are taken as they are;
+        the first structure hit, in QEMU's order, names the event.
+        """
+        cs = self.cs
+        if size <= 0:
+            return None
+        if "qcow2_header" not in ignore and offset < cs:
+            return "qcow2_header"
+        lo = offset - offset % cs
+        hi = offset + size + (-(offset + size)) % cs
+
+        def hit(o: int, n: int) -> bool:
+            return n > 0 and o < hi and lo < o + n
+
+        def any_cluster(entries: np.ndarray, mask: int) -> bool:
+            offs = (entries & _U64(mask)).astype(np.int64)
+            return bool(((offs != 0) & (offs < hi) & (offs + cs > lo)).any())
+
+        h = self.h
+        if "active L1 table" not in ignore and hit(self.l1_offset, self.l1_size * 8):
+            return "active L1 table"
+        if "refcount table" not in ignore and hit(self.reftable_offset, len(self.reftable) * 8):
+            return "refcount table"
+        if "snapshot table" not in ignore and hit(h.snapshots_offset, self.snapshots_size):
+            return "snapshot table"
+        if "inactive L1 table" not in ignore and any(
+                sn.l1_size and hit(sn.l1_table_offset, sn.l1_size * 8) for sn in self.snapshots):
+            return "inactive L1 table"
+        if "active L2 table" not in ignore and any_cluster(self.l1, L.L1E_OFFSET_MASK):
+            return "active L2 table"
+        if "refcount block" not in ignore and any_cluster(self.reftable, L.REFT_OFFSET_MASK):
+            return "refcount block"
+        if (h.bitmaps is not None and h.autoclear_features & L.AUTOCLEAR_BITMAPS
+                and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size)):
+            return "bitmap directory"
+        return None
+
+    def overlap_fails(self, offset: int, size: int, ignore: tuple[str, ...] = ()) -> bool:
+        """QEMU's pre-write overlap check: a hit is a corruption event and the write fails (EIO)."""
+        name = self.overlap(offset, size, ignore)
+        if name is None:
+            return False
+        self.signal_corruption(f"Preventing invalid write on metadata (overlaps with {name})")
+        return True
 
     def disk_refcounts(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Stored refcounts of clusters ``[start, end)`` and a mask of unreadable ones."""
@@ -312,7 +363,18 @@ class _Checker:
         self.dirty_blocks.add(int(self.reftable[ti]) & L.REFT_OFFSET_MASK)
 
     def flush_blocks(self) -> None:
+        """Write back the refcount blocks repairs changed, as QEMU's refcount block cache does.
+
+        QEMU writes them late (when the image is marked clean, or closed),
+        through its overlap check (refcount blocks themselves excepted); a
+        node a corruption event killed writes nothing back.
+        """
+        if self.drv.dead:
+            self.dirty_blocks.clear()
+            return
         for off in sorted(self.dirty_blocks):
+            if self.overlap_fails(off, self.cs, ("refcount block",)):
+                continue
             self.f.pwrite(off, encode_block(self.blocks[off], self.rbits))
         self.dirty_blocks.clear()
 
@@ -661,6 +723,10 @@ class _Checker:
                         )
                         if fix_errors:
                             new = 0 if self.extl2 else L.OFLAG_ZERO
+                            if self.overlap_fails(l2_offset + i * entry_size, 8, ("active L2 table",)):
+                                self.report("ERROR: Overlap check failed")
+                                res.check_errors += 1
+                                raise _CheckFailed(-errno.EIO)
                             self.f.pwrite(l2_offset + i * entry_size, new.to_bytes(8, "big"))
                             self._active_tables = None
                             res.corruptions -= 1
@@ -775,7 +841,6 @@ class _Checker:
                     res.corruptions += 1
                 else:
                     res.leaks += 1
-        self.flush_blocks()
         self.discard(freed)
         return rebuild, highest
 
@@ -826,7 +891,7 @@ class _Checker:
                     table.extend([0] * (entries - len(table)))
                     grown = True
                 table[index] = block_offset
-            if getattr(self.drv, "io_dead", False):
+            if self.overlap_fails(block_offset, self.cs):
                 self.report("\0ERROR writing refblock: Input/output error")
                 raise _CheckFailed(-errno.EIO)
             self._ensure(start + self.rb_entries)
@@ -846,6 +911,9 @@ class _Checker:
                 self.refs.set_range(start, start + rt_clusters, 0)
                 continue
             break
+        if self.overlap_fails(start << self.cluster_bits, rt_clusters * self.cs):
+            self.report("\0ERROR writing reftable: Input/output error")
+            raise _CheckFailed(-errno.EIO)
         self.f.pwrite(start << self.cluster_bits, np.array(table, dtype=">u8").tobytes())
         self.f.flush()
         # The one write that switches to the new structure.
@@ -910,6 +978,9 @@ class _Checker:
                 if repair:
                     new = l1e | L.OFLAG_COPIED if rc == 1 else l1e & ~L.OFLAG_COPIED
                     self.l1[i] = new
+                    if self.overlap_fails(self.l1_offset + i * 8, 8, ("active L1 table",)):
+                        res.check_errors += 1
+                        raise _CheckFailed(-errno.EIO)
                     self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
@@ -931,6 +1002,11 @@ class _Checker:
                     new = l2e | L.OFLAG_COPIED if rc == 1 else l2e & ~L.OFLAG_COPIED
                     raw[j * entry_size : j * entry_size + 8] = new.to_bytes(8, "big")
             if repair:
+                if self.overlap_fails(l2_offset, self.cs, ("active L2 table",)):
+                    self.report("ERROR: Could not write L2 table; metadata overlap check failed: "
+                                f"{os.strerror(errno.EIO)}")
+                    res.check_errors += 1
+                    raise _CheckFailed(-errno.EIO)
                 self.f.pwrite(l2_offset, bytes(raw))
                 res.corruptions -= len(wrong)
                 res.corruptions_fixed += len(wrong)
@@ -1077,10 +1153,12 @@ class _Checker:
         self.check_copied(res)
         res.image_end_offset = (highest + 1) * self.cs
         if self.snapshot_corruptions and self.fix_errors:
+            self.flush_blocks()
             self.rewrite_snapshot_table()
             res.corruptions_fixed += self.snapshot_corruptions
         else:
             res.corruptions += self.snapshot_corruptions
+        self.flush_blocks()
         if self.fix_leaks and not res.check_errors and not res.corruptions:
             self.mark_clean()
         return res
@@ -1108,9 +1186,19 @@ def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResul
 
     The driver must have been opened in check mode, read-write when repairing.
     """
+    if driver.dead:  # killed by a corruption event (e.g. during the repair pass): no driver left
+        return CheckResult(check_errors=1, error=-errno.ENOMEDIUM)
+    checker = None
     try:
-        return _Checker(driver, repair, report).run()
+        checker = _Checker(driver, repair, report)
+        return checker.run()
     except _CheckFailed as exc:
         return CheckResult(check_errors=1, error=exc.err)
     except OSError as exc:
         return CheckResult(check_errors=1, error=-(exc.errno or errno.EIO))
+    finally:
+        if checker is not None and checker.dirty_blocks:
+            try:
+                checker.flush_blocks()  # what a live node writes back when it is closed
+            except OSError:
+                pass
