@@ -89,6 +89,41 @@ def test_overflow_reported_in_walk_order(tmp_path: Path) -> None:
     _all_modes(path)
 
 
+def test_copied_repair_refused_by_overlap_check(tmp_path: Path) -> None:
+    """An L1 entry naming an unaligned L2 table inside the header cluster: the COPIED fix would write the
+    header, QEMU's overlap check refuses it (corruption event, check fails); the rebuild before it and the
+    refcount fixes that were never written back end up as qemu-img leaves them."""
+    path = make(tmp_path, "ovl.qcow2", size="4M")
+    img = Img(path)
+    _patch(path, img.l1_offset, 0x800000000000C632)
+    _all_modes(path)
+
+
+def test_unaligned_refblock_then_rebuild(tmp_path: Path) -> None:
+    """A corruption event (unaligned refcount block) early in -r all: the rebuild still runs, the
+    double check finds no driver left (ENOMEDIUM) and the leak fix made after the rebuild is dropped."""
+    path = make(tmp_path, "ur.qcow2", size="4M")
+    img = Img(path)
+    _patch(path, img.rt_offset, 0x54B0)
+    _all_modes(path)
+
+
+def test_rebuilt_refblock_hits_old_refblock(tmp_path: Path) -> None:
+    """The rebuild wants a cluster an old refcount table entry (with reserved bits, so not counted) still
+    names: the overlap check refuses the refblock write (ERROR writing refblock, check fails)."""
+    path = make(tmp_path, "rb.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
+    img = Img(path)
+    _patch(path, img.rt_offset + 8, path.stat().st_size | 1)
+    _all_modes(path)
+
+
+def test_refblock_with_reserved_bits_and_garbage(tmp_path: Path) -> None:
+    path = make(tmp_path, "rg.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
+    img = Img(path)
+    _patch(path, img.rt_offset, (img.u64(img.rt_offset) + 0x1000) | 0x100)
+    _all_modes(path)
+
+
 def _limit_memory() -> None:
     limit = 1536 << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -178,7 +213,7 @@ def damaged_image(tmp: Path, seed: int) -> tuple[Path, list[str]]:
         targets.append(("refblock", rb0))
     if l2_0:
         targets += [("l2", l2_0)] * 2
-    if _u64(d, 56) >> 32:  # snapshots
+    if int.from_bytes(d[60:64], "big"):  # snapshots
         targets.append(("snapshot table", snoff))
     desc: list[str] = []
     for _ in range(rnd.randint(1, 3)):

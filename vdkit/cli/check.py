@@ -79,6 +79,10 @@ def main(argv: list[str]) -> int:
     with SpecNames((filename, spec)), open_image(filename, fmt, readonly=repair is None,
                                                   force_share=force_share, check_mode=True) as node:
         driver = node.driver
+        if repair is not None and fmt is None and node.format == "raw":  # opened writable after probing
+            from vdkit.cli.snapshot_write import _PROBE_WARNING
+
+            write_err(_PROBE_WARNING.format(filename))
         if not isinstance(driver, Qcow2Driver):
             write_err(f"{PROG}: This image format does not support checks\n")
             return 63
