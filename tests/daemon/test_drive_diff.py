@@ -135,3 +135,19 @@ def test_snapshot_on_is_refused_clearly(tmp_path: Path) -> None:
     rc, err = _start([sys.executable, "-m", "vdkit.daemon.main", "-S"],
                      ["-drive", "file=a.qcow2,if=none,snapshot=on"], tmp_path)
     assert rc == 1 and "snapshot=on is not supported by vdkit-daemon" in err
+
+
+@pytest.mark.parametrize("args", [
+    ["-qmp", "bogus:x,server=on"], ["-qmp", "bogus"], ["-monitor", "tcp:localhost:abc,server=on,wait=off"],
+    ["-qmp", "tcp::abc,server=on,wait=off"], ["-qmp", "unix:/nonexist/q.sock,server=on,wait=off"],
+    ["-qmp", "unix:z.sock,server=on,wait=off,foo=1,bar=2"],
+    # QEMU binds monitor sockets after creating the pid file and before opening drives
+    ["-drive", "file=nonexist.qcow2,if=none", "-monitor", "unix:/nonexist/h.sock,server=on,wait=off"],
+    ["-pidfile", "/nonexist/p.pid", "-qmp", "unix:/nonexist/q.sock,server=on,wait=off"],
+])
+def test_monitor_options_like_qemu(tmp_path: Path, args: list[str]) -> None:
+    _setup(tmp_path)
+    q_rc, q_err = _start([require_tool("qemu-system-x86_64"), *QEMU_BASE], args, tmp_path)
+    v_rc, v_err = _start([sys.executable, "-m", "vdkit.daemon.main", "-S"], args, tmp_path)
+    assert q_rc == 1, q_err
+    assert (v_rc, v_err.replace("vdkit-daemon: ", "")) == (q_rc, q_err.replace("qemu-system-x86_64: ", ""))

@@ -2,12 +2,13 @@
 
 Supported options (a subset of ``qemu-system-x86_64``'s, same syntax)::
 
-    -drive file=...,id=...,if=none|ide|virtio|scsi,media=disk|cdrom,format=...,
-           readonly=on,cache=writeback|none|writethrough|directsync|unsafe,
-           cache.direct=on,cache.no-flush=on,detect-zeroes=off|on|unmap,node-name=...,
+    -drive file=...,id=...,if=none|ide|virtio,index=...|bus=...,unit=...,media=disk|cdrom,
+           format=...,readonly=on,cache=writeback|none|writethrough|directsync|unsafe,
+           cache.direct=on,cache.no-flush=on,detect-zeroes=off|on|unmap,discard=...,node-name=...,
+           aio=threads|native|io_uring,werror=...,rerror=...,force-share=on,
            bps=...,bps_rd=...,bps_wr=...,iops=...,iops_rd=...,iops_wr=...,
-           bps_max=...,...,bps_max_length=...,...,iops_size=...,group=...
-           (and the equivalent throttling.bps-total=... spellings)
+           bps_max=...,...,iops_size=...,group=...
+           (and the throttling.bps-total=... spellings, throttling.*-max-length among them)
     -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
     -monitor unix:PATH,server=on,wait=off | tcp:...     (HMP, line mode)
     -nbd unix:PATH | tcp:HOST:PORT   NBD server exporting every drive by its id
@@ -15,6 +16,9 @@ Supported options (a subset of ``qemu-system-x86_64``'s, same syntax)::
     --pidfile FILE, --daemonize
     -machine/-display/-nodefaults/-name are accepted and ignored (there is no guest)
 
+Start-up follows QEMU's order: the command line (drive ids), the pid file,
+the monitor socket folders, then each drive (its options, its image), then
+the guest devices' checks.
 Drives are opened before daemonizing, so an unusable image is reported on
 the terminal with exit status 1, as QEMU does.
 """
@@ -350,27 +354,61 @@ def check_devices(specs: list[tuple[DriveSpec, bool, bool]]) -> None:
             raise OptionError(f"-drive {spec.text}: Device needs media, but drive is empty")
 
 
-def parse_address(text: str) -> Address:
+# QEMU's character device spellings: the ones vdkit does not serve are refused as unsupported,
+# anything else is not a char driver at all (QEMU's words)
+_CHARDEV_NAMES = ("stdio", "null", "pty", "vc", "msmouse", "braille", "testdev", "ringbuf", "memory")
+_CHARDEV_PREFIXES = ("unix:", "tcp:", "udp:", "telnet:", "tn3270:", "websocket:", "file:", "pipe:", "mon:",
+                     "chardev:", "serial:", "tty:", "parallel:", "vc:", "/dev/", "COM", "null:", "spicevmc",
+                     "spiceport")
+
+
+def parse_address(text: str, option: str | None = None) -> Address:
+    """A monitor (``option`` "-qmp"/"-monitor": QEMU's chardev texts) or NBD listening address."""
     target = text.split(",", 1)[0]
+
+    def qemu_error(msg: str) -> OptionError:
+        if option is None:
+            return OptionError(msg)
+        return OptionError(f"{option} {text}: {msg}\n{PROG}: {option} {text}: parse error: {text}")
+
+    if option is not None and target not in _CHARDEV_NAMES and not target.startswith(_CHARDEV_PREFIXES):
+        raise OptionError(f"{option} {text}: '{text}' is not a valid char driver\n"
+                          f"{PROG}: {option} {text}: parse error: {text}")
     for key, value in split_opts(text)[1:]:
+        if key not in ("server", "wait", "nowait", "nodelay", "id"):
+            raise qemu_error(f"Invalid parameter '{key}'")
         if key == "server" and not parse_bool(key, value):
             raise OptionError("vdkit-daemon monitors are always servers (server=on)")
-        if key not in ("server", "wait", "nowait", "nodelay", "id"):
-            raise OptionError(f"Invalid parameter '{key}'")
     if target.startswith("unix:"):
         return Address("unix", path=target[5:])
     if target.startswith("tcp:"):
         host, _, port = target[4:].rpartition(":")
-        try:
-            return Address("tcp", host=host or "127.0.0.1", port=int(port))
-        except ValueError:
-            raise OptionError(f"invalid port '{port}'") from None
+        if not port.isdigit():
+            if option is not None:
+                raise OptionError(f"{option} {text}: address resolution failed for {host}:{port}: "
+                                  "Servname not supported for ai_socktype")
+            raise OptionError(f"invalid port '{port}'")
+        return Address("tcp", host=host or "127.0.0.1", port=int(port))
     raise OptionError(f"'{target}' is not a supported monitor address (unix:PATH or tcp:HOST:PORT)")
+
+
+def _monitor(cfg: Config, option: str, text: str) -> Address:
+    addr = parse_address(text, option)
+    cfg.monitor_texts.append((option, text, addr))
+    return addr
+
+
+def check_monitor_paths(cfg: Config) -> None:
+    """QEMU binds its monitor sockets before it opens drives: a unix socket in a missing folder fails first."""
+    for option, text, addr in cfg.monitor_texts:
+        if addr.kind == "unix" and not os.path.isdir(os.path.dirname(os.path.abspath(addr.path))):
+            raise OptionError(f"{option} {text}: Failed to bind socket to {addr.path}: No such file or directory")
 
 
 @dataclass
 class Config:
     drive_texts: list[str] = field(default_factory=list)
+    monitor_texts: list[tuple[str, str, Address]] = field(default_factory=list)
     qmp: list[Address] = field(default_factory=list)
     hmp: list[Address] = field(default_factory=list)
     nbd: list[Address] = field(default_factory=list)
@@ -413,9 +451,9 @@ def parse_args(argv: list[str]) -> Config:
                     ids.add(drive_id)
                 cfg.drive_texts.append(v)
             elif opt == "-qmp":
-                cfg.qmp.append(parse_address(value(opt)))
+                cfg.qmp.append(_monitor(cfg, opt, value(opt)))
             elif opt == "-monitor":
-                cfg.hmp.append(parse_address(value(opt)))
+                cfg.hmp.append(_monitor(cfg, opt, value(opt)))
             elif opt == "-nbd":  # NBD server exporting every drive by its id (vdkit.daemon.nbd_export)
                 cfg.nbd.append(parse_address(value(opt)))
             elif opt == "-pidfile":
@@ -565,6 +603,7 @@ def _main(args: list[str]) -> int:
 
     machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
     try:
+        check_monitor_paths(cfg)
         _open_drives(machine, cfg.drive_texts)
     except OptionError as exc:
         _err(str(exc))
