@@ -115,6 +115,8 @@ ACCEPTED = [
      "rerror=ignore,aio=threads,l2-cache-size=1M,file.locking=off",
      "file=f.qcow2,if=none,aio=native,cache.direct=on,bps=0x10,iops=010",
      "file=g.qcow2,if=virtio,readonly=on", "file=h.qcow2,if=ide,media=cdrom,readonly=on"],
+    ["file=a.qcow2,if=floppy", "if=floppy", "file=b.qcow2,if=ide", "file=c.qcow2,if=pflash"],
+    ["file=a.qcow2,if=floppy,media=cdrom"],
     ["if=ide,media=cdrom", "if=none,media=cdrom,index=3", "file=r.raw,format=raw,if=none,werror=enospc,rerror=report",
      "file=a.qcow2,if=none,id=a_b.c-d,detect-zeroes=unmap,discard=ignore"],
 ]
@@ -127,6 +129,12 @@ def test_accepted_like_qemu(daemons: Daemons, drives: list[str]) -> None:
     for name in ("query-block", "query-named-block-nodes"):
         assert normalise(v.cmd_line(name)) == normalise(q.cmd_line(name)), name
     assert normalise_hmp(v.hmp("info block")) == normalise_hmp(q.hmp("info block"))
+    # every drive ejected (refused for fixed disks), then the state again
+    for b in q.cmd("query-block")["return"]:
+        assert normalise(v.cmd_line("eject", {"device": b["device"]})) == \
+            normalise(q.cmd_line("eject", {"device": b["device"]})), b["device"]
+    assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
+    assert [e["event"] for e in v.events] == [e["event"] for e in q.events]
 
 
 def test_snapshot_on_is_refused_clearly(tmp_path: Path) -> None:

@@ -165,12 +165,17 @@ class Drive:
 
     @property
     def has_tray(self) -> bool:
-        # an IDE CD-ROM; a virtio disk with media=cdrom is only read-only
-        return self.qdev is not None and self.spec.media == "cdrom" and self.spec.interface != "virtio"
+        # an IDE CD-ROM; a virtio disk or a floppy with media=cdrom is only read-only
+        return self.qdev is not None and self.spec.media == "cdrom" and self.spec.interface == "ide"
+
+    @property
+    def has_io_status(self) -> bool:
+        """IDE and virtio devices report an I/O status; floppy and pflash do not (QEMU 7.2)."""
+        return self.qdev is not None and self.spec.interface not in ("floppy", "pflash")
 
     @property
     def removable(self) -> bool:
-        return self.qdev is None or self.has_tray
+        return self.qdev is None or self.has_tray or self.spec.interface == "floppy"
 
 
 def _drive_stats() -> DriveStats:
@@ -255,6 +260,8 @@ class DeviceRegistry:
         drive = Drive(spec)
         if spec.interface == "virtio":
             drive.qdev = f"/machine/peripheral-anon/device[{next(self._virtio_counter)}]/virtio-backend"
+        elif spec.interface == "pflash":
+            drive.qdev = f"/machine/system.flash{spec.index}"
         elif spec.interface != "none":
             drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
         drive.retained_ro = ro = spec.readonly or spec.media == "cdrom"

@@ -116,7 +116,7 @@ def block_info(drive: Drive) -> BlockInfo:
         info.inserted = _format_node_info(drive, drive.medium, 0, backend=True, flat=False)
     if drive.has_tray:
         info.tray_open = drive.tray_open
-    if drive.qdev is not None:
+    if drive.has_io_status:
         info.io_status = "ok"
     return info
 
