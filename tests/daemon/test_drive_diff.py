@@ -137,12 +137,35 @@ def test_accepted_like_qemu(daemons: Daemons, drives: list[str]) -> None:
     assert [e["event"] for e in v.events] == [e["event"] for e in q.events]
 
 
-def test_snapshot_on_is_refused_clearly(tmp_path: Path) -> None:
-    """QEMU runs the drive on a temporary overlay; vdkit does not implement it and says so."""
-    _setup(tmp_path)
-    rc, err = _start([sys.executable, "-m", "vdkit.daemon.main", "-S"],
-                     ["-drive", "file=a.qcow2,if=none,snapshot=on"], tmp_path)
-    assert rc == 1 and "snapshot=on is not supported by vdkit-daemon" in err
+def _setup_snapshot(d: Path) -> None:
+    _setup(d)
+    check_ok("snapshot", "-c", "s1", str(d / "a.qcow2"))
+    check_ok("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", str(d / "t.qcow2"))
+
+
+def test_snapshot_on_like_qemu(daemons: Daemons, tmp_path: Path) -> None:
+    """snapshot=on: the image read-only under a temporary qcow2 overlay (unlinked once open), named by
+    QEMU's json: description; savevm and internal snapshots go to the overlay, the image is untouched."""
+    import re
+
+    def norm(text: str) -> str:
+        return re.sub(r"vl\.[A-Za-z0-9]{6}", "vl.XXXXXX", text)
+
+    q, v = daemons.pair(["-drive", "file=a.qcow2,if=none,id=d0,snapshot=on",
+                         "-drive", "file=r.raw,format=raw,if=virtio,id=v0,snapshot=on",
+                         "-drive", "file=t.qcow2,if=none,id=t,snapshot=on,cache=none"], _setup_snapshot)
+    for name in ("query-block", "query-named-block-nodes", "query-blockstats"):
+        assert norm(normalise(v.cmd_line(name))) == norm(normalise(q.cmd_line(name))), name
+    for line in ("info block -v", "info snapshots", "savevm x", "info snapshots", "loadvm x", "delvm x",
+                 "snapshot_blkdev_internal d0 y", "info snapshots"):
+        qo, vo = normalise_hmp(q.hmp(line)), normalise_hmp(v.hmp(line))
+        assert norm(re.sub(r"disk size: .*", "", vo)) == norm(re.sub(r"disk size: .*", "", qo)), line
+    q.cmd("quit")
+    v.cmd("quit")
+    for side in ("q", "v"):
+        out = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / side / "a.qcow2")],
+                             capture_output=True, text=True).stdout
+        assert " s1 " in out and " x " not in out and " y " not in out, (side, out)
 
 
 @pytest.mark.parametrize("args", [

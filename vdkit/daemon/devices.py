@@ -121,6 +121,7 @@ class DriveSpec:
     bus: int = 0
     # options no -drive level takes: QEMU hands them to the format driver, which refuses them
     leftover: list[str] = field(default_factory=list)
+    snapshot: bool = False  # snapshot=on: writes go to a temporary qcow2 overlay
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Medium:
     # per chain element: creation serials of (format node, file node); QEMU
     # lists named nodes by creation time
     serials: list[tuple[int, int]] = field(default_factory=list)
+    # snapshot=on: the temporary overlay's path (its node's filename is QEMU's json: description)
+    overlay_path: str | None = None
 
     @property
     def node_name(self) -> str:
@@ -265,7 +268,10 @@ class DeviceRegistry:
         elif spec.interface != "none":
             drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
         drive.retained_ro = ro = spec.readonly or spec.media == "cdrom"
-        if spec.file:
+        if spec.file and spec.snapshot:
+            drive.medium = self.open_snapshot_medium(spec.file, spec.format, node_name=spec.node_name,
+                                                     force_share=spec.force_share)
+        elif spec.file:
             drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name,
                                             force_share=spec.force_share)
         self.drives.append(drive)
@@ -312,6 +318,54 @@ class DeviceRegistry:
             names.append((fmt_name, file_name))
         medium = Medium(node, names, readonly, serials)
         for i, layer in enumerate(node.chain()):
+            if hasattr(layer.driver, "corruption_hook"):
+                layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
+        return medium
+
+    def open_snapshot_medium(self, filename: str, fmt: str | None, *, node_name: str | None = None,
+                             force_share: bool = False) -> Medium:
+        """``snapshot=on``: the image read-only under a temporary qcow2 overlay, as QEMU does.
+
+        The overlay (``$TMPDIR`` or ``/var/tmp``, ``vl.XXXXXX``) has the disk's
+        size and no backing file in its header: the image is attached as its
+        backing in memory, and the file is unlinked once open.  The overlay's
+        name is QEMU's ``json:`` description of that arrangement.
+        """
+        import json
+        import os
+        import secrets
+        import string
+
+        from vdkit.block.node import open_image
+        from vdkit.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+
+        base = self.open_medium(filename, fmt, readonly=True, node_name=node_name, force_share=force_share)
+        try:
+            tmpdir = os.environ.get("TMPDIR") or "/var/tmp"
+            alphabet = string.ascii_letters + string.digits
+            while True:
+                path = os.path.join(tmpdir, "vl." + "".join(secrets.choice(alphabet) for _ in range(6)))
+                if not os.path.exists(path):
+                    break
+            create_qcow2(path, Qcow2CreateOptions(size=base.node.size))
+            try:
+                top = open_image(path, "qcow2", readonly=False, backing=False)
+            finally:
+                os.unlink(path)
+        except BaseException:
+            self.close_medium(base)
+            raise
+        top.backing = base.node
+        file_ = {"driver": "file", "filename": filename}
+        top.filename = "json:" + json.dumps({"backing": {"driver": base.node.format, "file": file_},
+                                             "driver": "qcow2",
+                                             "file": {"driver": "file", "filename": path}})
+        file_serial = next(self._serial)
+        serials = [(next(self._serial), file_serial), *base.serials]
+        file_name = self._auto_name()
+        names = [(self._auto_name(), file_name), *base.names]
+        medium = Medium(top, names, False, serials, overlay_path=path)
+        for i, layer in enumerate(top.chain()):
             if hasattr(layer.driver, "corruption_hook"):
                 layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
         return medium

@@ -249,8 +249,7 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             raise OptionError(f"unsupported bus type '{interface}'")
         spec.interface = interface
     snapshot = take("snapshot")
-    if snapshot is not None and parse_bool("snapshot", snapshot):
-        raise OptionError("snapshot=on is not supported by vdkit-daemon (QEMU would write to a temporary overlay)")
+    spec.snapshot = snapshot is not None and parse_bool("snapshot", snapshot)
     spec.index, spec.bus, unit = indexes.assign(spec.interface, parsed["index"], parsed["bus"], parsed["unit"])
     if not spec.id:
         per_bus = _UNITS_PER_BUS.get(spec.interface, 0)

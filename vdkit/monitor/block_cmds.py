@@ -58,9 +58,11 @@ def _file_image_info(node: Node) -> ImageInfo:
                      dirty_flag=False)
 
 
-def _cache(drive: Drive, *, backend: bool) -> BlockdevCacheInfo:
+def _cache(drive: Drive, *, backend: bool, overlay: bool = False) -> BlockdevCacheInfo:
+    """The cache mode; a snapshot=on overlay is cached and ignores flushes (QEMU's temporary snapshot)."""
     c = drive.spec.cache
-    return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct, no_flush=c.no_flush)
+    return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct and not overlay,
+                             no_flush=c.no_flush or overlay)
 
 
 def _chain(medium: Medium) -> list[Node]:
@@ -70,17 +72,19 @@ def _chain(medium: Medium) -> list[Node]:
 def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool, flat: bool) -> BlockDeviceInfo:
     chain = _chain(medium)
     node = chain[index]
+    overlay = index == 0 and medium.overlay_path is not None
     info = BlockDeviceInfo(
         file=node.filename,
         node_name=medium.names[index][0],
         ro=medium.ro if index == 0 else True,
         drv=node.format,
-        backing_file=node.driver.backing_file,
+        # the overlay's backing is attached in memory: QEMU names the backing node's file
+        backing_file=chain[1].filename if overlay else node.driver.backing_file,
         backing_file_depth=0 if flat else len(chain) - 1 - index,
         encrypted=node.driver.encrypted,
         detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
         image=image_info(node, nested=not flat),
-        cache=_cache(drive, backend=backend),
+        cache=_cache(drive, backend=backend, overlay=overlay),
     )
     if backend and drive.throttle.enabled:
         t = drive.throttle
@@ -97,16 +101,20 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
 
 def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo:
     node = _chain(medium)[index]
+    overlay = index == 0 and medium.overlay_path is not None
+    filename = medium.overlay_path if overlay and medium.overlay_path else node.filename
+    image = _file_image_info(node)
+    image.filename = filename
     return BlockDeviceInfo(
-        file=node.filename,
+        file=filename,
         node_name=medium.names[index][1],
         ro=medium.ro if index == 0 else True,
         drv="file",
         backing_file_depth=0,
         encrypted=False,
         detect_zeroes="off",
-        image=_file_image_info(node),
-        cache=_cache(drive, backend=False),
+        image=image,
+        cache=_cache(drive, backend=False, overlay=overlay),
     )
 
 
