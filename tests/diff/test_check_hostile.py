@@ -129,8 +129,8 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _data_extents(path: Path) -> list[tuple[int, bytes]]:
-    """The non-hole parts of a (sparse) file, with their contents."""
+def _data_extents(path: Path) -> list[tuple[int, int]]:
+    """The non-hole ranges of a (sparse) file."""
     import os
 
     out = []
@@ -142,10 +142,25 @@ def _data_extents(path: Path) -> list[tuple[int, bytes]]:
             except OSError:
                 break
             end = os.lseek(fd, start, os.SEEK_HOLE)
-            data = os.pread(fd, end - start, start)
-            out.append((start, data.rstrip(b"\0")))
+            out.append((start, end))
             pos = end
-    return [(s, d) for s, d in out if d]
+    return out
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Byte equality for files that repairs may have grown to terabytes (sparse): only data ranges are read."""
+    import os
+
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    ranges = sorted(_data_extents(a) + _data_extents(b))
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for start, end in ranges:
+            for off in range(start, end, 64 << 20):
+                n = min(64 << 20, end - off)
+                if os.pread(fa.fileno(), n, off) != os.pread(fb.fileno(), n, off):
+                    return False
+    return True
 
 
 def test_far_refblock_memory_bounded(tmp_path: Path) -> None:
@@ -168,8 +183,7 @@ def test_far_refblock_memory_bounded(tmp_path: Path) -> None:
     assert (v.returncode, v.stdout.replace("v_", "q_"), v.stderr.replace("vdkit-img:", "qemu-img:")) == (
         q.returncode, q.stdout, q.stderr)
     assert q.returncode == 0
-    assert qc.stat().st_size == vc.stat().st_size
-    assert _data_extents(qc) == _data_extents(vc)
+    assert same_file(qc, vc)
 
 
 # -- random damage -------------------------------------------------------------------------------------
@@ -197,12 +211,10 @@ def damaged_image(tmp: Path, seed: int) -> tuple[Path, list[str]]:
             cmds += ["-c", f"write -c -P {rnd.randint(1, 255)} {off} {ln - ln % cs}"]
         else:
             cmds += ["-c", f"write -P {rnd.randint(1, 255)} {off} {ln}"]
-    r = qemu_io("-f", "qcow2", *cmds, str(path))
-    assert r.returncode == 0, r.stderr
-    if bits >= 2 and rnd.random() < 0.4:
-        check_ok("snapshot", "-c", "s1", str(path))
-        r = qemu_io("-f", "qcow2", "-c", f"write -P 9 0 {cs}", str(path))
-        assert r.returncode == 0, r.stderr
+    qemu_io("-f", "qcow2", *cmds, str(path))  # (a 1-bit image refuses some writes: what is there is used)
+    # (2-bit refcounts can overflow with a snapshot of compressed clusters: then there is no snapshot)
+    if bits >= 2 and rnd.random() < 0.4 and qemu_img("snapshot", "-c", "s1", str(path)).returncode == 0:
+        qemu_io("-f", "qcow2", "-c", f"write -P 9 0 {cs}", str(path))
     d = bytearray(path.read_bytes())
     l1off, rtoff = _u64(d, 40), _u64(d, 48)
     snoff = _u64(d, 64)
@@ -277,7 +289,7 @@ def sweep_case(tmp: Path, seed: int) -> list[str]:
         shutil.copy(path, qc)
         shutil.copy(path, vc)
         if same(f"-r {mode}", _run([qimg, "check", "-r", mode, qc.name], tmp),
-                _run([*vimg, "check", "-r", mode, vc.name], tmp)) and qc.read_bytes() != vc.read_bytes():
+                _run([*vimg, "check", "-r", mode, vc.name], tmp)) and not same_file(qc, vc):
             out.append(f"seed {seed} {desc} -r {mode}: repaired images differ")
     return out
 

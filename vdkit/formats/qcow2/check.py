@@ -768,10 +768,15 @@ class _Checker:
                 self.report(f"{'Repairing' if self.fix_errors else 'ERROR'} refcount block {i} is outside image")
                 if self.fix_errors:
                     try:
+                        if offset + self.cs > 2**63 - 1:  # a negative size to QEMU, refused before the file
+                            raise _CheckFailed(-errno.EINVAL)
                         self.f.truncate(offset + self.cs)
-                    except OSError as exc:  # e.g. past the file system's limit: reported, then rebuilt
-                        msg = os.strerror(exc.errno or errno.EIO)
-                        self.report(f"\0Could not resize file: {msg}")
+                    except (OSError, _CheckFailed) as exc:  # e.g. past the file system's limit: rebuilt
+                        if isinstance(exc, _CheckFailed):
+                            msg = os.strerror(-exc.err)
+                        else:
+                            msg = os.strerror(exc.errno or errno.EIO)
+                            self.report(f"\0Could not resize file: {msg}")
                         self.report(f"ERROR could not resize image: {msg}")
                         rebuild = True
                         continue
@@ -1025,8 +1030,6 @@ class _Checker:
         """
         h = self.h
         nb = h.nb_snapshots
-        if not nb:
-            return
         repairs = TableRepairs()
         if nb > L.MAX_SNAPSHOTS:
             overhang = nb - L.MAX_SNAPSHOTS
@@ -1043,6 +1046,8 @@ class _Checker:
             self.report("\0ERROR snapshot table offset invalid")
             res.check_errors += 1
             res.error = -errno.EINVAL
+            return
+        if not nb:  # the offset is validated even without snapshots
             return
         limit = min(L.MAX_SNAPSHOT_TABLE_SIZE, max(0, self.file_length() - h.snapshots_offset))
         try:
@@ -1081,12 +1086,17 @@ class _Checker:
             sn.extra_data_size = max(sn.extra_data_size, L.SNAPSHOT_EXTRA_SIZE)
         data = serialize_snapshot_table(self.snapshots)
         new_offset = rc.alloc_clusters(len(data))
+        # QEMU flushes the allocation before writing the table; both writes pass its overlap check
+        # (e.g. an old table that runs past the end of the file covers what was just allocated)
+        blocks = [int(rc.table[i]) & L.REFT_OFFSET_MASK for i in sorted(rc._dirty)]
+        hits = [off for off in blocks if self.overlap(off, self.cs, ("refcount block",))]
+        if hits:
+            self.overlap_fails(hits[0], self.cs, ("refcount block",))
+            rc.drop_cache()
+            self.report(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
+            raise _CheckFailed(-errno.EIO)
         rc.flush()
-        old_end = h.snapshots_offset + self.snapshots_size
-        if self.snapshots_size and new_offset < old_end and h.snapshots_offset < new_offset + len(data):
-            # The old table runs past the end of the file, where the new one was placed: QEMU's
-            # metadata overlap check refuses the write and marks the image corrupt.
-            self.signal_corruption("Preventing invalid write on metadata (overlaps with snapshot table)")
+        if self.overlap_fails(new_offset, len(data)):
             self.report(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
             raise _CheckFailed(-errno.EIO)
         self.f.pwrite(new_offset, data)
@@ -1114,6 +1124,10 @@ class _Checker:
             return res
         size = self.file_length()
         self.nb_clusters = -(-size // self.cs)
+        if self.nb_clusters > 2**31 - 1:  # QEMU's limit for the clusters it counts
+            res.check_errors += 1
+            res.error = -errno.EFBIG
+            return res
         self.refs = _Refs(self.rbits)
         res.total_clusters = -(-self.h.size // self.cs)
         rebuild = self.calculate(res, self.fix_errors)
