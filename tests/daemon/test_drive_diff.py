@@ -153,13 +153,23 @@ def test_snapshot_on_like_qemu(daemons: Daemons, tmp_path: Path) -> None:
 
     q, v = daemons.pair(["-drive", "file=a.qcow2,if=none,id=d0,snapshot=on",
                          "-drive", "file=r.raw,format=raw,if=virtio,id=v0,snapshot=on",
-                         "-drive", "file=t.qcow2,if=none,id=t,snapshot=on,cache=none"], _setup_snapshot)
+                         "-drive", "file=t.qcow2,if=none,id=t,snapshot=on,cache=none",
+                         "-drive", "file=c.qcow2,if=ide,media=cdrom,id=cd,snapshot=on"], _setup_snapshot)
     for name in ("query-block", "query-named-block-nodes", "query-blockstats"):
         assert norm(normalise(v.cmd_line(name))) == norm(normalise(q.cmd_line(name))), name
     for line in ("info block -v", "info snapshots", "savevm x", "info snapshots", "loadvm x", "delvm x",
                  "snapshot_blkdev_internal d0 y", "info snapshots"):
         qo, vo = normalise_hmp(q.hmp(line)), normalise_hmp(v.hmp(line))
         assert norm(re.sub(r"disk size: .*", "", vo)) == norm(re.sub(r"disk size: .*", "", qo)), line
+    # a medium inserted later gets no overlay, but keeps the overlay's cache flags
+    for device, filename in (("t", "e.qcow2"), ("cd", "f.qcow2")):
+        args = {"device": device, "filename": filename}
+        assert normalise(v.cmd_line("blockdev-change-medium", args)) == \
+            normalise(q.cmd_line("blockdev-change-medium", args))
+    for name in ("query-block", "query-named-block-nodes"):
+        ql, vl = normalise(q.cmd_line(name)), normalise(v.cmd_line(name))
+        ql, vl = (re.sub(r'"(actual|virtual)-size": \d+', "SIZE", x) for x in (ql, vl))
+        assert norm(vl) == norm(ql), name
     q.cmd("quit")
     v.cmd("quit")
     for side in ("q", "v"):

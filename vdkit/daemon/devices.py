@@ -269,7 +269,7 @@ class DeviceRegistry:
             drive.qdev = f"/machine/unattached/device[{next(self._qdev_counter)}]"
         drive.retained_ro = ro = spec.readonly or spec.media == "cdrom"
         if spec.file and spec.snapshot:
-            drive.medium = self.open_snapshot_medium(spec.file, spec.format, node_name=spec.node_name,
+            drive.medium = self.open_snapshot_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name,
                                                      force_share=spec.force_share)
         elif spec.file:
             drive.medium = self.open_medium(spec.file, spec.format, readonly=ro, node_name=spec.node_name,
@@ -322,8 +322,8 @@ class DeviceRegistry:
                 layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
         return medium
 
-    def open_snapshot_medium(self, filename: str, fmt: str | None, *, node_name: str | None = None,
-                             force_share: bool = False) -> Medium:
+    def open_snapshot_medium(self, filename: str, fmt: str | None, *, readonly: bool = False,
+                             node_name: str | None = None, force_share: bool = False) -> Medium:
         """``snapshot=on``: the image read-only under a temporary qcow2 overlay, as QEMU does.
 
         The overlay (``$TMPDIR`` or ``/var/tmp``, ``vl.XXXXXX``) has the disk's
@@ -349,7 +349,7 @@ class DeviceRegistry:
                     break
             create_qcow2(path, Qcow2CreateOptions(size=base.node.size))
             try:
-                top = open_image(path, "qcow2", readonly=False, backing=False)
+                top = open_image(path, "qcow2", readonly=readonly, backing=False)
             finally:
                 os.unlink(path)
         except BaseException:
@@ -364,7 +364,7 @@ class DeviceRegistry:
         serials = [(next(self._serial), file_serial), *base.serials]
         file_name = self._auto_name()
         names = [(self._auto_name(), file_name), *base.names]
-        medium = Medium(top, names, False, serials, overlay_path=path)
+        medium = Medium(top, names, readonly, serials, overlay_path=path)
         for i, layer in enumerate(top.chain()):
             if hasattr(layer.driver, "corruption_hook"):
                 layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)

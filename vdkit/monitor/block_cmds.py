@@ -58,11 +58,18 @@ def _file_image_info(node: Node) -> ImageInfo:
                      dirty_flag=False)
 
 
-def _cache(drive: Drive, *, backend: bool, overlay: bool = False) -> BlockdevCacheInfo:
-    """The cache mode; a snapshot=on overlay is cached and ignores flushes (QEMU's temporary snapshot)."""
+def _cache(drive: Drive, medium: Medium, index: int, *, backend: bool) -> BlockdevCacheInfo:
+    """The cache mode of one node.
+
+    A snapshot=on overlay is cached and ignores flushes (QEMU's temporary
+    snapshot); the image under it keeps the -drive's mode.  A medium inserted
+    later into such a drive inherits the overlay's flags on every node, as
+    QEMU's BlockBackend keeps them.
+    """
     c = drive.spec.cache
-    return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct and not overlay,
-                             no_flush=c.no_flush or overlay)
+    snap = (index == 0) if medium.overlay_path is not None else drive.spec.snapshot
+    return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct and not snap,
+                             no_flush=c.no_flush or snap)
 
 
 def _chain(medium: Medium) -> list[Node]:
@@ -84,7 +91,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
         encrypted=node.driver.encrypted,
         detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
         image=image_info(node, nested=not flat),
-        cache=_cache(drive, backend=backend, overlay=overlay),
+        cache=_cache(drive, medium, index, backend=backend),
     )
     if backend and drive.throttle.enabled:
         t = drive.throttle
@@ -114,7 +121,7 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
         encrypted=False,
         detect_zeroes="off",
         image=image,
-        cache=_cache(drive, backend=False, overlay=overlay),
+        cache=_cache(drive, medium, index, backend=False),
     )
 
 
