@@ -208,7 +208,7 @@ def normalise(line: str) -> str:
 
 
 _HMP_DATE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d +\d\d:\d\d:\d\d\.\d{3}")
-_HMP_VMSIZE = re.compile(r"^(\S+ +\S+) +(\d+(?:\.\d+)? [KMGT]?i?B)", re.M)
+_HMP_VMSIZE = re.compile(r"^(\S+(?: +\S+)?) +(\d+(?:\.\d+)? [KMGT]?i?B)", re.M)  # ID [TAG] VM SIZE
 
 
 def normalise_hmp(text: str) -> str:

@@ -93,3 +93,13 @@ def test_hmp_change_retain(pair: tuple[Monitor, Monitor]) -> None:
                  "change n1 n1-r.raw raw", "change n1 sub"]:
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
         _same(q, v, "query-block")
+
+
+def test_empty_qdev_id(pair: tuple[Monitor, Monitor]) -> None:
+    """``id: ""`` names QEMU's peripheral container, not a device: the same refusal everywhere."""
+    q, v = pair
+    for name, args in [("eject", {"id": ""}), ("eject", {"id": "nosuch"}), ("eject", {"device": ""}),
+                       ("blockdev-change-medium", {"id": "", "filename": "cd0-r.raw"}),
+                       ("block_set_io_throttle", {"id": "", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
+                                                  "iops_rd": 0, "iops_wr": 0})]:
+        _same(q, v, name, args)

@@ -191,6 +191,17 @@ def test_savevm_loadvm_delvm(daemons: Daemons, tmp_path: Path) -> None:
     _check_images(tmp_path)
 
 
+def test_savevm_empty_name(daemons: Daemons, tmp_path: Path) -> None:
+    """``savevm ""`` names the snapshot "" (only a missing name is made up); loadvm/delvm find it."""
+    p = Pair(*daemons.pair(DRIVES, _setup), sizes=True)
+    for line in ['savevm ""', "info snapshots", 'savevm ""', "info snapshots", 'loadvm ""', 'delvm ""',
+                 "info snapshots"]:
+        p.hmp(line)
+    p.q.cmd("quit")
+    p.v.cmd("quit")
+    _check_images(tmp_path)
+
+
 def test_disk_only_loadvm_and_raw(daemons: Daemons, tmp_path: Path) -> None:
     p = Pair(*daemons.pair(RAW_DRIVES, _setup))
     for line in ["info snapshots", "savevm s", "loadvm pre", "delvm pre", "info snapshots"]:

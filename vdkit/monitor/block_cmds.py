@@ -251,7 +251,9 @@ def _get_drive(ctx: CommandContext, args: dict[str, Any]) -> Drive:
         if drive is None:
             raise DeviceNotFoundError(f"Device '{device}' not found")
         return drive
-    # vdkit has no guest devices, so no qdev id can name one
+    if qid == "":  # QEMU resolves "" to the peripheral container itself
+        raise VdkitError(" is not a hotpluggable device")
+    # vdkit has no guest devices, so no other qdev id can name one
     raise DeviceNotFoundError(f"Device '{qid}' not found")
 
 
@@ -665,7 +667,7 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     disks = _all_capable(machine)
     date = _now()
     name = args.get("name")
-    if name:
+    if name is not None:  # "" is a name (QEMU makes one up only when none is given)
         for d in disks:
             assert d.medium is not None
             # QEMU deletes the first snapshot of that name on each disk, not every one
