@@ -13,10 +13,11 @@ For each server it measures, with one synchronous socket client:
   one request in flight);
 * throughput: queries/second with a window of 16 pipelined requests.
 
-vdkit renders each drive's ``query-block`` entry once and reuses the text
-until a command may have changed state or a file of the chain changed, so
-repeated polls are cheap.  ``query-named-block-nodes`` has no such cache; it
-is measured too, as the cost of rendering everything on every request.
+vdkit renders each drive's ``query-block`` entry (and each node's
+``query-named-block-nodes`` entry) once and reuses the text until a command
+may have changed state or a file of the chain changed, so repeated polls are
+cheap; a query that finds no command running is answered on the event loop
+without a worker-thread hand-off.
 
 Ratios printed are QEMU time / vdkit time for latency and vdkit rate /
 QEMU rate for throughput, so above 1 means vdkit is faster.

@@ -164,3 +164,33 @@ def test_loadvm_reverts_what_nbd_clients_see(workdir: Path, serve: Any) -> None:
     assert c.read(131072, 4096) == bytes(4096)
     assert s.qmp.cmd("query-block-exports")["return"][0]["id"] == "drive0"
     c.close()
+
+
+def test_cached_renderings_follow_nbd_writes(workdir: Path, serve: Any) -> None:
+    """query-block and query-named-block-nodes reuse their renderings only while the files are unchanged.
+
+    NBD writes are no monitor command, so only the file state can tell the
+    cached answers are stale: every answer must give the file's allocation now.
+    """
+    import os
+
+    make_image(workdir, size="4M")
+    s = serve(["-drive", "file=a.qcow2,if=none,id=drive0"], workdir)
+
+    def sizes() -> list[int]:
+        blk = s.qmp.cmd("query-block")["return"][0]["inserted"]["image"]["actual-size"]
+        nodes = [n["image"]["actual-size"] for n in s.qmp.cmd("query-named-block-nodes")["return"]]
+        return [blk, *nodes]
+
+    def on_disk() -> int:
+        return os.stat(workdir / "a.qcow2").st_blocks * 512
+
+    first = sizes()
+    assert sizes() == first == [on_disk()] * 3  # format node and file node: the same file
+    c = NbdClient(s.sock, "drive0")
+    for i in range(8):
+        assert c.write(i * 262144, b"x" * 65536) == 0
+    assert c.request(w.CMD_FLUSH).error == 0
+    c.close()
+    after = sizes()
+    assert after == [on_disk()] * 3 and after[0] > first[0]

@@ -172,12 +172,40 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
     flat = bool(args.get("flat", False))
-    for _, _drive, medium, i, kind in sorted(_nodes(ctx), key=lambda item: item[0]):
+    return [_node_info(drive, medium, i, kind, flat) for _, drive, medium, i, kind in _newest_first(ctx)]
+
+
+def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
+    """``query-named-block-nodes`` for QMP, each node's entry rendered once and reused.
+
+    The same staleness rule as :func:`query_block_json`: a command that may
+    have changed state, or a change to any file of the node's drive.
+    """
+    flat = bool(args.get("flat", False))
+    machine = _machine(ctx)
+    states: dict[str, object] = {}
+    parts = []
+    for _, drive, medium, i, kind in _newest_first(ctx):
+        if drive.id not in states:
+            states[drive.id] = _files_state(drive)
+        key = (machine.generation, states[drive.id])
+        slot = ("node", drive.id, i, kind, flat)
+        cached = machine.render_cache.get(slot)
+        if cached is None or cached[0] != key:
+            cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat))))
+            machine.render_cache[slot] = cached
+        parts.append(cached[1])
+    return RawJson("[" + ", ".join(parts) + "]")
+
+
+def _newest_first(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
+    """Named nodes as QEMU lists them (newest first), refusing as QEMU does if one has no driver."""
+    nodes = sorted(_nodes(ctx), key=lambda item: item[0])
+    for _, _drive, medium, i, kind in nodes:
         if kind == "fmt" and i == 0 and medium.dead:  # QEMU refuses to describe a node without a driver
             raise VdkitError(f"Block device {medium.names[0][0]} is ejected")
-    return [info for _, info in sorted(
-        ((serial, _node_info(drive, medium, i, kind, flat)) for serial, drive, medium, i, kind in _nodes(ctx)),
-        key=lambda item: -item[0])]
+    nodes.reverse()
+    return nodes
 
 
 def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
@@ -793,7 +821,7 @@ def query_snapshots(ctx: CommandContext, args: dict[str, Any]) -> list[SnapshotI
 def register(reg: CommandRegistry) -> None:
     r = reg.register
     r("query-block", render=query_block_json)(query_block)
-    r("query-named-block-nodes", opt("flat", "bool"))(query_named_block_nodes)
+    r("query-named-block-nodes", opt("flat", "bool"), render=query_named_block_nodes_json)(query_named_block_nodes)
     r("query-blockstats", opt("query-nodes", "bool"))(query_blockstats)
     r("block_set_io_throttle", *_THROTTLE_SCHEMA)(block_set_io_throttle)
     r("eject", opt("device"), opt("id"), opt("force", "bool"))(eject)
