@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.daemon.conftest import Daemons, Monitor
 
 # Each item is sent as raw bytes; every response line up to the next
@@ -151,3 +153,26 @@ def test_socket_mode_0600(daemons: Daemons, tmp_path: Path) -> None:
     assert hpath is not None
     assert Path(path).stat().st_mode & 0o777 == 0o600
     assert Path(hpath).stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_stop_signal_names_its_sender_like_qemu(daemons: Daemons, tmp_path: Path, signame: str) -> None:
+    """Both print "terminating on signal N from pid P (argv[0])" once, send SHUTDOWN and exit 0."""
+    import os
+    import signal
+
+    out = {}
+    for who in ("qemu", "vdkit"):
+        proc, path, _ = (daemons.qemu if who == "qemu" else daemons.vdkit)([], tmp_path)
+        m = daemons.monitor(path).negotiate()
+        os.kill(proc.pid, getattr(signal, signame))
+        ev = json.loads(m.read_line())
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        out[who] = (ev["event"], ev["data"], err.split(": ", 1)[1])
+    assert out["vdkit"] == out["qemu"]
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+        me = f.read().split(b"\0")[0].decode()
+    signo = int(getattr(signal, signame))
+    assert out["qemu"][2] == f"terminating on signal {signo} from pid {os.getpid()} ({me})\n"

@@ -22,6 +22,8 @@ import logging
 import os
 import signal
 import socket
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +52,23 @@ READ_CHUNK = 65536
 PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-blockstats", "query-snapshots",
                            "query-status", "query-version", "query-commands"})
 HMP_MAX_LINE = 1 << 16
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _process_name(pid: int) -> str:
+    """What QEMU prints for a signal's sender: its argv[0], from /proc."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+    except OSError:
+        return "<unknown process>"
+
+
+def _error_report(message: str) -> None:
+    sys.stderr.write(f"vdkit-daemon: {message}\n")
+    sys.stderr.flush()
 
 
 def _hmp_bytes(text: str) -> bytes:
@@ -274,16 +293,37 @@ class Daemon:
         if self._stop is not None:
             self._stop.set()
 
-    def _on_signal(self) -> None:
+    def _on_signal(self, signo: int, pid: int = 0) -> None:
         if not self.machine.shutdown_requested:
+            # QEMU's line on stderr, naming the sender when the kernel told us who it was
+            sender = f" from pid {pid} ({_process_name(pid)})" if pid else ""
+            _error_report(f"terminating on signal {signo}{sender}")
             self.machine.shutdown_requested = "host-signal"
             self._broadcast([("SHUTDOWN", {"guest": False, "reason": "host-signal"})])
         self._request_stop()
 
+    def _watch_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take the stop signals with ``sigwaitinfo``, which tells the sender's pid (a handler does not).
+
+        The signals are blocked in this thread and in every thread started
+        after it (threads inherit the mask), so the kernel hands them to
+        ``sigwaitinfo``; the loop's handlers stay as a fallback for a thread
+        that existed before.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+        def wait() -> None:
+            while True:
+                info = signal.sigwaitinfo(_STOP_SIGNALS)
+                loop.call_soon_threadsafe(self._on_signal, info.si_signo, info.si_pid)
+
+        threading.Thread(target=wait, name="signals", daemon=True).start()
+
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._on_signal)
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._watch_signals(loop)
         await self.start()
         if ready is not None:
             ready()
