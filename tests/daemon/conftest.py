@@ -217,3 +217,17 @@ def normalise_hmp(text: str) -> str:
     text = _HMP_DATE.sub("DATE CLOCK", text)
     text = re.sub(r"vm-\d{14}", "vm-TIME", text)
     return _HMP_VMSIZE.sub(lambda m: m.group(1) + " SIZE", text)
+
+
+_TIMESTAMP = re.compile(r'"timestamp": \{"seconds": \d+, "microseconds": \d+\}')
+
+
+def exchange(m: Monitor, data: bytes, *, sep: bytes = b"") -> list[str]:
+    """Send ``data``, ``sep`` and a marker request; every line before the marker's answer (times blanked)."""
+    m.send_raw(data + sep + b'{"execute":"query-version","id":"marker"}')
+    lines = []
+    while True:
+        line = m.read_line()
+        if '"id": "marker"' in line:
+            return lines
+        lines.append(_TIMESTAMP.sub('"timestamp": T', line))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemons, Monitor
+from tests.daemon.conftest import Daemons, Monitor, exchange
 
 NUMBERS = [
     b"1.5e3", b"1.5E+3", b"0.5e1", b"1.0", b"0.0", b"-0.0", b"-0.0e0", b"0.1", b"1e300", b"1e-5", b"1e-7",
@@ -98,13 +98,7 @@ INPUTS = ([b'{"execute":"query-status","id":' + n + b"}" for n in NUMBERS]
 
 
 def _exchange(m: Monitor, data: bytes) -> list[str]:
-    m.send_raw(data + b'\n{"execute":"query-version","id":"marker"}')
-    lines = []
-    while True:
-        line = m.read_line()
-        if '"id": "marker"' in line:
-            return lines
-        lines.append(line)
+    return exchange(m, data, sep=b"\n")  # the newline ends a trailing number or keyword
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import Daemons, Monitor
+from tests.daemon.conftest import Daemons, exchange
 
 # Each item is sent as raw bytes; every response line up to the next
 # request is compared.  Inputs cover §1.1-§1.4 of qmp-hmp.md.
@@ -69,18 +69,6 @@ INPUTS = [
     b'{"execute":"query-status"}',
 ]
 
-_TS = re.compile(r'"timestamp": \{"seconds": \d+, "microseconds": \d+\}')
-
-
-def _exchange(m: Monitor, data: bytes) -> list[str]:
-    """Send ``data`` then a marker request; return every line before the marker's answer."""
-    m.send_raw(data + b'{"execute":"query-version","id":"marker"}')
-    lines = []
-    while True:
-        line = m.read_line()
-        if '"id": "marker"' in line:
-            return lines
-        lines.append(_TS.sub('"timestamp": T', line))
 
 
 def test_greeting_shape(daemons: Daemons, tmp_path: Path) -> None:
@@ -105,7 +93,7 @@ def test_protocol_differential(daemons: Daemons, tmp_path: Path) -> None:
         assert v.read_line() == q.read_line(), data
     assert q.cmd_line("qmp_capabilities") == v.cmd_line("qmp_capabilities")
     for data in INPUTS:
-        assert _exchange(v, data) == _exchange(q, data), data
+        assert exchange(v, data) == exchange(q, data), data
 
 
 def test_events_go_to_every_negotiated_client(daemons: Daemons, tmp_path: Path) -> None:

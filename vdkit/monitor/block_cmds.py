@@ -696,16 +696,7 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     date = _now()
     name = args.get("name")
     if name is not None:  # "" is a name (QEMU makes one up only when none is given)
-        for d in disks:
-            assert d.medium is not None
-            # QEMU deletes the first snapshot of that name on each disk, not every one
-            e = next((e for e in _entries(d.medium) if e.name == name), None)
-            if e is None:
-                continue
-            try:
-                _delete(d.medium, snapshot_id=e.id_str, name=e.name)
-            except (OSError, VdkitError) as exc:
-                raise VdkitError(f"Could not delete snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
+        _delete_first_named(disks, name)
     else:
         name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(date[0]))
         name = name.encode()[:255].decode(errors="ignore")
@@ -787,8 +778,12 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 def delvm(ctx: CommandContext, args: dict[str, Any]) -> None:
-    name = args["name"]
-    for d in _all_capable(_machine(ctx)):
+    _delete_first_named(_all_capable(_machine(ctx)), args["name"])
+
+
+def _delete_first_named(disks: list[Drive], name: str) -> None:
+    """Delete the first snapshot called ``name`` on each disk (QEMU's rule for savevm and delvm)."""
+    for d in disks:
         assert d.medium is not None
         e = next((e for e in _entries(d.medium) if e.name == name), None)
         if e is None:
