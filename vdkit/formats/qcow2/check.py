@@ -972,6 +972,7 @@ class _Checker:
         copied_sel = (ent & _U64(L.OFLAG_COPIED)) != 0
         wrong_sel = ok_sel & ((rcs_sel == 1) != copied_sel)
         bad_rows = set(np.unique(sel_rows[wrong_sel]).tolist())
+        written: list[int] = []  # L2 tables rewritten so far: a later L1 entry naming one reads it again
         for row, i in enumerate(idx):
             i = int(i)
             l1e = int(self.l1[i])
@@ -989,13 +990,18 @@ class _Checker:
                     self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            if row not in bad_rows:
-                continue
-            mine = sel_rows == row
-            cand = sel_cols[mine]
-            ents = ent[mine]
-            rcs = rcs_sel[mine]
-            wrong = np.flatnonzero(wrong_sel[mine])
+            if any(o < l2_offset + self.cs and l2_offset < o + self.cs for o in written):
+                cand, ents, rcs, wrong = self._copied_row(l2_offset)
+                if not wrong.size:
+                    continue
+            else:
+                if row not in bad_rows:
+                    continue
+                mine = sel_rows == row
+                cand = sel_cols[mine]
+                ents = ent[mine]
+                rcs = rcs_sel[mine]
+                wrong = np.flatnonzero(wrong_sel[mine])
             raw = bytearray(self.f.pread(l2_offset, self.cs))
             for k in wrong:
                 j = int(cand[k])
@@ -1013,8 +1019,27 @@ class _Checker:
                     res.check_errors += 1
                     raise _CheckFailed(-errno.EIO)
                 self.f.pwrite(l2_offset, bytes(raw))
+                written.append(l2_offset)
                 res.corruptions -= len(wrong)
                 res.corruptions_fixed += len(wrong)
+
+    def _copied_row(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One L2 table's COPIED candidates read from disk: (columns, entries, refcounts, wrong ones)."""
+        tbl = np.frombuffer(self.f.pread(l2_offset, self.cs), dtype=">u8").astype(_U64)
+        e = tbl[0::2] if self.extl2 else tbl
+        has_off = (e & _U64(L.L2E_OFFSET_MASK)) != 0
+        if self.has_data_file:
+            zero = (e & _U64(L.OFLAG_ZERO)) != 0 if not self.extl2 else np.zeros(e.shape, dtype=bool)
+            has_off |= ~zero & ((e & _U64(L.OFLAG_COPIED)) != 0)
+        cols = np.flatnonzero(((e & _U64(L.OFLAG_COMPRESSED)) == 0) & has_off)
+        e = e[cols]
+        if self.has_data_file:
+            rcs, ok = np.ones(len(e), dtype=_U64), np.ones(len(e), dtype=bool)
+        else:
+            rcs, bad = self.refcounts_at(((e & _U64(L.L2E_OFFSET_MASK)) >> _U64(self.cluster_bits)).astype(np.int64))
+            ok = ~bad
+        wrong = np.flatnonzero(ok & ((rcs == 1) != ((e & _U64(L.OFLAG_COPIED)) != 0)))
+        return cols, e, rcs, wrong
 
     # -- snapshot table (phase 1) --------------------------------------------------------------------
     def read_snapshots(self, res: CheckResult) -> None:
@@ -1140,13 +1165,13 @@ class _Checker:
             res.corruptions = 0
             res.leaks = 0
             self.refs.clear()
-            self.calculate(res, False)
+            broken = self.calculate(res, False)  # e.g. a new refcount block on a cluster in use
             fresh_leaks = 0
             if self.fix_leaks:
                 saved = replace(res)
                 scratch = CheckResult()
                 still, highest = self.compare(scratch, True, False)
-                if still:
+                if still or broken:
                     self.report("ERROR rebuilt refcount structure is still broken")
                 fresh_leaks = scratch.leaks
                 res = saved
