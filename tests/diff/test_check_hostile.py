@@ -124,6 +124,19 @@ def test_refblock_with_reserved_bits_and_garbage(tmp_path: Path) -> None:
     _all_modes(path)
 
 
+def test_overlap_order_inactive_l1_before_refcount_block(tmp_path: Path) -> None:
+    """The rebuilt refblock's cluster is both a snapshot's (unaligned, so uncounted) L1 table and an old
+    refcount table entry's (reserved bits, uncounted) block: QEMU names the inactive L1 table."""
+    path = make(tmp_path, "oo.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
+    check_ok("snapshot", "-c", "s1", str(path))
+    img = Img(path)
+    sn = struct.unpack(">Q", path.read_bytes()[64:72])[0]
+    l1 = img.u64(sn)
+    _patch(path, sn, l1 + 0x10)
+    _patch(path, img.rt_offset + 8, l1 | 1)
+    _all_modes(path)
+
+
 def _limit_memory() -> None:
     limit = 1536 << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

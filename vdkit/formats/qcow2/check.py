@@ -13,6 +13,12 @@ Diagnostic lines go to ``report`` (one line per call, no newline).  A line
 starting with ``"\\0"`` is an ``error_report`` message: the front end prints
 it with its program prefix, as qemu-img does for those few messages.
 
+The computed counts are kept sparsely (:class:`_Refs`), saturating at the
+refcount width as QEMU counts them: memory follows the metadata found, not
+offsets an image claims.  Every repair write passes QEMU's metadata overlap
+check (:meth:`_Checker.overlap`, with the state QEMU's check has); a hit is a
+corruption event and fails the write as in qemu-img.
+
 Repair order is crash safe: refcount increases are written before anything
 relies on them, a rebuilt refcount structure is written completely in free
 space before one 12-byte header write switches to it, and the old structures
