@@ -137,6 +137,16 @@ def test_overlap_order_inactive_l1_before_refcount_block(tmp_path: Path) -> None
     _all_modes(path)
 
 
+def test_preallocated_fix_refused_by_overlap_check(tmp_path: Path) -> None:
+    """An L1 entry naming the L1 table as an L2 table, holding an unaligned preallocated zero cluster:
+    the L2 entry fix would write into the active L1 table ('ERROR: Overlap check failed')."""
+    path = make(tmp_path, "pz.qcow2", size="4G")
+    img = Img(path)
+    _patch(path, img.l1_entry_offset(1), img.l1_offset | 1 << 63)
+    _patch(path, img.l1_entry_offset(3), (img.data_offset() + 0x200) | 1)
+    _all_modes(path)
+
+
 def _limit_memory() -> None:
     limit = 1536 << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
