@@ -20,12 +20,10 @@ from vdkit.cli.options import (
     open_args,
     output_format,
 )
-from vdkit.errors import OpenError, UsageError, VdkitError
+from vdkit.errors import OpenError, UsageError
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.check import CheckResult
-    from vdkit.formats.qcow2.driver import Qcow2Driver
-    from vdkit.formats.qcow2.header import Qcow2Header
     from vdkit.info.model import ImageCheck
 
 LONGOPTS = [
@@ -95,7 +93,6 @@ def main(argv: list[str]) -> int:
                 # Held back like qemu-img's buffered stdout, which appears after
                 # the second pass's diagnostics when both streams are merged.
                 preamble = check_repaired_preamble(result.leaks_fixed, result.corruptions_fixed)
-            driver.header = _reread_header(driver)
             second = check(driver, None, _report)
             second.leaks_fixed = result.leaks_fixed
             second.corruptions_fixed = result.corruptions_fixed
@@ -146,15 +143,3 @@ def _model(filename: str, r: CheckResult) -> ImageCheck:
         fragmented_clusters=nz(r.fragmented_clusters),
         compressed_clusters=nz(r.compressed_clusters),
     )
-
-
-def _reread_header(driver: Qcow2Driver) -> Qcow2Header:
-    """The repair may have moved the refcount table: read the header again."""
-    from vdkit.formats.qcow2.header import parse_header
-
-    f = driver.file
-    cluster_bits = int.from_bytes(f.pread(20, 4), "big")
-    try:
-        return parse_header(f.pread(0, 1 << cluster_bits), readonly=True, check_mode=True)
-    except VdkitError:
-        return driver.header

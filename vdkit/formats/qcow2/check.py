@@ -277,6 +277,15 @@ class _Checker:
         self.drv.signal_corruption(what, fallback=self.report)
         self.f.flush()
 
+    def header_changed(self, **fields: int) -> None:
+        """Keep the driver's header what QEMU's in-memory state is after a repair's header write.
+
+        The double check after a repair starts from it (not from the file, which a
+        repair may even have destroyed: freeing a snapshot table at offset 0 discards
+        the header cluster, as in QEMU).
+        """
+        self.drv.header = self.drv.header.evolve(**fields)
+
     def overlap(self, offset: int, size: int, ignore: tuple[str, ...] = ()) -> str | None:
         """The metadata structure a write of ``[offset, offset + size)`` would hit, as QEMU's check sees it.
 
@@ -929,6 +938,7 @@ class _Checker:
         self.f.flush()
         # The one write that switches to the new structure.
         self.f.pwrite(48, (start << self.cluster_bits).to_bytes(8, "big") + rt_clusters.to_bytes(4, "big"))
+        self.header_changed(refcount_table_offset=start << self.cluster_bits, refcount_table_clusters=rt_clusters)
         self.f.flush()
         self.reftable = np.array(table, dtype=_U64)
         self.reftable_offset = start << self.cluster_bits
@@ -1097,6 +1107,7 @@ class _Checker:
         if repairs.snapshots_dropped:
             # Make the cut effective now, so that phase 2 counts what the dropped entries held as leaks.
             self.f.pwrite(60, len(self.snapshots).to_bytes(4, "big"))
+            self.header_changed(nb_snapshots=len(self.snapshots))
             self.f.flush()
             res.corruptions_fixed += repairs.snapshots_dropped
         if h.version >= 3:
@@ -1133,6 +1144,7 @@ class _Checker:
         self.f.pwrite(new_offset, data)
         self.f.flush()
         self.f.pwrite(60, len(self.snapshots).to_bytes(4, "big") + new_offset.to_bytes(8, "big"))
+        self.header_changed(nb_snapshots=len(self.snapshots), snapshots_offset=new_offset)
         self.f.flush()
         try:
             rc.free(h.snapshots_offset, self.snapshots_size)
@@ -1218,6 +1230,7 @@ class _Checker:
         if cleared != incompat:
             self.f.flush()
             self.f.pwrite(72, cleared.to_bytes(8, "big"))
+            self.header_changed(incompatible_features=cleared)
             self.f.flush()
 
 
