@@ -263,3 +263,25 @@ def test_v2_header_is_never_marked(tmp_path: Path) -> None:
     assert "".join(r.text + "\n" for r in reports) == stderr
     assert v.read_bytes()[:65536] == header
     assert "backing file format: qcow2" in _info(v, vdkit_tool=True)
+
+
+def test_overlap_names_structures_in_qemu_order(tmp_path: Path) -> None:
+    """A cluster that is both a snapshot's L1 table and a refcount block: QEMU names the inactive L1 first."""
+    q = tmp_path / "q.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(q), "2M")
+    assert qemu_io("-c", "write -P 1 0 64k", str(q)).returncode == 0
+    check_ok("snapshot", "-c", "s", str(q))
+    l1, rt = _u64(q, 40), _u64(q, 48)
+    refblock, snap_table = _u64(q, rt), _u64(q, 64)
+    _w64(q, snap_table, refblock)  # the snapshot's L1 table offset
+    l2 = _u64(q, l1) & 0x00FFFFFFFFFFFE00
+    _w64(q, l1, COPIED | l2)
+    _w64(q, l2, COPIED | refblock)  # guest cluster 0, written in place, is that cluster
+    v = tmp_path / "v.qcow2"
+    shutil.copyfile(q, v)
+    ops = ["write 0 4096", "read 0 4096"]
+    words, stderr = _qemu_ops(q, False, ops)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, False, ops, reports) == words
+    assert "".join(r.text + "\n" for r in reports) == stderr
+    assert "overlaps with inactive L1 table" in stderr

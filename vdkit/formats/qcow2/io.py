@@ -900,20 +900,21 @@ class Qcow2IO:
         if lo < cs:
             return "qcow2_header"
         base, span = _U64(lo - cs + 1), _U64(hi - lo + cs - 1)
-        cm = drv.clusters
+        # QEMU's order: the structures it knows by offset and size first, then the tables it finds
+        # through them (the same order as check's overlap test)
+        cm, rc = drv.clusters, drv.refcounts
         if hit(cm.l1_offset, len(cm.l1) * 8):
             return "active L1 table"
-        if ignore != "active L2 table" and any_table(cm.l1, L.L1E_OFFSET_MASK):
-            return "active L2 table"
-        rc = drv.refcounts
         if hit(rc.table_offset, rc.table_clusters * cs):
             return "refcount table"
-        if any_table(rc.table, L.REFT_OFFSET_MASK):
-            return "refcount block"
         if h.nb_snapshots and hit(h.snapshots_offset, drv.snapshot_table_size):
             return "snapshot table"
         if any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in drv._snapshots):
             return "inactive L1 table"
+        if ignore != "active L2 table" and any_table(cm.l1, L.L1E_OFFSET_MASK):
+            return "active L2 table"
+        if any_table(rc.table, L.REFT_OFFSET_MASK):
+            return "refcount block"
         if h.bitmaps is not None and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size):
             return "bitmap directory"
         return None
