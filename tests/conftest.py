@@ -109,3 +109,18 @@ def held_by_qemu_io(image: Path, fmt: str | None = None) -> Iterator[None]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """The file's non-hole ranges (SEEK_DATA/SEEK_HOLE)."""
+    out = []
+    with path.open("rb") as f:
+        fd, pos, end = f.fileno(), 0, path.stat().st_size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, data, os.SEEK_HOLE)
+            out.append((data, pos))
+    return out

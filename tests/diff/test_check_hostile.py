@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, check_ok, qemu_img, qemu_io, require_tool
+from tests.conftest import _ENV, check_ok, data_extents, qemu_img, qemu_io, require_tool
 from tests.diff.test_check import Img, compare, compare_repair, make
 
 # -- named cases -----------------------------------------------------------------------------------------
@@ -152,31 +152,13 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _data_extents(path: Path) -> list[tuple[int, int]]:
-    """The non-hole ranges of a (sparse) file."""
-    import os
-
-    out = []
-    with open(path, "rb") as f:
-        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            pos = end
-    return out
-
-
 def same_file(a: Path, b: Path) -> bool:
     """Byte equality for files that repairs may have grown to terabytes (sparse): only data ranges are read."""
     import os
 
     if a.stat().st_size != b.stat().st_size:
         return False
-    ranges = sorted(_data_extents(a) + _data_extents(b))
+    ranges = sorted(data_extents(a) + data_extents(b))
     with open(a, "rb") as fa, open(b, "rb") as fb:
         for start, end in ranges:
             for off in range(start, end, 64 << 20):

@@ -10,13 +10,12 @@ by QEMU's allocator, which vdkit replays.  Images are kept small so that
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, vdkit_img
+from tests.conftest import check_ok, data_extents, qemu_img, vdkit_img
 from tests.diff.io_corpus import qio
 
 MODES = ("metadata", "falloc", "full")
@@ -61,21 +60,6 @@ def _resize_both(cwd: Path, args: list[str], *, extra_files: tuple[str, ...] = (
             qa, va = qf.stat().st_blocks * 512, vf.stat().st_blocks * 512
             assert abs(qa - va) <= ALLOC_SLACK, (args, qa, va)
     return q.returncode
-
-
-def _data_extents(path: Path) -> list[tuple[int, int]]:
-    """The file's non-hole ranges (SEEK_DATA/SEEK_HOLE)."""
-    out = []
-    with path.open("rb") as f:
-        fd, pos, end = f.fileno(), 0, path.stat().st_size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, pos))
-    return out
 
 
 def _grown_content_ok(cwd: Path, before: Path, after: str) -> None:
@@ -168,9 +152,9 @@ def test_prealloc_huge_metadata(workdir: Path) -> None:
     qf, vf = workdir / "q.qcow2", workdir / "v.qcow2"
     assert qf.stat().st_size == vf.stat().st_size
     # Reading 1 TiB of holes would take minutes: compare where data is, and that it is the same places.
-    assert _data_extents(qf) == _data_extents(vf)
+    assert data_extents(qf) == data_extents(vf)
     with qf.open("rb") as a, vf.open("rb") as b:
-        for start, end in _data_extents(qf):
+        for start, end in data_extents(qf):
             a.seek(start)
             b.seek(start)
             assert a.read(end - start) == b.read(end - start), (start, end)
