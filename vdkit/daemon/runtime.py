@@ -315,7 +315,10 @@ class Daemon:
         def wait() -> None:
             while True:
                 info = signal.sigwaitinfo(_STOP_SIGNALS)
-                loop.call_soon_threadsafe(self._on_signal, info.si_signo, info.si_pid)
+                try:
+                    loop.call_soon_threadsafe(self._on_signal, info.si_signo, info.si_pid)
+                except RuntimeError:  # the loop has closed: shutdown is under way already
+                    return
 
         threading.Thread(target=wait, name="signals", daemon=True).start()
 
