@@ -34,11 +34,9 @@ import sys
 from dataclasses import dataclass, field
 
 from vdkit.daemon.devices import DeviceRegistry, DriveSpec, ThrottleConfig
-from vdkit.daemon.runtime import Address, Daemon
+from vdkit.daemon.runtime import PROG, Address, Daemon, error_report
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
-
-PROG = "vdkit-daemon"
 
 
 class OptionError(Exception):
@@ -516,10 +514,6 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
     check_devices(opened)
 
 
-def _err(msg: str) -> None:
-    sys.stderr.write(f"{PROG}: {msg}\n")
-
-
 class PidfileError(Exception):
     pass
 
@@ -575,7 +569,7 @@ def _main(args: list[str]) -> int:
     try:
         cfg = parse_args(args)
     except OptionError as exc:
-        _err(str(exc))
+        error_report(str(exc))
         return 1
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.WARNING,
                         format=f"{PROG}: %(name)s: %(message)s")
@@ -591,7 +585,7 @@ def _main(args: list[str]) -> int:
         try:
             pid_fd = _open_pidfile(cfg.pidfile)
         except PidfileError as exc:
-            _err(str(exc))
+            error_report(str(exc))
             return 1
         _write_pid(pid_fd)
 
@@ -605,7 +599,7 @@ def _main(args: list[str]) -> int:
         check_monitor_paths(cfg)
         _open_drives(machine, cfg.drive_texts)
     except OptionError as exc:
-        _err(str(exc))
+        error_report(str(exc))
         machine.close_all()
         remove_pidfile()
         return 1

@@ -66,8 +66,12 @@ def _process_name(pid: int) -> str:
         return "<unknown process>"
 
 
-def _error_report(message: str) -> None:
-    sys.stderr.write(f"vdkit-daemon: {message}\n")
+PROG = "vdkit-daemon"
+
+
+def error_report(message: str) -> None:
+    """One line on stderr with the program's name, as QEMU's error_report prints."""
+    sys.stderr.write(f"{PROG}: {message}\n")
     sys.stderr.flush()
 
 
@@ -297,7 +301,7 @@ class Daemon:
         if not self.machine.shutdown_requested:
             # QEMU's line on stderr, naming the sender when the kernel told us who it was
             sender = f" from pid {pid} ({_process_name(pid)})" if pid else ""
-            _error_report(f"terminating on signal {signo}{sender}")
+            error_report(f"terminating on signal {signo}{sender}")
             self.machine.shutdown_requested = "host-signal"
             self._broadcast([("SHUTDOWN", {"guest": False, "reason": "host-signal"})])
         self._request_stop()
