@@ -45,6 +45,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+def venv_tool(name: str) -> str:
+    """A console script installed by pip next to the running interpreter (``qmp-shell`` from qemu.qmp).
+
+    Looked up in ``sys.executable``'s folder, not on ``PATH``: ``.venv/bin/python -m pytest`` does not put
+    ``.venv/bin`` on ``PATH``, and a copy left on ``PATH`` by an earlier install must not stand in for it.
+    """
+    path = Path(sys.executable).parent / name  # not resolved: the venv's bin/, not the base interpreter's
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{name} is not installed next to {sys.executable}; run 'make test' (it pip-installs .[test])")
+    return str(path)
+
+
 def qemu_img(*args: str, cwd: Path | str | None = None) -> Result:
     return _run([require_tool("qemu-img"), *args], cwd=cwd)
 

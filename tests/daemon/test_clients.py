@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from tests.conftest import ROOT, check_ok
+from tests.conftest import ROOT, check_ok, require_tool, venv_tool
 from tests.daemon.conftest import Daemons
 
 
@@ -67,11 +67,11 @@ def test_qmp_shell(daemons: Daemons, tmp_path: Path) -> None:
     _image(tmp_path)
     _, path, _ = daemons.vdkit(["-drive", "file=a.qcow2,if=none,id=d0"], tmp_path)
     script = "query-status\nblockdev-snapshot-internal-sync device=d0 name=shell1\nquery-snapshots\n"
-    p = subprocess.run(["qmp-shell", path], input=script.encode(), capture_output=True, timeout=60)
+    p = subprocess.run([venv_tool("qmp-shell"), path], input=script.encode(), capture_output=True, timeout=60)
     out = p.stdout.decode()
     assert '"status": "prelaunch"' in out
     assert '"name": "shell1"' in out
-    ph = subprocess.run(["qmp-shell", "-H", path], input=b"info block\n", capture_output=True, timeout=60)
+    ph = subprocess.run([venv_tool("qmp-shell"), "-H", path], input=b"info block\n", capture_output=True, timeout=60)
     assert "d0 (#block" in ph.stdout.decode()
 
 
@@ -146,7 +146,8 @@ def test_daemonize_and_pidfile(tmp_path: Path) -> None:
     try:
         assert os.path.exists(sock)
         # the image is locked while the daemon has it open
-        r2 = subprocess.run(["qemu-img", "snapshot", "-c", "x", str(tmp_path / "a.qcow2")], capture_output=True)
+        r2 = subprocess.run([require_tool("qemu-img"), "snapshot", "-c", "x", str(tmp_path / "a.qcow2")],
+                            capture_output=True)
         assert r2.returncode != 0 and b"lock" in r2.stderr
     finally:
         os.kill(pid, signal.SIGTERM)
@@ -177,7 +178,6 @@ def test_startup_errors(tmp_path: Path) -> None:
 
 def _start_both(tmp: Path, args: list[str], *, daemonize: bool = False) -> list[tuple[int, str]]:
     """Run QEMU and vdkit-daemon with ``args`` (expected to fail at start-up): [(exit status, stderr)] each."""
-    from tests.conftest import require_tool
     from tests.daemon.conftest import QEMU_BASE
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
