@@ -136,11 +136,43 @@ def test_sigterm_shuts_down_cleanly(daemons: Daemons, tmp_path: Path) -> None:
     assert not Path(path).exists()
 
 
+def _socket_modes(*dirs: Path) -> dict[str, int]:
+    import stat
+
+    return {p.name: p.stat().st_mode & 0o777 for d in dirs for p in sorted(d.iterdir())
+            if stat.S_ISSOCK(p.stat().st_mode)}
+
+
 def test_socket_mode_0600(daemons: Daemons, tmp_path: Path) -> None:
-    _, path, hpath = daemons.vdkit([], tmp_path, hmp=True)
+    """Every socket the daemon creates (QMP, HMP, -nbd, nbd-server-start; block-export-add adds none) is 0600.
+
+    The test's umask is 022, under which a plain bind() makes 0755 sockets.
+    """
+    from tests.conftest import check_ok
+
+    check_ok("create", "-q", "-f", "qcow2", "d.qcow2", "1M", cwd=tmp_path)
+    sdir = tmp_path / "s"
+    sdir.mkdir()
+    nbd1, nbd2 = str(sdir / "a.nbd"), str(sdir / "b.nbd")
+    _, path, hpath = daemons.vdkit(["-drive", "file=d.qcow2,if=none,id=drive0,node-name=n0"], tmp_path, hmp=True,
+                                   extra=["-nbd", f"unix:{nbd1}"])
     assert hpath is not None
-    assert Path(path).stat().st_mode & 0o777 == 0o600
-    assert Path(hpath).stat().st_mode & 0o777 == 0o600
+    assert _socket_modes(Path(path).parent, sdir) == {Path(path).name: 0o600, Path(hpath).name: 0o600,
+                                                       "a.nbd": 0o600}
+    m = daemons.monitor(path).negotiate()
+    assert m.cmd("nbd-server-stop") == {"return": {}}
+    assert _socket_modes(sdir) == {}
+    assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd2}}}) == {"return": {}}
+    assert _socket_modes(sdir) == {"b.nbd": 0o600}
+    assert m.cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "n0", "name": "x"}) == {"return": {}}
+    assert _socket_modes(Path(path).parent, sdir) == {Path(path).name: 0o600, Path(hpath).name: 0o600,
+                                                       "b.nbd": 0o600}
+    # a stale file at the address is replaced by a private socket too
+    assert m.cmd("nbd-server-stop") == {"return": {}}
+    Path(nbd1).write_text("")
+    Path(nbd1).chmod(0o666)
+    assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd1}}}) == {"return": {}}
+    assert _socket_modes(sdir) == {"a.nbd": 0o600}
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGHUP"])

@@ -91,6 +91,24 @@ class Export:
         return self.medium.node_name
 
 
+def bind_private(sock: socket.socket, path: str) -> None:
+    """Bind a unix socket whose file is mode 0600 from the moment it exists (docs/daemon.md).
+
+    Why not umask: it is process-wide, and the QMP handlers that bind run in worker threads while
+    other threads create files.  Linux gives the socket file the mode of the socket's own inode
+    (less the umask), so an ``fchmod`` before ``bind`` leaves no window; the ``chmod`` after it
+    covers systems where it does not.
+    """
+    os.fchmod(sock.fileno(), 0o600)
+    sock.bind(path)
+    try:
+        os.chmod(path, 0o600)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
 class NbdService:
     """The daemon's one NBD server: listener, exports, throttle state."""
 
@@ -135,7 +153,7 @@ class NbdService:
                 with contextlib.suppress(FileNotFoundError):
                     if os.path.exists(addr.path) and not os.path.isdir(addr.path):
                         os.unlink(addr.path)
-                sock.bind(addr.path)
+                bind_private(sock, addr.path)
             except OSError as exc:
                 sock.close()
                 raise VdkitError(f"Failed to bind socket to {addr.path}: {os.strerror(exc.errno or 0)}") from None

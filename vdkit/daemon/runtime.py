@@ -262,12 +262,7 @@ class Daemon:
             try:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
-                old = os.umask(0o177)
-                try:
-                    sock.bind(tmp)
-                finally:
-                    os.umask(old)
-                os.chmod(tmp, 0o600)
+                nbd_export.bind_private(sock, tmp)
                 sock.listen(128)
                 os.replace(tmp, addr.path)
             except BaseException:
