@@ -33,6 +33,13 @@ demo: deps system-deps
 	@$(VENV)/bin/vdkit-img snapshot -l --output=json demo/top.qcow2
 	@echo '$$ vdkit-img check demo/top.qcow2'
 	@$(VENV)/bin/vdkit-img check demo/top.qcow2
+	@qemu-img create -q -f qcow2 -o compression_type=zstd demo/zstd.qcow2 16M
+	@qemu-io -c 'write -c -P 0x5a 0 1M' demo/zstd.qcow2 >/dev/null
+	@echo '$$ vdkit-img info demo/zstd.qcow2    # written compressed with zstd by qemu-io'
+	@$(VENV)/bin/vdkit-img info demo/zstd.qcow2
+	@echo '$$ vdkit-img convert -O raw demo/zstd.qcow2 demo/zstd.raw && vdkit-img compare demo/zstd.qcow2 demo/zstd.raw'
+	@$(VENV)/bin/vdkit-img convert -O raw demo/zstd.qcow2 demo/zstd.raw
+	@$(VENV)/bin/vdkit-img compare demo/zstd.qcow2 demo/zstd.raw
 
 lint: deps
 	$(VENV)/bin/ruff check vdkit tests bench

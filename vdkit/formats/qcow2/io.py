@@ -1148,19 +1148,9 @@ def decompress_cluster(raw: bytes, cluster_size: int, ctype: int) -> bytes:
         except zlib.error as exc:
             raise VdkitError(f"Could not decompress cluster: {exc}", errno=EIO) from None
     elif ctype == L.CompressionType.ZSTD:
-        zstd = _zstd()
-        import io
+        from vdkit.formats.qcow2 import zstd_codec
 
-        try:
-            reader = zstd.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True)
-            out = reader.read(cluster_size)
-            while len(out) < cluster_size:
-                more = reader.read(cluster_size - len(out))
-                if not more:
-                    break
-                out += more
-        except zstd.ZstdError as exc:
-            raise VdkitError(f"Could not decompress cluster: {exc}", errno=EIO) from None
+        out = zstd_codec.decompress(raw, cluster_size)
     else:
         raise UnsupportedError(f"Unknown compression type {ctype}")
     if len(out) != cluster_size:
@@ -1174,18 +1164,10 @@ def compress_cluster(data: bytes, ctype: int) -> bytes:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
     if ctype == L.CompressionType.ZSTD:
-        return _zstd().ZstdCompressor(level=3).compress(data)
+        from vdkit.formats.qcow2 import zstd_codec
+
+        return zstd_codec.compress(data)
     raise UnsupportedError(f"Unknown compression type {ctype}")
-
-
-def _zstd():  # type: ignore[no-untyped-def]
-    try:
-        import zstandard
-    except ImportError:
-        raise UnsupportedError(
-            "zstd compressed clusters need the 'zstandard' Python package (pip install zstandard)"
-        ) from None
-    return zstandard
 
 
 def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
