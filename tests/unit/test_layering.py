@@ -15,8 +15,14 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # ``block.driver`` is the operations table the formats implement, so it sits
-# below them (as QEMU's BlockDriver definition sits below block/qcow2.c).
-LAYERS = ["errors", "record", "io", "block.driver", "formats", "block", "info", "cli", "nbd", "monitor", "daemon"]
+# below them (as QEMU's BlockDriver definition sits below block/qcow2.c);
+# ``block.snapshot`` holds the generic snapshot descriptor's limits.  The QAPI
+# shapes (``info.model``) and QEMU's option syntax (``opts``) are plain data
+# every layer speaks, as QEMU's generated QAPI types sit below the block layer.
+LAYERS = ["errors", "record", "opts", "info.model", "io", "block.driver", "formats", "block", "info", "cli", "nbd",
+          "monitor", "daemon"]
+_LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
+                ("info", "model"): "info.model"}
 # Front ends are siblings: none may import another at module level.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 
@@ -25,9 +31,8 @@ def _layer(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "vdkit" or len(parts) < 2:
         return None
-    if parts[1:3] == ["block", "driver"]:
-        return "block.driver"
-    return parts[1]
+    low = _LOW_MODULES.get((parts[1], parts[2] if len(parts) > 2 else ""))
+    return low if low is not None else parts[1]
 
 
 def _module_level_imports(tree: ast.Module) -> list[str]:

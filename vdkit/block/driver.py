@@ -18,8 +18,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import ClassVar
 
+    from vdkit.block.chain import OpenPolicy
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.info.model import ImageInfoSpecific
     from vdkit.io.file import ImageFile
+
+    CheckReport = Callable[[str], None]
 
 
 # Block status flags (the subset of QEMU's BDRV_BLOCK_* that qemu-img shows).
@@ -48,8 +52,58 @@ class BlockStatus:
         return bool(self.flags & flag)
 
 
+@record
+class CheckResult:
+    """QEMU's ``BdrvCheckResult``; ``error`` is the negative errno of a check that could not finish."""
+
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    error: int = 0
+
+
+@record
+class OpenContext:
+    """How a node is being opened: what a driver needs to open the files its image names.
+
+    A format whose metadata names other files (VMDK extents, an external data
+    file) opens them through :meth:`open_child`, which applies the caller's
+    :class:`~vdkit.block.chain.OpenPolicy`, so no driver follows a reference
+    the caller did not allow.
+    """
+
+    filename: str
+    readonly: bool = True
+    force_share: bool = False
+    check_mode: bool = False
+    no_io: bool = False
+    policy: OpenPolicy | None = None
+
+    def open_child(self, kind: str, stored: str, resolved: str, *, readonly: bool | None = None) -> ImageFile:
+        """Open a file the image refers to (``kind`` names it in errors: "extent file", "data file")."""
+        from vdkit.block.chain import default_policy
+        from vdkit.io.file import ImageFile
+
+        (self.policy or default_policy()).check(kind, stored, resolved)
+        return ImageFile(resolved, readonly=self.readonly if readonly is None else readonly,
+                         force_share=self.force_share)
+
+
 class FormatDriver:
-    """One format opened on one file.  Subclasses override what they support."""
+    """One format opened on one file.  Subclasses override what they support.
+
+    The slots mirror QEMU's ``BlockDriver`` table; each has the behaviour of an
+    empty slot (QEMU's "not supported" error, or nothing for pure hints) so a
+    format implements only what it has.  Module-level entry points of a format
+    (probe, open, create) are described in :mod:`vdkit.formats.registry`.
+    """
 
     format_name: ClassVar[str] = ""
     supports_backing: ClassVar[bool] = False
@@ -82,6 +136,17 @@ class FormatDriver:
     @property
     def backing_format(self) -> str | None:
         return None
+
+    def open_children(self, ctx: OpenContext) -> None:
+        """Open the files the image names besides its backing file (data file, extents), via ``ctx``."""
+
+    def specific_info(self) -> ImageInfoSpecific | None:
+        """``Format specific information`` of ``qemu-img info`` (QAPI ``ImageInfoSpecific``), if any."""
+        return None
+
+    def check(self, repair: str | None, report: CheckReport) -> CheckResult:
+        """``qemu-img check``: ``repair`` is None, "leaks" or "all"; problems go to ``report`` as found."""
+        raise UnsupportedError("This image format does not support checks", errno=errno.ENOTSUP)
 
     def extra_files(self) -> list[ImageFile]:
         """Other files this node owns (an external data file), for disk usage."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 
 from vdkit.block.chain import QEMU_PROTOCOLS, OpenPolicy, default_policy, protocol_of, resolve_backing_name
+from vdkit.block.driver import OpenContext
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
-from vdkit.formats.probe import PROBE_SIZE, SUPPORTED_FORMATS, probe_format
+from vdkit.formats import registry
 from vdkit.io.file import ImageFile
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -156,18 +157,6 @@ class Node:
         return f"<Node {self.filename!r} format={self.format}>"
 
 
-def _make_driver(file: ImageFile, fmt: str, *, readonly: bool, check_mode: bool) -> FormatDriver:
-    if fmt == "qcow2":
-        from vdkit.formats.qcow2.driver import Qcow2Driver
-
-        return Qcow2Driver(file, readonly=readonly, check_mode=check_mode)
-    if fmt == "raw":
-        from vdkit.formats.raw import RawDriver
-
-        return RawDriver(file)
-    raise UnsupportedError(f"Image format '{fmt}' is not supported by vdkit")
-
-
 def open_image(
     filename: str | os.PathLike[str],
     fmt: str | None = None,
@@ -207,7 +196,7 @@ def _open(
     depth: int,
     seen: frozenset[tuple[int, int]],
 ) -> Node:
-    if fmt is not None and fmt not in SUPPORTED_FORMATS:
+    if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
     proto = protocol_of(name)
     if proto == "file":
@@ -226,13 +215,15 @@ def _open(
         if ident in seen:
             raise OpenError(f"Backing file '{name}' creates an infinite loop.")
         if fmt is None:
-            fmt = probe_format(file.pread(0, PROBE_SIZE))
-        driver = _make_driver(file, fmt, readonly=readonly, check_mode=check_mode)
+            fmt = registry.probe_format(file.pread(0, registry.PROBE_SIZE), name)
+        ctx = OpenContext(name, readonly=readonly, force_share=force_share, check_mode=check_mode, no_io=no_io,
+                          policy=policy)
+        driver = registry.open_driver(fmt, file, ctx)
         node = Node(name, driver, readonly=readonly)
         if driver.encrypted and not no_io:
             # Reading guest data needs the key; vdkit takes none, as qemu-img without --object/--image-opts.
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
-        _open_data_file(node, policy, force_share=force_share, no_io=no_io)
+        driver.open_children(ctx)
         if backing and driver.backing_file is not None:
             _open_backing(node, policy, force_share=force_share, no_io=no_io, depth=depth,
                           seen=seen | {ident})
@@ -243,30 +234,6 @@ def _open(
         else:
             file.close()
         raise
-
-
-def _open_data_file(node: Node, policy: OpenPolicy, *, force_share: bool, no_io: bool) -> None:
-    from vdkit.formats.qcow2.driver import Qcow2Driver
-
-    driver = node.driver
-    if not isinstance(driver, Qcow2Driver) or not driver.header.has_data_file:
-        return
-    stored = driver.header.data_file
-    if stored is None:
-        if no_io:
-            return  # qemu-img info still describes such an image
-        raise OpenError("'data-file' is required for this image")
-    # QEMU 7.2 opens the stored name as is: a relative data file name is
-    # relative to the working directory, not to the image (unlike backing files).
-    resolved = stored
-    try:
-        if not resolved:
-            raise OpenError("The 'file' block driver requires a file name")
-        policy.check("data file", stored, resolved)
-        driver.data_file = ImageFile(resolved, readonly=node.readonly, force_share=force_share)
-    except VdkitError:
-        if not no_io:
-            raise
 
 
 def _open_backing(

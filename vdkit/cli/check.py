@@ -23,7 +23,7 @@ from vdkit.cli.options import (
 from vdkit.errors import OpenError, UsageError
 
 if TYPE_CHECKING:
-    from vdkit.formats.qcow2.check import CheckResult
+    from vdkit.block.driver import CheckResult
     from vdkit.info.model import ImageCheck
 
 LONGOPTS = [
@@ -70,8 +70,7 @@ def main(argv: list[str]) -> int:
     if force_share and repair:
         raise OpenError(f"Could not open '{spec or filename}': force-share=on can only be used with read-only images")
     from vdkit.block.node import open_image
-    from vdkit.formats.qcow2.check import check
-    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.errors import UnsupportedError
 
     preamble = ""
     with SpecNames((filename, spec)), open_image(filename, fmt, readonly=repair is None,
@@ -81,11 +80,12 @@ def main(argv: list[str]) -> int:
             from vdkit.cli.snapshot_write import _PROBE_WARNING
 
             write_err(_PROBE_WARNING.format(filename))
-        if not isinstance(driver, Qcow2Driver):
-            write_err(f"{PROG}: This image format does not support checks\n")
+        try:
+            result = driver.check(repair, _report)
+        except UnsupportedError as exc:
+            write_err(f"{PROG}: {exc.message}\n")
             return 63
-        result = check(driver, repair, _report)
-        model = _model(spec or filename, result)
+        model = _model(spec or filename, node.format, result)
         if result.error == 0 and (result.corruptions_fixed or result.leaks_fixed):
             if output == "human" and not quiet:
                 from vdkit.info.render_human import check_repaired_preamble
@@ -93,11 +93,11 @@ def main(argv: list[str]) -> int:
                 # Held back like qemu-img's buffered stdout, which appears after
                 # the second pass's diagnostics when both streams are merged.
                 preamble = check_repaired_preamble(result.leaks_fixed, result.corruptions_fixed)
-            second = check(driver, None, _report)
+            second = driver.check(None, _report)
             second.leaks_fixed = result.leaks_fixed
             second.corruptions_fixed = result.corruptions_fixed
             result = second
-            model = _model(spec or filename, result)
+            model = _model(spec or filename, node.format, result)
     failed = bool(result.error or result.check_errors)
     if failed:
         # qemu-img reports this before its buffered stdout reaches a pipe.
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _model(filename: str, r: CheckResult) -> ImageCheck:
+def _model(filename: str, fmt: str, r: CheckResult) -> ImageCheck:
     from vdkit.info.model import ImageCheck
 
     def nz(v: int) -> int | None:
@@ -131,7 +131,7 @@ def _model(filename: str, r: CheckResult) -> ImageCheck:
 
     return ImageCheck(
         filename=filename,
-        format="qcow2",
+        format=fmt,
         check_errors=r.check_errors,
         image_end_offset=nz(r.image_end_offset),
         corruptions=nz(r.corruptions),

@@ -494,7 +494,7 @@ def data_extent(zero: bytes, start: int, n: int, min_sparse: int, sector: int, a
 
 def run(a: ConvertArgs) -> int:
     from vdkit.block.node import open_image
-    from vdkit.formats.probe import SUPPORTED_FORMATS
+    from vdkit.formats import registry
 
     if a.snapshot is not None and len(a.sources) > 1:
         raise VdkitError("No support for concatenating multiple snapshot")
@@ -509,7 +509,7 @@ def run(a: ConvertArgs) -> int:
         if a.snapshot is not None:
             _load_snapshot(nodes[0], a.snapshot)
         # under --target-image-opts -O is refused when the target is opened (after the sources)
-        if a.out_fmt not in SUPPORTED_FORMATS and not a.target_image_opts:
+        if not registry.is_known(a.out_fmt) and not a.target_image_opts:
             raise VdkitError(f"Unknown file format '{a.out_fmt}'")
         backing = a.backing or _option_value(a.options, "backing_file")
         if a.target_is_zero and backing:

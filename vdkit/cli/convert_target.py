@@ -149,7 +149,8 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
 
 
 def _create(a: ConvertArgs, size: int) -> None:
-    from vdkit.cli.create import img_create, split_options
+    from vdkit.cli.create import img_create
+    from vdkit.opts import split_options
 
     items: list[tuple[str, str]] = []
     for text in a.options:

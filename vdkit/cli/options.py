@@ -13,6 +13,7 @@ import errno
 import os
 
 from vdkit.errors import UsageError, VdkitError
+from vdkit.opts import SizeRangeError, strtosz  # noqa: F401 - re-exported
 from vdkit.record import field, record
 
 
@@ -136,76 +137,6 @@ def output_format(value: str | None) -> str:
     return value
 
 
-# -- sizes (qemu_strtosz and qemu-img's cvtnum) -------------------------------------------------
-
-_SIZE_SUFFIXES = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-
-
-class SizeRangeError(ValueError):
-    """The size does not fit in 64 bits (QEMU's -ERANGE)."""
-
-
-def strtosz(text: str, *, warn: list[str] | None = None) -> int:
-    """Parse a size as QEMU does: decimal or hex, optional fraction, suffix B/K/M/G/T/P/E.
-
-    Suffixes are powers of 1024; a fraction needs a suffix other than B and is
-    rounded half up after scaling (``0.1M`` is 104858).  Hex takes no fraction;
-    a hex number with a suffix still works but earns a deprecation warning
-    (appended to ``warn``).  Raises ``ValueError`` for bad syntax and
-    :class:`SizeRangeError` for values of 2^64 or more.
-    """
-    import re
-
-    m = re.match(r"[ \t\n\v\f\r]*([+-]?)([0-9]*)", text)
-    assert m is not None
-    sign, digits = m.group(1), m.group(2)
-    pos = m.end()
-    if not digits or sign == "-":
-        raise ValueError(text)
-    val = int(digits)
-    frac = 0
-    if val == 0 and text[pos : pos + 1] in ("x", "X") and digits == "0" * len(digits) and len(digits) == 1:
-        h = re.match(r"[0-9a-fA-F]+", text[pos + 1 :])
-        if h is None:
-            raise ValueError(text)
-        val = int(h.group(0), 16)
-        pos += 1 + h.end()
-        if text[pos : pos + 1] == ".":
-            raise ValueError(text)
-        if text[pos : pos + 1].upper() in _SIZE_SUFFIXES and warn is not None:
-            warn.append(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
-    elif text[pos : pos + 1] == ".":
-        f = re.match(r"\.([0-9]*)", text[pos:])
-        assert f is not None
-        if not f.group(1):
-            pos += 1  # "5." and "5.k": the dot alone is skipped
-        else:
-            if re.match(r"[eE][+-]?[0-9]", text[pos + f.end() :]):
-                raise ValueError(text)  # an exponent makes the whole input invalid
-            fraction = float(f.group(0))
-            scaled = int(fraction * 2.0**64)
-            frac = scaled if scaled < 2**64 else 0  # what the C cast yields on x86-64
-            pos += f.end()
-    shift = 0
-    if pos < len(text) and text[pos].upper() in _SIZE_SUFFIXES:
-        shift = _SIZE_SUFFIXES[text[pos].upper()]
-        pos += 1
-    if pos != len(text):
-        raise ValueError(text)
-    if val >= 2**64:
-        raise SizeRangeError(text)
-    if shift == 0:
-        if frac:
-            raise ValueError(text)
-        return val
-    whole = val << shift
-    part = frac << shift
-    result = whole + (part >> 64) + ((part & (2**64 - 1)) >> 63)
-    if result >= 2**64:
-        raise SizeRangeError(text)
-    return result
-
-
 def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1) -> int:
     """qemu-img's size argument check, with its two-line error for bad syntax."""
     from vdkit.cli.main import PROG
@@ -306,14 +237,14 @@ def image_opts(spec: str) -> tuple[str, str | None]:
 def _probe_for_option(filename: str, key: str) -> str | None:
     """Probe the format when a format option comes without ``driver``: only qcow2 takes ``key``."""
     from vdkit.errors import OpenError
-    from vdkit.formats.probe import PROBE_SIZE, probe_format
+    from vdkit.formats.registry import PROBE_SIZE, probe_format
 
     try:
         with open(filename, "rb") as f:
             head = f.read(PROBE_SIZE)
     except OSError:
         return None  # the open reports it
-    fmt = probe_format(head)
+    fmt = probe_format(head, filename)
     if fmt != "qcow2":
         raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
     return fmt

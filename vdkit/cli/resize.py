@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         relative, size_text = 1, size_text[1:]
     elif size_text[:1] == "-":
         relative, size_text = -1, size_text[1:]
-    from vdkit.cli.create import OptDesc, parse_value
+    from vdkit.opts import OptDesc, parse_value
 
     n = int(parse_value(OptDesc("size", "size", None, "Virtual disk size"), size_text))
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))

@@ -16,6 +16,10 @@ import struct
 from vdkit.errors import CorruptImageError
 from vdkit.record import record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.info.model import LuksInfo
+
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_MAX_HEADER = 16 * 1024 * 1024
 SECTOR = 512
@@ -122,4 +126,30 @@ def parse_luks_header(raw: bytes) -> LuksHeader:
         master_key_iterations=mk_iters,
         uuid=_cstr(uuid),
         slots=tuple(slots),
+    )
+
+
+def luks_info(raw: bytes) -> LuksInfo:
+    """LUKS header -> the QAPI encryption info (iterations and stripes only for active slots)."""
+    from vdkit.info.model import LuksInfo, LuksSlotInfo
+
+    hdr = parse_luks_header(raw)
+    return LuksInfo(
+        cipher_alg=hdr.cipher_alg,
+        cipher_mode=hdr.cipher_mode,
+        ivgen_alg=hdr.ivgen_alg,
+        ivgen_hash_alg=hdr.ivgen_hash_alg,
+        hash_alg=hdr.hash_alg,
+        payload_offset=hdr.payload_offset,
+        master_key_iters=hdr.master_key_iterations,
+        uuid=hdr.uuid,
+        slots=[
+            LuksSlotInfo(
+                active=s.active,
+                key_offset=s.key_offset,
+                iters=s.iterations if s.active else None,
+                stripes=s.stripes if s.active else None,
+            )
+            for s in hdr.slots
+        ],
     )

@@ -6,7 +6,33 @@ from vdkit.block.driver import FormatDriver
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from vdkit.block.io import BlockStatus
+    from vdkit.block.driver import BlockStatus, OpenContext
+    from vdkit.io.file import ImageFile
+    from vdkit.opts import CreateOpts, OptDesc
+
+FORMAT_NAME = "raw"
+
+
+def probe(head: bytes, filename: str) -> int:
+    """Anything is raw data: the lowest score, so every real format wins over it (as in QEMU)."""
+    return 1
+
+
+def open_driver(file: ImageFile, ctx: OpenContext) -> RawDriver:
+    return RawDriver(file)
+
+
+def create_options() -> list[OptDesc]:
+    from vdkit.opts import OptDesc
+
+    return [OptDesc("size", "size", None, "Virtual disk size")]
+
+
+def create(filename: str, opts: CreateOpts) -> None:
+    from vdkit.opts import refuse_encryption
+
+    refuse_encryption(opts)
+    create_raw(filename, int(opts.get("size") or 0), str(opts.get("preallocation", "off")))
 
 
 class RawDriver(FormatDriver):

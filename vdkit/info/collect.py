@@ -7,23 +7,13 @@ reports the same facts.  The counterpart of QEMU's ``block/qapi.c``.
 
 from __future__ import annotations
 
-from vdkit.formats.qcow2 import layout as L
-from vdkit.info.model import (
-    AesEncryptionInfo,
-    ImageInfo,
-    ImageInfoSpecific,
-    ImageInfoSpecificQcow2,
-    LuksInfo,
-    LuksSlotInfo,
-    Qcow2BitmapInfo,
-    SnapshotInfo,
-)
+from vdkit.block import snapshot as L
+from vdkit.info.model import ImageInfo, SnapshotInfo
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import FormatDriver
     from vdkit.block.node import Node
-    from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
 
 
@@ -71,66 +61,6 @@ def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
     return [snapshot_info(e) for e in driver.snapshots()]
 
 
-def luks_info(raw: bytes) -> LuksInfo:
-    """LUKS header -> the QAPI encryption info (iterations and stripes only for active slots)."""
-    from vdkit.formats.luks import parse_luks_header
-
-    hdr = parse_luks_header(raw)
-    return LuksInfo(
-        cipher_alg=hdr.cipher_alg,
-        cipher_mode=hdr.cipher_mode,
-        ivgen_alg=hdr.ivgen_alg,
-        ivgen_hash_alg=hdr.ivgen_hash_alg,
-        hash_alg=hdr.hash_alg,
-        payload_offset=hdr.payload_offset,
-        master_key_iters=hdr.master_key_iterations,
-        uuid=hdr.uuid,
-        slots=[
-            LuksSlotInfo(
-                active=s.active,
-                key_offset=s.key_offset,
-                iters=s.iterations if s.active else None,
-                stripes=s.stripes if s.active else None,
-            )
-            for s in hdr.slots
-        ],
-    )
-
-
-def qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
-    h = driver.header
-    encrypt: LuksInfo | AesEncryptionInfo | None = None
-    if h.crypt_method == L.CRYPT_LUKS:
-        raw = driver.luks_header()
-        encrypt = luks_info(raw) if raw is not None else None
-    elif h.crypt_method == L.CRYPT_AES:
-        encrypt = AesEncryptionInfo()
-    spec = ImageInfoSpecificQcow2(
-        compat="0.10" if h.version == 2 else "1.1",
-        refcount_bits=h.refcount_bits,
-        compression_type=L.CompressionType(h.compression_type).name.lower(),
-        encrypt=encrypt,
-    )
-    if h.version >= 3:
-        spec.lazy_refcounts = h.lazy_refcounts
-        spec.corrupt = h.corrupt
-        spec.extended_l2 = h.extended_l2
-        spec.data_file = h.data_file
-        if h.has_data_file:
-            spec.data_file_raw = h.data_file_raw
-        bitmaps = driver.bitmaps
-        if bitmaps:
-            spec.bitmaps = [
-                Qcow2BitmapInfo(
-                    name=b.name,
-                    granularity=b.granularity,
-                    flags=[f for bit, f in ((b.IN_USE, "in-use"), (b.AUTO, "auto")) if b.flags & bit],
-                )
-                for b in bitmaps
-            ]
-    return spec
-
-
 def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
     """Info of one node (``nested``: with ``backing-image`` filled down the chain)."""
     driver = node.driver
@@ -155,8 +85,9 @@ def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
     snaps = snapshot_infos(driver)
     if snaps:
         info.snapshots = snaps
-    if driver.format_name == "qcow2":
-        info.format_specific = ImageInfoSpecific("qcow2", qcow2_specific(driver))  # type: ignore[arg-type]
+    spec = driver.specific_info()
+    if spec is not None:
+        info.format_specific = spec
     if nested and node.backing is not None:
         info.backing_image = image_info(node.backing, nested=True)
     return info

@@ -30,15 +30,16 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.refcount import decode_block, encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
+from vdkit.record import replace
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
@@ -47,23 +48,6 @@ Report = Callable[[str], None]
 
 _U64 = np.uint64
 _BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-
-
-@dataclass
-class CheckResult:
-    """QEMU's ``BdrvCheckResult``; ``error`` is the negative errno of a check that could not finish."""
-
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
-    image_end_offset: int = 0
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    fragmented_clusters: int = 0
-    compressed_clusters: int = 0
-    error: int = 0
 
 
 class _CheckFailed(Exception):

@@ -24,10 +24,12 @@ TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cos
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
     from collections.abc import Callable
 
+    from vdkit.block.driver import CheckReport, CheckResult, OpenContext
     from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import CorruptionEvent, Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
+    from vdkit.info.model import ImageInfoSpecific
 
 
 @record(frozen=True)
@@ -504,6 +506,35 @@ class Qcow2Driver(FormatDriver):
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
         self.require_alive()
         self.io.discard(offset, length, has_backing=has_backing)
+
+    def open_children(self, ctx: OpenContext) -> None:
+        """The external data file, if the image has one (through the caller's open policy)."""
+        if not self.header.has_data_file:
+            return
+        stored = self.header.data_file
+        if stored is None:
+            if ctx.no_io:
+                return  # qemu-img info still describes such an image
+            raise OpenError("'data-file' is required for this image")
+        # QEMU 7.2 opens the stored name as is: a relative data file name is
+        # relative to the working directory, not to the image (unlike backing files).
+        try:
+            if not stored:
+                raise OpenError("The 'file' block driver requires a file name")
+            self.data_file = ctx.open_child("data file", stored, stored)
+        except VdkitError:
+            if not ctx.no_io:
+                raise
+
+    def specific_info(self) -> ImageInfoSpecific:
+        from vdkit.formats.qcow2.info import specific_info
+
+        return specific_info(self)
+
+    def check(self, repair: str | None, report: CheckReport) -> CheckResult:
+        from vdkit.formats.qcow2.check import check
+
+        return check(self, repair, report)
 
     def snapshot_unsupported_reason(self) -> str | None:
         if self.header.has_data_file:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 import struct
 
+# The generic snapshot descriptor truncates IDs and names to these lengths.
+from vdkit.block.snapshot import ICOUNT_UNUSED, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN  # noqa: F401
+
 MAGIC = b"QFI\xfb"
 
 # Header: the 72-byte v2 part, the 32 mandatory v3 bytes, and the optional
@@ -103,15 +106,11 @@ MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 MAX_HOST_OFFSET = (1 << 56) - 1
-# The generic snapshot descriptor truncates IDs and names to these lengths.
-MAX_SNAPSHOT_ID_LEN = 127
-MAX_SNAPSHOT_NAME_LEN = 255
 
 # Snapshot table entry: fixed part (40 bytes) and known extra data (24 bytes).
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
 SNAPSHOT_EXTRA = struct.Struct(">QQQ")
 SNAPSHOT_EXTRA_SIZE = SNAPSHOT_EXTRA.size
-ICOUNT_UNUSED = 0xFFFFFFFFFFFFFFFF
 
 
 class ClusterType(enum.Enum):

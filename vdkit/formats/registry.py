@@ -1,0 +1,105 @@
+"""Every image format vdkit knows, by name, imported only when used.
+
+A format is one module (or package) named here.  Adding a format is one new
+folder under ``vdkit/formats/`` plus one line in :data:`FORMATS`.  The module
+provides these entry points (only ``probe`` and ``open_driver`` are required):
+
+``FORMAT_NAME: str``
+    The name qemu-img uses (``-f``/``-O``).
+``probe(head: bytes, filename: str) -> int``
+    A score from 0 (not this format) to 100, from the file's first
+    :data:`PROBE_SIZE` bytes and its name, as QEMU's ``bdrv_probe``.  It must be
+    cheap to import: every ``vdkit-img info`` probes with all formats.
+``open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver``
+    Open the image on ``file``; import the heavy code here, not at module level.
+``create_options() -> list[OptDesc]`` and ``create(filename: str, opts: CreateOpts) -> None``
+    Image creation (``qemu-img create`` / ``convert -O``); a format without
+    them is refused with QEMU's "does not support image creation".
+
+Formats QEMU detects but vdkit does not implement yet are still recognised by
+their magic (:data:`_NOT_IMPLEMENTED`) and refused by name, instead of being
+read as raw data.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from vdkit.block.driver import FormatDriver, OpenContext
+    from vdkit.io.file import ImageFile
+
+PROBE_SIZE = 2048
+
+# name -> module; probing asks them in this order and the first highest score wins (QEMU's rule).
+FORMATS: dict[str, str] = {
+    "raw": "vdkit.formats.raw",
+    "qcow2": "vdkit.formats.qcow2",
+}
+
+# Formats recognised by their magic only, so that they are refused by name rather than read as raw.
+_NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
+    (b"KDMV", "vmdk"),
+    (b"COWD", "vmdk"),
+    (b"# Disk DescriptorFile", "vmdk"),
+    (b"vhdxfile", "vhdx"),
+    (b"conectix", "vpc"),
+    (b"QED\0", "qed"),
+    (b"LUKS\xba\xbe", "luks"),
+    (b"WithoutFreeSpace", "parallels"),
+    (b"WithouFreSpacExt", "parallels"),
+)
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def format_names() -> tuple[str, ...]:
+    """The formats vdkit can open, in registration order."""
+    return tuple(FORMATS)
+
+
+def is_known(name: str) -> bool:
+    return name in FORMATS
+
+
+def format_module(name: str) -> ModuleType:
+    """The module implementing ``name`` (KeyError if vdkit has no such format)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        path = FORMATS[name]
+        mod = __import__(path, fromlist=["probe"])
+        _loaded[name] = mod
+    return mod
+
+
+def probe_format(head: bytes, filename: str = "") -> str:
+    """Name of the format of an image whose first bytes are ``head`` (highest score wins)."""
+    best, best_score = "raw", 0
+    for name in FORMATS:
+        score = format_module(name).probe(head, filename)
+        if score > best_score:
+            best, best_score = name, score
+    if best == "raw":
+        if head[:4] == b"QFI\xfb" and int.from_bytes(head[4:8], "big") == 1:
+            return "qcow"
+        for magic, other in _NOT_IMPLEMENTED:
+            if other not in FORMATS and head.startswith(magic):
+                return other
+        if "vdi" not in FORMATS and head[0x40:0x44] == b"\x7f\x10\xda\xbe":
+            return "vdi"
+    return best
+
+
+def open_driver(name: str, file: ImageFile, ctx: OpenContext) -> FormatDriver:
+    """Open ``file`` as format ``name``."""
+    from vdkit.errors import UnsupportedError
+
+    if name not in FORMATS:
+        raise UnsupportedError(f"Image format '{name}' is not supported by vdkit")
+    driver: FormatDriver = format_module(name).open_driver(file, ctx)
+    return driver
+
+
+def can_create(name: str) -> bool:
+    return hasattr(format_module(name), "create")

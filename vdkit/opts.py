@@ -1,0 +1,234 @@
+"""QEMU's option syntax, shared by every front end: sizes, ``a=b,c=d`` lists, typed option tables.
+
+``qemu-img create -o``, ``-drive``/``-blockdev`` and HMP all spell options the
+QemuOpts way; the parsing lives here, below the block layer, so that a format
+driver can declare its creation options (:class:`OptDesc`) without reaching up
+into a front end.
+"""
+
+from __future__ import annotations
+
+from vdkit.errors import VdkitError
+from vdkit.record import record
+
+# -- sizes (qemu_strtosz) -------------------------------------------------
+
+_SIZE_SUFFIXES = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+
+
+class SizeRangeError(ValueError):
+    """The size does not fit in 64 bits (QEMU's -ERANGE)."""
+
+
+def strtosz(text: str, *, warn: list[str] | None = None) -> int:
+    """Parse a size as QEMU does: decimal or hex, optional fraction, suffix B/K/M/G/T/P/E.
+
+    Suffixes are powers of 1024; a fraction needs a suffix other than B and is
+    rounded half up after scaling (``0.1M`` is 104858).  Hex takes no fraction;
+    a hex number with a suffix still works but earns a deprecation warning
+    (appended to ``warn``).  Raises ``ValueError`` for bad syntax and
+    :class:`SizeRangeError` for values of 2^64 or more.
+    """
+    import re
+
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?)([0-9]*)", text)
+    assert m is not None
+    sign, digits = m.group(1), m.group(2)
+    pos = m.end()
+    if not digits or sign == "-":
+        raise ValueError(text)
+    val = int(digits)
+    frac = 0
+    if val == 0 and text[pos : pos + 1] in ("x", "X") and digits == "0" * len(digits) and len(digits) == 1:
+        h = re.match(r"[0-9a-fA-F]+", text[pos + 1 :])
+        if h is None:
+            raise ValueError(text)
+        val = int(h.group(0), 16)
+        pos += 1 + h.end()
+        if text[pos : pos + 1] == ".":
+            raise ValueError(text)
+        if text[pos : pos + 1].upper() in _SIZE_SUFFIXES and warn is not None:
+            warn.append(f"Using a multiplier suffix on hex numbers is deprecated: {text}")
+    elif text[pos : pos + 1] == ".":
+        f = re.match(r"\.([0-9]*)", text[pos:])
+        assert f is not None
+        if not f.group(1):
+            pos += 1  # "5." and "5.k": the dot alone is skipped
+        else:
+            if re.match(r"[eE][+-]?[0-9]", text[pos + f.end() :]):
+                raise ValueError(text)  # an exponent makes the whole input invalid
+            fraction = float(f.group(0))
+            scaled = int(fraction * 2.0**64)
+            frac = scaled if scaled < 2**64 else 0  # what the C cast yields on x86-64
+            pos += f.end()
+    shift = 0
+    if pos < len(text) and text[pos].upper() in _SIZE_SUFFIXES:
+        shift = _SIZE_SUFFIXES[text[pos].upper()]
+        pos += 1
+    if pos != len(text):
+        raise ValueError(text)
+    if val >= 2**64:
+        raise SizeRangeError(text)
+    if shift == 0:
+        if frac:
+            raise ValueError(text)
+        return val
+    whole = val << shift
+    part = frac << shift
+    result = whole + (part >> 64) + ((part & (2**64 - 1)) >> 63)
+    if result >= 2**64:
+        raise SizeRangeError(text)
+    return result
+
+
+
+# -- option tables (QemuOptsList) ----------------------------------------------------------------
+
+@record(frozen=True, slots=True)
+class OptDesc:
+    name: str
+    type: str  # "string" | "bool" | "size" | "number"
+    default: str | None = None
+    help: str = ""
+
+
+# The file protocol's options, appended after the format's own (duplicates merged).
+FILE_CREATE_OPTS = [
+    OptDesc("size", "size", help="Virtual disk size"),
+    OptDesc("nocow", "bool", help="Turn off copy-on-write (valid only on btrfs)"),
+    OptDesc("preallocation", "string", help="Preallocation mode (allowed values: off, falloc, full)"),
+    OptDesc("extent_size_hint", "size", help="Extent size hint for the image file, 0 to disable"),
+]
+
+
+def with_file_options(own: list[OptDesc]) -> list[OptDesc]:
+    """A format's creation options followed by the file protocol's (names already declared skipped)."""
+    names = {d.name for d in own}
+    return own + [d for d in FILE_CREATE_OPTS if d.name not in names]
+
+
+class CreateOpts:
+    """The parsed ``-o`` list: last value wins, printed in declaration order."""
+
+    def __init__(self, table: list[OptDesc]) -> None:
+        self.table = table
+        self.by_name = {d.name: d for d in table}
+        self.raw: dict[str, str] = {}
+        self.value: dict[str, int | bool | str] = {}
+
+    def set(self, name: str, text: str) -> None:
+        desc = self.by_name.get(name)
+        if desc is None:
+            raise VdkitError(f"Invalid parameter '{name}'")
+        self.value[name] = parse_value(desc, text)
+        self.raw[name] = text
+
+    def set_number(self, name: str, value: int) -> None:
+        self.value[name] = value
+        self.raw[name] = str(value)
+
+    def get(self, name: str, default: int | bool | str | None = None) -> int | bool | str | None:
+        if name in self.value:
+            return self.value[name]
+        desc = self.by_name.get(name)
+        if desc is not None and desc.default is not None:
+            return parse_value(desc, desc.default)
+        return default
+
+    def has(self, name: str) -> bool:
+        return name in self.value
+
+    def printed(self) -> str:
+        parts = []
+        for d in self.table:
+            given = d.name in self.value
+            text = self.raw[d.name] if given else d.default
+            if text is None:
+                continue
+            if d.type == "string":
+                parts.append(f"{d.name}={text.replace(',', ',,')}")
+            elif d.type in ("size", "number") and given:
+                v = int(self.value[d.name])
+                parts.append(f"{d.name}={v - 2**64 if v >= 2**63 else v}")
+            else:
+                parts.append(f"{d.name}={text}")
+        return " ".join(parts)
+
+
+_SIZE_HINT = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n"
+_TRUE = ("on", "yes", "true", "y")
+_FALSE = ("off", "no", "false", "n")
+
+
+def parse_value(desc: OptDesc, text: str) -> int | bool | str:
+    if desc.type == "bool":
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise VdkitError(f"Parameter '{desc.name}' expects 'on' or 'off'")
+    if desc.type == "size":
+        try:
+            return strtosz(text)
+        except SizeRangeError:
+            raise VdkitError(f"Value '{text}' is out of range for parameter '{desc.name}'") from None
+        except ValueError:
+            raise VdkitError(
+                f"Parameter '{desc.name}' expects a non-negative number below 2^64", hint=_SIZE_HINT
+            ) from None
+    if desc.type == "number":
+        try:
+            value = int(text.strip(), 0)
+        except ValueError:
+            raise VdkitError(f"Parameter '{desc.name}' expects a number") from None
+        if not 0 <= value < 2**64:
+            raise VdkitError(f"Value '{text}' is out of range for parameter '{desc.name}'")
+        return value
+    return text
+
+
+def split_options(text: str) -> list[tuple[str, str]]:
+    """``a=b,c=d`` with ``,,`` standing for a literal comma inside a value."""
+    out: list[tuple[str, str]] = []
+    i = 0
+    n = len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in "=,":
+            j += 1
+        name = text[i:j]
+        if j < n and text[j] == "=":
+            j += 1
+            buf = []
+            while j < n:
+                if text[j] == ",":
+                    if text[j + 1 : j + 2] == ",":
+                        buf.append(",")
+                        j += 2
+                        continue
+                    break
+                buf.append(text[j])
+                j += 1
+            value = "".join(buf)
+        else:
+            value = "off" if name.startswith("no") else "on"
+            name = name[2:] if name.startswith("no") else name
+        out.append((name, value))
+        i = j + 1
+    return out
+
+
+def valid_option_list(text: str) -> bool:
+    """What qemu-img accepts as one ``-o`` argument (no leading comma, no odd run of trailing ones)."""
+    if not text or text[0] == ",":
+        return False
+    trailing = len(text) - len(text.rstrip(","))
+    return trailing % 2 == 0
+
+
+def refuse_encryption(opts: CreateOpts) -> None:
+    """vdkit creates no encrypted images (yet): refuse any ``encrypt.*`` option that asks for one."""
+    if any(name.startswith("encrypt") and opts.value[name] is not False for name in opts.value):
+        raise VdkitError("Creating encrypted images is not supported by vdkit")
+
+
