@@ -79,14 +79,14 @@ def _chain(medium: Medium) -> list[Node]:
 def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool, flat: bool) -> BlockDeviceInfo:
     chain = _chain(medium)
     node = chain[index]
-    overlay = index == 0 and medium.overlay_path is not None
     info = BlockDeviceInfo(
         file=node.filename,
         node_name=medium.names[index][0],
         ro=medium.ro if index == 0 else True,
         drv=node.format,
-        # the overlay's backing is attached in memory: QEMU names the backing node's file
-        backing_file=chain[1].filename if overlay else node.driver.backing_file,
+        # QEMU names the backing *node's* filename (the path it resolved and opened, or the
+        # snapshot=on overlay's base attached in memory), not the name stored in the header
+        backing_file=chain[index + 1].filename if index + 1 < len(chain) else None,
         backing_file_depth=0 if flat else len(chain) - 1 - index,
         encrypted=node.driver.encrypted,
         detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
