@@ -199,6 +199,10 @@ class FormatDriver:
                      unmap: bool = False) -> None:
         self.write(offset, bytes(length), backing)
 
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """``convert -c``: write whole clusters compressed (formats that set SUPPORTS_COMPRESSION)."""
+        raise UnsupportedError("Compression not supported for this file format", errno=errno.ENOTSUP)
+
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
         """Drop data the guest no longer needs (a hint: doing nothing is correct)."""
 

@@ -83,6 +83,41 @@ class Qcow2Target:
         self.node.close()
 
 
+class DriverTarget:
+    """Any other format: data goes through the format driver's own write slots."""
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        self.node = node
+        self.cluster_size = node.driver.cluster_size or 512
+        self.has_zero_init = has_zero_init
+
+    def write(self, offset: int, data: bytes, *, compressed: bool = False) -> None:
+        if compressed:
+            self.node.driver.write_compressed(offset, data)
+        else:
+            self.node.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.node.write_zeroes(offset, length, unmap=True)
+
+    def backing_sectors(self) -> int:
+        below = self.node.backing
+        return -1 if below is None else (below.driver.virtual_size + 511) // 512
+
+    def finish(self) -> None:
+        self.node.driver.flush()
+        self.node.close()
+
+    def abort(self) -> None:
+        self.node.close()
+
+
+def _supports_compression(fmt: str) -> bool:
+    from vdkit.formats import registry
+
+    return registry.is_known(fmt) and getattr(registry.format_module(fmt), "SUPPORTS_COMPRESSION", False)
+
+
 def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     """Create the output (unless ``-n``) and open it for writing."""
     if a.target_image_opts:  # implies -n (checked while parsing)
@@ -100,6 +135,8 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
     if not zero_init or a.backing is not None:
         zero_init = a.target_is_zero and a.backing is None
+    if node.format != "qcow2":
+        return DriverTarget(node, has_zero_init=zero_init)
     target = Qcow2Target(node, has_zero_init=zero_init)
     target.compressed = a.compressed  # qemu-img aligns the file end after any -c conversion
     return target
@@ -128,7 +165,7 @@ def _open_target_spec(a: ConvertArgs) -> Node:
     with SpecNames((filename, a.target)):
         node = open_image(filename, driver, readonly=False, backing=True)
     _no_flushes(a, node)
-    if a.compressed and node.format != "qcow2":
+    if a.compressed and not _supports_compression(node.format):
         node.close()
         raise VdkitError("Compression not supported for this file format")
     return node
@@ -137,13 +174,13 @@ def _open_target_spec(a: ConvertArgs) -> Node:
 def _create_and_open(a: ConvertArgs, size: int) -> Node:
     from vdkit.block.node import open_image
 
-    if a.compressed and a.out_fmt != "qcow2":
+    if a.compressed and not _supports_compression(a.out_fmt):
         raise VdkitError("Compression not supported for this file format")
     if not a.skip_create:
         if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
             raise VdkitError("Use of backing file requires explicit backing format")
         _create(a, size)
-    node = open_image(a.target, a.out_fmt, readonly=False, backing=a.out_fmt == "qcow2")
+    node = open_image(a.target, a.out_fmt, readonly=False, backing=True)
     _no_flushes(a, node)
     return node
 
@@ -156,4 +193,6 @@ def _create(a: ConvertArgs, size: int) -> None:
     for text in a.options:
         items += [(k, v) for k, v in split_options(text) if k != "size"]
     options = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items) or None
-    img_create(a.target, a.out_fmt, a.backing, a.backing_fmt, options, size, unsafe=True, quiet=True)
+    # the format's own errors carry qemu-img convert's prefix; its option checks above do not
+    img_create(a.target, a.out_fmt, a.backing, a.backing_fmt, options, size, unsafe=True, quiet=True,
+               driver_prefix=f"{a.target}: error while converting {a.out_fmt}: ")

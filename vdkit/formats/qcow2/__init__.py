@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from vdkit.opts import CreateOpts, OptDesc
 
 FORMAT_NAME = "qcow2"
+SUPPORTS_COMPRESSION = True  # convert -c
 
 
 def probe(head: bytes, filename: str) -> int:
