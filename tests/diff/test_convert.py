@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.diff.io_corpus import KINDS, build, qio
 
 
@@ -119,6 +119,67 @@ def test_convert_errors(workdir: Path, args: list[str]) -> None:
     q = qemu_img("convert", *args, "out.img", cwd=workdir)
     v = vdkit_img("convert", *args, "out.img", cwd=workdir)
     assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    # the format's own creation errors carry "<target>: error while converting <fmt>: "
+    ["-O", "qcow2", "-o", "compat=0.10,extended_l2=on", "x"],
+    ["-O", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", "x"],
+    ["-O", "qcow2", "-o", "cluster_size=3", "x"],
+    ["-O", "qcow2", "-o", "compat=0.9", "x"],
+    ["-O", "qcow2", "-o", "refcount_bits=3", "x"],
+    ["-O", "qcow2", "-o", "preallocation=bogus", "x"],
+    ["-O", "qcow2", "-o", "backing_fmt=raw", "x"],
+    ["-O", "qcow2", "-o", "data_file=nosuch/d.raw", "x"],
+    ["-O", "raw", "-o", "preallocation=bogus", "x"],
+    ["-O", "raw", "-o", "preallocation=metadata", "x"],
+    # ... but not convert's own checks
+    ["-O", "qcow2", "-o", "backing_file=x", "x"],
+    ["-O", "raw", "-o", "backing_file=x", "x"],
+])
+def test_convert_create_errors(workdir: Path, args: list[str]) -> None:
+    check_ok("create", "-q", "-f", "qcow2", "x", "1M", cwd=workdir)
+    q = qemu_img("convert", *args, "out.img", cwd=workdir)
+    v = vdkit_img("convert", *args, "out.img", cwd=workdir)
+    assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+    assert q.returncode == 1
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_convert_target_not_creatable(workdir: Path, fmt: str) -> None:
+    """A directory, a missing folder, and (as an unprivileged user) a folder without write permission."""
+    import os
+    import shutil
+    import sys
+    import tempfile
+
+    from tests.conftest import _ENV, _run
+
+    check_ok("create", "-q", "-f", "raw", "x", "1M", cwd=workdir)
+    (workdir / "adir").mkdir()
+    for target in ("adir", "nosuch/out.img"):
+        q = qemu_img("convert", "-O", fmt, "x", target, cwd=workdir)
+        v = vdkit_img("convert", "-O", fmt, "x", target, cwd=workdir)
+        assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+        assert q.stderr.startswith(f"qemu-img: {target}: error while converting {fmt}: Could not create")
+    # EACCES: root may write anywhere, so the tools run as nobody in a world-readable folder
+    top = Path(tempfile.mkdtemp(prefix="vdperm"))
+    try:
+        top.chmod(0o755)
+        (top / "ro").mkdir(mode=0o755)
+        shutil.copy(workdir / "x", top / "x")
+        (top / "x").chmod(0o644)
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        if not user:
+            (top / "ro").chmod(0o555)
+        args = ["convert", "-O", fmt, "x", "ro/out.img"]
+        q = _run([*user, require_tool("qemu-img"), *args], cwd=top)
+        v = _run([*user, sys.executable, "-m", "vdkit.cli.main", *args], cwd=top, env=_ENV)
+        assert q.stderr == f"qemu-img: ro/out.img: error while converting {fmt}: Could not create 'ro/out.img': " \
+                           "Permission denied\n"
+        assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+    finally:
+        shutil.rmtree(top)
 
 
 @pytest.mark.parametrize("args", [

@@ -177,7 +177,11 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
     if a.compressed and not _supports_compression(a.out_fmt):
         raise VdkitError("Compression not supported for this file format")
     if not a.skip_create:
-        if a.backing is not None and a.out_fmt == "qcow2" and a.backing_fmt is None:
+        from vdkit.cli.convert import _option_value
+
+        backing = a.backing or _option_value(a.options, "backing_file")
+        backing_fmt = a.backing_fmt or _option_value(a.options, "backing_fmt")
+        if backing is not None and a.out_fmt == "qcow2" and backing_fmt is None:
             raise VdkitError("Use of backing file requires explicit backing format")
         _create(a, size)
     node = open_image(a.target, a.out_fmt, readonly=False, backing=True)

@@ -93,8 +93,13 @@ def img_create(
     *,
     unsafe: bool,
     quiet: bool,
+    driver_prefix: str = "",
 ) -> None:
-    """Everything after argument parsing; errors get the ``<filename>: `` prefix from the caller."""
+    """Everything after argument parsing; errors get the ``<filename>: `` prefix from the caller.
+
+    ``driver_prefix`` goes before the errors of the format's own creation (those after the
+    ``Formatting`` line): convert's ``<target>: error while converting <fmt>: ``.
+    """
     from vdkit.formats import registry
 
     own = _format_options(fmt)
@@ -142,8 +147,8 @@ def img_create(
     except VdkitError as exc:
         if exc.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if opts.get("cluster_size") else ""
-            raise VdkitError(f"The image size is too large for file format '{fmt}'{hint}") from exc
-        raise
+            exc = VdkitError(f"The image size is too large for file format '{fmt}'{hint}")
+        raise exc.prefixed(driver_prefix) from exc
 
 
 # Protocol drivers of QEMU 7.2 that cannot create images at all (refused before the

@@ -32,7 +32,14 @@ def create(filename: str, opts: CreateOpts) -> None:
     from vdkit.opts import refuse_encryption
 
     refuse_encryption(opts)
-    create_raw(filename, int(opts.get("size") or 0), str(opts.get("preallocation", "off")))
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        # not a preallocation mode at all: refused before the file is touched (metadata is one,
+        # which the file cannot do: create_raw refuses it once the file is emptied, as QEMU)
+        from vdkit.errors import VdkitError
+
+        raise VdkitError(f"invalid parameter value: {prealloc}")
+    create_raw(filename, int(opts.get("size") or 0), prealloc)
 
 
 class RawDriver(FormatDriver):
