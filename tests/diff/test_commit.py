@@ -51,3 +51,15 @@ def test_commit_usage(workdir: Path) -> None:
         rq = qemu_img("commit", *args, cwd=workdir)
         rv = vdkit_img("commit", *args, cwd=workdir)
         assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+
+
+@pytest.mark.parametrize("args", [["r.raw"], ["-f", "raw", "r.raw"], ["-q", "r.raw"], ["-b", "x", "r.raw"],
+                                  ["--image-opts", "file.filename=r.raw"],
+                                  ["--image-opts", "driver=raw,file.filename=r.raw"]])
+def test_commit_probed_raw(workdir: Path, args: list[str]) -> None:
+    """A raw image opened writable without -f: qemu-img's three-line probing warning, then the error."""
+    check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=workdir)
+    rq = qemu_img("commit", *args, cwd=workdir)
+    rv = vdkit_img("commit", *args, cwd=workdir)
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    assert rq.returncode == 1
