@@ -125,7 +125,8 @@ class FormatDriver:
         return False
 
     @property
-    def dirty(self) -> bool:
+    def dirty(self) -> bool | None:
+        """The dirty flag; None for a format QEMU reports none for (no ``dirty-flag`` key in info)."""
         return False
 
     @property
