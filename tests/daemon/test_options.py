@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok
+from tests.conftest import check_ok, require_tool
 from tests.daemon.conftest import Daemons, normalise, normalise_hmp
 from vdkit.daemon.main import DriveIndexes, OptionError, parse_args, parse_drive, split_opts
 
@@ -68,3 +68,38 @@ def test_drive_spellings_vs_qemu(daemons: Daemons) -> None:
     assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
     for line in ("info block", "info block -n"):
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line))
+
+
+def test_help_lists_the_accepted_options() -> None:
+    """-h/-help/--help print a usage text (not the module docstring) naming each option parse_args takes."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.daemon.conftest import _ENV
+    from vdkit.daemon.main import USAGE
+
+    for flag in ("-h", "-help", "--help", "--h"):
+        p = subprocess.run([sys.executable, "-m", "vdkit.daemon.main", flag, "-bogus"], capture_output=True,
+                           text=True, env=_ENV, timeout=60)
+        assert (p.returncode, p.stdout, p.stderr) == (0, USAGE, ""), flag
+    assert USAGE.startswith("usage: vdkit-daemon [options]\n")
+    assert "Start-up follows" not in USAGE  # the module docstring is for developers
+    listed = set(re.findall(r"^(-[A-Za-z]+)\b", USAGE, re.M)) | set(re.findall(r" or (-[A-Za-z]+)\b", USAGE))
+    args = {"-drive": "file=x.qcow2,id=d0", "-qmp": "unix:/tmp/q.sock,server=on,wait=off",
+            "-monitor": "unix:/tmp/h.sock,server=on,wait=off", "-nbd": "unix:/tmp/n.sock", "-pidfile": "p",
+            "-machine": "q35", "-M": "q35", "-accel": "tcg", "-m": "1G", "-name": "x", "-display": "none"}
+    assert listed == {"-h", "-help", *args, "-nographic", "-S", "-daemonize", "-nodefaults", "-v"}
+    for opt in listed - {"-h", "-help"}:
+        parse_args([opt, args[opt]] if opt in args else [opt])  # each is accepted
+        parse_args(["-" + opt, args[opt]] if opt in args else ["-" + opt])
+    with pytest.raises(OptionError, match="invalid option"):
+        parse_args(["-hda", "x"])
+    # the lines copied from qemu-system-x86_64 -h read as there
+    qemu = subprocess.run([require_tool("qemu-system-x86_64"), "-h"], capture_output=True, text=True).stdout
+    for line in ("-h or -help     display this help and exit\n", "-pidfile file   write PID to 'file'",
+                 "-machine [type=]name[,prop[=value][,...]]\n", "-m [size=]megs[,slots=n,maxmem=size]\n",
+                 "       [,cache=writethrough|writeback|none|directsync|unsafe][,format=f]\n",
+                 "       [[,iops_max=im]|[[,iops_rd_max=irm][,iops_wr_max=iwm]]]\n",
+                 "-qmp dev        like -monitor but opens in 'control' mode"):
+        assert line in qemu and line.split(" dev ")[0] in USAGE, line

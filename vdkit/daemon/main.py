@@ -415,6 +415,67 @@ class Config:
     verbose: bool = False
 
 
+# -h/-help: the options parse_args accepts, laid out as qemu-system-x86_64 -h lists its own
+USAGE = """\
+usage: vdkit-daemon [options]
+
+vdkit's storage daemon: holds drives open, answers QMP and HMP as qemu-system-x86_64 7.2 does
+and exports the drives over NBD.  There is no guest.  Options may start with - or --.
+
+Standard options:
+-h or -help     display this help and exit
+-machine [type=]name[,prop[=value][,...]]
+                accepted and ignored (the machine is always q35)
+-M name         the same as -machine
+-accel [accel=]accelerator[,prop[=value][,...]]
+                accepted and ignored
+-m [size=]megs[,slots=n,maxmem=size]
+                accepted and ignored (no guest RAM)
+-name string1[,process=string2][,debug-threads=on|off]
+                accepted and ignored
+
+Block device options:
+-drive [file=file][,if=none|ide|virtio|floppy|pflash][,bus=n][,unit=m][,media=disk|cdrom][,index=i]
+       [,cache=writethrough|writeback|none|directsync|unsafe][,format=f]
+       [,cache.direct=on|off][,cache.no-flush=on|off]
+       [,snapshot=on|off][,rerror=ignore|stop|report]
+       [,werror=ignore|stop|report|enospc][,id=name][,node-name=name]
+       [,aio=threads|native|io_uring][,force-share=on|off]
+       [,readonly=on|off][,copy-on-read=on|off]
+       [,discard=ignore|unmap][,detect-zeroes=on|off|unmap]
+       [[,bps=b]|[[,bps_rd=r][,bps_wr=w]]]
+       [[,iops=i]|[[,iops_rd=r][,iops_wr=w]]]
+       [[,bps_max=bm]|[[,bps_rd_max=rm][,bps_wr_max=wm]]]
+       [[,iops_max=im]|[[,iops_rd_max=irm][,iops_wr_max=iwm]]]
+       [[,iops_size=is]]
+       [[,group=g]]
+       [,throttling.*=...]
+                use 'file' as a drive image (qcow2 or raw; repeatable)
+
+Display options:
+-display type[,...]
+                accepted and ignored (there is no display)
+-nographic      accepted and ignored
+
+Monitor and export options:
+-monitor unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+                HMP monitor on a socket (line mode; repeatable)
+-qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off
+                like -monitor but opens in 'control' mode (QMP; repeatable)
+-nbd unix:PATH | tcp:HOST:PORT
+                NBD server exporting every drive under its id
+                (unix sockets, of monitors and NBD alike, are created mode 0600)
+
+Debug/Expert options:
+-pidfile file   write PID to 'file' (mode 0600, locked)
+-S              start paused, in the 'prelaunch' state (use 'cont' to run)
+-daemonize      daemonize after the drives are opened
+-nodefaults     accepted and ignored
+-v              log debugging messages on stderr
+
+See docs/daemon.md and docs/nbd.md for what differs from QEMU.
+"""
+
 _IGNORED_WITH_ARG = ("-machine", "-M", "-display", "-name", "-accel", "-m")
 _IGNORED_FLAGS = ("-nodefaults", "-nographic")
 
@@ -462,7 +523,8 @@ def parse_args(argv: list[str]) -> Config:
             elif opt == "-v":
                 cfg.verbose = True
             elif opt in ("-h", "-help"):
-                print(__doc__)
+                sys.stdout.write(USAGE)
+                sys.stdout.flush()
                 sys.exit(0)
             elif opt in _IGNORED_WITH_ARG:
                 value(opt)
