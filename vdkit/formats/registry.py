@@ -36,6 +36,7 @@ PROBE_SIZE = 2048
 FORMATS: dict[str, str] = {
     "raw": "vdkit.formats.raw",
     "qcow2": "vdkit.formats.qcow2",
+    "qed": "vdkit.formats.qed",
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
@@ -45,7 +46,6 @@ _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
     (b"# Disk DescriptorFile", "vmdk"),
     (b"vhdxfile", "vhdx"),
     (b"conectix", "vpc"),
-    (b"QED\0", "qed"),
     (b"LUKS\xba\xbe", "luks"),
     (b"WithoutFreeSpace", "parallels"),
     (b"WithouFreSpacExt", "parallels"),

@@ -1,0 +1,454 @@
+"""QED images: header, two-level tables, reads, block status, allocating writes, check and create.
+
+Layout (public QED specification; QEMU 7.2's limits as observed with qemu-img):
+the header is the first cluster; the L1 table and every L2 table are
+``table_size`` clusters of u64 LE entries.  An entry is 0 (unallocated: read
+from the backing file, or zeros), 1 (a zero cluster) or a cluster-aligned
+file offset.  New clusters are appended at the end of the file: data first,
+then the L2 table a write needed, so a write's result is deterministic
+(``create``/``convert -O qed`` are byte-identical to qemu-img's).
+
+Every offset taken from the image is checked before it is followed: a
+cluster offset is valid when it is aligned, past the header and inside the
+file (rounded down to whole clusters); a table is valid when its first and
+last clusters are (QEMU 7.2 also refuses one-cluster tables, so an image
+created with ``table_size=1`` cannot be opened, as there).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from array import array
+from sys import byteorder
+
+from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
+from vdkit.errors import OpenError, VdkitError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from vdkit.block.driver import CheckReport, OpenContext
+    from vdkit.io.file import ImageFile
+    from vdkit.opts import CreateOpts
+
+    Backing = Callable[[int, int], bytes] | None
+
+MAGIC = b"QED\0"
+HEADER = struct.Struct("<4sIIIQQQQQII")  # 64 bytes
+F_BACKING_FILE = 1
+F_NEED_CHECK = 2
+F_BACKING_FORMAT_NO_PROBE = 4
+KNOWN_FEATURES = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE
+MIN_CLUSTER, MAX_CLUSTER = 4096, 64 << 20
+MAX_TABLE_SIZE = 16
+MAX_BACKING_NAME = 4096  # QEMU's buffer for the name (PATH_MAX-sized): longer ones fail to read
+UNALLOC, ZERO_CLUSTER, ALLOC = 0, 1, 2
+_L2_CACHE = 64
+U64 = (1 << 64) - 1
+
+
+def _pow2_in(value: int, lo: int, hi: int) -> bool:
+    return lo <= value <= hi and value & (value - 1) == 0
+
+
+def max_image_size(cluster_size: int, table_size: int) -> int:
+    """What the tables can address (QEMU computes it in 64 bits: it wraps for the largest geometries)."""
+    n = table_size * cluster_size // 8
+    return (n * n * cluster_size) & U64
+
+
+def _table(data: bytes) -> array:
+    t = array("Q", data)
+    if byteorder != "little":
+        t.byteswap()
+    return t
+
+
+def _pack(values: list[int] | array) -> bytes:
+    t = array("Q", values)
+    if byteorder != "little":
+        t.byteswap()
+    return t.tobytes()
+
+
+class QedHeader:
+    """The fields of the header cluster (names as in the specification)."""
+
+    __slots__ = ("cluster_size", "table_size", "header_size", "features", "compat_features",
+                 "autoclear_features", "l1_table_offset", "image_size", "backing_name_offset",
+                 "backing_name_size")
+
+    def __init__(self, raw: bytes) -> None:
+        (_magic, self.cluster_size, self.table_size, self.header_size, self.features, self.compat_features,
+         self.autoclear_features, self.l1_table_offset, self.image_size, self.backing_name_offset,
+         self.backing_name_size) = HEADER.unpack(raw)
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, self.cluster_size, self.table_size, self.header_size, self.features,
+                           self.compat_features, self.autoclear_features, self.l1_table_offset,
+                           self.image_size, self.backing_name_offset, self.backing_name_size)
+
+
+class QedDriver(FormatDriver):
+    format_name = "qed"
+    supports_backing = True
+
+    def __init__(self, file: ImageFile, ctx: OpenContext) -> None:
+        super().__init__(file)
+        self.readonly = ctx.readonly
+        raw = file.pread(0, HEADER.size)
+        if raw[:4] != MAGIC:
+            raise OpenError("Image not in QED format")
+        h = self.header = QedHeader(raw)
+        unknown = h.features & ~KNOWN_FEATURES
+        if unknown:
+            raise OpenError(f"Unsupported QED features: {unknown:x}")
+        if not _pow2_in(h.cluster_size, MIN_CLUSTER, MAX_CLUSTER):
+            raise OpenError("QED cluster size is invalid")
+        if not _pow2_in(h.table_size, 1, MAX_TABLE_SIZE):
+            raise OpenError("QED table size is invalid")
+        if h.image_size % 512 or h.image_size > max_image_size(h.cluster_size, h.table_size):
+            raise OpenError("QED image size is invalid")
+        cs = self.cs = h.cluster_size
+        self.table_bytes = h.table_size * cs
+        self.entries = self.table_bytes // 8
+        self.header_bytes = h.header_size * cs
+        self.file_end = file.size() // cs * cs  # where the next cluster goes (whole clusters only)
+        if not self.table_ok(h.l1_table_offset):
+            raise OpenError("QED table offset is invalid")
+        self._backing: str | None = None
+        if h.features & F_BACKING_FILE:
+            if h.backing_name_offset + h.backing_name_size > self.header_bytes:
+                raise OpenError("QED backing filename offset is invalid")
+            if h.backing_name_size >= MAX_BACKING_NAME:
+                raise OpenError("Failed to read backing filename")
+            import os
+
+            name = file.pread(h.backing_name_offset, h.backing_name_size).split(b"\0", 1)[0]
+            self._backing = os.fsdecode(name) or None
+        self._l1: array | None = None
+        self._l2: dict[int, array] = {}
+        self._marked = False  # need-check set by this node's writes (cleared on flush/close)
+        if not self.readonly:
+            changed = False
+            if h.autoclear_features:  # none are known: a writer that does not know them clears them
+                h.autoclear_features = 0
+                changed = True
+            if h.features & F_NEED_CHECK and not ctx.check_mode:
+                # an image a crash left unchecked is checked (and repaired) before it is written
+                self.check("all", lambda _line: None)
+                h.features &= ~F_NEED_CHECK
+                changed = True
+            if changed:
+                self._write_header()
+
+    # -- geometry -----------------------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        return self.header.image_size
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cs
+
+    @property
+    def dirty(self) -> bool:
+        return False  # QEMU 7.2 never reports QED's need-check bit as a dirty flag
+
+    @property
+    def backing_file(self) -> str | None:
+        return self._backing
+
+    @property
+    def backing_format(self) -> str | None:
+        if self._backing is not None and self.header.features & F_BACKING_FORMAT_NO_PROBE:
+            return "raw"
+        return None
+
+    def cluster_ok(self, off: int) -> bool:
+        return off % self.cs == 0 and self.header_bytes <= off < self.file_end
+
+    def table_ok(self, off: int) -> bool:
+        last = off + self.table_bytes - self.cs
+        return last > off and self.cluster_ok(off) and self.cluster_ok(last)
+
+    # -- tables -------------------------------------------------------------------------------
+    def l1(self) -> array:
+        if self._l1 is None:
+            self._l1 = _table(self.file.pread(self.header.l1_table_offset, self.table_bytes))
+        return self._l1
+
+    def l2(self, off: int) -> array:
+        t = self._l2.get(off)
+        if t is None:
+            if len(self._l2) >= _L2_CACHE:
+                self._l2.clear()
+            t = self._l2[off] = _table(self.file.pread(off, self.table_bytes))
+        return t
+
+    def find(self, cluster: int, limit: int) -> tuple[int, int, int]:
+        """``(kind, count, host)`` of the run of like clusters starting at guest cluster ``cluster``.
+
+        The run stays inside one L2 table and covers at most ``limit`` clusters; data clusters
+        count only while their host offsets follow each other.  A bad table or cluster offset
+        is EINVAL, as QEMU fails the request.
+        """
+        i1, i2 = divmod(cluster, self.entries)
+        limit = min(limit, self.entries - i2)
+        l2off = self.l1()[i1]
+        if l2off == 0:
+            return UNALLOC, limit, 0
+        if not self.table_ok(l2off):
+            raise OSError(errno.EINVAL, "bad L2 table offset")
+        t = self.l2(l2off)
+        first = t[i2]
+        n = 1
+        if first > 1:
+            if not self.cluster_ok(first):
+                raise OSError(errno.EINVAL, "bad cluster offset")
+            nxt = first + self.cs
+            while n < limit and t[i2 + n] == nxt and self.cluster_ok(nxt):
+                n += 1
+                nxt += self.cs
+            return ALLOC, n, first
+        while n < limit and t[i2 + n] == first:
+            n += 1
+        return (ZERO_CLUSTER if first == 1 else UNALLOC), n, 0
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, offset: int, length: int, backing: Backing = None) -> bytes:
+        out = bytearray()
+        cs = self.cs
+        end = offset + length
+        pos = offset
+        while pos < end:
+            c, intra = divmod(pos, cs)
+            kind, n, host = self.find(c, -(-(end - pos + intra) // cs))
+            run = min(end - pos, n * cs - intra)
+            if kind == ALLOC:
+                out += self.file.pread(host + intra, run)
+            elif kind == UNALLOC and backing is not None:
+                out += backing(pos, run)
+            else:
+                out += bytes(run)
+            pos += run
+        return bytes(out)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        c, intra = divmod(offset, self.cs)
+        kind, n, host = self.find(c, -(-(length + intra) // self.cs))
+        run = min(length, n * self.cs - intra)
+        if kind == ALLOC:
+            return BlockStatus(DATA | OFFSET_VALID, run, host + intra, self.file.filename)
+        return BlockStatus(ZERO if kind == ZERO_CLUSTER else 0, run)
+
+    # -- writing ------------------------------------------------------------------------------
+    def _write_header(self) -> None:
+        self.file.pwrite(0, self.header.pack())
+
+    def _mark(self) -> None:
+        """Set need-check before the first allocating write, so a crash leaves the image flagged."""
+        if not self._marked and not self.header.features & F_NEED_CHECK:
+            self.header.features |= F_NEED_CHECK
+            self._write_header()
+            self.file.flush()
+            self._marked = True
+
+    def _alloc(self, nbytes: int) -> int:
+        off = self.file_end
+        self.file_end += nbytes
+        return off
+
+    def _set_entries(self, cluster: int, values: list[int]) -> None:
+        """Store L2 entries for guest clusters ``cluster...`` (one table), allocating the table if needed."""
+        i1, i2 = divmod(cluster, self.entries)
+        l1 = self.l1()
+        l2off = l1[i1]
+        if l2off == 0:
+            t = array("Q", bytes(self.table_bytes))
+            t[i2 : i2 + len(values)] = array("Q", values)
+            l2off = self._alloc(self.table_bytes)
+            self.file.pwrite(l2off, _pack(t))
+            if len(self._l2) >= _L2_CACHE:
+                self._l2.clear()
+            self._l2[l2off] = t
+            l1[i1] = l2off
+            self.file.pwrite(self.header.l1_table_offset + 8 * i1, _pack([l2off]))
+            return
+        t = self.l2(l2off)
+        t[i2 : i2 + len(values)] = array("Q", values)
+        self.file.pwrite(l2off + 8 * i2, _pack(values))
+
+    def write(self, offset: int, data: bytes, backing: Backing = None) -> None:
+        cs = self.cs
+        view = memoryview(data)
+        end = offset + len(data)
+        pos = offset
+        while pos < end:
+            c, intra = divmod(pos, cs)
+            kind, n, host = self.find(c, -(-(end - pos + intra) // cs))
+            run = min(end - pos, n * cs - intra)
+            chunk = view[pos - offset : pos - offset + run]
+            if kind == ALLOC:
+                self.file.pwrite(host + intra, chunk)
+            else:
+                self._mark()
+                nclusters = -(-(intra + run) // cs)
+                start = c * cs
+                tail_start = pos + run
+                tail_len = start + nclusters * cs - tail_start
+                buf = bytearray()
+                if intra:
+                    buf += self._cow(kind, start, intra, backing)
+                buf += chunk
+                if tail_len:
+                    buf += self._cow(kind, tail_start, tail_len, backing)
+                host = self._alloc(nclusters * cs)
+                self.file.pwrite(host, buf)
+                self._set_entries(c, [host + i * cs for i in range(nclusters)])
+            pos += run
+
+    def _cow(self, kind: int, pos: int, length: int, backing: Backing) -> bytes:
+        """What a newly allocated cluster holds outside the written range."""
+        if kind == UNALLOC and backing is not None:
+            part = max(0, min(length, self.header.image_size - pos))
+            data = backing(pos, part) if part else b""
+            return data + bytes(length - part)
+        return bytes(length)
+
+    def write_zeroes(self, offset: int, length: int, backing: Backing = None, *, unmap: bool = False) -> None:
+        """Whole clusters become zero clusters (data clusters are zeroed in place); edges are written."""
+        cs = self.cs
+        end = offset + length
+        head_end = min(end, -(-offset // cs) * cs)
+        if head_end > offset:
+            self.write(offset, bytes(head_end - offset), backing)
+        tail_start = max(head_end, end // cs * cs)
+        pos = head_end
+        while pos < tail_start:
+            c = pos // cs
+            kind, n, host = self.find(c, (tail_start - pos) // cs)
+            if kind == ALLOC:
+                self.file.pwrite(host, bytes(n * cs))
+            elif kind == UNALLOC:
+                self._mark()
+                self._set_entries(c, [1] * n)
+            pos += n * cs
+        if end > tail_start:
+            self.write(tail_start, bytes(end - tail_start), backing)
+
+    def flush(self) -> None:
+        self.file.flush()
+        if self._marked:
+            self.header.features &= ~F_NEED_CHECK
+            self._write_header()
+            self.file.flush()
+            self._marked = False
+
+    def close(self) -> None:
+        if not self.readonly and self._marked:
+            try:
+                self.flush()
+            except OSError:
+                pass
+        super().close()
+
+    # -- check --------------------------------------------------------------------------------
+    def check(self, repair: str | None, report: CheckReport) -> CheckResult:
+        """Every table and cluster reference; clusters no table names are leaks (QED cannot free them).
+
+        Any repair mode clears bad references (to 0: unallocated); leaks stay.  A repair that
+        leaves no corruption clears the need-check bit.
+        """
+        r = CheckResult()
+        cs = self.cs
+        h = self.header
+        r.total_clusters = -(-h.image_size // cs)
+        nfile = self.file_end // cs
+        used = bytearray(nfile)
+        first = min(nfile, h.header_size)
+        used[:first] = b"\1" * first
+        l1off = h.l1_table_offset
+        used[l1off // cs : l1off // cs + h.table_size] = b"\1" * h.table_size
+        fix = repair is not None
+        l1 = self.l1()
+        prev = -1
+        for i1 in range(self.entries):
+            l2off = l1[i1]
+            if l2off == 0:
+                continue
+            if not self.table_ok(l2off):
+                r.corruptions += 1
+                if fix:
+                    l1[i1] = 0
+                    self.file.pwrite(l1off + 8 * i1, _pack([0]))
+                    r.corruptions_fixed += 1
+                continue
+            base = l2off // cs
+            used[base : base + h.table_size] = b"\1" * h.table_size
+            t = self.l2(l2off)
+            bad: list[int] = []
+            for i2 in range(self.entries):
+                e = t[i2]
+                if e <= 1:
+                    continue
+                if not self.cluster_ok(e):
+                    r.corruptions += 1
+                    bad.append(i2)
+                    continue
+                r.allocated_clusters += 1
+                if prev >= 0 and e != prev + cs:
+                    r.fragmented_clusters += 1
+                prev = e
+                used[e // cs] = 1
+            if bad and fix:
+                for i2 in bad:
+                    t[i2] = 0
+                self.file.pwrite(l2off, _pack(t))
+                r.corruptions_fixed += len(bad)
+        r.leaks = nfile - sum(used)
+        if fix:
+            r.corruptions -= r.corruptions_fixed
+            if r.corruptions == 0 and h.features & F_NEED_CHECK:
+                h.features &= ~F_NEED_CHECK
+                self._write_header()
+            self.file.flush()
+        return r
+
+
+# -- create -----------------------------------------------------------------------------------
+
+def create_qed(filename: str, opts: CreateOpts) -> None:
+    """``qemu-img create -f qed``: the file is made first (and left empty when an option is refused)."""
+    import os
+
+    from vdkit.formats.raw import create_raw
+    from vdkit.io.file import ImageFile
+
+    create_raw(filename, 0, str(opts.get("preallocation", "off")))
+    cs = int(opts.get("cluster_size") or 0)
+    ts = int(opts.get("table_size") or 4) if opts.has("table_size") else 4
+    size = -(-int(opts.get("size") or 0) // 512) * 512
+    if not _pow2_in(cs, MIN_CLUSTER, MAX_CLUSTER):
+        raise VdkitError(f"QED cluster size must be within range [{MIN_CLUSTER}, {MAX_CLUSTER}] and power of 2")
+    if not _pow2_in(ts, 1, MAX_TABLE_SIZE):
+        raise VdkitError(f"QED table size must be within range [1, {MAX_TABLE_SIZE}] and power of 2")
+    limit = max_image_size(cs, ts)
+    if size > limit:
+        raise VdkitError(f"QED image size must be a non-zero multiple of cluster size and less than {limit} bytes")
+    backing = opts.get("backing_file")
+    fmt = opts.get("backing_fmt")
+    features = 0
+    name = b""
+    if isinstance(backing, str):
+        features |= F_BACKING_FILE
+        name = os.fsencode(backing)
+        if fmt == "raw":
+            features |= F_BACKING_FORMAT_NO_PROBE
+    head = HEADER.pack(MAGIC, cs, ts, 1, features, 0, 0, cs, size, HEADER.size if name else 0, len(name))
+    with ImageFile(filename, readonly=False) as f:
+        f.pwrite(0, head + name)
+        f.pwrite(cs, bytes(ts * cs))
+        f.flush()
