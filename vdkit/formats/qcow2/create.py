@@ -7,7 +7,10 @@ and with ``preallocation=metadata`` every L2 table and data cluster).  Where
 the L1 table, extra refcount blocks and relocated refcount tables land, and
 which stale bytes stay behind, are all consequences of that allocator's
 first-fit search, its "restart" protocol and its refcount-table growth
-(``qcow2-algorithms.md`` §1.2-§1.5, §1.8).  So :class:`_ImageBuilder`
+(``qcow2-algorithms.md`` §1.2-§1.5, §1.8).  ``preallocation=falloc|full``
+(without a data file) is a 0-byte image grown by ``resize.truncate``, as
+qemu-img grows it: a new refcount table at the end of the file, then the
+data run (:func:`_create_falloc`).  So :class:`_ImageBuilder`
 replays that allocator in memory, records every write in order, and the
 result is written to the file in one go.  Byte equality with qemu-img is
 checked by ``tests/diff/test_create.py`` over a matrix of options.
@@ -343,15 +346,7 @@ def plan_image(o: Qcow2CreateOptions) -> _Plan:
         if o.data_file is not None:
             data_file_size = max(size, data_end)
             data_end = 0
-        elif prealloc in ("falloc", "full"):
-            # Unlike metadata preallocation, these promise allocated zeros: a
-            # data cluster reusing a freed old refcount table must not show it.
-            for tbl in l2_tables.values():
-                words = 2 if o.extended_l2 else 1
-                for off in tbl[::words][tbl[::words] != 0]:
-                    ci = (int(off) & L.L2E_OFFSET_MASK) // cs
-                    if ci in b.disk:
-                        b.write(ci * cs, bytes(cs))
+        # (falloc/full without a data file never get here: see _create_falloc)
     if l1_size:
         b.write(l1_offset, l1.astype(">u8").tobytes())
     for off, tbl in l2_tables.items():
@@ -463,8 +458,11 @@ def create_qcow2(filename: str, o: Qcow2CreateOptions, file: ImageFile | None = 
     """
     f = file if file is not None else create_file(filename)
     try:
-        plan = plan_image(o)
-        _write_plan(f, plan, o)
+        if o.preallocation in ("falloc", "full") and o.data_file is None:
+            _create_falloc(f, o)
+        else:
+            plan = plan_image(o)
+            _write_plan(f, plan, o)
     except BaseException:
         f.close()
         try:
@@ -473,6 +471,35 @@ def create_qcow2(filename: str, o: Qcow2CreateOptions, file: ImageFile | None = 
             pass
         raise
     f.close()
+
+
+def _create_falloc(f: ImageFile, o: Qcow2CreateOptions) -> None:
+    """``preallocation=falloc|full``: an empty image, then grown as ``resize --preallocation`` grows it.
+
+    That is how qemu-img lays these out (a 0-byte image truncated to the size with the mode), so the
+    data run lies after a fresh, exactly sized refcount table at the end of the file (0x40000 with
+    the defaults) and the L2 tables go first fit, into the freed old table; ``resize.py`` already
+    replays that growth byte for byte.  The options are first checked on the full-size layout so
+    the errors (image too large, ...) stay the ones ``metadata`` gives.
+    """
+    from dataclasses import replace
+
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.resize import _prealloc_falloc, truncate
+
+    validate(o)
+    plan_image(replace(o, preallocation="off"))  # the full-size layout's checks only
+    _write_plan(f, plan_image(replace(o, size=0, preallocation="off")), replace(o, preallocation="off"))
+    drv = Qcow2Driver(f, readonly=False)
+    try:
+        # Opened without its backing file, as QEMU does while creating: nothing shows through.
+        size = -(-o.size // 512) * 512
+        if size:
+            truncate(drv, size, o.preallocation)
+        else:  # qemu-img still moves the refcount table to the end for a 0-byte image (0 new clusters)
+            _prealloc_falloc(drv, 0, 0, o.preallocation, None, alloc_subclusters=False)
+    finally:
+        drv.close()
 
 
 def create_file(filename: str) -> ImageFile:
@@ -499,8 +526,6 @@ def _write_plan(f: ImageFile, plan: _Plan, o: Qcow2CreateOptions) -> None:
         f.pwrite(off, data[: max(0, min(b.cs, b.file_end - off))])
     length = max(b.file_end, plan.data_end)
     f.truncate(length)
-    if o.preallocation in ("falloc", "full") and plan.data_end:
-        _fill(f, b.file_end, plan.data_end, o.preallocation)
     f.pwrite(0, b.disk[0][: min(b.cs, b.file_end)])
     f.flush()
     if o.data_file is not None:
