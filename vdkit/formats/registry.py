@@ -37,13 +37,11 @@ FORMATS: dict[str, str] = {
     "raw": "vdkit.formats.raw",
     "qcow2": "vdkit.formats.qcow2",
     "qed": "vdkit.formats.qed",
+    "vmdk": "vdkit.formats.vmdk",
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
 _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
-    (b"KDMV", "vmdk"),
-    (b"COWD", "vmdk"),
-    (b"# Disk DescriptorFile", "vmdk"),
     (b"vhdxfile", "vhdx"),
     (b"conectix", "vpc"),
     (b"LUKS\xba\xbe", "luks"),
