@@ -78,7 +78,7 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
 
 def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None, prog) -> None:  # type: ignore[no-untyped-def]
     from vdkit.block.chain import resolve_backing_name
-    from vdkit.block.io import ALLOCATED, layer_status, read, write, write_zeroes
+    from vdkit.block.io import ALLOCATED, io_error, layer_status, read, write, write_zeroes
     from vdkit.block.node import open_image
 
     new: Node | None = None
@@ -98,7 +98,10 @@ def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None
         offset = 0
         while offset < size:
             n = min(IO_BUF, size - offset)
-            st = layer_status(node, offset, n)
+            try:
+                st = layer_status(node, offset, n)
+            except (OSError, VdkitError) as exc:
+                raise io_error(exc, "error while reading image metadata") from exc
             n = st.length
             if st.flags & ALLOCATED:
                 offset += n
@@ -120,10 +123,13 @@ def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None
             while done < n:
                 differ, k = _same_run(buf_old, buf_new, done, n)
                 if differ:
-                    if old_zero:
-                        write_zeroes(node, offset + done, k)
-                    else:
-                        write(node, offset + done, buf_old[done : done + k])
+                    try:
+                        if old_zero:
+                            write_zeroes(node, offset + done, k)
+                        else:
+                            write(node, offset + done, buf_old[done : done + k])
+                    except (OSError, VdkitError) as exc:
+                        raise io_error(exc, "Error while writing to COW image") from exc
                 done += k
             offset += n
             prog.add(step, 100)

@@ -70,6 +70,14 @@ def _U64(value: int) -> np.uint64:
 
 
 
+def _stderr_line(text: str) -> None:
+    """Where a non-fatal corruption event goes without a hook: no error carries it, QEMU prints it."""
+    import sys
+
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _hx(value: int) -> str:
     """C's ``%#x``: no ``0x`` for zero (QEMU's messages print ``L2 index: 0``)."""
     return f"{value:#x}" if value else "0"
@@ -553,6 +561,8 @@ class Qcow2IO:
             return old
         new = rc.alloc_clusters(self.cluster_size)
         rc.flush()
+        if new == 0:  # cluster 0 had a zero refcount: the header (QEMU's own test, before the overlap check)
+            raise self.drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
         if old:
             e, b = cm.l2.get(old)
             e, b = e.copy(), b.copy()
@@ -560,6 +570,9 @@ class Qcow2IO:
             n = self.geom.l2_entries
             e, b = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
         f = self.drv.file
+        # a zero refcount may lie: the new table must not land on other metadata (QEMU's overlap
+        # check on the L2 table write names what it would have destroyed)
+        self._check_overlap(new, self.cluster_size, ignore="active L2 table")
         f.pwrite(new, self.geom.encode_l2(e, b))
         f.flush()
         cm.l2.put(new, e, b)
@@ -617,6 +630,10 @@ class Qcow2IO:
         else:
             off, length = entry & L.L2E_OFFSET_MASK, self.cluster_size
             if not off:
+                return
+            if off % self.cluster_size:  # QEMU reports it (non-fatal) and frees nothing: a leak, not worse
+                self.drv.signal_corruption(f"Cannot free unaligned cluster {_hx(off)}", fatal=False,
+                                           fallback=_stderr_line)
                 return
         rc.free(off, length)
         if discard:

@@ -226,12 +226,9 @@ class Refcounts:
         """Host offset of refcount block ``rt_index`` (0 = not allocated)."""
         if rt_index >= len(self.table):
             return 0
-        entry = int(self.table[rt_index])
-        if entry & L.REFT_RESERVED_MASK:
-            raise CorruptImageError(
-                f"Refcount table entry {rt_index} has reserved bits set", errno=EINVAL
-            )
-        off = entry & L.REFT_OFFSET_MASK
+        # Reserved bits are masked off, as QEMU's refcount code does (only check reports them):
+        # refusing here would fail writes qemu-img makes on the same image.
+        off = int(self.table[rt_index]) & L.REFT_OFFSET_MASK
         if off % self.cluster_size:
             index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
             msg = f"Refblock offset {off:#x} unaligned (reftable index: {index})"
@@ -397,6 +394,9 @@ class Refcounts:
                 vals = self.block_values(rt)
                 if vals is None:
                     if addend < 0:  # no block: the count is 0 and cannot go down
+                        if (rt + 1) * 8 > L.MAX_REFTABLE_SIZE:
+                            # QEMU first tries to grow the table to hold the block: too large
+                            raise RefcountOverflow("File too large", errno=EFBIG)
                         raise RefcountOverflow("Invalid argument", errno=EINVAL)
                     self._alloc_block(ci)  # raises _Restart on success
                     raise AssertionError("unreachable")
@@ -487,13 +487,27 @@ class Refcounts:
             return pos
 
     def free(self, offset: int, length: int) -> None:
-        """Drop one reference from every cluster in the range (§1.7)."""
+        """Drop one reference from every cluster in the range (§1.7).
+
+        A count that cannot go down (damaged refcounts: it is 0 already, or its
+        block lies past any table QEMU could grow) is reported on stderr and the
+        range stays as it was: the operation goes on and the cluster leaks, as
+        QEMU's ``qcow2_free_clusters failed: ...`` does (refusing there would fail
+        writes qemu-img completes on the same image).
+        """
         while True:
             try:
                 self.update(offset, length, -1)
                 return
             except _Restart:
                 continue
+            except RefcountOverflow as exc:
+                import os
+                import sys
+
+                sys.stderr.write(f"qcow2_free_clusters failed: {os.strerror(exc.errno or EINVAL)}\n")
+                sys.stderr.flush()
+                return
 
     # -- refcount block allocation and table growth (§1.5) --------------------------------------
     def _alloc_block(self, ci: int) -> None:
