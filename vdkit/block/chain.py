@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from vdkit.errors import PolicyError
+from vdkit.errors import OpenError, PolicyError
 from vdkit.record import record
 
 TYPE_CHECKING = False
@@ -118,3 +118,63 @@ def set_default_policy(policy: OpenPolicy) -> None:
     """Set the process-wide default; meant for front ends, which own the whole process."""
     global _process_default
     _process_default = policy
+
+
+class BackingWalk:
+    """The one backing-chain walker: every way of following backing files goes through it.
+
+    Opening a chain (:func:`vdkit.block.node.open_image`), ``info
+    --backing-chain`` (each image opened on its own), ``commit`` (layers opened
+    in different modes) and the daemon all follow a chain one image at a time;
+    this object carries what must hold along the whole walk: the caller's
+    policy, the depth limit, and loop detection by file identity (device and
+    inode, so a symlink or hard link cannot hide a loop).
+    """
+
+    def __init__(self, policy: OpenPolicy | None = None, *, names_only: bool = False) -> None:
+        self.policy = policy or default_policy()
+        self.depth = 0
+        self._seen: set[tuple[int, int]] = set()
+        # ``qemu-img info --backing-chain`` opens one image at a time and closes it before the next,
+        # and finds loops by name alone; a loop through growing relative names ends when the name
+        # is too long for the file system.  That walk is bounded without a depth limit, so this
+        # mode reproduces it exactly (the policy still applies to every image).
+        self.names_only = names_only
+        self._names: set[str] = set()
+
+    def enter(self, name: str) -> None:
+        """Before opening ``name`` (names-only walks): a name met before is qemu-img's loop error."""
+        if self.names_only:
+            if name in self._names:
+                raise OpenError(f"Backing file '{name}' creates an infinite loop.")
+            self._names.add(name)
+
+    def visit(self, name: str, fd: int) -> None:
+        """Record an image opened on ``fd``; meeting the same file again is QEMU's loop error."""
+        if self.names_only:
+            return
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        if ident in self._seen:
+            raise OpenError(f"Backing file '{name}' creates an infinite loop.")
+        self._seen.add(ident)
+
+    def backing_of(self, filename: str, stored: str | None) -> str | None:
+        """The name to open below the image ``filename`` whose header stores ``stored``.
+
+        ``None`` at the end of the chain.  Raises QEMU's errors for a name that
+        cannot be resolved, a chain deeper than the limit, and a file the
+        policy does not allow (before anything is opened).
+        """
+        if stored is None:
+            return None
+        resolved = resolve_backing_name(filename, stored)
+        if resolved is None:
+            raise OpenError(
+                f"Could not determine absolute backing filename, but backing filename '{stored}' present"
+            )
+        if not self.names_only and self.depth + 1 >= self.policy.max_chain_depth:
+            raise OpenError(f"Backing chain is deeper than {self.policy.max_chain_depth} images")
+        self.policy.check("backing file", stored, resolved)
+        self.depth += 1
+        return resolved

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from vdkit.block.chain import QEMU_PROTOCOLS, OpenPolicy, default_policy, protocol_of, resolve_backing_name
+from vdkit.block.chain import QEMU_PROTOCOLS, BackingWalk, OpenPolicy, protocol_of, resolve_backing_name
 from vdkit.block.driver import OpenContext
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats import registry
@@ -167,18 +167,22 @@ def open_image(
     policy: OpenPolicy | None = None,
     check_mode: bool = False,
     no_io: bool = False,
+    walk: BackingWalk | None = None,
 ) -> Node:
     """Open an image (and, with ``backing=True``, its whole backing chain).
 
     ``no_io`` opens for metadata only, as ``qemu-img info`` does: a data file
     that cannot be opened is then left closed instead of failing the open.
+    ``walk`` continues a chain walk the caller is doing one image at a time
+    (its policy, depth and loop detection then cover this image too).
     Errors carry qemu-img's text, prefixed with ``Could not open '<name>': ``.
     """
     name = os.fspath(filename)
+    if walk is None:
+        walk = BackingWalk(policy)
     try:
         return _open(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                     policy=policy or default_policy(), check_mode=check_mode, no_io=no_io, depth=0,
-                     seen=frozenset())
+                     check_mode=check_mode, no_io=no_io, walk=walk)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not open '{name}': ") from exc
 
@@ -190,11 +194,9 @@ def _open(
     readonly: bool,
     force_share: bool,
     backing: bool,
-    policy: OpenPolicy,
     check_mode: bool,
     no_io: bool,
-    depth: int,
-    seen: frozenset[tuple[int, int]],
+    walk: BackingWalk,
 ) -> Node:
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
@@ -210,14 +212,11 @@ def _open(
     file = ImageFile(name, readonly=readonly, force_share=force_share)
     node: Node | None = None
     try:
-        st = os.fstat(file.fd)
-        ident = (st.st_dev, st.st_ino)
-        if ident in seen:
-            raise OpenError(f"Backing file '{name}' creates an infinite loop.")
+        walk.visit(name, file.fd)
         if fmt is None:
             fmt = registry.probe_format(file.pread(0, registry.PROBE_SIZE), name)
         ctx = OpenContext(name, readonly=readonly, force_share=force_share, check_mode=check_mode, no_io=no_io,
-                          policy=policy)
+                          policy=walk.policy)
         driver = registry.open_driver(fmt, file, ctx)
         node = Node(name, driver, readonly=readonly)
         if driver.encrypted and not no_io:
@@ -225,8 +224,7 @@ def _open(
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         driver.open_children(ctx)
         if backing and driver.backing_file is not None:
-            _open_backing(node, policy, force_share=force_share, no_io=no_io, depth=depth,
-                          seen=seen | {ident})
+            _open_backing(node, force_share=force_share, no_io=no_io, walk=walk)
         return node
     except BaseException:
         if node is not None:
@@ -236,31 +234,15 @@ def _open(
         raise
 
 
-def _open_backing(
-    node: Node,
-    policy: OpenPolicy,
-    *,
-    force_share: bool,
-    no_io: bool,
-    depth: int,
-    seen: frozenset[tuple[int, int]],
-) -> None:
-    stored = node.driver.backing_file
-    assert stored is not None
-    resolved = node.backing_filename_resolved
-    if resolved is None:
-        raise OpenError(
-            f"Could not determine absolute backing filename, but backing filename '{stored}' present"
-        )
-    if depth + 1 >= policy.max_chain_depth:
-        raise OpenError(f"Backing chain is deeper than {policy.max_chain_depth} images")
-    policy.check("backing file", stored, resolved)
+def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk) -> None:
+    resolved = walk.backing_of(node.filename, node.driver.backing_file)
+    assert resolved is not None
     try:
         # Backing files are only ever read; they are opened read-only and shared
         # the way QEMU shares them (others may read, nobody may write).
         node.backing = _open(
             resolved, node.driver.backing_format, readonly=True, force_share=force_share,
-            backing=True, policy=policy, check_mode=False, no_io=no_io, depth=depth + 1, seen=seen,
+            backing=True, check_mode=False, no_io=no_io, walk=walk,
         )
     except VdkitError as exc:
         raise exc.prefixed("Could not open backing file: ") from exc

@@ -63,9 +63,11 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
 
     ``shown`` is the name messages give the top image (the spec under ``--image-opts``).
     """
+    from vdkit.block.chain import BackingWalk
     from vdkit.block.node import open_image
 
-    top = open_image(filename, fmt, readonly=False, backing=False)
+    walk = BackingWalk()  # the caller's policy, depth limit and loop detection over every layer
+    top = open_image(filename, fmt, readonly=False, backing=False, walk=walk)
     if fmt is None and top.format == "raw":  # qemu-img warns as it opens a probed raw image writable
         from vdkit.cli.main import write_err
         from vdkit.cli.snapshot_write import _PROBE_WARNING
@@ -74,13 +76,15 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
     try:
         cur = top
         while True:
-            name = cur.backing_filename_resolved
-            if name is None:
+            stored = cur.driver.backing_file
+            if stored is None:
                 if base is None and cur is top:
                     raise VdkitError("Image does not have a backing file")
                 raise VdkitError(f"Did not find '{base}' in the backing chain of '{shown or filename}'")
-            is_base = base is None or name == base or cur.driver.backing_file == base
-            nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base)
+            name = walk.backing_of(cur.filename, stored)
+            assert name is not None
+            is_base = base is None or name == base or stored == base
+            nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base, walk=walk)
             cur.backing = nxt
             if is_base:
                 return top, nxt

@@ -12,7 +12,7 @@ from vdkit.cli.options import (
     open_args,
     output_format,
 )
-from vdkit.errors import OpenError, UsageError
+from vdkit.errors import UsageError
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -57,17 +57,17 @@ def main(argv: list[str]) -> int:
 
 
 def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, force_share: bool) -> list:
-    """Open each image of the chain on its own, without its backing file."""
+    """Open each image of the chain on its own, without its backing file (as qemu-img's info)."""
+    from vdkit.block.chain import BackingWalk
     from vdkit.block.node import open_image
 
     infos = []
-    seen: set[str] = set()
+    walk = BackingWalk(names_only=True)
     name: str | None = filename
     while name is not None:
-        if name in seen:
-            raise OpenError(f"Backing file '{name}' creates an infinite loop.")
-        seen.add(name)
-        with open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True) as node:
+        walk.enter(name)
+        with open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
+                        walk=walk) as node:
             for message, hint in node.warnings():
                 warn(message, hint)
             info = node.info()
@@ -75,18 +75,5 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
         if not chain:
             break
         fmt = info.backing_filename_format
-        if info.full_backing_filename is not None:
-            from vdkit.block.chain import default_policy
-
-            # Each image is opened on its own, so the policy is applied here,
-            # where the chain is followed.
-            default_policy().check("backing file", info.backing_filename or "", info.full_backing_filename)
-            name = info.full_backing_filename
-        elif info.backing_filename is not None:
-            raise OpenError(
-                "Could not determine absolute backing filename, but backing filename "
-                f"'{info.backing_filename}' present"
-            )
-        else:
-            name = None
+        name = walk.backing_of(node.filename, info.backing_filename)
     return infos
