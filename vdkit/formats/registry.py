@@ -36,14 +36,16 @@ PROBE_SIZE = 2048
 FORMATS: dict[str, str] = {
     "raw": "vdkit.formats.raw",
     "qcow2": "vdkit.formats.qcow2",
+    "vhdx": "vdkit.formats.vhdx",
+    "vpc": "vdkit.formats.vpc",
     "qed": "vdkit.formats.qed",
+    "bochs": "vdkit.formats.bochs",
+    "cloop": "vdkit.formats.cloop",
     "vmdk": "vdkit.formats.vmdk",
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
 _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
-    (b"vhdxfile", "vhdx"),
-    (b"conectix", "vpc"),
     (b"LUKS\xba\xbe", "luks"),
     (b"WithoutFreeSpace", "parallels"),
     (b"WithouFreSpacExt", "parallels"),
