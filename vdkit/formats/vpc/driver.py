@@ -1,0 +1,223 @@
+"""VHD (vpc) images: footer, dynamic header, block allocation table; read, block status and write.
+
+Layout (public VHD specification, all big-endian): a 512-byte footer at the
+end of the file (and, in dynamic files, a copy at offset 0), a 1024-byte
+dynamic header at the footer's data offset, then the BAT: one u32 sector
+number per block (``0xffffffff`` = unallocated).  A block is a sector bitmap
+followed by the data; QEMU 7.2 fills the bitmap with ones and never reads it.
+
+The open checks and their order are QEMU 7.2's as observed on damaged files
+(see the reference, other-formats §3.6): every offset and the BAT size are
+checked against the file before anything is read or allocated.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import sys
+from array import array
+
+from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, FormatDriver
+from vdkit.errors import OpenError
+from vdkit.io.file import MAX_OFFSET
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from vdkit.io.file import ImageFile
+
+FOOTER_SIZE = 512
+DYN_HEADER_SIZE = 1024
+FIXED = 2
+UNALLOCATED = 0xFFFFFFFF
+MAX_SECTORS = 0xFF000000  # 2040 GiB: the largest disk QEMU opens or creates
+MAX_CHS = (65535, 16, 255)
+# Creators whose current size is the disk size (others: the CHS geometry's size).
+SIZE_CREATORS = (b"win ", b"d2v ", b"qem2", b"tap\0", b"CTXS")
+MAX_BAT_ENTRIES = 0x1FFFFFFF  # more: "Max Table Entries too large"
+MAX_READ = 0x7FFFFE00  # one request's limit: a larger BAT cannot be read ("Error reading pagetable")
+
+
+def checksum(data: bytes | bytearray, at: int) -> int:
+    """One's complement of the byte sum, with the 4-byte checksum field at ``at`` counted as zero."""
+    total = sum(data) - sum(data[at : at + 4])
+    return ~total & 0xFFFFFFFF
+
+
+def footer_size(footer: bytes) -> int:
+    """Disk size in sectors a footer describes: current size for some creators or the maximum CHS,
+    else the CHS geometry's size (what QEMU 7.2 does for images of other tools)."""
+    cyls, heads, spt = struct.unpack_from(">HBB", footer, 56)
+    if footer[28:32] in SIZE_CREATORS or (cyls, heads, spt) == MAX_CHS:
+        return int(struct.unpack_from(">Q", footer, 48)[0]) // 512
+    return cyls * heads * spt
+
+
+class VpcDriver(FormatDriver):
+    format_name = "vpc"
+
+    def __init__(self, file: ImageFile) -> None:
+        super().__init__(file)
+        self.footer = b""
+        self.fixed = True
+        self.block_size = 0
+        self.bitmap_size = 0
+        self.bat_offset = 0
+        self.bat: array[int] = array("I")
+        self.free_offset = 0  # where the next block goes (the trailing footer's place)
+        self.total_sectors = 0
+        self._open()
+
+    # -- open ---------------------------------------------------------------------------------
+    def _read(self, offset: int, length: int, what: str) -> bytes:
+        try:
+            return self.file.pread(offset, length)
+        except OSError:
+            raise OpenError(what, errno=errno.EIO) from None
+
+    def _open(self) -> None:
+        size = self.file.size()
+        rsize = -(-size // 512) * 512  # the block layer sees whole sectors
+        footer = self.file.pread(0, FOOTER_SIZE)
+        at_start = footer[:8] == b"conectix"
+        if not at_start:
+            if rsize < FOOTER_SIZE:
+                raise OpenError("File too small for a VHD header")
+            # a fixed disk: the footer is only at the end of the file
+            footer = self.file.pread(rsize - FOOTER_SIZE, FOOTER_SIZE)
+            if footer[:8] != b"conectix" or struct.unpack_from(">I", footer, 60)[0] != FIXED:
+                raise OpenError("invalid VPC image")
+        if struct.unpack_from(">I", footer, 64)[0] != checksum(footer, 64):
+            raise OpenError("Incorrect header checksum")
+        self.footer = footer
+        self.total_sectors = footer_size(footer)
+        if self.total_sectors > MAX_SECTORS:
+            raise OpenError(f"Could not open '{self.file.filename}': File too large", errno=errno.EFBIG)
+        self.fixed = struct.unpack_from(">I", footer, 60)[0] == FIXED
+        if at_start:
+            # the footer copy at the start means a dynamic header, whatever the disk type says
+            self._open_dynamic(struct.unpack_from(">Q", footer, 16)[0], rsize)
+
+    def _open_dynamic(self, header_offset: int, rsize: int) -> None:
+        dyn = self._read(header_offset, DYN_HEADER_SIZE, "Error reading dynamic VHD header")
+        if dyn[:8] != b"cxsparse":
+            raise OpenError("Invalid header magic")
+        bat_offset, _version, entries, block_size = struct.unpack_from(">QIII", dyn, 16)
+        if block_size < 512 or block_size & (block_size - 1):
+            raise OpenError(f"Invalid block size {block_size}")
+        if entries * (block_size // 512) < self.total_sectors:
+            raise OpenError("Page table too small")
+        if entries > MAX_BAT_ENTRIES:
+            raise OpenError(f"Max Table Entries too large ({entries - (1 << 32) if entries >= 1 << 31 else entries})")
+        bat_len = entries * 4
+        if bat_len > MAX_READ:
+            raise OpenError("Error reading pagetable", errno=errno.EINVAL)
+        bitmap_size = (block_size // 4096 + 511) // 512 * 512
+        free = -(-(bat_offset + bat_len) // 512) * 512
+        truncated = OpenError(
+            "block-vpc: free_data_block_offset points after the end of file. The image has been truncated."
+        )
+        if bat_offset + bat_len > MAX_OFFSET:
+            raise OpenError("Error reading pagetable", errno=errno.EIO)
+        if free > rsize:  # checked before the table is read: it is then never larger than the file
+            raise truncated
+        bat = array("I", self._read(bat_offset, bat_len, "Error reading pagetable"))
+        if sys.byteorder == "little":
+            bat.byteswap()
+        used = [e for e in bat if e != UNALLOCATED]
+        if used:
+            free = max(free, max(used) * 512 + bitmap_size + block_size)
+        if free > rsize:
+            raise truncated
+        self.block_size = block_size
+        self.bitmap_size = bitmap_size
+        self.bat_offset = bat_offset
+        self.bat = bat
+        self.free_offset = free
+
+    # -- geometry and state -------------------------------------------------------------------
+    @property
+    def virtual_size(self) -> int:
+        return self.total_sectors * 512
+
+    @property
+    def cluster_size(self) -> int | None:
+        return None if self.fixed else self.block_size
+
+    # -- data ---------------------------------------------------------------------------------
+    def _pieces(self, offset: int, length: int):  # type: ignore[no-untyped-def]
+        """``(guest offset, length, host offset or None)`` per block touched (dynamic images)."""
+        bs = self.block_size
+        end = offset + length
+        while offset < end:
+            idx, within = divmod(offset, bs)
+            n = min(end - offset, bs - within)
+            entry = self.bat[idx] if idx < len(self.bat) else UNALLOCATED
+            host = None if entry == UNALLOCATED else entry * 512 + self.bitmap_size + within
+            yield offset, n, host
+            offset += n
+
+    def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
+        if self.fixed:
+            return self.file.pread(offset, length)
+        parts = []
+        for _, n, host in self._pieces(offset, length):
+            parts.append(bytes(n) if host is None else self.file.pread(host, n))
+        return b"".join(parts)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        name = self.file.filename
+        if self.fixed:
+            # QEMU asks the file too: holes are "zero" data, and the run ends where the file's does
+            from vdkit.block.io import raw_file_status
+
+            total = (self.file.size() + 511) // 512 * 512
+            if offset >= total:
+                return BlockStatus(DATA | ZERO | OFFSET_VALID, length, offset, name)
+            st = raw_file_status(self.file, offset, min(length, total - offset))
+            return BlockStatus(DATA | OFFSET_VALID | (st.flags & ZERO), st.length, offset, name)
+        _, n, host = next(self._pieces(offset, length))
+        if host is None:
+            return BlockStatus(ZERO, n)
+        return BlockStatus(DATA | OFFSET_VALID, n, host, name)
+
+    def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
+        if self.fixed:
+            self.file.pwrite(offset, data)
+            return
+        view = memoryview(data)
+        for guest, n, host in self._pieces(offset, len(data)):
+            if host is None:
+                host = self._allocate(guest // self.block_size) + guest % self.block_size
+            self.file.pwrite(host, view[guest - offset : guest - offset + n])
+
+    def _allocate(self, idx: int) -> int:
+        """Append block ``idx`` where the trailing footer was (bitmap all ones, footer after the block).
+
+        The block's data is not written: it stays a hole until the guest writes it, as in QEMU.
+        Returns the host offset of the block's data.
+        """
+        start = self.free_offset
+        self.file.pwrite(start, b"\xff" * self.bitmap_size)
+        end = start + self.bitmap_size + self.block_size
+        self.file.pwrite(end, self.footer)
+        self.file.pwrite(self.bat_offset + 4 * idx, struct.pack(">I", start // 512))
+        self.bat[idx] = start // 512
+        self.free_offset = end
+        return start + self.bitmap_size
+
+    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
+                     unmap: bool = False) -> None:
+        # QEMU's vpc has no zero-write operation: zeros are written as data (allocating blocks)
+        step = 1 << 20
+        zeros = bytes(min(step, length))
+        pos = 0
+        while pos < length:
+            n = min(step, length - pos)
+            self.write(offset + pos, zeros[:n])
+            pos += n
+
+    def flush(self) -> None:
+        self.file.flush()
