@@ -37,7 +37,6 @@ FORMATS: dict[str, str] = {
     "raw": "vdkit.formats.raw",
     "qcow2": "vdkit.formats.qcow2",
     "vhdx": "vdkit.formats.vhdx",
-    "vhdx": "vdkit.formats.vhdx",
     "vpc": "vdkit.formats.vpc",
     "qed": "vdkit.formats.qed",
     "bochs": "vdkit.formats.bochs",
