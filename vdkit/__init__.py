@@ -1,7 +1,8 @@
 """vdkit: know, at runtime, exactly what is inside a disk image and its snapshots.
 
 The public entry point is :func:`open`; everything else is imported lazily so
-that ``vdkit-img`` starts quickly.
+that ``vdkit-img`` starts quickly: ``vdkit.info.render_human`` (any submodule,
+at any depth) works after a bare ``import vdkit`` and is loaded on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,31 @@ if TYPE_CHECKING:
 
 __all__ = ["open", "VdkitError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``vdkit.<submodule>`` imported on first use (PEP 562), so ``import vdkit`` stays cheap."""
+    return _submodule(__name__, name)
+
+
+def _submodule(package: str, name: str) -> object:
+    """The submodule ``package.name``, imported now; AttributeError when there is none.
+
+    Each subpackage's module ``__getattr__`` calls this, which makes documented chains such as
+    ``vdkit.info.render_human.image_info`` work without importing every module up front.
+    """
+    if name.startswith("_"):  # dunder probes (copy, pickle, doctest...) must not import anything
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    import sys
+
+    full = f"{package}.{name}"
+    try:
+        __import__(full)
+    except ModuleNotFoundError as exc:
+        if exc.name != full:
+            raise  # the submodule exists but something it imports is missing: say so
+        raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+    return sys.modules[full]
 
 
 def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose

@@ -26,9 +26,16 @@ if TYPE_CHECKING:
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfo, SnapshotInfo
 
+    SnapshotRef = SnapshotInfo | SnapshotEntry | str
+
 
 class Node:
-    """An open image.  Use :func:`open_image` (or ``vdkit.open``) to make one."""
+    """An open image.  Use :func:`open_image` (or ``vdkit.open``) to make one.
+
+    Guest requests (:meth:`read`, :meth:`write`, ...) are checked against the virtual size first, as
+    QEMU's block layer checks every request: a negative offset or length, or a range that does not lie
+    within the disk, fails with ``EIO`` (``Input/output error``) instead of returning zeros.
+    """
 
     def __init__(self, filename: str, driver: FormatDriver, *, readonly: bool) -> None:
         self.filename = filename
@@ -38,14 +45,20 @@ class Node:
 
     @property
     def format(self) -> str:
+        """The format driver's name (``"qcow2"``, ``"raw"``, ...) as ``qemu-img info`` prints it."""
         return self.driver.format_name
 
     @property
     def backing_filename_resolved(self) -> str | None:
+        """The stored backing file name resolved as QEMU resolves it (relative to this image's folder).
+
+        ``None`` when the image names no backing file; the name is computed, not checked to exist.
+        """
         stored = self.driver.backing_file
         return None if stored is None else resolve_backing_name(self.filename, stored)
 
     def chain(self) -> Iterator[Node]:
+        """This node, then each opened backing node down to the base (``backing=False`` opens just one)."""
         node: Node | None = self
         while node is not None:
             yield node
@@ -65,22 +78,82 @@ class Node:
         return out
 
     def snapshots(self) -> list[SnapshotInfo]:
+        """Internal snapshots in table order, as ``qemu-img snapshot -l`` lists them (empty without any).
+
+        Each item can be handed back to :meth:`snapshot_revert`, :meth:`snapshot_delete` and
+        :meth:`read_vmstate`.
+        """
         from vdkit.info.collect import snapshot_infos
 
         return snapshot_infos(self.driver)
 
     # -- internal snapshots (thin wrappers; the driver does the work) ----------
-    def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
-                        vm_state_size: int = 0, icount: int | None = None,
+    def snapshot_create(self, name: str, *, date_sec: int | None = None, date_nsec: int | None = None,
+                        vm_clock_nsec: int = 0, vm_state_size: int = 0, icount: int | None = None,
                         vm_state: bytes | None = None) -> SnapshotEntry:
+        """Take an internal snapshot ``name`` of the image as it is now; returns the new table entry.
+
+        The date defaults to now at microsecond precision and the VM clock to 0, as ``qemu-img
+        snapshot -c`` records them (no VM ran).  ``vm_state`` (``savevm``'s data) is stored with it.
+        Formats without internal snapshots raise :class:`~vdkit.errors.UnsupportedError`.
+        """
+        if date_sec is None or date_nsec is None:
+            import time
+
+            now_us = time.time_ns() // 1000
+            date_sec = now_us // 1_000_000 if date_sec is None else date_sec
+            date_nsec = now_us % 1_000_000 * 1000 if date_nsec is None else date_nsec
         return self.driver.snapshot_create(name, date_sec=date_sec, date_nsec=date_nsec,
                                            vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
                                            icount=icount, vm_state=vm_state)
 
-    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
-        return self.driver.read_vmstate(entry)
+    def _snapshot_entry(self, snapshot: SnapshotRef) -> SnapshotEntry:
+        """The table entry ``snapshot`` names: an entry as is, a ``SnapshotInfo`` by its ID and name
+        together, a string as an ID first and then as a name (``qemu-img snapshot -a``'s lookup)."""
+        from vdkit.info.model import SnapshotInfo
 
-    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+        if not isinstance(snapshot, (str, SnapshotInfo)):
+            return snapshot
+        if not self.driver.supports_snapshots:
+            raise self.driver._unsupported()
+        from vdkit.formats.qcow2 import snapshot_ops
+
+        entries = self.driver.snapshots()
+        if isinstance(snapshot, str):
+            found = snapshot_ops.find_id_then_name(entries, snapshot)
+        else:
+            found = snapshot_ops.find_by_id_and_name(entries, snapshot.id, snapshot.name)
+        if found is None:
+            import errno
+
+            from vdkit.errors import SnapshotNotFoundError
+
+            raise SnapshotNotFoundError("Can't find the snapshot", errno=errno.ENOENT)
+        return found
+
+    def read_vmstate(self, snapshot: SnapshotRef) -> bytes:
+        """The VM state saved with a snapshot (``savevm``); empty for disk-only snapshots.
+
+        ``snapshot`` is what :meth:`snapshots` returns, a table entry, or an ID or name.
+        """
+        return self.driver.read_vmstate(self._snapshot_entry(snapshot))
+
+    def snapshot_delete(self, snapshot: SnapshotRef | None = None, *, snapshot_id: str | None = None,
+                        name: str | None = None) -> SnapshotEntry:
+        """Delete an internal snapshot and free what only it used; returns the deleted entry.
+
+        Name it by ``snapshot`` (what :meth:`snapshots` returns, a table entry, or an ID-or-name string
+        looked up as :meth:`snapshot_revert` does), or by ``snapshot_id`` and/or ``name`` (both given:
+        one snapshot must have both, as QMP's ``blockdev-snapshot-delete-internal-sync`` requires).
+        A snapshot that does not exist raises :class:`~vdkit.errors.SnapshotNotFoundError` (ENOENT).
+        """
+        if snapshot is not None:
+            if snapshot_id is not None or name is not None:
+                raise TypeError("snapshot_delete() takes a snapshot or snapshot_id/name, not both")
+            from vdkit.formats.qcow2 import snapshot_ops
+
+            entry = self._snapshot_entry(snapshot)
+            snapshot_id, name = snapshot_ops.id_of(entry), snapshot_ops.name_of(entry)
         return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
     @property
@@ -100,11 +173,16 @@ class Node:
             return VdkitError("Device has active dirty bitmaps", errno=errno.EBUSY)
         return None
 
-    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+    def snapshot_revert(self, snapshot: SnapshotRef) -> None:
+        """Make the image's current state that of a snapshot (``qemu-img snapshot -a``).
+
+        ``snapshot`` is what :meth:`snapshots` returns, a table entry, or a string tried as an ID and
+        then as a name.  Refused while the image has dirty bitmaps (:meth:`snapshot_goto_blocker`).
+        """
         blocker = self.snapshot_goto_blocker()
         if blocker is not None:
             raise blocker
-        self.driver.snapshot_revert(entry)
+        self.driver.snapshot_revert(self._snapshot_entry(snapshot))
 
     # -- data (the work is in vdkit.block.io; these are conveniences for API users) --------------
     @property
@@ -112,28 +190,54 @@ class Node:
         """Virtual disk size in bytes."""
         return self.driver.virtual_size
 
+    def _check_request(self, op: str, offset: int, length: int) -> None:
+        """QEMU's request check: EIO (qemu-io: ``read failed: Input/output error``) for a negative
+        offset or length or a range past the end; the hint says which, for API users."""
+        size = self.size
+        if offset < 0 or length < 0 or offset > size or size - offset < length:
+            import errno
+
+            raise VdkitError(f"{op} failed: Input/output error", errno=errno.EIO,
+                             hint=f"request at offset {offset}, length {length} is outside the "
+                                  f"{size}-byte disk")
+
     def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes through the whole backing chain."""
+        """``length`` guest bytes at ``offset``, through the whole backing chain.
+
+        The range must lie within the disk (see the class docstring); reading 0 bytes at the end is fine.
+        """
+        self._check_request("read", offset, length)
         from vdkit.block import io
 
         return io.read(self, offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (within the disk) to this node, the top of the chain.
+
+        Needs a node opened with ``readonly=False``; partial clusters are completed from the backing chain.
+        """
+        self._check_request("write", offset, len(data))
         from vdkit.block import io
 
         io.write(self, offset, data)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make ``[offset, offset + length)`` read as zeros (qemu-io ``write -z``; ``unmap`` may free it)."""
+        self._check_request("write", offset, length)
         from vdkit.block import io
 
         io.write_zeroes(self, offset, length, unmap=unmap)
 
     def discard(self, offset: int, length: int) -> None:
+        """Tell the image the range is no longer needed (qemu-io ``discard``); it may read back as zeros
+        or as the backing file's data afterwards."""
+        self._check_request("discard", offset, length)
         from vdkit.block import io
 
         io.discard(self, offset, length)
 
     def flush(self) -> None:
+        """Make every write so far durable (cached metadata written back, then the file synced)."""
         self.driver.flush()
 
     def map(self, offset: int = 0, length: int | None = None) -> Iterator[MapEntry]:
@@ -144,6 +248,7 @@ class Node:
         return io.map_entries(self, offset, end)
 
     def close(self) -> None:
+        """Flush and close this node and its backing nodes, releasing their QEMU locks."""
         for node in list(self.chain()):
             node.driver.close()
 
