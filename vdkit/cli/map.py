@@ -115,25 +115,30 @@ def _json(node, start: int, end: int) -> int:  # type: ignore[no-untyped-def]
             s += f', "offset": {e.offset}'
         return s + "}"
 
-    any_entry = False
+    printed: list[bool] = []  # non-empty once an entry is out (read by the error path)
     buf = ["["]
-    for e in _guarded(map_entries(node, start, end), buf):
-        if any_entry:
+    for e in _guarded(map_entries(node, start, end), buf, lambda: ",\n" if printed else ""):
+        if printed:
             buf.append(",\n")
         buf.append(fmt(e))
-        any_entry = True
+        if not printed:
+            printed.append(True)
         if len(buf) > 4096:
             write_out("".join(buf))
             buf.clear()
-    if not any_entry:
+    if not printed:
         buf.append(fmt(MapEntry(start, 0, 0, False, False, False, None, None)))
     buf.append("]\n")
     write_out("".join(buf))
     return 0
 
 
-def _guarded(entries, pending: list[str]):  # type: ignore[no-untyped-def]
-    """Entries until a metadata read fails; then print what is pending and fail like qemu-img."""
+def _guarded(entries, pending: list[str], tail=None):  # type: ignore[no-untyped-def]
+    """Entries until a metadata read fails; then print what is pending and fail like qemu-img.
+
+    ``tail()`` is what follows the printed entries then: qemu-img printed each entry once the
+    next one was known, so in JSON every printed entry already has its ``,\n``.
+    """
     from vdkit.block.io import io_error
 
     it = iter(entries)
@@ -143,7 +148,7 @@ def _guarded(entries, pending: list[str]):  # type: ignore[no-untyped-def]
         except StopIteration:
             return
         except (VdkitError, OSError) as exc:
-            write_out("".join(pending))
+            write_out("".join(pending) + (tail() if tail is not None else ""))
             pending.clear()
             raise io_error(exc, "Could not read file metadata") from exc
         yield e

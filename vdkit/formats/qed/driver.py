@@ -282,6 +282,14 @@ class QedDriver(FormatDriver):
         self.file.pwrite(l2off + 8 * i2, _pack(values))
 
     def write(self, offset: int, data: bytes, backing: Backing = None) -> None:
+        head, tail = offset % 512, -(offset + len(data)) % 512
+        if head or tail:
+            # QEMU's block layer pads a request to whole sectors with what the image reads there,
+            # so the copy-on-write around the padded range is what lands in a new cluster
+            pre = self.read(offset - head, head, backing) if head else b""
+            post = self.read(offset + len(data), tail, backing) if tail else b""
+            data = pre + bytes(data) + post
+            offset -= head
         cs = self.cs
         view = memoryview(data)
         end = offset + len(data)
@@ -311,8 +319,12 @@ class QedDriver(FormatDriver):
             pos += run
 
     def _cow(self, kind: int, pos: int, length: int, backing: Backing) -> bytes:
-        """What a newly allocated cluster holds outside the written range."""
-        if kind == UNALLOC and backing is not None:
+        """What a newly allocated cluster holds outside the written range.
+
+        From the backing file even for a zero cluster: QEMU 7.2 does the same (so a partial
+        write to a zero cluster over a backing file brings the backing data back around it).
+        """
+        if backing is not None:
             part = max(0, min(length, self.header.image_size - pos))
             data = backing(pos, part) if part else b""
             return data + bytes(length - part)
@@ -374,7 +386,6 @@ class QedDriver(FormatDriver):
         used[l1off // cs : l1off // cs + h.table_size] = b"\1" * h.table_size
         fix = repair is not None
         l1 = self.l1()
-        prev = -1
         for i1 in range(self.entries):
             l2off = l1[i1]
             if l2off == 0:
@@ -387,22 +398,29 @@ class QedDriver(FormatDriver):
                     r.corruptions_fixed += 1
                 continue
             base = l2off // cs
+            twice = sum(used[base : base + h.table_size])
             used[base : base + h.table_size] = b"\1" * h.table_size
+            if twice:  # each cluster also used by another structure is an error (not repairable)
+                r.corruptions += twice
+                continue
             t = self.l2(l2off)
             bad: list[int] = []
+            prev = -1  # fragmentation is counted within each L2 table
             for i2 in range(self.entries):
                 e = t[i2]
                 if e <= 1:
                     continue
-                if not self.cluster_ok(e):
-                    r.corruptions += 1
-                    bad.append(i2)
-                    continue
-                r.allocated_clusters += 1
+                r.allocated_clusters += 1  # counted before the offset is judged, as qemu-img does
                 if prev >= 0 and e != prev + cs:
                     r.fragmented_clusters += 1
                 prev = e
-                used[e // cs] = 1
+                if not self.cluster_ok(e):  # cleared by a repair
+                    r.corruptions += 1
+                    bad.append(i2)
+                elif used[e // cs]:  # referenced twice: reported, not repaired
+                    r.corruptions += 1
+                else:
+                    used[e // cs] = 1
             if bad and fix:
                 for i2 in bad:
                     t[i2] = 0
@@ -427,9 +445,12 @@ def create_qed(filename: str, opts: CreateOpts) -> None:
     from vdkit.formats.raw import create_raw
     from vdkit.io.file import ImageFile
 
-    create_raw(filename, 0, str(opts.get("preallocation", "off")))
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise VdkitError(f"invalid parameter value: {prealloc}")  # the file protocol's, before the file exists
+    create_raw(filename, 0, prealloc)
     cs = int(opts.get("cluster_size") or 0)
-    ts = int(opts.get("table_size") or 4) if opts.has("table_size") else 4
+    ts = int(opts.get("table_size") or 0) if opts.has("table_size") else 4
     size = -(-int(opts.get("size") or 0) // 512) * 512
     if not _pow2_in(cs, MIN_CLUSTER, MAX_CLUSTER):
         raise VdkitError(f"QED cluster size must be within range [{MIN_CLUSTER}, {MAX_CLUSTER}] and power of 2")
