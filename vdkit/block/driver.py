@@ -149,6 +149,23 @@ class FormatDriver:
         """``qemu-img check``: ``repair`` is None, "leaks" or "all"; problems go to ``report`` as found."""
         raise UnsupportedError("This image format does not support checks", errno=errno.ENOTSUP)
 
+    # -- image-level operations (qemu-img resize, commit, rebase) ---------------
+    def truncate(self, size: int, prealloc: str = "off", *, backing: Callable[[int, int], bytes] | None = None,
+                 backing_size: int = 0) -> None:
+        """Grow or shrink the virtual disk to ``size``; ``backing`` reads the chain below (for
+        the copy-on-write of a partly new cluster), ``backing_size`` is its length (QEMU zeroes a
+        grown area a longer backing file would otherwise show through)."""
+        raise UnsupportedError("Image format driver does not support resize", errno=errno.ENOTSUP)
+
+    def make_empty(self) -> None:
+        """Drop all guest data of this layer so the backing file shows through (after commit).
+
+        Formats that cannot do it keep their data, which still reads the same after a commit."""
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file reference stored in the image (``rebase``); None removes it."""
+        raise UnsupportedError("Operation not supported", errno=errno.ENOTSUP)
+
     def extra_files(self) -> list[ImageFile]:
         """Other files this node owns (an external data file), for disk usage."""
         return []

@@ -108,7 +108,6 @@ def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: 
             from vdkit.cli.resize import resize_node
 
             resize_node(base_node, size)
-            base_node.driver.__dict__.pop("io", None)
         offset = 0
         try:
             while offset < size:
@@ -126,7 +125,7 @@ def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: 
         except (OSError, VdkitError) as exc:  # qemu-img runs the copy as a block job
             raise bio.io_error(exc, "Block job failed") from exc
         if not drop:
-            _empty(top)
+            top.driver.make_empty()
     finally:
         top.close()
     prog.set(100.0)
@@ -152,12 +151,3 @@ def _allocated_above(top: Node, base: Node, offset: int, length: int) -> tuple[b
         n = st.length
         cur = cur.backing
     return False, n
-
-
-def _empty(top: Node) -> None:
-    from vdkit.formats.qcow2.driver import Qcow2Driver
-
-    if isinstance(top.driver, Qcow2Driver):
-        from vdkit.formats.qcow2.empty import make_empty
-
-        make_empty(top.driver)

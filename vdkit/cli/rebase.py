@@ -23,7 +23,7 @@ from vdkit.cli.options import (
     mutually_exclusive_image_opts,
     open_args,
 )
-from vdkit.errors import UnsupportedError, UsageError, VdkitError
+from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -152,22 +152,7 @@ def _same_run(a: bytes, b: bytes, start: int, end: int) -> tuple[bool, int]:
 
 
 def _change_backing(node: Node, base: str, base_fmt: str | None) -> None:
-    from vdkit.formats.qcow2.driver import Qcow2Driver
-    from vdkit.formats.qcow2.header import serialize_header
-
-    drv = node.driver
     try:
-        if not isinstance(drv, Qcow2Driver):
-            raise UnsupportedError("Operation not supported")
-        if base and base_fmt is None:
-            raise VdkitError("backing format must be specified")
-        if base and drv.header.has_data_file and drv.header.data_file_raw:
-            raise VdkitError("Cannot use a backing file with a raw external data file")
-        h = drv.header.evolve(backing_file=base or None, backing_format=base_fmt if base else None,
-                              backing_file_raw=None)
-        raw = serialize_header(h)
-        drv.file.pwrite(0, raw + bytes(drv.cluster_size - len(raw)))
-        drv.file.flush()
-        drv.header = h
+        node.driver.change_backing_file(base or None, base_fmt if base else None)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not change the backing file to '{base}': ") from exc

@@ -81,34 +81,12 @@ def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str,
 def resize_node(node, size: int, prealloc: str = "off") -> None:  # type: ignore[no-untyped-def]
     """Truncate/grow the top image of ``node`` to ``size`` bytes.
 
-    For qcow2 the backing chain is handed down: QEMU's block layer zeroes a
-    grown area that a longer backing file would otherwise show through, and
-    copy-on-write of a partly new cluster reads through the chain.
+    The backing chain is handed down: QEMU's block layer zeroes a grown area
+    that a longer backing file would otherwise show through, and copy-on-write
+    of a partly new cluster reads through the chain.
     """
-    from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.block.io import _backing_reader
 
-    drv = node.driver
-    if isinstance(drv, Qcow2Driver):
-        from vdkit.block.io import _backing_reader
-        from vdkit.formats.qcow2.resize import truncate
-
-        below = node.backing
-        backing_size = below.driver.virtual_size if below is not None else 0
-        truncate(drv, size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
-        return
-    import os
-
-    if prealloc == "metadata":  # the file driver knows off, falloc and full only
-        raise VdkitError("Unsupported preallocation mode: metadata")
-    f = drv.file
-    old = f.size()
-    if prealloc == "falloc" and size > old:
-        os.posix_fallocate(f.fd, old, size - old)
-    elif prealloc == "full" and size > old:
-        pos = old
-        chunk = bytes(1 << 20)
-        while pos < size:
-            n = min(len(chunk), size - pos)
-            f.pwrite(pos, chunk[:n])
-            pos += n
-    f.truncate(size)
+    below = node.backing
+    backing_size = below.driver.virtual_size if below is not None else 0
+    node.driver.truncate(size, prealloc, backing=_backing_reader(node), backing_size=backing_size)

@@ -69,6 +69,27 @@ class RawDriver(FormatDriver):
         return raw_file_status(self.file, offset, length)
 
 
+    def truncate(self, size: int, prealloc: str = "off", *, backing: object = None, backing_size: int = 0) -> None:
+        """The file is the disk: set its length (QEMU's file driver: off, falloc and full only)."""
+        import os
+
+        from vdkit.errors import VdkitError
+
+        if prealloc == "metadata":
+            raise VdkitError("Unsupported preallocation mode: metadata")
+        f = self.file
+        old = f.size()
+        if prealloc == "falloc" and size > old:
+            os.posix_fallocate(f.fd, old, size - old)
+        elif prealloc == "full" and size > old:
+            pos = old
+            chunk = bytes(1 << 20)
+            while pos < size:
+                n = min(len(chunk), size - pos)
+                f.pwrite(pos, chunk[:n])
+                pos += n
+        f.truncate(size)
+
 def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
     """Create (or truncate) ``filename`` as a raw image of ``size`` bytes, rounded up to 512.
 

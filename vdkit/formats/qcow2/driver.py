@@ -289,9 +289,12 @@ class Qcow2Driver(FormatDriver):
         from vdkit.formats.qcow2.refcount import Refcounts
 
         h = self.header
-        return Refcounts(self.file, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
-                         table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
-                         on_table_switch=self._refcount_table_switched, on_corruption=self.signal_corruption)
+        rc = Refcounts(self.file, cluster_bits=h.cluster_bits, refcount_order=h.refcount_order,
+                       table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
+                       on_table_switch=self._refcount_table_switched, on_corruption=self.signal_corruption)
+        if not self.readonly:  # our own metadata writes pass QEMU's overlap check, as the data path's
+            rc.overlap_check = lambda off, n, ignore: self.io._check_overlap(off, n, ignore=ignore)
+        return rc
 
     @cached_property
     def clusters(self) -> ClusterMap:
@@ -525,6 +528,33 @@ class Qcow2Driver(FormatDriver):
         except VdkitError:
             if not ctx.no_io:
                 raise
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the header with the new backing reference (one write of cluster 0's header part)."""
+        from vdkit.formats.qcow2.header import serialize_header
+
+        if name and fmt is None:
+            raise VdkitError("backing format must be specified")
+        if name and self.header.has_data_file and self.header.data_file_raw:
+            raise VdkitError("Cannot use a backing file with a raw external data file")
+        h = self.header.evolve(backing_file=name or None, backing_format=fmt if name else None,
+                               backing_file_raw=None)
+        raw = serialize_header(h)
+        self.file.pwrite(0, raw + bytes(self.cluster_size - len(raw)))
+        self.file.flush()
+        self.header = h
+
+    def truncate(self, size: int, prealloc: str = "off", *, backing: Callable[[int, int], bytes] | None = None,
+                 backing_size: int = 0) -> None:
+        from vdkit.formats.qcow2.resize import truncate
+
+        truncate(self, size, prealloc, backing=backing, backing_size=backing_size)
+        self.__dict__.pop("io", None)  # the I/O engine caches geometry the resize changed
+
+    def make_empty(self) -> None:
+        from vdkit.formats.qcow2.empty import make_empty
+
+        make_empty(self)
 
     def specific_info(self) -> ImageInfoSpecific:
         from vdkit.formats.qcow2.info import specific_info
