@@ -129,7 +129,9 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
         raise VdkitError("output file is smaller than input file")
     zero_init = a.target_is_zero or not a.skip_create
     if node.format == "raw":
-        return RawTarget(node, has_zero_init=zero_init)
+        # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
+        # (discarded where the device can) unless --target-is-zero says they are there
+        return RawTarget(node, has_zero_init=a.target_is_zero or zero_init and not node.driver.file.is_device)
     if node.driver.encrypted:  # type: ignore[attr-defined]
         node.close()
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")

@@ -68,7 +68,6 @@ class RawDriver(FormatDriver):
 
         return raw_file_status(self.file, offset, length)
 
-
     def truncate(self, size: int, prealloc: str = "off", *, backing: object = None, backing_size: int = 0) -> None:
         """The file is the disk: set its length (QEMU's file driver: off, falloc and full only)."""
         import os
@@ -90,6 +89,7 @@ class RawDriver(FormatDriver):
                 pos += n
         f.truncate(size)
 
+
 def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
     """Create (or truncate) ``filename`` as a raw image of ``size`` bytes, rounded up to 512.
 
@@ -109,6 +109,17 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
         raise VdkitError(f"Could not create '{filename}': {os_error_message(exc)}", errno=exc.errno) from exc
     with ImageFile(filename, readonly=False) as f:  # the write lock, before anything is changed
         fd = f.fd
+        if f.is_device:
+            # a block or character device is written in place, never truncated: it must be large
+            # enough already, and nothing can be preallocated on it (QEMU's texts)
+            if preallocation != "off":
+                raise VdkitError(f"Unsupported preallocation mode '{preallocation}'")
+            f.truncate(size)  # "Cannot grow device files" when the device is too small
+            if size:
+                # QEMU zeroes the first sector of a device (4 KiB of a new file), whatever the
+                # device's block size (observed with 512- and 4096-byte loop devices)
+                f.pwrite(0, bytes(min(size, 512)))
+            return
         os.ftruncate(fd, 0)
         if preallocation not in ("off", "falloc", "full"):
             raise VdkitError(f"Unsupported preallocation mode: {preallocation}")

@@ -37,6 +37,19 @@ def _check_range(offset: int, length: int) -> None:
         raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
 
 
+def remove_new_file(path: str) -> None:
+    """Remove what a failed image creation leaves behind, as qemu-img does, if it is a regular file.
+
+    A creation target may be a block or character device (``/dev/loop0``, ``/dev/null``), written
+    in place: unlinking it would delete the device node, so anything but a regular file stays.
+    """
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
 class ImageFile:
     """One open image file, with the QEMU-compatible lock held while open."""
 
@@ -71,6 +84,8 @@ class ImageFile:
                     f"'file' driver requires '{self.filename}' to be a regular file", errno=errno.EISDIR
                 )
             self._is_block = stat.S_ISBLK(st.st_mode)
+            # block and character devices (/dev/loopN, /dev/null) have a fixed size: never truncated
+            self.is_device = self._is_block or stat.S_ISCHR(st.st_mode)
             self.lock: ImageLock | None = None
             if lock:
                 mode = LockMode.for_open(readonly=readonly, force_share=force_share)
@@ -117,7 +132,7 @@ class ImageFile:
             done += n
 
     def size(self) -> int:
-        if self._is_block:
+        if self.is_device:
             return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
@@ -156,8 +171,19 @@ class ImageFile:
                     n = 0
 
     def truncate(self, size: int) -> None:
+        """Set the file's length; a device keeps its size, and only a size it already has is accepted.
+
+        As QEMU's file driver: a device is never shrunk (the bytes past ``size`` are simply not part
+        of the image), and growing it fails with ``Cannot grow device files``.
+        """
         if not 0 <= size <= MAX_OFFSET:
             raise OSError(errno.EFBIG, f"cannot resize a file to {size} bytes")
+        if self.is_device:
+            if size > self.size():
+                from vdkit.errors import VdkitError
+
+                raise VdkitError("Cannot grow device files", errno=errno.EINVAL)
+            return
         os.ftruncate(self.fd, size)
 
     def flush(self) -> None:

@@ -32,7 +32,7 @@ from vdkit.errors import VdkitError, os_error_message
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
 from vdkit.formats.qcow2.refcount import RefcountArea
-from vdkit.io.file import ImageFile
+from vdkit.io.file import ImageFile, remove_new_file
 
 DEFAULT_CLUSTER_SIZE = 65536
 MAX_CLUSTER_SIZE = 1 << L.MAX_CLUSTER_BITS
@@ -459,16 +459,28 @@ def create_qcow2(filename: str, o: Qcow2CreateOptions, file: ImageFile | None = 
     f = file if file is not None else create_file(filename)
     try:
         if o.preallocation in ("falloc", "full") and o.data_file is None:
+            if f.is_device:
+                from dataclasses import replace
+
+                validate(o)
+                plan_image(replace(o, preallocation="off"))  # the option errors first, as below
+                _device_preflight(f, o)
+                raise VdkitError("Could not resize image: Failed to resize underlying file: Preallocation mode "
+                                 f"'{o.preallocation}' unsupported for this non-regular file")
             _create_falloc(f, o)
         else:
             plan = plan_image(o)
-            _write_plan(f, plan, o)
+            if f.is_device:
+                _device_preflight(f, o)
+            try:
+                _write_plan(f, plan, o)
+            except VdkitError as exc:
+                if f.is_device:  # the device is smaller than the image's metadata
+                    raise exc.prefixed("Could not resize image: ") from exc
+                raise
     except BaseException:
         f.close()
-        try:
-            os.unlink(filename)
-        except OSError:
-            pass
+        remove_new_file(filename)  # never a device written in place
         raise
     f.close()
 
@@ -500,6 +512,24 @@ def _create_falloc(f: ImageFile, o: Qcow2CreateOptions) -> None:
             _prealloc_falloc(drv, 0, 0, o.preallocation, None, alloc_subclusters=False)
     finally:
         drv.close()
+
+
+def _device_preflight(f: ImageFile, o: Qcow2CreateOptions) -> None:
+    """A device target (written in place): qemu-img's first writes, with its texts when they fail.
+
+    qemu-img writes the header cluster, then the refcount table and block, then opens the image;
+    a device that takes writes but gives nothing back (``/dev/null``) fails that open.  The final
+    contents are written afterwards by :func:`_write_plan` (the header last, as for a file).
+    """
+    cs = o.cluster_size
+    for offset, length, what in ((0, cs, "qcow2 header"), (cs, 2 * cs, "refcount table")):
+        try:
+            f.pwrite(offset, bytes(length))
+        except OSError as exc:
+            raise VdkitError(f"Could not write {what}: {os_error_message(exc)}", errno=exc.errno) from exc
+    f.pwrite(0, L.MAGIC)
+    if f.pread(0, 4) != L.MAGIC:
+        raise VdkitError("Image is not in qcow2 format", errno=errno.EINVAL)
 
 
 def create_file(filename: str) -> ImageFile:

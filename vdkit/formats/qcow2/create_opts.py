@@ -37,9 +37,8 @@ _VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 def create_from_options(filename: str, opts: CreateOpts) -> None:
     """Validate ``opts`` as QEMU does (after creating and locking the file) and write the image."""
-    import os
-
     from vdkit.formats.qcow2.create import Qcow2CreateOptions, create_file, create_qcow2
+    from vdkit.io.file import remove_new_file
 
     # qemu-img creates (and locks) the file before it validates the options,
     # and removes it again when they are refused; a locked file stays as it is.
@@ -74,9 +73,6 @@ def create_from_options(filename: str, opts: CreateOpts) -> None:
         )
     except VdkitError:
         file.close()
-        try:
-            os.unlink(filename)
-        except OSError:
-            pass
+        remove_new_file(filename)  # never a device written in place
         raise
     create_qcow2(filename, o, file)
