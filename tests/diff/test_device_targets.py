@@ -157,6 +157,19 @@ def test_device_too_small(loops: Callable[[str, int], Loop], workdir: Path, args
     assert rc == 1 and err
 
 
+@pytest.mark.parametrize("args", [
+    ["resize", "-f", "raw", "DEV", "8M"],
+    ["resize", "-f", "raw", "DEV", "16M"],
+    ["resize", "-f", "raw", "--shrink", "DEV", "4M"],
+    ["resize", "-f", "raw", "DEV", "4M"],
+    ["resize", "-f", "raw", "--preallocation=falloc", "DEV", "16M"],
+    ["resize", "-f", "raw", "--preallocation=metadata", "DEV", "16M"],
+])
+def test_resize_device(loops: Callable[[str, int], Loop], workdir: Path, args: list[str]) -> None:
+    """A raw device keeps its size: resizing it to anything else fails."""
+    _both(loops, workdir, args)
+
+
 @pytest.mark.parametrize(("args", "size"), [
     (["create", "-f", "qcow2", "DEV", "4M"], 32 << 10),  # no room for the header cluster
     (["create", "-f", "qcow2", "DEV", "4M"], 128 << 10),  # nor for the refcount table
@@ -183,6 +196,7 @@ def test_qcow2_on_device_fails(loops: Callable[[str, int], Loop], workdir: Path,
     ["create", "-f", "qcow2", "@", "1M"],
     ["create", "-f", "qcow2", "-o", "preallocation=metadata", "@", "1M"],
     ["create", "-f", "qcow2", "-o", "preallocation=full", "@", "1M"],
+    ["resize", "-f", "raw", "@", "1M"],
 ])
 def test_character_devices(workdir: Path, dev: str, args: list[str]) -> None:
     """Nothing can be created on /dev/null or /dev/full, and a failed creation never removes them."""

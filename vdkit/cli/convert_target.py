@@ -132,7 +132,7 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
         # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
         # (discarded where the device can) unless --target-is-zero says they are there
         return RawTarget(node, has_zero_init=a.target_is_zero or zero_init and not node.driver.file.is_device)
-    if node.driver.encrypted:  # type: ignore[attr-defined]
+    if node.driver.encrypted:
         node.close()
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
     if not zero_init or a.backing is not None:

@@ -74,9 +74,18 @@ class RawDriver(FormatDriver):
 
         from vdkit.errors import VdkitError
 
+        f = self.file
+        if f.is_device:
+            # a device has the size it has: only "resizing" to that size succeeds (QEMU's texts)
+            if prealloc != "off":
+                raise VdkitError(f"Preallocation mode '{prealloc}' unsupported for this non-regular file")
+            if size != f.size():
+                import errno
+
+                raise VdkitError("Cannot resize device files", errno=errno.ENOTSUP)
+            return
         if prealloc == "metadata":
             raise VdkitError("Unsupported preallocation mode: metadata")
-        f = self.file
         old = f.size()
         if prealloc == "falloc" and size > old:
             os.posix_fallocate(f.fd, old, size - old)

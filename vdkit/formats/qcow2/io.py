@@ -755,7 +755,8 @@ class Qcow2IO:
         normal = ((ents & _COMPRESSED) == 0) & has_off
         if not g.extended_l2:
             normal &= (ents & _ZERO) == 0
-        return normal & copied
+        held: np.ndarray = normal & copied
+        return held
 
     def _new_cluster_segments(self, c: int, run: int, host: int, start: int, end: int, data: memoryview,
                               backing: BackingRead | None) -> list[tuple[int, bytes | memoryview]]:
@@ -854,7 +855,7 @@ class Qcow2IO:
         i = 0
         while i < len(segments):
             off, chunk = segments[i]
-            parts = [chunk]
+            parts: list[bytes | bytearray | memoryview] = [chunk]
             nxt = off + len(chunk)
             i += 1
             while i < len(segments) and segments[i][0] == nxt:

@@ -84,7 +84,8 @@ def encode_block(values: np.ndarray, bits: int) -> bytes:
     per_byte = 8 // bits
     shifts = np.arange(0, 8, bits, dtype=np.uint8)
     parts = values.astype(np.uint8).reshape(-1, per_byte) << shifts
-    return np.bitwise_or.reduce(parts, axis=1).astype(np.uint8).tobytes()
+    packed: np.ndarray = np.bitwise_or.reduce(parts, axis=1)
+    return packed.astype(np.uint8).tobytes()
 
 
 def sorted_unique(x: np.ndarray) -> np.ndarray:
