@@ -166,6 +166,19 @@ class FormatDriver:
         """Rewrite the backing file reference stored in the image (``rebase``); None removes it."""
         raise UnsupportedError("Operation not supported", errno=errno.ENOTSUP)
 
+    # -- untrusted-image inspection (vdkit-img inspect) --------------------------
+    def references(self) -> list[tuple[str, str]]:
+        """Every file the image names, as ``(kind, name as stored)``: "backing-file", "data-file",
+        "extent"...  Read from metadata only; nothing is opened."""
+        stored = self.backing_file
+        return [] if stored is None else [("backing-file", stored)]
+
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """Problems in the image's own metadata that QEMU would trip over or that hide data
+        (tables past the end of the file, overlapping metadata, unknown feature bits), as
+        ``(kind, detail)``.  The file was opened read-only in check mode."""
+        return []
+
     def extra_files(self) -> list[ImageFile]:
         """Other files this node owns (an external data file), for disk usage."""
         return []
@@ -182,6 +195,10 @@ class FormatDriver:
         return UnsupportedError("Block driver does not support snapshots", errno=errno.ENOTSUP)
 
     supports_snapshots: ClassVar[bool] = False
+
+    def snapshot_unsupported_reason(self) -> str | None:
+        """Why this image cannot take snapshots although its format can (qcow2: an external data file)."""
+        return None
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
                         vm_state_size: int = 0, icount: int | None = None,

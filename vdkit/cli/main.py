@@ -30,6 +30,7 @@ COMMANDS = {
     "resize": "resize",
     "rebase": "rebase",
     "commit": "commit",
+    "inspect": "inspect",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).
@@ -82,6 +83,7 @@ Command syntax:
           [-f fmt] [-t cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param]
           [-S sparse_size] filename [filename2 [...]] output_filename
   create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  inspect [-f declared_fmt] [--output=human|json] [--max-size=size] filename   (vdkit extension: safety verdict)
   info [--object objectdef] [--image-opts] [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
   map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=human|json]
       [-U] filename

@@ -556,6 +556,33 @@ class Qcow2Driver(FormatDriver):
 
         make_empty(self)
 
+    def references(self) -> list[tuple[str, str]]:
+        refs = super().references()
+        if self.header.has_data_file and self.header.data_file is not None:
+            refs.append(("data-file", self.header.data_file))
+        return refs
+
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """Header flags QEMU acts on, then the whole metadata walk of ``qemu-img check``."""
+        h = self.header
+        issues: list[tuple[str, str]] = []
+        if h.has_data_file and h.data_file is None:
+            issues.append(("data-file", "the image needs an external data file but names none"))
+        if h.corrupt:
+            issues.append(("corrupt-flag", "the image is marked corrupt"))
+        if h.dirty:
+            issues.append(("dirty", "the refcounts are not up to date (QEMU repairs them on a writable open)"))
+        found: list[str] = []
+        result = self.check(None, lambda line: found.append(line.lstrip("\0")))
+        if result.error:
+            issues.append(("invalid-metadata", f"the metadata walk failed: {os.strerror(-result.error)}"))
+        if result.corruptions or result.check_errors:
+            first = "; ".join(found[:3])
+            issues.append(("corrupt-metadata",
+                           f"{result.corruptions} corruptions, {result.check_errors} check errors"
+                           + (f" ({first})" if first else "")))
+        return issues
+
     def specific_info(self) -> ImageInfoSpecific:
         from vdkit.formats.qcow2.info import specific_info
 
