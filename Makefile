@@ -43,9 +43,11 @@ demo: deps system-deps
 
 lint: deps
 	$(VENV)/bin/ruff check vdkit tests bench
+	$(VENV)/bin/mypy
 
 test: deps system-deps
 	$(VENV)/bin/ruff check vdkit tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: deps system-deps

@@ -68,7 +68,8 @@ def record(
     """Class decorator: turn annotated class attributes into an ``__init__`` and value semantics."""
 
     def wrap(c: type[T]) -> type[T]:
-        return _build(c, frozen, slots)
+        built: type[T] = _build(c, frozen, slots)
+        return built
 
     return wrap if cls is None else wrap(cls)
 
@@ -146,7 +147,7 @@ def _deferred_init() -> Callable[..., None]:
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         nonlocal calls
-        owner = next(c for c in type(self).__mro__ if c.__dict__.get("__init__") is __init__)
+        owner: Any = next(c for c in type(self).__mro__ if c.__dict__.get("__init__") is __init__)
         calls += 1
         if calls > _COMPILE_AFTER:
             owner.__init__ = _compile_init(owner)
@@ -197,7 +198,7 @@ def _compile_init(cls: Any) -> Callable[..., None]:
         body.append(f"    _set(self, {name!r}, {expr})" if frozen else f"    self.{name} = {expr}")
     src = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass") + "\n"
     exec(src, ns)  # noqa: S102 - the source is built from the class's own field names
-    init = ns["__init__"]
+    init: Callable[..., None] = ns["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     return init
 
@@ -211,7 +212,7 @@ def _values(obj: Any) -> tuple[Any, ...]:
     return tuple(getattr(obj, n) for n in obj.__record_fields__)
 
 
-def _eq(self: Any, other: object) -> bool:
+def _eq(self: Any, other: object) -> object:  # bool or NotImplemented
     if other.__class__ is not self.__class__:
         return NotImplemented
     return _values(self) == _values(other)
@@ -238,7 +239,7 @@ def is_record(obj: object) -> bool:
 def fields(obj_or_cls: Any) -> tuple[str, ...]:
     """Field names in declaration order, for records and dataclasses alike."""
     cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
-    names = getattr(cls, "__record_fields__", None)
+    names: tuple[str, ...] | None = getattr(cls, "__record_fields__", None)
     if names is not None:
         return names
     import dataclasses

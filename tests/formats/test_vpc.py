@@ -490,3 +490,34 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> No
         for p in (qo, vo):
             p.unlink(missing_ok=True)
     assert not diffs, "\n".join(diffs)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+def test_inspect(images: Path) -> None:
+    """Clean images are safe; shared or misplaced blocks, differencing disks (with their parent's name)
+    and odd footers are reasons, each of which qemu-img itself does not notice."""
+    from vdkit.block.inspect import inspect_image
+
+    d = images
+    for name in ("d.vpc", "e.vpc", "c.vpc", "cfs.vpc", "z.vpc"):
+        assert inspect_image(d / name).reasons == [], name
+    assert inspect_image(d / "f.vpc").reasons == []  # probed as raw: a plain disk
+    parent = "C:\\base.vhd".encode("utf-16-be")
+    cases = {
+        "shared": ([(1540, ">I", 4)], -1, {"overlapping-metadata"}),
+        "on-header": ([(1536, ">I", 1)], -1, {"overlapping-metadata"}),
+        "differencing": ([(60, ">I", 4), (-512 + 60, ">I", 4), (DYN + 64, f"{len(parent)}s", parent)], 0,
+                         {"differencing", "backing-file", "footer-mismatch"}),
+        "fixed-at-start": ([(60, ">I", 2)], 0, {"invalid-metadata", "footer-mismatch"}),
+    }
+    for case, (fields, footer, kinds) in cases.items():
+        name = _patch(d, "d.vpc", f"insp-{case}.vpc", fields, footer=footer)
+        assert qemu_img("info", name, cwd=d).returncode == 0, case  # QEMU opens every one of them
+        verdict = inspect_image(d / name)
+        assert {r.kind for r in verdict.reasons} == kinds, (case, verdict.reasons)
+    verdict = inspect_image(d / "insp-differencing.vpc")
+    assert any(r.detail == "backing file 'C:\\base.vhd'" for r in verdict.reasons), verdict.reasons
+    cut = _truncated(d, "f.vpc", 3 << 20)
+    (d / cut).write_bytes((d / cut).read_bytes() + (d / "f.vpc").read_bytes()[-512:])
+    assert {r.kind for r in inspect_image(d / cut, fmt="vpc").reasons} >= {"truncated"}

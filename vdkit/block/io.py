@@ -21,12 +21,17 @@ import os
 
 # The status flags and BlockStatus live with the operations table (formats return them);
 # they are re-exported here for callers of this module.
-from vdkit.block.driver import ALLOCATED, DATA, EOF, OFFSET_VALID, ZERO, BlockStatus
+# ALLOCATED, DATA, ZERO and BlockStatus are re-exported: callers take the status flags from here
+from vdkit.block.driver import ALLOCATED as ALLOCATED
+from vdkit.block.driver import DATA as DATA
+from vdkit.block.driver import EOF, OFFSET_VALID
+from vdkit.block.driver import ZERO as ZERO
+from vdkit.block.driver import BlockStatus as BlockStatus
 from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from vdkit.block.node import Node
     from vdkit.io.file import ImageFile
@@ -72,7 +77,7 @@ class MapEntry:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return self._key() == other._key()  # type: ignore[attr-defined]
+        return self._key() == other._key()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
 
@@ -302,7 +307,7 @@ FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 
 
-def _libc_fallocate():  # type: ignore[no-untyped-def]
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's ``fallocate`` (Python has no binding with flags), or None.
 
     ``libc.so.6`` is tried first: ``ctypes.util.find_library`` runs
@@ -324,10 +329,10 @@ def _libc_fallocate():  # type: ignore[no-untyped-def]
     return None
 
 
-_FALLOCATE_FN: list[object] = []  # [fn or None] once looked up
+_FALLOCATE_FN: list[Callable[[int, int, int, int], int] | None] = []  # [fn or None] once looked up
 
 
-def _fallocate():  # type: ignore[no-untyped-def]
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """The looked-up ``fallocate`` (loaded on first use: most runs never punch a hole)."""
     if not _FALLOCATE_FN:
         _FALLOCATE_FN.append(_libc_fallocate())

@@ -89,9 +89,9 @@ def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: b
     except _Result as r:
         code = r.code
     except VdkitError as exc:
-        exc = names.rewrite(exc)
-        assert isinstance(exc, VdkitError)
-        error(exc.message, exc.hint)
+        err = names.rewrite(exc)
+        assert isinstance(err, VdkitError)
+        error(err.message, err.hint)
         code = 2
     finally:
         for n in nodes:

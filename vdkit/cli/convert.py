@@ -235,7 +235,7 @@ _F32 = struct.Struct("=f")
 
 def _f32(x: float) -> float:
     """``x`` rounded to the nearest C ``float``."""
-    return _F32.unpack(_F32.pack(x))[0]
+    return float(_F32.unpack(_F32.pack(x))[0])
 
 
 # -- the copy --------------------------------------------------------------------------------------
@@ -362,15 +362,15 @@ class IOFailure(Exception):
     failed piece has been written, as in a sequential copy.
     """
 
-    def __init__(self, exc: Exception, what: str) -> None:
+    def __init__(self, exc: BaseException, what: str) -> None:
         super().__init__(what)
         self.exc = exc
         self.what = what
 
-    def report(self) -> Exception:
+    def report(self) -> BaseException:
         from vdkit.block.io import io_error
 
-        return io_error(self.exc, self.what)
+        return io_error(self.exc, self.what) if isinstance(self.exc, Exception) else self.exc
 
 
 # -- zero detection ---------------------------------------------------------------------------------

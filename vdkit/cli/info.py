@@ -14,6 +14,10 @@ from vdkit.cli.options import (
 )
 from vdkit.errors import UsageError
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from vdkit.info.model import ImageInfo
+
 LONGOPTS = [
     LongOpt("help", False, "h"),
     LongOpt("format", True, "f"),
@@ -56,7 +60,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, force_share: bool) -> list:
+def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, force_share: bool) -> list[ImageInfo]:
     """Open each image of the chain on its own, without its backing file (as qemu-img's info)."""
     from vdkit.block.chain import BackingWalk
     from vdkit.block.node import open_image

@@ -13,7 +13,8 @@ import errno
 import os
 
 from vdkit.errors import UsageError, VdkitError
-from vdkit.opts import SizeRangeError, strtosz  # noqa: F401 - re-exported
+from vdkit.opts import SizeRangeError as SizeRangeError  # re-exported
+from vdkit.opts import strtosz as strtosz
 from vdkit.record import field, record
 
 

@@ -259,13 +259,13 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     # blockdev options: throttling numbers first, then aio, the limits, detect-zeroes, error actions
     throttle = ThrottleConfig()
     for key in [k for k in order if k in _THROTTLE_OPTS or k == "throttling.iops-size"]:
-        value = take(key)
-        assert value is not None
+        tvalue = take(key)
+        assert tvalue is not None
         if key == "throttling.iops-size":
-            throttle.iops_size = _throttle_number(key, value)
+            throttle.iops_size = _throttle_number(key, tvalue)
             continue
         bucket, what = _THROTTLE_OPTS[key]
-        getattr(throttle, what)[bucket] = _throttle_number(key, value)
+        getattr(throttle, what)[bucket] = _throttle_number(key, tvalue)
     aio = take("aio")
     if aio is not None:
         if aio not in ("threads", "native", "io_uring"):
@@ -307,9 +307,9 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
         cache.direct if direct is None else parse_bool("cache.direct", direct),
         cache.no_flush if no_flush is None else parse_bool("cache.no-flush", no_flush))
     for key in _ACCEPTED_FLAGS:
-        value = take(key)
-        if value is not None:
-            parse_bool(key, value)
+        flag = take(key)
+        if flag is not None:
+            parse_bool(key, flag)
     node_name = take("node-name")
     if node_name is not None:
         if not _ID_RE.match(node_name):

@@ -57,6 +57,8 @@ from vdkit.nbd import wire as w
 from vdkit.nbd.server import NEED_DATA, Closed, ExportChosen, ExportInfo, NbdServer, Request
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
     from vdkit.daemon.devices import DeviceRegistry, Drive, Medium
     from vdkit.daemon.runtime import Address
 
@@ -116,7 +118,7 @@ class NbdService:
         self.machine = machine
         self.loop = loop
         self.server: socket.socket | None = None
-        self._accept_task: asyncio.Future[None] | None = None
+        self._accept_task: concurrent.futures.Future[None] | None = None
         self.unix_path: str | None = None
         self.exports: list[Export] = []  # creation order
         self._throttles: dict[str, tuple[dict[str, int], Throttle]] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -46,6 +47,12 @@ from vdkit.monitor.qmp_wire import (
 
 log = logging.getLogger(__name__)
 nbd_export.register(REGISTRY)  # NBD commands live with the daemon (they need the event loop)
+
+
+def _hmp_line(ctx: CommandContext, *, text: str) -> str:
+    """One HMP command line run against the machine (what a monitor connection's worker calls)."""
+    return run_line(REGISTRY, ctx, text)
+
 
 READ_CHUNK = 65536
 # commands that only read daemon state (all others invalidate cached renderings)
@@ -226,7 +233,7 @@ class Daemon:
                     text = line.decode("utf-8", "surrogateescape")  # bytes echo back as QEMU echoes them
                     ctx = CommandContext(self.machine)
                     try:
-                        out = await self._run(lambda c, t=text: run_line(REGISTRY, c, t), ctx)
+                        out = await self._run(functools.partial(_hmp_line, text=text), ctx)
                     except Exception as exc:  # a bug
                         log.exception("internal error in HMP %r", text)
                         out = f"Error: internal error: {exc}\r\n"
@@ -280,7 +287,10 @@ class Daemon:
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # events met in worker/NBD threads (qcow2 corruption) go out from the loop, in order
-        self.machine.event_sink = lambda events: loop.call_soon_threadsafe(self._broadcast, events)
+        def event_sink(events: list[tuple[str, dict[str, Any] | None]]) -> None:
+            loop.call_soon_threadsafe(self._broadcast, events)
+
+        self.machine.event_sink = event_sink
         # NBD first: a -nbd address that cannot be bound leaves no monitor socket behind
         await nbd_export.attach(self.machine, self.nbd_addrs)
         for a in self.qmp_addrs:

@@ -36,6 +36,7 @@ def _int64(value: int) -> int:
 def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
     # runs once per snapshot on every ``info``: the common case (short ASCII names, values below
     # 2^63) takes no function calls; positional arguments in SnapshotInfo's field order
+    icount: int | None
     sid, name, vm_size, icount = entry.id_str, entry.name, entry.vm_state_size, entry.icount
     if len(sid) > L.MAX_SNAPSHOT_ID_LEN // 4 or not sid.isascii():
         sid = _truncate(sid, L.MAX_SNAPSHOT_ID_LEN)

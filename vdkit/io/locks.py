@@ -81,7 +81,7 @@ class ImageLock:
     def _conflicts(self, byte: int) -> bool:
         """True if another file description holds a lock on ``byte``."""
         res = fcntl.fcntl(self.fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-        return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
+        return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
 
     def _hint(self) -> str:
         return f"Is another process using the image [{self.filename}]?"

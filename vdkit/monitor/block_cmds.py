@@ -435,12 +435,12 @@ def _now() -> tuple[int, int]:
 
 def _create(medium: Medium, name: str, *, date: tuple[int, int], vm_clock_nsec: int,
             vm_state_size: int = 0) -> SnapshotEntry:
-    return medium.node.snapshot_create(name, date_sec=date[0], date_nsec=date[1],  # type: ignore[no-any-return]
+    return medium.node.snapshot_create(name, date_sec=date[0], date_nsec=date[1],
                                        vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size)
 
 
 def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> SnapshotEntry:
-    return medium.node.snapshot_delete(snapshot_id=snapshot_id, name=name)  # type: ignore[attr-defined,no-any-return]
+    return medium.node.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
 
 def _os_text(exc: Exception) -> str:
@@ -669,7 +669,7 @@ def _write_vmstate(medium: Medium, data: bytes) -> None:
         t_end = min(end, (i1 + 1) * span)
         io._write_table(i1, pos, view[pos - start : t_end - start], None)
         pos = t_end
-    drv.flush()  # type: ignore[attr-defined]
+    drv.flush()
 
 
 def _read_vmstate(medium: Medium, entry: SnapshotEntry) -> bytes:
@@ -760,7 +760,7 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
         try:
             if found is None:
                 raise VdkitError(f"Can't find snapshot '{name}'")
-            d.medium.node.snapshot_revert(found)  # type: ignore[attr-defined]
+            d.medium.node.snapshot_revert(found)
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Could not load snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
     machine.set_vm_clock_ns(entry.vm_clock_nsec)

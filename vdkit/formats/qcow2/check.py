@@ -379,7 +379,7 @@ class _Checker:
 
     # -- the in-memory reference counts --------------------------------------------------------------
     def _ensure(self, n: int) -> None:
-        self.nb_clusters = max(self.nb_clusters, n)
+        self.nb_clusters: int = max(self.nb_clusters, n)
 
     def inc(self, res: CheckResult, offset: int, size: int) -> None:
         """Count one reference to every cluster of ``[offset, offset + size)``."""
@@ -502,8 +502,7 @@ class _Checker:
             return np.frombuffer(data, dtype=">u8").reshape(len(srt), cs // 8)
         for run in np.split(np.arange(len(srt)), breaks):
             first = int(srt[run[0]])
-            data = np.frombuffer(self.f.pread(first, len(run) * cs), dtype=">u8").reshape(len(run), cs // 8)
-            out[order[run]] = data
+            out[order[run]] = np.frombuffer(self.f.pread(first, len(run) * cs), dtype=">u8").reshape(len(run), cs // 8)
         return out
 
     def sparse_entries(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -973,8 +972,8 @@ class _Checker:
         wrong_sel = ok_sel & ((rcs_sel == 1) != copied_sel)
         bad_rows = set(np.unique(sel_rows[wrong_sel]).tolist())
         written: list[int] = []  # L2 tables rewritten so far: a later L1 entry naming one reads it again
-        for row, i in enumerate(idx):
-            i = int(i)
+        for row, i_np in enumerate(idx):
+            i = int(i_np)
             l1e = int(self.l1[i])
             l2_offset = l1e & L.L1E_OFFSET_MASK
             rc = None if l2_bad[row] else int(l2_rc[row])

@@ -121,7 +121,7 @@ class Qcow2Header:
         return ((self.size if size is None else size) + span - 1) // span
 
     def evolve(self, **changes: object) -> Qcow2Header:
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return replace(self, **changes)
 
 
 def _unsupported_features(mask: int, table: tuple[FeatureName, ...]) -> str:
@@ -194,7 +194,7 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     if backing_file_offset > cluster_size:
         raise OpenError("Invalid backing file offset")
 
-    compression_type = L.CompressionType.ZLIB
+    compression_type: int = L.CompressionType.ZLIB
     if header_length > L.V3_MIN_HEADER_SIZE:
         compression_type = cluster0[L.V3_MIN_HEADER_SIZE]
         if compression_type not in (L.CompressionType.ZLIB, L.CompressionType.ZSTD):
@@ -396,9 +396,8 @@ def serialize_header(h: Qcow2Header) -> bytes:
     exts += bytes(8)
     backing = b""
     if h.backing_file is not None:
-        backing = h.backing_file_raw
-        if backing is None:
-            backing = h.backing_file.encode("utf-8", "surrogateescape")
+        raw = h.backing_file_raw
+        backing = h.backing_file.encode("utf-8", "surrogateescape") if raw is None else raw
     backing_offset = header_length + len(exts) if backing else 0
     fixed = L.HEADER_V2.pack(
         L.MAGIC, h.version, backing_offset, len(backing), h.cluster_bits, h.size, h.crypt_method,

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def specific_info(driver: Qcow2Driver) -> ImageInfoSpecific:
-    return ImageInfoSpecific("qcow2", _qcow2_specific(driver))  # type: ignore[arg-type]
+    return ImageInfoSpecific("qcow2", _qcow2_specific(driver))
 
 
 def _qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:

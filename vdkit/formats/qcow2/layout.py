@@ -11,7 +11,9 @@ import enum
 import struct
 
 # The generic snapshot descriptor truncates IDs and names to these lengths.
-from vdkit.block.snapshot import ICOUNT_UNUSED, MAX_SNAPSHOT_ID_LEN, MAX_SNAPSHOT_NAME_LEN  # noqa: F401
+from vdkit.block.snapshot import ICOUNT_UNUSED as ICOUNT_UNUSED  # re-exported (qcow2's own names)
+from vdkit.block.snapshot import MAX_SNAPSHOT_ID_LEN as MAX_SNAPSHOT_ID_LEN
+from vdkit.block.snapshot import MAX_SNAPSHOT_NAME_LEN as MAX_SNAPSHOT_NAME_LEN
 
 MAGIC = b"QFI\xfb"
 

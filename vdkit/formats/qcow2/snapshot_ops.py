@@ -31,6 +31,8 @@ from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
+    _NewTable = tuple[np.ndarray, np.ndarray]  # a rewritten L2 table's entries and subcluster bitmaps
+
 _COMMIT = struct.Struct(">QIIQQIIQ")  # header bytes 24..71
 _ULONG_MAX = 2**64 - 1
 
@@ -197,7 +199,7 @@ def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
     return CorruptImageError("Input/output error", errno=5)
 
 
-def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, tuple]]:
+def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, _NewTable]]:
     """The active L1 with COPIED flags for the refcounts the transaction leads to.
 
     L2 tables whose flags change are copied (the originals are reachable from
@@ -208,7 +210,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
     cs_bits = np.uint64(geom.cluster_bits)
     l1 = l1.copy()
     offs = geom.l1_tables(l1)
-    new_tables: dict[int, tuple] = {}
+    new_tables: dict[int, _NewTable] = {}
     replaced: dict[int, int] = {}
     # (np.unique without counts would import numpy.ma, 10 ms of a CLI run)
     distinct = sorted_unique(np.sort(offs[offs != 0])).tolist()
@@ -282,7 +284,7 @@ def _commit(
     l1: np.ndarray,
     old_l1: np.ndarray,
     snapshots: list[SnapshotEntry] | None,
-    new_tables: dict[int, tuple],
+    new_tables: dict[int, _NewTable],
     trees: Iterable[_Tree],
     size: int | None = None,
 ) -> None:

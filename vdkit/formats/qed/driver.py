@@ -59,14 +59,14 @@ def max_image_size(cluster_size: int, table_size: int) -> int:
     return (n * n * cluster_size) & U64
 
 
-def _table(data: bytes) -> array:
+def _table(data: bytes) -> array[int]:
     t = array("Q", data)
     if byteorder != "little":
         t.byteswap()
     return t
 
 
-def _pack(values: list[int] | array) -> bytes:
+def _pack(values: list[int] | array[int]) -> bytes:
     t = array("Q", values)
     if byteorder != "little":
         t.byteswap()
@@ -79,6 +79,16 @@ class QedHeader:
     __slots__ = ("cluster_size", "table_size", "header_size", "features", "compat_features",
                  "autoclear_features", "l1_table_offset", "image_size", "backing_name_offset",
                  "backing_name_size")
+    cluster_size: int
+    table_size: int
+    header_size: int
+    features: int
+    compat_features: int
+    autoclear_features: int
+    l1_table_offset: int
+    image_size: int
+    backing_name_offset: int
+    backing_name_size: int
 
     def __init__(self, raw: bytes) -> None:
         (_magic, self.cluster_size, self.table_size, self.header_size, self.features, self.compat_features,
@@ -128,8 +138,8 @@ class QedDriver(FormatDriver):
 
             name = file.pread(h.backing_name_offset, h.backing_name_size).split(b"\0", 1)[0]
             self._backing = os.fsdecode(name) or None
-        self._l1: array | None = None
-        self._l2: dict[int, array] = {}
+        self._l1: array[int] | None = None
+        self._l2: dict[int, array[int]] = {}
         self._marked = False  # need-check set by this node's writes (cleared on flush/close)
         if not self.readonly:
             changed = False
@@ -175,12 +185,12 @@ class QedDriver(FormatDriver):
         return last > off and self.cluster_ok(off) and self.cluster_ok(last)
 
     # -- tables -------------------------------------------------------------------------------
-    def l1(self) -> array:
+    def l1(self) -> array[int]:
         if self._l1 is None:
             self._l1 = _table(self.file.pread(self.header.l1_table_offset, self.table_bytes))
         return self._l1
 
-    def l2(self, off: int) -> array:
+    def l2(self, off: int) -> array[int]:
         t = self._l2.get(off)
         if t is None:
             if len(self._l2) >= _L2_CACHE:

@@ -180,16 +180,20 @@ class VhdxDriver(FormatDriver):
         def value(guid: bytes, size: int) -> bytes:
             return self.file.pread(self.meta_offset + items[guid][0], size)
 
+        self.block_size: int
         self.block_size, fp_flags = struct.unpack("<II", value(L.FILE_PARAMETERS_GUID, 8))
         self.leave_allocated = bool(fp_flags & 1)
         self.has_parent = bool(fp_flags & 2)
-        self.disk_size = struct.unpack("<Q", value(L.VIRTUAL_DISK_SIZE_GUID, 8))[0]
+        self.disk_size: int = struct.unpack("<Q", value(L.VIRTUAL_DISK_SIZE_GUID, 8))[0]
         self.page83 = value(L.PAGE83_GUID, 16)
         self.logical_sector_size = struct.unpack("<I", value(L.LOGICAL_SECTOR_GUID, 4))[0]
         self.physical_sector_size = struct.unpack("<I", value(L.PHYSICAL_SECTOR_GUID, 4))[0]
+        # Differencing images: QEMU 7.2 opens none.  A parent locator item is refused as unsupported
+        # (whatever the flags say); the "has parent" flag without a locator is invalid.
+        if L.PARENT_LOCATOR_GUID in items:
+            raise _enotsup(name)
         if self.has_parent:
-            # Differencing images: QEMU 7.2 opens none (no parent locator support).
-            raise _einval(name) if L.PARENT_LOCATOR_GUID not in items else _enotsup(name)
+            raise _einval(name)
         bs = self.block_size
         if bs < L.MIN_BLOCK_SIZE or bs > L.MAX_BLOCK_SIZE or bs & (bs - 1):
             raise _einval(name)

@@ -151,7 +151,7 @@ def with_crc(buf: bytearray, crc_offset: int = 4) -> bytearray:
 
 
 def crc_ok(buf: bytes | bytearray, crc_offset: int = 4) -> bool:
-    stored = struct.unpack_from("<I", buf, crc_offset)[0]
+    stored: int = struct.unpack_from("<I", buf, crc_offset)[0]
     tmp = bytearray(buf)
     tmp[crc_offset : crc_offset + 4] = bytes(4)
     return crc32c(tmp) == stored

@@ -49,6 +49,9 @@ def checksum(data: bytes | bytearray, at: int) -> int:
 def footer_size(footer: bytes) -> int:
     """Disk size in sectors a footer describes: current size for some creators or the maximum CHS,
     else the CHS geometry's size (what QEMU 7.2 does for images of other tools)."""
+    cyls: int
+    heads: int
+    spt: int
     cyls, heads, spt = struct.unpack_from(">HBB", footer, 56)
     if footer[28:32] in SIZE_CREATORS or (cyls, heads, spt) == MAX_CHS:
         return int(struct.unpack_from(">Q", footer, 48)[0]) // 512
@@ -68,6 +71,10 @@ class VpcDriver(FormatDriver):
         self.bat: array[int] = array("I")
         self.free_offset = 0  # where the next block goes (the trailing footer's place)
         self.total_sectors = 0
+        self.disk_type = FIXED
+        self.at_start = False  # the footer was found at offset 0 (then there is a dynamic header)
+        self.header_offset = 0
+        self.parent_name = b""  # UTF-16BE, differencing disks only
         self._open()
 
     # -- open ---------------------------------------------------------------------------------
@@ -95,7 +102,9 @@ class VpcDriver(FormatDriver):
         self.total_sectors = footer_size(footer)
         if self.total_sectors > MAX_SECTORS:
             raise OpenError(f"Could not open '{self.file.filename}': File too large", errno=errno.EFBIG)
-        self.fixed = struct.unpack_from(">I", footer, 60)[0] == FIXED
+        self.disk_type = struct.unpack_from(">I", footer, 60)[0]
+        self.fixed = self.disk_type == FIXED
+        self.at_start = at_start
         if at_start:
             # the footer copy at the start means a dynamic header, whatever the disk type says
             self._open_dynamic(struct.unpack_from(">Q", footer, 16)[0], rsize)
@@ -131,6 +140,8 @@ class VpcDriver(FormatDriver):
             free = max(free, max(used) * 512 + bitmap_size + block_size)
         if free > rsize:
             raise truncated
+        self.header_offset = header_offset
+        self.parent_name = dyn[64:576].rstrip(b"\0")
         self.block_size = block_size
         self.bitmap_size = bitmap_size
         self.bat_offset = bat_offset
@@ -145,6 +156,57 @@ class VpcDriver(FormatDriver):
     @property
     def cluster_size(self) -> int | None:
         return None if self.fixed else self.block_size
+
+    # -- inspection (vdkit-img inspect) --------------------------------------------------------
+    def _parent(self) -> str:
+        name = self.parent_name
+        return (name + b"\0" * (len(name) % 2)).decode("utf-16-be", "replace")
+
+    def references(self) -> list[tuple[str, str]]:
+        """A differencing disk names its parent (QEMU 7.2 does not open it)."""
+        if self.disk_type == 4 and self.parent_name:
+            return [("backing-file", self._parent())]
+        return []
+
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """Disk types QEMU reads differently from other tools, footer copies that disagree, blocks that
+        overlap each other or the metadata, and data past the end of the file."""
+        issues: list[tuple[str, str]] = []
+        if self.disk_type == 4:
+            issues.append(("differencing", "a differencing VHD: QEMU 7.2 reads it without its parent"))
+        elif self.disk_type not in (2, 3):
+            issues.append(("invalid-metadata", f"unknown disk type {self.disk_type} (read as dynamic)"))
+        size = self.file.size()
+        if self.at_start and self.fixed:
+            issues.append(("invalid-metadata", "a fixed disk with a footer copy at offset 0 (read as fixed "
+                                               "data after a dynamic header check)"))
+        if self.fixed and not self.at_start and size - FOOTER_SIZE < self.virtual_size:
+            issues.append(("truncated", "the file ends before the disk's data"))
+        if not self.at_start:
+            return issues
+        tail = self.file.pread(max(0, size - FOOTER_SIZE), FOOTER_SIZE)
+        if tail != self.footer:
+            issues.append(("footer-mismatch", "the footer at the end of the file differs from the copy at offset 0"))
+        spans = [(0, FOOTER_SIZE, "footer copy"), (self.header_offset, DYN_HEADER_SIZE, "dynamic header"),
+                 (self.bat_offset, len(self.bat) * 4, "block allocation table")]
+        span = self.bitmap_size + self.block_size
+        spans += [(e * 512, span, f"block {i}") for i, e in enumerate(self.bat) if e != UNALLOCATED]
+        spans.sort()
+        reported = 0
+        reach, reach_name = 0, ""  # the furthest end so far, and whose it is
+        for start, length, name in spans:
+            if length and start < reach:
+                reported += 1
+                if reported <= 3:
+                    issues.append(("overlapping-metadata", f"{reach_name} overlaps {name}"))
+            if start + length > reach:
+                reach, reach_name = start + length, name
+        if reported > 3:
+            issues.append(("overlapping-metadata", f"{reported - 3} more overlaps"))
+        ends = [e * 512 + span for e in self.bat if e != UNALLOCATED]
+        if ends and max(ends) > size:
+            issues.append(("truncated", "a block's data lies past the end of the file"))
+        return issues
 
     # -- data ---------------------------------------------------------------------------------
     def _pieces(self, offset: int, length: int):  # type: ignore[no-untyped-def]
