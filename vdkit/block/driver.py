@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 
-from vdkit.errors import UnsupportedError
+from vdkit.errors import CorruptImageError, UnsupportedError
 from vdkit.record import record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -50,6 +50,42 @@ class BlockStatus:
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
+
+
+@record(frozen=True)
+class CorruptionReport:
+    """One corruption event of a driver, as QEMU signals it (``BLOCK_IMAGE_CORRUPTED``'s data).
+
+    ``driver`` is the format that signalled it (the prefix of QEMU's stderr line);
+    ``offset``/``size`` are -1 when the event is not about a host range (QMP then
+    leaves them out).  ``fatal`` events happen on writable images only: the image
+    was marked corrupt and the node is dead.
+    """
+
+    message: str
+    offset: int
+    size: int
+    fatal: bool
+    driver: str
+
+    @property
+    def text(self) -> str:
+        """The stderr line QEMU prints (without the newline)."""
+        if self.fatal:
+            return (f"{self.driver}: Marking image as corrupt: {self.message}; further corruption events will "
+                    "be suppressed")
+        return (f"{self.driver}: Image is corrupt: {self.message}; further non-fatal corruption events will be "
+                "suppressed")
+
+
+class CorruptionEvent(CorruptImageError):
+    """A request failed on metadata its driver calls corrupt (the event was signalled, the request saw EIO).
+
+    ``report`` is the event still to be printed when no :attr:`FormatDriver.corruption_hook`
+    took it (front ends print ``report.text`` before the error), else None.
+    """
+
+    report: CorruptionReport | None = None
 
 
 @record
@@ -107,6 +143,10 @@ class FormatDriver:
 
     format_name: ClassVar[str] = ""
     supports_backing: ClassVar[bool] = False
+    # Where corruption events go (the daemon's event emitter); formats that signal them call it.
+    corruption_hook: Callable[[CorruptionReport], None] | None = None
+    # A fatal corruption event killed the node: every request fails (QEMU: no driver left).
+    dead: bool = False
 
     def __init__(self, file: ImageFile) -> None:
         self.file = file
@@ -206,7 +246,13 @@ class FormatDriver:
         raise self._unsupported()
 
     def read_vmstate(self, entry: SnapshotEntry) -> bytes:
+        """The VM state saved with snapshot ``entry`` (``loadvm``); empty for disk-only snapshots."""
         raise self._unsupported()
+
+    def save_vmstate(self, data: bytes) -> None:
+        """Write ``data`` into the active layer's VM-state area (``savevm``, before the snapshot
+        that captures it; QEMU's ``bdrv_save_vmstate``)."""
+        raise UnsupportedError("Operation not supported", errno=errno.ENOTSUP)
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         raise self._unsupported()

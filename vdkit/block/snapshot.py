@@ -8,9 +8,61 @@ one format.
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Protocol, TypeVar
+
+    class _Snapshot(Protocol):
+        id_str: str
+        name: str
+
+    S = TypeVar("S", bound=_Snapshot)
+
 MAX_SNAPSHOT_ID_LEN = 127
 """Bytes of a snapshot ID that QEMU's descriptor keeps (128-byte field with its NUL)."""
 MAX_SNAPSHOT_NAME_LEN = 255
 """Bytes of a snapshot name that QEMU's descriptor keeps (256-byte field with its NUL)."""
 ICOUNT_UNUSED = 0xFFFFFFFFFFFFFFFF
 """The instruction counter of a snapshot taken without icount (-1, reported as absent)."""
+
+
+# -- lookup: what QEMU's generic snapshot layer compares (the truncated descriptor fields) --------
+
+def _trunc(text: str, max_bytes: int) -> str:
+    raw = text.encode("utf-8", "surrogateescape")
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "surrogateescape")
+
+
+def id_of(e: _Snapshot) -> str:
+    """The ID as QEMU's generic snapshot descriptor holds it (truncated to 127 bytes)."""
+    return _trunc(e.id_str, MAX_SNAPSHOT_ID_LEN)
+
+
+def name_of(e: _Snapshot) -> str:
+    """The name as the generic descriptor holds it (truncated to 255 bytes); lookups compare this."""
+    return _trunc(e.name, MAX_SNAPSHOT_NAME_LEN)
+
+
+def find_by_name(entries: Iterable[S], name: str) -> S | None:
+    """First entry (table order) whose name is ``name``; IDs are never consulted."""
+    return next((e for e in entries if name_of(e) == name), None)
+
+
+def find_by_id_and_name(entries: Iterable[S], snapshot_id: str | None, name: str | None) -> S | None:
+    """Exact pair match: both given → both must match one entry; one given → that field."""
+    if snapshot_id is None and name is None:
+        return None
+    for e in entries:
+        if snapshot_id is not None and id_of(e) != snapshot_id:
+            continue
+        if name is not None and name_of(e) != name:
+            continue
+        return e
+    return None
+
+
+def find_id_then_name(entries: Iterable[S], s: str) -> S | None:
+    """Try ``s`` as an ID, then as a name (what revert, ``loadvm`` and ``convert -l X`` use)."""
+    entries = list(entries)
+    return find_by_id_and_name(entries, s, None) or find_by_id_and_name(entries, None, s)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vdkit.block.driver import CorruptionEvent
+from vdkit.block.snapshot import find_id_then_name
 from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
 from vdkit.info.collect import image_info, snapshot_info
 from vdkit.info.model import (
@@ -446,8 +448,6 @@ def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> Sna
 def _os_text(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return os_error_message(exc)
-    from vdkit.formats.qcow2.io import CorruptionEvent
-
     if isinstance(exc, CorruptionEvent) and exc.errno:  # the event was reported; the request saw EIO
         return os.strerror(exc.errno)
     return str(exc)
@@ -645,42 +645,6 @@ def _restore_medium(machine: DeviceRegistry, drive: Drive, recorded: dict[str, A
     drive.retained_ro = medium.ro
 
 
-def _vmstate_offset(medium: Medium) -> int:
-    """Where qcow2 keeps VM state: the first L1 entry past the disk (QEMU's ``qcow2_vm_state_offset``)."""
-    drv = medium.node.driver
-    span = drv.geometry.l1_span  # type: ignore[attr-defined]
-    return int(-(-drv.virtual_size // span) * span)
-
-
-def _write_vmstate(medium: Medium, data: bytes) -> None:
-    """Write ``data`` into the active layer's VM-state area (the snapshot then captures it).
-
-    Uses the qcow2 write engine's per-table writer directly, because the
-    public guest write refuses offsets past the disk end.
-    """
-    drv = medium.node.driver
-    io = drv.io  # type: ignore[attr-defined]
-    span = io.geom.l1_span
-    start = _vmstate_offset(medium)
-    view = memoryview(data)
-    pos, end = start, start + len(data)
-    while pos < end:
-        i1 = pos // span
-        t_end = min(end, (i1 + 1) * span)
-        io._write_table(i1, pos, view[pos - start : t_end - start], None)
-        pos = t_end
-    drv.flush()
-
-
-def _read_vmstate(medium: Medium, entry: SnapshotEntry) -> bytes:
-    """The VM state stored with snapshot ``entry`` (read through the snapshot's own L1)."""
-    from vdkit.formats.qcow2.cluster import read_l1
-
-    drv = medium.node.driver
-    l1 = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
-    return drv.io.read(_vmstate_offset(medium), entry.vm_state_size, l1=l1)  # type: ignore[attr-defined,no-any-return]
-
-
 def _all_capable(machine: DeviceRegistry) -> list[Drive]:
     disks = included_drives(machine)
     for d in disks:
@@ -711,7 +675,7 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
         clock = machine.vm_clock_ns()
         assert vmdisk.medium is not None
         try:
-            _write_vmstate(vmdisk.medium, vm_state)
+            vmdisk.medium.node.driver.save_vmstate(vm_state)
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Error while writing VM state: {_os_text(exc)}") from exc
         made: list[tuple[Drive, SnapshotEntry]] = []
@@ -752,11 +716,9 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
     was_running = machine.stop()
     if was_running:
         ctx.emit("STOP")
-    from vdkit.formats.qcow2 import snapshot_ops
-
     for d in disks:
         assert d.medium is not None
-        found = snapshot_ops.find_id_then_name(_entries(d.medium), name)
+        found = find_id_then_name(_entries(d.medium), name)
         try:
             if found is None:
                 raise VdkitError(f"Can't find snapshot '{name}'")
@@ -765,7 +727,7 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
             raise VdkitError(f"Could not load snapshot '{name}' on '{d.id}': {_os_text(exc)}") from exc
     machine.set_vm_clock_ns(entry.vm_clock_nsec)
     try:
-        raw = _read_vmstate(vmdisk.medium, entry)
+        raw = vmdisk.medium.node.driver.read_vmstate(entry)
     except (OSError, VdkitError) as exc:
         raise VdkitError("Error -5 while loading VM state") from exc
     # A state vdkit did not write (e.g. QEMU's "QEVM" migration stream) holds

@@ -12,7 +12,7 @@ import errno
 import os
 from functools import cached_property
 
-from vdkit.block.driver import FormatDriver
+from vdkit.block.driver import CorruptionEvent, CorruptionReport, FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from vdkit.block.driver import CheckReport, CheckResult, OpenContext
     from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
-    from vdkit.formats.qcow2.io import CorruptionEvent, Qcow2IO
+    from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.info.model import ImageInfoSpecific
 
@@ -52,29 +52,6 @@ class BitmapEntry:
         return 1 << self.granularity_bits
 
 
-@record(frozen=True)
-class CorruptionReport:
-    """One qcow2 corruption event, as QEMU signals it (``BLOCK_IMAGE_CORRUPTED``'s data).
-
-    ``offset``/``size`` are -1 when the event is not about a host range (QMP
-    then leaves them out).  ``fatal`` events happen on writable images only:
-    the image was marked corrupt and the node is dead.
-    """
-
-    message: str
-    offset: int
-    size: int
-    fatal: bool
-
-    @property
-    def text(self) -> str:
-        """The stderr line QEMU prints (without the newline)."""
-        if self.fatal:
-            return f"qcow2: Marking image as corrupt: {self.message}; further corruption events will be suppressed"
-        return (f"qcow2: Image is corrupt: {self.message}; further non-fatal corruption events will be "
-                "suppressed")
-
-
 def _io_error(exc: OSError) -> VdkitError:
     """An I/O failure while writing metadata, as a one-line error with its errno."""
     return VdkitError(os.strerror(exc.errno) if exc.errno else str(exc), errno=exc.errno or errno.EIO)
@@ -83,10 +60,9 @@ def _io_error(exc: OSError) -> VdkitError:
 class Qcow2Driver(FormatDriver):
     format_name = "qcow2"
     supports_backing = True
-    # Where corruption events go (the daemon's event emitter, a CLI's stderr printer).  Without a
-    # hook the report travels on the raised CorruptionEvent for the front end to print when it maps
-    # the error (``vdkit.block.io.io_error``); the library itself never prints.
-    corruption_hook: Callable[[CorruptionReport], None] | None = None
+    # Corruption events go to ``corruption_hook`` (FormatDriver's slot: the daemon's event emitter).
+    # Without a hook the report travels on the raised CorruptionEvent for the front end to print when
+    # it maps the error (``vdkit.block.io.io_error``); the library itself never prints.
 
     def __init__(
         self,
@@ -379,6 +355,27 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    def save_vmstate(self, data: bytes) -> None:
+        """Write ``data`` at the VM-state offset of the active layer (the next snapshot captures it).
+
+        Goes through the write engine's per-table writer, because the guest
+        write refuses offsets past the disk end.
+        """
+        self.require_alive()
+        from vdkit.formats.qcow2.snapshot_ops import vm_state_offset
+
+        io = self.io
+        span = io.geom.l1_span
+        start = vm_state_offset(self)
+        view = memoryview(data)
+        pos, end = start, start + len(data)
+        while pos < end:
+            i1 = pos // span
+            t_end = min(end, (i1 + 1) * span)
+            io._write_table(i1, pos, view[pos - start : t_end - start], None)
+            pos = t_end
+        self.flush()
+
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
@@ -437,13 +434,11 @@ class Qcow2Driver(FormatDriver):
         :attr:`corruption_hook`, else to ``fallback`` (check's own output),
         else it rides on the returned exception.
         """
-        from vdkit.formats.qcow2.io import CorruptionEvent
-
         fatal = fatal and not self.readonly and not self.file.readonly
         exc = CorruptionEvent(message, errno=errno.EIO)
         if self.corruption_signalled and (not fatal or self.header.corrupt):
             return exc
-        report = CorruptionReport(message, offset, size, fatal)
+        report = CorruptionReport(message, offset, size, fatal, "qcow2")
         if fatal:
             self.dead = True
             # A version 2 header has no feature fields: bytes 72.. are its extensions

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vdkit.block.node import Node
-    from vdkit.formats.qcow2.driver import CorruptionReport, Qcow2Driver
+    from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
 else:
 
@@ -82,17 +82,6 @@ def _hx(value: int) -> str:
     """C's ``%#x``: no ``0x`` for zero (QEMU's messages print ``L2 index: 0``)."""
     return f"{value:#x}" if value else "0"
 
-
-class CorruptionEvent(CorruptImageError):
-    """A request failed on metadata QEMU would call corrupt (unaligned offsets, invalid entries).
-
-    Made only by ``Qcow2Driver.signal_corruption`` (which also marks a
-    writable image corrupt).  The message is the bare event text; ``report``
-    is the event still to be printed when no hook took it (front ends print
-    ``report.text`` before the error), else None.
-    """
-
-    report: CorruptionReport | None = None
 
 # Entry masks as Python ints: combined with uint64 arrays they act as uint64 (they all fit).
 _MASK_OFF = L.L2E_OFFSET_MASK

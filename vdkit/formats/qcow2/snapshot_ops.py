@@ -22,6 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vdkit.block.snapshot import (  # noqa: F401  (the generic lookup, used here and by callers)
+    find_by_id_and_name,
+    find_by_name,
+    find_id_then_name,
+    id_of,
+    name_of,
+)
 from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
@@ -42,42 +49,6 @@ _ULONG_MAX = 2**64 - 1
 def _trunc(text: str, max_bytes: int) -> str:
     raw = text.encode("utf-8", "surrogateescape")
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "surrogateescape")
-
-
-def id_of(e: SnapshotEntry) -> str:
-    """The ID as QEMU's generic snapshot descriptor holds it (truncated to 127 bytes)."""
-    return _trunc(e.id_str, L.MAX_SNAPSHOT_ID_LEN)
-
-
-def name_of(e: SnapshotEntry) -> str:
-    """The name as the generic descriptor holds it (truncated to 255 bytes); lookups compare this."""
-    return _trunc(e.name, L.MAX_SNAPSHOT_NAME_LEN)
-
-
-def find_by_name(entries: Iterable[SnapshotEntry], name: str) -> SnapshotEntry | None:
-    """First entry (table order) whose name is ``name``; IDs are never consulted."""
-    return next((e for e in entries if name_of(e) == name), None)
-
-
-def find_by_id_and_name(
-    entries: Iterable[SnapshotEntry], snapshot_id: str | None, name: str | None
-) -> SnapshotEntry | None:
-    """Exact pair match: both given → both must match one entry; one given → that field."""
-    if snapshot_id is None and name is None:
-        return None
-    for e in entries:
-        if snapshot_id is not None and id_of(e) != snapshot_id:
-            continue
-        if name is not None and name_of(e) != name:
-            continue
-        return e
-    return None
-
-
-def find_id_then_name(entries: Iterable[SnapshotEntry], s: str) -> SnapshotEntry | None:
-    """Try ``s`` as an ID, then as a name (what revert and ``convert -l X`` use)."""
-    entries = list(entries)
-    return find_by_id_and_name(entries, s, None) or find_by_id_and_name(entries, None, s)
 
 
 def _strtoul(s: str) -> int:
