@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same
 from tests.formats.images import cloop_image
-from tests.formats.ro_diff import run_sweep, same_read_side, same_refusals
+from tests.formats.ro_diff import assert_same, run_sweep, same_read_side, same_refusals
 from tests.formats.test_bochs import pattern
 
 VARIANTS = {

@@ -38,15 +38,17 @@ FORMATS: dict[str, str] = {
     "qcow2": "vdkit.formats.qcow2",
     "vhdx": "vdkit.formats.vhdx",
     "vpc": "vdkit.formats.vpc",
+    "vdi": "vdkit.formats.vdi",
     "qed": "vdkit.formats.qed",
     "bochs": "vdkit.formats.bochs",
     "cloop": "vdkit.formats.cloop",
+    "dmg": "vdkit.formats.dmg",
+    "luks": "vdkit.formats.luks",
     "vmdk": "vdkit.formats.vmdk",
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
 _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
-    (b"LUKS\xba\xbe", "luks"),
     (b"WithoutFreeSpace", "parallels"),
     (b"WithouFreSpacExt", "parallels"),
 )
