@@ -464,3 +464,15 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
         for p in (qo, vo):
             p.unlink(missing_ok=True)
     assert not diffs, "\n".join(diffs)
+
+
+def test_convert_into_existing(images: Path, tmp_path: Path) -> None:
+    """convert -n: no zero initialisation is assumed, zeros are written as data (allocating blocks)."""
+    shutil.copy(images / "src.raw", tmp_path)
+    for name in ("q.vhdx", "v.vhdx"):
+        check_ok("create", "-q", "-f", "vhdx", "-o", "block_size=1M", name, "8M", cwd=tmp_path)
+    check_ok("convert", "-n", "-O", "vhdx", "src.raw", "q.vhdx", cwd=tmp_path)
+    v = vdkit_img("convert", "-n", "-O", "vhdx", "src.raw", "v.vhdx", cwd=tmp_path)
+    assert v.returncode == 0, v.stderr
+    mq, mv = masked(tmp_path / "q.vhdx"), masked(tmp_path / "v.vhdx")
+    assert mq[0] == mv[0]
