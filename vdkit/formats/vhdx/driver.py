@@ -356,6 +356,9 @@ class VhdxDriver(FormatDriver):
             if state in (4, L.PAYLOAD_PARTIALLY_PRESENT):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             if state != L.PAYLOAD_FULLY_PRESENT:
+                if self.header.log_length == 0 or self.header.log_length % L.MiB:
+                    # no usable log for the BAT update (QEMU fails these writes with EINVAL too)
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
                 entry = self._allocate(block)
             self.file.pwrite((entry & L.BAT_OFFSET_MASK) + inner, mv[pos : pos + k])
             if state != L.PAYLOAD_FULLY_PRESENT:

@@ -45,11 +45,12 @@ def _read_circular(buf: bytes, offset: int, length: int) -> bytes:
     return first + buf[: length - len(first)]
 
 
-def _parse(buf: bytes, offset: int, guid: bytes) -> Entry | None:
-    """The valid entry at ``offset`` of the log buffer, or None."""
-    n = len(buf)
+def _parse(buf: bytes, offset: int, guid: bytes, n: int) -> Entry | None:
+    """The valid entry at ``offset`` of the log buffer (of a log ``n`` bytes long), or None."""
+    if offset >= len(buf):
+        return None
     head = buf[offset : offset + 64]
-    if head[:4] != b"loge":
+    if head[:4] != b"loge" or len(head) < 64:
         return None
     sig, _crc, length, tail, seq, count, _r, eguid, flushed, last = L.LOG_ENTRY_HEADER.unpack(head)
     if (length % L.LOG_SECTOR or length < L.LOG_SECTOR or length > n or tail % L.LOG_SECTOR or tail >= n
@@ -58,6 +59,8 @@ def _parse(buf: bytes, offset: int, guid: bytes) -> Entry | None:
     desc_sectors = -(-(64 + 32 * count) // L.LOG_SECTOR)
     if desc_sectors * L.LOG_SECTOR > length:
         return None
+    if (offset + length > len(buf)) and (len(buf) < n or offset + length - n > len(buf)):
+        return None  # part of it lies past the end of the file
     raw = _read_circular(buf, offset, length)
     if not L.crc_ok(raw):
         return None
@@ -96,17 +99,19 @@ def active_sequence(file: ImageFile, header: L.Header) -> list[Entry]:
     highest sequence number wins and is replayed from that tail.
     """
     length = min(header.log_length, MAX_LOG_READ)
-    buf = file.pread(header.log_offset, length)
+    # Only the part of the log inside the file is read; entries reaching past it are not valid.
+    in_file = max(0, min(length, file.size() - header.log_offset))
+    buf = file.pread(header.log_offset, in_file) if in_file else b""
     guid = header.log_guid
     best: list[Entry] = []
     cache: dict[int, Entry | None] = {}
 
     def entry_at(off: int) -> Entry | None:
         if off not in cache:
-            cache[off] = _parse(buf, off, guid)
+            cache[off] = _parse(buf, off, guid, length)
         return cache[off]
 
-    for start in range(0, length, L.LOG_SECTOR):
+    for start in range(0, len(buf), L.LOG_SECTOR):
         first = entry_at(start)
         if first is None:
             continue
