@@ -377,6 +377,46 @@ class QedDriver(FormatDriver):
                 pass
         super().close()
 
+    # -- resize and rebase --------------------------------------------------------------------
+    def truncate(self, size: int, prealloc: str = "off", *, backing: Backing = None,
+                 backing_size: int = 0) -> None:
+        """Only the header's size changes: QED grows by addressing more of its tables, never shrinks."""
+        old = self.header.image_size
+        if size > old and backing is not None and backing_size > old:
+            # the grown area would show the longer backing file: QEMU asks for zeroing QED cannot do
+            raise VdkitError("Block driver does not support requested flags", errno=errno.ENOTSUP)
+        if prealloc != "off":
+            raise VdkitError(f"Unsupported preallocation mode '{prealloc}'", errno=errno.ENOTSUP)
+        if size % 512 or size > max_image_size(self.cs, self.header.table_size):
+            raise VdkitError("Invalid image size specified", errno=errno.EINVAL)
+        if size < old:
+            raise VdkitError("Shrinking images is currently not supported", errno=errno.ENOTSUP)
+        self.header.image_size = size
+        self._write_header()
+        self.file.flush()
+
+    def change_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the name after the header (it must fit in the header clusters) and the raw bit."""
+        import os
+
+        h = self.header
+        raw = os.fsencode(name) if name else b""
+        if name:
+            if HEADER.size + len(raw) > self.header_bytes:
+                raise VdkitError("No space left in the file header", errno=errno.ENOSPC)
+            h.features |= F_BACKING_FILE
+            h.backing_name_offset, h.backing_name_size = HEADER.size, len(raw)
+            if fmt == "raw":
+                h.features |= F_BACKING_FORMAT_NO_PROBE
+            else:
+                h.features &= ~F_BACKING_FORMAT_NO_PROBE
+        else:
+            h.features &= ~(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE)
+            h.backing_name_size = 0
+        self.file.pwrite(0, h.pack() + raw)
+        self.file.flush()
+        self._backing = name or None
+
     # -- check --------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
         """Every table and cluster reference; clusters no table names are leaks (QED cannot free them).
