@@ -435,3 +435,19 @@ def test_resize_rebase_commit(tmp_path: Path) -> None:
         assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr), args[:3]
         for name in ("o.qed", "s.qed", "b.qed", "b2.qed"):
             assert (dirs["q"] / name).read_bytes() == (dirs["v"] / name).read_bytes(), (args[:3], name)
+
+
+def test_inspect(images: Path, tmp_path: Path) -> None:
+    """vdkit-img inspect: a clean image is safe; a backing file, the need-check bit and bad entries are reasons."""
+    r = vdkit_img("inspect", "--output=json", "q.qed", cwd=images)
+    assert r.returncode == 0 and json.loads(r.stdout)["verdict"] == "safe", r.stdout + r.stderr
+    r = vdkit_img("inspect", "--output=json", "ovr.qed", cwd=images)
+    assert [x["kind"] for x in json.loads(r.stdout)["reasons"]] == ["backing-file"], r.stdout
+    _patch(images / "q.qed", tmp_path / "x.qed", [(16, 8, 2), (0x60000, 8, 0xFF0000)])
+    r = vdkit_img("inspect", "--output=json", "x.qed", cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert r.returncode not in (0, 1) and out["verdict"] == "unsafe"
+    assert [x["kind"] for x in out["reasons"]] == ["dirty", "corrupt-metadata"]
+    _patch(images / "q.qed", tmp_path / "y.qed", [(4, 4, 3)])
+    r = vdkit_img("inspect", "--output=json", "y.qed", cwd=tmp_path)
+    assert [x["kind"] for x in json.loads(r.stdout)["reasons"]] == ["invalid-metadata"], r.stdout

@@ -417,6 +417,22 @@ class QedDriver(FormatDriver):
         self.file.flush()
         self._backing = name or None
 
+    # -- inspect ------------------------------------------------------------------------------
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """The need-check bit (QEMU repairs the image on a writable open), then ``check``'s walk."""
+        issues: list[tuple[str, str]] = []
+        if self.header.features & F_NEED_CHECK:
+            issues.append(("dirty", "the image needs a check (QEMU checks and repairs it on a writable open)"))
+        try:
+            result = self.check(None, lambda _line: None)
+        except OSError as exc:
+            issues.append(("invalid-metadata", f"the metadata walk failed: {exc.strerror}"))
+            return issues
+        if result.corruptions:
+            issues.append(("corrupt-metadata", f"{result.corruptions} table entries point outside the file "
+                                               "or at clusters used twice"))
+        return issues
+
     # -- check --------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
         """Every table and cluster reference; clusters no table names are leaks (QED cannot free them).
