@@ -476,3 +476,28 @@ def test_convert_into_existing(images: Path, tmp_path: Path) -> None:
     assert v.returncode == 0, v.stderr
     mq, mv = masked(tmp_path / "q.vhdx"), masked(tmp_path / "v.vhdx")
     assert mq[0] == mv[0]
+
+
+def test_huge_bat_under_memory_limit(images: Path, tmp_path: Path) -> None:
+    """A 64 TiB disk of 1 MiB blocks: a 512 MiB BAT in a sparse file.  vdkit reads it (as qemu-img does)
+    within an address-space limit of 1 GiB: the scan goes 8 MiB at a time."""
+    data = bytearray((images / "d.vhdx").read_bytes()[:4 << 20])
+    meta = bytes(data[0x300000:0x400000])
+    data[0x200000:0x400000] = bytes(0x200000)
+    struct.pack_into("<Q", data, 0x300000 - 0x100000, 0)  # no block allocated
+    _md_off = 0x30000000
+    _rt(data, 0, 2, 0x20100000)
+    _rt(data, 1, 1, _md_off)
+    path = tmp_path / "h.vhdx"
+    with open(path, "wb") as f:
+        f.write(data)
+        f.seek(_md_off)
+        f.write(meta)
+    with open(path, "r+b") as f:
+        f.seek(_md_off + 0x10000)
+        f.write(struct.pack("<II", 1 << 20, 0) + struct.pack("<Q", 64 << 40))
+    for args in (["info", "h.vhdx"],):
+        q = qemu_img(*args, cwd=tmp_path)
+        v = _run([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
+        assert (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
+    assert "virtual size: 64 TiB" in qemu_img("info", "h.vhdx", cwd=tmp_path).stdout

@@ -31,7 +31,7 @@ from vdkit.formats.vhdx import layout as L
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from vdkit.block.driver import CheckReport, OpenContext
     from vdkit.io.file import ImageFile
@@ -213,21 +213,16 @@ class VhdxDriver(FormatDriver):
         # a header cannot make vdkit allocate more than the file holds.
         fsize = self.file.size()
         in_file = max(0, min(total * 8, fsize - self.bat_offset)) // 8 * 8
-        self.bat = bytearray(self.file.pread(self.bat_offset, in_file)) if in_file else bytearray()
+        self.bat = bytearray(in_file)
+        if in_file:
+            self.file.readinto(self.bat_offset, memoryview(self.bat))  # no second copy of a large table
         self._check_bat(fsize)
 
     def _check_bat(self, fsize: int) -> None:
         """Fully present blocks must lie inside the file and outside the metadata regions."""
         if not self.bat:
             return
-        if len(self.bat) > L.MiB:  # large tables: numpy finds the present entries (costs its import)
-            import numpy as np
-
-            arr = np.frombuffer(bytes(self.bat), dtype="<u8")
-            present = np.nonzero((arr & 7) == L.PAYLOAD_FULLY_PRESENT)[0].tolist()
-        else:  # small ones (every image up to 1 TiB with 8 MiB blocks): no numpy start-up cost for info
-            arr = struct.unpack(f"<{len(self.bat) // 8}Q", self.bat)
-            present = [i for i, e in enumerate(arr) if e & 7 == L.PAYLOAD_FULLY_PRESENT]
+        present = self._present_entries()
         eof = -(-fsize // 512) * 512
         bs = self.block_size
         ratio = self.ratio
@@ -235,7 +230,7 @@ class VhdxDriver(FormatDriver):
             if (idx + 1) % (ratio + 1) == 0:  # a sector bitmap entry
                 continue
             block = idx - idx // (ratio + 1)
-            off = int(arr[idx]) & L.BAT_OFFSET_MASK
+            off = int.from_bytes(self.bat[idx * 8 : idx * 8 + 8], "little") & L.BAT_OFFSET_MASK
             payload = min(bs, self.virtual_size - block * bs) if block * bs < self.virtual_size else bs
             msg = None
             if off >= eof:
@@ -252,6 +247,26 @@ class VhdxDriver(FormatDriver):
                 if not self.check_mode:
                     raise _einval(self.filename, msg)
                 self.bat_errors.append(msg)
+
+    def _present_entries(self) -> Iterator[int]:
+        """Indexes of the BAT entries in state "fully present", in order.
+
+        Small tables are scanned in Python (no numpy import for ``info``); large ones with numpy, 8 MiB
+        at a time, so the scan needs little memory beyond the table itself.
+        """
+        bat = self.bat
+        if len(bat) <= L.MiB:
+            arr = struct.unpack(f"<{len(bat) // 8}Q", bat)
+            yield from (i for i, e in enumerate(arr) if e & 7 == L.PAYLOAD_FULLY_PRESENT)
+            return
+        import numpy as np
+
+        mv = memoryview(bat)
+        step = 8 * L.MiB
+        for start in range(0, len(bat), step):
+            arr = np.frombuffer(mv[start : start + step], dtype="<u8")
+            for i in np.flatnonzero((arr & 7) == L.PAYLOAD_FULLY_PRESENT).tolist():
+                yield start // 8 + i
 
     # -- the log ----------------------------------------------------------------------------------
     def _handle_log(self) -> None:
