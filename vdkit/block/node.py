@@ -20,13 +20,14 @@ from vdkit.io.file import ImageFile
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import TypeAlias
 
     from vdkit.block.driver import FormatDriver
     from vdkit.block.io import MapEntry
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfo, SnapshotInfo
 
-    SnapshotRef = SnapshotInfo | SnapshotEntry | str
+    SnapshotRef: TypeAlias = SnapshotInfo | SnapshotEntry | str  # what the snapshot methods accept
 
 
 class Node:
@@ -116,13 +117,13 @@ class Node:
             return snapshot
         if not self.driver.supports_snapshots:
             raise self.driver._unsupported()
-        from vdkit.formats.qcow2 import snapshot_ops
+        from vdkit.block.snapshot import find_by_id_and_name, find_id_then_name
 
         entries = self.driver.snapshots()
         if isinstance(snapshot, str):
-            found = snapshot_ops.find_id_then_name(entries, snapshot)
+            found = find_id_then_name(entries, snapshot)
         else:
-            found = snapshot_ops.find_by_id_and_name(entries, snapshot.id, snapshot.name)
+            found = find_by_id_and_name(entries, snapshot.id, snapshot.name)
         if found is None:
             import errno
 
@@ -150,10 +151,10 @@ class Node:
         if snapshot is not None:
             if snapshot_id is not None or name is not None:
                 raise TypeError("snapshot_delete() takes a snapshot or snapshot_id/name, not both")
-            from vdkit.formats.qcow2 import snapshot_ops
+            from vdkit.block.snapshot import id_of, name_of
 
             entry = self._snapshot_entry(snapshot)
-            snapshot_id, name = snapshot_ops.id_of(entry), snapshot_ops.name_of(entry)
+            snapshot_id, name = id_of(entry), name_of(entry)
         return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
     @property

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from vdkit.block.snapshot import (  # noqa: F401  (the generic lookup, used here and by callers)
-    find_by_id_and_name,
-    find_by_name,
-    find_id_then_name,
-    id_of,
-    name_of,
+from vdkit.block.snapshot import (  # the generic lookup, used here and re-exported for callers
+    find_by_id_and_name as find_by_id_and_name,
 )
+from vdkit.block.snapshot import find_by_name as find_by_name
+from vdkit.block.snapshot import find_id_then_name as find_id_then_name
+from vdkit.block.snapshot import id_of as id_of
+from vdkit.block.snapshot import name_of as name_of
 from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
