@@ -264,8 +264,8 @@ class VhdxDriver(FormatDriver):
         mv = memoryview(bat)
         step = 8 * L.MiB
         for start in range(0, len(bat), step):
-            arr = np.frombuffer(mv[start : start + step], dtype="<u8")
-            for i in np.flatnonzero((arr & 7) == L.PAYLOAD_FULLY_PRESENT).tolist():
+            part = np.frombuffer(mv[start : start + step], dtype="<u8")
+            for i in np.flatnonzero((part & 7) == L.PAYLOAD_FULLY_PRESENT).tolist():
                 yield start // 8 + i
 
     # -- the log ----------------------------------------------------------------------------------
