@@ -501,3 +501,46 @@ def test_huge_bat_under_memory_limit(images: Path, tmp_path: Path) -> None:
         v = _run([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
         assert (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
     assert "virtual size: 64 TiB" in qemu_img("info", "h.vhdx", cwd=tmp_path).stdout
+
+
+# -- damaged logs: which entries count, which damage refuses the image, what a replay checks --------
+
+_E = 0x100000  # the first log entry of m1.vhdx (sequence number 1)
+LOG_DAMAGE = {
+    "data_signature": lambda d: d.__setitem__(_E + 0x1000, 0x3B),  # not checked
+    "data_seq_high": lambda d: struct.pack_into("<I", d, _E + 0x1004, 5),  # refused when replaying
+    "data_seq_low": lambda d: struct.pack_into("<I", d, _E + 0x1FFC, 5),
+    "descriptor_seq": lambda d: struct.pack_into("<Q", d, _E + 64 + 24, 7),  # refused at open
+    "descriptor_signature": lambda d: d.__setitem__(_E + 64, 0x3B),
+    "descriptor_unaligned": lambda d: struct.pack_into("<Q", d, _E + 64 + 16, 0x200800),
+    "zero_descriptor": lambda d: (d.__setitem__(slice(_E + 64, _E + 68), b"zero"),
+                                  struct.pack_into("<Q", d, _E + 64 + 8, 0x1000)),
+    "zero_unaligned": lambda d: (d.__setitem__(slice(_E + 64, _E + 68), b"zero"),
+                                 struct.pack_into("<Q", d, _E + 64 + 8, 0x800)),
+    "tail_elsewhere": lambda d: struct.pack_into("<I", d, _E + 12, 0x2000),  # accepted
+    "sequence_0": lambda d: (struct.pack_into("<Q", d, _E + 16, 0), struct.pack_into("<Q", d, _E + 64 + 24, 0)),
+    "flushed_past_eof": lambda d: struct.pack_into("<Q", d, _E + 48, 0x10000000),
+    "last_past_eof": lambda d: struct.pack_into("<Q", d, _E + 56, 0x10000000),  # the file is not extended
+    "no_descriptors": lambda d: struct.pack_into("<I", d, _E + 24, 0),
+    "short_entry": lambda d: struct.pack_into("<I", d, _E + 8, 0x1000),
+}
+
+
+@pytest.mark.parametrize("case", list(LOG_DAMAGE))
+def test_damaged_log(images: Path, tmp_path: Path, case: str) -> None:
+    data = bytearray((images / "m1.vhdx").read_bytes())
+    guid = bytes(data[_E + 32:_E + 48])
+    LOG_DAMAGE[case](data)
+    data[_E:_E + 0x2000] = L.with_crc(bytearray(data[_E:_E + 0x2000]))
+    data[0x200000:0x201000] = bytes(L.LOG_SECTOR)  # the replay is what restores the BAT
+    _hdr(data, 1, log_guid=guid)
+    _hdr(data, 2, log_guid=guid)
+    for name in ("q.vhdx", "v.vhdx"):
+        (tmp_path / name).write_bytes(bytes(data))
+    assert_same(["info", "q.vhdx"], tmp_path)
+    q = qemu_img("check", "-r", "all", "q.vhdx", cwd=tmp_path)
+    v = vdkit_img("check", "-r", "all", "v.vhdx", cwd=tmp_path)
+    assert (v.returncode, v.stdout, v.normalized_stderr().replace("v.vhdx", "q.vhdx")) == (
+        q.returncode, q.stdout, q.stderr)
+    qd, vd = (tmp_path / "q.vhdx").read_bytes(), (tmp_path / "v.vhdx").read_bytes()
+    assert len(qd) == len(vd) and qd[0x200000:0x300000] == vd[0x200000:0x300000]

@@ -275,7 +275,10 @@ class VhdxDriver(FormatDriver):
         h = self.header
         if h.log_length % L.MiB or h.log_length == 0:
             raise _einval(self.filename)
-        seq = log.active_sequence(self.file, h)
+        try:
+            seq = log.active_sequence(self.file, h)
+        except log.LogError:
+            raise _einval(self.filename) from None
         if not seq:
             return
         if self.readonly:
@@ -283,7 +286,10 @@ class VhdxDriver(FormatDriver):
             raise VdkitError(
                 f"VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed",
                 hint=f"To replay the log, run:\nqemu-img check -r all '{name}'", errno=errno.EPERM)
-        log.replay(self.file, seq)
+        try:
+            log.replay(self.file, seq)
+        except log.LogError:
+            raise _einval(self.filename) from None
         # qemu-img leaves the sequence number 4 higher after a replay: both copies written twice
         self._write_headers(log_guid=L.ZERO_GUID)
         self._write_headers(log_guid=L.ZERO_GUID)

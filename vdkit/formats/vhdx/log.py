@@ -45,16 +45,26 @@ def _read_circular(buf: bytes, offset: int, length: int) -> bytes:
     return first + buf[: length - len(first)]
 
 
+class LogError(Exception):
+    """The log is damaged in a way QEMU refuses the image for (EINVAL), not just an invalid entry."""
+
+
 def _parse(buf: bytes, offset: int, guid: bytes, n: int) -> Entry | None:
-    """The valid entry at ``offset`` of the log buffer (of a log ``n`` bytes long), or None."""
+    """The valid entry at ``offset`` of the log buffer (of a log ``n`` bytes long), or None.
+
+    What makes an entry invalid (skipped) and what makes the whole log unusable (:class:`LogError`)
+    follows qemu-img 7.2 as observed: a bad signature, length, checksum, GUID or a zero sequence number
+    skip the entry; a descriptor of an unknown kind, of another sequence number, at an unaligned file
+    offset or zeroing an unaligned length fail the open.  The data sectors' own signature is not looked
+    at; their sequence numbers are checked when replaying.
+    """
     if offset >= len(buf):
         return None
     head = buf[offset : offset + 64]
     if head[:4] != b"loge" or len(head) < 64:
         return None
     sig, _crc, length, tail, seq, count, _r, eguid, flushed, last = L.LOG_ENTRY_HEADER.unpack(head)
-    if (length % L.LOG_SECTOR or length < L.LOG_SECTOR or length > n or tail % L.LOG_SECTOR or tail >= n
-            or eguid != guid or seq == 0):
+    if length % L.LOG_SECTOR or length < L.LOG_SECTOR or length > n or eguid != guid or seq == 0:
         return None
     desc_sectors = -(-(64 + 32 * count) // L.LOG_SECTOR)
     if desc_sectors * L.LOG_SECTOR > length:
@@ -66,37 +76,38 @@ def _parse(buf: bytes, offset: int, guid: bytes, n: int) -> Entry | None:
         return None
     descs: list[tuple[str, int, bytes | int]] = []
     data_at = desc_sectors * L.LOG_SECTOR
+    data_count = 0
+    for i in range(count):
+        dsig = raw[64 + 32 * i : 68 + 32 * i]
+        if dsig == b"desc":
+            data_count += 1
+    if (desc_sectors + data_count) * L.LOG_SECTOR > length:
+        return None
     for i in range(count):
         dsig, trailing, leading, file_off, dseq = L.LOG_DESCRIPTOR.unpack_from(raw, 64 + 32 * i)
-        if dseq != seq:
-            return None
+        if dsig not in (b"desc", b"zero") or dseq != seq or file_off % L.LOG_SECTOR:
+            raise LogError()
         if dsig == b"zero":
             if leading % L.LOG_SECTOR:
-                return None
+                raise LogError()
             descs.append(("zero", file_off, leading))
-        elif dsig == b"desc":
-            if data_at + L.LOG_SECTOR > length or file_off % L.LOG_SECTOR:
-                return None
-            sector = raw[data_at : data_at + L.LOG_SECTOR]
-            ssig, high = struct.unpack_from("<4sI", sector, 0)
-            low = struct.unpack_from("<I", sector, L.LOG_SECTOR - 4)[0]
-            if ssig != b"data" or (high << 32 | low) != seq:
-                return None
-            data = leading.to_bytes(8, "little") + sector[8 : L.LOG_SECTOR - 4] + trailing.to_bytes(4, "little")
-            descs.append(("data", file_off, data))
-            data_at += L.LOG_SECTOR
         else:
-            return None
+            sector = raw[data_at : data_at + L.LOG_SECTOR]
+            high = struct.unpack_from("<I", sector, 4)[0]
+            low = struct.unpack_from("<I", sector, L.LOG_SECTOR - 4)[0]
+            data = leading.to_bytes(8, "little") + sector[8 : L.LOG_SECTOR - 4] + trailing.to_bytes(4, "little")
+            descs.append(("data", file_off, data if (high << 32 | low) == seq else b""))
+            data_at += L.LOG_SECTOR
     return Entry(offset, length, tail, seq, descs, flushed, last)
 
 
 def active_sequence(file: ImageFile, header: L.Header) -> list[Entry]:
     """The entries to replay, oldest first (empty when nothing in the log belongs to this header).
 
-    Every sector boundary may start a sequence; a sequence continues with the
-    entry right after it carrying the next sequence number.  It is usable when
-    the tail its newest entry names is inside it; the usable sequence with the
-    highest sequence number wins and is replayed from that tail.
+    Every sector boundary may start a sequence; a sequence continues with the entry right after it
+    carrying the next sequence number.  The sequence reaching the highest sequence number wins (the
+    longest of those).  qemu-img 7.2 was seen to accept entries whose tail names another entry, so the
+    tail field is not used to cut the sequence.  Raises :class:`LogError` for a log QEMU refuses.
     """
     length = min(header.log_length, MAX_LOG_READ)
     # Only the part of the log inside the file is read; entries reaching past it are not valid.
@@ -126,18 +137,21 @@ def active_sequence(file: ImageFile, header: L.Header) -> list[Entry]:
                 break
             seq.append(nxt)
             seen.add(nxt_off)
-        head = seq[-1]
-        offsets = [e.offset for e in seq]
-        if head.tail not in offsets:
-            continue
-        seq = seq[offsets.index(head.tail):]
-        if not best or head.seq > best[-1].seq:
+        if not best or seq[-1].seq > best[-1].seq or (seq[-1].seq == best[-1].seq and len(seq) > len(best)):
             best = seq
     return best
 
 
 def replay(file: ImageFile, entries: list[Entry]) -> None:
-    """Apply the entries' sectors and zero ranges to the file, then make sure it is long enough."""
+    """Apply the entries' sectors and zero ranges to the file.
+
+    Refused (:class:`LogError`) before anything is written when an entry says the file was flushed
+    further than it reaches, or a data sector's sequence number is not its entry's.
+    """
+    size = file.size()
+    for e in entries:
+        if e.flushed > size or any(kind == "data" and not payload for kind, _off, payload in e.descs):
+            raise LogError()
     for e in entries:
         for kind, off, payload in e.descs:
             if kind == "data":
@@ -150,9 +164,6 @@ def replay(file: ImageFile, entries: list[Entry]) -> None:
                     k = min(L.MiB, payload - pos)
                     file.pwrite(off + pos, bytes(k))
                     pos += k
-    last = entries[-1].last
-    if file.size() < last:
-        file.truncate(last)
     file.flush()
 
 
