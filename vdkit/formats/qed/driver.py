@@ -27,7 +27,7 @@ from vdkit.errors import OpenError, VdkitError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from vdkit.block.driver import CheckReport, OpenContext
     from vdkit.io.file import ImageFile
@@ -45,7 +45,7 @@ MIN_CLUSTER, MAX_CLUSTER = 4096, 64 << 20
 MAX_TABLE_SIZE = 16
 MAX_BACKING_NAME = 4096  # QEMU's buffer for the name (PATH_MAX-sized): longer ones fail to read
 UNALLOC, ZERO_CLUSTER, ALLOC = 0, 1, 2
-_L2_CACHE = 64
+_L2_CACHE_BYTES = 64 << 20  # L2 tables kept in memory (at least one, whatever its size)
 U64 = (1 << 64) - 1
 
 
@@ -140,6 +140,7 @@ class QedDriver(FormatDriver):
             self._backing = os.fsdecode(name) or None
         self._l1: array[int] | None = None
         self._l2: dict[int, array[int]] = {}
+        self._l2_max = max(1, _L2_CACHE_BYTES // self.table_bytes)
         self._marked = False  # need-check set by this node's writes (cleared on flush/close)
         if not self.readonly:
             changed = False
@@ -193,7 +194,7 @@ class QedDriver(FormatDriver):
     def l2(self, off: int) -> array[int]:
         t = self._l2.get(off)
         if t is None:
-            if len(self._l2) >= _L2_CACHE:
+            if len(self._l2) >= self._l2_max:
                 self._l2.clear()
             t = self._l2[off] = _table(self.file.pread(off, self.table_bytes))
         return t
@@ -281,7 +282,7 @@ class QedDriver(FormatDriver):
             t[i2 : i2 + len(values)] = array("Q", values)
             l2off = self._alloc(self.table_bytes)
             self.file.pwrite(l2off, _pack(t))
-            if len(self._l2) >= _L2_CACHE:
+            if len(self._l2) >= self._l2_max:
                 self._l2.clear()
             self._l2[l2off] = t
             l1[i1] = l2off
@@ -417,6 +418,20 @@ class QedDriver(FormatDriver):
         self.file.flush()
         self._backing = name or None
 
+    def _nonzero(self, off: int) -> Iterator[tuple[int, int]]:
+        """``(index, entry)`` of the non-zero entries of the table at ``off``, read 1 MiB at a time
+        (a table can be 1 GiB: neither kept in memory nor walked entry by entry where it is zero)."""
+        step = 1 << 20
+        for base in range(0, self.table_bytes, step):
+            chunk = self.file.pread(off + base, min(step, self.table_bytes - base))
+            if chunk.count(0) == len(chunk):
+                continue
+            t = _table(chunk)
+            first = base // 8
+            for i in range(len(t)):
+                if t[i]:
+                    yield first + i, t[i]
+
     # -- inspect ------------------------------------------------------------------------------
     def inspect_issues(self) -> list[tuple[str, str]]:
         """The need-check bit (QEMU repairs the image on a writable open), then ``check``'s walk."""
@@ -445,36 +460,27 @@ class QedDriver(FormatDriver):
         h = self.header
         r.total_clusters = -(-h.image_size // cs)
         nfile = self.file_end // cs
-        used = bytearray(nfile)
-        first = min(nfile, h.header_size)
-        used[:first] = b"\1" * first
+        used = _Used(nfile)
+        used.mark(0, min(nfile, h.header_size))
         l1off = h.l1_table_offset
-        used[l1off // cs : l1off // cs + h.table_size] = b"\1" * h.table_size
+        used.mark(l1off // cs, h.table_size)
         fix = repair is not None
-        l1 = self.l1()
-        for i1 in range(self.entries):
-            l2off = l1[i1]
-            if l2off == 0:
-                continue
+        for i1, l2off in self._nonzero(l1off):
             if not self.table_ok(l2off):
                 r.corruptions += 1
                 if fix:
-                    l1[i1] = 0
+                    if self._l1 is not None:
+                        self._l1[i1] = 0
                     self.file.pwrite(l1off + 8 * i1, _pack([0]))
                     r.corruptions_fixed += 1
                 continue
-            base = l2off // cs
-            twice = sum(used[base : base + h.table_size])
-            used[base : base + h.table_size] = b"\1" * h.table_size
+            twice = used.mark(l2off // cs, h.table_size)
             if twice:  # each cluster also used by another structure is an error (not repairable)
                 r.corruptions += twice
                 continue
-            t = self.l2(l2off)
-            bad: list[int] = []
             prev = -1  # fragmentation is counted within each L2 table
-            for i2 in range(self.entries):
-                e = t[i2]
-                if e <= 1:
+            for i2, e in self._nonzero(l2off):
+                if e == 1:
                     continue
                 r.allocated_clusters += 1  # counted before the offset is judged, as qemu-img does
                 if prev >= 0 and e != prev + cs:
@@ -482,17 +488,15 @@ class QedDriver(FormatDriver):
                 prev = e
                 if not self.cluster_ok(e):  # cleared by a repair
                     r.corruptions += 1
-                    bad.append(i2)
-                elif used[e // cs]:  # referenced twice: reported, not repaired
+                    if fix:
+                        cached = self._l2.get(l2off)
+                        if cached is not None:
+                            cached[i2] = 0
+                        self.file.pwrite(l2off + 8 * i2, _pack([0]))
+                        r.corruptions_fixed += 1
+                elif used.mark(e // cs, 1):  # referenced twice: reported, not repaired
                     r.corruptions += 1
-                else:
-                    used[e // cs] = 1
-            if bad and fix:
-                for i2 in bad:
-                    t[i2] = 0
-                self.file.pwrite(l2off, _pack(t))
-                r.corruptions_fixed += len(bad)
-        r.leaks = nfile - sum(used)
+        r.leaks = nfile - used.count
         if fix:
             r.corruptions -= r.corruptions_fixed
             if r.corruptions == 0 and h.features & F_NEED_CHECK:
@@ -500,6 +504,30 @@ class QedDriver(FormatDriver):
                 self._write_header()
             self.file.flush()
         return r
+
+
+class _Used:
+    """Which file clusters some structure uses: a byte per cluster, or a set for a huge (sparse) file."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.bits: bytearray | None = bytearray(n) if n <= 1 << 26 else None
+        self.set: set[int] = set()
+        self.count = 0
+
+    def mark(self, start: int, length: int) -> int:
+        """Mark ``length`` clusters from ``start`` (clipped to the file); the number already marked."""
+        end = min(start + length, self.n)
+        if start >= end:
+            return 0
+        if self.bits is not None:
+            before = self.bits.count(1, start, end)
+            self.bits[start:end] = b"\1" * (end - start)
+        else:
+            before = sum(1 for c in range(start, end) if c in self.set)
+            self.set.update(range(start, end))
+        self.count += end - start - before
+        return before
 
 
 # -- create -----------------------------------------------------------------------------------
