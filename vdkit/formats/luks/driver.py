@@ -35,6 +35,10 @@ class LuksDriver(FormatDriver):
         from vdkit.formats.luks.header import parse_luks_header
 
         header = parse_luks_header(file.pread(0, PHDR_SIZE))
+        if file.size() < header.payload_offset:  # a negative disk size
+            import errno
+
+            raise OpenError("Could not refresh total sector count: Input/output error", errno=errno.EIO)
         if not ctx.no_io:
             raise OpenError("Parameter 'key-secret' is required for cipher")
         return cls(file, header)

@@ -68,7 +68,7 @@ class LuksHeader:
 
 
 def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 _MODES = ("ecb", "cbc", "xts", "ctr")
@@ -79,6 +79,38 @@ def _hash(name: str) -> str:
     if name not in _HASHES:
         raise CorruptImageError(f"Hash algorithm '{name}' not supported")
     return name
+
+
+HEADER_SECTORS = 4096 // SECTOR  # the 592-byte header, 4 KiB-aligned as QEMU lays it out
+STRIPES = 4000
+
+
+def _check_layout(raw: bytes, payload_offset: int, key_bytes: int, mk_iters: int) -> None:
+    """QEMU 7.2's header sanity checks, which come before the cipher names are looked at (observed order:
+    payload vs header, master key iterations, then per key slot: stripes, state, iterations of an active
+    slot, overlap with the header, with the payload, with each later slot)."""
+    if payload_offset < HEADER_SECTORS:
+        raise CorruptImageError("LUKS payload is overlapping with the header")
+    if mk_iters == 0:
+        raise CorruptImageError("LUKS key iteration count is zero")
+    # key material of a slot: key bytes x stripes, in 4 KiB units, in sectors (QEMU's 32-bit arithmetic)
+    material = (((key_bytes * STRIPES) & 0xFFFFFFFF) + 4095 & ~4095 & 0xFFFFFFFF) // SECTOR
+    slots = [_SLOT.unpack_from(raw, _PHDR.size + i * _SLOT.size) for i in range(NUM_KEY_SLOTS)]
+    for i, (active, iters, _salt, key_offset, stripes) in enumerate(slots):
+        if stripes != STRIPES:
+            raise CorruptImageError(f"Keyslot {i} is corrupted (stripes {stripes} != {STRIPES})")
+        if active not in (KEY_SLOT_ACTIVE, KEY_SLOT_DISABLED):
+            raise CorruptImageError(f"Keyslot {i} state (active/disable) is corrupted")
+        if active == KEY_SLOT_ACTIVE and iters == 0:
+            raise CorruptImageError(f"Keyslot {i} iteration count is zero")
+        if key_offset < HEADER_SECTORS:
+            raise CorruptImageError(f"Keyslot {i} is overlapping with the LUKS header")
+        if key_offset + material > payload_offset:
+            raise CorruptImageError(f"Keyslot {i} is overlapping with the encrypted payload")
+        for j in range(i + 1, NUM_KEY_SLOTS):
+            other = slots[j][3]
+            if key_offset < other + material and other < key_offset + material:
+                raise CorruptImageError(f"Keyslots {i} and {j} are overlapping in the header")
 
 
 def parse_luks_header(raw: bytes) -> LuksHeader:
@@ -95,6 +127,7 @@ def parse_luks_header(raw: bytes) -> LuksHeader:
         raise CorruptImageError("Volume is not in LUKS format")
     if version != 1:
         raise CorruptImageError(f"LUKS version {version} is not supported")
+    _check_layout(raw, payload_offset, key_bytes, mk_iters)
     name = _cstr(cipher_name)
     mode_spec = _cstr(cipher_mode)
     mode, dash, ivgen_spec = mode_spec.partition("-")

@@ -1,0 +1,134 @@
+"""luks (raw LUKS1 container): vdkit-img against qemu-img 7.2 on images qemu-img creates.
+
+Without a key only the header is read: ``info`` (human and JSON, with the
+luks ``Format specific information``) must match byte for byte, and every
+command that reads data must be refused with qemu-img's text.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_same, qemu_img
+from tests.formats.ro_diff import _run
+
+SECRET = ["--object", "secret,id=sec0,data=abc"]
+
+VARIANTS = {
+    "default": "",
+    "cbc-essiv": "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
+    "twofish": "cipher-alg=twofish-256,hash-alg=sha512",
+    "plain": "cipher-alg=aes-192,ivgen-alg=plain,hash-alg=sha384",
+}
+
+
+def make(d: Path, name: str, opts: str, size: str = "1M") -> None:
+    """qemu-img create -f luks; a short iter-time can fail under load ('Unable to get accurate CPU usage')."""
+    extra = f",{opts}" if opts else ""
+    for _ in range(5):
+        r = qemu_img("create", "-q", "-f", "luks", *SECRET, "-o", f"key-secret=sec0,iter-time=300{extra}", name,
+                     size, cwd=d)
+        if r.returncode == 0:
+            return
+    raise AssertionError(r.stderr)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("luks")
+    for name, opts in VARIANTS.items():
+        make(d, f"{name}.luks", opts)
+    (d / "src.raw").write_bytes(b"\x55" * 65536)
+    return d
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_info(images: Path, variant: str) -> None:
+    name = f"{variant}.luks"
+    for args in (["info"], ["info", "--output=json"], ["info", "-f", "luks"], ["info", "--backing-chain"],
+                 ["info", "-U", "--output=json", "-f", "luks"]):
+        assert_same([*args, name], images)
+
+
+def test_data_needs_key(images: Path) -> None:
+    """Without a key: qemu-img's 'Parameter 'key-secret' is required for cipher' for every data access."""
+    n = "default.luks"
+    for args in (["map", n], ["map", "--output=json", n], ["check", n], ["compare", n, "src.raw"],
+                 ["convert", "-O", "raw", n, "out.raw"], ["snapshot", "-l", n], ["check", "-f", "luks", n]):
+        assert_same(args, images)
+
+
+def test_not_luks(images: Path) -> None:
+    """-f luks on other files; a LUKS2-looking header is not luks to QEMU 7.2."""
+    data = bytearray((images / "default.luks").read_bytes()[:1 << 20])
+    data[7] = 2
+    (images / "v2.luks").write_bytes(bytes(data))
+    for args in (["info", "-f", "luks", "src.raw"], ["info", "v2.luks"], ["info", "-f", "luks", "v2.luks"]):
+        assert_same(args, images)
+
+
+# header fields: (offset, bytes)
+BAD = {
+    "cipher-name": (8, b"blowfish\0"),
+    "cipher-mode-no-iv": (40, b"xts\0"),
+    "cipher-mode-bad": (40, b"ofb-plain64\0"),
+    "ivgen-bad": (40, b"xts-random\0"),
+    "ivgen-hash-bad": (40, b"cbc-essiv:whirl\0"),
+    "hash-bad": (72, b"sha3\0"),
+    "key-bytes-odd": (108, b"\0\0\0\x21"),
+    "payload-past-eof": (104, b"\0\x10\0\0"),
+    "payload-zero": (104, b"\0\0\0\0"),
+    "uuid-garbage": (168, b"not-a-uuid\xff\xfe"),
+    "slot-state-junk": (208, b"\x12\x34\x56\x78"),
+    "slot-offset-zero": (208 + 40, b"\0\0\0\0"),
+    "slot-stripes-zero": (208 + 44, b"\0\0\0\0"),
+    "slot-iters-zero": (208 + 4, b"\0\0\0\0"),
+    "mk-iters-zero": (164, b"\0\0\0\0"),
+    "slots-overlap": (208 + 48 * 3 + 40, b"\0\0\0\x08"),
+    "slot-past-payload": (208 + 48 * 7 + 40, b"\0\0\x07\xd0"),
+    "slot-inactive-state": (208 + 48 * 5, b"\0\0\0\5"),
+    "key-bytes-huge": (108, b"\x80\0\0\0"),
+    "payload-huge": (104, b"\xff\xff\xff\xff"),
+    "payload-and-mk-iters": (104, b"\0\0\0\x07\0\0\0\x20" + bytes(52) + b"\0\0\0\0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_header(images: Path, case: str) -> None:
+    off, val = BAD[case]
+    data = bytearray((images / "default.luks").read_bytes())
+    data[off:off + len(val)] = val
+    name = f"bad-{case}.luks"
+    (images / name).write_bytes(bytes(data))
+    for args in (["info"], ["info", "--output=json", "-f", "luks"]):
+        assert_same([*args, name], images)
+
+
+def test_damage_sweep(images: Path) -> None:
+    """Random damage to the 592-byte header: info alike (exit status and texts), never a traceback."""
+    import sys
+
+    base = (images / "default.luks").read_bytes()
+    diffs = []
+    for seed in range(25):
+        rng = random.Random(seed)
+        d = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            off = rng.randrange(592)
+            if rng.random() < 0.5:
+                d[off] = rng.randrange(256)
+            else:
+                off -= off % 4
+                d[off:off + 4] = rng.choice((0, 1, 0xFFFFFFFF, 4096, rng.randrange(1 << 32))).to_bytes(4, "big")
+        name = f"sw{seed}.luks"
+        (images / name).write_bytes(bytes(d))
+        q = _run([qemu_img.__globals__["require_tool"]("qemu-img"), "info", "--output=json", name], images)
+        v = _run([sys.executable, "-m", "vdkit.cli.main", "info", "--output=json", name], images, limit=True)
+        assert "Traceback" not in v[2] and "internal error" not in v[2], v[2]
+        v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
+        if q != v:
+            diffs.append(f"seed {seed}:\n  qemu:  {q}\n  vdkit: {v}")
+    assert not diffs, "\n".join(diffs)
