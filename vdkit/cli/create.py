@@ -143,7 +143,7 @@ def img_create(
     try:
         if path is None:  # a protocol QEMU creates images on by opening them; vdkit opens none
             raise UnsupportedError(f"Protocol '{filename.split(':', 1)[0]}' is not supported by vdkit")
-        registry.format_module(fmt).create(path, opts)
+        registry.format_module(fmt).create_image(path, opts)
     except VdkitError as exc:
         if exc.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if opts.get("cluster_size") else ""

@@ -28,7 +28,7 @@ def create_options() -> list[OptDesc]:
     return [OptDesc("size", "size", None, "Virtual disk size")]
 
 
-def create(filename: str, opts: CreateOpts) -> None:
+def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.opts import refuse_encryption
 
     refuse_encryption(opts)

@@ -12,7 +12,7 @@ provides these entry points (only ``probe`` and ``open_driver`` are required):
     cheap to import: every ``vdkit-img info`` probes with all formats.
 ``open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver``
     Open the image on ``file``; import the heavy code here, not at module level.
-``create_options() -> list[OptDesc]`` and ``create(filename: str, opts: CreateOpts) -> None``
+``create_options() -> list[OptDesc]`` and ``create_image(filename: str, opts: CreateOpts) -> None``
     Image creation (``qemu-img create`` / ``convert -O``); a format without
     them is refused with QEMU's "does not support image creation".
 
@@ -104,4 +104,4 @@ def open_driver(name: str, file: ImageFile, ctx: OpenContext) -> FormatDriver:
 
 
 def can_create(name: str) -> bool:
-    return hasattr(format_module(name), "create")
+    return hasattr(format_module(name), "create_image")

@@ -37,7 +37,7 @@ def create_options() -> list[OptDesc]:
     ]
 
 
-def create(filename: str, opts: CreateOpts) -> None:
+def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.formats.qed.driver import create_qed
 
     create_qed(filename, opts)

@@ -31,7 +31,7 @@ def create_options() -> list[OptDesc]:
     return OWN_OPTS
 
 
-def create(filename: str, opts: CreateOpts) -> None:
+def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.formats.vhdx.newimage import create_from_options
 
     create_from_options(filename, opts)

@@ -61,7 +61,7 @@ def create_options() -> list[OptDesc]:
     return OWN_OPTS
 
 
-def create(filename: str, opts: CreateOpts) -> None:
+def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.formats.vmdk.create import create_from_options
 
     create_from_options(filename, opts)

@@ -40,7 +40,7 @@ def create_options() -> list[OptDesc]:
     ]
 
 
-def create(filename: str, opts: CreateOpts) -> None:
+def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.formats.vpc.create import create_from_options
 
     create_from_options(filename, opts)
