@@ -544,6 +544,9 @@ def test_damaged_log(images: Path, tmp_path: Path, case: str) -> None:
         q.returncode, q.stdout, q.stderr)
     qd, vd = (tmp_path / "q.vhdx").read_bytes(), (tmp_path / "v.vhdx").read_bytes()
     assert len(qd) == len(vd) and qd[0x200000:0x300000] == vd[0x200000:0x300000]
+    for off in (L.HEADER1_OFFSET, L.HEADER2_OFFSET):  # rewritten alike, also when the replay was refused
+        hq, hv = L.Header.parse(qd[off:off + 80]), L.Header.parse(vd[off:off + 80])
+        assert (hq.sequence, hq.log_guid) == (hv.sequence, hv.log_guid)
 
 
 def _log_damage(base: bytes, rng: random.Random) -> tuple[bytes, str]:

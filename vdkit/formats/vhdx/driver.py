@@ -286,12 +286,13 @@ class VhdxDriver(FormatDriver):
             raise VdkitError(
                 f"VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed",
                 hint=f"To replay the log, run:\nqemu-img check -r all '{name}'", errno=errno.EPERM)
+        # As qemu-img: both headers are rewritten for this writer first (new GUIDs, the log GUID
+        # kept; done even when the replay is then refused), and again without the log GUID after it.
+        self._write_headers(log_guid=h.log_guid)
         try:
             log.replay(self.file, seq)
         except log.LogError:
             raise _einval(self.filename) from None
-        # qemu-img leaves the sequence number 4 higher after a replay: both copies written twice
-        self._write_headers(log_guid=L.ZERO_GUID)
         self._write_headers(log_guid=L.ZERO_GUID)
         self.log_replayed = True
 
