@@ -325,8 +325,8 @@ def _open(
                           policy=walk.policy)
         driver = registry.open_driver(fmt, file, ctx)
         node = Node(name, driver, readonly=readonly)
-        if driver.encrypted and not no_io:
-            # Reading guest data needs the key; vdkit takes none, as qemu-img without --object/--image-opts.
+        if driver.encrypted and not no_io and not getattr(driver, "has_key", False):
+            # Reading guest data needs the key: only the luks format takes one (its driver sets has_key)
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         driver.open_children(ctx)
         if backing and driver.backing_file is not None:
