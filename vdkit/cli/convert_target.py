@@ -138,6 +138,8 @@ def open_target(a: ConvertArgs, size: int):  # type: ignore[no-untyped-def]
     if not zero_init or a.backing is not None:
         zero_init = a.target_is_zero and a.backing is None
     if node.format != "qcow2":
+        if getattr(node.driver, "needs_compressed_writes", False):
+            a.compressed = True  # as qemu-img: a target that only takes compressed writes (streamOptimized)
         return DriverTarget(node, has_zero_init=zero_init)
     target = Qcow2Target(node, has_zero_init=zero_init)
     target.compressed = a.compressed  # qemu-img aligns the file end after any -c conversion

@@ -56,12 +56,12 @@ def open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver:
 
 
 def create_options() -> list[OptDesc]:
-    from vdkit.formats.vmdk.create import OWN_OPTS
+    from vdkit.formats.vmdk.make import OWN_OPTS
 
     return OWN_OPTS
 
 
 def create_image(filename: str, opts: CreateOpts) -> None:
-    from vdkit.formats.vmdk.create import create_from_options
+    from vdkit.formats.vmdk.make import create_from_options
 
     create_from_options(filename, opts)

@@ -187,4 +187,4 @@ def rewrite_cid(desc: bytes, cid: int) -> bytes:
     j = i + 4
     while j < len(desc) and desc[j] not in b"\r\n":
         j += 1
-    return desc[:i] + b"CID=%08x" % cid + desc[j:]
+    return desc[:i] + b"CID=%x" % cid + desc[j:]

@@ -275,6 +275,7 @@ class VmdkDriver(FormatDriver):
         self.cid = 0
         self.parent_cid = 0
         self._cid_updated = False
+        self._stream_written = False
         self._hint = D.quoted_value(desc, b"parentFileNameHint")
 
     # -- opening --------------------------------------------------------------------------------
@@ -341,6 +342,11 @@ class VmdkDriver(FormatDriver):
     @property
     def backing_format(self) -> str | None:
         return "vmdk" if self._hint is not None else None
+
+    @property
+    def needs_compressed_writes(self) -> bool:
+        """streamOptimized takes only whole compressed grains: convert copies to it as with ``-c``."""
+        return any(e.compressed for e in self.extents)
 
     def extra_files(self) -> list[ImageFile]:
         return list(self._children)
@@ -444,8 +450,9 @@ class VmdkDriver(FormatDriver):
         if self.embedded:
             ext = self.extents[0]
             assert isinstance(ext, SparseExtent)
-            if ext.h.desc_offset and len(padded) <= ext.h.desc_size * SECTOR:
-                self.file.pwrite(ext.h.desc_offset * SECTOR, padded)
+            area = ext.h.desc_size * SECTOR
+            if ext.h.desc_offset and len(text) <= area <= D.MAX_DESC_SIZE + 1:
+                self.file.pwrite(ext.h.desc_offset * SECTOR, text + bytes(area - len(text)))
         else:
             self.file.pwrite(0, padded)
 
@@ -517,12 +524,12 @@ class VmdkDriver(FormatDriver):
         comp = zlib.compress(piece)
         pos = max(ext.next_alloc, ext.h.overhead * SECTOR)
         rec = MARKER.pack(rel // SECTOR, len(comp)) + comp
-        ext.file.pwrite(pos, rec)
-        end = pos + ext.grain
-        if ext.file.size() < end:
-            ext.file.truncate(end)
+        # QEMU writes the whole grain-sized buffer (marker, data, zeros); the next grain starts
+        # at the sector after the data, and the file is cut down to whole sectors when closed
+        ext.file.pwrite(pos, rec + bytes(max(0, ext.grain + MARKER.size - len(rec))))
         ext.next_alloc = pos + -(-len(rec) // SECTOR) * SECTOR
         ext.set_gte(rel, pos // SECTOR)
+        self._stream_written = True
 
     def flush(self) -> None:
         self.file.flush()
@@ -555,6 +562,14 @@ class VmdkDriver(FormatDriver):
         return res
 
     def close(self) -> None:
+        if self._stream_written:
+            self._stream_written = False
+            try:
+                size = self.file.size()
+                if size % SECTOR:
+                    self.file.truncate(size - size % SECTOR)
+            except OSError:
+                pass
         for f in self._children:
             f.close()
         self._children = []
