@@ -11,6 +11,14 @@ from __future__ import annotations
 import errno
 
 from vdkit.errors import CorruptImageError, UnsupportedError
+
+# Block status lives at the bottom (the file protocol answers it too); re-exported for formats.
+from vdkit.io.status import ALLOCATED as ALLOCATED
+from vdkit.io.status import DATA as DATA
+from vdkit.io.status import EOF as EOF
+from vdkit.io.status import OFFSET_VALID as OFFSET_VALID
+from vdkit.io.status import ZERO as ZERO
+from vdkit.io.status import BlockStatus as BlockStatus
 from vdkit.record import record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -24,32 +32,6 @@ if TYPE_CHECKING:
     from vdkit.io.file import ImageFile
 
     CheckReport = Callable[[str], None]
-
-
-# Block status flags (the subset of QEMU's BDRV_BLOCK_* that qemu-img shows).
-DATA = 1
-ZERO = 2
-OFFSET_VALID = 4
-ALLOCATED = 8
-EOF = 16
-
-
-@record(frozen=True, slots=True)
-class BlockStatus:
-    """Status of one run of a single layer, starting at the queried offset.
-
-    ``offset`` is where the bytes can be read raw in ``file`` (a file name),
-    valid only with ``OFFSET_VALID``.  (Defined here, with the operations
-    table, because formats return it; :mod:`vdkit.block.io` composes it.)
-    """
-
-    flags: int
-    length: int
-    offset: int = 0
-    file: str | None = None
-
-    def has(self, flag: int) -> bool:
-        return bool(self.flags & flag)
 
 
 @record(frozen=True)

@@ -31,7 +31,7 @@ from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Iterator
 
     from vdkit.block.node import Node
     from vdkit.io.file import ImageFile
@@ -279,100 +279,13 @@ def allocated_runs(node: Node, offset: int, length: int) -> Iterator[tuple[int, 
 
 
 def raw_file_status(file: ImageFile, offset: int, length: int) -> BlockStatus:
-    """Data/hole status of a plain file at ``offset`` (SEEK_DATA/SEEK_HOLE).
-
-    Mirrors QEMU's file driver: a data extent ends at the next hole, a hole
-    at the next data; past the last data extent everything is a hole; when
-    the file system cannot tell, everything is data.
-    """
-    import errno
-    import os
-
-    try:
-        data = os.lseek(file.fd, offset, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # trailing hole
-            return BlockStatus(ZERO | OFFSET_VALID, length, offset, file.filename)
-        return BlockStatus(DATA | OFFSET_VALID, length, offset, file.filename)
-    if data > offset:
-        return BlockStatus(ZERO | OFFSET_VALID, min(length, data - offset), offset, file.filename)
-    try:
-        hole = os.lseek(file.fd, offset, os.SEEK_HOLE)
-    except OSError:
-        return BlockStatus(DATA | OFFSET_VALID, length, offset, file.filename)
-    return BlockStatus(DATA | OFFSET_VALID, min(length, max(hole - offset, 1)), offset, file.filename)
-
-
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``fallocate`` (Python has no binding with flags), or None.
-
-    ``libc.so.6`` is tried first: ``ctypes.util.find_library`` runs
-    ``ldconfig -p`` in a subprocess, which cost every ``vdkit-img`` run
-    that imported this module about 20 ms.
-    """
-    import ctypes
-    import ctypes.util
-
-    for name in ("libc.so.6", None):
-        try:
-            libc = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
-            fn = libc.fallocate
-        except (OSError, AttributeError, TypeError):
-            continue
-        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        fn.restype = ctypes.c_int
-        return fn
-    return None
-
-
-_FALLOCATE_FN: list[Callable[[int, int, int, int], int] | None] = []  # [fn or None] once looked up
-
-
-def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    """The looked-up ``fallocate`` (loaded on first use: most runs never punch a hole)."""
-    if not _FALLOCATE_FN:
-        _FALLOCATE_FN.append(_libc_fallocate())
-    return _FALLOCATE_FN[0]
+    """Data/hole status of a plain file (kept for callers; the file protocol answers it)."""
+    return file.block_status(offset, length)
 
 
 def punch_hole(file: ImageFile, offset: int, length: int, *, extend: bool = True) -> None:
-    """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can.
-
-    ``extend=False`` never grows the file (for discarding inside an image).
-    """
-    if length <= 0:
-        return
-    size = file.size()
-    if not extend:
-        length = min(length, size - offset)
-        if length <= 0:
-            return
-    fallocate = _fallocate()
-    if fallocate is not None:
-        end = min(offset + length, size)
-        if end > offset:
-            rc = fallocate(file.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, end - offset)
-            if rc == 0:
-                if offset + length > end:
-                    file.truncate(offset + length)
-                return
-            import ctypes
-
-            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        elif offset + length > size:
-            file.truncate(offset + length)
-            return
-    chunk = bytes(min(length, 1 << 20))
-    pos = offset
-    while pos < offset + length:
-        n = min(len(chunk), offset + length - pos)
-        file.pwrite(pos, chunk[:n])
-        pos += n
+    """Zero a range of a plain file (kept for callers; the file protocol does it)."""
+    file.punch_hole(offset, length, extend=extend)
 
 
 # -- writing ------------------------------------------------------------------------------------

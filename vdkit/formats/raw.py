@@ -58,15 +58,11 @@ class RawDriver(FormatDriver):
         self.file.pwrite(offset, data)
 
     def write_zeroes(self, offset: int, length: int, backing: object = None, *, unmap: bool = False) -> None:
-        from vdkit.block.io import punch_hole
-
-        punch_hole(self.file, offset, length)
+        self.file.punch_hole(offset, length)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or hole at ``offset``, from SEEK_DATA/SEEK_HOLE as QEMU's file driver asks."""
-        from vdkit.block.io import raw_file_status
-
-        return raw_file_status(self.file, offset, length)
+        return self.file.block_status(offset, length)
 
     def truncate(self, size: int, prealloc: str = "off", *, backing: object = None, backing_size: int = 0) -> None:
         """The file is the disk: set its length (QEMU's file driver: off, falloc and full only)."""
