@@ -149,6 +149,10 @@ def test_human_output_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_library_api(tmp_path: Path) -> None:
+    import vdkit
+
     check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
     v = inspect_image(tmp_path / "a.qcow2")
     assert v.safe and v.verdict == "safe" and v.format == "qcow2" and v.virtual_size == 1 << 20
+    v = vdkit.inspect(tmp_path / "a.qcow2", "raw", max_virtual_size=1024)
+    assert not v.safe and {r.kind for r in v.reasons} == {"format-mismatch", "size-limit"}

@@ -14,9 +14,10 @@ from vdkit.errors import VdkitError
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.chain import OpenPolicy
+    from vdkit.block.inspect import Verdict
     from vdkit.block.node import Node
 
-__all__ = ["open", "VdkitError"]
+__all__ = ["open", "inspect", "VdkitError"]
 __version__ = "0.1.0"
 
 
@@ -66,3 +67,17 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
         path, fmt, readonly=readonly, force_share=force_share, backing=backing,
         policy=policy,
     )
+
+
+def inspect(path: str | os.PathLike[str], fmt: str | None = None, *,
+            max_virtual_size: int | None = None) -> Verdict:
+    """Judge whether an untrusted image is safe to hand to QEMU, without following anything it names.
+
+    ``fmt`` is the format the uploader declared (a different content is a
+    reason); the :class:`~vdkit.block.inspect.Verdict` lists every reason
+    (backing or data files, extents leaving the image's folder, corrupt or
+    overlapping metadata, encryption, a size above ``max_virtual_size``).
+    """
+    from vdkit.block.inspect import inspect_image
+
+    return inspect_image(path, fmt=fmt, max_virtual_size=max_virtual_size)
