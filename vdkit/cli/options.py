@@ -192,8 +192,9 @@ def _split_opts(spec: str) -> list[str]:
 def image_opts(spec: str) -> tuple[str, str | None]:
     """``--image-opts`` string -> (file name, format or None to probe).
 
-    Only ``driver`` (qcow2/raw), ``file.driver=file`` and ``file.filename``
-    are understood, plus qcow2's ``encrypt.key-secret``, which scripts pass
+    Only ``driver`` (qcow2/raw/luks), ``file.driver=file`` and ``file.filename``
+    are understood, plus luks's ``key-secret`` (kept for the driver, see
+    :mod:`vdkit.block.secrets`) and qcow2's ``encrypt.key-secret``, which scripts pass
     with ``--object secret``: vdkit reads no encrypted data, and opening for
     metadata (info) does not use the key in qemu-img either.  Anything else
     is refused with qemu-img's words.  Errors carry the ``Could not open
@@ -211,7 +212,7 @@ def image_opts(spec: str) -> tuple[str, str | None]:
         driver = opts.pop("driver", None)
         filename = opts.pop("file.filename", None)
         file_driver = opts.pop("file.driver", "file")
-        if driver is not None and driver not in ("qcow2", "raw"):
+        if driver is not None and driver not in ("qcow2", "raw", "luks"):
             raise OpenError(f"Unknown driver '{driver}'")
         if file_driver != "file":
             raise OpenError(f"Unknown driver '{file_driver}'")
@@ -221,6 +222,7 @@ def image_opts(spec: str) -> tuple[str, str | None]:
                 opts.pop("encrypt.key-secret")
         if driver == "qcow2":
             opts.pop("encrypt.key-secret", None)
+        key_secret = opts.pop("key-secret", None) if driver == "luks" else None
         if opts:
             key = next(iter(opts))
             if driver is None:
@@ -232,6 +234,10 @@ def image_opts(spec: str) -> tuple[str, str | None]:
             raise OpenError('A block device must be specified for "file"')
     except OpenError as exc:
         raise exc.prefixed(f"Could not open '{spec}': ") from None
+    if key_secret is not None:  # the luks driver takes its key by file name when it opens
+        from vdkit.block.secrets import set_open_option
+
+        set_open_option(filename, "key-secret", key_secret)
     return filename, driver
 
 
@@ -258,6 +264,11 @@ def image_opts_name(spec: str) -> str | None:
     (QEMU keeps it in the node's options); None when the plain file name stands.
     """
     opts = dict(item.partition("=")[::2] for item in _split_opts(spec))
+    if opts.get("driver") == "luks" and "key-secret" in opts:
+        from vdkit.info.render_json import dumps_compact
+
+        return "json:" + dumps_compact({"driver": "luks", "file": {"driver": "file",
+                                        "filename": opts.get("file.filename", "")}, "key-secret": opts["key-secret"]})
     secret = opts.get("encrypt.key-secret")
     if secret is None or opts.get("driver", "qcow2") != "qcow2":
         return None
@@ -534,6 +545,10 @@ def add_object(spec: str, objects: dict[str, QomObject]) -> None:
     obj = QomObject(qom_type, obj_id, props)
     if qom_type == "secret":
         obj.data = _load_secret(props, objects)
+        if "keyid" not in props:  # (an encrypted secret is not decrypted by vdkit: not usable as a key)
+            from vdkit.block.secrets import register_secret
+
+            register_secret(obj_id, obj.data)
     elif qom_type == "tls-cipher-suites" and "priority" not in props:
         raise VdkitError("'priority' property is not set")
     elif qom_type in ("tls-creds-psk", "tls-creds-x509") and "dir" not in props:
