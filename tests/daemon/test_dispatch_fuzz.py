@@ -18,12 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import check_ok
-from vdkit.daemon.devices import DeviceRegistry, DriveSpec
+from vdkit.daemon.main import build_registry
+from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.errors import VdkitError
 from vdkit.monitor.commands import CommandContext
 from vdkit.monitor.hmp import COMMANDS, INFO_COMMANDS, run_line
-from vdkit.monitor.machine_cmds import REGISTRY
 from vdkit.monitor.qmp_wire import QmpSession
+
+REGISTRY = build_registry()  # the daemon's commands, as vdkit-daemon assembles them
 
 ARG_NAMES = ["device", "id", "name", "flat", "query-nodes", "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr",
              "bps_max", "iops_size", "group", "force", "filename", "format", "read-only-mode", "actions", "type",

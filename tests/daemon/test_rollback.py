@@ -8,11 +8,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import check_ok
-from vdkit.daemon.devices import DeviceRegistry, DriveSpec
+from vdkit.daemon.main import build_registry
+from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.errors import VdkitError
 from vdkit.monitor.commands import CommandContext
 from vdkit.monitor.hmp import run_line
-from vdkit.monitor.machine_cmds import REGISTRY
+
+REGISTRY = build_registry()  # the daemon's commands, as vdkit-daemon assembles them
 
 
 @pytest.fixture

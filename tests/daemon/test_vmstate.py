@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.conftest import check_ok
 from tests.daemon.conftest import Daemons
-from vdkit.daemon.devices import DeviceRegistry
+from vdkit.devices.registry import DeviceRegistry
 from vdkit.monitor import block_cmds
 
 THROTTLE = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}

@@ -48,6 +48,11 @@ def same_read_side(d: Path, name: str, fmt: str, src: str = "src.raw", *, full: 
             assert_same([*args[:1], "-f", fmt, *args[1:], name], d)
     assert_same(["compare", src, name], d)
     if full:
+        assert_same(["info", "--image-opts", f"driver={fmt},file.filename={name}"], d)
+        assert_same(["info", "--image-opts", f"driver={fmt},file.filename={name},bogus=1"], d)
+        assert_same(["map", "--output=json", "--image-opts", f"driver={fmt},file.filename={name}"], d)
+        assert_same(["compare", "--image-opts", f"driver={fmt},file.filename={name}",
+                     f"driver=raw,file.filename={src}"], d)
         assert_same(["compare", "-f", "raw", "-F", fmt, src, name], d)
         assert_same(["compare", "-s", name, name], d)
     for target in ("raw", "qcow2") if full else ("raw",):

@@ -10,8 +10,7 @@ from typing import Any
 from tests.conftest import qemu_img
 from tests.nbd.client import NbdClient, Reply
 from tests.nbd.test_clients import make_image
-from vdkit.daemon.devices import ThrottleConfig
-from vdkit.daemon.throttle import NS, Throttle
+from vdkit.devices.throttle import NS, Throttle, ThrottleConfig
 from vdkit.nbd import wire as w
 
 

@@ -192,7 +192,7 @@ def _split_opts(spec: str) -> list[str]:
 def image_opts(spec: str) -> tuple[str, str | None]:
     """``--image-opts`` string -> (file name, format or None to probe).
 
-    Only ``driver`` (qcow2/raw/luks), ``file.driver=file`` and ``file.filename``
+    Only ``driver`` (any format vdkit has), ``file.driver=file`` and ``file.filename``
     are understood, plus luks's ``key-secret`` (kept for the driver, see
     :mod:`vdkit.block.secrets`) and qcow2's ``encrypt.key-secret``, which scripts pass
     with ``--object secret``: vdkit reads no encrypted data, and opening for
@@ -212,8 +212,11 @@ def image_opts(spec: str) -> tuple[str, str | None]:
         driver = opts.pop("driver", None)
         filename = opts.pop("file.filename", None)
         file_driver = opts.pop("file.driver", "file")
-        if driver is not None and driver not in ("qcow2", "raw", "luks"):
-            raise OpenError(f"Unknown driver '{driver}'")
+        if driver is not None:
+            from vdkit.formats.registry import is_known
+
+            if not is_known(driver):
+                raise OpenError(f"Unknown driver '{driver}'")
         if file_driver != "file":
             raise OpenError(f"Unknown driver '{file_driver}'")
         if "encrypt.key-secret" in opts and driver is None and filename is not None:

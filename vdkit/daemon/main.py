@@ -33,10 +33,26 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from vdkit.daemon.devices import DeviceRegistry, DriveSpec, ThrottleConfig
-from vdkit.daemon.runtime import PROG, Address, Daemon, error_report
+from vdkit.daemon.runtime import PROG, Daemon, error_report
+from vdkit.devices.exports import Address
+from vdkit.devices.registry import DeviceRegistry, DriveSpec
+from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
+from vdkit.monitor import block_cmds, machine_cmds, nbd_cmds
+from vdkit.monitor.commands import CommandRegistry
+
+
+def build_registry() -> CommandRegistry:
+    """Every QMP command the daemon answers, assembled here rather than by import side effects.
+
+    The order is ``query-commands``' order: run-state commands, block and snapshot commands, NBD.
+    """
+    reg = CommandRegistry()
+    machine_cmds.register(reg)
+    block_cmds.register(reg)
+    nbd_cmds.register(reg)
+    return reg
 
 
 class OptionError(Exception):
@@ -685,7 +701,7 @@ def _main(args: list[str]) -> int:
         ready_fd: int | None = ready_w
     else:
         ready_fd = None
-    daemon = Daemon(machine, qmp_addrs=cfg.qmp, hmp_addrs=cfg.hmp, nbd_addrs=cfg.nbd)
+    daemon = Daemon(machine, build_registry(), qmp_addrs=cfg.qmp, hmp_addrs=cfg.hmp, nbd_addrs=cfg.nbd)
 
     def ready() -> None:
         nonlocal ready_fd

@@ -1,16 +1,14 @@
-"""NBD exports of the daemon's drives: the listener, client connections, QMP commands.
+"""NBD exports of the daemon's drives: the listener and client connections.
 
-Three parts, labelled as in ``runtime.py``:
+The daemon's side of the export service (:class:`vdkit.devices.exports.ExportService`);
+the QMP commands that drive it live in :mod:`vdkit.monitor.nbd_cmds`.  Three
+parts, labelled as in ``runtime.py``:
 
-* **QMP handlers** (``nbd-server-start``/``-add``/``-remove``/``-stop``,
-  ``block-export-add``/``-del``, ``query-block-exports``) run in a worker
-  thread with the device lock held, like every command.  They change the
-  :class:`NbdService` tables directly; the listener socket is bound by the
-  handler (so bind errors are the command's) and its accept task is handed to
-  the event loop thread-safely; clients are hung up with ``shutdown()``.
-  Arguments, answers, errors and ``BLOCK_EXPORT_DELETED`` events are QEMU
-  7.2's (``SocketAddressLegacy`` with its ``data`` wrapper, exports listed
-  newest first).
+* **Service calls** (from QMP handlers: worker thread, device lock held)
+  change the :class:`NbdService` tables directly; the listener socket is
+  bound by the call (so bind errors are the command's) and its accept task is
+  handed to the event loop thread-safely; clients are hung up with
+  ``shutdown()``.
 * **Accept task** (event loop): accepts clients and gives each its own
   connection thread.
 * **Connection thread** (one per client, blocking socket): reads bytes,
@@ -41,7 +39,6 @@ import contextlib
 import errno as _errno
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -49,18 +46,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdkit.block import io as bio
-from vdkit.daemon import iostats
-from vdkit.daemon.throttle import Throttle
+from vdkit.devices import iostats
+from vdkit.devices.exports import ExportEntry, RemovedExport
+from vdkit.devices.throttle import Throttle
 from vdkit.errors import VdkitError
-from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
 from vdkit.nbd import wire as w
 from vdkit.nbd.server import NEED_DATA, Closed, ExportChosen, ExportInfo, NbdServer, Request
 
 if TYPE_CHECKING:
     import concurrent.futures
 
-    from vdkit.daemon.devices import DeviceRegistry, Drive, Medium
-    from vdkit.daemon.runtime import Address
+    from vdkit.devices.exports import Address
+    from vdkit.devices.registry import DeviceRegistry, Drive, Medium
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,6 @@ READ_CHUNK = 1 << 20
 SPARSE_READ_MIN = 65536  # smaller reads go out as one data chunk (a status walk costs more than it saves)
 PAUSE_POLL_S = 0.02
 _CHANGES = (w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM, w.CMD_FLUSH)
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
 
 
 @dataclass(eq=False)
@@ -112,7 +108,7 @@ def bind_private(sock: socket.socket, path: str) -> None:
 
 
 class NbdService:
-    """The daemon's one NBD server: listener, exports, throttle state."""
+    """The daemon's one NBD server: listener, exports, throttle state (an ``ExportService``)."""
 
     def __init__(self, machine: DeviceRegistry, loop: asyncio.AbstractEventLoop) -> None:
         self.machine = machine
@@ -144,7 +140,14 @@ class NbdService:
     def listing(self) -> list[ExportInfo]:
         return [self._info(e) for e in self.exports]
 
-    # -- lifecycle (QMP handlers, worker thread) -----------------------------------------------------
+    # -- ExportService (QMP handlers, worker thread, device lock held) ------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.server is not None
+
+    def list_exports(self) -> list[ExportEntry]:
+        return [ExportEntry(e.id, e.name, e.node_name) for e in self.exports]
+
     def start(self, addr: Address) -> None:
         """Bind the listener here (so bind errors are the command's), accept on the event loop."""
         if self.server is not None:
@@ -178,26 +181,20 @@ class NbdService:
         self.unix_path = addr.path if addr.kind == "unix" else None
         self._accept_task = asyncio.run_coroutine_threadsafe(self._accept(sock), self.loop)
 
-    def bound_address(self) -> Any:
-        return None if self.server is None else self.server.getsockname()
-
-    def stop(self, ctx: CommandContext | None) -> None:
+    def stop(self) -> list[RemovedExport]:
         if self.server is None:
             raise VdkitError("NBD server not running")
-        for e in list(self.exports):
-            self._delete(e, ctx)
+        removed = [self._delete(e) for e in list(self.exports)]
         self._close_listener()
         if self.unix_path:
             with contextlib.suppress(OSError):
                 os.unlink(self.unix_path)
             self.unix_path = None
+        return removed
 
-    def add(self, ctx: CommandContext, *, id: str, medium: Medium, name: str, writable: bool,
-            description: str = "", on_eject_drive: str | None = None) -> None:
-        if not _ID_RE.match(id):
-            raise VdkitError("Invalid block export id")
-        if any(e.id == id for e in self.exports):
-            raise VdkitError(f"Block export id '{id}' is already in use")
+    def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
+            on_eject_drive: str | None = None) -> None:
+        """The NBD side of adding an export (the monitor checked the id is well-formed and free)."""
         if self.server is None:
             raise VdkitError("NBD server not running")
         if len(name.encode()) > w.MAX_STRING:
@@ -208,28 +205,24 @@ class NbdService:
             raise VdkitError(f"NBD server already has export named '{name}'")
         self.exports.append(Export(id, name, medium, writable, description, on_eject_drive))
 
-    def delete(self, ctx: CommandContext, id: str, mode: str) -> None:
+    def remove(self, id: str, mode: str) -> RemovedExport:
         exp = next((e for e in self.exports if e.id == id), None)
         if exp is None:
             raise VdkitError(f"Export '{id}' is not found")
         if mode == "safe" and exp.conns:
             raise VdkitError(f"export '{id}' still in use", hint="Use mode='hard' to force client disconnect")
-        self._delete(exp, ctx)
+        return self._delete(exp)
 
-    def _delete(self, exp: Export, ctx: CommandContext | None) -> None:
+    def remove_for_medium(self, drive_id: str, medium: Medium) -> list[RemovedExport]:
+        return [self._delete(e) for e in list(self.exports) if e.medium is medium and e.on_eject_drive == drive_id]
+
+    def _delete(self, exp: Export) -> RemovedExport:
         self.exports.remove(exp)
         busy = bool(exp.conns)
         for conn in list(exp.conns):
             self._hang_up(conn)
         exp.conns.clear()
-        if ctx is None:
-            return
-        event = ("BLOCK_EXPORT_DELETED", {"id": exp.id})
-        if busy:
-            # QEMU deletes a busy export only once its clients are gone: the event follows the answer
-            ctx.__dict__.setdefault("late_events", []).append(event)
-        else:
-            ctx.emit(*event)
+        return RemovedExport(exp.id, busy)
 
     @staticmethod
     def _hang_up(conn: _Conn) -> None:
@@ -482,17 +475,11 @@ def _send_all(sock: socket.socket, bufs: list[bytes]) -> None:
 # -- daemon hooks -------------------------------------------------------------------------------------
 
 
-def service(machine: DeviceRegistry) -> NbdService:
-    svc = getattr(machine, "nbd", None)
-    if svc is None:
-        raise VdkitError("NBD server not available")  # the registry runs outside a daemon (unit tests)
-    return svc  # type: ignore[no-any-return]
-
-
 async def attach(machine: DeviceRegistry, addrs: list[Address]) -> NbdService:
-    """Daemon start (event loop): create the service; ``-nbd`` exports every drive with a medium."""
+    """Daemon start (event loop): create the service, hand it to the machine; ``-nbd`` exports every
+    drive with a medium."""
     svc = NbdService(machine, asyncio.get_running_loop())
-    machine.nbd = svc  # type: ignore[attr-defined]
+    machine.exports = svc
     for addr in addrs:
         try:
             await asyncio.to_thread(_start_from_cli, svc, machine, addr)
@@ -504,162 +491,6 @@ async def attach(machine: DeviceRegistry, addrs: list[Address]) -> NbdService:
 def _start_from_cli(svc: NbdService, machine: DeviceRegistry, addr: Address) -> None:
     with machine.lock:
         svc.start(addr)
-        ctx = CommandContext(machine)
         for d in machine.drives:
             if d.medium is not None:
-                svc.add(ctx, id=d.id, medium=d.medium, name=d.id, writable=not d.medium.ro,
-                        on_eject_drive=d.id)
-
-
-def detach(machine: DeviceRegistry) -> None:
-    svc = getattr(machine, "nbd", None)
-    if svc is not None:
-        svc.close_all()
-
-
-def on_medium_change(ctx: CommandContext, drive: Drive, old: Medium | None) -> None:
-    """A drive's medium was ejected or replaced: remove the nbd-server-add exports that named it."""
-    svc = getattr(ctx.machine, "nbd", None)
-    if svc is None or old is None:
-        return
-    for e in list(svc.exports):
-        if e.medium is old and e.on_eject_drive == drive.id:
-            svc._delete(e, ctx)
-
-
-# -- QMP handlers (worker thread, device lock held) ---------------------------------------------------
-
-
-def _parse_addr(addr: dict[str, Any]) -> Address:
-    from vdkit.daemon.runtime import Address
-
-    kind, data = addr["type"], addr["data"]
-    if kind == "unix":
-        return Address("unix", path=data["path"])
-    if kind == "inet":
-        try:  # a number or a service name, as getaddrinfo takes it
-            port = int(data["port"]) if data["port"].isdigit() else socket.getservbyname(data["port"], "tcp")
-        except OSError:
-            raise VdkitError(f"address resolution failed for {data['host']}:{data['port']}: "
-                             "Servname not supported for ai_socktype") from None
-        return Address("tcp", host=data["host"], port=port)
-    raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
-
-
-def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
-    if service(ctx.machine).server is not None:
-        raise VdkitError("NBD server already running")
-    if "tls-creds" in args:
-        raise VdkitError(f"No TLS credentials with id '{args['tls-creds']}'")
-    service(ctx.machine).start(_parse_addr(args["addr"]))
-
-
-def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> tuple[Medium, Drive]:
-    """QEMU's ``bdrv_lookup_bs``: a drive id (with a medium) or a top node name."""
-    machine = ctx.machine
-    if device is not None:
-        d = machine.find_drive(device)
-        if d is not None:
-            if d.medium is None:
-                raise VdkitError(f"Device '{device}' has no medium")
-            return d.medium, d
-    if node_name is not None:
-        for d in machine.drives:
-            if d.medium is not None and d.medium.node_name == node_name:
-                return d.medium, d
-    raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
-
-
-def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
-    svc = service(ctx.machine)
-    device = args["device"]
-    name = args.get("name", device)
-    medium, drive = _resolve(ctx, device, device)  # QEMU looks the device up before the server
-    if svc.server is None:
-        raise VdkitError("NBD server not running")
-    if "bitmap" in args:
-        raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
-    # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
-    writable = bool(args.get("writable", False)) and not medium.ro
-    on_eject = drive.id if ctx.machine.find_drive(device) is drive else None
-    svc.add(ctx, id=name, medium=medium, name=name, writable=writable,
-            description=args.get("description", ""), on_eject_drive=on_eject)
-
-
-def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
-    svc = service(ctx.machine)
-    if args["type"] != "nbd":
-        raise VdkitError(f"Export type '{args['type']}' is not supported by vdkit-daemon")
-    if not _ID_RE.match(args["id"]):
-        raise VdkitError("Invalid block export id")
-    if any(e.id == args["id"] for e in svc.exports):
-        raise VdkitError(f"Block export id '{args['id']}' is already in use")
-    medium, _ = _resolve(ctx, None, args["node-name"])
-    writable = bool(args.get("writable", False))
-    if svc.server is None:
-        raise VdkitError("NBD server not running")
-    if writable and medium.ro:
-        raise VdkitError("Cannot export read-only node as writable")
-    if args.get("bitmaps"):
-        raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
-    svc.add(ctx, id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
-            description=args.get("description", ""))
-
-
-def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
-    service(ctx.machine).delete(ctx, args["name"], args.get("mode", "safe"))
-
-
-def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
-    service(ctx.machine).delete(ctx, args["id"], args.get("mode", "safe"))
-
-
-def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
-    service(ctx.machine).stop(ctx)
-
-
-def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    svc = getattr(ctx.machine, "nbd", None)
-    if svc is None:
-        return []
-    return [{"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": False}
-            for e in reversed(svc.exports)]
-
-
-def register(reg: CommandRegistry) -> None:
-    r = reg.register
-    unix = Arg("data", "object", members=(Arg("path"), opt("abstract", "bool"), opt("tight", "bool")))
-    inet = Arg("data", "object", members=(
-        Arg("host"), Arg("port"), opt("numeric", "bool"), opt("to", "int"), opt("ipv4", "bool"),
-        opt("ipv6", "bool"), opt("keep-alive", "bool"), opt("mptcp", "bool")))
-    # SocketAddressLegacy: a union on 'type'; the branch decides the 'data' schema (checked in _addr_schema)
-    addr = Arg("addr", "object", members=(Arg("type", enum=("inet", "unix", "vsock", "fd"), enum_label="type"),
-                                          Arg("data", "object")))
-    r("nbd-server-start", addr, opt("tls-creds"), opt("tls-authz"), opt("max-connections", "int"))(
-        _with_addr_branch(nbd_server_start, unix, inet))
-    r("nbd-server-add", Arg("device"), opt("name"), opt("description"), opt("writable", "bool"),
-      opt("bitmap"))(nbd_server_add)
-    mode = opt("mode", enum=("safe", "hard"))
-    r("nbd-server-remove", Arg("name"), mode)(nbd_server_remove)
-    r("nbd-server-stop")(nbd_server_stop)
-    r("block-export-add", Arg("type", enum=("nbd", "vhost-user-blk", "fuse", "vduse-blk")), Arg("id"),
-      opt("fixed-iothread", "bool"), opt("iothread"), Arg("node-name"), opt("writable", "bool"),
-      opt("writethrough", "bool"), opt("name"), opt("description"), opt("bitmaps", "array", items=Arg("bitmaps")),
-      opt("allocation-depth", "bool"))(block_export_add)
-    r("block-export-del", Arg("id"), mode)(block_export_del)
-    r("query-block-exports")(query_block_exports)
-
-
-def _with_addr_branch(fn: Any, unix: Arg, inet: Arg) -> Any:
-    """Validate ``addr.data`` against the branch ``addr.type`` selects, as QEMU's union visitor does."""
-    from vdkit.monitor.commands import validate
-
-    def handler(ctx: CommandContext, args: dict[str, Any]) -> None:
-        a = args["addr"]
-        branch = {"unix": unix, "inet": inet}.get(a["type"])
-        if branch is None:
-            raise VdkitError(f"Socket address type '{a['type']}' is not supported by vdkit-daemon")
-        data = validate(branch.members or (), a["data"], prefix="addr.data.")
-        fn(ctx, {**args, "addr": {"type": a["type"], "data": data}})
-
-    return handler
+                svc.add(id=d.id, medium=d.medium, name=d.id, writable=not d.medium.ro, on_eject_drive=d.id)

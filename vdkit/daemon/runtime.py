@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdkit.daemon import nbd_export
-from vdkit.daemon.devices import DeviceRegistry
+from vdkit.devices.exports import Address
+from vdkit.devices.registry import DeviceRegistry
 from vdkit.errors import VdkitError
-from vdkit.monitor.commands import CommandContext
+from vdkit.monitor.commands import CommandContext, CommandRegistry
 from vdkit.monitor.hmp import run_line
-from vdkit.monitor.machine_cmds import REGISTRY
 from vdkit.monitor.qmp_wire import (
     NEED_DATA,
     InputError,
@@ -46,13 +46,6 @@ from vdkit.monitor.qmp_wire import (
 )
 
 log = logging.getLogger(__name__)
-nbd_export.register(REGISTRY)  # NBD commands live with the daemon (they need the event loop)
-
-
-def _hmp_line(ctx: CommandContext, *, text: str) -> str:
-    """One HMP command line run against the machine (what a monitor connection's worker calls)."""
-    return run_line(REGISTRY, ctx, text)
-
 
 READ_CHUNK = 65536
 # commands that only read daemon state (all others invalidate cached renderings)
@@ -90,19 +83,6 @@ def _hmp_bytes(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-@dataclass(frozen=True)
-class Address:
-    """``unix:PATH`` or ``tcp:HOST:PORT``."""
-
-    kind: str
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
 @dataclass(eq=False)
 class _QmpConn:
     session: QmpSession
@@ -117,6 +97,8 @@ class _QmpConn:
 @dataclass
 class Daemon:
     machine: DeviceRegistry
+    # every command the monitors answer (assembled by vdkit.daemon.main.build_registry)
+    registry: CommandRegistry
     qmp_addrs: list[Address] = field(default_factory=list)
     hmp_addrs: list[Address] = field(default_factory=list)
     nbd_addrs: list[Address] = field(default_factory=list)
@@ -125,8 +107,16 @@ class Daemon:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _unix_paths: list[str] = field(default_factory=list)
     _stop: asyncio.Event | None = None
+    _nbd: nbd_export.NbdService | None = None
 
     # -- commands (bottom half: runs in a worker thread) ------------------------
+    def _context(self, session: QmpSession | None = None) -> CommandContext:
+        return CommandContext(self.machine, session, registry=self.registry)
+
+    def _hmp_line(self, ctx: CommandContext, *, text: str) -> str:
+        """One HMP command line run against the machine (what a monitor connection's worker calls)."""
+        return run_line(self.registry, ctx, text)
+
     def _execute(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, *, pure: bool = False) -> Any:
         with self.machine.lock:
             try:
@@ -188,11 +178,11 @@ class Daemon:
 
     async def _qmp_request(self, conn: _QmpConn, req: Request) -> None:
         session = conn.session
-        ctx = CommandContext(self.machine, session)
+        ctx = self._context(session)
         negotiated = session.state is SessionState.COMMAND
 
         def run(c: CommandContext) -> Any:
-            return REGISTRY.dispatch(c, req.name, req.arguments, oob=req.oob, negotiated=negotiated)
+            return self.registry.dispatch(c, req.name, req.arguments, oob=req.oob, negotiated=negotiated)
 
         try:
             result = await self._run(run, ctx, pure=req.name in PURE_COMMANDS)
@@ -207,7 +197,7 @@ class Daemon:
             return
         self._broadcast(ctx.events)
         conn.send(session.reply(req, result))
-        self._broadcast(getattr(ctx, "late_events", []))  # events QEMU sends after the answer (nbd_export)
+        self._broadcast(ctx.late_events)  # events QEMU sends after the answer (a busy export's deletion)
 
     # -- HMP connection ------------------------------------------------------------------
     async def _hmp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -231,15 +221,15 @@ class Daemon:
                     writer.write(b"line too long\r\n(qemu) ")
                 for line in lines:
                     text = line.decode("utf-8", "surrogateescape")  # bytes echo back as QEMU echoes them
-                    ctx = CommandContext(self.machine)
+                    ctx = self._context()
                     try:
-                        out = await self._run(functools.partial(_hmp_line, text=text), ctx)
+                        out = await self._run(functools.partial(self._hmp_line, text=text), ctx)
                     except Exception as exc:  # a bug
                         log.exception("internal error in HMP %r", text)
                         out = f"Error: internal error: {exc}\r\n"
                     self._broadcast(ctx.events)
                     writer.write(_hmp_bytes(out) + b"(qemu) ")
-                    self._broadcast(getattr(ctx, "late_events", []))  # after the answer (nbd_export)
+                    self._broadcast(ctx.late_events)  # after the answer (a busy export's deletion)
                     await writer.drain()
                     if self.machine.shutdown_requested:
                         self._request_stop()
@@ -292,7 +282,7 @@ class Daemon:
 
         self.machine.event_sink = event_sink
         # NBD first: a -nbd address that cannot be bound leaves no monitor socket behind
-        await nbd_export.attach(self.machine, self.nbd_addrs)
+        self._nbd = await nbd_export.attach(self.machine, self.nbd_addrs)
         for a in self.qmp_addrs:
             await self._listen(a, self._track(self._qmp_client))
         for a in self.hmp_addrs:
@@ -357,6 +347,7 @@ class Daemon:
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        nbd_export.detach(self.machine)
+        if self._nbd is not None:
+            self._nbd.close_all()
         with self.machine.lock:
             self.machine.close_all()

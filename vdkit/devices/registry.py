@@ -1,12 +1,16 @@
-"""The daemon's device registry: drives, their media, the run state and the VM clock.
+"""The device registry: drives, their media, the run state and the VM clock.
 
 Everything a monitor command reads or changes lives here, behind ONE lock
 (``DeviceRegistry.lock``).  Every command handler runs with that lock held
-(the runtime takes it around each dispatch), so a ``query-block`` never sees
-half of a ``savevm`` or ``transaction``: queries and snapshot operations are
-serialised.  The lock is a ``threading.RLock`` because handlers run in a
-worker thread (blocking file I/O must not stall the event loop) and HMP
-commands re-enter QMP handlers.
+(the daemon's runtime takes it around each dispatch), so a ``query-block``
+never sees half of a ``savevm`` or ``transaction``: queries and snapshot
+operations are serialised.  The lock is a ``threading.RLock`` because
+handlers run in a worker thread (blocking file I/O must not stall the event
+loop) and HMP commands re-enter QMP handlers.
+
+This package sits below the monitor and imports no asyncio: the daemon plugs
+its services in through the attributes declared here (``event_sink``, the
+NBD ``exports`` service, see :mod:`vdkit.devices.exports`).
 
 Media are opened with :func:`vdkit.block.node.open_image`, which takes the
 QEMU-compatible image locks, so a QEMU (or qemu-img) trying to write an image
@@ -29,74 +33,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vdkit.devices.iostats import DriveStats
+from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 
 if TYPE_CHECKING:
+    from vdkit.block.driver import CorruptionReport
     from vdkit.block.node import Node
-    from vdkit.daemon.iostats import DriveStats
-    from vdkit.formats.qcow2.driver import CorruptionReport
+    from vdkit.devices.exports import ExportService
 
-THROTTLE_KEYS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
-THROTTLE_MAX_KEYS = ("bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max", "iops_wr_max")
-THROTTLE_LENGTH_KEYS = tuple(k + "_length" for k in THROTTLE_MAX_KEYS)
-THROTTLE_VALUE_MAX = 1_000_000_000_000_000
-
-
-@dataclass
-class ThrottleConfig:
-    """Limits of one backend: ``avg``/``max``/``burst length`` for six buckets, plus ``iops_size``."""
-
-    avg: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 0))
-    max: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 0))
-    length: dict[str, int] = field(default_factory=lambda: dict.fromkeys(THROTTLE_KEYS, 1))
-    iops_size: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return any(self.avg.values()) or any(self.max.values())
-
-    def validate(self) -> None:
-        """QEMU's ``throttle_is_valid`` checks, in its order, with its texts."""
-        a, m = self.avg, self.max
-        for vals in (a, m):
-            if (vals["bps"] and (vals["bps_rd"] or vals["bps_wr"])) or (
-                vals["iops"] and (vals["iops_rd"] or vals["iops_wr"])
-            ):
-                raise VdkitError("bps/iops/max total values and read/write values cannot be used at the same time")
-        if self.iops_size and not (a["iops"] or a["iops_rd"] or a["iops_wr"]):
-            raise VdkitError("iops size requires an iops value to be set")
-        for key in THROTTLE_KEYS:
-            avg, mx, length = a[key], m[key], self.length[key]
-            if avg < 0 or mx < 0 or avg > THROTTLE_VALUE_MAX or mx > THROTTLE_VALUE_MAX:
-                raise VdkitError(f"bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]")
-            if not length:
-                raise VdkitError("the burst length cannot be 0")
-            if length > 1 and not mx:
-                raise VdkitError("burst length set without burst rate")
-            if mx and length > THROTTLE_VALUE_MAX // mx:
-                raise VdkitError("burst length too high for this burst rate")
-            if mx and not avg:
-                raise VdkitError("bps_max/iops_max require corresponding bps/iops values")
-            if mx and mx < avg:
-                raise VdkitError("bps_max/iops_max cannot be lower than bps/iops")
-
-    def to_state(self) -> dict[str, int]:
-        out = dict(self.avg)
-        out.update({k + "_max": v for k, v in self.max.items()})
-        out.update({k + "_max_length": v for k, v in self.length.items()})
-        out["iops_size"] = self.iops_size
-        return out
-
-    @classmethod
-    def from_state(cls, state: dict[str, int]) -> ThrottleConfig:
-        cfg = cls()
-        for k in THROTTLE_KEYS:
-            cfg.avg[k] = int(state.get(k, 0))
-            cfg.max[k] = int(state.get(k + "_max", 0))
-            cfg.length[k] = int(state.get(k + "_max_length", 1))
-        cfg.iops_size = int(state.get("iops_size", 0))
-        return cfg
+# the format of snapshot=on's temporary overlay (QEMU's bdrv_append_temp_snapshot)
+TEMP_SNAPSHOT_FORMAT = "qcow2"
 
 
 @dataclass
@@ -145,7 +93,7 @@ class Medium:
     @property
     def dead(self) -> bool:
         """A fatal corruption event killed the top node: QEMU then shows the drive as not inserted."""
-        return bool(getattr(self.node.driver, "dead", False))
+        return self.node.driver.dead
 
 
 @dataclass
@@ -160,7 +108,7 @@ class Drive:
     # what blockdev-change-medium's read-only-mode=retain keeps, also across an eject
     retained_ro: bool = False
     # I/O accounting of the backend (NBD requests), reported by query-blockstats
-    stats: DriveStats = field(default_factory=lambda: _drive_stats())
+    stats: DriveStats = field(default_factory=DriveStats)
 
     @property
     def id(self) -> str:
@@ -179,12 +127,6 @@ class Drive:
     @property
     def removable(self) -> bool:
         return self.qdev is None or self.has_tray or self.spec.interface == "floppy"
-
-
-def _drive_stats() -> DriveStats:
-    from vdkit.daemon.iostats import DriveStats
-
-    return DriveStats()
 
 
 class DeviceRegistry:
@@ -209,6 +151,8 @@ class DeviceRegistry:
         # Delivers events raised outside a command (NBD connection threads) to the QMP clients;
         # set by the runtime (thread-safe hand-off to its event loop), None without one.
         self.event_sink: Callable[[list[tuple[str, dict[str, Any] | None]]], None] | None = None
+        # The NBD server (the daemon's listener implements ExportService); None without one.
+        self.exports: ExportService | None = None
 
     # -- run state and clock ----------------------------------------------------
     @property
@@ -317,10 +261,12 @@ class DeviceRegistry:
                 self._used_names.add(fmt_name)
             names.append((fmt_name, file_name))
         medium = Medium(node, names, readonly, serials)
-        for i, layer in enumerate(node.chain()):
-            if hasattr(layer.driver, "corruption_hook"):
-                layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
+        self._hook_corruption(medium)
         return medium
+
+    def _hook_corruption(self, medium: Medium) -> None:
+        for i, layer in enumerate(medium.node.chain()):
+            layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
 
     def open_snapshot_medium(self, filename: str, fmt: str | None, *, readonly: bool = False,
                              node_name: str | None = None, force_share: bool = False) -> Medium:
@@ -337,7 +283,8 @@ class DeviceRegistry:
         import string
 
         from vdkit.block.node import open_image
-        from vdkit.formats.qcow2.create import Qcow2CreateOptions, create_qcow2
+        from vdkit.formats.registry import format_module
+        from vdkit.opts import CreateOpts, with_file_options
 
         base = self.open_medium(filename, fmt, readonly=True, node_name=node_name, force_share=force_share)
         try:
@@ -347,9 +294,12 @@ class DeviceRegistry:
                 path = os.path.join(tmpdir, "vl." + "".join(secrets.choice(alphabet) for _ in range(6)))
                 if not os.path.exists(path):
                     break
-            create_qcow2(path, Qcow2CreateOptions(size=base.node.size))
+            fmt_mod = format_module(TEMP_SNAPSHOT_FORMAT)
+            opts = CreateOpts(with_file_options(fmt_mod.create_options()))
+            opts.set_number("size", base.node.size)
+            fmt_mod.create_image(path, opts)
             try:
-                top = open_image(path, "qcow2", readonly=readonly, backing=False)
+                top = open_image(path, TEMP_SNAPSHOT_FORMAT, readonly=readonly, backing=False)
             finally:
                 os.unlink(path)
         except BaseException:
@@ -358,20 +308,18 @@ class DeviceRegistry:
         top.backing = base.node
         file_ = {"driver": "file", "filename": filename}
         top.filename = "json:" + json.dumps({"backing": {"driver": base.node.format, "file": file_},
-                                             "driver": "qcow2",
+                                             "driver": TEMP_SNAPSHOT_FORMAT,
                                              "file": {"driver": "file", "filename": path}})
         file_serial = next(self._serial)
         serials = [(next(self._serial), file_serial), *base.serials]
         file_name = self._auto_name()
         names = [(self._auto_name(), file_name), *base.names]
         medium = Medium(top, names, readonly, serials, overlay_path=path)
-        for i, layer in enumerate(top.chain()):
-            if hasattr(layer.driver, "corruption_hook"):
-                layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)
+        self._hook_corruption(medium)
         return medium
 
     def _corruption(self, medium: Medium, index: int, report: CorruptionReport) -> None:
-        """A qcow2 corruption event of one layer of ``medium``: QEMU's stderr line and ``BLOCK_IMAGE_CORRUPTED``.
+        """A corruption event of one layer of ``medium``: QEMU's stderr line and ``BLOCK_IMAGE_CORRUPTED``.
 
         Called from whatever thread ran the request (an NBD connection, a
         command handler), with the device lock held.  ``device`` is the

@@ -1,7 +1,7 @@
 """Block and snapshot QMP commands: handlers that return model objects.
 
 Each handler runs with the device lock held (the runtime takes it), reads the
-drives through ``ctx.machine`` (a :class:`vdkit.daemon.devices.DeviceRegistry`)
+drives through ``ctx.machine`` (a :class:`vdkit.devices.registry.DeviceRegistry`)
 and builds ``vdkit.info.model`` objects through ``vdkit.info.collect``.  The
 same handlers serve QMP and HMP.  Texts of errors are QEMU 7.2's
 (``qmp-hmp.md`` §2-§3, §6).
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdkit.block.driver import CorruptionEvent
 from vdkit.block.snapshot import find_id_then_name
+from vdkit.devices.throttle import THROTTLE_KEYS, ThrottleConfig
 from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
 from vdkit.info.collect import image_info, snapshot_info
 from vdkit.info.model import (
@@ -30,17 +31,14 @@ from vdkit.info.model import (
     SnapshotInfo,
 )
 from vdkit.info.render_json import dumps_compact, to_qobject
-from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
+from vdkit.monitor import nbd_cmds
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
-    from vdkit.daemon.devices import DeviceRegistry, Drive, Medium
+    from vdkit.devices.registry import DeviceRegistry, Drive, Medium
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
-
-
-def _machine(ctx: CommandContext) -> DeviceRegistry:
-    return ctx.machine  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------
@@ -139,7 +137,7 @@ def block_info(drive: Drive) -> BlockInfo:
 
 
 def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[BlockInfo]:
-    return [block_info(d) for d in _machine(ctx).drives]
+    return [block_info(d) for d in ctx.machine.drives]
 
 
 def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
@@ -160,7 +158,7 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
     (size, allocation, modification time): the same model objects and the
     same renderer as :func:`query_block`, only not repeated for every poll.
     """
-    machine = _machine(ctx)
+    machine = ctx.machine
     parts = []
     for drive in machine.drives:
         key = (machine.generation, _files_state(drive))
@@ -184,7 +182,7 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
     have changed state, or a change to any file of the node's drive.
     """
     flat = bool(args.get("flat", False))
-    machine = _machine(ctx)
+    machine = ctx.machine
     states: dict[str, object] = {}
     parts = []
     for _, drive, medium, i, kind in _newest_first(ctx):
@@ -213,7 +211,7 @@ def _newest_first(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, st
 def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
     """Every named node: (creation serial, drive, medium, chain index, "fmt"|"file")."""
     out = []
-    for drive in _machine(ctx).drives:
+    for drive in ctx.machine.drives:
         medium = drive.medium
         if medium is None:
             continue
@@ -242,7 +240,7 @@ def _node_stats(medium: Medium, index: int, *, recurse_backing: bool) -> BlockSt
 
 
 def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[BlockStats]:
-    machine = _machine(ctx)
+    machine = ctx.machine
     out: list[BlockStats] = []
     if args.get("query-nodes", False):
         # every named node, in creation order (file node before its format node)
@@ -254,7 +252,7 @@ def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[BlockSta
                 out.append(_node_stats(medium, i, recurse_backing=False))
         return out
     for drive in machine.drives:
-        backend = drive.stats.to_model()  # NBD I/O accounted to the backend (vdkit.daemon.iostats)
+        backend = drive.stats.to_model()  # NBD I/O accounted to the backend (vdkit.devices.iostats)
         if drive.medium is None:
             out.append(BlockStats(stats=backend, device=drive.id, qdev=drive.qdev))
             continue
@@ -277,7 +275,7 @@ def _get_drive(ctx: CommandContext, args: dict[str, Any]) -> Drive:
     if (device is None) == (qid is None):
         raise VdkitError("Need exactly one of 'device' and 'id'")
     if device is not None:
-        drive = _machine(ctx).find_drive(device)
+        drive = ctx.machine.find_drive(device)
         if drive is None:
             raise DeviceNotFoundError(f"Device '{device}' not found")
         return drive
@@ -300,8 +298,6 @@ _THROTTLE_SCHEMA = (
 
 
 def block_set_io_throttle(ctx: CommandContext, args: dict[str, Any]) -> None:
-    from vdkit.daemon.devices import THROTTLE_KEYS, ThrottleConfig
-
     drive = _get_drive(ctx, args)
     if drive.medium is None:
         raise VdkitError("Device has no medium")
@@ -314,7 +310,7 @@ def block_set_io_throttle(ctx: CommandContext, args: dict[str, Any]) -> None:
     cfg.validate()
     # a throttled drive stays in its group unless another is named; limits are the group's
     group = args.get("group") or drive.group or args.get("device") or args.get("id")
-    _machine(ctx).set_throttle(drive, cfg, group)
+    ctx.machine.set_throttle(drive, cfg, group)
 
 
 def open_error(exc: VdkitError) -> VdkitError:
@@ -330,11 +326,8 @@ def _tray_event(ctx: CommandContext, drive: Drive, is_open: bool) -> None:
 
 def _remove_medium(ctx: CommandContext, drive: Drive) -> None:
     if drive.medium is not None:
-        if getattr(ctx.machine, "nbd", None) is not None:  # exports of this medium go with it
-            from vdkit.daemon.nbd_export import on_medium_change
-
-            on_medium_change(ctx, drive, drive.medium)
-        _machine(ctx).close_medium(drive.medium)
+        nbd_cmds.medium_removed(ctx, drive, drive.medium)  # exports of this medium go with it
+        ctx.machine.close_medium(drive.medium)
         drive.medium = None
 
 
@@ -360,7 +353,7 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
     filename = args["filename"]
     # relative names stay as given, resolved against the daemon's cwd (as QEMU does)
     try:
-        medium = _machine(ctx).open_medium(filename, args.get("format"), readonly=ro)
+        medium = ctx.machine.open_medium(filename, args.get("format"), readonly=ro)
     except VdkitError as exc:
         raise open_error(exc) from exc
     if drive.has_tray and not drive.tray_open:
@@ -380,7 +373,7 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 def _snapshot_capable(medium: Medium) -> bool:
-    return medium.node.format == "qcow2"
+    return medium.node.driver.supports_snapshots
 
 
 def included_drives(machine: DeviceRegistry) -> list[Drive]:
@@ -412,7 +405,7 @@ class _Target:
 
 def _resolve_root(ctx: CommandContext, device: str) -> _Target:
     """Backend name first, then node name; the node must be a root with a medium."""
-    machine = _machine(ctx)
+    machine = ctx.machine
     drive = machine.find_drive(device)
     if drive is None:
         for d in machine.drives:
@@ -470,7 +463,7 @@ def _snapshot_create_check(t: _Target, name: str) -> None:
 
 def _snapshot_create_do(ctx: CommandContext, t: _Target, name: str) -> SnapshotEntry:
     try:
-        return _create(t.medium, name, date=_now(), vm_clock_nsec=_machine(ctx).vm_clock_ns())
+        return _create(t.medium, name, date=_now(), vm_clock_nsec=ctx.machine.vm_clock_ns())
     except (OSError, VdkitError) as exc:
         raise VdkitError(f"Failed to create snapshot '{name}' on device '{t.label}': {_os_text(exc)}") from exc
 
@@ -534,8 +527,6 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
     a later action fails; checking everything before creating anything gives
     the same answers and leaves nothing to undo in the common case.
     """
-    from vdkit.monitor.commands import validate
-
     actions = args["actions"]
     datas = []
     for i, action in enumerate(actions):
@@ -601,8 +592,6 @@ def _encode_vmstate(machine: DeviceRegistry, run_state: str) -> bytes:
 
 
 def _apply_vmstate(machine: DeviceRegistry, raw: bytes) -> None:
-    from vdkit.daemon.devices import ThrottleConfig
-
     if not raw.startswith(VMSTATE_MAGIC):
         raise VdkitError("Error -22 while loading VM state")
     try:
@@ -655,7 +644,7 @@ def _all_capable(machine: DeviceRegistry) -> list[Drive]:
 
 
 def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
-    machine = _machine(ctx)
+    machine = ctx.machine
     disks = _all_capable(machine)
     date = _now()
     name = args.get("name")
@@ -699,7 +688,7 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
-    machine = _machine(ctx)
+    machine = ctx.machine
     name = args["name"]
     disks = _all_capable(machine)
     for d in disks:
@@ -740,7 +729,7 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 def delvm(ctx: CommandContext, args: dict[str, Any]) -> None:
-    _delete_first_named(_all_capable(_machine(ctx)), args["name"])
+    _delete_first_named(_all_capable(ctx.machine), args["name"])
 
 
 def _delete_first_named(disks: list[Drive], name: str) -> None:
@@ -762,7 +751,7 @@ def query_snapshots(ctx: CommandContext, args: dict[str, Any]) -> list[SnapshotI
     Same selection as the first section of HMP ``info snapshots`` (so disk-only
     snapshots are listed too; ``loadvm`` refuses those with its own error).
     """
-    machine = _machine(ctx)
+    machine = ctx.machine
     vmdisk = vmstate_drive(machine)
     if vmdisk is None:
         return []

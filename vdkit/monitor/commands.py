@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import CommandNotFoundError, VdkitError
 from vdkit.info.render_json import to_qobject
 from vdkit.monitor.qmp_wire import RawJson
+
+if TYPE_CHECKING:
+    from vdkit.devices.registry import DeviceRegistry
+    from vdkit.monitor.qmp_wire import QmpSession
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "array": "array", "object": "object",
                "number": "number"}
@@ -109,16 +113,21 @@ Handler = Callable[["CommandContext", dict[str, Any]], Any]
 
 @dataclass
 class CommandContext:
-    """What a handler may touch: the daemon's state and an event sink.
+    """What a handler may touch: the machine (drives, run state, the export service) and event sinks.
 
     ``events`` collects ``(name, data)`` pairs; the runtime broadcasts them
-    before it sends the command's response, as QEMU does.  ``session`` is the
-    QMP session for ``qmp_capabilities`` (None when HMP calls a handler).
+    before it sends the command's response, as QEMU does, and ``late_events``
+    right after it (an NBD export deleted while clients were connected).
+    ``session`` is the QMP session for ``qmp_capabilities`` (None when HMP
+    calls a handler).  ``registry`` is the registry running the command
+    (``query-commands``, ``human-monitor-command``); dispatching sets it.
     """
 
-    machine: Any
-    session: Any = None
+    machine: DeviceRegistry
+    session: QmpSession | None = None
     events: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    late_events: list[tuple[str, dict[str, Any] | None]] = field(default_factory=list)
+    registry: CommandRegistry | None = None
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self.events.append((name, data))
@@ -162,6 +171,8 @@ class CommandRegistry:
         ``negotiated`` False means the connection is still in capabilities
         negotiation mode.
         """
+        if ctx.registry is None:
+            ctx.registry = self
         if not negotiated:
             cmd = self._commands.get(name)
             if cmd is None or not cmd.negotiation:
@@ -182,5 +193,7 @@ class CommandRegistry:
 
     def call(self, ctx: CommandContext, name: str, arguments: dict[str, Any]) -> Any:
         """Run a handler for HMP: validated like QMP, but the model object is returned as is."""
+        if ctx.registry is None:
+            ctx.registry = self
         cmd = self._commands[name]
         return cmd.handler(ctx, validate(cmd.schema, arguments))

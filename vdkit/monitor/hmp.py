@@ -20,7 +20,7 @@ from typing import Any
 from vdkit.errors import VdkitError
 from vdkit.info import render_human
 from vdkit.info.model import BlockDeviceInfo, BlockInfo, SnapshotInfo
-from vdkit.monitor import block_cmds
+from vdkit.monitor import block_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandContext, CommandRegistry
 
 
@@ -472,7 +472,7 @@ def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str
     return ""
 
 
-# -- NBD server (handlers live with the daemon: vdkit.daemon.nbd_export) --------------------------
+# -- NBD server (the QMP handlers of vdkit.monitor.nbd_cmds) ------------------------------------------
 
 
 def _socket_address(text: str) -> dict[str, Any]:
@@ -510,46 +510,38 @@ def _socket_address(text: str) -> dict[str, Any]:
 
 
 def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
-    from vdkit.daemon import nbd_export
-
     uri = a["uri"]
     writable = a.get("writable", False)
     if writable and not a.get("all"):
         raise VdkitError("-w only valid together with -a")
     addr = _socket_address(uri)
-    nbd_export.nbd_server_start(ctx, {"addr": addr})
+    nbd_cmds.nbd_server_start(ctx, {"addr": addr})
     if a.get("all"):  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
         try:
             for d in ctx.machine.drives:
                 if d.medium is not None:
-                    nbd_export.nbd_server_add(ctx, {"device": d.id, "writable": writable})
+                    nbd_cmds.nbd_server_add(ctx, {"device": d.id, "writable": writable})
         except VdkitError:
-            nbd_export.nbd_server_stop(ctx, {})
+            nbd_cmds.nbd_server_stop(ctx, {})
             raise
     return ""
 
 
 def _nbd_add(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
-    from vdkit.daemon import nbd_export
-
     args: dict[str, Any] = {"device": a["device"], "writable": a.get("writable", False)}
     if a.get("name") is not None:
         args["name"] = a["name"]
-    nbd_export.nbd_server_add(ctx, args)
+    nbd_cmds.nbd_server_add(ctx, args)
     return ""
 
 
 def _nbd_remove(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
-    from vdkit.daemon import nbd_export
-
-    nbd_export.nbd_server_remove(ctx, {"name": a["name"], "mode": "hard" if a.get("force") else "safe"})
+    nbd_cmds.nbd_server_remove(ctx, {"name": a["name"], "mode": "hard" if a.get("force") else "safe"})
     return ""
 
 
 def _nbd_stop(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
-    from vdkit.daemon import nbd_export
-
-    nbd_export.nbd_server_stop(ctx, {})
+    nbd_cmds.nbd_server_stop(ctx, {})
     return ""
 
 
@@ -610,6 +602,8 @@ def run_line_lf(reg: CommandRegistry, ctx: CommandContext, line: str) -> str:
     ``unknown command`` and the ``Try "help ..."`` hint quote the line up to
     the end of the command name, leading spaces included.
     """
+    if ctx.registry is None:
+        ctx.registry = reg
     text = _to_bytes_text(line)
     if _skip(text, 0) >= len(text):
         return ""

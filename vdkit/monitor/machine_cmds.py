@@ -1,8 +1,11 @@
-"""Protocol and run-state QMP commands, and the registry every monitor uses.
+"""Protocol and run-state QMP commands.
 
 ``qmp_capabilities``, ``query-version``, ``query-commands``, ``query-status``,
-``stop``, ``cont``, ``quit`` and ``human-monitor-command``; the block
-commands come from :mod:`vdkit.monitor.block_cmds`.
+``stop``, ``cont``, ``quit`` and ``human-monitor-command``.  The block
+commands are in :mod:`vdkit.monitor.block_cmds`, the NBD ones in
+:mod:`vdkit.monitor.nbd_cmds`; the daemon assembles the registry
+(``vdkit.daemon.main.build_registry``).  ``query-commands`` and
+``human-monitor-command`` use the registry that runs them (``ctx.registry``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from typing import Any
 
 from vdkit.errors import VdkitError
 from vdkit.info.model import StatusInfo
-from vdkit.monitor import block_cmds
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
 from vdkit.monitor.qmp_wire import version_info
 
@@ -59,15 +61,16 @@ def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
         if index != 0:
             raise VdkitError("Parameter 'cpu-index' expects a CPU number")
 
-    return run_line(REGISTRY, ctx, args["command-line"])
+    assert ctx.registry is not None  # set by the registry that dispatched this command
+    return run_line(ctx.registry, ctx, args["command-line"])
 
 
 def query_commands(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"name": n} for n in REGISTRY.names()]
+    assert ctx.registry is not None
+    return [{"name": n} for n in ctx.registry.names()]
 
 
-def build_registry() -> CommandRegistry:
-    reg = CommandRegistry()
+def register(reg: CommandRegistry) -> None:
     r = reg.register
     r("qmp_capabilities", opt("enable", "array", items=Arg("enable", enum=("oob",), enum_label="null")),
       negotiation=True)(qmp_capabilities)
@@ -78,8 +81,3 @@ def build_registry() -> CommandRegistry:
     r("cont")(cont)
     r("quit")(quit_)
     r("human-monitor-command", Arg("command-line"), opt("cpu-index", "int"))(human_monitor_command)
-    block_cmds.register(reg)
-    return reg
-
-
-REGISTRY = build_registry()

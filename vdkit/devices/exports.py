@@ -1,0 +1,82 @@
+"""The export service the monitor's NBD commands talk to, and the socket address they pass it.
+
+The QMP handlers (``nbd-server-*``, ``block-export-*``, in
+:mod:`vdkit.monitor.nbd_cmds`) validate arguments and resolve drives; what
+needs sockets and threads (binding a listener, hanging up clients) is the
+daemon's NBD listener (:class:`vdkit.daemon.nbd_export.NbdService`), which
+implements this protocol and is handed to the machine as
+``DeviceRegistry.exports``.  Nothing here imports asyncio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from vdkit.devices.registry import Medium
+
+
+@dataclass(frozen=True)
+class Address:
+    """``unix:PATH`` or ``tcp:HOST:PORT``."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ExportEntry:
+    """One export as ``query-block-exports`` lists it."""
+
+    id: str
+    name: str
+    node_name: str
+
+
+@dataclass(frozen=True)
+class RemovedExport:
+    """An export that was removed; ``busy``: clients were connected (QEMU then sends
+    ``BLOCK_EXPORT_DELETED`` only after the command's answer, once they are gone)."""
+
+    id: str
+    busy: bool
+
+
+class ExportService(Protocol):
+    """The daemon's NBD server as the monitor sees it.  Errors are VdkitErrors with QEMU's texts."""
+
+    @property
+    def running(self) -> bool:
+        """A listener is bound (``nbd-server-start`` succeeded, no ``nbd-server-stop`` since)."""
+        ...
+
+    def start(self, addr: Address) -> None:
+        """Bind the listener (bind errors are the command's) and start accepting clients."""
+        ...
+
+    def stop(self) -> list[RemovedExport]:
+        """Remove every export and close the listener ("NBD server not running" without one)."""
+        ...
+
+    def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
+            on_eject_drive: str | None = None) -> None:
+        """Export ``medium`` as ``name``; ``on_eject_drive``: removed when that drive's medium goes."""
+        ...
+
+    def remove(self, id: str, mode: str) -> RemovedExport:
+        """Remove export ``id``; ``mode`` "safe" refuses while clients are connected, "hard" hangs up."""
+        ...
+
+    def remove_for_medium(self, drive_id: str, medium: Medium) -> list[RemovedExport]:
+        """``medium`` left drive ``drive_id``: remove the exports made to go with it (QEMU's on-eject rule)."""
+        ...
+
+    def list_exports(self) -> list[ExportEntry]:
+        """The exports in creation order."""
+        ...

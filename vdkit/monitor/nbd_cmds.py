@@ -1,0 +1,189 @@
+"""NBD export QMP commands: ``nbd-server-start``/``-add``/``-remove``/``-stop``, ``block-export-add``/``-del``,
+``query-block-exports``.
+
+The handlers run like every command (worker thread, device lock held).
+They check arguments and resolve drives here, in QEMU 7.2's order and with
+its texts (``SocketAddressLegacy`` with its ``data`` wrapper, exports listed
+newest first), and leave sockets and client connections to the machine's
+export service (:class:`vdkit.devices.exports.ExportService`, implemented by
+the daemon's NBD listener).  A removed export raises ``BLOCK_EXPORT_DELETED``
+before the answer, or after it when clients were still connected (QEMU
+deletes a busy export only once they are gone).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import TYPE_CHECKING, Any
+
+from vdkit.devices.exports import Address, ExportService, RemovedExport
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, Handler, opt, validate
+
+if TYPE_CHECKING:
+    from vdkit.devices.registry import Drive, Medium
+
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
+
+
+def _service(ctx: CommandContext) -> ExportService:
+    svc = ctx.machine.exports
+    if svc is None:
+        raise VdkitError("NBD server not available")  # the registry runs outside a daemon (unit tests)
+    return svc
+
+
+def emit_removed(ctx: CommandContext, removed: list[RemovedExport]) -> None:
+    """``BLOCK_EXPORT_DELETED`` for each removed export: now, or after the answer if it had clients."""
+    for r in removed:
+        event = ("BLOCK_EXPORT_DELETED", {"id": r.id})
+        if r.busy:
+            ctx.late_events.append(event)
+        else:
+            ctx.emit(*event)
+
+
+def medium_removed(ctx: CommandContext, drive: Drive, old: Medium) -> None:
+    """A drive's medium was ejected or replaced: remove the nbd-server-add exports that named it."""
+    svc = ctx.machine.exports
+    if svc is not None:
+        emit_removed(ctx, svc.remove_for_medium(drive.id, old))
+
+
+def _parse_addr(addr: dict[str, Any]) -> Address:
+    kind, data = addr["type"], addr["data"]
+    if kind == "unix":
+        return Address("unix", path=data["path"])
+    if kind == "inet":
+        try:  # a number or a service name, as getaddrinfo takes it
+            port = int(data["port"]) if data["port"].isdigit() else socket.getservbyname(data["port"], "tcp")
+        except OSError:
+            raise VdkitError(f"address resolution failed for {data['host']}:{data['port']}: "
+                             "Servname not supported for ai_socktype") from None
+        return Address("tcp", host=data["host"], port=port)
+    raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
+
+
+def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
+    svc = _service(ctx)
+    if svc.running:
+        raise VdkitError("NBD server already running")
+    if "tls-creds" in args:
+        raise VdkitError(f"No TLS credentials with id '{args['tls-creds']}'")
+    svc.start(_parse_addr(args["addr"]))
+
+
+def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> tuple[Medium, Drive]:
+    """QEMU's ``bdrv_lookup_bs``: a drive id (with a medium) or a top node name."""
+    machine = ctx.machine
+    if device is not None:
+        d = machine.find_drive(device)
+        if d is not None:
+            if d.medium is None:
+                raise VdkitError(f"Device '{device}' has no medium")
+            return d.medium, d
+    if node_name is not None:
+        for d in machine.drives:
+            if d.medium is not None and d.medium.node_name == node_name:
+                return d.medium, d
+    raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def _check_id(svc: ExportService, id: str) -> None:
+    if not _ID_RE.match(id):
+        raise VdkitError("Invalid block export id")
+    if any(e.id == id for e in svc.list_exports()):
+        raise VdkitError(f"Block export id '{id}' is already in use")
+
+
+def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    svc = _service(ctx)
+    device = args["device"]
+    name = args.get("name", device)
+    medium, drive = _resolve(ctx, device, device)  # QEMU looks the device up before the server
+    if not svc.running:
+        raise VdkitError("NBD server not running")
+    if "bitmap" in args:
+        raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
+    # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
+    writable = bool(args.get("writable", False)) and not medium.ro
+    on_eject = drive.id if ctx.machine.find_drive(device) is drive else None
+    _check_id(svc, name)
+    svc.add(id=name, medium=medium, name=name, writable=writable, description=args.get("description", ""),
+            on_eject_drive=on_eject)
+
+
+def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    svc = _service(ctx)
+    if args["type"] != "nbd":
+        raise VdkitError(f"Export type '{args['type']}' is not supported by vdkit-daemon")
+    _check_id(svc, args["id"])
+    medium, _ = _resolve(ctx, None, args["node-name"])
+    writable = bool(args.get("writable", False))
+    if not svc.running:
+        raise VdkitError("NBD server not running")
+    if writable and medium.ro:
+        raise VdkitError("Cannot export read-only node as writable")
+    if args.get("bitmaps"):
+        raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
+    svc.add(id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
+            description=args.get("description", ""))
+
+
+def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
+    emit_removed(ctx, [_service(ctx).remove(args["name"], args.get("mode", "safe"))])
+
+
+def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    emit_removed(ctx, [_service(ctx).remove(args["id"], args.get("mode", "safe"))])
+
+
+def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
+    emit_removed(ctx, _service(ctx).stop())
+
+
+def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
+    svc = ctx.machine.exports
+    if svc is None:
+        return []
+    return [{"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": False}
+            for e in reversed(svc.list_exports())]
+
+
+def _with_addr_branch(fn: Handler, unix: Arg, inet: Arg) -> Handler:
+    """Validate ``addr.data`` against the branch ``addr.type`` selects, as QEMU's union visitor does."""
+
+    def handler(ctx: CommandContext, args: dict[str, Any]) -> None:
+        a = args["addr"]
+        branch = {"unix": unix, "inet": inet}.get(a["type"])
+        if branch is None:
+            raise VdkitError(f"Socket address type '{a['type']}' is not supported by vdkit-daemon")
+        data = validate(branch.members or (), a["data"], prefix="addr.data.")
+        fn(ctx, {**args, "addr": {"type": a["type"], "data": data}})
+
+    return handler
+
+
+def register(reg: CommandRegistry) -> None:
+    r = reg.register
+    unix = Arg("data", "object", members=(Arg("path"), opt("abstract", "bool"), opt("tight", "bool")))
+    inet = Arg("data", "object", members=(
+        Arg("host"), Arg("port"), opt("numeric", "bool"), opt("to", "int"), opt("ipv4", "bool"),
+        opt("ipv6", "bool"), opt("keep-alive", "bool"), opt("mptcp", "bool")))
+    # SocketAddressLegacy: a union on 'type'; the branch decides the 'data' schema (checked in _with_addr_branch)
+    addr = Arg("addr", "object", members=(Arg("type", enum=("inet", "unix", "vsock", "fd"), enum_label="type"),
+                                          Arg("data", "object")))
+    r("nbd-server-start", addr, opt("tls-creds"), opt("tls-authz"), opt("max-connections", "int"))(
+        _with_addr_branch(nbd_server_start, unix, inet))
+    r("nbd-server-add", Arg("device"), opt("name"), opt("description"), opt("writable", "bool"),
+      opt("bitmap"))(nbd_server_add)
+    mode = opt("mode", enum=("safe", "hard"))
+    r("nbd-server-remove", Arg("name"), mode)(nbd_server_remove)
+    r("nbd-server-stop")(nbd_server_stop)
+    r("block-export-add", Arg("type", enum=("nbd", "vhost-user-blk", "fuse", "vduse-blk")), Arg("id"),
+      opt("fixed-iothread", "bool"), opt("iothread"), Arg("node-name"), opt("writable", "bool"),
+      opt("writethrough", "bool"), opt("name"), opt("description"), opt("bitmaps", "array", items=Arg("bitmaps")),
+      opt("allocation-depth", "bool"))(block_export_add)
+    r("block-export-del", Arg("id"), mode)(block_export_del)
+    r("query-block-exports")(query_block_exports)
