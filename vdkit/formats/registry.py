@@ -39,6 +39,7 @@ FORMATS: dict[str, str] = {
     "vhdx": "vdkit.formats.vhdx",
     "vpc": "vdkit.formats.vpc",
     "vdi": "vdkit.formats.vdi",
+    "vdi": "vdkit.formats.vdi",
     "qed": "vdkit.formats.qed",
     "bochs": "vdkit.formats.bochs",
     "cloop": "vdkit.formats.cloop",
