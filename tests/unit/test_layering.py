@@ -1,9 +1,11 @@
-"""Module-level imports only point down the layer list (docs/ARCHITECTURE.md).
+"""Imports only point down the layer list (docs/ARCHITECTURE.md), at module level and inside functions.
 
-Function-level (lazy) imports are allowed to reach up: ``Node.info()`` is a
-convenience that calls the collector, and lazy imports are also how the CLI
-stays quick to start.  What must never happen is a lower layer needing an
-upper one just to be imported.
+A lower layer must never need an upper one, neither to be imported nor to
+run: that is how cycles between packages start.  Imports inside functions
+(lazy imports, which keep start-up cheap) are held to the same rule; the few
+that knowingly reach up are listed in ``ALLOWED_UPWARD`` with the reason.
+Imports under ``if TYPE_CHECKING:`` cost nothing at run time and are not
+counted.
 """
 
 from __future__ import annotations
@@ -16,15 +18,39 @@ import pytest
 PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # ``block.driver`` is the operations table the formats implement, so it sits
 # below them (as QEMU's BlockDriver definition sits below block/qcow2.c);
-# ``block.snapshot`` holds the generic snapshot descriptor's limits.  The QAPI
-# shapes (``info.model``) and QEMU's option syntax (``opts``) are plain data
-# every layer speaks, as QEMU's generated QAPI types sit below the block layer.
-LAYERS = ["errors", "record", "opts", "info.model", "io", "block.driver", "formats", "block", "info", "cli", "nbd",
-          "monitor", "daemon"]
+# ``block.snapshot`` holds the generic snapshot descriptor's limits and lookup.
+# The QAPI shapes (``info.model``) and QEMU's option syntax (``opts``) are
+# plain data every layer speaks, as QEMU's generated QAPI types sit below the
+# block layer.  ``devices`` (the daemon's machine: drives, media, throttling;
+# no asyncio) sits below the front ends, so the monitor's handlers use it and
+# the daemon only plugs its services in.
+LAYERS = ["errors", "record", "opts", "info.model", "io", "block.driver", "formats", "block", "info", "devices",
+          "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
                 ("info", "model"): "info.model"}
-# Front ends are siblings: none may import another at module level.
+# Front ends are siblings: none may import another.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
+
+# Function-level imports allowed to reach up: (importing file, imported module).  Keep this short.
+ALLOWED_UPWARD = {
+    # Node.info()/Node.snapshots(): library conveniences that call the one info collector
+    ("block/node.py", "vdkit.info.collect"),
+    # OpenContext.open_child applies the default OpenPolicy when the caller gave none
+    ("block/driver.py", "vdkit.block.chain"),
+    # TODO: move raw_file_status/punch_hole to vdkit/io/file.py
+    ("formats/qcow2/io.py", "vdkit.block.io"),
+    ("formats/qcow2/resize.py", "vdkit.block.io"),
+    ("formats/vdi/driver.py", "vdkit.block.io"),
+    ("formats/vmdk/driver.py", "vdkit.block.io"),
+    ("formats/vpc/driver.py", "vdkit.block.io"),
+    # TODO: vmdk resolves extent/backing names and opens its backing file (make.py, for its CID)
+    # through block/; resolve_backing_name belongs below formats (with OpenPolicy)
+    ("formats/vmdk/driver.py", "vdkit.block.chain"),
+    ("formats/vmdk/make.py", "vdkit.block.chain"),
+    ("formats/vmdk/make.py", "vdkit.block.node"),
+    # TODO: luks's key-secret lookup (--object secret) lives in block/secrets.py
+    ("formats/luks/driver.py", "vdkit.block.secrets"),
+}
 
 
 def _layer(module: str) -> str | None:
@@ -35,15 +61,31 @@ def _layer(module: str) -> str | None:
     return low if low is not None else parts[1]
 
 
-def _module_level_imports(tree: ast.Module) -> list[str]:
-    out: list[str] = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            out.extend(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append(node.module)
-        elif isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            continue  # typing-only imports cost nothing at run time
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(tree: ast.Module, package: str) -> list[tuple[str, bool]]:
+    """Every run-time import as ``(module, at module level)``; relative imports made absolute."""
+    out: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                continue  # typing-only imports cost nothing at run time
+            if isinstance(child, ast.Import):
+                out.extend((a.name, top) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - child.level + 1]
+                    name = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    name = child.module or ""
+                out.append((name, top))
+            inner = top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            visit(child, inner)
+
+    visit(tree, True)
     return out
 
 
@@ -54,12 +96,29 @@ def _modules() -> list[Path]:
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
 def test_imports_point_down(path: Path) -> None:
     rel = path.relative_to(PKG)
-    own = _layer("vdkit." + ".".join(rel.with_suffix("").parts)) or ""
+    dotted = "vdkit." + ".".join(rel.with_suffix("").parts)
+    own = _layer(dotted) or ""
     if own not in LAYERS:
         return  # vdkit/__init__.py: the public facade may import anything lazily
-    for imported in _module_level_imports(ast.parse(path.read_text())):
+    package = dotted if path.name == "__init__.py" else dotted.rsplit(".", 1)[0]
+    bad: list[str] = []
+    for imported, top in _imports(ast.parse(path.read_text()), package):
         layer = _layer(imported)
         if layer is None or layer == own or layer not in LAYERS:
             continue
-        assert LAYERS.index(layer) < LAYERS.index(own), f"{rel} imports {imported} (upward)"
-        assert layer not in SIBLINGS.get(own, set()), f"{rel} imports sibling front end {imported}"
+        where = "" if top else " inside a function"
+        if not top and any(str(rel) == f and (imported == m or imported.startswith(m + "."))
+                           for f, m in ALLOWED_UPWARD):
+            continue
+        if LAYERS.index(layer) > LAYERS.index(own):
+            bad.append(f"{rel} imports {imported}{where} (upward)")
+        elif layer in SIBLINGS.get(own, set()):
+            bad.append(f"{rel} imports sibling front end {imported}{where}")
+    assert not bad, "\n".join(bad)
+
+
+def test_allow_list_is_used() -> None:
+    """Every allowed upward import still exists (a stale entry would hide a new one)."""
+    for file, module in ALLOWED_UPWARD:
+        imported = [m for m, _ in _imports(ast.parse((PKG / file).read_text()), "")]
+        assert any(m == module or m.startswith(module + ".") for m in imported), (file, module)
