@@ -580,3 +580,25 @@ def test_log_sweep(images: Path, tmp_path: Path) -> None:
         if len(qd) != len(vd) or qd[0x200000:0x300000] != vd[0x200000:0x300000]:
             diffs.append(f"seed {seed} ({mode}): replayed BAT differs")
     assert not diffs, "\n".join(diffs)
+
+
+# -- inspect: the safety verdict ------------------------------------------------------------------
+
+def test_inspect(images: Path, tmp_path: Path) -> None:
+    for name in ("d.vhdx", "m1.vhdx", "f.vhdx", "fz.vhdx", "nz.vhdx", "c.vhdx"):
+        r = vdkit_img("inspect", name, cwd=images)
+        assert r.returncode == 0 and "verdict: safe" in r.stdout, r.stdout + r.stderr
+    base = (images / "m1.vhdx").read_bytes()
+    cases = {
+        "log-replay-needed": lambda d: (_hdr(d, 1, log_guid=bytes(d[_E + 32:_E + 48])),
+                                        _hdr(d, 2, log_guid=bytes(d[_E + 32:_E + 48]))),
+        "truncated": lambda d: d.__delitem__(slice(0xA80000, None)),
+        "invalid-metadata": lambda d: struct.pack_into("<Q", d, 0x200000, 0x800007),
+        "overlapping-metadata": lambda d: struct.pack_into("<Q", d, 0x200008, 0x800006),
+    }
+    for kind, damage in cases.items():
+        data = bytearray(base)
+        damage(data)
+        (tmp_path / "x.vhdx").write_bytes(bytes(data))
+        r = vdkit_img("inspect", "x.vhdx", cwd=tmp_path)
+        assert r.returncode == 2 and f"  {kind}: " in r.stdout, (kind, r.stdout, r.stderr)

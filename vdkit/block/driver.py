@@ -242,6 +242,10 @@ class FormatDriver:
     def snapshot_revert(self, entry: SnapshotEntry) -> None:
         raise self._unsupported()
 
+    def forget_snapshot(self, entry: SnapshotEntry) -> None:
+        """Drop ``entry`` from this open node's snapshot list only, the file unchanged (QEMU's failed
+        delete on a read-only image: the entry left its in-memory table before the write failed)."""
+
     def flush(self) -> None:
         """Make everything written so far durable (nothing cached by default)."""
 

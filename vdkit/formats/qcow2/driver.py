@@ -376,6 +376,9 @@ class Qcow2Driver(FormatDriver):
             pos = t_end
         self.flush()
 
+    def forget_snapshot(self, entry: SnapshotEntry) -> None:
+        self._snapshots = [e for e in self._snapshots if e is not entry]
+
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
         self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops

@@ -70,6 +70,9 @@ class VhdxDriver(FormatDriver):
         self.filename = ctx.filename
         self.readonly = ctx.readonly
         self.check_mode = ctx.check_mode
+        # vdkit-img inspect (check mode, metadata only): a log to replay is an issue to report, not a refusal
+        self._inspecting = ctx.check_mode and ctx.no_io
+        self.log_pending = False
         self.bat_errors: list[str] = []  # check mode: BAT problems found at open (each a corruption)
         self.log_replayed = False
         self._session_guid: bytes | None = None  # file write GUID once the first write of this open happened
@@ -248,8 +251,8 @@ class VhdxDriver(FormatDriver):
                     raise _einval(self.filename, msg)
                 self.bat_errors.append(msg)
 
-    def _present_entries(self) -> Iterator[int]:
-        """Indexes of the BAT entries in state "fully present", in order.
+    def _present_entries(self, states: tuple[int, ...] = (L.PAYLOAD_FULLY_PRESENT,)) -> Iterator[int]:
+        """Indexes of the BAT entries in one of ``states`` (default: fully present), in order.
 
         Small tables are scanned in Python (no numpy import for ``info``); large ones with numpy, 8 MiB
         at a time, so the scan needs little memory beyond the table itself.
@@ -257,15 +260,15 @@ class VhdxDriver(FormatDriver):
         bat = self.bat
         if len(bat) <= L.MiB:
             arr = struct.unpack(f"<{len(bat) // 8}Q", bat)
-            yield from (i for i, e in enumerate(arr) if e & 7 == L.PAYLOAD_FULLY_PRESENT)
+            yield from (i for i, e in enumerate(arr) if e & 7 in states)
             return
         import numpy as np
 
         mv = memoryview(bat)
         step = 8 * L.MiB
         for start in range(0, len(bat), step):
-            part = np.frombuffer(mv[start : start + step], dtype="<u8")
-            for i in np.flatnonzero((part & 7) == L.PAYLOAD_FULLY_PRESENT).tolist():
+            arr = np.frombuffer(mv[start : start + step], dtype="<u8")
+            for i in np.flatnonzero(np.isin(arr & 7, states)).tolist():
                 yield start // 8 + i
 
     # -- the log ----------------------------------------------------------------------------------
@@ -280,6 +283,9 @@ class VhdxDriver(FormatDriver):
         except log.LogError:
             raise _einval(self.filename) from None
         if not seq:
+            return
+        if self.readonly and self._inspecting:
+            self.log_pending = True
             return
         if self.readonly:
             name = self.filename
@@ -426,6 +432,35 @@ class VhdxDriver(FormatDriver):
         self._write_headers(log_guid=L.ZERO_GUID)
         self._log_pos = (self._log_pos + length) % self.header.log_length
         self._log_seq += 1
+
+    # -- inspect ------------------------------------------------------------------------------
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """A log still to replay, fully present blocks past the end of the file or over the metadata or
+        over each other (QEMU checks only the first two), and block states whose reads fail."""
+        issues: list[tuple[str, str]] = []
+        if self.log_pending:
+            issues.append(("log-replay-needed", "the metadata log must be replayed first "
+                                                "(qemu-img check -r all); until then QEMU opens it read-write only"))
+        for msg in self.bat_errors:
+            issues.append(("overlapping-metadata" if "overlaps" in msg else "truncated", msg))
+        spans: list[int] = []
+        failing = 0
+        ratio = self.ratio
+        for idx in self._present_entries((L.PAYLOAD_FULLY_PRESENT, 4, L.PAYLOAD_PARTIALLY_PRESENT)):
+            if (idx + 1) % (ratio + 1) == 0:  # a sector bitmap entry
+                continue
+            entry = int.from_bytes(self.bat[idx * 8 : idx * 8 + 8], "little")
+            if entry & L.BAT_STATE_MASK == L.PAYLOAD_FULLY_PRESENT:
+                spans.append(entry & L.BAT_OFFSET_MASK)
+            else:
+                failing += 1
+        if failing:
+            issues.append(("invalid-metadata", f"{failing} block(s) in a state whose reads fail (4 or 7)"))
+        spans.sort()
+        shared = sum(1 for a, b in zip(spans, spans[1:], strict=False) if b < a + self.block_size)
+        if shared:
+            issues.append(("overlapping-metadata", f"{shared} block(s) share file space with another block"))
+        return issues
 
     # -- check --------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
