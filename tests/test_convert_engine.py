@@ -20,8 +20,9 @@ import pytest
 from tests.conftest import check_ok, qemu_img, vdkit_img
 from tests.diff.io_corpus import KINDS, build
 from vdkit.block import io as bio
+from vdkit.block.copy import SECTOR, ZeroMap, _zero_sectors_numpy
 from vdkit.block.node import open_image
-from vdkit.cli.convert import SECTOR, Progress, ZeroMap, _zero_sectors_numpy
+from vdkit.block.progress import Progress
 
 
 def _reference(buf: bytes, n: int) -> bytes:

@@ -227,7 +227,7 @@ def readinto(node: Node, offset: int, view: memoryview) -> None:
         drv.require_alive()  # type: ignore[attr-defined]
         drv.io.readinto(offset, view, _backing_filler(node))  # type: ignore[attr-defined]
         return
-    view[:] = drv.read(offset, length, backing=_backing_reader(node))
+    drv.readinto(offset, view, _backing_reader(node))
 
 
 def _backing_filler(node: Node):  # type: ignore[no-untyped-def]
@@ -311,6 +311,18 @@ def write_zeroes(node: Node, offset: int, length: int, *, unmap: bool = False) -
 def discard(node: Node, offset: int, length: int) -> None:
     _require_writes(node)
     node.driver.discard(offset, length, has_backing=node.backing is not None)
+
+
+def truncate(node: Node, size: int, prealloc: str = "off") -> None:
+    """Truncate/grow the top image of ``node`` to ``size`` bytes (``qemu-img resize``, commit's base).
+
+    The backing chain is handed down: QEMU's block layer zeroes a grown area
+    that a longer backing file would otherwise show through, and copy-on-write
+    of a partly new cluster reads through the chain.
+    """
+    below = node.backing
+    backing_size = below.driver.virtual_size if below is not None else 0
+    node.driver.truncate(size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
 
 
 def flush(node: Node) -> None:

@@ -1,8 +1,8 @@
 """``vdkit-img commit``: write an overlay's changes into its backing file.
 
 Every range some layer above the base allocates is copied into the base
-(zeros as zero writes, data as data); a base smaller than the overlay is
-grown first.  Then, unless ``-d`` (or ``-b``, which implies it) is given, the
+(zeros as zero writes, data as data; :mod:`vdkit.block.commit`); a base
+smaller than the overlay is grown first.  Then, unless ``-d`` (or ``-b``, which implies it) is given, the
 overlay is emptied so it shows the base again.  The chain is opened by hand:
 the overlay and the base writable, intermediate layers read-only, so the
 base is never open twice in this process (QEMU's image locks would refuse).
@@ -32,8 +32,6 @@ LONGOPTS = [
     LongOpt("object", True, "object"),
     LongOpt("image-opts", False, "image-opts"),
 ]
-
-CHUNK = 2 * 1024 * 1024
 
 
 def main(argv: list[str]) -> int:
@@ -96,34 +94,14 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
 
 def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: bool, progress: bool,
         shown: str | None = None) -> int:
-    from vdkit.block import io as bio
-    from vdkit.cli.convert import Progress
+    from vdkit.block.commit import commit
+    from vdkit.block.progress import Progress
 
     prog = Progress(progress, min_skip=1.0)
     top, base_node = _open_chain(filename, fmt, base, shown)
     try:
         prog.set(0.0)
-        size = top.driver.virtual_size
-        if base_node.driver.virtual_size < size:
-            from vdkit.cli.resize import resize_node
-
-            resize_node(base_node, size)
-        offset = 0
-        try:
-            while offset < size:
-                allocated, n = _allocated_above(top, base_node, offset, min(CHUNK, size - offset))
-                if allocated:
-                    st = bio.above_status(top, offset, n)
-                    n = st.length
-                    if st.flags & bio.ZERO:
-                        bio.write_zeroes(base_node, offset, n)
-                    else:
-                        bio.write(base_node, offset, bio.read(top, offset, n))
-                offset += n
-                prog.set(100.0 * offset / size)
-            bio.flush(base_node)
-        except (OSError, VdkitError) as exc:  # qemu-img runs the copy as a block job
-            raise bio.io_error(exc, "Block job failed") from exc
+        commit(top, base_node, prog)
         if not drop:
             top.driver.make_empty()
     finally:
@@ -133,21 +111,3 @@ def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: 
     if not quiet:
         write_out("Image committed.\n")
     return 0
-
-
-def _allocated_above(top: Node, base: Node, offset: int, length: int) -> tuple[bool, int]:
-    """Does a layer above ``base`` allocate ``offset``?  And for how many bytes that answer holds."""
-    from vdkit.block.io import ALLOCATED, layer_status
-
-    cur: Node | None = top
-    n = length
-    while cur is not None and cur is not base:
-        size = cur.driver.virtual_size
-        if offset >= size:  # a shorter intermediate reads zeros there: that counts as allocated
-            return True, n
-        st = layer_status(cur, offset, n)
-        if st.flags & ALLOCATED:
-            return True, st.length
-        n = st.length
-        cur = cur.backing
-    return False, n

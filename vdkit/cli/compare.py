@@ -73,7 +73,7 @@ def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: b
         progress: bool, force_share: bool, image_opts: bool = False) -> int:
     """Compare ``file1`` and ``file2`` (QemuOpts specs with ``image_opts``); the exit status is the answer."""
     from vdkit.block.node import open_image
-    from vdkit.cli.convert import Progress
+    from vdkit.block.progress import Progress
 
     prog = Progress(progress, min_skip=2.0)
     nodes: list[Node] = []

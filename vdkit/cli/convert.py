@@ -9,14 +9,12 @@ size, and data runs are cut into buffers of at most 2 MiB.  Within a data
 buffer, stretches of zero sectors of at least ``-S`` bytes are not written
 (sparse output); ``-S 0`` writes everything.
 
-Sources are read through :mod:`vdkit.block.io`; targets are written through
-a small :class:`Target` interface (raw file, or a qcow2 image through
-:mod:`vdkit.formats.qcow2.io`).
+This module parses the command line, opens the sources, creates and opens
+the target and prints; the copy itself is :mod:`vdkit.block.copy` (the walk
+described above) writing through :mod:`vdkit.block.target`.
 """
 
 from __future__ import annotations
-
-import struct
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args, split_qemu_opts
@@ -24,9 +22,8 @@ from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    import queue
-
     from vdkit.block.node import Node
+    from vdkit.block.target import Target
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -41,13 +38,6 @@ LONGOPTS = [
 ]
 
 SECTOR = 512
-IO_BUF_SECTORS = (2 * 1024 * 1024) // SECTOR
-MAX_REQUEST_SECTORS = (2**31 - 1) // SECTOR & ~7  # what one block-status query may cover
-
-BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
-
-
-# qemu-img's cache modes; convert's target default is "unsafe" (no flushes).
 
 
 class ConvertArgs:
@@ -186,312 +176,6 @@ def main(argv: list[str]) -> int:
     return run(a)
 
 
-# -- progress (qemu-img -p) ----------------------------------------------------------------------
-
-class Progress:
-    """qemu-img's ``-p`` lines ``    (NN.NN/100%)\r``, computed in C ``float`` like the original.
-
-    A line is printed when the value moved by more than ``min_skip`` since
-    the last line, and always at 0 and 100.  Values are kept as doubles that
-    hold float32 numbers; every operation is rounded back to float32, which
-    gives exactly the float32 result for the ``+ - * /`` used here (a double
-    carries more than twice float32's precision), without importing numpy.
-    """
-
-    def __init__(self, enabled: bool, min_skip: float = 1.0) -> None:
-        self.enabled = enabled
-        self.min_skip = _f32(min_skip)
-        self.current = 0.0
-        self.last = 0.0
-
-    def set(self, value: float) -> None:
-        """Absolute update (``qemu_progress_print(value, 0)``)."""
-        self._update(_f32(value))
-
-    def add(self, delta: float, max_: int = 100) -> None:
-        """Relative update (``qemu_progress_print(delta, max)``)."""
-        self._update(_f32(self.current + _f32(_f32(_f32(delta) / 100.0) * _f32(max_))))
-
-    def _update(self, cur: float) -> None:
-        if not self.enabled:
-            return
-        cur = min(cur, 100.0)
-        self.current = cur
-        if (cur > _f32(self.last + self.min_skip) or cur < _f32(self.last - self.min_skip)
-                or cur == 0 or cur == 100):
-            self.last = cur
-            write_out(f"    ({cur:3.2f}/100%)\r")
-            import sys
-
-            sys.stdout.flush()
-
-    def end(self) -> None:
-        if self.enabled:
-            write_out("\n")
-
-
-_F32 = struct.Struct("=f")
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to the nearest C ``float``."""
-    return float(_F32.unpack(_F32.pack(x))[0])
-
-
-# -- the copy --------------------------------------------------------------------------------------
-
-class _Source:
-    __slots__ = ("node", "start", "sectors", "alignment")
-
-    def __init__(self, node: Node, start: int, sectors: int, alignment: int) -> None:
-        self.node = node
-        self.start = start  # first sector in the concatenation
-        self.sectors = sectors
-        self.alignment = alignment  # sectors
-
-
-class Copier:
-    """qemu-img's iteration over the (concatenated) sources."""
-
-    def __init__(self, sources: list[_Source], *, target_has_backing: bool, compressed: bool,
-                 min_sparse: int, cluster_sectors: int, alignment: int) -> None:
-        self.sources = sources
-        self.total = sum(s.sectors for s in sources)
-        self.target_has_backing = target_has_backing
-        self.compressed = compressed
-        self.min_sparse = min_sparse
-        self.cluster_sectors = cluster_sectors
-        self.alignment = alignment
-        self.buf_sectors = max(IO_BUF_SECTORS, min_sparse) if not compressed else IO_BUF_SECTORS
-        self.next_status = 0
-        self.status = BLK_DATA
-        self.target_backing_sectors = -1  # with -B: zeros past the new backing's end need no write
-
-    def _source_at(self, sector: int) -> _Source:
-        for s in self.sources:
-            if sector < s.start + s.sectors:
-                return s
-        return self.sources[-1]
-
-    def step(self, sector: int) -> int:
-        """Length (sectors) of the next piece at ``sector``; sets :attr:`status`."""
-        src = self._source_at(sector)
-        n = min(self.total - sector, MAX_REQUEST_SECTORS)
-        # a piece never crosses into the next source
-        n = min(n, src.start + src.sectors - sector)
-        post_backing_zero = False
-        if self.target_backing_sectors >= 0:
-            if sector >= self.target_backing_sectors:
-                post_backing_zero = True
-            elif sector + n > self.target_backing_sectors:
-                n = self.target_backing_sectors - sector
-        if self.next_status <= sector:
-            from vdkit.block.io import DATA, ZERO, chain_status, layer_status
-
-            offset = (sector - src.start) * SECTOR
-            count = n * SECTOR
-            node = src.node
-            try:
-                if self.target_has_backing:
-                    st = layer_status(node, offset, count)
-                    flags, count = st.flags, st.length
-                else:
-                    e = chain_status(node, offset, count)
-                    flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
-                    count = e.length
-            except (VdkitError, OSError) as exc:
-                raise IOFailure(exc, f"error while reading block status at offset {offset}") from exc
-            n = (count + SECTOR - 1) // SECTOR
-            tail = (sector - src.start + n) % src.alignment
-            if n > tail:
-                n -= tail
-            if flags & ZERO:
-                self.status = BLK_BACKING if post_backing_zero else BLK_ZERO
-            elif flags & DATA:
-                self.status = BLK_DATA
-            else:
-                self.status = BLK_BACKING if self.target_has_backing else BLK_DATA
-            self.next_status = sector + n
-        n = min(n, self.next_status - sector)
-        if self.status == BLK_DATA:
-            n = min(n, self.buf_sectors)
-        if self.compressed:
-            if n < self.cluster_sectors:
-                n = min(self.cluster_sectors, self.total - sector)
-                self.status = BLK_DATA
-            else:
-                n -= n % self.cluster_sectors
-        return n
-
-    def allocated_sectors(self) -> int:
-        """First pass: how many sectors will be copied (the progress denominator)."""
-        count = 0
-        sector = 0
-        while sector < self.total:
-            n = self.step(sector)
-            if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
-                count += n
-            sector += n
-        self.next_status = 0
-        return count
-
-    def readinto(self, sector: int, n: int, view: memoryview) -> None:
-        """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
-        from vdkit.block.io import readinto
-        from vdkit.io.file import zero_fill
-
-        src = self._source_at(sector)
-        offset = (sector - src.start) * SECTOR
-        length = n * SECTOR
-        size = src.node.driver.virtual_size
-        part = max(0, min(length, size - offset))
-        try:
-            if part:
-                readinto(src.node, offset, view[:part])
-        except (VdkitError, OSError) as exc:
-            raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
-        if part < length:
-            zero_fill(view[part:length])
-
-
-class IOFailure(Exception):
-    """A source read failed; the copy reports it (``io_error``) when it reaches that piece.
-
-    Reads run ahead of writes in another thread, so the error message (and a
-    qcow2 corruption report on stderr) must wait until everything before the
-    failed piece has been written, as in a sequential copy.
-    """
-
-    def __init__(self, exc: BaseException, what: str) -> None:
-        super().__init__(what)
-        self.exc = exc
-        self.what = what
-
-    def report(self) -> BaseException:
-        from vdkit.block.io import io_error
-
-        return io_error(self.exc, self.what) if isinstance(self.exc, Exception) else self.exc
-
-
-# -- zero detection ---------------------------------------------------------------------------------
-#
-# qemu-img skips sectors of zeros inside data (``-S``), so every data buffer
-# is searched for all-zero sectors, at C speed and without numpy: the first
-# 8 bytes of every sector are gathered with a strided memoryview (one cache
-# line per sector is touched, like qemu's early-exit ``buffer_is_zero``) and
-# searched for a zero word; ordinary data has none.  From a candidate, the
-# sectors whose first words are all zero are confirmed with one comparison
-# against a zero buffer (``startswith``, a memcmp without copying), or, when
-# some of them hold data further in, measured by comparing doubling lengths.
-# Only data with many scattered candidates falls back to numpy.
-
-_Z8 = bytes(8)
-_MAX_STRETCHES = 64  # candidates (zero first words) per buffer before numpy does the rest
-
-
-class ZeroMap:
-    """Zero-sector maps of buffers up to ``size`` bytes (owns the zero buffer it compares with)."""
-
-    def __init__(self, size: int) -> None:
-        self.zeros = memoryview(bytes(size))  # calloc'd: costs no memory until compared with
-        self.ones = b"\x01" * (size // SECTOR)
-
-    def is_zero(self, buf: bytearray, length: int) -> bool:
-        return buf.startswith(self.zeros[:length])
-
-    def sectors(self, buf: bytearray, n: int) -> bytes:
-        """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
-        end = n * SECTOR
-        heads = memoryview(buf)[:end].cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
-        p = heads.find(_Z8)
-        if p < 0:
-            return bytes(n)
-        if p == 0 and buf.startswith(self.zeros[:end]):
-            return self.ones[:n]
-        flags = bytearray(n)
-        stretches = 0
-        while p >= 0:
-            if p % 8:  # a zero word across two sectors' heads: realign (earlier aligned ones were seen)
-                p = heads.find(_Z8, p + 8 - p % 8)
-                continue
-            stretches += 1
-            if stretches > _MAX_STRETCHES:
-                return _zero_sectors_numpy(buf, n)
-            s = p // 8
-            # sectors from s whose first word is zero (the first non-zero byte of heads ends them):
-            # usually exactly the zero stretch, confirmed with one comparison
-            e = (len(heads) - len(heads[p:].lstrip(b"\x00"))) // 8
-            if buf.startswith(self.zeros[: (e - s) * SECTOR], s * SECTOR):
-                k = e - s
-            else:
-                k = self._zero_run(buf, s, e)
-            flags[s : s + k] = self.ones[:k]
-            p = heads.find(_Z8, (s + max(k, 1)) * 8)
-        return bytes(flags)
-
-    def _zero_run(self, buf: bytearray, s: int, n: int) -> int:
-        """How many all-zero sectors start at sector ``s``, up to ``n`` (gallop up, then halve)."""
-        pos, step = s, 1
-        zeros = self.zeros
-        while pos < n:
-            k = min(step, n - pos)
-            if buf.startswith(zeros[: k * SECTOR], pos * SECTOR):
-                pos += k
-                step *= 2
-            elif k == 1:
-                break
-            else:
-                step = k // 2
-        return pos - s
-
-
-def _zero_sectors_numpy(buf: bytearray, n: int) -> bytes:
-    import numpy as np
-
-    arr = np.frombuffer(buf, dtype=np.uint64, count=n * SECTOR // 8).reshape(n, SECTOR // 8)
-    return (~arr.any(axis=1)).astype(np.uint8).tobytes()
-
-
-def _allocated_prefix(zero: bytes, start: int, n: int, sector: int, alignment: int) -> tuple[int, bool]:
-    """Length of the leading same-kind stretch of ``zero[start:start+n]``, end aligned like qemu-img."""
-    first = zero[start]
-    change = zero.find(b"\x00" if first else b"\x01", start + 1, start + n)
-    i = n if change < 0 else change - start
-    if i == n:
-        return i, not first
-    is_zero = first
-    tail = (sector + i) & (alignment - 1)
-    if tail:
-        if is_zero and i <= tail:
-            is_zero = False
-        if not is_zero:
-            i = min(i + alignment - tail, n)
-        else:
-            i -= tail
-    return i, not is_zero
-
-
-def data_extent(zero: bytes, start: int, n: int, min_sparse: int, sector: int, alignment: int) -> tuple[int, bool]:
-    """How many sectors to handle next and whether to write them (else they are zeros to skip).
-
-    A data stretch swallows following short zero gaps: only a zero stretch
-    of at least ``min_sparse`` sectors ends it.
-    """
-    lim = min(min_sparse, n)
-    used, data = _allocated_prefix(zero, start, n, sector, alignment)
-    if not data:
-        return used, False
-    checked = used
-    while checked < n:
-        k, d = _allocated_prefix(zero, start + checked, n - checked, sector + checked, alignment)
-        checked += k
-        if d:
-            used = checked
-        elif k >= lim:
-            break
-    return used, True
-
-
 def run(a: ConvertArgs) -> int:
     from vdkit.block.node import open_image
     from vdkit.formats import registry
@@ -521,7 +205,7 @@ def run(a: ConvertArgs) -> int:
         if len(a.sources) > 1 and backing:
             raise VdkitError("Having a backing file for the target makes no sense when concatenating multiple "
                              "input images")
-        from vdkit.cli.convert_target import SilentFailure
+        from vdkit.block.target import SilentFailure
 
         try:
             return _convert(a, nodes)
@@ -544,8 +228,6 @@ def _option_value(options: list[str], key: str) -> str | None:
 
 
 def _load_snapshot(node: Node, spec: str) -> None:
-    from vdkit.formats.qcow2.io import load_snapshot_tmp
-
     snap_id: str | None = None
     snap_name: str | None = None
     exact = spec.startswith("snapshot.")
@@ -561,192 +243,107 @@ def _load_snapshot(node: Node, spec: str) -> None:
                                  hint=f"\0vdkit-img: Failed in parsing snapshot param '{spec}'\n")
     try:
         if exact:
-            load_snapshot_tmp(node, snap_id, snap_name)
+            node.driver.snapshot_load_tmp(snap_id, snap_name)
         else:
-            load_snapshot_tmp(node, spec, None, fallback_name=True)
+            node.driver.snapshot_load_tmp(spec, None, fallback_name=True)
     except VdkitError as exc:
         raise exc.prefixed("Failed to load snapshot: ") from exc
 
 
 def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
-    from vdkit.cli.convert_target import open_target
+    from vdkit.block.copy import SECTOR, convert_copy, sources_of
+    from vdkit.block.progress import Progress
 
-    sources: list[_Source] = []
-    start = 0
-    for node in nodes:
-        sectors = (node.driver.virtual_size + SECTOR - 1) // SECTOR
-        cs = node.driver.cluster_size or SECTOR
-        sources.append(_Source(node, start, sectors, max(1, cs // SECTOR)))
-        start += sectors
-    total_bytes = start * SECTOR
-    target = open_target(a, total_bytes)
-    try:
-        copier = Copier(sources, target_has_backing=a.backing is not None, compressed=a.compressed,
-                        min_sparse=a.min_sparse, cluster_sectors=max(1, target.cluster_size // SECTOR),
-                        alignment=_pow2floor(max(a.min_sparse, 1)))
-        if a.backing is not None:
-            copier.target_backing_sectors = target.backing_sectors()
-        progress = Progress(a.progress)
-        progress.set(0.0)
-        try:
-            allocated = copier.allocated_sectors() if a.progress else 0
-        except IOFailure as f:
-            raise f.report() from f.exc
-        has_zero_init = target.has_zero_init and not a.backing
-        zmap = ZeroMap(copier.buf_sectors * SECTOR)
-        # Everything alive now (modules, numpy, the open images) lives until the end: keep
-        # the collector from traversing it again and again while the copy allocates.
-        import gc
-
-        gc.freeze()  # undone below: a long-lived caller's later garbage must stay collectable
-        done = 0
-        with ReadAhead(copier, zmap, sparse=bool(a.min_sparse) and not a.compressed) as pieces:
-            for piece in pieces:
-                if isinstance(piece, IOFailure):
-                    raise piece.report() from piece.exc
-                sector, n, status, buf, zero = piece
-                data: bytes | memoryview | None = None
-                if status == BLK_DATA:
-                    assert buf is not None
-                    data = memoryview(buf)[: n * SECTOR]
-                elif status == BLK_ZERO and not a.min_sparse:
-                    status, data = BLK_DATA, bytes(n * SECTOR)
-                try:
-                    _write(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init)
-                except (VdkitError, OSError) as exc:
-                    from vdkit.block.io import io_error
-
-                    raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
-                finally:
-                    if buf is not None:
-                        pieces.release(buf)
-                if status == BLK_DATA:
-                    done += n
-                    if allocated:
-                        progress.set(100.0 * done / allocated)
-        target.finish()
-    except BaseException:
-        target.abort()
-        raise
-    finally:
-        import gc
-
-        gc.unfreeze()
+    sources = sources_of(nodes)
+    total_bytes = sum(s.sectors for s in sources) * SECTOR
+    target = _open_target(a, total_bytes)
+    progress = Progress(a.progress)
+    convert_copy(sources, target, progress, has_backing=a.backing is not None, compressed=a.compressed,
+                 min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing)
     progress.set(100.0)
     progress.end()
     return 0
 
 
-Piece = tuple[int, int, int, "bytearray | None", "bytes | None"]
+# -- the target: created (unless -n) and opened here, written by vdkit.block.copy -----------------
+
+def _supports_compression(fmt: str) -> bool:
+    from vdkit.formats import registry
+
+    return registry.is_known(fmt) and getattr(registry.format_module(fmt), "SUPPORTS_COMPRESSION", False)
 
 
-class ReadAhead:
-    """Runs the source side of the copy in a thread, a few buffers ahead of the writes.
+def _open_target(a: ConvertArgs, size: int) -> Target:
+    """Create the output (unless ``-n``) and open it for writing."""
+    from vdkit.block.target import target_for
 
-    The thread walks qemu-img's iterations (block status), reads data pieces
-    into pooled buffers and maps their zero sectors; the caller writes the
-    pieces in order and hands each buffer back with :meth:`release`.  The
-    system calls on both sides release the GIL, so reading the next pieces
-    overlaps writing this one (qemu-img overlaps them with 8 coroutines).
-    Only the thread touches the source nodes and only the caller the target,
-    so neither needs locking.  A failed piece is passed on as an
-    :class:`IOFailure` and ends the walk.
+    if a.target_image_opts:  # implies -n (checked while parsing)
+        node = _open_target_spec(a)
+    else:
+        node = _create_and_open(a, size)
+    target = target_for(node, size, created=not a.skip_create, target_is_zero=a.target_is_zero,
+                        has_backing=a.backing is not None, compressed=a.compressed)
+    if target.compressed_only:
+        a.compressed = True
+    return target
+
+
+def _no_flushes(a: ConvertArgs, node: Node) -> None:
+    if a.cache in (None, "unsafe"):
+        # qemu-img convert writes its target with cache=unsafe unless -t says
+        # otherwise: a crash mid-convert leaves a useless target either way.
+        for f in (node.driver.file, *node.driver.extra_files()):
+            f.sync = False
+
+
+def _open_target_spec(a: ConvertArgs) -> Node:
+    """``--target-image-opts``: the existing target named by a QemuOpts spec.
+
+    The driver comes from the spec, so ``-O`` is refused as ``-f`` is next to
+    ``--image-opts``; the compression check can only follow the open.
     """
+    from vdkit.block.node import open_image
+    from vdkit.cli.options import image_opts
 
-    DEPTH = 4
-
-    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool) -> None:
-        import queue
-        import threading
-
-        self.copier = copier
-        self.zmap = zmap
-        self.sparse = sparse
-        self._pool: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
-        for _ in range(self.DEPTH):
-            self._pool.put(bytearray(copier.buf_sectors * SECTOR))
-        self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
-
-    def __enter__(self) -> ReadAhead:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._pool.put(None)  # wakes the thread if it waits for a buffer
-        self._thread.join()
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        while True:
-            piece = self._out.get()
-            if piece is None:
-                return
-            yield piece
-
-    def release(self, buf: bytearray) -> None:
-        self._pool.put(buf)
-
-    def _run(self) -> None:
-        c = self.copier
-        out = self._out
-        sector = 0
-        try:
-            while sector < c.total and not self._stop:
-                n = c.step(sector)
-                status = c.status
-                if status != BLK_DATA:
-                    out.put((sector, n, status, None, None))
-                    sector += n
-                    continue
-                buf = self._pool.get()
-                if buf is None or self._stop:
-                    return
-                c.readinto(sector, n, memoryview(buf))
-                zero = self.zmap.sectors(buf, n) if self.sparse else None
-                out.put((sector, n, status, buf, zero))
-                sector += n
-        except IOFailure as f:
-            out.put(f)
-        except BaseException as exc:  # a bug: surface it in the caller rather than hang
-            out.put(IOFailure(exc, "error while reading"))
-        finally:
-            out.put(None)
+    if a.out_fmt_given:
+        raise VdkitError("--image-opts and --format are mutually exclusive")
+    filename, driver = image_opts(a.target)
+    with SpecNames((filename, a.target)):
+        node = open_image(filename, driver, readonly=False, backing=True)
+    _no_flushes(a, node)
+    if a.compressed and not _supports_compression(node.format):
+        node.close()
+        raise VdkitError("Compression not supported for this file format")
+    return node
 
 
-def _write(target, copier: Copier, zmap: ZeroMap, status: int, sector: int, n: int,  # type: ignore[no-untyped-def]
-           buf: bytearray | None, data: bytes | memoryview | None, zero: bytes | None,
-           has_zero_init: bool) -> None:
-    if status == BLK_BACKING:
-        return
-    if status == BLK_ZERO:
-        if not has_zero_init:
-            target.write_zeroes(sector * SECTOR, n * SECTOR)
-        return
-    assert data is not None
-    if not copier.min_sparse:
-        target.write(sector * SECTOR, data, compressed=copier.compressed)
-        return
-    if copier.compressed:
-        if buf is None or not zmap.is_zero(buf, n * SECTOR):
-            target.write(sector * SECTOR, data, compressed=True)
-        elif not has_zero_init:
-            target.write_zeroes(sector * SECTOR, n * SECTOR)
-        return
-    assert zero is not None
-    i = 0
-    while i < n:
-        k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
-        if is_data:
-            target.write((sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], compressed=False)
-        elif not has_zero_init:
-            target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
-        i += k
+def _create_and_open(a: ConvertArgs, size: int) -> Node:
+    from vdkit.block.node import open_image
+
+    if a.compressed and not _supports_compression(a.out_fmt):
+        raise VdkitError("Compression not supported for this file format")
+    if not a.skip_create:
+        backing = a.backing or _option_value(a.options, "backing_file")
+        backing_fmt = a.backing_fmt or _option_value(a.options, "backing_fmt")
+        if backing is not None and a.out_fmt == "qcow2" and backing_fmt is None:
+            raise VdkitError("Use of backing file requires explicit backing format")
+        _create(a, size)
+    node = open_image(a.target, a.out_fmt, readonly=False, backing=True)
+    _no_flushes(a, node)
+    return node
 
 
-def _pow2floor(v: int) -> int:
-    return 1 << (v.bit_length() - 1)
+def _create(a: ConvertArgs, size: int) -> None:
+    from vdkit.cli.create import img_create
+    from vdkit.opts import split_options
+
+    items: list[tuple[str, str]] = []
+    for text in a.options:
+        items += [(k, v) for k, v in split_options(text) if k != "size"]
+    options = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items) or None
+    # the format's own errors carry qemu-img convert's prefix; its option checks above do not
+    img_create(a.target, a.out_fmt, a.backing, a.backing_fmt, options, size, unsafe=True, quiet=True,
+               driver_prefix=f"{a.target}: error while converting {a.out_fmt}: ")
 
 
 __all__ = ["main", "run", "parse", "ConvertArgs", "UsageError"]

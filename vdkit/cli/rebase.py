@@ -27,6 +27,7 @@ from vdkit.errors import UsageError, VdkitError
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
+    from vdkit.block.progress import Progress
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -34,9 +35,6 @@ LONGOPTS = [
     LongOpt("image-opts", False, "image-opts"),
     LongOpt("force-share", False, "U"),
 ]
-
-IO_BUF = 2 * 1024 * 1024
-SECTOR = 512
 
 
 def main(argv: list[str]) -> int:
@@ -63,7 +61,7 @@ def main(argv: list[str]) -> int:
 def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsafe: bool,
         progress: bool) -> int:
     from vdkit.block.node import open_image
-    from vdkit.cli.convert import Progress
+    from vdkit.block.progress import Progress
 
     prog = Progress(progress, min_skip=2.0)
     with open_image(filename, fmt, readonly=False, backing=not unsafe) as node:
@@ -76,9 +74,9 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
     return 0
 
 
-def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None, prog) -> None:  # type: ignore[no-untyped-def]
+def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None, prog: Progress) -> None:
     from vdkit.block.chain import resolve_backing_name
-    from vdkit.block.io import ALLOCATED, io_error, layer_status, read, write, write_zeroes
+    from vdkit.block.copy import copy_differences
     from vdkit.block.node import open_image
 
     new: Node | None = None
@@ -90,65 +88,10 @@ def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None
             inner = exc.__cause__ if isinstance(exc.__cause__, VdkitError) else exc
             raise VdkitError(f"Could not open new backing file '{path}': {inner.message}") from exc
     try:
-        old = node.backing
-        size = node.driver.virtual_size
-        old_size = old.driver.virtual_size if old is not None else 0
-        new_size = new.driver.virtual_size if new is not None else 0
-        step = 100.0 / (size / min(size, IO_BUF)) if size else 100.0
-        offset = 0
-        while offset < size:
-            n = min(IO_BUF, size - offset)
-            try:
-                st = layer_status(node, offset, n)
-            except (OSError, VdkitError) as exc:
-                raise io_error(exc, "error while reading image metadata") from exc
-            n = st.length
-            if st.flags & ALLOCATED:
-                offset += n
-                continue
-            old_zero = offset >= old_size
-            if old_zero:
-                buf_old = bytes(n)
-            else:
-                n = min(n, old_size - offset)
-                assert old is not None
-                buf_old = read(old, offset, n)
-            if new is None or offset >= new_size:
-                buf_new = bytes(n)
-            else:
-                n = min(n, new_size - offset)
-                buf_new = read(new, offset, n)
-                buf_old = buf_old[:n]
-            done = 0
-            while done < n:
-                differ, k = _same_run(buf_old, buf_new, done, n)
-                if differ:
-                    try:
-                        if old_zero:
-                            write_zeroes(node, offset + done, k)
-                        else:
-                            write(node, offset + done, buf_old[done : done + k])
-                    except (OSError, VdkitError) as exc:
-                        raise io_error(exc, "Error while writing to COW image") from exc
-                done += k
-            offset += n
-            prog.add(step, 100)
-        node.driver.flush()
+        copy_differences(node, new, prog)
     finally:
         if new is not None:
             new.close()
-
-
-def _same_run(a: bytes, b: bytes, start: int, end: int) -> tuple[bool, int]:
-    """Whether the sector at ``start`` differs, and how far (in bytes) that stays so."""
-    first = a[start : start + SECTOR] != b[start : start + SECTOR]
-    i = min(end, start + SECTOR)
-    while i < end:
-        j = min(end, i + SECTOR)
-        if (a[i:j] != b[i:j]) != first:
-            break
-        i = j
-    return first, i - start
 
 
 def _change_backing(node: Node, base: str, base_fmt: str | None) -> None:

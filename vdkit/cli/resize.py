@@ -12,6 +12,10 @@ from vdkit.cli.main import write_err, write_out
 from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UsageError, VdkitError
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
 LONGOPTS = [
     LongOpt("help", False, "h"),
     LongOpt("object", True, "object"),
@@ -78,15 +82,8 @@ def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str,
     return 0
 
 
-def resize_node(node, size: int, prealloc: str = "off") -> None:  # type: ignore[no-untyped-def]
-    """Truncate/grow the top image of ``node`` to ``size`` bytes.
+def resize_node(node: Node, size: int, prealloc: str = "off") -> None:
+    """Truncate/grow the top image of ``node`` to ``size`` bytes (see :func:`vdkit.block.io.truncate`)."""
+    from vdkit.block.io import truncate
 
-    The backing chain is handed down: QEMU's block layer zeroes a grown area
-    that a longer backing file would otherwise show through, and copy-on-write
-    of a partly new cluster reads through the chain.
-    """
-    from vdkit.block.io import _backing_reader
-
-    below = node.backing
-    backing_size = below.driver.virtual_size if below is not None else 0
-    node.driver.truncate(size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
+    truncate(node, size, prealloc)

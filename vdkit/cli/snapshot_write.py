@@ -26,8 +26,8 @@ _PROBE_WARNING = (
 def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
         force_share: bool, quiet: bool) -> int:
     """Open ``filename`` read-write and perform ``action`` ('c', 'a', 'd' or None)."""
+    from vdkit.block import snapshot as generic
     from vdkit.block.node import open_image
-    from vdkit.formats.qcow2 import snapshot_ops
 
     if force_share:
         raise VdkitError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
@@ -56,7 +56,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                     raise driver._unsupported()
                 if driver.snapshot_unsupported_reason() is not None:  # external data file
                     raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
-                entry = snapshot_ops.find_id_then_name(driver.snapshots(), arg)
+                entry = generic.find_id_then_name(driver.snapshots(), arg)
                 if entry is None:
                     raise VdkitError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)
                 try:
@@ -68,11 +68,11 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                 raise exc.prefixed(f"Could not apply snapshot '{arg}': ") from exc
         elif action == "d":
             assert arg is not None
-            entry = snapshot_ops.find_by_name(driver.snapshots(), arg)
+            entry = generic.find_by_name(driver.snapshots(), arg)
             if entry is None:
                 raise VdkitError(f"Could not delete snapshot '{arg}': snapshot not found")
             try:
-                node.snapshot_delete(snapshot_id=snapshot_ops.id_of(entry), name=snapshot_ops.name_of(entry))
+                node.snapshot_delete(snapshot_id=generic.id_of(entry), name=generic.name_of(entry))
             except VdkitError as exc:
                 raise exc.prefixed(f"Could not delete snapshot '{arg}': ") from exc
     return 0

@@ -397,6 +397,28 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None, *, fallback_name: bool = False) -> None:
+        """Switch to the snapshot's L1 table and virtual size (read-only; nothing is written)."""
+        from vdkit.block.snapshot import find_by_id_and_name
+        from vdkit.errors import SnapshotNotFoundError
+
+        if not self.file.readonly:
+            raise VdkitError("Device is not readonly")
+        entries = self.snapshots()
+        entry = find_by_id_and_name(entries, snapshot_id, name)
+        if entry is None and fallback_name:
+            entry = find_by_id_and_name(entries, None, snapshot_id)
+        if entry is None:
+            raise SnapshotNotFoundError("Can't find snapshot", errno=errno.ENOENT)
+        if entry.l1_size > L.MAX_L1_SIZE // 8:
+            raise CorruptImageError("Snapshot L1 table too large")
+        if entry.l1_table_offset % self.cluster_size:
+            raise CorruptImageError("Snapshot L1 table offset invalid")
+        self.header = self.header.evolve(size=entry.disk_size, l1_size=entry.l1_size,
+                                         l1_table_offset=entry.l1_table_offset)
+        for attr in ("clusters", "io"):
+            self.__dict__.pop(attr, None)
+
     def mark_dirty(self) -> None:
         """Set the dirty bit (durably) before the first write that postpones refcounts.
 

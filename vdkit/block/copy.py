@@ -1,0 +1,556 @@
+"""The copy engine: qemu-img convert's walk over one or more sources, zero detection, read-ahead.
+
+The copy walks the source in *iterations* the way qemu-img 7.2 does, because
+the iteration boundaries are visible: they decide which areas are skipped as
+zero, and the ``-p`` progress lines are printed per iteration.  Each
+iteration asks the chain for the status of the next run (data, zero, or —
+with a backing file on the target — "leave to the backing file"), aligned to
+the source cluster size, and data runs are cut into buffers of at most
+2 MiB.  Within a data buffer, stretches of zero sectors of at least
+``min_sparse`` sectors are not written (sparse output); 0 writes everything.
+
+Sources are read through :mod:`vdkit.block.io`; targets are written through
+the small interface of :mod:`vdkit.block.target`.  The engine lives in the
+block layer (not in ``cli/convert.py``) so that the daemon's block jobs can
+run on it; front ends only parse arguments and print.
+"""
+
+from __future__ import annotations
+
+from vdkit.errors import VdkitError
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    import queue
+
+    from vdkit.block.node import Node
+    from vdkit.block.progress import Progress
+    from vdkit.block.target import Target
+
+SECTOR = 512
+IO_BUF_SECTORS = (2 * 1024 * 1024) // SECTOR
+MAX_REQUEST_SECTORS = (2**31 - 1) // SECTOR & ~7  # what one block-status query may cover
+
+BLK_ZERO, BLK_DATA, BLK_BACKING = 1, 2, 3
+
+
+# -- the walk --------------------------------------------------------------------------------------
+
+class Source:
+    """One source image and where it starts in the concatenation (sectors)."""
+
+
+    __slots__ = ("node", "start", "sectors", "alignment")
+
+    def __init__(self, node: Node, start: int, sectors: int, alignment: int) -> None:
+        self.node = node
+        self.start = start  # first sector in the concatenation
+        self.sectors = sectors
+        self.alignment = alignment  # sectors
+
+
+class Copier:
+    """qemu-img's iteration over the (concatenated) sources."""
+
+    def __init__(self, sources: list[Source], *, target_has_backing: bool, compressed: bool,
+                 min_sparse: int, cluster_sectors: int, alignment: int) -> None:
+        self.sources = sources
+        self.total = sum(s.sectors for s in sources)
+        self.target_has_backing = target_has_backing
+        self.compressed = compressed
+        self.min_sparse = min_sparse
+        self.cluster_sectors = cluster_sectors
+        self.alignment = alignment
+        self.buf_sectors = max(IO_BUF_SECTORS, min_sparse) if not compressed else IO_BUF_SECTORS
+        self.next_status = 0
+        self.status = BLK_DATA
+        self.target_backing_sectors = -1  # with -B: zeros past the new backing's end need no write
+
+    def _source_at(self, sector: int) -> Source:
+        for s in self.sources:
+            if sector < s.start + s.sectors:
+                return s
+        return self.sources[-1]
+
+    def step(self, sector: int) -> int:
+        """Length (sectors) of the next piece at ``sector``; sets :attr:`status`."""
+        src = self._source_at(sector)
+        n = min(self.total - sector, MAX_REQUEST_SECTORS)
+        # a piece never crosses into the next source
+        n = min(n, src.start + src.sectors - sector)
+        post_backing_zero = False
+        if self.target_backing_sectors >= 0:
+            if sector >= self.target_backing_sectors:
+                post_backing_zero = True
+            elif sector + n > self.target_backing_sectors:
+                n = self.target_backing_sectors - sector
+        if self.next_status <= sector:
+            from vdkit.block.io import DATA, ZERO, chain_status, layer_status
+
+            offset = (sector - src.start) * SECTOR
+            count = n * SECTOR
+            node = src.node
+            try:
+                if self.target_has_backing:
+                    st = layer_status(node, offset, count)
+                    flags, count = st.flags, st.length
+                else:
+                    e = chain_status(node, offset, count)
+                    flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
+                    count = e.length
+            except (VdkitError, OSError) as exc:
+                raise IOFailure(exc, f"error while reading block status at offset {offset}") from exc
+            n = (count + SECTOR - 1) // SECTOR
+            tail = (sector - src.start + n) % src.alignment
+            if n > tail:
+                n -= tail
+            if flags & ZERO:
+                self.status = BLK_BACKING if post_backing_zero else BLK_ZERO
+            elif flags & DATA:
+                self.status = BLK_DATA
+            else:
+                self.status = BLK_BACKING if self.target_has_backing else BLK_DATA
+            self.next_status = sector + n
+        n = min(n, self.next_status - sector)
+        if self.status == BLK_DATA:
+            n = min(n, self.buf_sectors)
+        if self.compressed:
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total - sector)
+                self.status = BLK_DATA
+            else:
+                n -= n % self.cluster_sectors
+        return n
+
+    def allocated_sectors(self) -> int:
+        """First pass: how many sectors will be copied (the progress denominator)."""
+        count = 0
+        sector = 0
+        while sector < self.total:
+            n = self.step(sector)
+            if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
+                count += n
+            sector += n
+        self.next_status = 0
+        return count
+
+    def readinto(self, sector: int, n: int, view: memoryview) -> None:
+        """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
+        from vdkit.block.io import readinto
+        from vdkit.io.file import zero_fill
+
+        src = self._source_at(sector)
+        offset = (sector - src.start) * SECTOR
+        length = n * SECTOR
+        size = src.node.driver.virtual_size
+        part = max(0, min(length, size - offset))
+        try:
+            if part:
+                readinto(src.node, offset, view[:part])
+        except (VdkitError, OSError) as exc:
+            raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
+        if part < length:
+            zero_fill(view[part:length])
+
+
+class IOFailure(Exception):
+    """A source read failed; the copy reports it (``io_error``) when it reaches that piece.
+
+    Reads run ahead of writes in another thread, so the error message (and a
+    qcow2 corruption report on stderr) must wait until everything before the
+    failed piece has been written, as in a sequential copy.
+    """
+
+    def __init__(self, exc: BaseException, what: str) -> None:
+        super().__init__(what)
+        self.exc = exc
+        self.what = what
+
+    def report(self) -> BaseException:
+        from vdkit.block.io import io_error
+
+        return io_error(self.exc, self.what) if isinstance(self.exc, Exception) else self.exc
+
+
+# -- zero detection ---------------------------------------------------------------------------------
+#
+# qemu-img skips sectors of zeros inside data (``-S``), so every data buffer
+# is searched for all-zero sectors, at C speed and without numpy: the first
+# 8 bytes of every sector are gathered with a strided memoryview (one cache
+# line per sector is touched, like qemu's early-exit ``buffer_is_zero``) and
+# searched for a zero word; ordinary data has none.  From a candidate, the
+# sectors whose first words are all zero are confirmed with one comparison
+# against a zero buffer (``startswith``, a memcmp without copying), or, when
+# some of them hold data further in, measured by comparing doubling lengths.
+# Only data with many scattered candidates falls back to numpy.
+
+_Z8 = bytes(8)
+_MAX_STRETCHES = 64  # candidates (zero first words) per buffer before numpy does the rest
+
+
+class ZeroMap:
+    """Zero-sector maps of buffers up to ``size`` bytes (owns the zero buffer it compares with)."""
+
+    def __init__(self, size: int) -> None:
+        self.zeros = memoryview(bytes(size))  # calloc'd: costs no memory until compared with
+        self.ones = b"\x01" * (size // SECTOR)
+
+    def is_zero(self, buf: bytearray, length: int) -> bool:
+        return buf.startswith(self.zeros[:length])
+
+    def sectors(self, buf: bytearray, n: int) -> bytes:
+        """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
+        end = n * SECTOR
+        heads = memoryview(buf)[:end].cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
+        p = heads.find(_Z8)
+        if p < 0:
+            return bytes(n)
+        if p == 0 and buf.startswith(self.zeros[:end]):
+            return self.ones[:n]
+        flags = bytearray(n)
+        stretches = 0
+        while p >= 0:
+            if p % 8:  # a zero word across two sectors' heads: realign (earlier aligned ones were seen)
+                p = heads.find(_Z8, p + 8 - p % 8)
+                continue
+            stretches += 1
+            if stretches > _MAX_STRETCHES:
+                return _zero_sectors_numpy(buf, n)
+            s = p // 8
+            # sectors from s whose first word is zero (the first non-zero byte of heads ends them):
+            # usually exactly the zero stretch, confirmed with one comparison
+            e = (len(heads) - len(heads[p:].lstrip(b"\x00"))) // 8
+            if buf.startswith(self.zeros[: (e - s) * SECTOR], s * SECTOR):
+                k = e - s
+            else:
+                k = self._zero_run(buf, s, e)
+            flags[s : s + k] = self.ones[:k]
+            p = heads.find(_Z8, (s + max(k, 1)) * 8)
+        return bytes(flags)
+
+    def _zero_run(self, buf: bytearray, s: int, n: int) -> int:
+        """How many all-zero sectors start at sector ``s``, up to ``n`` (gallop up, then halve)."""
+        pos, step = s, 1
+        zeros = self.zeros
+        while pos < n:
+            k = min(step, n - pos)
+            if buf.startswith(zeros[: k * SECTOR], pos * SECTOR):
+                pos += k
+                step *= 2
+            elif k == 1:
+                break
+            else:
+                step = k // 2
+        return pos - s
+
+
+def _zero_sectors_numpy(buf: bytearray, n: int) -> bytes:
+    import numpy as np
+
+    arr = np.frombuffer(buf, dtype=np.uint64, count=n * SECTOR // 8).reshape(n, SECTOR // 8)
+    return (~arr.any(axis=1)).astype(np.uint8).tobytes()
+
+
+def _allocated_prefix(zero: bytes, start: int, n: int, sector: int, alignment: int) -> tuple[int, bool]:
+    """Length of the leading same-kind stretch of ``zero[start:start+n]``, end aligned like qemu-img."""
+    first = zero[start]
+    change = zero.find(b"\x00" if first else b"\x01", start + 1, start + n)
+    i = n if change < 0 else change - start
+    if i == n:
+        return i, not first
+    is_zero = first
+    tail = (sector + i) & (alignment - 1)
+    if tail:
+        if is_zero and i <= tail:
+            is_zero = False
+        if not is_zero:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return i, not is_zero
+
+
+def data_extent(zero: bytes, start: int, n: int, min_sparse: int, sector: int, alignment: int) -> tuple[int, bool]:
+    """How many sectors to handle next and whether to write them (else they are zeros to skip).
+
+    A data stretch swallows following short zero gaps: only a zero stretch
+    of at least ``min_sparse`` sectors ends it.
+    """
+    lim = min(min_sparse, n)
+    used, data = _allocated_prefix(zero, start, n, sector, alignment)
+    if not data:
+        return used, False
+    checked = used
+    while checked < n:
+        k, d = _allocated_prefix(zero, start + checked, n - checked, sector + checked, alignment)
+        checked += k
+        if d:
+            used = checked
+        elif k >= lim:
+            break
+    return used, True
+
+
+def sources_of(nodes: list[Node]) -> list[Source]:
+    """The nodes as one concatenation (each padded to whole sectors, aligned to its cluster size)."""
+    sources: list[Source] = []
+    start = 0
+    for node in nodes:
+        sectors = (node.driver.virtual_size + SECTOR - 1) // SECTOR
+        cs = node.driver.cluster_size or SECTOR
+        sources.append(Source(node, start, sectors, max(1, cs // SECTOR)))
+        start += sectors
+    return sources
+
+
+def convert_copy(sources: list[Source], target: Target, progress: Progress, *, has_backing: bool,
+                 compressed: bool, min_sparse: int, has_zero_init: bool | None = None) -> None:
+    """Copy the concatenated ``sources`` into ``target`` as qemu-img convert does, then finish it.
+
+    ``has_backing``: the target has a backing file (ranges the sources leave
+    to their backing files are not written); ``min_sparse`` is ``-S`` in
+    sectors; ``has_zero_init`` says whether unwritten ranges read as zeros
+    (default: the target's answer, unless it has a backing file).  Progress
+    goes to ``progress`` (0 before, per piece after; the caller prints 100).
+    On any failure the target is aborted (closed).
+    """
+    try:
+        copier = Copier(sources, target_has_backing=has_backing, compressed=compressed,
+                        min_sparse=min_sparse, cluster_sectors=max(1, target.cluster_size // SECTOR),
+                        alignment=pow2floor(max(min_sparse, 1)))
+        if has_backing:
+            copier.target_backing_sectors = target.backing_sectors()
+        progress.set(0.0)
+        try:
+            allocated = copier.allocated_sectors() if progress.enabled else 0
+        except IOFailure as f:
+            raise f.report() from f.exc
+        if has_zero_init is None:
+            has_zero_init = target.has_zero_init and not has_backing
+        zmap = ZeroMap(copier.buf_sectors * SECTOR)
+        # Everything alive now (modules, numpy, the open images) lives until the end: keep
+        # the collector from traversing it again and again while the copy allocates.
+        import gc
+
+        gc.freeze()  # undone below: a long-lived caller's later garbage must stay collectable
+        done = 0
+        with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed) as pieces:
+            for piece in pieces:
+                if isinstance(piece, IOFailure):
+                    raise piece.report() from piece.exc
+                sector, n, status, buf, zero = piece
+                data: bytes | memoryview | None = None
+                if status == BLK_DATA:
+                    assert buf is not None
+                    data = memoryview(buf)[: n * SECTOR]
+                elif status == BLK_ZERO and not min_sparse:
+                    status, data = BLK_DATA, bytes(n * SECTOR)
+                try:
+                    write_piece(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init)
+                except (VdkitError, OSError) as exc:
+                    from vdkit.block.io import io_error
+
+                    raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
+                finally:
+                    if buf is not None:
+                        pieces.release(buf)
+                if status == BLK_DATA:
+                    done += n
+                    if allocated:
+                        progress.set(100.0 * done / allocated)
+        target.finish()
+    except BaseException:
+        target.abort()
+        raise
+    finally:
+        import gc
+
+        gc.unfreeze()
+
+
+Piece = tuple[int, int, int, "bytearray | None", "bytes | None"]
+
+
+class ReadAhead:
+    """Runs the source side of the copy in a thread, a few buffers ahead of the writes.
+
+    The thread walks qemu-img's iterations (block status), reads data pieces
+    into pooled buffers and maps their zero sectors; the caller writes the
+    pieces in order and hands each buffer back with :meth:`release`.  The
+    system calls on both sides release the GIL, so reading the next pieces
+    overlaps writing this one (qemu-img overlaps them with 8 coroutines).
+    Only the thread touches the source nodes and only the caller the target,
+    so neither needs locking.  A failed piece is passed on as an
+    :class:`IOFailure` and ends the walk.
+    """
+
+    DEPTH = 4
+
+    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool) -> None:
+        import queue
+        import threading
+
+        self.copier = copier
+        self.zmap = zmap
+        self.sparse = sparse
+        self._pool: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        for _ in range(self.DEPTH):
+            self._pool.put(bytearray(copier.buf_sectors * SECTOR))
+        self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
+
+    def __enter__(self) -> ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._pool.put(None)  # wakes the thread if it waits for a buffer
+        self._thread.join()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        while True:
+            piece = self._out.get()
+            if piece is None:
+                return
+            yield piece
+
+    def release(self, buf: bytearray) -> None:
+        self._pool.put(buf)
+
+    def _run(self) -> None:
+        c = self.copier
+        out = self._out
+        sector = 0
+        try:
+            while sector < c.total and not self._stop:
+                n = c.step(sector)
+                status = c.status
+                if status != BLK_DATA:
+                    out.put((sector, n, status, None, None))
+                    sector += n
+                    continue
+                buf = self._pool.get()
+                if buf is None or self._stop:
+                    return
+                c.readinto(sector, n, memoryview(buf))
+                zero = self.zmap.sectors(buf, n) if self.sparse else None
+                out.put((sector, n, status, buf, zero))
+                sector += n
+        except IOFailure as f:
+            out.put(f)
+        except BaseException as exc:  # a bug: surface it in the caller rather than hang
+            out.put(IOFailure(exc, "error while reading"))
+        finally:
+            out.put(None)
+
+
+def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sector: int, n: int,
+                buf: bytearray | None, data: bytes | memoryview | None, zero: bytes | None,
+                has_zero_init: bool) -> None:
+    """Write one piece of the walk: data (minus ``-S`` zero stretches), zeros, or nothing (backing)."""
+    if status == BLK_BACKING:
+        return
+    if status == BLK_ZERO:
+        if not has_zero_init:
+            target.write_zeroes(sector * SECTOR, n * SECTOR)
+        return
+    assert data is not None
+    if not copier.min_sparse:
+        target.write(sector * SECTOR, data, compressed=copier.compressed)
+        return
+    if copier.compressed:
+        if buf is None or not zmap.is_zero(buf, n * SECTOR):
+            target.write(sector * SECTOR, data, compressed=True)
+        elif not has_zero_init:
+            target.write_zeroes(sector * SECTOR, n * SECTOR)
+        return
+    assert zero is not None
+    i = 0
+    while i < n:
+        k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
+        if is_data:
+            target.write((sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], compressed=False)
+        elif not has_zero_init:
+            target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
+        i += k
+
+
+def pow2floor(v: int) -> int:
+    """The largest power of two not above ``v`` (``v`` >= 1)."""
+    return 1 << (v.bit_length() - 1)
+
+
+# -- rebase: make an image independent of a change of its backing file ------------------------------
+
+IO_BUF = 2 * 1024 * 1024
+
+
+def copy_differences(node: Node, new: Node | None, progress: Progress) -> None:
+    """Write into ``node`` every sector where its current backing chain and ``new`` differ.
+
+    Only ranges ``node`` does not allocate itself are compared (zeros past
+    either chain's end; ``new`` None is no backing at all); differing
+    sectors are written from the old view, so the guest sees the same disk
+    once the backing file is switched (``qemu-img rebase`` in safe mode).
+    Progress advances by one step per 2 MiB chunk.
+    """
+    from vdkit.block.io import ALLOCATED, io_error, layer_status, read, write, write_zeroes
+
+    old = node.backing
+    size = node.driver.virtual_size
+    old_size = old.driver.virtual_size if old is not None else 0
+    new_size = new.driver.virtual_size if new is not None else 0
+    step = 100.0 / (size / min(size, IO_BUF)) if size else 100.0
+    offset = 0
+    while offset < size:
+        n = min(IO_BUF, size - offset)
+        try:
+            st = layer_status(node, offset, n)
+        except (OSError, VdkitError) as exc:
+            raise io_error(exc, "error while reading image metadata") from exc
+        n = st.length
+        if st.flags & ALLOCATED:
+            offset += n
+            continue
+        old_zero = offset >= old_size
+        if old_zero:
+            buf_old = bytes(n)
+        else:
+            n = min(n, old_size - offset)
+            assert old is not None
+            buf_old = read(old, offset, n)
+        if new is None or offset >= new_size:
+            buf_new = bytes(n)
+        else:
+            n = min(n, new_size - offset)
+            buf_new = read(new, offset, n)
+            buf_old = buf_old[:n]
+        done = 0
+        while done < n:
+            differ, k = _same_run(buf_old, buf_new, done, n)
+            if differ:
+                try:
+                    if old_zero:
+                        write_zeroes(node, offset + done, k)
+                    else:
+                        write(node, offset + done, buf_old[done : done + k])
+                except (OSError, VdkitError) as exc:
+                    raise io_error(exc, "Error while writing to COW image") from exc
+            done += k
+        offset += n
+        progress.add(step, 100)
+    node.driver.flush()
+
+
+def _same_run(a: bytes, b: bytes, start: int, end: int) -> tuple[bool, int]:
+    """Whether the sector at ``start`` differs, and how far (in bytes) that stays so."""
+    first = a[start : start + SECTOR] != b[start : start + SECTOR]
+    i = min(end, start + SECTOR)
+    while i < end:
+        j = min(end, i + SECTOR)
+        if (a[i:j] != b[i:j]) != first:
+            break
+        i = j
+    return first, i - start

@@ -1,0 +1,148 @@
+"""Targets of the copy engine (:mod:`vdkit.block.copy`): where ``convert`` writes.
+
+A target offers ``write``, ``write_zeroes``, ``backing_sectors``, ``finish``
+and ``abort``; the copier does not know the format.  A raw target is a plain
+file; zero ranges are punched out (the file stays sparse).  A qcow2 target
+writes through its driver's I/O engine and aligns the file end after
+compressed writes, as qemu-img does; any other format goes through its
+driver's write slots.  Creating or opening the target image is the front
+end's business (``cli/convert.py``): :func:`target_for` only wraps an open,
+writable node.
+"""
+
+from __future__ import annotations
+
+from vdkit.errors import UnsupportedError, VdkitError
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+
+class SilentFailure(Exception):
+    """The conversion failed in a way qemu-img reports only through the exit status."""
+
+
+class Target:
+    """What the copy engine writes to (one open, writable node)."""
+
+    cluster_size = 512
+    has_zero_init = False
+    compressed_only = False  # the format takes compressed writes only (vmdk streamOptimized)
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        self.node = node
+        self.has_zero_init = has_zero_init
+
+    def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def backing_sectors(self) -> int:
+        """Sectors of the target's backing file (-1 without one): zeros past its end need no write."""
+        below = self.node.backing
+        return -1 if below is None else (below.driver.virtual_size + 511) // 512
+
+    def finish(self) -> None:
+        self.node.driver.flush()
+        self.node.close()
+
+    def abort(self) -> None:
+        self.node.close()
+
+
+class RawTarget(Target):
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        super().__init__(node, has_zero_init=has_zero_init)
+        self.file = node.driver.file
+
+    def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
+        self.file.pwrite(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.file.punch_hole(offset, length)
+
+    def finish(self) -> None:
+        self.file.flush()
+        self.node.close()
+
+
+class Qcow2Target(Target):
+    """A qcow2 image opened writable; data goes through the qcow2 write engine."""
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        super().__init__(node, has_zero_init=has_zero_init)
+        self.io = node.driver.io  # type: ignore[attr-defined]
+        self.cluster_size = node.driver.cluster_size or 65536
+        self.compressed = False
+
+    def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
+        if compressed:
+            self.compressed = True
+            cs = self.cluster_size
+            for pos in range(0, len(data), cs):
+                self.io.write_compressed(offset + pos, data[pos : pos + cs])
+        else:
+            self.io.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.io.write_zeroes(offset, length, unmap=True)
+
+    def finish(self) -> None:
+        self.node.driver.flush()
+        if self.compressed:
+            if self.node.driver.header.has_data_file:  # type: ignore[attr-defined]
+                # qemu-img's final "align the end" compressed write fails (ENOTSUP) without a message
+                self.node.close()
+                raise SilentFailure()
+            self.io.align_file_end()
+        self.node.close()
+
+
+class DriverTarget(Target):
+    """Any other format: data goes through the format driver's own write slots."""
+
+    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        super().__init__(node, has_zero_init=has_zero_init)
+        self.cluster_size = node.driver.cluster_size or 512
+        # as qemu-img: a target that only takes compressed writes (streamOptimized)
+        self.compressed_only = bool(getattr(node.driver, "needs_compressed_writes", False))
+
+    def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
+        if compressed:
+            self.node.driver.write_compressed(offset, data)  # type: ignore[arg-type]  # (a view: no copy)
+        else:
+            self.node.write(offset, data)  # type: ignore[arg-type]
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.node.write_zeroes(offset, length, unmap=True)
+
+
+def target_for(node: Node, size: int, *, created: bool, target_is_zero: bool, has_backing: bool,
+               compressed: bool) -> Target:
+    """Wrap the open target ``node`` for a copy of ``size`` bytes (closing it on refusal).
+
+    ``created``: vdkit just created the image (not ``-n``), so it reads as
+    zeros unless it is a device or has a backing file; ``target_is_zero`` is
+    the user's promise (``--target-is-zero``).
+    """
+    if not created and node.driver.virtual_size < size:
+        node.close()
+        raise VdkitError("output file is smaller than input file")
+    zero_init = target_is_zero or created
+    if node.format == "raw":
+        # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
+        # (discarded where the device can) unless --target-is-zero says they are there
+        return RawTarget(node, has_zero_init=target_is_zero or zero_init and not node.driver.file.is_device)
+    if node.driver.encrypted:
+        node.close()
+        raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
+    if not zero_init or has_backing:
+        zero_init = target_is_zero and not has_backing
+    if node.format != "qcow2":
+        return DriverTarget(node, has_zero_init=zero_init)
+    target = Qcow2Target(node, has_zero_init=zero_init)
+    target.compressed = compressed  # qemu-img aligns the file end after any -c conversion
+    return target
