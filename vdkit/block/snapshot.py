@@ -2,8 +2,9 @@
 
 Every format with internal snapshots (qcow2 today, RBD later) reports them
 through QEMU's generic snapshot descriptor, whose fixed-size fields cut long
-IDs and names; those limits and the "no icount" marker live here, not in any
-one format.
+IDs and names; those limits, the "no icount" marker, the record every
+driver's entries provide (``SnapshotRecord``, a typing protocol) and the
+lookups by ID and name live here, not in any one format.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ if TYPE_CHECKING:
     class _Snapshot(Protocol):
         id_str: str
         name: str
+
+    class SnapshotRecord(_Snapshot, Protocol):
+        """What every format's snapshot entries provide (``driver.snapshots()``), whatever their
+        on-disk shape (qcow2's is ``formats.qcow2.snapshot.SnapshotEntry``): QEMU's generic
+        ``QEMUSnapshotInfo`` fields, untruncated (``id_of``/``name_of`` cut them as QEMU does)."""
+
+        date_sec: int
+        date_nsec: int
+        vm_clock_nsec: int
+        vm_state_size: int
+        icount: int  # ICOUNT_UNUSED without one
 
     S = TypeVar("S", bound=_Snapshot)
 

@@ -14,7 +14,7 @@ TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cos
 if TYPE_CHECKING:
     from vdkit.block.driver import FormatDriver
     from vdkit.block.node import Node
-    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.block.snapshot import SnapshotRecord
 
 
 def _truncate(text: str, max_bytes: int) -> str:
@@ -33,7 +33,7 @@ def _int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def snapshot_info(entry: SnapshotEntry) -> SnapshotInfo:
+def snapshot_info(entry: SnapshotRecord) -> SnapshotInfo:
     # runs once per snapshot on every ``info``: the common case (short ASCII names, values below
     # 2^63) takes no function calls; positional arguments in SnapshotInfo's field order
     icount: int | None
