@@ -372,7 +372,8 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------
 
 
-def _snapshot_capable(medium: Medium) -> bool:
+def snapshot_capable(medium: Medium) -> bool:
+    """The medium's format has internal snapshots (VM snapshots include it; QEMU's ``bdrv_can_snapshot``)."""
     return medium.node.driver.supports_snapshots
 
 
@@ -387,7 +388,7 @@ def included_drives(machine: DeviceRegistry) -> list[Drive]:
 def vmstate_drive(machine: DeviceRegistry) -> Drive | None:
     for d in included_drives(machine):
         assert d.medium is not None
-        if _snapshot_capable(d.medium):
+        if snapshot_capable(d.medium):
             return d
     return None
 
@@ -451,7 +452,7 @@ def _snapshot_create_check(t: _Target, name: str) -> None:
         raise VdkitError("Device has no medium")
     if t.medium.ro:
         raise VdkitError(f"Device '{t.label}' is read only")
-    if not _snapshot_capable(t.medium):
+    if not snapshot_capable(t.medium):
         raise VdkitError(
             f"Block format '{t.medium.node.format}' used by device '{t.label}' does not support internal snapshots"
         )
@@ -481,7 +482,7 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, 
         raise VdkitError("Device has no medium")
     if sid is None and name is None:
         raise VdkitError("Name or id must be provided")
-    if not _snapshot_capable(t.medium):
+    if not snapshot_capable(t.medium):
         raise VdkitError("Failed to get a snapshot list: Operation not supported")
     found = None
     for e in _entries(t.medium):
@@ -498,8 +499,7 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, 
         # QEMU drops the entry from its in-memory table, then fails writing the
         # table (EPERM): the image is unchanged, but the open node no longer
         # lists the snapshot until the medium is opened again
-        drv = t.medium.node.driver
-        drv._snapshots = [e for e in drv._snapshots if e is not found]  # type: ignore[attr-defined]
+        t.medium.node.driver.forget_snapshot(found)
         raise VdkitError("Failed to remove snapshot from snapshot list: Operation not permitted")
     try:
         _delete(t.medium, snapshot_id=found.id_str, name=found.name)
@@ -638,7 +638,7 @@ def _all_capable(machine: DeviceRegistry) -> list[Drive]:
     disks = included_drives(machine)
     for d in disks:
         assert d.medium is not None
-        if not _snapshot_capable(d.medium):
+        if not snapshot_capable(d.medium):
             raise VdkitError(f"Device '{d.id}' is writable but does not support snapshots")
     return disks
 
@@ -760,7 +760,7 @@ def query_snapshots(ctx: CommandContext, args: dict[str, Any]) -> list[SnapshotI
     names = []
     for d in included:
         assert d.medium is not None
-        names.append({e.name for e in _entries(d.medium)} if _snapshot_capable(d.medium) else set())
+        names.append({e.name for e in _entries(d.medium)} if snapshot_capable(d.medium) else set())
     return [snapshot_info(e) for e in _entries(vmdisk.medium) if all(e.name in n for n in names)]
 
 

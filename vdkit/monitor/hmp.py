@@ -323,7 +323,8 @@ def _info_block(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) ->
 def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     infos: list[BlockInfo] = _qmp(reg, ctx, "query-block")
     writable = [b for b in infos if b.inserted is not None and not b.inserted.ro]
-    capable = [b for b in writable if b.inserted is not None and b.inserted.drv == "qcow2"]
+    able = {d.id for d in ctx.machine.drives if d.medium is not None and block_cmds.snapshot_capable(d.medium)}
+    capable = [b for b in writable if b.device in able]
     if not capable:
         return render_human.info_snapshots(False, [], [], any_snapshots=False)
     lists: list[tuple[str, list[SnapshotInfo]]] = []
