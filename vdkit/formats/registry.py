@@ -41,6 +41,7 @@ FORMATS: dict[str, str] = {
     "vdi": "vdkit.formats.vdi",
     "vdi": "vdkit.formats.vdi",
     "qed": "vdkit.formats.qed",
+    "parallels": "vdkit.formats.parallels",
     "bochs": "vdkit.formats.bochs",
     "cloop": "vdkit.formats.cloop",
     "dmg": "vdkit.formats.dmg",
@@ -50,8 +51,6 @@ FORMATS: dict[str, str] = {
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
 _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
-    (b"WithoutFreeSpace", "parallels"),
-    (b"WithouFreSpacExt", "parallels"),
 )
 
 _loaded: dict[str, ModuleType] = {}
