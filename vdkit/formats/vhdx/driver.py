@@ -342,7 +342,7 @@ class VhdxDriver(FormatDriver):
         self.readinto(offset, memoryview(out))
         return bytes(out)
 
-    def readinto(self, offset: int, view: memoryview) -> None:
+    def readinto(self, offset: int, view: memoryview, backing: Callable[[int, int], bytes] | None = None) -> None:
         bs = self.block_size
         pos = 0
         n = len(view)
