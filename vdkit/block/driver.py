@@ -246,6 +246,16 @@ class FormatDriver:
         """Drop ``entry`` from this open node's snapshot list only, the file unchanged (QEMU's failed
         delete on a read-only image: the entry left its in-memory table before the write failed)."""
 
+    def snapshot_load_tmp(self, snapshot_id: str | None, name: str | None, *, fallback_name: bool = False) -> None:
+        """Make this read-only image show an internal snapshot until it is closed (``convert -l``).
+
+        Nothing is written.  ``snapshot_id``/``name`` must both match when both
+        are given; ``fallback_name`` looks ``snapshot_id`` up as an ID first and
+        then as a name (the rule for a plain ``-l NAME``).
+        """
+        raise UnsupportedError(f"Block format '{self.format_name}' used by device '' does not support "
+                               "temporarily loading internal snapshots")
+
     def flush(self) -> None:
         """Make everything written so far durable (nothing cached by default)."""
 

@@ -313,5 +313,17 @@ def discard(node: Node, offset: int, length: int) -> None:
     node.driver.discard(offset, length, has_backing=node.backing is not None)
 
 
+def truncate(node: Node, size: int, prealloc: str = "off") -> None:
+    """Truncate/grow the top image of ``node`` to ``size`` bytes (``qemu-img resize``, commit's base).
+
+    The backing chain is handed down: QEMU's block layer zeroes a grown area
+    that a longer backing file would otherwise show through, and copy-on-write
+    of a partly new cluster reads through the chain.
+    """
+    below = node.backing
+    backing_size = below.driver.virtual_size if below is not None else 0
+    node.driver.truncate(size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
+
+
 def flush(node: Node) -> None:
     node.driver.flush()
