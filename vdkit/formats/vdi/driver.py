@@ -88,8 +88,8 @@ class VdiDriver(FormatDriver):
             raise OpenError(f"unsupported VDI image (too many blocks {self.blocks}, max is {MAX_BLOCKS})")
         # The entries the disk needs, as far as the file holds them (the rest read as 0).
         need = -(-self.disk_size // BLOCK_SIZE) * 4
-        held = max(0, min(need, file.size() - self.bmap_offset))
-        self.bmap = _entries(file.pread(self.bmap_offset, held - held % 4))
+        held = max(0, min(need, -(-(file.size() - self.bmap_offset) // 4) * 4))  # a partial entry: zero-filled
+        self.bmap = _entries(file.pread(self.bmap_offset, held))
 
     # -- geometry and state -------------------------------------------------------------------
     @property
@@ -184,8 +184,8 @@ class VdiDriver(FormatDriver):
         for first in range(0, self.blocks, chunk):
             n = min(chunk, self.blocks - first)
             at = self.bmap_offset + 4 * first
-            held = max(0, min(4 * n, size - at))
-            entries = _entries(self.file.pread(at, held - held % 4))
+            held = max(0, min(4 * n, -(-(size - at) // 4) * 4))
+            entries = _entries(self.file.pread(at, held))
             if len(entries) < n:
                 entries.extend([0] * (n - len(entries)))
             for i, e in enumerate(entries, first):
