@@ -345,3 +345,27 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> No
         for p in (qo, vo):
             p.unlink(missing_ok=True)
     assert not diffs, "\n".join(diffs)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+
+def test_inspect(images: Path) -> None:
+    """Clean images are safe; what check finds, overlapping areas and a map past EOF are reasons
+    (QEMU opens every one of these images)."""
+    from vdkit.block.inspect import inspect_image
+
+    d = images
+    for name in ("d.vdi", "s.vdi", "e.vdi", "odd.vdi", "z.vdi", "c.vdi"):
+        assert inspect_image(d / name).reasons == [], name
+    cases = {
+        "shared": ([(0x200, "<IIII", (1, 1, 1, 2))], {"corrupt-metadata"}),
+        "too-large": ([(0x208, "<I", 9)], {"corrupt-metadata", "truncated"}),
+        "bmap-on-header": ([(0x154, "<I", 0)], {"corrupt-metadata", "overlapping-metadata", "truncated"}),
+        "data-on-header": ([(0x158, "<I", 0)], {"overlapping-metadata"}),
+        "huge-map": ([(0x180, "<I", 0x1FFFFF80)], {"truncated", "overlapping-metadata"}),
+    }
+    for case, (fields, kinds) in cases.items():
+        name = _patch(d, "d.vdi", f"insp-{case}.vdi", fields)
+        assert qemu_img("info", name, cwd=d).returncode == 0, case
+        verdict = inspect_image(d / name)
+        assert {r.kind for r in verdict.reasons} == kinds, (case, verdict.reasons)

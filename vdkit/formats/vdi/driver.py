@@ -171,6 +171,30 @@ class VdiDriver(FormatDriver):
     def flush(self) -> None:
         self.file.flush()
 
+    # -- inspection (vdkit-img inspect) --------------------------------------------------------
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """What ``check`` finds (map entries out of range or shared, a wrong allocated count), the
+        block map or data blocks overlapping the header or each other, and data past the end of the file."""
+        issues: list[tuple[str, str]] = []
+        found: list[str] = []
+        size = self.file.size()
+        bmap_end = self.bmap_offset + 4 * self.blocks
+        # a map reaching far past the file is reported as such, not walked (its tail reads as "block 0")
+        result = self.check(None, found.append) if bmap_end <= size + (1 << 20) else CheckResult()
+        if result.corruptions:
+            first = "; ".join(line.removeprefix("ERROR: ") for line in found[:3])
+            issues.append(("corrupt-metadata", f"{result.corruptions} corruptions ({first})"))
+        if self.bmap_offset < 512:
+            issues.append(("overlapping-metadata", "the block map overlaps the header"))
+        if self.data_offset < max(512, bmap_end) and any(e < DISCARDED for e in self.bmap):
+            issues.append(("overlapping-metadata", "the data area overlaps the header or the block map"))
+        if bmap_end > size:
+            issues.append(("truncated", "the block map lies past the end of the file"))
+        used = [e for e in self.bmap if e < DISCARDED]
+        if used and self.data_offset + (max(used) + 1) * BLOCK_SIZE > size and self.image_type != STATIC:
+            issues.append(("truncated", "a block's data lies past the end of the file"))
+        return issues
+
     # -- check --------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
         """Every map entry below the block count, each data block used once, the allocated count."""
