@@ -227,7 +227,7 @@ def open_vmdk(file: ImageFile, ctx: OpenContext) -> VmdkDriver:
     if head[:4] == b"COWD":
         raise _einval(ctx.filename)
     size = file.size()
-    if size < 4:
+    if size == 0:
         raise OpenError("File is too small, not a valid image", errno=errno.EINVAL)
     desc = D.c_string(file.pread(0, min(size, D.MAX_DESC_SIZE)))
     create_type = D.quoted_value(desc, b"createType")
@@ -304,7 +304,10 @@ class VmdkDriver(FormatDriver):
                 if head == b"COWD":
                     raise _einval(resolved)
                 h, l1_size = read_sparse_header(f, resolved)
-                ext = SparseExtent(f, resolved, line.type, start, line.sectors, h, l1_size)
+                # a sparse extent is as long as its header says, whatever the descriptor line claims
+                ext = SparseExtent(f, resolved, line.type, start, h.capacity, h, l1_size)
+                if ext.compressed:
+                    self.create_type = "streamOptimized"  # as QEMU: a stream extent names the image
             self.extents.append(ext)
             start = ext.end
         self.finish_open()
@@ -331,9 +334,17 @@ class VmdkDriver(FormatDriver):
 
     @property
     def cluster_size(self) -> int | None:
-        if self.extents and not self.extents[0].flat:
-            return self.extents[0].cluster_size
-        return None
+        if not self.extents or self.extents[0].flat or not self._alike():
+            return None
+        return self.extents[0].cluster_size
+
+    def _alike(self) -> bool:
+        """Whether qemu-img gets driver info: no extent differs from the first in kind, grain or compression."""
+        if not self.extents:
+            return True
+        e0 = self.extents[0]
+        return all(e.flat == e0.flat and e.compressed == e0.compressed and e.cluster_size == e0.cluster_size
+                   for e in self.extents[1:])
 
     @property
     def backing_file(self) -> str | None:
@@ -347,6 +358,16 @@ class VmdkDriver(FormatDriver):
     def needs_compressed_writes(self) -> bool:
         """streamOptimized takes only whole compressed grains: convert copies to it as with ``-c``."""
         return any(e.compressed for e in self.extents)
+
+    @property
+    def dirty(self) -> bool | None:  # type: ignore[override]
+        """Always false, but absent when the extents differ (qemu-img then gets no driver info at all)."""
+        return False if self._alike() else None
+
+    def allocated_size(self) -> int:
+        """The descriptor file plus every extent's file, counted once per extent line (as qemu-img)."""
+        return self.file.allocated_size() + sum(e.file.allocated_size() for e in self.extents
+                                                if e.file is not self.file)
 
     def extra_files(self) -> list[ImageFile]:
         return list(self._children)
@@ -538,27 +559,34 @@ class VmdkDriver(FormatDriver):
 
     # -- check ----------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
-        """qemu-img's minimal VMDK check: every allocated grain must start inside its extent file."""
+        """qemu-img's minimal VMDK check: every allocated grain must start inside its extent file.
+
+        Walked table by table (a grain table at a time) rather than grain by grain, so a huge
+        capacity with few tables costs little; the first problem ends the check, as in qemu-img.
+        """
         res = CheckResult()
-        sector = 0
-        total = self._size // SECTOR
-        while sector < total:
-            pos = sector * SECTOR
-            ext = self._extent_at(pos)
+        for ext in self.extents:
             if ext.flat:
-                sector = ext.end // SECTOR
                 continue
             assert isinstance(ext, SparseExtent)
-            rel = pos - ext.start
-            try:
-                _gts, _idx, gte = ext.lookup(rel)
-            except OSError:
-                gte = 0
-            if (gte > 1 or (gte == 1 and not ext.zeroed)) and gte * SECTOR > ext.file.size():
-                report(f"ERROR: cluster offset for sector {sector} points after EOF\n")
-                res.error = -errno.EINVAL
-                return res
-            sector += (ext.grain - rel % ext.grain) // SECTOR
+            length = ext.end - ext.start
+            gsec = ext.grain // SECTOR
+            size = ext.file.size()
+            for l1 in range(-(-length // ext.l1_entry)):
+                first = (ext.start + l1 * ext.l1_entry) // SECTOR
+                if l1 >= ext.l1_size:
+                    report(f"ERROR: could not get cluster_offset for sector {first}")
+                    res.error = -errno.EPERM
+                    return res
+                gt_sector = ext.gd_entry(l1)
+                if gt_sector == 0:
+                    continue
+                left = -(-(length - l1 * ext.l1_entry) // ext.grain)
+                for idx, gte in enumerate(ext.gt(gt_sector)[:left]):
+                    if (gte > 1 or (gte == 1 and not ext.zeroed)) and gte * SECTOR >= size:
+                        report(f"ERROR: cluster offset for sector {first + idx * gsec} points after EOF")
+                        res.error = -errno.EINVAL
+                        return res
         return res
 
     def close(self) -> None:
