@@ -24,10 +24,13 @@ PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # block layer.  ``devices`` (the daemon's machine: drives, media, throttling;
 # no asyncio) sits below the front ends, so the monitor's handlers use it and
 # the daemon only plugs its services in.
-LAYERS = ["errors", "record", "opts", "info.model", "io", "block.driver", "formats", "block", "info", "devices",
-          "cli", "nbd", "monitor", "daemon"]
+# ``block.chain`` (backing-name resolution, the open policy, the chain walker) needs nothing above it and
+# is used by formats that name files (VMDK extents).  ``protocols`` are what bytes are read from besides
+# local files (NBD); the NBD client shares ``nbd.wire`` (constants and layouts only) with the server.
+LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.driver", "formats", "block", "info",
+          "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
-                ("info", "model"): "info.model"}
+                ("block", "chain"): "block.driver", ("info", "model"): "info.model", ("nbd", "wire"): "io"}
 # Front ends are siblings: none may import another.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 
@@ -35,18 +38,13 @@ SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cl
 ALLOWED_UPWARD = {
     # Node.info()/Node.snapshots(): library conveniences that call the one info collector
     ("block/node.py", "vdkit.info.collect"),
-    # OpenContext.open_child applies the default OpenPolicy when the caller gave none
-    ("block/driver.py", "vdkit.block.chain"),
     # TODO: move raw_file_status/punch_hole to vdkit/io/file.py
     ("formats/qcow2/io.py", "vdkit.block.io"),
     ("formats/qcow2/resize.py", "vdkit.block.io"),
     ("formats/vdi/driver.py", "vdkit.block.io"),
     ("formats/vmdk/driver.py", "vdkit.block.io"),
     ("formats/vpc/driver.py", "vdkit.block.io"),
-    # TODO: vmdk resolves extent/backing names and opens its backing file (make.py, for its CID)
-    # through block/; resolve_backing_name belongs below formats (with OpenPolicy)
-    ("formats/vmdk/driver.py", "vdkit.block.chain"),
-    ("formats/vmdk/make.py", "vdkit.block.chain"),
+    # TODO: vmdk opens its backing file (make.py, for its CID) through block/
     ("formats/vmdk/make.py", "vdkit.block.node"),
     # TODO: luks's key-secret lookup (--object secret) lives in block/secrets.py
     ("formats/luks/driver.py", "vdkit.block.secrets"),

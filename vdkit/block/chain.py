@@ -134,7 +134,7 @@ class BackingWalk:
     def __init__(self, policy: OpenPolicy | None = None, *, names_only: bool = False) -> None:
         self.policy = policy or default_policy()
         self.depth = 0
-        self._seen: set[tuple[int, int]] = set()
+        self._seen: set[tuple[int, int] | str] = set()
         # ``qemu-img info --backing-chain`` opens one image at a time and closes it before the next,
         # and finds loops by name alone; a loop through growing relative names ends when the name
         # is too long for the file system.  That walk is bounded without a depth limit, so this
@@ -150,11 +150,16 @@ class BackingWalk:
             self._names.add(name)
 
     def visit(self, name: str, fd: int) -> None:
-        """Record an image opened on ``fd``; meeting the same file again is QEMU's loop error."""
+        """Record an image opened on ``fd``; meeting the same file again is QEMU's loop error.
+
+        A node that is not a local file (``fd`` -1: an NBD export) is known by its name."""
         if self.names_only:
             return
-        st = os.fstat(fd)
-        ident = (st.st_dev, st.st_ino)
+        if fd < 0:
+            ident: tuple[int, int] | str = name
+        else:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
         if ident in self._seen:
             raise OpenError(f"Backing file '{name}' creates an infinite loop.")
         self._seen.add(ident)
@@ -169,6 +174,8 @@ class BackingWalk:
         if stored is None:
             return None
         resolved = resolve_backing_name(filename, stored)
+        if resolved is None and not self.names_only and filename.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
+            raise OpenError("Cannot generate a base directory for NBD nodes")
         if resolved is None:
             raise OpenError(
                 f"Could not determine absolute backing filename, but backing filename '{stored}' present"

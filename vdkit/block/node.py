@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from vdkit.block.io import MapEntry
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfo, SnapshotInfo
+    from vdkit.protocols.nbd import NbdFile
 
     SnapshotRef: TypeAlias = SnapshotInfo | SnapshotEntry | str  # what the snapshot methods accept
 
@@ -307,8 +308,15 @@ def _open(
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
     proto = protocol_of(name)
+    file: ImageFile | NbdFile
     if proto == "file":
         name = name[len("file:"):]
+    elif proto in ("nbd", "nbd+tcp", "nbd+unix"):
+        from vdkit.protocols.nbd import NbdFile
+
+        file = NbdFile(name, readonly=readonly, force_share=force_share)
+        return _open_on(file, file.filename, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                        check_mode=check_mode, no_io=no_io, walk=walk)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -316,14 +324,36 @@ def _open(
     if not name:
         raise OpenError("The 'file' block driver requires a file name")
     file = ImageFile(name, readonly=readonly, force_share=force_share)
+    return _open_on(file, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                    check_mode=check_mode, no_io=no_io, walk=walk)
+
+
+def _open_on(
+    file: ImageFile | NbdFile,
+    name: str,
+    fmt: str | None,
+    *,
+    readonly: bool,
+    force_share: bool,
+    backing: bool,
+    check_mode: bool,
+    no_io: bool,
+    walk: BackingWalk,
+) -> Node:
+    """Open the format layer on an opened protocol node (a local file or an NBD export)."""
     node: Node | None = None
     try:
         walk.visit(name, file.fd)
         if fmt is None:
-            fmt = registry.probe_format(file.pread(0, registry.PROBE_SIZE), name)
+            try:
+                head = file.pread(0, registry.PROBE_SIZE)
+            except OSError as exc:
+                raise OpenError("Could not read image for determining its format: "
+                                f"{os.strerror(exc.errno or 5)}", errno=exc.errno) from exc
+            fmt = registry.probe_format(head, name)
         ctx = OpenContext(name, readonly=readonly, force_share=force_share, check_mode=check_mode, no_io=no_io,
                           policy=walk.policy)
-        driver = registry.open_driver(fmt, file, ctx)
+        driver = registry.open_driver(fmt, file, ctx)  # type: ignore[arg-type]  # NbdFile is file-like
         node = Node(name, driver, readonly=readonly)
         if driver.encrypted and not no_io and not getattr(driver, "has_key", False):
             # Reading guest data needs the key: only the luks format takes one (its driver sets has_key)

@@ -51,6 +51,11 @@ class RawDriver(FormatDriver):
         # is a 1024-byte disk (the tail reads as zeros).
         return (self.file.size() + 511) // 512 * 512
 
+    @property
+    def dirty(self) -> bool | None:
+        """QEMU asks the protocol node: a local file answers (not dirty), an NBD export does not."""
+        return False if getattr(self.file, "has_info", True) else None
+
     def read(self, offset: int, length: int, backing: object = None) -> bytes:
         return self.file.pread(offset, length)
 
