@@ -120,3 +120,12 @@ def test_allow_list_is_used() -> None:
     for file, module in ALLOWED_UPWARD:
         imported = [m for m, _ in _imports(ast.parse((PKG / file).read_text()), "")]
         assert any(m == module or m.startswith(module + ".") for m in imported), (file, module)
+
+
+@pytest.mark.parametrize("package", ["devices", "monitor", "nbd"])
+def test_no_asyncio_below_the_daemon(package: str) -> None:
+    """The machine, the command handlers and the NBD core are sans-I/O: only ``daemon/`` runs an event loop."""
+    for path in sorted((PKG / package).rglob("*.py")):
+        dotted = "vdkit." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+        names = [m for m, _ in _imports(ast.parse(path.read_text()), dotted.rsplit(".", 1)[0])]
+        assert not [m for m in names if m.split(".")[0] == "asyncio"], f"{path.relative_to(PKG)} imports asyncio"
