@@ -39,7 +39,6 @@ FORMATS: dict[str, str] = {
     "vhdx": "vdkit.formats.vhdx",
     "vpc": "vdkit.formats.vpc",
     "vdi": "vdkit.formats.vdi",
-    "vdi": "vdkit.formats.vdi",
     "qed": "vdkit.formats.qed",
     "parallels": "vdkit.formats.parallels",
     "bochs": "vdkit.formats.bochs",
