@@ -14,7 +14,9 @@ provides these entry points (only ``probe`` and ``open_driver`` are required):
     Open the image on ``file``; import the heavy code here, not at module level.
 ``create_options() -> list[OptDesc]`` and ``create_image(filename: str, opts: CreateOpts) -> None``
     Image creation (``qemu-img create`` / ``convert -O``); a format without
-    them is refused with QEMU's "does not support image creation".
+    them is refused with QEMU's "does not support image creation".  (Not
+    ``create``: importing a submodule ``<fmt>/create.py`` would rebind that
+    name in the package.)
 
 Formats QEMU detects but vdkit does not implement yet are still recognised by
 their magic (:data:`_NOT_IMPLEMENTED`) and refused by name, instead of being
