@@ -93,4 +93,4 @@ def test_bad_headers(images: Path, case: str) -> None:
 
 
 def test_damage_sweep(images: Path) -> None:
-    run_sweep(images, images / "v2.bochs", "bochs", range(20), 512 + 4 * 32 + 64)
+    run_sweep(images, images / "v2.bochs", "bochs", range(15), 512 + 4 * 32 + 64)
