@@ -461,10 +461,14 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         target.write(sector * SECTOR, data, compressed=copier.compressed)
         return
     if copier.compressed:
-        if buf is None or not zmap.is_zero(buf, n * SECTOR):
-            target.write(sector * SECTOR, data, compressed=True)
-        elif not has_zero_init:
-            target.write_zeroes(sector * SECTOR, n * SECTOR)
+        # one cluster at a time, as qemu-img: an all-zero cluster is skipped (or zeroed), not compressed
+        cs = copier.cluster_sectors
+        for i in range(0, n, cs):
+            k = min(cs, n - i)
+            if buf is None or buf[i * SECTOR:(i + k) * SECTOR] != bytes(k * SECTOR):
+                target.write((sector + i) * SECTOR, data[i * SECTOR:(i + k) * SECTOR], compressed=True)
+            elif not has_zero_init:
+                target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
         return
     assert zero is not None
     i = 0
