@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-APT_PKGS = qemu-utils qemu-system-x86 libnbd-bin
+APT_PKGS = qemu-utils qemu-system-x86 libnbd-bin nbdkit
 
 .PHONY: demo test deps system-deps lint bench clean
 
@@ -15,7 +15,7 @@ deps: $(PY)
 
 # The oracle: the real QEMU 7.2 tools.  Installed only when missing.
 system-deps:
-	@if ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null || ! command -v nbdinfo >/dev/null; then \
+	@if ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null || ! command -v nbdinfo >/dev/null || ! command -v nbdkit >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	fi
