@@ -104,6 +104,11 @@ def take_corruption_report(exc: BaseException) -> str | None:
     return None
 
 
+def hexalt(value: int) -> str:
+    """C's ``%#x``, as QEMU's messages and ``qemu-img map`` print numbers: ``0x`` prefix except for zero."""
+    return f"{value:#x}" if value else "0"
+
+
 def errno_text(err: int) -> str:
     """QEMU's ``-N (strerror)`` rendering of a negative errno."""
     return f"-{err} ({os.strerror(err)})"

@@ -187,6 +187,44 @@ def parse_value(desc: OptDesc, text: str) -> int | bool | str:
     return text
 
 
+# -- cache modes (bdrv_parse_cache_mode) ---------------------------------------
+
+CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
+    # mode: (cache.writeback, cache.direct, cache.no-flush); "off" is QEMU's old name for "none"
+    "none": (True, True, False),
+    "off": (True, True, False),
+    "writeback": (True, False, False),
+    "writethrough": (False, False, False),
+    "directsync": (False, True, False),
+    "unsafe": (True, False, True),
+}
+"""QEMU's cache modes (``-t``/``-T`` of qemu-img, ``cache=`` of ``-drive``) and what each one sets."""
+
+
+# -- QemuOpts lists ------------------------------------------------------------
+
+def split_items(text: str, *, empty: bool = True) -> list[str]:
+    """QemuOpts items: comma separated, ``,,`` a literal comma.
+
+    Every item, empty ones included (``empty=False`` drops them): callers that
+    report a leading or doubled-up comma need to see the empty item.
+    """
+    items, cur, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    items.append("".join(cur))
+    return items if empty else [it for it in items if it]
+
+
 def split_options(text: str) -> list[tuple[str, str]]:
     """``a=b,c=d`` with ``,,`` standing for a literal comma inside a value."""
     out: list[tuple[str, str]] = []

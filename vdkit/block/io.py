@@ -263,21 +263,6 @@ def _backing_reader(node: Node):  # type: ignore[no-untyped-def]
     return backing_read
 
 
-def allocated_runs(node: Node, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-    """``(start, length, reads_as_zero)`` runs of the whole chain, for copying.
-
-    A run is "zero" when the chain is known to read zeros there without
-    looking at data (zero clusters, holes, unallocated everywhere).
-    """
-    end = offset + length
-    pos = offset
-    while pos < end:
-        e = chain_status(node, pos, end - pos)
-        zero = e.zero or not e.present and not e.data
-        yield pos, e.length, zero
-        pos += e.length
-
-
 def raw_file_status(file: ImageFile, offset: int, length: int) -> BlockStatus:
     """Data/hole status of a plain file (kept for callers; the file protocol answers it)."""
     return file.block_status(offset, length)

@@ -17,8 +17,9 @@ described above) writing through :mod:`vdkit.block.target`.
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args, split_qemu_opts
+from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args
 from vdkit.errors import UsageError, VdkitError
+from vdkit.opts import split_items
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def _option_value(options: list[str], key: str) -> str | None:
     """The last ``key=value`` among the ``-o`` option strings (QemuOpts: the last one wins)."""
     value = None
     for text in options:
-        for item in split_qemu_opts(text):
+        for item in split_items(text):
             k, eq, v = item.partition("=")
             if eq and k == key:
                 value = v
@@ -232,7 +233,7 @@ def _load_snapshot(node: Node, spec: str) -> None:
     snap_name: str | None = None
     exact = spec.startswith("snapshot.")
     if exact:
-        for item in split_qemu_opts(spec):
+        for item in split_items(spec):
             key, _, value = item.partition("=")
             if key == "snapshot.id":
                 snap_id = value

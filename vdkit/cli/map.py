@@ -16,7 +16,7 @@ from vdkit.cli.options import (
     open_args,
     output_format,
 )
-from vdkit.errors import UsageError, VdkitError
+from vdkit.errors import UsageError, VdkitError, hexalt
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -52,11 +52,6 @@ def main(argv: list[str]) -> int:
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     with SpecNames((filename, spec)):
         return run(filename, fmt, output=output, start=start, max_length=max_length, force_share=p.has("U"))
-
-
-def _hex(value: int) -> str:
-    """C's ``%#x``: ``0x`` prefix except for zero."""
-    return f"{value:#x}" if value else "0"
 
 
 def run(filename: str, fmt: str | None, *, output: str, start: int, max_length: int | None,
@@ -102,7 +97,7 @@ def _dump_human(e, out: list[str]) -> None:  # type: ignore[no-untyped-def]
         out.clear()
         raise VdkitError("File contains external, encrypted or compressed clusters.")
     if e.data and not e.zero:
-        out.append(f"{_hex(e.start):<16}{_hex(e.length):<16}{_hex(e.offset or 0):<16}{e.filename or ''}\n")
+        out.append(f"{hexalt(e.start):<16}{hexalt(e.length):<16}{hexalt(e.offset or 0):<16}{e.filename or ''}\n")
 
 
 def _json(node, start: int, end: int) -> int:  # type: ignore[no-untyped-def]

@@ -13,7 +13,9 @@ import errno
 import os
 
 from vdkit.errors import UsageError, VdkitError
+from vdkit.opts import CACHE_MODES as _CACHE_TABLE
 from vdkit.opts import SizeRangeError as SizeRangeError  # re-exported
+from vdkit.opts import split_items
 from vdkit.opts import strtosz as strtosz
 from vdkit.record import field, record
 
@@ -166,29 +168,6 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
 
 # -- --image-opts (the subset vdkit's formats need) ---------------------------------------------
 
-def split_qemu_opts(spec: str) -> list[str]:
-    """QemuOpts items: comma separated, ``,,`` a literal comma; every item, empty ones included."""
-    items, cur, i = [], [], 0
-    while i < len(spec):
-        if spec[i] == ",":
-            if spec[i + 1 : i + 2] == ",":
-                cur.append(",")
-                i += 2
-                continue
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(spec[i])
-        i += 1
-    items.append("".join(cur))
-    return items
-
-
-def _split_opts(spec: str) -> list[str]:
-    """QemuOpts items without the empty ones."""
-    return [it for it in split_qemu_opts(spec) if it]
-
-
 def image_opts(spec: str) -> tuple[str, str | None]:
     """``--image-opts`` string -> (file name, format or None to probe).
 
@@ -204,7 +183,7 @@ def image_opts(spec: str) -> tuple[str, str | None]:
 
     opts: dict[str, str] = {}
     try:
-        for item in _split_opts(spec):
+        for item in split_items(spec, empty=False):
             key, eq, value = item.partition("=")
             if not eq:
                 raise OpenError(f"Cannot find device='{item}' nor node-name='{item}'")
@@ -266,7 +245,7 @@ def image_opts_name(spec: str) -> str | None:
     Of the options :func:`image_opts` accepts only ``encrypt.key-secret`` is one
     (QEMU keeps it in the node's options); None when the plain file name stands.
     """
-    opts = dict(item.partition("=")[::2] for item in _split_opts(spec))
+    opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
     if opts.get("driver") == "luks" and "key-secret" in opts:
         from vdkit.info.render_json import dumps_compact
 
@@ -300,7 +279,7 @@ def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
     return exc
 
 
-CACHE_MODES = ("none", "off", "writeback", "writethrough", "directsync", "unsafe")
+CACHE_MODES = tuple(_CACHE_TABLE)  # qemu-img checks the name only
 
 
 def check_cache_modes(p: Parsed, *, cache: str | None = "t", src_cache: str | None = "T") -> None:
@@ -476,7 +455,7 @@ def _split_opts_keep_empty(spec: str) -> list[str]:
     """Comma-separated items (``,,`` a literal comma), keeping empty ones so a leading ``,`` is seen."""
     if not spec:
         return []
-    items = split_qemu_opts(spec)
+    items = split_items(spec)
     if items and items[-1] == "" and len(items) > 1:
         items.pop()  # a trailing comma ends the list
     return items

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vdkit.block.driver import CheckResult
-from vdkit.errors import VdkitError
+from vdkit.errors import VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.refcount import decode_block, encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
@@ -240,7 +240,7 @@ class _Checker:
             raise _CheckFailed(self.bad_blocks[rt_index])
         if off % self.cs:
             self.bad_blocks[rt_index] = -errno.EIO
-            self.signal_corruption(f"Refblock offset {_hexalt(off)} unaligned (reftable index: {_hexalt(rt_index)})")
+            self.signal_corruption(f"Refblock offset {hexalt(off)} unaligned (reftable index: {hexalt(rt_index)})")
             raise _CheckFailed(-errno.EIO)
         blk = self.blocks.get(off)
         if blk is None:
@@ -431,14 +431,14 @@ class _Checker:
         for sn in self.snapshots:
             if sn.l1_table_offset % self.cs:
                 self.report(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={_hexalt(sn.l1_table_offset)}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={hexalt(sn.l1_table_offset)}: "
                     "L1 table is not cluster aligned; snapshot table entry corrupted"
                 )
                 res.corruptions += 1
                 continue
             if sn.l1_size > L.MAX_L1_SIZE // 8:
                 self.report(
-                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={_hexalt(sn.l1_size)}: "
+                    f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={hexalt(sn.l1_size)}: "
                     "L1 table is too large; snapshot table entry corrupted"
                 )
                 res.corruptions += 1
@@ -541,11 +541,6 @@ class _Checker:
             parts.append((sel + first * per_table, ent, bm))
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]), per_table)
-
-    def _split(self, tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.extl2:
-            return tables[:, 0::2], tables[:, 1::2]
-        return tables, np.zeros(tables.shape, dtype=_U64)
 
     def _classify(self, e: np.ndarray, bm: np.ndarray) -> dict[str, np.ndarray]:
         """Entry types and problem flags, elementwise, for any shape of entry array."""
@@ -1215,11 +1210,6 @@ class _Checker:
             self.f.pwrite(72, cleared.to_bytes(8, "big"))
             self.header_changed(incompatible_features=cleared)
             self.f.flush()
-
-
-def _hexalt(value: int) -> str:
-    """C's ``%#x``: ``0x`` prefix except for zero."""
-    return f"{value:#x}" if value else "0"
 
 
 def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResult:

@@ -34,10 +34,6 @@ class SnapshotEntry:
     extra_data_size: int = L.SNAPSHOT_EXTRA_SIZE
     unknown_extra: bytes = field(default=b"", repr=False)
 
-    @property
-    def has_icount(self) -> bool:
-        return self.icount != L.ICOUNT_UNUSED
-
     def encoded_size(self) -> int:
         """Bytes this entry occupies when written, before alignment padding."""
         extra = max(L.SNAPSHOT_EXTRA_SIZE, self.extra_data_size)
