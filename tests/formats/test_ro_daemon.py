@@ -1,7 +1,7 @@
 """bochs, cloop and dmg drives in vdkit-daemon against qemu-system-x86_64 7.2: queries and NBD reads.
 
-The drives say ``readonly=on``.  (QEMU also opens them read-only without it,
-by auto-read-only; vdkit-daemon does not fall back yet: "Image is read-only".)
+QEMU opens a drive of a format that can only be read read-only even without
+``readonly=on`` (auto-read-only) and reports ``"ro": true``; so does vdkit.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from tests.formats.images import bochs_image, cloop_image, dmg_image
 from tests.formats.test_bochs import pattern
 
 DRIVES = ["-drive", "file=b.bochs,format=bochs,if=none,id=d0,readonly=on",
-          "-drive", "file=c.cloop,if=none,id=d1,readonly=on",
-          "-drive", "file=d.dmg,format=dmg,if=none,id=d2,readonly=on"]
+          "-drive", "file=c.cloop,if=none,id=d1",
+          "-drive", "file=d.dmg,format=dmg,if=none,id=d2"]
 
 
 def setup(d: Path) -> None:

@@ -85,6 +85,9 @@ class Medium:
     serials: list[tuple[int, int]] = field(default_factory=list)
     # snapshot=on: the temporary overlay's path (its node's filename is QEMU's json: description)
     overlay_path: str | None = None
+    # the top file node's read-only flag when it differs from ``ro`` (auto-read-only: QEMU opens the
+    # file read-write under a format that can only be read)
+    file_ro: bool | None = None
 
     @property
     def node_name(self) -> str:
@@ -246,7 +249,16 @@ class DeviceRegistry:
 
         if node_name is not None and node_name in self._used_names:
             raise VdkitError(f"Duplicate nodes with node-name='{node_name}'")
-        node = open_image(filename, fmt, readonly=readonly, force_share=force_share)
+        file_ro: bool | None = None
+        try:
+            node = open_image(filename, fmt, readonly=readonly, force_share=force_share)
+        except VdkitError as exc:
+            # auto-read-only (QEMU's default for -drive): a format that can only be read
+            # (bochs, cloop, dmg) is opened read-only instead of failing
+            if readonly or not exc.message.endswith("Image is read-only"):
+                raise
+            readonly, file_ro = True, False
+            node = open_image(filename, fmt, readonly=True, force_share=force_share)
         names: list[tuple[str, str]] = []
         serials: list[tuple[int, int]] = []
         for i, _ in enumerate(node.chain()):
@@ -260,7 +272,7 @@ class DeviceRegistry:
             else:
                 self._used_names.add(fmt_name)
             names.append((fmt_name, file_name))
-        medium = Medium(node, names, readonly, serials)
+        medium = Medium(node, names, readonly, serials, file_ro=file_ro)
         self._hook_corruption(medium)
         return medium
 

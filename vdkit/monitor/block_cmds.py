@@ -115,7 +115,7 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     return BlockDeviceInfo(
         file=filename,
         node_name=medium.names[index][1],
-        ro=medium.ro if index == 0 else True,
+        ro=(medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else True,
         drv="file",
         backing_file_depth=0,
         encrypted=False,
