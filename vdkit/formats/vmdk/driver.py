@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 SECTOR = 512
 GD_AT_END = 0xFFFFFFFFFFFFFFFF
 FLAG_ZEROED_GRAIN = 1 << 2
-FLAG_COMPRESSED = 1 << 16
 FLAG_MARKERS = 1 << 17
 FLAG_RGD = 1 << 1
 BDRV_MAX_LENGTH = 0x7FFFFFFFC0000000  # QEMU's largest block device (INT64_MAX aligned down to 1 GiB)
@@ -38,6 +37,8 @@ MAX_GRAIN_SECTORS = 0x200000
 MAX_L1_ENTRIES = 1 << 25
 HEADER = struct.Struct("<4sIIQQQQIQQQBIH")  # 79 bytes, packed
 MARKER = struct.Struct("<QI")
+EMBEDDED_DESC = 0x200  # where a sparse file's own descriptor is read and rewritten
+EMBEDDED_DESC_SIZE = 20 * SECTOR
 
 
 def _einval(name: str) -> OpenError:
@@ -85,7 +86,7 @@ class SparseExtent(Extent):
         self.l1_size = l1_size
         self.gd_offset = h.gd_offset
         self.rgd_offset = h.rgd_offset if h.flags & FLAG_RGD else 0
-        self.compressed = bool(h.flags & FLAG_COMPRESSED)
+        self.compressed = h.compress == 1  # the algorithm field decides, not the flag (as QEMU)
         self.markers = bool(h.flags & FLAG_MARKERS)
         self.zeroed = bool(h.flags & FLAG_ZEROED_GRAIN)
         self._gd: dict[int, list[int]] = {}  # page index -> entries (pages of 1024 entries)
@@ -222,14 +223,20 @@ def read_sparse_header(file: ImageFile, name: str) -> tuple[SparseHeader, int]:
 
 def open_vmdk(file: ImageFile, ctx: OpenContext) -> VmdkDriver:
     head = file.pread(0, SECTOR)
-    if head[:4] == b"KDMV":
-        return _open_monolithic_sparse(file, ctx)
-    if head[:4] == b"COWD":
-        raise _einval(ctx.filename)
     size = file.size()
+    desc_at = 0
+    if head[:4] == b"KDMV":
+        h = SparseHeader(head)
+        if h.capacity != 0 or h.desc_offset == 0:
+            return _open_monolithic_sparse(file, ctx)
+        # no capacity but a descriptor: the file is a descriptor kept in a sparse header (QEMU's rule)
+        desc_at = h.desc_offset * SECTOR if h.desc_offset < (1 << 54) else size
+    elif head[:4] == b"COWD":
+        raise _einval(ctx.filename)
     if size == 0:
         raise OpenError("File is too small, not a valid image", errno=errno.EINVAL)
-    desc = D.c_string(file.pread(0, min(size, D.MAX_DESC_SIZE)))
+    n = min(max(0, size - desc_at), D.MAX_DESC_SIZE)
+    desc = D.c_string(file.pread(desc_at, n)) if n else b""
     create_type = D.quoted_value(desc, b"createType")
     if create_type is None:
         raise OpenError("invalid VMDK image descriptor", errno=errno.EINVAL)
@@ -243,12 +250,9 @@ def open_vmdk(file: ImageFile, ctx: OpenContext) -> VmdkDriver:
 
 def _open_monolithic_sparse(file: ImageFile, ctx: OpenContext) -> VmdkDriver:
     h, l1_size = read_sparse_header(file, ctx.filename)
-    desc = b""
-    if h.desc_offset and h.desc_size:
-        size = min(h.desc_size * SECTOR, D.MAX_DESC_SIZE)
-        if h.desc_offset < (1 << 54):
-            desc = D.c_string(file.pread(h.desc_offset * SECTOR, size))
-    create_type = "streamOptimized" if h.flags & FLAG_COMPRESSED else "monolithicSparse"
+    # QEMU takes the CIDs and the parent hint from sector 1 of a sparse file, whatever the header says
+    desc = D.c_string(file.pread(EMBEDDED_DESC, EMBEDDED_DESC_SIZE))
+    create_type = "streamOptimized" if h.compress == 1 else "monolithicSparse"
     drv = VmdkDriver(file, ctx, desc, create_type, embedded=True)
     ext = SparseExtent(file, ctx.filename, "", 0, h.capacity, h, l1_size)
     drv.extents = [ext]
@@ -471,9 +475,8 @@ class VmdkDriver(FormatDriver):
         if self.embedded:
             ext = self.extents[0]
             assert isinstance(ext, SparseExtent)
-            area = ext.h.desc_size * SECTOR
-            if ext.h.desc_offset and len(text) <= area <= D.MAX_DESC_SIZE + 1:
-                self.file.pwrite(ext.h.desc_offset * SECTOR, text + bytes(area - len(text)))
+            if len(text) <= EMBEDDED_DESC_SIZE:
+                self.file.pwrite(EMBEDDED_DESC, text + bytes(EMBEDDED_DESC_SIZE - len(text)))
         else:
             self.file.pwrite(0, padded)
 
