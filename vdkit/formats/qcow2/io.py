@@ -32,13 +32,13 @@ from vdkit.block.driver import DATA as _DATA_FLAG
 from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
 from vdkit.block.driver import ZERO as _ZERO_FLAG
 from vdkit.block.driver import BlockStatus
-from vdkit.errors import EIO, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
+from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
+from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from vdkit.block.node import Node
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
 else:
@@ -76,11 +76,6 @@ def _stderr_line(text: str) -> None:
 
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
-
-
-def _hx(value: int) -> str:
-    """C's ``%#x``: no ``0x`` for zero (QEMU's messages print ``L2 index: 0``)."""
-    return f"{value:#x}" if value else "0"
 
 
 # Entry masks as Python ints: combined with uint64 arrays they act as uint64 (they all fit).
@@ -1212,37 +1207,3 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
         host = int(hosts[s]) if valid[s] else None
         out.append(Run(k, base + s * unit, (e - s) * unit, host))
     return out
-
-
-def load_snapshot_tmp(node: Node, snapshot_id: str | None, name: str | None, *,
-                      fallback_name: bool = False) -> None:
-    """Make a read-only node show an internal snapshot (``convert -l``).
-
-    The node's driver switches to the snapshot's L1 table and virtual size;
-    nothing is written.  ``fallback_name`` looks ``snapshot_id`` up as an ID
-    first and then as a name, the rule for a plain ``-l NAME``.
-    """
-    from vdkit.formats.qcow2.driver import Qcow2Driver
-    from vdkit.formats.qcow2.snapshot_ops import find_by_id_and_name
-
-    drv = node.driver
-    if not isinstance(drv, Qcow2Driver):
-        raise UnsupportedError(
-            f"Block format '{drv.format_name}' used by device '' does not support temporarily "
-            "loading internal snapshots")
-    if not node.readonly:
-        raise VdkitError("Device is not readonly")
-    entries = drv.snapshots()
-    entry = find_by_id_and_name(entries, snapshot_id, name)
-    if entry is None and fallback_name:
-        entry = find_by_id_and_name(entries, None, snapshot_id)
-    if entry is None:
-        raise SnapshotNotFoundError("Can't find snapshot", errno=ENOENT)
-    if entry.l1_size > L.MAX_L1_SIZE // 8:
-        raise CorruptImageError("Snapshot L1 table too large")
-    if entry.l1_table_offset % drv.cluster_size:
-        raise CorruptImageError("Snapshot L1 table offset invalid")
-    drv.header = drv.header.evolve(size=entry.disk_size, l1_size=entry.l1_size,
-                                   l1_table_offset=entry.l1_table_offset)
-    for attr in ("clusters", "io"):
-        drv.__dict__.pop(attr, None)

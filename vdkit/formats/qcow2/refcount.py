@@ -238,9 +238,6 @@ class Refcounts:
             raise CorruptImageError(msg, errno=5)
         return off
 
-    def table_range(self) -> tuple[int, int]:
-        return self.table_offset, self.table_clusters * self.cluster_size
-
     def block_clusters(self) -> list[int]:
         """Host offsets of every allocated refcount block."""
         return [self.block_offset(i) for i in np.flatnonzero(self.table).tolist()]
@@ -317,9 +314,6 @@ class Refcounts:
             sel = rt == r
             out[sel] = vals[clusters[sel] % self.entries_per_block]
         return out
-
-    def nb_covered_clusters(self) -> int:
-        return len(self.table) * self.entries_per_block
 
     # -- free-space search (§1.2) ---------------------------------------------------------------
     def find_free(self, n: int, start: int) -> int:

@@ -30,6 +30,7 @@ from vdkit.block.snapshot import find_id_then_name as find_id_then_name
 from vdkit.block.snapshot import id_of as id_of
 from vdkit.block.snapshot import name_of as name_of
 from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
+from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
 from vdkit.formats.qcow2.refcount import Transaction, sorted_unique
@@ -139,11 +140,6 @@ class _Tree:
     def increments(self) -> list[tuple[np.ndarray, int]]:
         """(clusters, times) pairs of one more reference to this whole tree."""
         return [(self.l2_clusters, 1), *self.parts]
-
-
-def _hx(value: int) -> str:
-    """C's ``%#x``, as QEMU's messages print numbers (``0`` without ``0x``)."""
-    return f"{value:#x}" if value else "0"
 
 
 def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
