@@ -350,3 +350,32 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
         for p in (qo, vo):
             p.unlink(missing_ok=True)
     assert not diffs, "\n".join(diffs)
+
+
+def _extension(entries: bytes, *, checksum_ok: bool = True) -> bytes:
+    import hashlib
+
+    body = entries + bytes((1 << 20) - 24 - len(entries))
+    digest = hashlib.md5(body).digest() if checksum_ok else bytes(16)
+    return struct.pack("<Q", 0xAB234CEF23DCEA87) + digest + body
+
+
+EXTENSIONS = {
+    "empty": _extension(b""),
+    "bad-checksum": _extension(b"", checksum_ok=False),
+    "unknown-feature": _extension(struct.pack("<QII", 0x1234, 0, 0)),
+    "feature-flags": _extension(struct.pack("<QII", 0x1234, 1, 0)),
+    "zero-magic": bytes(64),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTENSIONS))
+def test_format_extension(images: Path, tmp_path: Path, case: str) -> None:
+    """The format extension cluster (here at sector 8, inside the header cluster): magic, MD5, features."""
+    data = bytearray((images / "p.hds").read_bytes())
+    struct.pack_into("<Q", data, 56, 8)
+    ext = EXTENSIONS[case]
+    data[8 * 512:8 * 512 + len(ext)] = ext
+    (tmp_path / "e.hds").write_bytes(bytes(data[:max(len(data), 8 * 512 + len(ext))]))
+    for args in (["info", "e.hds"], ["check", "e.hds"], ["map", "--output=json", "e.hds"]):
+        assert_same(args, tmp_path)

@@ -32,6 +32,7 @@ MAGIC_EXT = b"WithouFreSpacExt"
 HEADER = struct.Struct("<16sIIIIIQIIIQ")  # 64 bytes
 INUSE = 0x746F6E59
 EXT_MAGIC = 0xAB234CEF23DCEA87
+DIRTY_BITMAP_MAGIC = 0x20385FAE252CB34A
 MAX_TRACKS = (1 << 31) // 513  # larger sectors-per-cluster values are "Too big cluster" in QEMU 7.2
 MAX_BAT = (1 << 31) // 4 - 1  # more entries: "Catalog too large"
 INT_MAX = (1 << 31) - 1
@@ -74,9 +75,7 @@ class ParallelsDriver(FormatDriver):
         self.mult = (self.tracks if magic == MAGIC_EXT else 1) * 512  # bytes per BAT unit
         self.pages: dict[int, array] = {}
         if self.ext_off:
-            found = int.from_bytes(file.pread(self.ext_off * 512, 8), "little")
-            if found != EXT_MAGIC:
-                raise OpenError(f"Wrong parallels Format Extension magic: {found:#x}, expected: {EXT_MAGIC:#x}")
+            self._check_extension(file)
         if self.nb_sectors * 512 > BDRV_MAX_LENGTH:
             raise OpenError("Could not refresh total sector count: File too large", errno=errno.EFBIG)
         if self.inuse == INUSE and not self.readonly and not ctx.check_mode:
@@ -86,6 +85,31 @@ class ParallelsDriver(FormatDriver):
         self.data_end = self._data_end()
         if not self.readonly:
             self._write_inuse(INUSE)
+
+    def _check_extension(self, file: ImageFile) -> None:
+        """The format extension cluster: magic, MD5 of the rest of the cluster, then the feature list.
+
+        Features are walked (flags must be 0, unknown ones refused as in QEMU 7.2) but not loaded:
+        dirty bitmaps are skipped.
+        """
+        import hashlib
+
+        found = int.from_bytes(file.pread(self.ext_off * 512, 8), "little")
+        if found != EXT_MAGIC:
+            raise OpenError(f"Wrong parallels Format Extension magic: {found:#x}, expected: {EXT_MAGIC:#x}")
+        cluster = file.pread(self.ext_off * 512, self.cs)
+        if hashlib.md5(cluster[24:]).digest() != cluster[8:24]:
+            raise OpenError("Wrong checksum in Format Extension header. Format extension is corrupted.")
+        pos = 24
+        while pos + 16 <= len(cluster):
+            magic, flags, size = struct.unpack_from("<QII", cluster, pos)
+            if flags:
+                raise OpenError("Flags for extension feature are unsupported")
+            if magic == 0:
+                return
+            if magic != DIRTY_BITMAP_MAGIC:
+                raise OpenError(f"Unknown feature: {magic:#x}")
+            pos += 16 + -(-size // 8) * 8
 
     # -- geometry -----------------------------------------------------------------------------
     @property
