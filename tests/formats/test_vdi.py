@@ -257,6 +257,7 @@ def test_library_writes(tmp_path: Path, static: str) -> None:
 @pytest.mark.parametrize("static", ["off", "on"])
 def test_daemon_drive(tmp_path: Path, static: str) -> None:
     from tests.daemon.conftest import Daemons, normalise
+    from tests.nbd.conftest import short_sock
 
     def setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "vdi", "-o", f"static={static}", "d.vdi", "4M", cwd=d)
@@ -270,12 +271,25 @@ def test_daemon_drive(tmp_path: Path, static: str) -> None:
             v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
             assert v == q, cmd
         assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
-        sock = str(tmp_path / "v" / "n.sock")
-        assert vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
-        assert vm.cmd("nbd-server-add", {"device": "d0"}) == {"return": {}}
-        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vdi", f"nbd+unix:///d0?socket={sock}", "d.vdi",
-                     cwd=tmp_path / "v")
+        socks = []
+        for mon in (qm, vm):
+            sock = short_sock("n.sock")
+            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
+            socks.append(f"nbd+unix:///d0?socket={sock}")
+        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vdi", socks[1], str(tmp_path / "v" / "d.vdi"))
         assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+        for op in ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]:
+            for url in socks:
+                w = qemu_io("-f", "raw", "-c", op, url)
+                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
+        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
+        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+        for mon in (qm, vm):
+            mon.send_raw(b'{"execute": "quit"}')
+        for proc in daemons.procs:
+            proc.wait(timeout=60)
+        _same_file(tmp_path / "q" / "d.vdi", tmp_path / "v" / "d.vdi")
     finally:
         daemons.cleanup()
 

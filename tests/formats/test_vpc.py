@@ -389,6 +389,7 @@ def test_convert_chain_of_writes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["dynamic", "fixed"])
 def test_daemon_drive(tmp_path: Path, kind: str) -> None:
     from tests.daemon.conftest import Daemons, normalise
+    from tests.nbd.conftest import short_sock
 
     def setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "vpc", "-o", f"subformat={kind}", "d.vpc", "4M", cwd=d)
@@ -402,12 +403,26 @@ def test_daemon_drive(tmp_path: Path, kind: str) -> None:
             v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
             assert v == q, cmd
         assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
-        sock = str(tmp_path / "v" / "n.sock")
-        assert vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
-        assert vm.cmd("nbd-server-add", {"device": "d0"}) == {"return": {}}
-        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vpc", f"nbd+unix:///d0?socket={sock}", "d.vpc",
-                     cwd=tmp_path / "v")
+        socks = []
+        for mon in (qm, vm):
+            sock = short_sock("n.sock")
+            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
+            socks.append(f"nbd+unix:///d0?socket={sock}")
+        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vpc", socks[1], str(tmp_path / "v" / "d.vpc"))
         assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+        for op in ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]:
+            for url in socks:
+                w = qemu_io("-f", "raw", "-c", op, url)
+                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
+        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
+        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+        for mon in (qm, vm):
+            mon.send_raw(b'{"execute": "quit"}')
+        for proc in daemons.procs:
+            proc.wait(timeout=60)
+        q_img = _mask(bytearray((tmp_path / "q" / "d.vpc").read_bytes()))
+        assert _mask(bytearray((tmp_path / "v" / "d.vpc").read_bytes())) == q_img
     finally:
         daemons.cleanup()
 
