@@ -379,3 +379,26 @@ def test_format_extension(images: Path, tmp_path: Path, case: str) -> None:
     (tmp_path / "e.hds").write_bytes(bytes(data[:max(len(data), 8 * 512 + len(ext))]))
     for args in (["info", "e.hds"], ["check", "e.hds"], ["map", "--output=json", "e.hds"]):
         assert_same(args, tmp_path)
+
+
+def test_inspect(images: Path, tmp_path: Path) -> None:
+    """vdkit-img inspect: a clean image is safe; the in-use flag and clusters past the file are reasons."""
+    r = vdkit_img("inspect", "--output=json", "p.hds", cwd=images)
+    assert r.returncode == 0 and json.loads(r.stdout)["verdict"] == "safe", r.stdout + r.stderr
+    _patch(images / "p.hds", tmp_path / "x.hds", [(44, 4, 0x746F6E59), (64, 4, 0x40), (36, 8, 0x10000)])
+    r = vdkit_img("inspect", "--output=json", "x.hds", cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert r.returncode not in (0, 1) and out["verdict"] == "unsafe"
+    assert [x["kind"] for x in out["reasons"]] == ["dirty", "invalid-metadata", "corrupt-metadata"]
+
+
+def test_write_past_bat(images: Path, tmp_path: Path) -> None:
+    """A header claiming more sectors than the BAT maps: reads there are zeros, writes fail cleanly
+    (QEMU 7.2 aborts on an assertion)."""
+    import vdkit
+
+    _patch(images / "p.hds", tmp_path / "b.hds", [(36, 8, 0x10000)])
+    with vdkit.open(tmp_path / "b.hds", readonly=False) as node:
+        assert node.read(5 << 20, 4096) == bytes(4096)
+        with pytest.raises(OSError):
+            node.write(5 << 20, b"x" * 4096)

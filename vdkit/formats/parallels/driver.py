@@ -199,6 +199,8 @@ class ParallelsDriver(FormatDriver):
         while pos < end:
             c, intra = divmod(pos, cs)
             run = min(end - pos, cs - intra)
+            if c >= self.bat_entries:  # the header claims more sectors than the BAT maps (QEMU asserts)
+                raise OSError(errno.EINVAL, "write past the BAT")
             e = self.bat(c)
             if e == 0:
                 e = -(-self.data_end // self.mult)
@@ -206,6 +208,24 @@ class ParallelsDriver(FormatDriver):
                 self.set_bat(c, e)
             self.file.pwrite(e * self.mult + intra, view[pos - offset : pos - offset + run])
             pos += run
+
+    def write_zeroes(self, offset: int, length: int, backing: object = None, *, unmap: bool = False) -> None:
+        """Zeros are written like data (QEMU's parallels has no zero clusters), a piece at a time."""
+        step = 1 << 20
+        for pos in range(offset, offset + length, step):
+            self.write(pos, bytes(min(step, offset + length - pos)))
+
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """The in-use flag, BAT entries past the end of the file, a BAT that maps less than the disk."""
+        issues: list[tuple[str, str]] = []
+        if self.unclean:
+            issues.append(("dirty", "the image was not closed correctly (QEMU refuses to write it)"))
+        if self.bat_entries * self.cs < self.virtual_size:
+            issues.append(("invalid-metadata", "the header's size is larger than the BAT maps"))
+        result = self.check(None, lambda _line: None)
+        if result.corruptions - (1 if self.unclean else 0):
+            issues.append(("corrupt-metadata", "BAT entries point past the end of the file"))
+        return issues
 
     def _write_inuse(self, value: int) -> None:
         self.inuse = value
