@@ -194,7 +194,12 @@ class Node:
 
     def _check_request(self, op: str, offset: int, length: int) -> None:
         """QEMU's request check: EIO (qemu-io: ``read failed: Input/output error``) for a negative
-        offset or length or a range past the end; the hint says which, for API users."""
+        offset or length or a range past the end; the hint says which, for API users.  A node a fatal
+        corruption event killed has no driver left in QEMU: ENOMEDIUM comes before any range check."""
+        if self.driver.dead:
+            import errno
+
+            raise VdkitError("No medium found", errno=errno.ENOMEDIUM)
         size = self.size
         if offset < 0 or length < 0 or offset > size or size - offset < length:
             import errno
