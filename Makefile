@@ -57,6 +57,7 @@ bench: deps system-deps
 	$(PY) bench/io.py
 	$(PY) bench/nbd.py
 	$(PY) bench/monitor.py
+	$(PY) bench/formats.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info
