@@ -14,11 +14,13 @@ import resource
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 UUIDS = slice(0x188, 0x1A8)  # image and last-snapshot UUID: random in qemu-img's files
@@ -32,12 +34,7 @@ def _src_raw(d: Path) -> None:
     (d / "src.raw").write_bytes(bytes(disk))
 
 
-def _io(d: Path, name: str, cmds: list[str]) -> None:
-    args = ["-f", "vdi"]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, name, cwd=d)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+_io = partial(qemu_io_script, fmt="vdi")  # _io(d, name, [commands]): qemu-io must succeed
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +121,7 @@ BAD = {  # patched on d.vdi (block map [0, 1, 2, ff], 3 blocks allocated)
     "size-max+1": [(0x170, "<Q", 0x1FFFFF8000001)],
     "size-0": [(0x170, "<Q", 0)],
     "size-odd": [(0x170, "<Q", 12345)],
+    "size-odd-no-room": [(0x170, "<Q", 0xFFFFFFFF)],
     "block-2M": [(0x178, "<I", 2 << 20), (0x180, "<I", 1)],
     "block-extra": [(0x17C, "<I", 512)],
     "blocks-1": [(0x180, "<I", 1), (0x1B8, "<I", 1)],

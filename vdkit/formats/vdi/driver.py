@@ -69,6 +69,7 @@ class VdiDriver(FormatDriver):
         if self.disk_size > MAX_SIZE:
             raise OpenError(f"Unsupported VDI image size (size is {self.disk_size:#x}, "
                             f"max supported is {MAX_SIZE:#x})")
+        self.disk_size = -(-self.disk_size // 512) * 512  # whole sectors from here on (QEMU's texts show it)
         if self.bmap_offset % 512:
             raise OpenError(f"unsupported VDI image (unaligned block map offset {self.bmap_offset:#x})")
         if self.data_offset % 512:
