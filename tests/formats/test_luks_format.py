@@ -192,3 +192,75 @@ def test_cipher_vdkit_lacks(images: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.startswith("vdkit-img: Could not open 'driver=luks,key-secret=sec0,file.filename=twofish.luks': "
                                "vdkit cannot decrypt twofish-256-xts"), r.stderr
+
+
+# -- create -f luks / convert -O luks ------------------------------------------------------------------
+
+_RANDOM_LINES = ("uuid", "iters", "master key iters", '"uuid"', '"iters"', '"master-key-iters"')
+
+
+def _masked(text: str, name: str) -> str:
+    """info without what is random (UUID) or timed (iteration counts), the file name made common."""
+    return "".join(line for line in text.replace(name, "IMG").splitlines(keepends=True)
+                   if not line.strip().startswith(_RANDOM_LINES))
+
+
+CREATE = {
+    "default": "",
+    "cbc-essiv": ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,hash-alg=sha1",
+    "odd-size": "",
+}
+
+
+@pytest.mark.parametrize("variant", list(CREATE))
+def test_create(tmp_path: Path, variant: str) -> None:
+    """vdkit's image: the Formatting line, size, layout and info of qemu-img's (random fields aside), and
+    qemu-io reads back with the key what it writes."""
+    from tests.conftest import qemu_io, vdkit_img
+
+    size = "1000" if variant == "odd-size" else "1M"
+    opts = f"key-secret=sec0,iter-time=300{CREATE[variant]}"
+    v = vdkit_img("create", "-f", "luks", *SECRET, "-o", opts, "v.luks", size, cwd=tmp_path)
+    assert v.returncode == 0, v.stderr
+    make(tmp_path, "q.luks", CREATE[variant].lstrip(","), size)
+    q = qemu_img("create", "-f", "luks", *SECRET, "-o", opts, "q2.luks", size, cwd=tmp_path)
+    if q.returncode == 0:  # (a loaded machine can make qemu-img refuse a short iter-time)
+        assert v.stdout == q.stdout.replace("q2.luks", "v.luks")
+    assert (tmp_path / "v.luks").stat().st_size == (tmp_path / "q.luks").stat().st_size
+    for args in (["info"], ["info", "--output=json"]):
+        qi = qemu_img(*args, "q.luks", cwd=tmp_path)
+        vi = qemu_img(*args, "v.luks", cwd=tmp_path)
+        assert _masked(vi.stdout, "v.luks") == _masked(qi.stdout, "q.luks")
+    r = qemu_io(*SECRET, "--image-opts", _spec("v.luks"), "-c", "write -P 0x77 0 512", "-c", "read -P 0x77 0 512",
+                cwd=tmp_path)
+    assert r.returncode == 0 and "Pattern verification failed" not in r.stdout, r.stdout + r.stderr
+
+
+def test_create_errors(tmp_path: Path) -> None:
+    for args in (["create", "-f", "luks", "x.luks", "1M"],
+                 ["create", "-f", "luks", *SECRET, "-o", "key-secret=nope", "x.luks", "1M"],
+                 ["create", "-f", "luks", "-o", "help"], ["convert", "-O", "luks", "x.raw", "x.luks"]):
+        (tmp_path / "x.raw").write_bytes(bytes(4096))
+        assert_same(args, tmp_path)
+        assert not (tmp_path / "x.luks").exists()
+
+
+def test_convert_to_luks(images: Path) -> None:
+    """convert -O luks: qemu-img reads the data back with the key; zeros are written (encrypted) as qemu-img
+    writes them, so the file is allocated alike."""
+    from tests.conftest import vdkit_img
+
+    src = images / "pat.raw"
+    data = bytearray(1 << 20)
+    data[:65536] = b"\xaa" * 65536
+    data[700000:705000] = b"\x55" * 5000
+    src.write_bytes(bytes(data))
+    v = vdkit_img("convert", *SECRET, "-O", "luks", "-o", "key-secret=sec0,iter-time=300", "pat.raw", "cv.luks",
+                  cwd=images)
+    assert v.returncode == 0, v.stderr
+    r = qemu_img("compare", *SECRET, "--image-opts", _spec("cv.luks"), "driver=raw,file.filename=pat.raw", cwd=images)
+    assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+    q = qemu_img("convert", *SECRET, "-O", "luks", "-o", "key-secret=sec0,iter-time=300", "pat.raw", "cq.luks",
+                 cwd=images)
+    if q.returncode == 0:
+        assert (images / "cv.luks").stat().st_blocks == (images / "cq.luks").stat().st_blocks

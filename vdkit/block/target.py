@@ -136,9 +136,12 @@ def target_for(node: Node, size: int, *, created: bool, target_is_zero: bool, ha
         # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
         # (discarded where the device can) unless --target-is-zero says they are there
         return RawTarget(node, has_zero_init=target_is_zero or zero_init and not node.driver.file.is_device)
-    if node.driver.encrypted:
+    if node.driver.encrypted and not getattr(node.driver, "has_key", False):
         node.close()
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
+    if node.driver.encrypted:
+        # opened with its key (luks): sectors never written decrypt to noise, not zeros, so zeros are written
+        zero_init = target_is_zero
     if not zero_init or has_backing:
         zero_init = target_is_zero and not has_backing
     if node.format != "qcow2":

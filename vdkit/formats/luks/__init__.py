@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from vdkit.formats.luks.header import luks_info as luks_info
     from vdkit.formats.luks.header import parse_luks_header as parse_luks_header
     from vdkit.io.file import ImageFile
+    from vdkit.opts import CreateOpts, OptDesc
 
 FORMAT_NAME = "luks"
 
@@ -31,6 +32,18 @@ def open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver:
     from vdkit.formats.luks.driver import LuksDriver
 
     return LuksDriver.open(file, ctx)
+
+
+def create_options() -> list[OptDesc]:
+    from vdkit.formats.luks.create import create_options as opts
+
+    return opts()
+
+
+def create_image(filename: str, opts: CreateOpts) -> None:
+    from vdkit.formats.luks.create import create as create_luks
+
+    create_luks(filename, opts)
 
 
 def __getattr__(name: str) -> object:

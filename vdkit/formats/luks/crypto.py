@@ -87,13 +87,20 @@ class SectorCipher:
 
     def decrypt(self, data: bytes, first_sector: int) -> bytes:
         """``data`` (whole sectors) starting at sector ``first_sector`` of the encrypted area."""
+        return self._run(data, first_sector, encrypt=False)
+
+    def encrypt(self, data: bytes, first_sector: int) -> bytes:
+        return self._run(data, first_sector, encrypt=True)
+
+    def _run(self, data: bytes, first_sector: int, *, encrypt: bool) -> bytes:
         out = bytearray(len(data))
         alg = self._algorithms.AES(self.key)
         mode_cls: Callable[[bytes], object] = (self._modes.XTS if self.mode == "xts"
                                                else self._modes.CBC)
         for i in range(0, len(data), SECTOR):
-            dec = self._cipher(alg, mode_cls(self._iv(first_sector + i // SECTOR))).decryptor()
-            out[i:i + SECTOR] = dec.update(data[i:i + SECTOR]) + dec.finalize()
+            c = self._cipher(alg, mode_cls(self._iv(first_sector + i // SECTOR)))
+            op = c.encryptor() if encrypt else c.decryptor()
+            out[i:i + SECTOR] = op.update(data[i:i + SECTOR]) + op.finalize()
         return bytes(out)
 
 

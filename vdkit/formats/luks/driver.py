@@ -71,6 +71,17 @@ class LuksDriver(FormatDriver):
         """QEMU's luks driver reports the whole disk as data, without offsets (map: one entry)."""
         return BlockStatus(DATA, length)
 
+    def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
+        """Whole sectors encrypted and written; a partial sector is read, patched and written back."""
+        assert self.cipher is not None
+        first = offset // 512
+        end = -(-(offset + len(data)) // 512)
+        if offset % 512 or len(data) % 512:
+            buf = bytearray(self.read(first * 512, (end - first) * 512))
+            buf[offset - first * 512:offset - first * 512 + len(data)] = data
+            data = bytes(buf)
+        self.file.pwrite(self.header.payload_offset + first * 512, self.cipher.encrypt(bytes(data), first))
+
     def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
         """Whole encrypted sectors read and decrypted (IVs count sectors from the payload's start)."""
         assert self.cipher is not None
@@ -82,7 +93,7 @@ class LuksDriver(FormatDriver):
 
     @property
     def virtual_size(self) -> int:
-        return max(0, self.file.size() - self.header.payload_offset) // 512 * 512
+        return -(-max(0, self.file.size() - self.header.payload_offset) // 512) * 512  # a partial sector counts
 
     @property
     def encrypted(self) -> bool:
