@@ -76,6 +76,10 @@ def main(argv: list[str]) -> int:
     with SpecNames((filename, spec)), open_image(filename, fmt, readonly=repair is None,
                                                   force_share=force_share, check_mode=True) as node:
         driver = node.driver
+        for message, hint in node.warnings():  # open-time warnings (warn_report in QEMU)
+            from vdkit.cli.main import warn
+
+            warn(message, hint)
         if repair is not None and fmt is None and node.format == "raw":  # opened writable after probing
             from vdkit.cli.snapshot_write import _PROBE_WARNING
 
