@@ -57,6 +57,7 @@ class ParallelsDriver(FormatDriver):
     def __init__(self, file: ImageFile, ctx: OpenContext) -> None:
         super().__init__(file)
         self.readonly = ctx.readonly
+        self._closed = False
         raw = file.pread(0, HEADER.size)
         (magic, version, self.heads, self.cylinders, self.tracks, self.bat_entries, self.nb_sectors,
          self.inuse, self.data_off, self.flags, self.ext_off) = HEADER.unpack(raw)
@@ -74,10 +75,13 @@ class ParallelsDriver(FormatDriver):
         self.cs = self.tracks * 512
         self.mult = (self.tracks if magic == MAGIC_EXT else 1) * 512  # bytes per BAT unit
         self.pages: dict[int, array] = {}
-        if self.ext_off:
+        self.filename = ctx.filename
+        # (message, hint) pairs a front end prints as "warning: ..." after opening
+        self.open_warnings: list[tuple[str, str | None]] = []
+        if self.ext_off and not self.readonly:
+            self.open_warnings.append(("Format Extension ignored in RW mode", None))
+        elif self.ext_off:
             self._check_extension(file)
-        if self.nb_sectors * 512 > BDRV_MAX_LENGTH:
-            raise OpenError("Could not refresh total sector count: File too large", errno=errno.EFBIG)
         if self.inuse == INUSE and not self.readonly and not ctx.check_mode:
             raise OpenError("parallels: Image was not closed correctly; cannot be opened read/write",
                             errno=errno.EACCES)
@@ -85,6 +89,11 @@ class ParallelsDriver(FormatDriver):
         self.data_end = self._data_end()
         if not self.readonly:
             self._write_inuse(INUSE)
+        if (self.nb_sectors * 512) & ((1 << 64) - 1) > BDRV_MAX_LENGTH:  # QEMU's byte count wraps
+            # the block layer's check after the driver's open: a writable image is closed again
+            # (in-use flag cleared, file cut to the data end) before the error
+            self.close_image()
+            raise OpenError("Could not refresh total sector count: File too large", errno=errno.EFBIG)
 
     def _check_extension(self, file: ImageFile) -> None:
         """The format extension cluster: magic, MD5 of the rest of the cluster, then the feature list.
@@ -94,6 +103,8 @@ class ParallelsDriver(FormatDriver):
         """
         import hashlib
 
+        if self.ext_off * 512 + self.cs > (1 << 63) - 1:  # QEMU 7.2 aborts on an assertion here
+            raise OpenError("Invalid image: Format Extension offset is out of range", errno=errno.EINVAL)
         found = int.from_bytes(file.pread(self.ext_off * 512, 8), "little")
         if found != EXT_MAGIC:
             raise OpenError(f"Wrong parallels Format Extension magic: {found:#x}, expected: {EXT_MAGIC:#x}")
@@ -114,6 +125,9 @@ class ParallelsDriver(FormatDriver):
     # -- geometry -----------------------------------------------------------------------------
     @property
     def virtual_size(self) -> int:
+        if self.nb_sectors * 512 > BDRV_MAX_LENGTH:
+            # QEMU opens this (its byte count wrapped below the limit) and fails when the size is asked for
+            raise VdkitError(f"Can't get image size '{self.filename}': File too large", errno=errno.EFBIG)
         return self.nb_sectors * 512
 
     @property
@@ -232,7 +246,13 @@ class ParallelsDriver(FormatDriver):
         self.file.pwrite(44, value.to_bytes(4, "little"))
 
     def close(self) -> None:
-        if not self.readonly:
+        self.close_image()
+        super().close()
+
+    def close_image(self) -> None:
+        """What closing does to the image (not the file): clear in-use, cut the file to the data end."""
+        if not self.readonly and not self._closed:
+            self._closed = True
             try:
                 self._write_inuse(0)
                 self.file.flush()
@@ -242,7 +262,6 @@ class ParallelsDriver(FormatDriver):
                 self.file.truncate(self.data_end)
             except (OSError, VdkitError, ValueError):
                 pass
-        super().close()
 
     # -- check --------------------------------------------------------------------------------
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
