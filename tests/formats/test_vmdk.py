@@ -19,22 +19,19 @@ import struct
 import subprocess
 import sys
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"]
 
 
-def _io(d: Path, name: str, cmds: list[str], fmt: str = "vmdk") -> None:
-    args = ["-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, name, cwd=d)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+_io = partial(qemu_io_script, fmt="vmdk")  # _io(d, name, [commands]): qemu-io must succeed
 
 
 def _src_raw(d: Path) -> None:
@@ -245,14 +242,15 @@ def test_refusals(images: Path) -> None:
 
 def _mask_cid(data: bytes) -> bytes:
     """The random CID (printed with %x: 1 to 8 digits) replaced by 'X', the offsets behind it kept:
-    the descriptor's NUL padding (or the file's end) gets the removed length back."""
+    the descriptor's NUL padding gets the removed length back (a descriptor file without padding
+    just gets shorter)."""
     m = re.search(rb"(?<![a-zA-Z])CID=([0-9a-f]+)", data)
     if m is None:
         return data
     cut = len(m.group(1)) - 1
     out = data[:m.start()] + b"CID=X" + data[m.end():]
     nul = out.find(b"\0", m.start())
-    return out + bytes(cut) if nul < 0 else out[:nul] + bytes(cut) + out[nul:]
+    return out if nul < 0 else out[:nul] + bytes(cut) + out[nul:]
 
 
 def _read(path: Path) -> bytes:
@@ -267,11 +265,16 @@ def _read(path: Path) -> bytes:
     return bytes(out)
 
 
+def _blocks(path: Path) -> list[tuple[int, int]]:
+    """Allocated ranges in whole 4 KiB blocks (a CID one digit longer moves a descriptor's end)."""
+    return [(s // 4096 * 4096, -(-e // 4096) * 4096) for s, e in data_extents(path)]
+
+
 def _same_files(q: Path, v: Path) -> None:
     qn = sorted(p.name for p in q.iterdir())
     assert sorted(p.name for p in v.iterdir()) == qn
     for name in qn:
-        assert data_extents(q / name) == data_extents(v / name), name
+        assert _blocks(q / name) == _blocks(v / name), name
         assert _mask_cid(_read(q / name)) == _mask_cid(_read(v / name)), name
 
 
@@ -297,12 +300,14 @@ CREATE_CASES = [
 ][0]
 
 
-@pytest.mark.parametrize("size", ["4M", "5G", "0", "1000"])
-@pytest.mark.parametrize("opts", CREATE_CASES)
+# every case at 4M and 5G; the odd sizes (empty, not a whole sector) for three subformats (runtime)
+_SIZES = [(o, z) for o in CREATE_CASES for z in ("4M", "5G")] + [
+    (f"subformat={s}", z) for s in ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse")
+    for z in ("0", "1000")]
+
+
+@pytest.mark.parametrize(("opts", "size"), _SIZES)
 def test_create(tmp_path: Path, opts: str, size: str) -> None:
-    if size in ("0", "1000") and opts not in ("subformat=monolithicFlat", "subformat=monolithicSparse",
-                                               "subformat=twoGbMaxExtentSparse"):
-        pytest.skip("sizes 0 and 1000 only for three subformats (runtime)")
     q, v = _both(tmp_path, ["create", "-f", "vmdk", "-o", opts, "i.vmdk", size])
     for d in (q, v):
         (d / "src.raw").unlink()
@@ -338,14 +343,14 @@ def test_create_help_and_backing(tmp_path: Path) -> None:
         _same_files(q, v)
 
 
-CONVERT_CASES = [f"subformat={s}" for s in SUBFORMATS] + ["zeroed_grain=on", "subformat=streamOptimized,zeroed_grain=on"]
+CONVERT_CASES = [f"subformat={s}" for s in SUBFORMATS] + [
+    "zeroed_grain=on", "subformat=streamOptimized,zeroed_grain=on"]
+# -c to a flat vmdk is left out: qemu-img's 'invalid cluster size' is a known difference (docs/formats.md)
+_CONVERTS = [(o, c) for o in CONVERT_CASES for c in (False, True) if not (c and "Flat" in o)]
 
 
-@pytest.mark.parametrize("opts", CONVERT_CASES)
-@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize(("opts", "compress"), _CONVERTS)
 def test_convert_to_vmdk(tmp_path: Path, opts: str, compress: bool) -> None:
-    if compress and "Flat" in opts:
-        pytest.skip("-c to a flat vmdk: qemu-img's 'invalid cluster size' is a known difference (docs)")
     args = ["convert", *(["-c"] if compress else []), "-f", "raw", "-O", "vmdk", "-o", opts, "src.raw", "i.vmdk"]
     q, v = _both(tmp_path, args)
     _same_files(q, v)
@@ -385,7 +390,7 @@ def test_library_writes(tmp_path: Path, subformat: str) -> None:
         node.write(70 << 10, b"\x43" * 4096)
     for name in sorted(p.name for p in v.iterdir()):
         assert _mask_cid((q / name).read_bytes()) == _mask_cid((v / name).read_bytes()), name
-        assert data_extents(q / name) == data_extents(v / name), name
+        assert _blocks(q / name) == _blocks(v / name), name
     assert (q / "b.vmdk").read_bytes() != b"" and check_ok("check", "b.vmdk", cwd=v)
 
 
@@ -424,7 +429,7 @@ def test_daemon_drive(tmp_path: Path) -> None:
         _io(d, "b.vmdk", ["write -P 0x61 0 1M"])
         check_ok("create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "d.vmdk", cwd=d)
         _io(d, "d.vmdk", ["write -P 0x66 4k 4k"])
-        (d / "d.vmdk").write_bytes(re.sub(rb"CID=[0-9a-f]+\n", b"CID=1234abcd\n", (d / "d.vmdk").read_bytes(), 1))
+        (d / "d.vmdk").write_bytes(re.sub(rb"CID=[0-9a-f]+\n", b"CID=1234abcd\n", (d / "d.vmdk").read_bytes(), count=1))
 
     daemons = Daemons(tmp_path)
     try:
