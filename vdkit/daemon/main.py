@@ -39,7 +39,7 @@ from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
-from vdkit.monitor import block_cmds, machine_cmds, nbd_cmds
+from vdkit.monitor import block_cmds, graph_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
 
 
@@ -51,6 +51,7 @@ def build_registry() -> CommandRegistry:
     reg = CommandRegistry()
     machine_cmds.register(reg)
     block_cmds.register(reg)
+    graph_cmds.register(reg)
     nbd_cmds.register(reg)
     return reg
 
@@ -421,6 +422,7 @@ def check_monitor_paths(cfg: Config) -> None:
 @dataclass
 class Config:
     drive_texts: list[str] = field(default_factory=list)
+    blockdev_texts: list[str] = field(default_factory=list)
     monitor_texts: list[tuple[str, str, Address]] = field(default_factory=list)
     qmp: list[Address] = field(default_factory=list)
     hmp: list[Address] = field(default_factory=list)
@@ -524,6 +526,8 @@ def parse_args(argv: list[str]) -> Config:
                 if drive_id is not None:
                     ids.add(drive_id)
                 cfg.drive_texts.append(v)
+            elif opt == "-blockdev":  # opened before the drives, as QEMU does (vdkit.monitor.graph_cmds)
+                cfg.blockdev_texts.append(value(opt))
             elif opt == "-qmp":
                 cfg.qmp.append(_monitor(cfg, opt, value(opt)))
             elif opt == "-monitor":
@@ -590,6 +594,26 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
         assert drive is not None
         opened.append((spec, drive.medium is not None, drive.medium is not None and drive.medium.ro))
     check_devices(opened)
+
+
+def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:
+    """Each -blockdev (JSON or dotted keys), as blockdev-add; errors as QEMU prints them."""
+    import json
+
+    from vdkit.monitor import graph_cmds
+
+    for text in texts:
+        try:
+            if text.lstrip().startswith("{"):
+                try:
+                    opts = json.loads(text)
+                except ValueError:
+                    raise OptionError("JSON parse error") from None
+            else:
+                opts = graph_cmds.keyval_options(split_opts(text))
+            graph_cmds.add_node(machine, opts)
+        except (OptionError, VdkitError) as exc:
+            raise OptionError(f"-blockdev {text}: {exc}") from None
 
 
 class PidfileError(Exception):
@@ -675,6 +699,7 @@ def _main(args: list[str]) -> int:
     machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
     try:
         check_monitor_paths(cfg)
+        _open_blockdevs(machine, cfg.blockdev_texts)
         _open_drives(machine, cfg.drive_texts)
     except OptionError as exc:
         error_report(str(exc))

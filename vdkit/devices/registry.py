@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vdkit.devices.graph import Graph
 from vdkit.devices.iostats import DriveStats
 from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
@@ -156,6 +157,8 @@ class DeviceRegistry:
         self.event_sink: Callable[[list[tuple[str, dict[str, Any] | None]]], None] | None = None
         # The NBD server (the daemon's listener implements ExportService); None without one.
         self.exports: ExportService | None = None
+        # monitor-owned nodes (-blockdev, blockdev-add): vdkit.devices.graph
+        self.graph = Graph()
 
     # -- run state and clock ----------------------------------------------------
     @property
@@ -202,6 +205,22 @@ class DeviceRegistry:
 
     def all_node_names(self) -> set[str]:
         return set(self._used_names)
+
+    def auto_name(self) -> str:
+        """A fresh ``#blockNNN`` name (QEMU's automatic node names)."""
+        return self._auto_name()
+
+    def claim_name(self, name: str) -> None:
+        if name in self._used_names:
+            raise VdkitError(f"Duplicate nodes with node-name='{name}'")
+        self._used_names.add(name)
+
+    def release_name(self, name: str) -> None:
+        self._used_names.discard(name)
+
+    def next_serial(self) -> int:
+        """The next creation serial (QEMU lists named nodes newest first)."""
+        return next(self._serial)
 
     # -- drives -----------------------------------------------------------------------
     def add_drive(self, spec: DriveSpec) -> Drive:
@@ -376,3 +395,9 @@ class DeviceRegistry:
                 except OSError:
                     pass
                 d.medium = None
+        for g in reversed(self.graph.nodes):
+            try:
+                g.close()
+            except OSError:
+                pass
+        self.graph.nodes.clear()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdkit.block.driver import CorruptionEvent
 from vdkit.block.snapshot import find_id_then_name
+from vdkit.devices.graph import chain_depth
 from vdkit.devices.throttle import THROTTLE_KEYS, ThrottleConfig
 from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
 from vdkit.info.collect import image_info, snapshot_info
@@ -37,6 +38,7 @@ from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
+    from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
 
@@ -172,20 +174,24 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
     flat = bool(args.get("flat", False))
-    return [_node_info(drive, medium, i, kind, flat) for _, drive, medium, i, kind in _newest_first(ctx)]
+    entries = [(s, _node_info(drive, medium, i, kind, flat)) for s, drive, medium, i, kind in _newest_first(ctx)]
+    entries += [(g.serial, graph_node_info(g, flat)) for g in ctx.machine.graph.nodes]
+    entries.sort(key=lambda e: -e[0])
+    return [info for _, info in entries]
 
 
 def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
-    """``query-named-block-nodes`` for QMP, each node's entry rendered once and reused.
+    """``query-named-block-nodes`` for QMP, each drive node's entry rendered once and reused.
 
     The same staleness rule as :func:`query_block_json`: a command that may
-    have changed state, or a change to any file of the node's drive.
+    have changed state, or a change to any file of the node's drive.  Nodes
+    of the ``blockdev-add`` graph are rendered every time.
     """
     flat = bool(args.get("flat", False))
     machine = ctx.machine
     states: dict[str, object] = {}
-    parts = []
-    for _, drive, medium, i, kind in _newest_first(ctx):
+    parts: list[tuple[int, str]] = []
+    for serial, drive, medium, i, kind in _newest_first(ctx):
         if drive.id not in states:
             states[drive.id] = _files_state(drive)
         key = (machine.generation, states[drive.id])
@@ -194,8 +200,45 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
         if cached is None or cached[0] != key:
             cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat))))
             machine.render_cache[slot] = cached
-        parts.append(cached[1])
-    return RawJson("[" + ", ".join(parts) + "]")
+        parts.append((serial, cached[1]))
+    for g in machine.graph.nodes:
+        parts.append((g.serial, dumps_compact(to_qobject(graph_node_info(g, flat)))))
+    parts.sort(key=lambda e: -e[0])
+    return RawJson("[" + ", ".join(p for _, p in parts) + "]")
+
+
+def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
+    """A node of the ``blockdev-add`` graph as ``query-named-block-nodes`` shows it."""
+    if g.node is None:
+        assert g.file is not None
+        try:
+            actual: int | None = g.file.allocated_size()
+        except OSError:
+            actual = None
+        image = ImageInfo(filename=g.filename, format="file", virtual_size=-(-g.file.size() // 512) * 512,
+                          actual_size=actual, dirty_flag=False)
+        return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv="file", backing_file_depth=0,
+                               encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
+                               cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
+                                                       no_flush=g.cache.no_flush))
+    image = image_info(g.node, nested=not flat)
+    # a json: filename has no folder: QEMU resolves the header's backing name against the file child's
+    cur: GraphNode | None = g
+    level: ImageInfo | None = image
+    while cur is not None and level is not None and cur.node is not None:
+        if level.backing_filename is not None and level.full_backing_filename is None:
+            from vdkit.block.chain import resolve_backing_name
+
+            level.full_backing_filename = resolve_backing_name(cur.plain_filename(), level.backing_filename)
+        cur, level = cur.backing, level.backing_image
+    return BlockDeviceInfo(
+        file=g.filename, node_name=g.name, ro=g.ro, drv=g.driver,
+        backing_file=g.backing.filename if g.backing is not None else None,
+        backing_file_depth=0 if flat else chain_depth(g),
+        encrypted=g.node.driver.encrypted, detect_zeroes=g.detect_zeroes,
+        image=image,
+        cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct, no_flush=g.cache.no_flush),
+    )
 
 
 def _newest_first(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:

@@ -22,6 +22,7 @@ from vdkit.info import render_human
 from vdkit.info.model import BlockDeviceInfo, BlockInfo, SnapshotInfo
 from vdkit.monitor import block_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandContext, CommandRegistry
+from vdkit.opts import strtosz
 
 
 class HmpArgError(Exception):
@@ -257,6 +258,14 @@ def _parse_args(name: str, params: tuple[_Param, ...], text: str, pos: int) -> d
             ex = _Expr(text, pos)
             args[prm.key] = ex.sum()
             pos = ex.pos
+        elif prm.kind == "o":  # a size, MiB when no suffix is given (QEMU's qemu_strtosz_MiB)
+            value, pos = _get_str(text, pos)
+            try:
+                if value is None:
+                    raise ValueError(text)
+                args[prm.key] = strtosz(value + "M" if value[-1:].isdigit() or value.endswith(".") else value)
+            except ValueError:
+                raise HmpArgError("invalid size\n") from None
         elif prm.kind == "S":
             args[prm.key] = _from_bytes_text(text[pos:])
             pos = len(text)
@@ -463,6 +472,11 @@ def _tagged(fn: Callable[[CommandContext, dict[str, Any]], None]) -> Callable[..
     return run
 
 
+def _block_resize(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "block_resize", device=a["device"], size=a["size"])
+    return ""
+
+
 def _snap_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     _qmp(reg, ctx, "blockdev-snapshot-internal-sync", device=a["device"], name=a["name"])
     return ""
@@ -553,6 +567,7 @@ def _info_help(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> 
 _THROTTLE_ARGS = "device:B,bps:l,bps_rd:l,bps_wr:l,iops:l,iops_rd:l,iops_wr:l"
 
 COMMANDS = (
+    HmpCommand(("block_resize",), "device size", "resize a block image", _block_resize, "device:B,size:o"),
     HmpCommand(("block_set_io_throttle",), "device bps bps_rd bps_wr iops iops_rd iops_wr",
                "change I/O throttle limits for a block drive", _throttle, _THROTTLE_ARGS),
     HmpCommand(("change",), "device [-f] filename [format [read-only-mode]]",

@@ -1,0 +1,273 @@
+"""Monitor-owned block nodes: the graph built by ``-blockdev`` and ``blockdev-add``.
+
+QEMU's block layer is a graph of nodes; a ``-drive`` hides most of it behind
+one BlockBackend (``registry.Medium``), but ``-blockdev``/``blockdev-add``
+create nodes one by one: a protocol node (``file``) and format nodes
+(``raw``, ``qcow2``) whose ``file`` child and ``backing`` child are either
+opened inline (implicit nodes, auto-named, deleted with their parent) or
+references to nodes added earlier.  A qcow2 node without a ``backing`` option
+opens the chain its header names (implicit, read-only nodes); ``backing:
+null`` opens none.
+
+The vdkit ``Node`` of a format node is linked to its graph backing
+(``node.backing``), so reads go through the graph.  A format node on a
+referenced protocol node shares that node's open file (``_BorrowedFile``):
+closing the format node leaves the file node open.
+
+When a node's children differ from what its own header names (a backing
+given by reference, ``backing: null`` over a header that names one), QEMU
+calls it by a ``json:{...}`` pseudo-filename describing the graph
+(``block-jobs.md`` §1.1); :func:`refresh_filename` computes it.
+
+No asyncio here (``tests/unit/test_layering.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vdkit.errors import VdkitError
+from vdkit.info.model import BlockdevCacheInfo
+from vdkit.io.file import ImageFile
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.devices.registry import DeviceRegistry
+
+FORMAT_DRIVERS = ("raw", "qcow2")
+PROTOCOL_DRIVERS = ("file",)
+
+
+class _BorrowedFile(ImageFile):
+    """A protocol node's open file lent to a format node above it: the format node may not close it."""
+
+    def __init__(self, owner: ImageFile) -> None:  # noqa: D107 - no new file is opened
+        self.__dict__.update(owner.__dict__)
+        self._owner = owner
+
+    def close(self) -> None:
+        pass  # the protocol node owns the descriptor and its locks
+
+
+@dataclass(eq=False)
+class GraphNode:
+    """One node of the graph: a protocol node (``file`` set) or a format node (``node`` set)."""
+
+    name: str
+    driver: str
+    serial: int
+    ro: bool
+    cache: BlockdevCacheInfo = field(default_factory=BlockdevCacheInfo)
+    detect_zeroes: str = "off"
+    discard: str = "ignore"
+    auto_ro: bool = False
+    implicit: bool = False  # opened inline or from a header: deleted with its parent
+    file: ImageFile | None = None
+    node: Node | None = None
+    child: GraphNode | None = None  # a format node's protocol child
+    backing: GraphNode | None = None
+    # the backing child was given by the options (reference or null), not taken from the header
+    backing_override: bool = False
+    filename: str = ""
+
+    @property
+    def is_format(self) -> bool:
+        return self.node is not None
+
+    def children(self) -> list[GraphNode]:
+        return [c for c in (self.child, self.backing) if c is not None]
+
+    def size(self) -> int:
+        if self.node is not None:
+            return self.node.size
+        assert self.file is not None
+        return self.file.size()
+
+    def plain_filename(self) -> str:
+        """The filename without the json: rule: the protocol child's."""
+        if self.child is not None:
+            return self.child.filename
+        assert self.file is not None
+        return self.file.filename
+
+    def describe(self) -> dict[str, Any]:
+        """The node as QEMU's json: filename describes it (keys sorted when dumped)."""
+        if self.file is not None:
+            return {"driver": self.driver, "filename": self.file.filename}
+        d: dict[str, Any] = {"driver": self.driver}
+        assert self.child is not None
+        d["file"] = self.child.describe()
+        if self.backing_override:
+            d["backing"] = self.backing.describe() if self.backing is not None else None
+        return d
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.backing = None  # the backing node is a graph node of its own
+            self.node.close()
+            self.node = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def refresh_filename(g: GraphNode) -> None:
+    """QEMU's filename: plain when the graph is what the header says, else ``json:{...}`` (§1.1)."""
+    if not g.is_format:
+        return
+    if not g.backing_override or not _backing_differs(g):
+        g.filename = g.plain_filename()
+    else:
+        g.filename = "json:" + json.dumps(g.describe(), sort_keys=True)
+    if g.node is not None:
+        g.node.filename = g.filename
+
+
+def _backing_differs(g: GraphNode) -> bool:
+    assert g.node is not None
+    stored = g.node.driver.backing_file
+    if g.backing is None:
+        return stored is not None
+    return True  # a backing given by reference is never "what the header says" for QEMU
+
+
+@dataclass
+class Graph:
+    """The monitor-owned nodes of one daemon (creation order)."""
+
+    nodes: list[GraphNode] = field(default_factory=list)
+
+    def find(self, name: str) -> GraphNode | None:
+        for g in self.nodes:
+            if g.name == name:
+                return g
+        return None
+
+    def parents_of(self, target: GraphNode) -> list[tuple[GraphNode, str]]:
+        out = []
+        for g in self.nodes:
+            if g.child is target:
+                out.append((g, "file"))
+            if g.backing is target:
+                out.append((g, "backing"))
+        return out
+
+
+# -- opening ---------------------------------------------------------------------------
+
+
+def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
+                   cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
+    """A ``file`` protocol node (``auto-read-only``: read-only if the file cannot be opened for writing)."""
+    from vdkit.errors import OpenError
+
+    filename = opts["filename"]
+    force_share = bool(opts.get("force-share", False))
+    try:
+        f = ImageFile(filename, readonly=ro, force_share=force_share)
+    except OpenError as exc:
+        if not (auto_ro and not ro and exc.errno in (13, 30)):  # EACCES, EROFS: auto-read-only falls back
+            raise
+        ro = True
+        f = ImageFile(filename, readonly=True, force_share=force_share)
+    g = GraphNode(name="", driver="file", serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
+                  file=f, filename=filename)
+    _register(machine, g, name)
+    return g
+
+
+def _register(machine: DeviceRegistry, g: GraphNode, name: str | None) -> None:
+    g.serial = machine.next_serial()
+    g.name = name if name is not None else machine.auto_name()
+    if name is not None:
+        machine.claim_name(name)
+    machine.graph.nodes.append(g)
+
+
+def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, name: str | None, ro: bool,
+                     cache: BlockdevCacheInfo, detect_zeroes: str, discard: str, auto_ro: bool, implicit: bool,
+                     backing: GraphNode | None | str = "header") -> GraphNode:
+    """A format node over ``child``; ``backing``: a graph node, None (``backing: null``) or ``"header"``.
+
+    With ``"header"`` the chain the image names is opened as implicit,
+    read-only, auto-named nodes (as QEMU opens a backing file from the header).
+    """
+    from vdkit.block.driver import OpenContext
+    from vdkit.block.node import Node
+    from vdkit.formats import registry as formats
+
+    assert child.file is not None
+    ctx = OpenContext(child.file.filename, readonly=ro)
+    drv = formats.open_driver(driver, _BorrowedFile(child.file), ctx)
+    node = Node(child.file.filename, drv, readonly=ro)
+    try:
+        drv.open_children(ctx)
+    except BaseException:
+        node.close()
+        raise
+    g = GraphNode(name="", driver=driver, serial=0, ro=ro, cache=cache, detect_zeroes=detect_zeroes,
+                  discard=discard, auto_ro=auto_ro, implicit=implicit, node=node, child=child,
+                  filename=child.file.filename)
+    _register(machine, g, name)
+    try:
+        if backing == "header":
+            if drv.backing_file is not None:
+                g.backing = _open_header_backing(machine, g)
+        else:
+            assert not isinstance(backing, str)
+            g.backing = backing
+            g.backing_override = True
+        if g.backing is not None:
+            assert g.backing.node is not None or g.backing.file is not None
+            node.backing = g.backing.node if g.backing.node is not None else None
+        refresh_filename(g)
+    except BaseException:
+        delete_node(machine, g)
+        raise
+    return g
+
+
+def _open_header_backing(machine: DeviceRegistry, g: GraphNode) -> GraphNode:
+    from vdkit.block.chain import resolve_backing_name
+    from vdkit.formats import registry as formats
+
+    assert g.node is not None
+    drv = g.node.driver
+    assert drv.backing_file is not None
+    resolved = resolve_backing_name(g.filename, drv.backing_file)
+    try:
+        child = open_file_node(machine, {"filename": resolved}, name=None, ro=True, auto_ro=False,
+                               cache=g.cache, implicit=True)
+        try:
+            fmt = drv.backing_format
+            if fmt is None:
+                assert child.file is not None
+                fmt = formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), resolved or "")
+            return open_format_node(machine, fmt, child, name=None, ro=True, cache=g.cache, detect_zeroes="off",
+                                    discard="ignore", auto_ro=False, implicit=True)
+        except BaseException:
+            delete_node(machine, child)
+            raise
+    except VdkitError as exc:
+        raise exc.prefixed("Could not open backing file: ") from exc
+
+
+def delete_node(machine: DeviceRegistry, g: GraphNode) -> None:
+    """Close ``g`` and every implicit child no other node uses."""
+    if g in machine.graph.nodes:
+        machine.graph.nodes.remove(g)
+    machine.release_name(g.name)
+    g.close()
+    for c in g.children():
+        if c.implicit and not machine.graph.parents_of(c):
+            delete_node(machine, c)
+
+
+def chain_depth(g: GraphNode) -> int:
+    n, cur = 0, g.backing
+    while cur is not None:
+        n += 1
+        cur = cur.backing
+    return n

@@ -1,0 +1,273 @@
+"""The node graph from the monitor: ``blockdev-add``, ``blockdev-del``, ``block_resize``.
+
+Options are checked as QEMU's QAPI visitor checks ``BlockdevOptions`` (the
+whole tree, inline children included, before anything is opened), then the
+node-name rules, then the nodes are opened children first.  The model lives
+in :mod:`vdkit.devices.graph`; ``-blockdev`` on the command line goes
+through :func:`add_node` too.  Texts are QEMU 7.2's, captured from
+``qemu-system-x86_64`` (``tests/daemon/test_graph_diff.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from vdkit.devices.graph import (
+    FORMAT_DRIVERS,
+    PROTOCOL_DRIVERS,
+    GraphNode,
+    delete_node,
+    open_file_node,
+    open_format_node,
+)
+from vdkit.errors import VdkitError
+from vdkit.info.model import BlockdevCacheInfo
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.devices.registry import DeviceRegistry
+    from vdkit.io.file import ImageFile
+
+# QAPI BlockdevDriver (7.2): every value is accepted by the schema; vdkit opens the ones it has
+QEMU_DRIVERS = (
+    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+    "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate",
+    "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk",
+    "vpc", "vvfat",
+)
+
+_BASE = (
+    Arg("driver", enum=QEMU_DRIVERS), opt("node-name"), opt("discard", enum=("ignore", "unmap")),
+    opt("cache", "object", members=(opt("direct", "bool"), opt("no-flush", "bool"))),
+    opt("read-only", "bool"), opt("auto-read-only", "bool"), opt("force-share", "bool"),
+    opt("detect-zeroes", enum=("off", "on", "unmap")),
+)
+_VARIANTS: dict[str, tuple[Arg, ...]] = {
+    "file": (Arg("filename"), opt("pr-manager"), opt("locking", enum=("off", "on", "auto")),
+             opt("aio", enum=("threads", "native", "io_uring")), opt("aio-max-batch", "int"),
+             opt("drop-cache", "bool"), opt("x-check-cache-dropped", "bool")),
+    "raw": (Arg("file", "any"), opt("offset", "int"), opt("size", "int")),
+    "qcow2": (Arg("file", "any"), opt("backing", "any"), opt("lazy-refcounts", "bool"),
+              opt("pass-discard-request", "bool"), opt("pass-discard-snapshot", "bool"),
+              opt("pass-discard-other", "bool"), opt("overlap-check", "any"), opt("cache-size", "int"),
+              opt("l2-cache-size", "int"), opt("l2-cache-entry-size", "int"), opt("refcount-cache-size", "int"),
+              opt("cache-clean-interval", "int"), opt("encrypt", "any"), opt("data-file", "any")),
+}
+# the union of every member, for the registry's first pass (the handler checks per driver)
+_ALL = _BASE + tuple({a.name: opt(a.name, "any") for v in _VARIANTS.values() for a in v}.values())
+
+_NAME_RX = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+def check_options(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """QAPI's pass over one ``BlockdevOptions`` object (children given inline included)."""
+    if "driver" not in opts:
+        raise VdkitError(f"Parameter '{prefix}driver' is missing")
+    validate(_BASE[:1], {"driver": opts["driver"]}, prefix=prefix)
+    driver = opts["driver"]
+    variant = _VARIANTS.get(driver)
+    if variant is None:
+        raise VdkitError(f"Driver '{driver}' is not supported by vdkit's blockdev-add")
+    out = validate(_BASE + variant, opts, prefix=prefix)
+    for key in ("file", "backing"):
+        if key not in out:
+            continue
+        ref = out[key]
+        if isinstance(ref, dict):
+            out[key] = check_options(ref, prefix=f"{prefix}{key}.")
+        elif ref is None and key == "backing":
+            pass
+        elif not isinstance(ref, str):
+            raise VdkitError(f"Invalid parameter type for '{prefix}{key}', expected: "
+                             + ("BlockdevRefOrNull" if key == "backing" else "BlockdevRef"))
+    return out
+
+
+def _member_types() -> dict[str, str]:
+    out = {a.name: a.type for v in _VARIANTS.values() for a in v}
+    out.update({a.name: a.type for a in _BASE})
+    out.update({"direct": "bool", "no-flush": "bool"})
+    return out
+
+
+def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
+    """``-blockdev``'s dotted keys (``file.filename=x``) as the nested object QMP would send.
+
+    Values of boolean and integer members are converted as QEMU's keyval
+    visitor converts them (``on``/``off``/``true``/``false``/``yes``/``no``).
+    """
+    types = _member_types()
+    out: dict[str, Any] = {}
+    for key, value in items:
+        *path, last = key.split(".")
+        cur = out
+        for part in path:
+            nxt = cur.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise VdkitError(f"Parameter '{part}' does not take a value")
+            cur = nxt
+        typed: Any = value
+        t = types.get(last)
+        if t == "bool":
+            if value not in ("on", "off", "true", "false", "yes", "no"):
+                raise VdkitError(f"Parameter '{key}' expects 'on' or 'off'")
+            typed = value in ("on", "true", "yes")
+        elif t == "int":
+            try:
+                typed = int(value, 0)
+            except ValueError:
+                raise VdkitError(f"Parameter '{key}' expects an integer") from None
+        elif last == "backing" and value == "":
+            typed = None  # QEMU's keyval spelling of "backing": null
+        cur[last] = typed
+    return out
+
+
+def check_node_name(machine: DeviceRegistry, name: str) -> None:
+    if not _NAME_RX.match(name):
+        raise VdkitError(f"Invalid node-name: '{name}'")
+    if len(name) > 31:
+        raise VdkitError("Node name too long")
+    if machine.find_drive(name) is not None:
+        raise VdkitError(f"node-name={name} is conflicting with a device id")
+    if name in machine.all_node_names():
+        raise VdkitError(f"Duplicate nodes with node-name='{name}'")
+
+
+def _reference(machine: DeviceRegistry, name: str) -> GraphNode:
+    g = machine.graph.find(name)
+    if g is None:
+        raise VdkitError(f"Cannot find device='{name}' nor node-name='{name}'")
+    return g
+
+
+def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, Any] | None) -> GraphNode:
+    """Open one node and the inline children it names (they inherit read-only, cache and discard)."""
+    name = opts.get("node-name")
+    if name is not None:
+        check_node_name(machine, name)
+    inherited = parent or {}
+    ro = opts.get("read-only", inherited.get("read-only", False))
+    auto_ro = opts.get("auto-read-only", inherited.get("auto-read-only", False))
+    cache_opts = {**inherited.get("cache", {}), **opts.get("cache", {})}
+    cache = BlockdevCacheInfo(writeback=True, direct=bool(cache_opts.get("direct", False)),
+                              no_flush=bool(cache_opts.get("no-flush", False)))
+    discard = opts.get("discard", inherited.get("discard", "ignore"))
+    detect_zeroes = opts.get("detect-zeroes", "off")
+    if detect_zeroes == "unmap" and discard != "unmap":
+        raise VdkitError("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    implicit = parent is not None
+    driver = opts["driver"]
+    if driver in PROTOCOL_DRIVERS:
+        return open_file_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
+    assert driver in FORMAT_DRIVERS
+    own = {"read-only": ro, "auto-read-only": auto_ro, "cache": cache_opts, "discard": discard}
+    ref = opts["file"]
+    child = _reference(machine, ref) if isinstance(ref, str) else _open(machine, ref, parent=own)
+    try:
+        backing: GraphNode | None | str = "header"
+        if "backing" in opts and driver == "qcow2":
+            b = opts["backing"]
+            backing = None if b is None else (_reference(machine, b) if isinstance(b, str)
+                                               else _open(machine, b, parent=own))
+        return open_format_node(machine, driver, child, name=name, ro=ro, cache=cache,
+                                detect_zeroes=detect_zeroes, discard=discard, auto_ro=auto_ro, implicit=implicit,
+                                backing=backing)
+    except BaseException:
+        if child.implicit:
+            delete_node(machine, child)
+        raise
+
+
+def add_node(machine: DeviceRegistry, opts: dict[str, Any]) -> GraphNode:
+    """``blockdev-add``/``-blockdev``: check everything, then open (nothing stays open on failure)."""
+    checked = check_options(opts)
+    if "node-name" not in checked:
+        raise VdkitError("'node-name' must be specified for the root node")
+    try:
+        return _open(machine, checked, parent=None)
+    except VdkitError as exc:
+        from vdkit.monitor.block_cmds import open_error
+
+        raise open_error(exc) from exc
+
+
+def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
+    add_node(ctx.machine, args)
+
+
+def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
+    machine = ctx.machine
+    name = args["node-name"]
+    g = machine.graph.find(name)
+    if g is None or g.implicit:
+        if g is not None:
+            raise VdkitError(f"Node {name} is not owned by the monitor")
+        raise VdkitError(f"Failed to find node with node-name='{name}'")
+    parents = machine.graph.parents_of(g)
+    for p, role in parents:
+        if role == "backing":
+            raise VdkitError(f"Node '{name}' is busy: node is used as backing hd of '{p.name}'")
+    if parents:
+        raise VdkitError(f"Block device {name} is in use")
+    delete_node(machine, g)
+
+
+# --------------------------------------------------------------------------
+# block_resize
+# --------------------------------------------------------------------------
+
+
+def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """QEMU's order: the size's sign, the lookup (backend name, else node name), medium, then the driver."""
+    from vdkit.block.io import truncate
+
+    device, node_name, size = args.get("device"), args.get("node-name"), args["size"]
+    if size < 0:
+        raise VdkitError("Parameter 'size' expects a >0 size")
+    ro, node, file = _resize_target(ctx.machine, device, node_name)
+    if ro:
+        raise VdkitError("Image is read-only")
+    try:
+        if node is not None:
+            truncate(node, size)
+        elif file is not None:
+            file.truncate(size)
+    except OSError as exc:
+        from vdkit.errors import os_error_message
+
+        raise VdkitError(os_error_message(exc)) from exc
+
+
+def _resize_target(machine: DeviceRegistry, device: str | None,
+                   node_name: str | None) -> tuple[bool, Node | None, ImageFile | None]:
+    """(read-only, format node, protocol node's file) named by ``device`` or ``node-name``."""
+    if device is not None:
+        drive = machine.find_drive(device)
+        if drive is None:
+            raise VdkitError(f"Cannot find device='{device}' nor node-name='{node_name or ''}'")
+        if drive.medium is None or drive.medium.dead:
+            raise VdkitError(f"Device '{device}' has no medium")
+        return drive.medium.ro, drive.medium.node, None
+    if node_name is not None:
+        for drive in machine.drives:
+            m = drive.medium
+            if m is None:
+                continue
+            for i, (fmt_name, _file_name) in enumerate(m.names):
+                if fmt_name == node_name:
+                    return (m.ro if i == 0 else True), list(m.node.chain())[i], None
+        g = machine.graph.find(node_name)
+        if g is not None:
+            return g.ro, g.node, g.file
+    raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def register(reg: CommandRegistry) -> None:
+    r = reg.register
+    r("blockdev-add", *_ALL)(blockdev_add)
+    r("blockdev-del", Arg("node-name"))(blockdev_del)
+    r("block_resize", opt("device"), opt("node-name"), Arg("size", "int"))(block_resize)
