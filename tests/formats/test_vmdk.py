@@ -524,3 +524,24 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str) -> None:
         for p in (qo, vo):
             p.unlink(missing_ok=True)
     assert not diffs, "\n".join(diffs)
+
+
+def test_inspect(images: Path, tmp_path: Path) -> None:
+    """vdkit-img inspect: clean images are safe; extents naming devices, absolute paths or files
+    outside the folder, a parent hint and grains past the end of the file are reasons."""
+    import json
+
+    for name in ("monolithicSparse.vmdk", "monolithicFlat.vmdk", "twoGbMaxExtentSparse.vmdk", "vm.vmdk"):
+        r = vdkit_img("inspect", "--output=json", name, cwd=images)
+        assert (r.returncode, json.loads(r.stdout)["verdict"]) == (0, "safe"), name + r.stdout + r.stderr
+    r = vdkit_img("inspect", "--output=json", "sub/ov.vmdk", cwd=images)
+    assert [x["kind"] for x in json.loads(r.stdout)["reasons"]] == ["backing-file"], r.stdout
+    (tmp_path / "evil.vmdk").write_text(H.format(t="monolithicFlat") + 'RW 8192 FLAT "/dev/sda" 0\n'
+                                        'RW 8 FLAT "../x" 0\n')
+    r = vdkit_img("inspect", "--output=json", "evil.vmdk", cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert r.returncode not in (0, 1) and out["verdict"] == "unsafe"
+    assert [x["kind"] for x in out["reasons"]] == ["extent-absolute", "extent-outside"], r.stdout
+    _patched(images / "monolithicSparse.vmdk", tmp_path / "v10.vmdk", [(0x3600, "<I", 0xFFFF)])
+    r = vdkit_img("inspect", "--output=json", "v10.vmdk", cwd=tmp_path)
+    assert [x["kind"] for x in json.loads(r.stdout)["reasons"]] == ["corrupt-metadata"], r.stdout

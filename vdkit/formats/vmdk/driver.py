@@ -245,6 +245,8 @@ def open_vmdk(file: ImageFile, ctx: OpenContext) -> VmdkDriver:
     lines = D.parse_extents(desc)
     drv = VmdkDriver(file, ctx, desc, create_type, embedded=False)
     drv.extent_lines = lines
+    # until the extents are opened (never, for ``inspect``), the size the descriptor states
+    drv._size = min(sum(line.sectors for line in lines), BDRV_MAX_LENGTH // SECTOR) * SECTOR
     return drv
 
 
@@ -372,6 +374,21 @@ class VmdkDriver(FormatDriver):
         """The descriptor file plus every extent's file, counted once per extent line (as qemu-img)."""
         return self.file.allocated_size() + sum(e.file.allocated_size() for e in self.extents
                                                 if e.file is not self.file)
+
+    def references(self) -> list[tuple[str, str]]:
+        """The parent hint and every extent the descriptor names (read from the text, nothing opened)."""
+        refs = super().references()
+        for line in self.extent_lines:
+            refs.append(("extent" if line.type in ("FLAT", "VMFS") else "sparse-extent", line.filename))
+        return refs
+
+    def inspect_issues(self) -> list[tuple[str, str]]:
+        """Grains of the image's own sparse extent that start past the end of the file."""
+        if not self.extents:
+            return []
+        found: list[str] = []
+        res = self.check(None, found.append)
+        return [("corrupt-metadata", found[0])] if res.error and found else []
 
     def extra_files(self) -> list[ImageFile]:
         return list(self._children)
