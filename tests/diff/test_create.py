@@ -144,8 +144,13 @@ def test_protocol_names(tmp_path: Path, name: str, fmt: str) -> None:
 
 
 def test_creatable_protocols_are_refused_after_formatting(tmp_path: Path) -> None:
-    """nbd/ssh/iscsi... images are created by opening them; vdkit opens none (QEMU's error names the address)."""
-    for name in ("nbd:foo", "ssh://h/x", "iscsi://h/iqn/0"):
+    """ssh/iscsi... images are created by opening them; vdkit opens none (QEMU's error names the address).
+
+    NBD is opened as QEMU does (tests/protocols/test_nbd_write.py): its error equals qemu-img's."""
+    q = qemu_img("create", "-f", "qcow2", "nbd:foo", "1M", cwd=tmp_path)
+    v = vdkit_img("create", "-f", "qcow2", "nbd:foo", "1M", cwd=tmp_path)
+    assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
+    for name in ("ssh://h/x", "iscsi://h/iqn/0"):
         q = qemu_img("create", "-f", "qcow2", name, "1M", cwd=tmp_path)
         v = vdkit_img("create", "-f", "qcow2", name, "1M", cwd=tmp_path)
         assert (v.returncode, v.stdout) == (q.returncode, q.stdout) == (1, v.stdout)

@@ -135,7 +135,10 @@ def target_for(node: Node, size: int, *, created: bool, target_is_zero: bool, ha
     if node.format == "raw":
         # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
         # (discarded where the device can) unless --target-is-zero says they are there
-        return RawTarget(node, has_zero_init=target_is_zero or zero_init and not node.driver.file.is_device)
+        # (an NBD export likewise keeps its old bytes: NbdFile.creates_zeroed is False)
+        file = node.driver.file
+        fresh = not file.is_device and getattr(file, "creates_zeroed", True)
+        return RawTarget(node, has_zero_init=target_is_zero or zero_init and fresh)
     if node.driver.encrypted and not getattr(node.driver, "has_key", False):
         node.close()
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")

@@ -143,7 +143,10 @@ def img_create(
     try:
         if path is None:  # a protocol QEMU creates images on by opening them; vdkit opens none
             raise UnsupportedError(f"Protocol '{filename.split(':', 1)[0]}' is not supported by vdkit")
-        registry.format_module(fmt).create_image(path, opts)
+        if path is _NBD:
+            _create_on_nbd(filename, fmt, opts)
+        else:
+            registry.format_module(fmt).create_image(path, opts)
     except VdkitError as exc:
         if exc.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if opts.get("cluster_size") else ""
@@ -157,12 +160,16 @@ _NO_CREATE = {"http": "http", "https": "https", "ftp": "ftp", "ftps": "ftps", "b
               "blkverify": "blkverify", "fat": "vvfat", "null-co": "null-co", "null-aio": "null-aio"}
 
 
+_NBD = "\0nbd"  # _creatable_path's answer for an NBD name: the export is formatted in place
+
+
 def _creatable_path(filename: str) -> str | None:
     """The local file ``create`` writes for ``filename``; None for a protocol vdkit cannot reach.
 
     Prefixes are QEMU's: ``file:`` names a local file, unknown prefixes (``json:``
     included) and protocols without image creation fail at once, the others
-    (nbd, ssh, iscsi, ...) only when the image would be opened.
+    (nbd, ssh, iscsi, ...) only when the image would be opened.  An NBD name
+    gives :data:`_NBD`: the existing export is opened and formatted.
     """
     from vdkit.block.chain import QEMU_PROTOCOLS, protocol_of
 
@@ -175,7 +182,36 @@ def _creatable_path(filename: str) -> str | None:
         raise VdkitError(f"Unknown protocol '{proto}'")
     if proto in _NO_CREATE:
         raise VdkitError(f"Protocol driver '{_NO_CREATE[proto]}' does not support image creation")
+    if proto in ("nbd", "nbd+unix", "nbd+tcp"):
+        return _NBD
     return None
+
+
+def _create_on_nbd(filename: str, fmt: str, opts: CreateOpts) -> None:
+    """``create`` on an NBD export, as qemu-img: the nbd driver cannot create images.
+
+    QEMU's fallback opens the export, checks its size and zeroes the first
+    sector (:func:`vdkit.protocols.nbd.create_fallback`); a raw image is then
+    complete, a qcow2 one is written into the export by its creation code.
+    """
+    from vdkit.formats import registry
+    from vdkit.protocols.nbd import create_fallback
+
+    if fmt not in ("raw", "qcow2"):
+        raise UnsupportedError(f"Creating '{fmt}' images on NBD exports is not supported by vdkit")
+    prealloc = str(opts.get("preallocation", "off"))
+    if fmt == "raw":
+        if prealloc != "off":  # QEMU's fallback takes none
+            raise VdkitError(f"Unsupported preallocation mode '{prealloc}'")
+        # the raw image is the export: it must be as large as the image
+        create_fallback(filename, -(-int(opts.get("size") or 0) // 512) * 512)
+        return
+    if prealloc not in ("off", "metadata"):
+        raise UnsupportedError(f"Preallocation mode '{prealloc}' on NBD exports is not supported by vdkit")
+    if opts.get("data_file") is not None:
+        raise UnsupportedError("A qcow2 data file next to an NBD export is not supported by vdkit")
+    create_fallback(filename, 0)  # qcow2 asks the protocol for an empty file: any export size will do
+    registry.format_module(fmt).create_image(filename, opts)  # create_file() connects to the export
 
 
 def _open_backing(filename: str, backing_file: str, backing_fmt: str | None) -> int:

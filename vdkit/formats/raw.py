@@ -63,6 +63,10 @@ class RawDriver(FormatDriver):
         self.file.pwrite(offset, data)
 
     def write_zeroes(self, offset: int, length: int, backing: object = None, *, unmap: bool = False) -> None:
+        zero = getattr(self.file, "write_zeroes", None)
+        if zero is not None:  # an NBD export: the server zeroes, trimming only when allowed to
+            zero(offset, length, unmap=unmap)
+            return
         self.file.punch_hole(offset, length)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:

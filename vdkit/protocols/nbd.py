@@ -391,21 +391,65 @@ class NbdClient:
         return bytes(out)
 
     def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        """Write ``data`` at ``offset``, split at the maximum payload.
+
+        A request not aligned to the server's minimum block size becomes a
+        read-modify-write of the whole blocks it touches, as QEMU does (a
+        512-byte write to a 4 KiB-block export reads and writes 4 KiB).
+        """
+        mb = self.min_block
+        if mb > 1 and (offset % mb or len(data) % mb):
+            a = offset - offset % mb
+            b = min(self.size, -(-(offset + len(data)) // mb) * mb)
+            buf = bytearray(self.read(a, b - a))
+            buf[offset - a:offset - a + len(data)] = data
+            offset, data = a, bytes(buf)
         view = memoryview(data)
+        step = max(mb, self.max_payload - self.max_payload % mb)
         pos = 0
         while pos < len(view):
-            n = min(self.max_payload, len(view) - pos)
+            n = min(step, len(view) - pos)
             handle = self._request(w.CMD_WRITE, offset + pos, n, flags=w.CMDFLAG_FUA if fua else 0,
                                    data=bytes(view[pos:pos + n]))
             self._replies(handle)
             pos += n
 
     def write_zeroes(self, offset: int, length: int, *, trim: bool = True) -> None:
+        """Zero ``[offset, offset+length)``: NBD_CMD_WRITE_ZEROES (may trim unless ``trim`` is off).
+
+        A server without the command gets zeros written; block-unaligned edges are written
+        (read-modify-write) so that only whole blocks are zeroed by the command.
+        """
+        mb = self.min_block
+        if mb > 1 and (offset % mb or length % mb):
+            # QEMU's order: read both edge blocks, write the head, zero the middle, write the tail
+            end = offset + length
+            a, b = offset - offset % mb, min(self.size, -(-end // mb) * mb)
+            first_end = min(a + mb, b)
+            last = max(first_end, b - mb if b % mb == 0 else b - b % mb)
+            head = bytearray(self.read(a, first_end - a)) if offset % mb or end < first_end else None
+            tail = bytearray(self.read(last, b - last)) if last < b and end % mb else None
+            if head is not None:
+                head[offset - a:min(end, first_end) - a] = bytes(min(end, first_end) - offset)
+                self.write(a, bytes(head), fua=False)
+                offset = first_end
+            if tail is not None:
+                tail[:end - last] = bytes(end - last)
+            length = (last if tail is not None else end) - offset
+            if length > 0:
+                self.write_zeroes(offset, length, trim=trim)
+            if tail is not None:
+                self.write(last, bytes(tail))
+            return
+        if length <= 0:
+            return
         if not self.flags & w.TFLAG_SEND_WRITE_ZEROES:
-            self.write(offset, bytes(length))
+            chunk = bytes(min(length, 1 << 20))
+            for pos in range(0, length, len(chunk)):
+                self.write(offset + pos, chunk[:min(len(chunk), length - pos)])
             return
         pos = 0
-        limit = 1 << 31
+        limit = (1 << 31) - (1 << 31) % mb
         while pos < length:
             n = min(limit, length - pos)
             self._replies(self._request(w.CMD_WRITE_ZEROES, offset + pos, n,
@@ -465,13 +509,15 @@ class NbdFile:
     fd = -1
     is_device = False
     has_info = False  # no bdrv_get_info: info shows no dirty flag and "disk size: unavailable"
+    creates_zeroed = False  # an export keeps its old bytes when "created": convert writes every zero range
 
-    def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False) -> None:
-        self.addr = parse_name(name)
+    def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False,
+                 addr: NbdAddress | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.addr = addr if addr is not None else parse_name(name)
         self.filename = self.addr.canonical_name()
         self.readonly = readonly
         self.sync = True
-        self.client = NbdClient(self.addr, readonly=readonly)
+        self.client = NbdClient(self.addr, readonly=readonly, timeout=timeout)
 
     def size(self) -> int:
         return self.client.size
@@ -507,13 +553,20 @@ class NbdFile:
         flags = (ZERO if zero else 0) | (0 if hole else DATA) | OFFSET_VALID
         return BlockStatus(flags, n, offset, self.filename)
 
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zero a range inside the export; ``unmap`` lets the server trim (QEMU's BDRV_REQ_MAY_UNMAP)."""
+        end = min(offset + length, self.client.size)
+        if end > offset:
+            self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=unmap))
+
     def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
         end = min(offset + length, self.client.size)
         if end > offset:
             self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=True))
 
     def flush(self) -> None:
-        if not self.readonly and self.sync:
+        """NBD_CMD_FLUSH; also under ``cache=unsafe`` (qemu-img's convert still ends with one flush)."""
+        if not self.readonly:
             self._io(self.client.flush)
 
     def close(self) -> None:
@@ -533,3 +586,25 @@ class NbdFile:
 
     def __repr__(self) -> str:
         return f"<NbdFile {self.filename!r}>"
+
+
+def create_fallback(name: str, size: int) -> None:
+    """What ``qemu-img create`` does on an NBD name, the driver having no image creation.
+
+    QEMU's generic fallback: open the existing export for writing, check that
+    it holds ``size`` bytes, zero (may trim) its first sector, flush and
+    disconnect; the format driver then reconnects to write its metadata.
+    """
+    try:
+        f = NbdFile(name, readonly=False)
+    except VdkitError as exc:
+        raise VdkitError("Protocol driver 'nbd' does not support image creation, and opening the image failed: "
+                         + exc.message, hint=exc.hint, errno=exc.errno) from exc
+    with f:
+        try:
+            f.truncate(size)  # "Cannot grow NBD nodes"
+            n = min(512, f.size())
+            if n:
+                f._io(lambda: f.client.write_zeroes(0, n, trim=True))
+        finally:
+            f.flush()  # closing flushes, also after a refusal (as QEMU's node close)

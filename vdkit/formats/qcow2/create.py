@@ -533,7 +533,15 @@ def _device_preflight(f: ImageFile, o: Qcow2CreateOptions) -> None:
 
 
 def create_file(filename: str) -> ImageFile:
-    """Create (or empty) ``filename`` under the write lock, as QEMU's file driver does."""
+    """Create (or empty) ``filename`` under the write lock, as QEMU's file driver does.
+
+    An NBD name is an existing export, written in place (``cli/create.py`` has
+    already checked its size and zeroed its first sector, as QEMU's fallback).
+    """
+    if filename.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
+        from vdkit.protocols.nbd import NbdFile
+
+        return NbdFile(filename, readonly=False)  # type: ignore[return-value]  # file-like, as for reads
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
