@@ -372,26 +372,43 @@ def test_convert_from_chain_and_vmware_stream(images: Path, tmp_path: Path) -> N
 
 # -- writes through the library ------------------------------------------------------------------
 
-@pytest.mark.parametrize("subformat", ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse"])
-def test_library_writes(tmp_path: Path, subformat: str) -> None:
-    """The same writes by qemu-io and through vdkit: same bytes (CID masked), same allocation."""
+WRITE_CASES = {
+    "monolithicSparse": "subformat=monolithicSparse", "monolithicFlat": "subformat=monolithicFlat",
+    "twoGbMaxExtentSparse": "subformat=twoGbMaxExtentSparse", "zeroed": "zeroed_grain=on",
+}
+
+
+@pytest.mark.parametrize("case", [*WRITE_CASES, "overlay"])
+def test_library_writes(tmp_path: Path, case: str) -> None:
+    """The same writes by qemu-io and through vdkit: same bytes (CIDs masked), same allocation.
+    ``overlay``: partial grains of an overlay are completed from the backing file."""
     import vdkit
 
     q, v = tmp_path / "q", tmp_path / "v"
+    target = "o.vmdk" if case == "overlay" else "b.vmdk"
     for d in (q, v):
         d.mkdir()
-        check_ok("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", "b.vmdk", "4M", cwd=d)
-    check_ok("create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk", cwd=q) if subformat != \
-        "monolithicFlat" else None
-    _io(q, "b.vmdk", ["write -P 0x41 0 100k", "write -P 0x42 1M 1k", "write -P 0x43 70k 4k"])
-    with vdkit.open(str(v / "b.vmdk"), "vmdk", readonly=False) as node:
+        check_ok("create", "-q", "-f", "vmdk", "-o", WRITE_CASES.get(case, "subformat=monolithicSparse"), "b.vmdk",
+                 "4M", cwd=d)
+        if case == "overlay":
+            _io(d, "b.vmdk", ["write -P 0x21 0 2M"])
+            check_ok("create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "o.vmdk", cwd=d)
+    _io(q, target, ["write -P 0x41 0 100k", "write -P 0x42 1M 1k", "write -P 0x43 70k 4k", "write -z 2M 64k",
+                    "write -z 3M 1k"])
+    with vdkit.open(str(v / target), "vmdk", readonly=False) as node:
         node.write(0, b"\x41" * (100 << 10))
         node.write(1 << 20, b"\x42" * 1024)
         node.write(70 << 10, b"\x43" * 4096)
+        node.write_zeroes(2 << 20, 64 << 10)
+        node.write_zeroes(3 << 20, 1024)
     for name in sorted(p.name for p in v.iterdir()):
-        assert _mask_cid((q / name).read_bytes()) == _mask_cid((v / name).read_bytes()), name
+        a, b = ((d / name).read_bytes() for d in (q, v))
+        a, b = (re.sub(rb"parentCID=[0-9a-f]+", b"parentCID=X", x) for x in (a, b))
+        assert _mask_cid(a) == _mask_cid(b), name
         assert _blocks(q / name) == _blocks(v / name), name
-    assert (q / "b.vmdk").read_bytes() != b"" and check_ok("check", "b.vmdk", cwd=v)
+    assert check_ok("check", target, cwd=v).stdout == "No errors were found on the image.\n"
+    r = qemu_img("compare", target, str(q / target), cwd=v)
+    assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
 
 
 def test_open_policy_on_extents(images: Path, tmp_path: Path) -> None:
