@@ -441,6 +441,13 @@ class VmdkDriver(FormatDriver):
             elif ext.compressed:
                 out += ext.read_grain_compressed(gte)[in_grain:in_grain + m]
             else:
+                # grains stored one after the other are read with one request
+                gsec = ext.grain // SECTOR
+                while pos + m < end and (pos + m - ext.start) % ext.l1_entry:
+                    _g, _i, nxt = ext.lookup(pos + m - ext.start)
+                    if nxt != gte + (in_grain + m) // SECTOR // gsec * gsec or nxt <= 1:
+                        break
+                    m += min(end - pos - m, ext.grain)
                 out += ext.file.pread(gte * SECTOR + in_grain, m)
             pos += m
         return bytes(out)
