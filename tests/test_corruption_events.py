@@ -17,21 +17,9 @@ import pytest
 
 import vdkit
 from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.helpers.patching import get_u64, set_u64
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2.driver import CorruptionReport, Qcow2Driver
-
-
-def _u64(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return int.from_bytes(f.read(8), "big")
-
-
-def _w64(path: Path, offset: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(value.to_bytes(8, "big"))
-
 
 COPIED = 1 << 63
 
@@ -44,12 +32,12 @@ def _image(path: Path, damage: str) -> None:
     """A 2 MiB image with data in cluster 0 and a compressed cluster 1, then one piece of damage."""
     check_ok("create", "-q", "-f", "qcow2", str(path), "2M")
     assert qemu_io("-c", "write -P 1 0 64k", "-c", "write -c -P 2 64k 64k", str(path)).returncode == 0
-    l1 = _u64(path, 40)
-    rt = _u64(path, 48)
-    l2 = _u64(path, l1) & 0x00FFFFFFFFFFFE00
+    l1 = get_u64(path, 40)
+    rt = get_u64(path, 48)
+    l2 = get_u64(path, l1) & 0x00FFFFFFFFFFFE00
     if damage == "l1_refcount_zero":  # the allocator may hand out the L1 table's cluster for data
         with open(path, "r+b") as f:
-            f.seek(_u64(path, rt) + 2 * (l1 >> 16))
+            f.seek(get_u64(path, rt) + 2 * (l1 >> 16))
             f.write(b"\0\0")
         return
     target = {
@@ -58,12 +46,12 @@ def _image(path: Path, damage: str) -> None:
         "data_on_l1": (l2, COPIED | l1),
         "data_on_reftable": (l2, COPIED | rt),
         "data_on_l2": (l2, COPIED | l2),
-        "data_on_refblock": (l2, COPIED | _u64(path, rt)),
-        "refblock_unaligned": (rt, _u64(path, rt) + 0x200),
+        "data_on_refblock": (l2, COPIED | get_u64(path, rt)),
+        "refblock_unaligned": (rt, get_u64(path, rt) + 0x200),
         "l2_on_reftable": (l1, COPIED | rt),
         "l2_on_l1": (l1, COPIED | l1),
     }[damage]
-    _w64(path, *target)
+    set_u64(path, *target)
 
 
 def _info(path: Path, *, vdkit_tool: bool = False) -> str:
@@ -73,7 +61,7 @@ def _info(path: Path, *, vdkit_tool: bool = False) -> str:
 
 
 def _corrupt_bit(path: Path) -> bool:
-    return bool(_u64(path, 72) & 2)
+    return bool(get_u64(path, 72) & 2)
 
 
 def _twins(tmp: Path, damage: str) -> tuple[Path, Path]:
@@ -158,7 +146,7 @@ def test_overlap_event_carries_the_host_range(tmp_path: Path) -> None:
     """The overlap check reports the refused host range (QMP's ``offset``/``size``)."""
     v = tmp_path / "v.qcow2"
     _image(v, "data_on_l1")
-    l1 = _u64(v, 40)
+    l1 = get_u64(v, 40)
     reports: list[CorruptionReport] = []
     assert _vdkit_ops(v, False, ["write 4096 4096"], reports) == ["Input/output error"]
     assert (reports[0].offset, reports[0].size) == (l1 + 4096, 4096)
@@ -247,8 +235,8 @@ def test_v2_header_is_never_marked(tmp_path: Path) -> None:
     q = tmp_path / "q.qcow2"
     check_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2", str(q), "1M")
     assert qemu_io("-c", "write 0 64k", str(q)).returncode == 0
-    l1 = _u64(q, 40)
-    _w64(q, l1, _u64(q, l1) + 0x200)  # unaligned L2 table offset
+    l1 = get_u64(q, 40)
+    set_u64(q, l1, get_u64(q, l1) + 0x200)  # unaligned L2 table offset
     v = tmp_path / "v.qcow2"
     shutil.copyfile(q, v)
     header = q.read_bytes()[:65536]
@@ -271,12 +259,12 @@ def test_overlap_names_structures_in_qemu_order(tmp_path: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", str(q), "2M")
     assert qemu_io("-c", "write -P 1 0 64k", str(q)).returncode == 0
     check_ok("snapshot", "-c", "s", str(q))
-    l1, rt = _u64(q, 40), _u64(q, 48)
-    refblock, snap_table = _u64(q, rt), _u64(q, 64)
-    _w64(q, snap_table, refblock)  # the snapshot's L1 table offset
-    l2 = _u64(q, l1) & 0x00FFFFFFFFFFFE00
-    _w64(q, l1, COPIED | l2)
-    _w64(q, l2, COPIED | refblock)  # guest cluster 0, written in place, is that cluster
+    l1, rt = get_u64(q, 40), get_u64(q, 48)
+    refblock, snap_table = get_u64(q, rt), get_u64(q, 64)
+    set_u64(q, snap_table, refblock)  # the snapshot's L1 table offset
+    l2 = get_u64(q, l1) & 0x00FFFFFFFFFFFE00
+    set_u64(q, l1, COPIED | l2)
+    set_u64(q, l2, COPIED | refblock)  # guest cluster 0, written in place, is that cluster
     v = tmp_path / "v.qcow2"
     shutil.copyfile(q, v)
     ops = ["write 0 4096", "read 0 4096"]

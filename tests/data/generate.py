@@ -20,6 +20,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.helpers.patching import get_u32 as get_u32
+from tests.helpers.patching import get_u64 as get_u64
+from tests.helpers.patching import patch as patch
+from tests.helpers.patching import set_u8 as set_u8
+from tests.helpers.patching import set_u16 as set_u16
+from tests.helpers.patching import set_u32 as set_u32
+from tests.helpers.patching import set_u64 as set_u64
+
 # Offsets of the qcow2 header fields (qcow2-format.md §2).
 OFF_VERSION = 4
 OFF_BACKING_OFFSET = 8
@@ -108,41 +116,7 @@ def bitmap_add(path: Path, name: str, *, granularity: str | None = None, disable
     run(*cmd, str(path), name)
 
 
-# -- byte surgery ------------------------------------------------------------------------------
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def set_u8(path: Path, offset: int, value: int) -> None:
-    patch(path, offset, struct.pack(">B", value))
-
-
-def set_u16(path: Path, offset: int, value: int) -> None:
-    patch(path, offset, struct.pack(">H", value))
-
-
-def set_u32(path: Path, offset: int, value: int) -> None:
-    patch(path, offset, struct.pack(">I", value))
-
-
-def set_u64(path: Path, offset: int, value: int) -> None:
-    patch(path, offset, struct.pack(">Q", value))
-
-
-def get_u32(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return int.from_bytes(f.read(4), "big")
-
-
-def get_u64(path: Path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return int.from_bytes(f.read(8), "big")
-
+# -- byte surgery (shared by every test: tests/helpers/patching.py) ----------------------------
 
 def truncate(path: Path, size: int) -> None:
     os.truncate(path, size)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.helpers.patching import patch
 
 # -- image surgery ---------------------------------------------------------------------------------
 
@@ -441,12 +442,6 @@ def _with_extra_size(entry: bytes, size: int, *, carry: bool = True) -> bytes:
     return _SN.pack(*f) + (extra[:size].ljust(size, b"\xab") if carry else extra) + rest
 
 
-def _put(path: Path, off: int, data: bytes) -> None:
-    with open(path, "r+b") as fh:
-        fh.seek(off)
-        fh.write(data)
-
-
 def _snapshot_image(tmp: Path, case: str) -> Path:
     nsnap = {"too_many": 1, "too_many_past_eof": 1, "table_cut": 3, "old_table_past_eof": 4}.get(case, 2)
     opts = ("compat=0.10",) if case in ("too_many", "table_too_big") else ()
@@ -457,18 +452,18 @@ def _snapshot_image(tmp: Path, case: str) -> Path:
     img = Img(path)
     if case == "extra_too_big":  # 2000 bytes of extra data, stored in place (the table stays in its cluster)
         ents[1] = _with_extra_size(ents[1], 2000)
-        _put(path, off, _pack_entries(ents))
+        patch(path, off, _pack_entries(ents))
     elif case == "table_cut":  # extra data claimed beyond INT_MAX: the table is cut before that entry
         ents[1] = _with_extra_size(ents[1], 0x80000000, carry=False)
-        _put(path, off, _pack_entries(ents))
+        patch(path, off, _pack_entries(ents))
     elif case == "old_table_past_eof":  # 65 MiB of extra data (not there): freeing the old table fails
         ents[2] = _with_extra_size(ents[2], 65 << 20, carry=False)
         ents[1] = _with_extra_size(ents[1], 2000)
-        _put(path, off, _pack_entries(ents[:3]))
+        patch(path, off, _pack_entries(ents[:3]))
     elif case == "offset_unaligned":
-        _put(path, 64, struct.pack(">Q", off + 8))
+        patch(path, 64, struct.pack(">Q", off + 8))
     elif case == "too_many_past_eof":  # 70000 entries, all but the first past the end of the file
-        _put(path, 60, struct.pack(">I", 70000))
+        patch(path, 60, struct.pack(">I", 70000))
     elif case == "table_too_big":  # 513 entries with 64 KiB ids and names (zeros): 64 MiB are reached at #511
         start = -(-path.stat().st_size // img.cs) * img.cs
         heads, pos = [], 0
@@ -485,18 +480,18 @@ def _snapshot_image(tmp: Path, case: str) -> Path:
         for c in range(start // img.cs, start // img.cs + n):
             img.set_refcount(c, 1)
         img.set_refcount(off // img.cs, 0)
-        _put(path, 60, struct.pack(">IQ", 513, start))
+        patch(path, 60, struct.pack(">IQ", 513, start))
     else:  # too_many: 70000 entries (all but the first zero) in sparse, properly allocated clusters
         start = -(-path.stat().st_size // img.cs) * img.cs
         table = _pack_entries(ents)
         n = -(-(len(table) + 40 * 69999) // img.cs)
         with open(path, "r+b") as fh:
             fh.truncate(start + n * img.cs)
-        _put(path, start, table)
+        patch(path, start, table)
         for c in range(start // img.cs, start // img.cs + n):
             img.set_refcount(c, 1)
         img.set_refcount(off // img.cs, 0)
-        _put(path, 60, struct.pack(">IQ", 70000, start))
+        patch(path, 60, struct.pack(">IQ", 70000, start))
     return path
 
 

@@ -29,14 +29,9 @@ import pytest
 
 from tests.conftest import _ENV, check_ok, data_extents, qemu_img, qemu_io, require_tool
 from tests.diff.test_check import Img, compare, compare_repair, make
+from tests.helpers.patching import set_u64
 
 # -- named cases -----------------------------------------------------------------------------------------
-
-
-def _patch(path: Path, off: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(">Q", value))
 
 
 def _all_modes(path: Path, *, json: bool = True) -> None:
@@ -68,7 +63,7 @@ def test_refblock_past_file_size_limit(tmp_path: Path) -> None:
     """-r all cannot grow the file to a refcount block at 2^51: reported, then the refcounts are rebuilt."""
     path = make(tmp_path, "far.qcow2", size="4M")
     img = Img(path)
-    _patch(path, img.rt_offset + 8, 1 << 51)
+    set_u64(path, img.rt_offset + 8, 1 << 51)
     _all_modes(path)
 
 
@@ -76,7 +71,7 @@ def test_refblock_on_refcount_table_1bit(tmp_path: Path) -> None:
     """A refcount block entry pointing at the table itself: one overflow (counted saturating), one error."""
     path = make(tmp_path, "ov.qcow2", "cluster_size=512", "refcount_bits=1", size="4M", writes=("write 0 4k",))
     img = Img(path)
-    _patch(path, img.rt_offset + 16, img.rt_offset)
+    set_u64(path, img.rt_offset + 16, img.rt_offset)
     _all_modes(path)
 
 
@@ -84,8 +79,8 @@ def test_overflow_reported_in_walk_order(tmp_path: Path) -> None:
     """Overflow lines come where the reference is counted, before a later entry's reserved-bit error."""
     path = make(tmp_path, "order.qcow2", "refcount_bits=1", size="4M", writes=("write 0 192k",))
     img = Img(path)
-    _patch(path, img.l2_entry_offset(1), img.u64(img.l2_entry_offset(0)))
-    _patch(path, img.l2_entry_offset(2), img.u64(img.l2_entry_offset(2)) | 0x100)
+    set_u64(path, img.l2_entry_offset(1), img.u64(img.l2_entry_offset(0)))
+    set_u64(path, img.l2_entry_offset(2), img.u64(img.l2_entry_offset(2)) | 0x100)
     _all_modes(path)
 
 
@@ -95,7 +90,7 @@ def test_copied_repair_refused_by_overlap_check(tmp_path: Path) -> None:
     refcount fixes that were never written back end up as qemu-img leaves them."""
     path = make(tmp_path, "ovl.qcow2", size="4M")
     img = Img(path)
-    _patch(path, img.l1_offset, 0x800000000000C632)
+    set_u64(path, img.l1_offset, 0x800000000000C632)
     _all_modes(path)
 
 
@@ -104,7 +99,7 @@ def test_unaligned_refblock_then_rebuild(tmp_path: Path) -> None:
     double check finds no driver left (ENOMEDIUM) and the leak fix made after the rebuild is dropped."""
     path = make(tmp_path, "ur.qcow2", size="4M")
     img = Img(path)
-    _patch(path, img.rt_offset, 0x54B0)
+    set_u64(path, img.rt_offset, 0x54B0)
     _all_modes(path)
 
 
@@ -113,14 +108,14 @@ def test_rebuilt_refblock_hits_old_refblock(tmp_path: Path) -> None:
     names: the overlap check refuses the refblock write (ERROR writing refblock, check fails)."""
     path = make(tmp_path, "rb.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
     img = Img(path)
-    _patch(path, img.rt_offset + 8, path.stat().st_size | 1)
+    set_u64(path, img.rt_offset + 8, path.stat().st_size | 1)
     _all_modes(path)
 
 
 def test_refblock_with_reserved_bits_and_garbage(tmp_path: Path) -> None:
     path = make(tmp_path, "rg.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
     img = Img(path)
-    _patch(path, img.rt_offset, (img.u64(img.rt_offset) + 0x1000) | 0x100)
+    set_u64(path, img.rt_offset, (img.u64(img.rt_offset) + 0x1000) | 0x100)
     _all_modes(path)
 
 
@@ -132,8 +127,8 @@ def test_overlap_order_inactive_l1_before_refcount_block(tmp_path: Path) -> None
     img = Img(path)
     sn = struct.unpack(">Q", path.read_bytes()[64:72])[0]
     l1 = img.u64(sn)
-    _patch(path, sn, l1 + 0x10)
-    _patch(path, img.rt_offset + 8, l1 | 1)
+    set_u64(path, sn, l1 + 0x10)
+    set_u64(path, img.rt_offset + 8, l1 | 1)
     _all_modes(path)
 
 
@@ -142,8 +137,8 @@ def test_preallocated_fix_refused_by_overlap_check(tmp_path: Path) -> None:
     the L2 entry fix would write into the active L1 table ('ERROR: Overlap check failed')."""
     path = make(tmp_path, "pz.qcow2", size="4G")
     img = Img(path)
-    _patch(path, img.l1_entry_offset(1), img.l1_offset | 1 << 63)
-    _patch(path, img.l1_entry_offset(3), (img.data_offset() + 0x200) | 1)
+    set_u64(path, img.l1_entry_offset(1), img.l1_offset | 1 << 63)
+    set_u64(path, img.l1_entry_offset(3), (img.data_offset() + 0x200) | 1)
     _all_modes(path)
 
 
@@ -176,7 +171,7 @@ def test_far_refblock_memory_bounded(tmp_path: Path) -> None:
     """
     path = make(tmp_path, "mem.qcow2", "cluster_size=512", "refcount_bits=1", size="4M", writes=("write 0 64k",))
     img = Img(path)
-    _patch(path, img.rt_offset, 0x8000000400)
+    set_u64(path, img.rt_offset, 0x8000000400)
     compare(path)
     qc, vc = tmp_path / "q_mem.qcow2", tmp_path / "v_mem.qcow2"
     for c in (qc, vc):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_io
+from tests.helpers.patching import set_u64
 
 WRITES = [
     "write -P 0x11 0 64k",
@@ -145,12 +146,6 @@ def test_map_with_snapshot(workdir: Path) -> None:
     _both("s.qcow2", workdir)
 
 
-def _patch_u64(path: Path, offset: int, value: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset : offset + 8] = value.to_bytes(8, "big")
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["data_unaligned", "l2_unaligned", "data_past_eof", "l2_past_eof",
                                     "bad_deflate", "ext_invalid_bitmap"])
 def test_corrupt_images(workdir: Path, damage: str) -> None:
@@ -164,13 +159,13 @@ def test_corrupt_images(workdir: Path, damage: str) -> None:
     l2 = int.from_bytes(raw[l1 : l1 + 8], "big") & 0x00FFFFFFFFFFFE00
     entry_size = 16 if damage == "ext_invalid_bitmap" else 8
     if damage == "data_unaligned":
-        _patch_u64(img, l2, (1 << 63) | 0x50200)
+        set_u64(img, l2, (1 << 63) | 0x50200)
     elif damage == "l2_unaligned":
-        _patch_u64(img, l1, (1 << 63) | (l2 + 0x200))
+        set_u64(img, l1, (1 << 63) | (l2 + 0x200))
     elif damage == "data_past_eof":
-        _patch_u64(img, l2, (1 << 63) | (1 << 36))
+        set_u64(img, l2, (1 << 63) | (1 << 36))
     elif damage == "l2_past_eof":
-        _patch_u64(img, l1, (1 << 63) | (1 << 44))
+        set_u64(img, l1, (1 << 63) | (1 << 44))
     elif damage == "bad_deflate":
         entry = int.from_bytes(raw[l2 + entry_size : l2 + entry_size + 8], "big")
         coff = entry & ((1 << 54) - 1)
@@ -178,7 +173,7 @@ def test_corrupt_images(workdir: Path, damage: str) -> None:
         data[coff : coff + 64] = b"\xff" * 64
         img.write_bytes(bytes(data))
     else:
-        _patch_u64(img, l2 + 8, 0x0000000100000001)  # subcluster 0 both allocated and zero
+        set_u64(img, l2 + 8, 0x0000000100000001)  # subcluster 0 both allocated and zero
     check_ok("create", "-q", "-f", "qcow2", "ok.qcow2", "2M", cwd=workdir)
     _both("b.qcow2", workdir)
     assert_same(["convert", "-O", "raw", "b.qcow2", "out.raw"], workdir)

@@ -19,23 +19,20 @@ import shutil
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import _ENV, assert_same, check_ok, qemu_img, require_tool, vdkit_img
 from tests.formats.ro_diff import same_read_side
+from tests.helpers.qemu_io import qemu_io_script
 from vdkit.formats.vhdx import layout as L
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 
 
-def _io(d: Path, name: str, cmds: list[str]) -> None:
-    args = ["-f", "vhdx"]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, name, cwd=d)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+_io = partial(qemu_io_script, fmt="vhdx")  # _io(d, name, [commands]): qemu-io must succeed
 
 
 def _src_raw(d: Path) -> None:

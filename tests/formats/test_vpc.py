@@ -15,11 +15,13 @@ import resource
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 
@@ -32,12 +34,7 @@ def _src_raw(d: Path) -> None:
     (d / "src.raw").write_bytes(bytes(disk))
 
 
-def _io(d: Path, name: str, cmds: list[str]) -> None:
-    args = ["-f", "vpc"]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, name, cwd=d)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+_io = partial(qemu_io_script, fmt="vpc")  # _io(d, name, [commands]): qemu-io must succeed
 
 
 # name -> (create options, qemu-io pattern?)

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites (byte surgery on images, qemu-io scripts)."""
