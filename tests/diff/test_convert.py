@@ -242,3 +242,19 @@ def test_convert_qcow2_with_backing(workdir: Path) -> None:
     _convert_both(workdir, ["-n", "-O", "qcow2", "top.qcow2"])
     assert qemu_img("compare", "top.qcow2", "v.out", cwd=workdir).returncode == 0
     assert qemu_img("check", "v.out", cwd=workdir).returncode == 0
+
+
+def test_convert_existing_raw_target_with_backing_option(workdir: Path) -> None:
+    """``-n -B`` onto an existing raw target: qemu-img copies (a raw target has no backing file to
+    leave ranges to) and succeeds; vdkit once failed asking the raw target for its backing size."""
+    check_ok("create", "-q", "-f", "raw", "b.raw", "1M", cwd=workdir)
+    check_ok("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=workdir)
+    r = qemu_io("-f", "qcow2", "-c", "write -P 0x5a 64k 64k", "s.qcow2", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    outs = []
+    for tool, name in ((qemu_img, "q.raw"), (vdkit_img, "v.raw")):
+        (workdir / name).write_bytes(b"\x11" * (1 << 20))
+        res = tool("convert", "-n", "-B", "b.raw", "-O", "raw", "s.qcow2", name, cwd=workdir)
+        outs.append((res.returncode, res.stdout, res.normalized_stderr() if tool is vdkit_img else res.stderr))
+    assert outs[0] == outs[1] and outs[0][0] == 0
+    assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()
