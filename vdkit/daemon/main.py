@@ -61,28 +61,12 @@ class OptionError(Exception):
 
 
 def split_opts(text: str) -> list[tuple[str, str]]:
-    """QEMU's ``key=value,key=value`` with ``,,`` as an escaped comma."""
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == ",":
-            if text.startswith(",,", i):
-                cur.append(",")
-                i += 2
-                continue
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
+    """QEMU's ``key=value,key=value`` with ``,,`` as an escaped comma; a bare ``key`` is ``key=on``."""
+    from vdkit.opts import split_items
+
     out = []
-    for p in parts:
-        if not p:
-            continue
-        key, sep, value = p.partition("=")
+    for item in split_items(text, empty=False):
+        key, sep, value = item.partition("=")
         out.append((key, value if sep else "on"))
     return out
 
