@@ -264,3 +264,12 @@ def test_convert_to_luks(images: Path) -> None:
                  cwd=images)
     if q.returncode == 0:
         assert (images / "cv.luks").stat().st_blocks == (images / "cq.luks").stat().st_blocks
+
+
+def test_luks_image_as_backing_file(images: Path, tmp_path: Path) -> None:
+    """create -b X.luks -F luks: the backing file is opened for its size only (no I/O, no key)."""
+    import shutil
+
+    shutil.copy(images / "default.luks", tmp_path / "b.luks")
+    assert_same(["create", "-f", "qcow2", "-b", "b.luks", "-F", "luks", "top.qcow2"], tmp_path)
+    assert_same(["info", "top.qcow2"], tmp_path)
