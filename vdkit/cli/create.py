@@ -221,7 +221,7 @@ def _open_backing(filename: str, backing_file: str, backing_fmt: str | None) -> 
 
     full = resolve_backing_name(filename, backing_file) or backing_file
     try:
-        with open_image(full, backing_fmt, readonly=True, force_share=True) as node:
+        with open_image(full, backing_fmt, readonly=True, force_share=True, no_io=True) as node:
             detected = node.format
             length = node.driver.virtual_size
     except VdkitError as exc:
