@@ -170,9 +170,9 @@ class SparseExtent(Extent):
             d = zlib.decompressobj()
             out = d.decompress(payload, self.grain)
         except zlib.error:
-            raise OSError(errno.EIO, "bad compressed grain") from None
+            raise OSError(errno.EINVAL, "bad compressed grain") from None
         if len(out) != self.grain:
-            raise OSError(errno.EIO, "bad compressed grain")
+            raise OSError(errno.EINVAL, "bad compressed grain")
         return out
 
 
@@ -203,11 +203,11 @@ def read_sparse_header(file: ImageFile, name: str) -> tuple[SparseHeader, int]:
         h = SparseHeader(tail[512:1024])
     if h.version > 3:
         raise OpenError(f"Unsupported VMDK version {h.version}", errno=errno.ENOTSUP)
-    l1_entry = h.gtes * h.grain
-    if l1_entry == 0 or l1_entry > 0xFFFFFFFF:
-        raise OpenError("L1 entry size is invalid", errno=errno.EINVAL)
     if h.gtes > 512:
         raise OpenError("L2 table size too big", errno=errno.EINVAL)
+    l1_entry = (h.gtes * h.grain) & 0xFFFFFFFF  # sectors per grain table, a 32-bit product (observed)
+    if l1_entry == 0:
+        raise OpenError("L1 entry size is invalid", errno=errno.EINVAL)
     if h.overhead > (fsize + SECTOR - 1) // SECTOR:
         need = (h.overhead * SECTOR) & 0xFFFFFFFFFFFFFFFF
         if need >= 1 << 63:
