@@ -156,3 +156,15 @@ def test_library_api(tmp_path: Path) -> None:
     assert v.safe and v.verdict == "safe" and v.format == "qcow2" and v.virtual_size == 1 << 20
     v = vdkit.inspect(tmp_path / "a.qcow2", "raw", max_virtual_size=1024)
     assert not v.safe and {r.kind for r in v.reasons} == {"format-mismatch", "size-limit"}
+
+
+def test_declared_format_without_a_probe_signature(tmp_path: Path) -> None:
+    """A fixed VHD probes as raw (its footer is at the end): declared vpc, it is parsed as vpc and safe;
+    a raw file declared vpc is not a VHD at all, which is a reason."""
+    check_ok("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(tmp_path / "f.vhd"), "4M")
+    assert qemu_img("info", "-f", "vpc", str(tmp_path / "f.vhd")).returncode == 0
+    rc, doc = _verdict(tmp_path / "f.vhd", "-f", "vpc")
+    assert (rc, doc["format"], doc["reasons"]) == (0, "vpc", [])
+    (tmp_path / "plain.raw").write_bytes(bytes(1 << 20))
+    rc, doc = _verdict(tmp_path / "plain.raw", "-f", "vpc")
+    assert rc == 2 and _kinds(doc) == {"invalid-metadata"}

@@ -90,7 +90,10 @@ def inspect_image(filename: str | os.PathLike[str], *, fmt: str | None = None,
             reasons.append(Reason("not-a-regular-file", "the image is not a regular file"))
         probed = registry.probe_format(file.pread(0, registry.PROBE_SIZE), name)
         verdict.format = fmt or probed
-        if fmt is not None and probed != fmt:
+        # Content that probes as another format is a mismatch.  Content that probes as raw while
+        # another format was declared is not in itself: some formats have no probe signature QEMU
+        # trusts (a fixed VHD's footer is at the end); the declared driver must then parse it.
+        if fmt is not None and probed != fmt and probed != "raw":
             reasons.append(Reason("format-mismatch", f"declared format '{fmt}', but the content is '{probed}'"))
         if not registry.is_known(verdict.format):
             reasons.append(Reason("unsupported-format", f"format '{verdict.format}' cannot be parsed by vdkit"))

@@ -23,6 +23,8 @@ from vdkit.errors import OpenError, VdkitError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from vdkit.block.driver import CheckReport, OpenContext
     from vdkit.io.file import ImageFile
     from vdkit.opts import CreateOpts
@@ -41,7 +43,7 @@ PAGE = 1 << 16  # BAT entries per cached page (256 KiB)
 MAX_PAGES = 256
 
 
-def _u32s(data: bytes) -> array:
+def _u32s(data: bytes) -> array[int]:
     t = array("I", data)
     if t.itemsize != 4:  # pragma: no cover - every platform vdkit runs on has a 4-byte "I"
         t = array("L", data)
@@ -59,8 +61,9 @@ class ParallelsDriver(FormatDriver):
         self.readonly = ctx.readonly
         self._closed = False
         raw = file.pread(0, HEADER.size)
+        fields: tuple[bytes, int, int, int, int, int, int, int, int, int, int] = HEADER.unpack(raw)
         (magic, version, self.heads, self.cylinders, self.tracks, self.bat_entries, self.nb_sectors,
-         self.inuse, self.data_off, self.flags, self.ext_off) = HEADER.unpack(raw)
+         self.inuse, self.data_off, self.flags, self.ext_off) = fields
         if magic not in (MAGIC_OLD, MAGIC_EXT) or version != 2:
             raise OpenError("Image not in Parallels format")
         if self.tracks == 0:
@@ -74,7 +77,7 @@ class ParallelsDriver(FormatDriver):
             raise OpenError(f"Could not open '{ctx.filename}': Input/output error", errno=errno.EIO)
         self.cs = self.tracks * 512
         self.mult = (self.tracks if magic == MAGIC_EXT else 1) * 512  # bytes per BAT unit
-        self.pages: dict[int, array] = {}
+        self.pages: dict[int, array[int]] = {}
         self.filename = ctx.filename
         # (message, hint) pairs a front end prints as "warning: ..." after opening
         self.open_warnings: list[tuple[str, str | None]] = []
@@ -143,7 +146,7 @@ class ParallelsDriver(FormatDriver):
                 self.pages.clear()
             n = min(PAGE, self.bat_entries - page * PAGE)
             t = self.pages[page] = _u32s(self.file.pread(HEADER.size + 4 * page * PAGE, 4 * n))
-        return t[k]
+        return int(t[k])
 
     def set_bat(self, i: int, value: int) -> None:
         self.bat(i)
@@ -156,7 +159,7 @@ class ParallelsDriver(FormatDriver):
             end = max(end, e * self.mult + self.cs)
         return end
 
-    def _entries(self):  # type: ignore[no-untyped-def]
+    def _entries(self) -> Iterator[tuple[int, int]]:
         """``(index, entry)`` of the allocated BAT entries, a page at a time."""
         for page in range(0, self.bat_entries, PAGE):
             n = min(PAGE, self.bat_entries - page)

@@ -95,7 +95,7 @@ class VdiDriver(FormatDriver):
     # -- geometry and state -------------------------------------------------------------------
     @property
     def virtual_size(self) -> int:
-        return -(-self.disk_size // 512) * 512
+        return -(-int(self.disk_size) // 512) * 512
 
     @property
     def cluster_size(self) -> int | None:

@@ -267,8 +267,8 @@ class VhdxDriver(FormatDriver):
         mv = memoryview(bat)
         step = 8 * L.MiB
         for start in range(0, len(bat), step):
-            arr = np.frombuffer(mv[start : start + step], dtype="<u8")
-            for i in np.flatnonzero(np.isin(arr & 7, states)).tolist():
+            chunk = np.frombuffer(mv[start : start + step], dtype="<u8")
+            for i in np.flatnonzero(np.isin(chunk & 7, states)).tolist():
                 yield start // 8 + i
 
     # -- the log ----------------------------------------------------------------------------------
