@@ -333,6 +333,8 @@ class ClusterMap:
         new[: len(self.l1)] = self.l1
         new_off = refcounts.alloc_clusters(new_size * 8)
         refcounts.flush()
+        if refcounts.overlap_check is not None:  # a zero refcount may lie about metadata
+            refcounts.overlap_check(new_off, new_size * 8, "active L1 table")
         self.file.pwrite(new_off, encode_l1(new))
         self.file.flush()
         self.file.pwrite(36, new_size.to_bytes(4, "big") + new_off.to_bytes(8, "big"))
@@ -342,4 +344,4 @@ class ClusterMap:
         if self.on_l1_switch is not None:
             self.on_l1_switch(new_off, new_size)
         if old_size:
-            refcounts.free(old_off, old_size * 8)
+            refcounts.release(old_off, old_size * 8)

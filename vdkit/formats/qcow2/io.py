@@ -561,11 +561,12 @@ class Qcow2IO:
         f.flush()
         cm.l2.put(new, e, b)
         cm.l1[i1] = _U64(new | L.OFLAG_COPIED)
+        self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore="active L1 table")
         f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
         f.flush()
         if old:
             self._before_decrement()
-            rc.free(old, self.cluster_size)
+            rc.release(old, self.cluster_size)
             if rc.get(old >> self.cluster_bits) == 0:
                 cm.l2.discard(old)
         return new
@@ -619,14 +620,12 @@ class Qcow2IO:
                 self.drv.signal_corruption(f"Cannot free unaligned cluster {_hx(off)}", fatal=False,
                                            fallback=_stderr_line)
                 return
-        rc.free(off, length)
-        if discard:
+        if rc.release(off, length) and discard:
             from vdkit.block.io import punch_hole
 
             cb = self.cluster_bits
-            for ci in range(off >> cb, ((off + length - 1) >> cb) + 1):
-                if rc.get(ci) == 0:
-                    punch_hole(self.drv.file, ci << cb, self.cluster_size, extend=False)
+            for ci in rc.last_zeroed:  # (not a re-read count: a freed refcount block left the cache)
+                punch_hole(self.drv.file, ci << cb, self.cluster_size, extend=False)
 
     def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int], *, discard: bool = False) -> None:
         cm = self.drv.clusters
@@ -860,7 +859,7 @@ class Qcow2IO:
         in memory only: inactive L2 tables would need reading and are not
         checked, as in QEMU's default mode.
         """
-        if self.geom.has_data_file or size <= 0:
+        if (self.geom.has_data_file and ignore is None) or size <= 0:
             return  # data goes to another file: nothing of ours to hit
         cs = self.cluster_size
         lo = host - host % cs
@@ -905,9 +904,9 @@ class Qcow2IO:
         # QEMU's order: the structures it knows by offset and size first, then the tables it finds
         # through them (the same order as check's overlap test)
         cm, rc = drv.clusters, drv.refcounts
-        if hit(cm.l1_offset, len(cm.l1) * 8):
+        if ignore != "active L1 table" and hit(cm.l1_offset, len(cm.l1) * 8):
             return "active L1 table"
-        if hit(rc.table_offset, rc.table_clusters * cs):
+        if ignore != "refcount table" and hit(rc.table_offset, rc.table_clusters * cs):
             return "refcount table"
         if h.nb_snapshots and hit(h.snapshots_offset, drv.snapshot_table_size):
             return "snapshot table"
@@ -915,7 +914,7 @@ class Qcow2IO:
             return "inactive L1 table"
         if ignore != "active L2 table" and any_table(cm.l1, L.L1E_OFFSET_MASK):
             return "active L2 table"
-        if any_table(rc.table, L.REFT_OFFSET_MASK):
+        if ignore != "refcount block" and any_table(rc.table, L.REFT_OFFSET_MASK):
             return "refcount block"
         if h.bitmaps is not None and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size):
             return "bitmap directory"

@@ -207,6 +207,9 @@ class Refcounts:
         self.table_clusters = table_clusters
         raw = file.pread(table_offset, table_clusters * self.cluster_size)
         self.table: np.ndarray = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        # QEMU's metadata overlap check for our own writes (set by the driver; None: no check):
+        # (host offset, size, structure to ignore) -> raises the corruption event
+        self.overlap_check: Callable[[int, int, str], None] | None = None
         self.on_table_switch = on_table_switch
         self.before_table_write = before_table_write
         self.free_hint = 0
@@ -252,7 +255,10 @@ class Refcounts:
         off = self.block_offset(rt_index)
         if off == 0:
             return None
-        vals = decode_block(self.file.pread(off, self.cluster_size), self.bits)
+        raw = self.file.pread(off, self.cluster_size)
+        if len(raw) < self.cluster_size:  # a block (partly) past the end of the file reads as zeros, as in QEMU
+            raw = bytes(raw).ljust(self.cluster_size, b"\0")
+        vals = decode_block(raw, self.bits)
         self._insert(rt_index, vals)
         return vals
 
@@ -270,6 +276,8 @@ class Refcounts:
             dep, self.depends_on = self.depends_on, None
             dep()
         off = self.block_offset(rt_index)
+        if self.overlap_check is not None:  # a table entry may name other metadata (damaged images)
+            self.overlap_check(off, self.cluster_size, "refcount block")
         self.file.pwrite(off, encode_block(self._blocks[rt_index], self.bits))
         self._dirty.discard(rt_index)
 
@@ -372,6 +380,7 @@ class Refcounts:
         to be allocated, :class:`RefcountOverflow` (EINVAL) when a count would
         leave ``0..refcount_max``.
         """
+        self.last_zeroed: list[int] = []  # clusters this decrement freed (callers discard them)
         if length <= 0 or addend == 0:
             return
         self.changes += 1
@@ -410,6 +419,9 @@ class Refcounts:
                     if len(zeros):
                         self.free_hint = min(self.free_hint, ci + int(zeros[0]))
                 self._dirty.add(rt)
+                if addend < 0 and len(zeros):
+                    self.last_zeroed += (zeros + ci).tolist()
+                    self._forget_freed_blocks((zeros + ci).astype(np.uint64) << np.uint64(self.cluster_bits))
                 ci += end - idx
         except BaseException:
             for rt, idx, old in reversed(done):
@@ -418,6 +430,18 @@ class Refcounts:
                     vals[idx : idx + len(old)] = old
                     self._dirty.add(rt)  # it may have been written back meanwhile
             raise
+
+    def _forget_freed_blocks(self, offsets: np.ndarray) -> None:
+        """Refcount blocks whose own cluster was just freed leave the cache unwritten, as in QEMU.
+
+        Only damaged refcounts free a block that the table still names; QEMU then drops the
+        cached block with its pending changes (a later lookup reads what the disk holds, zeros
+        once the cluster is discarded), so the frees that follow fail as they fail there.
+        """
+        hit = np.flatnonzero(np.isin(self.table & np.uint64(L.REFT_OFFSET_MASK), offsets))
+        for j in hit.tolist():
+            self._blocks.pop(j, None)
+            self._dirty.discard(j)
 
     _l2_flush: Callable[[], None] | None = None
 
@@ -482,27 +506,35 @@ class Refcounts:
             return pos
 
     def free(self, offset: int, length: int) -> None:
-        """Drop one reference from every cluster in the range (§1.7).
-
-        A count that cannot go down (damaged refcounts: it is 0 already, or its
-        block lies past any table QEMU could grow) is reported on stderr and the
-        range stays as it was: the operation goes on and the cluster leaks, as
-        QEMU's ``qcow2_free_clusters failed: ...`` does (refusing there would fail
-        writes qemu-img completes on the same image).
-        """
+        """Drop one reference from every cluster in the range (§1.7)."""
         while True:
             try:
                 self.update(offset, length, -1)
                 return
             except _Restart:
                 continue
-            except RefcountOverflow as exc:
-                import os
-                import sys
 
-                sys.stderr.write(f"qcow2_free_clusters failed: {os.strerror(exc.errno or EINVAL)}\n")
-                sys.stderr.flush()
-                return
+    def release(self, offset: int, length: int) -> bool:
+        """:meth:`free` for the writers that go on when it fails, as QEMU's ``qcow2_free_clusters`` does.
+
+        A count that cannot go down (damaged refcounts: it is 0 already, or its
+        block lies past any table QEMU could grow) is reported on stderr
+        (``qcow2_free_clusters failed: ...``), the range stays as it was and the
+        operation goes on: the cluster leaks.  Refusing there would fail writes
+        qemu-img completes on the same image.  True when the references were dropped (only
+        then may a caller discard clusters that now read as free: a count that was already 0
+        may be the header's).
+        """
+        try:
+            self.free(offset, length)
+        except RefcountOverflow as exc:
+            import os
+            import sys
+
+            sys.stderr.write(f"qcow2_free_clusters failed: {os.strerror(exc.errno or EINVAL)}\n")
+            sys.stderr.flush()
+            return False
+        return True
 
     # -- refcount block allocation and table growth (§1.5) --------------------------------------
     def _alloc_block(self, ci: int) -> None:
@@ -524,9 +556,13 @@ class Refcounts:
                 raise
             self.flush()
             vals = np.zeros(epb, dtype=np.uint64)
+        if self.overlap_check is not None:  # a zero refcount may lie about metadata
+            self.overlap_check(b << self.cluster_bits, self.cluster_size, "refcount block")
         self.file.pwrite(b << self.cluster_bits, encode_block(vals, self.bits))
         self.file.flush()
         if rt < len(self.table):
+            if self.overlap_check is not None:
+                self.overlap_check(self.table_offset + rt * 8, 8, "refcount table")
             self.file.pwrite(self.table_offset + rt * 8, int(b << self.cluster_bits).to_bytes(8, "big"))
             self.file.flush()
             self.table[rt] = b << self.cluster_bits
@@ -577,6 +613,10 @@ class Refcounts:
                 self._dirty.add(i)
         self.flush()
         new_table = np.array(plan.table, dtype=np.uint64)
+        if self.overlap_check is not None:
+            for i in fresh:
+                self.overlap_check(plan.table[i], self.cluster_size, "refcount block")
+            self.overlap_check(plan.table_offset, plan.table_clusters * self.cluster_size, "refcount table")
         for i, vals in fresh.items():
             self.file.pwrite(plan.table[i], encode_block(vals, self.bits))
         self.file.pwrite(plan.table_offset, new_table.astype(">u8").tobytes())
@@ -596,7 +636,7 @@ class Refcounts:
                 self._dirty.discard(i)
         if self.on_table_switch is not None:
             self.on_table_switch(plan.table_offset, plan.table_clusters)
-        self.free(old_off, old_clusters * self.cluster_size)
+        self.release(old_off, old_clusters * self.cluster_size)
         return plan.end
 
     # -- adopting a committed transaction -------------------------------------------------------
@@ -762,6 +802,10 @@ class Transaction:
             for rt in touched:
                 if rt not in new_block_off:
                     old = rc.block_offset(rt)
+                    if old and rc.overlap_check is not None:
+                        # QEMU rewrites this block in place: where the table names other metadata
+                        # its write fails (a corruption event); ours would go to a copy
+                        rc.overlap_check(old, cs, "refcount block")
                     if old:
                         self.add_range(old, cs, -1)
                     new_block_off[rt] = self.alloc(cs)

@@ -96,7 +96,7 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
             try:
                 cm.grow_l1(needed, rc, exact=True)
             except VdkitError as exc:
-                raise VdkitError(f"Failed to grow the L1 table: {exc.message}", errno=exc.errno) from exc
+                raise _failed("Failed to grow the L1 table", exc) from exc
         zero_write = backing_size > old_size
         if prealloc == "metadata" or (prealloc in ("falloc", "full") and h.has_data_file):
             _prealloc_metadata(drv, old_size, new_size, prealloc, backing)
@@ -107,7 +107,14 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         if zero_write:
             _zero_new_area(drv, old_size, new_size, backing)
     else:
-        _shrink(drv, new_size, old_size, needed)
+        try:
+            _shrink(drv, new_size, old_size, needed)
+        except VdkitError as exc:
+            raise _failed("Failed to discard cropped clusters", exc) from exc
+        try:
+            _shrink_reftable(drv)
+        except VdkitError as exc:
+            raise _failed("Failed to discard unused refblocks", exc) from exc
     if prealloc == "off" and h.has_data_file and drv.data_file is not None:
         drv.data_file.truncate(new_size)  # an external data file follows the disk size exactly
     drv.flush()
@@ -117,6 +124,13 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
     if new_size < old_size:
         _cut_file(drv)
     drv.__dict__.pop("io", None)
+
+
+def _failed(what: str, exc: VdkitError) -> VdkitError:
+    """qemu-img's ``<what>: <strerror>`` for a step of the resize that failed (a corruption event is EIO)."""
+    if not exc.errno:
+        return VdkitError(f"{what}: {exc.message}")
+    return VdkitError(f"{what}: {os.strerror(exc.errno)}", errno=exc.errno)
 
 
 def _zero_new_area(drv: Qcow2Driver, old_size: int, new_size: int, backing: BackingRead | None) -> None:
@@ -381,9 +395,12 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
     # 1. drop whole clusters beyond the new end (L2 tables that stay are made writable first)
     span = geom.l1_span
     pos = start
+    transient = _TransientTables(drv, -(-old_size // span) - start // span)
     while pos < old_size:
         i1 = pos // span
         t_end = min(old_size, (i1 + 1) * span)
+        if i1 < len(cm.l1) and not int(cm.l1[i1]) & L.L1E_OFFSET_MASK:
+            transient.take()
         if i1 < len(cm.l1) and int(cm.l1[i1]) & L.L1E_OFFSET_MASK:
             l2_off = io._l2_for_write(i1)
             entries, bitmaps = cm.l2.get(l2_off)
@@ -402,6 +419,7 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
     if len(cm.l1) > needed:
         dropped = cm.l1[needed:].copy()
         cm.l1[needed:] = 0
+        io._check_overlap(cm.l1_offset + needed * 8, 8 * (len(cm.l1) - needed), ignore="active L1 table")
         drv.file.pwrite(cm.l1_offset + needed * 8, bytes(8 * (len(cm.l1) - needed)))
         drv.file.flush()
         for e in dropped.tolist():
@@ -410,12 +428,65 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
                 continue
             cm.l2.discard(l2_off)
             io._before_decrement()
-            rc.free(l2_off, cs)
-            if rc.get(l2_off >> cb) == 0:
+            if rc.release(l2_off, cs) and rc.get(l2_off >> cb) == 0:
                 punch_hole(drv.file, l2_off, cs, extend=False)
     drv.flush()
-    # 3. refcount blocks that count only themselves
-    _shrink_reftable(drv)
+    # 3. refcount blocks that count only themselves: _shrink_reftable
+
+
+class _TransientTables:
+    """Fail where QEMU's discard of the cropped range fails on the L2 tables it creates and drops.
+
+    QEMU's discard gives every L1 entry of the range without an L2 table a new (empty) one, which the
+    L1 shrink frees again right after: on a sound image no trace is left, so vdkit creates none.  On
+    damaged refcounts those tables land where QEMU refuses to write (a zero count on the header or
+    on other metadata).  :meth:`take` finds the cluster QEMU's table would take at that point (first
+    fit, after the ones taken before; clusters the discard freed meanwhile are reused, as QEMU's
+    allocator does) and applies QEMU's tests to it.  Bounded: beyond 65536 entries nothing is tested.
+    """
+
+    def __init__(self, drv: Qcow2Driver, entries: int) -> None:
+        self.drv = drv
+        self.on = entries <= 65536
+        # what QEMU's tables would hold: one run [run_start, run_end) plus clusters freed below it
+        self.run_start = self.run_end = -1
+        self.low: set[int] = set()
+        # free clusters right after the run, found in bulk; valid while no refcount changed
+        self.ahead: list[int] = []
+        self.seen = -1
+
+    def _next(self) -> int:
+        rc = self.drv.refcounts
+        if rc.changes == self.seen and self.ahead:
+            return self.ahead.pop()
+        c = rc.find_free(1, rc.free_hint)
+        while True:
+            if self.run_start <= c < self.run_end:
+                c = rc.find_free(1, self.run_end)
+            elif c in self.low:
+                c = rc.find_free(1, c + 1)
+            else:
+                break
+        if c >= self.run_end:
+            window = np.arange(c + 1, c + 4097, dtype=np.int64)
+            self.ahead = window[rc.get_many(window) == 0][::-1].tolist()
+            self.seen = rc.changes
+        return c
+
+    def take(self) -> None:
+        if not self.on:
+            return
+        drv = self.drv
+        c = self._next()
+        if self.run_start < 0:
+            self.run_start, self.run_end = c, c + 1
+        elif c >= self.run_end:
+            self.run_end = c + 1
+        else:
+            self.low.add(c)
+        if c == 0:
+            raise drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
+        drv.io._check_overlap(c * drv.cluster_size, drv.cluster_size, ignore="active L2 table")
 
 
 def _shrink_reftable(drv: Qcow2Driver) -> None:
@@ -426,8 +497,15 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
     cb = drv.header.cluster_bits
     epb = rc.entries_per_block
     new_table = rc.table.copy()
+    # Damaged tables fail as QEMU's two passes fail: first every block is loaded (an unaligned one
+    # cannot be) and the table without the unused ones written; then each dropped block must have
+    # been counted exactly once by a block in the table.
     for i in np.flatnonzero(rc.table).tolist():
-        off = rc.block_offset(i)
+        off = int(rc.table[i]) & L.REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off % cs:
+            raise drv.signal_corruption(f"Cannot get entry from refcount block cache: Offset {off:#x} is unaligned")
         vals = rc.block_values(i)
         if vals is None:
             continue
@@ -439,14 +517,32 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
             new_table[i] = 0
     if np.array_equal(new_table, rc.table):
         return
+    drv.io._check_overlap(rc.table_offset, rc.table_clusters * cs, ignore="refcount table")
     drv.file.pwrite(rc.table_offset, new_table.astype(">u8").tobytes())
     drv.file.flush()
     for i in np.flatnonzero(rc.table != new_table).tolist():
         off = rc.block_offset(i)
+        _check_unused_refblock(drv, off)
         rc.table[i] = 0
         rc._blocks.pop(i, None)
         rc._dirty.discard(i)
         punch_hole(drv.file, off, cs, extend=False)
+
+
+def _check_unused_refblock(drv: Qcow2Driver, off: int) -> None:
+    """The block at ``off`` is about to be dropped: its own count must be 1 (as QEMU checks, with its texts)."""
+    rc = drv.refcounts
+    ci = off >> drv.header.cluster_bits
+    rt = ci // rc.entries_per_block
+    if rt >= len(rc.table) or not int(rc.table[rt]) & L.REFT_OFFSET_MASK:
+        raise drv.signal_corruption(f"Refblock at {off:#x} is not covered by the refcount structures")
+    count = rc.get(ci)
+    if count != 1:
+        cover = int(rc.table[rt]) & L.REFT_OFFSET_MASK
+        event = drv.signal_corruption(f"Invalid refcount: refblock offset {cover:#x}, reftable index {rt}, "
+                                      f"block offset {off:#x}, refcount {count}")
+        event.errno = errno.EINVAL  # (QEMU's error here; the event's report rides on it)
+        raise event
 
 
 def _cut_file(drv: Qcow2Driver) -> None:

@@ -244,6 +244,25 @@ def _in_use_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> np.ndarray:
     return np.concatenate(parts)  # duplicates are harmless to the membership test
 
 
+def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> None:
+    """Refuse (EINVAL) when a walked tree references a refcount table or block cluster.
+
+    Only a damaged image does that.  A transaction moves the refcount structures to copies and
+    frees the old clusters, so such a cluster would end with a count (and COPIED flags computed
+    before the move) that disagree with its references: ``check`` would find one error more than
+    before.  QEMU updates those structures in place; vdkit leaves the image as it is instead.
+    """
+    rc = drv.refcounts
+    bits = drv.header.cluster_bits
+    blocks = rc.table & np.uint64(L.REFT_OFFSET_MASK)
+    meta = (blocks[blocks != 0] >> np.uint64(bits)).astype(np.int64)
+    first = rc.table_offset >> bits
+    meta = np.concatenate([meta, np.arange(first, first + rc.table_clusters, dtype=np.int64)])
+    for tree in trees:
+        if np.isin(tree.l2_clusters, meta).any() or np.isin(tree.data, meta).any():
+            raise CorruptImageError("Invalid argument", errno=22)
+
+
 def _commit(
     drv: Qcow2Driver,
     txn: Transaction,
@@ -282,6 +301,8 @@ def _commit(
     def header(rt_off: int, rt_cl: int) -> bytes:
         return _COMMIT.pack(new_size, h.crypt_method, len(l1), l1_off, rt_off, rt_cl, nb, snap_off)
 
+    trees = list(trees)
+    _refuse_shared_refcount_metadata(drv, trees)
     meta = _in_use_clusters(drv, trees)
     try:
         txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
