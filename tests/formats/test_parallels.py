@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _ENV, assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.formats.daemon_diff import daemon_drive_roundtrip
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 
@@ -249,42 +250,14 @@ def test_header_errors(images: Path, tmp_path: Path, case: str) -> None:
 def test_daemon_drive(tmp_path: Path) -> None:
     """query-block, query-named-block-nodes and info block -v as qemu-system-x86_64; the drive exported
     over NBD reads as the image; writes over NBD to both daemons leave the same bytes once they quit."""
-    from tests.daemon.conftest import Daemons, normalise
-    from tests.nbd.conftest import short_sock
 
     def setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", "d.hds", "4M", cwd=d)
         _io(d, "d.hds", PATTERN)
 
-    daemons = Daemons(tmp_path)
-    try:
-        qm, vm = daemons.pair(["-drive", "file=d.hds,format=parallels,if=none,id=d0"], setup)
-        for cmd in ("query-block", "query-named-block-nodes"):
-            q = normalise(qm.cmd_line(cmd)).replace(str(tmp_path / "q"), "DIR")
-            v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
-            assert v == q, cmd
-        assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
-        socks = []
-        for mon in (qm, vm):
-            sock = short_sock("n.sock")
-            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
-            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
-            socks.append(f"nbd+unix:///d0?socket={sock}")
-        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for op in ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 1M 128k", "write -P 0x33 3M 1M"]:
-            for url in socks:
-                w = qemu_io("-f", "raw", "-c", op, url)
-                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
-        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for mon in (qm, vm):
-            mon.send_raw(b'{"execute": "quit"}')
-        for proc in daemons.procs:
-            proc.wait(timeout=60)
-        assert (tmp_path / "q" / "d.hds").read_bytes() == (tmp_path / "v" / "d.hds").read_bytes()
-    finally:
-        daemons.cleanup()
+    daemon_drive_roundtrip(tmp_path, "d.hds", "parallels", setup,
+                           writes=["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 1M 128k",
+                                   "write -P 0x33 3M 1M"])
 
 
 AS_LIMIT = 1 << 30

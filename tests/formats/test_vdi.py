@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
@@ -254,42 +255,11 @@ def test_library_writes(tmp_path: Path, static: str) -> None:
 
 @pytest.mark.parametrize("static", ["off", "on"])
 def test_daemon_drive(tmp_path: Path, static: str) -> None:
-    from tests.daemon.conftest import Daemons, normalise
-    from tests.nbd.conftest import short_sock
-
     def setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "vdi", "-o", f"static={static}", "d.vdi", "4M", cwd=d)
         _io(d, "d.vdi", PATTERN)
 
-    daemons = Daemons(tmp_path)
-    try:
-        qm, vm = daemons.pair(["-drive", "file=d.vdi,format=vdi,if=none,id=d0"], setup)
-        for cmd in ("query-block", "query-named-block-nodes"):
-            q = normalise(qm.cmd_line(cmd)).replace(str(tmp_path / "q"), "DIR")
-            v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
-            assert v == q, cmd
-        assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
-        socks = []
-        for mon in (qm, vm):
-            sock = short_sock("n.sock")
-            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
-            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
-            socks.append(f"nbd+unix:///d0?socket={sock}")
-        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vdi", socks[1], str(tmp_path / "v" / "d.vdi"))
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for op in ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]:
-            for url in socks:
-                w = qemu_io("-f", "raw", "-c", op, url)
-                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
-        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for mon in (qm, vm):
-            mon.send_raw(b'{"execute": "quit"}')
-        for proc in daemons.procs:
-            proc.wait(timeout=60)
-        _same_file(tmp_path / "q" / "d.vdi", tmp_path / "v" / "d.vdi")
-    finally:
-        daemons.cleanup()
+    daemon_drive_roundtrip(tmp_path, "d.vdi", "vdi", setup, same_files=_same_file)
 
 
 # -- damage sweep --------------------------------------------------------------------------------

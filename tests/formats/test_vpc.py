@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
@@ -383,45 +384,18 @@ def test_convert_chain_of_writes(tmp_path: Path) -> None:
 
 # -- the daemon ----------------------------------------------------------------------------------
 
+def _same_masked_bytes(q: Path, v: Path) -> None:
+    assert _mask(bytearray(v.read_bytes())) == _mask(bytearray(q.read_bytes()))
+
+
 @pytest.mark.parametrize("kind", ["dynamic", "fixed"])
 def test_daemon_drive(tmp_path: Path, kind: str) -> None:
-    from tests.daemon.conftest import Daemons, normalise
-    from tests.nbd.conftest import short_sock
-
     def setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "vpc", "-o", f"subformat={kind}", "d.vpc", "4M", cwd=d)
         _io(d, "d.vpc", PATTERN)
 
-    daemons = Daemons(tmp_path)
-    try:
-        qm, vm = daemons.pair(["-drive", "file=d.vpc,format=vpc,if=none,id=d0"], setup)
-        for cmd in ("query-block", "query-named-block-nodes"):
-            q = normalise(qm.cmd_line(cmd)).replace(str(tmp_path / "q"), "DIR")
-            v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
-            assert v == q, cmd
-        assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
-        socks = []
-        for mon in (qm, vm):
-            sock = short_sock("n.sock")
-            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
-            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
-            socks.append(f"nbd+unix:///d0?socket={sock}")
-        r = qemu_img("compare", "-U", "-f", "raw", "-F", "vpc", socks[1], str(tmp_path / "v" / "d.vpc"))
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for op in ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]:
-            for url in socks:
-                w = qemu_io("-f", "raw", "-c", op, url)
-                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
-        r = qemu_img("compare", "-f", "raw", "-F", "raw", socks[0], socks[1])
-        assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
-        for mon in (qm, vm):
-            mon.send_raw(b'{"execute": "quit"}')
-        for proc in daemons.procs:
-            proc.wait(timeout=60)
-        q_img = _mask(bytearray((tmp_path / "q" / "d.vpc").read_bytes()))
-        assert _mask(bytearray((tmp_path / "v" / "d.vpc").read_bytes())) == q_img
-    finally:
-        daemons.cleanup()
+    daemon_drive_roundtrip(tmp_path, "d.vpc", "vpc", setup,
+                           same_files=_same_masked_bytes)
 
 
 # -- damage sweep --------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""One daemon round trip for a format: vdkit-daemon and qemu-system-x86_64 on the same drive.
+
+``query-block``, ``query-named-block-nodes`` and ``info block -v`` must read the
+same; the drive exported (writable) over NBD by each must read as the image
+and as each other; the same qemu-io writes over NBD to both must leave files
+that ``same_files`` accepts once both processes quit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import qemu_img, qemu_io
+from tests.daemon.conftest import Daemons, normalise
+from tests.nbd.conftest import short_sock
+
+NBD_WRITES = ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]
+
+
+def _identical(a: str, b: str, *opts: str) -> None:
+    r = qemu_img("compare", *opts, a, b)
+    assert (r.returncode, r.stdout) == (0, "Images are identical.\n"), r.stdout + r.stderr
+
+
+def bytes_equal(q: Path, v: Path) -> None:
+    assert q.read_bytes() == v.read_bytes()
+
+
+def daemon_drive_roundtrip(tmp_path: Path, image: str, fmt: str, setup: Callable[[Path], None], *,
+                           writes: list[str] = NBD_WRITES,
+                           same_files: Callable[[Path, Path], None] = bytes_equal) -> None:
+    daemons = Daemons(tmp_path)
+    try:
+        qm, vm = daemons.pair(["-drive", f"file={image},format={fmt},if=none,id=d0"], setup)
+        for cmd in ("query-block", "query-named-block-nodes"):
+            q = normalise(qm.cmd_line(cmd)).replace(str(tmp_path / "q"), "DIR")
+            v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
+            assert v == q, cmd
+        assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
+        socks = []
+        for mon in (qm, vm):
+            sock = short_sock("n.sock")
+            assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+            assert mon.cmd("nbd-server-add", {"device": "d0", "writable": True}) == {"return": {}}
+            socks.append(f"nbd+unix:///d0?socket={sock}")
+        _identical(socks[0], socks[1], "-f", "raw", "-F", "raw")
+        _identical(socks[1], str(tmp_path / "v" / image), "-U", "-f", "raw", "-F", fmt)
+        for op in writes:
+            for url in socks:
+                w = qemu_io("-f", "raw", "-c", op, url)
+                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
+        _identical(socks[0], socks[1], "-f", "raw", "-F", "raw")
+        for mon in (qm, vm):
+            mon.send_raw(b'{"execute": "quit"}')
+        for proc in daemons.procs:
+            proc.wait(timeout=60)
+        same_files(tmp_path / "q" / image, tmp_path / "v" / image)
+    finally:
+        daemons.cleanup()
