@@ -100,6 +100,7 @@ BAD_DESCRIPTORS = {
     "nooff.vmdk": H.format(t="monolithicFlat") + 'RW 8192 FLAT "monolithicFlat-flat.vmdk"\n',
     "blank-bad.vmdk": H.format(t="monolithicFlat") + '\nRW 8192 FLAT "monolithicFlat-flat.vmdk"\n',
     "foo.vmdk": H.format(t="monolithicFlat") + 'RW 8192 FOO "monolithicFlat-flat.vmdk" 0\n',
+    "utf8.vmdk": H.format(t="mon\xfclithicFlat") + 'RW 8192 FLAT "monolithicFlat-flat.vmdk" 0\n',
     "neg.vmdk": H.format(t="monolithicFlat") + 'RW 8192 FLAT "monolithicFlat-flat.vmdk" -1\n',
     "vmfsoff.vmdk": H.format(t="vmfs") + 'RW 8192 VMFS "monolithicFlat-flat.vmdk" 0\n',
     "type.vmdk": H.format(t="fooBar") + 'RW 8192 FLAT "monolithicFlat-flat.vmdk" 0\n',
@@ -209,6 +210,8 @@ HEADER_CASES = {
     "l1-32bit": [(44, "<I", 256), (20, "<Q", 0x1000000)], "l1-32bit-wrap": [(44, "<I", 256), (20, "<Q", 0x1000001)],
     "l2-first": [(44, "<I", 1024), (20, "<Q", 0)], "gtes-huge": [(44, "<I", 0x80000000)],
     "capacity0": [(12, "<Q", 0)], "compress-alg": [(77, "<H", 1)],
+    "gd-unreadable": [(56, "<Q", 0x40000000000000)], "rgd-unreadable": [(48, "<Q", 0x40000000000000)],
+    "rgd-wraps": [(48, "<Q", 0x8000000000000000)], "gd-edge": [(56, "<Q", 0x3FFFFFE0000000)],
     "flags": [(8, "<I", 0x40003)], "gte-past-eof": [(0x3600, "<I", 0xFFFF)], "gd-zero": [(0x3400, "<I", 0)],
     "gte-one-nozg": [(0x3640, "<I", 1)], "magic": [(0, "<I", 0x584D444B)],
 }

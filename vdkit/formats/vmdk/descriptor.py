@@ -79,7 +79,7 @@ def quoted_value(desc: bytes, key: bytes) -> str | None:
     end = desc.find(b'"', start)
     if end < 0 or start > len(desc):
         return None
-    return desc[start:end].decode("latin-1")
+    return desc[start:end].decode("utf-8", "surrogateescape")
 
 
 def _scan_string(text: bytes, pos: int, width: int) -> tuple[bytes, int] | None:
@@ -162,7 +162,7 @@ def parse_extents(desc: bytes) -> list[ExtentLine]:
             offset = vals[4] if matches == 5 else 0
             assert isinstance(sectors, int) and isinstance(offset, int)
             assert isinstance(type_, bytes) and isinstance(fname, bytes) and isinstance(access, bytes)
-            line = desc[pos:n if eol < 0 else eol].decode("latin-1")
+            line = desc[pos:n if eol < 0 else eol].decode("utf-8", "surrogateescape")
             bad = False
             if type_ == b"FLAT":
                 bad = matches != 5 or offset < 0

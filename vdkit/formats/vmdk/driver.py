@@ -99,7 +99,7 @@ class SparseExtent(Extent):
         page = index >> 10
         ent = cache.get(page)
         if ent is None:
-            off = base * SECTOR + page * 4096
+            off = _byte_offset(base) + page * 4096
             size = self.file.size()
             n = min(1024, self.l1_size - page * 1024)
             avail = max(0, min(n * 4, size - off)) if off < (1 << 63) else 0
@@ -176,6 +176,13 @@ class SparseExtent(Extent):
         return out
 
 
+def _byte_offset(sector: int) -> int:
+    """A 64-bit sector number as the byte offset QEMU computes (wrapping in 64 bits; a negative
+    result is past every limit)."""
+    off = (sector * SECTOR) & 0xFFFFFFFFFFFFFFFF
+    return off if off < 1 << 63 else 1 << 64
+
+
 def _resolve(image: str, stored: str) -> str:
     from vdkit.block.chain import resolve_backing_name
 
@@ -218,6 +225,13 @@ def read_sparse_header(file: ImageFile, name: str) -> tuple[SparseHeader, int]:
     l1_size = ((h.capacity + l1_entry - 1) // l1_entry) & 0xFFFFFFFF
     if l1_size > MAX_L1_ENTRIES:
         raise OpenError("L1 size too big", errno=errno.EFBIG)
+    # QEMU reads both directories at open: a read reaching past the largest device size fails
+    tables = [(h.gd_offset, "l1 table")]
+    if h.flags & FLAG_RGD:
+        tables.append((h.rgd_offset, "l1 backup table"))
+    for sector, what in tables:
+        if _byte_offset(sector) + l1_size * 4 > BDRV_MAX_LENGTH:
+            raise OpenError(f"Could not read {what} from extent '{name}': Input/output error", errno=errno.EIO)
     return h, l1_size
 
 
