@@ -55,6 +55,10 @@ def resolve_backing_name(image_filename: str, stored: str) -> str | None:
     """
     if stored.startswith("/") or has_protocol(stored):
         return stored
+    if image_filename.startswith(("http://", "https://")):
+        from vdkit.protocols.http import backing_base  # a plain URL has a directory (protocols.md §3.5)
+
+        return backing_base(image_filename, stored)
     if has_protocol(image_filename):
         return None
     slash = image_filename.rfind("/")
@@ -182,6 +186,10 @@ class BackingWalk:
             )
         if not self.names_only and self.depth + 1 >= self.policy.max_chain_depth:
             raise OpenError(f"Backing chain is deeper than {self.policy.max_chain_depth} images")
-        self.policy.check("backing file", stored, resolved)
+        if filename.startswith(("http://", "https://")) and resolved.startswith(("http://", "https://")):
+            if not self.policy.follow_backing:  # a remote image's backing file on the same kind of server
+                self.policy.check("backing file", stored, resolved)
+        else:
+            self.policy.check("backing file", stored, resolved)
         self.depth += 1
         return resolved

@@ -322,6 +322,12 @@ def _open(
         file = NbdFile(name, readonly=readonly, force_share=force_share)
         return _open_on(file, file.filename, fmt, readonly=readonly, force_share=force_share, backing=backing,
                         check_mode=check_mode, no_io=no_io, walk=walk)
+    elif proto in ("http", "https"):
+        from vdkit.protocols.http import HttpFile
+
+        hfile = HttpFile(name, readonly=readonly, force_share=force_share)
+        return _open_on(hfile, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
+                        force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:

@@ -1,0 +1,246 @@
+"""The http/https protocols: vdkit-img reads images served by a real nginx as qemu-img's curl driver does.
+
+nginx (Debian's ``nginx-light``) serves a folder over plain HTTP and over TLS
+with a self-signed certificate made here with ``openssl req -x509``; a
+``/norange/`` location answers with ``max_ranges 0`` (no byte ranges).  Small
+misbehaving servers (one that ignores Range, one that never answers) are made
+by the tests.  Every command runs through qemu-img (``qemu-block-extra``'s
+curl driver) and vdkit-img and the outputs are compared
+(``shared/reference/protocols.md`` §3 has QEMU 7.2's transcripts).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+
+NGINX_CONF = """\
+daemon off;
+user {user};
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/tmp;
+    proxy_temp_path {prefix}/tmp;
+    fastcgi_temp_path {prefix}/tmp;
+    uwsgi_temp_path {prefix}/tmp;
+    scgi_temp_path {prefix}/tmp;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{http};
+        listen 127.0.0.1:{https} ssl;
+        ssl_certificate {prefix}/cert.pem;
+        ssl_certificate_key {prefix}/key.pem;
+        root {www};
+        location /norange/ {{ max_ranges 0; }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"nginx exited: {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail("nginx did not start listening")
+
+
+class Web:
+    """URLs of the running nginx and the folder it serves."""
+
+    def __init__(self, www: Path, http: int, https: int) -> None:
+        self.www = www
+        self.http = f"http://127.0.0.1:{http}"
+        self.https = f"https://127.0.0.1:{https}"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    """nginx serving d.qcow2, r.raw, base/top.qcow2 (also under sub/ and norange/), http and https."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx is not installed; run 'make test' (it installs nginx-light)")
+    tmp = tmp_path_factory.mktemp("web")
+    www = tmp / "www"
+    (www / "sub").mkdir(parents=True)
+    (www / "norange").mkdir()
+    (tmp / "tmp").mkdir()
+    d = www / "d.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(d), "64M")
+    assert qemu_io("-c", "write -P 0xab 0 1M", "-c", "write -z 4M 1M", "-c", "write -P 0xcd 8M 64k",
+                   str(d)).returncode == 0
+    r = www / "r.raw"
+    check_ok("create", "-q", "-f", "raw", str(r), "16M")
+    assert qemu_io("-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 1M 128k",
+                   str(r)).returncode == 0
+    for folder in (www, www / "sub"):
+        check_ok("create", "-q", "-f", "qcow2", str(folder / "base.qcow2"), "4M")
+        assert qemu_io("-c", "write -P 0x33 0 1M", str(folder / "base.qcow2")).returncode == 0
+        check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(folder / "top.qcow2"),
+                 cwd=folder)
+        assert qemu_io("-c", "write -P 0x44 2M 512k", str(folder / "top.qcow2")).returncode == 0
+    shutil.copy(r, www / "norange" / "r.raw")
+    subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    http, https = _free_port(), _free_port()
+    conf = tmp / "nginx.conf"
+    user = pwd.getpwuid(os.getuid()).pw_name  # workers read the 0700 temporary folder as its owner
+    conf.write_text(NGINX_CONF.format(user=user, prefix=tmp, www=www, http=http, https=https))
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(http, proc)
+        _wait_port(https, proc)
+        yield Web(www, http, https)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _same(*args: str, cwd: Path | None = None, variable: str | None = None) -> str:
+    """Run both tools; ``variable`` is a regex for figures libcurl makes up (milliseconds) blanked in stderr."""
+    q = qemu_img(*args, cwd=cwd)
+    v = vdkit_img(*args, cwd=cwd)
+    assert "Traceback" not in v.stderr and "internal error" not in v.stderr, v.stderr
+    qe, ve = q.stderr, v.normalized_stderr()
+    if variable is not None:
+        qe, ve = re.sub(variable, "N", qe), re.sub(variable, "N", ve)
+    assert (v.stdout, ve, v.returncode) == (q.stdout, qe, q.returncode), (args, q.stderr)
+    return q.stdout
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_info_map_of_served_images(web: Web, scheme: str) -> None:
+    base = web.http if scheme == "http" else web.https
+    if scheme == "https":
+        pytest.importorskip("ssl")
+    # A self-signed certificate: only --image-opts/json: with sslverify off can read https; plain http here
+    if scheme == "http":
+        for name in ("d.qcow2", "r.raw", "top.qcow2", "sub/top.qcow2"):
+            url = f"{base}/{name}"
+            out = _same("info", url)
+            assert "disk size: unavailable" in out, out
+            _same("info", "--output=json", url)
+            _same("map", url)
+            _same("map", "--output=json", url)
+        _same("info", "--backing-chain", f"{base}/sub/top.qcow2")
+        _same("info", "--output=json", "--backing-chain", f"{base}/top.qcow2")
+        _same("check", f"{base}/d.qcow2")
+        _same("check", f"{base}/r.raw")
+        _same("snapshot", "-l", f"{base}/d.qcow2")
+    else:
+        # the certificate is not trusted: QEMU's text, and the same without a hang
+        _same("info", f"{base}/r.raw")
+
+
+def test_convert_and_compare(web: Web, tmp_path: Path) -> None:
+    for name in ("d.qcow2", "r.raw", "top.qcow2"):
+        url = f"{web.http}/{name}"
+        for fmt in ("raw", "qcow2"):
+            q, v = tmp_path / f"q.{fmt}", tmp_path / f"v.{fmt}"
+            assert qemu_img("convert", "-O", fmt, url, str(q)).returncode == 0
+            r = vdkit_img("convert", "-O", fmt, url, str(v))
+            assert r.returncode == 0, r.stderr
+            assert qemu_img("compare", str(q), str(v)).returncode == 0
+            if fmt == "raw":
+                assert q.read_bytes() == v.read_bytes()
+        _same("compare", url, str(web.www / name))
+    _same("compare", f"{web.http}/r.raw", f"{web.http}/d.qcow2")
+
+
+def test_errors(web: Web) -> None:
+    ms = r"\d+ (ms|milliseconds)"
+    _same("info", f"{web.http}/missing.raw")
+    _same("info", f"{web.http}/")
+    _same("info", f"{web.http}/norange/r.raw")
+    _same("info", f"{web.https}/r.raw")
+    _same("info", f"http://127.0.0.1:{_free_port()}/r.raw", variable=ms)
+    _same("create", "-f", "raw", f"{web.http}/new.raw", "16M")
+    _same("convert", "-n", "-O", "raw", str(web.www / "r.raw"), f"{web.http}/r.raw")
+
+
+def _serve(handler: object) -> tuple[int, socket.socket]:
+    """A listener on a free port whose connections are passed to ``handler(conn)`` in threads."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
+
+    threading.Thread(target=loop, daemon=True).start()
+    return int(srv.getsockname()[1]), srv
+
+
+def test_server_ignoring_range(web: Web) -> None:
+    """A server that answers HEAD without Accept-Ranges (python's http.server does that): no GET is tried."""
+    body = (web.www / "r.raw").read_bytes()
+
+    def handler(conn: socket.socket) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            while True:
+                line = f.readline()
+                if not line:
+                    return
+                method = line.split()[0]
+                while f.readline() not in (b"\r\n", b""):
+                    pass
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                conn.sendall(head if method == b"HEAD" else head + body)
+
+    port, srv = _serve(handler)
+    try:
+        _same("info", f"http://127.0.0.1:{port}/r.raw")
+    finally:
+        srv.close()
+
+
+def test_mute_server_times_out(web: Web) -> None:
+    """A server that accepts and never answers: QEMU's text after its 5 s default, no hang."""
+    held: list[socket.socket] = []
+    port, srv = _serve(held.append)
+    try:
+        start = time.monotonic()
+        _same("info", f"http://127.0.0.1:{port}/r.raw", variable=r"\d+ milliseconds")
+        assert time.monotonic() - start < 30
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
