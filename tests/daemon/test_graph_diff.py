@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,23 @@ def _setup(d: Path) -> None:
     check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=d)
 
 
-def _run(daemons: Daemons, args: list[str], script: list[Any], *, blank_sizes: bool = False) -> None:
+def run_script(daemons: Daemons, args: list[str], script: list[Any], *, blank_sizes: bool = False,
+               setup: Callable[[Path], None] = _setup, quit: bool = False) -> dict[str, Path]:
+    """Run ``script`` (QMP ``(name, arguments)`` or HMP lines) on both; compare; the two trees.
+
+    The trees are ``qemu/`` and ``vdki/`` (names of equal length, so files that
+    record their own path can be compared byte for byte after replacing it).
+    ``quit`` ends both processes afterwards (images flushed and unlocked).
+    """
     out: dict[str, list[str]] = {}
-    for who in ("qemu", "vdkit"):
-        d = daemons.tmp / who
+    trees = {}
+    for who, dirname in (("qemu", "qemu"), ("vdkit", "vdki")):
+        d = daemons.tmp / dirname
+        trees[who] = d
         d.mkdir()
-        _setup(d)
+        setup(d)
         argv = [a.replace("DIR", str(d)) for a in args]
-        _, path, _ = getattr(daemons, who)(argv, d)
+        proc, path, _ = getattr(daemons, who)(argv, d)
         m = daemons.monitor(path).negotiate()
         lines = []
         for step in script:
@@ -48,10 +58,22 @@ def _run(daemons: Daemons, args: list[str], script: list[Any], *, blank_sizes: b
             if blank_sizes:
                 text = re.sub(r'"actual-size": \d+', '"actual-size": N', text)
                 text = re.sub(r'("virtual-size": )\d+(, "filename": "[^"]*", "format": "file")', r"\1N\2", text)
+                text = re.sub(r"disk size: .*", "disk size: N", text)
             lines.append(f"{step!r}\n{text}")
         out[who] = lines
+        if quit:
+            m.cmd("quit")
+            proc.wait(timeout=30)
     for q, v in zip(out["qemu"], out["vdkit"], strict=True):
+        if v != q:  # the first differing member, readable
+            qs, vs = q.split(", "), v.split(", ")
+            k = next((i for i, (a, b) in enumerate(zip(qs, vs, strict=False)) if a != b), min(len(qs), len(vs)))
+            assert vs[max(0, k - 3):k + 3] == qs[max(0, k - 3):k + 3], q.split("\n")[0]
         assert v == q
+    return trees
+
+
+_run = run_script
 
 
 FILE_BASE = {"driver": "file", "filename": "DIR/base.qcow2"}

@@ -46,9 +46,11 @@ class _BorrowedFile(ImageFile):
     def __init__(self, owner: ImageFile) -> None:  # noqa: D107 - no new file is opened
         self.__dict__.update(owner.__dict__)
         self._owner = owner
+        self.owns = False  # set when the protocol node is handed over with the format node
 
     def close(self) -> None:
-        pass  # the protocol node owns the descriptor and its locks
+        if self.owns:  # else the protocol node owns the descriptor and its locks
+            self._owner.close()
 
 
 @dataclass(eq=False)
@@ -99,7 +101,7 @@ class GraphNode:
         d: dict[str, Any] = {"driver": self.driver}
         assert self.child is not None
         d["file"] = self.child.describe()
-        if self.backing_override:
+        if self.filename.startswith("json:"):
             d["backing"] = self.backing.describe() if self.backing is not None else None
         return d
 
@@ -120,17 +122,54 @@ def refresh_filename(g: GraphNode) -> None:
     if not g.backing_override or not _backing_differs(g):
         g.filename = g.plain_filename()
     else:
-        g.filename = "json:" + json.dumps(g.describe(), sort_keys=True)
+        assert g.child is not None
+        d = {"backing": g.backing.describe() if g.backing is not None else None, "driver": g.driver,
+             "file": g.child.describe()}
+        g.filename = "json:" + json.dumps(d, sort_keys=True)
     if g.node is not None:
         g.node.filename = g.filename
 
 
 def _backing_differs(g: GraphNode) -> bool:
+    """QEMU's rule: the header's backing string differs from the backing node's filename."""
     assert g.node is not None
     stored = g.node.driver.backing_file
     if g.backing is None:
         return stored is not None
-    return True  # a backing given by reference is never "what the header says" for QEMU
+    return stored != g.backing.filename
+
+
+def describe_node(node: Node) -> dict[str, Any]:
+    """A drive's node as a json: filename describes it: its backing only if its own name is json:."""
+    d: dict[str, Any] = {"driver": node.format, "file": {"driver": "file", "filename": node.driver.file.filename}}
+    if node.filename.startswith("json:"):
+        d["backing"] = describe_node(node.backing) if node.backing is not None else None
+    return d
+
+
+def json_filename(node: Node, backing: dict[str, Any] | None) -> str:
+    """``json:{...}`` for ``node`` over the backing described by ``backing``."""
+    d: dict[str, Any] = {"backing": backing, "driver": node.format,
+                         "file": {"driver": "file", "filename": node.driver.file.filename}}
+    return "json:" + json.dumps(d, sort_keys=True)
+
+
+def set_node_readonly(node: Node, ro: bool) -> None:
+    """Reopen ``node`` read-only (or back read-write): its lock bytes change, its descriptor stays.
+
+    QEMU makes the old active image read-only after an external snapshot,
+    which drops its write permission, so other processes may read it.
+    """
+    from vdkit.io.locks import LockMode
+
+    if node.readonly == ro:
+        return
+    node.readonly = ro
+    lock = getattr(node.driver.file, "lock", None)
+    if lock is not None:
+        lock.release()
+        lock.mode = LockMode.for_open(readonly=ro, force_share=False)
+        lock.acquire()
 
 
 @dataclass

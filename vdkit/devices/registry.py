@@ -295,6 +295,40 @@ class DeviceRegistry:
         self._hook_corruption(medium)
         return medium
 
+    def push_overlay(self, medium: Medium, overlay: Node, names: tuple[str, str], serials: tuple[int, int]) -> None:
+        """An external snapshot: ``overlay`` becomes the medium's top, the old top its read-only backing.
+
+        The Medium object stays the same, so the drive, its NBD exports and
+        its throttling follow the new top (QEMU moves every parent of the old
+        node onto the overlay).
+        """
+        from vdkit.devices.graph import set_node_readonly
+
+        old = medium.node
+        if not old.readonly:
+            old.flush()
+        overlay.backing = old
+        medium.node = overlay
+        medium.names.insert(0, names)
+        medium.serials.insert(0, serials)
+        set_node_readonly(old, True)
+        self._hook_corruption(medium)
+
+    def pop_overlay(self, medium: Medium) -> Node:
+        """Undo :meth:`push_overlay` (a failed transaction); returns the detached overlay, still open."""
+        from vdkit.devices.graph import set_node_readonly
+
+        overlay = medium.node
+        old = overlay.backing
+        assert old is not None
+        overlay.backing = None
+        medium.node = old
+        del medium.names[0]
+        del medium.serials[0]
+        set_node_readonly(old, medium.ro)
+        self._hook_corruption(medium)
+        return overlay
+
     def _hook_corruption(self, medium: Medium) -> None:
         for i, layer in enumerate(medium.node.chain()):
             layer.driver.corruption_hook = functools.partial(self._corruption, medium, i)

@@ -9,9 +9,11 @@ same handlers serve QMP and HMP.  Texts of errors are QEMU 7.2's
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,7 @@ from vdkit.info.model import (
     SnapshotInfo,
 )
 from vdkit.info.render_json import dumps_compact, to_qobject
-from vdkit.monitor import nbd_cmds
+from vdkit.monitor import external_snapshot, nbd_cmds
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
 
@@ -92,7 +94,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
         backing_file_depth=0 if flat else len(chain) - 1 - index,
         encrypted=node.driver.encrypted,
         detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
-        image=image_info(node, nested=not flat),
+        image=_json_backing_names(node, image_info(node, nested=not flat)),
         cache=_cache(drive, medium, index, backend=backend),
     )
     if backend and drive.throttle.enabled:
@@ -112,6 +114,8 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     node = _chain(medium)[index]
     overlay = index == 0 and medium.overlay_path is not None
     filename = medium.overlay_path if overlay and medium.overlay_path else node.filename
+    if filename.startswith("json:"):  # an external snapshot's overlay: the file node keeps its own name
+        filename = node.driver.file.filename
     image = _file_image_info(node)
     image.filename = filename
     return BlockDeviceInfo(
@@ -207,6 +211,19 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
     return RawJson("[" + ", ".join(p for _, p in parts) + "]")
 
 
+def _json_backing_names(node: Node, image: ImageInfo) -> ImageInfo:
+    """A json: filename has no folder: QEMU resolves the header's backing name against the file child's."""
+    from vdkit.block.chain import resolve_backing_name
+
+    cur: Node | None = node
+    level: ImageInfo | None = image
+    while cur is not None and level is not None:
+        if level.backing_filename is not None and cur.filename.startswith("json:"):
+            level.full_backing_filename = resolve_backing_name(cur.driver.file.filename, level.backing_filename)
+        cur, level = cur.backing, level.backing_image
+    return image
+
+
 def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
     """A node of the ``blockdev-add`` graph as ``query-named-block-nodes`` shows it."""
     if g.node is None:
@@ -221,16 +238,7 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
                                encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
                                                        no_flush=g.cache.no_flush))
-    image = image_info(g.node, nested=not flat)
-    # a json: filename has no folder: QEMU resolves the header's backing name against the file child's
-    cur: GraphNode | None = g
-    level: ImageInfo | None = image
-    while cur is not None and level is not None and cur.node is not None:
-        if level.backing_filename is not None and level.full_backing_filename is None:
-            from vdkit.block.chain import resolve_backing_name
-
-            level.full_backing_filename = resolve_backing_name(cur.plain_filename(), level.backing_filename)
-        cur, level = cur.backing, level.backing_image
+    image = _json_backing_names(g.node, image_info(g.node, nested=not flat))
     return BlockDeviceInfo(
         file=g.filename, node_name=g.name, ro=g.ro, drv=g.driver,
         backing_file=g.backing.filename if g.backing is not None else None,
@@ -560,15 +568,18 @@ ACTION_TYPES = (
 _ACTION_DATA = {
     "abort": (),
     "blockdev-snapshot-internal-sync": (Arg("device"), Arg("name")),
+    "blockdev-snapshot-sync": external_snapshot.SYNC_SCHEMA,
+    "blockdev-snapshot": external_snapshot.SNAPSHOT_SCHEMA,
 }
 
 
 def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """All or nothing: validate every action, check them in order, then create; undo on failure.
+    """All or nothing, as QEMU: every action is prepared in order; if one fails, the prepared ones are undone.
 
-    QEMU prepares (creates) action by action and aborts the prepared ones when
-    a later action fails; checking everything before creating anything gives
-    the same answers and leaves nothing to undo in the common case.
+    Later actions see what earlier ones did (two snapshots of one device
+    chain up; an internal snapshot taken before an external one lands in the
+    image that was active before the transaction).  Files created by
+    external snapshots stay on disk after a rollback, as in QEMU.
     """
     actions = args["actions"]
     datas = []
@@ -578,30 +589,35 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
             raise VdkitError(f"Action type '{action['type']}' is not supported by vdkit")
         datas.append(validate(schema, action["data"], prefix=f"actions[{i}].data."))
     grouped = args.get("properties", {}).get("completion-mode") == "grouped"
-    plan: list[tuple[_Target, str]] = []
-    for action, data in zip(actions, datas, strict=True):
-        if action["type"] == "abort":
-            raise VdkitError("Transaction aborted using Abort action")
-        if grouped:
-            raise VdkitError(f"Action '{action['type']}' does not support Transaction property "
-                             "completion-mode = grouped")
-        t = _resolve_root(ctx, data["device"])
-        _snapshot_create_check(t, data["name"])
-        # a later action may not reuse a name an earlier one creates on the same node
-        if any(p.medium is t.medium and n == data["name"] for p, n in plan):
-            raise VdkitError(f"Snapshot with name '{data['name']}' already exists on device '{t.label}'")
-        plan.append((t, data["name"]))
-    done: list[tuple[_Target, SnapshotEntry]] = []
+    undo: list[Callable[[], None]] = []
     try:
-        for t, name in plan:
-            done.append((t, _snapshot_create_do(ctx, t, name)))
+        for action, data in zip(actions, datas, strict=True):
+            kind = action["type"]
+            if kind == "abort":
+                raise VdkitError("Transaction aborted using Abort action")
+            if grouped:
+                raise VdkitError(f"Action '{kind}' does not support Transaction property "
+                                 "completion-mode = grouped")
+            if kind == "blockdev-snapshot-sync":
+                undo.append(external_snapshot.prepare_sync(ctx, data))
+            elif kind == "blockdev-snapshot":
+                undo.append(external_snapshot.prepare_snapshot(ctx, data))
+            else:
+                t = _resolve_root(ctx, data["device"])
+                _snapshot_create_check(t, data["name"])
+                entry = _snapshot_create_do(ctx, t, data["name"])
+                undo.append(functools.partial(_undo_internal, t, entry))
     except VdkitError:
-        for t, entry in reversed(done):
+        for fn in reversed(undo):
             try:
-                _delete(t.medium, snapshot_id=entry.id_str, name=entry.name)
+                fn()
             except (OSError, VdkitError):
                 pass
         raise
+
+
+def _undo_internal(t: _Target, entry: SnapshotEntry) -> None:
+    _delete(t.medium, snapshot_id=entry.id_str, name=entry.name)
 
 
 # --------------------------------------------------------------------------
@@ -825,3 +841,5 @@ def register(reg: CommandRegistry) -> None:
     props = opt("properties", "object", members=(
         opt("completion-mode", enum=("individual", "grouped"), enum_label="completion-mode"),))
     r("transaction", Arg("actions", "array", items=action), props)(transaction)
+    r("blockdev-snapshot-sync", *external_snapshot.SYNC_SCHEMA)(external_snapshot.blockdev_snapshot_sync)
+    r("blockdev-snapshot", *external_snapshot.SNAPSHOT_SCHEMA)(external_snapshot.blockdev_snapshot)

@@ -477,6 +477,12 @@ def _block_resize(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) 
     return ""
 
 
+def _snapshot_blkdev(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "blockdev-snapshot-sync", device=a["device"], **{"snapshot-file": a.get("snapshot-file")},
+         format=a.get("format", "qcow2"), mode="existing" if a.get("reuse") else "absolute-paths")
+    return ""
+
+
 def _snap_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     _qmp(reg, ctx, "blockdev-snapshot-internal-sync", device=a["device"], name=a["name"])
     return ""
@@ -591,6 +597,15 @@ COMMANDS = (
     HmpCommand(("quit", "q"), "", "quit the emulator", _simple("quit")),
     HmpCommand(("savevm",), "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created",
                _savevm, "name:s?"),
+    HmpCommand(("snapshot_blkdev",), "[-n] device [new-image-file] [format]",
+               "initiates a live snapshot\n\t\t\tof device. If a new image file is specified, the\n"
+               "\t\t\tnew image file will become the new root image.\n"
+               "\t\t\tIf format is specified, the snapshot file will\n"
+               "\t\t\tbe created in that format.\n"
+               "\t\t\tThe default format is qcow2.  The -n flag requests QEMU\n"
+               "\t\t\tto reuse the image found in new-image-file, instead of\n"
+               "\t\t\trecreating it from scratch.",
+               _snapshot_blkdev, "reuse:-n,device:B,snapshot-file:s?,format:s?"),
     HmpCommand(("snapshot_blkdev_internal",), "device name", "take an internal snapshot of device.\n"
                "\t\t\tThe format of the image used by device must\n\t\t\tsupport it, such as qcow2.\n\t\t\t",
                _snap_internal, "device:B,name:s"),

@@ -1,0 +1,247 @@
+"""External snapshots: ``blockdev-snapshot-sync``, ``blockdev-snapshot`` and their transaction actions.
+
+Each action is *prepared* (checked, file created, overlay opened and put on
+top) and returns an undo function; ``transaction`` prepares actions in order
+and, when one fails, undoes the prepared ones in reverse order, so the graph
+is as before (a file already created stays on disk, as in QEMU).  Checks and
+texts follow ``block-jobs.md`` §2 and what ``qemu-system-x86_64`` 7.2
+answers (``tests/daemon/test_external_snapshot_diff.py``).
+
+The new overlay of ``blockdev-snapshot-sync`` (mode ``absolute-paths``) is
+created as ``qemu-img create -f FMT -b OLD -F OLDFMT FILE SIZE``, where OLD
+is the old active node's filename as the daemon knows it (relative stays
+relative, ``json:`` is written verbatim) and SIZE its virtual size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from vdkit.devices.graph import describe_node, json_filename
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import Arg, opt
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.devices.graph import GraphNode
+    from vdkit.devices.registry import DeviceRegistry, Drive
+    from vdkit.monitor.commands import CommandContext
+
+Undo = Callable[[], None]
+
+SYNC_SCHEMA = (opt("device"), opt("node-name"), Arg("snapshot-file"), opt("snapshot-node-name"), opt("format"),
+               opt("mode", enum=("existing", "absolute-paths")))
+SNAPSHOT_SCHEMA = (Arg("node"), Arg("overlay"))
+
+
+def _name_in_use(machine: DeviceRegistry, name: str) -> bool:
+    return machine.find_drive(name) is not None or name in machine.all_node_names()
+
+
+def _lookup(machine: DeviceRegistry, device: str | None,
+            node_name: str | None) -> tuple[Drive | None, GraphNode | None]:
+    """QEMU's bdrv_lookup_bs: a backend name first, then a node name; (drive, None) or (None, graph node)."""
+    if device is not None:
+        drive = machine.find_drive(device)
+        if drive is not None:
+            if drive.medium is None or drive.medium.dead:
+                raise VdkitError(f"Device '{device}' has no medium")
+            return drive, None
+    if node_name is not None:
+        for drive in machine.drives:
+            m = drive.medium
+            if m is None:
+                continue
+            for i, (fmt_name, _file_name) in enumerate(m.names):
+                if fmt_name == node_name:
+                    if i:  # a backing node: its parent blocks snapshots of it
+                        raise VdkitError(f"Node '{node_name}' is busy: node is used as backing hd of "
+                                         f"'{m.names[i - 1][0]}'")
+                    return drive, None
+        g = machine.graph.find(node_name)
+        if g is not None:
+            return None, g
+    raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def _check_new_name(machine: DeviceRegistry, name: str) -> None:
+    from vdkit.monitor.graph_cmds import check_node_name
+
+    check_node_name(machine, name)
+
+
+def _create_overlay(path: str, fmt: str, backing: str, backing_fmt: str, size: int) -> None:
+    from vdkit.formats.registry import FORMATS, format_module, is_known
+    from vdkit.io.file import ImageFile
+    from vdkit.opts import CreateOpts, with_file_options
+
+    if not is_known(fmt):
+        raise VdkitError(f"Unknown file format '{fmt}'")
+    if fmt not in FORMATS or not hasattr(format_module(fmt), "create_image"):
+        raise VdkitError(f"Creating '{fmt}' overlays is not supported by vdkit")
+    mod = format_module(fmt)
+    opts = CreateOpts(with_file_options(mod.create_options()))
+    if "backing_file" not in opts.by_name:
+        raise VdkitError(f"Backing file not supported for file format '{fmt}'")
+    if backing == path:
+        raise VdkitError("Error: Trying to create an image with the same filename as the backing file")
+    opts.set("backing_file", backing)
+    opts.set("backing_fmt", backing_fmt)
+    opts.set_number("size", size)
+    try:  # an image this daemon (or anyone) holds is refused before it is overwritten, as QEMU does
+        ImageFile(path, readonly=False).close()
+    except VdkitError as exc:
+        if exc.errno != 2:  # ENOENT: a new file
+            raise
+    mod.create_image(path, opts)
+
+
+def _open_overlay(path: str, fmt: str | None, ro: bool) -> Node:
+    from vdkit.block.node import open_image
+    from vdkit.monitor.block_cmds import open_error
+
+    try:
+        return open_image(path, fmt, readonly=ro, backing=False)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
+
+
+def prepare_sync(ctx: CommandContext, args: dict[str, Any]) -> Undo:
+    """``blockdev-snapshot-sync``: checks in QEMU's order, create (or open) the overlay, put it on top."""
+    machine = ctx.machine
+    device, node_name = args.get("device"), args.get("node-name")
+    drive, graph_node = _lookup(machine, device, node_name)
+    new_name = args.get("snapshot-node-name")
+    if node_name is not None and new_name is None:
+        raise VdkitError("New overlay node-name missing")
+    if new_name is not None and _name_in_use(machine, new_name):
+        raise VdkitError("New overlay node-name already in use")
+    fmt = args.get("format", "qcow2")
+    path = args["snapshot-file"]
+    existing = args.get("mode", "absolute-paths") == "existing"
+    if drive is not None:
+        assert drive.medium is not None
+        old, ro = drive.medium.node, drive.medium.ro
+    else:
+        assert graph_node is not None
+        if graph_node.node is None:
+            raise VdkitError("Snapshots of protocol nodes are not supported by vdkit")
+        old, ro = graph_node.node, graph_node.ro
+    if not existing:
+        _create_overlay(path, fmt, old.filename, old.format, old.size)
+    overlay = _open_overlay(path, args.get("format") if existing else fmt, ro)
+    try:
+        if new_name is not None:
+            _check_new_name(machine, new_name)
+        if "backing_file" not in _create_option_names(overlay.format):
+            raise VdkitError("The overlay does not support backing images")
+    except BaseException:
+        overlay.close()
+        raise
+    if drive is None:
+        # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4)
+        overlay.close()
+        return lambda: None
+    return _attach_to_drive(machine, drive, overlay, new_name)
+
+
+def _create_option_names(fmt: str) -> set[str]:
+    from vdkit.formats.registry import FORMATS, format_module
+
+    if fmt not in FORMATS or not hasattr(format_module(fmt), "create_options"):
+        return set()
+    return {d.name for d in format_module(fmt).create_options()}
+
+
+def _attach_to_drive(machine: DeviceRegistry, drive: Drive, overlay: Node, new_name: str | None) -> Undo:
+    medium = drive.medium
+    assert medium is not None
+    old = medium.node
+    stored = overlay.driver.backing_file
+    if stored != old.filename:  # the header does not name the node below: QEMU's json: filename
+        overlay.filename = json_filename(overlay, describe_node(old))
+    file_serial = machine.next_serial()
+    fmt_serial = machine.next_serial()
+    file_name = machine.auto_name()
+    if new_name is not None:
+        machine.claim_name(new_name)
+        fmt_name = new_name
+    else:
+        fmt_name = machine.auto_name()
+    machine.push_overlay(medium, overlay, (fmt_name, file_name), (fmt_serial, file_serial))
+
+    def undo() -> None:
+        node = machine.pop_overlay(medium)
+        machine.release_name(fmt_name)
+        machine.release_name(file_name)
+        node.close()
+
+    return undo
+
+
+def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
+    """``blockdev-snapshot``: an overlay from ``blockdev-add`` (no backing opened) goes on top of ``node``."""
+    from vdkit.devices.graph import _BorrowedFile, refresh_filename
+
+    machine = ctx.machine
+    node_arg, ovl_arg = args["node"], args["overlay"]
+    drive, target = _lookup(machine, node_arg, node_arg)
+    ovl_drive, ovl = _lookup(machine, ovl_arg, ovl_arg)
+    if ovl_drive is not None or ovl is None or machine.graph.parents_of(ovl):
+        raise VdkitError("The overlay is already in use")
+    if target is not None:
+        for p, role in machine.graph.parents_of(target):
+            if role == "backing":
+                raise VdkitError(f"Node '{target.name}' is busy: node is used as backing hd of '{p.name}'")
+    if ovl.backing is not None:
+        raise VdkitError("The overlay already has a backing image")
+    if ovl.node is None or "backing_file" not in _create_option_names(ovl.driver):
+        raise VdkitError("The overlay does not support backing images")
+    if target is not None:  # both in the graph: only the links change
+        if target is ovl:
+            raise VdkitError("The overlay is already in use")
+        ovl.backing, ovl.backing_override = target, True
+        ovl.node.backing = target.node
+        refresh_filename(ovl)
+
+        def undo_graph() -> None:
+            ovl.backing, ovl.backing_override = None, False
+            assert ovl.node is not None
+            ovl.node.backing = None
+            refresh_filename(ovl)
+
+        return undo_graph
+    assert drive is not None and drive.medium is not None
+    child = ovl.child
+    if child is None or not child.implicit or ovl.node.readonly != drive.medium.ro and not drive.medium.ro:
+        raise VdkitError("An overlay whose file node is shared is not supported by vdkit")
+    medium = drive.medium
+    old = medium.node
+    node = ovl.node
+    node.filename = json_filename(node, describe_node(old)) if node.driver.backing_file != old.filename \
+        else node.filename
+    borrowed = node.driver.file
+    machine.graph.nodes.remove(ovl)
+    machine.graph.nodes.remove(child)
+    if isinstance(borrowed, _BorrowedFile):
+        borrowed.owns = True  # the drive's medium closes the file from now on
+    machine.push_overlay(medium, node, (ovl.name, child.name), (ovl.serial, child.serial))
+
+    def undo() -> None:
+        machine.pop_overlay(medium)
+        if isinstance(borrowed, _BorrowedFile):
+            borrowed.owns = False
+        machine.graph.nodes.extend([child, ovl])
+        machine.graph.nodes.sort(key=lambda g: g.serial)
+        refresh_filename(ovl)
+
+    return undo
+
+
+def blockdev_snapshot_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
+    prepare_sync(ctx, args)
+
+
+def blockdev_snapshot(ctx: CommandContext, args: dict[str, Any]) -> None:
+    prepare_snapshot(ctx, args)
