@@ -11,6 +11,7 @@ overlays each one wrote are compared byte for byte (the tree path replaced), and
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import check_ok, require_tool
@@ -44,6 +45,16 @@ def _chain_info(trees: dict[str, Path], name: str) -> None:
                            capture_output=True, text=True, check=False)
         out[who] = (r.returncode, r.stdout.replace(str(d), "DIR"), r.stderr.replace(str(d), "DIR"))
     assert out["vdkit"] == out["qemu"]
+
+
+def _qemu_img_info(name: str) -> Callable[[Path], str]:
+    def run(d: Path) -> str:
+        r = subprocess.run([require_tool("qemu-img"), "info", name], cwd=d, capture_output=True, text=True,
+                           check=False)
+        return f"{r.returncode} {r.stderr}"
+
+    run.__name__ = f"qemu-img info {name}"
+    return run
 
 
 DRIVES = ["-drive", "file=DIR/top.qcow2,if=none,id=d0",
@@ -116,6 +127,8 @@ def test_snapshot_modes_and_names(daemons: Daemons) -> None:
         "snapshot_blkdev -n d0 DIR/ovl.qcow2 qcow2",
         "info block",
         ("query-block", None),
+        _qemu_img_info("top.qcow2"),  # the old active image, now read-only: another process may open it
+        _qemu_img_info("h.qcow2"),  # active: its write lock refuses qemu-img
     ], setup=_setup, quit=True)
     _same_files(trees, ["sub/r1.qcow2", "odd.qcow2", "j.qcow2", "k.qcow2", "h.qcow2", "ovl.qcow2"])
     _chain_info(trees, "h.qcow2")

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import check_ok
-from tests.daemon.conftest import Daemons, normalise, normalise_hmp
+import pytest
+
+from tests.conftest import check_ok, require_tool
+from tests.daemon.conftest import QEMU_BASE, Daemons, normalise, normalise_hmp
 
 
 def _setup(d: Path) -> None:
@@ -48,7 +52,9 @@ def run_script(daemons: Daemons, args: list[str], script: list[Any], *, blank_si
         m = daemons.monitor(path).negotiate()
         lines = []
         for step in script:
-            if isinstance(step, str):
+            if callable(step):  # a check from outside, e.g. another process opening an image
+                text = step(d)
+            elif isinstance(step, str):
                 text = normalise_hmp(m.hmp(step.replace("DIR", str(d))))
             else:
                 name, arguments = step
@@ -189,3 +195,25 @@ def test_block_resize(daemons: Daemons) -> None:
         ("query-named-block-nodes", None),
         "info block",
     ], blank_sizes=True)
+
+
+@pytest.mark.parametrize("text", [
+    "driver=qcow2,node-name=x,file.driver=file,file.filename=DIR/nonexist",
+    "driver=qcow2,file.driver=file,file.filename=DIR/base.qcow2",
+    "driver=file,node-name=f,filename=DIR/r.raw,read-only=maybe",
+    '{"driver": "file"}',
+    "driver=raw,node-name=r,file=nope",
+    "driver=qcow2,node-name=q,file.driver=file,file.filename=DIR/r.raw",
+])
+def test_blockdev_option_errors(tmp_path: Path, text: str) -> None:
+    """A bad -blockdev stops start-up with QEMU's line (program name aside) and exit status 1."""
+    _setup(tmp_path)
+    arg = text.replace("DIR", str(tmp_path))
+    out = {}
+    for who, cmd in (("qemu", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
+                     ("vdkit", [sys.executable, "-m", "vdkit.daemon.main", "-S"])):
+        r = subprocess.run([*cmd, "-blockdev", arg], capture_output=True, text=True, timeout=60, check=False,
+                           cwd=tmp_path)
+        out[who] = (r.returncode, r.stderr.split(": ", 1)[1])
+    assert out["vdkit"] == out["qemu"]
+    assert out["qemu"][0] == 1
