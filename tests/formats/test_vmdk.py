@@ -463,6 +463,9 @@ def test_daemon_drive(tmp_path: Path) -> None:
             q = re.sub(r'"(parent-)?cid": \d+', "CID", q)
             v = re.sub(r'"(parent-)?cid": \d+', "CID", v)
             assert v == q, cmd
+        hq = re.sub(r"(parent )?cid: \d+", "CID", normalise(qm.hmp("info block -v")))
+        hv = re.sub(r"(parent )?cid: \d+", "CID", normalise(vm.hmp("info block -v")))
+        assert hv == hq
         sock = str(tmp_path / "v" / "n.sock")
         assert vm.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
         assert vm.cmd("nbd-server-add", {"device": "d0"}) == {"return": {}}
