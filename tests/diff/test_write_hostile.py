@@ -172,6 +172,22 @@ def test_random_damage_writers_known_worse(tmp_path: Path, seed: int, writer: st
     assert not diffs, "\n".join(diffs)
 
 
+@pytest.mark.parametrize(("seed", "vm_state"), [(68, None), (68, b"state" * 100), (41, None), (60, None)])
+def test_library_snapshot_on_damaged_image(tmp_path: Path, seed: int, vm_state: bytes | None) -> None:
+    """The daemon's snapshot commands and savevm run this driver code: a refused snapshot (here a tree
+    naming refcount metadata, which the transaction would leave one check error worse) fails with a
+    VdkitError and leaves every byte of the file as it was."""
+    import vdkit
+    from vdkit.errors import VdkitError
+
+    path, _ = damaged_image(tmp_path, seed)
+    before = path.read_bytes()
+    with vdkit.open(str(path), readonly=False) as node, pytest.raises(VdkitError) as err:
+        node.snapshot_create("x", vm_state=vm_state)
+    assert err.value.errno == 22
+    assert path.read_bytes() == before
+
+
 if __name__ == "__main__":
     import tempfile
 
