@@ -159,6 +159,8 @@ class DeviceRegistry:
         self.exports: ExportService | None = None
         # monitor-owned nodes (-blockdev, blockdev-add): vdkit.devices.graph
         self.graph = Graph()
+        # names of blockdev-add nodes that blockdev-snapshot moved into a drive (still the monitor's)
+        self.monitor_owned: set[str] = set()
 
     # -- run state and clock ----------------------------------------------------
     @property
@@ -413,6 +415,8 @@ class DeviceRegistry:
         for fmt_name, file_name in medium.names:
             self._used_names.discard(fmt_name)
             self._used_names.discard(file_name)
+            self.monitor_owned.discard(fmt_name)
+            self.monitor_owned.discard(file_name)
         medium.node.close()
 
     def find_drive(self, name: str) -> Drive | None:

@@ -227,9 +227,11 @@ def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
     if isinstance(borrowed, _BorrowedFile):
         borrowed.owns = True  # the drive's medium closes the file from now on
     machine.push_overlay(medium, node, (ovl.name, child.name), (ovl.serial, child.serial))
+    machine.monitor_owned.add(ovl.name)
 
     def undo() -> None:
         machine.pop_overlay(medium)
+        machine.monitor_owned.discard(ovl.name)
         if isinstance(borrowed, _BorrowedFile):
             borrowed.owns = False
         machine.graph.nodes.extend([child, ovl])

@@ -202,6 +202,7 @@ def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     name = args["node-name"]
+    _refuse_drive_node(machine, name)
     g = machine.graph.find(name)
     if g is None or g.implicit:
         if g is not None:
@@ -216,30 +217,58 @@ def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     delete_node(machine, g)
 
 
+def _refuse_drive_node(machine: DeviceRegistry, name: str) -> None:
+    """A node of a drive: its root is in use by the drive, the others are not the monitor's to delete."""
+    for drive in machine.drives:
+        m = drive.medium
+        if m is None:
+            continue
+        for i, (fmt_name, file_name) in enumerate(m.names):
+            if name == fmt_name and i == 0:
+                raise VdkitError(f"Node {name} is in use")
+            if name in (fmt_name, file_name):
+                if name in machine.monitor_owned and name == fmt_name:
+                    raise VdkitError(f"Node '{name}' is busy: node is used as backing hd of '{m.names[i - 1][0]}'")
+                if name in machine.monitor_owned:
+                    raise VdkitError(f"Block device {name} is in use")
+                raise VdkitError(f"Node {name} is not owned by the monitor")
+
+
 # --------------------------------------------------------------------------
 # block_resize
 # --------------------------------------------------------------------------
 
 
+# QEMU's BDRV_MAX_LENGTH: INT64_MAX rounded down to 1 GiB
+MAX_LENGTH = (1 << 63) - (1 << 30)
+
+
 def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """QEMU's order: the size's sign, the lookup (backend name, else node name), medium, then the driver."""
+    """QEMU's order: the size's sign, the lookup (backend name, else node name), medium, op blockers,
+    then the block layer's checks (maximum length, read-only) and the driver's."""
     from vdkit.block.io import truncate
 
     device, node_name, size = args.get("device"), args.get("node-name"), args["size"]
     if size < 0:
         raise VdkitError("Parameter 'size' expects a >0 size")
     ro, node, file = _resize_target(ctx.machine, device, node_name)
+    if size > MAX_LENGTH:
+        raise VdkitError(f"offset({size}) exceeds maximum({MAX_LENGTH})")
     if ro:
         raise VdkitError("Image is read-only")
+    protocol = node is None or node.format == "raw"  # the file's own truncate: QEMU's file-posix text
     try:
         if node is not None:
             truncate(node, size)
         elif file is not None:
             file.truncate(size)
-    except OSError as exc:
+    except (OSError, VdkitError) as exc:
         from vdkit.errors import os_error_message
 
-        raise VdkitError(os_error_message(exc)) from exc
+        text = os_error_message(exc) if isinstance(exc, OSError) else exc.message
+        if protocol and not text.startswith("Could not resize file: "):
+            text = "Could not resize file: " + text
+        raise VdkitError(text) from exc
 
 
 def _resize_target(machine: DeviceRegistry, device: str | None,
@@ -259,9 +288,13 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
                 continue
             for i, (fmt_name, _file_name) in enumerate(m.names):
                 if fmt_name == node_name:
-                    return (m.ro if i == 0 else True), list(m.node.chain())[i], None
+                    if i:  # a backing node: its parent's op blocker (QEMU prints the absent device name)
+                        raise VdkitError("Device '(null)' is in use")
+                    return m.ro, m.node, None
         g = machine.graph.find(node_name)
         if g is not None:
+            if any(role == "backing" for _, role in machine.graph.parents_of(g)):
+                raise VdkitError("Device '(null)' is in use")
             return g.ro, g.node, g.file
     raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
