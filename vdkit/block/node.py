@@ -313,6 +313,17 @@ def _open(
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
     proto = protocol_of(name)
+    if fmt == "nbd" and proto not in ("nbd", "nbd+tcp", "nbd+unix"):
+        from vdkit.formats.nbd import NOT_NBD
+
+        raise OpenError(NOT_NBD)
+    if backing or proto is not None:
+        from vdkit.block.secrets import open_option
+
+        # json:{..., "backing": null}; a file.filename given as an option is a local name, whatever it reads
+        backing = backing and open_option(name, "backing") != "null"
+        if proto is not None and open_option(name, "protocol") == "file":
+            proto = None
     file: ImageFile | NbdFile
     if proto == "file":
         name = name[len("file:"):]

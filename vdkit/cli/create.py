@@ -197,10 +197,10 @@ def _create_on_nbd(filename: str, fmt: str, opts: CreateOpts) -> None:
     from vdkit.formats import registry
     from vdkit.protocols.nbd import create_fallback
 
-    if fmt not in ("raw", "qcow2"):
+    if fmt not in ("raw", "qcow2", "nbd"):
         raise UnsupportedError(f"Creating '{fmt}' images on NBD exports is not supported by vdkit")
     prealloc = str(opts.get("preallocation", "off"))
-    if fmt == "raw":
+    if fmt in ("raw", "nbd"):
         if prealloc != "off":  # QEMU's fallback takes none
             raise VdkitError(f"Unsupported preallocation mode '{prealloc}'")
         # the raw image is the export: it must be as large as the image

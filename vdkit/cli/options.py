@@ -168,36 +168,74 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
 
 # -- --image-opts (the subset vdkit's formats need) ---------------------------------------------
 
-def image_opts(spec: str) -> tuple[str, str | None]:
-    """``--image-opts`` string -> (file name, format or None to probe).
+def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str, str | None]:
+    """``--image-opts`` string (or a ``json:`` name's flattened options) -> (file name, format or None).
 
-    Only ``driver`` (any format vdkit has), ``file.driver=file`` and ``file.filename``
-    are understood, plus luks's ``key-secret`` (kept for the driver, see
-    :mod:`vdkit.block.secrets`) and qcow2's ``encrypt.key-secret``, which scripts pass
-    with ``--object secret``: vdkit reads no encrypted data, and opening for
-    metadata (info) does not use the key in qemu-img either.  Anything else
-    is refused with qemu-img's words.  Errors carry the ``Could not open
-    '<spec>': `` prefix qemu-img gives them.
+    Understood: ``driver`` (any format vdkit has, or ``nbd`` for an export
+    without format layer), the ``file`` child as ``file.driver=file`` with
+    ``file.filename`` or ``file.driver=nbd`` with the nbd driver's options
+    (:func:`vdkit.protocols.nbd.address_from_options`; the file name is then
+    the export's regenerated URI), ``backing: null`` (the chain ends here), the
+    options that only tune I/O (caches, locking, aio, read-only...), luks's
+    ``key-secret`` (kept for the driver, see :mod:`vdkit.block.secrets`) and
+    qcow2's ``encrypt.key-secret``, which scripts pass with ``--object
+    secret``: vdkit reads no encrypted qcow2 data, and opening for metadata
+    (info) does not use the key in qemu-img either.  Anything else is refused
+    with qemu-img's words.  Errors carry the ``Could not open '<spec>': ``
+    prefix qemu-img gives them.
     """
     from vdkit.errors import OpenError
 
-    opts: dict[str, str] = {}
     try:
-        for item in split_items(spec, empty=False):
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise OpenError(f"Cannot find device='{item}' nor node-name='{item}'")
-            opts[key] = value
-        driver = opts.pop("driver", None)
-        filename = opts.pop("file.filename", None)
-        file_driver = opts.pop("file.driver", "file")
+        raw: dict[str, object] = {}
+        if parsed is None:
+            for item in split_items(spec, empty=False):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise OpenError(f"Cannot find device='{item}' nor node-name='{item}'")
+                raw[key] = value
+        else:
+            raw = dict(parsed)
+        ref = raw.get("file")
+        if isinstance(ref, str):  # a node reference, which qemu-img never has
+            raise OpenError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        given = {k: raw.pop(k, None) for k in ("driver", "file.filename", "file.driver")}
+        driver, filename, file_driver = (v if isinstance(v, str) else None for v in given.values())
+        no_backing = "backing" in raw and raw.pop("backing") is None
+        opts = {k: _opt_text(v) for k, v in raw.items()}
         if driver is not None:
             from vdkit.formats.registry import is_known
 
             if not is_known(driver):
                 raise OpenError(f"Unknown driver '{driver}'")
-        if file_driver != "file":
+        if file_driver is not None and file_driver not in ("file", "nbd"):
             raise OpenError(f"Unknown driver '{file_driver}'")
+        if driver == "nbd":  # the export is the top node: every option is the nbd driver's
+            from vdkit.protocols.nbd import name_for_options
+
+            for key, given_value in (("file.filename", filename), ("file.driver", file_driver)):
+                if given_value is not None:
+                    opts[key] = given_value
+            nbd_opts = {k: v for k, v in opts.items() if k not in _TUNING}
+            return name_for_options(nbd_opts), "nbd"
+        if file_driver == "nbd":
+            from vdkit.protocols.nbd import name_for_options
+
+            nbd_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
+            nbd_opts = {k: v for k, v in nbd_opts.items() if k not in _TUNING}
+            if filename is not None:
+                nbd_opts["filename"] = filename
+            opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
+            filename = name_for_options(nbd_opts)
+        else:
+            if filename is None and file_driver is not None:
+                raise OpenError("The 'file' block driver requires a file name")
+            for key in [k for k in opts if k.startswith("file.")]:
+                if key[len("file."):] not in _TUNING:
+                    raise OpenError(f"Block protocol 'file' doesn't support the option '{key[len('file.'):]}'")
+                del opts[key]
+        for key in [k for k in opts if k in _TUNING or driver == "qcow2" and k in _QCOW2_TUNING]:
+            del opts[key]
         if "encrypt.key-secret" in opts and driver is None and filename is not None:
             driver = _probe_for_option(filename, "encrypt.key-secret")
             if driver is None:  # unreadable: the open reports why
@@ -220,7 +258,31 @@ def image_opts(spec: str) -> tuple[str, str | None]:
         from vdkit.block.secrets import set_open_option
 
         set_open_option(filename, "key-secret", key_secret)
+    if no_backing or file_driver != "nbd" and ":" in filename:
+        from vdkit.block.chain import protocol_of
+        from vdkit.block.secrets import set_open_option
+
+        if no_backing:
+            set_open_option(filename, "backing", "null")
+        if file_driver != "nbd" and protocol_of(filename) is not None:
+            set_open_option(filename, "protocol", "file")  # an option's filename is never a URI
     return filename, driver
+
+
+# Options every node takes that change no data and no name (QEMU drops them from json: names).
+_TUNING = frozenset(("read-only", "auto-read-only", "force-share", "cache.direct", "cache.no-flush", "discard",
+                     "detect-zeroes", "node-name", "locking", "aio", "aio-max-batch", "drop-cache",
+                     "x-check-cache-dropped"))
+_QCOW2_TUNING = frozenset(("l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-size",
+                           "cache-clean-interval", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+                           "pass-discard-other", "overlap-check"))
+
+
+def _opt_text(value: object) -> str:
+    """A JSON scalar as the option string QEMU's visitors accept (``"port": 10809`` = ``port=10809``)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None else str(value)
 
 
 def _probe_for_option(filename: str, key: str) -> str | None:
@@ -245,7 +307,12 @@ def image_opts_name(spec: str) -> str | None:
     Of the options :func:`image_opts` accepts only ``encrypt.key-secret`` is one
     (QEMU keeps it in the node's options); None when the plain file name stands.
     """
-    opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
+    if spec.startswith("json:"):
+        from vdkit.cli import json_name
+
+        opts = {k: v for k, v in json_name.parse(spec).items() if isinstance(v, str)}
+    else:
+        opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
     if opts.get("driver") == "luks" and "key-secret" in opts:
         from vdkit.info.render_json import dumps_compact
 
@@ -307,6 +374,16 @@ def mutually_exclusive_image_opts(p: Parsed, *fmt_keys: str) -> None:
 def open_args(name: str, fmt: str | None, use_opts: bool) -> tuple[str, str | None, str | None]:
     """(file name, format, spec) for one image argument: the spec is the argument under ``--image-opts``."""
     if not use_opts:
+        if name.startswith("json:"):  # QEMU's json: pseudo-filename: the same options, as JSON
+            from vdkit.cli import json_name
+            from vdkit.errors import OpenError
+
+            try:
+                parsed = json_name.parse(name)
+            except OpenError as exc:
+                raise exc.prefixed(f"Could not open '{name}': ") from None
+            filename, driver = image_opts(name, parsed)
+            return filename, driver or fmt, name
         return name, fmt, None
     filename, driver = image_opts(name)
     return filename, driver, name

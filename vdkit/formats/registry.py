@@ -48,6 +48,7 @@ FORMATS: dict[str, str] = {
     "dmg": "vdkit.formats.dmg",
     "luks": "vdkit.formats.luks",
     "vmdk": "vdkit.formats.vmdk",
+    "nbd": "vdkit.formats.nbd",  # the nbd protocol as the top node (no format layer); never probed
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.

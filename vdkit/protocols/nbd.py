@@ -148,6 +148,98 @@ def _parse_legacy(spec: str) -> NbdAddress:
     return NbdAddress(export, host=host, port=int(port_text))
 
 
+# -- options (--image-opts, json:) -------------------------------------------------------------
+
+_PRESET: dict[str, tuple[NbdAddress, float | None]] = {}
+"""Addresses given as options, by the node name they get: :class:`NbdFile` uses them as they are
+(a regenerated URI is not always parseable back: nothing in it is escaped)."""
+
+_UNIX_KEYS = ("path", "abstract", "tight")
+_INET_KEYS = ("host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp")
+_RUNTIME_KEYS = ("export", "open-timeout", "reconnect-delay", "tls-creds", "tls-hostname", "x-dirty-bitmap",
+                 "filename")
+
+
+def address_from_options(opts: dict[str, str]) -> tuple[NbdAddress, float | None]:
+    """The nbd driver's options (``server.*`` or the legacy ``path``/``host``/``port``, ``export``,
+    ``open-timeout``...) -> (address, open timeout), with QEMU's texts and order of checks.
+
+    Every key of ``opts`` must be the driver's: an unknown one is refused after the address
+    is complete, as QEMU does.  ``filename`` is accepted and ignored (inside options it is not
+    parsed as a URI).  TLS is not implemented.
+    """
+    server = {k[len("server."):]: v for k, v in opts.items() if k.startswith("server.")}
+    legacy = {k: opts[k] for k in ("path", "host", "port") if k in opts}
+    if server and legacy:
+        raise OpenError("Cannot use 'server' and path/host/port at the same time")
+    export = opts.get("export", "")
+    if legacy:
+        if "path" in legacy and "host" in legacy:
+            raise OpenError("path and host may not be used at the same time")
+        if "path" in legacy:
+            if "port" in legacy:
+                raise OpenError("port may not be used without host")
+            addr = NbdAddress(export, path=legacy["path"])
+        elif "host" in legacy:
+            addr = _inet(legacy["host"], legacy.get("port", str(DEFAULT_PORT)), export)
+        else:
+            raise OpenError("NBD server address missing")
+    elif server:
+        kind = server.get("type")
+        if kind is None:
+            raise OpenError("Parameter 'type' is missing")
+        allowed = {"unix": _UNIX_KEYS, "inet": _INET_KEYS, "vsock": ("cid", "port"), "fd": ("str",)}.get(kind)
+        if allowed is None:
+            raise OpenError(f"Parameter 'type' does not accept value '{kind}'")
+        required = {"unix": ("path",), "inet": ("host", "port"), "vsock": ("cid", "port"), "fd": ("str",)}[kind]
+        for key in required:
+            if key not in server:
+                raise OpenError(f"Parameter '{key}' is missing")
+        for key in server:
+            if key != "type" and key not in allowed:
+                raise OpenError(f"Parameter '{key}' is unexpected")
+        if kind == "unix":
+            addr = NbdAddress(export, path=server["path"])
+        elif kind == "inet":
+            addr = _inet(server["host"], server["port"], export)
+        else:
+            from vdkit.errors import UnsupportedError
+
+            raise UnsupportedError(f"NBD servers of type '{kind}' are not supported by vdkit")
+    else:
+        raise OpenError("NBD server address missing")
+    timeout: float | None = None
+    for key in ("open-timeout", "reconnect-delay"):
+        value = opts.get(key)
+        if value is not None:
+            if not value.isdigit():
+                raise OpenError(f"Parameter '{key}' expects a number")
+            if key == "open-timeout" and int(value):
+                timeout = float(int(value))
+    if "tls-creds" in opts:
+        from vdkit.errors import UnsupportedError
+
+        raise UnsupportedError("NBD over TLS (tls-creds) is not supported by vdkit")
+    for key in opts:
+        if not key.startswith("server.") and key not in legacy and key not in _RUNTIME_KEYS:
+            raise OpenError(f"Block protocol 'nbd' doesn't support the option '{key}'")
+    return addr, timeout
+
+
+def _inet(host: str, port: str, export: str) -> NbdAddress:
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise OpenError(f"address resolution failed for {host}:{port}: Servname not supported for ai_socktype")
+    return NbdAddress(export, host=host, port=int(port))
+
+
+def name_for_options(opts: dict[str, str]) -> str:
+    """Check the options and return the node's (regenerated) name; opening that name uses them."""
+    addr, timeout = address_from_options(opts)
+    name = addr.canonical_name()
+    _PRESET[name] = (addr, timeout)
+    return name
+
+
 # -- the client -------------------------------------------------------------------------------
 
 class NbdError(VdkitError):
@@ -513,11 +605,32 @@ class NbdFile:
 
     def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False,
                  addr: NbdAddress | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        open_timeout: float | None = None
+        preset = _PRESET.get(name) if addr is None else None
+        if preset is not None:
+            addr, open_timeout = preset
         self.addr = addr if addr is not None else parse_name(name)
         self.filename = self.addr.canonical_name()
         self.readonly = readonly
         self.sync = True
-        self.client = NbdClient(self.addr, readonly=readonly, timeout=timeout)
+        self.client = self._connect(timeout) if open_timeout is None else self._retry(open_timeout)
+
+    def _connect(self, timeout: float) -> NbdClient:
+        return NbdClient(self.addr, readonly=self.readonly, timeout=timeout)
+
+    def _retry(self, seconds: float) -> NbdClient:
+        """``open-timeout``: QEMU retries the connection and handshake that long, then reports the last error."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self._connect(max(left, 0.05))
+            except OpenError as exc:
+                if exc.errno == _errno.EACCES or time.monotonic() + 0.1 >= deadline:
+                    raise
+            time.sleep(0.1)
 
     def size(self) -> int:
         return self.client.size
