@@ -101,6 +101,8 @@ def test_blockdev_add_references_and_del(daemons: Daemons) -> None:
         ("query-named-block-nodes", {"flat": True}),
         "info block -n",
         "info block -v q2",
+        ("query-blockstats", {"query-nodes": True}),
+        ("query-blockstats", None),
         ("blockdev-del", {"node-name": "q1"}),
         ("blockdev-del", {"node-name": "q2"}),
         ("blockdev-del", {"node-name": "q2"}),
@@ -158,6 +160,7 @@ def test_blockdev_command_line(daemons: Daemons) -> None:
         ("query-block", None),
         "info block -n",
         "info block",
+        ("query-blockstats", {"query-nodes": True}),
         ("blockdev-del", {"node-name": "b"}),
     ])
 

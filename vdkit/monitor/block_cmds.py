@@ -294,14 +294,24 @@ def query_blockstats(ctx: CommandContext, args: dict[str, Any]) -> list[BlockSta
     machine = ctx.machine
     out: list[BlockStats] = []
     if args.get("query-nodes", False):
-        # every named node, in creation order (file node before its format node)
-        for _, _drive, medium, i, kind in sorted(_nodes(ctx), key=lambda item: item[0]):
+        # every named node, in creation order (file node before its format node), blockdev-add's included
+        entries: list[tuple[int, BlockStats]] = []
+        for serial, _drive, medium, i, kind in _nodes(ctx):
             if kind == "file":
-                out.append(BlockStats(stats=BlockDeviceStats(), node_name=medium.names[i][1],
-                                      driver_specific=BlockStatsSpecificFile()))
+                entries.append((serial, BlockStats(stats=BlockDeviceStats(), node_name=medium.names[i][1],
+                                                   driver_specific=BlockStatsSpecificFile())))
             else:
-                out.append(_node_stats(medium, i, recurse_backing=False))
-        return out
+                entries.append((serial, _node_stats(medium, i, recurse_backing=False)))
+        for g in machine.graph.nodes:
+            if g.child is None:
+                entries.append((g.serial, BlockStats(stats=BlockDeviceStats(), node_name=g.name,
+                                                     driver_specific=BlockStatsSpecificFile())))
+            else:
+                parent = BlockStats(stats=BlockDeviceStats(), node_name=g.child.name,
+                                    driver_specific=BlockStatsSpecificFile())
+                entries.append((g.serial, BlockStats(stats=BlockDeviceStats(), node_name=g.name, parent=parent)))
+        entries.sort(key=lambda e: e[0])
+        return [e for _, e in entries]
     for drive in machine.drives:
         backend = drive.stats.to_model()  # NBD I/O accounted to the backend (vdkit.devices.iostats)
         if drive.medium is None:
