@@ -165,3 +165,28 @@ def test_transaction_actions(daemons: Daemons) -> None:
         "info snapshots",
     ], setup=_setup, quit=True, blank_sizes=True)  # internal snapshot i1: allocation differs (test_snapshot_diff)
     _same_files(trees, ["t2.qcow2", "t4.qcow2", "t6.qcow2", "t7.qcow2"])
+
+
+def test_graph_only_snapshots(daemons: Daemons) -> None:
+    """-blockdev nodes without a drive: blockdev-snapshot links them; a parentless node's snapshot-sync
+    creates the file but keeps no node (QEMU 7.2, block-jobs.md §2.1.4)."""
+    base = "driver=qcow2,node-name=b,file.driver=file,file.filename=DIR/base.qcow2"
+    trees = run_script(daemons, ["-blockdev", base], [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ovl", "backing": None,
+                          "file": {"driver": "file", "filename": "DIR/ovl.qcow2"}}),
+        ("blockdev-snapshot", {"node": "b", "overlay": "ovl"}),
+        ("query-named-block-nodes", None),
+        "info block -n",
+        ("blockdev-del", {"node-name": "b"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "ovl2", "backing": None,
+                          "file": {"driver": "file", "filename": "DIR/ovl2.qcow2"}}),
+        ("blockdev-snapshot", {"node": "b", "overlay": "ovl2"}),
+        ("blockdev-snapshot", {"node": "ovl", "overlay": "ovl"}),
+        ("blockdev-snapshot-sync", {"node-name": "ovl", "snapshot-file": "DIR/n.qcow2", "snapshot-node-name": "n"}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-del", {"node-name": "n"}),
+        ("blockdev-del", {"node-name": "ovl"}),
+        ("blockdev-del", {"node-name": "b"}),
+        ("query-named-block-nodes", None),
+    ], setup=_setup, quit=True)
+    _same_files(trees, ["n.qcow2", "ovl.qcow2"])

@@ -140,9 +140,13 @@ def prepare_sync(ctx: CommandContext, args: dict[str, Any]) -> Undo:
         overlay.close()
         raise
     if drive is None:
-        # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4)
+        # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4);
+        # the old node was still made read-only
+        assert graph_node is not None
         overlay.close()
-        return lambda: None
+        was_ro = graph_node.ro
+        _set_graph_ro(graph_node, True)
+        return lambda: _set_graph_ro(graph_node, was_ro)
     return _attach_to_drive(machine, drive, overlay, new_name)
 
 
@@ -204,12 +208,15 @@ def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
         ovl.backing, ovl.backing_override = target, True
         ovl.node.backing = target.node
         refresh_filename(ovl)
+        was_ro = target.ro
+        _set_graph_ro(target, True)  # the old active node becomes read-only (§1.3)
 
         def undo_graph() -> None:
             ovl.backing, ovl.backing_override = None, False
             assert ovl.node is not None
             ovl.node.backing = None
             refresh_filename(ovl)
+            _set_graph_ro(target, was_ro)
 
         return undo_graph
     assert drive is not None and drive.medium is not None
@@ -239,6 +246,16 @@ def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
         refresh_filename(ovl)
 
     return undo
+
+
+def _set_graph_ro(g: GraphNode, ro: bool) -> None:
+    from vdkit.devices.graph import set_node_readonly
+
+    g.ro = ro
+    if g.child is not None and g.child.implicit:  # reopened with its parent (it inherits the option)
+        g.child.ro = ro
+    if g.node is not None:
+        set_node_readonly(g.node, ro)
 
 
 def blockdev_snapshot_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
