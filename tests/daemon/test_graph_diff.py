@@ -96,6 +96,11 @@ def test_blockdev_add_references_and_del(daemons: Daemons) -> None:
         ("query-named-block-nodes", None),
         ("query-block", None),
         ("blockdev-del", {"node-name": "f1"}),
+        # a second writer on the same file is a permission conflict; a read-only reader is fine
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qx", "file": "f1"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "rx", "file": "f1", "read-only": True}),
+        ("block_resize", {"node-name": "f1", "size": 8388608}),
+        ("blockdev-del", {"node-name": "rx"}),
         ("blockdev-add", {"driver": "qcow2", "node-name": "q2", "file": FILE_TOP, "backing": "q1"}),
         ("query-named-block-nodes", None),
         ("query-named-block-nodes", {"flat": True}),

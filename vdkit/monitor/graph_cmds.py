@@ -167,6 +167,12 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
     own = {"read-only": ro, "auto-read-only": auto_ro, "cache": cache_opts, "discard": discard}
     ref = opts["file"]
     child = _reference(machine, ref) if isinstance(ref, str) else _open(machine, ref, parent=own)
+    if child.file is None:
+        if child.implicit:
+            delete_node(machine, child)
+        raise VdkitError(f"A '{driver}' node over the format node '{child.name}' is not supported by vdkit")
+    if isinstance(ref, str) and driver == "qcow2" and not ro:
+        _check_shared_file(machine, child, name or "")
     try:
         backing: GraphNode | None | str = "header"
         if "backing" in opts and driver == "qcow2":
@@ -180,6 +186,20 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         if child.implicit:
             delete_node(machine, child)
         raise
+
+
+def _writer(g: GraphNode) -> bool:
+    """A writable qcow2 node needs write and resize on its file and shares neither (QEMU's permissions)."""
+    return g.driver == "qcow2" and not g.ro
+
+
+def _check_shared_file(machine: DeviceRegistry, child: GraphNode, name: str) -> None:
+    """Two writable qcow2 nodes on one file would corrupt it: QEMU's permission conflict."""
+    for p, role in machine.graph.parents_of(child):
+        if role == "file" and _writer(p):
+            raise VdkitError(f"Permission conflict on node '{child.name}': permissions 'write, resize' are both "
+                             f"required by node '{p.name}' (uses node '{child.name}' as 'file' child) and unshared "
+                             f"by node '{name}' (uses node '{child.name}' as 'file' child).")
 
 
 def add_node(machine: DeviceRegistry, opts: dict[str, Any]) -> GraphNode:
@@ -293,8 +313,14 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
                     return m.ro, m.node, None
         g = machine.graph.find(node_name)
         if g is not None:
-            if any(role == "backing" for _, role in machine.graph.parents_of(g)):
+            parents = machine.graph.parents_of(g)
+            if any(role == "backing" for _, role in parents):
                 raise VdkitError("Device '(null)' is in use")
+            for p, _role in parents:
+                if _writer(p):  # the format node above needs the file's size to stay as it is
+                    raise VdkitError(f"Permission conflict on node '{g.name}': permissions 'resize' are both "
+                                     f"required by an unnamed block device (uses node '{g.name}' as 'root' child) "
+                                     f"and unshared by node '{p.name}' (uses node '{g.name}' as 'file' child).")
             return g.ro, g.node, g.file
     raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
