@@ -172,14 +172,15 @@ class HttpFile:
         for attempt in (0, 1):
             fresh = self._conn is None
             conn = self._connection(start)
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
             try:
                 conn.request(method, self.path, headers={**self.headers, **headers})
                 return conn.getresponse(), start
             except TimeoutError:
                 self._drop()
                 raise self._timed_out(start, 0, None) from None
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    http.client.CannotSendRequest) as exc:
+            except (http.client.HTTPException, ConnectionResetError, BrokenPipeError) as exc:
                 self._drop()
                 if fresh or attempt:
                     raise HttpError(f"Recv failure: {exc}") from None
@@ -207,6 +208,7 @@ class HttpFile:
     def _get(self, offset: int, length: int) -> bytes:
         """``GET`` bytes [offset, offset+length) with a Range header; the answer must be a 206 of that range."""
         import http.client
+        import time
 
         resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
         data = bytearray()
@@ -217,11 +219,21 @@ class HttpFile:
                 if resp.status >= 400:
                     raise HttpError(f"The requested URL returned error: {resp.status}")
                 raise HttpError("Server does not support 'range' (byte ranges).")
+            # curl's timeout bounds the whole transfer, not one wait: a server trickling bytes ends too
+            deadline = start + self.timeout
+            sock = self._conn.sock if self._conn is not None else None
             while len(data) < length:
-                chunk = resp.read(min(length - len(data), 1 << 20))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = resp.read1(min(length - len(data), 1 << 20))
                 if not chunk:
                     break
                 data += chunk
+            if len(data) == length:
+                resp.read()  # the body is complete: marks the response done so the connection can be reused
         except TimeoutError:
             self._drop()
             raise self._timed_out(start, len(data), length) from None
@@ -261,9 +273,7 @@ class HttpFile:
         try:
             buf = self._get(offset, want)
         except HttpError as exc:
-            import sys
-
-            sys.stderr.write(f"curl: {exc.message}\n")
+            _report(f"curl: {exc.message}")
             raise OSError(_errno.EIO, exc.message) from None
         self._cache.insert(0, (offset, buf))
         del self._cache[CACHE_WINDOWS:]
@@ -297,6 +307,16 @@ class HttpFile:
 
     def __repr__(self) -> str:
         return f"<HttpFile {self.filename!r}>"
+
+
+def _report(message: str) -> None:
+    """A line on stderr as QEMU's error_report prints it while a read fails (``qemu-img: curl: ...``)."""
+    import sys
+
+    prog = "vdkit-daemon" if "vdkit.daemon.runtime" in sys.modules else "vdkit-img"
+    sys.stdout.flush()
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.flush()
 
 
 def ssl_verify_error() -> type[Exception]:
