@@ -152,6 +152,27 @@ def test_blockdev_add_options_and_errors(daemons: Daemons) -> None:
     ])
 
 
+def test_blockdev_add_qapi_errors(daemons: Daemons) -> None:
+    """QAPI type checks of nested members, node-name rules of inline children, their deletion."""
+    _run(daemons, [], [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": 5}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {"driver": "file"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "backing": 5, "file": FILE_BASE}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "cache": "x", "file": FILE_BASE}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": 5, "file": FILE_BASE}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "bogus": 1, "file": FILE_BASE}),
+        ("blockdev-add", {"driver": "file", "node-name": "a", "filename": "DIR/r.raw", "backing": None}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {**FILE_BASE, "node-name": "a"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a", "file": {**FILE_BASE, "node-name": "af"}}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-del", {"node-name": "af"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "abcdefghijabcdefghijabcdefghijab", "file": FILE_RAW}),
+        ("blockdev-del", {"node-name": "a"}),
+        ("query-named-block-nodes", None),
+    ])
+
+
 def test_blockdev_command_line(daemons: Daemons) -> None:
     """-blockdev in dotted-key and JSON form, next to a -drive."""
     _run(daemons, [

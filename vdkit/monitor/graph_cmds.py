@@ -59,6 +59,9 @@ _VARIANTS: dict[str, tuple[Arg, ...]] = {
 # the union of every member, for the registry's first pass (the handler checks per driver)
 _ALL = _BASE + tuple({a.name: opt(a.name, "any") for v in _VARIANTS.values() for a in v}.values())
 
+# members that change what the node reads: vdkit refuses them rather than ignoring them
+_CHANGE_DATA = ("offset", "size", "data-file", "encrypt")
+
 _NAME_RX = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
@@ -72,6 +75,9 @@ def check_options(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     if variant is None:
         raise VdkitError(f"Driver '{driver}' is not supported by vdkit's blockdev-add")
     out = validate(_BASE + variant, opts, prefix=prefix)
+    for key in _CHANGE_DATA:
+        if key in out:  # accepting them without effect would show other data than QEMU does
+            raise VdkitError(f"The '{driver}' option '{key}' is not supported by vdkit")
     for key in ("file", "backing"):
         if key not in out:
             continue
@@ -179,6 +185,10 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
             b = opts["backing"]
             backing = None if b is None else (_reference(machine, b) if isinstance(b, str)
                                                else _open(machine, b, parent=own))
+            if backing is not None and backing.node is None:
+                if backing.implicit:
+                    delete_node(machine, backing)
+                raise VdkitError(f"A protocol node as backing ('{backing.name}') is not supported by vdkit")
         return open_format_node(machine, driver, child, name=name, ro=ro, cache=cache,
                                 detect_zeroes=detect_zeroes, discard=discard, auto_ro=auto_ro, implicit=implicit,
                                 backing=backing)
