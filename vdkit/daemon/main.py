@@ -9,6 +9,7 @@ Supported options (a subset of ``qemu-system-x86_64``'s, same syntax)::
            bps=...,bps_rd=...,bps_wr=...,iops=...,iops_rd=...,iops_wr=...,
            bps_max=...,...,iops_size=...,group=...
            (and the throttling.bps-total=... spellings, throttling.*-max-length among them)
+    -blockdev driver=file|raw|qcow2,node-name=...,file.*=...|file=NODE,backing=NODE|,...  or  -blockdev JSON
     -qmp unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off   (repeatable)
     -monitor unix:PATH,server=on,wait=off | tcp:...     (HMP, line mode)
     -nbd unix:PATH | tcp:HOST:PORT   NBD server exporting every drive by its id
@@ -41,6 +42,10 @@ from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor import block_cmds, graph_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def build_registry() -> CommandRegistry:
@@ -317,9 +322,42 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             raise OptionError(f"Invalid node-name: '{node_name}'")
         spec.node_name = node_name
     spec.file = take("file")
+    if spec.format == "nbd" or opts.get("file.driver") == "nbd":
+        spec.file = _nbd_drive_name(spec, opts, take)
+    elif spec.file is not None and spec.file.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
+        from vdkit.protocols.nbd import AUTO_READ_ONLY
+
+        AUTO_READ_ONLY.add(spec.file)  # -drive sets auto-read-only on the protocol node
     # the protocol layer's options (file.locking=off, ...) are taken without effect
     spec.leftover = [k for k in order if not k.startswith("file.")]
     return spec
+
+
+_NBD_KEYS = ("path", "host", "port", "export", "open-timeout", "reconnect-delay", "tls-creds", "tls-hostname",
+             "x-dirty-bitmap")
+
+
+def _nbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
+    """``driver=nbd,server...`` or ``file.driver=nbd,file.server...``: the export's regenerated URI.
+
+    The nbd driver's options are taken off the drive's (whatever else is left
+    is refused as for any drive); the name opens the export with them.
+    """
+    from vdkit.protocols.nbd import AUTO_READ_ONLY, name_for_options
+
+    if spec.format == "nbd":
+        keys = [k for k in list(opts) if k.startswith("server.") or k in _NBD_KEYS]
+        nbd_opts = {k: take(k) or "" for k in keys}
+    else:
+        take("file.driver")
+        keys = [k for k in list(opts) if k.startswith("file.")]
+        nbd_opts = {k[len("file."):]: take(k) or "" for k in keys}
+    try:
+        name = name_for_options(nbd_opts)
+    except VdkitError as exc:
+        raise OptionError(exc.message) from None
+    AUTO_READ_ONLY.add(name)
+    return name
 
 
 def check_opened(spec: DriveSpec, fmt: str | None) -> None:
@@ -453,6 +491,12 @@ Block device options:
        [[,group=g]]
        [,throttling.*=...]
                 use 'file' as a drive image (qcow2 or raw; repeatable)
+-blockdev [driver=]driver[,node-name=N][,discard=ignore|unmap]
+          [,cache.direct=on|off][,cache.no-flush=on|off]
+          [,read-only=on|off][,auto-read-only=on|off]
+          [,force-share=on|off][,detect-zeroes=on|off|unmap]
+          [,driver specific parameters...]
+                configure a block backend (file, raw, qcow2; dotted keys or JSON)
 
 Display options:
 -display type[,...]
