@@ -151,7 +151,11 @@ def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
         return ()
     out = []
     for node in drive.medium.node.chain():
-        st = os.fstat(node.driver.file.fd)
+        fd = node.driver.file.fd
+        if fd < 0:  # an NBD export: nothing cheap tells whether it changed, so the entry is rendered afresh
+            out.append((-1, -1, time.monotonic_ns(), -1))
+            continue
+        st = os.fstat(fd)
         out.append((st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ino))
     return tuple(out)
 

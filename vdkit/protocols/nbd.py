@@ -150,6 +150,10 @@ def _parse_legacy(spec: str) -> NbdAddress:
 
 # -- options (--image-opts, json:) -------------------------------------------------------------
 
+AUTO_READ_ONLY: set[str] = set()
+"""Names opened with QEMU's auto-read-only (the daemon's ``-drive``): a read-only export is then opened
+read-only instead of refused."""
+
 _PRESET: dict[str, tuple[NbdAddress, float | None]] = {}
 """Addresses given as options, by the node name they get: :class:`NbdFile` uses them as they are
 (a regenerated URI is not always parseable back: nothing in it is escaped)."""
@@ -253,7 +257,8 @@ class _Eof(Exception):
 class NbdClient:
     """One connection to one export, after a completed handshake."""
 
-    def __init__(self, addr: NbdAddress, *, readonly: bool, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, addr: NbdAddress, *, readonly: bool, timeout: float = DEFAULT_TIMEOUT,
+                 auto_readonly: bool = False) -> None:
         self.addr = addr
         self.size = 0
         self.flags = 0
@@ -268,7 +273,7 @@ class NbdClient:
         except BaseException:
             self.sock.close()
             raise
-        if not readonly and self.flags & w.TFLAG_READ_ONLY:
+        if not readonly and not auto_readonly and self.flags & w.TFLAG_READ_ONLY:
             self.close()
             raise OpenError("Could not open image: Permission denied", errno=_errno.EACCES)
         self.sock.settimeout(None if timeout is None else max(timeout, 300.0))
@@ -609,6 +614,7 @@ class NbdFile:
         preset = _PRESET.get(name) if addr is None else None
         if preset is not None:
             addr, open_timeout = preset
+        self._name = name
         self.addr = addr if addr is not None else parse_name(name)
         self.filename = self.addr.canonical_name()
         self.readonly = readonly
@@ -616,7 +622,11 @@ class NbdFile:
         self.client = self._connect(timeout) if open_timeout is None else self._retry(open_timeout)
 
     def _connect(self, timeout: float) -> NbdClient:
-        return NbdClient(self.addr, readonly=self.readonly, timeout=timeout)
+        auto = not self.readonly and (self._name in AUTO_READ_ONLY or self.filename in AUTO_READ_ONLY)
+        client = NbdClient(self.addr, readonly=self.readonly, timeout=timeout, auto_readonly=auto)
+        if client.flags & w.TFLAG_READ_ONLY:
+            self.readonly = True
+        return client
 
     def _retry(self, seconds: float) -> NbdClient:
         """``open-timeout``: QEMU retries the connection and handshake that long, then reports the last error."""
