@@ -268,3 +268,35 @@ def test_probe_timeout_as_qemu(web: Web) -> None:
     """A whole-transfer timeout (not per wait): a probe window slower than 5 s fails the open as in qemu-img."""
     # the probe GET's size differs (vdkit probes 2 KiB, QEMU 512 bytes): libcurl's figures are blanked
     _same("info", f"{web.http}/slow/r.raw", variable=r"\d+ milliseconds with \d+ out of \d+")
+
+
+def test_image_opts_and_json(web: Web) -> None:
+    """``driver=http|https`` options (url, readahead, timeout, sslverify, cookie): names, format and errors."""
+    h, s = web.http, web.https
+    specs = [
+        f"driver=http,url={h}/r.raw,readahead=64k,timeout=10",
+        f"driver=http,url={h}/r.raw,timeout=0",
+        f"driver=raw,file.driver=http,file.url={h}/r.raw,file.readahead=64k,file.timeout=10,file.cookie=a=b",
+        f"driver=qcow2,file.driver=http,file.url={h}/d.qcow2,file.readahead=0",
+        f"driver=http,url={h}/r.raw,readahead=64k,timeout=10,cookie=a=b",
+        f"driver=https,url={s}/r.raw,sslverify=off,readahead=64k,timeout=5",
+        f"driver=qcow2,file.driver=https,file.url={s}/d.qcow2,file.sslverify=on",
+        # option errors (with QEMU 7.2's two GLib lines first)
+        f"driver=http,url={s}/r.raw,sslverify=off",
+        f"driver=https,url={h}/r.raw",
+        f"driver=http,url={h}/r.raw,readahead=1000",
+        f"driver=http,url={h}/r.raw,readahead=-1",
+        f"driver=http,url={h}/r.raw,timeout=100000",
+        "driver=http",
+        f"driver=http,url={h}/r.raw,bogus=1",
+    ]
+    for spec in specs:
+        _same("info", "--image-opts", spec)
+    _same("info", "--output=json", "--image-opts", f"driver=qcow2,file.driver=http,file.url={h}/d.qcow2")
+    _same("map", "--image-opts", f"driver=qcow2,file.driver=http,file.url={h}/d.qcow2,file.readahead=0")
+    _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":false}}}}')
+    _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":"off",'
+                  '"cookie":"k=v; k2=v2"}}')
+    out = _same("compare", "--image-opts", f"driver=raw,file.driver=https,file.url={s}/r.raw,file.sslverify=off",
+          f"driver=raw,file.driver=file,file.filename={web.www / 'r.raw'}")
+    assert out == "Images are identical.\n"

@@ -336,7 +336,8 @@ def _open(
     elif proto in ("http", "https"):
         from vdkit.protocols.http import HttpFile
 
-        hfile = HttpFile(name, readonly=readonly, force_share=force_share)
+        hfile = HttpFile(name, readonly=readonly, force_share=force_share,
+                         driver=fmt if fmt in ("http", "https") else None)
         return _open_on(hfile, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                         force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
     elif proto in QEMU_PROTOCOLS:

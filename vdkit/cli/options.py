@@ -208,7 +208,7 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 
             if not is_known(driver):
                 raise OpenError(f"Unknown driver '{driver}'")
-        if file_driver is not None and file_driver not in ("file", "nbd"):
+        if file_driver is not None and file_driver not in ("file", "nbd", "http", "https"):
             raise OpenError(f"Unknown driver '{file_driver}'")
         if driver == "nbd":  # the export is the top node: every option is the nbd driver's
             from vdkit.protocols.nbd import name_for_options
@@ -218,7 +218,23 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
                     opts[key] = given_value
             nbd_opts = {k: v for k, v in opts.items() if k not in _TUNING}
             return name_for_options(nbd_opts), "nbd"
-        if file_driver == "nbd":
+        if driver in ("http", "https") or file_driver in ("http", "https"):
+            from vdkit.protocols import http
+
+            top = driver in ("http", "https")
+            if top:
+                http_opts = {k: v for k, v in opts.items() if k not in _TUNING}
+                opts = {}
+            else:
+                http_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
+                http_opts = {k: v for k, v in http_opts.items() if k not in _TUNING}
+                opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
+            if filename is not None:
+                http_opts["filename"] = filename
+            filename = http.name_for_options(http_opts, str(driver if top else file_driver))
+            if top:
+                return filename, driver
+        elif file_driver == "nbd":
             from vdkit.protocols.nbd import name_for_options
 
             nbd_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
@@ -258,13 +274,13 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         from vdkit.block.secrets import set_open_option
 
         set_open_option(filename, "key-secret", key_secret)
-    if no_backing or file_driver != "nbd" and ":" in filename:
+    if no_backing or file_driver not in ("nbd", "http", "https") and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
 
         if no_backing:
             set_open_option(filename, "backing", "null")
-        if file_driver != "nbd" and protocol_of(filename) is not None:
+        if file_driver not in ("nbd", "http", "https") and protocol_of(filename) is not None:
             set_open_option(filename, "protocol", "file")  # an option's filename is never a URI
     return filename, driver
 
@@ -310,9 +326,20 @@ def image_opts_name(spec: str) -> str | None:
     if spec.startswith("json:"):
         from vdkit.cli import json_name
 
-        opts = {k: v for k, v in json_name.parse(spec).items() if isinstance(v, str)}
+        given = json_name.parse(spec)
+        opts = {k: v for k, v in given.items() if isinstance(v, str)}
     else:
         opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
+        given = dict(opts)
+    if "http" in str(given.get("driver")) + str(given.get("file.driver")):
+        from vdkit.protocols.http import json_name as http_json_name
+
+        desc = http_json_name(given)
+        if desc is None:
+            return None
+        from vdkit.info.render_json import dumps_compact
+
+        return "json:" + dumps_compact(desc)
     if opts.get("driver") == "luks" and "key-secret" in opts:
         from vdkit.info.render_json import dumps_compact
 

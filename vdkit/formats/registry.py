@@ -49,6 +49,8 @@ FORMATS: dict[str, str] = {
     "luks": "vdkit.formats.luks",
     "vmdk": "vdkit.formats.vmdk",
     "nbd": "vdkit.formats.nbd",  # the nbd protocol as the top node (no format layer); never probed
+    "http": "vdkit.formats.http",  # the curl protocols as the top node (no format layer); never probed
+    "https": "vdkit.formats.http",
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.

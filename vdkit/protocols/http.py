@@ -42,6 +42,91 @@ NO_LIMIT_TIMEOUT = 300.0
 """Seconds one socket wait may take with ``timeout=0`` (curl: no limit; vdkit keeps a bound)."""
 
 
+_PRESET: dict[str, dict[str, object]] = {}
+"""Options given with ``--image-opts``/``json:`` (readahead, sslverify, timeout, cookie, driver), by URL:
+:class:`HttpFile` opens that URL with them (a backing file named by a plain URL gets none, as in QEMU)."""
+
+_KEYS = ("url", "readahead", "timeout", "sslverify", "cookie", "filename")
+
+
+def _glib_then(message: str) -> OpenError:
+    """QEMU 7.2's curl driver prints two GLib assertion lines before its option errors (a cleanup bug)."""
+    _report("GLib: g_hash_table_foreach_remove: assertion 'hash_table != NULL' failed")
+    _report("GLib: g_hash_table_destroy: assertion 'hash_table != NULL' failed")
+    return OpenError(message)
+
+
+def name_for_options(opts: dict[str, str], driver: str) -> str:
+    """Check the curl driver's options (QEMU's texts and order) and return the node's URL.
+
+    ``cookie-secret``, ``username``, ``password-secret`` and the proxy options are not implemented.
+    """
+    for key in opts:
+        if key not in _KEYS:
+            raise OpenError(f"Block protocol '{driver}' doesn't support the option '{key}'")
+    readahead = DEFAULT_READAHEAD
+    if "readahead" in opts:
+        from vdkit.opts import _SIZE_HINT, strtosz
+
+        try:
+            readahead = strtosz(opts["readahead"])
+        except Exception:
+            exc = _glib_then("Parameter 'readahead' expects a non-negative number below 2^64")
+            exc.hint = _SIZE_HINT
+            raise exc from None
+    timeout = DEFAULT_TIMEOUT
+    if "timeout" in opts:
+        text = opts["timeout"]
+        if not text.lstrip("-").isdigit():
+            raise _glib_then("Parameter 'timeout' expects a number")
+        timeout = int(text)
+    sslverify = True
+    if "sslverify" in opts:
+        value = opts["sslverify"]
+        if value not in ("on", "off", "true", "false", "yes", "no"):
+            raise _glib_then("Parameter 'sslverify' expects 'on' or 'off'")
+        sslverify = value in ("on", "true", "yes")
+    if readahead % 512:
+        raise _glib_then(f"HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512")
+    if timeout < 0 or timeout >= MAX_TIMEOUT:
+        raise _glib_then("timeout parameter is too large or negative")
+    url = opts.get("url")
+    if url is None:
+        raise _glib_then("curl block driver requires an 'url' option")
+    if not url.startswith(driver + "://"):
+        raise _glib_then(f"{driver} curl driver cannot handle the URL '{url}' (does not start with '{driver}://')")
+    _PRESET[url] = {"driver": driver, "readahead": readahead, "timeout": timeout, "sslverify": sslverify,
+                    "cookie": opts.get("cookie")}
+    return url
+
+
+def json_name(opts: dict[str, object]) -> dict[str, object] | None:
+    """What QEMU's ``json:{...}`` name of a curl node opened with options (flattened keys) holds, or None.
+
+    Only ``cookie`` and ``sslverify`` turned off force one (``username`` too, not implemented);
+    once forced, an explicit ``sslverify`` is listed as given (protocols.md §3.3).  A format
+    layer above the curl node must be named: a probed one (no ``driver``) gives None here.
+    """
+    top = opts.get("driver") in ("http", "https")
+    prefix = "" if top else "file."
+    if not top and opts.get("file.driver") not in ("http", "https"):
+        return None
+    ssl = opts.get(prefix + "sslverify")
+    cookie = opts.get(prefix + "cookie")
+    if cookie is None and ssl not in ("off", "false", "no", False):
+        return None
+    node: dict[str, object] = {"url": opts.get(prefix + "url"), "driver": opts.get(prefix + "driver")}
+    if cookie is not None:
+        node["cookie"] = cookie
+    if ssl is not None:
+        node["sslverify"] = ssl
+    if not top:
+        if opts.get("driver") is None:
+            return None
+        node = {"driver": opts["driver"], "file": node}
+    return node
+
+
 def is_http_name(name: str) -> bool:
     return name.startswith(("http://", "https://"))
 
@@ -76,6 +161,12 @@ class HttpFile:
                  cookie: str | None = None) -> None:
         from urllib.parse import unquote, urlsplit
 
+        preset = _PRESET.get(url)
+        if preset is not None:
+            driver = driver or str(preset["driver"])
+            readahead, timeout = int(preset["readahead"]), int(preset["timeout"])  # type: ignore[call-overload]
+            sslverify, cookie = bool(preset["sslverify"]), preset["cookie"]  # type: ignore[assignment]
+
         self.filename = url
         self.readonly = True
         self.sync = True
@@ -90,6 +181,7 @@ class HttpFile:
             raise OpenError("timeout parameter is too large or negative")
         if not readonly:
             raise OpenError("curl driver does not support writes")
+        self.driver = driver
         parts = urlsplit(url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
