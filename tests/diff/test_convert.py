@@ -74,6 +74,17 @@ def test_convert_progress_and_quiet(workdir: Path) -> None:
     assert rc == 0 and out.count("\r") > 10
 
 
+def test_convert_progress_steps_sparse_zero_and_compressed(workdir: Path) -> None:
+    """-p's lines show the copy's pieces: with -S 0 a long unallocated run is written a buffer at
+    a time, with -c one target cluster at a time (both used to be one piece: fewer lines)."""
+    check_ok("create", "-q", "-f", "qcow2", "h.qcow2", "40M", cwd=workdir)
+    qio("h.qcow2", ["write -P 1 0 5M", "write -P 2 5M 5M"], workdir)
+    for args, lines in ((["-S", "0", "-O", "raw"], 20), (["-c", "-O", "qcow2"], 40),
+                        (["-c", "-S", "0", "-O", "qcow2"], 90)):
+        rc, out = _convert_both(workdir, ["-p", *args, "h.qcow2"])
+        assert rc == 0 and out.count("\r") > lines, args
+
+
 def test_convert_concat_and_existing_target(workdir: Path) -> None:
     a = build("raw", workdir)
     b = build("v2", workdir)

@@ -61,7 +61,8 @@ class Copier:
         self.min_sparse = min_sparse
         self.cluster_sectors = cluster_sectors
         self.alignment = alignment
-        self.buf_sectors = max(IO_BUF_SECTORS, min_sparse) if not compressed else IO_BUF_SECTORS
+        # -c copies one target cluster per piece (visible in -p's steps), as qemu-img
+        self.buf_sectors = cluster_sectors if compressed else max(IO_BUF_SECTORS, min_sparse)
         self.next_status = 0
         self.status = BLK_DATA
         self.target_backing_sectors = -1  # with -B: zeros past the new backing's end need no write
@@ -112,7 +113,8 @@ class Copier:
                 self.status = BLK_BACKING if self.target_has_backing else BLK_DATA
             self.next_status = sector + n
         n = min(n, self.next_status - sector)
-        if self.status == BLK_DATA:
+        if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
+            # with -S 0 zeros are written as data, a buffer at a time (-p's steps show it)
             n = min(n, self.buf_sectors)
         if self.compressed:
             if n < self.cluster_sectors:

@@ -20,6 +20,7 @@ from sys import byteorder
 
 from vdkit.block.driver import DATA, OFFSET_VALID, BlockStatus, CheckResult, FormatDriver
 from vdkit.errors import OpenError, VdkitError
+from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -195,13 +196,21 @@ class ParallelsDriver(FormatDriver):
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int, backing: object = None) -> bytes:
-        out = bytearray()
-        pos, end = offset, offset + length
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: object = None) -> None:
+        """Guest bytes into ``view``: one read per run of host-contiguous clusters, no copies."""
+        pos, end = offset, offset + len(view)
         while pos < end:
             host, run = self._run(pos, end - pos)
-            out += self.file.pread(host, run) if host >= 0 else bytes(run)
+            at = pos - offset
+            if host >= 0:
+                self.file.readinto(host, view[at : at + run])
+            else:
+                zero_fill(view[at : at + run])
             pos += run
-        return bytes(out)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         host, run = self._run(offset, length)

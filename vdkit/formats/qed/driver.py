@@ -24,6 +24,7 @@ from sys import byteorder
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
 from vdkit.errors import OpenError, VdkitError
+from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -230,22 +231,27 @@ class QedDriver(FormatDriver):
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, offset: int, length: int, backing: Backing = None) -> bytes:
-        out = bytearray()
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out), backing)
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: Backing = None) -> None:
+        """Guest bytes into ``view``: one read per run of host-contiguous clusters, no copies."""
         cs = self.cs
-        end = offset + length
+        end = offset + len(view)
         pos = offset
         while pos < end:
             c, intra = divmod(pos, cs)
             kind, n, host = self.find(c, -(-(end - pos + intra) // cs))
             run = min(end - pos, n * cs - intra)
+            at = pos - offset
             if kind == ALLOC:
-                out += self.file.pread(host + intra, run)
+                self.file.readinto(host + intra, view[at : at + run])
             elif kind == UNALLOC and backing is not None:
-                out += backing(pos, run)
+                view[at : at + run] = backing(pos, run)
             else:
-                out += bytes(run)
+                zero_fill(view[at : at + run])
             pos += run
-        return bytes(out)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         c, intra = divmod(offset, self.cs)

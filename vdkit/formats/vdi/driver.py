@@ -22,6 +22,7 @@ from array import array
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
+from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -116,8 +117,28 @@ class VdiDriver(FormatDriver):
 
     # -- data ---------------------------------------------------------------------------------
     def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
-        return b"".join(bytes(n) if host is None else self.file.pread(host, n)
-                        for _, n, host in self._pieces(offset, length))
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: Callable[[int, int], bytes] | None = None) -> None:
+        """Guest bytes into ``view``: blocks that follow each other in the file are read with one
+        request, unallocated ones zero-filled in place (no copies)."""
+        run_at = run_host = run_len = 0  # the pending host-contiguous read
+        for guest, n, host in self._pieces(offset, len(view)):
+            at = guest - offset
+            if run_len and host == run_host + run_len:
+                run_len += n
+                continue
+            if run_len:
+                self.file.readinto(run_host, view[run_at : run_at + run_len])
+                run_len = 0
+            if host is None:
+                zero_fill(view[at : at + n])
+            else:
+                run_at, run_host, run_len = at, host, n
+        if run_len:
+            self.file.readinto(run_host, view[run_at : run_at + run_len])
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         _, n, host = next(self._pieces(offset, length))

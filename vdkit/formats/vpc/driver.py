@@ -20,7 +20,7 @@ from array import array
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, FormatDriver
 from vdkit.errors import OpenError
-from vdkit.io.file import MAX_OFFSET
+from vdkit.io.file import MAX_OFFSET, zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -224,10 +224,29 @@ class VpcDriver(FormatDriver):
     def read(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None) -> bytes:
         if self.fixed:
             return self.file.pread(offset, length)
-        parts = []
-        for _, n, host in self._pieces(offset, length):
-            parts.append(bytes(n) if host is None else self.file.pread(host, n))
-        return b"".join(parts)
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out))
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: Callable[[int, int], bytes] | None = None) -> None:
+        """Each block's part straight from the file into ``view`` (convert's bulk path: no copies).
+
+        Blocks are never contiguous on the host (a bitmap precedes each), so one read per block."""
+        if self.fixed:
+            self.file.readinto(offset, view)
+            return
+        bs, bat, bitmap = self.block_size, self.bat, self.bitmap_size
+        nbat = len(bat)
+        pos, end = 0, len(view)
+        while pos < end:
+            idx, within = divmod(offset + pos, bs)
+            n = min(end - pos, bs - within)
+            entry = bat[idx] if idx < nbat else UNALLOCATED
+            if entry == UNALLOCATED:
+                zero_fill(view[pos : pos + n])
+            else:
+                self.file.readinto(entry * 512 + bitmap + within, view[pos : pos + n])
+            pos += n
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         name = self.file.filename
@@ -241,9 +260,15 @@ class VpcDriver(FormatDriver):
             st = raw_file_status(self.file, offset, min(length, total - offset))
             return BlockStatus(DATA | OFFSET_VALID | (st.flags & ZERO), st.length, offset, name)
         _, n, host = next(self._pieces(offset, length))
-        if host is None:
-            return BlockStatus(ZERO, n)
-        return BlockStatus(DATA | OFFSET_VALID, n, host, name)
+        if host is not None:  # one block: the next block's data is never contiguous (its bitmap)
+            return BlockStatus(DATA | OFFSET_VALID, n, host, name)
+        # unallocated blocks form one run, as in QEMU
+        bs, bat = self.block_size, self.bat
+        idx = (offset + n) // bs
+        last = min(len(bat), -(-(offset + length) // bs))
+        while idx < last and bat[idx] == UNALLOCATED:
+            idx += 1
+        return BlockStatus(ZERO, min(length, idx * bs - offset) if idx < last else length)
 
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
         if self.fixed:
