@@ -305,7 +305,8 @@ class HttpFile:
         resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
         data = bytearray()
         try:
-            if resp.status != 206:
+            whole = resp.status == 200
+            if resp.status != 206 and not whole:
                 resp.read()
                 self._drop()
                 if resp.status >= 400:
@@ -314,6 +315,19 @@ class HttpFile:
             # curl's timeout bounds the whole transfer, not one wait: a server trickling bytes ends too
             deadline = start + self.timeout
             sock = self._conn.sock if self._conn is not None else None
+            # A server that announced byte ranges but ignores them sends the whole resource (200):
+            # QEMU then returns its first bytes for any offset (wrong data); vdkit skips to the offset.
+            skip = offset if whole else 0
+            while skip:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = resp.read1(min(skip, 1 << 20))
+                if not chunk:
+                    break
+                skip -= len(chunk)
             while len(data) < length:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -324,7 +338,9 @@ class HttpFile:
                 if not chunk:
                     break
                 data += chunk
-            if len(data) == length:
+            if whole:
+                self._drop()  # the rest of the resource is not wanted
+            elif len(data) == length:
                 resp.read()  # the body is complete: marks the response done so the connection can be reused
         except TimeoutError:
             self._drop()
@@ -335,7 +351,7 @@ class HttpFile:
         if len(data) != length:
             self._drop()
             raise HttpError(f"transfer closed with {length - len(data)} bytes remaining to read")
-        if resp.will_close:
+        if self._conn is not None and resp.will_close:
             self._drop()
         return bytes(data)
 
