@@ -190,3 +190,22 @@ def test_graph_only_snapshots(daemons: Daemons) -> None:
         ("query-named-block-nodes", None),
     ], setup=_setup, quit=True)
     _same_files(trees, ["n.qcow2", "ovl.qcow2"])
+
+
+def test_snapshot_of_snapshot_on_drive(daemons: Daemons) -> None:
+    """A snapshot=on drive: the temporary overlay stays writable below the new overlay, which inherits its
+    cache flags and its temporary flag (unlinked once open; temporary names masked)."""
+    import re
+
+    def norm(text: str) -> str:
+        return re.sub(r"#block\d+", "#blockN", re.sub(r"vl\.[A-Za-z0-9]{6}", "vl.XXXXXX", text))
+
+    q, v = daemons.pair(["-drive", "file=base.qcow2,if=none,id=d0,snapshot=on"], _setup)
+    for mon in (q, v):
+        assert mon.cmd("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "s.qcow2"}) == {"return": {}}
+    for name in ("query-block", "query-named-block-nodes"):
+        assert norm(v.cmd_line(name)) == norm(q.cmd_line(name)), name
+    assert norm(v.hmp("info block -n")) == norm(q.hmp("info block -n"))
+    # the new overlay inherits the temporary flag: unlinked once open, as the first one
+    assert not (daemons.tmp / "q" / "s.qcow2").exists() and not (daemons.tmp / "v" / "s.qcow2").exists()
+    assert norm(v.hmp("info block -v")) == norm(q.hmp("info block -v"))

@@ -86,6 +86,8 @@ class Medium:
     serials: list[tuple[int, int]] = field(default_factory=list)
     # snapshot=on: the temporary overlay's path (its node's filename is QEMU's json: description)
     overlay_path: str | None = None
+    # the chain index of that overlay (external snapshots put nodes above it)
+    overlay_index: int = 0
     # the top file node's read-only flag when it differs from ``ro`` (auto-read-only: QEMU opens the
     # file read-write under a format that can only be read)
     file_ro: bool | None = None
@@ -313,7 +315,10 @@ class DeviceRegistry:
         medium.node = overlay
         medium.names.insert(0, names)
         medium.serials.insert(0, serials)
-        set_node_readonly(old, True)
+        if medium.overlay_path is not None:
+            medium.overlay_index += 1
+        if not (medium.overlay_path is not None and medium.overlay_index == 1):
+            set_node_readonly(old, True)  # QEMU leaves a snapshot=on temporary overlay writable
         self._hook_corruption(medium)
 
     def pop_overlay(self, medium: Medium) -> Node:
@@ -327,6 +332,8 @@ class DeviceRegistry:
         medium.node = old
         del medium.names[0]
         del medium.serials[0]
+        if medium.overlay_path is not None:
+            medium.overlay_index -= 1
         set_node_readonly(old, medium.ro)
         self._hook_corruption(medium)
         return overlay

@@ -71,7 +71,8 @@ def _cache(drive: Drive, medium: Medium, index: int, *, backend: bool) -> Blockd
     QEMU's BlockBackend keeps them.
     """
     c = drive.spec.cache
-    snap = (index == 0) if medium.overlay_path is not None else drive.spec.snapshot
+    # nodes put above the overlay by external snapshots inherit its flags, as QEMU's do
+    snap = (index <= medium.overlay_index) if medium.overlay_path is not None else drive.spec.snapshot
     return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct and not snap,
                              no_flush=c.no_flush or snap)
 
@@ -86,7 +87,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
     info = BlockDeviceInfo(
         file=node.filename,
         node_name=medium.names[index][0],
-        ro=medium.ro if index == 0 else True,
+        ro=medium.ro if index == 0 else node.readonly,
         drv=node.format,
         # QEMU names the backing *node's* filename (the path it resolved and opened, or the
         # snapshot=on overlay's base attached in memory), not the name stored in the header
@@ -112,7 +113,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
 
 def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo:
     node = _chain(medium)[index]
-    overlay = index == 0 and medium.overlay_path is not None
+    overlay = index == medium.overlay_index and medium.overlay_path is not None
     filename = medium.overlay_path if overlay and medium.overlay_path else node.filename
     if filename.startswith("json:"):  # an external snapshot's overlay: the file node keeps its own name
         filename = node.driver.file.filename
@@ -121,7 +122,7 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     return BlockDeviceInfo(
         file=filename,
         node_name=medium.names[index][1],
-        ro=(medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else True,
+        ro=(medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else node.readonly,
         drv="file",
         backing_file_depth=0,
         encrypted=False,

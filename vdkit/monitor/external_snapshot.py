@@ -139,6 +139,15 @@ def prepare_sync(ctx: CommandContext, args: dict[str, Any]) -> Undo:
     except BaseException:
         overlay.close()
         raise
+    if drive is not None and drive.medium is not None and drive.medium.overlay_path is not None and not existing:
+        # a snapshot=on drive: the new overlay inherits the temporary flag and is unlinked once open,
+        # as QEMU does (an existing file given with mode existing is left alone: vdkit's choice)
+        import os
+
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     if drive is None:
         # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4);
         # the old node was still made read-only
