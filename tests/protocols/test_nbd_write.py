@@ -92,8 +92,9 @@ def _both(kit: Nbdkit, args: list[str], fill: int = 0x77) -> tuple[bytes, list[s
 
 
 def test_convert_raw_to_nbd_writes_data_zeroes_holes_and_flushes_once(kit: Nbdkit, src: Path) -> None:
-    for extra in ([], ["-n"]):
-        data, reqs = _both(kit, ["convert", *extra, "-f", "raw", "-O", "raw", str(src), kit.uri])
+    spec = f"driver=nbd,server.type=unix,server.path={kit.sock},export=kx"  # the export without format layer
+    for args in (["-O", "raw", kit.uri], ["-n", "-O", "raw", kit.uri], ["-n", "--target-image-opts", spec]):
+        data, reqs = _both(kit, ["convert", "-f", "raw", *args[:-1], str(src), args[-1]])
         assert data == src.read_bytes()
         assert all(not r.startswith(("qemu:", "vdkit:")) for r in reqs), reqs
         assert [r.split()[0] for r in reqs][-5:] == ["Write", "Zero", "Write", "Zero", "Flush"], reqs

@@ -56,3 +56,7 @@ class NbdDriver(RawDriver):
     @property
     def virtual_size(self) -> int:
         return self.file.size()
+
+    def flush(self) -> None:
+        """The export's flush (``convert --target-image-opts driver=nbd,...`` ends with one, as qemu-img)."""
+        self.file.flush()

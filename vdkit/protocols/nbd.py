@@ -662,7 +662,7 @@ class NbdFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset + len(data) > self.client.size:
             raise OSError(_errno.EIO, "Cannot grow NBD nodes")
-        self._io(lambda: self.client.write(offset, bytes(data)))
+        self._io(lambda: self.client.write(offset, bytes(data)), writes=True)
 
     def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
         self.pwrite(offset, b"".join(bytes(b) for b in buffers))
@@ -680,22 +680,32 @@ class NbdFile:
         """Zero a range inside the export; ``unmap`` lets the server trim (QEMU's BDRV_REQ_MAY_UNMAP)."""
         end = min(offset + length, self.client.size)
         if end > offset:
-            self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=unmap))
+            self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=unmap), writes=True)
 
     def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
         end = min(offset + length, self.client.size)
         if end > offset:
-            self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=True))
+            self._io(lambda: self.client.write_zeroes(offset, end - offset, trim=True), writes=True)
 
     def flush(self) -> None:
         """NBD_CMD_FLUSH; also under ``cache=unsafe`` (qemu-img's convert still ends with one flush)."""
         if not self.readonly:
             self._io(self.client.flush)
+            self._written = False
 
     def close(self) -> None:
+        """Disconnect; writes not flushed yet are flushed first, as QEMU's node close does."""
+        if self._written:
+            try:
+                self.flush()
+            except OSError:
+                pass
         self.client.close()
 
-    def _io(self, fn: Callable[[], T]) -> T:
+    _written = False  # data written since the last flush
+
+    def _io(self, fn: Callable[[], T], *, writes: bool = False) -> T:
+        self._written = self._written or writes
         try:
             return fn()
         except NbdError as exc:
