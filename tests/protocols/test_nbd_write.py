@@ -206,3 +206,12 @@ def test_read_only_export_refuses_writers(qnbd: QemuNbd, src: Path) -> None:  # 
         vdkit.open(uri, "raw", readonly=False)
     with vdkit.open(uri, "raw") as node:
         assert node.read(0, 4) == b"\x11" * 4
+
+
+def test_resize_refused_unless_the_size_stays(kit: Nbdkit) -> None:
+    spec = f"driver=nbd,server.type=unix,server.path={kit.sock},export=kx"
+    for args in (["resize", kit.uri, "32M"], ["resize", "--shrink", kit.uri, "8M"], ["resize", kit.uri, "16M"],
+                 ["resize", "-f", "raw", kit.uri, "+1M"], ["resize", "--image-opts", spec, "+1M"],
+                 ["resize", "--image-opts", spec, "16M"]):
+        data, _ = _both(kit, args)
+        assert data == bytes([0x77]) * SIZE, args

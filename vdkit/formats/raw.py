@@ -80,6 +80,10 @@ class RawDriver(FormatDriver):
         from vdkit.errors import VdkitError
 
         f = self.file
+        exact = getattr(f, "truncate_exact", None)
+        if exact is not None:  # an NBD export: "Cannot resize NBD nodes" unless the size stays
+            exact(size)
+            return
         if f.is_device:
             # a device has the size it has: only "resizing" to that size succeeds (QEMU's texts)
             if prealloc != "off":

@@ -667,6 +667,11 @@ class NbdFile:
     def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
         self.pwrite(offset, b"".join(bytes(b) for b in buffers))
 
+    def truncate_exact(self, size: int) -> None:
+        """``resize`` (an exact size): an export keeps its size, so only its own size is accepted (QEMU's text)."""
+        if size != self.client.size:
+            raise VdkitError("Cannot resize NBD nodes", errno=_errno.ENOTSUP)
+
     def truncate(self, size: int) -> None:
         if size > self.client.size:
             raise VdkitError("Cannot grow NBD nodes", errno=_errno.EINVAL)
