@@ -16,6 +16,7 @@ import struct
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
 from vdkit.errors import OpenError, UnsupportedError
 from vdkit.formats.vmdk import descriptor as D
+from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ MAX_GRAIN_SECTORS = 0x200000
 MAX_L1_ENTRIES = 1 << 25
 HEADER = struct.Struct("<4sIIQQQQIQQQBIH")  # 79 bytes, packed
 MARKER = struct.Struct("<QI")
+_WINDOW = 1 << 20  # host bytes read at once for compressed grains
 EMBEDDED_DESC = 0x200  # where a sparse file's own descriptor is read and rewritten
 EMBEDDED_DESC_SIZE = 20 * SECTOR
 
@@ -93,6 +95,8 @@ class SparseExtent(Extent):
         self._rgd: dict[int, list[int]] = {}
         self._gt: dict[int, list[int]] = {}  # GT sector -> entries
         self.next_alloc = 0  # streamOptimized: where the next compressed grain goes
+        self._win: bytes = b""  # read-ahead window of compressed grains (read-only files)
+        self._win_off = 0
 
     # -- tables ---------------------------------------------------------------------------------
     def _dir_entry(self, cache: dict[int, list[int]], base: int, index: int) -> int:
@@ -154,18 +158,35 @@ class SparseExtent(Extent):
                 self.file.pwrite(rgt * SECTOR + idx * 4, packed)
 
     # -- data -----------------------------------------------------------------------------------
+    def _host(self, off: int, length: int) -> bytes | memoryview:
+        """File bytes ``[off, off+length)`` (zeros past EOF, as ``pread``).
+
+        Compressed grains lie one after the other, so on a read-only file one
+        read of a 1 MiB window serves the next dozens of grains (two reads per
+        grain before); a writable file is read directly (its grains move)."""
+        win = self._win
+        if off >= self._win_off and off + length <= self._win_off + len(win):
+            return memoryview(win)[off - self._win_off : off - self._win_off + length]
+        if not self.file.readonly:
+            return self.file.pread(off, length)
+        from vdkit.io.file import MAX_OFFSET
+
+        size = max(length, min(_WINDOW, MAX_OFFSET - off))  # never past the limit pread checks
+        self._win, self._win_off = self.file.pread(off, size), off
+        return memoryview(self._win)[:length]
+
     def read_grain_compressed(self, gte: int) -> bytes:
         import zlib
 
         off = gte * SECTOR
         if self.markers:
-            head = self.file.pread(off, MARKER.size)
+            head = self._host(off, MARKER.size)
             _lba, size = MARKER.unpack(head)
             if size > 2 * self.grain + SECTOR:
                 raise OSError(errno.EINVAL, "compressed grain too large")
-            payload = self.file.pread(off + MARKER.size, size)
+            payload = self._host(off + MARKER.size, size)
         else:
-            payload = self.file.pread(off, 2 * self.grain + SECTOR)
+            payload = self._host(off, 2 * self.grain + SECTOR)
         try:
             d = zlib.decompressobj()
             out = d.decompress(payload, self.grain)
@@ -380,7 +401,7 @@ class VmdkDriver(FormatDriver):
         return any(e.compressed for e in self.extents)
 
     @property
-    def dirty(self) -> bool | None:  # type: ignore[override]
+    def dirty(self) -> bool | None:
         """Always false, but absent when the extents differ (qemu-img then gets no driver info at all)."""
         return False if self._alike() else None
 
@@ -420,40 +441,51 @@ class VmdkDriver(FormatDriver):
         return self.extents[i]
 
     def read(self, offset: int, length: int, backing: Backing = None) -> bytes:
-        out = bytearray()
-        end = offset + length
+        out = bytearray(length)
+        self.readinto(offset, memoryview(out), backing)
+        return bytes(out)
+
+    def readinto(self, offset: int, view: memoryview, backing: Backing = None) -> None:
+        """Guest bytes into ``view`` (convert's bulk path): flat extents and runs of grains stored
+        one after the other with one read each, straight into the buffer; no intermediate bytes."""
+        end = offset + len(view)
         pos = offset
         while pos < end:
+            at = pos - offset
             if pos >= self._size:
-                out += bytes(end - pos)
+                zero_fill(view[at:])
                 break
             ext = self._extent_at(pos)
             n = min(end, ext.end) - pos
             if n <= 0:  # an empty extent: nothing to read there
-                out += bytes(end - pos)
+                zero_fill(view[at:])
                 break
             if ext.flat:
-                out += ext.file.pread(ext.flat_offset + pos - ext.start, n)
+                ext.file.readinto(ext.flat_offset + pos - ext.start, view[at : at + n])
             else:
                 assert isinstance(ext, SparseExtent)
-                out += self._read_sparse(ext, pos, n, backing)
+                self._readinto_sparse(ext, pos, view[at : at + n], backing)
             pos += n
-        return bytes(out)
 
-    def _read_sparse(self, ext: SparseExtent, pos: int, n: int, backing: Backing) -> bytes:
-        out = bytearray()
-        end = pos + n
+    def _readinto_sparse(self, ext: SparseExtent, pos: int, view: memoryview, backing: Backing) -> None:
+        start = pos
+        end = pos + len(view)
         while pos < end:
             rel = pos - ext.start
             in_grain = rel % ext.grain
             m = min(end - pos, ext.grain - in_grain)
+            at = pos - start
             _gts, _idx, gte = ext.lookup(rel)
             if gte == 0:
-                out += backing(pos, m) if backing is not None else bytes(m)
+                if backing is not None:
+                    view[at : at + m] = backing(pos, m)
+                else:
+                    zero_fill(view[at : at + m])
             elif gte == 1 and ext.zeroed:
-                out += bytes(m)
+                zero_fill(view[at : at + m])
             elif ext.compressed:
-                out += ext.read_grain_compressed(gte)[in_grain:in_grain + m]
+                grain = ext.read_grain_compressed(gte)
+                view[at : at + m] = grain if m == len(grain) else memoryview(grain)[in_grain : in_grain + m]
             else:
                 # grains stored one after the other are read with one request
                 gsec = ext.grain // SECTOR
@@ -462,9 +494,8 @@ class VmdkDriver(FormatDriver):
                     if nxt != gte + (in_grain + m) // SECTOR // gsec * gsec or nxt <= 1:
                         break
                     m += min(end - pos - m, ext.grain)
-                out += ext.file.pread(gte * SECTOR + in_grain, m)
+                ext.file.readinto(gte * SECTOR + in_grain, view[at : at + m])
             pos += m
-        return bytes(out)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         from vdkit.block.io import raw_file_status
