@@ -99,6 +99,21 @@ class RefcountOverflow(VdkitError):
     """An update would take a refcount below 0 or above ``refcount_max``."""
 
 
+def _io(op: Callable[[], object], offset: int) -> bytes:
+    """A refcount block read or write; the file's refusal of an offset no file can have (a damaged
+    table: EFBIG, EINVAL, or past 2^63) becomes an error with its errno, not an internal error.
+    Other I/O errors pass as they are."""
+    try:
+        return op()  # type: ignore[return-value]
+    except OSError as exc:
+        if exc.errno not in (EFBIG, EINVAL) and offset < (1 << 63) - (1 << 21):
+            raise
+        import os
+
+        code = exc.errno or 5
+        raise VdkitError(os.strerror(code), errno=code) from None
+
+
 class _Restart(Exception):
     """A refcount block was allocated; the caller's free range may be gone."""
 
@@ -255,7 +270,7 @@ class Refcounts:
         off = self.block_offset(rt_index)
         if off == 0:
             return None
-        raw = self.file.pread(off, self.cluster_size)
+        raw = _io(lambda: self.file.pread(off, self.cluster_size), off)
         if len(raw) < self.cluster_size:  # a block (partly) past the end of the file reads as zeros, as in QEMU
             raw = bytes(raw).ljust(self.cluster_size, b"\0")
         vals = decode_block(raw, self.bits)
@@ -278,7 +293,8 @@ class Refcounts:
         off = self.block_offset(rt_index)
         if self.overlap_check is not None:  # a table entry may name other metadata (damaged images)
             self.overlap_check(off, self.cluster_size, "refcount block")
-        self.file.pwrite(off, encode_block(self._blocks[rt_index], self.bits))
+        data = encode_block(self._blocks[rt_index], self.bits)
+        _io(lambda: self.file.pwrite(off, data), off)
         self._dirty.discard(rt_index)
 
     def write_back(self) -> None:

@@ -244,6 +244,29 @@ def _in_use_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> np.ndarray:
     return np.concatenate(parts)  # duplicates are harmless to the membership test
 
 
+def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
+    """Fail with EAGAIN, as QEMU does, when a tree whose counts change names a cluster no refcount block covers.
+
+    QEMU's snapshot refcount update allocates the missing block and then gives up with -EAGAIN
+    (``Resource temporarily unavailable``); a sound image never has such a reference.  Counting it
+    anyway in a new block would leave ``check`` one error more than before.
+    """
+    rc = drv.refcounts
+    epb = rc.entries_per_block
+    refs = np.concatenate([tree.l2_clusters, tree.data])
+    if not len(refs):
+        return
+    rts = sorted_unique(np.sort(refs // epb))
+    entries = np.zeros(len(rts), dtype=np.uint64)
+    inside = rts < len(rc.table)
+    entries[inside] = rc.table[rts[inside]] & np.uint64(L.REFT_OFFSET_MASK)
+    if (entries == 0).any():
+        import errno
+        import os
+
+        raise VdkitError(os.strerror(errno.EAGAIN), errno=errno.EAGAIN)
+
+
 def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> None:
     """Refuse (EINVAL) when a walked tree references a refcount table or block cluster.
 
@@ -415,6 +438,7 @@ def create(
         active_new = active
         snap_l1 = active.copy()
     tree = _Tree(drv, active_new)
+    _refuse_unbacked_references(drv, tree)
     tree.add_to(txn, +1)  # the snapshot's L1 references the current tree
     trees.append(tree)
     if vm_state is not None and len(vm_state):
@@ -479,10 +503,12 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
     snap_l1[: entry.l1_size] = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
     txn = Transaction(drv.refcounts)
     new_tree = _Tree(drv, snap_l1)
+    _refuse_unbacked_references(drv, new_tree)
     # QEMU counts the snapshot's tree up before counting the old tree down.
     txn.check_peak(new_tree.increments())
     new_tree.add_to(txn, +1)
     old_tree = _Tree(drv, active)
+    _refuse_unbacked_references(drv, old_tree)  # (counted down: QEMU's update fails the same way)
     old_tree.add_to(txn, -1)
     l1, tables = _rebuild_active(drv, txn, snap_l1)
     _commit(drv, txn, l1=l1, old_l1=active, snapshots=None, new_tables=tables,
