@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 Undo = Callable[[], None]
 
 SYNC_SCHEMA = (opt("device"), opt("node-name"), Arg("snapshot-file"), opt("snapshot-node-name"), opt("format"),
-               opt("mode", enum=("existing", "absolute-paths")))
+               opt("mode", enum=("existing", "absolute-paths"), enum_label="mode"))
 SNAPSHOT_SCHEMA = (Arg("node"), Arg("overlay"))
 
 
