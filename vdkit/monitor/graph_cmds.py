@@ -178,6 +178,8 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
             delete_node(machine, child)
         raise VdkitError(f"A '{driver}' node over the format node '{child.name}' is not supported by vdkit")
     if isinstance(ref, str) and driver == "qcow2" and not ro:
+        if child.ro:  # qcow2 writes its metadata: it needs a writable file (raw needs none until used)
+            raise VdkitError("Block node is read-only")
         _check_shared_file(machine, child, name or "")
     try:
         backing: GraphNode | None | str = "header"
@@ -327,7 +329,7 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
             if any(role == "backing" for _, role in parents):
                 raise VdkitError("Device '(null)' is in use")
             for p, _role in parents:
-                if _writer(p):  # the format node above needs the file's size to stay as it is
+                if p.driver == "qcow2":  # the format node above needs the file's size to stay as it is
                     raise VdkitError(f"Permission conflict on node '{g.name}': permissions 'resize' are both "
                                      f"required by an unnamed block device (uses node '{g.name}' as 'root' child) "
                                      f"and unshared by node '{p.name}' (uses node '{g.name}' as 'file' child).")
