@@ -13,9 +13,10 @@ $(PY):
 deps: $(PY)
 	$(PY) -m pip install -q -e '.[test]'
 
-# The oracle: the real QEMU 7.2 tools.  Installed only when missing.
+# The oracle: the real QEMU 7.2 tools and the servers the tests start.  Installed when any package is
+# missing (dpkg -s fails for a package that is not installed).
 system-deps:
-	@if ! command -v qemu-img >/dev/null || ! command -v qemu-system-x86_64 >/dev/null || ! command -v nbdinfo >/dev/null || ! command -v nbdkit >/dev/null; then \
+	@if ! dpkg -s $(APT_PKGS) >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	fi
