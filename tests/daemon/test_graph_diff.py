@@ -258,3 +258,35 @@ def test_blockdev_option_errors(tmp_path: Path, text: str) -> None:
         out[who] = (r.returncode, r.stderr.split(": ", 1)[1])
     assert out["vdkit"] == out["qemu"]
     assert out["qemu"][0] == 1
+
+
+def _setup_chains(d: Path) -> None:
+    _setup(d)
+    check_ok("create", "-q", "-f", "qcow2", "a.qcow2", "4M", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2", cwd=d)
+    check_ok("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2", cwd=d)  # a -> b -> a
+    check_ok("create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2", "m.qcow2", "4M", cwd=d)
+    (d / "dir").mkdir()
+
+
+def test_blockdev_add_backing_errors(daemons: Daemons) -> None:
+    """Errors met while opening a header's chain keep one 'Could not open backing file: ' per level."""
+    _run(daemons, [], [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "a2", "file": {"driver": "file", "filename": "DIR/a.qcow2"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "m", "file": {"driver": "file", "filename": "DIR/m.qcow2"}}),
+        ("blockdev-add", {"driver": "file", "node-name": "d", "filename": "DIR/dir"}),
+        ("query-named-block-nodes", None),
+    ], setup=_setup_chains)
+
+
+def test_blockdev_add_backing_loop(daemons: Daemons) -> None:
+    """A read-only chain that loops: QEMU 7.2 keeps opening (it hangs); vdkit stops with qemu-img's loop error."""
+    d = daemons.tmp / "loop"
+    d.mkdir()
+    _setup_chains(d)
+    _, path, _ = daemons.vdkit([], d)
+    m = daemons.monitor(path).negotiate()
+    r = m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "read-only": True,
+                               "file": {"driver": "file", "filename": str(d / "a.qcow2")}})
+    assert r["error"]["desc"] == "Could not open backing file: " + f"Could not open backing file: Backing file '{d}/a.qcow2' creates an infinite loop."
+    assert m.cmd("query-named-block-nodes") == {"return": []}

@@ -33,6 +33,7 @@ from vdkit.info.model import BlockdevCacheInfo
 from vdkit.io.file import ImageFile
 
 if TYPE_CHECKING:
+    from vdkit.block.chain import BackingWalk
     from vdkit.block.node import Node
     from vdkit.devices.registry import DeviceRegistry
 
@@ -227,12 +228,15 @@ def _register(machine: DeviceRegistry, g: GraphNode, name: str | None) -> None:
 
 def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, name: str | None, ro: bool,
                      cache: BlockdevCacheInfo, detect_zeroes: str, discard: str, auto_ro: bool, implicit: bool,
-                     backing: GraphNode | None | str = "header") -> GraphNode:
+                     backing: GraphNode | None | str = "header", walk: BackingWalk | None = None) -> GraphNode:
     """A format node over ``child``; ``backing``: a graph node, None (``backing: null``) or ``"header"``.
 
     With ``"header"`` the chain the image names is opened as implicit,
-    read-only, auto-named nodes (as QEMU opens a backing file from the header).
+    read-only, auto-named nodes (as QEMU opens a backing file from the header),
+    through one :class:`~vdkit.block.chain.BackingWalk` (depth limit, policy,
+    loop detection: a chain that loops fails instead of opening forever).
     """
+    from vdkit.block.chain import BackingWalk
     from vdkit.block.driver import OpenContext
     from vdkit.block.node import Node
     from vdkit.formats import registry as formats
@@ -253,7 +257,10 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
     try:
         if backing == "header":
             if drv.backing_file is not None:
-                g.backing = _open_header_backing(machine, g)
+                if walk is None:
+                    walk = BackingWalk()
+                    walk.visit(g.filename, child.file.fd)
+                g.backing = _open_header_backing(machine, g, walk)
         else:
             assert not isinstance(backing, str)
             g.backing = backing
@@ -268,24 +275,26 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
     return g
 
 
-def _open_header_backing(machine: DeviceRegistry, g: GraphNode) -> GraphNode:
-    from vdkit.block.chain import resolve_backing_name
+def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWalk) -> GraphNode:
     from vdkit.formats import registry as formats
 
     assert g.node is not None
     drv = g.node.driver
     assert drv.backing_file is not None
-    resolved = resolve_backing_name(g.filename, drv.backing_file)
     try:
+        resolved = walk.backing_of(g.filename, drv.backing_file)
+        assert resolved is not None
         child = open_file_node(machine, {"filename": resolved}, name=None, ro=True, auto_ro=False,
                                cache=g.cache, implicit=True)
         try:
+            assert child.file is not None
+            walk.visit(resolved, child.file.fd)
             fmt = drv.backing_format
             if fmt is None:
                 assert child.file is not None
-                fmt = formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), resolved or "")
+                fmt = formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), resolved)
             return open_format_node(machine, fmt, child, name=None, ro=True, cache=g.cache, detect_zeroes="off",
-                                    discard="ignore", auto_ro=False, implicit=True)
+                                    discard="ignore", auto_ro=False, implicit=True, walk=walk)
         except BaseException:
             delete_node(machine, child)
             raise

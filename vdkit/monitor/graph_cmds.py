@@ -219,12 +219,7 @@ def add_node(machine: DeviceRegistry, opts: dict[str, Any]) -> GraphNode:
     checked = check_options(opts)
     if "node-name" not in checked:
         raise VdkitError("'node-name' must be specified for the root node")
-    try:
-        return _open(machine, checked, parent=None)
-    except VdkitError as exc:
-        from vdkit.monitor.block_cmds import open_error
-
-        raise open_error(exc) from exc
+    return _open(machine, checked, parent=None)
 
 
 def blockdev_add(ctx: CommandContext, args: dict[str, Any]) -> None:
