@@ -288,5 +288,6 @@ def test_blockdev_add_backing_loop(daemons: Daemons) -> None:
     m = daemons.monitor(path).negotiate()
     r = m.cmd("blockdev-add", {"driver": "qcow2", "node-name": "a", "read-only": True,
                                "file": {"driver": "file", "filename": str(d / "a.qcow2")}})
-    assert r["error"]["desc"] == "Could not open backing file: " + f"Could not open backing file: Backing file '{d}/a.qcow2' creates an infinite loop."
+    loop = f"Backing file '{d}/a.qcow2' creates an infinite loop."
+    assert r["error"]["desc"] == "Could not open backing file: Could not open backing file: " + loop
     assert m.cmd("query-named-block-nodes") == {"return": []}
