@@ -57,6 +57,7 @@ bench: deps system-deps
 	$(PY) bench/check.py
 	$(PY) bench/io.py
 	$(PY) bench/nbd.py
+	$(PY) bench/remote.py
 	$(PY) bench/monitor.py
 	$(PY) bench/formats.py
 
