@@ -325,6 +325,8 @@ def test_image_opts_and_json(web: Web) -> None:
     _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":false}}}}')
     _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":"off",'
                   '"cookie":"k=v; k2=v2"}}')
+    for name in ("r.raw", "d.qcow2"):  # the probed format is named in the json: name
+        _same("info", f'json:{{"file.driver":"https","file.url":"{s}/{name}","file.sslverify":"off"}}')
     out = _same("compare", "--image-opts", f"driver=raw,file.driver=https,file.url={s}/r.raw,file.sslverify=off",
           f"driver=raw,file.driver=file,file.filename={web.www / 'r.raw'}")
     assert out == "Images are identical.\n"

@@ -335,6 +335,8 @@ def image_opts_name(spec: str) -> str | None:
         from vdkit.protocols.http import json_name as http_json_name
 
         desc = http_json_name(given)
+        if desc is None and given.get("driver") is None and given.get("file.url"):
+            desc = http_json_name(given, _probe_url(str(given["file.url"])))
         if desc is None:
             return None
         from vdkit.info.render_json import dumps_compact
@@ -353,6 +355,19 @@ def image_opts_name(spec: str) -> str | None:
     desc = {"encrypt.key-secret": secret, "driver": "qcow2",
             "file": {"driver": "file", "filename": opts.get("file.filename", "")}}
     return "json:" + dumps_compact(desc)
+
+
+def _probe_url(url: str) -> str | None:
+    """The format QEMU probes for a URL given as options without ``driver`` (it names it in ``json:``)."""
+    from vdkit.errors import VdkitError
+    from vdkit.formats.registry import PROBE_SIZE, probe_format
+    from vdkit.protocols.http import HttpFile
+
+    try:
+        with HttpFile(url) as f:
+            return probe_format(f.pread(0, PROBE_SIZE), url)
+    except (VdkitError, OSError):
+        return None  # the open reports it
 
 
 def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:

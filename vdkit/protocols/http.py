@@ -100,12 +100,12 @@ def name_for_options(opts: dict[str, str], driver: str) -> str:
     return url
 
 
-def json_name(opts: dict[str, object]) -> dict[str, object] | None:
+def json_name(opts: dict[str, object], probed: str | None = None) -> dict[str, object] | None:
     """What QEMU's ``json:{...}`` name of a curl node opened with options (flattened keys) holds, or None.
 
     Only ``cookie`` and ``sslverify`` turned off force one (``username`` too, not implemented);
     once forced, an explicit ``sslverify`` is listed as given (protocols.md §3.3).  A format
-    layer above the curl node must be named: a probed one (no ``driver``) gives None here.
+    layer above the curl node must be named: a probed one (no ``driver``) comes as ``probed``.
     """
     top = opts.get("driver") in ("http", "https")
     prefix = "" if top else "file."
@@ -121,9 +121,10 @@ def json_name(opts: dict[str, object]) -> dict[str, object] | None:
     if ssl is not None:
         node["sslverify"] = ssl
     if not top:
-        if opts.get("driver") is None:
+        fmt = opts.get("driver") or probed
+        if fmt is None:
             return None
-        node = {"driver": opts["driver"], "file": node}
+        node = {"driver": fmt, "file": node}
     return node
 
 
