@@ -325,6 +325,11 @@ def test_image_opts_and_json(web: Web) -> None:
     _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":false}}}}')
     _same("info", f'json:{{"driver":"qcow2","file":{{"driver":"https","url":"{s}/d.qcow2","sslverify":"off",'
                   '"cookie":"k=v; k2=v2"}}')
+    # a json:-named node has no directory for a relative backing name (QEMU's two texts)
+    top = f"driver=qcow2,file.driver=https,file.url={s}/top.qcow2,file.sslverify=off"
+    for cmd in ("info", "map"):
+        _same(cmd, "--image-opts", top)
+    _same("info", "--backing-chain", "--image-opts", top)
     for name in ("r.raw", "d.qcow2"):  # the probed format is named in the json: name
         _same("info", f'json:{{"file.driver":"https","file.url":"{s}/{name}","file.sslverify":"off"}}')
     out = _same("compare", "--image-opts", f"driver=raw,file.driver=https,file.url={s}/r.raw,file.sslverify=off",

@@ -56,9 +56,9 @@ def resolve_backing_name(image_filename: str, stored: str) -> str | None:
     if stored.startswith("/") or has_protocol(stored):
         return stored
     if image_filename.startswith(("http://", "https://")):
-        from vdkit.protocols.http import backing_base  # a plain URL has a directory (protocols.md §3.5)
+        from vdkit.protocols.http import backing_base, named_by_json  # a plain URL has a directory (§3.5)
 
-        return backing_base(image_filename, stored)
+        return None if named_by_json(image_filename) else backing_base(image_filename, stored)
     if has_protocol(image_filename):
         return None
     slash = image_filename.rfind("/")
@@ -180,6 +180,10 @@ class BackingWalk:
         resolved = resolve_backing_name(filename, stored)
         if resolved is None and not self.names_only and filename.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
             raise OpenError("Cannot generate a base directory for NBD nodes")
+        if resolved is None and not self.names_only and filename.startswith(("http://", "https://")):
+            from vdkit.protocols.http import named_by_json
+
+            raise OpenError(f"Cannot generate a base directory for {named_by_json(filename)} nodes")
         if resolved is None:
             raise OpenError(
                 f"Could not determine absolute backing filename, but backing filename '{stored}' present"

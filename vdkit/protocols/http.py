@@ -128,6 +128,17 @@ def json_name(opts: dict[str, object], probed: str | None = None) -> dict[str, o
     return node
 
 
+def named_by_json(url: str) -> str | None:
+    """The driver of a node opened from options that QEMU names ``json:{...}`` (cookie, sslverify off), else None.
+
+    Such a node has no directory to resolve relative backing names against, in QEMU.
+    """
+    preset = _PRESET.get(url)
+    if preset is None or preset["cookie"] is None and preset["sslverify"]:
+        return None
+    return str(preset["driver"])
+
+
 def is_http_name(name: str) -> bool:
     return name.startswith(("http://", "https://"))
 
