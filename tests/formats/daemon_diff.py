@@ -8,6 +8,7 @@ that ``same_files`` accepts once both processes quit.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def daemon_drive_roundtrip(tmp_path: Path, image: str, fmt: str, setup: Callable
         for cmd in ("query-block", "query-named-block-nodes"):
             q = normalise(qm.cmd_line(cmd)).replace(str(tmp_path / "q"), "DIR")
             v = normalise(vm.cmd_line(cmd)).replace(str(tmp_path / "v"), "DIR")
-            assert v == q, cmd
+            assert v == q, f"{cmd} differs:\n" + "\n".join(difflib.unified_diff(
+                q.splitlines(), v.splitlines(), "qemu-system-x86_64", "vdkit-daemon", lineterm=""))
         assert normalise(vm.hmp("info block -v")) == normalise(qm.hmp("info block -v"))
         socks = []
         for mon in (qm, vm):
