@@ -8,12 +8,11 @@ tools on them, plus a seeded damage sweep run under an address-space limit.
 from __future__ import annotations
 
 import random
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import _ENV, Result, qemu_img, require_tool, vdkit_img
+from tests.conftest import Result, qemu_img, require_tool, vdkit_img
+from tests.helpers.limited import run_limited
 
 # stderr lines Debian's qemu-img prints for its uninstalled dmg modules (not QEMU's: vdkit prints none)
 _DEBIAN_NOISE = ("qemu: module block-block-dmg-",)
@@ -81,19 +80,6 @@ def same_refusals(d: Path, name: str, fmt: str) -> None:
 
 # -- the damage sweep ---------------------------------------------------------------------------
 
-AS_LIMIT = 1 << 30
-
-
-def _limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV,
-                       preexec_fn=_limit_memory if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 def damage(base: bytes, rng: random.Random, region: int) -> tuple[bytes, list[str]]:
     """Up to four changes in the first ``region`` bytes: random bytes, a byte flipped, or a u32/u64
     field set to a boundary value (either endianness)."""
@@ -118,7 +104,8 @@ def damage(base: bytes, rng: random.Random, region: int) -> tuple[bytes, list[st
 
 def sweep_case(d: Path, base: Path, fmt: str, seed: int, region: int, *, max_convert: int = 64 << 20) -> list[str]:
     """Damage ``base``; info, map and a full read (convert -O raw) must fail or succeed alike, with the
-    same text, and vdkit must never print a traceback (it runs under :data:`AS_LIMIT`)."""
+    same text, and vdkit must never print a traceback (it runs under an address-space limit:
+    ``tests/helpers/limited.py``)."""
     rng = random.Random(seed)
     data, desc = damage(base.read_bytes(), rng, region)
     name = f"s{seed}{base.suffix}"
@@ -128,8 +115,8 @@ def sweep_case(d: Path, base: Path, fmt: str, seed: int, region: int, *, max_con
     diffs: list[str] = []
 
     def both(args: list[str], q_args: list[str] | None = None) -> tuple[int, str, str]:
-        q = _run([qimg, *(q_args or args)], d)
-        v = _run([*vimg, *args], d, limit=True)
+        q = run_limited([qimg, *(q_args or args)], d)
+        v = run_limited([*vimg, *args], d, limit=True)
         q = (q[0], q[1].replace("q_out", "out"), _clean(q[2]).replace("q_out", "out"))
         v = (v[0], v[1].replace("v_out", "out"), v[2].replace("vdkit-img:", "qemu-img:").replace("v_out", "out"))
         assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"

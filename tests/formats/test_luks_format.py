@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, qemu_img
-from tests.formats.ro_diff import _run
+from tests.conftest import assert_same, qemu_img, require_tool
+from tests.helpers.limited import run_limited
 
 SECRET = ["--object", "secret,id=sec0,data=abc"]
 
@@ -125,8 +125,8 @@ def test_damage_sweep(images: Path) -> None:
                 d[off:off + 4] = rng.choice((0, 1, 0xFFFFFFFF, 4096, rng.randrange(1 << 32))).to_bytes(4, "big")
         name = f"sw{seed}.luks"
         (images / name).write_bytes(bytes(d))
-        q = _run([qemu_img.__globals__["require_tool"]("qemu-img"), "info", "--output=json", name], images)
-        v = _run([sys.executable, "-m", "vdkit.cli.main", "info", "--output=json", name], images, limit=True)
+        q = run_limited([require_tool("qemu-img"), "info", "--output=json", name], images)
+        v = run_limited([sys.executable, "-m", "vdkit.cli.main", "info", "--output=json", name], images, limit=True)
         assert "Traceback" not in v[2] and "internal error" not in v[2], v[2]
         v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
         if q != v:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
+from tests.helpers.limited import run_limited
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 
@@ -260,18 +259,6 @@ def test_daemon_drive(tmp_path: Path) -> None:
                                    "write -P 0x33 3M 1M"])
 
 
-AS_LIMIT = 1 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV, preexec_fn=_limit if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     """Up to four changes to the header or the BAT: bytes, bits, boundary u32/u64 values."""
     d = bytearray(base)
@@ -306,14 +293,14 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
                 ["convert", "-O", "raw", "s.hds", "OUT.raw"]]
         rcs = []
         for args in list(runs):
-            q = _run([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
             if args[0] == "info" and q[0] == 0 and json.loads(q[1])["virtual-size"] > 64 << 20:
                 runs = runs[:1]  # no huge maps or conversions (qemu-img asserts on some of them)
             if args not in runs:
                 continue
             if q[0] < 0:  # qemu-img died on an assertion: nothing to compare with
                 continue
-            v = _run([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
+            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
             v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
             if q != v:
@@ -327,9 +314,9 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
         # check -r all on copies: same report, same repaired file
         for who in ("q", "v"):
             (tmp_path / f"{who}.hds").write_bytes(data)
-        q = _run([qimg, "check", "-r", "all", "q.hds"], tmp_path)
+        q = run_limited([qimg, "check", "-r", "all", "q.hds"], tmp_path)
         if q[0] >= 0:
-            v = _run([*vimg, "check", "-r", "all", "v.hds"], tmp_path, limit=True)
+            v = run_limited([*vimg, "check", "-r", "all", "v.hds"], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} -r: {v[2]}"
             v = (v[0], v[1].replace("v.hds", "q.hds"),
                  v[2].replace("vdkit-img:", "qemu-img:").replace("v.hds", "q.hds"))

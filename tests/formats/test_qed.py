@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import struct
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, require_tool, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
+from tests.helpers.limited import run_limited
 from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
@@ -324,18 +323,6 @@ def test_daemon_drive(tmp_path: Path) -> None:
 
 # -- damage sweep --------------------------------------------------------------------------------
 
-AS_LIMIT = 1 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV, preexec_fn=_limit if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     """Up to four changes to the header, the L1 table or the L2 table: bytes, bits, boundary u32/u64."""
     d = bytearray(base)
@@ -371,12 +358,12 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
                 ["convert", "-O", "raw", "s.qed", "OUT.raw"]]
         rcs = []
         for args in runs:
-            q = _run([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
             if args[0] == "info" and q[0] == 0 and json.loads(q[1])["virtual-size"] > 64 << 20:
                 runs.pop()  # no multi-gigabyte conversions (vdkit and qemu-img word EFBIG differently)
             if q[0] < 0:  # qemu-img died on an assertion: nothing to compare with
                 continue
-            v = _run([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
+            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
             v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
             if q != v:
@@ -392,9 +379,9 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
         # check -r all on copies: same report, same repaired file
         for who in ("q", "v"):
             (tmp_path / f"{who}.qed").write_bytes(data)
-        q = _run([qimg, "check", "-r", "all", "q.qed"], tmp_path)
+        q = run_limited([qimg, "check", "-r", "all", "q.qed"], tmp_path)
         if q[0] >= 0:
-            v = _run([*vimg, "check", "-r", "all", "v.qed"], tmp_path, limit=True)
+            v = run_limited([*vimg, "check", "-r", "all", "v.qed"], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} -r: {v[2]}"
             v = (v[0], v[1].replace("v.qed", "q.qed"),
                  v[2].replace("vdkit-img:", "qemu-img:").replace("v.qed", "q.qed"))
@@ -473,6 +460,6 @@ def test_big_tables(tmp_path: Path) -> None:
     qimg = require_tool("qemu-img")
     for args in (["info", "big.qed"], ["check", "big.qed"], ["check", "--output=json", "big.qed"],
                  ["map", "--output=json", "big.qed"]):
-        q = _run([qimg, *args], tmp_path)
-        v = _run([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
+        q = run_limited([qimg, *args], tmp_path)
+        v = run_limited([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
         assert (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:")) == q, args

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import shutil
 import struct
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, require_tool, vdkit_img
 from tests.formats.ro_diff import same_read_side
+from tests.helpers.limited import run_limited
 from tests.helpers.qemu_io import qemu_io_script
 from vdkit.formats.vhdx import layout as L
 
@@ -384,18 +383,6 @@ def test_daemon_drive(tmp_path: Path) -> None:
 
 # -- damage sweep --------------------------------------------------------------------------------
 
-AS_LIMIT = 1 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV, preexec_fn=_limit if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 # (start, end) of the structures worth damaging in d.vhdx; checksummed ones get their CRC fixed half the time
 _REGIONS = ((0, 16, None), (0x10000, 0x10050, 0x10000), (0x20000, 0x20050, 0x20000), (0x30000, 0x30050, 0x30000),
             (0x100000, 0x1000a0, None), (0x200000, 0x200020, None), (0x300000, 0x3000c0, None),
@@ -441,8 +428,8 @@ def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
         runs = [["info", "--output=json", "s.vhdx"], ["check", "-f", "vhdx", "s.vhdx"],
                 ["convert", "-f", "vhdx", "-O", "raw", "s.vhdx", "OUT.raw"]]
         for args in runs:
-            q = _run([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
-            v = _run([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
+            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
             v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
             if q != v:
@@ -487,7 +474,7 @@ def test_huge_bat_under_memory_limit(images: Path, tmp_path: Path) -> None:
         f.write(struct.pack("<II", 1 << 20, 0) + struct.pack("<Q", 64 << 40))
     for args in (["info", "h.vhdx"],):
         q = qemu_img(*args, cwd=tmp_path)
-        v = _run([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
+        v = run_limited([sys.executable, "-m", "vdkit.cli.main", *args], tmp_path, limit=True)
         assert (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:")) == (q.returncode, q.stdout, q.stderr)
     assert "virtual size: 64 TiB" in qemu_img("info", "h.vhdx", cwd=tmp_path).stdout
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import random
 import re
-import resource
 import struct
-import subprocess
 import sys
 import zlib
 from functools import partial
@@ -24,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.helpers.limited import run_limited
 from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
@@ -478,18 +477,6 @@ def test_daemon_drive(tmp_path: Path) -> None:
 
 # -- damage sweep --------------------------------------------------------------------------------
 
-AS_LIMIT = 1 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV, preexec_fn=_limit if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 _REGIONS = {
     "monolithicSparse.vmdk": ((0, 80), (0x200, 0x360), (0x2a00, 0x2a08), (0x3400, 0x3408), (0x3600, 0x3700)),
     "streamOptimized.vmdk": ((0, 80), (0x3400, 0x3408), (0x3600, 0x3640), (0x10000, 0x10010)),
@@ -533,12 +520,12 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str) -> None:
         runs = [["info", "--output=json", "s.vmdk"], ["check", "s.vmdk"], ["convert", "-O", "raw", "s.vmdk", "OUT.raw"]]
         rcs = []
         for args in runs:
-            q = _run([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
             if args[0] == "info" and q[0] == 0 and '"virtual-size": ' in q[1]:
                 size = int(re.search(r'"virtual-size": (\d+)', q[1]).group(1))  # type: ignore[union-attr]
                 if size > 64 << 20:
                     runs.pop()
-            v = _run([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
+            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
             v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
             if args[0] == "convert":

@@ -11,17 +11,16 @@ sweep under an address-space limit.
 from __future__ import annotations
 
 import random
-import resource
 import struct
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import _ENV, assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
+from tests.helpers.limited import run_limited
 from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
@@ -400,18 +399,6 @@ def test_daemon_drive(tmp_path: Path, kind: str) -> None:
 
 # -- damage sweep --------------------------------------------------------------------------------
 
-AS_LIMIT = 1 << 30
-
-
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-
-def _run(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, str, str]:
-    p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV, preexec_fn=_limit if limit else None)
-    return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
-
-
 def _damage(base: bytes, rng: random.Random, regions: list[tuple[int, int]],
             footers: list[int]) -> tuple[bytes, list[str]]:
     """Up to four changes in ``regions`` (bytes, bits, boundary u32/u64 big-endian); then, half of the
@@ -461,8 +448,8 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> No
                 ["map", "-f", "vpc", "--output=json", "s.vpc"],
                 ["convert", "-f", "vpc", "-O", "raw", "s.vpc", "OUT.raw"]]
         for args in runs:
-            q = _run([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
-            v = _run([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
+            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
             assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
             v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
             if q != v:
