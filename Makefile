@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-APT_PKGS = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit nginx-light openssl
+APT_PKGS = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit nginx-light openssl time
 
 .PHONY: demo test deps system-deps lint bench clean
 
@@ -51,15 +51,22 @@ test: deps system-deps
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-bench: deps system-deps
-	$(PY) bench/info.py
-	$(PY) bench/snapshot.py
-	$(PY) bench/check.py
-	$(PY) bench/io.py
-	$(PY) bench/nbd.py
-	$(PY) bench/remote.py
-	$(PY) bench/monitor.py
-	$(PY) bench/formats.py
+# Benchmarks run as a user meets vdkit: a fresh, non-editable virtualenv (pip install .) whose
+# interpreter runs every script and whose console scripts are timed (bench/harness.py).
+BENCH_VENV ?= build/bench-venv
+BENCH_PY    = $(BENCH_VENV)/bin/python
+bench: system-deps
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q . pytest  # pytest: bench/remote.py reuses a test module's nginx setup
+	$(BENCH_PY) bench/info.py
+	$(BENCH_PY) bench/snapshot.py
+	$(BENCH_PY) bench/check.py
+	$(BENCH_PY) bench/io.py
+	$(BENCH_PY) bench/nbd.py
+	$(BENCH_PY) bench/remote.py
+	$(BENCH_PY) bench/monitor.py
+	$(BENCH_PY) bench/formats.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

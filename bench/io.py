@@ -1,107 +1,25 @@
 #!/usr/bin/env python3
 """Benchmark the data path: vdkit-img against qemu-img, in the same run, as ratios.
 
-Cases
-* ``convert`` qcow2 → raw and raw → qcow2 of an image holding data (default
-  64 MiB with a mix of data, zeros and holes; ``--full``: 2 GiB);
-* ``map --output=json`` of a 1 TiB qcow2 image with 100k allocated clusters
-  scattered over the whole disk (one per ~11 MB, so about 2000 L2 tables).
-Outputs are checked for equality (``cmp`` of the converted files, identical
-map text) before timings are trusted.  A ratio is qemu-img time / vdkit time:
-above 1 means vdkit is faster.  The NBD part of issue 5 comes later.
-
-Timing is fair to both tools on a shared machine: samples alternate between
-qemu-img and vdkit (the order flips every round), the previous output is
-deleted and ``sync`` runs before every sample, so neither tool pays for the
-other's dirty page-cache writeback; medians are reported, with the spread.
+Cases, each in an idle round and a round with one core kept busy (``bench/harness.py``):
+* ``convert`` qcow2 -> raw and raw -> qcow2 of an image with 2 GiB of data (``--quick``: 256 MiB),
+  1/2 random, 1/4 zeros written as data, 1/4 holes (target: ratio >= 1.0, vdkit ahead);
+* ``map --output=json`` of a 1 TiB qcow2 image with 100k allocated clusters scattered over the
+  whole disk (about 2000 L2 tables).
+Outputs are checked equal (``cmp`` of the converted files, identical map text) before timings are
+trusted.  A ratio is qemu-img's median time / vdkit's: above 1 means vdkit is faster.  Samples
+alternate between the tools, the previous output is deleted and ``sync`` runs before each one.
+Run it from the venv ``make bench`` builds (an installed vdkit, not the checkout).
 """
 
 from __future__ import annotations
 
 import argparse
-import compileall
-import os
-import random
-import resource
-import shutil
-import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VDKIT = [sys.executable, "-m", "vdkit.cli.main"]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
-
-
-def qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        sys.exit("qemu-img is required (make system-deps)")
-    return path
-
-
-def _sample(cmd: list[str], cwd: Path, out: Path | None) -> float:
-    """Wall time of one whole process, started with its output gone and no dirty pages pending."""
-    if out is not None:
-        out.unlink(missing_ok=True)
-    os.sync()
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    CPU[id(cmd)] = CPU.get(id(cmd), []) + [r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime]
-    return wall
-
-
-CPU: dict[int, list[float]] = {}  # CPU seconds (user + system) of each sample, by command
-
-
-def timed_pair(q_cmd: list[str], v_cmd: list[str], repeat: int, cwd: Path,
-               q_out: Path | None = None, v_out: Path | None = None) -> tuple[list[float], list[float]]:
-    """Interleaved samples of both commands (qemu-img first in even rounds, vdkit first in odd ones)."""
-    qs: list[float] = []
-    vs: list[float] = []
-    CPU.pop(id(q_cmd), None)
-    CPU.pop(id(v_cmd), None)
-    for i in range(repeat):
-        if i % 2 == 0:
-            qs.append(_sample(q_cmd, cwd, q_out))
-            vs.append(_sample(v_cmd, cwd, v_out))
-        else:
-            vs.append(_sample(v_cmd, cwd, v_out))
-            qs.append(_sample(q_cmd, cwd, q_out))
-    return qs, vs
-
-
-def _report(label: str, qs: list[float], vs: list[float], q_cpu: list[float], v_cpu: list[float]) -> str:
-    q, v = statistics.median(qs), statistics.median(vs)
-    ratios = sorted(a / b for a, b in zip(qs, vs, strict=True))
-    return (f"{label} qemu-img {q:7.3f}s  vdkit {v:7.3f}s  ratio {q / v:5.2f}  "
-            f"(per-round ratios {ratios[0]:.2f}..{ratios[-1]:.2f}, n={len(qs)}; CPU s qemu-img "
-            f"{statistics.median(q_cpu):.3f} vdkit {statistics.median(v_cpu):.3f})")
-
-
-def make_data_image(d: Path, size: int) -> Path:
-    """A raw file with 1/2 random data, 1/4 zeros written as data and 1/4 holes, in 1 MiB stripes."""
-    raw = d / "data.raw"
-    rnd = random.Random(5)
-    mib = 1 << 20
-    with open(raw, "wb") as f:
-        f.truncate(size)
-        for i in range(size // mib):
-            kind = i % 4
-            if kind in (0, 2):
-                f.seek(i * mib)
-                f.write(rnd.randbytes(mib))
-            elif kind == 1:
-                f.seek(i * mib)
-                f.write(bytes(mib))
-    subprocess.run([qemu_img(), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(d / "data.qcow2")], check=True)
-    return d / "data.qcow2"
+import harness as h
 
 
 def make_sparse_tib(d: Path, clusters: int) -> Path:
@@ -114,84 +32,58 @@ def make_sparse_tib(d: Path, clusters: int) -> Path:
         for i in range(clusters):
             f.seek(i * stride)
             f.write(b"\x01" * 4096)
-    subprocess.run([qemu_img(), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(d / "tib.qcow2")], check=True)
+    subprocess.run([h.tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(d / "tib.qcow2")],
+                   check=True)
     raw.unlink()
     return d / "tib.qcow2"
 
 
-def bench_convert(d: Path, src: Path, repeat: int, only: str | None = None) -> None:
-    qi = qemu_img()
-    cases = [
-        ("qcow2 -> raw", ["convert", "-O", "raw", src.name], "out.raw"),
-        ("raw -> qcow2", ["convert", "-f", "raw", "-O", "qcow2", "data.raw"], "out.qcow2"),
-    ]
-    for label, args, out in cases:
-        if only and only not in label:
-            continue
-        q_out, v_out = d / ("q-" + out), d / ("v-" + out)
-        q_cmd, v_cmd = [qi, *args, q_out.name], [*VDKIT, *args, v_out.name]
-        qs, vs = timed_pair(q_cmd, v_cmd, repeat, d, q_out, v_out)
-        same = _same_file(q_out, v_out)
-        size_mib = src.stat().st_size / (1 << 20)
-        print(_report(f"convert {label:14}", qs, vs, CPU[id(q_cmd)], CPU[id(v_cmd)]) +
-              f"  identical output: {same}  (source file {size_mib:.0f} MiB)", flush=True)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Byte comparison in 16 MiB pieces (the outputs are gigabytes)."""
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(16 << 20), fb.read(16 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
-
-
-def bench_map(d: Path, img: Path, repeat: int) -> None:
-    qi = qemu_img()
-    args = ["map", "--output=json", img.name]
-    q_out = subprocess.run([qi, *args], cwd=d, capture_output=True, check=True).stdout
-    v_out = subprocess.run([*VDKIT, *args], cwd=d, capture_output=True, check=True, env=ENV).stdout
-    q_cmd, v_cmd = [qi, *args], [*VDKIT, *args]
-    qs, vs = timed_pair(q_cmd, v_cmd, repeat, d)
-    print(_report(f"map 1 TiB, {q_out.count(b'{') // 2} data entries ", qs, vs, CPU[id(q_cmd)], CPU[id(v_cmd)]) +
-          f"  identical output: {q_out == v_out}", flush=True)
+def convert_cases(d: Path) -> list[tuple[str, h.Case, h.Case]]:
+    qi, vd = h.tool("qemu-img"), h.vdkit_bin()
+    out = []
+    for label, args, suffix in (("convert qcow2 -> raw", ["convert", "-O", "raw", "data.qcow2"], "raw"),
+                                ("convert raw -> qcow2", ["convert", "-f", "raw", "-O", "qcow2", "data.raw"], "qcow2")):
+        q_out, v_out = d / f"q.{suffix}", d / f"v.{suffix}"
+        out.append((label, h.Case("qemu-img", [qi, *args, q_out.name], q_out, d),
+                    h.Case("vdkit", [*vd, *args, v_out.name], v_out, d)))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="2 GiB convert image (default 64 MiB)")
+    ap.add_argument("--quick", action="store_true", help="256 MiB of data instead of 2 GiB")
     ap.add_argument("--clusters", type=int, default=100_000, help="allocated clusters in the 1 TiB map image")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", choices=["convert", "qcow2 -> raw", "raw -> qcow2", "map"],
-                    help="run one case (or the two convert cases)")
-    ap.add_argument("--workdir", type=Path,
-                    help="keep the images in this directory and reuse them in later runs (default: a temp dir)")
+    ap.add_argument("--only", choices=["convert", "map"], help="run one kind of case")
+    h.add_common_args(ap, repeat=5)
     a = ap.parse_args()
-    # An installed package has its bytecode compiled by pip; an editable checkout under
-    # PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every changed module at every start.
-    compileall.compile_dir(str(ROOT / "vdkit"), quiet=1)
+    print(h.install_note(), flush=True)
+    qi, vd = h.tool("qemu-img"), h.vdkit_bin()
     with tempfile.TemporaryDirectory(prefix="vdkit-bench-io-") as tmp:
         d = Path(tmp)
-        if a.workdir is not None:
-            d = a.workdir.resolve()
-            d.mkdir(parents=True, exist_ok=True)
-        size = (2 << 30) if a.full else (64 << 20)
+        size = (256 if a.quick else 2048) << 20
         if a.only != "map":
-            src = d / "data.qcow2"
-            marker = d / f"data.{size}"
-            if a.workdir is None or not marker.exists() or not src.exists():
-                src = make_data_image(d, size)
-                for old in d.glob("data.[0-9]*"):
-                    old.unlink()
-                marker.touch()
-            bench_convert(d, src, a.repeat, None if a.only in (None, "convert") else a.only)
-        if a.only in (None, "map"):
-            tib = d / "tib.qcow2"
-            if a.workdir is None or not tib.exists():
-                tib = make_sparse_tib(d, a.clusters)
-            bench_map(d, tib, a.repeat)
+            h.make_data_raw(d / "data.raw", size)
+            subprocess.run([qi, "convert", "-f", "raw", "-O", "qcow2", "data.raw", "data.qcow2"], cwd=d, check=True)
+            print(f"convert: {size >> 20} MiB image, {size >> 21} MiB random data", flush=True)
+        if a.only != "convert":
+            tib = make_sparse_tib(d, a.clusters)
+            map_args = ["map", "--output=json", tib.name]
+            same_map = (subprocess.run([qi, *map_args], cwd=d, capture_output=True, check=True).stdout
+                        == subprocess.run([*vd, *map_args], cwd=d, capture_output=True, check=True).stdout)
+        for rnd in h.rounds(a.rounds):
+            if a.only != "map":
+                for label, q, v in convert_cases(d):
+                    h.interleave([q, v], a.repeat)
+                    assert q.out is not None and v.out is not None
+                    same = h.same_file(q.out, v.out)
+                    print(f"[{rnd}] " + h.ratio_line(label, q, v, nbytes=size) + f"  identical: {same}", flush=True)
+                    q.out.unlink()
+                    v.out.unlink()
+            if a.only != "convert":
+                q, v = h.Case("qemu-img", [qi, *map_args], cwd=d), h.Case("vdkit", [*vd, *map_args], cwd=d)
+                h.interleave([q, v], a.repeat)
+                print(f"[{rnd}] " + h.ratio_line(f"map 1 TiB, {a.clusters} clusters", q, v)
+                      + f"  identical: {same_map}", flush=True)
 
 
 if __name__ == "__main__":
