@@ -40,7 +40,7 @@ from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
-from vdkit.monitor import block_cmds, graph_cmds, machine_cmds, nbd_cmds
+from vdkit.monitor import block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
 
 TYPE_CHECKING = False
@@ -57,6 +57,7 @@ def build_registry() -> CommandRegistry:
     machine_cmds.register(reg)
     block_cmds.register(reg)
     graph_cmds.register(reg)
+    job_cmds.register(reg)
     nbd_cmds.register(reg)
     return reg
 

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 # commands that only read daemon state (all others invalidate cached renderings)
 PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-blockstats", "query-snapshots",
-                           "query-status", "query-version", "query-commands"})
+                           "query-status", "query-version", "query-commands", "query-block-jobs", "query-jobs"})
 HMP_MAX_LINE = 1 << 16
 
 
@@ -349,5 +349,6 @@ class Daemon:
                 os.unlink(path)
         if self._nbd is not None:
             self._nbd.close_all()
+        await asyncio.to_thread(self.machine.jobs.cancel_all)  # jobs end cleanly before their images close
         with self.machine.lock:
             self.machine.close_all()

@@ -163,6 +163,15 @@ class DeviceRegistry:
         self.graph = Graph()
         # names of blockdev-add nodes that blockdev-snapshot moved into a drive (still the monitor's)
         self.monitor_owned: set[str] = set()
+        # block jobs (vdkit.block.jobs): they share the lock and send events through event_sink
+        from vdkit.block.jobs import JobList
+
+        self.jobs = JobList(self.lock, self._job_event)
+
+    def _job_event(self, name: str, data: dict[str, Any] | None) -> None:
+        """A job's event, in the order jobs and commands raise them (commands hold the lock meanwhile)."""
+        if self.event_sink is not None:
+            self.event_sink([(name, data)])
 
     # -- run state and clock ----------------------------------------------------
     @property

@@ -1,0 +1,196 @@
+"""The job engine (``vdkit.block.jobs``) on its own: states, events, pause/cancel/complete, speed, errors.
+
+A fake job type copies nothing; what is checked is the engine's side of QEMU's job model
+(``block-jobs.md`` §3.3, §3.7): the ``JOB_STATUS_CHANGE`` sequences and ``BLOCK_JOB_*`` events in order,
+the verbs' refusals, and that a command holding the device lock finds the job at a pause point.  The
+differential tests against QEMU (``test_jobs_diff.py``) run the real job types.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from vdkit.block.jobs import Job, JobDriver, JobList, Status
+from vdkit.errors import VdkitError
+
+CHUNK = 1 << 19
+
+
+class FakeDriver(JobDriver):
+    job_type = "commit"
+
+    def __init__(self, chunks: int, *, ready: bool = False, fail_at: int | None = None) -> None:
+        self.chunks = chunks
+        self.ready_phase = ready
+        self.soft_cancel_when_ready = ready
+        self.fail_at = fail_at
+        self.calls: list[str] = []
+        self.pivoted = False
+
+    def run(self, job: Job) -> None:
+        job.len = self.chunks * CHUNK
+        for i in range(self.chunks):
+            if i == self.fail_at:
+                raise OSError(errno.EIO, "boom")
+            job.advance(CHUNK, CHUNK)
+            job.pause_point()
+        if self.ready_phase:
+            job.set_ready()
+            while not job.should_exit:
+                job.pause_point(idle=True)
+            self.pivoted = job.completion_requested
+
+    def prepare(self, job: Job) -> None:
+        self.calls.append("prepare")
+
+    def commit(self, job: Job) -> None:
+        self.calls.append("commit")
+
+    def abort(self, job: Job) -> None:
+        self.calls.append("abort")
+
+    def clean(self, job: Job) -> None:
+        self.calls.append("clean")
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.events: list[tuple[str, dict[str, Any] | None]] = []
+        self.changed = threading.Condition()
+        self.jobs = JobList(self.lock, self._emit)
+
+    def _emit(self, name: str, data: dict[str, Any] | None) -> None:
+        with self.changed:
+            self.events.append((name, data))
+            self.changed.notify_all()
+
+    def start(self, driver: JobDriver, **kw: Any) -> Job:
+        with self.lock:
+            job = self.jobs.create("j", driver, **kw)
+            job.start()
+        return job
+
+    def wait_status(self, status: str, timeout: float = 30) -> None:
+        with self.changed:
+            ok = self.changed.wait_for(lambda: ("JOB_STATUS_CHANGE", {"id": "j", "status": status}) in self.events,
+                                       timeout)
+        assert ok, (status, self.seq())
+
+    def seq(self) -> list[str]:
+        return [d["status"] if n == "JOB_STATUS_CHANGE" and d else n for n, d in self.events]
+
+
+def test_job_that_finishes_by_itself() -> None:
+    rig = Rig()
+    drv = FakeDriver(4)
+    job = rig.start(drv)
+    rig.wait_status("null")
+    job.join()
+    assert rig.seq() == ["created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rig.events[4][1] == {"type": "commit", "device": "j", "len": 4 * CHUNK, "offset": 4 * CHUNK, "speed": 0}
+    assert drv.calls == ["prepare", "commit", "clean"]
+    assert rig.jobs.jobs == []
+
+
+def test_speed_pause_cancel() -> None:
+    """speed 1: one chunk, then a sleep; a pause under the lock is immediate; force cancel of a paused job."""
+    rig = Rig()
+    drv = FakeDriver(8)
+    job = rig.start(drv, speed=1)
+    deadline = time.monotonic() + 30
+    while True:  # the first chunk is copied at once, then the job sleeps
+        with rig.lock:
+            if not job.busy and job.offset:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with rig.lock:
+        job.pause()
+        assert job.status is Status.PAUSED and job.paused and job.offset == CHUNK  # before the command returns
+        with pytest.raises(VdkitError, match="Job is already paused"):
+            job.pause()
+        with pytest.raises(VdkitError, match="Job 'j' in state 'paused' cannot accept command verb 'complete'"):
+            job.complete()
+        job.set_speed(0)
+        job.resume()
+        assert job.status is Status.RUNNING
+        with pytest.raises(VdkitError, match="Can't resume a job that was not paused"):
+            job.resume()
+        job.set_speed(1)
+    with rig.lock:
+        job.pause()
+        job.cancel(force=True)
+    rig.wait_status("null")
+    job.join()
+    assert rig.seq() == ["created", "running", "paused", "running", "paused", "running", "aborting",
+                         "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert drv.calls == ["abort", "clean"]
+
+
+def test_ready_complete_and_soft_cancel() -> None:
+    for verb in ("complete", "cancel"):
+        rig = Rig()
+        drv = FakeDriver(2, ready=True)
+        job = rig.start(drv)
+        rig.wait_status("ready")
+        with rig.lock:
+            job.pause()
+            assert job.status is Status.STANDBY
+            job.resume()
+            if verb == "complete":
+                job.complete()
+            else:
+                job.cancel(force=False)
+        rig.wait_status("null")
+        job.join()
+        assert rig.seq() == ["created", "running", "ready", "BLOCK_JOB_READY", "standby", "ready", "waiting",
+                             "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert drv.pivoted is (verb == "complete")
+
+
+def test_manual_finalize_and_dismiss() -> None:
+    rig = Rig()
+    drv = FakeDriver(1)
+    job = rig.start(drv, auto_finalize=False, auto_dismiss=False)
+    rig.wait_status("pending")
+    with rig.lock:
+        with pytest.raises(VdkitError, match="in state 'pending' cannot accept command verb 'dismiss'"):
+            job.check_verb("dismiss")
+        assert drv.calls == []
+        job.check_verb("finalize")
+        job.finalize()
+        assert job.status is Status.CONCLUDED
+        job.check_verb("dismiss")
+        job.dismiss()
+    assert rig.seq() == ["created", "running", "waiting", "pending", "BLOCK_JOB_PENDING", "BLOCK_JOB_COMPLETED",
+                         "concluded", "null"]
+    assert rig.events[4][1] == {"type": "commit", "id": "j"}
+
+
+def test_failure_and_id_rules() -> None:
+    rig = Rig()
+    job = rig.start(FakeDriver(3, fail_at=1))
+    rig.wait_status("null")
+    job.join()
+    assert rig.seq() == ["created", "running", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert rig.events[3][1] == {"type": "commit", "device": "j", "len": 3 * CHUNK, "offset": CHUNK, "speed": 0,
+                                "error": "Input/output error"}
+    with rig.lock:
+        for bad in ("#bad", "", "1a", "a b"):
+            with pytest.raises(VdkitError, match=f"Invalid job ID '{bad}'"):
+                rig.jobs.create(bad, FakeDriver(1))
+        rig.events.clear()
+        with pytest.raises(VdkitError, match="Parameter 'speed' expects a non-negative value"):
+            rig.jobs.create("j", FakeDriver(1), speed=-1)
+        assert rig.seq() == ["created", "null"]
+        a = rig.jobs.create("j", FakeDriver(1))
+        with pytest.raises(VdkitError, match="Job ID 'j' already in use"):
+            rig.jobs.create("j", FakeDriver(1))
+        a.cancel(force=True)  # never started: it ends at once
+    assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]

@@ -1,0 +1,580 @@
+"""The block job engine: background jobs (commit, stream, mirror, backup) with QEMU's job model.
+
+A job is one :class:`Job` (state machine, progress, rate limit, events)
+driving one :class:`JobDriver` (the work of its type).  The job's work runs
+in a thread of its own; it holds the *device lock* (the lock every monitor
+command and NBD request takes, ``DeviceRegistry.lock``) while it works and
+lets go of it only at **pause points**: between chunks, while it sleeps for
+its speed limit, while it is paused, and while a ready job waits to be
+completed.  So a query never sees a half-copied chunk or a half-switched
+chain, and a command that holds the lock always finds every job at a pause
+point, which is what lets ``block-job-pause`` and drains change a sleeping
+job's state at once, before the command answers, as QEMU does.
+
+No asyncio here, and no monitor code: events leave through the ``emit``
+callable the job was created with (the daemon's thread-safe event sink), in
+the order they happen.
+
+How a job type plugs in
+-----------------------
+Subclass :class:`JobDriver`, set ``job_type`` (the QAPI ``type`` string) and
+implement :meth:`JobDriver.run`; create the job with :meth:`JobList.create`
+(which checks the job-id, emits ``created``) and then :meth:`Job.start`
+(``running``, thread started).  Inside ``run`` (called with the device lock
+held, in the job's thread):
+
+* ``job.len`` / ``job.offset`` are the progress counters (``len`` is the
+  total, may grow; ``job.advance(done, copied)`` adds ``done`` to ``offset``
+  and charges ``copied`` bytes to the speed limit);
+* call ``job.pause_point()`` between chunks (the lock is released and taken
+  again: other threads get their turn; pause and cancel take effect here;
+  after a chunk that was charged to the speed limit it also sleeps);
+* a ready phase (mirror, active commit): ``job.set_ready()`` once in sync,
+  then keep calling ``job.pause_point()`` (with ``idle=True`` when there is
+  nothing to copy: it waits until woken) until ``job.should_exit`` is true:
+  ``job.completion_requested`` then says whether to pivot
+  (``block-job-complete``) or not (a soft ``block-job-cancel`` of a ready
+  job, which still ends as COMPLETED);
+* a cancel raises :class:`JobCancelled` out of ``pause_point`` (force cancel
+  or a cancel before ready); let it propagate;
+* I/O errors: call ``job.io_error(operation, exc)`` (emits
+  ``BLOCK_JOB_ERROR`` per the job's on-error policy: ``report`` re-raises,
+  ``ignore`` returns False so the chunk is skipped, ``stop`` pauses the job
+  and returns True after a resume so the chunk is retried); any exception
+  out of ``run`` fails the job (``BLOCK_JOB_COMPLETED`` with ``error``).
+
+After ``run`` returns, the engine moves the job through QEMU's states and
+calls, all with the device lock held: ``prepare`` (graph changes that may
+still fail; a failure aborts the job), then ``commit`` on success or
+``abort`` on failure/cancel, then ``clean`` always.  ``prepare``/``commit``
+run at finalize time: at once with ``auto-finalize`` (default), else on
+``job-finalize``.  ``JobDriver.busy_text`` and the graph checks of the
+monitor (``Node 'x' is busy: ...``) use :meth:`JobList.job_on` with the
+nodes a driver lists in ``JobDriver.nodes``.
+
+States, verbs and transitions are QEMU 7.2's (``block-jobs.md`` §3.3, §3.7).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from vdkit.errors import VdkitError
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+Emit = Callable[[str, "dict[str, Any] | None"], None]
+
+
+class Status(Enum):
+    UNDEFINED = "undefined"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+
+
+S = Status
+# the states each state may move to (QEMU's job state table)
+_NEXT: dict[Status, frozenset[Status]] = {
+    S.UNDEFINED: frozenset({S.CREATED}),
+    S.CREATED: frozenset({S.RUNNING, S.ABORTING, S.NULL}),
+    S.RUNNING: frozenset({S.PAUSED, S.READY, S.WAITING, S.ABORTING}),
+    S.PAUSED: frozenset({S.RUNNING}),
+    S.READY: frozenset({S.STANDBY, S.WAITING, S.ABORTING}),
+    S.STANDBY: frozenset({S.READY}),
+    S.WAITING: frozenset({S.PENDING, S.ABORTING}),
+    S.PENDING: frozenset({S.ABORTING, S.CONCLUDED}),
+    S.ABORTING: frozenset({S.ABORTING, S.CONCLUDED}),
+    S.CONCLUDED: frozenset({S.NULL}),
+    S.NULL: frozenset(),
+}
+_LIVE = frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY})
+# the states in which each user verb is accepted
+VERBS: dict[str, frozenset[Status]] = {
+    "cancel": frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.WAITING, S.PENDING, S.ABORTING}),
+    "pause": _LIVE,
+    "resume": _LIVE,
+    "set-speed": _LIVE,
+    "complete": frozenset({S.READY}),
+    "finalize": frozenset({S.PENDING}),
+    "dismiss": frozenset({S.CONCLUDED}),
+}
+
+SLICE_NS = 100_000_000  # the speed limit is enforced per 100 ms slice
+ON_ERROR = ("report", "ignore", "stop", "enospc")
+
+
+class JobCancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised out of :meth:`Job.pause_point` when the job is to stop (cancel)."""
+
+
+def check_job_id(job_id: str) -> None:
+    """QEMU's id rule: a letter first, then letters, digits, ``-``, ``.``, ``_``."""
+    ok = bool(job_id) and job_id[0].isascii() and job_id[0].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in job_id)
+    if not ok:
+        raise VdkitError(f"Invalid job ID '{job_id}'")
+
+
+class RateLimit:
+    """QEMU's job speed limit: a quota of ``speed`` x 100 ms per slice; a slice overdrawn delays the next."""
+
+    def __init__(self) -> None:
+        self.quota = 0.0
+        self.slice_start = 0
+        self.slice_end = 0
+        self.dispatched = 0
+
+    def set_speed(self, speed: int) -> None:
+        self.quota = max(speed * SLICE_NS / 1e9, 1.0) if speed else 0.0
+
+    def delay_ns(self, n: int) -> int:
+        """Charge ``n`` bytes; how long to wait before the next chunk (0: go on)."""
+        if not self.quota:
+            return 0
+        now = time.monotonic_ns()
+        if self.slice_end < now:
+            self.slice_start, self.slice_end, self.dispatched = now, now + SLICE_NS, 0
+        self.dispatched += n
+        if self.dispatched < self.quota:
+            return 0
+        self.slice_end = self.slice_start + int(self.dispatched / self.quota * SLICE_NS)
+        return max(self.slice_end - now, 0)
+
+
+class JobDriver:
+    """One job type's work.  Subclasses set ``job_type`` and implement :meth:`run` (see the module doc)."""
+
+    job_type = ""
+    # a ready phase exists (mirror, active commit): a cancel without force while ready ends as COMPLETED
+    soft_cancel_when_ready = False
+
+    def nodes(self) -> list[Node]:
+        """The nodes this job works on (other commands meet them as busy while the job lives)."""
+        return []
+
+    def run(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def prepare(self, job: Job) -> None:
+        """Finalize, first step: changes that may still fail (a failure aborts the job)."""
+
+    def commit(self, job: Job) -> None:
+        """Finalize after success: the graph change that cannot fail."""
+
+    def abort(self, job: Job) -> None:
+        """After a failure or cancel: undo what the job set up."""
+
+    def clean(self, job: Job) -> None:
+        """Always last: release what the job held."""
+
+
+class Job:
+    """One block job: QEMU's state machine, progress counters, speed limit, pause/cancel, events."""
+
+    def __init__(self, jobs: JobList, job_id: str, driver: JobDriver, *, speed: int = 0,
+                 auto_finalize: bool = True, auto_dismiss: bool = True, on_error: str = "report") -> None:
+        self.jobs = jobs
+        self.id = job_id
+        self.driver = driver
+        self.type = driver.job_type
+        self.status = Status.UNDEFINED
+        self.speed = speed
+        self.limit = RateLimit()
+        self.limit.set_speed(speed)
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.on_error = on_error
+        self.len = 0
+        self.offset = 0
+        self.busy = False
+        self.pause_count = 0
+        self.user_paused = False
+        self.io_status = "ok"
+        self.cancel_requested = False
+        self.force_cancel = False
+        self.completion_requested = False
+        self.error: str | None = None  # strerror text of a failure
+        self._delay_ns = 0
+        self._kicked = False
+        self._thread: threading.Thread | None = None
+        self.cond = threading.Condition(jobs.lock)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.status in (S.READY, S.STANDBY)
+
+    @property
+    def paused(self) -> bool:
+        """QEMU's ``paused`` member: pauses are asked for (a finished job counts as paused, as in QEMU)."""
+        return self.pause_count > 0 or self.status in (S.WAITING, S.PENDING, S.ABORTING, S.CONCLUDED)
+
+    @property
+    def should_exit(self) -> bool:
+        """A ready job's loop ends: completion or a (soft) cancel was asked for."""
+        return self.completion_requested or self.cancel_requested
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Cancelled for real (aborting, BLOCK_JOB_CANCELLED), not a soft cancel of a ready job."""
+        return self.cancel_requested and self.force_cancel
+
+    def _transition(self, new: Status) -> None:
+        assert new in _NEXT[self.status], f"job {self.id}: {self.status.value} -> {new.value}"
+        self.status = new
+        self.jobs.emit("JOB_STATUS_CHANGE", {"id": self.id, "status": new.value})
+
+    def check_verb(self, verb: str) -> None:
+        if self.status not in VERBS[verb]:
+            raise VdkitError(f"Job '{self.id}' in state '{self.status.value}' cannot accept command verb '{verb}'")
+
+    def _block_event(self, name: str, *, error: str | None = None) -> None:
+        data: dict[str, Any] = {"type": self.type, "device": self.id, "len": self.len, "offset": self.offset,
+                                "speed": self.speed}
+        if error is not None:
+            data["error"] = error
+        self.jobs.emit(name, data)
+
+    # -- lifecycle (called with the device lock held) ----------------------------------------------
+    def start(self) -> None:
+        """``running``, and the job's thread starts (it waits for the lock the caller holds)."""
+        self._transition(S.RUNNING)
+        self.busy = True
+        self._thread = threading.Thread(target=self._main, name=f"job-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        with self.jobs.lock:
+            failure: BaseException | None = None
+            try:
+                self.driver.run(self)
+            except JobCancelled:
+                pass
+            except Exception as exc:  # noqa: BLE001 - any failure of the work fails the job
+                failure = exc
+            self.busy = False
+            self._completed(failure)
+
+    def _completed(self, failure: BaseException | None) -> None:
+        if failure is not None:
+            self.error = strerror_of(failure)
+            self._abort()
+        elif self.is_cancelled:
+            self._abort()
+        else:
+            self._transition(S.WAITING)
+            self._transition(S.PENDING)
+            if self.auto_finalize:
+                self.finalize()
+            else:
+                self.jobs.emit("BLOCK_JOB_PENDING", {"type": self.type, "id": self.id})
+
+    def finalize(self) -> None:
+        """``pending`` → prepare, commit, clean, BLOCK_JOB_COMPLETED, ``concluded`` (and dismissed)."""
+        try:
+            self.driver.prepare(self)
+        except Exception as exc:  # noqa: BLE001 - a failed graph change aborts the job
+            self.error = strerror_of(exc)
+            self._abort()
+            return
+        try:
+            self.driver.commit(self)
+        finally:
+            self.driver.clean(self)
+        self._block_event("BLOCK_JOB_COMPLETED")
+        self._conclude()
+
+    def _abort(self) -> None:
+        self._transition(S.ABORTING)
+        try:
+            self.driver.abort(self)
+        finally:
+            self.driver.clean(self)
+        if self.error is None and self.is_cancelled:
+            self._block_event("BLOCK_JOB_CANCELLED")
+        else:
+            self._block_event("BLOCK_JOB_COMPLETED", error=self.error or "Operation canceled")
+        self._conclude()
+
+    def _conclude(self) -> None:
+        self._transition(S.CONCLUDED)
+        if self.auto_dismiss:
+            self.dismiss()
+
+    def dismiss(self) -> None:
+        self._transition(S.NULL)
+        self.jobs.remove(self)
+
+    # -- user verbs (called with the device lock held) --------------------------------------------
+    def pause(self) -> None:
+        self.check_verb("pause")
+        if self.user_paused:
+            raise VdkitError("Job is already paused")
+        self.user_paused = True
+        self._pause()
+
+    def _pause(self) -> None:
+        self.pause_count += 1
+        if self.pause_count == 1 and not self.busy and self.status in (S.RUNNING, S.READY):
+            # the job sleeps at a pause point: it is paused now (QEMU enters it and it stops there)
+            self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
+        self.cond.notify_all()
+
+    def resume(self) -> None:
+        if not self.user_paused or self.pause_count <= 0:
+            raise VdkitError("Can't resume a job that was not paused")
+        self.check_verb("resume")
+        self.user_paused = False
+        self.io_status = "ok"
+        self._resume()
+
+    def _resume(self) -> None:
+        self.pause_count -= 1
+        if self.pause_count == 0:
+            if self.status in (S.PAUSED, S.STANDBY):
+                self._transition(S.READY if self.status is S.STANDBY else S.RUNNING)
+            self._kicked = True
+            self.cond.notify_all()
+
+    def set_speed(self, speed: int) -> None:
+        if speed < 0:
+            raise VdkitError("Parameter 'speed' expects a non-negative value")
+        self.check_verb("set-speed")
+        old = self.speed
+        self.speed = speed
+        self.limit.set_speed(speed)
+        if speed == 0 or speed > old:  # a faster limit ends the current sleep
+            self._kicked = True
+            self.cond.notify_all()
+
+    def complete(self) -> None:
+        self.check_verb("complete")
+        if self.pause_count > 0 or self.cancel_requested:
+            raise VdkitError(f"The active block job '{self.id}' cannot be completed")
+        self.completion_requested = True
+        self._kicked = True
+        self.cond.notify_all()
+
+    def cancel(self, *, force: bool) -> None:
+        """QEMU's cancel: a concluded job is dismissed; a ready job with a ready phase may end softly."""
+        self.check_verb("cancel")
+        if self.status is S.CONCLUDED:
+            self.dismiss()
+            return
+        if self.driver.soft_cancel_when_ready and self.ready and not force:
+            soft = True
+        else:
+            soft = False
+        if self.status is S.CREATED:
+            self.cancel_requested = self.force_cancel = True
+            self._abort()
+            return
+        if self.status in (S.WAITING, S.PENDING, S.ABORTING):
+            if self.status is S.PENDING and not self.auto_finalize:
+                self.cancel_requested = self.force_cancel = True
+                self._abort()
+            return
+        self.cancel_requested = True
+        self.force_cancel = self.force_cancel or not soft
+        if self.user_paused:
+            # a cancelled job is resumed to run to its end
+            self.user_paused = False
+            self._resume()
+        self._kicked = True
+        self.cond.notify_all()
+
+    def drain(self) -> None:
+        """A drain (graph change, snapshot, ...): a job at a pause point is paused and resumed at once."""
+        if self.status not in (S.RUNNING, S.READY) or self.pause_count:
+            return
+        self._pause()
+        self._resume()
+
+    # -- for JobDriver.run (job thread, device lock held) ----------------------------------------
+    def advance(self, done: int, copied: int = 0) -> None:
+        """``done`` more bytes of progress; ``copied`` of them count against the speed limit."""
+        self.offset += done
+        if copied:
+            self._delay_ns += self.limit.delay_ns(copied)
+
+    def set_ready(self) -> None:
+        """In sync (mirror, active commit): ``ready`` and BLOCK_JOB_READY."""
+        if self.status is S.RUNNING:
+            self._transition(S.READY)
+            self._block_event("BLOCK_JOB_READY")
+
+    def pause_point(self, *, idle: bool = False) -> None:
+        """Let other threads in, sleep for the speed limit, honour pause and cancel.
+
+        ``idle``: nothing to do until something changes (a ready job in sync):
+        wait until woken (complete, cancel, pause, speed change, a write).
+        """
+        self._check_cancel()
+        delay, self._delay_ns = self._delay_ns, 0
+        self._kicked = False
+        self.busy = False
+        try:
+            if delay or idle:
+                deadline = time.monotonic() + delay / 1e9
+                while not self._kicked and not self.cancel_requested and not self.pause_count:
+                    left = deadline - time.monotonic() if delay else None
+                    if left is not None and left <= 0:
+                        break
+                    self.cond.wait(left)
+            else:
+                self._yield_lock()
+            while self.pause_count and not self.is_cancelled:
+                if self.status in (S.RUNNING, S.READY):
+                    self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
+                self.cond.wait()
+                if not self.pause_count and self.status in (S.PAUSED, S.STANDBY):
+                    self._transition(S.READY if self.status is S.STANDBY else S.RUNNING)
+        finally:
+            self.busy = True
+        self._check_cancel()
+
+    def kick(self) -> None:
+        """Wake an idle job (new work arrived: a write to a mirrored range)."""
+        self._kicked = True
+        self.cond.notify_all()
+
+    def _yield_lock(self) -> None:
+        """Release the device lock and take it again, giving waiting threads (queries, NBD) their turn."""
+        lock = self.jobs.lock
+        depth = 0
+        while True:  # the RLock may be held recursively: release it fully
+            try:
+                lock.release()
+            except RuntimeError:
+                break
+            depth += 1
+        try:
+            time.sleep(0)
+        finally:
+            for _ in range(depth):
+                lock.acquire()
+
+    def _check_cancel(self) -> None:
+        if self.cancel_requested and (self.force_cancel or not self.ready):
+            self.force_cancel = True
+            raise JobCancelled
+
+    def io_error(self, operation: str, exc: BaseException) -> bool:
+        """An I/O error of the job's work, handled by its on-error policy (see the module doc)."""
+        action = self.on_error
+        if action == "enospc":
+            action = "stop" if getattr(exc, "errno", None) == errno.ENOSPC else "report"
+        self.jobs.emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action})
+        if action == "report":
+            raise exc
+        if action == "ignore":
+            return False
+        self.io_status = "nospace" if getattr(exc, "errno", None) == errno.ENOSPC else "failed"
+        self.user_paused = True
+        self._pause()
+        self.pause_point()
+        return True
+
+    # -- waiting (monitor side) -----------------------------------------------------------------------
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the job's thread to end (the caller must not hold the device lock)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+def strerror_of(exc: BaseException) -> str:
+    """The text QEMU puts in BLOCK_JOB_COMPLETED's ``error``: strerror of the failure's errno."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    if isinstance(exc, VdkitError):
+        return exc.message
+    return os.strerror(errno.EIO)
+
+
+class JobList:
+    """Every job of one daemon, in creation order, with the device lock and the event sink they share."""
+
+    def __init__(self, lock: threading.RLock, emit: Emit | None = None) -> None:
+        self.lock = lock
+        self.jobs: list[Job] = []
+        self._emit = emit
+
+    def set_emit(self, emit: Emit | None) -> None:
+        self._emit = emit
+
+    def emit(self, name: str, data: dict[str, Any] | None) -> None:
+        if self._emit is not None:
+            self._emit(name, data)
+
+    def find(self, job_id: str) -> Job | None:
+        for j in self.jobs:
+            if j.id == job_id:
+                return j
+        return None
+
+    def create(self, job_id: str, driver: JobDriver, *, speed: int = 0, auto_finalize: bool = True,
+               auto_dismiss: bool = True, on_error: str = "report") -> Job:
+        """A new job in state ``created`` (the caller then calls ``start``); checks the id first.
+
+        A negative speed is refused after the job was created, as QEMU does
+        (``created`` and ``null`` are emitted before the error).
+        """
+        check_job_id(job_id)
+        if self.find(job_id) is not None:
+            raise VdkitError(f"Job ID '{job_id}' already in use")
+        job = Job(self, job_id, driver, speed=max(speed, 0), auto_finalize=auto_finalize,
+                  auto_dismiss=auto_dismiss, on_error=on_error)
+        self.jobs.append(job)
+        job._transition(S.CREATED)
+        if speed < 0:
+            job.speed = 0
+            job._transition(S.NULL)
+            self.remove(job)
+            raise VdkitError("Parameter 'speed' expects a non-negative value")
+        return job
+
+    def remove(self, job: Job) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def job_on(self, node: Node) -> Job | None:
+        """The live job working on ``node`` (any of its driver's nodes), if one does."""
+        for j in self.jobs:
+            if j.status is not S.NULL and any(n is node for n in j.driver.nodes()):
+                return j
+        return None
+
+    def drain(self) -> None:
+        """QEMU's drain as the monitor sees it: every running job pauses and resumes (events)."""
+        for j in list(self.jobs):
+            j.drain()
+
+    def cancel_all(self, timeout: float = 10.0) -> None:
+        """Quit: force-cancel every job and wait for their threads (called WITHOUT the device lock)."""
+        with self.lock:
+            live = list(self.jobs)
+            for j in live:
+                if j.status in (S.CONCLUDED, S.NULL):
+                    continue
+                try:
+                    j.cancel(force=True)
+                except VdkitError:
+                    pass
+        for j in live:
+            j.join(timeout)
