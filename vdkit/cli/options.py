@@ -654,6 +654,9 @@ def add_object(spec: str, objects: dict[str, QomObject]) -> None:
         raise VdkitError("'priority' property is not set")
     elif qom_type in ("tls-creds-psk", "tls-creds-x509") and "dir" not in props:
         raise VdkitError("Missing 'dir' property value")
+    from vdkit.protocols.tls import register_object
+
+    register_object(obj_id, qom_type, props, {k: o.data for k, o in objects.items() if o.data is not None})
     objects[obj_id] = obj
 
 

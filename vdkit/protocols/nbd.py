@@ -10,6 +10,8 @@ behaviour (``shared/reference/protocols.md`` §1):
 * the handshake: fixed newstyle without zeroes, structured replies, one meta
   context (``base:allocation``), ``NBD_OPT_GO`` asking for block sizes;
   an oldstyle server works for the empty export name;
+* TLS (``tls-creds``): ``NBD_OPT_STARTTLS`` first, then the handshake over
+  the TLS session (:mod:`vdkit.protocols.tls`);
 * requests honour the server's block size constraints (reads widened to the
   minimum, split at the maximum payload).
 
@@ -52,6 +54,9 @@ class NbdAddress:
     path: str | None = None
     host: str | None = None
     port: int = DEFAULT_PORT
+    tls_creds: str | None = None
+    """``tls-creds``: the id of ``--object tls-creds-x509`` credentials (never part of the name)."""
+    tls_hostname: str | None = None
 
     def canonical_name(self) -> str:
         """The filename QEMU regenerates for the node (no escaping, IPv6 without brackets)."""
@@ -166,11 +171,12 @@ _RUNTIME_KEYS = ("export", "open-timeout", "reconnect-delay", "tls-creds", "tls-
 
 def address_from_options(opts: dict[str, str]) -> tuple[NbdAddress, float | None]:
     """The nbd driver's options (``server.*`` or the legacy ``path``/``host``/``port``, ``export``,
-    ``open-timeout``...) -> (address, open timeout), with QEMU's texts and order of checks.
+    ``open-timeout``, ``tls-creds``...) -> (address, open timeout), with QEMU's texts and order of checks.
 
     Every key of ``opts`` must be the driver's: an unknown one is refused after the address
     is complete, as QEMU does.  ``filename`` is accepted and ignored (inside options it is not
-    parsed as a URI).  TLS is not implemented.
+    parsed as a URI).  ``tls-creds`` must name client credentials (checked here, before the
+    unknown keys, as QEMU); ``tls-hostname`` only matters with them.
     """
     server = {k[len("server."):]: v for k, v in opts.items() if k.startswith("server.")}
     legacy = {k: opts[k] for k in ("path", "host", "port") if k in opts}
@@ -221,9 +227,10 @@ def address_from_options(opts: dict[str, str]) -> tuple[NbdAddress, float | None
             if key == "open-timeout" and int(value):
                 timeout = float(int(value))
     if "tls-creds" in opts:
-        from vdkit.errors import UnsupportedError
+        from vdkit.protocols.tls import client_creds
 
-        raise UnsupportedError("NBD over TLS (tls-creds) is not supported by vdkit")
+        client_creds(opts["tls-creds"])
+        addr = NbdAddress(addr.export, addr.path, addr.host, addr.port, opts["tls-creds"], opts.get("tls-hostname"))
     for key in opts:
         if not key.startswith("server.") and key not in legacy and key not in _RUNTIME_KEYS:
             raise OpenError(f"Block protocol 'nbd' doesn't support the option '{key}'")
@@ -320,6 +327,12 @@ class NbdClient:
             raise OpenError(f"{what}: Unexpected end-of-file before all data were read",
                             errno=_errno.EIO) from None
         except OSError as exc:
+            if self.tls:  # the peer ended the session (e.g. it refused our certificate): QEMU's words
+                # (GnuTLS: an alert read is EIO, a session cut without one ECONNABORTED; which one a
+                # refused client sees depends on timing, for QEMU as for vdkit)
+                alert = "ALERT" in str(getattr(exc, "reason", "") or "").upper()
+                err = _errno.EIO if alert else _errno.ECONNABORTED
+                raise OpenError(f"{what}: Cannot read from TLS channel: {os.strerror(err)}", errno=err) from None
             raise OpenError(f"{what}: {os.strerror(exc.errno or _errno.EIO)}", errno=exc.errno) from None
         return bytes(buf)
 
@@ -344,6 +357,10 @@ class NbdClient:
         gflags = w.U16.unpack(self._recv(2, "Failed to read server flags"))[0]
         client = gflags & (w.FLAG_FIXED_NEWSTYLE | w.FLAG_NO_ZEROES)
         self._send(w.CLIENT_FLAGS.pack(client))
+        if self.addr.tls_creds is not None:
+            if not gflags & w.FLAG_FIXED_NEWSTYLE:
+                raise OpenError("Server does not support STARTTLS")
+            self._starttls()
         if not gflags & w.FLAG_FIXED_NEWSTYLE:
             self._export_name_option(gflags)
             return
@@ -351,6 +368,23 @@ class NbdClient:
         if self.structured:
             self._set_meta_context()
         self._go()
+
+    def _starttls(self) -> None:
+        """``NBD_OPT_STARTTLS``, then the TLS handshake; the rest of the negotiation runs over TLS."""
+        from vdkit.protocols.tls import client_creds, wrap_client
+
+        creds = client_creds(self.addr.tls_creds or "")
+        self._option(w.OPT_STARTTLS, b"")
+        rtype, payload = self._reply(w.OPT_STARTTLS)
+        if rtype != w.REP_ACK:
+            if rtype & w.REP_FLAG_ERROR:
+                raise _option_error(rtype, payload, w.OPT_STARTTLS)
+            raise OpenError("Unexpected option reply")
+        hostname = self.addr.tls_hostname if self.addr.tls_hostname is not None else self.addr.host
+        self.sock = wrap_client(self.sock, creds, hostname)
+        self.tls = True
+
+    tls = False
 
     def _option(self, opt: int, data: bytes) -> None:
         self._send(w.OPTION_HEADER.pack(w.IHAVEOPT, opt, len(data)) + data)
@@ -586,16 +620,18 @@ def _host_errno(nbd_err: int) -> int:
 
 def _option_error(rtype: int, payload: bytes, opt: int) -> OpenError:
     text = payload.decode("utf-8", "replace")
+    name = {w.OPT_STARTTLS: "starttls", w.OPT_GO: "go"}.get(opt, "unknown")
+    reported = f"server reported: {text}" if text else None
     if rtype == w.REP_ERR_UNKNOWN:
         msg = "Requested export not available"
     elif rtype == w.REP_ERR_TLS_REQD:
-        msg = f"TLS negotiation required before option {opt} (go)"
-        return OpenError(msg, hint="Did you forget a valid tls-creds?")
+        msg = f"TLS negotiation required before option {opt} ({name})"
+        return OpenError(msg, hint="Did you forget a valid tls-creds?" + (f"\n{reported}" if reported else ""))
     elif rtype == w.REP_ERR_POLICY:
-        msg = f"Denied by server for option {opt} (go)"
+        msg = f"Denied by server for option {opt} ({name})"
     else:
-        msg = f"Server error for option {opt} (go)"
-    return OpenError(msg, hint=f"server reported: {text}" if text else None)
+        msg = f"Server error for option {opt} ({name})"
+    return OpenError(msg, hint=reported)
 
 
 # -- the protocol node -----------------------------------------------------------------------
