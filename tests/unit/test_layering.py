@@ -32,6 +32,7 @@ LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.dr
           "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
                 ("block", "chain"): "block.driver", ("block", "secrets"): "block.driver",
+                ("block", "dirty_bitmap"): "block.driver",
                 ("info", "model"): "info.model", ("nbd", "wire"): "io"}
 # Front ends are siblings: none may import another.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}

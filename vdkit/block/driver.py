@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from typing import ClassVar
 
     from vdkit.block.chain import OpenPolicy
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfoSpecific
     from vdkit.io.file import ImageFile
@@ -129,6 +130,9 @@ class FormatDriver:
     corruption_hook: Callable[[CorruptionReport], None] | None = None
     # A fatal corruption event killed the node: every request fails (QEMU: no driver left).
     dead: bool = False
+    # The node's dirty bitmaps, newest first (QEMU lists them so); None until first asked for
+    # (``Node.bitmaps`` loads the persistent ones then: read-only users never pay for them).
+    dirty_bitmaps: list[DirtyBitmap] | None = None
 
     def __init__(self, file: ImageFile) -> None:
         self.file = file
@@ -287,6 +291,22 @@ class FormatDriver:
 
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
         """Drop data the guest no longer needs (a hint: doing nothing is correct)."""
+
+    # -- persistent dirty bitmaps (vdkit.block.dirty_bitmap) ------------------------------------
+    def load_dirty_bitmaps(self) -> list[DirtyBitmap]:
+        """The bitmaps the image stores, newest first (a writable open marks them in use on disk)."""
+        return []
+
+    def can_store_bitmap(self, name: str, granularity: int, label: str) -> None:
+        """Refuse a new persistent bitmap the image cannot hold (``label``: the device or node name)."""
+        raise UnsupportedError(f"Can't store persistent bitmaps to {label}: Operation not supported",
+                               errno=errno.ENOTSUP)
+
+    def remove_persistent_bitmap(self, name: str) -> None:
+        """Drop a stored bitmap from the image now (``block-dirty-bitmap-remove``); absent is fine."""
+
+    def store_dirty_bitmaps(self) -> None:
+        """Write the persistent bitmaps into the image (called when a writable node closes)."""
 
     def close(self) -> None:
         for f in self.extra_files():

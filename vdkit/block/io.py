@@ -282,20 +282,47 @@ def _require_writes(node: Node) -> None:
         raise VdkitError(f"Image '{node.filename}' is opened read-only")
 
 
+def _before_write(node: Node, offset: int, length: int) -> None:
+    """Copy-before-write hooks (a backup job saving the old data) run before the write lands."""
+    for fn in node.before_write:
+        fn(offset, length)
+
+
+def _written(node: Node, offset: int, length: int) -> None:
+    """Every recording dirty bitmap of the node marks the range (QEMU marks after the write)."""
+    bitmaps = node.bitmaps
+    if bitmaps:
+        from vdkit.block.dirty_bitmap import mark_write
+
+        mark_write(bitmaps, offset, length)
+
+
 def write(node: Node, offset: int, data: bytes) -> None:
     """Guest write to the top of a chain (copy-on-write reads come from the backing chain)."""
     _require_writes(node)
-    node.driver.write(offset, data, backing=_backing_reader(node))
+    _before_write(node, offset, len(data))
+    try:
+        node.driver.write(offset, data, backing=_backing_reader(node))
+    finally:
+        _written(node, offset, len(data))
 
 
 def write_zeroes(node: Node, offset: int, length: int, *, unmap: bool = False) -> None:
     _require_writes(node)
-    node.driver.write_zeroes(offset, length, backing=_backing_reader(node), unmap=unmap)
+    _before_write(node, offset, length)
+    try:
+        node.driver.write_zeroes(offset, length, backing=_backing_reader(node), unmap=unmap)
+    finally:
+        _written(node, offset, length)
 
 
 def discard(node: Node, offset: int, length: int) -> None:
     _require_writes(node)
-    node.driver.discard(offset, length, has_backing=node.backing is not None)
+    _before_write(node, offset, length)
+    try:
+        node.driver.discard(offset, length, has_backing=node.backing is not None)
+    finally:
+        _written(node, offset, length)
 
 
 def truncate(node: Node, size: int, prealloc: str = "off") -> None:

@@ -19,9 +19,10 @@ from vdkit.io.file import ImageFile
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import TypeAlias
 
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import FormatDriver
     from vdkit.block.io import MapEntry
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
@@ -44,6 +45,9 @@ class Node:
         self.driver = driver
         self.readonly = readonly
         self.backing: Node | None = None
+        # Called with (offset, length) before a guest write to this node lands: a backup job's
+        # copy-before-write saves the old data there (vdkit.block.io runs them).
+        self.before_write: list[Callable[[int, int], None]] = []
 
     @property
     def format(self) -> str:
@@ -159,8 +163,26 @@ class Node:
         return self.driver.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
     @property
+    def bitmaps(self) -> list[DirtyBitmap]:
+        """The node's dirty bitmaps, newest first; the image's persistent ones are loaded on first use.
+
+        Every guest write through :mod:`vdkit.block.io` marks the recording ones.  A writable qcow2
+        image marks its stored bitmaps in use when they are loaded (as QEMU does when it opens one) and
+        stores them back when the node closes.
+        """
+        drv = self.driver
+        if drv.dirty_bitmaps is None:
+            drv.dirty_bitmaps = drv.load_dirty_bitmaps()
+        return drv.dirty_bitmaps
+
+    def find_bitmap(self, name: str) -> DirtyBitmap | None:
+        return next((b for b in self.bitmaps if b.name == name), None)
+
+    @property
     def dirty_bitmaps(self) -> list[str]:
-        """Names of the persistent bitmaps loaded with the image (QEMU loads them on open)."""
+        """Names of the node's bitmaps: the loaded ones, else those the image stores (QEMU loads them on open)."""
+        if self.driver.dirty_bitmaps is not None:
+            return [b.name for b in self.driver.dirty_bitmaps if b.name is not None]
         return [b.name for b in getattr(self.driver, "bitmaps", ())]
 
     def snapshot_goto_blocker(self) -> VdkitError | None:

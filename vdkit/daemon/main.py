@@ -40,12 +40,14 @@ from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
-from vdkit.monitor import block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
+from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from vdkit.devices.registry import Medium
 
 
 def build_registry() -> CommandRegistry:
@@ -57,6 +59,7 @@ def build_registry() -> CommandRegistry:
     machine_cmds.register(reg)
     block_cmds.register(reg)
     graph_cmds.register(reg)
+    bitmap_cmds.register(reg)
     job_cmds.register(reg)
     nbd_cmds.register(reg)
     return reg
@@ -325,6 +328,9 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     spec.file = take("file")
     if spec.format == "nbd" or opts.get("file.driver") == "nbd":
         spec.file = _nbd_drive_name(spec, opts, take)
+    elif spec.format in ("http", "https") or opts.get("file.driver") in ("http", "https") or \
+            spec.file is not None and spec.file.startswith(("http://", "https://")):
+        spec.file = _http_drive_name(spec, opts, take)
     elif spec.file is not None and spec.file.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
         from vdkit.protocols.nbd import AUTO_READ_ONLY
 
@@ -359,6 +365,61 @@ def _nbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str],
         raise OptionError(exc.message) from None
     AUTO_READ_ONLY.add(name)
     return name
+
+
+HTTP_JSON: dict[str, dict[str, object]] = {}
+"""Drive id -> the curl options QEMU names its node by (``json:{...}``: a cookie, sslverify off),
+flattened as ``--image-opts`` spells them; the name is made once the format is known."""
+
+
+def _http_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
+    """``file=URL[,file.*]``, ``file.driver=http|https,file.url=...`` or ``driver=http|https,url=...``.
+
+    The curl options are checked with QEMU's texts (:func:`vdkit.protocols.http.name_for_options`)
+    and the URL is opened with them.  ``-drive`` sets auto-read-only: the URL opens for a writable
+    drive, read-only underneath (a top-level curl node is read-only, raw over it reports ``"ro":
+    false``; formats that write at open are refused after the open, see :func:`_open_drives`).
+    """
+    from vdkit.protocols import http
+
+    if spec.format in ("http", "https"):
+        driver = spec.format
+        given = {k: take(k) or "" for k in [k for k in list(opts) if k in ("url", "readahead", "timeout",
+                                                                          "sslverify", "cookie")]}
+        flat: dict[str, object] = {"driver": driver, **given}
+        spec.readonly = True  # the curl node itself is the drive's node: auto-read-only makes it read-only
+    else:
+        file_driver = take("file.driver")
+        given = {k[len("file."):]: take(k) or "" for k in [k for k in list(opts) if k.startswith("file.")]}
+        given = {k: v for k, v in given.items() if k not in _FILE_TUNING}
+        if "url" not in given and spec.file is not None:
+            given["url"] = spec.file
+        driver = file_driver or given.get("url", "").split(":", 1)[0]
+        flat = {"driver": spec.format, "file.driver": driver, **{f"file.{k}": v for k, v in given.items()}}
+    try:
+        url = http.name_for_options(given, driver)
+    except VdkitError as exc:
+        raise OptionError(exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+    http.AUTO_READ_ONLY.add(url)
+    if http.json_name(flat, "raw") is not None:
+        HTTP_JSON[spec.id] = flat
+    return url
+
+
+_FILE_TUNING = ("locking", "aio", "cache.direct", "cache.no-flush", "read-only", "auto-read-only", "force-share",
+                "discard", "detect-zeroes", "node-name")
+
+
+def http_json_name(spec: DriveSpec, fmt: str) -> str | None:
+    """The ``json:{...}`` name QEMU gives an http drive's node opened as ``fmt`` (None: the plain URL)."""
+    flat = HTTP_JSON.get(spec.id)
+    if flat is None:
+        return None
+    from vdkit.info.render_json import dumps_compact
+    from vdkit.protocols.http import json_name
+
+    desc = json_name(flat, fmt)
+    return None if desc is None else "json:" + dumps_compact(desc)
 
 
 def check_opened(spec: DriveSpec, fmt: str | None) -> None:
@@ -615,6 +676,8 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
                 hint = (err.hint or exc.hint or "").rstrip("\n")
                 raise OptionError(err.message + (f"\n{hint}" if hint else "")) from None
             medium = drive.medium if drive is not None else None
+            if medium is not None and spec.file is not None and spec.file.startswith(("http://", "https://")):
+                _http_opened(machine, spec, medium)
             if medium is not None and spec.format is None and medium.node.format == "raw" and not medium.ro:
                 sys.stderr.write(_RAW_PROBE_WARNING.format(spec.file))
             check_opened(spec, medium.node.format if medium is not None else None)
@@ -623,6 +686,18 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
         assert drive is not None
         opened.append((spec, drive.medium is not None, drive.medium is not None and drive.medium.ro))
     check_devices(opened)
+
+
+def _http_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium) -> None:
+    """An http drive once open: a writable format other than raw needs to write its (read-only) file
+    (QEMU: ``Block node is read-only``); a json: name once the format is known."""
+    fmt = medium.node.format
+    if not medium.ro and fmt not in ("raw", "http", "https"):
+        machine.close_medium(medium)
+        raise OptionError("Block node is read-only")
+    name = http_json_name(spec, fmt)
+    if name is not None:
+        medium.node.filename = name
 
 
 def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:

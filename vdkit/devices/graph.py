@@ -269,6 +269,7 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
             assert g.backing.node is not None or g.backing.file is not None
             node.backing = g.backing.node if g.backing.node is not None else None
         refresh_filename(g)
+        node.bitmaps  # noqa: B018 - QEMU loads persistent bitmaps at open (a writable image marks them in use)
     except BaseException:
         delete_node(machine, g)
         raise

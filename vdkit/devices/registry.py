@@ -306,6 +306,12 @@ class DeviceRegistry:
             names.append((fmt_name, file_name))
         medium = Medium(node, names, readonly, serials, file_ro=file_ro)
         self._hook_corruption(medium)
+        try:
+            for layer in node.chain():
+                layer.bitmaps  # noqa: B018 - QEMU loads persistent bitmaps at open (a writable image marks them in use)
+        except BaseException:
+            self.close_medium(medium)
+            raise
         return medium
 
     def push_overlay(self, medium: Medium, overlay: Node, names: tuple[str, str], serials: tuple[int, int]) -> None:

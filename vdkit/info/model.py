@@ -134,6 +134,21 @@ class BlockdevCacheInfo:
 
 
 @record
+class BlockDirtyInfo:
+    """One dirty bitmap of a node (``query-block``'s ``dirty-bitmaps``)."""
+
+    count: int
+    granularity: int
+    recording: bool
+    busy: bool
+    persistent: bool
+    name: str | None = None
+    inconsistent: bool | None = None
+
+    __qapi_order__ = ("name", "count", "granularity", "recording", "busy", "persistent", "inconsistent")
+
+
+@record
 class BlockDeviceInfo:
     """One node as ``query-block``'s ``inserted`` and ``query-named-block-nodes`` report it."""
 
@@ -168,6 +183,7 @@ class BlockDeviceInfo:
     iops_size: int | None = None
     group: str | None = None
     write_threshold: int = 0
+    dirty_bitmaps: list[BlockDirtyInfo] | None = None
 
     __qapi_order__ = (
         "file", "node_name", "ro", "drv", "backing_file", "backing_file_depth", "encrypted",
@@ -175,9 +191,10 @@ class BlockDeviceInfo:
         "bps_max", "bps_rd_max", "bps_wr_max", "iops_max", "iops_rd_max", "iops_wr_max",
         "bps_max_length", "bps_rd_max_length", "bps_wr_max_length", "iops_max_length",
         "iops_rd_max_length", "iops_wr_max_length", "iops_size", "group", "cache", "write_threshold",
+        "dirty_bitmaps",
     )
-    # every member but node-name is spelled with "_" in the schema
-    __qapi_names__ = {n: n for n in __qapi_order__ if n != "node_name"}
+    # every member but node-name and dirty-bitmaps is spelled with "_" in the schema
+    __qapi_names__ = {n: n for n in __qapi_order__ if n not in ("node_name", "dirty_bitmaps")}
 
 
 @record

@@ -34,7 +34,7 @@ from vdkit.info.model import (
     SnapshotInfo,
 )
 from vdkit.info.render_json import dumps_compact, to_qobject
-from vdkit.monitor import external_snapshot, nbd_cmds
+from vdkit.monitor import bitmap_cmds, external_snapshot, nbd_cmds
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
 
@@ -97,6 +97,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
         detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
         image=_json_backing_names(node, image_info(node, nested=not flat)),
         cache=_cache(drive, medium, index, backend=backend),
+        dirty_bitmaps=bitmap_cmds.dirty_info(node),
     )
     if backend and drive.throttle.enabled:
         t = drive.throttle
@@ -251,6 +252,7 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
         encrypted=g.node.driver.encrypted, detect_zeroes=g.detect_zeroes,
         image=image,
         cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct, no_flush=g.cache.no_flush),
+        dirty_bitmaps=bitmap_cmds.dirty_info(g.node),
     )
 
 
@@ -585,6 +587,7 @@ _ACTION_DATA = {
     "blockdev-snapshot-internal-sync": (Arg("device"), Arg("name")),
     "blockdev-snapshot-sync": external_snapshot.SYNC_SCHEMA,
     "blockdev-snapshot": external_snapshot.SNAPSHOT_SCHEMA,
+    **bitmap_cmds.ACTION_SCHEMAS,
 }
 
 
@@ -617,6 +620,8 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
                 undo.append(external_snapshot.prepare_sync(ctx, data))
             elif kind == "blockdev-snapshot":
                 undo.append(external_snapshot.prepare_snapshot(ctx, data))
+            elif kind.startswith("block-dirty-bitmap-"):
+                undo.append(bitmap_cmds.prepare_action(ctx.machine, kind, data))
             else:
                 t = _resolve_root(ctx, data["device"])
                 _snapshot_create_check(t, data["name"])

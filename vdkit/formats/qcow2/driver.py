@@ -23,6 +23,7 @@ from vdkit.record import record
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
     from collections.abc import Callable
+    from vdkit.block.dirty_bitmap import DirtyBitmap
 
     from vdkit.block.driver import CheckReport, CheckResult, OpenContext
     from vdkit.block.io import BlockStatus
@@ -237,6 +238,43 @@ class Qcow2Driver(FormatDriver):
             and e.table_offset % self.cluster_size == 0
             and 0 < e.table_size <= 0x1000000 // 8
         )
+    # -- persistent dirty bitmaps (vdkit.formats.qcow2.bitmaps) ----------------------------------
+    def load_dirty_bitmaps(self) -> list[DirtyBitmap]:
+        if not self.bitmaps or self.check_mode:
+            return []
+        from vdkit.formats.qcow2 import bitmaps as qbitmaps
+
+        try:
+            return qbitmaps.load(self)
+        except OSError as exc:
+            raise _io_error(exc) from exc
+
+    def can_store_bitmap(self, name: str, granularity: int, label: str) -> None:
+        from vdkit.formats.qcow2 import bitmaps as qbitmaps
+
+        qbitmaps.can_store(self, name, granularity, label)
+
+    def remove_persistent_bitmap(self, name: str) -> None:
+        self.require_alive()
+        if self.readonly or self.file.readonly:
+            return
+        from vdkit.formats.qcow2 import bitmaps as qbitmaps
+
+        try:
+            qbitmaps.remove(self, name)
+        except OSError as exc:
+            raise _io_error(exc) from exc
+
+    def store_dirty_bitmaps(self) -> None:
+        if self.dirty_bitmaps is None or self.dead or self.readonly or self.file.readonly:
+            return
+        from vdkit.formats.qcow2 import bitmaps as qbitmaps
+
+        try:
+            qbitmaps.store(self, self.dirty_bitmaps)
+        except OSError as exc:
+            raise _io_error(exc) from exc
+
 
     def luks_header(self) -> bytes | None:
         """Raw bytes of the LUKS header area of an encrypted image."""
@@ -494,6 +532,14 @@ class Qcow2Driver(FormatDriver):
             super().close()
             return
         if not self.readonly and self.file.fd >= 0:
+                try:
+                    self.store_dirty_bitmaps()
+                except VdkitError as exc:
+                    import sys
+
+                    # QEMU goes on closing: the bitmaps stay in use on disk (inconsistent, never wrong)
+                    sys.stderr.write(f"Lost persistent bitmaps during inactivation of node '{self.file.filename}': "
+                                     f"{exc.message}\n")
             try:
                 self.flush()
                 self.mark_clean()  # a clean close clears the dirty bit we may have set

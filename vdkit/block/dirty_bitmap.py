@@ -1,0 +1,172 @@
+"""Dirty bitmaps: which parts of a disk were written since some point in time.
+
+A bitmap belongs to one node (a format node, as in QEMU) and has one bit per
+``granularity`` bytes of the disk.  Every guest write to that node (data,
+zeroes, discard) sets the bits of the granules it touches while the bitmap is
+*recording* (enabled); jobs reset bits as they copy (mirror) or read them to
+decide what to copy (incremental backup).  Persistent bitmaps are saved in the
+image by the format (qcow2's bitmaps extension, :mod:`vdkit.formats.qcow2.bitmaps`)
+when the node closes and loaded again when it opens.
+
+The state a monitor shows (``query-block``'s ``dirty-bitmaps``) and the rules
+commands check (``busy``, ``readonly``, ``inconsistent``) live here too, with
+QEMU's texts, so every front end refuses the same way.
+
+This module sits below the formats (they create bitmaps when they load them):
+it needs only the error tree and numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vdkit.errors import VdkitError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+# QEMU's limits: a bitmap name of at most 1023 bytes, granularity a power of two >= 512 (uint32)
+MAX_NAME_SIZE = 1023
+MIN_GRANULARITY = 512
+
+# bdrv_dirty_bitmap_check flags
+CHECK_BUSY = 1
+CHECK_RO = 2
+CHECK_INCONSISTENT = 4
+CHECK_DEFAULT = CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT
+CHECK_ALLOW_RO = CHECK_BUSY | CHECK_INCONSISTENT
+
+
+def default_granularity(cluster_size: int | None) -> int:
+    """QEMU's default: the format's cluster size kept within 4 KiB..64 KiB, else 64 KiB."""
+    if cluster_size:
+        return min(65536, max(4096, cluster_size))
+    return 65536
+
+
+class DirtyBitmap:
+    """One bitmap: a numpy bool per granule, plus the flags QEMU keeps with it.
+
+    ``name`` is None for the anonymous bitmaps jobs make for themselves (they
+    are never listed).  ``size`` is the disk size in bytes when the bitmap was
+    made.  ``count()`` is in bytes: granules set times the granularity, as QEMU
+    counts (a 1 GiB-granularity bitmap of a written 4 MiB disk counts 1 GiB).
+    """
+
+    def __init__(self, name: str | None, granularity: int, size: int, *, enabled: bool = True,
+                 persistent: bool = False) -> None:
+        if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
+            raise VdkitError("Granularity must be power of 2 and at least 512")
+        self.name = name
+        self.granularity = granularity
+        self.shift = granularity.bit_length() - 1
+        self.size = size
+        self.enabled = enabled
+        self.persistent = persistent
+        self.busy = False  # held by a job (or an NBD export): no command may change it
+        self.readonly = False  # loaded from an image opened read-only
+        self.inconsistent = False  # the image says it was in use when its writer stopped
+        self.bits = np.zeros(self.granules, dtype=bool)
+
+    @property
+    def granules(self) -> int:
+        return (self.size + self.granularity - 1) >> self.shift
+
+    # -- recording -------------------------------------------------------------------------------
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        first = max(0, offset) >> self.shift
+        last = min(self.granules, (offset + length + self.granularity - 1) >> self.shift)
+        return first, last
+
+    def set_dirty(self, offset: int, length: int) -> None:
+        """Mark every granule ``[offset, offset+length)`` touches (whatever ``enabled`` says)."""
+        if length <= 0:
+            return
+        a, b = self._span(offset, length)
+        self.bits[a:b] = True
+
+    def reset(self, offset: int, length: int) -> None:
+        """Clear the granules that lie entirely inside the range (a partial granule stays dirty)."""
+        if length <= 0:
+            return
+        a = (max(0, offset) + self.granularity - 1) >> self.shift
+        end = offset + length
+        b = self.granules if end >= self.size else end >> self.shift
+        if b > a:
+            self.bits[a:b] = False
+
+    def clear(self) -> None:
+        self.bits[:] = False
+
+    def count(self) -> int:
+        """Dirty bytes as QEMU reports them (whole granules)."""
+        return int(np.count_nonzero(self.bits)) << self.shift
+
+    def is_dirty(self, offset: int) -> bool:
+        i = offset >> self.shift
+        return 0 <= i < self.granules and bool(self.bits[i])
+
+    def dirty_runs(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of every run of dirty granules within ``[start, end)`` (clipped to the disk)."""
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            return
+        a = start >> self.shift
+        b = (end + self.granularity - 1) >> self.shift
+        seg = self.bits[a:b]
+        if not seg.any():
+            return
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], seg, [False])).astype(np.int8)))
+        for lo, hi in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+            off = max(start, (a + lo) << self.shift)
+            stop = min(end, (a + hi) << self.shift)
+            if stop > off:
+                yield off, stop - off
+
+    def merge_from(self, other: DirtyBitmap) -> None:
+        """Set every range ``other`` marks (granularities may differ; sizes must match)."""
+        if other.size != self.size:
+            raise VdkitError("Bitmaps are incompatible and can't be merged")
+        if other.granularity == self.granularity:
+            self.bits |= other.bits
+            return
+        for off, length in other.dirty_runs():
+            self.set_dirty(off, length)
+
+    def copy(self, name: str | None = None) -> DirtyBitmap:
+        bm = DirtyBitmap(name, self.granularity, self.size, enabled=self.enabled)
+        bm.bits = self.bits.copy()
+        return bm
+
+    # -- serialisation (qcow2 stores bit i of a granule run LSB first in each byte) -----------------
+    def serialize(self, first_granule: int, count: int) -> bytes:
+        return np.packbits(self.bits[first_granule : first_granule + count], bitorder="little").tobytes()
+
+    def deserialize(self, first_granule: int, data: bytes, count: int) -> None:
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count, bitorder="little")
+        self.bits[first_granule : first_granule + count] = bits.astype(bool)
+
+    # -- the rules commands check (bdrv_dirty_bitmap_check) ---------------------------------------
+    def check(self, flags: int) -> None:
+        if flags & CHECK_BUSY and self.busy:
+            raise VdkitError(f"Bitmap '{self.name}' is currently in use by another operation and cannot be used")
+        if flags & CHECK_RO and self.readonly:
+            raise VdkitError(f"Bitmap '{self.name}' is readonly and cannot be modified")
+        if flags & CHECK_INCONSISTENT and self.inconsistent:
+            raise VdkitError(f"Bitmap '{self.name}' is inconsistent and cannot be used",
+                             hint="Try block-dirty-bitmap-remove to delete this bitmap from disk")
+
+    @property
+    def recording(self) -> bool:
+        return self.enabled and not self.inconsistent
+
+    def __repr__(self) -> str:
+        return f"<DirtyBitmap {self.name!r} granularity={self.granularity} count={self.count()}>"
+
+
+def mark_write(bitmaps: list[DirtyBitmap], offset: int, length: int) -> None:
+    """A guest write to ``[offset, offset+length)``: every recording bitmap of the node marks it."""
+    for bm in bitmaps:
+        if bm.enabled and not bm.inconsistent and not bm.readonly:
+            bm.set_dirty(offset, length)
