@@ -23,8 +23,8 @@ from vdkit.record import record
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
     from collections.abc import Callable
-    from vdkit.block.dirty_bitmap import DirtyBitmap
 
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import CheckReport, CheckResult, OpenContext
     from vdkit.block.io import BlockStatus
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
@@ -238,6 +238,7 @@ class Qcow2Driver(FormatDriver):
             and e.table_offset % self.cluster_size == 0
             and 0 < e.table_size <= 0x1000000 // 8
         )
+
     # -- persistent dirty bitmaps (vdkit.formats.qcow2.bitmaps) ----------------------------------
     def load_dirty_bitmaps(self) -> list[DirtyBitmap]:
         if not self.bitmaps or self.check_mode:
@@ -274,7 +275,6 @@ class Qcow2Driver(FormatDriver):
             qbitmaps.store(self, self.dirty_bitmaps)
         except OSError as exc:
             raise _io_error(exc) from exc
-
 
     def luks_header(self) -> bytes | None:
         """Raw bytes of the LUKS header area of an encrypted image."""
@@ -532,6 +532,7 @@ class Qcow2Driver(FormatDriver):
             super().close()
             return
         if not self.readonly and self.file.fd >= 0:
+            try:
                 try:
                     self.store_dirty_bitmaps()
                 except VdkitError as exc:
@@ -540,7 +541,6 @@ class Qcow2Driver(FormatDriver):
                     # QEMU goes on closing: the bitmaps stay in use on disk (inconsistent, never wrong)
                     sys.stderr.write(f"Lost persistent bitmaps during inactivation of node '{self.file.filename}': "
                                      f"{exc.message}\n")
-            try:
                 self.flush()
                 self.mark_clean()  # a clean close clears the dirty bit we may have set
             finally:
