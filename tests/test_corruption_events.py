@@ -273,3 +273,33 @@ def test_overlap_names_structures_in_qemu_order(tmp_path: Path) -> None:
     assert _vdkit_ops(v, False, ops, reports) == words
     assert "".join(r.text + "\n" for r in reports) == stderr
     assert "overlaps with inactive L1 table" in stderr
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_bitmap_directory_overlap_only_when_bitmaps_are_trusted(trusted: bool, tmp_path: Path) -> None:
+    """A data cluster on the bitmap directory is refused only while the autoclear bitmaps bit is set.
+
+    Without the bit the bitmaps are inconsistent and QEMU does not know the
+    directory: the write goes through (and the image stays unmarked), in
+    the I/O path as in check's overlap test, which share one test.
+    """
+    q = tmp_path / "q.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(q), "2M")
+    assert qemu_io("-c", "write -P 1 0 64k", str(q)).returncode == 0
+    check_ok("bitmap", "--add", str(q), "b0")
+    with vdkit.open(q, readonly=True) as node:
+        assert isinstance(node.driver, Qcow2Driver) and node.driver.header.bitmaps is not None
+        directory = node.driver.header.bitmaps.directory_offset
+    l1 = get_u64(q, 40)
+    set_u64(q, get_u64(q, l1) & 0x00FFFFFFFFFFFE00, COPIED | (directory & ~0xFFFF))
+    if not trusted:
+        set_u64(q, 88, get_u64(q, 88) & ~1)  # autoclear features: bitmaps bit cleared
+    v = tmp_path / "v.qcow2"
+    shutil.copyfile(q, v)
+    ops = ["write 0 4096", "read 0 4096"]
+    words, stderr = _qemu_ops(q, False, ops)
+    reports: list[CorruptionReport] = []
+    assert _vdkit_ops(v, False, ops, reports) == words
+    assert [r.text + "\n" for r in reports] == [line + "\n" for line in stderr.splitlines() if "corrupt" in line]
+    assert ("overlaps with bitmap directory" in stderr) is trusted
+    assert _corrupt_bit(v) is _corrupt_bit(q) is trusted

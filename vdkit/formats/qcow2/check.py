@@ -16,7 +16,7 @@ it with its program prefix, as qemu-img does for those few messages.
 The computed counts are kept sparsely (:class:`_Refs`), saturating at the
 refcount width as QEMU counts them: memory follows the metadata found, not
 offsets an image claims.  Every repair write passes QEMU's metadata overlap
-check (:meth:`_Checker.overlap`, with the state QEMU's check has); a hit is a
+check (:mod:`.overlap`, with the state QEMU's check has); a hit is a
 corruption event and fails the write as in qemu-img.
 
 Repair order is crash safe: refcount increases are written before anything
@@ -37,6 +37,7 @@ import numpy as np
 from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
 from vdkit.formats.qcow2.refcount import decode_block, encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 from vdkit.record import replace
@@ -270,51 +271,26 @@ class _Checker:
         """
         self.drv.header = self.drv.header.evolve(**fields)
 
-    def overlap(self, offset: int, size: int, ignore: tuple[str, ...] = ()) -> str | None:
+    def overlap(self, offset: int, size: int, ignore: Metadata = NONE) -> str | None:
         """The metadata structure a write of ``[offset, offset + size)`` would hit, as QEMU's check sees it.
 
-        QEMU's default overlap check (everything but inactive L2 tables),
-        with its in-memory state during a check: the L1 table and refcount
-        table as opened (the L1 with the repairs made so far), the snapshot
-        table and snapshot L1 tables, the bitmap directory.  The range is
-        widened to whole clusters, the structures are taken as they are;
-        the first structure hit, in QEMU's order, names the event.
+        QEMU's default overlap check with its in-memory state during a
+        check: the L1 table and refcount table as opened (the L1 with the
+        repairs made so far), the snapshot table and snapshot L1 tables,
+        the bitmap directory.
         """
-        cs = self.cs
-        if size <= 0:
-            return None
-        if "qcow2_header" not in ignore and offset < cs:
-            return "qcow2_header"
-        lo = offset - offset % cs
-        hi = offset + size + (-(offset + size)) % cs
-
-        def hit(o: int, n: int) -> bool:
-            return n > 0 and o < hi and lo < o + n
-
-        def any_cluster(entries: np.ndarray, mask: int) -> bool:
-            offs = (entries & _U64(mask)).astype(np.int64)
-            return bool(((offs != 0) & (offs < hi) & (offs + cs > lo)).any())
-
         h = self.h
-        if "active L1 table" not in ignore and hit(self.l1_offset, self.l1_size * 8):
-            return "active L1 table"
-        if "refcount table" not in ignore and hit(self.reftable_offset, len(self.reftable) * 8):
-            return "refcount table"
-        if "snapshot table" not in ignore and hit(h.snapshots_offset, self.snapshots_size):
-            return "snapshot table"
-        if "inactive L1 table" not in ignore and any(
-                sn.l1_size and hit(sn.l1_table_offset, sn.l1_size * 8) for sn in self.snapshots):
-            return "inactive L1 table"
-        if "active L2 table" not in ignore and any_cluster(self.l1, L.L1E_OFFSET_MASK):
-            return "active L2 table"
-        if "refcount block" not in ignore and any_cluster(self.reftable, L.REFT_OFFSET_MASK):
-            return "refcount block"
-        if (h.bitmaps is not None and h.autoclear_features & L.AUTOCLEAR_BITMAPS
-                and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size)):
-            return "bitmap directory"
-        return None
+        bitmaps = h.bitmaps if h.autoclear_features & L.AUTOCLEAR_BITMAPS else None
+        m = MetadataMap(
+            cluster_size=self.cs, l1_offset=self.l1_offset, l1_size=self.l1_size, l1=self.l1,
+            reftable_offset=self.reftable_offset, reftable_bytes=len(self.reftable) * 8, reftable=self.reftable,
+            snapshots_offset=h.snapshots_offset, snapshots_bytes=self.snapshots_size,
+            snapshots=self.snapshots,
+            bitmap_directory=None if bitmaps is None else (bitmaps.directory_offset, bitmaps.directory_size))
+        hit = first_overlap(m, offset, size, ignore)
+        return None if hit is None else NAMES[hit]
 
-    def overlap_fails(self, offset: int, size: int, ignore: tuple[str, ...] = ()) -> bool:
+    def overlap_fails(self, offset: int, size: int, ignore: Metadata = NONE) -> bool:
         """QEMU's pre-write overlap check: a hit is a corruption event and the write fails (EIO)."""
         name = self.overlap(offset, size, ignore)
         if name is None:
@@ -372,7 +348,7 @@ class _Checker:
             self.dirty_blocks.clear()
             return
         for off in sorted(self.dirty_blocks):
-            if self.overlap_fails(off, self.cs, ("refcount block",)):
+            if self.overlap_fails(off, self.cs, Metadata.REFCOUNT_BLOCK):
                 continue
             self.f.pwrite(off, encode_block(self.blocks[off], self.rbits))
         self.dirty_blocks.clear()
@@ -716,7 +692,7 @@ class _Checker:
                         )
                         if fix_errors:
                             new = 0 if self.extl2 else L.OFLAG_ZERO
-                            if self.overlap_fails(l2_offset + i * entry_size, 8, ("active L2 table",)):
+                            if self.overlap_fails(l2_offset + i * entry_size, 8, Metadata.ACTIVE_L2):
                                 self.report("ERROR: Overlap check failed")
                                 res.check_errors += 1
                                 raise _CheckFailed(-errno.EIO)
@@ -978,7 +954,7 @@ class _Checker:
                 if repair:
                     new = l1e | L.OFLAG_COPIED if rc == 1 else l1e & ~L.OFLAG_COPIED
                     self.l1[i] = new
-                    if self.overlap_fails(self.l1_offset + i * 8, 8, ("active L1 table",)):
+                    if self.overlap_fails(self.l1_offset + i * 8, 8, Metadata.ACTIVE_L1):
                         res.check_errors += 1
                         raise _CheckFailed(-errno.EIO)
                     self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
@@ -1007,7 +983,7 @@ class _Checker:
                     new = l2e | L.OFLAG_COPIED if rc == 1 else l2e & ~L.OFLAG_COPIED
                     raw[j * entry_size : j * entry_size + 8] = new.to_bytes(8, "big")
             if repair:
-                if self.overlap_fails(l2_offset, self.cs, ("active L2 table",)):
+                if self.overlap_fails(l2_offset, self.cs, Metadata.ACTIVE_L2):
                     self.report("ERROR: Could not write L2 table; metadata overlap check failed: "
                                 f"{os.strerror(errno.EIO)}")
                     res.check_errors += 1
@@ -1109,9 +1085,9 @@ class _Checker:
         # QEMU flushes the allocation before writing the table; both writes pass its overlap check
         # (e.g. an old table that runs past the end of the file covers what was just allocated)
         blocks = [int(rc.table[i]) & L.REFT_OFFSET_MASK for i in sorted(rc._dirty)]
-        hits = [off for off in blocks if self.overlap(off, self.cs, ("refcount block",))]
+        hits = [off for off in blocks if self.overlap(off, self.cs, Metadata.REFCOUNT_BLOCK)]
         if hits:
-            self.overlap_fails(hits[0], self.cs, ("refcount block",))
+            self.overlap_fails(hits[0], self.cs, Metadata.REFCOUNT_BLOCK)
             rc.drop_cache()
             self.report(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
             raise _CheckFailed(-errno.EIO)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from vdkit.errors import EFBIG, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.layout import ClusterType
+from vdkit.formats.qcow2.overlap import Metadata
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.refcount import Refcounts
@@ -334,7 +335,7 @@ class ClusterMap:
         new_off = refcounts.alloc_clusters(new_size * 8)
         refcounts.flush()
         if refcounts.overlap_check is not None:  # a zero refcount may lie about metadata
-            refcounts.overlap_check(new_off, new_size * 8, "active L1 table")
+            refcounts.overlap_check(new_off, new_size * 8, Metadata.ACTIVE_L1)
         self.file.pwrite(new_off, encode_l1(new))
         self.file.flush()
         self.file.pwrite(36, new_size.to_bytes(4, "big") + new_off.to_bytes(8, "big"))

@@ -35,6 +35,7 @@ from vdkit.block.driver import BlockStatus
 from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,7 +133,7 @@ class Qcow2IO:
         # (L2 offset, L2 index) -> corruption message of each bad entry seen (Kind.CORRUPT runs)
         self._bad: dict[tuple[int, int], str] = {}
         # host ranges known to overlap no metadata, valid while _overlap_stamp holds (see _check_overlap)
-        self._no_overlap: set[tuple[int, int, str | None]] = set()
+        self._no_overlap: set[tuple[int, int, Metadata | None]] = set()
         self._overlap_stamp: tuple[object, ...] = ()
         # Read-only images with standard L2 tables map their first tables without numpy (see
         # _LazyNumpy); nothing can be dirty in the metadata caches then, so the file is the truth.
@@ -541,7 +542,7 @@ class Qcow2IO:
             raise self.drv.signal_corruption(f"L2 table offset {_hx(old)} unaligned (L1 index: {_hx(i1)})")
         if old and l1e & L.OFLAG_COPIED:
             # updated in place: the table must not be some other metadata (QEMU refuses its write-back)
-            self._check_overlap(old, self.cluster_size, ignore="active L2 table")
+            self._check_overlap(old, self.cluster_size, ignore=Metadata.ACTIVE_L2)
             return old
         new = rc.alloc_clusters(self.cluster_size)
         rc.flush()
@@ -556,12 +557,12 @@ class Qcow2IO:
         f = self.drv.file
         # a zero refcount may lie: the new table must not land on other metadata (QEMU's overlap
         # check on the L2 table write names what it would have destroyed)
-        self._check_overlap(new, self.cluster_size, ignore="active L2 table")
+        self._check_overlap(new, self.cluster_size, ignore=Metadata.ACTIVE_L2)
         f.pwrite(new, self.geom.encode_l2(e, b))
         f.flush()
         cm.l2.put(new, e, b)
         cm.l1[i1] = _U64(new | L.OFLAG_COPIED)
-        self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore="active L1 table")
+        self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore=Metadata.ACTIVE_L1)
         f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
         f.flush()
         if old:
@@ -848,7 +849,7 @@ class Qcow2IO:
             self._check_overlap(off, nxt - off)
             f.pwritev(off, parts)
 
-    def _check_overlap(self, host: int, size: int, *, ignore: str | None = None) -> None:
+    def _check_overlap(self, host: int, size: int, *, ignore: Metadata | None = None) -> None:
         """Refuse a data write into the image's own metadata (QEMU's default "cached" overlap check).
 
         Only a damaged image gets here (an L2 entry or a zero refcount
@@ -857,7 +858,8 @@ class Qcow2IO:
         corrupt instead.  The structures are tested in QEMU's order (the
         first one hit names the event) at cluster granularity, from what is
         in memory only: inactive L2 tables would need reading and are not
-        checked, as in QEMU's default mode.
+        checked, as in QEMU's default mode.  ``ignore`` is the structure a
+        metadata write updates in place (None: a data write).
         """
         if (self.geom.has_data_file and ignore is None) or size <= 0:
             return  # data goes to another file: nothing of ours to hit
@@ -876,7 +878,7 @@ class Qcow2IO:
         key = (lo, hi, ignore)
         if key in self._no_overlap:
             return
-        name = self._overlapping(lo, hi, ignore)
+        name = self._overlapping(lo, hi, NONE if ignore is None else ignore)
         if name is None:
             if len(self._no_overlap) < 65536:
                 self._no_overlap.add(key)
@@ -884,41 +886,23 @@ class Qcow2IO:
         raise drv.signal_corruption(
             f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
 
-    def _overlapping(self, lo: int, hi: int, ignore: str | None = None) -> str | None:
-        """The first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)`` (cluster-aligned), or None."""
+    def metadata_map(self) -> MetadataMap:
+        """The metadata in memory, as the overlap test sees it (QEMU's runtime state)."""
         drv = self.drv
         h = drv.header
-        cs = self.cluster_size
-
-        def hit(off: int, length: int) -> bool:
-            return length > 0 and off < hi and lo < off + length + (-(off + length)) % cs
-
-        # a table cluster at ``off`` (0 = none) meets [lo, hi) iff lo - cs < off < hi; with lo >= cs
-        # one unsigned subtraction and compare tests both ends and excludes 0 (per write: keep it cheap)
-        def any_table(entries: np.ndarray, mask: int) -> bool:
-            return bool(((entries & _U64(mask)) - base < span).any())
-
-        if lo < cs:
-            return "qcow2_header"
-        base, span = _U64(lo - cs + 1), _U64(hi - lo + cs - 1)
-        # QEMU's order: the structures it knows by offset and size first, then the tables it finds
-        # through them (the same order as check's overlap test)
         cm, rc = drv.clusters, drv.refcounts
-        if ignore != "active L1 table" and hit(cm.l1_offset, len(cm.l1) * 8):
-            return "active L1 table"
-        if ignore != "refcount table" and hit(rc.table_offset, rc.table_clusters * cs):
-            return "refcount table"
-        if h.nb_snapshots and hit(h.snapshots_offset, drv.snapshot_table_size):
-            return "snapshot table"
-        if any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in drv._snapshots):
-            return "inactive L1 table"
-        if ignore != "active L2 table" and any_table(cm.l1, L.L1E_OFFSET_MASK):
-            return "active L2 table"
-        if ignore != "refcount block" and any_table(rc.table, L.REFT_OFFSET_MASK):
-            return "refcount block"
-        if h.bitmaps is not None and hit(h.bitmaps.directory_offset, h.bitmaps.directory_size):
-            return "bitmap directory"
-        return None
+        bitmaps = h.bitmaps if h.autoclear_features & L.AUTOCLEAR_BITMAPS else None  # untrusted: unknown to QEMU
+        return MetadataMap(
+            cluster_size=self.cluster_size, l1_offset=cm.l1_offset, l1_size=len(cm.l1), l1=cm.l1,
+            reftable_offset=rc.table_offset, reftable_bytes=rc.table_clusters * self.cluster_size,
+            reftable=rc.table, snapshots_offset=h.snapshots_offset,
+            snapshots_bytes=drv.snapshot_table_size if h.nb_snapshots else 0, snapshots=drv._snapshots,
+            bitmap_directory=None if bitmaps is None else (bitmaps.directory_offset, bitmaps.directory_size))
+
+    def _overlapping(self, lo: int, hi: int, ignore: Metadata = NONE) -> str | None:
+        """The name of the first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)``, or None."""
+        hit = first_overlap(self.metadata_map(), lo, hi - lo, ignore)
+        return None if hit is None else NAMES[hit]
 
     def _new_bitmap(self, c: int, old: int, bitmap: int, start: int, end: int) -> int:
         lo, hi = self._sc_region(c, start, end)

@@ -39,6 +39,7 @@ import numpy as np
 
 from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.overlap import Metadata
 
 if TYPE_CHECKING:
     from vdkit.io.file import ImageFile
@@ -224,7 +225,7 @@ class Refcounts:
         self.table: np.ndarray = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         # QEMU's metadata overlap check for our own writes (set by the driver; None: no check):
         # (host offset, size, structure to ignore) -> raises the corruption event
-        self.overlap_check: Callable[[int, int, str], None] | None = None
+        self.overlap_check: Callable[[int, int, Metadata], None] | None = None
         self.on_table_switch = on_table_switch
         self.before_table_write = before_table_write
         self.free_hint = 0
@@ -292,7 +293,7 @@ class Refcounts:
             dep()
         off = self.block_offset(rt_index)
         if self.overlap_check is not None:  # a table entry may name other metadata (damaged images)
-            self.overlap_check(off, self.cluster_size, "refcount block")
+            self.overlap_check(off, self.cluster_size, Metadata.REFCOUNT_BLOCK)
         data = encode_block(self._blocks[rt_index], self.bits)
         _io(lambda: self.file.pwrite(off, data), off)
         self._dirty.discard(rt_index)
@@ -573,12 +574,12 @@ class Refcounts:
             self.flush()
             vals = np.zeros(epb, dtype=np.uint64)
         if self.overlap_check is not None:  # a zero refcount may lie about metadata
-            self.overlap_check(b << self.cluster_bits, self.cluster_size, "refcount block")
+            self.overlap_check(b << self.cluster_bits, self.cluster_size, Metadata.REFCOUNT_BLOCK)
         self.file.pwrite(b << self.cluster_bits, encode_block(vals, self.bits))
         self.file.flush()
         if rt < len(self.table):
             if self.overlap_check is not None:
-                self.overlap_check(self.table_offset + rt * 8, 8, "refcount table")
+                self.overlap_check(self.table_offset + rt * 8, 8, Metadata.REFCOUNT_TABLE)
             self.file.pwrite(self.table_offset + rt * 8, int(b << self.cluster_bits).to_bytes(8, "big"))
             self.file.flush()
             self.table[rt] = b << self.cluster_bits
@@ -631,8 +632,8 @@ class Refcounts:
         new_table = np.array(plan.table, dtype=np.uint64)
         if self.overlap_check is not None:
             for i in fresh:
-                self.overlap_check(plan.table[i], self.cluster_size, "refcount block")
-            self.overlap_check(plan.table_offset, plan.table_clusters * self.cluster_size, "refcount table")
+                self.overlap_check(plan.table[i], self.cluster_size, Metadata.REFCOUNT_BLOCK)
+            self.overlap_check(plan.table_offset, plan.table_clusters * self.cluster_size, Metadata.REFCOUNT_TABLE)
         for i, vals in fresh.items():
             self.file.pwrite(plan.table[i], encode_block(vals, self.bits))
         self.file.pwrite(plan.table_offset, new_table.astype(">u8").tobytes())
@@ -821,7 +822,7 @@ class Transaction:
                     if old and rc.overlap_check is not None:
                         # QEMU rewrites this block in place: where the table names other metadata
                         # its write fails (a corruption event); ours would go to a copy
-                        rc.overlap_check(old, cs, "refcount block")
+                        rc.overlap_check(old, cs, Metadata.REFCOUNT_BLOCK)
                     if old:
                         self.add_range(old, cs, -1)
                     new_block_off[rt] = self.alloc(cs)

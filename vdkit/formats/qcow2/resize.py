@@ -61,6 +61,7 @@ import numpy as np
 
 from vdkit.errors import UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.overlap import Metadata
 
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
@@ -419,7 +420,7 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
     if len(cm.l1) > needed:
         dropped = cm.l1[needed:].copy()
         cm.l1[needed:] = 0
-        io._check_overlap(cm.l1_offset + needed * 8, 8 * (len(cm.l1) - needed), ignore="active L1 table")
+        io._check_overlap(cm.l1_offset + needed * 8, 8 * (len(cm.l1) - needed), ignore=Metadata.ACTIVE_L1)
         drv.file.pwrite(cm.l1_offset + needed * 8, bytes(8 * (len(cm.l1) - needed)))
         drv.file.flush()
         for e in dropped.tolist():
@@ -486,7 +487,7 @@ class _TransientTables:
             self.low.add(c)
         if c == 0:
             raise drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
-        drv.io._check_overlap(c * drv.cluster_size, drv.cluster_size, ignore="active L2 table")
+        drv.io._check_overlap(c * drv.cluster_size, drv.cluster_size, ignore=Metadata.ACTIVE_L2)
 
 
 def _shrink_reftable(drv: Qcow2Driver) -> None:
@@ -517,7 +518,7 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
             new_table[i] = 0
     if np.array_equal(new_table, rc.table):
         return
-    drv.io._check_overlap(rc.table_offset, rc.table_clusters * cs, ignore="refcount table")
+    drv.io._check_overlap(rc.table_offset, rc.table_clusters * cs, ignore=Metadata.REFCOUNT_TABLE)
     drv.file.pwrite(rc.table_offset, new_table.astype(">u8").tobytes())
     drv.file.flush()
     for i in np.flatnonzero(rc.table != new_table).tolist():

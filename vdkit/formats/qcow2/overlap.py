@@ -1,0 +1,146 @@
+"""The qcow2 metadata overlap check: which structure a host write would land on.
+
+A damaged image can point guest data, or a table the driver is about to
+rewrite, at clusters that hold the image's own metadata; writing there would
+destroy what describes the disk.  QEMU tests every such write against its
+in-memory metadata before issuing it and, on a hit, raises a corruption event
+naming the first structure hit.  The I/O engine (:mod:`.io`, guest and
+metadata writes of an open image) and ``check``'s repairs (:mod:`.check`, with
+the state a check holds) both ask this one test, each describing what it has
+in memory as a :class:`MetadataMap`.
+
+The sections are an :class:`IntFlag` as QEMU's, so a writer that updates one
+structure in place excludes it (``ignore``).  The order of the tests, and so
+the name an event carries when a cluster is two things at once, is QEMU's:
+the structures known by offset and size first, then the tables found through
+them.  Inactive L2 tables would need reading and are never tested (QEMU's
+default "cached" mode).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import TYPE_CHECKING, Protocol
+
+from vdkit.formats.qcow2 import layout as L
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    Table = np.ndarray | Sequence[int]  # table entries: numpy uint64 or plain ints
+
+
+class Metadata(IntFlag):
+    """The metadata sections of a qcow2 image, as QEMU numbers them."""
+
+    MAIN_HEADER = 0x01
+    ACTIVE_L1 = 0x02
+    ACTIVE_L2 = 0x04
+    REFCOUNT_TABLE = 0x08
+    REFCOUNT_BLOCK = 0x10
+    SNAPSHOT_TABLE = 0x20
+    INACTIVE_L1 = 0x40
+    INACTIVE_L2 = 0x80
+    BITMAP_DIRECTORY = 0x100
+
+
+NONE = Metadata(0)
+
+# The name each section has in QEMU's corruption messages ("... (overlaps with <name>)").
+NAMES: dict[Metadata, str] = {
+    Metadata.MAIN_HEADER: "qcow2_header",
+    Metadata.ACTIVE_L1: "active L1 table",
+    Metadata.ACTIVE_L2: "active L2 table",
+    Metadata.REFCOUNT_TABLE: "refcount table",
+    Metadata.REFCOUNT_BLOCK: "refcount block",
+    Metadata.SNAPSHOT_TABLE: "snapshot table",
+    Metadata.INACTIVE_L1: "inactive L1 table",
+    Metadata.INACTIVE_L2: "inactive L2 table",
+    Metadata.BITMAP_DIRECTORY: "bitmap directory",
+}
+
+
+class SnapshotL1(Protocol):
+    """What the test needs of a snapshot: where its L1 table is (a snapshot table entry has it)."""
+
+    @property
+    def l1_table_offset(self) -> int: ...
+
+    @property
+    def l1_size(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataMap:
+    """The metadata a writer holds in memory, as the overlap test sees it.
+
+    ``l1`` and ``reftable`` are the raw table entries (numpy ``uint64`` arrays
+    or any sequence of ints): their offsets name the active L2 tables and the
+    refcount blocks.  ``bitmap_directory`` is ``None`` unless the image's
+    bitmaps are trusted (autoclear bit set), as QEMU only knows the directory
+    then.
+    """
+
+    cluster_size: int
+    l1_offset: int
+    l1_size: int  # entries
+    l1: Table
+    reftable_offset: int
+    reftable_bytes: int
+    reftable: Table
+    snapshots_offset: int
+    snapshots_bytes: int
+    snapshots: Iterable[SnapshotL1]
+    bitmap_directory: tuple[int, int] | None  # (offset, size)
+
+
+def first_overlap(m: MetadataMap, offset: int, size: int, ignore: Metadata = NONE) -> Metadata | None:
+    """The first section (but ``ignore``) a write of ``[offset, offset + size)`` meets, or None.
+
+    The range is widened to whole clusters; the structures are taken as
+    they are (a table at an unaligned offset counts from that offset).
+    """
+    cs = m.cluster_size
+    if size <= 0:
+        return None
+    if not ignore & Metadata.MAIN_HEADER and offset < cs:
+        return Metadata.MAIN_HEADER
+    lo = offset - offset % cs
+    hi = offset + size + (-(offset + size)) % cs
+
+    def hit(off: int, length: int) -> bool:
+        return length > 0 and off < hi and lo < off + length
+
+    if not ignore & Metadata.ACTIVE_L1 and hit(m.l1_offset, m.l1_size * 8):
+        return Metadata.ACTIVE_L1
+    if not ignore & Metadata.REFCOUNT_TABLE and hit(m.reftable_offset, m.reftable_bytes):
+        return Metadata.REFCOUNT_TABLE
+    if not ignore & Metadata.SNAPSHOT_TABLE and hit(m.snapshots_offset, m.snapshots_bytes):
+        return Metadata.SNAPSHOT_TABLE
+    if not ignore & Metadata.INACTIVE_L1 and any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in m.snapshots):
+        return Metadata.INACTIVE_L1
+    if not ignore & Metadata.ACTIVE_L2 and _names_cluster_in(m.l1, L.L1E_OFFSET_MASK, lo, hi, cs):
+        return Metadata.ACTIVE_L2
+    if not ignore & Metadata.REFCOUNT_BLOCK and _names_cluster_in(m.reftable, L.REFT_OFFSET_MASK, lo, hi, cs):
+        return Metadata.REFCOUNT_BLOCK
+    if not ignore & Metadata.BITMAP_DIRECTORY and m.bitmap_directory is not None and hit(*m.bitmap_directory):
+        return Metadata.BITMAP_DIRECTORY
+    return None
+
+
+def _names_cluster_in(entries: Table, mask: int, lo: int, hi: int, cs: int) -> bool:
+    """Whether a table entry (masked to its offset; 0 = none) names a cluster meeting ``[lo, hi)``.
+
+    A cluster at ``off`` meets the range iff ``lo - cs < off < hi``.  This
+    runs for every write to a range not known clean, so a numpy table is
+    tested with one unsigned subtraction and compare (which also excludes 0).
+    """
+    numpy = sys.modules.get("numpy")  # an ndarray implies numpy is loaded: no import for plain tables
+    if numpy is not None and isinstance(entries, numpy.ndarray):
+        base = max(lo - cs + 1, 1)
+        u64 = numpy.uint64
+        return bool(((entries & u64(mask)) - u64(base) < u64(hi - base)).any())
+    return any(lo - cs < off < hi for e in entries if (off := e & mask))
