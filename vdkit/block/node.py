@@ -339,6 +339,10 @@ def _open(
         from vdkit.formats.nbd import NOT_NBD
 
         raise OpenError(NOT_NBD)
+    if fmt == "rbd" and proto != "rbd":
+        from vdkit.formats.rbd import NOT_RBD
+
+        raise OpenError(NOT_RBD)
     if backing or proto is not None:
         from vdkit.block.secrets import open_option
 
@@ -362,6 +366,9 @@ def _open(
                          driver=fmt if fmt in ("http", "https") else None)
         return _open_on(hfile, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                         force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
+    elif proto == "rbd":
+        return _open_rbd(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                         check_mode=check_mode, no_io=no_io, walk=walk)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -413,6 +420,21 @@ def _open_on(
         else:
             file.close()
         raise
+
+
+def _open_rbd(name: str, fmt: str | None, *, readonly: bool, force_share: bool, backing: bool,
+              check_mode: bool, no_io: bool, walk: BackingWalk) -> Node:
+    """An RBD image (``vdkit.protocols.rbd``): the node is named ``json:{"driver": FMT, "file": {...}}``
+    as QEMU names it, or by the rbd dict alone under ``driver=rbd``."""
+    from vdkit.info.render_json import dumps_compact
+    from vdkit.protocols.rbd import RbdFile
+
+    rfile = RbdFile(name, readonly=readonly, force_share=force_share)
+    node = _open_on(rfile, rfile.filename, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
+                    force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
+    if node.format != "rbd":
+        node.filename = "json:" + dumps_compact({"driver": node.format, "file": rfile.json})
+    return node
 
 
 def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk) -> None:

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
 def _option_help(fmt: str, filename: str | None) -> str:
     """``-o help``: the options sorted by name; without a file name only the format's own."""
     own = _format_options(fmt)
-    table = with_file_options(own) if filename is not None else own
+    table = _with_protocol_options(own, filename) if filename is not None else own
     lines = ["Supported options:" if filename is not None else f"Supported {fmt} options:"]
     for d in sorted(table, key=lambda d: d.name):
         kind = {"string": "str", "size": "size", "number": "num", "bool": "bool (on/off)"}[d.type]
@@ -104,7 +104,7 @@ def img_create(
 
     own = _format_options(fmt)
     path = _creatable_path(filename)
-    opts = CreateOpts(with_file_options(own))
+    opts = CreateOpts(_with_protocol_options(own, filename))
     if options is not None:
         for name, value in split_options(options):
             opts.set(name, value)
@@ -145,6 +145,8 @@ def img_create(
             raise UnsupportedError(f"Protocol '{filename.split(':', 1)[0]}' is not supported by vdkit")
         if path is _NBD:
             _create_on_nbd(filename, fmt, opts)
+        elif path is _RBD:
+            _create_on_rbd(filename, fmt, opts)
         else:
             registry.format_module(fmt).create_image(path, opts)
     except VdkitError as exc:
@@ -161,6 +163,7 @@ _NO_CREATE = {"http": "http", "https": "https", "ftp": "ftp", "ftps": "ftps", "b
 
 
 _NBD = "\0nbd"  # _creatable_path's answer for an NBD name: the export is formatted in place
+_RBD = "\0rbd"  # _creatable_path's answer for an rbd name: librbd creates the image
 
 
 def _creatable_path(filename: str) -> str | None:
@@ -184,7 +187,33 @@ def _creatable_path(filename: str) -> str | None:
         raise VdkitError(f"Protocol driver '{_NO_CREATE[proto]}' does not support image creation")
     if proto in ("nbd", "nbd+unix", "nbd+tcp"):
         return _NBD
+    if proto == "rbd":
+        return _RBD
     return None
+
+
+def _with_protocol_options(own: list[OptDesc], filename: str) -> list[OptDesc]:
+    """The format's options, then its protocol's: the rbd driver's for an rbd name, else the file driver's."""
+    from vdkit.block.chain import protocol_of
+
+    if protocol_of(filename) == "rbd":
+        from vdkit.protocols.rbd import create_options
+
+        names = {d.name for d in own}
+        return own + [d for d in create_options() if d.name not in names]
+    return with_file_options(own)
+
+
+def _create_on_rbd(filename: str, fmt: str, opts: CreateOpts) -> None:
+    """``create`` on an rbd name: a new RBD image holding the raw disk (``vdkit.protocols.rbd``)."""
+    from vdkit.protocols.rbd import create_image
+
+    if fmt not in ("raw", "rbd"):
+        raise UnsupportedError(f"Creating '{fmt}' images on RBD is not supported by vdkit")
+    if opts.get("encrypt.format") is not None:
+        raise UnsupportedError("RBD encryption (encrypt.format) is not supported by vdkit")
+    cluster = opts.get("cluster_size")
+    create_image(filename, int(opts.get("size") or 0), int(cluster) if cluster is not None else None)
 
 
 def _create_on_nbd(filename: str, fmt: str, opts: CreateOpts) -> None:

@@ -208,8 +208,25 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 
             if not is_known(driver):
                 raise OpenError(f"Unknown driver '{driver}'")
-        if file_driver is not None and file_driver not in ("file", "nbd", "http", "https"):
+        if file_driver is not None and file_driver not in ("file", "nbd", "http", "https", "rbd"):
             raise OpenError(f"Unknown driver '{file_driver}'")
+        if driver == "rbd" or file_driver == "rbd":  # Ceph RBD (vdkit.protocols.rbd)
+            from vdkit.protocols import rbd
+
+            top = driver == "rbd"
+            if top:
+                rbd_opts = {k: v for k, v in opts.items() if k not in _TUNING}
+                opts = {}
+            else:
+                rbd_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
+                rbd_opts = {k: v for k, v in rbd_opts.items() if k not in _TUNING}
+                opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
+            if filename is not None:
+                rbd_opts["filename"] = filename
+            filename = rbd.name_for_options(rbd_opts)
+            if top:
+                return filename, driver
+            file_driver = "rbd"
         if driver == "nbd":  # the export is the top node: every option is the nbd driver's
             from vdkit.protocols.nbd import name_for_options
 
@@ -234,6 +251,8 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
             filename = http.name_for_options(http_opts, str(driver if top else file_driver))
             if top:
                 return filename, driver
+        elif file_driver == "rbd":
+            pass
         elif file_driver == "nbd":
             from vdkit.protocols.nbd import name_for_options
 
@@ -274,13 +293,13 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         from vdkit.block.secrets import set_open_option
 
         set_open_option(filename, "key-secret", key_secret)
-    if no_backing or file_driver not in ("nbd", "http", "https") and ":" in filename:
+    if no_backing or file_driver not in ("nbd", "http", "https", "rbd") and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
 
         if no_backing:
             set_open_option(filename, "backing", "null")
-        if file_driver not in ("nbd", "http", "https") and protocol_of(filename) is not None:
+        if file_driver not in ("nbd", "http", "https", "rbd") and protocol_of(filename) is not None:
             set_open_option(filename, "protocol", "file")  # an option's filename is never a URI
     return filename, driver
 

@@ -59,11 +59,11 @@ def main(argv: list[str]) -> int:
 def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str, shrink: bool,
         quiet: bool) -> int:
     from vdkit.block.node import open_image
-    from vdkit.cli.snapshot_write import _PROBE_WARNING
+    from vdkit.cli.snapshot_write import probe_warning
 
     with open_image(filename, fmt, readonly=False) as node:
         if fmt is None and node.format == "raw":
-            write_err(_PROBE_WARNING.format(filename))
+            write_err(probe_warning(node, filename))
         current = node.driver.virtual_size
         total = current + n * relative if relative else n
         if total <= 0:

@@ -15,12 +15,23 @@ import time
 from vdkit.cli.main import write_err
 from vdkit.errors import VdkitError, errno_text
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
 _PROBE_WARNING = (
     "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
     "         Automatically detecting the format is dangerous for raw images, "
     "write operations on block 0 will be restricted.\n"
     "         Specify the 'raw' format explicitly to remove the restrictions.\n"
 )
+
+
+def probe_warning(node: Node, filename: str) -> str:
+    """The probed-raw warning for ``node``: QEMU names the protocol node, whose name is the file name
+    except for protocols that report a ``json:`` name (an rbd image)."""
+    file = node.driver.file
+    return _PROBE_WARNING.format(file.filename if getattr(file, "protocol", None) == "rbd" else filename)
 
 
 def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
@@ -33,7 +44,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
         raise VdkitError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
     with open_image(filename, fmt, readonly=False, force_share=False) as node:
         if fmt is None and node.format == "raw":
-            write_err(_PROBE_WARNING.format(filename))
+            write_err(probe_warning(node, filename))
         driver = node.driver
         if action == "c":
             assert arg is not None

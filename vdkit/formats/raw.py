@@ -19,6 +19,10 @@ def probe(head: bytes, filename: str) -> int:
 
 
 def open_driver(file: ImageFile, ctx: OpenContext) -> RawDriver:
+    if getattr(file, "protocol", None) == "rbd":  # raw on RBD: the image's snapshots pass through
+        from vdkit.formats.rbd import RbdRawDriver
+
+        return RbdRawDriver(file)
     return RawDriver(file)
 
 

@@ -51,6 +51,7 @@ FORMATS: dict[str, str] = {
     "nbd": "vdkit.formats.nbd",  # the nbd protocol as the top node (no format layer); never probed
     "http": "vdkit.formats.http",  # the curl protocols as the top node (no format layer); never probed
     "https": "vdkit.formats.http",
+    "rbd": "vdkit.formats.rbd",  # the rbd protocol as the top node (no format layer); never probed
 }
 
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.

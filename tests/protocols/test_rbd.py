@@ -1,0 +1,306 @@
+"""Ceph RBD images: vdkit-img against qemu-img (``qemu-block-extra``'s rbd driver) on one real cluster.
+
+A single-node cluster (``tests/helpers/ceph-test-cluster.sh``: one monitor, one memstore OSD) runs for
+the session.  Read-only commands run on the same image; commands that change an image run on twin
+images made the same way (``q-...`` for qemu-img, ``v-...`` for vdkit-img), the outputs are compared
+with the twin's name swapped, and the twins' data afterwards.  QEMU 7.2's transcripts:
+``shared/reference/ceph-rbd.md`` §2.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Result, qemu_img, qemu_io, vdkit_img
+from tests.helpers import ceph
+
+Setup = Callable[[str], None]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ceph.CephCluster:
+    return ceph.session_cluster(tmp_path_factory, request)
+
+
+def _io(cluster: ceph.CephCluster, image: str, *cmds: str) -> None:
+    r = qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], cluster.name(image))
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+
+
+def _same(q: Result, v: Result, swap: dict[str, str] | None = None) -> None:
+    out, err = v.stdout, v.normalized_stderr()
+    for theirs, ours in (swap or {}).items():
+        out, err = out.replace(theirs, ours), err.replace(theirs, ours)
+    assert out == q.stdout
+    assert err == q.stderr
+    assert v.returncode == q.returncode
+
+
+class Twins:
+    """Two images made alike: ``q`` for qemu-img, ``v`` for vdkit-img."""
+
+    def __init__(self, cluster: ceph.CephCluster, setup: Setup | None, stem: str = "t") -> None:
+        base = cluster.unique(stem)
+        self.cluster = cluster
+        self.q, self.v = f"q-{base}", f"v-{base}"
+        if setup is not None:
+            setup(self.q)
+            setup(self.v)
+
+    def run(self, *args: str, fmt: str = "{}") -> tuple[Result, Result]:
+        """Both tools on their twin; ``{}`` in ``args`` is the image's ``rbd:`` name (``fmt`` shapes it)."""
+        q = qemu_img(*[a.replace("{}", fmt.format(self.cluster.name(self.q))) for a in args])
+        v = vdkit_img(*[a.replace("{}", fmt.format(self.cluster.name(self.v))) for a in args])
+        _same(q, v, {self.v: self.q})
+        return q, v
+
+    def same_data(self) -> None:
+        q = qemu_img("compare", "-f", "raw", "-F", "raw", self.cluster.name(self.q), self.cluster.name(self.v))
+        assert q.returncode == 0, q.stdout + q.stderr
+
+
+def both(*args: str) -> Result:
+    q, v = qemu_img(*args), vdkit_img(*args)
+    _same(q, v)
+    return q
+
+
+@pytest.fixture(scope="module")
+def base_image(cluster: ceph.CephCluster) -> str:
+    """64 MiB with data at 0 (64 KiB) and 5 MiB (4 KiB), snapshots s1 and s2 (s2 after a resize)."""
+    name = cluster.unique("base")
+    cluster.rbd("create", "--size", "48M", f"rbd/{name}")
+    _io(cluster, name, "write -P 0x11 0 64k", "write -P 0x22 5M 4k")
+    cluster.rbd("snap", "create", f"rbd/{name}@s1")
+    cluster.rbd("resize", "--size", "64M", f"rbd/{name}")
+    cluster.rbd("snap", "create", f"rbd/{name}@with space")
+    return name
+
+
+# -- info and names ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_info(cluster: ceph.CephCluster, base_image: str, output: str) -> None:
+    name = cluster.name(base_image)
+    both("info", f"--output={output}", name)
+    both("info", f"--output={output}", "-f", "raw", name)
+    both("info", f"--output={output}", "-f", "rbd", name)
+    both("info", f"--output={output}", "--image-opts", f"driver=rbd,pool=rbd,image={base_image},conf={cluster.conf}")
+    both("info", f"--output={output}", cluster.name(base_image + "@s1"))
+
+
+def test_info_name_forms(cluster: ceph.CephCluster, base_image: str) -> None:
+    conf = cluster.conf
+    both("info", cluster.name(base_image, ":id=admin:rbd_cache=false"))
+    both("info", "--image-opts", f"driver=raw,file.driver=rbd,file.pool=rbd,file.image={base_image},file.conf={conf},"
+                                 "file.namespace=,file.user=admin")
+    both("info", f'json:{{"driver": "rbd", "pool": "rbd", "image": "{base_image}", '
+                 f'"server": [{{"host": "127.0.0.1", "port": "{cluster.port + 1}"}}]}}')
+    both("info", "--image-opts", f"driver=rbd,pool=rbd,image={base_image},server.0.host=127.0.0.1,"
+                                 f"server.0.port={cluster.port},auth-client-required.0=none,snapshot=s1")
+    # escaped separators: a snapshot whose name holds a colon
+    cluster.rbd("snap", "create", f"rbd/{base_image}@a:b")
+    try:
+        both("info", f"rbd:rbd/{base_image}@a\\:b:conf={conf}")
+    finally:
+        cluster.rbd("snap", "rm", f"rbd/{base_image}@a:b")
+
+
+def test_namespace(cluster: ceph.CephCluster) -> None:
+    ns, image = cluster.unique("ns"), "nimg"
+    cluster.rbd("namespace", "create", f"rbd/{ns}")
+    cluster.rbd("create", "--size", "4M", f"rbd/{ns}/{image}")
+    cluster.rbd("snap", "create", f"rbd/{ns}/{image}@n1")
+    both("info", cluster.name(f"{ns}/{image}"))
+    both("info", "--output=json", "--image-opts",
+         f"driver=rbd,pool=rbd,namespace={ns},image={image},conf={cluster.conf}")
+    both("map", cluster.name(f"{ns}/{image}"))
+
+
+def test_open_errors(cluster: ceph.CephCluster, base_image: str, tmp_path: Path) -> None:
+    conf = cluster.conf
+    for name in (cluster.name("nosuch"), cluster.name(base_image + "@nosuch"), cluster.name(base_image, pool="nopool"),
+                 cluster.name("nons/nimg"), f"rbd:rbd/{base_image}:conf={tmp_path}/nonexistent.conf",
+                 "rbd:rbd", cluster.name(""), cluster.name(base_image, ":bogus_option=1"),
+                 cluster.name(base_image, ":bogus_option"), cluster.name(base_image, ":user=x")):
+        both("info", name)
+    for opts in ("driver=rbd,pool=rbd", f"driver=rbd,image={base_image}",
+                 f"driver=rbd,pool=rbd,image={base_image},bogus=1",
+                 f"driver=rbd,pool=rbd,image={base_image},conf={conf},key-secret=nosuchsecret"):
+        both("info", "--image-opts", opts)
+    local = tmp_path / "x.raw"
+    local.write_bytes(bytes(4096))
+    both("info", "-f", "rbd", str(local))
+    both("check", cluster.name(base_image))
+    both("check", "-f", "rbd", cluster.name(base_image))
+
+
+def test_unreachable_monitor(tmp_path: Path) -> None:
+    """A monitor nobody answers: both fail after the name's client_mount_timeout with QEMU's text."""
+    import socket
+
+    with socket.socket() as s:  # a port with no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = tmp_path / "dead.conf"
+    dead.write_text(f"[global]\nmon host = 127.0.0.1:{port}\nauth client required = none\n")
+    both("info", f"rbd:rbd/a:conf={dead}:client_mount_timeout=2")
+    timed = tmp_path / "timed.conf"
+    timed.write_text(dead.read_text() + "client mount timeout = 2\n")
+    both("info", f"rbd:rbd/a:conf={timed}")
+
+
+def test_unreachable_monitor_default_is_bounded(tmp_path: Path) -> None:
+    """Without a timeout anywhere QEMU waits librados' 300 s; vdkit gives up after its default, QEMU's text."""
+    from vdkit.protocols.rbd import DEFAULT_MOUNT_TIMEOUT
+
+    dead = tmp_path / "dead.conf"
+    dead.write_text("[global]\nmon host = 127.0.0.1:9\nauth client required = none\n")
+    p = subprocess.run([sys.executable, "-m", "vdkit.cli.main", "info", f"rbd:rbd/a:conf={dead}"],
+                       capture_output=True, text=True, timeout=DEFAULT_MOUNT_TIMEOUT + 60)
+    assert p.returncode == 1
+    assert p.stderr == f"vdkit-img: Could not open 'rbd:rbd/a:conf={dead}': error connecting: Connection timed out\n"
+
+
+def test_without_librbd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Ceph client libraries: a clear error, nothing else changes."""
+    import ctypes
+
+    from vdkit.errors import OpenError
+    from vdkit.protocols import rbd
+
+    def no_lib(*args: object, **kw: object) -> None:
+        raise OSError("librbd.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(rbd, "_libs", None)
+    monkeypatch.setattr(ctypes, "CDLL", no_lib)
+    monkeypatch.setattr("ctypes.util.find_library", lambda name: None)
+    with pytest.raises(OpenError, match="librbd/librados could not be loaded .*librbd1 and librados2"):
+        rbd.libs()
+
+
+# -- map, compare, check ------------------------------------------------------------------------
+
+def test_map(cluster: ceph.CephCluster, base_image: str) -> None:
+    for output in ("human", "json"):
+        both("map", f"--output={output}", cluster.name(base_image))
+        both("map", f"--output={output}", "-f", "rbd", cluster.name(base_image))
+        both("map", f"--output={output}", "-s", "4M", "-l", "3M", cluster.name(base_image))
+    small = cluster.unique("objs")
+    assert qemu_img("create", "-f", "raw", "-o", "cluster_size=1M", cluster.name(small), "3M").returncode == 0
+    _io(cluster, small, "write 1536k 4k")
+    both("map", "--output=json", cluster.name(small))
+    _io(cluster, small, "discard 1M 1M")
+    both("map", "--output=json", cluster.name(small))
+    plain = cluster.unique("nofastdiff")  # no object map: everything is data
+    cluster.rbd("create", "--size", "8M", "--image-feature", "layering", f"rbd/{plain}")
+    both("map", "--output=json", cluster.name(plain))
+
+
+def test_compare(cluster: ceph.CephCluster, base_image: str, tmp_path: Path) -> None:
+    local = tmp_path / "copy.qcow2"
+    assert qemu_img("convert", "-O", "qcow2", cluster.name(base_image), str(local)).returncode == 0
+    both("compare", cluster.name(base_image), str(local))
+    both("compare", "-s", cluster.name(base_image + "@s1"), cluster.name(base_image))
+    assert qemu_io("-f", "qcow2", "-c", "write -P 0x33 2101248 512", str(local)).returncode == 0
+    both("compare", cluster.name(base_image), str(local))
+
+
+# -- create, convert, resize ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["-f", "raw", "{}", "8M"],
+    ["-f", "raw", "-o", "cluster_size=1M", "{}", "3M"],
+    ["-f", "rbd", "{}", "1000"],
+    ["-f", "raw", "{}", "0"],
+    ["-f", "raw", "-o", "preallocation=full", "{}", "1M"],
+    ["-f", "raw", "-o", "cluster_size=3000", "{}", "1M"],
+    ["-f", "raw", "-o", "help", "{}"],
+])
+def test_create(cluster: ceph.CephCluster, args: list[str]) -> None:
+    t = Twins(cluster, None)
+    t.run("create", *args)
+    t.run("info", "{}")
+
+
+def test_create_errors(cluster: ceph.CephCluster, tmp_path: Path) -> None:
+    def setup(n: str) -> None:
+        cluster.rbd("create", "--size", "1M", f"rbd/{n}")
+
+    t = Twins(cluster, setup)
+    t.run("create", "-f", "raw", "{}", "8M")  # exists
+    both("create", "-f", "raw", cluster.name("new", pool="nopool"), "1M")
+    both("create", "-f", "rbd", str(tmp_path / "y.raw"), "1M")
+
+
+def _source(tmp_path: Path) -> Path:
+    src = tmp_path / "src.qcow2"
+    assert qemu_img("create", "-f", "qcow2", str(src), "9M").returncode == 0
+    r = qemu_io("-f", "qcow2", "-c", "write -P 0x5a 0 300k", "-c", "write -P 0xa5 6M 1M", "-c", "write -z 7M 1M",
+                str(src))
+    assert r.returncode == 0
+    return src
+
+
+def test_convert_to_rbd(cluster: ceph.CephCluster, tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    t = Twins(cluster, None)
+    t.run("convert", "-O", "raw", str(src), "{}")
+    t.same_data()
+    assert qemu_img("compare", str(src), cluster.name(t.v)).returncode == 0
+    t.run("map", "--output=json", "{}")
+    t.run("convert", "-O", "raw", str(src), "{}")  # exists: File exists
+    t.run("convert", "-n", "-O", "raw", str(src), "{}")
+    t.run("convert", "-n", "--target-image-opts", str(src), "driver=rbd,pool=rbd,image={},conf=" + str(cluster.conf),
+          fmt="{}")
+
+
+def test_convert_from_rbd(cluster: ceph.CephCluster, base_image: str, tmp_path: Path) -> None:
+    for target_fmt in ("raw", "qcow2"):
+        for source in (cluster.name(base_image), cluster.name(base_image + "@s1")):
+            q, v = tmp_path / f"q.{target_fmt}", tmp_path / f"v.{target_fmt}"
+            for p in (q, v):
+                p.unlink(missing_ok=True)
+            rq = qemu_img("convert", "-O", target_fmt, source, str(q))
+            rv = vdkit_img("convert", "-O", target_fmt, source, str(v))
+            _same(rq, rv, {str(v): str(q)})
+            assert rq.returncode == 0
+            both("compare", str(q), str(v))
+            both("map", "--output=json", str(v))
+            if target_fmt == "raw":
+                assert q.read_bytes() == v.read_bytes()
+
+
+def test_resize(cluster: ceph.CephCluster) -> None:
+    def setup(n: str) -> None:
+        cluster.rbd("create", "--size", "4M", f"rbd/{n}")
+        _io(cluster, n, "write -P 0x11 0 4M")
+
+    t = Twins(cluster, setup)
+    t.run("resize", "{}", "8M")
+    t.run("resize", "-f", "raw", "{}", "+1M")
+    t.run("resize", "-f", "raw", "{}", "2M")
+    t.run("resize", "-f", "raw", "--shrink", "{}", "2M")
+    t.run("resize", "--preallocation=full", "-f", "raw", "{}", "4M")
+    t.run("resize", "-f", "rbd", "{}", "3M")
+    t.run("info", "{}")
+    t.same_data()
+
+
+def test_library(cluster: ceph.CephCluster) -> None:
+    """vdkit.open on an rbd name: reads, writes and snapshots through the node, seen by qemu-img."""
+    import vdkit
+
+    image = cluster.unique("lib")
+    cluster.rbd("create", "--size", "2M", f"rbd/{image}")
+    with vdkit.open(cluster.name(image), "raw", readonly=False) as node:
+        node.write(4096, b"\x77" * 8192)
+        assert node.read(4096, 8192) == b"\x77" * 8192
+        assert node.info().cluster_size == 4 << 20
+    r = qemu_io("-f", "raw", "-c", "read -P 0x77 4096 8192", "-c", "read -P 0 0 4096", cluster.name(image))
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
