@@ -11,10 +11,13 @@ business too.
 
 from __future__ import annotations
 
+from vdkit.block.jobs import Job, JobDriver
 from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
 
@@ -34,14 +37,7 @@ def commit(top: Node, base: Node, progress: Progress) -> None:
     offset = 0
     try:
         while offset < size:
-            allocated, n = allocated_above(top, base, offset, min(CHUNK, size - offset))
-            if allocated:
-                st = bio.above_status(top, offset, n)
-                n = st.length
-                if st.flags & bio.ZERO:
-                    bio.write_zeroes(base, offset, n)
-                else:
-                    bio.write(base, offset, bio.read(top, offset, n))
+            n, _copied = copy_down(top, base, offset, min(CHUNK, size - offset))
             offset += n
             progress.set(100.0 * offset / size)
         bio.flush(base)
@@ -49,8 +45,29 @@ def commit(top: Node, base: Node, progress: Progress) -> None:
         raise bio.io_error(exc, "Block job failed") from exc
 
 
-def allocated_above(top: Node, base: Node, offset: int, length: int) -> tuple[bool, int]:
-    """Does a layer above ``base`` allocate ``offset``?  And for how many bytes that answer holds."""
+def copy_down(top: Node, base: Node, offset: int, length: int, *, zero_writes: bool = True) -> tuple[int, bool]:
+    """One step of a commit: the run at ``offset`` (at most ``length`` bytes) that some layer above
+    ``base`` allocates is written into ``base`` (zeros as zero writes, unless ``zero_writes`` is false:
+    QEMU's intermediate commit copies them as data); a run no layer above allocates is skipped.
+    Returns the run's length and whether it was copied.  The block-commit job (:class:`CommitJob`)
+    and ``qemu-img commit`` share it."""
+    from vdkit.block import io as bio
+
+    allocated, n = allocated_above(top, base, offset, length)
+    if not allocated:
+        return n, False
+    st = bio.above_status(top, offset, n)
+    n = st.length
+    if st.flags & bio.ZERO and zero_writes:
+        bio.write_zeroes(base, offset, n)
+    else:
+        bio.write(base, offset, bio.read(top, offset, n))
+    return n, True
+
+
+def allocated_above(top: Node, base: Node | None, offset: int, length: int) -> tuple[bool, int]:
+    """Does a layer above ``base`` (None: any layer) allocate ``offset``?  And for how many bytes that
+    answer holds."""
     from vdkit.block.io import ALLOCATED, layer_status
 
     cur: Node | None = top
@@ -65,3 +82,131 @@ def allocated_above(top: Node, base: Node, offset: int, length: int) -> tuple[bo
         n = st.length
         cur = cur.backing
     return False, n
+
+
+JOB_CHUNK = 512 * 1024  # QEMU's commit step
+
+
+class CommitJob(JobDriver):
+    """The block-commit job on a chain (top first): ``top`` and ``base`` are indices into it.
+
+    Intermediate commit (``top`` > 0): the layers from top down to the base
+    are copied into the base; at finalize the overlay of ``top`` is made to
+    name the base (``backing-file`` verbatim, else the base's filename, and
+    the base's format) and the layers between drop out of the chain.  Active
+    commit (``top`` == 0): after the copy the job is ready; ``complete``
+    pivots (the drive continues on the base, the layers above drop out, no
+    header changes), a cancel while ready leaves the chain as it was.  Writes
+    that reach the active image while the job is ready are copied by a last
+    pass over everything allocated above the base, made at complete with the
+    device lock held throughout (nothing can write meanwhile).
+
+    Crash order: data is flushed into the base before any header changes;
+    until then the images above the base still answer every range they
+    allocate, so the old chain reads as before.  ``chain_changed(dropped)``
+    is the monitor's bookkeeping (names, generation), called with the lock
+    held after the graph change.
+    """
+
+    job_type = "commit"
+
+    def __init__(self, chain: list[Node], top: int, base: int, backing_file: str | None,
+                 chain_changed: Callable[[list[Node]], None], *, base_was_ro: bool) -> None:
+        self.chain = chain
+        self.top_index = top
+        self.base_index = base
+        self.backing_file = backing_file
+        self.chain_changed = chain_changed
+        self.base_was_ro = base_was_ro
+        self.soft_cancel_when_ready = self.active = top == 0
+        self.pivot = False
+
+    @property
+    def top(self) -> Node:
+        return self.chain[self.top_index]
+
+    @property
+    def base(self) -> Node:
+        return self.chain[self.base_index]
+
+    def nodes(self) -> list[Node]:
+        return [self.chain[0], *self.chain[self.top_index:self.base_index + 1]]
+
+    def _copy(self, job: Job, offset: int, length: int) -> tuple[int, bool]:
+        while True:
+            try:
+                return copy_down(self.top, self.base, offset, length, zero_writes=self.active)
+            except OSError as exc:
+                if not job.io_error("write", exc):
+                    return length, False
+
+    def run(self, job: Job) -> None:
+        from vdkit.block import io as bio
+
+        top, base = self.top, self.base
+        size = top.driver.virtual_size
+        if self.active:
+            job.len = allocated_bytes(top, base)
+        else:
+            job.len = size
+        if base.driver.virtual_size < size:
+            bio.truncate(base, size)
+        offset = 0
+        while offset < size:
+            n, copied = self._copy(job, offset, min(JOB_CHUNK, size - offset))
+            job.advance(n if copied or not self.active else 0, n if copied else 0)
+            offset += n
+            job.pause_point()
+        bio.flush(base)
+        if not self.active:
+            return
+        job.set_ready()
+        while not job.should_exit:
+            job.pause_point(idle=True)
+        if job.completion_requested:
+            offset = 0
+            while offset < size:  # writes that came in meanwhile (no pause point: the lock stays held)
+                n, _ = self._copy(job, offset, min(JOB_CHUNK, size - offset))
+                offset += n
+            bio.flush(base)
+            self.pivot = True
+
+    def prepare(self, job: Job) -> None:
+        from vdkit.block.jobs import reopen_node
+
+        if self.active:
+            if self.pivot:
+                self.chain_changed(self.chain[:self.base_index])
+            return
+        overlay = self.chain[self.top_index - 1]
+        ro = overlay.readonly
+        if ro:
+            reopen_node(overlay, readonly=False)
+        try:
+            overlay.driver.change_backing_file(self.backing_file or self.base.filename, self.base.format)
+        finally:
+            if ro:
+                reopen_node(overlay, readonly=True)
+        overlay.backing = self.base
+        self.chain_changed(self.chain[self.top_index:self.base_index])
+
+    def clean(self, job: Job) -> None:
+        from vdkit.block.jobs import reopen_node
+
+        if self.base_was_ro and not (self.active and self.pivot):
+            try:
+                reopen_node(self.base, readonly=True)
+            except (OSError, VdkitError):
+                pass  # it stays writable: still correct, only the lock is wider than QEMU's
+
+
+def allocated_bytes(top: Node, base: Node) -> int:
+    """How many bytes the layers from ``top`` down to (not including) ``base`` allocate."""
+    size = top.driver.virtual_size
+    total = offset = 0
+    while offset < size:
+        allocated, n = allocated_above(top, base, offset, size - offset)
+        if allocated:
+            total += n
+        offset += n
+    return total

@@ -109,7 +109,7 @@ VERBS: dict[str, frozenset[Status]] = {
     "pause": _LIVE,
     "resume": _LIVE,
     "set-speed": _LIVE,
-    "complete": frozenset({S.READY}),
+    "complete": frozenset({S.READY, S.STANDBY}),
     "finalize": frozenset({S.PENDING}),
     "dismiss": frozenset({S.CONCLUDED}),
 }
@@ -211,6 +211,9 @@ class Job:
         self.error: str | None = None  # strerror text of a failure
         self._delay_ns = 0
         self._kicked = False
+        # QEMU runs a new job synchronously until its first I/O: a pause asked for before the first
+        # copy takes effect at the first pause point after it (so does the speed limit's first sleep)
+        self._io_done = False
         self._thread: threading.Thread | None = None
         self.cond = threading.Condition(jobs.lock)
 
@@ -330,7 +333,7 @@ class Job:
 
     def _pause(self) -> None:
         self.pause_count += 1
-        if self.pause_count == 1 and not self.busy and self.status in (S.RUNNING, S.READY):
+        if self.pause_count == 1 and not self.busy and self._io_done and self.status in (S.RUNNING, S.READY):
             # the job sleeps at a pause point: it is paused now (QEMU enters it and it stops there)
             self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
         self.cond.notify_all()
@@ -364,7 +367,7 @@ class Job:
 
     def complete(self) -> None:
         self.check_verb("complete")
-        if self.pause_count > 0 or self.cancel_requested:
+        if self.cancel_requested:
             raise VdkitError(f"The active block job '{self.id}' cannot be completed")
         self.completion_requested = True
         self._kicked = True
@@ -410,10 +413,12 @@ class Job:
         """``done`` more bytes of progress; ``copied`` of them count against the speed limit."""
         self.offset += done
         if copied:
+            self._io_done = True
             self._delay_ns += self.limit.delay_ns(copied)
 
     def set_ready(self) -> None:
         """In sync (mirror, active commit): ``ready`` and BLOCK_JOB_READY."""
+        self._io_done = True
         if self.status is S.RUNNING:
             self._transition(S.READY)
             self._block_event("BLOCK_JOB_READY")
@@ -438,7 +443,7 @@ class Job:
                     self.cond.wait(left)
             else:
                 self._yield_lock()
-            while self.pause_count and not self.is_cancelled:
+            while self.pause_count and not self.is_cancelled and self._io_done:
                 if self.status in (S.RUNNING, S.READY):
                     self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
                 self.cond.wait()
@@ -578,3 +583,53 @@ class JobList:
                     pass
         for j in live:
             j.join(timeout)
+
+
+def reopen_node(node: Node, *, readonly: bool) -> None:
+    """Reopen ``node``'s format layer read-write (or read-only again) in place: the Node object stays.
+
+    QEMU reopens a commit base read-write for the job and read-only after it;
+    a backing node here holds a read-only descriptor, so the format driver is
+    closed (flushed, its lock released) and opened again on the same file in
+    the new mode.  The file must still be the same one (device and inode);
+    if the new mode cannot be had (another process holds a lock), the node is
+    opened in its old mode again and the error raised.
+    """
+    from vdkit.block.driver import OpenContext
+    from vdkit.formats import registry
+    from vdkit.io.file import ImageFile
+
+    if node.readonly == readonly:
+        return
+    old = node.driver
+    path = old.file.filename
+    st = os.fstat(old.file.fd)
+    fmt = node.format
+    hook = old.corruption_hook
+
+    def open_as(ro: bool) -> None:
+        f = ImageFile(path, readonly=ro)
+        try:
+            nst = os.fstat(f.fd)
+            if (nst.st_dev, nst.st_ino) != (st.st_dev, st.st_ino):
+                raise VdkitError(f"Could not reopen '{path}': the file was replaced")
+            ctx = OpenContext(path, readonly=ro)
+            drv = registry.open_driver(fmt, f, ctx)
+        except BaseException:
+            f.close()
+            raise
+        try:
+            drv.open_children(ctx)
+        except BaseException:
+            drv.close()
+            raise
+        drv.corruption_hook = hook
+        node.driver = drv
+        node.readonly = ro
+
+    old.close()
+    try:
+        open_as(readonly)
+    except BaseException:
+        open_as(node.readonly)
+        raise

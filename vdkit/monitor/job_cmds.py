@@ -17,8 +17,12 @@ from vdkit.monitor.commands import Arg, opt
 from vdkit.record import record
 
 if TYPE_CHECKING:
-    from vdkit.block.jobs import Job
+    from vdkit.block.jobs import Job, JobDriver
+    from vdkit.block.node import Node
+    from vdkit.devices.registry import DeviceRegistry, Drive, Medium
     from vdkit.monitor.commands import CommandContext, CommandRegistry
+
+ON_ERROR = ("report", "ignore", "stop", "enospc")
 
 
 class DeviceNotActiveError(VdkitError):
@@ -152,6 +156,244 @@ def job_dismiss(ctx: CommandContext, args: dict[str, Any]) -> None:
     _dismiss(_job(ctx, args["id"]))
 
 
+# -- the chain a job works on ---------------------------------------------------------------------
+
+
+def _find_device(machine: DeviceRegistry, name: str) -> tuple[Drive, int] | None:
+    """A backend name, or the node name of a drive's chain member: (drive, index in its chain)."""
+    drive = machine.find_drive(name)
+    if drive is not None:
+        return drive, 0
+    for d in machine.drives:
+        if d.medium is not None:
+            for i, (fmt_name, _file_name) in enumerate(d.medium.names):
+                if fmt_name == name:
+                    return d, i
+    return None
+
+
+def _medium(drive: Drive) -> Medium:
+    if drive.medium is None or drive.medium.dead:
+        raise VdkitError("Device has no medium")
+    return drive.medium
+
+
+def node_label(drive: Drive, index: int) -> str:
+    """QEMU's device-or-node name: the backend's name for its root, else the node name."""
+    assert drive.medium is not None
+    return drive.id if index == 0 else drive.medium.names[index][0]
+
+
+def check_busy(machine: DeviceRegistry, drive: Drive, nodes: list[Node]) -> None:
+    """QEMU's op blocker: a node a job works on is busy (``Node 'x' is busy: ...``)."""
+    assert drive.medium is not None
+    chain = list(drive.medium.node.chain())
+    for node in nodes:
+        job = machine.jobs.job_on(node)
+        if job is not None:
+            index = next(i for i, n in enumerate(chain) if n is node)
+            raise VdkitError(f"Node '{node_label(drive, index)}' is busy: block device is in use by block job: "
+                             f"{job.type}")
+
+
+def find_backing_image(chain: list[Node], start: int, name: str) -> int | None:
+    """QEMU's bdrv_find_backing_image: the index of the image below ``chain[start]`` that ``name`` means.
+
+    A layer matches if its overlay's header names it by exactly ``name``, or
+    if ``name`` (relative names taken from the overlay's folder) and the
+    header's name resolve to the same real path.
+    """
+    import os
+
+    from vdkit.block.chain import has_protocol, resolve_backing_name
+
+    for i in range(start, len(chain) - 1):
+        overlay = chain[i]
+        stored = overlay.driver.backing_file
+        if stored is None:
+            continue
+        if stored == name:
+            return i + 1
+        if has_protocol(name) or overlay.filename.startswith("json:"):
+            continue
+        wanted = resolve_backing_name(overlay.filename, name)
+        actual = resolve_backing_name(overlay.filename, stored)
+        if wanted is None or actual is None or not os.path.exists(wanted) or not os.path.exists(actual):
+            continue
+        if os.path.realpath(wanted) == os.path.realpath(actual):
+            return i + 1
+    return None
+
+
+def _chain_changed(machine: DeviceRegistry, medium: Medium, chain: list[Node]) -> Any:
+    """The bookkeeping after a job changed ``medium``'s chain (``chain`` as it was): names, closing, caches."""
+
+    def changed(dropped: list[Node]) -> None:
+        from vdkit.devices.graph import describe_node, json_filename
+
+        gone = [i for i, n in enumerate(chain) if any(n is d for d in dropped)]
+        for i in reversed(gone):
+            fmt_name, file_name = medium.names[i]
+            machine.release_name(fmt_name)
+            machine.release_name(file_name)
+            machine.monitor_owned.discard(fmt_name)
+            machine.monitor_owned.discard(file_name)
+            del medium.names[i]
+            del medium.serials[i]
+        if gone and gone[0] == 0:  # a pivot: the first remaining node is the drive's root now
+            medium.node = chain[gone[-1] + 1]
+            set_ro = medium.node.readonly
+            medium.ro = set_ro
+        for node in dropped:
+            node.backing = None
+            try:
+                node.driver.close()
+            except OSError:
+                pass
+        for node in medium.node.chain():  # QEMU's filename rule after header changes (json: if they differ)
+            below = node.backing
+            stored = node.driver.backing_file
+            if below is not None and stored is not None and stored != below.filename:
+                node.filename = json_filename(node, describe_node(below))
+            elif node.filename.startswith("json:") and stored is not None and below is not None:
+                node.filename = node.driver.file.filename
+        machine._hook_corruption(medium)
+        machine.generation += 1
+
+    return changed
+
+
+def _job_options(args: dict[str, Any]) -> dict[str, Any]:
+    return {"speed": args.get("speed", 0), "auto_finalize": args.get("auto-finalize", True),
+            "auto_dismiss": args.get("auto-dismiss", True), "on_error": args.get("on-error", "report")}
+
+
+def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[str, Any]) -> Job:
+    job = machine.jobs.create(job_id, driver, **_job_options(args))
+    job.start()
+    return job
+
+
+def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """``block-stream`` (``block-jobs.md`` §5) on a drive's chain."""
+    from vdkit.block.stream import StreamJob
+
+    machine = ctx.machine
+    device = args["device"]
+    base, base_node, bottom = args.get("base"), args.get("base-node"), args.get("bottom")
+    if base is not None and base_node is not None:
+        raise VdkitError("'base' and 'base-node' cannot be specified at the same time")
+    if base is not None and bottom is not None:
+        raise VdkitError("'base' and 'bottom' cannot be specified at the same time")
+    if bottom is not None and base_node is not None:
+        raise VdkitError("'bottom' and 'base-node' cannot be specified at the same time")
+    found = _find_device(machine, device)
+    if found is None:
+        raise VdkitError(f"Cannot find device='{device}' nor node-name='{device}'")
+    drive, index = found
+    medium = _medium(drive)
+    if index:
+        raise VdkitError("Streaming into a backing node is not supported by vdkit")
+    chain = list(medium.node.chain())
+    base_index: int | None = None
+    if base is not None:
+        base_index = find_backing_image(chain, 0, base)
+        if base_index is None:
+            raise VdkitError(f"Can't find '{base}' in the backing chain")
+    if base_node is not None:
+        hit = _find_device(machine, base_node)
+        if hit is None:
+            raise VdkitError(f"Cannot find device='' nor node-name='{base_node}'")
+        if hit[0] is not drive or hit[1] == 0:
+            raise VdkitError(f"Node '{base_node}' is not a backing image of '{device}'")
+        base_index = hit[1]
+    if bottom is not None:
+        hit = _find_device(machine, bottom)
+        if hit is None:
+            raise VdkitError(f"Cannot find device='' nor node-name='{bottom}'")
+        if hit[0] is not drive:
+            raise VdkitError(f"Node '{bottom}' is not in a chain starting from '{device}'")
+        base_index = hit[1] + 1 if hit[1] + 1 < len(chain) else None
+    check_busy(machine, drive, chain[:len(chain) if base_index is None else base_index])
+    if base_index is None and args.get("backing-file") is not None:
+        raise VdkitError("backing file specified, but streaming the entire chain")
+    if medium.ro:
+        raise VdkitError("Block node is read-only")
+    driver = StreamJob(chain, base_index, args.get("backing-file"), _chain_changed(machine, medium, chain))
+    _start(machine, args.get("job-id", drive.id), driver, args)
+
+
+def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
+    """``block-commit`` (``block-jobs.md`` §4): intermediate (top below the root) or active."""
+    from vdkit.block.commit import CommitJob
+    from vdkit.block.jobs import reopen_node
+    from vdkit.errors import DeviceNotFoundError
+
+    machine = ctx.machine
+    device = args["device"]
+    found = _find_device(machine, device)
+    if found is None:
+        raise DeviceNotFoundError(f"Device '{device}' not found")
+    drive, index = found
+    if index or (drive.medium is not None and machine.jobs.job_on(drive.medium.node) is not None):
+        raise VdkitError("Need a root block node")
+    medium = _medium(drive)
+    chain = list(medium.node.chain())
+    top_arg, top_node = args.get("top"), args.get("top-node")
+    base_arg, base_node = args.get("base"), args.get("base-node")
+    top_index: int | None = 0
+    if top_arg is not None and top_node is not None:
+        raise VdkitError("'top-node' and 'top' are mutually exclusive")
+    if top_node is not None:
+        hit = _find_device(machine, top_node)
+        if hit is None:
+            raise VdkitError(f"Cannot find device='' nor node-name='{top_node}'")
+        if hit[0] is not drive:
+            raise VdkitError(f"'{top_node}' is not in this backing file chain")
+        top_index = hit[1]
+    elif top_arg is not None and top_arg != chain[0].filename:
+        top_index = find_backing_image(chain, 0, top_arg)
+    if top_index is None:
+        raise VdkitError(f"Top image file {top_arg} not found")
+    if base_arg is not None and base_node is not None:
+        raise VdkitError("'base-node' and 'base' are mutually exclusive")
+    if base_node is not None:
+        hit = _find_device(machine, base_node)
+        if hit is None:
+            raise VdkitError(f"Cannot find device='' nor node-name='{base_node}'")
+        if hit[0] is not drive or hit[1] < top_index:
+            raise VdkitError(f"'{base_node}' is not in this backing file chain")
+        base_index = hit[1]
+    elif base_arg is not None:
+        found_base = find_backing_image(chain, top_index, base_arg)
+        if found_base is None:
+            raise VdkitError(f"Can't find '{base_arg}' in the backing chain")
+        base_index = found_base
+    else:
+        base_index = len(chain) - 1
+    check_busy(machine, drive, chain[top_index:base_index + 1])
+    if top_index == base_index:
+        raise VdkitError("cannot commit an image into itself")
+    if top_index == 0 and args.get("backing-file") is not None:
+        raise VdkitError("'backing-file' specified, but 'top' is the active layer")
+    base = chain[base_index]
+    base_was_ro = base.readonly
+    if base_was_ro:
+        reopen_node(base, readonly=False)
+    try:
+        driver = CommitJob(chain, top_index, base_index, args.get("backing-file"),
+                           _chain_changed(machine, medium, chain), base_was_ro=base_was_ro)
+        _start(machine, args.get("job-id", drive.id), driver, args)
+    except BaseException:
+        if base_was_ro:
+            reopen_node(base, readonly=True)
+        raise
+
+
+_JOB_COMMON = (opt("speed", "int"), opt("on-error", enum=ON_ERROR), opt("filter-node-name"),
+               opt("auto-finalize", "bool"), opt("auto-dismiss", "bool"))
+
+
 def register(reg: CommandRegistry) -> None:
     r = reg.register
     r("query-block-jobs")(query_block_jobs)
@@ -169,3 +411,7 @@ def register(reg: CommandRegistry) -> None:
     r("job-complete", Arg("id"))(job_complete)
     r("job-dismiss", Arg("id"))(job_dismiss)
     r("job-finalize", Arg("id"))(job_finalize)
+    r("block-stream", opt("job-id"), Arg("device"), opt("base"), opt("base-node"), opt("backing-file"),
+      opt("bottom"), *_JOB_COMMON)(block_stream)
+    r("block-commit", opt("job-id"), Arg("device"), opt("base-node"), opt("base"), opt("top-node"), opt("top"),
+      opt("backing-file"), *_JOB_COMMON)(block_commit)

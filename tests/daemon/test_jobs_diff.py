@@ -1,0 +1,272 @@
+"""Block jobs against ``qemu-system-x86_64`` 7.2 (``block-jobs.md`` §3-§5, §9): block-stream, block-commit
+(intermediate and active), the job control verbs, queries and events.
+
+Both daemons get the same script on identical trees (``qemu/`` and ``vdki/``).  Jobs are held still with
+``speed: 1`` and ``block-job-pause`` (never with sleeps): the script waits for a job's status events
+before it queries.  Answers are compared after masking the tree path and automatic node names; the
+events are compared as one sequence in order (without time stamps, whose interleaving with answers is
+not deterministic in QEMU either).  After ``quit`` the files are compared: ``qemu-img info
+--backing-chain`` of the active image and ``qemu-img compare`` of each image with QEMU's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import check_ok, require_tool
+from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+
+MiB = 1 << 20
+
+
+def _io(d: Path, name: str, cmd: str) -> None:
+    subprocess.run([require_tool("qemu-io"), "-f", "qcow2", "-c", cmd, name], cwd=d, check=True,
+                   capture_output=True)
+
+
+def setup_chain(d: Path) -> None:
+    """base (1 MiB at 0) <- mid (64 KiB at 0, 1 MiB at 1 MiB, zeros at 3 MiB) <- top (1 MiB at 2 MiB), 4 MiB,
+    relative header names."""
+    check_ok("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
+    _io(d, "base.qcow2", "write -P 0x11 0 1M")
+    _io(d, "mid.qcow2", "write -P 0x22 0 64k")  # the first step of every job copies 64 KiB: held there
+    _io(d, "mid.qcow2", "write -P 0x22 1M 1M")
+    _io(d, "mid.qcow2", "write -z 3M 64k")
+    _io(d, "top.qcow2", "write -P 0x33 2M 1M")
+    check_ok("create", "-q", "-f", "qcow2", "other.qcow2", "4M", cwd=d)
+
+
+def _wait_event(m: Monitor, seen: list[int], pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> None:
+    """Read until an event after position ``seen[0]`` matches (events stay in ``m.events``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for i in range(seen[0], len(m.events)):
+            if pred(m.events[i]):
+                seen[0] = i + 1
+                return
+        assert time.monotonic() < deadline, ("event not seen", m.events[-5:])
+        line = m.read_line()
+        obj = json.loads(line)
+        assert "event" in obj, f"unexpected answer {line}"
+        m.events.append(obj)
+
+
+def status_is(job: str, status: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": job, "status": status}
+
+
+def _blank_sizes(text: str) -> str:
+    """Allocated file sizes vary by a block between runs of QEMU itself (host allocation): blanked."""
+    return re.sub(r'"actual-size": \d+', '"actual-size": N', text)
+
+
+def _event_text(e: dict[str, Any], d: Path) -> str:
+    text = normalise(json.dumps({"event": e["event"], "data": e.get("data")}))
+    return text.replace(str(d), "DIR")
+
+
+def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Callable[[Path], None] = setup_chain,
+             quit: bool = True) -> dict[str, Path]:
+    """Run ``script`` on both daemons and compare answers and events; returns the two trees.
+
+    Steps: ``(name, arguments)`` QMP, a string = HMP line, ``("@wait", job, status)`` waits for that
+    status event, a callable ``f(dir) -> str`` runs outside (its text is compared).
+    """
+    out: dict[str, list[str]] = {}
+    events: dict[str, list[str]] = {}
+    trees = {}
+    for who, dirname in (("qemu", "qemu"), ("vdkit", "vdki")):
+        d = daemons.tmp / dirname
+        trees[who] = d
+        d.mkdir()
+        setup(d)
+        argv = [a.replace("DIR", str(d)) for a in args]
+        proc, path, _ = getattr(daemons, who)(argv, d)
+        m = daemons.monitor(path).negotiate()
+        seen = [0]
+        lines = []
+        for step in script:
+            if callable(step):
+                text = step(d)
+            elif isinstance(step, str):
+                text = normalise_hmp(m.hmp(step.replace("DIR", str(d))))
+            elif step[0] == "@wait":
+                _wait_event(m, seen, status_is(step[1], step[2]))
+                continue
+            else:
+                name, arguments = step
+                arguments = json.loads(json.dumps(arguments).replace("DIR", str(d)))
+                text = _blank_sizes(normalise(m.cmd_line(name, arguments)))
+            lines.append(f"{step!r}\n{text.replace(str(d), 'DIR')}")
+        if quit:
+            m.cmd("quit")
+            proc.wait(timeout=60)
+        out[who] = lines
+        events[who] = [_event_text(e, d) for e in m.events if e["event"] != "SHUTDOWN"]
+    for q, v in zip(out["qemu"], out["vdkit"], strict=True):
+        assert v == q, q.split("\n")[0]
+    assert events["vdkit"] == events["qemu"]
+    return trees
+
+
+def same_files(trees: dict[str, Path], active: str, names: list[str]) -> None:
+    """``qemu-img info --backing-chain`` of the active image alike; every image's content equal to QEMU's."""
+    info = {}
+    for who, d in trees.items():
+        r = subprocess.run([require_tool("qemu-img"), "info", "--backing-chain", active], cwd=d,
+                           capture_output=True, text=True, check=False)
+        info[who] = (r.returncode, r.stdout.replace(str(d), "DIR"), r.stderr.replace(str(d), "DIR"))
+    assert info["vdkit"] == info["qemu"]
+    for name in names:
+        for who in ("qemu", "vdkit"):
+            r = subprocess.run([require_tool("qemu-img"), "check", name], cwd=trees[who], capture_output=True,
+                               text=True, check=False)
+            assert r.returncode == 0, (who, name, r.stdout, r.stderr)
+        r = subprocess.run([require_tool("qemu-img"), "compare", "-f", "qcow2", "-F", "qcow2", "-s",
+                            str(trees["qemu"] / name), str(trees["vdkit"] / name)],
+                           capture_output=True, text=True, check=False)
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
+
+
+DRIVE = ["-drive", "file=DIR/top.qcow2,if=none,id=disk0", "-drive", "file=DIR/other.qcow2,if=none,id=disk1"]
+HELD = ("query-block-jobs", None)
+
+
+def test_intermediate_commit_held_and_resumed(daemons: Daemons) -> None:
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "base": "DIR/base.qcow2", "speed": 1}),
+        ("block-job-pause", {"device": "disk0"}),
+        ("@wait", "disk0", "paused"),
+        HELD,
+        ("query-jobs", None),
+        ("block-job-pause", {"device": "disk0"}),
+        ("block-job-complete", {"device": "disk0"}),
+        ("block-job-cancel", {"device": "disk0"}),
+        ("block-job-set-speed", {"device": "disk0", "speed": -1}),
+        ("block-job-set-speed", {"device": "nojob", "speed": 0}),
+        ("job-pause", {"id": "nojob"}),
+        ("block-job-finalize", {"id": "disk0"}),
+        ("job-dismiss", {"id": "disk0"}),
+        ("block-job-set-speed", {"device": "disk0", "speed": 0}),
+        HELD,
+        ("block-job-resume", {"device": "disk0"}),
+        ("@wait", "disk0", "null"),
+        ("block-job-resume", {"device": "disk0"}),
+        HELD,
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_stream_to_base_and_whole_chain(daemons: Daemons) -> None:
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-stream", {"device": "disk0", "base": "DIR/base.qcow2", "job-id": "s1"}),
+        ("@wait", "s1", "null"),
+        ("query-block", None),
+        ("block-stream", {"device": "disk0", "base": "DIR/base.qcow2", "job-id": "s2"}),
+        ("@wait", "s2", "null"),
+        ("block-stream", {"device": "disk1", "job-id": "s3", "speed": 1}),
+        ("@wait", "s3", "null"),
+        ("block-stream", {"device": "disk0", "job-id": "s4", "speed": 1}),
+        ("block-job-pause", {"device": "s4"}),
+        ("@wait", "s4", "paused"),
+        HELD,
+        ("block-stream", {"device": "disk0", "job-id": "s5"}),
+        ("block-commit", {"device": "disk0", "job-id": "s5"}),
+        ("block-job-cancel", {"device": "s4", "force": True}),
+        ("@wait", "s4", "null"),
+        ("block-stream", {"device": "disk0", "job-id": "s6", "auto-dismiss": False}),
+        ("@wait", "s6", "concluded"),
+        ("query-jobs", None),
+        ("job-dismiss", {"id": "s6"}),
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_active_commit_complete_and_manual_finalize(daemons: Daemons) -> None:
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "auto-finalize": False, "auto-dismiss": False}),
+        ("@wait", "disk0", "ready"),
+        HELD,
+        ("job-finalize", {"id": "disk0"}),
+        ("job-dismiss", {"id": "disk0"}),
+        ("block-job-pause", {"device": "disk0"}),
+        ("@wait", "disk0", "standby"),
+        ("block-job-complete", {"device": "disk0"}),  # accepted in standby: done once resumed
+        ("block-job-resume", {"device": "disk0"}),
+        ("@wait", "disk0", "pending"),
+        HELD,
+        ("job-dismiss", {"id": "disk0"}),
+        ("job-finalize", {"id": "disk0"}),
+        ("query-jobs", None),
+        ("job-dismiss", {"id": "disk0"}),
+        ("job-dismiss", {"id": "disk0"}),
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_active_commit_cancelled_when_ready(daemons: Daemons) -> None:
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "base": "DIR/mid.qcow2", "job-id": "ac"}),
+        ("@wait", "ac", "ready"),
+        ("block-job-cancel", {"device": "ac"}),
+        ("@wait", "ac", "null"),
+        ("query-block", None),
+        ("block-commit", {"device": "disk0", "base": "mid.qcow2", "job-id": "ac2"}),
+        ("@wait", "ac2", "ready"),
+        ("block-job-cancel", {"device": "ac2", "force": True}),
+        ("@wait", "ac2", "null"),
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_commit_and_stream_errors(daemons: Daemons) -> None:
+    run_jobs(daemons, DRIVE, [
+        ("block-commit", {}),
+        ("block-commit", {"device": "nodev"}),
+        ("block-commit", {"device": "disk0", "base": "x", "base-node": "y"}),
+        ("block-commit", {"device": "disk0", "top": "x", "top-node": "y"}),
+        ("block-commit", {"device": "disk0", "top-node": "nonode"}),
+        ("block-commit", {"device": "disk0", "base-node": "nonode"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/nonexist.qcow2"}),
+        ("block-commit", {"device": "disk0", "top": "nosuch/mid.qcow2"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/base.qcow2"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "base": "DIR/top.qcow2"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "base": "DIR/mid.qcow2"}),
+        ("block-commit", {"device": "disk0", "base": "DIR/nonexist.qcow2"}),
+        ("block-commit", {"device": "disk0", "backing-file": "x.qcow2"}),
+        ("block-commit", {"device": "disk0", "job-id": "#bad"}),
+        ("block-commit", {"device": "disk0", "speed": -1}),
+        ("block-commit", {"device": "disk1"}),
+        ("block-stream", {"device": "nodev"}),
+        ("block-stream", {"device": "disk0", "base": "DIR/nonexist.qcow2"}),
+        ("block-stream", {"device": "disk0", "base": "DIR/top.qcow2"}),
+        ("block-stream", {"device": "disk0", "base-node": "nonode"}),
+        ("block-stream", {"device": "disk0", "base": "a", "base-node": "b"}),
+        ("block-stream", {"device": "disk0", "bottom": "a", "base-node": "b"}),
+        ("block-stream", {"device": "disk0", "backing-file": "x.qcow2"}),
+        ("block-stream", {"device": "disk0", "job-id": "#bad"}),
+        ("block-stream", {"device": "disk0", "speed": -1, "job-id": "neg"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "speed": 1, "job-id": "c1"}),
+        ("block-job-pause", {"device": "c1"}),
+        ("@wait", "c1", "paused"),
+        ("block-commit", {"device": "disk0", "job-id": "#bad"}),
+        ("block-stream", {"device": "disk0"}),
+        ("block-stream", {"device": "disk1", "job-id": "c1"}),
+        ("block-commit", {"device": "disk1", "job-id": "c1"}),
+        ("block-job-cancel", {"device": "c1"}),
+        ("block-job-cancel", {"device": "c1", "force": True}),
+        ("@wait", "c1", "null"),
+        ("query-block-jobs", None),
+    ])

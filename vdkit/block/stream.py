@@ -1,0 +1,106 @@
+"""The block-stream job: copy into the active image what its backing chain above a base provides.
+
+Ranges the active image does not allocate but some image between it and the
+base does are read through the chain and written into the active image
+(zeros as zero writes, as QEMU's copy-on-read does), 512 KiB at a time.
+When the copy is done (finalize), the active image's header names the base
+(``backing-file`` verbatim if given, else the base's filename as the daemon
+knows it; no base: the backing entry is removed), and the images between are
+dropped from the chain; their files stay as they were.
+
+The order keeps the chain readable after a crash at any point: the data is
+flushed into the active image before its header changes, and until then the
+old chain (whose images are never written) still answers every range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vdkit.block.jobs import Job, JobDriver
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+CHUNK = 512 * 1024  # QEMU's stream and commit step
+
+
+class StreamJob(JobDriver):
+    """``chain`` is the drive's chain, top first; ``base`` the index of the base in it (None: the whole chain).
+
+    ``chain_changed(dropped)`` is called (device lock held) after the graph
+    change, with the nodes taken out of the chain (closed afterwards by the
+    caller's bookkeeping): the monitor fixes its node names there.
+    """
+
+    job_type = "stream"
+
+    def __init__(self, chain: list[Node], base: int | None, backing_file: str | None,
+                 chain_changed: Callable[[list[Node]], None]) -> None:
+        self.chain = chain
+        self.base_index = base
+        self.backing_file = backing_file
+        self.chain_changed = chain_changed
+
+    @property
+    def top(self) -> Node:
+        return self.chain[0]
+
+    @property
+    def base(self) -> Node | None:
+        return None if self.base_index is None else self.chain[self.base_index]
+
+    def nodes(self) -> list[Node]:
+        end = len(self.chain) if self.base_index is None else self.base_index
+        return self.chain[:end]
+
+    def run(self, job: Job) -> None:
+        from vdkit.block import io as bio
+        from vdkit.block.commit import allocated_above
+
+        top, base = self.top, self.base
+        if top.backing is None or top.backing is base:
+            return  # nothing to stream: len stays 0
+        size = top.driver.virtual_size
+        job.len = size
+        offset = 0
+        while offset < size:
+            length = min(CHUNK, size - offset)
+            st = bio.layer_status(top, offset, length)
+            copy = False
+            if st.flags & bio.ALLOCATED:
+                n = st.length
+            else:
+                copy, n = allocated_above(top.backing, base, offset, st.length or length)
+            if copy:
+                while True:
+                    try:
+                        data = bio.read(top, offset, n)
+                        if data.count(0) == len(data):
+                            bio.write_zeroes(top, offset, n)
+                        else:
+                            bio.write(top, offset, data)
+                        break
+                    except OSError as exc:
+                        if not job.io_error("read", exc):
+                            break
+            job.advance(n, n if copy else 0)
+            offset += n
+            job.pause_point()
+        bio.flush(top)
+
+    def prepare(self, job: Job) -> None:
+        from vdkit.block import io as bio
+
+        top, base = self.top, self.base
+        if top.backing is base:
+            return
+        bio.flush(top)
+        if base is None:
+            top.driver.change_backing_file(None, None)
+        else:
+            top.driver.change_backing_file(self.backing_file or base.filename, base.format)
+        dropped = self.nodes()[1:]
+        top.backing = base
+        self.chain_changed(dropped)
