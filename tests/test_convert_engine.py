@@ -233,3 +233,56 @@ def test_python_table_decoding_random_entries(workdir: Path, seed: int) -> None:
         assert with_numpy == without
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["locked", "force-share"])
+def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.MonkeyPatch, share: bool) -> None:
+    """Data runs of a locked raw/qcow2 source are mapped (not read) and copied file to file by the kernel.
+
+    The outputs (bytes and allocation map) equal qemu-img's for a qcow2 -> raw and a raw -> qcow2
+    copy of data with zero sectors, zero clusters, holes and a partial last cluster; with -U (the
+    file not locked against resizing) nothing is mapped.
+    """
+    import os
+
+    from vdkit.block import copy as bcopy
+    from vdkit.cli.main import main
+
+    rnd = random.Random(7)
+    size = (9 << 20) + 1536  # the last piece ends inside a cluster
+    with open(workdir / "src.raw", "wb") as f:
+        f.truncate(size)
+        f.write(rnd.randbytes(3 << 20))
+        f.write(bytes(1 << 20))  # zeros written as data
+        f.write(rnd.randbytes(4096) + bytes(8192) + rnd.randbytes(1000))  # short zero stretch inside data
+        f.seek(7 << 20)
+        f.write(rnd.randbytes((2 << 20) + 1536))
+    check_ok("convert", "-f", "raw", "-O", "qcow2", "src.raw", "src.qcow2", cwd=workdir)
+    mapped: list[int] = []
+    copied: list[int] = []
+    real_map, real_cfr = bcopy.Mapped.__init__, os.copy_file_range
+
+    def count_map(self: bcopy.Mapped, file: object, offset: int, length: int) -> None:
+        mapped.append(length)
+        real_map(self, file, offset, length)  # type: ignore[arg-type]
+
+    def count_cfr(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        copied.append(count)
+        return real_cfr(src, dst, count, offset_src, offset_dst)
+
+    monkeypatch.setattr(bcopy.Mapped, "__init__", count_map)
+    monkeypatch.setattr(os, "copy_file_range", count_cfr)
+    monkeypatch.chdir(workdir)
+    u = ["-U"] if share else []
+    for src, fmt, out in (("src.qcow2", "raw", "raw"), ("src.raw", "qcow2", "qcow2")):
+        check_ok("convert", *u, "-O", fmt, src, f"q.{out}", cwd=workdir)
+        assert main(["convert", *u, "-O", fmt, src, f"v.{out}"]) == 0
+        assert check_ok("compare", f"q.{out}", f"v.{out}", cwd=workdir).returncode == 0
+        q_map = check_ok("map", "--output=json", f"q.{out}", cwd=workdir).stdout
+        assert check_ok("map", "--output=json", f"v.{out}", cwd=workdir).stdout == q_map
+        if out == "qcow2":
+            assert (workdir / "q.qcow2").read_bytes() == (workdir / "v.qcow2").read_bytes()
+    if share:
+        assert not mapped and not copied
+    else:
+        assert mapped and copied  # raw -> qcow2 writes from the mapping, qcow2 -> raw copies in the kernel

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
     from vdkit.block.target import Target
+    from vdkit.io.file import ImageFile
 
 SECTOR = 512
 IO_BUF_SECTORS = (2 * 1024 * 1024) // SECTOR
@@ -66,6 +67,10 @@ class Copier:
         self.next_status = 0
         self.status = BLK_DATA
         self.target_backing_sectors = -1  # with -B: zeros past the new backing's end need no write
+        # where the current status run's bytes lie plainly in a host file: (layer depth, file name,
+        # host offset - guest offset), or None (see host_extent)
+        self._host: tuple[int, str, int] | None = None
+        self._plain: dict[tuple[int, int, str], tuple[ImageFile, int] | None] = {}
 
     def _source_at(self, sector: int) -> Source:
         for s in self.sources:
@@ -86,19 +91,25 @@ class Copier:
             elif sector + n > self.target_backing_sectors:
                 n = self.target_backing_sectors - sector
         if self.next_status <= sector:
+            from vdkit.block.driver import OFFSET_VALID
             from vdkit.block.io import DATA, ZERO, chain_status, layer_status
 
             offset = (sector - src.start) * SECTOR
             count = n * SECTOR
             node = src.node
             try:
+                self._host = None
                 if self.target_has_backing:
                     st = layer_status(node, offset, count)
                     flags, count = st.flags, st.length
+                    if st.flags & OFFSET_VALID and st.file is not None:
+                        self._host = (0, st.file, st.offset - offset)
                 else:
                     e = chain_status(node, offset, count)
                     flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
                     count = e.length
+                    if e.offset is not None and e.filename is not None:
+                        self._host = (e.depth, e.filename, e.offset - offset)
             except (VdkitError, OSError) as exc:
                 raise IOFailure(exc, f"error while reading block status at offset {offset}") from exc
             n = (count + SECTOR - 1) // SECTOR
@@ -136,6 +147,34 @@ class Copier:
         self.next_status = 0
         return count
 
+    def host_extent(self, sector: int, n: int) -> tuple[ImageFile, int] | None:
+        """The local file and offset holding the piece's guest bytes as they are, or None.
+
+        Only for the current status run (just returned by :meth:`step`), when the layer that
+        answered is a raw or qcow2 image, unencrypted, whose bytes lie in a plain local file
+        (its own or a qcow2 external data file) that this process holds locked against resizing
+        (so the range mapped stays inside the file: no ``-U``) and that is long enough.
+        """
+        if self._host is None:
+            return None
+        depth, filename, delta = self._host
+        src = self._source_at(sector)
+        offset = (sector - src.start) * SECTOR
+        length = n * SECTOR
+        if offset + length > src.node.driver.virtual_size:
+            return None
+        key = (id(src.node), depth, filename)
+        if key not in self._plain:
+            self._plain[key] = _plain_file(src.node, depth, filename)
+        found = self._plain[key]
+        if found is None:
+            return None
+        file, size = found
+        host = offset + delta
+        if host < 0 or host + length > size:
+            return None
+        return file, host
+
     def readinto(self, sector: int, n: int, view: memoryview) -> None:
         """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
         from vdkit.block.io import readinto
@@ -153,6 +192,24 @@ class Copier:
             raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
         if part < length:
             zero_fill(view[part:length])
+
+
+def _plain_file(node: Node, depth: int, filename: str) -> tuple[ImageFile, int] | None:
+    """The layer ``depth`` below ``node``'s file named ``filename``, with its size, if mapping it is safe."""
+    from vdkit.io.file import ImageFile
+    from vdkit.io.locks import Perm
+
+    layer: Node | None = node
+    for _ in range(depth):
+        layer = layer.backing if layer is not None else None
+    if layer is None or layer.format not in ("raw", "qcow2") or layer.driver.encrypted:
+        return None
+    files = [getattr(layer.driver, "file", None), getattr(layer.driver, "data_file", None)]
+    for f in files:
+        if (type(f) is ImageFile and f.filename == filename and not f.is_device and f.lock is not None
+                and f.lock.mode.unshared & Perm.RESIZE):
+            return f, f.size()
+    return None
 
 
 class IOFailure(Exception):
@@ -191,23 +248,30 @@ _MAX_STRETCHES = 64  # candidates (zero first words) per buffer before numpy doe
 
 
 class ZeroMap:
-    """Zero-sector maps of buffers up to ``size`` bytes (owns the zero buffer it compares with)."""
+    """Zero-sector maps of buffers up to ``size`` bytes (owns the zero buffer it compares with).
+
+    A buffer is a ``bytearray`` the source was read into or a view of a mapped source file;
+    ranges are compared as ``zeros.startswith(view)`` (a ``memcmp`` without copying, which
+    ``memoryview`` comparisons are not: they go element by element).
+    """
 
     def __init__(self, size: int) -> None:
-        self.zeros = memoryview(bytes(size))  # calloc'd: costs no memory until compared with
+        self.zeros = bytes(size)  # calloc'd: costs no memory until compared with
         self.ones = b"\x01" * (size // SECTOR)
 
-    def is_zero(self, buf: bytearray, length: int) -> bool:
-        return buf.startswith(self.zeros[:length])
+    def is_zero(self, buf: bytearray | memoryview, length: int) -> bool:
+        return self.zeros.startswith(memoryview(buf)[:length])
 
-    def sectors(self, buf: bytearray, n: int) -> bytes:
+    def sectors(self, buf: bytearray | memoryview, n: int) -> bytes:
         """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
         end = n * SECTOR
-        heads = memoryview(buf)[:end].cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
+        mv = memoryview(buf)[:end]
+        heads = mv.cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
         p = heads.find(_Z8)
         if p < 0:
             return bytes(n)
-        if p == 0 and buf.startswith(self.zeros[:end]):
+        zeros = self.zeros
+        if p == 0 and zeros.startswith(mv):
             return self.ones[:n]
         flags = bytearray(n)
         stretches = 0
@@ -217,26 +281,26 @@ class ZeroMap:
                 continue
             stretches += 1
             if stretches > _MAX_STRETCHES:
-                return _zero_sectors_numpy(buf, n)
+                return _zero_sectors_numpy(mv, n)
             s = p // 8
             # sectors from s whose first word is zero (the first non-zero byte of heads ends them):
             # usually exactly the zero stretch, confirmed with one comparison
             e = (len(heads) - len(heads[p:].lstrip(b"\x00"))) // 8
-            if buf.startswith(self.zeros[: (e - s) * SECTOR], s * SECTOR):
+            if zeros.startswith(mv[s * SECTOR : e * SECTOR]):
                 k = e - s
             else:
-                k = self._zero_run(buf, s, e)
+                k = self._zero_run(mv, s, e)
             flags[s : s + k] = self.ones[:k]
             p = heads.find(_Z8, (s + max(k, 1)) * 8)
         return bytes(flags)
 
-    def _zero_run(self, buf: bytearray, s: int, n: int) -> int:
+    def _zero_run(self, mv: memoryview, s: int, n: int) -> int:
         """How many all-zero sectors start at sector ``s``, up to ``n`` (gallop up, then halve)."""
         pos, step = s, 1
         zeros = self.zeros
         while pos < n:
             k = min(step, n - pos)
-            if buf.startswith(zeros[: k * SECTOR], pos * SECTOR):
+            if zeros.startswith(mv[pos * SECTOR : (pos + k) * SECTOR]):
                 pos += k
                 step *= 2
             elif k == 1:
@@ -246,7 +310,7 @@ class ZeroMap:
         return pos - s
 
 
-def _zero_sectors_numpy(buf: bytearray, n: int) -> bytes:
+def _zero_sectors_numpy(buf: bytearray | memoryview, n: int) -> bytes:
     import numpy as np
 
     arr = np.frombuffer(buf, dtype=np.uint64, count=n * SECTOR // 8).reshape(n, SECTOR // 8)
@@ -336,24 +400,30 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
 
         gc.freeze()  # undone below: a long-lived caller's later garbage must stay collectable
         done = 0
-        with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed) as pieces:
+        mapping = not compressed and target.maps_sources
+        with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed, mapping=mapping) as pieces:
             for piece in pieces:
                 if isinstance(piece, IOFailure):
                     raise piece.report() from piece.exc
-                sector, n, status, buf, zero = piece
+                sector, n, status, buf, zero, mapped = piece
                 data: bytes | memoryview | None = None
-                if status == BLK_DATA:
+                if mapped is not None:
+                    data = mapped.view
+                elif status == BLK_DATA:
                     assert buf is not None
                     data = memoryview(buf)[: n * SECTOR]
                 elif status == BLK_ZERO and not min_sparse:
                     status, data = BLK_DATA, bytes(n * SECTOR)
                 try:
-                    write_piece(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init)
+                    write_piece(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init,
+                                mapped)
                 except (VdkitError, OSError) as exc:
                     from vdkit.block.io import io_error
 
                     raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
                 finally:
+                    if mapped is not None:
+                        mapped.close()
                     if buf is not None:
                         pieces.release(buf)
                 if status == BLK_DATA:
@@ -370,31 +440,62 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
         gc.unfreeze()
 
 
-Piece = tuple[int, int, int, "bytearray | None", "bytes | None"]
+class Mapped:
+    """A data piece read in place: the source file's pages mapped read-only, not copied.
+
+    The zero-sector scan reads the mapping, and the target takes the bytes from it (a raw
+    file target has the kernel copy them with ``copy_file_range``, or share them where the
+    file system reflinks).  Only ranges inside a file this process holds locked against
+    resizing are mapped (:meth:`Copier.host_extent`), so no page of the view can vanish.
+    """
+
+    __slots__ = ("mm", "view", "file", "offset")
+
+    def __init__(self, file: ImageFile, offset: int, length: int) -> None:
+        import mmap
+
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
+        self.mm = mmap.mmap(file.fd, offset - start + length, flags, mmap.PROT_READ, offset=start)
+        self.view = memoryview(self.mm)[offset - start :]
+        self.file = file
+        self.offset = offset
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.mm.close()
+        except BufferError:  # a slice still referenced somewhere: unmapped when that goes
+            pass
+
+
+Piece = tuple[int, int, int, "bytearray | None", "bytes | None", "Mapped | None"]
 
 
 class ReadAhead:
     """Runs the source side of the copy in a thread, a few buffers ahead of the writes.
 
     The thread walks qemu-img's iterations (block status), reads data pieces
-    into pooled buffers and maps their zero sectors; the caller writes the
-    pieces in order and hands each buffer back with :meth:`release`.  The
-    system calls on both sides release the GIL, so reading the next pieces
-    overlaps writing this one (qemu-img overlaps them with 8 coroutines).
-    Only the thread touches the source nodes and only the caller the target,
-    so neither needs locking.  A failed piece is passed on as an
-    :class:`IOFailure` and ends the walk.
+    into pooled buffers (or maps them, see :class:`Mapped`) and maps their zero
+    sectors; the caller writes the pieces in order and hands each buffer back
+    with :meth:`release`.  A mapped piece also holds a pool buffer, so at most
+    ``DEPTH`` pieces are in flight either way.  The system calls on both sides
+    release the GIL, so reading the next pieces overlaps writing this one
+    (qemu-img overlaps them with 8 coroutines).  Only the thread touches the
+    source nodes and only the caller the target, so neither needs locking.  A
+    failed piece is passed on as an :class:`IOFailure` and ends the walk.
     """
 
     DEPTH = 4
 
-    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool) -> None:
+    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool, mapping: bool = False) -> None:
         import queue
         import threading
 
         self.copier = copier
         self.zmap = zmap
         self.sparse = sparse
+        self.mapping = mapping
         self._pool: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
         for _ in range(self.DEPTH):
             self._pool.put(bytearray(copier.buf_sectors * SECTOR))
@@ -410,6 +511,13 @@ class ReadAhead:
         self._stop = True
         self._pool.put(None)  # wakes the thread if it waits for a buffer
         self._thread.join()
+        while True:  # pieces mapped ahead and never written (a failure): unmap them now
+            try:
+                piece = self._out.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if isinstance(piece, tuple) and piece[5] is not None:
+                piece[5].close()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         while True:
@@ -421,6 +529,15 @@ class ReadAhead:
     def release(self, buf: bytearray) -> None:
         self._pool.put(buf)
 
+    def _map(self, sector: int, n: int) -> Mapped | None:
+        host = self.copier.host_extent(sector, n)
+        if host is None:
+            return None
+        try:
+            return Mapped(host[0], host[1], n * SECTOR)
+        except (OSError, ValueError, OverflowError):  # cannot be mapped: read it instead
+            return None
+
     def _run(self) -> None:
         c = self.copier
         out = self._out
@@ -430,15 +547,17 @@ class ReadAhead:
                 n = c.step(sector)
                 status = c.status
                 if status != BLK_DATA:
-                    out.put((sector, n, status, None, None))
+                    out.put((sector, n, status, None, None, None))
                     sector += n
                     continue
                 buf = self._pool.get()
                 if buf is None or self._stop:
                     return
-                c.readinto(sector, n, memoryview(buf))
-                zero = self.zmap.sectors(buf, n) if self.sparse else None
-                out.put((sector, n, status, buf, zero))
+                mapped = self._map(sector, n) if self.mapping else None
+                if mapped is None:
+                    c.readinto(sector, n, memoryview(buf))
+                zero = self.zmap.sectors(buf if mapped is None else mapped.view, n) if self.sparse else None
+                out.put((sector, n, status, buf, zero, mapped))
                 sector += n
         except IOFailure as f:
             out.put(f)
@@ -450,7 +569,7 @@ class ReadAhead:
 
 def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sector: int, n: int,
                 buf: bytearray | None, data: bytes | memoryview | None, zero: bytes | None,
-                has_zero_init: bool) -> None:
+                has_zero_init: bool, mapped: Mapped | None = None) -> None:
     """Write one piece of the walk: data (minus ``-S`` zero stretches), zeros, or nothing (backing)."""
     if status == BLK_BACKING:
         return
@@ -460,14 +579,14 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         return
     assert data is not None
     if not copier.min_sparse:
-        target.write(sector * SECTOR, data, compressed=copier.compressed)
+        _write(target, sector * SECTOR, data, mapped, 0, compressed=copier.compressed)
         return
     if copier.compressed:
         # one cluster at a time, as qemu-img: an all-zero cluster is skipped (or zeroed), not compressed
         cs = copier.cluster_sectors
         for i in range(0, n, cs):
             k = min(cs, n - i)
-            if buf is None or buf[i * SECTOR:(i + k) * SECTOR] != bytes(k * SECTOR):
+            if not zmap.zeros.startswith(data[i * SECTOR:(i + k) * SECTOR]):
                 target.write((sector + i) * SECTOR, data[i * SECTOR:(i + k) * SECTOR], compressed=True)
             elif not has_zero_init:
                 target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
@@ -477,10 +596,19 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
     while i < n:
         k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
         if is_data:
-            target.write((sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], compressed=False)
+            _write(target, (sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], mapped, i * SECTOR)
         elif not has_zero_init:
             target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
         i += k
+
+
+def _write(target: Target, offset: int, data: bytes | memoryview, mapped: Mapped | None, at: int, *,
+           compressed: bool = False) -> None:
+    """``data`` to ``target`` at ``offset``; bytes of a mapped piece (``at`` into it) may go file to file."""
+    if mapped is not None and not compressed and isinstance(data, memoryview):
+        target.write_from_file(offset, data, mapped.file.fd, mapped.offset + at)
+    else:
+        target.write(offset, data, compressed=compressed)
 
 
 def pow2floor(v: int) -> int:

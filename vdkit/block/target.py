@@ -29,6 +29,8 @@ class Target:
     cluster_size = 512
     has_zero_init = False
     compressed_only = False  # the format takes compressed writes only (vmdk streamOptimized)
+    # data may come as views of mapped source files (block.copy.Mapped): writes must not keep them
+    maps_sources = False
 
     def __init__(self, node: Node, *, has_zero_init: bool) -> None:
         self.node = node
@@ -39,6 +41,10 @@ class Target:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         raise NotImplementedError
+
+    def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
+        """Write ``data``, which are also the bytes at ``src_offset`` of the file open as ``fd``."""
+        self.write(offset, data)
 
     def backing_sectors(self) -> int:
         """Sectors of the target's backing file (-1 without one): zeros past its end need no write."""
@@ -54,12 +60,43 @@ class Target:
 
 
 class RawTarget(Target):
+    maps_sources = True
+
     def __init__(self, node: Node, *, has_zero_init: bool) -> None:
+        from vdkit.io.file import ImageFile
+
         super().__init__(node, has_zero_init=has_zero_init)
         self.file = node.driver.file
+        # a plain local file: bytes already in another file are copied by the kernel
+        self._copy_range = type(self.file) is ImageFile and not self.file.is_device
 
     def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
         self.file.pwrite(offset, data)
+
+    def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
+        """``copy_file_range``: no copy through this process, and a shared extent where the file
+        system reflinks (XFS, btrfs); qemu-img 7.2 copies every byte through user space unless
+        given ``-C``.  Where the kernel cannot (other file systems, old kernels), a plain write."""
+        done = 0
+        if self._copy_range:
+            import errno
+            import os
+
+            length = len(data)
+            try:
+                while done < length:
+                    n = os.copy_file_range(fd, self.file.fd, length - done, src_offset + done, offset + done)
+                    if n <= 0:
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
+                                     errno.ETXTBSY, errno.EPERM):
+                    raise
+                self._copy_range = False
+            if done == length:
+                return
+        self.file.pwrite(offset + done, data[done:])
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.file.punch_hole(offset, length)
@@ -71,6 +108,8 @@ class RawTarget(Target):
 
 class Qcow2Target(Target):
     """A qcow2 image opened writable; data goes through the qcow2 write engine."""
+
+    maps_sources = True
 
     def __init__(self, node: Node, *, has_zero_init: bool) -> None:
         super().__init__(node, has_zero_init=has_zero_init)
