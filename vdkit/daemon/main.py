@@ -384,8 +384,8 @@ def _http_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str]
 
     if spec.format in ("http", "https"):
         driver = spec.format
-        given = {k: take(k) or "" for k in [k for k in list(opts) if k in ("url", "readahead", "timeout",
-                                                                          "sslverify", "cookie")]}
+        # every key the drive did not take is the curl node's (unknown ones are refused by it)
+        given = {k: take(k) or "" for k in [k for k in list(opts) if not k.startswith("file.")]}
         flat: dict[str, object] = {"driver": driver, **given}
         spec.readonly = True  # the curl node itself is the drive's node: auto-read-only makes it read-only
     else:
@@ -396,10 +396,15 @@ def _http_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str]
             given["url"] = spec.file
         driver = file_driver or given.get("url", "").split(":", 1)[0]
         flat = {"driver": spec.format, "file.driver": driver, **{f"file.{k}": v for k, v in given.items()}}
+    glib: list[str] = []
+    http.REPORT_SINK = glib  # QEMU reports the GLib lines under the -drive's location: collected here
     try:
         url = http.name_for_options(given, driver)
     except VdkitError as exc:
-        raise OptionError(exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+        lines = [*glib, exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")]
+        raise OptionError(f"\n{PROG}: -drive {spec.text}: ".join(lines)) from None
+    finally:
+        http.REPORT_SINK = None
     http.AUTO_READ_ONLY.add(url)
     if http.json_name(flat, "raw") is not None:
         HTTP_JSON[spec.id] = flat
@@ -410,8 +415,9 @@ _FILE_TUNING = ("locking", "aio", "cache.direct", "cache.no-flush", "read-only",
                 "discard", "detect-zeroes", "node-name")
 
 
-def http_json_name(spec: DriveSpec, fmt: str) -> str | None:
-    """The ``json:{...}`` name QEMU gives an http drive's node opened as ``fmt`` (None: the plain URL)."""
+def http_json_name(spec: DriveSpec, fmt: str, *, own: bool = False) -> str | None:
+    """The ``json:{...}`` name QEMU gives an http drive's node opened as ``fmt`` (None: the plain URL);
+    ``own``: the name of the curl node below the format node."""
     flat = HTTP_JSON.get(spec.id)
     if flat is None:
         return None
@@ -419,6 +425,8 @@ def http_json_name(spec: DriveSpec, fmt: str) -> str | None:
     from vdkit.protocols.http import json_name
 
     desc = json_name(flat, fmt)
+    if desc is not None and own and isinstance(desc.get("file"), dict):
+        desc = desc["file"]  # type: ignore[assignment]
     return None if desc is None else "json:" + dumps_compact(desc)
 
 
@@ -698,6 +706,13 @@ def _http_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium) -> No
     name = http_json_name(spec, fmt)
     if name is not None:
         medium.node.filename = name
+        if fmt not in ("http", "https"):  # the curl node below has a json: name of its own
+            own = http_json_name(spec, fmt, own=True)
+            from vdkit.protocols.http import HttpFile
+
+            curl: object = medium.node.driver.file
+            if isinstance(curl, HttpFile):
+                curl.json_filename = own
 
 
 def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:

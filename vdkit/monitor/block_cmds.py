@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------
 
 
+def _protocol(node: Node) -> str:
+    """The protocol node's driver: ``file``, or the network protocol it reads (``nbd``, ``http``...)."""
+    return str(getattr(node.driver.file, "protocol_driver", "file"))
+
+
 def _file_image_info(node: Node) -> ImageInfo:
     f = node.driver.file
     try:
@@ -58,8 +63,9 @@ def _file_image_info(node: Node) -> ImageInfo:
         actual = None
     # the file layer reports its length in whole 512-byte sectors
     size = -(-f.size() // 512) * 512
-    return ImageInfo(filename=node.filename, format="file", virtual_size=size, actual_size=actual,
-                     dirty_flag=False)
+    proto = _protocol(node)
+    return ImageInfo(filename=node.filename, format=proto, virtual_size=size, actual_size=actual,
+                     dirty_flag=False if proto == "file" else None)
 
 
 def _cache(drive: Drive, medium: Medium, index: int, *, backend: bool) -> BlockdevCacheInfo:
@@ -118,13 +124,17 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     filename = medium.overlay_path if overlay and medium.overlay_path else node.filename
     if filename.startswith("json:"):  # an external snapshot's overlay: the file node keeps its own name
         filename = node.driver.file.filename
+    # a network node named by its options (an http cookie, sslverify off) has its own json: name
+    filename = getattr(node.driver.file, "json_filename", None) or filename
     image = _file_image_info(node)
     image.filename = filename
+    proto = _protocol(node)
+    ro = (medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else node.readonly
     return BlockDeviceInfo(
         file=filename,
         node_name=medium.names[index][1],
-        ro=(medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else node.readonly,
-        drv="file",
+        ro=ro if proto == "file" else ro or bool(node.driver.file.readonly),  # auto-read-only below -drive
+        drv=proto,
         backing_file_depth=0,
         encrypted=False,
         detect_zeroes="off",
@@ -273,10 +283,16 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
         medium = drive.medium
         if medium is None:
             continue
+        chain = _chain(medium)
         for i, (fmt_serial, file_serial) in enumerate(medium.serials):
             out.append((fmt_serial, drive, medium, i, "fmt"))
-            out.append((file_serial, drive, medium, i, "file"))
+            if i >= len(chain) or chain[i].format not in _PROTOCOL_FORMATS:  # driver=nbd|http: one node
+                out.append((file_serial, drive, medium, i, "file"))
     return out
+
+
+_PROTOCOL_FORMATS = ("nbd", "http", "https")
+"""Formats that are a protocol node themselves (``driver=nbd``): QEMU has no file node below them."""
 
 
 def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool) -> BlockDeviceInfo:

@@ -48,6 +48,10 @@ _PRESET: dict[str, dict[str, object]] = {}
 
 _KEYS = ("url", "readahead", "timeout", "sslverify", "cookie", "filename")
 
+AUTO_READ_ONLY: set[str] = set()
+"""URLs opened with QEMU's auto-read-only (the daemon's ``-drive``): a writable open is accepted and the
+node stays read-only (writes fail), where a plain writable open is refused."""
+
 
 def _glib_then(message: str) -> OpenError:
     """QEMU 7.2's curl driver prints two GLib assertion lines before its option errors (a cleanup bug)."""
@@ -167,6 +171,12 @@ class HttpFile:
     is_device = False
     has_info = False  # no bdrv_get_info: info shows "disk size: unavailable"
     creates_zeroed = False
+    json_filename: str | None = None
+    """The node's own ``json:{...}`` name when options QEMU names it by were given (set by the daemon)."""
+
+    @property
+    def protocol_driver(self) -> str:
+        return self.driver
 
     def __init__(self, url: str, *, readonly: bool = True, force_share: bool = False, driver: str | None = None,
                  readahead: int = DEFAULT_READAHEAD, sslverify: bool = True, timeout: int = DEFAULT_TIMEOUT,
@@ -191,7 +201,7 @@ class HttpFile:
             raise OpenError(f"HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512")
         if timeout < 0 or timeout >= MAX_TIMEOUT:
             raise OpenError("timeout parameter is too large or negative")
-        if not readonly:
+        if not readonly and url not in AUTO_READ_ONLY:
             raise OpenError("curl driver does not support writes")
         self.driver = driver
         parts = urlsplit(url)
@@ -429,9 +439,17 @@ class HttpFile:
         return f"<HttpFile {self.filename!r}>"
 
 
+REPORT_SINK: list[str] | None = None
+"""Where :func:`_report` puts its lines instead of stderr (the daemon prefixes them with the -drive)."""
+
+
 def _report(message: str) -> None:
     """A line on stderr as QEMU's error_report prints it while a read fails (``qemu-img: curl: ...``)."""
     import sys
+
+    if REPORT_SINK is not None:
+        REPORT_SINK.append(message)
+        return
 
     prog = "vdkit-daemon" if "vdkit.daemon.runtime" in sys.modules else "vdkit-img"
     sys.stdout.flush()

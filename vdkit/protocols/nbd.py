@@ -642,6 +642,7 @@ class NbdFile:
     fd = -1
     is_device = False
     has_info = False  # no bdrv_get_info: info shows no dirty flag and "disk size: unavailable"
+    protocol_driver = "nbd"
     creates_zeroed = False  # an export keeps its old bytes when "created": convert writes every zero range
 
     def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False,
