@@ -256,6 +256,13 @@ def split_options(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def id_wellformed(text: str) -> bool:
+    """QEMU's identifier rule (ids, node names, export and object ids): an ASCII letter, then letters,
+    digits, ``-``, ``.`` or ``_``.  No ``re``: ids are checked on start-up paths."""
+    return bool(text) and text[0].isascii() and text[0].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in text)
+
+
 def valid_option_list(text: str) -> bool:
     """What qemu-img accepts as one ``-o`` argument (no leading comma, no odd run of trailing ones)."""
     if not text or text[0] == ",":

@@ -66,6 +66,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
+from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -123,10 +124,8 @@ class JobCancelled(Exception):  # noqa: N818 - a control-flow signal, not an err
 
 
 def check_job_id(job_id: str) -> None:
-    """QEMU's id rule: a letter first, then letters, digits, ``-``, ``.``, ``_``."""
-    ok = bool(job_id) and job_id[0].isascii() and job_id[0].isalpha() and all(
-        c.isascii() and (c.isalnum() or c in "-._") for c in job_id)
-    if not ok:
+    """QEMU's id rule (:func:`vdkit.opts.id_wellformed`) with the job error."""
+    if not id_wellformed(job_id):
         raise VdkitError(f"Invalid job ID '{job_id}'")
 
 

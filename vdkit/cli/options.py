@@ -15,7 +15,7 @@ import os
 from vdkit.errors import UsageError, VdkitError
 from vdkit.opts import CACHE_MODES as _CACHE_TABLE
 from vdkit.opts import SizeRangeError as SizeRangeError  # re-exported
-from vdkit.opts import split_items
+from vdkit.opts import id_wellformed, split_items
 from vdkit.opts import strtosz as strtosz
 from vdkit.record import field, record
 
@@ -621,7 +621,6 @@ def add_object(spec: str, objects: dict[str, QomObject]) -> None:
     ``help`` (alone or after a type) prints what qemu-img prints and ends the
     command with status 0.  Objects have no effect on vdkit's I/O.
     """
-    import re
 
     from vdkit.errors import VdkitError
 
@@ -636,7 +635,7 @@ def add_object(spec: str, objects: dict[str, QomObject]) -> None:
     obj_id = params.get("id")
     if obj_id is None:
         raise VdkitError("Parameter 'id' is missing")
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", obj_id):
+    if not id_wellformed(obj_id):
         raise VdkitError("Parameter 'id' expects an identifier",
                          hint="Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
     props = {k: v for k, v in params.items() if k not in ("qom-type", "id")}

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 
@@ -42,6 +41,7 @@ from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
+from vdkit.opts import id_wellformed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -160,7 +160,6 @@ _QCOW2_RUNTIME_OPTS = frozenset((
     "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "overlap-check",
     "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"))
 _ACCEPTED_FLAGS = ("copy-on-read", "auto-read-only", "stats-account-invalid", "stats-account-failed")
-_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _ID_ERROR = ("Parameter 'id' expects an identifier\n"
              "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
 
@@ -171,7 +170,7 @@ def check_drive_id(text: str) -> str | None:
     for key, value in split_opts(text):
         if key == "id":
             drive_id = value
-    if drive_id is not None and not _ID_RE.match(drive_id):
+    if drive_id is not None and not id_wellformed(drive_id):
         raise OptionError(_ID_ERROR)
     return drive_id
 
@@ -322,7 +321,7 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             parse_bool(key, flag)
     node_name = take("node-name")
     if node_name is not None:
-        if not _ID_RE.match(node_name):
+        if not id_wellformed(node_name):
             raise OptionError(f"Invalid node-name: '{node_name}'")
         spec.node_name = node_name
     spec.file = take("file")

@@ -10,7 +10,6 @@ through :func:`add_node` too.  Texts are QEMU 7.2's, captured from
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.graph import (
@@ -24,6 +23,7 @@ from vdkit.devices.graph import (
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
+from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -62,7 +62,6 @@ _ALL = _BASE + tuple({a.name: opt(a.name, "any") for v in _VARIANTS.values() for
 # members that change what the node reads: vdkit refuses them rather than ignoring them
 _CHANGE_DATA = ("offset", "size", "data-file", "encrypt")
 
-_NAME_RX = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
 def check_options(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,7 +132,7 @@ def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
 
 
 def check_node_name(machine: DeviceRegistry, name: str) -> None:
-    if not _NAME_RX.match(name):
+    if not id_wellformed(name):
         raise VdkitError(f"Invalid node-name: '{name}'")
     if len(name) > 31:
         raise VdkitError("Node name too long")

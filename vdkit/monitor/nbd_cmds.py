@@ -13,18 +13,17 @@ deletes a busy export only once they are gone).
 
 from __future__ import annotations
 
-import re
 import socket
 from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.exports import Address, ExportService, RemovedExport
 from vdkit.errors import VdkitError
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, Handler, opt, validate
+from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
     from vdkit.devices.registry import Drive, Medium
 
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")  # QEMU's id_wellformed
 
 
 def _service(ctx: CommandContext) -> ExportService:
@@ -91,7 +90,7 @@ def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> 
 
 
 def _check_id(svc: ExportService, id: str) -> None:
-    if not _ID_RE.match(id):
+    if not id_wellformed(id):
         raise VdkitError("Invalid block export id")
     if any(e.id == id for e in svc.list_exports()):
         raise VdkitError(f"Block export id '{id}' is already in use")
