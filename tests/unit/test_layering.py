@@ -49,6 +49,10 @@ ALLOWED_UPWARD = {
     ("formats/vpc/driver.py", "vdkit.block.io"),
     # TODO: vmdk opens its backing file (make.py, for its CID) through block/
     ("formats/vmdk/make.py", "vdkit.block.node"),
+    # rbd nodes are named json:{...} in QEMU's QDict key order (render_json owns it); key-secret names a
+    # --object secret (block.secrets, which needs only errors)
+    ("protocols/rbd.py", "vdkit.info.render_json"),
+    ("protocols/rbd.py", "vdkit.block.secrets"),
 }
 
 

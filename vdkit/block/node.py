@@ -426,14 +426,12 @@ def _open_rbd(name: str, fmt: str | None, *, readonly: bool, force_share: bool, 
               check_mode: bool, no_io: bool, walk: BackingWalk) -> Node:
     """An RBD image (``vdkit.protocols.rbd``): the node is named ``json:{"driver": FMT, "file": {...}}``
     as QEMU names it, or by the rbd dict alone under ``driver=rbd``."""
-    from vdkit.info.render_json import dumps_compact
     from vdkit.protocols.rbd import RbdFile
 
     rfile = RbdFile(name, readonly=readonly, force_share=force_share)
     node = _open_on(rfile, rfile.filename, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                     force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
-    if node.format != "rbd":
-        node.filename = "json:" + dumps_compact({"driver": node.format, "file": rfile.json})
+    node.filename = rfile.node_name(node.format)
     return node
 
 

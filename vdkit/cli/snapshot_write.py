@@ -67,14 +67,21 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                     raise driver._unsupported()
                 if driver.snapshot_unsupported_reason() is not None:  # external data file
                     raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
-                entry = generic.find_id_then_name(driver.snapshots(), arg)
-                if entry is None:
-                    raise VdkitError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)
+                # raw passes an rbd image's snapshots down: QEMU closes the raw node, rolls the image back
+                # and opens it again, which warns again, whatever the rollback gave
+                reopened = fmt is None and node.format == "raw" and getattr(driver.file, "protocol", None) == "rbd"
                 try:
-                    node.snapshot_revert(entry)
-                except VdkitError as exc:
-                    err = exc.errno or errno.EIO
-                    raise VdkitError(f"Failed to load snapshot: {os.strerror(err)}", errno=err) from exc
+                    entry = generic.find_id_then_name(driver.snapshots(), arg)
+                    if entry is None:
+                        raise VdkitError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)
+                    try:
+                        node.snapshot_revert(entry)
+                    except VdkitError as exc:
+                        err = exc.errno or errno.EIO
+                        raise VdkitError(f"Failed to load snapshot: {os.strerror(err)}", errno=err) from exc
+                finally:
+                    if reopened:
+                        write_err(probe_warning(node, filename))
             except VdkitError as exc:
                 raise exc.prefixed(f"Could not apply snapshot '{arg}': ") from exc
         elif action == "d":

@@ -510,6 +510,15 @@ class RbdFile:
             self.close()
             raise
 
+    def node_name(self, fmt: str) -> str:
+        """The name of a node of format ``fmt`` on this image: ``json:{"driver": FMT, "file": {...}}``, or
+        the rbd dict alone for ``driver=rbd`` (QEMU never reports an ``rbd:`` name back)."""
+        if fmt == "rbd":
+            return self.filename
+        from vdkit.info.render_json import dumps_compact
+
+        return "json:" + dumps_compact({"driver": fmt, "file": self.json})
+
     # -- geometry --------------------------------------------------------------------------------
 
     def _get_size(self) -> int:
