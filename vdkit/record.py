@@ -252,3 +252,29 @@ def replace(obj: T, /, **changes: Any) -> T:
     values = {n: getattr(obj, n) for n in fields(obj)}
     values.update(changes)
     return type(obj)(**values)
+
+
+if TYPE_CHECKING:
+    from functools import cached_property as cached_property
+else:
+
+    class cached_property:  # noqa: N801 - functools' name, so the type checker's view and this agree
+        """``functools.cached_property`` without importing functools (and collections with it) at start-up.
+
+        The first read computes the value and stores it in the instance's ``__dict__`` under the same name,
+        where later reads find it before this (non-data) descriptor; ``del obj.name`` forgets it.
+        """
+
+        def __init__(self, func):
+            self.func = func
+            self.attrname = func.__name__
+            self.__doc__ = func.__doc__
+
+        def __set_name__(self, owner, name):
+            self.attrname = name
+
+        def __get__(self, instance, owner=None):
+            if instance is None:
+                return self
+            value = instance.__dict__[self.attrname] = self.func(instance)
+            return value

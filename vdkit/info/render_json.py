@@ -16,7 +16,7 @@ the two printers then only deal with JSON values.
 
 from __future__ import annotations
 
-import enum
+import sys
 
 from vdkit.record import fields, is_record
 
@@ -85,12 +85,14 @@ def to_qobject(obj: Any) -> Any:
                 continue
             out[member] = to_qobject(value)
         return out
-    if isinstance(obj, enum.Enum):
-        return obj.value
     if isinstance(obj, list | tuple):
         return [to_qobject(v) for v in obj]
     if isinstance(obj, dict):
         return {k: to_qobject(v) for k, v in obj.items()}
+    # No enum member exists unless something imported enum (this module does not: start-up cost)
+    enum = sys.modules.get("enum")
+    if enum is not None and isinstance(obj, enum.Enum):
+        return obj.value
     return obj
 
 

@@ -16,7 +16,6 @@ We take exactly the same bytes so QEMU and vdkit see each other.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import os
 import struct
@@ -28,7 +27,9 @@ LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
 
 
-class Perm(enum.IntFlag):
+class Perm:
+    """Permission bits (QEMU's BLK_PERM_*), plain ints: an ``enum.IntFlag`` would import ``enum`` at start-up."""
+
     CONSISTENT_READ = 0x1
     WRITE = 0x2
     WRITE_UNCHANGED = 0x4
@@ -51,20 +52,20 @@ _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 
 @record(frozen=True)
 class LockMode:
-    perms: Perm
-    unshared: Perm
+    perms: int  # Perm bits used
+    unshared: int  # Perm bits refused to others
 
     @classmethod
     def for_open(cls, *, readonly: bool, force_share: bool) -> LockMode:
         if force_share:
-            return cls(Perm.CONSISTENT_READ, Perm(0))
+            return cls(Perm.CONSISTENT_READ, 0)
         if readonly:
             return cls(Perm.CONSISTENT_READ, Perm.WRITE | Perm.RESIZE)
         return cls(Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.WRITE | Perm.RESIZE)
 
 
-def _bit_index(p: Perm) -> int:
-    return int(p).bit_length() - 1
+def _bit_index(p: int) -> int:
+    return p.bit_length() - 1
 
 
 class ImageLock:
@@ -90,9 +91,9 @@ class ImageLock:
         """Take our lock bytes, then verify nobody conflicts (QEMU's order)."""
         try:
             for p in ALL_PERMS:
-                if p in self.mode.perms:
+                if p & self.mode.perms:
                     self._setlk(fcntl.F_RDLCK, LOCK_PERM_BASE + _bit_index(p))
-                if p in self.mode.unshared:
+                if p & self.mode.unshared:
                     self._setlk(fcntl.F_RDLCK, LOCK_SHARED_BASE + _bit_index(p))
         except OSError as exc:
             # Filesystems without OFD lock support: QEMU falls back to no locking
@@ -102,11 +103,11 @@ class ImageLock:
                 return
             raise LockError(f"Failed to lock byte: {os.strerror(exc.errno or 0)}", hint=self._hint()) from exc
         for p in ALL_PERMS:
-            if p in self.mode.perms and self._conflicts(LOCK_SHARED_BASE + _bit_index(p)):
+            if p & self.mode.perms and self._conflicts(LOCK_SHARED_BASE + _bit_index(p)):
                 self.release()
                 raise LockError(f'Failed to get "{PERM_NAMES[p]}" lock', hint=self._hint())
         for p in ALL_PERMS:
-            if p in self.mode.unshared and self._conflicts(LOCK_PERM_BASE + _bit_index(p)):
+            if p & self.mode.unshared and self._conflicts(LOCK_PERM_BASE + _bit_index(p)):
                 self.release()
                 raise LockError(f'Failed to get shared "{PERM_NAMES[p]}" lock', hint=self._hint())
 

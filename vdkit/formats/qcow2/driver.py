@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-from functools import cached_property
 
 from vdkit.block.driver import CorruptionEvent, CorruptionReport, FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
@@ -18,7 +17,7 @@ from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 from vdkit.io.file import ImageFile
-from vdkit.record import record
+from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked

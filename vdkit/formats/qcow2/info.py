@@ -33,7 +33,7 @@ def _qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
     spec = ImageInfoSpecificQcow2(
         compat="0.10" if h.version == 2 else "1.1",
         refcount_bits=h.refcount_bits,
-        compression_type=L.CompressionType(h.compression_type).name.lower(),
+        compression_type=L.COMPRESSION_NAMES[h.compression_type],
         encrypt=encrypt,
     )
     if h.version >= 3:

@@ -1,13 +1,14 @@
 """On-disk layout of qcow2 (versions 2 and 3): structs, masks and limits.
 
-No I/O here.  Field names follow the qcow2 specification
+No I/O and no ``enum`` here (its import costs half an interpreter start, and
+every ``info`` of a qcow2 image reads this module): the small code sets are
+int constants in plain classes.  Field names follow the qcow2 specification
 (docs/interop/qcow2.txt in QEMU); limits are those QEMU 7.2 enforces, so an
 image QEMU refuses is refused here with the same words.
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 
 # The generic snapshot descriptor truncates IDs and names to these lengths.
@@ -41,7 +42,7 @@ CRYPTO_EXT = struct.Struct(">QQ")
 BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 
 
-class FeatureType(enum.IntEnum):
+class FeatureType:
     INCOMPATIBLE = 0
     COMPATIBLE = 1
     AUTOCLEAR = 2
@@ -74,9 +75,12 @@ FEATURE_TABLE = (
 )
 
 
-class CompressionType(enum.IntEnum):
+class CompressionType:
     ZLIB = 0
     ZSTD = 1
+
+
+COMPRESSION_NAMES = {CompressionType.ZLIB: "zlib", CompressionType.ZSTD: "zstd"}  # QAPI Qcow2CompressionType
 
 
 CRYPT_NONE = 0
@@ -115,14 +119,18 @@ SNAPSHOT_EXTRA = struct.Struct(">QQQ")
 SNAPSHOT_EXTRA_SIZE = SNAPSHOT_EXTRA.size
 
 
-class ClusterType(enum.Enum):
-    """Classification of a guest cluster (or subcluster) by its L2 entry."""
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.cluster_type import ClusterType as ClusterType
 
-    UNALLOCATED = "unallocated"
-    ZERO_PLAIN = "zero_plain"
-    ZERO_ALLOC = "zero_alloc"
-    NORMAL = "normal"
-    COMPRESSED = "compressed"
+
+def __getattr__(name: str) -> object:
+    """``ClusterType`` (an ``enum.Enum``) is imported on first use, never by ``info``."""
+    if name == "ClusterType":
+        from vdkit.formats.qcow2.cluster_type import ClusterType
+
+        return ClusterType
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def align_up(value: int, alignment: int) -> int:

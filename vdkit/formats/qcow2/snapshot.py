@@ -10,11 +10,14 @@ drops what a newer writer stored.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 
 from vdkit.errors import OpenError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.record import field, record
+
+TYPE_CHECKING = False  # collections.abc is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 @record
