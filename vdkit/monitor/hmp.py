@@ -377,9 +377,24 @@ def _info_blockstats(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any
     return "".join(out)
 
 
+def _info_block_jobs(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    """One line per job (QEMU's ``info block-jobs``); ``device`` there is the job id."""
+    from vdkit.monitor.job_cmds import BlockJobInfo
+
+    jobs: list[BlockJobInfo] = _qmp(reg, ctx, "query-block-jobs")
+    if not jobs:
+        return "No active jobs\n"
+    out = []
+    for j in jobs:
+        what = f"Streaming device {j.device}" if j.type == "stream" else f"Type {j.type}, device {j.device}"
+        out.append(f"{what}: Completed {j.offset} of {j.len} bytes, speed limit {j.speed} bytes/s\n")
+    return "".join(out)
+
+
 INFO_COMMANDS = (
     HmpCommand(("block",), "[-n] [-v] [device]", "show info of one block device or all block devices "
                "(-n: show named nodes; -v: show details)", _info_block, "nodes:-n,verbose:-v,device:B?"),
+    HmpCommand(("block-jobs",), "", "show progress of ongoing block device operations", _info_block_jobs),
     HmpCommand(("blockstats",), "", "show block device statistics", _info_blockstats),
     HmpCommand(("snapshots",), "", "show the currently saved VM snapshots", _info_snapshots),
     HmpCommand(("status",), "", "show the current VM status (running|paused)", _info_status),
@@ -475,6 +490,29 @@ def _tagged(fn: Callable[[CommandContext, dict[str, Any]], None]) -> Callable[..
 def _block_resize(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     _qmp(reg, ctx, "block_resize", device=a["device"], size=a["size"])
     return ""
+
+
+def _job_verb(command: str, **fixed: Any) -> Callable[[CommandRegistry, CommandContext, dict[str, Any]], str]:
+    """``block_job_*``: the QMP verb on the job named by ``device`` (prints nothing on success)."""
+
+    def run(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+        extra = {k: a[k] for k in ("speed", "force") if k in a}
+        _qmp(reg, ctx, command, device=a["device"], **fixed, **extra)
+        return ""
+
+    return run
+
+
+def _block_stream(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    _qmp(reg, ctx, "block-stream", device=a["device"], speed=a.get("speed"), base=a.get("base"))
+    return ""
+
+
+def _commit(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+    """The offline commit (not a job): the active image's data into its backing file, then emptied."""
+    from vdkit.monitor.job_cmds import hmp_commit
+
+    return hmp_commit(ctx, a["device"])
 
 
 def _snapshot_blkdev(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
@@ -573,12 +611,28 @@ def _info_help(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> 
 _THROTTLE_ARGS = "device:B,bps:l,bps_rd:l,bps_wr:l,iops:l,iops_rd:l,iops_wr:l"
 
 COMMANDS = (
+    HmpCommand(("block_job_cancel",), "[-f] device", "stop an active background block operation (use -f\n"
+               "\t\t\t if you want to abort the operation immediately\n"
+               "\t\t\t instead of keep running until data is in sync)",
+               _job_verb("block-job-cancel"), "force:-f,device:B"),
+    HmpCommand(("block_job_complete",), "device", "stop an active background block operation",
+               _job_verb("block-job-complete"), "device:B"),
+    HmpCommand(("block_job_pause",), "device", "pause an active background block operation",
+               _job_verb("block-job-pause"), "device:B"),
+    HmpCommand(("block_job_resume",), "device", "resume a paused background block operation",
+               _job_verb("block-job-resume"), "device:B"),
+    HmpCommand(("block_job_set_speed",), "device speed", "set maximum speed for a background block operation",
+               _job_verb("block-job-set-speed"), "device:B,speed:o"),
     HmpCommand(("block_resize",), "device size", "resize a block image", _block_resize, "device:B,size:o"),
     HmpCommand(("block_set_io_throttle",), "device bps bps_rd bps_wr iops iops_rd iops_wr",
                "change I/O throttle limits for a block drive", _throttle, _THROTTLE_ARGS),
+    HmpCommand(("block_stream",), "device [speed [base]]", "copy data from a backing file into a block device",
+               _block_stream, "device:B,speed:o?,base:s?"),
     HmpCommand(("change",), "device [-f] filename [format [read-only-mode]]",
                "change a removable medium, optional format, use -f to force the operation", _change,
                "device:B,force:-f,target:F,arg:s?,read-only-mode:s?"),
+    HmpCommand(("commit",), "device|all", "commit changes to the disk images (if -snapshot is used) or backing "
+               "files", _commit, "device:B"),
     HmpCommand(("cont", "c"), "", "resume emulation", _simple("cont")),
     HmpCommand(("delvm",), "tag", "delete a VM snapshot from its tag", _tagged(block_cmds.delvm), "name:s"),
     HmpCommand(("eject",), "[-f] device", "eject a removable medium (use -f to force it)", _eject,

@@ -415,3 +415,65 @@ def register(reg: CommandRegistry) -> None:
       opt("bottom"), *_JOB_COMMON)(block_stream)
     r("block-commit", opt("job-id"), Arg("device"), opt("base-node"), opt("base"), opt("top-node"), opt("top"),
       opt("backing-file"), *_JOB_COMMON)(block_commit)
+
+
+def hmp_commit(ctx: CommandContext, device: str) -> str:
+    """HMP ``commit device|all``: the offline commit QEMU runs without a job (``block-jobs.md`` §9).
+
+    The active image's own data goes into its backing image (reopened
+    read-write meanwhile), then the active image is emptied; the chain stays.
+    Failures print QEMU's ``'commit' error for 'X': <strerror>`` (no ``Error:``).
+    """
+    import errno
+    import os
+
+    machine = ctx.machine
+    if device == "all":
+        targets = [d for d in machine.drives if d.medium is not None and d.medium.node.backing is not None]
+    else:
+        drive = machine.find_drive(device)
+        if drive is None:
+            return f"Device '{device}' not found\n"
+        targets = [drive]
+    for drive in targets:
+        try:
+            _commit_offline(machine, drive)
+        except (OSError, VdkitError) as exc:
+            code = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
+            return f"'commit' error for '{device}': {os.strerror(code)}\n"
+    return ""
+
+
+def _commit_offline(machine: DeviceRegistry, drive: Drive) -> None:
+    import errno
+
+    from vdkit.block import io as bio
+    from vdkit.block.commit import JOB_CHUNK, copy_down
+    from vdkit.block.jobs import reopen_node
+
+    if drive.medium is None or drive.medium.dead:
+        raise VdkitError("No medium found", errno=errno.ENOMEDIUM)
+    top = drive.medium.node
+    base = top.backing
+    if base is None:
+        raise VdkitError("Operation not supported", errno=errno.ENOTSUP)
+    if machine.jobs.job_on(top) is not None:
+        raise VdkitError("Device or resource busy", errno=errno.EBUSY)
+    was_ro = base.readonly
+    if was_ro:
+        reopen_node(base, readonly=False)
+    try:
+        size = top.driver.virtual_size
+        if base.driver.virtual_size < size:
+            bio.truncate(base, size)
+        offset = 0
+        while offset < size:
+            n, _ = copy_down(top, base, offset, min(JOB_CHUNK, size - offset), zero_writes=False)
+            offset += n
+        bio.flush(base)
+        top.driver.make_empty()
+        bio.flush(top)
+    finally:
+        if was_ro:
+            reopen_node(base, readonly=True)
+    machine.generation += 1
