@@ -63,3 +63,25 @@ def test_commit_probed_raw(workdir: Path, args: list[str]) -> None:
     rv = vdkit_img("commit", *args, cwd=workdir)
     assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
     assert rq.returncode == 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "loop"])
+@pytest.mark.parametrize("args", [[], ["-b", "l2.qcow2"], ["--image-opts", "file.filename=l3.qcow2"]])
+def test_commit_chain_open_errors(workdir: Path, damage: str, args: list[str]) -> None:
+    """A layer below the top that cannot be opened: qemu-img names the top, then 'Could not open
+    backing file: ' once per level (the whole chain is one open), not the layer itself."""
+    results = []
+    for who, tool in (("q", qemu_img), ("v", vdkit_img)):
+        d = workdir / who
+        _chain(d, "compat=1.1")
+        if damage == "missing":
+            (d / "l1.qcow2").unlink()
+        elif damage == "garbage":
+            (d / "l2.qcow2").write_bytes(b"QFI\xfb" + bytes(60))
+        else:
+            check_ok("rebase", "-u", "-F", "qcow2", "-b", "l3.qcow2", "l1.qcow2", cwd=d)
+        top = [] if args[:1] == ["--image-opts"] else ["l3.qcow2"]
+        results.append(tool("commit", *args, *top, cwd=d))
+    rq, rv = results
+    assert rq.returncode == 1
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)

@@ -73,16 +73,28 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
         write_err(_PROBE_WARNING.format(filename))
     try:
         cur = top
+        depth = 0  # of the layer being opened below the top
         while True:
             stored = cur.driver.backing_file
             if stored is None:
                 if base is None and cur is top:
                     raise VdkitError("Image does not have a backing file")
                 raise VdkitError(f"Did not find '{base}' in the backing chain of '{shown or filename}'")
-            name = walk.backing_of(cur.filename, stored)
+            # qemu-img opens the whole chain as one open of the top: a layer's error names the top,
+            # then says 'Could not open backing file: ' once per level below it
+            chain_prefix = f"Could not open '{filename}': " + "Could not open backing file: " * depth
+            try:
+                name = walk.backing_of(cur.filename, stored)
+            except VdkitError as exc:
+                raise exc.prefixed(chain_prefix) from exc
             assert name is not None
             is_base = base is None or name == base or stored == base
-            nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base, walk=walk)
+            depth += 1
+            try:
+                nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base,
+                                 walk=walk)
+            except VdkitError as exc:
+                raise _unnamed(exc, name).prefixed(chain_prefix + "Could not open backing file: ") from exc
             cur.backing = nxt
             if is_base:
                 return top, nxt
@@ -90,6 +102,14 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
     except BaseException:
         top.close()
         raise
+
+
+def _unnamed(exc: VdkitError, name: str) -> VdkitError:
+    """``exc`` without the "Could not open '<name>': " that :func:`open_image` put in front."""
+    inner = exc.__cause__
+    if isinstance(inner, VdkitError) and exc.message == f"Could not open '{name}': {inner.message}":
+        return inner
+    return exc
 
 
 def run(filename: str, fmt: str | None, base: str | None, *, drop: bool, quiet: bool, progress: bool,
