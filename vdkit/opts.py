@@ -8,6 +8,8 @@ into a front end.
 
 from __future__ import annotations
 
+from typing import Any
+
 from vdkit.errors import VdkitError
 from vdkit.record import record
 
@@ -269,6 +271,61 @@ def valid_option_list(text: str) -> bool:
         return False
     trailing = len(text) - len(text.rstrip(","))
     return trailing % 2 == 0
+
+
+# -- socket addresses (socket_parse) -------------------------------------------
+
+def parse_socket_address(text: str) -> dict[str, Any]:
+    """An address string as QEMU's monitor reads it: ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``,
+    else (after an optional ``tcp:``) ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT``; ``,options`` are ignored.
+
+    The result is QAPI's ``SocketAddress`` (``{"type": ..., "data": {...}}``), what QMP
+    commands take; ports stay text (a number or a service name, see :func:`inet_port`).
+    """
+    import re
+
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise VdkitError("invalid Unix socket address")
+        return {"type": "unix", "data": {"path": text[5:]}}
+    if text.startswith("fd:"):
+        if not text[3:]:
+            raise VdkitError("invalid file descriptor address")
+        # the daemon has no getfd: no descriptor has a name
+        raise VdkitError(f"File descriptor named '{text[3:]}' has not been found")
+    if text.startswith("vsock:"):
+        m = re.match(r"([^:]{1,32}):([^,]{1,32})", text[6:])
+        if m is None:
+            raise VdkitError(f"error parsing address '{text[6:]}'")
+        return {"type": "vsock", "data": {"cid": m.group(1), "port": m.group(2)}}
+    if text.startswith("tcp:"):
+        text = text[4:]
+    if text.startswith("["):
+        m = re.match(r"\[([^\]]{1,64})\]:([^,]{1,32})", text)
+        if m is None:
+            raise VdkitError(f"error parsing IPv6 address '{text}'")
+    elif text.startswith(":"):
+        m = re.match(r"()(?::([^,]{1,32}))", text)
+        if m is None:
+            raise VdkitError(f"error parsing port in address '{text}'")
+    else:
+        m = re.match(r"([^:]{1,64}):([^,]{1,32})", text)
+        if m is None:
+            raise VdkitError(f"error parsing address '{text}'")
+    return {"type": "inet", "data": {"host": m.group(1), "port": m.group(2)}}
+
+
+def inet_port(host: str, port: str) -> int:
+    """A TCP port given as a number or a service name, resolved by getaddrinfo as QEMU resolves it
+    (a number above 65535 wraps, as glibc stores it), with QEMU's error."""
+    import socket
+
+    try:
+        sockaddr = socket.getaddrinfo(None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][4]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "Name or service not known"
+        raise VdkitError(f"address resolution failed for {host}:{port}: {reason}") from None
+    return int(sockaddr[1])
 
 
 def refuse_encryption(opts: CreateOpts) -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from tests.conftest import ROOT, check_ok, require_tool, venv_tool
@@ -221,3 +222,10 @@ def test_pidfile_like_qemu(daemons: Daemons, tmp_path: Path) -> None:
             q, v = _start_both(tmp_path, args, daemonize=daemonize)
             assert v == q, (args, daemonize)
             assert not (tmp_path / "x.pid").exists()
+
+
+@pytest.mark.parametrize("target", ["tcp:127.0.0.1:xyz", "tcp::xyz", "tcp:nohost", "tcp:", "tcp:[::1"])
+def test_monitor_tcp_address_errors_like_qemu(target: str, tmp_path: Path) -> None:
+    """-qmp tcp:...: the chardev grammar (HOST:PORT or :PORT) and getaddrinfo's port errors, as QEMU."""
+    q, v = _start_both(tmp_path, ["-qmp", f"{target},server=on,wait=off"])
+    assert v == q and q[0] == 1

@@ -41,7 +41,7 @@ from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
-from vdkit.opts import id_wellformed
+from vdkit.opts import id_wellformed, inet_port
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -486,14 +486,17 @@ def parse_address(text: str, option: str | None = None) -> Address:
             raise OptionError("vdkit-daemon monitors are always servers (server=on)")
     if target.startswith("unix:"):
         return Address("unix", path=target[5:])
-    if target.startswith("tcp:"):
-        host, _, port = target[4:].rpartition(":")
-        if not port.isdigit():
-            if option is not None:
-                raise OptionError(f"{option} {text}: address resolution failed for {host}:{port}: "
-                                  "Servname not supported for ai_socktype")
-            raise OptionError(f"invalid port '{port}'")
-        return Address("tcp", host=host or "127.0.0.1", port=int(port))
+    if target.startswith("tcp:"):  # the chardev grammar: HOST:PORT or :PORT (no [IPv6] brackets)
+        import re
+
+        m = re.match(r"([^:]{1,64}):([^,]{1,32})", target[4:]) or re.match(r"()[:]([^,]{1,32})", target[4:])
+        if m is None:
+            raise OptionError(f"{option or '-nbd'} {text}: parse error: {text}")
+        host, port = m.groups()
+        try:
+            return Address("tcp", host=host or "127.0.0.1", port=inet_port(host, port))
+        except VdkitError as exc:
+            raise OptionError(f"{option or '-nbd'} {text}: {exc.message}") from None
     raise OptionError(f"'{target}' is not a supported monitor address (unix:PATH or tcp:HOST:PORT)")
 
 

@@ -11,7 +11,10 @@ implements this protocol and is handed to the machine as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from vdkit.errors import VdkitError
+from vdkit.opts import inet_port
 
 if TYPE_CHECKING:
     from vdkit.devices.registry import Medium
@@ -28,6 +31,17 @@ class Address:
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+    @classmethod
+    def from_qapi(cls, addr: dict[str, Any]) -> Address:
+        """A listening address from QAPI's ``SocketAddress`` (what ``nbd-server-start`` takes and
+        :func:`vdkit.opts.parse_socket_address` makes of a text); unix and inet only."""
+        kind, data = addr["type"], addr["data"]
+        if kind == "unix":
+            return cls("unix", path=data["path"])
+        if kind == "inet":
+            return cls("tcp", host=data["host"], port=inet_port(data["host"], data["port"]))
+        raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ ends, as the monitor sends them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from vdkit.info import render_human
 from vdkit.info.model import BlockDeviceInfo, BlockInfo, SnapshotInfo
 from vdkit.monitor import block_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandContext, CommandRegistry
-from vdkit.opts import strtosz
+from vdkit.opts import parse_socket_address, strtosz
 
 
 class HmpArgError(Exception):
@@ -534,46 +533,12 @@ def _snap_delete_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str
 # -- NBD server (the QMP handlers of vdkit.monitor.nbd_cmds) ------------------------------------------
 
 
-def _socket_address(text: str) -> dict[str, Any]:
-    """An address string as QEMU's monitor reads it: ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``,
-    else (after an optional ``tcp:``) ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT``; ``,options`` are ignored."""
-    if text.startswith("unix:"):
-        if not text[5:]:
-            raise VdkitError("invalid Unix socket address")
-        return {"type": "unix", "data": {"path": text[5:]}}
-    if text.startswith("fd:"):
-        if not text[3:]:
-            raise VdkitError("invalid file descriptor address")
-        # the daemon has no getfd: no descriptor has a name
-        raise VdkitError(f"File descriptor named '{text[3:]}' has not been found")
-    if text.startswith("vsock:"):
-        m = re.match(r"([^:]{1,32}):([^,]{1,32})", text[6:])
-        if m is None:
-            raise VdkitError(f"error parsing address '{text[6:]}'")
-        return {"type": "vsock", "data": {"cid": m.group(1), "port": m.group(2)}}
-    if text.startswith("tcp:"):
-        text = text[4:]
-    if text.startswith("["):
-        m = re.match(r"\[([^\]]{1,64})\]:([^,]{1,32})", text)
-        if m is None:
-            raise VdkitError(f"error parsing IPv6 address '{text}'")
-    elif text.startswith(":"):
-        m = re.match(r"()(?::([^,]{1,32}))", text)
-        if m is None:
-            raise VdkitError(f"error parsing port in address '{text}'")
-    else:
-        m = re.match(r"([^:]{1,64}):([^,]{1,32})", text)
-        if m is None:
-            raise VdkitError(f"error parsing address '{text}'")
-    return {"type": "inet", "data": {"host": m.group(1), "port": m.group(2)}}
-
-
 def _nbd_start(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     uri = a["uri"]
     writable = a.get("writable", False)
     if writable and not a.get("all"):
         raise VdkitError("-w only valid together with -a")
-    addr = _socket_address(uri)
+    addr = parse_socket_address(uri)
     nbd_cmds.nbd_server_start(ctx, {"addr": addr})
     if a.get("all"):  # every drive with a medium, under its name (QEMU's hmp_nbd_server_start)
         try:

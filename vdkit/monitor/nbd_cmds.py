@@ -13,7 +13,6 @@ deletes a busy export only once they are gone).
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.exports import Address, ExportService, RemovedExport
@@ -50,27 +49,13 @@ def medium_removed(ctx: CommandContext, drive: Drive, old: Medium) -> None:
         emit_removed(ctx, svc.remove_for_medium(drive.id, old))
 
 
-def _parse_addr(addr: dict[str, Any]) -> Address:
-    kind, data = addr["type"], addr["data"]
-    if kind == "unix":
-        return Address("unix", path=data["path"])
-    if kind == "inet":
-        try:  # a number or a service name, as getaddrinfo takes it
-            port = int(data["port"]) if data["port"].isdigit() else socket.getservbyname(data["port"], "tcp")
-        except OSError:
-            raise VdkitError(f"address resolution failed for {data['host']}:{data['port']}: "
-                             "Servname not supported for ai_socktype") from None
-        return Address("tcp", host=data["host"], port=port)
-    raise VdkitError(f"Socket address type '{kind}' is not supported by vdkit-daemon")
-
-
 def nbd_server_start(ctx: CommandContext, args: dict[str, Any]) -> None:
     svc = _service(ctx)
     if svc.running:
         raise VdkitError("NBD server already running")
     if "tls-creds" in args:
         raise VdkitError(f"No TLS credentials with id '{args['tls-creds']}'")
-    svc.start(_parse_addr(args["addr"]))
+    svc.start(Address.from_qapi(args["addr"]))
 
 
 def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> tuple[Medium, Drive]:
