@@ -165,7 +165,8 @@ class Copier:
             return None
         key = (id(src.node), depth, filename)
         if key not in self._plain:
-            self._plain[key] = _plain_file(src.node, depth, filename)
+            f = plain_file(src.node, filename, depth, locked=True)
+            self._plain[key] = None if f is None else (f, f.size())
         found = self._plain[key]
         if found is None:
             return None
@@ -194,21 +195,32 @@ class Copier:
             zero_fill(view[part:length])
 
 
-def _plain_file(node: Node, depth: int, filename: str) -> tuple[ImageFile, int] | None:
-    """The layer ``depth`` below ``node``'s file named ``filename``, with its size, if mapping it is safe."""
+def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: bool = False) -> ImageFile | None:
+    """The local file named ``filename`` that holds guest bytes of ``node``'s chain as they are.
+
+    Block status gives a data run's host offset and file *name*; this finds the open file
+    behind it, in the layer ``depth`` below ``node`` (any layer when None), if that layer is
+    raw or qcow2 and unencrypted (bytes stored plainly) and the file is a regular local one.
+    ``locked``: also require this process to hold it locked against resizing (for mappings,
+    whose pages must not vanish).
+    """
     from vdkit.io.file import ImageFile
     from vdkit.io.locks import Perm
 
     layer: Node | None = node
-    for _ in range(depth):
-        layer = layer.backing if layer is not None else None
-    if layer is None or layer.format not in ("raw", "qcow2") or layer.driver.encrypted:
-        return None
-    files = [getattr(layer.driver, "file", None), getattr(layer.driver, "data_file", None)]
-    for f in files:
-        if (type(f) is ImageFile and f.filename == filename and not f.is_device and f.lock is not None
-                and f.lock.mode.unshared & Perm.RESIZE):
-            return f, f.size()
+    level = 0
+    while layer is not None:
+        if depth is None or level == depth:
+            drv = layer.driver
+            if layer.format in ("raw", "qcow2") and not drv.encrypted:
+                for f in (getattr(drv, "file", None), getattr(drv, "data_file", None)):
+                    if (type(f) is ImageFile and f.filename == filename and f.fd >= 0 and not f.is_device
+                            and (not locked or f.lock is not None and f.lock.mode.unshared & Perm.RESIZE)):
+                        return f
+            if depth is not None:
+                return None
+        layer = layer.backing
+        level += 1
     return None
 
 

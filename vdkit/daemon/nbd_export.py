@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdkit.block import io as bio
+from vdkit.block.copy import plain_file
+from vdkit.block.driver import OFFSET_VALID
 from vdkit.devices import iostats
 from vdkit.devices.exports import ExportEntry, RemovedExport
 from vdkit.devices.throttle import Throttle
@@ -423,19 +425,31 @@ class NbdService:
 
     @staticmethod
     def _sparse_pieces(node: Any, req: Request) -> list[tuple[int, int, bytes | None]]:
-        """The request as runs of data (read) and holes (ranges the chain reads as zeros), as QEMU sends."""
-        runs: list[list[int]] = []  # [offset, length, is_hole]
+        """The request as runs of data (read) and holes (ranges the chain reads as zeros), as QEMU sends.
+
+        A data run that block status places in a plain local file (a raw image, a qcow2 data
+        cluster run) is read from that file at its host offset: one ``pread`` into a fresh bytes
+        object, without the format's read path (the walk has just answered where the bytes are,
+        and the device lock keeps them there until the read is done).
+        """
+        runs: list[list[Any]] = []  # [offset, length, is_hole, [data parts]]
         pos, end = req.offset, req.offset + req.length
         while pos < end:
             st = bio.above_status(node, pos, end - pos)
             n = st.length if st.length > 0 else end - pos
-            hole = int(bool(st.flags & bio.ZERO))
+            hole = bool(st.flags & bio.ZERO)
+            part = None
+            if not hole:
+                f = plain_file(node, st.file) if st.flags & OFFSET_VALID and st.file else None
+                part = f.pread(st.offset, n) if f is not None else bio.read(node, pos, n)
             if runs and runs[-1][2] == hole:
                 runs[-1][1] += n
+                runs[-1][3].append(part)
             else:
-                runs.append([pos, n, hole])
+                runs.append([pos, n, hole, [part]])
             pos += n
-        return [(off, n, None if hole else bio.read(node, off, n)) for off, n, hole in runs]
+        return [(off, n, None if hole else parts[0] if len(parts) == 1 else b"".join(parts))
+                for off, n, hole, parts in runs]
 
     @staticmethod
     def _extents(node: Any, req: Request) -> list[tuple[int, int]]:
@@ -457,19 +471,22 @@ class NbdService:
         return [(min(length, 0xFFFFFFFF), f) for length, f in out]
 
 
+_IOV_MAX = 1024
+
+
 def _send_all(sock: socket.socket, bufs: list[bytes]) -> None:
-    """Send ``bufs`` in order with as few system calls as possible (small ones joined, big ones as is)."""
-    small: list[bytes] = []
-    for b in bufs:
-        if len(b) < 65536:
-            small.append(b)
-            continue
-        if small:
-            sock.sendall(b"".join(small))
-            small = []
-        sock.sendall(b)
-    if small:
-        sock.sendall(b"".join(small))
+    """Send ``bufs`` in order, gathered into as few ``sendmsg`` calls as the socket takes (no joining copies)."""
+    views = [memoryview(b) for b in bufs if len(b)]
+    while views:
+        batch = views[:_IOV_MAX]
+        n = sock.sendmsg(batch)
+        done = 0
+        while done < len(batch) and n >= batch[done].nbytes:
+            n -= batch[done].nbytes
+            done += 1
+        views = views[done:]
+        if n:
+            views[0] = views[0][n:]
 
 
 # -- daemon hooks -------------------------------------------------------------------------------------
