@@ -67,6 +67,8 @@ class DirtyBitmap:
         self.busy = False  # held by a job (or an NBD export): no command may change it
         self.readonly = False  # loaded from an image opened read-only
         self.inconsistent = False  # the image says it was in use when its writer stopped
+        # a backup job that reads this bitmap freezes it and records new writes here meanwhile
+        self.successor: DirtyBitmap | None = None
         self.bits = np.zeros(self.granules, dtype=bool)
 
     @property
@@ -159,7 +161,8 @@ class DirtyBitmap:
 
     @property
     def recording(self) -> bool:
-        return self.enabled and not self.inconsistent
+        """Writes are being recorded (by the bitmap, or by its successor while a backup job holds it)."""
+        return self.enabled or (self.successor is not None and self.successor.enabled)
 
     def __repr__(self) -> str:
         return f"<DirtyBitmap {self.name!r} granularity={self.granularity} count={self.count()}>"

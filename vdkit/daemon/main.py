@@ -39,7 +39,7 @@ from vdkit.devices.registry import DeviceRegistry, DriveSpec
 from vdkit.devices.throttle import ThrottleConfig
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
-from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, nbd_cmds
+from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, mirror_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
 from vdkit.opts import id_wellformed, inet_port
 
@@ -61,6 +61,7 @@ def build_registry() -> CommandRegistry:
     graph_cmds.register(reg)
     bitmap_cmds.register(reg)
     job_cmds.register(reg)
+    mirror_cmds.register(reg)
     nbd_cmds.register(reg)
     return reg
 

@@ -65,7 +65,7 @@ def lookup_node(machine: DeviceRegistry, name: str) -> tuple[Node, str] | None:
 def dirty_info(node: Node) -> list[BlockDirtyInfo] | None:
     """``dirty-bitmaps`` of a node as query-block shows it (named bitmaps, newest first); None without any."""
     out = [
-        BlockDirtyInfo(name=b.name, count=b.count(), granularity=b.granularity, recording=b.enabled,
+        BlockDirtyInfo(name=b.name, count=b.count(), granularity=b.granularity, recording=b.recording,
                        busy=b.busy, persistent=b.persistent, inconsistent=True if b.inconsistent else None)
         for b in node.bitmaps if b.name is not None
     ]

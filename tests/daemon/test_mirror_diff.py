@@ -1,0 +1,320 @@
+"""drive-mirror / drive-backup against qemu-system-x86_64, and under an NBD writer.
+
+The differential tests run the same commands on both daemons over the same
+three-image chain (``block-jobs.md``'s base/mid/top): argument errors in
+QEMU's order, the job's events in order, query-block-jobs, the graph after
+the pivot (``query-block``, ``info block -n``), and the files afterwards
+(``qemu-img compare`` across the two runs, ``qemu-img info --backing-chain``).
+Jobs are held still with ``speed``/pause, never with sleeps.
+
+The writer tests check the data: qemu-io writes over the daemon's NBD export
+while a mirror or backup runs; afterwards the mirror's target (the active
+image after the pivot) equals the writer's model byte for byte, and a
+backup's target equals the disk as it was when the backup started.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import qemu_img, qemu_io
+from tests.daemon.conftest import Daemons, Monitor, normalise
+from tests.nbd.conftest import short_sock
+
+MiB = 1024 * 1024
+_SIZE = re.compile(r'"actual-size": \d+')
+
+
+def _chain(d: Path) -> None:
+    """base (1 MiB of 0x11 at 0) <- mid (0x22 at 1M) <- top (0x33 at 2M), 4 MiB, relative names."""
+    for name, backing, pattern, at in (("base", None, 0x11, 0), ("mid", "base", 0x22, 1), ("top", "mid", 0x33, 2)):
+        args = ["create", "-q", "-f", "qcow2"]
+        if backing:
+            args += ["-b", f"{backing}.qcow2", "-F", "qcow2"]
+        assert qemu_img(*args, str(d / f"{name}.qcow2"), "4M").returncode == 0
+        r = qemu_io("-c", f"write -P {pattern:#x} {at}M 1M", str(d / f"{name}.qcow2"))
+        assert r.returncode == 0, r.stderr
+
+
+DRIVE = ["-drive", "file=DIR/top.qcow2,if=none,id=disk0"]
+
+
+def _wait(m: Monitor, event: str, count: int = 1, timeout: float = 60.0, status: str | None = None) -> None:
+    """Until ``count`` ``event``s came (with ``status``: JOB_STATUS_CHANGE events of that status)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for e in m.events if e["event"] == event
+              and (status is None or (e.get("data") or {}).get("status") == status)) < count:
+        assert time.monotonic() < deadline, f"no {event} in {m.events}"
+        m.cmd_line("query-version")  # reads the events that came meanwhile
+        time.sleep(0.02)
+
+
+def _events(m: Monitor, d: Path) -> list[str]:
+    out = [normalise(json.dumps([e["event"], e.get("data")])).replace(str(d), "DIR") for e in m.events]
+    m.events.clear()
+    return out
+
+
+class Pair:
+    def __init__(self, daemons: Daemons, tmp: Path) -> None:
+        self.dirs = [tmp / "q", tmp / "v"]
+        for d in self.dirs:
+            d.mkdir()
+            _chain(d)
+        _, qpath, _ = daemons.qemu([a.replace("DIR", str(self.dirs[0])) for a in DRIVE], self.dirs[0])
+        _, vpath, _ = daemons.vdkit([a.replace("DIR", str(self.dirs[1])) for a in DRIVE], self.dirs[1])
+        self.mons = [daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()]
+
+    def same(self, name: str, args: dict[str, Any] | None = None) -> str:
+        outs = []
+        for m, d in zip(self.mons, self.dirs, strict=True):
+            a = json.loads(json.dumps(args).replace("DIR", str(d))) if args is not None else None
+            # host allocation of a copied image may differ by a block (its bytes are compared after quit)
+            outs.append(_SIZE.sub('"actual-size": N', normalise(m.cmd_line(name, a)).replace(str(d), "DIR")))
+        assert outs[1] == outs[0], f"{name} {args}:\nqemu:  {outs[0]}\nvdkit: {outs[1]}"
+        return outs[0]
+
+    def hmp(self, line: str) -> str:
+        outs = [re.sub(r"#block\d+", "#blockN", m.hmp(line.replace("DIR", str(d)))).replace(str(d), "DIR")
+                for m, d in zip(self.mons, self.dirs, strict=True)]
+        assert outs[1] == outs[0], f"{line}:\nqemu:  {outs[0]}\nvdkit: {outs[1]}"
+        return outs[0]
+
+    def wait(self, event: str, count: int = 1, status: str | None = None) -> None:
+        for m in self.mons:
+            _wait(m, event, count, status=status)
+
+    def same_events(self) -> list[str]:
+        q, v = (_events(m, d) for m, d in zip(self.mons, self.dirs, strict=True))
+        assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])
+        return q
+
+    def quit(self, daemons: Daemons) -> None:
+        for m in self.mons:
+            m.send_raw(b'{"execute": "quit"}')
+        for p in daemons.procs:
+            p.wait(timeout=60)
+
+    def compare(self, name: str, other: str | None = None) -> None:
+        """The file ``name`` reads the same in both runs (and as ``other`` of the same run, if given)."""
+        q, v = (str(d / name) for d in self.dirs)
+        r = qemu_img("compare", "-U", q, v)
+        assert r.returncode == 0, r.stdout + r.stderr
+        if other is not None:
+            r = qemu_img("compare", "-U", v, str(self.dirs[1] / other))
+            assert r.returncode == 0, r.stdout + r.stderr
+        infos = [re.sub(r"disk size: .*", "", qemu_img("info", "-U", "--backing-chain", str(d / name)).stdout)
+                 .replace(str(d), "DIR") for d in self.dirs]
+        assert infos[1] == infos[0]
+
+
+MIRROR_ERRORS: list[dict[str, Any]] = [
+    {"device": "disk0", "target": "DIR/mi.qcow2", "sync": "incremental"},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "granularity": 1000},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "granularity": 256},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "buf-size": -1},
+    {"device": "nodev", "target": "DIR/mx.qcow2", "sync": "full"},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "job-id": "#bad"},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "replaces": "x"},
+    {"device": "disk0", "target": "DIR/nodir/mx.qcow2", "sync": "full", "mode": "existing"},
+    {"device": "disk0", "target": "DIR/mx.qcow2"},
+    {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "speed": -1},
+]
+
+
+@pytest.mark.parametrize("sync", ["top", "full", "none"])
+def test_mirror_pivot(daemons: Daemons, tmp_path: Path, sync: str) -> None:
+    p = Pair(daemons, tmp_path)
+    for args in MIRROR_ERRORS:
+        p.same("drive-mirror", args)
+    p.same_events()
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/mt.qcow2", "sync": sync, "job-id": "mt"})
+    p.wait("BLOCK_JOB_READY")
+    p.same_events()
+    p.same("query-block-jobs")
+    p.hmp("info block-jobs")
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/m2.qcow2", "sync": "full"})
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/b2.qcow2", "sync": "full"})
+    p.same("block-job-complete", {"device": "mt"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-block")
+    p.hmp("info block -n")
+    p.same("query-block-jobs")
+    p.quit(daemons)
+    p.compare("mt.qcow2", "top.qcow2")
+    p.compare("top.qcow2")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_mirror_cancel_after_ready(daemons: Daemons, tmp_path: Path, force: bool) -> None:
+    """Without force: COMPLETED, no pivot, the target a consistent copy; with force: CANCELLED."""
+    p = Pair(daemons, tmp_path)
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/mc.qcow2", "sync": "full", "job-id": "mc",
+                            "auto-dismiss": False})
+    p.wait("BLOCK_JOB_READY")
+    p.same("block-job-pause", {"device": "mc"})
+    p.same("block-job-cancel", {"device": "mc"})
+    p.same("block-job-complete", {"device": "mc"})
+    p.same("block-job-resume", {"device": "mc"})
+    p.same("block-job-cancel", {"device": "mc", "force": force})
+    p.wait("JOB_STATUS_CHANGE", status="concluded")
+    p.same_events()
+    p.same("query-jobs")
+    p.same("job-dismiss", {"id": "mc"})
+    p.same("query-block")
+    p.quit(daemons)
+    if not force:
+        p.compare("mc.qcow2", "top.qcow2")
+
+
+def test_backup_modes_and_incremental(daemons: Daemons, tmp_path: Path) -> None:
+    p = Pair(daemons, tmp_path)
+    for args in ({"device": "disk0", "target": "DIR/bi.qcow2", "sync": "incremental"},
+                 {"device": "disk0", "target": "DIR/bb.qcow2", "sync": "bitmap"},
+                 {"device": "disk0", "target": "DIR/bn.qcow2", "sync": "full", "bitmap": "nob"},
+                 {"device": "nodev", "target": "DIR/bx.qcow2", "sync": "full"},
+                 {"device": "disk0", "target": "DIR/bx.qcow2", "sync": "full", "bitmap-mode": "always"}):
+        p.same("drive-backup", args)
+    p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "bm0"})
+    for args in ({"device": "disk0", "target": "DIR/bx.qcow2", "sync": "full", "bitmap": "bm0"},
+                 {"device": "disk0", "target": "DIR/bx.qcow2", "sync": "none", "bitmap": "bm0",
+                  "bitmap-mode": "on-success"},
+                 {"device": "disk0", "target": "DIR/bx.qcow2", "sync": "incremental", "bitmap": "bm0",
+                  "bitmap-mode": "never"}):
+        p.same("drive-backup", args)
+    p.same_events()
+    for n, sync in enumerate(("full", "top"), 1):
+        p.same("drive-backup", {"device": "disk0", "target": f"DIR/b{sync}.qcow2", "sync": sync, "job-id": sync})
+        p.wait("BLOCK_JOB_COMPLETED", n)
+    p.same_events()
+    # the incremental round trip of block-jobs.md §7
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/inc0.qcow2", "sync": "full", "bitmap": "bm0",
+                            "bitmap-mode": "on-success", "job-id": "b0"})
+    p.wait("BLOCK_JOB_COMPLETED", 1)
+    p.same_events()
+    p.same("query-block")
+    socks = []
+    for m in p.mons:
+        sock = short_sock("n.sock")
+        assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+        assert m.cmd("nbd-server-add", {"device": "disk0", "writable": True}) == {"return": {}}
+        socks.append(f"nbd+unix:///disk0?socket={sock}")
+    for url in socks:
+        assert qemu_io("-f", "raw", "-c", "write -P 0x44 3M 64k", url).returncode == 0
+    p.same("query-block")
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", "-b", "inc0.qcow2", "-F", "qcow2",
+                        str(d / "inc1.qcow2")).returncode == 0
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/inc1.qcow2", "sync": "incremental", "bitmap": "bm0",
+                            "mode": "existing", "job-id": "b1"})
+    p.wait("BLOCK_JOB_COMPLETED", 1)
+    p.same_events()
+    p.same("query-block")
+    p.quit(daemons)
+    for name in ("bfull.qcow2", "btop.qcow2", "inc0.qcow2", "inc1.qcow2"):
+        p.compare(name)
+    maps = [_layout(qemu_img("map", "-U", "--output=json", str(d / "inc1.qcow2")).stdout) for d in p.dirs]
+    assert maps[1] == maps[0]
+    assert [e for e in maps[1] if e[2] == 0] == [(3 * MiB, 64 * 1024, 0, True, False, True)]  # only the new write
+
+
+def _layout(text: str) -> list[tuple[int, int, int, bool, bool, bool]]:
+    """qemu-img map entries without host offsets, runs of the same kind merged."""
+    out: list[tuple[int, int, int, bool, bool, bool]] = []
+    for e in json.loads(text):
+        key = (e["depth"], e["present"], e["zero"], e["data"])
+        if out and out[-1][2:] == key and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], *key)
+        else:
+            out.append((e["start"], e["length"], *key))
+    return out
+
+
+# -- under an NBD writer (vdkit-daemon; the model is the data the writer wrote) ----------------------------
+
+
+def _start_vdkit(daemons: Daemons, d: Path) -> tuple[Monitor, str]:
+    d.mkdir()
+    _chain(d)
+    _, path, _ = daemons.vdkit(["-drive", f"file={d}/top.qcow2,if=none,id=disk0"], d)
+    m = daemons.monitor(path).negotiate()
+    sock = short_sock("n.sock")
+    assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+    assert m.cmd("nbd-server-add", {"device": "disk0", "writable": True}) == {"return": {}}
+    return m, f"nbd+unix:///disk0?socket={sock}"
+
+
+def _model(d: Path) -> bytearray:
+    data = bytearray(4 * MiB)
+    for pattern, at in ((0x11, 0), (0x22, 1), (0x33, 2)):
+        data[at * MiB : (at + 1) * MiB] = bytes([pattern]) * MiB
+    return data
+
+
+WRITES = [(0x51, 0, 4096), (0x52, 1 * MiB + 512, 70000), (0x53, 3 * MiB, 64 * 1024), (0x54, 2 * MiB - 100, 300),
+          (0x55, 4 * MiB - 8192, 8192)]
+
+
+def _write(url: str, model: bytearray, pattern: int, off: int, n: int) -> None:
+    r = qemu_io("-f", "raw", "-c", f"write -P {pattern:#x} {off} {n}", url)
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+    model[off : off + n] = bytes([pattern]) * n
+
+
+def _read_raw(path: Path) -> bytes:
+    out = path.with_suffix(".raw")
+    r = qemu_img("convert", "-U", "-O", "raw", str(path), str(out))
+    assert r.returncode == 0, r.stderr
+    return out.read_bytes()
+
+
+def test_mirror_under_nbd_writer(daemons: Daemons, tmp_path: Path) -> None:
+    d = tmp_path / "v"
+    m, url = _start_vdkit(daemons, d)
+    model = _model(d)
+    # slow enough that writes land before, inside and after the ranges already copied
+    assert m.cmd("drive-mirror", {"device": "disk0", "target": str(d / "mt.qcow2"), "sync": "full",
+                                  "job-id": "mt", "speed": 512 * 1024, "granularity": 65536}) == {"return": {}}
+    for w in WRITES[:3]:
+        _write(url, model, *w)
+    assert m.cmd("block-job-set-speed", {"device": "mt", "speed": 0}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_READY")
+    for w in WRITES[3:]:
+        _write(url, model, *w)  # mirrored while ready
+    assert m.cmd("block-job-complete", {"device": "mt"}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_COMPLETED")
+    _write(url, model, 0x56, 100000, 5000)  # after the pivot: lands in the target only
+    m.send_raw(b'{"execute": "quit"}')
+    for p in daemons.procs:
+        p.wait(timeout=60)
+    assert _read_raw(d / "mt.qcow2") == bytes(model)
+    r = qemu_img("check", str(d / "mt.qcow2"))
+    assert r.returncode == 0, r.stdout
+
+
+def test_backup_under_nbd_writer_is_point_in_time(daemons: Daemons, tmp_path: Path) -> None:
+    d = tmp_path / "v"
+    m, url = _start_vdkit(daemons, d)
+    model = _model(d)
+    start = bytes(model)
+    assert m.cmd("drive-backup", {"device": "disk0", "target": str(d / "bk.qcow2"), "sync": "full",
+                                  "job-id": "bk", "speed": 256 * 1024}) == {"return": {}}
+    for w in WRITES:
+        _write(url, model, *w)  # copy-before-write saves the old data first
+    assert m.cmd("block-job-set-speed", {"device": "bk", "speed": 0}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_COMPLETED")
+    assert not any("error" in (e.get("data") or {}) for e in m.events), m.events
+    m.send_raw(b'{"execute": "quit"}')
+    for p in daemons.procs:
+        p.wait(timeout=60)
+    assert _read_raw(d / "bk.qcow2") == start
+    assert _read_raw(d / "top.qcow2") == bytes(model)
+    r = qemu_img("check", str(d / "bk.qcow2"))
+    assert r.returncode == 0, r.stdout

@@ -1,0 +1,176 @@
+"""The mirror job (``drive-mirror``, ``blockdev-mirror``): copy a disk to a target while it is written.
+
+An anonymous dirty bitmap on the source node says what still has to be
+copied.  It starts with what ``sync`` asks for (``full``: every range
+allocated anywhere in the chain; ``top``: what the top image allocates;
+``none``: nothing) and every guest write to the source marks it again (the
+write path of :mod:`vdkit.block.io` marks all of a node's bitmaps, and the
+job's ``before_write`` hook wakes the job).  The job copies dirty chunks,
+clearing their bits first, until nothing is dirty: then it is *ready*
+(``BLOCK_JOB_READY``) and keeps copying whatever new writes dirty.
+
+``block-job-complete`` ends it with a *pivot*: the remaining dirty ranges are
+copied while the job holds the device lock (no write can slip in), then the
+monitor's ``pivot`` callback puts the target in the source's place.  A cancel
+of a ready job without ``force`` does the same final copy but no pivot (the
+target is a consistent copy of the disk at that moment, and the job ends as
+COMPLETED, as in QEMU); a forced cancel stops at once.
+
+Chunks are whole granules of the bitmap, widened to whole clusters of the
+target: the target has no backing file while the job runs, so a partial
+cluster written there would otherwise hide the backing data it shows after
+the pivot.  Ranges the source reads as zeros are written as zeroes (without
+unmapping while the target is to get a backing file).
+
+The work runs in the job's thread with the device lock held (see
+:mod:`vdkit.block.jobs`), letting go at the pause point after each chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from vdkit.block import io as bio
+from vdkit.block.dirty_bitmap import DirtyBitmap
+from vdkit.block.jobs import Job, JobDriver
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+
+DEFAULT_BUF_SIZE = 16 * 1024 * 1024  # QEMU's default buf-size
+MAX_CHUNK = 1024 * 1024  # bytes copied per pause point (the device lock is held meanwhile)
+
+
+def mark_allocated(bm: DirtyBitmap, layers: list[Node], size: int) -> None:
+    """Set the bits of every range any of ``layers`` allocates itself (data or zeros)."""
+    for layer in layers:
+        end = min(size, layer.size)
+        off = 0
+        while off < end:
+            st = bio.layer_status(layer, off, end - off)
+            if st.length <= 0:
+                break
+            if st.flags & bio.ALLOCATED:
+                bm.set_dirty(off, st.length)
+            off += st.length
+
+
+class MirrorJob(JobDriver):
+    """One mirror: ``source`` (a chain's top node) copied to ``target`` (opened without backing)."""
+
+    job_type = "mirror"
+    soft_cancel_when_ready = True
+
+    def __init__(self, source: Node, target: Node, *, sync: str, granularity: int, buf_size: int,
+                 zero_target: bool, unmap: bool, keeps_backing: bool, on_source_error: str,
+                 on_target_error: str, pivot: Callable[[], None] | None, release: Callable[[bool], None]) -> None:
+        self.source = source
+        self.target = target
+        self.sync = sync
+        self.granularity = granularity
+        self.chunk = max(granularity, min(buf_size, MAX_CHUNK) // granularity * granularity)
+        self.zero_target = zero_target
+        # zeros may be unmapped only where nothing shows through afterwards (no backing after the pivot)
+        self.unmap = unmap and not keeps_backing
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.pivot_fn = pivot
+        self.release = release
+        self.bitmap = DirtyBitmap(None, granularity, source.size)
+        self.cluster = max(granularity, target.driver.cluster_size or 0)
+        self.cursor = 0
+        self.pivoted = False
+        self._job: Job | None = None
+
+    def nodes(self) -> list[Node]:
+        return [self.source]
+
+    # -- the work --------------------------------------------------------------------------------
+    def _kick(self, offset: int, length: int) -> None:
+        if self._job is not None:
+            self._job.kick()
+
+    def run(self, job: Job) -> None:
+        self._job = job
+        src = self.source
+        src.bitmaps.append(self.bitmap)  # anonymous: never listed, fed by every write to the source
+        src.before_write.append(self._kick)
+        size = src.size
+        if self.zero_target:
+            self._io(job, "write", lambda: bio.write_zeroes(self.target, 0, size, unmap=True))
+        if self.sync == "full":
+            mark_allocated(self.bitmap, list(src.chain()), size)
+        elif self.sync == "top":
+            mark_allocated(self.bitmap, [src], size)
+        job.len = job.offset + self.bitmap.count()
+        while True:
+            while self.bitmap.count():
+                self._copy_next(job)
+                job.len = job.offset + self.bitmap.count()
+                job.pause_point()
+            if not job.ready:
+                job.set_ready()
+            if job.should_exit:
+                # completion or a soft cancel: copy what is still dirty without letting go of the lock
+                while self.bitmap.count():
+                    self._copy_next(job)
+                job.len = job.offset
+                bio.flush(self.target)
+                return
+            job.pause_point(idle=True)
+
+    def _copy_next(self, job: Job) -> None:
+        bm = self.bitmap
+        run = next(bm.dirty_runs(self.cursor), None) or next(bm.dirty_runs(0), None)
+        if run is None:
+            return
+        start, length = run[0], min(run[1], self.chunk)
+        size = self.source.size
+        lo = start - start % self.cluster
+        hi = min(size, -(-(start + length) // self.cluster) * self.cluster)
+        bm.reset(lo, hi - lo)
+        self.cursor = hi if hi < size else 0
+        data = self._io(job, "read", lambda: bio.read(self.source, lo, hi - lo))
+        if data is None:
+            return
+        assert isinstance(data, bytes)
+        if data.count(0) == len(data):
+            done = self._io(job, "write", lambda: bio.write_zeroes(self.target, lo, hi - lo, unmap=self.unmap))
+        else:
+            done = self._io(job, "write", lambda: bio.write(self.target, lo, data))
+        if done is None:
+            bm.set_dirty(lo, hi - lo)  # not copied: still to do
+            return
+        job.advance(hi - lo, hi - lo)
+
+    def _io(self, job: Job, op: str, fn: Callable[[], object]) -> object | None:
+        """Run one I/O; errors go through on-source-error (reads) or on-target-error (writes)."""
+        while True:
+            try:
+                result = fn()
+                return True if result is None else result
+            except OSError as exc:
+                err: BaseException = exc
+            except Exception as exc:  # noqa: BLE001 - VdkitError carries the errno the policy needs
+                if not hasattr(exc, "errno"):
+                    raise
+                err = exc
+            job.on_error = self.on_source_error if op == "read" else self.on_target_error
+            if not job.io_error(op, err):
+                return None  # ignore: skip this chunk
+
+    # -- the end -------------------------------------------------------------------------------
+    def prepare(self, job: Job) -> None:
+        if job.completion_requested and not job.cancel_requested and self.pivot_fn is not None:
+            self.pivot_fn()
+            self.pivoted = True
+
+    def clean(self, job: Job) -> None:
+        src = self.source
+        bitmaps = src.driver.dirty_bitmaps or []
+        if self.bitmap in bitmaps:
+            bitmaps.remove(self.bitmap)
+        if self._kick in src.before_write:
+            src.before_write.remove(self._kick)
+        self.release(self.pivoted)

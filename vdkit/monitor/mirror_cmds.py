@@ -1,0 +1,448 @@
+"""drive-mirror / blockdev-mirror and drive-backup / blockdev-backup: starting the jobs, and the pivot.
+
+The jobs themselves are :mod:`vdkit.block.mirror` and :mod:`vdkit.block.backup`
+on the engine of :mod:`vdkit.block.jobs`; this module checks the arguments
+in QEMU 7.2's order with its texts (``block-jobs.md`` §6, §7), creates or
+opens the target, and does the graph work when a mirror pivots: the drive's
+medium moves onto the target (with the source's backing chain below it for
+``sync: top``, the source itself for ``none``, the target's own backing chain
+for ``mode: existing``), and the nodes no longer used are closed.
+
+Target files created before a late check fails stay on disk, as in QEMU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
+
+if TYPE_CHECKING:
+    from vdkit.block.node import Node
+    from vdkit.devices.graph import GraphNode
+    from vdkit.devices.registry import DeviceRegistry, Drive, Medium
+
+ON_ERROR = ("report", "ignore", "stop", "enospc")
+SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
+
+
+# -- lookups ---------------------------------------------------------------------------------------
+
+
+def _lookup(machine: DeviceRegistry, name: str) -> tuple[Drive, int]:
+    """``bdrv_lookup_bs(name, name)`` over the drives: (drive, index of the node in its chain)."""
+    drive = machine.find_drive(name)
+    if drive is not None:
+        if drive.medium is None or drive.medium.dead:
+            raise VdkitError(f"Device '{name}' has no medium")
+        return drive, 0
+    for d in machine.drives:
+        if d.medium is None:
+            continue
+        for i, (fmt_name, file_name) in enumerate(d.medium.names):
+            if name in (fmt_name, file_name):
+                if name == file_name:
+                    raise VdkitError("Jobs on protocol nodes are not supported by vdkit")
+                return d, i
+    if machine.graph.find(name) is not None:
+        raise VdkitError("Jobs on nodes of the blockdev-add graph are not supported by vdkit (use a -drive)")
+    raise VdkitError(f"Cannot find device='{name}' nor node-name='{name}'")
+
+
+def _label(drive: Drive, index: int) -> str:
+    assert drive.medium is not None
+    return drive.id if index == 0 else drive.medium.names[index][0]
+
+
+def _busy(machine: DeviceRegistry, drive: Drive) -> None:
+    """QEMU's op blocker on the source: a job on its chain's root makes it busy."""
+    assert drive.medium is not None
+    job = machine.jobs.job_on(drive.medium.node)
+    if job is not None:
+        raise VdkitError(f"Node '{drive.id}' is busy: block device is in use by block job: {job.type}")
+
+
+def _create(path: str, fmt: str, size: int, backing: Node | None) -> None:
+    """``bdrv_img_create`` for a target: the source's size, the backing node's filename and format."""
+    from vdkit.formats.registry import FORMATS, format_module, is_known
+    from vdkit.io.file import ImageFile
+    from vdkit.opts import CreateOpts, with_file_options
+
+    if not is_known(fmt):
+        raise VdkitError(f"Unknown file format '{fmt}'")
+    if fmt not in FORMATS or not hasattr(format_module(fmt), "create_image"):
+        raise VdkitError(f"Creating '{fmt}' images is not supported by vdkit")
+    mod = format_module(fmt)
+    opts = CreateOpts(with_file_options(mod.create_options()))
+    if backing is not None:
+        if "backing_file" not in opts.by_name:
+            raise VdkitError(f"Backing file not supported for file format '{fmt}'")
+        opts.set("backing_file", backing.filename)
+        opts.set("backing_fmt", backing.format)
+    opts.set_number("size", size)
+    try:  # a file this daemon (or anyone) holds is refused before it is overwritten, as QEMU does
+        ImageFile(path, readonly=False).close()
+    except VdkitError as exc:
+        if exc.errno != 2:
+            raise
+    mod.create_image(path, opts)
+
+
+def _open_target(path: str, fmt: str | None) -> Node:
+    from vdkit.block.node import open_image
+    from vdkit.monitor.block_cmds import open_error
+
+    try:
+        return open_image(path, fmt, readonly=False, backing=False)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
+
+
+def _claim_target_names(machine: DeviceRegistry, node_name: str | None) -> tuple[str, str, int, int]:
+    """Names and creation serials of a new target's format and file nodes (the file node first, as QEMU)."""
+    file_serial = machine.next_serial()
+    fmt_serial = machine.next_serial()
+    file_name = machine.auto_name()
+    if node_name is not None:
+        machine.claim_name(node_name)
+        fmt_name = node_name
+    else:
+        fmt_name = machine.auto_name()
+    return fmt_name, file_name, fmt_serial, file_serial
+
+
+def _job_id(args: dict[str, Any], drive: Drive, index: int) -> str:
+    # the default id is the backend's name; a node without one gets '' (refused as an invalid id)
+    return str(args.get("job-id", drive.id if index == 0 else ""))
+
+
+# -- the pivot ------------------------------------------------------------------------------------------
+
+
+def _pivot(machine: DeviceRegistry, drive: Drive, medium: Medium, target: Node, names: tuple[str, str],
+           serials: tuple[int, int], *, keep_from: int | None, open_own_backing: bool) -> None:
+    """The target takes the source's place under the drive (the Medium, so exports follow).
+
+    ``keep_from``: the index of the old chain that becomes the target's backing
+    (1 for ``top``, 0 for ``none``), None to drop the whole old chain.
+    """
+    from vdkit.devices.graph import describe_node, json_filename
+
+    old_chain = list(medium.node.chain())
+    old_names, old_serials = list(medium.names), list(medium.serials)
+    new_names = [names]
+    new_serials = [serials]
+    if keep_from is not None:
+        below = old_chain[keep_from]
+        target.backing = below
+        new_names += old_names[keep_from:]
+        new_serials += old_serials[keep_from:]
+        dropped = old_chain[:keep_from]
+        if keep_from == 0:
+            below.flush()  # the old source is the target's backing now (QEMU leaves it writable)
+    else:
+        dropped = old_chain
+        if open_own_backing and target.driver.backing_file is not None:
+            from vdkit.block.chain import BackingWalk
+            from vdkit.block.node import _open_backing
+
+            _open_backing(target, force_share=False, no_io=False, walk=BackingWalk())
+            for _ in list(target.chain())[1:]:
+                fs, ss = machine.next_serial(), machine.next_serial()
+                new_names.append((machine.auto_name(), machine.auto_name()))
+                new_serials.append((ss, fs))
+    stored = target.driver.backing_file
+    if target.backing is not None and stored != target.backing.filename:
+        target.filename = json_filename(target, describe_node(target.backing))
+    medium.node = target
+    medium.names = new_names
+    medium.serials = new_serials
+    for fmt_name, file_name in old_names[: len(old_names) if keep_from is None else keep_from]:
+        machine.release_name(fmt_name)
+        machine.release_name(file_name)
+        machine.monitor_owned.discard(fmt_name)
+        machine.monitor_owned.discard(file_name)
+    for node in dropped:
+        node.backing = None
+        try:
+            node.driver.close()
+        except (OSError, VdkitError):
+            pass
+    machine._hook_corruption(medium)
+    machine.generation += 1
+
+
+# -- mirror -------------------------------------------------------------------------------------------
+
+
+def _mirror_common_checks(args: dict[str, Any]) -> tuple[int, int]:
+    """``blockdev_mirror_common``/``mirror_start_job`` argument checks: (granularity, buf-size), 0 = default."""
+    granularity = args.get("granularity", 0)
+    if granularity and not 512 <= granularity <= 64 * 1024 * 1024:
+        raise VdkitError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise VdkitError("Parameter 'granularity' expects a power of 2")
+    return granularity, args.get("buf-size", 0)
+
+
+def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
+                  sync: str, zero_target: bool, keeps_backing: bool, pivot: Any, release: Any) -> None:
+    from vdkit.block.dirty_bitmap import default_granularity
+    from vdkit.block.mirror import DEFAULT_BUF_SIZE, MirrorJob
+
+    if sync in ("incremental", "bitmap"):
+        raise VdkitError(f"Sync mode '{sync}' not supported")
+    granularity, buf_size = _mirror_common_checks(args)
+    if not granularity:
+        granularity = default_granularity(None if target.format == "raw" else target.driver.cluster_size)
+    if buf_size < 0:
+        raise VdkitError("Invalid parameter 'buf-size'")
+    assert drive.medium is not None
+    source = list(drive.medium.node.chain())[index]
+    if source is target:
+        raise VdkitError("Can't mirror node into itself")
+    if "replaces" in args and args["replaces"] not in (drive.medium.names[index][0], drive.id):
+        raise VdkitError(f"Replacing node '{args['replaces']}' is not supported by vdkit")
+    job_driver = MirrorJob(source, target, sync=sync, granularity=granularity, buf_size=buf_size or DEFAULT_BUF_SIZE,
+                           zero_target=zero_target, unmap=args.get("unmap", True), keeps_backing=keeps_backing,
+                           on_source_error=args.get("on-source-error", "report"),
+                           on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release)
+    job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
+                              auto_finalize=args.get("auto-finalize", True),
+                              auto_dismiss=args.get("auto-dismiss", True))
+    job.start()
+
+
+def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
+    machine = ctx.machine
+    drive, index = _lookup(machine, args["device"])
+    assert drive.medium is not None
+    if index or machine.jobs.job_on(drive.medium.node) is not None:
+        raise VdkitError("Need a root block node")
+    medium = drive.medium
+    assert medium is not None
+    chain = list(medium.node.chain())
+    source = chain[0]
+    existing = args.get("mode", "absolute-paths") == "existing"
+    fmt = args.get("format", None if existing else source.format)
+    sync = args["sync"]
+    backing: Node | None = chain[1] if len(chain) > 1 else None
+    if backing is None and sync == "top":
+        sync = "full"
+    if sync == "none":
+        backing = source
+    if "replaces" in args and "node-name" not in args:
+        raise VdkitError("a node-name must be provided when replacing a named node of the graph")
+    path = args["target"]
+    if not existing:
+        _create(path, fmt or source.format, source.size, None if sync == "full" else backing)
+    if "node-name" in args:
+        from vdkit.monitor.graph_cmds import check_node_name
+
+        check_node_name(machine, args["node-name"])
+    target = _open_target(path, fmt)
+    names = _claim_target_names(machine, args.get("node-name"))
+    keep_from = None if existing or sync == "full" else (0 if sync == "none" else 1)
+    def pivot() -> None:
+        _pivot(machine, drive, medium, target, (names[0], names[1]), (names[2], names[3]), keep_from=keep_from,
+               open_own_backing=existing)
+
+    def release(pivoted: bool) -> None:
+        if not pivoted:
+            machine.release_name(names[0])
+            machine.release_name(names[1])
+            target.backing = None
+            target.close()
+
+    try:
+        _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full" and existing,
+                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release)
+    except BaseException:
+        release(False)
+        raise
+
+
+def _graph_target(machine: DeviceRegistry, name: str) -> GraphNode:
+    g = machine.graph.find(name)
+    if g is None:
+        if machine.find_drive(name) is not None or any(
+                name in n for d in machine.drives if d.medium is not None for n in d.medium.names):
+            raise VdkitError("A target in use by a drive is not supported by vdkit")
+        raise VdkitError(f"Cannot find device='{name}' nor node-name='{name}'")
+    if g.node is None or g.child is None or not g.child.implicit or g.backing is not None \
+            or machine.graph.parents_of(g):
+        raise VdkitError("Only a blockdev-add format node with its own file node and no backing or parent "
+                         "can be a target in vdkit")
+    return g
+
+
+def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
+    from vdkit.devices.graph import _BorrowedFile
+
+    machine = ctx.machine
+    drive, index = _lookup(machine, args["device"])
+    assert drive.medium is not None
+    if index or machine.jobs.job_on(drive.medium.node) is not None:
+        raise VdkitError("Need a root block node")
+    g = _graph_target(machine, args["target"])
+    medium = drive.medium
+    assert medium is not None and g.node is not None and g.child is not None
+    target = g.node
+    child = g.child
+    sync = args["sync"]
+    if sync == "top" and medium.node.backing is None:
+        sync = "full"
+
+    def pivot() -> None:
+        machine.graph.nodes.remove(g)
+        machine.graph.nodes.remove(child)
+        if isinstance(target.driver.file, _BorrowedFile):
+            target.driver.file.owns = True  # the drive's medium closes the file from now on
+        # QEMU leaves the target's backing as the user set it: none here
+        _pivot(machine, drive, medium, target, (g.name, child.name), (g.serial, child.serial), keep_from=None,
+               open_own_backing=False)
+        machine.monitor_owned.add(g.name)
+
+    _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full", keeps_backing=False,
+                  pivot=pivot, release=lambda pivoted: None)
+
+
+# -- backup -------------------------------------------------------------------------------------------
+
+
+def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
+                   sync: str, target_has_backing: bool, release: Any) -> None:
+    """``do_backup_common`` and ``backup_job_create``: bitmap rules, then the job."""
+    from vdkit.block.backup import BackupJob
+    from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT
+    from vdkit.block.jobs import Status
+
+    assert drive.medium is not None
+    source = list(drive.medium.node.chain())[index]
+    mode = args.get("bitmap-mode")
+    if sync in ("bitmap", "incremental") and "bitmap" not in args:
+        raise VdkitError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise VdkitError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    bitmap = None
+    if "bitmap" in args:
+        bitmap = source.find_bitmap(args["bitmap"])
+        if bitmap is None:
+            raise VdkitError(f"Bitmap '{args['bitmap']}' could not be found")
+        if mode is None:
+            raise VdkitError("Bitmap sync mode must be given when providing a bitmap")
+        bitmap.check(CHECK_ALLOW_RO)
+        if sync == "none":
+            raise VdkitError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise VdkitError(f"Bitmap sync mode 'never' has no meaningful effect when combined with sync mode "
+                             f"'{sync}'")
+    elif mode is not None:
+        raise VdkitError("Cannot specify bitmap sync mode without a bitmap")
+    if source is target:
+        raise VdkitError("Source and target cannot be the same")
+    compress = bool(args.get("compress", False))
+    from vdkit.formats.registry import format_module
+
+    if compress and not getattr(format_module(target.format), "SUPPORTS_COMPRESSION", False):
+        raise VdkitError(f"Compression is not supported for this drive {target.filename}")
+    _busy(machine, drive)
+    if bitmap is not None and mode != "never":
+        bitmap.check(CHECK_DEFAULT)
+    job_driver = BackupJob(source, target, sync=sync, bitmap=bitmap, bitmap_mode=mode or "on-success",
+                           target_has_backing=target_has_backing, compress=compress,
+                           on_source_error=args.get("on-source-error", "report"),
+                           on_target_error=args.get("on-target-error", "report"), release=release)
+    job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
+                              auto_finalize=args.get("auto-finalize", True),
+                              auto_dismiss=args.get("auto-dismiss", True))
+    job_driver.attach(job)
+    job.start()
+    # QEMU drains the source as the job starts: a running job shows a paused/running pair at once
+    job._transition(Status.PAUSED)
+    job._transition(Status.RUNNING)
+
+
+def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    machine = ctx.machine
+    machine.jobs.drain()  # QEMU runs it as a one-action transaction, which drains everything first
+    drive, index = _lookup(machine, args["device"])
+    existing = args.get("mode", "absolute-paths") == "existing"
+    assert drive.medium is not None
+    source = list(drive.medium.node.chain())[index]
+    fmt = args.get("format", None if existing else source.format)
+    machine.jobs.drain()  # then the source (jobs at a pause point show a pause/resume pair again)
+    job = machine.jobs.job_on(drive.medium.node)
+    if job is not None:
+        raise VdkitError(f"Node '{_label(drive, index)}' is busy: block device is in use by block job: {job.type}")
+    sync = args["sync"]
+    backing: Node | None = None
+    if sync == "top":
+        backing = source.backing
+        if backing is None:
+            sync = "full"
+    if sync == "none":
+        backing = source
+    path = args["target"]
+    if not existing:
+        _create(path, fmt or source.format, source.size, backing)
+    target = _open_target(path, fmt)
+    if sync == "none":
+        target.backing = source  # the live source shows through: a fleecing overlay
+
+    def release() -> None:
+        target.backing = None
+        target.close()
+
+    try:
+        _backup_common(machine, drive, index, target, args, sync=sync,
+                       target_has_backing=backing is not None or target.driver.backing_file is not None,
+                       release=release)
+    except BaseException:
+        release()
+        raise
+
+
+def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    machine = ctx.machine
+    machine.jobs.drain()  # a one-action transaction: everything is drained first
+    drive, index = _lookup(machine, args["device"])
+    g = machine.graph.find(args["target"])
+    if g is None:
+        raise VdkitError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    if g.node is None:
+        raise VdkitError("A protocol node as backup target is not supported by vdkit")
+    machine.jobs.drain()
+    sync = args["sync"]
+    assert drive.medium is not None
+    if sync == "top" and list(drive.medium.node.chain())[index].backing is None:
+        sync = "full"
+    _backup_common(machine, drive, index, g.node, args, sync=sync, target_has_backing=g.backing is not None,
+                   release=lambda: None)
+
+
+_COMMON = (opt("speed", "int"), opt("on-source-error", enum=ON_ERROR), opt("on-target-error", enum=ON_ERROR),
+           opt("auto-finalize", "bool"), opt("auto-dismiss", "bool"), opt("filter-node-name"))
+MIRROR_SCHEMA = (opt("job-id"), Arg("device"), Arg("target"), opt("format"), opt("node-name"), opt("replaces"),
+                 Arg("sync", enum=SYNC_MODES), opt("mode", enum=("existing", "absolute-paths")),
+                 opt("granularity", "int"), opt("buf-size", "int"), opt("unmap", "bool"),
+                 opt("copy-mode", enum=("background", "write-blocking")), *_COMMON)
+BLOCKDEV_MIRROR_SCHEMA = (opt("job-id"), Arg("device"), Arg("target"), opt("replaces"), Arg("sync", enum=SYNC_MODES),
+                          opt("granularity", "int"), opt("buf-size", "int"),
+                          opt("copy-mode", enum=("background", "write-blocking")), *_COMMON)
+_BACKUP_COMMON = (opt("job-id"), Arg("device"), Arg("sync", enum=SYNC_MODES), opt("bitmap"),
+                  opt("bitmap-mode", enum=("on-success", "never", "always")), opt("compress", "bool"),
+                  opt("x-perf", "object"), *_COMMON)
+DRIVE_BACKUP_SCHEMA = (*_BACKUP_COMMON, Arg("target"), opt("format"), opt("mode", enum=("existing", "absolute-paths")))
+BLOCKDEV_BACKUP_SCHEMA = (*_BACKUP_COMMON, Arg("target"))
+
+
+def register(reg: CommandRegistry) -> None:
+    r = reg.register
+    r("drive-mirror", *MIRROR_SCHEMA)(drive_mirror)
+    r("blockdev-mirror", *BLOCKDEV_MIRROR_SCHEMA)(blockdev_mirror)
+    r("drive-backup", *DRIVE_BACKUP_SCHEMA)(drive_backup)
+    r("blockdev-backup", *BLOCKDEV_BACKUP_SCHEMA)(blockdev_backup)
