@@ -43,6 +43,7 @@ def setup_chain(d: Path) -> None:
     _io(d, "mid.qcow2", "write -z 3M 64k")
     _io(d, "top.qcow2", "write -P 0x33 2M 1M")
     check_ok("create", "-q", "-f", "qcow2", "other.qcow2", "4M", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "spare.qcow2", "4M", cwd=d)
 
 
 def _wait_event(m: Monitor, seen: list[int], pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> None:
@@ -307,3 +308,48 @@ def test_hmp_job_commands(daemons: Daemons) -> None:
         "help block_job_set_speed",
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+THROTTLE = {"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+
+
+def test_conflicts_while_a_job_runs(daemons: Daemons) -> None:
+    """§8: what other commands answer while a (paused) commit job holds the drive; afterwards they work."""
+    run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "speed": 1}),
+        ("block-job-pause", {"device": "disk0"}),
+        ("@wait", "disk0", "paused"),
+        ("block-commit", {"device": "disk0", "job-id": "x"}),
+        ("block-stream", {"device": "disk0", "job-id": "x"}),
+        ("blockdev-snapshot-internal-sync", {"device": "disk0", "name": "i1"}),
+        ("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": "DIR/s1.qcow2"}),
+        ("eject", {"device": "disk0"}),
+        ("eject", {"device": "disk0", "force": True}),
+        ("block_resize", {"device": "disk0", "size": 8 * MiB}),
+        ("block_set_io_throttle", THROTTLE),
+        ("blockdev-change-medium", {"device": "disk0", "filename": "DIR/other.qcow2"}),
+        ("blockdev-change-medium", {"device": "disk0", "filename": "DIR/spare.qcow2"}),
+        "change disk0 DIR/spare.qcow2",
+        ("blockdev-snapshot-sync", {"device": "disk1", "snapshot-file": "DIR/s2.qcow2"}),
+        ("transaction", {"actions": []}),
+        "info block-jobs",
+        ("query-block", None),
+        ("block-job-cancel", {"device": "disk0", "force": True}),
+        ("@wait", "disk0", "null"),
+        ("eject", {"device": "disk0"}),
+        ("block_resize", {"device": "disk0", "size": 8 * MiB}),
+        ("block_set_io_throttle", THROTTLE),
+    ])
+
+
+def test_running_job_drains(daemons: Daemons) -> None:
+    """A running (rate-limited) job is paused and resumed by a transaction's drain: the event pairs."""
+    run_jobs(daemons, DRIVE, [
+        ("block-stream", {"device": "disk0", "speed": 1}),
+        ("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": "DIR/s1.qcow2"}),
+        ("block-job-pause", {"device": "disk0"}),
+        ("@wait", "disk0", "paused"),
+        ("blockdev-snapshot-sync", {"device": "disk1", "snapshot-file": "DIR/s2.qcow2"}),
+        ("block-job-cancel", {"device": "disk0", "force": True}),
+        ("@wait", "disk0", "null"),
+    ])

@@ -213,6 +213,10 @@ class Job:
         # QEMU runs a new job synchronously until its first I/O: a pause asked for before the first
         # copy takes effect at the first pause point after it (so does the speed limit's first sleep)
         self._io_done = False
+        # a resumed job owes a step: QEMU runs it at once up to its next I/O, so the next command that
+        # pauses, drains or cancels it finds it one step further; such commands wait for that step
+        self._kick_pending = False
+        self._settlers = 0
         self._thread: threading.Thread | None = None
         self.cond = threading.Condition(jobs.lock)
 
@@ -271,6 +275,8 @@ class Job:
                 failure = exc
             self.busy = False
             self._completed(failure)
+            self._kick_pending = False
+            self.cond.notify_all()
 
     def _completed(self, failure: BaseException | None) -> None:
         if failure is not None:
@@ -327,6 +333,7 @@ class Job:
         self.check_verb("pause")
         if self.user_paused:
             raise VdkitError("Job is already paused")
+        self._settle()
         self.user_paused = True
         self._pause()
 
@@ -350,7 +357,34 @@ class Job:
         if self.pause_count == 0:
             if self.status in (S.PAUSED, S.STANDBY):
                 self._transition(S.READY if self.status is S.STANDBY else S.RUNNING)
-            self._kicked = True
+            self._wake()
+
+    def _wake(self) -> None:
+        """End the job's current wait; a job sleeping at a pause point then owes a step (see _settle)."""
+        self._kicked = True
+        if not self.busy and self._io_done and self._thread is not None and self._thread.is_alive():
+            self._kick_pending = True
+        self.cond.notify_all()
+
+    def _settle(self) -> None:
+        """Let a job that owes a step (resumed, kicked) take it before this command acts on it.
+
+        Called by commands (device lock held): the job thread runs up to its
+        next pause point, where it hands the lock back.
+        """
+        thread = self._thread
+        if not self._kick_pending or thread is None or threading.current_thread() is thread:
+            return
+        self._settlers += 1
+        try:
+            deadline = time.monotonic() + 30
+            while self._kick_pending and thread.is_alive():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+        finally:
+            self._settlers -= 1
             self.cond.notify_all()
 
     def set_speed(self, speed: int) -> None:
@@ -361,8 +395,7 @@ class Job:
         self.speed = speed
         self.limit.set_speed(speed)
         if speed == 0 or speed > old:  # a faster limit ends the current sleep
-            self._kicked = True
-            self.cond.notify_all()
+            self._wake()
 
     def complete(self) -> None:
         self.check_verb("complete")
@@ -375,6 +408,7 @@ class Job:
     def cancel(self, *, force: bool) -> None:
         """QEMU's cancel: a concluded job is dismissed; a ready job with a ready phase may end softly."""
         self.check_verb("cancel")
+        self._settle()
         if self.status is S.CONCLUDED:
             self.dismiss()
             return
@@ -402,6 +436,7 @@ class Job:
 
     def drain(self) -> None:
         """A drain (graph change, snapshot, ...): a job at a pause point is paused and resumed at once."""
+        self._settle()
         if self.status not in (S.RUNNING, S.READY) or self.pause_count:
             return
         self._pause()
@@ -429,10 +464,12 @@ class Job:
         wait until woken (complete, cancel, pause, speed change, a write).
         """
         self._check_cancel()
-        delay, self._delay_ns = self._delay_ns, 0
         self._kicked = False
         self.busy = False
         try:
+            while self._settlers:  # a command waits for this job to reach a pause point: let it act
+                self.cond.wait()
+            delay, self._delay_ns = self._delay_ns, 0
             if delay or idle:
                 deadline = time.monotonic() + delay / 1e9
                 while not self._kicked and not self.cancel_requested and not self.pause_count:
@@ -449,6 +486,9 @@ class Job:
                 if not self.pause_count and self.status in (S.PAUSED, S.STANDBY):
                     self._transition(S.READY if self.status is S.STANDBY else S.RUNNING)
         finally:
+            if self._kick_pending:  # the step owed is under way: waiting commands get the lock after it
+                self._kick_pending = False
+                self.cond.notify_all()
             self.busy = True
         self._check_cancel()
 

@@ -415,10 +415,18 @@ def _remove_medium(ctx: CommandContext, drive: Drive) -> None:
         drive.medium = None
 
 
+def _check_job(ctx: CommandContext, drive: Drive) -> None:
+    """A job on the drive's root blocks eject and change (QEMU's op blocker, ``block-jobs.md`` §8)."""
+    from vdkit.monitor.job_cmds import check_root_busy
+
+    check_root_busy(ctx.machine, drive)
+
+
 def eject(ctx: CommandContext, args: dict[str, Any]) -> None:
     drive = _get_drive(ctx, args)
     if not drive.removable:
         raise VdkitError(f"Device '{drive.id}' is not removable")
+    _check_job(ctx, drive)
     if drive.has_tray and not drive.tray_open:
         drive.tray_open = True
         _tray_event(ctx, drive, True)
@@ -440,6 +448,11 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
         medium = ctx.machine.open_medium(filename, args.get("format"), readonly=ro)
     except VdkitError as exc:
         raise open_error(exc) from exc
+    try:  # QEMU opens the new medium before the tray's op blocker refuses
+        _check_job(ctx, drive)
+    except VdkitError:
+        ctx.machine.close_medium(medium)
+        raise
     if drive.has_tray and not drive.tray_open:
         drive.tray_open = True
         _tray_event(ctx, drive, True)
@@ -503,6 +516,8 @@ def _resolve_root(ctx: CommandContext, device: str) -> _Target:
                     drive = d
         if drive is None:
             raise VdkitError(f"Cannot find device='{device}' nor node-name='{device}'")
+    if drive.medium is not None and machine.jobs.job_on(drive.medium.node) is not None:
+        raise VdkitError("Need a root block node")  # the job holds the root as its child
     if drive.medium is None:
         raise VdkitError(f"Device '{device}' has no medium")
     return _Target(device, drive, drive.medium)
@@ -554,6 +569,7 @@ def _snapshot_create_do(ctx: CommandContext, t: _Target, name: str) -> SnapshotE
 
 
 def blockdev_snapshot_internal_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.jobs.drain()  # a one-action transaction in QEMU: it drains first
     t = _resolve_root(ctx, args["device"])
     _snapshot_create_check(t, args["name"])
     _snapshot_create_do(ctx, t, args["name"])
@@ -623,6 +639,7 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
             raise VdkitError(f"Action type '{action['type']}' is not supported by vdkit")
         datas.append(validate(schema, action["data"], prefix=f"actions[{i}].data."))
     grouped = args.get("properties", {}).get("completion-mode") == "grouped"
+    ctx.machine.jobs.drain()  # QEMU drains all I/O before any action (jobs pause and resume: events)
     undo: list[Callable[[], None]] = []
     try:
         for action, data in zip(actions, datas, strict=True):

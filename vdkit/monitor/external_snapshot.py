@@ -112,6 +112,10 @@ def prepare_sync(ctx: CommandContext, args: dict[str, Any]) -> Undo:
     machine = ctx.machine
     device, node_name = args.get("device"), args.get("node-name")
     drive, graph_node = _lookup(machine, device, node_name)
+    if drive is not None:
+        from vdkit.monitor.job_cmds import check_root_busy
+
+        check_root_busy(machine, drive, drain=True)
     new_name = args.get("snapshot-node-name")
     if node_name is not None and new_name is None:
         raise VdkitError("New overlay node-name missing")
@@ -201,6 +205,10 @@ def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
     node_arg, ovl_arg = args["node"], args["overlay"]
     drive, target = _lookup(machine, node_arg, node_arg)
     ovl_drive, ovl = _lookup(machine, ovl_arg, ovl_arg)
+    if drive is not None:
+        from vdkit.monitor.job_cmds import check_root_busy
+
+        check_root_busy(machine, drive, drain=True)
     if ovl_drive is not None or ovl is None or machine.graph.parents_of(ovl):
         raise VdkitError("The overlay is already in use")
     if target is not None:
@@ -268,8 +276,10 @@ def _set_graph_ro(g: GraphNode, ro: bool) -> None:
 
 
 def blockdev_snapshot_sync(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.jobs.drain()  # a one-action transaction in QEMU: it drains first
     prepare_sync(ctx, args)
 
 
 def blockdev_snapshot(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.jobs.drain()
     prepare_snapshot(ctx, args)

@@ -306,6 +306,8 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
             raise VdkitError(f"Cannot find device='{device}' nor node-name='{node_name or ''}'")
         if drive.medium is None or drive.medium.dead:
             raise VdkitError(f"Device '{device}' has no medium")
+        if machine.jobs.job_on(drive.medium.node) is not None:
+            raise VdkitError(f"Device '{device}' is in use")
         return drive.medium.ro, drive.medium.node, None
     if node_name is not None:
         for drive in machine.drives:
@@ -314,7 +316,9 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
                 continue
             for i, (fmt_name, _file_name) in enumerate(m.names):
                 if fmt_name == node_name:
-                    if i:  # a backing node: its parent's op blocker (QEMU prints the absent device name)
+                    if i or machine.jobs.job_on(m.node) is not None:
+                        # a backing node (its parent's op blocker) or a job's node: QEMU prints the
+                        # absent device name
                         raise VdkitError("Device '(null)' is in use")
                     return m.ro, m.node, None
         g = machine.graph.find(node_name)

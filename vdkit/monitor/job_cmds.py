@@ -196,6 +196,22 @@ def check_busy(machine: DeviceRegistry, drive: Drive, nodes: list[Node]) -> None
                              f"{job.type}")
 
 
+def check_root_busy(machine: DeviceRegistry, drive: Drive, *, drain: bool = False) -> None:
+    """Eject, change and external snapshots refuse a drive whose root a job works on (§8).
+
+    ``drain``: the command drains the node first (an external snapshot does),
+    so the job pauses and resumes (its events) before the refusal.
+    """
+    if drive.medium is None:
+        return
+    job = machine.jobs.job_on(drive.medium.node)
+    if job is None:
+        return
+    if drain:
+        job.drain()
+    raise VdkitError(f"Node '{drive.id}' is busy: block device is in use by block job: {job.type}")
+
+
 def find_backing_image(chain: list[Node], start: int, name: str) -> int | None:
     """QEMU's bdrv_find_backing_image: the index of the image below ``chain[start]`` that ``name`` means.
 
