@@ -54,3 +54,34 @@ def test_rebase_errors(workdir: Path) -> None:
     (workdir / "old.qcow2").unlink()
     _rebase_both(workdir, ["-b", "new.raw", "-F", "raw"])  # old backing is gone: safe mode fails
     _rebase_both(workdir, ["-u", "-b", "new.raw", "-F", "raw"])  # unsafe mode does not need it
+
+
+@pytest.mark.parametrize("args", [
+    ["-u", "-b", "base.qcow2", "-F", "qcow2", "r.raw"], ["-u", "-b", "base.qcow2", "-F", "qcow2", "-f", "raw", "r.raw"],
+    ["-u", "-b", "", "r.raw"], ["-b", "", "r.raw"], ["-b", "base.qcow2", "r.raw"], ["-u", "-b", "nope", "r.raw"],
+    ["-b", "nope", "-F", "raw", "r.raw"], ["-U", "-u", "-b", "base.qcow2", "-F", "qcow2", "r.raw"],
+    ["--image-opts", "-u", "-b", "base.qcow2", "-F", "qcow2", "file.filename=r.raw"],
+    ["--image-opts", "-u", "-b", "base.qcow2", "-F", "qcow2", "driver=raw,file.filename=r.raw"],
+    ["-u", "-b", "x", "q.qed"], ["-u", "-b", "x", "k.vmdk"], ["-u", "-b", "x", "-F", "raw", "k.vmdk"],
+    ["-u", "-b", "", "-F", "qcow2", "-f", "raw", "r.raw"],
+])
+def test_rebase_other_formats(workdir: Path, args: list[str]) -> None:
+    """A probed raw image opened writable: qemu-img's three-line warning first; a new backing file
+    without -F is refused ('backing format must be specified') before the format is asked whether it
+    can change its backing file at all (raw, vmdk: not supported; qed: supported)."""
+    src = workdir / "src"
+    src.mkdir()
+    check_ok("create", "-q", "-f", "qcow2", "base.qcow2", "1M", cwd=src)
+    for fmt, name in (("raw", "r.raw"), ("qed", "q.qed"), ("vmdk", "k.vmdk")):
+        check_ok("create", "-q", "-f", fmt, name, "1M", cwd=src)
+    results, images = [], []
+    for who, tool in (("q", qemu_img), ("v", vdkit_img)):
+        d = workdir / who
+        shutil.copytree(src, d)  # the same bytes (a vmdk's CID is random)
+        results.append(tool("rebase", *args, cwd=d))
+        images.append((d / args[-1].rpartition("=")[2]).read_bytes())
+    rq, rv = results
+    bq, bv = images
+    assert rq.returncode == 1
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    assert bv == bq

@@ -12,6 +12,7 @@ backing file (in safe mode: copies everything it provided).
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
@@ -65,6 +66,11 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
 
     prog = Progress(progress, min_skip=2.0)
     with open_image(filename, fmt, readonly=False, backing=not unsafe) as node:
+        if fmt is None and node.format == "raw":  # qemu-img warns as it opens a probed raw image writable
+            from vdkit.cli.main import write_err
+            from vdkit.cli.snapshot_write import probe_warning
+
+            write_err(probe_warning(node, filename))
         if not unsafe:
             prog.set(0.0)
             _copy_differences(node, filename, base, base_fmt, prog)
@@ -96,6 +102,10 @@ def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None
 
 def _change_backing(node: Node, base: str, base_fmt: str | None) -> None:
     try:
+        if base and base_fmt is None:
+            # qemu-img requires the format of a new backing file whatever the image's format (raw, qed,
+            # vmdk...): this is checked before the driver is asked whether it can change it at all
+            raise VdkitError("backing format must be specified", errno=errno.EINVAL)
         node.driver.change_backing_file(base or None, base_fmt if base else None)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not change the backing file to '{base}': ") from exc
