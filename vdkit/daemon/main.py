@@ -331,6 +331,8 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     elif spec.format in ("http", "https") or opts.get("file.driver") in ("http", "https") or \
             spec.file is not None and spec.file.startswith(("http://", "https://")):
         spec.file = _http_drive_name(spec, opts, take)
+    elif spec.format == "rbd" or opts.get("file.driver") == "rbd":
+        spec.file = _rbd_drive_name(spec, opts, take)
     elif spec.file is not None and spec.file.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
         from vdkit.protocols.nbd import AUTO_READ_ONLY
 
@@ -365,6 +367,25 @@ def _nbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str],
         raise OptionError(exc.message) from None
     AUTO_READ_ONLY.add(name)
     return name
+
+
+def _rbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
+    """``driver=rbd,pool=...`` or ``file.driver=rbd,file.pool=...``: the image's name, opened with those
+    options (:func:`vdkit.protocols.rbd.name_for_options`, QEMU's texts)."""
+    from vdkit.protocols.rbd import OPTION_KEYS, name_for_options
+
+    if spec.format == "rbd":
+        keys = [k for k in list(opts) if k.split(".", 1)[0] in OPTION_KEYS]
+        rbd_opts = {k: take(k) or "" for k in keys}
+    else:
+        take("file.driver")
+        keys = [k for k in list(opts) if k.startswith("file.")]
+        rbd_opts = {k[len("file."):]: take(k) or "" for k in keys}
+        rbd_opts = {k: v for k, v in rbd_opts.items() if k not in _FILE_TUNING}
+    try:
+        return name_for_options(rbd_opts)
+    except VdkitError as exc:
+        raise OptionError(exc.message) from None
 
 
 HTTP_JSON: dict[str, dict[str, object]] = {}

@@ -66,6 +66,7 @@ class RbdRawDriver(RawDriver):
 
     file: RbdFile  # type: ignore[assignment]
     supports_snapshots = True
+    stores_vmstate = False  # savevm/loadvm refuse up front (QEMU deletes/rolls back first, then fails)
 
     @property
     def cluster_size(self) -> int | None:
@@ -141,6 +142,7 @@ class RbdDriver(RbdRawDriver):
     """``driver=rbd``: the RBD image itself as the disk, no format layer (``file format: rbd``)."""
 
     format_name = "rbd"
+    slow_allocated_zeroes = False  # the cluster zeroes
 
     @property
     def virtual_size(self) -> int:

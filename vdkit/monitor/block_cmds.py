@@ -64,6 +64,11 @@ def _file_image_info(node: Node) -> ImageInfo:
     # the file layer reports its length in whole 512-byte sectors
     size = -(-f.size() // 512) * 512
     proto = _protocol(node)
+    if proto == "rbd":  # QEMU's rbd node answers like a format node: object size, snapshots, empty specific block
+        from vdkit.block.node import Node
+        from vdkit.formats.rbd import RbdDriver
+
+        return image_info(Node(node.filename, RbdDriver(f), readonly=node.readonly))
     return ImageInfo(filename=node.filename, format=proto, virtual_size=size, actual_size=actual,
                      dirty_flag=False if proto == "file" else None)
 
@@ -291,7 +296,7 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
     return out
 
 
-_PROTOCOL_FORMATS = ("nbd", "http", "https")
+_PROTOCOL_FORMATS = ("nbd", "http", "https", "rbd")
 """Formats that are a protocol node themselves (``driver=nbd``): QEMU has no file node below them."""
 
 
@@ -602,7 +607,8 @@ def blockdev_snapshot_delete_internal_sync(ctx: CommandContext, args: dict[str, 
         t.medium.node.driver.forget_snapshot(found)
         raise VdkitError("Failed to remove snapshot from snapshot list: Operation not permitted")
     try:
-        _delete(t.medium, snapshot_id=found.id_str, name=found.name)
+        # the driver gets the caller's ID and name, as QEMU passes them (rbd refuses an ID without a name)
+        _delete(t.medium, snapshot_id=sid, name=name)
     except (OSError, VdkitError) as exc:
         raise VdkitError(_os_text(exc)) from exc
     return before
@@ -758,6 +764,11 @@ def _all_capable(machine: DeviceRegistry) -> list[Drive]:
 def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     disks = _all_capable(machine)
+    first = vmstate_drive(machine)
+    if first is not None and first.medium is not None and not getattr(first.medium.node.driver, "stores_vmstate", True):
+        # QEMU deletes an existing snapshot NAME on every disk first and only then fails to write the
+        # state to a disk that stores none (rbd): vdkit refuses before touching anything (docs/rbd.md)
+        raise VdkitError("Error while writing VM state: Input/output error")
     date = _now()
     name = args.get("name")
     if name is not None:  # "" is a name (QEMU makes one up only when none is given)
@@ -811,6 +822,10 @@ def loadvm(ctx: CommandContext, args: dict[str, Any]) -> None:
     if vmdisk is None:
         raise VdkitError("no block device can store vmstate for snapshot")
     assert vmdisk.medium is not None
+    if not getattr(vmdisk.medium.node.driver, "stores_vmstate", True):
+        # QEMU rolls every disk back and then fails to read the state (rbd stores none): vdkit refuses
+        # first, with QEMU's final error, and leaves the disks as they are (docs/rbd.md)
+        raise VdkitError("Error -22 while loading VM state")
     entry = next(e for e in _entries(vmdisk.medium) if e.name == name)
     if entry.vm_state_size == 0:
         raise VdkitError("This is a disk-only snapshot. Revert to it  offline using qemu-img")

@@ -479,6 +479,7 @@ class RbdFile:
     has_info = True  # bdrv_get_info answers (cluster size, no dirty flag); the allocated size does not
     creates_zeroed = True  # a new RBD image reads as zeros (QEMU's rbd has zero init)
     protocol = "rbd"
+    protocol_driver = "rbd"  # the daemon's name for the protocol node (query-named-block-nodes: "drv": "rbd")
 
     def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False) -> None:
         self.spec = spec = spec_for(name)
@@ -494,8 +495,10 @@ class RbdFile:
         self.image = c.c_void_p()
         try:
             snap = _b(spec.snapshot) if spec.snapshot is not None else None
-            opener = lib.rbd.rbd_open_read_only if readonly else lib.rbd.rbd_open
-            r = opener(self.cluster.ioctx, _b(spec.image), c.byref(self.image), snap)
+            # Opened as QEMU opens it, read-only nodes too: only such a handle watches the image header,
+            # so snapshots made elsewhere show up (a read-only handle keeps its first list).  A read-only
+            # RbdFile refuses every write itself (_check_writable).
+            r = lib.rbd.rbd_open(self.cluster.ioctx, _b(spec.image), c.byref(self.image), snap)
             if r < 0:
                 raise _fail(f"error reading header from {spec.image}", r)
             if spec.snapshot is not None and not readonly:

@@ -1,0 +1,132 @@
+"""vdkit-daemon drives on Ceph RBD images, against qemu-system-x86_64 with the same drives.
+
+Both daemons run on one test cluster (``tests/helpers/ceph.py``).  Queries run on the same images;
+commands that change them run on twin images (``q-...`` for QEMU, ``v-...`` for vdkit) and the
+answers are compared with the names swapped.  QEMU 7.2's transcripts: ``shared/reference/ceph-rbd.md``
+§2.7.  One deliberate difference is tested as such: ``savevm``/``loadvm`` on an rbd disk refuse before
+touching anything (QEMU deletes a same-named snapshot, or rolls the disk back, and then fails).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_img, qemu_io
+from tests.daemon.conftest import Daemons, Monitor, daemons, normalise, normalise_hmp  # noqa: F401
+from tests.helpers import ceph
+from tests.nbd.conftest import short_sock
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ceph.CephCluster:
+    return ceph.session_cluster(tmp_path_factory, request)
+
+
+def _io(cluster: ceph.CephCluster, image: str, *cmds: str) -> None:
+    r = qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], cluster.name(image))
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+
+
+def _image(cluster: ceph.CephCluster, name: str, size: str = "32M") -> None:
+    cluster.rbd("create", "--size", size, f"rbd/{name}")
+    _io(cluster, name, "write -P 0x11 0 1M")
+    cluster.rbd("snap", "create", f"rbd/{name}@cli-snap")
+
+
+def _pair(daemons: Daemons, q_args: list[str], v_args: list[str], tmp: Path) -> tuple[Monitor, Monitor]:  # noqa: F811
+    for d in ("q", "v"):
+        (tmp / d).mkdir(exist_ok=True)
+    _, qpath, _ = daemons.qemu(q_args, tmp / "q")
+    _, vpath, _ = daemons.vdkit(v_args, tmp / "v")
+    return daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()
+
+
+def test_drives_in_queries(daemons: Daemons, cluster: ceph.CephCluster, tmp_path: Path) -> None:  # noqa: F811
+    vm, other = cluster.unique("vm"), cluster.unique("other")
+    _image(cluster, vm)
+    _image(cluster, other, "8M")
+    conf = cluster.conf
+    drives = [f"file={cluster.name(vm)},if=none,id=d0",
+              f"file={cluster.name(vm + '@cli-snap')},format=raw,if=none,id=ro0,readonly=on",
+              f"driver=rbd,pool=rbd,image={other},conf={conf},if=none,id=d1",
+              f"file.driver=rbd,file.pool=rbd,file.image={other},file.conf={conf},format=raw,if=none,id=d2"]
+    args = [a for d in drives for a in ("-drive", d)]
+    q, v = _pair(daemons, args, args, tmp_path)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v", "info block -n", "info snapshots"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+
+def test_internal_snapshots_and_vm_snapshots(daemons: Daemons, cluster: ceph.CephCluster,  # noqa: F811
+                                             tmp_path: Path) -> None:
+    base = cluster.unique("snaps")
+    qi, vi = f"q-{base}", f"v-{base}"
+    for name in (qi, vi):
+        _image(cluster, name)
+        cluster.rbd("snap", "create", f"rbd/{name}@keep1")
+        cluster.rbd("snap", "create", f"rbd/{name}@victim")
+
+    def args(image: str) -> list[str]:
+        return ["-drive", f"file={cluster.name(image)},format=raw,if=none,id=d0",
+                "-drive", f"file={cluster.name(image + '@keep1')},format=raw,if=none,id=ro0,readonly=on"]
+
+    q, v = _pair(daemons, args(qi), args(vi), tmp_path)
+
+    def same_qmp(name: str, arguments: dict[str, str]) -> None:
+        assert normalise(v.cmd_line(name, arguments)).replace(vi, qi) == normalise(q.cmd_line(name, arguments))
+
+    def same_hmp(line: str) -> str:
+        answer = normalise_hmp(q.hmp(line))
+        assert normalise_hmp(v.hmp(line)).replace(vi, qi) == answer, line
+        return answer
+
+    same_qmp("blockdev-snapshot-internal-sync", {"device": "d0", "name": "qs1"})
+    same_qmp("blockdev-snapshot-internal-sync", {"device": "d0", "name": "qs1"})  # exists
+    same_hmp("snapshot_blkdev_internal d0 hs1")
+    same_qmp("blockdev-snapshot-internal-sync", {"device": "ro0", "name": "bd2"})  # read only
+    same_hmp("info block -v")
+    same_qmp("blockdev-snapshot-delete-internal-sync", {"device": "d0", "name": "qs1"})
+    same_qmp("blockdev-snapshot-delete-internal-sync", {"device": "d0", "name": "nosuch"})
+    same_qmp("blockdev-snapshot-delete-internal-sync", {"device": "d0", "id": "hs1"})
+    same_qmp("blockdev-snapshot-delete-internal-sync", {"device": "d0", "id": "hs1", "name": "hs1"})
+    same_hmp("snapshot_delete_blkdev_internal d0 cli-snap")
+    same_hmp("info snapshots")
+    same_qmp("query-block", {})
+
+    # savevm: both fail with QEMU's text; QEMU has deleted 'victim' first, vdkit has not
+    error = "Error: Error while writing VM state: Input/output error\r\n"
+    assert v.hmp("savevm victim") == q.hmp("savevm victim") == error
+    assert "victim" in cluster.rbd("snap", "ls", f"rbd/{vi}").stdout
+    assert "victim" not in cluster.rbd("snap", "ls", f"rbd/{qi}").stdout
+    # loadvm: QEMU rolls the disk back and then fails; vdkit fails with QEMU's last line and keeps the data
+    for name in (qi, vi):
+        _io(cluster, name, "write -P 0x77 0 64k")
+    qa, va = q.hmp("loadvm keep1"), v.hmp("loadvm keep1")
+    assert qa.splitlines()[-1] == va.strip() == "Error: Error -22 while loading VM state"
+    assert "Pattern verification failed" not in qemu_io("-f", "raw", "-c", "read -P 0x77 0 64k",
+                                                        cluster.name(vi)).stdout
+    assert "Pattern verification failed" not in qemu_io("-f", "raw", "-c", "read -P 0x11 0 64k",
+                                                        cluster.name(qi)).stdout
+    same_hmp("delvm keep1")
+    same_hmp("delvm nosuch")
+    same_hmp("delvm victim")  # still there in vdkit only (see savevm above)
+    same_hmp("info snapshots")
+
+
+def test_nbd_export_of_an_rbd_drive(daemons: Daemons, cluster: ceph.CephCluster, tmp_path: Path) -> None:  # noqa: F811
+    image = cluster.unique("exp")
+    _image(cluster, image, "8M")
+    sock = short_sock("rbd.sock")
+    _, vpath, _ = daemons.vdkit(["-drive", f"file={cluster.name(image)},format=raw,if=none,id=d0"], tmp_path,
+                                extra=["-nbd", f"unix:{sock}"])
+    daemons.monitor(vpath).negotiate()
+    export = f"nbd+unix:///d0?socket={sock}"
+    r = qemu_img("compare", "-f", "raw", "-F", "raw", export, cluster.name(image))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = qemu_io("-f", "raw", "-c", "write -P 0x42 4M 64k", export)
+    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+    r = qemu_io("-f", "raw", "-c", "read -P 0x42 4M 64k", cluster.name(image))
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
