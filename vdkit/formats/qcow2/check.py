@@ -204,10 +204,7 @@ class _Checker:
         self.refcount_max = (1 << self.rbits) - 1
         self.extl2 = h.extended_l2
         self.has_data_file = h.has_data_file
-        csize_shift = 62 - (h.cluster_bits - 8)
-        self.coffset_mask = (1 << csize_shift) - 1
-        self.csize_shift = csize_shift
-        self.csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self.geom = drv.geometry
         self.reftable_offset = h.refcount_table_offset
         self.reftable = self._read_u64(h.refcount_table_offset, h.refcount_table_clusters * self.cs // 8)
         self.l1_size = h.l1_size
@@ -529,9 +526,7 @@ class _Checker:
             has_off |= ~zero_flag & ((e & _U64(L.OFLAG_COPIED)) != 0)
         normal = ~compressed & has_off  # normal or zero-with-offset
         unalloc = ~compressed & ~has_off & ~zero_flag
-        coff = e & _U64(self.coffset_mask)
-        nsect = ((e >> _U64(self.csize_shift)) & _U64(self.csize_mask)) + _U64(1)
-        csize = nsect * _U64(512) - (coff & _U64(511))
+        coff, csize = self.geom.compressed_range(e)
         cs = self.cs
         problem = (
             (~compressed & ((e & _U64(L.L2E_STD_RESERVED_MASK)) != 0))
@@ -650,7 +645,7 @@ class _Checker:
             if is_compressed:
                 if entry & L.OFLAG_COPIED:
                     self.report(
-                        f"ERROR: coffset=0x{entry & self.coffset_mask:x}: copied flag must never be set for "
+                        f"ERROR: coffset=0x{self.geom.compressed_range(entry)[0]:x}: copied flag must never be set for "
                         "compressed clusters"
                     )
                     entry &= ~L.OFLAG_COPIED
@@ -665,9 +660,7 @@ class _Checker:
                     )
                     res.corruptions += 1
                     continue
-                coff = entry & self.coffset_mask
-                nsect = ((entry >> self.csize_shift) & self.csize_mask) + 1
-                self.inc(res, coff, nsect * 512 - (coff & 511))
+                self.inc(res, *self.geom.compressed_range(entry))
                 if stats:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
     from vdkit.io.file import ImageFile
 
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     import numpy as np
 
+    _Entries = TypeVar("_Entries", int, np.ndarray)
     COPIED: np.uint64
     COMPRESSED: np.uint64
     OFFSET_MASK: np.uint64
@@ -97,8 +100,13 @@ class Geometry:
     def csize_shift(self) -> int:
         return 62 - (self.cluster_bits - 8)
 
-    def compressed_range(self, entry: int) -> tuple[int, int]:
-        """Host byte offset and length of a compressed cluster's stream."""
+    def compressed_range(self, entry: _Entries) -> tuple[_Entries, _Entries]:
+        """Host byte offset and length of a compressed cluster's stream (the one descriptor decoder).
+
+        ``entry`` is one L2 entry or a numpy ``uint64`` array of them (``check``
+        classifies whole tables at once); flag bits above the descriptor are
+        ignored.  The stream ends at the end of its last 512-byte sector.
+        """
         x = self.csize_shift
         coffset = entry & ((1 << x) - 1)
         nb_sectors = ((entry >> x) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
