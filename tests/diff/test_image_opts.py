@@ -85,6 +85,9 @@ READ_CASES: list[list[str]] = [
     # info and snapshot (the existing support, now with the shared helpers)
     ["info", "--image-opts", "--backing-chain", O_SPEC],
     ["info", "--image-opts", "-f", "raw", Q],
+    # a format's own runtime options (registry RUNTIME_OPTIONS): qcow2 takes them, raw refuses them
+    ["info", "--image-opts", Q + ",l2-cache-size=1M,lazy-refcounts=on,overlap-check=all"],
+    ["info", "--image-opts", R_SPEC + ",l2-cache-size=1M"],
     ["snapshot", "-l", "--image-opts", Q],
     ["snapshot", "-l", "--image-opts", MISSING],
     ["snapshot", "-l", "--image-opts", "-f", "qcow2", Q],

@@ -269,7 +269,10 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
                 if key[len("file."):] not in _TUNING:
                     raise OpenError(f"Block protocol 'file' doesn't support the option '{key[len('file.'):]}'")
                 del opts[key]
-        for key in [k for k in opts if k in _TUNING or driver == "qcow2" and k in _QCOW2_TUNING]:
+        from vdkit.formats.registry import runtime_options
+
+        own = frozenset() if driver is None else runtime_options(driver)  # the format's, without effect
+        for key in [k for k in opts if k in _TUNING or k in own]:
             del opts[key]
         if "encrypt.key-secret" in opts and driver is None and filename is not None:
             driver = _probe_for_option(filename, "encrypt.key-secret")
@@ -308,9 +311,6 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 _TUNING = frozenset(("read-only", "auto-read-only", "force-share", "cache.direct", "cache.no-flush", "discard",
                      "detect-zeroes", "node-name", "locking", "aio", "aio-max-batch", "drop-cache",
                      "x-check-cache-dropped"))
-_QCOW2_TUNING = frozenset(("l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-size",
-                           "cache-clean-interval", "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-                           "pass-discard-other", "overlap-check"))
 
 
 def _opt_text(value: object) -> str:

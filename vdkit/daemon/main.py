@@ -156,10 +156,6 @@ _QEMU_FORMATS = frozenset((
     "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "iser", "luks",
     "nbd", "nfs", "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum",
     "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat"))
-# the qcow2 driver's open options: taken without effect (caches, discard passing, overlap checks)
-_QCOW2_RUNTIME_OPTS = frozenset((
-    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "overlap-check",
-    "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"))
 _ACCEPTED_FLAGS = ("copy-on-read", "auto-read-only", "stats-account-invalid", "stats-account-failed")
 _ID_ERROR = ("Parameter 'id' expects an identifier\n"
              "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
@@ -455,7 +451,10 @@ def check_opened(spec: DriveSpec, fmt: str | None) -> None:
     """After the image opened: the file driver's aio check, then options no layer took."""
     if spec.file and spec.aio == "native" and not spec.cache.direct:
         raise OptionError("aio=native was specified, but it requires cache.direct=on, which was not specified.")
-    leftover = [k for k in spec.leftover if not (fmt == "qcow2" and k in _QCOW2_RUNTIME_OPTS)]
+    from vdkit.formats.registry import runtime_options
+
+    own = frozenset() if fmt is None else runtime_options(fmt)  # the format's options, taken without effect
+    leftover = [k for k in spec.leftover if k not in own]
     if leftover:
         if fmt is None:
             raise OptionError("Must specify either driver or file")

@@ -17,6 +17,11 @@ provides these entry points (only ``probe`` and ``open_driver`` are required):
     them is refused with QEMU's "does not support image creation".  (Not
     ``create``: importing a submodule ``<fmt>/create.py`` would rebind that
     name in the package.)
+``RUNTIME_OPTIONS: frozenset[str]``
+    The format's own open options (QEMU's ``runtime_opts``) that ``-drive``,
+    ``--image-opts`` and ``json:`` names may carry and vdkit accepts without
+    effect (cache sizes, discard passing...).  Any other option a layer does
+    not take is refused with QEMU's "does not support the option".
 
 Formats QEMU detects but vdkit does not implement yet are still recognised by
 their magic (:data:`_NOT_IMPLEMENTED`) and refused by name, instead of being
@@ -143,6 +148,14 @@ def open_driver(name: str, file: ImageFile, ctx: OpenContext) -> FormatDriver:
         raise UnsupportedError(f"Image format '{name}' is not supported by vdkit")
     driver: FormatDriver = format_module(name).open_driver(file, ctx)
     return driver
+
+
+def runtime_options(name: str) -> frozenset[str]:
+    """The open options format ``name`` accepts beyond the common ones (empty: none, or no such format)."""
+    if name not in FORMATS:
+        return frozenset()
+    options: frozenset[str] = getattr(format_module(name), "RUNTIME_OPTIONS", frozenset())
+    return options
 
 
 def can_create(name: str) -> bool:

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "qcow2"
 SUPPORTS_COMPRESSION = True  # convert -c
+# QEMU's open options that tune caches, discard passing and overlap checks: accepted, no effect here
+RUNTIME_OPTIONS = frozenset((
+    "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "overlap-check",
+    "cache-size", "l2-cache-size", "l2-cache-entry-size", "refcount-cache-size", "cache-clean-interval"))
 
 
 def probe(head: bytes, filename: str) -> int:
