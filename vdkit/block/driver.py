@@ -126,6 +126,9 @@ class FormatDriver:
 
     format_name: ClassVar[str] = ""
     supports_backing: ClassVar[bool] = False
+    # Zeros written without unmapping cost as much as data (QEMU: no BDRV_REQ_NO_FALLBACK support),
+    # so a request that wants them fast or not at all (NBD's FAST_ZERO with NO_HOLE) is refused.
+    slow_allocated_zeroes: ClassVar[bool] = False
     # Where corruption events go (the daemon's event emitter); formats that signal them call it.
     corruption_hook: Callable[[CorruptionReport], None] | None = None
     # A fatal corruption event killed the node: every request fails (QEMU: no driver left).

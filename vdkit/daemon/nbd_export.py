@@ -400,8 +400,9 @@ class NbdService:
                 if req.cmd == w.CMD_WRITE:
                     bio.write(node, req.offset, req.data)
                 elif req.cmd == w.CMD_WRITE_ZEROES:
-                    if req.flags & w.CMDFLAG_FAST_ZERO and req.flags & w.CMDFLAG_NO_HOLE and node.format == "raw":
-                        # a raw file can only write these zeros slowly: tell the client to fall back
+                    if (req.flags & w.CMDFLAG_FAST_ZERO and req.flags & w.CMDFLAG_NO_HOLE
+                            and node.driver.slow_allocated_zeroes):
+                        # the driver can only write these zeros slowly: tell the client to fall back
                         return [core.reply_error(req.handle, w.ENOTSUP, "fast zeroing not possible")]
                     bio.write_zeroes(node, req.offset, req.length, unmap=not req.flags & w.CMDFLAG_NO_HOLE)
                 elif req.cmd == w.CMD_TRIM:

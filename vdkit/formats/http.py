@@ -34,6 +34,7 @@ class HttpDriver(RawDriver):
     """The resource as the disk (exact size, no block status, no dirty flag, no checks)."""
 
     format_name = "http"
+    slow_allocated_zeroes = False  # read-only
 
     @property
     def virtual_size(self) -> int:

@@ -52,6 +52,7 @@ class NbdDriver(RawDriver):
     """The export as the disk (exact size, block status from the server, no dirty flag, no checks)."""
 
     format_name = "nbd"
+    slow_allocated_zeroes = False  # the server zeroes
 
     @property
     def virtual_size(self) -> int:

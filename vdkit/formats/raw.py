@@ -48,6 +48,7 @@ def create_image(filename: str, opts: CreateOpts) -> None:
 
 class RawDriver(FormatDriver):
     format_name = "raw"
+    slow_allocated_zeroes = True
 
     @property
     def virtual_size(self) -> int:
