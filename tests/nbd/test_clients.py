@@ -267,3 +267,32 @@ def test_reads_from_host_files_equal_qemu_img(workdir: Path, serve: Any) -> None
         c = NbdClient(s.sock, name, structured=False)
         assert c.read(0, len(want)) == want
         c.close()
+
+
+def test_status_runs_kept_by_a_connection_follow_changes(workdir: Path, serve: Any) -> None:
+    """A connection's cached status run never serves stale bytes: after a write that moves a cluster
+    (copy-on-write under an internal snapshot) on this connection (also pipelined behind a read) or on
+    another one, and after loadvm, reads see the disk as it is."""
+    make_image(workdir, size="8M")
+    qio(str(workdir / "a.qcow2"), "write -P 0x11 0 8M")
+    assert qemu_img("snapshot", "-c", "s0", "a.qcow2", cwd=workdir).returncode == 0  # every cluster shared
+    s = serve(["-drive", "file=a.qcow2,if=none,id=drive0"], workdir)
+    a, b = NbdClient(s.sock, "drive0"), NbdClient(s.sock, "drive0")
+    assert a.read(0, 1 << 20) == b"\x11" * (1 << 20)  # caches a run covering the whole disk
+    assert b.write(256 << 10, b"\x22" * 65536) == 0  # another connection moves a cluster
+    assert a.read(256 << 10, 65536) == b"\x22" * 65536
+    # pipelined on one connection: read, write (moves a cluster), read, in one batch
+    h1 = a.send(w.CMD_READ, 1 << 20, 65536)
+    h2 = a.send(w.CMD_WRITE, 1 << 20, 65536, b"\x33" * 65536)
+    h3 = a.send(w.CMD_READ, 1 << 20, 65536)
+    replies = dict(a.receive() for _ in range(3))
+    assert replies[h1].data == b"\x11" * 65536 and replies[h2].error == 0 and replies[h3].data == b"\x33" * 65536
+    assert a.read(2 << 20, 65536) == b"\x11" * 65536
+    hmp = {"command-line": "savevm s1"}
+    assert s.qmp.cmd("human-monitor-command", hmp)["return"] == ""
+    assert b.write(4 << 20, b"\x44" * 65536) == 0
+    assert a.read(4 << 20, 1 << 20) == b"\x44" * 65536 + b"\x11" * ((1 << 20) - 65536)
+    assert s.qmp.cmd("human-monitor-command", {"command-line": "loadvm s1"})["return"] == ""
+    assert a.read(4 << 20, 1 << 20) == b"\x11" * (1 << 20)
+    a.close()
+    b.close()

@@ -67,6 +67,9 @@ READ_CHUNK = 1 << 20
 SPARSE_READ_MIN = 65536  # smaller reads go out as one data chunk (a status walk costs more than it saves)
 PAUSE_POLL_S = 0.02
 _CHANGES = (w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM, w.CMD_FLUSH)
+_KINDS = {w.CMD_READ: iostats.READ, w.CMD_WRITE: iostats.WRITE, w.CMD_WRITE_ZEROES: iostats.WRITE,
+          w.CMD_FLUSH: iostats.FLUSH, w.CMD_TRIM: iostats.UNMAP}
+STATUS_WINDOW = 64 << 20  # how far one block-status walk looks ahead for the following reads
 
 
 @dataclass(eq=False)
@@ -74,6 +77,8 @@ class _Conn:
     core: NbdServer
     sock: socket.socket
     export: Export | None = None
+    # the last block-status run this connection's reads walked (see NbdService._status)
+    status: tuple[int, Any, int, int, int, str | None, int] | None = None
 
 
 @dataclass(eq=False)
@@ -372,15 +377,15 @@ class NbdService:
                 for i, req in enumerate(batch):
                     if self.machine.run_state == "paused":
                         return replies, i
-                    replies += self._one(conn.core, exp, drive, req)
+                    replies += self._one(conn.core, exp, drive, req, conn)
             finally:
                 if any(r.cmd in _CHANGES for r in batch):
                     self.machine.generation += 1  # cached query-block renderings are stale
         return replies, len(batch)
 
-    def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request) -> list[bytes]:
-        kind = {w.CMD_READ: iostats.READ, w.CMD_WRITE: iostats.WRITE, w.CMD_WRITE_ZEROES: iostats.WRITE,
-                w.CMD_FLUSH: iostats.FLUSH, w.CMD_TRIM: iostats.UNMAP}.get(req.cmd)
+    def _one(self, core: NbdServer, exp: Export, drive: Drive | None, req: Request,
+             conn: _Conn | None = None) -> list[bytes]:
+        kind = _KINDS.get(req.cmd)
         if drive is None:
             return [core.reply_error(req.handle, w.EIO, "export's medium is gone")]
         node = exp.medium.node
@@ -388,7 +393,7 @@ class NbdService:
         try:
             if req.cmd == w.CMD_READ and core.structured and not req.flags & w.CMDFLAG_DF \
                     and req.length >= SPARSE_READ_MIN:
-                reply = core.reply_read_sparse(req, self._sparse_pieces(node, req))
+                reply = core.reply_read_sparse(req, self._sparse_pieces(node, req, conn))
             elif req.cmd == w.CMD_READ:
                 data = bio.read(node, req.offset, req.length)
                 reply = [core.reply_read_header(req), data]
@@ -397,6 +402,8 @@ class NbdService:
             elif req.cmd == w.CMD_CACHE:
                 reply = [core.reply_ok(req)]
             else:
+                if conn is not None:
+                    conn.status = None  # the mapping may change: the next read walks afresh
                 if req.cmd == w.CMD_WRITE:
                     bio.write(node, req.offset, req.data)
                 elif req.cmd == w.CMD_WRITE_ZEROES:
@@ -424,8 +431,29 @@ class NbdService:
             drive.stats.done(kind, nbytes, start, end_offset=req.offset + req.length)
         return reply
 
-    @staticmethod
-    def _sparse_pieces(node: Any, req: Request) -> list[tuple[int, int, bytes | None]]:
+    def _status(self, node: Any, pos: int, conn: _Conn | None) -> tuple[int, int, str | None, int]:
+        """``(end, flags, host file, host offset - guest offset)`` of the chain's status run at ``pos``.
+
+        Reads come in sequences (a copy, a guest's streaming read), so a run is asked for up
+        to ``STATUS_WINDOW`` bytes and kept on the connection: the next requests inside it walk
+        no status at all.  It is valid only while nothing changed: the device lock is held, and
+        every change bumps ``machine.generation`` before releasing it (this connection's own
+        writes drop it at once, in :meth:`_one`).
+        """
+        gen = self.machine.generation
+        c = conn.status if conn is not None else None
+        if c is not None and c[0] == gen and c[1] is node and c[2] <= pos < c[3]:
+            return c[3], c[4], c[5], c[6]
+        size = node.driver.virtual_size
+        st = bio.above_status(node, pos, max(1, min(size - pos, STATUS_WINDOW)))
+        n = st.length if st.length > 0 else max(1, size - pos)
+        file = st.file if st.flags & OFFSET_VALID else None
+        delta = st.offset - pos if file is not None else 0
+        if conn is not None:
+            conn.status = (gen, node, pos, pos + n, st.flags, file, delta)
+        return pos + n, st.flags, file, delta
+
+    def _sparse_pieces(self, node: Any, req: Request, conn: _Conn | None = None) -> list[tuple[int, int, bytes | None]]:
         """The request as runs of data (read) and holes (ranges the chain reads as zeros), as QEMU sends.
 
         A data run that block status places in a plain local file (a raw image, a qcow2 data
@@ -436,13 +464,13 @@ class NbdService:
         runs: list[list[Any]] = []  # [offset, length, is_hole, [data parts]]
         pos, end = req.offset, req.offset + req.length
         while pos < end:
-            st = bio.above_status(node, pos, end - pos)
-            n = st.length if st.length > 0 else end - pos
-            hole = bool(st.flags & bio.ZERO)
+            run_end, flags, file, delta = self._status(node, pos, conn)
+            n = min(run_end, end) - pos
+            hole = bool(flags & bio.ZERO)
             part = None
             if not hole:
-                f = plain_file(node, st.file) if st.flags & OFFSET_VALID and st.file else None
-                part = f.pread(st.offset, n) if f is not None else bio.read(node, pos, n)
+                f = plain_file(node, file) if file else None
+                part = f.pread(pos + delta, n) if f is not None else bio.read(node, pos, n)
             if runs and runs[-1][2] == hole:
                 runs[-1][1] += n
                 runs[-1][3].append(part)
