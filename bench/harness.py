@@ -135,7 +135,7 @@ def ratio_line(label: str, theirs: Case, ours: Case, *, nbytes: int = 0) -> str:
     """``label``: both medians, the ratio (their time / ours), per-round spread, CPU and max RSS."""
     t, o = med(theirs.samples), med(ours.samples)
     per_round = sorted(a.wall / b.wall for a, b in zip(theirs.samples, ours.samples, strict=True))
-    rate = f"  {nbytes / o / (1 << 20):7.0f} vs {nbytes / t / (1 << 20):7.0f} MiB/s" if nbytes else ""
+    rate = f"  MiB/s {nbytes / t / (1 << 20):.0f}/{nbytes / o / (1 << 20):.0f}" if nbytes else ""
     return (f"{label:<34} {theirs.name} {t * 1e3:8.1f} ms  vdkit {o * 1e3:8.1f} ms  ratio {t / o:5.2f}"
             f"{rate}  (rounds {per_round[0]:.2f}..{per_round[-1]:.2f}, n={len(per_round)}; "
             f"CPU {med(theirs.samples, 'cpu'):.3f}/{med(ours.samples, 'cpu'):.3f} s; "
