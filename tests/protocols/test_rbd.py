@@ -379,3 +379,31 @@ def test_snapshot_read_only_open(cluster: ceph.CephCluster) -> None:
     t.run("convert", "-O", "raw", cluster.name(image + "@s1"), "{}")
     t.same_data()
     t.run("convert", "-l", "s1", "-O", "raw", cluster.name(image), "{}")
+
+
+# -- cephx: user, key-secret, keys in the name ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cephx(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ceph.CephCluster:
+    return ceph.session_cluster(tmp_path_factory, request, auth="cephx")
+
+
+def test_cephx_user_and_key_secret(cephx: ceph.CephCluster, tmp_path: Path) -> None:
+    image = cephx.unique("x")
+    cephx.rbd("create", "--size", "4M", f"rbd/{image}")
+    key = cephx.key()
+    nokey = tmp_path / "nokey.conf"
+    nokey.write_text("".join(line for line in cephx.conf.read_text().splitlines(keepends=True)
+                             if not line.startswith("keyring")))
+    both("info", cephx.name(image))  # the keyring named by the conf file
+    both("info", f"rbd:rbd/{image}:conf={nokey}")  # no key: error connecting
+    opts = f"driver=rbd,pool=rbd,image={image},conf={nokey},user=admin,key-secret=sec0"
+    both("info", "--object", f"secret,id=sec0,data={key},format=base64", "--image-opts", opts)
+    both("info", "--object", f"secret,id=sec0,data={key}", "--image-opts", opts)  # encoded twice: EINVAL
+    wrong = "AQBkaW5nZG9uZ2Rpbmdkb25nZGluZ2RvbmdkaW5nZA=="
+    both("info", "--object", f"secret,id=sec0,data={wrong},format=base64", "--image-opts", opts)
+    both("info", "--object", f"secret,id=sec0,data={key},format=base64", "--image-opts",
+         opts.replace("user=admin", "user=nobody"))
+    both("info", f"rbd:rbd/{image}:conf={nokey}:id=admin:key={key}")
+    both("info", f"rbd:rbd/{image}:conf={nokey}:keyring={cephx.dir}/keyring")
+    both("info", "--image-opts", f"driver=rbd,pool=rbd,image={image},conf={nokey},auth-client-required.0=none")

@@ -130,3 +130,29 @@ def test_nbd_export_of_an_rbd_drive(daemons: Daemons, cluster: ceph.CephCluster,
     assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
     r = qemu_io("-f", "raw", "-c", "read -P 0x42 4M 64k", cluster.name(image))
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
+
+
+def test_probing_warning_names_the_rbd_node(cluster: ceph.CephCluster, tmp_path: Path) -> None:
+    """A -drive on an rbd name without format= warns once with the rbd node's json: name, as QEMU."""
+    import subprocess
+    import sys
+
+    from tests.conftest import require_tool
+    from tests.daemon.conftest import _ENV, QEMU_BASE
+
+    image = cluster.unique("warn")
+    cluster.rbd("create", "--size", "1M", f"rbd/{image}")
+    drive = ["-drive", f"file={cluster.name(image)},if=none,id=d0"]
+    out = []
+    for cmd in ([require_tool("qemu-system-x86_64"), *QEMU_BASE], [sys.executable, "-m", "vdkit.daemon.main", "-S"]):
+        p = subprocess.Popen([*cmd, *drive, "-qmp", f"unix:{tmp_path}/q{len(out)}.sock,server=on,wait=off"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV,
+                             cwd=tmp_path)
+        assert p.stderr is not None
+        lines = [p.stderr.readline().decode() for _ in range(3)]
+        p.kill()
+        p.wait()
+        p.stderr.close()
+        out.append(lines)
+    assert out[0] == out[1]
+    assert f'"image": "{image}"' in out[0][0]

@@ -710,7 +710,9 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
             if medium is not None and spec.file is not None and spec.file.startswith(("http://", "https://")):
                 _http_opened(machine, spec, medium)
             if medium is not None and spec.format is None and medium.node.format == "raw" and not medium.ro:
-                sys.stderr.write(_RAW_PROBE_WARNING.format(spec.file))
+                proto = medium.node.driver.file  # an rbd image's warning names its json: name, as QEMU's
+                shown = proto.filename if getattr(proto, "protocol", None) == "rbd" else spec.file
+                sys.stderr.write(_RAW_PROBE_WARNING.format(shown))
             check_opened(spec, medium.node.format if medium is not None else None)
         except OptionError as exc:
             raise OptionError(f"-drive {text}: {exc}") from None
