@@ -18,6 +18,7 @@ TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cos
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
 
@@ -96,10 +97,11 @@ class CommitJob(JobDriver):
     the base's format) and the layers between drop out of the chain.  Active
     commit (``top`` == 0): after the copy the job is ready; ``complete``
     pivots (the drive continues on the base, the layers above drop out, no
-    header changes), a cancel while ready leaves the chain as it was.  Writes
-    that reach the active image while the job is ready are copied by a last
-    pass over everything allocated above the base, made at complete with the
-    device lock held throughout (nothing can write meanwhile).
+    header changes), a cancel while ready leaves the chain as it was.  Guest
+    writes to the active image during the job mark an anonymous dirty bitmap
+    on it (the write path marks every bitmap of a node) and wake the job; the
+    job copies dirty ranges after its first pass and while ready, and the
+    rest at complete with the device lock held (nothing can write meanwhile).
 
     Crash order: data is flushed into the base before any header changes;
     until then the images above the base still answer every range they
@@ -120,6 +122,8 @@ class CommitJob(JobDriver):
         self.base_was_ro = base_was_ro
         self.soft_cancel_when_ready = self.active = top == 0
         self.pivot = False
+        self.bitmap: DirtyBitmap | None = None
+        self._job: Job | None = None
 
     @property
     def top(self) -> Node:
@@ -140,12 +144,36 @@ class CommitJob(JobDriver):
                 if not job.io_error("write", exc):
                     return length, False
 
+    def _kick(self, offset: int, length: int) -> None:
+        if self._job is not None:
+            self._job.kick()
+
+    def _copy_dirty(self, job: Job, bm: DirtyBitmap) -> None:
+        """Copy the first dirty run (bits cleared first: a write meanwhile marks them again)."""
+        run = next(bm.dirty_runs(0), None)
+        if run is None:
+            return
+        start, length = run[0], min(run[1], JOB_CHUNK)
+        bm.reset(start, length)
+        offset = start
+        while offset < start + length:
+            n, copied = self._copy(job, offset, start + length - offset)
+            if copied:
+                job.advance(n, n)
+            offset += n
+        job.len = job.offset + bm.count()
+
     def run(self, job: Job) -> None:
         from vdkit.block import io as bio
+        from vdkit.block.dirty_bitmap import DirtyBitmap
 
         top, base = self.top, self.base
         size = top.driver.virtual_size
         if self.active:
+            self._job = job
+            bm = self.bitmap = DirtyBitmap(None, base.driver.cluster_size or 65536, size)
+            top.bitmaps.append(bm)  # anonymous: never listed; every guest write marks it
+            top.before_write.append(self._kick)
             job.len = allocated_bytes(top, base)
         else:
             job.len = size
@@ -157,17 +185,25 @@ class CommitJob(JobDriver):
             job.advance(n if copied or not self.active else 0, n if copied else 0)
             offset += n
             job.pause_point()
-        bio.flush(base)
         if not self.active:
+            bio.flush(base)
             return
+        assert self.bitmap is not None
+        bm = self.bitmap
+        while bm.count():  # written meanwhile
+            self._copy_dirty(job, bm)
+            job.pause_point()
+        bio.flush(base)
         job.set_ready()
         while not job.should_exit:
-            job.pause_point(idle=True)
+            if bm.count():
+                self._copy_dirty(job, bm)
+                job.pause_point()
+            else:
+                job.pause_point(idle=True)
         if job.completion_requested:
-            offset = 0
-            while offset < size:  # writes that came in meanwhile (no pause point: the lock stays held)
-                n, _ = self._copy(job, offset, min(JOB_CHUNK, size - offset))
-                offset += n
+            while bm.count():  # the rest, without letting go of the lock: nothing can write meanwhile
+                self._copy_dirty(job, bm)
             bio.flush(base)
             self.pivot = True
 
@@ -175,6 +211,7 @@ class CommitJob(JobDriver):
         from vdkit.block.jobs import reopen_node
 
         if self.active:
+            self._detach()
             if self.pivot:
                 self.chain_changed(self.chain[:self.base_index])
             return
@@ -190,8 +227,19 @@ class CommitJob(JobDriver):
         overlay.backing = self.base
         self.chain_changed(self.chain[self.top_index:self.base_index])
 
+    def _detach(self) -> None:
+        """Take the job's bitmap and write hook off the active image (before it may be closed)."""
+        top = self.top
+        bitmaps = top.driver.dirty_bitmaps
+        if self.bitmap is not None and bitmaps is not None and self.bitmap in bitmaps:
+            bitmaps.remove(self.bitmap)
+        if self._kick in top.before_write:
+            top.before_write.remove(self._kick)
+
     def clean(self, job: Job) -> None:
         from vdkit.block.jobs import reopen_node
+
+        self._detach()
 
         if self.base_was_ro and not (self.active and self.pivot):
             try:
