@@ -318,3 +318,27 @@ def test_backup_under_nbd_writer_is_point_in_time(daemons: Daemons, tmp_path: Pa
     assert _read_raw(d / "top.qcow2") == bytes(model)
     r = qemu_img("check", str(d / "bk.qcow2"))
     assert r.returncode == 0, r.stdout
+
+
+def test_hmp_drive_mirror_and_backup(daemons: Daemons, tmp_path: Path) -> None:
+    """HMP's spellings: help texts, parse errors, -f/-n/-c and the format argument, as QEMU prints them."""
+    p = Pair(daemons, tmp_path)
+    for line in ("help drive_mirror", "help drive_backup", "drive_mirror", "drive_mirror disk0",
+                 "drive_backup disk0", "drive_mirror -n disk0 DIR/nonexist.qcow2", "drive_backup nodev DIR/x.qcow2",
+                 "drive_mirror nodev DIR/x.qcow2"):
+        p.hmp(line)
+    p.hmp("drive_backup -c disk0 DIR/hbc.qcow2")
+    p.wait("BLOCK_JOB_COMPLETED")
+    p.hmp("drive_backup -f disk0 DIR/hbf.qcow2 raw")
+    p.wait("BLOCK_JOB_COMPLETED", 2)
+    p.same_events()
+    p.hmp("drive_mirror -f disk0 DIR/hmf.qcow2 raw")
+    p.wait("BLOCK_JOB_READY")
+    p.hmp("drive_mirror disk0 DIR/hm2.qcow2")
+    p.hmp("block_job_complete disk0")
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.hmp("info block")
+    p.quit(daemons)
+    for name in ("hbc.qcow2", "hbf.qcow2", "hmf.qcow2"):
+        p.compare(name, "top.qcow2")

@@ -139,11 +139,14 @@ class BackupJob(JobDriver):
         job.advance(end - off, 0 if cbw else end - off)
 
     def _write_compressed(self, off: int, data: bytes) -> None:
-        cs = self.target.driver.cluster_size or len(data)
+        drv = self.target.driver
+        cs = drv.cluster_size or len(data)
+        # qcow2's compressed writes live in its I/O engine (the copy engine's qcow2 target uses them too)
+        write_compressed = getattr(getattr(drv, "io", None), "write_compressed", None) or drv.write_compressed
         for pos in range(0, len(data), cs):
             piece = data[pos : pos + cs]
             if len(piece) == cs:
-                self.target.driver.write_compressed(off + pos, piece)
+                write_compressed(off + pos, piece)
             else:
                 bio.write(self.target, off + pos, piece)
 

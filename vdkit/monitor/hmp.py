@@ -520,6 +520,23 @@ def _snapshot_blkdev(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any
     return ""
 
 
+def _drive_job(command: str) -> Callable[[CommandRegistry, CommandContext, dict[str, Any]], str]:
+    """``drive_mirror`` / ``drive_backup``: ``-f`` sync full (else top), ``-n`` an existing target, ``-c`` compress."""
+
+    def run(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
+        args: dict[str, Any] = {"device": a["device"], "target": a["target"], "format": a.get("format"),
+                                "sync": "full" if a.get("full") else "top",
+                                "mode": "existing" if a.get("reuse") else "absolute-paths"}
+        if command == "drive-mirror":
+            args["unmap"] = True
+        elif a.get("compress"):
+            args["compress"] = True
+        _qmp(reg, ctx, command, **args)
+        return ""
+
+    return run
+
+
 def _snap_internal(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]) -> str:
     _qmp(reg, ctx, "blockdev-snapshot-internal-sync", device=a["device"], name=a["name"])
     return ""
@@ -600,6 +617,26 @@ COMMANDS = (
                "files", _commit, "device:B"),
     HmpCommand(("cont", "c"), "", "resume emulation", _simple("cont")),
     HmpCommand(("delvm",), "tag", "delete a VM snapshot from its tag", _tagged(block_cmds.delvm), "name:s"),
+    HmpCommand(("drive_backup",), "[-n] [-f] [-c] device target [format]",
+               "initiates a point-in-time\n\t\t\tcopy for a device. The device's contents are\n"
+               "\t\t\tcopied to the new image file, excluding data that\n"
+               "\t\t\tis written after the command is started.\n"
+               "\t\t\tThe -n flag requests QEMU to reuse the image found\n"
+               "\t\t\tin new-image-file, instead of recreating it from scratch.\n"
+               "\t\t\tThe -f flag requests QEMU to copy the whole disk,\n"
+               "\t\t\tso that the result does not need a backing file.\n"
+               "\t\t\tThe -c flag requests QEMU to compress backup data\n"
+               "\t\t\t(if the target format supports it).\n\t\t\t",
+               _drive_job("drive-backup"), "reuse:-n,full:-f,compress:-c,device:B,target:s,format:s?"),
+    HmpCommand(("drive_mirror",), "[-n] [-f] device target [format]",
+               "initiates live storage\n\t\t\tmigration for a device. The device's contents are\n"
+               "\t\t\tcopied to the new image file, including data that\n"
+               "\t\t\tis written after the command is started.\n"
+               "\t\t\tThe -n flag requests QEMU to reuse the image found\n"
+               "\t\t\tin new-image-file, instead of recreating it from scratch.\n"
+               "\t\t\tThe -f flag requests QEMU to copy the whole disk,\n"
+               "\t\t\tso that the result does not need a backing file.\n\t\t\t",
+               _drive_job("drive-mirror"), "reuse:-n,full:-f,device:B,target:s,format:s?"),
     HmpCommand(("eject",), "[-f] device", "eject a removable medium (use -f to force it)", _eject,
                "force:-f,device:B"),
     HmpCommand(("help", "?"), "[cmd]", "show the help", _help, "name:S?"),
