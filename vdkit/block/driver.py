@@ -170,6 +170,11 @@ class FormatDriver:
     def open_children(self, ctx: OpenContext) -> None:
         """Open the files the image names besides its backing file (data file, extents), via ``ctx``."""
 
+    def probed_open_warning(self, name: str) -> str | None:
+        """What opening this format writable prints when probing guessed it (``name``: the name the
+        user gave); None: nothing (QEMU's raw driver is the one that warns)."""
+        return None
+
     def specific_info(self) -> ImageInfoSpecific | None:
         """``Format specific information`` of ``qemu-img info`` (QAPI ``ImageInfoSpecific``), if any."""
         return None

@@ -80,10 +80,10 @@ def main(argv: list[str]) -> int:
             from vdkit.cli.main import warn
 
             warn(message, hint)
-        if repair is not None and fmt is None and node.format == "raw":  # opened writable after probing
-            from vdkit.cli.snapshot_write import _PROBE_WARNING
+        if repair is not None:  # opened writable
+            from vdkit.cli.snapshot_write import warn_if_probed
 
-            write_err(_PROBE_WARNING.format(filename))
+            warn_if_probed(node, fmt, filename)
         try:
             result = driver.check(repair, _report)
         except UnsupportedError as exc:

@@ -66,11 +66,9 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
 
     walk = BackingWalk()  # the caller's policy, depth limit and loop detection over every layer
     top = open_image(filename, fmt, readonly=False, backing=False, walk=walk)
-    if fmt is None and top.format == "raw":  # qemu-img warns as it opens a probed raw image writable
-        from vdkit.cli.main import write_err
-        from vdkit.cli.snapshot_write import _PROBE_WARNING
+    from vdkit.cli.snapshot_write import warn_if_probed
 
-        write_err(_PROBE_WARNING.format(filename))
+    warn_if_probed(top, fmt, filename)
     try:
         cur = top
         depth = 0  # of the layer being opened below the top

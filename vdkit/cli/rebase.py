@@ -66,11 +66,9 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
 
     prog = Progress(progress, min_skip=2.0)
     with open_image(filename, fmt, readonly=False, backing=not unsafe) as node:
-        if fmt is None and node.format == "raw":  # qemu-img warns as it opens a probed raw image writable
-            from vdkit.cli.main import write_err
-            from vdkit.cli.snapshot_write import probe_warning
+        from vdkit.cli.snapshot_write import warn_if_probed
 
-            write_err(probe_warning(node, filename))
+        warn_if_probed(node, fmt, filename)
         if not unsafe:
             prog.set(0.0)
             _copy_differences(node, filename, base, base_fmt, prog)

@@ -8,7 +8,7 @@ and is taken off before option parsing, so ``resize img -1G`` works without
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_err, write_out
+from vdkit.cli.main import write_out
 from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
 from vdkit.errors import UsageError, VdkitError
 
@@ -59,11 +59,10 @@ def main(argv: list[str]) -> int:
 def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str, shrink: bool,
         quiet: bool) -> int:
     from vdkit.block.node import open_image
-    from vdkit.cli.snapshot_write import probe_warning
+    from vdkit.cli.snapshot_write import warn_if_probed
 
     with open_image(filename, fmt, readonly=False) as node:
-        if fmt is None and node.format == "raw":
-            write_err(probe_warning(node, filename))
+        warn_if_probed(node, fmt, filename)
         current = node.driver.virtual_size
         total = current + n * relative if relative else n
         if total <= 0:

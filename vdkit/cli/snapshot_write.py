@@ -19,19 +19,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vdkit.block.node import Node
 
-_PROBE_WARNING = (
-    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
-    "         Automatically detecting the format is dangerous for raw images, "
-    "write operations on block 0 will be restricted.\n"
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
-)
-
-
-def probe_warning(node: Node, filename: str) -> str:
-    """The probed-raw warning for ``node``: QEMU names the protocol node, whose name is the file name
-    except for protocols that report a ``json:`` name (an rbd image)."""
-    file = node.driver.file
-    return _PROBE_WARNING.format(file.filename if getattr(file, "protocol", None) == "rbd" else filename)
+def warn_if_probed(node: Node, fmt: str | None, filename: str) -> None:
+    """The warning a format guessed by probing prints as it opens writable (the driver's text)."""
+    warning = node.driver.probed_open_warning(filename) if fmt is None else None
+    if warning is not None:
+        write_err(warning)
 
 
 def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
@@ -43,8 +35,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
     if force_share:
         raise VdkitError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
     with open_image(filename, fmt, readonly=False, force_share=False) as node:
-        if fmt is None and node.format == "raw":
-            write_err(probe_warning(node, filename))
+        warn_if_probed(node, fmt, filename)
         driver = node.driver
         if action == "c":
             assert arg is not None
@@ -61,9 +52,8 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                 if blocker is not None:
                     raise blocker
                 if not driver.supports_snapshots:
-                    if fmt is None and node.format == "raw":
-                        # qemu-img's fallback closes and reopens the image: a second warning
-                        write_err(_PROBE_WARNING.format(filename))
+                    # qemu-img's fallback closes and reopens the image: a second warning
+                    warn_if_probed(node, fmt, filename)
                     raise driver._unsupported()
                 if driver.snapshot_unsupported_reason() is not None:  # external data file
                     raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
@@ -81,7 +71,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                         raise VdkitError(f"Failed to load snapshot: {os.strerror(err)}", errno=err) from exc
                 finally:
                     if reopened:
-                        write_err(probe_warning(node, filename))
+                        warn_if_probed(node, fmt, filename)
             except VdkitError as exc:
                 raise exc.prefixed(f"Could not apply snapshot '{arg}': ") from exc
         elif action == "d":

@@ -678,13 +678,6 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-_RAW_PROBE_WARNING = (
-    "WARNING: Image format was not specified for '{}' and probing guessed raw.\n"
-    "         Automatically detecting the format is dangerous for raw images, write operations on block 0 "
-    "will be restricted.\n"
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
-
-
 def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
     """Each -drive in turn: its options, its image, then what only an open image tells; then the devices."""
     from vdkit.monitor.block_cmds import open_error
@@ -709,10 +702,10 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
             medium = drive.medium if drive is not None else None
             if medium is not None and spec.file is not None and spec.file.startswith(("http://", "https://")):
                 _http_opened(machine, spec, medium)
-            if medium is not None and spec.format is None and medium.node.format == "raw" and not medium.ro:
-                proto = medium.node.driver.file  # an rbd image's warning names its json: name, as QEMU's
-                shown = proto.filename if getattr(proto, "protocol", None) == "rbd" else spec.file
-                sys.stderr.write(_RAW_PROBE_WARNING.format(shown))
+            if medium is not None and spec.format is None and not medium.ro:
+                warning = medium.node.driver.probed_open_warning(spec.file or "")
+                if warning is not None:
+                    sys.stderr.write(warning)
             check_opened(spec, medium.node.format if medium is not None else None)
         except OptionError as exc:
             raise OptionError(f"-drive {text}: {exc}") from None

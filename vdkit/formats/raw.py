@@ -46,9 +46,24 @@ def create_image(filename: str, opts: CreateOpts) -> None:
     create_raw(filename, int(opts.get("size") or 0), prealloc)
 
 
+_PROBED_WARNING = (
+    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, "
+    "write operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+)
+
+
 class RawDriver(FormatDriver):
     format_name = "raw"
     slow_allocated_zeroes = True
+
+    def probed_open_warning(self, name: str) -> str | None:
+        """QEMU's raw driver warns as it opens a probed image writable: a guest could write a header
+        that makes the next probe see another format.  It names the protocol node: the given name,
+        except for protocols that report a ``json:`` name (an rbd image)."""
+        file = self.file
+        return _PROBED_WARNING.format(file.filename if getattr(file, "protocol", None) == "rbd" else name)
 
     @property
     def virtual_size(self) -> int:
