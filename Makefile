@@ -58,7 +58,7 @@ BENCH_PY    = $(BENCH_VENV)/bin/python
 bench: system-deps
 	rm -rf $(BENCH_VENV)
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_PY) -m pip install -q . pytest  # pytest: bench/remote.py reuses a test module's nginx setup
+	$(BENCH_PY) -m pip install -q .
 	$(BENCH_PY) bench/info.py
 	$(BENCH_PY) bench/snapshot.py
 	$(BENCH_PY) bench/check.py
