@@ -169,28 +169,27 @@ class CommitJob(JobDriver):
 
         top, base = self.top, self.base
         size = top.driver.virtual_size
-        if self.active:
-            self._job = job
-            bm = self.bitmap = DirtyBitmap(None, base.driver.cluster_size or 65536, size)
-            top.bitmaps.append(bm)  # anonymous: never listed; every guest write marks it
-            top.before_write.append(self._kick)
-            job.len = allocated_bytes(top, base)
-        else:
-            job.len = size
         if base.driver.virtual_size < size:
             bio.truncate(base, size)
-        offset = 0
-        while offset < size:
-            n, copied = self._copy(job, offset, min(JOB_CHUNK, size - offset))
-            job.advance(n if copied or not self.active else 0, n if copied else 0)
-            offset += n
-            job.pause_point()
         if not self.active:
+            job.len = size
+            offset = 0
+            while offset < size:
+                n, copied = self._copy(job, offset, min(JOB_CHUNK, size - offset))
+                job.advance(n, n if copied else 0)
+                offset += n
+                job.pause_point()
             bio.flush(base)
             return
-        assert self.bitmap is not None
-        bm = self.bitmap
-        while bm.count():  # written meanwhile
+        # active: QEMU's mirror-based commit copies what a dirty bitmap says, starting with everything
+        # the images above the base allocate; guest writes mark it again (and wake the job)
+        self._job = job
+        bm = self.bitmap = DirtyBitmap(None, base.driver.cluster_size or 65536, size)
+        mark_allocated_above(bm, top, base)
+        top.bitmaps.append(bm)  # anonymous: every guest write to the active image marks it
+        top.before_write.append(self._kick)
+        job.len = bm.count()
+        while bm.count():
             self._copy_dirty(job, bm)
             job.pause_point()
         bio.flush(base)
@@ -248,13 +247,12 @@ class CommitJob(JobDriver):
                 pass  # it stays writable: still correct, only the lock is wider than QEMU's
 
 
-def allocated_bytes(top: Node, base: Node) -> int:
-    """How many bytes the layers from ``top`` down to (not including) ``base`` allocate."""
+def mark_allocated_above(bm: DirtyBitmap, top: Node, base: Node) -> None:
+    """Set the bits of every range the layers from ``top`` down to (not including) ``base`` allocate."""
     size = top.driver.virtual_size
-    total = offset = 0
+    offset = 0
     while offset < size:
         allocated, n = allocated_above(top, base, offset, size - offset)
         if allocated:
-            total += n
+            bm.set_dirty(offset, n)
         offset += n
-    return total
