@@ -342,3 +342,42 @@ def test_hmp_drive_mirror_and_backup(daemons: Daemons, tmp_path: Path) -> None:
     p.quit(daemons)
     for name in ("hbc.qcow2", "hbf.qcow2", "hmf.qcow2"):
         p.compare(name, "top.qcow2")
+
+
+def test_blockdev_mirror_backup_and_transaction(daemons: Daemons, tmp_path: Path) -> None:
+    """Targets from blockdev-add (the mirror's pivots onto the node), and drive-backup inside a transaction."""
+    p = Pair(daemons, tmp_path)
+    for d in p.dirs:
+        for name in ("bt", "bt2"):
+            assert qemu_img("create", "-q", "-f", "qcow2", str(d / f"{name}.qcow2"), "4M").returncode == 0
+    for name in ("bt", "bt2"):
+        p.same("blockdev-add", {"driver": "qcow2", "node-name": f"t{name}",
+                                "file": {"driver": "file", "filename": f"DIR/{name}.qcow2"}})
+    p.same("blockdev-mirror", {"device": "disk0", "target": "nonode", "sync": "full"})
+    p.same("blockdev-mirror", {"device": "disk0", "target": "tbt", "sync": "bitmap"})
+    p.same("blockdev-backup", {"device": "disk0", "target": "nonode", "sync": "full"})
+    p.same("blockdev-backup", {"device": "disk0", "target": "tbt2", "sync": "full", "job-id": "bb"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("blockdev-mirror", {"device": "disk0", "target": "tbt", "sync": "full", "job-id": "bm"})
+    p.wait("BLOCK_JOB_READY")
+    p.same_events()
+    p.same("block-job-complete", {"device": "bm"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-block")
+    p.hmp("info block -n")
+    p.same("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "tb"}},
+        {"type": "drive-backup", "data": {"device": "disk0", "target": "DIR/tx.qcow2", "sync": "full",
+                                          "job-id": "tx"}}]})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "tc"}},
+        {"type": "drive-backup", "data": {"device": "nodev", "target": "DIR/tx2.qcow2", "sync": "full"}}]})
+    p.same_events()
+    p.same("query-block")
+    p.quit(daemons)
+    for name in ("bt.qcow2", "bt2.qcow2", "tx.qcow2"):
+        p.compare(name, "top.qcow2")

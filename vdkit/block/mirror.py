@@ -64,6 +64,7 @@ class MirrorJob(JobDriver):
 
     def __init__(self, source: Node, target: Node, *, sync: str, granularity: int, buf_size: int,
                  zero_target: bool, unmap: bool, keeps_backing: bool, on_source_error: str,
+                 target_unmaps: bool = False,
                  on_target_error: str, pivot: Callable[[], None] | None, release: Callable[[bool], None]) -> None:
         self.source = source
         self.target = target
@@ -71,6 +72,7 @@ class MirrorJob(JobDriver):
         self.granularity = granularity
         self.chunk = max(granularity, min(buf_size, MAX_CHUNK) // granularity * granularity)
         self.zero_target = zero_target
+        self.target_unmaps = target_unmaps  # the target node was opened with discard=unmap
         # zeros may be unmapped only where nothing shows through afterwards (no backing after the pivot)
         self.unmap = unmap and not keeps_backing
         self.on_source_error = on_source_error
@@ -97,12 +99,16 @@ class MirrorJob(JobDriver):
         src.bitmaps.append(self.bitmap)  # anonymous: never listed, fed by every write to the source
         src.before_write.append(self._kick)
         size = src.size
-        if self.zero_target:
-            self._io(job, "write", lambda: bio.write_zeroes(self.target, 0, size, unmap=True))
-        if self.sync == "full":
-            mark_allocated(self.bitmap, list(src.chain()), size)
-        elif self.sync == "top":
-            mark_allocated(self.bitmap, [src], size)
+        if self.zero_target and not self.target_unmaps:
+            # a target that cannot unmap zeroes is not known to read as zeros: everything is copied
+            self.bitmap.set_dirty(0, size)
+        else:
+            if self.zero_target:
+                self._io(job, "write", lambda: bio.write_zeroes(self.target, 0, size, unmap=True))
+            if self.sync == "full":
+                mark_allocated(self.bitmap, list(src.chain()), size)
+            elif self.sync == "top":
+                mark_allocated(self.bitmap, [src], size)
         job.len = job.offset + self.bitmap.count()
         while True:
             while self.bitmap.count():

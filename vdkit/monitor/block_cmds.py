@@ -34,11 +34,12 @@ from vdkit.info.model import (
     SnapshotInfo,
 )
 from vdkit.info.render_json import dumps_compact, to_qobject
-from vdkit.monitor import bitmap_cmds, external_snapshot, nbd_cmds
+from vdkit.monitor import bitmap_cmds, external_snapshot, mirror_cmds, nbd_cmds
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
+    from vdkit.block.jobs import JobFilter, JobList
     from vdkit.block.node import Node
     from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
@@ -199,7 +200,8 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
 
 def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[BlockDeviceInfo]:
     flat = bool(args.get("flat", False))
-    entries = [(s, _node_info(drive, medium, i, kind, flat)) for s, drive, medium, i, kind in _newest_first(ctx)]
+    entries = [(s, _node_info(drive, medium, i, kind, flat, ctx.machine.jobs))
+               for s, drive, medium, i, kind in _newest_first(ctx)]
     entries += [(g.serial, graph_node_info(g, flat)) for g in ctx.machine.graph.nodes]
     entries.sort(key=lambda e: -e[0])
     return [info for _, info in entries]
@@ -223,7 +225,7 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
         slot = ("node", drive.id, i, kind, flat)
         cached = machine.render_cache.get(slot)
         if cached is None or cached[0] != key:
-            cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat))))
+            cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat, machine.jobs))))
             machine.render_cache[slot] = cached
         parts.append((serial, cached[1]))
     for g in machine.graph.nodes:
@@ -293,6 +295,10 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
             out.append((fmt_serial, drive, medium, i, "fmt"))
             if i >= len(chain) or chain[i].format not in _PROTOCOL_FORMATS:  # driver=nbd|http: one node
                 out.append((file_serial, drive, medium, i, "file"))
+        for f in ctx.machine.jobs.filters():  # a job's implicit filter node sits above one of the chain's
+            i = next((i for i, n in enumerate(chain) if n is f.below), -1)
+            if i >= 0:
+                out.append((f.serial, drive, medium, i, "filter"))
     return out
 
 
@@ -300,10 +306,62 @@ _PROTOCOL_FORMATS = ("nbd", "http", "https", "rbd")
 """Formats that are a protocol node themselves (``driver=nbd``): QEMU has no file node below them."""
 
 
-def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool) -> BlockDeviceInfo:
+def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool,
+               jobs: JobList | None = None) -> BlockDeviceInfo:
+    filters = _filters_of(jobs, medium)
     if kind == "fmt":
-        return _format_node_info(drive, medium, index, backend=False, flat=flat)
+        return _with_filters(filters, medium, index,
+                             _format_node_info(drive, medium, index, backend=False, flat=flat), flat)
+    if kind == "filter":
+        return _filter_node_info(filters, medium, index, flat)
     return _file_node_info(drive, medium, index)
+
+
+def _filter_image(node: Node, drv: str, nested: bool) -> ImageInfo:
+    """A job filter's ImageInfo: its child's sizes under the filter's driver name (block-jobs.md §1.2)."""
+    child = image_info(node, nested=False)
+    return ImageInfo(filename=child.filename, format=drv, virtual_size=child.virtual_size, dirty_flag=False,
+                     actual_size=child.actual_size, cluster_size=child.cluster_size,
+                     backing_image=image_info(node, nested=True) if nested else None)
+
+
+def _filter_node_info(filters: list[JobFilter], medium: Medium, index: int, flat: bool) -> BlockDeviceInfo:
+    """The implicit filter node a job puts above ``chain[index]`` (``commit_top``, ``copy-on-read``, ...)."""
+    chain = _chain(medium)
+    f = next(f for f in filters if f.below is chain[index])
+    node = chain[index]
+    return BlockDeviceInfo(file=node.filename, node_name=f.name, ro=f.ro, drv=f.driver,
+                           backing_file_depth=0 if flat else len(chain) - index, encrypted=False,
+                           detect_zeroes="off", image=_filter_image(node, f.driver, nested=not flat),
+                           cache=BlockdevCacheInfo())
+
+
+def _filters_of(jobs: JobList | None, medium: Medium) -> list[JobFilter]:
+    if jobs is None:
+        return []
+    chain = _chain(medium)
+    return [f for f in jobs.filters() if any(n is f.below for n in chain)]
+
+
+def _with_filters(filters: list[JobFilter], medium: Medium, index: int, info: BlockDeviceInfo,
+                  flat: bool) -> BlockDeviceInfo:
+    """A job filter between this node and its backing chain counts in the (non-flat) chain shown."""
+    if flat or not filters:
+        return info
+    chain = _chain(medium)
+    for f in filters:
+        j = next(i for i, n in enumerate(chain) if n is f.below)
+        if j <= index:
+            continue
+        info.backing_file_depth += 1
+        level = info.image
+        for _ in range(j - index - 1):
+            assert level.backing_image is not None
+            level = level.backing_image
+        filt = _filter_image(chain[j], f.driver, nested=False)
+        filt.backing_image = level.backing_image
+        level.backing_image = filt
+    return info
 
 
 def _node_stats(medium: Medium, index: int, *, recurse_backing: bool) -> BlockStats:
@@ -626,6 +684,8 @@ _ACTION_DATA = {
     "blockdev-snapshot-sync": external_snapshot.SYNC_SCHEMA,
     "blockdev-snapshot": external_snapshot.SNAPSHOT_SCHEMA,
     **bitmap_cmds.ACTION_SCHEMAS,
+    "drive-backup": mirror_cmds.DRIVE_BACKUP_SCHEMA,
+    "blockdev-backup": mirror_cmds.BLOCKDEV_BACKUP_SCHEMA,
 }
 
 
@@ -647,6 +707,7 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
     grouped = args.get("properties", {}).get("completion-mode") == "grouped"
     ctx.machine.jobs.drain()  # QEMU drains all I/O before any action (jobs pause and resume: events)
     undo: list[Callable[[], None]] = []
+    starts: list[Callable[[], None]] = []  # backup jobs start once every action is prepared
     try:
         for action, data in zip(actions, datas, strict=True):
             kind = action["type"]
@@ -661,6 +722,10 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
                 undo.append(external_snapshot.prepare_snapshot(ctx, data))
             elif kind.startswith("block-dirty-bitmap-"):
                 undo.append(bitmap_cmds.prepare_action(ctx.machine, kind, data))
+            elif kind in ("drive-backup", "blockdev-backup"):
+                start, undo_job = mirror_cmds.backup_action(ctx.machine, kind, data)
+                undo.append(undo_job)
+                starts.append(start)
             else:
                 t = _resolve_root(ctx, data["device"])
                 _snapshot_create_check(t, data["name"])
@@ -673,6 +738,8 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
             except (OSError, VdkitError):
                 pass
         raise
+    for start in starts:
+        start()
 
 
 def _undo_internal(t: _Target, entry: SnapshotEntry) -> None:

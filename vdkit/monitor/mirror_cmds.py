@@ -19,6 +19,9 @@ from vdkit.errors import VdkitError
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from vdkit.block.jobs import Job
     from vdkit.block.node import Node
     from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
@@ -187,7 +190,8 @@ def _mirror_common_checks(args: dict[str, Any]) -> tuple[int, int]:
 
 
 def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
-                  sync: str, zero_target: bool, keeps_backing: bool, pivot: Any, release: Any) -> None:
+                  sync: str, zero_target: bool, keeps_backing: bool, pivot: Any, release: Any,
+                  target_unmaps: bool = False) -> None:
     from vdkit.block.dirty_bitmap import default_granularity
     from vdkit.block.mirror import DEFAULT_BUF_SIZE, MirrorJob
 
@@ -205,7 +209,8 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
     if "replaces" in args and args["replaces"] not in (drive.medium.names[index][0], drive.id):
         raise VdkitError(f"Replacing node '{args['replaces']}' is not supported by vdkit")
     job_driver = MirrorJob(source, target, sync=sync, granularity=granularity, buf_size=buf_size or DEFAULT_BUF_SIZE,
-                           zero_target=zero_target, unmap=args.get("unmap", True), keeps_backing=keeps_backing,
+                           zero_target=zero_target, target_unmaps=target_unmaps, unmap=args.get("unmap", True),
+                           keeps_backing=keeps_backing,
                            on_source_error=args.get("on-source-error", "report"),
                            on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release)
     job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
@@ -305,18 +310,17 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
         machine.monitor_owned.add(g.name)
 
     _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full", keeps_backing=False,
-                  pivot=pivot, release=lambda pivoted: None)
+                  pivot=pivot, release=lambda pivoted: None, target_unmaps=g.discard == "unmap")
 
 
 # -- backup -------------------------------------------------------------------------------------------
 
 
 def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
-                   sync: str, target_has_backing: bool, release: Any) -> None:
-    """``do_backup_common`` and ``backup_job_create``: bitmap rules, then the job."""
+                   sync: str, target_has_backing: bool, release: Any) -> Job:
+    """``do_backup_common`` and ``backup_job_create``: bitmap rules, then the job (created, not started)."""
     from vdkit.block.backup import BackupJob
     from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT
-    from vdkit.block.jobs import Status
 
     assert drive.medium is not None
     source = list(drive.medium.node.chain())[index]
@@ -360,15 +364,22 @@ def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: No
                               auto_finalize=args.get("auto-finalize", True),
                               auto_dismiss=args.get("auto-dismiss", True))
     job_driver.attach(job)
+    return job
+
+
+def _start_backup(job: Job) -> None:
+    from vdkit.block.jobs import Status
+
     job.start()
     # QEMU drains the source as the job starts: a running job shows a paused/running pair at once
     job._transition(Status.PAUSED)
     job._transition(Status.RUNNING)
 
 
-def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
-    machine = ctx.machine
-    machine.jobs.drain()  # QEMU runs it as a one-action transaction, which drains everything first
+def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> Job:
+    """``drive-backup`` / ``blockdev-backup`` up to the created job (a transaction starts it at commit)."""
+    if kind == "blockdev-backup":
+        return _prepare_blockdev_backup(machine, args)
     drive, index = _lookup(machine, args["device"])
     existing = args.get("mode", "absolute-paths") == "existing"
     assert drive.medium is not None
@@ -398,17 +409,15 @@ def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
         target.close()
 
     try:
-        _backup_common(machine, drive, index, target, args, sync=sync,
-                       target_has_backing=backing is not None or target.driver.backing_file is not None,
-                       release=release)
+        return _backup_common(machine, drive, index, target, args, sync=sync,
+                              target_has_backing=backing is not None or target.driver.backing_file is not None,
+                              release=release)
     except BaseException:
         release()
         raise
 
 
-def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
-    machine = ctx.machine
-    machine.jobs.drain()  # a one-action transaction: everything is drained first
+def _prepare_blockdev_backup(machine: DeviceRegistry, args: dict[str, Any]) -> Job:
     drive, index = _lookup(machine, args["device"])
     g = machine.graph.find(args["target"])
     if g is None:
@@ -420,8 +429,29 @@ def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
     assert drive.medium is not None
     if sync == "top" and list(drive.medium.node.chain())[index].backing is None:
         sync = "full"
-    _backup_common(machine, drive, index, g.node, args, sync=sync, target_has_backing=g.backing is not None,
-                   release=lambda: None)
+    return _backup_common(machine, drive, index, g.node, args, sync=sync, target_has_backing=g.backing is not None,
+                          release=lambda: None)
+
+
+def backup_action(machine: DeviceRegistry, kind: str, data: dict[str, Any]) -> tuple[Callable[[], None],
+                                                                                        Callable[[], None]]:
+    """A backup action of a ``transaction``: (start at commit, undo at abort)."""
+    job = prepare_backup(machine, kind, data)
+
+    def undo() -> None:
+        job.cancel(force=True)
+
+    return (lambda: _start_backup(job)), undo
+
+
+def drive_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.jobs.drain()  # QEMU runs it as a one-action transaction, which drains everything first
+    _start_backup(prepare_backup(ctx.machine, "drive-backup", args))
+
+
+def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
+    ctx.machine.jobs.drain()  # a one-action transaction: everything is drained first
+    _start_backup(prepare_backup(ctx.machine, "blockdev-backup", args))
 
 
 _COMMON = (opt("speed", "int"), opt("on-source-error", enum=ON_ERROR), opt("on-target-error", enum=ON_ERROR),
