@@ -155,12 +155,27 @@ class RateLimit:
         return max(self.slice_end - now, 0)
 
 
+class JobFilter:
+    """The implicit filter node QEMU puts above the node a job works on (``commit_top``, ``copy-on-read``,
+    ``mirror_top``): no I/O goes through it here, but monitors list it while the job lives
+    (``block-jobs.md`` §1.2).  ``below`` is the node it sits on."""
+
+    def __init__(self, driver: str, below: Node, *, ro: bool, name: str, serial: int) -> None:
+        self.driver = driver
+        self.below = below
+        self.ro = ro
+        self.name = name
+        self.serial = serial
+
+
 class JobDriver:
     """One job type's work.  Subclasses set ``job_type`` and implement :meth:`run` (see the module doc)."""
 
     job_type = ""
     # a ready phase exists (mirror, active commit): a cancel without force while ready ends as COMPLETED
     soft_cancel_when_ready = False
+    # set by the monitor when the job is created: the implicit filter node it shows
+    filter: JobFilter | None = None
 
     def nodes(self) -> list[Node]:
         """The nodes this job works on (other commands meet them as busy while the job lives)."""
@@ -596,6 +611,11 @@ class JobList:
     def remove(self, job: Job) -> None:
         if job in self.jobs:
             self.jobs.remove(job)
+
+    def filters(self) -> list[JobFilter]:
+        """The implicit filter nodes of the jobs that still hold their nodes (not yet concluded)."""
+        return [j.driver.filter for j in self.jobs
+                if j.driver.filter is not None and j.status not in (S.CONCLUDED, S.NULL)]
 
     def job_on(self, node: Node) -> Job | None:
         """The live job working on ``node`` (any of its driver's nodes), if one does."""

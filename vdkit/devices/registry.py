@@ -170,6 +170,7 @@ class DeviceRegistry:
 
     def _job_event(self, name: str, data: dict[str, Any] | None) -> None:
         """A job's event, in the order jobs and commands raise them (commands hold the lock meanwhile)."""
+        self.generation += 1  # a job's state shows in the queries (its filter node, the chain)
         if self.event_sink is not None:
             self.event_sink([(name, data)])
 

@@ -284,8 +284,15 @@ def _job_options(args: dict[str, Any]) -> dict[str, Any]:
             "auto_dismiss": args.get("auto-dismiss", True), "on_error": args.get("on-error", "report")}
 
 
-def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[str, Any]) -> Job:
+def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[str, Any],
+           filter: tuple[str, Node, bool] | None = None) -> Job:
+    """Create and start the job; ``filter`` (driver name, node below, read-only) is its implicit filter node."""
+    from vdkit.block.jobs import JobFilter
+
     job = machine.jobs.create(job_id, driver, **_job_options(args))
+    if filter is not None:
+        drv, below, ro = filter
+        driver.filter = JobFilter(drv, below, ro=ro, name=machine.auto_name(), serial=machine.next_serial())
     job.start()
     return job
 
@@ -336,7 +343,7 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
     if medium.ro:
         raise VdkitError("Block node is read-only")
     driver = StreamJob(chain, base_index, args.get("backing-file"), _chain_changed(machine, medium, chain))
-    _start(machine, args.get("job-id", drive.id), driver, args)
+    _start(machine, args.get("job-id", drive.id), driver, args, filter=("copy-on-read", chain[0], False))
 
 
 def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -399,7 +406,9 @@ def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
     try:
         driver = CommitJob(chain, top_index, base_index, args.get("backing-file"),
                            _chain_changed(machine, medium, chain), base_was_ro=base_was_ro)
-        _start(machine, args.get("job-id", drive.id), driver, args)
+        below = chain[top_index]
+        _start(machine, args.get("job-id", drive.id), driver, args,
+               filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True))
     except BaseException:
         if base_was_ro:
             reopen_node(base, readonly=True)
