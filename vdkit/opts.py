@@ -8,10 +8,12 @@ into a front end.
 
 from __future__ import annotations
 
-from typing import Any
-
 from vdkit.errors import VdkitError
 from vdkit.record import record
+
+TYPE_CHECKING = False  # typing is not imported at run time: every vdkit-img start reads this module
+if TYPE_CHECKING:
+    from typing import Any
 
 # -- sizes (qemu_strtosz) -------------------------------------------------
 
