@@ -70,6 +70,7 @@ class Sample:
     wall: float  # seconds
     cpu: float  # user + system seconds of the process (and its waited-for children)
     rss: int  # max resident set, KiB
+    server_cpu: float = 0.0  # CPU seconds the server (a daemon the command talks to) spent meanwhile
 
 
 def run(cmd: Sequence[str], *, cwd: Path | None = None, out: Path | None = None, sync: bool = False,
@@ -109,12 +110,26 @@ class Case:
     cmd: Sequence[str] | Callable[[], Sample]
     out: Path | None = None
     cwd: Path | None = None
+    server_pid: int | None = None  # a daemon serving the command: its CPU time is sampled too
     samples: list[Sample] = field(default_factory=list)
 
     def sample(self) -> Sample:
+        before = proc_cpu(self.server_pid) if self.server_pid else 0.0
         s = self.cmd() if callable(self.cmd) else run(self.cmd, cwd=self.cwd, out=self.out)
+        if self.server_pid:
+            s.server_cpu = proc_cpu(self.server_pid) - before
         self.samples.append(s)
         return s
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used so far.
+
+    On a loaded machine a server's CPU per request is a steadier measure of its efficiency
+    than the client's wall time, which includes waiting for a core."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def interleave(cases: Sequence[Case], repeat: int) -> None:
@@ -139,7 +154,9 @@ def ratio_line(label: str, theirs: Case, ours: Case, *, nbytes: int = 0) -> str:
     return (f"{label:<34} {theirs.name} {t * 1e3:8.1f} ms  vdkit {o * 1e3:8.1f} ms  ratio {t / o:5.2f}"
             f"{rate}  (rounds {per_round[0]:.2f}..{per_round[-1]:.2f}, n={len(per_round)}; "
             f"CPU {med(theirs.samples, 'cpu'):.3f}/{med(ours.samples, 'cpu'):.3f} s; "
-            f"max RSS {med(theirs.samples, 'rss') / 1024:.0f}/{med(ours.samples, 'rss') / 1024:.0f} MB)")
+            f"max RSS {med(theirs.samples, 'rss') / 1024:.0f}/{med(ours.samples, 'rss') / 1024:.0f} MB"
+            + (f"; server CPU {med(theirs.samples, 'server_cpu'):.3f}/{med(ours.samples, 'server_cpu'):.3f} s"
+               if ours.samples and ours.samples[0].server_cpu else "") + ")")
 
 
 @contextlib.contextmanager

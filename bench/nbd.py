@@ -9,7 +9,8 @@ over a unix socket, as qcow2 and as raw.  The clients are the tools users run:
 What each export serves is checked first (``nbdcopy`` into a file, compared with the source).
 Every case runs in an idle round and in a round with one core kept busy by another process;
 samples alternate between the daemons (``bench/harness.py``); the ratio is qemu-storage-daemon's
-median time / vdkit's (above 1: vdkit is faster).  The daemons' peak RSS is printed per round.
+median time / vdkit's (above 1: vdkit is faster).  The daemons' CPU time per run (all threads,
+from /proc: steadier than wall time on a loaded machine) and peak RSS are printed too.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def main() -> None:
                 ]
                 for rnd in h.rounds(a.rounds):
                     for label, cmd, nbytes in cases:
-                        q = h.Case("qemu-storage-daemon", cmd(qsock))
-                        v = h.Case("vdkit-daemon", cmd(vsock))
+                        q = h.Case("qemu-storage-daemon", cmd(qsock), server_pid=qproc.pid)
+                        v = h.Case("vdkit-daemon", cmd(vsock), server_pid=vproc.pid)
                         h.interleave([q, v], a.repeat)
                         print(f"[{rnd}] {fmt:5} " + h.ratio_line(label, q, v, nbytes=nbytes), flush=True)
                     print(f"[{rnd}] {fmt:5} daemon peak RSS: qemu-storage-daemon "

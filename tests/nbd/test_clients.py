@@ -267,6 +267,13 @@ def test_reads_from_host_files_equal_qemu_img(workdir: Path, serve: Any) -> None
         c = NbdClient(s.sock, name, structured=False)
         assert c.read(0, len(want)) == want
         c.close()
+        # pipelined reads arriving highest offset first (as qemu-img's parallel ones do), structured
+        c = NbdClient(s.sock, name)
+        handles = {c.send(w.CMD_READ, off, 65536): off for off in reversed(range(0, len(want), 65536))}
+        for _ in handles:
+            h, r = c.receive()
+            assert r.data == want[handles[h]:handles[h] + 65536]
+        c.close()
 
 
 def test_status_runs_kept_by_a_connection_follow_changes(workdir: Path, serve: Any) -> None:

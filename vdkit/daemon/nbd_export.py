@@ -70,6 +70,8 @@ _CHANGES = (w.CMD_WRITE, w.CMD_WRITE_ZEROES, w.CMD_TRIM, w.CMD_FLUSH)
 _KINDS = {w.CMD_READ: iostats.READ, w.CMD_WRITE: iostats.WRITE, w.CMD_WRITE_ZEROES: iostats.WRITE,
           w.CMD_FLUSH: iostats.FLUSH, w.CMD_TRIM: iostats.UNMAP}
 STATUS_WINDOW = 64 << 20  # how far one block-status walk looks ahead for the following reads
+STATUS_BACK = 1 << 20  # how far below a kept run a walk may start (see NbdService._status)
+SEND_AFTER = 1 << 20  # reply bytes a connection sends before running more of its batch
 
 
 @dataclass(eq=False)
@@ -366,18 +368,24 @@ class NbdService:
     def _run_batch(self, conn: _Conn, exp: Export, batch: list[Request]) -> tuple[list[bytes], int]:
         """Execute requests under the device lock; stops early (count returned) if the VM got paused.
 
-        Returns the reply buffers (a read's data is its own buffer, sent without copying).
+        Returns the reply buffers (a read's data is its own buffer, sent without copying).  Also
+        stops once ``SEND_AFTER`` bytes of replies are ready: the client gets them (and sends its
+        next requests) while the rest runs, and other connections take the lock in between,
+        instead of a whole pipeline's data being read before its first byte leaves.
         """
         replies: list[bytes] = []
+        ready = 0
         with self.machine.lock:
             if exp not in self.exports:  # deleted (hard) while these waited: drop them, as QEMU does
                 return [], len(batch)
             drive = self._current_drive(exp)
             try:
                 for i, req in enumerate(batch):
-                    if self.machine.run_state == "paused":
+                    if self.machine.run_state == "paused" or ready >= SEND_AFTER:
                         return replies, i
-                    replies += self._one(conn.core, exp, drive, req, conn)
+                    out = self._one(conn.core, exp, drive, req, conn)
+                    replies += out
+                    ready += sum(len(b) for b in out)
             finally:
                 if any(r.cmd in _CHANGES for r in batch):
                     self.machine.generation += 1  # cached query-block renderings are stale
@@ -442,16 +450,31 @@ class NbdService:
         """
         gen = self.machine.generation
         c = conn.status if conn is not None else None
-        if c is not None and c[0] == gen and c[1] is node and c[2] <= pos < c[3]:
-            return c[3], c[4], c[5], c[6]
+        if c is not None and c[0] == gen and c[1] is node:
+            if c[2] <= pos < c[3]:
+                return c[3], c[4], c[5], c[6]
+            # A client's parallel requests often arrive highest offset first (qemu-img's do):
+            # just below the kept run, walk up from further below once, so that the run kept
+            # starts low enough for the requests still to come.
+            q = max(0, c[2] - STATUS_BACK) if c[2] - STATUS_BACK <= pos < c[2] else pos
+        else:
+            q = pos
         size = node.driver.virtual_size
-        st = bio.above_status(node, pos, max(1, min(size - pos, STATUS_WINDOW)))
-        n = st.length if st.length > 0 else max(1, size - pos)
+        for _ in range(4):
+            st = bio.above_status(node, q, max(1, min(size - q, STATUS_WINDOW)))
+            n = st.length if st.length > 0 else max(1, size - q)
+            if q + n > pos:
+                break
+            q += n
+        else:  # fragmented below: ask at pos itself
+            q = pos
+            st = bio.above_status(node, q, max(1, min(size - q, STATUS_WINDOW)))
+            n = st.length if st.length > 0 else max(1, size - q)
         file = st.file if st.flags & OFFSET_VALID else None
-        delta = st.offset - pos if file is not None else 0
+        delta = st.offset - q if file is not None else 0
         if conn is not None:
-            conn.status = (gen, node, pos, pos + n, st.flags, file, delta)
-        return pos + n, st.flags, file, delta
+            conn.status = (gen, node, q, q + n, st.flags, file, delta)
+        return q + n, st.flags, file, delta
 
     def _sparse_pieces(self, node: Any, req: Request, conn: _Conn | None = None) -> list[tuple[int, int, bytes | None]]:
         """The request as runs of data (read) and holes (ranges the chain reads as zeros), as QEMU sends.
