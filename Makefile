@@ -67,6 +67,7 @@ bench: system-deps
 	$(BENCH_PY) bench/remote.py
 	$(BENCH_PY) bench/monitor.py
 	$(BENCH_PY) bench/formats.py
+	$(BENCH_PY) bench/jobs.py
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

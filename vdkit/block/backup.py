@@ -27,13 +27,14 @@ no backing file to show through.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vdkit.block import io as bio
 from vdkit.block.dirty_bitmap import DirtyBitmap
 from vdkit.block.jobs import Job, JobDriver
-from vdkit.block.mirror import mark_allocated
+from vdkit.block.mirror import PAUSE_EVERY, is_zero, mark_allocated
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -109,13 +110,16 @@ class BackupJob(JobDriver):
         if self.sync == "none":
             while True:
                 job.pause_point(idle=True)  # copy-before-write does the work until the job is cancelled
+        last = time.monotonic()
         while True:
             run = next(self.copy.dirty_runs(0), None)
             if run is None:
                 break
             off, n = run[0], min(run[1], max(self.cluster, MAX_CHUNK // self.cluster * self.cluster))
             self._copy_range(job, off, n, cbw=False)
-            job.pause_point()
+            if job.speed or time.monotonic() - last >= PAUSE_EVERY:  # see vdkit.block.mirror
+                job.pause_point()
+                last = time.monotonic()
         bio.flush(self.target)
 
     def _copy_range(self, job: Job, off: int, n: int, *, cbw: bool) -> None:
@@ -126,7 +130,7 @@ class BackupJob(JobDriver):
             self.copy.set_dirty(off, end - off)
             return
         assert isinstance(data, bytes)
-        if data.count(0) == len(data):
+        if is_zero(data):
             done = self._io(job, "write", lambda: bio.write_zeroes(self.target, off, end - off, unmap=self.unmap),
                             cbw)
         elif self.compress:

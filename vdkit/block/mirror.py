@@ -28,6 +28,7 @@ The work runs in the job's thread with the device lock held (see
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,18 @@ if TYPE_CHECKING:
     from vdkit.block.node import Node
 
 DEFAULT_BUF_SIZE = 16 * 1024 * 1024  # QEMU's default buf-size
-MAX_CHUNK = 1024 * 1024  # bytes copied per pause point (the device lock is held meanwhile)
+MAX_CHUNK = 1024 * 1024  # bytes copied per I/O
+PAUSE_EVERY = 0.02  # seconds of copying between pause points (the device lock is held meanwhile)
+
+
+_ZEROS = bytes(MAX_CHUNK)
+
+
+def is_zero(data: bytes) -> bool:
+    """All zero bytes (one memcmp against a zero buffer: ``bytes.count`` is ten times slower)."""
+    if len(data) == len(_ZEROS):
+        return data == _ZEROS
+    return data == bytes(len(data))
 
 
 def mark_allocated(bm: DirtyBitmap, layers: list[Node], size: int) -> None:
@@ -111,11 +123,18 @@ class MirrorJob(JobDriver):
                 mark_allocated(self.bitmap, [src], size)
         job.len = job.offset + self.bitmap.count()
         while True:
+            last = time.monotonic()
             while self.bitmap.count():
                 self._copy_next(job)
                 job.len = job.offset + self.bitmap.count()
-                job.pause_point()
+                # letting go of the lock costs a scheduler round trip: without a speed limit it is done
+                # every PAUSE_EVERY seconds, so queries and NBD requests still wait at most that long
+                if job.speed or time.monotonic() - last >= PAUSE_EVERY or self.bitmap.count() == 0:
+                    job.pause_point()
+                    last = time.monotonic()
             if not job.ready:
+                # in sync: the target is made durable first (a cancel from now on leaves a consistent copy)
+                self._io(job, "write", lambda: bio.flush(self.target))
                 job.set_ready()
             if job.should_exit:
                 # completion or a soft cancel: copy what is still dirty without letting go of the lock
@@ -141,7 +160,7 @@ class MirrorJob(JobDriver):
         if data is None:
             return
         assert isinstance(data, bytes)
-        if data.count(0) == len(data):
+        if is_zero(data):
             done = self._io(job, "write", lambda: bio.write_zeroes(self.target, lo, hi - lo, unmap=self.unmap))
         else:
             done = self._io(job, "write", lambda: bio.write(self.target, lo, data))
