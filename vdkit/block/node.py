@@ -334,6 +334,14 @@ def _open(
 ) -> Node:
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
+    if name.startswith("json:"):  # raw's offset/size windows (vdkit.cli.json_name.window_name)
+        from vdkit.formats.raw import WINDOWS, open_window
+
+        if name in WINDOWS:
+            window = open_window(name, readonly, force_share)
+            return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
+                            force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io,
+                            walk=walk)
     proto = protocol_of(name)
     if fmt == "nbd" and proto not in ("nbd", "nbd+tcp", "nbd+unix"):
         from vdkit.formats.nbd import NOT_NBD

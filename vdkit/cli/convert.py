@@ -329,7 +329,12 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
         if backing is not None and a.out_fmt == "qcow2" and backing_fmt is None:
             raise VdkitError("Use of backing file requires explicit backing format")
         _create(a, size)
-    node = open_image(a.target, a.out_fmt, readonly=False, backing=True)
+    if a.skip_create and a.target.startswith("json:"):  # -n onto a json: name: its options, as qemu-img
+        filename, fmt, spec = open_args(a.target, a.out_fmt, False)
+        with SpecNames((filename, spec)):
+            node = open_image(filename, fmt, readonly=False, backing=True)
+    else:
+        node = open_image(a.target, a.out_fmt, readonly=False, backing=True)
     _no_flushes(a, node)
     return node
 

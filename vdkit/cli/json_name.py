@@ -96,3 +96,81 @@ def _single_to_double(text: str) -> str:
             out.append(c)
             i += 1
     return "".join(out)
+
+
+# -- raw's offset/size options: windows into the file below (vdkit.formats.raw.RawWindow) -----------
+
+def _size_option(key: str, value: object) -> int:
+    """A size option as QEMU's visitor takes it: a JSON integer, or a string with QEMU's size syntax."""
+    from vdkit.errors import OpenError
+    from vdkit.opts import _SIZE_HINT, strtosz
+
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64:
+        return value
+    if isinstance(value, str):
+        try:
+            return strtosz(value)
+        except ValueError:
+            pass
+    raise OpenError(f"Parameter '{key}' expects a non-negative number below 2^64", hint=_SIZE_HINT)
+
+
+def window_name(opts: dict[str, object]) -> tuple[str, str, str] | None:
+    """Raw nodes with ``offset``/``size`` (or stacked raw nodes) in flattened options -> (name, format, prefix).
+
+    Each ``raw`` node down the ``file`` chain from the top (or from a format's ``file`` child) is a
+    window into the one below.  Returns None when no raw node has a windowed meaning; else the
+    ``json:{...}`` name QEMU gives the top node (keys as given, values with their types), its
+    format and the key prefix of the file node's options (``file.file.``...).  The options used
+    are removed from ``opts``.  Errors are QEMU's texts.  :data:`vdkit.formats.raw.WINDOWS`
+    remembers how to open the name (:class:`vdkit.formats.raw.RawWindow`, one per raw node).
+    """
+    from vdkit.errors import OpenError, UnsupportedError
+
+    top = opts.get("driver")
+    prefix = "" if top == "raw" else "file."
+    if opts.get(prefix + "driver") != "raw":
+        return None
+    levels: list[tuple[str, dict[str, object]]] = []
+    while opts.get(prefix + "driver") == "raw":
+        strong = {k: opts[prefix + k] for k in ("offset", "size") if prefix + k in opts}
+        levels.append((prefix, strong))
+        prefix += "file."
+    if len(levels) == 1 and not levels[0][1] and top == "raw":
+        return None  # a plain raw node
+    if not isinstance(top, str):
+        raise UnsupportedError("A raw file child under a probed format is not supported by vdkit")
+    below = opts.get(prefix + "driver", "file")
+    if below != "file":
+        raise UnsupportedError(f"A raw node over '{below}' is not supported by vdkit")
+    filename = opts.get(prefix + "filename")
+    if not isinstance(filename, str):
+        raise OpenError("The 'file' block driver requires a file name")
+    from vdkit.info.render_json import dumps_compact
+
+    windows: list[tuple[int, int | None, str]] = []
+    desc: dict[str, object] = {"driver": "file", "filename": filename}
+    for level_prefix, strong in reversed(levels):
+        offset = _size_option("offset", strong["offset"]) if "offset" in strong else 0
+        size = _size_option("size", strong["size"]) if "size" in strong else None
+        node: dict[str, object] = {}
+        if "offset" in strong:
+            node["offset"] = strong["offset"]
+        node["driver"] = "raw"
+        if "size" in strong:
+            node["size"] = strong["size"]
+        node["file"] = desc
+        desc = node
+        windows.append((offset, size, "json:" + dumps_compact(desc)))
+        for k in ("driver", "offset", "size"):
+            opts.pop(level_prefix + k, None)
+    for k in ("driver", "filename"):
+        opts.pop(prefix + k, None)
+    if top != "raw":
+        desc = {"driver": top, "file": desc}
+        opts.pop("driver", None)
+    name = "json:" + dumps_compact(desc)
+    from vdkit.formats.raw import WINDOWS
+
+    WINDOWS[name] = (filename, windows)
+    return name, top, prefix

@@ -199,6 +199,10 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         ref = raw.get("file")
         if isinstance(ref, str):  # a node reference, which qemu-img never has
             raise OpenError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+        if "raw" in (raw.get("driver"), raw.get("file.driver")):  # raw's offset/size, raw over raw
+            window = _raw_window(raw)
+            if window is not None:
+                return window
         given = {k: raw.pop(k, None) for k in ("driver", "file.filename", "file.driver")}
         driver, filename, file_driver = (v if isinstance(v, str) else None for v in given.values())
         no_backing = "backing" in raw and raw.pop("backing") is None
@@ -311,6 +315,40 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 _TUNING = frozenset(("read-only", "auto-read-only", "force-share", "cache.direct", "cache.no-flush", "discard",
                      "detect-zeroes", "node-name", "locking", "aio", "aio-max-batch", "drop-cache",
                      "x-check-cache-dropped"))
+
+
+def _raw_window(raw: dict[str, object]) -> tuple[str, str] | None:
+    """Raw nodes with ``offset``/``size`` (:func:`vdkit.cli.json_name.window_name`): the node is named
+    ``json:{...}``, as in QEMU; the options left must only tune I/O (or be the top format's)."""
+    from vdkit.cli.json_name import window_name
+    from vdkit.errors import OpenError
+    from vdkit.formats.registry import runtime_options
+
+    top = raw.get("driver")
+    window = window_name(raw)
+    if window is None:
+        return None
+    name, fmt, file_prefix = window
+    no_backing = "backing" in raw and raw.pop("backing") is None
+    own = runtime_options(fmt) if isinstance(top, str) and top != "raw" else frozenset()
+    for key in raw:  # the file node's options are checked first: it opens first
+        tail = key[len(file_prefix):]
+        if key.startswith(file_prefix) and tail not in _TUNING:
+            raise OpenError(f"Block protocol 'file' doesn't support the option '{tail}'")
+    for key in raw:
+        tail = key
+        while tail.startswith("file."):
+            tail = tail[len("file."):]
+        if tail in _TUNING or key in own:
+            continue
+        if "." not in key:
+            raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
+        raise OpenError(f"Block format 'raw' does not support the option '{tail}'")
+    if no_backing:
+        from vdkit.block.secrets import set_open_option
+
+        set_open_option(name, "backing", "null")
+    return name, fmt
 
 
 def _opt_text(value: object) -> str:

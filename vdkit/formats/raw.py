@@ -177,3 +177,124 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
                 os.pwrite(fd, bytes(min(size, 4096)), 0)
         except OSError as exc:
             raise VdkitError(f"Could not resize file: {os_error_message(exc)}", errno=exc.errno) from exc
+
+
+# -- raw's offset/size options: a window into the file below -------------------------------------
+
+WINDOWS: dict[str, tuple[str, list[tuple[int, int | None, str]]]] = {}
+"""The name a windowed raw node gets (QEMU's ``json:{...}``) -> (the file's name, the windows from the
+file up: (offset, size or None, the raw node's own name)).  :func:`vdkit.block.node.open_image` opens
+such a name through :class:`RawWindow`; the options are interpreted by
+:func:`vdkit.cli.json_name.window_name`."""
+
+
+class RawWindow:
+    """``[offset, offset+size)`` of the file below, seen as a whole file (raw's offset/size options).
+
+    Everything a format driver or the copy engine asks of a file goes through here; what this
+    class does not define (locks, flags) is the file's.
+    """
+
+    def __init__(self, inner: object, offset: int, size: int | None, name: str) -> None:
+        from vdkit.errors import OpenError
+
+        self.inner = inner
+        self.filename = name  # a format above names its file child so (qcow2's map File column)
+        self.offset = offset
+        self.fixed = size
+        length = inner.size()  # type: ignore[attr-defined]
+        if offset > length:
+            inner.close()  # type: ignore[attr-defined]
+            raise OpenError(f"Offset ({offset}) cannot be greater than size of the containing file ({length})")
+        if size is not None and offset + size > length:
+            inner.close()  # type: ignore[attr-defined]
+            raise OpenError(f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the "
+                            f" actual size of the containing file ({length})")
+        if size is not None and size % 512:
+            inner.close()  # type: ignore[attr-defined]
+            raise OpenError("Specified size is not multiple of 512")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return max(0, int(self.inner.size()) - self.offset)  # type: ignore[attr-defined]
+
+    def _inside(self, offset: int, length: int) -> int:
+        return max(0, min(length, self.size() - offset))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        n = self._inside(offset, length)
+        data = self.inner.pread(self.offset + offset, n) if n else b""  # type: ignore[attr-defined]
+        return bytes(data) + bytes(length - len(data))
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        n = self._inside(offset, len(view))
+        if n:
+            self.inner.readinto(self.offset + offset, view[:n])  # type: ignore[attr-defined]
+        if n < len(view):
+            view[n:] = bytes(len(view) - n)
+
+    def _check_write(self, offset: int, length: int) -> None:
+        if self.fixed is not None and offset + length > self.fixed:
+            import errno
+            import os
+
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_write(offset, len(data))
+        self.inner.pwrite(self.offset + offset, data)  # type: ignore[attr-defined]
+
+    def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
+        self._check_write(offset, sum(len(b) for b in buffers))
+        self.inner.pwritev(self.offset + offset, buffers)  # type: ignore[attr-defined]
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        """The file's status at the same bytes (host offsets are the file's, as QEMU's map shows)."""
+        from vdkit.io.status import OFFSET_VALID, ZERO, BlockStatus
+
+        n = self._inside(offset, length)
+        if n <= 0:
+            return BlockStatus(ZERO | OFFSET_VALID, length, self.offset + offset, self.inner.filename)  # type: ignore[attr-defined]
+        bs: BlockStatus = self.inner.block_status(self.offset + offset, n)  # type: ignore[attr-defined]
+        if bs.length > n:
+            bs = BlockStatus(bs.flags, n, bs.offset, bs.file)
+        return bs
+
+    def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
+        n = self._inside(offset, length) if self.fixed is not None else length
+        if n > 0:
+            self.inner.punch_hole(self.offset + offset, n, extend=extend)  # type: ignore[attr-defined]
+
+    def truncate(self, size: int) -> None:
+        from vdkit.errors import VdkitError
+
+        if self.fixed is not None:
+            import errno
+
+            raise VdkitError("Cannot resize fixed-size raw disks", errno=errno.ENOTSUP)
+        self.inner.truncate(self.offset + size)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.inner.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> RawWindow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_window(name: str, readonly: bool, force_share: bool) -> RawWindow:
+    """The file of a windowed raw name (:data:`WINDOWS`), every window applied from the file up."""
+    from vdkit.io.file import ImageFile
+
+    filename, windows = WINDOWS[name]
+    f: object = ImageFile(filename, readonly=readonly, force_share=force_share)
+    for offset, size, own in windows:
+        f = RawWindow(f, offset, size, own)
+    assert isinstance(f, RawWindow)
+    return f
