@@ -33,7 +33,7 @@ LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.dr
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
                 ("block", "chain"): "block.driver", ("block", "secrets"): "block.driver",
                 ("block", "dirty_bitmap"): "block.driver",
-                ("info", "model"): "info.model", ("nbd", "wire"): "io"}
+                ("info", "model"): "info.model", ("info", "monitor_model"): "info.model", ("nbd", "wire"): "io"}
 # Front ends are siblings: none may import another.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 
@@ -41,12 +41,6 @@ SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cl
 ALLOWED_UPWARD = {
     # Node.info()/Node.snapshots(): library conveniences that call the one info collector
     ("block/node.py", "vdkit.info.collect"),
-    # TODO: move raw_file_status/punch_hole to vdkit/io/file.py
-    ("formats/qcow2/io.py", "vdkit.block.io"),
-    ("formats/qcow2/resize.py", "vdkit.block.io"),
-    ("formats/vdi/driver.py", "vdkit.block.io"),
-    ("formats/vmdk/driver.py", "vdkit.block.io"),
-    ("formats/vpc/driver.py", "vdkit.block.io"),
     # TODO: vmdk opens its backing file (make.py, for its CID) through block/
     ("formats/vmdk/make.py", "vdkit.block.node"),
     # rbd nodes are named json:{...} in QEMU's QDict key order (render_json owns it); key-secret names a

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from vdkit.block.node import Node
-    from vdkit.io.file import ImageFile
 
 
 def layer_status(node: Node, offset: int, length: int) -> BlockStatus:
@@ -263,14 +262,6 @@ def _backing_reader(node: Node):  # type: ignore[no-untyped-def]
     return backing_read
 
 
-def raw_file_status(file: ImageFile, offset: int, length: int) -> BlockStatus:
-    """Data/hole status of a plain file (kept for callers; the file protocol answers it)."""
-    return file.block_status(offset, length)
-
-
-def punch_hole(file: ImageFile, offset: int, length: int, *, extend: bool = True) -> None:
-    """Zero a range of a plain file (kept for callers; the file protocol does it)."""
-    file.punch_hole(offset, length, extend=extend)
 
 
 # -- writing ------------------------------------------------------------------------------------

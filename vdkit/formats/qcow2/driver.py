@@ -24,8 +24,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from collections.abc import Callable
 
     from vdkit.block.dirty_bitmap import DirtyBitmap
-    from vdkit.block.driver import CheckReport, CheckResult, OpenContext
-    from vdkit.block.io import BlockStatus
+    from vdkit.block.driver import BlockStatus, CheckReport, CheckResult, OpenContext
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts

@@ -377,13 +377,13 @@ class Qcow2IO:
 
     def _file_zero(self, host: int, n: int) -> tuple[int, bool]:
         """Is the data file a hole at ``host``?  Returns the (possibly shortened) length and the answer."""
-        from vdkit.block.io import ZERO, raw_file_status
+        from vdkit.io.status import ZERO
 
         f = self.data_file
         total = (f.size() + 511) // 512 * 512
         if host >= total:
             return n, True
-        st = raw_file_status(f, host, min(n, total - host))
+        st = f.block_status(host, min(n, total - host))
         if host + st.length == total and st.flags & ZERO:
             return n, True
         return st.length, bool(st.flags & ZERO)
@@ -622,11 +622,9 @@ class Qcow2IO:
                                            fallback=_stderr_line)
                 return
         if rc.release(off, length) and discard:
-            from vdkit.block.io import punch_hole
-
             cb = self.cluster_bits
             for ci in rc.last_zeroed:  # (not a re-read count: a freed refcount block left the cache)
-                punch_hole(self.drv.file, ci << cb, self.cluster_size, extend=False)
+                self.drv.file.punch_hole(ci << cb, self.cluster_size, extend=False)
 
     def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int], *, discard: bool = False) -> None:
         cm = self.drv.clusters

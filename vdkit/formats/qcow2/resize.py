@@ -384,8 +384,6 @@ def _fill(f: ImageFile, start: int, end: int, mode: str) -> None:
 
 
 def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None:
-    from vdkit.block.io import punch_hole
-
     cs = drv.cluster_size
     cb = drv.header.cluster_bits
     io = drv.io
@@ -430,7 +428,7 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
             cm.l2.discard(l2_off)
             io._before_decrement()
             if rc.release(l2_off, cs) and rc.get(l2_off >> cb) == 0:
-                punch_hole(drv.file, l2_off, cs, extend=False)
+                drv.file.punch_hole(l2_off, cs, extend=False)
     drv.flush()
     # 3. refcount blocks that count only themselves: _shrink_reftable
 
@@ -491,8 +489,6 @@ class _TransientTables:
 
 
 def _shrink_reftable(drv: Qcow2Driver) -> None:
-    from vdkit.block.io import punch_hole
-
     rc = drv.refcounts
     cs = drv.cluster_size
     cb = drv.header.cluster_bits
@@ -527,7 +523,7 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
         rc.table[i] = 0
         rc._blocks.pop(i, None)
         rc._dirty.discard(i)
-        punch_hole(drv.file, off, cs, extend=False)
+        drv.file.punch_hole(off, cs, extend=False)
 
 
 def _check_unused_refblock(drv: Qcow2Driver, off: int) -> None:

@@ -148,12 +148,10 @@ class VdiDriver(FormatDriver):
         if self.image_type != STATIC:
             return BlockStatus(DATA | OFFSET_VALID, n, host, name)
         # static images: QEMU asks the file too (holes are "zero" data; runs end where the file's do)
-        from vdkit.block.io import raw_file_status
-
         total = (self.file.size() + 511) // 512 * 512
         if host >= total:
             return BlockStatus(DATA | ZERO | OFFSET_VALID, n, host, name)
-        st = raw_file_status(self.file, host, min(n, total - host))
+        st = self.file.block_status(host, min(n, total - host))
         return BlockStatus(DATA | OFFSET_VALID | (st.flags & ZERO), st.length, host, name)
 
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:

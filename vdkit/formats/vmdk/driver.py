@@ -498,13 +498,11 @@ class VmdkDriver(FormatDriver):
             pos += m
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
-        from vdkit.block.io import raw_file_status
-
         ext = self._extent_at(offset)
         length = min(length, ext.end - offset)
         rel = offset - ext.start
         if ext.flat:
-            st = raw_file_status(ext.file, ext.flat_offset + rel, length)
+            st = ext.file.block_status(ext.flat_offset + rel, length)
             flags = DATA | OFFSET_VALID | (ZERO if st.flags & ZERO else 0)
             return BlockStatus(flags, st.length, ext.flat_offset + rel, ext.name)
         assert isinstance(ext, SparseExtent)

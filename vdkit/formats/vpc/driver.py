@@ -252,12 +252,10 @@ class VpcDriver(FormatDriver):
         name = self.file.filename
         if self.fixed:
             # QEMU asks the file too: holes are "zero" data, and the run ends where the file's does
-            from vdkit.block.io import raw_file_status
-
             total = (self.file.size() + 511) // 512 * 512
             if offset >= total:
                 return BlockStatus(DATA | ZERO | OFFSET_VALID, length, offset, name)
-            st = raw_file_status(self.file, offset, min(length, total - offset))
+            st = self.file.block_status(offset, min(length, total - offset))
             return BlockStatus(DATA | OFFSET_VALID | (st.flags & ZERO), st.length, offset, name)
         _, n, host = next(self._pieces(offset, length))
         if host is not None:  # one block: the next block's data is never contiguous (its bitmap)
