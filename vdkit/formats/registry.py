@@ -76,7 +76,7 @@ PROBE_GATES: dict[str, tuple[int, tuple[bytes, ...]] | str | None] = {
     "cloop": (0, (b"#!/bin/sh\n",)),
     "dmg": ".dmg",
     "luks": (0, (b"LUKS\xba\xbe",)),
-    "vmdk": (0, (b"KDMV", b"COWD", b"#", b" ", b"v")),  # sparse magics; a descriptor's first line
+    "vmdk": (0, (b"KDMV", b"COWD", b"#", b" ", b"version=")),  # sparse magics; a descriptor's first line
     "nbd": None,
     "http": None,
     "https": None,

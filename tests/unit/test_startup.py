@@ -1,0 +1,80 @@
+"""What a ``vdkit-img`` process imports (issue 14's start-up target: ``info`` within 1.5x of a bare interpreter).
+
+Timings on a shared machine say little, so these tests hold the cause instead: the set of modules a
+command imports, read from ``python -X importtime`` of the installed entry point (``scripts/vdkit-img``,
+which pyproject installs as it is) and compared with a bare ``python -c pass`` of the same interpreter.
+Every module costs its import (a third of a millisecond for an empty one) and every class its
+creation; ``enum``, ``re``, ``typing``, ``dataclasses`` and numpy cost whole milliseconds each.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, check_ok
+
+SCRIPT = ROOT / "scripts" / "vdkit-img"
+# Standard modules an info-like command may add to a bare interpreter's: all are small or built in.
+# (``array`` imports ``collections.abc`` to register itself as a MutableSequence.)
+CHEAP_STDLIB = {"__future__", "errno", "fcntl", "struct", "_struct", "math", "array", "collections.abc", "zlib"}
+# vdkit modules `info` of one image may import, at most (the format's own package included): raise it
+# only for a module that pays for itself, and look for one to merge or defer first.
+INFO_BUDGET = 30
+FORMATS = [("raw", []), ("qcow2", []), ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]),
+           ("vdi", []), ("vhdx", []), ("vpc", []), ("qed", []), ("parallels", [])]
+
+
+def _imported(args: list[str], cwd: Path) -> list[str]:
+    """Modules imported by ``args`` (a script and its arguments, or ``-c code``), in order."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return [line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")][1:]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("startup")
+    for fmt, opts in FORMATS:
+        check_ok("create", "-q", "-f", fmt, *opts, str(d / f"{fmt}{len(opts)}.img"), "64M")
+    check_ok("snapshot", "-c", "snap", str(d / "qcow20.img"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def bare(images: Path) -> set[str]:
+    return set(_imported(["-c", "pass"], images))
+
+
+def _extra(args: list[str], images: Path, bare: set[str]) -> tuple[set[str], list[str]]:
+    mods = [m for m in _imported([str(SCRIPT), *args], images) if m not in bare]
+    return {m for m in mods if not m.startswith("vdkit")}, [m for m in mods if m.startswith("vdkit")]
+
+
+@pytest.mark.parametrize(("fmt", "opts"), FORMATS, ids=[f"{f}{len(o)}" for f, o in FORMATS])
+@pytest.mark.parametrize("command", [["info"], ["info", "--output=json"], ["snapshot", "-l"]])
+def test_info_imports_only_what_it_needs(images: Path, bare: set[str], fmt: str, opts: list[str],
+                                         command: list[str]) -> None:
+    stdlib, ours = _extra([*command, f"{fmt}{len(opts)}.img"], images, bare)
+    assert stdlib <= CHEAP_STDLIB, sorted(stdlib - CHEAP_STDLIB)
+    formats = {m.split(".")[2] for m in ours if m.startswith("vdkit.formats.") and m != "vdkit.formats.registry"}
+    assert formats == {fmt}, "probing imported other formats' modules (registry.PROBE_GATES)"
+    assert len(ours) <= INFO_BUDGET, f"{len(ours)} vdkit modules: {ours}"
+
+
+def test_installed_entry_points_are_the_scripts() -> None:
+    """pip installs scripts/ as they are; [project.scripts] would bring back its wrapper's ``import re``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "scripts" not in project["project"]
+    files = project["tool"]["setuptools"]["script-files"]
+    assert sorted(Path(f).name for f in files) == ["vdkit-daemon", "vdkit-img"]
+    for f in files:
+        text = (ROOT / f).read_text()
+        assert text.startswith("#!python\n") and "import re" not in text
+        assert os.access(ROOT / f, os.X_OK)
