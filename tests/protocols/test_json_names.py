@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.daemon.conftest import Daemons, daemons, normalise, normalise_hmp  # noqa: F401  (fixture)
 
 
 def _same(args: list[str], cwd: Path) -> str:
@@ -110,3 +111,21 @@ def test_writes_through_windows(files: Path) -> None:
         v = vdkit_img("resize", "json:" + name, size, cwd=files)
         assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr)
         assert (files / "w1.raw").stat().st_size == q_size
+
+
+def test_windows_in_the_daemon(daemons: Daemons) -> None:  # noqa: F811
+    """-drive format=raw,offset=...,size=...: query-block, query-named-block-nodes and info block -v as QEMU's."""
+    drives = ["file=d.raw,format=raw,offset=512,if=none,id=a",
+              "file=e.raw,format=raw,offset=1M,size=1M,if=none,id=b,readonly=on",
+              "driver=raw,file.driver=file,file.filename=c.raw,size=4M,if=none,id=c"]
+
+    def setup(d: Path) -> None:
+        for n in "dec":
+            check_ok("create", "-q", "-f", "raw", str(d / f"{n}.raw"), "16M")
+        assert qemu_io("-f", "raw", "-c", "write -P 0xab 0 1M", str(d / "e.raw")).returncode == 0
+
+    q, v = daemons.pair([a for x in drives for a in ("-drive", x)], setup)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line

@@ -327,6 +327,8 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     elif spec.format in ("http", "https") or opts.get("file.driver") in ("http", "https") or \
             spec.file is not None and spec.file.startswith(("http://", "https://")):
         spec.file = _http_drive_name(spec, opts, take)
+    elif spec.format == "raw" and ("offset" in opts or "size" in opts):
+        spec.file = _raw_window_drive(spec, opts, take)
     elif spec.format == "rbd" or opts.get("file.driver") == "rbd":
         spec.file = _rbd_drive_name(spec, opts, take)
     elif spec.file is not None and spec.file.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
@@ -382,6 +384,29 @@ def _rbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str],
         return name_for_options(rbd_opts)
     except VdkitError as exc:
         raise OptionError(exc.message) from None
+
+
+def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
+    """``format=raw,offset=...,size=...``: a window into the file (:func:`vdkit.cli.json_name.window_name`),
+    named ``json:{...}`` as QEMU names it (values are strings, as -drive gives them)."""
+    from vdkit.cli.json_name import window_name
+
+    flat: dict[str, object] = {"driver": "raw"}
+    for key in ("offset", "size"):
+        value = take(key)
+        if value is not None:
+            flat[key] = value
+    file_driver = take("file.driver")
+    flat["file.driver"] = file_driver or "file"
+    filename = spec.file if spec.file is not None else take("file.filename")
+    if filename is not None:
+        flat["file.filename"] = filename
+    try:
+        window = window_name(flat)
+    except VdkitError as exc:
+        raise OptionError(exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+    assert window is not None
+    return window[0]
 
 
 HTTP_JSON: dict[str, dict[str, object]] = {}

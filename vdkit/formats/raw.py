@@ -294,7 +294,10 @@ def open_window(name: str, readonly: bool, force_share: bool) -> RawWindow:
 
     filename, windows = WINDOWS[name]
     f: object = ImageFile(filename, readonly=readonly, force_share=force_share)
-    for offset, size, own in windows:
-        f = RawWindow(f, offset, size, own)
+    top_is_raw = name.startswith('json:{"offset"') or name.startswith('json:{"driver": "raw"')
+    for i, (offset, size, own) in enumerate(windows):
+        below = str(getattr(f, "filename", ""))
+        # the top raw node's window is that node itself: the node under it is its file child
+        f = RawWindow(f, offset, size, below if top_is_raw and i == len(windows) - 1 else own)
     assert isinstance(f, RawWindow)
     return f

@@ -58,6 +58,8 @@ def _protocol(node: Node) -> str:
 
 def _file_image_info(node: Node) -> ImageInfo:
     f = node.driver.file
+    while getattr(f, "inner", None) is not None:  # raw's offset/size window: the file node is the file below
+        f = f.inner  # type: ignore[attr-defined]
     try:
         actual: int | None = f.allocated_size()
     except OSError:
