@@ -162,6 +162,25 @@ def test_server_that_never_speaks_times_out(monkeypatch: pytest.MonkeyPatch) -> 
         srv.close()
 
 
+def test_server_that_stops_answering_fails_the_request(qnbd: QemuNbd, images: Path) -> None:
+    """A server that stops answering mid-transfer (qemu-nbd stopped with SIGSTOP): QEMU 7.2 waits forever;
+    vdkit's request fails with EIO once its reply is overdue (IO_TIMEOUT, shortened here), and the
+    process is free to report it."""
+    from vdkit.protocols import nbd
+
+    sock = short_sock("stall.sock")
+    qnbd.start(images / "d.qcow2", "-k", sock, "-x", "d", "-f", "qcow2", "-r")
+    client = nbd.NbdClient(nbd.parse_name(f"nbd+unix:///d?socket={sock}"), readonly=True, io_timeout=1.0)
+    assert client.read(0, 4096) == b"\xab" * 4096
+    os.kill(qnbd.pids[-1], signal.SIGSTOP)
+    try:
+        with pytest.raises(nbd.NbdError, match="Input/output error"):
+            client.read(1 << 20, 4096)
+    finally:
+        os.kill(qnbd.pids[-1], signal.SIGCONT)
+        client.sock.close()
+
+
 def test_relative_backing_over_nbd(qnbd: QemuNbd, tmp_path: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "4M")
     check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"))

@@ -44,6 +44,9 @@ PREFIXES = ("nbd", "nbd+tcp", "nbd+unix")
 DEFAULT_PORT = 10809
 DEFAULT_TIMEOUT = 30.0
 """Seconds any one connect or handshake read may take (QEMU 7.2 waits forever without open-timeout)."""
+IO_TIMEOUT = 300.0
+"""Seconds one request may wait for its reply once connected: a server that stops answering fails the
+request with EIO (QEMU 7.2 waits forever); long enough for any honest server's 32 MiB request."""
 
 
 @record(frozen=True)
@@ -265,7 +268,7 @@ class NbdClient:
     """One connection to one export, after a completed handshake."""
 
     def __init__(self, addr: NbdAddress, *, readonly: bool, timeout: float = DEFAULT_TIMEOUT,
-                 auto_readonly: bool = False) -> None:
+                 auto_readonly: bool = False, io_timeout: float = IO_TIMEOUT) -> None:
         self.addr = addr
         self.size = 0
         self.flags = 0
@@ -283,7 +286,7 @@ class NbdClient:
         if not readonly and not auto_readonly and self.flags & w.TFLAG_READ_ONLY:
             self.close()
             raise OpenError("Could not open image: Permission denied", errno=_errno.EACCES)
-        self.sock.settimeout(None if timeout is None else max(timeout, 300.0))
+        self.sock.settimeout(io_timeout)
 
     # -- connection ---------------------------------------------------------------------------
     def _connect(self, timeout: float) -> socket.socket:
