@@ -160,6 +160,7 @@ def test_mirror_cancel_after_ready(daemons: Daemons, tmp_path: Path, force: bool
                             "auto-dismiss": False})
     p.wait("BLOCK_JOB_READY")
     p.same("block-job-pause", {"device": "mc"})
+    p.same("query-block")  # the job's anonymous dirty bitmap, in sync
     p.same("block-job-cancel", {"device": "mc"})
     p.same("block-job-complete", {"device": "mc"})
     p.same("block-job-resume", {"device": "mc"})
@@ -381,3 +382,52 @@ def test_blockdev_mirror_backup_and_transaction(daemons: Daemons, tmp_path: Path
     p.quit(daemons)
     for name in ("bt.qcow2", "bt2.qcow2", "tx.qcow2"):
         p.compare(name, "top.qcow2")
+
+
+def test_live_backup_worked_example(daemons: Daemons, tmp_path: Path) -> None:
+    """The worked example of docs/daemon.md, end to end, while a client writes over NBD.
+
+    A full backup that starts a persistent bitmap (one transaction), writes, an
+    incremental backup onto an overlay of the full one, then an external
+    snapshot whose overlay is committed back; every image checked against the
+    writer's model.
+    """
+    d = tmp_path / "v"
+    m, url = _start_vdkit(daemons, d)
+    model = _model(d)
+    assert m.cmd("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "daily", "persistent": True}},
+        {"type": "drive-backup", "data": {"device": "disk0", "target": str(d / "full.qcow2"), "sync": "full",
+                                          "job-id": "full"}}]}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_COMPLETED")
+    at_full = bytes(model)
+    for w in WRITES[:3]:
+        _write(url, model, *w)
+    assert qemu_img("create", "-q", "-f", "qcow2", "-b", "full.qcow2", "-F", "qcow2",
+                    str(d / "inc1.qcow2")).returncode == 0
+    m.events.clear()
+    assert m.cmd("drive-backup", {"device": "disk0", "target": str(d / "inc1.qcow2"), "sync": "incremental",
+                                  "bitmap": "daily", "mode": "existing", "job-id": "inc1"}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_COMPLETED")
+    at_inc = bytes(model)
+    assert m.cmd("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": str(d / "ovl.qcow2"),
+                                            "format": "qcow2"}) == {"return": {}}
+    for w in WRITES[3:]:
+        _write(url, model, *w)
+    m.events.clear()
+    # the overlay back into the image it was taken of (not the chain's bottom, the default base)
+    assert m.cmd("block-commit", {"device": "disk0", "job-id": "merge",
+                                  "base": str(d / "top.qcow2")}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_READY")
+    assert m.cmd("block-job-complete", {"device": "merge"}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_COMPLETED")
+    m.send_raw(b'{"execute": "quit"}')
+    for p in daemons.procs:
+        p.wait(timeout=60)
+    assert _read_raw(d / "full.qcow2") == at_full
+    assert _read_raw(d / "inc1.qcow2") == at_inc
+    assert _read_raw(d / "top.qcow2") == bytes(model)  # the commit merged the overlay back
+    r = qemu_img("check", str(d / "top.qcow2"))
+    assert r.returncode == 0, r.stdout
+    info = qemu_img("info", str(d / "top.qcow2")).stdout
+    assert "name: daily" in info, info

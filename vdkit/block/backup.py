@@ -16,9 +16,9 @@ when the job started, whatever was written meanwhile.
 
 **User bitmaps** (``bitmap``, ``bitmap-mode``): the bitmap is frozen (busy)
 for the job and a successor records the writes made meanwhile.  When the job
-ends: ``on-success`` and success, or ``always``: the bitmap becomes what the
-successor recorded (plus, for ``always`` after a failure, what was not
-copied); otherwise the successor's bits are merged back.
+ends with ``on-success`` and success, or ``always``: the bitmap becomes what
+the backup lacks, the ranges still to copy and the successor's writes (after
+a success only the writes); otherwise the successor's bits are merged back.
 
 The copy unit is the target's cluster size, at least 64 KiB (QEMU's
 block-copy).  Zeros are written as zeroes, unmapped only when the target has
@@ -80,13 +80,14 @@ class BackupJob(JobDriver):
             bitmap.successor = self.successor
             bitmap.busy = True
             bitmap.enabled = False
-            source.bitmaps.append(self.successor)
+            source.bitmaps.insert(0, self.successor)
         if self.sync == "bitmap":
             assert bitmap is not None
             self.copy.merge_from(bitmap)
         else:
             self.copy.set_dirty(0, self.size)
         job.len = min(self.size, self.copy.count())
+        source.bitmaps.insert(0, self.copy)  # QEMU's block-copy bitmap lives on the source too (disabled)
         source.before_write.append(self._before_write)
 
     # -- copy-before-write (a writer's thread, device lock held) ------------------------------------------
@@ -178,20 +179,20 @@ class BackupJob(JobDriver):
         if self._before_write in src.before_write:
             src.before_write.remove(self._before_write)
         bm, succ = self.user_bitmap, self.successor
+        bitmaps = src.driver.dirty_bitmaps or []
+        if self.copy in bitmaps:
+            bitmaps.remove(self.copy)
         if bm is not None and succ is not None:
             success = job.error is None and not job.is_cancelled
-            bitmaps = src.driver.dirty_bitmaps or []
             if succ in bitmaps:
                 bitmaps.remove(succ)
-            if (success and self.bitmap_mode == "on-success") or (success and self.bitmap_mode == "always"):
-                bm.bits = succ.bits.copy()
-            elif self.bitmap_mode == "always":
-                # what was copied is clean now; what was not, and every new write, stays dirty
+            if self.bitmap_mode == "always" or (success and self.bitmap_mode == "on-success"):
+                # the bitmap says what the backup lacks: what was left to copy, and every write since
                 left = DirtyBitmap(None, bm.granularity, bm.size)
                 left.merge_from(self.copy)
-                bm.bits = (bm.bits & left.bits) | succ.bits
+                bm.bits = left.bits | succ.bits
             else:
-                bm.bits |= succ.bits
+                bm.bits |= succ.bits  # nothing taken: the writes made meanwhile are added back
             bm.enabled = succ.enabled
             bm.successor = None
             bm.busy = False

@@ -186,7 +186,7 @@ class CommitJob(JobDriver):
         self._job = job
         bm = self.bitmap = DirtyBitmap(None, base.driver.cluster_size or 65536, size)
         mark_allocated_above(bm, top, base)
-        top.bitmaps.append(bm)  # anonymous: every guest write to the active image marks it
+        top.bitmaps.insert(0, bm)  # anonymous (the newest, listed without a name): every guest write marks it
         top.before_write.append(self._kick)
         job.len = bm.count()
         while bm.count():

@@ -108,7 +108,7 @@ class MirrorJob(JobDriver):
     def run(self, job: Job) -> None:
         self._job = job
         src = self.source
-        src.bitmaps.append(self.bitmap)  # anonymous: never listed, fed by every write to the source
+        src.bitmaps.insert(0, self.bitmap)  # anonymous (listed without a name), fed by every source write
         src.before_write.append(self._kick)
         size = src.size
         if self.zero_target and not self.target_unmaps:

@@ -63,11 +63,15 @@ def lookup_node(machine: DeviceRegistry, name: str) -> tuple[Node, str] | None:
 
 
 def dirty_info(node: Node) -> list[BlockDirtyInfo] | None:
-    """``dirty-bitmaps`` of a node as query-block shows it (named bitmaps, newest first); None without any."""
+    """``dirty-bitmaps`` of a node as query-block shows it, newest first; None without any.
+
+    The anonymous bitmaps of jobs (a mirror's or an active commit's dirty map) are listed too,
+    without a name, as QEMU lists them.
+    """
     out = [
         BlockDirtyInfo(name=b.name, count=b.count(), granularity=b.granularity, recording=b.recording,
                        busy=b.busy, persistent=b.persistent, inconsistent=True if b.inconsistent else None)
-        for b in node.bitmaps if b.name is not None
+        for b in node.bitmaps
     ]
     return out or None
 
