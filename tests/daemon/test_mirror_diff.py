@@ -431,3 +431,17 @@ def test_live_backup_worked_example(daemons: Daemons, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout
     info = qemu_img("info", str(d / "top.qcow2")).stdout
     assert "name: daily" in info, info
+
+
+def test_backup_bitmap_mode_always_after_cancel(daemons: Daemons, tmp_path: Path) -> None:
+    """bitmap-mode always: a cancelled full backup leaves the bitmap with what it did not copy (held by speed)."""
+    p = Pair(daemons, tmp_path)
+    p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "bm"})
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/ba.qcow2", "sync": "full", "bitmap": "bm",
+                            "bitmap-mode": "always", "job-id": "ba", "speed": 1})
+    p.same("block-job-pause", {"device": "ba"})
+    p.same("query-block-jobs")
+    p.same("block-job-cancel", {"device": "ba", "force": True})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-block")
