@@ -71,3 +71,51 @@ def test_http_drive_errors_like_qemu(web: Web, tmp_path: Path) -> None:  # noqa:
             out.append((p.returncode, p.stderr.decode().replace(f"{prog}:", "PROG:")))
         assert out[0] == out[1], drive
         assert out[0][0] == 1, drive
+
+
+def test_http_blockdev_nodes(daemons: Daemons, web: Web) -> None:  # noqa: F811
+    """-blockdev driver=http|https (by reference and inline, header backing over http, json: names)."""
+    h, s = web.http, web.https
+    args = ["-blockdev", f"driver=http,url={h}/d.qcow2,node-name=h0,read-only=on",
+            "-blockdev", "driver=qcow2,file=h0,node-name=q0,read-only=on",
+            "-blockdev", f"driver=http,url={h}/r.raw,node-name=h1,auto-read-only=on",
+            "-blockdev", f'{{"driver":"https","url":"{s}/r.raw","sslverify":false,"node-name":"h2","read-only":true}}',
+            "-blockdev", f'{{"driver":"raw","node-name":"r0","read-only":true,"file":{{"driver":"https",'
+                         f'"url":"{s}/r.raw","sslverify":false,"cookie":"a=b"}}}}',
+            "-blockdev", f"driver=qcow2,node-name=q1,read-only=on,file.driver=http,file.url={h}/top.qcow2",
+            "-blockdev", f"driver=raw,node-name=r1,file.driver=http,file.url={h}/r.raw,file.auto-read-only=on"]
+    q, v = daemons.pair(args, lambda d: None)
+    assert normalise(v.cmd_line("query-named-block-nodes")) == normalise(q.cmd_line("query-named-block-nodes"))
+    assert normalise_hmp(v.hmp("info block -n")) == normalise_hmp(q.hmp("info block -n"))
+    for cmd in ({"execute": "blockdev-add", "arguments": {"driver": "http", "url": f"{h}/r.raw", "node-name": "x0"}},
+                {"execute": "blockdev-add", "arguments": {"driver": "https", "url": f"{h}/r.raw", "node-name": "x1",
+                                                          "read-only": True}},
+                {"execute": "blockdev-add", "arguments": {"driver": "http", "url": f"{h}/nope.raw", "node-name": "x2",
+                                                          "read-only": True}},
+                {"execute": "blockdev-add", "arguments": {"driver": "http", "url": f"{h}/r.raw", "node-name": "x3",
+                                                          "read-only": True, "timeout": "x"}},
+                {"execute": "blockdev-add", "arguments": {"driver": "http", "node-name": "x4", "read-only": True}},
+                {"execute": "blockdev-add", "arguments": {"driver": "https", "url": f"{s}/r.raw", "node-name": "x5",
+                                                          "auto-read-only": True}},
+                {"execute": "blockdev-add", "arguments": {"driver": "http", "url": f"{h}/r.raw", "node-name": "x6",
+                                                          "read-only": True}},
+                {"execute": "blockdev-del", "arguments": {"node-name": "x6"}}):
+        name, arguments = str(cmd["execute"]), cmd["arguments"]
+        assert v.cmd(name, arguments) == q.cmd(name, arguments), cmd  # type: ignore[arg-type]
+
+
+def test_http_blockdev_errors_like_qemu(web: Web, tmp_path: Path) -> None:  # noqa: F811
+    h = web.http
+    for blockdev in (f"driver=http,url={h}/r.raw,node-name=h0",
+                     "driver=http,node-name=h0,read-only=on",
+                     f"driver=http,url={h}/r.raw,node-name=h0,read-only=on,timeout=x",
+                     f"driver=http,url={h}/nope.raw,node-name=h0,read-only=on",
+                     f"driver=qcow2,node-name=q0,file.driver=http,file.url={h}/d.qcow2,file.auto-read-only=on"):
+        out = []
+        for cmd in ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
+                    [sys.executable, "-m", "vdkit.daemon.main", "-S"]):
+            p = subprocess.run([*cmd, "-blockdev", blockdev], capture_output=True, timeout=60, env=_ENV,
+                               stdin=subprocess.DEVNULL, cwd=tmp_path)
+            prog = Path(cmd[0]).name if cmd[0] != sys.executable else "vdkit-daemon"
+            out.append((p.returncode, p.stderr.decode().replace(f"{prog}:", "PROG:")))
+        assert out[0] == out[1], blockdev

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vdkit.devices.registry import DeviceRegistry
 
 FORMAT_DRIVERS = ("raw", "qcow2")
-PROTOCOL_DRIVERS = ("file",)
+PROTOCOL_DRIVERS = ("file", "http", "https")
 
 
 class _BorrowedFile(ImageFile):
@@ -52,6 +52,26 @@ class _BorrowedFile(ImageFile):
     def close(self) -> None:
         if self.owns:  # else the protocol node owns the descriptor and its locks
             self._owner.close()
+
+
+class _BorrowedProxy:
+    """A network protocol node's file object (``HttpFile``) lent to a format node: same rule as
+    :class:`_BorrowedFile`, by delegation."""
+
+    def __init__(self, owner: Any) -> None:
+        self._owner = owner
+        self.owns = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._owner, name)
+
+    def close(self) -> None:
+        if self.owns:
+            self._owner.close()
+
+
+def _borrow(f: Any) -> Any:
+    return _BorrowedFile(f) if isinstance(f, ImageFile) else _BorrowedProxy(f)
 
 
 @dataclass(eq=False)
@@ -120,7 +140,11 @@ def refresh_filename(g: GraphNode) -> None:
     """QEMU's filename: plain when the graph is what the header says, else ``json:{...}`` (§1.1)."""
     if not g.is_format:
         return
-    if not g.backing_override or not _backing_differs(g):
+    if g.child is not None and g.child.filename.startswith("json:") and g.child.file is not None:
+        from vdkit.info.render_json import dumps_compact  # a curl child named by its options
+
+        g.filename = "json:" + dumps_compact({"driver": g.driver, "file": json.loads(g.child.filename[5:])})
+    elif not g.backing_override or not _backing_differs(g):
         g.filename = g.plain_filename()
     else:
         assert g.child is not None
@@ -218,6 +242,35 @@ def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
     return g
 
 
+def open_curl_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
+                   cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
+    """An ``http``/``https`` node (read-only; ``auto-read-only`` makes a writable request read-only).
+
+    Named by its URL, or ``json:{...}`` with a cookie or ``sslverify`` off (values with their QMP types).
+    """
+    from vdkit.errors import OpenError
+    from vdkit.info.render_json import dumps_compact
+    from vdkit.protocols import http
+
+    driver = opts["driver"]
+    if not ro and not auto_ro:
+        raise OpenError("curl driver does not support writes")
+    for key in ("username", "password-secret", "proxy-username", "proxy-password-secret", "cookie-secret"):
+        if key in opts:
+            raise VdkitError(f"The '{driver}' option '{key}' is not supported by vdkit")
+    given: dict[str, object] = {k: opts[k] for k in ("url", "readahead", "timeout", "sslverify", "cookie")
+                                if k in opts}
+    text = {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in given.items()}
+    url = http.name_for_options(text, driver)
+    f = http.HttpFile(url, readonly=True, driver=driver)
+    desc = http.json_name({"driver": driver, **given})
+    filename = "json:" + dumps_compact(desc) if desc is not None else url
+    g = GraphNode(name="", driver=driver, serial=0, ro=True, cache=cache, auto_ro=auto_ro, implicit=implicit,
+                  file=f, filename=filename)  # type: ignore[arg-type]  # HttpFile is file-like
+    _register(machine, g, name)
+    return g
+
+
 def _register(machine: DeviceRegistry, g: GraphNode, name: str | None) -> None:
     g.serial = machine.next_serial()
     g.name = name if name is not None else machine.auto_name()
@@ -243,7 +296,7 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
 
     assert child.file is not None
     ctx = OpenContext(child.file.filename, readonly=ro)
-    drv = formats.open_driver(driver, _BorrowedFile(child.file), ctx)
+    drv = formats.open_driver(driver, _borrow(child.file), ctx)
     node = Node(child.file.filename, drv, readonly=ro)
     try:
         drv.open_children(ctx)
@@ -285,8 +338,12 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
     try:
         resolved = walk.backing_of(g.filename, drv.backing_file)
         assert resolved is not None
-        child = open_file_node(machine, {"filename": resolved}, name=None, ro=True, auto_ro=False,
-                               cache=g.cache, implicit=True)
+        if resolved.startswith(("http://", "https://")):  # a backing file next to an http image
+            child = open_curl_node(machine, {"driver": resolved.split(":", 1)[0], "url": resolved}, name=None,
+                                   ro=True, auto_ro=False, cache=g.cache, implicit=True)
+        else:
+            child = open_file_node(machine, {"filename": resolved}, name=None, ro=True, auto_ro=False,
+                                   cache=g.cache, implicit=True)
         try:
             assert child.file is not None
             walk.visit(resolved, child.file.fd)

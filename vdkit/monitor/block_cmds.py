@@ -257,9 +257,10 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
             actual: int | None = g.file.allocated_size()
         except OSError:
             actual = None
-        image = ImageInfo(filename=g.filename, format="file", virtual_size=-(-g.file.size() // 512) * 512,
-                          actual_size=actual, dirty_flag=False)
-        return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv="file", backing_file_depth=0,
+        proto = str(getattr(g.file, "protocol_driver", "file"))  # a curl node: no dirty flag
+        image = ImageInfo(filename=g.filename, format=proto, virtual_size=-(-g.file.size() // 512) * 512,
+                          actual_size=actual, dirty_flag=False if proto == "file" else None)
+        return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv=proto, backing_file_depth=0,
                                encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
                                                        no_flush=g.cache.no_flush))
