@@ -23,12 +23,12 @@ from vdkit.record import record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import ClassVar
 
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.dirty_bitmap import DirtyBitmap
-    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.block.snapshot import SnapshotRecord
     from vdkit.info.model import ImageInfoSpecific
     from vdkit.io.file import ImageFile
 
@@ -221,7 +221,7 @@ class FormatDriver:
         return self.file.allocated_size() + sum(f.allocated_size() for f in self.extra_files())
 
     # -- snapshots ------------------------------------------------------------
-    def snapshots(self) -> list[SnapshotEntry]:
+    def snapshots(self) -> Sequence[SnapshotRecord]:
         """Internal snapshots; formats without them have none."""
         return []
 
@@ -236,10 +236,10 @@ class FormatDriver:
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
                         vm_state_size: int = 0, icount: int | None = None,
-                        vm_state: bytes | None = None) -> SnapshotEntry:
+                        vm_state: bytes | None = None) -> SnapshotRecord:
         raise self._unsupported()
 
-    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
+    def read_vmstate(self, entry: SnapshotRecord) -> bytes:
         """The VM state saved with snapshot ``entry`` (``loadvm``); empty for disk-only snapshots."""
         raise self._unsupported()
 
@@ -248,13 +248,13 @@ class FormatDriver:
         that captures it; QEMU's ``bdrv_save_vmstate``)."""
         raise UnsupportedError("Operation not supported", errno=errno.ENOTSUP)
 
-    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotRecord:
         raise self._unsupported()
 
-    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+    def snapshot_revert(self, entry: SnapshotRecord) -> None:
         raise self._unsupported()
 
-    def forget_snapshot(self, entry: SnapshotEntry) -> None:
+    def forget_snapshot(self, entry: SnapshotRecord) -> None:
         """Drop ``entry`` from this open node's snapshot list only, the file unchanged (QEMU's failed
         delete on a read-only image: the entry left its in-memory table before the write failed)."""
 

@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import FormatDriver
     from vdkit.block.io import MapEntry
-    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.block.snapshot import SnapshotRecord
     from vdkit.info.model import ImageInfo, SnapshotInfo
     from vdkit.protocols.nbd import NbdFile
 
-    SnapshotRef: TypeAlias = SnapshotInfo | SnapshotEntry | str  # what the snapshot methods accept
+    SnapshotRef: TypeAlias = SnapshotInfo | SnapshotRecord | str  # what the snapshot methods accept
 
 
 class Node:
@@ -96,7 +96,7 @@ class Node:
     # -- internal snapshots (thin wrappers; the driver does the work) ----------
     def snapshot_create(self, name: str, *, date_sec: int | None = None, date_nsec: int | None = None,
                         vm_clock_nsec: int = 0, vm_state_size: int = 0, icount: int | None = None,
-                        vm_state: bytes | None = None) -> SnapshotEntry:
+                        vm_state: bytes | None = None) -> SnapshotRecord:
         """Take an internal snapshot ``name`` of the image as it is now; returns the new table entry.
 
         The date defaults to now at microsecond precision and the VM clock to 0, as ``qemu-img
@@ -113,7 +113,7 @@ class Node:
                                            vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
                                            icount=icount, vm_state=vm_state)
 
-    def _snapshot_entry(self, snapshot: SnapshotRef) -> SnapshotEntry:
+    def _snapshot_entry(self, snapshot: SnapshotRef) -> SnapshotRecord:
         """The table entry ``snapshot`` names: an entry as is, a ``SnapshotInfo`` by its ID and name
         together, a string as an ID first and then as a name (``qemu-img snapshot -a``'s lookup)."""
         from vdkit.info.model import SnapshotInfo
@@ -145,7 +145,7 @@ class Node:
         return self.driver.read_vmstate(self._snapshot_entry(snapshot))
 
     def snapshot_delete(self, snapshot: SnapshotRef | None = None, *, snapshot_id: str | None = None,
-                        name: str | None = None) -> SnapshotEntry:
+                        name: str | None = None) -> SnapshotRecord:
         """Delete an internal snapshot and free what only it used; returns the deleted entry.
 
         Name it by ``snapshot`` (what :meth:`snapshots` returns, a table entry, or an ID-or-name string

@@ -15,19 +15,28 @@ if TYPE_CHECKING:
     from typing import Protocol, TypeVar
 
     class _Snapshot(Protocol):
-        id_str: str
-        name: str
+        @property
+        def id_str(self) -> str: ...
+        @property
+        def name(self) -> str: ...
 
     class SnapshotRecord(_Snapshot, Protocol):
         """What every format's snapshot entries provide (``driver.snapshots()``), whatever their
         on-disk shape (qcow2's is ``formats.qcow2.snapshot.SnapshotEntry``): QEMU's generic
-        ``QEMUSnapshotInfo`` fields, untruncated (``id_of``/``name_of`` cut them as QEMU does)."""
+        ``QEMUSnapshotInfo`` fields, untruncated (``id_of``/``name_of`` cut them as QEMU does).
+        Generic code (the driver table, nodes, the monitor) speaks of snapshots in these terms;
+        a driver gets back the entries it listed."""
 
-        date_sec: int
-        date_nsec: int
-        vm_clock_nsec: int
-        vm_state_size: int
-        icount: int  # ICOUNT_UNUSED without one
+        @property
+        def date_sec(self) -> int: ...
+        @property
+        def date_nsec(self) -> int: ...
+        @property
+        def vm_clock_nsec(self) -> int: ...
+        @property
+        def vm_state_size(self) -> int: ...
+        @property
+        def icount(self) -> int: ...  # ICOUNT_UNUSED without one
 
     S = TypeVar("S", bound=_Snapshot)
 

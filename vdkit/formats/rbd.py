@@ -19,11 +19,11 @@ from vdkit.formats.raw import RawDriver
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import OpenContext
-    from vdkit.formats.qcow2.snapshot import SnapshotEntry
+    from vdkit.block.snapshot import SnapshotRecord
     from vdkit.info.model import ImageInfoSpecific
     from vdkit.io.file import ImageFile
     from vdkit.opts import CreateOpts, OptDesc
-    from vdkit.protocols.rbd import RbdFile
+    from vdkit.protocols.rbd import RbdFile, RbdSnapshot
 
 FORMAT_NAME = "rbd"
 NOT_RBD = "File name must start with 'rbd:'"
@@ -77,12 +77,12 @@ class RbdRawDriver(RawDriver):
     def virtual_size(self) -> int:
         return (self.file.size() + 511) // 512 * 512
 
-    def snapshots(self) -> list[SnapshotEntry]:
-        return self.file.snapshots()  # type: ignore[return-value]  # same generic record fields
+    def snapshots(self) -> list[RbdSnapshot]:
+        return self.file.snapshots()
 
     def snapshot_create(self, name: str, *, date_sec: int, date_nsec: int, vm_clock_nsec: int = 0,
                         vm_state_size: int = 0, icount: int | None = None,
-                        vm_state: bytes | None = None) -> SnapshotEntry:
+                        vm_state: bytes | None = None) -> SnapshotRecord:
         """An RBD snapshot called ``name`` (it has no date, clock or VM state; QEMU passes none on)."""
         import os
 
@@ -96,9 +96,9 @@ class RbdRawDriver(RawDriver):
             raise VdkitError(f"failed to create snap: {os.strerror(-r)}", errno=-r)
         from vdkit.protocols.rbd import RbdSnapshot
 
-        return RbdSnapshot(name, self.file.size())  # type: ignore[return-value]
+        return RbdSnapshot(name, self.file.size())
 
-    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
+    def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotRecord:
         """Remove the RBD snapshot ``name``; an ID other than the name is refused (IDs are names)."""
         import os
 
@@ -114,9 +114,9 @@ class RbdRawDriver(RawDriver):
             from vdkit.protocols.rbd import RbdSnapshot
 
             entry = RbdSnapshot(name, 0)
-        return entry  # type: ignore[return-value]
+        return entry
 
-    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+    def snapshot_revert(self, entry: SnapshotRecord) -> None:
         """Roll the image back to the snapshot (librbd's rollback; the size comes back too)."""
         import os
 

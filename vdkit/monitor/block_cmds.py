@@ -39,11 +39,13 @@ from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, va
 from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from vdkit.block.jobs import JobFilter, JobList
     from vdkit.block.node import Node
+    from vdkit.block.snapshot import SnapshotRecord
     from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
-    from vdkit.formats.qcow2.snapshot import SnapshotEntry
 
 
 # --------------------------------------------------------------------------
@@ -556,7 +558,7 @@ def vmstate_drive(machine: DeviceRegistry) -> Drive | None:
     return None
 
 
-def _entries(medium: Medium) -> list[SnapshotEntry]:
+def _entries(medium: Medium) -> Sequence[SnapshotRecord]:
     return medium.node.driver.snapshots()
 
 
@@ -595,12 +597,12 @@ def _now() -> tuple[int, int]:
 
 
 def _create(medium: Medium, name: str, *, date: tuple[int, int], vm_clock_nsec: int,
-            vm_state_size: int = 0) -> SnapshotEntry:
+            vm_state_size: int = 0) -> SnapshotRecord:
     return medium.node.snapshot_create(name, date_sec=date[0], date_nsec=date[1],
                                        vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size)
 
 
-def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> SnapshotEntry:
+def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> SnapshotRecord:
     return medium.node.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
 
@@ -627,7 +629,7 @@ def _snapshot_create_check(t: _Target, name: str) -> None:
         raise VdkitError(f"Snapshot with name '{name}' already exists on device '{t.label}'")
 
 
-def _snapshot_create_do(ctx: CommandContext, t: _Target, name: str) -> SnapshotEntry:
+def _snapshot_create_do(ctx: CommandContext, t: _Target, name: str) -> SnapshotRecord:
     try:
         return _create(t.medium, name, date=_now(), vm_clock_nsec=ctx.machine.vm_clock_ns())
     except (OSError, VdkitError) as exc:
@@ -745,7 +747,7 @@ def transaction(ctx: CommandContext, args: dict[str, Any]) -> None:
         start()
 
 
-def _undo_internal(t: _Target, entry: SnapshotEntry) -> None:
+def _undo_internal(t: _Target, entry: SnapshotRecord) -> None:
     _delete(t.medium, snapshot_id=entry.id_str, name=entry.name)
 
 
@@ -860,7 +862,7 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
             vmdisk.medium.node.driver.save_vmstate(vm_state)
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Error while writing VM state: {_os_text(exc)}") from exc
-        made: list[tuple[Drive, SnapshotEntry]] = []
+        made: list[tuple[Drive, SnapshotRecord]] = []
         for d in disks:
             assert d.medium is not None
             try:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
 
     from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import BlockStatus, CheckReport, CheckResult, OpenContext
+    from vdkit.block.snapshot import SnapshotRecord
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
@@ -381,13 +382,20 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
-    def read_vmstate(self, entry: SnapshotEntry) -> bytes:
+    @staticmethod
+    def _own(entry: SnapshotRecord) -> SnapshotEntry:
+        """The generic layer hands back what :meth:`snapshots` listed: this format's table entries."""
+        if not isinstance(entry, SnapshotEntry):
+            raise TypeError(f"not a qcow2 snapshot table entry: {entry!r}")
+        return entry
+
+    def read_vmstate(self, entry: SnapshotRecord) -> bytes:
         """VM state saved with ``entry`` (``savevm``); empty for disk-only snapshots."""
         self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
-            return snapshot_ops.read_vmstate(self, entry)
+            return snapshot_ops.read_vmstate(self, self._own(entry))
         except OSError as exc:
             raise _io_error(exc) from exc
 
@@ -412,7 +420,7 @@ class Qcow2Driver(FormatDriver):
             pos = t_end
         self.flush()
 
-    def forget_snapshot(self, entry: SnapshotEntry) -> None:
+    def forget_snapshot(self, entry: SnapshotRecord) -> None:
         self._snapshots = [e for e in self._snapshots if e is not entry]
 
     def snapshot_delete(self, *, snapshot_id: str | None = None, name: str | None = None) -> SnapshotEntry:
@@ -424,12 +432,12 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
-    def snapshot_revert(self, entry: SnapshotEntry) -> None:
+    def snapshot_revert(self, entry: SnapshotRecord) -> None:
         self.require_alive()
         from vdkit.formats.qcow2 import snapshot_ops
 
         try:
-            snapshot_ops.revert(self, entry)
+            snapshot_ops.revert(self, self._own(entry))
         except OSError as exc:
             raise _io_error(exc) from exc
 
