@@ -276,6 +276,9 @@ class Job:
         """``running``, and the job's thread starts (it waits for the lock the caller holds)."""
         self._transition(S.RUNNING)
         self.busy = True
+        # QEMU runs a new job at once up to its first I/O: the next command that pauses, drains or
+        # cancels it waits for its first step
+        self._kick_pending = True
         self._thread = threading.Thread(target=self._main, name=f"job-{self.id}", daemon=True)
         self._thread.start()
 
@@ -377,7 +380,8 @@ class Job:
     def _wake(self) -> None:
         """End the job's current wait; a job sleeping at a pause point then owes a step (see _settle)."""
         self._kicked = True
-        if not self.busy and self._io_done and self._thread is not None and self._thread.is_alive():
+        if (not self.busy and self._io_done and not self.pause_count and self._thread is not None
+                and self._thread.is_alive()):
             self._kick_pending = True
         self.cond.notify_all()
 
@@ -393,7 +397,7 @@ class Job:
         self._settlers += 1
         try:
             deadline = time.monotonic() + 30
-            while self._kick_pending and thread.is_alive():
+            while self._kick_pending and thread.is_alive() and not (self.pause_count and self._io_done):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -481,9 +485,12 @@ class Job:
         self._check_cancel()
         self._kicked = False
         self.busy = False
+        if self._kick_pending:  # the step owed is done: a command waiting for it may act now
+            self._kick_pending = False
+            self.cond.notify_all()
         try:
-            while self._settlers:  # a command waits for this job to reach a pause point: let it act
-                self.cond.wait()
+            while self._settlers and not self._kick_pending:
+                self.cond.wait()  # a command waits for this job to reach a pause point: let it act
             delay, self._delay_ns = self._delay_ns, 0
             if delay or idle:
                 deadline = time.monotonic() + delay / 1e9
@@ -501,9 +508,6 @@ class Job:
                 if not self.pause_count and self.status in (S.PAUSED, S.STANDBY):
                     self._transition(S.READY if self.status is S.STANDBY else S.RUNNING)
         finally:
-            if self._kick_pending:  # the step owed is under way: waiting commands get the lock after it
-                self._kick_pending = False
-                self.cond.notify_all()
             self.busy = True
         self._check_cancel()
 
