@@ -285,6 +285,19 @@ class FormatDriver:
         the intermediate bytes object."""
         view[:] = self.read(offset, len(view), backing)
 
+    def readinto_filled(self, offset: int, view: memoryview,
+                        fill: Callable[[int, memoryview], None] | None) -> None:
+        """:meth:`readinto` with the backing chain given as a filler (it writes the chain's bytes
+        into a view), as the chain's bulk read calls it; a format whose engine takes a filler
+        overrides it and never builds bytes for the backing data."""
+        backing = None
+        if fill is not None:
+            def backing(pos: int, length: int) -> bytes:
+                buf = bytearray(length)
+                fill(pos, memoryview(buf))
+                return bytes(buf)
+        self.readinto(offset, view, backing)
+
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
         """Guest write; ``backing`` supplies the data a partial copy-on-write needs."""
         raise UnsupportedError(f"Driver '{self.format_name}' does not support writing")

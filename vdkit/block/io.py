@@ -218,15 +218,7 @@ def readinto(node: Node, offset: int, view: memoryview) -> None:
     length = len(view)
     if length <= 0:
         return
-    drv = node.driver
-    if node.format == "raw":
-        drv.file.readinto(offset, view)
-        return
-    if node.format == "qcow2":
-        drv.require_alive()  # type: ignore[attr-defined]
-        drv.io.readinto(offset, view, _backing_filler(node))  # type: ignore[attr-defined]
-        return
-    drv.readinto(offset, view, _backing_reader(node))
+    node.driver.readinto_filled(offset, view, _backing_filler(node))
 
 
 def _backing_filler(node: Node):  # type: ignore[no-untyped-def]

@@ -79,6 +79,9 @@ class RawDriver(FormatDriver):
     def read(self, offset: int, length: int, backing: object = None) -> bytes:
         return self.file.pread(offset, length)
 
+    def readinto(self, offset: int, view: memoryview, backing: object = None) -> None:
+        self.file.readinto(offset, view)
+
     def write(self, offset: int, data: bytes, backing: object = None) -> None:
         self.file.pwrite(offset, data)
 

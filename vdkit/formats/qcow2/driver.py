@@ -389,6 +389,12 @@ class Qcow2Driver(FormatDriver):
             raise TypeError(f"not a qcow2 snapshot table entry: {entry!r}")
         return entry
 
+    def readinto_filled(self, offset: int, view: memoryview,
+                        fill: Callable[[int, memoryview], None] | None) -> None:
+        """The I/O engine fills the view itself, backing data included (no bytes objects)."""
+        self.require_alive()
+        self.io.readinto(offset, view, fill)
+
     def read_vmstate(self, entry: SnapshotRecord) -> bytes:
         """VM state saved with ``entry`` (``savevm``); empty for disk-only snapshots."""
         self.require_alive()
