@@ -9,7 +9,9 @@ qemu-img and qemu-io fail.
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,91 @@ def test_vdkit_ro_open_blocks_qemu_writer(tmp_path: Path) -> None:
         io = subprocess.run([require_tool("qemu-io"), "-f", "qcow2", "-c", "write 0 512", "ro.qcow2"],
                             cwd=tmp_path, capture_output=True, text=True)
         assert io.returncode == 0, io.stderr
+
+
+# A process holding single lock bytes (QEMU's encoding: 100 + perm in use, 200 + perm refused to others;
+# perms 0 consistent read, 1 write, 3 resize) on files, until its stdin closes.
+_HOLDER = """
+import fcntl, os, struct, sys
+fds = [os.open(p, os.O_RDONLY) for p in sys.argv[2:]]
+for fd in fds:
+    fcntl.fcntl(fd, 37, struct.pack("@hhqqi4x", fcntl.F_RDLCK, 0, int(sys.argv[1]), 1, 0))  # F_OFD_SETLK
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def _holding(byte: int, *paths: Path) -> Iterator[None]:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(byte), *map(str, paths)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        yield
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait()
+
+
+_LOCK_COMMANDS = [
+    ["info", "IMG"], ["info", "-U", "IMG"], ["info", "--backing-chain", "top.qcow2"], ["check", "IMG"],
+    ["check", "-U", "IMG"], ["map", "top.qcow2"], ["map", "-U", "IMG"], ["snapshot", "-l", "IMG"],
+    ["compare", "IMG", "top.qcow2"], ["convert", "-O", "raw", "IMG", "out.raw"],
+    ["convert", "-U", "-O", "raw", "top.qcow2", "out.raw"], ["snapshot", "-c", "s", "IMG"],
+    ["check", "-r", "leaks", "IMG"], ["resize", "IMG", "2M"], ["rebase", "-u", "-b", "", "IMG"],
+]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("byte", [200, 201, 203, 101, 103])
+def test_lock_bytes_like_qemu_img(tmp_path: Path, fmt: str, byte: int) -> None:
+    """Which lock bytes each command takes, observed from the refusals: another process holds one byte
+    on the image (an image of ``fmt``, also the raw backing file of top.qcow2) and every command must
+    be refused, or not, as qemu-img's.  A raw image passes on what qemu-img shares (others' writes,
+    except for convert's sources), formats with metadata refuse others' writes, ``info`` reads no data."""
+    dirs = []
+    for who in ("q", "v"):
+        d = tmp_path / who
+        d.mkdir()
+        g.create(d, f"img.{fmt}", "1M", fmt)
+        g.create(d, "top.qcow2", "1M", backing=f"img.{fmt}", backing_fmt=fmt)
+        dirs.append(d)
+    q_dir, v_dir = dirs
+    with _holding(byte, q_dir / f"img.{fmt}", v_dir / f"img.{fmt}"):
+        for cmd in _LOCK_COMMANDS:
+            args = [a.replace("IMG", f"img.{fmt}") for a in cmd]
+            q, v = run_qemu(args, q_dir), run_vdkit(args, v_dir)
+            assert (v.returncode, v.stdout, v.normalized_stderr()) == (q.returncode, q.stdout, q.stderr), args
+
+
+def test_raw_writer_lets_readers_in(tmp_path: Path) -> None:
+    """qemu-io writing a raw image shares everything (its raw node passes on what it shares): qemu-img's
+    readers, and writers that take no unshared permission, open it; a qcow2 writer refuses them."""
+    for fmt in ("raw", "qcow2"):
+        img = g.create(tmp_path, f"w.{fmt}", "1M", fmt)
+        with held_by_qemu_io(img, fmt) if fmt == "qcow2" else _held_raw(img):
+            for args in (["info", img.name], ["check", img.name], ["map", img.name], ["snapshot", "-l", img.name],
+                         ["info", "-U", img.name], ["convert", "-O", "raw", img.name, "o.raw"],
+                         ["snapshot", "-c", "s", img.name], ["resize", "-f", fmt, img.name, "2M"]):
+                same(args, tmp_path)
+
+
+@contextmanager
+def _held_raw(img: Path) -> Iterator[None]:
+    """qemu-io holding a raw image read-write (it refuses nobody, so the refusal of a write-sharing
+    reader cannot show it is there: wait for its write byte instead)."""
+    import time
+
+    cmd = [require_tool("qemu-io"), "-f", "raw", "-c", "sleep 600000", str(img)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        # a qcow2 driver refuses others' writes before it reads the header (then it fails: not qcow2)
+        while "lock" not in run_qemu(["info", "-f", "qcow2", img.name], img.parent).stderr:
+            assert time.monotonic() < deadline and proc.poll() is None, "qemu-io never locked the image"
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()

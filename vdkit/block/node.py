@@ -16,6 +16,7 @@ from vdkit.block.driver import OpenContext
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats import registry
 from vdkit.io.file import ImageFile
+from vdkit.io.locks import LockMode
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -302,6 +303,9 @@ def open_image(
     check_mode: bool = False,
     no_io: bool = False,
     walk: BackingWalk | None = None,
+    share_writes: bool = False,
+    resize: bool = False,
+    on_open: Callable[[FormatDriver], None] | None = None,
 ) -> Node:
     """Open an image (and, with ``backing=True``, its whole backing chain).
 
@@ -309,6 +313,14 @@ def open_image(
     that cannot be opened is then left closed instead of failing the open.
     ``walk`` continues a chain walk the caller is doing one image at a time
     (its policy, depth and loop detection then cover this image too).
+    ``share_writes``: the caller lets other processes write and resize the
+    files while they are open, as qemu-img's commands (but convert) do; only
+    a raw image's lock then refuses nothing (formats with metadata still
+    refuse).  ``resize``: the caller will resize the image (a raw image's lock
+    takes the resize permission only then).  See
+    :meth:`vdkit.io.locks.LockMode.for_image`.  ``on_open`` is called with the
+    driver as soon as the image's format has opened: where QEMU prints what
+    opening printed (the probed-raw warning), before a raw file is locked.
     Errors carry qemu-img's text, prefixed with ``Could not open '<name>': ``.
     """
     name = os.fspath(filename)
@@ -316,7 +328,8 @@ def open_image(
         walk = BackingWalk(policy)
     try:
         return _open(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                     check_mode=check_mode, no_io=no_io, walk=walk)
+                     check_mode=check_mode, no_io=no_io, walk=walk, share_writes=share_writes, resize=resize,
+                     on_open=on_open)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not open '{name}': ") from exc
 
@@ -331,6 +344,10 @@ def _open(
     check_mode: bool,
     no_io: bool,
     walk: BackingWalk,
+    share_writes: bool = False,
+    resize: bool = False,
+    attached: bool = False,
+    on_open: Callable[[FormatDriver], None] | None = None,
 ) -> Node:
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
@@ -383,9 +400,10 @@ def _open(
         raise OpenError(f"Unknown protocol '{proto}'")
     if not name:
         raise OpenError("The 'file' block driver requires a file name")
-    file = ImageFile(name, readonly=readonly, force_share=force_share)
+    file = ImageFile(name, readonly=readonly, force_share=force_share, lock=False)  # locked once probed
     return _open_on(file, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                    check_mode=check_mode, no_io=no_io, walk=walk)
+                    check_mode=check_mode, no_io=no_io, walk=walk, share_writes=share_writes, resize=resize,
+                    attached=attached, on_open=on_open)
 
 
 def _open_on(
@@ -399,11 +417,20 @@ def _open_on(
     check_mode: bool,
     no_io: bool,
     walk: BackingWalk,
+    share_writes: bool = False,
+    resize: bool = False,
+    attached: bool = False,
+    on_open: Callable[[FormatDriver], None] | None = None,
 ) -> Node:
-    """Open the format layer on an opened protocol node (a local file or an NBD export)."""
+    """Open the format layer on an opened protocol node (a local file or an NBD export).
+
+    A local file comes unlocked: its lock bytes depend on the format, so they are taken once the
+    format is known (QEMU probes before it locks, too).  A format with metadata locks its file
+    before it reads it; a raw node is locked when QEMU attaches it to its user, after it opened
+    (and after ``on_open``), or, as a backing file (``attached``), by the caller (:func:`_lock_attached`).
+    """
     node: Node | None = None
     try:
-        walk.visit(name, file.fd)
         if fmt is None:
             try:
                 head = file.pread(0, registry.PROBE_SIZE)
@@ -411,16 +438,26 @@ def _open_on(
                 raise OpenError("Could not read image for determining its format: "
                                 f"{os.strerror(exc.errno or 5)}", errno=exc.errno) from exc
             fmt = registry.probe_format(head, name)
+        passes = fmt in registry.PASSES_PERMISSIONS
+        lock = LockMode.for_image(readonly=readonly, force_share=force_share, no_io=no_io,
+                                  share_writes=share_writes, resize=resize, passes_permissions=passes)
+        if isinstance(file, ImageFile) and not passes:
+            file.take_lock(lock)
+        walk.visit(name, file.fd)  # a loop that comes back to a writable image is refused by its lock first
         ctx = OpenContext(name, readonly=readonly, force_share=force_share, check_mode=check_mode, no_io=no_io,
                           policy=walk.policy)
         driver = registry.open_driver(fmt, file, ctx)  # type: ignore[arg-type]  # NbdFile is file-like
         node = Node(name, driver, readonly=readonly)
+        if on_open is not None:
+            on_open(driver)
+        if isinstance(file, ImageFile) and passes and not attached:
+            file.take_lock(lock)
         if driver.encrypted and not no_io and not getattr(driver, "has_key", False):
             # Reading guest data needs the key: only the luks format takes one (its driver sets has_key)
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         driver.open_children(ctx)
         if backing and driver.backing_file is not None:
-            _open_backing(node, force_share=force_share, no_io=no_io, walk=walk)
+            _open_backing(node, force_share=force_share, no_io=no_io, walk=walk, share_writes=share_writes)
         return node
     except BaseException:
         if node is not None:
@@ -443,15 +480,34 @@ def _open_rbd(name: str, fmt: str | None, *, readonly: bool, force_share: bool, 
     return node
 
 
-def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk) -> None:
+def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk,
+                  share_writes: bool = False) -> None:
     resolved = walk.backing_of(node.filename, node.driver.backing_file)
     assert resolved is not None
     try:
-        # Backing files are only ever read; they are opened read-only and shared
-        # the way QEMU shares them (others may read, nobody may write).
+        # Backing files are only ever read; they are opened read-only and shared as the top is (a raw
+        # backing file below a qemu-img command's image refuses nothing, as in QEMU)
         node.backing = _open(
             resolved, node.driver.backing_format, readonly=True, force_share=force_share,
-            backing=True, check_mode=False, no_io=no_io, walk=walk,
+            backing=True, check_mode=False, no_io=no_io, walk=walk, share_writes=share_writes, attached=True,
         )
     except VdkitError as exc:
         raise exc.prefixed("Could not open backing file: ") from exc
+    try:
+        _lock_attached(node.backing, force_share=force_share, no_io=no_io, share_writes=share_writes)
+    except VdkitError:
+        node.backing.close()
+        node.backing = None
+        raise
+
+
+def _lock_attached(backing: Node, *, force_share: bool, no_io: bool, share_writes: bool) -> None:
+    """Lock a raw backing file's file, which :func:`_open_on` left unlocked.
+
+    QEMU's raw node takes its parent's permissions, so its file is locked when the node is attached
+    below its parent, after it opened: a refusal there is not a 'Could not open backing file' error.
+    """
+    file = backing.driver.file
+    if isinstance(file, ImageFile) and file.lock is None:
+        file.take_lock(LockMode.for_image(readonly=True, force_share=force_share, no_io=no_io,
+                                          share_writes=share_writes, resize=False, passes_permissions=True))

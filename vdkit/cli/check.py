@@ -70,20 +70,19 @@ def main(argv: list[str]) -> int:
     if force_share and repair:
         raise OpenError(f"Could not open '{spec or filename}': force-share=on can only be used with read-only images")
     from vdkit.block.node import open_image
+    from vdkit.cli.snapshot_write import warn_if_probed
     from vdkit.errors import UnsupportedError
 
     preamble = ""
-    with SpecNames((filename, spec)), open_image(filename, fmt, readonly=repair is None,
-                                                  force_share=force_share, check_mode=True) as node:
+    with SpecNames((filename, spec)), open_image(
+        filename, fmt, readonly=repair is None, force_share=force_share, check_mode=True, share_writes=True,
+        on_open=None if repair is None else lambda drv: warn_if_probed(drv, fmt, filename),  # opened writable
+    ) as node:
         driver = node.driver
         for message, hint in node.warnings():  # open-time warnings (warn_report in QEMU)
             from vdkit.cli.main import warn
 
             warn(message, hint)
-        if repair is not None:  # opened writable
-            from vdkit.cli.snapshot_write import warn_if_probed
-
-            warn_if_probed(node, fmt, filename)
         try:
             result = driver.check(repair, _report)
         except UnsupportedError as exc:

@@ -63,12 +63,11 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
     """
     from vdkit.block.chain import BackingWalk
     from vdkit.block.node import open_image
-
-    walk = BackingWalk()  # the caller's policy, depth limit and loop detection over every layer
-    top = open_image(filename, fmt, readonly=False, backing=False, walk=walk)
     from vdkit.cli.snapshot_write import warn_if_probed
 
-    warn_if_probed(top, fmt, filename)
+    walk = BackingWalk()  # the caller's policy, depth limit and loop detection over every layer
+    top = open_image(filename, fmt, readonly=False, backing=False, walk=walk, share_writes=True,
+                     on_open=lambda drv: warn_if_probed(drv, fmt, filename))
     try:
         cur = top
         depth = 0  # of the layer being opened below the top
@@ -90,7 +89,7 @@ def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | N
             depth += 1
             try:
                 nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base,
-                                 walk=walk)
+                                 walk=walk, share_writes=True)
             except VdkitError as exc:
                 raise _unnamed(exc, name).prefixed(chain_prefix + "Could not open backing file: ") from exc
             cur.backing = nxt

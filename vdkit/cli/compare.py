@@ -84,7 +84,7 @@ def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: b
         for name, fmt in ((file1, fmt1), (file2, fmt2)):
             filename, fmt, spec = open_args(name, fmt, image_opts)
             names = SpecNames((filename, spec))
-            nodes.append(open_image(filename, fmt, readonly=True, force_share=force_share))
+            nodes.append(open_image(filename, fmt, readonly=True, force_share=force_share, share_writes=True))
         code = _compare(nodes[0], nodes[1], file1, file2, strict=strict, quiet=quiet, prog=prog)
     except _Result as r:
         code = r.code

@@ -310,7 +310,7 @@ def _open_target_spec(a: ConvertArgs) -> Node:
         raise VdkitError("--image-opts and --format are mutually exclusive")
     filename, driver = image_opts(a.target)
     with SpecNames((filename, a.target)):
-        node = open_image(filename, driver, readonly=False, backing=True)
+        node = open_image(filename, driver, readonly=False, backing=True, share_writes=True)
     _no_flushes(a, node)
     if a.compressed and not _supports_compression(node.format):
         node.close()
@@ -332,9 +332,9 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
     if a.skip_create and a.target.startswith("json:"):  # -n onto a json: name: its options, as qemu-img
         filename, fmt, spec = open_args(a.target, a.out_fmt, False)
         with SpecNames((filename, spec)):
-            node = open_image(filename, fmt, readonly=False, backing=True)
+            node = open_image(filename, fmt, readonly=False, backing=True, share_writes=True)
     else:
-        node = open_image(a.target, a.out_fmt, readonly=False, backing=True)
+        node = open_image(a.target, a.out_fmt, readonly=False, backing=True, share_writes=True)
     _no_flushes(a, node)
     return node
 

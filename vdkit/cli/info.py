@@ -71,7 +71,7 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
     while name is not None:
         walk.enter(name)
         with open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
-                        walk=walk) as node:
+                        walk=walk, share_writes=True) as node:
             for message, hint in node.warnings():
                 warn(message, hint)
             info = node.info()

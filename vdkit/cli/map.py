@@ -58,7 +58,7 @@ def run(filename: str, fmt: str | None, *, output: str, start: int, max_length: 
         force_share: bool) -> int:
     from vdkit.block.node import open_image
 
-    with open_image(filename, fmt, readonly=True, force_share=force_share) as node:
+    with open_image(filename, fmt, readonly=True, force_share=force_share, share_writes=True) as node:
         length = node.driver.virtual_size
         if max_length is not None:
             length = min(start + max_length, length)

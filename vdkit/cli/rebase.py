@@ -63,12 +63,11 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
         progress: bool) -> int:
     from vdkit.block.node import open_image
     from vdkit.block.progress import Progress
+    from vdkit.cli.snapshot_write import warn_if_probed
 
     prog = Progress(progress, min_skip=2.0)
-    with open_image(filename, fmt, readonly=False, backing=not unsafe) as node:
-        from vdkit.cli.snapshot_write import warn_if_probed
-
-        warn_if_probed(node, fmt, filename)
+    with open_image(filename, fmt, readonly=False, backing=not unsafe, share_writes=True,
+                    on_open=lambda drv: warn_if_probed(drv, fmt, filename)) as node:
         if not unsafe:
             prog.set(0.0)
             _copy_differences(node, filename, base, base_fmt, prog)

@@ -61,8 +61,8 @@ def run(filename: str, fmt: str | None, n: int, relative: int, *, prealloc: str,
     from vdkit.block.node import open_image
     from vdkit.cli.snapshot_write import warn_if_probed
 
-    with open_image(filename, fmt, readonly=False) as node:
-        warn_if_probed(node, fmt, filename)
+    with open_image(filename, fmt, readonly=False, share_writes=True, resize=True,
+                    on_open=lambda drv: warn_if_probed(drv, fmt, filename)) as node:
         current = node.driver.virtual_size
         total = current + n * relative if relative else n
         if total <= 0:

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 def _list(filename: str, fmt: str | None, *, force_share: bool, output: str) -> int:
     from vdkit.block.node import open_image
 
-    with open_image(filename, fmt, readonly=True, force_share=force_share) as node:
+    with open_image(filename, fmt, readonly=True, force_share=force_share, share_writes=True) as node:
         for message, hint in node.warnings():
             warn(message, hint)
         snaps = node.snapshots()

@@ -17,11 +17,15 @@ from vdkit.errors import VdkitError, errno_text
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vdkit.block.node import Node
+    from vdkit.block.driver import FormatDriver
 
-def warn_if_probed(node: Node, fmt: str | None, filename: str) -> None:
-    """The warning a format guessed by probing prints as it opens writable (the driver's text)."""
-    warning = node.driver.probed_open_warning(filename) if fmt is None else None
+
+def warn_if_probed(driver: FormatDriver, fmt: str | None, filename: str) -> None:
+    """The warning a format guessed by probing prints as it opens writable (the driver's text).
+
+    Given to :func:`open_image` as ``on_open``: QEMU prints it before it locks a raw file.
+    """
+    warning = driver.probed_open_warning(filename) if fmt is None else None
     if warning is not None:
         write_err(warning)
 
@@ -34,8 +38,8 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
 
     if force_share:
         raise VdkitError(f"Could not open '{filename}': force-share=on can only be used with read-only images")
-    with open_image(filename, fmt, readonly=False, force_share=False) as node:
-        warn_if_probed(node, fmt, filename)
+    with open_image(filename, fmt, readonly=False, force_share=False, share_writes=True,
+                    on_open=lambda drv: warn_if_probed(drv, fmt, filename)) as node:
         driver = node.driver
         if action == "c":
             assert arg is not None
@@ -53,7 +57,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                     raise blocker
                 if not driver.supports_snapshots:
                     # qemu-img's fallback closes and reopens the image: a second warning
-                    warn_if_probed(node, fmt, filename)
+                    warn_if_probed(driver, fmt, filename)
                     raise driver._unsupported()
                 if driver.snapshot_unsupported_reason() is not None:  # external data file
                     raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
@@ -71,7 +75,7 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                         raise VdkitError(f"Failed to load snapshot: {os.strerror(err)}", errno=err) from exc
                 finally:
                     if reopened:
-                        warn_if_probed(node, fmt, filename)
+                        warn_if_probed(driver, fmt, filename)
             except VdkitError as exc:
                 raise exc.prefixed(f"Could not apply snapshot '{arg}': ") from exc
         elif action == "d":

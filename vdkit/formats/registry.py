@@ -90,6 +90,12 @@ _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
 _loaded: dict[str, ModuleType] = {}
 
 
+# Formats whose file is the guest data as-is (QEMU's raw, whose file child is filter-like): the file's
+# lock takes the user's permissions unchanged.  Every other format keeps metadata in its file and refuses
+# others' writes and resizes while open (vdkit.io.locks.LockMode.for_image).
+PASSES_PERMISSIONS = frozenset({"raw"})
+
+
 def format_names() -> tuple[str, ...]:
     """The formats vdkit can open, in registration order."""
     return tuple(FORMATS)

@@ -136,6 +136,15 @@ class ImageFile:
             os.close(self.fd)
             raise
 
+    def take_lock(self, mode: LockMode) -> None:
+        """Take the lock bytes of ``mode`` on a file opened with ``lock=False``.
+
+        The block layer probes the format first and locks afterwards (QEMU's
+        order), because the format decides what others may do meanwhile.
+        """
+        self.lock = ImageLock(self.fd, self.filename, mode)
+        self.lock.acquire()
+
     # -- reading --------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset``; bytes past EOF read as zero."""

@@ -8,8 +8,10 @@ to share one when nobody locks ``100 + i``.  Observed on QEMU 7.2:
 
 * read-write user: holds 100 (consistent read), 101 (write), 103 (resize) and
   refuses 201 (write) and 203 (resize);
-* read-only user (``qemu-img info``): holds 100, refuses 201 and 203;
-* ``-U``/``force-share``: holds 100 only.
+* read-only user (``qemu-img check`` of a qcow2 image): holds 100, refuses 201 and 203;
+* ``-U``/``force-share``: holds 100 only;
+* a raw image refuses what its user refuses, and ``qemu-img info`` reads no
+  data (:meth:`LockMode.for_image` has the whole rule).
 
 We take exactly the same bytes so QEMU and vdkit see each other.
 """
@@ -62,6 +64,27 @@ class LockMode:
         if readonly:
             return cls(Perm.CONSISTENT_READ, Perm.WRITE | Perm.RESIZE)
         return cls(Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.WRITE | Perm.RESIZE)
+
+    @classmethod
+    def for_image(cls, *, readonly: bool, force_share: bool, no_io: bool, passes_permissions: bool,
+                  share_writes: bool, resize: bool) -> LockMode:
+        """The bytes qemu-img 7.2 takes on an image's file once the format is known (observed with strace).
+
+        * Consistent read unless the image is opened for its metadata only (``info``: no guest data read).
+        * Write when writable; resize when writable and the format may grow its file (any format with
+          metadata), or when the user resizes (``resize``).
+        * A format with metadata refuses others' writes and resizes (its tables must not change under
+          it); a format whose file is the guest data as-is (``passes_permissions``: raw) passes on what
+          its user shares: qemu-img's commands share writes (``share_writes``), except convert, whose
+          sources refuse them.  ``-U`` (``force_share``) refuses nothing.
+        """
+        perms = 0 if no_io and readonly else Perm.CONSISTENT_READ
+        if not readonly:
+            perms |= Perm.WRITE
+            if resize or not passes_permissions:
+                perms |= Perm.RESIZE
+        refuses = not force_share and not (passes_permissions and share_writes)
+        return cls(perms, Perm.WRITE | Perm.RESIZE if refuses else 0)
 
 
 def _bit_index(p: int) -> int:
