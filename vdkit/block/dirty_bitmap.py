@@ -26,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from vdkit.block.node import Node
+
 # QEMU's limits: a bitmap name of at most 1023 bytes, granularity a power of two >= 512 (uint32)
 MAX_NAME_SIZE = 1023
 MIN_GRANULARITY = 512
@@ -173,3 +175,37 @@ def mark_write(bitmaps: list[DirtyBitmap], offset: int, length: int) -> None:
     for bm in bitmaps:
         if bm.enabled and not bm.inconsistent and not bm.readonly:
             bm.set_dirty(offset, length)
+
+
+# -- operations on a node's bitmaps (QMP's block-dirty-bitmap-* and qemu-img bitmap share them) ----------------
+
+
+def add_bitmap(node: Node, name: str, *, granularity: int | None, persistent: bool, disabled: bool,
+               label: str) -> DirtyBitmap:
+    """A new bitmap on ``node``, checked in QEMU's order; ``label`` names the node in persistence errors."""
+    if granularity is not None:
+        if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
+            raise VdkitError("Granularity must be power of 2 and at least 512")
+    else:
+        granularity = default_granularity(None if node.format == "raw" else node.driver.cluster_size)
+    if persistent:
+        node.driver.can_store_bitmap(name, granularity, label)
+    if node.find_bitmap(name) is not None:
+        raise VdkitError(f"Bitmap already exists: {name}")
+    if len(name.encode()) > MAX_NAME_SIZE:
+        raise VdkitError(f"Bitmap name too long: {name}")
+    bm = DirtyBitmap(name, granularity, node.size, enabled=not disabled, persistent=persistent)
+    node.bitmaps.insert(0, bm)
+    return bm
+
+
+def remove_bitmap(node: Node, bm: DirtyBitmap) -> None:
+    """Drop ``bm`` from ``node`` (and from the image at once when it is persistent)."""
+    bm.check(CHECK_BUSY | CHECK_RO)
+    if bm.persistent:
+        try:
+            node.driver.remove_persistent_bitmap(bm.name or "")
+        except (OSError, VdkitError) as exc:
+            text = exc.message if isinstance(exc, VdkitError) else str(exc)
+            raise VdkitError(f"Failed to remove bitmap '{bm.name}' from the image: {text}") from exc
+    node.bitmaps.remove(bm)

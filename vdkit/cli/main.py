@@ -31,6 +31,7 @@ COMMANDS = {
     "rebase": "rebase",
     "commit": "commit",
     "inspect": "inspect",
+    "bitmap": "bitmap",
 }
 
 # Exit code a subcommand returns through this exception (e.g. check's 2/3/63).
@@ -76,6 +77,8 @@ Standard options (vdkit extensions):
   --allow-dir DIR   follow backing and data files only inside DIR (repeatable); for untrusted images
 
 Command syntax:
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]]
+         [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap
   check [--object objectdef] [--image-opts] [--output=human|json] [-f fmt] [-q] [-r [leaks | all]] [-U] filename
   commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-b base] [-d] [-p] filename
   compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2

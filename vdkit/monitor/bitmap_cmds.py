@@ -18,9 +18,9 @@ from vdkit.block.dirty_bitmap import (
     CHECK_BUSY,
     CHECK_DEFAULT,
     CHECK_RO,
-    MAX_NAME_SIZE,
     DirtyBitmap,
-    default_granularity,
+    add_bitmap,
+    remove_bitmap,
 )
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockDirtyInfo
@@ -109,22 +109,8 @@ def add(machine: DeviceRegistry, args: dict[str, Any]) -> DirtyBitmap:
     if found is None:
         raise VdkitError(f"Cannot find device='{node}' nor node-name='{node}'")
     target, label = found
-    if granularity is not None:
-        if granularity < 512 or granularity & (granularity - 1):
-            raise VdkitError("Granularity must be power of 2 and at least 512")
-    else:
-        granularity = default_granularity(None if target.format == "raw" else target.driver.cluster_size)
-    persistent = bool(args.get("persistent", False))
-    if persistent:
-        target.driver.can_store_bitmap(name, granularity, label)
-    if target.find_bitmap(name) is not None:
-        raise VdkitError(f"Bitmap already exists: {name}")
-    if len(name.encode()) > MAX_NAME_SIZE:
-        raise VdkitError(f"Bitmap name too long: {name}")
-    bm = DirtyBitmap(name, granularity, target.size, enabled=not args.get("disabled", False),
-                     persistent=persistent)
-    target.bitmaps.insert(0, bm)
-    return bm
+    return add_bitmap(target, name, granularity=granularity, persistent=bool(args.get("persistent", False)),
+                      disabled=bool(args.get("disabled", False)), label=label)
 
 
 def block_dirty_bitmap_add(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -133,15 +119,8 @@ def block_dirty_bitmap_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 def remove(machine: DeviceRegistry, args: dict[str, Any], *, release: bool = True) -> tuple[Node, DirtyBitmap]:
     node, bm = _find(machine, args["node"], args["name"])
-    bm.check(CHECK_BUSY | CHECK_RO)
-    if bm.persistent:
-        try:
-            node.driver.remove_persistent_bitmap(bm.name or "")
-        except (OSError, VdkitError) as exc:
-            text = exc.message if isinstance(exc, VdkitError) else str(exc)
-            raise VdkitError(f"Failed to remove bitmap '{bm.name}' from the image: {text}") from exc
     if release:
-        node.bitmaps.remove(bm)
+        remove_bitmap(node, bm)
     return node, bm
 
 
