@@ -151,7 +151,7 @@ class Copier:
         """The local file and offset holding the piece's guest bytes as they are, or None.
 
         Only for the current status run (just returned by :meth:`step`), when the layer that
-        answered is one of PLAIN_FORMATS, unencrypted, whose bytes lie in a plain local file
+        answered stores plain data (``FormatDriver.plain_data``, unencrypted) in a plain local file
         (its own or a qcow2 external data file) that this process holds locked against resizing
         (so the range mapped stays inside the file: no ``-U``) and that is long enough.
         """
@@ -195,18 +195,13 @@ class Copier:
             zero_fill(view[part:length])
 
 
-# Formats whose block status gives, for data it flags OFFSET_VALID, the host offset of the guest
-# bytes exactly as stored (what QEMU's map shows; their reads are plain reads there).  vmdk is not
-# here: its extents are other files, and compressed grains carry no offset anyway.
-PLAIN_FORMATS = ("raw", "qcow2", "vpc", "vhdx", "vdi", "qed", "parallels")
-
-
 def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: bool = False) -> ImageFile | None:
     """The local file named ``filename`` that holds guest bytes of ``node``'s chain as they are.
 
     Block status gives a data run's host offset and file *name*; this finds the open file
-    behind it, in the layer ``depth`` below ``node`` (any layer when None), if that layer is
-    one of :data:`PLAIN_FORMATS` and unencrypted (bytes stored plainly) and the file is a regular local one.
+    behind it, in the layer ``depth`` below ``node`` (any layer when None), if that layer's
+    driver has ``plain_data`` and is unencrypted (bytes stored plainly) and the file is a
+    regular local one.
     ``locked``: also require this process to hold it locked against resizing (for mappings,
     whose pages must not vanish).
     """
@@ -218,7 +213,7 @@ def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: b
     while layer is not None:
         if depth is None or level == depth:
             drv = layer.driver
-            if layer.format in PLAIN_FORMATS and not drv.encrypted:
+            if drv.plain_data and not drv.encrypted:
                 for f in (getattr(drv, "file", None), getattr(drv, "data_file", None)):
                     if (type(f) is ImageFile and f.filename == filename and f.fd >= 0 and not f.is_device
                             and (not locked or f.lock is not None and f.lock.mode.unshared & Perm.RESIZE)):

@@ -129,6 +129,10 @@ class FormatDriver:
     # Zeros written without unmapping cost as much as data (QEMU: no BDRV_REQ_NO_FALLBACK support),
     # so a request that wants them fast or not at all (NBD's FAST_ZERO with NO_HOLE) is refused.
     slow_allocated_zeroes: ClassVar[bool] = False
+    # Data runs that block status reports with OFFSET_VALID hold the guest bytes as they are at that
+    # host offset of the named file (QEMU's map shows them so; reads there are plain reads), unless
+    # the image is encrypted: the copy engine and the NBD export may map or read that file directly.
+    plain_data: ClassVar[bool] = False
     # Where corruption events go (the daemon's event emitter); formats that signal them call it.
     corruption_hook: Callable[[CorruptionReport], None] | None = None
     # A fatal corruption event killed the node: every request fails (QEMU: no driver left).

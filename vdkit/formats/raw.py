@@ -57,6 +57,7 @@ _PROBED_WARNING = (
 class RawDriver(FormatDriver):
     format_name = "raw"
     slow_allocated_zeroes = True
+    plain_data = True
 
     def probed_open_warning(self, name: str) -> str | None:
         """QEMU's raw driver warns as it opens a probed image writable: a guest could write a header

@@ -55,6 +55,7 @@ def _u32s(data: bytes) -> array[int]:
 
 class ParallelsDriver(FormatDriver):
     format_name = "parallels"
+    plain_data = True
     supports_backing = True  # QEMU's driver has a backing slot (never filled by its images): holes read as zeros
 
     def __init__(self, file: ImageFile, ctx: OpenContext) -> None:

@@ -59,6 +59,7 @@ def _io_error(exc: OSError) -> VdkitError:
 
 class Qcow2Driver(FormatDriver):
     format_name = "qcow2"
+    plain_data = True
     supports_backing = True
     # Corruption events go to ``corruption_hook`` (FormatDriver's slot: the daemon's event emitter).
     # Without a hook the report travels on the raised CorruptionEvent for the front end to print when

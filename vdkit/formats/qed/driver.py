@@ -104,6 +104,7 @@ class QedHeader:
 
 class QedDriver(FormatDriver):
     format_name = "qed"
+    plain_data = True
     supports_backing = True
 
     def __init__(self, file: ImageFile, ctx: OpenContext) -> None:

@@ -56,6 +56,7 @@ def _entries(data: bytes) -> array[int]:
 
 class VdiDriver(FormatDriver):
     format_name = "vdi"
+    plain_data = True
 
     def __init__(self, file: ImageFile) -> None:
         super().__init__(file)

@@ -65,6 +65,7 @@ def _enotsup(filename: str) -> VdkitError:
 
 class VhdxDriver(FormatDriver):
     format_name = "vhdx"
+    plain_data = True
 
     def __init__(self, file: ImageFile, ctx: OpenContext) -> None:
         super().__init__(file)

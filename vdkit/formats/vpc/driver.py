@@ -63,6 +63,7 @@ class VpcDriver(FormatDriver):
 
     def __init__(self, file: ImageFile) -> None:
         super().__init__(file)
+    plain_data = True
         self.footer = b""
         self.fixed = True
         self.block_size = 0
