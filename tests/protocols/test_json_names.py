@@ -129,3 +129,26 @@ def test_windows_in_the_daemon(daemons: Daemons) -> None:  # noqa: F811
         assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
     for line in ("info block", "info block -v"):
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+
+def test_vpc_force_size_calc(files: Path) -> None:
+    """vpc's force_size_calc: a strong option (json: name); the geometry or the footer's current size
+    decides the disk size, except for the maximum geometry (always the current size)."""
+    check_ok("create", "-q", "-f", "vpc", str(files / "v.vpc"), "4M")
+    check_ok("create", "-q", "-f", "vpc", "-o", "force_size=on", str(files / "f.vpc"), "5M")
+    check_ok("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", str(files / "ff.vpc"), "5M")
+    check_ok("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(files / "v2.vpc"), "5M")
+    for f in ("v.vpc", "f.vpc", "ff.vpc", "v2.vpc"):
+        for mode in ("chs", "current_size"):
+            _same(["info", f'json:{{"driver":"vpc","force_size_calc":"{mode}","file":{{"driver":"file",'
+                           f'"filename":"{f}"}}}}'], files)
+            _same(["map", "--output=json", "--image-opts", f"driver=vpc,force_size_calc={mode},file.filename={f}"],
+                  files)
+    _same(["info", "--output=json", "--image-opts", "driver=vpc,force_size_calc=chs,file.filename=v.vpc"], files)
+    for bad in ('{"driver":"vpc","force_size_calc":"x","file":{"driver":"file","filename":"v.vpc"}}',
+                '{"driver":"vpc","force_size_calc":1,"file":{"driver":"file","filename":"v.vpc"}}',
+                '{"driver":"vpc","force_size_calc":"chs","file":{"driver":"file","filename":"nonex.vpc"}}',
+                '{"force_size_calc":"chs","file":{"driver":"file","filename":"d.raw"}}'):
+        assert "qemu-img: " in _same(["info", "json:" + bad], files)
+    # no driver: the probed format takes the option, and is named
+    _same(["info", 'json:{"force_size_calc":"chs","file":{"driver":"file","filename":"v.vpc"}}'], files)

@@ -285,6 +285,11 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         if driver == "qcow2":
             opts.pop("encrypt.key-secret", None)
         key_secret = opts.pop("key-secret", None) if driver == "luks" else None
+        if "force_size_calc" in opts and driver is None and filename is not None:
+            driver = _probe_for_option(filename, "force_size_calc", "vpc")
+            if driver is None:  # unreadable: the open reports why
+                opts.pop("force_size_calc")
+        size_calc = opts.pop("force_size_calc", None) if driver == "vpc" else None
         if opts:
             key = next(iter(opts))
             if driver is None:
@@ -300,6 +305,10 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         from vdkit.block.secrets import set_open_option
 
         set_open_option(filename, "key-secret", key_secret)
+    if size_calc is not None:  # vpc's force_size_calc, likewise
+        from vdkit.block.secrets import set_open_option
+
+        set_open_option(filename, "force_size_calc", size_calc)
     if no_backing or file_driver not in ("nbd", "http", "https", "rbd") and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
@@ -358,8 +367,8 @@ def _opt_text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def _probe_for_option(filename: str, key: str) -> str | None:
-    """Probe the format when a format option comes without ``driver``: only qcow2 takes ``key``."""
+def _probe_for_option(filename: str, key: str, wanted: str = "qcow2") -> str | None:
+    """Probe the format when a format option comes without ``driver``: only ``wanted`` takes ``key``."""
     from vdkit.errors import OpenError
     from vdkit.formats.registry import PROBE_SIZE, probe_format
 
@@ -369,7 +378,7 @@ def _probe_for_option(filename: str, key: str) -> str | None:
     except OSError:
         return None  # the open reports it
     fmt = probe_format(head, filename)
-    if fmt != "qcow2":
+    if fmt != wanted:
         raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
     return fmt
 
@@ -399,6 +408,11 @@ def image_opts_name(spec: str) -> str | None:
         from vdkit.info.render_json import dumps_compact
 
         return "json:" + dumps_compact(desc)
+    if opts.get("driver", "vpc") == "vpc" and "force_size_calc" in given:  # a strong option: QEMU's json: name
+        from vdkit.info.render_json import dumps_compact
+
+        return "json:" + dumps_compact({"force_size_calc": given["force_size_calc"], "driver": "vpc",
+                                        "file": {"driver": "file", "filename": given.get("file.filename", "")}})
     if opts.get("driver") == "luks" and "key-secret" in opts:
         from vdkit.info.render_json import dumps_compact
 

@@ -22,9 +22,15 @@ def probe(head: bytes, filename: str) -> int:
 
 
 def open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver:
+    from vdkit.block.secrets import open_option
     from vdkit.formats.vpc.driver import VpcDriver
 
-    return VpcDriver(file)
+    mode = open_option(ctx.filename, "force_size_calc")  # --image-opts/json: (vdkit.cli.options)
+    if mode is not None and mode not in ("chs", "current_size"):
+        from vdkit.errors import OpenError
+
+        raise OpenError(f"Invalid size calculation mode: '{mode}'")
+    return VpcDriver(file, mode)
 
 
 def create_options() -> list[OptDesc]:

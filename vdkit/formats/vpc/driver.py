@@ -46,24 +46,28 @@ def checksum(data: bytes | bytearray, at: int) -> int:
     return ~total & 0xFFFFFFFF
 
 
-def footer_size(footer: bytes) -> int:
+def footer_size(footer: bytes, mode: str | None = None) -> int:
     """Disk size in sectors a footer describes: current size for some creators or the maximum CHS,
-    else the CHS geometry's size (what QEMU 7.2 does for images of other tools)."""
+    else the CHS geometry's size (what QEMU 7.2 does for images of other tools); ``mode``
+    (``force_size_calc``: ``chs`` or ``current_size``) overrides that choice."""
     cyls: int
     heads: int
     spt: int
     cyls, heads, spt = struct.unpack_from(">HBB", footer, 56)
-    if footer[28:32] in SIZE_CREATORS or (cyls, heads, spt) == MAX_CHS:
+    if mode == "chs" and (cyls, heads, spt) != MAX_CHS:  # the maximum geometry always means current size
+        return cyls * heads * spt
+    if mode == "current_size" or footer[28:32] in SIZE_CREATORS or (cyls, heads, spt) == MAX_CHS:
         return int(struct.unpack_from(">Q", footer, 48)[0]) // 512
     return cyls * heads * spt
 
 
 class VpcDriver(FormatDriver):
     format_name = "vpc"
-
-    def __init__(self, file: ImageFile) -> None:
-        super().__init__(file)
     plain_data = True
+
+    def __init__(self, file: ImageFile, size_mode: str | None = None) -> None:
+        super().__init__(file)
+        self.size_mode = size_mode  # the force_size_calc option
         self.footer = b""
         self.fixed = True
         self.block_size = 0
@@ -100,7 +104,7 @@ class VpcDriver(FormatDriver):
         if struct.unpack_from(">I", footer, 64)[0] != checksum(footer, 64):
             raise OpenError("Incorrect header checksum")
         self.footer = footer
-        self.total_sectors = footer_size(footer)
+        self.total_sectors = footer_size(footer, self.size_mode)
         if self.total_sectors > MAX_SECTORS:
             raise OpenError(f"Could not open '{self.file.filename}': File too large", errno=errno.EFBIG)
         self.disk_type = struct.unpack_from(">I", footer, 60)[0]
