@@ -114,6 +114,10 @@ def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Cal
         out[who] = lines
         events[who] = [_event_text(e, d) for e in m.events if e["event"] != "SHUTDOWN"]
     for q, v in zip(out["qemu"], out["vdkit"], strict=True):
+        if v != q:  # the first differing member, readable
+            qs, vs = q.split(", "), v.split(", ")
+            k = next((i for i, (a, b) in enumerate(zip(qs, vs, strict=False)) if a != b), min(len(qs), len(vs)))
+            assert vs[max(0, k - 3):k + 3] == qs[max(0, k - 3):k + 3], q.split("\n")[0]
         assert v == q, q.split("\n")[0]
     assert events["vdkit"] == events["qemu"]
     return trees
@@ -387,3 +391,17 @@ def test_filter_nodes_while_jobs_run(daemons: Daemons) -> None:
         ("block-job-cancel", {"device": "a", "force": True}),
         ("@wait", "a", "null"),
     ])
+
+
+def test_jobs_on_a_snapshot_on_drive(daemons: Daemons) -> None:
+    """snapshot=on: HMP commit writes the temporary overlay into the image; an active commit pivots off it."""
+    trees = run_jobs(daemons, ["-drive", "file=DIR/top.qcow2,if=none,id=disk0,snapshot=on"], [
+        "commit disk0",
+        ("block-commit", {"device": "disk0", "base": "DIR/mid.qcow2", "job-id": "ac"}),
+        ("@wait", "ac", "ready"),
+        ("block-job-complete", {"device": "ac"}),
+        ("@wait", "ac", "null"),
+        ("query-block", None),
+        "info block -n",
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

@@ -88,6 +88,9 @@ class Medium:
     overlay_path: str | None = None
     # the chain index of that overlay (external snapshots put nodes above it)
     overlay_index: int = 0
+    # snapshot=on's cache flags on a medium without the overlay: None = as the drive's option says (a
+    # medium inserted later inherits them), False = its own (a commit pivoted off the overlay)
+    snapshot_flags: bool | None = None
     # the top file node's read-only flag when it differs from ``ro`` (auto-read-only: QEMU opens the
     # file read-write under a format that can only be read)
     file_ro: bool | None = None

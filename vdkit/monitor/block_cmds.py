@@ -88,7 +88,10 @@ def _cache(drive: Drive, medium: Medium, index: int, *, backend: bool) -> Blockd
     """
     c = drive.spec.cache
     # nodes put above the overlay by external snapshots inherit its flags, as QEMU's do
-    snap = (index <= medium.overlay_index) if medium.overlay_path is not None else drive.spec.snapshot
+    if medium.overlay_path is not None:
+        snap = index <= medium.overlay_index
+    else:
+        snap = drive.spec.snapshot if medium.snapshot_flags is None else medium.snapshot_flags
     return BlockdevCacheInfo(writeback=c.writeback if backend else True, direct=c.direct and not snap,
                              no_flush=c.no_flush or snap)
 

@@ -256,22 +256,31 @@ def _chain_changed(machine: DeviceRegistry, medium: Medium, chain: list[Node]) -
             machine.monitor_owned.discard(file_name)
             del medium.names[i]
             del medium.serials[i]
+        if medium.overlay_path is not None:  # a snapshot=on drive: where its temporary overlay is now
+            if medium.overlay_index in gone:
+                medium.overlay_path = None
+                medium.overlay_index = 0
+                medium.snapshot_flags = False  # the nodes left were opened below it: their own flags
+            else:
+                medium.overlay_index -= sum(1 for i in gone if i < medium.overlay_index)
         if gone and gone[0] == 0:  # a pivot: the first remaining node is the drive's root now
             medium.node = chain[gone[-1] + 1]
-            set_ro = medium.node.readonly
-            medium.ro = set_ro
+            medium.ro = medium.node.readonly
         for node in dropped:
             node.backing = None
             try:
                 node.driver.close()
             except OSError:
                 pass
-        for node in medium.node.chain():  # QEMU's filename rule after header changes (json: if they differ)
+        if gone and gone[0] > 0:
+            # the node above the dropped ones had its header rewritten: QEMU's filename rule compares the
+            # name now stored (its auto_backing_file) with the new backing node's filename
+            node = chain[gone[0] - 1]
             below = node.backing
             stored = node.driver.backing_file
-            if below is not None and stored is not None and stored != below.filename:
+            if below is not None and stored != below.filename:
                 node.filename = json_filename(node, describe_node(below))
-            elif node.filename.startswith("json:") and stored is not None and below is not None:
+            elif node.filename.startswith("json:"):
                 node.filename = node.driver.file.filename
         machine._hook_corruption(medium)
         machine.generation += 1
