@@ -160,6 +160,9 @@ def test_mirror_cancel_after_ready(daemons: Daemons, tmp_path: Path, force: bool
                             "auto-dismiss": False})
     p.wait("BLOCK_JOB_READY")
     p.same("block-job-pause", {"device": "mc"})
+    # QEMU's job may still be busy (flushing) when the pause comes: it is in standby only at its next
+    # pause point, and until then a complete would still be accepted
+    p.wait("JOB_STATUS_CHANGE", status="standby")
     p.same("query-block")  # the job's anonymous dirty bitmap, in sync
     p.same("block-job-cancel", {"device": "mc"})
     p.same("block-job-complete", {"device": "mc"})
@@ -440,6 +443,7 @@ def test_backup_bitmap_mode_always_after_cancel(daemons: Daemons, tmp_path: Path
     p.same("drive-backup", {"device": "disk0", "target": "DIR/ba.qcow2", "sync": "full", "bitmap": "bm",
                             "bitmap-mode": "always", "job-id": "ba", "speed": 1})
     p.same("block-job-pause", {"device": "ba"})
+    p.wait("JOB_STATUS_CHANGE", 2, status="paused")  # the start's drain pair, then this pause
     p.same("query-block-jobs")
     p.same("block-job-cancel", {"device": "ba", "force": True})
     p.wait("JOB_STATUS_CHANGE", status="null")
