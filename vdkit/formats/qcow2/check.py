@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,10 +40,13 @@ from vdkit.formats.qcow2.refcount import decode_block, encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 from vdkit.record import replace
 
+TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
-Report = Callable[[str], None]
+    Report = Callable[[str], None]
 
 _U64 = np.uint64
 _BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00

@@ -10,18 +10,18 @@ walk every table of a tree.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
-
 from vdkit.errors import EFBIG, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.layout import ClusterType
+from vdkit.formats.qcow2.cluster_type import ClusterType
 from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.record import cached_property, record
 
+# typing, collections and dataclasses are not imported at run time: snapshot, check, map and create start
+# with this module, and those imports cost more than a small image's whole operation.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.io.file import ImageFile
 
@@ -63,7 +63,7 @@ def _U64(value: int) -> np.uint64:
     return np.uint64(value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Geometry:
     """Cluster arithmetic of one image (no I/O)."""
 
@@ -217,7 +217,7 @@ class L2Cache:
     def __init__(self, file: ImageFile, geom: Geometry, *, cache_bytes: int = 16 * 1024 * 1024) -> None:
         self.file = file
         self.geom = geom
-        self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # least recently used first
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // geom.cluster_size)
         self.depends_on: Callable[[], None] | None = None
@@ -225,7 +225,7 @@ class L2Cache:
     def get(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._tables.get(offset)
         if hit is not None:
-            self._tables.move_to_end(offset)
+            self._tables[offset] = self._tables.pop(offset)  # now the most recently used
             return hit
         if offset % self.geom.cluster_size:
             raise CorruptImageError(f"L2 table offset {offset:#x} unaligned", errno=5)
@@ -246,8 +246,8 @@ class L2Cache:
         self._dirty.discard(offset)
 
     def _insert(self, offset: int, tab: tuple[np.ndarray, np.ndarray]) -> None:
+        self._tables.pop(offset, None)
         self._tables[offset] = tab
-        self._tables.move_to_end(offset)
         while len(self._tables) > self._capacity:
             victim = next(iter(self._tables))
             if victim in self._dirty:
@@ -273,7 +273,7 @@ class L2Cache:
         self._dirty.clear()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Mapping:
     """Where one guest cluster (or subcluster) lives."""
 

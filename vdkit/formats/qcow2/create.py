@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
 from vdkit.formats.qcow2.refcount import RefcountArea
 from vdkit.io.file import ImageFile, remove_new_file
+from vdkit.record import record, replace
 
 DEFAULT_CLUSTER_SIZE = 65536
 MAX_CLUSTER_SIZE = 1 << L.MAX_CLUSTER_BITS
@@ -47,7 +47,7 @@ class ImageTooLargeError(VdkitError):
         super().__init__("File too large", errno=errno.EFBIG)
 
 
-@dataclass
+@record
 class Qcow2CreateOptions:
     """Validated-to-be creation parameters (``BlockdevCreateOptionsQcow2``)."""
 
@@ -308,7 +308,7 @@ class _ImageBuilder:
             self.write(off, refcount_block_bytes(blk, self.refcount_bits))
 
 
-@dataclass
+@record
 class _Plan:
     builder: _ImageBuilder
     header: Qcow2Header
@@ -460,8 +460,6 @@ def create_qcow2(filename: str, o: Qcow2CreateOptions, file: ImageFile | None = 
     try:
         if o.preallocation in ("falloc", "full") and o.data_file is None:
             if f.is_device:
-                from dataclasses import replace
-
                 validate(o)
                 plan_image(replace(o, preallocation="off"))  # the option errors first, as below
                 _device_preflight(f, o)
@@ -494,8 +492,6 @@ def _create_falloc(f: ImageFile, o: Qcow2CreateOptions) -> None:
     replays that growth byte for byte.  The options are first checked on the full-size layout so
     the errors (image too large, ...) stay the ones ``metadata`` gives.
     """
-    from dataclasses import replace
-
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.formats.qcow2.resize import _prealloc_falloc, truncate
 

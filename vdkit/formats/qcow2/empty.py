@@ -14,12 +14,11 @@ unallocated), which keeps snapshots and other referenced structures intact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from vdkit.formats.qcow2 import layout as L
 
+TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
 

@@ -22,11 +22,6 @@ from __future__ import annotations
 import bisect
 import enum
 import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 from vdkit.block.driver import DATA as _DATA_FLAG
 from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
@@ -36,12 +31,19 @@ from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
+from vdkit.record import cached_property, record
 
+TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     import numpy as np
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
+
+    BackingRead = Callable[[int, int], bytes]
+    BackingFill = Callable[[int, memoryview], None]  # fills the view with the backing chain's bytes
 else:
 
     class _LazyNumpy:
@@ -61,9 +63,6 @@ else:
             return getattr(numpy, name)
 
     np = _LazyNumpy()
-
-BackingRead = Callable[[int, int], bytes]
-BackingFill = Callable[[int, memoryview], None]  # fills the view with the backing chain's bytes
 
 
 def _U64(value: int) -> np.uint64:
@@ -100,7 +99,7 @@ class Kind(enum.IntEnum):
 _KIND_FLAGS = {0: _DATA_FLAG, 1: _ZERO_FLAG, 2: 0, 3: _DATA_FLAG, 4: 0}
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Run:
     kind: Kind
     guest: int
@@ -128,7 +127,7 @@ class Qcow2IO:
         self.geom = drv.geometry
         self.cluster_bits = self.geom.cluster_bits
         self.cluster_size = self.geom.cluster_size
-        self._table_runs: OrderedDict[tuple[int, int], tuple[list[Run], list[int]]] = OrderedDict()
+        self._table_runs: dict[tuple[int, int], tuple[list[Run], list[int]]] = {}  # least recently used first
         self._decompressed: tuple[int, bytes] | None = None  # (descriptor, cluster) of the last one
         # (L2 offset, L2 index) -> corruption message of each bad entry seen (Kind.CORRUPT runs)
         self._bad: dict[tuple[int, int], str] = {}
@@ -209,14 +208,14 @@ class Qcow2IO:
         cacheable = l1 is self.active_l1
         hit = self._table_runs.get(key) if cacheable else None
         if hit is not None:
-            self._table_runs.move_to_end(key)
+            self._table_runs[key] = self._table_runs.pop(key)  # now the most recently used
             return hit
         runs = self._compute_table_runs(i1, l1e)
         entry = (runs, [r.guest for r in runs])
         if cacheable:
             self._table_runs[key] = entry
             while len(self._table_runs) > 64:
-                self._table_runs.popitem(last=False)
+                del self._table_runs[next(iter(self._table_runs))]
         return entry
 
     def _compute_table_runs(self, i1: int, l1e: int) -> list[Run]:

@@ -20,17 +20,28 @@ default "cached" mode).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import IntFlag
-from typing import TYPE_CHECKING, Protocol
 
 from vdkit.formats.qcow2 import layout as L
+from vdkit.record import record
 
+TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+    from typing import Protocol
+
     import numpy as np
 
     Table = np.ndarray | Sequence[int]  # table entries: numpy uint64 or plain ints
+
+    class SnapshotL1(Protocol):
+        """What the test needs of a snapshot: where its L1 table is (a snapshot table entry has it)."""
+
+        @property
+        def l1_table_offset(self) -> int: ...
+
+        @property
+        def l1_size(self) -> int: ...
 
 
 class Metadata(IntFlag):
@@ -63,17 +74,7 @@ NAMES: dict[Metadata, str] = {
 }
 
 
-class SnapshotL1(Protocol):
-    """What the test needs of a snapshot: where its L1 table is (a snapshot table entry has it)."""
-
-    @property
-    def l1_table_offset(self) -> int: ...
-
-    @property
-    def l1_size(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class MetadataMap:
     """The metadata a writer holds in memory, as the overlap test sees it.
 

@@ -31,17 +31,16 @@ trees are vectorised.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
 
+TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
     from vdkit.io.file import ImageFile
 
 _WIDE_DTYPES = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}
@@ -234,7 +233,7 @@ class Refcounts:
         # I/O engine's memo of writes that overlap no metadata stays valid while this stands still
         self.changes = 0
         # rt_index -> decoded values; dirty rt indices; LRU order
-        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._blocks: dict[int, np.ndarray] = {}  # least recently used first
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // self.cluster_size)
         # Write ordering: callables to run before our dirty blocks may be written
@@ -266,7 +265,7 @@ class Refcounts:
         """Decoded block ``rt_index`` (cached), or None when it is not allocated."""
         vals = self._blocks.get(rt_index)
         if vals is not None:
-            self._blocks.move_to_end(rt_index)
+            self._blocks[rt_index] = self._blocks.pop(rt_index)  # now the most recently used
             return vals
         off = self.block_offset(rt_index)
         if off == 0:
@@ -279,8 +278,8 @@ class Refcounts:
         return vals
 
     def _insert(self, rt_index: int, vals: np.ndarray) -> None:
+        self._blocks.pop(rt_index, None)
         self._blocks[rt_index] = vals
-        self._blocks.move_to_end(rt_index)
         while len(self._blocks) > self._capacity:
             victim = next(iter(self._blocks))
             if victim in self._dirty:
