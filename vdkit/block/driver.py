@@ -308,7 +308,12 @@ class FormatDriver:
 
     def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
                      unmap: bool = False) -> None:
-        self.write(offset, bytes(length), backing)
+        """Zeros written as data, as QEMU does for formats without a zero-write operation (they
+        allocate), in pieces of at most 1 MiB so that a large request never becomes one large buffer."""
+        step = 1 << 20
+        zeros = bytes(min(step, length))
+        for pos in range(offset, offset + length, step):
+            self.write(pos, zeros[: min(step, offset + length - pos)], backing)
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """``convert -c``: write whole clusters compressed (formats that set SUPPORTS_COMPRESSION)."""

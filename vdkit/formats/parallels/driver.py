@@ -236,12 +236,6 @@ class ParallelsDriver(FormatDriver):
             self.file.pwrite(e * self.mult + intra, view[pos - offset : pos - offset + run])
             pos += run
 
-    def write_zeroes(self, offset: int, length: int, backing: object = None, *, unmap: bool = False) -> None:
-        """Zeros are written like data (QEMU's parallels has no zero clusters), a piece at a time."""
-        step = 1 << 20
-        for pos in range(offset, offset + length, step):
-            self.write(pos, bytes(min(step, offset + length - pos)))
-
     def inspect_issues(self) -> list[tuple[str, str]]:
         """The in-use flag, BAT entries past the end of the file, a BAT that maps less than the disk."""
         issues: list[tuple[str, str]] = []

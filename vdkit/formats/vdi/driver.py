@@ -178,17 +178,6 @@ class VdiDriver(FormatDriver):
         self.blocks_allocated = (new + 1) & 0xFFFFFFFF
         self.file.pwrite(0x184, struct.pack("<I", self.blocks_allocated))
 
-    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
-                     unmap: bool = False) -> None:
-        # QEMU's vdi has no zero-write operation: zeros are written as data (allocating blocks)
-        step = BLOCK_SIZE
-        zeros = bytes(min(step, length))
-        pos = 0
-        while pos < length:
-            n = min(step, length - pos)
-            self.write(offset + pos, zeros[:n])
-            pos += n
-
     def flush(self) -> None:
         self.file.flush()
 

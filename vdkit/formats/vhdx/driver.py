@@ -409,16 +409,6 @@ class VhdxDriver(FormatDriver):
                 self._commit_bat(block, entry)
             pos += k
 
-    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
-                     unmap: bool = False) -> None:
-        """QEMU 7.2's vhdx has no zero-write slot: zeros are written as data (allocating blocks),
-        in pieces of at most 1 MiB so that a large request does not become one large buffer."""
-        pos = 0
-        while pos < length:
-            k = min(L.MiB, length - pos)
-            self.write(offset + pos, bytes(k))
-            pos += k
-
     def _allocate(self, block: int) -> int:
         """A new block at the end of the file (rounded up to 1 MiB); the file grows by a whole block."""
         new = -(-self.file.size() // L.MiB) * L.MiB

@@ -298,16 +298,5 @@ class VpcDriver(FormatDriver):
         self.free_offset = end
         return start + self.bitmap_size
 
-    def write_zeroes(self, offset: int, length: int, backing: Callable[[int, int], bytes] | None = None, *,
-                     unmap: bool = False) -> None:
-        # QEMU's vpc has no zero-write operation: zeros are written as data (allocating blocks)
-        step = 1 << 20
-        zeros = bytes(min(step, length))
-        pos = 0
-        while pos < length:
-            n = min(step, length - pos)
-            self.write(offset + pos, zeros[:n])
-            pos += n
-
     def flush(self) -> None:
         self.file.flush()
