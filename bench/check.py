@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Benchmark ``check`` on a 1 TiB qcow2 image with 100k allocated clusters, against qemu-img.
+"""Benchmark ``check`` against qemu-img: time, CPU and max RSS of whole processes (issue 14's figures).
 
-The image is built directly (header, L1, 2048 L2 tables, refcount blocks)
-with data clusters that are never written, so the file is sparse and takes
-a few hundred MiB of real disk at most; ``qemu-img check`` is run first to
-prove the image is consistent.  Guest clusters are spread evenly over the
-whole disk so every L2 table is used.  Both tools run as whole processes,
-alternately, and the median times and their ratio are printed (target:
-vdkit within 2x of qemu-img, i.e. ratio <= 2).
+Cases:
+* a 1 GiB image with 320 MiB of data written by qemu-io (the issue's small case: a check that
+  should cost little more than starting the interpreter);
+* a 1 TiB image with 100k allocated clusters, built directly (header, L1, 2048 L2 tables,
+  refcount blocks) with data clusters that are never written, so the file is sparse; guest
+  clusters are spread evenly over the disk so every L2 table is used.
+``qemu-img check`` runs first on each to prove the image consistent, and the outputs must be equal.
+Samples of qemu-img, vdkit-img and a bare ``python -c pass`` of the same interpreter are
+interleaved (``bench/harness.py``; ``--rounds`` idle and with one core kept busy).  Targets:
+time <= 2x qemu-img's + one interpreter start; max RSS <= 2x qemu-img's + the bare interpreter's.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness as h
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from vdkit.formats.qcow2 import layout as L  # noqa: E402
-from vdkit.formats.qcow2.header import Qcow2Header, serialize_header  # noqa: E402
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
 
 CLUSTER_BITS = 16
 CS = 1 << CLUSTER_BITS
@@ -81,10 +82,14 @@ def build_image(path: Path, size: int = 1 << 40, nb_data: int = 100_000) -> None
         f.truncate(total * CS)
 
 
-def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess[bytes]]:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True)
-    return time.perf_counter() - t0, p
+def build_data_image(path: Path, size_mib: int = 1024, data_mib: int = 320) -> None:
+    """qemu-img's image with ``data_mib`` of data in 32 MiB runs spread over the disk (several L2 tables)."""
+    subprocess.run([h.tool("qemu-img"), "create", "-q", "-f", "qcow2", str(path), f"{size_mib}M"], check=True)
+    step = size_mib // (data_mib // 32)
+    cmds: list[str] = []
+    for i in range(data_mib // 32):
+        cmds += ["-c", f"write -P {i % 250 + 1} {i * step}M 32M"]
+    subprocess.run([h.tool("qemu-io"), *cmds, str(path)], check=True, stdout=subprocess.DEVNULL)
 
 
 def _in_process(img: Path) -> float:
@@ -97,34 +102,44 @@ def _in_process(img: Path) -> float:
         return time.perf_counter() - t0
 
 
+def bench(label: str, img: Path, rounds: str, repeat: int) -> bool:
+    qi, vd = h.tool("qemu-img"), h.vdkit_bin()
+    q_out = subprocess.run([qi, "check", str(img)], capture_output=True).stdout
+    v_run = subprocess.run([*vd, "check", str(img)], capture_output=True)
+    if v_run.returncode != 0 or q_out != v_run.stdout:
+        print(f"{label}: outputs differ:\n", q_out.decode(), "\n---\n", v_run.stdout.decode(), v_run.stderr.decode())
+        return False
+    print(f"{label}: {q_out.decode().strip().splitlines()[0]}")
+    for rnd in h.rounds(rounds):
+        q = h.Case("qemu-img", [qi, "check", str(img)])
+        v = h.Case("vdkit", [*vd, "check", str(img)])
+        bare = h.Case("python", [sys.executable, "-c", "pass"])
+        h.interleave([q, v, bare], repeat)
+        print(f"  [{rnd}] " + h.ratio_line("check", q, v), flush=True)
+        t_q, t_v, t_b = h.med(q.samples), h.med(v.samples), h.med(bare.samples)
+        r_q, r_v, r_b = (h.med(c.samples, "rss") / 1024 for c in (q, v, bare))
+        print(f"  [{rnd}] bare python {t_b * 1e3:.1f} ms, {r_b:.0f} MB: time target {(2 * t_q + t_b) * 1e3:.1f} ms "
+              f"({'met' if t_v <= 2 * t_q + t_b else 'NOT met'}), max RSS target {2 * r_q + r_b:.0f} MB "
+              f"({'met' if r_v <= 2 * r_q + r_b else 'NOT met'})", flush=True)
+    lib = statistics.median(_in_process(img) for _ in range(repeat))
+    print(f"  in-process check(): {lib * 1e3:.1f} ms (no interpreter start)")
+    return True
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--clusters", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clusters", type=int, default=100_000, help="allocated clusters of the 1 TiB image")
+    h.add_common_args(ap, repeat=7)
     args = ap.parse_args()
+    print(h.install_note(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        img = Path(tmp) / "big.qcow2"
-        build_image(img, nb_data=args.clusters)
-        q_times, v_times = [], []
-        q_out = v_out = b""
-        for _ in range(args.repeat):
-            t, p = timed(["qemu-img", "check", str(img)])
-            q_times.append(t)
-            q_out = p.stdout
-            t, p = timed([sys.executable, "-m", "vdkit.cli.main", "check", str(img)])
-            v_times.append(t)
-            v_out = p.stdout
-        if p.returncode != 0 or q_out != v_out:
-            print("outputs differ:\n", q_out.decode(), "\n---\n", v_out.decode(), p.stderr.decode())
-            return 1
-        q, v = statistics.median(q_times), statistics.median(v_times)
-        lib = statistics.median(_in_process(img) for _ in range(args.repeat))
-        print(q_out.decode().rstrip())
-        print(f"qemu-img check: {q * 1000:.0f} ms   vdkit-img check: {v * 1000:.0f} ms   "
-              f"ratio vdkit/qemu = {v / q:.2f} (target <= 2)")
-        print(f"in-process vdkit check(): {lib * 1000:.0f} ms   ratio to qemu-img = {lib / q:.2f} "
-              "(the CLI adds interpreter and numpy start-up)")
-    return 0
+        small = Path(tmp) / "small.qcow2"
+        build_data_image(small)
+        big = Path(tmp) / "big.qcow2"
+        build_image(big, nb_data=args.clusters)
+        ok = bench("1 GiB, 320 MiB data", small, args.rounds, args.repeat)
+        ok = bench(f"1 TiB, {args.clusters} clusters", big, args.rounds, args.repeat) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
