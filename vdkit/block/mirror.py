@@ -96,6 +96,8 @@ class MirrorJob(JobDriver):
         self.cursor = 0
         self.pivoted = False
         self._job: Job | None = None
+        # the monitor's record of the target's node names while the job holds it (it lists them)
+        self.listed_target: object | None = None
 
     def nodes(self) -> list[Node]:
         return [self.source]
@@ -192,6 +194,7 @@ class MirrorJob(JobDriver):
             self.pivoted = True
 
     def clean(self, job: Job) -> None:
+        self.listed_target = None
         src = self.source
         bitmaps = src.driver.dirty_bitmaps or []
         if self.bitmap in bitmaps:

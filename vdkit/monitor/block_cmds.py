@@ -229,7 +229,7 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
         if drive.id not in states:
             states[drive.id] = _files_state(drive)
         key = (machine.generation, states[drive.id])
-        slot = ("node", drive.id, i, kind, flat)
+        slot = ("node", drive.id, medium is drive.medium, i, kind, flat)  # (a job's target: not the drive's)
         cached = machine.render_cache.get(slot)
         if cached is None or cached[0] != key:
             cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat, machine.jobs))))
@@ -307,6 +307,11 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
             i = next((i for i, n in enumerate(chain) if n is f.below), -1)
             if i >= 0:
                 out.append((f.serial, drive, medium, i, "filter"))
+        for job in ctx.machine.jobs.jobs:  # a mirror's or backup's target, named while the job holds it
+            target = getattr(job.driver, "listed_target", None)
+            if target is not None and any(n is job.driver.nodes()[0] for n in chain):
+                out.append((target.serials[0][0], drive, target, 0, "fmt"))
+                out.append((target.serials[0][1], drive, target, 0, "file"))
     return out
 
 

@@ -93,13 +93,18 @@ def _create(path: str, fmt: str, size: int, backing: Node | None) -> None:
 
 
 def _open_target(path: str, fmt: str | None) -> Node:
+    """The target, without its backing file: a header that names one makes it QEMU's ``json:`` name."""
     from vdkit.block.node import open_image
+    from vdkit.devices.graph import json_filename
     from vdkit.monitor.block_cmds import open_error
 
     try:
-        return open_image(path, fmt, readonly=False, backing=False)
+        node = open_image(path, fmt, readonly=False, backing=False)
     except VdkitError as exc:
         raise open_error(exc) from exc
+    if node.driver.backing_file is not None:
+        node.filename = json_filename(node, None)
+    return node
 
 
 def _claim_target_names(machine: DeviceRegistry, node_name: str | None) -> tuple[str, str, int, int]:
@@ -158,6 +163,8 @@ def _pivot(machine: DeviceRegistry, drive: Drive, medium: Medium, target: Node, 
     stored = target.driver.backing_file
     if target.backing is not None and stored != target.backing.filename:
         target.filename = json_filename(target, describe_node(target.backing))
+    elif target.backing is not None or stored is None:
+        target.filename = target.driver.file.filename  # the graph is what the header says: the plain name
     medium.node = target
     medium.names = new_names
     medium.serials = new_serials
@@ -191,7 +198,7 @@ def _mirror_common_checks(args: dict[str, Any]) -> tuple[int, int]:
 
 def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
                   sync: str, zero_target: bool, keeps_backing: bool, pivot: Any, release: Any,
-                  target_unmaps: bool = False) -> None:
+                  target_unmaps: bool = False, names: tuple[str, str, int, int] | None = None) -> None:
     from vdkit.block.dirty_bitmap import default_granularity
     from vdkit.block.mirror import DEFAULT_BUF_SIZE, MirrorJob
 
@@ -213,9 +220,18 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
                            keeps_backing=keeps_backing,
                            on_source_error=args.get("on-source-error", "report"),
                            on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release)
+    if names is not None:  # drive-mirror's target nodes are named (listed) while the job holds them
+        from vdkit.devices.registry import Medium
+
+        job_driver.listed_target = Medium(target, [(names[0], names[1])], False, [(names[2], names[3])])
+    from vdkit.block.jobs import JobFilter
+
     job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
                               auto_finalize=args.get("auto-finalize", True),
                               auto_dismiss=args.get("auto-dismiss", True))
+    # the mirror_top filter QEMU puts above the source (listed while the job lives; no I/O goes through it)
+    job_driver.filter = JobFilter("mirror_top", source, ro=False, name=machine.auto_name(),
+                                  serial=machine.next_serial())
     job.start()
 
 
@@ -262,7 +278,7 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
 
     try:
         _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full" and existing,
-                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release)
+                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release, names=names)
     except BaseException:
         release(False)
         raise
