@@ -405,3 +405,41 @@ def test_jobs_on_a_snapshot_on_drive(daemons: Daemons) -> None:
         "info block -n",
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+BLOCKDEV = [
+    "-blockdev", "driver=file,node-name=f-base,filename=DIR/base.qcow2",
+    "-blockdev", "driver=qcow2,node-name=n-base,file=f-base,read-only=on",
+    "-blockdev", "driver=file,node-name=f-ro,filename=DIR/other.qcow2,read-only=on",
+    "-blockdev", "driver=qcow2,node-name=n-ro,file=f-ro,read-only=on",
+    "-blockdev", "driver=qcow2,node-name=n-ov,file.driver=file,file.filename=DIR/spare.qcow2,backing=n-ro",
+    "-blockdev", "driver=qcow2,node-name=n-mid,file.driver=file,file.filename=DIR/mid.qcow2,backing=n-base",
+    "-blockdev", "driver=qcow2,node-name=n-top,file.driver=file,file.filename=DIR/top.qcow2,backing=n-mid",
+]
+
+
+def test_jobs_on_blockdev_nodes(daemons: Daemons) -> None:
+    """§4.3: jobs on -blockdev chains (node names, no backend: an explicit job-id is needed)."""
+    trees = run_jobs(daemons, BLOCKDEV, [
+        ("block-commit", {"device": "n-top", "top-node": "n-top", "base-node": "n-mid"}),
+        ("block-commit", {"device": "n-mid", "job-id": "x"}),
+        ("block-commit", {"device": "n-ov", "job-id": "ro"}),
+        ("block-commit", {"device": "n-top", "top-node": "n-top", "base-node": "n-mid", "job-id": "ac"}),
+        ("@wait", "ac", "ready"),
+        ("query-block-jobs", None),
+        ("block-stream", {"device": "n-top", "job-id": "s"}),
+        ("blockdev-del", {"node-name": "n-top"}),
+        ("block-job-complete", {"device": "ac"}),
+        ("@wait", "ac", "null"),
+        "info block -n",
+        ("block-stream", {"device": "n-top", "base-node": "n-base", "job-id": "s", "speed": 1}),
+        ("block-job-pause", {"device": "s"}),
+        ("@wait", "s", "paused"),
+        HELD,
+        ("block-job-set-speed", {"device": "s", "speed": 0}),
+        ("block-job-resume", {"device": "s"}),
+        ("@wait", "s", "null"),
+        "info block -n",
+        ("query-named-block-nodes", {"flat": True}),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

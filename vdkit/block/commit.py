@@ -113,8 +113,11 @@ class CommitJob(JobDriver):
     job_type = "commit"
 
     def __init__(self, chain: list[Node], top: int, base: int, backing_file: str | None,
-                 chain_changed: Callable[[list[Node]], None], *, base_was_ro: bool) -> None:
+                 chain_changed: Callable[[list[Node]], None], *, base_was_ro: bool,
+                 reopen: Callable[[int, bool], None] | None = None) -> None:
+        """``reopen(i, ro)`` reopens ``chain[i]`` (default: :func:`vdkit.block.jobs.reopen_node`)."""
         self.chain = chain
+        self._reopen = reopen or self._reopen_node
         self.top_index = top
         self.base_index = base
         self.backing_file = backing_file
@@ -124,6 +127,11 @@ class CommitJob(JobDriver):
         self.pivot = False
         self.bitmap: DirtyBitmap | None = None
         self._job: Job | None = None
+
+    def _reopen_node(self, index: int, ro: bool) -> None:
+        from vdkit.block.jobs import reopen_node
+
+        reopen_node(self.chain[index], readonly=ro)
 
     @property
     def top(self) -> Node:
@@ -207,8 +215,6 @@ class CommitJob(JobDriver):
             self.pivot = True
 
     def prepare(self, job: Job) -> None:
-        from vdkit.block.jobs import reopen_node
-
         if self.active:
             self._detach()
             if self.pivot:
@@ -217,12 +223,12 @@ class CommitJob(JobDriver):
         overlay = self.chain[self.top_index - 1]
         ro = overlay.readonly
         if ro:
-            reopen_node(overlay, readonly=False)
+            self._reopen(self.top_index - 1, False)
         try:
             overlay.driver.change_backing_file(self.backing_file or self.base.filename, self.base.format)
         finally:
             if ro:
-                reopen_node(overlay, readonly=True)
+                self._reopen(self.top_index - 1, True)
         overlay.backing = self.base
         self.chain_changed(self.chain[self.top_index:self.base_index])
 
@@ -236,13 +242,11 @@ class CommitJob(JobDriver):
             top.before_write.remove(self._kick)
 
     def clean(self, job: Job) -> None:
-        from vdkit.block.jobs import reopen_node
-
         self._detach()
 
         if self.base_was_ro and not (self.active and self.pivot):
             try:
-                reopen_node(self.base, readonly=True)
+                self._reopen(self.base_index, True)
             except (OSError, VdkitError):
                 pass  # it stays writable: still correct, only the lock is wider than QEMU's
 

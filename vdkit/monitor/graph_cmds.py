@@ -249,6 +249,9 @@ def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
         if g is not None:
             raise VdkitError(f"Node {name} is not owned by the monitor")
         raise VdkitError(f"Failed to find node with node-name='{name}'")
+    job = machine.jobs.job_on(g.node) if g.node is not None else None
+    if job is not None:  # the job's op blocker is the newest: QEMU reports it first
+        raise VdkitError(f"Node '{name}' is busy: block device is in use by block job: {job.type}")
     parents = machine.graph.parents_of(g)
     for p, role in parents:
         if role == "backing":

@@ -19,6 +19,7 @@ from vdkit.record import record
 if TYPE_CHECKING:
     from vdkit.block.jobs import Job, JobDriver
     from vdkit.block.node import Node
+    from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
     from vdkit.monitor.commands import CommandContext, CommandRegistry
 
@@ -178,24 +179,6 @@ def _medium(drive: Drive) -> Medium:
     return drive.medium
 
 
-def node_label(drive: Drive, index: int) -> str:
-    """QEMU's device-or-node name: the backend's name for its root, else the node name."""
-    assert drive.medium is not None
-    return drive.id if index == 0 else drive.medium.names[index][0]
-
-
-def check_busy(machine: DeviceRegistry, drive: Drive, nodes: list[Node]) -> None:
-    """QEMU's op blocker: a node a job works on is busy (``Node 'x' is busy: ...``)."""
-    assert drive.medium is not None
-    chain = list(drive.medium.node.chain())
-    for node in nodes:
-        job = machine.jobs.job_on(node)
-        if job is not None:
-            index = next(i for i, n in enumerate(chain) if n is node)
-            raise VdkitError(f"Node '{node_label(drive, index)}' is busy: block device is in use by block job: "
-                             f"{job.type}")
-
-
 def check_root_busy(machine: DeviceRegistry, drive: Drive, *, drain: bool = False) -> None:
     """Eject, change and external snapshots refuse a drive whose root a job works on (§8).
 
@@ -306,8 +289,164 @@ def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[s
     return job
 
 
+class JobChain:
+    """The chain a job works on, wherever it lives: a drive's medium or ``-blockdev`` graph nodes.
+
+    ``nodes`` top first; ``names`` their node names; ``label(i)`` the name
+    QEMU's messages use (the backend name for a drive's root);
+    ``default_id`` the job-id when none is given (a drive's name, else
+    empty: QEMU then says ``Invalid job ID ''``); ``changed(dropped)`` the
+    bookkeeping after a job changed the chain; ``reopen(i, ro)`` reopens one
+    node read-write or read-only; ``is_root`` whether ``nodes[0]`` has no
+    parent (a drive's root, a graph node nothing uses).
+    """
+
+    def __init__(self, nodes: list[Node], names: list[str], labels: list[str], default_id: str, top_ro: bool,
+                 is_root: bool, changed: Any, reopen: Any) -> None:
+        self.nodes = nodes
+        self.names = names
+        self.labels = labels
+        self.default_id = default_id
+        self.top_ro = top_ro
+        self.is_root = is_root
+        self.changed = changed
+        self.reopen = reopen
+
+    def label(self, index: int) -> str:
+        return self.labels[index]
+
+    def index_of(self, name: str) -> int | None:
+        return next((i for i, n in enumerate(self.names) if n == name), None)
+
+
+def _drive_chain(machine: DeviceRegistry, drive: Drive) -> JobChain:
+    from vdkit.block.jobs import reopen_node
+
+    medium = _medium(drive)
+    nodes = list(medium.node.chain())
+    names = [fmt for fmt, _file in medium.names]
+    labels = [drive.id, *names[1:]]
+    return JobChain(nodes, names, labels, drive.id, medium.ro, True, _chain_changed(machine, medium, nodes),
+                    lambda i, ro: reopen_node(nodes[i], readonly=ro))
+
+
+def _graph_chain(machine: DeviceRegistry, g: GraphNode) -> JobChain:
+    gchain: list[GraphNode] = []
+    cur: GraphNode | None = g
+    while cur is not None and cur.node is not None:
+        gchain.append(cur)
+        cur = cur.backing
+    nodes = [x.node for x in gchain if x.node is not None]
+    names = [x.name for x in gchain]
+    return JobChain(nodes, names, names, "", g.ro, not machine.graph.parents_of(g),
+                    _graph_changed(machine, gchain), lambda i, ro: _reopen_graph(gchain[i], ro))
+
+
+def _lookup_chain(machine: DeviceRegistry, name: str) -> tuple[JobChain, int] | None:
+    """``device`` as QEMU's bdrv_lookup_bs finds it: a backend name, else a node name; (chain, index)."""
+    found = _find_device(machine, name)
+    if found is not None:
+        drive, index = found
+        return _drive_chain(machine, drive), index
+    g = machine.graph.find(name)
+    if g is not None and g.node is not None:
+        return _graph_chain(machine, g), 0
+    return None
+
+
+def _node_exists(machine: DeviceRegistry, name: str) -> bool:
+    return _find_device(machine, name) is not None or machine.graph.find(name) is not None
+
+
+def _check_chain_busy(machine: DeviceRegistry, chain: JobChain, indices: range) -> None:
+    for i in indices:
+        job = machine.jobs.job_on(chain.nodes[i])
+        if job is not None:
+            raise VdkitError(f"Node '{chain.label(i)}' is busy: block device is in use by block job: {job.type}")
+
+
+def _reopen_graph(g: GraphNode, ro: bool) -> None:
+    """Reopen a graph format node read-write (or read-only again); an inline file node goes with it.
+
+    A file node added by reference stays as it is: a read-only one cannot
+    give a writer (``Block node is read-only``, as QEMU); a writable one
+    only gets its format layer reopened.
+    """
+    import os
+
+    from vdkit.block.driver import OpenContext
+    from vdkit.devices.graph import _BorrowedFile
+    from vdkit.formats import registry as formats
+    from vdkit.io.file import ImageFile
+
+    node, child = g.node, g.child
+    assert node is not None and child is not None and child.file is not None
+    if node.readonly == ro:
+        return
+    if not child.implicit and child.ro and not ro:
+        raise VdkitError("Block node is read-only")
+    own_file = child.implicit
+    path = child.file.filename
+    st = os.fstat(child.file.fd)
+    hook = node.driver.corruption_hook
+
+    def open_as(mode: bool) -> None:
+        f = ImageFile(path, readonly=mode) if own_file else child.file
+        assert f is not None
+        try:
+            nst = os.fstat(f.fd)
+            if (nst.st_dev, nst.st_ino) != (st.st_dev, st.st_ino):
+                raise VdkitError(f"Could not reopen '{path}': the file was replaced")
+            ctx = OpenContext(path, readonly=mode)
+            drv = formats.open_driver(g.driver, _BorrowedFile(f), ctx)
+            drv.open_children(ctx)
+        except BaseException:
+            if own_file:
+                f.close()
+            raise
+        drv.corruption_hook = hook
+        if own_file:
+            child.file, child.ro = f, mode
+        node.driver, node.readonly, g.ro = drv, mode, mode
+
+    node.driver.close()
+    if own_file:
+        child.file.close()
+    try:
+        open_as(ro)
+    except BaseException:
+        open_as(node.readonly)
+        raise
+
+
+def _graph_changed(machine: DeviceRegistry, gchain: list[GraphNode]) -> Any:
+    """Bookkeeping after a job changed a graph chain: the node above the dropped ones gets the new backing
+    (QEMU's filename rule), dropped nodes opened from headers are deleted, the user's stay."""
+
+    def changed(dropped: list[Node]) -> None:
+        from vdkit.devices.graph import delete_node, refresh_filename
+
+        gone = [i for i, g in enumerate(gchain) if any(g.node is d for d in dropped)]
+        if gone and gone[0] > 0:
+            above = gchain[gone[0] - 1]
+            below = gchain[gone[-1] + 1] if gone[-1] + 1 < len(gchain) else None
+            above.backing, above.backing_override = below, True
+            refresh_filename(above)
+            for i in gone:
+                g = gchain[i]
+                if g.implicit and not machine.graph.parents_of(g):
+                    delete_node(machine, g)
+        machine.generation += 1
+
+    return changed
+
+
+def _job_id(chain: JobChain, args: dict[str, Any]) -> str:
+    return str(args.get("job-id", chain.default_id))
+
+
 def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
-    """``block-stream`` (``block-jobs.md`` §5) on a drive's chain."""
+    """``block-stream`` (``block-jobs.md`` §5) on a drive's chain or a ``-blockdev`` chain."""
     from vdkit.block.stream import StreamJob
 
     machine = ctx.machine
@@ -319,108 +458,104 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
         raise VdkitError("'base' and 'bottom' cannot be specified at the same time")
     if bottom is not None and base_node is not None:
         raise VdkitError("'bottom' and 'base-node' cannot be specified at the same time")
-    found = _find_device(machine, device)
+    found = _lookup_chain(machine, device)
     if found is None:
         raise VdkitError(f"Cannot find device='{device}' nor node-name='{device}'")
-    drive, index = found
-    medium = _medium(drive)
-    if index:
+    chain, index = found
+    if index or not chain.is_root:
         raise VdkitError("Streaming into a backing node is not supported by vdkit")
-    chain = list(medium.node.chain())
+    nodes = chain.nodes
     base_index: int | None = None
     if base is not None:
-        base_index = find_backing_image(chain, 0, base)
+        base_index = find_backing_image(nodes, 0, base)
         if base_index is None:
             raise VdkitError(f"Can't find '{base}' in the backing chain")
     if base_node is not None:
-        hit = _find_device(machine, base_node)
-        if hit is None:
+        hit = chain.index_of(base_node)
+        if hit is None and not _node_exists(machine, base_node):
             raise VdkitError(f"Cannot find device='' nor node-name='{base_node}'")
-        if hit[0] is not drive or hit[1] == 0:
+        if not hit:
             raise VdkitError(f"Node '{base_node}' is not a backing image of '{device}'")
-        base_index = hit[1]
+        base_index = hit
     if bottom is not None:
-        hit = _find_device(machine, bottom)
-        if hit is None:
+        hit = chain.index_of(bottom)
+        if hit is None and not _node_exists(machine, bottom):
             raise VdkitError(f"Cannot find device='' nor node-name='{bottom}'")
-        if hit[0] is not drive:
+        if hit is None:
             raise VdkitError(f"Node '{bottom}' is not in a chain starting from '{device}'")
-        base_index = hit[1] + 1 if hit[1] + 1 < len(chain) else None
-    check_busy(machine, drive, chain[:len(chain) if base_index is None else base_index])
+        base_index = hit + 1 if hit + 1 < len(nodes) else None
+    _check_chain_busy(machine, chain, range(len(nodes) if base_index is None else base_index))
     if base_index is None and args.get("backing-file") is not None:
         raise VdkitError("backing file specified, but streaming the entire chain")
-    if medium.ro:
+    if chain.top_ro:
         raise VdkitError("Block node is read-only")
-    driver = StreamJob(chain, base_index, args.get("backing-file"), _chain_changed(machine, medium, chain))
-    _start(machine, args.get("job-id", drive.id), driver, args, filter=("copy-on-read", chain[0], False))
+    driver = StreamJob(nodes, base_index, args.get("backing-file"), chain.changed)
+    _start(machine, _job_id(chain, args), driver, args, filter=("copy-on-read", nodes[0], False))
 
 
 def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
     """``block-commit`` (``block-jobs.md`` §4): intermediate (top below the root) or active."""
     from vdkit.block.commit import CommitJob
-    from vdkit.block.jobs import reopen_node
     from vdkit.errors import DeviceNotFoundError
 
     machine = ctx.machine
     device = args["device"]
-    found = _find_device(machine, device)
+    found = _lookup_chain(machine, device)
     if found is None:
         raise DeviceNotFoundError(f"Device '{device}' not found")
-    drive, index = found
-    if index or (drive.medium is not None and machine.jobs.job_on(drive.medium.node) is not None):
+    chain, index = found
+    nodes = chain.nodes
+    if index or not chain.is_root or machine.jobs.job_on(nodes[0]) is not None:
         raise VdkitError("Need a root block node")
-    medium = _medium(drive)
-    chain = list(medium.node.chain())
     top_arg, top_node = args.get("top"), args.get("top-node")
     base_arg, base_node = args.get("base"), args.get("base-node")
     top_index: int | None = 0
     if top_arg is not None and top_node is not None:
         raise VdkitError("'top-node' and 'top' are mutually exclusive")
     if top_node is not None:
-        hit = _find_device(machine, top_node)
-        if hit is None:
-            raise VdkitError(f"Cannot find device='' nor node-name='{top_node}'")
-        if hit[0] is not drive:
+        top_index = chain.index_of(top_node)
+        if top_index is None:
+            if not _node_exists(machine, top_node):
+                raise VdkitError(f"Cannot find device='' nor node-name='{top_node}'")
             raise VdkitError(f"'{top_node}' is not in this backing file chain")
-        top_index = hit[1]
-    elif top_arg is not None and top_arg != chain[0].filename:
-        top_index = find_backing_image(chain, 0, top_arg)
+    elif top_arg is not None and top_arg != nodes[0].filename:
+        top_index = find_backing_image(nodes, 0, top_arg)
     if top_index is None:
         raise VdkitError(f"Top image file {top_arg} not found")
     if base_arg is not None and base_node is not None:
         raise VdkitError("'base-node' and 'base' are mutually exclusive")
     if base_node is not None:
-        hit = _find_device(machine, base_node)
-        if hit is None:
+        hit = chain.index_of(base_node)
+        if hit is None and not _node_exists(machine, base_node):
             raise VdkitError(f"Cannot find device='' nor node-name='{base_node}'")
-        if hit[0] is not drive or hit[1] < top_index:
+        if hit is None or hit < top_index:
             raise VdkitError(f"'{base_node}' is not in this backing file chain")
-        base_index = hit[1]
+        base_index = hit
     elif base_arg is not None:
-        found_base = find_backing_image(chain, top_index, base_arg)
+        found_base = find_backing_image(nodes, top_index, base_arg)
         if found_base is None:
             raise VdkitError(f"Can't find '{base_arg}' in the backing chain")
         base_index = found_base
     else:
-        base_index = len(chain) - 1
-    check_busy(machine, drive, chain[top_index:base_index + 1])
+        base_index = len(nodes) - 1
+    _check_chain_busy(machine, chain, range(top_index, base_index + 1))
     if top_index == base_index:
         raise VdkitError("cannot commit an image into itself")
     if top_index == 0 and args.get("backing-file") is not None:
         raise VdkitError("'backing-file' specified, but 'top' is the active layer")
-    base = chain[base_index]
+    base = nodes[base_index]
     base_was_ro = base.readonly
     if base_was_ro:
-        reopen_node(base, readonly=False)
+        chain.reopen(base_index, False)
     try:
-        driver = CommitJob(chain, top_index, base_index, args.get("backing-file"),
-                           _chain_changed(machine, medium, chain), base_was_ro=base_was_ro)
-        below = chain[top_index]
-        _start(machine, args.get("job-id", drive.id), driver, args,
+        driver = CommitJob(nodes, top_index, base_index, args.get("backing-file"), chain.changed,
+                           base_was_ro=base_was_ro, reopen=chain.reopen)
+        below = nodes[top_index]
+        _start(machine, _job_id(chain, args), driver, args,
                filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True))
     except BaseException:
         if base_was_ro:
-            reopen_node(base, readonly=True)
+            chain.reopen(base_index, True)
         raise
 
 
