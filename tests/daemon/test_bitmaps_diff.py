@@ -236,3 +236,33 @@ def _set_in_use(img: Path, name: str) -> None:
         p += (24 + nsize + esize + 7) & ~7
     img.write_bytes(bytes(raw))
 
+
+
+def test_killed_daemon_leaves_bitmaps_in_use_never_wrong(daemons: Daemons, tmp_path: Path) -> None:
+    """SIGKILL while a persistent bitmap records: the image stays clean for qemu-img check, the bitmap is
+    marked in use (QEMU then loads it as inconsistent rather than trusting stale bits), and vdkit-img
+    info says what qemu-img info says."""
+    from tests.conftest import vdkit_img
+
+    d = tmp_path / "v"
+    d.mkdir()
+    img = d / "a.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(img), "4M").returncode == 0
+    proc, path, _ = daemons.vdkit(["-drive", f"file={img},if=none,id=disk0"], d)
+    m = daemons.monitor(path).negotiate()
+    assert m.cmd("block-dirty-bitmap-add", {"node": "disk0", "name": "kept", "persistent": True}) == {"return": {}}
+    sock = short_sock("n.sock")
+    assert m.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
+    assert m.cmd("nbd-server-add", {"device": "disk0", "writable": True}) == {"return": {}}
+    assert qemu_io("-f", "raw", "-c", "write -P 0x61 0 128k", f"nbd+unix:///disk0?socket={sock}").returncode == 0
+    m.send_raw(b'{"execute": "quit"}')  # stores "kept"; the next run marks it in use again
+    proc.wait(timeout=60)
+    daemons.procs.clear()
+    proc, path, _ = daemons.vdkit(["-drive", f"file={img},if=none,id=disk0"], d)
+    daemons.monitor(path).negotiate()
+    proc.kill()
+    proc.wait(timeout=60)
+    r = qemu_img("check", str(img))
+    assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
+    q, v = qemu_img("info", str(img)), vdkit_img("info", str(img))
+    assert "in-use" in q.stdout and (v.returncode, v.stdout) == (q.returncode, q.stdout)

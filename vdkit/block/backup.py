@@ -65,7 +65,8 @@ class BackupJob(JobDriver):
         self.size = source.size
 
     def nodes(self) -> list[Node]:
-        return [self.source]
+        """The source (its root is held) and the target (not to be deleted under the job)."""
+        return [self.source, self.target]
 
     def attach(self, job: Job) -> None:
         """The job exists: freeze the user bitmap, fill the copy bitmap, hook the source's writes.

@@ -100,7 +100,8 @@ class MirrorJob(JobDriver):
         self.listed_target: object | None = None
 
     def nodes(self) -> list[Node]:
-        return [self.source]
+        """The source (its root is held) and the target (not to be deleted under the job)."""
+        return [self.source, self.target]
 
     # -- the work --------------------------------------------------------------------------------
     def _kick(self, offset: int, length: int) -> None:
