@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vdkit.block.jobs import Job, JobDriver, JobList, Status
 from vdkit.errors import VdkitError
@@ -194,3 +196,73 @@ def test_failure_and_id_rules() -> None:
             rig.jobs.create("j", FakeDriver(1))
         a.cancel(force=True)  # never started: it ends at once
     assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+
+VERB_NAMES = ("pause", "resume", "cancel", "cancel-force", "complete", "speed0", "speed1", "drain", "finalize",
+              "dismiss")
+
+
+@settings(max_examples=60, deadline=None)
+@given(ready=st.booleans(), auto_finalize=st.booleans(), auto_dismiss=st.booleans(), speed=st.sampled_from([0, 1]),
+       verbs=st.lists(st.sampled_from(VERB_NAMES), max_size=12))
+def test_random_verbs_keep_the_state_machine(ready: bool, auto_finalize: bool, auto_dismiss: bool, speed: int,
+                                             verbs: list[str]) -> None:
+    """Any sequence of user verbs: refusals are VdkitErrors, every status change follows QEMU's table,
+    and a forced cancel (plus finalize/dismiss where the flags ask for them) always ends the job."""
+    from vdkit.block.jobs import _NEXT
+
+    rig = Rig()
+    job = rig.start(FakeDriver(6, ready=ready), speed=speed, auto_finalize=auto_finalize,
+                    auto_dismiss=auto_dismiss)
+    for verb in verbs:
+        with rig.lock:
+            try:
+                if verb == "pause":
+                    job.pause()
+                elif verb == "resume":
+                    job.resume()
+                elif verb == "cancel":
+                    if job.user_paused:
+                        continue
+                    job.cancel(force=False)
+                elif verb == "cancel-force":
+                    job.cancel(force=True)
+                elif verb == "complete":
+                    job.complete()
+                elif verb in ("speed0", "speed1"):
+                    job.set_speed(0 if verb == "speed0" else 1)
+                elif verb == "drain":
+                    rig.jobs.drain()
+                elif verb == "finalize":
+                    job.check_verb("finalize")
+                    job.finalize()
+                else:
+                    job.check_verb("dismiss")
+                    job.dismiss()
+            except VdkitError:
+                pass
+    # end it: force-cancel until gone, finalizing and dismissing where the flags leave that to us
+    deadline = time.monotonic() + 30
+    while job in rig.jobs.jobs:
+        assert time.monotonic() < deadline, rig.seq()
+        with rig.lock:
+            try:
+                if job.status is Status.PENDING:
+                    job.finalize()
+                elif job.status is Status.CONCLUDED:
+                    job.dismiss()
+                elif job.status not in (Status.WAITING, Status.ABORTING):
+                    job.cancel(force=True)
+            except VdkitError:
+                pass
+        time.sleep(0.005)
+    job.join(30)
+    statuses = [d["status"] for n, d in rig.events if n == "JOB_STATUS_CHANGE" and d]
+    prev = Status.UNDEFINED
+    for s in statuses:
+        cur = Status(s)
+        assert cur in _NEXT[prev], (prev, cur, statuses)
+        prev = cur
+    assert prev is Status.NULL
+    finals = [n for n, _ in rig.events if n in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]
+    assert len(finals) == 1, rig.seq()
