@@ -36,14 +36,23 @@ def create_image(filename: str, opts: CreateOpts) -> None:
     from vdkit.opts import refuse_encryption
 
     refuse_encryption(opts)
+    create_file(filename, opts, int(opts.get("size") or 0))
+
+
+def create_file(filename: str, opts: CreateOpts, size: int = 0) -> None:
+    """The file protocol's part of creating any image: the ``preallocation`` option checked, then
+    the file created (or emptied) at ``size`` with it, before the format writes its own structures.
+
+    A value that is not a preallocation mode at all is refused before the file is touched;
+    ``metadata`` is a mode, which a file cannot do: :func:`create_raw` refuses it once the file
+    is emptied, as QEMU does.
+    """
     prealloc = str(opts.get("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
-        # not a preallocation mode at all: refused before the file is touched (metadata is one,
-        # which the file cannot do: create_raw refuses it once the file is emptied, as QEMU)
         from vdkit.errors import VdkitError
 
         raise VdkitError(f"invalid parameter value: {prealloc}")
-    create_raw(filename, int(opts.get("size") or 0), prealloc)
+    create_raw(filename, size, prealloc)
 
 
 _PROBED_WARNING = (

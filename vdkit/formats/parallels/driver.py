@@ -326,13 +326,10 @@ class ParallelsDriver(FormatDriver):
 
 def create_parallels(filename: str, opts: CreateOpts) -> None:
     """``qemu-img create -f parallels``: the file is made first (and left empty when an option is refused)."""
-    from vdkit.formats.raw import create_raw
+    from vdkit.formats.raw import create_file
     from vdkit.io.file import ImageFile
 
-    prealloc = str(opts.get("preallocation", "off"))
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise VdkitError(f"invalid parameter value: {prealloc}")
-    create_raw(filename, 0, prealloc)
+    create_file(filename, opts)  # the protocol's file, emptied (the preallocation option checked)
     cs = int(opts.get("cluster_size") or 0)
     size = int(opts.get("size") or 0)
     if cs > INT_MAX:

@@ -543,13 +543,10 @@ def create_qed(filename: str, opts: CreateOpts) -> None:
     """``qemu-img create -f qed``: the file is made first (and left empty when an option is refused)."""
     import os
 
-    from vdkit.formats.raw import create_raw
+    from vdkit.formats.raw import create_file
     from vdkit.io.file import ImageFile
 
-    prealloc = str(opts.get("preallocation", "off"))
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise VdkitError(f"invalid parameter value: {prealloc}")  # the file protocol's, before the file exists
-    create_raw(filename, 0, prealloc)
+    create_file(filename, opts)  # the protocol's file, emptied (the preallocation option checked)
     cs = int(opts.get("cluster_size") or 0)
     ts = int(opts.get("table_size") or 0) if opts.has("table_size") else 4
     size = -(-int(opts.get("size") or 0) // 512) * 512

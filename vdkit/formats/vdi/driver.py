@@ -248,13 +248,10 @@ def create_from_options(filename: str, opts: CreateOpts) -> None:
     import os
     import uuid
 
-    from vdkit.formats.raw import create_raw
+    from vdkit.formats.raw import create_file
     from vdkit.io.file import ImageFile
 
-    prealloc = str(opts.get("preallocation", "off"))
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise VdkitError(f"invalid parameter value: {prealloc}")
-    create_raw(filename, 0, prealloc)
+    create_file(filename, opts)  # the protocol's file, emptied (the preallocation option checked)
     size = -(-int(opts.get("size") or 0) // 512) * 512
     if size > MAX_SIZE:
         raise VdkitError(f"Unsupported VDI image size (size is {size:#x}, max supported is {MAX_SIZE:#x})")

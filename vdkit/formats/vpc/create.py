@@ -90,13 +90,10 @@ def create_from_options(filename: str, opts: CreateOpts) -> None:
     import time
     import uuid
 
-    from vdkit.formats.raw import create_raw
+    from vdkit.formats.raw import create_file
     from vdkit.io.file import ImageFile
 
-    prealloc = str(opts.get("preallocation", "off"))
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise VdkitError(f"invalid parameter value: {prealloc}")
-    create_raw(filename, 0, prealloc)  # the protocol's file, emptied (preallocation has nothing to do)
+    create_file(filename, opts)  # the protocol's file, emptied (the preallocation option checked)
     subformat = str(opts.get("subformat") or "dynamic")
     if subformat not in ("dynamic", "fixed"):
         raise VdkitError(f"Parameter 'subformat' does not accept value '{subformat}'")
