@@ -266,3 +266,43 @@ def test_random_verbs_keep_the_state_machine(ready: bool, auto_finalize: bool, a
     assert prev is Status.NULL
     finals = [n for n, _ in rig.events if n in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]
     assert len(finals) == 1, rig.seq()
+
+
+class FlakyDriver(FakeDriver):
+    """Step 1 fails ``fails`` times with EIO, reported through the job's on-error policy."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__(3)
+        self.fails = fails
+
+    def run(self, job: Job) -> None:
+        job.len = 3 * CHUNK
+        for i in range(3):
+            while i == 1 and self.fails:
+                self.fails -= 1
+                if not job.io_error("write", OSError(errno.EIO, "Input/output error")):
+                    break  # ignore: the step is skipped
+            job.advance(CHUNK, CHUNK)
+            job.pause_point()
+
+
+@pytest.mark.parametrize("policy", ["report", "ignore", "stop", "enospc"])
+def test_on_error_policies(policy: str) -> None:
+    rig = Rig()
+    job = rig.start(FlakyDriver(1), on_error=policy)
+    if policy == "stop":
+        rig.wait_status("paused")
+        with rig.lock:
+            assert job.io_status == "failed" and job.user_paused
+            job.resume()
+    rig.wait_status("null")
+    job.join()
+    action = {"enospc": "report"}.get(policy, policy)  # enospc stops only on ENOSPC
+    assert ("BLOCK_JOB_ERROR", {"device": "j", "operation": "write", "action": action}) in rig.events
+    if action == "report":
+        assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        assert rig.events[-3][1]["error"] == "Input/output error"  # type: ignore[index]
+    else:
+        assert rig.seq()[-5:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+        if action == "stop":
+            assert rig.seq()[2:5] == ["BLOCK_JOB_ERROR", "paused", "running"]
