@@ -393,7 +393,7 @@ def _open(
                         force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
     elif proto == "rbd":
         return _open_rbd(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                         check_mode=check_mode, no_io=no_io, walk=walk)
+                         check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -468,14 +468,16 @@ def _open_on(
 
 
 def _open_rbd(name: str, fmt: str | None, *, readonly: bool, force_share: bool, backing: bool,
-              check_mode: bool, no_io: bool, walk: BackingWalk) -> Node:
+              check_mode: bool, no_io: bool, walk: BackingWalk,
+              on_open: Callable[[FormatDriver], None] | None = None) -> Node:
     """An RBD image (``vdkit.protocols.rbd``): the node is named ``json:{"driver": FMT, "file": {...}}``
     as QEMU names it, or by the rbd dict alone under ``driver=rbd``."""
     from vdkit.protocols.rbd import RbdFile
 
     rfile = RbdFile(name, readonly=readonly, force_share=force_share)
     node = _open_on(rfile, rfile.filename, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                    force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
+                    force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk,
+                    on_open=on_open)
     node.filename = rfile.node_name(node.format)
     return node
 

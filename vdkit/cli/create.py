@@ -206,14 +206,25 @@ def _with_protocol_options(own: list[OptDesc], filename: str) -> list[OptDesc]:
 
 def _create_on_rbd(filename: str, fmt: str, opts: CreateOpts) -> None:
     """``create`` on an rbd name: a new RBD image holding the raw disk (``vdkit.protocols.rbd``)."""
+    from vdkit.formats import registry
     from vdkit.protocols.rbd import create_image
 
-    if fmt not in ("raw", "rbd"):
+    if fmt not in ("raw", "rbd", "qcow2"):
         raise UnsupportedError(f"Creating '{fmt}' images on RBD is not supported by vdkit")
-    if opts.get("encrypt.format") is not None:
+    if fmt != "qcow2" and opts.get("encrypt.format") is not None:
         raise UnsupportedError("RBD encryption (encrypt.format) is not supported by vdkit")
-    cluster = opts.get("cluster_size")
-    create_image(filename, int(opts.get("size") or 0), int(cluster) if cluster is not None else None)
+    if fmt != "qcow2":
+        cluster = opts.get("cluster_size")
+        create_image(filename, int(opts.get("size") or 0), int(cluster) if cluster is not None else None)
+        return
+    # qcow2 on rbd: an empty RBD image that grows as qcow2 writes its clusters, as in QEMU
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata"):
+        raise UnsupportedError(f"Preallocation mode '{prealloc}' on RBD is not supported by vdkit")
+    if opts.get("data_file") is not None:
+        raise UnsupportedError("A qcow2 data file next to an RBD image is not supported by vdkit")
+    create_image(filename, 0)
+    registry.format_module(fmt).create_image(filename, opts)
 
 
 def _create_on_nbd(filename: str, fmt: str, opts: CreateOpts) -> None:

@@ -572,8 +572,11 @@ class RbdFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()
         mv = memoryview(data).cast("B")
-        if offset + len(mv) > self._size:
-            raise OSError(_errno.EINVAL, os.strerror(_errno.EINVAL))
+        if offset + len(mv) > self._size:  # QEMU's rbd grows the image (a format on rbd appending)
+            r = self.lib.rbd.rbd_resize(self.image, offset + len(mv))
+            if r < 0:
+                raise OSError(-r, os.strerror(-r))
+            self._size = self._get_size()
         c = self.lib.c
         pos = 0
         self._written = True

@@ -538,6 +538,10 @@ def create_file(filename: str) -> ImageFile:
         from vdkit.protocols.nbd import NbdFile
 
         return NbdFile(filename, readonly=False)  # type: ignore[return-value]  # file-like, as for reads
+    if filename.startswith("rbd:"):  # made empty by cli/create.py; it grows as clusters are written
+        from vdkit.protocols.rbd import RbdFile
+
+        return RbdFile(filename, readonly=False)  # type: ignore[return-value]  # file-like, as for reads
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
