@@ -266,3 +266,22 @@ def test_killed_daemon_leaves_bitmaps_in_use_never_wrong(daemons: Daemons, tmp_p
     assert r.returncode == 0 and "No errors were found" in r.stdout, r.stdout + r.stderr
     q, v = qemu_img("info", str(img)), vdkit_img("info", str(img))
     assert "in-use" in q.stdout and (v.returncode, v.stdout) == (q.returncode, q.stdout)
+
+
+def test_external_snapshot_stores_the_bitmaps_of_the_old_top(daemons: Daemons, tmp_path: Path) -> None:
+    """The old active image becomes read-only: its persistent bitmaps are stored then (QEMU's reopen), so the
+    file is final while the daemon runs, and the bitmap is no longer the drive's."""
+    for d in ("q", "v"):
+        (tmp_path / d).mkdir()
+        assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / d / "a.qcow2"), "4M").returncode == 0
+    p = Pair(daemons, tmp_path, ["-drive", "file=a.qcow2,if=none,id=disk0"], ["disk0"])
+    p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "pb", "persistent": True})
+    p.write("disk0", "write -P 0x41 0 100k")
+    for mon, d in ((p.qm, "q"), (p.vm, "v")):
+        r = mon.cmd("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": str(tmp_path / d / "s.qcow2")})
+        assert r == {"return": {}}
+    assert (tmp_path / "v" / "a.qcow2").read_bytes() == (tmp_path / "q" / "a.qcow2").read_bytes()
+    p.same("query-named-block-nodes")
+    p.same("block-dirty-bitmap-clear", {"node": "disk0", "name": "pb"})
+    p.quit(daemons)
+    _files_equal(tmp_path, "a.qcow2")

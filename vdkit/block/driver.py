@@ -338,6 +338,13 @@ class FormatDriver:
     def store_dirty_bitmaps(self) -> None:
         """Write the persistent bitmaps into the image (called when a writable node closes)."""
 
+    def reopen_bitmaps(self, *, readonly: bool) -> None:
+        """The node is reopened read-only (store the persistent bitmaps, make them read-only) or back
+        read-write (they record again).  Formats that store none only flip the flag."""
+        for bm in self.dirty_bitmaps or []:
+            if bm.persistent:
+                bm.readonly = readonly
+
     def close(self) -> None:
         for f in self.extra_files():
             f.close()

@@ -189,6 +189,9 @@ def set_node_readonly(node: Node, ro: bool) -> None:
 
     if node.readonly == ro:
         return
+    # persistent dirty bitmaps: stored and made read-only before the node stops writing (QEMU's
+    # reopen), marked in use again when it writes again
+    node.driver.reopen_bitmaps(readonly=ro)
     node.readonly = ro
     lock = getattr(node.driver.file, "lock", None)
     if lock is not None:

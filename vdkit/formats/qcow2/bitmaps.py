@@ -129,7 +129,7 @@ def load(drv: Qcow2Driver) -> list[DirtyBitmap]:
         bm.readonly = not writable
         out.append(bm)
     if needs_update and writable:
-        _mark_in_use(drv)
+        mark_in_use(drv)
     out.reverse()
     return out
 
@@ -155,7 +155,7 @@ def _sync_header(drv: Qcow2Driver, **changes: object) -> None:
     drv.rewrite_header()
 
 
-def _mark_in_use(drv: Qcow2Driver) -> None:
+def mark_in_use(drv: Qcow2Driver) -> None:
     """Rewrite the directory in place with every ``in_use`` flag set, the extension untrusted meanwhile."""
     h = drv.header
     ext = h.bitmaps

@@ -276,6 +276,25 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    def reopen_bitmaps(self, *, readonly: bool) -> None:
+        """QEMU's reopen of a qcow2 node: read-only stores the bitmaps first (nothing is written after);
+        read-write marks the stored ones in use again before the first write can change the disk."""
+        bitmaps = self.dirty_bitmaps
+        if not bitmaps or self.dead:
+            return
+        from vdkit.formats.qcow2 import bitmaps as qbitmaps
+
+        try:
+            if readonly:
+                self.store_dirty_bitmaps()
+            elif self.bitmaps and any(b.persistent and b.readonly for b in bitmaps):
+                qbitmaps.mark_in_use(self)
+        except OSError as exc:
+            raise _io_error(exc) from exc
+        for bm in bitmaps:
+            if bm.persistent:
+                bm.readonly = readonly
+
     def luks_header(self) -> bytes | None:
         """Raw bytes of the LUKS header area of an encrypted image."""
         h = self.header
