@@ -156,3 +156,19 @@ def test_probing_warning_names_the_rbd_node(cluster: ceph.CephCluster, tmp_path:
         out.append(lines)
     assert out[0] == out[1]
     assert f'"image": "{image}"' in out[0][0]
+
+
+def test_blockdev_rbd_nodes(daemons: Daemons, cluster: ceph.CephCluster, tmp_path: Path) -> None:  # noqa: F811
+    """-blockdev driver=rbd (dotted keys, and JSON with a server list under raw) in the node queries."""
+    image = cluster.unique("bd")
+    _image(cluster, image, "8M")
+    args = ["-blockdev", f"driver=rbd,node-name=n0,pool=rbd,image={image},conf={cluster.conf}",
+            "-blockdev", '{"driver": "raw", "node-name": "r0", "read-only": true, "file": {"driver": "rbd", '
+                         f'"pool": "rbd", "image": "{image}", "snapshot": "cli-snap", '
+                         f'"server": [{{"host": "127.0.0.1", "port": "{cluster.port}"}}]}}}}']
+    q, v = _pair(daemons, args, args, tmp_path)
+    assert normalise(v.cmd_line("query-named-block-nodes")) == normalise(q.cmd_line("query-named-block-nodes"))
+    assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
+    assert normalise_hmp(v.hmp("info block -n")) == normalise_hmp(q.hmp("info block -n"))
+    bad = {"driver": "rbd", "node-name": "n1", "pool": "rbd"}
+    assert v.cmd_line("blockdev-add", bad) == q.cmd_line("blockdev-add", bad)

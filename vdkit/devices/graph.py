@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vdkit.devices.registry import DeviceRegistry
 
 FORMAT_DRIVERS = ("raw", "qcow2")
-PROTOCOL_DRIVERS = ("file", "http", "https")
+PROTOCOL_DRIVERS = ("file", "http", "https", "rbd")
 
 
 class _BorrowedFile(ImageFile):
@@ -270,6 +270,34 @@ def open_curl_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
     filename = "json:" + dumps_compact(desc) if desc is not None else url
     g = GraphNode(name="", driver=driver, serial=0, ro=True, cache=cache, auto_ro=auto_ro, implicit=implicit,
                   file=f, filename=filename)  # type: ignore[arg-type]  # HttpFile is file-like
+    _register(machine, g, name)
+    return g
+
+
+def open_rbd_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
+                  cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
+    """An ``rbd`` node (``vdkit.protocols.rbd``), named by QEMU's ``json:{...}`` of its options."""
+    from vdkit.protocols import rbd
+
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = str(value)
+
+    for key in ("pool", "namespace", "image", "conf", "snapshot", "user", "key-secret", "server",
+                "auth-client-required"):
+        if key in opts:
+            walk(key, opts[key])
+    f = rbd.RbdFile(rbd.name_for_options(flat), readonly=ro)
+    g = GraphNode(name="", driver="rbd", serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
+                  file=f, filename=f.filename)  # type: ignore[arg-type]  # RbdFile is file-like
     _register(machine, g, name)
     return g
 

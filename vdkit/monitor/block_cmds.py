@@ -265,6 +265,11 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
         proto = str(getattr(g.file, "protocol_driver", "file"))  # a curl node: no dirty flag
         image = ImageInfo(filename=g.filename, format=proto, virtual_size=-(-g.file.size() // 512) * 512,
                           actual_size=actual, dirty_flag=False if proto == "file" else None)
+        if proto == "rbd":  # answers like a format node: object size, snapshots, empty specific block
+            from vdkit.block.node import Node
+            from vdkit.formats.rbd import RbdDriver
+
+            image = image_info(Node(g.filename, RbdDriver(g.file), readonly=g.ro))
         return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv=proto, backing_file_depth=0,
                                encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,

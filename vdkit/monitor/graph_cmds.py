@@ -20,6 +20,7 @@ from vdkit.devices.graph import (
     open_curl_node,
     open_file_node,
     open_format_node,
+    open_rbd_node,
 )
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
@@ -59,6 +60,9 @@ _VARIANTS: dict[str, tuple[Arg, ...]] = {
     "https": (Arg("url"), opt("readahead", "int"), opt("timeout", "int"), opt("username"),
               opt("password-secret"), opt("proxy-username"), opt("proxy-password-secret"), opt("cookie"),
               opt("sslverify", "bool"), opt("cookie-secret")),
+    # QAPI BlockdevOptionsRbd (7.2); encrypt is refused (vdkit.protocols.rbd has no RBD encryption)
+    "rbd": (Arg("pool"), opt("namespace"), Arg("image"), opt("conf"), opt("snapshot"), opt("encrypt", "any"),
+            opt("user"), opt("auth-client-required", "any"), opt("key-secret"), opt("server", "any")),
     "qcow2": (Arg("file", "any"), opt("backing", "any"), opt("lazy-refcounts", "bool"),
               opt("pass-discard-request", "bool"), opt("pass-discard-snapshot", "bool"),
               opt("pass-discard-other", "bool"), opt("overlap-check", "any"), opt("cache-size", "int"),
@@ -177,6 +181,8 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
     driver = opts["driver"]
     if driver in ("http", "https"):
         return open_curl_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
+    if driver == "rbd":
+        return open_rbd_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
     if driver in PROTOCOL_DRIVERS:
         return open_file_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
     assert driver in FORMAT_DRIVERS
