@@ -9,7 +9,12 @@ Cases (issue 13, "Speed"), on one raw image of ``--size-mib`` (default 1 GiB: 1/
 * ``info`` over each protocol; target: vdkit's time within 2x qemu-img's plus a bare interpreter
   start (``python -c pass`` of the same venv), printed as ``vdkit / (2 * qemu + bare) <= 1``.
 
-The RBD cases belong to the RBD work (a Ceph cluster of its own).  Outputs are compared first (the
+and for RBD (a throwaway single-node Ceph cluster, ``tests/helpers/ceph-test-cluster.sh``, started here):
+
+* ``convert`` to a local raw file from an RBD image and from the local raw file to a new RBD image (the
+  target is removed, untimed, before every sample); target: ratio >= 0.7.
+
+Outputs are compared first (the
 converted files byte for byte with the source, the ``info`` texts equal).  qemu-img 7.2's curl driver
 hangs in ``convert`` on a healthy nginx most of the time with its default 8 parallel requests (4 runs
 of 5 on a loaded machine; ``tests/protocols/test_http.py``), never with ``-m 1``: the HTTP case runs
@@ -35,7 +40,8 @@ from pathlib import Path
 import harness as h
 
 HANG_SECONDS = 120
-MODE = {"nbd": [], "http": ["-m", "1"]}
+MODE: dict[str, list[str]] = {"nbd": [], "http": ["-m", "1"], "rbd": []}
+CEPH_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "ceph-test-cluster.sh"
 """Extra convert options per protocol: one request at a time over HTTP (see the module doc)."""
 
 NGINX_CONF = """\
@@ -96,6 +102,34 @@ def guarded(cmd: list[str], out: Path | None, cwd: Path) -> Callable[[], h.Sampl
     return sample
 
 
+def start_rbd(folder: Path, src: Path, size: int) -> str:
+    """A one-node cluster in ``folder`` holding ``src`` as image ``src`` (its memory: the data, twice over)."""
+    import random
+
+    env = dict(os.environ, CEPH_PORT=str(random.randrange(20000, 60000, 100)),
+               CEPH_MEM_BYTES=str(max(4 << 30, 6 * size)))
+    env.pop("CEPH_CONF", None)
+    p = subprocess.run([str(CEPH_SCRIPT), "start", str(folder)], env=env, capture_output=True, text=True,
+                       timeout=180)
+    if p.returncode != 0:
+        sys.exit(f"the Ceph cluster did not start: {p.stderr[-2000:]}")
+    name = f"rbd:rbd/src:conf={folder}/ceph.conf"
+    subprocess.run([h.tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", str(src), name], check=True,
+                   timeout=HANG_SECONDS)
+    return name
+
+
+def to_rbd(cmd: list[str], src: Path, target: str, conf: str, cwd: Path) -> Callable[[], h.Sample]:
+    """A sample of ``convert`` from ``src`` into a new RBD image ``target`` (removed first, untimed)."""
+
+    def sample() -> h.Sample:
+        subprocess.run(["rbd", "-c", conf, "rm", f"rbd/{target}"], capture_output=True, timeout=HANG_SECONDS)
+        return guarded([*cmd, "convert", "-f", "raw", "-O", "raw", str(src), f"rbd:rbd/{target}:conf={conf}"],
+                       None, cwd)()
+
+    return sample
+
+
 def text_of(cmd: list[str], cwd: Path) -> str:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=True, timeout=HANG_SECONDS).stdout
 
@@ -103,7 +137,7 @@ def text_of(cmd: list[str], cwd: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="size of the image (default 1024)")
-    ap.add_argument("--only", choices=["nbd", "http"], help="run one protocol")
+    ap.add_argument("--only", choices=["nbd", "http", "rbd"], help="run one protocol")
     h.add_common_args(ap, repeat=3)
     a = ap.parse_args()
     print(h.install_note(), flush=True)
@@ -111,6 +145,7 @@ def main() -> None:
     bare = [sys.executable, "-c", "pass"]
     servers: list[subprocess.Popen[bytes]] = []
     nbd_pid: int | None = None
+    ceph_dir: Path | None = None
     with tempfile.TemporaryDirectory(prefix="vdkit-bench-remote-") as tmp:
         d = Path(tmp)
         www = d / "www"
@@ -120,13 +155,16 @@ def main() -> None:
         src = h.make_data_raw(www / "src.raw", size)
         names: dict[str, str] = {}
         try:
-            if a.only != "http":
+            if a.only in (None, "rbd"):
+                ceph_dir = d / "ceph"
+                names["rbd"] = start_rbd(ceph_dir, src, size)
+            if a.only in (None, "nbd"):
                 sock = d / "nbd.sock"
                 subprocess.run([h.tool("qemu-nbd"), "-r", "-t", "-e", "4", "--fork", "--pid-file", str(d / "nbd.pid"),
                                 "-k", str(sock), "-x", "src", "-f", "raw", str(src)], check=True, timeout=30)
                 nbd_pid = int((d / "nbd.pid").read_text())
                 names["nbd"] = f"nbd+unix:///src?socket={sock}"
-            if a.only != "nbd":
+            if a.only in (None, "http"):
                 port = free_port()
                 conf = d / "nginx.conf"
                 conf.write_text(NGINX_CONF.format(user=pwd.getpwuid(os.getuid()).pw_name, prefix=d, www=www,
@@ -147,6 +185,16 @@ def main() -> None:
                     sys.exit(f"convert from {proto}: outputs differ from the source")
                 if text_of([qi, "info", name], d) != text_of([*vd, "info", name], d):
                     sys.exit(f"info over {proto}: outputs differ")
+            if "rbd" in names:  # and into a new RBD image: equal to the source
+                conf = names["rbd"].split(":conf=", 1)[1]
+                for cmd, target in (([qi], "q-dst"), (list(vd), "v-dst")):
+                    to_rbd(cmd, src, target, conf, d)()
+                    back = d / f"{target}.raw"
+                    subprocess.run([qi, "convert", "-f", "raw", "-O", "raw", f"rbd:rbd/{target}:conf={conf}",
+                                    str(back)], check=True, timeout=HANG_SECONDS)
+                    if not h.same_file(back, src):
+                        sys.exit(f"convert to rbd ({target}): the image differs from the source")
+                    back.unlink()
             for rnd in h.rounds(a.rounds):
                 for proto, name in names.items():
                     q_out, v_out = d / f"q-{proto}.raw", d / f"v-{proto}.raw"
@@ -164,7 +212,16 @@ def main() -> None:
                     print(f"[{rnd}] " + h.ratio_line(f"info {proto}", qi_case, vi_case)
                           + f"  vdkit / (2*qemu + bare {tb * 1e3:.1f} ms) = {tv / (2 * tq + tb):.2f} (target <= 1)",
                           flush=True)
+                    if proto == "rbd":
+                        conf = name.split(":conf=", 1)[1]
+                        q = h.Case("qemu-img", to_rbd([qi], src, "q-dst", conf, d))
+                        v = h.Case("vdkit", to_rbd(list(vd), src, "v-dst", conf, d))
+                        h.interleave([q, v], a.repeat)
+                        print(f"[{rnd}] " + h.ratio_line("convert raw -> rbd", q, v, nbytes=size)
+                              + "  (target >= 0.7)", flush=True)
         finally:
+            if ceph_dir is not None:
+                subprocess.run([str(CEPH_SCRIPT), "destroy", str(ceph_dir)], capture_output=True, timeout=120)
             for proc in servers:
                 h.stop(proc)
             if nbd_pid is not None:

@@ -256,7 +256,6 @@ class _Libs:
 
     def __init__(self) -> None:
         import ctypes
-        import ctypes.util
 
         c = ctypes
         self.c = c
@@ -266,6 +265,8 @@ class _Libs:
             try:
                 libs[short] = c.CDLL(soname, use_errno=True)
             except OSError:
+                import ctypes.util  # only when the soname is not found (it costs a subprocess import)
+
                 found = ctypes.util.find_library(short)
                 if found is None:
                     raise
