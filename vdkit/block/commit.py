@@ -161,7 +161,7 @@ class CommitJob(JobDriver):
         run = next(bm.dirty_runs(0), None)
         if run is None:
             return
-        start, length = run[0], min(run[1], JOB_CHUNK)
+        start, length = run[0], min(run[1], job.step_size(JOB_CHUNK))
         bm.reset(start, length)
         offset = start
         while offset < start + length:
@@ -183,7 +183,7 @@ class CommitJob(JobDriver):
             job.len = size
             offset = 0
             while offset < size:
-                n, copied = self._copy(job, offset, min(JOB_CHUNK, size - offset))
+                n, copied = self._copy(job, offset, min(job.step_size(JOB_CHUNK), size - offset))
                 job.advance(n, n if copied else 0)
                 offset += n
                 job.pause_point()

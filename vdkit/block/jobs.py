@@ -116,6 +116,8 @@ VERBS: dict[str, frozenset[Status]] = {
 }
 
 SLICE_NS = 100_000_000  # the speed limit is enforced per 100 ms slice
+YIELD_INTERVAL = 0.002  # a job running without a speed limit lets other threads in this often
+UNLIMITED_STEPS = 4  # without a speed limit a step is this many of QEMU's (offsets are not comparable then)
 ON_ERROR = ("report", "ignore", "stop", "enospc")
 
 
@@ -232,6 +234,7 @@ class Job:
         # pauses, drains or cancels it finds it one step further; such commands wait for that step
         self._kick_pending = False
         self._settlers = 0
+        self._last_yield = 0.0
         self._thread: threading.Thread | None = None
         self.cond = threading.Condition(jobs.lock)
 
@@ -462,6 +465,11 @@ class Job:
         self._resume()
 
     # -- for JobDriver.run (job thread, device lock held) ----------------------------------------
+    def step_size(self, qemu_step: int) -> int:
+        """How much to do before the next pause point: QEMU's step under a speed limit (where the offsets
+        a paused job shows are compared), a larger one without (Python's per-step cost is high)."""
+        return qemu_step if self.speed else qemu_step * UNLIMITED_STEPS
+
     def advance(self, done: int, copied: int = 0) -> None:
         """``done`` more bytes of progress; ``copied`` of them count against the speed limit."""
         self.offset += done
@@ -517,7 +525,16 @@ class Job:
         self.cond.notify_all()
 
     def _yield_lock(self) -> None:
-        """Release the device lock and take it again, giving waiting threads (queries, NBD) their turn."""
+        """Release the device lock and take it again, giving waiting threads (queries, NBD) their turn.
+
+        At most every ``YIELD_INTERVAL`` seconds: handing the lock over costs a
+        scheduler round trip, which per 512 KiB step would cost more than the
+        step (a waiting command waits at most that long plus one step).
+        """
+        now = time.monotonic()
+        if now - self._last_yield < YIELD_INTERVAL:
+            return
+        self._last_yield = now
         lock = self.jobs.lock
         depth = 0
         while True:  # the RLock may be held recursively: release it fully

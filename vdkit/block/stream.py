@@ -66,7 +66,7 @@ class StreamJob(JobDriver):
         job.len = size
         offset = 0
         while offset < size:
-            length = min(CHUNK, size - offset)
+            length = min(job.step_size(CHUNK), size - offset)
             st = bio.layer_status(top, offset, length)
             copy = False
             if st.flags & bio.ALLOCATED:
