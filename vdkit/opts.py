@@ -160,17 +160,19 @@ class CreateOpts:
 
 
 _SIZE_HINT = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.\n"
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
+def parse_bool(name: str, text: str) -> bool:
+    """A boolean option value as QEMU reads them all (``qapi_bool_parse``: QemuOpts, keyval,
+    ``-drive``, ``-blockdev``): on/yes/true/y or off/no/false/n."""
+    if text in ("on", "yes", "true", "y"):
+        return True
+    if text in ("off", "no", "false", "n"):
+        return False
+    raise VdkitError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def parse_value(desc: OptDesc, text: str) -> int | bool | str:
     if desc.type == "bool":
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise VdkitError(f"Parameter '{desc.name}' expects 'on' or 'off'")
+        return parse_bool(desc.name, text)
     if desc.type == "size":
         try:
             return strtosz(text)

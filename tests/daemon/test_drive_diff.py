@@ -118,6 +118,7 @@ ACCEPTED = [
      "file=g.qcow2,if=virtio,readonly=on", "file=h.qcow2,if=ide,media=cdrom,readonly=on"],
     ["file=a.qcow2,if=floppy", "if=floppy", "file=b.qcow2,if=ide", "file=c.qcow2,if=pflash"],
     ["file=a.qcow2,if=floppy,media=cdrom"],
+    ["file=a.qcow2,if=none,cache=off", "file=b.qcow2,if=none,cache=directsync"],  # QEMU's cache mode table
     ["if=ide,media=cdrom", "if=none,media=cdrom,index=3", "file=r.raw,format=raw,if=none,werror=enospc,rerror=report",
      "file=a.qcow2,if=none,id=a_b.c-d,detect-zeroes=unmap,discard=ignore"],
 ]

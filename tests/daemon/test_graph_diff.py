@@ -183,7 +183,7 @@ def test_blockdev_add_qapi_errors(daemons: Daemons) -> None:
 def test_blockdev_command_line(daemons: Daemons) -> None:
     """-blockdev in dotted-key and JSON form, next to a -drive."""
     _run(daemons, [
-        "-blockdev", "driver=file,node-name=bf,filename=DIR/base.qcow2,read-only=on",
+        "-blockdev", "driver=file,node-name=bf,filename=DIR/base.qcow2,read-only=y",
         "-blockdev", "driver=qcow2,node-name=b,file=bf,read-only=on",
         "-blockdev", json.dumps({"driver": "qcow2", "node-name": "t", "file": FILE_TOP, "backing": "b"}),
         "-blockdev", "driver=raw,node-name=r,file.driver=file,file.filename=DIR/r.raw,cache.no-flush=on",

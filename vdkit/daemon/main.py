@@ -41,7 +41,8 @@ from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, mirror_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandRegistry
-from vdkit.opts import id_wellformed, inet_port
+from vdkit.opts import CACHE_MODES, id_wellformed, inet_port
+from vdkit.opts import parse_bool as opts_parse_bool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -82,11 +83,11 @@ def split_opts(text: str) -> list[tuple[str, str]]:
 
 
 def parse_bool(key: str, value: str) -> bool:
-    if value in ("on", "yes", "true", "y"):
-        return True
-    if value in ("off", "no", "false", "n"):
-        return False
-    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+    """:func:`vdkit.opts.parse_bool` with the command line's error."""
+    try:
+        return opts_parse_bool(key, value)
+    except VdkitError as exc:
+        raise OptionError(exc.message) from None
 
 
 _UINT64_MAX = (1 << 64) - 1
@@ -117,14 +118,6 @@ def _throttle_number(key: str, value: str) -> int:
     n = _parse_uint(key, value)
     return n - (1 << 64) if n >= 1 << 63 else n  # QEMU keeps them in int64 fields
 
-
-_CACHE_MODES = {
-    "writeback": BlockdevCacheInfo(True, False, False),
-    "none": BlockdevCacheInfo(True, True, False),
-    "writethrough": BlockdevCacheInfo(False, False, False),
-    "directsync": BlockdevCacheInfo(False, True, False),
-    "unsafe": BlockdevCacheInfo(True, False, True),
-}
 
 # legacy -drive names -> throttling.* spellings (QEMU renames before it parses; the
 # *_max_length limits have no legacy spelling: "bps_max_length" is an unknown option)
@@ -235,9 +228,9 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     cache: BlockdevCacheInfo | None = None
     mode = take("cache")
     if mode is not None:
-        if mode not in _CACHE_MODES:
+        if mode not in CACHE_MODES:
             raise OptionError("invalid cache option")
-        cache = _CACHE_MODES[mode]
+        cache = BlockdevCacheInfo(*CACHE_MODES[mode])
     numbers = {k: take(k) for k in ("index", "bus", "unit")}
     parsed = {k: None if v is None else _parse_uint(k, v) for k, v in numbers.items()}
     ro = take("read-only")

@@ -25,7 +25,7 @@ from vdkit.devices.graph import (
 from vdkit.errors import VdkitError
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
-from vdkit.opts import id_wellformed
+from vdkit.opts import id_wellformed, parse_bool
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -130,9 +130,7 @@ def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
         typed: Any = value
         t = types.get(last)
         if t == "bool":
-            if value not in ("on", "off", "true", "false", "yes", "no"):
-                raise VdkitError(f"Parameter '{key}' expects 'on' or 'off'")
-            typed = value in ("on", "true", "yes")
+            typed = parse_bool(key, value)
         elif t == "int":
             try:
                 typed = int(value, 0)

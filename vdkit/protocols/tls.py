@@ -59,13 +59,9 @@ _creds: dict[str, TlsCreds] = {}
 
 
 def _bool(name: str, value: str | None, default: bool) -> bool:
-    if value is None:
-        return default
-    if value in ("on", "yes", "true", "y"):
-        return True
-    if value in ("off", "no", "false", "n"):
-        return False
-    raise VdkitError(f"Parameter '{name}' expects 'on' or 'off'")
+    from vdkit.opts import parse_bool
+
+    return default if value is None else parse_bool(name, value)
 
 
 def register_object(obj_id: str, qom_type: str, props: dict[str, str], secrets: dict[str, bytes]) -> None:
