@@ -172,3 +172,27 @@ def test_blockdev_rbd_nodes(daemons: Daemons, cluster: ceph.CephCluster, tmp_pat
     assert normalise_hmp(v.hmp("info block -n")) == normalise_hmp(q.hmp("info block -n"))
     bad = {"driver": "rbd", "node-name": "n1", "pool": "rbd"}
     assert v.cmd_line("blockdev-add", bad) == q.cmd_line("blockdev-add", bad)
+
+
+def test_no_image_locking(daemons: Daemons, cluster: ceph.CephCluster, tmp_path: Path) -> None:  # noqa: F811
+    """QEMU takes no lock on rbd images: while a daemon (QEMU's or vdkit's) holds one writable, both
+    tools read it without -U, take snapshots of it and write to it; query-snapshots lists them."""
+    from tests.conftest import vdkit_img
+
+    image = cluster.unique("lock")
+    _image(cluster, image, "4M")
+    drive = ["-drive", f"file={cluster.name(image)},format=raw,if=none,id=d0"]
+    (tmp_path / "q").mkdir()
+    (tmp_path / "v").mkdir()
+    _, qpath, _ = daemons.qemu(drive, tmp_path / "q")
+    _, vpath, _ = daemons.vdkit(drive, tmp_path / "v")
+    v = daemons.monitor(vpath).negotiate()
+    daemons.monitor(qpath).negotiate()
+    for n, tool in enumerate((qemu_img, vdkit_img)):
+        assert tool("info", cluster.name(image)).returncode == 0
+        r = tool("snapshot", "-c", f"while-held-{n}", cluster.name(image))
+        assert r.returncode == 0, r.stderr
+    r = qemu_io("-f", "raw", "-c", "write -P 0x5 0 4k", cluster.name(image))
+    assert r.returncode == 0 and "error" not in r.stdout.lower()
+    names = [s["name"] for s in v.cmd("query-snapshots")["return"]]
+    assert names == ["cli-snap", "while-held-0", "while-held-1"]
