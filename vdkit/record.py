@@ -75,21 +75,28 @@ def record(
 
 
 def _build(cls: Any, frozen: bool, slots: bool) -> Any:
+    # Runs once per record class at import, for every class on the start-up path: kept to one pass
+    # over the annotations with the common case (string annotations, no record bases) inline.
     names: list[str] = []
     defaults: dict[str, Any] = {}
     hidden: list[str] = []
-    for base in reversed(cls.__mro__[1:]):
-        for name in getattr(base, "__record_fields__", ()):
-            if name not in names:
-                names.append(name)
-        defaults.update(getattr(base, "__record_defaults__", {}))
-    for name, annotation in cls.__dict__.get("__annotations__", {}).items():
-        if _is_classvar(annotation):
+    if cls.__bases__ != (object,):
+        for base in reversed(cls.__mro__[1:]):
+            for name in getattr(base, "__record_fields__", ()):
+                if name not in names:
+                    names.append(name)
+            defaults.update(getattr(base, "__record_defaults__", {}))
+    body = cls.__dict__
+    declared: list[str] = []  # fields given a field(...) in this class body
+    for name, annotation in body.get("__annotations__", {}).items():
+        if ("ClassVar" in annotation and _is_classvar(annotation)) if isinstance(annotation, str) \
+                else _is_classvar(annotation):
             continue
         if name not in names:
             names.append(name)
-        value = cls.__dict__.get(name, MISSING)
-        if isinstance(value, Field):
+        value = body.get(name, MISSING)
+        if value.__class__ is Field:
+            declared.append(name)
             if not value.repr:
                 hidden.append(name)
             value = value.default if value.default_factory is MISSING else Field(MISSING, value.default_factory, True)
@@ -105,12 +112,13 @@ def _build(cls: Any, frozen: bool, slots: bool) -> Any:
         elif seen_default:
             raise TypeError(f"non-default argument {name!r} follows default argument")
 
+    fields_ = tuple(names)
     attrs: dict[str, Any] = {
         "__init__": _deferred_init(),
-        "__record_fields__": tuple(names),
+        "__record_fields__": fields_,
         "__record_defaults__": defaults,
-        "__record_repr__": tuple(n for n in names if n not in hidden),
-        "__match_args__": tuple(names),
+        "__record_repr__": tuple(n for n in names if n not in hidden) if hidden else fields_,
+        "__match_args__": fields_,
         "__repr__": _repr,
         "__eq__": _eq,
         "__hash__": _hash if frozen else None,
@@ -119,15 +127,14 @@ def _build(cls: Any, frozen: bool, slots: bool) -> Any:
         attrs["__setattr__"] = _frozen_setattr
         attrs["__delattr__"] = _frozen_delattr
     if slots:
-        body_dict = {k: v for k, v in cls.__dict__.items() if k not in names and k not in ("__dict__", "__weakref__")}
+        body_dict = {k: v for k, v in body.items() if k not in names and k not in ("__dict__", "__weakref__")}
         body_dict.update(attrs, __slots__=tuple(n for n in names if n not in getattr(cls, "__record_fields__", ())))
         return type(cls)(cls.__name__, cls.__bases__, body_dict)
-    for name in names:
-        if isinstance(cls.__dict__.get(name), Field):
-            if name in defaults and not isinstance(defaults[name], Field):
-                setattr(cls, name, defaults[name])
-            else:
-                delattr(cls, name)
+    for name in declared:
+        if name in defaults and defaults[name].__class__ is not Field:
+            setattr(cls, name, defaults[name])
+        else:
+            delattr(cls, name)
     for key, value in attrs.items():
         setattr(cls, key, value)
     return cls
