@@ -495,3 +495,19 @@ def test_sigkill_during_job(daemons: Daemons, tmp_path: Path, job: str, after: i
         r = qemu_img("check", str(d / name))
         assert r.returncode in (0, 3), r.stdout + r.stderr  # 3: leaked clusters only, never corruption
     assert _read_raw(d / "top.qcow2") == bytes(model)
+
+
+def test_backup_filter_is_the_root_while_running(daemons: Daemons, tmp_path: Path) -> None:
+    """While a backup runs, QEMU's copy-before-write filter is the drive's root (query-block, info block),
+    with its two bitmaps; the source keeps the job's copy bitmap."""
+    p = Pair(daemons, tmp_path)
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/bt.qcow2", "sync": "full", "job-id": "bb",
+                            "speed": 1})
+    p.same("block-job-pause", {"device": "bb"})
+    p.wait("JOB_STATUS_CHANGE", 2, status="paused")
+    copied = re.compile(r"(?<=\"granularity\": 65536, )\"count\": \d+")  # how far it got before the pause
+    p.same("query-block", mask=copied)
+    p.hmp("info block")
+    p.same("block-job-cancel", {"device": "bb", "force": True})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same("query-block")

@@ -33,13 +33,25 @@ from typing import TYPE_CHECKING
 
 from vdkit.block import io as bio
 from vdkit.block.dirty_bitmap import DirtyBitmap
-from vdkit.block.jobs import Job, JobDriver
+from vdkit.block.jobs import Job, JobDriver, JobFilter
 from vdkit.block.mirror import PAUSE_EVERY, is_zero, mark_allocated
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
 
 MAX_CHUNK = 1024 * 1024
+
+
+class CbwFilter(JobFilter):
+    """QEMU's copy-before-write filter as the monitor shows it, with its two bitmaps: the ranges readers
+    of the filter may access (all) and those its write hook copied ("done")."""
+
+    def __init__(self, below: Node, *, name: str, serial: int) -> None:
+        super().__init__("copy-before-write", below, ro=False, name=name, serial=serial)
+        self.done = DirtyBitmap(None, 65536, below.size, enabled=False)
+        access = DirtyBitmap(None, 65536, below.size, enabled=False)
+        access.set_dirty(0, below.size)
+        self.bitmaps = [access, self.done]
 
 
 class BackupJob(JobDriver):
@@ -99,6 +111,8 @@ class BackupJob(JobDriver):
         end = min(self.size, -(-(offset + length) // self.cluster) * self.cluster)  # whole clusters
         for off, n in list(self.copy.dirty_runs(offset - offset % self.cluster, end)):
             self._copy_range(job, off, n, cbw=True)
+            if isinstance(self.filter, CbwFilter):
+                self.filter.done.set_dirty(off, n)
 
     # -- the work ------------------------------------------------------------------------------------
     def run(self, job: Job) -> None:

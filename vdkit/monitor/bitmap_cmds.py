@@ -68,10 +68,14 @@ def dirty_info(node: Node) -> list[BlockDirtyInfo] | None:
     The anonymous bitmaps of jobs (a mirror's or an active commit's dirty map) are listed too,
     without a name, as QEMU lists them.
     """
+    return bitmaps_info(node.bitmaps)
+
+
+def bitmaps_info(bitmaps: list[DirtyBitmap]) -> list[BlockDirtyInfo] | None:
     out = [
         BlockDirtyInfo(name=b.name, count=b.count(), granularity=b.granularity, recording=b.recording,
                        busy=b.busy, persistent=b.persistent, inconsistent=True if b.inconsistent else None)
-        for b in node.bitmaps
+        for b in bitmaps
     ]
     return out or None
 

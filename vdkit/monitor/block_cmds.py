@@ -156,10 +156,21 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     )
 
 
-def block_info(drive: Drive) -> BlockInfo:
+def block_info(drive: Drive, jobs: JobList | None = None) -> BlockInfo:
     info = BlockInfo(device=drive.id, qdev=drive.qdev, removable=drive.removable, locked=False)
     if drive.medium is not None and not drive.medium.dead:  # a dead node has no driver: not inserted
         info.inserted = _format_node_info(drive, drive.medium, 0, backend=True, flat=False)
+        top_filter = next((f for f in _filters_of(jobs, drive.medium)
+                           if f.below is drive.medium.node and f.driver == "copy-before-write"), None)
+        if top_filter is not None:
+            # a backup's filter is not an implicit one: the drive's root is the filter while the job lives
+            inserted = info.inserted
+            node = drive.medium.node
+            inserted.node_name, inserted.drv = top_filter.name, top_filter.driver
+            inserted.backing_file, inserted.backing_file_depth = None, len(_chain(drive.medium))
+            inserted.encrypted = False
+            inserted.image = _filter_image(node, top_filter.driver, nested=True)
+            inserted.dirty_bitmaps = bitmap_cmds.bitmaps_info(getattr(top_filter, "bitmaps", []))
     if drive.has_tray:
         info.tray_open = drive.tray_open
     if drive.has_io_status:
@@ -168,7 +179,7 @@ def block_info(drive: Drive) -> BlockInfo:
 
 
 def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[BlockInfo]:
-    return [block_info(d) for d in ctx.machine.drives]
+    return [block_info(d, ctx.machine.jobs) for d in ctx.machine.drives]
 
 
 def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
@@ -199,7 +210,7 @@ def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
         key = (machine.generation, _files_state(drive))
         cached = machine.render_cache.get(drive.id)
         if cached is None or cached[0] != key:
-            cached = (key, dumps_compact(to_qobject(block_info(drive))))
+            cached = (key, dumps_compact(to_qobject(block_info(drive, machine.jobs))))
             machine.render_cache[drive.id] = cached
         parts.append(cached[1])
     return RawJson("[" + ", ".join(parts) + "]")
@@ -351,7 +362,8 @@ def _filter_node_info(filters: list[JobFilter], medium: Medium, index: int, flat
     return BlockDeviceInfo(file=node.filename, node_name=f.name, ro=f.ro, drv=f.driver,
                            backing_file_depth=0 if flat else len(chain) - index, encrypted=False,
                            detect_zeroes="off", image=_filter_image(node, f.driver, nested=not flat),
-                           cache=BlockdevCacheInfo())
+                           cache=BlockdevCacheInfo(),
+                           dirty_bitmaps=bitmap_cmds.bitmaps_info(getattr(f, "bitmaps", [])))
 
 
 def _filters_of(jobs: JobList | None, medium: Medium) -> list[JobFilter]:

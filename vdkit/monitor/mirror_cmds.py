@@ -380,6 +380,11 @@ def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: No
                               auto_finalize=args.get("auto-finalize", True),
                               auto_dismiss=args.get("auto-dismiss", True))
     job_driver.attach(job)
+    from vdkit.block.backup import CbwFilter
+
+    # the copy-before-write filter QEMU puts above the source (listed, the drive's root while the job
+    # lives; the write hook does its work)
+    job_driver.filter = CbwFilter(source, name=machine.auto_name(), serial=machine.next_serial())
     return job
 
 
