@@ -443,3 +443,27 @@ def test_jobs_on_blockdev_nodes(daemons: Daemons) -> None:
         ("query-named-block-nodes", {"flat": True}),
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_stream_bottom_on_blockdev_chain(daemons: Daemons) -> None:
+    trees = run_jobs(daemons, BLOCKDEV, [
+        ("block-stream", {"device": "n-top", "bottom": "nonode", "job-id": "b"}),
+        ("block-stream", {"device": "n-top", "bottom": "n-ro", "job-id": "b"}),
+        ("block-stream", {"device": "n-top", "bottom": "n-mid", "base": "x", "job-id": "b"}),
+        ("block-stream", {"device": "n-top", "base-node": "n-ro", "job-id": "b"}),
+        ("block-stream", {"device": "n-top", "base-node": "n-top", "job-id": "b"}),
+        ("block-stream", {"device": "n-mid", "job-id": "m", "speed": 1}),  # into a backing node
+        ("block-job-pause", {"device": "m"}),
+        ("@wait", "m", "paused"),
+        "info block -n",
+        ("block-stream", {"device": "n-top", "bottom": "n-mid", "job-id": "b"}),
+        ("block-commit", {"device": "n-top", "job-id": "c"}),
+        ("block-job-set-speed", {"device": "m", "speed": 0}),
+        ("block-job-resume", {"device": "m"}),
+        ("@wait", "m", "null"),
+        "info block -n",
+        ("block-stream", {"device": "n-top", "bottom": "n-mid", "job-id": "b"}),
+        ("@wait", "b", "null"),
+        "info block -n",
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

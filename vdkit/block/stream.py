@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vdkit.block.jobs import Job, JobDriver
+from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,7 +38,10 @@ class StreamJob(JobDriver):
     job_type = "stream"
 
     def __init__(self, chain: list[Node], base: int | None, backing_file: str | None,
-                 chain_changed: Callable[[list[Node]], None]) -> None:
+                 chain_changed: Callable[[list[Node]], None], *,
+                 reopen: Callable[[bool], None] | None = None) -> None:
+        """``reopen(ro)``: the target was reopened read-write for the job (a backing node); read-only after."""
+        self.reopen = reopen
         self.chain = chain
         self.base_index = base
         self.backing_file = backing_file
@@ -104,3 +108,10 @@ class StreamJob(JobDriver):
         dropped = self.nodes()[1:]
         top.backing = base
         self.chain_changed(dropped)
+
+    def clean(self, job: Job) -> None:
+        if self.reopen is not None:
+            try:
+                self.reopen(True)
+            except (OSError, VdkitError):
+                pass  # it stays writable: still correct, only the lock is wider than QEMU's

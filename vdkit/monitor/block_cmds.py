@@ -220,7 +220,8 @@ def query_named_block_nodes(ctx: CommandContext, args: dict[str, Any]) -> list[B
     flat = bool(args.get("flat", False))
     entries = [(s, _node_info(drive, medium, i, kind, flat, ctx.machine.jobs))
                for s, drive, medium, i, kind in _newest_first(ctx)]
-    entries += [(g.serial, graph_node_info(g, flat)) for g in ctx.machine.graph.nodes]
+    entries += [(g.serial, graph_node_info(g, flat, ctx.machine.jobs)) for g in ctx.machine.graph.nodes]
+    entries += [(f.serial, info) for f, info in _graph_filters(ctx.machine, flat)]
     entries.sort(key=lambda e: -e[0])
     return [info for _, info in entries]
 
@@ -247,7 +248,9 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
             machine.render_cache[slot] = cached
         parts.append((serial, cached[1]))
     for g in machine.graph.nodes:
-        parts.append((g.serial, dumps_compact(to_qobject(graph_node_info(g, flat)))))
+        parts.append((g.serial, dumps_compact(to_qobject(graph_node_info(g, flat, machine.jobs)))))
+    for f, info in _graph_filters(machine, flat):
+        parts.append((f.serial, dumps_compact(to_qobject(info))))
     parts.sort(key=lambda e: -e[0])
     return RawJson("[" + ", ".join(p for _, p in parts) + "]")
 
@@ -265,7 +268,41 @@ def _json_backing_names(node: Node, image: ImageInfo) -> ImageInfo:
     return image
 
 
-def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
+def _graph_filters(machine: DeviceRegistry, flat: bool) -> list[tuple[JobFilter, BlockDeviceInfo]]:
+    """The filter nodes jobs put into ``blockdev-add`` chains (above the graph node they work on)."""
+    out = []
+    for f in machine.jobs.filters():
+        g = next((g for g in machine.graph.nodes if g.node is not None and g.node is f.below), None)
+        if g is None:
+            continue
+        image = _filter_image(f.below, f.driver, nested=False)
+        if not flat:
+            image.backing_image = _json_backing_names(f.below, image_info(f.below, nested=True))
+        out.append((f, BlockDeviceInfo(file=g.filename, node_name=f.name, ro=f.ro, drv=f.driver,
+                                       backing_file_depth=0 if flat else 1 + chain_depth(g), encrypted=False,
+                                       detect_zeroes="off", image=image, cache=BlockdevCacheInfo())))
+    return out
+
+
+def _graph_with_filters(g: GraphNode, info: BlockDeviceInfo, jobs: JobList) -> None:
+    """A job filter between this graph node and its backing chain counts in the (non-flat) chain shown."""
+    filters = jobs.filters()
+    if not filters:
+        return
+    level: ImageInfo | None = info.image
+    cur = g.backing
+    while cur is not None and level is not None:
+        below = level.backing_image
+        f = next((f for f in filters if cur.node is not None and f.below is cur.node), None)
+        if f is not None and cur.node is not None:
+            filt = _filter_image(cur.node, f.driver, nested=False)
+            filt.backing_image = below
+            level.backing_image = filt
+            info.backing_file_depth += 1
+        level, cur = below, cur.backing
+
+
+def graph_node_info(g: GraphNode, flat: bool, jobs: JobList | None = None) -> BlockDeviceInfo:
     """A node of the ``blockdev-add`` graph as ``query-named-block-nodes`` shows it."""
     if g.node is None:
         assert g.file is not None
@@ -286,7 +323,7 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
                                                        no_flush=g.cache.no_flush))
     image = _json_backing_names(g.node, image_info(g.node, nested=not flat))
-    return BlockDeviceInfo(
+    info = BlockDeviceInfo(
         file=g.filename, node_name=g.name, ro=g.ro, drv=g.driver,
         backing_file=g.backing.filename if g.backing is not None else None,
         backing_file_depth=0 if flat else chain_depth(g),
@@ -295,6 +332,9 @@ def graph_node_info(g: GraphNode, flat: bool) -> BlockDeviceInfo:
         cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct, no_flush=g.cache.no_flush),
         dirty_bitmaps=bitmap_cmds.dirty_info(g.node),
     )
+    if jobs is not None and not flat:
+        _graph_with_filters(g, info, jobs)
+    return info
 
 
 def _newest_first(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:

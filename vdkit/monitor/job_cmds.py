@@ -359,7 +359,13 @@ def _node_exists(machine: DeviceRegistry, name: str) -> bool:
 
 
 def _check_chain_busy(machine: DeviceRegistry, chain: JobChain, indices: range) -> None:
+    """QEMU's op blockers down the chain; a job's filter node between two nodes is met (and named) first."""
     for i in indices:
+        if i > indices.start:
+            for j in machine.jobs.jobs:
+                f = j.driver.filter
+                if f is not None and f.below is chain.nodes[i] and f in machine.jobs.filters():
+                    raise VdkitError(f"Node '{f.name}' is busy: block device is in use by block job: {j.type}")
         job = machine.jobs.job_on(chain.nodes[i])
         if job is not None:
             raise VdkitError(f"Node '{chain.label(i)}' is busy: block device is in use by block job: {job.type}")
@@ -431,11 +437,17 @@ def _graph_changed(machine: DeviceRegistry, gchain: list[GraphNode]) -> Any:
             above = gchain[gone[0] - 1]
             below = gchain[gone[-1] + 1] if gone[-1] + 1 < len(gchain) else None
             above.backing, above.backing_override = below, True
-            refresh_filename(above)
             for i in gone:
                 g = gchain[i]
                 if g.implicit and not machine.graph.parents_of(g):
                     delete_node(machine, g)
+            # QEMU refreshes filenames up the graph: a json: name describes the nodes below it
+            for _ in range(len(machine.graph.nodes)):
+                before = [g.filename for g in machine.graph.nodes]
+                for g in machine.graph.nodes:
+                    refresh_filename(g)
+                if before == [g.filename for g in machine.graph.nodes]:
+                    break
         machine.generation += 1
 
     return changed
@@ -461,36 +473,48 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
     found = _lookup_chain(machine, device)
     if found is None:
         raise VdkitError(f"Cannot find device='{device}' nor node-name='{device}'")
-    chain, index = found
-    if index or not chain.is_root:
-        raise VdkitError("Streaming into a backing node is not supported by vdkit")
+    chain, index = found  # index > 0: streaming into a backing node of a drive
     nodes = chain.nodes
+    root = index == 0 and chain.is_root
     base_index: int | None = None
     if base is not None:
-        base_index = find_backing_image(nodes, 0, base)
+        base_index = find_backing_image(nodes, index, base)
         if base_index is None:
             raise VdkitError(f"Can't find '{base}' in the backing chain")
     if base_node is not None:
         hit = chain.index_of(base_node)
         if hit is None and not _node_exists(machine, base_node):
             raise VdkitError(f"Cannot find device='' nor node-name='{base_node}'")
-        if not hit:
+        if hit is None or hit <= index:
             raise VdkitError(f"Node '{base_node}' is not a backing image of '{device}'")
         base_index = hit
     if bottom is not None:
         hit = chain.index_of(bottom)
         if hit is None and not _node_exists(machine, bottom):
             raise VdkitError(f"Cannot find device='' nor node-name='{bottom}'")
-        if hit is None:
+        if hit is None or hit < index:
             raise VdkitError(f"Node '{bottom}' is not in a chain starting from '{device}'")
         base_index = hit + 1 if hit + 1 < len(nodes) else None
-    _check_chain_busy(machine, chain, range(len(nodes) if base_index is None else base_index))
+    _check_chain_busy(machine, chain, range(index, len(nodes) if base_index is None else base_index))
     if base_index is None and args.get("backing-file") is not None:
         raise VdkitError("backing file specified, but streaming the entire chain")
-    if chain.top_ro:
+    if root and chain.top_ro:
         raise VdkitError("Block node is read-only")
-    driver = StreamJob(nodes, base_index, args.get("backing-file"), chain.changed)
-    _start(machine, _job_id(chain, args), driver, args, filter=("copy-on-read", nodes[0], False))
+    target = nodes[index]
+    reopened = target.readonly  # a backing node is written by the stream: read-write meanwhile
+    if reopened:
+        chain.reopen(index, False)
+    try:
+        driver = StreamJob(nodes[index:], None if base_index is None else base_index - index,
+                           args.get("backing-file"), chain.changed,
+                           reopen=(lambda ro: chain.reopen(index, ro)) if reopened else None)
+        # the default job-id is the backend's name: a node below the root has none
+        job_id = str(args.get("job-id", chain.default_id if root else ""))
+        _start(machine, job_id, driver, args, filter=("copy-on-read", target, False))
+    except BaseException:
+        if reopened:
+            chain.reopen(index, True)
+        raise
 
 
 def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
