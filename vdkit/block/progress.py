@@ -23,24 +23,24 @@ class Progress:
 
     def __init__(self, enabled: bool, min_skip: float = 1.0) -> None:
         self.enabled = enabled
-        self.min_skip = _f32(min_skip)
+        self.min_skip = f32(min_skip)
         self.current = 0.0
         self.last = 0.0
 
     def set(self, value: float) -> None:
         """Absolute update (``qemu_progress_print(value, 0)``)."""
-        self._update(_f32(value))
+        self._update(f32(value))
 
     def add(self, delta: float, max_: int = 100) -> None:
         """Relative update (``qemu_progress_print(delta, max)``)."""
-        self._update(_f32(self.current + _f32(_f32(_f32(delta) / 100.0) * _f32(max_))))
+        self._update(f32(self.current + f32(f32(f32(delta) / 100.0) * f32(max_))))
 
     def _update(self, cur: float) -> None:
         if not self.enabled:
             return
         cur = min(cur, 100.0)
         self.current = cur
-        if (cur > _f32(self.last + self.min_skip) or cur < _f32(self.last - self.min_skip)
+        if (cur > f32(self.last + self.min_skip) or cur < f32(self.last - self.min_skip)
                 or cur == 0 or cur == 100):
             self.last = cur
             _write(f"    ({cur:3.2f}/100%)\r")
@@ -59,6 +59,7 @@ def _write(text: str) -> None:
 _F32 = struct.Struct("=f")
 
 
-def _f32(x: float) -> float:
-    """``x`` rounded to the nearest C ``float``."""
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest C ``float`` (sums, products and quotients of two of them rounded again
+    are C's float arithmetic: a double holds their exact or correctly rounded value; no numpy needed)."""
     return float(_F32.unpack(_F32.pack(x))[0])

@@ -164,17 +164,14 @@ def _status(node: Node, offset: int, length: int, filename: str):  # type: ignor
 
 
 def _compare(n1: Node, n2: Node, file1: str, file2: str, *, strict: bool, quiet: bool, prog) -> int:  # type: ignore[no-untyped-def]
-    import numpy as np
-
     from vdkit.block.io import ALLOCATED, ZERO, read
+    from vdkit.block.progress import f32
 
     size1, size2 = n1.driver.virtual_size, n2.driver.virtual_size
     total = min(size1, size2)
     base = max(size1, size2)
-    f32 = np.float32
-
     def advance(chunk: int) -> None:
-        prog.add(float(f32(f32(f32(chunk) / f32(base)) * f32(100))), 100)
+        prog.add(f32(f32(f32(chunk) / f32(base)) * f32(100)), 100)
 
     prog.set(0.0)
     if strict and size1 != size2:
