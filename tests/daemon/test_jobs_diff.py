@@ -467,3 +467,21 @@ def test_stream_bottom_on_blockdev_chain(daemons: Daemons) -> None:
         "info block -n",
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_backing_file_strings(daemons: Daemons) -> None:
+    """backing-file is written verbatim (even a name that does not exist); the node then has a json: name."""
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "backing-file": "custom-name.qcow2",
+                          "job-id": "c"}),
+        ("@wait", "c", "null"),
+        ("query-block", None),
+        "info block -n",
+        # a json: node's header name is resolved against its file's folder: custom-name.qcow2 is no file
+        ("block-stream", {"device": "disk0", "base": "DIR/base.qcow2", "job-id": "s"}),
+        ("block-stream", {"device": "disk0", "base": "custom-name.qcow2", "backing-file": "base.qcow2",
+                          "job-id": "s"}),
+        ("@wait", "s", "null"),
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

@@ -105,7 +105,7 @@ class CommitJob(JobDriver):
 
     Crash order: data is flushed into the base before any header changes;
     until then the images above the base still answer every range they
-    allocate, so the old chain reads as before.  ``chain_changed(dropped)``
+    allocate, so the old chain reads as before.  ``chain_changed(dropped, rewritten)``
     is the monitor's bookkeeping (names, generation), called with the lock
     held after the graph change.
     """
@@ -113,7 +113,7 @@ class CommitJob(JobDriver):
     job_type = "commit"
 
     def __init__(self, chain: list[Node], top: int, base: int, backing_file: str | None,
-                 chain_changed: Callable[[list[Node]], None], *, base_was_ro: bool,
+                 chain_changed: Callable[[list[Node], Node | None], None], *, base_was_ro: bool,
                  reopen: Callable[[int, bool], None] | None = None) -> None:
         """``reopen(i, ro)`` reopens ``chain[i]`` (default: :func:`vdkit.block.jobs.reopen_node`)."""
         self.chain = chain
@@ -218,7 +218,7 @@ class CommitJob(JobDriver):
         if self.active:
             self._detach()
             if self.pivot:
-                self.chain_changed(self.chain[:self.base_index])
+                self.chain_changed(self.chain[:self.base_index], None)
             return
         overlay = self.chain[self.top_index - 1]
         ro = overlay.readonly
@@ -230,7 +230,7 @@ class CommitJob(JobDriver):
             if ro:
                 self._reopen(self.top_index - 1, True)
         overlay.backing = self.base
-        self.chain_changed(self.chain[self.top_index:self.base_index])
+        self.chain_changed(self.chain[self.top_index:self.base_index], overlay)
 
     def _detach(self) -> None:
         """Take the job's bitmap and write hook off the active image (before it may be closed)."""

@@ -30,15 +30,16 @@ CHUNK = 512 * 1024  # QEMU's stream and commit step
 class StreamJob(JobDriver):
     """``chain`` is the drive's chain, top first; ``base`` the index of the base in it (None: the whole chain).
 
-    ``chain_changed(dropped)`` is called (device lock held) after the graph
-    change, with the nodes taken out of the chain (closed afterwards by the
+    ``chain_changed(dropped, rewritten)`` is called (device lock held) after
+    the graph change, with the nodes taken out of the chain and the node whose
+    header was rewritten (closed afterwards by the
     caller's bookkeeping): the monitor fixes its node names there.
     """
 
     job_type = "stream"
 
     def __init__(self, chain: list[Node], base: int | None, backing_file: str | None,
-                 chain_changed: Callable[[list[Node]], None], *,
+                 chain_changed: Callable[[list[Node], Node | None], None], *,
                  reopen: Callable[[bool], None] | None = None) -> None:
         """``reopen(ro)``: the target was reopened read-write for the job (a backing node); read-only after."""
         self.reopen = reopen
@@ -98,16 +99,16 @@ class StreamJob(JobDriver):
         from vdkit.block import io as bio
 
         top, base = self.top, self.base
-        if top.backing is base:
+        if top.backing is None:
             return
-        bio.flush(top)
+        bio.flush(top)  # also with nothing streamed (base = the backing): the header is rewritten, as QEMU
         if base is None:
             top.driver.change_backing_file(None, None)
         else:
             top.driver.change_backing_file(self.backing_file or base.filename, base.format)
         dropped = self.nodes()[1:]
         top.backing = base
-        self.chain_changed(dropped)
+        self.chain_changed(dropped, top)
 
     def clean(self, job: Job) -> None:
         if self.reopen is not None:

@@ -198,22 +198,29 @@ def check_root_busy(machine: DeviceRegistry, drive: Drive, *, drain: bool = Fals
 def find_backing_image(chain: list[Node], start: int, name: str) -> int | None:
     """QEMU's bdrv_find_backing_image: the index of the image below ``chain[start]`` that ``name`` means.
 
-    A layer matches if its overlay's header names it by exactly ``name``, or
-    if ``name`` (relative names taken from the overlay's folder) and the
-    header's name resolve to the same real path.
+    Below a node whose backing is not the one its header names (a ``json:``
+    filename), only the backing node's filename matches.  With a protocol in
+    either name, the names are compared as strings (the header's, or its
+    resolution).  Otherwise both are made absolute (relative names from the
+    overlay's folder) and their real paths compared: files that do not exist
+    match nothing.
     """
     import os
 
     from vdkit.block.chain import has_protocol, resolve_backing_name
 
     for i in range(start, len(chain) - 1):
-        overlay = chain[i]
+        overlay, below = chain[i], chain[i + 1]
+        if overlay.filename.startswith("json:"):
+            if name == below.filename:
+                return i + 1
+            continue
         stored = overlay.driver.backing_file
         if stored is None:
             continue
-        if stored == name:
-            return i + 1
-        if has_protocol(name) or overlay.filename.startswith("json:"):
+        if has_protocol(name) or has_protocol(stored):
+            if name in (stored, resolve_backing_name(overlay.filename, stored)):
+                return i + 1
             continue
         wanted = resolve_backing_name(overlay.filename, name)
         actual = resolve_backing_name(overlay.filename, stored)
@@ -227,7 +234,7 @@ def find_backing_image(chain: list[Node], start: int, name: str) -> int | None:
 def _chain_changed(machine: DeviceRegistry, medium: Medium, chain: list[Node]) -> Any:
     """The bookkeeping after a job changed ``medium``'s chain (``chain`` as it was): names, closing, caches."""
 
-    def changed(dropped: list[Node]) -> None:
+    def changed(dropped: list[Node], rewritten: Node | None) -> None:
         from vdkit.devices.graph import describe_node, json_filename
 
         gone = [i for i, n in enumerate(chain) if any(n is d for d in dropped)]
@@ -255,10 +262,10 @@ def _chain_changed(machine: DeviceRegistry, medium: Medium, chain: list[Node]) -
                 node.driver.close()
             except OSError:
                 pass
-        if gone and gone[0] > 0:
-            # the node above the dropped ones had its header rewritten: QEMU's filename rule compares the
-            # name now stored (its auto_backing_file) with the new backing node's filename
-            node = chain[gone[0] - 1]
+        if rewritten is not None:
+            # a header was rewritten: QEMU's filename rule compares the name now stored (its
+            # auto_backing_file) with the backing node's filename
+            node = rewritten
             below = node.backing
             stored = node.driver.backing_file
             if below is not None and stored != below.filename:
@@ -429,25 +436,27 @@ def _graph_changed(machine: DeviceRegistry, gchain: list[GraphNode]) -> Any:
     """Bookkeeping after a job changed a graph chain: the node above the dropped ones gets the new backing
     (QEMU's filename rule), dropped nodes opened from headers are deleted, the user's stay."""
 
-    def changed(dropped: list[Node]) -> None:
+    def changed(dropped: list[Node], rewritten: Node | None) -> None:
         from vdkit.devices.graph import delete_node, refresh_filename
 
         gone = [i for i, g in enumerate(gchain) if any(g.node is d for d in dropped)]
         if gone and gone[0] > 0:
             above = gchain[gone[0] - 1]
-            below = gchain[gone[-1] + 1] if gone[-1] + 1 < len(gchain) else None
-            above.backing, above.backing_override = below, True
+            above.backing = gchain[gone[-1] + 1] if gone[-1] + 1 < len(gchain) else None
             for i in gone:
                 g = gchain[i]
                 if g.implicit and not machine.graph.parents_of(g):
                     delete_node(machine, g)
-            # QEMU refreshes filenames up the graph: a json: name describes the nodes below it
-            for _ in range(len(machine.graph.nodes)):
-                before = [g.filename for g in machine.graph.nodes]
-                for g in machine.graph.nodes:
-                    refresh_filename(g)
-                if before == [g.filename for g in machine.graph.nodes]:
-                    break
+        for g in gchain:
+            if rewritten is not None and g.node is rewritten:
+                g.backing_override = True  # its header now names what the job wrote: QEMU's rule decides
+        # QEMU refreshes filenames up the graph: a json: name describes the nodes below it
+        for _ in range(len(machine.graph.nodes)):
+            before = [g.filename for g in machine.graph.nodes]
+            for g in machine.graph.nodes:
+                refresh_filename(g)
+            if before == [g.filename for g in machine.graph.nodes]:
+                break
         machine.generation += 1
 
     return changed
