@@ -89,6 +89,9 @@ def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     if not svc.running:
         raise VdkitError("NBD server not running")
     if "bitmap" in args:
+        # QEMU looks for the bitmap down the node's backing chain, then exports it as a meta context
+        if any(n.find_bitmap(args["bitmap"]) is not None for n in medium.node.chain()):
+            raise VdkitError("Exporting a dirty bitmap over NBD (qemu:dirty-bitmap) is not supported by vdkit")
         raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
     # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
     writable = bool(args.get("writable", False)) and not medium.ro
