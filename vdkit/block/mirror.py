@@ -161,6 +161,7 @@ class MirrorJob(JobDriver):
         self.cursor = hi if hi < size else 0
         data = self._io(job, "read", lambda: bio.read(self.source, lo, hi - lo))
         if data is None:
+            bm.set_dirty(lo, hi - lo)  # an ignored read error: still to copy (QEMU marks it dirty again)
             return
         assert isinstance(data, bytes)
         if is_zero(data):
