@@ -309,6 +309,8 @@ def test_image_opts_and_json(web: Web) -> None:
         f"driver=http,url={h}/r.raw,readahead=64k,timeout=10,cookie=a=b",
         f"driver=https,url={s}/r.raw,sslverify=off,readahead=64k,timeout=5",
         f"driver=qcow2,file.driver=https,file.url={s}/d.qcow2,file.sslverify=on",
+        f"driver=https,url={s}/r.raw,sslverify=n",  # QEMU's boolean spellings (vdkit.opts.parse_bool)
+        f"driver=https,url={s}/r.raw,sslverify=maybe",
         # option errors (with QEMU 7.2's two GLib lines first)
         f"driver=http,url={s}/r.raw,sslverify=off",
         f"driver=https,url={h}/r.raw",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-from vdkit.errors import OpenError
+from vdkit.errors import OpenError, VdkitError
 from vdkit.io.status import DATA, OFFSET_VALID, BlockStatus
 
 TYPE_CHECKING = False
@@ -86,10 +86,12 @@ def name_for_options(opts: dict[str, str], driver: str) -> str:
         timeout = int(text)
     sslverify = True
     if "sslverify" in opts:
-        value = opts["sslverify"]
-        if value not in ("on", "off", "true", "false", "yes", "no"):
-            raise _glib_then("Parameter 'sslverify' expects 'on' or 'off'")
-        sslverify = value in ("on", "true", "yes")
+        from vdkit.opts import parse_bool
+
+        try:
+            sslverify = parse_bool("sslverify", opts["sslverify"])
+        except VdkitError as exc:
+            raise _glib_then(exc.message) from None
     if readahead % 512:
         raise _glib_then(f"HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512")
     if timeout < 0 or timeout >= MAX_TIMEOUT:
@@ -102,6 +104,18 @@ def name_for_options(opts: dict[str, str], driver: str) -> str:
     _PRESET[url] = {"driver": driver, "readahead": readahead, "timeout": timeout, "sslverify": sslverify,
                     "cookie": opts.get("cookie")}
     return url
+
+
+def _turned_off(value: object) -> bool:
+    """An sslverify value that is QEMU's false (a JSON false or any of its boolean spellings)."""
+    if isinstance(value, str):
+        from vdkit.opts import parse_bool
+
+        try:
+            return not parse_bool("sslverify", value)
+        except VdkitError:
+            return False
+    return value is False
 
 
 def json_name(opts: dict[str, object], probed: str | None = None) -> dict[str, object] | None:
@@ -117,7 +131,7 @@ def json_name(opts: dict[str, object], probed: str | None = None) -> dict[str, o
         return None
     ssl = opts.get(prefix + "sslverify")
     cookie = opts.get(prefix + "cookie")
-    if cookie is None and ssl not in ("off", "false", "no", False):
+    if cookie is None and not _turned_off(ssl):
         return None
     node: dict[str, object] = {"url": opts.get(prefix + "url"), "driver": opts.get(prefix + "driver")}
     if cookie is not None:
