@@ -511,3 +511,51 @@ def test_backup_filter_is_the_root_while_running(daemons: Daemons, tmp_path: Pat
     p.same("block-job-cancel", {"device": "bb", "force": True})
     p.wait("JOB_STATUS_CHANGE", status="null")
     p.same("query-block")
+
+
+def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
+    """on-target-error report/stop against qemu-system-x86_64: both daemons run under a file-size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored) that the targets outgrow, so their writes fail with EFBIG.  How far a
+    job got when it failed (offsets) and how many of QEMU's parallel requests failed are masked."""
+    import sys
+
+    from tests.conftest import require_tool
+    from tests.daemon.conftest import QEMU_BASE
+
+    limit = ["sh", "-c", 'trap "" XFSZ; exec prlimit --fsize=1835008 "$@"', "sh"]
+    dirs = [tmp_path / "q", tmp_path / "v"]
+    mons = []
+    for d, base in zip(dirs, ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
+                              [sys.executable, "-m", "vdkit.daemon.main", "-S"]), strict=True):
+        d.mkdir()
+        _chain(d)
+        _, path, _ = daemons.start([*limit, *base, "-drive", f"file={d}/top.qcow2,if=none,id=disk0"], d)
+        mons.append(daemons.monitor(path).negotiate())
+    offsets = re.compile(r'"offset": \d+')
+
+    def events(m: Monitor, d: Path) -> list[str]:
+        out: list[str] = []
+        for e in _events(m, d):
+            e = offsets.sub('"offset": N', e)
+            if not (out and e == out[-1] and "BLOCK_JOB_ERROR" in e):  # QEMU's parallel requests fail each
+                out.append(e)
+        return out
+
+    def same(name: str, args: dict[str, Any]) -> None:
+        outs = [offsets.sub('"offset": N', m.cmd_line(name, json.loads(json.dumps(args).replace("DIR", str(d)))))
+                for m, d in zip(mons, dirs, strict=True)]
+        assert outs[1] == outs[0], name
+
+    for job, cmd, extra, last in (("e1", "drive-backup", {}, "null"),
+                                  ("e2", "drive-backup", {"on-target-error": "stop"}, "paused"),
+                                  ("m1", "drive-mirror", {}, "null")):
+        same(cmd, {"device": "disk0", "target": f"DIR/{job}.qcow2", "sync": "full", "job-id": job, **extra})
+        for m in mons:
+            _wait(m, "JOB_STATUS_CHANGE", status=last, count=2 if last == "paused" else 1)
+        if last == "paused":
+            same("query-block-jobs", {})
+            same("block-job-cancel", {"device": job, "force": True})
+            for m in mons:
+                _wait(m, "JOB_STATUS_CHANGE", status="null")
+        q, v = (events(m, d) for m, d in zip(mons, dirs, strict=True))
+        assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])
