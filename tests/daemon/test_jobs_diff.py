@@ -485,3 +485,20 @@ def test_backing_file_strings(daemons: Daemons) -> None:
         ("query-block", None),
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])
+
+
+def test_jobs_on_a_read_only_drive(daemons: Daemons) -> None:
+    """QEMU reopens the nodes a job writes read-write, also below a read-only drive."""
+    trees = run_jobs(daemons, ["-drive", "file=DIR/top.qcow2,if=none,id=disk0,readonly=on"], [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "job-id": "c", "speed": 1}),
+        ("block-job-cancel", {"device": "c", "force": True}),
+        ("@wait", "c", "null"),
+        ("block-commit", {"device": "disk0", "job-id": "a", "speed": 1}),
+        ("block-job-cancel", {"device": "a", "force": True}),
+        ("@wait", "a", "null"),
+        "commit disk0",
+        ("block-stream", {"device": "disk0", "base": "DIR/base.qcow2", "job-id": "s"}),
+        ("@wait", "s", "null"),
+        ("query-block", None),
+    ])
+    same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

@@ -308,13 +308,12 @@ class JobChain:
     parent (a drive's root, a graph node nothing uses).
     """
 
-    def __init__(self, nodes: list[Node], names: list[str], labels: list[str], default_id: str, top_ro: bool,
+    def __init__(self, nodes: list[Node], names: list[str], labels: list[str], default_id: str,
                  is_root: bool, changed: Any, reopen: Any) -> None:
         self.nodes = nodes
         self.names = names
         self.labels = labels
         self.default_id = default_id
-        self.top_ro = top_ro
         self.is_root = is_root
         self.changed = changed
         self.reopen = reopen
@@ -333,7 +332,7 @@ def _drive_chain(machine: DeviceRegistry, drive: Drive) -> JobChain:
     nodes = list(medium.node.chain())
     names = [fmt for fmt, _file in medium.names]
     labels = [drive.id, *names[1:]]
-    return JobChain(nodes, names, labels, drive.id, medium.ro, True, _chain_changed(machine, medium, nodes),
+    return JobChain(nodes, names, labels, drive.id, True, _chain_changed(machine, medium, nodes),
                     lambda i, ro: reopen_node(nodes[i], readonly=ro))
 
 
@@ -345,7 +344,7 @@ def _graph_chain(machine: DeviceRegistry, g: GraphNode) -> JobChain:
         cur = cur.backing
     nodes = [x.node for x in gchain if x.node is not None]
     names = [x.name for x in gchain]
-    return JobChain(nodes, names, names, "", g.ro, not machine.graph.parents_of(g),
+    return JobChain(nodes, names, names, "", not machine.graph.parents_of(g),
                     _graph_changed(machine, gchain), lambda i, ro: _reopen_graph(gchain[i], ro))
 
 
@@ -507,8 +506,6 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
     _check_chain_busy(machine, chain, range(index, len(nodes) if base_index is None else base_index))
     if base_index is None and args.get("backing-file") is not None:
         raise VdkitError("backing file specified, but streaming the entire chain")
-    if root and chain.top_ro:
-        raise VdkitError("Block node is read-only")
     target = nodes[index]
     reopened = target.readonly  # a backing node is written by the stream: read-write meanwhile
     if reopened:
@@ -642,7 +639,9 @@ def hmp_commit(ctx: CommandContext, device: str) -> str:
             _commit_offline(machine, drive)
         except (OSError, VdkitError) as exc:
             code = exc.errno if isinstance(exc.errno, int) and exc.errno > 0 else errno.EIO
-            return f"'commit' error for '{device}': {os.strerror(code)}\n"
+            # a read-only top cannot be emptied: QEMU reports why first (error_report), then the errno
+            why = f"{exc.message}\n" if isinstance(exc, VdkitError) and code == errno.EPERM else ""
+            return f"{why}'commit' error for '{device}': {os.strerror(code)}\n"
     return ""
 
 
@@ -661,6 +660,8 @@ def _commit_offline(machine: DeviceRegistry, drive: Drive) -> None:
         raise VdkitError("Operation not supported", errno=errno.ENOTSUP)
     if machine.jobs.job_on(top) is not None:
         raise VdkitError("Device or resource busy", errno=errno.EBUSY)
+    if top.readonly:  # the top is emptied afterwards: it needs a writer
+        raise VdkitError("Block node is read-only", errno=errno.EPERM)
     was_ro = base.readonly
     if was_ro:
         reopen_node(base, readonly=False)
