@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError
+from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
 
@@ -249,8 +249,7 @@ class Refcounts:
         # refusing here would fail writes qemu-img makes on the same image.
         off = int(self.table[rt_index]) & L.REFT_OFFSET_MASK
         if off % self.cluster_size:
-            index = f"{rt_index:#x}" if rt_index else "0"  # C's %#x
-            msg = f"Refblock offset {off:#x} unaligned (reftable index: {index})"
+            msg = f"Refblock offset {off:#x} unaligned (reftable index: {hexalt(rt_index)})"
             if self.on_corruption is not None:
                 raise self.on_corruption(msg)
             raise CorruptImageError(msg, errno=5)
