@@ -493,12 +493,15 @@ def test_jobs_on_a_read_only_drive(daemons: Daemons) -> None:
         ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "job-id": "c", "speed": 1}),
         ("block-job-cancel", {"device": "c", "force": True}),
         ("@wait", "c", "null"),
-        ("block-commit", {"device": "disk0", "job-id": "a", "speed": 1}),
-        ("block-job-cancel", {"device": "a", "force": True}),
-        ("@wait", "a", "null"),
         "commit disk0",
         ("block-stream", {"device": "disk0", "base": "DIR/base.qcow2", "job-id": "s"}),
         ("@wait", "s", "null"),
         ("query-block", None),
+        ("block-commit", {"device": "disk0", "job-id": "p"}),
+        ("@wait", "p", "ready"),
+        ("block-job-complete", {"device": "p"}),
+        ("@wait", "p", "null"),
+        ("query-block", None),
+        "info block -n",
     ])
     same_files(trees, "top.qcow2", ["top.qcow2", "mid.qcow2", "base.qcow2"])

@@ -255,7 +255,10 @@ def _chain_changed(machine: DeviceRegistry, medium: Medium, chain: list[Node]) -
                 medium.overlay_index -= sum(1 for i in gone if i < medium.overlay_index)
         if gone and gone[0] == 0:  # a pivot: the first remaining node is the drive's root now
             medium.node = chain[gone[-1] + 1]
-            medium.ro = medium.node.readonly
+            if medium.ro:  # a read-only drive stays read-only on its new root
+                from vdkit.block.jobs import reopen_node
+
+                reopen_node(medium.node, readonly=True)
         for node in dropped:
             node.backing = None
             try:
