@@ -273,16 +273,6 @@ class L2Cache:
         self._dirty.clear()
 
 
-@record(frozen=True)
-class Mapping:
-    """Where one guest cluster (or subcluster) lives."""
-
-    type: ClusterType
-    host_offset: int  # byte offset of the guest offset's data (0 when none)
-    entry: int
-    bitmap: int = 0
-
-
 class ClusterMap:
     """The active L1 table in memory plus lookup and growth through the L2 cache."""
 
@@ -298,33 +288,6 @@ class ClusterMap:
     @property
     def l1_size(self) -> int:
         return len(self.l1)
-
-    def lookup(self, guest: int) -> Mapping:
-        """Classify the cluster holding guest byte ``guest``."""
-        g = self.geom
-        i1 = g.l1_index(guest)
-        if i1 >= len(self.l1):
-            return Mapping(ClusterType.UNALLOCATED, 0, 0)
-        l2_off = int(self.l1[i1]) & L.L1E_OFFSET_MASK
-        if not l2_off:
-            return Mapping(ClusterType.UNALLOCATED, 0, 0)
-        entries, bitmaps = self.l2.get(l2_off)
-        i2 = g.l2_index(guest)
-        entry = int(entries[i2])
-        bitmap = int(bitmaps[i2])
-        in_cluster = guest & (g.cluster_size - 1)
-        if g.extended_l2:
-            ctype = g.subcluster_type(entry, bitmap, in_cluster // (g.cluster_size // 32))
-        else:
-            ctype = g.classify(entry)
-        if ctype == ClusterType.COMPRESSED:
-            return Mapping(ctype, g.compressed_range(entry)[0], entry, bitmap)
-        off = entry & L.L2E_OFFSET_MASK
-        if ctype in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC):
-            if off % g.cluster_size:
-                raise CorruptImageError(f"Cluster allocation offset {off:#x} unaligned", errno=5)
-            return Mapping(ctype, off + in_cluster, entry, bitmap)
-        return Mapping(ctype, 0, entry, bitmap)
 
     def grow_l1(self, min_size: int, refcounts: Refcounts, *, exact: bool = False) -> None:
         """Grow the active L1 to at least ``min_size`` entries (§1.8), in place style."""
