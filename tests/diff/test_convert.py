@@ -120,6 +120,9 @@ def test_convert_concat_and_existing_target(workdir: Path) -> None:
     ["-S", "0", "-C", "x"],
     ["-C", "--salvage", "x"],
     ["-B", "x", "-O", "qcow2", "x", "x"],
+    ["-B", "x", "-O", "qed", "x"],  # every format with a backing_file option wants -F
+    ["-B", "x", "-O", "vmdk", "x"],
+    ["-B", "x", "-O", "vpc", "x"],
     ["-o", "backing_file=x,backing_fmt=qcow2", "-O", "qcow2", "x", "x"],
     ["-B", "x", "-O", "qcow2", "x", "missing.qcow2"],
     ["-l", "s1", "-B", "x", "-O", "qcow2", "x", "x"],

@@ -274,6 +274,14 @@ def _supports_compression(fmt: str) -> bool:
     return registry.is_known(fmt) and getattr(registry.format_module(fmt), "SUPPORTS_COMPRESSION", False)
 
 
+def _takes_backing(fmt: str) -> bool:
+    """The output format has a ``backing_file`` creation option (qemu-img then insists on ``-F``)."""
+    from vdkit.formats import registry
+
+    return (registry.is_known(fmt) and registry.can_create(fmt)
+            and any(d.name == "backing_file" for d in registry.format_module(fmt).create_options()))
+
+
 def _open_target(a: ConvertArgs, size: int) -> Target:
     """Create the output (unless ``-n``) and open it for writing."""
     from vdkit.block.target import target_for
@@ -326,7 +334,7 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
     if not a.skip_create:
         backing = a.backing or _option_value(a.options, "backing_file")
         backing_fmt = a.backing_fmt or _option_value(a.options, "backing_fmt")
-        if backing is not None and a.out_fmt == "qcow2" and backing_fmt is None:
+        if backing is not None and backing_fmt is None and _takes_backing(a.out_fmt):
             raise VdkitError("Use of backing file requires explicit backing format")
         _create(a, size)
     if a.skip_create and a.target.startswith("json:"):  # -n onto a json: name: its options, as qemu-img
