@@ -24,14 +24,18 @@ PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # block layer.  ``devices`` (the daemon's machine: drives, media, throttling;
 # no asyncio) sits below the front ends, so the monitor's handlers use it and
 # the daemon only plugs its services in.
-# ``block.secrets`` (the --object secret store the luks format looks its key up in) needs only errors.
+# ``block.secrets`` (the --object secret store the luks format and the rbd protocol look keys up in, as
+# QEMU's secret objects sit below its block layer) needs only errors: it sits with ``opts``.
+# ``info.render_json`` (QEMU's JSON writer: QDict key order, escaping) needs only ``record``: it sits
+# with the QAPI shapes, so protocols can name nodes ``json:{...}``.
 # ``block.chain`` (backing-name resolution, the open policy, the chain walker) needs nothing above it and
 # is used by formats that name files (VMDK extents).  ``protocols`` are what bytes are read from besides
 # local files (NBD); the NBD client shares ``nbd.wire`` (constants and layouts only) with the server.
 LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.driver", "formats", "block", "info",
           "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
-                ("block", "chain"): "block.driver", ("block", "secrets"): "block.driver",
+                ("block", "chain"): "block.driver", ("block", "secrets"): "opts",
+                ("info", "render_json"): "info.model",
                 ("block", "dirty_bitmap"): "block.driver",
                 ("info", "model"): "info.model", ("info", "monitor_model"): "info.model", ("nbd", "wire"): "io"}
 # Front ends are siblings: none may import another.
@@ -43,10 +47,6 @@ ALLOWED_UPWARD = {
     ("block/node.py", "vdkit.info.collect"),
     # TODO: vmdk opens its backing file (make.py, for its CID) through block/
     ("formats/vmdk/make.py", "vdkit.block.node"),
-    # rbd nodes are named json:{...} in QEMU's QDict key order (render_json owns it); key-secret names a
-    # --object secret (block.secrets, which needs only errors)
-    ("protocols/rbd.py", "vdkit.info.render_json"),
-    ("protocols/rbd.py", "vdkit.block.secrets"),
 }
 
 
