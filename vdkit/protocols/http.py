@@ -239,7 +239,7 @@ class HttpFile:
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
         self._conn: http.client.HTTPConnection | None = None
-        self._cache: list[tuple[int, bytes]] = []
+        self._cache: list[tuple[int, bytearray]] = []
         try:
             self._size = self._head()
         except HttpError as exc:
@@ -333,13 +333,17 @@ class HttpFile:
             raise HttpError("Server does not support 'range' (byte ranges).")
         return int(length)
 
-    def _get(self, offset: int, length: int) -> bytes:
-        """``GET`` bytes [offset, offset+length) with a Range header; the answer must be a 206 of that range."""
+    def _get(self, offset: int, length: int) -> bytearray:
+        """``GET`` bytes [offset, offset+length) with a Range header; the answer must be a 206 of that range.
+
+        The body is copied chunk by chunk into one buffer, not assembled by concatenation.
+        """
         import http.client
         import time
 
         resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
-        data = bytearray()
+        data = bytearray(length)
+        got = 0
         try:
             whole = resp.status == 200
             if resp.status != 206 and not whole:
@@ -364,32 +368,35 @@ class HttpFile:
                 if not chunk:
                     break
                 skip -= len(chunk)
-            while len(data) < length:
+            view = memoryview(data)
+            while got < length:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
                 if sock is not None:
                     sock.settimeout(left)
-                chunk = resp.read1(min(length - len(data), 1 << 20))
+                # read1: what one receive brings (a trickling server must not hold readinto past the deadline)
+                chunk = resp.read1(min(length - got, 1 << 20))
                 if not chunk:
                     break
-                data += chunk
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
             if whole:
                 self._drop()  # the rest of the resource is not wanted
-            elif len(data) == length:
+            elif got == length:
                 resp.read()  # the body is complete: marks the response done so the connection can be reused
         except TimeoutError:
             self._drop()
-            raise self._timed_out(start, len(data), length) from None
+            raise self._timed_out(start, got, length) from None
         except (http.client.HTTPException, OSError) as exc:
             self._drop()
             raise HttpError(f"Recv failure: {exc}") from None
-        if len(data) != length:
+        if got != length:
             self._drop()
-            raise HttpError(f"transfer closed with {length - len(data)} bytes remaining to read")
+            raise HttpError(f"transfer closed with {length - got} bytes remaining to read")
         if self._conn is not None and resp.will_close:
             self._drop()
-        return bytes(data)
+        return data
 
     # -- the file interface ---------------------------------------------------------------------
 
@@ -402,17 +409,30 @@ class HttpFile:
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise OSError(_errno.EIO, os.strerror(_errno.EIO))
-        inside = max(0, min(length, self._size - offset))
-        data = self._read(offset, inside) if inside else b""
-        return data + bytes(length - inside)
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
 
-    def _read(self, offset: int, length: int) -> bytes:
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """The resource's bytes at ``offset`` copied once into ``view`` from a fetched window (zeros past
+        the end)."""
+        if offset < 0:
+            raise OSError(_errno.EIO, os.strerror(_errno.EIO))
+        inside = max(0, min(len(view), self._size - offset))
+        if inside:
+            start, buf = self._window(offset, inside)
+            view[:inside] = memoryview(buf)[offset - start:offset - start + inside]
+        if inside < len(view):
+            view[inside:] = bytes(len(view) - inside)
+
+    def _window(self, offset: int, length: int) -> tuple[int, bytearray]:
+        """A fetched window holding [offset, offset+length): a cached one, or a new GET with read-ahead."""
         end = offset + length
         for i, (start, buf) in enumerate(self._cache):
             if start <= offset and end <= start + len(buf):
                 if i:
                     self._cache.insert(0, self._cache.pop(i))
-                return buf[offset - start:end - start]
+                return start, buf
         want = min(length + self.readahead, self._size - offset)
         try:
             buf = self._get(offset, want)
@@ -421,10 +441,7 @@ class HttpFile:
             raise OSError(_errno.EIO, exc.message) from None
         self._cache.insert(0, (offset, buf))
         del self._cache[CACHE_WINDOWS:]
-        return buf[:length]
-
-    def readinto(self, offset: int, view: memoryview) -> None:
-        view[:] = self.pread(offset, len(view))
+        return offset, buf
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise OSError(_errno.EACCES, "curl driver does not support writes")
