@@ -319,6 +319,18 @@ def test_create(tmp_path: Path, opts: str, size: str) -> None:
     _same_files(q, v)
 
 
+@pytest.mark.parametrize("args", [
+    ["-u", "-b", "missing.vmdk", "-F", "vmdk", "o.vmdk", "4M"],
+    ["-u", "-b", "q.qcow2", "-F", "vmdk", "o.vmdk", "4M"],  # probed as what it is, whatever -F says
+    ["-u", "-b", "q.qcow2", "-F", "bogus", "o.vmdk", "4M"],  # any other -F: refused before opening
+    ["-u", "-b", "q.qcow2", "-F", "qcow2", "o.vmdk", "4M"],
+])
+def test_create_backing_errors(tmp_path: Path, args: list[str]) -> None:
+    """vmdk opens its backing file itself (for its CID), also under -u: QEMU's checks and texts."""
+    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "q.qcow2"), "1M")
+    assert_same(["create", "-f", "vmdk", *args], tmp_path)
+
+
 def test_create_help_and_backing(tmp_path: Path) -> None:
     assert_same(["create", "-f", "vmdk", "-o", "help", "x.vmdk", "4M"], tmp_path)
     assert_same(["create", "-f", "vmdk", "-o", "help"], tmp_path)

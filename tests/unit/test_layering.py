@@ -45,8 +45,6 @@ SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cl
 ALLOWED_UPWARD = {
     # Node.info()/Node.snapshots(): library conveniences that call the one info collector
     ("block/node.py", "vdkit.info.collect"),
-    # TODO: vmdk opens its backing file (make.py, for its CID) through block/
-    ("formats/vmdk/make.py", "vdkit.block.node"),
 }
 
 

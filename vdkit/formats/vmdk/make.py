@@ -124,14 +124,36 @@ def _split_name(base: str) -> tuple[str, str]:
 
 
 def _parent_cid(filename: str, backing: str, backing_fmt: str | None) -> int:
-    from vdkit.block.chain import resolve_backing_name
-    from vdkit.block.node import open_image
+    """The backing image's CID, which the new image records as its parent's.
 
+    QEMU's vmdk refuses a backing format other than vmdk first, then opens the backing image
+    itself (even under ``-u``; probed, read-only, shared, without its own chain) and insists
+    that it is a vmdk.  The file, the probe and vmdk's own open are all below the block layer.
+    """
+    from vdkit.block.chain import resolve_backing_name
+    from vdkit.block.driver import OpenContext
+    from vdkit.formats.registry import PROBE_SIZE, probe_format
+    from vdkit.formats.vmdk.driver import open_vmdk
+    from vdkit.io.file import ImageFile
+
+    if backing_fmt is not None and backing_fmt != "vmdk":
+        raise VdkitError("backing_file must be a vmdk image")
     full = resolve_backing_name(filename, backing) or backing
-    with open_image(full, backing_fmt, readonly=True, force_share=True, backing=False) as node:
-        if node.format != "vmdk":
-            raise VdkitError("backing_file must be a vmdk image")
-        return int(node.driver.cid)  # type: ignore[attr-defined]
+    with ImageFile(full, readonly=True, force_share=True) as file:  # its errors name the file already
+        fmt = probe_format(file.pread(0, PROBE_SIZE), full)
+        if fmt != "vmdk":
+            raise VdkitError(f"Invalid backing file format: {fmt}. Must be vmdk")
+        ctx = OpenContext(full, readonly=True, force_share=True)
+        try:
+            driver = open_vmdk(file, ctx)
+            try:
+                driver.open_children(ctx)
+                return int(driver.cid)
+            finally:
+                for child in driver.extra_files():
+                    child.close()
+        except VdkitError as exc:
+            raise exc.prefixed(f"Could not open '{full}': ") from exc
 
 
 def create_from_options(filename: str, opts: CreateOpts) -> None:
