@@ -196,3 +196,43 @@ def test_no_image_locking(daemons: Daemons, cluster: ceph.CephCluster, tmp_path:
     assert r.returncode == 0 and "error" not in r.stdout.lower()
     names = [s["name"] for s in v.cmd("query-snapshots")["return"]]
     assert names == ["cli-snap", "while-held-0", "while-held-1"]
+
+
+def test_internal_snapshots_on_blockdev_nodes(daemons: Daemons, cluster: ceph.CephCluster,  # noqa: F811
+                                              tmp_path: Path) -> None:
+    """blockdev-snapshot-internal-sync/-delete-internal-sync by node name on -blockdev nodes: an rbd node,
+    raw over rbd, a qcow2 node, a file node (no snapshots) and non-root nodes, as QEMU answers."""
+    base = cluster.unique("gsnap")
+    for side in ("q", "v"):
+        _image(cluster, f"{side}-{base}", "8M")
+        (tmp_path / side).mkdir()
+        assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / side / "a.qcow2"), "8M").returncode == 0
+        assert qemu_img("create", "-q", "-f", "raw", str(tmp_path / side / "b.raw"), "8M").returncode == 0
+
+    def args(image: str) -> list[str]:
+        conf = cluster.conf
+        return ["-blockdev", f"driver=rbd,node-name=n0,pool=rbd,image={image},conf={conf}",
+                "-blockdev", "driver=file,node-name=f0,filename=a.qcow2",
+                "-blockdev", "driver=qcow2,node-name=q0,file=f0",
+                "-blockdev", "driver=file,node-name=f1,filename=b.raw",
+                "-blockdev", f"driver=raw,node-name=r1,file.driver=rbd,file.pool=rbd,file.image={image}-2,"
+                             f"file.conf={conf},file.node-name=n1"]
+
+    for side in ("q", "v"):
+        _image(cluster, f"{side}-{base}-2", "8M")
+    _, qpath, _ = daemons.qemu(args(f"q-{base}"), tmp_path / "q")
+    _, vpath, _ = daemons.vdkit(args(f"v-{base}"), tmp_path / "v")
+    q, v = daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()
+    steps = [("blockdev-snapshot-internal-sync", {"device": d, "name": "g1"})
+             for d in ("n0", "q0", "f0", "f1", "r1", "n1", "nosuch", "n0", "r1")]
+    steps += [("blockdev-snapshot-delete-internal-sync", {"device": d, "name": "g1"})
+              for d in ("n0", "q0", "f0", "f1", "r1", "n1", "n0")]
+    steps += [("blockdev-snapshot-delete-internal-sync", {"device": "n0", "name": "cli-snap", "id": "x"})]
+    for cmd, arguments in steps:
+        theirs = normalise(q.cmd_line(cmd, arguments))
+        ours = normalise(v.cmd_line(cmd, arguments)).replace(f"v-{base}", f"q-{base}")
+        assert ours == theirs, (cmd, arguments)
+    for image in (base, f"{base}-2"):  # the RBD images' own snapshot lists ended alike
+        names = [[line.split()[1] for line in cluster.rbd("snap", "ls", f"rbd/{side}-{image}").stdout.splitlines()[1:]]
+                 for side in ("q", "v")]
+        assert names[0] == names[1]

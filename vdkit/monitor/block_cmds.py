@@ -630,8 +630,38 @@ def _entries(medium: Medium) -> Sequence[SnapshotRecord]:
 @dataclass
 class _Target:
     label: str  # the name the client used (errors quote it)
-    drive: Drive
+    drive: Drive | None  # None: a -blockdev node
     medium: Medium
+
+
+@dataclass
+class _GraphMedium:
+    """A root node of the -blockdev graph seen as the medium internal snapshots act on."""
+
+    node: Node
+    ro: bool
+    dead: bool = False
+
+
+def _graph_target(machine: DeviceRegistry, g: GraphNode, device: str) -> _Target:
+    """A ``-blockdev`` node named as ``device``: it must be a root; a protocol node is its own image
+    (an rbd node has the RBD snapshots, the others none)."""
+    from vdkit.block.driver import FormatDriver
+    from vdkit.block.node import Node
+
+    if machine.graph.parents_of(g):
+        raise VdkitError("Need a root block node")
+    node = g.node
+    if node is None:
+        assert g.file is not None
+        if g.driver == "rbd":
+            from vdkit.formats.rbd import RbdDriver
+
+            node = Node(g.filename, RbdDriver(g.file), readonly=g.ro)
+        else:  # no snapshots: QEMU's "Block format 'file' ... does not support internal snapshots"
+            drv = type("ProtocolNode", (FormatDriver,), {"format_name": g.driver})(g.file)
+            node = Node(g.filename, drv, readonly=g.ro)
+    return _Target(device, None, _GraphMedium(node, g.ro))  # type: ignore[arg-type]  # medium-like
 
 
 def _resolve_root(ctx: CommandContext, device: str) -> _Target:
@@ -648,6 +678,9 @@ def _resolve_root(ctx: CommandContext, device: str) -> _Target:
                         raise VdkitError("Need a root block node")
                     drive = d
         if drive is None:
+            g = machine.graph.find(device)
+            if g is not None:
+                return _graph_target(machine, g, device)
             raise VdkitError(f"Cannot find device='{device}' nor node-name='{device}'")
     if drive.medium is not None and machine.jobs.job_on(drive.medium.node) is not None:
         raise VdkitError("Need a root block node")  # the job holds the root as its child
