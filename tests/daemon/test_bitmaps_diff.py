@@ -44,8 +44,10 @@ class Pair:
         self.tmp = tmp
         self.qm, self.vm = daemons.pair(drives, lambda d: None)
         self.urls: list[dict[str, str]] = []
+        self.socks: list[str] = []
         for mon in (self.qm, self.vm):
             sock = short_sock("n.sock")
+            self.socks.append(sock)
             assert mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}}) == {"return": {}}
             for dev in exports:
                 assert mon.cmd("nbd-server-add", {"device": dev, "writable": True}) == {"return": {}}
@@ -283,5 +285,24 @@ def test_external_snapshot_stores_the_bitmaps_of_the_old_top(daemons: Daemons, t
     assert (tmp_path / "v" / "a.qcow2").read_bytes() == (tmp_path / "q" / "a.qcow2").read_bytes()
     p.same("query-named-block-nodes")
     p.same("block-dirty-bitmap-clear", {"node": "disk0", "name": "pb"})
+    p.quit(daemons)
+    _files_equal(tmp_path, "a.qcow2")
+
+
+def test_bitmaps_follow_block_resize(daemons: Daemons, tmp_path: Path) -> None:
+    """block_resize resizes the node's bitmaps: writes past the old end are recorded, and the persistent
+    one is stored at the new size."""
+    for d in ("q", "v"):
+        (tmp_path / d).mkdir()
+        assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / d / "a.qcow2"), "4M").returncode == 0
+    p = Pair(daemons, tmp_path, ["-drive", "file=a.qcow2,if=none,id=disk0"], [])
+    p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "pb", "persistent": True})
+    p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "tb", "granularity": 4096})
+    p.same("block_resize", {"device": "disk0", "size": 8 << 20})
+    for mon in (p.qm, p.vm):
+        assert mon.cmd("nbd-server-add", {"device": "disk0", "writable": True}) == {"return": {}}
+    p.urls = [{"disk0": f"nbd+unix:///disk0?socket={sock}"} for sock in p.socks]
+    p.write("disk0", "write -P 0x41 7M 100k", "write -P 0x42 100k 4k")
+    p.same("query-block")
     p.quit(daemons)
     _files_equal(tmp_path, "a.qcow2")

@@ -88,3 +88,18 @@ def test_bitmap_on_image_held_by_qemu(tmp_path: Path, flag: str) -> None:
         rq = qemu_img("bitmap", flag, str(img), "b0")
         rv = vdkit_img("bitmap", flag, str(img), "b0")
         assert (rv.returncode, rv.normalized_stderr()) == (rq.returncode, rq.stderr)
+
+
+@pytest.mark.parametrize("size", ["8M", "--shrink 2M"])
+def test_resize_with_bitmaps(tmp_path: Path, size: str) -> None:
+    """qemu-img 7.2 resizes an image with persistent bitmaps (loaded and in use): they are stored again at
+    the new size; the files must come out the same."""
+    q, v = tmp_path / "q", tmp_path / "v"
+    _setup(q)
+    _setup(v)
+    args = ["resize", *size.split()[:-1], "a.qcow2", size.split()[-1]]
+    rq, rv = qemu_img(*args, cwd=q), vdkit_img(*args, cwd=v)
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    assert (v / "a.qcow2").read_bytes() == (q / "a.qcow2").read_bytes()
+    r = qemu_img("check", str(v / "a.qcow2"))
+    assert r.returncode == 0, r.stdout

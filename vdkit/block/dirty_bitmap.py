@@ -138,6 +138,14 @@ class DirtyBitmap:
         for off, length in other.dirty_runs():
             self.set_dirty(off, length)
 
+    def resize(self, size: int) -> None:
+        """The disk was resized: granules past the old end start clean, those past a new end go."""
+        bits = np.zeros((size + self.granularity - 1) >> self.shift, dtype=bool)
+        keep = min(len(bits), len(self.bits))
+        bits[:keep] = self.bits[:keep]
+        self.bits = bits
+        self.size = size
+
     def copy(self, name: str | None = None) -> DirtyBitmap:
         bm = DirtyBitmap(name, self.granularity, self.size, enabled=self.enabled)
         bm.bits = self.bits.copy()

@@ -318,6 +318,8 @@ def truncate(node: Node, size: int, prealloc: str = "off") -> None:
     below = node.backing
     backing_size = below.driver.virtual_size if below is not None else 0
     node.driver.truncate(size, prealloc, backing=_backing_reader(node), backing_size=backing_size)
+    for bm in node.driver.dirty_bitmaps or []:  # QEMU resizes every bitmap of the node with it
+        bm.resize(node.driver.virtual_size)
 
 
 def flush(node: Node) -> None:

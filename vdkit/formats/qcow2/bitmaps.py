@@ -174,6 +174,19 @@ def mark_in_use(drv: Qcow2Driver) -> None:
     drv.__dict__.pop("bitmaps", None)  # the directory changed: read it again when asked
 
 
+def truncate_check(drv: Qcow2Driver) -> None:
+    """QEMU resizes an image with stored bitmaps only when every one is loaded and marked in use (they
+    are then stored again, at the new size, when the image closes)."""
+    if drv.dirty_bitmaps is None:
+        drv.dirty_bitmaps = drv.load_dirty_bitmaps()
+    loaded = {b.name for b in drv.dirty_bitmaps}
+    for e in drv.bitmaps:
+        if e.name not in loaded:
+            raise VdkitError(f"Bitmap '{e.name}' not loaded", errno=errno.EINVAL)
+        if not e.flags & IN_USE:
+            raise VdkitError(f"Bitmap '{e.name}' is not in use", errno=errno.EINVAL)
+
+
 # -- checks for a new persistent bitmap -----------------------------------------------------------
 
 

@@ -83,7 +83,9 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
     if h.version < 3 and drv.snapshots():
         raise UnsupportedError("Can't resize a v2 image which has snapshots")
     if drv.bitmaps:
-        raise UnsupportedError("Can't resize an image which has bitmaps")
+        from vdkit.formats.qcow2.bitmaps import truncate_check
+
+        truncate_check(drv)
     if h.has_data_file and h.data_file_raw:
         raise UnsupportedError("Resizing images with a raw external data file is not supported by vdkit")
     old_size = h.size
