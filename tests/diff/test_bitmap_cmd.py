@@ -103,3 +103,21 @@ def test_resize_with_bitmaps(tmp_path: Path, size: str) -> None:
     assert (v / "a.qcow2").read_bytes() == (q / "a.qcow2").read_bytes()
     r = qemu_img("check", str(v / "a.qcow2"))
     assert r.returncode == 0, r.stdout
+
+
+def test_commit_marks_the_base_bitmaps(tmp_path: Path) -> None:
+    """qemu-img commit writes through the base's block layer: its persistent bitmaps record the committed
+    ranges and are stored again; vdkit-img commit leaves the same bytes."""
+    for d in (tmp_path / "q", tmp_path / "v"):
+        d.mkdir()
+        check_ok("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "4M")
+        check_ok("bitmap", "--add", str(d / "base.qcow2"), "b0")
+        check_ok("bitmap", "--add", "-g", "4k", "--disable", str(d / "base.qcow2"), "off")
+        assert qemu_io("-c", "write -P 1 0 64k", str(d / "base.qcow2")).returncode == 0
+        check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2"))
+        assert qemu_io("-c", "write -P 2 1M 200k", "-c", "write -z 3M 64k", str(d / "top.qcow2")).returncode == 0
+    rq = qemu_img("commit", "top.qcow2", cwd=tmp_path / "q")
+    rv = vdkit_img("commit", "top.qcow2", cwd=tmp_path / "v")
+    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    for name in ("base.qcow2", "top.qcow2"):
+        assert (tmp_path / "v" / name).read_bytes() == (tmp_path / "q" / name).read_bytes(), name
