@@ -195,7 +195,7 @@ def add_bitmap(node: Node, name: str, *, granularity: int | None, persistent: bo
         if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
             raise VdkitError("Granularity must be power of 2 and at least 512")
     else:
-        granularity = default_granularity(None if node.format == "raw" else node.driver.cluster_size)
+        granularity = default_granularity(node.driver.cluster_size)  # QEMU asks bdrv_get_info
     if persistent:
         node.driver.can_store_bitmap(name, granularity, label)
     if node.find_bitmap(name) is not None:

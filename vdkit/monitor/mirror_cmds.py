@@ -206,7 +206,7 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
         raise VdkitError(f"Sync mode '{sync}' not supported")
     granularity, buf_size = _mirror_common_checks(args)
     if not granularity:
-        granularity = default_granularity(None if target.format == "raw" else target.driver.cluster_size)
+        granularity = default_granularity(target.driver.cluster_size)  # QEMU asks bdrv_get_info
     if buf_size < 0:
         raise VdkitError("Invalid parameter 'buf-size'")
     assert drive.medium is not None
