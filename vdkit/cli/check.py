@@ -8,7 +8,6 @@ format has no check.  Per-problem diagnostics go to stderr as they are found.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from vdkit.cli.main import PROG, write_err, write_out
 from vdkit.cli.options import (
@@ -22,6 +21,7 @@ from vdkit.cli.options import (
 )
 from vdkit.errors import OpenError, UsageError
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import CheckResult
     from vdkit.info.model import ImageCheck

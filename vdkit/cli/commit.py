@@ -10,8 +10,6 @@ base is never open twice in this process (QEMU's image locks would refuse).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
     LongOpt,
@@ -24,6 +22,7 @@ from vdkit.cli.options import (
 )
 from vdkit.errors import UsageError, VdkitError
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.node import Node
 

@@ -11,8 +11,6 @@ does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from vdkit.cli.main import error, write_out
 from vdkit.cli.options import (
     LongOpt,
@@ -25,6 +23,7 @@ from vdkit.cli.options import (
 )
 from vdkit.errors import UsageError, VdkitError
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.node import Node
 

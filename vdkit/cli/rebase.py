@@ -13,7 +13,6 @@ backing file (in safe mode: copies everything it provided).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
@@ -26,6 +25,7 @@ from vdkit.cli.options import (
 )
 from vdkit.errors import UsageError, VdkitError
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
