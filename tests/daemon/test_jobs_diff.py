@@ -110,6 +110,13 @@ def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Cal
             lines.append(f"{step!r}\n{text.replace(str(d), 'DIR')}")
         if quit:
             m.cmd("quit")
+            try:  # the events sent on the way out (jobs cancelled at exit), up to the end of the stream
+                while True:
+                    obj = json.loads(m.read_line())
+                    if "event" in obj:
+                        m.events.append(obj)
+            except (EOFError, OSError):
+                pass
             proc.wait(timeout=60)
         out[who] = lines
         events[who] = [_event_text(e, d) for e in m.events if e["event"] != "SHUTDOWN"]
@@ -347,7 +354,8 @@ def test_conflicts_while_a_job_runs(daemons: Daemons) -> None:
 
 
 def test_running_job_drains(daemons: Daemons) -> None:
-    """A running (rate-limited) job is paused and resumed by a transaction's drain: the event pairs."""
+    """A running (rate-limited) job is paused and resumed by a transaction's drain: the event pairs.
+    A job still running at quit is cancelled (after a drain) and its events still reach the client."""
     run_jobs(daemons, DRIVE, [
         ("block-stream", {"device": "disk0", "speed": 1}),
         ("blockdev-snapshot-sync", {"device": "disk0", "snapshot-file": "DIR/s1.qcow2"}),
@@ -356,6 +364,7 @@ def test_running_job_drains(daemons: Daemons) -> None:
         ("blockdev-snapshot-sync", {"device": "disk1", "snapshot-file": "DIR/s2.qcow2"}),
         ("block-job-cancel", {"device": "disk0", "force": True}),
         ("@wait", "disk0", "null"),
+        ("block-stream", {"device": "disk0", "speed": 1, "job-id": "left"}),
     ])
 
 

@@ -493,8 +493,8 @@ class Job:
         self._check_cancel()
         self._kicked = False
         self.busy = False
-        if self._kick_pending:  # the step owed is done: a command waiting for it may act now
-            self._kick_pending = False
+        if self._kick_pending and self._io_done:  # the step owed is done: a waiting command may act now
+            self._kick_pending = False  # (a new job owes everything up to its first copy)
             self.cond.notify_all()
         try:
             while self._settlers and not self._kick_pending:
@@ -651,10 +651,24 @@ class JobList:
             j.drain()
 
     def cancel_all(self, timeout: float = 10.0) -> None:
-        """Quit: force-cancel every job and wait for their threads (called WITHOUT the device lock)."""
+        """Quit: force-cancel every job and wait for their threads (called WITHOUT the device lock).
+
+        As QEMU on its way out: every running job is paused (a drain), then
+        cancelled while still drained, so it resumes only to end (``paused``,
+        ``running``, ``aborting``, ...) without taking another step.
+        """
         with self.lock:
             live = list(self.jobs)
+            drained = []
             for j in live:
+                j._settle()
+                if j.status in (S.RUNNING, S.READY) and not j.pause_count:
+                    j._pause()
+                    drained.append(j)
+            for j in live:
+                if j in drained:
+                    j._resume()
+                    j._kick_pending = False  # the cancel comes before the job could step again
                 if j.status in (S.CONCLUDED, S.NULL):
                     continue
                 try:

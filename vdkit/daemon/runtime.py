@@ -167,7 +167,9 @@ class Daemon:
                 await writer.drain()
                 if self.machine.shutdown_requested:
                     self._request_stop()
-                    break
+                    # stay connected until shutdown closes the connection: the events of the jobs it
+                    # cancels still reach this client, as QEMU's do
+                    await asyncio.get_running_loop().create_future()
         except (ConnectionError, OSError) as exc:
             log.debug("QMP client gone: %s", exc)
         finally:
@@ -336,6 +338,10 @@ class Daemon:
     async def shutdown(self) -> None:
         for s in self._servers:
             s.close()
+        # running jobs are cancelled first, as QEMU does on its way out: their events still reach the
+        # clients, and they end before their images close
+        await asyncio.to_thread(self.machine.jobs.cancel_all)
+        await asyncio.sleep(0)  # the events the job threads queued go out before the writers drain
         for conn in list(self._qmp_conns):
             with contextlib.suppress(Exception):
                 await conn.writer.drain()
@@ -349,6 +355,5 @@ class Daemon:
                 os.unlink(path)
         if self._nbd is not None:
             self._nbd.close_all()
-        await asyncio.to_thread(self.machine.jobs.cancel_all)  # jobs end cleanly before their images close
         with self.machine.lock:
             self.machine.close_all()
