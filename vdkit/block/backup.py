@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from vdkit.block import io as bio
 from vdkit.block.dirty_bitmap import DirtyBitmap
 from vdkit.block.jobs import Job, JobDriver, JobFilter
-from vdkit.block.mirror import PAUSE_EVERY, is_zero, mark_allocated
+from vdkit.block.mirror import PAUSE_EVERY, is_zero, job_io, mark_allocated
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -171,22 +171,11 @@ class BackupJob(JobDriver):
                 bio.write(self.target, off + pos, piece)
 
     def _io(self, job: Job, op: str, fn: Callable[[], object], cbw: bool) -> object | None:
-        while True:
-            try:
-                result = fn()
-                return True if result is None else result
-            except OSError as exc:
-                err: BaseException = exc
-            except Exception as exc:  # noqa: BLE001 - VdkitError carries the errno the policy needs
-                if not hasattr(exc, "errno"):
-                    raise
-                err = exc
-            if cbw:
-                # QEMU's copy-before-write filter fails the guest write when the old data cannot be saved
-                raise err
-            job.on_error = self.on_source_error if op == "read" else self.on_target_error
-            if not job.io_error(op, err):
-                return None
+        if cbw:
+            # QEMU's copy-before-write filter fails the guest write when the old data cannot be saved
+            result = fn()
+            return True if result is None else result
+        return job_io(job, op, fn, on_source_error=self.on_source_error, on_target_error=self.on_target_error)
 
     # -- the end -------------------------------------------------------------------------------------
     def clean(self, job: Job) -> None:

@@ -54,6 +54,26 @@ def is_zero(data: bytes) -> bool:
     return data == bytes(len(data))
 
 
+def job_io(job: Job, op: str, fn: Callable[[], object], *, on_source_error: str,
+           on_target_error: str) -> object | None:
+    """One I/O of a copying job (mirror, backup): its result (True for None), or None when an error was
+    ignored; errors go through ``on-source-error`` (reads) or ``on-target-error`` (writes), and a
+    stopped job retries the I/O once resumed."""
+    while True:
+        try:
+            result = fn()
+            return True if result is None else result
+        except OSError as exc:
+            err: BaseException = exc
+        except Exception as exc:  # noqa: BLE001 - VdkitError carries the errno the policy needs
+            if not hasattr(exc, "errno"):
+                raise
+            err = exc
+        job.on_error = on_source_error if op == "read" else on_target_error
+        if not job.io_error(op, err):
+            return None  # ignore: skip this chunk
+
+
 def mark_allocated(bm: DirtyBitmap, layers: list[Node], size: int) -> None:
     """Set the bits of every range any of ``layers`` allocates itself (data or zeros)."""
     for layer in layers:
@@ -174,20 +194,7 @@ class MirrorJob(JobDriver):
         job.advance(hi - lo, hi - lo)
 
     def _io(self, job: Job, op: str, fn: Callable[[], object]) -> object | None:
-        """Run one I/O; errors go through on-source-error (reads) or on-target-error (writes)."""
-        while True:
-            try:
-                result = fn()
-                return True if result is None else result
-            except OSError as exc:
-                err: BaseException = exc
-            except Exception as exc:  # noqa: BLE001 - VdkitError carries the errno the policy needs
-                if not hasattr(exc, "errno"):
-                    raise
-                err = exc
-            job.on_error = self.on_source_error if op == "read" else self.on_target_error
-            if not job.io_error(op, err):
-                return None  # ignore: skip this chunk
+        return job_io(job, op, fn, on_source_error=self.on_source_error, on_target_error=self.on_target_error)
 
     # -- the end -------------------------------------------------------------------------------
     def prepare(self, job: Job) -> None:

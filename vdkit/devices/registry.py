@@ -235,6 +235,23 @@ class DeviceRegistry:
     def release_name(self, name: str) -> None:
         self._used_names.discard(name)
 
+    def name_new_node(self, node_name: str | None) -> tuple[tuple[str, str], tuple[int, int]]:
+        """Names and creation serials of a new format node and its file node, ``(fmt, file)`` each.
+
+        The file node is created (and named) first, as QEMU opens the child
+        before its parent; ``node_name`` (checked by the caller) names the
+        format node, else both get automatic names.
+        """
+        file_serial = self.next_serial()
+        fmt_serial = self.next_serial()
+        file_name = self.auto_name()
+        if node_name is not None:
+            self.claim_name(node_name)
+            fmt_name = node_name
+        else:
+            fmt_name = self.auto_name()
+        return (fmt_name, file_name), (fmt_serial, file_serial)
+
     def next_serial(self) -> int:
         """The next creation serial (QEMU lists named nodes newest first)."""
         return next(self._serial)

@@ -178,15 +178,8 @@ def _attach_to_drive(machine: DeviceRegistry, drive: Drive, overlay: Node, new_n
     stored = overlay.driver.backing_file
     if stored != old.filename:  # the header does not name the node below: QEMU's json: filename
         overlay.filename = json_filename(overlay, describe_node(old))
-    file_serial = machine.next_serial()
-    fmt_serial = machine.next_serial()
-    file_name = machine.auto_name()
-    if new_name is not None:
-        machine.claim_name(new_name)
-        fmt_name = new_name
-    else:
-        fmt_name = machine.auto_name()
-    machine.push_overlay(medium, overlay, (fmt_name, file_name), (fmt_serial, file_serial))
+    (fmt_name, file_name), serials = machine.name_new_node(new_name)
+    machine.push_overlay(medium, overlay, (fmt_name, file_name), serials)
 
     def undo() -> None:
         node = machine.pop_overlay(medium)

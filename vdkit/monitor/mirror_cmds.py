@@ -53,6 +53,15 @@ def _lookup(machine: DeviceRegistry, name: str) -> tuple[Drive, int]:
     raise VdkitError(f"Cannot find device='{name}' nor node-name='{name}'")
 
 
+def _root(machine: DeviceRegistry, name: str) -> tuple[Drive, int, Medium]:
+    """A mirror's source: a drive's root node (QEMU's ``qmp_get_root_bs``; a job holding it is above it)."""
+    drive, index = _lookup(machine, name)
+    assert drive.medium is not None
+    if index or machine.jobs.job_on(drive.medium.node) is not None:
+        raise VdkitError("Need a root block node")
+    return drive, index, drive.medium
+
+
 def _label(drive: Drive, index: int) -> str:
     assert drive.medium is not None
     return drive.id if index == 0 else drive.medium.names[index][0]
@@ -105,19 +114,6 @@ def _open_target(path: str, fmt: str | None) -> Node:
     if node.driver.backing_file is not None:
         node.filename = json_filename(node, None)
     return node
-
-
-def _claim_target_names(machine: DeviceRegistry, node_name: str | None) -> tuple[str, str, int, int]:
-    """Names and creation serials of a new target's format and file nodes (the file node first, as QEMU)."""
-    file_serial = machine.next_serial()
-    fmt_serial = machine.next_serial()
-    file_name = machine.auto_name()
-    if node_name is not None:
-        machine.claim_name(node_name)
-        fmt_name = node_name
-    else:
-        fmt_name = machine.auto_name()
-    return fmt_name, file_name, fmt_serial, file_serial
 
 
 def _job_id(args: dict[str, Any], drive: Drive, index: int) -> str:
@@ -237,12 +233,7 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
 
 def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
-    drive, index = _lookup(machine, args["device"])
-    assert drive.medium is not None
-    if index or machine.jobs.job_on(drive.medium.node) is not None:
-        raise VdkitError("Need a root block node")
-    medium = drive.medium
-    assert medium is not None
+    drive, index, medium = _root(machine, args["device"])
     chain = list(medium.node.chain())
     source = chain[0]
     existing = args.get("mode", "absolute-paths") == "existing"
@@ -263,7 +254,8 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
 
         check_node_name(machine, args["node-name"])
     target = _open_target(path, fmt)
-    names = _claim_target_names(machine, args.get("node-name"))
+    (fmt_name, file_name), (fmt_serial, file_serial) = machine.name_new_node(args.get("node-name"))
+    names = (fmt_name, file_name, fmt_serial, file_serial)
     keep_from = None if existing or sync == "full" else (0 if sync == "none" else 1)
     def pivot() -> None:
         _pivot(machine, drive, medium, target, (names[0], names[1]), (names[2], names[3]), keep_from=keep_from,
@@ -302,13 +294,9 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     from vdkit.devices.graph import _BorrowedFile
 
     machine = ctx.machine
-    drive, index = _lookup(machine, args["device"])
-    assert drive.medium is not None
-    if index or machine.jobs.job_on(drive.medium.node) is not None:
-        raise VdkitError("Need a root block node")
+    drive, index, medium = _root(machine, args["device"])
     g = _graph_target(machine, args["target"])
-    medium = drive.medium
-    assert medium is not None and g.node is not None and g.child is not None
+    assert g.node is not None and g.child is not None
     target = g.node
     child = g.child
     sync = args["sync"]
