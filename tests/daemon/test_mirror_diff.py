@@ -559,3 +559,23 @@ def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
                 _wait(m, "JOB_STATUS_CHANGE", status="null")
         q, v = (events(m, d) for m, d in zip(mons, dirs, strict=True))
         assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])
+
+
+@pytest.mark.parametrize("sync", ["full", "top"])
+def test_mirror_existing_target(daemons: Daemons, tmp_path: Path, sync: str) -> None:
+    """mode existing: the target's own header (here naming mid.qcow2) decides its backing after the pivot."""
+    p = Pair(daemons, tmp_path)
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", "-b", str(d / "mid.qcow2"), "-F", "qcow2",
+                        str(d / "ex.qcow2")).returncode == 0
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/ex.qcow2", "sync": sync, "mode": "existing",
+                            "job-id": "mx"})
+    p.wait("BLOCK_JOB_READY")
+    p.same_events()
+    p.same("block-job-complete", {"device": "mx"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-block")
+    p.hmp("info block -n")
+    p.quit(daemons)
+    p.compare("ex.qcow2", "top.qcow2")
