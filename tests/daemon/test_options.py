@@ -89,7 +89,7 @@ def test_help_lists_the_accepted_options() -> None:
     args = {"-drive": "file=x.qcow2,id=d0", "-qmp": "unix:/tmp/q.sock,server=on,wait=off",
             "-monitor": "unix:/tmp/h.sock,server=on,wait=off", "-nbd": "unix:/tmp/n.sock", "-pidfile": "p",
             "-machine": "q35", "-M": "q35", "-accel": "tcg", "-m": "1G", "-name": "x", "-display": "none",
-            "-blockdev": "driver=file,node-name=f,filename=x"}
+            "-blockdev": "driver=file,node-name=f,filename=x", "-object": "secret,id=s0,data=x"}
     assert listed == {"-h", "-help", *args, "-nographic", "-S", "-daemonize", "-nodefaults", "-v"}
     for opt in listed - {"-h", "-help"}:
         parse_args([opt, args[opt]] if opt in args else [opt])  # each is accepted

@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, daemons, normalise, normalise_hmp  # noqa: F401
 from tests.nbd.conftest import free_port, short_sock
 
 
@@ -90,7 +92,7 @@ class Setup:
         if tls is not None:
             verify = "" if tls == "verify" else ",verify-peer=off"
             extra += ["--object", f"tls-creds-x509,id=s0,dir={self.srv},endpoint=server{verify}", "--tls-creds", "s0"]
-        subprocess.run([require_tool("qemu-nbd"), "-t", "--fork", "--pid-file", str(pid_file), "-f", "raw",
+        subprocess.run([require_tool("qemu-nbd"), "-t", "-e", "8", "--fork", "--pid-file", str(pid_file), "-f", "raw",
                         *extra, *args, str(image)], check=True, timeout=30)
         self.pids.append(int(pid_file.read_text()))
         return port
@@ -207,3 +209,43 @@ def test_tls_errors(tls: Setup) -> None:
     for args in cases:
         out = _same(args)
         assert "qemu-img: " in out, args
+
+
+def test_tls_drives_in_the_daemon(tls: Setup, daemons: Daemons) -> None:  # noqa: F811
+    """-object tls-creds-x509 and NBD drives with tls-creds: query-block and info block -v as QEMU's."""
+    obj = ["-object", f"tls-creds-x509,id=tls0,dir={tls.cli},endpoint=client"]
+    drives = [f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={tls.port},export=d,tls-creds=tls0,"
+              "if=none,id=n0,readonly=on",
+              f"file.driver=nbd,file.server.type=unix,file.server.path={tls.sock},file.export=d,file.tls-creds=tls0,"
+              "file.tls-hostname=localhost,format=raw,if=none,id=n1,readonly=on"]
+    q, v = daemons.pair([*obj, *(a for d in drives for a in ("-drive", d))], lambda d: None)
+    assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
+    assert normalise_hmp(v.hmp("info block -v")) == normalise_hmp(q.hmp("info block -v"))
+
+
+def test_tls_daemon_errors_like_qemu(tls: Setup, tmp_path: Path) -> None:
+    inet = (f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={tls.port},export=d,tls-creds=tls0,"
+            "if=none,id=n0,readonly=on")
+    cases = [
+        ["-object", "tls-creds-x509,id=tls0"],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.cli},endpoint=both"],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.cli},bogus=1"],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.tmp / 'nonexistent'}"],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.other}"],
+        ["-object", "secret,id=tls0,data=x", "-object", "secret,id=tls0,data=y"],
+        ["-drive", inet],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.ca2only}", "-drive", inet],
+        ["-object", f"tls-creds-x509,id=tls0,dir={tls.cli}", "-drive", inet.replace(f"inet,server.host=127.0.0.1,"
+                                                                                    f"server.port={tls.port}",
+                                                                                    f"unix,server.path={tls.sock}")],
+    ]
+    for args in cases:
+        out = []
+        for cmd in ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
+                    [sys.executable, "-m", "vdkit.daemon.main", "-S"]):
+            p = subprocess.run([*cmd, *args], capture_output=True, timeout=60, env=_ENV, stdin=subprocess.DEVNULL,
+                               cwd=tmp_path)
+            prog = Path(cmd[0]).name if cmd[0] != sys.executable else "vdkit-daemon"
+            out.append((p.returncode, p.stderr.decode().replace(f"{prog}:", "PROG:")))
+        assert out[0] == out[1], args
+        assert out[0][0] == 1, args

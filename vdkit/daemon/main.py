@@ -48,6 +48,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from vdkit.cli.options import QomObject
     from vdkit.devices.registry import Medium
 
 
@@ -561,6 +562,7 @@ class Config:
     hmp: list[Address] = field(default_factory=list)
     nbd: list[Address] = field(default_factory=list)
     pidfile: str | None = None
+    objects: dict[str, QomObject] = field(default_factory=dict)
     daemonize: bool = False
     start_paused: bool = False
     verbose: bool = False
@@ -602,6 +604,8 @@ Block device options:
        [[,group=g]]
        [,throttling.*=...]
                 use 'file' as a drive image (qcow2 or raw; repeatable)
+-object TYPENAME[,PROP1=VALUE1,...]
+                create a new object (secret, tls-creds-x509 for NBD drives' tls-creds)
 -blockdev [driver=]driver[,node-name=N][,discard=ignore|unmap]
           [,cache.direct=on|off][,cache.no-flush=on|off]
           [,read-only=on|off][,auto-read-only=on|off]
@@ -667,6 +671,8 @@ def parse_args(argv: list[str]) -> Config:
                 cfg.drive_texts.append(v)
             elif opt == "-blockdev":  # opened before the drives, as QEMU does (vdkit.monitor.graph_cmds)
                 cfg.blockdev_texts.append(value(opt))
+            elif opt == "-object":  # created at once (secrets, TLS credentials for NBD drives)
+                _object(cfg, value(opt))
             elif opt == "-qmp":
                 cfg.qmp.append(_monitor(cfg, opt, value(opt)))
             elif opt == "-monitor":
@@ -694,6 +700,32 @@ def parse_args(argv: list[str]) -> Config:
         finally:
             i += 1
     return cfg
+
+
+# What creating an object (not parsing its options) reports: qemu-system-x86_64 prints these without
+# the -object location.  The others carry it, and two read differently from qemu-img's.
+_CREATION_ERRORS = ("Missing 'dir' property value", "Either 'file' or 'data' must be provided",
+                    "'file' and 'data' are mutually exclusive", "Unable to ", "Our own certificate ",
+                    "username should not be set", "'priority' property is not set", "No secret with id",
+                    "Key should be", "IV ", "Length ", "Base64 data", "Object with id")
+
+
+def _object(cfg: Config, text: str) -> None:
+    """``-object``: qemu-img's object rules (:func:`vdkit.cli.options.add_object`), qemu-system's texts."""
+    import re
+
+    from vdkit.cli.options import add_object
+
+    try:
+        add_object(text, cfg.objects)
+    except VdkitError as exc:
+        msg = exc.message
+        if msg.startswith(_CREATION_ERRORS):
+            raise OptionError(msg) from None
+        msg = re.sub(r"^Parameter '([^']*)' is unexpected$", r"Invalid parameter '\1'", msg)
+        msg = re.sub(r"^attempt to add duplicate property '([^']*)' to object \(type 'container'\)$",
+                     r"Duplicate ID '\1' for object", msg)
+        raise OptionError(f"-object {text}: {msg}") from None
 
 
 def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:

@@ -340,7 +340,13 @@ class NbdClient:
         return bytes(buf)
 
     def _send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """A handshake message.  A failed send is not reported by itself: the reply read that follows
+        fails and says why, as in QEMU (whose writes are buffered; a server that refused our TLS
+        certificate is only noticed when its reply cannot be read)."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
 
     # -- handshake ------------------------------------------------------------------------------
     def _handshake(self) -> None:
