@@ -645,6 +645,12 @@ class JobList:
                 return j
         return None
 
+    def settle(self) -> None:
+        """Let every job take the step it owes (a query then sees what QEMU's would: QEMU runs a resumed
+        job at once up to its next I/O)."""
+        for j in list(self.jobs):
+            j._settle()
+
     def drain(self) -> None:
         """QEMU's drain as the monitor sees it: every running job pauses and resumes (events)."""
         for j in list(self.jobs):

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 65536
 # commands that only read daemon state (all others invalidate cached renderings)
 PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-blockstats", "query-snapshots",
-                           "query-status", "query-version", "query-commands", "query-block-jobs", "query-jobs"})
+                           "query-status", "query-version", "query-commands"})
 HMP_MAX_LINE = 1 << 16
 
 

@@ -69,10 +69,12 @@ def block_job_info(job: Job) -> BlockJobInfo:
 
 
 def query_block_jobs(ctx: CommandContext, args: dict[str, Any]) -> list[BlockJobInfo]:
+    ctx.machine.jobs.settle()
     return [block_job_info(j) for j in ctx.machine.jobs.jobs]
 
 
 def query_jobs(ctx: CommandContext, args: dict[str, Any]) -> list[JobInfo]:
+    ctx.machine.jobs.settle()
     return [JobInfo(id=j.id, type=j.type, status=j.status.value, current_progress=j.offset, total_progress=j.len,
                     error=j.error) for j in ctx.machine.jobs.jobs]
 

@@ -40,6 +40,14 @@ def query_status(ctx: CommandContext, args: dict[str, Any]) -> StatusInfo:
 def stop(ctx: CommandContext, args: dict[str, Any]) -> None:
     if ctx.machine.stop():
         ctx.emit("STOP")
+        if ctx.machine.jobs.jobs:
+            # QEMU drains all I/O once the VM is stopped: running jobs pause and resume (their events
+            # come after STOP, so STOP goes out first through the same ordered sink)
+            sink = ctx.machine.event_sink
+            if sink is not None:
+                sink(list(ctx.events))
+                ctx.events.clear()
+            ctx.machine.jobs.drain()
 
 
 def cont(ctx: CommandContext, args: dict[str, Any]) -> None:
