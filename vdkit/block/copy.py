@@ -435,10 +435,9 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
 
                     raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
                 finally:
-                    if mapped is not None:
-                        mapped.close()
+                    data = None  # no view of a mapping outlives its piece
                     if buf is not None:
-                        pieces.release(buf)
+                        pieces.release(buf, mapped)  # the reader unmaps it: munmap's cost off this thread
                 if status == BLK_DATA:
                     done += n
                     if allocated:
@@ -509,9 +508,10 @@ class ReadAhead:
         self.zmap = zmap
         self.sparse = sparse
         self.mapping = mapping
-        self._pool: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        # buffers (each with the mapped piece last written from it, to unmap) or None: stop
+        self._pool: queue.SimpleQueue[tuple[bytearray, Mapped | None] | None] = queue.SimpleQueue()
         for _ in range(self.DEPTH):
-            self._pool.put(bytearray(copier.buf_sectors * SECTOR))
+            self._pool.put((bytearray(copier.buf_sectors * SECTOR), None))
         self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
@@ -531,6 +531,13 @@ class ReadAhead:
                 break
             if isinstance(piece, tuple) and piece[5] is not None:
                 piece[5].close()
+        while True:
+            try:
+                item = self._pool.get_nowait()
+            except Exception:  # queue.Empty
+                break
+            if item is not None and item[1] is not None:
+                item[1].close()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         while True:
@@ -539,8 +546,8 @@ class ReadAhead:
                 return
             yield piece
 
-    def release(self, buf: bytearray) -> None:
-        self._pool.put(buf)
+    def release(self, buf: bytearray, mapped: Mapped | None = None) -> None:
+        self._pool.put((buf, mapped))
 
     def _map(self, sector: int, n: int) -> Mapped | None:
         host = self.copier.host_extent(sector, n)
@@ -563,8 +570,13 @@ class ReadAhead:
                     out.put((sector, n, status, None, None, None))
                     sector += n
                     continue
-                buf = self._pool.get()
-                if buf is None or self._stop:
+                item = self._pool.get()
+                if item is None:
+                    return
+                buf, done = item
+                if done is not None:
+                    done.close()
+                if self._stop:
                     return
                 mapped = self._map(sector, n) if self.mapping else None
                 if mapped is None:
