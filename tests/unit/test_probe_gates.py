@@ -66,7 +66,7 @@ _CREATE = [("raw", []), ("qcow2", []), ("qcow2", ["-o", "compat=0.10"]), ("qcow"
            ("vmdk", ["-o", "subformat=streamOptimized"]), ("vmdk", ["-o", "subformat=monolithicFlat"]),
            ("vmdk", ["-o", "subformat=twoGbMaxExtentSparse"]), ("vdi", []), ("vhdx", []), ("vpc", []),
            ("vpc", ["-o", "subformat=fixed"]), ("qed", []), ("parallels", []),
-           ("luks", ["--object", "secret,id=s,data=pw", "-o", "key-secret=s,iter-time=10"])]
+           ("luks", ["--object", "secret,id=s,data=pw", "-o", "key-secret=s,iter-time=100"])]
 
 
 @pytest.mark.parametrize(("fmt", "opts"), _CREATE, ids=[f"{f}{'-' + o[-1] if o else ''}" for f, o in _CREATE])

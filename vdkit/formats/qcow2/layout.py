@@ -125,7 +125,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    """``ClusterType`` (an ``enum.Enum``) is imported on first use, never by ``info``."""
+    """``ClusterType`` is imported on first use, never by ``info``."""
     if name == "ClusterType":
         from vdkit.formats.qcow2.cluster_type import ClusterType
 
