@@ -535,3 +535,32 @@ def test_stop_drains_jobs(daemons: Daemons) -> None:
         ("block-job-cancel", {"device": "s", "force": True}),
         ("@wait", "s", "null"),
     ])
+
+
+def test_job_verbs_by_their_job_names(daemons: Daemons) -> None:
+    """job-* and block-job-* spellings on ready and concluded jobs (job-cancel is a forced cancel)."""
+    run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "job-id": "a", "auto-dismiss": False}),
+        ("@wait", "a", "ready"),
+        ("job-pause", {"id": "a"}),
+        ("@wait", "a", "standby"),
+        ("job-pause", {"id": "a"}),
+        ("job-resume", {"id": "a"}),
+        ("@wait", "a", "ready"),
+        ("job-resume", {"id": "a"}),
+        ("job-cancel", {"id": "a"}),
+        ("@wait", "a", "concluded"),
+        ("query-block-jobs", None),
+        ("query-jobs", None),
+        ("block-job-cancel", {"device": "a"}),
+        ("job-dismiss", {"id": "a"}),
+        ("block-commit", {"device": "disk0", "job-id": "b", "auto-finalize": False}),
+        ("@wait", "b", "ready"),
+        ("job-complete", {"id": "b"}),
+        ("@wait", "b", "pending"),
+        ("block-job-finalize", {"id": "b"}),
+        ("@wait", "b", "null"),
+        ("block-job-dismiss", {"id": "b"}),
+        ("job-finalize", {"id": "nojob"}),
+        ("query-block", None),
+    ])

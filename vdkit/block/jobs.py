@@ -245,8 +245,8 @@ class Job:
 
     @property
     def paused(self) -> bool:
-        """QEMU's ``paused`` member: pauses are asked for (a finished job counts as paused, as in QEMU)."""
-        return self.pause_count > 0 or self.status in (S.WAITING, S.PENDING, S.ABORTING, S.CONCLUDED)
+        """QEMU's ``paused`` member: pauses are asked for (a job waiting to be finalized counts, as in QEMU)."""
+        return self.pause_count > 0 or self.status in (S.WAITING, S.PENDING)
 
     @property
     def should_exit(self) -> bool:
@@ -336,8 +336,9 @@ class Job:
             self.driver.clean(self)
         if self.error is None and self.is_cancelled:
             self._block_event("BLOCK_JOB_CANCELLED")
+            self.error = os.strerror(errno.ECANCELED)  # what the queries show for a cancelled job
         else:
-            self._block_event("BLOCK_JOB_COMPLETED", error=self.error or "Operation canceled")
+            self._block_event("BLOCK_JOB_COMPLETED", error=self.error or os.strerror(errno.ECANCELED))
         self._conclude()
 
     def _conclude(self) -> None:
