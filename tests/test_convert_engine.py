@@ -286,3 +286,19 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
         assert not mapped and not copied
     else:
         assert mapped and copied  # raw -> qcow2 writes from the mapping, qcow2 -> raw copies in the kernel
+
+
+@pytest.mark.parametrize("value", ["0", "17", "abc", "+4", " 4", "04", "4 ", "-4", "0x4", "", "8k", "010", "08",
+                                   "0x", "16", "1"])
+def test_in_flight_option_like_qemu_img(workdir: Path, value: str) -> None:
+    """-m N (requests in flight; here pieces read ahead): strtol's syntax and 1..16, qemu-img's text; the
+    data written does not depend on it."""
+    check_ok("create", "-q", "-f", "qcow2", "src.qcow2", "8M", cwd=workdir)
+    from tests.diff.io_corpus import qio
+
+    qio("src.qcow2", ["write -P 7 1M 3M", "write -z 5M 1M"], workdir)
+    q = qemu_img("convert", "-m", value, "-O", "raw", "src.qcow2", "q.raw", cwd=workdir)
+    v = vdkit_img("convert", "-m", value, "-O", "raw", "src.qcow2", "v.raw", cwd=workdir)
+    assert (v.returncode, v.normalized_stderr()) == (q.returncode, q.stderr)
+    if q.returncode == 0:
+        assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()

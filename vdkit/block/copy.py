@@ -383,7 +383,8 @@ def sources_of(nodes: list[Node]) -> list[Source]:
 
 
 def convert_copy(sources: list[Source], target: Target, progress: Progress, *, has_backing: bool,
-                 compressed: bool, min_sparse: int, has_zero_init: bool | None = None) -> None:
+                 compressed: bool, min_sparse: int, has_zero_init: bool | None = None,
+                 in_flight: int | None = None) -> None:
     """Copy the concatenated ``sources`` into ``target`` as qemu-img convert does, then finish it.
 
     ``has_backing``: the target has a backing file (ranges the sources leave
@@ -391,7 +392,8 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
     sectors; ``has_zero_init`` says whether unwritten ranges read as zeros
     (default: the target's answer, unless it has a backing file).  Progress
     goes to ``progress`` (0 before, per piece after; the caller prints 100).
-    On any failure the target is aborted (closed).
+    On any failure the target is aborted (closed).  ``in_flight`` bounds the pieces read ahead
+    of the writes (qemu-img's ``-m``; default :attr:`ReadAhead.DEPTH`).
     """
     try:
         copier = Copier(sources, target_has_backing=has_backing, compressed=compressed,
@@ -414,7 +416,8 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
         gc.freeze()  # undone below: a long-lived caller's later garbage must stay collectable
         done = 0
         mapping = not compressed and target.maps_sources
-        with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed, mapping=mapping) as pieces:
+        with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed, mapping=mapping,
+                       depth=in_flight) as pieces:
             for piece in pieces:
                 if isinstance(piece, IOFailure):
                     raise piece.report() from piece.exc
@@ -500,7 +503,8 @@ class ReadAhead:
 
     DEPTH = 4
 
-    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool, mapping: bool = False) -> None:
+    def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool, mapping: bool = False,
+                 depth: int | None = None) -> None:
         import queue
         import threading
 
@@ -510,7 +514,7 @@ class ReadAhead:
         self.mapping = mapping
         # buffers (each with the mapped piece last written from it, to unmap) or None: stop
         self._pool: queue.SimpleQueue[tuple[bytearray, Mapped | None] | None] = queue.SimpleQueue()
-        for _ in range(self.DEPTH):
+        for _ in range(max(1, depth or self.DEPTH)):
             self._pool.put((bytearray(copier.buf_sectors * SECTOR), None))
         self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
         self._stop = False

@@ -68,6 +68,7 @@ class ConvertArgs:
         self.copy_offload = False  # -C: no effect on the result, but refused with -c/-S/--salvage
         self.salvage = False
         self.src_cache: str | None = None
+        self.in_flight: int | None = None  # -m
 
 
 def parse(argv: list[str]) -> ConvertArgs:
@@ -120,7 +121,8 @@ def parse(argv: list[str]) -> ConvertArgs:
         elif key == "target-is-zero":
             a.target_is_zero = True
         elif key == "m":
-            cvtnum("coroutines", value or "")  # validated, not used: vdkit copies sequentially
+            # qemu-img's requests in flight: here the pieces read ahead of the writes
+            a.in_flight = _coroutines(value or "")
         elif key == "t":
             if value not in CACHE_MODES:
                 raise VdkitError(f"Invalid cache option: {value}")
@@ -251,6 +253,24 @@ def _load_snapshot(node: Node, spec: str) -> None:
         raise exc.prefixed("Failed to load snapshot: ") from exc
 
 
+def _coroutines(value: str) -> int:
+    """``-m``: an integer as C's ``strtol`` with base 0 reads it (0x hex, 0 octal, whole string), 1 to 16."""
+    text = value.lstrip(" \t\n\r\f\v")
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    base = 10
+    if digits[:2] in ("0x", "0X") and len(digits) > 2:
+        digits, base = digits[2:], 16
+    elif digits[:1] == "0" and len(digits) > 1:
+        digits, base = digits[1:], 8
+    try:
+        n = int(digits, base) if digits.isascii() and digits.isalnum() else 0
+    except ValueError:
+        n = 0
+    if text[:1] == "-" or not 1 <= n <= 16:
+        raise VdkitError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16")
+    return n
+
+
 def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     from vdkit.block.copy import SECTOR, convert_copy, sources_of
     from vdkit.block.progress import Progress
@@ -260,7 +280,8 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     target = _open_target(a, total_bytes)
     progress = Progress(a.progress)
     convert_copy(sources, target, progress, has_backing=a.backing is not None, compressed=a.compressed,
-                 min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing)
+                 min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing,
+                 in_flight=a.in_flight)
     progress.set(100.0)
     progress.end()
     return 0
