@@ -96,7 +96,8 @@ Command syntax:
            -d snapshot] filename
 
 Options qemu-img accepts that cannot change the result are accepted and checked but have no effect:
-convert -T/-C/-W/-m/-r/--salvage/--bitmaps, commit -t/-r, rebase -t/-T, check/compare -T.
+convert -T/-C/-W/-r/--salvage/--bitmaps, commit -t/-r, rebase -t/-T, check/compare -T.  (convert -m N
+sets how many pieces are read ahead of the writes.)
 """
 
 
