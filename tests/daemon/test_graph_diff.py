@@ -12,6 +12,7 @@ allocates less than QEMU's ``block_resize``: docs/daemon.md).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -291,3 +292,87 @@ def test_blockdev_add_backing_loop(daemons: Daemons) -> None:
     loop = f"Backing file '{d}/a.qcow2' creates an infinite loop."
     assert r["error"]["desc"] == "Could not open backing file: Could not open backing file: " + loop
     assert m.cmd("query-named-block-nodes") == {"return": []}
+
+
+def lock_bytes(d: Path) -> str:
+    """The OFD lock bytes held on each file of ``d`` (``/proc/locks``), e.g. ``a.qcow2: 100 201 203``."""
+    names = {}
+    for p in d.iterdir():
+        st = p.stat()
+        names[f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"] = p.name
+    held: dict[str, set[int]] = {}
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] != "->" and fields[5] in names:
+                held.setdefault(names[fields[5]], set()).update(range(int(fields[6]), int(fields[7]) + 1))
+    return "; ".join(f"{n}: {' '.join(map(str, sorted(b)))}" for n, b in sorted(held.items()))
+
+
+def _setup_locks(d: Path) -> None:
+    for n in ("a", "b"):
+        check_ok("create", "-q", "-f", "qcow2", f"{n}.qcow2", "4M", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=d)
+
+
+FILE_A = {"driver": "file", "filename": "DIR/a.qcow2"}
+
+
+@pytest.mark.parametrize("args", [
+    ["-blockdev", "driver=file,node-name=f,filename=DIR/a.qcow2"],
+    ["-blockdev", "driver=file,node-name=f,filename=DIR/a.qcow2,read-only=on"],
+    ["-blockdev", "driver=raw,node-name=f,file.driver=file,file.filename=DIR/a.qcow2"],
+    ["-blockdev", "driver=raw,node-name=f,read-only=on,file.driver=file,file.filename=DIR/a.qcow2"],
+])
+def test_lock_bytes_of_unused_nodes(daemons: Daemons, args: list[str]) -> None:
+    """A file or raw node nobody uses holds no lock (QEMU's permissions), so a read-only qcow2 node, a
+    second raw node and another process may open the file; a writable qcow2 node takes the write lock."""
+    _run(daemons, args, [
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "read-only": True, "file": FILE_A}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "raw", "node-name": "r2", "file": FILE_A}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "w", "file": FILE_A}),
+        ("blockdev-del", {"node-name": "q"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "w", "file": FILE_A}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q2", "read-only": True, "file": FILE_A}),
+        ("blockdev-del", {"node-name": "w"}),
+        lock_bytes,
+    ], setup=_setup_locks)
+
+
+def test_lock_bytes_and_conflicts_of_shared_file_nodes(daemons: Daemons) -> None:
+    """Parents of one file node: their needs add up in the lock, and QEMU's pairwise conflict check
+    (newest parent first) names who requires and who refuses; deleting a parent drops its bytes."""
+    _run(daemons, [
+        "-blockdev", "driver=file,node-name=f,filename=DIR/a.qcow2",
+        "-blockdev", "driver=raw,node-name=r,file=f",
+        "-blockdev", "driver=qcow2,node-name=t,file.driver=file,file.filename=DIR/t.qcow2",
+    ], [
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q", "read-only": True, "file": "f"}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        ("blockdev-del", {"node-name": "q"}),
+        ("blockdev-del", {"node-name": "t"}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "q3", "read-only": True, "file": "f"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "r3", "read-only": True, "file": "f"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "t2", "read-only": True, "backing": "q2",
+                          "file": {"driver": "file", "filename": "DIR/t.qcow2"}}),
+        lock_bytes,
+        ("blockdev-del", {"node-name": "t2"}),
+        ("blockdev-del", {"node-name": "q2"}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "file", "node-name": "fs", "filename": "DIR/b.qcow2", "read-only": True,
+                          "force-share": True}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qs", "read-only": True, "file": "fs"}),
+        lock_bytes,
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qb", "file": {"driver": "file",
+                                                                        "filename": "DIR/b.qcow2"}}),
+        lock_bytes,
+    ], setup=_setup_locks)

@@ -19,6 +19,15 @@ given by reference, ``backing: null`` over a header that names one), QEMU
 calls it by a ``json:{...}`` pseudo-filename describing the graph
 (``block-jobs.md`` §1.1); :func:`refresh_filename` computes it.
 
+A protocol node's lock bytes follow QEMU's permission system, not the node's
+own read-only flag: a file node takes what its parents need (observed on
+``qemu-system-x86_64`` 7.2 through ``/proc/locks``).  A qcow2 parent needs
+consistent read (write and resize too when writable) and refuses others'
+writes and resizes, because its metadata must not change under it; a raw
+parent passes on only what its own users need, and a node nobody uses needs
+nothing, so a lone file or raw node holds no lock at all and a read-only qcow2
+node may open the same file elsewhere.  :func:`lock_file_node` applies the rule.
+
 No asyncio here (``tests/unit/test_layering.py``).
 """
 
@@ -94,6 +103,9 @@ class GraphNode:
     # the backing child was given by the options (reference or null), not taken from the header
     backing_override: bool = False
     filename: str = ""
+    # permissions this node's own users take (a raw node written by a job): passed down by raw
+    user_perm: int = 0
+    force_share: bool = False  # a file node that refuses nothing to other processes (its parents' needs stay)
 
     @property
     def is_format(self) -> bool:
@@ -200,6 +212,102 @@ def set_node_readonly(node: Node, ro: bool) -> None:
         lock.acquire()
 
 
+# QEMU's permission bits (vdkit.io.locks.Perm) and the one only the graph knows: changing children
+_CR, _W, _WU, _RS, _GRAPH_MOD = 0x1, 0x2, 0x4, 0x8, 0x10
+_ALL = 0x1F
+_PASSTHROUGH = _CR | _W | _WU | _RS
+
+
+def file_perms(driver: str, ro: bool, user_perm: int = 0) -> tuple[int, int]:
+    """(needed, shared) permissions a format node takes on its ``file`` child (QEMU 7.2's default rules).
+
+    raw's child is a filtered child: the parent's users' needs go through
+    unchanged and everything is shared.  A format with metadata stores it in
+    the file: consistent reads always, write and resize when writable, and it
+    refuses to share write and resize.
+    """
+    if driver == "raw":
+        return user_perm & _PASSTHROUGH, _ALL
+    perm = (user_perm & _PASSTHROUGH) | _CR | (0 if ro else _W | _RS)
+    if perm & _WU:
+        perm |= _W
+    if perm & _W:
+        perm |= _RS
+    return perm, _ALL & ~(_W | _RS)
+
+
+def _perm_names(bits: int) -> str:
+    from vdkit.io.locks import PERM_NAMES
+
+    return ", ".join(n for p, n in PERM_NAMES.items() if bits & p)
+
+
+def check_file_parents(machine: DeviceRegistry, child: GraphNode, name: str, driver: str, ro: bool) -> None:
+    """QEMU's conflict check among the parents of ``child`` once a new ``file`` parent joins.
+
+    QEMU keeps a node's parents newest first and asks, pair by pair, whether
+    the first shares what the second needs; the first refusal is the error.
+    """
+    if child.force_share:  # its parents share everything (QEMU's force-share)
+        return
+    parents = [(name, file_perms(driver, ro))]
+    parents += [(p.name, file_perms(p.driver, p.ro, p.user_perm))
+                for p, role in reversed(machine.graph.parents_of(child)) if role == "file"]
+    for i, (a_name, (_, a_shared)) in enumerate(parents):
+        for j, (b_name, (b_perm, _)) in enumerate(parents):
+            if i != j and b_perm & ~a_shared:
+                raise VdkitError(
+                    f"Permission conflict on node '{child.name}': permissions '{_perm_names(b_perm & ~a_shared)}' "
+                    f"are both required by node '{b_name}' (uses node '{child.name}' as 'file' child) and "
+                    f"unshared by node '{a_name}' (uses node '{child.name}' as 'file' child).")
+
+
+def lock_file_node(machine: DeviceRegistry, child: GraphNode, pending: tuple[str, bool] | None = None) -> None:
+    """Hold on ``child``'s file the lock bytes its parents' permissions need (``pending``: one about to join).
+
+    On a refusal the bytes held before are taken again and the lock error raised.
+    """
+    from vdkit.io.locks import LockMode
+
+    f = child.file
+    lock = getattr(f, "lock", None) if isinstance(f, ImageFile) else None
+    if lock is None:
+        return
+    perm, shared = 0, _ALL
+    wanted = [(p.driver, p.ro, p.user_perm) for p, role in machine.graph.parents_of(child) if role == "file"]
+    if pending is not None:
+        wanted.append((*pending, 0))
+    for driver, ro, user in wanted:
+        p, s = file_perms(driver, ro, user)
+        perm, shared = perm | p, shared & s
+    if child.force_share:
+        shared = _ALL
+    mode = LockMode(perm & _PASSTHROUGH, ~shared & _PASSTHROUGH)
+    if lock.mode == mode:
+        return
+    old = lock.mode
+    lock.release()
+    lock.mode = mode
+    try:
+        lock.acquire()
+    except VdkitError:
+        lock.mode = old
+        lock.acquire()
+        raise
+
+
+def _raw_write_perm(machine: DeviceRegistry, g: GraphNode) -> None:
+    """A raw node being written (a job's target) needs write on its file from now on, as its user would."""
+    if g.user_perm & _W or g.child is None:
+        return
+    g.user_perm |= _CR | _W
+    try:
+        lock_file_node(machine, g.child)
+    except VdkitError:
+        g.user_perm &= ~_W
+        raise
+
+
 @dataclass
 class Graph:
     """The monitor-owned nodes of one daemon (creation order)."""
@@ -232,15 +340,18 @@ def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
 
     filename = opts["filename"]
     force_share = bool(opts.get("force-share", False))
+    from vdkit.io.locks import LockMode
+
     try:
-        f = ImageFile(filename, readonly=ro, force_share=force_share)
+        f = ImageFile(filename, readonly=ro, lock=False)
     except OpenError as exc:
         if not (auto_ro and not ro and exc.errno in (13, 30)):  # EACCES, EROFS: auto-read-only falls back
             raise
         ro = True
-        f = ImageFile(filename, readonly=True, force_share=force_share)
+        f = ImageFile(filename, readonly=True, lock=False)
+    f.take_lock(LockMode(0, 0))  # nobody uses a new node yet: no bytes until a parent needs some
     g = GraphNode(name="", driver="file", serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
-                  file=f, filename=filename)
+                  file=f, filename=filename, force_share=force_share)
     _register(machine, g, name)
     return g
 
@@ -326,13 +437,21 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
     from vdkit.formats import registry as formats
 
     assert child.file is not None
+    # the format node's permissions on its file are taken before the format reads it (QEMU attaches
+    # the child first); nothing is left held if the open fails
+    lock_file_node(machine, child, (driver, ro))
     ctx = OpenContext(child.file.filename, readonly=ro)
-    drv = formats.open_driver(driver, _borrow(child.file), ctx)
+    try:
+        drv = formats.open_driver(driver, _borrow(child.file), ctx)
+    except BaseException:
+        lock_file_node(machine, child)
+        raise
     node = Node(child.file.filename, drv, readonly=ro)
     try:
         drv.open_children(ctx)
     except BaseException:
         node.close()
+        lock_file_node(machine, child)
         raise
     g = GraphNode(name="", driver=driver, serial=0, ro=ro, cache=cache, detect_zeroes=detect_zeroes,
                   discard=discard, auto_ro=auto_ro, implicit=implicit, node=node, child=child,
@@ -353,6 +472,8 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
             assert g.backing.node is not None or g.backing.file is not None
             node.backing = g.backing.node if g.backing.node is not None else None
         refresh_filename(g)
+        if driver == "raw" and not ro:
+            node.before_write.append(lambda _offset, _length: _raw_write_perm(machine, g))
         node.bitmaps  # noqa: B018 - QEMU loads persistent bitmaps at open (a writable image marks them in use)
     except BaseException:
         delete_node(machine, g)
@@ -377,11 +498,13 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
                                    cache=g.cache, implicit=True)
         try:
             assert child.file is not None
-            walk.visit(resolved, child.file.fd)
             fmt = drv.backing_format
             if fmt is None:
-                assert child.file is not None
                 fmt = formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), resolved)
+            # QEMU takes the format's permissions on the file first: a loop back to a writable
+            # image fails on its lock before vdkit's loop check (QEMU has none: a read-only loop hangs)
+            lock_file_node(machine, child, (fmt, True))
+            walk.visit(resolved, child.file.fd)
             return open_format_node(machine, fmt, child, name=None, ro=True, cache=g.cache, detect_zeroes="off",
                                     discard="ignore", auto_ro=False, implicit=True, walk=walk)
         except BaseException:
@@ -400,6 +523,8 @@ def delete_node(machine: DeviceRegistry, g: GraphNode) -> None:
     for c in g.children():
         if c.implicit and not machine.graph.parents_of(c):
             delete_node(machine, c)
+        elif c.file is not None and c in machine.graph.nodes:
+            lock_file_node(machine, c)  # what it still holds for its other parents
 
 
 def chain_depth(g: GraphNode) -> int:

@@ -16,6 +16,7 @@ from vdkit.devices.graph import (
     FORMAT_DRIVERS,
     PROTOCOL_DRIVERS,
     GraphNode,
+    check_file_parents,
     delete_node,
     open_curl_node,
     open_file_node,
@@ -195,10 +196,10 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         if child.implicit:
             delete_node(machine, child)
         raise VdkitError("Block node is read-only")
-    if isinstance(ref, str) and driver == "qcow2" and not ro:
-        if child.ro:  # qcow2 writes its metadata: it needs a writable file (raw needs none until used)
+    if isinstance(ref, str):
+        if driver == "qcow2" and not ro and child.ro:  # qcow2 writes its metadata: it needs a writable file
             raise VdkitError("Block node is read-only")
-        _check_shared_file(machine, child, name or "")
+        check_file_parents(machine, child, name or "", driver, ro)
     try:
         backing: GraphNode | None | str = "header"
         if "backing" in opts and driver == "qcow2":
@@ -216,20 +217,6 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         if child.implicit:
             delete_node(machine, child)
         raise
-
-
-def _writer(g: GraphNode) -> bool:
-    """A writable qcow2 node needs write and resize on its file and shares neither (QEMU's permissions)."""
-    return g.driver == "qcow2" and not g.ro
-
-
-def _check_shared_file(machine: DeviceRegistry, child: GraphNode, name: str) -> None:
-    """Two writable qcow2 nodes on one file would corrupt it: QEMU's permission conflict."""
-    for p, role in machine.graph.parents_of(child):
-        if role == "file" and _writer(p):
-            raise VdkitError(f"Permission conflict on node '{child.name}': permissions 'write, resize' are both "
-                             f"required by node '{p.name}' (uses node '{child.name}' as 'file' child) and unshared "
-                             f"by node '{name}' (uses node '{child.name}' as 'file' child).")
 
 
 def add_node(machine: DeviceRegistry, opts: dict[str, Any]) -> GraphNode:
