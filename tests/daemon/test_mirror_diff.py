@@ -62,11 +62,13 @@ def _events(m: Monitor, d: Path) -> list[str]:
 
 
 class Pair:
-    def __init__(self, daemons: Daemons, tmp: Path) -> None:
+    def __init__(self, daemons: Daemons, tmp: Path, *, top_writes: tuple[str, ...] = ()) -> None:
         self.dirs = [tmp / "q", tmp / "v"]
         for d in self.dirs:
             d.mkdir()
             _chain(d)
+            for w in top_writes:  # more data in the active image before the daemons start
+                assert qemu_io("-c", w, str(d / "top.qcow2")).returncode == 0
         _, qpath, _ = daemons.qemu([a.replace("DIR", str(self.dirs[0])) for a in DRIVE], self.dirs[0])
         _, vpath, _ = daemons.vdkit([a.replace("DIR", str(self.dirs[1])) for a in DRIVE], self.dirs[1])
         self.mons = [daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()]
@@ -579,3 +581,44 @@ def test_mirror_existing_target(daemons: Daemons, tmp_path: Path, sync: str) -> 
     p.hmp("info block -n")
     p.quit(daemons)
     p.compare("ex.qcow2", "top.qcow2")
+
+
+@pytest.mark.parametrize("sync", ["top", "full"])
+def test_backup_nodes_while_running(daemons: Daemons, tmp_path: Path, sync: str) -> None:
+    """While a drive-backup runs: its filter, the target (detect-zeroes unmap) and, for sync top, the target's
+    own copy of its backing chain are listed, as QEMU lists them.  (QEMU 7.2 hangs listing the nodes of a
+    sync none backup: not compared.)"""
+    # enough in the active image that a speed-limited job is still copying when it is paused
+    p = Pair(daemons, tmp_path, top_writes=("write -P 0x66 0 3M",))
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/bt.qcow2", "sync": sync, "job-id": "bb",
+                            "speed": 1})
+    p.same("block-job-pause", {"device": "bb"})
+    p.wait("JOB_STATUS_CHANGE", 2, status="paused")
+    grown = re.compile(r'"virtual-size": \d+(?=, "filename": "DIR/bt.qcow2", "format": "file")'
+                       r'|(?<="granularity": 65536, )"count": \d+')
+    p.hmp("info block -n")
+    p.same("query-named-block-nodes", mask=grown)
+    p.same("query-named-block-nodes", {"flat": True}, mask=grown)
+    p.same("block-job-cancel", {"device": "bb", "force": True})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same("query-named-block-nodes")
+
+
+def test_backup_sync_none_can_be_paused(daemons: Daemons, tmp_path: Path) -> None:
+    """A sync none backup waits for its cancel doing nothing by itself: pause, resume and cancel it."""
+    d = tmp_path / "v"
+    m, url = _start_vdkit(daemons, d)
+    model = _model(d)
+    start = bytes(model)
+    assert m.cmd("drive-backup", {"device": "disk0", "target": str(d / "fl.qcow2"), "sync": "none",
+                                  "job-id": "fl"}) == {"return": {}}
+    assert m.cmd("block-job-pause", {"device": "fl"}) == {"return": {}}
+    assert m.cmd("block-job-resume", {"device": "fl"}) == {"return": {}}
+    for w in WRITES[:2]:
+        _write(url, model, *w)  # copied before they land: the target keeps the old data
+    assert m.cmd("block-job-cancel", {"device": "fl", "force": True}) == {"return": {}}
+    _wait(m, "BLOCK_JOB_CANCELLED")
+    m.send_raw(b'{"execute": "quit"}')
+    for p in daemons.procs:
+        p.wait(timeout=60)
+    assert _read_raw(d / "fl.qcow2") == start  # the overlay over the disk as it was

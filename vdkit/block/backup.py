@@ -75,6 +75,8 @@ class BackupJob(JobDriver):
         self.successor: DirtyBitmap | None = None
         self._job: Job | None = None
         self.size = source.size
+        # the monitor's record of the target's node names while the job holds it (it lists them)
+        self.listed_target: object | None = None
 
     def nodes(self) -> list[Node]:
         """The source (its root is held) and the target (not to be deleted under the job)."""
@@ -124,6 +126,9 @@ class BackupJob(JobDriver):
             self.copy.bits &= keep.bits
             job.len = job.offset + self.copy.count()
         if self.sync == "none":
+            # QEMU's job yields at once, waiting to be cancelled: it counts as started (a pause then
+            # takes effect), which the engine learns from a charged byte (no progress, no data)
+            job.advance(0, 1)
             while True:
                 job.pause_point(idle=True)  # copy-before-write does the work until the job is cancelled
         last = time.monotonic()
@@ -179,6 +184,7 @@ class BackupJob(JobDriver):
 
     # -- the end -------------------------------------------------------------------------------------
     def clean(self, job: Job) -> None:
+        self.listed_target = None
         src = self.source
         if self._before_write in src.before_write:
             src.before_write.remove(self._before_write)

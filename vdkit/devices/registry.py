@@ -94,6 +94,8 @@ class Medium:
     # the top file node's read-only flag when it differs from ``ro`` (auto-read-only: QEMU opens the
     # file read-write under a format that can only be read)
     file_ro: bool | None = None
+    # the top node's detect-zeroes when it is not the drive's option (a backup target: QEMU opens it so)
+    detect_zeroes: str | None = None
 
     @property
     def node_name(self) -> str:

@@ -113,7 +113,7 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
         backing_file=chain[index + 1].filename if index + 1 < len(chain) else None,
         backing_file_depth=0 if flat else len(chain) - 1 - index,
         encrypted=node.driver.encrypted,
-        detect_zeroes=drive.spec.detect_zeroes if index == 0 else "off",
+        detect_zeroes=(medium.detect_zeroes or drive.spec.detect_zeroes) if index == 0 else "off",
         image=_json_backing_names(node, image_info(node, nested=not flat)),
         cache=_cache(drive, medium, index, backend=backend),
         dirty_bitmaps=bitmap_cmds.dirty_info(node),
@@ -366,8 +366,9 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
         for job in ctx.machine.jobs.jobs:  # a mirror's or backup's target, named while the job holds it
             target = getattr(job.driver, "listed_target", None)
             if target is not None and any(n is job.driver.nodes()[0] for n in chain):
-                out.append((target.serials[0][0], drive, target, 0, "fmt"))
-                out.append((target.serials[0][1], drive, target, 0, "file"))
+                for i, (fmt_serial, file_serial) in enumerate(target.serials):  # the nodes the job opened
+                    out.append((fmt_serial, drive, target, i, "fmt"))
+                    out.append((file_serial, drive, target, i, "file"))
     return out
 
 

@@ -409,21 +409,44 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
     path = args["target"]
     if not existing:
         _create(path, fmt or source.format, source.size, backing)
-    target = _open_target(path, fmt)
+    # QEMU opens the target with the backing chain its header names (``none``: the live source instead,
+    # a fleecing overlay), with detect-zeroes=unmap
+    target = _open_backup_target(path, fmt, chain=sync != "none")
     if sync == "none":
-        target.backing = source  # the live source shows through: a fleecing overlay
+        target.backing = source
+    owned = list(target.chain()) if sync != "none" else [target]
+    names = [machine.name_new_node(None) for _ in owned]
 
     def release() -> None:
-        target.backing = None
+        for (fmt_name, file_name), _ in names:
+            machine.release_name(fmt_name)
+            machine.release_name(file_name)
+        if sync == "none":
+            target.backing = None
         target.close()
 
     try:
-        return _backup_common(machine, drive, index, target, args, sync=sync,
-                              target_has_backing=backing is not None or target.driver.backing_file is not None,
-                              release=release)
+        job = _backup_common(machine, drive, index, target, args, sync=sync,
+                             target_has_backing=target.backing is not None or target.driver.backing_file is not None,
+                             release=release)
     except BaseException:
         release()
         raise
+    from vdkit.devices.registry import Medium
+
+    job.driver.listed_target = Medium(target, [n for n, _ in names], False,  # type: ignore[attr-defined]
+                                      [s for _, s in names], detect_zeroes="unmap")
+    return job
+
+
+def _open_backup_target(path: str, fmt: str | None, *, chain: bool) -> Node:
+    from vdkit.block.node import open_image
+    from vdkit.monitor.block_cmds import open_error
+
+    try:
+        return open_image(path, fmt, readonly=False, backing=chain)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
 
 
 def _prepare_blockdev_backup(machine: DeviceRegistry, args: dict[str, Any]) -> Job:
