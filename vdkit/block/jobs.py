@@ -26,9 +26,16 @@ held, in the job's thread):
 * ``job.len`` / ``job.offset`` are the progress counters (``len`` is the
   total, may grow; ``job.advance(done, copied)`` adds ``done`` to ``offset``
   and charges ``copied`` bytes to the speed limit);
-* call ``job.pause_point()`` between chunks (the lock is released and taken
-  again: other threads get their turn; pause and cancel take effect here;
-  after a chunk that was charged to the speed limit it also sleeps);
+* call ``job.pause_point()`` after each chunk, not before the first (the
+  lock is handed over at most every few milliseconds: other threads get
+  their turn; pause and cancel take effect here; after a chunk that was
+  charged to the speed limit it also sleeps); ``job.step_size(q)`` is the
+  chunk to use where QEMU's step is ``q`` (``q`` under a speed limit, where
+  the offsets of a held job are compared with QEMU's; larger without);
+* a new job owes its steps up to its first copy, a resumed or kicked one its
+  next step: a command that pauses, drains, cancels or queries lets the job
+  take it first (QEMU runs a job at once up to its next I/O), so the first
+  copy must call ``advance`` with ``copied`` > 0 (or ``set_ready``);
 * a ready phase (mirror, active commit): ``job.set_ready()`` once in sync,
   then keep calling ``job.pause_point()`` (with ``idle=True`` when there is
   nothing to copy: it waits until woken) until ``job.should_exit`` is true:
@@ -48,9 +55,11 @@ calls, all with the device lock held: ``prepare`` (graph changes that may
 still fail; a failure aborts the job), then ``commit`` on success or
 ``abort`` on failure/cancel, then ``clean`` always.  ``prepare``/``commit``
 run at finalize time: at once with ``auto-finalize`` (default), else on
-``job-finalize``.  ``JobDriver.busy_text`` and the graph checks of the
-monitor (``Node 'x' is busy: ...``) use :meth:`JobList.job_on` with the
-nodes a driver lists in ``JobDriver.nodes``.
+``job-finalize``.  The graph checks of the monitor (``Node 'x' is busy:
+...``) use :meth:`JobList.job_on` with the nodes a driver lists in
+``JobDriver.nodes``; ``JobDriver.filter`` (a :class:`JobFilter`, set by the
+monitor) is the implicit filter node the queries list while the job lives.
+Write wake-ups (a mirror's source written) go through :meth:`Job.kick`.
 
 States, verbs and transitions are QEMU 7.2's (``block-jobs.md`` §3.3, §3.7).
 """
