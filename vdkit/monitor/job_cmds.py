@@ -350,7 +350,7 @@ def _graph_chain(machine: DeviceRegistry, g: GraphNode) -> JobChain:
     nodes = [x.node for x in gchain if x.node is not None]
     names = [x.name for x in gchain]
     return JobChain(nodes, names, names, "", not machine.graph.parents_of(g),
-                    _graph_changed(machine, gchain), lambda i, ro: _reopen_graph(gchain[i], ro))
+                    _graph_changed(machine, gchain), lambda i, ro: _reopen_graph(machine, gchain[i], ro))
 
 
 def _lookup_chain(machine: DeviceRegistry, name: str) -> tuple[JobChain, int] | None:
@@ -382,7 +382,7 @@ def _check_chain_busy(machine: DeviceRegistry, chain: JobChain, indices: range) 
             raise VdkitError(f"Node '{chain.label(i)}' is busy: block device is in use by block job: {job.type}")
 
 
-def _reopen_graph(g: GraphNode, ro: bool) -> None:
+def _reopen_graph(machine: DeviceRegistry, g: GraphNode, ro: bool) -> None:
     """Reopen a graph format node read-write (or read-only again); an inline file node goes with it.
 
     A file node added by reference stays as it is: a read-only one cannot
@@ -392,7 +392,7 @@ def _reopen_graph(g: GraphNode, ro: bool) -> None:
     import os
 
     from vdkit.block.driver import OpenContext
-    from vdkit.devices.graph import _BorrowedFile
+    from vdkit.devices.graph import _BorrowedFile, lock_file_node
     from vdkit.formats import registry as formats
     from vdkit.io.file import ImageFile
 
@@ -426,14 +426,26 @@ def _reopen_graph(g: GraphNode, ro: bool) -> None:
             child.file, child.ro = f, mode
         node.driver, node.readonly, g.ro = drv, mode, mode
 
+    was = node.readonly
+    if not own_file and not ro:  # a file node by reference: write permission before the writer opens
+        g.ro = False
+        try:
+            lock_file_node(machine, child)
+        except BaseException:
+            g.ro = was
+            raise
     node.driver.close()
     if own_file:
         child.file.close()
     try:
         open_as(ro)
     except BaseException:
-        open_as(node.readonly)
+        open_as(was)
+        if not own_file:
+            lock_file_node(machine, child)
         raise
+    if not own_file and ro:  # and dropped once the writer is closed
+        lock_file_node(machine, child)
 
 
 def _graph_changed(machine: DeviceRegistry, gchain: list[GraphNode]) -> Any:
