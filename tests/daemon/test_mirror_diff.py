@@ -188,7 +188,11 @@ def test_backup_modes_and_incremental(daemons: Daemons, tmp_path: Path) -> None:
                  {"device": "disk0", "target": "DIR/bb.qcow2", "sync": "bitmap"},
                  {"device": "disk0", "target": "DIR/bn.qcow2", "sync": "full", "bitmap": "nob"},
                  {"device": "nodev", "target": "DIR/bx.qcow2", "sync": "full"},
-                 {"device": "disk0", "target": "DIR/bx.qcow2", "sync": "full", "bitmap-mode": "always"}):
+                 {"device": "disk0", "target": "DIR/bx.qcow2", "sync": "full", "bitmap-mode": "always"},
+                 {"device": "disk0", "target": "DIR/c.raw", "sync": "full", "format": "raw", "compress": True},
+                 {"device": "disk0", "target": "DIR/top.qcow2", "sync": "full", "mode": "existing"},
+                 {"device": "disk0", "target": "DIR/y.qcow2", "sync": "top", "bitmap-mode": "never"},
+                 {"device": "disk0", "target": "DIR/z.qcow2", "sync": "full", "speed": -1}):
         p.same("drive-backup", args)
     p.same("block-dirty-bitmap-add", {"node": "disk0", "name": "bm0"})
     for args in ({"device": "disk0", "target": "DIR/bx.qcow2", "sync": "full", "bitmap": "bm0"},

@@ -356,7 +356,7 @@ def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: No
     from vdkit.formats.registry import format_module
 
     if compress and not getattr(format_module(target.format), "SUPPORTS_COMPRESSION", False):
-        raise VdkitError(f"Compression is not supported for this drive {target.filename}")
+        raise VdkitError("Compression is not supported for this drive ")  # QEMU names the target's (no) device
     _busy(machine, drive)
     if bitmap is not None and mode != "never":
         bitmap.check(CHECK_DEFAULT)
