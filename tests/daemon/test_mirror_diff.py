@@ -129,6 +129,13 @@ MIRROR_ERRORS: list[dict[str, Any]] = [
     {"device": "disk0", "target": "DIR/nodir/mx.qcow2", "sync": "full", "mode": "existing"},
     {"device": "disk0", "target": "DIR/mx.qcow2"},
     {"device": "disk0", "target": "DIR/mx.qcow2", "sync": "full", "speed": -1},
+    {"device": "disk0", "target": "DIR/top.qcow2", "sync": "full", "mode": "existing"},
+    {"device": "disk0", "target": "DIR/a.qcow2", "sync": "full", "format": "nosuch"},
+    {"device": "disk0", "target": "DIR/b.qcow2", "sync": "full", "node-name": "disk0"},
+    {"device": "disk0", "target": "DIR/c.qcow2", "sync": "full", "node-name": "#x"},
+    {"device": "disk0", "target": "DIR/d.qcow2", "sync": "full", "granularity": 1 << 27},
+    {"device": "disk0", "target": "DIR/f.qcow2", "sync": "full", "replaces": "x", "node-name": "nn"},
+    {"device": "disk0", "target": "DIR/g.raw", "sync": "top", "format": "raw"},
 ]
 
 

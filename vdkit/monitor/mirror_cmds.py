@@ -198,19 +198,22 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
     from vdkit.block.dirty_bitmap import default_granularity
     from vdkit.block.mirror import DEFAULT_BUF_SIZE, MirrorJob
 
+    granularity, buf_size = _mirror_common_checks(args)
+    assert drive.medium is not None
+    replaces = args.get("replaces")
+    if replaces is not None and replaces not in (drive.medium.names[index][0], drive.id):
+        if replaces not in machine.all_node_names():
+            raise VdkitError(f"Failed to find node with node-name='{replaces}'")
+        raise VdkitError(f"Replacing node '{replaces}' is not supported by vdkit")
     if sync in ("incremental", "bitmap"):
         raise VdkitError(f"Sync mode '{sync}' not supported")
-    granularity, buf_size = _mirror_common_checks(args)
     if not granularity:
         granularity = default_granularity(target.driver.cluster_size)  # QEMU asks bdrv_get_info
     if buf_size < 0:
         raise VdkitError("Invalid parameter 'buf-size'")
-    assert drive.medium is not None
     source = list(drive.medium.node.chain())[index]
     if source is target:
         raise VdkitError("Can't mirror node into itself")
-    if "replaces" in args and args["replaces"] not in (drive.medium.names[index][0], drive.id):
-        raise VdkitError(f"Replacing node '{args['replaces']}' is not supported by vdkit")
     job_driver = MirrorJob(source, target, sync=sync, granularity=granularity, buf_size=buf_size or DEFAULT_BUF_SIZE,
                            zero_target=zero_target, target_unmaps=target_unmaps, unmap=args.get("unmap", True),
                            keeps_backing=keeps_backing,
