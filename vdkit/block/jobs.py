@@ -503,6 +503,8 @@ class Job:
         self._check_cancel()
         self._kicked = False
         self.busy = False
+        if idle:
+            self._io_done = True  # waiting for work: the job's synchronous start is over, it owes nothing
         if self._kick_pending and self._io_done:  # the step owed is done: a waiting command may act now
             self._kick_pending = False  # (a new job owes everything up to its first copy)
             self.cond.notify_all()
