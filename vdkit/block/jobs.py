@@ -67,6 +67,7 @@ States, verbs and transitions are QEMU 7.2's (``block-jobs.md`` §3.3, §3.7).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -79,6 +80,8 @@ from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
+
+log = logging.getLogger(__name__)
 
 Emit = Callable[[str, "dict[str, Any] | None"], None]
 
@@ -330,19 +333,22 @@ class Job:
             self.error = strerror_of(exc)
             self._abort()
             return
-        try:
-            self.driver.commit(self)
-        finally:
-            self.driver.clean(self)
+        self._guarded(self.driver.commit)
+        self._guarded(self.driver.clean)
         self._block_event("BLOCK_JOB_COMPLETED")
         self._conclude()
 
+    def _guarded(self, step: Callable[[Job], None]) -> None:
+        """A driver's commit/abort/clean: they must not fail; if one does (a bug), the job still ends."""
+        try:
+            step(self)
+        except Exception:  # noqa: BLE001 - the job's end must not be lost with its thread
+            log.exception("block job %s: %s failed", self.id, getattr(step, "__name__", "step"))
+
     def _abort(self) -> None:
         self._transition(S.ABORTING)
-        try:
-            self.driver.abort(self)
-        finally:
-            self.driver.clean(self)
+        self._guarded(self.driver.abort)
+        self._guarded(self.driver.clean)
         if self.error is None and self.is_cancelled:
             self._block_event("BLOCK_JOB_CANCELLED")
             self.error = os.strerror(errno.ECANCELED)  # what the queries show for a cancelled job
