@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import errno
 import struct
-import sys
-from array import array
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
+from vdkit.io import tables
 from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
 
     from vdkit.block.driver import CheckReport
     from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Table
     from vdkit.opts import CreateOpts
 
 SIGNATURE = 0xBEDA107F
@@ -47,11 +47,8 @@ TEXT = b"<<< QEMU VM Virtual Disk Image >>>\n"
 HEADER = struct.Struct("<IIIII256sIIIIIIIQIIII16s16s16s16s")
 
 
-def _entries(data: bytes) -> array[int]:
-    out = array("I", data)
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out
+def _entries(data: bytes) -> Table:
+    return tables.decode(data, 4, "little")
 
 
 class VdiDriver(FormatDriver):
@@ -270,10 +267,7 @@ def create_from_options(filename: str, opts: CreateOpts) -> None:
         for first in range(0, blocks, step):
             n = min(step, blocks - first)
             if static:
-                entries = array("I", range(first, first + n))
-                if sys.byteorder != "little":
-                    entries.byteswap()
-                f.pwrite(512 + 4 * first, entries.tobytes())
+                f.pwrite(512 + 4 * first, tables.encode(range(first, first + n), 4, "little"))
             else:
                 f.pwrite(512 + 4 * first, b"\xff" * (4 * n))
         if bmap_len > blocks * 4:

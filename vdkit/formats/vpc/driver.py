@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import errno
 import struct
-import sys
-from array import array
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, FormatDriver
 from vdkit.errors import OpenError
+from vdkit.io import tables
 from vdkit.io.file import MAX_OFFSET, zero_fill
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -27,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Table
 
 FOOTER_SIZE = 512
 DYN_HEADER_SIZE = 1024
@@ -73,7 +73,7 @@ class VpcDriver(FormatDriver):
         self.block_size = 0
         self.bitmap_size = 0
         self.bat_offset = 0
-        self.bat: array[int] = array("I")
+        self.bat: Table = []
         self.free_offset = 0  # where the next block goes (the trailing footer's place)
         self.total_sectors = 0
         self.disk_type = FIXED
@@ -137,9 +137,7 @@ class VpcDriver(FormatDriver):
             raise OpenError("Error reading pagetable", errno=errno.EIO)
         if free > rsize:  # checked before the table is read: it is then never larger than the file
             raise truncated
-        bat = array("I", self._read(bat_offset, bat_len, "Error reading pagetable"))
-        if sys.byteorder == "little":
-            bat.byteswap()
+        bat = tables.decode(self._read(bat_offset, bat_len, "Error reading pagetable"), 4, "big")
         used = [e for e in bat if e != UNALLOCATED]
         if used:
             free = max(free, max(used) * 512 + bitmap_size + block_size)
