@@ -180,6 +180,9 @@ def test_key_errors(written: Path) -> None:
                  ["map", *SECRET, "--image-opts", _spec("default.luks", "nope")],
                  ["map", *SECRET, "--image-opts", "driver=luks,file.filename=default.luks"],
                  ["map", *SECRET, "--image-opts", _spec("src.raw")],
+                 # no driver: the key option makes the format be probed (luks: taken; raw: refused)
+                 ["info", *SECRET, "--image-opts", "key-secret=sec0,file.filename=default.luks"],
+                 ["map", *SECRET, "--image-opts", "file.filename=src.raw,key-secret=sec0"],
                  ["info", "--object", "secret,id=sec0,data=wrong", "--image-opts", _spec("default.luks", "nope")]):
         assert_same(args, d)
 

@@ -278,18 +278,16 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
         own = frozenset() if driver is None else runtime_options(driver)  # the format's, without effect
         for key in [k for k in opts if k in _TUNING or k in own]:
             del opts[key]
-        if "encrypt.key-secret" in opts and driver is None and filename is not None:
-            driver = _probe_for_option(filename, "encrypt.key-secret")
-            if driver is None:  # unreadable: the open reports why
-                opts.pop("encrypt.key-secret")
-        if driver == "qcow2":
-            opts.pop("encrypt.key-secret", None)
-        key_secret = opts.pop("key-secret", None) if driver == "luks" else None
-        if "force_size_calc" in opts and driver is None and filename is not None:
-            driver = _probe_for_option(filename, "force_size_calc", "vpc")
-            if driver is None:  # unreadable: the open reports why
-                opts.pop("force_size_calc")
-        size_calc = opts.pop("force_size_calc", None) if driver == "vpc" else None
+        strong: dict[str, str] = {}  # the format's strong options (registry.STRONG_OPTIONS)
+        owner = _strong_owner()
+        for key in [k for k in opts if k in owner]:
+            if driver is None and filename is not None:
+                driver = _probe_for_option(filename, key, owner[key])
+                if driver is None:  # unreadable: the open reports why
+                    opts.pop(key)
+                    continue
+            if driver is not None and owner[key] == driver:
+                strong[key] = opts.pop(key)
         if opts:
             key = next(iter(opts))
             if driver is None:
@@ -301,14 +299,11 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
             raise OpenError('A block device must be specified for "file"')
     except OpenError as exc:
         raise exc.prefixed(f"Could not open '{spec}': ") from None
-    if key_secret is not None:  # the luks driver takes its key by file name when it opens
+    if strong:  # the driver takes them by file name when it opens (luks's key, vpc's size rule)
         from vdkit.block.secrets import set_open_option
 
-        set_open_option(filename, "key-secret", key_secret)
-    if size_calc is not None:  # vpc's force_size_calc, likewise
-        from vdkit.block.secrets import set_open_option
-
-        set_open_option(filename, "force_size_calc", size_calc)
+        for key, value in strong.items():
+            set_open_option(filename, key, value)
     if no_backing or file_driver not in ("nbd", "http", "https", "rbd") and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
@@ -367,7 +362,14 @@ def _opt_text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-def _probe_for_option(filename: str, key: str, wanted: str = "qcow2") -> str | None:
+def _strong_owner() -> dict[str, str]:
+    """Each strong option's format (registry.STRONG_OPTIONS turned around)."""
+    from vdkit.formats.registry import STRONG_OPTIONS
+
+    return {key: fmt for fmt, keys in STRONG_OPTIONS.items() for key in keys}
+
+
+def _probe_for_option(filename: str, key: str, wanted: str) -> str | None:
     """Probe the format when a format option comes without ``driver``: only ``wanted`` takes ``key``."""
     from vdkit.errors import OpenError
     from vdkit.formats.registry import PROBE_SIZE, probe_format
@@ -408,24 +410,20 @@ def image_opts_name(spec: str) -> str | None:
         from vdkit.info.render_json import dumps_compact
 
         return "json:" + dumps_compact(desc)
-    if opts.get("driver", "vpc") == "vpc" and "force_size_calc" in given:  # a strong option: QEMU's json: name
-        from vdkit.info.render_json import dumps_compact
-
-        return "json:" + dumps_compact({"force_size_calc": given["force_size_calc"], "driver": "vpc",
-                                        "file": {"driver": "file", "filename": given.get("file.filename", "")}})
-    if opts.get("driver") == "luks" and "key-secret" in opts:
-        from vdkit.info.render_json import dumps_compact
-
-        return "json:" + dumps_compact({"driver": "luks", "file": {"driver": "file",
-                                        "filename": opts.get("file.filename", "")}, "key-secret": opts["key-secret"]})
-    secret = opts.get("encrypt.key-secret")
-    if secret is None or opts.get("driver", "qcow2") != "qcow2":
+    # strong options (registry.STRONG_OPTIONS) name the node json:{...} with them; without ``driver``
+    # the format is the one owning the first (image_opts probed it and refused any other)
+    owner = _strong_owner()
+    first = next((k for k in given if k in owner), None)
+    if first is None:
+        return None
+    fmt = str(opts.get("driver") or owner[first])
+    named: dict[str, object] = {k: given[k] for k in given if owner.get(k) == fmt}
+    if not named:
         return None
     from vdkit.info.render_json import dumps_compact
 
-    desc = {"encrypt.key-secret": secret, "driver": "qcow2",
-            "file": {"driver": "file", "filename": opts.get("file.filename", "")}}
-    return "json:" + dumps_compact(desc)
+    named.update({"driver": fmt, "file": {"driver": "file", "filename": given.get("file.filename", "")}})
+    return "json:" + dumps_compact(named)
 
 
 def _probe_url(url: str) -> str | None:

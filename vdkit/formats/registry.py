@@ -83,6 +83,16 @@ PROBE_GATES: dict[str, tuple[int, tuple[bytes, ...]] | str | None] = {
     "rbd": None,
 }
 
+# QEMU's strong runtime options: open options that change what the image reads as (keys, size rules), so a
+# node opened with them is named ``json:{...}`` with them, and an option naming one without ``driver`` makes
+# the format be probed (another format refuses it).  Kept here, not in the format modules, so that
+# ``--image-opts`` learns which format owns a key without importing every format.
+STRONG_OPTIONS: dict[str, tuple[str, ...]] = {
+    "qcow2": ("encrypt.key-secret",),
+    "luks": ("key-secret",),
+    "vpc": ("force_size_calc",),
+}
+
 # Formats recognised by their magic only, so that they are refused by name rather than read as raw.
 _NOT_IMPLEMENTED: tuple[tuple[bytes, str], ...] = (
 )
