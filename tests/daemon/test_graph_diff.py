@@ -401,3 +401,62 @@ def test_lock_bytes_of_a_job_on_a_file_node_by_reference(daemons: Daemons) -> No
         ("@wait", "c", "null"),
         base_lock,
     ])
+
+
+def _setup_vm(d: Path) -> None:
+    for n in ("a", "b", "c", "m", "t"):
+        check_ok("create", "-q", "-f", "qcow2", f"{n}.qcow2", "4M", cwd=d)
+    check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=d)
+
+
+def test_savevm_loadvm_delvm_on_blockdev_roots(daemons: Daemons) -> None:
+    """VM snapshots take the drives, then the writable -blockdev nodes no node uses (QEMU's monitor-owned
+    roots); info snapshots lists their snapshots under '' (no BlockBackend), and also those of a writable
+    node used as another's backing, which savevm leaves out."""
+    _run(daemons, [
+        "-blockdev", "driver=qcow2,node-name=qa,file.driver=file,file.filename=DIR/a.qcow2",
+        "-blockdev", "driver=qcow2,node-name=qm,file.driver=file,file.filename=DIR/m.qcow2",
+        "-blockdev", "driver=qcow2,node-name=qt,file.driver=file,file.filename=DIR/t.qcow2,backing=qm",
+    ], [
+        "info snapshots",
+        "savevm s1",
+        "info snapshots",
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qc", "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
+        "info snapshots",
+        "loadvm s1",
+        "savevm s2",
+        "info snapshots",
+        "delvm s1",
+        "info snapshots",
+        "loadvm s2",
+        ("blockdev-add", {"driver": "raw", "node-name": "rr", "file": {"driver": "file", "filename": "DIR/r.raw"}}),
+        "savevm s3",
+        "loadvm s2",
+        "delvm s2",
+        ("blockdev-del", {"node-name": "rr"}),
+        ("blockdev-add", {"driver": "raw", "node-name": "rr", "read-only": True,
+                          "file": {"driver": "file", "filename": "DIR/r.raw"}}),
+        "savevm s3",
+        "info snapshots",
+        ("query-named-block-nodes", {"flat": True}),
+    ], setup=_setup_vm, blank_sizes=True)
+
+
+def test_savevm_blockdev_nodes_after_drives(daemons: Daemons) -> None:
+    """A drive comes first (it takes the VM state); a -blockdev root joins every VM snapshot."""
+    _run(daemons, [
+        "-blockdev", "driver=qcow2,node-name=qa,file.driver=file,file.filename=DIR/a.qcow2",
+        "-drive", "file=DIR/b.qcow2,if=none,id=d0",
+    ], [
+        "savevm s1",
+        ("blockdev-add", {"driver": "qcow2", "node-name": "qc", "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
+        "info snapshots",
+        "savevm s2",
+        "info snapshots",
+        "loadvm s1",
+        "delvm s1",
+        "info snapshots",
+        "loadvm s2",
+        ("query-named-block-nodes", {"flat": True}),
+    ], setup=_setup_vm, blank_sizes=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from vdkit.errors import VdkitError
 from vdkit.info import render_human
+from vdkit.info.collect import snapshot_info
 from vdkit.info.model import BlockDeviceInfo, BlockInfo, SnapshotInfo
 from vdkit.monitor import block_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandContext, CommandRegistry
@@ -333,7 +334,11 @@ def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]
     writable = [b for b in infos if b.inserted is not None and not b.inserted.ro]
     able = {d.id for d in ctx.machine.drives if d.medium is not None and block_cmds.snapshot_capable(d.medium)}
     capable = [b for b in writable if b.device in able]
-    if not capable:
+    # -blockdev nodes after the drives, named by their (absent) BlockBackend: ''
+    graph = [gd for gd in block_cmds.graph_disks(ctx.machine, roots_only=False)
+             if block_cmds.snapshot_capable(gd.medium)]
+    roots = {id(gd.graph_node) for gd in block_cmds.graph_disks(ctx.machine, roots_only=True)}
+    if not capable and not any(id(gd.graph_node) in roots for gd in graph):
         return render_human.info_snapshots(False, [], [], any_snapshots=False)
     lists: list[tuple[str, list[SnapshotInfo]]] = []
     for b in capable:
@@ -341,6 +346,9 @@ def _info_snapshots(reg: CommandRegistry, ctx: CommandContext, a: dict[str, Any]
         snaps = list(b.inserted.image.snapshots or [])
         if snaps:
             lists.append((b.device, snaps))
+    for gd in graph:
+        if gd.medium.node.driver.snapshots():
+            lists.append(("", [snapshot_info(e) for e in gd.medium.node.driver.snapshots()]))
     if not lists:
         return render_human.info_snapshots(True, [], [], any_snapshots=False)
     global_snaps: list[SnapshotInfo] = _qmp(reg, ctx, "query-snapshots")
