@@ -564,3 +564,28 @@ def test_job_verbs_by_their_job_names(daemons: Daemons) -> None:
         ("job-finalize", {"id": "nojob"}),
         ("query-block", None),
     ])
+
+
+def test_filter_node_names(daemons: Daemons) -> None:
+    """filter-node-name: checked as QEMU checks it (for an intermediate commit after the job was created),
+    the filter listed under it, and the name free again once the job is gone."""
+    run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "filter-node-name": "#bad", "job-id": "a"}),
+        ("block-commit", {"device": "disk0", "filter-node-name": "#bad", "job-id": "#a"}),
+        ("block-stream", {"device": "disk0", "filter-node-name": "#bad", "job-id": "#b"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "filter-node-name": "disk1", "job-id": "a"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "speed": 1, "filter-node-name": "f1",
+                          "job-id": "c"}),
+        ("block-job-pause", {"device": "c"}),
+        ("@wait", "c", "paused"),
+        "info block -n",
+        ("block-stream", {"device": "disk1", "filter-node-name": "f1", "job-id": "d"}),
+        ("block-job-cancel", {"device": "c", "force": True}),
+        ("@wait", "c", "null"),
+        ("block-stream", {"device": "disk0", "filter-node-name": "f1", "job-id": "e", "speed": 1}),
+        ("block-job-pause", {"device": "e"}),
+        ("@wait", "e", "paused"),
+        "info block -n",
+        ("block-job-cancel", {"device": "e", "force": True}),
+        ("@wait", "e", "null"),
+    ])

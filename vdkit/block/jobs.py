@@ -174,12 +174,15 @@ class JobFilter:
     ``mirror_top``): no I/O goes through it here, but monitors list it while the job lives
     (``block-jobs.md`` §1.2).  ``below`` is the node it sits on."""
 
-    def __init__(self, driver: str, below: Node, *, ro: bool, name: str, serial: int) -> None:
+    def __init__(self, driver: str, below: Node, *, ro: bool, name: str, serial: int,
+                 release: Callable[[], None] | None = None) -> None:
         self.driver = driver
         self.below = below
         self.ro = ro
         self.name = name
         self.serial = serial
+        self.release = release  # gives the node name back once the job concludes (the filter goes)
+        self.filename: str | None = None  # its own filename where QEMU gives it one (else its child's)
 
 
 class JobDriver:
@@ -357,6 +360,10 @@ class Job:
         self._conclude()
 
     def _conclude(self) -> None:
+        f = self.driver.filter
+        if f is not None and f.release is not None:
+            f.release()
+            f.release = None
         self._transition(S.CONCLUDED)
         if self.auto_dismiss:
             self.dismiss()
@@ -642,10 +649,14 @@ class JobList:
         job._transition(S.CREATED)
         if speed < 0:
             job.speed = 0
-            job._transition(S.NULL)
-            self.remove(job)
+            self.discard(job)
             raise VdkitError("Parameter 'speed' expects a non-negative value")
         return job
+
+    def discard(self, job: Job) -> None:
+        """A job that failed to be set up after ``created``: ``null`` at once (QEMU's early failure)."""
+        job._transition(S.NULL)
+        self.remove(job)
 
     def remove(self, job: Job) -> None:
         if job in self.jobs:

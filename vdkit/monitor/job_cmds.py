@@ -10,6 +10,7 @@ them onto the engine.  ``block-job-*`` commands name a job by ``device``
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
@@ -289,14 +290,51 @@ def _job_options(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[str, Any],
-           filter: tuple[str, Node, bool] | None = None) -> Job:
-    """Create and start the job; ``filter`` (driver name, node below, read-only) is its implicit filter node."""
-    from vdkit.block.jobs import JobFilter
+           filter: tuple[str, Node, bool] | None = None, *, filter_first: bool = True,
+           filter_prefix: str = "") -> Job:
+    """Create and start the job; ``filter`` (driver name, node below, read-only) is its implicit filter node.
 
+    Its name is ``filter-node-name`` if given, checked as QEMU checks it:
+    before the job is created (``filter_first``), or after (an intermediate
+    commit: ``created`` and ``null`` are sent before the error).
+    """
+    from vdkit.block.jobs import JobFilter
+    from vdkit.monitor.graph_cmds import check_node_name
+
+    name = args.get("filter-node-name") if filter is not None else None
+
+    def check() -> None:
+        if name is not None:
+            try:
+                check_node_name(machine, name)
+            except VdkitError as exc:
+                raise exc.prefixed(filter_prefix) from exc
+
+    if filter_first:
+        check()
     job = machine.jobs.create(job_id, driver, **_job_options(args))
+    if not filter_first:
+        try:
+            check()
+        except VdkitError:
+            machine.jobs.discard(job)
+            raise
     if filter is not None:
         drv, below, ro = filter
-        driver.filter = JobFilter(drv, below, ro=ro, name=machine.auto_name(), serial=machine.next_serial())
+        release = None
+        if name is not None:
+            machine.claim_name(name)
+            release = functools.partial(machine.release_name, name)
+        driver.filter = JobFilter(drv, below, ro=ro, name=name if name is not None else machine.auto_name(),
+                                  serial=machine.next_serial(), release=release)
+        if name is not None and drv == "copy-on-read":
+            # QEMU opens a named copy-on-read filter from options: it is called by them (json:)
+            import json
+
+            from vdkit.devices.graph import describe_node
+
+            driver.filter.filename = "json:" + json.dumps({"driver": drv, "file": describe_node(below)},
+                                                          sort_keys=True)
     job.start()
     return job
 
@@ -533,7 +571,8 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
                            reopen=(lambda ro: chain.reopen(index, ro)) if reopened else None)
         # the default job-id is the backend's name: a node below the root has none
         job_id = str(args.get("job-id", chain.default_id if root else ""))
-        _start(machine, job_id, driver, args, filter=("copy-on-read", target, False))
+        _start(machine, job_id, driver, args, filter=("copy-on-read", target, False),
+               filter_prefix="Could not create node: ")
     except BaseException:
         if reopened:
             chain.reopen(index, True)
@@ -599,7 +638,8 @@ def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
                            base_was_ro=base_was_ro, reopen=chain.reopen)
         below = nodes[top_index]
         _start(machine, _job_id(chain, args), driver, args,
-               filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True))
+               filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True),
+               filter_first=top_index == 0)
     except BaseException:
         if base_was_ro:
             chain.reopen(base_index, True)
