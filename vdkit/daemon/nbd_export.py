@@ -39,6 +39,7 @@ import contextlib
 import errno as _errno
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -81,6 +82,9 @@ class _Conn:
     export: Export | None = None
     # the last block-status run this connection's reads walked (see NbdService._status)
     status: tuple[int, Any, int, int, int, str | None, int] | None = None
+    # reply bytes not sent yet, in order (see _queue_out)
+    outq: list[memoryview] = field(default_factory=list)
+    outq_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -295,10 +299,30 @@ class NbdService:
         sock, core = conn.sock, conn.core
         buf = bytearray(READ_CHUNK)
         view = memoryview(buf)
+        poller = select.poll()
+        polling = False
         try:
             sock.sendall(core.greeting())
             while True:
-                n = sock.recv_into(buf)
+                # Replies still queued: take the client's next requests as they come while the
+                # rest drains (it reads them as it sends more), rather than blocking in send.
+                if conn.outq:
+                    if not polling:
+                        poller.register(sock, select.POLLIN | select.POLLOUT)
+                        polling = True
+                    ready = 0
+                    for _, got in poller.poll():
+                        ready |= got
+                    if ready & select.POLLOUT:
+                        _push(conn, block=False)
+                    if not ready & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        continue
+                    try:
+                        n = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                else:
+                    n = sock.recv_into(buf)
                 if not n:
                     break
                 log.debug("--> %d bytes", n)
@@ -322,11 +346,12 @@ class NbdService:
                         batch.append(ev)
                 out = core.data_to_send()
                 if out:
-                    sock.sendall(out)
+                    _queue_out(conn, [out])
                 if batch:
                     self._serve(conn, batch)
                 if closed or conn.export is not None and conn.export not in self.exports:
                     break
+            _push(conn, block=True)
         except OSError as exc:
             log.debug("NBD client gone: %s", exc)
         except Exception:  # a bug: log it, drop this client, keep serving the others
@@ -342,6 +367,8 @@ class NbdService:
         exp = conn.export
         assert exp is not None
         while batch:
+            if self.machine.run_state == "paused" or self._throttles:
+                _push(conn, block=True)  # what is answered leaves before any wait
             while self.machine.run_state == "paused" and exp in self.exports:
                 time.sleep(PAUSE_POLL_S)
             drive = self._current_drive(exp)
@@ -361,7 +388,7 @@ class NbdService:
             else:
                 todo = batch
             replies, done = self._run_batch(conn, exp, todo)
-            _send_all(conn.sock, replies)
+            _queue_out(conn, replies)
             batch = todo[done:] + batch[len(todo):]
 
     # -- I/O (connection thread, device lock) -----------------------------------------------------------------------
@@ -526,19 +553,37 @@ class NbdService:
 _IOV_MAX = 1024
 
 
-def _send_all(sock: socket.socket, bufs: list[bytes]) -> None:
-    """Send ``bufs`` in order, gathered into as few ``sendmsg`` calls as the socket takes (no joining copies)."""
-    views = [memoryview(b) for b in bufs if len(b)]
-    while views:
-        batch = views[:_IOV_MAX]
-        n = sock.sendmsg(batch)
+OUT_LIMIT = 2 << 20  # queued reply bytes above which a connection waits for its client to read
+
+
+def _queue_out(conn: _Conn, bufs: list[bytes]) -> None:
+    """Queue replies in order and send what the socket takes now (all of it past ``OUT_LIMIT``)."""
+    for b in bufs:
+        if len(b):
+            mv = memoryview(b)
+            conn.outq.append(mv)
+            conn.outq_bytes += mv.nbytes
+    _push(conn, block=conn.outq_bytes > OUT_LIMIT)
+
+
+def _push(conn: _Conn, *, block: bool) -> None:
+    """Send queued replies, gathered into as few ``sendmsg`` calls as possible (no joining copies);
+    without ``block``, only what the socket takes without waiting."""
+    q = conn.outq
+    flags = 0 if block else socket.MSG_DONTWAIT
+    while q:
+        try:
+            n = conn.sock.sendmsg(q[:_IOV_MAX], [], flags)
+        except BlockingIOError:
+            return
+        conn.outq_bytes -= n
         done = 0
-        while done < len(batch) and n >= batch[done].nbytes:
-            n -= batch[done].nbytes
+        while done < len(q) and n >= q[done].nbytes:
+            n -= q[done].nbytes
             done += 1
-        views = views[done:]
+        del q[:done]
         if n:
-            views[0] = views[0][n:]
+            q[0] = q[0][n:]
 
 
 # -- daemon hooks -------------------------------------------------------------------------------------
