@@ -306,3 +306,31 @@ def test_bitmaps_follow_block_resize(daemons: Daemons, tmp_path: Path) -> None:
     p.same("query-block")
     p.quit(daemons)
     _files_equal(tmp_path, "a.qcow2")
+
+
+def test_blockdev_add_del_loads_and_stores_bitmaps(daemons: Daemons, tmp_path: Path) -> None:
+    """A blockdev-add node loads the image's bitmaps (read-only ones for a read-only node), lists them, and
+    stores them when blockdev-del closes it: the files as qemu-system-x86_64 leaves them."""
+    from tests.data import generate as g
+
+    for d in ("q", "v"):
+        (tmp_path / d).mkdir()
+        for name in ("rw.qcow2", "ro.qcow2"):
+            img = tmp_path / d / name
+            assert qemu_img("create", "-q", "-f", "qcow2", str(img), "4M").returncode == 0
+            g.bitmap_add(img, "b0")
+            g.bitmap_add(img, "b1", granularity="128k", disabled=True)
+            assert qemu_io("-c", "write -P 0x31 0 200k", str(img)).returncode == 0
+    p = Pair(daemons, tmp_path, [], [])
+    for name, ro in (("rw", False), ("ro", True)):
+        p.same("blockdev-add", {"driver": "qcow2", "node-name": name, "read-only": ro,
+                                "file": {"driver": "file", "filename": f"{name}.qcow2"}})
+    p.same("query-named-block-nodes")
+    p.same("block-dirty-bitmap-clear", {"node": "ro", "name": "b0"})
+    p.same("block-dirty-bitmap-enable", {"node": "rw", "name": "b1"})
+    p.same("block-dirty-bitmap-add", {"node": "rw", "name": "b2", "persistent": True})
+    for name in ("rw", "ro"):
+        p.same("blockdev-del", {"node-name": name})
+    assert (tmp_path / "v" / "rw.qcow2").read_bytes() == (tmp_path / "q" / "rw.qcow2").read_bytes()
+    p.quit(daemons)
+    _files_equal(tmp_path, "rw.qcow2", "ro.qcow2")
