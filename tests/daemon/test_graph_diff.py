@@ -326,6 +326,11 @@ FILE_A = {"driver": "file", "filename": "DIR/a.qcow2"}
     ["-blockdev", "driver=file,node-name=f,filename=DIR/a.qcow2,read-only=on"],
     ["-blockdev", "driver=raw,node-name=f,file.driver=file,file.filename=DIR/a.qcow2"],
     ["-blockdev", "driver=raw,node-name=f,read-only=on,file.driver=file,file.filename=DIR/a.qcow2"],
+    # force-share goes down to inline children and the chain a header names
+    ["-blockdev", "driver=qcow2,node-name=f,read-only=on,force-share=on,file.driver=file,"
+                  "file.filename=DIR/t.qcow2"],
+    ["-blockdev", "driver=qcow2,node-name=f,read-only=on,file.force-share=on,file.driver=file,"
+                  "file.filename=DIR/t.qcow2"],
 ])
 def test_lock_bytes_of_unused_nodes(daemons: Daemons, args: list[str]) -> None:
     """A file or raw node nobody uses holds no lock (QEMU's permissions), so a read-only qcow2 node, a
@@ -460,3 +465,42 @@ def test_savevm_blockdev_nodes_after_drives(daemons: Daemons) -> None:
         "loadvm s2",
         ("query-named-block-nodes", {"flat": True}),
     ], setup=_setup_vm, blank_sizes=True)
+
+
+def _setup_options(d: Path) -> None:
+    _setup_vm(d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "ov.qcow2", cwd=d)
+    check_ok("create", "-q", "-f", "qcow2", "ro.qcow2", "4M", cwd=d)
+    (d / "ro.qcow2").chmod(0o444)
+
+
+def test_blockdev_options_shown(daemons: Daemons) -> None:
+    """cache.*, discard, detect-zeroes, auto-read-only, file options, a backing by reference (json: name),
+    backing: null, force-share, next to a -drive: every query view alike."""
+    _run(daemons, [
+        "-blockdev", "driver=qcow2,node-name=q1,cache.direct=on,discard=unmap,detect-zeroes=unmap,file.driver=file,"
+                     "file.filename=DIR/a.qcow2,file.aio=native,file.cache.direct=on",
+        "-blockdev", "driver=qcow2,node-name=q2,auto-read-only=on,file.driver=file,file.filename=DIR/ro.qcow2",
+        "-blockdev", "driver=raw,node-name=r1,cache.no-flush=on,detect-zeroes=on,file.driver=file,"
+                     "file.filename=DIR/r.raw,file.locking=off",
+        "-blockdev", "driver=file,node-name=fo,filename=DIR/ov.qcow2",
+        "-blockdev", "driver=qcow2,node-name=o1,file=fo,backing=q1",
+        "-drive", "file=DIR/b.qcow2,if=none,id=d0,cache=none,discard=unmap,detect-zeroes=on",
+    ], [
+        ("query-named-block-nodes", None),
+        ("query-named-block-nodes", {"flat": True}),
+        ("query-block", None),
+        "info block -n",
+        "info block -v",
+        ("blockdev-add", {"driver": "qcow2", "node-name": "o2", "backing": None, "read-only": True,
+                          "file": {"driver": "file", "filename": "DIR/ov.qcow2", "read-only": True}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "o3", "cache": {"direct": True, "no-flush": True},
+                          "file": {"driver": "file", "filename": "DIR/m.qcow2"}}),
+        ("blockdev-add", {"driver": "file", "node-name": "f9", "filename": "DIR/t.qcow2", "force-share": True}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "f9", "force-share": True, "auto-read-only": True,
+                          "file": {"driver": "file", "filename": "DIR/t.qcow2"}}),
+        ("blockdev-add", {"driver": "file", "node-name": "f9", "filename": "DIR/t.qcow2", "force-share": True,
+                          "read-only": True}),
+        ("query-named-block-nodes", None),
+        "info block -n",
+    ], setup=_setup_options)

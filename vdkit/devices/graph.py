@@ -105,7 +105,9 @@ class GraphNode:
     filename: str = ""
     # permissions this node's own users take (a raw node written by a job): passed down by raw
     user_perm: int = 0
-    force_share: bool = False  # a file node that refuses nothing to other processes (its parents' needs stay)
+    # refuses nothing to other users (a file node: to other processes; its parents' needs stay); inherited
+    # by inline children and the chain opened from a header
+    force_share: bool = False
 
     @property
     def is_format(self) -> bool:
@@ -423,7 +425,8 @@ def _register(machine: DeviceRegistry, g: GraphNode, name: str | None) -> None:
 
 def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, name: str | None, ro: bool,
                      cache: BlockdevCacheInfo, detect_zeroes: str, discard: str, auto_ro: bool, implicit: bool,
-                     backing: GraphNode | None | str = "header", walk: BackingWalk | None = None) -> GraphNode:
+                     backing: GraphNode | None | str = "header", walk: BackingWalk | None = None,
+                     force_share: bool = False) -> GraphNode:
     """A format node over ``child``; ``backing``: a graph node, None (``backing: null``) or ``"header"``.
 
     With ``"header"`` the chain the image names is opened as implicit,
@@ -455,7 +458,7 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
         raise
     g = GraphNode(name="", driver=driver, serial=0, ro=ro, cache=cache, detect_zeroes=detect_zeroes,
                   discard=discard, auto_ro=auto_ro, implicit=implicit, node=node, child=child,
-                  filename=child.file.filename)
+                  filename=child.file.filename, force_share=force_share)
     _register(machine, g, name)
     try:
         if backing == "header":
@@ -494,8 +497,8 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
             child = open_curl_node(machine, {"driver": resolved.split(":", 1)[0], "url": resolved}, name=None,
                                    ro=True, auto_ro=False, cache=g.cache, implicit=True)
         else:
-            child = open_file_node(machine, {"filename": resolved}, name=None, ro=True, auto_ro=False,
-                                   cache=g.cache, implicit=True)
+            child = open_file_node(machine, {"filename": resolved, "force-share": g.force_share}, name=None,
+                                   ro=True, auto_ro=False, cache=g.cache, implicit=True)
         try:
             assert child.file is not None
             fmt = drv.backing_format
@@ -506,7 +509,8 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
             lock_file_node(machine, child, (fmt, True))
             walk.visit(resolved, child.file.fd)
             return open_format_node(machine, fmt, child, name=None, ro=True, cache=g.cache, detect_zeroes="off",
-                                    discard="ignore", auto_ro=False, implicit=True, walk=walk)
+                                    discard="ignore", auto_ro=False, implicit=True, walk=walk,
+                                    force_share=g.force_share)
         except BaseException:
             delete_node(machine, child)
             raise

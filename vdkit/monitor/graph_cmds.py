@@ -164,10 +164,13 @@ def _reference(machine: DeviceRegistry, name: str) -> GraphNode:
 def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, Any] | None) -> GraphNode:
     """Open one node and the inline children it names (they inherit read-only, cache and discard)."""
     name = opts.get("node-name")
-    if name is not None:
-        check_node_name(machine, name)
     inherited = parent or {}
     ro = opts.get("read-only", inherited.get("read-only", False))
+    force_share = opts.get("force-share", inherited.get("force-share", False))
+    if force_share and not ro:  # checked before the node gets its name (QEMU's order)
+        raise VdkitError("force-share=on can only be used with read-only images")
+    if name is not None:
+        check_node_name(machine, name)
     auto_ro = opts.get("auto-read-only", inherited.get("auto-read-only", False))
     cache_opts = {**inherited.get("cache", {}), **opts.get("cache", {})}
     cache = BlockdevCacheInfo(writeback=True, direct=bool(cache_opts.get("direct", False)),
@@ -183,9 +186,11 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
     if driver == "rbd":
         return open_rbd_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
     if driver in PROTOCOL_DRIVERS:
-        return open_file_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
+        return open_file_node(machine, {**opts, "force-share": force_share}, name=name, ro=ro, auto_ro=auto_ro,
+                              cache=cache, implicit=implicit)
     assert driver in FORMAT_DRIVERS
-    own = {"read-only": ro, "auto-read-only": auto_ro, "cache": cache_opts, "discard": discard}
+    own = {"read-only": ro, "auto-read-only": auto_ro, "cache": cache_opts, "discard": discard,
+           "force-share": force_share}
     ref = opts["file"]
     child = _reference(machine, ref) if isinstance(ref, str) else _open(machine, ref, parent=own)
     if child.file is None:
@@ -212,7 +217,7 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
                 raise VdkitError(f"A protocol node as backing ('{backing.name}') is not supported by vdkit")
         return open_format_node(machine, driver, child, name=name, ro=ro, cache=cache,
                                 detect_zeroes=detect_zeroes, discard=discard, auto_ro=auto_ro, implicit=implicit,
-                                backing=backing)
+                                backing=backing, force_share=force_share)
     except BaseException:
         if child.implicit:
             delete_node(machine, child)
