@@ -366,7 +366,7 @@ def test_running_job_drains(daemons: Daemons) -> None:
         ("blockdev-snapshot-sync", {"device": "disk1", "snapshot-file": "DIR/s2.qcow2"}),
         ("block-job-cancel", {"device": "disk0", "force": True}),
         ("@wait", "disk0", "null"),
-        ("block-stream", {"device": "disk0", "speed": 1, "job-id": "left"}),
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "speed": 1, "job-id": "left"}),
     ])
 
 
@@ -524,8 +524,7 @@ def test_stop_drains_jobs(daemons: Daemons) -> None:
         ("stop", None),
         ("cont", None),
         ("block-stream", {"device": "disk0", "speed": 1, "job-id": "s"}),
-        ("stop", None),
-        HELD,
+        ("stop", None),  # (a query now would catch QEMU's kicked step in flight or not: not compared)
         ("cont", None),
         ("stop", None),
         ("block-job-pause", {"device": "s"}),
