@@ -121,3 +121,24 @@ def test_commit_marks_the_base_bitmaps(tmp_path: Path) -> None:
     assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
     for name in ("base.qcow2", "top.qcow2"):
         assert (tmp_path / "v" / name).read_bytes() == (tmp_path / "q" / name).read_bytes(), name
+
+
+def test_bitmap_bigger_than_qemu_allows_in_memory(tmp_path: Path) -> None:
+    """A directory entry whose bitmap would take more than 512 MiB of bits (a 64 TiB disk at 512-byte
+    granularity) is refused at open as QEMU refuses it, before anything is allocated for it."""
+    import struct
+
+    img = tmp_path / "a.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", str(img), "64T")
+    check_ok("bitmap", "--add", "-g", "1M", str(img), "b0")
+    raw = bytearray(img.read_bytes())
+    off = struct.unpack_from(">I", raw, 100)[0]
+    while struct.unpack_from(">I", raw, off)[0] != 0x23852875:
+        off += 8 + ((struct.unpack_from(">I", raw, off + 4)[0] + 7) & ~7)
+    doff = struct.unpack_from(">Q", raw, off + 24)[0]
+    struct.pack_into(">I", raw, doff + 8, 8192)  # the table size that 512-byte granules need
+    raw[doff + 17] = 9
+    img.write_bytes(bytes(raw))
+    for args in (["info", str(img)], ["bitmap", "--clear", str(img), "b0"]):
+        rq, rv = qemu_img(*args), vdkit_img(*args)
+        assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr), args

@@ -237,6 +237,9 @@ class Qcow2Driver(FormatDriver):
             and e.table_offset != 0
             and e.table_offset % self.cluster_size == 0
             and 0 < e.table_size <= 0x1000000 // 8
+            # QEMU's bound on a bitmap's size in memory (BME_MAX_PHYS_SIZE, 512 MiB of bits): it also
+            # bounds what loading the bitmap allocates here
+            and e.table_size * self.cluster_size <= 0x20000000
         )
 
     # -- persistent dirty bitmaps (vdkit.formats.qcow2.bitmaps) ----------------------------------
