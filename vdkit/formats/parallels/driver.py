@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from array import array
 from sys import byteorder
 
 from vdkit.block.driver import DATA, OFFSET_VALID, BlockStatus, CheckResult, FormatDriver
@@ -24,6 +23,7 @@ from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from array import array
     from collections.abc import Iterator
 
     from vdkit.block.driver import CheckReport, OpenContext
@@ -45,6 +45,8 @@ MAX_PAGES = 256
 
 
 def _u32s(data: bytes) -> array[int]:
+    from array import array  # not at module level: array imports collections, and info needs no table
+
     t = array("I", data)
     if t.itemsize != 4:  # pragma: no cover - every platform vdkit runs on has a 4-byte "I"
         t = array("L", data)

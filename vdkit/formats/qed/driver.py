@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import struct
-from array import array
 from sys import byteorder
 
 from vdkit.block.driver import DATA, OFFSET_VALID, ZERO, BlockStatus, CheckResult, FormatDriver
@@ -28,6 +27,7 @@ from vdkit.io.file import zero_fill
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from array import array
     from collections.abc import Callable, Iterator
 
     from vdkit.block.driver import CheckReport, OpenContext
@@ -61,6 +61,8 @@ def max_image_size(cluster_size: int, table_size: int) -> int:
 
 
 def _table(data: bytes) -> array[int]:
+    from array import array  # not at module level: array imports collections, and info needs no table
+
     t = array("Q", data)
     if byteorder != "little":
         t.byteswap()
@@ -68,6 +70,8 @@ def _table(data: bytes) -> array[int]:
 
 
 def _pack(values: list[int] | array[int]) -> bytes:
+    from array import array  # not at module level: array imports collections, and info needs no table
+
     t = array("Q", values)
     if byteorder != "little":
         t.byteswap()
@@ -281,6 +285,8 @@ class QedDriver(FormatDriver):
 
     def _set_entries(self, cluster: int, values: list[int]) -> None:
         """Store L2 entries for guest clusters ``cluster...`` (one table), allocating the table if needed."""
+        from array import array
+
         i1, i2 = divmod(cluster, self.entries)
         l1 = self.l1()
         l2off = l1[i1]
