@@ -358,7 +358,7 @@ def _open(
             window = open_window(name, readonly, force_share)
             return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                             force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io,
-                            walk=walk)
+                            walk=walk, on_open=on_open)
     proto = protocol_of(name)
     if fmt == "nbd" and proto not in ("nbd", "nbd+tcp", "nbd+unix"):
         from vdkit.formats.nbd import NOT_NBD
@@ -383,14 +383,15 @@ def _open(
 
         file = NbdFile(name, readonly=readonly, force_share=force_share)
         return _open_on(file, file.filename, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                        check_mode=check_mode, no_io=no_io, walk=walk)
+                        check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
     elif proto in ("http", "https"):
         from vdkit.protocols.http import HttpFile
 
         hfile = HttpFile(name, readonly=readonly, force_share=force_share,
                          driver=fmt if fmt in ("http", "https") else None)
         return _open_on(hfile, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                        force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk)
+                        force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk,
+                        on_open=on_open)
     elif proto == "rbd":
         return _open_rbd(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
                          check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
