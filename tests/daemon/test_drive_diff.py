@@ -41,6 +41,9 @@ REFUSED = [
     "file=a.qcow2,if=none,foo=bar", "file=r.raw,format=raw,if=none,foo=bar", "file=r.raw,if=none,foo=bar",
     "file=nonexist.qcow2,if=none,foo=bar", "if=none,id=d0,foo=bar", "if=virtio,foo=bar",
     "file=r.raw,format=raw,if=none,l2-cache-size=1M", "file=r.raw,if=none,lazy-refcounts=on",
+    # short-form booleans: nokey is key=off, each warned about as deprecated before the error
+    "file=a.qcow2,if=none,readonly,foo=bar", "file=a.qcow2,if=none,noreadonly,nosnapshot,foo=bar",
+    "file=a.qcow2,if=none,noreadonly,id=1x",
     "file=a.qcow2,if=none,serial=abc", "file=a.qcow2,if=none,boot=on",
     "if=virtio,id=v", "if=ide,id=v", "if=ide", "if=virtio,readonly=on",
     "file=a.qcow2,if=ide,readonly=on", "file=a.qcow2,if=ide,readonly=on,foo=bar",

@@ -72,14 +72,24 @@ class OptionError(Exception):
     pass
 
 
-def split_opts(text: str) -> list[tuple[str, str]]:
-    """QEMU's ``key=value,key=value`` with ``,,`` as an escaped comma; a bare ``key`` is ``key=on``."""
+def split_opts(text: str, *, short_flags: list[str] | None = None) -> list[tuple[str, str]]:
+    """QEMU's ``key=value,key=value`` with ``,,`` as an escaped comma; a bare ``key`` is ``key=on``.
+
+    With ``short_flags`` (a QemuOpts list such as ``-drive``) a bare ``nokey`` is ``key=off``, and
+    QEMU's deprecation warning for each such short-form boolean is appended to the list.
+    """
     from vdkit.opts import split_items
 
     out = []
     for item in split_items(text, empty=False):
         key, sep, value = item.partition("=")
-        out.append((key, value if sep else "on"))
+        if not sep:
+            prefix = "no" if short_flags is not None and key.startswith("no") else ""
+            key, value = key[len(prefix):], "off" if prefix else "on"
+            if short_flags is not None and key not in ("help", "?"):
+                short_flags.append(f"short-form boolean option '{prefix}{key}' deprecated\n"
+                                   f"Please use {key}={value} instead")
+        out.append((key, value))
     return out
 
 
@@ -155,14 +165,18 @@ _ID_ERROR = ("Parameter 'id' expects an identifier\n"
              "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
 
 
-def check_drive_id(text: str) -> str | None:
-    """What QEMU checks while it parses the command line: the id must be an identifier."""
+def check_drive_id(text: str, warnings: list[str] | None = None) -> str | None:
+    """What QEMU checks while it parses the command line: the id must be an identifier; then it
+    reads the options, warning about short-form booleans (appended to ``warnings``)."""
     drive_id = None
-    for key, value in split_opts(text):
+    flags: list[str] = []
+    for key, value in split_opts(text, short_flags=flags):
         if key == "id":
             drive_id = value
     if drive_id is not None and not id_wellformed(drive_id):
         raise OptionError(_ID_ERROR)
+    if warnings is not None:
+        warnings += flags
     return drive_id
 
 
@@ -207,7 +221,7 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     indexes = indexes or DriveIndexes()
     opts: dict[str, str] = {}
     order: list[str] = []
-    pairs = split_opts(text)
+    pairs = split_opts(text, short_flags=[])  # QemuOpts: nokey is key=off (warned about while parsing)
     given = {k for k, _ in pairs}
     for key, value in pairs:
         canon = _LEGACY_THROTTLE.get(key)
@@ -660,10 +674,13 @@ def parse_args(argv: list[str]) -> Config:
             if opt == "-drive":
                 # QEMU checks only the id while it reads the command line; the rest when it opens the drive
                 v = value(opt)
+                warnings: list[str] = []
                 try:
-                    drive_id = check_drive_id(v)
+                    drive_id = check_drive_id(v, warnings)
                 except OptionError as exc:
                     raise OptionError(f"-drive {v}: {exc}") from None
+                for warning in warnings:
+                    sys.stderr.write(f"{PROG}: -drive {v}: warning: {warning}\n")
                 if drive_id is not None and drive_id in ids:
                     raise OptionError(f"-drive {v}: Duplicate ID '{drive_id}' for drive")
                 if drive_id is not None:
