@@ -503,4 +503,41 @@ def test_blockdev_options_shown(daemons: Daemons) -> None:
                           "read-only": True}),
         ("query-named-block-nodes", None),
         "info block -n",
+        ("x-debug-query-block-graph", None),
     ], setup=_setup_options)
+
+
+def _setup_debug_graph(d: Path) -> None:
+    _setup_options(d)
+    check_ok("create", "-q", "-f", "qcow2", "-b", "ov.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
+
+
+def test_x_debug_query_block_graph(daemons: Daemons) -> None:
+    """Backends (drives, empty drives, NBD exports), nodes in creation order, edges with QEMU's permissions
+    (root, file of raw and qcow2, read-only and writable, backing), through graph changes."""
+    _run(daemons, [
+        "-drive", "file=DIR/top.qcow2,if=none,id=d0",
+        "-drive", "if=none,id=d1",
+        "-drive", "file=DIR/r.raw,format=raw,if=none,id=d2",
+        "-drive", "file=DIR/ov.qcow2,if=none,id=d3,readonly=on",
+        "-blockdev", "driver=file,node-name=f,filename=DIR/b.qcow2",
+        "-blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
+        "-blockdev", "driver=raw,node-name=r,file=f",
+        "-blockdev", "driver=qcow2,node-name=t,file.driver=file,file.filename=DIR/m.qcow2,backing=q",
+    ], [
+        ("x-debug-query-block-graph", None),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "c", "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
+        ("x-debug-query-block-graph", None),
+        ("blockdev-del", {"node-name": "c"}),
+        ("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": "DIR/s1.qcow2"}),
+        ("blockdev-snapshot-sync", {"node-name": "t", "snapshot-file": "DIR/s2.qcow2", "snapshot-node-name": "s2"}),
+        ("x-debug-query-block-graph", None),
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/nbd.sock"}}}),
+        ("nbd-server-add", {"device": "d0", "writable": True}),
+        ("nbd-server-add", {"device": "d2"}),
+        ("x-debug-query-block-graph", None),
+        ("eject", {"device": "d3"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "fs", "read-only": True, "force-share": True,
+                          "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
+        ("x-debug-query-block-graph", None),
+    ], setup=_setup_debug_graph)

@@ -238,6 +238,29 @@ def file_perms(driver: str, ro: bool, user_perm: int = 0) -> tuple[int, int]:
     return perm, _ALL & ~(_W | _RS)
 
 
+def child_perms(driver: str, ro: bool, role: str, perm: int, shared: int) -> tuple[int, int]:
+    """(needed, shared) on a child of a format node whose users need ``perm`` and share ``shared``.
+
+    QEMU 7.2's default rules: a ``backing`` child is only read, and may
+    change under its parent as far as the parent's users allow writes; a raw
+    ``file`` child is filtered (the users' needs pass through); a ``file``
+    child holding metadata is read consistently, written and resized when the
+    node is writable, and shared with nobody who writes or resizes.
+    """
+    if role == "backing":
+        return perm & _CR, (_W | _RS if shared & _W else 0) | _CR | _WU
+    perm, shared = perm & _PASSTHROUGH, shared & _PASSTHROUGH
+    if driver == "raw":
+        return perm, shared
+    perm |= _CR | (0 if ro else _W | _RS)
+    shared &= ~(_W | _RS)
+    if perm & _WU:
+        perm |= _W
+    if perm & _W:
+        perm |= _RS
+    return perm, shared
+
+
 def _perm_names(bits: int) -> str:
     from vdkit.io.locks import PERM_NAMES
 

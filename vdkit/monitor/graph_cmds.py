@@ -10,6 +10,7 @@ through :func:`add_node` too.  Texts are QEMU 7.2's, captured from
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.graph import (
@@ -17,6 +18,7 @@ from vdkit.devices.graph import (
     PROTOCOL_DRIVERS,
     GraphNode,
     check_file_parents,
+    child_perms,
     delete_node,
     open_curl_node,
     open_file_node,
@@ -349,8 +351,138 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
     raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
 
+# --------------------------------------------------------------------------
+# x-debug-query-block-graph
+# --------------------------------------------------------------------------
+
+_PERM_NAMES = ((0x8, "resize"), (0x4, "write-unchanged"), (0x2, "write"), (0x1, "consistent-read"))
+_SHARE_ALL = 0xF
+_BACKEND_ROOT = (0x1, _SHARE_ALL)  # a -drive's BlockBackend without a guest device reads and shares all
+_EXPORT_SHARED = 0x7  # an NBD export's BlockBackend shares all but resize (it reads, and writes if writable)
+
+
+@dataclass(eq=False)
+class _Vertex:
+    """One block node of the debug graph: its name, creation serial, writability and children."""
+
+    name: str
+    serial: int
+    driver: str
+    ro: bool
+    force_share: bool = False  # its parents share everything with others
+    children: list[tuple[str, _Vertex]] = field(default_factory=list)  # newest first, as QEMU keeps them
+    parents: list[tuple[str, _Vertex]] = field(default_factory=list)
+    users: list[tuple[int, int]] = field(default_factory=list)  # BlockBackends' root edges (needed, shared)
+
+    def perms(self, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+        """What this node's users need and share, all parents together."""
+        if id(self) not in memo:
+            perm, shared = 0, _SHARE_ALL
+            for up, us in self.users:
+                perm, shared = perm | up, shared & us
+            for role, p in self.parents:
+                pp, ps = p.child_perms(role, self, memo)
+                perm, shared = perm | pp, shared & ps
+            memo[id(self)] = (perm, shared)
+        return memo[id(self)]
+
+    def child_perms(self, role: str, child: _Vertex, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+        perm, shared = child_perms(self.driver, self.ro, role, *self.perms(memo))
+        return perm, _SHARE_ALL if child.force_share else shared
+
+
+def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
+    parent.children.insert(0, (role, child))
+    child.parents.append((role, parent))
+
+
+def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, tuple[int, int]]], list[_Vertex]]:
+    """The BlockBackends (name, root, root edge's permissions) and every block node in creation order.
+
+    The drives' backends come first, then the NBD exports' (unnamed), as QEMU creates them.
+    """
+    backends: list[tuple[str, _Vertex | None, tuple[int, int]]] = []
+    all_nodes: list[_Vertex] = []
+    tops: dict[int, _Vertex] = {}
+    for drive in machine.drives:
+        m = drive.medium
+        if m is None:
+            backends.append((drive.id, None, _BACKEND_ROOT))
+            continue
+        chain: list[_Vertex] = []
+        for i, (node, (fmt_name, file_name)) in enumerate(zip(m.node.chain(), m.names, strict=False)):
+            fmt_serial, file_serial = m.serials[i] if i < len(m.serials) else (0, 0)
+            ro = m.ro if i == 0 else node.readonly
+            fmt = _Vertex(fmt_name, fmt_serial, node.format, ro)
+            file = _Vertex(file_name, file_serial, "file", ro if m.file_ro is None or i else m.file_ro)
+            _link(fmt, "file", file)
+            if chain:
+                _link(chain[-1], "backing", fmt)
+            chain.append(fmt)
+            all_nodes += [file, fmt]
+        chain[0].users.append(_BACKEND_ROOT)
+        backends.append((drive.id, chain[0], _BACKEND_ROOT))
+        tops[id(m)] = chain[0]
+    for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
+        top = tops.get(id(e.medium))
+        if top is not None:
+            perm = (0x1, 0x3)[bool(e.writable)], _EXPORT_SHARED
+            top.users.append(perm)
+            backends.append(("", top, perm))
+    by_node: dict[int, _Vertex] = {}
+    for g in machine.graph.nodes:
+        by_node[id(g)] = _Vertex(g.name, g.serial, g.driver, g.ro, g.force_share)
+    for g in machine.graph.nodes:
+        v = by_node[id(g)]
+        if g.child is not None:
+            _link(v, "file", by_node[id(g.child)])
+        if g.backing is not None:
+            _link(v, "backing", by_node[id(g.backing)])
+        all_nodes.append(v)
+    all_nodes.sort(key=lambda v: v.serial)
+    return backends, all_nodes
+
+
+def x_debug_query_block_graph(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
+    """QEMU's debug dump of the block graph: BlockBackends, then every node by creation; ids are handed
+    out as nodes are first met (a root when its backend's edge is drawn), lists newest entry first.
+
+    Jobs are not drawn: QEMU adds a ``block-job`` vertex and the job's filter node while one runs.
+    """
+    backends, all_nodes = _vertices(ctx.machine)
+    ids: dict[int, int] = {}
+    nodes: list[dict[str, Any]] = []
+    edges: list[dict[str, Any]] = []
+    memo: dict[int, tuple[int, int]] = {}
+
+    def num(obj: object) -> int:
+        return ids.setdefault(id(obj), len(ids) + 1)
+
+    def names(bits: int) -> list[str]:
+        return [n for b, n in _PERM_NAMES if bits & b]
+
+    def edge(role: str, parent: object, child: _Vertex, perm: int, shared: int) -> None:
+        p = num(parent)
+        edges.insert(0, {"name": role, "parent": p, "shared-perm": names(shared), "perm": names(perm),
+                         "child": num(child)})
+
+    kept: list[object] = []  # the backends' markers stay alive: their id() must not be reused
+    for name, root, perm in backends:
+        marker = object()
+        nodes.insert(0, {"name": name, "type": "block-backend", "id": num(marker)})
+        kept.append(marker)
+        if root is not None:
+            edge("root", marker, root, *perm)
+    for v in all_nodes:
+        nodes.insert(0, {"name": v.name, "type": "block-driver", "id": num(v)})
+        for role, c in v.children:
+            edge(role, v, c, *v.child_perms(role, c, memo))
+    return {"edges": edges, "nodes": nodes}
+
+
 def register(reg: CommandRegistry) -> None:
     r = reg.register
     r("blockdev-add", *_ALL)(blockdev_add)
     r("blockdev-del", Arg("node-name"))(blockdev_del)
     r("block_resize", opt("device"), opt("node-name"), Arg("size", "int"))(block_resize)
+    r("x-debug-query-block-graph")(x_debug_query_block_graph)
