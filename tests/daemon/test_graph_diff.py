@@ -541,3 +541,36 @@ def test_x_debug_query_block_graph(daemons: Daemons) -> None:
                           "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
         ("x-debug-query-block-graph", None),
     ], setup=_setup_debug_graph)
+
+
+def test_blockdev_add_inline_and_referenced_backings(daemons: Daemons) -> None:
+    """A backing opened after its node (QEMU's creation order and 'Could not open backing file: ' on its
+    errors, the parent's name already taken); inline ones read-only unless they say otherwise, with the
+    parent's cache mode; a raw node as backing (json: name)."""
+    fa = {"driver": "file", "filename": "DIR/a.qcow2"}
+    ov = {"driver": "file", "filename": "DIR/ov.qcow2"}
+    _run(daemons, [], [
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i1", "file": ov, "backing": "nonode"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i1", "file": ov,
+                          "backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/nonexist"}}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i1", "file": ov,
+                          "backing": {"driver": "qcow2", "node-name": "i1", "file": fa}}),
+        ("query-named-block-nodes", None),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i1", "discard": "unmap", "cache": {"direct": True},
+                          "file": ov, "backing": {"driver": "qcow2", "read-only": False, "file": fa}}),
+        ("blockdev-del", {"node-name": "i1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i1", "file": ov,
+                          "backing": {"driver": "qcow2", "file": fa}}),
+        # the inline backing is read-only: a second one on a file i1 holds writable is refused
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i2", "file": {"driver": "file", "filename": "DIR/top.qcow2"},
+                          "backing": {"driver": "qcow2", "node-name": "i2b", "file": ov, "backing": None}}),
+        ("blockdev-add", {"driver": "raw", "node-name": "rr", "file": {"driver": "file", "filename": "DIR/r.raw"}}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "i3", "file": {"driver": "file", "filename": "DIR/c.qcow2"},
+                          "backing": "rr"}),
+        ("query-named-block-nodes", None),
+        "info block -n",
+        ("x-debug-query-block-graph", None),
+        ("blockdev-del", {"node-name": "i2b"}),
+        ("blockdev-del", {"node-name": "i1"}),
+        ("query-named-block-nodes", {"flat": True}),
+    ], setup=_setup_debug_graph)

@@ -34,6 +34,7 @@ No asyncio here (``tests/unit/test_layering.py``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -448,9 +449,11 @@ def _register(machine: DeviceRegistry, g: GraphNode, name: str | None) -> None:
 
 def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, name: str | None, ro: bool,
                      cache: BlockdevCacheInfo, detect_zeroes: str, discard: str, auto_ro: bool, implicit: bool,
-                     backing: GraphNode | None | str = "header", walk: BackingWalk | None = None,
+                     backing: GraphNode | None | str | Callable[[], GraphNode] = "header",
+                     walk: BackingWalk | None = None,
                      force_share: bool = False) -> GraphNode:
-    """A format node over ``child``; ``backing``: a graph node, None (``backing: null``) or ``"header"``.
+    """A format node over ``child``; ``backing``: a graph node, None (``backing: null``), ``"header"`` or
+    a function opening the backing node once this one is registered.
 
     With ``"header"`` the chain the image names is opened as implicit,
     read-only, auto-named nodes (as QEMU opens a backing file from the header),
@@ -492,6 +495,11 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
                 g.backing = _open_header_backing(machine, g, walk)
         else:
             assert not isinstance(backing, str)
+            if callable(backing):  # a backing opened after its parent (inline or by reference)
+                try:
+                    backing = backing()
+                except VdkitError as exc:
+                    raise exc.prefixed("Could not open backing file: ") from exc
             g.backing = backing
             g.backing_override = True
         if g.backing is not None:

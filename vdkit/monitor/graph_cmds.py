@@ -10,6 +10,8 @@ through :func:`add_node` too.  Texts are QEMU 7.2's, captured from
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -208,15 +210,11 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
             raise VdkitError("Block node is read-only")
         check_file_parents(machine, child, name or "", driver, ro)
     try:
-        backing: GraphNode | None | str = "header"
+        backing: GraphNode | None | str | Callable[[], GraphNode] = "header"
         if "backing" in opts and driver == "qcow2":
             b = opts["backing"]
-            backing = None if b is None else (_reference(machine, b) if isinstance(b, str)
-                                               else _open(machine, b, parent=own))
-            if backing is not None and backing.node is None:
-                if backing.implicit:
-                    delete_node(machine, backing)
-                raise VdkitError(f"A protocol node as backing ('{backing.name}') is not supported by vdkit")
+            # opened once the node itself is (its name taken): QEMU opens the backing last
+            backing = None if b is None else functools.partial(_open_backing, machine, b, own)
         return open_format_node(machine, driver, child, name=name, ro=ro, cache=cache,
                                 detect_zeroes=detect_zeroes, discard=discard, auto_ro=auto_ro, implicit=implicit,
                                 backing=backing, force_share=force_share)
@@ -224,6 +222,20 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         if child.implicit:
             delete_node(machine, child)
         raise
+
+
+def _open_backing(machine: DeviceRegistry, ref: str | dict[str, Any], parent: dict[str, Any]) -> GraphNode:
+    """A backing given by reference or inline; an inline one is read-only unless it says otherwise and
+    inherits the cache mode and force-share but not discard (QEMU's backing options)."""
+    if isinstance(ref, str):
+        g = _reference(machine, ref)
+    else:
+        g = _open(machine, ref, parent={**parent, "read-only": True, "auto-read-only": False, "discard": "ignore"})
+    if g.node is None:
+        if g.implicit:
+            delete_node(machine, g)
+        raise VdkitError(f"A protocol node as backing ('{g.name}') is not supported by vdkit")
+    return g
 
 
 def add_node(machine: DeviceRegistry, opts: dict[str, Any]) -> GraphNode:
