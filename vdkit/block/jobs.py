@@ -193,6 +193,9 @@ class JobDriver:
     soft_cancel_when_ready = False
     # set by the monitor when the job is created: the implicit filter node it shows
     filter: JobFilter | None = None
+    # set by the monitor: (node, name) the job holds writable through a backend of its own (a commit's
+    # base); QEMU's VM snapshots include them while the job lives
+    held_writable: list[tuple[Node, str]] = []
 
     def nodes(self) -> list[Node]:
         """The nodes this job works on (other commands meet them as busy while the job lives)."""

@@ -636,6 +636,7 @@ def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
     try:
         driver = CommitJob(nodes, top_index, base_index, args.get("backing-file"), chain.changed,
                            base_was_ro=base_was_ro, reopen=chain.reopen)
+        driver.held_writable = [(base, chain.names[base_index])]
         below = nodes[top_index]
         _start(machine, _job_id(chain, args), driver, args,
                filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True),
