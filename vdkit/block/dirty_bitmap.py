@@ -40,6 +40,9 @@ CHECK_DEFAULT = CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT
 CHECK_ALLOW_RO = CHECK_BUSY | CHECK_INCONSISTENT
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
 def default_granularity(cluster_size: int | None) -> int:
     """QEMU's default: the format's cluster size kept within 4 KiB..64 KiB, else 64 KiB."""
     if cluster_size:
@@ -56,6 +59,8 @@ class DirtyBitmap:
     counts (a 1 GiB-granularity bitmap of a written 4 MiB disk counts 1 GiB).
     """
 
+    WINDOW = 1 << 19  # granules a run search unpacks at once (a multiple of 8)
+
     def __init__(self, name: str | None, granularity: int, size: int, *, enabled: bool = True,
                  persistent: bool = False) -> None:
         if granularity < MIN_GRANULARITY or granularity & (granularity - 1):
@@ -71,11 +76,74 @@ class DirtyBitmap:
         self.inconsistent = False  # the image says it was in use when its writer stopped
         # a backup job that reads this bitmap freezes it and records new writes here meanwhile
         self.successor: DirtyBitmap | None = None
-        self.bits = np.zeros(self.granules, dtype=bool)
+        # one bit per granule, eight to a byte, least significant first: qcow2's own layout, so storing
+        # is a slice; bits past the last granule stay 0.  Bitmaps of the same granularity and size
+        # combine bytewise (``|``, ``&``).
+        self.bits = np.zeros((self.granules + 7) >> 3, dtype=np.uint8)
 
     @property
     def granules(self) -> int:
         return (self.size + self.granularity - 1) >> self.shift
+
+    # -- bit ranges --------------------------------------------------------------------------------
+    def _fill(self, a: int, b: int, value: bool) -> None:
+        """Set (or clear) granules ``[a, b)``."""
+        if a >= b:
+            return
+        fa, la = a >> 3, (b - 1) >> 3
+        head = (0xFF << (a & 7)) & 0xFF
+        tail = (1 << (((b - 1) & 7) + 1)) - 1
+        if fa == la:
+            mask = head & tail
+            self.bits[fa] = self.bits[fa] | mask if value else self.bits[fa] & (0xFF ^ mask)
+            return
+        if value:
+            self.bits[fa] |= head
+            self.bits[la] |= tail
+            self.bits[fa + 1 : la] = 0xFF
+        else:
+            self.bits[fa] &= 0xFF ^ head
+            self.bits[la] &= 0xFF ^ tail
+            self.bits[fa + 1 : la] = 0
+
+    def _runs(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """Runs ``[lo, hi)`` of set granules within ``[a, b)``: clean stretches are skipped a byte scan at a
+        time and only windows of 512 Ki granules are unpacked, so taking the first run is cheap."""
+        window = self.WINDOW
+        run_start: int | None = None  # a run still open at the end of the last window
+        pos = a
+        while pos < b:
+            if run_start is None:
+                fb = pos >> 3
+                nz = np.flatnonzero(self.bits[fb : (b + 7) >> 3])
+                if not len(nz):
+                    return
+                pos = max(pos, (fb + int(nz[0])) << 3)
+                if pos >= b:
+                    return
+            we = min(b, ((pos >> 3) << 3) + window)
+            base = (pos >> 3) << 3
+            seg = np.unpackbits(self.bits[pos >> 3 : (we + 7) >> 3], bitorder="little")[pos - base : we - base]
+            padded = np.concatenate(([run_start is not None], seg.astype(bool), [False])).astype(np.int8)
+            d = np.diff(padded)
+            los = (np.flatnonzero(d == 1) + pos).tolist()
+            his = (np.flatnonzero(d == -1) + pos).tolist()
+            if run_start is not None:
+                hi = his.pop(0)
+                if hi == we and we < b:  # set to the window's end: it may go on
+                    pos = we
+                    continue
+                yield run_start, hi
+                run_start = None
+            for lo, hi in zip(los, his, strict=True):
+                if hi == we and we < b:
+                    run_start = lo
+                    break
+                yield lo, hi
+            pos = we
+
+    def is_set(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] >> (i & 7) & 1)
 
     # -- recording -------------------------------------------------------------------------------
     def _span(self, offset: int, length: int) -> tuple[int, int]:
@@ -87,8 +155,7 @@ class DirtyBitmap:
         """Mark every granule ``[offset, offset+length)`` touches (whatever ``enabled`` says)."""
         if length <= 0:
             return
-        a, b = self._span(offset, length)
-        self.bits[a:b] = True
+        self._fill(*self._span(offset, length), True)
 
     def reset(self, offset: int, length: int) -> None:
         """Clear the granules that lie entirely inside the range (a partial granule stays dirty)."""
@@ -97,19 +164,21 @@ class DirtyBitmap:
         a = (max(0, offset) + self.granularity - 1) >> self.shift
         end = offset + length
         b = self.granules if end >= self.size else end >> self.shift
-        if b > a:
-            self.bits[a:b] = False
+        self._fill(a, min(b, self.granules), False)
 
     def clear(self) -> None:
-        self.bits[:] = False
+        self.bits[:] = 0
 
     def count(self) -> int:
         """Dirty bytes as QEMU reports them (whole granules)."""
-        return int(np.count_nonzero(self.bits)) << self.shift
+        return int(_POPCOUNT[self.bits].sum(dtype=np.int64)) << self.shift
+
+    def any(self) -> bool:
+        return bool(self.bits.any())
 
     def is_dirty(self, offset: int) -> bool:
         i = offset >> self.shift
-        return 0 <= i < self.granules and bool(self.bits[i])
+        return 0 <= i < self.granules and self.is_set(i)
 
     def dirty_runs(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         """``(offset, length)`` of every run of dirty granules within ``[start, end)`` (clipped to the disk)."""
@@ -117,14 +186,10 @@ class DirtyBitmap:
         if start >= end:
             return
         a = start >> self.shift
-        b = (end + self.granularity - 1) >> self.shift
-        seg = self.bits[a:b]
-        if not seg.any():
-            return
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], seg, [False])).astype(np.int8)))
-        for lo, hi in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-            off = max(start, (a + lo) << self.shift)
-            stop = min(end, (a + hi) << self.shift)
+        b = min(self.granules, (end + self.granularity - 1) >> self.shift)
+        for lo, hi in self._runs(a, b):
+            off = max(start, lo << self.shift)
+            stop = min(end, hi << self.shift)
             if stop > off:
                 yield off, stop - off
 
@@ -140,24 +205,36 @@ class DirtyBitmap:
 
     def resize(self, size: int) -> None:
         """The disk was resized: granules past the old end start clean, those past a new end go."""
-        bits = np.zeros((size + self.granularity - 1) >> self.shift, dtype=bool)
-        keep = min(len(bits), len(self.bits))
-        bits[:keep] = self.bits[:keep]
-        self.bits = bits
+        old = self.bits
+        keep = min(self.granules, (size + self.granularity - 1) >> self.shift)
         self.size = size
+        self.bits = np.zeros((self.granules + 7) >> 3, dtype=np.uint8)
+        nbytes = keep >> 3
+        self.bits[:nbytes] = old[:nbytes]
+        if keep & 7:
+            self.bits[nbytes] = old[nbytes] & ((1 << (keep & 7)) - 1)
 
     def copy(self, name: str | None = None) -> DirtyBitmap:
         bm = DirtyBitmap(name, self.granularity, self.size, enabled=self.enabled)
         bm.bits = self.bits.copy()
         return bm
 
-    # -- serialisation (qcow2 stores bit i of a granule run LSB first in each byte) -----------------
+    # -- serialisation (qcow2 stores bit i of a granule run LSB first in each byte: ours) ----------------
     def serialize(self, first_granule: int, count: int) -> bytes:
-        return np.packbits(self.bits[first_granule : first_granule + count], bitorder="little").tobytes()
+        """``count`` granules from ``first_granule`` (a multiple of 8), in qcow2's layout."""
+        assert not first_granule & 7
+        return self.bits[first_granule >> 3 : (first_granule + count + 7) >> 3].tobytes()
 
     def deserialize(self, first_granule: int, data: bytes, count: int) -> None:
-        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count, bitorder="little")
-        self.bits[first_granule : first_granule + count] = bits.astype(bool)
+        assert not first_granule & 7
+        raw = np.frombuffer(data, dtype=np.uint8)[: (count + 7) >> 3].copy()
+        if count & 7:
+            raw[-1] &= (1 << (count & 7)) - 1  # nothing past the disk's last granule
+        self.bits[first_granule >> 3 : (first_granule >> 3) + len(raw)] = raw
+
+    def dirty_clusters(self, granules_per_cluster: int) -> list[int]:
+        """Indices of the ``granules_per_cluster``-granule pieces (a multiple of 8) with a dirty bit."""
+        return np.unique(np.flatnonzero(self.bits) // (granules_per_cluster >> 3)).tolist()  # type: ignore[no-any-return]
 
     # -- the rules commands check (bdrv_dirty_bitmap_check) ---------------------------------------
     def check(self, flags: int) -> None:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
-
 from vdkit.block.dirty_bitmap import MAX_NAME_SIZE, DirtyBitmap
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
@@ -147,7 +145,7 @@ def _load_data(drv: Qcow2Driver, e: BitmapEntry, bm: DirtyBitmap) -> None:
             data = drv.file.pread(off, (count + 7) // 8)
             bm.deserialize(first, data, count)
         elif entry & TABLE_ALL_ONES:
-            bm.bits[first : first + count] = True
+            bm.set_dirty(first << bm.shift, count << bm.shift)
 
 
 def _sync_header(drv: Qcow2Driver, **changes: object) -> None:
@@ -279,8 +277,7 @@ def _store_bitmap(drv: Qcow2Driver, bm: DirtyBitmap) -> tuple[int, int]:
     if table_size > MAX_TABLE_SIZE or table_size * cs > MAX_PHYS_SIZE:
         raise VdkitError(f"Bitmap '{bm.name}' is too big")
     table = [0] * table_size
-    dirty_clusters = np.unique(np.flatnonzero(bm.bits) // per_cluster).tolist()
-    for i in dirty_clusters:
+    for i in bm.dirty_clusters(per_cluster):
         first = i * per_cluster
         count = min(per_cluster, bm.granules - first)
         data = bm.serialize(first, count)
