@@ -26,7 +26,7 @@ import zlib
 from vdkit.block.driver import DATA as _DATA_FLAG
 from vdkit.block.driver import OFFSET_VALID as _OFFSET_VALID
 from vdkit.block.driver import ZERO as _ZERO_FLAG
-from vdkit.block.driver import BlockStatus
+from vdkit.block.driver import BlockStatus, CorruptionEvent
 from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
@@ -652,11 +652,42 @@ class Qcow2IO:
         span = self.geom.l1_span
         pos, end = offset, offset + len(data)
         view = memoryview(data)
-        while pos < end:
-            i1 = pos // span
-            t_end = min(end, (i1 + 1) * span)
-            self._write_table(i1, pos, view[pos - offset : t_end - offset], backing)
-            pos = t_end
+        try:
+            while pos < end:
+                i1 = pos // span
+                t_end = min(end, (i1 + 1) * span)
+                self._write_table(i1, pos, view[pos - offset : t_end - offset], backing)
+                pos = t_end
+        except CorruptionEvent:
+            self._keep_completed()
+            raise
+
+    def _abort_alloc(self, host: int, run: int) -> None:
+        """A data write its overlap check refused gives back the clusters allocated for it (QEMU's
+        abort of the allocation), so that :meth:`_keep_completed` keeps only what completed."""
+        if not self.geom.has_data_file:
+            try:
+                self.drv.refcounts.update(host, run * self.cluster_size, -1)
+            except VdkitError:
+                pass  # (a count that cannot go down stays: a leak, as when QEMU's free fails)
+
+    def _keep_completed(self) -> None:
+        """After a fatal corruption event in a write: what earlier writes did stays in the image.
+
+        QEMU writes back the tables and counts of the writes that completed (the failed one's
+        clusters are freed, and freeing waits for the L2 tables to be written); dropping them would
+        leave their new clusters leaked.  The failed write changed no L2 entry (they are set once
+        the data is written) and gave its clusters back (:meth:`_abort_alloc`), so what goes out
+        passed the overlap checks when it was made.
+        """
+        drv = self.drv
+        if not drv.dead:
+            return
+        try:
+            drv.refcounts.flush()
+            drv.clusters.l2.flush()
+        except (VdkitError, OSError):
+            pass  # the node is dead either way
 
     def _write_owned_cluster(self, offset: int, data: bytes) -> bool:
         """The common small write (NBD's 4 KiB): inside one data cluster we own, standard L2.
@@ -712,19 +743,43 @@ class Qcow2IO:
                 for c in range(first + a, first + b):
                     self._write_inplace(c, entries, bitmaps, start, end, data, backing)
                 continue
-            c, run = first + a, b - a
-            host = self._alloc_data(c << cb, run)
-            allocated = allocated or not g.has_data_file
-            if g.extended_l2:
-                self._write_new_extended(c, run, host, entries, bitmaps, start, end, data, backing, to_free)
-                continue
-            segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
-            if not fresh:
-                olds = ents[a:b]
-                to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
-            ents[a:b] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
-            self._write_segments(segments)
+            for pa, pb, host in self._alloc_pieces(first + a, b - a, int(ents[a - 1]) if a else 0):
+                c, run = first + a + pa, pb - pa
+                allocated = allocated or not g.has_data_file
+                try:
+                    if g.extended_l2:
+                        self._write_new_extended(c, run, host, entries, bitmaps, start, end, data, backing,
+                                                 to_free)
+                        continue
+                    segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
+                    self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
+                except CorruptionEvent:
+                    self._abort_alloc(host, run)
+                    raise
+                if not fresh:
+                    olds = ents[a + pa : a + pb]
+                    to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
+                ents[a + pa : a + pb] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
         self._finish_update(l2_off, allocated, to_free)
+
+    def _alloc_pieces(self, c: int, run: int, before: int) -> list[tuple[int, int, int]]:
+        """Host clusters for ``run`` new clusters from cluster ``c``: ``(first, end, host)`` pieces.
+
+        ``before`` is the L2 entry of the cluster before ``c`` when the same write updates it in
+        place (else 0).  QEMU's allocation continues that host range: the new clusters go right
+        after it, as many as are free there, and only the rest anywhere (first fit).  Besides the
+        layout, this decides where damaged refcounts fail (a block needed far past the file).
+        """
+        n = 0
+        pieces: list[tuple[int, int, int]] = []
+        if before and not self.geom.has_data_file:
+            nxt = (before & L.L2E_OFFSET_MASK) + self.cluster_size
+            n = self.drv.refcounts.alloc_at(nxt, run)
+            if n:
+                pieces.append((0, n, nxt))
+        if n < run:
+            pieces.append((n, run, self._alloc_data((c + n) << self.cluster_bits, run - n)))
+        return pieces
 
     def _inplace_mask(self, ents: np.ndarray) -> np.ndarray:
         """Which of these L2 entries are clusters a write may overwrite in place (COPIED data)."""
@@ -769,17 +824,20 @@ class Qcow2IO:
         g = self.geom
         cs, cb = self.cluster_size, self.cluster_bits
         segments: list[tuple[int, bytes | memoryview]] = []
+        updates: list[tuple[int, int, int]] = []
         for j in range(run):
             cc = c + j
             idx = g.l2_index(cc << cb)
             old = int(entries[idx])
             rel, content = self._cow_cluster(cc, old, start, end, data, backing)
             segments.append((host + j * cs + rel, content))
-            bitmaps[idx] = _U64(self._new_bitmap(cc, old, int(bitmaps[idx]), start, end))
+            updates.append((idx, self._new_bitmap(cc, old, int(bitmaps[idx]), start, end), old))
+        self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
+        for j, (idx, bitmap, old) in enumerate(updates):
+            bitmaps[idx] = _U64(bitmap)
             entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
             if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
                 to_free.append(old)
-        self._write_segments(segments)
 
     def _sc_region(self, c: int, start: int, end: int) -> tuple[int, int]:
         """Guest range of cluster ``c`` the write touches, widened to subclusters (ext. L2) or the cluster."""
@@ -964,11 +1022,15 @@ class Qcow2IO:
             return
         span = g.l1_span
         pos = lo
-        while pos < hi:
-            i1 = pos // span
-            t_end = min(hi, (i1 + 1) * span)
-            self._zero_table(i1, pos, t_end, unmap, backing)
-            pos = t_end
+        try:
+            while pos < hi:
+                i1 = pos // span
+                t_end = min(hi, (i1 + 1) * span)
+                self._zero_table(i1, pos, t_end, unmap, backing)
+                pos = t_end
+        except CorruptionEvent:
+            self._keep_completed()
+            raise
 
     def _write_zero_data(self, offset: int, length: int, backing: BackingRead | None) -> None:
         pos, end = offset, offset + length

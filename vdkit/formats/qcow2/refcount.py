@@ -559,6 +559,8 @@ class Refcounts:
         if self.before_table_write is not None:
             self.before_table_write()
         b = self.find_free(1, self.free_hint)
+        if b == 0 and self.on_corruption is not None:  # cluster 0 counted free: the header (QEMU's test)
+            raise self.on_corruption("Preventing invalid allocation of refcount block at offset 0")
         self.free_hint = b + 1
         if b // epb == rt:
             vals = np.zeros(epb, dtype=np.uint64)

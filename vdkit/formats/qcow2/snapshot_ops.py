@@ -33,6 +33,7 @@ from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotF
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
+from vdkit.formats.qcow2.overlap import Metadata
 from vdkit.formats.qcow2.refcount import Transaction, sorted_unique
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
 
@@ -200,6 +201,9 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
         want[std] &= ~COPIED
         want[has[rc == 1]] |= COPIED
         if not np.array_equal(want, entries):
+            # QEMU writes this table back in place: where the table names other metadata (a damaged
+            # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
+            drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)
             k = int(np.count_nonzero(offs == np.uint64(t)))
             new_off = txn.alloc(geom.cluster_size)
             if k > 1:
@@ -265,6 +269,19 @@ def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
         import os
 
         raise VdkitError(os.strerror(errno.EAGAIN), errno=errno.EAGAIN)
+
+
+def _refuse_tables_at_zero(*l1s: np.ndarray) -> None:
+    """Refuse (EINVAL) an L1 table whose counts change and that has an entry naming an L2 table at offset 0.
+
+    Only reserved bits make such an entry non-zero.  Ordinary I/O reads it as unallocated, but
+    QEMU's snapshot refcount update treats any non-zero entry as a table and aborts on offset 0
+    (qemu-img dies, the file stays as it was); ``check`` reads the header cluster as that table, so
+    dropping the entry, or moving the metadata the header names, would change what it counts.
+    """
+    for l1 in l1s:
+        if ((l1 != 0) & ((l1 & np.uint64(L.L1E_OFFSET_MASK)) == 0)).any():
+            raise CorruptImageError("Invalid argument", errno=22)
 
 
 def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> None:
@@ -405,6 +422,7 @@ def create(
     h = drv.header
     cm = drv.clusters
     active = cm.l1.copy()
+    _refuse_tables_at_zero(active)
     if vm_state is not None:
         vm_state_size = len(vm_state)
         if not vm_state:
@@ -477,6 +495,7 @@ def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None
     active = cm.l1.copy()
     txn = Transaction(drv.refcounts)
     snap_l1 = read_l1(drv.file, victim.l1_table_offset, victim.l1_size)
+    _refuse_tables_at_zero(snap_l1, active)
     tree = _Tree(drv, snap_l1)
     tree.add_to(txn, -1)
     txn.add_range(victim.l1_table_offset, victim.l1_size * 8, -1)
@@ -501,6 +520,7 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
     new_size = max(len(active), entry.l1_size, need)
     snap_l1 = np.zeros(new_size, dtype=np.uint64)
     snap_l1[: entry.l1_size] = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
+    _refuse_tables_at_zero(snap_l1, active)
     txn = Transaction(drv.refcounts)
     new_tree = _Tree(drv, snap_l1)
     _refuse_unbacked_references(drv, new_tree)
