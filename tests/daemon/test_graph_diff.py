@@ -574,3 +574,47 @@ def test_blockdev_add_inline_and_referenced_backings(daemons: Daemons) -> None:
         ("blockdev-del", {"node-name": "i1"}),
         ("query-named-block-nodes", {"flat": True}),
     ], setup=_setup_debug_graph)
+
+
+def _nbd_io(export: str, cmd: str) -> Callable[[Path], str]:
+    """qemu-io over the daemon's NBD socket; its first output line (the rest is timing)."""
+    def run(d: Path) -> str:
+        r = subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c", cmd,
+                            f"nbd+unix:///{export}?socket={d}/nbd.sock"], capture_output=True, text=True,
+                           timeout=60, check=False)
+        return f"{r.returncode} {(r.stdout + r.stderr).splitlines()[0]}"
+    run.__qualname__ = f"nbd_io({export!r}, {cmd!r})"  # the step's name in the comparison
+    return run
+
+
+def test_nbd_exports_of_blockdev_nodes(daemons: Daemons) -> None:
+    """nbd-server-add / block-export-add of -blockdev nodes (QEMU's unnamed BlockBackend): writes and
+    reads through NBD, QEMU's refusals, blockdev-del while exported, the backends in the debug graph;
+    the images alike afterwards."""
+    trees = _run(daemons, [
+        "-blockdev", "driver=qcow2,node-name=q1,file.driver=file,file.filename=DIR/a.qcow2",
+        "-blockdev", "driver=raw,node-name=rr,file.driver=file,file.filename=DIR/r.raw",
+        "-blockdev", "driver=qcow2,node-name=qr,read-only=on,file.driver=file,file.filename=DIR/b.qcow2",
+    ], [
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/nbd.sock"}}}),
+        ("nbd-server-add", {"device": "q1", "writable": True}),
+        ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "q1"}),
+        ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "qr", "writable": True}),
+        ("nbd-server-add", {"device": "qr", "writable": True}),
+        ("block-export-add", {"type": "nbd", "id": "rr", "node-name": "rr", "writable": True}),
+        ("query-block-exports", None),
+        _nbd_io("q1", "write -P 0x5a 0 64k"),
+        _nbd_io("q1", "read -P 0x5a 0 64k"),
+        _nbd_io("rr", "write -P 0x11 4k 4k"),
+        _nbd_io("rr", "read -P 0x11 4k 4k"),
+        _nbd_io("qr", "write -P 0x11 4k 4k"),
+        ("blockdev-del", {"node-name": "q1"}),
+        ("x-debug-query-block-graph", None),
+        ("nbd-server-remove", {"name": "q1"}),
+        ("blockdev-del", {"node-name": "q1"}),
+        ("block-export-del", {"id": "rr"}),
+        ("query-block-exports", None),
+        ("query-named-block-nodes", None),
+    ], setup=_setup_debug_graph, blank_sizes=True, quit=True)
+    for name, fmt in (("a.qcow2", "qcow2"), ("r.raw", "raw")):
+        check_ok("compare", "-f", fmt, "-F", fmt, str(trees["qemu"] / name), str(trees["vdkit"] / name))

@@ -96,6 +96,8 @@ class Export:
     description: str = ""
     on_eject_drive: str | None = None  # nbd-server-add: removed when this drive's medium goes
     conns: set[_Conn] = field(default_factory=set)
+    # a -blockdev node's export: the unnamed backend standing in for a drive (stats, no throttling)
+    backend: Drive | None = None
 
     @property
     def node_name(self) -> str:
@@ -206,7 +208,7 @@ class NbdService:
         return removed
 
     def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
-            on_eject_drive: str | None = None) -> None:
+            on_eject_drive: str | None = None, backend: Drive | None = None) -> None:
         """The NBD side of adding an export (the monitor checked the id is well-formed and free)."""
         if self.server is None:
             raise VdkitError("NBD server not running")
@@ -216,7 +218,7 @@ class NbdService:
             raise VdkitError(f"description '{description}' too long")
         if self._find(name) is not None:
             raise VdkitError(f"NBD server already has export named '{name}'")
-        self.exports.append(Export(id, name, medium, writable, description, on_eject_drive))
+        self.exports.append(Export(id, name, medium, writable, description, on_eject_drive, backend=backend))
 
     def remove(self, id: str, mode: str) -> RemovedExport:
         exp = next((e for e in self.exports if e.id == id), None)
@@ -265,7 +267,7 @@ class NbdService:
         for d in self.machine.drives:
             if d.medium is exp.medium:
                 return d
-        return None
+        return exp.backend
 
     def _throttle(self, drive: Drive) -> Throttle | None:
         cfg = drive.throttle

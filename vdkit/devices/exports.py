@@ -17,7 +17,7 @@ from vdkit.errors import VdkitError
 from vdkit.opts import inet_port
 
 if TYPE_CHECKING:
-    from vdkit.devices.registry import Medium
+    from vdkit.devices.registry import Drive, Medium
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ class ExportService(Protocol):
         ...
 
     def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
-            on_eject_drive: str | None = None) -> None:
-        """Export ``medium`` as ``name``; ``on_eject_drive``: removed when that drive's medium goes."""
+            on_eject_drive: str | None = None, backend: Drive | None = None) -> None:
+        """Export ``medium`` as ``name``; ``on_eject_drive``: removed when that drive's medium goes;
+        ``backend``: the unnamed backend of a ``-blockdev`` node's export (no drive has its medium)."""
         ...
 
     def remove(self, id: str, mode: str) -> RemovedExport:

@@ -45,7 +45,7 @@ from vdkit.io.file import ImageFile
 if TYPE_CHECKING:
     from vdkit.block.chain import BackingWalk
     from vdkit.block.node import Node
-    from vdkit.devices.registry import DeviceRegistry
+    from vdkit.devices.registry import DeviceRegistry, Drive
 
 FORMAT_DRIVERS = ("raw", "qcow2")
 PROTOCOL_DRIVERS = ("file", "http", "https", "rbd")
@@ -109,6 +109,8 @@ class GraphNode:
     # refuses nothing to other users (a file node: to other processes; its parents' needs stay); inherited
     # by inline children and the chain opened from a header
     force_share: bool = False
+    # the unnamed backend of this node's NBD exports (vdkit.monitor.nbd_cmds), made on the first one
+    backend: Drive | None = None
 
     @property
     def is_format(self) -> bool:

@@ -255,6 +255,9 @@ def blockdev_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     name = args["node-name"]
     _refuse_drive_node(machine, name)
     g = machine.graph.find(name)
+    svc = machine.exports
+    if g is not None and svc is not None and any(e.node_name == name for e in svc.list_exports()):
+        raise VdkitError(f"Node {name} is in use")  # an export's BlockBackend holds it
     if g is None or g.implicit:
         if g is not None:
             raise VdkitError(f"Node {name} is not owned by the monitor")
@@ -411,7 +414,8 @@ def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
 def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, tuple[int, int]]], list[_Vertex]]:
     """The BlockBackends (name, root, root edge's permissions) and every block node in creation order.
 
-    The drives' backends come first, then the NBD exports' (unnamed), as QEMU creates them.
+    The drives' backends come first, then the NBD exports' (unnamed, also on -blockdev nodes), as QEMU
+    creates them.
     """
     backends: list[tuple[str, _Vertex | None, tuple[int, int]]] = []
     all_nodes: list[_Vertex] = []
@@ -435,12 +439,6 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, 
         chain[0].users.append(_BACKEND_ROOT)
         backends.append((drive.id, chain[0], _BACKEND_ROOT))
         tops[id(m)] = chain[0]
-    for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
-        top = tops.get(id(e.medium))
-        if top is not None:
-            perm = (0x1, 0x3)[bool(e.writable)], _EXPORT_SHARED
-            top.users.append(perm)
-            backends.append(("", top, perm))
     by_node: dict[int, _Vertex] = {}
     for g in machine.graph.nodes:
         by_node[id(g)] = _Vertex(g.name, g.serial, g.driver, g.ro, g.force_share)
@@ -451,6 +449,14 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, 
         if g.backing is not None:
             _link(v, "backing", by_node[id(g.backing)])
         all_nodes.append(v)
+        if g.backend is not None and g.backend.medium is not None:
+            tops[id(g.backend.medium)] = v
+    for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
+        top = tops.get(id(e.medium))
+        if top is not None:
+            perm = (0x1, 0x3)[bool(e.writable)], _EXPORT_SHARED
+            top.users.append(perm)
+            backends.append(("", top, perm))
     all_nodes.sort(key=lambda v: v.serial)
     return backends, all_nodes
 

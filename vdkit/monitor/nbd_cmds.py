@@ -21,6 +21,7 @@ from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, Handler
 from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
+    from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import Drive, Medium
 
 
@@ -71,7 +72,31 @@ def _resolve(ctx: CommandContext, device: str | None, node_name: str | None) -> 
         for d in machine.drives:
             if d.medium is not None and d.medium.node_name == node_name:
                 return d.medium, d
+        g = machine.graph.find(node_name)
+        if g is not None:
+            return _graph_backend(g)
     raise VdkitError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+
+
+def _unlisted(ctx: CommandContext, drive: Drive) -> Drive | None:
+    """The backend of a -blockdev node's export (no listed drive)."""
+    return None if any(d is drive for d in ctx.machine.drives) else drive
+
+
+def _graph_backend(g: GraphNode) -> tuple[Medium, Drive]:
+    """A ``-blockdev`` node exported: QEMU puts an unnamed BlockBackend on it; vdkit a drive no one lists
+    (its medium is the node, for the export's I/O and statistics), made once per node."""
+    from vdkit.devices.registry import Drive, DriveSpec, Medium
+
+    if g.node is None or g.child is None:
+        raise VdkitError(f"Exporting the protocol node '{g.name}' is not supported by vdkit")
+    if g.backend is None or g.backend.medium is None or g.backend.medium.node is not g.node:
+        medium = Medium(node=g.node, names=[(g.name, g.child.name)], ro=g.ro,
+                        serials=[(g.serial, g.child.serial)])
+        g.backend = Drive(DriveSpec(id=""), medium=medium)
+    assert g.backend.medium is not None
+    g.backend.medium.ro = g.ro
+    return g.backend.medium, g.backend
 
 
 def _check_id(svc: ExportService, id: str) -> None:
@@ -98,7 +123,7 @@ def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     on_eject = drive.id if ctx.machine.find_drive(device) is drive else None
     _check_id(svc, name)
     svc.add(id=name, medium=medium, name=name, writable=writable, description=args.get("description", ""),
-            on_eject_drive=on_eject)
+            on_eject_drive=on_eject, backend=_unlisted(ctx, drive))
 
 
 def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -106,7 +131,7 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     if args["type"] != "nbd":
         raise VdkitError(f"Export type '{args['type']}' is not supported by vdkit-daemon")
     _check_id(svc, args["id"])
-    medium, _ = _resolve(ctx, None, args["node-name"])
+    medium, drive = _resolve(ctx, None, args["node-name"])
     writable = bool(args.get("writable", False))
     if not svc.running:
         raise VdkitError("NBD server not running")
@@ -115,7 +140,7 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     if args.get("bitmaps"):
         raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
     svc.add(id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
-            description=args.get("description", ""))
+            description=args.get("description", ""), backend=_unlisted(ctx, drive))
 
 
 def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
