@@ -62,15 +62,16 @@ def _events(m: Monitor, d: Path) -> list[str]:
 
 
 class Pair:
-    def __init__(self, daemons: Daemons, tmp: Path, *, top_writes: tuple[str, ...] = ()) -> None:
+    def __init__(self, daemons: Daemons, tmp: Path, *, top_writes: tuple[str, ...] = (),
+                 drive: list[str] = DRIVE) -> None:
         self.dirs = [tmp / "q", tmp / "v"]
         for d in self.dirs:
             d.mkdir()
             _chain(d)
             for w in top_writes:  # more data in the active image before the daemons start
                 assert qemu_io("-c", w, str(d / "top.qcow2")).returncode == 0
-        _, qpath, _ = daemons.qemu([a.replace("DIR", str(self.dirs[0])) for a in DRIVE], self.dirs[0])
-        _, vpath, _ = daemons.vdkit([a.replace("DIR", str(self.dirs[1])) for a in DRIVE], self.dirs[1])
+        _, qpath, _ = daemons.qemu([a.replace("DIR", str(self.dirs[0])) for a in drive], self.dirs[0])
+        _, vpath, _ = daemons.vdkit([a.replace("DIR", str(self.dirs[1])) for a in drive], self.dirs[1])
         self.mons = [daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()]
 
     def same(self, name: str, args: dict[str, Any] | None = None, *, mask: re.Pattern[str] | None = None) -> str:
@@ -632,3 +633,23 @@ def test_backup_sync_none_can_be_paused(daemons: Daemons, tmp_path: Path) -> Non
     for p in daemons.procs:
         p.wait(timeout=60)
     assert _read_raw(d / "fl.qcow2") == start  # the overlay over the disk as it was
+
+
+def test_backup_of_a_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
+    """drive-backup of a -blockdev node (no backend name: an explicit job-id is needed), with a bitmap and
+    sync top (the header's chain below it)."""
+    p = Pair(daemons, tmp_path, drive=["-blockdev", "driver=file,filename=DIR/top.qcow2,node-name=f-top",
+                                       "-blockdev", "driver=qcow2,file=f-top,node-name=n-top"])
+    p.same("drive-backup", {"device": "n-top", "target": "DIR/b0.qcow2", "sync": "full"})
+    p.same("block-dirty-bitmap-add", {"node": "n-top", "name": "bm"})
+    p.same("drive-backup", {"device": "n-top", "target": "DIR/b1.qcow2", "sync": "full", "job-id": "b1",
+                            "bitmap": "bm", "bitmap-mode": "on-success"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("drive-backup", {"device": "n-top", "target": "DIR/b2.qcow2", "sync": "top", "job-id": "b2"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-named-block-nodes")
+    p.quit(daemons)
+    p.compare("b1.qcow2", "top.qcow2")
+    p.compare("b2.qcow2", "top.qcow2")

@@ -67,12 +67,34 @@ def _label(drive: Drive, index: int) -> str:
     return drive.id if index == 0 else drive.medium.names[index][0]
 
 
-def _busy(machine: DeviceRegistry, drive: Drive) -> None:
-    """QEMU's op blocker on the source: a job on its chain's root makes it busy."""
+class _Source:
+    """A backup's source: a node of a drive's chain, or a ``blockdev-add`` format node.
+
+    ``root`` is the node a job on the same chain holds (the drive's top, or the graph node itself),
+    ``label`` what QEMU's messages call it, ``default_id`` the job-id when none is given (the
+    backend's name; a node without one has none: QEMU then says ``Invalid job ID ''``).
+    """
+
+    def __init__(self, node: Node, root: Node, label: str, default_id: str, drive: Drive | None) -> None:
+        self.node, self.root, self.label, self.default_id, self.drive = node, root, label, default_id, drive
+
+    def busy(self, machine: DeviceRegistry) -> None:
+        """QEMU's op blocker: a job holding the chain makes the source busy."""
+        job = machine.jobs.job_on(self.root)
+        if job is not None:
+            raise VdkitError(f"Node '{self.label}' is busy: block device is in use by block job: {job.type}")
+
+
+def _backup_source(machine: DeviceRegistry, name: str) -> _Source:
+    g = machine.graph.find(name)
+    if g is not None and machine.find_drive(name) is None:
+        if g.node is None:
+            raise VdkitError("Backups of protocol nodes are not supported by vdkit")
+        return _Source(g.node, g.node, g.name, "", None)
+    drive, index = _lookup(machine, name)
     assert drive.medium is not None
-    job = machine.jobs.job_on(drive.medium.node)
-    if job is not None:
-        raise VdkitError(f"Node '{drive.id}' is busy: block device is in use by block job: {job.type}")
+    return _Source(list(drive.medium.node.chain())[index], drive.medium.node, _label(drive, index),
+                   drive.id if index == 0 else "", drive)
 
 
 def _create(path: str, fmt: str, size: int, backing: Node | None) -> None:
@@ -323,14 +345,13 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
 # -- backup -------------------------------------------------------------------------------------------
 
 
-def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
+def _backup_common(machine: DeviceRegistry, src: _Source, target: Node, args: dict[str, Any], *,
                    sync: str, target_has_backing: bool, release: Any) -> Job:
     """``do_backup_common`` and ``backup_job_create``: bitmap rules, then the job (created, not started)."""
     from vdkit.block.backup import BackupJob
     from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT
 
-    assert drive.medium is not None
-    source = list(drive.medium.node.chain())[index]
+    source = src.node
     mode = args.get("bitmap-mode")
     if sync in ("bitmap", "incremental") and "bitmap" not in args:
         raise VdkitError(f"must provide a valid bitmap name for '{sync}' sync mode")
@@ -360,14 +381,14 @@ def _backup_common(machine: DeviceRegistry, drive: Drive, index: int, target: No
 
     if compress and not getattr(format_module(target.format), "SUPPORTS_COMPRESSION", False):
         raise VdkitError("Compression is not supported for this drive ")  # QEMU names the target's (no) device
-    _busy(machine, drive)
+    src.busy(machine)
     if bitmap is not None and mode != "never":
         bitmap.check(CHECK_DEFAULT)
     job_driver = BackupJob(source, target, sync=sync, bitmap=bitmap, bitmap_mode=mode or "on-success",
                            target_has_backing=target_has_backing, compress=compress,
                            on_source_error=args.get("on-source-error", "report"),
                            on_target_error=args.get("on-target-error", "report"), release=release)
-    job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
+    job = machine.jobs.create(str(args.get("job-id", src.default_id)), job_driver, speed=args.get("speed", 0),
                               auto_finalize=args.get("auto-finalize", True),
                               auto_dismiss=args.get("auto-dismiss", True))
     job_driver.attach(job)
@@ -392,15 +413,12 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
     """``drive-backup`` / ``blockdev-backup`` up to the created job (a transaction starts it at commit)."""
     if kind == "blockdev-backup":
         return _prepare_blockdev_backup(machine, args)
-    drive, index = _lookup(machine, args["device"])
+    src = _backup_source(machine, args["device"])
+    source = src.node
     existing = args.get("mode", "absolute-paths") == "existing"
-    assert drive.medium is not None
-    source = list(drive.medium.node.chain())[index]
     fmt = args.get("format", None if existing else source.format)
     machine.jobs.drain()  # then the source (jobs at a pause point show a pause/resume pair again)
-    job = machine.jobs.job_on(drive.medium.node)
-    if job is not None:
-        raise VdkitError(f"Node '{_label(drive, index)}' is busy: block device is in use by block job: {job.type}")
+    src.busy(machine)
     sync = args["sync"]
     backing: Node | None = None
     if sync == "top":
@@ -429,7 +447,7 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
         target.close()
 
     try:
-        job = _backup_common(machine, drive, index, target, args, sync=sync,
+        job = _backup_common(machine, src, target, args, sync=sync,
                              target_has_backing=target.backing is not None or target.driver.backing_file is not None,
                              release=release)
     except BaseException:
@@ -437,8 +455,9 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
         raise
     from vdkit.devices.registry import Medium
 
-    job.driver.listed_target = Medium(target, [n for n, _ in names], False,  # type: ignore[attr-defined]
-                                      [s for _, s in names], detect_zeroes="unmap")
+    if src.drive is not None:  # listed with the drive's nodes (a graph source's target is not listed)
+        job.driver.listed_target = Medium(target, [n for n, _ in names], False,  # type: ignore[attr-defined]
+                                          [s for _, s in names], detect_zeroes="unmap")
     return job
 
 
@@ -453,7 +472,7 @@ def _open_backup_target(path: str, fmt: str | None, *, chain: bool) -> Node:
 
 
 def _prepare_blockdev_backup(machine: DeviceRegistry, args: dict[str, Any]) -> Job:
-    drive, index = _lookup(machine, args["device"])
+    src = _backup_source(machine, args["device"])
     g = machine.graph.find(args["target"])
     if g is None:
         raise VdkitError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
@@ -461,10 +480,9 @@ def _prepare_blockdev_backup(machine: DeviceRegistry, args: dict[str, Any]) -> J
         raise VdkitError("A protocol node as backup target is not supported by vdkit")
     machine.jobs.drain()
     sync = args["sync"]
-    assert drive.medium is not None
-    if sync == "top" and list(drive.medium.node.chain())[index].backing is None:
+    if sync == "top" and src.node.backing is None:
         sync = "full"
-    return _backup_common(machine, drive, index, g.node, args, sync=sync, target_has_backing=g.backing is not None,
+    return _backup_common(machine, src, g.node, args, sync=sync, target_has_backing=g.backing is not None,
                           release=lambda: None)
 
 
