@@ -331,6 +331,10 @@ FILE_A = {"driver": "file", "filename": "DIR/a.qcow2"}
                   "file.filename=DIR/t.qcow2"],
     ["-blockdev", "driver=qcow2,node-name=f,read-only=on,file.force-share=on,file.driver=file,"
                   "file.filename=DIR/t.qcow2"],
+    # locking=off: no bytes on that file (the chain its header names still locks)
+    ["-blockdev", "driver=qcow2,node-name=f,file.driver=file,file.filename=DIR/t.qcow2,file.locking=off"],
+    ["-blockdev", "driver=file,node-name=f,filename=DIR/a.qcow2,locking=off",
+     "-blockdev", "driver=qcow2,node-name=f2,file=f"],
 ])
 def test_lock_bytes_of_unused_nodes(daemons: Daemons, args: list[str]) -> None:
     """A file or raw node nobody uses holds no lock (QEMU's permissions), so a read-only qcow2 node, a

@@ -377,7 +377,8 @@ def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
             raise
         ro = True
         f = ImageFile(filename, readonly=True, lock=False)
-    f.take_lock(LockMode(0, 0))  # nobody uses a new node yet: no bytes until a parent needs some
+    if opts.get("locking") != "off":  # locking=off: QEMU takes no lock bytes on the file at all
+        f.take_lock(LockMode(0, 0))  # nobody uses a new node yet: no bytes until a parent needs some
     g = GraphNode(name="", driver="file", serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
                   file=f, filename=filename, force_share=force_share)
     _register(machine, g, name)
