@@ -177,6 +177,7 @@ class Node:
         return drv.dirty_bitmaps
 
     def find_bitmap(self, name: str) -> DirtyBitmap | None:
+        """The node's in-memory dirty bitmap called ``name`` (bitmap commands name them per node)."""
         return next((b for b in self.bitmaps if b.name == name), None)
 
     @property
