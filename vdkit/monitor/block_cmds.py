@@ -604,20 +604,44 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------
 
 
-def snapshot_capable(medium: Medium) -> bool:
+def snapshot_capable(medium: Medium | _GraphMedium) -> bool:
     """The medium's format has internal snapshots (VM snapshots include it; QEMU's ``bdrv_can_snapshot``)."""
     return medium.node.driver.supports_snapshots
 
 
-def included_drives(machine: DeviceRegistry) -> list[Drive]:
-    """Disks taking part in VM snapshots: inserted and writable (``qmp-hmp.md`` §5.1).
+@dataclass
+class GraphDisk:
+    """A ``-blockdev`` node as a disk of VM snapshots: QEMU's ``bdrv_next`` visits the BlockBackends'
+    roots, then the monitor-owned nodes (``blockdev-add``'s top level) in creation order."""
+
+    id: str  # errors name the node (QEMU's device-or-node name)
+    medium: _GraphMedium
+    graph_node: GraphNode
+
+
+def graph_disks(machine: DeviceRegistry, *, roots_only: bool) -> list[GraphDisk]:
+    """Writable monitor-owned nodes (``roots_only``: those no node uses, as savevm/loadvm/delvm take them;
+    ``info snapshots`` lists the others too)."""
+    out = []
+    for g in machine.graph.nodes:
+        if g.implicit or g.ro or (roots_only and machine.graph.parents_of(g)):
+            continue
+        out.append(GraphDisk(g.name, _graph_medium(g), g))
+    return out
+
+
+def included_drives(machine: DeviceRegistry) -> list[Drive | GraphDisk]:
+    """Disks taking part in VM snapshots: inserted and writable (``qmp-hmp.md`` §5.1), the drives first,
+    then the ``-blockdev`` roots (QEMU's ``bdrv_all_snapshots_includes_bs``).
 
     A medium killed by a fatal corruption event is not inserted any more (QEMU: no driver).
     """
-    return [d for d in machine.drives if d.medium is not None and not d.medium.ro and not d.medium.dead]
+    disks: list[Drive | GraphDisk] = [d for d in machine.drives
+                                      if d.medium is not None and not d.medium.ro and not d.medium.dead]
+    return disks + list(graph_disks(machine, roots_only=True))
 
 
-def vmstate_drive(machine: DeviceRegistry) -> Drive | None:
+def vmstate_drive(machine: DeviceRegistry) -> Drive | GraphDisk | None:
     for d in included_drives(machine):
         assert d.medium is not None
         if snapshot_capable(d.medium):
@@ -625,7 +649,7 @@ def vmstate_drive(machine: DeviceRegistry) -> Drive | None:
     return None
 
 
-def _entries(medium: Medium) -> Sequence[SnapshotRecord]:
+def _entries(medium: Medium | _GraphMedium) -> Sequence[SnapshotRecord]:
     return medium.node.driver.snapshots()
 
 
@@ -646,13 +670,18 @@ class _GraphMedium:
 
 
 def _graph_target(machine: DeviceRegistry, g: GraphNode, device: str) -> _Target:
-    """A ``-blockdev`` node named as ``device``: it must be a root; a protocol node is its own image
-    (an rbd node has the RBD snapshots, the others none)."""
+    """A ``-blockdev`` node named as ``device``: it must be a root."""
+    if machine.graph.parents_of(g):
+        raise VdkitError("Need a root block node")
+    return _Target(device, None, _graph_medium(g))  # type: ignore[arg-type]  # medium-like
+
+
+def _graph_medium(g: GraphNode) -> _GraphMedium:
+    """A graph node as the medium snapshots act on: a protocol node is its own image (an rbd node has
+    the RBD snapshots, the others none)."""
     from vdkit.block.driver import FormatDriver
     from vdkit.block.node import Node
 
-    if machine.graph.parents_of(g):
-        raise VdkitError("Need a root block node")
     node = g.node
     if node is None:
         assert g.file is not None
@@ -663,7 +692,7 @@ def _graph_target(machine: DeviceRegistry, g: GraphNode, device: str) -> _Target
         else:  # no snapshots: QEMU's "Block format 'file' ... does not support internal snapshots"
             drv = type("ProtocolNode", (FormatDriver,), {"format_name": g.driver})(g.file)
             node = Node(g.filename, drv, readonly=g.ro)
-    return _Target(device, None, _GraphMedium(node, g.ro))  # type: ignore[arg-type]  # medium-like
+    return _GraphMedium(node, g.ro)
 
 
 def _resolve_root(ctx: CommandContext, device: str) -> _Target:
@@ -696,13 +725,13 @@ def _now() -> tuple[int, int]:
     return ns // 1_000_000_000, (ns % 1_000_000_000) // 1000 * 1000
 
 
-def _create(medium: Medium, name: str, *, date: tuple[int, int], vm_clock_nsec: int,
+def _create(medium: Medium | _GraphMedium, name: str, *, date: tuple[int, int], vm_clock_nsec: int,
             vm_state_size: int = 0) -> SnapshotRecord:
     return medium.node.snapshot_create(name, date_sec=date[0], date_nsec=date[1],
                                        vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size)
 
 
-def _delete(medium: Medium, *, snapshot_id: str | None, name: str | None) -> SnapshotRecord:
+def _delete(medium: Medium | _GraphMedium, *, snapshot_id: str | None, name: str | None) -> SnapshotRecord:
     return medium.node.snapshot_delete(snapshot_id=snapshot_id, name=name)
 
 
@@ -924,7 +953,7 @@ def _restore_medium(machine: DeviceRegistry, drive: Drive, recorded: dict[str, A
     drive.retained_ro = medium.ro
 
 
-def _all_capable(machine: DeviceRegistry) -> list[Drive]:
+def _all_capable(machine: DeviceRegistry) -> list[Drive | GraphDisk]:
     disks = included_drives(machine)
     for d in disks:
         assert d.medium is not None
@@ -962,12 +991,13 @@ def savevm(ctx: CommandContext, args: dict[str, Any]) -> None:
             vmdisk.medium.node.driver.save_vmstate(vm_state)
         except (OSError, VdkitError) as exc:
             raise VdkitError(f"Error while writing VM state: {_os_text(exc)}") from exc
-        made: list[tuple[Drive, SnapshotRecord]] = []
+        made: list[tuple[Drive | GraphDisk, SnapshotRecord]] = []
         for d in disks:
             assert d.medium is not None
             try:
                 made.append((d, _create(d.medium, name, date=date, vm_clock_nsec=clock,
-                                        vm_state_size=len(vm_state) if d is vmdisk else 0)))
+                                        vm_state_size=len(vm_state) if d.medium.node is vmdisk.medium.node
+                                        else 0)))
             except (OSError, VdkitError) as exc:
                 for m, e in made:  # undo exactly the snapshots this savevm made
                     assert m.medium is not None
@@ -1031,7 +1061,7 @@ def delvm(ctx: CommandContext, args: dict[str, Any]) -> None:
     _delete_first_named(_all_capable(ctx.machine), args["name"])
 
 
-def _delete_first_named(disks: list[Drive], name: str) -> None:
+def _delete_first_named(disks: list[Drive | GraphDisk], name: str) -> None:
     """Delete the first snapshot called ``name`` on each disk (QEMU's rule for savevm and delvm)."""
     for d in disks:
         assert d.medium is not None
