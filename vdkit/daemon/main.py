@@ -30,19 +30,24 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 
-from vdkit.daemon.runtime import PROG, Daemon, error_report
-from vdkit.devices.exports import Address
-from vdkit.devices.registry import DeviceRegistry, DriveSpec
-from vdkit.devices.throttle import ThrottleConfig
-from vdkit.errors import VdkitError
-from vdkit.info.model import BlockdevCacheInfo
-from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, mirror_cmds, nbd_cmds
-from vdkit.monitor.commands import CommandRegistry
-from vdkit.opts import CACHE_MODES, id_wellformed, inet_port
-from vdkit.opts import parse_bool as opts_parse_bool
+# Before numpy is first imported (the monitor's bitmap code imports it): no BLAS thread pool, since the
+# daemon does no linear algebra, and every thread it has starts after _main blocks the stop signals.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from vdkit.daemon.runtime import PROG, STOP_SIGNALS, Daemon, error_report  # noqa: E402
+from vdkit.devices.exports import Address  # noqa: E402
+from vdkit.devices.registry import DeviceRegistry, DriveSpec  # noqa: E402
+from vdkit.devices.throttle import ThrottleConfig  # noqa: E402
+from vdkit.errors import VdkitError  # noqa: E402
+from vdkit.info.model import BlockdevCacheInfo  # noqa: E402
+from vdkit.monitor import bitmap_cmds, block_cmds, graph_cmds, job_cmds, machine_cmds, mirror_cmds, nbd_cmds  # noqa: E402
+from vdkit.monitor.commands import CommandRegistry  # noqa: E402
+from vdkit.opts import CACHE_MODES, id_wellformed, inet_port  # noqa: E402
+from vdkit.opts import parse_bool as opts_parse_bool  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -871,7 +876,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: list[str]) -> int:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no linear algebra here: no BLAS thread pool
+    # The stop signals go to the runtime's sigwaitinfo thread (which learns the sender's pid, as QEMU
+    # reports it); blocking them first means every thread started from here on (librados' threads as an
+    # rbd drive opens, job and NBD threads) inherits the block and none of them can take the signal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         cfg = parse_args(args)
     except OptionError as exc:

@@ -54,7 +54,7 @@ PURE_COMMANDS = frozenset({"query-block", "query-named-block-nodes", "query-bloc
 HMP_MAX_LINE = 1 << 16
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _process_name(pid: int) -> str:
@@ -311,11 +311,11 @@ class Daemon:
         ``sigwaitinfo``; the loop's handlers stay as a fallback for a thread
         that existed before.
         """
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
         def wait() -> None:
             while True:
-                info = signal.sigwaitinfo(_STOP_SIGNALS)
+                info = signal.sigwaitinfo(STOP_SIGNALS)
                 try:
                     loop.call_soon_threadsafe(self._on_signal, info.si_signo, info.si_pid)
                 except RuntimeError:  # the loop has closed: shutdown is under way already
@@ -325,7 +325,7 @@ class Daemon:
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        for sig in _STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._watch_signals(loop)
         await self.start()
