@@ -20,7 +20,6 @@ References: ``/work/shared/reference/qcow2-format.md`` §6–7,
 from __future__ import annotations
 
 import bisect
-import enum
 import zlib
 
 from vdkit.block.driver import DATA as _DATA_FLAG
@@ -36,6 +35,7 @@ from vdkit.record import cached_property, record
 TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from typing import ClassVar
 
     import numpy as np
 
@@ -86,14 +86,32 @@ _ZERO = L.OFLAG_ZERO
 _PURE_TABLES = 16  # L2 tables a read-only image decodes without numpy before numpy takes over
 
 
-class Kind(enum.IntEnum):
-    """What reading a run touches."""
+class Kind(int):
+    """What reading a run touches.
 
-    DATA = 0  # stored data at ``host`` in the data file (the image itself without an external one)
-    ZERO = 1  # reads as zeros; ``host`` set for preallocated zero clusters
-    UNALLOCATED = 2  # falls through to the backing file; ``host`` set inside an allocated cluster (ext. L2)
-    COMPRESSED = 3  # one compressed cluster; ``host`` is the L2 descriptor
-    CORRUPT = 4  # an entry QEMU calls corrupt; ``host`` is its L2 table (touching it signals corruption)
+    An ``int`` (the engine keeps kinds in byte arrays) with a name, rather than an ``enum.IntEnum``:
+    ``enum`` costs several milliseconds of every process that reads qcow2 data.
+    """
+
+    __slots__ = ()
+
+    DATA: ClassVar[Kind]  # stored data at ``host`` in the data file (the image itself without an external one)
+    ZERO: ClassVar[Kind]  # reads as zeros; ``host`` set for preallocated zero clusters
+    UNALLOCATED: ClassVar[Kind]  # falls through to the backing file; ``host`` set in an allocated cluster (ext. L2)
+    COMPRESSED: ClassVar[Kind]  # one compressed cluster; ``host`` is the L2 descriptor
+    CORRUPT: ClassVar[Kind]  # an entry QEMU calls corrupt; ``host`` is its L2 table (touching it: corruption)
+
+    @property
+    def name(self) -> str:
+        return _KIND_NAMES[self]
+
+    def __repr__(self) -> str:
+        return f"Kind.{self.name}"
+
+
+_KIND_NAMES = ("DATA", "ZERO", "UNALLOCATED", "COMPRESSED", "CORRUPT")
+_KINDS = tuple(Kind(i) for i in range(len(_KIND_NAMES)))  # by value: Run kinds from byte arrays
+Kind.DATA, Kind.ZERO, Kind.UNALLOCATED, Kind.COMPRESSED, Kind.CORRUPT = _KINDS
 
 
 _KIND_FLAGS = {0: _DATA_FLAG, 1: _ZERO_FLAG, 2: 0, 3: _DATA_FLAG, 4: 0}
@@ -273,10 +291,10 @@ class Qcow2IO:
                     nxt = host + step
                 continue
             if kind >= 0:
-                out.append(Run(Kind(kind), base + start * cs, (i - start) * cs, host0))
+                out.append(Run(_KINDS[kind], base + start * cs, (i - start) * cs, host0))
             kind, start, host0 = k, i, host
             nxt = None if host is None else host + step
-        out.append(Run(Kind(kind), base + start * cs, (n - start) * cs, host0))
+        out.append(Run(_KINDS[kind], base + start * cs, (n - start) * cs, host0))
         return out
 
     @staticmethod
@@ -1245,7 +1263,7 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
     ends = np.append(starts[1:], n)
     out: list[Run] = []
     for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        k = Kind(int(kinds[s]))
+        k = _KINDS[int(kinds[s])]
         host = int(hosts[s]) if valid[s] else None
         out.append(Run(k, base + s * unit, (e - s) * unit, host))
     return out
