@@ -622,3 +622,35 @@ def test_nbd_exports_of_blockdev_nodes(daemons: Daemons) -> None:
     ], setup=_setup_debug_graph, blank_sizes=True, quit=True)
     for name, fmt in (("a.qcow2", "qcow2"), ("r.raw", "raw")):
         check_ok("compare", "-f", fmt, "-F", fmt, str(trees["qemu"] / name), str(trees["vdkit"] / name))
+
+
+def test_nbd_export_follows_external_snapshots_of_blockdev_nodes(daemons: Daemons) -> None:
+    """An exported -blockdev node snapshotted (sync, then onto a blockdev-add overlay): the export's backend
+    moves to the overlay as QEMU's BlockBackend does, writes land there; the sync overlay is the backend's
+    alone (blockdev-del: in use) and goes with the last export."""
+    trees = _run(daemons, ["-blockdev", "driver=qcow2,node-name=q1,file.driver=file,file.filename=DIR/a.qcow2"], [
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/nbd.sock"}}}),
+        ("nbd-server-add", {"device": "q1", "writable": True}),
+        ("blockdev-snapshot-sync", {"node-name": "q1", "snapshot-file": "DIR/s1.qcow2", "snapshot-node-name": "s1"}),
+        ("query-block-exports", None),
+        _nbd_io("q1", "write -P 0x5a 0 64k"),
+        ("query-named-block-nodes", None),
+        ("blockdev-del", {"node-name": "s1"}),
+        ("blockdev-add", {"driver": "qcow2", "node-name": "o2", "backing": None,
+                          "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
+        ("blockdev-snapshot", {"node": "s1", "overlay": "o2"}),
+        ("query-block-exports", None),
+        _nbd_io("q1", "write -P 0x6b 64k 64k"),
+        _nbd_io("q1", "read -P 0x5a 0 64k"),
+        ("x-debug-query-block-graph", None),
+        "info block -n",
+        ("nbd-server-remove", {"name": "q1"}),
+        ("query-named-block-nodes", {"flat": True}),
+        ("blockdev-del", {"node-name": "o2"}),
+        ("nbd-server-add", {"device": "q1", "writable": True}),
+        ("blockdev-snapshot-sync", {"node-name": "q1", "snapshot-file": "DIR/s3.qcow2", "snapshot-node-name": "s3"}),
+        ("nbd-server-stop", None),
+        ("query-named-block-nodes", {"flat": True}),
+    ], setup=_setup_debug_graph, blank_sizes=True, quit=True)
+    for name in ("a.qcow2", "s1.qcow2", "c.qcow2"):
+        check_ok("compare", "-f", "qcow2", "-F", "qcow2", str(trees["qemu"] / name), str(trees["vdkit"] / name))

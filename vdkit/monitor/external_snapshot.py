@@ -153,14 +153,68 @@ def prepare_sync(ctx: CommandContext, args: dict[str, Any]) -> Undo:
         except OSError:
             pass
     if drive is None:
-        # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4);
-        # the old node was still made read-only
         assert graph_node is not None
         overlay.close()
+        if _exported(machine, graph_node):
+            assert new_name is not None  # node-name given: snapshot-node-name was required
+            return _attach_to_export(machine, graph_node, path, overlay.format, new_name)
+        # a parentless monitor-owned node: QEMU creates the overlay but keeps no node for it (§2.1.4);
+        # the old node was still made read-only
         was_ro = graph_node.ro
         _set_graph_ro(graph_node, True)
         return lambda: _set_graph_ro(graph_node, was_ro)
     return _attach_to_drive(machine, drive, overlay, new_name)
+
+
+def _exported(machine: DeviceRegistry, g: GraphNode) -> bool:
+    """An NBD export's backend holds ``g`` (QEMU: the node has a BlockBackend parent)."""
+    svc = machine.exports
+    return svc is not None and g.backend is not None and any(e.node_name == g.name for e in svc.list_exports())
+
+
+def _attach_to_export(machine: DeviceRegistry, g: GraphNode, path: str, fmt: str, name: str) -> Undo:
+    """The overlay of an exported -blockdev node: a graph node over ``g`` (read-only now) that the
+    export's backend moves onto, as QEMU's BlockBackend does; the export follows it."""
+    from vdkit.devices.graph import delete_node, open_file_node, open_format_node
+
+    was_ro = g.ro
+    child = open_file_node(machine, {"filename": path}, name=None, ro=g.ro, auto_ro=False, cache=g.cache,
+                           implicit=True)
+    try:
+        ovl = open_format_node(machine, fmt, child, name=name, ro=g.ro, cache=g.cache, detect_zeroes="off",
+                               discard="ignore", auto_ro=False, implicit=True, backing=g)
+    except BaseException:
+        delete_node(machine, child)
+        raise
+    _set_graph_ro(g, True)
+    moved = _move_backend(machine, g, ovl)
+
+    def undo() -> None:
+        moved()
+        delete_node(machine, ovl)
+        _set_graph_ro(g, was_ro)
+
+    return undo
+
+
+def _move_backend(machine: DeviceRegistry, g: GraphNode, ovl: GraphNode) -> Callable[[], None]:
+    """Put the NBD exports' backend of ``g`` (if it is exported) on ``ovl``, as QEMU moves a
+    BlockBackend to the overlay; the undo puts it back."""
+    backend = g.backend
+    if backend is None or backend.medium is None or not _exported(machine, g):
+        return lambda: None
+    medium = backend.medium
+    assert ovl.node is not None and ovl.child is not None
+    before = (medium.node, medium.names, medium.serials, medium.ro)
+    medium.node, medium.names = ovl.node, [(ovl.name, ovl.child.name)]
+    medium.serials, medium.ro = [(ovl.serial, ovl.child.serial)], ovl.ro
+    g.backend, ovl.backend = None, backend
+
+    def undo() -> None:
+        medium.node, medium.names, medium.serials, medium.ro = before
+        g.backend, ovl.backend = backend, None
+
+    return undo
 
 
 def _create_option_names(fmt: str) -> set[str]:
@@ -220,8 +274,10 @@ def prepare_snapshot(ctx: CommandContext, args: dict[str, Any]) -> Undo:
         refresh_filename(ovl)
         was_ro = target.ro
         _set_graph_ro(target, True)  # the old active node becomes read-only (§1.3)
+        moved = _move_backend(machine, target, ovl)
 
         def undo_graph() -> None:
+            moved()
             ovl.backing, ovl.backing_override = None, False
             assert ovl.node is not None
             ovl.node.backing = None

@@ -145,14 +145,30 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
     emit_removed(ctx, [_service(ctx).remove(args["name"], args.get("mode", "safe"))])
+    _drop_unused_overlays(ctx)
 
 
 def block_export_del(ctx: CommandContext, args: dict[str, Any]) -> None:
     emit_removed(ctx, [_service(ctx).remove(args["id"], args.get("mode", "safe"))])
+    _drop_unused_overlays(ctx)
 
 
 def nbd_server_stop(ctx: CommandContext, args: dict[str, Any]) -> None:
     emit_removed(ctx, _service(ctx).stop())
+    _drop_unused_overlays(ctx)
+
+
+def _drop_unused_overlays(ctx: CommandContext) -> None:
+    """An overlay an external snapshot put under an export's backend is owned by that backend alone:
+    once no export uses it (and no node), it goes, as QEMU frees it with its BlockBackend."""
+    from vdkit.devices.graph import delete_node
+
+    machine = ctx.machine
+    svc = machine.exports
+    used = {e.node_name for e in svc.list_exports()} if svc is not None else set()
+    for g in list(machine.graph.nodes):
+        if g.implicit and g.backend is not None and g.name not in used and not machine.graph.parents_of(g):
+            delete_node(machine, g)
 
 
 def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
