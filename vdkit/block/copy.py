@@ -704,7 +704,10 @@ def copy_differences(node: Node, new: Node | None, progress: Progress) -> None:
             done += k
         offset += n
         progress.add(step, 100)
-    node.driver.flush()
+    try:
+        node.driver.flush()  # the copies are durable before the header names the new backing file
+    except OSError as exc:  # (qemu-img goes on and reports the cache at close; its image then lies)
+        raise io_error(exc, "Error while writing to COW image") from exc
 
 
 def _same_run(a: bytes, b: bytes, start: int, end: int) -> tuple[bool, int]:

@@ -576,12 +576,32 @@ class Qcow2Driver(FormatDriver):
                     # QEMU goes on closing: the bitmaps stay in use on disk (inconsistent, never wrong)
                     sys.stderr.write(f"Lost persistent bitmaps during inactivation of node '{self.file.filename}': "
                                      f"{exc.message}\n")
-                self.flush()
-                self.mark_clean()  # a clean close clears the dirty bit we may have set
+                if self._flush_on_close():
+                    self.mark_clean()  # a clean close clears the dirty bit we may have set
             finally:
                 super().close()
             return
         super().close()
+
+    def _flush_on_close(self) -> bool:
+        """Write back the caches as QEMU's close does: a cache that cannot be written (a table at an
+        offset no file can have) is reported and the close goes on.  False: something was not written."""
+        import sys
+
+        prog = "vdkit-daemon" if "vdkit.daemon.runtime" in sys.modules else "vdkit-img"
+        ok = True
+        caches: list[tuple[str, Callable[[], None]]] = []
+        if "clusters" in self.__dict__:
+            caches.append(("L2 table", self.clusters.l2.flush))
+        if "refcounts" in self.__dict__:
+            caches.append(("refcount block", self.refcounts.flush))
+        for what, flush in caches:
+            try:
+                flush()
+            except OSError as exc:
+                ok = False
+                sys.stderr.write(f"{prog}: Failed to flush the {what} cache: {os.strerror(exc.errno or errno.EIO)}\n")
+        return ok
 
     # -- data path (vdkit.formats.qcow2.io) -------------------------------------
     @cached_property

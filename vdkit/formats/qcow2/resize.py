@@ -410,15 +410,18 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
             l2_off = io._l2_for_write(i1)
             entries, bitmaps = cm.l2.get(l2_off)
             to_free: list[int] = []
+            changed = False
             for c in range(pos >> cb, ((t_end - 1) >> cb) + 1):
                 idx = geom.l2_index(c << cb)
                 old = int(entries[idx])
                 if old or int(bitmaps[idx]):
+                    changed = True
                     entries[idx] = np.uint64(0)
                     bitmaps[idx] = np.uint64(0)
                     if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
                         to_free.append(old)
-            io._finish_update(l2_off, False, to_free, discard=True)
+            if changed:  # a table the discard leaves as it was is not written back (QEMU's cache)
+                io._finish_update(l2_off, False, to_free, discard=True)
         pos = t_end
     # 2. L1 entries past the new end: zero them on disk, then free their trees
     if len(cm.l1) > needed:
