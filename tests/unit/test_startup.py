@@ -22,7 +22,7 @@ from tests.conftest import ROOT, check_ok
 SCRIPT = ROOT / "scripts" / "vdkit-img"
 # Standard modules an info-like command may add to a bare interpreter's: all are small or built in.
 # (Not ``array``: it imports ``collections`` to register itself as a MutableSequence; see vdkit.io.tables.)
-CHEAP_STDLIB = {"__future__", "errno", "fcntl", "struct", "_struct", "math", "zlib"}
+CHEAP_STDLIB = {"__future__", "errno", "fcntl", "struct", "_struct", "zlib"}
 # vdkit modules `info` of one image may import, at most (the format's own package included): raise it
 # only for a module that pays for itself, and look for one to merge or defer first.
 INFO_BUDGET = 30

@@ -8,7 +8,6 @@ renderer, used by ``info``, ``snapshot -l`` and HMP ``info snapshots``.
 
 from __future__ import annotations
 
-import math
 import time
 
 from vdkit.info.render_json import qdict_order, to_qobject
@@ -26,7 +25,9 @@ _PREFIXES = {0: "", 10: "Ki", 20: "Mi", 30: "Gi", 40: "Ti", 50: "Pi", 60: "Ei"}
 
 def size_to_str(value: int) -> str:
     """Human size: 3 significant digits and an IEC prefix, like QEMU's size_to_str."""
-    _, e = math.frexp(value / (1000.0 / 1024.0))
+    # frexp()'s exponent without importing math: for |x| >= 1 it is the bit length of int(x); below 1
+    # any exponent (<= 0) makes i 0
+    e = int(value / (1000.0 / 1024.0)).bit_length()
     i = int((e - 1) / 10) * 10  # C division truncates toward zero
     i = max(0, min(i, 60))
     return f"{value / float(1 << i):0.3g} {_PREFIXES[i]}B"
