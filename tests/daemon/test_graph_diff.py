@@ -605,8 +605,10 @@ def test_nbd_exports_of_blockdev_nodes(daemons: Daemons) -> None:
         ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "q1"}),
         ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "qr", "writable": True}),
         ("nbd-server-add", {"device": "qr", "writable": True}),
+        lock_bytes,
         ("block-export-add", {"type": "nbd", "id": "rr", "node-name": "rr", "writable": True}),
         ("query-block-exports", None),
+        lock_bytes,
         _nbd_io("q1", "write -P 0x5a 0 64k"),
         _nbd_io("q1", "read -P 0x5a 0 64k"),
         _nbd_io("rr", "write -P 0x11 4k 4k"),
@@ -618,6 +620,7 @@ def test_nbd_exports_of_blockdev_nodes(daemons: Daemons) -> None:
         ("blockdev-del", {"node-name": "q1"}),
         ("block-export-del", {"id": "rr"}),
         ("query-block-exports", None),
+        lock_bytes,
         ("query-named-block-nodes", None),
     ], setup=_setup_debug_graph, blank_sizes=True, quit=True)
     for name, fmt in (("a.qcow2", "qcow2"), ("r.raw", "raw")):
@@ -640,6 +643,7 @@ def test_nbd_export_follows_external_snapshots_of_blockdev_nodes(daemons: Daemon
                           "file": {"driver": "file", "filename": "DIR/c.qcow2"}}),
         ("blockdev-snapshot", {"node": "s1", "overlay": "o2"}),
         ("query-block-exports", None),
+        lock_bytes,
         _nbd_io("q1", "write -P 0x6b 64k 64k"),
         _nbd_io("q1", "read -P 0x5a 0 64k"),
         ("x-debug-query-block-graph", None),

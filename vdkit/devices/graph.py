@@ -223,22 +223,22 @@ _ALL = 0x1F
 _PASSTHROUGH = _CR | _W | _WU | _RS
 
 
-def file_perms(driver: str, ro: bool, user_perm: int = 0) -> tuple[int, int]:
-    """(needed, shared) permissions a format node takes on its ``file`` child (QEMU 7.2's default rules).
+def _users(machine: DeviceRegistry, g: GraphNode) -> tuple[int, int]:
+    """(needed, shared) of ``g``'s own users: its NBD exports' backend (reads, writes when writable,
+    shares all but resize) and a job writing a raw node (:func:`_raw_write_perm`)."""
+    perm, shared = g.user_perm, _ALL
+    backend = g.backend
+    if backend is not None:
+        for e in getattr(machine.exports, "exports", []):
+            if e.medium is backend.medium:
+                perm |= _CR | (_W if e.writable else 0)
+                shared &= _CR | _W | _WU
+    return perm, shared
 
-    raw's child is a filtered child: the parent's users' needs go through
-    unchanged and everything is shared.  A format with metadata stores it in
-    the file: consistent reads always, write and resize when writable, and it
-    refuses to share write and resize.
-    """
-    if driver == "raw":
-        return user_perm & _PASSTHROUGH, _ALL
-    perm = (user_perm & _PASSTHROUGH) | _CR | (0 if ro else _W | _RS)
-    if perm & _WU:
-        perm |= _W
-    if perm & _W:
-        perm |= _RS
-    return perm, _ALL & ~(_W | _RS)
+
+def _file_need(machine: DeviceRegistry, p: GraphNode) -> tuple[int, int]:
+    """(needed, shared) the format node ``p`` takes on its ``file`` child."""
+    return child_perms(p.driver, p.ro, "file", *_users(machine, p))
 
 
 def child_perms(driver: str, ro: bool, role: str, perm: int, shared: int) -> tuple[int, int]:
@@ -278,8 +278,8 @@ def check_file_parents(machine: DeviceRegistry, child: GraphNode, name: str, dri
     """
     if child.force_share:  # its parents share everything (QEMU's force-share)
         return
-    parents = [(name, file_perms(driver, ro))]
-    parents += [(p.name, file_perms(p.driver, p.ro, p.user_perm))
+    parents = [(name, child_perms(driver, ro, "file", 0, _ALL))]
+    parents += [(p.name, _file_need(machine, p))
                 for p, role in reversed(machine.graph.parents_of(child)) if role == "file"]
     for i, (a_name, (_, a_shared)) in enumerate(parents):
         for j, (b_name, (b_perm, _)) in enumerate(parents):
@@ -302,11 +302,10 @@ def lock_file_node(machine: DeviceRegistry, child: GraphNode, pending: tuple[str
     if lock is None:
         return
     perm, shared = 0, _ALL
-    wanted = [(p.driver, p.ro, p.user_perm) for p, role in machine.graph.parents_of(child) if role == "file"]
+    wanted = [_file_need(machine, p) for p, role in machine.graph.parents_of(child) if role == "file"]
     if pending is not None:
-        wanted.append((*pending, 0))
-    for driver, ro, user in wanted:
-        p, s = file_perms(driver, ro, user)
+        wanted.append(child_perms(*pending, "file", 0, _ALL))
+    for p, s in wanted:
         perm, shared = perm | p, shared & s
     if child.force_share:
         shared = _ALL
@@ -326,7 +325,7 @@ def lock_file_node(machine: DeviceRegistry, child: GraphNode, pending: tuple[str
 
 def _raw_write_perm(machine: DeviceRegistry, g: GraphNode) -> None:
     """A raw node being written (a job's target) needs write on its file from now on, as its user would."""
-    if g.user_perm & _W or g.child is None:
+    if g.child is None or _users(machine, g)[0] & _W:  # already held (a writable export's backend)
         return
     g.user_perm |= _CR | _W
     try:

@@ -209,12 +209,23 @@ def _move_backend(machine: DeviceRegistry, g: GraphNode, ovl: GraphNode) -> Call
     medium.node, medium.names = ovl.node, [(ovl.name, ovl.child.name)]
     medium.serials, medium.ro = [(ovl.serial, ovl.child.serial)], ovl.ro
     g.backend, ovl.backend = None, backend
+    _relock(machine, g, ovl)
 
     def undo() -> None:
         medium.node, medium.names, medium.serials, medium.ro = before
         g.backend, ovl.backend = backend, None
+        _relock(machine, g, ovl)
 
     return undo
+
+
+def _relock(machine: DeviceRegistry, *nodes: GraphNode) -> None:
+    """The export's needs moved with it: the files' lock bytes follow."""
+    from vdkit.devices.graph import lock_file_node
+
+    for n in nodes:
+        if n.child is not None:
+            lock_file_node(machine, n.child)
 
 
 def _create_option_names(fmt: str) -> set[str]:

@@ -124,6 +124,7 @@ def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     _check_id(svc, name)
     svc.add(id=name, medium=medium, name=name, writable=writable, description=args.get("description", ""),
             on_eject_drive=on_eject, backend=_unlisted(ctx, drive))
+    _relock(ctx, name)
 
 
 def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -141,6 +142,7 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
         raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
     svc.add(id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
             description=args.get("description", ""), backend=_unlisted(ctx, drive))
+    _relock(ctx, args["id"])
 
 
 def nbd_server_remove(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -169,6 +171,25 @@ def _drop_unused_overlays(ctx: CommandContext) -> None:
     for g in list(machine.graph.nodes):
         if g.implicit and g.backend is not None and g.name not in used and not machine.graph.parents_of(g):
             delete_node(machine, g)
+    _relock(ctx)
+
+
+def _relock(ctx: CommandContext, added: str | None = None) -> None:
+    """An export's backend is a user of its node: the lock bytes of exported graph nodes' files follow
+    (a raw node passes the export's needs down: QEMU's unshared resize).  An export ``added`` whose
+    bytes another process refuses is taken back (QEMU creates none)."""
+    from vdkit.devices.graph import lock_file_node
+
+    try:
+        for g in ctx.machine.graph.nodes:
+            if g.backend is not None and g.child is not None:
+                lock_file_node(ctx.machine, g.child)
+    except VdkitError:
+        if added is None:
+            raise
+        _service(ctx).remove(added, "hard")
+        _relock(ctx)
+        raise
 
 
 def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
