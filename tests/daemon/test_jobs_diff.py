@@ -589,3 +589,27 @@ def test_filter_node_names(daemons: Daemons) -> None:
         ("@wait", "e", "null"),
     ])
 
+
+def _snapshots(d: Path, name: str) -> list[tuple[str, str]]:
+    """(tag, VM size) of each internal snapshot of an image (dates and clocks differ by run)."""
+    r = subprocess.run([require_tool("qemu-img"), "snapshot", "-l", "-U", name], cwd=d, capture_output=True,
+                       text=True, check=True)
+    return [(line.split()[1], line.split()[2] + line.split()[3]) for line in r.stdout.splitlines()[2:]]
+
+
+def test_savevm_during_a_commit(daemons: Daemons) -> None:
+    """§8: savevm is not refused during a job; it also snapshots the commit base the job holds writable."""
+    trees = run_jobs(daemons, DRIVE, [
+        ("block-commit", {"device": "disk0", "top": "DIR/mid.qcow2", "speed": 1, "job-id": "c"}),
+        ("block-job-pause", {"device": "c"}),
+        ("@wait", "c", "paused"),
+        "savevm s1",
+        ("block-job-cancel", {"device": "c", "force": True}),
+        ("@wait", "c", "null"),
+        "delvm s1",
+    ])
+    for name in ("top.qcow2", "mid.qcow2", "base.qcow2", "other.qcow2"):
+        q, v = _snapshots(trees["qemu"], name), _snapshots(trees["vdkit"], name)
+        assert [t for t, _ in v] == [t for t, _ in q], name
+        if name == "base.qcow2":  # no VM state there (the active images' sizes differ: vdkit's own state)
+            assert v == q == [("s1", "0B")]

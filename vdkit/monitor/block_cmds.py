@@ -616,7 +616,7 @@ class GraphDisk:
 
     id: str  # errors name the node (QEMU's device-or-node name)
     medium: _GraphMedium
-    graph_node: GraphNode
+    graph_node: GraphNode | None  # None: a node a block job holds (job_disks)
 
 
 def graph_disks(machine: DeviceRegistry, *, roots_only: bool) -> list[GraphDisk]:
@@ -638,7 +638,20 @@ def included_drives(machine: DeviceRegistry) -> list[Drive | GraphDisk]:
     """
     disks: list[Drive | GraphDisk] = [d for d in machine.drives
                                       if d.medium is not None and not d.medium.ro and not d.medium.dead]
-    return disks + list(graph_disks(machine, roots_only=True))
+    return disks + job_disks(machine) + list(graph_disks(machine, roots_only=True))
+
+
+def job_disks(machine: DeviceRegistry) -> list[GraphDisk]:
+    """Nodes block jobs hold writable through a backend of their own (a commit's base): QEMU's VM
+    snapshots include them, after the drives (``block-jobs.md`` §8)."""
+    out = []
+    for j in machine.jobs.jobs:
+        if j.status.value in ("concluded", "null"):
+            continue
+        for node, name in j.driver.held_writable:
+            if not node.readonly:
+                out.append(GraphDisk(name, _GraphMedium(node, False), None))
+    return out
 
 
 def vmstate_drive(machine: DeviceRegistry) -> Drive | GraphDisk | None:
