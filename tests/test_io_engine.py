@@ -260,3 +260,31 @@ def test_guest_writes_survive_every_cut(tmp_path: Path) -> None:
         check_ok("convert", "-l", "s", "-O", "raw", str(img), str(out))
         assert out.read_bytes() == old_b, f"cut {cut}: snapshot changed"
         img.unlink()
+
+
+def test_zero_cluster_kept_allocated_is_written_in_place_like_qemu(tmp_path: Path) -> None:
+    """A zero cluster that keeps its allocation (``write -z`` without unmap, COPIED) is written in
+    place by QEMU: the rest of the cluster zeroed, the zero flag cleared, no new cluster.  The same
+    writes through vdkit leave a file byte-identical to qemu-io's (a damaged entry's offset past any
+    file then fails the write as QEMU's does, seed 215 of tests/diff/test_write_hostile.py)."""
+    writes = [(4096, 4096, 2), (70 * 1024, 60 * 1024, 3), (200 * 1024, 64 * 1024, 4)]
+    files = {}
+    for who in ("qemu", "vdkit"):
+        img = tmp_path / f"{who}.qcow2"
+        check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(img), "1M")
+        r = qemu_io("-f", "qcow2", "-c", "write -P 1 0 320k", "-c", "write -z 0 320k", str(img))
+        assert r.returncode == 0, r.stdout
+        if who == "qemu":
+            r = qemu_io("-f", "qcow2", *[a for off, n, p in writes for a in ("-c", f"write -P {p} {off} {n}")],
+                        str(img))
+            assert r.returncode == 0, r.stdout
+        else:
+            node = open_image(str(img), readonly=False)
+            try:
+                for off, n, p in writes:
+                    bio.write(node, off, bytes([p]) * n)
+            finally:
+                node.close()
+        files[who] = img.read_bytes()
+    assert files["vdkit"] == files["qemu"]
+    assert qemu_img("check", str(tmp_path / "vdkit.qcow2")).returncode == 0

@@ -800,16 +800,18 @@ class Qcow2IO:
         return pieces
 
     def _inplace_mask(self, ents: np.ndarray) -> np.ndarray:
-        """Which of these L2 entries are clusters a write may overwrite in place (COPIED data)."""
+        """Which of these L2 entries are clusters a write may overwrite in place.
+
+        COPIED clusters with a host offset: data, and also zero clusters that keep their allocation
+        (QEMU reuses those too, zeroing the rest of the cluster and clearing the zero flag; a damaged
+        entry's offset past any file then fails the write, as QEMU's does, instead of being freed).
+        """
         g = self.geom
         copied = (ents & _COPIED) != 0
         has_off = (ents & _MASK_OFF) != 0
         if g.has_data_file:
             has_off = has_off | copied
-        normal = ((ents & _COMPRESSED) == 0) & has_off
-        if not g.extended_l2:
-            normal &= (ents & _ZERO) == 0
-        held: np.ndarray = normal & copied
+        held: np.ndarray = ((ents & _COMPRESSED) == 0) & has_off & copied
         return held
 
     def _new_cluster_segments(self, c: int, run: int, host: int, start: int, end: int, data: memoryview,
@@ -1000,6 +1002,13 @@ class Qcow2IO:
                 f"Data cluster offset {_hx(host)} unaligned (guest offset: {_hx(max(start, cstart))})")
         if not g.extended_l2:
             s, e = max(start, cstart), min(end, cstart + cs)
+            if int(entries[idx]) & L.OFLAG_ZERO:  # a zero cluster kept allocated: all of it is written
+                self._check_overlap(host, cs)
+                buf = bytearray(cs)
+                buf[s - cstart : e - cstart] = data[s - start : e - start]
+                self.data_file.pwrite(host, buf)
+                entries[idx] = _U64(int(entries[idx]) & ~L.OFLAG_ZERO)  # (the data is there first)
+                return
             self._check_overlap(host + s - cstart, e - s)
             self.data_file.pwrite(host + s - cstart, bytes(data[s - start : e - start]))
             return
