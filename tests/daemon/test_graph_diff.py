@@ -658,3 +658,24 @@ def test_nbd_export_follows_external_snapshots_of_blockdev_nodes(daemons: Daemon
     ], setup=_setup_debug_graph, blank_sizes=True, quit=True)
     for name in ("a.qcow2", "s1.qcow2", "c.qcow2"):
         check_ok("compare", "-f", "qcow2", "-F", "qcow2", str(trees["qemu"] / name), str(trees["vdkit"] / name))
+
+
+def test_block_resize_refused_under_an_export(daemons: Daemons) -> None:
+    """An NBD export's backend refuses to share resize (QEMU's permission conflict), for a drive, its node
+    and a -blockdev node; once the export is gone the resize goes through."""
+    _run(daemons, [
+        "-drive", "file=DIR/a.qcow2,if=none,id=d0,node-name=dn",
+        "-blockdev", "driver=raw,node-name=rr,file.driver=file,file.filename=DIR/r.raw",
+    ], [
+        ("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/nbd.sock"}}}),
+        ("nbd-server-add", {"device": "d0", "writable": True}),
+        ("nbd-server-add", {"device": "rr"}),
+        ("block_resize", {"device": "d0", "size": 8388608}),
+        ("block_resize", {"node-name": "dn", "size": 8388608}),
+        "block_resize d0 16M",
+        ("block_resize", {"node-name": "rr", "size": 2097152}),
+        ("nbd-server-stop", None),
+        ("block_resize", {"device": "d0", "size": 8388608}),
+        ("block_resize", {"node-name": "rr", "size": 2097152}),
+        ("query-named-block-nodes", None),
+    ], setup=_setup_debug_graph, blank_sizes=True)

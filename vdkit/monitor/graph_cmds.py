@@ -309,6 +309,12 @@ def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
     if size < 0:
         raise VdkitError("Parameter 'size' expects a >0 size")
     ro, node, file = _resize_target(ctx.machine, device, node_name)
+    for e in getattr(ctx.machine.exports, "exports", []):
+        if node is not None and e.medium.node is node:  # an export's backend refuses to share resize
+            name = e.node_name
+            raise VdkitError(f"Permission conflict on node '{name}': permissions 'resize' are both required by an "
+                             f"unnamed block device (uses node '{name}' as 'root' child) and unshared by an "
+                             f"unnamed block device (uses node '{name}' as 'root' child).")
     if size > MAX_LENGTH:
         raise VdkitError(f"offset({size}) exceeds maximum({MAX_LENGTH})")
     if ro:
