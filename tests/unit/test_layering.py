@@ -29,12 +29,14 @@ PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # ``info.render_json`` (QEMU's JSON writer: QDict key order, escaping) needs only ``record``: it sits
 # with the QAPI shapes, so protocols can name nodes ``json:{...}``.
 # ``block.chain`` (backing-name resolution, the open policy, the chain walker) needs nothing above it and
-# is used by formats that name files (VMDK extents).  ``protocols`` are what bytes are read from besides
-# local files (NBD); the NBD client shares ``nbd.wire`` (constants and layouts only) with the server.
+# is used by formats that name files (VMDK extents).  ``block.target`` (the copy engine's targets) needs
+# only the driver table: formats subclass its Target in their ``copy_target`` slot.  ``protocols`` are
+# what bytes are read from besides local files (NBD); the NBD client shares ``nbd.wire`` (constants and
+# layouts only) with the server.
 LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.driver", "formats", "block", "info",
           "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
-                ("block", "chain"): "block.driver", ("block", "secrets"): "opts",
+                ("block", "chain"): "block.driver", ("block", "target"): "block.driver", ("block", "secrets"): "opts",
                 ("info", "render_json"): "info.model",
                 ("block", "dirty_bitmap"): "block.driver",
                 ("info", "model"): "info.model", ("info", "monitor_model"): "info.model", ("nbd", "wire"): "io"}

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.dirty_bitmap import DirtyBitmap
+    from vdkit.block.node import Node
     from vdkit.block.snapshot import SnapshotRecord
+    from vdkit.block.target import Target
     from vdkit.info.model import ImageInfoSpecific
     from vdkit.io.file import ImageFile
 
@@ -321,6 +323,16 @@ class FormatDriver:
 
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
         """Drop data the guest no longer needs (a hint: doing nothing is correct)."""
+
+    def copy_target(self, node: Node, *, created: bool, target_is_zero: bool, has_backing: bool,
+                    compressed: bool) -> Target:
+        """What the copy engine writes to when this open node is ``convert``'s target (``node`` holds
+        this driver; closed on refusal): by default the driver's own write slots.  ``created``: vdkit
+        just created the image; ``target_is_zero``: the user's promise; ``compressed``: ``-c``."""
+        from vdkit.block.target import DriverTarget, zero_init
+
+        return DriverTarget(node, has_zero_init=zero_init(node, created=created, target_is_zero=target_is_zero,
+                                                          has_backing=has_backing))
 
     # -- persistent dirty bitmaps (vdkit.block.dirty_bitmap) ------------------------------------
     def load_dirty_bitmaps(self) -> list[DirtyBitmap]:

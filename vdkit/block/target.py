@@ -1,13 +1,17 @@
 """Targets of the copy engine (:mod:`vdkit.block.copy`): where ``convert`` writes.
 
 A target offers ``write``, ``write_zeroes``, ``backing_sectors``, ``finish``
-and ``abort``; the copier does not know the format.  A raw target is a plain
-file; zero ranges are punched out (the file stays sparse).  A qcow2 target
-writes through its driver's I/O engine and aligns the file end after
-compressed writes, as qemu-img does; any other format goes through its
-driver's write slots.  Creating or opening the target image is the front
-end's business (``cli/convert.py``): :func:`target_for` only wraps an open,
-writable node.
+and ``abort``; the copier does not know the format.  Which target an open node
+gets is its driver's ``copy_target`` slot (:class:`vdkit.block.driver.FormatDriver`):
+raw gives a plain file target (zero ranges punched out, the file stays
+sparse), qcow2 its own (:mod:`vdkit.formats.qcow2.target`: its I/O engine,
+the file end aligned after compressed writes, as qemu-img does), any other
+format :class:`DriverTarget`, through its driver's write slots.  Creating or
+opening the target image is the front end's business (``cli/convert.py``):
+:func:`target_for` only wraps an open, writable node.
+
+This module needs nothing above the driver table, so the formats may subclass
+:class:`Target` (tests/unit/test_layering.py places it with ``block.driver``).
 """
 
 from __future__ import annotations
@@ -106,40 +110,6 @@ class RawTarget(Target):
         self.node.close()
 
 
-class Qcow2Target(Target):
-    """A qcow2 image opened writable; data goes through the qcow2 write engine."""
-
-    maps_sources = True
-
-    def __init__(self, node: Node, *, has_zero_init: bool) -> None:
-        super().__init__(node, has_zero_init=has_zero_init)
-        self.io = node.driver.io  # type: ignore[attr-defined]
-        self.cluster_size = node.driver.cluster_size or 65536
-        self.compressed = False
-
-    def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
-        if compressed:
-            self.compressed = True
-            cs = self.cluster_size
-            for pos in range(0, len(data), cs):
-                self.io.write_compressed(offset + pos, data[pos : pos + cs])
-        else:
-            self.io.write(offset, data)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self.io.write_zeroes(offset, length, unmap=True)
-
-    def finish(self) -> None:
-        self.node.driver.flush()
-        if self.compressed:
-            if self.node.driver.header.has_data_file:  # type: ignore[attr-defined]
-                # qemu-img's final "align the end" compressed write fails (ENOTSUP) without a message
-                self.node.close()
-                raise SilentFailure()
-            self.io.align_file_end()
-        self.node.close()
-
-
 class DriverTarget(Target):
     """Any other format: data goes through the format driver's own write slots."""
 
@@ -170,24 +140,24 @@ def target_for(node: Node, size: int, *, created: bool, target_is_zero: bool, ha
     if not created and node.driver.virtual_size < size:
         node.close()
         raise VdkitError("output file is smaller than input file")
-    zero_init = target_is_zero or created
-    if node.format == "raw":
-        # a device is not zeroed by its "creation" (it keeps its old bytes): zeros are written
-        # (discarded where the device can) unless --target-is-zero says they are there
-        # (an NBD export likewise keeps its old bytes: NbdFile.creates_zeroed is False)
-        file = node.driver.file
-        fresh = not file.is_device and getattr(file, "creates_zeroed", True)
-        return RawTarget(node, has_zero_init=target_is_zero or zero_init and fresh)
+    return node.driver.copy_target(node, created=created, target_is_zero=target_is_zero, has_backing=has_backing,
+                                   compressed=compressed)
+
+
+def zero_init(node: Node, *, created: bool, target_is_zero: bool, has_backing: bool) -> bool:
+    """Whether a format target reads as zeros where nothing is written (closing it on refusal).
+
+    A created image does, unless a backing file shows through or it is
+    encrypted (sectors never written decrypt to noise); ``--target-is-zero``
+    is the user's promise, never kept with a backing file.
+    """
+    zero = target_is_zero or created
     if node.driver.encrypted and not getattr(node.driver, "has_key", False):
         node.close()
         raise UnsupportedError("Writing encrypted qcow2 images is not supported by vdkit")
     if node.driver.encrypted:
         # opened with its key (luks): sectors never written decrypt to noise, not zeros, so zeros are written
-        zero_init = target_is_zero
-    if not zero_init or has_backing:
-        zero_init = target_is_zero and not has_backing
-    if node.format != "qcow2":
-        return DriverTarget(node, has_zero_init=zero_init)
-    target = Qcow2Target(node, has_zero_init=zero_init)
-    target.compressed = compressed  # qemu-img aligns the file end after any -c conversion
-    return target
+        zero = target_is_zero
+    if not zero or has_backing:
+        zero = target_is_zero and not has_backing
+    return zero

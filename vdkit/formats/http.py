@@ -9,6 +9,7 @@ vdkit reads it as the raw driver reads its file (``shared/reference/protocols.md
 
 from __future__ import annotations
 
+from vdkit.block.driver import FormatDriver
 from vdkit.formats.raw import RawDriver
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -35,6 +36,8 @@ class HttpDriver(RawDriver):
 
     format_name = "http"
     slow_allocated_zeroes = False  # read-only
+    # the top node without a format layer: a copy goes through the driver, not into the file as raw's
+    copy_target = FormatDriver.copy_target
 
     @property
     def virtual_size(self) -> int:

@@ -10,6 +10,7 @@ is not an NBD name is refused with QEMU's text.
 
 from __future__ import annotations
 
+from vdkit.block.driver import FormatDriver
 from vdkit.formats.raw import RawDriver
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -53,6 +54,8 @@ class NbdDriver(RawDriver):
 
     format_name = "nbd"
     slow_allocated_zeroes = False  # the server zeroes
+    # the top node without a format layer: a copy goes through the driver, not into the file as raw's
+    copy_target = FormatDriver.copy_target
 
     @property
     def virtual_size(self) -> int:

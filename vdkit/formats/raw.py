@@ -7,6 +7,8 @@ from vdkit.block.driver import FormatDriver
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import BlockStatus, OpenContext
+    from vdkit.block.node import Node
+    from vdkit.block.target import Target
     from vdkit.io.file import ImageFile
     from vdkit.opts import CreateOpts, OptDesc
 
@@ -101,6 +103,16 @@ class RawDriver(FormatDriver):
             zero(offset, length, unmap=unmap)
             return
         self.file.punch_hole(offset, length)
+
+    def copy_target(self, node: Node, *, created: bool, target_is_zero: bool, has_backing: bool,
+                    compressed: bool) -> Target:
+        """The file itself: data written (or copied file to file) as it is, zero ranges punched out.
+        A device is not zeroed by its "creation" (it keeps its old bytes), nor is an NBD export
+        (``NbdFile.creates_zeroed``): zeros are written there unless ``--target-is-zero`` says so."""
+        from vdkit.block.target import RawTarget
+
+        fresh = not self.file.is_device and getattr(self.file, "creates_zeroed", True)
+        return RawTarget(node, has_zero_init=target_is_zero or created and fresh)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or hole at ``offset``, from SEEK_DATA/SEEK_HOLE as QEMU's file driver asks."""

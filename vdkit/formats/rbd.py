@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 
+from vdkit.block.driver import FormatDriver
 from vdkit.errors import OpenError, VdkitError
 from vdkit.formats.raw import RawDriver
 
@@ -143,6 +144,8 @@ class RbdDriver(RbdRawDriver):
 
     format_name = "rbd"
     slow_allocated_zeroes = False  # the cluster zeroes
+    # the top node without a format layer: a copy goes through the driver, not into the file as raw's
+    copy_target = FormatDriver.copy_target
 
     @property
     def virtual_size(self) -> int:

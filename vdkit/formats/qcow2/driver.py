@@ -25,7 +25,9 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
 
     from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import BlockStatus, CheckReport, CheckResult, OpenContext
+    from vdkit.block.node import Node
     from vdkit.block.snapshot import SnapshotRecord
+    from vdkit.block.target import Target
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
@@ -630,6 +632,15 @@ class Qcow2Driver(FormatDriver):
     def discard(self, offset: int, length: int, *, has_backing: bool = False) -> None:
         self.require_alive()
         self.io.discard(offset, length, has_backing=has_backing)
+
+    def copy_target(self, node: Node, *, created: bool, target_is_zero: bool, has_backing: bool,
+                    compressed: bool) -> Target:
+        """``convert``'s target: the qcow2 write engine (:mod:`vdkit.formats.qcow2.target`)."""
+        from vdkit.block.target import zero_init
+        from vdkit.formats.qcow2.target import Qcow2Target
+
+        zero = zero_init(node, created=created, target_is_zero=target_is_zero, has_backing=has_backing)
+        return Qcow2Target(node, has_zero_init=zero, compressed=compressed)
 
     def open_children(self, ctx: OpenContext) -> None:
         """The external data file, if the image has one (through the caller's open policy)."""
