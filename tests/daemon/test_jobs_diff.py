@@ -76,8 +76,11 @@ def _event_text(e: dict[str, Any], d: Path) -> str:
 
 
 def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Callable[[Path], None] = setup_chain,
-             quit: bool = True) -> dict[str, Path]:
+             quit: bool = True, mask: re.Pattern[str] | None = None) -> dict[str, Path]:
     """Run ``script`` on both daemons and compare answers and events; returns the two trees.
+
+    ``mask``: what matches it in an answer or event is replaced by ``MASKED`` before comparing
+    (timing-dependent values of QEMU's).
 
     Steps: ``(name, arguments)`` QMP, a string = HMP line, ``("@wait", job, status)`` waits for that
     status event, a callable ``f(dir) -> str`` runs outside (its text is compared).
@@ -109,6 +112,8 @@ def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Cal
                 name, arguments = step
                 arguments = json.loads(json.dumps(arguments).replace("DIR", str(d)))
                 text = _blank_sizes(normalise(m.cmd_line(name, arguments)))
+            if mask is not None:
+                text = mask.sub("MASKED", text)
             lines.append(f"{step!r}\n{text.replace(str(d), 'DIR')}")
         if quit:
             m.cmd("quit")
@@ -122,6 +127,8 @@ def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Cal
             proc.wait(timeout=60)
         out[who] = lines
         events[who] = [_event_text(e, d) for e in m.events if e["event"] != "SHUTDOWN"]
+        if mask is not None:
+            events[who] = [mask.sub("MASKED", e) for e in events[who]]
     for q, v in zip(out["qemu"], out["vdkit"], strict=True):
         if v != q:  # the first differing member, readable
             qs, vs = q.split(", "), v.split(", ")
@@ -398,10 +405,19 @@ def test_filter_nodes_while_jobs_run(daemons: Daemons) -> None:
         ("block-commit", {"device": "disk0", "speed": 1, "job-id": "a"}),
         ("block-job-pause", {"device": "a"}),
         ("@wait", "a", "paused"),
-        "info block -n",  # (query-block would list the job's anonymous dirty bitmap in QEMU: not yet in vdkit)
+        "info block -n",
+        ("query-block", None),  # the job's anonymous dirty bitmap, listed without a name
+        NODES,
+        FLAT,
         ("block-job-cancel", {"device": "a", "force": True}),
         ("@wait", "a", "null"),
-    ])
+        ("query-block", None),  # and gone with the job
+    ], mask=_ACTIVE_COMMIT_COUNT)
+
+
+# QEMU's active commit may take a pause that came at once while it is still filling its dirty bitmap (the
+# first allocated run marked, len still 0) or after its first step: how far the paused job got is timing
+_ACTIVE_COMMIT_COUNT = re.compile(r'(?<="granularity": 65536, )"count": \d+|"len": \d+, "offset": \d+')
 
 
 def test_jobs_on_a_snapshot_on_drive(daemons: Daemons) -> None:
