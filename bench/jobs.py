@@ -1,21 +1,36 @@
 #!/usr/bin/env python3
-"""Benchmark block jobs: drive-mirror (sync full) of 1 GiB, vdkit-daemon against qemu-system-x86_64.
+"""Benchmark block jobs of 1 GiB, vdkit-daemon against qemu-system-x86_64: mirror, commit, stream.
 
-Both daemons get their own copy of the same qcow2 image (1 GiB virtual, 3/4 of it
-allocated: random data, zeros written as data, holes; bench/harness.make_data_raw),
-opened as ``-drive file=...,if=none,id=disk0`` (QEMU as
+Every job moves the same data: a qcow2 image of 1 GiB virtual, 3/4 of it
+allocated (random data, zeros written as data, holes; bench/harness.make_data_raw),
+in a chain ``base.qcow2`` (empty) <- ``mid.qcow2`` (the data) <- ``top.qcow2``
+(empty), relative header names.  The jobs, each with ``speed`` 0:
+
+* ``mirror``: ``drive-mirror`` sync full of ``mid.qcow2`` (opened alone, its base
+  empty) to a new qcow2 target; ready, ``block-job-complete``;
+* ``commit``: intermediate ``block-commit`` of ``mid`` into ``base`` (drive on ``top``);
+* ``active commit``: ``block-commit`` of the active image ``mid`` into ``base``
+  (drive on ``mid``); ready, ``block-job-complete``;
+* ``stream``: ``block-stream`` of the whole chain into ``top`` (drive on ``top``).
+
+Daemons are opened with ``-drive file=...,if=none,id=disk0`` (QEMU as
 ``qemu-system-x86_64 -machine q35,accel=tcg -S -display none -nodefaults``).  One
-sample: start the daemon, mirror a small second drive (a warm-up: a fresh vdkit-daemon's first
-job imports its modules), then ``drive-mirror`` to a new qcow2 target with ``speed`` 0,
-wait for ``BLOCK_JOB_READY``, ``block-job-complete``, wait for
-``BLOCK_JOB_COMPLETED``, quit.  The time is the daemon's own clock: from the
-job's ``created`` event to its ``BLOCK_JOB_READY`` event (the copy) and to
-``BLOCK_JOB_COMPLETED`` (with the pivot), from the events' timestamps, so process
-start-up and client latency do not count.  Targets are deleted and ``sync`` runs
-before every sample; samples of the two daemons alternate (bench/harness.py).
+sample: fresh copies of the pristine chain, ``sync``, start the daemon, run the
+same job on a small chain first (a warm-up: a fresh vdkit-daemon's first job
+imports its modules), then the job of 1 GiB, quit.  The time is the daemon's own
+clock: from the job's ``created`` event to ``BLOCK_JOB_READY`` (jobs with a ready
+phase: the copy) and to ``BLOCK_JOB_COMPLETED``, from the events' timestamps, so
+process start-up and client latency do not count.  Samples of the two daemons
+alternate (bench/harness.py).  After every sample the image the job wrote is
+compared with the pristine data image (``qemu-img compare``) before any figure
+is printed.
 
-The targets are checked equal to the source (``qemu-img compare``) before any
-figure is printed.  Ratios are QEMU's time / vdkit's (above 1: vdkit faster).
+**query-block latency.**  One more run of each job per daemon and round sends
+``query-block`` every 20 ms (client round trip, ``perf_counter``) while the
+daemon is idle (before the job) and while the job runs; the medians and the
+90th percentiles of both are printed with their ratio (the target: within 2x of idle).
+
+Ratios are QEMU's time / vdkit's (above 1: vdkit faster).
 """
 
 from __future__ import annotations
@@ -23,16 +38,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import harness as h
 
 QEMU_ARGS = ["-machine", "q35,accel=tcg", "-S", "-display", "none", "-nodefaults"]
 GiB = 1 << 30
+CHAIN = ("base.qcow2", "mid.qcow2", "top.qcow2")
+PROBE_EVERY = 0.02  # seconds between query-block probes
 
 
 class Qmp:
@@ -70,14 +91,21 @@ class Qmp:
                 sys.exit(f"{name}: {msg['error']}")
             return msg
 
+    def seen(self, event: str) -> float | None:
+        """The timestamp (seconds) of the first ``event`` read so far, or None."""
+        for e in self.events:
+            if e["event"] == event:
+                ts = e["timestamp"]
+                assert isinstance(ts, dict)
+                return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+        return None
+
     def wait(self, event: str) -> float:
         """The timestamp (seconds) of the first ``event`` (reading events as they come)."""
         while True:
-            for e in self.events:
-                if e["event"] == event:
-                    ts = e["timestamp"]
-                    assert isinstance(ts, dict)
-                    return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+            ts = self.seen(event)
+            if ts is not None:
+                return ts
             msg = self._line()
             if "event" in msg:
                 self.events.append(msg)
@@ -92,37 +120,90 @@ class Qmp:
         raise AssertionError("no created event")
 
 
-def mirror_once(cmd: list[str], folder: Path, image: Path, target: Path) -> tuple[h.Sample, h.Sample]:
-    """One mirror on a fresh daemon: (copy time to READY, time to COMPLETED), from the job's events."""
-    if target.exists():
-        target.unlink()
+@dataclass(frozen=True)
+class Job:
+    """One kind of job: the drive's image, the command (``DIR`` stands for the folder), whether it has a
+    ready phase (completed by ``block-job-complete``) and the image it leaves with the data."""
+
+    label: str
+    drive: str
+    command: str
+    args: dict[str, object]
+    ready: bool
+    result: str
+
+
+JOBS = [
+    Job("mirror full", "mid.qcow2", "drive-mirror",
+        {"target": "DIR/dst.qcow2", "sync": "full", "format": "qcow2"}, True, "dst.qcow2"),
+    Job("commit", "top.qcow2", "block-commit", {"top": "DIR/mid.qcow2", "base": "DIR/base.qcow2"}, False,
+        "base.qcow2"),
+    Job("active commit", "mid.qcow2", "block-commit", {}, True, "base.qcow2"),
+    Job("stream", "top.qcow2", "block-stream", {}, False, "top.qcow2"),
+]
+
+
+def fresh_chain(pristine: Path, folder: Path) -> None:
+    """Copies of the pristine chain (and no leftover mirror target) in ``folder``."""
+    folder.mkdir(exist_ok=True)
+    for name in CHAIN:
+        shutil.copyfile(pristine / name, folder / name)
+    (folder / "dst.qcow2").unlink(missing_ok=True)
+
+
+def run_job(q: Qmp, job: Job, folder: Path, device: str, job_id: str,
+            probe: list[float] | None = None) -> tuple[float | None, float]:
+    """Run ``job`` on ``device``; (ready timestamp or None, completed timestamp).  With ``probe``: a
+    query-block round trip every PROBE_EVERY seconds until the job completed, their times appended."""
+    args = json.loads(json.dumps(job.args).replace("DIR", str(folder)))
+    q.cmd(job.command, {"device": device, "job-id": job_id, **args})
+    completed = False
+    while True:
+        if job.ready and not completed and q.seen("BLOCK_JOB_READY") is not None:
+            q.cmd("block-job-complete", {"device": job_id})
+            completed = True
+        if q.seen("BLOCK_JOB_COMPLETED") is not None:
+            break
+        if probe is None:
+            q.wait("BLOCK_JOB_READY" if job.ready and not completed else "BLOCK_JOB_COMPLETED")
+            continue
+        t0 = time.perf_counter()
+        q.cmd("query-block")
+        probe.append(time.perf_counter() - t0)
+        time.sleep(PROBE_EVERY)
+    done = q.wait("BLOCK_JOB_COMPLETED")
+    return (q.wait("BLOCK_JOB_READY") if job.ready else None), done
+
+
+def job_once(cmd: list[str], folder: Path, pristine: Path, warm: Path, job: Job,
+             latency: tuple[list[float], list[float]] | None = None) -> tuple[h.Sample, h.Sample]:
+    """One job on a fresh daemon: (time to READY or COMPLETED, time to COMPLETED), from the job's events.
+
+    ``latency``: (idle, busy) lists that get query-block round trips before and during the job."""
+    fresh_chain(pristine, folder)
+    fresh_chain(warm, folder / "w")
     subprocess.run(["sync"], check=True)
     sock = folder / "qmp.sock"
-    if sock.exists():
-        sock.unlink()
-    proc = subprocess.Popen([*cmd, "-drive", f"file={image},if=none,id=disk0",
-                             "-drive", f"file={folder / 'warm.qcow2'},if=none,id=disk1", "-qmp",
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen([*cmd, "-drive", f"file={folder / job.drive},if=none,id=disk0",
+                             "-drive", f"file={folder / 'w' / job.drive},if=none,id=disk1", "-qmp",
                              f"unix:{sock},server=on,wait=off"], cwd=folder, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         h.wait_for_socket(sock, proc)
         q = Qmp(sock)
-        # a small mirror first: a fresh daemon's first job pays one-time costs (vdkit's lazy imports)
-        # that a daemon serving for days does not
-        warm = folder / "warm-dst.qcow2"
-        if warm.exists():
-            warm.unlink()
-        q.cmd("drive-mirror", {"device": "disk1", "target": str(warm), "sync": "full", "job-id": "w"})
-        q.wait("BLOCK_JOB_READY")
-        q.cmd("block-job-complete", {"device": "w"})
-        q.wait("BLOCK_JOB_COMPLETED")
+        # the same job on a small chain first: a fresh daemon's first job pays one-time costs (vdkit's
+        # lazy imports) that a daemon serving for days does not
+        run_job(q, job, folder / "w", "disk1", "w")
         q.events.clear()
+        if latency is not None:
+            for _ in range(25):
+                t0 = time.perf_counter()
+                q.cmd("query-block")
+                latency[0].append(time.perf_counter() - t0)
+                time.sleep(PROBE_EVERY)
         cpu0 = h.proc_cpu(proc.pid)
-        q.cmd("drive-mirror", {"device": "disk0", "target": str(target), "sync": "full", "job-id": "m",
-                               "format": "qcow2"})
-        ready = q.wait("BLOCK_JOB_READY")
-        q.cmd("block-job-complete", {"device": "m"})
-        done = q.wait("BLOCK_JOB_COMPLETED")
+        ready, done = run_job(q, job, folder, "disk0", "j", probe=None if latency is None else latency[1])
         created = q.created()
         cpu = h.proc_cpu(proc.pid) - cpu0
         rss = h.peak_rss_kib(proc.pid)
@@ -131,50 +212,87 @@ def mirror_once(cmd: list[str], folder: Path, image: Path, target: Path) -> tupl
     finally:
         if proc.poll() is None:
             h.stop(proc)
-    return h.Sample(ready - created, cpu, rss), h.Sample(done - created, cpu, rss)
+    r = subprocess.run([h.tool("qemu-img"), "compare", str(pristine / "mid.qcow2"), str(folder / job.result)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{cmd[0]} {job.label}: {job.result} differs from the data: {r.stdout}{r.stderr}")
+    first = ready if ready is not None else done
+    return h.Sample(first - created, cpu, rss), h.Sample(done - created, cpu, rss)
+
+
+def make_chain(folder: Path, data: Path | None, size: int) -> None:
+    """base (empty) <- mid (``data`` converted, or 8 MiB of a pattern) <- top (empty), relative names."""
+    img, io = h.tool("qemu-img"), h.tool("qemu-io")
+    folder.mkdir()
+    subprocess.run([img, "create", "-q", "-f", "qcow2", "base.qcow2", str(size)], cwd=folder, check=True)
+    if data is not None:
+        subprocess.run([img, "convert", "-O", "qcow2", str(data), "mid.qcow2"], cwd=folder, check=True)
+        subprocess.run([img, "rebase", "-u", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"], cwd=folder,
+                       check=True)
+    else:
+        subprocess.run([img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"],
+                       cwd=folder, check=True)
+        subprocess.run([io, "-c", "write -P 0x5a 0 8M", "mid.qcow2"], cwd=folder, check=True,
+                       stdout=subprocess.DEVNULL)
+    subprocess.run([img, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+                   cwd=folder, check=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+def latency_line(label: str, who: str, idle: list[float], busy: list[float]) -> str:
+    mi, mb = statistics.median(idle), statistics.median(busy)
+    return (f"{label + ' query-block':<34} {who:<5} idle {mi * 1e3:6.2f} ms (p90 {pct(idle, 0.9) * 1e3:6.2f})  "
+            f"running {mb * 1e3:6.2f} ms (p90 {pct(busy, 0.9) * 1e3:6.2f}, n={len(busy)})  "
+            f"ratio {mb / mi:5.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     h.add_common_args(ap, repeat=3)
     ap.add_argument("--size", type=int, default=1, help="virtual size in GiB (default 1)")
+    ap.add_argument("--jobs", default=",".join(j.label for j in JOBS),
+                    help="comma-separated job labels to run (default: all)")
+    ap.add_argument("--no-latency", action="store_true", help="skip the query-block latency runs")
     args = ap.parse_args()
     print(h.install_note())
-    qemu = [h.tool("qemu-system-x86_64"), *QEMU_ARGS]
-    vdkit = h.vdkit_bin("vdkit-daemon")
+    daemons = {"qemu": [h.tool("qemu-system-x86_64"), *QEMU_ARGS], "vdkit": h.vdkit_bin("vdkit-daemon")}
+    wanted = [j for j in JOBS if j.label in args.jobs.split(",")]
     with tempfile.TemporaryDirectory(prefix="vdkit-bench-jobs-", dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
         raw = h.make_data_raw(root / "data.raw", args.size * GiB)
+        make_chain(root / "pristine", raw, args.size * GiB)
+        make_chain(root / "warm", None, 16 << 20)
+        raw.unlink()
         folders = {"qemu": root / "q", "vdkit": root / "v"}
         for f in folders.values():
             f.mkdir()
-            subprocess.run([h.tool("qemu-img"), "convert", "-O", "qcow2", str(raw), str(f / "src.qcow2")], check=True)
-            subprocess.run([h.tool("qemu-img"), "create", "-q", "-f", "qcow2", str(f / "warm.qcow2"), "16M"],
-                           check=True)
-            subprocess.run([h.tool("qemu-io"), "-c", "write -P 0x5a 0 8M", str(f / "warm.qcow2")], check=True,
-                           stdout=subprocess.DEVNULL)
-        raw.unlink()
         nbytes = args.size * GiB * 3 // 4
         for label in h.rounds(args.rounds):
-            # samples are filled in here (each one restarts a daemon), not by Case.sample
-            copy = {w: h.Case(w, []) for w in ("qemu", "vdkit")}
-            total = {w: h.Case(w, []) for w in ("qemu", "vdkit")}
-            for i in range(args.repeat):
-                order = ["qemu", "vdkit"] if i % 2 == 0 else ["vdkit", "qemu"]
-                for who in order:
-                    f = folders[who]
-                    a, b = mirror_once(qemu if who == "qemu" else vdkit, f, f / "src.qcow2", f / "dst.qcow2")
-                    copy[who].samples.append(a)
-                    total[who].samples.append(b)
-            for who, f in folders.items():
-                r = subprocess.run([h.tool("qemu-img"), "compare", str(f / "src.qcow2"), str(f / "dst.qcow2")],
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    sys.exit(f"{who}: the mirror target differs from the source: {r.stdout}{r.stderr}")
             print(f"[{label}]")
-            print(h.ratio_line(f"mirror full {args.size} GiB to ready", copy["qemu"], copy["vdkit"], nbytes=nbytes))
-            print(h.ratio_line(f"mirror full {args.size} GiB completed", total["qemu"], total["vdkit"],
-                               nbytes=nbytes))
+            for job in wanted:
+                # samples are filled in here (each one restarts a daemon), not by Case.sample
+                first = {w: h.Case(w, []) for w in daemons}
+                total = {w: h.Case(w, []) for w in daemons}
+                for i in range(args.repeat):
+                    for who in (["qemu", "vdkit"] if i % 2 == 0 else ["vdkit", "qemu"]):
+                        a, b = job_once(daemons[who], folders[who], root / "pristine", root / "warm", job)
+                        first[who].samples.append(a)
+                        total[who].samples.append(b)
+                if job.ready:
+                    print(h.ratio_line(f"{job.label} {args.size} GiB to ready", first["qemu"], first["vdkit"],
+                                       nbytes=nbytes))
+                print(h.ratio_line(f"{job.label} {args.size} GiB completed", total["qemu"], total["vdkit"],
+                                   nbytes=nbytes), flush=True)
+                if args.no_latency:
+                    continue
+                for who in daemons:
+                    lat: tuple[list[float], list[float]] = ([], [])
+                    job_once(daemons[who], folders[who], root / "pristine", root / "warm", job, lat)
+                    print(latency_line(job.label, who, *lat), flush=True)
 
 
 if __name__ == "__main__":
