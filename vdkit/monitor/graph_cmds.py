@@ -28,6 +28,7 @@ from vdkit.devices.graph import (
     open_rbd_node,
 )
 from vdkit.errors import VdkitError
+from vdkit.formats.registry import PASSES_PERMISSIONS
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.opts import id_wellformed, parse_bool
@@ -201,17 +202,16 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         if child.implicit:
             delete_node(machine, child)
         raise VdkitError(f"A '{driver}' node over the format node '{child.name}' is not supported by vdkit")
-    if not ro and child.ro and driver != "raw":  # a format that writes at open over a read-only (curl) node
+    if not ro and child.ro and driver not in PASSES_PERMISSIONS:
+        # a format keeping metadata in its file writes it at open: a read-only (curl) file is refused
         if child.implicit:
             delete_node(machine, child)
         raise VdkitError("Block node is read-only")
     if isinstance(ref, str):
-        if driver == "qcow2" and not ro and child.ro:  # qcow2 writes its metadata: it needs a writable file
-            raise VdkitError("Block node is read-only")
         check_file_parents(machine, child, name or "", driver, ro)
     try:
         backing: GraphNode | None | str | Callable[[], GraphNode] = "header"
-        if "backing" in opts and driver == "qcow2":
+        if "backing" in opts:  # only the schemas of formats with a backing child have the member
             b = opts["backing"]
             # opened once the node itself is (its name taken): QEMU opens the backing last
             backing = None if b is None else functools.partial(_open_backing, machine, b, own)
@@ -319,7 +319,8 @@ def block_resize(ctx: CommandContext, args: dict[str, Any]) -> None:
         raise VdkitError(f"offset({size}) exceeds maximum({MAX_LENGTH})")
     if ro:
         raise VdkitError("Image is read-only")
-    protocol = node is None or node.format == "raw"  # the file's own truncate: QEMU's file-posix text
+    # the file's own truncate (a raw node's file child is filter-like): QEMU's file-posix text
+    protocol = node is None or node.format in PASSES_PERMISSIONS
     try:
         if node is not None:
             truncate(node, size)
@@ -364,7 +365,7 @@ def _resize_target(machine: DeviceRegistry, device: str | None,
             if any(role == "backing" for _, role in parents):
                 raise VdkitError("Device '(null)' is in use")
             for p, _role in parents:
-                if p.driver == "qcow2":  # the format node above needs the file's size to stay as it is
+                if p.driver not in PASSES_PERMISSIONS:  # a format node above with metadata in the file
                     raise VdkitError(f"Permission conflict on node '{g.name}': permissions 'resize' are both "
                                      f"required by an unnamed block device (uses node '{g.name}' as 'root' child) "
                                      f"and unshared by node '{p.name}' (uses node '{g.name}' as 'file' child).")
