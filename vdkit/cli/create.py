@@ -143,10 +143,8 @@ def img_create(
     try:
         if path is None:  # a protocol QEMU creates images on by opening them; vdkit opens none
             raise UnsupportedError(f"Protocol '{filename.split(':', 1)[0]}' is not supported by vdkit")
-        if path is _NBD:
-            _create_on_nbd(filename, fmt, opts)
-        elif path is _RBD:
-            _create_on_rbd(filename, fmt, opts)
+        if path.startswith(_ON_PROTOCOL):
+            _create_on_protocol(path[len(_ON_PROTOCOL):], filename, fmt, opts)
         else:
             registry.format_module(fmt).create_image(path, opts)
     except VdkitError as exc:
@@ -162,8 +160,9 @@ _NO_CREATE = {"http": "http", "https": "https", "ftp": "ftp", "ftps": "ftps", "b
               "blkverify": "blkverify", "fat": "vvfat", "null-co": "null-co", "null-aio": "null-aio"}
 
 
-_NBD = "\0nbd"  # _creatable_path's answer for an NBD name: the export is formatted in place
-_RBD = "\0rbd"  # _creatable_path's answer for an rbd name: librbd creates the image
+# _creatable_path's answer for a name of a protocol that creates images (+ its driver): an NBD export is
+# formatted in place, librbd creates an RBD image (vdkit.protocols.registry's creation entry points)
+_ON_PROTOCOL = "\0"
 
 
 def _creatable_path(filename: str) -> str | None:
@@ -171,10 +170,12 @@ def _creatable_path(filename: str) -> str | None:
 
     Prefixes are QEMU's: ``file:`` names a local file, unknown prefixes (``json:``
     included) and protocols without image creation fail at once, the others
-    (nbd, ssh, iscsi, ...) only when the image would be opened.  An NBD name
-    gives :data:`_NBD`: the existing export is opened and formatted.
+    (nbd, ssh, iscsi, ...) only when the image would be opened.  The name of
+    a protocol vdkit creates images on (an NBD export, an RBD image) gives
+    :data:`_ON_PROTOCOL` and the protocol's driver.
     """
     from vdkit.block.chain import QEMU_PROTOCOLS, protocol_of
+    from vdkit.protocols import registry as protocols
 
     proto = protocol_of(filename)
     if proto is None:
@@ -185,73 +186,41 @@ def _creatable_path(filename: str) -> str | None:
         raise VdkitError(f"Unknown protocol '{proto}'")
     if proto in _NO_CREATE:
         raise VdkitError(f"Protocol driver '{_NO_CREATE[proto]}' does not support image creation")
-    if proto in ("nbd", "nbd+unix", "nbd+tcp"):
-        return _NBD
-    if proto == "rbd":
-        return _RBD
+    driver = protocols.driver_for_prefix(proto)
+    if driver is not None and protocols.creates_images(driver):
+        return _ON_PROTOCOL + driver
     return None
 
 
 def _with_protocol_options(own: list[OptDesc], filename: str) -> list[OptDesc]:
-    """The format's options, then its protocol's: the rbd driver's for an rbd name, else the file driver's."""
+    """The format's options, then its protocol's: those of a protocol with creation options (rbd), else the
+    file driver's."""
     from vdkit.block.chain import protocol_of
+    from vdkit.protocols import registry as protocols
 
-    if protocol_of(filename) == "rbd":
-        from vdkit.protocols.rbd import create_options
-
+    driver = protocols.driver_for_prefix(protocol_of(filename))
+    module = None if driver is None else protocols.protocol_module(driver)
+    if module is not None and hasattr(module, "create_options"):
         names = {d.name for d in own}
-        return own + [d for d in create_options() if d.name not in names]
+        return own + [d for d in module.create_options() if d.name not in names]
     return with_file_options(own)
 
 
-def _create_on_rbd(filename: str, fmt: str, opts: CreateOpts) -> None:
-    """``create`` on an rbd name: a new RBD image holding the raw disk (``vdkit.protocols.rbd``)."""
+def _create_on_protocol(driver: str, filename: str, fmt: str, opts: CreateOpts) -> None:
+    """``create`` on a protocol's name: the raw disk is the protocol's own image (raw, or the protocol
+    as the top node); a format that writes through protocols (qcow2) gets an empty one and fills it."""
     from vdkit.formats import registry
-    from vdkit.protocols.rbd import create_image
+    from vdkit.protocols import registry as protocols
 
-    if fmt not in ("raw", "rbd", "qcow2"):
-        raise UnsupportedError(f"Creating '{fmt}' images on RBD is not supported by vdkit")
-    if fmt != "qcow2" and opts.get("encrypt.format") is not None:
-        raise UnsupportedError("RBD encryption (encrypt.format) is not supported by vdkit")
-    if fmt != "qcow2":
-        cluster = opts.get("cluster_size")
-        create_image(filename, int(opts.get("size") or 0), int(cluster) if cluster is not None else None)
+    proto = protocols.protocol_module(driver)
+    if fmt in registry.PASSES_PERMISSIONS or fmt == driver:
+        proto.create_raw(filename, opts)
         return
-    # qcow2 on rbd: an empty RBD image that grows as qcow2 writes its clusters, as in QEMU
-    prealloc = str(opts.get("preallocation", "off"))
-    if prealloc not in ("off", "metadata"):
-        raise UnsupportedError(f"Preallocation mode '{prealloc}' on RBD is not supported by vdkit")
-    if opts.get("data_file") is not None:
-        raise UnsupportedError("A qcow2 data file next to an RBD image is not supported by vdkit")
-    create_image(filename, 0)
-    registry.format_module(fmt).create_image(filename, opts)
-
-
-def _create_on_nbd(filename: str, fmt: str, opts: CreateOpts) -> None:
-    """``create`` on an NBD export, as qemu-img: the nbd driver cannot create images.
-
-    QEMU's fallback opens the export, checks its size and zeroes the first
-    sector (:func:`vdkit.protocols.nbd.create_fallback`); a raw image is then
-    complete, a qcow2 one is written into the export by its creation code.
-    """
-    from vdkit.formats import registry
-    from vdkit.protocols.nbd import create_fallback
-
-    if fmt not in ("raw", "qcow2", "nbd"):
-        raise UnsupportedError(f"Creating '{fmt}' images on NBD exports is not supported by vdkit")
-    prealloc = str(opts.get("preallocation", "off"))
-    if fmt in ("raw", "nbd"):
-        if prealloc != "off":  # QEMU's fallback takes none
-            raise VdkitError(f"Unsupported preallocation mode '{prealloc}'")
-        # the raw image is the export: it must be as large as the image
-        create_fallback(filename, -(-int(opts.get("size") or 0) // 512) * 512)
-        return
-    if prealloc not in ("off", "metadata"):
-        raise UnsupportedError(f"Preallocation mode '{prealloc}' on NBD exports is not supported by vdkit")
-    if opts.get("data_file") is not None:
-        raise UnsupportedError("A qcow2 data file next to an NBD export is not supported by vdkit")
-    create_fallback(filename, 0)  # qcow2 asks the protocol for an empty file: any export size will do
-    registry.format_module(fmt).create_image(filename, opts)  # create_file() connects to the export
+    module = registry.format_module(fmt)
+    if not getattr(module, "CREATES_ON_PROTOCOLS", False):
+        raise UnsupportedError(f"Creating '{fmt}' images on {proto.CREATE_PLACE} is not supported by vdkit")
+    proto.create_for_format(filename, opts)
+    module.create_image(filename, opts)  # its create_file() reaches the protocol's image
 
 
 def _open_backing(filename: str, backing_file: str, backing_fmt: str | None) -> int:

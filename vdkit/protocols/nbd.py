@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
 
+    from vdkit.opts import CreateOpts
+
     T = TypeVar("T")
 
 PREFIXES = ("nbd", "nbd+tcp", "nbd+unix")
@@ -246,8 +248,9 @@ def _inet(host: str, port: str, export: str) -> NbdAddress:
     return NbdAddress(export, host=host, port=int(port))
 
 
-def name_for_options(opts: dict[str, str]) -> str:
-    """Check the options and return the node's (regenerated) name; opening that name uses them."""
+def name_for_options(opts: dict[str, str], driver: str = "nbd") -> str:
+    """Check the options and return the node's (regenerated) name; opening that name uses them
+    (``driver``: the protocol registry's uniform signature; always nbd here)."""
     addr, timeout = address_from_options(opts)
     name = addr.canonical_name()
     _PRESET[name] = (addr, timeout)
@@ -845,3 +848,28 @@ def create_fallback(name: str, size: int) -> None:
                 f._io(lambda: f.client.write_zeroes(0, n, trim=True))
         finally:
             f.flush()  # closing flushes, also after a refusal (as QEMU's node close)
+
+
+# -- qemu-img create on an NBD name (vdkit.protocols.registry's creation entry points) -------------
+
+CREATE_PLACE = "NBD exports"
+
+
+def create_raw(filename: str, opts: CreateOpts) -> None:
+    """A raw image on an export: the export itself, which must be as large as the image."""
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc != "off":  # QEMU's fallback takes none
+        raise VdkitError(f"Unsupported preallocation mode '{prealloc}'")
+    create_fallback(filename, -(-int(opts.get("size") or 0) // 512) * 512)
+
+
+def create_for_format(filename: str, opts: CreateOpts) -> None:
+    """The export prepared for a format that writes through it (qcow2): any export size will do."""
+    from vdkit.errors import UnsupportedError
+
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata"):
+        raise UnsupportedError(f"Preallocation mode '{prealloc}' on NBD exports is not supported by vdkit")
+    if opts.get("data_file") is not None:
+        raise UnsupportedError("A qcow2 data file next to an NBD export is not supported by vdkit")
+    create_fallback(filename, 0)

@@ -39,7 +39,7 @@ from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vdkit.opts import OptDesc
+    from vdkit.opts import CreateOpts, OptDesc
 
 PREFIX = "rbd:"
 DEFAULT_MOUNT_TIMEOUT = 30
@@ -174,11 +174,12 @@ _PRESET: dict[str, RbdSpec] = {}
 """Nodes named by options (``--image-opts``, ``json:``, ``-blockdev``), by the name they are opened under."""
 
 
-def name_for_options(opts: dict[str, str]) -> str:
+def name_for_options(opts: dict[str, str], driver: str = "rbd") -> str:
     """Check ``driver=rbd``'s options (QEMU's texts) and return the name the node opens under.
 
     The name is an ``rbd:`` name of the same image; the options that name cannot carry (servers,
     key secret, the json: naming without ``namespace``) stay attached to it for the open.
+    ``driver``: the protocol registry's uniform signature (always rbd here).
     """
     for key in opts:
         base = key.split(".", 1)[0]
@@ -440,6 +441,32 @@ def create_image(name: str, size: int, cluster_size: int | None = None) -> None:
             raise _fail("error rbd create", r)
     finally:
         cluster.close()
+
+
+CREATE_PLACE = "RBD"  # vdkit.protocols.registry's creation entry points
+
+
+def create_raw(filename: str, opts: CreateOpts) -> None:
+    """A raw image on an rbd name: a new RBD image holding the disk."""
+    from vdkit.errors import UnsupportedError
+
+    if opts.get("encrypt.format") is not None:
+        raise UnsupportedError("RBD encryption (encrypt.format) is not supported by vdkit")
+    cluster = opts.get("cluster_size")
+    create_image(filename, int(opts.get("size") or 0),
+                 int(cluster) if cluster is not None else None)
+
+
+def create_for_format(filename: str, opts: CreateOpts) -> None:
+    """An empty RBD image that grows as the format (qcow2) writes its clusters, as in QEMU."""
+    from vdkit.errors import UnsupportedError
+
+    prealloc = str(opts.get("preallocation", "off"))
+    if prealloc not in ("off", "metadata"):
+        raise UnsupportedError(f"Preallocation mode '{prealloc}' on RBD is not supported by vdkit")
+    if opts.get("data_file") is not None:
+        raise UnsupportedError("A qcow2 data file next to an RBD image is not supported by vdkit")
+    create_image(filename, 0)
 
 
 def create_options() -> list[OptDesc]:

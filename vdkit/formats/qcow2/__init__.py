@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "qcow2"
 SUPPORTS_COMPRESSION = True  # convert -c
+# create_image writes through formats.raw.create_file, which reaches NBD exports and RBD images
+CREATES_ON_PROTOCOLS = True
 # QEMU's open options that tune caches, discard passing and overlap checks: accepted, no effect here
 RUNTIME_OPTIONS = frozenset((
     "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other", "overlap-check",

@@ -1,0 +1,75 @@
+"""Every protocol vdkit reaches besides local files, by driver name and name prefix, imported only when used.
+
+A protocol is one module under ``vdkit/protocols/`` named here; front ends
+(``--image-opts``, ``-drive``, ``create``) ask this table instead of comparing
+names, so adding a protocol is one module plus its lines here.  The module
+provides:
+
+``PREFIXES: tuple[str, ...]``
+    The ``proto:`` prefixes of the file names it opens (``nbd+unix:...``).
+``name_for_options(opts: dict[str, str], driver: str) -> str``
+    Check the driver's options (``server.*``, ``url``, ``pool``...; keys
+    without the ``file.`` prefix) with QEMU's texts and return the file name
+    the node opens under, the options attached to it for that open.
+``CREATE_PLACE: str`` with ``create_raw(filename, opts)`` and ``create_for_format(filename, opts)``
+    Where ``qemu-img create`` can make an image on this protocol: the raw disk
+    itself, or the empty container a format that writes through the protocol
+    (``CREATES_ON_PROTOCOLS`` in the format's module) then fills.  Protocols
+    without them (curl) are refused before anything is created.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from types import ModuleType
+
+# driver name -> module (QEMU's BlockdevDriver names of the protocols vdkit implements)
+PROTOCOLS: dict[str, str] = {
+    "nbd": "vdkit.protocols.nbd",
+    "http": "vdkit.protocols.http",
+    "https": "vdkit.protocols.http",
+    "rbd": "vdkit.protocols.rbd",
+}
+
+# file-name prefix -> driver name (kept here so that naming a prefix imports nothing)
+PREFIXES: dict[str, str] = {
+    "nbd": "nbd",
+    "nbd+tcp": "nbd",
+    "nbd+unix": "nbd",
+    "http": "http",
+    "https": "https",
+    "rbd": "rbd",
+}
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def is_protocol(driver: str | None) -> bool:
+    """``driver`` is a protocol vdkit implements (not ``file``, not a format)."""
+    return driver in PROTOCOLS
+
+
+def driver_for_prefix(prefix: str | None) -> str | None:
+    """The protocol driver that opens ``prefix:...`` names (None: a local file or no protocol of vdkit's)."""
+    return PREFIXES.get(prefix or "")
+
+
+def protocol_module(driver: str) -> ModuleType:
+    """The module implementing protocol ``driver`` (KeyError if vdkit has no such protocol)."""
+    mod = _loaded.get(driver)
+    if mod is None:
+        mod = __import__(PROTOCOLS[driver], fromlist=["name_for_options"])
+        _loaded[driver] = mod
+    return mod
+
+
+def name_for_options(driver: str, opts: dict[str, str]) -> str:
+    """The file name protocol ``driver`` opens for its options ``opts`` (their checks raise QEMU's texts)."""
+    name: str = protocol_module(driver).name_for_options(opts, driver)
+    return name
+
+
+def creates_images(driver: str) -> bool:
+    """``qemu-img create`` can make an image on this protocol's names."""
+    return hasattr(protocol_module(driver), "create_raw")
