@@ -235,6 +235,9 @@ class FormatDriver:
         return UnsupportedError("Block driver does not support snapshots", errno=errno.ENOTSUP)
 
     supports_snapshots: ClassVar[bool] = False
+    # The snapshots are the file's, passed down by a format without a revert of its own (raw over rbd):
+    # QEMU's revert then closes the node, reverts the file and opens the node again (its open warnings too).
+    snapshot_revert_reopens: ClassVar[bool] = False
 
     def snapshot_unsupported_reason(self) -> str | None:
         """Why this image cannot take snapshots although its format can (qcow2: an external data file)."""

@@ -61,9 +61,9 @@ def run(action: str | None, arg: str | None, filename: str, fmt: str | None, *,
                     raise driver._unsupported()
                 if driver.snapshot_unsupported_reason() is not None:  # external data file
                     raise VdkitError("Failed to load snapshot: Operation not supported", errno=errno.ENOTSUP)
-                # raw passes an rbd image's snapshots down: QEMU closes the raw node, rolls the image back
-                # and opens it again, which warns again, whatever the rollback gave
-                reopened = fmt is None and node.format == "raw" and getattr(driver.file, "protocol", None) == "rbd"
+                # a format passing its file's snapshots down (raw over rbd) is closed, the file rolled back
+                # and the node opened again, which warns again, whatever the rollback gave
+                reopened = fmt is None and driver.snapshot_revert_reopens
                 try:
                     entry = generic.find_id_then_name(driver.snapshots(), arg)
                     if entry is None:

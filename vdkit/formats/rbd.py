@@ -67,6 +67,7 @@ class RbdRawDriver(RawDriver):
 
     file: RbdFile  # type: ignore[assignment]
     supports_snapshots = True
+    snapshot_revert_reopens = True  # raw passes the RBD snapshots down
     stores_vmstate = False  # savevm/loadvm refuse up front (QEMU deletes/rolls back first, then fails)
 
     @property
@@ -146,6 +147,7 @@ class RbdDriver(RbdRawDriver):
     slow_allocated_zeroes = False  # the cluster zeroes
     # the top node without a format layer: a copy goes through the driver, not into the file as raw's
     copy_target = FormatDriver.copy_target
+    snapshot_revert_reopens = False  # the RBD image's own revert
 
     @property
     def virtual_size(self) -> int:
