@@ -306,3 +306,45 @@ def test_on_error_policies(policy: str) -> None:
         assert rig.seq()[-5:] == ["waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
         if action == "stop":
             assert rig.seq()[2:5] == ["BLOCK_JOB_ERROR", "paused", "running"]
+
+
+class FailingDriver(FakeDriver):
+    """Every I/O fails (a target that cannot grow): the job never copies a byte, retrying until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.errors = 0
+
+    def run(self, job: Job) -> None:
+        job.len = CHUNK
+        while True:
+            self.errors += 1
+            job.io_error("write", OSError(errno.EFBIG, "File too large"))  # ignore: False, stop: True
+            job.pause_point()
+
+
+@pytest.mark.parametrize("policy", ["ignore", "stop"])
+def test_a_job_whose_first_io_fails_can_be_paused(policy: str) -> None:
+    """A failed I/O ends a new job's synchronous start like a copy: ``stop`` pauses at the first error (one
+    BLOCK_JOB_ERROR, not a stream of them) and a job retrying ignored errors stops where it is paused."""
+    rig = Rig()
+    drv = FailingDriver()
+    job = rig.start(drv, on_error=policy)
+    if policy == "stop":
+        rig.wait_status("paused")
+    else:
+        with rig.lock:
+            job.pause()
+            assert job.status is Status.PAUSED  # at a pause point after the first failed I/O
+    with rig.lock:
+        errors = drv.errors
+    time.sleep(0.05)  # a paused job makes no more I/O (it would fail again)
+    with rig.lock:
+        assert drv.errors == errors
+        assert job.status is Status.PAUSED
+        job.cancel(force=True)
+    rig.wait_status("null")
+    job.join()
+    errs = [e for e in rig.seq() if e == "BLOCK_JOB_ERROR"]
+    assert errs == ["BLOCK_JOB_ERROR"] * errors and (policy == "ignore" or errors == 1)
+    assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]

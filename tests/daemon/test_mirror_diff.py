@@ -653,3 +653,50 @@ def test_backup_of_a_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
     p.quit(daemons)
     p.compare("b1.qcow2", "top.qcow2")
     p.compare("b2.qcow2", "top.qcow2")
+
+
+@pytest.mark.parametrize("cmd", ["drive-mirror", "drive-backup"])
+def test_stop_on_the_first_write_error(daemons: Daemons, tmp_path: Path, cmd: str) -> None:
+    """on-target-error stop when the very first write fails (the target may not grow at all): the job pauses
+    (one error, io-status failed), stays paused through a query and is cancelled, as in QEMU.  (The job has
+    copied nothing yet: a new job's first step must not go on for ever.)"""
+    import sys
+
+    from tests.conftest import require_tool
+    from tests.daemon.conftest import QEMU_BASE
+
+    # a new 4 MiB qcow2 target is 196608 bytes (made beforehand): no cluster can be allocated in it
+    limit = ["sh", "-c", 'trap "" XFSZ; exec prlimit --fsize=196608 "$@"', "sh"]
+    dirs = [tmp_path / "q", tmp_path / "v"]
+    mons = []
+    for d, base in zip(dirs, ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
+                              [sys.executable, "-m", "vdkit.daemon.main", "-S"]), strict=True):
+        d.mkdir()
+        _chain(d)
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "4M").returncode == 0
+        _, path, _ = daemons.start([*limit, *base, "-drive", f"file={d}/top.qcow2,if=none,id=disk0"], d)
+        mons.append(daemons.monitor(path).negotiate())
+
+    def events(m: Monitor, d: Path) -> list[str]:
+        out: list[str] = []
+        for e in _events(m, d):
+            if not (out and e == out[-1] and "BLOCK_JOB_ERROR" in e):  # QEMU's parallel requests fail each
+                out.append(e)
+        return out
+
+    def same(name: str, args: dict[str, Any]) -> None:
+        outs = [normalise(m.cmd_line(name, json.loads(json.dumps(args).replace("DIR", str(d)))))
+                for m, d in zip(mons, dirs, strict=True)]
+        assert outs[1] == outs[0], f"{name}:\nqemu:  {outs[0]}\nvdkit: {outs[1]}"
+
+    same(cmd, {"device": "disk0", "target": "DIR/t.qcow2", "sync": "full", "job-id": "j", "mode": "existing",
+               "on-target-error": "stop"})
+    for m in mons:
+        _wait(m, "BLOCK_JOB_ERROR")
+        _wait(m, "JOB_STATUS_CHANGE", status="paused", count=2 if cmd == "drive-backup" else 1)
+    same("query-block-jobs", {})
+    same("block-job-cancel", {"device": "j", "force": True})
+    for m in mons:
+        _wait(m, "JOB_STATUS_CHANGE", status="null")
+    q, v = (events(m, d) for m, d in zip(mons, dirs, strict=True))
+    assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])

@@ -126,9 +126,6 @@ class BackupJob(JobDriver):
             self.copy.bits &= keep.bits
             job.len = job.offset + self.copy.count()
         if self.sync == "none":
-            # QEMU's job yields at once, waiting to be cancelled: it counts as started (a pause then
-            # takes effect), which the engine learns from a charged byte (no progress, no data)
-            job.advance(0, 1)
             while True:
                 job.pause_point(idle=True)  # copy-before-write does the work until the job is cancelled
         last = time.monotonic()

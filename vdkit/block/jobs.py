@@ -32,10 +32,13 @@ held, in the job's thread):
   charged to the speed limit it also sleeps); ``job.step_size(q)`` is the
   chunk to use where QEMU's step is ``q`` (``q`` under a speed limit, where
   the offsets of a held job are compared with QEMU's; larger without);
-* a new job owes its steps up to its first copy, a resumed or kicked one its
+* a new job owes its steps up to its first I/O, a resumed or kicked one its
   next step: a command that pauses, drains, cancels or queries lets the job
   take it first (QEMU runs a job at once up to its next I/O), so the first
-  copy must call ``advance`` with ``copied`` > 0 (or ``set_ready``);
+  copy must call ``advance`` with ``copied`` > 0; a failed I/O
+  (``io_error``), ``set_ready`` and an idle pause point end the start too,
+  and a step that does none of these may only skip a range (a job looping
+  without I/O would not stop while paused);
 * a ready phase (mirror, active commit): ``job.set_ready()`` once in sync,
   then keep calling ``job.pause_point()`` (with ``idle=True`` when there is
   nothing to copy: it waits until woken) until ``job.should_exit`` is true:
@@ -245,9 +248,12 @@ class Job:
         self.error: str | None = None  # strerror text of a failure
         self._delay_ns = 0
         self._kicked = False
-        # QEMU runs a new job synchronously until its first I/O: a pause asked for before the first
-        # copy takes effect at the first pause point after it (so does the speed limit's first sleep)
-        self._io_done = False
+        # QEMU runs a new job synchronously until its first I/O: a pause asked for before that takes
+        # effect at the first pause point after it.  The start is over at the first copy, the first
+        # failed I/O (io_error: whatever its policy, the job did I/O) or the first wait (idle, ready);
+        # every step of a job does one of these or skips a range, so a job that never copies (a backup
+        # waiting for writes, a job whose I/O keeps failing) cannot run on while paused
+        self._started = False
         # a resumed job owes a step: QEMU runs it at once up to its next I/O, so the next command that
         # pauses, drains or cancels it finds it one step further; such commands wait for that step
         self._kick_pending = False
@@ -386,7 +392,7 @@ class Job:
 
     def _pause(self) -> None:
         self.pause_count += 1
-        if self.pause_count == 1 and not self.busy and self._io_done and self.status in (S.RUNNING, S.READY):
+        if self.pause_count == 1 and not self.busy and self._started and self.status in (S.RUNNING, S.READY):
             # the job sleeps at a pause point: it is paused now (QEMU enters it and it stops there)
             self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
         self.cond.notify_all()
@@ -409,7 +415,7 @@ class Job:
     def _wake(self) -> None:
         """End the job's current wait; a job sleeping at a pause point then owes a step (see _settle)."""
         self._kicked = True
-        if (not self.busy and self._io_done and not self.pause_count and self._thread is not None
+        if (not self.busy and self._started and not self.pause_count and self._thread is not None
                 and self._thread.is_alive()):
             self._kick_pending = True
         self.cond.notify_all()
@@ -426,7 +432,7 @@ class Job:
         self._settlers += 1
         try:
             deadline = time.monotonic() + 30
-            while self._kick_pending and thread.is_alive() and not (self.pause_count and self._io_done):
+            while self._kick_pending and thread.is_alive() and not (self.pause_count and self._started):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -500,12 +506,12 @@ class Job:
         """``done`` more bytes of progress; ``copied`` of them count against the speed limit."""
         self.offset += done
         if copied:
-            self._io_done = True
+            self._started = True
             self._delay_ns += self.limit.delay_ns(copied)
 
     def set_ready(self) -> None:
         """In sync (mirror, active commit): ``ready`` and BLOCK_JOB_READY."""
-        self._io_done = True
+        self._started = True
         if self.status is S.RUNNING:
             self._transition(S.READY)
             self._block_event("BLOCK_JOB_READY")
@@ -520,8 +526,8 @@ class Job:
         self._kicked = False
         self.busy = False
         if idle:
-            self._io_done = True  # waiting for work: the job's synchronous start is over, it owes nothing
-        if self._kick_pending and self._io_done:  # the step owed is done: a waiting command may act now
+            self._started = True  # waiting for work: the job's synchronous start is over, it owes nothing
+        if self._kick_pending and self._started:  # the step owed is done: a waiting command may act now
             self._kick_pending = False  # (a new job owes everything up to its first copy)
             self.cond.notify_all()
         try:
@@ -537,7 +543,7 @@ class Job:
                     self.cond.wait(left)
             else:
                 self._yield_lock()
-            while self.pause_count and not self.is_cancelled and self._io_done:
+            while self.pause_count and not self.is_cancelled and self._started:
                 if self.status in (S.RUNNING, S.READY):
                     self._transition(S.STANDBY if self.status is S.READY else S.PAUSED)
                 self.cond.wait()
@@ -584,6 +590,7 @@ class Job:
 
     def io_error(self, operation: str, exc: BaseException) -> bool:
         """An I/O error of the job's work, handled by its on-error policy (see the module doc)."""
+        self._started = True  # the job did I/O: a pause (``stop``'s own included) now takes effect
         action = self.on_error
         if action == "enospc":
             action = "stop" if getattr(exc, "errno", None) == errno.ENOSPC else "report"
