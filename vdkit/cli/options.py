@@ -212,7 +212,9 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 
             if not is_known(driver):
                 raise OpenError(f"Unknown driver '{driver}'")
-        if file_driver is not None and file_driver not in ("file", "nbd", "http", "https", "rbd"):
+        from vdkit.protocols.registry import is_protocol
+
+        if file_driver is not None and file_driver != "file" and not is_protocol(file_driver):
             raise OpenError(f"Unknown driver '{file_driver}'")
         if driver == "rbd" or file_driver == "rbd":  # Ceph RBD (vdkit.protocols.rbd)
             from vdkit.protocols import rbd
@@ -304,13 +306,13 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 
         for key, value in strong.items():
             set_open_option(filename, key, value)
-    if no_backing or file_driver not in ("nbd", "http", "https", "rbd") and ":" in filename:
+    if no_backing or not is_protocol(file_driver) and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
 
         if no_backing:
             set_open_option(filename, "backing", "null")
-        if file_driver not in ("nbd", "http", "https", "rbd") and protocol_of(filename) is not None:
+        if not is_protocol(file_driver) and protocol_of(filename) is not None:
             set_open_option(filename, "protocol", "file")  # an option's filename is never a URI
     return filename, driver
 
