@@ -700,3 +700,34 @@ def test_stop_on_the_first_write_error(daemons: Daemons, tmp_path: Path, cmd: st
         _wait(m, "JOB_STATUS_CHANGE", status="null")
     q, v = (events(m, d) for m, d in zip(mons, dirs, strict=True))
     assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])
+
+
+def test_mirror_of_a_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
+    """drive-mirror/blockdev-mirror of a parentless -blockdev node: an explicit job-id is needed (no backend
+    name); at complete no parent moves onto the target (QEMU drops drive-mirror's target node, the source
+    stays as it was), the target file holds the copy."""
+    p = Pair(daemons, tmp_path, drive=["-blockdev", "driver=file,filename=DIR/top.qcow2,node-name=f-top",
+                                       "-blockdev", "driver=qcow2,file=f-top,node-name=n-top"])
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
+    p.same("drive-mirror", {"device": "n-top", "target": "DIR/m0.qcow2", "sync": "full"})
+    p.same("drive-mirror", {"device": "f-top", "target": "DIR/m0.qcow2", "sync": "full", "job-id": "m0"})
+    for sync in ("top", "full", "none"):
+        p.same("drive-mirror", {"device": "n-top", "target": f"DIR/m-{sync}.qcow2", "sync": sync, "job-id": "m"})
+        p.wait("BLOCK_JOB_READY")
+        p.same("query-block-jobs")
+        p.same("block-job-complete", {"device": "m"})
+        p.wait("JOB_STATUS_CHANGE", status="null")
+        p.same_events()
+    p.same("query-named-block-nodes")
+    p.same("blockdev-add", {"driver": "qcow2", "node-name": "n-bt",
+                            "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
+    p.same("blockdev-mirror", {"device": "n-top", "target": "n-bt", "sync": "full", "job-id": "bm"})
+    p.wait("BLOCK_JOB_READY")
+    p.same("block-job-complete", {"device": "bm"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events()
+    p.same("query-named-block-nodes")
+    p.quit(daemons)
+    for name in ("m-top.qcow2", "m-full.qcow2", "m-none.qcow2", "bt.qcow2"):
+        p.compare(name, "top.qcow2")

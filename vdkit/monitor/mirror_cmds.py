@@ -214,16 +214,45 @@ def _mirror_common_checks(args: dict[str, Any]) -> tuple[int, int]:
     return granularity, args.get("buf-size", 0)
 
 
-def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Node, args: dict[str, Any], *,
+class _MirrorSource:
+    """A mirror's source: a drive's root node, or a ``-blockdev``/``blockdev-add`` format node without
+    parents (``graph`` set; not exported: the pivot would have to move the export's backend).
+
+    ``names``: what ``replaces`` may name (the source itself); ``default_id``: the job-id when none is
+    given (the backend's name; a graph node has none: QEMU then says ``Invalid job ID ''``).
+    """
+
+    def __init__(self, node: Node, names: tuple[str, ...], default_id: str, drive: Drive | None = None,
+                 medium: Medium | None = None, graph: GraphNode | None = None) -> None:
+        self.node, self.names, self.default_id = node, names, default_id
+        self.drive, self.medium, self.graph = drive, medium, graph
+
+
+def _mirror_source(machine: DeviceRegistry, name: str) -> _MirrorSource:
+    """QEMU's ``qmp_get_root_bs`` for a mirror: a drive's root, or a graph format node no parent holds."""
+    g = machine.graph.find(name)
+    if g is not None and machine.find_drive(name) is None:
+        if machine.graph.parents_of(g) or (g.node is not None and machine.jobs.job_on(g.node) is not None):
+            raise VdkitError("Need a root block node")
+        if g.node is None:
+            raise VdkitError("Jobs on protocol nodes are not supported by vdkit")
+        if g.backend is not None and any(e.medium is g.backend.medium
+                                         for e in getattr(machine.exports, "exports", [])):
+            raise VdkitError("Mirroring an exported -blockdev node is not supported by vdkit")
+        return _MirrorSource(g.node, (g.name,), "", graph=g)
+    drive, index, medium = _root(machine, name)
+    return _MirrorSource(medium.node, (medium.names[index][0], drive.id), _job_id({}, drive, index), drive, medium)
+
+
+def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, args: dict[str, Any], *,
                   sync: str, zero_target: bool, keeps_backing: bool, pivot: Any, release: Any,
                   target_unmaps: bool = False, names: tuple[str, str, int, int] | None = None) -> None:
     from vdkit.block.dirty_bitmap import default_granularity
     from vdkit.block.mirror import DEFAULT_BUF_SIZE, MirrorJob
 
     granularity, buf_size = _mirror_common_checks(args)
-    assert drive.medium is not None
     replaces = args.get("replaces")
-    if replaces is not None and replaces not in (drive.medium.names[index][0], drive.id):
+    if replaces is not None and replaces not in src.names:
         if replaces not in machine.all_node_names():
             raise VdkitError(f"Failed to find node with node-name='{replaces}'")
         raise VdkitError(f"Replacing node '{replaces}' is not supported by vdkit")
@@ -233,7 +262,7 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
         granularity = default_granularity(target.driver.cluster_size)  # QEMU asks bdrv_get_info
     if buf_size < 0:
         raise VdkitError("Invalid parameter 'buf-size'")
-    source = list(drive.medium.node.chain())[index]
+    source = src.node
     if source is target:
         raise VdkitError("Can't mirror node into itself")
     job_driver = MirrorJob(source, target, sync=sync, granularity=granularity, buf_size=buf_size or DEFAULT_BUF_SIZE,
@@ -241,13 +270,14 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
                            keeps_backing=keeps_backing,
                            on_source_error=args.get("on-source-error", "report"),
                            on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release)
-    if names is not None:  # drive-mirror's target nodes are named (listed) while the job holds them
+    if names is not None and src.drive is not None:  # drive-mirror's target nodes are listed while the job
+        # holds them (not yet for a graph source)
         from vdkit.devices.registry import Medium
 
         job_driver.listed_target = Medium(target, [(names[0], names[1])], False, [(names[2], names[3])])
     from vdkit.block.jobs import JobFilter
 
-    job = machine.jobs.create(_job_id(args, drive, index), job_driver, speed=args.get("speed", 0),
+    job = machine.jobs.create(str(args.get("job-id", src.default_id)), job_driver, speed=args.get("speed", 0),
                               auto_finalize=args.get("auto-finalize", True),
                               auto_dismiss=args.get("auto-dismiss", True))
     # the mirror_top filter QEMU puts above the source (listed while the job lives; no I/O goes through it)
@@ -258,8 +288,8 @@ def _start_mirror(machine: DeviceRegistry, drive: Drive, index: int, target: Nod
 
 def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
-    drive, index, medium = _root(machine, args["device"])
-    chain = list(medium.node.chain())
+    src = _mirror_source(machine, args["device"])
+    chain = list(src.node.chain())
     source = chain[0]
     existing = args.get("mode", "absolute-paths") == "existing"
     fmt = args.get("format", None if existing else source.format)
@@ -282,7 +312,10 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     (fmt_name, file_name), (fmt_serial, file_serial) = machine.name_new_node(args.get("node-name"))
     names = (fmt_name, file_name, fmt_serial, file_serial)
     keep_from = None if existing or sync == "full" else (0 if sync == "none" else 1)
+    drive, medium = src.drive, src.medium
+
     def pivot() -> None:
+        assert drive is not None and medium is not None
         _pivot(machine, drive, medium, target, (names[0], names[1]), (names[2], names[3]), keep_from=keep_from,
                open_own_backing=existing)
 
@@ -294,8 +327,11 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
             target.close()
 
     try:
-        _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full" and existing,
-                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release, names=names)
+        # a graph source has no parent to move onto the target: QEMU's pivot changes nothing and the
+        # target node goes with the job (its file keeps the copy)
+        _start_mirror(machine, src, target, args, sync=sync, zero_target=sync == "full" and existing,
+                      keeps_backing=keep_from is not None or existing, pivot=pivot if drive is not None else None,
+                      release=release, names=names)
     except BaseException:
         release(False)
         raise
@@ -319,16 +355,18 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     from vdkit.devices.graph import _BorrowedFile
 
     machine = ctx.machine
-    drive, index, medium = _root(machine, args["device"])
+    src = _mirror_source(machine, args["device"])
     g = _graph_target(machine, args["target"])
     assert g.node is not None and g.child is not None
     target = g.node
     child = g.child
     sync = args["sync"]
-    if sync == "top" and medium.node.backing is None:
+    if sync == "top" and src.node.backing is None:
         sync = "full"
+    drive, medium = src.drive, src.medium
 
     def pivot() -> None:
+        assert drive is not None and medium is not None
         machine.graph.nodes.remove(g)
         machine.graph.nodes.remove(child)
         if isinstance(target.driver.file, _BorrowedFile):
@@ -338,8 +376,10 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
                open_own_backing=False)
         machine.monitor_owned.add(g.name)
 
-    _start_mirror(machine, drive, index, target, args, sync=sync, zero_target=sync == "full", keeps_backing=False,
-                  pivot=pivot, release=lambda pivoted: None, target_unmaps=g.discard == "unmap")
+    # a graph source: no parent moves onto the target, both nodes stay as the user made them
+    _start_mirror(machine, src, target, args, sync=sync, zero_target=sync == "full", keeps_backing=False,
+                  pivot=pivot if drive is not None else None, release=lambda pivoted: None,
+                  target_unmaps=g.discard == "unmap")
 
 
 # -- backup -------------------------------------------------------------------------------------------
