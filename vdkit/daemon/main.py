@@ -789,14 +789,18 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
 def _http_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium) -> None:
     """An http drive once open: a writable format other than raw needs to write its (read-only) file
     (QEMU: ``Block node is read-only``); a json: name once the format is known."""
+    from vdkit.formats.registry import PASSES_PERMISSIONS
+    from vdkit.protocols.registry import is_protocol
+
     fmt = medium.node.format
-    if not medium.ro and fmt not in ("raw", "http", "https"):
+    top = is_protocol(fmt)  # the curl node itself is the drive's node (no format layer)
+    if not medium.ro and fmt not in PASSES_PERMISSIONS and not top:
         machine.close_medium(medium)
         raise OptionError("Block node is read-only")
     name = http_json_name(spec, fmt)
     if name is not None:
         medium.node.filename = name
-        if fmt not in ("http", "https"):  # the curl node below has a json: name of its own
+        if not top:  # the curl node below has a json: name of its own
             own = http_json_name(spec, fmt, own=True)
             from vdkit.protocols.http import HttpFile
 

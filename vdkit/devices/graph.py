@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
+from vdkit.formats.registry import PASSES_PERMISSIONS
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.io.file import ImageFile
 
@@ -253,7 +254,7 @@ def child_perms(driver: str, ro: bool, role: str, perm: int, shared: int) -> tup
     if role == "backing":
         return perm & _CR, (_W | _RS if shared & _W else 0) | _CR | _WU
     perm, shared = perm & _PASSTHROUGH, shared & _PASSTHROUGH
-    if driver == "raw":
+    if driver in PASSES_PERMISSIONS:
         return perm, shared
     perm |= _CR | (0 if ro else _W | _RS)
     shared &= ~(_W | _RS)
@@ -508,7 +509,7 @@ def open_format_node(machine: DeviceRegistry, driver: str, child: GraphNode, *, 
             assert g.backing.node is not None or g.backing.file is not None
             node.backing = g.backing.node if g.backing.node is not None else None
         refresh_filename(g)
-        if driver == "raw" and not ro:
+        if driver in PASSES_PERMISSIONS and not ro:
             node.before_write.append(lambda _offset, _length: _raw_write_perm(machine, g))
         node.bitmaps  # noqa: B018 - QEMU loads persistent bitmaps at open (a writable image marks them in use)
     except BaseException:
