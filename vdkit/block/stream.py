@@ -63,6 +63,7 @@ class StreamJob(JobDriver):
     def run(self, job: Job) -> None:
         from vdkit.block import io as bio
         from vdkit.block.commit import allocated_above
+        from vdkit.block.mirror import is_zero
 
         top, base = self.top, self.base
         if top.backing is None or top.backing is base:
@@ -82,7 +83,7 @@ class StreamJob(JobDriver):
                 while True:
                     try:
                         data = bio.read(top, offset, n)
-                        if data.count(0) == len(data):
+                        if is_zero(data):
                             bio.write_zeroes(top, offset, n)
                         else:
                             bio.write(top, offset, data)
