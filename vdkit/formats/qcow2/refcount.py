@@ -909,6 +909,26 @@ class Transaction:
                 errno=5,
             )
 
+    def _refuse_growth_over_counts(self) -> None:
+        """Refuse (EINVAL) to grow the file over a cluster past its end that keeps a count.
+
+        Only a damaged refcount block counts clusters past the end of the file, and ``check`` does
+        not look there; once the copies grow the file over such a cluster, its count is a leak
+        ``check`` sees (one error more than before).  QEMU updates in place and grows the file
+        less; vdkit leaves the image as it is instead.
+        """
+        rc = self.rc
+        cs = rc.cluster_size
+        eof = -(-rc.file.size() // cs)
+        end = max((start + n for start, n in self._allocated), default=0)
+        if end <= eof:
+            return
+        span = np.arange(eof, end, dtype=np.int64)
+        ours = np.asarray(sorted(self.staged_clusters()), dtype=np.int64)
+        counted = span[(self.new_refcounts(span) != 0) & ~np.isin(span, ours)]
+        if len(counted):
+            raise CorruptImageError("Invalid argument", errno=EINVAL)
+
     def commit(self, header_bytes: Callable[[int, int], bytes], in_use: np.ndarray,
                name_of: Callable[[int, int], str | None] | None = None) -> None:
         """Write everything, sync, switch the header with one write, sync.
@@ -919,6 +939,7 @@ class Transaction:
         rc = self.rc
         new_table, table_off, table_cl, blocks = self._prepare_refcounts()
         self.check_overlap(in_use, name_of)
+        self._refuse_growth_over_counts()
         for off, data in sorted(self._writes):
             rc.file.pwrite(off, data)
         rc.file.flush()

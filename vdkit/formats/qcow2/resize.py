@@ -405,7 +405,7 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
         i1 = pos // span
         t_end = min(old_size, (i1 + 1) * span)
         if i1 < len(cm.l1) and not int(cm.l1[i1]) & L.L1E_OFFSET_MASK:
-            transient.take()
+            transient.take(i1)
         if i1 < len(cm.l1) and int(cm.l1[i1]) & L.L1E_OFFSET_MASK:
             l2_off = io._l2_for_write(i1)
             entries, bitmaps = cm.l2.get(l2_off)
@@ -481,7 +481,8 @@ class _TransientTables:
             self.seen = rc.changes
         return c
 
-    def take(self) -> None:
+    def take(self, i1: int) -> None:
+        """The table QEMU creates for empty L1 entry ``i1``."""
         if not self.on:
             return
         drv = self.drv
@@ -495,15 +496,30 @@ class _TransientTables:
         if c == 0:
             raise drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
         cs = drv.cluster_size
-        if drv.io._overlapping(c * cs, (c + 1) * cs, Metadata.ACTIVE_L2) is not None:
+        rc = drv.refcounts
+        blk = rc.block_offset(c // rc.entries_per_block)
+        if blk and drv.io._overlapping(blk, blk + cs, Metadata.REFCOUNT_BLOCK) is not None:
+            # the table's count goes into a block that is also other metadata (a damaged L1 entry
+            # naming it as an L2 table): QEMU's refcount flush before the table write is refused
+            # there, before anything of this table or the later L1 entries changes
+            drv.io._check_overlap(blk, cs, ignore=Metadata.REFCOUNT_BLOCK)
+        table_bad = drv.io._overlapping(c * cs, (c + 1) * cs, Metadata.ACTIVE_L2) is not None
+        l1_at = drv.clusters.l1_offset + i1 * 8
+        l1_bad = not table_bad and drv.io._overlapping(l1_at, l1_at + 8, Metadata.ACTIVE_L1) is not None
+        if table_bad or l1_bad:
             # QEMU counts the table's cluster and writes its refcounts (the frees of the discard so
             # far, and this count) before the table write that its overlap check refuses: the image
             # keeps them (the count is a leak); dropping them would leak every cluster freed so far
-            rc = drv.refcounts
             rc.update(c * cs, cs, 1)
             rc.flush()
         drv.io._check_overlap(c * cs, cs, ignore=Metadata.ACTIVE_L2)
 
+        if l1_bad:
+            # the table is written, then its L1 entry's write is refused (the L1 table shares a
+            # cluster with other metadata, e.g. an unaligned refcount block): the table stays, leaked
+            drv.file.pwrite(c * cs, bytes(cs))
+            drv.file.flush()
+            drv.io._check_overlap(l1_at, 8, ignore=Metadata.ACTIVE_L1)
 
 def _shrink_reftable(drv: Qcow2Driver) -> None:
     rc = drv.refcounts

@@ -304,6 +304,28 @@ def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> No
 
 
 def _commit(
+def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tuple[int, int]]) -> None:
+    """Refuse (EINVAL) when an L1 table that stays names a cluster the transaction frees.
+
+    Only a damaged image has one: a snapshot's L1 table reaching into the snapshot table (or the
+    active L1), which the transaction moves to a copy.  The old cluster would drop to a count below
+    its references, and its old bytes, still read as L1 entries, keep naming what they named:
+    ``check`` would count more errors than before.  QEMU writes over such a cluster in place;
+    vdkit leaves the image as it is instead.
+    """
+    keys, sums = txn.deltas()
+    freed = keys[sums < 0]
+    if not len(freed):
+        return
+    bits = drv.header.cluster_bits
+    for off, n in l1s:
+        if n <= 0:
+            continue
+        first, last = off >> bits, (off + n * 8 - 1) >> bits
+        if np.isin(np.arange(first, last + 1, dtype=np.int64), freed).any():
+            raise CorruptImageError("Invalid argument", errno=22)
+
+
     drv: Qcow2Driver,
     txn: Transaction,
     *,
@@ -344,6 +366,10 @@ def _commit(
     trees = list(trees)
     _refuse_shared_refcount_metadata(drv, trees)
     meta = _in_use_clusters(drv, trees)
+    kept_l1s = [(e.l1_table_offset, e.l1_size) for e in (drv.snapshots() if snapshots is None else snapshots)]
+    if l1_off == cm.l1_offset:
+        kept_l1s.append((l1_off, len(l1)))
+    _refuse_freed_l1_clusters(drv, txn, kept_l1s)
     try:
         txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
     except BaseException:
