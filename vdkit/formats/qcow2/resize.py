@@ -513,13 +513,13 @@ class _TransientTables:
             rc.update(c * cs, cs, 1)
             rc.flush()
         drv.io._check_overlap(c * cs, cs, ignore=Metadata.ACTIVE_L2)
-
         if l1_bad:
             # the table is written, then its L1 entry's write is refused (the L1 table shares a
             # cluster with other metadata, e.g. an unaligned refcount block): the table stays, leaked
             drv.file.pwrite(c * cs, bytes(cs))
             drv.file.flush()
             drv.io._check_overlap(l1_at, 8, ignore=Metadata.ACTIVE_L1)
+
 
 def _shrink_reftable(drv: Qcow2Driver) -> None:
     rc = drv.refcounts

@@ -303,7 +303,6 @@ def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> No
             raise CorruptImageError("Invalid argument", errno=22)
 
 
-def _commit(
 def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tuple[int, int]]) -> None:
     """Refuse (EINVAL) when an L1 table that stays names a cluster the transaction frees.
 
@@ -326,6 +325,7 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
             raise CorruptImageError("Invalid argument", errno=22)
 
 
+def _commit(
     drv: Qcow2Driver,
     txn: Transaction,
     *,
@@ -365,11 +365,11 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
 
     trees = list(trees)
     _refuse_shared_refcount_metadata(drv, trees)
-    meta = _in_use_clusters(drv, trees)
     kept_l1s = [(e.l1_table_offset, e.l1_size) for e in (drv.snapshots() if snapshots is None else snapshots)]
     if l1_off == cm.l1_offset:
         kept_l1s.append((l1_off, len(l1)))
     _refuse_freed_l1_clusters(drv, txn, kept_l1s)
+    meta = _in_use_clusters(drv, trees)
     try:
         txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
     except BaseException:
