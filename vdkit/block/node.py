@@ -361,41 +361,28 @@ def _open(
                             force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io,
                             walk=walk, on_open=on_open)
     proto = protocol_of(name)
-    if fmt == "nbd" and proto not in ("nbd", "nbd+tcp", "nbd+unix"):
-        from vdkit.formats.nbd import NOT_NBD
+    # a protocol as the top node (driver=nbd/rbd) opens only its own names
+    required: str | None = None if fmt is None else getattr(registry.format_module(fmt), "NAME_REQUIRED", None)
+    pdriver: str | None = None
+    if proto is not None or required is not None:
+        from vdkit.protocols.registry import driver_for_prefix
 
-        raise OpenError(NOT_NBD)
-    if fmt == "rbd" and proto != "rbd":
-        from vdkit.formats.rbd import NOT_RBD
-
-        raise OpenError(NOT_RBD)
+        pdriver = driver_for_prefix(proto)
+        if required is not None and pdriver != fmt:
+            raise OpenError(required)
     if backing or proto is not None:
         from vdkit.block.secrets import open_option
 
         # json:{..., "backing": null}; a file.filename given as an option is a local name, whatever it reads
         backing = backing and open_option(name, "backing") != "null"
         if proto is not None and open_option(name, "protocol") == "file":
-            proto = None
+            proto = pdriver = None
     file: ImageFile | NbdFile
     if proto == "file":
         name = name[len("file:"):]
-    elif proto in ("nbd", "nbd+tcp", "nbd+unix"):
-        from vdkit.protocols.nbd import NbdFile
-
-        file = NbdFile(name, readonly=readonly, force_share=force_share)
-        return _open_on(file, file.filename, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                        check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
-    elif proto in ("http", "https"):
-        from vdkit.protocols.http import HttpFile
-
-        hfile = HttpFile(name, readonly=readonly, force_share=force_share,
-                         driver=fmt if fmt in ("http", "https") else None)
-        return _open_on(hfile, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                        force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk,
-                        on_open=on_open)
-    elif proto == "rbd":
-        return _open_rbd(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                         check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
+    elif pdriver is not None:
+        return _open_protocol(pdriver, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                              check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -469,18 +456,20 @@ def _open_on(
         raise
 
 
-def _open_rbd(name: str, fmt: str | None, *, readonly: bool, force_share: bool, backing: bool,
-              check_mode: bool, no_io: bool, walk: BackingWalk,
-              on_open: Callable[[FormatDriver], None] | None = None) -> Node:
-    """An RBD image (``vdkit.protocols.rbd``): the node is named ``json:{"driver": FMT, "file": {...}}``
-    as QEMU names it, or by the rbd dict alone under ``driver=rbd``."""
-    from vdkit.protocols.rbd import RbdFile
+def _open_protocol(driver: str, name: str, fmt: str | None, *, readonly: bool, force_share: bool,
+                   backing: bool, check_mode: bool, no_io: bool, walk: BackingWalk,
+                   on_open: Callable[[FormatDriver], None] | None = None) -> Node:
+    """A name of a protocol of :mod:`vdkit.protocols.registry` (NBD, HTTP(S), RBD): its ``open_file`` gives
+    the file and the name the format opens it under; a file with a ``node_name`` names the node once its
+    format is known (rbd: ``json:{"driver": FMT, "file": {...}}``, as QEMU names it)."""
+    from vdkit.protocols.registry import protocol_module
 
-    rfile = RbdFile(name, readonly=readonly, force_share=force_share)
-    node = _open_on(rfile, rfile.filename, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                    force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io, walk=walk,
-                    on_open=on_open)
-    node.filename = rfile.node_name(node.format)
+    pfile, pname = protocol_module(driver).open_file(name, readonly=readonly, force_share=force_share, fmt=fmt)
+    node = _open_on(pfile, pname, fmt, readonly=readonly, force_share=force_share, backing=backing,
+                    check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
+    node_name = getattr(pfile, "node_name", None)
+    if node_name is not None:
+        node.filename = node_name(node.format)
     return node
 
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "nbd"
 NOT_NBD = "File name string for NBD must start with 'nbd:'"
+NAME_REQUIRED = NOT_NBD  # block.node refuses other names before opening them
 
 
 def probe(head: bytes, filename: str) -> int:

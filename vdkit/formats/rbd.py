@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 FORMAT_NAME = "rbd"
 NOT_RBD = "File name must start with 'rbd:'"
+NAME_REQUIRED = NOT_RBD  # block.node refuses other names before opening them
 
 
 def probe(head: bytes, filename: str) -> int:

@@ -17,6 +17,9 @@ provides these entry points (only ``probe`` and ``open_driver`` are required):
     them is refused with QEMU's "does not support image creation".  (Not
     ``create``: importing a submodule ``<fmt>/create.py`` would rebind that
     name in the package.)
+``NAME_REQUIRED: str``
+    A protocol opened as the top node (``-f nbd``, ``-f rbd``) opens only that
+    protocol's names; this is the error for any other name.
 ``RUNTIME_OPTIONS: frozenset[str]``
     The format's own open options (QEMU's ``runtime_opts``) that ``-drive``,
     ``--image-opts`` and ``json:`` names may carry and vdkit accepts without

@@ -488,6 +488,13 @@ def _report(message: str) -> None:
     sys.stderr.flush()
 
 
+def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) -> tuple[HttpFile, str]:
+    """The protocol registry's open: the resource, named as given (``fmt`` http/https: the curl node is
+    the top node and its driver the one named)."""
+    file = HttpFile(name, readonly=readonly, force_share=force_share, driver=fmt if fmt in PREFIXES else None)
+    return file, name
+
+
 def ssl_verify_error() -> type[Exception]:
     """The certificate verification error class (``ssl`` imported only for https names)."""
     import ssl

@@ -828,6 +828,12 @@ class NbdFile:
         return f"<NbdFile {self.filename!r}>"
 
 
+def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) -> tuple[NbdFile, str]:
+    """The protocol registry's open: the export, named by its canonical name."""
+    file = NbdFile(name, readonly=readonly, force_share=force_share)
+    return file, file.filename
+
+
 def create_fallback(name: str, size: int) -> None:
     """What ``qemu-img create`` does on an NBD name, the driver having no image creation.
 

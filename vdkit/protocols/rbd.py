@@ -754,3 +754,10 @@ class RbdFile:
 
     def __repr__(self) -> str:
         return f"<RbdFile {self.filename!r}>"
+
+
+def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) -> tuple[RbdFile, str]:
+    """The protocol registry's open: the image, named by its json: name (the node's name comes from
+    :meth:`RbdFile.node_name` once the format is known)."""
+    file = RbdFile(name, readonly=readonly, force_share=force_share)
+    return file, file.filename

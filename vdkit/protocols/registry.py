@@ -7,6 +7,10 @@ provides:
 
 ``PREFIXES: tuple[str, ...]``
     The ``proto:`` prefixes of the file names it opens (``nbd+unix:...``).
+``open_file(name, *, readonly, force_share, fmt) -> (file, node name)``
+    Open one of its names as a file-like object the format drivers read
+    (``block.node``); a file with ``node_name(format)`` renames the node once
+    its format is known (rbd's ``json:{...}``).
 ``name_for_options(opts: dict[str, str], driver: str) -> str``
     Check the driver's options (``server.*``, ``url``, ``pool``...; keys
     without the ``file.`` prefix) with QEMU's texts and return the file name
