@@ -348,3 +348,40 @@ def test_a_job_whose_first_io_fails_can_be_paused(policy: str) -> None:
     errs = [e for e in rig.seq() if e == "BLOCK_JOB_ERROR"]
     assert errs == ["BLOCK_JOB_ERROR"] * errors and (policy == "ignore" or errors == 1)
     assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+
+
+def test_writeback_lets_go_of_the_device_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every WRITEBACK_EVERY copied bytes the job writes its target's dirty pages back with the device lock
+    let go (a command gets the lock meanwhile), so no flush made with the lock held has much to write."""
+    from types import SimpleNamespace
+
+    from vdkit.block import jobs as jobs_mod
+
+    entered, taken = threading.Event(), threading.Event()
+    synced: list[int] = []
+
+    def fake_fdatasync(fd: int) -> None:
+        entered.set()
+        assert taken.wait(30)  # only returns once another thread held the lock
+        synced.append(fd)
+
+    monkeypatch.setattr(jobs_mod.os, "fdatasync", fake_fdatasync)
+    target = SimpleNamespace(driver=SimpleNamespace(file=SimpleNamespace(fd=12345)))
+
+    class Copier(FakeDriver):
+        def run(self, job: Job) -> None:
+            job.writeback = target  # type: ignore[assignment]
+            job.len = 2 * jobs_mod.WRITEBACK_EVERY
+            for _ in range(2):
+                job.advance(jobs_mod.WRITEBACK_EVERY, jobs_mod.WRITEBACK_EVERY)
+                job.pause_point()
+
+    rig = Rig()
+    job = rig.start(Copier(2))
+    assert entered.wait(30)
+    with rig.lock:  # the job is inside its write-back, at a pause point: the lock is free
+        assert job.status is Status.RUNNING and job.offset == jobs_mod.WRITEBACK_EVERY
+        taken.set()
+    rig.wait_status("null")
+    job.join()
+    assert synced == [12345, 12345]

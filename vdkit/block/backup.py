@@ -119,6 +119,7 @@ class BackupJob(JobDriver):
     # -- the work ------------------------------------------------------------------------------------
     def run(self, job: Job) -> None:
         self._job = job
+        job.writeback = self.target
         if self.sync == "top":
             # only what the top image allocates is copied (the rest is in the target's backing file)
             keep = DirtyBitmap(None, self.cluster, self.size)

@@ -176,6 +176,7 @@ class CommitJob(JobDriver):
         from vdkit.block.dirty_bitmap import DirtyBitmap
 
         top, base = self.top, self.base
+        job.writeback = base
         size = top.driver.virtual_size
         if base.driver.virtual_size < size:
             bio.truncate(base, size)
@@ -187,6 +188,7 @@ class CommitJob(JobDriver):
                 job.advance(n, n if copied else 0)
                 offset += n
                 job.pause_point()
+            job.sync_unlocked(base)  # the data written back without the lock, the flush is then short
             bio.flush(base)
             return
         # active: QEMU's mirror-based commit copies what a dirty bitmap says, starting with everything
@@ -200,6 +202,7 @@ class CommitJob(JobDriver):
         while bm.count():
             self._copy_dirty(job, bm)
             job.pause_point()
+        job.sync_unlocked(base)  # the data written back without the lock, the flush is then short
         bio.flush(base)
         job.set_ready()
         while not job.should_exit:
@@ -209,6 +212,7 @@ class CommitJob(JobDriver):
             else:
                 job.pause_point(idle=True)
         if job.completion_requested:
+            job.sync_unlocked(base)
             while bm.count():  # the rest, without letting go of the lock: nothing can write meanwhile
                 self._copy_dirty(job, bm)
             bio.flush(base)

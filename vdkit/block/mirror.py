@@ -130,6 +130,7 @@ class MirrorJob(JobDriver):
 
     def run(self, job: Job) -> None:
         self._job = job
+        job.writeback = self.target
         src = self.source
         src.bitmaps.insert(0, self.bitmap)  # anonymous (listed without a name), fed by every source write
         src.before_write.append(self._kick)
@@ -156,11 +157,15 @@ class MirrorJob(JobDriver):
                     job.pause_point()
                     last = time.monotonic()
             if not job.ready:
-                # in sync: the target is made durable first (a cancel from now on leaves a consistent copy)
+                # in sync: the target is made durable first (a cancel from now on leaves a consistent copy);
+                # its data is written back with the lock let go, the flush then holds it briefly
+                job.sync_unlocked(self.target)
                 self._io(job, "write", lambda: bio.flush(self.target))
                 job.set_ready()
             if job.should_exit:
                 # completion or a soft cancel: copy what is still dirty without letting go of the lock
+                # (after writing back what is copied so far without it: the flush below is then short)
+                job.sync_unlocked(self.target)
                 while self.bitmap.count():
                     self._copy_next(job)
                 job.len = job.offset

@@ -70,6 +70,7 @@ class StreamJob(JobDriver):
             return  # nothing to stream: len stays 0
         size = top.driver.virtual_size
         job.len = size
+        job.writeback = top
         offset = 0
         while offset < size:
             length = min(job.step_size(CHUNK), size - offset)
@@ -94,6 +95,7 @@ class StreamJob(JobDriver):
             job.advance(n, n if copy else 0)
             offset += n
             job.pause_point()
+        job.sync_unlocked(top)  # the data written back without the lock, the flush is then short
         bio.flush(top)
 
     def prepare(self, job: Job) -> None:
