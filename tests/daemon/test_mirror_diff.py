@@ -689,6 +689,8 @@ def test_stop_on_the_first_write_error(daemons: Daemons, tmp_path: Path, cmd: st
                 for m, d in zip(mons, dirs, strict=True)]
         assert outs[1] == outs[0], f"{name}:\nqemu:  {outs[0]}\nvdkit: {outs[1]}"
 
+    # a target the daemon creates cannot even be formatted there (QEMU's text, no internal error)
+    same(cmd, {"device": "disk0", "target": "DIR/new.qcow2", "sync": "full", "job-id": "j"})
     same(cmd, {"device": "disk0", "target": "DIR/t.qcow2", "sync": "full", "job-id": "j", "mode": "existing",
                "on-target-error": "stop"})
     for m in mons:

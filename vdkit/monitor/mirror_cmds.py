@@ -13,6 +13,7 @@ Target files created before a late check fails stay on disk, as in QEMU.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
@@ -120,7 +121,14 @@ def _create(path: str, fmt: str, size: int, backing: Node | None) -> None:
     except VdkitError as exc:
         if exc.errno != 2:
             raise
-    mod.create_image(path, opts)
+    try:
+        mod.create_image(path, opts)
+    except (OSError, VdkitError) as exc:
+        if exc.errno != errno.EFBIG:
+            raise
+        # the file may not grow (RLIMIT_FSIZE, the file system's limit): QEMU's text, hint included
+        raise VdkitError(f"The image size is too large for file format '{fmt}' (try using a larger cluster "
+                         "size)") from exc
 
 
 def _open_target(path: str, fmt: str | None) -> Node:
