@@ -55,12 +55,12 @@ def resolve_backing_name(image_filename: str, stored: str) -> str | None:
     """
     if stored.startswith("/") or has_protocol(stored):
         return stored
-    if image_filename.startswith(("http://", "https://")):
-        from vdkit.protocols.http import backing_base, named_by_json  # a plain URL has a directory (§3.5)
+    if has_protocol(image_filename):  # a protocol's own directories (a plain URL has one, §3.5), or none
+        from vdkit.protocols.registry import driver_for_prefix, protocol_module
 
-        return None if named_by_json(image_filename) else backing_base(image_filename, stored)
-    if has_protocol(image_filename):
-        return None
+        driver = driver_for_prefix(protocol_of(image_filename))
+        resolve = None if driver is None else getattr(protocol_module(driver), "resolve_backing", None)
+        return None if resolve is None else resolve(image_filename, stored)
     slash = image_filename.rfind("/")
     if slash < 0:
         return stored
@@ -178,12 +178,14 @@ class BackingWalk:
         if stored is None:
             return None
         resolved = resolve_backing_name(filename, stored)
-        if resolved is None and not self.names_only and filename.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
-            raise OpenError("Cannot generate a base directory for NBD nodes")
-        if resolved is None and not self.names_only and filename.startswith(("http://", "https://")):
-            from vdkit.protocols.http import named_by_json
+        if resolved is None and not self.names_only and has_protocol(filename):
+            from vdkit.protocols.registry import driver_for_prefix, protocol_module
 
-            raise OpenError(f"Cannot generate a base directory for {named_by_json(filename)} nodes")
+            driver = driver_for_prefix(protocol_of(filename))
+            no_dir = None if driver is None else getattr(protocol_module(driver), "no_base_directory", None)
+            text = None if no_dir is None else no_dir(filename)
+            if text is not None:  # the protocol's own refusal (QEMU's bdrv_dirname)
+                raise OpenError(text)
         if resolved is None:
             raise OpenError(
                 f"Could not determine absolute backing filename, but backing filename '{stored}' present"

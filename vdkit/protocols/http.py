@@ -170,6 +170,19 @@ def backing_base(url: str, stored: str) -> str:
     return url[: slash + 1] + stored
 
 
+def resolve_backing(url: str, stored: str) -> str | None:
+    """The protocol registry's backing resolution: relative to a plain URL's directory; a node QEMU names
+    ``json:{...}`` (or a name that is no URL) has none."""
+    if not is_http_name(url) or named_by_json(url):
+        return None
+    return backing_base(url, stored)
+
+
+def no_base_directory(url: str) -> str | None:
+    """Why a relative backing name below ``url`` cannot be resolved (QEMU's text), None if no URL."""
+    return f"Cannot generate a base directory for {named_by_json(url)} nodes" if is_http_name(url) else None
+
+
 class HttpError(Exception):
     """A transfer failed; ``message`` is libcurl's text for it."""
 

@@ -828,6 +828,11 @@ class NbdFile:
         return f"<NbdFile {self.filename!r}>"
 
 
+def no_base_directory(name: str) -> str | None:
+    """Why a relative backing name below an export cannot be resolved (QEMU's text)."""
+    return "Cannot generate a base directory for NBD nodes"
+
+
 def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) -> tuple[NbdFile, str]:
     """The protocol registry's open: the export, named by its canonical name."""
     file = NbdFile(name, readonly=readonly, force_share=force_share)

@@ -11,6 +11,10 @@ provides:
     Open one of its names as a file-like object the format drivers read
     (``block.node``); a file with ``node_name(format)`` renames the node once
     its format is known (rbd's ``json:{...}``).
+``resolve_backing(image, stored) -> str | None`` and ``no_base_directory(image) -> str | None`` (optional)
+    A relative backing name below one of its images: resolved against the
+    protocol's own directory (a plain URL's), or QEMU's refusal text (NBD
+    has no directories); without them the generic "Could not determine".
 ``name_for_options(opts: dict[str, str], driver: str) -> str``
     Check the driver's options (``server.*``, ``url``, ``pool``...; keys
     without the ``file.`` prefix) with QEMU's texts and return the file name
