@@ -129,7 +129,10 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
     drv.file.flush()
     drv.header = drv.header.evolve(size=new_size)
     if new_size < old_size:
-        _cut_file(drv)
+        try:
+            _cut_file(drv)
+        except VdkitError as exc:
+            raise _failed("Failed to find the last cluster", exc) from exc
     drv.__dict__.pop("io", None)
 
 
@@ -592,5 +595,9 @@ def _cut_file(drv: Qcow2Driver) -> None:
         if len(nz):
             last = i * epb + int(nz[-1])
             break
+    if last < 0:
+        # no cluster counted at all (a refcount table past the end of the file reads as zeros):
+        # cutting after the "last" one would truncate the whole image away; QEMU refuses too
+        raise drv.signal_corruption("There are no references in the refcount table.")
     if (last + 1) * cs < size:
         drv.file.truncate((last + 1) * cs)
