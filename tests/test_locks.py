@@ -185,11 +185,25 @@ def _held_raw(img: Path) -> Iterator[None]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        # a qcow2 driver refuses others' writes before it reads the header (then it fails: not qcow2)
-        while "lock" not in run_qemu(["info", "-f", "qcow2", img.name], img.parent).stderr:
+        # its write byte (101: "uses write"; it shares everything, so no 2xx byte) on the image's inode,
+        # read without opening the image: a probing qemu-img here could hold a byte just as qemu-io opens
+        # it, and qemu-io would fail
+        inode = f":{img.stat().st_ino} "
+        while not _ofd_locked(inode, 101):
             assert time.monotonic() < deadline and proc.poll() is None, "qemu-io never locked the image"
             time.sleep(0.05)
         yield
     finally:
         proc.kill()
         proc.wait()
+
+
+def _ofd_locked(inode: str, byte: int) -> bool:
+    """Does some process hold an OFD lock on lock byte ``byte`` of the file whose inode is ``inode``?"""
+    with open("/proc/locks") as f:  # e.g. "1: OFDLCK ADVISORY  READ -1 fe:00:2343431 100 101" (a range)
+        for line in f:
+            if "OFDLCK" in line and inode in line:
+                start, end = line.split()[-2:]
+                if int(start) <= byte <= (int(end) if end != "EOF" else byte):
+                    return True
+    return False
