@@ -23,7 +23,7 @@ from vdkit.record import record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import ClassVar
 
     from vdkit.block.chain import OpenPolicy
@@ -288,6 +288,18 @@ class FormatDriver:
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """Status of the run at ``offset`` in this layer only (see :mod:`vdkit.block.io`)."""
         raise UnsupportedError(f"Driver '{self.format_name}' does not support block status")
+
+    def status_runs(self, offset: int, end: int) -> Iterator[BlockStatus]:
+        """This layer's statuses covering ``[offset, end)`` in order: :meth:`block_status` asked at
+        each run's start (at most 1 GiB a query, as qemu-img map asks); a format whose runs are at
+        hand overrides it, so that a walk over a large image (``map``) costs one object per run."""
+        end = min(end, self.virtual_size)
+        while offset < end:
+            st = self.block_status(offset, min(1 << 30, end - offset))
+            if st.length <= 0:
+                return
+            yield st
+            offset += st.length
 
     def readinto(self, offset: int, view: memoryview, backing: Callable[[int, int], bytes] | None = None) -> None:
         """:meth:`read` into the caller's buffer (convert's bulk path); a format overrides it to skip

@@ -9,9 +9,10 @@ way QEMU's generic block layer does:
 * a layer's block status gains ``ALLOCATED`` when the layer itself provides
   data or zeros, and ``ZERO`` (without ``ALLOCATED``) for unallocated ranges
   that have nothing below them (no backing file, or beyond its end);
-* :func:`map_entries` walks a range top-down per position, exactly as
-  ``qemu-img map`` does, yielding merged :class:`MapEntry` records with the
-  ``depth`` of the layer that answered.
+* :func:`map_entries` yields what ``qemu-img map``'s top-down walk per
+  position (:func:`chain_status`) gives, as merged :class:`MapEntry` records
+  with the ``depth`` of the layer that answered; it walks each layer's runs
+  once instead of asking every layer again at every position.
 """
 
 from __future__ import annotations
@@ -126,10 +127,7 @@ def chain_status(node: Node, offset: int, length: int) -> MapEntry:
 def map_entries(node: Node, start: int, end: int) -> Iterator[MapEntry]:
     """Merged entries covering ``[start, end)`` (``qemu-img map``'s loop, output-agnostic)."""
     cur: MapEntry | None = None
-    pos = start
-    while pos < end:
-        nxt = chain_status(node, pos, min(1 << 30, end - pos))
-        pos += nxt.length
+    for nxt in _chain_entries(node, start, end, 0):
         if cur is not None and cur.mergeable(nxt):
             cur.length += nxt.length
             continue
@@ -138,6 +136,47 @@ def map_entries(node: Node, start: int, end: int) -> Iterator[MapEntry]:
         cur = nxt
     if cur is not None:
         yield cur
+
+
+def _chain_entries(node: Node, start: int, end: int, depth: int) -> Iterator[MapEntry]:
+    """What :func:`chain_status` answers at each position of ``[start, end)``, from the layers' runs.
+
+    Each layer is walked once in order (:meth:`FormatDriver.status_runs`) and a
+    range it leaves unallocated is walked in its backing node, instead of asking
+    every layer again at every position (qemu-img map's loop, which cost a 1 TiB
+    map ten calls per run).  The answers are the same: a layer's status asked
+    inside one of its runs is the rest of that run.
+    """
+    drv = node.driver
+    backing = node.backing
+    bsize = backing.driver.virtual_size if backing is not None else 0
+    pos = start
+    for st in drv.status_runs(start, end):
+        n, flags = st.length, st.flags
+        if flags & (DATA | ZERO):
+            yield _entry(pos, n, depth, flags | ALLOCATED, st)
+        elif backing is None:
+            if drv.supports_backing:  # nothing below: reads as zeros
+                yield _entry(pos, n, depth, flags | ZERO, st)
+            else:
+                yield MapEntry(pos, n, depth, False, False, False, None, None)
+        elif pos >= bsize:  # past the end of a shorter backing node: zeros of this layer
+            yield _entry(pos, n, depth, flags | ZERO, st)
+        else:
+            below = min(pos + n, bsize)
+            yield from _chain_entries(backing, pos, below, depth + 1)
+            p = below
+            while p < pos + n:  # the rest of the run lies past the backing's end: asked again there
+                rest = layer_status(node, p, pos + n - p)
+                yield _entry(p, rest.length, depth, rest.flags, rest)
+                p += rest.length
+        pos += n
+
+
+def _entry(start: int, length: int, depth: int, flags: int, st: BlockStatus) -> MapEntry:
+    has_off = flags & OFFSET_VALID
+    return MapEntry(start, length, depth, bool(flags & ALLOCATED), bool(flags & ZERO), bool(flags & DATA),
+                    st.offset if has_off else None, st.file if has_off else None)
 
 
 def above_status(node: Node, offset: int, length: int) -> BlockStatus:

@@ -21,7 +21,7 @@ from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or walked
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import BlockStatus, CheckReport, CheckResult, OpenContext
@@ -619,6 +619,10 @@ class Qcow2Driver(FormatDriver):
     def block_status(self, offset: int, length: int) -> BlockStatus:
         self.require_alive()
         return self.io.status(offset, length)
+
+    def status_runs(self, offset: int, end: int) -> Iterator[BlockStatus]:
+        self.require_alive()
+        return self.io.status_runs(offset, end)
 
     def write(self, offset: int, data: bytes, backing: Callable[[int, int], bytes] | None = None) -> None:
         self.require_alive()
