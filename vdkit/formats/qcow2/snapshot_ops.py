@@ -218,9 +218,9 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
     if len(nz):
         final = np.array([replaced.get(int(o), int(o)) for o in offs[nz].tolist()], dtype=np.uint64)
         rc = txn.new_refcounts((final >> cs_bits).astype(np.int64))
+        # (reserved bits are dropped, as QEMU's refcount update rewrites the entries of the active L1:
+        # keeping them would leave check one error more than qemu-img's result, seed 270)
         out[nz] = final | np.where(rc == 1, COPIED, np.uint64(0))
-        # keep reserved bits of entries as they were (check reports them; we do not hide them)
-        out[nz] |= l1[nz] & np.uint64(L.L1E_RESERVED_MASK & ~L.OFLAG_COPIED)
     return out, new_tables
 
 
