@@ -54,8 +54,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -63,11 +61,14 @@ from vdkit.errors import UnsupportedError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
 
+TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
 
-BackingRead = Callable[[int, int], bytes]
+    BackingRead = Callable[[int, int], bytes]
 
 def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
              backing: BackingRead | None = None, backing_size: int = 0) -> None:

@@ -17,8 +17,6 @@ the originals); data clusters are shared exactly as in QEMU.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,7 +35,10 @@ from vdkit.formats.qcow2.overlap import Metadata
 from vdkit.formats.qcow2.refcount import Transaction, sorted_unique
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
 
+TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
     _NewTable = tuple[np.ndarray, np.ndarray]  # a rewritten L2 table's entries and subcluster bitmaps
