@@ -477,17 +477,22 @@ class NbdClient:
         except OpenError as exc:
             raise NbdError("Input/output error", errno=_errno.EIO) from exc
 
+    def _simple_reply(self, handle: int) -> None:
+        """The rest of a simple reply's header (its magic already read): a reply to another request is
+        EIO, an error reply raises it as the host's errno."""
+        err, h = w.SIMPLE_REPLY.unpack(w.U32.pack(w.SIMPLE_REPLY_MAGIC) + self._io_recv(w.SIMPLE_REPLY.size - 4))[1:]
+        if h != handle:
+            raise NbdError("Input/output error", errno=_errno.EIO)
+        if err:
+            raise NbdError(os.strerror(_host_errno(err)), errno=_host_errno(err))
+
     def _replies(self, handle: int) -> list[tuple[int, bytes]]:
         """All chunks of one reply, as (type, payload); raises NbdError for an error reply."""
         chunks: list[tuple[int, bytes]] = []
         while True:
             magic = w.U32.unpack(self._io_recv(4))[0]
             if magic == w.SIMPLE_REPLY_MAGIC:
-                err, h = w.SIMPLE_REPLY.unpack(w.U32.pack(magic) + self._io_recv(w.SIMPLE_REPLY.size - 4))[1:]
-                if h != handle:
-                    raise NbdError("Input/output error", errno=_errno.EIO)
-                if err:
-                    raise NbdError(os.strerror(_host_errno(err)), errno=_host_errno(err))
+                self._simple_reply(handle)
                 chunks.append((-1, b""))
                 return chunks
             if magic != w.STRUCTURED_REPLY_MAGIC:
@@ -549,11 +554,7 @@ class NbdClient:
         while True:
             magic = w.U32.unpack(self._io_recv(4))[0]
             if magic == w.SIMPLE_REPLY_MAGIC:
-                err, h = w.SIMPLE_REPLY.unpack(w.U32.pack(magic) + self._io_recv(w.SIMPLE_REPLY.size - 4))[1:]
-                if h != handle:
-                    raise NbdError("Input/output error", errno=_errno.EIO)
-                if err:
-                    raise NbdError(os.strerror(_host_errno(err)), errno=_host_errno(err))
+                self._simple_reply(handle)
                 self._recv_into(target)
                 return
             if magic != w.STRUCTURED_REPLY_MAGIC:
