@@ -15,7 +15,7 @@ THROTTLE = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_w
 def test_loadvm_restores_device_state(daemons: Daemons, tmp_path: Path) -> None:
     for name in ("d0", "d1", "cd"):
         check_ok("create", "-q", "-f", "qcow2", str(tmp_path / f"{name}.qcow2"), "8M")
-    _, path, _ = daemons.vdkit(["-drive", "file=d0.qcow2,if=none,id=d0", "-drive", "file=d1.qcow2,if=none,id=d1",
+    proc, path, _ = daemons.vdkit(["-drive", "file=d0.qcow2,if=none,id=d0", "-drive", "file=d1.qcow2,if=none,id=d1",
                                 "-drive", "file=cd.qcow2,if=none,id=cd,readonly=on"], tmp_path)
     m = daemons.monitor(path).negotiate()
     assert m.cmd("block_set_io_throttle", {**THROTTLE, "device": "d1", "bps": 4096, "bps_max": 8192}) == \
@@ -38,6 +38,7 @@ def test_loadvm_restores_device_state(daemons: Daemons, tmp_path: Path) -> None:
     assert after == before
     assert m.cmd("query-status")["return"]["status"] == "prelaunch"  # not running before: stays stopped
     m.cmd("quit")
+    assert proc.wait(timeout=20) == 0  # quit answers before the images close (as QEMU): wait for the locks
     for name in ("d0", "d1"):
         check_ok("check", str(tmp_path / f"{name}.qcow2"))
 
