@@ -43,8 +43,8 @@ def test_bad_input_keeps_serving(daemons: Daemons, tmp_path: Path) -> None:
 def test_client_disconnects_mid_command(daemons: Daemons, tmp_path: Path) -> None:
     for i in range(2):
         check_ok("create", "-q", "-f", "qcow2", str(tmp_path / f"d{i}.qcow2"), "16M")
-    _, path, _ = daemons.vdkit(["-drive", "file=d0.qcow2,if=none,id=d0", "-drive", "file=d1.qcow2,if=none,id=d1"],
-                               tmp_path)
+    proc, path, _ = daemons.vdkit(["-drive", "file=d0.qcow2,if=none,id=d0", "-drive", "file=d1.qcow2,if=none,id=d1"],
+                                  tmp_path)
     for n in range(5):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(path)
@@ -65,6 +65,7 @@ def test_client_disconnects_mid_command(daemons: Daemons, tmp_path: Path) -> Non
         disk_names = {s["name"] for s in b["inserted"]["image"].get("snapshots", [])}
         assert {n for n in disk_names if n.startswith("gone")} == {n for n in names if n.startswith("gone")}
     m.cmd("quit")
+    assert proc.wait(timeout=20) == 0  # quit answers before the images close (as QEMU): wait for the locks
     for i in range(2):
         check_ok("check", str(tmp_path / f"d{i}.qcow2"))
 

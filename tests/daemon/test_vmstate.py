@@ -88,8 +88,9 @@ def test_vmstate_area_matches_qemu(daemons: Daemons, tmp_path: Path) -> None:
         assert raw.startswith(b"QEVM")
     finally:
         node.close()
-    _, vpath, _ = daemons.vdkit(["-drive", "file=q.qcow2,if=none,id=d0"], tmp_path)
+    vproc, vpath, _ = daemons.vdkit(["-drive", "file=q.qcow2,if=none,id=d0"], tmp_path)
     v = daemons.monitor(vpath).negotiate()
     assert v.hmp("loadvm fromqemu") == ""
     v.cmd("quit")
+    assert vproc.wait(timeout=20) == 0  # the image closes after the answer
     check_ok("check", str(tmp_path / "q.qcow2"))
