@@ -257,7 +257,13 @@ def _mask_cid(data: bytes) -> bytes:
         cut = len(m.group(1)) - 1
         out = data[:m.start(1)] + b"X" + data[m.end():]
         nul = out.find(b"\0", m.start())
-        data = out if nul < 0 else out[:nul] + bytes(cut) + out[nul:]
+        if nul >= 0:
+            # what follows the text's NUL up to the sector's end is no descriptor: QEMU rewrites the text
+            # with a new CID in place, leaving the old text's last bytes there when the new one is shorter
+            end = -(-nul // 512) * 512
+            out = out[:nul] + bytes(end - nul) + out[end:]
+            out = out[:nul] + bytes(cut) + out[nul:]
+        data = out
     return data
 
 
