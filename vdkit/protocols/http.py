@@ -27,6 +27,7 @@ import os
 
 from vdkit.errors import OpenError, VdkitError
 from vdkit.io.status import DATA, OFFSET_VALID, BlockStatus
+from vdkit.protocols import RemoteFile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -191,11 +192,9 @@ class HttpError(Exception):
         self.message = message
 
 
-class HttpFile:
+class HttpFile(RemoteFile):
     """An HTTP(S) resource seen through the interface format drivers use for a file (:class:`ImageFile`)."""
 
-    fd = -1
-    is_device = False
     has_info = False  # no bdrv_get_info: info shows "disk size: unavailable"
     creates_zeroed = False
     json_filename: str | None = None
@@ -418,13 +417,6 @@ class HttpFile:
 
     def allocated_size(self) -> int:
         raise OSError(_errno.ENOTSUP, "disk size unavailable over HTTP")
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise OSError(_errno.EIO, os.strerror(_errno.EIO))
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return bytes(buf)
 
     def readinto(self, offset: int, view: memoryview) -> None:
         """The resource's bytes at ``offset`` copied once into ``view`` from a fetched window (zeros past

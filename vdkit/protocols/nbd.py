@@ -31,6 +31,7 @@ import socket
 import vdkit.nbd.wire as w
 from vdkit.errors import OpenError, VdkitError
 from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
+from vdkit.protocols import RemoteFile
 from vdkit.record import record
 
 TYPE_CHECKING = False
@@ -696,11 +697,9 @@ def _option_error(rtype: int, payload: bytes, opt: int) -> OpenError:
 
 # -- the protocol node -----------------------------------------------------------------------
 
-class NbdFile:
+class NbdFile(RemoteFile):
     """An NBD export seen through the interface format drivers use for a file (:class:`ImageFile`)."""
 
-    fd = -1
-    is_device = False
     has_info = False  # no bdrv_get_info: info shows no dirty flag and "disk size: unavailable"
     protocol_driver = "nbd"
     creates_zeroed = False  # an export keeps its old bytes when "created": convert writes every zero range
@@ -744,13 +743,6 @@ class NbdFile:
 
     def allocated_size(self) -> int:
         raise OSError(_errno.ENOTSUP, "disk size unavailable over NBD")
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise OSError(_errno.EIO, os.strerror(_errno.EIO))
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return bytes(buf)
 
     def readinto(self, offset: int, view: memoryview) -> None:
         """The export's bytes at ``offset`` received straight into ``view`` (zeros past its end)."""

@@ -36,6 +36,7 @@ import os
 
 from vdkit.errors import OpenError, VdkitError
 from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
+from vdkit.protocols import RemoteFile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -499,11 +500,9 @@ class RbdSnapshot:
         return f"<RbdSnapshot {self.name!r} size={self.vm_state_size}>"
 
 
-class RbdFile:
+class RbdFile(RemoteFile):
     """An RBD image seen through the interface format drivers use for a file (:class:`ImageFile`)."""
 
-    fd = -1
-    is_device = False
     has_info = True  # bdrv_get_info answers (cluster size, no dirty flag); the allocated size does not
     creates_zeroed = True  # a new RBD image reads as zeros (QEMU's rbd has zero init)
     protocol = "rbd"
@@ -567,11 +566,6 @@ class RbdFile:
         raise OSError(_errno.ENOTSUP, "disk size unavailable over RBD")
 
     # -- data ------------------------------------------------------------------------------------
-
-    def pread(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return bytes(buf)
 
     def readinto(self, offset: int, view: memoryview) -> None:
         length = len(view)
