@@ -61,6 +61,23 @@ def qemu_img(*args: str, cwd: Path | str | None = None) -> Result:
     return _run([require_tool("qemu-img"), *args], cwd=cwd)
 
 
+PBKDF_FLAKE = "Unable to get accurate CPU usage"
+
+
+def qemu_img_pbkdf(*args: str, cwd: Path | str | None = None) -> Result:
+    """qemu-img creating LUKS key material: its PBKDF calibration fails now and then on a loaded machine
+    (PBKDF_FLAKE), in bursts.  That is the oracle's flake, not a refusal: retried with a growing pause; any
+    other result is returned at once."""
+    import time
+
+    for attempt in range(8):
+        r = qemu_img(*args, cwd=cwd)
+        if r.returncode == 0 or PBKDF_FLAKE not in r.stderr:
+            break
+        time.sleep(0.5 * (attempt + 1))
+    return r
+
+
 def qemu_io(*args: str, cwd: Path | str | None = None) -> Result:
     return _run([require_tool("qemu-io"), *args], cwd=cwd)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_img_pbkdf, vdkit_img
 from tests.diff.io_corpus import qio
 
 Q = "driver=qcow2,file.filename=q.qcow2"
@@ -305,14 +305,10 @@ def test_encrypted_key_secret(tmp_path: Path) -> None:
     """The usual reason for --object: a key for an encrypted qcow2.  info needs no key (qemu-img opens it
     for metadata only), so any key-secret is accepted; I/O commands without one fail as qemu-img does."""
     _images(tmp_path)
-    for _ in range(8):  # qemu-img's PBKDF calibration can fail on a loaded machine: the oracle's flake
-        r = qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
-                     "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "enc.qcow2", "1M",
-                     cwd=tmp_path)
-        if r.returncode == 0:
-            break
-        assert "Unable to get accurate CPU usage" in r.stderr, r.stderr
-        (tmp_path / "enc.qcow2").unlink(missing_ok=True)
+    r = qemu_img_pbkdf("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
+                       "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "enc.qcow2", "1M",
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     enc = "driver=qcow2,file.filename=enc.qcow2"
     for args in (["info", "--object", "secret,id=s0,data=pw", "--image-opts", enc + ",encrypt.key-secret=s0"],
                  ["info", "--image-opts", enc + ",encrypt.key-secret=nosuch"],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.conftest import qemu_img_pbkdf, require_tool
 from tests.data import generate as g
 from tests.data.compare import INFO_VARIANTS, compare_image, run_vdkit, same, same_snapshot_json
 
@@ -341,12 +341,9 @@ def test_autoclear_bitmaps_cleared(tmp_path: Path) -> None:
 
 def test_luks_encrypted(tmp_path: Path) -> None:
     """LUKS-encrypted qcow2: needs the LUKS header parser (vdkit.formats.luks)."""
-    for _ in range(8):  # PBKDF calibration flakes on a busy machine ("Unable to get accurate CPU usage")
-        r = g.run(require_tool("qemu-img"), "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
-                  "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "enc.qcow2", "1M",
-                  cwd=tmp_path, check=False)
-        if r.returncode == 0:
-            break
+    r = qemu_img_pbkdf("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw",
+                       "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", "enc.qcow2", "1M",
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     compare_image("enc.qcow2", tmp_path)
 

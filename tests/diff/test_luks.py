@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img_pbkdf, vdkit_img
 
 CIPHERS = [
     "",
@@ -21,16 +21,10 @@ def _make(workdir: Path, name: str, extra: str) -> Path:
     opts = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=200"
     if extra:
         opts += "," + extra
-    # qemu-img's PBKDF calibration sometimes fails on a loaded machine with
-    # "Unable to get accurate CPU usage"; that is the oracle's flake, so retry.
-    for _ in range(8):
-        r = qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", opts, name, "16M",
-                     cwd=workdir)
-        if r.returncode == 0:
-            return workdir / name
-        assert "Unable to get accurate CPU usage" in r.stderr, r.stderr
-        (workdir / name).unlink(missing_ok=True)
-    raise AssertionError("qemu-img could not create a LUKS image")
+    r = qemu_img_pbkdf("create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", opts, name, "16M",
+                       cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    return workdir / name
 
 
 @pytest.mark.parametrize("extra", CIPHERS)
