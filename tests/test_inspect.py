@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.conftest import check_ok, qemu_img, qemu_img_pbkdf, qemu_io, vdkit_img
 from tests.data.generate import set_u64
 from vdkit.block.inspect import inspect_image
 
@@ -124,11 +124,8 @@ def test_corrupt_bit_and_encryption_and_size_limit(tmp_path: Path) -> None:
     rc, doc = _verdict(img)
     assert rc == 2 and "corrupt-flag" in _kinds(doc)
     enc = tmp_path / "e.qcow2"
-    for _ in range(5):  # qemu's PBKDF calibration fails now and then on a busy machine
-        r = qemu_img("create", "-q", "--object", "secret,id=s,data=pw", "-f", "qcow2", "-o",
-                     "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=200", str(enc), "1M")
-        if r.returncode == 0:
-            break
+    r = qemu_img_pbkdf("create", "-q", "--object", "secret,id=s,data=pw", "-f", "qcow2", "-o",
+                       "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=200", str(enc), "1M")
     assert r.returncode == 0, r.stderr
     rc, doc = _verdict(enc)
     assert rc == 2 and _kinds(doc) == {"encrypted"}
