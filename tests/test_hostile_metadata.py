@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 
 import vdkit
 from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.helpers.patching import get_u64, set_u64
 from vdkit.errors import VdkitError
 
 
@@ -37,7 +37,7 @@ def _library_ops(path: Path) -> None:
         try:
             with vdkit.open(path, backing=False, readonly=not writable) as node:
                 if op == "info":
-                    node.info()
+                    vdkit.image_info(node)
                     node.snapshots()
                 elif op == "read":
                     node.read(0, 4 << 20)
@@ -86,10 +86,7 @@ def _huge_refblock(tmp: Path) -> Path:
     check_ok("create", "-q", "-f", "qcow2", str(img), "1M")
     assert qemu_io("-c", "write -P 1 0 64k", str(img)).returncode == 0
     check_ok("snapshot", "-c", "s1", str(img))
-    with open(img, "r+b") as f:
-        reftable = struct.unpack(">Q", f.read(56)[48:56])[0]
-        f.seek(reftable)
-        f.write(struct.pack(">Q", 0xD200000000010000))
+    set_u64(img, get_u64(img, 48), 0xD200000000010000)  # the refcount table's first entry
     return img
 
 

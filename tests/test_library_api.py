@@ -41,7 +41,7 @@ def test_readme_render_calls_after_bare_import(tmp_path: Path) -> None:
     code = (
         "import sys, vdkit\n"
         "with vdkit.open(sys.argv[1]) as node:\n"
-        "    info = node.info(nested=True)\n"
+        "    info = vdkit.image_info(node, nested=True)\n"
         "    sys.stdout.write(vdkit.info.render_human.image_info(info))\n"
         "    sys.stdout.write(vdkit.info.render_json.render_pretty(info))\n"
         "    vdkit.block.chain.OpenPolicy.restricted_to(sys.argv[1])\n"

@@ -33,7 +33,7 @@ def tree(tmp_path: Path) -> Path:
 def test_backing_false_opens_only_the_image(tree: Path) -> None:
     with vdkit.open(tree / "inside" / "top.qcow2", backing=False) as node:
         assert node.backing is None
-        assert node.info().backing_filename == "../outside/base.qcow2"
+        assert vdkit.image_info(node).backing_filename == "../outside/base.qcow2"
 
 
 def test_default_follows_the_chain(tree: Path) -> None:

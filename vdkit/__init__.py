@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.inspect import Verdict
     from vdkit.block.node import Node
+    from vdkit.info.model import ImageInfo
 
-__all__ = ["open", "inspect", "VdkitError"]
+__all__ = ["open", "image_info", "inspect", "VdkitError"]
 __version__ = "0.1.0"
 
 
@@ -67,6 +68,18 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
         path, fmt, readonly=readonly, force_share=force_share, backing=backing,
         policy=policy,
     )
+
+
+def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
+    """What ``qemu-img info`` reports of an open node (``nested``: ``backing_image`` filled down the
+    chain, as QMP's ``query-block`` does).
+
+    A function of the facade rather than a method of :class:`~vdkit.block.node.Node`: the block
+    layer does not know the info layer above it (``vdkit.info.collect`` builds the record).
+    """
+    from vdkit.info.collect import image_info as collect
+
+    return collect(node, nested=nested)
 
 
 def inspect(path: str | os.PathLike[str], fmt: str | None = None, *,

@@ -302,7 +302,7 @@ def test_library(cluster: ceph.CephCluster) -> None:
     with vdkit.open(cluster.name(image), "raw", readonly=False) as node:
         node.write(4096, b"\x77" * 8192)
         assert node.read(4096, 8192) == b"\x77" * 8192
-        assert node.info().cluster_size == 4 << 20
+        assert vdkit.image_info(node).cluster_size == 4 << 20
     r = qemu_io("-f", "raw", "-c", "read -P 0x77 4096 8192", "-c", "read -P 0 0 4096", cluster.name(image))
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 

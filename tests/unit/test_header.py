@@ -24,6 +24,7 @@ from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import parse_header, serialize_header
 from vdkit.formats.qcow2.snapshot import parse_snapshot_table
+from vdkit.info.collect import image_info
 
 OPTION_SETS = [
     ["compat=0.10"],
@@ -132,7 +133,7 @@ def test_fuzz_open(images: list[Path], tmp_path: Path, which: int, muts: list[tu
         g.patch(img, off, data)
     try:
         with open_image(img, readonly=True, backing=False, no_io=True) as node:
-            node.info()
+            image_info(node)
             node.snapshots()
     except VdkitError as exc:
         assert exc.message and "\n" not in exc.message

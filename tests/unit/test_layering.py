@@ -44,10 +44,7 @@ _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "blo
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 
 # Function-level imports allowed to reach up: (importing file, imported module).  Keep this short.
-ALLOWED_UPWARD = {
-    # Node.info()/Node.snapshots(): library conveniences that call the one info collector
-    ("block/node.py", "vdkit.info.collect"),
-}
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _layer(module: str) -> str | None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vdkit.block.driver import FormatDriver
     from vdkit.block.io import MapEntry
     from vdkit.block.snapshot import SnapshotRecord
-    from vdkit.info.model import ImageInfo, SnapshotInfo
+    from vdkit.info.model import SnapshotInfo
     from vdkit.protocols.nbd import NbdFile
 
     SnapshotRef: TypeAlias = SnapshotInfo | SnapshotRecord | str  # what the snapshot methods accept
@@ -71,12 +71,6 @@ class Node:
             yield node
             node = node.backing
 
-    def info(self, *, nested: bool = False) -> ImageInfo:
-        """Image info of this node; ``nested`` fills ``backing-image`` recursively (QMP style)."""
-        from vdkit.info.collect import image_info
-
-        return image_info(self, nested=nested)
-
     def warnings(self) -> list[tuple[str, str | None]]:
         """Open-time warnings of the chain, top first, as ``(message, hint)``; front ends print them."""
         out: list[tuple[str, str | None]] = []
@@ -90,7 +84,7 @@ class Node:
         Each item can be handed back to :meth:`snapshot_revert`, :meth:`snapshot_delete` and
         :meth:`read_vmstate`.
         """
-        from vdkit.info.collect import snapshot_infos
+        from vdkit.block.snapshot import snapshot_infos
 
         return snapshot_infos(self.driver)
 

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
     S = TypeVar("S", bound=_Snapshot)
 
+    from vdkit.block.driver import FormatDriver
+    from vdkit.info.model import SnapshotInfo
+
 MAX_SNAPSHOT_ID_LEN = 127
 """Bytes of a snapshot ID that QEMU's descriptor keeps (128-byte field with its NUL)."""
 MAX_SNAPSHOT_NAME_LEN = 255
@@ -51,6 +54,9 @@ ICOUNT_UNUSED = 0xFFFFFFFFFFFFFFFF
 # -- lookup: what QEMU's generic snapshot layer compares (the truncated descriptor fields) --------
 
 def _trunc(text: str, max_bytes: int) -> str:
+    """The descriptor keeps at most ``max_bytes`` bytes of the UTF-8 text."""
+    if text.isascii() and len(text) <= max_bytes:
+        return text
     raw = text.encode("utf-8", "surrogateescape")
     return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "surrogateescape")
 
@@ -87,3 +93,45 @@ def find_id_then_name(entries: Iterable[S], s: str) -> S | None:
     """Try ``s`` as an ID, then as a name (what revert, ``loadvm`` and ``convert -l X`` use)."""
     entries = list(entries)
     return find_by_id_and_name(entries, s, None) or find_by_id_and_name(entries, None, s)
+
+
+# -- the descriptor as QAPI reports it (SnapshotInfo) ------------------------------------------------
+
+def _int64(value: int) -> int:
+    """QAPI ``int`` members are signed 64-bit: QEMU reports 2^64-1 as -1."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def snapshot_info(entry: SnapshotRecord) -> SnapshotInfo:
+    """One entry as every front end reports it (``SnapshotInfo``: the descriptor's cut ID and name,
+    signed 64-bit numbers, no icount when unused).  Here rather than in ``info.collect`` so that
+    :meth:`vdkit.block.node.Node.snapshots` lists without reaching up into the info layer."""
+    # runs once per snapshot on every ``info``: the common case (short ASCII names, values below
+    # 2^63) takes no function calls; positional arguments in SnapshotInfo's field order
+    from vdkit.info.model import SnapshotInfo
+
+    icount: int | None
+    sid, name, vm_size, icount = entry.id_str, entry.name, entry.vm_state_size, entry.icount
+    if len(sid) > MAX_SNAPSHOT_ID_LEN // 4 or not sid.isascii():
+        sid = _trunc(sid, MAX_SNAPSHOT_ID_LEN)
+    if len(name) > MAX_SNAPSHOT_NAME_LEN // 4 or not name.isascii():
+        name = _trunc(name, MAX_SNAPSHOT_NAME_LEN)
+    if vm_size >= 1 << 63:
+        vm_size = _int64(vm_size)
+    if icount == ICOUNT_UNUSED:
+        icount = None
+    elif icount >= 1 << 63:
+        icount = _int64(icount)
+    clock = entry.vm_clock_nsec
+    return SnapshotInfo(sid, name, vm_size, entry.date_sec, entry.date_nsec, clock // 1_000_000_000,
+                        clock % 1_000_000_000, icount)
+
+
+def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
+    """Listed snapshots; none where the driver cannot do snapshots (qcow2 with an
+    external data file), as qemu-img treats "not supported" as an empty list."""
+    unsupported = getattr(driver, "snapshot_unsupported_reason", None)
+    if unsupported is not None and unsupported() is not None:
+        return []
+    return [snapshot_info(e) for e in driver.snapshots()]

@@ -64,6 +64,7 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
     """Open each image of the chain on its own, without its backing file (as qemu-img's info)."""
     from vdkit.block.chain import BackingWalk
     from vdkit.block.node import open_image
+    from vdkit.info.collect import image_info
 
     infos = []
     walk = BackingWalk(names_only=True)
@@ -74,7 +75,7 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
                         walk=walk, share_writes=True) as node:
             for message, hint in node.warnings():
                 warn(message, hint)
-            info = node.info()
+            info = image_info(node)
         infos.append(info)
         if not chain:
             break

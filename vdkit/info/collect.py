@@ -7,59 +7,13 @@ reports the same facts.  The counterpart of QEMU's ``block/qapi.c``.
 
 from __future__ import annotations
 
-from vdkit.block import snapshot as L
-from vdkit.info.model import ImageInfo, SnapshotInfo
+from vdkit.block.snapshot import snapshot_info as snapshot_info  # re-exported: the monitor lists entries
+from vdkit.block.snapshot import snapshot_infos
+from vdkit.info.model import ImageInfo
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from vdkit.block.driver import FormatDriver
     from vdkit.block.node import Node
-    from vdkit.block.snapshot import SnapshotRecord
-
-
-def _truncate(text: str, max_bytes: int) -> str:
-    """The generic snapshot descriptor keeps at most ``max_bytes`` bytes."""
-    if text.isascii() and len(text) <= max_bytes:
-        return text
-    raw = text.encode("utf-8", "surrogateescape")
-    if len(raw) <= max_bytes:
-        return text
-    return raw[:max_bytes].decode("utf-8", "surrogateescape")
-
-
-def _int64(value: int) -> int:
-    """QAPI ``int`` members are signed 64-bit: QEMU reports 2^64-1 as -1."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def snapshot_info(entry: SnapshotRecord) -> SnapshotInfo:
-    # runs once per snapshot on every ``info``: the common case (short ASCII names, values below
-    # 2^63) takes no function calls; positional arguments in SnapshotInfo's field order
-    icount: int | None
-    sid, name, vm_size, icount = entry.id_str, entry.name, entry.vm_state_size, entry.icount
-    if len(sid) > L.MAX_SNAPSHOT_ID_LEN // 4 or not sid.isascii():
-        sid = _truncate(sid, L.MAX_SNAPSHOT_ID_LEN)
-    if len(name) > L.MAX_SNAPSHOT_NAME_LEN // 4 or not name.isascii():
-        name = _truncate(name, L.MAX_SNAPSHOT_NAME_LEN)
-    if vm_size >= 1 << 63:
-        vm_size = _int64(vm_size)
-    if icount == L.ICOUNT_UNUSED:
-        icount = None
-    elif icount >= 1 << 63:
-        icount = _int64(icount)
-    clock = entry.vm_clock_nsec
-    return SnapshotInfo(sid, name, vm_size, entry.date_sec, entry.date_nsec, clock // 1_000_000_000,
-                        clock % 1_000_000_000, icount)
-
-
-def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
-    """Listed snapshots; none where the driver cannot do snapshots (qcow2 with an
-    external data file), as qemu-img treats "not supported" as an empty list."""
-    unsupported = getattr(driver, "snapshot_unsupported_reason", None)
-    if unsupported is not None and unsupported() is not None:
-        return []
-    return [snapshot_info(e) for e in driver.snapshots()]
 
 
 def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
