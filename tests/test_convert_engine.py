@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import check_ok, qemu_img, vdkit_img
 from tests.diff.io_corpus import KINDS, build
+from tests.helpers.patching import get_u64, set_u64
 from vdkit.block import io as bio
 from vdkit.block.copy import SECTOR, ZeroMap, _zero_sectors_numpy
 from vdkit.block.node import open_image
@@ -131,11 +132,8 @@ def test_read_error_after_written_pieces(workdir: Path) -> None:
         l2_off = int(node.driver.clusters.l1[1]) & 0x00FFFFFFFFFFFE00  # type: ignore[attr-defined]
     finally:
         node.close()
-    with open(workdir / "bad.qcow2", "r+b") as f:  # entry 0 of the second table: unaligned host offset
-        f.seek(l2_off)
-        entry = int.from_bytes(f.read(8), "big")
-        f.seek(l2_off)
-        f.write((entry | 0x200).to_bytes(8, "big"))
+    bad = workdir / "bad.qcow2"
+    set_u64(bad, l2_off, get_u64(bad, l2_off) | 0x200)  # entry 0 of the second table: unaligned host offset
     q = qemu_img("convert", "-O", "raw", "bad.qcow2", "q.out", cwd=workdir)
     v = vdkit_img("convert", "-O", "raw", "bad.qcow2", "v.out", cwd=workdir)
     assert q.returncode == v.returncode == 1

@@ -17,7 +17,7 @@ import pytest
 
 import vdkit
 from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
-from tests.helpers.patching import get_u64, set_u64
+from tests.helpers.patching import get_u64, set_u16, set_u64
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2.driver import CorruptionReport, Qcow2Driver
 
@@ -36,9 +36,7 @@ def _image(path: Path, damage: str) -> None:
     rt = get_u64(path, 48)
     l2 = get_u64(path, l1) & 0x00FFFFFFFFFFFE00
     if damage == "l1_refcount_zero":  # the allocator may hand out the L1 table's cluster for data
-        with open(path, "r+b") as f:
-            f.seek(get_u64(path, rt) + 2 * (l1 >> 16))
-            f.write(b"\0\0")
+        set_u16(path, get_u64(path, rt) + 2 * (l1 >> 16), 0)
         return
     target = {
         "data_unaligned": (l2, COPIED | 0x50200),

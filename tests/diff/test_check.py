@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
-from tests.helpers.patching import patch
+from tests.helpers.patching import get_u64, patch, set_u64
 
 # -- image surgery ---------------------------------------------------------------------------------
 
@@ -37,14 +37,10 @@ class Img:
         self.rbits = 1 << self.refcount_order
 
     def u64(self, off: int) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(off)
-            return struct.unpack(">Q", f.read(8).ljust(8, b"\0"))[0]
+        return get_u64(self.path, off)
 
     def put64(self, off: int, value: int) -> None:
-        with open(self.path, "r+b") as f:
-            f.seek(off)
-            f.write(struct.pack(">Q", value))
+        set_u64(self.path, off, value)
 
     def l1_entry_offset(self, i: int = 0) -> int:
         return self.l1_offset + 8 * i
@@ -336,7 +332,7 @@ def test_raw_and_usage(tmp_path: Path) -> None:
 # -- more metadata damage ----------------------------------------------------------------------------
 
 def _snapshot_table_offset(path: Path) -> int:
-    return struct.unpack(">Q", path.read_bytes()[64:72])[0]
+    return get_u64(path, 64)
 
 
 @pytest.mark.parametrize("case", ["refblock_outside", "refblock_unaligned", "l2_beyond_eof", "compressed_copied",
@@ -461,7 +457,7 @@ def _snapshot_image(tmp: Path, case: str) -> Path:
         ents[1] = _with_extra_size(ents[1], 2000)
         patch(path, off, _pack_entries(ents[:3]))
     elif case == "offset_unaligned":
-        patch(path, 64, struct.pack(">Q", off + 8))
+        set_u64(path, 64, off + 8)
     elif case == "too_many_past_eof":  # 70000 entries, all but the first past the end of the file
         patch(path, 60, struct.pack(">I", 70000))
     elif case == "table_too_big":  # 513 entries with 64 KiB ids and names (zeros): 64 MiB are reached at #511

@@ -29,7 +29,7 @@ import pytest
 
 from tests.conftest import _ENV, check_ok, data_extents, qemu_img, qemu_io, require_tool
 from tests.diff.test_check import Img, compare, compare_repair, make
-from tests.helpers.patching import set_u64
+from tests.helpers.patching import get_u64, set_u64, u64_of
 
 # -- named cases -----------------------------------------------------------------------------------------
 
@@ -125,7 +125,7 @@ def test_overlap_order_inactive_l1_before_refcount_block(tmp_path: Path) -> None
     path = make(tmp_path, "oo.qcow2", "cluster_size=512", size="4M", writes=("write 0 4k",))
     check_ok("snapshot", "-c", "s1", str(path))
     img = Img(path)
-    sn = struct.unpack(">Q", path.read_bytes()[64:72])[0]
+    sn = get_u64(path, 64)
     l1 = img.u64(sn)
     set_u64(path, sn, l1 + 0x10)
     set_u64(path, img.rt_offset + 8, l1 | 1)
@@ -189,10 +189,6 @@ def test_far_refblock_memory_bounded(tmp_path: Path) -> None:
 # -- random damage -------------------------------------------------------------------------------------
 
 
-def _u64(d: bytes | bytearray, off: int) -> int:
-    return struct.unpack(">Q", bytes(d[off : off + 8]).ljust(8, b"\0"))[0]
-
-
 def damaged_image(tmp: Path, seed: int) -> tuple[Path, list[str]]:
     """A small qcow2 image built by qemu-img/qemu-io and damaged at random (deterministic per seed)."""
     rnd = random.Random(seed)
@@ -216,10 +212,10 @@ def damaged_image(tmp: Path, seed: int) -> tuple[Path, list[str]]:
     if bits >= 2 and rnd.random() < 0.4 and qemu_img("snapshot", "-c", "s1", str(path)).returncode == 0:
         qemu_io("-f", "qcow2", "-c", f"write -P 9 0 {cs}", str(path))
     d = bytearray(path.read_bytes())
-    l1off, rtoff = _u64(d, 40), _u64(d, 48)
-    snoff = _u64(d, 64)
-    rb0 = _u64(d, rtoff) & ~0x1FF
-    l2_0 = _u64(d, l1off) & 0x00FFFFFFFFFFFE00
+    l1off, rtoff = u64_of(d, 40), u64_of(d, 48)
+    snoff = u64_of(d, 64)
+    rb0 = u64_of(d, rtoff) & ~0x1FF
+    l2_0 = u64_of(d, l1off) & 0x00FFFFFFFFFFFE00
     targets = [("reftable", rtoff), ("l1", l1off)]
     if rb0:
         targets.append(("refblock", rb0))
@@ -241,7 +237,7 @@ def damaged_image(tmp: Path, seed: int) -> tuple[Path, list[str]]:
         off = base + 8 * rnd.randrange(0, 6)
         if off + 8 > len(d):
             continue
-        v = _u64(d, off)
+        v = u64_of(d, off)
         r = rnd.random()
         if kind == "refblock" and r < 0.4:
             bo = base + rnd.randrange(0, 16)

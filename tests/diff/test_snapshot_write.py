@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.helpers.patching import get_u64, set_u64
 
 
 def make_image(path: Path, opts: str = "", size: str = "8M", writes: tuple[str, ...] = ()) -> Path:
@@ -186,11 +187,7 @@ def test_refcount_overflow(tmp_path: Path, bits: int) -> None:
 
 def test_corrupt_image_refused(tmp_path: Path) -> None:
     base = make_image(tmp_path / "base.qcow2", writes=("write -P 1 0 4k",))
-    with open(base, "r+b") as f:
-        f.seek(72)
-        incompat = int.from_bytes(f.read(8), "big") | 2
-        f.seek(72)
-        f.write(incompat.to_bytes(8, "big"))
+    set_u64(base, 72, get_u64(base, 72) | 2)  # incompatible features: corrupt
     q, v = pair(tmp_path, base)
     for args in (("-c", "x"), ("-a", "x"), ("-d", "x"), ()):
         assert run_both(q, v, *args) == 1
@@ -270,9 +267,7 @@ def test_revert_to_smaller_disk_size(tmp_path: Path) -> None:
 
 def test_unknown_autoclear_bits_cleared_on_write_open(tmp_path: Path) -> None:
     base = make_image(tmp_path / "base.qcow2", writes=("write -P 1 0 4k",))
-    with open(base, "r+b") as f:
-        f.seek(88)
-        f.write((1 << 40).to_bytes(8, "big"))
+    set_u64(base, 88, 1 << 40)  # autoclear features
     q, v = pair(tmp_path, base)
     assert run_both(q, v, "-c", "s") == 0
     assert_equivalent(q, v)

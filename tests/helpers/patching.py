@@ -35,10 +35,21 @@ def set_u64(path: Path, offset: int, value: int) -> None:
 def get_u32(path: Path, offset: int) -> int:
     with open(path, "rb") as f:
         f.seek(offset)
-        return int.from_bytes(f.read(4), "big")
+        return u32_of(f.read(4), 0)
 
 
 def get_u64(path: Path, offset: int) -> int:
     with open(path, "rb") as f:
         f.seek(offset)
-        return int.from_bytes(f.read(8), "big")
+        return u64_of(f.read(8), 0)
+
+
+def u32_of(data: bytes | bytearray, offset: int) -> int:
+    """The field at ``offset`` of a buffer; bytes past its end read as zeros (as the image's reader sees a file
+    cut short), so a field a damaged file cuts in half is still a number and never an exception."""
+    return int.from_bytes(bytes(data[offset : offset + 4]).ljust(4, b"\0"), "big")
+
+
+def u64_of(data: bytes | bytearray, offset: int) -> int:
+    """As :func:`u32_of`, eight bytes."""
+    return int.from_bytes(bytes(data[offset : offset + 8]).ljust(8, b"\0"), "big")
