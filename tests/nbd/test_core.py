@@ -185,8 +185,14 @@ def test_split_input_and_replies() -> None:
     rd = s.reply_read(Request(w.CMD_READ, 0, 3, 8, 2), b"zz")
     assert rd == w.STRUCTURED_HEADER.pack(w.STRUCTURED_REPLY_MAGIC, 1, w.REPLY_TYPE_OFFSET_DATA, 3, 10) + \
         struct.pack(">Q", 8) + b"zz"
-    bs = s.reply_block_status(Request(w.CMD_BLOCK_STATUS, w.CMDFLAG_REQ_ONE, 5, 0, 9), [(4, 0), (5, 3)])
+    bs = s.reply_block_status(Request(w.CMD_BLOCK_STATUS, w.CMDFLAG_REQ_ONE, 5, 0, 9), [(0, [(4, 0), (5, 3)])])
     assert bs.endswith(w.EXTENT.pack(4, 0)) and len(bs) == w.STRUCTURED_HEADER.size + 12
+    # one chunk per context, DONE on the last only
+    bs = s.reply_block_status(Request(w.CMD_BLOCK_STATUS, 0, 5, 0, 9), [(0, [(9, 0)]), (2, [(4, 1), (5, 0)])])
+    first = w.STRUCTURED_HEADER.unpack_from(bs)
+    assert first[1] == 0 and w.U32.unpack_from(bs, w.STRUCTURED_HEADER.size) == (0,)
+    second = w.STRUCTURED_HEADER.unpack_from(bs, w.STRUCTURED_HEADER.size + 12)
+    assert second[1] == w.REPLY_FLAG_DONE and second[4] == 4 + 16 and bs.endswith(w.EXTENT.pack(5, 0))
     assert isinstance(events(s, req(w.CMD_DISC))[0], Closed)
     assert events(s, req(w.CMD_READ, 0, 1)) == []  # nothing after the end
 

@@ -54,11 +54,22 @@ from vdkit.devices.exports import ExportEntry, RemovedExport
 from vdkit.devices.throttle import Throttle
 from vdkit.errors import VdkitError
 from vdkit.nbd import wire as w
-from vdkit.nbd.server import NEED_DATA, Closed, ExportChosen, ExportInfo, NbdServer, Request
+from vdkit.nbd.server import (
+    BASE_ALLOCATION_ID,
+    BITMAP_ID_BASE,
+    MAX_EXTENTS,
+    NEED_DATA,
+    Closed,
+    ExportChosen,
+    ExportInfo,
+    NbdServer,
+    Request,
+)
 
 if TYPE_CHECKING:
     import concurrent.futures
 
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.devices.exports import Address
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
 
@@ -98,6 +109,8 @@ class Export:
     conns: set[_Conn] = field(default_factory=set)
     # a -blockdev node's export: the unnamed backend standing in for a drive (stats, no throttling)
     backend: Drive | None = None
+    # dirty bitmaps served as qemu:dirty-bitmap:NAME contexts (busy while exported)
+    bitmaps: list[DirtyBitmap] = field(default_factory=list)
 
     @property
     def node_name(self) -> str:
@@ -146,7 +159,7 @@ class NbdService:
     def _info(self, e: Export) -> ExportInfo:
         node = e.medium.node
         return ExportInfo(e.name, node.driver.virtual_size, readonly=not e.writable or e.medium.ro,
-                          description=e.description)
+                          description=e.description, bitmaps=tuple(b.name or "" for b in e.bitmaps))
 
     def lookup(self, name: str) -> ExportInfo | None:
         e = self._find(name)
@@ -207,9 +220,8 @@ class NbdService:
             self.unix_path = None
         return removed
 
-    def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
-            on_eject_drive: str | None = None, backend: Drive | None = None) -> None:
-        """The NBD side of adding an export (the monitor checked the id is well-formed and free)."""
+    def check_name(self, name: str, description: str = "") -> None:
+        """The checks a new export's name and description meet before anything else about it."""
         if self.server is None:
             raise VdkitError("NBD server not running")
         if len(name.encode()) > w.MAX_STRING:
@@ -218,7 +230,18 @@ class NbdService:
             raise VdkitError(f"description '{description}' too long")
         if self._find(name) is not None:
             raise VdkitError(f"NBD server already has export named '{name}'")
-        self.exports.append(Export(id, name, medium, writable, description, on_eject_drive, backend=backend))
+
+    def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
+            on_eject_drive: str | None = None, backend: Drive | None = None,
+            bitmaps: list[DirtyBitmap] | None = None) -> None:
+        """The NBD side of adding an export (the monitor checked the id is well-formed and free, and
+        that the bitmaps may be exported: they are busy until the export goes, as in QEMU)."""
+        self.check_name(name, description)
+        exp = Export(id, name, medium, writable, description, on_eject_drive, backend=backend,
+                     bitmaps=list(bitmaps or ()))
+        for bm in exp.bitmaps:
+            bm.busy = True
+        self.exports.append(exp)
 
     def remove(self, id: str, mode: str) -> RemovedExport:
         exp = next((e for e in self.exports if e.id == id), None)
@@ -233,6 +256,8 @@ class NbdService:
 
     def _delete(self, exp: Export) -> RemovedExport:
         self.exports.remove(exp)
+        for bm in exp.bitmaps:
+            bm.busy = False
         busy = bool(exp.conns)
         for conn in list(exp.conns):
             self._hang_up(conn)
@@ -435,7 +460,10 @@ class NbdService:
                 data = bio.read(node, req.offset, req.length)
                 reply = [core.reply_read_header(req), data]
             elif req.cmd == w.CMD_BLOCK_STATUS:
-                reply = [core.reply_block_status(req, self._extents(node, req))]
+                reply = [core.reply_block_status(req, [
+                    (cid, self._extents(node, req) if cid == BASE_ALLOCATION_ID
+                     else _bitmap_extents(exp.bitmaps[cid - BITMAP_ID_BASE], req))
+                    for cid in core.meta_contexts])]
             elif req.cmd == w.CMD_CACHE:
                 reply = [core.reply_ok(req)]
             else:
@@ -550,6 +578,25 @@ class NbdService:
             if req.flags & w.CMDFLAG_REQ_ONE:
                 break
         return [(min(length, 0xFFFFFFFF), f) for length, f in out]
+
+
+def _bitmap_extents(bm: DirtyBitmap, req: Request) -> list[tuple[int, int]]:
+    """qemu:dirty-bitmap extents: ``STATE_DIRTY`` over the granules the bitmap marks, clipped to the
+    request (a range past the bitmap's disk reads clean); at most ``MAX_EXTENTS``, one with ``REQ_ONE``."""
+    out: list[tuple[int, int]] = []
+    pos, end = req.offset, req.offset + req.length
+    limit = 1 if req.flags & w.CMDFLAG_REQ_ONE else MAX_EXTENTS
+    for off, n in bm.dirty_runs(pos, end):
+        if off > pos:
+            out.append((off - pos, 0))
+        if len(out) < limit:
+            out.append((n, w.STATE_DIRTY))
+        pos = off + n
+        if len(out) >= limit:
+            return out[:limit]
+    if pos < end:
+        out.append((end - pos, 0))
+    return out
 
 
 _IOV_MAX = 1024

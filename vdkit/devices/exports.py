@@ -17,6 +17,7 @@ from vdkit.errors import VdkitError
 from vdkit.opts import inet_port
 
 if TYPE_CHECKING:
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.devices.registry import Drive, Medium
 
 
@@ -78,10 +79,16 @@ class ExportService(Protocol):
         """Remove every export and close the listener ("NBD server not running" without one)."""
         ...
 
+    def check_name(self, name: str, description: str = "") -> None:
+        """Refuse a new export's name or description (too long, taken) or a server not running."""
+        ...
+
     def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
-            on_eject_drive: str | None = None, backend: Drive | None = None) -> None:
+            on_eject_drive: str | None = None, backend: Drive | None = None,
+            bitmaps: list[DirtyBitmap] | None = None) -> None:
         """Export ``medium`` as ``name``; ``on_eject_drive``: removed when that drive's medium goes;
-        ``backend``: the unnamed backend of a ``-blockdev`` node's export (no drive has its medium)."""
+        ``backend``: the unnamed backend of a ``-blockdev`` node's export (no drive has its medium);
+        ``bitmaps``: served as ``qemu:dirty-bitmap:NAME`` contexts, busy until the export goes."""
         ...
 
     def remove(self, id: str, mode: str) -> RemovedExport:

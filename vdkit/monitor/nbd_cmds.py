@@ -21,6 +21,7 @@ from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, Handler
 from vdkit.opts import id_wellformed
 
 if TYPE_CHECKING:
+    from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import Drive, Medium
 
@@ -106,6 +107,27 @@ def _check_id(svc: ExportService, id: str) -> None:
         raise VdkitError(f"Block export id '{id}' is already in use")
 
 
+def _export_bitmaps(medium: Medium, names: list[str], writable: bool) -> list[DirtyBitmap]:
+    """The bitmaps an export serves, each the first of its name down the node's backing chain.
+
+    As QEMU 7.2: a recording bitmap of a writable node under a read-only export is refused (its
+    clients would see a bitmap change under an export that promises nothing changes), then a busy
+    or inconsistent one.  Names may repeat (each is served)."""
+    from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO
+
+    out = []
+    for name in names:
+        found = next(((n, b) for n in medium.node.chain() if (b := n.find_bitmap(name)) is not None), None)
+        if found is None:
+            raise VdkitError(f"Bitmap '{name}' is not found")
+        node, bm = found
+        if not writable and bm.enabled and not (medium.ro if node is medium.node else node.readonly):
+            raise VdkitError(f"Enabled bitmap '{name}' incompatible with readonly export")
+        bm.check(CHECK_ALLOW_RO)
+        out.append(bm)
+    return out
+
+
 def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     svc = _service(ctx)
     device = args["device"]
@@ -113,17 +135,14 @@ def nbd_server_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     medium, drive = _resolve(ctx, device, device)  # QEMU looks the device up before the server
     if not svc.running:
         raise VdkitError("NBD server not running")
-    if "bitmap" in args:
-        # QEMU looks for the bitmap down the node's backing chain, then exports it as a meta context
-        if any(n.find_bitmap(args["bitmap"]) is not None for n in medium.node.chain()):
-            raise VdkitError("Exporting a dirty bitmap over NBD (qemu:dirty-bitmap) is not supported by vdkit")
-        raise VdkitError(f"Bitmap '{args['bitmap']}' is not found")
     # nbd-server-add downgrades a writable export of a read-only node, silently (QEMU 7.2)
     writable = bool(args.get("writable", False)) and not medium.ro
     on_eject = drive.id if ctx.machine.find_drive(device) is drive else None
     _check_id(svc, name)
+    svc.check_name(name, args.get("description", ""))
+    bitmaps = _export_bitmaps(medium, [args["bitmap"]] if "bitmap" in args else [], writable)
     svc.add(id=name, medium=medium, name=name, writable=writable, description=args.get("description", ""),
-            on_eject_drive=on_eject, backend=_unlisted(ctx, drive))
+            on_eject_drive=on_eject, backend=_unlisted(ctx, drive), bitmaps=bitmaps)
     _relock(ctx, name)
 
 
@@ -138,10 +157,11 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
         raise VdkitError("NBD server not running")
     if writable and medium.ro:
         raise VdkitError("Cannot export read-only node as writable")
-    if args.get("bitmaps"):
-        raise VdkitError(f"Bitmap '{args['bitmaps'][0]}' is not found")
-    svc.add(id=args["id"], medium=medium, name=args.get("name", args["node-name"]), writable=writable,
-            description=args.get("description", ""), backend=_unlisted(ctx, drive))
+    name = args.get("name", args["node-name"])
+    svc.check_name(name, args.get("description", ""))
+    bitmaps = _export_bitmaps(medium, args.get("bitmaps", []), writable)
+    svc.add(id=args["id"], medium=medium, name=name, writable=writable,
+            description=args.get("description", ""), backend=_unlisted(ctx, drive), bitmaps=bitmaps)
     _relock(ctx, args["id"])
 
 

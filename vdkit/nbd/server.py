@@ -8,7 +8,7 @@ its own is decided here, so the runtime only sees *valid* I/O requests:
 
 * the handshake and every option (``EXPORT_NAME``, ``ABORT``, ``LIST``,
   ``INFO``, ``GO``, ``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and
-  ``SET_META_CONTEXT`` with ``base:allocation``; the rest get
+  ``SET_META_CONTEXT`` with ``base:allocation`` and ``qemu:dirty-bitmap:NAME``; the rest get
   ``NBD_REP_ERR_UNSUP``/``_POLICY``) produce their replies internally;
 * malformed or forbidden requests (bad flags, out of bounds, read-only,
   too large, unknown command, block status without a negotiated context)
@@ -30,6 +30,12 @@ from enum import Enum
 
 from vdkit.nbd import wire as w
 
+# Context ids as QEMU numbers them (a client may compare them across servers): base:allocation 0,
+# qemu:allocation-depth 1 (not served), the export's bitmaps from 2 in the export's order
+BASE_ALLOCATION_ID = 0
+BITMAP_ID_BASE = 2
+MAX_EXTENTS = (1 << 20) // w.EXTENT.size  # extents in one context's block status chunk (1 MiB, as QEMU)
+
 
 @dataclass(frozen=True)
 class ExportInfo:
@@ -42,6 +48,11 @@ class ExportInfo:
     min_block: int = 1
     pref_block: int = 4096
     max_block: int = w.MAX_PAYLOAD
+    # exported dirty bitmaps, in order: the ``qemu:dirty-bitmap:NAME`` contexts (ids from BITMAP_ID_BASE)
+    bitmaps: tuple[str, ...] = ()
+
+    def context_name(self, cid: int) -> str:
+        return w.BASE_ALLOCATION if cid == BASE_ALLOCATION_ID else w.DIRTY_BITMAP + self.bitmaps[cid - BITMAP_ID_BASE]
 
     def transmission_flags(self, *, structured: bool) -> int:
         # every request is served under one lock straight to the image file,
@@ -103,7 +114,6 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-BASE_ALLOCATION_ID = 1
 _VALID_CMD_FLAGS = {
     w.CMD_READ: w.CMDFLAG_FUA | w.CMDFLAG_DF,
     w.CMD_WRITE: w.CMDFLAG_FUA,
@@ -128,9 +138,9 @@ class NbdServer:
         self.no_zeroes = False
         self.structured = False
         self.export: ExportInfo | None = None
-        # SET_META_CONTEXT result: the export it was negotiated for, and whether base:allocation is on
+        # SET_META_CONTEXT result: the export it was negotiated for and the context ids chosen, ascending
         self._meta_export: str | None = None
-        self._meta_base = False
+        self._meta_ids: tuple[int, ...] = ()
         self._buf = bytearray()
         self._pos = 0
         self._out = bytearray()
@@ -154,7 +164,12 @@ class NbdServer:
 
     @property
     def meta_base_allocation(self) -> bool:
-        return self._meta_base
+        return BASE_ALLOCATION_ID in self._meta_ids
+
+    @property
+    def meta_contexts(self) -> tuple[int, ...]:
+        """The ids of the contexts block status answers for, in the order of its chunks."""
+        return self._meta_ids
 
     def _avail(self) -> int:
         return len(self._buf) - self._pos
@@ -247,7 +262,9 @@ class NbdServer:
 
     def _enter_transmission(self, exp: ExportInfo) -> ExportChosen:
         if self._meta_export != exp.name:
-            self._meta_base = False
+            self._meta_ids = ()
+        # an export replaced under the same name between SET and GO keeps only the ids it still has
+        self._meta_ids = tuple(i for i in self._meta_ids if i < BITMAP_ID_BASE + len(exp.bitmaps))
         self.export = exp
         self.phase = Phase.TRANSMISSION
         return ExportChosen(exp)
@@ -344,19 +361,41 @@ class NbdServer:
         if pos != len(data):
             self._opt_error(opt, w.REP_ERR_INVALID, f"Invalid {label} data")
             return
-        if self._lookup(name) is None:
+        exp = self._lookup(name)
+        if exp is None:
             self._opt_error(opt, w.REP_ERR_UNKNOWN, f"export '{name}' not present")
             return
-        if opt == w.OPT_LIST_META_CONTEXT:
-            match = not queries or any(q in (w.BASE_ALLOCATION, "base:") for q in queries)
-        else:
-            match = w.BASE_ALLOCATION in queries
+        listing = opt == w.OPT_LIST_META_CONTEXT
+        ids = self._select_contexts(exp, queries, listing=listing)
+        for cid in ids:
+            # a listed context has no id yet (0); a chosen one gets the id its block status chunks carry
+            ctx = exp.context_name(cid).encode()
+            self._opt_reply(opt, w.REP_META_CONTEXT, w.U32.pack(0 if listing else cid) + ctx)
+        if not listing:
             self._meta_export = name
-            self._meta_base = match
-        if match:
-            ctx = w.BASE_ALLOCATION.encode()
-            self._opt_reply(opt, w.REP_META_CONTEXT, w.U32.pack(BASE_ALLOCATION_ID) + ctx)
+            self._meta_ids = ids
         self._opt_reply(opt, w.REP_ACK)
+
+    @staticmethod
+    def _select_contexts(exp: ExportInfo, queries: list[str], *, listing: bool) -> tuple[int, ...]:
+        """The context ids ``queries`` name, as QEMU 7.2 matches them (checked against qemu-storage-daemon).
+
+        Exact names select a context (a bitmap exported twice: its first id); listing also takes
+        no query at all (everything), ``base:``, ``qemu:`` and ``qemu:dirty-bitmap:`` as prefixes of
+        every context below them.  Replies come in id order, whatever the order of the queries.
+        """
+        every_bitmap = range(BITMAP_ID_BASE, BITMAP_ID_BASE + len(exp.bitmaps))
+        chosen: set[int] = set()
+        if listing and not queries:
+            chosen.update((BASE_ALLOCATION_ID, *every_bitmap))
+        for q in queries:
+            if q == w.BASE_ALLOCATION or (listing and q == "base:"):
+                chosen.add(BASE_ALLOCATION_ID)
+            elif listing and q in ("qemu:", w.DIRTY_BITMAP):
+                chosen.update(every_bitmap)
+            elif q.startswith(w.DIRTY_BITMAP) and q[len(w.DIRTY_BITMAP):] in exp.bitmaps:
+                chosen.add(BITMAP_ID_BASE + exp.bitmaps.index(q[len(w.DIRTY_BITMAP):]))
+        return tuple(sorted(chosen))
 
     # -- transmission ------------------------------------------------------------------------
     def _reject(self, handle: int, err: int, message: str) -> None:
@@ -418,7 +457,7 @@ class NbdServer:
             self._reject(handle, w.EPERM, "Export is read-only")
             return None
         if cmd == w.CMD_BLOCK_STATUS:
-            if not self._meta_base:
+            if not self._meta_ids:
                 self._reject(handle, w.EINVAL, "CMD_BLOCK_STATUS not negotiated")
                 return None
             if length == 0:
@@ -478,15 +517,18 @@ class NbdServer:
         msg = message.encode()[:w.MAX_STRING]
         return self._chunk(handle, w.REPLY_TYPE_ERROR, w.U32.pack(err) + w.U16.pack(len(msg)) + msg)
 
-    def reply_block_status(self, req: Request, extents: list[tuple[int, int]]) -> bytes:
-        """``extents`` are ``(length, NBD_STATE_* flags)`` covering the start of the request."""
-        if req.flags & w.CMDFLAG_REQ_ONE:
-            extents = extents[:1]
-        payload = bytearray(w.U32.pack(BASE_ALLOCATION_ID))
-        for length, flags in extents:
-            payload += w.EXTENT.pack(length, flags)
-        return self._chunk(req.handle, w.REPLY_TYPE_BLOCK_STATUS, bytes(payload))
-
+    def reply_block_status(self, req: Request, contexts: list[tuple[int, list[tuple[int, int]]]]) -> bytes:
+        """One chunk per negotiated context, in :attr:`meta_contexts` order: ``(context id, extents)``,
+        extents ``(length, NBD_STATE_* flags)`` covering the start of the request (``REQ_ONE``: the first)."""
+        out = bytearray()
+        for i, (cid, extents) in enumerate(contexts):
+            if req.flags & w.CMDFLAG_REQ_ONE:
+                extents = extents[:1]
+            payload = bytearray(w.U32.pack(cid))
+            for length, flags in extents:
+                payload += w.EXTENT.pack(length, flags)
+            out += self._chunk(req.handle, w.REPLY_TYPE_BLOCK_STATUS, bytes(payload), done=i == len(contexts) - 1)
+        return bytes(out)
 
 _OPTION_HANDLERS: dict[int, Callable[[NbdServer, int, bytes], Event | None]] = {
     w.OPT_EXPORT_NAME: NbdServer._opt_export_name,

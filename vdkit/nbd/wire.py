@@ -96,6 +96,7 @@ REPLY_TYPE_ERROR_OFFSET = (1 << 15) | 2
 
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
+STATE_DIRTY = 1 << 0  # qemu:dirty-bitmap:NAME contexts
 
 # NBD error values (not host errnos: the protocol fixes them)
 EPERM = 1
@@ -108,6 +109,7 @@ ENOTSUP = 95
 ESHUTDOWN = 108
 
 BASE_ALLOCATION = "base:allocation"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + a bitmap's name: one context per exported bitmap
 
 # -- layouts --------------------------------------------------------------------------------
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
