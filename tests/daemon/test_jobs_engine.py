@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdkit.block.jobs import Job, JobDriver, JobList, Status
+from vdkit.block.jobs import DeviceLock, Job, JobDriver, JobList, Status
 from vdkit.errors import VdkitError
 
 CHUNK = 1 << 19
@@ -61,8 +61,8 @@ class FakeDriver(JobDriver):
 
 
 class Rig:
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
+    def __init__(self, lock: DeviceLock | threading.RLock | None = None) -> None:
+        self.lock = DeviceLock() if lock is None else lock  # the daemon's lock (jobs hand it over when asked)
         self.events: list[tuple[str, dict[str, Any] | None]] = []
         self.changed = threading.Condition()
         self.jobs = JobList(self.lock, self._emit)
@@ -350,19 +350,21 @@ def test_a_job_whose_first_io_fails_can_be_paused(policy: str) -> None:
     assert rig.seq()[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
 
 
-def test_writeback_lets_go_of_the_device_lock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every WRITEBACK_EVERY copied bytes the job writes its target's dirty pages back with the device lock
-    let go (a command gets the lock meanwhile), so no flush made with the lock held has much to write."""
+def test_writeback_runs_beside_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every WRITEBACK_EVERY copied bytes the job starts writing its target's dirty pages back in a thread
+    of its own and copies on (it never waits for the disk mid-copy), one write-back at a time; the job's
+    end waits for it with the device lock let go (a command gets the lock meanwhile), so no flush made
+    with the lock held has much to write."""
     from types import SimpleNamespace
 
     from vdkit.block import jobs as jobs_mod
 
-    entered, taken = threading.Event(), threading.Event()
+    entered, release, copied = threading.Event(), threading.Event(), threading.Event()
     synced: list[int] = []
 
     def fake_fdatasync(fd: int) -> None:
         entered.set()
-        assert taken.wait(30)  # only returns once another thread held the lock
+        assert release.wait(30)
         synced.append(fd)
 
     monkeypatch.setattr(jobs_mod.os, "fdatasync", fake_fdatasync)
@@ -371,17 +373,64 @@ def test_writeback_lets_go_of_the_device_lock(monkeypatch: pytest.MonkeyPatch) -
     class Copier(FakeDriver):
         def run(self, job: Job) -> None:
             job.writeback = target  # type: ignore[assignment]
-            job.len = 2 * jobs_mod.WRITEBACK_EVERY
-            for _ in range(2):
+            job.len = 3 * jobs_mod.WRITEBACK_EVERY
+            for _ in range(3):
                 job.advance(jobs_mod.WRITEBACK_EVERY, jobs_mod.WRITEBACK_EVERY)
                 job.pause_point()
+            copied.set()
 
     rig = Rig()
-    job = rig.start(Copier(2))
+    job = rig.start(Copier(3))
     assert entered.wait(30)
-    with rig.lock:  # the job is inside its write-back, at a pause point: the lock is free
-        assert job.status is Status.RUNNING and job.offset == jobs_mod.WRITEBACK_EVERY
-        taken.set()
+    assert copied.wait(30)  # every step done while the first write-back still runs
+    with rig.lock:  # the job waits for the write-back at its end, the lock let go
+        assert job.status is Status.RUNNING and job.offset == 3 * jobs_mod.WRITEBACK_EVERY
+        release.set()
     rig.wait_status("null")
     job.join()
-    assert synced == [12345, 12345]
+    assert synced == [12345]  # the steps during the running write-back started no second one
+
+
+@pytest.mark.parametrize("lock", ["device", "plain"])
+def test_command_gets_the_lock_from_a_busy_job(lock: str) -> None:
+    """A job copying without a speed limit hands the lock to a command that waits for it (the device lock
+    says when one waits; a plain RLock is handed over every YIELD_INTERVAL), and to nobody otherwise."""
+    from vdkit.block import jobs as jobs_mod
+
+    stop = threading.Event()
+    steps: list[int] = []
+
+    class Busy(FakeDriver):
+        def run(self, job: Job) -> None:
+            job.len = 1
+            while not stop.is_set():
+                job.advance(0, 1)
+                steps.append(1)
+                job.pause_point()
+
+    rig = Rig(None if lock == "device" else threading.RLock())
+    job = rig.start(Busy(1))
+    handed: list[int] = []
+    real = jobs_mod.Job._unlocked
+
+    def counting(self: Job, fn: Any, arg: Any) -> None:
+        handed.append(1)
+        real(self, fn, arg)
+
+    jobs_mod.Job._unlocked = counting  # type: ignore[method-assign]
+    try:
+        while len(steps) < 2000:
+            time.sleep(0.005)
+        idle_handovers = len(handed)
+        for _ in range(20):
+            with rig.lock:  # a command: waits for the job's next pause point
+                assert job.status is Status.RUNNING
+        with rig.lock:
+            stop.set()
+    finally:
+        jobs_mod.Job._unlocked = real  # type: ignore[method-assign]
+    rig.wait_status("null")
+    job.join()
+    if lock == "device":
+        assert idle_handovers == 0  # nobody waited: the job never let go
+    assert handed  # the commands got the lock from the running job

@@ -4,7 +4,7 @@ Everything a monitor command reads or changes lives here, behind ONE lock
 (``DeviceRegistry.lock``).  Every command handler runs with that lock held
 (the daemon's runtime takes it around each dispatch), so a ``query-block``
 never sees half of a ``savevm`` or ``transaction``: queries and snapshot
-operations are serialised.  The lock is a ``threading.RLock`` because
+operations are serialised.  The lock is re-entrant (``vdkit.block.jobs.DeviceLock``) because
 handlers run in a worker thread (blocking file I/O must not stall the event
 loop) and HMP commands re-enter QMP handlers.
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,7 +143,9 @@ class DeviceRegistry:
     """All drives of one daemon, the run state and the VM clock, behind one lock."""
 
     def __init__(self, *, start_paused: bool = False, package: str = "") -> None:
-        self.lock = threading.RLock()
+        from vdkit.block.jobs import DeviceLock
+
+        self.lock = DeviceLock()  # an RLock that tells a running job whether a command waits
         self.drives: list[Drive] = []
         self.package = package
         self.run_state = "prelaunch" if start_paused else "running"
