@@ -2,8 +2,9 @@
 
 The I/O engine and ``check`` both ask it; the differential side (events
 named as QEMU names them) is in ``tests/test_corruption_events.py`` and the
-check repair tests.  Here: the fast numpy path answers as the plain-int path
-and as a cluster-by-cluster reading of the rule, for arbitrary layouts.
+check repair tests.  Here: the fast numpy path and the writer's sorted offsets
+answer as the plain-int path and as a cluster-by-cluster reading of the
+rule, for arbitrary layouts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
+from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, SortedOffsets, first_overlap
 
 CS = 512  # the smallest cluster keeps the search space small
 
@@ -59,7 +60,7 @@ entries = st.lists(st.one_of(st.just(0), st.integers(0, 64 * CS).map(lambda o: o
        bitmaps=st.none() | st.tuples(offsets, st.integers(1, 3 * CS)),
        offset=st.integers(0, 66 * CS), size=st.integers(0, 3 * CS),
        ignore=st.sampled_from([NONE, *NAMES]))
-def test_numpy_and_plain_tables_answer_as_the_rule(
+def test_numpy_plain_and_sorted_tables_answer_as_the_rule(
         l1_off: int, l1: list[int], rt_off: int, rt: list[int], rt_bytes: int, sn_off: int, sn_bytes: int,
         snaps: list[tuple[int, int]], bitmaps: tuple[int, int] | None, offset: int, size: int,
         ignore: Metadata) -> None:
@@ -71,6 +72,11 @@ def test_numpy_and_plain_tables_answer_as_the_rule(
         cluster_size=CS, l1_offset=l1_off, l1_size=len(l1), l1=np.array(l1, dtype=np.uint64),
         reftable_offset=rt_off, reftable_bytes=rt_bytes, reftable=np.array(rt, dtype=np.uint64),
         snapshots_offset=sn_off, snapshots_bytes=sn_bytes, snapshots=plain.snapshots, bitmap_directory=bitmaps)
+    indexed = MetadataMap(  # what a writer holds (Qcow2IO._sorted_offsets)
+        cluster_size=CS, l1_offset=l1_off, l1_size=len(l1), l1=SortedOffsets(vector.l1, L.L1E_OFFSET_MASK),
+        reftable_offset=rt_off, reftable_bytes=rt_bytes, reftable=SortedOffsets(rt, L.REFT_OFFSET_MASK),
+        snapshots_offset=sn_off, snapshots_bytes=sn_bytes, snapshots=plain.snapshots, bitmap_directory=bitmaps)
     expected = _brute(plain, offset, size, ignore)
     assert first_overlap(plain, offset, size, ignore) == expected
     assert first_overlap(vector, offset, size, ignore) == expected
+    assert first_overlap(indexed, offset, size, ignore) == expected

@@ -20,6 +20,7 @@ References: ``/work/shared/reference/qcow2-format.md`` §6–7,
 from __future__ import annotations
 
 import bisect
+import sys
 import zlib
 
 from vdkit.block.driver import DATA as _DATA_FLAG
@@ -29,7 +30,7 @@ from vdkit.block.driver import BlockStatus, CorruptionEvent
 from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
+from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, SortedOffsets, first_overlap
 from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
@@ -152,10 +153,10 @@ class Qcow2IO:
         # host ranges known to overlap no metadata, valid while _overlap_stamp holds (see _check_overlap)
         self._no_overlap: set[tuple[int, int, Metadata | None]] = set()
         self._overlap_stamp: tuple[object, ...] = ()
+        # the L1 and refcount tables as the overlap test searches them: (table, its content, index)
+        self._offset_tables: list[tuple[object, bytes | list[int], SortedOffsets] | None] = [None, None]
         # Read-only images with standard L2 tables map their first tables without numpy (see
         # _LazyNumpy); nothing can be dirty in the metadata caches then, so the file is the truth.
-        import sys
-
         pure = drv.readonly and not self.geom.extended_l2 and "numpy" not in sys.modules
         self._pure_tables = _PURE_TABLES if pure else 0
         self._pure_l1: tuple[int, ...] | None = None
@@ -1015,11 +1016,32 @@ class Qcow2IO:
         cm, rc = drv.clusters, drv.refcounts
         bitmaps = h.bitmaps if h.autoclear_features & L.AUTOCLEAR_BITMAPS else None  # untrusted: unknown to QEMU
         return MetadataMap(
-            cluster_size=self.cluster_size, l1_offset=cm.l1_offset, l1_size=len(cm.l1), l1=cm.l1,
+            cluster_size=self.cluster_size, l1_offset=cm.l1_offset, l1_size=len(cm.l1),
+            l1=self._sorted_offsets(0, cm.l1, L.L1E_OFFSET_MASK),
             reftable_offset=rc.table_offset, reftable_bytes=rc.table_clusters * self.cluster_size,
-            reftable=rc.table, snapshots_offset=h.snapshots_offset,
+            reftable=self._sorted_offsets(1, rc.table, L.REFT_OFFSET_MASK), snapshots_offset=h.snapshots_offset,
             snapshots_bytes=drv.snapshot_table_size if h.nb_snapshots else 0, snapshots=drv._snapshots,
             bitmap_directory=None if bitmaps is None else (bitmaps.directory_offset, bitmaps.directory_size))
+
+    def _sorted_offsets(self, slot: int, table: np.ndarray | list[int], mask: int) -> SortedOffsets:
+        """The :class:`SortedOffsets` of the active L1 (slot 0) or refcount table (slot 1), rebuilt only
+        when the table's content changed.
+
+        The content is compared rather than trusted to change only where the
+        writer knows (snapshots, resize and repairs edit these tables too): a
+        table's bytes compare at memcmp speed, a list by element identity,
+        both far cheaper than scanning the table for every write.
+        """
+        cached = self._offset_tables[slot]
+        tobytes = getattr(table, "tobytes", None)  # numpy and array.array tables; lists compare as lists
+        content: bytes | list[int] | None = tobytes() if tobytes is not None else None
+        if cached is not None and cached[0] is table and cached[1] == (table if content is None else content):
+            return cached[2]
+        if content is None:
+            content = list(table)
+        index = SortedOffsets(table, mask)
+        self._offset_tables[slot] = (table, content, index)
+        return index
 
     def _overlapping(self, lo: int, hi: int, ignore: Metadata = NONE) -> str | None:
         """The name of the first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)``, or None."""

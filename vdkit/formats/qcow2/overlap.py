@@ -20,6 +20,7 @@ default "cached" mode).
 from __future__ import annotations
 
 import sys
+from bisect import bisect_right
 
 from vdkit.formats.qcow2 import layout as L
 from vdkit.record import record
@@ -102,8 +103,8 @@ class MetadataMap:
     """The metadata a writer holds in memory, as the overlap test sees it.
 
     ``l1`` and ``reftable`` are the raw table entries (numpy ``uint64`` arrays
-    or any sequence of ints): their offsets name the active L2 tables and the
-    refcount blocks.  ``bitmap_directory`` is ``None`` unless the image's
+    or any sequence of ints, or their :class:`SortedOffsets`): their offsets
+    name the active L2 tables and the refcount blocks.  ``bitmap_directory`` is ``None`` unless the image's
     bitmaps are trusted (autoclear bit set), as QEMU only knows the directory
     then.
     """
@@ -111,10 +112,10 @@ class MetadataMap:
     cluster_size: int
     l1_offset: int
     l1_size: int  # entries
-    l1: Table
+    l1: Table | SortedOffsets
     reftable_offset: int
     reftable_bytes: int
-    reftable: Table
+    reftable: Table | SortedOffsets
     snapshots_offset: int
     snapshots_bytes: int
     snapshots: Iterable[SnapshotL1]
@@ -155,13 +156,44 @@ def first_overlap(m: MetadataMap, offset: int, size: int, ignore: Metadata = NON
     return None
 
 
-def _names_cluster_in(entries: Table, mask: int, lo: int, hi: int, cs: int) -> bool:
+class SortedOffsets:
+    """The offsets a table's entries name (masked, zeros left out), sorted: one binary search per test.
+
+    A writer tests every allocating write (whose range is new each time, so no
+    memo of clean ranges helps) against its L1 and refcount tables; scanning
+    the whole tables cost a third of ``convert``'s copy time for a new image
+    (its refcount table is a cluster of mostly empty entries).  The writer
+    keeps one of these per table while the table's content stays the same
+    (:meth:`Qcow2IO._sorted_offsets`).
+    """
+
+    __slots__ = ("offsets",)
+
+    def __init__(self, entries: Table, mask: int) -> None:
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(entries, numpy.ndarray):
+            offs = entries & numpy.uint64(mask)
+            self.offsets: list[int] = sorted(offs[offs != 0].tolist())
+        else:
+            self.offsets = sorted(off for e in entries if (off := e & mask))
+
+    def meets(self, lo: int, hi: int, cs: int) -> bool:
+        """Whether a cluster named here meets ``[lo, hi)``: the first offset above ``lo - cs`` is below ``hi``."""
+        offs = self.offsets
+        i = bisect_right(offs, lo - cs)
+        return i < len(offs) and offs[i] < hi
+
+
+def _names_cluster_in(entries: Table | SortedOffsets, mask: int, lo: int, hi: int, cs: int) -> bool:
     """Whether a table entry (masked to its offset; 0 = none) names a cluster meeting ``[lo, hi)``.
 
     A cluster at ``off`` meets the range iff ``lo - cs < off < hi``.  This
     runs for every write to a range not known clean, so a numpy table is
-    tested with one unsigned subtraction and compare (which also excludes 0).
+    tested with one unsigned subtraction and compare (which also excludes 0),
+    and a writer's tables come as :class:`SortedOffsets` (``mask`` applied).
     """
+    if isinstance(entries, SortedOffsets):
+        return entries.meets(lo, hi, cs)
     numpy = sys.modules.get("numpy")  # an ndarray implies numpy is loaded: no import for plain tables
     if numpy is not None and isinstance(entries, numpy.ndarray):
         base = max(lo - cs + 1, 1)
