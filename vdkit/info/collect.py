@@ -1,8 +1,10 @@
 """Node -> image info: the one place that turns driver state into reported info.
 
 The CLI (``info``, ``snapshot -l``), QMP (``query-block``,
-``query-snapshots``) and HMP all call these functions, so every front end
-reports the same facts.  The counterpart of QEMU's ``block/qapi.c``.
+``query-snapshots``, ``query-named-block-nodes``) and HMP all call these
+functions, so every front end reports the same facts: format nodes, bare
+protocol nodes (:func:`vdkit.block.protocol_node.protocol_node` makes them
+nodes) and job filters.  The counterpart of QEMU's ``block/qapi.c``.
 """
 
 from __future__ import annotations
@@ -46,3 +48,12 @@ def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
     if nested and node.backing is not None:
         info.backing_image = image_info(node.backing, nested=True)
     return info
+
+
+def filter_image_info(node: Node, driver: str, *, nested: bool, filename: str | None = None) -> ImageInfo:
+    """A block job's implicit filter node above ``node`` (``commit_top``, ``copy-on-read``, ...): its
+    child's sizes under the filter's driver name, the child itself as ``backing-image`` when ``nested``."""
+    child = image_info(node, nested=False)
+    return ImageInfo(filename=filename or child.filename, format=driver, virtual_size=child.virtual_size,
+                     dirty_flag=False, actual_size=child.actual_size, cluster_size=child.cluster_size,
+                     backing_image=image_info(node, nested=True) if nested else None)

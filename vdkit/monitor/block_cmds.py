@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vdkit.block.driver import CorruptionEvent
+from vdkit.block.protocol_node import protocol_name, protocol_node
 from vdkit.block.snapshot import find_id_then_name
 from vdkit.devices.graph import chain_depth
 from vdkit.devices.throttle import THROTTLE_KEYS, ThrottleConfig
 from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
-from vdkit.info.collect import image_info, snapshot_info
+from vdkit.info.collect import filter_image_info, image_info, snapshot_info
 from vdkit.info.model import (
     BlockdevCacheInfo,
     BlockDeviceInfo,
@@ -53,29 +54,12 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------
 
 
-def _protocol(node: Node) -> str:
-    """The protocol node's driver: ``file``, or the network protocol it reads (``nbd``, ``http``...)."""
-    return str(getattr(node.driver.file, "protocol_driver", "file"))
-
-
 def _file_image_info(node: Node) -> ImageInfo:
+    """The file (protocol) node below a format node."""
     f = node.driver.file
     while getattr(f, "inner", None) is not None:  # raw's offset/size window: the file node is the file below
         f = f.inner  # type: ignore[attr-defined]
-    try:
-        actual: int | None = f.allocated_size()
-    except OSError:
-        actual = None
-    # the file layer reports its length in whole 512-byte sectors
-    size = -(-f.size() // 512) * 512
-    proto = _protocol(node)
-    if proto == "rbd":  # QEMU's rbd node answers like a format node: object size, snapshots, empty specific block
-        from vdkit.block.node import Node
-        from vdkit.formats.rbd import RbdDriver
-
-        return image_info(Node(node.filename, RbdDriver(f), readonly=node.readonly))
-    return ImageInfo(filename=node.filename, format=proto, virtual_size=size, actual_size=actual,
-                     dirty_flag=False if proto == "file" else None)
+    return image_info(protocol_node(node.filename, f, readonly=node.readonly))
 
 
 def _cache(drive: Drive, medium: Medium, index: int, *, backend: bool) -> BlockdevCacheInfo:
@@ -141,7 +125,7 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     filename = getattr(node.driver.file, "json_filename", None) or filename
     image = _file_image_info(node)
     image.filename = filename
-    proto = _protocol(node)
+    proto = protocol_name(node.driver.file)
     ro = (medium.ro if medium.file_ro is None else medium.file_ro) if index == 0 else node.readonly
     return BlockDeviceInfo(
         file=filename,
@@ -169,7 +153,7 @@ def block_info(drive: Drive, jobs: JobList | None = None) -> BlockInfo:
             inserted.node_name, inserted.drv = top_filter.name, top_filter.driver
             inserted.backing_file, inserted.backing_file_depth = None, len(_chain(drive.medium))
             inserted.encrypted = False
-            inserted.image = _filter_image(node, top_filter.driver, nested=True)
+            inserted.image = filter_image_info(node, top_filter.driver, nested=True)
             inserted.dirty_bitmaps = bitmap_cmds.bitmaps_info(getattr(top_filter, "bitmaps", []))
     if drive.has_tray:
         info.tray_open = drive.tray_open
@@ -275,7 +259,7 @@ def _graph_filters(machine: DeviceRegistry, flat: bool) -> list[tuple[JobFilter,
         g = next((g for g in machine.graph.nodes if g.node is not None and g.node is f.below), None)
         if g is None:
             continue
-        image = _filter_image(f.below, f.driver, nested=False, filename=f.filename)
+        image = filter_image_info(f.below, f.driver, nested=False, filename=f.filename)
         if not flat:
             image.backing_image = _json_backing_names(f.below, image_info(f.below, nested=True))
         out.append((f, BlockDeviceInfo(file=f.filename or g.filename, node_name=f.name, ro=f.ro, drv=f.driver,
@@ -295,7 +279,7 @@ def _graph_with_filters(g: GraphNode, info: BlockDeviceInfo, jobs: JobList) -> N
         below = level.backing_image
         f = next((f for f in filters if cur.node is not None and f.below is cur.node), None)
         if f is not None and cur.node is not None:
-            filt = _filter_image(cur.node, f.driver, nested=False)
+            filt = filter_image_info(cur.node, f.driver, nested=False)
             filt.backing_image = below
             level.backing_image = filt
             info.backing_file_depth += 1
@@ -306,18 +290,8 @@ def graph_node_info(g: GraphNode, flat: bool, jobs: JobList | None = None) -> Bl
     """A node of the ``blockdev-add`` graph as ``query-named-block-nodes`` shows it."""
     if g.node is None:
         assert g.file is not None
-        try:
-            actual: int | None = g.file.allocated_size()
-        except OSError:
-            actual = None
-        proto = str(getattr(g.file, "protocol_driver", "file"))  # a curl node: no dirty flag
-        image = ImageInfo(filename=g.filename, format=proto, virtual_size=-(-g.file.size() // 512) * 512,
-                          actual_size=actual, dirty_flag=False if proto == "file" else None)
-        if proto == "rbd":  # answers like a format node: object size, snapshots, empty specific block
-            from vdkit.block.node import Node
-            from vdkit.formats.rbd import RbdDriver
-
-            image = image_info(Node(g.filename, RbdDriver(g.file), readonly=g.ro))
+        proto = protocol_name(g.file)
+        image = image_info(protocol_node(g.filename, g.file, readonly=g.ro))
         return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv=proto, backing_file_depth=0,
                                encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
@@ -387,14 +361,6 @@ def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool,
     return _file_node_info(drive, medium, index)
 
 
-def _filter_image(node: Node, drv: str, nested: bool, filename: str | None = None) -> ImageInfo:
-    """A job filter's ImageInfo: its child's sizes under the filter's driver name (block-jobs.md §1.2)."""
-    child = image_info(node, nested=False)
-    return ImageInfo(filename=filename or child.filename, format=drv, virtual_size=child.virtual_size, dirty_flag=False,
-                     actual_size=child.actual_size, cluster_size=child.cluster_size,
-                     backing_image=image_info(node, nested=True) if nested else None)
-
-
 def _filter_node_info(filters: list[JobFilter], medium: Medium, index: int, flat: bool) -> BlockDeviceInfo:
     """The implicit filter node a job puts above ``chain[index]`` (``commit_top``, ``copy-on-read``, ...)."""
     chain = _chain(medium)
@@ -402,8 +368,8 @@ def _filter_node_info(filters: list[JobFilter], medium: Medium, index: int, flat
     node = chain[index]
     return BlockDeviceInfo(file=f.filename or node.filename, node_name=f.name, ro=f.ro, drv=f.driver,
                            backing_file_depth=0 if flat else len(chain) - index, encrypted=False,
-                           detect_zeroes="off", image=_filter_image(node, f.driver, nested=not flat,
-                                                                    filename=f.filename),
+                           detect_zeroes="off", image=filter_image_info(node, f.driver, nested=not flat,
+                                                                        filename=f.filename),
                            cache=BlockdevCacheInfo(),
                            dirty_bitmaps=bitmap_cmds.bitmaps_info(getattr(f, "bitmaps", [])))
 
@@ -430,7 +396,7 @@ def _with_filters(filters: list[JobFilter], medium: Medium, index: int, info: Bl
         for _ in range(j - index - 1):
             assert level.backing_image is not None
             level = level.backing_image
-        filt = _filter_image(chain[j], f.driver, nested=False)
+        filt = filter_image_info(chain[j], f.driver, nested=False)
         filt.backing_image = level.backing_image
         level.backing_image = filt
     return info
@@ -692,19 +658,10 @@ def _graph_target(machine: DeviceRegistry, g: GraphNode, device: str) -> _Target
 def _graph_medium(g: GraphNode) -> _GraphMedium:
     """A graph node as the medium snapshots act on: a protocol node is its own image (an rbd node has
     the RBD snapshots, the others none)."""
-    from vdkit.block.driver import FormatDriver
-    from vdkit.block.node import Node
-
     node = g.node
-    if node is None:
+    if node is None:  # without snapshots: QEMU's "Block format 'file' ... does not support internal snapshots"
         assert g.file is not None
-        if g.driver == "rbd":
-            from vdkit.formats.rbd import RbdDriver
-
-            node = Node(g.filename, RbdDriver(g.file), readonly=g.ro)
-        else:  # no snapshots: QEMU's "Block format 'file' ... does not support internal snapshots"
-            drv = type("ProtocolNode", (FormatDriver,), {"format_name": g.driver})(g.file)
-            node = Node(g.filename, drv, readonly=g.ro)
+        node = protocol_node(g.filename, g.file, readonly=g.ro)
     return _GraphMedium(node, g.ro)
 
 

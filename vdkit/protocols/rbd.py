@@ -444,6 +444,7 @@ def create_image(name: str, size: int, cluster_size: int | None = None) -> None:
         cluster.close()
 
 
+NODE_FORMAT = "rbd"  # a bare rbd node answers like a format node (vdkit.formats.rbd.RbdDriver)
 CREATE_PLACE = "RBD"  # vdkit.protocols.registry's creation entry points
 
 

@@ -19,6 +19,10 @@ provides:
     Check the driver's options (``server.*``, ``url``, ``pool``...; keys
     without the ``file.`` prefix) with QEMU's texts and return the file name
     the node opens under, the options attached to it for that open.
+``NODE_FORMAT: str`` (optional)
+    The registered format (``vdkit.formats.registry``) a node of this protocol answers info and
+    snapshot queries as, when no format sits above it (rbd: object size, its snapshots); without it
+    the node reports only its length and allocation (``vdkit.block.protocol_node``).
 ``CREATE_PLACE: str`` with ``create_raw(filename, opts)`` and ``create_for_format(filename, opts)``
     Where ``qemu-img create`` can make an image on this protocol: the raw disk
     itself, or the empty container a format that writes through the protocol
@@ -81,3 +85,9 @@ def name_for_options(driver: str, opts: dict[str, str]) -> str:
 def creates_images(driver: str) -> bool:
     """``qemu-img create`` can make an image on this protocol's names."""
     return hasattr(protocol_module(driver), "create_raw")
+
+
+def node_format(driver: str) -> str | None:
+    """The format a bare node of protocol ``driver`` answers queries as (None: a plain protocol node)."""
+    fmt: str | None = getattr(protocol_module(driver), "NODE_FORMAT", None)
+    return fmt
