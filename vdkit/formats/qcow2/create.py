@@ -25,14 +25,17 @@ from __future__ import annotations
 import errno
 import os
 
-import numpy as np
-
 from vdkit.errors import VdkitError, os_error_message
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
 from vdkit.formats.qcow2.refcount import RefcountArea
+from vdkit.io import tables
 from vdkit.io.file import ImageFile, remove_new_file
 from vdkit.record import record, replace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.io.tables import Backend, Tab
 
 DEFAULT_CLUSTER_SIZE = 65536
 MAX_CLUSTER_SIZE = 1 << L.MAX_CLUSTER_BITS
@@ -101,26 +104,15 @@ class _Again(Exception):
     """The allocator's "restart": new refcount metadata may sit where the caller looked."""
 
 
-def _refcount_dtype(bits: int) -> type[np.unsignedinteger]:
-    return {64: np.uint64, 32: np.uint32, 16: np.uint16}.get(bits, np.uint8)  # type: ignore[return-value]
-
-
-def refcount_block_bytes(values: np.ndarray, bits: int) -> bytes:
-    """Serialise refcounts: big-endian for >= 8 bits, LSB-first packing below."""
-    if bits >= 8:
-        return values.astype(f">u{bits // 8}").tobytes()
-    per_byte = 8 // bits
-    v = values.astype(np.uint8).reshape(-1, per_byte)
-    out = np.zeros(v.shape[0], dtype=np.uint8)
-    for j in range(per_byte):
-        out |= (v[:, j] << (j * bits)).astype(np.uint8)
-    return out.tobytes()
-
-
 class _ImageBuilder:
-    """An in-memory replay of QEMU's cluster allocator on a fresh image."""
+    """An in-memory replay of QEMU's cluster allocator on a fresh image.
 
-    def __init__(self, cluster_bits: int, refcount_order: int) -> None:
+    Its tables are those of the backend ``T`` (plain lists unless preallocation maps so many
+    clusters that numpy pays for its import).
+    """
+
+    def __init__(self, cluster_bits: int, refcount_order: int, T: Backend = tables.SMALL) -> None:
+        self.T = T
         self.cluster_bits = cluster_bits
         self.cs = 1 << cluster_bits
         self.refcount_order = refcount_order
@@ -128,7 +120,6 @@ class _ImageBuilder:
         self.rb_bits = cluster_bits + 3 - refcount_order
         self.rb_entries = 1 << self.rb_bits
         self.max_refcount = (1 << self.refcount_bits) - 1
-        self.dtype = _refcount_dtype(self.refcount_bits)
         self.free_index = 0
         self.disk: dict[int, bytearray] = {}
         self.file_end = 0
@@ -137,7 +128,7 @@ class _ImageBuilder:
         self.reftable_offset = self.cs
         self.reftable: list[int] = [0] * (self.cs // 8)
         self.reftable[0] = 2 * self.cs
-        self.blocks: dict[int, np.ndarray] = {2 * self.cs: np.zeros(self.rb_entries, dtype=self.dtype)}
+        self.blocks: dict[int, Tab] = {2 * self.cs: T.zeros(self.rb_entries)}
         self.write(0, bytes(self.cs))
         self.write(self.cs, self._reftable_bytes() + bytes(self.cs))
 
@@ -156,7 +147,7 @@ class _ImageBuilder:
         self.file_end = max(self.file_end, offset + len(data))
 
     def _reftable_bytes(self) -> bytes:
-        return np.array(self.reftable, dtype=">u8").tobytes()
+        return tables.SMALL.encode_u64(self.reftable)
 
     # -- refcounts -----------------------------------------------------------------------------
     def get_refcount(self, ci: int) -> int:
@@ -165,16 +156,17 @@ class _ImageBuilder:
             return 0
         return int(self.blocks[self.reftable[ti]][ci & (self.rb_entries - 1)])
 
-    def refcounts(self, start: int, n: int) -> np.ndarray:
+    def refcounts(self, start: int, n: int) -> Tab:
         """Refcounts of clusters ``[start, start + n)``; missing blocks read as 0."""
-        out = np.zeros(n, dtype=np.uint64)
+        T = self.T
+        out = T.zeros(n)
         ci = start
         while ci < start + n:
             ti = ci >> self.rb_bits
             seg_end = min(start + n, (ti + 1) << self.rb_bits)
             if ti < len(self.reftable) and self.reftable[ti]:
                 a = ci & (self.rb_entries - 1)
-                out[ci - start : seg_end - start] = self.blocks[self.reftable[ti]][a : a + seg_end - ci]
+                T.set_slice(out, ci - start, T.get_slice(self.blocks[self.reftable[ti]], a, a + seg_end - ci))
             ci = seg_end
         return out
 
@@ -187,14 +179,11 @@ class _ImageBuilder:
         s = self.free_index
         window = max(nb, 4096)
         while True:
-            nz = np.flatnonzero(self.refcounts(s, window))
-            starts = np.concatenate(([0], nz + 1))
-            ends = np.concatenate((nz, [window]))
-            ok = np.flatnonzero(ends - starts >= nb)
-            if ok.size:
-                s += int(starts[ok[0]])
+            _, first, tail = self.T.zero_scan(self.refcounts(s, window), 0, nb)
+            if first >= 0:
+                s += first
                 break
-            s += int(starts[-1])
+            s += tail  # the zero run at the window's end may go on
         self.free_index = s + nb
         if (self.free_index << self.cluster_bits) > L.MAX_HOST_OFFSET:
             raise ImageTooLargeError()
@@ -212,8 +201,7 @@ class _ImageBuilder:
     def alloc_at(self, offset: int, nb: int) -> int:
         """Allocate up to ``nb`` clusters exactly at ``offset``; returns how many."""
         while True:
-            nz = np.flatnonzero(self.refcounts(offset >> self.cluster_bits, nb))
-            i = int(nz[0]) if nz.size else nb
+            i, _, _ = self.T.zero_scan(self.refcounts(offset >> self.cluster_bits, nb), 0, nb)
             try:
                 self.update(offset, i << self.cluster_bits, 1)
                 return i
@@ -230,24 +218,18 @@ class _ImageBuilder:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         ci = first
+        T = self.T
         try:
             while ci <= last:
                 ti = ci >> self.rb_bits
                 block = self.refcount_block_for(ci)
                 a = ci & (self.rb_entries - 1)
                 n = min(last + 1, (ti + 1) << self.rb_bits) - ci
-                seg = block[a : a + n]
-                if (addend < 0 and bool((seg == 0).any())) or (
-                    addend > 0 and bool((seg.astype(np.uint64) >= np.uint64(self.max_refcount)).any())
-                ):
+                if not T.fits(block, a, a + n, addend, self.max_refcount):
                     raise VdkitError("Invalid argument", errno=errno.EINVAL)
-                if addend > 0:
-                    seg += self.dtype(addend)
-                else:
-                    seg -= self.dtype(-addend)
-                    zeros = np.flatnonzero(seg == 0)
-                    if zeros.size and ci + int(zeros[0]) < self.free_index:
-                        self.free_index = ci + int(zeros[0])
+                zeros = T.add_slice(block, a, a + n, addend)
+                if zeros and ci + zeros[0] - a < self.free_index:
+                    self.free_index = ci + zeros[0] - a
                 ci += n
         except _Again:
             # The caller searches again, starting with the clusters it just tried.
@@ -255,7 +237,7 @@ class _ImageBuilder:
             self.update(offset, (ci - first) << self.cluster_bits, -addend)
             raise
 
-    def refcount_block_for(self, ci: int) -> np.ndarray:
+    def refcount_block_for(self, ci: int) -> Tab:
         """The block describing cluster ``ci``; allocating one raises :class:`_Again`."""
         ti = ci >> self.rb_bits
         if ti < len(self.reftable) and self.reftable[ti]:
@@ -263,11 +245,11 @@ class _ImageBuilder:
         new_block = self.alloc_noref(1)
         nb_idx = new_block >> self.cluster_bits
         if nb_idx >> self.rb_bits == ti:
-            blk = np.zeros(self.rb_entries, dtype=self.dtype)
+            blk = self.T.zeros(self.rb_entries)
             blk[nb_idx & (self.rb_entries - 1)] = 1  # the block describes itself
         else:
             self.update(new_block, self.cs, 1)
-            blk = np.zeros(self.rb_entries, dtype=self.dtype)
+            blk = self.T.zeros(self.rb_entries)
         self.blocks[new_block] = blk
         self.write(new_block, bytes(self.cs))
         if ti < len(self.reftable):
@@ -288,10 +270,10 @@ class _ImageBuilder:
         except VdkitError:
             raise ImageTooLargeError() from None
         for i in plan.new_blocks:
-            self.blocks[plan.table[i]] = np.zeros(self.rb_entries, dtype=self.dtype)
+            self.blocks[plan.table[i]] = self.T.zeros(self.rb_entries)
             self.write(plan.table[i], bytes(self.cs))
         for i, lo, hi in plan.counted:
-            self.blocks[plan.table[i]][lo:hi] = 1
+            self.T.add_slice(self.blocks[plan.table[i]], lo, hi, 1)
         old_offset, old_size = self.reftable_offset, len(self.reftable)
         self.reftable = plan.table
         self.reftable_offset = plan.table_offset
@@ -305,7 +287,7 @@ class _ImageBuilder:
     def finish(self) -> None:
         """Write the final refcount blocks (they are cached and flushed last)."""
         for off, blk in self.blocks.items():
-            self.write(off, refcount_block_bytes(blk, self.refcount_bits))
+            self.write(off, self.T.encode_refcounts(blk, self.refcount_bits))
 
 
 @record
@@ -325,17 +307,22 @@ def plan_image(o: Qcow2CreateOptions) -> _Plan:
     prealloc = o.preallocation
     if o.data_file_raw and prealloc == "off":
         prealloc = "metadata"  # a raw data file needs every cluster mapped 1:1
-    b = _ImageBuilder(cluster_bits, refcount_order)
-    cs = b.cs
-    b.alloc(3 * cs)  # header, refcount table, first refcount block
+    cs = 1 << cluster_bits
     l2_entry_size = 16 if o.extended_l2 else 8
     l2_entries = cs // l2_entry_size
     l1_size = -(-size // (cs * l2_entries))
     if l1_size > L.MAX_L1_SIZE // 8:
         raise ImageTooLargeError()
+    # tables held: the L1, and with preallocation every L2 entry and refcount of the disk's clusters
+    held = l1_size * 8
+    if prealloc != "off":
+        held += -(-size // cs) * (l2_entry_size + max(1, o.refcount_bits // 8))
+    T = tables.backend_for(held)
+    b = _ImageBuilder(cluster_bits, refcount_order, T)
+    b.alloc(3 * cs)  # header, refcount table, first refcount block
     l1_offset = 0
-    l1 = np.zeros(l1_size, dtype=np.uint64)
-    l2_tables: dict[int, np.ndarray] = {}
+    l1 = T.zeros(l1_size)
+    l2_tables: dict[int, Tab] = {}
     if l1_size:
         l1_offset = b.alloc(l1_size * 8)
         b.write(l1_offset, bytes(l1_size * 8))
@@ -348,9 +335,9 @@ def plan_image(o: Qcow2CreateOptions) -> _Plan:
             data_end = 0
         # (falloc/full without a data file never get here: see _create_falloc)
     if l1_size:
-        b.write(l1_offset, l1.astype(">u8").tobytes())
+        b.write(l1_offset, T.encode_u64(l1))
     for off, tbl in l2_tables.items():
-        b.write(off, tbl.astype(">u8").tobytes())
+        b.write(off, T.encode_u64(tbl))
     b.finish()
     b.write(b.reftable_offset, b._reftable_bytes())
     incompat = 0
@@ -392,8 +379,8 @@ def plan_image(o: Qcow2CreateOptions) -> _Plan:
 
 
 def _preallocate(
-    b: _ImageBuilder, o: Qcow2CreateOptions, size: int, l1: np.ndarray,
-    l2_tables: dict[int, np.ndarray], l2_entries: int, l2_entry_size: int,
+    b: _ImageBuilder, o: Qcow2CreateOptions, size: int, l1: Tab,
+    l2_tables: dict[int, Tab], l2_entries: int, l2_entry_size: int,
 ) -> int:
     """Map every guest cluster, chunk by chunk as QEMU's metadata preallocation does.
 
@@ -411,7 +398,7 @@ def _preallocate(
             if not l1[l1i]:
                 off = b.alloc(cs)
                 b.write(off, bytes(cs))
-                l2_tables[off] = np.zeros(l2_entries * words, dtype=np.uint64)
+                l2_tables[off] = b.T.zeros(l2_entries * words)
                 l1[l1i] = off | L.OFLAG_COPIED
             table = l2_tables[int(l1[l1i]) & L.L1E_OFFSET_MASK]
             run = min(nb_clusters - g, l2_entries - g % l2_entries)
@@ -426,10 +413,8 @@ def _preallocate(
                 nb = b.alloc_at(host, run)
                 if nb == 0:
                     break
-            idx = (g % l2_entries) * words
-            table[idx : idx + nb * words : words] = (
-                np.arange(nb, dtype=np.uint64) * np.uint64(cs) + np.uint64(start)
-            ) | np.uint64(L.OFLAG_COPIED)
+            # (offsets stay below bit 63: adding to the flagged first entry sets the flag on all)
+            b.T.set_strided(table, (g % l2_entries) * words, words, start | L.OFLAG_COPIED, nb, cs)
             host = start + nb * cs
             g += nb
             if g == nb_clusters:

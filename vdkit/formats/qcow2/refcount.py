@@ -25,25 +25,27 @@ Two ways of changing refcounts live here, for two kinds of callers:
 
 Refcount entries narrower than a byte are packed least-significant-bits
 first (entry 0 in the low bits of byte 0); wider ones are big-endian.
-Blocks are held decoded, as numpy ``uint64`` arrays, so walks over whole
-trees are vectorised.
+Blocks and the table are held decoded as tables of a :mod:`vdkit.io.tables`
+backend (``Refcounts.T``): plain lists on images whose refcount metadata fits
+in a few MiB (no numpy import: it costs more than the whole operation there),
+numpy arrays above that so walks over whole trees are vectorised.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.io import tables
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from vdkit.io.file import ImageFile
+    import numpy as np
 
-_WIDE_DTYPES = {8: ">u1", 16: ">u2", 32: ">u4", 64: ">u8"}
+    from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Backend, Tab
 
 
 # -- entry packing ------------------------------------------------------------------------------
@@ -69,30 +71,16 @@ def set_refcount(block: bytearray, index: int, bits: int, value: int) -> None:
 
 
 def decode_block(block: bytes | bytearray, bits: int) -> np.ndarray:
-    """All entries of a packed block as a writable ``uint64`` array."""
-    if bits >= 8:
-        return np.frombuffer(bytes(block), dtype=_WIDE_DTYPES[bits]).astype(np.uint64)
-    raw = np.frombuffer(bytes(block), dtype=np.uint8)
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return ((raw[:, None] >> shifts) & np.uint8((1 << bits) - 1)).ravel().astype(np.uint64)
+    """All entries of a packed block as a writable numpy ``uint64`` array (``check`` works on those)."""
+    result: np.ndarray = tables.NUMPY.decode_refcounts(block, bits)
+    return result
 
 
-def encode_block(values: np.ndarray, bits: int) -> bytes:
-    """Inverse of :func:`decode_block`."""
-    if bits >= 8:
-        return values.astype(_WIDE_DTYPES[bits]).tobytes()
-    per_byte = 8 // bits
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    parts = values.astype(np.uint8).reshape(-1, per_byte) << shifts
-    packed: np.ndarray = np.bitwise_or.reduce(parts, axis=1)
-    return packed.astype(np.uint8).tobytes()
-
-
-def sorted_unique(x: np.ndarray) -> np.ndarray:
-    """Distinct values of an already sorted array (cheaper than ``np.unique``)."""
-    if len(x) == 0:
-        return x
-    return x[np.concatenate(([True], x[1:] != x[:-1]))]
+def encode_block(values: Tab, bits: int) -> bytes:
+    """Inverse of :func:`decode_block`, for a table of either backend."""
+    if isinstance(values, list):
+        return tables.SMALL.encode_refcounts(values, bits)
+    return tables.NUMPY.encode_refcounts(values, bits)
 
 
 class RefcountOverflow(VdkitError):
@@ -221,7 +209,13 @@ class Refcounts:
         self.table_offset = table_offset
         self.table_clusters = table_clusters
         raw = file.pread(table_offset, table_clusters * self.cluster_size)
-        self.table: np.ndarray = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        # The backend by the refcount metadata's size: the table and the blocks it names.
+        T = tables.backend_for(len(raw))
+        self.table: Tab = T.decode_u64(raw)
+        T2 = tables.backend_for(len(raw) + T.count_nonzero(self.table, 0, len(self.table)) * self.cluster_size)
+        if T2 is not T:
+            T, self.table = T2, T2.decode_u64(raw)
+        self.T: Backend = T
         # QEMU's metadata overlap check for our own writes (set by the driver; None: no check):
         # (host offset, size, structure to ignore) -> raises the corruption event
         self.overlap_check: Callable[[int, int, Metadata], None] | None = None
@@ -233,12 +227,22 @@ class Refcounts:
         # I/O engine's memo of writes that overlap no metadata stays valid while this stands still
         self.changes = 0
         # rt_index -> decoded values; dirty rt indices; LRU order
-        self._blocks: dict[int, np.ndarray] = {}  # least recently used first
+        self._blocks: dict[int, Tab] = {}  # least recently used first
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // self.cluster_size)
         # Write ordering: callables to run before our dirty blocks may be written
         # (set when a decrement must wait for the L2 tables that dropped the reference).
         self.depends_on: Callable[[], None] | None = None
+
+    def use_backend(self, T: Backend) -> None:
+        """Hold the table and the cached blocks as ``T``'s tables from now on (an operation over more
+        tables than the refcount metadata alone, a snapshot of a big tree, picks numpy)."""
+        if T is self.T:
+            return
+        self.table = T.convert(self.table)
+        for rt in list(self._blocks):
+            self._blocks[rt] = T.convert(self._blocks[rt])
+        self.T = T
 
     # -- geometry -------------------------------------------------------------------------------
     def block_offset(self, rt_index: int) -> int:
@@ -257,10 +261,10 @@ class Refcounts:
 
     def block_clusters(self) -> list[int]:
         """Host offsets of every allocated refcount block."""
-        return [self.block_offset(i) for i in np.flatnonzero(self.table).tolist()]
+        return [self.block_offset(i) for i in self.T.nonzero(self.table)]
 
     # -- cache ----------------------------------------------------------------------------------
-    def block_values(self, rt_index: int) -> np.ndarray | None:
+    def block_values(self, rt_index: int) -> Tab | None:
         """Decoded block ``rt_index`` (cached), or None when it is not allocated."""
         vals = self._blocks.get(rt_index)
         if vals is not None:
@@ -272,11 +276,11 @@ class Refcounts:
         raw = _io(lambda: self.file.pread(off, self.cluster_size), off)
         if len(raw) < self.cluster_size:  # a block (partly) past the end of the file reads as zeros, as in QEMU
             raw = bytes(raw).ljust(self.cluster_size, b"\0")
-        vals = decode_block(raw, self.bits)
+        vals = self.T.decode_refcounts(raw, self.bits)
         self._insert(rt_index, vals)
         return vals
 
-    def _insert(self, rt_index: int, vals: np.ndarray) -> None:
+    def _insert(self, rt_index: int, vals: Tab) -> None:
         self._blocks.pop(rt_index, None)
         self._blocks[rt_index] = vals
         while len(self._blocks) > self._capacity:
@@ -292,7 +296,7 @@ class Refcounts:
         off = self.block_offset(rt_index)
         if self.overlap_check is not None:  # a table entry may name other metadata (damaged images)
             self.overlap_check(off, self.cluster_size, Metadata.REFCOUNT_BLOCK)
-        data = encode_block(self._blocks[rt_index], self.bits)
+        data = self.T.encode_refcounts(self._blocks[rt_index], self.bits)
         _io(lambda: self.file.pwrite(off, data), off)
         self._dirty.discard(rt_index)
 
@@ -322,21 +326,9 @@ class Refcounts:
         vals = self.block_values(cluster_index // self.entries_per_block)
         return 0 if vals is None else int(vals[cluster_index % self.entries_per_block])
 
-    def get_many(self, clusters: np.ndarray) -> np.ndarray:
-        """Refcounts of many cluster indices at once (``uint64`` array)."""
-        clusters = np.asarray(clusters, dtype=np.int64)
-        out = np.zeros(len(clusters), dtype=np.uint64)
-        if not len(clusters):
-            return out
-        rt = clusters // self.entries_per_block
-        valid = (rt >= 0) & (rt < len(self.table))  # beyond the table: refcount 0
-        for r in np.flatnonzero(np.bincount(rt[valid])).tolist():
-            vals = self.block_values(r)
-            if vals is None:
-                continue
-            sel = rt == r
-            out[sel] = vals[clusters[sel] % self.entries_per_block]
-        return out
+    def get_many(self, clusters: Tab) -> Tab:
+        """Refcounts of many cluster indices at once (a table of the backend; beyond the table: 0)."""
+        return self.T.gather(clusters, self.entries_per_block, self.block_values)
 
     # -- free-space search (§1.2) ---------------------------------------------------------------
     def find_free(self, n: int, start: int) -> int:
@@ -347,43 +339,37 @@ class Refcounts:
         limit = (L.MAX_HOST_OFFSET + 1) >> self.cluster_bits
         # Fast path, the common case of sequential allocation: the clusters right at
         # the hint are free (scanning the rest of the block cost more than the write).
+        T = self.T
         idx = ci % epb
         if idx + n <= epb and ci + n <= limit:
             vals = self.block_values(ci // epb)
-            if vals is not None and not vals[idx : idx + n].any():
+            if vals is not None and not T.any_nonzero(vals, idx, idx + n):
                 return ci
         while True:
             if ci + (n - run) > limit:
                 raise VdkitError("File too large", errno=EFBIG)
             vals = self.block_values(ci // epb)
+            base = ci - ci % epb
             seg = epb - ci % epb
-            if vals is None:
+            lead = seg
+            if vals is not None:
+                lead, first, tail = T.zero_scan(vals, ci % epb, n)
+            if lead == seg:  # no block, or nothing counted from ci on: the run goes on
                 if run == 0:
                     run_start = ci
                 run += seg
                 ci += seg
             else:
-                part = vals[ci % epb :]
-                nz = np.flatnonzero(part)
-                if len(nz) == 0:
+                # zero runs: the leading one (continuing the carried run), then any inside the block
+                if run + lead >= n:
                     if run == 0:
                         run_start = ci
-                    run += seg
-                    ci += seg
-                else:
-                    # zero gaps: before nz[0] (continuing the carried run), between, after
-                    if run + int(nz[0]) >= n:
-                        if run == 0:
-                            run_start = ci
-                        return run_start
-                    gaps = np.diff(nz) - 1
-                    big = np.flatnonzero(gaps >= n)
-                    if len(big):
-                        return ci + int(nz[big[0]]) + 1
-                    tail = seg - int(nz[-1]) - 1
-                    run_start = ci + int(nz[-1]) + 1
-                    run = tail
-                    ci += seg
+                    return run_start
+                if first >= 0:
+                    return base + first
+                run_start = base + tail
+                run = epb - tail
+                ci += seg
             if run >= n:
                 return run_start
 
@@ -402,7 +388,8 @@ class Refcounts:
         first = offset >> self.cluster_bits
         last = (offset + length - 1) >> self.cluster_bits
         epb = self.entries_per_block
-        done: list[tuple[int, int, np.ndarray]] = []  # (rt, first index, old values)
+        done: list[tuple[int, int, Tab]] = []  # (rt, first index, old values)
+        T = self.T
         try:
             if addend < 0 and self.depends_on is None and self._l2_flush is not None:
                 self.depends_on = self._l2_flush
@@ -419,42 +406,34 @@ class Refcounts:
                         raise RefcountOverflow("Invalid argument", errno=EINVAL)
                     self._alloc_block(ci)  # raises _Restart on success
                     raise AssertionError("unreachable")
-                seg = vals[idx:end]
-                if addend > 0:
-                    if addend > self.refcount_max or np.any(seg > np.uint64(self.refcount_max - addend)):
-                        raise RefcountOverflow("Invalid argument", errno=EINVAL)
-                elif np.any(seg < np.uint64(-addend)):
+                if not T.fits(vals, idx, end, addend, self.refcount_max):
                     raise RefcountOverflow("Invalid argument", errno=EINVAL)
-                done.append((rt, idx, seg.copy()))
-                if addend > 0:
-                    seg += np.uint64(addend)
-                else:
-                    seg -= np.uint64(-addend)
-                    zeros = np.flatnonzero(seg == 0)
-                    if len(zeros):
-                        self.free_hint = min(self.free_hint, ci + int(zeros[0]))
+                done.append((rt, idx, T.get_slice(vals, idx, end)))
+                zeros = T.add_slice(vals, idx, end, addend)  # block indices now 0 (decrements only)
+                if zeros:
+                    self.free_hint = min(self.free_hint, rt * epb + zeros[0])
                 self._dirty.add(rt)
-                if addend < 0 and len(zeros):
-                    self.last_zeroed += (zeros + ci).tolist()
-                    self._forget_freed_blocks((zeros + ci).astype(np.uint64) << np.uint64(self.cluster_bits))
+                if zeros:
+                    freed = [rt * epb + z for z in zeros]
+                    self.last_zeroed += freed
+                    self._forget_freed_blocks([c << self.cluster_bits for c in freed])
                 ci += end - idx
         except BaseException:
             for rt, idx, old in reversed(done):
                 vals = self.block_values(rt)
                 if vals is not None:
-                    vals[idx : idx + len(old)] = old
+                    T.set_slice(vals, idx, old)
                     self._dirty.add(rt)  # it may have been written back meanwhile
             raise
 
-    def _forget_freed_blocks(self, offsets: np.ndarray) -> None:
+    def _forget_freed_blocks(self, offsets: list[int]) -> None:
         """Refcount blocks whose own cluster was just freed leave the cache unwritten, as in QEMU.
 
         Only damaged refcounts free a block that the table still names; QEMU then drops the
         cached block with its pending changes (a later lookup reads what the disk holds, zeros
         once the cluster is discarded), so the frees that follow fail as they fail there.
         """
-        hit = np.flatnonzero(np.isin(self.table & np.uint64(L.REFT_OFFSET_MASK), offsets))
-        for j in hit.tolist():
+        for j in self.T.positions_in(self.table, L.REFT_OFFSET_MASK, offsets):
             self._blocks.pop(j, None)
             self._dirty.discard(j)
 
@@ -563,7 +542,7 @@ class Refcounts:
             raise self.on_corruption("Preventing invalid allocation of refcount block at offset 0")
         self.free_hint = b + 1
         if b // epb == rt:
-            vals = np.zeros(epb, dtype=np.uint64)
+            vals = self.T.zeros(epb)
             vals[b % epb] = 1
         else:
             try:
@@ -572,10 +551,10 @@ class Refcounts:
                 self.free_hint = min(self.free_hint, b)
                 raise
             self.flush()
-            vals = np.zeros(epb, dtype=np.uint64)
+            vals = self.T.zeros(epb)
         if self.overlap_check is not None:  # a zero refcount may lie about metadata
             self.overlap_check(b << self.cluster_bits, self.cluster_size, Metadata.REFCOUNT_BLOCK)
-        self.file.pwrite(b << self.cluster_bits, encode_block(vals, self.bits))
+        self.file.pwrite(b << self.cluster_bits, self.T.encode_refcounts(vals, self.bits))
         self.file.flush()
         if rt < len(self.table):
             if self.overlap_check is not None:
@@ -588,7 +567,7 @@ class Refcounts:
         self._grow_table(rt, b, vals)
         raise _Restart
 
-    def _grow_table(self, rt: int, b: int, b_vals: np.ndarray) -> None:
+    def _grow_table(self, rt: int, b: int, b_vals: Tab) -> None:
         """The table is full: a new one, with the blocks describing it, goes after everything in use.
 
         ``b`` is the block just allocated for table index ``rt``; the area starts at
@@ -601,7 +580,7 @@ class Refcounts:
         self.flush()
 
     def add_area(self, start: int, additional: int, *, exact: bool,
-                 new_block: tuple[int, int, np.ndarray] | None = None) -> int:
+                 new_block: tuple[int, int, Tab] | None = None) -> int:
         """Put a new refcount table, and the blocks it lacks, at ``start``, and switch to it.
 
         The table covers the clusters below ``start``, ``additional`` more
@@ -612,31 +591,32 @@ class Refcounts:
         The blocks and the table are durable before the one 12-byte header
         switch; the old table is freed after it.  Returns the end of the area.
         """
-        plan = RefcountArea(self.table.tolist(), start, additional, exact=exact, cluster_bits=self.cluster_bits,
+        T = self.T
+        plan = RefcountArea(T.tolist(self.table), start, additional, exact=exact, cluster_bits=self.cluster_bits,
                             refcount_order=self.bits.bit_length() - 1,
                             new_block=None if new_block is None else new_block[:2])
         if plan.table_clusters * self.cluster_size > L.MAX_REFTABLE_SIZE:
             # QEMU would write it, then refuse to open the image ("Reference count table too large")
             raise VdkitError("File too large", errno=EFBIG)
         epb = self.entries_per_block
-        fresh = {i: np.zeros(epb, dtype=np.uint64) for i in plan.new_blocks}
+        fresh = {i: T.zeros(epb) for i in plan.new_blocks}
         for i, lo, hi in plan.counted:
             if i in fresh:
-                fresh[i][lo:hi] = 1
+                T.add_slice(fresh[i], lo, hi, 1)
             else:
                 vals = self.block_values(i)
                 assert vals is not None
-                vals[lo:hi] += np.uint64(1)
+                T.add_slice(vals, lo, hi, 1)
                 self._dirty.add(i)
         self.flush()
-        new_table = np.array(plan.table, dtype=np.uint64)
+        new_table = T.array(plan.table)
         if self.overlap_check is not None:
             for i in fresh:
                 self.overlap_check(plan.table[i], self.cluster_size, Metadata.REFCOUNT_BLOCK)
             self.overlap_check(plan.table_offset, plan.table_clusters * self.cluster_size, Metadata.REFCOUNT_TABLE)
         for i, vals in fresh.items():
-            self.file.pwrite(plan.table[i], encode_block(vals, self.bits))
-        self.file.pwrite(plan.table_offset, new_table.astype(">u8").tobytes())
+            self.file.pwrite(plan.table[i], T.encode_refcounts(vals, self.bits))
+        self.file.pwrite(plan.table_offset, T.encode_u64(new_table))
         self.file.flush()
         self.file.pwrite(48, plan.table_offset.to_bytes(8, "big") + plan.table_clusters.to_bytes(4, "big"))
         self.file.flush()
@@ -657,8 +637,8 @@ class Refcounts:
         return plan.end
 
     # -- adopting a committed transaction -------------------------------------------------------
-    def adopt(self, table: np.ndarray, table_offset: int, table_clusters: int,
-              blocks: dict[int, np.ndarray], free_hint: int) -> None:
+    def adopt(self, table: Tab, table_offset: int, table_clusters: int,
+              blocks: dict[int, Tab], free_hint: int) -> None:
         """Switch the in-memory state to the one a transaction just committed."""
         self.changes += 1
         self.table = table
@@ -688,11 +668,10 @@ class Transaction:
         if rc.dirty:
             rc.flush()
         self.rc = rc
+        self.T = rc.T
         self.cursor = rc.free_hint
         self._allocated: list[tuple[int, int]] = []  # (first cluster, count)
-        self._pending: list[tuple[np.ndarray, int]] = []
-        self._keys = np.zeros(0, dtype=np.int64)
-        self._sums = np.zeros(0, dtype=np.int64)
+        self._deltas = rc.T.deltas()
         self._writes: list[tuple[int, bytes]] = []
         self._lowest_freed: int | None = None
 
@@ -703,13 +682,18 @@ class Transaction:
         start = self.rc.find_free(n, self.cursor)
         self.cursor = start + n
         self._allocated.append((start, n))
-        self.add_refs(np.arange(start, start + n, dtype=np.int64), 1)
+        self._deltas.add_range(start, start + n, 1)
         return start << self.rc.cluster_bits
 
-    def add_refs(self, clusters: np.ndarray | Iterable[int], addend: int) -> None:
-        arr = np.asarray(clusters if isinstance(clusters, np.ndarray) else list(clusters), dtype=np.int64)
-        if len(arr):
-            self._pending.append((arr, addend))
+    def add_refs(self, clusters: Tab | Iterable[int], addend: int) -> None:
+        """Change the count of every cluster index in ``clusters`` (repeats count repeatedly)."""
+        tolist = getattr(clusters, "tolist", None)
+        if tolist is not None:  # a numpy array
+            if self.T is tables.SMALL:
+                clusters = tolist()
+        elif not isinstance(clusters, (list, range)):
+            clusters = list(clusters)
+        self._deltas.add(clusters, addend)
 
     def add_range(self, offset: int, length: int, addend: int) -> None:
         """Change by ``addend`` every cluster touching ``[offset, offset+length)``."""
@@ -717,56 +701,17 @@ class Transaction:
             return
         first = offset >> self.rc.cluster_bits
         last = (offset + length - 1) >> self.rc.cluster_bits
-        self.add_refs(np.arange(first, last + 1, dtype=np.int64), addend)
+        self._deltas.add_range(first, last + 1, addend)
 
-    def _consolidate(self) -> None:
-        """Fold pending changes into the sorted (keys, sums) arrays.
-
-        Pending changes are summed on their own and merged by binary search, so
-        the many small additions of a transaction (one per allocation) do not
-        re-sort the large arrays a tree walk produced.
-        """
-        if not self._pending:
-            return
-        by_delta: dict[int, list[np.ndarray]] = {}
-        for a, d in self._pending:
-            by_delta.setdefault(d, []).append(a)
-        self._pending = []
-        for d, arrs in by_delta.items():
-            uk, cnt = np.unique(np.concatenate(arrs), return_counts=True)
-            self._merge(uk, cnt.astype(np.int64) * d)
-
-    def _merge(self, uk: np.ndarray, us: np.ndarray) -> None:
-        if not len(self._keys):
-            self._keys, self._sums = uk, us
-            return
-        pos = np.searchsorted(self._keys, uk)
-        found = pos < len(self._keys)
-        found[found] = self._keys[pos[found]] == uk[found]
-        self._sums[pos[found]] += us[found]
-        if not np.all(found):
-            new = ~found
-            self._keys = np.insert(self._keys, pos[new], uk[new])
-            self._sums = np.insert(self._sums, pos[new], us[new])
-
-    def deltas(self) -> tuple[np.ndarray, np.ndarray]:
+    def deltas(self) -> tuple[Tab, Tab]:
         """Sorted cluster indices and their net changes (zeros included)."""
-        self._consolidate()
-        return self._keys, self._sums
+        return self._deltas.items()
 
-    def new_refcounts(self, clusters: np.ndarray) -> np.ndarray:
-        """Refcounts after this transaction (as int64; may be out of range before validation)."""
-        clusters = np.asarray(clusters, dtype=np.int64)
-        cur = self.rc.get_many(clusters).astype(np.int64)
-        keys, sums = self.deltas()
-        if len(keys) and len(clusters):
-            pos = np.searchsorted(keys, clusters)
-            pos_c = np.minimum(pos, len(keys) - 1)
-            hit = keys[pos_c] == clusters
-            cur[hit] += sums[pos_c[hit]]
-        return cur
+    def new_refcounts(self, clusters: Tab) -> Tab:
+        """Refcounts after this transaction (signed; may be out of range before validation)."""
+        return self.T.add_signed(self.rc.get_many(clusters), self._deltas.lookup(clusters))
 
-    def check_peak(self, increments: Iterable[tuple[np.ndarray, int]]) -> None:
+    def check_peak(self, increments: Iterable[tuple[Tab, int]]) -> None:
         """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.
 
         QEMU applies the increments of an operation before its decrements, so
@@ -774,22 +719,13 @@ class Transaction:
         callers use this to fail exactly where QEMU fails.  ``increments``
         holds (clusters, times) pairs.
         """
-        keys_l: list[np.ndarray] = []
-        adds_l: list[np.ndarray] = []
+        adds = self.T.deltas()
         for arr, times in increments:
-            uk, cnt = np.unique(np.asarray(arr, dtype=np.int64), return_counts=True)
-            keys_l.append(uk)
-            adds_l.append(cnt.astype(np.int64) * times)
-        if not keys_l:
-            return
-        keys, inv = np.unique(np.concatenate(keys_l), return_inverse=True)
+            adds.add(arr, times)
+        keys, sums = adds.items()
         if not len(keys):
             return
-        adds = np.zeros(len(keys), dtype=np.int64)
-        np.add.at(adds, inv, np.concatenate(adds_l))
-        cur = self.rc.get_many(keys)
-        room = np.uint64(self.rc.refcount_max) - cur
-        if np.any(room < adds.astype(np.uint64)):
+        if self.T.any_exceeds(self.rc.get_many(keys), sums, self.rc.refcount_max):
             raise RefcountOverflow("Invalid argument", errno=EINVAL)
 
     # -- staged writes --------------------------------------------------------------------------
@@ -803,9 +739,10 @@ class Transaction:
         return out
 
     # -- shadow refcount structures -------------------------------------------------------------
-    def _prepare_refcounts(self) -> tuple[np.ndarray, int, int, dict[int, np.ndarray]]:
+    def _prepare_refcounts(self) -> tuple[Tab, int, int, dict[int, Tab]]:
         """Copy every refcount block that changes, and the table, into free clusters."""
         rc = self.rc
+        T = self.T
         epb = rc.entries_per_block
         cs = rc.cluster_size
         new_block_off: dict[int, int] = {}
@@ -813,8 +750,7 @@ class Transaction:
         table_cl = 0
         old_table_freed = False
         while True:
-            keys, sums = self.deltas()
-            touched = sorted_unique(keys[sums != 0] // epb).tolist()
+            touched = self._deltas.touched_blocks(epb)
             grew = False
             for rt in touched:
                 if rt not in new_block_off:
@@ -845,42 +781,30 @@ class Transaction:
             if table_cl * cs > L.MAX_REFTABLE_SIZE:
                 raise VdkitError("File too large", errno=EFBIG)
             table_off = self.alloc(table_cl * cs)
-        keys, sums = self.deltas()
-        new_table = np.zeros(table_cl * cs // 8, dtype=np.uint64)
-        new_table[: len(rc.table)] = rc.table
-        blocks: dict[int, np.ndarray] = {}
-        rts = keys // epb
+        new_table = T.zeros(table_cl * cs // 8)
+        T.set_slice(new_table, 0, rc.table)
+        blocks: dict[int, Tab] = {}
+        groups = self._deltas.by_block(epb)
         for rt, off in new_block_off.items():
             old_vals = rc.block_values(rt)
-            vals = np.zeros(epb, dtype=np.uint64) if old_vals is None else old_vals.copy()
-            sel = rts == rt
-            idx = keys[sel] % epb
-            d = sums[sel]
-            cur = vals[idx].astype(np.int64) if rc.bits < 64 else vals[idx]
-            if rc.bits < 64:
-                new = cur + d
-                if np.any(new < 0) or np.any(new > rc.refcount_max):
-                    raise RefcountOverflow("Invalid argument", errno=EINVAL)
-                vals[idx] = new.astype(np.uint64)
-            else:
-                for j, i in enumerate(idx.tolist()):
-                    nv = int(vals[i]) + int(d[j])
-                    if nv < 0 or nv > rc.refcount_max:
-                        raise RefcountOverflow("Invalid argument", errno=EINVAL)
-                    vals[i] = nv
-            zero = idx[vals[idx] == 0]
-            if len(zero):
-                lowest = int(rt * epb + zero.min())
+            vals = T.zeros(epb) if old_vals is None else T.copy(old_vals)
+            idx, d = groups.get(rt, ([], []))
+            try:
+                zero = T.apply_deltas(vals, idx, d, rc.refcount_max)
+            except ValueError:
+                raise RefcountOverflow("Invalid argument", errno=EINVAL) from None
+            if zero >= 0:
+                lowest = rt * epb + zero
                 if self._lowest_freed is None or lowest < self._lowest_freed:
                     self._lowest_freed = lowest
             blocks[rt] = vals
             new_table[rt] = off
         for rt, off in new_block_off.items():
-            self.write(off, encode_block(blocks[rt], rc.bits))
-        self.write(table_off, new_table.astype(">u8").tobytes())
+            self.write(off, T.encode_refcounts(blocks[rt], rc.bits))
+        self.write(table_off, T.encode_u64(new_table))
         return new_table, table_off, table_cl, blocks
 
-    def check_overlap(self, in_use: np.ndarray,
+    def check_overlap(self, in_use: Tab,
                       name_of: Callable[[int, int], str | None] | None = None) -> None:
         """Refuse to write over clusters in use (only a lying refcount of 0 could make us).
 
@@ -889,12 +813,11 @@ class Transaction:
         meets metadata is a corruption event as QEMU signals it for that write
         ("... (overlaps with <structure>)", its offset and size).
         """
-        staged = np.asarray(sorted(self.staged_clusters()), dtype=np.int64)
-        hit = staged[np.isin(staged, in_use)]
-        if len(hit):
+        hit = self.T.members(self.T.indices(sorted(self.staged_clusters())), in_use)
+        if hit:
             if name_of is not None and self.rc.on_corruption is not None:
                 cs, bits = self.rc.cluster_size, self.rc.cluster_bits
-                hit_set = set(hit.tolist())
+                hit_set = set(hit)
                 for off, data in self._writes:  # staging order: QEMU's write order
                     first, last = off >> bits, (off + max(len(data), 1) - 1) >> bits
                     if not hit_set.intersection(range(first, last + 1)):
@@ -905,7 +828,7 @@ class Transaction:
                             f"Preventing invalid write on metadata (overlaps with {name})",
                             offset=off, size=len(data))
             raise CorruptImageError(
-                f"Preventing invalid write on metadata (cluster {int(hit[0])} is in use but has refcount 0)",
+                f"Preventing invalid write on metadata (cluster {hit[0]} is in use but has refcount 0)",
                 errno=5,
             )
 
@@ -923,13 +846,12 @@ class Transaction:
         end = max((start + n for start, n in self._allocated), default=0)
         if end <= eof:
             return
-        span = np.arange(eof, end, dtype=np.int64)
-        ours = np.asarray(sorted(self.staged_clusters()), dtype=np.int64)
-        counted = span[(self.new_refcounts(span) != 0) & ~np.isin(span, ours)]
-        if len(counted):
+        ours = self.staged_clusters()
+        counted = [c for c in self.T.nonzero(self.new_refcounts(self.T.arange(eof, end))) if eof + c not in ours]
+        if counted:
             raise CorruptImageError("Invalid argument", errno=EINVAL)
 
-    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: np.ndarray,
+    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: Tab,
                name_of: Callable[[int, int], str | None] | None = None) -> None:
         """Write everything, sync, switch the header with one write, sync.
 

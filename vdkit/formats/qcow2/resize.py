@@ -60,6 +60,7 @@ import numpy as np
 from vdkit.errors import UnsupportedError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.io import tables
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         return
     cm = drv.clusters
     rc = drv.refcounts
+    rc.use_backend(tables.NUMPY)  # resize works on numpy tables (the refcount table, bulk lookups)
     needed = h.l1_entries_needed(new_size)
     if new_size > old_size:
         if needed > len(cm.l1):
@@ -312,6 +314,7 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
     io = drv.io
     cm = drv.clusters
     rc = drv.refcounts
+    rc.use_backend(tables.NUMPY)
     cs = drv.cluster_size
     n_l2 = drv.geometry.l2_entries
     first = start // cs

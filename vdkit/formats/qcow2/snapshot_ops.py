@@ -32,8 +32,11 @@ from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
 from vdkit.formats.qcow2.overlap import Metadata
-from vdkit.formats.qcow2.refcount import Transaction, sorted_unique
+from vdkit.formats.qcow2.refcount import Transaction
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
+from vdkit.io import tables
+
+sorted_unique = tables.NUMPY.unique_sorted
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -95,6 +98,7 @@ def _require_snapshots(drv: Qcow2Driver) -> None:
     if drv.header.has_data_file:
         raise UnsupportedError("Operation not supported", errno=ENOTSUP)
     drv.flush()
+    drv.refcounts.use_backend(tables.NUMPY)
 
 
 def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:

@@ -1,0 +1,189 @@
+"""vdkit.io.tables backends: the stdlib one (lists) and numpy's give the same answers for every operation.
+
+numpy's backend is the oracle where it is plain numpy (decoding, unique, isin); both are checked against
+a direct Python model besides, so a shared mistake cannot hide.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vdkit.io import tables
+
+S, N = tables.SMALL, tables.NUMPY
+BITS = [1, 2, 4, 8, 16, 32, 64]
+
+# mostly zeros, so zero runs of every length occur
+entries = st.lists(st.one_of(st.just(0), st.just(0), st.just(0), st.integers(1, 3)), max_size=300)
+
+
+def _model_zero_scan(vals: list[int], start: int, n: int) -> tuple[int, int, int]:
+    part = vals[start:]
+    lead = next((i for i, v in enumerate(part) if v), len(part))
+    first = next((start + i for i in range(len(part) - n + 1) if not any(part[i : i + n])), -1)
+    last = max((i for i, v in enumerate(part) if v), default=-1)
+    return lead, first, start + last + 1
+
+
+@settings(max_examples=400, deadline=None)
+@given(vals=entries, data=st.data())
+def test_zero_scan(vals: list[int], data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, len(vals)))
+    n = data.draw(st.integers(1, 40))
+    want = _model_zero_scan(vals, start, n)
+    assert S.zero_scan(list(vals), start, n) == want
+    assert N.zero_scan(N.array(vals), start, n) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.sampled_from(BITS), data=st.data())
+def test_refcount_blocks_roundtrip(bits: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 40)) * 8
+    vals = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=n, max_size=n))
+    raw = N.encode_refcounts(N.array(vals), bits)
+    assert len(raw) == n * bits // 8
+    assert S.encode_refcounts(list(vals), bits) == raw
+    assert S.decode_refcounts(raw, bits) == vals
+    assert N.decode_refcounts(raw, bits).tolist() == vals
+    if bits >= 8:  # big-endian, as the specification says
+        assert raw == b"".join(v.to_bytes(bits // 8, "big") for v in vals)
+
+
+@settings(max_examples=100, deadline=None)
+@given(vals=st.lists(st.integers(0, 2**64 - 1), max_size=50))
+def test_u64(vals: list[int]) -> None:
+    raw = struct.pack(f">{len(vals)}Q", *vals)
+    assert S.encode_u64(vals) == N.encode_u64(N.array(vals)) == raw
+    assert S.decode_u64(raw + b"xyz") == N.decode_u64(raw + b"xyz").tolist() == vals
+
+
+@settings(max_examples=300, deadline=None)
+@given(vals=st.lists(st.integers(0, 7), min_size=1, max_size=60), data=st.data())
+def test_slices(vals: list[int], data: st.DataObject) -> None:
+    lo = data.draw(st.integers(0, len(vals)))
+    hi = data.draw(st.integers(lo, len(vals)))
+    addend = data.draw(st.sampled_from([-3, -1, 1, 2, 9]))
+    maxval = 7
+    fits = hi <= lo or (all(0 <= v + addend <= maxval for v in vals[lo:hi]) and addend <= maxval)
+    s, n = list(vals), N.array(vals)
+    assert S.fits(s, lo, hi, addend, maxval) == N.fits(n, lo, hi, addend, maxval) == fits
+    assert S.count_nonzero(s, lo, hi) == N.count_nonzero(n, lo, hi) == sum(1 for v in vals[lo:hi] if v)
+    assert S.any_nonzero(s, lo, hi) == N.any_nonzero(n, lo, hi) == any(vals[lo:hi])
+    if fits:
+        old_s, old_n = S.get_slice(s, lo, hi), N.get_slice(n, lo, hi)
+        want = [i for i in range(lo, hi) if vals[i] + addend == 0] if addend < 0 else []
+        assert S.add_slice(s, lo, hi, addend) == N.add_slice(n, lo, hi, addend) == want
+        assert s == n.tolist() == vals[:lo] + [v + addend for v in vals[lo:hi]] + vals[hi:]
+        S.set_slice(s, lo, old_s)
+        N.set_slice(n, lo, old_n)
+        assert s == n.tolist() == vals
+    assert S.nonzero(s) == N.nonzero(n) == [i for i, v in enumerate(vals) if v]
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(st.integers(0, 50), max_size=40), b=st.lists(st.integers(0, 50), max_size=40))
+def test_sets(a: list[int], b: list[int]) -> None:
+    assert S.unique_sorted(a) == N.unique_sorted(N.indices(a)).tolist() == sorted(set(a))
+    assert S.members(a, b) == N.members(N.indices(a), N.indices(b)) == [x for x in a if x in b]
+    assert S.positions_in(a, 0x3C, b) == N.positions_in(N.array(a), 0x3C, b) == [
+        j for j, v in enumerate(a) if v & 0x3C in b]
+    assert S.concat([a, b]) == N.concat([N.indices(a), N.indices(b)]).tolist() == a + b
+    cur = [x % 5 for x in a]
+    assert S.any_exceeds(cur, a, 40) == N.any_exceeds(N.array(cur), N.indices(a), 40) == any(
+        c + x > 40 for c, x in zip(cur, a, strict=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(adds=st.lists(st.tuples(st.lists(st.integers(0, 99), max_size=20), st.integers(-3, 3)), max_size=8),
+       ranges=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 10), st.integers(-2, 2)), max_size=4),
+       per=st.sampled_from([1, 7, 32]))
+def test_deltas(adds: list[tuple[list[int], int]], ranges: list[tuple[int, int, int]], per: int) -> None:
+    model: dict[int, int] = {}
+    ds, dn = S.deltas(), N.deltas()
+    for keys, d in adds:
+        ds.add(keys, d)
+        dn.add(N.indices(keys), d)
+        for k in keys:
+            model[k] = model.get(k, 0) + d
+    for lo, n, d in ranges:
+        ds.add_range(lo, lo + n, d)
+        dn.add_range(lo, lo + n, d)
+        for k in range(lo, lo + n):
+            model[k] = model.get(k, 0) + d
+    keys = sorted(model)
+    ks, ss = ds.items()
+    kn, sn = dn.items()
+    assert ks == kn.tolist() == keys
+    assert ss == sn.tolist() == [model[k] for k in keys]
+    probe = list(range(-2, 110, 3))
+    assert ds.lookup(probe) == dn.lookup(N.indices(probe)).tolist() == [model.get(k, 0) for k in probe]
+    touched = sorted({k // per for k in keys if model[k]})
+    assert ds.touched_blocks(per) == dn.touched_blocks(per) == touched
+    bs, bn = ds.by_block(per), dn.by_block(per)
+    assert sorted(bs) == sorted(bn) == sorted({k // per for k in keys})
+    for blk, (idx, sums) in bs.items():
+        assert idx == bn[blk][0].tolist() == [k % per for k in keys if k // per == blk]
+        assert sums == bn[blk][1].tolist() == [model[k] for k in keys if k // per == blk]
+
+
+@settings(max_examples=200, deadline=None)
+@given(vals=st.lists(st.integers(0, 5), min_size=1, max_size=30), data=st.data(),
+       maxval=st.sampled_from([5, 2**64 - 1]))
+def test_apply_deltas(vals: list[int], data: st.DataObject, maxval: int) -> None:
+    idx = sorted(set(data.draw(st.lists(st.integers(0, len(vals) - 1), max_size=10))))
+    sums = data.draw(st.lists(st.integers(-6, 6), min_size=len(idx), max_size=len(idx)))
+    new = list(vals)
+    for i, d in zip(idx, sums, strict=True):
+        new[i] += d
+    ok = all(0 <= new[i] <= maxval for i in idx)
+    s, n = list(vals), N.array(vals)
+    if not ok:
+        with pytest.raises(ValueError):
+            S.apply_deltas(s, idx, sums, maxval)
+        with pytest.raises(ValueError):
+            N.apply_deltas(n, N.indices(idx), N.indices(sums), maxval)
+        return
+    lowest = min((i for i in idx if new[i] == 0), default=-1)
+    assert S.apply_deltas(s, idx, sums, maxval) == lowest
+    assert N.apply_deltas(n, N.indices(idx), N.indices(sums), maxval) == lowest
+    assert s == n.tolist() == new
+
+
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(st.integers(-3, 40), max_size=30), per=st.sampled_from([4, 16]))
+def test_gather(keys: list[int], per: int) -> None:
+    blocks = {0: list(range(100, 100 + per)), 2: list(range(300, 300 + per))}
+
+    def lookup_s(b: int) -> list[int] | None:
+        return blocks.get(b)
+
+    def lookup_n(b: int) -> np.ndarray | None:
+        v = blocks.get(b)
+        return None if v is None else N.array(v)
+
+    want = [0 if k < 0 or k // per not in blocks else blocks[k // per][k % per] for k in keys]
+    assert S.gather(keys, per, lookup_s) == N.gather(N.indices(keys), per, lookup_n).tolist() == want
+
+
+def test_strided_and_convert() -> None:
+    s, n = S.zeros(12), N.zeros(12)
+    S.set_strided(s, 1, 2, 1000, 5, 64)
+    N.set_strided(n, 1, 2, 1000, 5, 64)
+    assert s == n.tolist() == [0, 1000, 0, 1064, 0, 1128, 0, 1192, 0, 1256, 0, 0]
+    assert S.convert(n) == s and N.convert(s).tolist() == s
+    assert S.add_signed([1, 2], [-3, 4]) == N.add_signed(N.array([1, 2]), N.indices([-3, 4])).tolist() == [-2, 6]
+
+
+def test_backend_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tables, "FORCE", None)
+    assert tables.backend_for(0) is S
+    assert tables.backend_for(tables.NUMPY_MIN_BYTES) is N
+    monkeypatch.setattr(tables, "FORCE", "small")
+    assert tables.backend_for(1 << 40) is S
+    monkeypatch.setattr(tables, "FORCE", "numpy")
+    assert tables.backend_for(0) is N
