@@ -22,7 +22,7 @@ from tests.conftest import ROOT, check_ok
 SCRIPT = ROOT / "scripts" / "vdkit-img"
 # Standard modules an info-like command may add to a bare interpreter's: all are small or built in.
 # (Not ``array``: it imports ``collections`` to register itself as a MutableSequence; see vdkit.io.tables.)
-CHEAP_STDLIB = {"__future__", "errno", "fcntl", "struct", "_struct", "zlib"}
+CHEAP_STDLIB = {"__future__", "atexit", "errno", "fcntl", "gc", "struct", "_struct", "zlib"}
 # vdkit modules `info` of one image may import, at most (the format's own package included): raise it
 # only for a module that pays for itself, and look for one to merge or defer first.
 INFO_BUDGET = 30
@@ -103,3 +103,74 @@ def test_small_work_imports_nothing_heavy(images: Path, bare: set[str], tmp_path
     check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "top.qcow2"), "64M")
     mods = [m for m in _imported([str(SCRIPT), *args], tmp_path, (0, 63)) if m not in bare]
     assert not HEAVY & set(mods), sorted(HEAVY & set(mods))
+
+
+# A sitecustomize that tells whether the interpreter's teardown ran (its audit event, written to a
+# copy of stderr) and, on request, leaves something the teardown must serve: an atexit callback or a
+# thread that is not a daemon.
+_SITE = '''
+import os
+import sys
+
+def _hook(event, args, _write=os.write, _fd=os.dup(2)):
+    if event == "cpython.PyInterpreterState_Clear":
+        _write(_fd, b"teardown\\n")
+
+sys.addaudithook(_hook)
+mode = os.environ.get("PROBE_MODE")
+if mode == "atexit":
+    import atexit
+    atexit.register(lambda: os.write(2, b"atexit ran\\n"))
+elif mode == "thread":
+    import threading
+    import time
+    threading.Thread(target=lambda: (time.sleep(0.2), os.write(2, b"thread joined\\n"))).start()
+'''
+
+
+_EXITS = [("script", "none"), ("module", "none"), ("script", "atexit"), ("module", "atexit"), ("script", "thread"),
+          ("profile", "profile")]
+
+
+@pytest.mark.parametrize(("entry", "mode"), _EXITS, ids=["-".join(e) for e in _EXITS])
+def test_process_leaves_without_teardown_unless_needed(images: Path, tmp_path: Path, entry: str, mode: str) -> None:
+    """``vdkit-img`` ends with os._exit after flushing (the teardown is a fifth of a bare start), but
+    takes the ordinary exit when another party waits for it; the output and exit status are the same."""
+    (tmp_path / "sitecustomize.py").write_text(_SITE)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", PROBE_MODE=mode)
+    cmd = {"script": [str(SCRIPT)], "module": ["-m", "vdkit.cli.main"],
+           "profile": ["-m", "cProfile", "-o", str(tmp_path / "prof"), str(SCRIPT)]}[entry]
+    expected = subprocess.run(["qemu-img", "info", "qcow20.img"], cwd=images, capture_output=True, text=True)
+    for args, code in ((["info", "qcow20.img"], 0), (["check", "raw0.img"], 63), (["info", "missing.img"], 1)):
+        p = subprocess.run([sys.executable, *cmd, *args], cwd=images, env=env, capture_output=True, text=True)
+        assert p.returncode == (0 if mode == "profile" else code), p.stderr  # cProfile swallows SystemExit
+        if code == 0:
+            assert p.stdout == expected.stdout
+        else:
+            assert p.stderr.count("vdkit-img: ") == 1, p.stderr
+        if mode == "thread":  # the thread may end before the command does; either way it is never cut short
+            assert "thread joined" in p.stderr
+        else:
+            assert ("teardown" in p.stderr) == (mode != "none"), p.stderr
+        assert ("atexit ran" in p.stderr) == (mode == "atexit")
+    if mode == "profile":
+        assert (tmp_path / "prof").stat().st_size > 0
+
+
+def test_process_exit_on_a_closed_pipe_as_the_ordinary_exit(images: Path) -> None:
+    """A reader that went away makes the writes or the flush fail: status and message are what the
+    ordinary exit (``sys.exit(main())``) gives."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    results = []
+    for code in ("from vdkit.cli.main import process_main; process_main()",
+                 "import sys; from vdkit.cli.main import main; sys.exit(main())"):
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            p = subprocess.run([sys.executable, "-c", code, "info", "qcow20.img"], cwd=images, env=env,
+                               stdout=w, stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(w)
+        results.append((p.returncode, p.stderr))
+    assert results[0] == results[1]
+    assert results[0][0] != 0
