@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import os
 
-from vdkit.block.chain import QEMU_PROTOCOLS, BackingWalk, OpenPolicy, protocol_of, resolve_backing_name
+from vdkit.block.chain import (
+    QEMU_PROTOCOLS,
+    BackingOverride,
+    BackingWalk,
+    OpenPolicy,
+    protocol_of,
+    resolve_backing_name,
+)
 from vdkit.block.driver import OpenContext
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats import registry
@@ -347,13 +354,16 @@ def _open(
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
     if name.startswith("json:"):  # raw's offset/size windows (vdkit.cli.json_name.window_name)
+        from vdkit.block.chain import BACKING_OVERRIDES
+        from vdkit.block.secrets import open_option
         from vdkit.formats.raw import WINDOWS, open_window
 
         if name in WINDOWS:
             window = open_window(name, readonly, force_share)
             return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                            force_share=force_share, backing=backing, check_mode=check_mode, no_io=no_io,
-                            walk=walk, on_open=on_open)
+                            force_share=force_share, backing=backing and open_option(name, "backing") != "null",
+                            check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open,
+                            override=BACKING_OVERRIDES.get(name))
     proto = protocol_of(name)
     # a protocol as the top node (driver=nbd/rbd) opens only its own names
     required: str | None = None if fmt is None else getattr(registry.format_module(fmt), "NAME_REQUIRED", None)
@@ -364,6 +374,9 @@ def _open(
         pdriver = driver_for_prefix(proto)
         if required is not None and pdriver != fmt:
             raise OpenError(required)
+    from vdkit.block.chain import BACKING_OVERRIDES
+
+    override = BACKING_OVERRIDES.get(name)  # json:/--image-opts "backing" other than null
     if backing or proto is not None:
         from vdkit.block.secrets import open_option
 
@@ -376,7 +389,7 @@ def _open(
         name = name[len("file:"):]
     elif pdriver is not None:
         return _open_protocol(pdriver, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                              check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
+                              check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -386,7 +399,7 @@ def _open(
     file = ImageFile(name, readonly=readonly, force_share=force_share, lock=False)  # locked once probed
     return _open_on(file, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
                     check_mode=check_mode, no_io=no_io, walk=walk, share_writes=share_writes, resize=resize,
-                    attached=attached, on_open=on_open)
+                    attached=attached, on_open=on_open, override=override)
 
 
 def _open_on(
@@ -404,6 +417,7 @@ def _open_on(
     resize: bool = False,
     attached: bool = False,
     on_open: Callable[[FormatDriver], None] | None = None,
+    override: BackingOverride | None = None,
 ) -> Node:
     """Open the format layer on an opened protocol node (a local file or an NBD export).
 
@@ -439,8 +453,11 @@ def _open_on(
             # Reading guest data needs the key: only the luks format takes one (its driver sets has_key)
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         driver.open_children(ctx)
-        if backing and driver.backing_file is not None:
-            _open_backing(node, force_share=force_share, no_io=no_io, walk=walk, share_writes=share_writes)
+        if override is not None and _backing_refused(driver, fmt, override, backing):
+            override = None  # a "default" backing member: the image's own backing name
+        if backing and (driver.backing_file is not None or override is not None):
+            _open_backing(node, force_share=force_share, no_io=no_io, walk=walk, share_writes=share_writes,
+                          override=override)
         return node
     except BaseException:
         if node is not None:
@@ -452,7 +469,8 @@ def _open_on(
 
 def _open_protocol(driver: str, name: str, fmt: str | None, *, readonly: bool, force_share: bool,
                    backing: bool, check_mode: bool, no_io: bool, walk: BackingWalk,
-                   on_open: Callable[[FormatDriver], None] | None = None) -> Node:
+                   on_open: Callable[[FormatDriver], None] | None = None,
+                   override: BackingOverride | None = None) -> Node:
     """A name of a protocol of :mod:`vdkit.protocols.registry` (NBD, HTTP(S), RBD): its ``open_file`` gives
     the file and the name the format opens it under; a file with a ``node_name`` names the node once its
     format is known (rbd: ``json:{"driver": FMT, "file": {...}}``, as QEMU names it)."""
@@ -460,22 +478,50 @@ def _open_protocol(driver: str, name: str, fmt: str | None, *, readonly: bool, f
 
     pfile, pname = protocol_module(driver).open_file(name, readonly=readonly, force_share=force_share, fmt=fmt)
     node = _open_on(pfile, pname, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                    check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open)
+                    check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override)
     node_name = getattr(pfile, "node_name", None)
     if node_name is not None:
         node.filename = node_name(node.format)
     return node
 
 
+def _backing_refused(driver: FormatDriver, fmt: str, override: BackingOverride, backing: bool) -> bool:
+    """Refuse a ``backing`` member as QEMU does after the image opened (True: it changes nothing).
+
+    A command that opens no backing (or a member ``null`` already took) leaves it unused; a driver
+    without a backing child cannot take a node; a number, a boolean or an empty object only goes
+    where the image has a backing file.
+    """
+    from vdkit.protocols.registry import is_protocol
+
+    if not backing or override.kind == "unused" or override.kind == "default" and (
+            not driver.supports_backing or driver.backing_file is None):
+        if is_protocol(fmt):
+            raise OpenError(f"Block protocol '{fmt}' doesn't support the option '{override.unused}'")
+        raise OpenError(f"Block format '{fmt}' does not support the option '{override.unused}'")
+    if not driver.supports_backing:
+        raise OpenError("Driver doesn't support backing files")
+    return override.kind == "default"
+
+
 def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk,
-                  share_writes: bool = False) -> None:
-    resolved = walk.backing_of(node.filename, node.driver.backing_file)
-    assert resolved is not None
+                  share_writes: bool = False, override: BackingOverride | None = None) -> None:
+    stored = node.driver.backing_file
+    fmt = node.driver.backing_format
+    # the image's name is resolved unless the options name the file (its errors stay: NBD's base directory)
+    resolved = None if stored is None or override is not None and override.explicit else \
+        walk.backing_of(node.filename, stored)
     try:
+        if override is not None:
+            if override.kind == "ref":
+                raise OpenError(f"Cannot find device='{override.ref}' nor node-name='{override.ref}'")
+            assert override.open is not None
+            resolved, fmt = override.open(resolved, fmt)
+        assert resolved is not None
         # Backing files are only ever read; they are opened read-only and shared as the top is (a raw
         # backing file below a qemu-img command's image refuses nothing, as in QEMU)
         node.backing = _open(
-            resolved, node.driver.backing_format, readonly=True, force_share=force_share,
+            resolved, fmt, readonly=True, force_share=force_share,
             backing=True, check_mode=False, no_io=no_io, walk=walk, share_writes=share_writes, attached=True,
         )
     except VdkitError as exc:

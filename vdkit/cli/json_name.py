@@ -50,7 +50,9 @@ def flatten(tree: dict[str, Any]) -> dict[str, object]:
     flat: dict[str, object] = {}
     nested: dict[str, object] = {}
     for key, value in tree.items():
-        if isinstance(value, (dict, list)):
+        if key == "backing" and value == {}:
+            flat[key] = {}  # an empty backing object is still a member (QEMU refuses it where it is unused)
+        elif isinstance(value, (dict, list)):
             items = value.items() if isinstance(value, dict) else enumerate(value)
             sub = flatten({str(k): v for k, v in items})
             for k, v in sub.items():

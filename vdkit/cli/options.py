@@ -169,6 +169,15 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
 # -- --image-opts (the subset vdkit's formats need) ---------------------------------------------
 
 def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str, str | None]:
+    """:func:`_image_opts`, and the ``backing`` child the options give, remembered for the open."""
+    backing: list[object] = []
+    filename, driver = _image_opts(spec, parsed, backing)
+    if backing:
+        _remember_backing(filename, backing[0])
+    return filename, driver
+
+
+def _image_opts(spec: str, parsed: dict[str, object] | None, backing: list[object]) -> tuple[str, str | None]:
     """``--image-opts`` string (or a ``json:`` name's flattened options) -> (file name, format or None).
 
     Understood: ``driver`` (any format vdkit has, or ``nbd`` for an export
@@ -196,6 +205,7 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
                 raw[key] = value
         else:
             raw = dict(parsed)
+        backing.extend(_take_backing(raw))
         ref = raw.get("file")
         if isinstance(ref, str):  # a node reference, which qemu-img never has
             raise OpenError(f"Cannot find device='{ref}' nor node-name='{ref}'")
@@ -205,7 +215,6 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
                 return window
         given = {k: raw.pop(k, None) for k in ("driver", "file.filename", "file.driver")}
         driver, filename, file_driver = (v if isinstance(v, str) else None for v in given.values())
-        no_backing = "backing" in raw and raw.pop("backing") is None
         opts = {k: _opt_text(v) for k, v in raw.items()}
         if driver is not None:
             from vdkit.formats.registry import is_known
@@ -306,13 +315,11 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
 
         for key, value in strong.items():
             set_open_option(filename, key, value)
-    if no_backing or not is_protocol(file_driver) and ":" in filename:
+    if not is_protocol(file_driver) and ":" in filename:
         from vdkit.block.chain import protocol_of
         from vdkit.block.secrets import set_open_option
 
-        if no_backing:
-            set_open_option(filename, "backing", "null")
-        if not is_protocol(file_driver) and protocol_of(filename) is not None:
+        if protocol_of(filename) is not None:
             set_open_option(filename, "protocol", "file")  # an option's filename is never a URI
     return filename, driver
 
@@ -335,7 +342,6 @@ def _raw_window(raw: dict[str, object]) -> tuple[str, str] | None:
     if window is None:
         return None
     name, fmt, file_prefix = window
-    no_backing = "backing" in raw and raw.pop("backing") is None
     own = runtime_options(fmt) if isinstance(top, str) and top != "raw" else frozenset()
     for key in raw:  # the file node's options are checked first: it opens first
         tail = key[len(file_prefix):]
@@ -350,11 +356,144 @@ def _raw_window(raw: dict[str, object]) -> tuple[str, str] | None:
         if "." not in key:
             raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
         raise OpenError(f"Block format 'raw' does not support the option '{tail}'")
-    if no_backing:
-        from vdkit.block.secrets import set_open_option
-
-        set_open_option(name, "backing", "null")
     return name, fmt
+
+
+_NULL = "null"  # _take_backing's answer for "backing": null (and QEMU's deprecated "")
+
+
+def _take_backing(raw: dict[str, object]) -> list[object]:
+    """Take the ``backing`` member and the ``backing.*`` keys out of ``raw``: [] when there are none,
+    else [what :func:`_remember_backing` records] (a :class:`vdkit.block.chain.BackingOverride`, or
+    ``_NULL``).
+
+    A nested object is interpreted when the backing opens (:func:`_backing_node`): QEMU reports its
+    errors, prefixed 'Could not open backing file: ', only after the image above opened, and fills
+    in the image's own backing name where the object names no file.
+    """
+    keys = [k for k in raw if k == "backing" or k.startswith("backing.")]
+    if not keys:
+        return []
+    from vdkit.block.chain import BackingOverride
+    from vdkit.info.render_json import qdict_order
+
+    top = raw.pop("backing", {})
+    # QEMU extracts the child's options in its QDict order: colliding keys then come in the other order
+    sub = {k[len("backing."):]: raw.pop(k) for k in qdict_order(keys) if k != "backing"}
+    if top is None or top == "":
+        if top == "":
+            from vdkit.cli.main import PROG, write_err
+
+            write_err(f'{PROG}: warning: Use of "backing": "" is deprecated; use "backing": null instead\n')
+        if not sub:
+            return [_NULL]
+        # the null took the member: the dotted keys are left over wherever the image opens
+        return [BackingOverride("unused", qdict_order([k for k in keys if k != "backing"])[0])]
+    unused = qdict_order(keys)[0]
+    if isinstance(top, str):
+        return [BackingOverride("ref", unused, ref=top)]
+    if not sub:  # a number, a boolean, an empty object
+        return [BackingOverride("default", unused)]
+    explicit = "file.filename" in sub
+
+    def node(name: str | None, image_fmt: str | None) -> tuple[str, str | None]:
+        return _backing_node(dict(sub), None if explicit else name, image_fmt)
+
+    return [BackingOverride("node", unused, open=node, explicit=explicit)]
+
+
+def _backing_node(sub: dict[str, object], name: str | None, image_fmt: str | None) -> tuple[str, str | None]:
+    """(file name, format) of the backing node the options ``sub`` describe, as QEMU opens it.
+
+    ``name`` is the image's backing name (resolved) or None; QEMU gives it to the backing node as its
+    ``filename``: a node without ``file`` options opens that name (as ``driver``, else as the format
+    the image names), a ``file`` child of the local driver opens it, the curl driver takes it as its
+    URL and the nbd driver refuses it next to an address.  Errors are QEMU's texts, unprefixed.
+    """
+    from vdkit.errors import OpenError
+
+    driver = sub.get("driver")
+    top_protocol = _is_protocol_driver(driver)
+    if not top_protocol and not any(k == "file" or k.startswith("file.") for k in sub):
+        fmt = _backing_format_only(sub)
+        bad = next((k for k in sub if k != "driver" and k not in _TUNING), None)
+        if bad is not None:
+            raise OpenError(f"Block format '{fmt or image_fmt or 'raw'}' does not support the option '{bad}'")
+        if name is None:
+            raise OpenError('A block device must be specified for "file"')
+        return name, fmt if fmt is not None else image_fmt
+    if name is not None:
+        prefix = "" if top_protocol else "file."
+        protocol = driver if top_protocol else sub.get(prefix + "driver")
+        if protocol == "nbd":
+            from vdkit.info.render_json import qdict_order
+
+            own = list(sub)
+            if prefix:  # the file child's options are extracted and copied once more (observed order)
+                own = qdict_order([k[len(prefix):] for k in qdict_order(own) if k.startswith(prefix)])
+            clash = [k for k in own if k in ("host", "port", "path", "export") or k.startswith("server.")]
+            if clash:
+                raise OpenError(f"Option '{qdict_order(clash)[0]}' cannot be used with a file name")
+        elif protocol in ("http", "https"):
+            sub[prefix + "url"] = name  # the curl driver's file name is its URL
+        elif protocol in (None, "file"):
+            sub[prefix + "filename"] = name
+    nested: list[object] = []
+    try:
+        filename, fmt = _image_opts("", sub, nested)
+    except OpenError as exc:
+        err = exc.prefixed("")
+        err.message = exc.message.removeprefix("Could not open '': ")
+        err.args = (err.message,)
+        raise err from None
+    if nested:
+        _remember_backing(filename, nested[0])
+    return filename, fmt
+
+
+def _is_protocol_driver(driver: object) -> bool:
+    from vdkit.protocols.registry import is_protocol
+
+    return isinstance(driver, str) and is_protocol(driver)
+
+
+def _backing_format_only(sub: dict[str, object]) -> str | None:
+    """A backing object without ``file``: the image's backing name opens with these options (a
+    ``driver``, options that only tune I/O or the format's own run-time options, which are taken out
+    of ``sub``); the caller refuses what is left by the backing's format."""
+    from vdkit.errors import OpenError, UnsupportedError
+    from vdkit.formats.registry import is_known, runtime_options
+
+    driver = sub.get("driver")
+    if driver is not None and (not isinstance(driver, str) or not is_known(driver)):
+        raise OpenError(f"Unknown driver '{driver}'")
+    if any(k == "backing" or k.startswith("backing.") for k in sub):
+        raise UnsupportedError("A 'backing' option inside a backing object without 'file' is not supported by vdkit")
+    own = frozenset() if driver is None else runtime_options(driver)
+    for key in [k for k in sub if k in own]:
+        del sub[key]
+    return driver
+
+
+def _remember_backing(filename: str, backing: object) -> None:
+    """Record what the options said about ``filename``'s backing child for :mod:`vdkit.block.node`."""
+    from vdkit.block.chain import BACKING_OVERRIDES, BackingOverride
+    from vdkit.block.secrets import set_open_option
+
+    if backing == _NULL:
+        set_open_option(filename, "backing", "null")
+    elif isinstance(backing, BackingOverride):
+        BACKING_OVERRIDES[filename] = backing
+
+
+def forget_backing(name: str) -> None:
+    """A plain file name argument: a ``backing`` an earlier spec gave the same name does not apply to it."""
+    from vdkit.block.chain import BACKING_OVERRIDES
+    from vdkit.block.secrets import open_option, set_open_option
+
+    BACKING_OVERRIDES.pop(name, None)
+    if open_option(name, "backing") is not None:
+        set_open_option(name, "backing", "")
 
 
 def _opt_text(value: object) -> str:
@@ -497,6 +636,7 @@ def open_args(name: str, fmt: str | None, use_opts: bool) -> tuple[str, str | No
                 raise exc.prefixed(f"Could not open '{name}': ") from None
             filename, driver = image_opts(name, parsed)
             return filename, driver or fmt, name
+        forget_backing(name)
         return name, fmt, None
     filename, driver = image_opts(name)
     return filename, driver, name
