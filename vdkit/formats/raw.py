@@ -21,10 +21,16 @@ def probe(head: bytes, filename: str) -> int:
 
 
 def open_driver(file: ImageFile, ctx: OpenContext) -> RawDriver:
-    if getattr(file, "protocol", None) == "rbd":  # raw on RBD: the image's snapshots pass through
-        from vdkit.formats.rbd import RbdRawDriver
+    proto = getattr(file, "protocol_driver", None)
+    if proto is not None:  # raw over a protocol whose node answers as a format (RBD): its snapshots pass up
+        from vdkit.protocols.registry import is_protocol, node_format
 
-        return RbdRawDriver(file)
+        fmt = node_format(proto) if is_protocol(proto) else None
+        if fmt is not None:
+            from vdkit.formats.registry import format_module
+
+            driver: RawDriver = format_module(fmt).raw_driver(file)
+            return driver
     return RawDriver(file)
 
 
@@ -73,9 +79,9 @@ class RawDriver(FormatDriver):
     def probed_open_warning(self, name: str) -> str | None:
         """QEMU's raw driver warns as it opens a probed image writable: a guest could write a header
         that makes the next probe see another format.  It names the protocol node: the given name,
-        except for protocols that report a ``json:`` name (an rbd image)."""
+        except for protocols that name their nodes themselves (``node_name``: an rbd image's ``json:``)."""
         file = self.file
-        return _PROBED_WARNING.format(file.filename if getattr(file, "protocol", None) == "rbd" else name)
+        return _PROBED_WARNING.format(file.filename if hasattr(file, "node_name") else name)
 
     @property
     def virtual_size(self) -> int:

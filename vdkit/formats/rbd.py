@@ -42,6 +42,12 @@ def open_driver(file: ImageFile, ctx: OpenContext) -> RbdDriver:
     return RbdDriver(file)
 
 
+def raw_driver(file: ImageFile) -> RbdRawDriver:
+    """Raw over a bare rbd node (the protocol registry's ``NODE_FORMAT`` names this module): the image's
+    snapshots pass through the raw format."""
+    return RbdRawDriver(file)
+
+
 def create_options() -> list[OptDesc]:
     from vdkit.opts import OptDesc
 

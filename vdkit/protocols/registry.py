@@ -22,7 +22,8 @@ provides:
 ``NODE_FORMAT: str`` (optional)
     The registered format (``vdkit.formats.registry``) a node of this protocol answers info and
     snapshot queries as, when no format sits above it (rbd: object size, its snapshots); without it
-    the node reports only its length and allocation (``vdkit.block.protocol_node``).
+    the node reports only its length and allocation (``vdkit.block.protocol_node``).  That format's
+    module also gives ``raw_driver(file)``, the raw format over such a node (its snapshots pass up).
 ``CREATE_PLACE: str`` with ``create_raw(filename, opts)`` and ``create_for_format(filename, opts)``
     Where ``qemu-img create`` can make an image on this protocol: the raw disk
     itself, or the empty container a format that writes through the protocol
