@@ -733,3 +733,76 @@ def test_mirror_of_a_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
     p.quit(daemons)
     for name in ("m-top.qcow2", "m-full.qcow2", "m-none.qcow2", "bt.qcow2"):
         p.compare(name, "top.qcow2")
+
+
+def test_mirror_of_an_exported_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
+    """An NBD export of a -blockdev node follows a mirror as QEMU's BlockBackend does: while the job runs it
+    names the mirror_top filter and its writes are mirrored; at complete it moves onto the target
+    (drive-mirror's target node then lives as long as the export; blockdev-mirror's is the user's node)."""
+    p = Pair(daemons, tmp_path, drive=["-blockdev", "driver=file,filename=DIR/top.qcow2,node-name=f-top",
+                                       "-blockdev", "driver=qcow2,file=f-top,node-name=n-top"])
+    grown = re.compile(r'"virtual-size": \d+(?=, "filename": "DIR/m.qcow2", "format": "file")'
+                       r'|(?<="granularity": 65536, )"count": \d+')
+
+    def write(pattern: int, at: int) -> None:
+        for d in p.dirs:
+            r = qemu_io("-f", "raw", "-c", f"write -P {pattern:#x} {at}k 64k", f"nbd+unix:///n-top?socket={d}/n.sock")
+            assert r.returncode == 0, r.stderr
+
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    p.same("block-export-add", {"type": "nbd", "id": "e", "node-name": "n-top", "writable": True})
+    p.same("drive-mirror", {"device": "n-top", "target": "DIR/m.qcow2", "sync": "top", "job-id": "m", "speed": 1})
+    p.same("block-job-pause", {"device": "m"})
+    p.wait("JOB_STATUS_CHANGE", status="paused")
+    p.same("query-block-exports")  # the filter's name
+    p.same("query-named-block-nodes", mask=grown)  # the target's nodes (json: named, no backing)
+    p.same("query-named-block-nodes", {"flat": True}, mask=grown)
+    p.same("block-job-set-speed", {"device": "m", "speed": 0})
+    p.same("block-job-resume", {"device": "m"})
+    p.wait("BLOCK_JOB_READY")
+    write(0x44, 3072)  # mirrored while ready
+    p.same("block-job-complete", {"device": "m"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+    p.same("query-block-exports")
+    p.same("query-named-block-nodes")
+    write(0x55, 3200)  # lands in the target now
+    p.same("block-export-del", {"id": "e"})
+    p.same_events()
+    p.same("query-named-block-nodes")  # the target went with the export
+    p.same("blockdev-add", {"driver": "qcow2", "node-name": "n-bt",
+                            "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
+    p.same("block-export-add", {"type": "nbd", "id": "e2", "node-name": "n-top", "writable": True})
+    p.same("blockdev-mirror", {"device": "n-top", "target": "n-bt", "sync": "full", "job-id": "bm"})
+    p.wait("BLOCK_JOB_READY")
+    p.same("query-block-exports")
+    p.same("block-job-complete", {"device": "bm"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+    p.same("query-block-exports")
+    write(0x66, 128)
+    p.same("blockdev-del", {"node-name": "n-bt"})
+    p.same("x-debug-query-block-graph")
+    p.same("blockdev-del", {"node-name": "n-top"})  # no parent now
+    p.quit(daemons)
+    for name in ("m.qcow2", "bt.qcow2", "top.qcow2"):
+        p.compare(name)
+
+
+def test_export_names_the_filter_of_a_job(daemons: Daemons, tmp_path: Path) -> None:
+    """A job's filter goes above the drive's node under every parent, the export's backend included:
+    query-block-exports names it while the job lives, the node again afterwards."""
+    p = Pair(daemons, tmp_path)
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    p.same("nbd-server-add", {"device": "disk0"})
+    for cmd, args in [("drive-mirror", {"target": "DIR/fm.qcow2", "sync": "full"}),
+                      ("drive-backup", {"target": "DIR/fb.qcow2", "sync": "full"}),
+                      ("block-stream", {}), ("block-commit", {})]:
+        p.same(cmd, {"device": "disk0", "job-id": "j", "speed": 1, **args})
+        p.same("query-block-exports")
+        p.same("block-job-cancel", {"device": "j", "force": True})
+        p.wait("JOB_STATUS_CHANGE", status="null")
+        p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+        p.same("query-block-exports")

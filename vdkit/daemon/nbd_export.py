@@ -174,7 +174,7 @@ class NbdService:
         return self.server is not None
 
     def list_exports(self) -> list[ExportEntry]:
-        return [ExportEntry(e.id, e.name, e.node_name) for e in self.exports]
+        return [ExportEntry(e.id, e.name, e.node_name, e.medium.node) for e in self.exports]
 
     def start(self, addr: Address) -> None:
         """Bind the listener here (so bind errors are the command's), accept on the event loop."""

@@ -52,6 +52,7 @@ class ExportEntry:
     id: str
     name: str
     node_name: str
+    node: object = None  # the exported node (a job's filter above it is what QEMU's export then uses)
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ def _mirror_common_checks(args: dict[str, Any]) -> tuple[int, int]:
 
 class _MirrorSource:
     """A mirror's source: a drive's root node, or a ``-blockdev``/``blockdev-add`` format node without
-    parents (``graph`` set; not exported: the pivot would have to move the export's backend).
+    parents (``graph`` set; its NBD exports' backend, if any, moves onto the target at the pivot).
 
     ``names``: what ``replaces`` may name (the source itself); ``default_id``: the job-id when none is
     given (the backend's name; a graph node has none: QEMU then says ``Invalid job ID ''``).
@@ -244,9 +244,6 @@ def _mirror_source(machine: DeviceRegistry, name: str) -> _MirrorSource:
             raise VdkitError("Need a root block node")
         if g.node is None:
             raise VdkitError("Jobs on protocol nodes are not supported by vdkit")
-        if g.backend is not None and any(e.medium is g.backend.medium
-                                         for e in getattr(machine.exports, "exports", [])):
-            raise VdkitError("Mirroring an exported -blockdev node is not supported by vdkit")
         return _MirrorSource(g.node, (g.name,), "", graph=g)
     drive, index, medium = _root(machine, name)
     return _MirrorSource(medium.node, (medium.names[index][0], drive.id), _job_id({}, drive, index), drive, medium)
@@ -294,6 +291,85 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
     job.start()
 
 
+def _pivot_export(machine: DeviceRegistry, src: GraphNode, target: GraphNode) -> bool:
+    """The pivot of a graph source: its NBD exports' backend (its only possible parent) moves onto the
+    target, as QEMU replaces the source by the target under every parent; False when nothing is exported
+    (then nothing moves)."""
+    from vdkit.monitor.external_snapshot import _exported, _move_backend
+
+    if not _exported(machine, src):
+        return False
+    _move_backend(machine, src, target)
+    machine.generation += 1
+    return True
+
+
+def _graph_drive_mirror(machine: DeviceRegistry, src: _MirrorSource, args: dict[str, Any], *, sync: str,
+                        fmt: str | None, existing: bool, keep_from: int | None) -> None:
+    """drive-mirror of a graph node: the target opened as graph nodes (listed while the job holds them,
+    ``"backing": null``), which an export of the source moves onto at the pivot (the target then gets the
+    backing ``keep_from`` says, or its header's chain for ``mode: existing``, and lives as long as the
+    export's backend); without an export, or after a cancel, they go with the job."""
+    from vdkit.devices.graph import (
+        _open_header_backing,
+        delete_node,
+        open_file_node,
+        open_format_node,
+        refresh_filename,
+    )
+    from vdkit.formats import registry as formats
+    from vdkit.monitor.block_cmds import open_error
+
+    g = src.graph
+    assert g is not None
+    path = args["target"]
+    try:
+        child = open_file_node(machine, {"filename": path}, name=None, ro=False, auto_ro=False, cache=g.cache,
+                               implicit=True)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
+    try:
+        assert child.file is not None
+        driver = fmt or formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), path)
+        tg = open_format_node(machine, driver, child, name=args.get("node-name"), ro=False, cache=g.cache,
+                              detect_zeroes="off", discard="ignore", auto_ro=False, implicit=True, backing=None)
+    except VdkitError as exc:
+        delete_node(machine, child)
+        raise open_error(exc) from exc
+    assert tg.node is not None
+    target = tg.node
+
+    def pivot() -> None:
+        if not _pivot_export(machine, g, tg):
+            return
+        from vdkit.block.chain import BackingWalk
+
+        if keep_from is not None:
+            below = g if keep_from == 0 else g.backing
+            tg.backing = below
+            target.backing = below.node if below is not None else None
+        elif existing and target.driver.backing_file is not None:
+            walk = BackingWalk()
+            assert child.file is not None
+            walk.visit(tg.filename, child.file.fd)
+            tg.backing = _open_header_backing(machine, tg, walk)
+            target.backing = tg.backing.node
+        refresh_filename(tg)
+
+    def release(pivoted: bool) -> None:
+        if tg.backend is None:  # not an export's node now: QEMU frees it with the job
+            tg.backing = None
+            target.backing = None
+            delete_node(machine, tg)
+
+    try:
+        _start_mirror(machine, src, target, args, sync=sync, zero_target=sync == "full" and existing,
+                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release)
+    except BaseException:
+        release(False)
+        raise
+
+
 def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     machine = ctx.machine
     src = _mirror_source(machine, args["device"])
@@ -316,10 +392,13 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
         from vdkit.monitor.graph_cmds import check_node_name
 
         check_node_name(machine, args["node-name"])
+    keep_from = None if existing or sync == "full" else (0 if sync == "none" else 1)
+    if src.graph is not None:
+        _graph_drive_mirror(machine, src, args, sync=sync, fmt=fmt, existing=existing, keep_from=keep_from)
+        return
     target = _open_target(path, fmt)
     (fmt_name, file_name), (fmt_serial, file_serial) = machine.name_new_node(args.get("node-name"))
     names = (fmt_name, file_name, fmt_serial, file_serial)
-    keep_from = None if existing or sync == "full" else (0 if sync == "none" else 1)
     drive, medium = src.drive, src.medium
 
     def pivot() -> None:
@@ -335,11 +414,8 @@ def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
             target.close()
 
     try:
-        # a graph source has no parent to move onto the target: QEMU's pivot changes nothing and the
-        # target node goes with the job (its file keeps the copy)
         _start_mirror(machine, src, target, args, sync=sync, zero_target=sync == "full" and existing,
-                      keeps_backing=keep_from is not None or existing, pivot=pivot if drive is not None else None,
-                      release=release, names=names)
+                      keeps_backing=keep_from is not None or existing, pivot=pivot, release=release, names=names)
     except BaseException:
         release(False)
         raise
@@ -371,9 +447,12 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
     sync = args["sync"]
     if sync == "top" and src.node.backing is None:
         sync = "full"
-    drive, medium = src.drive, src.medium
+    drive, medium, source_g = src.drive, src.medium, src.graph
 
     def pivot() -> None:
+        if source_g is not None:  # its export (if any) moves onto the target; the target stays as it is
+            _pivot_export(machine, source_g, g)
+            return
         assert drive is not None and medium is not None
         machine.graph.nodes.remove(g)
         machine.graph.nodes.remove(child)
@@ -384,10 +463,8 @@ def blockdev_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
                open_own_backing=False)
         machine.monitor_owned.add(g.name)
 
-    # a graph source: no parent moves onto the target, both nodes stay as the user made them
     _start_mirror(machine, src, target, args, sync=sync, zero_target=sync == "full", keeps_backing=False,
-                  pivot=pivot if drive is not None else None, release=lambda pivoted: None,
-                  target_unmaps=g.discard == "unmap")
+                  pivot=pivot, release=lambda pivoted: None, target_unmaps=g.discard == "unmap")
 
 
 # -- backup -------------------------------------------------------------------------------------------

@@ -216,7 +216,10 @@ def query_block_exports(ctx: CommandContext, args: dict[str, Any]) -> list[dict[
     svc = ctx.machine.exports
     if svc is None:
         return []
-    return [{"type": "nbd", "id": e.id, "node-name": e.node_name, "shutting-down": False}
+    # a job's filter above the exported node took the export's backend over (QEMU inserts it under every
+    # parent): the export names the filter while the job lives
+    filters = {id(f.below): f.name for f in ctx.machine.jobs.filters()}
+    return [{"type": "nbd", "id": e.id, "node-name": filters.get(id(e.node), e.node_name), "shutting-down": False}
             for e in reversed(svc.list_exports())]
 
 
