@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from vdkit.devices.registry import DeviceRegistry, Drive
 
 FORMAT_DRIVERS = ("raw", "qcow2")
-PROTOCOL_DRIVERS = ("file", "http", "https", "rbd")
 
 
 class _BorrowedFile(ImageFile):
@@ -385,60 +384,29 @@ def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
     return g
 
 
-def open_curl_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
-                   cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
-    """An ``http``/``https`` node (read-only; ``auto-read-only`` makes a writable request read-only).
-
-    Named by its URL, or ``json:{...}`` with a cookie or ``sslverify`` off (values with their QMP types).
-    """
-    from vdkit.errors import OpenError
-    from vdkit.info.render_json import dumps_compact
-    from vdkit.protocols import http
+def open_protocol_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
+                       cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
+    """A network protocol node (``http``, ``https``, ``rbd``...: ``vdkit.protocols.registry.open_blockdev``),
+    named as its protocol names it (a URL, QEMU's ``json:{...}``)."""
+    from vdkit.protocols.registry import open_blockdev
 
     driver = opts["driver"]
-    if not ro and not auto_ro:
-        raise OpenError("curl driver does not support writes")
-    for key in ("username", "password-secret", "proxy-username", "proxy-password-secret", "cookie-secret"):
-        if key in opts:
-            raise VdkitError(f"The '{driver}' option '{key}' is not supported by vdkit")
-    given: dict[str, object] = {k: opts[k] for k in ("url", "readahead", "timeout", "sslverify", "cookie")
-                                if k in opts}
-    text = {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in given.items()}
-    url = http.name_for_options(text, driver)
-    f = http.HttpFile(url, readonly=True, driver=driver)
-    desc = http.json_name({"driver": driver, **given})
-    filename = "json:" + dumps_compact(desc) if desc is not None else url
-    g = GraphNode(name="", driver=driver, serial=0, ro=True, cache=cache, auto_ro=auto_ro, implicit=implicit,
-                  file=f, filename=filename)  # type: ignore[arg-type]  # HttpFile is file-like
+    f, filename, ro = open_blockdev(driver, opts, readonly=ro, auto_read_only=auto_ro)
+    g = GraphNode(name="", driver=driver, serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
+                  file=f, filename=filename)  # type: ignore[arg-type]  # protocol files are file-like
     _register(machine, g, name)
     return g
 
 
-def open_rbd_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str | None, ro: bool, auto_ro: bool,
-                  cache: BlockdevCacheInfo, implicit: bool) -> GraphNode:
-    """An ``rbd`` node (``vdkit.protocols.rbd``), named by QEMU's ``json:{...}`` of its options."""
-    from vdkit.protocols import rbd
+def _open_protocol_name(machine: DeviceRegistry, driver: str, name: str, *, cache: BlockdevCacheInfo,
+                        force_share: bool) -> GraphNode:
+    """An implicit read-only node for a protocol's ``proto:`` name (a backing file a header names)."""
+    from vdkit.protocols.registry import open_name
 
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                walk(f"{prefix}.{i}", v)
-        else:
-            flat[prefix] = str(value)
-
-    for key in ("pool", "namespace", "image", "conf", "snapshot", "user", "key-secret", "server",
-                "auth-client-required"):
-        if key in opts:
-            walk(key, opts[key])
-    f = rbd.RbdFile(rbd.name_for_options(flat), readonly=ro)
-    g = GraphNode(name="", driver="rbd", serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
-                  file=f, filename=f.filename)  # type: ignore[arg-type]  # RbdFile is file-like
-    _register(machine, g, name)
+    f, filename = open_name(driver, name, readonly=True, force_share=force_share)
+    g = GraphNode(name="", driver=driver, serial=0, ro=True, cache=cache, auto_ro=False, implicit=True,
+                  file=f, filename=filename)  # type: ignore[arg-type]  # protocol files are file-like
+    _register(machine, g, None)
     return g
 
 
@@ -527,9 +495,12 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
     try:
         resolved = walk.backing_of(g.filename, drv.backing_file)
         assert resolved is not None
-        if resolved.startswith(("http://", "https://")):  # a backing file next to an http image
-            child = open_curl_node(machine, {"driver": resolved.split(":", 1)[0], "url": resolved}, name=None,
-                                   ro=True, auto_ro=False, cache=g.cache, implicit=True)
+        from vdkit.block.chain import protocol_of
+        from vdkit.protocols.registry import driver_for_prefix
+
+        proto = driver_for_prefix(protocol_of(resolved))
+        if proto is not None:  # a backing file next to an http image, an export, an RBD image
+            child = _open_protocol_name(machine, proto, resolved, cache=g.cache, force_share=g.force_share)
         else:
             child = open_file_node(machine, {"filename": resolved, "force-share": g.force_share}, name=None,
                                    ro=True, auto_ro=False, cache=g.cache, implicit=True)

@@ -17,21 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.graph import (
     FORMAT_DRIVERS,
-    PROTOCOL_DRIVERS,
     GraphNode,
     check_file_parents,
     child_perms,
     delete_node,
-    open_curl_node,
     open_file_node,
     open_format_node,
-    open_rbd_node,
+    open_protocol_node,
 )
 from vdkit.errors import VdkitError
 from vdkit.formats.registry import PASSES_PERMISSIONS
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.opts import id_wellformed, parse_bool
+from vdkit.protocols.registry import is_protocol
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -186,11 +185,9 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
         raise VdkitError("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
     implicit = parent is not None
     driver = opts["driver"]
-    if driver in ("http", "https"):
-        return open_curl_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
-    if driver == "rbd":
-        return open_rbd_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
-    if driver in PROTOCOL_DRIVERS:
+    if is_protocol(driver):  # a network protocol: its module opens the node (protocols.registry)
+        return open_protocol_node(machine, opts, name=name, ro=ro, auto_ro=auto_ro, cache=cache, implicit=implicit)
+    if driver == "file":
         return open_file_node(machine, {**opts, "force-share": force_share}, name=name, ro=ro, auto_ro=auto_ro,
                               cache=cache, implicit=implicit)
     assert driver in FORMAT_DRIVERS

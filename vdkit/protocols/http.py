@@ -500,6 +500,27 @@ def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) 
     return file, name
 
 
+def open_blockdev(opts: dict[str, object], *, readonly: bool, auto_read_only: bool) -> tuple[HttpFile, str, bool]:
+    """The protocol registry's ``blockdev-add`` open (QAPI-checked options): the resource, the node's name
+    (its URL, or ``json:{...}`` with a cookie or ``sslverify`` off, values with their QMP types) and its
+    read-only flag (always: ``auto-read-only`` makes a writable request read-only)."""
+    from vdkit.info.render_json import dumps_compact
+
+    driver = str(opts["driver"])
+    if not readonly and not auto_read_only:
+        raise OpenError("curl driver does not support writes")
+    for key in ("username", "password-secret", "proxy-username", "proxy-password-secret", "cookie-secret"):
+        if key in opts:
+            raise VdkitError(f"The '{driver}' option '{key}' is not supported by vdkit")
+    given: dict[str, object] = {k: opts[k] for k in ("url", "readahead", "timeout", "sslverify", "cookie")
+                                if k in opts}
+    text = {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in given.items()}
+    url = name_for_options(text, driver)
+    file = HttpFile(url, readonly=True, driver=driver)
+    desc = json_name({"driver": driver, **given})
+    return file, "json:" + dumps_compact(desc) if desc is not None else url, True
+
+
 def ssl_verify_error() -> type[Exception]:
     """The certificate verification error class (``ssl`` imported only for https names)."""
     import ssl

@@ -751,6 +751,29 @@ class RbdFile(RemoteFile):
         return f"<RbdFile {self.filename!r}>"
 
 
+def open_blockdev(opts: dict[str, object], *, readonly: bool, auto_read_only: bool) -> tuple[RbdFile, str, bool]:
+    """The protocol registry's ``blockdev-add`` open (QAPI-checked options, nested objects flattened to
+    the dotted keys :func:`name_for_options` checks): the image, named by QEMU's ``json:{...}``."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = str(value)
+
+    for key in ("pool", "namespace", "image", "conf", "snapshot", "user", "key-secret", "server",
+                "auth-client-required"):
+        if key in opts:
+            walk(key, opts[key])
+    file = RbdFile(name_for_options(flat), readonly=readonly)
+    return file, file.filename, readonly
+
+
 def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) -> tuple[RbdFile, str]:
     """The protocol registry's open: the image, named by its json: name (the node's name comes from
     :meth:`RbdFile.node_name` once the format is known)."""

@@ -15,6 +15,9 @@ provides:
     A relative backing name below one of its images: resolved against the
     protocol's own directory (a plain URL's), or QEMU's refusal text (NBD
     has no directories); without them the generic "Could not determine".
+``open_blockdev(opts, *, readonly, auto_read_only) -> (file, node name, read-only)`` (optional)
+    Open a ``blockdev-add``/``-blockdev`` node of this driver from its QAPI-checked options (the
+    monitor's schema holds QEMU's members); without it the driver is refused there.
 ``name_for_options(opts: dict[str, str], driver: str) -> str``
     Check the driver's options (``server.*``, ``url``, ``pool``...; keys
     without the ``file.`` prefix) with QEMU's texts and return the file name
@@ -92,3 +95,22 @@ def node_format(driver: str) -> str | None:
     """The format a bare node of protocol ``driver`` answers queries as (None: a plain protocol node)."""
     fmt: str | None = getattr(protocol_module(driver), "NODE_FORMAT", None)
     return fmt
+
+
+def open_blockdev(driver: str, opts: dict[str, object], *, readonly: bool,
+                  auto_read_only: bool) -> tuple[object, str, bool]:
+    """A ``blockdev-add`` node of protocol ``driver``: (file, node name, read-only)."""
+    opener = getattr(protocol_module(driver), "open_blockdev", None)
+    if opener is None:
+        from vdkit.errors import UnsupportedError
+
+        raise UnsupportedError(f"Driver '{driver}' is not supported by vdkit's blockdev-add")
+    result: tuple[object, str, bool] = opener(opts, readonly=readonly, auto_read_only=auto_read_only)
+    return result
+
+
+def open_name(driver: str, name: str, *, readonly: bool, force_share: bool) -> tuple[object, str]:
+    """Open ``name`` (one of protocol ``driver``'s ``proto:`` names) as a bare node: (file, node name)."""
+    result: tuple[object, str] = protocol_module(driver).open_file(name, readonly=readonly, force_share=force_share,
+                                                                   fmt=None)
+    return result
