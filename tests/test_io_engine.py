@@ -167,7 +167,9 @@ def test_random_io_against_model(g: Geometry, ops: list[tuple[str, int, int, int
                     if free:
                         node.driver.io.write_compressed(coff, _pattern(seed, min(cs, g.size - coff)))
                     _apply_model(model, g, kind, coff, cs, seed, not free)
+                _cached_runs_are_fresh(node)
                 assert bio.read(node, 0, g.size) == bytes(model), f"read-back differs after {kind} {off} {n}"
+                _cached_runs_are_fresh(node)
             bio.flush(node)
         finally:
             node.close()
@@ -182,6 +184,17 @@ def test_random_io_against_model(g: Geometry, ops: list[tuple[str, int, int, int
             assert (d / "snap.raw").read_bytes() == snap_before
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _cached_runs_are_fresh(node) -> None:  # type: ignore[no-untyped-def]
+    """Every table's cached runs (patched where writes changed entries) equal the runs decoded anew."""
+    io = node.driver.io
+    l1 = node.driver.clusters.l1
+    for (i1, l1e), (runs, starts) in list(io._table_runs.items()):
+        assert l1e == int(l1[i1]), "runs cached for an L2 table the L1 no longer names"
+        fresh = io._compute_table_runs(i1, l1e)
+        assert runs == fresh, (i1, runs, fresh)
+        assert starts == [r.guest for r in fresh]
 
 
 def _allocated_zero(node, offset: int) -> bool:  # type: ignore[no-untyped-def]

@@ -308,9 +308,13 @@ class Qcow2IO:
         return f"Cluster allocation offset {_hx(off)} unaligned (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})"
 
     def _classify(
-        self, e: np.ndarray, b: np.ndarray, l2_off: int
+        self, e: np.ndarray, b: np.ndarray, l2_off: int, first: int = 0
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """Per-unit kind, host offset and host-valid flag (unit = cluster or subcluster)."""
+        """Per-unit kind, host offset and host-valid flag (unit = cluster or subcluster).
+
+        ``e`` and ``b`` are the entries and bitmaps from L2 index ``first`` on (a
+        whole table, or the part a write changed: :meth:`_patch_table_runs`).
+        """
         g = self.geom
         cs = self.cluster_size
         comp = (e & _COMPRESSED) != 0
@@ -321,14 +325,14 @@ class Qcow2IO:
             has_off = has_off | ((e & _COPIED) != 0)
             bad_comp = comp
             for i in np.flatnonzero(comp).tolist():
-                self._bad[(l2_off, i)] = self._compressed_msg(l2_off, i)
+                self._bad[(l2_off, first + i)] = self._compressed_msg(l2_off, first + i)
         std = ~comp
         if not g.extended_l2:
             zero = std & ((e & _ZERO) != 0)
             normal = std & ~zero & has_off
             bad = (normal | (zero & has_off)) & ((off & _U64(cs - 1)) != 0)
             for i in np.flatnonzero(bad).tolist():
-                self._bad[(l2_off, i)] = self._unaligned_msg(int(off[i]), l2_off, i)
+                self._bad[(l2_off, first + i)] = self._unaligned_msg(int(off[i]), l2_off, first + i)
             bad |= bad_comp
             kinds = np.full(len(e), Kind.UNALLOCATED, dtype=np.uint8)
             kinds[normal] = Kind.DATA
@@ -346,10 +350,11 @@ class Qcow2IO:
         zero_bits = b >> _U64(32)
         invalid = (normal_c & ((alloc_bits & zero_bits) != 0)) | (std & ~has_off & (alloc_bits != 0))
         for i in np.flatnonzero(invalid).tolist():
-            self._bad[(l2_off, i)] = f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i)})"
+            self._bad[(l2_off, first + i)] = (
+                f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(first + i)})")
         unaligned = normal_c & ((off & _U64(cs - 1)) != 0) & ~invalid
         for i in np.flatnonzero(unaligned).tolist():
-            self._bad[(l2_off, i)] = self._unaligned_msg(int(off[i]), l2_off, i)
+            self._bad[(l2_off, first + i)] = self._unaligned_msg(int(off[i]), l2_off, first + i)
         bad = invalid | unaligned | bad_comp
         shifts = np.arange(32, dtype=np.uint64)
         sc_alloc = ((alloc_bits[:, None] >> shifts) & _U64(1)) != 0
@@ -691,7 +696,11 @@ class Qcow2IO:
             for ci in rc.last_zeroed:  # (not a re-read count: a freed refcount block left the cache)
                 self.drv.file.punch_hole(ci << cb, self.cluster_size, extend=False)
 
-    def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int], *, discard: bool = False) -> None:
+    def _finish_update(self, l2_off: int, allocated: bool, to_free: list[int], *, discard: bool = False,
+                       changed: tuple[int, int, int] | None = None) -> None:
+        """After L2 entries changed: the table is dirty, its new references wait for their counts, and
+        what it no longer references is freed once it is written.  ``changed`` is ``(L1 index, first
+        L2 index, end)`` of the entries changed (only these runs are recomputed), None: anything."""
         cm = self.drv.clusters
         cm.l2.mark_dirty(l2_off)
         if allocated:
@@ -701,7 +710,56 @@ class Qcow2IO:
             self._before_decrement()
             for entry in to_free:
                 self._free_entry(entry, discard=discard)
-        self.invalidate()
+        if changed is None:
+            self.invalidate()
+        else:
+            self._patch_table_runs(l2_off, *changed)
+
+    def _patch_table_runs(self, l2_off: int, i1: int, first: int, end: int) -> None:
+        """Update the cached runs of table ``i1`` where entries ``[first, end)`` changed.
+
+        Rebuilding a table's runs after every write (a decode of the whole table
+        and a :class:`Run` for each of its stretches) cost a stream or a small
+        NBD writer far more than the write; the runs of the changed entries are
+        classified alone and spliced in, merged with their neighbours by the
+        rule :func:`_coalesce` applies, so the list is what a rebuild gives.
+        Other cached runs of this L1 index (an older L2 table) are dropped: an
+        offset freed now may name another table later.
+        """
+        cm = self.drv.clusters
+        l1e = int(cm.l1[i1])
+        key = (i1, l1e)
+        cached = self._table_runs.get(key)
+        for k in [k for k in self._table_runs if k[0] == i1 and k != key]:
+            del self._table_runs[k]
+        if cached is None or end <= first:
+            return
+        runs, starts = cached
+        cs = self.cluster_size
+        lo = i1 * self.geom.l1_span + first * cs
+        hi = lo + (end - first) * cs
+        entries, bitmaps = cm.l2.get(l2_off)
+        kinds, hosts, valid, unit = self._classify(entries[first:end], bitmaps[first:end], l2_off, first)
+        mid = _coalesce(kinds, hosts, valid, unit, lo)
+        k0 = bisect.bisect_right(starts, lo) - 1
+        k1 = bisect.bisect_right(starts, hi - 1) - 1
+        head = runs[k0].clip(runs[k0].guest, lo) if runs[k0].guest < lo else None
+        tail = runs[k1].clip(hi, runs[k1].end) if runs[k1].end > hi else None
+        if head is not None:
+            mid = _merge_front(head, mid)
+        if tail is not None:
+            mid = _merge_back(mid, tail)
+        new_runs = [*runs[:k0], *mid, *runs[k1 + 1 :]]
+        new_starts = [*starts[:k0], *(r.guest for r in mid), *starts[k1 + 1 :]]
+        # neighbours outside the changed clusters that now continue the first or last new run
+        j = k0 + len(mid) - 1
+        if j + 1 < len(new_runs) and _continues(new_runs[j], new_runs[j + 1]):
+            new_runs[j : j + 2] = [_joined(new_runs[j], new_runs[j + 1])]
+            del new_starts[j + 1]
+        if k0 > 0 and _continues(new_runs[k0 - 1], new_runs[k0]):
+            new_runs[k0 - 1 : k0 + 1] = [_joined(new_runs[k0 - 1], new_runs[k0])]
+            del new_starts[k0]
+        self._table_runs[key] = (new_runs, new_starts)
 
     def _alloc_data(self, guest: int, nb: int) -> int:
         """Host offset of ``nb`` new contiguous clusters for guest offset ``guest``."""
@@ -746,6 +804,7 @@ class Qcow2IO:
         the data is written) and gave its clusters back (:meth:`_abort_alloc`), so what goes out
         passed the overlap checks when it was made.
         """
+        self.invalidate()  # (the failed write may have changed entries of its table before failing)
         drv = self.drv
         if not drv.dead:
             return
@@ -826,7 +885,7 @@ class Qcow2IO:
                     olds = ents[a + pa : a + pb]
                     to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
                 ents[a + pa : a + pb] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
-        self._finish_update(l2_off, allocated, to_free)
+        self._finish_update(l2_off, allocated, to_free, changed=(i1, i0, i0 + len(ents)))
 
     def _alloc_pieces(self, c: int, run: int, before: int) -> list[tuple[int, int, int]]:
         """Host clusters for ``run`` new clusters from cluster ``c``: ``(first, end, host)`` pieces.
@@ -1168,7 +1227,9 @@ class Qcow2IO:
             entries[idx] = _U64(new)
             if drop:
                 to_free.append(old)
-        self._finish_update(l2_off, False, to_free, discard=True)
+        first = g.l2_index(start)
+        self._finish_update(l2_off, False, to_free, discard=True,
+                            changed=(i1, first, first + ((end - 1) >> cb) - (start >> cb) + 1))
         for s, n in pending_data:
             self._write_zero_data(s, n, backing)
 
@@ -1226,7 +1287,9 @@ class Qcow2IO:
                 bitmaps[idx] = _U64(new_bm)
                 if allocated:
                     to_free.append(old)
-            self._finish_update(l2_off, False, to_free, discard=True)
+            first = g.l2_index(pos)
+            self._finish_update(l2_off, False, to_free, discard=True,
+                                changed=(i1, first, first + ((t_end - 1) >> cb) - (pos >> cb) + 1))
             pos = t_end
 
     def write_compressed(self, offset: int, data: bytes) -> None:
@@ -1263,7 +1326,7 @@ class Qcow2IO:
         entries[idx] = _U64(L.OFLAG_COMPRESSED | (nb_sectors << g.csize_shift) | coff)
         if g.extended_l2:
             bitmaps[idx] = _U64(0)
-        self._finish_update(l2_off, True, [])
+        self._finish_update(l2_off, True, [], changed=(i1, idx, idx + 1))
 
     def align_file_end(self) -> None:
         """Round the image file up to whole sectors (done after compressed writes, like qemu-img)."""
@@ -1319,6 +1382,32 @@ def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
     bounds = [0, *cuts, n]
     first = bool(mask[0])
     return [(bounds[i], bounds[i + 1], first != (i % 2 == 1)) for i in range(len(bounds) - 1)]
+
+
+def _continues(a: Run, b: Run) -> bool:
+    """Whether run ``b`` (right after ``a``) is one run with it: :func:`_coalesce`'s rule on whole runs."""
+    if a.kind != b.kind or (a.host is None) != (b.host is None):
+        return False
+    if a.host is None or b.host is None:
+        return True
+    step = 0 if a.kind in (Kind.COMPRESSED, Kind.CORRUPT) else a.length  # hosts that do not advance per unit
+    return b.host == a.host + step
+
+
+def _joined(a: Run, b: Run) -> Run:
+    return Run(a.kind, a.guest, a.length + b.length, a.host)
+
+
+def _merge_front(head: Run, mid: list[Run]) -> list[Run]:
+    if mid and _continues(head, mid[0]):
+        return [_joined(head, mid[0]), *mid[1:]]
+    return [head, *mid]
+
+
+def _merge_back(mid: list[Run], tail: Run) -> list[Run]:
+    if mid and _continues(mid[-1], tail):
+        return [*mid[:-1], _joined(mid[-1], tail)]
+    return [*mid, tail]
 
 
 def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int, base: int) -> list[Run]:
