@@ -38,6 +38,7 @@ from vdkit.info.render_json import dumps_compact, to_qobject
 from vdkit.monitor import bitmap_cmds, external_snapshot, mirror_cmds, nbd_cmds
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
+from vdkit.protocols.registry import is_protocol
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -331,7 +332,7 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
         chain = _chain(medium)
         for i, (fmt_serial, file_serial) in enumerate(medium.serials):
             out.append((fmt_serial, drive, medium, i, "fmt"))
-            if i >= len(chain) or chain[i].format not in _PROTOCOL_FORMATS:  # driver=nbd|http: one node
+            if i >= len(chain) or not is_protocol(chain[i].format):  # driver=nbd|http: one node, no file below
                 out.append((file_serial, drive, medium, i, "file"))
         for f in ctx.machine.jobs.filters():  # a job's implicit filter node sits above one of the chain's
             i = next((i for i, n in enumerate(chain) if n is f.below), -1)
@@ -344,10 +345,6 @@ def _nodes(ctx: CommandContext) -> list[tuple[int, Drive, Medium, int, str]]:
                     out.append((fmt_serial, drive, target, i, "fmt"))
                     out.append((file_serial, drive, target, i, "file"))
     return out
-
-
-_PROTOCOL_FORMATS = ("nbd", "http", "https", "rbd")
-"""Formats that are a protocol node themselves (``driver=nbd``): QEMU has no file node below them."""
 
 
 def _node_info(drive: Drive, medium: Medium, index: int, kind: str, flat: bool,
