@@ -123,7 +123,7 @@ def test_readinto_equals_read(workdir: Path, kind: str, monkeypatch: pytest.Monk
 
 def test_read_error_after_written_pieces(workdir: Path) -> None:
     """A bad entry in the second L2 table: both tools fail alike, after vdkit wrote the first 4 MiB."""
-    from tests.diff.io_corpus import qio
+    from tests.helpers.qemu_io import qio
 
     check_ok("create", "-q", "-f", "qcow2", "bad.qcow2", "1G", cwd=workdir)
     qio("bad.qcow2", ["write -P 1 0 4M", "write -P 2 512M 4M"], workdir)
@@ -196,7 +196,7 @@ def test_python_table_decoding_random_entries(workdir: Path, seed: int) -> None:
     rng = random.Random(seed)
     cs = rng.choice([512, 4096, 65536])
     check_ok("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cs}", "r.qcow2", "64M", cwd=workdir)
-    from tests.diff.io_corpus import qio
+    from tests.helpers.qemu_io import qio
 
     qio("r.qcow2", ["write -P 1 0 64k", "write -P 2 40M 64k"], workdir)
     node = open_image(str(workdir / "r.qcow2"), None, readonly=True)
@@ -292,7 +292,7 @@ def test_in_flight_option_like_qemu_img(workdir: Path, value: str) -> None:
     """-m N (requests in flight; here pieces read ahead): strtol's syntax and 1..16, qemu-img's text; the
     data written does not depend on it."""
     check_ok("create", "-q", "-f", "qcow2", "src.qcow2", "8M", cwd=workdir)
-    from tests.diff.io_corpus import qio
+    from tests.helpers.qemu_io import qio
 
     qio("src.qcow2", ["write -P 7 1M 3M", "write -z 5M 1M"], workdir)
     q = qemu_img("convert", "-m", value, "-O", "raw", "src.qcow2", "q.raw", cwd=workdir)

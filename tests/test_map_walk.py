@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io
+from tests.conftest import check_ok, qemu_img
 from tests.helpers.patching import set_u64
+from tests.helpers.qemu_io import qemu_io_script
 from vdkit.block.driver import FormatDriver
 from vdkit.block.io import MapEntry, chain_status, map_entries
 from vdkit.block.node import open_image
@@ -98,14 +99,6 @@ def _check_all_ways(cwd: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Wa
     return model
 
 
-def _io(cwd: Path, name: str, fmt: str, cmds: list[str]) -> None:
-    args: list[str] = []
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io("-f", fmt, *args, name, cwd=cwd)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
-
 def _random_ops(rng: random.Random, size: int, n: int) -> list[str]:
     ops = []
     for _ in range(n):
@@ -134,7 +127,7 @@ def test_random_chains_all_ways(tmp_path: Path, seed: int, monkeypatch: pytest.M
             opts = ["-o", f"cluster_size={cs}" + (",extended_l2=on" if cs >= 16384 and rng.random() < 0.5 else "")]
         backing = ["-b", names[i - 1], "-F", base_fmt if i == 1 else "qcow2"] if i else []
         check_ok("create", "-q", "-f", fmt, *opts, *backing, name, str(size), cwd=tmp_path)
-        _io(tmp_path, name, fmt, _random_ops(rng, size, rng.randrange(3, 12)))
+        qemu_io_script(tmp_path, name, _random_ops(rng, size, rng.randrange(3, 12)), fmt)
     for name in names[1:]:
         _check_all_ways(tmp_path, name, monkeypatch)
 
@@ -143,13 +136,13 @@ def test_special_layers_all_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Metadata preallocation (data runs split by the file's holes), an external data file,
     compressed clusters and a backing longer than its overlay."""
     check_ok("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", "p.qcow2", "2M", cwd=tmp_path)
-    _io(tmp_path, "p.qcow2", "qcow2", ["write -P 1 64k 64k", "write -P 2 1M 4k"])
+    qemu_io_script(tmp_path, "p.qcow2", ["write -P 1 64k 64k", "write -P 2 1M 4k"], "qcow2")
     check_ok("create", "-q", "-f", "qcow2", "-o", "data_file=d.bin", "x.qcow2", "2M", cwd=tmp_path)
-    _io(tmp_path, "x.qcow2", "qcow2", ["write -P 1 0 64k", "write -z 1536k 64k"])
+    qemu_io_script(tmp_path, "x.qcow2", ["write -P 1 0 64k", "write -z 1536k 64k"], "qcow2")
     check_ok("create", "-q", "-f", "qcow2", "c.qcow2", "4M", cwd=tmp_path)
-    _io(tmp_path, "c.qcow2", "qcow2", ["write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 1M 64k"])
+    qemu_io_script(tmp_path, "c.qcow2", ["write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 1M 64k"], "qcow2")
     check_ok("create", "-q", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", "short.qcow2", "1M", cwd=tmp_path)
-    _io(tmp_path, "short.qcow2", "qcow2", ["write -P 4 4k 4k"])
+    qemu_io_script(tmp_path, "short.qcow2", ["write -P 4 4k 4k"], "qcow2")
     for name in ("p.qcow2", "x.qcow2", "c.qcow2", "short.qcow2"):
         _check_all_ways(tmp_path, name, monkeypatch)
 
@@ -157,14 +150,14 @@ def test_special_layers_all_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_corrupt_entry_in_backing_fails_at_the_same_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unaligned data offset in the backing's L2 table: the walk stops there, entries before it out."""
     check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "b.qcow2", "1M", cwd=tmp_path)
-    _io(tmp_path, "b.qcow2", "qcow2", ["write -P 1 0 64k", "write -P 2 512k 64k"])
+    qemu_io_script(tmp_path, "b.qcow2", ["write -P 1 0 64k", "write -P 2 512k 64k"], "qcow2")
     img = tmp_path / "b.qcow2"
     raw = img.read_bytes()
     l1 = int.from_bytes(raw[40:48], "big")
     l2 = int.from_bytes(raw[l1 : l1 + 8], "big") & 0x00FFFFFFFFFFFE00
     set_u64(img, l2 + 8 * 130, (1 << 63) | 0x50200)  # guest 520 KiB
     check_ok("create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2", "1M", cwd=tmp_path)
-    _io(tmp_path, "t.qcow2", "qcow2", ["write -P 3 4k 4k", "write -P 4 700k 4k"])
+    qemu_io_script(tmp_path, "t.qcow2", ["write -P 3 4k 4k", "write -P 4 700k 4k"], "qcow2")
     rows, err = _check_all_ways(tmp_path, "t.qcow2", monkeypatch)
     assert err is not None and "unaligned" in err[1]
     assert rows and rows[-1][0] < 520 * 1024

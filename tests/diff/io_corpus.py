@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import check_ok, qemu_io
-
-
-def qio(path: str, cmds: list[str], cwd: Path, fmt: str = "qcow2") -> None:
-    """Run qemu-io commands on an image and insist they all succeeded."""
-    args: list[str] = []
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io("-f", fmt, *args, path, cwd=cwd)
-    assert r.returncode == 0 and "failed" not in r.stdout and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
+from tests.conftest import check_ok
+from tests.helpers.qemu_io import qio
 
 MIXED = ["write -P 0x11 0 64k", "write -P 0x22 192k 8k", "write -z 320k 128k", "write -P 0x33 512k 64k",
          "discard 512k 64k", "write -P 0x44 1M 300k", "write -z 1536k 4k", "write -c -P 0x55 2M 64k",

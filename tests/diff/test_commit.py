@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, vdkit_img
-from tests.diff.io_corpus import qio
+from tests.helpers.qemu_io import qio
 
 
 def _chain(d: Path, opts: str) -> None:

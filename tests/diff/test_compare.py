@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_same, check_ok
-from tests.diff.io_corpus import KINDS, build, qio
+from tests.diff.io_corpus import KINDS, build
+from tests.helpers.qemu_io import qio
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
-from tests.diff.io_corpus import KINDS, build, qio
+from tests.diff.io_corpus import KINDS, build
+from tests.helpers.qemu_io import qio
 
 
 def _convert_both(cwd: Path, args: list[str], q_out: str = "q.out", v_out: str = "v.out") -> tuple[int, str]:

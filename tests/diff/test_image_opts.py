@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_img_pbkdf, vdkit_img
-from tests.diff.io_corpus import qio
+from tests.helpers.qemu_io import qio
 
 Q = "driver=qcow2,file.filename=q.qcow2"
 Q_FILE = "driver=qcow2,file.driver=file,file.filename=q.qcow2"

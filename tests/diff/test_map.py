@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_io
+from tests.conftest import assert_same, check_ok
 from tests.helpers.patching import set_u64
+from tests.helpers.qemu_io import qio
 
 WRITES = [
     "write -P 0x11 0 64k",
@@ -26,14 +27,6 @@ WRITES = [
     "write -c -P 0x66 2112k 64k",
     "write -P 0x77 3M 1k",
 ]
-
-
-def _io(path: str, cmds: list[str], cwd: Path, fmt: str = "qcow2") -> None:
-    args: list[str] = []
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io("-f", fmt, *args, path, cwd=cwd)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
 
 
 def _both(name: str, cwd: Path, *extra: str) -> None:
@@ -59,7 +52,7 @@ def test_map_standalone(workdir: Path, opts: str) -> None:
         writes = [w for w in writes if "-c" not in w] + ["write -c -P 0x55 2M 512", "write -c -P 6 2049k 512"]
     elif "cluster_size=2M" in opts:
         writes = [w for w in writes if "-c" not in w and " 3M " not in w] + ["write -c -P 0x55 2M 2M"]
-    _io("img.qcow2", writes, workdir)
+    qio("img.qcow2", writes, workdir)
     _both("img.qcow2", workdir)
     _both("img.qcow2", workdir, "--output=json", "-s", "100k", "-l", "1M")
     _both("img.qcow2", workdir, "-s", "1M", "--max-length=300k")
@@ -82,7 +75,7 @@ def test_map_raw(workdir: Path) -> None:
     (workdir / "r.raw").write_bytes(b"\x01" * 1000)
     _both("r.raw", workdir)
     check_ok("create", "-q", "-f", "raw", "s.raw", "8M", cwd=workdir)
-    _io("s.raw", ["write -P 1 64k 64k", "write -P 2 4M 1M", "write -P 3 8388096 512"], workdir, fmt="raw")
+    qio("s.raw", ["write -P 1 64k 64k", "write -P 2 4M 1M", "write -P 3 8388096 512"], workdir, fmt="raw")
     _both("s.raw", workdir)
     _both("s.raw", workdir, "-f", "raw", "-s", "100k", "-l", "5M")
 
@@ -90,12 +83,12 @@ def test_map_raw(workdir: Path) -> None:
 def test_map_chain(workdir: Path) -> None:
     """base.raw ← mid.qcow2 (v2) ← top.qcow2, the base shorter than the overlays."""
     check_ok("create", "-q", "-f", "raw", "base.raw", "2M", cwd=workdir)
-    _io("base.raw", ["write -P 1 0 1M", "write -P 9 1536k 4k"], workdir, fmt="raw")
+    qio("base.raw", ["write -P 1 0 1M", "write -P 9 1536k 4k"], workdir, fmt="raw")
     check_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", "base.raw", "-F", "raw",
              "mid.qcow2", "6M", cwd=workdir)
-    _io("mid.qcow2", ["write -P 2 1M 1M", "write -z 4M 64k", "write -c -P 4 5M 64k"], workdir)
+    qio("mid.qcow2", ["write -P 2 1M 1M", "write -z 4M 64k", "write -c -P 4 5M 64k"], workdir)
     check_ok("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "8M", cwd=workdir)
-    _io("top.qcow2", ["write -P 3 2M 512k", "write -z 0 4k", "write -z 5M 64k", "write -P 5 7M 64k",
+    qio("top.qcow2", ["write -P 3 2M 512k", "write -z 0 4k", "write -z 5M 64k", "write -P 5 7M 64k",
                       "discard 1M 64k"], workdir)
     _both("top.qcow2", workdir)
     _both("mid.qcow2", workdir)
@@ -104,16 +97,16 @@ def test_map_chain(workdir: Path) -> None:
     sub = workdir / "sub"
     sub.mkdir()
     check_ok("create", "-q", "-f", "qcow2", "-b", "../top.qcow2", "-F", "qcow2", "sub/t4.qcow2", cwd=workdir)
-    _io("sub/t4.qcow2", ["write -P 6 6M 128k"], workdir)
+    qio("sub/t4.qcow2", ["write -P 6 6M 128k"], workdir)
     _both("sub/t4.qcow2", workdir)
 
 
 def test_map_qcow2_base_extl2_chain(workdir: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "b.qcow2", "3M", cwd=workdir)
-    _io("b.qcow2", ["write -P 1 0 3M", "write -z 128k 64k"], workdir)
+    qio("b.qcow2", ["write -P 1 0 3M", "write -z 128k 64k"], workdir)
     check_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "b.qcow2", "-F", "qcow2",
              "o.qcow2", "4M", cwd=workdir)
-    _io("o.qcow2", ["write -P 2 4k 4k", "write -z 70k 6k", "write -P 3 3M 10k", "discard 1M 64k"], workdir)
+    qio("o.qcow2", ["write -P 2 4k 4k", "write -z 70k 6k", "write -P 3 3M 10k", "discard 1M 64k"], workdir)
     _both("o.qcow2", workdir)
 
 
@@ -128,21 +121,21 @@ def test_map_missing_backing(workdir: Path) -> None:
 def test_map_data_file(workdir: Path, raw: bool) -> None:
     opts = "data_file=d.bin" + (",data_file_raw=on" if raw else "")
     check_ok("create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "2M", cwd=workdir)
-    _io("x.qcow2", ["write -P 1 0 64k", "write -P 2 1M 100k", "write -z 1536k 64k"], workdir)
+    qio("x.qcow2", ["write -P 1 0 64k", "write -P 2 1M 100k", "write -z 1536k 64k"], workdir)
     _both("x.qcow2", workdir)
 
 
 def test_map_preallocated_metadata(workdir: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", "p.qcow2", "2M", cwd=workdir)
-    _io("p.qcow2", ["write -P 1 64k 64k"], workdir)
+    qio("p.qcow2", ["write -P 1 64k 64k"], workdir)
     _both("p.qcow2", workdir)
 
 
 def test_map_with_snapshot(workdir: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", "s.qcow2", "1M", cwd=workdir)
-    _io("s.qcow2", ["write -P 1 0 256k"], workdir)
+    qio("s.qcow2", ["write -P 1 0 256k"], workdir)
     check_ok("snapshot", "-c", "one", "s.qcow2", cwd=workdir)
-    _io("s.qcow2", ["write -P 2 64k 64k", "write -z 128k 64k"], workdir)
+    qio("s.qcow2", ["write -P 2 64k 64k", "write -z 128k 64k"], workdir)
     _both("s.qcow2", workdir)
 
 
@@ -152,7 +145,7 @@ def test_corrupt_images(workdir: Path, damage: str) -> None:
     """Untrusted images: map, convert and compare fail (or not) exactly like qemu-img, one line each."""
     opts = "extended_l2=on" if damage == "ext_invalid_bitmap" else "compat=1.1"
     check_ok("create", "-q", "-f", "qcow2", "-o", opts, "b.qcow2", "2M", cwd=workdir)
-    _io("b.qcow2", ["write -P 1 0 64k", "write -c -P 2 64k 64k"], workdir)
+    qio("b.qcow2", ["write -P 1 0 64k", "write -c -P 2 64k 64k"], workdir)
     img = workdir / "b.qcow2"
     raw = img.read_bytes()
     l1 = int.from_bytes(raw[40:48], "big")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img, vdkit_img
-from tests.diff.io_corpus import qio
+from tests.helpers.qemu_io import qio
 
 
 def _resize_both(cwd: Path, src: str, args: list[str]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, data_extents, qemu_img, vdkit_img
-from tests.diff.io_corpus import qio
+from tests.helpers.qemu_io import qio
 
 MODES = ("metadata", "falloc", "full")
 # ext4 may charge an extent-tree block to one file and not the other for the

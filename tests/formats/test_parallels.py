@@ -12,6 +12,7 @@ import json
 import random
 import struct
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,12 @@ import pytest
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.limited import run_limited
+from tests.helpers.qemu_io import qemu_io_script
 
 PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 
 
-def _io(d: Path, name: str, cmds: list[str]) -> None:
-    args = ["-f", "parallels"]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, name, cwd=d)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+_io = partial(qemu_io_script, fmt="parallels")  # _io(d, name, [commands]): qemu-io must succeed
 
 
 def _src_raw(d: Path) -> None:

@@ -39,6 +39,12 @@ class CephCluster:
             pytest.fail(f"rbd {' '.join(args)} failed: {p.stderr}")
         return p
 
+    def qemu_io(self, image: str, *cmds: str) -> None:
+        """qemu-io commands on an image of pool ``rbd`` opened raw; every one must succeed."""
+        from tests.helpers.qemu_io import qemu_io_script
+
+        qemu_io_script(None, self.name(image), cmds, "raw")
+
     def name(self, image: str, extra: str = "", pool: str = "rbd") -> str:
         """``rbd:POOL/IMAGE:conf=CONF`` (``extra``: more ``:key=value`` text after it)."""
         return f"rbd:{pool}/{image}:conf={self.conf}{extra}"

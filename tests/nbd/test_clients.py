@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import qemu_img, qemu_io, require_tool
+from tests.helpers.qemu_io import qemu_io_script
 from tests.nbd.client import NbdClient
 from tests.nbd.conftest import free_port
 from vdkit.nbd import wire as w
@@ -31,12 +32,7 @@ def make_image(d: Path, name: str = "a.qcow2", size: str = "4M", backing: str | 
 
 
 def qio(target: str, *cmds: str, fmt: str = "qcow2") -> str:
-    args = ["-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    r = qemu_io(*args, "-r", target) if cmds and all(c.startswith("read") for c in cmds) else qemu_io(*args, target)
-    assert r.returncode == 0 and "fail" not in r.stdout.lower() and "error" not in r.stdout.lower(), r
-    return r.stdout
+    return qemu_io_script(None, target, cmds, fmt, readonly=bool(cmds) and all(c.startswith("read") for c in cmds))
 
 
 def map_types(entries: list[dict[str, Any]]) -> list[tuple[int, int, int]]:

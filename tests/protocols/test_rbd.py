@@ -25,11 +25,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     return ceph.session_cluster(tmp_path_factory, request)
 
 
-def _io(cluster: ceph.CephCluster, image: str, *cmds: str) -> None:
-    r = qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], cluster.name(image))
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
-
 def _same(q: Result, v: Result, swap: dict[str, str] | None = None) -> None:
     out, err = v.stdout, v.normalized_stderr()
     for theirs, ours in (swap or {}).items():
@@ -73,7 +68,7 @@ def base_image(cluster: ceph.CephCluster) -> str:
     """64 MiB with data at 0 (64 KiB) and 5 MiB (4 KiB), snapshots s1 and s2 (s2 after a resize)."""
     name = cluster.unique("base")
     cluster.rbd("create", "--size", "48M", f"rbd/{name}")
-    _io(cluster, name, "write -P 0x11 0 64k", "write -P 0x22 5M 4k")
+    cluster.qemu_io(name, "write -P 0x11 0 64k", "write -P 0x22 5M 4k")
     cluster.rbd("snap", "create", f"rbd/{name}@s1")
     cluster.rbd("resize", "--size", "64M", f"rbd/{name}")
     cluster.rbd("snap", "create", f"rbd/{name}@with space")
@@ -194,9 +189,9 @@ def test_map(cluster: ceph.CephCluster, base_image: str) -> None:
         both("map", f"--output={output}", "-s", "4M", "-l", "3M", cluster.name(base_image))
     small = cluster.unique("objs")
     assert qemu_img("create", "-f", "raw", "-o", "cluster_size=1M", cluster.name(small), "3M").returncode == 0
-    _io(cluster, small, "write 1536k 4k")
+    cluster.qemu_io(small, "write 1536k 4k")
     both("map", "--output=json", cluster.name(small))
-    _io(cluster, small, "discard 1M 1M")
+    cluster.qemu_io(small, "discard 1M 1M")
     both("map", "--output=json", cluster.name(small))
     plain = cluster.unique("nofastdiff")  # no object map: everything is data
     cluster.rbd("create", "--size", "8M", "--image-feature", "layering", f"rbd/{plain}")
@@ -280,7 +275,7 @@ def test_convert_from_rbd(cluster: ceph.CephCluster, base_image: str, tmp_path: 
 def test_resize(cluster: ceph.CephCluster) -> None:
     def setup(n: str) -> None:
         cluster.rbd("create", "--size", "4M", f"rbd/{n}")
-        _io(cluster, n, "write -P 0x11 0 4M")
+        cluster.qemu_io(n, "write -P 0x11 0 4M")
 
     t = Twins(cluster, setup)
     t.run("resize", "{}", "8M")
@@ -312,9 +307,9 @@ def test_library(cluster: ceph.CephCluster) -> None:
 def _snap_image(cluster: ceph.CephCluster, name: str) -> None:
     """4 MiB of 0x11, snapshot s1, then 0x22 over the first MiB."""
     cluster.rbd("create", "--size", "4M", f"rbd/{name}")
-    _io(cluster, name, "write -P 0x11 0 4M")
+    cluster.qemu_io(name, "write -P 0x11 0 4M")
     cluster.rbd("snap", "create", f"rbd/{name}@s1")
-    _io(cluster, name, "write -P 0x22 0 1M")
+    cluster.qemu_io(name, "write -P 0x22 0 1M")
 
 
 def test_snapshot_list_create_delete(cluster: ceph.CephCluster) -> None:

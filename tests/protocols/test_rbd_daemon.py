@@ -24,14 +24,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     return ceph.session_cluster(tmp_path_factory, request)
 
 
-def _io(cluster: ceph.CephCluster, image: str, *cmds: str) -> None:
-    r = qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], cluster.name(image))
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
-
 def _image(cluster: ceph.CephCluster, name: str, size: str = "32M") -> None:
     cluster.rbd("create", "--size", size, f"rbd/{name}")
-    _io(cluster, name, "write -P 0x11 0 1M")
+    cluster.qemu_io(name, "write -P 0x11 0 1M")
     cluster.rbd("snap", "create", f"rbd/{name}@cli-snap")
 
 
@@ -103,7 +98,7 @@ def test_internal_snapshots_and_vm_snapshots(daemons: Daemons, cluster: ceph.Cep
     assert "victim" not in cluster.rbd("snap", "ls", f"rbd/{qi}").stdout
     # loadvm: QEMU rolls the disk back and then fails; vdkit fails with QEMU's last line and keeps the data
     for name in (qi, vi):
-        _io(cluster, name, "write -P 0x77 0 64k")
+        cluster.qemu_io(name, "write -P 0x77 0 64k")
     qa, va = q.hmp("loadvm keep1"), v.hmp("loadvm keep1")
     assert qa.splitlines()[-1] == va.strip() == "Error: Error -22 while loading VM state"
     assert "Pattern verification failed" not in qemu_io("-f", "raw", "-c", "read -P 0x77 0 64k",
