@@ -252,6 +252,13 @@ class HttpFile(RemoteFile):
             self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
         self._conn: http.client.HTTPConnection | None = None
         self._cache: list[tuple[int, bytearray]] = []
+        # A sequential reader's next window, asked for ahead on a second kept-alive connection (the
+        # server works on it while the reader uses this one): (offset, length) of the GET sent on
+        # ``_spare``; ``_next_read`` is where a sequential reader reads next.
+        self._spare: http.client.HTTPConnection | None = None
+        self._ahead: tuple[int, int] | None = None
+        self._next_read = -1
+        self._free: list[bytearray] = []  # buffers of windows that left the cache, taken again by _get
         try:
             self._size = self._head()
         except HttpError as exc:
@@ -331,6 +338,39 @@ class HttpFile(RemoteFile):
             self._conn.close()
             self._conn = None
 
+    def _swap(self) -> None:
+        """Exchange the connection in use with the spare one (the one a GET was sent ahead on)."""
+        self._conn, self._spare = self._spare, self._conn
+
+    def _send_ahead(self, offset: int, length: int) -> None:
+        """Send the GET of the window after the one just read on the spare connection, not waiting for
+        its answer (the next :meth:`_get` of that window reads it): the server's work and the transfer
+        into the socket overlap the reader's use of this window.  A failure to send just means no
+        window ahead: the read asks for it itself, with its errors."""
+        import http.client
+        import time
+
+        self._swap()
+        try:
+            conn = self._connection(time.monotonic())
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
+            conn.request("GET", self.path, headers={**self.headers, "Range": f"bytes={offset}-{offset + length - 1}"})
+            self._ahead = (offset, length)
+        except (HttpError, OSError, http.client.HTTPException):
+            self._drop()
+        finally:
+            self._swap()
+
+    def _cancel_ahead(self) -> None:
+        """A window asked for ahead that the reader did not want: its connection goes (the answer is
+        on its way and would have to be read to reuse it)."""
+        if self._ahead is not None:
+            self._ahead = None
+            self._swap()
+            self._drop()
+            self._swap()
+
     def _head(self) -> int:
         resp, _ = self._request("HEAD", {})
         resp.read()
@@ -345,16 +385,34 @@ class HttpFile(RemoteFile):
             raise HttpError("Server does not support 'range' (byte ranges).")
         return int(length)
 
-    def _get(self, offset: int, length: int) -> bytearray:
+    def _get(self, offset: int, length: int, *, sent: bool = False) -> bytearray:
         """``GET`` bytes [offset, offset+length) with a Range header; the answer must be a 206 of that range.
 
-        The body is copied chunk by chunk into one buffer, not assembled by concatenation.
+        ``sent``: the request went ahead on the current connection (:meth:`_send_ahead`); only its
+        answer is read (the timeout runs from now: the reader may have been busy since).  The body is
+        received chunk by chunk straight into one buffer (a free one of that size when there is one).
         """
         import http.client
         import time
 
-        resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
-        data = bytearray(length)
+        resp: http.client.HTTPResponse | None = None
+        if sent:
+            start = time.monotonic()
+            try:
+                assert self._conn is not None
+                resp = self._conn.getresponse()
+            except TimeoutError:
+                self._drop()
+                raise self._timed_out(start, 0, None) from None
+            except (http.client.HTTPException, OSError):
+                self._drop()  # closed while it waited (keep-alive timeout): ask again, as a new request
+        if resp is None:
+            resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
+        data = next((b for b in self._free if len(b) == length), None)
+        if data is None:
+            data = bytearray(length)
+        else:
+            self._free.remove(data)
         got = 0
         try:
             whole = resp.status == 200
@@ -381,18 +439,27 @@ class HttpFile(RemoteFile):
                     break
                 skip -= len(chunk)
             view = memoryview(data)
+            # a body of known length is received straight into the buffer, one receive at a time (a
+            # trickling server must not hold a read past the deadline); the response's count of what is
+            # left is kept, so it ends (and the connection is reused) as if it had read it itself
+            direct = not whole and not resp.chunked and resp.length is not None and resp.fp is not None
             while got < length:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
                 if sock is not None:
                     sock.settimeout(left)
-                # read1: what one receive brings (a trickling server must not hold readinto past the deadline)
-                chunk = resp.read1(min(length - got, 1 << 20))
-                if not chunk:
+                want = min(length - got, 1 << 20)
+                if direct:
+                    n = resp.fp.readinto1(view[got:got + min(want, resp.length or 0)])
+                    resp.length = (resp.length or 0) - n
+                else:
+                    chunk = resp.read1(want)
+                    n = len(chunk)
+                    view[got:got + n] = chunk
+                if not n:
                     break
-                view[got:got + len(chunk)] = chunk
-                got += len(chunk)
+                got += n
             if whole:
                 self._drop()  # the rest of the resource is not wanted
             elif got == length:
@@ -424,6 +491,13 @@ class HttpFile(RemoteFile):
         if offset < 0:
             raise OSError(_errno.EIO, os.strerror(_errno.EIO))
         inside = max(0, min(len(view), self._size - offset))
+        sequential = self._next_read == offset
+        self._next_read = offset + len(view)
+        if sequential and inside == len(view) and inside >= self.readahead:
+            self._sequential(offset, view)
+            return
+        if inside:
+            self._cancel_ahead()
         if inside:
             start, buf = self._window(offset, inside)
             view[:inside] = memoryview(buf)[offset - start:offset - start + inside]
@@ -444,9 +518,48 @@ class HttpFile(RemoteFile):
         except HttpError as exc:
             _report(f"curl: {exc.message}")
             raise OSError(_errno.EIO, exc.message) from None
-        self._cache.insert(0, (offset, buf))
-        del self._cache[CACHE_WINDOWS:]
+        self._keep(offset, buf)
         return offset, buf
+
+    def _keep(self, offset: int, buf: bytearray) -> None:
+        self._cache.insert(0, (offset, buf))
+        for _, old in self._cache[CACHE_WINDOWS:]:
+            self._free[:] = [old, *self._free[:1]]
+        del self._cache[CACHE_WINDOWS:]
+
+    def _sequential(self, offset: int, view: memoryview) -> None:
+        """Serve a read that starts where the last one ended (and ends inside the resource) from the
+        windows of a sequential reader: the part already fetched, then the window asked for ahead (or a
+        new GET of the read's length plus read-ahead, as QEMU sizes its requests), and ask for the next
+        window ahead."""
+        pos, end = offset, offset + len(view)
+        while pos < end:
+            hit = next(((s, b) for s, b in self._cache if s <= pos < s + len(b)), None)
+            if hit is None:
+                ahead, self._ahead = self._ahead, None
+                want = min(len(view) + self.readahead, self._size - pos)
+                try:
+                    if ahead is not None and ahead[0] == pos:
+                        self._swap()  # the spare connection carries the answer
+                        want = ahead[1]
+                        buf = self._get(pos, want, sent=True)
+                    else:
+                        if ahead is not None:
+                            self._ahead = ahead
+                            self._cancel_ahead()
+                        buf = self._get(pos, want)
+                except HttpError as exc:
+                    _report(f"curl: {exc.message}")
+                    raise OSError(_errno.EIO, exc.message) from None
+                self._keep(pos, buf)
+                hit = (pos, buf)
+                nxt = pos + want
+                if nxt < self._size and self._ahead is None:
+                    self._send_ahead(nxt, min(len(view) + self.readahead, self._size - nxt))
+            start, buf = hit
+            n = min(end, start + len(buf)) - pos
+            view[pos - offset:pos - offset + n] = memoryview(buf)[pos - start:pos - start + n]
+            pos += n
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise OSError(_errno.EACCES, "curl driver does not support writes")
@@ -463,7 +576,11 @@ class HttpFile(RemoteFile):
 
     def close(self) -> None:
         self._drop()
+        self._swap()
+        self._drop()
+        self._ahead = None
         self._cache = []
+        self._free = []
 
     def __enter__(self) -> HttpFile:
         return self
