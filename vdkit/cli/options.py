@@ -225,58 +225,20 @@ def _image_opts(spec: str, parsed: dict[str, object] | None, backing: list[objec
 
         if file_driver is not None and file_driver != "file" and not is_protocol(file_driver):
             raise OpenError(f"Unknown driver '{file_driver}'")
-        if driver == "rbd" or file_driver == "rbd":  # Ceph RBD (vdkit.protocols.rbd)
-            from vdkit.protocols import rbd
+        if is_protocol(driver):  # the protocol is the top node: every option but the tuning ones is its
+            from vdkit.protocols.registry import top_name
 
-            top = driver == "rbd"
-            if top:
-                rbd_opts = {k: v for k, v in opts.items() if k not in _TUNING}
-                opts = {}
-            else:
-                rbd_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
-                rbd_opts = {k: v for k, v in rbd_opts.items() if k not in _TUNING}
-                opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
+            top_opts = {k: v for k, v in opts.items() if k not in _TUNING}
+            return top_name(str(driver), top_opts, filename, file_driver), driver
+        if is_protocol(file_driver):  # a format over a protocol node: the file.* options are the protocol's
+            from vdkit.protocols.registry import name_for_options
+
+            proto_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
+            proto_opts = {k: v for k, v in proto_opts.items() if k not in _TUNING}
             if filename is not None:
-                rbd_opts["filename"] = filename
-            filename = rbd.name_for_options(rbd_opts)
-            if top:
-                return filename, driver
-            file_driver = "rbd"
-        if driver == "nbd":  # the export is the top node: every option is the nbd driver's
-            from vdkit.protocols.nbd import name_for_options
-
-            for key, given_value in (("file.filename", filename), ("file.driver", file_driver)):
-                if given_value is not None:
-                    opts[key] = given_value
-            nbd_opts = {k: v for k, v in opts.items() if k not in _TUNING}
-            return name_for_options(nbd_opts), "nbd"
-        if driver in ("http", "https") or file_driver in ("http", "https"):
-            from vdkit.protocols import http
-
-            top = driver in ("http", "https")
-            if top:
-                http_opts = {k: v for k, v in opts.items() if k not in _TUNING}
-                opts = {}
-            else:
-                http_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
-                http_opts = {k: v for k, v in http_opts.items() if k not in _TUNING}
-                opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
-            if filename is not None:
-                http_opts["filename"] = filename
-            filename = http.name_for_options(http_opts, str(driver if top else file_driver))
-            if top:
-                return filename, driver
-        elif file_driver == "rbd":
-            pass
-        elif file_driver == "nbd":
-            from vdkit.protocols.nbd import name_for_options
-
-            nbd_opts = {k[len("file."):]: v for k, v in opts.items() if k.startswith("file.")}
-            nbd_opts = {k: v for k, v in nbd_opts.items() if k not in _TUNING}
-            if filename is not None:
-                nbd_opts["filename"] = filename
+                proto_opts["filename"] = filename
             opts = {k: v for k, v in opts.items() if not k.startswith("file.")}
-            filename = name_for_options(nbd_opts)
+            filename = name_for_options(str(file_driver), proto_opts)
         else:
             if filename is None and file_driver is not None:
                 raise OpenError("The 'file' block driver requires a file name")

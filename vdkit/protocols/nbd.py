@@ -249,6 +249,16 @@ def _inet(host: str, port: str, export: str) -> NbdAddress:
     return NbdAddress(export, host=host, port=int(port))
 
 
+def top_options(opts: dict[str, str], filename: str | None, file_driver: str | None) -> dict[str, str]:
+    """The protocol registry's options of ``driver=nbd`` at the top: a ``file.filename`` or ``file.driver``
+    given stays an option of the nbd node (which has no file child: :func:`name_for_options` refuses it)."""
+    out = dict(opts)
+    for key, value in (("file.filename", filename), ("file.driver", file_driver)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def name_for_options(opts: dict[str, str], driver: str = "nbd") -> str:
     """Check the options and return the node's (regenerated) name; opening that name uses them
     (``driver``: the protocol registry's uniform signature; always nbd here)."""

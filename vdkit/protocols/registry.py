@@ -27,6 +27,11 @@ provides:
     snapshot queries as, when no format sits above it (rbd: object size, its snapshots); without it
     the node reports only its length and allocation (``vdkit.block.protocol_node``).  That format's
     module also gives ``raw_driver(file)``, the raw format over such a node (its snapshots pass up).
+``top_options(opts, filename, file_driver) -> dict[str, str]`` (optional)
+    What :func:`name_for_options` sees when the protocol is the top node (``driver=nbd`` in
+    ``--image-opts``, without the tuning options): by default the options with a given
+    ``file.filename`` as ``filename``; nbd keeps ``file.filename``/``file.driver`` as options of its
+    own, which it refuses as QEMU does.
 ``CREATE_PLACE: str`` with ``create_raw(filename, opts)`` and ``create_for_format(filename, opts)``
     Where ``qemu-img create`` can make an image on this protocol: the raw disk
     itself, or the empty container a format that writes through the protocol
@@ -83,6 +88,19 @@ def protocol_module(driver: str) -> ModuleType:
 def name_for_options(driver: str, opts: dict[str, str]) -> str:
     """The file name protocol ``driver`` opens for its options ``opts`` (their checks raise QEMU's texts)."""
     name: str = protocol_module(driver).name_for_options(opts, driver)
+    return name
+
+
+def top_name(driver: str, opts: dict[str, str], filename: str | None, file_driver: str | None) -> str:
+    """The name protocol ``driver`` opens as the top node, for its options (``file.filename`` given
+    as ``filename``, ``file.driver`` as ``file_driver``; their checks raise QEMU's texts)."""
+    mod = protocol_module(driver)
+    hook = getattr(mod, "top_options", None)
+    if hook is not None:
+        opts = hook(opts, filename, file_driver)
+    elif filename is not None:
+        opts = {**opts, "filename": filename}
+    name: str = mod.name_for_options(opts, driver)
     return name
 
 
