@@ -806,3 +806,51 @@ def test_export_names_the_filter_of_a_job(daemons: Daemons, tmp_path: Path) -> N
         p.wait("JOB_STATUS_CHANGE", status="null")
         p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
         p.same("query-block-exports")
+
+
+def test_drive_lock_bytes_follow_jobs(daemons: Daemons, tmp_path: Path) -> None:
+    """The lock bytes on a -drive chain's files while each job type runs and after it ends (/proc/locks
+    compared with qemu-system-x86_64's), and what a third process that wants to read meets."""
+    from tests.daemon.test_graph_diff import lock_bytes
+
+    p = Pair(daemons, tmp_path)
+
+    def same_locks(reader: str | None = None) -> None:
+        held = [lock_bytes(d) for d in p.dirs]
+        assert held[1] == held[0], f"qemu:  {held[0]}\nvdkit: {held[1]}"
+        if reader is not None:  # another process reading the file (a consistent read)
+            outs = [qemu_io("-r", "-c", "read -q 0 512", str(d / reader)) for d in p.dirs]
+            texts = [(r.returncode, (r.stdout + r.stderr).replace(str(d), "DIR"))
+                     for r, d in zip(outs, p.dirs, strict=True)]
+            assert texts[1] == texts[0]
+
+    same_locks()
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    p.same("nbd-server-add", {"device": "disk0", "writable": True})
+    same_locks()
+    jobs: list[tuple[str, dict[str, Any], str | None]] = [
+        ("drive-mirror", {"target": "DIR/j1.qcow2", "sync": "full"}, "j1.qcow2"),
+        ("drive-mirror", {"target": "DIR/j2.qcow2", "sync": "top"}, "j2.qcow2"),
+        ("drive-backup", {"target": "DIR/j3.qcow2", "sync": "full"}, "j3.qcow2"),
+        ("block-stream", {}, "top.qcow2"),
+        ("block-commit", {"top": "DIR/mid.qcow2"}, "mid.qcow2"),
+        ("block-commit", {}, "mid.qcow2"),
+    ]
+    for cmd, args, reader in jobs:
+        p.same(cmd, {"device": "disk0", "job-id": "j", "speed": 1, **args})
+        p.same("block-job-pause", {"device": "j"})
+        p.wait("JOB_STATUS_CHANGE", status="paused")
+        same_locks(reader)
+        p.same("block-job-cancel", {"device": "j", "force": True})
+        p.wait("JOB_STATUS_CHANGE", status="null")
+        p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+        same_locks(reader)
+    p.same("query-named-block-nodes", {"flat": True})  # a cancelled active commit leaves the base writable
+    for cmd, args in [("drive-mirror", {"target": "DIR/j4.qcow2", "sync": "top"}), ("block-commit", {})]:
+        p.same(cmd, {"device": "disk0", "job-id": "j", **args})
+        p.wait("BLOCK_JOB_READY")
+        same_locks()
+        p.same("block-job-complete", {"device": "j"})
+        p.wait("JOB_STATUS_CHANGE", status="null")
+        p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+        same_locks()

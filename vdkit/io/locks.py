@@ -139,3 +139,16 @@ class ImageLock:
             fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
         except OSError:
             pass
+
+    def switch(self, mode: LockMode) -> None:
+        """Hold ``mode``'s bytes instead (QEMU updates a node's permissions in place while it is open);
+        if another process refuses them, the old bytes are taken again and the error raised."""
+        old = self.mode
+        self.release()
+        self.mode = mode
+        try:
+            self.acquire()
+        except LockError:
+            self.mode = old
+            self.acquire()
+            raise

@@ -14,10 +14,13 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
+from vdkit.io.locks import Perm
 from vdkit.monitor.commands import Arg, opt
 from vdkit.record import record
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from vdkit.block.jobs import Job, JobDriver
     from vdkit.block.node import Node
     from vdkit.devices.graph import GraphNode
@@ -289,14 +292,45 @@ def _job_options(args: dict[str, Any]) -> dict[str, Any]:
             "auto_dismiss": args.get("auto-dismiss", True), "on_error": args.get("on-error", "report")}
 
 
+def hold_lock(node: Node, *, perms: int = 0, unshared: int = 0) -> Callable[[], None]:
+    """The lock bytes a job's permissions add to a drive node's file while the job lives (QEMU's job
+    and filter edges on the node, observed in ``/proc/locks`` against qemu-system-x86_64): a mirror's
+    target refuses others' consistent reads, a stream writes unchanged data into its top, a commit's
+    intermediate nodes refuse others' consistent reads.  Returns what drops them again (nothing if the
+    node was reopened or closed meanwhile: its file then holds its own bytes).  Graph nodes' files
+    follow :func:`vdkit.devices.graph.lock_file_node` instead."""
+    from vdkit.io.file import ImageFile
+    from vdkit.io.locks import LockMode
+
+    f = node.driver.file
+    lock = f.lock if type(f) is ImageFile else None
+    if lock is None:
+        return lambda: None
+    before = lock.mode
+    added = LockMode(perms & ~before.perms, unshared & ~before.unshared)
+    if not added.perms and not added.unshared:
+        return lambda: None
+    lock.switch(LockMode(before.perms | added.perms, before.unshared | added.unshared))
+
+    def restore() -> None:
+        if node.driver.file is f and f.fd >= 0 and f.lock is lock:
+            mode = lock.mode
+            try:
+                lock.switch(LockMode(mode.perms & ~added.perms, mode.unshared & ~added.unshared))
+            except VdkitError:
+                pass  # fewer bytes than before cannot conflict; kept as they are if it still did
+    return restore
+
+
 def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[str, Any],
            filter: tuple[str, Node, bool] | None = None, *, filter_first: bool = True,
-           filter_prefix: str = "") -> Job:
+           filter_prefix: str = "", locks: Sequence[tuple[Node, int, int]] = ()) -> Job:
     """Create and start the job; ``filter`` (driver name, node below, read-only) is its implicit filter node.
 
     Its name is ``filter-node-name`` if given, checked as QEMU checks it:
     before the job is created (``filter_first``), or after (an intermediate
-    commit: ``created`` and ``null`` are sent before the error).
+    commit: ``created`` and ``null`` are sent before the error).  ``locks``: (node, perms, unshared)
+    the job holds on drive nodes' files (:func:`hold_lock`) until it concludes.
     """
     from vdkit.block.jobs import JobFilter
     from vdkit.monitor.graph_cmds import check_node_name
@@ -312,19 +346,33 @@ def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[s
 
     if filter_first:
         check()
-    job = machine.jobs.create(job_id, driver, **_job_options(args))
+    restores: list[Callable[[], None]] = []
+
+    def unlock() -> None:
+        for fn in reversed(restores):
+            fn()
+        restores.clear()
+
+    try:
+        for node, perms, unshared in locks:
+            restores.append(hold_lock(node, perms=perms, unshared=unshared))
+        job = machine.jobs.create(job_id, driver, **_job_options(args))
+    except BaseException:
+        unlock()
+        raise
     if not filter_first:
         try:
             check()
         except VdkitError:
             machine.jobs.discard(job)
+            unlock()
             raise
     if filter is not None:
         drv, below, ro = filter
-        release = None
+        release: Callable[[], None] | None = unlock if restores else None
         if name is not None:
             machine.claim_name(name)
-            release = functools.partial(machine.release_name, name)
+            release = functools.partial(_release_all, [unlock, functools.partial(machine.release_name, name)])
         driver.filter = JobFilter(drv, below, ro=ro, name=name if name is not None else machine.auto_name(),
                                   serial=machine.next_serial(), release=release)
         if name is not None and drv == "copy-on-read":
@@ -337,6 +385,11 @@ def _start(machine: DeviceRegistry, job_id: str, driver: JobDriver, args: dict[s
                                                           sort_keys=True)
     job.start()
     return job
+
+
+def _release_all(fns: list[Callable[[], None]]) -> None:
+    for fn in fns:
+        fn()
 
 
 class JobChain:
@@ -572,7 +625,7 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
         # the default job-id is the backend's name: a node below the root has none
         job_id = str(args.get("job-id", chain.default_id if root else ""))
         _start(machine, job_id, driver, args, filter=("copy-on-read", target, False),
-               filter_prefix="Could not create node: ")
+               filter_prefix="Could not create node: ", locks=[(target, Perm.WRITE_UNCHANGED, 0)])
     except BaseException:
         if reopened:
             chain.reopen(index, True)
@@ -638,9 +691,11 @@ def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
                            base_was_ro=base_was_ro, reopen=chain.reopen)
         driver.held_writable = [(base, chain.names[base_index])]
         below = nodes[top_index]
+        # the nodes the commit drops (between the active image or its top and the base) refuse others' reads
         _start(machine, _job_id(chain, args), driver, args,
                filter=("mirror_top", below, False) if top_index == 0 else ("commit_top", below, True),
-               filter_first=top_index == 0)
+               filter_first=top_index == 0,
+               locks=[(n, 0, Perm.CONSISTENT_READ) for n in nodes[max(top_index, 1):base_index]])
     except BaseException:
         if base_was_ro:
             chain.reopen(base_index, True)

@@ -281,13 +281,21 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
 
         job_driver.listed_target = Medium(target, [(names[0], names[1])], False, [(names[2], names[3])])
     from vdkit.block.jobs import JobFilter
+    from vdkit.io.locks import Perm
+    from vdkit.monitor.job_cmds import hold_lock
 
-    job = machine.jobs.create(str(args.get("job-id", src.default_id)), job_driver, speed=args.get("speed", 0),
-                              auto_finalize=args.get("auto-finalize", True),
-                              auto_dismiss=args.get("auto-dismiss", True))
+    # the job's target backend refuses others' consistent reads of a drive-mirror target's file
+    unlock = hold_lock(target, unshared=Perm.CONSISTENT_READ)
+    try:
+        job = machine.jobs.create(str(args.get("job-id", src.default_id)), job_driver, speed=args.get("speed", 0),
+                                  auto_finalize=args.get("auto-finalize", True),
+                                  auto_dismiss=args.get("auto-dismiss", True))
+    except BaseException:
+        unlock()
+        raise
     # the mirror_top filter QEMU puts above the source (listed while the job lives; no I/O goes through it)
     job_driver.filter = JobFilter("mirror_top", source, ro=False, name=machine.auto_name(),
-                                  serial=machine.next_serial())
+                                  serial=machine.next_serial(), release=unlock)
     job.start()
 
 
