@@ -15,7 +15,6 @@ from vdkit.block.driver import CorruptionEvent, CorruptionReport, FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
-from vdkit.formats.qcow2.snapshot import SnapshotEntry, parse_snapshot_table
 from vdkit.io.file import ImageFile
 from vdkit.record import cached_property, record
 
@@ -31,6 +30,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import Qcow2IO
     from vdkit.formats.qcow2.refcount import Refcounts
+    from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfoSpecific
 
 
@@ -133,6 +133,8 @@ class Qcow2Driver(FormatDriver):
             if size >= limit or self._snapshot_table_end(buf, h.nb_snapshots) <= size:
                 break
             size = min(limit, size * 4)
+        from vdkit.formats.qcow2.snapshot import parse_snapshot_table  # not imported by images without snapshots
+
         return parse_snapshot_table(buf, h.nb_snapshots, disk_size=h.size, check_mode=check_mode)
 
     @staticmethod
@@ -410,6 +412,8 @@ class Qcow2Driver(FormatDriver):
     @staticmethod
     def _own(entry: SnapshotRecord) -> SnapshotEntry:
         """The generic layer hands back what :meth:`snapshots` listed: this format's table entries."""
+        from vdkit.formats.qcow2.snapshot import SnapshotEntry
+
         if not isinstance(entry, SnapshotEntry):
             raise TypeError(f"not a qcow2 snapshot table entry: {entry!r}")
         return entry
