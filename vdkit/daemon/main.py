@@ -335,73 +335,95 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             raise OptionError(f"Invalid node-name: '{node_name}'")
         spec.node_name = node_name
     spec.file = take("file")
-    if spec.format == "nbd" or opts.get("file.driver") == "nbd":
-        spec.file = _nbd_drive_name(spec, opts, take)
-    elif spec.format in ("http", "https") or opts.get("file.driver") in ("http", "https") or \
-            spec.file is not None and spec.file.startswith(("http://", "https://")):
-        spec.file = _http_drive_name(spec, opts, take)
-    elif spec.format == "raw" and ("offset" in opts or "size" in opts):
-        spec.file = _raw_window_drive(spec, opts, take)
-    elif spec.format == "rbd" or opts.get("file.driver") == "rbd":
-        spec.file = _rbd_drive_name(spec, opts, take)
-    elif spec.file is not None and spec.file.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
-        from vdkit.protocols.nbd import AUTO_READ_ONLY
+    from vdkit.protocols.registry import is_protocol
 
-        AUTO_READ_ONLY.add(spec.file)  # -drive sets auto-read-only on the protocol node
+    file_driver = opts.get("file.driver")
+    by_name: str | None = None  # file=<a protocol's name>: that protocol, unless a file.driver says otherwise
+    if spec.file is not None and file_driver is None:
+        from vdkit.block.chain import protocol_of
+        from vdkit.protocols.registry import driver_for_prefix
+
+        by_name = driver_for_prefix(protocol_of(spec.file))
+    if is_protocol(spec.format):  # the protocol is the drive's node
+        spec.file = _protocol_drive_name(spec, opts, take, str(spec.format), top=True)
+    elif spec.format == "raw" and ("offset" in opts or "size" in opts):
+        spec.file = _raw_window_drive(spec, opts, take, by_name)
+    elif is_protocol(file_driver):  # a format over a protocol node given by its options
+        spec.file = _protocol_drive_name(spec, opts, take, str(file_driver), top=False)
+    elif by_name is not None:
+        from vdkit.protocols.registry import protocol_module
+
+        mod = protocol_module(by_name)
+        name_key = getattr(mod, "FILENAME_OPTION", None)
+        if name_key is not None:  # file=URL[,file.*]: the name is one of the protocol's options (file.url wins)
+            from vdkit.block.chain import protocol_of
+            from vdkit.protocols.registry import driver_for_prefix
+
+            named = opts.get(f"file.{name_key}") or spec.file or ""
+            by_name = driver_for_prefix(protocol_of(named)) or by_name
+            spec.file = _protocol_drive_name(spec, opts, take, by_name, top=False)
+        elif hasattr(mod, "AUTO_READ_ONLY"):
+            mod.AUTO_READ_ONLY.add(spec.file)  # -drive sets auto-read-only on the protocol node
     # the protocol layer's options (file.locking=off, ...) are taken without effect
     spec.leftover = [k for k in order if not k.startswith("file.")]
     return spec
 
 
-_NBD_KEYS = ("path", "host", "port", "export", "open-timeout", "reconnect-delay", "tls-creds", "tls-hostname",
-             "x-dirty-bitmap")
+def _protocol_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None], driver: str,
+                        *, top: bool) -> str:
+    """``driver=P,...``, ``file.driver=P,file...`` or ``file=<P's name>[,file.*]`` for a protocol ``P``: the
+    name the drive's node opens (the protocol module's ``name_for_options``, QEMU's texts), with the slots
+    of ``vdkit.protocols.registry``.
 
-
-def _nbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
-    """``driver=nbd,server...`` or ``file.driver=nbd,file.server...``: the export's regenerated URI.
-
-    The nbd driver's options are taken off the drive's (whatever else is left
-    is refused as for any drive); the name opens the export with them.
+    The protocol's options are taken off the drive's (whatever else is left is refused as for any drive):
+    at the top the keys its ``drive_option`` claims, below a format the ``file.*`` keys (the tuning ones
+    dropped unless it ``KEEPS_FILE_TUNING``), a file name given beside them as its ``FILENAME_OPTION``.
+    ``-drive`` sets auto-read-only on the node: the name joins the module's ``AUTO_READ_ONLY``; a
+    ``READ_ONLY`` protocol at the top makes the drive read-only; a module with ``json_name`` may name
+    the node ``json:{...}`` by its options (:func:`protocol_json_name`).
     """
-    from vdkit.protocols.nbd import AUTO_READ_ONLY, name_for_options
+    from vdkit.protocols.registry import protocol_module
 
-    if spec.format == "nbd":
-        keys = [k for k in list(opts) if k.startswith("server.") or k in _NBD_KEYS]
-        nbd_opts = {k: take(k) or "" for k in keys}
+    mod = protocol_module(driver)
+    if top:
+        given = {k: take(k) or "" for k in [k for k in list(opts) if mod.drive_option(k)]}
+        flat: dict[str, object] = {"driver": driver, **given}
+        if getattr(mod, "READ_ONLY", False):
+            spec.readonly = True  # the node itself is the drive's: auto-read-only makes it read-only
     else:
         take("file.driver")
-        keys = [k for k in list(opts) if k.startswith("file.")]
-        nbd_opts = {k[len("file."):]: take(k) or "" for k in keys}
+        given = {k[len("file."):]: take(k) or "" for k in [k for k in list(opts) if k.startswith("file.")]}
+        if not getattr(mod, "KEEPS_FILE_TUNING", False):
+            given = {k: v for k, v in given.items() if k not in _FILE_TUNING}
+        name_key = getattr(mod, "FILENAME_OPTION", None)
+        if name_key is not None and name_key not in given and spec.file is not None:
+            given[name_key] = spec.file
+        flat = {"driver": spec.format, "file.driver": driver, **{f"file.{k}": v for k, v in given.items()}}
+    reported: list[str] = []
+    sink = hasattr(mod, "REPORT_SINK")
+    if sink:
+        setattr(mod, "REPORT_SINK", reported)  # noqa: B010 - lines it reports go under the -drive's location
     try:
-        name = name_for_options(nbd_opts)
+        name: str = mod.name_for_options(given, driver)
     except VdkitError as exc:
-        raise OptionError(exc.message) from None
-    AUTO_READ_ONLY.add(name)
+        lines = [*reported, exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")]
+        raise OptionError(f"\n{PROG}: -drive {spec.text}: ".join(lines)) from None
+    finally:
+        if sink:
+            setattr(mod, "REPORT_SINK", None)  # noqa: B010
+    auto_ro = getattr(mod, "AUTO_READ_ONLY", None)
+    if auto_ro is not None:
+        auto_ro.add(name)
+    if hasattr(mod, "json_name") and mod.json_name(flat, "raw") is not None:
+        PROTOCOL_JSON[spec.id] = (driver, flat)
     return name
 
 
-def _rbd_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
-    """``driver=rbd,pool=...`` or ``file.driver=rbd,file.pool=...``: the image's name, opened with those
-    options (:func:`vdkit.protocols.rbd.name_for_options`, QEMU's texts)."""
-    from vdkit.protocols.rbd import OPTION_KEYS, name_for_options
-
-    if spec.format == "rbd":
-        keys = [k for k in list(opts) if k.split(".", 1)[0] in OPTION_KEYS]
-        rbd_opts = {k: take(k) or "" for k in keys}
-    else:
-        take("file.driver")
-        keys = [k for k in list(opts) if k.startswith("file.")]
-        rbd_opts = {k[len("file."):]: take(k) or "" for k in keys}
-        rbd_opts = {k: v for k, v in rbd_opts.items() if k not in _FILE_TUNING}
-    try:
-        return name_for_options(rbd_opts)
-    except VdkitError as exc:
-        raise OptionError(exc.message) from None
-
-
-def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
+def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None],
+                      by_name: str | None) -> str:
     """``format=raw,offset=...,size=...``: a window into the file (:func:`vdkit.cli.json_name.window_name`),
-    named ``json:{...}`` as QEMU names it (values are strings, as -drive gives them)."""
+    named ``json:{...}`` as QEMU names it (values are strings, as -drive gives them); a window over a
+    protocol (``file.driver``, or ``by_name``: the protocol of ``file=``'s name) is refused by it."""
     from vdkit.cli.json_name import window_name
 
     flat: dict[str, object] = {"driver": "raw"}
@@ -410,7 +432,7 @@ def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str
         if value is not None:
             flat[key] = value
     file_driver = take("file.driver")
-    flat["file.driver"] = file_driver or "file"
+    flat["file.driver"] = file_driver or by_name or "file"
     filename = spec.file if spec.file is not None else take("file.filename")
     if filename is not None:
         flat["file.filename"] = filename
@@ -422,66 +444,28 @@ def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str
     return window[0]
 
 
-HTTP_JSON: dict[str, dict[str, object]] = {}
-"""Drive id -> the curl options QEMU names its node by (``json:{...}``: a cookie, sslverify off),
-flattened as ``--image-opts`` spells them; the name is made once the format is known."""
-
-
-def _http_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> str:
-    """``file=URL[,file.*]``, ``file.driver=http|https,file.url=...`` or ``driver=http|https,url=...``.
-
-    The curl options are checked with QEMU's texts (:func:`vdkit.protocols.http.name_for_options`)
-    and the URL is opened with them.  ``-drive`` sets auto-read-only: the URL opens for a writable
-    drive, read-only underneath (a top-level curl node is read-only, raw over it reports ``"ro":
-    false``; formats that write at open are refused after the open, see :func:`_open_drives`).
-    """
-    from vdkit.protocols import http
-
-    if spec.format in ("http", "https"):
-        driver = spec.format
-        # every key the drive did not take is the curl node's (unknown ones are refused by it)
-        given = {k: take(k) or "" for k in [k for k in list(opts) if not k.startswith("file.")]}
-        flat: dict[str, object] = {"driver": driver, **given}
-        spec.readonly = True  # the curl node itself is the drive's node: auto-read-only makes it read-only
-    else:
-        file_driver = take("file.driver")
-        given = {k[len("file."):]: take(k) or "" for k in [k for k in list(opts) if k.startswith("file.")]}
-        given = {k: v for k, v in given.items() if k not in _FILE_TUNING}
-        if "url" not in given and spec.file is not None:
-            given["url"] = spec.file
-        driver = file_driver or given.get("url", "").split(":", 1)[0]
-        flat = {"driver": spec.format, "file.driver": driver, **{f"file.{k}": v for k, v in given.items()}}
-    glib: list[str] = []
-    http.REPORT_SINK = glib  # QEMU reports the GLib lines under the -drive's location: collected here
-    try:
-        url = http.name_for_options(given, driver)
-    except VdkitError as exc:
-        lines = [*glib, exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")]
-        raise OptionError(f"\n{PROG}: -drive {spec.text}: ".join(lines)) from None
-    finally:
-        http.REPORT_SINK = None
-    http.AUTO_READ_ONLY.add(url)
-    if http.json_name(flat, "raw") is not None:
-        HTTP_JSON[spec.id] = flat
-    return url
+PROTOCOL_JSON: dict[str, tuple[str, dict[str, object]]] = {}
+"""Drive id -> (protocol, the options QEMU names its node by: an http cookie, sslverify off), flattened
+as ``--image-opts`` spells them; the ``json:{...}`` name is made once the format is known."""
 
 
 _FILE_TUNING = ("locking", "aio", "cache.direct", "cache.no-flush", "read-only", "auto-read-only", "force-share",
                 "discard", "detect-zeroes", "node-name")
 
 
-def http_json_name(spec: DriveSpec, fmt: str, *, own: bool = False) -> str | None:
-    """The ``json:{...}`` name QEMU gives an http drive's node opened as ``fmt`` (None: the plain URL);
-    ``own``: the name of the curl node below the format node."""
-    flat = HTTP_JSON.get(spec.id)
-    if flat is None:
+def protocol_json_name(spec: DriveSpec, fmt: str, *, own: bool = False) -> str | None:
+    """The ``json:{...}`` name QEMU gives a protocol drive's node opened as ``fmt`` (None: the plain name);
+    ``own``: the name of the protocol node below the format node."""
+    given = PROTOCOL_JSON.get(spec.id)
+    if given is None:
         return None
     from vdkit.info.render_json import dumps_compact
-    from vdkit.protocols.http import json_name
+    from vdkit.protocols.registry import protocol_module
 
-    desc = json_name(flat, fmt)
+    driver, flat = given
+    desc = protocol_module(driver).json_name(flat, fmt)
     if desc is not None and own and isinstance(desc.get("file"), dict):
-        desc = desc["file"]  # type: ignore[assignment]
+        desc = desc["file"]
     return None if desc is None else "json:" + dumps_compact(desc)
 
 
@@ -797,11 +781,11 @@ def _http_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium) -> No
     if not medium.ro and fmt not in PASSES_PERMISSIONS and not top:
         machine.close_medium(medium)
         raise OptionError("Block node is read-only")
-    name = http_json_name(spec, fmt)
+    name = protocol_json_name(spec, fmt)
     if name is not None:
         medium.node.filename = name
         if not top:  # the curl node below has a json: name of its own
-            own = http_json_name(spec, fmt, own=True)
+            own = protocol_json_name(spec, fmt, own=True)
             from vdkit.protocols.http import HttpFile
 
             curl: object = medium.node.driver.file

@@ -28,6 +28,7 @@ import os
 from vdkit.errors import OpenError, VdkitError
 from vdkit.io.status import DATA, OFFSET_VALID, BlockStatus
 from vdkit.protocols import RemoteFile
+from vdkit.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -59,6 +60,16 @@ def _glib_then(message: str) -> OpenError:
     _report("GLib: g_hash_table_foreach_remove: assertion 'hash_table != NULL' failed")
     _report("GLib: g_hash_table_destroy: assertion 'hash_table != NULL' failed")
     return OpenError(message)
+
+
+READ_ONLY = True  # curl nodes never write: -drive driver=http makes the drive read-only
+FILENAME_OPTION = "url"  # -drive file=URL: the name is the curl node's url option
+
+
+def drive_option(key: str) -> bool:
+    """The protocol registry's ``-drive driver=http|https`` slot: every key the drive did not take is the
+    curl node's (unknown ones are refused by it)."""
+    return not key.startswith("file.")
 
 
 def name_for_options(opts: dict[str, str], driver: str) -> str:
@@ -105,6 +116,48 @@ def name_for_options(opts: dict[str, str], driver: str) -> str:
     _PRESET[url] = {"driver": driver, "readahead": readahead, "timeout": timeout, "sslverify": sslverify,
                     "cookie": opts.get("cookie")}
     return url
+
+
+@record(frozen=True)
+class UrlParts:
+    scheme: str
+    username: str | None
+    password: str | None
+    hostname: str | None
+    port: int | None
+    path: str
+    query: str
+
+
+def split_url(url: str) -> UrlParts:
+    """The parts of an ``http``/``https`` URL the client uses, as :func:`urllib.parse.urlsplit` gives
+    them (host name in lower case without brackets, a port that is not a number below 65536 taken as
+    none, the fragment dropped), without importing :mod:`urllib.parse` (start-up: it pulls in
+    ``ipaddress`` and ``re``).  Like urlsplit it first drops leading C0 controls and spaces and every
+    tab and line break."""
+    url = url.lstrip(_C0_OR_SPACE).translate(_UNSAFE)
+    scheme, _, rest = url.partition("://")
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, rest = rest[:netloc_end], rest[netloc_end:]
+    rest = rest.partition("#")[0]
+    path, _, query = rest.partition("?")
+    username = password = None
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        username, colon, pw = userinfo.partition(":")
+        password = pw if colon else None
+    if "[" in hostport:
+        host = hostport.partition("[")[2].partition("]")[0]
+        port_text = hostport.partition("]")[2].partition(":")[2]
+    else:
+        host, _, port_text = hostport.partition(":")
+    port = int(port_text) if port_text.isdigit() and port_text.isascii() and int(port_text) < 65536 else None
+    name, pct, zone = host.partition("%")  # an IPv6 zone keeps its case
+    return UrlParts(scheme.lower(), username, password, name.lower() + pct + zone or None, port, path, query)
+
+
+_C0_OR_SPACE = "".join(map(chr, range(33)))
+_UNSAFE = {ord(c): None for c in "\t\r\n"}
 
 
 def _turned_off(value: object) -> bool:
@@ -207,8 +260,6 @@ class HttpFile(RemoteFile):
     def __init__(self, url: str, *, readonly: bool = True, force_share: bool = False, driver: str | None = None,
                  readahead: int = DEFAULT_READAHEAD, sslverify: bool = True, timeout: int = DEFAULT_TIMEOUT,
                  cookie: str | None = None) -> None:
-        from urllib.parse import unquote, urlsplit
-
         preset = _PRESET.get(url)
         if preset is not None:
             driver = driver or str(preset["driver"])
@@ -230,14 +281,10 @@ class HttpFile(RemoteFile):
         if not readonly and url not in AUTO_READ_ONLY:
             raise OpenError("curl driver does not support writes")
         self.driver = driver
-        parts = urlsplit(url)
+        parts = split_url(url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or ""
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        self.port = port or (443 if self.https else 80)
+        self.port = parts.port or (443 if self.https else 80)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.readahead = readahead
         self.sslverify = sslverify
@@ -247,6 +294,8 @@ class HttpFile(RemoteFile):
             self.headers["Cookie"] = cookie
         if parts.username is not None:
             import base64
+
+            from vdkit.protocols import unquote
 
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()

@@ -86,7 +86,7 @@ def is_nbd_name(name: str) -> bool:
 
 def parse_name(name: str) -> NbdAddress:
     """Parse a command-line NBD filename with QEMU's rules and error texts."""
-    from urllib.parse import unquote
+    from vdkit.protocols import unquote
 
     if name.startswith("nbd:") and not name.startswith("nbd://"):
         return _parse_legacy(name[len("nbd:"):])
@@ -247,6 +247,16 @@ def _inet(host: str, port: str, export: str) -> NbdAddress:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise OpenError(f"address resolution failed for {host}:{port}: Servname not supported for ai_socktype")
     return NbdAddress(export, host=host, port=int(port))
+
+
+KEEPS_FILE_TUNING = True  # -drive file.driver=nbd: file.locking, file.aio... are the nbd node's (refused)
+_DRIVE_KEYS = ("path", "host", "port", "export", "open-timeout", "reconnect-delay", "tls-creds", "tls-hostname",
+               "x-dirty-bitmap")
+
+
+def drive_option(key: str) -> bool:
+    """The protocol registry's ``-drive driver=nbd`` slot: ``key`` is the nbd node's option."""
+    return key.startswith("server.") or key in _DRIVE_KEYS
 
 
 def top_options(opts: dict[str, str], filename: str | None, file_driver: str | None) -> dict[str, str]:

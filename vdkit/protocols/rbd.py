@@ -175,6 +175,12 @@ _PRESET: dict[str, RbdSpec] = {}
 """Nodes named by options (``--image-opts``, ``json:``, ``-blockdev``), by the name they are opened under."""
 
 
+def drive_option(key: str) -> bool:
+    """The protocol registry's ``-drive driver=rbd`` slot: ``key`` (or the object it is a member of) is
+    one of the rbd node's options."""
+    return key.split(".", 1)[0] in OPTION_KEYS
+
+
 def name_for_options(opts: dict[str, str], driver: str = "rbd") -> str:
     """Check ``driver=rbd``'s options (QEMU's texts) and return the name the node opens under.
 
