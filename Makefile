@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-APT_PKGS = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit nginx-light openssl time ceph-mon ceph-osd ceph-common
+APT_PKGS = qemu-utils qemu-system-x86 qemu-block-extra libnbd-bin nbdkit nginx-light openssl time valgrind ceph-mon ceph-osd ceph-common
 
 .PHONY: demo test deps system-deps lint bench clean
 

@@ -5,6 +5,10 @@ Cases: a plain image, an image with 500 internal snapshots, a 4-deep chain.
 Measures
 * ``vdkit-img info`` vs ``qemu-img info`` (whole processes), and the CLI start
   against a bare ``python3 -c pass`` (target: within 1.5x);
+* start-up per format (issues 11 and 14): ``vdkit-img info`` of a small image of every format
+  against a bare ``python3 -c pass`` of the same venv, wall-time medians of interleaved runs
+  (``--startup-repeat``, 21) and instructions counted by callgrind, which the load of a shared
+  machine does not move (target: within 1.5x);
 * in-process ``vdkit.open(path).info()`` vs what Python programs do today,
   ``subprocess.run(["qemu-img", "info", "--output=json", ...])`` + ``json.loads``
   (target: at least 10x faster).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,15 +67,59 @@ def make_images(d: Path, nsnap: int) -> dict[str, Path]:
     return {"plain": plain, f"{nsnap} snapshots": snaps, "4-deep chain": d / prev}
 
 
+STARTUP_FORMATS = [("qcow2", []), ("raw", []), ("vmdk", []), ("vmdk", ["-o", "subformat=streamOptimized"]),
+                   ("vhdx", []), ("vpc", []), ("vdi", []), ("qed", []), ("parallels", [])]
+
+
+def instructions(cmd: list[str], cwd: Path) -> int:
+    """User-space instructions of one whole process (callgrind: the same count on a busy machine)."""
+    out = subprocess.run([h.tool("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+                         cwd=cwd, capture_output=True, text=True, check=True).stderr
+    return int(next(line for line in out.splitlines() if "Collected" in line).split()[-1])
+
+
+def startup(d: Path, repeat: int) -> None:
+    """``vdkit-img info`` of each format as a multiple of a bare interpreter start."""
+    qi = h.tool("qemu-img")
+    vd = h.vdkit_bin()
+    names = []
+    for fmt, opts in STARTUP_FORMATS:
+        name = fmt + ("-" + opts[-1].split("=")[-1] if opts else "")
+        run([qi, "create", "-q", "-f", fmt, *opts, str(d / f"{name}.img"), "64M"])
+        names.append(name)
+    bare = h.Case("python", [sys.executable, "-c", "pass"])
+    cases = [h.Case(n, [*vd, "info", f"{n}.img"], cwd=d) for n in names]
+    h.interleave([bare, *cases], repeat)
+    # the installed script is run by its interpreter (valgrind does not follow the #! line)
+    i_bare = instructions([sys.executable, "-c", "pass"], d)
+    t_bare = h.med(bare.samples)
+    c_bare = h.med(bare.samples, "cpu")
+    print(f"{'start-up':<28}{'wall':>9}{'vs python':>11}{'CPU':>9}{'vs python':>11}{'instructions':>14}"
+          f"{'vs python':>11}   (python -c pass: {t_bare * 1e3:.1f} ms, {c_bare * 1e3:.1f} ms CPU, "
+          f"{i_bare / 1e6:.1f}M)", flush=True)
+    for case in cases:
+        t = h.med(case.samples)
+        n = instructions([sys.executable, *vd, "info", f"{case.name}.img"], d)
+        c = h.med(case.samples, "cpu")
+        print(f"info {case.name:<23}{t * 1e3:>7.1f}ms{t / t_bare:>10.2f}x{c * 1e3:>7.1f}ms{c / c_bare:>10.2f}x"
+              f"{n / 1e6:>13.1f}M{n / i_bare:>10.2f}x", flush=True)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; target: within 1.5x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--snapshots", type=int, default=500)
+    ap.add_argument("--startup-repeat", type=int, default=21, help="interleaved samples per format (default 21)")
+    ap.add_argument("--only-startup", action="store_true", help="only the per-format start-up figures")
     h.add_common_args(ap, repeat=15)
     args = ap.parse_args()
     print(h.install_note(), flush=True)
     qi, vd = h.tool("qemu-img"), h.vdkit_bin()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
+        startup(d, args.startup_repeat)
+        if args.only_startup:
+            return
         print(f"creating images ({args.snapshots} snapshots takes a moment)...", flush=True)
         images = make_images(d, args.snapshots)
         for rnd in h.rounds(args.rounds):
@@ -91,7 +140,7 @@ def main() -> None:
 
                 def inproc(p: Path = path) -> object:
                     with vdkit.open(p) as node:
-                        return node.info(nested=True)
+                        return vdkit.image_info(node, nested=True)
 
                 t_s = timeit(sub, args.repeat)
                 t_i = timeit(inproc, args.repeat * 4)
