@@ -7,11 +7,12 @@ oracle; a skipped oracle is a defect).  ``make test`` installs them.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +58,8 @@ def venv_tool(name: str) -> str:
     return str(path)
 
 
-def qemu_img(*args: str, cwd: Path | str | None = None) -> Result:
-    return _run([require_tool("qemu-img"), *args], cwd=cwd)
+def qemu_img(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None) -> Result:
+    return _run([require_tool("qemu-img"), *args], cwd=cwd, env=env)
 
 
 PBKDF_FLAKE = "Unable to get accurate CPU usage"
@@ -91,8 +92,19 @@ def qemu_io(*args: str, cwd: Path | str | None = None) -> Result:
 _ENV = dict(os.environ, TZ=os.environ.get("TZ", "UTC"), PYTHONPATH=str(ROOT))
 
 
-def vdkit_img(*args: str, cwd: Path | str | None = None) -> Result:
-    return _run([sys.executable, "-m", "vdkit.cli.main", *args], cwd=cwd, env=_ENV)
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment both tools get when a test sets variables (``TZ``): this checkout's vdkit, no
+    ``VDKIT_DEBUG`` (its tracebacks are not qemu-img's output), the test's variables on top."""
+    env = dict(os.environ)
+    env.setdefault("TZ", "UTC")
+    env["PYTHONPATH"] = str(ROOT)
+    env.pop("VDKIT_DEBUG", None)
+    env.update(extra or {})
+    return env
+
+
+def vdkit_img(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None = None) -> Result:
+    return _run([sys.executable, "-m", "vdkit.cli.main", *args], cwd=cwd, env=_ENV if env is None else env)
 
 
 def check_ok(*args: str, cwd: Path | str | None = None) -> Result:
@@ -102,13 +114,29 @@ def check_ok(*args: str, cwd: Path | str | None = None) -> Result:
     return r
 
 
-def assert_same(args: list[str], cwd: Path | str) -> Result:
-    """Run ``qemu-img ARGS`` and ``vdkit-img ARGS``; stdout, stderr and exit code must agree."""
-    q = qemu_img(*args, cwd=cwd)
-    v = vdkit_img(*args, cwd=cwd)
-    assert v.stdout == q.stdout, f"stdout differs for {args}"
-    assert v.normalized_stderr() == q.stderr, f"stderr differs for {args}"
-    assert v.returncode == q.returncode, f"exit code differs for {args}"
+def _diff(a: str, b: str) -> str:
+    return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "qemu-img", "vdkit-img"))
+
+
+def assert_same(args: Sequence[str], cwd: Path | str | None = None, *, env: dict[str, str] | None = None,
+                mask: Callable[[str], str] | None = None) -> Result:
+    """Run ``qemu-img ARGS`` and ``vdkit-img ARGS``; stdout, stderr and exit code must agree.  qemu-img's result.
+
+    The one command-line differential of the suites.  ``env``: variables both tools get (``tool_env``);
+    ``mask``: applied to both stderr texts, for what legitimately varies between runs (libcurl's timings,
+    a TLS channel's way of failing).  vdkit's own failures (a traceback, an internal error) are named
+    first; a difference comes with a unified diff, what a case in a long matrix needs."""
+    full_env = None if env is None else tool_env(env)
+    q = qemu_img(*args, cwd=cwd, env=full_env)
+    v = vdkit_img(*args, cwd=cwd, env=full_env)
+    assert "Traceback" not in v.stderr, v.stderr
+    assert "internal error" not in v.stderr or "internal error" in q.stderr, v.stderr
+    qe, ve = q.stderr, v.normalized_stderr()
+    if mask is not None:
+        qe, ve = mask(qe), mask(ve)
+    assert v.stdout == q.stdout, f"stdout differs for {list(args)}:\n{_diff(q.stdout, v.stdout)}"
+    assert ve == qe, f"stderr differs for {list(args)}:\n{_diff(qe, ve)}"
+    assert v.returncode == q.returncode, f"exit code differs for {list(args)}: {q.returncode} vs {v.returncode}"
     return q
 
 

@@ -1,19 +1,15 @@
-"""Run qemu-img and vdkit-img side by side and explain any difference.
+"""Run qemu-img and vdkit-img side by side on every read-only view of an image.
 
-``conftest.assert_same`` says *that* outputs differ; these helpers also show
-a unified diff, which is what one needs when a case in a 100-case matrix
-fails.  Environment overrides (``TZ``) apply to both programs alike.
+Built on ``conftest.assert_same`` (which shows a unified diff of what differs).
+Environment overrides (``TZ``) apply to both programs alike (``conftest.tool_env``).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
-import os
-import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Result, _run, require_tool
+from tests.conftest import Result, assert_same, qemu_img, tool_env, vdkit_img
 
 INFO_VARIANTS: tuple[tuple[str, ...], ...] = (
     ("info",),
@@ -23,37 +19,17 @@ INFO_VARIANTS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _env(extra: dict[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("TZ", "UTC")
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("VDKIT_DEBUG", None)
-    if extra:
-        env.update(extra)
-    return env
-
-
 def run_qemu(args: list[str] | tuple[str, ...], cwd: Path | str, env: dict[str, str] | None = None) -> Result:
-    return _run([require_tool("qemu-img"), *args], cwd=cwd, env=_env(env))
+    return qemu_img(*args, cwd=cwd, env=tool_env(env))
 
 
 def run_vdkit(args: list[str] | tuple[str, ...], cwd: Path | str, env: dict[str, str] | None = None) -> Result:
-    return _run([sys.executable, "-m", "vdkit.cli.main", *args], cwd=cwd, env=_env(env))
-
-
-def _diff(a: str, b: str) -> str:
-    return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "qemu-img", "vdkit-img"))
+    return vdkit_img(*args, cwd=cwd, env=tool_env(env))
 
 
 def same(args: list[str] | tuple[str, ...], cwd: Path | str, env: dict[str, str] | None = None) -> Result:
-    """qemu-img and vdkit-img agree on stdout, stderr (modulo program name) and exit code."""
-    q = run_qemu(args, cwd, env)
-    v = run_vdkit(args, cwd, env)
-    assert "Traceback" not in v.stderr, v.stderr
-    assert v.stdout == q.stdout, f"stdout differs for {list(args)}:\n{_diff(q.stdout, v.stdout)}"
-    assert v.normalized_stderr() == q.stderr, f"stderr differs for {list(args)}:\n{_diff(q.stderr, v.stderr)}"
-    assert v.returncode == q.returncode, f"exit code differs for {list(args)}: {q.returncode} vs {v.returncode}"
-    return q
+    """qemu-img and vdkit-img agree on stdout, stderr (modulo program name) and exit code (``assert_same``)."""
+    return assert_same(args, cwd, env=env or {})
 
 
 def same_snapshot_json(name: str, cwd: Path | str, env: dict[str, str] | None = None,

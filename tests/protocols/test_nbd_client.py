@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.daemon.conftest import daemons  # noqa: F401  (fixture)
 from tests.nbd.conftest import free_port, serve, short_sock  # noqa: F401  (serve: fixture)
 
 
 def _same(args: list[str], cwd: Path | None = None) -> str:
-    q = qemu_img(*args, cwd=cwd)
-    v = vdkit_img(*args, cwd=cwd)
-    assert "Traceback" not in v.stderr and "internal error" not in v.stderr, v.stderr
-    assert (v.stdout, v.normalized_stderr(), v.returncode) == (q.stdout, q.stderr, q.returncode), args
-    return q.stdout
+    return assert_same(args, cwd).stdout
 
 
 class QemuNbd:
