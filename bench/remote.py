@@ -27,64 +27,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import harness as h
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT))  # after site-packages: the installed vdkit stays the one measured
+from tests.helpers import nginx  # noqa: E402  (the tests' nginx set-up; it needs no pytest)
+
 HANG_SECONDS = 120
 MODE: dict[str, list[str]] = {"nbd": [], "http": ["-m", "1"], "rbd": []}
-CEPH_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "ceph-test-cluster.sh"
+CEPH_SCRIPT = ROOT / "tests" / "helpers" / "ceph-test-cluster.sh"
 """Extra convert options per protocol: one request at a time over HTTP (see the module doc)."""
-
-NGINX_CONF = """\
-daemon off;
-user {user};
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp;
-    proxy_temp_path {prefix}/tmp;
-    fastcgi_temp_path {prefix}/tmp;
-    uwsgi_temp_path {prefix}/tmp;
-    scgi_temp_path {prefix}/tmp;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{port};
-        root {www};
-    }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"nginx exited ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit("nginx did not start listening")
-
 
 def guarded(cmd: list[str], out: Path | None, cwd: Path) -> Callable[[], h.Sample]:
     """A sample of ``cmd`` under ``timeout``; a hang (qemu-img's curl driver) is killed and retried."""
@@ -150,7 +108,6 @@ def main() -> None:
         d = Path(tmp)
         www = d / "www"
         www.mkdir()
-        (d / "tmp").mkdir()
         size = a.size_mib << 20
         src = h.make_data_raw(www / "src.raw", size)
         names: dict[str, str] = {}
@@ -165,14 +122,11 @@ def main() -> None:
                 nbd_pid = int((d / "nbd.pid").read_text())
                 names["nbd"] = f"nbd+unix:///src?socket={sock}"
             if a.only in (None, "http"):
-                port = free_port()
-                conf = d / "nginx.conf"
-                conf.write_text(NGINX_CONF.format(user=pwd.getpwuid(os.getuid()).pw_name, prefix=d, www=www,
-                                                  port=port))
-                nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-                proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(d)], stderr=subprocess.DEVNULL)
-                servers.append(proc)
-                wait_port(port, proc)
+                port = nginx.free_port()
+                try:
+                    servers.append(nginx.start(d, www, port, access_log=False))
+                except nginx.NginxError as exc:
+                    sys.exit(str(exc))
                 names["http"] = f"http://127.0.0.1:{port}/src.raw"
             print(f"image: {a.size_mib} MiB raw ({a.size_mib // 2} MiB random data); protocols: {', '.join(names)}",
                   flush=True)

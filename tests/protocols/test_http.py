@@ -11,8 +11,6 @@ curl driver) and vdkit-img and the outputs are compared
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 import shutil
 import socket
@@ -24,53 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
-
-NGINX_CONF = """\
-daemon off;
-user {user};
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp;
-    proxy_temp_path {prefix}/tmp;
-    fastcgi_temp_path {prefix}/tmp;
-    uwsgi_temp_path {prefix}/tmp;
-    scgi_temp_path {prefix}/tmp;
-    default_type application/octet-stream;
-    server {{
-        listen 127.0.0.1:{http};
-        listen 127.0.0.1:{https} ssl;
-        ssl_certificate {prefix}/cert.pem;
-        ssl_certificate_key {prefix}/key.pem;
-        root {www};
-        location /norange/ {{ max_ranges 0; }}
-        location /slow/ {{ limit_rate_after 200k; limit_rate 1k; }}
-    }}
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited: {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail("nginx did not start listening")
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.helpers import nginx
 
 
 class Web:
@@ -85,14 +38,14 @@ class Web:
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     """nginx serving d.qcow2, r.raw, base/top.qcow2 (also under sub/ and norange/), http and https."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is not installed; run 'make test' (it installs nginx-light)")
+    try:
+        nginx.binary()
+    except nginx.NginxError as exc:
+        pytest.fail(str(exc))
     tmp = tmp_path_factory.mktemp("web")
     www = tmp / "www"
     (www / "sub").mkdir(parents=True)
     (www / "norange").mkdir()
-    (tmp / "tmp").mkdir()
     d = www / "d.qcow2"
     check_ok("create", "-q", "-f", "qcow2", str(d), "64M")
     assert qemu_io("-c", "write -P 0xab 0 1M", "-c", "write -z 4M 1M", "-c", "write -P 0xcd 8M 64k",
@@ -113,34 +66,21 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
                    check=True, capture_output=True, timeout=60)
-    http, https = _free_port(), _free_port()
-    conf = tmp / "nginx.conf"
-    user = pwd.getpwuid(os.getuid()).pw_name  # workers read the 0700 temporary folder as its owner
-    conf.write_text(NGINX_CONF.format(user=user, prefix=tmp, www=www, http=http, https=https))
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
+    http, https = nginx.free_port(), nginx.free_port()
     try:
-        _wait_port(http, proc)
-        _wait_port(https, proc)
+        proc = nginx.start(tmp, www, http, https=https,
+                           locations={"/norange/": "max_ranges 0;", "/slow/": "limit_rate_after 200k; limit_rate 1k;"})
+    except nginx.NginxError as exc:
+        pytest.fail(str(exc))
+    try:
         yield Web(www, http, https)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        nginx.stop(proc)
 
 
 def _same(*args: str, cwd: Path | None = None, variable: str | None = None) -> str:
     """Run both tools; ``variable`` is a regex for figures libcurl makes up (milliseconds) blanked in stderr."""
-    q = qemu_img(*args, cwd=cwd)
-    v = vdkit_img(*args, cwd=cwd)
-    assert "Traceback" not in v.stderr and "internal error" not in v.stderr, v.stderr
-    qe, ve = q.stderr, v.normalized_stderr()
-    if variable is not None:
-        qe, ve = re.sub(variable, "N", qe), re.sub(variable, "N", ve)
-    assert (v.stdout, ve, v.returncode) == (q.stdout, qe, q.returncode), (args, q.stderr)
-    return q.stdout
+    return assert_same(args, cwd, mask=None if variable is None else lambda t: re.sub(variable, "N", t)).stdout
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -203,7 +143,7 @@ def test_errors(web: Web) -> None:
     _same("info", f"{web.http}/")
     _same("info", f"{web.http}/norange/r.raw")
     _same("info", f"{web.https}/r.raw")
-    _same("info", f"http://127.0.0.1:{_free_port()}/r.raw", variable=ms)
+    _same("info", f"http://127.0.0.1:{nginx.free_port()}/r.raw", variable=ms)
     _same("create", "-f", "raw", f"{web.http}/new.raw", "16M")
     _same("convert", "-n", "-O", "raw", str(web.www / "r.raw"), f"{web.http}/r.raw")
 
