@@ -301,3 +301,34 @@ def test_zero_cluster_kept_allocated_is_written_in_place_like_qemu(tmp_path: Pat
         files[who] = img.read_bytes()
     assert files["vdkit"] == files["qemu"]
     assert qemu_img("check", str(tmp_path / "vdkit.qcow2")).returncode == 0
+
+
+def test_new_l2_table_is_ordered_with_one_sync_before_its_l1_entry(tmp_path: Path) -> None:
+    """A write that needs a new L2 table: its refcount and the table are both written, then one sync,
+    then the L1 entry (and its sync); nothing names the table before both are durable, and the
+    count's own sync before the table's write is not needed for that order."""
+    img = tmp_path / "t.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", str(img), "64M")
+    node = open_image(str(img), readonly=False)
+    try:
+        drv = node.driver
+        f = drv.file
+        log: list[tuple[str, int, int]] = []
+        real_pwrite, real_flush = f.pwrite, f.flush
+        f.pwrite = lambda off, data: (log.append(("w", off, len(data))), real_pwrite(off, data))[1]
+        f.flush = lambda: (log.append(("sync", 0, 0)), real_flush())[1]
+        span = drv.geometry.l1_span
+        bio.write(node, 3 * span + 8192, b"\x42" * 4096)  # L1 index 3: a new table
+        l1_entry = drv.clusters.l1_offset + 3 * 8
+        table = int(drv.clusters.l1[3]) & ((1 << 56) - 512)
+        i_l1 = log.index(("w", l1_entry, 8))
+        i_table = log.index(("w", table, 4096))
+        counts = [i for i, (k, off, n) in enumerate(log[:i_table]) if k == "w" and n == 4096]
+        assert counts, log  # the refcount block with the table's count went out before the table
+        syncs = [i for i, (k, _, _) in enumerate(log) if k == "sync"]
+        assert [i for i in syncs if counts[0] < i < i_l1] == [i_table + 1], log  # one sync, after both
+        assert any(i > i_l1 for i in syncs), log  # and the L1 entry is synced
+    finally:
+        node.close()
+    r = qemu_img("check", str(img))
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -585,8 +585,8 @@ class Qcow2IO:
     #   data → refcount increments → L2 entries → (flush) → refcount decrements.
     # The L2 cache's ``depends_on`` hook flushes the refcount cache before any
     # L2 table is written back; freed clusters are only decremented after the
-    # L2 tables that dropped them are on disk.  A new L2 table is written and
-    # synced before the L1 entry that points at it.
+    # L2 tables that dropped them are on disk.  A new L2 table and its count are
+    # written and synced (one sync) before the L1 entry that points at it.
 
     def _writable(self) -> None:
         if self.drv.readonly:
@@ -615,7 +615,9 @@ class Qcow2IO:
             self._check_overlap(old, self.cluster_size, ignore=Metadata.ACTIVE_L2)
             return old
         new = rc.alloc_clusters(self.cluster_size)
-        rc.flush()
+        # the new count is written now and made durable by the sync after the table's write below: both
+        # must be on disk before the L1 entry names the table, and one sync orders both (it was two)
+        rc.write_back()
         if new == 0:  # cluster 0 had a zero refcount: the header (QEMU's own test, before the overlap check)
             raise self.drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
         if old:
@@ -629,7 +631,7 @@ class Qcow2IO:
         # check on the L2 table write names what it would have destroyed)
         self._check_overlap(new, self.cluster_size, ignore=Metadata.ACTIVE_L2)
         f.pwrite(new, self.geom.encode_l2(e, b))
-        f.flush()
+        f.flush()  # the count and the table, before the L1 entry
         cm.l2.put(new, e, b)
         cm.l1[i1] = _U64(new | L.OFLAG_COPIED)
         self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore=Metadata.ACTIVE_L1)
