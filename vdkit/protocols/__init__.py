@@ -22,3 +22,39 @@ class RemoteFile:
         buf = bytearray(length)
         self.readinto(offset, memoryview(buf))
         return bytes(buf)
+
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def unquote(text: str) -> str:
+    """``%XX`` escapes decoded exactly as :func:`urllib.parse.unquote` decodes them (each run of ASCII
+    characters on its own, as UTF-8, invalid sequences replaced; other characters kept), without
+    importing :mod:`urllib.parse`: it pulls in ``ipaddress`` and ``re``, about as much start-up as the
+    rest of an ``info`` over NBD."""
+    if "%" not in text:
+        return text
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ascii_run = text[i] < "\x80"
+        j = i + 1
+        while j < n and (text[j] < "\x80") == ascii_run:
+            j += 1
+        run = text[i:j]
+        out.append(_unquote_ascii(run) if ascii_run and "%" in run else run)
+        i = j
+    return "".join(out)
+
+
+def _unquote_ascii(run: str) -> str:
+    parts = run.split("%")
+    buf = bytearray(parts[0].encode("ascii"))
+    for part in parts[1:]:
+        if len(part) >= 2 and part[0] in _HEX and part[1] in _HEX:
+            buf.append(int(part[:2], 16))
+            buf += part[2:].encode("ascii")
+        else:
+            buf += b"%" + part.encode("ascii")
+    return buf.decode("utf-8", "replace")
