@@ -854,3 +854,48 @@ def test_drive_lock_bytes_follow_jobs(daemons: Daemons, tmp_path: Path) -> None:
         p.wait("JOB_STATUS_CHANGE", status="null")
         p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
         same_locks()
+
+
+def test_mirror_write_blocking(daemons: Daemons, tmp_path: Path) -> None:
+    """copy-mode write-blocking: writes made while the job is held go to the target before they complete
+    (the job's bitmap does not record them; len and offset grow by their bytes), as QEMU's active mirror."""
+    p = Pair(daemons, tmp_path)
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    p.same("nbd-server-add", {"device": "disk0", "writable": True})
+
+    def write(*cmds: str) -> None:
+        for d in p.dirs:
+            r = qemu_io("-f", "raw", *[a for c in cmds for a in ("-c", c)], f"nbd+unix:///disk0?socket={d}/n.sock")
+            assert r.returncode == 0, r.stderr
+
+    def progress() -> list[tuple[int, int]]:
+        return [(j["len"], j["offset"]) for j in (m.cmd("query-block-jobs")["return"][0] for m in p.mons)]
+
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/wb.qcow2", "sync": "full", "job-id": "j",
+                            "speed": 1, "copy-mode": "write-blocking"})
+    p.same("block-job-pause", {"device": "j"})
+    p.wait("JOB_STATUS_CHANGE", status="paused")
+    before = progress()
+    # past the data the job copies by itself (the chain allocates 0..3M)
+    write("write -P 0x44 3M 64k", "write -P 0x45 3200k 4k", "write -z 3328k 64k")
+    after = progress()
+    assert [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)] == [(135168, 135168)] * 2
+    p.same("query-block", mask=re.compile(r'(?<="granularity": 65536, )"count": \d+'))  # recording: false
+    p.same("block-job-cancel", {"device": "j", "force": True})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+    for d in p.dirs:  # the held job copied none of it: the writes themselves did
+        r = qemu_io("-r", "-c", "read -q -P 0x44 3M 64k", "-c", "read -q -P 0x45 3200k 4k",
+                    "-c", "read -q -P 0 3328k 64k", str(d / "wb.qcow2"))
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    # to the end: writes while ready, complete, the drive on a target equal to the disk
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/wb2.qcow2", "sync": "full", "job-id": "j",
+                            "copy-mode": "write-blocking"})
+    p.wait("BLOCK_JOB_READY")
+    write("write -P 0x46 100k 8k", "write -P 0x47 2047k 2k")
+    p.same("block-job-complete", {"device": "j"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+    p.same("query-block")
+    p.quit(daemons)
+    p.compare("wb2.qcow2", "top.qcow2")

@@ -319,6 +319,12 @@ def _written(node: Node, offset: int, length: int) -> None:
         mark_write(bitmaps, offset, length)
 
 
+def _after_write(node: Node, offset: int, length: int) -> None:
+    """Hooks that need the write landed (a write-blocking mirror copying it to its target)."""
+    for fn in node.after_write:
+        fn(offset, length)
+
+
 def write(node: Node, offset: int, data: bytes) -> None:
     """Guest write to the top of a chain (copy-on-write reads come from the backing chain)."""
     _require_writes(node)
@@ -327,6 +333,8 @@ def write(node: Node, offset: int, data: bytes) -> None:
         node.driver.write(offset, data, backing=_backing_reader(node))
     finally:
         _written(node, offset, len(data))
+    if node.after_write:
+        _after_write(node, offset, len(data))
 
 
 def write_zeroes(node: Node, offset: int, length: int, *, unmap: bool = False) -> None:
@@ -336,6 +344,8 @@ def write_zeroes(node: Node, offset: int, length: int, *, unmap: bool = False) -
         node.driver.write_zeroes(offset, length, backing=_backing_reader(node), unmap=unmap)
     finally:
         _written(node, offset, length)
+    if node.after_write:
+        _after_write(node, offset, length)
 
 
 def discard(node: Node, offset: int, length: int) -> None:
@@ -345,6 +355,8 @@ def discard(node: Node, offset: int, length: int) -> None:
         node.driver.discard(offset, length, has_backing=node.backing is not None)
     finally:
         _written(node, offset, length)
+    if node.after_write:
+        _after_write(node, offset, length)
 
 
 def truncate(node: Node, size: int, prealloc: str = "off") -> None:

@@ -24,6 +24,15 @@ unmapping while the target is to get a backing file).
 
 The work runs in the job's thread with the device lock held (see
 :mod:`vdkit.block.jobs`), letting go at the pause point after each chunk.
+
+``copy-mode: write-blocking`` (QEMU's active mirroring): the job's bitmap
+stops recording, and every write to the source is copied to the target
+before it completes (the source's ``after_write`` hook, run by the writer
+with the device lock held): the target clusters it touches are copied whole
+from the source and become clean, so the job converges however fast the
+source is written.  The write's bytes count as done (``offset`` and ``len``
+grow by them, as QEMU's).  A failed target write leaves its range dirty for
+the background copy, which meets it under the job's error policy.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from typing import TYPE_CHECKING
 from vdkit.block import io as bio
 from vdkit.block.dirty_bitmap import DirtyBitmap
 from vdkit.block.jobs import Job, JobDriver
+from vdkit.errors import VdkitError
 
 if TYPE_CHECKING:
     from vdkit.block.node import Node
@@ -99,7 +109,8 @@ class MirrorJob(JobDriver):
     def __init__(self, source: Node, target: Node, *, sync: str, granularity: int, buf_size: int,
                  zero_target: bool, unmap: bool, keeps_backing: bool, on_source_error: str,
                  target_unmaps: bool = False,
-                 on_target_error: str, pivot: Callable[[], None] | None, release: Callable[[bool], None]) -> None:
+                 on_target_error: str, pivot: Callable[[], None] | None, release: Callable[[bool], None],
+                 write_blocking: bool = False) -> None:
         self.source = source
         self.target = target
         self.sync = sync
@@ -113,6 +124,7 @@ class MirrorJob(JobDriver):
         self.on_target_error = on_target_error
         self.pivot_fn = pivot
         self.release = release
+        self.write_blocking = write_blocking
         self.bitmap = DirtyBitmap(None, granularity, source.size)
         self.cluster = max(granularity, target.driver.cluster_size or 0)
         self.cursor = 0
@@ -136,6 +148,9 @@ class MirrorJob(JobDriver):
         src = self.source
         src.bitmaps.insert(0, self.bitmap)  # anonymous (listed without a name), fed by every source write
         src.before_write.append(self._kick)
+        if self.write_blocking:  # writes go to the target themselves: the bitmap no longer records them
+            self.bitmap.enabled = False
+            src.after_write.append(self._active_write)
         size = src.size
         if self.zero_target and not self.target_unmaps:
             # a target that cannot unmap zeroes is not known to read as zeros: everything is copied
@@ -215,6 +230,31 @@ class MirrorJob(JobDriver):
     def _io(self, job: Job, op: str, fn: Callable[[], object]) -> object | None:
         return job_io(job, op, fn, on_source_error=self.on_source_error, on_target_error=self.on_target_error)
 
+    def _active_write(self, offset: int, length: int) -> None:
+        """A source write landed (write-blocking mode; the writer holds the device lock): copy the target
+        clusters it touches from the source before the write completes; they are clean then."""
+        job = self._job
+        if job is None or job.cancel_requested or length <= 0:
+            return
+        size = self.source.size
+        lo = offset - offset % self.cluster
+        hi = min(size, -(-(offset + length) // self.cluster) * self.cluster)
+        try:
+            data = bio.read(self.source, lo, hi - lo)
+            if is_zero(data):
+                bio.write_zeroes(self.target, lo, hi - lo, unmap=self.unmap)
+            else:
+                bio.write(self.target, lo, data)
+        except (OSError, VdkitError):
+            # the guest's write stands (QEMU's too): the background copy takes the range, and its error
+            # policy the failure
+            self.bitmap.set_dirty(lo, hi - lo)
+            job.kick()
+            return
+        self.bitmap.reset(lo, hi - lo)
+        job.offset += length  # QEMU counts an active write's bytes as done (and as to do)
+        job.len += length
+
     # -- the end -------------------------------------------------------------------------------
     def prepare(self, job: Job) -> None:
         if job.completion_requested and not job.cancel_requested and self.pivot_fn is not None:
@@ -229,4 +269,6 @@ class MirrorJob(JobDriver):
             bitmaps.remove(self.bitmap)
         if self._kick in src.before_write:
             src.before_write.remove(self._kick)
+        if self._active_write in src.after_write:
+            src.after_write.remove(self._active_write)
         self.release(self.pivoted)

@@ -56,6 +56,9 @@ class Node:
         # Called with (offset, length) before a guest write to this node lands: a backup job's
         # copy-before-write saves the old data there (vdkit.block.io runs them).
         self.before_write: list[Callable[[int, int], None]] = []
+        # Called with (offset, length) after a guest write (data, zeroes, discard) to this node landed:
+        # a write-blocking mirror copies it to its target before the write completes.
+        self.after_write: list[Callable[[int, int], None]] = []
 
     @property
     def format(self) -> str:

@@ -274,7 +274,8 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
                            zero_target=zero_target, target_unmaps=target_unmaps, unmap=args.get("unmap", True),
                            keeps_backing=keeps_backing,
                            on_source_error=args.get("on-source-error", "report"),
-                           on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release)
+                           on_target_error=args.get("on-target-error", "report"), pivot=pivot, release=release,
+                           write_blocking=args.get("copy-mode") == "write-blocking")
     if names is not None and src.drive is not None:  # drive-mirror's target nodes are listed while the job
         # holds them (not yet for a graph source)
         from vdkit.devices.registry import Medium
