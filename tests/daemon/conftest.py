@@ -219,6 +219,26 @@ def normalise_hmp(text: str) -> str:
     return _HMP_VMSIZE.sub(lambda m: m.group(1) + " SIZE", text)
 
 
+def same_qmp(q: Monitor, v: Monitor, name: str, args: dict[str, Any] | None = None, *,
+             mask: Callable[[str], str] | None = None) -> str:
+    """One QMP command sent to QEMU and to vdkit-daemon: the answers must be alike after ``normalise``
+    (and ``mask``, for what varies between runs of QEMU itself); QEMU's answer."""
+    ql, vl = normalise(q.cmd_line(name, args)), normalise(v.cmd_line(name, args))
+    if mask is not None:
+        ql, vl = mask(ql), mask(vl)
+    assert vl == ql, f"{name} {args}"
+    return ql
+
+
+def same_hmp(q: Monitor, v: Monitor, line: str, *, mask: Callable[[str], str] | None = None) -> str:
+    """One HMP command line to both: the answers alike after ``normalise_hmp`` (and ``mask``); QEMU's."""
+    qo, vo = normalise_hmp(q.hmp(line)), normalise_hmp(v.hmp(line))
+    if mask is not None:
+        qo, vo = mask(qo), mask(vo)
+    assert vo == qo, line
+    return qo
+
+
 _TIMESTAMP = re.compile(r'"timestamp": \{"seconds": \d+, "microseconds": \d+\}')
 
 

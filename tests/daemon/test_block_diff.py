@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok
-from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+from tests.daemon.conftest import Daemons, Monitor, normalise, same_hmp, same_qmp
 
 DRIVES = [
     "-drive", "file=a.qcow2,if=none,id=d0,format=qcow2",
@@ -45,28 +45,16 @@ def pair(daemons: Daemons) -> tuple[Monitor, Monitor]:
     return daemons.pair(DRIVES, _setup)
 
 
-def _same(q: Monitor, v: Monitor, name: str, args: dict[str, object] | None = None) -> str:
-    ql, vl = normalise(q.cmd_line(name, args)), normalise(v.cmd_line(name, args))
-    assert vl == ql, f"{name} {args}"
-    return ql
-
-
-def _same_hmp(q: Monitor, v: Monitor, line: str) -> str:
-    qo, vo = normalise_hmp(q.hmp(line)), normalise_hmp(v.hmp(line))
-    assert vo == qo, line
-    return qo
-
-
 def test_queries(pair: tuple[Monitor, Monitor]) -> None:
     q, v = pair
-    out = _same(q, v, "query-block")
+    out = same_qmp(q, v, "query-block")
     assert '"device": "empty2"' in out and '"group": "g1"' in out
-    _same(q, v, "query-named-block-nodes")
-    _same(q, v, "query-named-block-nodes", {"flat": True})
-    _same(q, v, "query-named-block-nodes", {"flat": False})
-    _same(q, v, "query-blockstats")
-    _same(q, v, "query-blockstats", {"query-nodes": True})
-    _same(q, v, "query-blockstats", {"query-nodes": False})
+    same_qmp(q, v, "query-named-block-nodes")
+    same_qmp(q, v, "query-named-block-nodes", {"flat": True})
+    same_qmp(q, v, "query-named-block-nodes", {"flat": False})
+    same_qmp(q, v, "query-blockstats")
+    same_qmp(q, v, "query-blockstats", {"query-nodes": True})
+    same_qmp(q, v, "query-blockstats", {"query-nodes": False})
 
 
 @pytest.mark.parametrize("line", [
@@ -79,7 +67,7 @@ def test_queries(pair: tuple[Monitor, Monitor]) -> None:
 ])
 def test_hmp_info(pair: tuple[Monitor, Monitor], line: str) -> None:
     q, v = pair
-    _same_hmp(q, v, line)
+    same_hmp(q, v, line)
 
 
 THROTTLE = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
@@ -108,16 +96,16 @@ THROTTLE = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_w
 ])
 def test_block_set_io_throttle(pair: tuple[Monitor, Monitor], extra: dict[str, object]) -> None:
     q, v = pair
-    _same(q, v, "block_set_io_throttle", {**THROTTLE, **extra})
-    _same(q, v, "query-block")
-    _same_hmp(q, v, "info block")
+    same_qmp(q, v, "block_set_io_throttle", {**THROTTLE, **extra})
+    same_qmp(q, v, "query-block")
+    same_hmp(q, v, "info block")
 
 
 def test_throttle_missing_member(pair: tuple[Monitor, Monitor]) -> None:
     q, v = pair
     args = dict(THROTTLE, device="d0")
     del args["iops"]
-    _same(q, v, "block_set_io_throttle", args)
+    same_qmp(q, v, "block_set_io_throttle", args)
 
 
 def test_hmp_throttle_and_media(pair: tuple[Monitor, Monitor]) -> None:
@@ -127,7 +115,7 @@ def test_hmp_throttle_and_media(pair: tuple[Monitor, Monitor]) -> None:
                  "info block d0", "eject nonexist", "eject", "eject -f zd", "info block zd",
                  "change zd thr2.qcow2 qcow2", "info block", "change zd nonexist.qcow2", "info block zd", "stop",
                  "info status", "cont", "info status", "s", "c"]:
-        _same_hmp(q, v, line)
+        same_hmp(q, v, line)
 
 
 def test_eject_and_change_medium(pair: tuple[Monitor, Monitor]) -> None:
@@ -145,7 +133,7 @@ def test_eject_and_change_medium(pair: tuple[Monitor, Monitor]) -> None:
         ("query-block", None),
         ("query-named-block-nodes", None),
     ]:
-        _same(q, v, name, args)
+        same_qmp(q, v, name, args)
 
 
 ATTACHED = ["-drive", "if=ide,media=cdrom,id=cd0", "-drive", "file=c.qcow2,if=ide,id=hd",
@@ -173,11 +161,11 @@ def test_attached_devices_tray_events(daemons: Daemons) -> None:
         ("blockdev-change-medium", {"device": "cd0", "filename": "iso.qcow2", "format": "qcow2"}),
         ("query-block", None),
     ]:
-        _same(q, v, name, args)
+        same_qmp(q, v, name, args)
     qev = [normalise(json.dumps(e["data"])) for e in q.events]
     vev = [normalise(json.dumps(e["data"])) for e in v.events]
     assert [e["event"] for e in v.events] == [e["event"] for e in q.events]
     assert len(vev) == len(qev) and all(re.sub(r'"id": "[^"]*"', "", a) == re.sub(r'"id": "[^"]*"', "", b)
                                         for a, b in zip(vev, qev, strict=True))
     for line in ["info block", "info block -v cd0", "eject -f cd0", "info block cd0"]:
-        _same_hmp(q, v, line)
+        same_hmp(q, v, line)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok
-from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+from tests.daemon.conftest import Daemons, Monitor, same_hmp, same_qmp
 
 DEVICES = ["cd0", "n0", "n1", "n2", "n3", "cd1"]
 DRIVES = ["-drive", "if=ide,media=cdrom,id=cd0",
@@ -37,12 +37,6 @@ def _setup(d: Path) -> None:
             check_ok("create", "-q", "-f", "raw", str(d / f"{dev}-{name}.raw"), "1M")
 
 
-def _same(q: Monitor, v: Monitor, name: str, args: dict[str, object] | None = None) -> str:
-    ql = normalise(q.cmd_line(name, args))
-    assert normalise(v.cmd_line(name, args)) == ql, (name, args)
-    return ql
-
-
 @pytest.fixture
 def pair(daemons: Daemons) -> tuple[Monitor, Monitor]:
     return daemons.pair(DRIVES, _setup)
@@ -50,7 +44,7 @@ def pair(daemons: Daemons) -> tuple[Monitor, Monitor]:
 
 def test_change_retains_previous_read_only_state(pair: tuple[Monitor, Monitor]) -> None:
     q, v = pair
-    _same(q, v, "query-block")
+    same_qmp(q, v, "query-block")
     for dev in DEVICES:
         # never the file the drive holds: QEMU's lock rules for a re-opened image are not vdkit's
         f, r, s = f"{dev}-f.qcow2", f"{dev}-r.raw", f"{dev}-s.raw"
@@ -68,8 +62,8 @@ def test_change_retains_previous_read_only_state(pair: tuple[Monitor, Monitor]) 
             ("eject", {}),
             ("blockdev-change-medium", {"filename": r}),
         ]:
-            _same(q, v, name, {"device": dev, **args})
-            _same(q, v, "query-block")
+            same_qmp(q, v, name, {"device": dev, **args})
+            same_qmp(q, v, "query-block")
     assert [e["event"] for e in v.events] == [e["event"] for e in q.events]
     assert [e["data"]["tray-open"] for e in v.events] == [e["data"]["tray-open"] for e in q.events]
 
@@ -83,7 +77,7 @@ def test_change_to_directory(pair: tuple[Monitor, Monitor], target: str, mode: s
             args: dict[str, object] = {"device": dev, "filename": target, "read-only-mode": mode}
             if fmt:
                 args["format"] = fmt
-            _same(q, v, "blockdev-change-medium", args)
+            same_qmp(q, v, "blockdev-change-medium", args)
 
 
 def test_hmp_change_retain(pair: tuple[Monitor, Monitor]) -> None:
@@ -91,8 +85,8 @@ def test_hmp_change_retain(pair: tuple[Monitor, Monitor]) -> None:
     for line in ["change cd0 cd0-f.qcow2 qcow2 read-write", "change cd0 cd0-r.raw", "change cd0 /tmp",
                  "eject cd0", "change cd0 sub raw", "change cd0 cd0-a.qcow2 qcow2 read-only", "change cd0 /tmp",
                  "change n1 n1-r.raw raw", "change n1 sub"]:
-        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
-        _same(q, v, "query-block")
+        same_hmp(q, v, line)
+        same_qmp(q, v, "query-block")
 
 
 def test_empty_qdev_id(pair: tuple[Monitor, Monitor]) -> None:
@@ -102,4 +96,4 @@ def test_empty_qdev_id(pair: tuple[Monitor, Monitor]) -> None:
                        ("blockdev-change-medium", {"id": "", "filename": "cd0-r.raw"}),
                        ("block_set_io_throttle", {"id": "", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
                                                   "iops_rd": 0, "iops_wr": 0})]:
-        _same(q, v, name, args)
+        same_qmp(q, v, name, args)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_img
-from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+from tests.daemon.conftest import Daemons, Monitor, normalise, same_hmp, same_qmp
 
 DRIVES = [
     "-drive", "file=d0.qcow2,if=none,id=d0",
@@ -52,18 +52,10 @@ class Pair:
         self.q, self.v, self.sizes = q, v, sizes
 
     def same(self, name: str, args: dict[str, object] | None = None) -> str:
-        ql, vl = normalise(self.q.cmd_line(name, args)), normalise(self.v.cmd_line(name, args))
-        if self.sizes:
-            ql, vl = _blank_sizes(ql), _blank_sizes(vl)
-        assert vl == ql, f"{name} {args}"
-        return ql
+        return same_qmp(self.q, self.v, name, args, mask=_blank_sizes if self.sizes else None)
 
     def hmp(self, line: str) -> str:
-        qo, vo = normalise_hmp(self.q.hmp(line)), normalise_hmp(self.v.hmp(line))
-        if self.sizes:
-            qo, vo = _blank_sizes(qo), _blank_sizes(vo)
-        assert vo == qo, line
-        return qo
+        return same_hmp(self.q, self.v, line, mask=_blank_sizes if self.sizes else None)
 
 
 def _file_node(m: Monitor, filename: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok
-from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+from tests.daemon.conftest import Daemons, Monitor, same_hmp, same_qmp
 
 ZERO = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
 
@@ -23,13 +23,9 @@ def _setup(d: Path) -> None:
         check_ok("create", "-q", "-f", "qcow2", str(d / f"{n}.qcow2"), "16M")
 
 
-def _same(q: Monitor, v: Monitor, name: str, args: dict[str, object] | None = None) -> None:
-    assert normalise(v.cmd_line(name, args)) == normalise(q.cmd_line(name, args)), (name, args)
-
-
 def _compare_state(q: Monitor, v: Monitor) -> None:
-    _same(q, v, "query-block")
-    assert normalise_hmp(v.hmp("info block")) == normalise_hmp(q.hmp("info block"))
+    same_qmp(q, v, "query-block")
+    same_hmp(q, v, "info block")
 
 
 def test_block_set_io_throttle_groups(daemons: Daemons) -> None:
@@ -47,14 +43,13 @@ def test_block_set_io_throttle_groups(daemons: Daemons) -> None:
         {"device": "d1", "bps": 9, "group": "h"},
         {"device": "d2", "bps_max": 10, "bps": 20, "group": "g"},  # invalid: nothing changes
     ]:
-        _same(q, v, "block_set_io_throttle", {**ZERO, **args})
+        same_qmp(q, v, "block_set_io_throttle", {**ZERO, **args})
         _compare_state(q, v)
     for name, args in [("eject", {"device": "d1"}), ("blockdev-change-medium", {"device": "d1", "filename": "b.qcow2"}),
                        ("block_set_io_throttle", {**ZERO, "device": "d1", "iops": 3, "group": "d2"})]:
-        _same(q, v, name, args)
+        same_qmp(q, v, name, args)
         _compare_state(q, v)
-    assert normalise_hmp(v.hmp("block_set_io_throttle d2 1 0 0 0 0 0")) == \
-        normalise_hmp(q.hmp("block_set_io_throttle d2 1 0 0 0 0 0"))
+    same_hmp(q, v, "block_set_io_throttle d2 1 0 0 0 0 0")
     _compare_state(q, v)
 
 
@@ -73,7 +68,7 @@ def test_drive_option_groups(daemons: Daemons, drives: list[str]) -> None:
     q, v = daemons.pair([a for d in drives for a in ("-drive", d)], _setup)
     _compare_state(q, v)
     if drives[0].startswith("if=none,id=d0"):
-        _same(q, v, "blockdev-change-medium", {"device": "d0", "filename": "c.qcow2"})
+        same_qmp(q, v, "blockdev-change-medium", {"device": "d0", "filename": "c.qcow2"})
         _compare_state(q, v)
 
 
