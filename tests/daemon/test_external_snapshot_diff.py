@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.conftest import check_ok, require_tool
 from tests.daemon.conftest import Daemons
-from tests.daemon.test_graph_diff import run_script
+from tests.helpers.qmp_script import run_script
 
 
 def _setup(d: Path) -> None:

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import check_ok, require_tool
-from tests.daemon.conftest import QEMU_BASE, Daemons, normalise, normalise_hmp
+from tests.daemon.conftest import QEMU_BASE, Daemons
+from tests.helpers.qmp_script import run_script
 
 
 def _setup(d: Path) -> None:
@@ -33,54 +33,7 @@ def _setup(d: Path) -> None:
     check_ok("create", "-q", "-f", "raw", "r.raw", "1M", cwd=d)
 
 
-def run_script(daemons: Daemons, args: list[str], script: list[Any], *, blank_sizes: bool = False,
-               setup: Callable[[Path], None] = _setup, quit: bool = False) -> dict[str, Path]:
-    """Run ``script`` (QMP ``(name, arguments)`` or HMP lines) on both; compare; the two trees.
-
-    The trees are ``qemu/`` and ``vdki/`` (names of equal length, so files that
-    record their own path can be compared byte for byte after replacing it).
-    ``quit`` ends both processes afterwards (images flushed and unlocked).
-    """
-    out: dict[str, list[str]] = {}
-    trees = {}
-    for who, dirname in (("qemu", "qemu"), ("vdkit", "vdki")):
-        d = daemons.tmp / dirname
-        trees[who] = d
-        d.mkdir()
-        setup(d)
-        argv = [a.replace("DIR", str(d)) for a in args]
-        proc, path, _ = getattr(daemons, who)(argv, d)
-        m = daemons.monitor(path).negotiate()
-        lines = []
-        for step in script:
-            if callable(step):  # a check from outside, e.g. another process opening an image
-                text = step(d)
-            elif isinstance(step, str):
-                text = normalise_hmp(m.hmp(step.replace("DIR", str(d))))
-            else:
-                name, arguments = step
-                arguments = json.loads(json.dumps(arguments).replace("DIR", str(d)))
-                text = normalise(m.cmd_line(name, arguments))
-            text = text.replace(str(d), "DIR")
-            if blank_sizes:
-                text = re.sub(r'"actual-size": \d+', '"actual-size": N', text)
-                text = re.sub(r'("virtual-size": )\d+(, "filename": "[^"]*", "format": "file")', r"\1N\2", text)
-                text = re.sub(r"disk size: .*", "disk size: N", text)
-            lines.append(f"{step!r}\n{text}")
-        out[who] = lines
-        if quit:
-            m.cmd("quit")
-            proc.wait(timeout=30)
-    for q, v in zip(out["qemu"], out["vdkit"], strict=True):
-        if v != q:  # the first differing member, readable
-            qs, vs = q.split(", "), v.split(", ")
-            k = next((i for i, (a, b) in enumerate(zip(qs, vs, strict=False)) if a != b), min(len(qs), len(vs)))
-            assert vs[max(0, k - 3):k + 3] == qs[max(0, k - 3):k + 3], q.split("\n")[0]
-        assert v == q
-    return trees
-
-
-_run = run_script
+_run = partial(run_script, setup=_setup)
 
 
 FILE_BASE = {"driver": "file", "filename": "DIR/base.qcow2"}

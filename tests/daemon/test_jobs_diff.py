@@ -12,23 +12,17 @@ not deterministic in QEMU either).  After ``quit`` the files are compared: ``qem
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import subprocess
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import check_ok, require_tool
-from tests.daemon.conftest import Daemons, Monitor, normalise, normalise_hmp
+from tests.daemon.conftest import Daemons
+from tests.helpers.qemu_io import qemu_io_script
+from tests.helpers.qmp_script import run_script
 
 MiB = 1 << 20
-
-
-def _io(d: Path, name: str, cmd: str) -> None:
-    subprocess.run([require_tool("qemu-io"), "-f", "qcow2", "-c", cmd, name], cwd=d, check=True,
-                   capture_output=True)
 
 
 def setup_chain(d: Path) -> None:
@@ -37,32 +31,14 @@ def setup_chain(d: Path) -> None:
     check_ok("create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
     check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", cwd=d)
     check_ok("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", cwd=d)
-    _io(d, "base.qcow2", "write -P 0x11 0 1M")
-    _io(d, "mid.qcow2", "write -P 0x22 0 64k")  # the first step of every job copies 64 KiB: held there
-    _io(d, "mid.qcow2", "write -P 0x22 1M 1M")
-    _io(d, "mid.qcow2", "write -z 3M 64k")
-    _io(d, "top.qcow2", "write -P 0x33 2M 1M")
+    qemu_io_script(d, "base.qcow2", ["write -P 0x11 0 1M"], "qcow2")
+    # the first step of every job copies 64 KiB: held there
+    qemu_io_script(d, "mid.qcow2", ["write -P 0x22 0 64k"], "qcow2")
+    qemu_io_script(d, "mid.qcow2", ["write -P 0x22 1M 1M"], "qcow2")
+    qemu_io_script(d, "mid.qcow2", ["write -z 3M 64k"], "qcow2")
+    qemu_io_script(d, "top.qcow2", ["write -P 0x33 2M 1M"], "qcow2")
     check_ok("create", "-q", "-f", "qcow2", "other.qcow2", "4M", cwd=d)
     check_ok("create", "-q", "-f", "qcow2", "spare.qcow2", "4M", cwd=d)
-
-
-def _wait_event(m: Monitor, seen: list[int], pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> None:
-    """Read until an event after position ``seen[0]`` matches (events stay in ``m.events``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for i in range(seen[0], len(m.events)):
-            if pred(m.events[i]):
-                seen[0] = i + 1
-                return
-        assert time.monotonic() < deadline, ("event not seen", m.events[-5:])
-        line = m.read_line()
-        obj = json.loads(line)
-        assert "event" in obj, f"unexpected answer {line}"
-        m.events.append(obj)
-
-
-def status_is(job: str, status: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"id": job, "status": status}
 
 
 def _blank_sizes(text: str) -> str:
@@ -70,73 +46,9 @@ def _blank_sizes(text: str) -> str:
     return re.sub(r'"actual-size": \d+', '"actual-size": N', text)
 
 
-def _event_text(e: dict[str, Any], d: Path) -> str:
-    text = normalise(json.dumps({"event": e["event"], "data": e.get("data")}))
-    return text.replace(str(d), "DIR")
-
-
-def run_jobs(daemons: Daemons, args: list[str], script: list[Any], *, setup: Callable[[Path], None] = setup_chain,
-             quit: bool = True, mask: re.Pattern[str] | None = None) -> dict[str, Path]:
-    """Run ``script`` on both daemons and compare answers and events; returns the two trees.
-
-    ``mask``: what matches it in an answer or event is replaced by ``MASKED`` before comparing
-    (timing-dependent values of QEMU's).
-
-    Steps: ``(name, arguments)`` QMP, a string = HMP line, ``("@wait", job, status)`` waits for that
-    status event, a callable ``f(dir) -> str`` runs outside (its text is compared).
-    """
-    out: dict[str, list[str]] = {}
-    events: dict[str, list[str]] = {}
-    trees = {}
-    for who, dirname in (("qemu", "qemu"), ("vdkit", "vdki")):
-        d = daemons.tmp / dirname
-        trees[who] = d
-        d.mkdir()
-        setup(d)
-        argv = [a.replace("DIR", str(d)) for a in args]
-        proc, path, _ = getattr(daemons, who)(argv, d)
-        m = daemons.monitor(path).negotiate()
-        seen = [0]
-        lines = []
-        for step in script:
-            if not (isinstance(step, tuple) and step[0] == "@wait"):
-                seen[0] = len(m.events)  # a wait looks at what came with or after the step before it
-            if callable(step):
-                text = step(d)
-            elif isinstance(step, str):
-                text = normalise_hmp(m.hmp(step.replace("DIR", str(d))))
-            elif step[0] == "@wait":
-                _wait_event(m, seen, status_is(step[1], step[2]))
-                continue
-            else:
-                name, arguments = step
-                arguments = json.loads(json.dumps(arguments).replace("DIR", str(d)))
-                text = _blank_sizes(normalise(m.cmd_line(name, arguments)))
-            if mask is not None:
-                text = mask.sub("MASKED", text)
-            lines.append(f"{step!r}\n{text.replace(str(d), 'DIR')}")
-        if quit:
-            m.cmd("quit")
-            try:  # the events sent on the way out (jobs cancelled at exit), up to the end of the stream
-                while True:
-                    obj = json.loads(m.read_line())
-                    if "event" in obj:
-                        m.events.append(obj)
-            except (EOFError, OSError):
-                pass
-            proc.wait(timeout=60)
-        out[who] = lines
-        events[who] = [_event_text(e, d) for e in m.events if e["event"] != "SHUTDOWN"]
-        if mask is not None:
-            events[who] = [mask.sub("MASKED", e) for e in events[who]]
-    for q, v in zip(out["qemu"], out["vdkit"], strict=True):
-        if v != q:  # the first differing member, readable
-            qs, vs = q.split(", "), v.split(", ")
-            k = next((i for i, (a, b) in enumerate(zip(qs, vs, strict=False)) if a != b), min(len(qs), len(vs)))
-            assert vs[max(0, k - 3):k + 3] == qs[max(0, k - 3):k + 3], q.split("\n")[0]
-        assert v == q, q.split("\n")[0]
-    assert events["vdkit"] == events["qemu"]
-    return trees
+run_jobs = partial(run_script, setup=setup_chain, quit=True, events=True, qmp_filter=_blank_sizes)
+"""``run_script`` with the job suite's chain, answers and events compared, both processes quit at the end;
+``mask=``: timing-dependent values of QEMU's (e.g. how far a paused job got)."""
 
 
 def same_files(trees: dict[str, Path], active: str, names: list[str]) -> None:

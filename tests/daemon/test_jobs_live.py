@@ -23,7 +23,8 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.daemon.conftest import Daemons, Monitor
-from tests.daemon.test_jobs_diff import _wait_event, setup_chain, status_is
+from tests.daemon.test_jobs_diff import setup_chain
+from tests.helpers.qmp_script import status_is, wait_event
 from tests.nbd.conftest import short_sock
 
 MiB = 1 << 20
@@ -60,7 +61,7 @@ class Rig:
         return self.qmp.cmd(name, args)
 
     def wait(self, job: str, status: str) -> None:
-        _wait_event(self.qmp, self.seen, status_is(job, status))
+        wait_event(self.qmp, self.seen, status_is(job, status))
 
     def has_status(self, job: str, status: str) -> bool:
         return any(status_is(job, status)(e) for e in self.qmp.events)
