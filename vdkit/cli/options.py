@@ -387,17 +387,22 @@ def _backing_node(sub: dict[str, object], name: str | None, image_fmt: str | Non
     if name is not None:
         prefix = "" if top_protocol else "file."
         protocol = driver if top_protocol else sub.get(prefix + "driver")
-        if protocol == "nbd":
-            from vdkit.info.render_json import qdict_order
+        if _is_protocol_driver(protocol):  # the protocol module says what a file name beside options is
+            from vdkit.protocols.registry import protocol_module
 
-            own = list(sub)
-            if prefix:  # the file child's options are extracted and copied once more (observed order)
-                own = qdict_order([k[len(prefix):] for k in qdict_order(own) if k.startswith(prefix)])
-            clash = [k for k in own if k in ("host", "port", "path", "export") or k.startswith("server.")]
-            if clash:
-                raise OpenError(f"Option '{qdict_order(clash)[0]}' cannot be used with a file name")
-        elif protocol in ("http", "https"):
-            sub[prefix + "url"] = name  # the curl driver's file name is its URL
+            mod = protocol_module(str(protocol))
+            clashes = getattr(mod, "clashes_with_filename", None)
+            if clashes is not None:  # nbd: an address and a file name exclude each other
+                from vdkit.info.render_json import qdict_order
+
+                own = list(sub)
+                if prefix:  # the file child's options are extracted and copied once more (observed order)
+                    own = qdict_order([k[len(prefix):] for k in qdict_order(own) if k.startswith(prefix)])
+                clash = [k for k in own if clashes(k)]
+                if clash:
+                    raise OpenError(f"Option '{qdict_order(clash)[0]}' cannot be used with a file name")
+            elif hasattr(mod, "FILENAME_OPTION"):
+                sub[prefix + mod.FILENAME_OPTION] = name  # the curl driver's file name is its URL
         elif protocol in (None, "file"):
             sub[prefix + "filename"] = name
     nested: list[object] = []
@@ -502,12 +507,15 @@ def image_opts_name(spec: str) -> str | None:
     else:
         opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
         given = dict(opts)
-    if "http" in str(given.get("driver")) + str(given.get("file.driver")):
-        from vdkit.protocols.http import json_name as http_json_name
+    json_proto = _json_named_protocol(given)
+    if json_proto is not None:  # a protocol that names its nodes by some options (curl: a cookie, sslverify off)
+        from vdkit.protocols.registry import protocol_module
 
-        desc = http_json_name(given)
-        if desc is None and given.get("driver") is None and given.get("file.url"):
-            desc = http_json_name(given, _probe_url(str(given["file.url"])))
+        mod = protocol_module(json_proto)
+        desc = mod.json_name(given)
+        name_key = f"file.{getattr(mod, 'FILENAME_OPTION', 'filename')}"
+        if desc is None and given.get("driver") is None and given.get(name_key):
+            desc = mod.json_name(given, _probe_name(json_proto, str(given[name_key])))
         if desc is None:
             return None
         from vdkit.info.render_json import dumps_compact
@@ -529,17 +537,33 @@ def image_opts_name(spec: str) -> str | None:
     return "json:" + dumps_compact(named)
 
 
-def _probe_url(url: str) -> str | None:
-    """The format QEMU probes for a URL given as options without ``driver`` (it names it in ``json:``)."""
+def _json_named_protocol(given: dict[str, object]) -> str | None:
+    """The protocol driver (top, else the file child's) whose module names nodes ``json:{...}`` by options."""
+    from vdkit.protocols.registry import protocol_module
+
+    for driver in (given.get("driver"), given.get("file.driver")):
+        if _is_protocol_driver(driver) and hasattr(protocol_module(str(driver)), "json_name"):
+            return str(driver)
+    return None
+
+
+def _probe_name(driver: str, name: str) -> str | None:
+    """The format QEMU probes for a protocol's name given as options without ``driver`` (it names it in
+    ``json:``)."""
     from vdkit.errors import VdkitError
     from vdkit.formats.registry import PROBE_SIZE, probe_format
-    from vdkit.protocols.http import HttpFile
+    from vdkit.protocols.registry import open_name
 
     try:
-        with HttpFile(url) as f:
-            return probe_format(f.pread(0, PROBE_SIZE), url)
+        f, _ = open_name(driver, name, readonly=True, force_share=False)
     except (VdkitError, OSError):
         return None  # the open reports it
+    try:
+        return probe_format(f.pread(0, PROBE_SIZE), name)  # type: ignore[attr-defined]
+    except (VdkitError, OSError):
+        return None
+    finally:
+        f.close()  # type: ignore[attr-defined]
 
 
 def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:

@@ -259,6 +259,13 @@ def drive_option(key: str) -> bool:
     return key.startswith("server.") or key in _DRIVE_KEYS
 
 
+def clashes_with_filename(key: str) -> bool:
+    """The protocol registry's slot for a file name given beside options (a backing name QEMU fills in):
+    ``key`` is part of an address, which a file name excludes (QEMU's 'Option ... cannot be used with a
+    file name')."""
+    return key in ("host", "port", "path", "export") or key.startswith("server.")
+
+
 def top_options(opts: dict[str, str], filename: str | None, file_driver: str | None) -> dict[str, str]:
     """The protocol registry's options of ``driver=nbd`` at the top: a ``file.filename`` or ``file.driver``
     given stays an option of the nbd node (which has no file child: :func:`name_for_options` refuses it)."""

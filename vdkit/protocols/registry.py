@@ -32,6 +32,16 @@ provides:
     ``--image-opts``, without the tuning options): by default the options with a given
     ``file.filename`` as ``filename``; nbd keeps ``file.filename``/``file.driver`` as options of its
     own, which it refuses as QEMU does.
+``drive_option(key) -> bool``, ``READ_ONLY``, ``KEEPS_FILE_TUNING``, ``FILENAME_OPTION``, ``AUTO_READ_ONLY`` (optional)
+    ``-drive`` (``vdkit.daemon.main``): the keys of a top-level ``driver=P`` that are the protocol's;
+    a protocol that never writes (curl: the drive becomes read-only); one whose ``file.*`` tuning
+    options (``locking``, ``aio``...) are its own to refuse (nbd); the option a file name given
+    beside the options becomes (curl's ``url``); the names opened with QEMU's auto-read-only.
+``clashes_with_filename(key) -> bool`` (optional)
+    Options that a file name given beside them excludes (nbd's address keys).
+``json_name(flat, probed_format) -> dict | None`` and ``REPORT_SINK`` (optional)
+    The ``json:{...}`` name QEMU gives a node opened with some of the protocol's options (curl's
+    cookie, sslverify off), and a list its reports go to while the daemon parses a ``-drive``.
 ``CREATE_PLACE: str`` with ``create_raw(filename, opts)`` and ``create_for_format(filename, opts)``
     Where ``qemu-img create`` can make an image on this protocol: the raw disk
     itself, or the empty container a format that writes through the protocol
