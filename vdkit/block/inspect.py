@@ -93,7 +93,7 @@ def inspect_image(filename: str | os.PathLike[str], *, fmt: str | None = None,
         # Content that probes as another format is a mismatch.  Content that probes as raw while
         # another format was declared is not in itself: some formats have no probe signature QEMU
         # trusts (a fixed VHD's footer is at the end); the declared driver must then parse it.
-        if fmt is not None and probed != fmt and probed != "raw":
+        if fmt is not None and probed != fmt and probed != registry.PROBE_FALLBACK:
             reasons.append(Reason("format-mismatch", f"declared format '{fmt}', but the content is '{probed}'"))
         if not registry.is_known(verdict.format):
             reasons.append(Reason("unsupported-format", f"format '{verdict.format}' cannot be parsed by vdkit"))

@@ -129,16 +129,20 @@ def format_module(name: str) -> ModuleType:
     return mod
 
 
+PROBE_FALLBACK = "raw"
+"""What probing answers when no format scores (QEMU's rule): a guess, not a recognised signature."""
+
+
 def probe_format(head: bytes, filename: str = "") -> str:
     """Name of the format of an image whose first bytes are ``head`` (highest score wins)."""
-    best, best_score = "raw", 0
+    best, best_score = PROBE_FALLBACK, 0
     for name in FORMATS:
         if not may_probe(name, head, filename):
             continue
         score = format_module(name).probe(head, filename)
         if score > best_score:
             best, best_score = name, score
-    if best == "raw":
+    if best == PROBE_FALLBACK:
         if head[:4] == b"QFI\xfb" and int.from_bytes(head[4:8], "big") == 1:
             return "qcow"
         for magic, other in _NOT_IMPLEMENTED:
