@@ -125,3 +125,19 @@ def test_no_asyncio_below_the_daemon(package: str) -> None:
         dotted = "vdkit." + ".".join(path.relative_to(PKG).with_suffix("").parts)
         names = [m for m, _ in _imports(ast.parse(path.read_text()), dotted.rsplit(".", 1)[0])]
         assert not [m for m in names if m.split(".")[0] == "asyncio"], f"{path.relative_to(PKG)} imports asyncio"
+
+
+def test_qcow2_is_imported_only_through_the_registry() -> None:
+    """No module outside ``vdkit/formats/qcow2/`` imports it at run time (issue 10): front ends, engines and
+    the monitor reach qcow2 through the format registry and the driver table's slots."""
+    bad = []
+    for path in _modules():
+        rel = path.relative_to(PKG)
+        if rel.parts[:2] == ("formats", "qcow2"):
+            continue
+        dotted = "vdkit." + ".".join(rel.with_suffix("").parts)
+        package = dotted if path.name == "__init__.py" else dotted.rsplit(".", 1)[0]
+        for imported, _ in _imports(ast.parse(path.read_text()), package):
+            if imported == "vdkit.formats.qcow2" or imported.startswith("vdkit.formats.qcow2."):
+                bad.append(f"{rel} imports {imported}")
+    assert not bad, "\n".join(bad)
