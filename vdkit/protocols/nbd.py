@@ -24,9 +24,12 @@ hanging as QEMU 7.2 does.
 
 from __future__ import annotations
 
+# _socket: the C module the socket module wraps: same socket type, functions and constants, but
+# importing ``socket`` first turns every AF_/SOCK_/MSG_/AI_ constant into enum members (~33M
+# instructions, as much as the bare interpreter's start, for an ``info`` that sends a few packets).
+import _socket as socket
 import errno as _errno
 import os
-import socket
 
 import vdkit.nbd.wire as w
 from vdkit.errors import OpenError, VdkitError
@@ -421,7 +424,12 @@ class NbdClient:
                 raise _option_error(rtype, payload, w.OPT_STARTTLS)
             raise OpenError("Unexpected option reply")
         hostname = self.addr.tls_hostname if self.addr.tls_hostname is not None else self.addr.host
-        self.sock = wrap_client(self.sock, creds, hostname)
+        import socket as full_socket  # ssl wraps the socket module's type (and imports it anyway)
+
+        timeout = self.sock.gettimeout()
+        plain = full_socket.socket(fileno=self.sock.detach())
+        plain.settimeout(timeout)
+        self.sock = wrap_client(plain, creds, hostname)
         self.tls = True
 
     tls = False
