@@ -37,7 +37,7 @@ import harness as h
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # after site-packages: the installed vdkit stays the one measured
-from tests.helpers import nginx  # noqa: E402  (the tests' nginx set-up; it needs no pytest)
+from tests.helpers import net, nginx  # noqa: E402  (the tests' nginx set-up; it needs no pytest)
 
 HANG_SECONDS = 120
 MODE: dict[str, list[str]] = {"nbd": [], "http": ["-m", "1"], "rbd": []}
@@ -122,7 +122,7 @@ def main() -> None:
                 nbd_pid = int((d / "nbd.pid").read_text())
                 names["nbd"] = f"nbd+unix:///src?socket={sock}"
             if a.only in (None, "http"):
-                port = nginx.free_port()
+                port = net.free_port()
                 try:
                     servers.append(nginx.start(d, www, port, access_log=False))
                 except nginx.NginxError as exc:

@@ -1,5 +1,5 @@
-"""A throwaway nginx serving one folder on 127.0.0.1: the HTTP server of the http tests and of
-``bench/remote.py``.
+"""A throwaway nginx serving one folder on 127.0.0.1 (ports from ``tests.helpers.net.free_port``): the HTTP
+server of the http tests and of ``bench/remote.py``.
 
 No pytest here (the benchmarks import this module too): failures raise :class:`NginxError`, which the
 test fixture turns into a failure (nginx is an oracle's dependency, never a reason to skip) and the
@@ -49,13 +49,6 @@ TLS = """\
 
 class NginxError(RuntimeError):
     """nginx is missing, exited or never listened."""
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 free at the time of asking."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:

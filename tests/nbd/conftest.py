@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.daemon.conftest import Daemons, Monitor, daemons  # noqa: F401  (fixture re-export)
+from tests.helpers.net import free_port as free_port  # the NBD suites import it from here
 
 
 @dataclass
@@ -30,12 +30,6 @@ class Served:
 def short_sock(name: str) -> str:
     """A unix socket path short enough for sun_path wherever pytest puts tmp_path."""
     return os.path.join(tempfile.mkdtemp(prefix="vdnbd"), name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

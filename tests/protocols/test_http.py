@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.helpers import nginx
+from tests.helpers.net import free_port, serve_threads
 
 
 class Web:
@@ -66,7 +66,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     subprocess.run([require_tool("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=127.0.0.1", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
                    check=True, capture_output=True, timeout=60)
-    http, https = nginx.free_port(), nginx.free_port()
+    http, https = free_port(), free_port()
     try:
         proc = nginx.start(tmp, www, http, https=https,
                            locations={"/norange/": "max_ranges 0;", "/slow/": "limit_rate_after 200k; limit_rate 1k;"})
@@ -143,27 +143,9 @@ def test_errors(web: Web) -> None:
     _same("info", f"{web.http}/")
     _same("info", f"{web.http}/norange/r.raw")
     _same("info", f"{web.https}/r.raw")
-    _same("info", f"http://127.0.0.1:{nginx.free_port()}/r.raw", variable=ms)
+    _same("info", f"http://127.0.0.1:{free_port()}/r.raw", variable=ms)
     _same("create", "-f", "raw", f"{web.http}/new.raw", "16M")
     _same("convert", "-n", "-O", "raw", str(web.www / "r.raw"), f"{web.http}/r.raw")
-
-
-def _serve(handler: object) -> tuple[int, socket.socket]:
-    """A listener on a free port whose connections are passed to ``handler(conn)`` in threads."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
-
-    threading.Thread(target=loop, daemon=True).start()
-    return int(srv.getsockname()[1]), srv
 
 
 @pytest.mark.parametrize("announce", [False, True])
@@ -193,7 +175,7 @@ def test_server_ignoring_range(web: Web, tmp_path: Path, announce: bool) -> None
             except OSError:  # the client closes once it has what it wants
                 return
 
-    port, srv = _serve(handler)
+    port, srv = serve_threads(handler)
     url = f"http://127.0.0.1:{port}/r.raw"
     try:
         _same("info", url)
@@ -208,7 +190,7 @@ def test_server_ignoring_range(web: Web, tmp_path: Path, announce: bool) -> None
 def test_mute_server_times_out(web: Web) -> None:
     """A server that accepts and never answers: QEMU's text after its 5 s default, no hang."""
     held: list[socket.socket] = []
-    port, srv = _serve(held.append)
+    port, srv = serve_threads(held.append)
     try:
         start = time.monotonic()
         _same("info", f"http://127.0.0.1:{port}/r.raw", variable=r"\d+ milliseconds")

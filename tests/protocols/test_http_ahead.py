@@ -10,30 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import vdkit_img
-
-
-def _serve(handler: object) -> tuple[int, socket.socket]:
-    """A listener on a free port whose connections are passed to ``handler(conn)`` in threads."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-
-    def loop() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
-
-    threading.Thread(target=loop, daemon=True).start()
-    return int(srv.getsockname()[1]), srv
+from tests.helpers.net import serve_threads
 
 
 @pytest.mark.parametrize("one_per_connection", [False, True])
@@ -72,7 +54,7 @@ def test_sequential_reads_ask_ahead(tmp_path: Path, one_per_connection: bool) ->
             except OSError:
                 return
 
-    port, srv = _serve(handler)
+    port, srv = serve_threads(handler)
     try:
         r = vdkit_img("convert", "-f", "raw", "-O", "raw", f"http://127.0.0.1:{port}/r.raw", str(tmp_path / "o.raw"))
         assert r.returncode == 0, r.stderr
