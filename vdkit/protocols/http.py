@@ -13,9 +13,10 @@ What QEMU 7.2's curl driver does, from its observed behaviour
   inside a window already fetched are served from a small cache;
 * errors carry libcurl's texts behind ``CURL: Error opening file: ``.
 
-Built on the standard library's :mod:`http.client` and :mod:`ssl`: HEAD and
-ranged GET over one kept-alive connection is all the driver needs, and it adds
-no dependency (``pip install vdkit`` stays pure Python).  Every wait is bounded
+Built on sockets, :mod:`ssl` and :mod:`vdkit.protocols.http_wire` (the HTTP/1.1
+exchange: HEAD and ranged GET over kept-alive connections is all the driver
+needs; ``docs/http.md`` says why not :mod:`http.client`); no dependency
+(``pip install vdkit`` stays pure Python).  Every wait is bounded
 by ``timeout`` (QEMU's default 5 s): where QEMU 7.2 hangs in ``convert`` after
 a read timeout, vdkit reports an I/O error.
 """
@@ -32,7 +33,7 @@ from vdkit.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import http.client
+    from vdkit.protocols.http_wire import Connection, Response
 
 PREFIXES = ("http", "https")
 DEFAULT_READAHEAD = 256 * 1024
@@ -299,12 +300,12 @@ class HttpFile(RemoteFile):
 
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             self.headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: Connection | None = None
         self._cache: list[tuple[int, bytearray]] = []
         # A sequential reader's next window, asked for ahead on a second kept-alive connection (the
         # server works on it while the reader uses this one): (offset, length) of the GET sent on
         # ``_spare``; ``_next_read`` is where a sequential reader reads next.
-        self._spare: http.client.HTTPConnection | None = None
+        self._spare: Connection | None = None
         self._ahead: tuple[int, int] | None = None
         self._next_read = -1
         self._free: list[bytearray] = []  # buffers of windows that left the cache, taken again by _get
@@ -316,13 +317,15 @@ class HttpFile(RemoteFile):
 
     # -- transport ------------------------------------------------------------------------------
 
-    def _connection(self, start: float) -> http.client.HTTPConnection:
-        import http.client
-        import socket
+    def _connection(self, start: float) -> Connection:
+        import _socket
         import time
+
+        from vdkit.protocols.http_wire import Connection
 
         if self._conn is not None:
             return self._conn
+        ctx = None
         if self.https:
             import ssl
 
@@ -330,13 +333,10 @@ class HttpFile(RemoteFile):
             if not self.sslverify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=ctx)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn = Connection(self.host, self.port, self.timeout, ctx)
         try:
             conn.connect()
-        except socket.gaierror:
+        except _socket.gaierror:
             raise HttpError(f"Could not resolve host: {self.host}") from None
         except ssl_verify_error() as exc:
             conn.close()
@@ -359,10 +359,11 @@ class HttpFile(RemoteFile):
         of = f" out of {want}" if want is not None else ""
         return HttpError(f"Operation timed out after {ms} milliseconds with {got}{of} bytes received")
 
-    def _request(self, method: str, headers: dict[str, str]) -> tuple[http.client.HTTPResponse, float]:
+    def _request(self, method: str, headers: dict[str, str]) -> tuple[Response, float]:
         """Send one request, reconnecting once when a kept-alive connection was closed by the server."""
-        import http.client
         import time
+
+        from vdkit.protocols.http_wire import WireError
 
         start = time.monotonic()
         for attempt in (0, 1):
@@ -376,7 +377,7 @@ class HttpFile(RemoteFile):
             except TimeoutError:
                 self._drop()
                 raise self._timed_out(start, 0, None) from None
-            except (http.client.HTTPException, ConnectionResetError, BrokenPipeError) as exc:
+            except (WireError, ConnectionResetError, BrokenPipeError) as exc:
                 self._drop()
                 if fresh or attempt:
                     raise HttpError(f"Recv failure: {exc}") from None
@@ -396,8 +397,9 @@ class HttpFile(RemoteFile):
         its answer (the next :meth:`_get` of that window reads it): the server's work and the transfer
         into the socket overlap the reader's use of this window.  A failure to send just means no
         window ahead: the read asks for it itself, with its errors."""
-        import http.client
         import time
+
+        from vdkit.protocols.http_wire import WireError
 
         self._swap()
         try:
@@ -406,7 +408,7 @@ class HttpFile(RemoteFile):
                 conn.sock.settimeout(self.timeout)
             conn.request("GET", self.path, headers={**self.headers, "Range": f"bytes={offset}-{offset + length - 1}"})
             self._ahead = (offset, length)
-        except (HttpError, OSError, http.client.HTTPException):
+        except (HttpError, OSError, WireError):
             self._drop()
         finally:
             self._swap()
@@ -441,10 +443,11 @@ class HttpFile(RemoteFile):
         answer is read (the timeout runs from now: the reader may have been busy since).  The body is
         received chunk by chunk straight into one buffer (a free one of that size when there is one).
         """
-        import http.client
         import time
 
-        resp: http.client.HTTPResponse | None = None
+        from vdkit.protocols.http_wire import WireError
+
+        resp: Response | None = None
         if sent:
             start = time.monotonic()
             try:
@@ -453,7 +456,7 @@ class HttpFile(RemoteFile):
             except TimeoutError:
                 self._drop()
                 raise self._timed_out(start, 0, None) from None
-            except (http.client.HTTPException, OSError):
+            except (WireError, OSError):
                 self._drop()  # closed while it waited (keep-alive timeout): ask again, as a new request
         if resp is None:
             resp, start = self._request("GET", {"Range": f"bytes={offset}-{offset + length - 1}"})
@@ -488,24 +491,15 @@ class HttpFile(RemoteFile):
                     break
                 skip -= len(chunk)
             view = memoryview(data)
-            # a body of known length is received straight into the buffer, one receive at a time (a
-            # trickling server must not hold a read past the deadline); the response's count of what is
-            # left is kept, so it ends (and the connection is reused) as if it had read it itself
-            direct = not whole and not resp.chunked and resp.length is not None and resp.fp is not None
+            # the body is received straight into the buffer, one receive at a time (a trickling server
+            # must not hold a read past the deadline)
             while got < length:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError
                 if sock is not None:
                     sock.settimeout(left)
-                want = min(length - got, 1 << 20)
-                if direct:
-                    n = resp.fp.readinto1(view[got:got + min(want, resp.length or 0)])
-                    resp.length = (resp.length or 0) - n
-                else:
-                    chunk = resp.read1(want)
-                    n = len(chunk)
-                    view[got:got + n] = chunk
+                n = resp.readinto1(view[got:got + min(length - got, 1 << 20)])
                 if not n:
                     break
                 got += n
@@ -516,7 +510,7 @@ class HttpFile(RemoteFile):
         except TimeoutError:
             self._drop()
             raise self._timed_out(start, got, length) from None
-        except (http.client.HTTPException, OSError) as exc:
+        except (WireError, OSError) as exc:
             self._drop()
             raise HttpError(f"Recv failure: {exc}") from None
         if got != length:
