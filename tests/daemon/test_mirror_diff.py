@@ -735,6 +735,13 @@ def test_mirror_of_a_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
         p.compare(name, "top.qcow2")
 
 
+def _same_lock_bytes(p: Pair) -> None:
+    from tests.daemon.test_graph_diff import lock_bytes
+
+    held = [lock_bytes(d) for d in p.dirs]
+    assert held[1] == held[0], f"qemu:  {held[0]}\nvdkit: {held[1]}"
+
+
 def test_mirror_of_an_exported_blockdev_node(daemons: Daemons, tmp_path: Path) -> None:
     """An NBD export of a -blockdev node follows a mirror as QEMU's BlockBackend does: while the job runs it
     names the mirror_top filter and its writes are mirrored; at complete it moves onto the target
@@ -759,6 +766,8 @@ def test_mirror_of_an_exported_blockdev_node(daemons: Daemons, tmp_path: Path) -
     p.same("query-block-exports")  # the filter's name
     p.same("query-named-block-nodes", mask=grown)  # the target's nodes (json: named, no backing)
     p.same("query-named-block-nodes", {"flat": True}, mask=grown)
+    p.same("x-debug-query-block-graph")  # the job, its filter (the export's root now), its target backend
+    _same_lock_bytes(p)  # the target's file refuses others' reads while the job writes it
     p.same("block-job-set-speed", {"device": "m", "speed": 0})
     p.same("block-job-resume", {"device": "m"})
     p.wait("BLOCK_JOB_READY")
@@ -768,6 +777,7 @@ def test_mirror_of_an_exported_blockdev_node(daemons: Daemons, tmp_path: Path) -
     p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
     p.same("query-block-exports")
     p.same("query-named-block-nodes")
+    _same_lock_bytes(p)
     write(0x55, 3200)  # lands in the target now
     p.same("block-export-del", {"id": "e"})
     p.same_events()
@@ -778,6 +788,8 @@ def test_mirror_of_an_exported_blockdev_node(daemons: Daemons, tmp_path: Path) -
     p.same("blockdev-mirror", {"device": "n-top", "target": "n-bt", "sync": "full", "job-id": "bm"})
     p.wait("BLOCK_JOB_READY")
     p.same("query-block-exports")
+    p.same("x-debug-query-block-graph")
+    _same_lock_bytes(p)
     p.same("block-job-complete", {"device": "bm"})
     p.wait("JOB_STATUS_CHANGE", status="null")
     p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))

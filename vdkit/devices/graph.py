@@ -106,6 +106,8 @@ class GraphNode:
     filename: str = ""
     # permissions this node's own users take (a raw node written by a job): passed down by raw
     user_perm: int = 0
+    # (needed, shared) of a job's BlockBackend on this node (a mirror's on its target), while the job lives
+    job_use: tuple[int, int] = (0, 0x1F)
     # refuses nothing to other users (a file node: to other processes; its parents' needs stay); inherited
     # by inline children and the chain opened from a header
     force_share: bool = False
@@ -225,8 +227,8 @@ _PASSTHROUGH = _CR | _W | _WU | _RS
 
 def _users(machine: DeviceRegistry, g: GraphNode) -> tuple[int, int]:
     """(needed, shared) of ``g``'s own users: its NBD exports' backend (reads, writes when writable,
-    shares all but resize) and a job writing a raw node (:func:`_raw_write_perm`)."""
-    perm, shared = g.user_perm, _ALL
+    shares all but resize), a job writing a raw node (:func:`_raw_write_perm`) and a job's backend."""
+    perm, shared = g.user_perm | g.job_use[0], g.job_use[1]
     backend = g.backend
     if backend is not None:
         for e in getattr(machine.exports, "exports", []):

@@ -410,16 +410,73 @@ class _Vertex:
         return perm, _SHARE_ALL if child.force_share else shared
 
 
+class _FilterVertex(_Vertex):
+    """A mirror's ``mirror_top`` filter: its users' needs pass through to the node below (but resize), and
+    it shares all but resize."""
+
+    def child_perms(self, role: str, child: _Vertex, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+        return self.perms(memo)[0] & _EXPORT_SHARED, _EXPORT_SHARED
+
+
+# what a mirror job's own edges need and share (observed in qemu-system-x86_64's graph): it reads through
+# its filter, shares writes on the source, and takes nothing of the target (its backend writes there)
+_MIRROR_JOB_EDGES = {"main node": (0x1, _EXPORT_SHARED), "source": (0, _EXPORT_SHARED), "target": (0, _SHARE_ALL)}
+_MIRROR_TARGET_BACKEND = (0x2, 0x4)  # the job's target BlockBackend writes and shares only unchanged writes
+
+
+class _JobVertex(_Vertex):
+    """A block job: its edges carry the job's own permissions."""
+
+    def child_perms(self, role: str, child: _Vertex, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+        return _MIRROR_JOB_EDGES[role]
+
+
 def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
     parent.children.insert(0, (role, child))
     child.parents.append((role, parent))
 
 
-def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, tuple[int, int]]], list[_Vertex]]:
-    """The BlockBackends (name, root, root edge's permissions) and every block node in creation order.
+_Backend = tuple[str, "_Vertex | None", tuple[int, int]]  # a BlockBackend: name, root, root edge's permissions
 
-    The drives' backends come first, then the NBD exports' (unnamed, also on -blockdev nodes), as QEMU
-    creates them.
+
+def _mirror_jobs(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: dict[int, _Vertex],
+                 all_nodes: list[_Vertex]) -> tuple[list[_JobVertex], list[_Backend]]:
+    """The mirrors of graph nodes onto graph nodes as QEMU draws them: the job (``main node``: its
+    ``mirror_top`` filter, ``source``, ``target``), the filter above the source (the source's exports now
+    sit on it) and the job's BlockBackend on the target."""
+    from vdkit.block.jobs import Status
+
+    jobs: list[_JobVertex] = []
+    backends: list[_Backend] = []
+    for job in machine.jobs.jobs:
+        f = job.driver.filter
+        target = getattr(job.driver, "target", None)
+        if f is None or f.driver != "mirror_top" or job.status in (Status.CONCLUDED, Status.NULL):
+            continue
+        src, tgt = by_node.get(id(f.below)), by_node.get(id(target))
+        if src is None or tgt is None:
+            continue  # a drive's chain: its job is not drawn (docs/daemon.md)
+        fv = _FilterVertex(f.name, f.serial, f.driver, False)
+        _link(fv, "backing", src)
+        all_nodes.append(fv)
+        for key, top in list(tops.items()):
+            if top is src:
+                tops[key] = fv
+        jv = _JobVertex(job.id, 0, "block-job", False)
+        for role, child in (("main node", fv), ("source", src), ("target", tgt)):
+            _link(jv, role, child)
+        tgt.users.append(_MIRROR_TARGET_BACKEND)
+        backends.append(("", tgt, _MIRROR_TARGET_BACKEND))
+        jobs.append(jv)
+    return jobs, backends
+
+
+def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex], list[_Vertex]]:
+    """The BlockBackends (name, root, root edge's permissions), the jobs drawn and every block node in
+    creation order.
+
+    The drives' backends come first, then the NBD exports' (unnamed, also on -blockdev nodes), then the
+    jobs' (a mirror's on its target), as QEMU creates them.
     """
     backends: list[tuple[str, _Vertex | None, tuple[int, int]]] = []
     all_nodes: list[_Vertex] = []
@@ -455,23 +512,27 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[tuple[str, _Vertex | None, 
         all_nodes.append(v)
         if g.backend is not None and g.backend.medium is not None:
             tops[id(g.backend.medium)] = v
+    jobs, job_backends = _mirror_jobs(
+        machine, {id(g.node): by_node[id(g)] for g in machine.graph.nodes if g.node is not None}, tops, all_nodes)
     for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
         top = tops.get(id(e.medium))
         if top is not None:
             perm = (0x1, 0x3)[bool(e.writable)], _EXPORT_SHARED
             top.users.append(perm)
             backends.append(("", top, perm))
+    backends += job_backends
     all_nodes.sort(key=lambda v: v.serial)
-    return backends, all_nodes
+    return backends, jobs, all_nodes
 
 
 def x_debug_query_block_graph(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
     """QEMU's debug dump of the block graph: BlockBackends, then every node by creation; ids are handed
     out as nodes are first met (a root when its backend's edge is drawn), lists newest entry first.
 
-    Jobs are not drawn: QEMU adds a ``block-job`` vertex and the job's filter node while one runs.
+    Jobs are drawn as QEMU draws them (a ``block-job`` vertex, the filter it puts in, its backends) for
+    mirrors of ``-blockdev`` nodes onto graph nodes only; other jobs are not.
     """
-    backends, all_nodes = _vertices(ctx.machine)
+    backends, jobs, all_nodes = _vertices(ctx.machine)
     ids: dict[int, int] = {}
     nodes: list[dict[str, Any]] = []
     edges: list[dict[str, Any]] = []
@@ -495,6 +556,10 @@ def x_debug_query_block_graph(ctx: CommandContext, args: dict[str, Any]) -> dict
         kept.append(marker)
         if root is not None:
             edge("root", marker, root, *perm)
+    for jv in jobs:
+        nodes.insert(0, {"name": jv.name, "type": "block-job", "id": num(jv)})
+        for role, c in jv.children:
+            edge(role, jv, c, *jv.child_perms(role, c, memo))
     for v in all_nodes:
         nodes.insert(0, {"name": v.name, "type": "block-driver", "id": num(v)})
         for role, c in v.children:

@@ -285,8 +285,12 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
     from vdkit.io.locks import Perm
     from vdkit.monitor.job_cmds import hold_lock
 
-    # the job's target backend refuses others' consistent reads of a drive-mirror target's file
+    # the job's target backend writes and shares only unchanged writes: others may not read the target's
+    # file consistently (a drive's node: its lock bytes; a graph node: its file node's, by the graph's rule)
     unlock = hold_lock(target, unshared=Perm.CONSISTENT_READ)
+    target_g = next((g for g in machine.graph.nodes if g.node is target), None)
+    if target_g is not None:
+        unlock = _graph_target_use(machine, target_g)
     try:
         job = machine.jobs.create(str(args.get("job-id", src.default_id)), job_driver, speed=args.get("speed", 0),
                                   auto_finalize=args.get("auto-finalize", True),
@@ -377,6 +381,31 @@ def _graph_drive_mirror(machine: DeviceRegistry, src: _MirrorSource, args: dict[
     except BaseException:
         release(False)
         raise
+
+
+def _graph_target_use(machine: DeviceRegistry, g: GraphNode) -> Callable[[], None]:
+    """A mirror's BlockBackend on a graph target (writes, shares unchanged writes only): the file node's
+    lock bytes follow (QEMU: the target's file refuses others' reads too); the returned function ends it."""
+    from vdkit.devices.graph import lock_file_node
+    from vdkit.io.locks import Perm
+
+    def relock() -> None:
+        if g.child is not None and g.child.file is not None:
+            lock_file_node(machine, g.child)
+
+    g.job_use = (Perm.WRITE, Perm.WRITE_UNCHANGED)
+    try:
+        relock()
+    except VdkitError:
+        g.job_use = (0, 0x1F)
+        relock()
+        raise
+
+    def end() -> None:
+        g.job_use = (0, 0x1F)
+        relock()
+
+    return end
 
 
 def drive_mirror(ctx: CommandContext, args: dict[str, Any]) -> None:
