@@ -48,6 +48,17 @@ def protocol_of(name: str) -> str | None:
     return name[: name.index(":")]
 
 
+def _same_server_kind(image: str, backing: str) -> bool:
+    """A backing name on the same kind of server as its image, for a protocol with directories (a URL's:
+    its module resolves relative names, ``resolve_backing``), so not a way out to another protocol."""
+    from vdkit.protocols.registry import PROTOCOLS, driver_for_prefix, protocol_module
+
+    a, b = driver_for_prefix(protocol_of(image)), driver_for_prefix(protocol_of(backing))
+    if a is None or b is None or PROTOCOLS[a] != PROTOCOLS[b]:
+        return False
+    return hasattr(protocol_module(a), "resolve_backing")
+
+
 def resolve_backing_name(image_filename: str, stored: str) -> str | None:
     """The name QEMU opens for ``stored`` referenced from ``image_filename``.
 
@@ -193,7 +204,7 @@ class BackingWalk:
             )
         if not self.names_only and self.depth + 1 >= self.policy.max_chain_depth:
             raise OpenError(f"Backing chain is deeper than {self.policy.max_chain_depth} images")
-        if filename.startswith(("http://", "https://")) and resolved.startswith(("http://", "https://")):
+        if has_protocol(filename) and has_protocol(resolved) and _same_server_kind(filename, resolved):
             if not self.policy.follow_backing:  # a remote image's backing file on the same kind of server
                 self.policy.check("backing file", stored, resolved)
         else:

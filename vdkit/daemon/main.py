@@ -756,8 +756,13 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
                 hint = (err.hint or exc.hint or "").rstrip("\n")
                 raise OptionError(err.message + (f"\n{hint}" if hint else "")) from None
             medium = drive.medium if drive is not None else None
-            if medium is not None and spec.file is not None and spec.file.startswith(("http://", "https://")):
-                _http_opened(machine, spec, medium)
+            if medium is not None and spec.file is not None:
+                from vdkit.block.chain import protocol_of
+                from vdkit.protocols.registry import driver_for_prefix
+
+                proto = driver_for_prefix(protocol_of(spec.file))
+                if proto is not None:
+                    _protocol_opened(machine, spec, medium, proto)
             if medium is not None and spec.format is None and not medium.ro:
                 warning = medium.node.driver.probed_open_warning(spec.file or "")
                 if warning is not None:
@@ -770,27 +775,27 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
     check_devices(opened)
 
 
-def _http_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium) -> None:
-    """An http drive once open: a writable format other than raw needs to write its (read-only) file
-    (QEMU: ``Block node is read-only``); a json: name once the format is known."""
+def _protocol_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium, driver: str) -> None:
+    """A protocol drive once open: over a read-only protocol (curl) a writable format other than raw needs
+    to write its file (QEMU: ``Block node is read-only``); a json: name once the format is known
+    (:func:`protocol_json_name`)."""
     from vdkit.formats.registry import PASSES_PERMISSIONS
-    from vdkit.protocols.registry import is_protocol
+    from vdkit.protocols.registry import is_protocol, protocol_module
 
     fmt = medium.node.format
-    top = is_protocol(fmt)  # the curl node itself is the drive's node (no format layer)
-    if not medium.ro and fmt not in PASSES_PERMISSIONS and not top:
+    top = is_protocol(fmt)  # the protocol node itself is the drive's node (no format layer)
+    read_only = getattr(protocol_module(driver), "READ_ONLY", False)
+    if read_only and not medium.ro and fmt not in PASSES_PERMISSIONS and not top:
         machine.close_medium(medium)
         raise OptionError("Block node is read-only")
     name = protocol_json_name(spec, fmt)
     if name is not None:
         medium.node.filename = name
-        if not top:  # the curl node below has a json: name of its own
+        if not top:  # the protocol node below has a json: name of its own
             own = protocol_json_name(spec, fmt, own=True)
-            from vdkit.protocols.http import HttpFile
-
-            curl: object = medium.node.driver.file
-            if isinstance(curl, HttpFile):
-                curl.json_filename = own
+            below: object = medium.node.driver.file
+            if hasattr(below, "json_filename"):
+                below.json_filename = own
 
 
 def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:

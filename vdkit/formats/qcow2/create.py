@@ -519,14 +519,14 @@ def create_file(filename: str) -> ImageFile:
     An NBD name is an existing export, written in place (``cli/create.py`` has
     already checked its size and zeroed its first sector, as QEMU's fallback).
     """
-    if filename.startswith(("nbd:", "nbd+unix:", "nbd+tcp:")):
-        from vdkit.protocols.nbd import NbdFile
+    if ":" in filename:  # a protocol's name (an NBD export, an RBD image cli/create.py made empty)
+        from vdkit.block.chain import protocol_of
+        from vdkit.protocols.registry import creates_images, driver_for_prefix, open_name
 
-        return NbdFile(filename, readonly=False)  # type: ignore[return-value]  # file-like, as for reads
-    if filename.startswith("rbd:"):  # made empty by cli/create.py; it grows as clusters are written
-        from vdkit.protocols.rbd import RbdFile
-
-        return RbdFile(filename, readonly=False)  # type: ignore[return-value]  # file-like, as for reads
+        proto = driver_for_prefix(protocol_of(filename))
+        if proto is not None and creates_images(proto):
+            f, _ = open_name(proto, filename, readonly=False, force_share=False)
+            return f  # type: ignore[return-value]  # file-like, as for reads
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
