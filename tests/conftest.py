@@ -150,6 +150,18 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.fixture(params=["small", "numpy"])
+def table_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once on each table backend of ``vdkit.io.tables`` (lists, numpy), in this process
+    and in the ``vdkit-img`` processes it starts: the qcow2 allocator must behave alike on both."""
+    from vdkit.io import tables
+
+    monkeypatch.setattr(tables, "FORCE", request.param)
+    monkeypatch.setenv("VDKIT_TABLES", request.param)
+    monkeypatch.setitem(_ENV, "VDKIT_TABLES", request.param)
+    return str(request.param)
+
+
 @contextlib.contextmanager
 def held_by_qemu_io(image: Path, fmt: str | None = None) -> Iterator[None]:
     """A qemu-io process holding ``image`` open read-write (QEMU's locks) for the ``with`` body.

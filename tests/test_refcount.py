@@ -23,6 +23,9 @@ from vdkit.formats.qcow2.refcount import (
     set_refcount,
 )
 
+# every test on both table backends (vdkit.io.tables): lists and numpy
+pytestmark = pytest.mark.usefixtures("table_backend")
+
 WIDTHS = [1, 2, 4, 8, 16, 32, 64]
 
 

@@ -23,6 +23,9 @@ from vdkit.block.node import Node, open_image
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import snapshot_ops
 
+# every test on both table backends (vdkit.io.tables): lists and numpy
+pytestmark = pytest.mark.usefixtures("table_backend")
+
 
 def _state(path: Path) -> tuple[object, ...]:
     snaps = snapshot_list(path)

@@ -34,6 +34,9 @@ from vdkit.formats.qcow2.snapshot_ops import (
     next_snapshot_id,
 )
 
+# every test on both table backends (vdkit.io.tables): lists and numpy
+pytestmark = pytest.mark.usefixtures("table_backend")
+
 
 def _e(id_str: str, name: str) -> SnapshotEntry:
     return SnapshotEntry(0, 0, id_str, name, 0, 0, 0, 0, 0)

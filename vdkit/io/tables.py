@@ -117,7 +117,7 @@ class Backend:
 
     # construction and conversion
     def zeros(self, n: int) -> Tab: raise NotImplementedError
-    def array(self, values: Sequence[int]) -> Tab: raise NotImplementedError
+    def array(self, values: Sequence[int] | Tab) -> Tab: raise NotImplementedError
     def indices(self, values: Sequence[int]) -> Tab: raise NotImplementedError
     def arange(self, lo: int, hi: int) -> Tab: raise NotImplementedError
     def concat(self, parts: Sequence[Tab]) -> Tab: raise NotImplementedError
@@ -138,7 +138,8 @@ class Backend:
 
     def zero_scan(self, t: Tab, start: int, n: int) -> tuple[int, int, int]:
         """Zero runs of ``t[start:]``: (length of the leading zero run, index of the first run of ``n``
-        zeros or -1, index where the final zero run begins (``len(t)`` when the last entry is not 0))."""
+        zeros or -1, and when there is none, the index where the final zero run begins (``len(t)`` when
+        the last entry is not 0; unspecified when a run was found))."""
         raise NotImplementedError
 
     # in-place slices
@@ -159,6 +160,7 @@ class Backend:
 
     # sets of cluster indices
     def unique_sorted(self, t: Tab) -> Tab: raise NotImplementedError
+    def unique_shifted(self, t: Tab, bits: int) -> list[int]: raise NotImplementedError  # sorted {e >> bits}
     def members(self, a: Tab, b: Tab) -> list[int]: raise NotImplementedError  # entries of a that are in b
     def positions_in(self, t: Tab, mask: int, values: Sequence[int]) -> list[int]:
         """Indices ``j`` with ``t[j] & mask`` among ``values``."""
@@ -182,6 +184,41 @@ class Backend:
 
         Raises ``ValueError`` (``vals`` unchanged or partly changed: the caller drops it) when an entry
         would leave ``0..maxval``."""
+        raise NotImplementedError
+
+    # entries with flag bits (L1/L2 tables)
+    def strided(self, t: Tab, start: int, step: int) -> Tab: raise NotImplementedError  # a copy of t[start::step]
+    def take(self, t: Tab, idx: Tab) -> Tab: raise NotImplementedError  # t[idx] (a copy)
+    def masked(self, t: Tab, mask: int) -> Tab: raise NotImplementedError  # t & mask
+    def masked_nonzero(self, t: Tab, mask: int) -> Tab: raise NotImplementedError  # (t & mask) where not 0
+    def nonzero_values(self, t: Tab) -> Tab: raise NotImplementedError  # the entries that are not 0
+    def shifted(self, t: Tab, bits: int) -> Tab: raise NotImplementedError  # t >> bits as indices
+    def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
+        """The entries of ``t`` that have (``present``) or lack any bit of ``flag``."""
+        raise NotImplementedError
+
+    def flag_positions(self, t: Tab, present: int, absent: int) -> Tab:
+        """Indices of the entries with some bit of ``present`` and none of ``absent``."""
+        raise NotImplementedError
+
+    def first_misaligned(self, t: Tab, align: int) -> int | None:
+        """The first entry that is not a multiple of ``align`` (a power of two), or None."""
+        raise NotImplementedError
+
+    def any_masked_zero(self, t: Tab, mask: int) -> bool:
+        """Whether an entry is not 0 but has no bit of ``mask``."""
+        raise NotImplementedError
+
+    def clear_flag(self, t: Tab, flag: int, unless: int) -> None:
+        """Clear ``flag`` in place in every entry without a bit of ``unless``."""
+        raise NotImplementedError
+
+    def set_flag(self, t: Tab, idx: Tab, flag: int) -> None: raise NotImplementedError  # t[idx] |= flag
+    def positions_equal(self, t: Tab, value: int) -> Tab: raise NotImplementedError  # indices with t[i] == value
+    def count_equal(self, t: Tab, value: int) -> int: raise NotImplementedError
+    def equal(self, a: Tab, b: Tab) -> bool: raise NotImplementedError  # same length and entries
+    def unique_counts(self, t: Tab) -> tuple[list[int], list[int]]:
+        """Distinct values of ``t`` ascending and how often each occurs."""
         raise NotImplementedError
 
     def deltas(self) -> Deltas: raise NotImplementedError
@@ -209,16 +246,64 @@ class Deltas:
         """Distinct ``key // per`` of the keys whose sum is not 0, ascending."""
         raise NotImplementedError
 
+    def negative_keys(self) -> Tab:
+        """The keys whose sum is below 0, ascending."""
+        raise NotImplementedError
+
 
 _STRUCT_CODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+_CHUNK = 256  # entries tested by one any() while looking for a non-zero one
+
+
+def _nonzero_at(t: list[int]) -> list[int]:
+    """Indices of the non-zero entries, found at C speed (tables are mostly zeros)."""
+    from itertools import compress
+
+    return list(compress(range(len(t)), t))
+
+
+def _next_nonzero(t: list[int], i: int) -> int:
+    """Index of the first non-zero entry at or after ``i`` (``len(t)`` if none)."""
+    size = len(t)
+    while i < size:
+        chunk = t[i : i + _CHUNK]
+        if any(chunk):
+            return i + bytes(map(bool, chunk)).find(1)
+        i += _CHUNK
+    return size
+
+
+def _last_nonzero(t: list[int], lo: int) -> int:
+    """Index of the last non-zero entry at or after ``lo`` (``lo - 1`` if none)."""
+    i = len(t)
+    while i > lo:
+        a = max(lo, i - _CHUNK)
+        chunk = t[a:i]
+        if any(chunk):
+            return a + bytes(map(bool, chunk)).rfind(1)
+        i = a
+    return lo - 1
 
 
 class _SmallDeltas(Deltas):
     def __init__(self) -> None:
         self.d: dict[int, int] = {}
+        self._keys: list[int] | None = None  # sorted keys while nothing was added
+
+    def _sorted(self) -> list[int]:
+        if self._keys is None:
+            self._keys = sorted(self.d)
+        return self._keys
 
     def add(self, keys: Tab, addend: int) -> None:
         d = self.d
+        self._keys = None
+        new = dict.fromkeys(keys, addend)
+        if len(new) == len(keys) and d.keys().isdisjoint(new):  # distinct keys, none seen yet: at C speed
+            d.update(new)
+            return
         get = d.get
         for k in keys:
             d[k] = get(k, 0) + addend
@@ -227,27 +312,47 @@ class _SmallDeltas(Deltas):
         self.add(range(lo, hi), addend)
 
     def items(self) -> tuple[Tab, Tab]:
-        keys = sorted(self.d)
+        keys = self._sorted()
         d = self.d
-        return keys, [d[k] for k in keys]
+        return list(keys), [d[k] for k in keys]
 
     def lookup(self, keys: Tab) -> Tab:
         get = self.d.get
         return [get(k, 0) for k in keys]
 
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
+        import bisect
+
+        keys = self._sorted()
+        d = self.d
         out: dict[int, tuple[Tab, Tab]] = {}
-        for k in sorted(self.d):
-            b, i = divmod(k, per)
-            grp = out.get(b)
-            if grp is None:
-                grp = out[b] = ([], [])
-            grp[0].append(i)
-            grp[1].append(self.d[k])
+        a = 0
+        while a < len(keys):
+            blk = keys[a] // per
+            base = blk * per
+            b = bisect.bisect_left(keys, base + per, a)
+            part = keys[a:b]
+            out[blk] = ([k - base for k in part], [d[k] for k in part])
+            a = b
         return out
 
     def touched_blocks(self, per: int) -> list[int]:
-        return sorted({k // per for k, s in self.d.items() if s})
+        import bisect
+
+        keys = self._sorted()
+        d = self.d
+        out = []
+        a = 0
+        while a < len(keys):
+            blk = keys[a] // per
+            b = bisect.bisect_left(keys, (blk + 1) * per, a)
+            if any([d[k] for k in keys[a:b]]):
+                out.append(blk)
+            a = b
+        return out
+
+    def negative_keys(self) -> Tab:
+        return sorted([k for k, s in self.d.items() if s < 0])
 
 
 class _Small(Backend):
@@ -258,7 +363,7 @@ class _Small(Backend):
     def zeros(self, n: int) -> Tab:
         return [0] * n
 
-    def array(self, values: Sequence[int]) -> Tab:
+    def array(self, values: Sequence[int] | Tab) -> Tab:
         return [int(v) for v in values]
 
     indices = array
@@ -311,7 +416,7 @@ class _Small(Backend):
         return acc.to_bytes(n, "big")
 
     def nonzero(self, t: Tab) -> list[int]:
-        return [i for i, v in enumerate(t) if v]
+        return _nonzero_at(t)
 
     def count_nonzero(self, t: Tab, lo: int, hi: int) -> int:
         part = t[lo:hi]
@@ -321,12 +426,23 @@ class _Small(Backend):
         return any(t[lo:hi])
 
     def zero_scan(self, t: Tab, start: int, n: int) -> tuple[int, int, int]:
-        flags = bytes(map(bool, t[start:]))  # 1 where an entry is not 0
-        lead = flags.find(1)
-        if lead < 0:
-            lead = len(flags)
-        first = flags.find(bytes(n)) if n <= len(flags) else -1
-        return lead, (first + start if first >= 0 else -1), start + flags.rfind(1) + 1
+        # Run by run, each found at C speed (list.index for the next 0, a chunked any() for the next
+        # non-zero), so a block that is mostly in use or mostly free costs a few calls, not a pass.
+        size = len(t)
+        lead = _next_nonzero(t, start) - start
+        if lead >= n:
+            return lead, start, -1
+        i = start + lead
+        while True:
+            try:
+                z = t.index(0, i)
+            except ValueError:
+                return lead, -1, _last_nonzero(t, start) + 1
+            if z + n > size:
+                return lead, -1, _last_nonzero(t, z) + 1
+            if not any(t[z : z + n]):
+                return lead, z, -1
+            i = _next_nonzero(t, z)
 
     def fits(self, t: Tab, lo: int, hi: int, addend: int, maxval: int) -> bool:
         if hi <= lo:
@@ -354,6 +470,9 @@ class _Small(Backend):
     def unique_sorted(self, t: Tab) -> Tab:
         return sorted(set(t))
 
+    def unique_shifted(self, t: Tab, bits: int) -> list[int]:
+        return sorted({e >> bits for e in t})
+
     def members(self, a: Tab, b: Tab) -> list[int]:
         bs = set(b)
         return [x for x in a if x in bs]
@@ -363,6 +482,16 @@ class _Small(Backend):
         return [j for j, v in enumerate(t) if v & mask in vs]
 
     def gather(self, keys: Tab, per: int, lookup: Callable[[int], Tab | None]) -> Tab:
+        if not len(keys):
+            return []
+        lo, hi = min(keys), max(keys)
+        if lo >= 0 and hi // per - lo // per < 64:  # a few second-level tables (the common case): one
+            flat: list[int] = []                     # flat list of them, read by a listcomp
+            for b in range(lo // per, hi // per + 1):
+                vals = lookup(b)
+                flat += [0] * per if vals is None else vals
+            base = lo // per * per
+            return [flat[k - base] for k in keys]
         out = []
         blocks: dict[int, Tab | None] = {}
         for k in keys:
@@ -384,6 +513,13 @@ class _Small(Backend):
         return [int(c) + s for c, s in zip(cur, sums, strict=True)]
 
     def apply_deltas(self, vals: Tab, idx: Tab, sums: Tab, maxval: int) -> int:
+        if idx and idx[-1] - idx[0] + 1 == len(idx) and idx[0] <= idx[-1]:  # one sorted run: slices
+            a, b = idx[0], idx[-1] + 1
+            new = [v + d for v, d in zip(vals[a:b], sums, strict=True)]
+            if min(new) < 0 or max(new) > maxval:
+                raise ValueError("refcount out of range")
+            vals[a:b] = new
+            return a + new.index(0) if 0 in new else -1
         lowest = -1
         for i, d in zip(idx, sums, strict=True):
             v = vals[i] + d
@@ -393,6 +529,66 @@ class _Small(Backend):
             if not v and (lowest < 0 or i < lowest):
                 lowest = i
         return lowest
+
+    def strided(self, t: Tab, start: int, step: int) -> Tab:
+        return t[start::step]
+
+    def take(self, t: Tab, idx: Tab) -> Tab:
+        return [t[i] for i in idx]
+
+    def masked(self, t: Tab, mask: int) -> Tab:
+        return [e & mask for e in t]
+
+    def masked_nonzero(self, t: Tab, mask: int) -> Tab:
+        return [e & mask for e in t if e and e & mask]
+
+    def nonzero_values(self, t: Tab) -> Tab:
+        return list(filter(None, t))
+
+    def shifted(self, t: Tab, bits: int) -> Tab:
+        return [e >> bits for e in t]
+
+    def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
+        if present:
+            return [e for e in t if e and e & flag]
+        return [e for e in t if not (e and e & flag)]
+
+    def flag_positions(self, t: Tab, present: int, absent: int) -> Tab:
+        return [i for i in _nonzero_at(t) if t[i] & present and not t[i] & absent]
+
+    def first_misaligned(self, t: Tab, align: int) -> int | None:
+        m = align - 1
+        return next((e for e in t if e and e & m), None)
+
+    def any_masked_zero(self, t: Tab, mask: int) -> bool:
+        return any([not e & mask for e in filter(None, t)])
+
+    def clear_flag(self, t: Tab, flag: int, unless: int) -> None:
+        keep = ~flag
+        for i in _nonzero_at(t):
+            e = t[i]
+            if e & flag and not e & unless:
+                t[i] = e & keep
+
+    def set_flag(self, t: Tab, idx: Tab, flag: int) -> None:
+        for i in idx:
+            t[i] |= flag
+
+    def positions_equal(self, t: Tab, value: int) -> Tab:
+        return [i for i, e in enumerate(t) if e == value]
+
+    def count_equal(self, t: Tab, value: int) -> int:
+        return int(t.count(value))
+
+    def equal(self, a: Tab, b: Tab) -> bool:
+        return bool(a == b)
+
+    def unique_counts(self, t: Tab) -> tuple[list[int], list[int]]:
+        counts: dict[int, int] = {}
+        for e in t:
+            counts[e] = counts.get(e, 0) + 1
+        keys = sorted(counts)
+        return keys, [counts[k] for k in keys]
 
     def deltas(self) -> Deltas:
         return _SmallDeltas()
@@ -475,6 +671,10 @@ class _NumpyDeltas(Deltas):
         k, s = self.items()
         return sorted(set((k[s != 0] // per).tolist()))
 
+    def negative_keys(self) -> Tab:
+        k, s = self.items()
+        return k[s < 0]
+
 
 class _Numpy(Backend):
     """Tables as numpy arrays (``uint64`` entries, ``int64`` indices), vectorised."""
@@ -490,7 +690,7 @@ class _Numpy(Backend):
     def zeros(self, n: int) -> Tab:
         return self.np.zeros(n, dtype=self.np.uint64)
 
-    def array(self, values: Sequence[int]) -> Tab:
+    def array(self, values: Sequence[int] | Tab) -> Tab:
         return self.np.array(values, dtype=self.np.uint64)
 
     def indices(self, values: Sequence[int]) -> Tab:
@@ -596,6 +796,9 @@ class _Numpy(Backend):
             return x
         return x[np.concatenate(([True], x[1:] != x[:-1]))]  # (np.unique imports numpy.ma: 10 ms)
 
+    def unique_shifted(self, t: Tab, bits: int) -> list[int]:
+        return self.tolist(self.unique_sorted(self.shifted(t, bits)))
+
     def members(self, a: Tab, b: Tab) -> list[int]:
         np = self.np
         a = np.asarray(a, dtype=np.int64)
@@ -648,6 +851,64 @@ class _Numpy(Backend):
         zero = idx[vals[idx] == 0]
         return int(zero.min()) if len(zero) else -1
 
+    def strided(self, t: Tab, start: int, step: int) -> Tab:
+        return t[start::step].copy()
+
+    def take(self, t: Tab, idx: Tab) -> Tab:
+        return t[self.np.asarray(idx, dtype=self.np.int64)]
+
+    def masked(self, t: Tab, mask: int) -> Tab:
+        return t & self.np.uint64(mask)
+
+    def masked_nonzero(self, t: Tab, mask: int) -> Tab:
+        m = t & self.np.uint64(mask)
+        return m[m != 0]
+
+    def nonzero_values(self, t: Tab) -> Tab:
+        return t[t != 0]
+
+    def shifted(self, t: Tab, bits: int) -> Tab:
+        np = self.np
+        return (np.asarray(t, dtype=np.uint64) >> np.uint64(bits)).astype(np.int64)
+
+    def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
+        has = (t & self.np.uint64(flag)) != 0
+        return t[has if present else ~has]
+
+    def flag_positions(self, t: Tab, present: int, absent: int) -> Tab:
+        np = self.np
+        return np.flatnonzero(((t & np.uint64(present)) != 0) & ((t & np.uint64(absent)) == 0))
+
+    def first_misaligned(self, t: Tab, align: int) -> int | None:
+        np = self.np
+        bad = np.flatnonzero(np.asarray(t, dtype=np.uint64) & np.uint64(align - 1))
+        return int(t[bad[0]]) if len(bad) else None
+
+    def any_masked_zero(self, t: Tab, mask: int) -> bool:
+        np = self.np
+        return bool(((t != 0) & ((t & np.uint64(mask)) == 0)).any())
+
+    def clear_flag(self, t: Tab, flag: int, unless: int) -> None:
+        np = self.np
+        sel = (t & np.uint64(unless)) == 0
+        t[sel] &= np.uint64(~flag & (2**64 - 1))
+
+    def set_flag(self, t: Tab, idx: Tab, flag: int) -> None:
+        t[self.np.asarray(idx, dtype=self.np.int64)] |= self.np.uint64(flag)
+
+    def positions_equal(self, t: Tab, value: int) -> Tab:
+        return self.np.flatnonzero(self.np.asarray(t) == value)
+
+    def count_equal(self, t: Tab, value: int) -> int:
+        return int(self.np.count_nonzero(t == self.np.uint64(value)))
+
+    def equal(self, a: Tab, b: Tab) -> bool:
+        return bool(self.np.array_equal(a, b))
+
+    def unique_counts(self, t: Tab) -> tuple[list[int], list[int]]:
+        keys, counts = self.np.unique(t, return_counts=True)
+        return keys.tolist(), counts.tolist()
+
     def deltas(self) -> Deltas:
         return _NumpyDeltas()
 
@@ -661,6 +922,11 @@ def np_any_gt(seg: Tab, limit: int) -> bool:
 
 SMALL: Backend = _Small()
 NUMPY: Backend = _Numpy()
+
+
+def of(t: Tab) -> Backend:
+    """The backend a table belongs to."""
+    return SMALL if isinstance(t, list) else NUMPY
 
 
 def backend_for(nbytes: int) -> Backend:

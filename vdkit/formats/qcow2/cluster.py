@@ -14,6 +14,7 @@ from vdkit.errors import EFBIG, CorruptImageError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster_type import ClusterType
 from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.io import tables
 from vdkit.record import cached_property, record
 
 # typing, collections and dataclasses are not imported at run time: snapshot, check, map and create start
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Backend, Tab
 
 if TYPE_CHECKING:
     from typing import TypeVar
@@ -144,22 +146,25 @@ class Geometry:
         return ClusterType.UNALLOCATED
 
     # -- whole-table decoding --------------------------------------------------------------------
-    def decode_l2(self, raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """Entries and bitmaps (zeros without extended L2) of one L2 table."""
-        words = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    def decode_l2(self, raw: bytes, T: Backend | None = None) -> tuple[Tab, Tab]:
+        """Entries and bitmaps (zeros without extended L2) of one L2 table, as tables of the backend
+        ``T`` (numpy's by default; the snapshot walk of a small image uses lists)."""
+        T = T or tables.NUMPY
+        words = T.decode_u64(raw)
         if self.extended_l2:
-            return words[0::2].copy(), words[1::2].copy()
-        return words, np.zeros(len(words), dtype=np.uint64)
+            return T.strided(words, 0, 2), T.strided(words, 1, 2)
+        return words, T.zeros(len(words))
 
-    def encode_l2(self, entries: np.ndarray, bitmaps: np.ndarray) -> bytes:
+    def encode_l2(self, entries: Tab, bitmaps: Tab) -> bytes:
+        T = tables.of(entries)
         if self.extended_l2:
-            words = np.empty(len(entries) * 2, dtype=np.uint64)
+            words = T.zeros(len(entries) * 2)
             words[0::2] = entries
             words[1::2] = bitmaps
-            return words.astype(">u8").tobytes()
-        return entries.astype(">u8").tobytes()
+            return T.encode_u64(words)
+        return T.encode_u64(entries)
 
-    def l2_references(self, entries: np.ndarray, *, where: str = "") -> np.ndarray:
+    def l2_references(self, entries: Tab, *, where: str = "") -> Tab:
         """Host cluster indices an L2 table references (with multiplicity).
 
         Normal and preallocated-zero clusters count once; a compressed
@@ -167,43 +172,44 @@ class Geometry:
         an external data file nothing is refcounted.  Unaligned offsets are
         corruption: we refuse to touch such an image.
         """
+        T = tables.of(entries)
         if self.has_data_file:
-            return np.zeros(0, dtype=np.int64)
-        comp = (entries & _U64(L.OFLAG_COMPRESSED)) != 0
-        std = entries[~comp]
-        offs = std & _U64(L.L2E_OFFSET_MASK)
-        offs = offs[offs != 0]
-        if len(offs) and np.any(offs & _U64(self.cluster_size - 1)):
-            bad = int(offs[(offs & _U64(self.cluster_size - 1)) != 0][0])
+            return T.indices([])
+        entries = T.nonzero_values(entries)  # (mostly a table's entries are 0)
+        offs = T.masked_nonzero(T.with_flag(entries, L.OFLAG_COMPRESSED, False), L.L2E_OFFSET_MASK)
+        bad = T.first_misaligned(offs, self.cluster_size)
+        if bad is not None:
             raise CorruptImageError(
                 f"Cluster allocation offset {bad:#x} unaligned{where}", errno=5
             )
-        refs = [(offs >> _U64(self.cluster_bits)).astype(np.int64)]
-        for e in entries[comp].tolist():
-            coff, csize = self.compressed_range(int(e))
+        refs = [T.shifted(offs, self.cluster_bits)]
+        for e in T.tolist(T.with_flag(entries, L.OFLAG_COMPRESSED, True)):
+            coff, csize = self.compressed_range(e)
             first = coff >> self.cluster_bits
             last = (coff + csize - 1) >> self.cluster_bits
-            refs.append(np.arange(first, last + 1, dtype=np.int64))
-        return np.concatenate(refs)
+            refs.append(T.arange(first, last + 1))
+        return T.concat(refs)
 
-    def l1_tables(self, l1: np.ndarray) -> np.ndarray:
+    def l1_tables(self, l1: Tab) -> Tab:
         """L2 table offsets of an L1 (entries with bit 63 etc. masked; 0 = none)."""
-        offs = l1 & _U64(L.L1E_OFFSET_MASK)
-        if np.any(offs & _U64(self.cluster_size - 1)):
-            bad = int(offs[(offs & _U64(self.cluster_size - 1)) != 0][0])
+        T = tables.of(l1)
+        offs = T.masked(l1, L.L1E_OFFSET_MASK)
+        bad = T.first_misaligned(offs, self.cluster_size)
+        if bad is not None:
             raise CorruptImageError(f"L2 table offset {bad:#x} unaligned", errno=5)
         return offs
 
 
-def read_l1(file: ImageFile, offset: int, size: int) -> np.ndarray:
-    """An L1 table as a writable ``uint64`` array."""
+def read_l1(file: ImageFile, offset: int, size: int, T: Backend | None = None) -> Tab:
+    """An L1 table as a writable table of the backend ``T`` (numpy's ``uint64`` array by default)."""
+    T = T or tables.NUMPY
     if size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    return np.frombuffer(file.pread(offset, size * 8), dtype=">u8").astype(np.uint64)
+        return T.zeros(0)
+    return T.decode_u64(file.pread(offset, size * 8))
 
 
-def encode_l1(l1: np.ndarray) -> bytes:
-    return l1.astype(">u8").tobytes()
+def encode_l1(l1: Tab) -> bytes:
+    return tables.of(l1).encode_u64(l1)
 
 
 class L2Cache:
@@ -277,11 +283,12 @@ class ClusterMap:
     """The active L1 table in memory plus lookup and growth through the L2 cache."""
 
     def __init__(self, file: ImageFile, geom: Geometry, l1_offset: int, l1_size: int,
-                 on_l1_switch: Callable[[int, int], None] | None = None) -> None:
+                 on_l1_switch: Callable[[int, int], None] | None = None, T: Backend | None = None) -> None:
         self.file = file
         self.geom = geom
         self.l1_offset = l1_offset
-        self.l1 = read_l1(file, l1_offset, l1_size)
+        # (a list when the driver's l1_backend asks for it: indexing and len() work alike)
+        self.l1: np.ndarray = read_l1(file, l1_offset, l1_size, T)
         self.l2 = L2Cache(file, geom)
         self.on_l1_switch = on_l1_switch  # (offset, size) after the header moved to a new L1
 

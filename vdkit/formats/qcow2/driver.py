@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfoSpecific
+    from vdkit.io.tables import Backend
 
 
 @record(frozen=True)
@@ -336,12 +337,16 @@ class Qcow2Driver(FormatDriver):
             rc.overlap_check = lambda off, n, ignore: self.io._check_overlap(off, n, ignore=ignore)
         return rc
 
+    # The table backend the active L1 is read with (None: numpy).  A snapshot operation on a small image
+    # sets it before the cluster map exists, so that its walk and overlap checks run on lists.
+    l1_backend: Backend | None = None
+
     @cached_property
     def clusters(self) -> ClusterMap:
         from vdkit.formats.qcow2.cluster import ClusterMap
 
         cm = ClusterMap(self.file, self.geometry, self.header.l1_table_offset, self.header.l1_size,
-                        on_l1_switch=self._l1_switched)
+                        on_l1_switch=self._l1_switched, T=self.l1_backend)
         self.refcounts.set_l2_flush(cm.l2.flush)
         return cm
 

@@ -17,8 +17,7 @@ the originals); data clusters are shared exactly as in QEMU.
 from __future__ import annotations
 
 import struct
-
-import numpy as np
+import sys
 
 from vdkit.block.snapshot import (  # the generic lookup, used here and re-exported for callers
     find_by_id_and_name as find_by_id_and_name,
@@ -30,21 +29,20 @@ from vdkit.block.snapshot import name_of as name_of
 from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotFoundError, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.cluster import COMPRESSED, COPIED, OFFSET_MASK, encode_l1, read_l1
+from vdkit.formats.qcow2.cluster import encode_l1, read_l1
 from vdkit.formats.qcow2.overlap import Metadata
 from vdkit.formats.qcow2.refcount import Transaction
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
 from vdkit.io import tables
-
-sorted_unique = tables.NUMPY.unique_sorted
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.io.tables import Backend, Tab
 
-    _NewTable = tuple[np.ndarray, np.ndarray]  # a rewritten L2 table's entries and subcluster bitmaps
+    _NewTable = tuple[Tab, Tab]  # a rewritten L2 table's entries and subcluster bitmaps
 
 _COMMIT = struct.Struct(">QIIQQIIQ")  # header bytes 24..71
 _ULONG_MAX = 2**64 - 1
@@ -98,7 +96,64 @@ def _require_snapshots(drv: Qcow2Driver) -> None:
     if drv.header.has_data_file:
         raise UnsupportedError("Operation not supported", errno=ENOTSUP)
     drv.flush()
-    drv.refcounts.use_backend(tables.NUMPY)
+
+
+def _l2_tables_named(drv: Qcow2Driver, offset: int, size: int) -> int:
+    """How many L2 tables an L1 table names (its non-zero entries; a big table counts whole)."""
+    if size * 8 > tables.NUMPY_MIN_BYTES:
+        return size
+    raw = drv.file.pread(offset, size * 8)
+    return len(raw) // 8 - int(tables.SMALL.decode_u64(raw).count(0))
+
+
+def _backend(drv: Qcow2Driver, *l1s: tuple[int, int]) -> Backend:
+    """The table backend of one operation, by the tables it walks: the refcount metadata and the L2
+    tables of the trees rooted at the active L1 and the L1 tables ``l1s`` (offset, entries).  A
+    process that has numpy loaded already (the daemon, the library in a numpy program) keeps numpy's
+    tables, as its data path does.
+
+    The refcounts switch to it, and the active L1 is read with it when nothing has read it yet.
+    """
+    rc = drv.refcounts
+    h = drv.header
+    cs = h.cluster_size
+    l2 = sum(_l2_tables_named(drv, off, n) for off, n in ((h.l1_table_offset, h.l1_size), *l1s))
+    held = (rc.table_clusters + rc.T.count_nonzero(rc.table, 0, len(rc.table)) + l2) * cs
+    T = tables.backend_for(held)
+    if T is tables.SMALL and tables.FORCE is None and "numpy" in sys.modules:
+        T = tables.NUMPY
+    rc.use_backend(T)
+    _l2_read.clear()
+    if "clusters" not in drv.__dict__:
+        drv.l1_backend = T
+    return T
+
+
+def _active_l1(drv: Qcow2Driver, T: Backend) -> Tab:
+    """A copy of the active L1 table as ``T``'s table (of plain ints: the data path may have stored
+    numpy integers in a list L1)."""
+    return T.array(drv.clusters.l1)
+
+
+_l2_read: dict[int, tuple[Tab, Tab]] = {}  # the list tables one operation decoded, by offset
+
+
+def _l2(drv: Qcow2Driver, T: Backend, offset: int) -> tuple[Tab, Tab]:
+    """Entries and bitmaps of the L2 table at ``offset`` (not to be changed in place).
+
+    The metadata caches were flushed (:func:`_require_snapshots`), so the file holds what the L2 cache
+    would give; the cache is asked where its tables are ``T``'s.  Tables decoded as lists are kept
+    for the rest of the operation (the tree walk and the COPIED rebuild read them both).
+    """
+    if T is tables.NUMPY:
+        return drv.clusters.l2.get(offset)
+    hit = _l2_read.get(offset)
+    if hit is not None:
+        return hit
+    if offset % drv.cluster_size:
+        raise CorruptImageError(f"L2 table offset {offset:#x} unaligned", errno=5)
+    tab = _l2_read[offset] = drv.geometry.decode_l2(drv.file.pread(offset, drv.cluster_size), T)
+    return tab
 
 
 def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
@@ -118,44 +173,44 @@ class _Tree:
     millions of times costs no more than the table itself.
     """
 
-    def __init__(self, drv: Qcow2Driver, l1: np.ndarray) -> None:
+    def __init__(self, drv: Qcow2Driver, l1: Tab) -> None:
         geom = drv.geometry
+        T = self.T = tables.of(l1)
         try:
             offs = geom.l1_tables(l1)
-            self.l2_offsets = offs[offs != 0]
-            self.l2_clusters = (self.l2_offsets >> np.uint64(geom.cluster_bits)).astype(np.int64)
-            distinct, counts = np.unique(self.l2_offsets, return_counts=True)
-            self.parts: list[tuple[np.ndarray, int]] = []
-            for off, k in zip(distinct.tolist(), counts.tolist(), strict=True):
-                entries, _ = drv.clusters.l2.get(off)
+            self.l2_offsets = T.masked_nonzero(offs, L.L1E_OFFSET_MASK)
+            self.l2_clusters = T.shifted(self.l2_offsets, geom.cluster_bits)
+            self.parts: list[tuple[Tab, int]] = []
+            for off, k in zip(*T.unique_counts(self.l2_offsets), strict=True):
+                entries, _ = _l2(drv, T, off)
                 self.parts.append((geom.l2_references(entries, where=f" in L2 table {off:#x}"), k))
         except CorruptImageError:
             raise _unaligned_event(drv, l1) from None
 
-
     @property
-    def data(self) -> np.ndarray:
+    def data(self) -> Tab:
         """Distinct-table data references (each table once)."""
-        return np.concatenate([np.zeros(0, dtype=np.int64)] + [a for a, _ in self.parts])
+        return self.T.concat([a for a, _ in self.parts])
 
     def add_to(self, txn: Transaction, addend: int) -> None:
         txn.add_refs(self.l2_clusters, addend)
         for refs, k in self.parts:
             txn.add_refs(refs, addend * k)
 
-    def increments(self) -> list[tuple[np.ndarray, int]]:
+    def increments(self) -> list[tuple[Tab, int]]:
         """(clusters, times) pairs of one more reference to this whole tree."""
         return [(self.l2_clusters, 1), *self.parts]
 
 
-def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
+def _unaligned_event(drv: Qcow2Driver, l1: Tab) -> VdkitError:
     """The corruption event QEMU signals for the first unaligned offset in L1 order (then L2 order).
 
     Only reached on the error path, so it may walk the tree entry by entry.
     """
     geom = drv.geometry
+    T = tables.of(l1)
     mask = drv.cluster_size - 1
-    for i1, entry in enumerate(l1.tolist()):
+    for i1, entry in enumerate(T.tolist(l1)):
         l2_off = entry & L.L1E_OFFSET_MASK
         if not l2_off:
             continue
@@ -163,16 +218,16 @@ def _unaligned_event(drv: Qcow2Driver, l1: np.ndarray) -> VdkitError:
             return drv.signal_corruption(f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})")
         if geom.has_data_file:
             continue
-        entries, _ = drv.clusters.l2.get(l2_off)
-        for i2, e in enumerate(entries.tolist()):
+        entries, _ = _l2(drv, T, l2_off)
+        for i2, e in enumerate(T.tolist(entries)):
             off = e & L.L2E_OFFSET_MASK
-            if not e & COMPRESSED and off & mask:
+            if not e & L.OFLAG_COMPRESSED and off & mask:
                 return drv.signal_corruption(
                     f"Cluster allocation offset {_hx(off)} unaligned (L2 offset: {_hx(l2_off)}, L2 index: {_hx(i2)})")
     return CorruptImageError("Input/output error", errno=5)
 
 
-def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple[np.ndarray, dict[int, _NewTable]]:
+def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, dict[int, _NewTable]]:
     """The active L1 with COPIED flags for the refcounts the transaction leads to.
 
     L2 tables whose flags change are copied (the originals are reachable from
@@ -180,69 +235,68 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: np.ndarray) -> tuple
     new L1 and the new L2 tables by offset.
     """
     geom = drv.geometry
-    cs_bits = np.uint64(geom.cluster_bits)
-    l1 = l1.copy()
+    T = txn.T
+    bits = geom.cluster_bits
     offs = geom.l1_tables(l1)
     new_tables: dict[int, _NewTable] = {}
     replaced: dict[int, int] = {}
-    # (np.unique without counts would import numpy.ma, 10 ms of a CLI run)
-    distinct = sorted_unique(np.sort(offs[offs != 0])).tolist()
+    distinct = T.tolist(T.unique_sorted(T.masked_nonzero(offs, L.L1E_OFFSET_MASK)))
     # Data refcounts are final before any table is copied: look them all up at once.
-    tables = []
+    found = []
     hosts = []
     for t in distinct:
-        entries, bitmaps = drv.clusters.l2.get(t)
-        std = (entries & COMPRESSED) == 0
-        host = entries & OFFSET_MASK
-        has = np.flatnonzero(std & (host != 0))
-        tables.append((t, entries, bitmaps, std, has))
-        hosts.append((host[has] >> cs_bits).astype(np.int64))
-    all_rc = txn.new_refcounts(np.concatenate(hosts)) if hosts else np.zeros(0, dtype=np.int64)
+        entries, bitmaps = _l2(drv, T, t)
+        has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)  # standard, with a host
+        found.append((t, entries, bitmaps, has))
+        hosts.append(T.shifted(T.masked(T.take(entries, has), L.L2E_OFFSET_MASK), bits))
+    all_rc = txn.new_refcounts(T.concat(hosts))
     pos = 0
-    for t, entries, bitmaps, std, has in tables:
+    for t, entries, bitmaps, has in found:
         rc = all_rc[pos : pos + len(has)]
         pos += len(has)
-        want = entries.copy()
-        want[std] &= ~COPIED
-        want[has[rc == 1]] |= COPIED
-        if not np.array_equal(want, entries):
+        want = T.copy(entries)
+        T.clear_flag(want, L.OFLAG_COPIED, L.OFLAG_COMPRESSED)
+        T.set_flag(want, T.take(has, T.positions_equal(rc, 1)), L.OFLAG_COPIED)
+        if not T.equal(want, entries):
             # QEMU writes this table back in place: where the table names other metadata (a damaged
             # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
             drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)
-            k = int(np.count_nonzero(offs == np.uint64(t)))
+            k = T.count_equal(offs, t)
             new_off = txn.alloc(geom.cluster_size)
             if k > 1:
-                txn.add_refs(np.full(k - 1, new_off >> geom.cluster_bits, dtype=np.int64), 1)
-            txn.add_refs(np.full(k, t >> geom.cluster_bits, dtype=np.int64), -1)
+                txn.add_refs([new_off >> bits] * (k - 1), 1)
+            txn.add_refs([t >> bits] * k, -1)
             txn.write(new_off, geom.encode_l2(want, bitmaps))
-            new_tables[new_off] = (want, bitmaps.copy())
+            new_tables[new_off] = (want, T.copy(bitmaps))
             replaced[t] = new_off
     # L1 entries: new offsets, COPIED iff the table's final refcount is 1
-    out = np.zeros(len(l1), dtype=np.uint64)
-    nz = np.flatnonzero(offs)
-    if len(nz):
-        final = np.array([replaced.get(int(o), int(o)) for o in offs[nz].tolist()], dtype=np.uint64)
-        rc = txn.new_refcounts((final >> cs_bits).astype(np.int64))
+    out = T.zeros(len(l1))
+    offs_l = T.tolist(offs)
+    nz = [i for i, o in enumerate(offs_l) if o]
+    if nz:
+        final = [replaced.get(offs_l[i], offs_l[i]) for i in nz]
+        rcs = T.tolist(txn.new_refcounts(T.indices([f >> bits for f in final])))
         # (reserved bits are dropped, as QEMU's refcount update rewrites the entries of the active L1:
         # keeping them would leave check one error more than qemu-img's result, seed 270)
-        out[nz] = final | np.where(rc == 1, COPIED, np.uint64(0))
+        for i, f, r in zip(nz, final, rcs, strict=True):
+            out[i] = f | L.OFLAG_COPIED if r == 1 else f
     return out, new_tables
 
 
-def _in_use_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> np.ndarray:
+def _in_use_clusters(drv: Qcow2Driver, T: Backend, trees: Iterable[_Tree]) -> Tab:
     """Clusters the current state uses: metadata plus the walked trees (tables and data)."""
     h = drv.header
     bits = h.cluster_bits
     cs = h.cluster_size
-    parts = [np.zeros(1, dtype=np.int64)]
+    parts = [T.indices([0])]
 
     def rng(off: int, length: int) -> None:
         if length > 0:
-            parts.append(np.arange(off >> bits, ((off + length - 1) >> bits) + 1, dtype=np.int64))
+            parts.append(T.arange(off >> bits, ((off + length - 1) >> bits) + 1))
 
     rc = drv.refcounts
     rng(rc.table_offset, rc.table_clusters * cs)
-    parts.append(np.asarray([o >> bits for o in rc.block_clusters()], dtype=np.int64))
+    parts.append(T.indices([o >> bits for o in rc.block_clusters()]))
     rng(drv.clusters.l1_offset, drv.clusters.l1_size * 8)
     if h.nb_snapshots:
         rng(h.snapshots_offset, drv.snapshot_table_size)
@@ -250,7 +304,7 @@ def _in_use_clusters(drv: Qcow2Driver, trees: Iterable[_Tree]) -> np.ndarray:
         rng(e.l1_table_offset, e.l1_size * 8)
     for tree in trees:
         parts += [tree.l2_clusters, tree.data]
-    return np.concatenate(parts)  # duplicates are harmless to the membership test
+    return T.concat(parts)  # duplicates are harmless to the membership test
 
 
 def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
@@ -261,22 +315,19 @@ def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
     anyway in a new block would leave ``check`` one error more than before.
     """
     rc = drv.refcounts
-    epb = rc.entries_per_block
-    refs = np.concatenate([tree.l2_clusters, tree.data])
+    T = tree.T
+    refs = T.concat([tree.l2_clusters, tree.data])
     if not len(refs):
         return
-    rts = sorted_unique(np.sort(refs // epb))
-    entries = np.zeros(len(rts), dtype=np.uint64)
-    inside = rts < len(rc.table)
-    entries[inside] = rc.table[rts[inside]] & np.uint64(L.REFT_OFFSET_MASK)
-    if (entries == 0).any():
+    rts = T.unique_shifted(refs, rc.entries_per_block.bit_length() - 1)
+    if any(rt >= len(rc.table) or not int(rc.table[rt]) & L.REFT_OFFSET_MASK for rt in rts):
         import errno
         import os
 
         raise VdkitError(os.strerror(errno.EAGAIN), errno=errno.EAGAIN)
 
 
-def _refuse_tables_at_zero(*l1s: np.ndarray) -> None:
+def _refuse_tables_at_zero(*l1s: Tab) -> None:
     """Refuse (EINVAL) an L1 table whose counts change and that has an entry naming an L2 table at offset 0.
 
     Only reserved bits make such an entry non-zero.  Ordinary I/O reads it as unallocated, but
@@ -285,7 +336,7 @@ def _refuse_tables_at_zero(*l1s: np.ndarray) -> None:
     dropping the entry, or moving the metadata the header names, would change what it counts.
     """
     for l1 in l1s:
-        if ((l1 != 0) & ((l1 & np.uint64(L.L1E_OFFSET_MASK)) == 0)).any():
+        if tables.of(l1).any_masked_zero(l1, L.L1E_OFFSET_MASK):
             raise CorruptImageError("Invalid argument", errno=22)
 
 
@@ -298,13 +349,13 @@ def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> No
     before.  QEMU updates those structures in place; vdkit leaves the image as it is instead.
     """
     rc = drv.refcounts
+    T = rc.T
     bits = drv.header.cluster_bits
-    blocks = rc.table & np.uint64(L.REFT_OFFSET_MASK)
-    meta = (blocks[blocks != 0] >> np.uint64(bits)).astype(np.int64)
     first = rc.table_offset >> bits
-    meta = np.concatenate([meta, np.arange(first, first + rc.table_clusters, dtype=np.int64)])
+    meta = T.concat([T.shifted(T.masked_nonzero(rc.table, L.REFT_OFFSET_MASK), bits),
+                     T.arange(first, first + rc.table_clusters)])
     for tree in trees:
-        if np.isin(tree.l2_clusters, meta).any() or np.isin(tree.data, meta).any():
+        if T.members(tree.l2_clusters, meta) or T.members(tree.data, meta):
             raise CorruptImageError("Invalid argument", errno=22)
 
 
@@ -317,8 +368,8 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
     ``check`` would count more errors than before.  QEMU writes over such a cluster in place;
     vdkit leaves the image as it is instead.
     """
-    keys, sums = txn.deltas()
-    freed = keys[sums < 0]
+    T = txn.T
+    freed = txn._deltas.negative_keys()
     if not len(freed):
         return
     bits = drv.header.cluster_bits
@@ -326,7 +377,7 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
         if n <= 0:
             continue
         first, last = off >> bits, (off + n * 8 - 1) >> bits
-        if np.isin(np.arange(first, last + 1, dtype=np.int64), freed).any():
+        if T.members(T.arange(first, last + 1), freed):
             raise CorruptImageError("Invalid argument", errno=22)
 
 
@@ -334,8 +385,8 @@ def _commit(
     drv: Qcow2Driver,
     txn: Transaction,
     *,
-    l1: np.ndarray,
-    old_l1: np.ndarray,
+    l1: Tab,
+    old_l1: Tab,
     snapshots: list[SnapshotEntry] | None,
     new_tables: dict[int, _NewTable],
     trees: Iterable[_Tree],
@@ -344,8 +395,9 @@ def _commit(
     """Place the new L1 and snapshot table, then switch the header in one write."""
     h = drv.header
     cm = drv.clusters
+    T = txn.T
     l1_off = cm.l1_offset
-    if len(l1) != len(old_l1) or not np.array_equal(l1, old_l1):
+    if not T.equal(l1, old_l1):
         if len(old_l1):
             txn.add_range(cm.l1_offset, len(old_l1) * 8, -1)
         l1_off = txn.alloc(len(l1) * 8) if len(l1) else 0
@@ -374,7 +426,8 @@ def _commit(
     if l1_off == cm.l1_offset:
         kept_l1s.append((l1_off, len(l1)))
     _refuse_freed_l1_clusters(drv, txn, kept_l1s)
-    meta = _in_use_clusters(drv, trees)
+    meta = _in_use_clusters(drv, T, trees)
+    _l2_read.clear()
     try:
         txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
     except BaseException:
@@ -382,13 +435,15 @@ def _commit(
         drv.clusters.l2.drop()
         drv.refcounts.drop_cache()
         raise
-    cm.l1 = l1
+    # the cluster map keeps its kind of table (numpy's unless this operation read it as a list)
+    cm.l1 = l1 if tables.of(cm.l1) is T else tables.of(cm.l1).convert(l1)
     cm.l1_offset = l1_off
     cm.l2.drop()
     if "io" in drv.__dict__:  # the data path caches decoded tables
         drv.io.invalidate()
-    for off, (ent, bm) in new_tables.items():
-        cm.l2._insert(off, (ent, bm))
+    if T is tables.NUMPY:  # the L2 cache holds numpy's tables
+        for off, (ent, bm) in new_tables.items():
+            cm.l2._insert(off, (ent, bm))
     if snapshots is not None:
         drv._snapshots = list(snapshots)
         drv.snapshot_table_size = snap_size
@@ -408,7 +463,7 @@ def vm_state_offset(drv: Qcow2Driver, disk_size: int | None = None) -> int:
     return h.l1_entries_needed(h.size if disk_size is None else disk_size) * drv.geometry.l1_span
 
 
-def _vm_state_tables(drv: Qcow2Driver, txn: Transaction, snap_l1: np.ndarray, first: int, data: bytes) -> None:
+def _vm_state_tables(drv: Qcow2Driver, txn: Transaction, snap_l1: Tab, first: int, data: bytes) -> None:
     """Store ``data`` in fresh clusters mapped from ``snap_l1[first:]`` (referenced only by the snapshot)."""
     geom = drv.geometry
     cs = geom.cluster_size
@@ -416,17 +471,17 @@ def _vm_state_tables(drv: Qcow2Driver, txn: Transaction, snap_l1: np.ndarray, fi
     base = txn.alloc(n * cs)
     txn.write(base, data + bytes(n * cs - len(data)))
     per = geom.l2_entries
+    T = txn.T
     for k in range(0, n, per):
-        entries = np.zeros(per, dtype=np.uint64)
+        entries = T.zeros(per)
         count = min(per, n - k)
-        offs = base + np.arange(k, k + count, dtype=np.uint64) * np.uint64(cs)
-        entries[:count] = offs | COPIED
-        bitmaps = np.zeros(per, dtype=np.uint64)
+        T.set_strided(entries, 0, 1, (base + k * cs) | L.OFLAG_COPIED, count, cs)
+        bitmaps = T.zeros(per)
         if geom.extended_l2:
-            bitmaps[:count] = np.uint64(0xFFFFFFFF)
+            T.set_slice(bitmaps, 0, T.array([0xFFFFFFFF] * count))
         l2_off = txn.alloc(cs)
         txn.write(l2_off, geom.encode_l2(entries, bitmaps))
-        snap_l1[first + k // per] = np.uint64(l2_off) | COPIED
+        snap_l1[first + k // per] = l2_off | L.OFLAG_COPIED
 
 
 def create(
@@ -451,8 +506,8 @@ def create(
     if len(entries) >= L.MAX_SNAPSHOTS:
         raise VdkitError("File too large", errno=EFBIG)
     h = drv.header
-    cm = drv.clusters
-    active = cm.l1.copy()
+    T = _backend(drv)
+    active = _active_l1(drv, T)
     _refuse_tables_at_zero(active)
     if vm_state is not None:
         vm_state_size = len(vm_state)
@@ -469,23 +524,23 @@ def create(
     trees = []
     if vm_state is not None:
         # The active tree drops whatever it mapped past the disk (state of an earlier revert).
-        beyond = active.copy()
-        beyond[:disk_entries] = 0
+        beyond = T.copy(active)
+        T.set_slice(beyond, 0, T.zeros(min(disk_entries, len(active))))
         old_vm = _Tree(drv, beyond)
         old_vm.add_to(txn, -1)
         trees.append(old_vm)
-        active_new = active.copy()
-        active_new[disk_entries:] = 0
+        active_new = T.copy(active)
+        T.set_slice(active_new, disk_entries, T.zeros(max(0, len(active) - disk_entries)))
         geom = drv.geometry
         first = vm_state_offset(drv) // geom.l1_span
         needed = first + max(1, -(-len(vm_state) // (geom.cluster_size * geom.l2_entries)))
         if needed > L.MAX_L1_SIZE // 8:
             raise VdkitError("File too large", errno=EFBIG)
-        snap_l1 = np.zeros(max(len(active), needed), dtype=np.uint64)
-        snap_l1[: len(active)] = active_new
+        snap_l1 = T.zeros(max(len(active), needed))
+        T.set_slice(snap_l1, 0, active_new)
     else:
         active_new = active
-        snap_l1 = active.copy()
+        snap_l1 = T.copy(active)
     tree = _Tree(drv, active_new)
     _refuse_unbacked_references(drv, tree)
     tree.add_to(txn, +1)  # the snapshot's L1 references the current tree
@@ -496,8 +551,8 @@ def create(
     if len(snap_l1):
         entry.l1_table_offset = txn.alloc(len(snap_l1) * 8)
         txn.write(entry.l1_table_offset, encode_l1(snap_l1))
-    l1, tables = _rebuild_active(drv, txn, active_new)
-    _commit(drv, txn, l1=l1, old_l1=active, snapshots=[*entries, entry], new_tables=tables, trees=trees)
+    l1, new_tables = _rebuild_active(drv, txn, active_new)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=[*entries, entry], new_tables=new_tables, trees=trees)
     return entry
 
 
@@ -522,17 +577,18 @@ def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None
         raise SnapshotNotFoundError("Can't find the snapshot", errno=ENOENT)
     _validate_snapshot_l1(drv, victim)
     remaining = [e for e in entries if e is not victim]
-    cm = drv.clusters
-    active = cm.l1.copy()
+    T = _backend(drv, (victim.l1_table_offset, victim.l1_size))
+    active = _active_l1(drv, T)
     txn = Transaction(drv.refcounts)
-    snap_l1 = read_l1(drv.file, victim.l1_table_offset, victim.l1_size)
+    snap_l1 = read_l1(drv.file, victim.l1_table_offset, victim.l1_size, T)
     _refuse_tables_at_zero(snap_l1, active)
     tree = _Tree(drv, snap_l1)
     tree.add_to(txn, -1)
     txn.add_range(victim.l1_table_offset, victim.l1_size * 8, -1)
     active_tree = _Tree(drv, active)
-    l1, tables = _rebuild_active(drv, txn, active)
-    _commit(drv, txn, l1=l1, old_l1=active, snapshots=remaining, new_tables=tables, trees=[tree, active_tree])
+    l1, new_tables = _rebuild_active(drv, txn, active)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=remaining, new_tables=new_tables,
+            trees=[tree, active_tree])
     return victim
 
 
@@ -543,14 +599,14 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
         raise SnapshotNotFoundError("Can't find the snapshot", errno=ENOENT)
     _validate_snapshot_l1(drv, entry)
     h = drv.header
-    cm = drv.clusters
-    active = cm.l1.copy()
+    T = _backend(drv, (entry.l1_table_offset, entry.l1_size))
+    active = _active_l1(drv, T)
     need = h.l1_entries_needed(entry.disk_size)
     if need > L.MAX_L1_SIZE // 8:
         raise CorruptImageError("Snapshot L1 table too large", errno=EFBIG)
     new_size = max(len(active), entry.l1_size, need)
-    snap_l1 = np.zeros(new_size, dtype=np.uint64)
-    snap_l1[: entry.l1_size] = read_l1(drv.file, entry.l1_table_offset, entry.l1_size)
+    snap_l1 = T.zeros(new_size)
+    T.set_slice(snap_l1, 0, read_l1(drv.file, entry.l1_table_offset, entry.l1_size, T))
     _refuse_tables_at_zero(snap_l1, active)
     txn = Transaction(drv.refcounts)
     new_tree = _Tree(drv, snap_l1)
@@ -561,6 +617,6 @@ def revert(drv: Qcow2Driver, entry: SnapshotEntry) -> None:
     old_tree = _Tree(drv, active)
     _refuse_unbacked_references(drv, old_tree)  # (counted down: QEMU's update fails the same way)
     old_tree.add_to(txn, -1)
-    l1, tables = _rebuild_active(drv, txn, snap_l1)
-    _commit(drv, txn, l1=l1, old_l1=active, snapshots=None, new_tables=tables,
+    l1, new_tables = _rebuild_active(drv, txn, snap_l1)
+    _commit(drv, txn, l1=l1, old_l1=active, snapshots=None, new_tables=new_tables,
             trees=[new_tree, old_tree], size=entry.disk_size)
