@@ -302,6 +302,38 @@ def test_library(cluster: ceph.CephCluster) -> None:
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
+def test_sequential_reads_ahead(cluster: ceph.CephCluster) -> None:
+    """A sequential reader has the next pieces read ahead (aio): the bytes are the image's, a reader that
+    changes its piece size or jumps is served right, and a write drops what was read ahead (no stale data)."""
+    import os
+
+    from vdkit.protocols.rbd import RbdFile
+
+    image = cluster.unique("ahead")
+    cluster.rbd("create", "--size", "12M", f"rbd/{image}")
+    data = bytearray(os.urandom(12 << 20))
+    data[5 << 20:7 << 20] = bytes(2 << 20)
+    with RbdFile(cluster.name(image), readonly=False) as f:
+        f.pwrite(0, bytes(data))
+        f.flush()
+        out = bytearray()
+        for offset in range(0, 6 << 20, 1 << 20):  # pieces of 1 MiB, then of 512 KiB, then a jump
+            buf = bytearray(1 << 20)
+            f.readinto(offset, memoryview(buf))
+            out += buf
+        for offset in range(6 << 20, 9 << 20, 512 << 10):
+            buf = bytearray(512 << 10)
+            f.readinto(offset, memoryview(buf))
+            out += buf
+        assert out == data[:9 << 20]
+        f.pwrite(9 << 20, b"\x99" * 4096)  # inside what was read ahead
+        data[9 << 20:(9 << 20) + 4096] = b"\x99" * 4096
+        for offset in (9 << 20, 10 << 20, 11 << 20, 3 << 20):
+            buf = bytearray(1 << 20)
+            f.readinto(offset, memoryview(buf))
+            assert buf == data[offset:offset + (1 << 20)], offset
+
+
 # -- RBD snapshots as internal snapshots ----------------------------------------------------------
 
 def _snap_image(cluster: ceph.CephCluster, name: str) -> None:
