@@ -14,6 +14,7 @@ from pathlib import Path
 from tests.conftest import Result, qemu_img, require_tool, vdkit_img
 from tests.conftest import assert_same as same
 from tests.helpers.limited import run_limited
+from tests.helpers.patching import damage_at
 
 # stderr lines Debian's qemu-img prints for its uninstalled dmg modules (not QEMU's: vdkit prints none)
 _DEBIAN_NOISE = ("qemu: module block-block-dmg-",)
@@ -83,18 +84,9 @@ def damage(base: bytes, rng: random.Random, region: int) -> tuple[bytes, list[st
     desc = []
     for _ in range(rng.randint(1, 4)):
         off = rng.randrange(min(region, len(d)))
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 511, 512, 4096, (1 << (8 * width)) - 1, 1 << (8 * width - 1),
-                              rng.randrange(1 << (8 * width)), len(base), len(base) + 512))
-            d[off:off + width] = val.to_bytes(width, rng.choice(("big", "little")))
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 511, 512, 4096, (1 << (8 * width)) - 1, 1 << (8 * width - 1), rng.randrange(1 << (8 * width)),
+            len(base), len(base) + 512), None))
     return bytes(d), desc
 
 

@@ -11,29 +11,19 @@ from __future__ import annotations
 import json
 import random
 import struct
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
-from tests.helpers.limited import run_limited
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
 
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
-
-
 _io = partial(qemu_io_script, fmt="parallels")  # _io(d, name, [commands]): qemu-io must succeed
-
-
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
 
 
 def _patch(src: Path, dst: Path, fields: list[tuple[int, int, int]], size: int | None = None) -> None:
@@ -48,7 +38,7 @@ def _patch(src: Path, dst: Path, fields: list[tuple[int, int, int]], size: int |
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("parallels")
-    _src_raw(d)
+    src_raw(d)
     check_ok("create", "-q", "-f", "parallels", "p.hds", "4M", cwd=d)
     _io(d, "p.hds", PATTERN)
     check_ok("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", "c64.hds", "8M", cwd=d)
@@ -262,68 +252,40 @@ def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     desc = []
     for _ in range(rng.randint(1, 4)):
         off = rng.randrange(16, 96)
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 3, 4, 5, 0x40, 0x800, 0x746F6E59, (1 << (8 * width)) - 1,
-                              1 << (8 * width - 1), rng.randrange(1 << (8 * width))))
-            d[off:off + width] = val.to_bytes(width, "little")
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 3, 4, 5, 0x40, 0x800, 0x746F6E59, (1 << (8 * width)) - 1, 1 << (8 * width - 1), rng.randrange(1 <<
+            (8 * width))), "little"))
     return bytes(d), desc
 
 
 @pytest.mark.parametrize("chunk", range(3))
 def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
     base = (images / "p.hds").read_bytes()
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(chunk * 10, chunk * 10 + 10):
         data, desc = _damage(base, random.Random(seed))
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.hds").write_bytes(data)
         runs = [["info", "--output=json", "s.hds"], ["map", "--output=json", "s.hds"], ["check", "s.hds"],
                 ["convert", "-O", "raw", "s.hds", "OUT.raw"]]
         rcs = []
         for args in list(runs):
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = sweep.qemu(args)
             if args[0] == "info" and q[0] == 0 and json.loads(q[1])["virtual-size"] > 64 << 20:
                 runs = runs[:1]  # no huge maps or conversions (qemu-img asserts on some of them)
             if args not in runs:
                 continue
             if q[0] < 0:  # qemu-img died on an assertion: nothing to compare with
                 continue
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            sweep.compare(args, q, sweep.vdkit(args))
             rcs.append(q[0])
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         if len(rcs) == 4 and rcs[-1] == 0 and qo.read_bytes() != vo.read_bytes():
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-        # check -r all on copies: same report, same repaired file
-        for who in ("q", "v"):
-            (tmp_path / f"{who}.hds").write_bytes(data)
-        q = run_limited([qimg, "check", "-r", "all", "q.hds"], tmp_path)
-        if q[0] >= 0:
-            v = run_limited([*vimg, "check", "-r", "all", "v.hds"], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} -r: {v[2]}"
-            v = (v[0], v[1].replace("v.hds", "q.hds"),
-                 v[2].replace("vdkit-img:", "qemu-img:").replace("v.hds", "q.hds"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} check -r all:\n  qemu:  {q}\n  vdkit: {v}")
-            qf, vf = tmp_path / "q.hds", tmp_path / "v.hds"
-            if qf.stat().st_size != vf.stat().st_size or (
-                    qf.stat().st_size <= 64 << 20 and qf.read_bytes() != vf.read_bytes()):
-                diffs.append(f"seed {seed} {desc}: files differ after check -r all")
-    assert not diffs, "\n".join(diffs)
+        sweep.repair_alike(data, ".hds")
+    sweep.done()
 
 
 def _extension(entries: bytes, *, checksum_ok: bool = True) -> bytes:

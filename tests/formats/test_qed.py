@@ -20,26 +20,17 @@ import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, require_tool, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
-from tests.helpers.limited import run_limited
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep, run_limited
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
-
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
-
 
 _io = partial(qemu_io_script, fmt="qed")  # _io(d, name, [commands]): qemu-io must succeed
 
 
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
-
-
 def _make(d: Path) -> None:
     """Every variant, made by qemu-img and qemu-io in ``d``."""
-    _src_raw(d)
+    src_raw(d)
     check_ok("create", "-q", "-f", "qed", "q.qed", "4M", cwd=d)
     _io(d, "q.qed", PATTERN)
     check_ok("create", "-q", "-f", "qed", "-o", "cluster_size=4k,table_size=2", "c4k.qed", "12M", cwd=d)
@@ -186,7 +177,7 @@ def test_library_writes(tmp_path: Path, script: int, base: str) -> None:
     import vdkit
 
     d = tmp_path
-    _src_raw(d)
+    src_raw(d)
     check_ok("create", "-q", "-f", "qed", "b.qed", "4M", cwd=d)
     _io(d, "b.qed", ["write -P 0x21 0 3M"])
     extra = {"none": [], "raw": ["-b", "src.raw", "-F", "raw"], "qed": ["-b", "b.qed", "-F", "qed"]}[base]
@@ -312,7 +303,7 @@ def test_daemon_drive(tmp_path: Path) -> None:
     over NBD reads as the image; writes over NBD to both daemons leave the same bytes once they quit."""
 
     def setup(d: Path) -> None:
-        _src_raw(d)
+        src_raw(d)
         check_ok("create", "-q", "-f", "qed", "-b", "src.raw", "-F", "raw", "d.qed", cwd=d)
         _io(d, "d.qed", ["write -P 0x66 4k 4k"])
 
@@ -330,68 +321,40 @@ def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     for _ in range(rng.randint(1, 4)):
         region = rng.choice(((0, 64), (0x10000, 0x10040), (0x60000, 0x60120)))
         off = rng.randrange(*region)
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 512, 4096, 0x10000, 0x50000, 0x60000, 0xA0000, 0xB0000,
-                              (1 << (8 * width)) - 1, 1 << (8 * width - 1), rng.randrange(1 << (8 * width))))
-            d[off:off + width] = val.to_bytes(width, "little")
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 512, 4096, 0x10000, 0x50000, 0x60000, 0xA0000, 0xB0000, (1 << (8 * width)) - 1, 1 << (8 * width -
+            1), rng.randrange(1 << (8 * width))), "little"))
     return bytes(d), desc
 
 
 @pytest.mark.parametrize("chunk", range(3))
 def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
     base = (images / "q.qed").read_bytes()
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(chunk * 10, chunk * 10 + 10):
         data, desc = _damage(base, random.Random(seed))
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.qed").write_bytes(data)
         runs = [["info", "--output=json", "s.qed"], ["map", "--output=json", "s.qed"], ["check", "s.qed"],
                 ["convert", "-O", "raw", "s.qed", "OUT.raw"]]
         rcs = []
         for args in runs:
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = sweep.qemu(args)
             if args[0] == "info" and q[0] == 0 and json.loads(q[1])["virtual-size"] > 64 << 20:
                 runs.pop()  # no multi-gigabyte conversions (vdkit and qemu-img word EFBIG differently)
             if q[0] < 0:  # qemu-img died on an assertion: nothing to compare with
                 continue
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            sweep.compare(args, q, sweep.vdkit(args))
             rcs.append(q[0])
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         # a failed conversion is compared by its error only: qemu-img has copied the data before the
         # bad entry by then, vdkit (whose copier reads block status first) has not
         if rcs[-1] == 0 and len(rcs) == 4 and qo.read_bytes() != vo.read_bytes():
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-        # check -r all on copies: same report, same repaired file
-        for who in ("q", "v"):
-            (tmp_path / f"{who}.qed").write_bytes(data)
-        q = run_limited([qimg, "check", "-r", "all", "q.qed"], tmp_path)
-        if q[0] >= 0:
-            v = run_limited([*vimg, "check", "-r", "all", "v.qed"], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} -r: {v[2]}"
-            v = (v[0], v[1].replace("v.qed", "q.qed"),
-                 v[2].replace("vdkit-img:", "qemu-img:").replace("v.qed", "q.qed"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} check -r all:\n  qemu:  {q}\n  vdkit: {v}")
-            qf, vf = tmp_path / "q.qed", tmp_path / "v.qed"
-            if qf.stat().st_size != vf.stat().st_size or (
-                    qf.stat().st_size <= 64 << 20 and qf.read_bytes() != vf.read_bytes()):
-                diffs.append(f"seed {seed} {desc}: files differ after check -r all")
-    assert not diffs, "\n".join(diffs)
+        sweep.repair_alike(data, ".qed")
+    sweep.done()
 
 
 # -- resize, rebase, commit: same outputs and same bytes ----------------------------------------

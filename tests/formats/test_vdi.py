@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import random
 import struct
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
-from tests.helpers.limited import run_limited
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
 
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 UUIDS = slice(0x188, 0x1A8)  # image and last-snapshot UUID: random in qemu-img's files
-
-
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
 
 
 _io = partial(qemu_io_script, fmt="vdi")  # _io(d, name, [commands]): qemu-io must succeed
@@ -40,7 +32,7 @@ _io = partial(qemu_io_script, fmt="vdi")  # _io(d, name, [commands]): qemu-io mu
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("vdi")
-    _src_raw(d)
+    src_raw(d)
     check_ok("create", "-q", "-f", "vdi", "d.vdi", "4M", cwd=d)
     _io(d, "d.vdi", PATTERN)
     check_ok("create", "-q", "-f", "vdi", "-o", "static=on", "s.vdi", "4M", cwd=d)
@@ -269,29 +261,19 @@ def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     desc = []
     for _ in range(rng.randint(1, 4)):
         off = rng.randrange(*rng.choice(((0x40, 0x1C8), (0x150, 0x188), (0x200, 0x210))))
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 3, 4, 512, 0x400, 1 << 20, (1 << (8 * width)) - 1, (1 << (8 * width)) - 2,
-                              1 << (8 * width - 1), rng.randrange(1 << (8 * width)), len(base)))
-            d[off:off + width] = val.to_bytes(width, "little")
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 3, 4, 512, 0x400, 1 << 20, (1 << (8 * width)) - 1, (1 << (8 * width)) - 2, 1 << (8 * width - 1),
+            rng.randrange(1 << (8 * width)), len(base)), "little"))
     return bytes(d), desc
 
 
 @pytest.mark.parametrize(("base", "chunk"), [("d.vdi", 0), ("d.vdi", 1), ("s.vdi", 0)])
 def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> None:
     data0 = (images / base).read_bytes()
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(chunk * 12, chunk * 12 + 12):
         data, desc = _damage(data0, random.Random(seed))
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.vdi").write_bytes(data)
         blocks = struct.unpack_from("<I", data, 0x180)[0]
         runs = [["info", "--output=json", "s.vdi"], ["info", "-f", "vdi", "--output=json", "s.vdi"],
@@ -299,21 +281,16 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> No
                 *([["check", "-f", "vdi", "s.vdi"]] if blocks <= 1 << 16 else []),
                 ["convert", "-f", "vdi", "-O", "raw", "s.vdi", "OUT.raw"]]
         for args in runs:
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            q = sweep.both(args)
             if args[:2] == ["info", "-f"] and q[0] != 0:
                 break
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         if qo.exists() != vo.exists() or qo.exists() and data_extents(qo) != data_extents(vo) or (
                 qo.exists() and qo.stat().st_size <= 64 << 20 and qo.read_bytes() != vo.read_bytes()):
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-    assert not diffs, "\n".join(diffs)
+    sweep.done()
 
 
 # -- inspect ---------------------------------------------------------------------------------------

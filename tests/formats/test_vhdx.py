@@ -22,24 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, vdkit_img
 from tests.formats.ro_diff import same_read_side
-from tests.helpers.limited import run_limited
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep, run_limited
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
 from vdkit.formats.vhdx import layout as L
 
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
-
-
 _io = partial(qemu_io_script, fmt="vhdx")  # _io(d, name, [commands]): qemu-io must succeed
-
-
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
 
 
 # name -> (create options, size, qemu-io commands)
@@ -58,7 +49,7 @@ VARIANTS: dict[str, tuple[list[str], str, list[str]]] = {
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("vhdx")
-    _src_raw(d)
+    src_raw(d)
     for name, (opts, size, cmds) in VARIANTS.items():
         check_ok("create", "-q", "-f", "vhdx", *opts, name, size, cwd=d)
         if cmds:
@@ -397,20 +388,12 @@ def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     for _ in range(rng.randint(1, 4)):
         start, end, crc = rng.choice(_REGIONS)
         off = rng.randrange(start, end)
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 6, 512, 4096, 1 << 20, 0x800006, 0x1000006, 3 << 20,
-                              (1 << (8 * width)) - 1, 1 << (8 * width - 1), rng.randrange(1 << (8 * width))))
-            d[off:off + width] = val.to_bytes(width, "little")
+        what = damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 6, 512, 4096, 1 << 20, 0x800006, 0x1000006, 3 << 20, (1 << (8 * width)) - 1, 1 << (8 * width - 1),
+            rng.randrange(1 << (8 * width))), "little")
         if crc is not None and rng.random() < 0.7:
             fix.add(crc)
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(what)
     for crc in fix:
         d[crc:crc + _CRC_LEN[crc]] = L.with_crc(bytearray(d[crc:crc + _CRC_LEN[crc]]))
     return bytes(d), desc
@@ -419,27 +402,21 @@ def _damage(base: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
 @pytest.mark.parametrize("chunk", range(1))
 def test_damage_sweep(images: Path, tmp_path: Path, chunk: int) -> None:
     base = (images / "d.vhdx").read_bytes()
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(chunk * 10, chunk * 10 + 10):
         data, desc = _damage(base, random.Random(seed))
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.vhdx").write_bytes(data)
         runs = [["info", "--output=json", "s.vhdx"], ["check", "-f", "vhdx", "s.vhdx"],
                 ["convert", "-f", "vhdx", "-O", "raw", "s.vhdx", "OUT.raw"]]
         for args in runs:
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            sweep.both(args)
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         if qo.exists() != vo.exists() or qo.exists() and qo.read_bytes() != vo.read_bytes():
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-    assert not diffs, "\n".join(diffs)
+    sweep.done()
 
 
 def test_convert_into_existing(images: Path, tmp_path: Path) -> None:

@@ -15,30 +15,22 @@ from __future__ import annotations
 import random
 import re
 import struct
-import sys
 import zlib
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
-from tests.helpers.limited import run_limited
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_img
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
 
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"]
 
 
 _io = partial(qemu_io_script, fmt="vmdk")  # _io(d, name, [commands]): qemu-io must succeed
-
-
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
 
 
 def vmware_stream(capacity_sectors: int, grains: dict[int, bytes]) -> bytes:
@@ -117,7 +109,7 @@ BAD_DESCRIPTORS = {
 
 
 def _make(d: Path) -> None:
-    _src_raw(d)
+    src_raw(d)
     for s in SUBFORMATS:
         check_ok("create", "-q", "-f", "vmdk", "-o", f"subformat={s}", f"{s}.vmdk", "4M", cwd=d)
         _io(d, f"{s}.vmdk", PATTERN if s != "streamOptimized" else ["write -P 0xaa 0 64k", "write -z 1M 64k",
@@ -296,7 +288,7 @@ def _both(tmp_path: Path, args: list[str], setup: list[str] | None = None) -> tu
     q, v = tmp_path / "q", tmp_path / "v"
     for d in (q, v):
         d.mkdir()
-        _src_raw(d)
+        src_raw(d)
         if setup:
             check_ok(*setup, cwd=d)
     rq = qemu_img(*args, cwd=q)
@@ -510,18 +502,9 @@ def _damage(base: bytes, regions: tuple[tuple[int, int], ...], rng: random.Rando
     for _ in range(rng.randint(1, 4)):
         lo, hi = rng.choice(regions)
         off = rng.randrange(lo, hi) % len(d)
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 128, 512, 0x10000, 0x200000, (1 << (8 * width)) - 1, 1 << (8 * width - 1),
-                              rng.randrange(1 << (8 * width))))
-            d[off:off + width] = val.to_bytes(width, "little")
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 128, 512, 0x10000, 0x200000, (1 << (8 * width)) - 1, 1 << (8 * width - 1), rng.randrange(1 << (8 *
+            width))), "little"))
     return bytes(d), desc
 
 
@@ -530,35 +513,31 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str) -> None:
     data0 = (images / base).read_bytes()
     if base == "monolithicFlat.vmdk":
         (tmp_path / "monolithicFlat-flat.vmdk").write_bytes((images / "monolithicFlat-flat.vmdk").read_bytes())
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(12):
         data, desc = _damage(data0, _REGIONS[base], random.Random(seed))
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.vmdk").write_bytes(data)
         runs = [["info", "--output=json", "s.vmdk"], ["check", "s.vmdk"], ["convert", "-O", "raw", "s.vmdk", "OUT.raw"]]
         rcs = []
         for args in runs:
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
+            q = sweep.qemu(args)
             if args[0] == "info" and q[0] == 0 and '"virtual-size": ' in q[1]:
                 size = int(re.search(r'"virtual-size": (\d+)', q[1]).group(1))  # type: ignore[union-attr]
                 if size > 64 << 20:
                     runs.pop()
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
+            v = sweep.vdkit(args)
             if args[0] == "convert":
                 # a failed read is compared by exit status only (the copiers fail at different points)
                 q, v = (q[0], "", ""), (v[0], "", "")
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            sweep.compare(args, q, v)
             rcs.append(q[0])
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         if len(rcs) == 3 and rcs[-1] == 0 and (not vo.exists() or qo.read_bytes() != vo.read_bytes()):
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-    assert not diffs, "\n".join(diffs)
+    sweep.done()
 
 
 def test_inspect(images: Path, tmp_path: Path) -> None:

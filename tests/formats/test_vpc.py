@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import random
 import struct
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, data_extents, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_img
 from tests.formats.daemon_diff import daemon_drive_roundtrip
-from tests.helpers.limited import run_limited
+from tests.helpers.disk import PATTERN, src_raw
+from tests.helpers.limited import Sweep
+from tests.helpers.patching import damage_at
 from tests.helpers.qemu_io import qemu_io_script
-
-PATTERN = ["write -P 0xaa 0 64k", "write -z 1M 64k", "write -P 0x55 2052k 4k"]
-
-
-def _src_raw(d: Path) -> None:
-    disk = bytearray(4 << 20)
-    disk[0:65536] = b"\xaa" * 65536
-    disk[2052 * 1024:2056 * 1024] = b"\x55" * 4096
-    disk[4032 * 1024:] = b"\x11" * (64 * 1024)
-    (d / "src.raw").write_bytes(bytes(disk))
-
 
 _io = partial(qemu_io_script, fmt="vpc")  # _io(d, name, [commands]): qemu-io must succeed
 
@@ -51,7 +41,7 @@ FIXED = ("f.vpc", "ffs.vpc")
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("vpc")
-    _src_raw(d)
+    src_raw(d)
     for name, (opts, pattern) in IMAGES.items():
         check_ok("create", "-q", "-f", "vpc", *(["-o", opts] if opts else []), name, "4M", cwd=d)
         if pattern:
@@ -368,7 +358,7 @@ def test_convert_to_vpc(images: Path, tmp_path: Path, opts: str, src: str) -> No
 
 def test_convert_chain_of_writes(tmp_path: Path) -> None:
     """Data written by vdkit into an existing dynamic image (convert -n) lands as qemu-img's does."""
-    _src_raw(tmp_path)
+    src_raw(tmp_path)
     for p in ("q", "v"):
         check_ok("create", "-q", "-f", "vpc", f"{p}.vpc", "4M", cwd=tmp_path)
     check_ok("convert", "-n", "-O", "vpc", "src.raw", "q.vpc", cwd=tmp_path)
@@ -407,18 +397,9 @@ def _damage(base: bytes, rng: random.Random, regions: list[tuple[int, int]],
     desc = []
     for _ in range(rng.randint(1, 4)):
         off = rng.randrange(*rng.choice(regions))
-        kind = rng.choice(("byte", "flip", "u32", "u64"))
-        if kind == "byte":
-            d[off] = rng.randrange(256)
-        elif kind == "flip":
-            d[off] ^= 1 << rng.randrange(8)
-        else:
-            width = 4 if kind == "u32" else 8
-            off -= off % width
-            val = rng.choice((0, 1, 2, 3, 4, 512, 1536, 4096, 0x1005, 0x200000, (1 << (8 * width)) - 1,
-                              1 << (8 * width - 1), rng.randrange(1 << (8 * width)), len(base), len(base) // 512))
-            d[off:off + width] = val.to_bytes(width, "big")
-        desc.append(f"{kind}@{off:#x}")
+        desc.append(damage_at(d, rng, off, lambda width: (
+            0, 1, 2, 3, 4, 512, 1536, 4096, 0x1005, 0x200000, (1 << (8 * width)) - 1, 1 << (8 * width - 1),
+            rng.randrange(1 << (8 * width)), len(base), len(base) // 512), "big"))
     if rng.random() < 0.5:
         for at in footers:
             block = d[at:at + 512]
@@ -438,31 +419,25 @@ def test_damage_sweep(images: Path, tmp_path: Path, base: str, chunk: int) -> No
     else:
         regions = [(size - 512, size - 412)]
         footers = [size - 512]
-    qimg = require_tool("qemu-img")
-    vimg = [sys.executable, "-m", "vdkit.cli.main"]
-    diffs = []
+    sweep = Sweep(tmp_path)
     for seed in range(chunk * 12, chunk * 12 + 12):
         data, desc = _damage(data0, random.Random(seed), regions, footers)
+        sweep.label = f"seed {seed} {desc}"
         (tmp_path / "s.vpc").write_bytes(data)
         runs = [["info", "--output=json", "s.vpc"], ["info", "-f", "vpc", "--output=json", "s.vpc"],
                 ["map", "-f", "vpc", "--output=json", "s.vpc"],
                 ["convert", "-f", "vpc", "-O", "raw", "s.vpc", "OUT.raw"]]
         for args in runs:
-            q = run_limited([qimg, *[a.replace("OUT", "q") for a in args]], tmp_path)
-            v = run_limited([*vimg, *[a.replace("OUT", "v") for a in args]], tmp_path, limit=True)
-            assert "Traceback" not in v[2] and "internal error" not in v[2], f"seed {seed} {desc} {args}: {v[2]}"
-            v = (v[0], v[1], v[2].replace("vdkit-img:", "qemu-img:"))
-            if q != v:
-                diffs.append(f"seed {seed} {desc} {args}:\n  qemu:  {q}\n  vdkit: {v}")
+            q = sweep.both(args)
             if args[0] == "info" and q[0] != 0:
                 break
         qo, vo = tmp_path / "q.raw", tmp_path / "v.raw"
         if qo.exists() != vo.exists() or qo.exists() and data_extents(qo) != data_extents(vo) or (
                 qo.exists() and qo.stat().st_size <= 64 << 20 and qo.read_bytes() != vo.read_bytes()):
-            diffs.append(f"seed {seed} {desc}: converted data differs")
+            sweep.diffs.append(f"seed {seed} {desc}: converted data differs")
         for p in (qo, vo):
             p.unlink(missing_ok=True)
-    assert not diffs, "\n".join(diffs)
+    sweep.done()
 
 
 # -- inspect ---------------------------------------------------------------------------------------

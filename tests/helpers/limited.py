@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import _ENV
@@ -25,3 +26,63 @@ def run_limited(cmd: list[str], cwd: Path, limit: bool = False) -> tuple[int, st
     p = subprocess.run(cmd, cwd=cwd, capture_output=True, timeout=120, env=_ENV,
                        preexec_fn=_limit_memory if limit else None)
     return p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+
+
+Outcome = tuple[int, str, str]
+
+
+class Sweep:
+    """The damage sweeps' comparisons of one format: qemu-img as it is, vdkit-img under the address-space
+    limit; every difference is collected (:meth:`done` lists all seeds' at once, not only the first).
+
+    ``OUT`` in arguments becomes ``q`` for qemu-img and ``v`` for vdkit-img (their own output files);
+    vdkit's stderr is compared in qemu-img's name.  Set :attr:`label` (seed and damage) per image.
+    """
+
+    def __init__(self, cwd: Path) -> None:
+        from tests.conftest import require_tool
+
+        self.cwd = cwd
+        self.label = ""
+        self.diffs: list[str] = []
+        self._qemu_img = require_tool("qemu-img")
+
+    def qemu(self, args: list[str]) -> Outcome:
+        return run_limited([self._qemu_img, *[a.replace("OUT", "q") for a in args]], self.cwd)
+
+    def vdkit(self, args: list[str], *, rename: tuple[str, str] = ("", "")) -> Outcome:
+        """vdkit-img's outcome, which must not be a traceback; ``rename``: a name replaced in its output."""
+        code, out, err = run_limited([sys.executable, "-m", "vdkit.cli.main",
+                                      *[a.replace("OUT", "v") for a in args]], self.cwd, limit=True)
+        assert "Traceback" not in err and "internal error" not in err, f"{self.label} {args}: {err}"
+        err = err.replace("vdkit-img:", "qemu-img:")
+        if rename[0]:
+            out, err = out.replace(*rename), err.replace(*rename)
+        return code, out, err
+
+    def compare(self, what: object, q: Outcome, v: Outcome) -> None:
+        if q != v:
+            self.diffs.append(f"{self.label} {what}:\n  qemu:  {q}\n  vdkit: {v}")
+
+    def both(self, args: list[str]) -> Outcome:
+        """Both tools on ``args``, compared; qemu-img's outcome."""
+        q = self.qemu(args)
+        self.compare(args, q, self.vdkit(args))
+        return q
+
+    def repair_alike(self, data: bytes, suffix: str) -> None:
+        """``check -r all`` on two copies of ``data``: the same report and the same repaired file (not
+        compared where qemu-img died on an assertion)."""
+        qf, vf = self.cwd / f"q{suffix}", self.cwd / f"v{suffix}"
+        qf.write_bytes(data)
+        vf.write_bytes(data)
+        q = self.qemu(["check", "-r", "all", qf.name])
+        if q[0] < 0:
+            return
+        self.compare("check -r all", q, self.vdkit(["check", "-r", "all", vf.name], rename=(vf.name, qf.name)))
+        if qf.stat().st_size != vf.stat().st_size or (
+                qf.stat().st_size <= 64 << 20 and qf.read_bytes() != vf.read_bytes()):
+            self.diffs.append(f"{self.label}: files differ after check -r all")
+
+    def done(self) -> None:
+        assert not self.diffs, "\n".join(self.diffs)

@@ -6,8 +6,11 @@ patchers they share (``tests.data.generate`` re-exports them).
 
 from __future__ import annotations
 
+import random
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
@@ -53,3 +56,24 @@ def u32_of(data: bytes | bytearray, offset: int) -> int:
 def u64_of(data: bytes | bytearray, offset: int) -> int:
     """As :func:`u32_of`, eight bytes."""
     return int.from_bytes(bytes(data[offset : offset + 8]).ljust(8, b"\0"), "big")
+
+
+def damage_at(d: bytearray, rng: random.Random, off: int, values: Callable[[int], Sequence[int]],
+              byteorder: Literal["big", "little"] | None) -> str:
+    """One random change at ``off`` of ``d``, as the damage sweeps make them: a random byte, one bit flipped,
+    or the u32/u64 field holding ``off`` (aligned down) set to one of ``values(width)`` (boundary values of
+    the format, built when asked so that their random members draw from ``rng`` in turn) in ``byteorder``
+    (None: either, drawn after the value).  Its description, ``kind@offset``.
+
+    The draws from ``rng`` come in a fixed order, so a seed names the same damage in every run."""
+    kind = rng.choice(("byte", "flip", "u32", "u64"))
+    if kind == "byte":
+        d[off] = rng.randrange(256)
+    elif kind == "flip":
+        d[off] ^= 1 << rng.randrange(8)
+    else:
+        width = 4 if kind == "u32" else 8
+        off -= off % width
+        val = rng.choice(values(width))
+        d[off:off + width] = val.to_bytes(width, byteorder or rng.choice(("big", "little")))
+    return f"{kind}@{off:#x}"
