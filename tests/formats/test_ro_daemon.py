@@ -7,16 +7,14 @@ QEMU opens a drive of a format that can only be read read-only even without
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import qemu_img
-from tests.daemon.conftest import Daemons, normalise
+from tests.daemon.conftest import Daemons, daemons, normalise  # noqa: F401  (daemons: fixture)
 from tests.formats.images import bochs_image, cloop_image, dmg_image
 from tests.formats.test_bochs import pattern
+from tests.nbd.conftest import short_sock
 
 DRIVES = ["-drive", "file=b.bochs,format=bochs,if=none,id=d0,readonly=on",
           "-drive", "file=c.cloop,if=none,id=d1",
@@ -31,23 +29,7 @@ def setup(d: Path) -> None:
     dmg_image(d / "d.dmg", disk)
 
 
-def _short_sock(name: str) -> str:
-    import tempfile
-
-    return str(Path(tempfile.mkdtemp(prefix="vdk")) / name)
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    """tests/daemon's fixture (its conftest does not reach this folder): every process killed afterwards."""
-    d = Daemons(tmp_path)
-    try:
-        yield d
-    finally:
-        d.cleanup()
-
-
-def test_queries_and_nbd(daemons: Daemons) -> None:
+def test_queries_and_nbd(daemons: Daemons) -> None:  # noqa: F811
     q, v = daemons.pair(DRIVES, setup)
     answers = []
     for m in (q, v):
@@ -55,7 +37,7 @@ def test_queries_and_nbd(daemons: Daemons) -> None:
                        + [normalise(m.hmp("info block -v"))])
     assert answers[1] == answers[0]
     # vdkit's drives read over NBD as the source data
-    sock = _short_sock("n.sock")
+    sock = short_sock("n.sock")
     assert json.loads(v.cmd_line("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})) == {
         "return": {}}
     for dev in ("d0", "d1", "d2"):

@@ -11,41 +11,20 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, vdkit_img
 from tests.daemon.conftest import daemons  # noqa: F401  (fixture)
+from tests.helpers.qemu_nbd import QemuNbd
 from tests.nbd.conftest import free_port, serve, short_sock  # noqa: F401  (serve: fixture)
 
 
 def _same(args: list[str], cwd: Path | None = None) -> str:
     return assert_same(args, cwd).stdout
-
-
-class QemuNbd:
-    """qemu-nbd exports started for a test and killed afterwards."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.pids: list[int] = []
-
-    def start(self, image: Path, *args: str) -> None:
-        pid_file = self.tmp / f"nbd{len(self.pids)}.pid"
-        subprocess.run([require_tool("qemu-nbd"), "-t", "--fork", "--pid-file", str(pid_file), *args, str(image)],
-                       check=True, timeout=30)
-        self.pids.append(int(pid_file.read_text()))
-
-    def stop(self) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture

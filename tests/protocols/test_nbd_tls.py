@@ -11,8 +11,6 @@ host name on a unix socket, missing client certificate, TLS on one side only).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +20,7 @@ import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, daemons, normalise, normalise_hmp  # noqa: F401
+from tests.helpers.qemu_nbd import QemuNbd
 from tests.nbd.conftest import free_port, short_sock
 
 
@@ -57,7 +56,7 @@ class Setup:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.pids: list[int] = []
+        self.servers = QemuNbd(tmp)
         _ca(tmp / "ca", "vdkit test CA")
         _ca(tmp / "ca2", "another CA")
         self.srv, self.cli, self.onlyca = tmp / "srv", tmp / "cli", tmp / "onlyca"
@@ -87,25 +86,18 @@ class Setup:
 
     def _serve(self, image: Path, *args: str, tls: str | None, tcp: bool = True, shared: bool = True) -> int:
         port = free_port() if tcp else 0
-        pid_file = self.tmp / f"nbd{len(self.pids)}.pid"
         extra = ["-p", str(port), "-b", "127.0.0.1"] if tcp else []
         if tls is not None:
             verify = "" if tls == "verify" else ",verify-peer=off"
             extra += ["--object", f"tls-creds-x509,id=s0,dir={self.srv},endpoint=server{verify}", "--tls-creds", "s0"]
-        subprocess.run([require_tool("qemu-nbd"), "-t", "-e", "8", "--fork", "--pid-file", str(pid_file), "-f", "raw",
-                        *extra, *args, str(image)], check=True, timeout=30)
-        self.pids.append(int(pid_file.read_text()))
+        self.servers.start(image, "-e", "8", "-f", "raw", *extra, *args)
         return port
 
     def serve_writable(self, image: Path) -> int:
         return self._serve(image, "-x", "w", tls="verify")
 
     def stop(self) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self.servers.stop()
 
     def obj(self, d: Path, *extra: str) -> list[str]:
         return ["--object", ",".join([f"tls-creds-x509,id=tls0,dir={d},endpoint=client", *extra])]
