@@ -137,6 +137,8 @@ YIELD_INTERVAL = 0.002  # a job running without a speed limit lets other threads
 UNLIMITED_STEPS = 4  # without a speed limit a step is this many of QEMU's (offsets are not comparable then)
 ON_ERROR = ("report", "ignore", "stop", "enospc")
 WRITEBACK_EVERY = 64 * 1024 * 1024  # copied bytes between write-backs of the job's target without the lock
+HANDOVER_WAIT = 0.005  # longest a job waits at a pause point for a waiting command to take the lock
+HANDOVER_POLL = 0.00005
 
 
 class JobCancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -586,7 +588,7 @@ class Job:
         lock = self.jobs.lock
         if isinstance(lock, DeviceLock):
             if lock.waiting:
-                self._unlocked(time.sleep, 0)
+                self._unlocked(lock.hand_over, HANDOVER_WAIT)
             return
         now = time.monotonic()
         if now - self._last_yield < YIELD_INTERVAL:
@@ -723,6 +725,7 @@ class DeviceLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._waiters: set[int] = set()
+        self.handoffs = 0  # times a waiting thread got the lock (changed only by the thread holding it)
         # what threading.Condition uses when its lock has them (a full release of a recursive hold)
         self._is_owned = self._lock._is_owned  # type: ignore[attr-defined]
         self._release_save = self._lock._release_save  # type: ignore[attr-defined]
@@ -736,7 +739,10 @@ class DeviceLock:
         me = threading.get_ident()
         self._waiters.add(me)
         try:
-            return self._lock.acquire(True, timeout)
+            got = self._lock.acquire(True, timeout)
+            if got:
+                self.handoffs += 1
+            return got
         finally:
             self._waiters.discard(me)
 
@@ -750,8 +756,21 @@ class DeviceLock:
         self._waiters.add(me)
         try:
             self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+            self.handoffs += 1
         finally:
             self._waiters.discard(me)
+
+    def hand_over(self, wait: float) -> None:
+        """With the lock let go: give a waiting thread up to ``wait`` seconds to take it.
+
+        Releasing only wakes the waiter; a thread that took the lock straight back
+        would usually win the race (the waiter still has to be scheduled and get
+        the GIL), and a query then waited for the next pause point, or the next.
+        """
+        seen = self.handoffs
+        deadline = time.monotonic() + wait
+        while self.handoffs == seen and self._waiters and time.monotonic() < deadline:
+            time.sleep(HANDOVER_POLL)
 
     def __enter__(self) -> bool:
         return self.acquire()
