@@ -124,6 +124,9 @@ def test_deltas(adds: list[tuple[list[int], int]], ranges: list[tuple[int, int, 
     assert ss == sn.tolist() == [model[k] for k in keys]
     probe = list(range(-2, 110, 3))
     assert ds.lookup(probe) == dn.lookup(N.indices(probe)).tolist() == [model.get(k, 0) for k in probe]
+    cur = [k % 4 for k in probe]
+    assert ds.plus(cur, probe) == dn.plus(N.array(cur), N.indices(probe)).tolist() == [
+        c + model.get(k, 0) for c, k in zip(cur, probe, strict=True)]
     touched = sorted({k // per for k in keys if model[k]})
     assert ds.touched_blocks(per) == dn.touched_blocks(per) == touched
     bs, bn = ds.by_block(per), dn.by_block(per)

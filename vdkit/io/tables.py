@@ -62,7 +62,7 @@ def encode(values: Iterable[int], width: int, order: str) -> bytes:
 # ``struct``, ``bytes.find`` and C-level builtins; :data:`NUMPY` keeps them as ``uint64``/``int64``
 # arrays.  :func:`backend_for` picks one by how many bytes of tables an operation holds.
 
-NUMPY_MIN_BYTES = 4 << 20  # tables from this size on are worth numpy's import
+NUMPY_MIN_BYTES = 2 << 20  # tables from this size on are worth numpy's import (measured crossover: ~2 MiB)
 
 # "small" or "numpy" forces one backend everywhere (tests run the suites both ways); read once.
 FORCE: str | None = None
@@ -238,16 +238,16 @@ class Deltas:
         """The sum for every key (0 where none)."""
         raise NotImplementedError
 
+    def plus(self, cur: Tab, keys: Tab) -> Tab:
+        """``cur[i]`` plus the sum for ``keys[i]``, as signed integers."""
+        raise NotImplementedError
+
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
         """The sums (zeros included) grouped by ``key // per``: block -> (``key % per``, sums)."""
         raise NotImplementedError
 
     def touched_blocks(self, per: int) -> list[int]:
         """Distinct ``key // per`` of the keys whose sum is not 0, ascending."""
-        raise NotImplementedError
-
-    def negative_keys(self) -> Tab:
-        """The keys whose sum is below 0, ascending."""
         raise NotImplementedError
 
 
@@ -320,6 +320,10 @@ class _SmallDeltas(Deltas):
         get = self.d.get
         return [get(k, 0) for k in keys]
 
+    def plus(self, cur: Tab, keys: Tab) -> Tab:
+        get = self.d.get
+        return [c + get(k, 0) for c, k in zip(cur, keys, strict=True)]
+
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
         import bisect
 
@@ -350,9 +354,6 @@ class _SmallDeltas(Deltas):
                 out.append(blk)
             a = b
         return out
-
-    def negative_keys(self) -> Tab:
-        return sorted([k for k, s in self.d.items() if s < 0])
 
 
 class _Small(Backend):
@@ -656,6 +657,10 @@ class _NumpyDeltas(Deltas):
             out[hit] = s[pos[hit]]
         return out
 
+    def plus(self, cur: Tab, keys: Tab) -> Tab:
+        np = self.np
+        return np.asarray(cur).astype(np.int64) + self.lookup(keys)
+
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
         k, s = self.items()
         rts = k // per
@@ -670,10 +675,6 @@ class _NumpyDeltas(Deltas):
     def touched_blocks(self, per: int) -> list[int]:
         k, s = self.items()
         return sorted(set((k[s != 0] // per).tolist()))
-
-    def negative_keys(self) -> Tab:
-        k, s = self.items()
-        return k[s < 0]
 
 
 class _Numpy(Backend):

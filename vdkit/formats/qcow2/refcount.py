@@ -707,9 +707,13 @@ class Transaction:
         """Sorted cluster indices and their net changes (zeros included)."""
         return self._deltas.items()
 
+    def changes_of(self, clusters: Tab) -> Tab:
+        """The net change this transaction makes to each cluster's count (0: none)."""
+        return self._deltas.lookup(clusters)
+
     def new_refcounts(self, clusters: Tab) -> Tab:
         """Refcounts after this transaction (signed; may be out of range before validation)."""
-        return self.T.add_signed(self.rc.get_many(clusters), self._deltas.lookup(clusters))
+        return self._deltas.plus(self.rc.get_many(clusters), clusters)
 
     def check_peak(self, increments: Iterable[tuple[Tab, int]]) -> None:
         """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.

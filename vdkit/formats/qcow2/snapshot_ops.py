@@ -369,15 +369,12 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
     vdkit leaves the image as it is instead.
     """
     T = txn.T
-    freed = txn._deltas.negative_keys()
-    if not len(freed):
-        return
     bits = drv.header.cluster_bits
     for off, n in l1s:
         if n <= 0:
             continue
         first, last = off >> bits, (off + n * 8 - 1) >> bits
-        if T.members(T.arange(first, last + 1), freed):
+        if min(T.tolist(txn.changes_of(T.arange(first, last + 1)))) < 0:
             raise CorruptImageError("Invalid argument", errno=22)
 
 
