@@ -161,3 +161,26 @@ def test_backing_members_over_http(web: Web, files: Path) -> None:  # noqa: F811
     assert vdkit_img("convert", "-O", "raw", src, "v.raw", cwd=files).returncode == 0
     assert (files / "q.raw").read_bytes() == (files / "v.raw").read_bytes()
     _same(["compare", src, str(files / "v.raw")], files)
+
+
+def test_rebase_under_a_replaced_backing(files: Path) -> None:
+    """QEMU names an image whose backing the options replaced json:{"backing": ..., ...} (not when the
+    object names the image's own backing file, nor for null over an image without one), and a json:
+    name cannot resolve a relative new backing name; an absolute one rebases.  Images compared after."""
+    check_ok("create", "-q", "-f", "qcow2", str(files / "solo.qcow2"), "4M")
+    cases = [("top.qcow2", _qcow2("base2.qcow2"), "base.qcow2"), ("top.qcow2", None, "base.qcow2"),
+             ("top.qcow2", _qcow2("base2.qcow2"), str(files / "base.qcow2")), ("top.qcow2", {"driver": "qcow2"},
+                                                                              "base.qcow2"),
+             ("top.qcow2", _qcow2("base.qcow2"), "base.qcow2"), ("solo.qcow2", None, "base.qcow2"),
+             ("top.qcow2", _qcow2("base2.qcow2", backing=None), "base.qcow2"),
+             ("top.qcow2", _qcow2("top.qcow2", backing={"driver": "raw", "file": _file("r.raw")}), "base.qcow2")]
+    for image, backing, new in cases:
+        outcomes = []
+        for tool in (qemu_img, vdkit_img):
+            (files / "t.qcow2").write_bytes((files / image).read_bytes())
+            r = tool("rebase", "-F", "qcow2", "-b", new, _name({**_qcow2("t.qcow2"), "backing": backing}), cwd=files)
+            outcomes.append((r.returncode, r.stdout, r.stderr.split(": ", 1)[-1],
+                             qemu_img("map", "--output=json", "t.qcow2", cwd=files).stdout,
+                             [x for x in qemu_img("info", "t.qcow2", cwd=files).stdout.splitlines()
+                              if x.startswith("backing")]))
+        assert outcomes[0] == outcomes[1], (image, backing, new)

@@ -13,6 +13,7 @@ backing file (in safe mode: copies everything it provided).
 from __future__ import annotations
 
 import errno
+import os
 
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
@@ -69,12 +70,54 @@ def run(filename: str, fmt: str | None, base: str, base_fmt: str | None, *, unsa
     with open_image(filename, fmt, readonly=False, backing=not unsafe, share_writes=True,
                     on_open=lambda drv: warn_if_probed(drv, fmt, filename)) as node:
         if not unsafe:
+            _refuse_relative_under_json_name(node, base)
             prog.set(0.0)
             _copy_differences(node, filename, base, base_fmt, prog)
         _change_backing(node, base, base_fmt)
     prog.set(100.0)
     prog.end()
     return 0
+
+
+def _refuse_relative_under_json_name(node: Node, base: str) -> None:
+    """QEMU names an image whose backing ``json:``/``--image-opts`` replaced (``"backing": null`` over a
+    backing name, or another node) by its options, ``json:{"backing": ..., "driver": ..., "file": ...}``,
+    and a ``json:`` name has no folder to resolve a relative new backing name against."""
+    from vdkit.block.chain import has_protocol
+
+    if not base or os.path.isabs(base) or has_protocol(base):
+        return
+    name = _json_name(node)
+    if name is not None:
+        raise VdkitError(f"Could not resolve backing filename: Cannot use relative backing file names for '{name}'")
+
+
+def _json_name(node: Node) -> str | None:
+    """The ``json:`` name QEMU gives ``node`` for its replaced backing (None: the plain name stands;
+    only images in local files are named here)."""
+    desc = _describe(node)
+    if desc is None or "backing" not in desc:
+        return None
+    from vdkit.info.render_json import dumps_compact
+
+    return "json:" + dumps_compact(desc)
+
+
+def _describe(node: Node) -> dict[str, object] | None:
+    """A node's options as QEMU renders them: driver and file, and the backing where it was replaced."""
+    from vdkit.block.chain import has_protocol
+    from vdkit.io.file import ImageFile
+
+    if not isinstance(node.driver.file, ImageFile) or has_protocol(node.filename):
+        return None
+    desc: dict[str, object] = {"driver": node.format, "file": {"driver": "file", "filename": node.filename}}
+    if node.driver.backing_file is not None and (node.backing is None
+                                                 or node.backing.filename != node.backing_filename_resolved):
+        below = None if node.backing is None else _describe(node.backing)
+        if node.backing is not None and below is None:
+            return None  # a backing vdkit does not name (a protocol node): keep the plain name
+        desc["backing"] = below
+    return desc
 
 
 def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None, prog: Progress) -> None:
