@@ -118,17 +118,18 @@ def _diff(a: str, b: str) -> str:
     return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "qemu-img", "vdkit-img"))
 
 
-def assert_same(args: Sequence[str], cwd: Path | str | None = None, *, env: dict[str, str] | None = None,
-                mask: Callable[[str], str] | None = None) -> Result:
+def assert_same(args: Sequence[str], cwd: Path | str | None = None, *, vdkit_cwd: Path | str | None = None,
+                env: dict[str, str] | None = None, mask: Callable[[str], str] | None = None) -> Result:
     """Run ``qemu-img ARGS`` and ``vdkit-img ARGS``; stdout, stderr and exit code must agree.  qemu-img's result.
 
-    The one command-line differential of the suites.  ``env``: variables both tools get (``tool_env``);
+    The one command-line differential of the suites.  ``vdkit_cwd``: vdkit-img runs there instead of in
+    ``cwd`` (twin trees, for commands that write); ``env``: variables both tools get (``tool_env``);
     ``mask``: applied to both stderr texts, for what legitimately varies between runs (libcurl's timings,
     a TLS channel's way of failing).  vdkit's own failures (a traceback, an internal error) are named
     first; a difference comes with a unified diff, what a case in a long matrix needs."""
     full_env = None if env is None else tool_env(env)
     q = qemu_img(*args, cwd=cwd, env=full_env)
-    v = vdkit_img(*args, cwd=cwd, env=full_env)
+    v = vdkit_img(*args, cwd=cwd if vdkit_cwd is None else vdkit_cwd, env=full_env)
     assert "Traceback" not in v.stderr, v.stderr
     assert "internal error" not in v.stderr or "internal error" in q.stderr, v.stderr
     qe, ve = q.stderr, v.normalized_stderr()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, vdkit_img
 
 _NODE = re.compile(r"(?<=persistent in ')[^']*(?=')|(?<=persistent bitmaps to )\S+(?=:)")
 
@@ -64,10 +64,8 @@ def test_bitmap_command_sequence(tmp_path: Path) -> None:
     _setup(v)
     for step in STEPS:
         args = ["bitmap", *step.split()]
-        rq, rv = qemu_img(*args, cwd=q), vdkit_img(*args, cwd=v)
         # qemu-img names its node by an automatic, random node name ('#block123'); vdkit by the file
-        eq, ev = (_NODE.sub("NODE", e) for e in (rq.stderr, rv.normalized_stderr()))
-        assert (rv.returncode, rv.stdout, ev) == (rq.returncode, rq.stdout, eq), step
+        assert_same(args, q, vdkit_cwd=v, mask=lambda e: _NODE.sub("NODE", e))
         for name in ("a.qcow2", "src.qcow2", "raw.img", "v2.qcow2"):
             assert (v / name).read_bytes() == (q / name).read_bytes(), f"{name} after {step}"
     r = qemu_img("check", str(v / "a.qcow2"))
@@ -98,8 +96,7 @@ def test_resize_with_bitmaps(tmp_path: Path, size: str) -> None:
     _setup(q)
     _setup(v)
     args = ["resize", *size.split()[:-1], "a.qcow2", size.split()[-1]]
-    rq, rv = qemu_img(*args, cwd=q), vdkit_img(*args, cwd=v)
-    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    assert_same(args, q, vdkit_cwd=v)
     assert (v / "a.qcow2").read_bytes() == (q / "a.qcow2").read_bytes()
     r = qemu_img("check", str(v / "a.qcow2"))
     assert r.returncode == 0, r.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, vdkit_img
 from tests.helpers.qemu_io import qio
 
 
@@ -33,9 +33,7 @@ def test_commit(workdir: Path, args: list[str], opts: str) -> None:
     q, v = workdir / "q", workdir / "v"
     _chain(q, opts)
     _chain(v, opts)
-    rq = qemu_img("commit", *args, "l3.qcow2", cwd=q)
-    rv = vdkit_img("commit", *args, "l3.qcow2", cwd=v)
-    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr)
+    assert_same(["commit", *args, "l3.qcow2"], q, vdkit_cwd=v)
     for layer in ("l1.qcow2", "l2.qcow2", "l3.qcow2"):
         r = qemu_img("compare", "-q", str(q / layer), str(v / layer))
         assert r.returncode == 0, f"{layer} differs after commit {args}"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import check_ok, data_extents, held_by_qemu_io, qemu_img, require_tool, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, held_by_qemu_io, qemu_img, require_tool, vdkit_img
 
 BASE_SIZE = "3M"
 
@@ -35,11 +35,7 @@ def run_both(tmp: Path, args: list[str]) -> None:
             f.unlink()
         check_ok("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), BASE_SIZE)
         (d / "base.raw").write_bytes(bytes(70000))
-    q = qemu_img("create", *args, cwd=tmp / "q")
-    v = vdkit_img("create", *args, cwd=tmp / "v")
-    assert v.stdout == q.stdout, f"{args}\n{q.stdout}---\n{v.stdout}"
-    assert v.normalized_stderr() == q.stderr, f"{args}\n{q.stderr}---\n{v.stderr}"
-    assert v.returncode == q.returncode, args
+    assert_same(["create", *args], tmp / "q", vdkit_cwd=tmp / "v")
     qfiles = sorted(os.listdir(tmp / "q"))
     assert sorted(os.listdir(tmp / "v")) == qfiles, args
     for name in qfiles:

@@ -210,9 +210,7 @@ def _both(tmp: Path, args: list[str]) -> tuple[Path, Path]:
     q, v = tmp / "q", tmp / "v"
     _images(q)
     shutil.copytree(q, v)
-    rq = qemu_img(*args, cwd=q)
-    rv = vdkit_img(*args, cwd=v)
-    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr), args
+    assert_same(args, q, vdkit_cwd=v)
     names = sorted(p.name for p in q.iterdir())
     assert sorted(p.name for p in v.iterdir()) == names, args
     for name in names:

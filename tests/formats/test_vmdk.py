@@ -291,9 +291,7 @@ def _both(tmp_path: Path, args: list[str], setup: list[str] | None = None) -> tu
         src_raw(d)
         if setup:
             check_ok(*setup, cwd=d)
-    rq = qemu_img(*args, cwd=q)
-    rv = vdkit_img(*args, cwd=v)
-    assert (rv.returncode, rv.stdout, rv.normalized_stderr()) == (rq.returncode, rq.stdout, rq.stderr), args
+    assert_same(args, q, vdkit_cwd=v)
     return q, v
 
 
