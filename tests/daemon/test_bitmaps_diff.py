@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.conftest import qemu_img, qemu_io
 from tests.daemon.conftest import Daemons, normalise
+from tests.helpers.qemu_io import qemu_io_script
 from tests.nbd.conftest import short_sock
 
 _SIZE = re.compile(r'"actual-size": \d+, ')
@@ -63,8 +64,7 @@ class Pair:
     def write(self, dev: str, *ops: str) -> None:
         for urls in self.urls:
             for op in ops:
-                w = qemu_io("-f", "raw", "-c", op, urls[dev])
-                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
+                qemu_io_script(None, urls[dev], [op], "raw")
 
     def quit(self, daemons: Daemons) -> None:
         for mon in (self.qm, self.vm):
