@@ -138,7 +138,6 @@ UNLIMITED_STEPS = 4  # without a speed limit a step is this many of QEMU's (offs
 ON_ERROR = ("report", "ignore", "stop", "enospc")
 WRITEBACK_EVERY = 64 * 1024 * 1024  # copied bytes between write-backs of the job's target without the lock
 HANDOVER_WAIT = 0.005  # longest a job waits at a pause point for a waiting command to take the lock
-HANDOVER_POLL = 0.00005
 
 
 class JobCancelled(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -588,6 +587,7 @@ class Job:
         lock = self.jobs.lock
         if isinstance(lock, DeviceLock):
             if lock.waiting:
+                lock.expect_hand_over()
                 self._unlocked(lock.hand_over, HANDOVER_WAIT)
             return
         now = time.monotonic()
@@ -725,7 +725,7 @@ class DeviceLock:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._waiters: set[int] = set()
-        self.handoffs = 0  # times a waiting thread got the lock (changed only by the thread holding it)
+        self._handed = threading.Event()  # set when a waiting thread got the lock (see hand_over)
         # what threading.Condition uses when its lock has them (a full release of a recursive hold)
         self._is_owned = self._lock._is_owned  # type: ignore[attr-defined]
         self._release_save = self._lock._release_save  # type: ignore[attr-defined]
@@ -741,7 +741,7 @@ class DeviceLock:
         try:
             got = self._lock.acquire(True, timeout)
             if got:
-                self.handoffs += 1
+                self._handed.set()
             return got
         finally:
             self._waiters.discard(me)
@@ -756,9 +756,13 @@ class DeviceLock:
         self._waiters.add(me)
         try:
             self._lock._acquire_restore(state)  # type: ignore[attr-defined]
-            self.handoffs += 1
+            self._handed.set()
         finally:
             self._waiters.discard(me)
+
+    def expect_hand_over(self) -> None:
+        """Call while holding the lock, before letting go of it for :meth:`hand_over`."""
+        self._handed.clear()
 
     def hand_over(self, wait: float) -> None:
         """With the lock let go: give a waiting thread up to ``wait`` seconds to take it.
@@ -767,10 +771,8 @@ class DeviceLock:
         would usually win the race (the waiter still has to be scheduled and get
         the GIL), and a query then waited for the next pause point, or the next.
         """
-        seen = self.handoffs
-        deadline = time.monotonic() + wait
-        while self.handoffs == seen and self._waiters and time.monotonic() < deadline:
-            time.sleep(HANDOVER_POLL)
+        if self._waiters:
+            self._handed.wait(wait)
 
     def __enter__(self) -> bool:
         return self.acquire()
