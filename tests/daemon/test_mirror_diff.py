@@ -911,3 +911,34 @@ def test_mirror_write_blocking(daemons: Daemons, tmp_path: Path) -> None:
     p.same("query-block")
     p.quit(daemons)
     p.compare("wb2.qcow2", "top.qcow2")
+
+
+def test_mirror_of_an_exported_blockdev_node_none_and_existing(daemons: Daemons, tmp_path: Path) -> None:
+    """The export's move at complete gives drive-mirror's target the backing QEMU gives it: the source for
+    sync none, the chain its own header names for mode existing."""
+    p = Pair(daemons, tmp_path, drive=["-blockdev", "driver=file,filename=DIR/top.qcow2,node-name=f-top",
+                                       "-blockdev", "driver=qcow2,file=f-top,node-name=n-top"])
+    for d in p.dirs:  # an existing target whose header names the middle image
+        assert qemu_img("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(d / "ex.qcow2"),
+                        "4M").returncode == 0
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    for i, args in enumerate([{"target": "DIR/none.qcow2", "sync": "none"},
+                              {"target": "DIR/ex.qcow2", "sync": "top", "mode": "existing", "format": "qcow2"}]):
+        if i:  # the first export went with the first target: the source has no parent again
+            p.same("block-export-del", {"id": "e0", "mode": "hard"})
+        p.same("block-export-add", {"type": "nbd", "id": f"e{i}", "node-name": "n-top", "writable": True})
+        p.same("drive-mirror", {"device": "n-top", "job-id": "m", **args})
+        p.wait("BLOCK_JOB_READY")
+        p.same("block-job-complete", {"device": "m"})
+        p.wait("JOB_STATUS_CHANGE", status="null")
+        p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
+        p.same("query-named-block-nodes")
+        p.same("x-debug-query-block-graph")
+        _same_lock_bytes(p)
+        for d in p.dirs:
+            r = qemu_io("-f", "raw", "-c", f"write -P {0x70 + i:#x} {3072 + 128 * i}k 64k",
+                        f"nbd+unix:///n-top?socket={d}/n.sock")
+            assert r.returncode == 0, (d, r.stdout)
+    p.quit(daemons)
+    for name in ("none.qcow2", "ex.qcow2", "top.qcow2"):
+        p.compare(name)

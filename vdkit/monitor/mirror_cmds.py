@@ -362,6 +362,8 @@ def _graph_drive_mirror(machine: DeviceRegistry, src: _MirrorSource, args: dict[
             tg.backing = below
             target.backing = below.node if below is not None else None
         elif existing and target.driver.backing_file is not None:
+            tg.backing_override = False  # the header's chain: the plain name, which it is resolved against
+            refresh_filename(tg)
             walk = BackingWalk()
             assert child.file is not None
             walk.visit(tg.filename, child.file.fd)
