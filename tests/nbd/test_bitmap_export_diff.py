@@ -1,4 +1,5 @@
-"""Dirty bitmaps exported over NBD (``qemu:dirty-bitmap:NAME``) compared with qemu-system-x86_64.
+"""Dirty bitmaps exported over NBD (``qemu:dirty-bitmap:NAME``) and the ``qemu:allocation-depth``
+context, compared with qemu-system-x86_64.
 
 The same images (persistent bitmaps of several granularities, a disabled one, one in the backing
 file, one on a read-only drive) exported by both daemons: the QMP answers and refusals, the meta
@@ -70,6 +71,7 @@ def script(node_ro: str) -> list[tuple[str, dict[str, Any] | None]]:
         add("e3", "disk", ["b0"], name="w2", writable=True),  # busy now
         add("e3", "disk", ["nope"], name="w"),  # the name is checked first
         add("e3", node_ro, ["rb"], name="r"),  # recording, but the node is read-only
+        add("e4", "disk", [], name="ad", **{"allocation-depth": True}),
         ("nbd-server-add", {"device": "drv", "name": "n1", "bitmap": "b1"}),
         ("nbd-server-add", {"device": "drv", "name": "w", "bitmap": "nope"}),
         ("nbd-server-add", {"device": "drv", "name": "e2", "bitmap": "nope"}),
@@ -140,8 +142,12 @@ def reads(sock: str) -> list[Any]:
            conversation(sock, "ro", [[], [bm + "dis", "qemu:"]], [bm + "dis", bm + "bb"], reqs[:2]),
            conversation(sock, "ro", [], ["qemu:", "base:"], [(0, 4096, 0)])]
     nbdinfo = require_tool("nbdinfo")
-    for export, ctx in [("w", "b0"), ("w", "b1"), ("w", "late"), ("ro", "dis"), ("ro", "bb"), ("r", "rb")]:
-        r = subprocess.run([nbdinfo, f"--map={bm}{ctx}", f"nbd+unix:///{export}?socket={sock}"],
+    out.append(conversation(sock, "ad", [[], ["qemu:"], [w.ALLOCATION_DEPTH], ["qemu:allocation"]],
+                            [w.ALLOCATION_DEPTH, w.BASE_ALLOCATION], reqs))
+    out.append(conversation(sock, "w", [[w.ALLOCATION_DEPTH]], [w.ALLOCATION_DEPTH], []))  # not served there
+    for export, ctx in [("w", bm + "b0"), ("w", bm + "b1"), ("w", bm + "late"), ("ro", bm + "dis"),
+                        ("ro", bm + "bb"), ("r", bm + "rb"), ("ad", w.ALLOCATION_DEPTH)]:
+        r = subprocess.run([nbdinfo, f"--map={ctx}", f"nbd+unix:///{export}?socket={sock}"],
                            capture_output=True, text=True, timeout=60)
         out.append((export, ctx, r.returncode, r.stdout, r.stderr))
     for export, ctx in [("w", "b0"), ("ro", "dis"), ("w", "nope")]:
@@ -162,7 +168,7 @@ def test_dirty_bitmap_exports_match_qemu(daemons: Daemons) -> None:
         # a write through the writable export marks its recording bitmaps, which the export serves live
         r = qemu_io("-f", "raw", "-c", "write 2M 4k", "-c", "write 3584k 64k", f"nbd+unix:///w?socket={sock}")
         assert r.returncode == 0, r.stderr
-        out += reads(sock)[-9:]
+        out += reads(sock)[-12:]
         out += run(m, sock, [("block-export-del", {"id": "e2"}), ("block-dirty-bitmap-remove",
                                                                    {"node": "disk", "name": "b0"})])
         out.append(bitmaps(m))

@@ -55,6 +55,7 @@ from vdkit.devices.throttle import Throttle
 from vdkit.errors import VdkitError
 from vdkit.nbd import wire as w
 from vdkit.nbd.server import (
+    ALLOCATION_DEPTH_ID,
     BASE_ALLOCATION_ID,
     BITMAP_ID_BASE,
     MAX_EXTENTS,
@@ -111,6 +112,7 @@ class Export:
     backend: Drive | None = None
     # dirty bitmaps served as qemu:dirty-bitmap:NAME contexts (busy while exported)
     bitmaps: list[DirtyBitmap] = field(default_factory=list)
+    allocation_depth: bool = False  # the qemu:allocation-depth context is served
 
     @property
     def node_name(self) -> str:
@@ -159,7 +161,8 @@ class NbdService:
     def _info(self, e: Export) -> ExportInfo:
         node = e.medium.node
         return ExportInfo(e.name, node.driver.virtual_size, readonly=not e.writable or e.medium.ro,
-                          description=e.description, bitmaps=tuple(b.name or "" for b in e.bitmaps))
+                          description=e.description, bitmaps=tuple(b.name or "" for b in e.bitmaps),
+                          allocation_depth=e.allocation_depth)
 
     def lookup(self, name: str) -> ExportInfo | None:
         e = self._find(name)
@@ -233,12 +236,12 @@ class NbdService:
 
     def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
             on_eject_drive: str | None = None, backend: Drive | None = None,
-            bitmaps: list[DirtyBitmap] | None = None) -> None:
+            bitmaps: list[DirtyBitmap] | None = None, allocation_depth: bool = False) -> None:
         """The NBD side of adding an export (the monitor checked the id is well-formed and free, and
         that the bitmaps may be exported: they are busy until the export goes, as in QEMU)."""
         self.check_name(name, description)
         exp = Export(id, name, medium, writable, description, on_eject_drive, backend=backend,
-                     bitmaps=list(bitmaps or ()))
+                     bitmaps=list(bitmaps or ()), allocation_depth=allocation_depth)
         for bm in exp.bitmaps:
             bm.busy = True
         self.exports.append(exp)
@@ -462,6 +465,7 @@ class NbdService:
             elif req.cmd == w.CMD_BLOCK_STATUS:
                 reply = [core.reply_block_status(req, [
                     (cid, self._extents(node, req) if cid == BASE_ALLOCATION_ID
+                     else _depth_extents(node, req) if cid == ALLOCATION_DEPTH_ID
                      else _bitmap_extents(exp.bitmaps[cid - BITMAP_ID_BASE], req))
                     for cid in core.meta_contexts])]
             elif req.cmd == w.CMD_CACHE:
@@ -572,12 +576,28 @@ class NbdService:
             flags = (0 if st.flags & bio.DATA else w.STATE_HOLE) | (w.STATE_ZERO if st.flags & bio.ZERO else 0)
             if out and out[-1][1] == flags:
                 out[-1] = (out[-1][0] + st.length, flags)
+            elif out and req.flags & w.CMDFLAG_REQ_ONE:
+                break  # one extent: as long as the status stays the same (across layers too, as QEMU's)
             else:
                 out.append((st.length, flags))
             pos += st.length
-            if req.flags & w.CMDFLAG_REQ_ONE:
-                break
         return [(min(length, 0xFFFFFFFF), f) for length, f in out]
+
+
+def _depth_extents(node: Any, req: Request) -> list[tuple[int, int]]:
+    """qemu:allocation-depth extents: the layer that allocates each range, counted from 1 at the top
+    (zero clusters included), 0 where no layer does; at most ``MAX_EXTENTS``, one with ``REQ_ONE``."""
+    out: list[tuple[int, int]] = []
+    limit = 1 if req.flags & w.CMDFLAG_REQ_ONE else MAX_EXTENTS
+    for entry in bio.map_entries(node, req.offset, req.offset + req.length):
+        depth = entry.depth + 1 if entry.present else 0
+        if out and out[-1][1] == depth:
+            out[-1] = (out[-1][0] + entry.length, depth)
+            continue
+        if len(out) >= limit:
+            break
+        out.append((entry.length, depth))
+    return out
 
 
 def _bitmap_extents(bm: DirtyBitmap, req: Request) -> list[tuple[int, int]]:

@@ -86,10 +86,11 @@ class ExportService(Protocol):
 
     def add(self, *, id: str, medium: Medium, name: str, writable: bool, description: str = "",
             on_eject_drive: str | None = None, backend: Drive | None = None,
-            bitmaps: list[DirtyBitmap] | None = None) -> None:
+            bitmaps: list[DirtyBitmap] | None = None, allocation_depth: bool = False) -> None:
         """Export ``medium`` as ``name``; ``on_eject_drive``: removed when that drive's medium goes;
         ``backend``: the unnamed backend of a ``-blockdev`` node's export (no drive has its medium);
-        ``bitmaps``: served as ``qemu:dirty-bitmap:NAME`` contexts, busy until the export goes."""
+        ``bitmaps``: served as ``qemu:dirty-bitmap:NAME`` contexts, busy until the export goes;
+        ``allocation_depth``: the ``qemu:allocation-depth`` context is served."""
         ...
 
     def remove(self, id: str, mode: str) -> RemovedExport:

@@ -161,7 +161,8 @@ def block_export_add(ctx: CommandContext, args: dict[str, Any]) -> None:
     svc.check_name(name, args.get("description", ""))
     bitmaps = _export_bitmaps(medium, args.get("bitmaps", []), writable)
     svc.add(id=args["id"], medium=medium, name=name, writable=writable,
-            description=args.get("description", ""), backend=_unlisted(ctx, drive), bitmaps=bitmaps)
+            description=args.get("description", ""), backend=_unlisted(ctx, drive), bitmaps=bitmaps,
+            allocation_depth=bool(args.get("allocation-depth", False)))
     _relock(ctx, args["id"])
 
 

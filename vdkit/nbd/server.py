@@ -8,7 +8,8 @@ its own is decided here, so the runtime only sees *valid* I/O requests:
 
 * the handshake and every option (``EXPORT_NAME``, ``ABORT``, ``LIST``,
   ``INFO``, ``GO``, ``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and
-  ``SET_META_CONTEXT`` with ``base:allocation`` and ``qemu:dirty-bitmap:NAME``; the rest get
+  ``SET_META_CONTEXT`` with ``base:allocation``, ``qemu:allocation-depth`` and
+  ``qemu:dirty-bitmap:NAME``; the rest get
   ``NBD_REP_ERR_UNSUP``/``_POLICY``) produce their replies internally;
 * malformed or forbidden requests (bad flags, out of bounds, read-only,
   too large, unknown command, block status without a negotiated context)
@@ -31,8 +32,9 @@ from enum import Enum
 from vdkit.nbd import wire as w
 
 # Context ids as QEMU numbers them (a client may compare them across servers): base:allocation 0,
-# qemu:allocation-depth 1 (not served), the export's bitmaps from 2 in the export's order
+# qemu:allocation-depth 1, the export's bitmaps from 2 in the export's order
 BASE_ALLOCATION_ID = 0
+ALLOCATION_DEPTH_ID = 1
 BITMAP_ID_BASE = 2
 MAX_EXTENTS = (1 << 20) // w.EXTENT.size  # extents in one context's block status chunk (1 MiB, as QEMU)
 
@@ -50,9 +52,14 @@ class ExportInfo:
     max_block: int = w.MAX_PAYLOAD
     # exported dirty bitmaps, in order: the ``qemu:dirty-bitmap:NAME`` contexts (ids from BITMAP_ID_BASE)
     bitmaps: tuple[str, ...] = ()
+    allocation_depth: bool = False  # the qemu:allocation-depth context is served
 
     def context_name(self, cid: int) -> str:
-        return w.BASE_ALLOCATION if cid == BASE_ALLOCATION_ID else w.DIRTY_BITMAP + self.bitmaps[cid - BITMAP_ID_BASE]
+        if cid == BASE_ALLOCATION_ID:
+            return w.BASE_ALLOCATION
+        if cid == ALLOCATION_DEPTH_ID:
+            return w.ALLOCATION_DEPTH
+        return w.DIRTY_BITMAP + self.bitmaps[cid - BITMAP_ID_BASE]
 
     def transmission_flags(self, *, structured: bool) -> int:
         # every request is served under one lock straight to the image file,
@@ -264,7 +271,8 @@ class NbdServer:
         if self._meta_export != exp.name:
             self._meta_ids = ()
         # an export replaced under the same name between SET and GO keeps only the ids it still has
-        self._meta_ids = tuple(i for i in self._meta_ids if i < BITMAP_ID_BASE + len(exp.bitmaps))
+        self._meta_ids = tuple(i for i in self._meta_ids if i < BITMAP_ID_BASE + len(exp.bitmaps)
+                               and (i != ALLOCATION_DEPTH_ID or exp.allocation_depth))
         self.export = exp
         self.phase = Phase.TRANSMISSION
         return ExportChosen(exp)
@@ -380,18 +388,24 @@ class NbdServer:
     def _select_contexts(exp: ExportInfo, queries: list[str], *, listing: bool) -> tuple[int, ...]:
         """The context ids ``queries`` name, as QEMU 7.2 matches them (checked against qemu-storage-daemon).
 
-        Exact names select a context (a bitmap exported twice: its first id); listing also takes
-        no query at all (everything), ``base:``, ``qemu:`` and ``qemu:dirty-bitmap:`` as prefixes of
-        every context below them.  Replies come in id order, whatever the order of the queries.
+        Exact names select a context (a bitmap exported twice: its first id; ``qemu:allocation-depth``
+        only where the export serves it); listing also takes no query at all (everything), ``base:``,
+        ``qemu:`` and ``qemu:dirty-bitmap:`` as prefixes of every context below them.  Replies come
+        in id order, whatever the order of the queries.
         """
         every_bitmap = range(BITMAP_ID_BASE, BITMAP_ID_BASE + len(exp.bitmaps))
+        depth = (ALLOCATION_DEPTH_ID,) if exp.allocation_depth else ()
         chosen: set[int] = set()
         if listing and not queries:
-            chosen.update((BASE_ALLOCATION_ID, *every_bitmap))
+            chosen.update((BASE_ALLOCATION_ID, *depth, *every_bitmap))
         for q in queries:
             if q == w.BASE_ALLOCATION or (listing and q == "base:"):
                 chosen.add(BASE_ALLOCATION_ID)
-            elif listing and q in ("qemu:", w.DIRTY_BITMAP):
+            elif q == w.ALLOCATION_DEPTH:
+                chosen.update(depth)
+            elif listing and q == "qemu:":
+                chosen.update((*depth, *every_bitmap))
+            elif listing and q == w.DIRTY_BITMAP:
                 chosen.update(every_bitmap)
             elif q.startswith(w.DIRTY_BITMAP) and q[len(w.DIRTY_BITMAP):] in exp.bitmaps:
                 chosen.add(BITMAP_ID_BASE + exp.bitmaps.index(q[len(w.DIRTY_BITMAP):]))

@@ -110,6 +110,7 @@ ESHUTDOWN = 108
 
 BASE_ALLOCATION = "base:allocation"
 DIRTY_BITMAP = "qemu:dirty-bitmap:"  # + a bitmap's name: one context per exported bitmap
+ALLOCATION_DEPTH = "qemu:allocation-depth"  # extents valued by the layer that allocates them (0: none)
 
 # -- layouts --------------------------------------------------------------------------------
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
