@@ -332,6 +332,18 @@ def test_sequential_reads_ahead(cluster: ceph.CephCluster) -> None:
             buf = bytearray(1 << 20)
             f.readinto(offset, memoryview(buf))
             assert buf == data[offset:offset + (1 << 20)], offset
+        # writes in flight (aio): pieces, then one overlapping two of them, read back without a flush
+        for offset in range(0, 8 << 20, 1 << 20):
+            piece = os.urandom(1 << 20)
+            f.pwrite(offset, piece)
+            data[offset:offset + (1 << 20)] = piece
+        f.pwrite((3 << 20) - 4096, b"\x42" * 8192)
+        data[(3 << 20) - 4096:(3 << 20) + 4096] = b"\x42" * 8192
+        buf = bytearray(12 << 20)
+        f.readinto(0, memoryview(buf))
+        assert buf == data
+    r = qemu_io("-f", "raw", "-c", "read -P 0x42 3141632 8192", cluster.name(image))
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
 # -- RBD snapshots as internal snapshots ----------------------------------------------------------

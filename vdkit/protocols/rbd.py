@@ -55,6 +55,9 @@ AHEAD_DEPTH = 4
 """Reads a sequential reader (convert) has in flight beyond the one it waits for (qemu-img keeps 8
 requests in flight; one synchronous read at a time left the OSD idle between requests)."""
 AHEAD_MIN = 64 * 1024  # smaller sequential reads (metadata) are read one at a time
+WRITE_DEPTH = 4
+"""Writes in flight (rbd_aio_write) before a write waits for the oldest; every other operation waits
+for all of them first, and a write overlapping one in flight too."""
 
 OPTION_KEYS = ("pool", "namespace", "image", "snapshot", "conf", "user", "key-secret", "encrypt",
                "auth-client-required", "server", "filename")
@@ -319,6 +322,7 @@ class _Libs:
             (self.rbd, "rbd_namespace_exists", [vp, cp, c.POINTER(c.c_bool)], i),
             (self.rbd, "rbd_aio_create_completion", [vp, vp, c.POINTER(vp)], i),
             (self.rbd, "rbd_aio_read", [vp, u64, sz, vp, vp], i),
+            (self.rbd, "rbd_aio_write", [vp, u64, sz, vp, vp], i),
             (self.rbd, "rbd_aio_wait_for_complete", [vp], i),
             (self.rbd, "rbd_aio_get_return_value", [vp], c.c_ssize_t),
             (self.rbd, "rbd_aio_release", [vp], None),
@@ -539,6 +543,8 @@ class RbdFile(RemoteFile):
         self._ahead_lock = _thread.allocate_lock()
         self._spare_bufs: list[object] = []
         self._next_read = -1
+        self._writes: list[tuple[int, int, object, object]] = []  # aio writes in flight: offset, length, buf, comp
+        self._write_bufs: list[object] = []
         self.cluster = Cluster(spec)
         lib = self.lib = self.cluster.lib
         c = lib.c
@@ -595,6 +601,7 @@ class RbdFile(RemoteFile):
         if offset < 0:
             raise OSError(_errno.EIO, os.strerror(_errno.EIO))
         inside = max(0, min(length, self._size - offset))
+        self._drain_writes()
         with self._ahead_lock:
             sequential = offset == self._next_read
             self._next_read = offset + length
@@ -680,23 +687,60 @@ class RbdFile(RemoteFile):
         del self._spare_bufs[AHEAD_DEPTH + 1:]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into a buffer of the file's and start writing it (rbd_aio_write), up to
+        :data:`WRITE_DEPTH` writes in flight as qemu-img keeps several: a write's failure is reported
+        by a later write, the flush, or any other operation (which all wait for the writes first)."""
         self._check_writable()
         mv = memoryview(data).cast("B")
         if offset + len(mv) > self._size:  # QEMU's rbd grows the image (a format on rbd appending)
+            self._drain_writes()
             r = self.lib.rbd.rbd_resize(self.image, offset + len(mv))
             if r < 0:
                 raise OSError(-r, os.strerror(-r))
             self._size = self._get_size()
+        if any(o < offset + len(mv) and offset < o + n for o, n, _, _ in self._writes):
+            self._drain_writes()  # librbd need not keep the order of overlapping writes in flight
         c = self.lib.c
         pos = 0
         self._written = True
         while pos < len(mv):
             n = min(len(mv) - pos, _MAX_IO)
-            piece = bytes(mv[pos:pos + n])
-            r = self.lib.rbd.rbd_write(self.image, offset + pos, n, c.c_char_p(piece))
+            buf = next((b for b in self._write_bufs if c.sizeof(b) == n), None)
+            if buf is None:
+                buf = c.create_string_buffer(n)
+            else:
+                self._write_bufs.remove(buf)
+            memoryview(buf).cast("B")[:n] = mv[pos:pos + n]  # type: ignore[arg-type]  # a ctypes char array
+            comp = c.c_void_p()
+            r = self.lib.rbd.rbd_aio_create_completion(None, None, c.byref(comp))
+            if r >= 0:
+                r = self.lib.rbd.rbd_aio_write(self.image, offset + pos, n, buf, comp)
+                if r < 0:
+                    self.lib.rbd.rbd_aio_release(comp)
             if r < 0:
                 raise OSError(-r, os.strerror(-r))
-            pos += r
+            self._writes.append((offset + pos, n, buf, comp))
+            pos += n
+            while len(self._writes) > WRITE_DEPTH:
+                self._finish_write()
+
+    def _finish_write(self) -> None:
+        _, _, buf, comp = self._writes.pop(0)
+        r = self._complete(comp)
+        self._write_bufs[:] = [buf, *self._write_bufs[:WRITE_DEPTH]]
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+
+    def _drain_writes(self) -> None:
+        """Wait for every write in flight; the first failure is raised once all are done."""
+        failure: OSError | None = None
+        while self._writes:
+            try:
+                self._finish_write()
+            except OSError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> None:
         self.pwrite(offset, b"".join(bytes(b) for b in buffers))
@@ -704,6 +748,7 @@ class RbdFile(RemoteFile):
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Zero a range; ``unmap`` lets librbd drop whole objects (QEMU: thick-provision unless may-unmap)."""
         self._check_writable()
+        self._drain_writes()
         end = min(offset + length, self._size)
         self._written = True
         flags = 0 if unmap else 1  # RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
@@ -718,6 +763,7 @@ class RbdFile(RemoteFile):
     def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
         """Discard: librbd frees whole objects and zeroes partial ones."""
         self._check_writable()
+        self._drain_writes()
         end = min(offset + length, self._size)
         if end > offset:
             self._written = True
@@ -727,6 +773,7 @@ class RbdFile(RemoteFile):
 
     def flush(self) -> None:
         if not self.readonly and self.image:
+            self._drain_writes()
             r = self.lib.rbd.rbd_flush(self.image)
             self._written = False
             if r < 0:
@@ -735,6 +782,7 @@ class RbdFile(RemoteFile):
     def truncate(self, size: int) -> None:
         """``resize``: librbd's resize (shrinking drops the objects past the end)."""
         self._check_writable()
+        self._drain_writes()
         r = self.lib.rbd.rbd_resize(self.image, size)
         if r < 0:
             raise VdkitError(f"failed to resize rbd image: {os.strerror(-r)}", errno=-r)
@@ -753,6 +801,7 @@ class RbdFile(RemoteFile):
         Without the fast-diff feature, or with an invalid object map, the whole range is data.  An
         object counts as written in full; the run ends where the kind changes or the range ends.
         """
+        self._drain_writes()
         length = max(0, min(length, self._size - offset))
         data = BlockStatus(DATA | OFFSET_VALID, length, offset, self.filename)
         if length == 0:
@@ -792,6 +841,7 @@ class RbdFile(RemoteFile):
     # -- snapshots -------------------------------------------------------------------------------
 
     def snapshots(self) -> list[RbdSnapshot]:
+        self._drain_writes()
         lib, c = self.lib, self.lib.c
         count = 16
         while True:
@@ -811,18 +861,24 @@ class RbdFile(RemoteFile):
 
     def snap_call(self, fn: str, name: str) -> int:
         """``rbd_snap_create``/``remove``/``rollback`` on this image: 0 or -errno."""
+        self._drain_writes()
         with self._ahead_lock:  # a rollback changes the data read ahead
             self._cancel_ahead()
             self._next_read = -1
         return int(getattr(self.lib.rbd, fn)(self.image, _b(name)))
 
     def refresh_size(self) -> None:
+        self._drain_writes()
         self._size = self._get_size()
 
     # -- life ------------------------------------------------------------------------------------
 
     def close(self) -> None:
         if getattr(self, "image", None):
+            try:
+                self._drain_writes()  # a failure was the writer's to see (flush): the data is what it is
+            except OSError:
+                pass
             with self._ahead_lock:
                 self._cancel_ahead()
             if self._written and not self.readonly:
