@@ -92,6 +92,12 @@ def test_slices(vals: list[int], data: st.DataObject) -> None:
 def test_sets(a: list[int], b: list[int]) -> None:
     assert S.unique_sorted(a) == N.unique_sorted(N.indices(a)).tolist() == sorted(set(a))
     assert S.members(a, b) == N.members(N.indices(a), N.indices(b)) == [x for x in a if x in b]
+    assert S.intersects(a, b) == N.intersects(N.indices(a), N.indices(b)) == any(x in b for x in a)
+    assert S.unique_shifted(a, 3) == N.unique_shifted(N.array(a), 3) == sorted({x >> 3 for x in a})
+    assert S.first_misaligned(a, 4) == N.first_misaligned(N.array(a), 4) == next((x for x in a if x % 4), None)
+    idx = list(range(0, len(a), 2))
+    assert S.field(a, idx, 0x1C, 2) == N.field(N.array(a), N.indices(idx), 0x1C, 2).tolist() == [
+        (a[i] & 0x1C) >> 2 for i in idx]
     assert S.positions_in(a, 0x3C, b) == N.positions_in(N.array(a), 0x3C, b) == [
         j for j, v in enumerate(a) if v & 0x3C in b]
     assert S.concat([a, b]) == N.concat([N.indices(a), N.indices(b)]).tolist() == a + b

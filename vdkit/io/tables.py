@@ -62,7 +62,7 @@ def encode(values: Iterable[int], width: int, order: str) -> bytes:
 # ``struct``, ``bytes.find`` and C-level builtins; :data:`NUMPY` keeps them as ``uint64``/``int64``
 # arrays.  :func:`backend_for` picks one by how many bytes of tables an operation holds.
 
-NUMPY_MIN_BYTES = 2 << 20  # tables from this size on are worth numpy's import (measured crossover: ~2 MiB)
+NUMPY_MIN_BYTES = 3 << 20  # tables from this size on are worth numpy's import (measured crossovers: 2-4 MiB)
 
 # "small" or "numpy" forces one backend everywhere (tests run the suites both ways); read once.
 FORCE: str | None = None
@@ -162,6 +162,7 @@ class Backend:
     def unique_sorted(self, t: Tab) -> Tab: raise NotImplementedError
     def unique_shifted(self, t: Tab, bits: int) -> list[int]: raise NotImplementedError  # sorted {e >> bits}
     def members(self, a: Tab, b: Tab) -> list[int]: raise NotImplementedError  # entries of a that are in b
+    def intersects(self, a: Tab, b: Tab) -> bool: raise NotImplementedError  # some entry of a is in b
     def positions_in(self, t: Tab, mask: int, values: Sequence[int]) -> list[int]:
         """Indices ``j`` with ``t[j] & mask`` among ``values``."""
         raise NotImplementedError
@@ -193,6 +194,10 @@ class Backend:
     def masked_nonzero(self, t: Tab, mask: int) -> Tab: raise NotImplementedError  # (t & mask) where not 0
     def nonzero_values(self, t: Tab) -> Tab: raise NotImplementedError  # the entries that are not 0
     def shifted(self, t: Tab, bits: int) -> Tab: raise NotImplementedError  # t >> bits as indices
+    def field(self, t: Tab, idx: Tab, mask: int, bits: int) -> Tab:
+        """``(t[i] & mask) >> bits`` for every ``i`` of ``idx``, as indices."""
+        raise NotImplementedError
+
     def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
         """The entries of ``t`` that have (``present``) or lack any bit of ``flag``."""
         raise NotImplementedError
@@ -472,11 +477,16 @@ class _Small(Backend):
         return sorted(set(t))
 
     def unique_shifted(self, t: Tab, bits: int) -> list[int]:
+        if t and min(t) >> bits == max(t) >> bits:  # all in one (the usual case): no set
+            return [t[0] >> bits]
         return sorted({e >> bits for e in t})
 
     def members(self, a: Tab, b: Tab) -> list[int]:
         bs = set(b)
         return [x for x in a if x in bs]
+
+    def intersects(self, a: Tab, b: Tab) -> bool:
+        return not set(b).isdisjoint(a)
 
     def positions_in(self, t: Tab, mask: int, values: Sequence[int]) -> list[int]:
         vs = set(values)
@@ -549,6 +559,9 @@ class _Small(Backend):
     def shifted(self, t: Tab, bits: int) -> Tab:
         return [e >> bits for e in t]
 
+    def field(self, t: Tab, idx: Tab, mask: int, bits: int) -> Tab:
+        return [(t[i] & mask) >> bits for i in idx]
+
     def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
         if present:
             return [e for e in t if e and e & flag]
@@ -558,7 +571,12 @@ class _Small(Backend):
         return [i for i in _nonzero_at(t) if t[i] & present and not t[i] & absent]
 
     def first_misaligned(self, t: Tab, align: int) -> int | None:
+        from functools import reduce
+        from operator import or_
+
         m = align - 1
+        if not reduce(or_, t, 0) & m:  # the usual answer, at C speed
+            return None
         return next((e for e in t if e and e & m), None)
 
     def any_masked_zero(self, t: Tab, mask: int) -> bool:
@@ -805,6 +823,10 @@ class _Numpy(Backend):
         a = np.asarray(a, dtype=np.int64)
         return a[np.isin(a, np.asarray(b, dtype=np.int64))].tolist()  # type: ignore[no-any-return]
 
+    def intersects(self, a: Tab, b: Tab) -> bool:
+        np = self.np
+        return bool(np.isin(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)).any())
+
     def positions_in(self, t: Tab, mask: int, values: Sequence[int]) -> list[int]:
         np = self.np
         vals = np.asarray(values, dtype=np.uint64)
@@ -871,6 +893,11 @@ class _Numpy(Backend):
     def shifted(self, t: Tab, bits: int) -> Tab:
         np = self.np
         return (np.asarray(t, dtype=np.uint64) >> np.uint64(bits)).astype(np.int64)
+
+    def field(self, t: Tab, idx: Tab, mask: int, bits: int) -> Tab:
+        np = self.np
+        sel = t[np.asarray(idx, dtype=np.int64)]
+        return ((sel & np.uint64(mask)) >> np.uint64(bits)).astype(np.int64)
 
     def with_flag(self, t: Tab, flag: int, present: bool) -> Tab:
         has = (t & self.np.uint64(flag)) != 0

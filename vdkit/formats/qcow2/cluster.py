@@ -176,14 +176,16 @@ class Geometry:
         if self.has_data_file:
             return T.indices([])
         entries = T.nonzero_values(entries)  # (mostly a table's entries are 0)
-        offs = T.masked_nonzero(T.with_flag(entries, L.OFLAG_COMPRESSED, False), L.L2E_OFFSET_MASK)
+        comp = T.with_flag(entries, L.OFLAG_COMPRESSED, True)
+        std = T.with_flag(entries, L.OFLAG_COMPRESSED, False) if len(comp) else entries
+        offs = T.masked_nonzero(std, L.L2E_OFFSET_MASK)
         bad = T.first_misaligned(offs, self.cluster_size)
         if bad is not None:
             raise CorruptImageError(
                 f"Cluster allocation offset {bad:#x} unaligned{where}", errno=5
             )
         refs = [T.shifted(offs, self.cluster_bits)]
-        for e in T.tolist(T.with_flag(entries, L.OFLAG_COMPRESSED, True)):
+        for e in T.tolist(comp):
             coff, csize = self.compressed_range(e)
             first = coff >> self.cluster_bits
             last = (coff + csize - 1) >> self.cluster_bits

@@ -248,7 +248,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
         entries, bitmaps = _l2(drv, T, t)
         has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)  # standard, with a host
         found.append((t, entries, bitmaps, has))
-        hosts.append(T.shifted(T.masked(T.take(entries, has), L.L2E_OFFSET_MASK), bits))
+        hosts.append(T.field(entries, has, L.L2E_OFFSET_MASK, bits))
     all_rc = txn.new_refcounts(T.concat(hosts))
     pos = 0
     for t, entries, bitmaps, has in found:
@@ -355,7 +355,7 @@ def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> No
     meta = T.concat([T.shifted(T.masked_nonzero(rc.table, L.REFT_OFFSET_MASK), bits),
                      T.arange(first, first + rc.table_clusters)])
     for tree in trees:
-        if T.members(tree.l2_clusters, meta) or T.members(tree.data, meta):
+        if T.intersects(tree.l2_clusters, meta) or T.intersects(tree.data, meta):
             raise CorruptImageError("Invalid argument", errno=22)
 
 
