@@ -4,8 +4,8 @@ context, compared with qemu-system-x86_64.
 The same images (persistent bitmaps of several granularities, a disabled one, one in the backing
 file, one on a read-only drive) exported by both daemons: the QMP answers and refusals, the meta
 context negotiation and block status replies byte for byte (context ids included), what
-``nbdinfo --map`` and ``qemu-img map`` with ``x-dirty-bitmap`` read, and the bitmap following a
-write made through a writable export while it is exported.
+``nbdinfo --map`` and ``qemu-img map`` with ``x-dirty-bitmap`` read (and ``vdkit-img map`` with it,
+the same), and the bitmap following a write made through a writable export while it is exported.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import qemu_img, qemu_io, require_tool
+from tests.conftest import qemu_img, qemu_io, require_tool, vdkit_img
 from tests.daemon.conftest import Daemons, Monitor
 from tests.nbd.client import NbdClient, _recv_exact
 from tests.nbd.conftest import short_sock
@@ -151,9 +151,13 @@ def reads(sock: str) -> list[Any]:
                            capture_output=True, text=True, timeout=60)
         out.append((export, ctx, r.returncode, r.stdout, r.stderr))
     for export, ctx in [("w", "b0"), ("ro", "dis"), ("w", "nope")]:
-        r = qemu_img("map", "--output=json", "--image-opts",
-                     f"driver=nbd,server.type=unix,server.path={sock},export={export},x-dirty-bitmap={bm}{ctx}")
+        opts = f"driver=nbd,server.type=unix,server.path={sock},export={export},x-dirty-bitmap={bm}{ctx}"
+        r = qemu_img("map", "--output=json", "--image-opts", opts)
         out.append((export, ctx, r.returncode, r.stdout, r.stderr.replace(sock, "SOCK")))
+        # vdkit's own client reads the context as qemu-img does (dirty ranges map as unallocated)
+        mine = vdkit_img("map", "--output=json", "--image-opts", opts)
+        assert (mine.returncode, mine.stdout, mine.stderr.replace("vdkit-img:", "qemu-img:")) == \
+            (r.returncode, r.stdout, r.stderr)
     return out
 
 

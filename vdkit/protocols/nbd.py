@@ -66,6 +66,10 @@ class NbdAddress:
     tls_creds: str | None = None
     """``tls-creds``: the id of ``--object tls-creds-x509`` credentials (never part of the name)."""
     tls_hostname: str | None = None
+    x_dirty_bitmap: str | None = None
+    """``x-dirty-bitmap``: the meta context block status asks for instead of ``base:allocation``, its
+    flags read as that one's (a ``qemu:dirty-bitmap:NAME``: dirty ranges map as unallocated); not part
+    of the name."""
 
     def canonical_name(self) -> str:
         """The filename QEMU regenerates for the node (no escaping, IPv6 without brackets)."""
@@ -240,6 +244,9 @@ def address_from_options(opts: dict[str, str]) -> tuple[NbdAddress, float | None
 
         client_creds(opts["tls-creds"])
         addr = NbdAddress(addr.export, addr.path, addr.host, addr.port, opts["tls-creds"], opts.get("tls-hostname"))
+    if "x-dirty-bitmap" in opts:
+        addr = NbdAddress(addr.export, addr.path, addr.host, addr.port, addr.tls_creds, addr.tls_hostname,
+                          opts["x-dirty-bitmap"])
     for key in opts:
         if not key.startswith("server.") and key not in legacy and key not in _RUNTIME_KEYS:
             raise OpenError(f"Block protocol 'nbd' doesn't support the option '{key}'")
@@ -411,6 +418,9 @@ class NbdClient:
         if self.structured:
             self._set_meta_context()
         self._go()
+        if self.addr.x_dirty_bitmap is not None and self.meta_id is None:
+            # the server has no such context: QEMU's open fails with EINVAL (its own text is lost)
+            raise OpenError("Could not open image: Invalid argument", errno=_errno.EINVAL)
 
     def _starttls(self) -> None:
         """``NBD_OPT_STARTTLS``, then the TLS handshake; the rest of the negotiation runs over TLS."""
@@ -454,13 +464,14 @@ class NbdClient:
 
     def _set_meta_context(self) -> None:
         name = self.addr.export.encode()
-        ctx = w.BASE_ALLOCATION.encode()
+        wanted = self.addr.x_dirty_bitmap or w.BASE_ALLOCATION
+        ctx = wanted.encode()
         data = w.U32.pack(len(name)) + name + w.U32.pack(1) + w.U32.pack(len(ctx)) + ctx
         self._option(w.OPT_SET_META_CONTEXT, data)
         while True:
             rtype, payload = self._reply(w.OPT_SET_META_CONTEXT)
             if rtype == w.REP_META_CONTEXT and len(payload) >= 4:
-                if payload[4:].decode(errors="replace") == w.BASE_ALLOCATION:
+                if payload[4:].decode(errors="replace") == wanted:
                     self.meta_id = w.U32.unpack(payload[:4])[0]
                 continue
             break  # ACK ends the list; an error means no contexts
