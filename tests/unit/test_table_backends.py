@@ -198,3 +198,40 @@ def test_backend_for(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tables.backend_for(1 << 40) is S
     monkeypatch.setattr(tables, "FORCE", "numpy")
     assert tables.backend_for(0) is N
+
+
+# L2-like entries: mostly 0, else an offset with any of the top flag bits
+flagged = st.lists(st.one_of(st.just(0), st.just(0), st.builds(
+    lambda off, flags: off << 9 | flags << 62, st.integers(0, 1 << 20), st.integers(0, 3))), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(vals=flagged)
+def test_flag_ops(vals: list[int]) -> None:
+    C, P, M = 1 << 63, 1 << 62, ((1 << 56) - 1) & ~511
+    s, n = list(vals), N.array(vals)
+    assert S.masked(s, M) == N.masked(n, M).tolist() == [v & M for v in vals]
+    assert S.masked_nonzero(s, M) == N.masked_nonzero(n, M).tolist() == [v & M for v in vals if v & M]
+    assert S.nonzero_values(s) == N.nonzero_values(n).tolist() == [v for v in vals if v]
+    assert S.shifted(s, 9) == N.shifted(n, 9).tolist() == [v >> 9 for v in vals]
+    for present in (True, False):
+        assert S.with_flag(s, P, present) == N.with_flag(n, P, present).tolist() == [
+            v for v in vals if bool(v & P) == present]
+    want_pos = [i for i, v in enumerate(vals) if v & M and not v & P]
+    assert S.flag_positions(s, M, P) == N.flag_positions(n, M, P).tolist() == want_pos
+    assert S.any_masked_zero(s, M) == N.any_masked_zero(n, M) == any(v and not v & M for v in vals)
+    assert S.take(s, want_pos) == N.take(n, N.indices(want_pos)).tolist() == [vals[i] for i in want_pos]
+    assert S.strided(s, 1, 2) == N.strided(n, 1, 2).tolist() == vals[1::2]
+    assert S.unique_counts(s) == N.unique_counts(n) == (
+        sorted(set(vals)), [vals.count(v) for v in sorted(set(vals))])
+    assert S.count_equal(s, 0) == N.count_equal(n, 0) == vals.count(0)
+    assert S.positions_equal(s, 0) == N.positions_equal(n, 0).tolist() == [i for i, v in enumerate(vals) if v == 0]
+    S.clear_flag(s, C, P)
+    N.clear_flag(n, C, P)
+    cleared = [v & ~C if not v & P else v for v in vals]
+    assert s == n.tolist() == cleared
+    assert S.equal(s, cleared) and N.equal(n, N.array(cleared))
+    assert not S.equal(s, [*cleared, 0]) and not N.equal(n, N.array([*cleared, 0]))
+    S.set_flag(s, want_pos, C)
+    N.set_flag(n, N.indices(want_pos), C)
+    assert s == n.tolist() == [v | C if i in want_pos else v for i, v in enumerate(cleared)]

@@ -263,10 +263,8 @@ _CHUNK = 256  # entries tested by one any() while looking for a non-zero one
 
 
 def _nonzero_at(t: list[int]) -> list[int]:
-    """Indices of the non-zero entries, found at C speed (tables are mostly zeros)."""
-    from itertools import compress
-
-    return list(compress(range(len(t)), t))
+    """Indices of the non-zero entries."""
+    return [i for i, e in enumerate(t) if e]
 
 
 def _next_nonzero(t: list[int], i: int) -> int:
@@ -584,10 +582,8 @@ class _Small(Backend):
 
     def clear_flag(self, t: Tab, flag: int, unless: int) -> None:
         keep = ~flag
-        for i in _nonzero_at(t):
-            e = t[i]
-            if e & flag and not e & unless:
-                t[i] = e & keep
+        # (``e and`` first: a zero entry, the common one, is then a truth test, not a big-int AND)
+        t[:] = [e & keep if e and e & flag and not e & unless else e for e in t]
 
     def set_flag(self, t: Tab, idx: Tab, flag: int) -> None:
         for i in idx:
