@@ -356,13 +356,12 @@ def _open(
 ) -> Node:
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
-    if name.startswith("json:"):  # raw's offset/size windows (vdkit.cli.json_name.window_name)
-        from vdkit.block.chain import BACKING_OVERRIDES
-        from vdkit.block.secrets import open_option
-        from vdkit.formats.raw import WINDOWS, open_window
+    if name.startswith("json:"):  # a format's window (raw's offset/size: registry.window_name)
+        window = registry.open_window(name, readonly, force_share)
+        if window is not None:
+            from vdkit.block.chain import BACKING_OVERRIDES
+            from vdkit.block.secrets import open_option
 
-        if name in WINDOWS:
-            window = open_window(name, readonly, force_share)
             return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                             force_share=force_share, backing=backing and open_option(name, "backing") != "null",
                             check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open,

@@ -209,10 +209,9 @@ def _image_opts(spec: str, parsed: dict[str, object] | None, backing: list[objec
         ref = raw.get("file")
         if isinstance(ref, str):  # a node reference, which qemu-img never has
             raise OpenError(f"Cannot find device='{ref}' nor node-name='{ref}'")
-        if "raw" in (raw.get("driver"), raw.get("file.driver")):  # raw's offset/size, raw over raw
-            window = _raw_window(raw)
-            if window is not None:
-                return window
+        window = _window(raw)  # a format's options making its node a window (raw's offset/size)
+        if window is not None:
+            return window
         given = {k: raw.pop(k, None) for k in ("driver", "file.filename", "file.driver")}
         driver, filename, file_driver = (v if isinstance(v, str) else None for v in given.values())
         opts = {k: _opt_text(v) for k, v in raw.items()}
@@ -292,19 +291,19 @@ _TUNING = frozenset(("read-only", "auto-read-only", "force-share", "cache.direct
                      "x-check-cache-dropped"))
 
 
-def _raw_window(raw: dict[str, object]) -> tuple[str, str] | None:
-    """Raw nodes with ``offset``/``size`` (:func:`vdkit.cli.json_name.window_name`): the node is named
-    ``json:{...}``, as in QEMU; the options left must only tune I/O (or be the top format's)."""
-    from vdkit.cli.json_name import window_name
+def _window(raw: dict[str, object]) -> tuple[str, str] | None:
+    """Nodes whose format makes them a window into the file below (``registry.window_name``: raw's
+    ``offset``/``size``): the node is named ``json:{...}``, as in QEMU; the options left must only
+    tune I/O (or be the top format's)."""
     from vdkit.errors import OpenError
-    from vdkit.formats.registry import runtime_options
+    from vdkit.formats.registry import runtime_options, window_name
 
     top = raw.get("driver")
     window = window_name(raw)
     if window is None:
         return None
-    name, fmt, file_prefix = window
-    own = runtime_options(fmt) if isinstance(top, str) and top != "raw" else frozenset()
+    name, fmt, file_prefix, layer = window
+    own = runtime_options(fmt) if isinstance(top, str) and top != layer else frozenset()
     for key in raw:  # the file node's options are checked first: it opens first
         tail = key[len(file_prefix):]
         if key.startswith(file_prefix) and tail not in _TUNING:
@@ -317,7 +316,7 @@ def _raw_window(raw: dict[str, object]) -> tuple[str, str] | None:
             continue
         if "." not in key:
             raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
-        raise OpenError(f"Block format 'raw' does not support the option '{tail}'")
+        raise OpenError(f"Block format '{layer}' does not support the option '{tail}'")
     return name, fmt
 
 

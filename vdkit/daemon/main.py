@@ -335,6 +335,7 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             raise OptionError(f"Invalid node-name: '{node_name}'")
         spec.node_name = node_name
     spec.file = take("file")
+    from vdkit.formats.registry import window_options
     from vdkit.protocols.registry import is_protocol
 
     file_driver = opts.get("file.driver")
@@ -346,8 +347,8 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
         by_name = driver_for_prefix(protocol_of(spec.file))
     if is_protocol(spec.format):  # the protocol is the drive's node
         spec.file = _protocol_drive_name(spec, opts, take, str(spec.format), top=True)
-    elif spec.format == "raw" and ("offset" in opts or "size" in opts):
-        spec.file = _raw_window_drive(spec, opts, take, by_name)
+    elif any(key in opts for key in window_options(spec.format)):  # raw's offset/size
+        spec.file = _window_drive(spec, opts, take, by_name)
     elif is_protocol(file_driver):  # a format over a protocol node given by its options
         spec.file = _protocol_drive_name(spec, opts, take, str(file_driver), top=False)
     elif by_name is not None:
@@ -419,15 +420,15 @@ def _protocol_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[
     return name
 
 
-def _raw_window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None],
-                      by_name: str | None) -> str:
-    """``format=raw,offset=...,size=...``: a window into the file (:func:`vdkit.cli.json_name.window_name`),
-    named ``json:{...}`` as QEMU names it (values are strings, as -drive gives them); a window over a
+def _window_drive(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None],
+                  by_name: str | None) -> str:
+    """``format=raw,offset=...,size=...``: a window into the file (``registry.window_name``), named
+    ``json:{...}`` as QEMU names it (values are strings, as -drive gives them); a window over a
     protocol (``file.driver``, or ``by_name``: the protocol of ``file=``'s name) is refused by it."""
-    from vdkit.cli.json_name import window_name
+    from vdkit.formats.registry import window_name, window_options
 
-    flat: dict[str, object] = {"driver": "raw"}
-    for key in ("offset", "size"):
+    flat: dict[str, object] = {"driver": spec.format}
+    for key in window_options(spec.format):
         value = take(key)
         if value is not None:
             flat[key] = value

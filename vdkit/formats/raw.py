@@ -210,13 +210,90 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
             raise VdkitError(f"Could not resize file: {os_error_message(exc)}", errno=exc.errno) from exc
 
 
-# -- raw's offset/size options: a window into the file below -------------------------------------
+# -- raw's offset/size options: a window into the file below (the registry's window slots) ---------
+
+WINDOW_OPTIONS = ("offset", "size")
+"""The ``-drive`` options that make a raw drive a window (``registry.window_options``)."""
 
 WINDOWS: dict[str, tuple[str, list[tuple[int, int | None, str]]]] = {}
 """The name a windowed raw node gets (QEMU's ``json:{...}``) -> (the file's name, the windows from the
-file up: (offset, size or None, the raw node's own name)).  :func:`vdkit.block.node.open_image` opens
-such a name through :class:`RawWindow`; the options are interpreted by
-:func:`vdkit.cli.json_name.window_name`."""
+file up: (offset, size or None, the raw node's own name)).  :func:`window_name` fills it from the
+options; :func:`open_window` opens such a name (``vdkit.block.node`` asks ``registry.open_window``)."""
+
+
+def _size_option(key: str, value: object) -> int:
+    """A size option as QEMU's visitor takes it: a JSON integer, or a string with QEMU's size syntax."""
+    from vdkit.errors import OpenError
+    from vdkit.opts import _SIZE_HINT, strtosz
+
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64:
+        return value
+    if isinstance(value, str):
+        try:
+            return strtosz(value)
+        except ValueError:
+            pass
+    raise OpenError(f"Parameter '{key}' expects a non-negative number below 2^64", hint=_SIZE_HINT)
+
+
+def window_name(opts: dict[str, object]) -> tuple[str, str, str] | None:
+    """Raw nodes with ``offset``/``size`` (or stacked raw nodes) in flattened options -> (name, format, prefix).
+
+    The registry's ``window_name`` slot (asked by ``--image-opts``, ``json:`` names and ``-drive``
+    through ``registry.window_name``).  Each ``raw`` node down the ``file`` chain from the top (or
+    from a format's ``file`` child) is a window into the one below.  Returns None when no raw node
+    has a windowed meaning; else the ``json:{...}`` name QEMU gives the top node (keys as given,
+    values with their types), its format and the key prefix of the file node's options
+    (``file.file.``...).  The options used are removed from ``opts``.  Errors are QEMU's texts.
+    :data:`WINDOWS` remembers how to open the name (:class:`RawWindow`, one per raw node).
+    """
+    from vdkit.errors import OpenError, UnsupportedError
+
+    top = opts.get("driver")
+    prefix = "" if top == FORMAT_NAME else "file."
+    if opts.get(prefix + "driver") != FORMAT_NAME:
+        return None
+    levels: list[tuple[str, dict[str, object]]] = []
+    while opts.get(prefix + "driver") == FORMAT_NAME:
+        strong = {k: opts[prefix + k] for k in WINDOW_OPTIONS if prefix + k in opts}
+        levels.append((prefix, strong))
+        prefix += "file."
+    if len(levels) == 1 and not levels[0][1] and top == FORMAT_NAME:
+        return None  # a plain raw node
+    if not isinstance(top, str):
+        raise UnsupportedError("A raw file child under a probed format is not supported by vdkit")
+    below = opts.get(prefix + "driver", "file")
+    if below != "file":
+        raise UnsupportedError(f"A raw node over '{below}' is not supported by vdkit")
+    filename = opts.get(prefix + "filename")
+    if not isinstance(filename, str):
+        raise OpenError("The 'file' block driver requires a file name")
+    from vdkit.info.render_json import dumps_compact
+
+    windows: list[tuple[int, int | None, str]] = []
+    desc: dict[str, object] = {"driver": "file", "filename": filename}
+    for level_prefix, strong in reversed(levels):
+        offset = _size_option("offset", strong["offset"]) if "offset" in strong else 0
+        size = _size_option("size", strong["size"]) if "size" in strong else None
+        node: dict[str, object] = {}
+        if "offset" in strong:
+            node["offset"] = strong["offset"]
+        node["driver"] = FORMAT_NAME
+        if "size" in strong:
+            node["size"] = strong["size"]
+        node["file"] = desc
+        desc = node
+        windows.append((offset, size, "json:" + dumps_compact(desc)))
+        for k in ("driver", *WINDOW_OPTIONS):
+            opts.pop(level_prefix + k, None)
+    for k in ("driver", "filename"):
+        opts.pop(prefix + k, None)
+    if top != FORMAT_NAME:
+        desc = {"driver": top, "file": desc}
+        opts.pop("driver", None)
+    name = "json:" + dumps_compact(desc)
+    WINDOWS[name] = (filename, windows)
+    return name, top, prefix
 
 
 class RawWindow:
@@ -319,10 +396,13 @@ class RawWindow:
         self.close()
 
 
-def open_window(name: str, readonly: bool, force_share: bool) -> RawWindow:
-    """The file of a windowed raw name (:data:`WINDOWS`), every window applied from the file up."""
+def open_window(name: str, readonly: bool, force_share: bool) -> RawWindow | None:
+    """The file of a windowed raw name (:data:`WINDOWS`), every window applied from the file up;
+    None for any other name."""
     from vdkit.io.file import ImageFile
 
+    if name not in WINDOWS:
+        return None
     filename, windows = WINDOWS[name]
     f: object = ImageFile(filename, readonly=readonly, force_share=force_share)
     top_is_raw = name.startswith('json:{"offset"') or name.startswith('json:{"driver": "raw"')

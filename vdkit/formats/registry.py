@@ -25,6 +25,18 @@ provides these entry points (only ``probe`` and ``open_driver`` are required):
     ``--image-opts`` and ``json:`` names may carry and vdkit accepts without
     effect (cache sizes, discard passing...).  Any other option a layer does
     not take is refused with QEMU's "does not support the option".
+``window_name(opts) -> (name, top format, file prefix) | None``, ``WINDOW_OPTIONS: tuple[str, ...]`` and
+``open_window(name, readonly, force_share) -> file | None``
+    A format whose options make its node a window into the file below (raw's
+    ``offset``/``size``), named ``json:{...}`` by them as QEMU names it.
+    ``window_name`` reads the flattened ``--image-opts``/``json:``/``-drive``
+    options of a node chain whose top (``driver``) or file child
+    (``file.driver``) is this format, takes the options it uses out of them and
+    returns the name the chain opens under (None: no window here);
+    ``WINDOW_OPTIONS`` are the ``-drive`` keys that make a drive of this format
+    a window; ``open_window`` opens such a name as a file the format above
+    reads.  Front ends ask :func:`window_name`, :func:`window_options` and
+    :func:`open_window` here, never the format by name.
 
 Formats QEMU detects but vdkit does not implement yet are still recognised by
 their magic (:data:`_NOT_IMPLEMENTED`) and refused by name, instead of being
@@ -184,3 +196,44 @@ def runtime_options(name: str) -> frozenset[str]:
 
 def can_create(name: str) -> bool:
     return hasattr(format_module(name), "create_image")
+
+
+_window_owners: dict[str, str] = {}  # a name window_name gave -> the format that made it
+
+
+def window_name(opts: dict[str, object]) -> tuple[str, str, str, str] | None:
+    """The window a node chain's flattened options describe (the ``window_name`` slot), asked of the top
+    node's format, then of its ``file`` child's (QEMU opens the top first): ``(name, top format, key
+    prefix of the file node's options, the windowing format)``, or None when neither has a window
+    there.  Only named, registered formats are imported."""
+    for key in ("driver", "file.driver"):
+        name = opts.get(key)
+        if not isinstance(name, str) or name not in FORMATS:
+            continue
+        slot = getattr(format_module(name), "window_name", None)
+        if slot is None:
+            continue
+        window: tuple[str, str, str] | None = slot(opts)
+        if window is None:
+            return None
+        _window_owners[window[0]] = name
+        return (*window, name)
+    return None
+
+
+def window_options(name: str | None) -> tuple[str, ...]:
+    """The ``-drive`` keys that make a drive of format ``name`` a window (empty: none, or no such format)."""
+    if name is None or name not in FORMATS:
+        return ()
+    keys: tuple[str, ...] = getattr(format_module(name), "WINDOW_OPTIONS", ())
+    return keys
+
+
+def open_window(name: str, readonly: bool, force_share: bool) -> object | None:
+    """The file a name :func:`window_name` gave opens as (the windowing format's ``open_window``);
+    None for any other name."""
+    owner = _window_owners.get(name)
+    if owner is None:
+        return None
+    file: object | None = format_module(owner).open_window(name, readonly, force_share)
+    return file
