@@ -172,3 +172,36 @@ def test_hmp_nbd_commands_match_qemu(daemons: Daemons) -> None:
                         [json.dumps(e["data"]) for e in m.events]))
         outs.append(out)
     assert outs[1] == outs[0]
+
+
+def test_shutdown_announces_the_exports_going(daemons: Daemons) -> None:
+    """quit and SIGTERM: SHUTDOWN, then BLOCK_EXPORT_DELETED for each export, oldest first, as QEMU."""
+    import os
+    import signal
+
+    outs = []
+    for how in ("quit", "signal"):
+        q, v = daemons.pair(DRIVES, setup)
+        for m in (q, v):
+            sock = short_sock("n.sock")
+            run(m, sock, [("nbd-server-start", unix(sock)), ("nbd-server-add", {"device": "drive0"}),
+                          ("block-export-add", {"type": "nbd", "id": "e2", "node-name": node_name(m, "d.qcow2"),
+                                                "name": "x"})])
+            m.events.clear()
+            if how == "quit":
+                lines = [m.cmd_line("quit")]
+            else:
+                proc = daemons.procs[len(daemons.procs) - 2 + (m is v)]
+                os.kill(proc.pid, signal.SIGTERM)
+                lines = []
+            try:
+                while True:
+                    lines.append(m.read_line())
+            except (EOFError, OSError):
+                pass
+            events = [json.loads(x) for x in lines]
+            outs.append([(e.get("event"), e.get("data")) if "event" in e else e for e in m.events + events])
+    assert outs[1] == outs[0] and outs[3] == outs[2]
+    assert [e[0] for e in outs[2]] == ["SHUTDOWN", "BLOCK_EXPORT_DELETED", "BLOCK_EXPORT_DELETED"]
+    # the events come before quit's answer
+    assert [e[0] for e in outs[0][:3]] == [e[0] for e in outs[2]] and outs[0][3] == {"return": {}}

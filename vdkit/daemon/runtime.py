@@ -300,7 +300,9 @@ class Daemon:
             sender = f" from pid {pid} ({_process_name(pid)})" if pid else ""
             error_report(f"terminating on signal {signo}{sender}")
             self.machine.shutdown_requested = "host-signal"
-            self._broadcast([("SHUTDOWN", {"guest": False, "reason": "host-signal"})])
+            from vdkit.monitor.machine_cmds import shutdown_events
+
+            self._broadcast(list(shutdown_events(self.machine, "host-signal")))
         self._request_stop()
 
     def _watch_signals(self, loop: asyncio.AbstractEventLoop) -> None:

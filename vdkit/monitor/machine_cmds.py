@@ -10,12 +10,15 @@ commands are in :mod:`vdkit.monitor.block_cmds`, the NBD ones in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
 from vdkit.info.model import StatusInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
 from vdkit.monitor.qmp_wire import version_info
+
+if TYPE_CHECKING:
+    from vdkit.devices.registry import DeviceRegistry
 
 
 def qmp_capabilities(ctx: CommandContext, args: dict[str, Any]) -> None:
@@ -55,9 +58,20 @@ def cont(ctx: CommandContext, args: dict[str, Any]) -> None:
         ctx.emit("RESUME")
 
 
+def shutdown_events(machine: DeviceRegistry, reason: str) -> list[tuple[str, dict[str, Any]]]:
+    """What a shutdown (``quit``, a signal) announces, in QEMU's order: ``SHUTDOWN``, then
+    ``BLOCK_EXPORT_DELETED`` for each NBD export, oldest first, as the exports are closed."""
+    events: list[tuple[str, dict[str, Any]]] = [("SHUTDOWN", {"guest": False, "reason": reason})]
+    svc = machine.exports
+    if svc is not None:
+        events += [("BLOCK_EXPORT_DELETED", {"id": e.id}) for e in svc.list_exports()]
+    return events
+
+
 def quit_(ctx: CommandContext, args: dict[str, Any]) -> None:
     ctx.machine.shutdown_requested = "host-qmp-quit"
-    ctx.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+    for event in shutdown_events(ctx.machine, "host-qmp-quit"):
+        ctx.emit(*event)
 
 
 def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
