@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
 
 from tests.formats.images import bochs_image
 from tests.formats.ro_diff import assert_same, run_sweep, same_read_side, same_refusals
+from tests.helpers.patching import patched_copy
 
 
 def pattern(size: int) -> bytes:
@@ -51,10 +51,7 @@ def test_refusals(images: Path) -> None:
 
 
 def _patched(d: Path, name: str, *fields: tuple[int, str, int]) -> str:
-    data = bytearray((d / "v2.bochs").read_bytes())
-    for off, fmt, val in fields:
-        struct.pack_into(fmt, data, off, val)
-    (d / name).write_bytes(bytes(data))
+    patched_copy(d / "v2.bochs", d / name, fields)
     return name
 
 

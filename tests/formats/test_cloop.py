@@ -10,6 +10,7 @@ import pytest
 from tests.formats.images import cloop_image
 from tests.formats.ro_diff import assert_same, run_sweep, same_read_side, same_refusals
 from tests.formats.test_bochs import pattern
+from tests.helpers.patching import patched_copy
 
 VARIANTS = {
     "b64k": {},
@@ -39,10 +40,7 @@ def test_refusals(images: Path) -> None:
 
 
 def _patched(d: Path, name: str, *fields: tuple[int, str, int], base: str = "b64k.cloop") -> str:
-    data = bytearray((d / base).read_bytes())
-    for off, fmt, val in fields:
-        struct.pack_into(fmt, data, off, val)
-    (d / name).write_bytes(bytes(data))
+    patched_copy(d / base, d / name, fields)
     return name
 
 

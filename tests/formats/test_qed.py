@@ -22,7 +22,7 @@ from tests.conftest import assert_same, check_ok, qemu_img, require_tool, vdkit_
 from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.disk import PATTERN, src_raw
 from tests.helpers.limited import Sweep, run_limited
-from tests.helpers.patching import damage_at
+from tests.helpers.patching import damage_at, patched_copy
 from tests.helpers.qemu_io import qemu_io_script
 
 _io = partial(qemu_io_script, fmt="qed")  # _io(d, name, [commands]): qemu-io must succeed
@@ -219,12 +219,9 @@ def test_need_check_cleared_on_write_open(tmp_path: Path) -> None:
 # -- check on damaged images ---------------------------------------------------------------------
 
 def _patch(src: Path, dst: Path, fields: list[tuple[int, int, int]], size: int | None = None) -> None:
-    data = bytearray(src.read_bytes())
-    for off, width, val in fields:
-        data[off:off + width] = val.to_bytes(width, "little")
-    if size is not None:
-        data = data[:size] + bytes(max(0, size - len(data)))
-    dst.write_bytes(bytes(data))
+    """``patched_copy`` with little-endian (offset, width, value) fields."""
+    patched_copy(src, dst, [(off, f"{width}s", val.to_bytes(width, "little")) for off, width, val in fields],
+                 size=size)
 
 
 DAMAGE = {

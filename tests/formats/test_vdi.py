@@ -20,7 +20,7 @@ from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_
 from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.disk import PATTERN, src_raw
 from tests.helpers.limited import Sweep
-from tests.helpers.patching import damage_at
+from tests.helpers.patching import damage_at, patched_copy
 from tests.helpers.qemu_io import qemu_io_script
 
 UUIDS = slice(0x188, 0x1A8)  # image and last-snapshot UUID: random in qemu-img's files
@@ -83,10 +83,7 @@ def test_refusals(images: Path) -> None:
 # -- damaged headers and block maps ---------------------------------------------------------------
 
 def _patch(d: Path, src: str, name: str, fields: list[tuple[int, str, object]]) -> str:
-    data = bytearray((d / src).read_bytes())
-    for off, fmt, val in fields:
-        struct.pack_into(fmt, data, off, *(val if isinstance(val, tuple) else (val,)))
-    (d / name).write_bytes(bytes(data))
+    patched_copy(d / src, d / name, fields)
     return name
 
 

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_img
 from tests.helpers.disk import PATTERN, src_raw
 from tests.helpers.limited import Sweep
-from tests.helpers.patching import damage_at
+from tests.helpers.patching import damage_at, patched_copy
 from tests.helpers.qemu_io import qemu_io_script
 
 SUBFORMATS = ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized"]
@@ -181,13 +181,6 @@ def test_descriptor_errors(images: Path, name: str) -> None:
     assert_same(["info", "-f", "vmdk", name], images)
 
 
-def _patched(src: Path, dst: Path, changes: list[tuple[int, str, int]]) -> None:
-    data = bytearray(src.read_bytes())
-    for off, fmt, val in changes:
-        struct.pack_into(fmt, data, off, val)
-    dst.write_bytes(bytes(data))
-
-
 HEADER_CASES = {
     "version0": [(4, "<I", 0)], "version4": [(4, "<I", 4)], "grain3": [(20, "<Q", 3)],
     "grain0": [(20, "<Q", 0)], "grainmax": [(20, "<Q", 0x200000)], "grainbig": [(20, "<Q", 0x200001)],
@@ -210,7 +203,7 @@ HEADER_CASES = {
 
 @pytest.mark.parametrize("case", sorted(HEADER_CASES))
 def test_header_errors(images: Path, tmp_path: Path, case: str) -> None:
-    _patched(images / "monolithicSparse.vmdk", tmp_path / "p.vmdk", HEADER_CASES[case])
+    patched_copy(images / "monolithicSparse.vmdk", tmp_path / "p.vmdk", HEADER_CASES[case])
     for args in (["info"], ["info", "-f", "vmdk"], ["check"], ["map", "--output=json"], ["compare", "-f", "vmdk",
                                                                                           "-F", "vmdk"]):
         extra = ["p.vmdk"] if args[0] != "compare" else ["p.vmdk", "p.vmdk"]
@@ -445,7 +438,7 @@ def test_open_policy_on_extents(images: Path, tmp_path: Path) -> None:
 
 
 def test_check_damaged(images: Path, tmp_path: Path) -> None:
-    _patched(images / "monolithicSparse.vmdk", tmp_path / "v10.vmdk", [(0x3600, "<I", 0xFFFF)])
+    patched_copy(images / "monolithicSparse.vmdk", tmp_path / "v10.vmdk", [(0x3600, "<I", 0xFFFF)])
     for args in (["check", "v10.vmdk"], ["check", "--output=json", "v10.vmdk"], ["map", "v10.vmdk"]):
         assert_same(args, tmp_path)
 
@@ -554,6 +547,6 @@ def test_inspect(images: Path, tmp_path: Path) -> None:
     out = json.loads(r.stdout)
     assert r.returncode not in (0, 1) and out["verdict"] == "unsafe"
     assert [x["kind"] for x in out["reasons"]] == ["extent-absolute", "extent-outside"], r.stdout
-    _patched(images / "monolithicSparse.vmdk", tmp_path / "v10.vmdk", [(0x3600, "<I", 0xFFFF)])
+    patched_copy(images / "monolithicSparse.vmdk", tmp_path / "v10.vmdk", [(0x3600, "<I", 0xFFFF)])
     r = vdkit_img("inspect", "--output=json", "v10.vmdk", cwd=tmp_path)
     assert [x["kind"] for x in json.loads(r.stdout)["reasons"]] == ["corrupt-metadata"], r.stdout

@@ -21,7 +21,7 @@ from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_
 from tests.formats.daemon_diff import daemon_drive_roundtrip
 from tests.helpers.disk import PATTERN, src_raw
 from tests.helpers.limited import Sweep
-from tests.helpers.patching import damage_at
+from tests.helpers.patching import damage_at, pack_fields
 from tests.helpers.qemu_io import qemu_io_script
 
 _io = partial(qemu_io_script, fmt="vpc")  # _io(d, name, [commands]): qemu-io must succeed
@@ -101,10 +101,7 @@ def _checksum(block: bytearray, at: int) -> None:
 
 def _patch(d: Path, src: str, name: str, fields: list[tuple[int, str, object]], *, footer: int | None = 0) -> str:
     """Copy ``src`` with fields patched; the footer at ``footer`` (None: the last 512 bytes) gets a fresh checksum."""
-    data = bytearray((d / src).read_bytes())
-    for off, fmt, val in fields:
-        values = val if isinstance(val, tuple) else (val,)
-        struct.pack_into(fmt, data, off if off >= 0 else len(data) + off, *values)
+    data = pack_fields(bytearray((d / src).read_bytes()), fields)
     at = len(data) - 512 if footer is None else footer
     if at >= 0 and footer != -1:
         block = data[at:at + 512]

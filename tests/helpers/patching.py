@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
@@ -77,3 +77,22 @@ def damage_at(d: bytearray, rng: random.Random, off: int, values: Callable[[int]
         val = rng.choice(values(width))
         d[off:off + width] = val.to_bytes(width, byteorder or rng.choice(("big", "little")))
     return f"{kind}@{off:#x}"
+
+
+Field = tuple[int, str, Any]
+"""(offset, struct format, value or tuple of values) of one field; a negative offset counts from the end."""
+
+
+def pack_fields(data: bytearray, fields: Iterable[Field]) -> bytearray:
+    """Write each field into ``data`` (in place); ``data``."""
+    for off, fmt, val in fields:
+        struct.pack_into(fmt, data, off if off >= 0 else len(data) + off, *(val if isinstance(val, tuple) else (val,)))
+    return data
+
+
+def patched_copy(src: Path, dst: Path, fields: Iterable[Field], *, size: int | None = None) -> None:
+    """``dst``: a copy of ``src`` with ``fields`` written, cut or zero-extended to ``size`` if given."""
+    data = pack_fields(bytearray(src.read_bytes()), fields)
+    if size is not None:
+        data = data[:size] + bytes(max(0, size - len(data)))
+    dst.write_bytes(bytes(data))
