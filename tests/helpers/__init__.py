@@ -1,1 +1,1 @@
-"""Helpers shared by the test suites (byte surgery on images, qemu-io scripts)."""
+"""Machinery the test suites share, one copy each (the test map in docs/ARCHITECTURE.md lists it)."""
