@@ -454,12 +454,16 @@ def _remember_backing(filename: str, backing: object) -> None:
 
 def forget_backing(name: str) -> None:
     """A plain file name argument: a ``backing`` an earlier spec gave the same name does not apply to it."""
+    import sys
+
     from vdkit.block.chain import BACKING_OVERRIDES
-    from vdkit.block.secrets import open_option, set_open_option
 
     BACKING_OVERRIDES.pop(name, None)
-    if open_option(name, "backing") is not None:
-        set_open_option(name, "backing", "")
+    # Only a spec parsed earlier (which imported the option store to write it) can have set one: a plain
+    # command such as ``info x.qcow2`` does not pay for importing the store to learn that it is empty.
+    store = sys.modules.get("vdkit.block.secrets")
+    if store is not None and store.open_option(name, "backing") is not None:
+        store.set_open_option(name, "backing", "")
 
 
 def _opt_text(value: object) -> str:
