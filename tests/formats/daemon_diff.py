@@ -13,8 +13,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import qemu_img, qemu_io
+from tests.conftest import qemu_img
 from tests.daemon.conftest import Daemons, normalise
+from tests.helpers.qemu_io import qemu_io_script
 from tests.nbd.conftest import short_sock
 
 NBD_WRITES = ["write -P 0x31 0 64k", "write -P 0x32 70000 1000", "write -z 3M 128k", "write -P 0x33 2M 1M"]
@@ -77,8 +78,7 @@ def daemon_drive_roundtrip(tmp_path: Path, image: str, fmt: str, setup: Callable
         _identical(socks[1], str(tmp_path / "v" / image), "-U", "-f", "raw", "-F", fmt)
         for op in writes:
             for url in socks:
-                w = qemu_io("-f", "raw", "-c", op, url)
-                assert w.returncode == 0 and "error" not in w.stdout.lower(), w.stdout + w.stderr
+                qemu_io_script(None, url, [op], "raw")
         _identical(socks[0], socks[1], "-f", "raw", "-F", "raw")
         for mon in (qm, vm):
             mon.send_raw(b'{"execute": "quit"}')

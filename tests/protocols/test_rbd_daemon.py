@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import qemu_img, qemu_io
 from tests.daemon.conftest import Daemons, Monitor, daemons, normalise, normalise_hmp  # noqa: F401
 from tests.helpers import ceph
+from tests.helpers.qemu_io import qemu_io_script
 from tests.nbd.conftest import short_sock
 
 
@@ -121,8 +122,7 @@ def test_nbd_export_of_an_rbd_drive(daemons: Daemons, cluster: ceph.CephCluster,
     export = f"nbd+unix:///d0?socket={sock}"
     r = qemu_img("compare", "-f", "raw", "-F", "raw", export, cluster.name(image))
     assert r.returncode == 0, r.stdout + r.stderr
-    r = qemu_io("-f", "raw", "-c", "write -P 0x42 4M 64k", export)
-    assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+    qemu_io_script(None, export, ["write -P 0x42 4M 64k"], "raw")
     r = qemu_io("-f", "raw", "-c", "read -P 0x42 4M 64k", cluster.name(image))
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
@@ -187,8 +187,7 @@ def test_no_image_locking(daemons: Daemons, cluster: ceph.CephCluster, tmp_path:
         assert tool("info", cluster.name(image)).returncode == 0
         r = tool("snapshot", "-c", f"while-held-{n}", cluster.name(image))
         assert r.returncode == 0, r.stderr
-    r = qemu_io("-f", "raw", "-c", "write -P 0x5 0 4k", cluster.name(image))
-    assert r.returncode == 0 and "error" not in r.stdout.lower()
+    cluster.qemu_io(image, "write -P 0x5 0 4k")
     names = [s["name"] for s in v.cmd("query-snapshots")["return"]]
     assert names == ["cli-snap", "while-held-0", "while-held-1"]
 
