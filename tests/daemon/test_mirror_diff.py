@@ -481,6 +481,7 @@ def test_mirror_nodes_while_running(daemons: Daemons, tmp_path: Path, sync: str)
     p.same("query-named-block-nodes", mask=grown)
     p.same("query-named-block-nodes", {"flat": True}, mask=grown)
     p.hmp("info block -n")
+    p.same("x-debug-query-block-graph")  # the job, its filter (the drive's root now), the target's nodes
     p.same("block-job-cancel", {"device": "mt", "force": True})
     p.wait("JOB_STATUS_CHANGE", status="null")
     p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))
@@ -814,6 +815,8 @@ def test_export_names_the_filter_of_a_job(daemons: Daemons, tmp_path: Path) -> N
                       ("block-stream", {}), ("block-commit", {})]:
         p.same(cmd, {"device": "disk0", "job-id": "j", "speed": 1, **args})
         p.same("query-block-exports")
+        if cmd == "drive-mirror":  # (other jobs are not drawn)
+            p.same("x-debug-query-block-graph")
         p.same("block-job-cancel", {"device": "j", "force": True})
         p.wait("JOB_STATUS_CHANGE", status="null")
         p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdkit.devices.graph import (
-    FORMAT_DRIVERS,
     GraphNode,
     check_file_parents,
     child_perms,
@@ -26,7 +25,7 @@ from vdkit.devices.graph import (
     open_protocol_node,
 )
 from vdkit.errors import VdkitError
-from vdkit.formats.registry import PASSES_PERMISSIONS
+from vdkit.formats.registry import PASSES_PERMISSIONS, is_known
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.opts import id_wellformed, parse_bool
@@ -68,6 +67,9 @@ _VARIANTS: dict[str, tuple[Arg, ...]] = {
     # QAPI BlockdevOptionsRbd (7.2); encrypt is refused (vdkit.protocols.rbd has no RBD encryption)
     "rbd": (Arg("pool"), opt("namespace"), Arg("image"), opt("conf"), opt("snapshot"), opt("encrypt", "any"),
             opt("user"), opt("auth-client-required", "any"), opt("key-secret"), opt("server", "any")),
+    # QAPI BlockdevOptionsGenericFormat / GenericCOWFormat (7.2)
+    **dict.fromkeys(("bochs", "cloop", "dmg", "parallels", "vdi", "vhdx", "vpc"), (Arg("file", "any"),)),
+    **dict.fromkeys(("qed", "vmdk"), (Arg("file", "any"), opt("backing", "any"))),
     "qcow2": (Arg("file", "any"), opt("backing", "any"), opt("lazy-refcounts", "bool"),
               opt("pass-discard-request", "bool"), opt("pass-discard-snapshot", "bool"),
               opt("pass-discard-other", "bool"), opt("overlap-check", "any"), opt("cache-size", "int"),
@@ -88,8 +90,8 @@ def check_options(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         raise VdkitError(f"Parameter '{prefix}driver' is missing")
     validate(_BASE[:1], {"driver": opts["driver"]}, prefix=prefix)
     driver = opts["driver"]
-    variant = _VARIANTS.get(driver)
-    if variant is None:
+    variant = _VARIANTS.get(driver)  # QEMU's schema; what opens is the registries' to say
+    if variant is None or not (driver == "file" or is_protocol(driver) or is_known(driver)):
         raise VdkitError(f"Driver '{driver}' is not supported by vdkit's blockdev-add")
     out = validate(_BASE + variant, opts, prefix=prefix)
     for key in _CHANGE_DATA:
@@ -190,7 +192,7 @@ def _open(machine: DeviceRegistry, opts: dict[str, Any], *, parent: dict[str, An
     if driver == "file":
         return open_file_node(machine, {**opts, "force-share": force_share}, name=name, ro=ro, auto_ro=auto_ro,
                               cache=cache, implicit=implicit)
-    assert driver in FORMAT_DRIVERS
+    assert is_known(driver)  # a format of the registry (check_options let only those and the protocols pass)
     own = {"read-only": ro, "auto-read-only": auto_ro, "cache": cache_opts, "discard": discard,
            "force-share": force_share}
     ref = opts["file"]
@@ -440,10 +442,13 @@ _Backend = tuple[str, "_Vertex | None", tuple[int, int]]  # a BlockBackend: name
 
 
 def _mirror_jobs(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: dict[int, _Vertex],
-                 all_nodes: list[_Vertex]) -> tuple[list[_JobVertex], list[_Backend]]:
-    """The mirrors of graph nodes onto graph nodes as QEMU draws them: the job (``main node``: its
-    ``mirror_top`` filter, ``source``, ``target``), the filter above the source (the source's exports now
-    sit on it) and the job's BlockBackend on the target."""
+                 all_nodes: list[_Vertex], drive_backends: list[_Backend]) -> tuple[list[_JobVertex],
+                                                                                 list[_Backend]]:
+    """The mirrors as QEMU draws them: the job (``main node``: its ``mirror_top`` filter, ``source``,
+    ``target``), the filter above the source (the source's backends, a drive's and exports', now sit on
+    it), the target's nodes (a drive-mirror's of a drive: the ones the job opened) and the job's
+    BlockBackend on the target.  ``by_node``: the vertex of each vdkit node (drives' format nodes and
+    graph nodes)."""
     from vdkit.block.jobs import Status
 
     jobs: list[_JobVertex] = []
@@ -454,14 +459,26 @@ def _mirror_jobs(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: dic
         if f is None or f.driver != "mirror_top" or job.status in (Status.CONCLUDED, Status.NULL):
             continue
         src, tgt = by_node.get(id(f.below)), by_node.get(id(target))
+        listed = getattr(job.driver, "listed_target", None)
+        if tgt is None and listed is not None and listed.names:  # drive-mirror's target of a drive
+            (fmt_name, file_name), (fmt_serial, file_serial) = listed.names[0], listed.serials[0]
+            tgt = _Vertex(fmt_name, fmt_serial, listed.node.format, False)
+            file = _Vertex(file_name, file_serial, "file", False)
+            _link(tgt, "file", file)
+            all_nodes += [file, tgt]
         if src is None or tgt is None:
-            continue  # a drive's chain: its job is not drawn (docs/daemon.md)
+            continue
         fv = _FilterVertex(f.name, f.serial, f.driver, False)
         _link(fv, "backing", src)
         all_nodes.append(fv)
         for key, top in list(tops.items()):
             if top is src:
                 tops[key] = fv
+        for i, (name, root, perm) in enumerate(drive_backends):
+            if root is src:  # the drive's BlockBackend now has the filter as its root
+                drive_backends[i] = (name, fv, perm)
+                src.users.remove(perm)
+                fv.users.append(perm)
         jv = _JobVertex(job.id, 0, "block-job", False)
         for role, child in (("main node", fv), ("source", src), ("target", tgt)):
             _link(jv, role, child)
@@ -481,6 +498,7 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
     backends: list[tuple[str, _Vertex | None, tuple[int, int]]] = []
     all_nodes: list[_Vertex] = []
     tops: dict[int, _Vertex] = {}
+    node_vertex: dict[int, _Vertex] = {}  # a vdkit node's vertex (format nodes)
     for drive in machine.drives:
         m = drive.medium
         if m is None:
@@ -500,6 +518,7 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
         chain[0].users.append(_BACKEND_ROOT)
         backends.append((drive.id, chain[0], _BACKEND_ROOT))
         tops[id(m)] = chain[0]
+        node_vertex.update((id(n), v) for n, v in zip(m.node.chain(), chain, strict=False))
     by_node: dict[int, _Vertex] = {}
     for g in machine.graph.nodes:
         by_node[id(g)] = _Vertex(g.name, g.serial, g.driver, g.ro, g.force_share)
@@ -512,8 +531,8 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
         all_nodes.append(v)
         if g.backend is not None and g.backend.medium is not None:
             tops[id(g.backend.medium)] = v
-    jobs, job_backends = _mirror_jobs(
-        machine, {id(g.node): by_node[id(g)] for g in machine.graph.nodes if g.node is not None}, tops, all_nodes)
+    node_vertex.update((id(g.node), by_node[id(g)]) for g in machine.graph.nodes if g.node is not None)
+    jobs, job_backends = _mirror_jobs(machine, node_vertex, tops, all_nodes, backends)
     for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
         top = tops.get(id(e.medium))
         if top is not None:
@@ -529,8 +548,8 @@ def x_debug_query_block_graph(ctx: CommandContext, args: dict[str, Any]) -> dict
     """QEMU's debug dump of the block graph: BlockBackends, then every node by creation; ids are handed
     out as nodes are first met (a root when its backend's edge is drawn), lists newest entry first.
 
-    Jobs are drawn as QEMU draws them (a ``block-job`` vertex, the filter it puts in, its backends) for
-    mirrors of ``-blockdev`` nodes onto graph nodes only; other jobs are not.
+    Mirrors are drawn as QEMU draws them (a ``block-job`` vertex, the filter it puts in, the target's
+    nodes, its backend); other jobs are not.
     """
     backends, jobs, all_nodes = _vertices(ctx.machine)
     ids: dict[int, int] = {}
