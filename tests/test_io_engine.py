@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_img, qemu_io
-from tests.data.faults import cut_writes
+from tests.data.faults import run_cut
 from vdkit.block import io as bio
 from vdkit.block.node import open_image
 from vdkit.errors import VdkitError
@@ -207,20 +207,7 @@ def _allocated_zero(node, offset: int) -> bool:  # type: ignore[no-untyped-def]
 
 def _faulty_run(path: Path, op, cut_after: int | None) -> int:  # type: ignore[no-untyped-def]
     """Run ``op(node)``; with ``cut_after``, every image-file write from that one on fails."""
-    node = open_image(str(path), "qcow2", readonly=False)
-    file = node.driver.file
-    writes_done = cut_writes(file, cut_after)
-    try:
-        op(node)
-        node.flush()
-    except (OSError, VdkitError):
-        assert cut_after is not None, "operation failed without a fault"
-    finally:
-        try:
-            node.close()
-        except (OSError, VdkitError):
-            file.close()
-    return writes_done()
+    return run_cut(path, op, cut_after, errors=(OSError, VdkitError), close_errors=(OSError, VdkitError), flush=True)
 
 
 _FAULT_OPS = [

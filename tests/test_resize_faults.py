@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_io
-from tests.data.faults import cut_writes
+from tests.data.faults import run_cut
 from tests.diff.test_snapshot_write import check_counts, guest
-from vdkit.block.node import open_image
 from vdkit.cli.resize import resize_node
 from vdkit.errors import VdkitError
 
@@ -29,19 +28,7 @@ OLD, NEW = 1001 * 1024, 2600 * 1024  # crosses an L2 table boundary: the L1 tabl
 
 def _grow(path: Path, mode: str, cut_after: int | None) -> int:
     """Grow ``path`` to NEW with ``mode``; with ``cut_after``, fail writes from that one on. Returns writes done."""
-    node = open_image(str(path), "qcow2", readonly=False)
-    file = node.driver.file
-    writes_done = cut_writes(file, cut_after)
-    try:
-        resize_node(node, NEW, mode)
-    except (VdkitError, OSError):
-        assert cut_after is not None, "growth failed without a fault"
-    finally:
-        try:
-            node.close()
-        except OSError:
-            file.close()
-    return writes_done()
+    return run_cut(path, lambda node: resize_node(node, NEW, mode), cut_after, errors=(VdkitError, OSError))
 
 
 def _snapshot_kept(path: Path, snap: bytes) -> bool:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, qemu_io
-from tests.data.faults import cut_writes
+from tests.data.faults import run_cut
 from tests.diff.test_snapshot_write import check_counts, guest, snapshot_list
-from vdkit.block.node import Node, open_image
+from vdkit.block.node import Node
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import snapshot_ops
 
@@ -41,19 +41,7 @@ Op = Callable[[Node], None]
 
 def _run(path: Path, op: Op, cut_after: int | None) -> int:
     """Run ``op`` on ``path``; with ``cut_after``, fail writes from that one on. Returns writes done."""
-    node = open_image(str(path), "qcow2", readonly=False)
-    file = node.driver.file
-    writes_done = cut_writes(file, cut_after)
-    try:
-        op(node)
-    except VdkitError:
-        assert cut_after is not None, "operation failed without a fault"
-    finally:
-        try:
-            node.close()
-        except OSError:
-            file.close()
-    return writes_done()
+    return run_cut(path, op, cut_after, errors=(VdkitError,))
 
 
 def _create(node: Node) -> None:

@@ -10,7 +10,9 @@ slip past the cut.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from vdkit.block.node import Node, open_image
 from vdkit.io.file import ImageFile
 
 
@@ -43,3 +45,28 @@ def cut_writes(file: ImageFile, cut_after: int | None) -> Callable[[], int]:
     file.pwrite = pwrite  # type: ignore[method-assign]
     file.pwritev = pwritev  # type: ignore[method-assign]
     return lambda: count
+
+
+def run_cut(path: Path, op: Callable[[Node], object], cut_after: int | None, *,
+            errors: tuple[type[Exception], ...], close_errors: tuple[type[Exception], ...] = (OSError,),
+            flush: bool = False) -> int:
+    """Run ``op`` (then a flush, with ``flush``) on the qcow2 image ``path`` opened read-write, its writes
+    failing from number ``cut_after`` on (None: never); the writes done.
+
+    ``op`` may fail with one of ``errors`` only under a cut.  The close after a cut may fail too (with one
+    of ``close_errors``): the bare file is closed then, as the dying process leaves it."""
+    node = open_image(str(path), "qcow2", readonly=False)
+    file = node.driver.file
+    writes_done = cut_writes(file, cut_after)
+    try:
+        op(node)
+        if flush:
+            node.flush()
+    except errors:
+        assert cut_after is not None, "operation failed without a fault"
+    finally:
+        try:
+            node.close()
+        except close_errors:
+            file.close()
+    return writes_done()
