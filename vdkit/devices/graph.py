@@ -48,9 +48,6 @@ if TYPE_CHECKING:
     from vdkit.block.node import Node
     from vdkit.devices.registry import DeviceRegistry, Drive
 
-FORMAT_DRIVERS = ("raw", "qcow2")
-
-
 class _BorrowedFile(ImageFile):
     """A protocol node's open file lent to a format node above it: the format node may not close it."""
 
