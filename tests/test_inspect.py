@@ -165,3 +165,26 @@ def test_declared_format_without_a_probe_signature(tmp_path: Path) -> None:
     (tmp_path / "plain.raw").write_bytes(bytes(1 << 20))
     rc, doc = _verdict(tmp_path / "plain.raw", "-f", "vpc")
     assert rc == 2 and _kinds(doc) == {"invalid-metadata"}
+
+
+@pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "monolithicFlat", "twoGbMaxExtentFlat"])
+def test_vmdk_extents_of_their_own_kind_are_safe(tmp_path: Path, subformat: str) -> None:
+    """Sparse extents probe as vmdk, flat ones as nothing (raw): neither is a reason."""
+    img = tmp_path / "d.vmdk"
+    check_ok("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(img), "4M")
+    assert qemu_io("-c", "write -P 0x5a 0 64k", str(img)).returncode == 0
+    rc, doc = _verdict(img)
+    assert (rc, doc["verdict"], doc["reasons"], doc["format"]) == (0, "safe", [], "vmdk")
+
+
+def test_vmdk_extent_of_another_format_is_unsafe(tmp_path: Path) -> None:
+    """A flat extent that is a qcow2 image, and a sparse extent that is one: each named by its format."""
+    for subformat, name in (("monolithicFlat", "d-flat.vmdk"), ("twoGbMaxExtentSparse", "d-s001.vmdk")):
+        img = tmp_path / "d.vmdk"
+        check_ok("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(img), "4M")
+        (tmp_path / name).unlink()
+        check_ok("create", "-q", "-f", "qcow2", str(tmp_path / name), "4M")
+        rc, doc = _verdict(img)
+        reasons = [r for r in doc["reasons"] if r["kind"] == "extent-format"]
+        assert doc["verdict"] == "unsafe" and rc != 0, doc
+        assert [r["detail"] for r in reasons] == [f"extent '{name}' is itself a qcow2 image"], doc

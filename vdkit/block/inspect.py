@@ -133,18 +133,19 @@ def _inspect_driver(driver: FormatDriver, name: str, verdict: Verdict, max_virtu
     folder = os.path.dirname(os.path.abspath(name))
     image_real = os.path.realpath(name)
     for kind, ref in driver.references():
-        reason = _reference_reason(kind, ref, folder, image_real)
+        reason = _reference_reason(kind, ref, folder, image_real, driver.format_name)
         if reason is not None:
             reasons.append(reason)
     for kind, detail in driver.inspect_issues():
         reasons.append(Reason(kind, detail))
 
 
-def _reference_reason(kind: str, ref: str, folder: str, image_real: str) -> Reason | None:
+def _reference_reason(kind: str, ref: str, folder: str, image_real: str, own_format: str) -> Reason | None:
     """A file the image names.  Backing and data files are always reasons (the image makes QEMU
     open another file); an extent is one only when it leaves the image's own folder, is not a
     regular file, or is itself an image of another format (QEMU reads extents as raw data, but
-    any tool that probes the extent file would not)."""
+    any tool that probes the extent file would not): a sparse extent must probe as the format
+    naming it (``own_format``), a plain extent as nothing at all (the probe's fallback)."""
     label = kind.replace("-", " ")
     if kind not in ("extent", "sparse-extent"):
         return Reason(kind, f"{label} '{ref}'")
@@ -174,6 +175,6 @@ def _reference_reason(kind: str, ref: str, folder: str, image_real: str) -> Reas
     except OSError:
         return Reason("extent-missing", f"extent '{ref}' cannot be read")
     probed = registry.probe_format(head, real)
-    if probed != ("vmdk" if kind == "sparse-extent" else "raw"):
+    if probed != (own_format if kind == "sparse-extent" else registry.PROBE_FALLBACK):
         return Reason("extent-format", f"extent '{ref}' is itself a {probed} image")
     return None

@@ -415,7 +415,10 @@ def _protocol_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[
     auto_ro = getattr(mod, "AUTO_READ_ONLY", None)
     if auto_ro is not None:
         auto_ro.add(name)
-    if hasattr(mod, "json_name") and mod.json_name(flat, "raw") is not None:
+    from vdkit.formats.registry import PROBE_FALLBACK
+
+    # whether the options name the node json:{...}, whatever format ends up above it
+    if hasattr(mod, "json_name") and mod.json_name(flat, PROBE_FALLBACK) is not None:
         PROTOCOL_JSON[spec.id] = (driver, flat)
     return name
 
