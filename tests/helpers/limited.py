@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import _ENV
+from tests.conftest import _ENV, data_extents
 
 AS_LIMIT = 1 << 30
 
@@ -99,6 +99,17 @@ class Sweep:
         for p in (qo, vo):
             p.unlink(missing_ok=True)
         self.repair_alike(data, suffix)
+
+    def conversions_alike(self, *, extents: bool, max_bytes: int | None = None) -> None:
+        """The two tools' ``OUT.raw`` (made by a ``convert`` of both): made by both or neither, with the same
+        data extents (``extents``) and bytes (up to ``max_bytes`` long); removed afterwards."""
+        qo, vo = self.cwd / "q.raw", self.cwd / "v.raw"
+        if qo.exists() != vo.exists() or qo.exists() and (
+                extents and data_extents(qo) != data_extents(vo)
+                or (max_bytes is None or qo.stat().st_size <= max_bytes) and qo.read_bytes() != vo.read_bytes()):
+            self.diffs.append(f"{self.label}: converted data differs")
+        for p in (qo, vo):
+            p.unlink(missing_ok=True)
 
     def repair_alike(self, data: bytes, suffix: str) -> None:
         """``check -r all`` on two copies of ``data``: the same report and the same repaired file (not
