@@ -302,14 +302,14 @@ def test_library(cluster: ceph.CephCluster) -> None:
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
-def test_sequential_reads_ahead(cluster: ceph.CephCluster) -> None:
-    """A sequential reader has the next pieces read ahead (aio): the bytes are the image's, a reader that
-    changes its piece size or jumps is served right, and a write drops what was read ahead (no stale data)."""
+def test_reads_and_writes_in_flight(cluster: ceph.CephCluster) -> None:
+    """Reads of changing sizes and jumps, and writes in flight (aio): every read sees the image's bytes,
+    the writes before it included, with or without a flush; qemu-io reads them too."""
     import os
 
     from vdkit.protocols.rbd import RbdFile
 
-    image = cluster.unique("ahead")
+    image = cluster.unique("inflight")
     cluster.rbd("create", "--size", "12M", f"rbd/{image}")
     data = bytearray(os.urandom(12 << 20))
     data[5 << 20:7 << 20] = bytes(2 << 20)
@@ -326,7 +326,7 @@ def test_sequential_reads_ahead(cluster: ceph.CephCluster) -> None:
             f.readinto(offset, memoryview(buf))
             out += buf
         assert out == data[:9 << 20]
-        f.pwrite(9 << 20, b"\x99" * 4096)  # inside what was read ahead
+        f.pwrite(9 << 20, b"\x99" * 4096)
         data[9 << 20:(9 << 20) + 4096] = b"\x99" * 4096
         for offset in (9 << 20, 10 << 20, 11 << 20, 3 << 20):
             buf = bytearray(1 << 20)

@@ -51,10 +51,6 @@ RBD_FEATURE_FAST_DIFF = 1 << 4
 RBD_FLAG_FAST_DIFF_INVALID = 1 << 1
 _STOP = -1000  # what the block-status callback returns to end rbd_diff_iterate2 early
 _MAX_IO = 1 << 30  # bytes per librbd read/write call (its length is a size_t, its result an ssize_t)
-AHEAD_DEPTH = 4
-"""Reads a sequential reader (convert) has in flight beyond the one it waits for (qemu-img keeps 8
-requests in flight; one synchronous read at a time left the OSD idle between requests)."""
-AHEAD_MIN = 64 * 1024  # smaller sequential reads (metadata) are read one at a time
 WRITE_DEPTH = 4
 """Writes in flight (rbd_aio_write) before a write waits for the oldest; every other operation waits
 for all of them first, and a write overlapping one in flight too."""
@@ -321,7 +317,6 @@ class _Libs:
             (self.rbd, "rbd_diff_iterate2", [vp, cp, u64, u64, c.c_uint8, c.c_uint8, self.diff_cb, vp], i),
             (self.rbd, "rbd_namespace_exists", [vp, cp, c.POINTER(c.c_bool)], i),
             (self.rbd, "rbd_aio_create_completion", [vp, vp, c.POINTER(vp)], i),
-            (self.rbd, "rbd_aio_read", [vp, u64, sz, vp, vp], i),
             (self.rbd, "rbd_aio_write", [vp, u64, sz, vp, vp], i),
             (self.rbd, "rbd_aio_wait_for_complete", [vp], i),
             (self.rbd, "rbd_aio_get_return_value", [vp], c.c_ssize_t),
@@ -536,13 +531,6 @@ class RbdFile(RemoteFile):
         self.readonly = readonly
         self.sync = True
         self._written = False
-        # a sequential reader's next pieces, read ahead: (offset, length, buffer, completion) in order
-        import _thread
-
-        self._ahead: list[tuple[int, int, object, object]] = []
-        self._ahead_lock = _thread.allocate_lock()
-        self._spare_bufs: list[object] = []
-        self._next_read = -1
         self._writes: list[tuple[int, int, object, object]] = []  # aio writes in flight: offset, length, buf, comp
         self._write_bufs: list[object] = []
         self.cluster = Cluster(spec)
@@ -602,13 +590,6 @@ class RbdFile(RemoteFile):
             raise OSError(_errno.EIO, os.strerror(_errno.EIO))
         inside = max(0, min(length, self._size - offset))
         self._drain_writes()
-        with self._ahead_lock:
-            sequential = offset == self._next_read
-            self._next_read = offset + length
-            if sequential and inside == length >= AHEAD_MIN:
-                self._read_ahead(offset, view)
-                return
-            self._cancel_ahead()
         c = self.lib.c
         pos = 0
         while pos < inside:
@@ -628,63 +609,12 @@ class RbdFile(RemoteFile):
         if pos < length:
             view[pos:] = bytes(length - pos)
 
-    def _read_ahead(self, offset: int, view: memoryview) -> None:
-        """A read that starts where the last one ended: taken from the read issued ahead for it (or
-        issued now), after the next :data:`AHEAD_DEPTH` pieces of the same length were issued, so
-        librbd and the OSDs work on them while the caller uses this one.  One copy out of the
-        read-ahead buffer."""
-        n = len(view)
-        if self._ahead and (self._ahead[0][0], self._ahead[0][1]) != (offset, n):
-            self._cancel_ahead()
-        if not self._ahead:
-            self._issue(offset, n)
-        nxt = self._ahead[-1][0] + n
-        while len(self._ahead) <= AHEAD_DEPTH and nxt + n <= self._size:
-            self._issue(nxt, n)
-            nxt += n
-        _, _, buf, comp = self._ahead.pop(0)
-        try:
-            r = self._complete(comp)
-            if r < 0:
-                raise OSError(-r, os.strerror(-r))
-            view[:r] = memoryview(buf).cast("B")[:r]  # type: ignore[arg-type]  # a ctypes char array
-            if r < n:
-                view[r:] = bytes(n - r)
-        finally:
-            self._spare_bufs.append(buf)
-
-    def _issue(self, offset: int, n: int) -> None:
-        c = self.lib.c
-        buf = next((b for b in self._spare_bufs if c.sizeof(b) == n), None)
-        if buf is None:
-            buf = c.create_string_buffer(n)
-        else:
-            self._spare_bufs.remove(buf)
-        comp = c.c_void_p()
-        r = self.lib.rbd.rbd_aio_create_completion(None, None, c.byref(comp))
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
-        r = self.lib.rbd.rbd_aio_read(self.image, offset, n, buf, comp)
-        if r < 0:
-            self.lib.rbd.rbd_aio_release(comp)
-            raise OSError(-r, os.strerror(-r))
-        self._ahead.append((offset, n, buf, comp))
-
     def _complete(self, comp: object) -> int:
-        """Wait for an issued read and release its completion: its result (bytes read or -errno)."""
+        """Wait for an issued request and release its completion: its result (bytes or -errno)."""
         self.lib.rbd.rbd_aio_wait_for_complete(comp)
         r = int(self.lib.rbd.rbd_aio_get_return_value(comp))
         self.lib.rbd.rbd_aio_release(comp)
         return r
-
-    def _cancel_ahead(self) -> None:
-        """Wait out the reads issued ahead (librbd writes into their buffers until they complete) and drop
-        them: the reader went elsewhere, or the image is about to change."""
-        while self._ahead:
-            _, _, buf, comp = self._ahead.pop(0)
-            self._complete(comp)
-            self._spare_bufs.append(buf)
-        del self._spare_bufs[AHEAD_DEPTH + 1:]
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into a buffer of the file's and start writing it (rbd_aio_write), up to
@@ -789,9 +719,6 @@ class RbdFile(RemoteFile):
         self._size = self._get_size()
 
     def _check_writable(self) -> None:
-        with self._ahead_lock:  # data read ahead would be stale
-            self._cancel_ahead()
-            self._next_read = -1
         if self.readonly:
             raise OSError(_errno.EACCES, os.strerror(_errno.EACCES))
 
@@ -862,9 +789,6 @@ class RbdFile(RemoteFile):
     def snap_call(self, fn: str, name: str) -> int:
         """``rbd_snap_create``/``remove``/``rollback`` on this image: 0 or -errno."""
         self._drain_writes()
-        with self._ahead_lock:  # a rollback changes the data read ahead
-            self._cancel_ahead()
-            self._next_read = -1
         return int(getattr(self.lib.rbd, fn)(self.image, _b(name)))
 
     def refresh_size(self) -> None:
@@ -879,8 +803,6 @@ class RbdFile(RemoteFile):
                 self._drain_writes()  # a failure was the writer's to see (flush): the data is what it is
             except OSError:
                 pass
-            with self._ahead_lock:
-                self._cancel_ahead()
             if self._written and not self.readonly:
                 try:
                     self.flush()
