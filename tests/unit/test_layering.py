@@ -141,3 +141,48 @@ def test_qcow2_is_imported_only_through_the_registry() -> None:
             if imported == "vdkit.formats.qcow2" or imported.startswith("vdkit.formats.qcow2."):
                 bad.append(f"{rel} imports {imported}")
     assert not bad, "\n".join(bad)
+
+
+# Where a registered format or protocol name may appear in a comparison: its own module or folder and the
+# registries.  Elsewhere only QEMU's user-facing names that are not the driver's (here: block-export-add's
+# export type, which the NBD export service answers to).
+_NAME_HOMES = ("formats/registry.py", "formats/raw.py", "formats/nbd.py", "formats/http.py", "formats/rbd.py")
+_NAME_ALLOWED = {("monitor/nbd_cmds.py", "nbd")}
+
+
+def _compared_names(tree: ast.Module, names: set[str]) -> list[tuple[int, str]]:
+    """String constants among ``names`` on either side of a comparison (``==``, ``!=``, ``in (...)``) or
+    given to ``startswith``/``endswith``."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        sides: list[ast.expr] = []
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith")):
+            sides = list(node.args)
+        for side in sides:
+            elts = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+            elts = [x for e in elts for x in ((e.body, e.orelse) if isinstance(e, ast.IfExp) else (e,))]
+            for e in elts:
+                if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value.rstrip(":/") in names:
+                    out.append((node.lineno, e.value))
+    return out
+
+
+def test_no_format_or_protocol_names_compared_outside_their_modules() -> None:
+    """Issue 10: front ends, engines and the monitor ask the registries and the driver slots what a format
+    or protocol can do; none compares its name (``fmt == "qcow2"``, ``proto in ("nbd", ...)``)."""
+    from vdkit.formats.registry import FORMATS
+    from vdkit.protocols.registry import PREFIXES, PROTOCOLS
+
+    names = set(FORMATS) | set(PROTOCOLS) | set(PREFIXES)
+    bad = []
+    for path in _modules():
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("protocols/") or (rel.startswith("formats/") and rel.count("/") == 2) or rel in _NAME_HOMES:
+            continue
+        for line, name in _compared_names(ast.parse(path.read_text()), names):
+            if (rel, name) not in _NAME_ALLOWED:
+                bad.append(f"{rel}:{line} compares {name!r}")
+    assert not bad, "\n".join(bad)
