@@ -19,17 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import check_ok, qemu_img, qemu_io, vdkit_img
+from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, vdkit_img
 from tests.nbd.conftest import free_port
 from tests.protocols.test_http import Web, _qemu_convert, web  # noqa: F401  (web: fixture)
 from tests.protocols.test_nbd_client import QemuNbd, qnbd  # noqa: F401  (qnbd: fixture)
 
 
 def _same(args: list[str], cwd: Path) -> str:
-    q = qemu_img(*args, cwd=cwd)
-    v = vdkit_img(*args, cwd=cwd)
-    assert "Traceback" not in v.stderr and "internal error" not in v.stderr, v.stderr
-    assert (v.stdout, v.normalized_stderr(), v.returncode) == (q.stdout, q.stderr, q.returncode), args
+    q = assert_same(args, cwd)
     return q.stdout + q.stderr
 
 
