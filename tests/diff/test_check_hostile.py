@@ -298,17 +298,6 @@ def test_random_damage(tmp_path: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    import tempfile
+    from tests.helpers.limited import sweep_seeds
 
-    first, count = int(sys.argv[1]), int(sys.argv[2])
-    bad = 0
-    for s in range(first, first + count):
-        with tempfile.TemporaryDirectory() as d:
-            try:
-                diffs = sweep_case(Path(d), s)
-            except Exception as exc:  # noqa: BLE001 - a sweep reports and goes on
-                diffs = [f"seed {s}: {exc!r}"]
-        for line in diffs:
-            print(line[:3000], flush=True)
-        bad += bool(diffs)
-    print(f"done {count} bad {bad}")
+    sweep_seeds(sweep_case, int(sys.argv[1]), int(sys.argv[2]))

@@ -206,21 +206,11 @@ def test_library_snapshot_on_damaged_image(tmp_path: Path, seed: int, vm_state: 
 
 
 if __name__ == "__main__":
-    import tempfile
+    from tests.helpers.limited import sweep_seeds
 
     args = sys.argv[1:]
     safe_only = args[:1] == ["--safe"]  # only the safety rule, not exact texts
     args = args[1:] if safe_only else args
     first, count = int(args[0]), int(args[1])
     only = args[2:] or None
-    bad = 0
-    for s in range(first, first + count):
-        with tempfile.TemporaryDirectory() as d:
-            try:
-                diffs = sweep_case(Path(d), s, only, exact=not safe_only)
-            except Exception as exc:  # noqa: BLE001 - a sweep reports and goes on
-                diffs = [f"seed {s}: {exc!r}"]
-        for line in diffs:
-            print(line[:3000], flush=True)
-        bad += bool(diffs)
-    print(f"done {count} bad {bad}")
+    sweep_seeds(lambda d, s: sweep_case(d, s, only, exact=not safe_only), first, count)

@@ -11,6 +11,7 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import _ENV, data_extents
@@ -127,3 +128,23 @@ class Sweep:
 
     def done(self) -> None:
         assert not self.diffs, "\n".join(self.diffs)
+
+
+def sweep_seeds(case: Callable[[Path, int], list[str]], first: int, count: int) -> int:
+    """Run a sweep's ``case(folder, seed)`` by hand over seeds ``first``.. (each in a fresh temporary folder),
+    printing every difference (an exception is one too: a sweep reports and goes on) and a summary line;
+    the number of seeds with differences."""
+    import tempfile
+
+    bad = 0
+    for s in range(first, first + count):
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                diffs = case(Path(d), s)
+            except Exception as exc:  # noqa: BLE001 - a sweep reports and goes on
+                diffs = [f"seed {s}: {exc!r}"]
+        for line in diffs:
+            print(line[:3000], flush=True)
+        bad += bool(diffs)
+    print(f"done {count} bad {bad}")
+    return bad
