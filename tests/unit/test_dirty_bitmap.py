@@ -35,7 +35,7 @@ def _model_runs(model: np.ndarray, gran: int, start: int, end: int) -> list[tupl
 
 
 @settings(max_examples=150, deadline=None)
-@given(shift=st.integers(9, 13), size=st.integers(1, 1 << 22), steps=ops, window=st.sampled_from([8, 64, 1 << 19]),
+@given(shift=st.integers(9, 13), size=st.integers(1, 1 << 22), steps=ops, window=st.sampled_from([8, 64, 512, 1 << 19]),
        cut=st.tuples(st.floats(0, 1), st.floats(0, 1)), new_size=st.integers(1, 1 << 22))
 def test_bitmap_matches_model(shift: int, size: int, steps: list[tuple[bool, int, int]], window: int,
                               cut: tuple[float, float], new_size: int) -> None:
@@ -59,6 +59,9 @@ def test_bitmap_matches_model(shift: int, size: int, steps: list[tuple[bool, int
     assert bm.count() == int(model.sum()) * gran
     start, end = sorted(int(c * size) for c in cut)
     assert list(bm.dirty_runs(start, end)) == _model_runs(model, gran, start, end)
+    set_from = np.flatnonzero(model[start >> shift :])
+    first = None if not len(set_from) else max(start, ((start >> shift) + int(set_from[0])) << shift)
+    assert bm.first_dirty(start) == first
     data = bm.serialize(0, bm.granules)
     assert data == np.packbits(model, bitorder="little").tobytes()
     back = DirtyBitmap(None, gran, size)

@@ -131,10 +131,11 @@ class BackupJob(JobDriver):
                 job.pause_point(idle=True)  # copy-before-write does the work until the job is cancelled
         last = time.monotonic()
         while True:
-            run = next(self.copy.dirty_runs(0), None)
-            if run is None:
+            first = self.copy.first_dirty(0)  # (the run looked at for a chunk only, as mirror's)
+            if first is None:
                 break
-            off, n = run[0], min(run[1], max(self.cluster, MAX_CHUNK // self.cluster * self.cluster))
+            chunk = max(self.cluster, MAX_CHUNK // self.cluster * self.cluster)
+            off, n = next(self.copy.dirty_runs(first, first + chunk))
             self._copy_range(job, off, n, cbw=False)
             if job.speed or time.monotonic() - last >= PAUSE_EVERY:  # see vdkit.block.mirror
                 job.pause_point()

@@ -167,10 +167,10 @@ class CommitJob(JobDriver):
 
     def _copy_dirty(self, job: Job, bm: DirtyBitmap) -> None:
         """Copy the first dirty run (bits cleared first: a write meanwhile marks them again)."""
-        run = next(bm.dirty_runs(0), None)
-        if run is None:
+        first = bm.first_dirty(0)  # (the run is looked at for a step only: a whole run's end costs a scan)
+        if first is None:
             return
-        start, length = run[0], min(run[1], job.step_size(JOB_CHUNK))
+        start, length = next(bm.dirty_runs(first, first + job.step_size(JOB_CHUNK)))
         bm.reset(start, length)
         offset = start
         while offset < start + length:

@@ -108,18 +108,16 @@ class DirtyBitmap:
 
     def _runs(self, a: int, b: int) -> Iterator[tuple[int, int]]:
         """Runs ``[lo, hi)`` of set granules within ``[a, b)``: clean stretches are skipped a byte scan at a
-        time and only windows of 512 Ki granules are unpacked, so taking the first run is cheap."""
-        window = self.WINDOW
+        time and only windows of set-or-not granules are unpacked, the first one small (a job asks for the
+        first run at every step: a whole window per step was a tenth of an active commit's time) and each
+        next one twice the last, up to ``WINDOW`` granules, so a walk over them all stays cheap too."""
+        window = max(8, self.WINDOW >> 7)
         run_start: int | None = None  # a run still open at the end of the last window
         pos = a
         while pos < b:
             if run_start is None:
-                fb = pos >> 3
-                nz = np.flatnonzero(self.bits[fb : (b + 7) >> 3])
-                if not len(nz):
-                    return
-                pos = max(pos, (fb + int(nz[0])) << 3)
-                if pos >= b:
+                pos = self._first_set(pos, b)
+                if pos < 0:
                     return
             we = min(b, ((pos >> 3) << 3) + window)
             base = (pos >> 3) << 3
@@ -141,6 +139,41 @@ class DirtyBitmap:
                     break
                 yield lo, hi
             pos = we
+            window = min(self.WINDOW, window * 2)
+
+    def _first_set(self, a: int, b: int) -> int:
+        """The first set granule in ``[a, b)``, or -1.
+
+        The bytes are searched in chunks that double: a dirty granule near ``a``
+        is found without scanning the rest of the bitmap (an index of every
+        non-zero byte of a 64 GiB disk's bitmap cost 6 ms per job step).
+        """
+        if a >= b:
+            return -1
+        bits = self.bits
+        fb = a >> 3
+        lim = (b + 7) >> 3
+        first = int(bits[fb]) & (0xFF << (a & 7)) & 0xFF  # (bits below a in its byte do not count)
+        k = 64
+        while not first:
+            fb += 1
+            if fb >= lim:
+                return -1
+            e = min(lim, fb + k)
+            nz = np.flatnonzero(bits[fb:e])
+            if not len(nz):
+                fb = e - 1
+                k = min(k * 2, 1 << 20)
+                continue
+            fb += int(nz[0])
+            first = int(bits[fb])
+        i = (fb << 3) + (first & -first).bit_length() - 1
+        return i if i < b else -1
+
+    def first_dirty(self, start: int = 0) -> int | None:
+        """Where the first dirty granule at or after ``start`` begins (``start`` inside one), or None."""
+        i = self._first_set(max(0, start) >> self.shift, self.granules)
+        return None if i < 0 else max(start, i << self.shift)
 
     def is_set(self, i: int) -> bool:
         return bool(self.bits[i >> 3] >> (i & 7) & 1)

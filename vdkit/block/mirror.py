@@ -218,14 +218,15 @@ class MirrorJob(JobDriver):
     def _next_run(self, bm: DirtyBitmap) -> tuple[int, int] | None:
         """The first dirty run from the cursor on (wrapping to 0), at most a chunk long.
 
-        Looked for within a chunk of the cursor first: a search to the end of
-        the disk unpacks up to a window of the bitmap, a sixth of a full mirror's
-        time when done for every chunk, and the next dirty run is usually there."""
-        near = next(bm.dirty_runs(self.cursor, self.cursor + self.chunk), None)
-        if near is not None:
-            return near[0], min(self.chunk, next(bm.dirty_runs(near[0], near[0] + self.chunk))[1])
-        run = next(bm.dirty_runs(self.cursor), None) or next(bm.dirty_runs(0), None)
-        return None if run is None else (run[0], min(run[1], self.chunk))
+        Its start is found first and the run looked at for a chunk only: the
+        whole run's end (a fully dirty disk is one run) cost a scan of the
+        bitmap for every chunk, a sixth of a full mirror's time."""
+        start = bm.first_dirty(self.cursor)
+        if start is None:
+            start = bm.first_dirty(0)
+            if start is None:
+                return None
+        return next(bm.dirty_runs(start, start + self.chunk))
 
     def _io(self, job: Job, op: str, fn: Callable[[], object]) -> object | None:
         return job_io(job, op, fn, on_source_error=self.on_source_error, on_target_error=self.on_target_error)
