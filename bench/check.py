@@ -121,6 +121,12 @@ def bench(label: str, img: Path, rounds: str, repeat: int) -> bool:
         print(f"  [{rnd}] bare python {t_b * 1e3:.1f} ms, {r_b:.0f} MB: time target {(2 * t_q + t_b) * 1e3:.1f} ms "
               f"({'met' if t_v <= 2 * t_q + t_b else 'NOT met'}), max RSS target {2 * r_q + r_b:.0f} MB "
               f"({'met' if r_v <= 2 * r_q + r_b else 'NOT met'})", flush=True)
+    i_q = h.instructions([qi, "check", str(img)])
+    i_v = h.instructions([sys.executable, *vd, "check", str(img)])
+    i_b = h.instructions([sys.executable, "-c", "pass"])
+    print(f"  instructions (callgrind): qemu-img {i_q / 1e6:.1f}M, vdkit {i_v / 1e6:.1f}M, bare python "
+          f"{i_b / 1e6:.1f}M: target {(2 * i_q + i_b) / 1e6:.1f}M ({'met' if i_v <= 2 * i_q + i_b else 'NOT met'})",
+          flush=True)
     lib = statistics.median(_in_process(img) for _ in range(repeat))
     print(f"  in-process check(): {lib * 1e3:.1f} ms (no interpreter start)")
     return True

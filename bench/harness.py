@@ -132,6 +132,14 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def instructions(cmd: Sequence[str], cwd: Path | None = None) -> int:
+    """User-space instructions of one whole process, counted by callgrind: the figure the load of a
+    shared machine does not move (a script's ``#!`` line is not followed: give its interpreter)."""
+    out = subprocess.run([tool("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
+                         cwd=cwd, capture_output=True, text=True, check=True).stderr
+    return int(next(line for line in out.splitlines() if "Collected" in line).split()[-1])
+
+
 def interleave(cases: Sequence[Case], repeat: int) -> None:
     """``repeat`` samples of every case, one of each per round, the order rotated every round."""
     for c in cases:

@@ -71,13 +71,6 @@ STARTUP_FORMATS = [("qcow2", []), ("raw", []), ("vmdk", []), ("vmdk", ["-o", "su
                    ("vhdx", []), ("vpc", []), ("vdi", []), ("qed", []), ("parallels", [])]
 
 
-def instructions(cmd: list[str], cwd: Path) -> int:
-    """User-space instructions of one whole process (callgrind: the same count on a busy machine)."""
-    out = subprocess.run([h.tool("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
-                         cwd=cwd, capture_output=True, text=True, check=True).stderr
-    return int(next(line for line in out.splitlines() if "Collected" in line).split()[-1])
-
-
 def startup(d: Path, repeat: int) -> None:
     """``vdkit-img info`` of each format as a multiple of a bare interpreter start."""
     qi = h.tool("qemu-img")
@@ -91,7 +84,7 @@ def startup(d: Path, repeat: int) -> None:
     cases = [h.Case(n, [*vd, "info", f"{n}.img"], cwd=d) for n in names]
     h.interleave([bare, *cases], repeat)
     # the installed script is run by its interpreter (valgrind does not follow the #! line)
-    i_bare = instructions([sys.executable, "-c", "pass"], d)
+    i_bare = h.instructions([sys.executable, "-c", "pass"], d)
     t_bare = h.med(bare.samples)
     c_bare = h.med(bare.samples, "cpu")
     print(f"{'start-up':<28}{'wall':>9}{'vs python':>11}{'CPU':>9}{'vs python':>11}{'instructions':>14}"
@@ -99,7 +92,7 @@ def startup(d: Path, repeat: int) -> None:
           f"{i_bare / 1e6:.1f}M)", flush=True)
     for case in cases:
         t = h.med(case.samples)
-        n = instructions([sys.executable, *vd, "info", f"{case.name}.img"], d)
+        n = h.instructions([sys.executable, *vd, "info", f"{case.name}.img"], d)
         c = h.med(case.samples, "cpu")
         print(f"info {case.name:<23}{t * 1e3:>7.1f}ms{t / t_bare:>10.2f}x{c * 1e3:>7.1f}ms{c / c_bare:>10.2f}x"
               f"{n / 1e6:>13.1f}M{n / i_bare:>10.2f}x", flush=True)

@@ -91,6 +91,8 @@ SMALL_WORK = [
     ["create", "-q", "-f", "raw", "new.raw", "1G"],
     ["resize", "-q", "new.raw", "2G"],
     ["check", "raw0.img"],  # exit 63: the format has no check, as qemu-img
+    ["check", "qcow20.img"],  # small tables: checked on lists (vdkit.formats.qcow2.check)
+    ["check", "--output=json", "qcow20.img"],
     ["rebase", "-u", "-b", "raw0.img", "-F", "raw", "top.qcow2"],
 ]
 

@@ -9,6 +9,13 @@ per-table classification, statistics and reference counting are numpy
 operations.  Only a table that contains a problem is re-walked entry by
 entry, so that diagnostics come out in QEMU's order.
 
+Images whose tables are small (``tables.backend_for``: under a few MiB of
+L1/L2 tables and refcount blocks) are checked without numpy, whose import
+costs more than the whole check: tables are lists (``tables.SMALL``), the
+counts a dict, and the tables are walked entry by entry, the walk the
+vectorised one falls back to for diagnostics anyway (``VDKIT_TABLES`` forces
+one backend; repairs always use numpy).
+
 Diagnostic lines go to ``report`` (one line per call, no newline).  A line
 starting with ``"\\0"`` is an ``error_report`` message: the front end prints
 it with its program prefix, as qemu-img does for those few messages.
@@ -30,25 +37,37 @@ from __future__ import annotations
 import errno
 import os
 
-import numpy as np
-
 from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
-from vdkit.formats.qcow2.refcount import decode_block, encode_block
+from vdkit.formats.qcow2.refcount import encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
+from vdkit.io import tables
 from vdkit.record import replace
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import numpy as np
+
     from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.io.tables import Backend, Tab
 
     Report = Callable[[str], None]
+    _U64 = np.uint64
+else:
+    np = _U64 = None  # numpy and its uint64: bound by _numpy() when a check works on the NUMPY backend
 
-_U64 = np.uint64
+
+def _numpy() -> None:
+    """Import numpy for the vectorised walk (big images and repairs only: it costs ~10 interpreter starts)."""
+    global np, _U64
+    import numpy
+
+    np, _U64 = numpy, numpy.uint64
+
 _BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 
@@ -188,14 +207,56 @@ class _Refs:
         return None, first_zero if first_zero is not None else first_free, trailing
 
 
+class _SmallRefs:
+    """:class:`_Refs` for small images, with no numpy: a count per referenced cluster in a dict.
+
+    Only what the read-only check asks (repairs run on :class:`_Refs`); the same saturation rule.
+    """
+
+    def __init__(self, bits: int) -> None:
+        self.max = (1 << bits) - 1
+        self.counts: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self.counts.clear()
+
+    def get(self, ci: int) -> int:
+        return self.counts.get(ci, 0)
+
+    def set(self, ci: int, value: int) -> None:
+        self.counts[ci] = value
+
+    def add(self, clusters: Tab) -> bool:
+        """Count one reference per element; False (nothing counted) if a count would pass ``max``."""
+        counts = self.counts
+        new: dict[int, int] = {}
+        for c in clusters:
+            new[c] = new.get(c, counts.get(c, 0)) + 1
+        if new and max(new.values()) > self.max:
+            return False
+        counts.update(new)
+        return True
+
+    def dense(self, start: int, end: int) -> list[int]:
+        get = self.counts.get
+        return [get(c, 0) for c in range(start, end)]
+
+    def page_ranges(self, end: int) -> list[int]:
+        return sorted({c >> _PAGE_BITS for c in self.counts if (c >> _PAGE_BITS) << _PAGE_BITS < end})
+
+
 class _Checker:
-    def __init__(self, drv: Qcow2Driver, repair: str | None, report: Report) -> None:
+    def __init__(self, drv: Qcow2Driver, repair: str | None, report: Report, T: Backend) -> None:
         self.drv = drv
         self.f = drv.file
         self.h = drv.header
         self.fix_leaks = repair in ("leaks", "all")
         self.fix_errors = repair == "all"
         self.report = report
+        self.T = T
+        self.small = T is tables.SMALL  # lists and an entry-by-entry walk; else numpy, vectorised
+        if not self.small:
+            _numpy()
         h = self.h
         self.cs = h.cluster_size
         self.cluster_bits = h.cluster_bits
@@ -211,7 +272,7 @@ class _Checker:
         self.l1_size = h.l1_size
         self.l1_offset = h.l1_table_offset
         self.l1 = self._read_u64(h.l1_table_offset, h.l1_size)
-        self.blocks: dict[int, np.ndarray] = {}
+        self.blocks: dict[int, Tab] = {}
         self.dirty_blocks: set[int] = set()
         self.bad_blocks: dict[int, int] = {}
         self.snapshots: list[SnapshotEntry] = []
@@ -220,16 +281,16 @@ class _Checker:
         self._active_tables: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
 
     # -- reading ---------------------------------------------------------------------------------
-    def _read_u64(self, offset: int, count: int) -> np.ndarray:
+    def _read_u64(self, offset: int, count: int) -> Tab:
         if count <= 0:
-            return np.zeros(0, dtype=_U64)
-        return np.frombuffer(self.f.pread(offset, count * 8), dtype=">u8").astype(_U64)
+            return self.T.zeros(0)
+        return self.T.decode_u64(self.f.pread(offset, count * 8))
 
     def file_length(self) -> int:
         return self.f.size()
 
     # -- on-disk refcounts -------------------------------------------------------------------------
-    def _block(self, rt_index: int) -> np.ndarray | None:
+    def _block(self, rt_index: int) -> Tab | None:
         if rt_index >= len(self.reftable):
             return None
         off = int(self.reftable[rt_index]) & L.REFT_OFFSET_MASK
@@ -248,7 +309,7 @@ class _Checker:
             except OSError as exc:  # e.g. an offset past the block layer's limit: EIO, as in QEMU
                 self.bad_blocks[rt_index] = -(exc.errno or errno.EIO)
                 raise _CheckFailed(-(exc.errno or errno.EIO)) from exc
-            blk = self.blocks[off] = decode_block(raw, self.rbits)
+            blk = self.blocks[off] = self.T.decode_refcounts(raw, self.rbits)
         return blk
 
     def signal_corruption(self, what: str) -> None:
@@ -296,24 +357,35 @@ class _Checker:
         self.signal_corruption(f"Preventing invalid write on metadata (overlaps with {name})")
         return True
 
-    def disk_refcounts(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    def disk_refcounts(self, start: int, end: int) -> tuple[Tab, Tab]:
         """Stored refcounts of clusters ``[start, end)`` and a mask of unreadable ones."""
-        out = np.zeros(end - start, dtype=_U64)
-        bad = np.zeros(end - start, dtype=bool)
+        out = self.T.zeros(end - start)
+        bad = [False] * (end - start) if self.small else np.zeros(end - start, dtype=bool)
         for ti in range(start >> self.rb_bits, min(len(self.reftable), ((end - 1) >> self.rb_bits) + 1)):
             base = ti << self.rb_bits
             lo, hi = max(start, base), min(end, base + self.rb_entries)
             try:
                 blk = self._block(ti)
             except _CheckFailed:
-                bad[lo - start : hi - start] = True
+                bad[lo - start : hi - start] = [True] * (hi - lo)
                 continue
             if blk is not None:
                 out[lo - start : hi - start] = blk[lo - base : hi - base]
         return out, bad
 
-    def refcounts_at(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def refcounts_at(self, clusters: Tab) -> tuple[Tab, Tab]:
         """Stored refcounts of arbitrary clusters (and which could not be read), block by block."""
+        if self.small:
+            blocks: dict[int, Tab | None] = {}
+            for t in sorted({c >> self.rb_bits for c in clusters}):  # the blocks in order, as below
+                try:
+                    blocks[t] = self._block(t)
+                except _CheckFailed:
+                    pass
+            mask = self.rb_entries - 1
+            found = [(c >> self.rb_bits) in blocks for c in clusters]
+            return ([0 if not ok or (blk := blocks[c >> self.rb_bits]) is None else blk[c & mask]
+                     for c, ok in zip(clusters, found, strict=True)], [not ok for ok in found])
         vals = np.zeros(len(clusters), dtype=_U64)
         bad = np.zeros(len(clusters), dtype=bool)
         ti = clusters >> self.rb_bits
@@ -369,7 +441,7 @@ class _Checker:
         first = offset >> self.cluster_bits
         last = (offset + size - 1) >> self.cluster_bits
         self._ensure(last + 1)
-        if last > first and self.refs.add(np.arange(first, last + 1, dtype=np.int64)):
+        if last > first and self.refs.add(self.T.arange(first, last + 1)):
             return
         for ci in range(first, last + 1):
             value = self.refs.get(ci)
@@ -447,9 +519,9 @@ class _Checker:
             return
         self.inc(res, l1_offset, l1_size * 8)
         l1 = self._read_u64(l1_offset, l1_size)
-        if self._walk_l1_batch(res, l1, stats=stats):
+        if not self.small and self._walk_l1_batch(res, l1, stats=stats):
             return
-        for i in np.flatnonzero(l1):
+        for i in self.T.nonzero(l1):
             entry = int(l1[i])
             if entry & L.L1E_RESERVED_MASK:
                 self.report(f"ERROR found L1 entry with reserved bits set: {entry:x}")
@@ -599,14 +671,18 @@ class _Checker:
             k = k + 1
         return parts
 
-    def _l2(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray]:
+    def _l2(self, l2_offset: int) -> tuple[Tab, Tab]:
         raw = self._read_u64(l2_offset, self.cs // 8)
         if self.extl2:
             return raw[0::2].copy(), raw[1::2].copy()
-        return raw, np.zeros(len(raw), dtype=_U64)
+        return raw, self.T.zeros(len(raw))
 
     def walk_l2(self, res: CheckResult, l2_offset: int, *, stats: bool, fix_errors: bool) -> None:
         e, bm = self._l2(l2_offset)
+        if self.small:
+            if not self._walk_l2_list(res, e, stats=stats):
+                self._walk_l2_slow(res, l2_offset, e, bm, stats=stats, fix_errors=fix_errors)
+            return
         cs = self.cs
         c = self._classify(e, bm)
         compressed, off, normal, coff, csize, problem = (
@@ -629,14 +705,44 @@ class _Checker:
                 offs = off[normal].astype(np.int64)
                 res.fragmented_clusters += int((offs[1:] != offs[:-1] + cs).sum())
 
+    def _walk_l2_list(self, res: CheckResult, e: list[int], *, stats: bool) -> bool:
+        """The vectorised walk below on a list: a table of plain allocated entries in one go; False
+        (nothing done) for anything else (compressed clusters, subclusters, a data file, a finding),
+        which the entry-by-entry walk takes."""
+        if self.extl2 or self.has_data_file:
+            return False
+        vals = [v for v in e if v]
+        if any(v & (L.L2E_STD_RESERVED_MASK | L.OFLAG_COMPRESSED) for v in vals):
+            return False
+        cs, end = self.cs, self.file_len + self.cs
+        offs = [o for o in (v & L.L2E_OFFSET_MASK for v in vals) if o]  # (zero clusters without one: nothing)
+        if any(o % cs or o + cs >= end for o in offs):
+            return False
+        clusters = [o >> self.cluster_bits for o in offs]
+        assert isinstance(self.refs, _SmallRefs)
+        if not self.refs.add(clusters):
+            return False  # an overflow: reported where it happens, by the entry walk
+        if clusters:
+            self._ensure(max(clusters) + 1)
+        if stats:
+            res.allocated_clusters += len(offs)
+            res.fragmented_clusters += sum(1 for a, b in zip(offs, offs[1:], strict=False) if b != a + cs)
+        return True
+
     def _walk_l2_slow(
-        self, res: CheckResult, l2_offset: int, e: np.ndarray, bm: np.ndarray, *, stats: bool, fix_errors: bool
+        self, res: CheckResult, l2_offset: int, e: Tab, bm: Tab, *, stats: bool, fix_errors: bool
     ) -> None:
         """Entry by entry, for a table with findings, so messages keep QEMU's order."""
         cs = self.cs
         next_contiguous = 0
         entry_size = 16 if self.extl2 else 8
-        for i in range(len(e)):
+        # an entry and bitmap both 0 (most of a table) is unallocated with nothing to say: skipped
+        if self.small:
+            used = [i for i, v in enumerate(e) if v] if not self.extl2 else \
+                [i for i, (v, b) in enumerate(zip(e, bm, strict=True)) if v or b]
+        else:
+            used = np.flatnonzero((e != 0) | (bm != 0)).tolist()
+        for i in used:
             entry = int(e[i])
             bitmap = int(bm[i])
             is_compressed = bool(entry & L.OFLAG_COMPRESSED)
@@ -712,7 +818,7 @@ class _Checker:
 
     def check_refblocks(self, res: CheckResult) -> bool:
         rebuild = False
-        for i in range(len(self.reftable)):
+        for i in self.T.nonzero(self.reftable):  # an empty entry has nothing to check
             raw = int(self.reftable[i])
             offset = raw & L.REFT_OFFSET_MASK
             cluster = offset >> self.cluster_bits
@@ -766,8 +872,12 @@ class _Checker:
         """
         n = self.nb_clusters
         pages = set(self.refs.page_ranges(n))
-        entries = np.flatnonzero(self.reftable & _U64(L.REFT_OFFSET_MASK))
-        for ti in entries[(entries << self.rb_bits) < n].tolist():
+        if self.small:
+            entries = [i for i, e in enumerate(self.reftable) if e & L.REFT_OFFSET_MASK and i << self.rb_bits < n]
+        else:
+            nz = np.flatnonzero(self.reftable & _U64(L.REFT_OFFSET_MASK))
+            entries = nz[(nz << self.rb_bits) < n].tolist()
+        for ti in entries:
             first = (ti << self.rb_bits) >> _PAGE_BITS
             last = (min(n, (ti + 1) << self.rb_bits) - 1) >> _PAGE_BITS
             pages.update(range(first, last + 1))
@@ -779,10 +889,10 @@ class _Checker:
             end = min(n, start + _PAGE)
             refs = self.refs.dense(start, end)
             disk, bad = self.disk_refcounts(start, end)
-            used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
-            if used.size:
-                highest = start + int(used[-1])
-            for i in np.flatnonzero((disk != refs) | bad).tolist():
+            last_used, differ = self._page_differences(refs, disk, bad)
+            if last_used >= 0:
+                highest = start + last_used
+            for i in differ:
                 ci = start + i
                 if bad[i]:
                     self.report(f"Can't get refcount for cluster {ci}: Input/output error")
@@ -812,6 +922,15 @@ class _Checker:
         self.discard(freed)
         return rebuild, highest
 
+    def _page_differences(self, refs: Tab, disk: Tab, bad: Tab) -> tuple[int, list[int]]:
+        """Of one page: the last cluster in use by either count (-1: none), and where they differ
+        or the stored count could not be read."""
+        if self.small:
+            last = next((i for i in range(len(disk) - 1, -1, -1) if (disk[i] or refs[i]) and not bad[i]), -1)
+            return last, [i for i, (d, r, b) in enumerate(zip(disk, refs, bad, strict=True)) if d != r or b]
+        used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
+        return (int(used[-1]) if used.size else -1), np.flatnonzero((disk != refs) | bad).tolist()
+
     def discard(self, clusters: list[int]) -> None:
         """Zero clusters a repair freed (QEMU discards them), never growing the file."""
         if not clusters:
@@ -824,15 +943,21 @@ class _Checker:
                 self.f.pwrite(off, bytes(n))
 
     # -- rebuilding ----------------------------------------------------------------------------------
+    @property
+    def repair_refs(self) -> _Refs:
+        """The counts as repairs use them (a repair always runs on the numpy backend)."""
+        assert isinstance(self.refs, _Refs)
+        return self.refs
+
     def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
         """Find ``count`` free clusters in the computed counts (first fit), mark them used."""
         n = self.nb_clusters
-        start, first_free, trailing = self.refs.zero_run(first_free, n, count)
+        start, first_free, trailing = self.repair_refs.zero_run(first_free, n, count)
         if start is None:
             # Not enough room: the run continues with new clusters past the end.
             start = max(n, first_free) - trailing
             self._ensure(start + count)
-        self.refs.set_range(start, start + count, 1)
+        self.repair_refs.set_range(start, start + count, 1)
         return start, first_free
 
     def _write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
@@ -840,7 +965,7 @@ class _Checker:
         first_free = 0
         c = first
         while c < end:
-            nz = self.refs.next_nonzero(c, end)
+            nz = self.repair_refs.next_nonzero(c, end)
             if nz is None:
                 break
             c = nz
@@ -876,7 +1001,7 @@ class _Checker:
             rt_clusters = -(-len(table) * 8 // self.cs)
             start, _ = self._alloc_imrt(rt_clusters, 0)
             if self._write_refblocks(start, start + rt_clusters, table):
-                self.refs.set_range(start, start + rt_clusters, 0)
+                self.repair_refs.set_range(start, start + rt_clusters, 0)
                 continue
             break
         if self.overlap_fails(start << self.cluster_bits, rt_clusters * self.cs):
@@ -903,9 +1028,113 @@ class _Checker:
             repair = False
         word = "Repairing" if repair else "ERROR"
         entry_size = 16 if self.extl2 else 8
+        if self.small:
+            found = self._copied_candidates()
+            if found is None:
+                return
+            idx, l2_rc, l2_bad, rows = found
+            bad_rows = {row for row, (_, _, _, wrong) in rows.items() if wrong}
+            row_data: Callable[[int], tuple[Tab, Tab, Tab, Tab]] = rows.__getitem__
+        else:
+            idx, l2_rc, l2_bad, bad_rows, row_data = self._copied_candidates_vectorised()
+            if not len(idx):
+                return
+        written: list[int] = []  # L2 tables rewritten so far: a later L1 entry naming one reads it again
+        for row, i_np in enumerate(idx):
+            i = int(i_np)
+            l1e = int(self.l1[i])
+            l2_offset = l1e & L.L1E_OFFSET_MASK
+            rc = None if l2_bad[row] else int(l2_rc[row])
+            if rc is not None and (rc == 1) != bool(l1e & L.OFLAG_COPIED):
+                res.corruptions += 1
+                self.report(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
+                if repair:
+                    new = l1e | L.OFLAG_COPIED if rc == 1 else l1e & ~L.OFLAG_COPIED
+                    self.l1[i] = new
+                    if self.overlap_fails(self.l1_offset + i * 8, 8, Metadata.ACTIVE_L1):
+                        res.check_errors += 1
+                        raise _CheckFailed(-errno.EIO)
+                    self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+            if any(o < l2_offset + self.cs and l2_offset < o + self.cs for o in written):
+                cand, ents, rcs, wrong = self._copied_row(l2_offset)
+                if not len(wrong):
+                    continue
+            else:
+                if row not in bad_rows:
+                    continue
+                cand, ents, rcs, wrong = row_data(row)
+            raw = bytearray(self.f.pread(l2_offset, self.cs))
+            for k in wrong:
+                j = int(cand[k])
+                l2e = int(ents[k])
+                rc = int(rcs[k])
+                res.corruptions += 1
+                self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={l2e:x} refcount={rc}")
+                if repair:
+                    new = l2e | L.OFLAG_COPIED if rc == 1 else l2e & ~L.OFLAG_COPIED
+                    raw[j * entry_size : j * entry_size + 8] = new.to_bytes(8, "big")
+            if repair:
+                if self.overlap_fails(l2_offset, self.cs, Metadata.ACTIVE_L2):
+                    self.report("ERROR: Could not write L2 table; metadata overlap check failed: "
+                                f"{os.strerror(errno.EIO)}")
+                    res.check_errors += 1
+                    raise _CheckFailed(-errno.EIO)
+                self.f.pwrite(l2_offset, bytes(raw))
+                written.append(l2_offset)
+                res.corruptions -= len(wrong)
+                res.corruptions_fixed += len(wrong)
+
+    def _has_offset(self, e: int) -> bool:
+        """Whether a (not compressed) L2 entry points at a cluster: an offset, or with a data file
+        COPIED without the zero flag (offset 0 is valid in a data file)."""
+        if e & L.L2E_OFFSET_MASK:
+            return True
+        return self.has_data_file and not (e & L.OFLAG_ZERO and not self.extl2) and bool(e & L.OFLAG_COPIED)
+
+    def _copied_candidates(self) -> tuple[list[int], Tab, Tab, dict[int, tuple[Tab, Tab, Tab, list[int]]]] | None:
+        """:meth:`_copied_candidates_vectorised` on lists: the active L1 entries naming a table, their
+        tables' stored refcounts and which could not be read, and per row of them the allocated
+        entries' columns, entries, refcounts and the positions whose COPIED flag is wrong.  The
+        refcounts are looked up tables first, then entries, as the vectorised version does."""
+        idx = [i for i, e in enumerate(self.l1) if e & L.L1E_OFFSET_MASK]
+        if not idx:
+            return None
+        l2off = [self.l1[i] & L.L1E_OFFSET_MASK for i in idx]
+        per_row: list[tuple[list[int], list[int]]] = []
+        for off in l2off:
+            e = self.T.decode_u64(self.f.pread(off, self.cs))
+            if self.extl2:
+                e = e[0::2]
+            cols = [j for j, v in enumerate(e) if v and not v & L.OFLAG_COMPRESSED and self._has_offset(v)]
+            per_row.append((cols, [e[j] for j in cols]))
+        l2_rc, l2_bad = self.refcounts_at([o >> self.cluster_bits for o in l2off])
+        clusters = [(v & L.L2E_OFFSET_MASK) >> self.cluster_bits for _, ents in per_row for v in ents]
+        if self.has_data_file:
+            rcs_all, bad_all = [1] * len(clusters), [False] * len(clusters)
+        else:
+            rcs_all, bad_all = self.refcounts_at(clusters)
+        rows: dict[int, tuple[Tab, Tab, Tab, list[int]]] = {}
+        k = 0
+        for row, (cols, ents) in enumerate(per_row):
+            rcs = rcs_all[k : k + len(ents)]
+            bad = bad_all[k : k + len(ents)]
+            k += len(ents)
+            wrong = [n for n, (v, rc, b) in enumerate(zip(ents, rcs, bad, strict=True))
+                     if not b and (rc == 1) != bool(v & L.OFLAG_COPIED)]
+            rows[row] = (cols, ents, rcs, wrong)
+        return idx, l2_rc, l2_bad, rows
+
+    def _copied_candidates_vectorised(
+        self,
+    ) -> tuple[Tab, Tab, Tab, set[int], Callable[[int], tuple[Tab, Tab, Tab, Tab]]]:
+        """The active L1 entries naming a table (indices), their tables' stored refcounts and which
+        could not be read, the rows with a wrong COPIED flag, and per row the allocated entries'
+        columns, entries, refcounts and the positions of the wrong ones."""
         idx = np.flatnonzero(self.l1 & _U64(L.L1E_OFFSET_MASK))
         if not idx.size:
-            return
+            return idx, idx, idx, set(), lambda row: (idx, idx, idx, idx)
         l2off = self.l1[idx] & _U64(L.L1E_OFFSET_MASK)
         cached = self._active_tables
         if cached is not None and np.array_equal(cached[0], l2off):
@@ -936,56 +1165,12 @@ class _Checker:
         copied_sel = (ent & _U64(L.OFLAG_COPIED)) != 0
         wrong_sel = ok_sel & ((rcs_sel == 1) != copied_sel)
         bad_rows = set(np.unique(sel_rows[wrong_sel]).tolist())
-        written: list[int] = []  # L2 tables rewritten so far: a later L1 entry naming one reads it again
-        for row, i_np in enumerate(idx):
-            i = int(i_np)
-            l1e = int(self.l1[i])
-            l2_offset = l1e & L.L1E_OFFSET_MASK
-            rc = None if l2_bad[row] else int(l2_rc[row])
-            if rc is not None and (rc == 1) != bool(l1e & L.OFLAG_COPIED):
-                res.corruptions += 1
-                self.report(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}")
-                if repair:
-                    new = l1e | L.OFLAG_COPIED if rc == 1 else l1e & ~L.OFLAG_COPIED
-                    self.l1[i] = new
-                    if self.overlap_fails(self.l1_offset + i * 8, 8, Metadata.ACTIVE_L1):
-                        res.check_errors += 1
-                        raise _CheckFailed(-errno.EIO)
-                    self.f.pwrite(self.l1_offset + i * 8, new.to_bytes(8, "big"))
-                    res.corruptions -= 1
-                    res.corruptions_fixed += 1
-            if any(o < l2_offset + self.cs and l2_offset < o + self.cs for o in written):
-                cand, ents, rcs, wrong = self._copied_row(l2_offset)
-                if not wrong.size:
-                    continue
-            else:
-                if row not in bad_rows:
-                    continue
-                mine = sel_rows == row
-                cand = sel_cols[mine]
-                ents = ent[mine]
-                rcs = rcs_sel[mine]
-                wrong = np.flatnonzero(wrong_sel[mine])
-            raw = bytearray(self.f.pread(l2_offset, self.cs))
-            for k in wrong:
-                j = int(cand[k])
-                l2e = int(ents[k])
-                rc = int(rcs[k])
-                res.corruptions += 1
-                self.report(f"{word} OFLAG_COPIED data cluster: l2_entry={l2e:x} refcount={rc}")
-                if repair:
-                    new = l2e | L.OFLAG_COPIED if rc == 1 else l2e & ~L.OFLAG_COPIED
-                    raw[j * entry_size : j * entry_size + 8] = new.to_bytes(8, "big")
-            if repair:
-                if self.overlap_fails(l2_offset, self.cs, Metadata.ACTIVE_L2):
-                    self.report("ERROR: Could not write L2 table; metadata overlap check failed: "
-                                f"{os.strerror(errno.EIO)}")
-                    res.check_errors += 1
-                    raise _CheckFailed(-errno.EIO)
-                self.f.pwrite(l2_offset, bytes(raw))
-                written.append(l2_offset)
-                res.corruptions -= len(wrong)
-                res.corruptions_fixed += len(wrong)
+
+        def row_data(row: int) -> tuple[Tab, Tab, Tab, Tab]:
+            mine = sel_rows == row
+            return sel_cols[mine], ent[mine], rcs_sel[mine], np.flatnonzero(wrong_sel[mine])
+
+        return idx, l2_rc, l2_bad, bad_rows, row_data
 
     def _copied_row(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One L2 table's COPIED candidates read from disk: (columns, entries, refcounts, wrong ones)."""
@@ -1119,7 +1304,9 @@ class _Checker:
             res.check_errors += 1
             res.error = -errno.EFBIG
             return res
-        self.refs = _Refs(self.rbits)
+        if self.small and tables.backend_for(_CHECK_WEIGHT * self.snapshot_table_bytes()) is tables.NUMPY:
+            self.use_numpy()  # the snapshots' L1 tables name more tables than the header told
+        self.refs: _Refs | _SmallRefs = _SmallRefs(self.rbits) if self.small else _Refs(self.rbits)
         res.total_clusters = -(-self.h.size // self.cs)
         rebuild = self.calculate(res, self.fix_errors)
         pre = replace(res)
@@ -1168,6 +1355,19 @@ class _Checker:
             self.mark_clean()
         return res
 
+    def snapshot_table_bytes(self) -> int:
+        """Bytes of the tables the snapshots' L1 tables can name (each walked like the active one)."""
+        return sum(min(sn.l1_size, L.MAX_L1_SIZE // 8) * (8 + self.cs) for sn in self.snapshots)
+
+    def use_numpy(self) -> None:
+        """Go on with numpy tables (nothing is counted yet: only the tables read so far change)."""
+        _numpy()
+        self.T = tables.NUMPY
+        self.small = False
+        self.reftable = self.T.convert(self.reftable)
+        self.l1 = self.T.convert(self.l1)
+        self.blocks.clear()
+
     def mark_clean(self) -> None:
         """Clear the dirty and corrupt bits once nothing is left to repair."""
         h = self.h
@@ -1182,6 +1382,21 @@ class _Checker:
             self.f.flush()
 
 
+# A check walks small tables in Python entry by entry, which costs more per byte of tables than the
+# allocator's operations the shared threshold (tables.NUMPY_MIN_BYTES) was set for: a quarter of it.
+_CHECK_WEIGHT = 4
+
+
+def _table_bytes(driver: Qcow2Driver) -> int:
+    """At most how many bytes of tables a check reads before the snapshot table: the active L1 table
+    and every L2 table it can name, the refcount table and a block per block's worth of file.  From
+    the header alone (the snapshots' tables are added once their table is read: ``use_numpy``)."""
+    h = driver.header
+    cs = h.cluster_size
+    rb_bytes = cs << (h.cluster_bits + 3 - h.refcount_order)  # file bytes one refcount block covers
+    return (h.l1_size + driver.file.size() // rb_bytes + 1) * cs + h.l1_size * 8 + h.refcount_table_clusters * cs
+
+
 def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResult:
     """Check (and with ``repair`` = ``"leaks"``/``"all"``, repair) an open qcow2 image.
 
@@ -1191,7 +1406,8 @@ def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResul
         return CheckResult(check_errors=1, error=-errno.ENOMEDIUM)
     checker = None
     try:
-        checker = _Checker(driver, repair, report)
+        backend = tables.NUMPY if repair else tables.backend_for(_CHECK_WEIGHT * _table_bytes(driver))
+        checker = _Checker(driver, repair, report, backend)
         return checker.run()
     except _CheckFailed as exc:
         return CheckResult(check_errors=1, error=exc.err)

@@ -1,0 +1,161 @@
+"""The read-only qcow2 check answers alike on both table backends (issue 14: ``check`` without numpy).
+
+Small images are checked on lists, entry by entry (``tables.SMALL``); big ones with numpy, table by
+table (``tables.NUMPY``).  The differential suites (``tests/diff/test_check*.py``) compare vdkit with
+qemu-img on the backend an image gets by its size, which for their small images is SMALL; this sweep
+holds NUMPY to the same answers: images qemu-img made (snapshots, compressed clusters, extended L2,
+refcount widths, small clusters, a data file), damaged by seeded overwrites of header fields and of
+L1, L2, refcount table, refcount block and snapshot table entries, are checked in-process with each
+backend forced, and the result and every reported line must agree.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import check_ok, qemu_io
+from vdkit.block.node import open_image
+from vdkit.errors import VdkitError
+from vdkit.io import tables
+from vdkit.record import fields
+
+CS = 65536
+
+
+def _write(path: Path, *cmds: str) -> None:
+    args = [a for c in cmds for a in ("-c", c)]
+    r = qemu_io("-f", "qcow2", *args, path.name, cwd=path.parent)  # (a data file is named beside it)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("check-backends")
+    data = ["write -P 1 0 192k", "write -P 2 1M 64k", "write -P 3 40M 128k", "write -z 3M 64k"]
+    made: dict[str, Path] = {}
+
+    def make(name: str, *opts: str, writes: list[str] = data) -> Path:
+        path = d / f"{name}.qcow2"
+        check_ok("create", "-q", "-f", "qcow2", *opts, str(path), "64M")
+        _write(path, *writes)
+        made[name] = path
+        return path
+
+    make("plain")
+    snap = make("snap")
+    check_ok("snapshot", "-c", "one", str(snap))
+    _write(snap, "write -P 7 0 64k", "write -P 8 50M 64k")
+    check_ok("snapshot", "-c", "two", str(snap))
+    _write(snap, "write -P 9 64k 64k")
+    make("extl2", "-o", "extended_l2=on", writes=[*data, "write -P 4 8M 4k", "write -P 5 9M 2k"])
+    make("rc1", "-o", "refcount_bits=1")
+    make("rc64", "-o", "refcount_bits=64")
+    make("c4k", "-o", "cluster_size=4096")
+    make("v2", "-o", "compat=0.10")
+    raw = d / "comp.raw"
+    raw.write_bytes(b"compressible data " * 20000)
+    comp = d / "comp.qcow2"
+    check_ok("convert", "-q", "-c", "-O", "qcow2", str(raw), str(comp))
+    made["comp"] = comp
+    check_ok("create", "-q", "-f", "qcow2", "-o", "data_file=df.raw", "df.qcow2", "64M", cwd=d)  # beside it
+    _write(d / "df.qcow2", *data)
+    made["df"] = d / "df.qcow2"
+    return made
+
+
+def _u64(data: bytes | bytearray, off: int) -> int:
+    return int(struct.unpack_from(">Q", data, off)[0]) if off + 8 <= len(data) else 0
+
+
+def _spots(img: bytes) -> list[tuple[str, int]]:
+    """(structure, offset of one 8-byte entry) of the image's metadata."""
+    cs = 1 << int(struct.unpack_from(">I", img, 20)[0])
+    l1_size, l1_off, rt_off = struct.unpack_from(">IQQ", img, 36)
+    rt_clusters, nb_snap, snap_off = struct.unpack_from(">IIQ", img, 56)
+    # (not the L1 table sizes, header and snapshots': an image whose header names that many tables
+    # is checked with numpy whatever the test forces, and hostile sizes have their own tests)
+    spots = [("header", o) for o in (24, 40, 48, 64, 72, 80, 88, 96)]
+    spots += [("l1", l1_off + 8 * i) for i in range(min(l1_size, 4))]
+    for i in range(min(l1_size, 4)):
+        l2 = _u64(img, l1_off + 8 * i) & 0x00FFFFFFFFFFFE00
+        if l2:
+            spots += [("l2", l2 + 8 * j) for j in range(0, cs // 8, max(1, cs // 8 // 24))]
+            spots += [("l2", l2 + 8 * j) for j in range(4)]
+    spots += [("reftable", rt_off + 8 * i) for i in range(min(rt_clusters * cs // 8, 3))]
+    rb = _u64(img, rt_off) & ~(cs - 1)
+    if rb:
+        spots += [("refblock", rb + 8 * i) for i in range(16)]
+    if nb_snap:
+        spots += [("snapshots", snap_off + o) for o in (0, 12, 16, 32)]
+    return [(what, off) for what, off in spots if off + 8 <= len(img)]
+
+
+def _damage(img: bytearray, rng: random.Random) -> None:
+    cs = 1 << int(struct.unpack_from(">I", img, 20)[0])
+    for _ in range(rng.randint(1, 3)):
+        what, off = rng.choice(_spots(bytes(img)))
+        old = _u64(img, off)
+        value = rng.choice([
+            0, old ^ (1 << 63), old ^ (1 << 62), old ^ 1, old ^ (1 << rng.randrange(1, 62)), old + cs, old + 512,
+            old - cs if old >= cs else old, rng.getrandbits(64), rng.getrandbits(20) * cs, 1 << 56,
+            (old & ~0xFFFF) | rng.getrandbits(16),
+        ])
+        img[off:off + 8] = value.to_bytes(8, "big")
+
+
+def _check(path: Path, backend: str, monkeypatch: pytest.MonkeyPatch) -> tuple[object, ...]:
+    monkeypatch.setattr(tables, "FORCE", backend)
+    lines: list[str] = []
+    try:
+        with open_image(str(path), "qcow2", readonly=True, force_share=True, check_mode=True) as node:
+            res = node.driver.check(None, lines.append)
+    except VdkitError as exc:
+        return ("error", exc.message, *lines)
+    return (*(getattr(res, f) for f in fields(res)), *lines)
+
+
+@pytest.mark.parametrize("name", ["plain", "snap", "extl2", "rc1", "rc64", "c4k", "v2", "comp", "df"])
+def test_backends_agree_on_damaged_images(templates: dict[str, Path], tmp_path: Path, name: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    good = templates[name].read_bytes()
+    if name == "df":
+        shutil.copy(templates[name].parent / "df.raw", tmp_path / "df.raw")
+    monkeypatch.chdir(tmp_path)  # a data file's name is relative to the working directory, as in QEMU
+    for seed in range(-1, 50):
+        img = bytearray(good)
+        if seed >= 0:
+            _damage(img, random.Random(f"{name}/{seed}"))
+        path = tmp_path / f"{name}.qcow2"
+        path.write_bytes(img)
+        small = _check(path, "small", monkeypatch)
+        numpy = _check(path, "numpy", monkeypatch)
+        assert small == numpy, f"seed {seed}"
+        if seed < 0:
+            assert small[:2] == (0, 0), small  # the undamaged image: no corruptions, no leaks
+
+
+def test_check_chooses_small_tables_for_small_images(templates: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a forced backend, a small image's check runs on lists (and so imports no numpy)."""
+    from vdkit.formats.qcow2 import check as check_mod
+
+    seen: list[bool] = []
+    real = check_mod._Checker.__init__
+
+    def spy(self: check_mod._Checker, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        seen.append(self.small)
+
+    monkeypatch.setattr(tables, "FORCE", None)
+    monkeypatch.setattr(check_mod._Checker, "__init__", spy)
+    with open_image(str(templates["snap"]), "qcow2", readonly=True, force_share=True, check_mode=True) as node:
+        node.driver.check(None, lambda line: None)
+    monkeypatch.setattr(tables, "NUMPY_MIN_BYTES", 1)
+    with open_image(str(templates["snap"]), "qcow2", readonly=True, force_share=True, check_mode=True) as node:
+        node.driver.check(None, lambda line: None)
+    assert seen == [True, False]
