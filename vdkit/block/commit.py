@@ -257,7 +257,9 @@ class CommitJob(JobDriver):
     def clean(self, job: Job) -> None:
         self._detach()
 
-        if self.base_was_ro and not (self.active and self.pivot):
+        # an active commit leaves its base read-write however it ends, as QEMU's (observed: ro false and
+        # the write lock bytes after a cancel too); an intermediate one makes it read-only again
+        if self.base_was_ro and not self.active:
             try:
                 self._reopen(self.base_index, True)
             except (OSError, VdkitError):
