@@ -708,25 +708,36 @@ class _Checker:
     def _walk_l2_list(self, res: CheckResult, e: list[int], *, stats: bool) -> bool:
         """The vectorised walk below on a list: a table of plain allocated entries in one go; False
         (nothing done) for anything else (compressed clusters, subclusters, a data file, a finding),
-        which the entry-by-entry walk takes."""
+        which the entry-by-entry walk takes.  One pass over the used entries: the flags and the
+        alignment of all of them show in their OR, the end of the file in the highest cluster."""
         if self.extl2 or self.has_data_file:
             return False
-        vals = [v for v in e if v]
-        if any(v & (L.L2E_STD_RESERVED_MASK | L.OFLAG_COMPRESSED) for v in vals):
+        ored = 0
+        clusters: list[int] = []
+        append = clusters.append
+        bits = self.cluster_bits
+        prev = -2
+        fragmented = 0
+        for v in filter(None, e):
+            ored |= v
+            c = (v & L.L2E_OFFSET_MASK) >> bits
+            if c:  # (a zero cluster without an offset: nothing to count)
+                if c != prev + 1 and prev >= 0:
+                    fragmented += 1
+                append(c)
+                prev = c
+        if ored & (L.L2E_STD_RESERVED_MASK | L.OFLAG_COMPRESSED) or ored & L.L2E_OFFSET_MASK & (self.cs - 1):
             return False
-        cs, end = self.cs, self.file_len + self.cs
-        offs = [o for o in (v & L.L2E_OFFSET_MASK for v in vals) if o]  # (zero clusters without one: nothing)
-        if any(o % cs or o + cs >= end for o in offs):
-            return False
-        clusters = [o >> self.cluster_bits for o in offs]
+        if clusters and max(clusters) >= -(-self.file_len // self.cs):
+            return False  # past the end of the file: reported by the entry walk
         assert isinstance(self.refs, _SmallRefs)
         if not self.refs.add(clusters):
             return False  # an overflow: reported where it happens, by the entry walk
         if clusters:
             self._ensure(max(clusters) + 1)
         if stats:
-            res.allocated_clusters += len(offs)
-            res.fragmented_clusters += sum(1 for a, b in zip(offs, offs[1:], strict=False) if b != a + cs)
+            res.allocated_clusters += len(clusters)
+            res.fragmented_clusters += fragmented
         return True
 
     def _walk_l2_slow(
@@ -1107,7 +1118,10 @@ class _Checker:
             e = self.T.decode_u64(self.f.pread(off, self.cs))
             if self.extl2:
                 e = e[0::2]
-            cols = [j for j, v in enumerate(e) if v and not v & L.OFLAG_COMPRESSED and self._has_offset(v)]
+            if self.has_data_file:
+                cols = [j for j, v in enumerate(e) if v and not v & L.OFLAG_COMPRESSED and self._has_offset(v)]
+            else:
+                cols = [j for j, v in enumerate(e) if v & L.L2E_OFFSET_MASK and not v & L.OFLAG_COMPRESSED]
             per_row.append((cols, [e[j] for j in cols]))
         l2_rc, l2_bad = self.refcounts_at([o >> self.cluster_bits for o in l2off])
         clusters = [(v & L.L2E_OFFSET_MASK) >> self.cluster_bits for _, ents in per_row for v in ents]
