@@ -309,17 +309,8 @@ def lock_file_node(machine: DeviceRegistry, child: GraphNode, pending: tuple[str
     if child.force_share:
         shared = _ALL
     mode = LockMode(perm & _PASSTHROUGH, ~shared & _PASSTHROUGH)
-    if lock.mode == mode:
-        return
-    old = lock.mode
-    lock.release()
-    lock.mode = mode
-    try:
-        lock.acquire()
-    except VdkitError:
-        lock.mode = old
-        lock.acquire()
-        raise
+    if lock.mode != mode:
+        lock.switch(mode)
 
 
 def _raw_write_perm(machine: DeviceRegistry, g: GraphNode) -> None:
