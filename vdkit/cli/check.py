@@ -23,7 +23,7 @@ from vdkit.errors import OpenError, UsageError
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from vdkit.block.driver import CheckResult
+    from vdkit.block.driver import CheckResult, FormatDriver
     from vdkit.info.model import ImageCheck
 
 LONGOPTS = [
@@ -70,13 +70,17 @@ def main(argv: list[str]) -> int:
     if force_share and repair:
         raise OpenError(f"Could not open '{spec or filename}': force-share=on can only be used with read-only images")
     from vdkit.block.node import open_image
-    from vdkit.cli.snapshot_write import warn_if_probed
     from vdkit.errors import UnsupportedError
+
+    def warn_if_probed(drv: FormatDriver) -> None:  # repairs only: the module is not loaded otherwise
+        from vdkit.cli.snapshot_write import warn_if_probed
+
+        warn_if_probed(drv, fmt, filename)
 
     preamble = ""
     with SpecNames((filename, spec)), open_image(
         filename, fmt, readonly=repair is None, force_share=force_share, check_mode=True, share_writes=True,
-        on_open=None if repair is None else lambda drv: warn_if_probed(drv, fmt, filename),  # opened writable
+        on_open=None if repair is None else warn_if_probed,  # opened writable
     ) as node:
         driver = node.driver
         for message, hint in node.warnings():  # open-time warnings (warn_report in QEMU)

@@ -44,7 +44,7 @@ from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, firs
 from vdkit.formats.qcow2.refcount import encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 from vdkit.io import tables
-from vdkit.record import replace
+from vdkit.record import cached_property, replace
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from vdkit.formats.qcow2.cluster import Geometry
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.tables import Backend, Tab
 
@@ -266,7 +267,6 @@ class _Checker:
         self.refcount_max = (1 << self.rbits) - 1
         self.extl2 = h.extended_l2
         self.has_data_file = h.has_data_file
-        self.geom = drv.geometry
         self.reftable_offset = h.refcount_table_offset
         self.reftable = self._read_u64(h.refcount_table_offset, h.refcount_table_clusters * self.cs // 8)
         self.l1_size = h.l1_size
@@ -279,6 +279,11 @@ class _Checker:
         self.snapshots_size = 0
         self.snapshot_corruptions = 0
         self._active_tables: tuple[np.ndarray, np.ndarray, np.ndarray, int] | None = None
+
+    @cached_property
+    def geom(self) -> Geometry:
+        """The driver's cluster geometry (its module loads only for compressed clusters)."""
+        return self.drv.geometry
 
     # -- reading ---------------------------------------------------------------------------------
     def _read_u64(self, offset: int, count: int) -> Tab:
