@@ -815,8 +815,7 @@ def test_export_names_the_filter_of_a_job(daemons: Daemons, tmp_path: Path) -> N
                       ("block-stream", {}), ("block-commit", {})]:
         p.same(cmd, {"device": "disk0", "job-id": "j", "speed": 1, **args})
         p.same("query-block-exports")
-        if cmd == "drive-mirror":  # (other jobs are not drawn)
-            p.same("x-debug-query-block-graph")
+        p.same("x-debug-query-block-graph")  # the job's filter under the drive's and the export's backends
         p.same("block-job-cancel", {"device": "j", "force": True})
         p.wait("JOB_STATUS_CHANGE", status="null")
         p.same_events(mask=re.compile(r'"len": \d+, "offset": \d+'))

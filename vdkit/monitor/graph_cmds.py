@@ -380,6 +380,11 @@ _PERM_NAMES = ((0x8, "resize"), (0x4, "write-unchanged"), (0x2, "write"), (0x1, 
 _SHARE_ALL = 0xF
 _BACKEND_ROOT = (0x1, _SHARE_ALL)  # a -drive's BlockBackend without a guest device reads and shares all
 _EXPORT_SHARED = 0x7  # an NBD export's BlockBackend shares all but resize (it reads, and writes if writable)
+# the jobs' own BlockBackends (needed, shared), as qemu-system-x86_64's graph shows them
+_MIRROR_TARGET_BACKEND = (0x2, 0x4)  # a mirror's on its target: writes, shares only unchanged writes
+_COMMIT_BASE_BACKEND = (0x2, 0x7)  # an active commit's on the base: writes, shares all but resize
+_COMMIT_BASE_WRITER = (0x3, 0x5)  # an intermediate commit's on the base: reads and writes, shares no writes
+_STREAM_BACKEND = (0x1, 0x7)  # a stream's on its copy-on-read filter: reads, shares all but resize
 
 
 @dataclass(eq=False)
@@ -412,25 +417,45 @@ class _Vertex:
         return perm, _SHARE_ALL if child.force_share else shared
 
 
+_CR, _W, _WU = 0x1, 0x2, 0x4
+_PASS = 0xF  # what a filter passes down of its users' needs (QEMU's passthrough permissions)
+
+
 class _FilterVertex(_Vertex):
-    """A mirror's ``mirror_top`` filter: its users' needs pass through to the node below (but resize), and
-    it shares all but resize."""
+    """The filter node a job puts in, with its driver's rule for its child (observed in qemu-system-x86_64's
+    graph): ``mirror_top`` passes its users' needs but resize (an active commit's, not even reads: the
+    base's overlays refuse them to everybody), ``commit_top`` takes nothing, ``copy-on-read`` writes
+    unchanged data back, ``copy-before-write`` reads its ``file`` consistently and writes its ``target``."""
+
+    commit: bool = False  # a mirror_top of an active commit
 
     def child_perms(self, role: str, child: _Vertex, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
-        return self.perms(memo)[0] & _EXPORT_SHARED, _EXPORT_SHARED
-
-
-# what a mirror job's own edges need and share (observed in qemu-system-x86_64's graph): it reads through
-# its filter, shares writes on the source, and takes nothing of the target (its backend writes there)
-_MIRROR_JOB_EDGES = {"main node": (0x1, _EXPORT_SHARED), "source": (0, _EXPORT_SHARED), "target": (0, _SHARE_ALL)}
-_MIRROR_TARGET_BACKEND = (0x2, 0x4)  # the job's target BlockBackend writes and shares only unchanged writes
+        perm, shared = self.perms(memo)
+        if self.driver == "commit_top":
+            return 0, _SHARE_ALL
+        if self.driver == "copy-on-read":
+            return perm & _PASS | _WU, shared & _PASS | _CR | _WU
+        if self.driver == "copy-before-write":
+            if role == "target":
+                return _W, _EXPORT_SHARED
+            return perm & _PASS | _CR, shared & (_CR | _WU)
+        return perm & (_EXPORT_SHARED & ~_CR if self.commit else _EXPORT_SHARED), _EXPORT_SHARED
 
 
 class _JobVertex(_Vertex):
-    """A block job: its edges carry the job's own permissions."""
+    """A block job: each edge carries the job's own permissions on that node (``edge_perms``, by role and
+    child), as QEMU's job takes them when it is created."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, 0, "block-job", False)
+        self.edge_perms: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def add(self, role: str, child: _Vertex, perm: int, shared: int) -> None:
+        _link(self, role, child)
+        self.edge_perms[role, id(child)] = perm, shared
 
     def child_perms(self, role: str, child: _Vertex, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
-        return _MIRROR_JOB_EDGES[role]
+        return self.edge_perms[role, id(child)]
 
 
 def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
@@ -441,49 +466,138 @@ def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
 _Backend = tuple[str, "_Vertex | None", tuple[int, int]]  # a BlockBackend: name, root, root edge's permissions
 
 
-def _mirror_jobs(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: dict[int, _Vertex],
-                 all_nodes: list[_Vertex], drive_backends: list[_Backend]) -> tuple[list[_JobVertex],
-                                                                                 list[_Backend]]:
-    """The mirrors as QEMU draws them: the job (``main node``: its ``mirror_top`` filter, ``source``,
-    ``target``), the filter above the source (the source's backends, a drive's and exports', now sit on
-    it), the target's nodes (a drive-mirror's of a drive: the ones the job opened) and the job's
-    BlockBackend on the target.  ``by_node``: the vertex of each vdkit node (drives' format nodes and
-    graph nodes)."""
+def _insert_filter(fv: _FilterVertex, role: str, src: _Vertex, tops: dict[int, _Vertex],
+                   drive_backends: list[_Backend]) -> None:
+    """Put ``fv`` above ``src`` under every parent (a node's child edge, a drive's and exports'
+    BlockBackends), as QEMU's graph change does when a job starts."""
+    for p_role, parent in list(src.parents):
+        parent.children = [(r, fv if c is src and r == p_role else c) for r, c in parent.children]
+        fv.parents.append((p_role, parent))
+        src.parents.remove((p_role, parent))
+    for key, top in list(tops.items()):
+        if top is src:
+            tops[key] = fv
+    for i, (name, root, perm) in enumerate(drive_backends):
+        if root is src:  # the drive's BlockBackend now has the filter as its root
+            drive_backends[i] = (name, fv, perm)
+            src.users.remove(perm)
+            fv.users.append(perm)
+    _link(fv, role, src)
+
+
+def _listed_vertices(listed: Any, by_node: dict[int, _Vertex], all_nodes: list[_Vertex]) -> _Vertex:
+    """The vertices of the nodes a job opened for its target (drive-mirror's, drive-backup's with the
+    backing chain its header names); a backing node that is the live source's is linked, not drawn twice."""
+    chain: list[_Vertex] = []
+    nodes = list(listed.node.chain())
+    for i, (fmt_name, file_name) in enumerate(listed.names):
+        node = nodes[i]
+        fmt_serial, file_serial = listed.serials[i]
+        ro = bool(i and node.readonly)
+        fmt = _Vertex(fmt_name, fmt_serial, node.format, ro)
+        file = _Vertex(file_name, file_serial, "file", ro)
+        _link(fmt, "file", file)
+        if chain:
+            _link(chain[-1], "backing", fmt)
+        chain.append(fmt)
+        all_nodes += [file, fmt]
+    below = nodes[len(chain)] if len(nodes) > len(chain) else None
+    if below is not None and id(below) in by_node:  # sync none: the source is the target's backing
+        _link(chain[-1], "backing", by_node[id(below)])
+    return chain[0]
+
+
+def _job_vertices(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: dict[int, _Vertex],
+                  all_nodes: list[_Vertex], drive_backends: list[_Backend]) -> tuple[list[_JobVertex],
+                                                                                    list[_Backend]]:
+    """The running jobs as QEMU draws them: the ``block-job`` vertex with its edges, the filter it put
+    above its node, the target's nodes it opened, and the BlockBackends it holds (QEMU 7.2):
+
+    * mirror: ``main node`` (its ``mirror_top``), ``source``, ``target``; a backend writing the target;
+    * active commit: as a mirror onto the base, plus an ``intermediate node`` edge per dropped layer;
+    * intermediate commit: ``main node`` (the active image), ``intermediate node`` per layer from top to
+      the base, ``base``; a ``commit_top`` filter above top; backends on the base (writes) and on top;
+    * stream: ``main node`` (its ``copy-on-read`` filter), ``active node``, an ``intermediate node`` per
+      layer it drops; a backend on the filter;
+    * backup: ``main node`` (its ``copy-before-write`` filter, whose ``target`` child is the target) and
+      ``target``; no backend.
+
+    ``by_node``: the vertex of each vdkit node (drives' format nodes and graph nodes).
+    """
+    from vdkit.block.commit import CommitJob
     from vdkit.block.jobs import Status
 
     jobs: list[_JobVertex] = []
     backends: list[_Backend] = []
     for job in machine.jobs.jobs:
-        f = job.driver.filter
-        target = getattr(job.driver, "target", None)
-        if f is None or f.driver != "mirror_top" or job.status in (Status.CONCLUDED, Status.NULL):
+        f, drv = job.driver.filter, job.driver
+        if f is None or job.status in (Status.CONCLUDED, Status.NULL):
             continue
-        src, tgt = by_node.get(id(f.below)), by_node.get(id(target))
-        listed = getattr(job.driver, "listed_target", None)
-        if tgt is None and listed is not None and listed.names:  # drive-mirror's target of a drive
-            (fmt_name, file_name), (fmt_serial, file_serial) = listed.names[0], listed.serials[0]
-            tgt = _Vertex(fmt_name, fmt_serial, listed.node.format, False)
-            file = _Vertex(file_name, file_serial, "file", False)
-            _link(tgt, "file", file)
-            all_nodes += [file, tgt]
-        if src is None or tgt is None:
+        src = by_node.get(id(f.below))
+        if src is None:
             continue
+        kind = drv.job_type
+        tgt: _Vertex | None = None
+        if kind in ("mirror", "backup"):
+            tgt = by_node.get(id(getattr(drv, "target", None)))
+            listed = getattr(drv, "listed_target", None)
+            if tgt is None and listed is not None and listed.names:  # the target nodes the job opened
+                tgt = _listed_vertices(listed, by_node, all_nodes)
+            if tgt is None:
+                continue
         fv = _FilterVertex(f.name, f.serial, f.driver, False)
-        _link(fv, "backing", src)
         all_nodes.append(fv)
-        for key, top in list(tops.items()):
-            if top is src:
-                tops[key] = fv
-        for i, (name, root, perm) in enumerate(drive_backends):
-            if root is src:  # the drive's BlockBackend now has the filter as its root
-                drive_backends[i] = (name, fv, perm)
-                src.users.remove(perm)
-                fv.users.append(perm)
-        jv = _JobVertex(job.id, 0, "block-job", False)
-        for role, child in (("main node", fv), ("source", src), ("target", tgt)):
-            _link(jv, role, child)
-        tgt.users.append(_MIRROR_TARGET_BACKEND)
-        backends.append(("", tgt, _MIRROR_TARGET_BACKEND))
+        _insert_filter(fv, "file" if f.driver in ("copy-on-read", "copy-before-write") else "backing", src, tops,
+                       drive_backends)
+        jv = _JobVertex(job.id)
+        if kind == "mirror":
+            assert tgt is not None
+            jv.add("main node", fv, _CR, _EXPORT_SHARED)
+            jv.add("source", src, 0, _EXPORT_SHARED)
+            jv.add("target", tgt, 0, _SHARE_ALL)
+            tgt.users.append(_MIRROR_TARGET_BACKEND)
+            backends.append(("", tgt, _MIRROR_TARGET_BACKEND))
+        elif kind == "backup":
+            assert tgt is not None
+            _link(fv, "target", tgt)
+            jv.add("main node", fv, 0, _SHARE_ALL)
+            jv.add("target", tgt, 0, _SHARE_ALL)
+        elif kind == "stream":
+            jv.add("main node", fv, 0, _SHARE_ALL)
+            jv.add("active node", src, 0, _EXPORT_SHARED)
+            for n in drv.nodes()[1:]:
+                if id(n) in by_node:
+                    jv.add("intermediate node", by_node[id(n)], 0, _WU | _CR)
+            fv.users.append(_STREAM_BACKEND)
+            backends.append(("", fv, _STREAM_BACKEND))
+        elif isinstance(drv, CommitJob):
+            chain, top_i, base_i = drv.chain, drv.top_index, drv.base_index
+            base = by_node.get(id(chain[base_i]))
+            if base is None:
+                continue
+            middle = [by_node[id(n)] for n in chain[max(top_i, 1):base_i] if id(n) in by_node]
+            if top_i == 0:  # an active commit: a mirror onto the base
+                fv.commit = True
+                jv.add("main node", fv, _CR, _EXPORT_SHARED)
+                jv.add("source", src, 0, _EXPORT_SHARED)
+                jv.add("target", base, 0, _SHARE_ALL)
+                for v in middle:
+                    jv.add("intermediate node", v, 0, _W | _WU)
+                base.users.append(_COMMIT_BASE_BACKEND)
+                backends.append(("", base, _COMMIT_BASE_BACKEND))
+            else:
+                active = by_node.get(id(chain[0]))
+                if active is None:
+                    continue
+                jv.add("main node", active, 0, _SHARE_ALL)
+                for v in middle:
+                    jv.add("intermediate node", v, 0, _W | _WU)
+                jv.add("base", base, 0, _SHARE_ALL)
+                base.users.append(_COMMIT_BASE_WRITER)
+                src.users.append((0, _SHARE_ALL))
+                backends += [("", base, _COMMIT_BASE_WRITER), ("", src, (0, _SHARE_ALL))]
+        else:
+            continue
         jobs.append(jv)
     return jobs, backends
 
@@ -493,7 +607,7 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
     creation order.
 
     The drives' backends come first, then the NBD exports' (unnamed, also on -blockdev nodes), then the
-    jobs' (a mirror's on its target), as QEMU creates them.
+    jobs' (a mirror's on its target, a commit's, a stream's), as QEMU creates them.
     """
     backends: list[tuple[str, _Vertex | None, tuple[int, int]]] = []
     all_nodes: list[_Vertex] = []
@@ -532,7 +646,7 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
         if g.backend is not None and g.backend.medium is not None:
             tops[id(g.backend.medium)] = v
     node_vertex.update((id(g.node), by_node[id(g)]) for g in machine.graph.nodes if g.node is not None)
-    jobs, job_backends = _mirror_jobs(machine, node_vertex, tops, all_nodes, backends)
+    jobs, job_backends = _job_vertices(machine, node_vertex, tops, all_nodes, backends)
     for e in getattr(machine.exports, "exports", []):  # the NBD service's exports, oldest first
         top = tops.get(id(e.medium))
         if top is not None:
@@ -548,8 +662,8 @@ def x_debug_query_block_graph(ctx: CommandContext, args: dict[str, Any]) -> dict
     """QEMU's debug dump of the block graph: BlockBackends, then every node by creation; ids are handed
     out as nodes are first met (a root when its backend's edge is drawn), lists newest entry first.
 
-    Mirrors are drawn as QEMU draws them (a ``block-job`` vertex, the filter it puts in, the target's
-    nodes, its backend); other jobs are not.
+    Jobs are drawn as QEMU draws them (a ``block-job`` vertex, the filter it puts in, the target's nodes,
+    its backends: :func:`_job_vertices`).
     """
     backends, jobs, all_nodes = _vertices(ctx.machine)
     ids: dict[int, int] = {}

@@ -1,0 +1,88 @@
+"""x-debug-query-block-graph while stream, commit and backup jobs run, against qemu-system-x86_64.
+
+The mirror's drawing is checked in ``test_mirror_diff``; here the other jobs: each is started with
+``speed`` 1 and paused (the graph then holds still), and the whole debug graph is compared with QEMU's:
+the ``block-job`` vertex and its edges (``main node``, ``active node``, ``intermediate node``, ``base``,
+``source``, ``target``) with their permissions, the filter the job put in (``copy-on-read``,
+``commit_top``, ``mirror_top``, ``copy-before-write``) under every parent of its node, the nodes a backup
+opened for its target, and the BlockBackends the job holds, numbered as QEMU numbers them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import qemu_img
+from tests.daemon.conftest import Daemons
+from tests.daemon.test_mirror_diff import Pair
+
+_PROGRESS = re.compile(r'"len": \d+, "offset": \d+')
+
+_CHAIN = ["-blockdev", "driver=file,filename=DIR/base.qcow2,node-name=f-base",
+          "-blockdev", "driver=qcow2,file=f-base,node-name=n-base",
+          "-blockdev", "driver=file,filename=DIR/mid.qcow2,node-name=f-mid",
+          "-blockdev", "driver=qcow2,file=f-mid,node-name=n-mid,backing=n-base",
+          "-blockdev", "driver=file,filename=DIR/top.qcow2,node-name=f-top",
+          "-blockdev", "driver=qcow2,file=f-top,node-name=n-top,backing=n-mid"]
+
+
+def _held(p: Pair, cmd: str, args: dict[str, Any], *, pauses: int = 1) -> None:
+    """Start a job held still (speed 1, then paused) and compare the graph; ``pauses``: the paused events
+    to wait for (a backup's start sends a paused/running pair of its own)."""
+    assert p.same(cmd, {"job-id": "j", "speed": 1, **args}) == '{"return": {}}'
+    p.same("block-job-pause", {"device": "j"})
+    p.wait("JOB_STATUS_CHANGE", pauses, status="paused")
+    p.same("x-debug-query-block-graph")
+
+
+def _cancel(p: Pair) -> None:
+    p.same("block-job-cancel", {"device": "j", "force": True})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=_PROGRESS)
+    p.same("x-debug-query-block-graph")  # as before the job
+
+
+def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: Path) -> None:
+    """A -drive's chain: stream (copy-on-read filter, its backend, the layers it drops), intermediate
+    commit (commit_top under the overlay, backends on top and base), active commit before and after ready
+    (mirror_top, the base as target), drive-backup full and top (copy-before-write, the target's nodes
+    with the backing chain its header names) and blockdev-backup onto a graph node."""
+    p = Pair(daemons, tmp_path)
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
+    _held(p, "block-stream", {"device": "disk0"})
+    _cancel(p)
+    _held(p, "drive-backup", {"device": "disk0", "target": "DIR/b-full.qcow2", "sync": "full"}, pauses=2)
+    _cancel(p)
+    _held(p, "drive-backup", {"device": "disk0", "target": "DIR/b-top.qcow2", "sync": "top"}, pauses=2)
+    _cancel(p)
+    p.same("blockdev-add", {"driver": "qcow2", "node-name": "n-bt",
+                            "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
+    _held(p, "blockdev-backup", {"device": "disk0", "target": "n-bt", "sync": "full"}, pauses=2)
+    _cancel(p)
+    _held(p, "block-commit", {"device": "disk0", "top": "DIR/mid.qcow2"})
+    _cancel(p)
+    _held(p, "block-commit", {"device": "disk0"})
+    p.same("block-job-set-speed", {"device": "j", "speed": 0})
+    p.same("block-job-resume", {"device": "j"})
+    p.wait("BLOCK_JOB_READY")
+    p.same("x-debug-query-block-graph")  # ready: drawn alike
+    _cancel(p)  # (the base stays read-write afterwards, as QEMU's)
+
+
+def test_stream_and_commit_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
+    """A -blockdev chain under a writable NBD export: the export's backend moves onto the job's filter; a
+    stream into a backing node puts copy-on-read under the overlay's backing edge."""
+    p = Pair(daemons, tmp_path, drive=_CHAIN)
+    p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
+    p.same("block-export-add", {"type": "nbd", "id": "e", "node-name": "n-top", "writable": True})
+    _held(p, "block-stream", {"device": "n-top", "base-node": "n-base"})
+    _cancel(p)
+    _held(p, "block-stream", {"device": "n-mid"})
+    _cancel(p)
+    _held(p, "block-commit", {"device": "n-top", "top-node": "n-mid"})
+    _cancel(p)
+    _held(p, "block-commit", {"device": "n-top"})
+    _cancel(p)
