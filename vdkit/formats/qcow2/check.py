@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import os
+from itertools import compress
 
 from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError, hexalt
@@ -230,7 +231,11 @@ class _SmallRefs:
     def add(self, clusters: Tab) -> bool:
         """Count one reference per element; False (nothing counted) if a count would pass ``max``."""
         counts = self.counts
-        new: dict[int, int] = {}
+        new = dict.fromkeys(clusters, 1)
+        if len(new) == len(clusters) and counts.keys().isdisjoint(new):  # the usual case, at C speed
+            counts.update(new)
+            return True
+        new = {}
         for c in clusters:
             new[c] = new.get(c, counts.get(c, 0)) + 1
         if new and max(new.values()) > self.max:
@@ -834,7 +839,8 @@ class _Checker:
 
     def check_refblocks(self, res: CheckResult) -> bool:
         rebuild = False
-        for i in self.T.nonzero(self.reftable):  # an empty entry has nothing to check
+        rt = self.reftable
+        for i in compress(range(len(rt)), rt) if self.small else self.T.nonzero(rt):  # empty: nothing to check
             raw = int(self.reftable[i])
             offset = raw & L.REFT_OFFSET_MASK
             cluster = offset >> self.cluster_bits
@@ -889,7 +895,8 @@ class _Checker:
         n = self.nb_clusters
         pages = set(self.refs.page_ranges(n))
         if self.small:
-            entries = [i for i, e in enumerate(self.reftable) if e & L.REFT_OFFSET_MASK and i << self.rb_bits < n]
+            entries = [i for i in compress(range(len(self.reftable)), self.reftable)
+                       if self.reftable[i] & L.REFT_OFFSET_MASK and i << self.rb_bits < n]
         else:
             nz = np.flatnonzero(self.reftable & _U64(L.REFT_OFFSET_MASK))
             entries = nz[(nz << self.rb_bits) < n].tolist()
@@ -943,6 +950,8 @@ class _Checker:
         or the stored count could not be read."""
         if self.small:
             last = next((i for i in range(len(disk) - 1, -1, -1) if (disk[i] or refs[i]) and not bad[i]), -1)
+            if disk == refs and True not in bad:  # the usual case: list comparisons at C speed
+                return last, []
             return last, [i for i, (d, r, b) in enumerate(zip(disk, refs, bad, strict=True)) if d != r or b]
         used = np.flatnonzero(((disk > 0) | (refs > 0)) & ~bad)
         return (int(used[-1]) if used.size else -1), np.flatnonzero((disk != refs) | bad).tolist()
@@ -1123,10 +1132,11 @@ class _Checker:
             e = self.T.decode_u64(self.f.pread(off, self.cs))
             if self.extl2:
                 e = e[0::2]
+            used = compress(range(len(e)), e)  # the entries that are not 0, found at C speed
             if self.has_data_file:
-                cols = [j for j, v in enumerate(e) if v and not v & L.OFLAG_COMPRESSED and self._has_offset(v)]
+                cols = [j for j in used if not e[j] & L.OFLAG_COMPRESSED and self._has_offset(e[j])]
             else:
-                cols = [j for j, v in enumerate(e) if v & L.L2E_OFFSET_MASK and not v & L.OFLAG_COMPRESSED]
+                cols = [j for j in used if e[j] & L.L2E_OFFSET_MASK and not e[j] & L.OFLAG_COMPRESSED]
             per_row.append((cols, [e[j] for j in cols]))
         l2_rc, l2_bad = self.refcounts_at([o >> self.cluster_bits for o in l2off])
         clusters = [(v & L.L2E_OFFSET_MASK) >> self.cluster_bits for _, ents in per_row for v in ents]
