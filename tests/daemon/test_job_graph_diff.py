@@ -72,10 +72,16 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
     _cancel(p)  # (the base stays read-write afterwards, as QEMU's)
 
 
-def test_stream_and_commit_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
+def test_jobs_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
     """A -blockdev chain under a writable NBD export: the export's backend moves onto the job's filter; a
-    stream into a backing node puts copy-on-read under the overlay's backing edge."""
+    stream into a backing node puts copy-on-read under the overlay's backing edge; drive-backup's target
+    nodes are listed (query-named-block-nodes) and drawn while the job holds them, and gone afterwards;
+    blockdev-backup onto a graph node."""
+    from tests.daemon.test_mirror_diff import _same_lock_bytes
+
     p = Pair(daemons, tmp_path, drive=_CHAIN)
+    for d in p.dirs:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
     p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
     p.same("block-export-add", {"type": "nbd", "id": "e", "node-name": "n-top", "writable": True})
     _held(p, "block-stream", {"device": "n-top", "base-node": "n-base"})
@@ -86,3 +92,18 @@ def test_stream_and_commit_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: P
     _cancel(p)
     _held(p, "block-commit", {"device": "n-top"})
     _cancel(p)
+    # how far the copy got before the pause is timing: the target file's length, the job bitmaps' counts
+    grown = re.compile(r'"virtual-size": \d+(?=, "filename": "DIR/b.qcow2", "format": "file")|"count": \d+')
+    _held(p, "drive-backup", {"device": "n-top", "target": "DIR/b.qcow2", "sync": "full"}, pauses=2)
+    p.same("query-named-block-nodes", mask=grown)
+    p.same("query-named-block-nodes", {"flat": True}, mask=grown)
+    _same_lock_bytes(p)
+    _cancel(p)
+    p.same("query-named-block-nodes")
+    p.same("blockdev-add", {"driver": "qcow2", "node-name": "n-bt",
+                            "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
+    _held(p, "blockdev-backup", {"device": "n-top", "target": "n-bt", "sync": "full"}, pauses=2)
+    _same_lock_bytes(p)
+    _cancel(p)
+    p.quit(daemons)
+    p.compare("top.qcow2")

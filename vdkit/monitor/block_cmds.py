@@ -265,7 +265,9 @@ def _graph_filters(machine: DeviceRegistry, flat: bool) -> list[tuple[JobFilter,
             image.backing_image = _json_backing_names(f.below, image_info(f.below, nested=True))
         out.append((f, BlockDeviceInfo(file=f.filename or g.filename, node_name=f.name, ro=f.ro, drv=f.driver,
                                        backing_file_depth=0 if flat else 1 + chain_depth(g), encrypted=False,
-                                       detect_zeroes="off", image=image, cache=BlockdevCacheInfo())))
+                                       detect_zeroes="off", image=image, cache=BlockdevCacheInfo(),
+                                       # a copy-before-write filter's own bitmaps (its access and done maps)
+                                       dirty_bitmaps=bitmap_cmds.bitmaps_info(getattr(f, "bitmaps", [])))))
     return out
 
 

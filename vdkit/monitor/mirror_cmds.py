@@ -595,6 +595,17 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
     path = args["target"]
     if not existing:
         _create(path, fmt or source.format, source.size, backing)
+    graph_src = machine.graph.find(args["device"]) if src.drive is None else None
+    if graph_src is not None and sync != "none":
+        # a graph node's backup: the target opened as graph nodes, listed while the job holds them
+        target, release_graph = _graph_backup_target(machine, graph_src, path, fmt)
+        try:
+            return _backup_common(machine, src, target, args, sync=sync,
+                                  target_has_backing=target.backing is not None
+                                  or target.driver.backing_file is not None, release=release_graph)
+        except BaseException:
+            release_graph()
+            raise
     # QEMU opens the target with the backing chain its header names (``none``: the live source instead,
     # a fleecing overlay), with detect-zeroes=unmap
     target = _open_backup_target(path, fmt, chain=sync != "none")
@@ -620,10 +631,40 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
         raise
     from vdkit.devices.registry import Medium
 
-    if src.drive is not None:  # listed with the drive's nodes (a graph source's target is not listed)
+    if src.drive is not None:  # listed with the drive's nodes (sync none of a graph source: not listed)
         job.driver.listed_target = Medium(target, [n for n, _ in names], False,  # type: ignore[attr-defined]
                                           [s for _, s in names], detect_zeroes="unmap")
     return job
+
+
+def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str,
+                         fmt: str | None) -> tuple[Node, Callable[[], None]]:
+    """drive-backup's target of a graph node ``g``: opened as implicit graph nodes (QEMU lists them while
+    the job holds them) with the backing chain its header names and detect-zeroes=unmap; the function
+    returned closes them (the job's end)."""
+    from vdkit.devices.graph import delete_node, open_file_node, open_format_node
+    from vdkit.formats import registry as formats
+    from vdkit.monitor.block_cmds import open_error
+
+    try:
+        child = open_file_node(machine, {"filename": path}, name=None, ro=False, auto_ro=False, cache=g.cache,
+                               implicit=True)
+    except VdkitError as exc:
+        raise open_error(exc) from exc
+    try:
+        assert child.file is not None
+        driver = fmt or formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), path)
+        tg = open_format_node(machine, driver, child, name=None, ro=False, cache=g.cache, detect_zeroes="unmap",
+                              discard="ignore", auto_ro=False, implicit=True)
+    except VdkitError as exc:
+        delete_node(machine, child)
+        raise open_error(exc) from exc
+    assert tg.node is not None
+
+    def release() -> None:
+        delete_node(machine, tg)
+
+    return tg.node, release
 
 
 def _open_backup_target(path: str, fmt: str | None, *, chain: bool) -> Node:
