@@ -52,6 +52,12 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
     p = Pair(daemons, tmp_path)
     for d in p.dirs:
         assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
+    for bad in ("a b", "disk0"):  # refused before the job exists (no events)
+        p.same("drive-backup", {"device": "disk0", "target": "DIR/b-x.qcow2", "sync": "full", "job-id": "x",
+                                "filter-node-name": bad})
+    p.same("drive-mirror", {"device": "disk0", "target": "DIR/m-x.qcow2", "sync": "full", "job-id": "x",
+                            "filter-node-name": "fm"})  # not in drive-mirror's schema
+    p.same_events()
     _held(p, "block-stream", {"device": "disk0"})
     _cancel(p)
     _held(p, "drive-backup", {"device": "disk0", "target": "DIR/b-full.qcow2", "sync": "full"}, pauses=2)
@@ -82,6 +88,11 @@ def test_jobs_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
     p = Pair(daemons, tmp_path, drive=_CHAIN)
     for d in p.dirs:
         assert qemu_img("create", "-q", "-f", "qcow2", str(d / "bt.qcow2"), "4M").returncode == 0
+    # no user above the node yet: the filter passes no needs down; its name as given
+    _held(p, "drive-backup", {"device": "n-top", "target": "DIR/b0.qcow2", "sync": "full",
+                              "filter-node-name": "fl"}, pauses=2)
+    _cancel(p)
+    p.same("query-named-block-nodes")  # the name is free again
     p.same("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "DIR/n.sock"}}})
     p.same("block-export-add", {"type": "nbd", "id": "e", "node-name": "n-top", "writable": True})
     _held(p, "block-stream", {"device": "n-top", "base-node": "n-base"})

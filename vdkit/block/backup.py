@@ -46,8 +46,8 @@ class CbwFilter(JobFilter):
     """QEMU's copy-before-write filter as the monitor shows it, with its two bitmaps: the ranges readers
     of the filter may access (all) and those its write hook copied ("done")."""
 
-    def __init__(self, below: Node, *, name: str, serial: int) -> None:
-        super().__init__("copy-before-write", below, ro=False, name=name, serial=serial)
+    def __init__(self, below: Node, *, name: str, serial: int, release: Callable[[], None] | None = None) -> None:
+        super().__init__("copy-before-write", below, ro=False, name=name, serial=serial, release=release)
         self.done = DirtyBitmap(None, 65536, below.size, enabled=False)
         access = DirtyBitmap(None, 65536, below.size, enabled=False)
         access.set_dirty(0, below.size)

@@ -425,7 +425,8 @@ class _FilterVertex(_Vertex):
     """The filter node a job puts in, with its driver's rule for its child (observed in qemu-system-x86_64's
     graph): ``mirror_top`` passes its users' needs but resize (an active commit's, not even reads: the
     base's overlays refuse them to everybody), ``commit_top`` takes nothing, ``copy-on-read`` writes
-    unchanged data back, ``copy-before-write`` reads its ``file`` consistently and writes its ``target``."""
+    unchanged data back, ``copy-before-write`` passes its users' needs to its ``file`` (sharing no
+    writes) and writes its ``target``."""
 
     commit: bool = False  # a mirror_top of an active commit
 
@@ -438,7 +439,7 @@ class _FilterVertex(_Vertex):
         if self.driver == "copy-before-write":
             if role == "target":
                 return _W, _EXPORT_SHARED
-            return perm & _PASS | _CR, shared & (_CR | _WU)
+            return perm & _PASS, shared & (_CR | _WU)
         return perm & (_EXPORT_SHARED & ~_CR if self.commit else _EXPORT_SHARED), _EXPORT_SHARED
 
 

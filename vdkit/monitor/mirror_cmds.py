@@ -14,6 +14,7 @@ Target files created before a late check fails stay on disk, as in QEMU.
 from __future__ import annotations
 
 import errno
+import functools
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
@@ -549,6 +550,14 @@ def _backup_common(machine: DeviceRegistry, src: _Source, target: Node, args: di
     src.busy(machine)
     if bitmap is not None and mode != "never":
         bitmap.check(CHECK_DEFAULT)
+    name = args.get("filter-node-name")
+    if name is not None:  # the copy-before-write filter is named so (checked before the job exists)
+        from vdkit.monitor.graph_cmds import check_node_name
+
+        try:
+            check_node_name(machine, name)
+        except VdkitError as exc:
+            raise exc.prefixed("Could not create node: ") from exc
     job_driver = BackupJob(source, target, sync=sync, bitmap=bitmap, bitmap_mode=mode or "on-success",
                            target_has_backing=target_has_backing, compress=compress,
                            on_source_error=args.get("on-source-error", "report"),
@@ -561,7 +570,12 @@ def _backup_common(machine: DeviceRegistry, src: _Source, target: Node, args: di
 
     # the copy-before-write filter QEMU puts above the source (listed, the drive's root while the job
     # lives; the write hook does its work)
-    job_driver.filter = CbwFilter(source, name=machine.auto_name(), serial=machine.next_serial())
+    release_name: Callable[[], None] | None = None
+    if name is not None:
+        machine.claim_name(name)
+        release_name = functools.partial(machine.release_name, name)
+    job_driver.filter = CbwFilter(source, name=name if name is not None else machine.auto_name(),
+                                  serial=machine.next_serial(), release=release_name)
     return job
 
 
@@ -714,17 +728,19 @@ def blockdev_backup(ctx: CommandContext, args: dict[str, Any]) -> None:
 
 
 _COMMON = (opt("speed", "int"), opt("on-source-error", enum=ON_ERROR), opt("on-target-error", enum=ON_ERROR),
-           opt("auto-finalize", "bool"), opt("auto-dismiss", "bool"), opt("filter-node-name"))
+           opt("auto-finalize", "bool"), opt("auto-dismiss", "bool"))
+# drive-mirror has no filter-node-name in QEMU 7.2's schema (blockdev-mirror and the backups have)
 MIRROR_SCHEMA = (opt("job-id"), Arg("device"), Arg("target"), opt("format"), opt("node-name"), opt("replaces"),
                  Arg("sync", enum=SYNC_MODES), opt("mode", enum=("existing", "absolute-paths")),
                  opt("granularity", "int"), opt("buf-size", "int"), opt("unmap", "bool"),
                  opt("copy-mode", enum=("background", "write-blocking")), *_COMMON)
 BLOCKDEV_MIRROR_SCHEMA = (opt("job-id"), Arg("device"), Arg("target"), opt("replaces"), Arg("sync", enum=SYNC_MODES),
                           opt("granularity", "int"), opt("buf-size", "int"),
-                          opt("copy-mode", enum=("background", "write-blocking")), *_COMMON)
+                          opt("copy-mode", enum=("background", "write-blocking")), *_COMMON,
+                          opt("filter-node-name"))
 _BACKUP_COMMON = (opt("job-id"), Arg("device"), Arg("sync", enum=SYNC_MODES), opt("bitmap"),
                   opt("bitmap-mode", enum=("on-success", "never", "always")), opt("compress", "bool"),
-                  opt("x-perf", "object"), *_COMMON)
+                  opt("x-perf", "object"), *_COMMON, opt("filter-node-name"))
 DRIVE_BACKUP_SCHEMA = (*_BACKUP_COMMON, Arg("target"), opt("format"), opt("mode", enum=("existing", "absolute-paths")))
 BLOCKDEV_BACKUP_SCHEMA = (*_BACKUP_COMMON, Arg("target"))
 
