@@ -42,7 +42,6 @@ from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
-from vdkit.formats.qcow2.refcount import encode_block
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 from vdkit.io import tables
 from vdkit.record import cached_property, replace
@@ -430,6 +429,8 @@ class _Checker:
         for off in sorted(self.dirty_blocks):
             if self.overlap_fails(off, self.cs, Metadata.REFCOUNT_BLOCK):
                 continue
+            from vdkit.formats.qcow2.refcount import encode_block  # repairs only
+
             self.f.pwrite(off, encode_block(self.blocks[off], self.rbits))
         self.dirty_blocks.clear()
 
@@ -1014,6 +1015,8 @@ class _Checker:
                 raise _CheckFailed(-errno.EIO)
             self._ensure(start + self.rb_entries)
             values = self.refs.dense(start, start + self.rb_entries)
+            from vdkit.formats.qcow2.refcount import encode_block  # repairs only
+
             self.f.pwrite(block_offset, encode_block(values, self.rbits))
             c = start + self.rb_entries
         return grown
