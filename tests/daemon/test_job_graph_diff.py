@@ -81,8 +81,8 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
 def test_jobs_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
     """A -blockdev chain under a writable NBD export: the export's backend moves onto the job's filter; a
     stream into a backing node puts copy-on-read under the overlay's backing edge; drive-backup's target
-    nodes are listed (query-named-block-nodes) and drawn while the job holds them, and gone afterwards;
-    blockdev-backup onto a graph node."""
+    nodes are listed (query-named-block-nodes) and drawn while the job holds them, and gone afterwards
+    (sync none: over the source node); blockdev-backup onto a graph node."""
     from tests.daemon.test_mirror_diff import _same_lock_bytes
 
     p = Pair(daemons, tmp_path, drive=_CHAIN)
@@ -108,6 +108,12 @@ def test_jobs_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
     _held(p, "drive-backup", {"device": "n-top", "target": "DIR/b.qcow2", "sync": "full"}, pauses=2)
     p.same("query-named-block-nodes", mask=grown)
     p.same("query-named-block-nodes", {"flat": True}, mask=grown)
+    _same_lock_bytes(p)
+    _cancel(p)
+    p.same("query-named-block-nodes")
+    # sync none: the target's backing is the source node itself (not its filter), listed so
+    _held(p, "drive-backup", {"device": "n-top", "target": "DIR/bn.qcow2", "sync": "none"}, pauses=2)
+    p.same("query-named-block-nodes", mask=grown)
     _same_lock_bytes(p)
     _cancel(p)
     p.same("query-named-block-nodes")

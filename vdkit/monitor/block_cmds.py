@@ -276,11 +276,13 @@ def _graph_with_filters(g: GraphNode, info: BlockDeviceInfo, jobs: JobList) -> N
     filters = jobs.filters()
     if not filters:
         return
+    # a backup's fleecing target sits on its source under the job's filter, not above it (QEMU's graph)
+    own = {id(j.driver.filter) for j in jobs.jobs if getattr(j.driver, "target", None) is g.node}
     level: ImageInfo | None = info.image
     cur = g.backing
     while cur is not None and level is not None:
         below = level.backing_image
-        f = next((f for f in filters if cur.node is not None and f.below is cur.node), None)
+        f = next((f for f in filters if cur.node is not None and f.below is cur.node and id(f) not in own), None)
         if f is not None and cur.node is not None:
             filt = filter_image_info(cur.node, f.driver, nested=False)
             filt.backing_image = below

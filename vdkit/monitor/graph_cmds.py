@@ -467,11 +467,26 @@ def _link(parent: _Vertex, role: str, child: _Vertex) -> None:
 _Backend = tuple[str, "_Vertex | None", tuple[int, int]]  # a BlockBackend: name, root, root edge's permissions
 
 
+def _below(v: _Vertex | None) -> set[int]:
+    """``v`` and every vertex under it."""
+    seen: set[int] = set()
+    todo = [v] if v is not None else []
+    while todo:
+        cur = todo.pop()
+        if id(cur) not in seen:
+            seen.add(id(cur))
+            todo += [c for _, c in cur.children]
+    return seen
+
+
 def _insert_filter(fv: _FilterVertex, role: str, src: _Vertex, tops: dict[int, _Vertex],
-                   drive_backends: list[_Backend]) -> None:
+                   drive_backends: list[_Backend], keep: set[int]) -> None:
     """Put ``fv`` above ``src`` under every parent (a node's child edge, a drive's and exports'
-    BlockBackends), as QEMU's graph change does when a job starts."""
+    BlockBackends), as QEMU's graph change does when a job starts, but those in ``keep`` (the filter's
+    own children: a fleecing target over its source keeps it as its backing, no loop)."""
     for p_role, parent in list(src.parents):
+        if id(parent) in keep:
+            continue
         parent.children = [(r, fv if c is src and r == p_role else c) for r, c in parent.children]
         fv.parents.append((p_role, parent))
         src.parents.remove((p_role, parent))
@@ -549,7 +564,7 @@ def _job_vertices(machine: DeviceRegistry, by_node: dict[int, _Vertex], tops: di
         fv = _FilterVertex(f.name, f.serial, f.driver, False)
         all_nodes.append(fv)
         _insert_filter(fv, "file" if f.driver in ("copy-on-read", "copy-before-write") else "backing", src, tops,
-                       drive_backends)
+                       drive_backends, _below(tgt) if kind == "backup" else set())
         jv = _JobVertex(job.id)
         if kind == "mirror":
             assert tgt is not None

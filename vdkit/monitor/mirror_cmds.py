@@ -610,9 +610,11 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
     if not existing:
         _create(path, fmt or source.format, source.size, backing)
     graph_src = machine.graph.find(args["device"]) if src.drive is None else None
-    if graph_src is not None and sync != "none":
-        # a graph node's backup: the target opened as graph nodes, listed while the job holds them
-        target, release_graph = _graph_backup_target(machine, graph_src, path, fmt)
+    if graph_src is not None:
+        # a graph node's backup: the target opened as graph nodes, listed while the job holds them (sync
+        # none: over the live source, a fleecing overlay)
+        target, release_graph = _graph_backup_target(machine, graph_src, path, fmt,
+                                                     backing=graph_src if sync == "none" else "header")
         try:
             return _backup_common(machine, src, target, args, sync=sync,
                                   target_has_backing=target.backing is not None
@@ -645,17 +647,17 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
         raise
     from vdkit.devices.registry import Medium
 
-    if src.drive is not None:  # listed with the drive's nodes (sync none of a graph source: not listed)
+    if src.drive is not None:  # listed with the drive's nodes (a graph source's are graph nodes)
         job.driver.listed_target = Medium(target, [n for n, _ in names], False,  # type: ignore[attr-defined]
                                           [s for _, s in names], detect_zeroes="unmap")
     return job
 
 
-def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str,
-                         fmt: str | None) -> tuple[Node, Callable[[], None]]:
+def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: str | None, *,
+                         backing: GraphNode | str) -> tuple[Node, Callable[[], None]]:
     """drive-backup's target of a graph node ``g``: opened as implicit graph nodes (QEMU lists them while
-    the job holds them) with the backing chain its header names and detect-zeroes=unmap; the function
-    returned closes them (the job's end)."""
+    the job holds them) with detect-zeroes=unmap and ``backing`` (``"header"``: the chain its header
+    names; sync none: the source node itself); the function returned closes them (the job's end)."""
     from vdkit.devices.graph import delete_node, open_file_node, open_format_node
     from vdkit.formats import registry as formats
     from vdkit.monitor.block_cmds import open_error
@@ -669,13 +671,19 @@ def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str,
         assert child.file is not None
         driver = fmt or formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), path)
         tg = open_format_node(machine, driver, child, name=None, ro=False, cache=g.cache, detect_zeroes="unmap",
-                              discard="ignore", auto_ro=False, implicit=True)
+                              discard="ignore", auto_ro=False, implicit=True, backing=backing)
     except VdkitError as exc:
         delete_node(machine, child)
         raise open_error(exc) from exc
     assert tg.node is not None
 
     def release() -> None:
+        if isinstance(backing, str):
+            delete_node(machine, tg)
+            return
+        tg.backing = None  # the source stays
+        assert tg.node is not None
+        tg.node.backing = None
         delete_node(machine, tg)
 
     return tg.node, release
