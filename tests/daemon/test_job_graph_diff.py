@@ -64,6 +64,8 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
     _cancel(p)
     _held(p, "drive-backup", {"device": "disk0", "target": "DIR/b-top.qcow2", "sync": "top"}, pauses=2)
     _cancel(p)
+    _held(p, "drive-backup", {"device": "disk0", "target": "DIR/b-none.qcow2", "sync": "none"}, pauses=2)
+    _cancel(p)  # (its target's backing is the drive's node, below the filter)
     p.same("blockdev-add", {"driver": "qcow2", "node-name": "n-bt",
                             "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
     _held(p, "blockdev-backup", {"device": "disk0", "target": "n-bt", "sync": "full"}, pauses=2)
