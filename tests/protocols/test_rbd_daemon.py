@@ -9,11 +9,16 @@ touching anything (QEMU deletes a same-named snapshot, or rolls the disk back, a
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import qemu_img, qemu_io
+from tests.conftest import ROOT, qemu_img, qemu_io, require_tool
 from tests.daemon.conftest import Daemons, Monitor, daemons, normalise, normalise_hmp  # noqa: F401
 from tests.helpers import ceph
 from tests.helpers.qemu_io import qemu_io_script
@@ -125,6 +130,32 @@ def test_nbd_export_of_an_rbd_drive(daemons: Daemons, cluster: ceph.CephCluster,
     qemu_io_script(None, export, ["write -P 0x42 4M 64k"], "raw")
     r = qemu_io("-f", "raw", "-c", "read -P 0x42 4M 64k", cluster.name(image))
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
+
+
+def test_daemonized_daemon_serves_an_rbd_drive(cluster: ceph.CephCluster, tmp_path: Path) -> None:
+    """--daemonize with an rbd drive: the fork comes before librados starts its threads (forked after
+    them, the child had none and hung on the first request), as QEMU daemonizes before opening drives."""
+    image = cluster.unique("fork")
+    _image(cluster, image, "8M")
+    sock, pidfile = short_sock("fork.sock"), tmp_path / "d.pid"
+    r = subprocess.run([sys.executable, "-m", "vdkit.daemon.main", "-drive",
+                        f"file={cluster.name(image)},format=raw,if=none,id=d0", "-nbd", f"unix:{sock}",
+                        "--pidfile", str(pidfile), "--daemonize"],
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pid = int(pidfile.read_text())
+    try:  # a hung child fails the test in a minute (the helpers' qemu_img waits five)
+        c = subprocess.run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw",
+                            f"nbd+unix:///d0?socket={sock}", cluster.name(image)], capture_output=True, timeout=60)
+        assert c.returncode == 0, c.stdout + c.stderr
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while pidfile.exists() and time.monotonic() < deadline:  # removed once the drive is closed
+            time.sleep(0.05)
+        if pidfile.exists():
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the daemon did not end on SIGTERM")
 
 
 def test_probing_warning_names_the_rbd_node(cluster: ceph.CephCluster, tmp_path: Path) -> None:

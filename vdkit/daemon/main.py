@@ -905,16 +905,11 @@ def _main(args: list[str]) -> int:
             with contextlib.suppress(OSError):
                 os.unlink(cfg.pidfile)
 
-    machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
-    try:
-        check_monitor_paths(cfg)
-        _open_blockdevs(machine, cfg.blockdev_texts)
-        _open_drives(machine, cfg.drive_texts)
-    except OptionError as exc:
-        error_report(str(exc))
-        machine.close_all()
-        remove_pidfile()
-        return 1
+    # --daemonize forks before any drive opens, as QEMU does: librados (an rbd drive) starts threads
+    # while it connects, and a child forked after that has none of them (its first request hung).  The
+    # child keeps the terminal's stderr until it is ready, so start-up errors still reach it; the
+    # parent waits for "ok" (or an error text, or the child's exit) on the pipe.
+    ready_fd: int | None = None
     if cfg.daemonize:
         ready_r, ready_w = os.pipe()
         pid = os.fork()
@@ -932,9 +927,17 @@ def _main(args: list[str]) -> int:
         os.setsid()
         if pid_fd is not None:
             _write_pid(pid_fd)
-        ready_fd: int | None = ready_w
-    else:
-        ready_fd = None
+        ready_fd = ready_w
+    machine = DeviceRegistry(start_paused=cfg.start_paused, package=package)
+    try:
+        check_monitor_paths(cfg)
+        _open_blockdevs(machine, cfg.blockdev_texts)
+        _open_drives(machine, cfg.drive_texts)
+    except OptionError as exc:
+        error_report(str(exc))
+        machine.close_all()
+        remove_pidfile()  # before the child's exit closes the pipe: the parent returns after this
+        return 1
     daemon = Daemon(machine, build_registry(), qmp_addrs=cfg.qmp, hmp_addrs=cfg.hmp, nbd_addrs=cfg.nbd)
 
     def ready() -> None:
