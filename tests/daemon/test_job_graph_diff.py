@@ -70,6 +70,15 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
                             "file": {"driver": "file", "filename": "DIR/bt.qcow2"}})
     _held(p, "blockdev-backup", {"device": "disk0", "target": "n-bt", "sync": "full"}, pauses=2)
     _cancel(p)
+    for bad in ("a b", "n-bt"):  # blockdev-mirror's filter name: checked before the job exists
+        p.same("blockdev-mirror", {"device": "disk0", "target": "n-bt", "sync": "full", "job-id": "x",
+                                   "filter-node-name": bad})
+    _held(p, "blockdev-mirror", {"device": "disk0", "target": "n-bt", "sync": "full", "filter-node-name": "mf"})
+    # how far the copies into bt got before their pauses is timing
+    bt_grown = re.compile(r'"virtual-size": \d+(?=, "filename": "DIR/bt.qcow2", "format": "file")|"count": \d+')
+    p.same("query-named-block-nodes", mask=bt_grown)
+    _cancel(p)
+    p.same("query-named-block-nodes", mask=bt_grown)  # the name is free again
     _held(p, "block-commit", {"device": "disk0", "top": "DIR/mid.qcow2"})
     _cancel(p)
     _held(p, "block-commit", {"device": "disk0"})

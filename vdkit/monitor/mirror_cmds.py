@@ -286,6 +286,11 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
     from vdkit.io.locks import Perm
     from vdkit.monitor.job_cmds import hold_lock
 
+    filter_name = args.get("filter-node-name")  # blockdev-mirror's: QEMU opens the named filter first
+    if filter_name is not None:
+        from vdkit.monitor.graph_cmds import check_node_name
+
+        check_node_name(machine, filter_name)
     # the job's target backend writes and shares only unchanged writes: others may not read the target's
     # file consistently (a drive's node: its lock bytes; a graph node: its file node's, by the graph's rule)
     unlock = hold_lock(target, unshared=Perm.CONSISTENT_READ)
@@ -300,9 +305,20 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
         unlock()
         raise
     # the mirror_top filter QEMU puts above the source (listed while the job lives; no I/O goes through it)
-    job_driver.filter = JobFilter("mirror_top", source, ro=False, name=machine.auto_name(),
-                                  serial=machine.next_serial(), release=unlock)
+    release_filter = unlock
+    if filter_name is not None:
+        machine.claim_name(filter_name)
+        release_filter = functools.partial(_release_both, unlock, functools.partial(machine.release_name,
+                                                                                    filter_name))
+    job_driver.filter = JobFilter("mirror_top", source, ro=False,
+                                  name=filter_name if filter_name is not None else machine.auto_name(),
+                                  serial=machine.next_serial(), release=release_filter)
     job.start()
+
+
+def _release_both(first: Callable[[], None], then: Callable[[], None]) -> None:
+    first()
+    then()
 
 
 def _pivot_export(machine: DeviceRegistry, src: GraphNode, target: GraphNode) -> bool:
