@@ -58,9 +58,12 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
 ) -> Node:
     """Open an image read-only (by default) with its backing chain.
 
-    ``fmt`` forces the format (``"qcow2"`` or ``"raw"``); ``None`` probes.
-    ``policy`` (:class:`vdkit.block.chain.OpenPolicy`) limits which backing
-    and data files an untrusted image may make vdkit open.
+    ``path`` is what ``vdkit-img`` takes for a file: a local path, an NBD or
+    HTTP(S) URL, an ``rbd:`` name (``json:`` names are the command line's).
+    ``fmt`` forces the format (any name ``qemu-img -f`` takes: ``"qcow2"``,
+    ``"raw"``, ``"vmdk"``, ...); ``None`` probes.  ``policy``
+    (:class:`vdkit.block.chain.OpenPolicy`) limits which backing and data
+    files an untrusted image may make vdkit open.
     """
     from vdkit.block.node import open_image
 
