@@ -87,6 +87,19 @@ def test_stream_commit_and_backup_of_a_drive_drawn(daemons: Daemons, tmp_path: P
     p.wait("BLOCK_JOB_READY")
     p.same("x-debug-query-block-graph")  # ready: drawn alike
     _cancel(p)  # (the base stays read-write afterwards, as QEMU's)
+    # a finished backup waiting to be finalized still holds its filter and target (nothing is queried
+    # while concluded: qemu-system-x86_64 7.2 was seen to die answering query-named-block-nodes with a
+    # concluded, undismissed stream job)
+    p.same("drive-backup", {"device": "disk0", "target": "DIR/b-p.qcow2", "sync": "full", "job-id": "j",
+                            "auto-finalize": False, "auto-dismiss": False})
+    p.wait("JOB_STATUS_CHANGE", status="pending")
+    p.same("x-debug-query-block-graph")
+    p.same("block-job-finalize", {"id": "j"})
+    p.wait("JOB_STATUS_CHANGE", status="concluded")
+    p.same("block-job-dismiss", {"id": "j"})
+    p.wait("JOB_STATUS_CHANGE", status="null")
+    p.same_events(mask=_PROGRESS)
+    p.same("x-debug-query-block-graph")
 
 
 def test_jobs_of_blockdev_nodes_drawn(daemons: Daemons, tmp_path: Path) -> None:
