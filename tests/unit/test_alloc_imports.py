@@ -54,3 +54,21 @@ def test_snapshots_without_numpy(tmp_path: Path) -> None:
         check_ok("check", str(img))
     assert "numpy" in _imports(["snapshot", "-c", "s3", "img.qcow2"], tmp_path, VDKIT_TABLES="numpy")
     check_ok("check", str(img))
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4k", "compat=0.10,cluster_size=512"])
+def test_convert_to_qcow2_without_numpy(tmp_path: Path, opts: str) -> None:
+    """``convert -O qcow2`` of a small image writes its data through list L1/L2 tables (data, zeros and
+    holes; the smallest clusters need several L2 tables): no numpy, and the file qemu-img writes."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(64 << 10))
+    os.truncate(raw, 6 << 20)  # a hole at the end
+    o = ["-o", opts] if opts else []
+    args = ["convert", "-f", "raw", "-O", "qcow2", *o, "src.raw", "v.qcow2"]
+    assert "numpy" not in _imports(args, tmp_path)
+    check_ok("convert", "-f", "raw", "-O", "qcow2", *o, str(raw), str(tmp_path / "q.qcow2"))
+    assert (tmp_path / "v.qcow2").read_bytes() == (tmp_path / "q.qcow2").read_bytes()
+    check_ok("check", str(tmp_path / "v.qcow2"))
+    (tmp_path / "v.qcow2").unlink()
+    assert "numpy" in _imports(args, tmp_path, VDKIT_TABLES="numpy")
+    assert (tmp_path / "v.qcow2").read_bytes() == (tmp_path / "q.qcow2").read_bytes()

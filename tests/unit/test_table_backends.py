@@ -235,3 +235,22 @@ def test_flag_ops(vals: list[int]) -> None:
     S.set_flag(s, want_pos, C)
     N.set_flag(n, N.indices(want_pos), C)
     assert s == n.tolist() == [v | C if i in want_pos else v for i, v in enumerate(cleared)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(vals=flagged, data=st.data())
+def test_flag_runs(vals: list[int], data: st.DataObject) -> None:
+    """The in-place runs of a write (qcow2 io): every bit of ``need``, some of ``some``, none of ``absent``."""
+    lo = data.draw(st.integers(0, len(vals)))
+    hi = data.draw(st.integers(lo, len(vals)))
+    C, P, M = 1 << 63, 1 << 62, ((1 << 56) - 1) & ~511
+    for need, some, absent in ((C, M, P), (C, M | C, P), (0, M, 0), (C | P, M, 0)):
+        flags = [bool(v and v & need == need and v & some and not v & absent) for v in vals[lo:hi]]
+        model: list[tuple[int, int, bool]] = []
+        for i, f in enumerate(flags):  # maximal runs of equal flags, from lo
+            if model and model[-1][2] == f:
+                model[-1] = (model[-1][0], i + 1, f)
+            else:
+                model.append((i, i + 1, f))
+        assert S.flag_runs(list(vals), lo, hi, need, some, absent) == model
+        assert N.flag_runs(N.array(vals), lo, hi, need, some, absent) == model

@@ -154,6 +154,11 @@ class Backend:
         raise NotImplementedError
 
     def set_flag(self, t: Tab, idx: Tab, flag: int) -> None: raise NotImplementedError  # t[idx] |= flag
+
+    def flag_runs(self, t: Tab, lo: int, hi: int, need: int, some: int, absent: int) -> list[tuple[int, int, bool]]:
+        """Maximal runs ``(start, end, value)`` of ``[lo, hi)`` (relative to ``lo``) by whether an
+        entry has every bit of ``need``, some bit of ``some`` and none of ``absent``."""
+        raise NotImplementedError
     def positions_equal(self, t: Tab, value: int) -> Tab: raise NotImplementedError  # indices with t[i] == value
     def count_equal(self, t: Tab, value: int) -> int: raise NotImplementedError
     def equal(self, a: Tab, b: Tab) -> bool: raise NotImplementedError  # same length and entries
@@ -522,6 +527,21 @@ class _Small(Backend):
         for i in idx:
             t[i] |= flag
 
+    def flag_runs(self, t: Tab, lo: int, hi: int, need: int, some: int, absent: int) -> list[tuple[int, int, bool]]:
+        runs: list[tuple[int, int, bool]] = []
+        start, cur = 0, False
+        for i in range(hi - lo):
+            e = t[lo + i]
+            v = bool(e) and e & need == need and bool(e & some) and not e & absent
+            if i == 0:
+                cur = v
+            elif v != cur:
+                runs.append((start, i, cur))
+                start, cur = i, v
+        if hi > lo:
+            runs.append((start, hi - lo, cur))
+        return runs
+
     def positions_equal(self, t: Tab, value: int) -> Tab:
         return [i for i, e in enumerate(t) if e == value]
 
@@ -849,6 +869,18 @@ class _Numpy(Backend):
         np = self.np
         sel = (t & np.uint64(unless)) == 0
         t[sel] &= np.uint64(~flag & (2**64 - 1))
+
+    def flag_runs(self, t: Tab, lo: int, hi: int, need: int, some: int, absent: int) -> list[tuple[int, int, bool]]:
+        np = self.np
+        seg = t[lo:hi]
+        n = len(seg)
+        if n == 0:
+            return []
+        mask = ((seg & np.uint64(need)) == np.uint64(need)) & ((seg & np.uint64(some)) != 0) \
+            & ((seg & np.uint64(absent)) == 0)
+        bounds = [0, *(np.flatnonzero(mask[1:] != mask[:-1]) + 1).tolist(), n]
+        first = bool(mask[0])
+        return [(bounds[i], bounds[i + 1], first != (i % 2 == 1)) for i in range(len(bounds) - 1)]
 
     def set_flag(self, t: Tab, idx: Tab, flag: int) -> None:
         t[self.np.asarray(idx, dtype=self.np.int64)] |= self.np.uint64(flag)

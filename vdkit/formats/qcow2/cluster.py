@@ -222,9 +222,11 @@ class L2Cache:
     counts are durable first.
     """
 
-    def __init__(self, file: ImageFile, geom: Geometry, *, cache_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, file: ImageFile, geom: Geometry, *, cache_bytes: int = 16 * 1024 * 1024,
+                 T: Backend | None = None) -> None:
         self.file = file
         self.geom = geom
+        self.T = T or tables.NUMPY  # the backend tables are decoded with (lists on small images)
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # least recently used first
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // geom.cluster_size)
@@ -237,7 +239,7 @@ class L2Cache:
             return hit
         if offset % self.geom.cluster_size:
             raise CorruptImageError(f"L2 table offset {offset:#x} unaligned", errno=5)
-        tab = self.geom.decode_l2(self.file.pread(offset, self.geom.cluster_size))
+        tab = self.geom.decode_l2(self.file.pread(offset, self.geom.cluster_size), self.T)
         self._insert(offset, tab)
         return tab
 
@@ -280,6 +282,12 @@ class L2Cache:
         self._tables.clear()
         self._dirty.clear()
 
+    def use_backend(self, T: Backend) -> None:
+        """Hold the cached tables (dirty ones too, as they are) as ``T``'s tables from now on."""
+        if T is not self.T:
+            self._tables = {off: (T.convert(e), T.convert(b)) for off, (e, b) in self._tables.items()}
+            self.T = T
+
 
 class ClusterMap:
     """The active L1 table in memory plus lookup and growth through the L2 cache."""
@@ -291,12 +299,21 @@ class ClusterMap:
         self.l1_offset = l1_offset
         # (a list when the driver's l1_backend asks for it: indexing and len() work alike)
         self.l1: np.ndarray = read_l1(file, l1_offset, l1_size, T)
-        self.l2 = L2Cache(file, geom)
+        self.T = T or tables.NUMPY
+        self.l2 = L2Cache(file, geom, T=self.T)
         self.on_l1_switch = on_l1_switch  # (offset, size) after the header moved to a new L1
 
     @property
     def l1_size(self) -> int:
         return len(self.l1)
+
+    def use_backend(self, T: Backend) -> None:
+        """Hold the L1 and the cached L2 tables as ``T``'s tables from now on (writers that have no
+        list path yet, such as resize, switch a small image's map to numpy first)."""
+        if T is not self.T:
+            self.l1 = T.convert(self.l1)
+            self.l2.use_backend(T)
+            self.T = T
 
     def grow_l1(self, min_size: int, refcounts: Refcounts, *, exact: bool = False) -> None:
         """Grow the active L1 to at least ``min_size`` entries (§1.8), in place style."""
@@ -310,7 +327,7 @@ class ClusterMap:
                 new_size = (new_size * 3 + 1) // 2
         if new_size > L.MAX_L1_SIZE // 8:
             raise VdkitError("File too large", errno=EFBIG)
-        new = np.zeros(new_size, dtype=np.uint64)
+        new = self.T.zeros(new_size)
         new[: len(self.l1)] = self.l1
         new_off = refcounts.alloc_clusters(new_size * 8)
         refcounts.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 from vdkit.block.driver import CorruptionEvent, CorruptionReport, FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
@@ -345,10 +346,29 @@ class Qcow2Driver(FormatDriver):
     def clusters(self) -> ClusterMap:
         from vdkit.formats.qcow2.cluster import ClusterMap
 
+        if self.l1_backend is None and not self.readonly:
+            self.l1_backend = self._writer_backend()
         cm = ClusterMap(self.file, self.geometry, self.header.l1_table_offset, self.header.l1_size,
                         on_l1_switch=self._l1_switched, T=self.l1_backend)
         self.refcounts.set_l2_flush(cm.l2.flush)
         return cm
+
+    def _writer_backend(self) -> Backend:
+        """The table backend of a writable image's cluster map: lists when its tables are small
+        (a ``convert -O qcow2`` of a small image then never imports numpy, ~90 ms), numpy for big ones,
+        for extended L2 (its runs are classified by numpy only) and where numpy is loaded already (the
+        daemon), unless ``VDKIT_TABLES`` forces one."""
+        from vdkit.io import tables
+
+        h = self.header
+        if self.geometry.extended_l2:
+            return tables.NUMPY
+        # the L1 and as many L2 tables as it can name, up to the L2 cache's 16 MiB
+        held = h.l1_size * 8 + min(h.l1_size * h.cluster_size, 16 << 20)
+        T = tables.backend_for(held)
+        if T is tables.SMALL and tables.FORCE is None and "numpy" in sys.modules:
+            T = tables.NUMPY
+        return T
 
     def _l1_switched(self, offset: int, size: int) -> None:
         self.header = self.header.evolve(l1_table_offset=offset, l1_size=size)

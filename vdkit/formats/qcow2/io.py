@@ -7,9 +7,12 @@ that one iterator: ``read`` switches on the run kind, ``block_status`` (what
 ``qemu-img map`` and ``convert`` ask) reports the run at an offset, and
 writes consult it to decide between in-place updates and allocation.
 
-Runs are computed one L2 table at a time with numpy (one table describes up
-to ``l1_span`` guest bytes) and cached per table, so a map walk over a large,
-sparse image decodes each table once.  Extended-L2 images are expanded to
+Runs are computed one L2 table at a time (one table describes up to
+``l1_span`` guest bytes) and cached per table, so a map walk over a large,
+sparse image decodes each table once.  The cluster map's tables are numpy
+arrays, or plain lists on small writable images (``vdkit.io.tables``: the
+driver picks the backend); writes go through the backend's operations, so
+one algorithm serves both, and list tables are classified in Python.  Extended-L2 images are expanded to
 subcluster granularity (32 per cluster) first; the rules for which subcluster
 bit combinations are valid follow the qcow2 specification (format doc §7.3).
 
@@ -31,17 +34,19 @@ from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, SortedOffsets, first_overlap
+from vdkit.io import tables
 from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from typing import ClassVar
 
     import numpy as np
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Backend, Tab
 
     BackingRead = Callable[[int, int], bytes]
     BackingFill = Callable[[int, memoryview], None]  # fills the view with the backing chain's bytes
@@ -52,8 +57,8 @@ else:
 
         Reading a small read-only image (``convert`` from qcow2, ``map``)
         decodes its few L2 tables in Python: importing numpy would cost more
-        than the whole decoding (about 50 ms).  Bigger walks and all writes
-        use numpy; the first attribute access imports it and replaces this
+        than the whole decoding (about 50 ms).  Bigger walks and writes to
+        big images use numpy; the first attribute access imports it and replaces this
         placeholder.
         """
 
@@ -249,19 +254,34 @@ class Qcow2IO:
                 f"L2 table offset {_hx(l2_off)} unaligned (L1 index: {_hx(i1)})")
         if self._pure_tables > 0:
             self._pure_tables -= 1
-            return self._pure_table_runs(l2_off, base)
+            import struct
+
+            n = self.geom.l2_entries
+            return self._list_runs(struct.unpack(f">{n}Q", self.drv.file.pread(l2_off, self.cluster_size)),
+                                   l2_off, base)
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
-        kinds, hosts, valid, unit = self._classify(entries, bitmaps, l2_off)
+        return self._entry_runs(entries, bitmaps, l2_off, base)
+
+    def _entry_runs(self, entries: Tab, bitmaps: Tab, l2_off: int, base: int, first: int = 0) -> list[Run]:
+        """The runs of L2 entries ``entries`` (from L2 index ``first`` of table ``l2_off``): vectorised
+        on numpy's tables, in Python on lists (the table backend of a small writable image)."""
+        if isinstance(entries, list):
+            if not self.geom.extended_l2:
+                return self._list_runs(entries, l2_off, base, first)
+            # (extended L2 is classified by numpy only: a writer picks numpy tables for it, but a snapshot
+            # operation's cluster map may hold lists)
+            entries, bitmaps = tables.NUMPY.convert(entries), tables.NUMPY.convert(bitmaps)
+        kinds, hosts, valid, unit = self._classify(entries, bitmaps, l2_off, first)
         return _coalesce(kinds, hosts, valid, unit, base)
 
-    def _pure_table_runs(self, l2_off: int, base: int) -> list[Run]:
-        """:meth:`_classify` + :func:`_coalesce` for a standard L2 table, in Python (same runs, same errors)."""
-        import struct
-
+    def _list_runs(self, entries: Sequence[int], l2_off: int, base: int, first: int = 0) -> list[Run]:
+        """:meth:`_classify` + :func:`_coalesce` for standard L2 entries from index ``first``, in Python
+        (same runs, same errors)."""
         g = self.geom
         cs = self.cluster_size
-        n = g.l2_entries
-        entries = struct.unpack(f">{n}Q", self.drv.file.pread(l2_off, cs))
+        n = len(entries)
+        if n == 0:
+            return []
         data_file = g.has_data_file
         out: list[Run] = []
         # the run being built: kind, first unit, host of the next unit (None: not valid), host step
@@ -269,12 +289,13 @@ class Qcow2IO:
         start = 0
         nxt: int | None = None
         host0: int | None = None
+        host: int | None
         for i, e in enumerate(entries):
             if e & _COMPRESSED:
                 k, host, step = Kind.COMPRESSED, e, 0
                 if data_file:
                     k, host, step = Kind.CORRUPT, l2_off, 0
-                    self._bad[(l2_off, i)] = self._compressed_msg(l2_off, i)
+                    self._bad[(l2_off, first + i)] = self._compressed_msg(l2_off, first + i)
             else:
                 off = e & _MASK_OFF
                 has_off = bool(off) or bool(data_file and e & _COPIED)
@@ -286,7 +307,7 @@ class Qcow2IO:
                     k, host, step = Kind.UNALLOCATED, None, cs
                 if host is not None and off & (cs - 1):
                     k, host, step = Kind.CORRUPT, l2_off, 0
-                    self._bad[(l2_off, i)] = self._unaligned_msg(off, l2_off, i)
+                    self._bad[(l2_off, first + i)] = self._unaligned_msg(off, l2_off, first + i)
             if k == kind and (host is None) == (nxt is None) and (host is None or host == nxt):
                 if host is not None:
                     nxt = host + step
@@ -620,12 +641,13 @@ class Qcow2IO:
         rc.write_back()
         if new == 0:  # cluster 0 had a zero refcount: the header (QEMU's own test, before the overlap check)
             raise self.drv.signal_corruption("Preventing invalid allocation of L2 table at offset 0")
+        T = cm.T
         if old:
             e, b = cm.l2.get(old)
-            e, b = e.copy(), b.copy()
+            e, b = T.copy(e), T.copy(b)
         else:
             n = self.geom.l2_entries
-            e, b = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint64)
+            e, b = T.zeros(n), T.zeros(n)
         f = self.drv.file
         # a zero refcount may lie: the new table must not land on other metadata (QEMU's overlap
         # check on the L2 table write names what it would have destroyed)
@@ -633,7 +655,7 @@ class Qcow2IO:
         f.pwrite(new, self.geom.encode_l2(e, b))
         f.flush()  # the count and the table, before the L1 entry
         cm.l2.put(new, e, b)
-        cm.l1[i1] = _U64(new | L.OFLAG_COPIED)
+        cm.l1[i1] = new | L.OFLAG_COPIED
         self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore=Metadata.ACTIVE_L1)
         f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
         f.flush()
@@ -741,8 +763,7 @@ class Qcow2IO:
         lo = i1 * self.geom.l1_span + first * cs
         hi = lo + (end - first) * cs
         entries, bitmaps = cm.l2.get(l2_off)
-        kinds, hosts, valid, unit = self._classify(entries[first:end], bitmaps[first:end], l2_off, first)
-        mid = _coalesce(kinds, hosts, valid, unit, lo)
+        mid = self._entry_runs(entries[first:end], bitmaps[first:end], l2_off, lo, first)
         k0 = bisect.bisect_right(starts, lo) - 1
         k1 = bisect.bisect_right(starts, hi - 1) - 1
         head = runs[k0].clip(runs[k0].guest, lo) if runs[k0].guest < lo else None
@@ -855,14 +876,15 @@ class Qcow2IO:
         cs, cb = self.cluster_size, self.cluster_bits
         l2_off = self._l2_for_write(i1)
         self._before_new_references()
+        T = self.drv.clusters.T
         entries, bitmaps = self.drv.clusters.l2.get(l2_off)
         end = start + len(data)
         first, last = start >> cb, (end - 1) >> cb
         i0 = g.l2_index(first << cb)
-        ents = entries[i0 : i0 + last - first + 1]  # a view: assignments update the cached table
+        n = last - first + 1
         # all entries empty (a fresh image, as convert writes): one run to allocate, nothing to free
-        fresh = not ents.any()
-        runs = [(0, len(ents), False)] if fresh else _mask_runs(self._inplace_mask(ents))
+        fresh = not T.any_nonzero(entries, i0, i0 + n)
+        runs = [(0, n, False)] if fresh else self._inplace_runs(T, entries, i0, i0 + n)
         to_free: list[int] = []
         allocated = False
         for a, b, own in runs:
@@ -870,7 +892,7 @@ class Qcow2IO:
                 for c in range(first + a, first + b):
                     self._write_inplace(c, entries, bitmaps, start, end, data, backing)
                 continue
-            for pa, pb, host in self._alloc_pieces(first + a, b - a, int(ents[a - 1]) if a else 0):
+            for pa, pb, host in self._alloc_pieces(first + a, b - a, int(entries[i0 + a - 1]) if a else 0):
                 c, run = first + a + pa, pb - pa
                 allocated = allocated or not g.has_data_file
                 try:
@@ -883,11 +905,12 @@ class Qcow2IO:
                 except CorruptionEvent:
                     self._abort_alloc(host, run)
                     raise
+                lo = i0 + a + pa
                 if not fresh:
-                    olds = ents[a + pa : a + pb]
-                    to_free.extend(olds[(olds & (_COMPRESSED | _MASK_OFF)) != 0].tolist())
-                ents[a + pa : a + pb] = (np.arange(run, dtype=np.uint64) * _U64(cs) + _U64(host)) | _COPIED
-        self._finish_update(l2_off, allocated, to_free, changed=(i1, i0, i0 + len(ents)))
+                    to_free.extend(T.tolist(T.with_flag(T.get_slice(entries, lo, lo + run),
+                                                        _COMPRESSED | _MASK_OFF, True)))
+                T.set_strided(entries, lo, 1, host | _COPIED, run, cs)  # (host + k*cs) | COPIED
+        self._finish_update(l2_off, allocated, to_free, changed=(i1, i0, i0 + n))
 
     def _alloc_pieces(self, c: int, run: int, before: int) -> list[tuple[int, int, int]]:
         """Host clusters for ``run`` new clusters from cluster ``c``: ``(first, end, host)`` pieces.
@@ -908,20 +931,17 @@ class Qcow2IO:
             pieces.append((n, run, self._alloc_data((c + n) << self.cluster_bits, run - n)))
         return pieces
 
-    def _inplace_mask(self, ents: np.ndarray) -> np.ndarray:
-        """Which of these L2 entries are clusters a write may overwrite in place.
+    def _inplace_runs(self, T: Backend, entries: Tab, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """Maximal runs ``(start, end, in place)`` (from ``lo``) of L2 entries ``[lo, hi)`` by whether
+        their clusters a write may overwrite in place.
 
         COPIED clusters with a host offset: data, and also zero clusters that keep their allocation
         (QEMU reuses those too, zeroing the rest of the cluster and clearing the zero flag; a damaged
         entry's offset past any file then fails the write, as QEMU's does, instead of being freed).
+        With a data file every COPIED entry has its host offset (the guest offset, possibly 0).
         """
-        g = self.geom
-        copied = (ents & _COPIED) != 0
-        has_off = (ents & _MASK_OFF) != 0
-        if g.has_data_file:
-            has_off = has_off | copied
-        held: np.ndarray = ((ents & _COMPRESSED) == 0) & has_off & copied
-        return held
+        some = _MASK_OFF | _COPIED if self.geom.has_data_file else _MASK_OFF
+        return T.flag_runs(entries, lo, hi, _COPIED, some, _COMPRESSED)
 
     def _new_cluster_segments(self, c: int, run: int, host: int, start: int, end: int, data: memoryview,
                               backing: BackingRead | None) -> list[tuple[int, bytes | memoryview]]:
@@ -963,8 +983,8 @@ class Qcow2IO:
             updates.append((idx, self._new_bitmap(cc, old, int(bitmaps[idx]), start, end), old))
         self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
         for j, (idx, bitmap, old) in enumerate(updates):
-            bitmaps[idx] = _U64(bitmap)
-            entries[idx] = _U64((host + j * cs) | L.OFLAG_COPIED)
+            bitmaps[idx] = bitmap
+            entries[idx] = (host + j * cs) | L.OFLAG_COPIED
             if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
                 to_free.append(old)
 
@@ -1137,7 +1157,7 @@ class Qcow2IO:
                 buf = bytearray(cs)
                 buf[s - cstart : e - cstart] = data[s - start : e - start]
                 self.data_file.pwrite(host, buf)
-                entries[idx] = _U64(int(entries[idx]) & ~L.OFLAG_ZERO)  # (the data is there first)
+                entries[idx] = int(entries[idx]) & ~L.OFLAG_ZERO  # (the data is there first)
                 return
             self._check_overlap(host + s - cstart, e - s)
             self.data_file.pwrite(host + s - cstart, bytes(data[s - start : e - start]))
@@ -1145,7 +1165,7 @@ class Qcow2IO:
         lo, hi = self._sc_region(c, start, end)
         self._check_overlap(host + lo - cstart, hi - lo)
         self.data_file.pwrite(host + lo - cstart, self._overlay(lo, hi, start, end, data, backing))
-        bitmaps[idx] = _U64(self._new_bitmap(c, int(entries[idx]), int(bitmaps[idx]), start, end))
+        bitmaps[idx] = self._new_bitmap(c, int(entries[idx]), int(bitmaps[idx]), start, end)
 
     def write_zeroes(self, offset: int, length: int, backing: BackingRead | None = None, *,
                      unmap: bool = False) -> None:
@@ -1217,16 +1237,16 @@ class Qcow2IO:
                 scs = cs // 32
                 a, b = (s - cstart) // scs, (e - cstart) // scs
                 mask = ((1 << (b - a)) - 1) << a
-                bitmaps[idx] = _U64((int(bitmaps[idx]) | (mask << 32)) & ~mask & 0xFFFFFFFFFFFFFFFF)
+                bitmaps[idx] = (int(bitmaps[idx]) | (mask << 32)) & ~mask & 0xFFFFFFFFFFFFFFFF
                 continue
             allocated = comp or bool(old & L.L2E_OFFSET_MASK)
             drop = comp or (unmap and allocated)
             new = 0 if drop else old
             if g.extended_l2:
-                bitmaps[idx] = _U64(0xFFFFFFFF00000000)
+                bitmaps[idx] = 0xFFFFFFFF00000000
             else:
                 new |= L.OFLAG_ZERO
-            entries[idx] = _U64(new)
+            entries[idx] = new
             if drop:
                 to_free.append(old)
         first = g.l2_index(start)
@@ -1285,8 +1305,8 @@ class Qcow2IO:
                     new, new_bm = (L.OFLAG_ZERO if self.drv.header.version >= 3 else 0), 0
                 if (new, new_bm) == (old, old_bm):
                     continue
-                entries[idx] = _U64(new)
-                bitmaps[idx] = _U64(new_bm)
+                entries[idx] = new
+                bitmaps[idx] = new_bm
                 if allocated:
                     to_free.append(old)
             first = g.l2_index(pos)
@@ -1325,9 +1345,9 @@ class Qcow2IO:
         self._check_overlap(coff, len(comp))
         self.drv.file.pwrite(coff, comp)
         nb_sectors = ((coff + len(comp) - 1) >> 9) - (coff >> 9)
-        entries[idx] = _U64(L.OFLAG_COMPRESSED | (nb_sectors << g.csize_shift) | coff)
+        entries[idx] = L.OFLAG_COMPRESSED | (nb_sectors << g.csize_shift) | coff
         if g.extended_l2:
-            bitmaps[idx] = _U64(0)
+            bitmaps[idx] = 0
         self._finish_update(l2_off, True, [], changed=(i1, idx, idx + 1))
 
     def align_file_end(self) -> None:
@@ -1373,17 +1393,6 @@ def compress_cluster(data: bytes, ctype: int) -> bytes:
 
         return zstd_codec.compress(data)
     raise UnsupportedError(f"Unknown compression type {ctype}")
-
-
-def _mask_runs(mask: np.ndarray) -> list[tuple[int, int, bool]]:
-    """Maximal runs ``(start, end, value)`` of a boolean array."""
-    n = len(mask)
-    if n == 0:
-        return []
-    cuts = (np.flatnonzero(mask[1:] != mask[:-1]) + 1).tolist()
-    bounds = [0, *cuts, n]
-    first = bool(mask[0])
-    return [(bounds[i], bounds[i + 1], first != (i % 2 == 1)) for i in range(len(bounds) - 1)]
 
 
 def _continues(a: Run, b: Run) -> bool:

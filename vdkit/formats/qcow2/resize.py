@@ -96,6 +96,7 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
     cm = drv.clusters
     rc = drv.refcounts
     rc.use_backend(tables.NUMPY)  # resize works on numpy tables (the refcount table, bulk lookups)
+    cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     needed = h.l1_entries_needed(new_size)
     if new_size > old_size:
         if needed > len(cm.l1):
@@ -315,6 +316,7 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
     cm = drv.clusters
     rc = drv.refcounts
     rc.use_backend(tables.NUMPY)
+    cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     cs = drv.cluster_size
     n_l2 = drv.geometry.l2_entries
     first = start // cs

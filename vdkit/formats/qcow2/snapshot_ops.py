@@ -126,6 +126,8 @@ def _backend(drv: Qcow2Driver, *l1s: tuple[int, int]) -> Backend:
     _l2_read.clear()
     if "clusters" not in drv.__dict__:
         drv.l1_backend = T
+    else:  # (a writer's map of a small image holds lists: the operation's backend from now on)
+        drv.clusters.use_backend(T)
     return T
 
 
