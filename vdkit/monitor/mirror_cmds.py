@@ -343,29 +343,13 @@ def _graph_drive_mirror(machine: DeviceRegistry, src: _MirrorSource, args: dict[
     from vdkit.devices.graph import (
         _open_header_backing,
         delete_node,
-        open_file_node,
-        open_format_node,
         refresh_filename,
     )
-    from vdkit.formats import registry as formats
-    from vdkit.monitor.block_cmds import open_error
 
     g = src.graph
     assert g is not None
-    path = args["target"]
-    try:
-        child = open_file_node(machine, {"filename": path}, name=None, ro=False, auto_ro=False, cache=g.cache,
-                               implicit=True)
-    except VdkitError as exc:
-        raise open_error(exc) from exc
-    try:
-        assert child.file is not None
-        driver = fmt or formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), path)
-        tg = open_format_node(machine, driver, child, name=args.get("node-name"), ro=False, cache=g.cache,
-                              detect_zeroes="off", discard="ignore", auto_ro=False, implicit=True, backing=None)
-    except VdkitError as exc:
-        delete_node(machine, child)
-        raise open_error(exc) from exc
+    child, tg = _open_graph_target(machine, g, args["target"], fmt, name=args.get("node-name"),
+                                   detect_zeroes="off", backing=None)
     assert tg.node is not None
     target = tg.node
 
@@ -669,11 +653,11 @@ def prepare_backup(machine: DeviceRegistry, kind: str, args: dict[str, Any]) -> 
     return job
 
 
-def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: str | None, *,
-                         backing: GraphNode | str) -> tuple[Node, Callable[[], None]]:
-    """drive-backup's target of a graph node ``g``: opened as implicit graph nodes (QEMU lists them while
-    the job holds them) with detect-zeroes=unmap and ``backing`` (``"header"``: the chain its header
-    names; sync none: the source node itself); the function returned closes them (the job's end)."""
+def _open_graph_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: str | None, *, name: str | None,
+                       detect_zeroes: str, backing: GraphNode | str | None) -> tuple[GraphNode, GraphNode]:
+    """A job's target of a graph node ``g`` as implicit graph nodes (QEMU lists them while the job holds
+    them): the file node for ``path``, then the format node over it (``fmt``, or probed); a refusal
+    closes what was opened and answers with the monitor's open error.  Returns (file node, format node)."""
     from vdkit.devices.graph import delete_node, open_file_node, open_format_node
     from vdkit.formats import registry as formats
     from vdkit.monitor.block_cmds import open_error
@@ -686,11 +670,23 @@ def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: 
     try:
         assert child.file is not None
         driver = fmt or formats.probe_format(child.file.pread(0, formats.PROBE_SIZE), path)
-        tg = open_format_node(machine, driver, child, name=None, ro=False, cache=g.cache, detect_zeroes="unmap",
-                              discard="ignore", auto_ro=False, implicit=True, backing=backing)
+        tg = open_format_node(machine, driver, child, name=name, ro=False, cache=g.cache,
+                              detect_zeroes=detect_zeroes, discard="ignore", auto_ro=False, implicit=True,
+                              backing=backing)
     except VdkitError as exc:
         delete_node(machine, child)
         raise open_error(exc) from exc
+    return child, tg
+
+
+def _graph_backup_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: str | None, *,
+                         backing: GraphNode | str) -> tuple[Node, Callable[[], None]]:
+    """drive-backup's target of a graph node ``g``: opened as implicit graph nodes (QEMU lists them while
+    the job holds them) with detect-zeroes=unmap and ``backing`` (``"header"``: the chain its header
+    names; sync none: the source node itself); the function returned closes them (the job's end)."""
+    from vdkit.devices.graph import delete_node
+
+    _child, tg = _open_graph_target(machine, g, path, fmt, name=None, detect_zeroes="unmap", backing=backing)
     assert tg.node is not None
 
     def release() -> None:
