@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -527,33 +528,50 @@ def test_backup_filter_is_the_root_while_running(daemons: Daemons, tmp_path: Pat
     p.same("query-block")
 
 
-def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
-    """on-target-error report/stop against qemu-system-x86_64: both daemons run under a file-size limit
-    (RLIMIT_FSIZE, SIGXFSZ ignored) that the targets outgrow, so their writes fail with EFBIG.  How far a
-    job got when it failed (offsets) and how many of QEMU's parallel requests failed are masked."""
+def _pair_under_fsize(daemons: Daemons, tmp_path: Path, fsize: int,
+                      prepare: Callable[[Path], None] | None = None) -> tuple[list[Path], list[Monitor]]:
+    """qemu-system-x86_64 and vdkit-daemon on a drive of their own chain (folders q/ and v/), each under a
+    file-size limit of ``fsize`` bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes past it fail with EFBIG);
+    ``prepare`` adds files to a folder before its daemon starts."""
     import sys
 
     from tests.conftest import require_tool
     from tests.daemon.conftest import QEMU_BASE
 
-    limit = ["sh", "-c", 'trap "" XFSZ; exec prlimit --fsize=1835008 "$@"', "sh"]
+    limit = ["sh", "-c", f'trap "" XFSZ; exec prlimit --fsize={fsize} "$@"', "sh"]
     dirs = [tmp_path / "q", tmp_path / "v"]
     mons = []
     for d, base in zip(dirs, ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
                               [sys.executable, "-m", "vdkit.daemon.main", "-S"]), strict=True):
         d.mkdir()
         _chain(d)
+        if prepare is not None:
+            prepare(d)
         _, path, _ = daemons.start([*limit, *base, "-drive", f"file={d}/top.qcow2,if=none,id=disk0"], d)
         mons.append(daemons.monitor(path).negotiate())
+    return dirs, mons
+
+
+def _error_events(m: Monitor, d: Path, mask: Callable[[str], str] = lambda e: e) -> list[str]:
+    """The events of ``m`` (:func:`_events`), masked, with repeated BLOCK_JOB_ERRORs kept once (QEMU's
+    parallel requests fail each)."""
+    out: list[str] = []
+    for e in _events(m, d):
+        e = mask(e)
+        if not (out and e == out[-1] and "BLOCK_JOB_ERROR" in e):
+            out.append(e)
+    return out
+
+
+def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
+    """on-target-error report/stop against qemu-system-x86_64: both daemons run under a file-size limit
+    (RLIMIT_FSIZE, SIGXFSZ ignored) that the targets outgrow, so their writes fail with EFBIG.  How far a
+    job got when it failed (offsets) and how many of QEMU's parallel requests failed are masked."""
+    dirs, mons = _pair_under_fsize(daemons, tmp_path, 1835008)
     offsets = re.compile(r'"offset": \d+')
 
     def events(m: Monitor, d: Path) -> list[str]:
-        out: list[str] = []
-        for e in _events(m, d):
-            e = offsets.sub('"offset": N', e)
-            if not (out and e == out[-1] and "BLOCK_JOB_ERROR" in e):  # QEMU's parallel requests fail each
-                out.append(e)
-        return out
+        return _error_events(m, d, lambda e: offsets.sub('"offset": N', e))
 
     def same(name: str, args: dict[str, Any]) -> None:
         outs = [offsets.sub('"offset": N', m.cmd_line(name, json.loads(json.dumps(args).replace("DIR", str(d)))))
@@ -661,29 +679,12 @@ def test_stop_on_the_first_write_error(daemons: Daemons, tmp_path: Path, cmd: st
     """on-target-error stop when the very first write fails (the target may not grow at all): the job pauses
     (one error, io-status failed), stays paused through a query and is cancelled, as in QEMU.  (The job has
     copied nothing yet: a new job's first step must not go on for ever.)"""
-    import sys
-
-    from tests.conftest import require_tool
-    from tests.daemon.conftest import QEMU_BASE
+    def target(d: Path) -> None:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "4M").returncode == 0
 
     # a new 4 MiB qcow2 target is 196608 bytes (made beforehand): no cluster can be allocated in it
-    limit = ["sh", "-c", 'trap "" XFSZ; exec prlimit --fsize=196608 "$@"', "sh"]
-    dirs = [tmp_path / "q", tmp_path / "v"]
-    mons = []
-    for d, base in zip(dirs, ([require_tool("qemu-system-x86_64"), *QEMU_BASE],
-                              [sys.executable, "-m", "vdkit.daemon.main", "-S"]), strict=True):
-        d.mkdir()
-        _chain(d)
-        assert qemu_img("create", "-q", "-f", "qcow2", str(d / "t.qcow2"), "4M").returncode == 0
-        _, path, _ = daemons.start([*limit, *base, "-drive", f"file={d}/top.qcow2,if=none,id=disk0"], d)
-        mons.append(daemons.monitor(path).negotiate())
-
-    def events(m: Monitor, d: Path) -> list[str]:
-        out: list[str] = []
-        for e in _events(m, d):
-            if not (out and e == out[-1] and "BLOCK_JOB_ERROR" in e):  # QEMU's parallel requests fail each
-                out.append(e)
-        return out
+    dirs, mons = _pair_under_fsize(daemons, tmp_path, 196608, target)
+    events = _error_events
 
     def same(name: str, args: dict[str, Any]) -> None:
         outs = [normalise(m.cmd_line(name, json.loads(json.dumps(args).replace("DIR", str(d)))))
