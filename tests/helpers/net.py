@@ -34,3 +34,30 @@ def serve_threads(handler: Callable[[socket.socket], object]) -> tuple[int, sock
 
     threading.Thread(target=loop, daemon=True).start()
     return int(srv.getsockname()[1]), srv
+
+
+def serve_http(answer: Callable[[bytes, list[bytes]], bytes], *,
+               one_per_connection: bool = False) -> tuple[int, socket.socket]:
+    """:func:`serve_threads` for an HTTP server written by a test: each request's line and header lines
+    go to ``answer(request_line, header_lines)``, whose bytes are sent back; the connection stays open for
+    the next request unless ``one_per_connection`` (closed after one answer without saying so).  A client
+    that goes away ends its connection quietly."""
+
+    def handler(conn: socket.socket) -> None:
+        with conn:
+            f = conn.makefile("rb")
+            try:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        return
+                    headers = []
+                    while (h := f.readline()) not in (b"\r\n", b""):
+                        headers.append(h)
+                    conn.sendall(answer(line, headers))
+                    if one_per_connection:
+                        return
+            except OSError:
+                return
+
+    return serve_threads(handler)

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import assert_same, check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.helpers import nginx
-from tests.helpers.net import free_port, serve_threads
+from tests.helpers.net import free_port, serve_http, serve_threads
 
 
 class Web:
@@ -159,23 +159,11 @@ def test_server_ignoring_range(web: Web, tmp_path: Path, announce: bool) -> None
     body = (web.www / "r.raw").read_bytes()
     extra = "Accept-Ranges: bytes\r\n" if announce else ""
 
-    def handler(conn: socket.socket) -> None:
-        with conn:
-            f = conn.makefile("rb")
-            try:
-                while True:
-                    line = f.readline()
-                    if not line:
-                        return
-                    method = line.split()[0]
-                    while f.readline() not in (b"\r\n", b""):
-                        pass
-                    head = f"HTTP/1.1 200 OK\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
-                    conn.sendall(head if method == b"HEAD" else head + body)
-            except OSError:  # the client closes once it has what it wants
-                return
+    def answer(line: bytes, _headers: list[bytes]) -> bytes:
+        head = f"HTTP/1.1 200 OK\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
+        return head if line.split()[0] == b"HEAD" else head + body
 
-    port, srv = serve_threads(handler)
+    port, srv = serve_http(answer)
     url = f"http://127.0.0.1:{port}/r.raw"
     try:
         _same("info", url)

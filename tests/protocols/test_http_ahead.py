@@ -9,13 +9,12 @@ each connection after one answer without saying so.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import vdkit_img
-from tests.helpers.net import serve_threads
+from tests.helpers.net import serve_http
 
 
 @pytest.mark.parametrize("one_per_connection", [False, True])
@@ -27,34 +26,21 @@ def test_sequential_reads_ask_ahead(tmp_path: Path, one_per_connection: bool) ->
     body = os.urandom(13 << 20) + bytes(3 << 20)
     gets: list[tuple[int, int]] = []
 
-    def handler(conn: socket.socket) -> None:
-        with conn:
-            f = conn.makefile("rb")
-            try:
-                while True:
-                    line = f.readline()
-                    if not line:
-                        return
-                    rng = None
-                    while (h := f.readline()) not in (b"\r\n", b""):
-                        if h.lower().startswith(b"range: bytes="):
-                            a, b = h.split(b"=", 1)[1].strip().split(b"-")
-                            rng = (int(a), int(b) + 1)
-                    if line.startswith(b"HEAD"):
-                        conn.sendall(f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: {len(body)}\r\n\r\n"
-                                     .encode())
-                    else:
-                        assert rng is not None
-                        gets.append(rng)
-                        part = body[rng[0]:rng[1]]
-                        conn.sendall(f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(part)}\r\n"
-                                     f"Content-Range: bytes {rng[0]}-{rng[1] - 1}/{len(body)}\r\n\r\n".encode() + part)
-                    if one_per_connection:
-                        return
-            except OSError:
-                return
+    def answer(line: bytes, headers: list[bytes]) -> bytes:
+        if line.startswith(b"HEAD"):
+            return f"HTTP/1.1 200 OK\r\nAccept-Ranges: bytes\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        rng = None
+        for h in headers:
+            if h.lower().startswith(b"range: bytes="):
+                a, b = h.split(b"=", 1)[1].strip().split(b"-")
+                rng = (int(a), int(b) + 1)
+        assert rng is not None
+        gets.append(rng)
+        part = body[rng[0]:rng[1]]
+        return (f"HTTP/1.1 206 Partial Content\r\nContent-Length: {len(part)}\r\n"
+                f"Content-Range: bytes {rng[0]}-{rng[1] - 1}/{len(body)}\r\n\r\n".encode() + part)
 
-    port, srv = serve_threads(handler)
+    port, srv = serve_http(answer, one_per_connection=one_per_connection)
     try:
         r = vdkit_img("convert", "-f", "raw", "-O", "raw", f"http://127.0.0.1:{port}/r.raw", str(tmp_path / "o.raw"))
         assert r.returncode == 0, r.stderr
