@@ -236,6 +236,27 @@ class BackingOverride:
     explicit: bool = False
 
 
-# Overrides by the file name the command opens (the name image_opts returns): set by the CLI's option
-# parser, read when :mod:`vdkit.block.node` opens that name.
-BACKING_OVERRIDES: dict[str, BackingOverride] = {}
+def given_option(filename: str, key: str) -> str | None:
+    """The option ``key`` that options attached to ``filename`` in the current open scope
+    (:func:`vdkit.block.secrets.open_option`), without importing the store where nothing could be in it:
+    opening a plain name stays as cheap as before options existed."""
+    import sys
+
+    store = sys.modules.get("vdkit.block.secrets")
+    if store is None:
+        return None
+    found: str | None = store.open_option(filename, key)
+    return found
+
+
+def backing_override(filename: str) -> BackingOverride | None:
+    """What the options said about the backing of the image opened as ``filename`` (the name the option
+    interpreter, :mod:`vdkit.block.image_opts`, returned), in the current open scope
+    (:mod:`vdkit.block.secrets`); None when no options were given or the store was never used."""
+    import sys
+
+    store = sys.modules.get("vdkit.block.secrets")  # a plain name's open does not import the store
+    if store is None:
+        return None
+    found: BackingOverride | None = store.table("backing").get(filename)
+    return found

@@ -359,13 +359,12 @@ def _open(
     if name.startswith("json:"):  # a format's window (raw's offset/size: registry.window_name)
         window = registry.open_window(name, readonly, force_share)
         if window is not None:
-            from vdkit.block.chain import BACKING_OVERRIDES
-            from vdkit.block.secrets import open_option
+            from vdkit.block.chain import backing_override, given_option
 
             return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
-                            force_share=force_share, backing=backing and open_option(name, "backing") != "null",
+                            force_share=force_share, backing=backing and given_option(name, "backing") != "null",
                             check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open,
-                            override=BACKING_OVERRIDES.get(name))
+                            override=backing_override(name))
     proto = protocol_of(name)
     # a protocol as the top node (driver=nbd/rbd) opens only its own names
     required: str | None = None if fmt is None else getattr(registry.format_module(fmt), "NAME_REQUIRED", None)
@@ -376,15 +375,15 @@ def _open(
         pdriver = driver_for_prefix(proto)
         if required is not None and pdriver != fmt:
             raise OpenError(required)
-    from vdkit.block.chain import BACKING_OVERRIDES
+    from vdkit.block.chain import backing_override
 
-    override = BACKING_OVERRIDES.get(name)  # json:/--image-opts "backing" other than null
+    override = backing_override(name)  # json:/--image-opts "backing" other than null
     if backing or proto is not None:
-        from vdkit.block.secrets import open_option
+        from vdkit.block.chain import given_option
 
         # json:{..., "backing": null}; a file.filename given as an option is a local name, whatever it reads
-        backing = backing and open_option(name, "backing") != "null"
-        if proto is not None and open_option(name, "protocol") == "file":
+        backing = backing and given_option(name, "backing") != "null"
+        if proto is not None and given_option(name, "protocol") == "file":
             proto = pdriver = None
     file: ImageFile | NbdFile
     if proto == "file":

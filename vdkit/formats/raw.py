@@ -215,10 +215,14 @@ def create_raw(filename: str, size: int, preallocation: str = "off") -> None:
 WINDOW_OPTIONS = ("offset", "size")
 """The ``-drive`` options that make a raw drive a window (``registry.window_options``)."""
 
-WINDOWS: dict[str, tuple[str, list[tuple[int, int | None, str]]]] = {}
-"""The name a windowed raw node gets (QEMU's ``json:{...}``) -> (the file's name, the windows from the
-file up: (offset, size or None, the raw node's own name)).  :func:`window_name` fills it from the
-options; :func:`open_window` opens such a name (``vdkit.block.node`` asks ``registry.open_window``)."""
+def _windows() -> dict[str, tuple[str, list[tuple[int, int | None, str]]]]:
+    """The name a windowed raw node gets (QEMU's ``json:{...}``) -> (the file's name, the windows from the
+    file up: (offset, size or None, the raw node's own name)), in the current open scope
+    (:mod:`vdkit.block.secrets`).  :func:`window_name` fills it from the options; :func:`open_window`
+    opens such a name (``vdkit.block.node`` asks ``registry.open_window``)."""
+    from vdkit.block.secrets import table
+
+    return table("raw-windows")
 
 
 def _size_option(key: str, value: object) -> int:
@@ -245,7 +249,7 @@ def window_name(opts: dict[str, object]) -> tuple[str, str, str] | None:
     has a windowed meaning; else the ``json:{...}`` name QEMU gives the top node (keys as given,
     values with their types), its format and the key prefix of the file node's options
     (``file.file.``...).  The options used are removed from ``opts``.  Errors are QEMU's texts.
-    :data:`WINDOWS` remembers how to open the name (:class:`RawWindow`, one per raw node).
+    :func:`_windows` remembers how to open the name (:class:`RawWindow`, one per raw node).
     """
     from vdkit.errors import OpenError, UnsupportedError
 
@@ -292,7 +296,7 @@ def window_name(opts: dict[str, object]) -> tuple[str, str, str] | None:
         desc = {"driver": top, "file": desc}
         opts.pop("driver", None)
     name = "json:" + dumps_compact(desc)
-    WINDOWS[name] = (filename, windows)
+    _windows()[name] = (filename, windows)
     return name, top, prefix
 
 
@@ -397,13 +401,14 @@ class RawWindow:
 
 
 def open_window(name: str, readonly: bool, force_share: bool) -> RawWindow | None:
-    """The file of a windowed raw name (:data:`WINDOWS`), every window applied from the file up;
+    """The file of a windowed raw name (:func:`_windows`), every window applied from the file up;
     None for any other name."""
     from vdkit.io.file import ImageFile
 
-    if name not in WINDOWS:
+    found = _windows().get(name)
+    if found is None:
         return None
-    filename, windows = WINDOWS[name]
+    filename, windows = found
     f: object = ImageFile(filename, readonly=readonly, force_share=force_share)
     top_is_raw = name.startswith('json:{"offset"') or name.startswith('json:{"driver": "raw"')
     for i, (offset, size, own) in enumerate(windows):

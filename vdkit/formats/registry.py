@@ -198,7 +198,12 @@ def can_create(name: str) -> bool:
     return hasattr(format_module(name), "create_image")
 
 
-_window_owners: dict[str, str] = {}  # a name window_name gave -> the format that made it
+def _window_owners() -> dict[str, str]:
+    """A name :func:`window_name` gave -> the format that made it, in the current open scope
+    (:mod:`vdkit.block.secrets`)."""
+    from vdkit.block.secrets import table
+
+    return table("window-owners")
 
 
 def window_name(opts: dict[str, object]) -> tuple[str, str, str, str] | None:
@@ -216,7 +221,7 @@ def window_name(opts: dict[str, object]) -> tuple[str, str, str, str] | None:
         window: tuple[str, str, str] | None = slot(opts)
         if window is None:
             return None
-        _window_owners[window[0]] = name
+        _window_owners()[window[0]] = name
         return (*window, name)
     return None
 
@@ -232,7 +237,7 @@ def window_options(name: str | None) -> tuple[str, ...]:
 def open_window(name: str, readonly: bool, force_share: bool) -> object | None:
     """The file a name :func:`window_name` gave opens as (the windowing format's ``open_window``);
     None for any other name."""
-    owner = _window_owners.get(name)
+    owner = _window_owners().get(name)
     if owner is None:
         return None
     file: object | None = format_module(owner).open_window(name, readonly, force_share)

@@ -45,9 +45,13 @@ NO_LIMIT_TIMEOUT = 300.0
 """Seconds one socket wait may take with ``timeout=0`` (curl: no limit; vdkit keeps a bound)."""
 
 
-_PRESET: dict[str, dict[str, object]] = {}
-"""Options given with ``--image-opts``/``json:`` (readahead, sslverify, timeout, cookie, driver), by URL:
-:class:`HttpFile` opens that URL with them (a backing file named by a plain URL gets none, as in QEMU)."""
+def _presets() -> dict[str, dict[str, object]]:
+    """Options given with ``--image-opts``/``json:`` (readahead, sslverify, timeout, cookie, driver), by URL,
+    in the current open scope (:mod:`vdkit.block.secrets`): :class:`HttpFile` opens that URL with them (a
+    backing file named by a plain URL gets none, as in QEMU)."""
+    from vdkit.block.secrets import table
+
+    return table("http")
 
 _KEYS = ("url", "readahead", "timeout", "sslverify", "cookie", "filename")
 
@@ -114,7 +118,7 @@ def name_for_options(opts: dict[str, str], driver: str) -> str:
         raise _glib_then("curl block driver requires an 'url' option")
     if not url.startswith(driver + "://"):
         raise _glib_then(f"{driver} curl driver cannot handle the URL '{url}' (does not start with '{driver}://')")
-    _PRESET[url] = {"driver": driver, "readahead": readahead, "timeout": timeout, "sslverify": sslverify,
+    _presets()[url] = {"driver": driver, "readahead": readahead, "timeout": timeout, "sslverify": sslverify,
                     "cookie": opts.get("cookie")}
     return url
 
@@ -206,7 +210,7 @@ def named_by_json(url: str) -> str | None:
 
     Such a node has no directory to resolve relative backing names against, in QEMU.
     """
-    preset = _PRESET.get(url)
+    preset = _presets().get(url)
     if preset is None or preset["cookie"] is None and preset["sslverify"]:
         return None
     return str(preset["driver"])
@@ -261,7 +265,7 @@ class HttpFile(RemoteFile):
     def __init__(self, url: str, *, readonly: bool = True, force_share: bool = False, driver: str | None = None,
                  readahead: int = DEFAULT_READAHEAD, sslverify: bool = True, timeout: int = DEFAULT_TIMEOUT,
                  cookie: str | None = None) -> None:
-        preset = _PRESET.get(url)
+        preset = _presets().get(url)
         if preset is not None:
             driver = driver or str(preset["driver"])
             readahead, timeout = int(preset["readahead"]), int(preset["timeout"])  # type: ignore[call-overload]

@@ -172,9 +172,13 @@ AUTO_READ_ONLY: set[str] = set()
 """Names opened with QEMU's auto-read-only (the daemon's ``-drive``): a read-only export is then opened
 read-only instead of refused."""
 
-_PRESET: dict[str, tuple[NbdAddress, float | None]] = {}
-"""Addresses given as options, by the node name they get: :class:`NbdFile` uses them as they are
-(a regenerated URI is not always parseable back: nothing in it is escaped)."""
+def _presets() -> dict[str, tuple[NbdAddress, float | None]]:
+    """Addresses given as options, by the node name they get, in the current open scope
+    (:mod:`vdkit.block.secrets`): :class:`NbdFile` uses them as they are (a regenerated URI is not always
+    parseable back: nothing in it is escaped)."""
+    from vdkit.block.secrets import table
+
+    return table("nbd")
 
 _UNIX_KEYS = ("path", "abstract", "tight")
 _INET_KEYS = ("host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp")
@@ -291,7 +295,7 @@ def name_for_options(opts: dict[str, str], driver: str = "nbd") -> str:
     (``driver``: the protocol registry's uniform signature; always nbd here)."""
     addr, timeout = address_from_options(opts)
     name = addr.canonical_name()
-    _PRESET[name] = (addr, timeout)
+    _presets()[name] = (addr, timeout)
     return name
 
 
@@ -753,7 +757,7 @@ class NbdFile(RemoteFile):
     def __init__(self, name: str, *, readonly: bool = True, force_share: bool = False,
                  addr: NbdAddress | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         open_timeout: float | None = None
-        preset = _PRESET.get(name) if addr is None else None
+        preset = _presets().get(name) if addr is None else None
         if preset is not None:
             addr, open_timeout = preset
         self._name = name

@@ -174,8 +174,12 @@ def parse_name(name: str) -> RbdSpec:
     return spec
 
 
-_PRESET: dict[str, RbdSpec] = {}
-"""Nodes named by options (``--image-opts``, ``json:``, ``-blockdev``), by the name they are opened under."""
+def _presets() -> dict[str, RbdSpec]:
+    """Nodes named by options (``--image-opts``, ``json:``, ``-blockdev``), by the name they are opened under,
+    in the current open scope (:mod:`vdkit.block.secrets`)."""
+    from vdkit.block.secrets import table
+
+    return table("rbd")
 
 
 def drive_option(key: str) -> bool:
@@ -230,7 +234,7 @@ def name_for_options(opts: dict[str, str], driver: str = "rbd") -> str:
                        conf=opts.get("conf"), user=opts.get("user"), key_secret=opts.get("key-secret"),
                        servers=servers, auth_client_required=auth, from_options=True)
     name = canonical_name(spec)
-    _PRESET[name] = spec
+    _presets()[name] = spec
     return name
 
 
@@ -257,7 +261,7 @@ def canonical_name(spec: RbdSpec) -> str:
 
 def spec_for(name: str) -> RbdSpec:
     """The spec a name opens: options attached by :func:`name_for_options`, else the parsed name."""
-    return _PRESET.get(name) or parse_name(name)
+    return _presets().get(name) or parse_name(name)
 
 
 # -- the libraries -------------------------------------------------------------------------------

@@ -53,9 +53,18 @@ class TlsCreds:
     key_password: bytes | None = None
 
 
-_objects: dict[str, str] = {}
-"""Every ``--object`` id created in this process, with its type (QEMU looks credentials up among all)."""
-_creds: dict[str, TlsCreds] = {}
+def _objects() -> dict[str, str]:
+    """Every ``--object`` id created in the current open scope (:mod:`vdkit.block.secrets`; a front end's
+    process), with its type (QEMU looks credentials up among all)."""
+    from vdkit.block.secrets import table
+
+    return table("objects")
+
+
+def _creds() -> dict[str, TlsCreds]:
+    from vdkit.block.secrets import table
+
+    return table("tls-creds")
 
 
 def _bool(name: str, value: str | None, default: bool) -> bool:
@@ -71,8 +80,8 @@ def register_object(obj_id: str, qom_type: str, props: dict[str, str], secrets: 
     Errors are QEMU's texts, without a prefix.
     """
     if qom_type in TLS_TYPES:
-        _creds[obj_id] = _load(obj_id, qom_type, props, secrets)
-    _objects[obj_id] = qom_type
+        _creds()[obj_id] = _load(obj_id, qom_type, props, secrets)
+    _objects()[obj_id] = qom_type
 
 
 def _load(obj_id: str, qom_type: str, props: dict[str, str], secrets: dict[str, bytes]) -> TlsCreds:
@@ -205,9 +214,9 @@ def verify_text(exc: ssl.SSLCertVerificationError, hostname: str | None = None) 
 
 def client_creds(creds_id: str) -> TlsCreds:
     """The credentials an NBD client names, checked as QEMU checks them at open."""
-    creds = _creds.get(creds_id)
+    creds = _creds().get(creds_id)
     if creds is None:
-        if creds_id in _objects:
+        if creds_id in _objects():
             raise OpenError(f"Object with id '{creds_id}' is not TLS credentials")
         raise OpenError(f"No TLS credentials with id '{creds_id}'")
     if creds.endpoint != "client":

@@ -22,10 +22,10 @@ def probe(head: bytes, filename: str) -> int:
 
 
 def open_driver(file: ImageFile, ctx: OpenContext) -> FormatDriver:
-    from vdkit.block.secrets import open_option
+    from vdkit.block.chain import given_option
     from vdkit.formats.vpc.driver import VpcDriver
 
-    mode = open_option(ctx.filename, "force_size_calc")  # --image-opts/json: (vdkit.cli.options)
+    mode = given_option(ctx.filename, "force_size_calc")  # --image-opts/json: (vdkit.block.image_opts)
     if mode is not None and mode not in ("chs", "current_size"):
         from vdkit.errors import OpenError
 

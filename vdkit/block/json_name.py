@@ -4,7 +4,7 @@ The text after ``json:`` is one JSON object (single-quoted strings allowed,
 as QEMU's parser allows them), flattened into the dotted keys ``--image-opts``
 uses: nested objects and dotted keys are the same thing (the nested spelling
 wins when both are given), list items are numbered (``x.0``).  The options
-then go through the one interpreter :func:`vdkit.cli.options.image_opts`.
+then go through the one interpreter :func:`vdkit.block.image_opts.image_opts`.
 Values keep their JSON types here; the interpreter decides what a
 non-string means.
 """
