@@ -56,20 +56,31 @@ def copy_down(top: Node, base: Node, offset: int, length: int, *, zero_writes: b
     on its way: a job's steps reuse one buffer instead of a new object per step."""
     from vdkit.block import io as bio
 
-    allocated, n = allocated_above(top, base, offset, length)
-    if not allocated:
-        return n, False
-    st = bio.above_status(top, offset, n)
-    n = st.length
-    if st.flags & bio.ZERO and zero_writes:
+    try:
+        allocated, n = allocated_above(top, base, offset, length)
+        if not allocated:
+            return n, False
+        st = bio.above_status(top, offset, n)
+        n = st.length
+        data: bytes | memoryview | None = None
+        if not (st.flags & bio.ZERO and zero_writes):
+            if buf is not None and len(buf) >= n:
+                data = memoryview(buf)[:n]
+                bio.readinto(top, offset, data)
+            else:
+                data = bio.read(top, offset, n)
+    except OSError as exc:
+        raise SourceError(exc.errno, exc.strerror) from exc
+    if data is None:
         bio.write_zeroes(base, offset, n)
-    elif buf is not None and len(buf) >= n:
-        view = memoryview(buf)[:n]
-        bio.readinto(top, offset, view)
-        bio.write(base, offset, view)  # type: ignore[arg-type]  # (a bytes-like object: written before reuse)
     else:
-        bio.write(base, offset, bio.read(top, offset, n))
+        bio.write(base, offset, data)  # type: ignore[arg-type]  # (a bytes-like object: written before reuse)
     return n, True
+
+
+class SourceError(OSError):
+    """A commit step's read of the layers above the base failed: the job reports a ``read`` error
+    (QEMU's commit tells the two apart for its ``BLOCK_JOB_ERROR``), anything else is the write."""
 
 
 def allocated_above(top: Node, base: Node | None, offset: int, length: int) -> tuple[bool, int]:
@@ -158,8 +169,13 @@ class CommitJob(JobDriver):
             try:
                 return copy_down(self.top, self.base, offset, length, zero_writes=self.active, buf=self._buf)
             except OSError as exc:
-                if not job.io_error("write", exc):
-                    return length, False
+                if not job.io_error("read" if isinstance(exc, SourceError) else "write", exc):
+                    # ignored: the range is copied again later, as QEMU's commit does (the active commit's
+                    # mirror marks it dirty again; the intermediate one retries it after a pause point)
+                    if self.bitmap is not None:
+                        self.bitmap.set_dirty(offset, length)
+                        return length, False
+                    return 0, False
 
     def _kick(self, offset: int, length: int) -> None:
         if self._job is not None:

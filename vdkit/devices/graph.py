@@ -78,7 +78,8 @@ class _BorrowedProxy:
 
 
 def _borrow(f: Any) -> Any:
-    return _BorrowedFile(f) if isinstance(f, ImageFile) else _BorrowedProxy(f)
+    # a subclass (blkdebug's file) keeps its own methods: lent by delegation
+    return _BorrowedFile(f) if type(f) is ImageFile else _BorrowedProxy(f)
 
 
 @dataclass(eq=False)
@@ -157,9 +158,11 @@ def refresh_filename(g: GraphNode) -> None:
     if not g.is_format:
         return
     if g.child is not None and g.child.filename.startswith("json:") and g.child.file is not None:
-        from vdkit.info.render_json import dumps_compact  # a curl child named by its options
+        from vdkit.info.render_json import qdict_order, quote  # a curl or blkdebug child named by its options
 
-        g.filename = "json:" + dumps_compact({"driver": g.driver, "file": json.loads(g.child.filename[5:])})
+        # the child's text as it is: parsed and printed again, keys sharing a hash bucket would swap
+        parts = {"driver": quote(g.driver), "file": g.child.filename[5:]}
+        g.filename = "json:{" + ", ".join(f"{quote(k)}: {parts[k]}" for k in qdict_order(["driver", "file"])) + "}"
     elif not g.backing_override or not _backing_differs(g):
         g.filename = g.plain_filename()
     else:

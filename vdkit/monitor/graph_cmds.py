@@ -29,6 +29,7 @@ from vdkit.formats.registry import PASSES_PERMISSIONS, is_known
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
 from vdkit.opts import id_wellformed, parse_bool
+from vdkit.protocols import blkdebug
 from vdkit.protocols.registry import is_protocol
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ _BASE = (
     opt("read-only", "bool"), opt("auto-read-only", "bool"), opt("force-share", "bool"),
     opt("detect-zeroes", enum=("off", "on", "unmap")),
 )
+_BLKDEBUG_EVENTS, _BLKDEBUG_IOTYPES = blkdebug.EVENTS, blkdebug.IOTYPES
+_PERMS = ("consistent-read", "write", "write-unchanged", "resize")  # QAPI BlockPermission
+
 _VARIANTS: dict[str, tuple[Arg, ...]] = {
     "file": (Arg("filename"), opt("pr-manager"), opt("locking", enum=("off", "on", "auto")),
              opt("aio", enum=("threads", "native", "io_uring")), opt("aio-max-batch", "int"),
@@ -70,6 +74,19 @@ _VARIANTS: dict[str, tuple[Arg, ...]] = {
     # QAPI BlockdevOptionsGenericFormat / GenericCOWFormat (7.2)
     **dict.fromkeys(("bochs", "cloop", "dmg", "parallels", "vdi", "vhdx", "vpc"), (Arg("file", "any"),)),
     **dict.fromkeys(("qed", "vmdk"), (Arg("file", "any"), opt("backing", "any"))),
+    # QAPI BlockdevOptionsBlkdebug (7.2); the rules' events and I/O types as vdkit.protocols.blkdebug lists them
+    "blkdebug": (Arg("image", "any"), opt("config"), opt("align", "int"), opt("max-transfer", "int"),
+                 opt("opt-write-zero", "int"), opt("max-write-zero", "int"), opt("opt-discard", "int"),
+                 opt("max-discard", "int"),
+                 opt("inject-error", "array", items=Arg("", "object", members=(
+                     Arg("event", enum=_BLKDEBUG_EVENTS, enum_label="event"), opt("state", "int"),
+                     opt("iotype", enum=_BLKDEBUG_IOTYPES, enum_label="iotype"), opt("errno", "int"),
+                     opt("sector", "int"), opt("once", "bool"), opt("immediately", "bool")))),
+                 opt("set-state", "array", items=Arg("", "object", members=(
+                     Arg("event", enum=_BLKDEBUG_EVENTS, enum_label="event"), opt("state", "int"),
+                     Arg("new_state", "int")))),
+                 opt("take-child-perms", "array", items=Arg("", enum=_PERMS)),
+                 opt("unshare-child-perms", "array", items=Arg("", enum=_PERMS))),
     "qcow2": (Arg("file", "any"), opt("backing", "any"), opt("lazy-refcounts", "bool"),
               opt("pass-discard-request", "bool"), opt("pass-discard-snapshot", "bool"),
               opt("pass-discard-other", "bool"), opt("overlap-check", "any"), opt("cache-size", "int"),
@@ -113,6 +130,9 @@ def check_options(opts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _member_types() -> dict[str, str]:
     out = {a.name: a.type for v in _VARIANTS.values() for a in v}
+    # members of list elements (blkdebug's rules: ``inject-error.0.errno=5``)
+    out.update({m.name: m.type for v in _VARIANTS.values() for a in v
+                if a.items is not None and a.items.members for m in a.items.members})
     out.update({a.name: a.type for a in _BASE})
     out.update({"direct": "bool", "no-flush": "bool"})
     return out
@@ -146,6 +166,17 @@ def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
         elif last == "backing" and value == "":
             typed = None  # QEMU's keyval spelling of "backing": null
         cur[last] = typed
+    listed: dict[str, Any] = _lists(out)
+    return listed
+
+
+def _lists(value: Any) -> Any:
+    """keyval's arrays: an object whose keys are 0, 1, ... n-1 is the list of its members."""
+    if not isinstance(value, dict):
+        return value
+    out = {k: _lists(v) for k, v in value.items()}
+    if out and all(k.isdigit() for k in out) and sorted(map(int, out)) == list(range(len(out))):
+        return [out[str(i)] for i in range(len(out))]
     return out
 
 

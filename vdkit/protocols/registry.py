@@ -61,6 +61,7 @@ PROTOCOLS: dict[str, str] = {
     "http": "vdkit.protocols.http",
     "https": "vdkit.protocols.http",
     "rbd": "vdkit.protocols.rbd",
+    "blkdebug": "vdkit.protocols.blkdebug",
 }
 
 # file-name prefix -> driver name (kept here so that naming a prefix imports nothing)
@@ -71,6 +72,7 @@ PREFIXES: dict[str, str] = {
     "http": "http",
     "https": "https",
     "rbd": "rbd",
+    "blkdebug": "blkdebug",
 }
 
 _loaded: dict[str, ModuleType] = {}

@@ -1,0 +1,188 @@
+"""Block jobs meeting real I/O errors, against qemu-system-x86_64: blkdebug rules under a job's source or target.
+
+Both daemons run the same chain (``test_mirror_diff``'s base/mid/top) with the same blkdebug rules
+(``vdkit.protocols.blkdebug``): a ``read_aio`` rule under the drive's active image (``-drive
+file=blkdebug:CONF:DIR/top.qcow2``), ``write_aio`` rules under targets added with ``blockdev-add``.  Each
+job runs under one ``on-*-error`` policy (report, stop, enospc, ignore); compared: the events in order
+(a run of identical BLOCK_JOB_ERRORs counted once: QEMU's parallel requests fail each), ``query-block-jobs``
+while a stopped job waits (``io-status``), the answers of resume/complete/cancel, and the files afterwards
+(``qemu-img compare`` across the runs and with what was copied, ``qemu-img info --backing-chain``).
+Offsets are masked only where QEMU's parallel requests make them vary (a failed job's last progress).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import qemu_img
+from tests.daemon.conftest import Daemons
+from tests.daemon.test_mirror_diff import Pair, _error_events, _wait
+
+_OFFSET = re.compile(r'"offset": \d+')
+_ONCE = '[inject-error]\nevent = "read_aio"\nerrno = "5"\nonce = "on"\n'
+
+
+def _same_events(p: Pair, *, mask_offsets: bool) -> list[str]:
+    def mask(e: str) -> str:
+        return _OFFSET.sub('"offset": N', e) if mask_offsets else e
+
+    q, v = (_error_events(m, d, mask) for m, d in zip(p.mons, p.dirs, strict=True))
+    assert v == q, "\n".join(["qemu:", *q, "vdkit:", *v])
+    return q
+
+
+def _wait_status(p: Pair, status: str, count: int = 1) -> None:
+    for m in p.mons:
+        _wait(m, "JOB_STATUS_CHANGE", count, status=status)
+
+
+# (command, arguments, what the job does after its one failed read: "stop" (paused, resumed), "ready"
+# (then completed), "done" (finishes by itself), "fail"), the files to compare afterwards
+SOURCE_CASES: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
+    ("drive-mirror", {"target": "DIR/o.qcow2", "sync": "full", "on-source-error": "stop"}, "stop", ("o.qcow2",)),
+    ("drive-mirror", {"target": "DIR/o.qcow2", "sync": "full"}, "fail", ("top.qcow2",)),
+    ("drive-backup", {"target": "DIR/o.qcow2", "sync": "full", "on-source-error": "ignore"}, "done", ("o.qcow2",)),
+    ("block-commit", {"on-error": "ignore"}, "ready", ("base.qcow2", "top.qcow2")),
+    ("block-commit", {"on-error": "stop"}, "stop", ("base.qcow2", "top.qcow2")),
+]
+
+
+@pytest.mark.parametrize(("cmd", "args", "after", "files"), SOURCE_CASES,
+                         ids=[f"{c[0]}-{c[2]}" for c in SOURCE_CASES])
+def test_source_read_error(daemons: Daemons, tmp_path: Path, cmd: str, args: dict[str, Any], after: str,
+                           files: tuple[str, ...]) -> None:
+    """One failed data read of the active image (a ``once`` rule): the policy's BLOCK_JOB_ERROR, then the
+    job goes on as QEMU's does (a stopped job retries after resume, an ignored read is copied again later:
+    nothing is missing from the target or the base afterwards)."""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+    p = Pair(daemons, tmp_path, drive=["-drive", f"file=blkdebug:{conf}:DIR/top.qcow2,if=none,id=disk0"])
+    p.same("query-block")  # the node's name as QEMU gives it, no actual-size through blkdebug
+    p.same(cmd, {"device": "disk0", "job-id": "j", **args})
+    p.wait("BLOCK_JOB_ERROR")
+    if after == "stop":
+        _wait_status(p, "paused")
+        p.same("query-block-jobs")  # io-status failed
+        p.same("block-job-resume", {"device": "j"})
+        after = "ready" if cmd != "drive-backup" else "done"
+    if after == "ready":
+        p.wait("BLOCK_JOB_READY")
+        p.same("query-block-jobs")
+        p.same("block-job-complete", {"device": "j"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=after == "fail")
+    p.same("query-block")
+    p.quit(daemons)
+    for name in files:
+        p.compare(name)
+    if cmd != "block-commit" and after != "fail":
+        p.compare(files[0], "top.qcow2")  # the whole disk got there
+
+
+def _target(d: Path, name: str) -> None:
+    assert qemu_img("create", "-q", "-f", "qcow2", str(d / name), "4M").returncode == 0
+
+
+def _bad_node(name: str, **rule: Any) -> dict[str, Any]:
+    """A qcow2 target over a blkdebug node failing writes of its data (``write_aio``) by ``rule``."""
+    return {"driver": "qcow2", "node-name": name,
+            "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": f"DIR/{name}.qcow2"},
+                     "inject-error": [{"event": "write_aio", **rule}]}}
+
+
+def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
+    """blockdev-backup / blockdev-mirror into qcow2 targets whose writes fail (blkdebug): enospc turns
+    ENOSPC into a stop (io-status nospace) and EIO into a report; ignore and stop retry a write that
+    failed once, so the target ends up whole; a permanent error under ignore floods errors until the
+    job is cancelled (the monitor keeps answering)."""
+    p = Pair(daemons, tmp_path)
+    names = ("t1", "t2", "t3", "t4", "t5")
+    for d in p.dirs:
+        for n in names:
+            _target(d, f"{n}.qcow2")
+    p.same("blockdev-add", _bad_node("t1", errno=28))
+    p.same("blockdev-add", _bad_node("t2"))
+    p.same("blockdev-add", _bad_node("t3", once=True))
+    p.same("blockdev-add", _bad_node("t4", once=True))
+    p.same("blockdev-add", _bad_node("t5"))
+    for n in names:  # the target nodes as QEMU lists them (the json: name through blkdebug)
+        outs = [json.dumps([e for e in json.loads(m.cmd_line("query-named-block-nodes"))["return"]
+                            if e["node-name"] == n]).replace(str(d), "DIR")
+                for m, d in zip(p.mons, p.dirs, strict=True)]
+        assert outs[1] == outs[0]
+
+    p.same("blockdev-backup", {"device": "disk0", "target": "t1", "sync": "full", "job-id": "b1",
+                               "on-target-error": "enospc"})
+    _wait_status(p, "paused", 2)  # (the backup's start drains: paused/running first)
+    p.same("query-block-jobs", mask=_OFFSET)  # io-status nospace
+    p.same("block-job-cancel", {"device": "b1", "force": True})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=True)
+
+    p.same("blockdev-backup", {"device": "disk0", "target": "t2", "sync": "full", "job-id": "b2",
+                               "on-target-error": "enospc"})  # EIO under enospc: reported
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=True)
+
+    p.same("blockdev-mirror", {"device": "disk0", "target": "t3", "sync": "full", "job-id": "m3",
+                               "on-target-error": "stop"})
+    _wait_status(p, "paused")
+    p.same("query-block-jobs", mask=_OFFSET)  # io-status failed
+    p.same("block-job-resume", {"device": "m3"})
+    p.wait("BLOCK_JOB_READY")
+    p.same("block-job-cancel", {"device": "m3"})  # ready: ends without a pivot, target complete
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+
+    p.same("blockdev-backup", {"device": "disk0", "target": "t4", "sync": "full", "job-id": "b4",
+                               "on-target-error": "ignore"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+
+    p.same("blockdev-mirror", {"device": "disk0", "target": "t5", "sync": "full", "job-id": "m5",
+                               "on-target-error": "ignore"})
+    p.wait("BLOCK_JOB_ERROR")
+    p.same("block-job-cancel", {"device": "m5", "force": True})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=True)
+    p.quit(daemons)
+    for n in ("t3", "t4"):
+        p.compare(f"{n}.qcow2", "top.qcow2")
+    for n in ("t1", "t2", "t5"):  # what a failed job left: consistent images in both
+        for d in p.dirs:
+            r = qemu_img("check", "-q", str(d / f"{n}.qcow2"))
+            assert r.returncode in (0, 3), r.stdout + r.stderr  # (3: leaked clusters only)
+
+
+BAD_OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"inject-error": [{"event": "nosuch"}]},
+    {"inject-error": [{}]},
+    {"inject-error": [{"event": "read_aio", "iotype": "nope"}]},
+    {"set-state": [{"event": "read_aio"}]},
+    {"config": "DIR/nofile.conf"},
+    {"align": 3},
+    *({"config": f"DIR/bad{i}.conf"} for i in range(1, 9)),
+]
+_BAD_CONFIGS = ['[inject-error]\nevent = "nosuch"\n', '[foo]\nevent = "read_aio"\n', '[inject-error]\nerrno = "5"\n',
+                "garbage\n", '[set-state]\nevent = "read_aio"\n',
+                '[inject-error]\nevent = "read_aio"\nonce = "maybe"\n',
+                '[inject-error]\nevent = "read_aio"\nsector = "x"\n', '[inject-error]\nevent = "read_aio"\nfoo = "1"\n']
+
+
+def test_blkdebug_options(daemons: Daemons, tmp_path: Path) -> None:
+    """blockdev-add of blkdebug nodes: QEMU's texts for bad rules, options and config files."""
+    p = Pair(daemons, tmp_path)
+    for d in p.dirs:
+        for i, text in enumerate(_BAD_CONFIGS, 1):
+            (d / f"bad{i}.conf").write_text(text)
+    for opts in BAD_OPTIONS:
+        image = {"driver": "file", "filename": "DIR/base.qcow2"}
+        args = {"driver": "blkdebug", "node-name": "x", **({"image": image} if opts else {}), **opts}
+        p.same("blockdev-add", args)
+        p.same("blockdev-del", {"node-name": "x"})
