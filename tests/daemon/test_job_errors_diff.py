@@ -186,3 +186,29 @@ def test_blkdebug_options(daemons: Daemons, tmp_path: Path) -> None:
         args = {"driver": "blkdebug", "node-name": "x", **({"image": image} if opts else {}), **opts}
         p.same("blockdev-add", args)
         p.same("blockdev-del", {"node-name": "x"})
+
+
+@pytest.mark.parametrize("policy", ["ignore", "stop", "report"])
+def test_stream_read_error_below(daemons: Daemons, tmp_path: Path, policy: str) -> None:
+    """block-stream of a -blockdev chain whose middle image reads through blkdebug (one failed data read):
+    ignore skips the range and still fails the job at its end, leaving the chain as it was (vdkit used to
+    complete and drop the backing, losing the range); stop retries after resume; report fails at once."""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+    chain = ["-blockdev", "driver=file,node-name=bf,filename=DIR/base.qcow2",
+             "-blockdev", "driver=qcow2,node-name=base,file=bf",
+             "-blockdev", "driver=qcow2,node-name=mid,file.driver=blkdebug,file.image.driver=file,"
+                          f"file.image.filename=DIR/mid.qcow2,file.config={conf},backing=base",
+             "-blockdev", "driver=file,node-name=tf,filename=DIR/top.qcow2",
+             "-blockdev", "driver=qcow2,node-name=top,file=tf,backing=mid"]
+    p = Pair(daemons, tmp_path, drive=chain)
+    p.same("block-stream", {"device": "top", "job-id": "j", "on-error": policy})
+    p.wait("BLOCK_JOB_ERROR")
+    if policy == "stop":
+        _wait_status(p, "paused")
+        p.same("query-block-jobs")  # io-status failed
+        p.same("block-job-resume", {"device": "j"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+    p.quit(daemons)
+    p.compare("top.qcow2")  # streamed (stop) or still over mid (the failed ones), alike in both

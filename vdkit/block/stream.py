@@ -72,6 +72,7 @@ class StreamJob(JobDriver):
         job.len = size
         job.writeback = top
         offset = 0
+        ignored: OSError | None = None
         buf = bytearray()  # one buffer for every step: a new 2 MiB object per step costs its page faults
         while offset < size:
             length = min(job.step_size(CHUNK), size - offset)
@@ -95,10 +96,13 @@ class StreamJob(JobDriver):
                         break
                     except OSError as exc:
                         if not job.io_error("read", exc):
+                            ignored = ignored or exc  # skipped, but the job fails at its end (QEMU's stream)
                             break
             job.advance(n, n if copy else 0)
             offset += n
             job.pause_point()
+        if ignored is not None:  # a range was not copied: the chain must not change
+            raise ignored
         job.sync_unlocked(top)  # the data written back without the lock, the flush is then short
         bio.flush(top)
 
