@@ -62,7 +62,7 @@ class NbdAddress:
     export: str
     path: str | None = None
     host: str | None = None
-    port: int = DEFAULT_PORT
+    port: int | str = DEFAULT_PORT  # the text of an options' port that is not a plain port number
     tls_creds: str | None = None
     """``tls-creds``: the id of ``--object tls-creds-x509`` credentials (never part of the name)."""
     tls_hostname: str | None = None
@@ -258,9 +258,10 @@ def address_from_options(opts: dict[str, str]) -> tuple[NbdAddress, float | None
 
 
 def _inet(host: str, port: str, export: str) -> NbdAddress:
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise OpenError(f"address resolution failed for {host}:{port}: Servname not supported for ai_socktype")
-    return NbdAddress(export, host=host, port=int(port))
+    """An inet address given as options: the port text goes to getaddrinfo as QEMU passes it (glibc takes
+    ``+80``, `` 80``, ``70000`` (mod 2^16) and ``""``, and refuses ``-1`` or a name it does not know,
+    which the connect reports), and names the server as given."""
+    return NbdAddress(export, host=host, port=int(port) if port.isdigit() and 0 < int(port) < 65536 else port)
 
 
 KEEPS_FILE_TUNING = True  # -drive file.driver=nbd: file.locking, file.aio... are the nbd node's (refused)
