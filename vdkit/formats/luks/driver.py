@@ -38,6 +38,14 @@ class LuksDriver(FormatDriver):
     def open(cls, file: ImageFile, ctx: OpenContext) -> LuksDriver:
         from vdkit.formats.luks.header import parse_luks_header
 
+        passphrase = b""
+        if not ctx.no_io:  # the key is looked up before the header is read, as QEMU does
+            from vdkit.block.secrets import lookup_secret, open_option
+
+            secret_id = open_option(ctx.filename, "key-secret")
+            if secret_id is None:
+                raise OpenError("Parameter 'key-secret' is required for cipher")
+            passphrase = lookup_secret(secret_id)
         header = parse_luks_header(file.pread(0, PHDR_SIZE))
         if file.size() < header.payload_offset:  # a negative disk size
             import errno
@@ -45,12 +53,6 @@ class LuksDriver(FormatDriver):
             raise OpenError("Could not refresh total sector count: Input/output error", errno=errno.EIO)
         if ctx.no_io:  # info: the header is all it needs (qemu-img does not check the key either)
             return cls(file, header)
-        from vdkit.block.secrets import lookup_secret, open_option
-
-        secret_id = open_option(ctx.filename, "key-secret")
-        if secret_id is None:
-            raise OpenError("Parameter 'key-secret' is required for cipher")
-        passphrase = lookup_secret(secret_id)
         from vdkit.formats.luks.crypto import SectorCipher, unlock
 
         raw = file.pread(0, PHDR_SIZE)
