@@ -115,12 +115,24 @@ def check_inspect(out: str, d: Path) -> None:
     assert out == repr([("format-mismatch", f"declared format 'raw', but the content is '{fmt}'")]) + "\n"
 
 
+def check_options(out: str, d: Path) -> None:
+    """The top image read without its backing and the raw window's size, as qemu-img reads them."""
+    top = {"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}, "backing": None}
+    r = qemu_img("convert", "-O", "raw", "json:" + json.dumps(top), "top-alone.raw", cwd=d)
+    assert r.returncode == 0, r.stderr
+    window = _qemu_json('json:{"driver": "raw", "offset": 1048576, "file": {"driver": "file", '
+                        '"filename": "disk.img"}}', cwd=d)
+    assert isinstance(window, dict)
+    assert out == f"{(d / 'top-alone.raw').read_bytes()[1 << 20:(1 << 20) + 8].hex()} 1\n{window['virtual-size']}\n"
+
+
 # a block is recognised by a call it makes; each one the README has must have its checker
 CHECKERS: dict[str, Callable[[str, Path], None]] = {
     "vdkit.image_info(node, nested=True)": check_open_and_policy,
     'vdkit.open("disk.qcow2", readonly=False)': check_data_and_snapshots,
     "render_pretty(info)": check_rendering,
     "vdkit.inspect(": check_inspect,
+    "vdkit.open(options=opts)": check_options,
 }
 
 

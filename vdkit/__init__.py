@@ -13,6 +13,8 @@ from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.inspect import Verdict
     from vdkit.block.node import Node
@@ -48,9 +50,12 @@ def _submodule(package: str, name: str) -> object:
 
 
 def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     fmt: str | None = None,
     *,
+    options: Mapping[str, object] | str | None = None,
+    secrets: Mapping[str, bytes | str] | None = None,
+    objects: Mapping[str, Mapping[str, str]] | None = None,
     backing: bool = True,
     force_share: bool = False,
     readonly: bool = True,
@@ -59,18 +64,27 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
     """Open an image read-only (by default) with its backing chain.
 
     ``path`` is what ``vdkit-img`` takes for a file: a local path, an NBD or
-    HTTP(S) URL, an ``rbd:`` name (``json:`` names are the command line's).
-    ``fmt`` forces the format (any name ``qemu-img -f`` takes: ``"qcow2"``,
-    ``"raw"``, ``"vmdk"``, ...); ``None`` probes.  ``policy``
+    HTTP(S) URL, an ``rbd:`` name, or a ``json:{...}`` name.  ``options`` are
+    a node's options as ``json:`` and ``-blockdev`` write them (nested
+    objects or dotted keys: ``{"driver": "qcow2", "file": {"driver": "nbd",
+    "server": {...}, "export": "e"}, "backing": None}``) or an
+    ``--image-opts`` string; with both, ``path`` is the file the options'
+    format reads.  ``fmt`` forces the format (any name ``qemu-img -f``
+    takes); ``None`` probes.  ``secrets`` (id -> passphrase or key) are what
+    ``--object secret`` gives: luks's ``key-secret``, rbd's ``key-secret``, a
+    TLS key's ``passwordid``; ``objects`` (id -> ``{"qom-type":
+    "tls-creds-x509", "dir": ..., "endpoint": "client"}``) are NBD's TLS
+    credentials.  Both exist only for this call: two opens in one process
+    (or thread) never see each other's.  ``policy``
     (:class:`vdkit.block.chain.OpenPolicy`) limits which backing and data
-    files an untrusted image may make vdkit open.
+    files an untrusted image may make vdkit open.  Errors are
+    :class:`VdkitError` with qemu-img's texts.
     """
-    from vdkit.block.node import open_image
+    from vdkit.block.image_opts import open_with_options
 
-    return open_image(
-        path, fmt, readonly=readonly, force_share=force_share, backing=backing,
-        policy=policy,
-    )
+    name = None if path is None else os.fspath(path)
+    return open_with_options(name, fmt, options, secrets=secrets, objects=objects, readonly=readonly,
+                             force_share=force_share, backing=backing, policy=policy)
 
 
 def image_info(node: Node, *, nested: bool = False) -> ImageInfo:

@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from vdkit.opts import split_items
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from vdkit.block.chain import OpenPolicy
+    from vdkit.block.node import Node
+
 
 def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str, str | None]:
     """:func:`_image_opts`, and the ``backing`` child the options give, remembered for the open."""
@@ -328,3 +335,102 @@ def _probe_for_option(filename: str, key: str, wanted: str) -> str | None:
     if fmt != wanted:
         raise OpenError(f"Block format '{fmt}' does not support the option '{key}'")
     return fmt
+
+
+def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
+    """Name ``spec`` instead of ``filename`` in a top-level "Could not open" error, as qemu-img does."""
+    from vdkit.errors import VdkitError
+
+    if not isinstance(exc, VdkitError):
+        return exc
+    prefix = f"Could not open '{filename}': "
+    if exc.message.startswith(prefix):
+        inner = exc.__cause__ if isinstance(exc.__cause__, VdkitError) else None
+        if inner is not None and inner.message == exc.message[len(prefix):]:
+            return inner.prefixed(f"Could not open '{spec}': ")
+        err = exc.prefixed("")
+        err.message = f"Could not open '{spec}': " + exc.message[len(prefix):]
+        err.args = (err.message,)
+        return err
+    return exc
+
+
+def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, object] | str | None, *,
+                      secrets: Mapping[str, bytes | str] | None = None,
+                      objects: Mapping[str, Mapping[str, str]] | None = None,
+                      readonly: bool, force_share: bool, backing: bool, policy: OpenPolicy | None) -> Node:
+    """``vdkit.open``: a name or options opened in a scope of their own (:class:`~vdkit.block.secrets.OpenScope`).
+
+    ``path`` may be a ``json:{...}`` name; ``options`` is a node's options as ``json:`` has them (nested
+    objects or dotted keys) or an ``--image-opts`` string; with both, ``path`` is the ``file`` child's
+    file name.  The options go through the interpreter the command line uses, then
+    :func:`vdkit.block.node.open_image`; errors name the spec as qemu-img's do.  ``secrets`` and the
+    TLS credential ``objects`` exist only for this open: the scope is dropped when it returns, and an
+    open node never looks them up again.
+    """
+    from vdkit.block.secrets import OpenScope
+    from vdkit.errors import OpenError, VdkitError
+
+    if isinstance(options, str) and path is not None:
+        raise TypeError("vdkit.open() takes an --image-opts string without a path")
+    scope = OpenScope({k: v.encode("utf-8") if isinstance(v, str) else bytes(v) for k, v in (secrets or {}).items()})
+    with scope:
+        if objects:
+            _add_objects(objects, scope.secrets)
+        spec: str | None = None
+        if options is not None:
+            from vdkit.block import json_name
+
+            if isinstance(options, str):
+                spec, parsed = options, None
+            else:
+                parsed = json_name.flatten(dict(options))
+                if path is not None:
+                    if any(k == "file" or k.startswith("file.") for k in parsed) or is_protocol_driver(
+                            parsed.get("driver")):
+                        raise TypeError("vdkit.open() takes a path or options naming the file, not both")
+                    parsed["file.filename"] = path
+                import json
+
+                spec = "json:" + json.dumps(dict(options) if path is None else
+                                            {**options, "file": {"filename": path}}, separators=(",", ":"))
+            filename, driver = image_opts(spec, parsed)
+        elif path is not None and path.startswith("json:"):
+            from vdkit.block import json_name
+
+            spec = path
+            try:
+                flat = json_name.parse(path)
+            except OpenError as exc:
+                raise exc.prefixed(f"Could not open '{path}': ") from None
+            filename, driver = image_opts(path, flat)
+        elif path is not None:
+            filename, driver = path, None
+        else:
+            raise TypeError("vdkit.open() needs a path or options")
+        from vdkit.block.node import open_image
+
+        try:
+            return open_image(filename, driver or fmt, readonly=readonly, force_share=force_share,
+                              backing=backing, policy=policy)
+        except VdkitError as exc:
+            if spec is None:
+                raise
+            renamed = reprefix_open_error(exc, filename, spec)
+            if renamed is exc:
+                raise
+            raise renamed from exc
+
+
+def _add_objects(objects: Mapping[str, Mapping[str, str]], secrets: dict[str, bytes]) -> None:
+    """TLS credentials (``tls-creds-x509``...) by id, created and checked as ``--object`` creates them."""
+    from vdkit.errors import VdkitError
+    from vdkit.protocols.tls import TLS_TYPES, register_object
+
+    for obj_id, given in objects.items():
+        props = dict(given)
+        qom_type = props.pop("qom-type", None)
+        if qom_type not in TLS_TYPES:
+            raise VdkitError(f"Object '{obj_id}': qom-type must be one of {', '.join(TLS_TYPES)} "
+                             "(secrets are given with secrets=)")
+        register_object(obj_id, str(qom_type), props, secrets)

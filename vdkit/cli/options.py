@@ -254,24 +254,6 @@ def _probe_name(driver: str, name: str) -> str | None:
         f.close()  # type: ignore[attr-defined]
 
 
-def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
-    """Name ``spec`` instead of ``filename`` in a top-level "Could not open" error, as qemu-img does."""
-    from vdkit.errors import VdkitError
-
-    if not isinstance(exc, VdkitError):
-        return exc
-    prefix = f"Could not open '{filename}': "
-    if exc.message.startswith(prefix):
-        inner = exc.__cause__ if isinstance(exc.__cause__, VdkitError) else None
-        if inner is not None and inner.message == exc.message[len(prefix):]:
-            return inner.prefixed(f"Could not open '{spec}': ")
-        err = exc.prefixed("")
-        err.message = f"Could not open '{spec}': " + exc.message[len(prefix):]
-        err.args = (err.message,)
-        return err
-    return exc
-
-
 CACHE_MODES = tuple(_CACHE_TABLE)  # qemu-img checks the name only
 
 
@@ -335,6 +317,7 @@ class SpecNames:
         self.pairs = [(f, s) for f, s in pairs if s is not None]
 
     def rewrite(self, exc: Exception) -> Exception:
+        from vdkit.block.image_opts import reprefix_open_error
         from vdkit.errors import UnsupportedError, VdkitError
 
         for filename, spec in self.pairs:

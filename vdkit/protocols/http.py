@@ -33,6 +33,7 @@ from vdkit.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from vdkit.block.secrets import OpenScope
     from vdkit.protocols.http_wire import Connection, Response
 
 PREFIXES = ("http", "https")
@@ -61,9 +62,13 @@ node stays read-only (writes fail), where a plain writable open is refused."""
 
 
 def _glib_then(message: str) -> OpenError:
-    """QEMU 7.2's curl driver prints two GLib assertion lines before its option errors (a cleanup bug)."""
-    _report("GLib: g_hash_table_foreach_remove: assertion 'hash_table != NULL' failed")
-    _report("GLib: g_hash_table_destroy: assertion 'hash_table != NULL' failed")
+    """QEMU 7.2's curl driver prints two GLib assertion lines before its option errors (a cleanup bug):
+    the front ends print them too; the library's opens (a scope of their own) do not."""
+    from vdkit.block.secrets import PROCESS, current
+
+    if current() is PROCESS:
+        _report("GLib: g_hash_table_foreach_remove: assertion 'hash_table != NULL' failed")
+        _report("GLib: g_hash_table_destroy: assertion 'hash_table != NULL' failed")
     return OpenError(message)
 
 
@@ -265,6 +270,9 @@ class HttpFile(RemoteFile):
     def __init__(self, url: str, *, readonly: bool = True, force_share: bool = False, driver: str | None = None,
                  readahead: int = DEFAULT_READAHEAD, sslverify: bool = True, timeout: int = DEFAULT_TIMEOUT,
                  cookie: str | None = None) -> None:
+        from vdkit.block.secrets import current
+
+        self._scope = current()  # where its read errors are reported (_report)
         preset = _presets().get(url)
         if preset is not None:
             driver = driver or str(preset["driver"])
@@ -563,7 +571,7 @@ class HttpFile(RemoteFile):
         try:
             buf = self._get(offset, want)
         except HttpError as exc:
-            _report(f"curl: {exc.message}")
+            _report(f"curl: {exc.message}", self._scope)
             raise OSError(_errno.EIO, exc.message) from None
         self._keep(offset, buf)
         return offset, buf
@@ -596,7 +604,7 @@ class HttpFile(RemoteFile):
                             self._cancel_ahead()
                         buf = self._get(pos, want)
                 except HttpError as exc:
-                    _report(f"curl: {exc.message}")
+                    _report(f"curl: {exc.message}", self._scope)
                     raise OSError(_errno.EIO, exc.message) from None
                 self._keep(pos, buf)
                 hit = (pos, buf)
@@ -643,10 +651,17 @@ REPORT_SINK: list[str] | None = None
 """Where :func:`_report` puts its lines instead of stderr (the daemon prefixes them with the -drive)."""
 
 
-def _report(message: str) -> None:
-    """A line on stderr as QEMU's error_report prints it while a read fails (``qemu-img: curl: ...``)."""
+def _report(message: str, scope: OpenScope | None = None) -> None:
+    """A line on stderr as QEMU's error_report prints it while a read fails (``qemu-img: curl: ...``); a
+    file the library opened (``scope``: the open's, not a front end's) gives it to its scope's warnings."""
     import sys
 
+    if scope is not None:
+        from vdkit.block.secrets import PROCESS
+
+        if scope is not PROCESS:
+            scope.warning(message)
+            return
     if REPORT_SINK is not None:
         REPORT_SINK.append(message)
         return
