@@ -137,3 +137,29 @@ def test_held_job_inside_the_chain(daemons: Daemons, tmp_path: Path, cmd: str) -
     p.same_events()
     p.same("query-named-block-nodes")
     p.finish(daemons)
+
+
+def test_nodes_of_a_concluded_stream(daemons: Daemons, tmp_path: Path) -> None:
+    """qemu-system-x86_64 7.2 dies (SIGSEGV) answering query-named-block-nodes while a stream job is concluded
+    and not dismissed, so QEMU is not asked then.  vdkit answers with the graph as the finished job left it:
+    the same listing as after job-dismiss (no copy-on-read filter, the streamed-over image gone), the chain
+    query-block shows; after the dismiss both daemons list the same nodes."""
+    p = ChainPair(daemons, tmp_path)
+    p.same("block-stream", {"device": "disk0", "job-id": "s", "auto-dismiss": False, "base": "DIR/mid1.qcow2"})
+    p.wait("concluded")
+    p.same("query-block-jobs")
+    p.same("query-block")
+    v, vdir = p.mons[1], p.dirs[1]
+    while_concluded = [normalise(v.cmd_line("query-named-block-nodes", args)) for args in (None, {"flat": True})]
+    listed = json.loads(while_concluded[0])["return"]
+    assert sorted(e["image"]["filename"] for e in listed if e["drv"] == "qcow2") == [
+        str(vdir / f"{n}.qcow2") for n in ("base", "mid1", "top")]
+    assert all(e["drv"] != "copy-on-read" for e in listed)
+    p.same("job-dismiss", {"id": "s"})
+    p.wait("null")
+    p.same_events()
+    assert [normalise(v.cmd_line("query-named-block-nodes", args)) for args in (None, {"flat": True})] == \
+        while_concluded
+    p.same("query-named-block-nodes")
+    p.same("query-named-block-nodes", {"flat": True})
+    p.finish(daemons)
