@@ -212,3 +212,50 @@ def test_stream_read_error_below(daemons: Daemons, tmp_path: Path, policy: str) 
     _same_events(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("top.qcow2")  # streamed (stop) or still over mid (the failed ones), alike in both
+
+
+_ENOSPC = '[inject-error]\nevent = "write_aio"\nerrno = "28"\n'
+_WRITE_ONCE = '[inject-error]\nevent = "write_aio"\nerrno = "5"\nonce = "on"\n'
+COMMIT_CASES = [("intermediate", "ignore", _WRITE_ONCE), ("intermediate", "stop", _WRITE_ONCE),
+                ("intermediate", "enospc", _ENOSPC), ("active", "stop", _WRITE_ONCE), ("active", "report", _WRITE_ONCE)]
+
+
+@pytest.mark.parametrize(("kind", "policy", "rules"), COMMIT_CASES, ids=[f"{c[0]}-{c[1]}" for c in COMMIT_CASES])
+def test_commit_write_error_into_base(daemons: Daemons, tmp_path: Path, kind: str, policy: str, rules: str) -> None:
+    """block-commit into a base whose writes fail (blkdebug under the base of a -blockdev chain): the
+    failed write's BLOCK_JOB_ERROR (operation write) by the policy; a stopped job is resumed (a permanent
+    ENOSPC stops it again: then cancelled); the base's content afterwards equals QEMU's.  Where an active
+    commit (QEMU's mirror: parallel requests in another order) got when it failed is masked."""
+    conf = tmp_path / "rules.conf"
+    conf.write_text(rules)
+    chain = ["-blockdev", "driver=qcow2,node-name=base,file.driver=blkdebug,file.image.driver=file,"
+                          f"file.image.filename=DIR/base.qcow2,file.config={conf}",
+             "-blockdev", "driver=file,node-name=mf,filename=DIR/mid.qcow2",
+             "-blockdev", "driver=qcow2,node-name=mid,file=mf,backing=base",
+             "-blockdev", "driver=file,node-name=tf,filename=DIR/top.qcow2",
+             "-blockdev", "driver=qcow2,node-name=top,file=tf,backing=mid"]
+    p = Pair(daemons, tmp_path, drive=chain)
+    args = {"device": "top", "job-id": "j", "on-error": policy, "base-node": "base"}
+    if kind == "intermediate":
+        args["top-node"] = "mid"
+    p.same("block-commit", args)
+    p.wait("BLOCK_JOB_ERROR")
+    masked = kind == "active"
+    if policy in ("stop", "enospc"):
+        _wait_status(p, "paused")
+        p.same("query-block-jobs", mask=_OFFSET if masked else None)  # io-status failed / nospace
+        p.same("block-job-resume", {"device": "j"})
+        if policy == "enospc":  # still no space: stopped again
+            _wait_status(p, "paused", 2)
+            p.same("block-job-cancel", {"device": "j", "force": True})
+    if kind == "active" and policy != "report":
+        p.wait("BLOCK_JOB_READY")
+        p.same("block-job-complete", {"device": "j"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=masked)
+    p.quit(daemons)
+    if policy != "report":  # (a failed active commit got elsewhere in QEMU's order)
+        p.compare("base.qcow2")
+    for d in p.dirs:  # nothing damaged (vdkit leaks the clusters of the failed write: QEMU frees them)
+        r = qemu_img("check", "-q", str(d / "base.qcow2"))
+        assert r.returncode in (0, 3), r.stdout + r.stderr
