@@ -167,7 +167,9 @@ class CommitJob(JobDriver):
             self._buf = bytearray(length)
         while True:
             try:
-                return copy_down(self.top, self.base, offset, length, zero_writes=self.active, buf=self._buf)
+                # an I/O phase (Job.io): queries read beside the step's status lookups, reads and writes
+                return job.io(lambda: copy_down(self.top, self.base, offset, length, zero_writes=self.active,
+                                                buf=self._buf))
             except OSError as exc:
                 if not job.io_error("read" if isinstance(exc, SourceError) else "write", exc):
                     # ignored: the range is copied again later, as QEMU's commit does (the active commit's
@@ -214,7 +216,7 @@ class CommitJob(JobDriver):
                 offset += n
                 job.pause_point()
             job.sync_unlocked(base)  # the data written back without the lock, the flush is then short
-            bio.flush(base)
+            job.io(bio.flush, base)
             return
         # active: QEMU's mirror-based commit copies what a dirty bitmap says, starting with everything
         # the images above the base allocate; guest writes mark it again (and wake the job)
@@ -228,7 +230,7 @@ class CommitJob(JobDriver):
             self._copy_dirty(job, bm)
             job.pause_point()
         job.sync_unlocked(base)  # the data written back without the lock, the flush is then short
-        bio.flush(base)
+        job.io(bio.flush, base)
         job.set_ready()
         while not job.should_exit:
             if bm.count():

@@ -11,7 +11,11 @@ into (``Job.writeback``, every ``WRITEBACK_EVERY`` bytes, and before its
 flushes: :meth:`Job.sync_unlocked`).  So a query never sees a half-copied chunk or a half-switched
 chain, and a command that holds the lock always finds every job at a pause
 point, which is what lets ``block-job-pause`` and drains change a sleeping
-job's state at once, before the command answers, as QEMU does.
+job's state at once, before the command answers, as QEMU does.  A step's data
+reads and writes are *I/O phases* (:meth:`Job.io`): the job keeps the lock,
+but pure queries (``query-block``, ...) read beside it meanwhile instead of
+waiting for the disk (:class:`DeviceLock`); the job leaves the phase only
+once they are done.
 
 No asyncio here, and no monitor code: events leave through the ``emit``
 callable the job was created with (the daemon's thread-safe event sink), in
@@ -28,6 +32,8 @@ held, in the job's thread):
 * ``job.len`` / ``job.offset`` are the progress counters (``len`` is the
   total, may grow; ``job.advance(done, copied)`` adds ``done`` to ``offset``
   and charges ``copied`` bytes to the speed limit);
+* do the chunk's reads and writes (and status lookups) through ``job.io(fn, *args)``, and nothing
+  else there: no bitmap, progress, chain or event changes (queries read meanwhile);
 * call ``job.pause_point()`` after each chunk, not before the first (the
   lock is handed over at most every few milliseconds: other threads get
   their turn; pause and cancel take effect here; after a chunk that was
@@ -78,7 +84,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vdkit.errors import VdkitError
 from vdkit.opts import id_wellformed
@@ -89,6 +95,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Emit = Callable[[str, "dict[str, Any] | None"], None]
+_T = TypeVar("_T")
 
 
 class Status(Enum):
@@ -524,6 +531,23 @@ class Job:
             self._unsynced += copied
             self._delay_ns += self.limit.delay_ns(copied)
 
+    def io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``, the job's data I/O (reads and writes, no other state change), as an I/O phase of
+        the device lock: pure queries read beside it instead of waiting for it (:class:`DeviceLock`).
+
+        Only the job's own thread: a copy made by another thread's write hook
+        (a backup's copy-before-write) runs inside that thread's request, whose
+        state is not the job's to vouch for.  Errors are the caller's, after
+        the phase (the error policy may pause the job)."""
+        lock = self.jobs.lock
+        if not isinstance(lock, DeviceLock) or threading.current_thread() is not self._thread:
+            return fn(*args)
+        lock.io_begin()
+        try:
+            return fn(*args)
+        finally:
+            lock.io_end()
+
     def set_ready(self) -> None:
         """In sync (mirror, active commit): ``ready`` and BLOCK_JOB_READY."""
         self._started = True
@@ -720,12 +744,31 @@ class DeviceLock:
     GIL (a counter's ``+=`` is not, and one lost decrement would leave the job
     handing over for nothing, one lost increment keep a query waiting for the
     whole job), and a waiter seen a moment late only waits one more step.
+
+    **Queries during a job's data I/O.**  A job's step reads and writes up to
+    a few MiB with the lock held; a query waiting for the step's end waited
+    for the disk.  What a pure query reads (the graph, headers, file sizes,
+    bitmap counts) does not change while a job moves data, so the job marks
+    its data I/O as an *I/O phase* (:meth:`io_begin`/:meth:`io_end`, through
+    :meth:`Job.io`) and a pure query (:meth:`acquire_query`) reads then
+    without the lock, beside the job, as a shared reader.  The job keeps the
+    lock meanwhile, so nothing else (a command, an NBD request) runs, and it
+    waits at :meth:`io_end` until the readers are done before it changes any
+    state again: a query never sees a half-done step or a half-switched chain.
     """
+
+    LOCKED = 1  # acquire_query: the lock is held (release it)
+    SHARED = 2  # acquire_query: reading beside a job's data I/O (end with end_query)
+    QUERY_POLL = 0.002  # a waiting query looks at the lock this often (a command's end is not signalled)
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._waiters: set[int] = set()
         self._handed = threading.Event()  # set when a waiting thread got the lock (see hand_over)
+        # the I/O phase and its shared readers (see the class doc); _gate orders them with the job
+        self._gate = threading.Condition(threading.Lock())
+        self._io_phase = False
+        self._readers = 0
         # what threading.Condition uses when its lock has them (a full release of a recursive hold)
         self._is_owned = self._lock._is_owned  # type: ignore[attr-defined]
         self._release_save = self._lock._release_save  # type: ignore[attr-defined]
@@ -772,7 +815,65 @@ class DeviceLock:
         the GIL), and a query then waited for the next pause point, or the next.
         """
         if self._waiters:
+            with self._gate:  # a query waiting in acquire_query takes the lock now (see there)
+                self._gate.notify_all()
             self._handed.wait(wait)
+
+    # -- shared reads during a job's data I/O ------------------------------------------------------
+    def io_begin(self) -> None:
+        """The holder (a job) starts data I/O: pure queries may read beside it until :meth:`io_end`."""
+        with self._gate:
+            self._io_phase = True
+            self._gate.notify_all()
+
+    def io_end(self) -> None:
+        """The data I/O is over: wait for the queries reading beside it (the job changes state next)."""
+        with self._gate:
+            self._io_phase = False
+            while self._readers:
+                self._gate.wait()
+
+    def acquire_query(self, blocking: bool = True) -> int:
+        """For a pure query: the lock (:attr:`LOCKED`), or a shared read beside a job's data I/O
+        (:attr:`SHARED`, ended by :meth:`end_query`), whichever comes first; 0 if not ``blocking`` and
+        neither is to be had now.
+
+        A waiting query counts as a waiter, so a job hands the lock over at its
+        next pause point (:meth:`hand_over` wakes the query), unless its next
+        I/O phase comes first.  The lock is tried with the gate held, so a
+        hand-over cannot slip between the try and the wait."""
+        if self._lock.acquire(False):
+            return self.LOCKED
+        with self._gate:
+            if self._io_phase:
+                self._readers += 1
+                return self.SHARED
+        if not blocking:
+            return 0
+        me = threading.get_ident()
+        self._waiters.add(me)
+        try:
+            with self._gate:
+                while True:
+                    if self._lock.acquire(False):
+                        self._handed.set()
+                        return self.LOCKED
+                    if self._io_phase:
+                        self._readers += 1
+                        return self.SHARED
+                    self._gate.wait(self.QUERY_POLL)
+        finally:
+            self._waiters.discard(me)
+
+    def end_query(self, how: int) -> None:
+        """End what :meth:`acquire_query` returned."""
+        if how == self.LOCKED:
+            self._lock.release()
+        elif how == self.SHARED:
+            with self._gate:
+                self._readers -= 1
+                if not self._readers:
+                    self._gate.notify_all()
 
     def __enter__(self) -> bool:
         return self.acquire()

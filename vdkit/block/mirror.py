@@ -70,10 +70,11 @@ def job_io(job: Job, op: str, fn: Callable[[], object], *, on_source_error: str,
            on_target_error: str) -> object | None:
     """One I/O of a copying job (mirror, backup): its result (True for None), or None when an error was
     ignored; errors go through ``on-source-error`` (reads) or ``on-target-error`` (writes), and a
-    stopped job retries the I/O once resumed."""
+    stopped job retries the I/O once resumed.  The I/O is an I/O phase of the job (:meth:`Job.io`:
+    queries read meanwhile)."""
     while True:
         try:
-            result = fn()
+            result = job.io(fn)
             return True if result is None else result
         except OSError as exc:
             err: BaseException = exc
@@ -186,7 +187,7 @@ class MirrorJob(JobDriver):
                 while self.bitmap.count():
                     self._copy_next(job)
                 job.len = job.offset
-                bio.flush(self.target)
+                job.io(bio.flush, self.target)
                 return
             job.pause_point(idle=True)
 

@@ -74,25 +74,33 @@ class StreamJob(JobDriver):
         offset = 0
         ignored: OSError | None = None
         buf = bytearray()  # one buffer for every step: a new 2 MiB object per step costs its page faults
+        below = top.backing
+
+        def plan(offset: int, length: int) -> tuple[bool, int]:
+            """Whether the run at ``offset`` is to be copied, and its length (status lookups read tables)."""
+            st = bio.layer_status(top, offset, length)
+            if st.flags & bio.ALLOCATED:
+                return False, st.length
+            return allocated_above(below, base, offset, st.length or length)
+
+        def copy_run(offset: int, data: memoryview) -> None:
+            bio.readinto(top, offset, data)  # (through the chain straight into the buffer)
+            if is_zero(data):
+                bio.write_zeroes(top, offset, len(data))
+            else:
+                bio.write(top, offset, data)  # type: ignore[arg-type]  # (a bytes-like view)
+
         while offset < size:
             length = min(job.step_size(CHUNK), size - offset)
-            st = bio.layer_status(top, offset, length)
-            copy = False
-            if st.flags & bio.ALLOCATED:
-                n = st.length
-            else:
-                copy, n = allocated_above(top.backing, base, offset, st.length or length)
+            # the reads and writes of a step are I/O phases (Job.io): queries read beside them
+            copy, n = job.io(plan, offset, length)
             if copy:
+                if len(buf) < n:
+                    buf = bytearray(n)
+                data = memoryview(buf)[:n]
                 while True:
                     try:
-                        if len(buf) < n:
-                            buf = bytearray(n)
-                        data = memoryview(buf)[:n]
-                        bio.readinto(top, offset, data)  # (through the chain straight into the buffer)
-                        if is_zero(data):
-                            bio.write_zeroes(top, offset, n)
-                        else:
-                            bio.write(top, offset, data)  # type: ignore[arg-type]  # (a bytes-like view)
+                        job.io(copy_run, offset, data)
                         break
                     except OSError as exc:
                         if not job.io_error("read", exc):
@@ -104,7 +112,7 @@ class StreamJob(JobDriver):
         if ignored is not None:  # a range was not copied: the chain must not change
             raise ignored
         job.sync_unlocked(top)  # the data written back without the lock, the flush is then short
-        bio.flush(top)
+        job.io(bio.flush, top)
 
     def prepare(self, job: Job) -> None:
         from vdkit.block import io as bio

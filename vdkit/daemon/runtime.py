@@ -125,16 +125,44 @@ class Daemon:
                 if not pure:
                     self.machine.generation += 1  # whatever it did, cached renderings are stale
 
+    def _query(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, how: int) -> Any:
+        """A pure query run as ``how`` says (:meth:`DeviceLock.acquire_query`), the hold ended after.
+
+        Read beside a job's data I/O (``SHARED``), a query that fails is run
+        again with the lock held (its answer then is the one the lock gives;
+        a pure query changes nothing, so running it twice is harmless)."""
+        lock = self.machine.lock
+        try:
+            return fn(ctx)
+        except Exception:
+            if how != lock.SHARED:
+                raise
+        finally:
+            lock.end_query(how)
+        return self._execute(fn, ctx, pure=True)
+
+    def _wait_query(self, fn: Callable[[CommandContext], Any], ctx: CommandContext) -> Any:
+        return self._query(fn, ctx, self.machine.lock.acquire_query())
+
     async def _run(self, fn: Callable[[CommandContext], Any], ctx: CommandContext, *, pure: bool = False) -> Any:
-        # A query that finds the lock free runs right here: its answer is a
+        # A query that finds the lock free, or a job moving data (DeviceLock's
+        # I/O phase: it reads beside the job), runs right here: its answer is a
         # cached rendering plus a few stat() calls, and the thread hand-off
-        # would cost more than the query.  Anything else, or a query that
-        # would have to wait for a command in progress, goes to a worker.
-        if pure and self.machine.lock.acquire(blocking=False):
-            try:
-                return fn(ctx)
-            finally:
-                self.machine.lock.release()
+        # would cost more than the query.  A query that would have to wait
+        # (a command in progress, a job between two I/O phases) waits in a
+        # worker; so does anything else.
+        if pure:
+            how = self.machine.lock.acquire_query(blocking=False)
+            if how == self.machine.lock.SHARED:
+                try:
+                    return fn(ctx)
+                except Exception:  # (not run again here: the retry under the lock may wait)
+                    pass
+                finally:
+                    self.machine.lock.end_query(how)
+            elif how:
+                return self._query(fn, ctx, how)
+            return await asyncio.to_thread(self._wait_query, fn, ctx)
         return await asyncio.to_thread(self._execute, fn, ctx, pure=pure)
 
     def _broadcast(self, events: list[tuple[str, dict[str, Any] | None]]) -> None:
