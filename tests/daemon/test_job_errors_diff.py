@@ -259,3 +259,43 @@ def test_commit_write_error_into_base(daemons: Daemons, tmp_path: Path, kind: st
     for d in p.dirs:  # nothing damaged (vdkit leaks the clusters of the failed write: QEMU frees them)
         r = qemu_img("check", "-q", str(d / "base.qcow2"))
         assert r.returncode in (0, 3), r.stdout + r.stderr
+
+
+def test_failed_job_kept_until_dismissed(daemons: Daemons, tmp_path: Path) -> None:
+    """A job failed by an I/O error with auto-dismiss off: query-block-jobs and query-jobs list it concluded
+    with its ``error`` (a member block-jobs.md §11 had not captured), HMP info block-jobs, then job-dismiss."""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+    p = Pair(daemons, tmp_path, drive=["-drive", f"file=blkdebug:{conf}:DIR/top.qcow2,if=none,id=disk0"])
+    p.same("block-commit", {"device": "disk0", "job-id": "j", "auto-dismiss": False})
+    _wait_status(p, "concluded")
+    p.same("query-block-jobs")
+    p.same("query-jobs")
+    p.hmp("info block-jobs")
+    p.same("job-dismiss", {"id": "j"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+
+
+def test_job_verbs_on_a_stopped_job(daemons: Daemons, tmp_path: Path) -> None:
+    """The job-* verbs on a mirror stopped by a read error (block-jobs.md §11: only "Job not found" was
+    captured): job-pause of the paused job and job-complete before ready refused, job-resume, job-complete
+    when ready, query-jobs in pending (auto-finalize off), job-cancel there."""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+    p = Pair(daemons, tmp_path, drive=["-drive", f"file=blkdebug:{conf}:DIR/top.qcow2,if=none,id=disk0"])
+    p.same("drive-mirror", {"device": "disk0", "job-id": "m", "target": "DIR/o.qcow2", "sync": "full",
+                            "on-source-error": "stop", "auto-finalize": False})
+    _wait_status(p, "paused")
+    p.same("job-pause", {"id": "m"})
+    p.same("job-complete", {"id": "m"})
+    p.same("query-jobs")
+    p.same("job-resume", {"id": "m"})
+    p.wait("BLOCK_JOB_READY")
+    p.same("job-complete", {"id": "m"})
+    _wait_status(p, "pending")
+    p.same("query-jobs")
+    p.same("job-cancel", {"id": "m"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+    p.same("query-block")
