@@ -311,6 +311,7 @@ def open_image(
     share_writes: bool = False,
     resize: bool = False,
     on_open: Callable[[FormatDriver], None] | None = None,
+    own_backing: bool = False,
 ) -> Node:
     """Open an image (and, with ``backing=True``, its whole backing chain).
 
@@ -326,6 +327,10 @@ def open_image(
     :meth:`vdkit.io.locks.LockMode.for_image`.  ``on_open`` is called with the
     driver as soon as the image's format has opened: where QEMU prints what
     opening printed (the probed-raw warning), before a raw file is locked.
+    ``own_backing`` (with ``backing=False``): the caller opens the backing
+    chain itself, layer by layer (``commit``), so what options said about the
+    backing is checked as for an open that follows it, and left for the
+    caller (:func:`backing_of`) instead of refused as unused.
     Errors carry qemu-img's text, prefixed with ``Could not open '<name>': ``.
     """
     name = os.fspath(filename)
@@ -334,7 +339,7 @@ def open_image(
     try:
         return _open(name, fmt, readonly=readonly, force_share=force_share, backing=backing,
                      check_mode=check_mode, no_io=no_io, walk=walk, share_writes=share_writes, resize=resize,
-                     on_open=on_open)
+                     on_open=on_open, own_backing=own_backing)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not open '{name}': ") from exc
 
@@ -353,6 +358,7 @@ def _open(
     resize: bool = False,
     attached: bool = False,
     on_open: Callable[[FormatDriver], None] | None = None,
+    own_backing: bool = False,
 ) -> Node:
     if fmt is not None and not registry.is_known(fmt):
         raise OpenError(f"Unknown driver '{fmt}'")
@@ -364,7 +370,7 @@ def _open(
             return _open_on(window, name, fmt, readonly=readonly,  # type: ignore[arg-type]  # file-like
                             force_share=force_share, backing=backing and given_option(name, "backing") != "null",
                             check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open,
-                            override=backing_override(name))
+                            override=backing_override(name), own_backing=own_backing)
     proto = protocol_of(name)
     # a protocol as the top node (driver=nbd/rbd) opens only its own names
     required: str | None = None if fmt is None else getattr(registry.format_module(fmt), "NAME_REQUIRED", None)
@@ -390,7 +396,8 @@ def _open(
         name = name[len("file:"):]
     elif pdriver is not None:
         return _open_protocol(pdriver, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                              check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override)
+                              check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override,
+                              own_backing=own_backing)
     elif proto in QEMU_PROTOCOLS:
         raise UnsupportedError(f"Protocol '{proto}' is not supported by vdkit")
     elif proto is not None:
@@ -400,7 +407,7 @@ def _open(
     file = ImageFile(name, readonly=readonly, force_share=force_share, lock=False)  # locked once probed
     return _open_on(file, name, fmt, readonly=readonly, force_share=force_share, backing=backing,
                     check_mode=check_mode, no_io=no_io, walk=walk, share_writes=share_writes, resize=resize,
-                    attached=attached, on_open=on_open, override=override)
+                    attached=attached, on_open=on_open, override=override, own_backing=own_backing)
 
 
 def _open_on(
@@ -419,6 +426,7 @@ def _open_on(
     attached: bool = False,
     on_open: Callable[[FormatDriver], None] | None = None,
     override: BackingOverride | None = None,
+    own_backing: bool = False,
 ) -> Node:
     """Open the format layer on an opened protocol node (a local file or an NBD export).
 
@@ -454,7 +462,7 @@ def _open_on(
             # Reading guest data needs the key: only the luks format takes one (its driver sets has_key)
             raise OpenError("Parameter 'encrypt.key-secret' is required for cipher")
         driver.open_children(ctx)
-        if override is not None and _backing_refused(driver, fmt, override, backing):
+        if override is not None and _backing_refused(driver, fmt, override, backing or own_backing):
             override = None  # a "default" backing member: the image's own backing name
         if backing and (driver.backing_file is not None or override is not None):
             _open_backing(node, force_share=force_share, no_io=no_io, walk=walk, share_writes=share_writes,
@@ -471,7 +479,7 @@ def _open_on(
 def _open_protocol(driver: str, name: str, fmt: str | None, *, readonly: bool, force_share: bool,
                    backing: bool, check_mode: bool, no_io: bool, walk: BackingWalk,
                    on_open: Callable[[FormatDriver], None] | None = None,
-                   override: BackingOverride | None = None) -> Node:
+                   override: BackingOverride | None = None, own_backing: bool = False) -> Node:
     """A name of a protocol of :mod:`vdkit.protocols.registry` (NBD, HTTP(S), RBD): its ``open_file`` gives
     the file and the name the format opens it under; a file with a ``node_name`` names the node once its
     format is known (rbd: ``json:{"driver": FMT, "file": {...}}``, as QEMU names it)."""
@@ -479,7 +487,8 @@ def _open_protocol(driver: str, name: str, fmt: str | None, *, readonly: bool, f
 
     pfile, pname = protocol_module(driver).open_file(name, readonly=readonly, force_share=force_share, fmt=fmt)
     node = _open_on(pfile, pname, fmt, readonly=readonly, force_share=force_share, backing=backing,
-                    check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override)
+                    check_mode=check_mode, no_io=no_io, walk=walk, on_open=on_open, override=override,
+                    own_backing=own_backing)
     node_name = getattr(pfile, "node_name", None)
     if node_name is not None:
         node.filename = node_name(node.format)
@@ -505,20 +514,53 @@ def _backing_refused(driver: FormatDriver, fmt: str, override: BackingOverride, 
     return override.kind == "default"
 
 
-def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk,
-                  share_writes: bool = False, override: BackingOverride | None = None) -> None:
+def _backing_name(node: Node, walk: BackingWalk, override: BackingOverride | None) -> tuple[str, str | None]:
+    """(name, format) of the backing ``node`` opens: its header's, resolved through ``walk``, or what the
+    options' ``backing`` object (``override``) makes of it.  Errors of the options come prefixed
+    'Could not open backing file: ', the walk's (policy, depth, NBD's base directory) without."""
     stored = node.driver.backing_file
     fmt = node.driver.backing_format
     # the image's name is resolved unless the options name the file (its errors stay: NBD's base directory)
     resolved = None if stored is None or override is not None and override.explicit else \
         walk.backing_of(node.filename, stored)
-    try:
-        if override is not None:
+    if override is not None:
+        try:
             if override.kind == "ref":
                 raise OpenError(f"Cannot find device='{override.ref}' nor node-name='{override.ref}'")
             assert override.open is not None
             resolved, fmt = override.open(resolved, fmt)
-        assert resolved is not None
+        except VdkitError as exc:
+            raise exc.prefixed("Could not open backing file: ") from exc
+    assert resolved is not None
+    return resolved, fmt
+
+
+def backing_of(node: Node, name: str, walk: BackingWalk) -> tuple[str, str | None, bool] | None:
+    """The backing of a layer opened with ``own_backing`` under ``name``: ``(name, format, overridden)``,
+    or None when it has none (no backing file and no ``backing`` object, or ``"backing": null``).
+
+    ``overridden``: options gave a backing node other than the one the header names (QEMU then matches
+    ``commit -b`` only against that node's file name, as given).  Errors as :func:`_backing_name`'s.
+    """
+    from vdkit.block.chain import backing_override, given_option
+
+    if given_option(name, "backing") == "null":
+        return None
+    override = backing_override(name)
+    if override is not None and override.kind == "default":
+        override = None  # a scalar or empty object: the header's backing (open_image refused it otherwise)
+    stored = node.driver.backing_file
+    if stored is None and override is None:
+        return None
+    target, fmt = _backing_name(node, walk, override)
+    header = None if stored is None else resolve_backing_name(node.filename, stored)
+    return target, fmt, override is not None and target != header
+
+
+def _open_backing(node: Node, *, force_share: bool, no_io: bool, walk: BackingWalk,
+                  share_writes: bool = False, override: BackingOverride | None = None) -> None:
+    resolved, fmt = _backing_name(node, walk, override)
+    try:
         # Backing files are only ever read; they are opened read-only and shared as the top is (a raw
         # backing file below a qemu-img command's image refuses nothing, as in QEMU)
         node.backing = _open(

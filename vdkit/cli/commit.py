@@ -58,43 +58,47 @@ def main(argv: list[str]) -> int:
 def _open_chain(filename: str, fmt: str | None, base: str | None, shown: str | None = None) -> tuple[Node, Node]:
     """Top (writable), intermediates (read-only) and the base (writable, with its own backing).
 
-    ``shown`` is the name messages give the top image (the spec under ``--image-opts``).
+    ``shown`` is the name messages give the top image (the spec under ``--image-opts``).  A backing
+    that ``json:``/``--image-opts`` options give (a ``backing`` object, also below the top) is the
+    layer below, as in qemu-img, which commits into it; ``"backing": null`` ends the chain there.
+    ``-b`` names a layer as QEMU finds it: below a layer whose backing the options replaced, only by
+    that node's file name as given; elsewhere by the name the image stores or its resolved name.
     """
     from vdkit.block.chain import BackingWalk
-    from vdkit.block.node import open_image
+    from vdkit.block.node import backing_of, open_image
     from vdkit.cli.snapshot_write import warn_if_probed
 
     walk = BackingWalk()  # the caller's policy, depth limit and loop detection over every layer
-    top = open_image(filename, fmt, readonly=False, backing=False, walk=walk, share_writes=True,
+    top = open_image(filename, fmt, readonly=False, backing=False, own_backing=True, walk=walk, share_writes=True,
                      on_open=lambda drv: warn_if_probed(drv, fmt, filename))
     try:
-        cur = top
+        cur, cur_name = top, filename
         depth = 0  # of the layer being opened below the top
         while True:
-            stored = cur.driver.backing_file
-            if stored is None:
-                if base is None and cur is top:
-                    raise VdkitError("Image does not have a backing file")
-                raise VdkitError(f"Did not find '{base}' in the backing chain of '{shown or filename}'")
             # qemu-img opens the whole chain as one open of the top: a layer's error names the top,
             # then says 'Could not open backing file: ' once per level below it
             chain_prefix = f"Could not open '{filename}': " + "Could not open backing file: " * depth
             try:
-                name = walk.backing_of(cur.filename, stored)
+                below = backing_of(cur, cur_name, walk)
             except VdkitError as exc:
                 raise exc.prefixed(chain_prefix) from exc
-            assert name is not None
-            is_base = base is None or name == base or stored == base
+            if below is None:
+                if base is None and cur is top:
+                    raise VdkitError("Image does not have a backing file")
+                raise VdkitError(f"Did not find '{base}' in the backing chain of '{shown or filename}'")
+            name, backing_fmt, overridden = below
+            stored = cur.driver.backing_file
+            is_base = base is None or name == base or not overridden and stored == base
             depth += 1
             try:
-                nxt = open_image(name, cur.driver.backing_format, readonly=not is_base, backing=is_base,
+                nxt = open_image(name, backing_fmt, readonly=not is_base, backing=is_base, own_backing=not is_base,
                                  walk=walk, share_writes=True)
             except VdkitError as exc:
                 raise _unnamed(exc, name).prefixed(chain_prefix + "Could not open backing file: ") from exc
             cur.backing = nxt
             if is_base:
                 return top, nxt
-            cur = nxt
+            cur, cur_name = nxt, name
     except BaseException:
         top.close()
         raise
