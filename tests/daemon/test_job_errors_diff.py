@@ -12,7 +12,6 @@ Offsets are masked only where QEMU's parallel requests make them vary (a failed 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -110,11 +109,10 @@ def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
     p.same("blockdev-add", _bad_node("t3", once=True))
     p.same("blockdev-add", _bad_node("t4", once=True))
     p.same("blockdev-add", _bad_node("t5"))
-    for n in names:  # the target nodes as QEMU lists them (the json: name through blkdebug)
-        outs = [json.dumps([e for e in json.loads(m.cmd_line("query-named-block-nodes"))["return"]
-                            if e["node-name"] == n]).replace(str(d), "DIR")
-                for m, d in zip(p.mons, p.dirs, strict=True)]
-        assert outs[1] == outs[0]
+    # the nodes as QEMU lists them: the blkdebug nodes (json: names, the image as a file node below,
+    # nested as its backing-image) and the targets over them
+    p.same("query-named-block-nodes")
+    p.same("query-named-block-nodes", {"flat": True})
 
     p.same("blockdev-backup", {"device": "disk0", "target": "t1", "sync": "full", "job-id": "b1",
                                "on-target-error": "enospc"})
@@ -202,6 +200,7 @@ def test_stream_read_error_below(daemons: Daemons, tmp_path: Path, policy: str) 
              "-blockdev", "driver=file,node-name=tf,filename=DIR/top.qcow2",
              "-blockdev", "driver=qcow2,node-name=top,file=tf,backing=mid"]
     p = Pair(daemons, tmp_path, drive=chain)
+    p.same("query-named-block-nodes")  # mid named by its options and its backing (json:), blkdebug:CONF:FILE
     p.same("block-stream", {"device": "top", "job-id": "j", "on-error": policy})
     p.wait("BLOCK_JOB_ERROR")
     if policy == "stop":

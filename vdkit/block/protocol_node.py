@@ -29,7 +29,7 @@ class ProtocolNodeDriver(FormatDriver):
     @property
     def dirty(self) -> bool | None:
         """Only the local file protocol has a ``dirty-flag`` (False); network protocols report none."""
-        return False if self.format_name == "file" else None
+        return False if self.format_name == "file" or getattr(self.file, "has_image_child", False) else None
 
 
 _CLASSES: dict[str, type[ProtocolNodeDriver]] = {}

@@ -132,9 +132,15 @@ class GraphNode:
         assert self.file is not None
         return self.file.filename
 
-    def describe(self) -> dict[str, Any]:
-        """The node as QEMU's json: filename describes it (keys sorted when dumped)."""
+    def describe(self) -> Any:
+        """The node as QEMU's json: filename describes it (a dict, or the text of a node described by
+        its options, :class:`JsonText`; dumped by :func:`dumps_described`)."""
         if self.file is not None:
+            options = getattr(self.file, "open_options", None)  # blkdebug: its options, however it is named
+            if options is not None:
+                return JsonText(options)
+            if self.filename.startswith("json:"):  # named by its options (curl)
+                return JsonText(self.filename[5:])
             return {"driver": self.driver, "filename": self.file.filename}
         d: dict[str, Any] = {"driver": self.driver}
         assert self.child is not None
@@ -157,21 +163,34 @@ def refresh_filename(g: GraphNode) -> None:
     """QEMU's filename: plain when the graph is what the header says, else ``json:{...}`` (§1.1)."""
     if not g.is_format:
         return
-    if g.child is not None and g.child.filename.startswith("json:") and g.child.file is not None:
-        from vdkit.info.render_json import qdict_order, quote  # a curl or blkdebug child named by its options
-
-        # the child's text as it is: parsed and printed again, keys sharing a hash bucket would swap
-        parts = {"driver": quote(g.driver), "file": g.child.filename[5:]}
-        g.filename = "json:{" + ", ".join(f"{quote(k)}: {parts[k]}" for k in qdict_order(["driver", "file"])) + "}"
-    elif not g.backing_override or not _backing_differs(g):
-        g.filename = g.plain_filename()
-    else:
-        assert g.child is not None
+    assert g.child is not None
+    if g.backing_override and _backing_differs(g):
         d = {"backing": g.backing.describe() if g.backing is not None else None, "driver": g.driver,
              "file": g.child.describe()}
-        g.filename = "json:" + json.dumps(d, sort_keys=True)
+        g.filename = "json:" + dumps_described(d)
+    elif g.child.filename.startswith("json:") and g.child.file is not None:  # a curl or blkdebug child
+        g.filename = "json:" + dumps_described({"driver": g.driver, "file": JsonText(g.child.filename[5:])})
+    else:
+        g.filename = g.plain_filename()
     if g.node is not None:
         g.node.filename = g.filename
+
+
+class JsonText(str):
+    """JSON text of a node described by its options, kept as QEMU printed it: parsed and printed again,
+    keys sharing a hash bucket would swap."""
+
+
+def dumps_described(value: Any) -> str:
+    """A node description as QEMU prints it: objects in QEMU's dictionary order (for the members a graph
+    description has, the sorted order), :class:`JsonText` as it is."""
+    from vdkit.info.render_json import dumps_compact, qdict_order, quote
+
+    if isinstance(value, JsonText):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{quote(k)}: {dumps_described(value[k])}" for k in qdict_order(list(value))) + "}"
+    return dumps_compact(value)
 
 
 def _backing_differs(g: GraphNode) -> bool:
@@ -388,7 +407,24 @@ def open_protocol_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: s
     g = GraphNode(name="", driver=driver, serial=0, ro=ro, cache=cache, auto_ro=auto_ro, implicit=implicit,
                   file=f, filename=filename)  # type: ignore[arg-type]  # protocol files are file-like
     _register(machine, g, name)
+    if getattr(f, "has_image_child", False):  # blkdebug: its image is listed as a file node below it
+        _image_child(machine, g)
     return g
+
+
+def _image_child(machine: DeviceRegistry, g: GraphNode) -> None:
+    """The implicit ``file`` node of a filter's local image (QEMU lists it, newer than its parent).
+
+    It shares the filter's descriptor (no rules in front) and takes no lock bytes of its own: the
+    filter's file holds what the filter's parents need, which a filter passes down unchanged.
+    """
+    assert g.file is not None
+    view = _BorrowedFile(g.file)
+    view.lock = None
+    child = GraphNode(name="", driver="file", serial=0, ro=g.ro, cache=g.cache, auto_ro=g.auto_ro, implicit=True,
+                      file=view, filename=view.filename)
+    _register(machine, child, None)
+    g.child = child
 
 
 def _open_protocol_name(machine: DeviceRegistry, driver: str, name: str, *, cache: BlockdevCacheInfo,

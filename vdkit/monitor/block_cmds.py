@@ -297,7 +297,11 @@ def graph_node_info(g: GraphNode, flat: bool, jobs: JobList | None = None) -> Bl
         assert g.file is not None
         proto = protocol_name(g.file)
         image = image_info(protocol_node(g.filename, g.file, readonly=g.ro))
-        return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv=proto, backing_file_depth=0,
+        depth = 0
+        if g.child is not None and g.child.file is not None and not flat:  # a filter's image (blkdebug's)
+            image.backing_image = image_info(protocol_node(g.child.filename, g.child.file, readonly=g.child.ro))
+            depth = 1
+        return BlockDeviceInfo(file=g.filename, node_name=g.name, ro=g.ro, drv=proto, backing_file_depth=depth,
                                encrypted=False, detect_zeroes=g.detect_zeroes, image=image,
                                cache=BlockdevCacheInfo(writeback=True, direct=g.cache.direct,
                                                        no_flush=g.cache.no_flush))

@@ -152,10 +152,14 @@ class Rules:
 class BlkdebugFile(ImageFile):
     """The image's local file with the rules in front of every request (see the module doc)."""
 
+    protocol_driver = "blkdebug"  # the node's ``drv`` (vdkit.block.protocol_node)
+    has_image_child = True  # a blockdev-add node lists its image as a node of its own (QEMU's ``image`` child)
+
     def __init__(self, image: str, rules: Rules, *, readonly: bool, force_share: bool = False,
                  lock: bool = False) -> None:
         super().__init__(image, readonly=readonly, force_share=force_share, lock=lock)
         self.rules = rules
+        self.open_options: str | None = None  # a blockdev-add node's options, as the graph describes it
 
     def pread(self, offset: int, length: int) -> bytes:
         self.rules.check(_READ, offset, length)
@@ -338,22 +342,33 @@ def _flatten(prefix: str, value: object, out: dict[str, object]) -> None:
         out[prefix] = value
 
 
+_NODE_KEYS = ("driver", "node-name", "read-only", "auto-read-only", "discard", "cache", "force-share",
+              "detect-zeroes")
+
+
 def node_name(opts: dict[str, Any]) -> str:
-    """The name QEMU gives a ``blockdev-add`` blkdebug node: ``json:{...}`` of the options given
-    (the image's nested, the rest flattened, in QEMU's dictionary order)."""
+    """The name QEMU gives a ``blockdev-add`` blkdebug node: ``blkdebug:CONFIG:FILE`` when a config file
+    (or nothing) is all it was given, else ``json:{...}`` of the options given (the image's nested, the
+    rest flattened, in QEMU's dictionary order)."""
+    own = [k for k in opts if k not in _NODE_KEYS and k != "image"]
+    if not own or own == ["config"]:
+        return f"blkdebug:{opts.get('config', '')}:{opts['image']['filename']}"
+    return "json:" + options_text(opts)
+
+
+def options_text(opts: dict[str, Any]) -> str:
+    """The node's options as QEMU prints them where it describes the node (``json:`` names of the node
+    and of the nodes above it): the image's nested, the rest flattened, in QEMU's dictionary order."""
     from vdkit.info.render_json import dumps_compact
 
     d: dict[str, object] = {}
     for key, value in opts.items():
         if key == "image":
             d["image"] = value
-        elif key in ("driver", "node-name", "read-only", "auto-read-only", "discard", "cache", "force-share",
-                     "detect-zeroes"):
-            continue
-        else:
+        elif key not in _NODE_KEYS:
             _flatten(key, value, d)
     d["driver"] = "blkdebug"
-    return "json:" + dumps_compact(d)
+    return dumps_compact(d)
 
 
 def open_blockdev(opts: dict[str, Any], *, readonly: bool, auto_read_only: bool) -> tuple[BlkdebugFile, str, bool]:
@@ -377,4 +392,5 @@ def open_blockdev(opts: dict[str, Any], *, readonly: bool, auto_read_only: bool)
 
     if image.get("locking") != "off":
         f.take_lock(LockMode(0, 0))  # nobody uses a new node yet: no bytes until a parent needs some
+    f.open_options = options_text(opts)
     return f, node_name(opts), ro
