@@ -254,3 +254,48 @@ def test_flag_runs(vals: list[int], data: st.DataObject) -> None:
                 model.append((i, i + 1, f))
         assert S.flag_runs(list(vals), lo, hi, need, some, absent) == model
         assert N.flag_runs(N.array(vals), lo, hi, need, some, absent) == model
+
+
+@settings(max_examples=200, deadline=None)
+@given(runs=st.lists(st.tuples(st.lists(st.tuples(st.integers(0, 99), st.integers(0, 12)), max_size=6),
+                               st.integers(-3, 3)), max_size=5),
+       keys=st.lists(st.tuples(st.lists(st.integers(0, 99), max_size=10), st.integers(-2, 2)), max_size=3),
+       per=st.sampled_from([1, 7, 32]), data=st.data())
+def test_deltas_by_runs(runs: list[tuple[list[tuple[int, int]], int]], keys: list[tuple[list[int], int]],
+                        per: int, data: st.DataObject) -> None:
+    """Runs added as runs (add_runs) and read back by ranges (plus_range) and by block (apply_block)."""
+    model: dict[int, int] = {}
+    ds, dn = S.deltas(), N.deltas()
+    for rs, d in runs:
+        starts, lens = [a for a, _ in rs], [n for _, n in rs]
+        ds.add_runs(starts, lens, d)
+        dn.add_runs(N.indices(starts), N.indices(lens), d)
+        for a, n in rs:
+            for k in range(a, a + n):
+                model[k] = model.get(k, 0) + d
+    for ks, d in keys:
+        ds.add(ks, d)
+        dn.add(N.indices(ks), d)
+        for k in ks:
+            model[k] = model.get(k, 0) + d
+    ks_, ss = ds.items()
+    assert ks_ == dn.items()[0].tolist() == sorted(model)
+    assert ss == [model[k] for k in sorted(model)]
+    lo = data.draw(st.integers(0, 110))
+    cur = data.draw(st.lists(st.integers(0, 5), max_size=30))
+    want = [c + model.get(lo + i, 0) for i, c in enumerate(cur)]
+    assert ds.plus_range(list(cur), lo) == dn.plus_range(N.array(cur), lo).tolist() == want
+    maxval = 9
+    for blk in range(0, 112 // per + 1):
+        vals = data.draw(st.lists(st.integers(0, maxval), min_size=per, max_size=per))
+        new = [v + model.get(blk * per + i, 0) for i, v in enumerate(vals)]
+        s, n = list(vals), N.array(vals)
+        if any(not 0 <= new[i] <= maxval for i in range(per) if blk * per + i in model):
+            with pytest.raises(ValueError):
+                ds.apply_block(blk, per, s, maxval)
+            with pytest.raises(ValueError):
+                dn.apply_block(blk, per, n, maxval)
+            continue
+        lowest = min((i for i in range(per) if blk * per + i in model and new[i] == 0), default=-1)
+        assert ds.apply_block(blk, per, s, maxval) == dn.apply_block(blk, per, n, maxval) == lowest
+        assert s == n.tolist() == new

@@ -175,6 +175,10 @@ class Deltas:
     def add(self, keys: Tab, addend: int) -> None: raise NotImplementedError
     def add_range(self, lo: int, hi: int, addend: int) -> None: raise NotImplementedError
 
+    def add_runs(self, starts: Tab, lens: Tab, addend: int) -> None:
+        """Add ``addend`` to keys ``starts[j] .. starts[j] + lens[j] - 1`` for every ``j``."""
+        raise NotImplementedError
+
     def items(self) -> tuple[Tab, Tab]:
         """Sorted keys and their sums (zero sums included)."""
         raise NotImplementedError
@@ -185,6 +189,17 @@ class Deltas:
 
     def plus(self, cur: Tab, keys: Tab) -> Tab:
         """``cur[i]`` plus the sum for ``keys[i]``, as signed integers."""
+        raise NotImplementedError
+
+    def plus_range(self, cur: Tab, lo: int) -> Tab:
+        """:meth:`plus` for the keys ``lo, lo + 1, ...``."""
+        raise NotImplementedError
+
+    def apply_block(self, blk: int, per: int, vals: Tab, maxval: int) -> int:
+        """Add the sums of keys ``blk * per .. blk * per + per - 1`` to ``vals`` (their counts) in place;
+        the lowest index of a key with a sum (zero sums included) whose count is now 0, -1 for none.
+        Raises ``ValueError`` (``vals`` partly changed: the caller drops it) when a count would leave
+        ``0..maxval``."""
         raise NotImplementedError
 
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
@@ -231,72 +246,167 @@ def _last_nonzero(t: list[int], lo: int) -> int:
 
 
 class _SmallDeltas(Deltas):
-    def __init__(self) -> None:
-        self.d: dict[int, int] = {}
-        self._keys: list[int] | None = None  # sorted keys while nothing was added
+    """Net changes as runs of equal change.  Adding a run of keys costs four dictionary entries however
+    long it is (a snapshot adds whole trees, tens of thousands of clusters in a few runs): a difference
+    map of the running sum and one of how many additions cover a key; the sorted, disjoint segments
+    (covered keys with their sum, zero sums included) are built from them when first asked for."""
 
-    def _sorted(self) -> list[int]:
-        if self._keys is None:
-            self._keys = sorted(self.d)
-        return self._keys
+    def __init__(self) -> None:
+        self._sum: dict[int, int] = {}  # key -> change of the running sum from that key on
+        self._cov: dict[int, int] = {}  # key -> change of the number of additions covering keys from it on
+        self._segs: tuple[list[int], list[int], list[int]] | None = None  # (first, end, sum) of the segments
+
+    def _span(self, lo: int, hi: int, addend: int) -> None:
+        s, c = self._sum, self._cov
+        s[lo] = s.get(lo, 0) + addend
+        s[hi] = s.get(hi, 0) - addend
+        c[lo] = c.get(lo, 0) + 1
+        c[hi] = c.get(hi, 0) - 1
 
     def add(self, keys: Tab, addend: int) -> None:
-        d = self.d
-        self._keys = None
-        new = dict.fromkeys(keys, addend)
-        if len(new) == len(keys) and d.keys().isdisjoint(new):  # distinct keys, none seen yet: at C speed
-            d.update(new)
+        if isinstance(keys, range) and keys.step == 1:
+            self.add_range(keys.start, keys.stop, addend)
             return
-        get = d.get
-        for k in keys:
-            d[k] = get(k, 0) + addend
+        n = len(keys)
+        if not n:
+            return
+        self._segs = None
+        a = 0
+        for b in (*run_cuts(keys), n):  # keys[a:b] ascend by one: one span each
+            first = keys[a]
+            self._span(first, first + b - a, addend)
+            a = b
 
     def add_range(self, lo: int, hi: int, addend: int) -> None:
-        self.add(range(lo, hi), addend)
+        if hi > lo:
+            self._segs = None
+            self._span(lo, hi, addend)
+
+    def add_runs(self, starts: Tab, lens: Tab, addend: int) -> None:
+        self._segs = None
+        for lo, n in zip(starts, lens, strict=True):
+            if n > 0:
+                self._span(lo, lo + n, addend)
+
+    def _segments(self) -> tuple[list[int], list[int], list[int]]:
+        if self._segs is None:
+            from itertools import accumulate, compress
+
+            bounds = sorted(self._cov)  # (every span adds its two keys to both maps)
+            sums = list(accumulate(map(self._sum.__getitem__, bounds)))
+            covered = accumulate(map(self._cov.__getitem__, bounds))
+            los: list[int] = []
+            his: list[int] = []
+            vals: list[int] = []
+            for i in compress(range(len(bounds) - 1), covered):
+                lo, hi, v = bounds[i], bounds[i + 1], sums[i]
+                if los and his[-1] == lo and vals[-1] == v:
+                    his[-1] = hi
+                else:
+                    los.append(lo)
+                    his.append(hi)
+                    vals.append(v)
+            self._segs = (los, his, vals)
+        return self._segs
 
     def items(self) -> tuple[Tab, Tab]:
-        keys = self._sorted()
-        d = self.d
-        return list(keys), [d[k] for k in keys]
+        keys: list[int] = []
+        sums: list[int] = []
+        for lo, hi, v in zip(*self._segments(), strict=True):
+            keys += range(lo, hi)
+            sums += [v] * (hi - lo)
+        return keys, sums
 
-    def lookup(self, keys: Tab) -> Tab:
-        get = self.d.get
-        return [get(k, 0) for k in keys]
-
-    def plus(self, cur: Tab, keys: Tab) -> Tab:
-        get = self.d.get
-        return [c + get(k, 0) for c, k in zip(cur, keys, strict=True)]
-
-    def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
+    def _range_sums(self, lo: int, hi: int, out: list[int]) -> None:
+        """Append the sums of keys ``lo..hi-1`` to ``out``."""
         import bisect
 
-        keys = self._sorted()
-        d = self.d
-        out: dict[int, tuple[Tab, Tab]] = {}
+        los, his, vals = self._segments()
+        i = bisect.bisect_right(his, lo)
+        pos = lo
+        while pos < hi:
+            if i >= len(los) or los[i] >= hi:
+                out += [0] * (hi - pos)
+                return
+            if los[i] > pos:
+                out += [0] * (los[i] - pos)
+                pos = los[i]
+            end = min(his[i], hi)
+            out += [vals[i]] * (end - pos)
+            pos = end
+            i += 1
+
+    def lookup(self, keys: Tab) -> Tab:
+        out: list[int] = []
+        n = len(keys)
         a = 0
-        while a < len(keys):
-            blk = keys[a] // per
-            base = blk * per
-            b = bisect.bisect_left(keys, base + per, a)
-            part = keys[a:b]
-            out[blk] = ([k - base for k in part], [d[k] for k in part])
+        for b in (*run_cuts(keys), n) if n else ():  # by runs of consecutive keys: one search each
+            first = keys[a]
+            self._range_sums(first, first + b - a, out)
             a = b
+        return out
+
+    def plus(self, cur: Tab, keys: Tab) -> Tab:
+        from operator import add
+
+        return list(map(add, cur, self.lookup(keys)))
+
+    def plus_range(self, cur: Tab, lo: int) -> Tab:
+        from operator import add
+
+        sums: list[int] = []
+        self._range_sums(lo, lo + len(cur), sums)
+        return list(map(add, cur, sums))
+
+    def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
+        out: dict[int, tuple[Tab, Tab]] = {}
+        for lo, hi, v in zip(*self._segments(), strict=True):
+            while lo < hi:
+                blk = lo // per
+                base = blk * per
+                end = min(hi, base + per)
+                idx, sums = out.setdefault(blk, ([], []))
+                idx += range(lo - base, end - base)
+                sums += [v] * (end - lo)
+                lo = end
         return out
 
     def touched_blocks(self, per: int) -> list[int]:
+        out: set[int] = set()
+        for lo, hi, v in zip(*self._segments(), strict=True):
+            if v:
+                out.update(range(lo // per, (hi - 1) // per + 1))
+        return sorted(out)
+
+    def apply_block(self, blk: int, per: int, vals: Tab, maxval: int) -> int:
         import bisect
 
-        keys = self._sorted()
-        d = self.d
-        out = []
-        a = 0
-        while a < len(keys):
-            blk = keys[a] // per
-            b = bisect.bisect_left(keys, (blk + 1) * per, a)
-            if any([d[k] for k in keys[a:b]]):
-                out.append(blk)
-            a = b
-        return out
+        los, his, sums = self._segments()
+        base = blk * per
+        end = base + per
+        lowest = -1
+        i = bisect.bisect_right(his, base)
+        while i < len(los) and los[i] < end:
+            a, b, v = max(los[i], base) - base, min(his[i], end) - base, sums[i]
+            new = vals[a:b]
+            if v:
+                new = [x + v for x in new]
+                if min(new) < 0 or max(new) > maxval:
+                    raise ValueError("refcount out of range")
+                vals[a:b] = new
+            if lowest < 0 and 0 in new:
+                lowest = a + new.index(0)
+            i += 1
+        return lowest
+
+
+def run_cuts(keys: Tab) -> list[int]:
+    """Indices ``i`` where ``keys[i]`` is not ``keys[i - 1] + 1``: the starts of runs of consecutive
+    keys but the first (found at C speed)."""
+    from itertools import compress, repeat
+    from operator import ne, sub
+
+    return list(compress(range(1, len(keys)), map(ne, map(sub, keys[1:], keys), repeat(1))))
 
 
 class _Small(Backend):
@@ -420,8 +530,8 @@ class _Small(Backend):
         return sorted({e >> bits for e in t})
 
     def members(self, a: Tab, b: Tab) -> list[int]:
-        bs = set(b)
-        return [x for x in a if x in bs]
+        hit = set(a).intersection(b)  # (``a`` is the short one where it matters: no set of ``b``)
+        return [x for x in a if x in hit]
 
     def intersects(self, a: Tab, b: Tab) -> bool:
         return not set(b).isdisjoint(a)
@@ -573,6 +683,7 @@ class _NumpyDeltas(Deltas):
         self._pending: list[tuple[Tab, int]] = []
         self._keys = np.zeros(0, dtype=np.int64)
         self._sums = np.zeros(0, dtype=np.int64)
+        self._blocks: tuple[int, dict[int, tuple[Tab, Tab]]] | None = None  # by_block's, for apply_block
 
     def add(self, keys: Tab, addend: int) -> None:
         arr = self.np.asarray(keys, dtype=self.np.int64)
@@ -583,9 +694,19 @@ class _NumpyDeltas(Deltas):
         if hi > lo:
             self._pending.append((self.np.arange(lo, hi, dtype=self.np.int64), addend))
 
+    def add_runs(self, starts: Tab, lens: Tab, addend: int) -> None:
+        np = self.np
+        starts = np.asarray(starts, dtype=np.int64)
+        lens = np.asarray(lens, dtype=np.int64)
+        total = int(lens.sum())
+        if total:  # run j's keys: starts[j] - (keys before run j) + their positions in the whole
+            keys = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total, dtype=np.int64)
+            self._pending.append((keys, addend))
+
     def _consolidate(self) -> None:
         if not self._pending:
             return
+        self._blocks = None
         np = self.np
         by_delta: dict[int, list[Tab]] = {}
         for a, d in self._pending:
@@ -627,6 +748,16 @@ class _NumpyDeltas(Deltas):
     def plus(self, cur: Tab, keys: Tab) -> Tab:
         np = self.np
         return np.asarray(cur).astype(np.int64) + self.lookup(keys)
+
+    def plus_range(self, cur: Tab, lo: int) -> Tab:
+        return self.plus(cur, self.np.arange(lo, lo + len(cur), dtype=self.np.int64))
+
+    def apply_block(self, blk: int, per: int, vals: Tab, maxval: int) -> int:
+        self._consolidate()
+        if self._blocks is None or self._blocks[0] != per:
+            self._blocks = (per, self.by_block(per))
+        idx, sums = self._blocks[1].get(blk, ([], []))
+        return NUMPY.apply_deltas(vals, idx, sums, maxval)
 
     def by_block(self, per: int) -> dict[int, tuple[Tab, Tab]]:
         k, s = self.items()

@@ -40,7 +40,7 @@ from vdkit.io import tables
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     import numpy as np
 
@@ -329,6 +329,19 @@ class Refcounts:
     def get_many(self, clusters: Tab) -> Tab:
         """Refcounts of many cluster indices at once (a table of the backend; beyond the table: 0)."""
         return self.T.gather(clusters, self.entries_per_block, self.block_values)
+
+    def get_range(self, lo: int, hi: int) -> Tab:
+        """Refcounts of clusters ``lo .. hi-1`` (``0 <= lo``): slices of the blocks, 0 where none."""
+        T = self.T
+        epb = self.entries_per_block
+        parts = []
+        while lo < hi:
+            rt, i = divmod(lo, epb)
+            end = min(hi, lo - i + epb)
+            vals = self.block_values(rt)
+            parts.append(T.zeros(end - lo) if vals is None else T.get_slice(vals, i, i + end - lo))
+            lo = end
+        return parts[0] if len(parts) == 1 else T.concat(parts) if parts else T.zeros(0)
 
     # -- free-space search (§1.2) ---------------------------------------------------------------
     def find_free(self, n: int, start: int) -> int:
@@ -651,6 +664,33 @@ class Refcounts:
 
 # -- copy-on-write transactions ---------------------------------------------------------------
 
+def covered(T: Backend, points: list[int], parts: Sequence[tuple[Tab, Tab | None]]) -> set[int]:
+    """The ``points`` (cluster indices) that some part covers: a part is runs ``(starts, lens)``
+    (clusters ``starts[j] .. starts[j] + lens[j] - 1``) or ``(clusters, None)`` one by one.
+
+    The points are few (staged writes, refcount metadata), the parts a whole tree: each run is
+    looked up among the sorted points, each cluster list tested as a whole (``T.members``)."""
+    import bisect
+
+    pts = sorted(set(points))
+    hit: set[int] = set()
+    if not pts:
+        return hit
+    probe = T.indices(pts)
+    for starts, lens in parts:
+        if lens is None:
+            if len(starts):
+                hit.update(T.members(probe, starts))
+            continue
+        for a, n in zip(T.tolist(starts), T.tolist(lens), strict=True):
+            i = bisect.bisect_left(pts, a)
+            while i < len(pts) and pts[i] < a + n:
+                hit.add(pts[i])
+                i += 1
+    return hit
+
+
+
 class Transaction:
     """A set of refcount changes and staged writes that commit atomically.
 
@@ -695,6 +735,10 @@ class Transaction:
             clusters = list(clusters)
         self._deltas.add(clusters, addend)
 
+    def add_runs(self, starts: Tab, lens: Tab, addend: int) -> None:
+        """Change by ``addend`` the count of clusters ``starts[j] .. starts[j] + lens[j] - 1`` for every ``j``."""
+        self._deltas.add_runs(starts, lens, addend)
+
     def add_range(self, offset: int, length: int, addend: int) -> None:
         """Change by ``addend`` every cluster touching ``[offset, offset+length)``."""
         if length <= 0:
@@ -714,6 +758,10 @@ class Transaction:
     def new_refcounts(self, clusters: Tab) -> Tab:
         """Refcounts after this transaction (signed; may be out of range before validation)."""
         return self._deltas.plus(self.rc.get_many(clusters), clusters)
+
+    def new_refcounts_range(self, lo: int, hi: int) -> Tab:
+        """:meth:`new_refcounts` of the clusters ``lo .. hi-1``."""
+        return self._deltas.plus_range(self.rc.get_range(lo, hi), lo)
 
     def check_peak(self, increments: Iterable[tuple[Tab, int]]) -> None:
         """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.
@@ -788,13 +836,11 @@ class Transaction:
         new_table = T.zeros(table_cl * cs // 8)
         T.set_slice(new_table, 0, rc.table)
         blocks: dict[int, Tab] = {}
-        groups = self._deltas.by_block(epb)
         for rt, off in new_block_off.items():
             old_vals = rc.block_values(rt)
             vals = T.zeros(epb) if old_vals is None else T.copy(old_vals)
-            idx, d = groups.get(rt, ([], []))
             try:
-                zero = T.apply_deltas(vals, idx, d, rc.refcount_max)
+                zero = self._deltas.apply_block(rt, epb, vals, rc.refcount_max)
             except ValueError:
                 raise RefcountOverflow("Invalid argument", errno=EINVAL) from None
             if zero >= 0:
@@ -808,16 +854,17 @@ class Transaction:
         self.write(table_off, T.encode_u64(new_table))
         return new_table, table_off, table_cl, blocks
 
-    def check_overlap(self, in_use: Tab,
+    def check_overlap(self, in_use: Sequence[tuple[Tab, Tab | None]],
                       name_of: Callable[[int, int], str | None] | None = None) -> None:
-        """Refuse to write over clusters in use (only a lying refcount of 0 could make us).
+        """Refuse to write over clusters in use (``in_use``: parts as :func:`covered` takes them; only a
+        lying refcount of 0 could make us).
 
         With ``name_of`` (the I/O engine's metadata overlap test: a cluster-aligned
         host range -> the structure it meets, or None), the first staged write that
         meets metadata is a corruption event as QEMU signals it for that write
         ("... (overlaps with <structure>)", its offset and size).
         """
-        hit = self.T.members(self.T.indices(sorted(self.staged_clusters())), in_use)
+        hit = sorted(covered(self.T, list(self.staged_clusters()), in_use))
         if hit:
             if name_of is not None and self.rc.on_corruption is not None:
                 cs, bits = self.rc.cluster_size, self.rc.cluster_bits
@@ -855,7 +902,7 @@ class Transaction:
         if counted:
             raise CorruptImageError("Invalid argument", errno=EINVAL)
 
-    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: Tab,
+    def commit(self, header_bytes: Callable[[int, int], bytes], in_use: Sequence[tuple[Tab, Tab | None]],
                name_of: Callable[[int, int], str | None] | None = None) -> None:
         """Write everything, sync, switch the header with one write, sync.
 

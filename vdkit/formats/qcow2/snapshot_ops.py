@@ -30,8 +30,9 @@ from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotF
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import encode_l1, read_l1
+from vdkit.formats.qcow2.l2runs import Runs, l2_runs
 from vdkit.formats.qcow2.overlap import Metadata
-from vdkit.formats.qcow2.refcount import Transaction
+from vdkit.formats.qcow2.refcount import Transaction, covered
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
 from vdkit.io import tables
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from vdkit.io.tables import Backend, Tab
 
     _NewTable = tuple[Tab, Tab]  # a rewritten L2 table's entries and subcluster bitmaps
+    _Part = tuple[Tab, Tab | None]  # clusters: runs (starts, lens), or (clusters, None) one by one
 
 _COMMIT = struct.Struct(">QIIQQIIQ")  # header bytes 24..71
 _ULONG_MAX = 2**64 - 1
@@ -123,7 +125,7 @@ def _backend(drv: Qcow2Driver, *l1s: tuple[int, int]) -> Backend:
     if T is tables.SMALL and tables.FORCE is None and "numpy" in sys.modules:
         T = tables.NUMPY
     rc.use_backend(T)
-    _l2_read.clear()
+    _forget_tables()
     if "clusters" not in drv.__dict__:
         drv.l1_backend = T
     else:  # (a writer's map of a small image holds lists: the operation's backend from now on)
@@ -138,6 +140,25 @@ def _active_l1(drv: Qcow2Driver, T: Backend) -> Tab:
 
 
 _l2_read: dict[int, tuple[Tab, Tab]] = {}  # the list tables one operation decoded, by offset
+_l2_raw: dict[int, bytes] = {}  # the tables one operation read, as bytes
+_l2_runs: dict[int, Runs | None] = {}  # their host runs (l2runs.l2_runs)
+
+
+def _forget_tables() -> None:
+    """Drop what one operation read (the next one starts from the file)."""
+    _l2_read.clear()
+    _l2_raw.clear()
+    _l2_runs.clear()
+
+
+def _raw(drv: Qcow2Driver, offset: int) -> bytes:
+    """The bytes of the table at ``offset``, read once per operation."""
+    raw = _l2_raw.get(offset)
+    if raw is None:
+        if offset % drv.cluster_size:
+            raise CorruptImageError(f"L2 table offset {offset:#x} unaligned", errno=5)
+        raw = _l2_raw[offset] = bytes(drv.file.pread(offset, drv.cluster_size))
+    return raw
 
 
 def _l2(drv: Qcow2Driver, T: Backend, offset: int) -> tuple[Tab, Tab]:
@@ -150,12 +171,22 @@ def _l2(drv: Qcow2Driver, T: Backend, offset: int) -> tuple[Tab, Tab]:
     if T is tables.NUMPY:
         return drv.clusters.l2.get(offset)
     hit = _l2_read.get(offset)
-    if hit is not None:
-        return hit
-    if offset % drv.cluster_size:
-        raise CorruptImageError(f"L2 table offset {offset:#x} unaligned", errno=5)
-    tab = _l2_read[offset] = drv.geometry.decode_l2(drv.file.pread(offset, drv.cluster_size), T)
-    return tab
+    if hit is None:
+        hit = _l2_read[offset] = drv.geometry.decode_l2(_raw(drv, offset), T)
+    return hit
+
+
+def _runs(drv: Qcow2Driver, T: Backend, offset: int) -> Runs | None:
+    """The host runs of the L2 table at ``offset`` (None: walk it entry by entry).  Found for list
+    tables only: numpy's walk is vectorised, and a big tree's runs would be many."""
+    if offset in _l2_runs:
+        return _l2_runs[offset]
+    runs = None
+    if T is tables.SMALL and not drv.geometry.has_data_file:
+        geom = drv.geometry
+        runs = l2_runs(_raw(drv, offset), geom.l2_entry_size, geom.cluster_bits)
+    _l2_runs[offset] = runs
+    return runs
 
 
 def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
@@ -172,7 +203,9 @@ class _Tree:
     A table referenced from k L1 entries counts k times (as ``qemu-img check``
     counts), but is read and decoded once: ``parts`` pairs each distinct
     table's data references with k, so a crafted L1 repeating one table
-    millions of times costs no more than the table itself.
+    millions of times costs no more than the table itself.  A part is
+    ``(starts, lens, k)``: runs of clusters ``starts[j] .. starts[j] + lens[j] - 1``
+    (list tables), or ``lens`` None and ``starts`` the clusters one by one.
     """
 
     def __init__(self, drv: Qcow2Driver, l1: Tab) -> None:
@@ -182,26 +215,57 @@ class _Tree:
             offs = geom.l1_tables(l1)
             self.l2_offsets = T.masked_nonzero(offs, L.L1E_OFFSET_MASK)
             self.l2_clusters = T.shifted(self.l2_offsets, geom.cluster_bits)
-            self.parts: list[tuple[Tab, int]] = []
+            self.parts: list[tuple[Tab, Tab | None, int]] = []
             for off, k in zip(*T.unique_counts(self.l2_offsets), strict=True):
-                entries, _ = _l2(drv, T, off)
-                self.parts.append((geom.l2_references(entries, where=f" in L2 table {off:#x}"), k))
+                runs = _runs(drv, T, off)
+                if runs is not None:
+                    self.parts.append((runs.starts, runs.lens, k))
+                    continue
+                refs = geom.l2_references(_l2(drv, T, off)[0], where=f" in L2 table {off:#x}")
+                if T is tables.SMALL:  # as runs too (of one cluster, mostly)
+                    starts, lens = _as_runs(refs)
+                    self.parts.append((starts, lens, k))
+                else:
+                    self.parts.append((refs, None, k))
         except CorruptImageError:
             raise _unaligned_event(drv, l1) from None
 
-    @property
-    def data(self) -> Tab:
-        """Distinct-table data references (each table once)."""
-        return self.T.concat([a for a, _ in self.parts])
+    def data(self) -> list[tuple[Tab, Tab | None]]:
+        """Distinct-table data references (each table once), as ``(starts, lens)`` parts."""
+        return [(a, n) for a, n, _ in self.parts]
 
     def add_to(self, txn: Transaction, addend: int) -> None:
         txn.add_refs(self.l2_clusters, addend)
-        for refs, k in self.parts:
-            txn.add_refs(refs, addend * k)
+        for starts, lens, k in self.parts:
+            if lens is None:
+                txn.add_refs(starts, addend * k)
+            else:
+                txn.add_runs(starts, lens, addend * k)
 
     def increments(self) -> list[tuple[Tab, int]]:
         """(clusters, times) pairs of one more reference to this whole tree."""
-        return [(self.l2_clusters, 1), *self.parts]
+        T = self.T
+        out = [(self.l2_clusters, 1)]
+        for starts, lens, k in self.parts:
+            if lens is None:
+                out.append((starts, k))
+            else:
+                out.append((T.concat([T.arange(a, a + n) for a, n in zip(starts, lens, strict=True)]), k))
+        return out
+
+
+def _as_runs(refs: list[int]) -> tuple[list[int], list[int]]:
+    """Clusters one by one as runs of consecutive ones."""
+    from vdkit.io.table_backends import run_cuts
+
+    starts: list[int] = []
+    lens: list[int] = []
+    a = 0
+    for b in (*run_cuts(refs), len(refs)) if refs else ():
+        starts.append(refs[a])
+        lens.append(b - a)
+        a = b
+    return starts, lens
 
 
 def _unaligned_event(drv: Qcow2Driver, l1: Tab) -> VdkitError:
@@ -247,6 +311,11 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
     found = []
     hosts = []
     for t in distinct:
+        runs = _runs(drv, T, t)
+        if runs is not None:  # a table of runs: its hosts' counts in table order, run by run
+            rc = T.concat([txn.new_refcounts_range(a, a + n) for a, n in zip(runs.starts, runs.lens, strict=True)])
+            found.append((t, None, runs, rc))
+            continue
         entries, bitmaps = _l2(drv, T, t)
         has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)  # standard, with a host
         found.append((t, entries, bitmaps, has))
@@ -254,23 +323,26 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
     all_rc = txn.new_refcounts(T.concat(hosts))
     pos = 0
     for t, entries, bitmaps, has in found:
-        rc = all_rc[pos : pos + len(has)]
-        pos += len(has)
+        if entries is None:
+            rc = has
+            raw = _raw(drv, t)
+            new_raw = _copied_by_bytes(raw, geom.l2_entry_size, rc, bitmaps)
+            if new_raw is not None:
+                if new_raw != raw:
+                    _replace_table(drv, txn, offs, t, new_raw, replaced)
+                continue
+            # some hosts end at 1 and some not: entry by entry
+            entries, bitmaps = _l2(drv, T, t)
+            has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)
+        else:
+            rc = all_rc[pos : pos + len(has)]
+            pos += len(has)
         want = T.copy(entries)
         T.clear_flag(want, L.OFLAG_COPIED, L.OFLAG_COMPRESSED)
         T.set_flag(want, T.take(has, T.positions_equal(rc, 1)), L.OFLAG_COPIED)
         if not T.equal(want, entries):
-            # QEMU writes this table back in place: where the table names other metadata (a damaged
-            # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
-            drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)
-            k = T.count_equal(offs, t)
-            new_off = txn.alloc(geom.cluster_size)
-            if k > 1:
-                txn.add_refs([new_off >> bits] * (k - 1), 1)
-            txn.add_refs([t >> bits] * k, -1)
-            txn.write(new_off, geom.encode_l2(want, bitmaps))
+            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced)
             new_tables[new_off] = (want, T.copy(bitmaps))
-            replaced[t] = new_off
     # L1 entries: new offsets, COPIED iff the table's final refcount is 1
     out = T.zeros(len(l1))
     offs_l = T.tolist(offs)
@@ -285,28 +357,79 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
     return out, new_tables
 
 
-def _in_use_clusters(drv: Qcow2Driver, T: Backend, trees: Iterable[_Tree]) -> Tab:
-    """Clusters the current state uses: metadata plus the walked trees (tables and data)."""
+_CLEAR_TOP = bytes(range(128)) * 2  # a byte without its top bit
+_SET_TOP = bytes(b | 0x80 for b in range(256))  # a byte with its top bit
+
+
+def _copied_by_bytes(raw: bytes, entry_size: int, rc: list[int], runs: Runs) -> bytes | None:
+    """The L2 table ``raw``, whose used entries are all standard ones, with the COPIED flags of its
+    hosts' final counts ``rc`` (in table order) when they agree, rewritten in its bytes: no count 1
+    (COPIED cleared everywhere), or every count 1 with a host in each used entry (COPIED set on
+    every used entry: ``runs.used``).  None when they do not agree: the caller goes entry by entry.
+
+    COPIED is the top bit of an entry's first byte: the flags of a whole table change by one
+    ``bytes.translate`` of those bytes instead of one big-integer operation per entry."""
+    ones = rc.count(1)
+    top = raw[0::entry_size]
+    if not ones:
+        new_top = top.translate(_CLEAR_TOP)
+    elif ones == len(rc) == runs.used_entries:
+        marked = bytearray(top)
+        for a, b in runs.used:
+            marked[a:b] = top[a:b].translate(_SET_TOP)
+        new_top = bytes(marked)
+    else:
+        return None
+    if new_top == top:
+        return raw
+    out = bytearray(raw)
+    out[0::entry_size] = new_top
+    return bytes(out)
+
+
+def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
+                   replaced: dict[int, int]) -> int:
+    """Stage ``data`` as the copy of the active L2 table at ``t`` (every L1 entry naming it moves to
+    the copy); returns the copy's offset."""
+    # QEMU writes this table back in place: where the table names other metadata (a damaged
+    # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
+    geom = drv.geometry
+    T = txn.T
+    bits = geom.cluster_bits
+    drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)
+    k = T.count_equal(offs, t)
+    new_off = txn.alloc(geom.cluster_size)
+    if k > 1:
+        txn.add_refs([new_off >> bits] * (k - 1), 1)
+    txn.add_refs([t >> bits] * k, -1)
+    txn.write(new_off, data)
+    replaced[t] = new_off
+    return new_off
+
+
+def _in_use_clusters(drv: Qcow2Driver, T: Backend, trees: Iterable[_Tree]) -> list[_Part]:
+    """Clusters the current state uses: metadata plus the walked trees (tables and data), as parts
+    of :func:`~vdkit.formats.qcow2.refcount.covered` (duplicates are harmless to it)."""
     h = drv.header
     bits = h.cluster_bits
     cs = h.cluster_size
-    parts = [T.indices([0])]
+    parts: list[_Part] = [([0], [1])]
 
     def rng(off: int, length: int) -> None:
         if length > 0:
-            parts.append(T.arange(off >> bits, ((off + length - 1) >> bits) + 1))
+            parts.append(([off >> bits], [((off + length - 1) >> bits) + 1 - (off >> bits)]))
 
     rc = drv.refcounts
     rng(rc.table_offset, rc.table_clusters * cs)
-    parts.append(T.indices([o >> bits for o in rc.block_clusters()]))
+    parts.append((T.indices([o >> bits for o in rc.block_clusters()]), None))
     rng(drv.clusters.l1_offset, drv.clusters.l1_size * 8)
     if h.nb_snapshots:
         rng(h.snapshots_offset, drv.snapshot_table_size)
     for e in drv.snapshots():
         rng(e.l1_table_offset, e.l1_size * 8)
     for tree in trees:
-        parts += [tree.l2_clusters, tree.data]
-    return T.concat(parts)  # duplicates are harmless to the membership test
+        parts += [(tree.l2_clusters, None), *tree.data()]
+    return parts
 
 
 def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
@@ -318,10 +441,15 @@ def _refuse_unbacked_references(drv: Qcow2Driver, tree: _Tree) -> None:
     """
     rc = drv.refcounts
     T = tree.T
-    refs = T.concat([tree.l2_clusters, tree.data])
-    if not len(refs):
-        return
-    rts = T.unique_shifted(refs, rc.entries_per_block.bit_length() - 1)
+    shift = rc.entries_per_block.bit_length() - 1
+    rts: set[int] = set()
+    for starts, lens in [(tree.l2_clusters, None), *tree.data()]:
+        if lens is None:
+            if len(starts):
+                rts.update(T.unique_shifted(starts, shift))
+            continue
+        for a, n in zip(starts, lens, strict=True):
+            rts.update(range(a >> shift, ((a + n - 1) >> shift) + 1))
     if any(rt >= len(rc.table) or not int(rc.table[rt]) & L.REFT_OFFSET_MASK for rt in rts):
         import errno
         import os
@@ -354,10 +482,10 @@ def _refuse_shared_refcount_metadata(drv: Qcow2Driver, trees: list[_Tree]) -> No
     T = rc.T
     bits = drv.header.cluster_bits
     first = rc.table_offset >> bits
-    meta = T.concat([T.shifted(T.masked_nonzero(rc.table, L.REFT_OFFSET_MASK), bits),
-                     T.arange(first, first + rc.table_clusters)])
+    meta = [*T.tolist(T.shifted(T.masked_nonzero(rc.table, L.REFT_OFFSET_MASK), bits)),
+            *range(first, first + rc.table_clusters)]
     for tree in trees:
-        if T.intersects(tree.l2_clusters, meta) or T.intersects(tree.data, meta):
+        if covered(T, meta, [(tree.l2_clusters, None), *tree.data()]):
             raise CorruptImageError("Invalid argument", errno=22)
 
 
@@ -426,7 +554,7 @@ def _commit(
         kept_l1s.append((l1_off, len(l1)))
     _refuse_freed_l1_clusters(drv, txn, kept_l1s)
     meta = _in_use_clusters(drv, T, trees)
-    _l2_read.clear()
+    _forget_tables()
     try:
         txn.commit(header, meta, drv.io._overlapping)  # a write into metadata: QEMU's corruption event
     except BaseException:

@@ -1,0 +1,159 @@
+"""An L2 table's host clusters as runs, found in its bytes.
+
+A qcow2 writer allocates clusters in order, so the used entries of an L2 table are mostly a few runs
+of consecutive host clusters.  Walking the references run by run (refcount changes by ranges, the
+COPIED flags of a whole table by one byte translation) is what lets a snapshot of gigabytes cost
+little more than reading its tables.  Decoding a table into one Python integer per entry would cost
+more than all the rest, so the runs are found in the table's bytes: unused stretches by
+``bytes.find``/``lstrip``, and a run by comparing the table's bytes with the entries the run would
+have (``struct.pack`` of a ``range``), its length found by galloping and bisection (``memcmp``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vdkit.formats.qcow2 import layout as L
+
+_FLAGS_OK = b"\x00\x80"  # an entry's first byte here: no flag but COPIED (not compressed, no reserved bits)
+_ZERO_ENTRY = bytes(8)
+_FIRST_PROBE = 16  # entries of a run compared first; doubled while they match
+
+
+class Runs:
+    """The host runs of one L2 table: clusters ``starts[j] .. starts[j] + lens[j] - 1`` in table order,
+    and the stretches ``(first, end)`` of used (non-zero) entries."""
+
+    __slots__ = ("starts", "lens", "used")
+
+    def __init__(self, starts: list[int], lens: list[int], used: list[tuple[int, int]]) -> None:
+        self.starts = starts
+        self.lens = lens
+        self.used = used
+
+    @property
+    def used_entries(self) -> int:
+        return sum(b - a for a, b in self.used)
+
+
+def entry_words(raw: bytes, entry_size: int) -> bytes:
+    """The 8-byte entries of a table (an extended L2 table without its bitmap words)."""
+    if entry_size == 8:
+        return raw
+    out = bytearray(len(raw) // entry_size * 8)
+    for j in range(8):
+        out[j::8] = raw[j::entry_size]
+    return bytes(out)
+
+
+_CHUNK = 1024  # bytes compared with zeros at once while skipping unused entries
+_ZEROS = bytes(_CHUNK)
+
+
+def _next_used(words: bytes, i: int, n: int) -> int:
+    """Index of the first non-zero entry at or after ``i`` (``n`` if none)."""
+    p = 8 * i
+    size = len(words)
+    while p < size:
+        chunk = words[p : p + _CHUNK]
+        if chunk != _ZEROS[: len(chunk)]:  # (memcmp; lstrip only on the chunk: it tests byte by byte)
+            return (p + len(chunk) - len(chunk.lstrip(b"\0"))) // 8
+        p += _CHUNK
+    return n
+
+
+def _used_stretches(words: bytes) -> list[tuple[int, int]]:
+    """``(first, end)`` entry ranges of the non-zero entries."""
+    n = len(words) // 8
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < n:
+        first = _next_used(words, i, n)
+        if first >= n:
+            break
+        p = 8 * first
+        while True:  # the next zero entry: 8 zero bytes at an entry boundary
+            q = words.find(_ZERO_ENTRY, p)
+            if q < 0:
+                end = n
+                break
+            if not q % 8:
+                end = q // 8
+                break
+            p = q + 1
+        out.append((first, end))
+        i = end
+    return out
+
+
+def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) -> Runs | None:
+    """The runs of the L2 table ``raw`` when every used entry is a standard one with an aligned host
+    offset or none (None otherwise: compressed entries, reserved bits, a misaligned offset, or a
+    fragmented table of more than ``max_runs`` runs averaging under four entries, all of which an
+    entry-by-entry walk handles).
+
+    A run starting with entry value ``e`` has the entries ``e, e + cs, e + 2cs, ...``: packed, they
+    compare equal with the table's bytes as far as the run goes.  Every entry of a run thus equals
+    its first one but for the offset (flags and low bits alike), unless adding clusters carried into
+    the flag bits, which is checked at the run's last entry.
+    """
+    words = entry_words(raw, entry_size)
+    if words[0::8].translate(None, _FLAGS_OK):
+        return None
+    cs = 1 << cluster_bits
+    used = _used_stretches(words)
+    starts: list[int] = []
+    lens: list[int] = []
+    runs = done = 0
+    for first, end in used:
+        k = first
+        while k < end:
+            e = int.from_bytes(words[8 * k : 8 * k + 8], "big")
+            off = e & L.L2E_OFFSET_MASK
+            if off & (cs - 1):
+                return None  # misaligned: reported by the entry-by-entry walk
+            limit = min(end - k, ((1 << 64) - 1 - e) // cs + 1)  # (no entry past 2^64 - 1)
+            m = _run_length(words, k, e, cs, limit)
+            if (e + (m - 1) * cs) >> 56 != e >> 56:
+                return None  # a carry into the flag bits
+            if off:
+                starts.append(off >> cluster_bits)
+                lens.append(m)
+            elif m > 1:  # (an entry without a host: the run's others name clusters 1, 2, ...)
+                starts.append(1)
+                lens.append(m - 1)
+            k += m
+            done += m
+            runs += 1
+            if runs > max_runs and runs * 4 > done:
+                return None
+    return Runs(starts, lens, used)
+
+
+def _run_length(words: bytes, k: int, e: int, cs: int, limit: int) -> int:
+    """How many entries from ``k`` on (1..``limit``) are ``e, e + cs, ...``."""
+    m = 1
+    size = _FIRST_PROBE
+    top = e >> 56  # (the entries are packed without it: a range of integers past 2^63 is slow)
+    low = e & ((1 << 56) - 1)
+    while m < limit:
+        size = min(size, limit)
+        want = struct.pack(f">{size - m}Q", *range(low + m * cs, low + size * cs, cs))
+        if top:
+            fixed = bytearray(want)
+            fixed[0::8] = bytes([top]) * (size - m)  # (a carry into byte 0: l2_runs checks the last entry)
+            want = bytes(fixed)
+        have = words[8 * (k + m) : 8 * (k + size)]
+        if have == want:
+            m = size
+            size *= 2
+            continue
+        lo, hi = 0, size - m  # have[:8 * lo] matches, have[:8 * hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if have[: 8 * mid] == want[: 8 * mid]:
+                lo = mid
+            else:
+                hi = mid
+        return m + lo
+    return m
