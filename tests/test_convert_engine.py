@@ -300,3 +300,129 @@ def test_in_flight_option_like_qemu_img(workdir: Path, value: str) -> None:
     assert (v.returncode, v.normalized_stderr()) == (q.returncode, q.stderr)
     if q.returncode == 0:
         assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()
+
+
+class _FakeInFlight:
+    """A source file taking reads in flight, as RBD's (``start_readinto``/``finish_read``), over a local file.
+
+    A started read fills its buffer with 0xee and does the real read only when finished, so a buffer
+    written or reused before its read is done shows in the output; a buffer in two reads at once, more
+    reads in flight than allowed, or a read never finished fail the test.  ``fail_at``: the read (by
+    start order) that fails with EIO.
+    """
+
+    def __init__(self, fd: int, filename: str, limit: int, fail_at: int | None = None) -> None:
+        self.fd = fd
+        self.filename = filename
+        self.limit = limit
+        self.fail_at = fail_at
+        self.started = 0
+        self.in_flight: dict[int, int] = {}  # id of the buffer -> read number
+        self.most = 0
+
+    def start_readinto(self, offset: int, view: memoryview) -> tuple[int, int, memoryview]:
+        key = id(view.obj)
+        assert key not in self.in_flight, "a buffer in two reads at once"
+        self.in_flight[key] = self.started
+        self.most = max(self.most, len(self.in_flight))
+        assert len(self.in_flight) <= self.limit
+        view[:] = b"\xee" * len(view)
+        self.started += 1
+        return self.started - 1, offset, view
+
+    def finish_read(self, read: tuple[int, int, memoryview]) -> None:
+        import errno
+        import os
+
+        number, offset, view = read
+        assert self.in_flight.pop(id(view.obj)) == number
+        if number == self.fail_at:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        n = os.preadv(self.fd, [view], offset)
+        view[n:] = bytes(len(view) - n)
+
+
+@pytest.mark.parametrize("depth", ["1", "2", "4", "16"])
+@pytest.mark.parametrize("sparse", ["4k", "0"])
+def test_reads_in_flight(workdir: Path, monkeypatch: pytest.MonkeyPatch, depth: str, sparse: str) -> None:
+    """Data pieces of a source that takes reads in flight (RBD) are read several at a time into the copy's
+    buffers and written in order: bytes and allocation map equal qemu-img's for data, zeros written as
+    data, short zero stretches, holes and a partial last piece, for -m 1..16 and -S 0; no buffer is
+    passed on or reused before its read is done, at most -m reads are in flight, none is left behind."""
+    from vdkit.block import copy as bcopy
+    from vdkit.cli.main import main
+
+    rnd = random.Random(11)
+    size = (13 << 20) + 1536
+    with open(workdir / "src.raw", "wb") as f:
+        f.truncate(size)
+        f.write(rnd.randbytes(5 << 20))
+        f.write(bytes(1 << 20))
+        f.write(rnd.randbytes(4096) + bytes(8192) + rnd.randbytes(1000))
+        f.seek(9 << 20)
+        f.write(rnd.randbytes((4 << 20) + 1536))
+    fakes: list[_FakeInFlight] = []
+
+    def fake_async_file(node: object, filename: str, layer: int) -> _FakeInFlight:
+        fake = _FakeInFlight(node.driver.file.fd, filename, int(depth))  # type: ignore[attr-defined]
+        fakes.append(fake)
+        return fake
+
+    monkeypatch.setattr(bcopy, "async_file", fake_async_file)
+    monkeypatch.chdir(workdir)
+    args = ["convert", "-m", depth, "-S", sparse, "-f", "raw", "-O", "raw", "src.raw"]
+    check_ok(*args, "q.raw", cwd=workdir)
+    assert main([*args, "v.raw"]) == 0
+    assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()
+    q_map = check_ok("map", "--output=json", "q.raw", cwd=workdir).stdout
+    assert check_ok("map", "--output=json", "v.raw", cwd=workdir).stdout == q_map
+    assert len(fakes) == 1 and fakes[0].started >= 6 and not fakes[0].in_flight
+    if depth != "1":
+        assert fakes[0].most > 1
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 4])
+def test_read_in_flight_fails(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                              fail_at: int) -> None:
+    """A read in flight that fails is reported as the same read done synchronously is (qemu-img's text,
+    its piece's offset), after every piece before it was written; the reads behind it are waited for."""
+    import errno
+    import os
+
+    from vdkit.block import copy as bcopy
+    from vdkit.cli.main import main
+
+    rnd = random.Random(3)
+    with open(workdir / "src.raw", "wb") as f:
+        f.write(rnd.randbytes(12 << 20))
+    fakes: list[_FakeInFlight] = []
+
+    def fake_async_file(node: object, filename: str, layer: int) -> _FakeInFlight:
+        fake = _FakeInFlight(node.driver.file.fd, filename, 8, fail_at)  # type: ignore[attr-defined]
+        fakes.append(fake)
+        return fake
+
+    monkeypatch.chdir(workdir)
+    with monkeypatch.context() as m:
+        m.setattr(bcopy, "async_file", fake_async_file)
+        assert main(["convert", "-m", "8", "-f", "raw", "-O", "raw", "src.raw", "v.raw"]) == 1
+    in_flight_err = capsys.readouterr().err
+    assert not fakes[0].in_flight
+    pieces = 0
+    real = bcopy.Copier.readinto
+
+    def failing(self: bcopy.Copier, sector: int, n: int, view: memoryview) -> None:
+        nonlocal pieces
+        pieces += 1
+        if pieces - 1 == fail_at:
+            exc = OSError(errno.EIO, os.strerror(errno.EIO))
+            raise bcopy.IOFailure(exc, f"error while reading at byte {sector * SECTOR}")
+        real(self, sector, n, view)
+
+    monkeypatch.setattr(bcopy.Copier, "readinto", failing)
+    monkeypatch.setattr(bcopy.Copier, "host_extent", lambda self, sector, n: None)
+    assert main(["convert", "-f", "raw", "-O", "raw", "src.raw", "s.raw"]) == 1
+    assert capsys.readouterr().err == in_flight_err
+    assert f"error while reading at byte {fail_at * (2 << 20)}: Input/output error" in in_flight_err
+    written = (workdir / "v.raw").read_bytes()[: fail_at * (2 << 20)]
+    assert written == (workdir / "src.raw").read_bytes()[: fail_at * (2 << 20)]

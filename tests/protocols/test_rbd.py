@@ -346,6 +346,40 @@ def test_reads_and_writes_in_flight(cluster: ceph.CephCluster) -> None:
     assert "Pattern verification failed" not in r.stdout and r.returncode == 0
 
 
+def test_convert_reads_in_flight(cluster: ceph.CephCluster, tmp_path: Path) -> None:
+    """convert from RBD reads several pieces at once (rbd_aio_read into the copy's buffers): for -m 1, 4
+    and 16 the output's bytes and map equal qemu-img's (data, zeros written, objects never written, a
+    partial last piece); reads started straight on the file, finished in order, one across the end."""
+    import os
+
+    from vdkit.protocols.rbd import RbdFile
+
+    image = cluster.unique("ahead")
+    cluster.rbd("create", "--size", "22M", f"rbd/{image}")
+    cluster.qemu_io(image, "write -P 0x31 0 5M", "write -z 5M 1M", "write -P 0x32 6M 4k", "write -P 0x33 12M 10M")
+    name = cluster.name(image)
+    for m in ("1", "4", "16"):
+        q, v = tmp_path / f"q{m}.raw", tmp_path / f"v{m}.raw"
+        _same(qemu_img("convert", "-m", m, "-O", "raw", name, str(q)),
+              vdkit_img("convert", "-m", m, "-O", "raw", name, str(v)), {str(v): str(q)})
+        assert q.read_bytes() == v.read_bytes()
+        both("map", "--output=json", str(v))
+    data = bytes(os.urandom(3 << 20))
+    with RbdFile(name, readonly=False) as f:
+        f.pwrite(20 << 20, data[: 2 << 20])  # in flight while the reads start: waited for first
+        bufs = [bytearray(b"\xee" * (1 << 20)) for _ in range(4)]
+        offsets = (19 << 20, 20 << 20, 21 << 20, 22 << 20)
+        reads = [f.start_readinto(off, memoryview(b)) for off, b in zip(offsets, bufs, strict=True)]
+        for r in reads:
+            f.finish_read(r)
+        assert bufs[0] == b"\x33" * (1 << 20)
+        assert bufs[1] + bufs[2] == data[: 2 << 20]
+        assert bufs[3] == bytes(1 << 20)  # past the end: zeros, as readinto
+        tail = bytearray(b"\xee" * (2 << 20))
+        f.finish_read(f.start_readinto(21 << 20, memoryview(tail)))  # across the end
+        assert tail == data[1 << 20 : 2 << 20] + bytes(1 << 20)
+
+
 # -- RBD snapshots as internal snapshots ----------------------------------------------------------
 
 def _snap_image(cluster: ceph.CephCluster, name: str) -> None:

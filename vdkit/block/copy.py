@@ -22,11 +22,13 @@ from vdkit.errors import VdkitError
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     import queue
+    from collections import deque
 
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
     from vdkit.block.target import Target
     from vdkit.io.file import ImageFile
+    from vdkit.protocols import AsyncFile
 
 SECTOR = 512
 IO_BUF_SECTORS = (2 * 1024 * 1024) // SECTOR
@@ -176,6 +178,26 @@ class Copier:
             return None
         return file, host
 
+    def async_extent(self, sector: int, n: int) -> tuple[AsyncFile, int] | None:
+        """The protocol file and offset holding the piece's guest bytes as they are, when that file
+        can have several reads in flight (``start_readinto``: RBD), or None.
+
+        Only for the current status run (just returned by :meth:`step`), when the layer that
+        answered stores plain data (unencrypted) in that file and the piece lies inside the image.
+        """
+        if self._host is None:
+            return None
+        depth, filename, delta = self._host
+        src = self._source_at(sector)
+        offset = (sector - src.start) * SECTOR
+        if offset + n * SECTOR > src.node.driver.virtual_size or offset + delta < 0:
+            return None
+        key = (id(src.node), depth, "async:" + filename)
+        if key not in self._plain:
+            self._plain[key] = async_file(src.node, filename, depth)  # type: ignore[assignment]
+        found: AsyncFile | None = self._plain[key]  # type: ignore[assignment]
+        return None if found is None else (found, offset + delta)
+
     def readinto(self, sector: int, n: int, view: memoryview) -> None:
         """Guest bytes of the concatenation into ``view`` (pieces never span two sources)."""
         from vdkit.block.io import readinto
@@ -222,6 +244,23 @@ def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: b
                 return None
         layer = layer.backing
         level += 1
+    return None
+
+
+def async_file(node: Node, filename: str, depth: int) -> AsyncFile | None:
+    """The file named ``filename`` in the layer ``depth`` below ``node`` if that layer stores plain,
+    unencrypted data in it and the file takes reads in flight (a protocol's ``start_readinto``)."""
+    layer: Node | None = node
+    for _ in range(depth):
+        layer = layer.backing if layer is not None else None
+    if layer is None:
+        return None
+    drv = layer.driver
+    if not drv.plain_data or drv.encrypted:
+        return None
+    f = getattr(drv, "file", None)
+    if getattr(f, "filename", None) == filename and hasattr(f, "start_readinto"):
+        return f
     return None
 
 
@@ -507,6 +546,7 @@ class ReadAhead:
                  depth: int | None = None) -> None:
         import queue
         import threading
+        from collections import deque  # (queue imports it already)
 
         self.copier = copier
         self.zmap = zmap
@@ -517,6 +557,11 @@ class ReadAhead:
         for _ in range(max(1, depth or self.DEPTH)):
             self._pool.put((bytearray(copier.buf_sectors * SECTOR), None))
         self._out: queue.SimpleQueue[Piece | IOFailure | None] = queue.SimpleQueue()
+        self.depth = max(1, depth or self.DEPTH)
+        # pieces walked but not yet passed on, in order: (piece, file, read) with the read still in
+        # flight into the piece's buffer, or (piece, None, None) for a zero/backing piece behind one
+        self._pending: deque[tuple[Piece, AsyncFile | None, object]] = deque()
+        self._reads = 0  # reads in flight (protocol files that take several: Copier.async_extent)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
 
@@ -565,35 +610,100 @@ class ReadAhead:
     def _run(self) -> None:
         c = self.copier
         out = self._out
+        pending = self._pending
         sector = 0
         try:
             while sector < c.total and not self._stop:
                 n = c.step(sector)
                 status = c.status
                 if status != BLK_DATA:
-                    out.put((sector, n, status, None, None, None))
+                    piece: Piece = (sector, n, status, None, None, None)
+                    if pending:
+                        pending.append((piece, None, None))
+                    else:
+                        out.put(piece)
                     sector += n
                     continue
-                item = self._pool.get()
-                if item is None:
+                buf = self._buffer()
+                if buf is None:
                     return
-                buf, done = item
-                if done is not None:
-                    done.close()
-                if self._stop:
-                    return
+                remote = c.async_extent(sector, n)
+                if remote is not None:
+                    try:
+                        read = remote[0].start_readinto(remote[1], memoryview(buf)[: n * SECTOR])
+                    except (VdkitError, OSError) as exc:
+                        while pending:  # the pieces before it are written first, as in a sequential copy
+                            self._emit()
+                        raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
+                    pending.append(((sector, n, status, buf, None, None), remote[0], read))
+                    self._reads += 1
+                    while self._reads >= self.depth:
+                        self._emit()
+                    sector += n
+                    continue
+                while pending:  # a piece read here: those in flight go first
+                    self._emit()
                 mapped = self._map(sector, n) if self.mapping else None
                 if mapped is None:
                     c.readinto(sector, n, memoryview(buf))
                 zero = self.zmap.sectors(buf if mapped is None else mapped.view, n) if self.sparse else None
                 out.put((sector, n, status, buf, zero, mapped))
                 sector += n
+            while pending and not self._stop:
+                self._emit()
         except IOFailure as f:
             out.put(f)
         except BaseException as exc:  # a bug: surface it in the caller rather than hang
             out.put(IOFailure(exc, "error while reading"))
         finally:
+            self._release_pending()  # no read may still be filling a buffer once the walk ends
             out.put(None)
+
+    def _buffer(self) -> bytearray | None:
+        """A free buffer (None: stop).  While none is free and reads are in flight, the oldest piece
+        is passed on first: its buffer comes back once written, and the writer may hold the rest."""
+        import queue
+
+        while True:
+            try:
+                item = self._pool.get_nowait()
+            except queue.Empty:
+                if self._pending:
+                    self._emit()
+                    continue
+                item = self._pool.get()
+            if item is None or self._stop:
+                return None
+            buf, done = item
+            if done is not None:
+                done.close()
+            return buf
+
+    def _emit(self) -> None:
+        """Pass the oldest pending piece on, once its read is done (its zero sectors mapped)."""
+        piece, file, read = self._pending.popleft()
+        if file is not None:
+            self._reads -= 1
+            sector, n, status, buf, _, _ = piece
+            try:
+                file.finish_read(read)
+            except (VdkitError, OSError) as exc:
+                raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
+            assert buf is not None
+            zero = self.zmap.sectors(buf, n) if self.sparse else None
+            piece = (sector, n, status, buf, zero, None)
+        self._out.put(piece)
+
+    def _release_pending(self) -> None:
+        """Wait for every read still in flight (their buffers are librbd's until then); drop the pieces."""
+        while self._pending:
+            _, file, read = self._pending.popleft()
+            if file is not None:
+                self._reads -= 1
+                try:
+                    file.finish_read(read)
+                except (VdkitError, OSError):
+                    pass
 
 
 def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sector: int, n: int,

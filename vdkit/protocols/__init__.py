@@ -5,6 +5,21 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    class AsyncFile(Protocol):
+        """A protocol file that takes several reads in flight (the copy engine's read-ahead uses it)."""
+
+        filename: str
+
+        def start_readinto(self, offset: int, view: memoryview) -> Any:
+            """Start filling ``view`` from ``offset``; the buffer is the file's until :meth:`finish_read`."""
+
+        def finish_read(self, read: Any) -> None:
+            """Wait for a started read (zeros past the end); raises ``OSError`` once the buffer is free."""
+
 
 class RemoteFile:
     """What every protocol file shares: no local descriptor, no device, and ``pread`` built on the

@@ -322,6 +322,7 @@ class _Libs:
             (self.rbd, "rbd_namespace_exists", [vp, cp, c.POINTER(c.c_bool)], i),
             (self.rbd, "rbd_aio_create_completion", [vp, vp, c.POINTER(vp)], i),
             (self.rbd, "rbd_aio_write", [vp, u64, sz, vp, vp], i),
+            (self.rbd, "rbd_aio_read", [vp, u64, sz, vp, vp], i),
             (self.rbd, "rbd_aio_wait_for_complete", [vp], i),
             (self.rbd, "rbd_aio_get_return_value", [vp], c.c_ssize_t),
             (self.rbd, "rbd_aio_release", [vp], None),
@@ -519,6 +520,18 @@ class RbdSnapshot:
         return f"<RbdSnapshot {self.name!r} size={self.vm_state_size}>"
 
 
+class RbdRead:
+    """A read in flight (:meth:`RbdFile.start_readinto`): its completion (None once waited for or
+    when it was done at once), the ctypes array over the caller's buffer, and the view it fills."""
+
+    __slots__ = ("comp", "target", "view")
+
+    def __init__(self, comp: object, target: object, view: memoryview) -> None:
+        self.comp = comp
+        self.target = target
+        self.view = view
+
+
 class RbdFile(RemoteFile):
     """An RBD image seen through the interface format drivers use for a file (:class:`ImageFile`)."""
 
@@ -612,6 +625,49 @@ class RbdFile(RemoteFile):
             pos += r
         if pos < length:
             view[pos:] = bytes(length - pos)
+
+    def start_readinto(self, offset: int, view: memoryview) -> RbdRead:
+        """Start reading the image at ``offset`` into ``view`` (``rbd_aio_read``) and return at once.
+
+        The copy engine keeps several of these in flight, each into its own buffer, so the cluster
+        works on the next pieces while this process writes the last one (one synchronous
+        ``rbd_read`` at a time left the OSDs idle between requests, and qemu-img keeps 8).  librbd
+        writes into ``view`` until :meth:`finish_read` has returned: the caller must not touch,
+        resize or free the buffer before that, and must call it for every read started, even when
+        giving up.  A view librbd cannot write into is read synchronously here.
+        """
+        length = len(view)
+        if offset < 0:
+            raise OSError(_errno.EIO, os.strerror(_errno.EIO))
+        inside = max(0, min(length, self._size - offset))
+        if not inside or inside > _MAX_IO or view.readonly or not view.c_contiguous:
+            self.readinto(offset, view)
+            return RbdRead(None, None, view)
+        self._drain_writes()
+        c = self.lib.c
+        comp = c.c_void_p()
+        r = self.lib.rbd.rbd_aio_create_completion(None, None, c.byref(comp))
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        target = (c.c_char * inside).from_buffer(view[:inside])  # holds the buffer export until done
+        r = self.lib.rbd.rbd_aio_read(self.image, offset, inside, target, comp)
+        if r < 0:
+            self.lib.rbd.rbd_aio_release(comp)
+            raise OSError(-r, os.strerror(-r))
+        return RbdRead(comp, target, view)
+
+    def finish_read(self, read: RbdRead) -> None:
+        """Wait for a read of :meth:`start_readinto`; the bytes past the image's end (or a short read's)
+        read as zeros.  A failure raises ``OSError`` once librbd is done with the buffer."""
+        if read.comp is None:
+            return
+        comp, read.comp = read.comp, None
+        r = self._complete(comp)
+        read.target = None  # librbd is done with the buffer: release its export
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        if r < len(read.view):
+            read.view[r:] = bytes(len(read.view) - r)
 
     def _complete(self, comp: object) -> int:
         """Wait for an issued request and release its completion: its result (bytes or -errno)."""
