@@ -17,6 +17,7 @@ run on it; front ends only parse arguments and print.
 
 from __future__ import annotations
 
+from vdkit.block.target import WriteFailed
 from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -472,18 +473,24 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
                 try:
                     write_piece(target, copier, zmap, status, sector, n, buf, data, zero, has_zero_init,
                                 mapped)
+                except WriteFailed as wf:  # an earlier piece's write, which was in flight
+                    raise _write_error(wf.exc, wf.offset) from wf.exc
                 except (VdkitError, OSError) as exc:
-                    from vdkit.block.io import io_error
-
-                    raise io_error(exc, f"error while writing at byte {sector * SECTOR}") from exc
+                    raise _write_error(exc, sector * SECTOR) from exc
                 finally:
                     data = None  # no view of a mapping outlives its piece
                     if buf is not None:
-                        pieces.release(buf, mapped)  # the reader unmaps it: munmap's cost off this thread
+                        # back to the reader once the target's writes from it are done (the reader unmaps
+                        # a mapped piece: munmap's cost off this thread)
+                        target.after_writes(lambda b=buf, m=mapped: pieces.release(b, m))  # type: ignore[misc]
                 if status == BLK_DATA:
                     done += n
                     if allocated:
                         progress.set(100.0 * done / allocated)
+            try:
+                target.wait()
+            except WriteFailed as wf:
+                raise _write_error(wf.exc, wf.offset) from wf.exc
         target.finish()
     except BaseException:
         target.abort()
@@ -492,6 +499,12 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
         import gc
 
         gc.unfreeze()
+
+
+def _write_error(exc: BaseException, offset: int) -> BaseException:
+    from vdkit.block.io import io_error
+
+    return io_error(exc, f"error while writing at byte {offset}") if isinstance(exc, Exception) else exc
 
 
 class Mapped:

@@ -20,11 +20,27 @@ from vdkit.errors import UnsupportedError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.block.node import Node
 
 
 class SilentFailure(Exception):
     """The conversion failed in a way qemu-img reports only through the exit status."""
+
+
+class WriteFailed(Exception):
+    """A write that was in flight failed: its error and the guest offset it was written at.
+
+    A target that returns from :meth:`Target.write` before the data is written reports the
+    failure from a later call (the copy names the failed write's offset, as qemu-img's request
+    that failed does).
+    """
+
+    def __init__(self, exc: BaseException, offset: int) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+        self.offset = offset
 
 
 class Target:
@@ -49,6 +65,15 @@ class Target:
     def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
         """Write ``data``, which are also the bytes at ``src_offset`` of the file open as ``fd``."""
         self.write(offset, data)
+
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once the writes made so far have used their buffers (the copy's buffers come back
+        to it this way).  Targets that write before :meth:`write` returns call it at once; others may
+        call it later from another thread, so ``fn`` must be thread-safe."""
+        fn()
+
+    def wait(self) -> None:
+        """Wait for the writes in flight; raise :class:`WriteFailed` if one failed."""
 
     def backing_sectors(self) -> int:
         """Sectors of the target's backing file (-1 without one): zeros past its end need no write."""

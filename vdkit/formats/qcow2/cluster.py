@@ -219,7 +219,10 @@ class L2Cache:
 
     ``depends_on`` runs before any dirty table is written: set it to the
     refcount flush when entries point at freshly counted clusters, so the
-    counts are durable first.
+    counts are durable first.  ``before_write``, when set, runs before every
+    table write: the I/O engine waits there for data writes still in flight
+    (their entries are in the tables already, their data must be on disk
+    before a table naming it is).
     """
 
     def __init__(self, file: ImageFile, geom: Geometry, *, cache_bytes: int = 16 * 1024 * 1024,
@@ -231,6 +234,7 @@ class L2Cache:
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // geom.cluster_size)
         self.depends_on: Callable[[], None] | None = None
+        self.before_write: Callable[[], None] | None = None
 
     def get(self, offset: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._tables.get(offset)
@@ -242,6 +246,10 @@ class L2Cache:
         tab = self.geom.decode_l2(self.file.pread(offset, self.geom.cluster_size), self.T)
         self._insert(offset, tab)
         return tab
+
+    def peek(self, offset: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The cached table at ``offset`` (None: not cached), without reading or reordering anything."""
+        return self._tables.get(offset)
 
     def put(self, offset: int, entries: np.ndarray, bitmaps: np.ndarray) -> None:
         """Install a new table content (dirty)."""
@@ -265,6 +273,8 @@ class L2Cache:
             del self._tables[victim]
 
     def _write(self, offset: int) -> None:
+        if self.before_write is not None:
+            self.before_write()
         if self.depends_on is not None:
             dep, self.depends_on = self.depends_on, None
             dep()

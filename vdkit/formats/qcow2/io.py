@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
+    from vdkit.io.inflight import InFlight, Job
     from vdkit.io.tables import Backend, Tab
 
     BackingRead = Callable[[int, int], bytes]
@@ -165,6 +166,11 @@ class Qcow2IO:
         pure = drv.readonly and not self.geom.extended_l2 and "numpy" not in sys.modules
         self._pure_tables = _PURE_TABLES if pure else 0
         self._pure_l1: tuple[int, ...] | None = None
+        # data writes in flight (start_pipeline); the first failed one not yet reported: (error, guest offset);
+        # the clusters of failed ones, to give back (host offset, bytes)
+        self._pipe: InFlight | None = None
+        self._write_failure: tuple[BaseException, int] | None = None
+        self._failed_clusters: list[tuple[int, int]] = []
 
     # -- sources --------------------------------------------------------------------------------
     @property
@@ -562,6 +568,16 @@ class Qcow2IO:
         self.readinto(offset, memoryview(out), fill, l1)
         return bytes(out)
 
+    def _read_fresh(self, offset: int, length: int, backing: BackingRead | None) -> bytes:
+        """:meth:`read` of a range that no data write in flight touches (see :meth:`_readinto`)."""
+        out = bytearray(length)
+        fill: BackingFill | None = None
+        if backing is not None:
+            def fill(guest: int, view: memoryview) -> None:
+                view[:] = backing(guest, len(view))
+        self._readinto(offset, memoryview(out), fill)
+        return bytes(out)
+
     def readinto(self, offset: int, view: memoryview, backing: BackingFill | None = None,
                  l1: np.ndarray | None = None) -> None:
         """Fill ``view`` with the guest bytes at ``offset`` (the buffer is reused by bulk copies).
@@ -569,6 +585,14 @@ class Qcow2IO:
         Unallocated parts are filled by ``backing(guest, view)``, or zeroed.
         Data runs are read from the host file directly into ``view``.
         """
+        if self._pipe is not None and self._pipe.busy:
+            self.settle()  # the data of a run may still be on its way to the file
+        self._readinto(offset, view, backing, l1)
+
+    def _readinto(self, offset: int, view: memoryview, backing: BackingFill | None = None,
+                  l1: np.ndarray | None = None) -> None:
+        """:meth:`readinto` with data writes possibly in flight: only for ranges none of them touches (a
+        new cluster's head or tail around a write, which fresh L2 entries say is unallocated)."""
         from vdkit.io.file import zero_fill
 
         if self.drv.encrypted:
@@ -608,6 +632,117 @@ class Qcow2IO:
     # L2 table is written back; freed clusters are only decremented after the
     # L2 tables that dropped them are on disk.  A new L2 table and its count are
     # written and synced (one sync) before the L1 entry that points at it.
+
+    # Data writes in flight (start_pipeline).  A write into clusters whose L2 entries are all empty (what
+    # convert writes: a fresh image, in guest order) allocates and sets its entries in memory at once, as
+    # today, but hands the data to a few threads instead of waiting for it (the system calls drop the
+    # GIL, so two or three writes overlap, as qemu-img's coroutines do).  What the file sees keeps the
+    # order above: every L2 table write first waits for all data in flight (L2Cache.before_write), so no
+    # table on disk names a cluster whose data has not been written; counts still go before the tables.
+    # A failed data write's entries are emptied again before any table goes out, its clusters are given
+    # back (as QEMU aborts a failed allocation; later, outside the table write that found the failure) and
+    # the failure is kept for the writer (write_failure, flush).
+    # Everything else (in-place writes, copy-on-write of old clusters, zeroes, discards, reads) first
+    # waits for the writes in flight, so it never overtakes or reads around one.
+
+    def start_pipeline(self, threads: int = 3, max_bytes: int = 8 << 20) -> None:
+        """Let allocating writes into empty clusters return before their data is written (see above).
+
+        The caller must keep each write's buffer unchanged until :meth:`after_writes` says it is done,
+        and end with :meth:`stop_pipeline` (which waits).  ``max_bytes`` bounds the data in flight.
+        """
+        from vdkit.io.inflight import InFlight
+
+        if self._pipe is None:
+            self._pipe = InFlight(threads, max_bytes)
+
+    def stop_pipeline(self) -> None:
+        """Wait for the writes in flight and go back to synchronous writes (a failure stays pending)."""
+        pipe = self._pipe
+        if pipe is None:
+            return
+        self._settle_failed(pipe.close())
+        self._release_failed()
+        self._pipe = None
+        if "clusters" in self.drv.__dict__ and self.drv.clusters.l2.before_write == self.settle:
+            self.drv.clusters.l2.before_write = None
+
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once every data write submitted so far is done (at once without any in flight;
+        else from a writer thread: ``fn`` must be thread-safe)."""
+        if self._pipe is None:
+            fn()
+        else:
+            self._pipe.after(fn)
+
+    def settle(self) -> None:
+        """Wait for the data writes in flight; empty the L2 entries of any that failed."""
+        if self._pipe is not None:
+            self._settle_failed(self._pipe.wait())
+
+    def _settle_failed(self, failed: list[Job]) -> None:
+        if not failed:
+            return
+        cm = self.drv.clusters
+        for job in failed:
+            token: tuple[int, int, int, int] = job.token  # type: ignore[assignment]  # (_submit_segments')
+            l2_off, first, count, guest = token
+            tab = cm.l2.peek(l2_off)
+            if tab is not None:  # (a table holding entries in flight is never written, so never evicted)
+                entries = tab[0]
+                for i in range(first, first + count):
+                    entries[i] = 0  # they were empty (the write was into fresh entries): unallocated again
+            if not self.geom.has_data_file:
+                self._failed_clusters.append((job.offset - job.offset % self.cluster_size, count * self.cluster_size))
+            if self._write_failure is None:
+                assert job.error is not None
+                self._write_failure = (job.error, guest)
+        self.invalidate()
+
+    def _release_failed(self) -> None:
+        """Give back the clusters of failed writes (no table on disk names them; a count that cannot go
+        down stays: a leak, as when QEMU's free fails)."""
+        while self._failed_clusters:
+            host, length = self._failed_clusters.pop()
+            try:
+                self.drv.refcounts.update(host, length, -1)
+            except (VdkitError, OSError):
+                pass
+
+    def write_failure(self) -> tuple[BaseException, int] | None:
+        """The first data write in flight that failed and was not reported yet: (error, guest offset).
+        Taking it reports it."""
+        pipe = self._pipe
+        if pipe is not None and pipe.failed:
+            self.settle()
+        self._release_failed()
+        failure, self._write_failure = self._write_failure, None
+        return failure
+
+    def _settle_if_busy(self) -> None:
+        if self._pipe is not None and self._pipe.busy:
+            self.settle()
+
+    def _submit_segments(self, segments: list[tuple[int, bytes | memoryview]], token: tuple[int, int, int, int],
+                         ) -> None:
+        """:meth:`_write_segments` in the writer threads (the overlap checks here, first)."""
+        assert self._pipe is not None
+        l2 = self.drv.clusters.l2
+        if l2.before_write is None:
+            l2.before_write = self.settle  # (set here: the cluster map may be made, or made again, later)
+        f = self.data_file
+        i = 0
+        while i < len(segments):
+            off, chunk = segments[i]
+            parts: list[bytes | bytearray | memoryview] = [chunk]
+            nxt = off + len(chunk)
+            i += 1
+            while i < len(segments) and segments[i][0] == nxt:
+                parts.append(segments[i][1])
+                nxt += len(segments[i][1])
+                i += 1
+            self._check_overlap(off, nxt - off)
+            self._pipe.submit(f.pwritev, off, parts, token)
 
     def _writable(self) -> None:
         if self.drv.readonly:
@@ -861,6 +996,9 @@ class Qcow2IO:
         e = int(entries[g.l2_index(offset)])
         if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not e & _MASK_OFF:
             return False
+        self._settle_if_busy()  # (the cluster's data may be in flight: this write must land after it)
+        if not int(entries[g.l2_index(offset)]):
+            return False  # that write failed: its entry is empty again
         self._write_inplace(offset // cs, entries, bitmaps, offset, offset + n, memoryview(data), None)
         return True
 
@@ -884,6 +1022,11 @@ class Qcow2IO:
         n = last - first + 1
         # all entries empty (a fresh image, as convert writes): one run to allocate, nothing to free
         fresh = not T.any_nonzero(entries, i0, i0 + n)
+        pipe = self._pipe
+        if not fresh and pipe is not None and pipe.busy:
+            self.settle()  # clusters in place or copied: the writes in flight go first (a failed one's
+            fresh = not T.any_nonzero(entries, i0, i0 + n)  # entries are empty again)
+        pipelined = fresh and pipe is not None and not g.extended_l2
         runs = [(0, n, False)] if fresh else self._inplace_runs(T, entries, i0, i0 + n)
         to_free: list[int] = []
         allocated = False
@@ -901,7 +1044,10 @@ class Qcow2IO:
                                                  to_free)
                         continue
                     segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
-                    self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
+                    if pipelined:  # the entries change now; no table naming them is written before the data
+                        self._submit_segments(segments, (l2_off, i0 + a + pa, run, c << cb))
+                    else:
+                        self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
                 except CorruptionEvent:
                     self._abort_alloc(host, run)
                     raise
@@ -1010,7 +1156,8 @@ class Qcow2IO:
         s, e = max(lo, start), min(hi, end)
         if s == lo and e == hi:
             return data[s - start : e - start]
-        cur = bytearray(self.read(lo, hi - lo, backing))
+        # (callers waited for the writes in flight, or the cluster's entry is empty: not our data)
+        cur = bytearray(self._read_fresh(lo, hi - lo, backing))
         cur[s - lo : e - lo] = data[s - start : e - start]
         return bytes(cur)
 
@@ -1171,6 +1318,7 @@ class Qcow2IO:
                      unmap: bool = False) -> None:
         """Make a range read as zeros: zero flags (v3) or zero subclusters where aligned, data elsewhere."""
         self._writable()
+        self._settle_if_busy()
         self._check_range(offset, length)
         if length == 0:
             return
@@ -1262,6 +1410,7 @@ class Qcow2IO:
         backing file again), as emptying an image after ``commit`` needs.
         """
         self._writable()
+        self._settle_if_busy()
         self._check_range(offset, length)
         g = self.geom
         cs, cb = self.cluster_size, self.cluster_bits
@@ -1321,6 +1470,7 @@ class Qcow2IO:
         compress below the cluster size is written uncompressed instead.
         """
         self._writable()
+        self._settle_if_busy()
         g = self.geom
         cs = self.cluster_size
         if offset % cs or len(data) > cs:
@@ -1358,6 +1508,12 @@ class Qcow2IO:
             f.truncate(size + (-size) % 512)
 
     def flush(self) -> None:
+        self.settle()
+        self._release_failed()
+        failure = self._write_failure
+        if failure is not None:
+            self._write_failure = None
+            raise failure[0]
         self.drv.flush()
         if self.drv.header.has_data_file and self.drv.data_file is not None:
             self.drv.data_file.flush()

@@ -4,14 +4,21 @@ Data goes through the qcow2 write engine; zero ranges are unmapped.  After
 any ``-c`` conversion qemu-img aligns the file end with a final compressed
 write, so this target does too (and fails silently, as qemu-img, where an
 external data file makes that write impossible).
+
+Uncompressed data is written with a few writes in flight (the engine's
+pipeline, :meth:`vdkit.formats.qcow2.io.Qcow2IO.start_pipeline`): the copy
+hands each buffer back through :meth:`after_writes` once its data is written,
+and a failed write is reported by the next call as :class:`WriteFailed`.
 """
 
 from __future__ import annotations
 
-from vdkit.block.target import SilentFailure, Target
+from vdkit.block.target import SilentFailure, Target, WriteFailed
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.block.node import Node
     from vdkit.formats.qcow2.driver import Qcow2Driver
 
@@ -28,8 +35,19 @@ class Qcow2Target(Target):
         self.io = driver.io
         self.cluster_size = driver.cluster_size or 65536
         self.compressed = compressed  # qemu-img aligns the file end after any -c conversion
+        if not compressed:
+            self.io.start_pipeline(self.WRITERS, self.IN_FLIGHT_BYTES)
+
+    WRITERS = 3  # data writes running at once
+    IN_FLIGHT_BYTES = 8 << 20
+
+    def _raise_failure(self) -> None:
+        failure = self.io.write_failure()
+        if failure is not None:
+            raise WriteFailed(*failure)
 
     def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
+        self._raise_failure()
         if compressed:
             self.compressed = True
             cs = self.cluster_size
@@ -39,9 +57,19 @@ class Qcow2Target(Target):
             self.io.write(offset, data)  # type: ignore[arg-type]  # (a view: no copy)
 
     def write_zeroes(self, offset: int, length: int) -> None:
+        self._raise_failure()
         self.io.write_zeroes(offset, length, unmap=True)
 
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        self.io.after_writes(fn)
+
+    def wait(self) -> None:
+        self.io.settle()
+        self._raise_failure()
+
     def finish(self) -> None:
+        self.wait()
+        self.io.stop_pipeline()
         self.driver.flush()
         if self.compressed:
             if self.driver.header.has_data_file:
@@ -50,3 +78,9 @@ class Qcow2Target(Target):
                 raise SilentFailure()
             self.io.align_file_end()
         self.node.close()
+
+    def abort(self) -> None:
+        try:
+            self.io.stop_pipeline()  # (the writes in flight end first; the entries of failed ones are emptied)
+        finally:
+            self.node.close()
