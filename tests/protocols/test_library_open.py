@@ -327,3 +327,24 @@ def test_rbd_key_secret(cephx: ceph.CephCluster, tmp_path: Path) -> None:
     with pytest.raises(vdkit.VdkitError) as caught:
         vdkit.open(options=node, secrets={"sec0": base64.b64decode(wrong)})
     assert _text(caught.value) == _qemu_error(_json(node), tmp_path, f"secret,id=sec0,data={wrong},format=base64")
+
+
+def test_info_names_options(luks: Path, web: Web, tmp_path: Path) -> None:  # noqa: F811  (web: fixture)
+    """A node QEMU names json:{...} by its options (luks's key-secret, curl's sslverify off or cookie) is named
+    so by vdkit.image_info, as qemu-img info names it; the rest keep their file names."""
+    check_ok("create", "-q", "-f", "vpc", str(tmp_path / "d.vhd"), "10M")
+    specs: list[tuple[Options, tuple[str, ...]]] = [
+        (_luks(luks / "a.luks"), ("secret,id=sec0,data=alpha",)),
+        ({"driver": "vpc", "force_size_calc": "chs", "file": _file(tmp_path / "d.vhd")}, ()),
+        ({"driver": "qcow2", "file": {"driver": "https", "url": f"{web.https}/d.qcow2", "sslverify": False}}, ()),
+        ({"driver": "raw", "file": {"driver": "http", "url": f"{web.http}/r.raw", "cookie": "a=b"}}, ()),
+        ({"driver": "qcow2", "file": {"driver": "http", "url": f"{web.http}/d.qcow2"}}, ()),
+        ({"driver": "raw", "offset": 1024, "file": _file(tmp_path / "d.vhd")}, ()),
+    ]
+    for node, objects in specs:
+        args = [a for o in objects for a in ("--object", o)]
+        want = qemu_img("info", *args, _json(node))
+        assert want.returncode == 0, want.stderr
+        with vdkit.open(options=node, secrets={"sec0": "alpha"}) as opened:
+            got = vdkit.info.render_human.image_info(vdkit.image_info(opened))
+        assert got == want.stdout

@@ -355,6 +355,79 @@ def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
     return exc
 
 
+def image_opts_name(spec: str) -> str | None:
+    """The ``json:`` name qemu-img gives an image opened with options its file name cannot express.
+
+    Of the options :func:`image_opts` accepts only ``encrypt.key-secret`` is one
+    (QEMU keeps it in the node's options); None when the plain file name stands.
+    """
+    if spec.startswith("json:"):
+        from vdkit.block import json_name
+
+        given = json_name.parse(spec)
+        opts = {k: v for k, v in given.items() if isinstance(v, str)}
+    else:
+        opts = dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
+        given = dict(opts)
+    json_proto = _json_named_protocol(given)
+    if json_proto is not None:  # a protocol that names its nodes by some options (curl: a cookie, sslverify off)
+        from vdkit.protocols.registry import protocol_module
+
+        mod = protocol_module(json_proto)
+        desc = mod.json_name(given)
+        name_key = f"file.{getattr(mod, 'FILENAME_OPTION', 'filename')}"
+        if desc is None and given.get("driver") is None and given.get(name_key):
+            desc = mod.json_name(given, _probe_name(json_proto, str(given[name_key])))
+        if desc is None:
+            return None
+        from vdkit.info.render_json import dumps_compact
+
+        return "json:" + dumps_compact(desc)
+    # strong options (registry.STRONG_OPTIONS) name the node json:{...} with them; without ``driver``
+    # the format is the one owning the first (image_opts probed it and refused any other)
+    owner = strong_owner()
+    first = next((k for k in given if k in owner), None)
+    if first is None:
+        return None
+    fmt = str(opts.get("driver") or owner[first])
+    named: dict[str, object] = {k: given[k] for k in given if owner.get(k) == fmt}
+    if not named:
+        return None
+    from vdkit.info.render_json import dumps_compact
+
+    named.update({"driver": fmt, "file": {"driver": "file", "filename": given.get("file.filename", "")}})
+    return "json:" + dumps_compact(named)
+
+
+def _json_named_protocol(given: dict[str, object]) -> str | None:
+    """The protocol driver (top, else the file child's) whose module names nodes ``json:{...}`` by options."""
+    from vdkit.protocols.registry import protocol_module
+
+    for driver in (given.get("driver"), given.get("file.driver")):
+        if is_protocol_driver(driver) and hasattr(protocol_module(str(driver)), "json_name"):
+            return str(driver)
+    return None
+
+
+def _probe_name(driver: str, name: str) -> str | None:
+    """The format QEMU probes for a protocol's name given as options without ``driver`` (it names it in
+    ``json:``)."""
+    from vdkit.errors import VdkitError
+    from vdkit.formats.registry import PROBE_SIZE, probe_format
+    from vdkit.protocols.registry import open_name
+
+    try:
+        f, _ = open_name(driver, name, readonly=True, force_share=False)
+    except (VdkitError, OSError):
+        return None  # the open reports it
+    try:
+        return probe_format(f.pread(0, PROBE_SIZE), name)  # type: ignore[attr-defined]
+    except (VdkitError, OSError):
+        return None
+    finally:
+        f.close()  # type: ignore[attr-defined]
+
+
 def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, object] | str | None, *,
                       secrets: Mapping[str, bytes | str] | None = None,
                       objects: Mapping[str, Mapping[str, str]] | None = None,
@@ -411,7 +484,7 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
         from vdkit.block.node import open_image
 
         try:
-            return open_image(filename, driver or fmt, readonly=readonly, force_share=force_share,
+            node = open_image(filename, driver or fmt, readonly=readonly, force_share=force_share,
                               backing=backing, policy=policy)
         except VdkitError as exc:
             if spec is None:
@@ -420,6 +493,13 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
             if renamed is exc:
                 raise
             raise renamed from exc
+        if spec is not None:
+            try:
+                node.display_name = image_opts_name(spec)
+            except BaseException:
+                node.close()
+                raise
+        return node
 
 
 def _add_objects(objects: Mapping[str, Mapping[str, str]], secrets: dict[str, bytes]) -> None:

@@ -50,6 +50,9 @@ class Node:
 
     def __init__(self, filename: str, driver: FormatDriver, *, readonly: bool) -> None:
         self.filename = filename
+        # The name QEMU shows for a node opened from options its file name cannot express (json:{...}:
+        # luks's key-secret, curl's cookie): info reports it, the chain still resolves from filename.
+        self.display_name: str | None = None
         self.driver = driver
         self.readonly = readonly
         self.backing: Node | None = None

@@ -7,7 +7,6 @@ from vdkit.cli.options import (
     LongOpt,
     SpecNames,
     getopt_long,
-    image_opts_name,
     mutually_exclusive_image_opts,
     open_args,
     output_format,
@@ -44,7 +43,11 @@ def main(argv: list[str]) -> int:
     output = output_format(p.last("output"))
     with SpecNames((filename, spec)):
         infos = collect_image_info_list(filename, fmt, chain=p.has("backing-chain"), force_share=p.has("U"))
-    shown = image_opts_name(spec) if spec is not None else None
+    shown = None
+    if spec is not None:
+        from vdkit.block.image_opts import image_opts_name
+
+        shown = image_opts_name(spec)
     if shown is not None:
         from vdkit.record import replace
 

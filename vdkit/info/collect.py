@@ -26,7 +26,7 @@ def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
     except OSError:
         actual = None
     info = ImageInfo(
-        filename=node.filename,
+        filename=node.display_name or node.filename,
         format=driver.format_name,
         virtual_size=driver.virtual_size,
         dirty_flag=driver.dirty,
