@@ -133,6 +133,13 @@ def test_policy_still_applies(files: Path, tmp_path_factory: pytest.TempPathFact
     with pytest.raises(PolicyError, match="outside the allowed folders"):
         vdkit.open(options={"driver": "qcow2", "file": _file(files / "top.qcow2")},
                    policy=OpenPolicy.restricted_to(elsewhere))
+    check_ok("create", "-q", "-f", "qcow2", "-o", f"data_file={files / 'data.bin'}", str(files / "d.qcow2"), "1M")
+    with pytest.raises(PolicyError, match="Data file .* outside the allowed folders"):
+        vdkit.open(options={"driver": "qcow2", "file": _file(files / "d.qcow2")},
+                   policy=OpenPolicy.restricted_to(elsewhere))
+    with pytest.raises(PolicyError, match="following data files is disabled"):
+        vdkit.open(options={"driver": "qcow2", "file": _file(files / "d.qcow2")},
+                   policy=OpenPolicy(follow_data_file=False))
 
 
 BAD = [
