@@ -130,16 +130,18 @@ class BackupJob(JobDriver):
             while True:
                 job.pause_point(idle=True)  # copy-before-write does the work until the job is cancelled
         last = time.monotonic()
-        while True:
-            first = self.copy.first_dirty(0)  # (the run looked at for a chunk only, as mirror's)
-            if first is None:
-                break
+        first = self.copy.first_dirty(0)  # (the run looked at for a chunk only, as mirror's)
+        while first is not None:
             chunk = max(self.cluster, MAX_CHUNK // self.cluster * self.cluster)
             off, n = next(self.copy.dirty_runs(first, first + chunk))
             self._copy_range(job, off, n, cbw=False)
+            first = self.copy.first_dirty(0)
+            if first is None:
+                break  # the last chunk: QEMU's rate limit sleeps before a chunk, never after the last
             if job.speed or time.monotonic() - last >= PAUSE_EVERY:  # see vdkit.block.mirror
                 job.pause_point()
                 last = time.monotonic()
+                first = self.copy.first_dirty(0)  # (guest writes meanwhile copied their clusters first)
         bio.flush(self.target)
 
     def _copy_range(self, job: Job, off: int, n: int, *, cbw: bool) -> None:

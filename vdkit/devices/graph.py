@@ -522,6 +522,8 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
     drv = g.node.driver
     assert drv.backing_file is not None
     try:
+        if drv.backing_file.startswith("json:"):  # QEMU writes one for a backing node named so
+            return _open_json_backing(machine, g, walk, drv.backing_file)
         resolved = walk.backing_of(g.filename, drv.backing_file)
         assert resolved is not None
         from vdkit.block.chain import protocol_of
@@ -550,6 +552,65 @@ def _open_header_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWal
             raise
     except VdkitError as exc:
         raise exc.prefixed("Could not open backing file: ") from exc
+
+
+def _open_json_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWalk, stored: str) -> GraphNode:
+    """The nodes a ``json:{...}`` backing name describes, opened as QEMU opens them: new read-only nodes
+    (a chain the daemon has open already is opened again, so a writable one refuses them its lock).
+
+    A drive-backup/drive-mirror target with ``sync: top`` over a chain whose backing was given by
+    reference gets such a name in its header.  vdkit opens the form QEMU writes there: format nodes
+    over local files, each with a ``backing`` of the same form, ``null`` or none (its header's chain);
+    every file is subject to the open policy as a backing file named plainly is.
+    """
+    from vdkit.block.json_name import parse
+
+    tree: dict[str, Any] = {}
+    for key, value in parse(stored).items():  # dotted keys back into objects
+        *path, last = key.split(".")
+        cur = tree
+        for part in path:
+            nxt = cur.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise VdkitError(f"Invalid json: backing name '{stored}'")
+            cur = nxt
+        cur[last] = value
+    if walk.depth + 1 >= walk.policy.max_chain_depth:
+        from vdkit.errors import OpenError
+
+        raise OpenError(f"Backing chain is deeper than {walk.policy.max_chain_depth} images")
+    walk.depth += 1
+    return _open_described(machine, g, walk, tree, stored)
+
+
+def _open_described(machine: DeviceRegistry, g: GraphNode, walk: BackingWalk, d: dict[str, Any],
+                    stored: str) -> GraphNode:
+    from vdkit.errors import UnsupportedError
+    from vdkit.formats.registry import is_known
+
+    driver, f = d.get("driver"), d.get("file")
+    if not (isinstance(driver, str) and is_known(driver) and isinstance(f, dict) and f.get("driver") == "file"
+            and isinstance(f.get("filename"), str) and set(f) <= {"driver", "filename"}
+            and set(d) <= {"driver", "file", "backing"} and isinstance(d.get("backing", {}), dict | None)):
+        raise UnsupportedError(f"vdkit opens json: backing names of format nodes over local files only: '{stored}'")
+    path = f["filename"]
+    walk.policy.check("backing file", stored, path)
+    child = open_file_node(machine, {"filename": path, "force-share": g.force_share}, name=None, ro=True,
+                           auto_ro=False, cache=g.cache, implicit=True)
+    try:
+        assert child.file is not None
+        lock_file_node(machine, child, (driver, True))
+        walk.visit(path, child.file.fd)
+        backing: GraphNode | None | str | Callable[[], GraphNode] = "header"
+        if "backing" in d:
+            below = d["backing"]
+            backing = None if below is None else (lambda: _open_described(machine, g, walk, below, stored))
+        return open_format_node(machine, driver, child, name=None, ro=True, cache=g.cache, detect_zeroes="off",
+                                discard="ignore", auto_ro=False, implicit=True, backing=backing, walk=walk,
+                                force_share=g.force_share)
+    except BaseException:
+        delete_node(machine, child)
+        raise
 
 
 def delete_node(machine: DeviceRegistry, g: GraphNode) -> None:

@@ -675,6 +675,8 @@ def _open_graph_target(machine: DeviceRegistry, g: GraphNode, path: str, fmt: st
                               backing=backing)
     except VdkitError as exc:
         delete_node(machine, child)
+        if exc.message.startswith("Could not open backing file: "):
+            raise  # QEMU's monitor keeps this prefix (a backing locked by the daemon's own writable node)
         raise open_error(exc) from exc
     return child, tg
 
