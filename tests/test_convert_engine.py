@@ -284,6 +284,9 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
         assert not mapped and not copied
     else:
         assert mapped and copied  # raw -> qcow2 writes from the mapping, qcow2 -> raw copies in the kernel
+        # pieces were faulted in by madvise(MADV_POPULATE_READ) through ctypes (the GIL released), which
+        # this kernel knows: a failure would have switched back to MAP_POPULATE
+        assert bcopy._populate() is not None
 
 
 @pytest.mark.parametrize("value", ["0", "17", "abc", "+4", " 4", "04", "4 ", "-4", "0x4", "", "8k", "010", "08",

@@ -22,8 +22,10 @@ from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    import mmap
     import queue
     from collections import deque
+    from collections.abc import Callable
 
     from vdkit.block.node import Node
     from vdkit.block.progress import Progress
@@ -507,6 +509,44 @@ def _write_error(exc: BaseException, offset: int) -> BaseException:
     return io_error(exc, f"error while writing at byte {offset}") if isinstance(exc, Exception) else exc
 
 
+_MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in, as MAP_POPULATE does at mmap time
+_populate_fn: object = False  # not looked up yet
+
+
+def _populate() -> Callable[[mmap.mmap, int], None] | None:
+    """A function mapping in every page of a fresh mapping without holding the GIL, or None.
+
+    CPython's ``mmap.mmap`` keeps the GIL through the ``mmap`` system call, so ``MAP_POPULATE``
+    (the page-table work for every page of a piece) stopped the writing thread whenever it came
+    back from ``copy_file_range`` while the read-ahead thread was mapping the next piece (5 ms
+    waits on the GIL in strace).  ``madvise(MADV_POPULATE_READ)`` through ctypes does the same
+    work with the GIL released.  None where libc's ``madvise`` cannot be had or the kernel does
+    not know the advice (the mapping is then made with ``MAP_POPULATE`` as before).
+    """
+    global _populate_fn
+    if _populate_fn is False:
+        _populate_fn = None
+        try:
+            import ctypes
+
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError, ImportError):
+            return None
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+
+        def populate(mm: mmap.mmap, size: int) -> None:
+            global _populate_fn
+            anchor = ctypes.c_char.from_buffer(mm)  # an export of the mapping, for its address only
+            address = ctypes.addressof(anchor)
+            del anchor  # released at once: the mapping can be closed as before
+            if madvise(address, size, _MADV_POPULATE_READ) != 0:
+                _populate_fn = None  # an older kernel: the scan faults the pages in; MAP_POPULATE next time
+
+        _populate_fn = populate
+    return _populate_fn  # type: ignore[return-value]
+
+
 class Mapped:
     """A data piece read in place: the source file's pages mapped read-only, not copied.
 
@@ -522,8 +562,16 @@ class Mapped:
         import mmap
 
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
-        self.mm = mmap.mmap(file.fd, offset - start + length, flags, mmap.PROT_READ, offset=start)
+        size = offset - start + length
+        populate = _populate()
+        if populate is not None:
+            # Private (copy-on-write): the same page-cache pages as a shared mapping, nothing this
+            # process might write reaches the file, and ctypes may take its address to populate it.
+            self.mm = mmap.mmap(file.fd, size, access=mmap.ACCESS_COPY, offset=start)
+            populate(self.mm, size)
+        else:
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
+            self.mm = mmap.mmap(file.fd, size, flags, mmap.PROT_READ, offset=start)
         self.view = memoryview(self.mm)[offset - start :]
         self.file = file
         self.offset = offset
