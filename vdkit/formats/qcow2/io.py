@@ -1068,14 +1068,27 @@ class Qcow2IO:
         """
         n = 0
         pieces: list[tuple[int, int, int]] = []
+        rc = self.drv.refcounts
+        changes = rc.changes
         if before and not self.geom.has_data_file:
             nxt = (before & L.L2E_OFFSET_MASK) + self.cluster_size
-            n = self.drv.refcounts.alloc_at(nxt, run)
+            n = rc.alloc_at(nxt, run)
             if n:
                 pieces.append((0, n, nxt))
         if n < run:
             pieces.append((n, run, self._alloc_data((c + n) << self.cluster_bits, run - n)))
+        if not self.geom.has_data_file:
+            self._data_allocated(changes, len(pieces))
         return pieces
+
+    def _data_allocated(self, changes: int, updates: int) -> None:
+        """Data clusters were counted by ``updates`` refcount updates from ``changes`` on: if nothing else
+        changed (no refcount block or table had to be allocated), no metadata moved, so the overlap
+        test's memo of clean ranges stays valid (see :meth:`_check_overlap`): the next write to the same
+        L2 table does not test the table again."""
+        st = self._overlap_stamp
+        if st and st[3] == changes and self.drv.refcounts.changes == changes + updates:
+            self._overlap_stamp = (*st[:3], changes + updates)
 
     def _inplace_runs(self, T: Backend, entries: Tab, lo: int, hi: int) -> list[tuple[int, int, bool]]:
         """Maximal runs ``(start, end, in place)`` (from ``lo``) of L2 entries ``[lo, hi)`` by whether
