@@ -298,3 +298,40 @@ def test_job_verbs_on_a_stopped_job(daemons: Daemons, tmp_path: Path) -> None:
     _wait_status(p, "null")
     _same_events(p, mask_offsets=False)
     p.same("query-block")
+
+
+RULES = {
+    # the first read_aio moves to state 2, where the next one arms the failure
+    "second-read": '[set-state]\nevent = "read_aio"\nstate = "1"\nnew_state = "2"\n\n'
+                   '[inject-error]\nevent = "read_aio"\nstate = "2"\nonce = "on"\n',
+    # sectors are the blkdebug node's own (host offsets in top.qcow2): 640 is its first data cluster,
+    # 7000 lies past the end of the file (never read)
+    "data-sector": '[inject-error]\nevent = "read_aio"\nsector = "640"\nonce = "on"\nimmediately = "on"\n',
+    "unread-sector": '[inject-error]\nevent = "read_aio"\nsector = "7000"\n',
+    "flush-only": '[inject-error]\nevent = "read_aio"\niotype = "flush"\n',
+}
+
+
+@pytest.mark.parametrize("rules", sorted(RULES))
+def test_rule_matching(daemons: Daemons, tmp_path: Path, rules: str) -> None:
+    """Which request a rule fails, as QEMU matches it: states (set-state), sectors of the node itself,
+    I/O types; a mirror with on-source-error stop shows it (paused with io-status failed, or ready)."""
+    conf = tmp_path / "rules.conf"
+    conf.write_text(RULES[rules])
+    p = Pair(daemons, tmp_path, drive=["-drive", f"file=blkdebug:{conf}:DIR/top.qcow2,if=none,id=disk0"],
+             top_writes=("write -P 0x44 3M 64k",))  # (a second data read)
+    p.same("drive-mirror", {"device": "disk0", "job-id": "m", "target": "DIR/m.qcow2", "sync": "full",
+                            "on-source-error": "stop"})
+    fails = rules in ("second-read", "data-sector")
+    p.wait("BLOCK_JOB_ERROR" if fails else "BLOCK_JOB_READY")  # stopped by the error, or in sync without
+    if fails:
+        _wait_status(p, "paused")
+        p.same("query-block-jobs", mask=_OFFSET)  # (QEMU's parallel reads: the others may be done)
+        p.same("block-job-resume", {"device": "m"})
+        p.wait("BLOCK_JOB_READY")
+    p.same("query-block-jobs")
+    p.same("block-job-cancel", {"device": "m"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+    p.quit(daemons)
+    p.compare("m.qcow2", "top.qcow2")
