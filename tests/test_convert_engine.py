@@ -260,9 +260,9 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
     copied: list[int] = []
     real_map, real_cfr = bcopy.Mapped.__init__, os.copy_file_range
 
-    def count_map(self: bcopy.Mapped, file: object, offset: int, length: int) -> None:
+    def count_map(self: bcopy.Mapped, file: object, offset: int, length: int, windows: object = None) -> None:
         mapped.append(length)
-        real_map(self, file, offset, length)  # type: ignore[arg-type]
+        real_map(self, file, offset, length, windows)  # type: ignore[arg-type]
 
     def count_cfr(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
         copied.append(count)
@@ -284,9 +284,9 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
         assert not mapped and not copied
     else:
         assert mapped and copied  # raw -> qcow2 writes from the mapping, qcow2 -> raw copies in the kernel
-        # pieces were faulted in by madvise(MADV_POPULATE_READ) through ctypes (the GIL released), which
-        # this kernel knows: a failure would have switched back to MAP_POPULATE
-        assert bcopy._populate() is not None
+        # pieces were views of windows faulted in by madvise(MADV_POPULATE_READ) through ctypes (the
+        # GIL released), which this kernel knows: a refusal would have switched back to MAP_POPULATE
+        assert bcopy._madvise() is not None
 
 
 @pytest.mark.parametrize("value", ["0", "17", "abc", "+4", " 4", "04", "4 ", "-4", "0x4", "", "8k", "010", "08",
@@ -429,3 +429,47 @@ def test_read_in_flight_fails(workdir: Path, monkeypatch: pytest.MonkeyPatch, ca
     assert f"error while reading at byte {fail_at * (2 << 20)}: Input/output error" in in_flight_err
     written = (workdir / "v.raw").read_bytes()[: fail_at * (2 << 20)]
     assert written == (workdir / "src.raw").read_bytes()[: fail_at * (2 << 20)]
+
+
+@pytest.mark.parametrize("window", [3 << 20, 32 << 20, 0], ids=["3M", "32M", "no-madvise"])
+def test_mapped_windows(workdir: Path, monkeypatch: pytest.MonkeyPatch, window: int) -> None:
+    """Mapped pieces are views of windows of the source file (one mapping for many pieces, a piece
+    crossing a window's end starting the next): qemu-img's bytes and map for qcow2 -> raw and
+    raw -> qcow2; every window is unmapped by the end.  Without madvise, pieces are mapped one by one."""
+    from vdkit.block import copy as bcopy
+    from vdkit.cli.main import main
+
+    rnd = random.Random(5)
+    with open(workdir / "src.raw", "wb") as f:
+        f.truncate(24 << 20)
+        for mib in range(24):
+            kind = mib % 4
+            f.seek(mib << 20)
+            f.write(rnd.randbytes(1 << 20) if kind in (0, 3) else bytes(1 << 20) if kind == 1 else b"")
+        f.seek(17 << 20)
+        f.write(rnd.randbytes(3000) + bytes(20000) + rnd.randbytes(5000))
+    check_ok("convert", "-f", "raw", "-O", "qcow2", "src.raw", "src.qcow2", cwd=workdir)
+    windows: list[bcopy.MapWindow] = []
+    real_init = bcopy.MapWindow.__init__
+
+    def track(self: bcopy.MapWindow, file: object, start: int, end: int) -> None:
+        real_init(self, file, start, end)  # type: ignore[arg-type]
+        windows.append(self)
+
+    monkeypatch.setattr(bcopy.MapWindow, "__init__", track)
+    if window:
+        monkeypatch.setattr(bcopy.MapWindow, "SIZE", window)
+    else:
+        monkeypatch.setattr(bcopy, "_madvise", lambda: None)
+    monkeypatch.chdir(workdir)
+    for src, fmt, out in (("src.qcow2", "raw", "raw"), ("src.raw", "qcow2", "qcow2")):
+        check_ok("convert", "-O", fmt, src, f"q.{out}", cwd=workdir)
+        assert main(["convert", "-O", fmt, src, f"v.{out}"]) == 0
+        assert (workdir / f"q.{out}").read_bytes() == (workdir / f"v.{out}").read_bytes()
+        q_map = check_ok("map", "--output=json", f"q.{out}", cwd=workdir).stdout
+        assert check_ok("map", "--output=json", f"v.{out}", cwd=workdir).stdout == q_map
+    if not window:
+        assert not windows
+    else:
+        assert windows and all(w.mm.closed for w in windows)
+        assert len(windows) <= (2 * (24 << 20)) // window + 2

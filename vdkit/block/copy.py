@@ -509,42 +509,109 @@ def _write_error(exc: BaseException, offset: int) -> BaseException:
     return io_error(exc, f"error while writing at byte {offset}") if isinstance(exc, Exception) else exc
 
 
+_MADV_DONTNEED = 4
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in, as MAP_POPULATE does at mmap time
-_populate_fn: object = False  # not looked up yet
+_madvise_fn: object = False  # not looked up yet
 
 
-def _populate() -> Callable[[mmap.mmap, int], None] | None:
-    """A function mapping in every page of a fresh mapping without holding the GIL, or None.
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise(address, length, advice)`` through ctypes, or None (then no windows).
 
     CPython's ``mmap.mmap`` keeps the GIL through the ``mmap`` system call, so ``MAP_POPULATE``
     (the page-table work for every page of a piece) stopped the writing thread whenever it came
     back from ``copy_file_range`` while the read-ahead thread was mapping the next piece (5 ms
-    waits on the GIL in strace).  ``madvise(MADV_POPULATE_READ)`` through ctypes does the same
-    work with the GIL released.  None where libc's ``madvise`` cannot be had or the kernel does
-    not know the advice (the mapping is then made with ``MAP_POPULATE`` as before).
+    waits on the GIL in strace).  ``madvise(MADV_POPULATE_READ)`` through ctypes does that work
+    with the GIL released, and on a range of a mapping made once per :class:`MapWindow` instead
+    of once per piece (a mapping and unmapping per 1 MiB piece cost about three times the page
+    work itself).  None where libc's ``madvise`` cannot be had, or once the kernel has refused
+    the advice (older than 5.14): pieces are then mapped one by one with ``MAP_POPULATE``.
     """
-    global _populate_fn
-    if _populate_fn is False:
-        _populate_fn = None
+    global _madvise_fn
+    if _madvise_fn is False:
+        _madvise_fn = None
         try:
             import ctypes
 
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
+            fn = ctypes.CDLL(None, use_errno=True).madvise
         except (OSError, AttributeError, ImportError):
             return None
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        madvise.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _madvise_fn = fn
+    return _madvise_fn  # type: ignore[return-value]
 
-        def populate(mm: mmap.mmap, size: int) -> None:
-            global _populate_fn
-            anchor = ctypes.c_char.from_buffer(mm)  # an export of the mapping, for its address only
-            address = ctypes.addressof(anchor)
-            del anchor  # released at once: the mapping can be closed as before
-            if madvise(address, size, _MADV_POPULATE_READ) != 0:
-                _populate_fn = None  # an older kernel: the scan faults the pages in; MAP_POPULATE next time
 
-        _populate_fn = populate
-    return _populate_fn  # type: ignore[return-value]
+class MapWindow:
+    """A stretch of a source file mapped once; the pieces inside it are views of it.
+
+    The mapping is private (copy-on-write): the same page-cache pages as a shared one, nothing
+    this process might write reaches the file, and ctypes can take its address.  It is unmapped
+    once it is no longer the current window and the last piece in it is closed.
+    """
+
+    SIZE = 32 << 20
+
+    __slots__ = ("mm", "file", "start", "end", "address", "users", "retired")
+
+    def __init__(self, file: ImageFile, start: int, end: int) -> None:
+        import ctypes
+        import mmap
+
+        self.mm = mmap.mmap(file.fd, end - start, access=mmap.ACCESS_COPY, offset=start)
+        anchor = ctypes.c_char.from_buffer(self.mm)  # an export of the mapping, for its address only
+        self.address = ctypes.addressof(anchor)
+        del anchor  # released at once: the mapping can be closed as before
+        self.file = file
+        self.start = start
+        self.end = end
+        self.users = 0
+        self.retired = False
+
+    def advise(self, offset: int, length: int, advice: int) -> bool:
+        """``madvise`` over the pages holding file bytes ``[offset, offset+length)``; False if refused."""
+        madvise = _madvise()
+        if madvise is None:
+            return False
+        first = (self.address + offset - self.start) & ~4095
+        last = self.address + offset - self.start + length
+        return madvise(first, last - first, advice) == 0
+
+    def release(self, retire: bool = False) -> None:
+        """One piece less (or, with ``retire``, no more pieces to come): unmap once both hold."""
+        if retire:
+            self.retired = True
+        else:
+            self.users -= 1
+        if self.retired and self.users == 0:
+            try:
+                self.mm.close()
+            except BufferError:  # a view still referenced somewhere: unmapped when that goes
+                pass
+
+
+class MapWindows:
+    """The read-ahead thread's current :class:`MapWindow` (pieces of a copy come in file order)."""
+
+    def __init__(self) -> None:
+        self.current: MapWindow | None = None
+
+    def window_for(self, file: ImageFile, offset: int, length: int) -> MapWindow:
+        import mmap
+        import os
+
+        w = self.current
+        if w is not None and w.file is file and w.start <= offset and offset + length <= w.end:
+            return w
+        self.close()
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        end = min(os.fstat(file.fd).st_size, max(start + MapWindow.SIZE, offset + length))
+        self.current = MapWindow(file, start, end)
+        return self.current
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.release(retire=True)
+            self.current = None
 
 
 class Mapped:
@@ -554,30 +621,41 @@ class Mapped:
     file target has the kernel copy them with ``copy_file_range``, or share them where the
     file system reflinks).  Only ranges inside a file this process holds locked against
     resizing are mapped (:meth:`Copier.host_extent`), so no page of the view can vanish.
+    With ``windows`` the piece is a view of a shared :class:`MapWindow`, its pages faulted in
+    by ``madvise`` without the GIL and dropped again when it is closed (the process's resident
+    set stays that of the pieces in flight); otherwise it is a mapping of its own.
     """
 
-    __slots__ = ("mm", "view", "file", "offset")
+    __slots__ = ("mm", "view", "file", "offset", "window", "length")
 
-    def __init__(self, file: ImageFile, offset: int, length: int) -> None:
+    def __init__(self, file: ImageFile, offset: int, length: int, windows: MapWindows | None = None) -> None:
         import mmap
 
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        size = offset - start + length
-        populate = _populate()
-        if populate is not None:
-            # Private (copy-on-write): the same page-cache pages as a shared mapping, nothing this
-            # process might write reaches the file, and ctypes may take its address to populate it.
-            self.mm = mmap.mmap(file.fd, size, access=mmap.ACCESS_COPY, offset=start)
-            populate(self.mm, size)
-        else:
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
-            self.mm = mmap.mmap(file.fd, size, flags, mmap.PROT_READ, offset=start)
-        self.view = memoryview(self.mm)[offset - start :]
         self.file = file
         self.offset = offset
+        self.length = length
+        self.window: MapWindow | None = None
+        self.mm: mmap.mmap | None = None
+        if windows is not None and _madvise() is not None:
+            w = self.window = windows.window_for(file, offset, length)
+            w.users += 1
+            self.view = memoryview(w.mm)[offset - w.start : offset - w.start + length]
+            if not w.advise(offset, length, _MADV_POPULATE_READ):
+                global _madvise_fn
+                _madvise_fn = None  # an older kernel: this piece faults in as it is read, the next are mapped
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
+        self.mm = mmap.mmap(file.fd, offset - start + length, flags, mmap.PROT_READ, offset=start)
+        self.view = memoryview(self.mm)[offset - start :]
 
     def close(self) -> None:
         self.view.release()
+        if self.window is not None:
+            self.window.advise(self.offset, self.length, _MADV_DONTNEED)  # (a page shared with the next
+            self.window.release()  # piece is faulted in again from the page cache if it is read)
+            return
+        assert self.mm is not None
         try:
             self.mm.close()
         except BufferError:  # a slice still referenced somewhere: unmapped when that goes
@@ -624,6 +702,7 @@ class ReadAhead:
         self._pending: deque[tuple[Piece, AsyncFile | None, object]] = deque()
         self._reads = 0  # reads in flight (protocol files that take several: Copier.async_extent)
         self._stop = False
+        self._windows = MapWindows() if mapping else None  # the reader thread's (see Mapped)
         self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
 
     def __enter__(self) -> ReadAhead:
@@ -648,6 +727,8 @@ class ReadAhead:
                 break
             if item is not None and item[1] is not None:
                 item[1].close()
+        if self._windows is not None:
+            self._windows.close()  # unmapped now that no piece is left in it
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         while True:
@@ -664,7 +745,7 @@ class ReadAhead:
         if host is None:
             return None
         try:
-            return Mapped(host[0], host[1], n * SECTOR)
+            return Mapped(host[0], host[1], n * SECTOR, self._windows)
         except (OSError, ValueError, OverflowError):  # cannot be mapped: read it instead
             return None
 
