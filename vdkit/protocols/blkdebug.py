@@ -204,6 +204,8 @@ class BlkdebugFile(ImageFile):
         raise OSError(_errno.ENOTSUP, os.strerror(_errno.ENOTSUP))
 
     def flush(self) -> None:
+        if not self.sync:  # cache=unsafe (convert's output): no flush reaches the node, no event either
+            return
         self.rules.event("flush_to_os")
         self.rules.event("flush_to_disk")
         self.rules.check(_FLUSH, 0, 0)
@@ -316,7 +318,9 @@ def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) 
     rules = Rules(read_config(config) if config else [])
     if not image:
         raise OpenError("The 'file' block driver requires a file name")
-    return BlkdebugFile(image, rules, readonly=readonly, force_share=force_share), name
+    f = BlkdebugFile(image, rules, readonly=readonly, force_share=force_share)
+    f.filename = name  # the node's name: what block status (map's File column) reports, as QEMU's
+    return f, name
 
 
 def resolve_backing(image: str, stored: str) -> str | None:
