@@ -195,6 +195,28 @@ class Deltas:
         """:meth:`plus` for the keys ``lo, lo + 1, ...``."""
         raise NotImplementedError
 
+    def segments(self, lo: int, hi: int) -> list[tuple[int, int, int]] | None:
+        """The changed keys of ``[lo, hi)`` as ``(first, end, sum)`` runs of equal sum (zero sums
+        included), in order; None where the changes are held key by key (numpy's)."""
+        return None
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """``[lo, hi)`` cut where the sum changes: ``(first, end, sum)`` pieces in order, covering it."""
+        out: list[tuple[int, int, int]] = []
+        prev = None
+        for k, v in zip(range(lo, hi), self.tolist(self.lookup(range(lo, hi))), strict=True):
+            if prev is not None and prev[2] == v:
+                prev = (prev[0], k + 1, v)
+                out[-1] = prev
+            else:
+                prev = (k, k + 1, v)
+                out.append(prev)
+        return out
+
+    @staticmethod
+    def tolist(t: Tab) -> list[int]:
+        return t if isinstance(t, list) else list(t.tolist())
+
     def apply_block(self, blk: int, per: int, vals: Tab, maxval: int) -> int:
         """Add the sums of keys ``blk * per .. blk * per + per - 1`` to ``vals`` (their counts) in place;
         the lowest index of a key with a sum (zero sums included) whose count is now 0, -1 for none.
@@ -316,6 +338,37 @@ class _SmallDeltas(Deltas):
             keys += range(lo, hi)
             sums += [v] * (hi - lo)
         return keys, sums
+
+    def segments(self, lo: int, hi: int) -> list[tuple[int, int, int]] | None:
+        import bisect
+
+        los, his, vals = self._segments()
+        out: list[tuple[int, int, int]] = []
+        i = bisect.bisect_right(his, lo)
+        while i < len(los) and los[i] < hi:
+            out.append((max(los[i], lo), min(his[i], hi), vals[i]))
+            i += 1
+        return out
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        import bisect
+
+        los, his, vals = self._segments()
+        out: list[tuple[int, int, int]] = []
+        i = bisect.bisect_right(his, lo)
+        pos = lo
+        while pos < hi:
+            if i >= len(los) or los[i] >= hi:
+                out.append((pos, hi, 0))
+                break
+            if los[i] > pos:
+                out.append((pos, los[i], 0))
+                pos = los[i]
+            end = min(his[i], hi)
+            out.append((pos, end, vals[i]))
+            pos = end
+            i += 1
+        return out
 
     def _range_sums(self, lo: int, hi: int, out: list[int]) -> None:
         """Append the sums of keys ``lo..hi-1`` to ``out``."""

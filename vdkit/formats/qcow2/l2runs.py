@@ -130,30 +130,38 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
     return Runs(starts, lens, used)
 
 
+_ONE = (1).to_bytes(8, "big")
+_consts: dict[tuple[int, int], tuple[int, int]] = {}  # (slots, cs) -> (Σ 2^(64j), cs·Σ j·2^(64j)) for j < slots
+
+
+def _ramp(m: int, cs: int) -> tuple[int, int]:
+    """``(Σ_{j<m} 2^(64j), cs·Σ_{j<m} j·2^(64j))``: slot j (from the least significant) holds 1, and j·cs."""
+    hit = _consts.get((m, cs))
+    if hit is None:
+        if len(_consts) > 64:  # (a few sizes recur: the probes, the lengths of used stretches)
+            _consts.clear()
+        ones = int.from_bytes(_ONE * m, "big")
+        steps = int.from_bytes(struct.pack(f">{m}Q", *range((m - 1) * cs, -1, -cs)), "big") if m > 1 else 0
+        hit = _consts[m, cs] = (ones, steps)
+    return hit
+
+
 def _run_length(words: bytes, k: int, e: int, cs: int, limit: int) -> int:
-    """How many entries from ``k`` on (1..``limit``) are ``e, e + cs, ...``."""
-    m = 1
+    """How many entries from ``k`` on (1..``limit``) are ``e, e + cs, ...``.
+
+    The expected entries of ``s`` slots are one big integer, ``(e + (s-1)·cs)·Σ 2^(64j) − cs·Σ j·2^(64j)``
+    (slot j from the least significant holds ``e + (s-1-j)·cs``: no slot borrows or carries, the
+    entries being far below 2^64), compared with the table's bytes as one integer: the most
+    significant bit of their XOR is in the first entry that differs.  Probes grow eightfold from a
+    few entries, so a short run costs little and a long one about one conversion of its bytes.
+    """
     size = _FIRST_PROBE
-    top = e >> 56  # (the entries are packed without it: a range of integers past 2^63 is slow)
-    low = e & ((1 << 56) - 1)
-    while m < limit:
+    while True:
         size = min(size, limit)
-        want = struct.pack(f">{size - m}Q", *range(low + m * cs, low + size * cs, cs))
-        if top:
-            fixed = bytearray(want)
-            fixed[0::8] = bytes([top]) * (size - m)  # (a carry into byte 0: l2_runs checks the last entry)
-            want = bytes(fixed)
-        have = words[8 * (k + m) : 8 * (k + size)]
-        if have == want:
-            m = size
-            size *= 2
-            continue
-        lo, hi = 0, size - m  # have[:8 * lo] matches, have[:8 * hi] does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if have[: 8 * mid] == want[: 8 * mid]:
-                lo = mid
-            else:
-                hi = mid
-        return m + lo
-    return m
+        ones, steps = _ramp(size, cs)
+        diff = int.from_bytes(words[8 * k : 8 * (k + size)], "big") ^ ((e + (size - 1) * cs) * ones - steps)
+        if diff:
+            return size - 1 - (diff.bit_length() - 1) // 64
+        if size == limit:
+            return size
+        size *= 8

@@ -102,6 +102,14 @@ def _io(op: Callable[[], object], offset: int) -> bytes:
         raise VdkitError(os.strerror(code), errno=code) from None
 
 
+def _aligned_find(data: bytes, pattern: bytes, width: int) -> int:
+    """The first occurrence of ``pattern`` in ``data`` at a multiple of ``width``, -1 if none."""
+    i = data.find(pattern)
+    while i >= 0 and i % width:
+        i = data.find(pattern, i + 1)
+    return i
+
+
 class _Restart(Exception):
     """A refcount block was allocated; the caller's free range may be gone."""
 
@@ -329,6 +337,21 @@ class Refcounts:
     def get_many(self, clusters: Tab) -> Tab:
         """Refcounts of many cluster indices at once (a table of the backend; beyond the table: 0)."""
         return self.T.gather(clusters, self.entries_per_block, self.block_values)
+
+    def count_range(self, lo: int, hi: int, value: int) -> int:
+        """How many of clusters ``lo .. hi-1`` (``0 <= lo``) have the count ``value``."""
+        epb = self.entries_per_block
+        n = 0
+        while lo < hi:
+            rt, i = divmod(lo, epb)
+            end = min(hi, lo - i + epb)
+            vals = self.block_values(rt)
+            if vals is None:
+                n += end - lo if value == 0 else 0
+            else:
+                n += self.T.count_equal(self.T.get_slice(vals, i, i + end - lo), value)
+            lo = end
+        return n
 
     def get_range(self, lo: int, hi: int) -> Tab:
         """Refcounts of clusters ``lo .. hi-1`` (``0 <= lo``): slices of the blocks, 0 where none."""
@@ -651,14 +674,18 @@ class Refcounts:
 
     # -- adopting a committed transaction -------------------------------------------------------
     def adopt(self, table: Tab, table_offset: int, table_clusters: int,
-              blocks: dict[int, Tab], free_hint: int) -> None:
-        """Switch the in-memory state to the one a transaction just committed."""
+              blocks: dict[int, Tab | None], free_hint: int) -> None:
+        """Switch the in-memory state to the one a transaction just committed (``blocks``: the new
+        values of the blocks it wrote, None for one written from its bytes: read again when needed)."""
         self.changes += 1
         self.table = table
         self.table_offset, self.table_clusters = table_offset, table_clusters
         for rt, vals in blocks.items():
             self._dirty.discard(rt)
-            self._insert(rt, vals)
+            if vals is None:
+                self._blocks.pop(rt, None)
+            else:
+                self._insert(rt, vals)
         self.free_hint = min(self.free_hint, free_hint)
 
 
@@ -759,6 +786,11 @@ class Transaction:
         """Refcounts after this transaction (signed; may be out of range before validation)."""
         return self._deltas.plus(self.rc.get_many(clusters), clusters)
 
+    def count_new(self, lo: int, hi: int, value: int) -> int:
+        """How many of clusters ``lo .. hi-1`` have the count ``value`` after this transaction: piece by
+        piece of equal change, counted in the blocks' values (no new count computed one by one)."""
+        return sum(self.rc.count_range(a, b, value - d) for a, b, d in self._deltas.pieces(lo, hi))
+
     def new_refcounts_range(self, lo: int, hi: int) -> Tab:
         """:meth:`new_refcounts` of the clusters ``lo .. hi-1``."""
         return self._deltas.plus_range(self.rc.get_range(lo, hi), lo)
@@ -791,7 +823,7 @@ class Transaction:
         return out
 
     # -- shadow refcount structures -------------------------------------------------------------
-    def _prepare_refcounts(self) -> tuple[Tab, int, int, dict[int, Tab]]:
+    def _prepare_refcounts(self) -> tuple[Tab, int, int, dict[int, Tab | None]]:
         """Copy every refcount block that changes, and the table, into free clusters."""
         rc = self.rc
         T = self.T
@@ -835,24 +867,71 @@ class Transaction:
             table_off = self.alloc(table_cl * cs)
         new_table = T.zeros(table_cl * cs // 8)
         T.set_slice(new_table, 0, rc.table)
-        blocks: dict[int, Tab] = {}
+        blocks: dict[int, Tab | None] = {}
+        encoded: dict[int, bytes] = {}
         for rt, off in new_block_off.items():
-            old_vals = rc.block_values(rt)
-            vals = T.zeros(epb) if old_vals is None else T.copy(old_vals)
-            try:
-                zero = self._deltas.apply_block(rt, epb, vals, rc.refcount_max)
-            except ValueError:
-                raise RefcountOverflow("Invalid argument", errno=EINVAL) from None
+            in_bytes = self._block_in_bytes(rt)
+            if in_bytes is not None:
+                encoded[rt], zero = in_bytes
+                blocks[rt] = None
+            else:
+                old_vals = rc.block_values(rt)
+                vals = T.zeros(epb) if old_vals is None else T.copy(old_vals)
+                try:
+                    zero = self._deltas.apply_block(rt, epb, vals, rc.refcount_max)
+                except ValueError:
+                    raise RefcountOverflow("Invalid argument", errno=EINVAL) from None
+                blocks[rt] = vals
             if zero >= 0:
                 lowest = rt * epb + zero
                 if self._lowest_freed is None or lowest < self._lowest_freed:
                     self._lowest_freed = lowest
-            blocks[rt] = vals
             new_table[rt] = off
         for rt, off in new_block_off.items():
-            self.write(off, T.encode_refcounts(blocks[rt], rc.bits))
+            vals = blocks[rt]
+            self.write(off, encoded[rt] if vals is None else T.encode_refcounts(vals, rc.bits))
         self.write(table_off, T.encode_u64(new_table))
         return new_table, table_off, table_cl, blocks
+
+    def _block_in_bytes(self, rt: int) -> tuple[bytes, int] | None:
+        """Block ``rt`` with this transaction's changes made in its bytes, and the lowest changed
+        index now 0 (-1: none), for entries of whole bytes changed by one up or down (a snapshot's
+        usual change); None otherwise (or where a count would leave its range: the caller's
+        entry-by-entry update refuses it).
+
+        Each run of equal change is one big-integer addition of ``±Σ 2^(bits·j)`` over its bytes:
+        no entry carries into its neighbour once no entry is at the limit the change would cross
+        (found with ``bytes.find``)."""
+        rc = self.rc
+        bits = rc.bits
+        epb = rc.entries_per_block
+        segs = self._deltas.segments(rt * epb, (rt + 1) * epb)
+        if bits < 8 or segs is None or any(abs(v) > 1 for _, _, v in segs):
+            return None
+        w = bits // 8
+        off = rc.block_offset(rt)
+        raw = bytes(rc.cluster_size) if off == 0 else _io(lambda: rc.file.pread(off, rc.cluster_size), off)
+        raw = bytes(raw).ljust(rc.cluster_size, b"\0")  # (a block past the end of the file reads as zeros)
+        out = bytearray(raw)
+        base = rt * epb
+        zero = -1
+        one = bytes(w - 1) + b"\1"
+        for lo, hi, v in segs:
+            a, b = (lo - base) * w, (hi - base) * w
+            seg = raw[a:b]
+            if v:
+                limit = b"\xff" * w if v > 0 else bytes(w)
+                if _aligned_find(seg, limit, w) >= 0:
+                    return None
+                x = int.from_bytes(seg, "big")
+                ones = int.from_bytes(one * (hi - lo), "big")
+                seg = (x + ones if v > 0 else x - ones).to_bytes(b - a, "big")
+                out[a:b] = seg
+            if zero < 0 and v <= 0:
+                at = _aligned_find(seg, bytes(w), w)
+                if at >= 0:
+                    zero = lo - base + at // w
+        return bytes(out), zero
 
     def check_overlap(self, in_use: Sequence[tuple[Tab, Tab | None]],
                       name_of: Callable[[int, int], str | None] | None = None) -> None:

@@ -31,7 +31,7 @@ from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import encode_l1, read_l1
 from vdkit.formats.qcow2.l2runs import Runs, l2_runs
-from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.formats.qcow2.overlap import Metadata, first_overlap
 from vdkit.formats.qcow2.refcount import Transaction, covered
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
 from vdkit.io import tables
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.formats.qcow2.overlap import MetadataMap
     from vdkit.io.tables import Backend, Tab
 
     _NewTable = tuple[Tab, Tab]  # a rewritten L2 table's entries and subcluster bitmaps
@@ -306,42 +307,46 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
     offs = geom.l1_tables(l1)
     new_tables: dict[int, _NewTable] = {}
     replaced: dict[int, int] = {}
+    meta: list[MetadataMap] = []
     distinct = T.tolist(T.unique_sorted(T.masked_nonzero(offs, L.L1E_OFFSET_MASK)))
     # Data refcounts are final before any table is copied: look them all up at once.
-    found = []
+    found: list[tuple[int, Tab, Tab, Tab, Tab | None]] = []  # (table, entries, bitmaps, hosts' positions, counts)
+    by_bytes: dict[int, tuple[Runs, int]] = {}  # tables whose flags change in their bytes: (runs, ones)
     hosts = []
     for t in distinct:
         runs = _runs(drv, T, t)
-        if runs is not None:  # a table of runs: its hosts' counts in table order, run by run
+        if runs is not None:  # a table of runs: how many of its hosts end at 1, run by run
+            ones = sum(txn.count_new(a, a + n, 1) for a, n in zip(runs.starts, runs.lens, strict=True))
+            if not ones or ones == sum(runs.lens) == runs.used_entries:
+                by_bytes[t] = (runs, ones)
+                found.append((t, None, None, None, None))
+                continue
+            # some end at 1 and some not: entry by entry, with the counts of its runs
             rc = T.concat([txn.new_refcounts_range(a, a + n) for a, n in zip(runs.starts, runs.lens, strict=True)])
-            found.append((t, None, runs, rc))
+            entries, bitmaps = _l2(drv, T, t)
+            found.append((t, entries, bitmaps, T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED), rc))
             continue
         entries, bitmaps = _l2(drv, T, t)
         has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)  # standard, with a host
-        found.append((t, entries, bitmaps, has))
+        found.append((t, entries, bitmaps, has, None))
         hosts.append(T.field(entries, has, L.L2E_OFFSET_MASK, bits))
     all_rc = txn.new_refcounts(T.concat(hosts))
     pos = 0
-    for t, entries, bitmaps, has in found:
+    for t, entries, bitmaps, has, rc in found:
         if entries is None:
-            rc = has
             raw = _raw(drv, t)
-            new_raw = _copied_by_bytes(raw, geom.l2_entry_size, rc, bitmaps)
-            if new_raw is not None:
-                if new_raw != raw:
-                    _replace_table(drv, txn, offs, t, new_raw, replaced)
-                continue
-            # some hosts end at 1 and some not: entry by entry
-            entries, bitmaps = _l2(drv, T, t)
-            has = T.flag_positions(entries, L.L2E_OFFSET_MASK, L.OFLAG_COMPRESSED)
-        else:
+            new_raw = _copied_by_bytes(raw, geom.l2_entry_size, *by_bytes[t])
+            if new_raw != raw:
+                _replace_table(drv, txn, offs, t, new_raw, replaced, meta)
+            continue
+        if rc is None:
             rc = all_rc[pos : pos + len(has)]
             pos += len(has)
         want = T.copy(entries)
         T.clear_flag(want, L.OFLAG_COPIED, L.OFLAG_COMPRESSED)
         T.set_flag(want, T.take(has, T.positions_equal(rc, 1)), L.OFLAG_COPIED)
         if not T.equal(want, entries):
-            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced)
+            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced, meta)
             new_tables[new_off] = (want, T.copy(bitmaps))
     # L1 entries: new offsets, COPIED iff the table's final refcount is 1
     out = T.zeros(len(l1))
@@ -361,25 +366,22 @@ _CLEAR_TOP = bytes(range(128)) * 2  # a byte without its top bit
 _SET_TOP = bytes(b | 0x80 for b in range(256))  # a byte with its top bit
 
 
-def _copied_by_bytes(raw: bytes, entry_size: int, rc: list[int], runs: Runs) -> bytes | None:
+def _copied_by_bytes(raw: bytes, entry_size: int, runs: Runs, ones: int) -> bytes:
     """The L2 table ``raw``, whose used entries are all standard ones, with the COPIED flags of its
-    hosts' final counts ``rc`` (in table order) when they agree, rewritten in its bytes: no count 1
-    (COPIED cleared everywhere), or every count 1 with a host in each used entry (COPIED set on
-    every used entry: ``runs.used``).  None when they do not agree: the caller goes entry by entry.
+    hosts' final counts, which agree (``ones`` of them end at 1), rewritten in its bytes: no count 1
+    (COPIED cleared everywhere), or every count 1 with a host in each used entry (COPIED set on every
+    used entry: ``runs.used``).
 
     COPIED is the top bit of an entry's first byte: the flags of a whole table change by one
     ``bytes.translate`` of those bytes instead of one big-integer operation per entry."""
-    ones = rc.count(1)
     top = raw[0::entry_size]
     if not ones:
         new_top = top.translate(_CLEAR_TOP)
-    elif ones == len(rc) == runs.used_entries:
+    else:
         marked = bytearray(top)
         for a, b in runs.used:
             marked[a:b] = top[a:b].translate(_SET_TOP)
         new_top = bytes(marked)
-    else:
-        return None
     if new_top == top:
         return raw
     out = bytearray(raw)
@@ -388,15 +390,19 @@ def _copied_by_bytes(raw: bytes, entry_size: int, rc: list[int], runs: Runs) -> 
 
 
 def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
-                   replaced: dict[int, int]) -> int:
+                   replaced: dict[int, int], meta: list[MetadataMap]) -> int:
     """Stage ``data`` as the copy of the active L2 table at ``t`` (every L1 entry naming it moves to
-    the copy); returns the copy's offset."""
+    the copy); returns the copy's offset.  ``meta`` holds the metadata map once one was built (the
+    state does not change before the commit: one map serves every table)."""
     # QEMU writes this table back in place: where the table names other metadata (a damaged
     # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
     geom = drv.geometry
     T = txn.T
     bits = geom.cluster_bits
-    drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)
+    if not meta:
+        meta.append(drv.io.metadata_map())
+    if first_overlap(meta[0], t, geom.cluster_size, Metadata.ACTIVE_L2) is not None:
+        drv.io._check_overlap(t, geom.cluster_size, ignore=Metadata.ACTIVE_L2)  # (the corruption event)
     k = T.count_equal(offs, t)
     new_off = txn.alloc(geom.cluster_size)
     if k > 1:
