@@ -13,7 +13,7 @@ from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.inspect import Verdict
@@ -55,7 +55,7 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
     *,
     options: Mapping[str, object] | str | None = None,
     secrets: Mapping[str, bytes | str] | None = None,
-    objects: Mapping[str, Mapping[str, str]] | None = None,
+    objects: Sequence[str] | Mapping[str, Mapping[str, str]] | None = None,
     backing: bool = True,
     force_share: bool = False,
     readonly: bool = True,
@@ -72,9 +72,10 @@ def open(  # noqa: A001 - mirrors io.open / qemu's bdrv_open naming on purpose
     format reads.  ``fmt`` forces the format (any name ``qemu-img -f``
     takes); ``None`` probes.  ``secrets`` (id -> passphrase or key) are what
     ``--object secret`` gives: luks's ``key-secret``, rbd's ``key-secret``, a
-    TLS key's ``passwordid``; ``objects`` (id -> ``{"qom-type":
-    "tls-creds-x509", "dir": ..., "endpoint": "client"}``) are NBD's TLS
-    credentials.  Both exist only for this call: two opens in one process
+    TLS key's ``passwordid``; ``objects`` are ``--object`` definitions
+    (``["tls-creds-x509,id=tls0,dir=...,endpoint=client"]``, or id ->
+    ``{"qom-type": ..., key: value}``), created with qemu-img's checks:
+    NBD's TLS credentials, secrets from files.  Both exist only for this call: two opens in one process
     (or thread) never see each other's.  ``policy``
     (:class:`vdkit.block.chain.OpenPolicy`) limits which backing and data
     files an untrusted image may make vdkit open.  Errors are

@@ -214,6 +214,10 @@ def test_two_opens_with_different_secrets(luks: Path) -> None:
             vdkit.open(str(b), options={"driver": "luks", "key-secret": "sec0"}, secrets={"sec0": b"beta"}) as nb:
         assert na.read(0, na.size) == want_a
         assert nb.read(0, nb.size) == want_b
+    word = luks / "a.pw"
+    word.write_text("alpha")
+    assert _lib_bytes(options=_luks(a), objects=[f"secret,id=sec0,file={word}"]) == want_a  # --object secret
+    assert _lib_bytes(options=_luks(a), objects=["secret,id=sec0,data=YWxwaGE=,format=base64"]) == want_a
     assert secrets.PROCESS.secrets == {} and secrets.current() is secrets.PROCESS
     assert "backing" not in secrets.PROCESS.tables and not secrets.PROCESS.options
     for spec, objects, kw in ((_luks(a), (), {}), (_luks(a), ("secret,id=sec0,data=beta",), {"sec0": "beta"})):
@@ -279,6 +283,14 @@ def test_nbd_tls_objects(tmp_path_factory: pytest.TempPathFactory) -> None:
         want = _qemu_bytes(_json(node), setup.tmp, creds)
         objects = {"tls0": {"qom-type": "tls-creds-x509", "dir": str(setup.cli), "endpoint": "client"}}
         assert _lib_bytes(options=node, objects=objects) == want
+        assert _lib_bytes(options=node, objects=[creds]) == want  # --object's own syntax
+        for bad in (f"tls-creds-x509,id=tls0,dir={setup.tmp}/nosuch,endpoint=client", "tls-creds-x509,id=tls0",
+                    f"{creds},bogus=1", "secret,id=tls0", f"tls-creds-x509,id=0x,dir={setup.cli}"):
+            q = qemu_img("info", "--object", bad, "nbd://127.0.0.1:1/x")
+            assert q.returncode == 1 and q.stderr.startswith("qemu-img: "), q.stderr
+            with pytest.raises(vdkit.VdkitError) as caught:
+                vdkit.open(options=node, objects=[bad])
+            assert _text(caught.value) == q.stderr[len("qemu-img: "):].rstrip("\n")
         with pytest.raises(vdkit.VdkitError) as caught:
             vdkit.open(options=node)  # the credentials of the open before are gone
         assert _text(caught.value) == _qemu_error(_json(node), setup.tmp)

@@ -17,7 +17,7 @@ from vdkit.opts import split_items
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.node import Node
@@ -430,7 +430,7 @@ def _probe_name(driver: str, name: str) -> str | None:
 
 def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, object] | str | None, *,
                       secrets: Mapping[str, bytes | str] | None = None,
-                      objects: Mapping[str, Mapping[str, str]] | None = None,
+                      objects: Sequence[str] | Mapping[str, Mapping[str, str]] | None = None,
                       readonly: bool, force_share: bool, backing: bool, policy: OpenPolicy | None) -> Node:
     """``vdkit.open``: a name or options opened in a scope of their own (:class:`~vdkit.block.secrets.OpenScope`).
 
@@ -502,15 +502,28 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
         return node
 
 
-def _add_objects(objects: Mapping[str, Mapping[str, str]], secrets: dict[str, bytes]) -> None:
-    """TLS credentials (``tls-creds-x509``...) by id, created and checked as ``--object`` creates them."""
-    from vdkit.errors import VdkitError
-    from vdkit.protocols.tls import TLS_TYPES, register_object
+def _add_objects(objects: Sequence[str] | Mapping[str, Mapping[str, str]], secrets: dict[str, bytes]) -> None:
+    """Create ``objects`` as ``--object`` creates them (:func:`vdkit.block.objects.add_object`, qemu-img's
+    checks and texts) in the current scope: ``--object`` strings, or ``{id: {"qom-type": T, key: value}}``.
+    The ``secrets`` given beside them are secret objects already (a TLS key's ``passwordid`` may name one)."""
+    from collections.abc import Mapping
 
-    for obj_id, given in objects.items():
-        props = dict(given)
-        qom_type = props.pop("qom-type", None)
-        if qom_type not in TLS_TYPES:
-            raise VdkitError(f"Object '{obj_id}': qom-type must be one of {', '.join(TLS_TYPES)} "
-                             "(secrets are given with secrets=)")
-        register_object(obj_id, str(qom_type), props, secrets)
+    from vdkit.block.objects import ObjectHelp, QomObject, add_object
+    from vdkit.errors import VdkitError
+
+    created = {k: QomObject("secret", k, {}, v) for k, v in secrets.items()}
+    if isinstance(objects, str):
+        specs: list[str] = [objects]
+    elif isinstance(objects, Mapping):
+        specs = []
+        for obj_id, given in objects.items():
+            props = {k: str(v) for k, v in given.items() if k != "qom-type"}
+            items = [str(given.get("qom-type", "")), f"id={obj_id}", *(f"{k}={v}" for k, v in props.items())]
+            specs.append(",".join(item.replace(",", ",,") for item in items))
+    else:
+        specs = list(objects)
+    for spec in specs:
+        try:
+            add_object(spec, created)
+        except ObjectHelp:
+            raise VdkitError(f"Object '{spec}': 'help' lists objects on the command line only") from None
