@@ -52,6 +52,15 @@ def test_reading_commands(tree: Path, conf: str) -> None:
         assert_same(args, tree / "q")
 
 
+def test_blkdebug_as_the_top_node(tree: Path) -> None:
+    """``-f blkdebug``: the node itself is the disk (``file format: blkdebug``, the image's bytes, its
+    block status naming the image file).  (A plain name under ``-f blkdebug``, which QEMU names
+    ``blkdebug::NAME``, keeps its own name in vdkit.)"""
+    for args in (["info", "-f", "blkdebug", "blkdebug::src.qcow2"], ["map", "-f", "blkdebug", "blkdebug::src.qcow2"],
+                 ["map", "-f", "blkdebug", "--output=json", "blkdebug:read.conf:src.qcow2"]):
+        assert_same(args, tree / "q")
+
+
 @pytest.mark.parametrize("conf", ["none", "read", "read-once", "read-enospc", "never"])
 def test_convert_from(tree: Path, conf: str) -> None:
     q = assert_same(["convert", "-O", "qcow2", f"blkdebug:{conf}.conf:src.qcow2", "out.qcow2"], tree / "q",

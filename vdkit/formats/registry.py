@@ -72,6 +72,7 @@ FORMATS: dict[str, str] = {
     "http": "vdkit.formats.http",  # the curl protocols as the top node (no format layer); never probed
     "https": "vdkit.formats.http",
     "rbd": "vdkit.formats.rbd",  # the rbd protocol as the top node (no format layer); never probed
+    "blkdebug": "vdkit.formats.blkdebug",  # error injection as the top node (no format layer); never probed
 }
 
 # What a format's first bytes (or its file name) must show for its probe to score at all, so that probing
@@ -96,6 +97,7 @@ PROBE_GATES: dict[str, tuple[int, tuple[bytes, ...]] | str | None] = {
     "http": None,
     "https": None,
     "rbd": None,
+    "blkdebug": None,
 }
 
 # QEMU's strong runtime options: open options that change what the image reads as (keys, size rules), so a

@@ -158,6 +158,7 @@ class BlkdebugFile(ImageFile):
     def __init__(self, image: str, rules: Rules, *, readonly: bool, force_share: bool = False,
                  lock: bool = False) -> None:
         super().__init__(image, readonly=readonly, force_share=force_share, lock=lock)
+        self.image = self.filename  # (``filename`` becomes the node's name when it has one)
         self.rules = rules
         self.open_options: str | None = None  # a blockdev-add node's options, as the graph describes it
 
@@ -196,8 +197,12 @@ class BlkdebugFile(ImageFile):
             self.rules.event("pwritev_done")
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
+        """The image file's status, naming the image (QEMU passes block status down to it)."""
+        from vdkit.io.status import BlockStatus
+
         self.rules.check(_STATUS, offset, length)
-        return super().block_status(offset, length)
+        st = super().block_status(offset, length)
+        return BlockStatus(st.flags, st.length, st.offset, self.image)
 
     def allocated_size(self) -> int:
         """QEMU's blkdebug does not pass the question on to its image: no ``actual-size``."""
