@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vdkit
 from tests.conftest import check_ok, qemu_img, qemu_img_pbkdf, qemu_io
@@ -367,3 +369,47 @@ def test_info_names_options(luks: Path, web: Web, tmp_path: Path) -> None:  # no
         with vdkit.open(options=node, secrets={"sec0": "alpha"}) as opened:
             got = vdkit.info.render_human.image_info(vdkit.image_info(opened))
         assert got == want.stdout
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.sampled_from(["alpha", "beta", None]), st.booleans()),
+                min_size=1, max_size=6), st.booleans())
+def test_secrets_never_cross_opens(luks: Path, ops: list[tuple[str, str | None, bool]], threaded: bool) -> None:
+    """Any sequence of opens (in one thread or spread over two at once), each with its own secret (given as
+    secrets= or as an --object, or none): an open unlocks exactly when its own passphrase is its image's;
+    otherwise the error is the one an open with that passphrase alone gives."""
+    from vdkit.block import secrets
+
+    word_of = {"a": "alpha", "b": "beta"}
+    pattern_at, pattern = {"a": 64 << 10, "b": 128 << 10}, {"a": "5a", "b": "a5"}  # the fixture's writes
+
+    def one(image: str, word: str | None, as_object: bool) -> str:
+        kw: dict[str, object] = {}
+        if word is not None:
+            kw = {"objects": [f"secret,id=sec0,data={word}"]} if as_object else {"secrets": {"sec0": word}}
+        try:
+            with vdkit.open(options=_luks(luks / f"{image}.luks"), **kw) as node:  # type: ignore[arg-type]
+                return node.read(pattern_at[image], 1).hex() + ("" if word == word_of[image] else " WRONG KEY")
+        except vdkit.VdkitError as exc:
+            return str(exc).rsplit(": ", 1)[-1]
+
+    expected = [one(image, word, as_object) if word != word_of[image] else pattern[image]
+                for image, word, as_object in ops]
+    got: list[str | None] = [None] * len(ops)
+
+    def run(indices: range) -> None:
+        for i in indices:
+            got[i] = one(*ops[i])
+
+    half = len(ops) // 2
+    if threaded:
+        threads = [threading.Thread(target=run, args=(r,)) for r in (range(half), range(half, len(ops)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        run(range(len(ops)))
+    assert got == expected
+    assert all(e in ("5a", "a5") or "key" in e.lower() or "secret" in e.lower() for e in expected), expected
+    assert secrets.PROCESS.secrets == {} and not secrets.PROCESS.tables.get("objects")
