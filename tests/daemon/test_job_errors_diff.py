@@ -335,3 +335,24 @@ def test_rule_matching(daemons: Daemons, tmp_path: Path, rules: str) -> None:
     _same_events(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("m.qcow2", "top.qcow2")
+
+
+@pytest.mark.parametrize("spec", [
+    "file.driver=blkdebug,file.config=CONF,file.image.filename=DIR/top.qcow2,format=qcow2",
+    "file.driver=blkdebug,file.image.filename=DIR/top.qcow2,format=qcow2",
+    "file=DIR/top.qcow2,file.driver=blkdebug,file.config=CONF,format=qcow2",
+])
+def test_blkdebug_drive_options(daemons: Daemons, tmp_path: Path, spec: str) -> None:
+    """A -drive whose file node is blkdebug by options: the node named blkdebug:CONFIG:FILE as QEMU names
+    it, and its rule met by a job (the drive's read fails once).  (driver=blkdebug at the top: QEMU
+    nests the image's node in query-block as the drive's backing-image, vdkit does not.)"""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+    p = Pair(daemons, tmp_path, drive=["-drive", spec.replace("CONF", str(conf)) + ",if=none,id=disk0"])
+    p.same("query-block")
+    p.same("drive-backup", {"device": "disk0", "job-id": "b", "target": "DIR/b.qcow2", "sync": "full",
+                            "format": "qcow2", "on-source-error": "ignore"})
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=False)
+    p.quit(daemons)
+    p.compare("b.qcow2")

@@ -83,3 +83,16 @@ def test_convert_into(tree: Path, conf: str) -> None:
     if q.returncode == 0:
         r = qemu_img("compare", str(tree / "q" / "dst.qcow2"), str(tree / "v" / "dst.qcow2"))
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("opts", [
+    "driver=qcow2,file.driver=blkdebug,file.config=read.conf,file.image.filename=src.qcow2",
+    "driver=qcow2,file.driver=blkdebug,file.image.driver=file,file.image.filename=src.qcow2",
+    "driver=blkdebug,config=never.conf,image.filename=src.qcow2",
+])
+def test_image_opts(tree: Path, opts: str) -> None:
+    """``--image-opts`` naming a config file and the image: the node is ``blkdebug:CONFIG:FILE``.  (Rules
+    as options, ``file.inject-error.0.event=...``, are refused by vdkit here; QEMU names the node
+    ``json:{...}`` of them.)"""
+    for args in (["info", "--image-opts", opts], ["map", "--image-opts", opts]):
+        assert_same(args, tree / "q")

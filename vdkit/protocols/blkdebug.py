@@ -334,10 +334,32 @@ def resolve_backing(image: str, stored: str) -> str | None:
     return file[: file.rfind("/") + 1] + stored
 
 
+FILENAME_OPTION = "filename"  # -drive file=NAME,file.driver=blkdebug: NAME is the image (or a blkdebug: name)
+
+
+def drive_option(key: str) -> bool:
+    """``-drive driver=blkdebug,...``: every key the drive did not take is the blkdebug node's."""
+    return not key.startswith("file.")
+
+
 def name_for_options(opts: dict[str, str], driver: str) -> str:
-    """``-drive``/``--image-opts`` with ``driver=blkdebug``: vdkit takes its rules only from a
-    ``blkdebug:`` name or ``blockdev-add``."""
-    raise VdkitError("vdkit's blkdebug is opened by a 'blkdebug:CONFIG:FILE' name or by blockdev-add")
+    """``-drive``/``--image-opts`` with ``driver=blkdebug``: ``config`` and the image (``image.filename``,
+    or a file name given beside them) make the node's name ``blkdebug:CONFIG:FILE``, as QEMU names it.
+    Rules given as options (``inject-error.*``...) are taken only by ``blockdev-add`` here."""
+    config, image = opts.get("config", ""), opts.get("image.filename")
+    name = opts.get("filename")
+    if name is not None and name.startswith("blkdebug:"):
+        named_config, named_image = split_name(name)
+        config, image = config or named_config, image or named_image
+    elif image is None:
+        image = name
+    extra = sorted(set(opts) - {"config", "image.filename", "filename"} - ({"image.driver"}
+                   if opts.get("image.driver") == "file" else set()))
+    if extra:
+        raise VdkitError(f"vdkit's blkdebug takes the option '{extra[0]}' only from blockdev-add")
+    if not image:
+        raise VdkitError("Parameter 'image' is missing")
+    return f"blkdebug:{config}:{image}"
 
 
 def _flatten(prefix: str, value: object, out: dict[str, object]) -> None:
