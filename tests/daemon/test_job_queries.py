@@ -22,10 +22,20 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.conftest import require_tool
 from tests.daemon.conftest import Daemons
 from tests.nbd.conftest import short_sock
+from vdkit.block import io as bio
 from vdkit.block.jobs import DeviceLock
+from vdkit.daemon.main import build_registry, parse_drive
+from vdkit.devices.registry import DeviceRegistry
+from vdkit.info.render_json import dumps_compact, to_qobject
+from vdkit.monitor import block_cmds
+from vdkit.monitor.commands import CommandContext
 
 MiB = 1 << 20
 
@@ -207,3 +217,48 @@ def test_query_block_answers_while_a_job_step_waits_for_its_source(daemons: Daem
         assert r2.returncode == 0, r2.stdout + r2.stderr
     finally:
         src.stop()
+
+
+# -- query-block's cached entries ---------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["write", "zero", "bitmap", "clear", "command"]),
+                              st.integers(0, 63), st.integers(1, 16)), min_size=1, max_size=12),
+       lazy=st.booleans())
+def test_cached_query_block_is_a_fresh_rendering(tmp_path_factory: pytest.TempPathFactory, ops: list[
+        tuple[str, int, int]], lazy: bool) -> None:
+    """After every change a guest or a job makes without a command (data writes: actual sizes, bitmap
+    counts, a lazy-refcounts image's dirty flag) and after commands, ``query-block``'s cached text is
+    byte for byte the rendering of a fresh model (:func:`block_cmds.query_block`)."""
+    d = tmp_path_factory.mktemp("qb")
+    img = require_tool("qemu-img")
+    subprocess.run([img, "create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "4M"], check=True)
+    subprocess.run([img, "create", "-q", "-f", "qcow2", "-o", f"lazy_refcounts={'on' if lazy else 'off'}",
+                    "-b", "base.qcow2", "-F", "qcow2", str(d / "top.qcow2")], check=True)
+    machine = DeviceRegistry()
+    try:
+        drive = machine.add_drive(parse_drive(f"file={d}/top.qcow2,if=none,id=disk0"))
+        reg = build_registry()
+        ctx = CommandContext(machine, None, registry=reg)
+        n = 0
+        for op, at, length in ops:
+            assert drive.medium is not None
+            node, off, size = drive.medium.node, at * 65536, length * 4096
+            if op == "write":
+                bio.write(node, off, bytes([at + 1]) * size)
+            elif op == "zero":
+                bio.write_zeroes(node, off, size)
+            elif op in ("bitmap", "clear", "command"):
+                if op == "bitmap":
+                    n += 1
+                    reg.dispatch(ctx, "block-dirty-bitmap-add", {"node": "disk0", "name": f"b{n}"}, oob=False,
+                                 negotiated=True)
+                elif op == "clear" and n:
+                    reg.dispatch(ctx, "block-dirty-bitmap-clear", {"node": "disk0", "name": f"b{n}"}, oob=False,
+                                 negotiated=True)
+                machine.generation += 1  # (what the runtime does after every command)
+            cached = block_cmds.query_block_json(ctx, {})
+            fresh = "[" + ", ".join(dumps_compact(to_qobject(b)) for b in block_cmds.query_block(ctx, {})) + "]"
+            assert str(cached) == fresh, (op, at, length)
+    finally:
+        machine.close_all()

@@ -159,7 +159,7 @@ class DeviceRegistry:
         self.shutdown_requested: str | None = None
         # bumped after every command that may change state (see runtime); keys render caches
         self.generation = 0
-        self.render_cache: dict[object, tuple[object, str]] = {}  # drive id or node slot -> (key, JSON)
+        self.render_cache: dict[object, tuple[object, object]] = {}  # drive id or node slot -> (key, rendering)
         # Delivers events raised outside a command (NBD connection threads) to the QMP clients;
         # set by the runtime (thread-safe hand-off to its event loop), None without one.
         self.event_sink: Callable[[list[tuple[str, dict[str, Any] | None]]], None] | None = None

@@ -15,16 +15,27 @@ from vdkit.info.model import ImageInfo
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vdkit.block.node import Node
 
+    # a renderer's placeholder for a number that changes without anything else changing (a file's
+    # allocation): given the function that reads it, returns the number to put in the model meanwhile
+    Hole = Callable[[Callable[[], int]], int]
 
-def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
-    """Info of one node (``nested``: with ``backing-image`` filled down the chain)."""
+
+def image_info(node: Node, *, nested: bool = False, hole: Hole | None = None) -> ImageInfo:
+    """Info of one node (``nested``: with ``backing-image`` filled down the chain).
+
+    ``hole``: ``actual-size`` is its placeholder (a cached rendering fills in the size when it is
+    sent: :mod:`vdkit.monitor.block_cmds`)."""
     driver = node.driver
     try:
         actual: int | None = driver.allocated_size()
     except OSError:
         actual = None
+    if actual is not None and hole is not None:
+        actual = hole(driver.allocated_size)
     info = ImageInfo(
         filename=node.display_name or node.filename,
         format=driver.format_name,
@@ -46,14 +57,15 @@ def image_info(node: Node, *, nested: bool = False) -> ImageInfo:
     if spec is not None:
         info.format_specific = spec
     if nested and node.backing is not None:
-        info.backing_image = image_info(node.backing, nested=True)
+        info.backing_image = image_info(node.backing, nested=True, hole=hole)
     return info
 
 
-def filter_image_info(node: Node, driver: str, *, nested: bool, filename: str | None = None) -> ImageInfo:
+def filter_image_info(node: Node, driver: str, *, nested: bool, filename: str | None = None,
+                      hole: Hole | None = None) -> ImageInfo:
     """A block job's implicit filter node above ``node`` (``commit_top``, ``copy-on-read``, ...): its
     child's sizes under the filter's driver name, the child itself as ``backing-image`` when ``nested``."""
-    child = image_info(node, nested=False)
+    child = image_info(node, nested=False, hole=hole)
     return ImageInfo(filename=filename or child.filename, format=driver, virtual_size=child.virtual_size,
                      dirty_flag=False, actual_size=child.actual_size, cluster_size=child.cluster_size,
-                     backing_image=image_info(node, nested=True) if nested else None)
+                     backing_image=image_info(node, nested=True, hole=hole) if nested else None)

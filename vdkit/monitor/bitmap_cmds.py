@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from vdkit.block.node import Node
     from vdkit.devices.registry import DeviceRegistry
+    from vdkit.info.collect import Hole
 
 
 def lookup_node(machine: DeviceRegistry, name: str) -> tuple[Node, str] | None:
@@ -62,19 +63,21 @@ def lookup_node(machine: DeviceRegistry, name: str) -> tuple[Node, str] | None:
     return None
 
 
-def dirty_info(node: Node) -> list[BlockDirtyInfo] | None:
+def dirty_info(node: Node, hole: Hole | None = None) -> list[BlockDirtyInfo] | None:
     """``dirty-bitmaps`` of a node as query-block shows it, newest first; None without any.
 
     The anonymous bitmaps of jobs (a mirror's or an active commit's dirty map) are listed too,
     without a name, as QEMU lists them.
     """
-    return bitmaps_info(node.bitmaps)
+    return bitmaps_info(node.bitmaps, hole)
 
 
-def bitmaps_info(bitmaps: list[DirtyBitmap]) -> list[BlockDirtyInfo] | None:
+def bitmaps_info(bitmaps: list[DirtyBitmap], hole: Hole | None = None) -> list[BlockDirtyInfo] | None:
+    """``hole``: each ``count`` is its placeholder (see :func:`vdkit.info.collect.image_info`)."""
     out = [
-        BlockDirtyInfo(name=b.name, count=b.count(), granularity=b.granularity, recording=b.recording,
-                       busy=b.busy, persistent=b.persistent, inconsistent=True if b.inconsistent else None)
+        BlockDirtyInfo(name=b.name, count=b.count() if hole is None else hole(b.count), granularity=b.granularity,
+                       recording=b.recording, busy=b.busy, persistent=b.persistent,
+                       inconsistent=True if b.inconsistent else None)
         for b in bitmaps
     ]
     return out or None

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from vdkit.block.snapshot import SnapshotRecord
     from vdkit.devices.graph import GraphNode
     from vdkit.devices.registry import DeviceRegistry, Drive, Medium
+    from vdkit.info.collect import Hole
 
 
 # --------------------------------------------------------------------------
@@ -85,7 +86,8 @@ def _chain(medium: Medium) -> list[Node]:
     return list(medium.node.chain())
 
 
-def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool, flat: bool) -> BlockDeviceInfo:
+def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool, flat: bool,
+                      hole: Hole | None = None) -> BlockDeviceInfo:
     chain = _chain(medium)
     node = chain[index]
     info = BlockDeviceInfo(
@@ -99,9 +101,9 @@ def _format_node_info(drive: Drive, medium: Medium, index: int, *, backend: bool
         backing_file_depth=0 if flat else len(chain) - 1 - index,
         encrypted=node.driver.encrypted,
         detect_zeroes=(medium.detect_zeroes or drive.spec.detect_zeroes) if index == 0 else "off",
-        image=_json_backing_names(node, image_info(node, nested=not flat)),
+        image=_json_backing_names(node, image_info(node, nested=not flat, hole=hole)),
         cache=_cache(drive, medium, index, backend=backend),
-        dirty_bitmaps=bitmap_cmds.dirty_info(node),
+        dirty_bitmaps=bitmap_cmds.dirty_info(node, hole),
     )
     if backend and drive.throttle.enabled:
         t = drive.throttle
@@ -141,10 +143,12 @@ def _file_node_info(drive: Drive, medium: Medium, index: int) -> BlockDeviceInfo
     )
 
 
-def block_info(drive: Drive, jobs: JobList | None = None) -> BlockInfo:
+def block_info(drive: Drive, jobs: JobList | None = None, hole: Hole | None = None) -> BlockInfo:
+    """``hole``: the numbers that change with the data (actual sizes, bitmap counts) are placeholders
+    (:class:`_Template`)."""
     info = BlockInfo(device=drive.id, qdev=drive.qdev, removable=drive.removable, locked=False)
     if drive.medium is not None and not drive.medium.dead:  # a dead node has no driver: not inserted
-        info.inserted = _format_node_info(drive, drive.medium, 0, backend=True, flat=False)
+        info.inserted = _format_node_info(drive, drive.medium, 0, backend=True, flat=False, hole=hole)
         top_filter = next((f for f in _filters_of(jobs, drive.medium)
                            if f.below is drive.medium.node and f.driver == "copy-before-write"), None)
         if top_filter is not None:
@@ -154,8 +158,8 @@ def block_info(drive: Drive, jobs: JobList | None = None) -> BlockInfo:
             inserted.node_name, inserted.drv = top_filter.name, top_filter.driver
             inserted.backing_file, inserted.backing_file_depth = None, len(_chain(drive.medium))
             inserted.encrypted = False
-            inserted.image = filter_image_info(node, top_filter.driver, nested=True)
-            inserted.dirty_bitmaps = bitmap_cmds.bitmaps_info(getattr(top_filter, "bitmaps", []))
+            inserted.image = filter_image_info(node, top_filter.driver, nested=True, hole=hole)
+            inserted.dirty_bitmaps = bitmap_cmds.bitmaps_info(getattr(top_filter, "bitmaps", []), hole)
     if drive.has_tray:
         info.tray_open = drive.tray_open
     if drive.has_io_status:
@@ -167,10 +171,10 @@ def query_block(ctx: CommandContext, args: dict[str, Any]) -> list[BlockInfo]:
     return [block_info(d, ctx.machine.jobs) for d in ctx.machine.drives]
 
 
-def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
+def _files_state(drive: Drive) -> tuple[object, ...]:
     if drive.medium is None:
         return ()
-    out = []
+    out: list[object] = []
     for node in drive.medium.node.chain():
         fd = node.driver.file.fd
         if fd < 0:  # an NBD export: nothing cheap tells whether it changed, so the entry is rendered afresh
@@ -178,26 +182,102 @@ def _files_state(drive: Drive) -> tuple[tuple[int, int, int, int], ...]:
             continue
         st = os.fstat(fd)
         out.append((st.st_size, st.st_blocks, st.st_mtime_ns, st.st_ino))
+        out.extend(b.count() for b in node.bitmaps)  # (a bitmap's count changes without its file)
     return tuple(out)
+
+
+def _data_state(drive: Drive) -> tuple[object, ...]:
+    """What a drive's ``query-block`` entry shows that data writes may change, but for the numbers a
+    :class:`_Template` fills in: each layer's size (a raw file's follows the file) and dirty flag."""
+    if drive.medium is None:
+        return ()
+    out: list[object] = []
+    for node in drive.medium.node.chain():
+        drv = node.driver
+        if drv.file.fd < 0:  # an NBD export: nothing cheap tells whether it changed, so the entry is rendered afresh
+            out.append(time.monotonic_ns())
+        out.append((drv, drv.virtual_size, drv.dirty))
+    return tuple(out)
+
+
+_HOLE = 7_000_000_000_000_000_000  # placeholders count up from here: above any size or count
+
+
+class _Template:
+    """A rendered entry whose changing numbers (actual sizes, bitmap counts) are filled in when sent.
+
+    While a job or an NBD client writes, the files' allocation and the dirty
+    counts change with every request, but nothing else in a ``query-block``
+    entry does: rendering the entry again for every poll cost a third of a
+    query's time (and a query then competed longer with the job for the
+    interpreter).  So the entry is rendered once with placeholders
+    (:data:`Hole`: the model gets ``_HOLE + i`` where the number goes, and
+    the function that reads it is kept) and each query reads the numbers
+    again and puts them in.  A placeholder that does not show exactly once
+    in the text (a name that happens to contain it) makes it a plain
+    rendering, re-rendered whenever its key changes.
+    """
+
+    def __init__(self, build: Callable[[Hole | None], object]) -> None:
+        readers: list[Callable[[], int]] = []
+
+        def hole(read: Callable[[], int]) -> int:
+            readers.append(read)
+            return _HOLE + len(readers) - 1
+
+        text = dumps_compact(to_qobject(build(hole)))
+        marks = [str(_HOLE + i) for i in range(len(readers))]
+        if any(text.count(m) != 1 for m in marks):
+            text, readers, marks = dumps_compact(to_qobject(build(None))), [], []
+        at = sorted((text.index(m), m, read) for m, read in zip(marks, readers, strict=True))
+        self.parts: list[str] = []
+        self.readers = [read for _, _, read in at]
+        pos = 0
+        for i, m, _ in at:
+            self.parts.append(text[pos:i])
+            pos = i + len(m)
+        self.parts.append(text[pos:])
+
+    def text(self) -> str | None:
+        """The entry with today's numbers (None: one could not be read now; render afresh)."""
+        if not self.readers:
+            return self.parts[0]
+        try:
+            values = [str(read()) for read in self.readers]
+        except OSError:
+            return None
+        out = [self.parts[0]]
+        for value, part in zip(values, self.parts[1:], strict=True):
+            out += (value, part)
+        return "".join(out)
 
 
 def query_block_json(ctx: CommandContext, args: dict[str, Any]) -> RawJson:
     """``query-block`` for QMP, each drive's entry rendered once and reused.
 
-    An entry is re-rendered when a command may have changed daemon state
-    (``DeviceRegistry.generation``) or any file of the drive's chain changed
-    (size, allocation, modification time): the same model objects and the
-    same renderer as :func:`query_block`, only not repeated for every poll.
+    An entry is rendered again when a command may have changed daemon state
+    (``DeviceRegistry.generation``) or a layer of the drive's chain changed
+    what data writes can change besides numbers (:func:`_data_state`); the
+    numbers themselves (actual sizes, bitmap counts) are read for every query
+    (:class:`_Template`).  The same model objects and the same renderer as
+    :func:`query_block`, only not repeated for every poll.
     """
     machine = ctx.machine
     parts = []
     for drive in machine.drives:
-        key = (machine.generation, _files_state(drive))
+        key = (machine.generation, _data_state(drive))
         cached = machine.render_cache.get(drive.id)
-        if cached is None or cached[0] != key:
-            cached = (key, dumps_compact(to_qobject(block_info(drive, machine.jobs))))
-            machine.render_cache[drive.id] = cached
-        parts.append(cached[1])
+        text = None
+        if cached is not None and cached[0] == key:
+            assert isinstance(cached[1], _Template)
+            text = cached[1].text()
+        if text is None:
+            template = _Template(functools.partial(block_info, drive, machine.jobs))
+            machine.render_cache[drive.id] = (key, template)
+            text = template.text()
+            if text is None:  # a number that could be read a moment ago cannot now: as a plain rendering
+                text = dumps_compact(to_qobject(block_info(drive, machine.jobs)))
+        parts.append(text)
     return RawJson("[" + ", ".join(parts) + "]")
 
 
@@ -231,6 +311,7 @@ def query_named_block_nodes_json(ctx: CommandContext, args: dict[str, Any]) -> R
         if cached is None or cached[0] != key:
             cached = (key, dumps_compact(to_qobject(_node_info(drive, medium, i, kind, flat, machine.jobs))))
             machine.render_cache[slot] = cached
+        assert isinstance(cached[1], str)
         parts.append((serial, cached[1]))
     for g in machine.graph.nodes:
         parts.append((g.serial, dumps_compact(to_qobject(graph_node_info(g, flat, machine.jobs)))))
