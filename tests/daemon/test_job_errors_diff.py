@@ -113,6 +113,7 @@ def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
     # nested as its backing-image) and the targets over them
     p.same("query-named-block-nodes")
     p.same("query-named-block-nodes", {"flat": True})
+    p.same("x-debug-query-block-graph")  # (the blkdebug nodes' image edges pass their parents' needs)
 
     p.same("blockdev-backup", {"device": "disk0", "target": "t1", "sync": "full", "job-id": "b1",
                                "on-target-error": "enospc"})

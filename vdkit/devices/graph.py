@@ -274,7 +274,7 @@ def child_perms(driver: str, ro: bool, role: str, perm: int, shared: int) -> tup
     if role == "backing":
         return perm & _CR, (_W | _RS if shared & _W else 0) | _CR | _WU
     perm, shared = perm & _PASSTHROUGH, shared & _PASSTHROUGH
-    if driver in PASSES_PERMISSIONS:
+    if driver in PASSES_PERMISSIONS or role == "image":  # (a filter's image: blkdebug passes its users' needs)
         return perm, shared
     perm |= _CR | (0 if ro else _W | _RS)
     shared &= ~(_W | _RS)

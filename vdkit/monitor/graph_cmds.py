@@ -685,8 +685,8 @@ def _vertices(machine: DeviceRegistry) -> tuple[list[_Backend], list[_JobVertex]
         by_node[id(g)] = _Vertex(g.name, g.serial, g.driver, g.ro, g.force_share)
     for g in machine.graph.nodes:
         v = by_node[id(g)]
-        if g.child is not None:
-            _link(v, "file", by_node[id(g.child)])
+        if g.child is not None:  # a protocol node's child is a filter's image (blkdebug's)
+            _link(v, "file" if g.node is not None else "image", by_node[id(g.child)])
         if g.backing is not None:
             _link(v, "backing", by_node[id(g.backing)])
         all_nodes.append(v)
