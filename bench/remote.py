@@ -43,6 +43,9 @@ HANG_SECONDS = 120
 MODE: dict[str, list[str]] = {"nbd": [], "http": ["-m", "1"], "rbd": []}
 CEPH_SCRIPT = ROOT / "tests" / "helpers" / "ceph-test-cluster.sh"
 """Extra convert options per protocol: one request at a time over HTTP (see the module doc)."""
+RBD_OPTS = ""
+"""librados options appended to every rbd: name (``--rbd-delay``: the messenger's injected delay, which
+makes the local cluster latency bound like one across a network)."""
 
 def guarded(cmd: list[str], out: Path | None, cwd: Path) -> Callable[[], h.Sample]:
     """A sample of ``cmd`` under ``timeout``; a hang (qemu-img's curl driver) is killed and retried."""
@@ -71,7 +74,7 @@ def start_rbd(folder: Path, src: Path, size: int) -> str:
                        timeout=180)
     if p.returncode != 0:
         sys.exit(f"the Ceph cluster did not start: {p.stderr[-2000:]}")
-    name = f"rbd:rbd/src:conf={folder}/ceph.conf"
+    name = f"rbd:rbd/src:conf={folder}/ceph.conf{RBD_OPTS}"
     subprocess.run([h.tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", str(src), name], check=True,
                    timeout=HANG_SECONDS)
     return name
@@ -82,7 +85,7 @@ def to_rbd(cmd: list[str], src: Path, target: str, conf: str, cwd: Path) -> Call
 
     def sample() -> h.Sample:
         subprocess.run(["rbd", "-c", conf, "rm", f"rbd/{target}"], capture_output=True, timeout=HANG_SECONDS)
-        return guarded([*cmd, "convert", "-f", "raw", "-O", "raw", str(src), f"rbd:rbd/{target}:conf={conf}"],
+        return guarded([*cmd, "convert", "-f", "raw", "-O", "raw", str(src), f"rbd:rbd/{target}:conf={conf}{RBD_OPTS}"],
                        None, cwd)()
 
     return sample
@@ -96,8 +99,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="size of the image (default 1024)")
     ap.add_argument("--only", choices=["nbd", "http", "rbd"], help="run one protocol")
+    ap.add_argument("--rbd-delay", type=float, default=0.0, metavar="SECONDS",
+                    help="librados' injected messenger delay (up to SECONDS per message to the OSD), for both tools")
     h.add_common_args(ap, repeat=3)
     a = ap.parse_args()
+    if a.rbd_delay:
+        global RBD_OPTS
+        RBD_OPTS = (":ms_inject_delay_type=osd:ms_inject_delay_probability=1"
+                    f":ms_inject_delay_max={a.rbd_delay}")
     print(h.install_note(), flush=True)
     qi, vd = h.tool("qemu-img"), h.vdkit_bin()
     bare = [sys.executable, "-c", "pass"]
@@ -140,7 +149,7 @@ def main() -> None:
                 if text_of([qi, "info", name], d) != text_of([*vd, "info", name], d):
                     sys.exit(f"info over {proto}: outputs differ")
             if "rbd" in names:  # and into a new RBD image: equal to the source
-                conf = names["rbd"].split(":conf=", 1)[1]
+                conf = names["rbd"].split(":conf=", 1)[1].split(":", 1)[0]
                 for cmd, target in (([qi], "q-dst"), (list(vd), "v-dst")):
                     to_rbd(cmd, src, target, conf, d)()
                     back = d / f"{target}.raw"
@@ -167,7 +176,7 @@ def main() -> None:
                           + f"  vdkit / (2*qemu + bare {tb * 1e3:.1f} ms) = {tv / (2 * tq + tb):.2f} (target <= 1)",
                           flush=True)
                     if proto == "rbd":
-                        conf = name.split(":conf=", 1)[1]
+                        conf = name.split(":conf=", 1)[1].split(":", 1)[0]
                         q = h.Case("qemu-img", to_rbd([qi], src, "q-dst", conf, d))
                         v = h.Case("vdkit", to_rbd(list(vd), src, "v-dst", conf, d))
                         h.interleave([q, v], a.repeat)
