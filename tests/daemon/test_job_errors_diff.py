@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import qemu_img
+from tests.conftest import qemu_img, qemu_io
 from tests.daemon.conftest import Daemons
 from tests.daemon.test_mirror_diff import Pair, _error_events, _wait
 
@@ -357,3 +357,39 @@ def test_blkdebug_drive_options(daemons: Daemons, tmp_path: Path, spec: str) -> 
     _same_events(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("b.qcow2")
+
+
+def test_raw_nodes_over_blkdebug(daemons: Daemons, tmp_path: Path) -> None:
+    """Under a raw node every request is guest data (QEMU's raw announces read_aio/write_aio for each): a
+    write_aio rule fails a backup into a raw target, a read_aio rule a mirror of a raw drive; both stop,
+    are resumed and finish; the files alike."""
+    conf = tmp_path / "once.conf"
+    conf.write_text(_ONCE)
+
+    def raws(d: Path) -> None:
+        for name in ("t.raw", "s.raw"):
+            assert qemu_img("create", "-q", "-f", "raw", str(d / name), "4M").returncode == 0
+        assert qemu_io("-f", "raw", "-c", "write -P 0x44 1M 64k", str(d / "s.raw")).returncode == 0
+
+    p = Pair(daemons, tmp_path, drive=["-drive", "file=DIR/top.qcow2,if=none,id=disk0",
+                                       "-drive", f"file=blkdebug:{conf}:DIR/s.raw,format=raw,if=none,id=disk1"],
+             prepare=raws)
+    p.same("blockdev-add", {"driver": "raw", "node-name": "t", "file": {
+        "driver": "blkdebug", "image": {"driver": "file", "filename": "DIR/t.raw"},
+        "inject-error": [{"event": "write_aio", "once": True}]}})
+    for cmd, args in (("blockdev-backup", {"device": "disk0", "target": "t", "on-target-error": "stop"}),
+                      ("drive-mirror", {"device": "disk1", "target": "DIR/m.raw", "format": "raw",
+                                        "on-source-error": "stop"})):
+        p.same(cmd, {"job-id": "j", "sync": "full", **args})
+        p.wait("BLOCK_JOB_ERROR")
+        _wait_status(p, "paused", 2 if cmd == "blockdev-backup" else 1)
+        p.same("query-block-jobs", mask=_OFFSET)  # (how far QEMU's parallel requests got)
+        p.same("block-job-resume", {"device": "j"})
+        if cmd == "drive-mirror":
+            p.wait("BLOCK_JOB_READY")
+            p.same("block-job-cancel", {"device": "j"})
+        _wait_status(p, "null")
+        _same_events(p, mask_offsets=True)
+    p.quit(daemons)
+    p.compare("t.raw", "top.qcow2")
+    p.compare("m.raw", "s.raw")

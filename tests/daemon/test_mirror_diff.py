@@ -64,13 +64,15 @@ def _events(m: Monitor, d: Path) -> list[str]:
 
 class Pair:
     def __init__(self, daemons: Daemons, tmp: Path, *, top_writes: tuple[str, ...] = (),
-                 drive: list[str] = DRIVE) -> None:
+                 drive: list[str] = DRIVE, prepare: Callable[[Path], None] | None = None) -> None:
         self.dirs = [tmp / "q", tmp / "v"]
         for d in self.dirs:
             d.mkdir()
             _chain(d)
             for w in top_writes:  # more data in the active image before the daemons start
                 assert qemu_io("-c", w, str(d / "top.qcow2")).returncode == 0
+            if prepare is not None:  # more files before the daemons start
+                prepare(d)
         _, qpath, _ = daemons.qemu([a.replace("DIR", str(self.dirs[0])) for a in drive], self.dirs[0])
         _, vpath, _ = daemons.vdkit([a.replace("DIR", str(self.dirs[1])) for a in drive], self.dirs[1])
         self.mons = [daemons.monitor(qpath).negotiate(), daemons.monitor(vpath).negotiate()]

@@ -21,6 +21,9 @@ def probe(head: bytes, filename: str) -> int:
 
 
 def open_driver(file: ImageFile, ctx: OpenContext) -> RawDriver:
+    guest_data = getattr(file, "guest_data_only", None)
+    if guest_data is not None:  # a filter telling guest data from metadata (blkdebug): here it all is
+        guest_data()
     proto = getattr(file, "protocol_driver", None)
     if proto is not None:  # raw over a protocol whose node answers as a format (RBD): its snapshots pass up
         from vdkit.protocols.registry import is_protocol, node_format

@@ -24,8 +24,8 @@ as ``query-qmp-schema`` lists it, and observed ``qemu-system-x86_64`` 7.2 behavi
   writes guest data; its metadata goes out with ``pwrite``), ``pwritev``/``pwritev_zero`` before and
   ``pwritev_done`` after every write or zero write (QEMU's block layer fires these on every write to a
   node), ``flush_to_os`` and ``flush_to_disk`` before a flush.  Every other event of the schema is
-  accepted in a rule and never happens.  A raw node over blkdebug therefore sees ``read_aio`` on its
-  bulk reads but ``write_aio`` never (raw writes with ``pwrite``): use ``pwritev`` there.
+  accepted in a rule and never happens.  Under a raw node every read and write is guest data
+  (``read_aio``/``write_aio`` before each, as QEMU's raw driver announces them).
 * **Names.**  ``blkdebug:CONFIG:FILE`` opens FILE under the rules of CONFIG (an empty CONFIG: no
   rules), named as given; a relative backing name below it is FILE's directory's.  A
   ``blockdev-add`` node is named ``json:{...}`` of the options given (``image`` nested, the rules
@@ -160,9 +160,17 @@ class BlkdebugFile(ImageFile):
         super().__init__(image, readonly=readonly, force_share=force_share, lock=lock)
         self.image = self.filename  # (``filename`` becomes the node's name when it has one)
         self.rules = rules
+        self._all_data = False  # every request is guest data (a raw node above: guest_data_only)
         self.open_options: str | None = None  # a blockdev-add node's options, as the graph describes it
 
+    def guest_data_only(self) -> None:
+        """A raw node above: every read and write is guest data (QEMU's raw fires read_aio/write_aio for
+        each), not only the vectored ones a format with metadata uses for it."""
+        self._all_data = True
+
     def pread(self, offset: int, length: int) -> bytes:
+        if self._all_data:
+            self.rules.event("read_aio")
         self.rules.check(_READ, offset, length)
         return super().pread(offset, length)
 
@@ -176,6 +184,8 @@ class BlkdebugFile(ImageFile):
         self.rules.check(iotype, offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._all_data:
+            self.rules.event("write_aio")
         self._write(_WRITE, offset, len(data))
         super().pwrite(offset, data)
         self.rules.event("pwritev_done")
