@@ -27,9 +27,13 @@ as ``query-qmp-schema`` lists it, and observed ``qemu-system-x86_64`` 7.2 behavi
   accepted in a rule and never happens.  Under a raw node every read and write is guest data
   (``read_aio``/``write_aio`` before each, as QEMU's raw driver announces them).
 * **Names.**  ``blkdebug:CONFIG:FILE`` opens FILE under the rules of CONFIG (an empty CONFIG: no
-  rules), named as given; a relative backing name below it is FILE's directory's.  A
-  ``blockdev-add`` node is named ``json:{...}`` of the options given (``image`` nested, the rules
-  flattened), as QEMU names it.
+  rules), named as given (also in block status: map's File column); a relative backing name below it
+  is FILE's directory's.  A node given only a config file and its image (``blockdev-add``,
+  ``-drive file.driver=blkdebug,...``, ``--image-opts``) is named so too; with rules among its
+  options (``blockdev-add`` only) it is ``json:{...}`` of them (``image`` nested, the rules
+  flattened), as QEMU names it.  A ``blockdev-add`` node lists its image as a file node of its own.
+* **At the top** (``-f blkdebug``, ``driver=blkdebug``): :mod:`vdkit.formats.blkdebug`, the image's
+  bytes as the disk.
 
 The node is the image's local file with the rules in front of each request (:class:`BlkdebugFile`,
 an :class:`~vdkit.io.file.ImageFile` whose descriptor fast paths the copy engine does not take:
