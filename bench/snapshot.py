@@ -10,6 +10,8 @@ One sample is ``snapshot -c`` followed by ``snapshot -d`` of the same name, as w
 vdkit-img and a bare ``python -c pass`` are interleaved so every tool sees the same image state and
 the same load, in an idle round and one with a core kept busy (``--rounds``).  The vdkit library in
 process (no interpreter start) is timed too.  Ratio = qemu-img time / vdkit time (target >= 0.5).
+Callgrind's instruction counts of both (and of a bare interpreter start) are printed as well: on a
+shared machine they are the figure the load does not move.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def bench_case(label: str, img: Path, rounds: str, repeat: int) -> None:
         t_v, t_b = h.med(v.samples), h.med(bare.samples)
         print(f"  [{rnd}] bare python {t_b * 1e3:.1f} ms, {h.med(bare.samples, 'rss') / 1024:.0f} MB "
               f"(two starts: {2 * t_b * 1e3:.1f} ms of vdkit's {t_v * 1e3:.1f} ms)", flush=True)
+    i_q, i_v = (sum(h.instructions([*tool, "snapshot", op, "bench", str(img)]) for op in ("-c", "-d"))
+                for tool in ([qi], [sys.executable, *vd]))
+    i_b = h.instructions([sys.executable, "-c", "pass"])
+    print(f"  instructions (callgrind) of -c + -d: qemu-img {i_q / 1e6:.1f}M, vdkit {i_v / 1e6:.1f}M, bare python "
+          f"{i_b / 1e6:.1f}M each start: vdkit / (2 x qemu-img + two starts) = {i_v / (2 * i_q + 2 * i_b):.2f} "
+          f"(the time target's analogue, which the load does not move)", flush=True)
     lib = statistics.median(in_process(img) for _ in range(repeat))
     print(f"  in-process create + delete: {lib * 1e3:.1f} ms (no interpreter start)")
     check = subprocess.run([qi, "check", str(img)], capture_output=True, text=True)

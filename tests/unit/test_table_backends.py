@@ -281,6 +281,9 @@ def test_deltas_by_runs(runs: list[tuple[list[tuple[int, int]], int]], keys: lis
     ks_, ss = ds.items()
     assert ks_ == dn.items()[0].tolist() == sorted(model)
     assert ss == [model[k] for k in sorted(model)]
+    neg = sorted(k for k, v in model.items() if v < 0)
+    assert [k for a, b in ds.negative_runs() for k in range(a, b)] == neg
+    assert ds.negative_runs() == dn.negative_runs()
     lo = data.draw(st.integers(0, 110))
     cur = data.draw(st.lists(st.integers(0, 5), max_size=30))
     want = [c + model.get(lo + i, 0) for i, c in enumerate(cur)]

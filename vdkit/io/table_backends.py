@@ -195,6 +195,18 @@ class Deltas:
         """:meth:`plus` for the keys ``lo, lo + 1, ...``."""
         raise NotImplementedError
 
+    def negative_runs(self) -> list[tuple[int, int]]:
+        """``(first, end)`` runs of the keys whose sum is below 0, sorted and disjoint."""
+        keys, sums = self.items()
+        out: list[tuple[int, int]] = []
+        for k, v in zip(Deltas.tolist(keys), Deltas.tolist(sums), strict=True):
+            if v < 0:
+                if out and out[-1][1] == k:
+                    out[-1] = (out[-1][0], k + 1)
+                else:
+                    out.append((k, k + 1))
+        return out
+
     def segments(self, lo: int, hi: int) -> list[tuple[int, int, int]] | None:
         """The changed keys of ``[lo, hi)`` as ``(first, end, sum)`` runs of equal sum (zero sums
         included), in order; None where the changes are held key by key (numpy's)."""
@@ -338,6 +350,17 @@ class _SmallDeltas(Deltas):
             keys += range(lo, hi)
             sums += [v] * (hi - lo)
         return keys, sums
+
+    def negative_runs(self) -> list[tuple[int, int]]:
+        los, his, vals = self._segments()
+        out: list[tuple[int, int]] = []
+        for lo, hi, v in zip(los, his, vals, strict=True):
+            if v < 0:
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        return out
 
     def segments(self, lo: int, hi: int) -> list[tuple[int, int, int]] | None:
         import bisect
@@ -804,6 +827,17 @@ class _NumpyDeltas(Deltas):
 
     def plus_range(self, cur: Tab, lo: int) -> Tab:
         return self.plus(cur, self.np.arange(lo, lo + len(cur), dtype=self.np.int64))
+
+    def negative_runs(self) -> list[tuple[int, int]]:
+        np = self.np
+        keys, sums = self.items()
+        k = keys[sums < 0]
+        if not len(k):
+            return []
+        cuts = np.flatnonzero(np.diff(k) != 1) + 1
+        firsts = k[np.concatenate(([0], cuts))].tolist()
+        lasts = k[np.concatenate((cuts - 1, [len(k) - 1]))].tolist()
+        return [(a, b + 1) for a, b in zip(firsts, lasts, strict=True)]
 
     def apply_block(self, blk: int, per: int, vals: Tab, maxval: int) -> int:
         self._consolidate()

@@ -62,7 +62,7 @@ def _next_used(words: bytes, i: int, n: int) -> int:
     return n
 
 
-def _used_stretches(words: bytes) -> list[tuple[int, int]]:
+def used_stretches(words: bytes) -> list[tuple[int, int]]:
     """``(first, end)`` entry ranges of the non-zero entries."""
     n = len(words) // 8
     out: list[tuple[int, int]] = []
@@ -101,7 +101,7 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
     if words[0::8].translate(None, _FLAGS_OK):
         return None
     cs = 1 << cluster_bits
-    used = _used_stretches(words)
+    used = used_stretches(words)
     starts: list[int] = []
     lens: list[int] = []
     runs = done = 0

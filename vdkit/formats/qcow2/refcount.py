@@ -778,6 +778,10 @@ class Transaction:
         """Sorted cluster indices and their net changes (zeros included)."""
         return self._deltas.items()
 
+    def freed_runs(self) -> list[tuple[int, int]]:
+        """``(first, end)`` runs of the clusters whose count this transaction lowers, sorted, disjoint."""
+        return self._deltas.negative_runs()
+
     def changes_of(self, clusters: Tab) -> Tab:
         """The net change this transaction makes to each cluster's count (0: none)."""
         return self._deltas.lookup(clusters)

@@ -82,7 +82,9 @@ def next_snapshot_id(entries: Iterable[SnapshotEntry]) -> str:
     """1 + the largest leading number among the IDs (so IDs get reused, §6)."""
     top = 0
     for e in entries:
-        top = max(top, _strtoul(e.id_str))
+        s = e.id_str
+        # (an ID of plain digits, the usual one, without the character walk)
+        top = max(top, min(int(s), _ULONG_MAX) if s.isascii() and s.isdigit() else _strtoul(s))
     return str((top + 1) & _ULONG_MAX)
 
 
@@ -419,11 +421,14 @@ def _in_use_clusters(drv: Qcow2Driver, T: Backend, trees: Iterable[_Tree]) -> li
     h = drv.header
     bits = h.cluster_bits
     cs = h.cluster_size
-    parts: list[_Part] = [([0], [1])]
+    starts: list[int] = [0]
+    lens: list[int] = [1]
+    parts: list[_Part] = [(starts, lens)]
 
     def rng(off: int, length: int) -> None:
         if length > 0:
-            parts.append(([off >> bits], [((off + length - 1) >> bits) + 1 - (off >> bits)]))
+            starts.append(off >> bits)
+            lens.append(((off + length - 1) >> bits) + 1 - (off >> bits))
 
     rc = drv.refcounts
     rng(rc.table_offset, rc.table_clusters * cs)
@@ -504,13 +509,17 @@ def _refuse_freed_l1_clusters(drv: Qcow2Driver, txn: Transaction, l1s: list[tupl
     ``check`` would count more errors than before.  QEMU writes over such a cluster in place;
     vdkit leaves the image as it is instead.
     """
-    T = txn.T
+    import bisect
+
     bits = drv.header.cluster_bits
+    freed = txn.freed_runs()  # (first, end) of the clusters whose count goes down, sorted, disjoint
+    ends = [b for _, b in freed]
     for off, n in l1s:
         if n <= 0:
             continue
         first, last = off >> bits, (off + n * 8 - 1) >> bits
-        if min(T.tolist(txn.changes_of(T.arange(first, last + 1)))) < 0:
+        i = bisect.bisect_right(ends, first)  # the first freed run ending past the table's first cluster
+        if i < len(freed) and freed[i][0] <= last:
             raise CorruptImageError("Invalid argument", errno=22)
 
 
