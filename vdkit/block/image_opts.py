@@ -428,6 +428,74 @@ def _probe_name(driver: str, name: str) -> str | None:
         f.close()  # type: ignore[attr-defined]
 
 
+def node_description(node: Node) -> dict[str, object] | None:
+    """``node`` as QEMU's ``json:`` names describe it, or None where vdkit does not (a protocol node).
+
+    The node's own ``json:`` name's options where it has one (a raw window, strong options), else its
+    driver over a local file; with a ``backing`` member where its backing child is not the one its
+    header names (:func:`backing_replaced`): null, or the child's own description, which names its
+    own backing only where that was replaced too.
+    """
+    import json
+
+    from vdkit.block.chain import has_protocol
+    from vdkit.io.file import ImageFile
+
+    name = node.display_name or node.filename
+    desc: dict[str, object]
+    if name.startswith("json:"):
+        desc = json.loads(name[len("json:"):])
+    elif isinstance(node.driver.file, ImageFile) and not has_protocol(node.filename):
+        desc = {"driver": node.format, "file": {"driver": "file", "filename": node.filename}}
+    else:
+        return None
+    if backing_replaced(node):
+        below = None if node.backing is None else node_description(node.backing)
+        if node.backing is not None and below is None:
+            return None  # a backing vdkit does not describe: keep the plain name
+        desc["backing"] = below
+    return desc
+
+
+def backing_replaced(node: Node) -> bool:
+    """Whether ``node`` (opened with its backing) has another backing child than its header names, as
+    QEMU decides it: ``"backing": null`` over a backing name; a ``backing`` object in the options (of the
+    current open scope) whose node's file name is not the header's name *as stored* (so a backing
+    object over ``sub/t.qcow2`` naming ``sub/b.qcow2``, the very file its header's ``b.qcow2`` names,
+    still counts: observed in qemu-system-x86_64 7.2); without options, a backing other than the
+    header's resolved name.  A header's ``json:`` backing name is never "replaced"."""
+    from vdkit.block.chain import backing_override
+
+    stored = node.driver.backing_file
+    if node.backing is None:
+        return stored is not None
+    if stored is not None and stored.startswith("json:"):
+        return False
+    override = backing_override(node.filename)
+    if override is not None and override.kind == "node":
+        return node.backing.filename != stored
+    return node.backing.filename != node.backing_filename_resolved
+
+
+def name_replaced_backings(node: Node) -> list[Node]:
+    """Set ``display_name`` of each layer of ``node``'s chain (opened with its backing) whose backing was
+    replaced by options to QEMU's ``json:{"backing": ..., ...}`` name; the layers renamed, top first.
+
+    Names are worked out before any is set, from the bottom up (a layer's description holds its
+    replaced backing's)."""
+    from vdkit.info.render_json import dumps_compact
+
+    names: list[tuple[Node, str]] = []
+    for layer in node.chain():
+        if backing_replaced(layer):
+            desc = node_description(layer)
+            if desc is not None:
+                names.append((layer, "json:" + dumps_compact(desc)))
+    for layer, name in names:
+        layer.display_name = name
+    return [layer for layer, _ in names]
+
+
 def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, object] | str | None, *,
                       secrets: Mapping[str, bytes | str] | None = None,
                       objects: Sequence[str] | Mapping[str, Mapping[str, str]] | None = None,
@@ -496,6 +564,8 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
         if spec is not None:
             try:
                 node.display_name = image_opts_name(spec)
+                if backing:  # QEMU names a layer whose backing the options replaced by them
+                    name_replaced_backings(node)
             except BaseException:
                 node.close()
                 raise

@@ -95,29 +95,14 @@ def _refuse_relative_under_json_name(node: Node, base: str) -> None:
 def _json_name(node: Node) -> str | None:
     """The ``json:`` name QEMU gives ``node`` for its replaced backing (None: the plain name stands;
     only images in local files are named here)."""
-    desc = _describe(node)
+    from vdkit.block.image_opts import node_description
+
+    desc = node_description(node)
     if desc is None or "backing" not in desc:
         return None
     from vdkit.info.render_json import dumps_compact
 
     return "json:" + dumps_compact(desc)
-
-
-def _describe(node: Node) -> dict[str, object] | None:
-    """A node's options as QEMU renders them: driver and file, and the backing where it was replaced."""
-    from vdkit.block.chain import has_protocol
-    from vdkit.io.file import ImageFile
-
-    if not isinstance(node.driver.file, ImageFile) or has_protocol(node.filename):
-        return None
-    desc: dict[str, object] = {"driver": node.format, "file": {"driver": "file", "filename": node.filename}}
-    if node.driver.backing_file is not None and (node.backing is None
-                                                 or node.backing.filename != node.backing_filename_resolved):
-        below = None if node.backing is None else _describe(node.backing)
-        if node.backing is not None and below is None:
-            return None  # a backing vdkit does not name (a protocol node): keep the plain name
-        desc["backing"] = below
-    return desc
 
 
 def _copy_differences(node: Node, filename: str, base: str, base_fmt: str | None, prog: Progress) -> None:

@@ -335,6 +335,9 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
             raise OptionError(f"Invalid node-name: '{node_name}'")
         spec.node_name = node_name
     spec.file = take("file")
+    if spec.file is not None and spec.file.startswith("json:"):
+        spec.options = _json_drive_options(spec, opts, take)
+        return spec
     from vdkit.formats.registry import window_options
     from vdkit.protocols.registry import is_protocol
 
@@ -368,6 +371,31 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     # the protocol layer's options (file.locking=off, ...) are taken without effect
     spec.leftover = [k for k in order if not k.startswith("file.")]
     return spec
+
+
+def _json_drive_options(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> dict[str, object]:
+    """``file=json:{...}``: the name's options (QEMU's grammar and texts, :mod:`vdkit.block.json_name`) with
+    the -drive's own laid over them, as QEMU gives options beside a name precedence (``format=`` is the
+    ``driver``, ``file.filename=`` replaces the name's file, ``offset=512`` its offset, as a string); a
+    ``node-name`` inside the name names the node unless the -drive does.  What is left of them is the
+    interpreter's (:func:`_open_json_drive`): its errors come when the drive opens, as QEMU's do."""
+    from vdkit.block import json_name
+
+    assert spec.file is not None
+    try:
+        given = json_name.parse(spec.file)
+    except VdkitError as exc:
+        raise OptionError(exc.message) from None
+    for key in list(opts):
+        given[key] = take(key) or ""
+    if spec.format is not None:
+        given["driver"] = spec.format
+    node_name = given.pop("node-name", None)
+    if spec.node_name is None and node_name is not None:
+        if not isinstance(node_name, str) or not id_wellformed(node_name):
+            raise OptionError(f"Invalid node-name: '{node_name}'")
+        spec.node_name = node_name
+    return given
 
 
 def _protocol_drive_name(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None], driver: str,
@@ -753,12 +781,17 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
                 raise OptionError(f"Device name '{spec.id}' conflicts with an existing node name")
             if spec.node_name is not None and spec.node_name == spec.id:
                 raise OptionError(f"Device name '{spec.id}' conflicts with an existing node name")
-            try:
-                drive = machine.add_drive(spec) if not (spec.leftover and not spec.file) else None
-            except VdkitError as exc:
-                err = open_error(exc)
-                hint = (err.hint or exc.hint or "").rstrip("\n")
-                raise OptionError(err.message + (f"\n{hint}" if hint else "")) from None
+            with _drive_scope(spec):
+                if spec.options is not None:
+                    _interpret_json_drive(spec)
+                try:
+                    drive = machine.add_drive(spec) if not (spec.leftover and not spec.file) else None
+                except VdkitError as exc:
+                    err = open_error(exc)
+                    hint = (err.hint or exc.hint or "").rstrip("\n")
+                    raise OptionError(err.message + (f"\n{hint}" if hint else "")) from None
+                if drive is not None and drive.medium is not None and spec.options is not None:
+                    _name_json_drive(spec, drive.medium)
             medium = drive.medium if drive is not None else None
             if medium is not None and spec.file is not None:
                 from vdkit.block.chain import protocol_of
@@ -777,6 +810,56 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
         assert drive is not None
         opened.append((spec, drive.medium is not None, drive.medium is not None and drive.medium.ro))
     check_devices(opened)
+
+
+def _drive_scope(spec: DriveSpec) -> contextlib.AbstractContextManager[object]:
+    """The open scope a ``file=json:{...}`` drive is interpreted and opened in: the process scope's secrets,
+    objects and presets, and its own options (a ``backing`` member, an NBD address), so that they apply
+    to this drive's open only and never to a later open of the same file name (another -drive, a
+    medium change).  Other drives open in the process scope."""
+    if spec.options is None:
+        return contextlib.nullcontext()
+    from vdkit.block.secrets import PROCESS, OpenScope
+
+    scope = OpenScope(PROCESS.secrets)
+    scope.options = dict(PROCESS.options)
+    scope.tables = {kind: dict(table) for kind, table in PROCESS.tables.items()}
+    scope.warn = PROCESS.warn
+    return scope
+
+
+def _interpret_json_drive(spec: DriveSpec) -> None:
+    """The drive's ``json:`` options through the one interpreter (:func:`vdkit.block.image_opts.image_opts`,
+    as ``vdkit-img`` and ``vdkit.open`` take them) in the drive's scope: the file name and format to open.
+    Its errors are QEMU's texts without qemu-img's ``Could not open`` prefix, as qemu-system prints them."""
+    from vdkit.block.image_opts import image_opts
+
+    assert spec.options is not None and spec.file is not None
+    try:
+        spec.file, spec.format = image_opts(spec.file, dict(spec.options))
+    except VdkitError as exc:
+        msg = exc.message.removeprefix(f"Could not open '{spec.file}': ")
+        raise OptionError(msg + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+
+
+def _name_json_drive(spec: DriveSpec, medium: Medium) -> None:
+    """Name the nodes of a ``file=json:{...}`` drive as QEMU does: by the options when they say what a
+    plain name cannot (a raw window is named so by the interpreter already; an http cookie), and
+    ``json:{"backing": ..., ...}`` for a layer whose backing the options replaced
+    (:func:`vdkit.block.image_opts.name_replaced_backings`).  The daemon reports ``Node.filename``."""
+    import json
+
+    from vdkit.block.image_opts import image_opts_name, name_replaced_backings
+
+    node = medium.node
+    assert spec.options is not None
+    own = image_opts_name("json:" + json.dumps(spec.options))
+    if own is not None and not node.filename.startswith("json:"):
+        node.display_name = own
+    renamed = name_replaced_backings(node)
+    for layer in [node, *renamed]:
+        if layer.display_name is not None:
+            layer.filename = layer.display_name
 
 
 def _protocol_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium, driver: str) -> None:

@@ -70,6 +70,8 @@ class DriveSpec:
     # options no -drive level takes: QEMU hands them to the format driver, which refuses them
     leftover: list[str] = field(default_factory=list)
     snapshot: bool = False  # snapshot=on: writes go to a temporary qcow2 overlay
+    # file=json:{...}: the name's options under the -drive's own (flattened); the daemon interprets them
+    options: dict[str, object] | None = None
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""``-drive file=json:{...}`` against qemu-system-x86_64 7.2 (issue 13: json: names wherever a file name is).
+
+QEMU parses the name's options (``shared/reference/protocols.md`` §2), lays
+the -drive's own options over them (``format=`` is the driver, ``file.filename=``
+or ``offset=`` beside the name win, a ``node-name`` inside it names the node)
+and opens the result as a node given by options.  The node's name is plain
+unless the options say what a file name cannot: a raw window, or a backing
+child other than the header's (``"backing": null``, another file, even the
+header's own file reached by another spelling), named
+``json:{"backing": ..., "driver": ..., "file": ...}``.  ``query-block``,
+``query-named-block-nodes`` and ``info block -v`` are compared, and the start-up
+errors (bad JSON, the interpreter's refusals, a failed open).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import check_ok, require_tool
+from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, normalise, normalise_hmp
+
+
+def _setup(d: Path) -> None:
+    def create(*args: str) -> None:
+        check_ok("create", "-q", *args, cwd=d)
+
+    (d / "sub").mkdir()
+    for name in ("base.qcow2", "base2.qcow2", "sub/b.qcow2"):
+        create("-f", "qcow2", name, "4M")
+    create("-f", "qcow2", "-b", "base2.qcow2", "-F", "qcow2", "mid2.qcow2")
+    create("-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "sub/t.qcow2")
+    for i in range(12):  # one top per writable drive: a writer's lock keeps others off its file
+        create("-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", f"t{i}.qcow2")
+    create("-f", "raw", "r.raw", "1M")
+
+
+def _file(name: str) -> str:
+    return '{"driver":"file","filename":"%s"}' % name
+
+
+def _qcow2(top: str, extra: str = "") -> str:
+    return 'json:{"driver":"qcow2","file":%s%s}' % (_file(top), extra)
+
+
+# each a -drive's value (id and if=none added); commas doubled when put on the command line
+DRIVES = [
+    _qcow2("t0.qcow2"),  # the plain name stands
+    _qcow2("t1.qcow2", ',"backing":null'),
+    _qcow2("t2.qcow2", ',"backing":{"driver":"qcow2","file":%s,"backing":null}' % _file("mid2.qcow2")),
+    _qcow2("t3.qcow2", ',"backing":{"driver":"raw","offset":512,"file":%s}' % _file("r.raw")),
+    _qcow2("t4.qcow2") + "\0backing.file.filename=base2.qcow2",  # a backing given beside the name
+    _qcow2("t5.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("base.qcow2")),  # the header's: plain
+    _qcow2("t6.qcow2", ',"backing":{"driver":"qcow2"}'),
+    _qcow2("sub/t.qcow2", ',"backing":{"driver":"qcow2"}'),  # the header's file by another spelling
+    _qcow2("t7.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("mid2.qcow2")),  # mid2's own backing kept
+    'json:{"driver":"raw","offset":4096,"file":%s}\0offset=512\0read-only=on' % _file("r.raw"),
+    'json:{"file":%s}\0read-only=on' % _file("r.raw"),  # probed
+    'json:{"file":%s}\0format=qcow2' % _file("t8.qcow2"),
+    _qcow2("t9.qcow2") + "\0format=raw",  # the -drive's format wins over the name's driver
+    'json:{"driver":"qcow2","node-name":"jn","file":%s}' % _file("t10.qcow2"),
+    _qcow2("t0.qcow2") + "\0file.filename=t11.qcow2\0read-only=on",  # file.filename beside the name wins
+    "json: {'driver': 'qcow2', 'file': {'filename': 'sub/b.qcow2'}}\0read-only=on",  # single quotes, space
+]
+
+
+def _args(drives: list[str]) -> list[str]:
+    out = []
+    for i, drive in enumerate(drives):
+        name, *beside = drive.split("\0")
+        out += ["-drive", ",".join([f"if=none,id=j{i}", "file=" + name.replace(",", ",,"), *beside])]
+    return out
+
+
+def test_json_drives_in_queries(daemons: Daemons) -> None:
+    q, v = daemons.pair(_args(DRIVES), _setup)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+
+def test_json_drive_with_snapshot_on(daemons: Daemons) -> None:
+    """snapshot=on over a json: drive: the temporary overlay is named by the json: description of its base."""
+    q, v = daemons.pair(_args([_qcow2("t0.qcow2") + "\0snapshot=on"]), _setup)
+
+    def tmp(text: str) -> str:
+        return re.sub(r"vl\.[A-Za-z0-9]{6}", "vl.XXXXXX", text)
+
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert tmp(normalise(v.cmd_line(cmd))) == tmp(normalise(q.cmd_line(cmd))), cmd
+
+
+REFUSED = [
+    'json:{"driver":"qcow2",}', "json:", "json:[1]", "json:{}", 'json:{"driver":"raw"}',
+    'json:{"driver":"nosuch","file":%s}' % _file("r.raw"),
+    'json:{"driver":"raw","bogus":1,"file":%s}' % _file("r.raw"),
+    'json:{"driver":"raw","file":%s}' % _file("nosuch.raw"),
+    'json:{"file":"r.raw"}',
+    'json:{"driver":"qcow2","file":%s}' % _file("r.raw"),
+    _qcow2("t0.qcow2") + "\0bogus=1",
+    _qcow2("t0.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("nosuch.qcow2")),
+    'json:{"driver":"raw","offset":"abc","file":%s}' % _file("r.raw"),
+]
+
+
+def test_json_drive_errors_like_qemu(tmp_path: Path) -> None:
+    _setup(tmp_path)
+    for drive in REFUSED:
+        procs = [(prog, subprocess.Popen([*cmd, *_args([drive])], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV, cwd=tmp_path))
+                 for prog, cmd in (("qemu-system-x86_64", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
+                                   ("vdkit-daemon", [sys.executable, "-m", "vdkit.daemon.main", "-S"]))]
+        out = []
+        for prog, p in procs:  # both at once: each is refused at start-up
+            _, err = p.communicate(timeout=60)
+            out.append((p.returncode, err.decode().replace(f"{prog}:", "PROG:")))
+        assert out[1] == out[0], drive
+        assert out[0][0] == 1, drive
+
+
+def test_library_names_replaced_backings(daemons: Daemons, tmp_path: Path) -> None:
+    """vdkit.open + vdkit.image_info(nested=True) of option sets replacing a backing, against the image that
+    qemu-system-x86_64's query-block shows for the same options as a read-only -drive (qemu-img info opens
+    no backing and refuses a backing object); ``"backing": null`` without the backing opened keeps the
+    plain name, as qemu-img info shows it."""
+    import json
+
+    import vdkit
+    from vdkit.info.render_human import image_info as human
+    from vdkit.info.render_json import render_pretty
+
+    d = tmp_path / "lib"
+    d.mkdir()
+    _setup(d)
+
+    def f(name: str) -> dict[str, str]:
+        return {"driver": "file", "filename": str(d / name)}
+
+    sets: list[dict[str, object]] = [
+        {"driver": "qcow2", "file": f("t0.qcow2"), "backing": None},
+        {"driver": "qcow2", "file": f("t1.qcow2"), "backing": {"driver": "qcow2", "file": f("mid2.qcow2"),
+                                                                "backing": None}},
+        {"driver": "qcow2", "file": f("t2.qcow2"), "backing": {"driver": "raw", "offset": 512, "file": f("r.raw")}},
+        {"driver": "qcow2", "file": f("t3.qcow2"), "backing": {"driver": "qcow2", "file": f("mid2.qcow2")}},
+        {"driver": "qcow2", "file": f("t4.qcow2"), "backing": {"driver": "qcow2"}},  # the header's: plain
+        {"driver": "qcow2", "file": f("sub/t.qcow2"), "backing": {"driver": "qcow2"}},
+    ]
+    args = [a for i, o in enumerate(sets) for a in (
+        "-drive", f"if=none,id=l{i},read-only=on,file=json:" + json.dumps(o).replace(",", ",,"))]
+    _, path, _ = daemons.qemu(args, d)
+    q = daemons.monitor(path).negotiate()
+    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
+    for i, options in enumerate(sets):
+        with vdkit.open(options=options) as node:
+            got = json.loads(render_pretty(vdkit.image_info(node, nested=True)))
+        assert got == shown[f"l{i}"], options
+    want = subprocess.run([require_tool("qemu-img"), "info", "json:" + json.dumps(sets[0])], capture_output=True,
+                          text=True, env=_ENV)
+    assert want.returncode == 0, want.stderr
+    with vdkit.open(options=sets[0], backing=False) as node:
+        assert human(vdkit.image_info(node)) == want.stdout
