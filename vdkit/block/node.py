@@ -535,7 +535,25 @@ def _backing_name(node: Node, walk: BackingWalk, override: BackingOverride | Non
         except VdkitError as exc:
             raise exc.prefixed("Could not open backing file: ") from exc
     assert resolved is not None
+    if resolved.startswith("json:"):
+        resolved, fmt = _json_backing(resolved, fmt, walk)
     return resolved, fmt
+
+
+def _json_backing(name: str, fmt: str | None, walk: BackingWalk) -> tuple[str, str | None]:
+    """A header's ``json:{...}`` backing name (QEMU writes one for a backing node named so, and opens
+    it): its options through the ``--image-opts`` interpreter, in the open's scope (a nested
+    ``backing`` applies to the file it names); the file it names is then under the policy as a plainly
+    named backing file is (``OpenPolicy.check`` leaves json: names to this)."""
+    from vdkit.block import json_name
+    from vdkit.block.image_opts import image_opts
+
+    try:
+        filename, driver = image_opts(name, json_name.parse(name))
+    except VdkitError as exc:
+        raise exc.prefixed(f"Could not open backing file: Could not open '{name}': ") from exc
+    walk.policy.check("backing file", name, filename)
+    return filename, driver or fmt
 
 
 def backing_of(node: Node, name: str, walk: BackingWalk) -> tuple[str, str | None, bool] | None:

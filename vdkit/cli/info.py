@@ -11,7 +11,7 @@ from vdkit.cli.options import (
     open_args,
     output_format,
 )
-from vdkit.errors import UsageError
+from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -69,13 +69,32 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
     from vdkit.block.node import open_image
     from vdkit.info.collect import image_info
 
-    infos = []
+    infos: list[ImageInfo] = []
     walk = BackingWalk(names_only=True)
     name: str | None = filename
     while name is not None:
+        spec = None
+        if infos and name.startswith("json:"):  # a header's json: backing name: the node it describes
+            from vdkit.block import json_name
+            from vdkit.block.image_opts import image_opts
+
+            spec, (name, driver) = name, image_opts(name, json_name.parse(name))
+            walk.policy.check("backing file", spec, name)
+            fmt = driver or fmt
         walk.enter(name)
-        with open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
-                        walk=walk, share_writes=True) as node:
+        try:
+            node = open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
+                              walk=walk, share_writes=True)
+        except VdkitError as exc:
+            if spec is None:
+                raise
+            from vdkit.block.image_opts import reprefix_open_error
+
+            renamed = reprefix_open_error(exc, name, spec)
+            if renamed is exc:
+                raise
+            raise renamed from exc
+        with node:
             for message, hint in node.warnings():
                 warn(message, hint)
             info = image_info(node)
