@@ -21,6 +21,9 @@ from pathlib import Path
 
 from tests.conftest import check_ok, require_tool
 from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, normalise, normalise_hmp
+from tests.nbd.conftest import short_sock
+from tests.protocols.test_http import Web, web  # noqa: F401  (fixture)
+from tests.protocols.test_nbd_client import QemuNbd, qnbd  # noqa: F401  (fixture)
 
 
 def _setup(d: Path) -> None:
@@ -162,3 +165,85 @@ def test_library_names_replaced_backings(daemons: Daemons, tmp_path: Path) -> No
     assert want.returncode == 0, want.stderr
     with vdkit.open(options=sets[0], backing=False) as node:
         assert human(vdkit.image_info(node)) == want.stdout
+
+
+def test_json_drives_over_nbd(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -> None:  # noqa: F811
+    """json: names whose file (or top) node is nbd, on qemu-nbd exports: a raw and a qcow2 layer over an
+    export, the nbd node itself, a probed read-only export (-drive's auto-read-only), nbd's flat spellings,
+    a backing null over an export (the nbd node described by its options as given, flattened, without
+    reconnect-delay)."""
+    import json
+
+    raw, q2, ro = tmp_path / "w.raw", tmp_path / "e.qcow2", tmp_path / "ro.raw"
+    check_ok("create", "-q", "-f", "raw", str(raw), "64M")
+    check_ok("create", "-q", "-f", "qcow2", str(q2), "16M")
+    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(base), "16M")
+    check_ok("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))  # absolute: no base dir
+    w, e, r, t = short_sock("w.sock"), short_sock("e.sock"), short_sock("ro.sock"), short_sock("t.sock")
+    qnbd.start(raw, "-k", w, "-x", "w", "-f", "raw", "-e", "8")
+    qnbd.start(q2, "-k", e, "-x", "r", "-f", "raw", "-e", "8")  # the qcow2 file's bytes
+    qnbd.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
+    qnbd.start(top, "-k", t, "-x", "t", "-f", "raw", "-r", "-e", "8")
+
+    def nbd(sock: str, export: str) -> dict[str, object]:
+        return {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": export}
+
+    names: list[dict[str, object]] = [
+        {"driver": "raw", "file": nbd(w, "w")},
+        {"driver": "qcow2", "file": nbd(e, "r")},
+        nbd(w, "w"),
+        {"file": nbd(r, "ro")},
+        {"driver": "raw", "file.driver": "nbd", "file.path": w, "file.export": "w"},
+        {"driver": "qcow2", "file": nbd(e, "r"), "backing": None},  # no backing file: plain
+        {"driver": "qcow2", "file": nbd(t, "t")},  # an absolute backing name from an export
+        {"driver": "qcow2", "file": {**nbd(t, "t"), "reconnect-delay": 0}, "backing": None},
+        {"driver": "qcow2", "file.driver": "nbd", "file.path": t, "file.export": "t", "backing": None},
+    ]
+    drives = ["json:" + json.dumps(n) + ("\0read-only=on" if i >= 4 else "") for i, n in enumerate(names)]
+    q, v = daemons.pair(_args(drives), lambda d: None)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+    import vdkit
+    from vdkit.info.render_json import render_pretty
+
+    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
+    for i, options in enumerate(names):  # the library names the layers as query-block does
+        with vdkit.open(options=options) as node:
+            assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options
+
+def test_json_drives_over_http(daemons: Daemons, web: Web) -> None:  # noqa: F811
+    """json: names whose file (or top) node is curl's, on nginx: a writable raw drive over the read-only
+    curl node (-drive's auto-read-only), qcow2 over http(s), the curl node itself, options naming the node
+    (sslverify off, a cookie), a backing resolved against the URL, and a backing null over http."""
+    import json
+
+    h, s = web.http, web.https
+    names: list[tuple[dict[str, object], str]] = [
+        ({"driver": "raw", "file": {"driver": "http", "url": f"{h}/r.raw"}}, ""),
+        ({"driver": "qcow2", "file": {"driver": "http", "url": f"{h}/d.qcow2"}}, "read-only=on"),
+        ({"driver": "http", "url": f"{h}/r.raw"}, ""),
+        ({"driver": "qcow2", "file": {"driver": "https", "url": f"{s}/d.qcow2", "sslverify": False}}, "read-only=on"),
+        ({"driver": "raw", "file": {"driver": "http", "url": f"{h}/r.raw", "cookie": "a=b"}}, "read-only=on"),
+        ({"driver": "qcow2", "file": {"driver": "http", "url": f"{h}/top.qcow2"}}, "read-only=on"),
+        ({"driver": "qcow2", "file": {"driver": "http", "url": f"{h}/top.qcow2"}, "backing": None}, "read-only=on"),
+        ({"file": {"driver": "http", "url": f"{h}/sub/top.qcow2"}}, "read-only=on"),
+    ]
+    drives = ["json:" + json.dumps(n) + (f"\0{extra}" if extra else "") for n, extra in names]
+    q, v = daemons.pair(_args(drives), lambda d: None)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+    # the library names the layers as query-block does (vdkit.image_info, nested)
+    import vdkit
+    from vdkit.info.render_json import render_pretty
+
+    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
+    for i, (options, _) in enumerate(names):
+        with vdkit.open(options=options) as node:
+            assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options

@@ -428,13 +428,29 @@ def _probe_name(driver: str, name: str) -> str | None:
         f.close()  # type: ignore[attr-defined]
 
 
-def node_description(node: Node) -> dict[str, object] | None:
-    """``node`` as QEMU's ``json:`` names describe it, or None where vdkit does not (a protocol node).
+def file_description(flat: Mapping[str, object]) -> dict[str, object] | None:
+    """The protocol ``file`` child of flattened options as QEMU's ``json:`` names describe it: its options as
+    given, flattened (``server.path``), without those that only tune I/O (``_TUNING``, the protocol's
+    ``WEAK_OPTIONS``: curl's readahead, nbd's reconnect-delay); None when the child is not a protocol's."""
+    driver = flat.get("file.driver")
+    if not is_protocol_driver(driver):
+        return None
+    from vdkit.protocols.registry import protocol_module
+
+    weak = frozenset(getattr(protocol_module(str(driver)), "WEAK_OPTIONS", ()))
+    given = {k[len("file."):]: v for k, v in flat.items() if k.startswith("file.")}
+    return {k: v for k, v in given.items() if k not in _TUNING and k not in weak}
+
+
+def node_description(node: Node, file: dict[str, object] | None = None) -> dict[str, object] | None:
+    """``node`` as QEMU's ``json:`` names describe it, or None where vdkit does not.
 
     The node's own ``json:`` name's options where it has one (a raw window, strong options), else its
-    driver over a local file; with a ``backing`` member where its backing child is not the one its
-    header names (:func:`backing_replaced`): null, or the child's own description, which names its
-    own backing only where that was replaced too.
+    driver over a local file, or over the protocol child ``file`` describes (:func:`file_description`,
+    from the options the node was opened with; a protocol child without it is not described); with a
+    ``backing`` member where its backing child is not the one its header names
+    (:func:`backing_replaced`): null, or the child's own description, which names its own backing only
+    where that was replaced too.
     """
     import json
 
@@ -447,6 +463,8 @@ def node_description(node: Node) -> dict[str, object] | None:
         desc = json.loads(name[len("json:"):])
     elif isinstance(node.driver.file, ImageFile) and not has_protocol(node.filename):
         desc = {"driver": node.format, "file": {"driver": "file", "filename": node.filename}}
+    elif file is not None:
+        desc = {"driver": node.format, "file": file}
     else:
         return None
     if backing_replaced(node):
@@ -477,18 +495,18 @@ def backing_replaced(node: Node) -> bool:
     return node.backing.filename != node.backing_filename_resolved
 
 
-def name_replaced_backings(node: Node) -> list[Node]:
+def name_replaced_backings(node: Node, flat: Mapping[str, object] | None = None) -> list[Node]:
     """Set ``display_name`` of each layer of ``node``'s chain (opened with its backing) whose backing was
     replaced by options to QEMU's ``json:{"backing": ..., ...}`` name; the layers renamed, top first.
+    ``flat``: the options ``node`` was opened with (flattened), which describe a protocol child.
 
-    Names are worked out before any is set, from the bottom up (a layer's description holds its
-    replaced backing's)."""
+    Names are worked out before any is set (a layer's description holds its replaced backing's)."""
     from vdkit.info.render_json import dumps_compact
 
     names: list[tuple[Node, str]] = []
     for layer in node.chain():
         if backing_replaced(layer):
-            desc = node_description(layer)
+            desc = node_description(layer, file_description(flat) if layer is node and flat else None)
             if desc is not None:
                 names.append((layer, "json:" + dumps_compact(desc)))
     for layer, name in names:
@@ -519,6 +537,7 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
         if objects:
             _add_objects(objects, scope.secrets)
         spec: str | None = None
+        given_flat: dict[str, object] | None = None  # the options, flattened (they describe a protocol child)
         if options is not None:
             from vdkit.block import json_name
 
@@ -536,6 +555,8 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
                 spec = "json:" + json.dumps(dict(options) if path is None else
                                             {**options, "file": {"filename": path}}, separators=(",", ":"))
             filename, driver = image_opts(spec, parsed)
+            given_flat = dict(parsed) if parsed is not None else \
+                dict(item.partition("=")[::2] for item in split_items(spec, empty=False))
         elif path is not None and path.startswith("json:"):
             from vdkit.block import json_name
 
@@ -545,6 +566,7 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
             except OpenError as exc:
                 raise exc.prefixed(f"Could not open '{path}': ") from None
             filename, driver = image_opts(path, flat)
+            given_flat = flat
         elif path is not None:
             filename, driver = path, None
         else:
@@ -565,7 +587,7 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
             try:
                 node.display_name = image_opts_name(spec)
                 if backing:  # QEMU names a layer whose backing the options replaced by them
-                    name_replaced_backings(node)
+                    name_replaced_backings(node, given_flat)
             except BaseException:
                 node.close()
                 raise

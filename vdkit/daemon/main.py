@@ -840,6 +840,19 @@ def _interpret_json_drive(spec: DriveSpec) -> None:
     except VdkitError as exc:
         msg = exc.message.removeprefix(f"Could not open '{spec.file}': ")
         raise OptionError(msg + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+    from vdkit.block.chain import protocol_of
+    from vdkit.block.secrets import open_option
+    from vdkit.protocols.registry import driver_for_prefix, is_protocol, protocol_module
+
+    # (a file name given as an option is a local file, whatever its colons: the interpreter says so)
+    proto = driver_for_prefix(protocol_of(spec.file)) if open_option(spec.file, "protocol") != "file" else None
+    if proto is not None:  # -drive sets auto-read-only on a protocol node, top or file (as _protocol_drive_name)
+        mod = protocol_module(proto)
+        auto_ro = getattr(mod, "AUTO_READ_ONLY", None)
+        if auto_ro is not None:
+            auto_ro.add(spec.file)
+        if is_protocol(spec.format) and getattr(mod, "READ_ONLY", False):
+            spec.readonly = True  # the curl node is the drive's own: read-only
 
 
 def _name_json_drive(spec: DriveSpec, medium: Medium) -> None:
@@ -856,7 +869,12 @@ def _name_json_drive(spec: DriveSpec, medium: Medium) -> None:
     own = image_opts_name("json:" + json.dumps(spec.options))
     if own is not None and not node.filename.startswith("json:"):
         node.display_name = own
-    renamed = name_replaced_backings(node)
+        below = json.loads(own[len("json:"):]).get("file")
+        if isinstance(below, dict) and hasattr(node.driver.file, "json_filename"):  # curl's node: its own
+            from vdkit.info.render_json import dumps_compact
+
+            node.driver.file.json_filename = "json:" + dumps_compact(below)
+    renamed = name_replaced_backings(node, spec.options)
     for layer in [node, *renamed]:
         if layer.display_name is not None:
             layer.filename = layer.display_name

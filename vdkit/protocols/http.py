@@ -74,6 +74,8 @@ def _glib_then(message: str) -> OpenError:
 
 READ_ONLY = True  # curl nodes never write: -drive driver=http makes the drive read-only
 FILENAME_OPTION = "url"  # -drive file=URL: the name is the curl node's url option
+# options that only tune a curl node: QEMU leaves them out of a json:{...} description of it
+WEAK_OPTIONS = ("readahead", "timeout")
 
 
 def drive_option(key: str) -> bool:

@@ -265,6 +265,9 @@ def _inet(host: str, port: str, export: str) -> NbdAddress:
 
 
 KEEPS_FILE_TUNING = True  # -drive file.driver=nbd: file.locking, file.aio... are the nbd node's (refused)
+# options that only tune an nbd node: QEMU leaves them out of a json:{...} description of it (observed for
+# reconnect-delay; the address, export and TLS options stay, flattened as given)
+WEAK_OPTIONS = ("reconnect-delay", "open-timeout", "x-dirty-bitmap")
 _DRIVE_KEYS = ("path", "host", "port", "export", "open-timeout", "reconnect-delay", "tls-creds", "tls-hostname",
                "x-dirty-bitmap")
 
