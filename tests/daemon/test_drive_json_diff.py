@@ -19,8 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import check_ok, require_tool
 from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, normalise, normalise_hmp
+from tests.helpers import ceph
 from tests.nbd.conftest import short_sock
 from tests.protocols.test_http import Web, web  # noqa: F401  (fixture)
 from tests.protocols.test_nbd_client import QemuNbd, qnbd  # noqa: F401  (fixture)
@@ -247,3 +250,35 @@ def test_json_drives_over_http(daemons: Daemons, web: Web) -> None:  # noqa: F81
     for i, (options, _) in enumerate(names):
         with vdkit.open(options=options) as node:
             assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> ceph.CephCluster:
+    return ceph.session_cluster(tmp_path_factory, request)
+
+
+def test_json_drives_over_rbd(daemons: Daemons, cluster: ceph.CephCluster) -> None:
+    """json: names whose file (or top) node is rbd, on the test cluster: raw over rbd, the rbd node itself,
+    a probed snapshot (read-only), as qemu-system-x86_64 names and lists them."""
+    import json
+
+    vm, other = cluster.unique("jvm"), cluster.unique("jother")
+    for name, size in ((vm, "32M"), (other, "8M")):
+        cluster.rbd("create", "--size", size, f"rbd/{name}")
+        cluster.qemu_io(name, "write -P 0x11 0 1M")
+    cluster.rbd("snap", "create", f"rbd/{vm}@s1")
+
+    def rbd(image: str, **more: str) -> dict[str, object]:
+        return {"driver": "rbd", "pool": "rbd", "image": image, "conf": str(cluster.conf), **more}
+
+    names: list[tuple[dict[str, object], str]] = [
+        ({"driver": "raw", "file": rbd(vm)}, ""),
+        (rbd(other), ""),
+        ({"file": rbd(vm, snapshot="s1")}, "read-only=on"),
+    ]
+    drives = ["json:" + json.dumps(n) + (f"\0{extra}" if extra else "") for n, extra in names]
+    q, v = daemons.pair(_args(drives), lambda d: None)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    for line in ("info block", "info block -v"):
+        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
