@@ -91,3 +91,39 @@ def test_cli_allow_dir_applies_to_chain_opening_commands(tree: Path) -> None:
     r = vdkit_img("--allow-dir", "inside", "map", "inside/top.qcow2", cwd=tree)
     assert r.returncode == 1 and "outside the allowed folders" in r.stderr, r.stderr
     assert vdkit_img("--allow-dir", str(tree), "map", "inside/top.qcow2", cwd=tree).returncode == 0
+
+
+@pytest.mark.parametrize("where", ["file", "nested-backing", "data-file"])
+def test_json_backing_name_is_held_to_the_policy(tree: Path, where: str) -> None:
+    """A header's json:{...} backing name (which QEMU writes and opens) names files the image chose: each
+    of them, nested backing and data file included, is allowed only where a plainly named one would be."""
+    out, inside = tree / "outside" / "base.qcow2", tree / "inside" / "mid.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(inside), "1M")
+    spec: dict[str, object] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(inside)}}
+    if where == "file":
+        spec["file"] = {"driver": "file", "filename": str(out)}
+    elif where == "nested-backing":
+        spec["backing"] = {"driver": "qcow2", "file": {"driver": "file", "filename": str(out)}}
+    else:
+        spec["data-file"] = {"driver": "file", "filename": str(tree / "outside" / "d.raw")}
+    import json
+
+    img = tree / "inside" / "j.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(img), "1M")
+    check_ok("rebase", "-u", "-b", "json:" + json.dumps(spec), "-F", "qcow2", str(img))
+    with pytest.raises(PolicyError, match="outside the allowed folders"):
+        vdkit.open(img, policy=OpenPolicy.restricted_to(tree / "inside"))
+    r = vdkit_img("--allow-dir", "inside", "map", "inside/j.qcow2", cwd=tree)
+    assert r.returncode == 1 and "outside the allowed folders" in r.stderr, r.stderr
+
+
+def test_json_backing_name_naming_a_protocol_is_refused(tree: Path) -> None:
+    """A protocol driver anywhere in a header's json: backing name is refused as a protocol name is."""
+    img = tree / "inside" / "j.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(img), "1M")
+    spec = 'json:{"driver": "qcow2", "file": {"driver": "nbd", "server": {"type": "unix", "path": "/x"}}}'
+    check_ok("rebase", "-u", "-b", spec, "-F", "qcow2", str(img))
+    with pytest.raises(PolicyError, match="uses a protocol"):
+        vdkit.open(img)
+    r = vdkit_img("map", str(img))
+    assert r.returncode == 1 and "uses a protocol, which is not allowed" in r.stderr, r.stderr

@@ -106,7 +106,7 @@ class OpenPolicy:
         proto = protocol_of(resolved)
         if proto == "file":
             resolved = resolved[len("file:"):]
-        elif proto == "json":  # the opener checks the file its options name (block.node._json_backing)
+        elif proto == "json":  # the opener checks what its options name (check_json)
             return
         elif proto in QEMU_PROTOCOLS:
             raise PolicyError(f"{kind.capitalize()} '{name}' uses a protocol, which is not allowed")
@@ -121,6 +121,18 @@ class OpenPolicy:
             if real == d or d in real.parents:
                 return
         raise PolicyError(f"{kind.capitalize()} '{name}' ({real}) is outside the allowed folders")
+
+
+def check_json(policy: OpenPolicy, kind: str, name: str, flat: dict[str, object]) -> None:
+    """Raise :class:`PolicyError` unless every file a ``json:{...}`` name stored in an image (its flat
+    options) names may be opened as ``kind``: each ``*filename`` as a plainly named one, and no driver of
+    a protocol (the file's nested ``backing`` and ``data-file`` included: the image chose them)."""
+    for key, value in flat.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "driver" and isinstance(value, str) and value != "file" and value in QEMU_PROTOCOLS:
+            raise PolicyError(f"{kind.capitalize()} '{name}' uses a protocol, which is not allowed")
+        if leaf == "filename":
+            policy.check(kind, name, str(value))
 
 
 DEFAULT_POLICY = OpenPolicy()

@@ -543,13 +543,17 @@ def _backing_name(node: Node, walk: BackingWalk, override: BackingOverride | Non
 def _json_backing(name: str, fmt: str | None, walk: BackingWalk) -> tuple[str, str | None]:
     """A header's ``json:{...}`` backing name (QEMU writes one for a backing node named so, and opens
     it): its options through the ``--image-opts`` interpreter, in the open's scope (a nested
-    ``backing`` applies to the file it names); the file it names is then under the policy as a plainly
-    named backing file is (``OpenPolicy.check`` leaves json: names to this)."""
+    ``backing`` applies to the file it names); every file it names, nested ones included, is under the
+    policy as a plainly named backing file is, and no protocol driver (``OpenPolicy.check`` leaves json:
+    names to this: :func:`~vdkit.block.chain.check_json`)."""
     from vdkit.block import json_name
+    from vdkit.block.chain import check_json
     from vdkit.block.image_opts import image_opts
 
     try:
-        filename, driver = image_opts(name, json_name.parse(name))
+        flat = json_name.parse(name)
+        check_json(walk.policy, "backing file", name, flat)  # every file it names (nested ones too)
+        filename, driver = image_opts(name, flat)
     except VdkitError as exc:
         raise exc.prefixed(f"Could not open backing file: Could not open '{name}': ") from exc
     walk.policy.check("backing file", name, filename)

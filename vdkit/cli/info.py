@@ -76,9 +76,12 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
         spec = None
         if infos and name.startswith("json:"):  # a header's json: backing name: the node it describes
             from vdkit.block import json_name
+            from vdkit.block.chain import check_json
             from vdkit.block.image_opts import image_opts
 
-            spec, (name, driver) = name, image_opts(name, json_name.parse(name))
+            flat = json_name.parse(name)
+            check_json(walk.policy, "backing file", name, flat)
+            spec, (name, driver) = name, image_opts(name, flat)
             walk.policy.check("backing file", spec, name)
             fmt = driver or fmt
         walk.enter(name)
