@@ -587,8 +587,10 @@ class _Checker:
         return sel, ent, np.zeros(len(sel), dtype=_U64), per
 
     def sparse_l2(self, l2off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """:meth:`sparse_entries` of many tables, read a few MiB at a time (cache-friendly, bounded memory)."""
-        per_chunk = max(1, (8 << 20) // self.cs)
+        """:meth:`sparse_entries` of many tables, read 1 MiB at a time (cache-friendly, bounded memory:
+        a chunk's tables and their copies are the largest arrays of a sparse image's check; 8 MiB
+        chunks cost 8 MB more max RSS on 1 TiB with 2048 tables, for 1.5% fewer instructions)."""
+        per_chunk = max(1, (1 << 20) // self.cs)
         if len(l2off) <= per_chunk:
             return self.sparse_entries(self.read_tables(l2off))
         parts = []
