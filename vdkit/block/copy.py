@@ -569,10 +569,12 @@ class MapWindow:
 
     def advise(self, offset: int, length: int, advice: int) -> bool:
         """``madvise`` over the pages holding file bytes ``[offset, offset+length)``; False if refused."""
+        import mmap
+
         madvise = _madvise()
         if madvise is None:
             return False
-        first = (self.address + offset - self.start) & ~4095
+        first = (self.address + offset - self.start) & ~(mmap.PAGESIZE - 1)
         last = self.address + offset - self.start + length
         return madvise(first, last - first, advice) == 0
 
