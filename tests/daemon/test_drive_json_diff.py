@@ -282,3 +282,74 @@ def test_json_drives_over_rbd(daemons: Daemons, cluster: ceph.CephCluster) -> No
         assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
     for line in ("info block", "info block -v"):
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+
+def test_blockdev_nbd_nodes(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -> None:  # noqa: F811
+    """-blockdev driver=nbd (dotted keys and JSON, unix and a read-only export), format nodes over it by
+    reference and inline, a backing null over an export whose header names an absolute backing file."""
+    import json
+
+    raw, q2, ro = tmp_path / "w.raw", tmp_path / "e.qcow2", tmp_path / "ro.raw"
+    check_ok("create", "-q", "-f", "raw", str(raw), "64M")
+    check_ok("create", "-q", "-f", "qcow2", str(q2), "16M")
+    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(base), "16M")
+    check_ok("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    w, e, r, t = short_sock("bw.sock"), short_sock("be.sock"), short_sock("bro.sock"), short_sock("bt.sock")
+    qnbd.start(raw, "-k", w, "-x", "w", "-f", "raw", "-e", "8")
+    qnbd.start(q2, "-k", e, "-x", "r", "-f", "raw", "-e", "8")
+    qnbd.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
+    qnbd.start(top, "-k", t, "-x", "t", "-f", "raw", "-r", "-e", "8")
+
+    def nbd(sock: str, export: str) -> dict[str, object]:
+        return {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": export}
+
+    blockdevs = [
+        f"driver=nbd,server.type=unix,server.path={w},export=w,node-name=n0",
+        "driver=raw,file=n0,node-name=r0",
+        json.dumps({**nbd(e, "r"), "node-name": "n1"}),
+        "driver=qcow2,file=n1,node-name=q1",
+        json.dumps({"driver": "raw", "node-name": "r2", "read-only": True, "file": nbd(r, "ro")}),
+        json.dumps({"driver": "qcow2", "node-name": "q3", "read-only": True, "file": nbd(t, "t"), "backing": None}),
+        json.dumps({"driver": "qcow2", "node-name": "q4", "read-only": True, "file": nbd(t, "t")}),
+    ]
+    args = [a for b in blockdevs for a in ("-blockdev", b)]
+    q, v = daemons.pair(args, lambda d: None)
+    for flat in (False, True):
+        want, got = (json.loads(normalise(m.cmd_line("query-named-block-nodes", {"flat": flat})))["return"]
+                     for m in (q, v))
+        assert [n["file"] for n in got] == [n["file"] for n in want]
+        assert got == want
+        assert normalise(v.cmd_line("query-named-block-nodes", {"flat": flat})) == \
+            normalise(q.cmd_line("query-named-block-nodes", {"flat": flat}))
+
+
+def test_blockdev_nbd_errors_like_qemu(qnbd: QemuNbd, tmp_path: Path) -> None:  # noqa: F811
+    ro = tmp_path / "ro.raw"
+    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
+    r = short_sock("bero.sock")
+    qnbd.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
+    gone = short_sock("gone.sock")
+    cases = [
+        "driver=nbd,export=x,node-name=n",
+        f"driver=nbd,server.type=unix,server.path={gone},node-name=n",
+        f"driver=nbd,server.type=bogus,server.path={r},node-name=n",
+        f"driver=nbd,server.type=unix,server.path={r},export=nope,node-name=n",
+        f"driver=nbd,server.type=unix,server.path={r},export=ro,node-name=n,read-only=off,auto-read-only=off",
+        f"driver=nbd,server.type=unix,server.path={r},export=ro,node-name=n,bogus=1",
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,node-name=n",
+        "driver=nbd,server.path=x,node-name=n",
+        f"driver=nbd,server.type=unix,server.path={r},server.bogus=1,node-name=n",
+    ]
+    for case in cases:
+        procs = [(prog, subprocess.Popen([*cmd, "-blockdev", case], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV, cwd=tmp_path))
+                 for prog, cmd in (("qemu-system-x86_64", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
+                                   ("vdkit-daemon", [sys.executable, "-m", "vdkit.daemon.main", "-S"]))]
+        out = []
+        for prog, p in procs:
+            _, err = p.communicate(timeout=60)
+            out.append((p.returncode, err.decode().replace(f"{prog}:", "PROG:")))
+        assert out[1] == out[0], case
+        assert out[0][0] == 1, case

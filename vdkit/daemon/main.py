@@ -920,7 +920,8 @@ def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:
                 opts = graph_cmds.keyval_options(split_opts(text))
             graph_cmds.add_node(machine, opts)
         except (OptionError, VdkitError) as exc:
-            raise OptionError(f"-blockdev {text}: {exc}") from None
+            hint = exc.hint.rstrip() if isinstance(exc, VdkitError) and exc.hint else ""
+            raise OptionError(f"-blockdev {text}: {exc}" + (f"\n{hint}" if hint else "")) from None
 
 
 class PidfileError(Exception):

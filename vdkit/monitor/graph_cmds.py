@@ -68,6 +68,9 @@ _VARIANTS: dict[str, tuple[Arg, ...]] = {
     "https": (Arg("url"), opt("readahead", "int"), opt("timeout", "int"), opt("username"),
               opt("password-secret"), opt("proxy-username"), opt("proxy-password-secret"), opt("cookie"),
               opt("sslverify", "bool"), opt("cookie-secret")),
+    # QAPI BlockdevOptionsNbd (7.2): server is a SocketAddress (type inet/unix/fd, checked when it opens)
+    "nbd": (Arg("server", "any"), opt("export"), opt("tls-creds"), opt("tls-hostname"), opt("x-dirty-bitmap"),
+            opt("reconnect-delay", "int"), opt("open-timeout", "int")),
     # QAPI BlockdevOptionsRbd (7.2); encrypt is refused (vdkit.protocols.rbd has no RBD encryption)
     "rbd": (Arg("pool"), opt("namespace"), Arg("image"), opt("conf"), opt("snapshot"), opt("encrypt", "any"),
             opt("user"), opt("auth-client-required", "any"), opt("key-secret"), opt("server", "any")),

@@ -765,6 +765,7 @@ class NbdFile(RemoteFile):
         if preset is not None:
             addr, open_timeout = preset
         self._name = name
+        self.open_options: str | None = None  # a blockdev-add node's options, as the graph describes it
         self.addr = addr if addr is not None else parse_name(name)
         self.filename = self.addr.canonical_name()
         self.readonly = readonly
@@ -884,6 +885,42 @@ def open_file(name: str, *, readonly: bool, force_share: bool, fmt: str | None) 
     """The protocol registry's open: the export, named by its canonical name."""
     file = NbdFile(name, readonly=readonly, force_share=force_share)
     return file, file.filename
+
+
+_BLOCKDEV_KEYS = ("server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap", "reconnect-delay", "open-timeout")
+
+
+def open_blockdev(opts: dict[str, object], *, readonly: bool, auto_read_only: bool) -> tuple[NbdFile, str, bool]:
+    """The protocol registry's ``blockdev-add`` open (QAPI-checked options; ``server`` flattened to the
+    dotted keys :func:`name_for_options` checks, values as their option strings): the export, named by its
+    canonical name, and its read-only flag (``auto-read-only`` over a read-only export makes it read-only)."""
+    from vdkit.info.render_json import dumps_compact
+
+    flat: dict[str, str] = {}
+    desc: dict[str, object] = {"driver": "nbd"}  # as QEMU describes the node in a parent's json: name
+    for key, value in opts.items():
+        if key not in _BLOCKDEV_KEYS:  # the node's common options (node-name, cache, read-only...)
+            continue
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, item in items:
+            dotted = key if sub is None else f"{key}.{sub}"
+            flat[dotted] = ("on" if item else "off") if isinstance(item, bool) else str(item)
+            if key not in WEAK_OPTIONS:
+                desc[dotted] = item
+    try:
+        name = name_for_options(flat)
+    except OpenError as exc:  # the QAPI visitor names a SocketAddress member by its path in the node
+        import re
+
+        found = re.fullmatch(r"Parameter '([^']+)' is (missing|unexpected)", exc.message)
+        if found is None or not any(k.startswith("server.") for k in flat):
+            raise
+        raise OpenError(f"Parameter 'server.{found[1]}' is {found[2]}") from None
+    if auto_read_only and not readonly:
+        AUTO_READ_ONLY.add(name)
+    file = NbdFile(name, readonly=readonly)
+    file.open_options = dumps_compact(desc)
+    return file, file.filename, bool(file.readonly)
 
 
 def create_fallback(name: str, size: int) -> None:
