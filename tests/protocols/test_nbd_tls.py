@@ -11,6 +11,7 @@ host name on a unix socket, missing client certificate, TLS on one side only).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -213,8 +214,14 @@ def test_tls_drives_in_the_daemon(tls: Setup, daemons: Daemons) -> None:  # noqa
               "if=none,id=n0,readonly=on",
               f"file.driver=nbd,file.server.type=unix,file.server.path={tls.sock},file.export=d,file.tls-creds=tls0,"
               "file.tls-hostname=localhost,format=raw,if=none,id=n1,readonly=on"]
-    q, v = daemons.pair([*obj, *(a for d in drives for a in ("-drive", d))], lambda d: None)
+    over = {"driver": "nbd", "server": {"type": "unix", "path": str(tls.sock)}, "export": "d", "tls-creds": "tls0",
+            "tls-hostname": "localhost"}
+    drives.append("file=json:" + json.dumps({"driver": "raw", "file": over}).replace(",", ",,")
+                  + ",if=none,id=n2,readonly=on")  # a json: drive's scope sees the process's objects
+    blockdev = ["-blockdev", json.dumps({**over, "node-name": "b0", "read-only": True})]
+    q, v = daemons.pair([*obj, *blockdev, *(a for d in drives for a in ("-drive", d))], lambda d: None)
     assert normalise(v.cmd_line("query-block")) == normalise(q.cmd_line("query-block"))
+    assert normalise(v.cmd_line("query-named-block-nodes")) == normalise(q.cmd_line("query-named-block-nodes"))
     assert normalise_hmp(v.hmp("info block -v")) == normalise_hmp(q.hmp("info block -v"))
 
 
