@@ -46,7 +46,7 @@ def entry_words(raw: bytes, entry_size: int) -> bytes:
     return bytes(out)
 
 
-_CHUNK = 1024  # bytes compared with zeros at once while skipping unused entries
+_CHUNK = 4096  # bytes compared with zeros at once while skipping unused entries
 _ZEROS = bytes(_CHUNK)
 
 
@@ -113,7 +113,8 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
             if off & (cs - 1):
                 return None  # misaligned: reported by the entry-by-entry walk
             limit = min(end - k, ((1 << 64) - 1 - e) // cs + 1)  # (no entry past 2^64 - 1)
-            m = _run_length(words, k, e, cs, limit)
+            # (a stretch is mostly one run: its first run is tried whole; later ones gallop up)
+            m = _run_length(words, k, e, cs, limit, limit if k == first else _FIRST_PROBE)
             if (e + (m - 1) * cs) >> 56 != e >> 56:
                 return None  # a carry into the flag bits
             if off:
@@ -146,16 +147,16 @@ def _ramp(m: int, cs: int) -> tuple[int, int]:
     return hit
 
 
-def _run_length(words: bytes, k: int, e: int, cs: int, limit: int) -> int:
+def _run_length(words: bytes, k: int, e: int, cs: int, limit: int, probe: int = _FIRST_PROBE) -> int:
     """How many entries from ``k`` on (1..``limit``) are ``e, e + cs, ...``.
 
     The expected entries of ``s`` slots are one big integer, ``(e + (s-1)·cs)·Σ 2^(64j) − cs·Σ j·2^(64j)``
     (slot j from the least significant holds ``e + (s-1-j)·cs``: no slot borrows or carries, the
     entries being far below 2^64), compared with the table's bytes as one integer: the most
-    significant bit of their XOR is in the first entry that differs.  Probes grow eightfold from a
-    few entries, so a short run costs little and a long one about one conversion of its bytes.
+    significant bit of their XOR is in the first entry that differs.  Probes grow eightfold from
+    ``probe`` entries, so a short run costs little and a long one about one conversion of its bytes.
     """
-    size = _FIRST_PROBE
+    size = probe
     while True:
         size = min(size, limit)
         ones, steps = _ramp(size, cs)
