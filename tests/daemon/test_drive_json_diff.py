@@ -88,6 +88,24 @@ def test_json_drives_in_queries(daemons: Daemons) -> None:
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
 
 
+OPTION_DRIVES = [  # a local image given by options, or its backing replaced beside a plain file name
+    "driver=qcow2,file.filename=t0.qcow2", "file.driver=file,file.filename=t1.qcow2",
+    "file=t2.qcow2,backing.file.filename=base2.qcow2", "file=t3.qcow2,backing=",
+    "file=t4.qcow2,backing.driver=raw,backing.file.filename=r.raw,read-only=on",
+    "file=t5.qcow2,format=qcow2,backing.driver=qcow2,backing.file.filename=mid2.qcow2,backing.backing=",
+    "file=sub/t.qcow2,backing.driver=qcow2", "file=t6.qcow2,l2-cache-size=1M,backing.file.filename=base.qcow2",
+    "file=r.raw,format=raw,backing=,read-only=on",  # raw takes a deprecated empty backing without a word
+]
+
+
+def test_option_drives_in_queries(daemons: Daemons) -> None:
+    args = [a for i, d in enumerate(OPTION_DRIVES) for a in ("-drive", f"if=none,id=o{i},{d}")]
+    q, v = daemons.pair(args, _setup)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+    assert normalise_hmp(v.hmp("info block -v")) == normalise_hmp(q.hmp("info block -v"))
+
+
 def test_json_drive_with_snapshot_on(daemons: Daemons) -> None:
     """snapshot=on over a json: drive: the temporary overlay is named by the json: description of its base."""
     q, v = daemons.pair(_args([_qcow2("t0.qcow2") + "\0snapshot=on"]), _setup)
@@ -110,19 +128,34 @@ REFUSED = [
     _qcow2("t0.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("nosuch.qcow2")),
     'json:{"driver":"raw","offset":"abc","file":%s}' % _file("r.raw"),
 ]
+# the same start-up errors for drives given by options (no json: name)
+REFUSED_OPTIONS = ["driver=qcow2,file.filename=nosuch.qcow2", "driver=nosuch,file.filename=t0.qcow2",
+                   "file=t0.qcow2,backing.file.filename=nosuch.qcow2", "file=t0.qcow2,backing.bogus=1",
+                   "driver=qcow2,file.filename=t0.qcow2,file.bogus=1"]
+
+
+def _refusal(prog: str, p: subprocess.Popen[bytes]) -> tuple[int | str, str]:
+    """Exit status and stderr (program name masked) of a daemon expected to refuse its command line; one
+    still running after 30 s was not refused (killed)."""
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return "still running", ""
+    return p.returncode, err.decode().replace(f"{prog}:", "PROG:")
 
 
 def test_json_drive_errors_like_qemu(tmp_path: Path) -> None:
     _setup(tmp_path)
-    for drive in REFUSED:
-        procs = [(prog, subprocess.Popen([*cmd, *_args([drive])], stdin=subprocess.DEVNULL,
+    cases = [_args([drive]) for drive in REFUSED]
+    cases += [["-drive", f"if=none,id=o0,{drive}"] for drive in REFUSED_OPTIONS]
+    for drive in cases:
+        procs = [(prog, subprocess.Popen([*cmd, *drive], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV, cwd=tmp_path))
                  for prog, cmd in (("qemu-system-x86_64", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
                                    ("vdkit-daemon", [sys.executable, "-m", "vdkit.daemon.main", "-S"]))]
-        out = []
-        for prog, p in procs:  # both at once: each is refused at start-up
-            _, err = p.communicate(timeout=60)
-            out.append((p.returncode, err.decode().replace(f"{prog}:", "PROG:")))
+        out = [_refusal(prog, p) for prog, p in procs]  # both at once: each is refused at start-up
         assert out[1] == out[0], drive
         assert out[0][0] == 1, drive
 
@@ -347,9 +380,6 @@ def test_blockdev_nbd_errors_like_qemu(qnbd: QemuNbd, tmp_path: Path) -> None:  
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_ENV, cwd=tmp_path))
                  for prog, cmd in (("qemu-system-x86_64", [require_tool("qemu-system-x86_64"), *QEMU_BASE]),
                                    ("vdkit-daemon", [sys.executable, "-m", "vdkit.daemon.main", "-S"]))]
-        out = []
-        for prog, p in procs:
-            _, err = p.communicate(timeout=60)
-            out.append((p.returncode, err.decode().replace(f"{prog}:", "PROG:")))
+        out = [_refusal(prog, p) for prog, p in procs]
         assert out[1] == out[0], case
         assert out[0][0] == 1, case

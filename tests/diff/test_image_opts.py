@@ -88,6 +88,10 @@ READ_CASES: list[list[str]] = [
     # a format's own runtime options (registry RUNTIME_OPTIONS): qcow2 takes them, raw refuses them
     ["info", "--image-opts", Q + ",l2-cache-size=1M,lazy-refcounts=on,overlap-check=all"],
     ["info", "--image-opts", R_SPEC + ",l2-cache-size=1M"],
+    # without a driver: the probed format takes its own options and refuses others by its name
+    ["info", "--image-opts", "file.filename=q.qcow2,l2-cache-size=1M"],
+    ["info", "--image-opts", "file.filename=q.qcow2,bogus=1"],
+    ["info", "--image-opts", "file.filename=r.raw,l2-cache-size=1M"],
     ["snapshot", "-l", "--image-opts", Q],
     ["snapshot", "-l", "--image-opts", MISSING],
     ["snapshot", "-l", "--image-opts", "-f", "qcow2", Q],

@@ -115,6 +115,13 @@ def _image_opts(spec: str, parsed: dict[str, object] | None, backing: list[objec
                     continue
             if driver is not None and owner[key] == driver:
                 strong[key] = opts.pop(key)
+        if opts and driver is None and filename is not None and not is_protocol(file_driver):
+            probed = _probed_format(filename)  # QEMU probes first; the probed format takes its own options
+            if probed is not None:
+                for key in [k for k in opts if k in runtime_options(probed)]:
+                    del opts[key]
+                if opts:
+                    raise OpenError(f"Block format '{probed}' does not support the option '{next(iter(opts))}'")
         if opts:
             key = next(iter(opts))
             if driver is None:
@@ -319,6 +326,18 @@ def strong_owner() -> dict[str, str]:
     from vdkit.formats.registry import STRONG_OPTIONS
 
     return {key: fmt for fmt, keys in STRONG_OPTIONS.items() for key in keys}
+
+
+def _probed_format(filename: str) -> str | None:
+    """The format QEMU probes for a local file given by options without ``driver`` (None: unreadable)."""
+    from vdkit.formats.registry import PROBE_SIZE, probe_format
+
+    try:
+        with open(filename, "rb") as f:
+            head = f.read(PROBE_SIZE)
+    except OSError:
+        return None  # the open reports it
+    return probe_format(head, filename)
 
 
 def _probe_for_option(filename: str, key: str, wanted: str) -> str | None:

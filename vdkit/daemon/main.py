@@ -341,6 +341,14 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     from vdkit.formats.registry import window_options
     from vdkit.protocols.registry import is_protocol
 
+    if _options_drive(spec, opts):  # a local image given (or its backing replaced) by options: as json:
+        import json
+
+        local = {} if spec.file is None else {"file.filename": spec.file}
+        spec.file = "json:" + json.dumps(local)
+        spec.options = _json_drive_options(spec, opts, take)
+        return spec
+
     file_driver = opts.get("file.driver")
     by_name: str | None = None  # file=<a protocol's name>: that protocol, unless a file.driver says otherwise
     if spec.file is not None and file_driver is None:
@@ -371,6 +379,25 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     # the protocol layer's options (file.locking=off, ...) are taken without effect
     spec.leftover = [k for k in order if not k.startswith("file.")]
     return spec
+
+
+def _options_drive(spec: DriveSpec, opts: dict[str, str]) -> bool:
+    """A -drive that names a local image by options (``driver=qcow2,file.filename=t.qcow2``, no ``file=``)
+    or replaces the backing of one (``backing=``, ``backing.*`` beside a plain file name): the options
+    go through the interpreter as a ``json:`` name's do.  Protocol nodes and raw windows keep their
+    own paths."""
+    from vdkit.block.chain import protocol_of
+    from vdkit.formats.registry import window_options
+    from vdkit.protocols.registry import is_protocol
+
+    if is_protocol(spec.format) or opts.get("file.driver", "file") != "file":
+        return False
+    if any(key in opts for key in window_options(spec.format)):
+        return False
+    if spec.file is not None and protocol_of(spec.file) is not None:
+        return False
+    by_options = spec.file is None and "file.filename" in opts
+    return by_options or any(key == "backing" or key.startswith("backing.") for key in opts)
 
 
 def _json_drive_options(spec: DriveSpec, opts: dict[str, str], take: Callable[[str], str | None]) -> dict[str, object]:
@@ -816,7 +843,8 @@ def _drive_scope(spec: DriveSpec) -> contextlib.AbstractContextManager[object]:
     """The open scope a ``file=json:{...}`` drive is interpreted and opened in: the process scope's secrets,
     objects and presets, and its own options (a ``backing`` member, an NBD address), so that they apply
     to this drive's open only and never to a later open of the same file name (another -drive, a
-    medium change).  Other drives open in the process scope."""
+    medium change); the interpreter's warnings are printed under the -drive, as QEMU prints them.
+    Other drives open in the process scope."""
     if spec.options is None:
         return contextlib.nullcontext()
     from vdkit.block.secrets import PROCESS, OpenScope
@@ -824,7 +852,11 @@ def _drive_scope(spec: DriveSpec) -> contextlib.AbstractContextManager[object]:
     scope = OpenScope(PROCESS.secrets)
     scope.options = dict(PROCESS.options)
     scope.tables = {kind: dict(table) for kind, table in PROCESS.tables.items()}
-    scope.warn = PROCESS.warn
+
+    def warn(text: str) -> None:
+        sys.stderr.write(f"{PROG}: -drive {spec.text}: warning: {text}\n")
+
+    scope.warn = warn
     return scope
 
 
