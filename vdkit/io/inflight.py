@@ -106,6 +106,14 @@ class InFlight:
                 return
         fn()
 
+    def wait_for(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Wait until no pending job writes into any ``[lo, hi)`` of ``ranges`` (same file: the caller's
+        concern); failures stay for :meth:`wait`."""
+        with self._cond:
+            while any(not job.done and job.offset < hi and lo < job.offset + job.nbytes
+                      for job in self._order[self._head :] if isinstance(job, Job) for lo, hi in ranges):
+                self._cond.wait()
+
     def wait(self) -> list[Job]:
         """Wait until no job is pending; the jobs that failed since the last call, oldest first."""
         with self._cond:

@@ -33,7 +33,15 @@ from vdkit.block.driver import BlockStatus, CorruptionEvent
 from vdkit.errors import EIO, ENOTSUP, UnsupportedError, VdkitError
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, SortedOffsets, first_overlap
+from vdkit.formats.qcow2.overlap import (
+    NAMES,
+    NONE,
+    Metadata,
+    MetadataMap,
+    SortedOffsets,
+    first_overlap,
+    metadata_end,
+)
 from vdkit.io import tables
 from vdkit.record import cached_property, record
 
@@ -91,6 +99,7 @@ _COMPRESSED = L.OFLAG_COMPRESSED
 _COPIED = L.OFLAG_COPIED
 _ZERO = L.OFLAG_ZERO
 _PURE_TABLES = 16  # L2 tables a read-only image decodes without numpy before numpy takes over
+_NO_END = 1 << 64  # Qcow2IO._clean_from when unknown
 
 
 class Kind(int):
@@ -159,6 +168,7 @@ class Qcow2IO:
         # host ranges known to overlap no metadata, valid while _overlap_stamp holds (see _check_overlap)
         self._no_overlap: set[tuple[int, int, Metadata | None]] = set()
         self._overlap_stamp: tuple[object, ...] = ()
+        self._clean_from = _NO_END  # while the stamp holds: nothing at or past this offset is metadata
         # the L1 and refcount tables as the overlap test searches them: (table, its content, index)
         self._offset_tables: list[tuple[object, bytes | list[int], SortedOffsets] | None] = [None, None]
         # Read-only images with standard L2 tables map their first tables without numpy (see
@@ -723,6 +733,20 @@ class Qcow2IO:
         if self._pipe is not None and self._pipe.busy:
             self.settle()
 
+    def _wait_hosts(self, hosts: list[int]) -> bool:
+        """Wait for the data writes in flight into the clusters at ``hosts`` (a write in place must land
+        after them); False when some write in flight failed (all were waited for and its entries
+        emptied: the caller looks at its entries again)."""
+        pipe = self._pipe
+        if pipe is None or not pipe.busy:
+            return True
+        cs = self.cluster_size
+        pipe.wait_for([(h, h + cs) for h in hosts])
+        if pipe.failed:
+            self.settle()
+            return False
+        return True
+
     def _submit_segments(self, segments: list[tuple[int, bytes | memoryview]], token: tuple[int, int, int, int],
                          ) -> None:
         """:meth:`_write_segments` in the writer threads (the overlap checks here, first)."""
@@ -791,6 +815,7 @@ class Qcow2IO:
         f.flush()  # the count and the table, before the L1 entry
         cm.l2.put(new, e, b)
         cm.l1[i1] = new | L.OFLAG_COPIED
+        self._clean_from = _NO_END  # (a new table in place: the overlap test's end must be found again)
         self._check_overlap(cm.l1_offset + i1 * 8, 8, ignore=Metadata.ACTIVE_L1)
         f.pwrite(cm.l1_offset + i1 * 8, (new | L.OFLAG_COPIED).to_bytes(8, "big"))
         f.flush()
@@ -996,8 +1021,8 @@ class Qcow2IO:
         e = int(entries[g.l2_index(offset)])
         if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not e & _MASK_OFF:
             return False
-        self._settle_if_busy()  # (the cluster's data may be in flight: this write must land after it)
-        if not int(entries[g.l2_index(offset)]):
+        # (the cluster's data may be in flight: this write must land after it)
+        if not self._wait_hosts([e & _MASK_OFF]) and not int(entries[g.l2_index(offset)]):
             return False  # that write failed: its entry is empty again
         self._write_inplace(offset // cs, entries, bitmaps, offset, offset + n, memoryview(data), None)
         return True
@@ -1022,12 +1047,16 @@ class Qcow2IO:
         n = last - first + 1
         # all entries empty (a fresh image, as convert writes): one run to allocate, nothing to free
         fresh = not T.any_nonzero(entries, i0, i0 + n)
+        runs = [(0, n, False)] if fresh else self._inplace_runs(T, entries, i0, i0 + n)
         pipe = self._pipe
         if not fresh and pipe is not None and pipe.busy:
-            self.settle()  # clusters in place or copied: the writes in flight go first (a failed one's
-            fresh = not T.any_nonzero(entries, i0, i0 + n)  # entries are empty again)
-        pipelined = fresh and pipe is not None and not g.extended_l2
-        runs = [(0, n, False)] if fresh else self._inplace_runs(T, entries, i0, i0 + n)
+            # clusters written in place: the writes in flight into them go first (copied clusters are
+            # never in flight: those are always new ones of ours)
+            hosts = [int(entries[k]) & _MASK_OFF for a, b, own in runs if own for k in range(i0 + a, i0 + b)]
+            if not self._wait_hosts(hosts):  # a failed one's entries are empty again
+                fresh = not T.any_nonzero(entries, i0, i0 + n)
+                runs = [(0, n, False)] if fresh else self._inplace_runs(T, entries, i0, i0 + n)
+        pipelining = pipe is not None and not g.extended_l2
         to_free: list[int] = []
         allocated = False
         for a, b, own in runs:
@@ -1044,8 +1073,11 @@ class Qcow2IO:
                                                  to_free)
                         continue
                     segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
-                    if pipelined:  # the entries change now; no table naming them is written before the data
-                        self._submit_segments(segments, (l2_off, i0 + a + pa, run, c << cb))
+                    lo = i0 + a + pa
+                    # into empty entries only (nothing to free): the entries change now; no table naming
+                    # them is written before the data
+                    if pipelining and (fresh or not T.any_nonzero(entries, lo, lo + run)):
+                        self._submit_segments(segments, (l2_off, lo, run, c << cb))
                     else:
                         self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
                 except CorruptionEvent:
@@ -1239,14 +1271,18 @@ class Qcow2IO:
         if not st or st[0] is not drv.header or st[1] is not cm.l1 or st[2] is not rc.table or st[3] != rc.changes:
             self._no_overlap.clear()
             self._overlap_stamp = (drv.header, cm.l1, rc.table, rc.changes)
+            self._clean_from = _NO_END
         key = (lo, hi, ignore)
-        if key in self._no_overlap:
-            return
-        name = self._overlapping(lo, hi, NONE if ignore is None else ignore)
-        if name is None:
+        if lo >= self._clean_from or key in self._no_overlap:
+            return  # (past every structure: an allocating writer's new data, tested once per map)
+        m = self.metadata_map()
+        self._clean_from = metadata_end(m)
+        hit = first_overlap(m, lo, hi - lo, NONE if ignore is None else ignore)
+        if hit is None:
             if len(self._no_overlap) < 65536:
                 self._no_overlap.add(key)
             return
+        name = NAMES[hit]
         raise drv.signal_corruption(
             f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
 

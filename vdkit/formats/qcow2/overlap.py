@@ -156,6 +156,28 @@ def first_overlap(m: MetadataMap, offset: int, size: int, ignore: Metadata = NON
     return None
 
 
+def metadata_end(m: MetadataMap) -> int:
+    """Where the last cluster of any section of ``m`` ends: no write at or past it meets metadata.
+
+    Guest data is mostly allocated past every table (an image grows at its end), so a writer can
+    answer the test for such a range from this one number while the map holds.
+    """
+    cs = m.cluster_size
+    ends = [cs, m.l1_offset + m.l1_size * 8, m.reftable_offset + m.reftable_bytes,
+            m.snapshots_offset + m.snapshots_bytes]
+    ends += [sn.l1_table_offset + sn.l1_size * 8 for sn in m.snapshots]
+    for table, mask in ((m.l1, L.L1E_OFFSET_MASK), (m.reftable, L.REFT_OFFSET_MASK)):
+        if isinstance(table, SortedOffsets):
+            if table.offsets:
+                ends.append(table.offsets[-1] + cs)
+        else:
+            ends += [(e & mask) + cs for e in table if e & mask]
+    if m.bitmap_directory is not None:
+        ends.append(m.bitmap_directory[0] + m.bitmap_directory[1])
+    end = max(ends)
+    return end + (-end) % cs
+
+
 class SortedOffsets:
     """The offsets a table's entries name (masked, zeros left out), sorted: one binary search per test.
 
