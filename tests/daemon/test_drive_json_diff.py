@@ -117,20 +117,16 @@ def test_json_drive_with_snapshot_on(daemons: Daemons) -> None:
         assert tmp(normalise(v.cmd_line(cmd))) == tmp(normalise(q.cmd_line(cmd))), cmd
 
 
-REFUSED = [
-    'json:{"driver":"qcow2",}', "json:", "json:[1]", "json:{}", 'json:{"driver":"raw"}',
+REFUSED = [  # (the interpreter's other texts are compared with qemu-img's in tests/diff/test_image_opts.py)
+    'json:{"driver":"qcow2",}', "json:[1]", "json:{}",
     'json:{"driver":"nosuch","file":%s}' % _file("r.raw"),
-    'json:{"driver":"raw","bogus":1,"file":%s}' % _file("r.raw"),
     'json:{"driver":"raw","file":%s}' % _file("nosuch.raw"),
-    'json:{"file":"r.raw"}',
-    'json:{"driver":"qcow2","file":%s}' % _file("r.raw"),
     _qcow2("t0.qcow2") + "\0bogus=1",
     _qcow2("t0.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("nosuch.qcow2")),
     'json:{"driver":"raw","offset":"abc","file":%s}' % _file("r.raw"),
 ]
 # the same start-up errors for drives given by options (no json: name)
-REFUSED_OPTIONS = ["driver=qcow2,file.filename=nosuch.qcow2", "driver=nosuch,file.filename=t0.qcow2",
-                   "file=t0.qcow2,backing.file.filename=nosuch.qcow2", "file=t0.qcow2,backing.bogus=1",
+REFUSED_OPTIONS = ["driver=nosuch,file.filename=t0.qcow2", "file=t0.qcow2,backing.bogus=1",
                    "driver=qcow2,file.filename=t0.qcow2,file.bogus=1"]
 
 
@@ -367,10 +363,8 @@ def test_blockdev_nbd_errors_like_qemu(qnbd: QemuNbd, tmp_path: Path) -> None:  
     cases = [
         "driver=nbd,export=x,node-name=n",
         f"driver=nbd,server.type=unix,server.path={gone},node-name=n",
-        f"driver=nbd,server.type=bogus,server.path={r},node-name=n",
         f"driver=nbd,server.type=unix,server.path={r},export=nope,node-name=n",
         f"driver=nbd,server.type=unix,server.path={r},export=ro,node-name=n,read-only=off,auto-read-only=off",
-        f"driver=nbd,server.type=unix,server.path={r},export=ro,node-name=n,bogus=1",
         "driver=nbd,server.type=inet,server.host=127.0.0.1,node-name=n",
         "driver=nbd,server.path=x,node-name=n",
         f"driver=nbd,server.type=unix,server.path={r},server.bogus=1,node-name=n",
@@ -383,3 +377,24 @@ def test_blockdev_nbd_errors_like_qemu(qnbd: QemuNbd, tmp_path: Path) -> None:  
         out = [_refusal(prog, p) for prog, p in procs]
         assert out[1] == out[0], case
         assert out[0][0] == 1, case
+
+
+def test_change_medium_to_json_names(daemons: Daemons) -> None:
+    """blockdev-change-medium (and HMP change) with json: names: opened and named as -drive's, format= over
+    the name's driver, errors as QEMU's; the drive keeps its medium after a refusal."""
+    q, v = daemons.pair(["-drive", "if=ide,id=cd0,media=cdrom"], _setup)
+    names = [_qcow2("t0.qcow2", ',"backing":null'), 'json:{"driver":"raw","offset":512,"file":{"filename":"r.raw"}}',
+             'json:{"driver":"nosuch"}', "json:{", _qcow2("t1.qcow2", ',"backing":{"driver":"qcow2","file":%s}'
+                                                           % _file("mid2.qcow2")),
+             'json:{"file":{"filename":"t2.qcow2"}}']
+    for i, name in enumerate(names):
+        args: dict[str, object] = {"device": "cd0", "filename": name}
+        if i == len(names) - 1:
+            args["format"] = "raw"
+        assert normalise(v.cmd_line("blockdev-change-medium", args)) == \
+            normalise(q.cmd_line("blockdev-change-medium", args)), name
+        for cmd in ("query-block", "query-named-block-nodes"):
+            assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), (name, cmd)
+    line = "change cd0 " + _qcow2("t3.qcow2", ',"backing":null')
+    assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line))
+    assert normalise_hmp(v.hmp("info block -v")) == normalise_hmp(q.hmp("info block -v"))

@@ -840,76 +840,39 @@ def _open_drives(machine: DeviceRegistry, texts: list[str]) -> None:
 
 
 def _drive_scope(spec: DriveSpec) -> contextlib.AbstractContextManager[object]:
-    """The open scope a ``file=json:{...}`` drive is interpreted and opened in: the process scope's secrets,
-    objects and presets, and its own options (a ``backing`` member, an NBD address), so that they apply
-    to this drive's open only and never to a later open of the same file name (another -drive, a
-    medium change); the interpreter's warnings are printed under the -drive, as QEMU prints them.
-    Other drives open in the process scope."""
+    """The open scope a drive given by options is interpreted and opened in
+    (:func:`vdkit.devices.option_media.options_scope`: its own options, the process's objects), the
+    interpreter's warnings printed under the -drive as QEMU prints them; other drives open in the
+    process scope."""
     if spec.options is None:
         return contextlib.nullcontext()
-    from vdkit.block.secrets import PROCESS, OpenScope
-
-    scope = OpenScope(PROCESS.secrets)
-    scope.options = dict(PROCESS.options)
-    scope.tables = {kind: dict(table) for kind, table in PROCESS.tables.items()}
+    from vdkit.devices.option_media import options_scope
 
     def warn(text: str) -> None:
         sys.stderr.write(f"{PROG}: -drive {spec.text}: warning: {text}\n")
 
-    scope.warn = warn
-    return scope
+    return options_scope(warn)
 
 
 def _interpret_json_drive(spec: DriveSpec) -> None:
-    """The drive's ``json:`` options through the one interpreter (:func:`vdkit.block.image_opts.image_opts`,
-    as ``vdkit-img`` and ``vdkit.open`` take them) in the drive's scope: the file name and format to open.
-    Its errors are QEMU's texts without qemu-img's ``Could not open`` prefix, as qemu-system prints them."""
-    from vdkit.block.image_opts import image_opts
+    """The drive's options through the one interpreter (:func:`vdkit.devices.option_media.interpret`): the
+    file name and format to open; a curl node at the top makes the drive read-only."""
+    from vdkit.devices.option_media import interpret
 
     assert spec.options is not None and spec.file is not None
     try:
-        spec.file, spec.format = image_opts(spec.file, dict(spec.options))
+        spec.file, spec.format, top_ro = interpret(spec.file, spec.options)
     except VdkitError as exc:
-        msg = exc.message.removeprefix(f"Could not open '{spec.file}': ")
-        raise OptionError(msg + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
-    from vdkit.block.chain import protocol_of
-    from vdkit.block.secrets import open_option
-    from vdkit.protocols.registry import driver_for_prefix, is_protocol, protocol_module
-
-    # (a file name given as an option is a local file, whatever its colons: the interpreter says so)
-    proto = driver_for_prefix(protocol_of(spec.file)) if open_option(spec.file, "protocol") != "file" else None
-    if proto is not None:  # -drive sets auto-read-only on a protocol node, top or file (as _protocol_drive_name)
-        mod = protocol_module(proto)
-        auto_ro = getattr(mod, "AUTO_READ_ONLY", None)
-        if auto_ro is not None:
-            auto_ro.add(spec.file)
-        if is_protocol(spec.format) and getattr(mod, "READ_ONLY", False):
-            spec.readonly = True  # the curl node is the drive's own: read-only
+        raise OptionError(exc.message + (f"\n{exc.hint.rstrip()}" if exc.hint else "")) from None
+    spec.readonly = spec.readonly or top_ro
 
 
 def _name_json_drive(spec: DriveSpec, medium: Medium) -> None:
-    """Name the nodes of a ``file=json:{...}`` drive as QEMU does: by the options when they say what a
-    plain name cannot (a raw window is named so by the interpreter already; an http cookie), and
-    ``json:{"backing": ..., ...}`` for a layer whose backing the options replaced
-    (:func:`vdkit.block.image_opts.name_replaced_backings`).  The daemon reports ``Node.filename``."""
-    import json
+    """Name the drive's nodes as QEMU does (:func:`vdkit.devices.option_media.name_nodes`)."""
+    from vdkit.devices.option_media import name_nodes
 
-    from vdkit.block.image_opts import image_opts_name, name_replaced_backings
-
-    node = medium.node
     assert spec.options is not None
-    own = image_opts_name("json:" + json.dumps(spec.options))
-    if own is not None and not node.filename.startswith("json:"):
-        node.display_name = own
-        below = json.loads(own[len("json:"):]).get("file")
-        if isinstance(below, dict) and hasattr(node.driver.file, "json_filename"):  # curl's node: its own
-            from vdkit.info.render_json import dumps_compact
-
-            node.driver.file.json_filename = "json:" + dumps_compact(below)
-    renamed = name_replaced_backings(node, spec.options)
-    for layer in [node, *renamed]:
-        if layer.display_name is not None:
-            layer.filename = layer.display_name
+    name_nodes(medium, spec.options)
 
 
 def _protocol_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium, driver: str) -> None:

@@ -632,7 +632,12 @@ def blockdev_change_medium(ctx: CommandContext, args: dict[str, Any]) -> None:
     filename = args["filename"]
     # relative names stay as given, resolved against the daemon's cwd (as QEMU does)
     try:
-        medium = ctx.machine.open_medium(filename, args.get("format"), readonly=ro)
+        if filename.startswith("json:"):  # options, as -drive file=json:{...} takes them
+            from vdkit.devices.option_media import open_json_medium
+
+            medium = open_json_medium(ctx.machine, filename, args.get("format"), readonly=ro)
+        else:
+            medium = ctx.machine.open_medium(filename, args.get("format"), readonly=ro)
     except VdkitError as exc:
         raise open_error(exc) from exc
     try:  # QEMU opens the new medium before the tray's op blocker refuses
