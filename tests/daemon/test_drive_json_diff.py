@@ -398,3 +398,56 @@ def test_change_medium_to_json_names(daemons: Daemons) -> None:
     line = "change cd0 " + _qcow2("t3.qcow2", ',"backing":null')
     assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line))
     assert normalise_hmp(v.hmp("info block -v")) == normalise_hmp(q.hmp("info block -v"))
+
+
+def test_job_targets_named_by_json(daemons: Daemons) -> None:
+    """drive-mirror and drive-backup into an existing target named json:{...}, and blockdev-snapshot-sync with
+    an existing overlay named so: the jobs run, the nodes are listed and the targets written as QEMU's;
+    a new target named json: is refused (it cannot be created), bad JSON with QEMU's text."""
+    from tests.helpers.qmp_script import wait_event
+
+    def setup(d: Path) -> None:
+        _setup(d)
+        check_ok("create", "-q", "-f", "raw", "tm.raw", "1M", cwd=d)
+        check_ok("create", "-q", "-f", "qcow2", "tb.qcow2", "4M", cwd=d)
+        check_ok("create", "-q", "-f", "qcow2", "-b", "t2.qcow2", "-F", "qcow2", "ov.qcow2", cwd=d)
+        assert subprocess.run([require_tool("qemu-io"), "-f", "raw", "-c", "write -P 0x5a 4k 64k", "r.raw"],
+                              cwd=d, capture_output=True).returncode == 0
+
+    drives = ["if=none,id=d0,file=r.raw,format=raw,read-only=on", "if=none,id=d1,file=t1.qcow2",
+              "if=none,id=d2,file=t2.qcow2"]
+    q, v = daemons.pair([a for d in drives for a in ("-drive", d)], setup)
+    commands: list[tuple[str, dict[str, object]]] = [
+        ("drive-mirror", {"device": "d0", "job-id": "m", "sync": "full", "mode": "existing", "format": "raw",
+                          "target": 'json:{"driver":"raw","file":{"filename":"tm.raw"}}'}),
+        ("drive-backup", {"device": "d1", "job-id": "b", "sync": "full", "mode": "existing",
+                          "target": _qcow2("tb.qcow2")}),
+        ("blockdev-snapshot-sync", {"device": "d2", "mode": "existing", "format": "qcow2",
+                                    "snapshot-file": 'json:{"file":{"filename":"ov.qcow2"}}'}),
+        ("drive-backup", {"device": "d2", "job-id": "x", "sync": "full", "target": 'json:{"driver":"raw"'}),
+        ("drive-backup", {"device": "d2", "job-id": "y", "sync": "full", "format": "raw",
+                          "target": 'json:{"driver":"raw","file":{"filename":"new.raw"}}'}),
+        ("blockdev-snapshot-sync", {"device": "d1", "format": "qcow2",
+                                    "snapshot-file": 'json:{"driver":"qcow2","file":{"filename":"new.qcow2"}}'}),
+    ]
+    for cmd, args in commands:
+        assert normalise(v.cmd_line(cmd, args)) == normalise(q.cmd_line(cmd, args)), cmd
+    for m in (q, v):  # (events stay in m.events: each wait looks from the first)
+        wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_READY")
+        wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == "b")
+    def mask(text: str) -> str:
+        # the mirror's existing raw target: QEMU 7.2 writes only the source's data there (128 KiB allocated),
+        # vdkit's mirror writes its zeros too (1 MiB): the mirror engine's difference, not the names'
+        return re.sub(r'("filename": "tm.raw", "format": "(?:raw|file)", "actual-size": )\d+', r"\1N", text)
+
+    for cmd in ("query-block", "query-named-block-nodes", "query-block-jobs"):
+        assert mask(normalise(v.cmd_line(cmd))) == mask(normalise(q.cmd_line(cmd))), cmd
+    for m in (q, v):
+        assert m.cmd("block-job-complete", {"device": "m"}) == {"return": {}}
+        wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == "m")
+    assert sorted(p.name for p in (daemons.tmp / "v").iterdir()) == \
+        sorted(p.name for p in (daemons.tmp / "q").iterdir())  # nothing made for a json: target
+    for name in ("tm.raw", "tb.qcow2"):
+        cmp = subprocess.run([require_tool("qemu-img"), "compare", str(daemons.tmp / "q" / name),
+                              str(daemons.tmp / "v" / name)], capture_output=True, text=True)
+        assert cmp.returncode == 0, (name, cmp.stdout, cmp.stderr)

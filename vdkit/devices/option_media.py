@@ -18,6 +18,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from vdkit.block.node import Node
     from vdkit.block.secrets import OpenScope
     from vdkit.devices.registry import DeviceRegistry, Medium
 
@@ -64,7 +65,7 @@ def interpret(name: str, options: dict[str, object]) -> tuple[str, str | None, b
     return filename, fmt, read_only
 
 
-def name_nodes(medium: Medium, options: dict[str, object]) -> None:
+def name_nodes(medium: Medium | Node, options: dict[str, object]) -> None:
     """Name a medium opened from ``options`` as QEMU does: by the options where they say what a plain name
     cannot (a raw window is named so by the interpreter already; an http cookie: the curl node keeps
     its own json: name too), and ``json:{"backing": ..., ...}`` for a layer whose backing the options
@@ -73,8 +74,9 @@ def name_nodes(medium: Medium, options: dict[str, object]) -> None:
     import json
 
     from vdkit.block.image_opts import image_opts_name, name_replaced_backings
+    from vdkit.block.node import Node
 
-    node = medium.node
+    node = medium if isinstance(medium, Node) else medium.node
     own = image_opts_name("json:" + json.dumps(options))
     if own is not None and not node.filename.startswith("json:"):
         node.display_name = own
@@ -106,3 +108,25 @@ def open_json_medium(machine: DeviceRegistry, name: str, fmt: str | None, *, rea
             machine.close_medium(medium)
             raise
     return medium
+
+
+def open_json_image(name: str, fmt: str | None, *, readonly: bool, backing: bool) -> Node:
+    """A ``json:{...}`` name as a job's target node (``drive-mirror``/``drive-backup`` ``mode: existing``, an
+    existing overlay): ``fmt`` is the driver, over the name's; named as QEMU names it when its backing
+    is opened."""
+    from vdkit.block import json_name
+    from vdkit.block.node import open_image
+
+    options = json_name.parse(name)
+    if fmt is not None:
+        options["driver"] = fmt
+    with options_scope(None):
+        filename, driver, top_ro = interpret(name, options)
+        node = open_image(filename, driver, readonly=readonly or top_ro, backing=backing)
+        if backing:
+            try:
+                name_nodes(node, options)
+            except BaseException:
+                node.close()
+                raise
+    return node

@@ -89,6 +89,8 @@ def _create_overlay(path: str, fmt: str, backing: str, backing_fmt: str, size: i
     opts.set("backing_file", backing)
     opts.set("backing_fmt", backing_fmt)
     opts.set_number("size", size)
+    if path.startswith("json:"):  # options name no file to create (QEMU looks for a protocol 'json')
+        raise VdkitError("Unknown protocol 'json'")
     try:  # an image this daemon (or anyone) holds is refused before it is overwritten, as QEMU does
         ImageFile(path, readonly=False).close()
     except VdkitError as exc:
@@ -102,6 +104,10 @@ def _open_overlay(path: str, fmt: str | None, ro: bool) -> Node:
     from vdkit.monitor.block_cmds import open_error
 
     try:
+        if path.startswith("json:"):  # an existing overlay given by options, as -drive file=json:{...} takes them
+            from vdkit.devices.option_media import open_json_image
+
+            return open_json_image(path, fmt, readonly=ro, backing=False)
         return open_image(path, fmt, readonly=ro, backing=False)
     except VdkitError as exc:
         raise open_error(exc) from exc

@@ -117,6 +117,8 @@ def _create(path: str, fmt: str, size: int, backing: Node | None) -> None:
         opts.set("backing_file", backing.filename)
         opts.set("backing_fmt", backing.format)
     opts.set_number("size", size)
+    if path.startswith("json:"):  # options name no file to create (QEMU looks for a protocol 'json')
+        raise VdkitError("Unknown protocol 'json'")
     try:  # a file this daemon (or anyone) holds is refused before it is overwritten, as QEMU does
         ImageFile(path, readonly=False).close()
     except VdkitError as exc:
@@ -139,7 +141,12 @@ def _open_target(path: str, fmt: str | None) -> Node:
     from vdkit.monitor.block_cmds import open_error
 
     try:
-        node = open_image(path, fmt, readonly=False, backing=False)
+        if path.startswith("json:"):  # options, as -drive file=json:{...} takes them
+            from vdkit.devices.option_media import open_json_image
+
+            node = open_json_image(path, fmt, readonly=False, backing=False)
+        else:
+            node = open_image(path, fmt, readonly=False, backing=False)
     except VdkitError as exc:
         raise open_error(exc) from exc
     if node.driver.backing_file is not None:
@@ -708,6 +715,10 @@ def _open_backup_target(path: str, fmt: str | None, *, chain: bool) -> Node:
     from vdkit.monitor.block_cmds import open_error
 
     try:
+        if path.startswith("json:"):  # options, as -drive file=json:{...} takes them
+            from vdkit.devices.option_media import open_json_image
+
+            return open_json_image(path, fmt, readonly=False, backing=chain)
         return open_image(path, fmt, readonly=False, backing=chain)
     except VdkitError as exc:
         raise open_error(exc) from exc
