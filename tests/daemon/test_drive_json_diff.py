@@ -451,3 +451,28 @@ def test_job_targets_named_by_json(daemons: Daemons) -> None:
         cmp = subprocess.run([require_tool("qemu-img"), "compare", str(daemons.tmp / "q" / name),
                               str(daemons.tmp / "v" / name)], capture_output=True, text=True)
         assert cmp.returncode == 0, (name, cmp.stdout, cmp.stderr)
+
+
+def test_json_names_after_stream_and_commit(daemons: Daemons) -> None:
+    """A json:-named drive whose chain a job changes is named again as QEMU names it: a commit of the replaced
+    backing rewrites the header's name to the base's (plain again), a stream drops the backing (plain)."""
+    import json
+
+    from tests.helpers.qmp_script import wait_event
+
+    drives = ["if=none,id=d0,file=" + _qcow2("t0.qcow2", ',"backing":{"driver":"qcow2","file":%s}'
+                                               % _file("mid2.qcow2")).replace(",", ",,"),
+              "if=none,id=d1,file=" + _qcow2("sub/t.qcow2", ',"backing":{"driver":"qcow2"}').replace(",", ",,")]
+    q, v = daemons.pair([a for d in drives for a in ("-drive", d)], _setup)
+    for cmd, args in (("block-commit", {"device": "d0", "job-id": "c", "top": "mid2.qcow2"}),
+                      ("block-stream", {"device": "d1", "job-id": "s"})):
+        assert normalise(v.cmd_line(cmd, args)) == normalise(q.cmd_line(cmd, args)), cmd
+        for m in (q, v):
+            wait_event(m, [0], lambda e, job=args["job-id"]: e["event"] == "BLOCK_JOB_COMPLETED"
+                       and e["data"]["device"] == job)
+    for cmd in ("query-block", "query-named-block-nodes"):
+        want, got = (json.loads(normalise(m.cmd_line(cmd)))["return"] for m in (q, v))
+        assert [n.get("inserted", n).get("file") for n in got] == [n.get("inserted", n).get("file") for n in want]
+        for a, b in zip(got, want, strict=True):
+            assert a == b
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd

@@ -70,7 +70,8 @@ def name_nodes(medium: Medium | Node, options: dict[str, object]) -> None:
     cannot (a raw window is named so by the interpreter already; an http cookie: the curl node keeps
     its own json: name too), and ``json:{"backing": ..., ...}`` for a layer whose backing the options
     replaced (:func:`vdkit.block.image_opts.name_replaced_backings`).  The monitor reports
-    ``Node.filename``."""
+    ``Node.filename`` (and the info collector a ``display_name`` first: it is cleared, so that a job
+    that renames the node later is not contradicted)."""
     import json
 
     from vdkit.block.image_opts import image_opts_name, name_replaced_backings
@@ -87,8 +88,8 @@ def name_nodes(medium: Medium | Node, options: dict[str, object]) -> None:
             node.driver.file.json_filename = "json:" + dumps_compact(below)
     renamed = name_replaced_backings(node, options)
     for layer in [node, *renamed]:
-        if layer.display_name is not None:
-            layer.filename = layer.display_name
+        if layer.display_name is not None:  # the name moves to filename: jobs that change the chain rename it
+            layer.filename, layer.display_name = layer.display_name, None
 
 
 def open_json_medium(machine: DeviceRegistry, name: str, fmt: str | None, *, readonly: bool) -> Medium:
