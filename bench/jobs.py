@@ -62,7 +62,15 @@ class Qmp:
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(600)
-        self.sock.connect(str(path))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except ConnectionRefusedError:  # QEMU binds its socket before it listens on it
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.buf = b""
         self.events: list[dict[str, object]] = []
         self._line()

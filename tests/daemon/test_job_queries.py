@@ -173,8 +173,8 @@ class PausedSource:
 def test_query_block_answers_while_a_job_step_waits_for_its_source(daemons: Daemons, tmp_path: Path) -> None:
     src = PausedSource(tmp_path)
     try:
-        _, qmp, _ = daemons.vdkit(["-drive", f"file=nbd+unix:///?socket={src.sock},format=raw,if=none,id=disk0"],
-                                  tmp_path)
+        proc, qmp, _ = daemons.vdkit(["-drive", f"file=nbd+unix:///?socket={src.sock},format=raw,if=none,id=disk0"],
+                                     tmp_path)
         q = daemons.monitor(qmp).negotiate()
         other = daemons.monitor(qmp).negotiate()
         dst = tmp_path / "dst.qcow2"
@@ -212,6 +212,7 @@ def test_query_block_answers_while_a_job_step_waits_for_its_source(daemons: Daem
         done = next(e for e in q.events if e["event"] == "BLOCK_JOB_COMPLETED")
         assert "error" not in done["data"], done
         assert q.cmd("quit") == {"return": {}}
+        proc.wait(30)  # (its image locks go with the process)
         r2 = subprocess.run([require_tool("qemu-img"), "compare", "-f", "raw", "-F", "qcow2", str(src.image),
                              str(dst)], capture_output=True, text=True, check=False)
         assert r2.returncode == 0, r2.stdout + r2.stderr
