@@ -107,8 +107,11 @@ def test_option_drives_in_queries(daemons: Daemons) -> None:
 
 
 def test_json_drive_with_snapshot_on(daemons: Daemons) -> None:
-    """snapshot=on over a json: drive: the temporary overlay is named by the json: description of its base."""
-    q, v = daemons.pair(_args([_qcow2("t0.qcow2") + "\0snapshot=on"]), _setup)
+    """snapshot=on over json: drives: the temporary overlay is named by the json: description of its base (a
+    backing null or a raw window inside it)."""
+    q, v = daemons.pair(_args([_qcow2("t0.qcow2") + "\0snapshot=on", _qcow2("t1.qcow2", ',"backing":null')
+                               + "\0snapshot=on", 'json:{"driver":"raw","offset":512,"file":%s}\0snapshot=on'
+                               % _file("r.raw")]), _setup)
 
     def tmp(text: str) -> str:
         return re.sub(r"vl\.[A-Za-z0-9]{6}", "vl.XXXXXX", text)
