@@ -192,9 +192,10 @@ def test_library_names_replaced_backings(daemons: Daemons, tmp_path: Path) -> No
     q = daemons.monitor(path).negotiate()
     shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
     for i, options in enumerate(sets):
-        with vdkit.open(options=options) as node:
-            got = json.loads(render_pretty(vdkit.image_info(node, nested=True)))
-        assert got == shown[f"l{i}"], options
+        for how in ({"options": options}, {"path": "json:" + json.dumps(options)}):
+            with vdkit.open(**how) as node:
+                got = json.loads(render_pretty(vdkit.image_info(node, nested=True)))
+            assert got == shown[f"l{i}"], how
     want = subprocess.run([require_tool("qemu-img"), "info", "json:" + json.dumps(sets[0])], capture_output=True,
                           text=True, env=_ENV)
     assert want.returncode == 0, want.stderr
