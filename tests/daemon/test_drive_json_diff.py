@@ -480,3 +480,22 @@ def test_json_names_after_stream_and_commit(daemons: Daemons) -> None:
         for a, b in zip(got, want, strict=True):
             assert a == b
         assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
+
+
+def test_blockdev_backing_null_over_http(daemons: Daemons, web: Web) -> None:  # noqa: F811
+    """-blockdev qcow2 nodes over curl children with backing null (inline and by reference): the format node's
+    json: name describes the curl node by its options (url, driver), as QEMU does."""
+    import json
+
+    h = web.http
+    blockdevs = [json.dumps({"driver": "qcow2", "node-name": "a", "read-only": True, "backing": None,
+                             "file": {"driver": "http", "url": f"{h}/top.qcow2", "readahead": 65536}}),
+                 f"driver=http,url={h}/sub/top.qcow2,node-name=c0,read-only=on",
+                 "driver=qcow2,file=c0,backing=,node-name=b,read-only=on"]
+    q, v = daemons.pair([a for b in blockdevs for a in ("-blockdev", b)], lambda d: None)
+    for flat in (False, True):
+        want, got = (json.loads(normalise(m.cmd_line("query-named-block-nodes", {"flat": flat})))["return"]
+                     for m in (q, v))
+        assert [n["file"] for n in got] == [n["file"] for n in want]
+        assert normalise(v.cmd_line("query-named-block-nodes", {"flat": flat})) == \
+            normalise(q.cmd_line("query-named-block-nodes", {"flat": flat}))

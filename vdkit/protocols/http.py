@@ -282,6 +282,7 @@ class HttpFile(RemoteFile):
             sslverify, cookie = bool(preset["sslverify"]), preset["cookie"]  # type: ignore[assignment]
 
         self.filename = url
+        self.open_options: str | None = None  # a blockdev-add node's options, as a parent's json: name describes it
         self.readonly = True
         self.sync = True
         scheme = url.split(":", 1)[0]
@@ -698,6 +699,8 @@ def open_blockdev(opts: dict[str, object], *, readonly: bool, auto_read_only: bo
     text = {k: ("on" if v else "off") if isinstance(v, bool) else str(v) for k, v in given.items()}
     url = name_for_options(text, driver)
     file = HttpFile(url, readonly=True, driver=driver)
+    # a parent's json: name describes the node by its options, the tuning ones left out
+    file.open_options = dumps_compact({"driver": driver, **{k: v for k, v in given.items() if k not in WEAK_OPTIONS}})
     desc = json_name({"driver": driver, **given})
     return file, "json:" + dumps_compact(desc) if desc is not None else url, True
 
