@@ -661,9 +661,13 @@ class Qcow2IO:
         The caller must keep each write's buffer unchanged until :meth:`after_writes` says it is done,
         and end with :meth:`stop_pipeline` (which waits).  ``max_bytes`` bounds the data in flight.
         """
+        from vdkit.io.file import ImageFile
         from vdkit.io.inflight import InFlight
 
-        if self._pipe is None:
+        # only a local file takes positional writes from several threads (an NBD or RBD file is one
+        # connection with its own request order; their writes stay synchronous here)
+        f = self.drv.data_file if self.drv.header.has_data_file else self.drv.file
+        if self._pipe is None and type(f) is ImageFile:
             self._pipe = InFlight(threads, max_bytes)
 
     def stop_pipeline(self) -> None:
