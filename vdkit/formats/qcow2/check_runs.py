@@ -1,0 +1,264 @@
+"""The read-only qcow2 check of a big, consistent image, by runs of clusters and without numpy.
+
+A check of a big image is mostly the proof that nothing is wrong: the counts the metadata implies
+equal the stored ones everywhere.  That proof needs no per-cluster numbers.  The references are
+collected as runs ``(first cluster, length)`` (each L2 table's host clusters by
+:func:`.l2runs.l2_runs`, found in its bytes; the header, L1 table, L2 tables, refcount table and
+blocks as ranges); when no two runs overlap, every referenced cluster's expected count is 1 and
+every other's 0, so each refcount block must equal, byte for byte, a pattern of zeros with the
+entry ``1`` repeated over the runs it covers.  Memory is the runs and one block at a time, where
+the vectorised walk (:mod:`.check`) needs numpy, whose import alone weighs more than qemu-img.
+
+Anything this path does not prove clean (a mismatch, an overlap, a snapshot, compressed or
+extended L2 entries, a data file, bitmaps, encryption, sub-byte refcounts, a fragmented table,
+any entry the full walk would report) makes :func:`check_clean` return None before anything is
+reported, and the caller runs the full check, which produces QEMU's messages in QEMU's order.
+"""
+
+from __future__ import annotations
+
+from vdkit.block.driver import CheckResult
+from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.l2runs import l2_runs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vdkit.formats.qcow2.driver import Qcow2Driver
+
+_LOW_OK = b"\x00\x01"  # an L2 entry's last byte: the zero flag or nothing (bits 1-7 are reserved)
+_EVEN = bytes(range(0, 256, 2))  # an entry's 7th byte with bit 8 (reserved) clear
+_ZERO_ONLY = (1).to_bytes(8, "big")  # a zero cluster without a host cluster (the only entry without COPIED)
+_READ = 1 << 20  # L2 tables read at most this many bytes at a time
+_MAX_RUNS = 64  # per table (more, averaging under four entries each: the full walk)
+_SPARSE = 256  # tables with at most this many entries flagged COPIED or zero: decoded entry by entry
+_ZERO_ENTRY = bytes(8)
+_NO_HOST = frozenset((L.OFLAG_ZERO, L.OFLAG_COPIED, L.OFLAG_COPIED | L.OFLAG_ZERO))  # flags of an entry without a host
+_HOST = frozenset((L.OFLAG_COPIED, L.OFLAG_COPIED | L.OFLAG_ZERO))  # flags of one with a host (COPIED: refcount 1)
+
+
+class _Fallback(Exception):
+    """The image is not proven clean by runs: the full check decides (and reports)."""
+
+
+def check_clean(driver: Qcow2Driver) -> CheckResult | None:
+    """The result of ``qemu-img check`` (no repair) if the image is consistent, else None.
+
+    Never reports anything: a None costs only the reads done so far.
+    """
+    try:
+        return _Runs(driver).run()
+    except (_Fallback, OSError):  # (a read error: the full walk reports it where QEMU does)
+        return None
+
+
+class _Runs:
+    def __init__(self, drv: Qcow2Driver) -> None:
+        h = drv.header
+        if (h.nb_snapshots or h.snapshots_offset % h.cluster_size or h.snapshots_offset > 2**63 - 1
+                or h.extended_l2 or h.has_data_file or h.refcount_order < 3
+                or (h.crypto is not None and h.crypto.length)
+                or (h.bitmaps is not None and h.version >= 3 and h.autoclear_features & L.AUTOCLEAR_BITMAPS)):
+            raise _Fallback
+        self.f = drv.file
+        self.h = h
+        self.cs = h.cluster_size
+        self.cb = h.cluster_bits
+        self.width = 1 << (h.refcount_order - 3)  # bytes per refcount entry
+        self.rb_bits = h.cluster_bits + 3 - h.refcount_order
+        self.file_len = self.f.size()
+        self.n = -(-self.file_len // self.cs)
+        if self.n > 2**31 - 1:
+            raise _Fallback
+        self.runs: list[tuple[int, int]] = []  # (first cluster, length): each referenced once
+        self.zero_table = bytes(self.cs)
+
+    def add(self, offset: int, size: int) -> None:
+        """Reference ``[offset, offset + size)`` bytes once (as the full check's ``inc``)."""
+        if size <= 0:
+            return
+        if offset + size - self.file_len >= self.cs:
+            raise _Fallback  # "counting reference for region exceeding the end of the file"
+        first = offset >> self.cb
+        last = (offset + size - 1) >> self.cb
+        if last >= self.n:
+            raise _Fallback
+        self.runs.append((first, last - first + 1))
+
+    def run(self) -> CheckResult:
+        h = self.h
+        res = CheckResult(total_clusters=-(-h.size // self.cs))
+        self.add(0, self.cs)
+        tables = self.l1_tables()
+        self.walk_l2(tables, res)
+        self.add(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        blocks = self.refcount_blocks()
+        for off in blocks.values():
+            self.add(off, self.cs)
+        merged = self.merged()
+        self.compare(blocks, merged)
+        res.image_end_offset = (merged[-1][1] if merged else 1) * self.cs  # the last referenced cluster's end
+        return res
+
+    def l1_tables(self) -> list[int]:
+        """The L2 tables' offsets named by the active L1 table (each entry clean, with COPIED)."""
+        h = self.h
+        if not h.l1_size:
+            return []
+        self.add(h.l1_table_offset, h.l1_size * 8)
+        raw = self.f.pread(h.l1_table_offset, h.l1_size * 8)
+        if len(raw) != h.l1_size * 8:
+            raise _Fallback
+        out = []
+        mv = memoryview(raw).cast("Q")  # (native order: only zero tests, then one entry at a time)
+        for i in range(len(mv)):
+            if not mv[i]:
+                continue
+            e = int.from_bytes(raw[8 * i : 8 * i + 8], "big")
+            off = e & L.L1E_OFFSET_MASK
+            if e & L.L1E_RESERVED_MASK or not e & L.OFLAG_COPIED or not off or off % self.cs or off >= self.file_len:
+                raise _Fallback
+            self.add(off, self.cs)
+            out.append(off)
+        return out
+
+    def walk_l2(self, tables: list[int], res: CheckResult) -> None:
+        """Each L2 table's host runs; the statistics QEMU's check gathers for the active state."""
+        cs = self.cs
+        per_read = max(1, _READ // cs)
+        i = 0
+        while i < len(tables):
+            j = i + 1  # tables adjacent in the file are read together
+            while j < len(tables) and j - i < per_read and tables[j] == tables[j - 1] + cs:
+                j += 1
+            data = self.f.pread(tables[i], (j - i) * cs)
+            if len(data) != (j - i) * cs:
+                raise _Fallback
+            for k in range(j - i):
+                self.table(data[k * cs : (k + 1) * cs], res)
+            i = j
+
+    def table(self, raw: bytes, res: CheckResult) -> None:
+        """One L2 table's references and statistics: a sparse table entry by entry (its entries found
+        by ``memchr``), a denser one by :func:`.l2runs.l2_runs`."""
+        firsts, lows = raw[0::8], raw[7::8]
+        if firsts.count(0x80) + lows.count(1) <= _SPARSE:
+            self.sparse_table(raw, firsts, lows, res)
+            return
+        runs = l2_runs(raw, 8, self.cb, _MAX_RUNS)
+        if runs is None or lows.translate(None, _LOW_OK) or raw[6::8].translate(None, _EVEN):
+            raise _Fallback
+        for a, b in runs.used:  # an entry without COPIED is fine only as a zero cluster with no host
+            j = firsts.find(0, a, b)
+            while j >= 0:
+                if raw[8 * j : 8 * j + 8] != _ZERO_ONLY:
+                    raise _Fallback
+                j = firsts.find(0, j + 1, b)
+        self.table_runs(runs.starts, runs.lens, res)
+
+    def sparse_table(self, raw: bytes, firsts: bytes, lows: bytes, res: CheckResult) -> None:
+        """A table of few entries: those with COPIED or the zero flag are found by ``memchr`` and
+        decoded; with them cleared the table must be all zeros (no other entry is used)."""
+        where = set()
+        for column, byte in ((firsts, 0x80), (lows, 1)):
+            j = column.find(byte)
+            while j >= 0:
+                where.add(j)
+                j = column.find(byte, j + 1)
+        rest = bytearray(raw)
+        cs = self.cs
+        starts: list[int] = []
+        lens: list[int] = []
+        for j in sorted(where):
+            e = int.from_bytes(raw[8 * j : 8 * j + 8], "big")
+            rest[8 * j : 8 * j + 8] = _ZERO_ENTRY
+            off = e & L.L2E_OFFSET_MASK
+            flags = e ^ off
+            if not off:
+                if flags not in _NO_HOST:
+                    raise _Fallback
+                continue
+            if flags not in _HOST or off % cs:
+                raise _Fallback
+            c = off >> self.cb
+            if lens and starts[-1] + lens[-1] == c:
+                lens[-1] += 1
+            else:
+                starts.append(c)
+                lens.append(1)
+        if rest != self.zero_table:  # (memcmp)
+            raise _Fallback
+        self.table_runs(starts, lens, res)
+
+    def table_runs(self, starts: list[int], lens: list[int], res: CheckResult) -> None:
+        prev_end = None
+        for start, length in zip(starts, lens, strict=True):
+            if start + length > self.n:
+                raise _Fallback  # data past the end of the file
+            self.runs.append((start, length))
+            res.allocated_clusters += length
+            if prev_end is not None and start != prev_end:
+                res.fragmented_clusters += 1
+            prev_end = start + length
+
+    def refcount_blocks(self) -> dict[int, int]:
+        """Refcount table index -> block offset, of the blocks QEMU checks (each entry clean, inside)."""
+        h = self.h
+        raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        if len(raw) != h.refcount_table_clusters * self.cs:
+            raise _Fallback
+        mv = memoryview(raw).cast("Q")
+        out = {}
+        for i in range(len(raw) // 8):
+            if not mv[i]:
+                continue
+            e = int.from_bytes(raw[8 * i : 8 * i + 8], "big")
+            off = e & L.REFT_OFFSET_MASK
+            if e & L.REFT_RESERVED_MASK or off % self.cs or off >> self.cb >= self.n:
+                raise _Fallback
+            if off:
+                out[i] = off
+        return out
+
+    def merged(self) -> list[tuple[int, int]]:
+        """The runs as sorted ``(first, end)`` intervals, adjacent ones joined; an overlap falls back
+        (a cluster referenced twice: a count of 2 to compare, or an error to report)."""
+        out: list[tuple[int, int]] = []
+        for start, length in sorted(self.runs):
+            end = start + length
+            if out and start < out[-1][1]:
+                raise _Fallback
+            if out and start == out[-1][1]:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+        return out
+
+    def compare(self, blocks: dict[int, int], merged: list[tuple[int, int]]) -> None:
+        """Every refcount block covering the file against its expected pattern, one block at a time;
+        a referenced cluster whose block is missing falls back too."""
+        w = self.width
+        one = (1).to_bytes(w, "big")
+        per = 1 << self.rb_bits
+        k = 0
+        for ti in range(-(-self.n // per)):
+            base = ti << self.rb_bits
+            end = min(self.n, base + per)
+            expect = bytearray((end - base) * w)
+            any_ref = False
+            while k < len(merged) and merged[k][0] < end:
+                a, b = merged[k]
+                lo, hi = max(a, base), min(b, end)
+                expect[(lo - base) * w : (hi - base) * w] = one * (hi - lo)
+                any_ref = True
+                if b > end:
+                    break  # continues into the next block
+                k += 1
+            off = blocks.get(ti)
+            if off is None:
+                if any_ref:
+                    raise _Fallback
+                continue
+            data = self.f.pread(off, len(expect))
+            if data != expect:
+                raise _Fallback
+        # (blocks whose range starts past the end of the file are not compared, as in the full check)
