@@ -405,7 +405,7 @@ def _json_drive_options(spec: DriveSpec, opts: dict[str, str], take: Callable[[s
     the -drive's own laid over them, as QEMU gives options beside a name precedence (``format=`` is the
     ``driver``, ``file.filename=`` replaces the name's file, ``offset=512`` its offset, as a string); a
     ``node-name`` inside the name names the node unless the -drive does.  What is left of them is the
-    interpreter's (:func:`_open_json_drive`): its errors come when the drive opens, as QEMU's do."""
+    interpreter's (:func:`_interpret_json_drive`): its errors come when the drive opens, as QEMU's do."""
     from vdkit.block import json_name
 
     assert spec.file is not None
