@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import check_ok, qemu_io
 from vdkit.block.node import open_image
 from vdkit.errors import VdkitError
+from vdkit.formats.qcow2 import check_runs
 from vdkit.formats.qcow2.check_runs import check_clean
 from vdkit.io import tables
 from vdkit.record import fields
@@ -142,6 +143,10 @@ def test_backends_agree_on_damaged_images(templates: dict[str, Path], tmp_path: 
         numpy = _check(path, "numpy", monkeypatch, runs=False)
         assert small == numpy, f"seed {seed}"
         assert _check(path, "numpy", monkeypatch) == numpy, f"seed {seed} (by runs)"
+        sparse = check_runs._SPARSE
+        monkeypatch.setattr(check_runs, "_SPARSE", 0)  # every table through l2runs
+        assert _check(path, "numpy", monkeypatch) == numpy, f"seed {seed} (by runs, dense)"
+        monkeypatch.setattr(check_runs, "_SPARSE", sparse)
         if seed < 0:
             with open_image(str(path), "qcow2", readonly=True, force_share=True, check_mode=True) as node:
                 proven = check_clean(node.driver)

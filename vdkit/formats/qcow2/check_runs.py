@@ -30,10 +30,29 @@ _EVEN = bytes(range(0, 256, 2))  # an entry's 7th byte with bit 8 (reserved) cle
 _ZERO_ONLY = (1).to_bytes(8, "big")  # a zero cluster without a host cluster (the only entry without COPIED)
 _READ = 1 << 20  # L2 tables read at most this many bytes at a time
 _MAX_RUNS = 64  # per table (more, averaging under four entries each: the full walk)
-_SPARSE = 256  # tables with at most this many entries flagged COPIED or zero: decoded entry by entry
+_SPARSE = 512  # tables with at most this many 0x80 or 0x01 bytes: decoded entry by entry (else l2_runs)
 _ZERO_ENTRY = bytes(8)
 _NO_HOST = frozenset((L.OFLAG_ZERO, L.OFLAG_COPIED, L.OFLAG_COPIED | L.OFLAG_ZERO))  # flags of an entry without a host
 _HOST = frozenset((L.OFLAG_COPIED, L.OFLAG_COPIED | L.OFLAG_ZERO))  # flags of one with a host (COPIED: refcount 1)
+
+
+def _flagged(data: bytes, lo: int, hi: int) -> list[int] | None:
+    """Entries of ``data[lo:hi]`` whose first byte is 0x80 (COPIED) or last byte 1 (the zero flag),
+    found by ``memchr``; None past ``_SPARSE`` hits of those bytes anywhere (a dense table)."""
+    where: list[int] = []
+    hits = 0
+    find = data.find
+    for byte, place in ((0x80, 0), (1, 7)):
+        p = find(byte, lo, hi)
+        while p >= 0:
+            hits += 1
+            if hits > _SPARSE:
+                return None
+            if p & 7 == place:
+                where.append(p >> 3)
+            p = find(byte, p + 1, hi)
+    where.sort()  # (an entry with both bytes: twice)
+    return [j for k, j in enumerate(where) if not k or where[k - 1] != j]
 
 
 class _Fallback(Exception):
@@ -71,6 +90,7 @@ class _Runs:
             raise _Fallback
         self.runs: list[tuple[int, int]] = []  # (first cluster, length): each referenced once
         self.zero_table = bytes(self.cs)
+        self.zero_chunk = b""
 
     def add(self, offset: int, size: int) -> None:
         """Reference ``[offset, offset + size)`` bytes once (as the full check's ``inc``)."""
@@ -133,18 +153,32 @@ class _Runs:
             data = self.f.pread(tables[i], (j - i) * cs)
             if len(data) != (j - i) * cs:
                 raise _Fallback
-            for k in range(j - i):
-                self.table(data[k * cs : (k + 1) * cs], res)
+            self.chunk(data, res)
             i = j
 
-    def table(self, raw: bytes, res: CheckResult) -> None:
-        """One L2 table's references and statistics: a sparse table entry by entry (its entries found
-        by ``memchr``), a denser one by :func:`.l2runs.l2_runs`."""
-        firsts, lows = raw[0::8], raw[7::8]
-        if firsts.count(0x80) + lows.count(1) <= _SPARSE:
-            self.sparse_table(raw, firsts, lows, res)
-            return
+    def chunk(self, data: bytes, res: CheckResult) -> None:
+        """Tables read together.  A sparse table's entries are found by ``memchr`` (``bytes.find``) of
+        the COPIED flag's byte and the zero flag's byte at their places in an entry, and decoded; a
+        table with many of those bytes goes to :func:`.l2runs.l2_runs`.  With the entries found
+        cleared, the tables must be all zeros (no other entry used): one ``memcmp`` for all."""
+        cs = self.cs
+        rest = bytearray(data)
+        for lo in range(0, len(data), cs):
+            hi = lo + cs
+            where = _flagged(data, lo, hi)
+            if where is None:
+                self.dense_table(data[lo:hi], res)
+                rest[lo:hi] = self.zero_table
+            else:
+                self.sparse_table(data, where, rest, res)
+        if len(self.zero_chunk) < len(rest):
+            self.zero_chunk = bytes(len(rest))
+        if rest != memoryview(self.zero_chunk)[: len(rest)]:  # (memcmp, no copy)
+            raise _Fallback
+
+    def dense_table(self, raw: bytes, res: CheckResult) -> None:
         runs = l2_runs(raw, 8, self.cb, _MAX_RUNS)
+        firsts, lows = raw[0::8], raw[7::8]
         if runs is None or lows.translate(None, _LOW_OK) or raw[6::8].translate(None, _EVEN):
             raise _Fallback
         for a, b in runs.used:  # an entry without COPIED is fine only as a zero cluster with no host
@@ -155,21 +189,13 @@ class _Runs:
                 j = firsts.find(0, j + 1, b)
         self.table_runs(runs.starts, runs.lens, res)
 
-    def sparse_table(self, raw: bytes, firsts: bytes, lows: bytes, res: CheckResult) -> None:
-        """A table of few entries: those with COPIED or the zero flag are found by ``memchr`` and
-        decoded; with them cleared the table must be all zeros (no other entry is used)."""
-        where = set()
-        for column, byte in ((firsts, 0x80), (lows, 1)):
-            j = column.find(byte)
-            while j >= 0:
-                where.add(j)
-                j = column.find(byte, j + 1)
-        rest = bytearray(raw)
+    def sparse_table(self, data: bytes, where: list[int], rest: bytearray, res: CheckResult) -> None:
+        """A table's entries at ``where`` (entry indices in ``data``, in order) decoded and cleared in ``rest``."""
         cs = self.cs
         starts: list[int] = []
         lens: list[int] = []
-        for j in sorted(where):
-            e = int.from_bytes(raw[8 * j : 8 * j + 8], "big")
+        for j in where:
+            e = int.from_bytes(data[8 * j : 8 * j + 8], "big")
             rest[8 * j : 8 * j + 8] = _ZERO_ENTRY
             off = e & L.L2E_OFFSET_MASK
             flags = e ^ off
@@ -185,8 +211,6 @@ class _Runs:
             else:
                 starts.append(c)
                 lens.append(1)
-        if rest != self.zero_table:  # (memcmp)
-            raise _Fallback
         self.table_runs(starts, lens, res)
 
     def table_runs(self, starts: list[int], lens: list[int], res: CheckResult) -> None:
