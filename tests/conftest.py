@@ -118,6 +118,25 @@ def _diff(a: str, b: str) -> str:
     return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "qemu-img", "vdkit-img"))
 
 
+def _settle(args: Sequence[str], cwd: Path | str | None) -> None:
+    """fsync the files ``args`` names, so both tools see the same ``disk size``.
+
+    ext4 allocates a freshly written file's blocks (and extent-tree blocks) at writeback: a file's
+    ``st_blocks`` can grow by a block between the two tools' runs if writeback happens in between."""
+    for arg in args:
+        path = Path(cwd or ".") / arg
+        try:
+            if not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except (OSError, ValueError):
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def assert_same(args: Sequence[str], cwd: Path | str | None = None, *, vdkit_cwd: Path | str | None = None,
                 env: dict[str, str] | None = None, mask: Callable[[str], str] | None = None) -> Result:
     """Run ``qemu-img ARGS`` and ``vdkit-img ARGS``; stdout, stderr and exit code must agree.  qemu-img's result.
@@ -128,6 +147,7 @@ def assert_same(args: Sequence[str], cwd: Path | str | None = None, *, vdkit_cwd
     a TLS channel's way of failing).  vdkit's own failures (a traceback, an internal error) are named
     first; a difference comes with a unified diff, what a case in a long matrix needs."""
     full_env = None if env is None else tool_env(env)
+    _settle(args, cwd)
     q = qemu_img(*args, cwd=cwd, env=full_env)
     v = vdkit_img(*args, cwd=cwd if vdkit_cwd is None else vdkit_cwd, env=full_env)
     assert "Traceback" not in v.stderr, v.stderr
