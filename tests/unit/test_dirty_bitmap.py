@@ -62,6 +62,8 @@ def test_bitmap_matches_model(shift: int, size: int, steps: list[tuple[bool, int
     set_from = np.flatnonzero(model[start >> shift :])
     first = None if not len(set_from) else max(start, ((start >> shift) + int(set_from[0])) << shift)
     assert bm.first_dirty(start) == first
+    if first is not None and first < end:  # a job's step: the run its first dirty granule begins, clipped
+        assert bm.run_at(first, end) == _model_runs(model, gran, first, end)[0]
     data = bm.serialize(0, bm.granules)
     assert data == np.packbits(model, bitorder="little").tobytes()
     back = DirtyBitmap(None, gran, size)
@@ -72,3 +74,44 @@ def test_bitmap_matches_model(shift: int, size: int, steps: list[tuple[bool, int
     kept[: min(len(model), len(kept))] = model[: len(kept)]
     assert bm.count() == int(kept.sum()) * gran
     assert list(bm.dirty_runs()) == _model_runs(kept, gran, 0, new_size)
+
+
+steps_any = st.lists(st.tuples(st.sampled_from(["set", "reset", "clear", "merge", "and", "deser", "resize"]),
+                               st.integers(0, 1 << 22), st.integers(0, 1 << 21), st.booleans()), max_size=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shift=st.integers(9, 13), size=st.integers(1, 1 << 22), steps=steps_any)
+def test_running_count_matches_recount(shift: int, size: int, steps: list[tuple[str, int, int, bool]]) -> None:
+    """The count kept as bits change equals a recount of the bits after every change, whichever way they
+    changed (ranges set and cleared, cleared whole, merged, replaced through ``bits``, deserialized, resized),
+    asked for after some steps and not others (a count known or to be recounted when the next change comes)."""
+    gran = 1 << shift
+    bm = DirtyBitmap(None, gran, size)
+    for op, off, length, ask in steps:
+        off %= bm.size + 1
+        if op == "set":
+            bm.set_dirty(off, length)
+        elif op == "reset":
+            bm.reset(off, length)
+        elif op == "clear":
+            bm.clear()
+        elif op == "merge":
+            other = DirtyBitmap(None, gran if length & 1 else gran * 2, bm.size)
+            other.set_dirty(off, length)
+            bm.merge_from(other)
+        elif op == "and":  # a job keeping only some of a bitmap (backup's copy bitmap)
+            keep = DirtyBitmap(None, gran, bm.size)
+            keep.set_dirty(off, length)
+            bm.bits &= keep.bits
+        elif op == "deser":
+            src = DirtyBitmap(None, gran, bm.size)
+            src.set_dirty(off, length)
+            bm.deserialize(0, src.serialize(0, src.granules), bm.granules)
+        else:
+            bm.resize(max(1, off))
+        if ask:
+            recount = int(np.unpackbits(bm.bits).sum())
+            assert bm.count() == recount * gran
+            assert bm.any() == bool(recount)
+    assert bm.count() == int(np.unpackbits(bm.bits).sum()) * gran

@@ -19,6 +19,7 @@ it needs only the error tree and numpy.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from vdkit.errors import VdkitError
 
@@ -40,7 +41,10 @@ CHECK_DEFAULT = CHECK_BUSY | CHECK_RO | CHECK_INCONSISTENT
 CHECK_ALLOW_RO = CHECK_BUSY | CHECK_INCONSISTENT
 
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+def _popcount(a: npt.NDArray[np.uint8]) -> int:
+    """Set bits in ``a``: one conversion to an int and its ``bit_count`` (both C loops; 2.5 us for a 1 GiB
+    disk's 2 KiB bitmap where a numpy table lookup and sum took 6 us)."""
+    return int.from_bytes(a.tobytes(), "little").bit_count()
 
 
 def default_granularity(cluster_size: int | None) -> int:
@@ -57,6 +61,13 @@ class DirtyBitmap:
     are never listed).  ``size`` is the disk size in bytes when the bitmap was
     made.  ``count()`` is in bytes: granules set times the granularity, as QEMU
     counts (a 1 GiB-granularity bitmap of a written 4 MiB disk counts 1 GiB).
+
+    The number of set granules is kept as the bits change (``_fill`` adds what
+    a range gained), so ``count()`` costs nothing: a mirror asks for it after
+    every chunk, and a popcount of the whole bitmap per chunk grows with the
+    disk (a 1 TiB disk's 2 MiB bitmap: 2.4 ms, three times per 1 MiB chunk).  Replacing ``bits`` (``bm.bits =``,
+    ``bm.bits |= ...``: an attribute assignment) forgets the count, and the
+    next ``count()`` counts again.
     """
 
     WINDOW = 1 << 19  # granules a run search unpacks at once (a multiple of 8)
@@ -79,7 +90,17 @@ class DirtyBitmap:
         # one bit per granule, eight to a byte, least significant first: qcow2's own layout, so storing
         # is a slice; bits past the last granule stay 0.  Bitmaps of the same granularity and size
         # combine bytewise (``|``, ``&``).
-        self.bits = np.zeros((self.granules + 7) >> 3, dtype=np.uint8)
+        self._bits: npt.NDArray[np.uint8] = np.zeros((self.granules + 7) >> 3, dtype=np.uint8)
+        self._set: int | None = 0  # granules set, None: to be counted again
+
+    @property
+    def bits(self) -> npt.NDArray[np.uint8]:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: npt.NDArray[np.uint8]) -> None:
+        self._bits = value
+        self._set = None
 
     @property
     def granules(self) -> int:
@@ -87,24 +108,28 @@ class DirtyBitmap:
 
     # -- bit ranges --------------------------------------------------------------------------------
     def _fill(self, a: int, b: int, value: bool) -> None:
-        """Set (or clear) granules ``[a, b)``."""
+        """Set (or clear) granules ``[a, b)``, keeping the count of set granules."""
         if a >= b:
             return
+        bits = self._bits
         fa, la = a >> 3, (b - 1) >> 3
         head = (0xFF << (a & 7)) & 0xFF
         tail = (1 << (((b - 1) & 7) + 1)) - 1
+        known = self._set
+        before = 0 if known is None else _popcount(bits[fa : la + 1])
         if fa == la:
             mask = head & tail
-            self.bits[fa] = self.bits[fa] | mask if value else self.bits[fa] & (0xFF ^ mask)
-            return
-        if value:
-            self.bits[fa] |= head
-            self.bits[la] |= tail
-            self.bits[fa + 1 : la] = 0xFF
+            bits[fa] = bits[fa] | mask if value else bits[fa] & (0xFF ^ mask)
+        elif value:
+            bits[fa] |= head
+            bits[la] |= tail
+            bits[fa + 1 : la] = 0xFF
         else:
-            self.bits[fa] &= 0xFF ^ head
-            self.bits[la] &= 0xFF ^ tail
-            self.bits[fa + 1 : la] = 0
+            bits[fa] &= 0xFF ^ head
+            bits[la] &= 0xFF ^ tail
+            bits[fa + 1 : la] = 0
+        if known is not None:
+            self._set = known + _popcount(bits[fa : la + 1]) - before
 
     def _runs(self, a: int, b: int) -> Iterator[tuple[int, int]]:
         """Runs ``[lo, hi)`` of set granules within ``[a, b)``: clean stretches are skipped a byte scan at a
@@ -121,7 +146,7 @@ class DirtyBitmap:
                     return
             we = min(b, ((pos >> 3) << 3) + window)
             base = (pos >> 3) << 3
-            seg = np.unpackbits(self.bits[pos >> 3 : (we + 7) >> 3], bitorder="little")[pos - base : we - base]
+            seg = np.unpackbits(self._bits[pos >> 3 : (we + 7) >> 3], bitorder="little")[pos - base : we - base]
             padded = np.concatenate(([run_start is not None], seg.astype(bool), [False])).astype(np.int8)
             d = np.diff(padded)
             los = (np.flatnonzero(d == 1) + pos).tolist()
@@ -150,7 +175,7 @@ class DirtyBitmap:
         """
         if a >= b:
             return -1
-        bits = self.bits
+        bits = self._bits
         fb = a >> 3
         lim = (b + 7) >> 3
         first = int(bits[fb]) & (0xFF << (a & 7)) & 0xFF  # (bits below a in its byte do not count)
@@ -175,8 +200,23 @@ class DirtyBitmap:
         i = self._first_set(max(0, start) >> self.shift, self.granules)
         return None if i < 0 else max(start, i << self.shift)
 
+    def run_at(self, start: int, end: int) -> tuple[int, int]:
+        """``(start, length)``: the dirty run that ``start`` (inside a dirty granule) begins, clipped to ``end``.
+
+        A job's step asks this for at most a chunk, so the granules are read as
+        one int and the run ends at its first clear bit (1.1 us for the 16
+        granules of a 1 MiB step, where ``dirty_runs``' numpy windows took 14 us)."""
+        end = min(end, self.size)
+        a = start >> self.shift
+        b = min(self.granules, (end + self.granularity - 1) >> self.shift)
+        n = b - a
+        word = int.from_bytes(self._bits[a >> 3 : (b + 7) >> 3].tobytes(), "little") >> (a & 7)
+        clear = ~word & ((1 << n) - 1)
+        hi = b if not clear else a + (clear & -clear).bit_length() - 1
+        return start, max(0, min(end, hi << self.shift) - start)
+
     def is_set(self, i: int) -> bool:
-        return bool(self.bits[i >> 3] >> (i & 7) & 1)
+        return bool(self._bits[i >> 3] >> (i & 7) & 1)
 
     # -- recording -------------------------------------------------------------------------------
     def _span(self, offset: int, length: int) -> tuple[int, int]:
@@ -200,14 +240,18 @@ class DirtyBitmap:
         self._fill(a, min(b, self.granules), False)
 
     def clear(self) -> None:
-        self.bits[:] = 0
+        self._bits[:] = 0
+        self._set = 0
 
     def count(self) -> int:
         """Dirty bytes as QEMU reports them (whole granules)."""
-        return int(_POPCOUNT[self.bits].sum(dtype=np.int64)) << self.shift
+        n = self._set
+        if n is None:
+            n = self._set = _popcount(self._bits)
+        return n << self.shift
 
     def any(self) -> bool:
-        return bool(self.bits.any())
+        return self.count() > 0
 
     def is_dirty(self, offset: int) -> bool:
         i = offset >> self.shift
@@ -263,7 +307,8 @@ class DirtyBitmap:
         raw = np.frombuffer(data, dtype=np.uint8)[: (count + 7) >> 3].copy()
         if count & 7:
             raw[-1] &= (1 << (count & 7)) - 1  # nothing past the disk's last granule
-        self.bits[first_granule >> 3 : (first_granule >> 3) + len(raw)] = raw
+        self._bits[first_granule >> 3 : (first_granule >> 3) + len(raw)] = raw
+        self._set = None
 
     def dirty_clusters(self, granules_per_cluster: int) -> list[int]:
         """Indices of the ``granules_per_cluster``-granule pieces (a multiple of 8) with a dirty bit."""

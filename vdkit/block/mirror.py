@@ -168,10 +168,11 @@ class MirrorJob(JobDriver):
             last = time.monotonic()
             while self.bitmap.count():
                 self._copy_next(job)
-                job.len = job.offset + self.bitmap.count()
+                left = self.bitmap.count()
+                job.len = job.offset + left
                 # letting go of the lock costs a scheduler round trip: without a speed limit it is done
                 # every PAUSE_EVERY seconds, so queries and NBD requests still wait at most that long
-                if job.speed or time.monotonic() - last >= PAUSE_EVERY or self.bitmap.count() == 0:
+                if job.speed or left == 0 or time.monotonic() - last >= PAUSE_EVERY:
                     job.pause_point()
                     last = time.monotonic()
             if not job.ready:
@@ -202,15 +203,17 @@ class MirrorJob(JobDriver):
         hi = min(size, -(-(start + length) // self.cluster) * self.cluster)
         bm.reset(lo, hi - lo)
         self.cursor = hi if hi < size else 0
-        data = self._io(job, "read", lambda: bio.read(self.source, lo, hi - lo))
-        if data is None:
+        # read straight into a new buffer and written from it (bio.read made a second copy as bytes); one
+        # buffer kept for every chunk measured more system time on this machine (preadv 137 vs 72 us per
+        # MiB under strace, 300 more minor faults per 512 MiB; cause not found): a new one is freed heap
+        data = memoryview(bytearray(hi - lo))
+        if self._io(job, "read", lambda: bio.readinto(self.source, lo, data)) is None:
             bm.set_dirty(lo, hi - lo)  # an ignored read error: still to copy (QEMU marks it dirty again)
             return
-        assert isinstance(data, bytes)
         if is_zero(data):
             done = self._io(job, "write", lambda: bio.write_zeroes(self.target, lo, hi - lo, unmap=self.unmap))
         else:
-            done = self._io(job, "write", lambda: bio.write(self.target, lo, data))
+            done = self._io(job, "write", lambda: bio.write(self.target, lo, data))  # type: ignore[arg-type]
         if done is None:
             bm.set_dirty(lo, hi - lo)  # not copied: still to do
             return
@@ -227,7 +230,7 @@ class MirrorJob(JobDriver):
             start = bm.first_dirty(0)
             if start is None:
                 return None
-        return next(bm.dirty_runs(start, start + self.chunk))
+        return bm.run_at(start, start + self.chunk)
 
     def _io(self, job: Job, op: str, fn: Callable[[], object]) -> object | None:
         return job_io(job, op, fn, on_source_error=self.on_source_error, on_target_error=self.on_target_error)
