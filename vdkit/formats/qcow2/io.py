@@ -974,8 +974,9 @@ class Qcow2IO:
             raise
 
     def _abort_alloc(self, host: int, run: int) -> None:
-        """A data write its overlap check refused gives back the clusters allocated for it (QEMU's
-        abort of the allocation), so that :meth:`_keep_completed` keeps only what completed."""
+        """A data write its overlap check refused, or that failed, gives back the clusters allocated
+        for it (QEMU's abort of the allocation): :meth:`_keep_completed` keeps only what completed,
+        and a failed write leaks nothing."""
         if not self.geom.has_data_file:
             try:
                 self.drv.refcounts.update(host, run * self.cluster_size, -1)
@@ -1084,7 +1085,7 @@ class Qcow2IO:
                         self._submit_segments(segments, (l2_off, lo, run, c << cb))
                     else:
                         self._write_segments(segments)  # the entries change once the data is there (QEMU's order)
-                except CorruptionEvent:
+                except (CorruptionEvent, OSError):  # no entry names the clusters yet: give them back
                     self._abort_alloc(host, run)
                     raise
                 lo = i0 + a + pa
