@@ -426,7 +426,8 @@ def sources_of(nodes: list[Node]) -> list[Source]:
 
 def convert_copy(sources: list[Source], target: Target, progress: Progress, *, has_backing: bool,
                  compressed: bool, min_sparse: int, has_zero_init: bool | None = None,
-                 in_flight: int | None = None) -> None:
+                 in_flight: int | None = None,
+                 before_abort: Callable[[BaseException], None] | None = None) -> None:
     """Copy the concatenated ``sources`` into ``target`` as qemu-img convert does, then finish it.
 
     ``has_backing``: the target has a backing file (ranges the sources leave
@@ -434,8 +435,10 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
     sectors; ``has_zero_init`` says whether unwritten ranges read as zeros
     (default: the target's answer, unless it has a backing file).  Progress
     goes to ``progress`` (0 before, per piece after; the caller prints 100).
-    On any failure the target is aborted (closed).  ``in_flight`` bounds the pieces read ahead
-    of the writes (qemu-img's ``-m``; default :attr:`ReadAhead.DEPTH`).
+    On any failure the target is aborted (closed), after ``before_abort`` got the exception: qemu-img
+    reports a failed copy before it closes the target, whose cache flushes may report more.
+    ``in_flight`` bounds the pieces read ahead of the writes (qemu-img's ``-m``; default
+    :attr:`ReadAhead.DEPTH`).
     """
     try:
         copier = Copier(sources, target_has_backing=has_backing, compressed=compressed,
@@ -494,7 +497,9 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
             except WriteFailed as wf:
                 raise _write_error(wf.exc, wf.offset) from wf.exc
         target.finish()
-    except BaseException:
+    except BaseException as exc:
+        if before_abort is not None:
+            before_abort(exc)
         target.abort()
         raise
     finally:

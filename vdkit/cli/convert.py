@@ -279,9 +279,25 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     total_bytes = sum(s.sectors for s in sources) * SECTOR
     target = _open_target(a, total_bytes)
     progress = Progress(a.progress)
-    convert_copy(sources, target, progress, has_backing=a.backing is not None, compressed=a.compressed,
-                 min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing,
-                 in_flight=a.in_flight)
+    reported: list[BaseException] = []
+
+    def report_first(exc: BaseException) -> None:
+        # qemu-img prints the failed write (or read) before closing the target, whose cache flushes
+        # may fail as well and report after it
+        if isinstance(exc, VdkitError):
+            from vdkit.cli.main import report_error
+
+            report_error(exc)
+            reported.append(exc)
+
+    try:
+        convert_copy(sources, target, progress, has_backing=a.backing is not None, compressed=a.compressed,
+                     min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing,
+                     in_flight=a.in_flight, before_abort=report_first)
+    except VdkitError as exc:
+        if exc in reported:
+            return 1
+        raise
     progress.set(100.0)
     progress.end()
     return 0

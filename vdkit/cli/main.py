@@ -61,6 +61,14 @@ def error(message: str, hint: str | None = None) -> None:
     write_err(text.replace("\0", ""))
 
 
+def report_error(exc: VdkitError) -> None:
+    """A command's failure as the top level prints it: a qcow2 corruption report first, then the error."""
+    report = take_corruption_report(exc)
+    if report is not None:
+        write_err(report + "\n")
+    error(exc.message, exc.hint)
+
+
 def warn(message: str, hint: str | None = None) -> None:
     """``vdkit-img: warning: <message>``, as warn_report prints it."""
     error(f"warning: {message}", hint)
@@ -146,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         code = usage_error(exc.message)
     except VdkitError as exc:
-        report = take_corruption_report(exc)
-        if report is not None:
-            write_err(report + "\n")
-        error(exc.message, exc.hint)
+        report_error(exc)
         code = 1
     except KeyboardInterrupt:
         code = 130
