@@ -439,13 +439,10 @@ def test_job_targets_named_by_json(daemons: Daemons) -> None:
     for m in (q, v):  # (events stay in m.events: each wait looks from the first)
         wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_READY")
         wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == "b")
-    def mask(text: str) -> str:
-        # the mirror's existing raw target: QEMU 7.2 writes only the source's data there (128 KiB allocated),
-        # vdkit's mirror writes its zeros too (1 MiB): the mirror engine's difference, not the names'
-        return re.sub(r'("filename": "tm.raw", "format": "(?:raw|file)", "actual-size": )\d+', r"\1N", text)
-
+    # (the mirror's existing raw target holds only the source's data in both: its zero granules are holes,
+    # so its actual-size is compared as it is)
     for cmd in ("query-block", "query-named-block-nodes", "query-block-jobs"):
-        assert mask(normalise(v.cmd_line(cmd))) == mask(normalise(q.cmd_line(cmd))), cmd
+        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
     for m in (q, v):
         assert m.cmd("block-job-complete", {"device": "m"}) == {"return": {}}
         wait_event(m, [0], lambda e: e["event"] == "BLOCK_JOB_COMPLETED" and e["data"]["device"] == "m")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from vdkit.block import io as bio
@@ -210,14 +211,34 @@ class MirrorJob(JobDriver):
         if self._io(job, "read", lambda: bio.readinto(self.source, lo, data)) is None:
             bm.set_dirty(lo, hi - lo)  # an ignored read error: still to copy (QEMU marks it dirty again)
             return
-        if is_zero(data):
-            done = self._io(job, "write", lambda: bio.write_zeroes(self.target, lo, hi - lo, unmap=self.unmap))
-        else:
-            done = self._io(job, "write", lambda: bio.write(self.target, lo, data))  # type: ignore[arg-type]
-        if done is None:
-            bm.set_dirty(lo, hi - lo)  # not copied: still to do
-            return
+        for a, b, zero in self._zero_runs(data):
+            if zero:
+                done = self._io(job, "write", partial(bio.write_zeroes, self.target, lo + a, b - a, unmap=self.unmap))
+            else:
+                done = self._io(job, "write", partial(bio.write, self.target, lo + a, data[a:b]))  # type: ignore[arg-type]
+            if done is None:
+                bm.set_dirty(lo, hi - lo)  # not copied: still to do
+                return
         job.advance(hi - lo, hi - lo)
+
+    def _zero_runs(self, data: memoryview) -> list[tuple[int, int, bool]]:
+        """``data`` as maximal runs ``(start, end, all zeros)`` of whole target clusters (granules).
+
+        The zero runs are written as zeroes (a hole in a raw file, zero clusters in qcow2), as QEMU's
+        mirror does, so a chunk holding some data does not fill the target's sparse parts with zeros."""
+        n = len(data)
+        if is_zero(data):
+            return [(0, n, True)]
+        step = self.cluster
+        runs: list[tuple[int, int, bool]] = []
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            zero = is_zero(data[a:b])
+            if runs and runs[-1][2] == zero:
+                runs[-1] = (runs[-1][0], b, zero)
+            else:
+                runs.append((a, b, zero))
+        return runs
 
     def _next_run(self, bm: DirtyBitmap) -> tuple[int, int] | None:
         """The first dirty run from the cursor on (wrapping to 0), at most a chunk long.
