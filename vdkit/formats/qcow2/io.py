@@ -759,17 +759,8 @@ class Qcow2IO:
         if l2.before_write is None:
             l2.before_write = self.settle  # (set here: the cluster map may be made, or made again, later)
         f = self.data_file
-        i = 0
-        while i < len(segments):
-            off, chunk = segments[i]
-            parts: list[bytes | bytearray | memoryview] = [chunk]
-            nxt = off + len(chunk)
-            i += 1
-            while i < len(segments) and segments[i][0] == nxt:
-                parts.append(segments[i][1])
-                nxt += len(segments[i][1])
-                i += 1
-            self._check_overlap(off, nxt - off)
+        for off, length, parts in _coalesced(segments):
+            self._check_overlap(off, length)
             self._pipe.submit(f.pwritev, off, parts, token)
 
     def _writable(self) -> None:
@@ -1237,17 +1228,8 @@ class Qcow2IO:
     def _write_segments(self, segments: list[tuple[int, bytes | memoryview]]) -> None:
         """Write (host, bytes) pieces, neighbours together in one vectored call."""
         f = self.data_file
-        i = 0
-        while i < len(segments):
-            off, chunk = segments[i]
-            parts: list[bytes | bytearray | memoryview] = [chunk]
-            nxt = off + len(chunk)
-            i += 1
-            while i < len(segments) and segments[i][0] == nxt:
-                parts.append(segments[i][1])
-                nxt += len(segments[i][1])
-                i += 1
-            self._check_overlap(off, nxt - off)
+        for off, length, parts in _coalesced(segments):
+            self._check_overlap(off, length)
             f.pwritev(off, parts)
 
     def _check_overlap(self, host: int, size: int, *, ignore: Metadata | None = None) -> None:
@@ -1653,3 +1635,19 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
     return [Run(_KINDS[k], base + s * unit, (e - s) * unit, h if v else None)
             for s, e, k, h, v in zip(starts.tolist(), ends.tolist(), kinds[starts].tolist(),
                                      hosts[starts].tolist(), valid[starts].tolist(), strict=True)]
+
+
+def _coalesced(segments: Sequence[tuple[int, bytes | memoryview]]
+               ) -> Iterator[tuple[int, int, list[bytes | bytearray | memoryview]]]:
+    """(host, bytes) pieces as ``(host, length, parts)``: neighbours joined for one vectored write."""
+    i = 0
+    while i < len(segments):
+        off, chunk = segments[i]
+        parts: list[bytes | bytearray | memoryview] = [chunk]
+        nxt = off + len(chunk)
+        i += 1
+        while i < len(segments) and segments[i][0] == nxt:
+            parts.append(segments[i][1])
+            nxt += len(segments[i][1])
+            i += 1
+        yield off, nxt - off, parts
