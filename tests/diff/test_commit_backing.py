@@ -14,6 +14,7 @@ allocation (``qemu-img map``), a clean ``qemu-img check``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def _same_files(q: Path, v: Path, args: list[str]) -> None:
     for name in IMAGES:
         r = qemu_img("compare", "-q", "-f", "qcow2", "-F", "qcow2", str(q / name), str(v / name))
         assert r.returncode == 0, f"{name} differs after commit {args}"
-        maps = [qemu_img("map", "--output=json", name, cwd=d).stdout for d in (q, v)]
+        # host offsets masked: qemu-img's commit copies with requests in parallel, so which of two
+        # separate ranges gets the first free cluster varies with the load (seen in CI: swapped)
+        maps = [re.sub(r', "offset": \d+', "", qemu_img("map", "--output=json", name, cwd=d).stdout)
+                for d in (q, v)]
         assert maps[0] == maps[1], f"{name}'s allocation differs after commit {args}"
         assert qemu_img("check", "-q", name, cwd=v).returncode == 0, name
     assert (q / "r.raw").read_bytes() == (v / "r.raw").read_bytes()
