@@ -11,7 +11,7 @@ from vdkit.cli.options import (
     open_args,
     output_format,
 )
-from vdkit.errors import UsageError, VdkitError
+from vdkit.errors import UsageError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -85,18 +85,9 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
             walk.policy.check("backing file", spec, name)
             fmt = driver or fmt
         walk.enter(name)
-        try:
+        with SpecNames((name, spec)):  # a json: backing name: its open errors name it, as qemu-img's
             node = open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
                               walk=walk, share_writes=True)
-        except VdkitError as exc:
-            if spec is None:
-                raise
-            from vdkit.block.image_opts import reprefix_open_error
-
-            renamed = reprefix_open_error(exc, name, spec)
-            if renamed is exc:
-                raise
-            raise renamed from exc
         with node:
             for message, hint in node.warnings():
                 warn(message, hint)
