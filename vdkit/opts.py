@@ -13,6 +13,7 @@ from vdkit.record import record
 
 TYPE_CHECKING = False  # typing is not imported at run time: every vdkit-img start reads this module
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 # -- sizes (qemu_strtosz) -------------------------------------------------
@@ -276,6 +277,21 @@ def split_options(text: str) -> list[tuple[str, str]]:
         out.append((name, value))
         i = j + 1
     return out
+
+
+def dotted_parent(tree: dict[str, Any], key: str, conflict: Callable[[str], VdkitError]
+                  ) -> tuple[dict[str, Any], str]:
+    """Where a dotted key (``file.filename``) goes in the nested object ``tree``: the object that holds
+    its last part (made on the way) and that part.  A part on the way that already holds a value
+    raises ``conflict(part)``: each caller words that as its grammar does."""
+    *path, last = key.split(".")
+    cur = tree
+    for part in path:
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise conflict(part)
+        cur = nxt
+    return cur, last
 
 
 def id_wellformed(text: str) -> bool:

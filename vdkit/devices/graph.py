@@ -564,16 +564,11 @@ def _open_json_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWalk,
     every file is subject to the open policy as a backing file named plainly is.
     """
     from vdkit.block.json_name import parse
+    from vdkit.opts import dotted_parent
 
     tree: dict[str, Any] = {}
     for key, value in parse(stored).items():  # dotted keys back into objects
-        *path, last = key.split(".")
-        cur = tree
-        for part in path:
-            nxt = cur.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise VdkitError(f"Invalid json: backing name '{stored}'")
-            cur = nxt
+        cur, last = dotted_parent(tree, key, lambda part: VdkitError(f"Invalid json: backing name '{stored}'"))
         cur[last] = value
     if walk.depth + 1 >= walk.policy.max_chain_depth:
         from vdkit.errors import OpenError

@@ -28,7 +28,7 @@ from vdkit.errors import VdkitError
 from vdkit.formats.registry import PASSES_PERMISSIONS, is_known
 from vdkit.info.model import BlockdevCacheInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
-from vdkit.opts import id_wellformed, parse_bool
+from vdkit.opts import dotted_parent, id_wellformed, parse_bool
 from vdkit.protocols import blkdebug
 from vdkit.protocols.registry import is_protocol
 
@@ -150,13 +150,7 @@ def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
     types = _member_types()
     out: dict[str, Any] = {}
     for key, value in items:
-        *path, last = key.split(".")
-        cur = out
-        for part in path:
-            nxt = cur.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise VdkitError(f"Parameter '{part}' does not take a value")
-            cur = nxt
+        cur, last = dotted_parent(out, key, lambda part: VdkitError(f"Parameter '{part}' does not take a value"))
         typed: Any = value
         t = types.get(last)
         if t == "bool":
