@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import check_ok, require_tool
-from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, normalise, normalise_hmp
+from tests.daemon.conftest import _ENV, QEMU_BASE, Daemons, Monitor, normalise, normalise_hmp
 from tests.helpers import ceph
 from tests.nbd.conftest import short_sock
 from tests.protocols.test_http import Web, web  # noqa: F401  (fixture)
@@ -80,12 +80,30 @@ def _args(drives: list[str]) -> list[str]:
     return out
 
 
-def test_json_drives_in_queries(daemons: Daemons) -> None:
-    q, v = daemons.pair(_args(DRIVES), _setup)
+def _same_queries(q: Monitor, v: Monitor) -> None:
+    """query-block, query-named-block-nodes, info block (and -v) alike on both daemons."""
     for cmd in ("query-block", "query-named-block-nodes"):
         assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
     for line in ("info block", "info block -v"):
         assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+
+
+def _library_names_as_query_block(q: Monitor, option_sets: list[dict[str, object]]) -> None:
+    """vdkit.open of each drive's options (drive ``j<i>``) names the layers as QEMU's query-block does."""
+    import json
+
+    import vdkit
+    from vdkit.info.render_json import render_pretty
+
+    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
+    for i, options in enumerate(option_sets):
+        with vdkit.open(options=options) as node:
+            assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options
+
+
+def test_json_drives_in_queries(daemons: Daemons) -> None:
+    q, v = daemons.pair(_args(DRIVES), _setup)
+    _same_queries(q, v)
 
 
 OPTION_DRIVES = [  # a local image given by options, or its backing replaced beside a plain file name
@@ -239,18 +257,8 @@ def test_json_drives_over_nbd(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -
     ]
     drives = ["json:" + json.dumps(n) + ("\0read-only=on" if i >= 4 else "") for i, n in enumerate(names)]
     q, v = daemons.pair(_args(drives), lambda d: None)
-    for cmd in ("query-block", "query-named-block-nodes"):
-        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
-    for line in ("info block", "info block -v"):
-        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
-
-    import vdkit
-    from vdkit.info.render_json import render_pretty
-
-    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
-    for i, options in enumerate(names):  # the library names the layers as query-block does
-        with vdkit.open(options=options) as node:
-            assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options
+    _same_queries(q, v)
+    _library_names_as_query_block(q, names)
 
 def test_json_drives_over_http(daemons: Daemons, web: Web) -> None:  # noqa: F811
     """json: names whose file (or top) node is curl's, on nginx: a writable raw drive over the read-only
@@ -271,18 +279,8 @@ def test_json_drives_over_http(daemons: Daemons, web: Web) -> None:  # noqa: F81
     ]
     drives = ["json:" + json.dumps(n) + (f"\0{extra}" if extra else "") for n, extra in names]
     q, v = daemons.pair(_args(drives), lambda d: None)
-    for cmd in ("query-block", "query-named-block-nodes"):
-        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
-    for line in ("info block", "info block -v"):
-        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
-    # the library names the layers as query-block does (vdkit.image_info, nested)
-    import vdkit
-    from vdkit.info.render_json import render_pretty
-
-    shown = {b["device"]: b["inserted"]["image"] for b in q.cmd("query-block")["return"]}
-    for i, (options, _) in enumerate(names):
-        with vdkit.open(options=options) as node:
-            assert json.loads(render_pretty(vdkit.image_info(node, nested=True))) == shown[f"j{i}"], options
+    _same_queries(q, v)
+    _library_names_as_query_block(q, [n for n, _ in names])
 
 
 @pytest.fixture(scope="session")
@@ -311,10 +309,7 @@ def test_json_drives_over_rbd(daemons: Daemons, cluster: ceph.CephCluster) -> No
     ]
     drives = ["json:" + json.dumps(n) + (f"\0{extra}" if extra else "") for n, extra in names]
     q, v = daemons.pair(_args(drives), lambda d: None)
-    for cmd in ("query-block", "query-named-block-nodes"):
-        assert normalise(v.cmd_line(cmd)) == normalise(q.cmd_line(cmd)), cmd
-    for line in ("info block", "info block -v"):
-        assert normalise_hmp(v.hmp(line)) == normalise_hmp(q.hmp(line)), line
+    _same_queries(q, v)
 
 
 def test_blockdev_nbd_nodes(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -> None:  # noqa: F811
