@@ -187,21 +187,34 @@ def table_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 def held_by_qemu_io(image: Path, fmt: str | None = None) -> Iterator[None]:
     """A qemu-io process holding ``image`` open read-write (QEMU's locks) for the ``with`` body.
 
-    Waits until ``qemu-img info`` is refused.  That probe takes a shared lock itself, so a qemu-io
-    starting at the same moment can fail to get its write lock and exit: it is then started again.
+    Waits until ``qemu-img info`` is refused twice in a row with qemu-io still running.  That probe
+    takes a shared lock itself, so a qemu-io opening at the same moment can fail to get its write lock
+    and exit while the probe is refused too (both saw the other's lock): one refusal does not prove
+    the lock is held.  A qemu-io that exited is started again.
     """
     import time
 
     cmd = [require_tool("qemu-io"), *(["-f", fmt] if fmt else []), "-c", "sleep 600000", str(image)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def locked_by_live_qemu_io() -> bool:
+        if qemu_img("info", str(image)).returncode == 0:
+            return False
+        time.sleep(0.1)  # a qemu-io that lost the race exits at once
+        return proc.poll() is None
+
     try:
         deadline = time.monotonic() + 60
-        while qemu_img("info", str(image)).returncode == 0:
+        refusals = 0
+        while refusals < 2:
             assert time.monotonic() < deadline, "qemu-io never locked the image"
+            refusals = refusals + 1 if locked_by_live_qemu_io() else 0
             if proc.poll() is not None:
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.05)
+            if refusals == 0:
+                time.sleep(0.05)
         yield
+        assert proc.poll() is None, "qemu-io stopped holding the image during the test"
     finally:
         proc.kill()
         proc.wait()
