@@ -12,7 +12,7 @@ failed action, so the file is what qemu-img leaves.
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, SpecNames, cvtnum, getopt_long, mutually_exclusive_image_opts, open_args
+from vdkit.cli.options import LongOpt, cvtnum, getopt_long, mutually_exclusive_image_opts, open_args, spec_names
 from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         raise VdkitError("Expecting filename and bitmap name")
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         return run(filename, fmt, p.args[1], actions, granularity=granularity or None,
                    add_disabled=p.has("disable"), src_file=src_file, src_fmt=src_fmt)
 

@@ -12,12 +12,12 @@ import os
 from vdkit.cli.main import PROG, write_err, write_out
 from vdkit.cli.options import (
     LongOpt,
-    SpecNames,
     check_cache_modes,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     output_format,
+    spec_names,
 )
 from vdkit.errors import OpenError, UsageError
 
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         warn_if_probed(drv, fmt, filename)
 
     preamble = ""
-    with SpecNames((filename, spec)), open_image(
+    with spec_names((filename, spec)), open_image(
         filename, fmt, readonly=repair is None, force_share=force_share, check_mode=True, share_writes=True,
         on_open=None if repair is None else warn_if_probed,  # opened writable
     ) as node:

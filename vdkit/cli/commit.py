@@ -13,12 +13,12 @@ from __future__ import annotations
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
     LongOpt,
-    SpecNames,
     check_cache_modes,
     cvtnum,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
+    spec_names,
 )
 from vdkit.errors import UsageError, VdkitError
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     drop = p.has("d") or base is not None
     quiet = p.has("q")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         return run(filename, fmt, base, drop=drop, quiet=quiet, progress=p.has("p") and not quiet, shown=spec)
 
 

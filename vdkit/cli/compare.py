@@ -15,11 +15,11 @@ from vdkit.cli.main import error, write_out
 from vdkit.cli.options import (
     LongOpt,
     ObjectError,
-    SpecNames,
     check_cache_modes,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
+    spec_names,
 )
 from vdkit.errors import UsageError, VdkitError
 
@@ -77,12 +77,12 @@ def run(file1: str, file2: str, fmt1: str | None, fmt2: str | None, *, strict: b
     prog = Progress(progress, min_skip=2.0)
     nodes: list[Node] = []
     code = 2
-    names = SpecNames()
+    names = spec_names()
     try:
         # qemu-img names the arguments as given (the specs) in every message
         for name, fmt in ((file1, fmt1), (file2, fmt2)):
             filename, fmt, spec = open_args(name, fmt, image_opts)
-            names = SpecNames((filename, spec))
+            names = spec_names((filename, spec))
             nodes.append(open_image(filename, fmt, readonly=True, force_share=force_share, share_writes=True))
         code = _compare(nodes[0], nodes[1], file1, file2, strict=strict, quiet=quiet, prog=prog)
     except _Result as r:

@@ -17,7 +17,7 @@ described above) writing through :mod:`vdkit.block.target`.
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import CACHE_MODES, LongOpt, SpecNames, cvtnum, getopt_long, open_args
+from vdkit.cli.options import CACHE_MODES, LongOpt, cvtnum, getopt_long, open_args, spec_names
 from vdkit.errors import UsageError, VdkitError
 from vdkit.opts import split_items
 
@@ -191,7 +191,7 @@ def run(a: ConvertArgs) -> int:
             if a.image_opts and a.fmt is not None:
                 raise VdkitError("--image-opts and --format are mutually exclusive")
             filename, fmt, spec = open_args(name, a.fmt, a.image_opts)
-            with SpecNames((filename, spec)):
+            with spec_names((filename, spec)):
                 nodes.append(open_image(filename, fmt, readonly=True, force_share=a.force_share))
         if a.snapshot is not None:
             _load_snapshot(nodes[0], a.snapshot)
@@ -354,7 +354,7 @@ def _open_target_spec(a: ConvertArgs) -> Node:
     if a.out_fmt_given:
         raise VdkitError("--image-opts and --format are mutually exclusive")
     filename, driver = image_opts(a.target)
-    with SpecNames((filename, a.target)):
+    with spec_names((filename, a.target)):
         node = open_image(filename, driver, readonly=False, backing=True, share_writes=True)
     _no_flushes(a, node)
     if a.compressed and not _supports_compression(node.format):
@@ -376,7 +376,7 @@ def _create_and_open(a: ConvertArgs, size: int) -> Node:
         _create(a, size)
     if a.skip_create and a.target.startswith("json:"):  # -n onto a json: name: its options, as qemu-img
         filename, fmt, spec = open_args(a.target, a.out_fmt, False)
-        with SpecNames((filename, spec)):
+        with spec_names((filename, spec)):
             node = open_image(filename, fmt, readonly=False, backing=True, share_writes=True)
     else:
         node = open_image(a.target, a.out_fmt, readonly=False, backing=True, share_writes=True)

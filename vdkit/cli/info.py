@@ -5,11 +5,11 @@ from __future__ import annotations
 from vdkit.cli.main import warn, write_out
 from vdkit.cli.options import (
     LongOpt,
-    SpecNames,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     output_format,
+    spec_names,
 )
 from vdkit.errors import UsageError
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
     output = output_format(p.last("output"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         infos = collect_image_info_list(filename, fmt, chain=p.has("backing-chain"), force_share=p.has("U"))
     shown = None
     if spec is not None:
@@ -85,7 +85,7 @@ def collect_image_info_list(filename: str, fmt: str | None, *, chain: bool, forc
             walk.policy.check("backing file", spec, name)
             fmt = driver or fmt
         walk.enter(name)
-        with SpecNames((name, spec)):  # a json: backing name: its open errors name it, as qemu-img's
+        with spec_names((name, spec)):  # a json: backing name: its open errors name it, as qemu-img's
             node = open_image(name, fmt, readonly=True, force_share=force_share, backing=False, no_io=True,
                               walk=walk, share_writes=True)
         with node:

@@ -9,12 +9,12 @@ from __future__ import annotations
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
     LongOpt,
-    SpecNames,
     cvtnum,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     output_format,
+    spec_names,
 )
 from vdkit.errors import UsageError, VdkitError, hexalt
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     output = output_format(p.last("output"))
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         return run(filename, fmt, output=output, start=start, max_length=max_length, force_share=p.has("U"))
 
 

@@ -17,6 +17,7 @@ from vdkit.record import field, record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from vdkit.block.image_opts import SpecNames
     from vdkit.block.objects import QomObject as QomObject  # re-exported: the daemon's -object
 
 
@@ -228,40 +229,23 @@ def open_args(name: str, fmt: str | None, use_opts: bool) -> tuple[str, str | No
     return filename, driver, name
 
 
-class SpecNames:
-    """Context manager: errors naming a file opened from a spec name the spec, as qemu-img's do.
+def spec_names(*pairs: tuple[str, str | None]) -> SpecNames:
+    """:class:`vdkit.block.image_opts.SpecNames` (errors of images opened from a spec name the spec, as
+    qemu-img's do) with vdkit-img's word where the spec gave qcow2's ``encrypt.key-secret``: qemu-img
+    would decrypt, vdkit-img cannot, and the block layer's "key-secret is required" would be a false
+    reason."""
+    from vdkit.block.image_opts import SpecNames
 
-    The block layer only sees file names; qemu-img opens the spec itself, so
-    its top-level "Could not open" names the spec.  ``pairs`` are the
-    (file name, spec) of the images opened inside the block (spec None: a
-    plain name, nothing to rewrite).
-    """
+    return SpecNames(*pairs, explain=_cannot_decrypt)
 
-    def __init__(self, *pairs: tuple[str, str | None]) -> None:
-        self.pairs = [(f, s) for f, s in pairs if s is not None]
 
-    def rewrite(self, exc: Exception) -> Exception:
-        from vdkit.block.image_opts import reprefix_open_error
-        from vdkit.errors import UnsupportedError, VdkitError
+def _cannot_decrypt(renamed: Exception, spec: str) -> Exception:
+    from vdkit.errors import UnsupportedError
 
-        for filename, spec in self.pairs:
-            new = reprefix_open_error(exc, filename, spec)
-            if new is not exc:
-                if (isinstance(new, VdkitError) and "encrypt.key-secret=" in spec
-                        and new.message.endswith("Parameter 'encrypt.key-secret' is required for cipher")):
-                    # the key was given: qemu-img would decrypt, vdkit cannot; say that, not a false reason
-                    return UnsupportedError(f"Could not open '{spec}': vdkit-img cannot read encrypted data")
-                return new
-        return exc
-
-    def __enter__(self) -> SpecNames:
-        return self
-
-    def __exit__(self, tp: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, Exception) and self.pairs:
-            new = self.rewrite(exc)
-            if new is not exc:
-                raise new from exc
+    if (isinstance(renamed, VdkitError) and "encrypt.key-secret=" in spec
+            and renamed.message.endswith("Parameter 'encrypt.key-secret' is required for cipher")):
+        return UnsupportedError(f"Could not open '{spec}': vdkit-img cannot read encrypted data")
+    return renamed
 
 
 # -- --object (QOM user-creatable objects): created by vdkit.block.objects, shared with the library -------

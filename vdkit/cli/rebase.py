@@ -18,11 +18,11 @@ import os
 from vdkit.cli.main import write_out
 from vdkit.cli.options import (
     LongOpt,
-    SpecNames,
     check_cache_modes,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
+    spec_names,
 )
 from vdkit.errors import UsageError, VdkitError
 
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     check_cache_modes(p)
     mutually_exclusive_image_opts(p, "f")
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         return run(filename, fmt, base or "", p.last("F"), unsafe=unsafe, progress=p.has("p") and not quiet)
 
 

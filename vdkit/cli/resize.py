@@ -9,7 +9,7 @@ and is taken off before option parsing, so ``resize img -1G`` works without
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, SpecNames, getopt_long, mutually_exclusive_image_opts, open_args
+from vdkit.cli.options import LongOpt, getopt_long, mutually_exclusive_image_opts, open_args, spec_names
 from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     n = int(parse_value(OptDesc("size", "size", None, "Virtual disk size"), size_text))
     filename, fmt, spec = open_args(p.args[0], p.last("f"), p.has("image-opts"))
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         return run(filename, fmt, n, relative, prealloc=prealloc, shrink=p.has("shrink"), quiet=p.has("q"))
 
 

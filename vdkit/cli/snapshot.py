@@ -12,7 +12,7 @@ prints nothing.
 from __future__ import annotations
 
 from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, SpecNames, getopt_long, open_args, output_format
+from vdkit.cli.options import LongOpt, getopt_long, open_args, output_format, spec_names
 from vdkit.errors import UsageError
 
 LONGOPTS = [
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     output = output_format(p.last("output"))
     filename, fmt, spec = open_args(p.args[0], None, p.has("image-opts"))
     action, arg = actions[0] if actions else (None, None)
-    with SpecNames((filename, spec)):
+    with spec_names((filename, spec)):
         if action == "l":
             return _list(filename, fmt, force_share=p.has("U"), output=output)
         from vdkit.cli import snapshot_write
