@@ -94,11 +94,10 @@ def build_data_image(path: Path, size_mib: int = 1024, data_mib: int = 320) -> N
 
 def _in_process(img: Path) -> float:
     from vdkit.block.node import open_image
-    from vdkit.formats.qcow2.check import check
 
     with open_image(str(img), check_mode=True) as node:
         t0 = time.perf_counter()
-        check(node.driver, None, lambda line: None)  # type: ignore[arg-type]
+        node.driver.check(None, lambda line: None)  # (the proof by runs first, as vdkit-img check)
         return time.perf_counter() - t0
 
 

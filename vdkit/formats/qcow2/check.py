@@ -1434,27 +1434,17 @@ def _table_bytes(driver: Qcow2Driver) -> int:
     return (h.l1_size + driver.file.size() // rb_bytes + 1) * cs + h.l1_size * 8 + h.refcount_table_clusters * cs
 
 
-# The read-only check of an image the size would give numpy tries the walk by runs first (check_runs):
-# the full walk only runs when that one cannot prove the image clean (tests turn it off to compare).
-RUNS = True
-
-
 def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResult:
-    """Check (and with ``repair`` = ``"leaks"``/``"all"``, repair) an open qcow2 image.
+    """Check (and with ``repair`` = ``"leaks"``/``"all"``, repair) an open qcow2 image: the full walk.
 
-    The driver must have been opened in check mode, read-write when repairing.
+    The driver must have been opened in check mode, read-write when repairing.  A read-only check
+    through ``Qcow2Driver.check`` only gets here when :mod:`.check_runs` could not prove the image clean.
     """
     if driver.dead:  # killed by a corruption event (e.g. during the repair pass): no driver left
         return CheckResult(check_errors=1, error=-errno.ENOMEDIUM)
     checker = None
     try:
         backend = tables.NUMPY if repair else tables.backend_for(_CHECK_WEIGHT * _table_bytes(driver))
-        if RUNS and backend is tables.NUMPY and not repair:
-            from vdkit.formats.qcow2.check_runs import check_clean
-
-            clean = check_clean(driver)  # a consistent big image proven so without numpy
-            if clean is not None:
-                return clean
         checker = _Checker(driver, repair, report, backend)
         return checker.run()
     except _CheckFailed as exc:

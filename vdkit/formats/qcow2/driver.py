@@ -754,6 +754,16 @@ class Qcow2Driver(FormatDriver):
         return specific_info(self)
 
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
+        """A read-only check first tries the proof by runs (:mod:`.check_runs`: a consistent image,
+        the usual case, without loading the full walk's module or numpy); anything it cannot prove
+        clean goes to the full walk (:mod:`.check`), which reports in QEMU's order."""
+        if repair is None and not self.dead:
+            from vdkit.formats.qcow2 import check_runs
+
+            if check_runs.ENABLED:
+                clean = check_runs.check_clean(self)
+                if clean is not None:
+                    return clean
         from vdkit.formats.qcow2.check import check
 
         return check(self, repair, report)
