@@ -17,7 +17,7 @@ from vdkit.opts import split_items
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from vdkit.block.chain import OpenPolicy
     from vdkit.block.node import Node
@@ -356,59 +356,6 @@ def _probe_for_option(filename: str, key: str, wanted: str) -> str | None:
     return fmt
 
 
-def reprefix_open_error(exc: Exception, filename: str, spec: str) -> Exception:
-    """Name ``spec`` instead of ``filename`` in a top-level "Could not open" error, as qemu-img does."""
-    from vdkit.errors import VdkitError
-
-    if not isinstance(exc, VdkitError):
-        return exc
-    prefix = f"Could not open '{filename}': "
-    if exc.message.startswith(prefix):
-        inner = exc.__cause__ if isinstance(exc.__cause__, VdkitError) else None
-        if inner is not None and inner.message == exc.message[len(prefix):]:
-            return inner.prefixed(f"Could not open '{spec}': ")
-        err = exc.prefixed("")
-        err.message = f"Could not open '{spec}': " + exc.message[len(prefix):]
-        err.args = (err.message,)
-        return err
-    return exc
-
-
-class SpecNames:
-    """Context manager: an open error naming a file opened from a spec names the spec, as QEMU's do.
-
-    The block layer opens file names; qemu-img and ``vdkit.open`` were given
-    the spec (``--image-opts`` string, ``json:`` name, options), and their
-    top-level "Could not open" names it.  ``pairs`` are the (file name, spec)
-    of the images opened inside the block (spec None: a plain name, nothing to
-    rename).  ``explain`` may replace a renamed error with one that says more
-    (given that error and its spec): the command line's word on what vdkit-img
-    cannot do.
-    """
-
-    def __init__(self, *pairs: tuple[str, str | None],
-                 explain: Callable[[Exception, str], Exception] | None = None) -> None:
-        self.pairs = [(f, s) for f, s in pairs if s is not None]
-        self.explain = explain
-
-    def rewrite(self, exc: Exception) -> Exception:
-        """``exc`` as the spec's error, or ``exc`` itself when it names none of the files."""
-        for filename, spec in self.pairs:
-            new = reprefix_open_error(exc, filename, spec)
-            if new is not exc:
-                return new if self.explain is None else self.explain(new, spec)
-        return exc
-
-    def __enter__(self) -> SpecNames:
-        return self
-
-    def __exit__(self, tp: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, Exception) and self.pairs:
-            new = self.rewrite(exc)
-            if new is not exc:
-                raise new from exc
-
-
 def image_opts_name(spec: str) -> str | None:
     """The ``json:`` name qemu-img gives an image opened with options its file name cannot express.
 
@@ -582,7 +529,7 @@ def open_with_options(path: str | None, fmt: str | None, options: Mapping[str, o
     open node never looks them up again.
     """
     from vdkit.block.secrets import OpenScope
-    from vdkit.errors import OpenError
+    from vdkit.errors import OpenError, SpecNames
 
     if isinstance(options, str) and path is not None:
         raise TypeError("vdkit.open() takes an --image-opts string without a path")

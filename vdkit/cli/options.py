@@ -9,7 +9,7 @@ long options may be abbreviated to any unique prefix, ``--opt=value`` and
 
 from __future__ import annotations
 
-from vdkit.errors import UsageError, VdkitError
+from vdkit.errors import SpecNames, UsageError, VdkitError
 from vdkit.opts import CACHE_MODES as _CACHE_TABLE
 from vdkit.opts import SizeRangeError as SizeRangeError  # re-exported
 from vdkit.opts import strtosz as strtosz
@@ -17,7 +17,6 @@ from vdkit.record import field, record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from vdkit.block.image_opts import SpecNames
     from vdkit.block.objects import QomObject as QomObject  # re-exported: the daemon's -object
 
 
@@ -230,12 +229,10 @@ def open_args(name: str, fmt: str | None, use_opts: bool) -> tuple[str, str | No
 
 
 def spec_names(*pairs: tuple[str, str | None]) -> SpecNames:
-    """:class:`vdkit.block.image_opts.SpecNames` (errors of images opened from a spec name the spec, as
+    """:class:`vdkit.errors.SpecNames` (errors of images opened from a spec name the spec, as
     qemu-img's do) with vdkit-img's word where the spec gave qcow2's ``encrypt.key-secret``: qemu-img
     would decrypt, vdkit-img cannot, and the block layer's "key-secret is required" would be a false
     reason."""
-    from vdkit.block.image_opts import SpecNames
-
     return SpecNames(*pairs, explain=_cannot_decrypt)
 
 
