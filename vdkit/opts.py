@@ -282,15 +282,18 @@ def split_options(text: str) -> list[tuple[str, str]]:
 def dotted_parent(tree: dict[str, Any], key: str, conflict: Callable[[str], VdkitError]
                   ) -> tuple[dict[str, Any], str]:
     """Where a dotted key (``file.filename``) goes in the nested object ``tree``: the object that holds
-    its last part (made on the way) and that part.  A part on the way that already holds a value
-    raises ``conflict(part)``: each caller words that as its grammar does."""
+    its last part (made on the way) and that part.  A key used both for a value and as the prefix of
+    other keys (``file=f`` beside ``file.filename=x``, in either order) raises ``conflict(prefix)``
+    with that key's dotted prefix (``file``): each caller words that as its grammar does."""
     *path, last = key.split(".")
     cur = tree
-    for part in path:
+    for i, part in enumerate(path):
         nxt = cur.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise conflict(part)
+            raise conflict(".".join(path[:i + 1]))
         cur = nxt
+    if isinstance(cur.get(last), dict):
+        raise conflict(key)
     return cur, last
 
 

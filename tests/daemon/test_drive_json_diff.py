@@ -145,10 +145,14 @@ REFUSED = [  # (the interpreter's other texts are compared with qemu-img's in te
     _qcow2("t0.qcow2") + "\0bogus=1",
     _qcow2("t0.qcow2", ',"backing":{"driver":"qcow2","file":%s}' % _file("nosuch.qcow2")),
     'json:{"driver":"raw","offset":"abc","file":%s}' % _file("r.raw"),
+    'json:{"driver":"qcow2","file":"t0.qcow2","file.filename":"t0.qcow2"}',  # a reference with options
+    'json:{"driver":"qcow2","driver":"raw","file":%s}' % _file("t0.qcow2"),  # a key twice
 ]
-# the same start-up errors for drives given by options (no json: name)
+# the same start-up errors for drives given by options (no json: name); file= beside file.filename=
 REFUSED_OPTIONS = ["driver=nosuch,file.filename=t0.qcow2", "file=t0.qcow2,backing.bogus=1",
-                   "driver=qcow2,file.filename=t0.qcow2,file.bogus=1"]
+                   "driver=qcow2,file.filename=t0.qcow2,file.bogus=1", "file=t0.qcow2,file.filename=t0.qcow2",
+                   "file.filename=r.raw,format=raw,file=r.raw", "format=raw,offset=0,file=r.raw,file.filename=r.raw",
+                   "file=t0.qcow2,file.driver=file,file.filename=t1.qcow2,backing=null"]
 
 
 def _refusal(prog: str, p: subprocess.Popen[bytes]) -> tuple[int | str, str]:

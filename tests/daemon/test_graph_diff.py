@@ -201,6 +201,19 @@ def test_block_resize(daemons: Daemons) -> None:
     '{"driver": "file"}',
     "driver=raw,node-name=r,file=nope",
     "driver=qcow2,node-name=q,file.driver=file,file.filename=DIR/r.raw",
+    # a key given a value and used as a prefix, in either order (keyval's "used inconsistently")
+    "driver=qcow2,node-name=q,file=DIR/base.qcow2,file.filename=DIR/r.raw",
+    "driver=qcow2,node-name=q,file.filename=DIR/r.raw,file=DIR/base.qcow2",
+    "driver=qcow2,node-name=q,file.driver=file,file.filename.x=1,file.filename=DIR/r.raw",
+    "driver=qcow2,node-name=q,node-name.a=1",
+    # JSON: QEMU's parser texts (a key twice, premature end, a second value, a trailing comma)
+    '{"driver": "qcow2", "node-name": "q", "file": "x", "file": {"driver": "file", "filename": "DIR/r.raw"}}',
+    '{"driver": "qcow2", "file": {"driver": "file", "filename": "DIR/r.raw", "filename": "DIR/base.qcow2"}}',
+    '{"driver": "qcow2", "node-name": "q"',
+    '{"driver": "qcow2"} {}',
+    '{"driver": "qcow2",}',
+    '{"driver": "qcow2", "node-name": "q", "file": "x", "file.filename": "DIR/r.raw"}',
+    "{'driver': 'qcow2', 'node-name': 'q', 'file': {'driver': 'file', 'filename': 'DIR/nonexist'}}",
 ])
 def test_blockdev_option_errors(tmp_path: Path, text: str) -> None:
     """A bad -blockdev stops start-up with QEMU's line (program name aside) and exit status 1."""

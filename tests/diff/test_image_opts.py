@@ -95,6 +95,20 @@ READ_CASES: list[list[str]] = [
     ["snapshot", "-l", "--image-opts", Q],
     ["snapshot", "-l", "--image-opts", MISSING],
     ["snapshot", "-l", "--image-opts", "-f", "qcow2", Q],
+    # the file child by reference beside options for it (either order), and the json: equivalents
+    ["info", "--image-opts", "driver=qcow2,file=q.qcow2,file.filename=o.qcow2"],
+    ["info", "--image-opts", "driver=qcow2,file.filename=o.qcow2,file=q.qcow2"],
+    ["info", "--image-opts", "file=q.qcow2,file.aio=threads"],
+    ["info", "--image-opts", "driver=qcow2,file=,file.driver=file"],
+    ["info", "--image-opts", "driver=nosuch,file=q.qcow2,file.filename=o.qcow2"],
+    ["info", "--image-opts", "driver=nosuch,file=q.qcow2"],
+    ["info", "--image-opts", "driver=qcow2,file=q.qcow2,bogus=1"],
+    ["info", 'json:{"driver":"qcow2","file":"q.qcow2","file.filename":"o.qcow2"}'],
+    ["map", 'json:{"file.driver":"file","driver":"qcow2","file":"q.qcow2"}'],
+    # a key twice: refused (Python's json would keep the last, and open another file)
+    ["info", 'json:{"driver":"qcow2","file":"q.qcow2","file":{"driver":"file","filename":"o.qcow2"}}'],
+    ["info", 'json:{"driver":"qcow2","file":{"driver":"file","filename":"o.qcow2","filename":"q.qcow2"}}'],
+    ["check", 'json:{"driver":"raw","driver":"qcow2","file":{"filename":"q.qcow2"}}'],
 ]
 
 

@@ -62,7 +62,16 @@ def _image_opts(spec: str, parsed: dict[str, object] | None, backing: list[objec
             raw = dict(parsed)
         backing.extend(_take_backing(raw))
         ref = raw.get("file")
-        if isinstance(ref, str):  # a node reference, which qemu-img never has
+        if isinstance(ref, str):  # a node reference, which qemu-img never has (once the driver is known)
+            named = raw.get("driver")
+            if isinstance(named, str):
+                from vdkit.formats.registry import is_known
+
+                if not is_known(named):
+                    raise OpenError(f"Unknown driver '{named}'")
+            if any(k.startswith("file.") for k in raw):  # options for the child, or its file, beside it
+                raise OpenError("Cannot reference an existing block device with additional options or a new "
+                                "filename")
             raise OpenError(f"Cannot find device='{ref}' nor node-name='{ref}'")
         window = _window(raw)  # a format's options making its node a window (raw's offset/size)
         if window is not None:

@@ -22,24 +22,54 @@ def is_json_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
-def parse(name: str) -> dict[str, object]:
-    """``json:{...}`` -> flat options; errors are OpenErrors with QEMU's texts (no prefix)."""
+class _DuplicateKey(ValueError):
+    """An object names a key twice: QEMU's JSON parser refuses it where Python's keeps the last (which
+    could open another file than the one a reader of the text sees first)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _DuplicateKey
+    return out
+
+
+def loads(text: str) -> Any:
+    """One JSON value as QEMU's parser reads a command-line text (a ``json:`` name's, ``-blockdev {...}``):
+    single-quoted strings allowed, a key twice refused; errors are OpenErrors with its texts.
+
+    Python's decoder stands in for QEMU's, so a few texts are approximations: a duplicate key is found
+    as its object closes (an object that never closes, or a syntax error after the duplicate, reports
+    that error; QEMU reports whichever comes first), and a bad keyword is "expecting value"."""
     import json
 
     from vdkit.errors import OpenError
 
-    text = _single_to_double(name[len(PREFIX):])
+    text = _single_to_double(text)
     if not text.strip():
-        raise OpenError("Could not parse the JSON options: Expecting a JSON value")
+        raise OpenError("Expecting a JSON value")
     start = len(text) - len(text.lstrip())
     try:
-        value, end = json.JSONDecoder().raw_decode(text, start)
+        value, end = json.JSONDecoder(object_pairs_hook=_unique_keys).raw_decode(text, start)
+    except _DuplicateKey:
+        raise OpenError("JSON parse error, duplicate key") from None
     except json.JSONDecodeError as exc:
         eoi = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
         what = "premature EOI" if eoi else "expecting value"
-        raise OpenError(f"Could not parse the JSON options: JSON parse error, {what}") from None
+        raise OpenError(f"JSON parse error, {what}") from None
     if text[end:].strip():
-        raise OpenError("Could not parse the JSON options: Expecting at most one JSON value")
+        raise OpenError("Expecting at most one JSON value")
+    return value
+
+
+def parse(name: str) -> dict[str, object]:
+    """``json:{...}`` -> flat options; errors are OpenErrors with QEMU's texts (no prefix)."""
+    from vdkit.errors import OpenError
+
+    try:
+        value = loads(name[len(PREFIX):])
+    except OpenError as exc:
+        raise exc.prefixed("Could not parse the JSON options: ") from None
     if not isinstance(value, dict):
         raise OpenError("Invalid JSON object given")
     return flatten(value)

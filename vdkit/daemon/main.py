@@ -341,6 +341,8 @@ def parse_drive(text: str, indexes: DriveIndexes | None = None) -> DriveSpec:
     from vdkit.formats.registry import window_options
     from vdkit.protocols.registry import is_protocol
 
+    if spec.file is not None and "file.filename" in opts and not is_protocol(spec.format):
+        raise OptionError("Can't specify 'file' and 'filename' options at the same time")  # the file child's
     if _options_drive(spec, opts):  # a local image given (or its backing replaced) by options: as json:
         import json
 
@@ -900,17 +902,13 @@ def _protocol_opened(machine: DeviceRegistry, spec: DriveSpec, medium: Medium, d
 
 def _open_blockdevs(machine: DeviceRegistry, texts: list[str]) -> None:
     """Each -blockdev (JSON or dotted keys), as blockdev-add; errors as QEMU prints them."""
-    import json
-
+    from vdkit.block import json_name
     from vdkit.monitor import graph_cmds
 
     for text in texts:
         try:
             if text.lstrip().startswith("{"):
-                try:
-                    opts = json.loads(text)
-                except ValueError:
-                    raise OptionError("JSON parse error") from None
+                opts = json_name.loads(text)  # QEMU's JSON texts, as a json: name's
             else:
                 opts = graph_cmds.keyval_options(split_opts(text))
             graph_cmds.add_node(machine, opts)

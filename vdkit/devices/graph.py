@@ -568,7 +568,7 @@ def _open_json_backing(machine: DeviceRegistry, g: GraphNode, walk: BackingWalk,
 
     tree: dict[str, Any] = {}
     for key, value in parse(stored).items():  # dotted keys back into objects
-        cur, last = dotted_parent(tree, key, lambda part: VdkitError(f"Invalid json: backing name '{stored}'"))
+        cur, last = dotted_parent(tree, key, lambda prefix: VdkitError(f"Invalid json: backing name '{stored}'"))
         cur[last] = value
     if walk.depth + 1 >= walk.policy.max_chain_depth:
         from vdkit.errors import OpenError

@@ -150,7 +150,7 @@ def keyval_options(items: list[tuple[str, str]]) -> dict[str, Any]:
     types = _member_types()
     out: dict[str, Any] = {}
     for key, value in items:
-        cur, last = dotted_parent(out, key, lambda part: VdkitError(f"Parameter '{part}' does not take a value"))
+        cur, last = dotted_parent(out, key, lambda prefix: VdkitError(f"Parameters '{prefix}.*' used inconsistently"))
         typed: Any = value
         t = types.get(last)
         if t == "bool":
