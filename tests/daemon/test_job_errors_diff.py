@@ -40,6 +40,14 @@ def _wait_status(p: Pair, status: str, count: int = 1) -> None:
         _wait(m, "JOB_STATUS_CHANGE", count, status=status)
 
 
+def _resume_stopped(p: Pair, job: str, *, mask: re.Pattern[str] | None = None, paused: int = 1) -> None:
+    """A job its error policy stopped: paused in both (the ``paused``-th time), its query-block-jobs
+    entry alike (io-status; ``mask``: what QEMU's parallel requests make differ), then resumed."""
+    _wait_status(p, "paused", paused)
+    p.same("query-block-jobs", mask=mask)
+    p.same("block-job-resume", {"device": job})
+
+
 # (command, arguments, what the job does after its one failed read: "stop" (paused, resumed), "ready"
 # (then completed), "done" (finishes by itself), "fail"), the files to compare afterwards
 SOURCE_CASES: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
@@ -65,9 +73,7 @@ def test_source_read_error(daemons: Daemons, tmp_path: Path, cmd: str, args: dic
     p.same(cmd, {"device": "disk0", "job-id": "j", **args})
     p.wait("BLOCK_JOB_ERROR")
     if after == "stop":
-        _wait_status(p, "paused")
-        p.same("query-block-jobs")  # io-status failed
-        p.same("block-job-resume", {"device": "j"})
+        _resume_stopped(p, "j")  # io-status failed
         after = "ready" if cmd != "drive-backup" else "done"
     if after == "ready":
         p.wait("BLOCK_JOB_READY")
@@ -130,9 +136,7 @@ def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
 
     p.same("blockdev-mirror", {"device": "disk0", "target": "t3", "sync": "full", "job-id": "m3",
                                "on-target-error": "stop"})
-    _wait_status(p, "paused")
-    p.same("query-block-jobs", mask=_OFFSET)  # io-status failed
-    p.same("block-job-resume", {"device": "m3"})
+    _resume_stopped(p, "m3", mask=_OFFSET)  # io-status failed
     p.wait("BLOCK_JOB_READY")
     p.same("block-job-cancel", {"device": "m3"})  # ready: ends without a pivot, target complete
     _wait_status(p, "null")
@@ -205,9 +209,7 @@ def test_stream_read_error_below(daemons: Daemons, tmp_path: Path, policy: str) 
     p.same("block-stream", {"device": "top", "job-id": "j", "on-error": policy})
     p.wait("BLOCK_JOB_ERROR")
     if policy == "stop":
-        _wait_status(p, "paused")
-        p.same("query-block-jobs")  # io-status failed
-        p.same("block-job-resume", {"device": "j"})
+        _resume_stopped(p, "j")  # io-status failed
     _wait_status(p, "null")
     _same_events(p, mask_offsets=False)
     p.quit(daemons)
@@ -242,9 +244,7 @@ def test_commit_write_error_into_base(daemons: Daemons, tmp_path: Path, kind: st
     p.wait("BLOCK_JOB_ERROR")
     masked = kind == "active"
     if policy in ("stop", "enospc"):
-        _wait_status(p, "paused")
-        p.same("query-block-jobs", mask=_OFFSET if masked else None)  # io-status failed / nospace
-        p.same("block-job-resume", {"device": "j"})
+        _resume_stopped(p, "j", mask=_OFFSET if masked else None)  # io-status failed / nospace
         if policy == "enospc":  # still no space: stopped again
             _wait_status(p, "paused", 2)
             p.same("block-job-cancel", {"device": "j", "force": True})
@@ -326,9 +326,7 @@ def test_rule_matching(daemons: Daemons, tmp_path: Path, rules: str) -> None:
     fails = rules in ("second-read", "data-sector")
     p.wait("BLOCK_JOB_ERROR" if fails else "BLOCK_JOB_READY")  # stopped by the error, or in sync without
     if fails:
-        _wait_status(p, "paused")
-        p.same("query-block-jobs", mask=_OFFSET)  # (QEMU's parallel reads: the others may be done)
-        p.same("block-job-resume", {"device": "m"})
+        _resume_stopped(p, "m", mask=_OFFSET)  # (QEMU's parallel reads: the others may be done)
         p.wait("BLOCK_JOB_READY")
     p.same("query-block-jobs")
     p.same("block-job-cancel", {"device": "m"})
@@ -382,9 +380,8 @@ def test_raw_nodes_over_blkdebug(daemons: Daemons, tmp_path: Path) -> None:
                                         "on-source-error": "stop"})):
         p.same(cmd, {"job-id": "j", "sync": "full", **args})
         p.wait("BLOCK_JOB_ERROR")
-        _wait_status(p, "paused", 2 if cmd == "blockdev-backup" else 1)
-        p.same("query-block-jobs", mask=_OFFSET)  # (how far QEMU's parallel requests got)
-        p.same("block-job-resume", {"device": "j"})
+        # (masked: how far QEMU's parallel requests got)
+        _resume_stopped(p, "j", mask=_OFFSET, paused=2 if cmd == "blockdev-backup" else 1)
         if cmd == "drive-mirror":
             p.wait("BLOCK_JOB_READY")
             p.same("block-job-cancel", {"device": "j"})
