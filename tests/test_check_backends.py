@@ -18,6 +18,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_io
 from vdkit.block.node import open_image
@@ -176,3 +178,10 @@ def test_check_chooses_small_tables_for_small_images(templates: dict[str, Path],
     with open_image(str(templates["snap"]), "qcow2", readonly=True, force_share=True, check_mode=True) as node:
         node.driver.check(None, lambda line: None)
     assert seen == [True, False]
+
+
+@given(st.lists(st.sampled_from([0, 0, 0, 1, 1 << 56, 1 << 63, 0x80_0000_0005_0000]), max_size=300))
+def test_nonzero_entries_of_a_table(entries: list[int]) -> None:
+    """The proof by runs finds a table's used entries by bisecting its zero tail: exactly the non-zero ones."""
+    raw = b"".join(e.to_bytes(8, "big") for e in entries)
+    assert list(check_runs._nonzero_entries(raw)) == [i for i, e in enumerate(entries) if e]

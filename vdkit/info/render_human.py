@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from typing import Any
 
-    from vdkit.info.model import ImageCheck, ImageInfo, SnapshotInfo
+    from vdkit.info.model import ImageInfo, SnapshotInfo
 
 _PREFIXES = {0: "", 10: "Ki", 20: "Mi", 30: "Gi", 40: "Ti", 50: "Pi", 60: "Ei"}
 
@@ -231,47 +231,3 @@ def info_snapshots(vmstate_disk: bool, global_snapshots: list[SnapshotInfo],
             out.append(f"\nList of partial (non-loadable) snapshots on '{device}':\n")
             out.append(snapshot_table(snaps))
     return "".join(out)
-
-
-def image_check(check: ImageCheck) -> str:
-    """``qemu-img check`` human summary (the "repaired" preamble is the caller's)."""
-    corruptions = check.corruptions or 0
-    leaks = check.leaks or 0
-    out: list[str] = []
-    if not corruptions and not leaks and not check.check_errors:
-        out.append("No errors were found on the image.\n")
-    else:
-        if corruptions:
-            out.append(
-                f"\n{corruptions} errors were found on the image.\n"
-                "Data may be corrupted, or further writes to the image may corrupt it.\n"
-            )
-        if leaks:
-            out.append(
-                f"\n{leaks} leaked clusters were found on the image.\n"
-                "This means waste of disk space, but no harm to data.\n"
-            )
-        if check.check_errors:
-            out.append(f"\n{check.check_errors} internal errors have occurred during the check.\n")
-    total = check.total_clusters or 0
-    allocated = check.allocated_clusters or 0
-    if total and allocated:
-        fragmented = check.fragmented_clusters or 0
-        compressed = check.compressed_clusters or 0
-        out.append(
-            f"{allocated}/{total} = {allocated * 100.0 / total:0.2f}% allocated, "
-            f"{fragmented * 100.0 / allocated:0.2f}% fragmented, "
-            f"{compressed * 100.0 / allocated:0.2f}% compressed clusters\n"
-        )
-    if check.image_end_offset:
-        out.append(f"Image end offset: {check.image_end_offset}\n")
-    return "".join(out)
-
-
-def check_repaired_preamble(leaks_fixed: int, corruptions_fixed: int) -> str:
-    return (
-        "The following inconsistencies were found and repaired:\n\n"
-        f"    {leaks_fixed} leaked clusters\n"
-        f"    {corruptions_fixed} corruptions\n\n"
-        "Double checking the fixed image now...\n"
-    )
