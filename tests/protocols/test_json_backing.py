@@ -30,20 +30,25 @@ def _same(args: list[str], cwd: Path) -> str:
     return q.stdout + q.stderr
 
 
+def chain_files(d: Path, *, absolute_backing: bool = False) -> Path:
+    """top.qcow2 (0x44 at 3M) over base.qcow2 (0x11 at [0,1M), its name stored relative, or absolute
+    where top.qcow2's bytes are read without its folder: an NBD export); base2.qcow2 (0x22 at [0,2M),
+    no backing); r.raw (0x33 at [1M,2M))."""
+    check_ok("create", "-q", "-f", "qcow2", str(d / "base.qcow2"), "4M")
+    assert qemu_io("-c", "write -P 0x11 0 1M", str(d / "base.qcow2")).returncode == 0
+    check_ok("create", "-q", "-f", "qcow2", str(d / "base2.qcow2"), "4M")
+    assert qemu_io("-c", "write -P 0x22 0 2M", str(d / "base2.qcow2")).returncode == 0
+    check_ok("create", "-q", "-f", "raw", str(d / "r.raw"), "4M")
+    assert qemu_io("-f", "raw", "-c", "write -P 0x33 1M 1M", str(d / "r.raw")).returncode == 0
+    base = str(d / "base.qcow2") if absolute_backing else "base.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", str(d / "top.qcow2"), "4M", cwd=d)
+    assert qemu_io("-c", "write -P 0x44 3M 64k", str(d / "top.qcow2")).returncode == 0
+    return d
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    """top.qcow2 (0x44 at 3M) over base.qcow2 (0x11 at [0,1M), stored relative); base2.qcow2 (0x22 at
-    [0,2M), no backing); r.raw (0x33 at [1M,2M))."""
-    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "4M")
-    assert qemu_io("-c", "write -P 0x11 0 1M", str(tmp_path / "base.qcow2")).returncode == 0
-    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base2.qcow2"), "4M")
-    assert qemu_io("-c", "write -P 0x22 0 2M", str(tmp_path / "base2.qcow2")).returncode == 0
-    check_ok("create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "4M")
-    assert qemu_io("-f", "raw", "-c", "write -P 0x33 1M 1M", str(tmp_path / "r.raw")).returncode == 0
-    check_ok("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(tmp_path / "top.qcow2"), "4M",
-             cwd=tmp_path)
-    assert qemu_io("-c", "write -P 0x44 3M 64k", str(tmp_path / "top.qcow2")).returncode == 0
-    return tmp_path
+    return chain_files(tmp_path)
 
 
 def _file(name: str) -> dict[str, object]:

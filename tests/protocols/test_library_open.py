@@ -29,6 +29,7 @@ from tests.helpers import ceph
 from tests.helpers.qemu_nbd import QemuNbd
 from tests.nbd.conftest import free_port, short_sock
 from tests.protocols.test_http import Web, _qemu_convert, web  # noqa: F401  (web: fixture)
+from tests.protocols.test_json_backing import chain_files
 from tests.protocols.test_nbd_tls import Setup
 
 Options = dict[str, object]
@@ -81,17 +82,8 @@ def _text(exc: vdkit.VdkitError) -> str:
 
 @pytest.fixture
 def files(tmp_path: Path) -> Path:
-    """top.qcow2 (0x44 at 3M) over base.qcow2 (0x11 at [0,1M)); base2.qcow2 (0x22); r.raw (0x33 at 1M)."""
-    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "4M")
-    assert qemu_io("-c", "write -P 0x11 0 1M", str(tmp_path / "base.qcow2")).returncode == 0
-    check_ok("create", "-q", "-f", "qcow2", str(tmp_path / "base2.qcow2"), "4M")
-    assert qemu_io("-c", "write -P 0x22 0 2M", str(tmp_path / "base2.qcow2")).returncode == 0
-    check_ok("create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "4M")
-    assert qemu_io("-f", "raw", "-c", "write -P 0x33 1M 1M", str(tmp_path / "r.raw")).returncode == 0
-    check_ok("create", "-q", "-f", "qcow2", "-b", str(tmp_path / "base.qcow2"), "-F", "qcow2",
-             str(tmp_path / "top.qcow2"), "4M")
-    assert qemu_io("-c", "write -P 0x44 3M 64k", str(tmp_path / "top.qcow2")).returncode == 0
-    return tmp_path
+    """:func:`chain_files`, base.qcow2's name absolute (test_nbd exports top.qcow2's bytes)."""
+    return chain_files(tmp_path, absolute_backing=True)
 
 
 def _file(path: Path) -> Options:
@@ -164,6 +156,7 @@ BAD = [
     lambda d: _json({"driver": "rbd", "pool": "rbd"}),
     lambda d: _json({"driver": "raw", "offset": -1, "file": _file(d / "r.raw")}),
     lambda d: _json({"driver": "luks", "key-secret": "nosuch", "file": _file(d / "r.raw")}),
+    lambda d: _json({"driver": "qcow2", "file": "node0", "file.filename": str(d / "top.qcow2")}),
 ]
 
 
@@ -178,6 +171,10 @@ def test_bad_options_are_qemu_errors(files: Path) -> None:
             with pytest.raises(vdkit.VdkitError) as caught:
                 vdkit.open(options=json.loads(spec[len("json:"):]))
             assert _text(caught.value) == want, spec
+    twice = 'json:{"driver":"raw","driver":"qcow2","file":%s}' % json.dumps(_file(files / "top.qcow2"))
+    with pytest.raises(vdkit.VdkitError) as caught:  # a key given twice (only a JSON text can)
+        vdkit.open(twice)
+    assert _text(caught.value) == _qemu_error(twice, files)
     with pytest.raises(TypeError):
         vdkit.open()
     with pytest.raises(TypeError):
