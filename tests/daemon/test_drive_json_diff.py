@@ -225,6 +225,29 @@ def test_library_names_replaced_backings(daemons: Daemons, tmp_path: Path) -> No
         assert human(vdkit.image_info(node)) == want.stdout
 
 
+def _nbd_exports(server: QemuNbd, d: Path, prefix: str) -> tuple[str, str, str, str]:
+    """qemu-nbd exports in ``d`` and their sockets (named with ``prefix``): ``w`` a writable 64 MiB raw, ``r``
+    a 16 MiB qcow2 file's bytes, ``ro`` a read-only raw, ``t`` the bytes of a qcow2 over base.qcow2 named
+    absolute (an export has no folder to resolve a relative name in)."""
+    raw, q2, ro = d / "w.raw", d / "e.qcow2", d / "ro.raw"
+    check_ok("create", "-q", "-f", "raw", str(raw), "64M")
+    check_ok("create", "-q", "-f", "qcow2", str(q2), "16M")
+    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
+    base, top = d / "base.qcow2", d / "top.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", str(base), "16M")
+    check_ok("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    w, e, r, t = (short_sock(f"{prefix}{n}.sock") for n in ("w", "e", "ro", "t"))
+    server.start(raw, "-k", w, "-x", "w", "-f", "raw", "-e", "8")
+    server.start(q2, "-k", e, "-x", "r", "-f", "raw", "-e", "8")
+    server.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
+    server.start(top, "-k", t, "-x", "t", "-f", "raw", "-r", "-e", "8")
+    return w, e, r, t
+
+
+def _nbd(sock: str, export: str) -> dict[str, object]:
+    return {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": export}
+
+
 def test_json_drives_over_nbd(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -> None:  # noqa: F811
     """json: names whose file (or top) node is nbd, on qemu-nbd exports: a raw and a qcow2 layer over an
     export, the nbd node itself, a probed read-only export (-drive's auto-read-only), nbd's flat spellings,
@@ -232,31 +255,16 @@ def test_json_drives_over_nbd(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -
     reconnect-delay)."""
     import json
 
-    raw, q2, ro = tmp_path / "w.raw", tmp_path / "e.qcow2", tmp_path / "ro.raw"
-    check_ok("create", "-q", "-f", "raw", str(raw), "64M")
-    check_ok("create", "-q", "-f", "qcow2", str(q2), "16M")
-    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
-    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    check_ok("create", "-q", "-f", "qcow2", str(base), "16M")
-    check_ok("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))  # absolute: no base dir
-    w, e, r, t = short_sock("w.sock"), short_sock("e.sock"), short_sock("ro.sock"), short_sock("t.sock")
-    qnbd.start(raw, "-k", w, "-x", "w", "-f", "raw", "-e", "8")
-    qnbd.start(q2, "-k", e, "-x", "r", "-f", "raw", "-e", "8")  # the qcow2 file's bytes
-    qnbd.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
-    qnbd.start(top, "-k", t, "-x", "t", "-f", "raw", "-r", "-e", "8")
-
-    def nbd(sock: str, export: str) -> dict[str, object]:
-        return {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": export}
-
+    w, e, r, t = _nbd_exports(qnbd, tmp_path, "")
     names: list[dict[str, object]] = [
-        {"driver": "raw", "file": nbd(w, "w")},
-        {"driver": "qcow2", "file": nbd(e, "r")},
-        nbd(w, "w"),
-        {"file": nbd(r, "ro")},
+        {"driver": "raw", "file": _nbd(w, "w")},
+        {"driver": "qcow2", "file": _nbd(e, "r")},
+        _nbd(w, "w"),
+        {"file": _nbd(r, "ro")},
         {"driver": "raw", "file.driver": "nbd", "file.path": w, "file.export": "w"},
-        {"driver": "qcow2", "file": nbd(e, "r"), "backing": None},  # no backing file: plain
-        {"driver": "qcow2", "file": nbd(t, "t")},  # an absolute backing name from an export
-        {"driver": "qcow2", "file": {**nbd(t, "t"), "reconnect-delay": 0}, "backing": None},
+        {"driver": "qcow2", "file": _nbd(e, "r"), "backing": None},  # no backing file: plain
+        {"driver": "qcow2", "file": _nbd(t, "t")},  # an absolute backing name from an export
+        {"driver": "qcow2", "file": {**_nbd(t, "t"), "reconnect-delay": 0}, "backing": None},
         {"driver": "qcow2", "file.driver": "nbd", "file.path": t, "file.export": "t", "backing": None},
     ]
     drives = ["json:" + json.dumps(n) + ("\0read-only=on" if i >= 4 else "") for i, n in enumerate(names)]
@@ -321,30 +329,15 @@ def test_blockdev_nbd_nodes(daemons: Daemons, qnbd: QemuNbd, tmp_path: Path) -> 
     reference and inline, a backing null over an export whose header names an absolute backing file."""
     import json
 
-    raw, q2, ro = tmp_path / "w.raw", tmp_path / "e.qcow2", tmp_path / "ro.raw"
-    check_ok("create", "-q", "-f", "raw", str(raw), "64M")
-    check_ok("create", "-q", "-f", "qcow2", str(q2), "16M")
-    check_ok("create", "-q", "-f", "raw", str(ro), "16M")
-    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    check_ok("create", "-q", "-f", "qcow2", str(base), "16M")
-    check_ok("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
-    w, e, r, t = short_sock("bw.sock"), short_sock("be.sock"), short_sock("bro.sock"), short_sock("bt.sock")
-    qnbd.start(raw, "-k", w, "-x", "w", "-f", "raw", "-e", "8")
-    qnbd.start(q2, "-k", e, "-x", "r", "-f", "raw", "-e", "8")
-    qnbd.start(ro, "-k", r, "-x", "ro", "-f", "raw", "-r", "-e", "8")
-    qnbd.start(top, "-k", t, "-x", "t", "-f", "raw", "-r", "-e", "8")
-
-    def nbd(sock: str, export: str) -> dict[str, object]:
-        return {"driver": "nbd", "server": {"type": "unix", "path": sock}, "export": export}
-
+    w, e, r, t = _nbd_exports(qnbd, tmp_path, "b")
     blockdevs = [
         f"driver=nbd,server.type=unix,server.path={w},export=w,node-name=n0",
         "driver=raw,file=n0,node-name=r0",
-        json.dumps({**nbd(e, "r"), "node-name": "n1"}),
+        json.dumps({**_nbd(e, "r"), "node-name": "n1"}),
         "driver=qcow2,file=n1,node-name=q1",
-        json.dumps({"driver": "raw", "node-name": "r2", "read-only": True, "file": nbd(r, "ro")}),
-        json.dumps({"driver": "qcow2", "node-name": "q3", "read-only": True, "file": nbd(t, "t"), "backing": None}),
-        json.dumps({"driver": "qcow2", "node-name": "q4", "read-only": True, "file": nbd(t, "t")}),
+        json.dumps({"driver": "raw", "node-name": "r2", "read-only": True, "file": _nbd(r, "ro")}),
+        json.dumps({"driver": "qcow2", "node-name": "q3", "read-only": True, "file": _nbd(t, "t"), "backing": None}),
+        json.dumps({"driver": "qcow2", "node-name": "q4", "read-only": True, "file": _nbd(t, "t")}),
     ]
     args = [a for b in blockdevs for a in ("-blockdev", b)]
     q, v = daemons.pair(args, lambda d: None)
