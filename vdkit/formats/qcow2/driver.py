@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # numpy-backed modules load only when metadata is written or 
     from vdkit.block.target import Target
     from vdkit.formats.qcow2.cluster import ClusterMap, Geometry
     from vdkit.formats.qcow2.io import Qcow2IO
+    from vdkit.formats.qcow2.overlap import Metadata, MetadataMap, SortedOffsets
     from vdkit.formats.qcow2.refcount import Refcounts
     from vdkit.formats.qcow2.snapshot import SnapshotEntry
     from vdkit.info.model import ImageInfoSpecific
@@ -335,8 +336,49 @@ class Qcow2Driver(FormatDriver):
                        table_offset=h.refcount_table_offset, table_clusters=h.refcount_table_clusters,
                        on_table_switch=self._refcount_table_switched, on_corruption=self.signal_corruption)
         if not self.readonly:  # our own metadata writes pass QEMU's overlap check, as the data path's
-            rc.overlap_check = lambda off, n, ignore: self.io._check_overlap(off, n, ignore=ignore)
+            rc.overlap_check = self.check_metadata_write
         return rc
+
+    def metadata_map(self, l1: SortedOffsets | None = None, reftable: SortedOffsets | None = None) -> MetadataMap:
+        """The metadata in memory, as QEMU's overlap test sees it (its runtime state).
+
+        ``l1`` and ``reftable`` are indexes of the active L1 and refcount tables a caller keeps between
+        tests (the I/O engine's); without them they are built from the tables now.
+        """
+        from vdkit.formats.qcow2.overlap import MetadataMap, SortedOffsets
+
+        h = self.header
+        cm, rc = self.clusters, self.refcounts
+        bitmaps = h.bitmaps if h.autoclear_features & L.AUTOCLEAR_BITMAPS else None  # untrusted: unknown to QEMU
+        return MetadataMap(
+            cluster_size=h.cluster_size, l1_offset=cm.l1_offset, l1_size=len(cm.l1),
+            l1=SortedOffsets(cm.l1, L.L1E_OFFSET_MASK) if l1 is None else l1,
+            reftable_offset=rc.table_offset, reftable_bytes=rc.table_clusters * h.cluster_size,
+            reftable=SortedOffsets(rc.table, L.REFT_OFFSET_MASK) if reftable is None else reftable,
+            snapshots_offset=h.snapshots_offset, snapshots_bytes=self.snapshot_table_size if h.nb_snapshots else 0,
+            snapshots=self._snapshots,
+            bitmap_directory=None if bitmaps is None else (bitmaps.directory_offset, bitmaps.directory_size))
+
+    def check_metadata_write(self, host: int, size: int, ignore: Metadata) -> None:
+        """QEMU's overlap check of a metadata write that updates ``ignore`` in place: a hit on any other
+        structure is the corruption event.  Through the I/O engine where a data path exists (it keeps
+        a memo of clean ranges for its many writes), else on a map built here: a snapshot operation
+        or a refcount block write-back need not load the engine for a test or two.
+        """
+        if "io" in self.__dict__:
+            self.io._check_overlap(host, size, ignore=ignore)
+            return
+        name = self.metadata_overlap(host, host + size, ignore)
+        if name is not None:
+            raise self.signal_corruption(
+                f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
+
+    def metadata_overlap(self, lo: int, hi: int, ignore: Metadata | None = None) -> str | None:
+        """The name of the first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)``, or None."""
+        from vdkit.formats.qcow2.overlap import NAMES, NONE, first_overlap
+
+        hit = first_overlap(self.metadata_map(), lo, hi - lo, NONE if ignore is None else ignore)
+        return None if hit is None else NAMES[hit]
 
     # The table backend the active L1 is read with (None: numpy).  A snapshot operation on a small image
     # sets it before the cluster map exists, so that its walk and overlap checks run on lists.

@@ -1276,16 +1276,8 @@ class Qcow2IO:
     def metadata_map(self) -> MetadataMap:
         """The metadata in memory, as the overlap test sees it (QEMU's runtime state)."""
         drv = self.drv
-        h = drv.header
-        cm, rc = drv.clusters, drv.refcounts
-        bitmaps = h.bitmaps if h.autoclear_features & L.AUTOCLEAR_BITMAPS else None  # untrusted: unknown to QEMU
-        return MetadataMap(
-            cluster_size=self.cluster_size, l1_offset=cm.l1_offset, l1_size=len(cm.l1),
-            l1=self._sorted_offsets(0, cm.l1, L.L1E_OFFSET_MASK),
-            reftable_offset=rc.table_offset, reftable_bytes=rc.table_clusters * self.cluster_size,
-            reftable=self._sorted_offsets(1, rc.table, L.REFT_OFFSET_MASK), snapshots_offset=h.snapshots_offset,
-            snapshots_bytes=drv.snapshot_table_size if h.nb_snapshots else 0, snapshots=drv._snapshots,
-            bitmap_directory=None if bitmaps is None else (bitmaps.directory_offset, bitmaps.directory_size))
+        return drv.metadata_map(l1=self._sorted_offsets(0, drv.clusters.l1, L.L1E_OFFSET_MASK),
+                                reftable=self._sorted_offsets(1, drv.refcounts.table, L.REFT_OFFSET_MASK))
 
     def _sorted_offsets(self, slot: int, table: np.ndarray | list[int], mask: int) -> SortedOffsets:
         """The :class:`SortedOffsets` of the active L1 (slot 0) or refcount table (slot 1), rebuilt only
