@@ -53,7 +53,13 @@ class InFlight:
     def __init__(self, threads: int = 3, max_bytes: int = 8 << 20) -> None:
         self.threads = max(1, threads)
         self.max_bytes = max_bytes
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        # two conditions on one lock: idle workers wait on _jobs and a new job wakes one of them; callers
+        # waiting for completions wait on _done.  With one condition every completion woke the idle
+        # workers too and every job woke them all, only for all but one to sleep again: a GIL hand-off
+        # and futex calls each time (35.9k futex calls in a 2 GiB convert, 19.6k with one worker)
+        self._jobs = threading.Condition(lock)
+        self._done = threading.Condition(lock)
         # submission order: jobs not yet done (or done behind an older running one) and the
         # functions waiting for them (see after())
         self._order: list[Job | Callable[[], None]] = []
@@ -64,6 +70,7 @@ class InFlight:
         self._failed: list[Job] = []
         self._workers: list[threading.Thread] = []
         self._idle = 0  # workers waiting for a job
+        self._woken = 0  # of those, notified and not yet running
         self._closing = False
         self._seq = 0
 
@@ -81,17 +88,18 @@ class InFlight:
                token: object = None) -> None:
         """Start ``write(offset, buffers)`` in a worker (waiting first while too many bytes are in flight)."""
         nbytes = sum(len(b) for b in buffers)
-        with self._cond:
+        with self._done:
             while self._running and self._bytes + nbytes > self.max_bytes:
-                self._cond.wait()
+                self._done.wait()
             self._seq += 1
             job = Job(self._seq, write, offset, list(buffers), nbytes, token)
             self._order.append(job)
             self._bytes += nbytes
             self._running += 1
             self._todo.append(job)
-            if self._idle:
-                self._cond.notify_all()
+            if self._idle > self._woken:
+                self._woken += 1  # (a worker woken and not yet running is not woken again)
+                self._jobs.notify()
             elif len(self._workers) < self.threads:
                 t = threading.Thread(target=self._work, name="vdkit-write", daemon=True)
                 self._workers.append(t)
@@ -100,7 +108,7 @@ class InFlight:
     def after(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` once every job submitted so far is done (now, when none is pending); it may run in a
         worker thread, so it must only do thread-safe things (put into a queue)."""
-        with self._cond:
+        with self._done:
             if self._head < len(self._order):
                 self._order.append(fn)
                 return
@@ -109,16 +117,16 @@ class InFlight:
     def wait_for(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Wait until no pending job writes into any ``[lo, hi)`` of ``ranges`` (same file: the caller's
         concern); failures stay for :meth:`wait`."""
-        with self._cond:
+        with self._done:
             while any(not job.done and job.offset < hi and lo < job.offset + job.nbytes
                       for job in self._order[self._head :] if isinstance(job, Job) for lo, hi in ranges):
-                self._cond.wait()
+                self._done.wait()
 
     def wait(self) -> list[Job]:
         """Wait until no job is pending; the jobs that failed since the last call, oldest first."""
-        with self._cond:
+        with self._done:
             while self._running:
-                self._cond.wait()
+                self._done.wait()
             failed, self._failed = self._failed, []
         failed.sort(key=lambda j: j.seq)
         return failed
@@ -126,22 +134,24 @@ class InFlight:
     def close(self) -> list[Job]:
         """:meth:`wait`, then end the worker threads; the failures as :meth:`wait` gives them."""
         failed = self.wait()
-        with self._cond:
+        with self._jobs:
             self._closing = True
-            self._cond.notify_all()
+            self._jobs.notify_all()
         for t in self._workers:
             t.join()
         self._workers.clear()
         return failed
 
     def _work(self) -> None:
-        cond = self._cond
+        jobs = self._jobs
         while True:
-            with cond:
+            with jobs:
                 while not self._todo and not self._closing:
                     self._idle += 1
-                    cond.wait()
+                    jobs.wait()
                     self._idle -= 1
+                    if self._woken:
+                        self._woken -= 1
                 if not self._todo:
                     return
                 job = self._todo.pop(0)
@@ -152,7 +162,7 @@ class InFlight:
                 job.error = exc
             job.buffers = None  # the caller's buffers are free once after() says so: hold no view of them
             ready: list[Callable[[], None]] = []
-            with cond:
+            with self._done:
                 job.done = True
                 self._bytes -= job.nbytes
                 self._running -= 1
@@ -172,6 +182,6 @@ class InFlight:
                     del order[:i]
                     i = 0
                 self._head = i
-                cond.notify_all()
+                self._done.notify_all()
             for fn in ready:
                 fn()
