@@ -252,9 +252,12 @@ class L2Cache:
         return self._tables.get(offset)
 
     def put(self, offset: int, entries: np.ndarray, bitmaps: np.ndarray) -> None:
-        """Install a new table content (dirty)."""
+        """Install a new table the file already holds (written before its L1 entry names it), clean as
+        a table just read: the changes made to it next mark it dirty.  Left dirty, a table whose write
+        succeeded was written again at close, and where the write of the data for it then failed (a
+        blkdebug rule failing every write after the first data write), close reported an L2 cache
+        flush failure that QEMU, whose new table is clean once written, does not."""
         self._insert(offset, (entries, bitmaps))
-        self._dirty.add(offset)
 
     def mark_dirty(self, offset: int) -> None:
         self._dirty.add(offset)
