@@ -12,6 +12,8 @@ backend forced, and the result and every reported line must agree; so must the p
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import shutil
 import struct
@@ -158,6 +160,74 @@ def test_backends_agree_on_damaged_images(templates: dict[str, Path], tmp_path: 
             assert small[:2] == (0, 0), small  # the undamaged image: no corruptions, no leaks
 
 
+def _repair(path: Path, backend: str, repair: str, monkeypatch: pytest.MonkeyPatch) -> tuple[object, ...]:
+    """What ``vdkit-img check -r`` does on ``backend``: the repair, the double check when something was
+    fixed (both results and every line), and the image file's bytes afterwards."""
+    monkeypatch.setattr(tables, "FORCE", backend)
+    lines: list[str] = []
+    results: list[object] = []
+    try:
+        with open_image(str(path), "qcow2", readonly=False, check_mode=True, share_writes=True) as node:
+            res = node.driver.check(repair, lines.append)
+            results += [getattr(res, f) for f in fields(res)]
+            if not res.error and (res.corruptions_fixed or res.leaks_fixed):
+                again = node.driver.check(None, lines.append)
+                results += [getattr(again, f) for f in fields(again)]
+    except VdkitError as exc:
+        results += ["error", exc.message]
+    return (*results, *lines, _contents(path))
+
+
+def _contents_of(img: bytes | bytearray, tmp_path: Path) -> tuple[int, str]:
+    (tmp_path / "unrepaired").write_bytes(img)
+    return _contents(tmp_path / "unrepaired")
+
+
+def _contents(path: Path) -> tuple[int, str]:
+    """A file's size and a digest of its data (a repair may extend it to a huge sparse size): the
+    chunks of its data extents that are not all zeros, with their offsets."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < end:
+                chunk = os.pread(fd, min(end - pos, 1 << 20), pos)
+                if chunk.strip(b"\0"):
+                    digest.update(pos.to_bytes(8, "big") + chunk)
+                pos += len(chunk)
+    return size, digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["plain", "snap", "extl2", "rc1", "rc64", "c4k", "v2", "comp", "df"])
+def test_backends_repair_alike(templates: dict[str, Path], tmp_path: Path, name: str,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check -r all`` and ``-r leaks`` of the damaged images on lists and with numpy: the same results,
+    lines and repaired bytes (qemu-img's own answers: tests/diff/test_check*.py, on either backend)."""
+    good = templates[name].read_bytes()
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / templates[name].name
+    repaired = 0
+    for seed in range(40):
+        img = bytearray(good)
+        _damage(img, random.Random(f"{name}/{seed}"))
+        answers = []
+        for backend in ("small", "numpy"):
+            path.write_bytes(img)
+            if name == "df":
+                shutil.copy(templates[name].parent / "df.raw", tmp_path / "df.raw")
+            answers.append(_repair(path, backend, "all" if seed % 2 else "leaks", monkeypatch))
+        assert answers[0] == answers[1], f"seed {seed}"
+        repaired += answers[0][-1] != _contents_of(img, tmp_path)
+    assert repaired, "no damage was repaired: the sweep compares nothing"
+
+
 def test_check_chooses_small_tables_for_small_images(templates: dict[str, Path],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a forced backend, a small image's check runs on lists (and so imports no numpy)."""
@@ -185,3 +255,22 @@ def test_nonzero_entries_of_a_table(entries: list[int]) -> None:
     """The proof by runs finds a table's used entries by bisecting its zero tail: exactly the non-zero ones."""
     raw = b"".join(e.to_bytes(8, "big") for e in entries)
     assert list(check_runs._nonzero_entries(raw)) == [i for i, e in enumerate(entries) if e]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3 * 4096), st.integers(1, 40), st.integers(0, 2)), max_size=12),
+       st.integers(0, 3 * 4096 + 50), st.integers(0, 3 * 4096 + 100), st.integers(1, 70))
+def test_small_counts_scan_as_the_paged_ones(ranges: list[tuple[int, int, int]], first: int, n: int,
+                                             count: int) -> None:
+    """The rebuild's allocation scans on the dict of counts (lists backend) answer as numpy's pages:
+    set_range (zeros only where counted), dense, next_nonzero and zero_run (first fit, first zero,
+    zeros at the end), over page boundaries."""
+    from vdkit.formats.qcow2 import check as check_mod
+
+    check_mod._numpy()
+    paged, small = check_mod._Refs(16), check_mod._SmallRefs(16)
+    for lo, length, value in ranges:
+        paged.set_range(lo, lo + length, value)
+        small.set_range(lo, lo + length, value)
+    assert [int(v) for v in paged.dense(0, n)] == small.dense(0, n)
+    assert paged.next_nonzero(first, n) == small.next_nonzero(first, n)
+    assert paged.zero_run(first, n, count) == small.zero_run(first, n, count)

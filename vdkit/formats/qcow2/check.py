@@ -10,11 +10,11 @@ operations.  Only a table that contains a problem is re-walked entry by
 entry, so that diagnostics come out in QEMU's order.
 
 Images whose tables are small (``tables.backend_for``: under a few MiB of
-L1/L2 tables and refcount blocks) are checked without numpy, whose import
-costs more than the whole check: tables are lists (``tables.SMALL``), the
+L1/L2 tables and refcount blocks) are checked and repaired without numpy, whose
+import costs more than the whole check: tables are lists (``tables.SMALL``), the
 counts a dict, and the tables are walked entry by entry, the walk the
 vectorised one falls back to for diagnostics anyway (``VDKIT_TABLES`` forces
-one backend; repairs always use numpy).
+one backend).
 
 Diagnostic lines go to ``report`` (one line per call, no newline).  A line
 starting with ``"\\0"`` is an ``error_report`` message: the front end prints
@@ -211,7 +211,8 @@ class _Refs:
 class _SmallRefs:
     """:class:`_Refs` for small images, with no numpy: a count per referenced cluster in a dict.
 
-    Only what the read-only check asks (repairs run on :class:`_Refs`); the same saturation rule.
+    The same saturation rule; the rebuild's scans (:meth:`zero_run`, :meth:`next_nonzero`) walk
+    cluster by cluster, which on a small image costs less than importing numpy.
     """
 
     def __init__(self, bits: int) -> None:
@@ -248,6 +249,34 @@ class _SmallRefs:
 
     def page_ranges(self, end: int) -> list[int]:
         return sorted({c >> _PAGE_BITS for c in self.counts if (c >> _PAGE_BITS) << _PAGE_BITS < end})
+
+    def set_range(self, first: int, end: int, value: int) -> None:
+        counts = self.counts
+        if value:
+            counts.update(dict.fromkeys(range(first, end), value))
+            return
+        for c in range(first, end):  # (as _Refs: a zero only where a count was kept)
+            if c in counts:
+                counts[c] = 0
+
+    def next_nonzero(self, c: int, end: int) -> int | None:
+        return min((k for k, v in self.counts.items() if v and c <= k < end), default=None)
+
+    def zero_run(self, first_free: int, n: int, count: int) -> tuple[int | None, int, int]:
+        """First fit in ``[first_free, n)``: (start of ``count`` zeros or None, first zero, zeros at the end)."""
+        get = self.counts.get
+        first_zero = run_start = None
+        for c in range(first_free, n):
+            if get(c, 0):
+                run_start = None
+                continue
+            if first_zero is None:
+                first_zero = c
+            if run_start is None:
+                run_start = c
+            if c - run_start + 1 >= count:
+                return run_start, first_zero, 0
+        return None, first_free if first_zero is None else first_zero, 0 if run_start is None else n - run_start
 
 
 class _Checker:
@@ -971,21 +1000,15 @@ class _Checker:
                 self.f.pwrite(off, bytes(n))
 
     # -- rebuilding ----------------------------------------------------------------------------------
-    @property
-    def repair_refs(self) -> _Refs:
-        """The counts as repairs use them (a repair always runs on the numpy backend)."""
-        assert isinstance(self.refs, _Refs)
-        return self.refs
-
     def _alloc_imrt(self, count: int, first_free: int) -> tuple[int, int]:
         """Find ``count`` free clusters in the computed counts (first fit), mark them used."""
         n = self.nb_clusters
-        start, first_free, trailing = self.repair_refs.zero_run(first_free, n, count)
+        start, first_free, trailing = self.refs.zero_run(first_free, n, count)
         if start is None:
             # Not enough room: the run continues with new clusters past the end.
             start = max(n, first_free) - trailing
             self._ensure(start + count)
-        self.repair_refs.set_range(start, start + count, 1)
+        self.refs.set_range(start, start + count, 1)
         return start, first_free
 
     def _write_refblocks(self, first: int, end: int, table: list[int]) -> bool:
@@ -993,7 +1016,7 @@ class _Checker:
         first_free = 0
         c = first
         while c < end:
-            nz = self.repair_refs.next_nonzero(c, end)
+            nz = self.refs.next_nonzero(c, end)
             if nz is None:
                 break
             c = nz
@@ -1031,19 +1054,19 @@ class _Checker:
             rt_clusters = -(-len(table) * 8 // self.cs)
             start, _ = self._alloc_imrt(rt_clusters, 0)
             if self._write_refblocks(start, start + rt_clusters, table):
-                self.repair_refs.set_range(start, start + rt_clusters, 0)
+                self.refs.set_range(start, start + rt_clusters, 0)
                 continue
             break
         if self.overlap_fails(start << self.cluster_bits, rt_clusters * self.cs):
             self.report("\0ERROR writing reftable: Input/output error")
             raise _CheckFailed(-errno.EIO)
-        self.f.pwrite(start << self.cluster_bits, np.array(table, dtype=">u8").tobytes())
+        self.f.pwrite(start << self.cluster_bits, self.T.encode_u64(table))
         self.f.flush()
         # The one write that switches to the new structure.
         self.f.pwrite(48, (start << self.cluster_bits).to_bytes(8, "big") + rt_clusters.to_bytes(4, "big"))
         self.header_changed(refcount_table_offset=start << self.cluster_bits, refcount_table_clusters=rt_clusters)
         self.f.flush()
-        self.reftable = np.array(table, dtype=_U64)
+        self.reftable = self.T.array(table)
         self.reftable_offset = start << self.cluster_bits
         self.blocks.clear()
         self.bad_blocks.clear()
@@ -1132,36 +1155,45 @@ class _Checker:
         if not idx:
             return None
         l2off = [self.l1[i] & L.L1E_OFFSET_MASK for i in idx]
-        per_row: list[tuple[list[int], list[int]]] = []
-        for off in l2off:
-            e = self.T.decode_u64(self.f.pread(off, self.cs))
-            if self.extl2:
-                e = e[0::2]
-            used = compress(range(len(e)), e)  # the entries that are not 0, found at C speed
-            if self.has_data_file:
-                cols = [j for j in used if not e[j] & L.OFLAG_COMPRESSED and self._has_offset(e[j])]
-            else:
-                cols = [j for j in used if e[j] & L.L2E_OFFSET_MASK and not e[j] & L.OFLAG_COMPRESSED]
-            per_row.append((cols, [e[j] for j in cols]))
+        per_row = [self._row_candidates(off) for off in l2off]
         l2_rc, l2_bad = self.refcounts_at([o >> self.cluster_bits for o in l2off])
-        clusters = [(v & L.L2E_OFFSET_MASK) >> self.cluster_bits for _, ents in per_row for v in ents]
-        if self.has_data_file:
-            rcs_all, bad_all = [1] * len(clusters), [False] * len(clusters)
-        else:
-            rcs_all, bad_all = self.refcounts_at(clusters)
+        rcs_all, bad_all = self._entry_refcounts([v for _, ents in per_row for v in ents])
         rows: dict[int, tuple[Tab, Tab, Tab, list[int]]] = {}
         k = 0
         for row, (cols, ents) in enumerate(per_row):
             rcs = rcs_all[k : k + len(ents)]
             bad = bad_all[k : k + len(ents)]
             k += len(ents)
-            if True not in bad and rcs.count(1) == len(rcs) and (not ents or min(ents) >> 63):
-                wrong = []  # the usual case, seen at C speed: every count 1, every entry COPIED (bit 63)
-            else:
-                wrong = [n for n, (v, rc, b) in enumerate(zip(ents, rcs, bad, strict=True))
-                         if not b and (rc == 1) != bool(v & L.OFLAG_COPIED)]
-            rows[row] = (cols, ents, rcs, wrong)
+            rows[row] = (cols, ents, rcs, self._wrong_copied(ents, rcs, bad))
         return idx, l2_rc, l2_bad, rows
+
+    def _row_candidates(self, l2_offset: int) -> tuple[list[int], list[int]]:
+        """The columns and entries of an L2 table's allocated, not compressed entries (lists)."""
+        e = self.T.decode_u64(self.f.pread(l2_offset, self.cs))
+        if self.extl2:
+            e = e[0::2]
+        used = compress(range(len(e)), e)  # the entries that are not 0, found at C speed
+        if self.has_data_file:
+            cols = [j for j in used if not e[j] & L.OFLAG_COMPRESSED and self._has_offset(e[j])]
+        else:
+            cols = [j for j in used if e[j] & L.L2E_OFFSET_MASK and not e[j] & L.OFLAG_COMPRESSED]
+        return cols, [e[j] for j in cols]
+
+    def _entry_refcounts(self, ents: list[int]) -> tuple[list[int], list[bool]]:
+        """Stored refcounts of the entries' clusters and which could not be read (a data file's: 1)."""
+        if self.has_data_file:
+            return [1] * len(ents), [False] * len(ents)
+        result: tuple[list[int], list[bool]] = self.refcounts_at(
+            [(v & L.L2E_OFFSET_MASK) >> self.cluster_bits for v in ents])
+        return result
+
+    @staticmethod
+    def _wrong_copied(ents: list[int], rcs: list[int], bad: list[bool]) -> list[int]:
+        """Positions whose COPIED flag disagrees with a readable refcount (1: set, else clear)."""
+        if True not in bad and rcs.count(1) == len(rcs) and (not ents or min(ents) >> 63):
+            return []  # the usual case, seen at C speed: every count 1, every entry COPIED (bit 63)
+        return [n for n, (v, rc, b) in enumerate(zip(ents, rcs, bad, strict=True))
+                if not b and (rc == 1) != bool(v & L.OFLAG_COPIED)]
 
     def _copied_candidates_vectorised(
         self,
@@ -1209,8 +1241,12 @@ class _Checker:
 
         return idx, l2_rc, l2_bad, bad_rows, row_data
 
-    def _copied_row(self, l2_offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _copied_row(self, l2_offset: int) -> tuple[Tab, Tab, Tab, Tab]:
         """One L2 table's COPIED candidates read from disk: (columns, entries, refcounts, wrong ones)."""
+        if self.small:
+            found, ents = self._row_candidates(l2_offset)
+            counts, unreadable = self._entry_refcounts(ents)
+            return found, ents, counts, self._wrong_copied(ents, counts, unreadable)
         tbl = np.frombuffer(self.f.pread(l2_offset, self.cs), dtype=">u8").astype(_U64)
         e = tbl[0::2] if self.extl2 else tbl
         has_off = (e & _U64(L.L2E_OFFSET_MASK)) != 0
@@ -1444,7 +1480,7 @@ def check(driver: Qcow2Driver, repair: str | None, report: Report) -> CheckResul
         return CheckResult(check_errors=1, error=-errno.ENOMEDIUM)
     checker = None
     try:
-        backend = tables.NUMPY if repair else tables.backend_for(_CHECK_WEIGHT * _table_bytes(driver))
+        backend = tables.backend_for(_CHECK_WEIGHT * _table_bytes(driver))
         checker = _Checker(driver, repair, report, backend)
         return checker.run()
     except _CheckFailed as exc:
