@@ -40,6 +40,12 @@ def _wait_status(p: Pair, status: str, count: int = 1) -> None:
         _wait(m, "JOB_STATUS_CHANGE", count, status=status)
 
 
+def _ended(p: Pair, *, mask_offsets: bool) -> None:
+    """The job gone in both (status null: concluded and dismissed), its events alike."""
+    _wait_status(p, "null")
+    _same_events(p, mask_offsets=mask_offsets)
+
+
 def _resume_stopped(p: Pair, job: str, *, mask: re.Pattern[str] | None = None, paused: int = 1) -> None:
     """A job its error policy stopped: paused in both (the ``paused``-th time), its query-block-jobs
     entry alike (io-status; ``mask``: what QEMU's parallel requests make differ), then resumed."""
@@ -79,8 +85,7 @@ def test_source_read_error(daemons: Daemons, tmp_path: Path, cmd: str, args: dic
         p.wait("BLOCK_JOB_READY")
         p.same("query-block-jobs")
         p.same("block-job-complete", {"device": "j"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=after == "fail")
+    _ended(p, mask_offsets=after == "fail")
     p.same("query-block")
     p.quit(daemons)
     for name in files:
@@ -126,33 +131,28 @@ def test_target_write_errors(daemons: Daemons, tmp_path: Path) -> None:
     _wait_status(p, "paused", 2)  # (the backup's start drains: paused/running first)
     p.same("query-block-jobs", mask=_OFFSET)  # io-status nospace
     p.same("block-job-cancel", {"device": "b1", "force": True})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=True)
+    _ended(p, mask_offsets=True)
 
     p.same("blockdev-backup", {"device": "disk0", "target": "t2", "sync": "full", "job-id": "b2",
                                "on-target-error": "enospc"})  # EIO under enospc: reported
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=True)
+    _ended(p, mask_offsets=True)
 
     p.same("blockdev-mirror", {"device": "disk0", "target": "t3", "sync": "full", "job-id": "m3",
                                "on-target-error": "stop"})
     _resume_stopped(p, "m3", mask=_OFFSET)  # io-status failed
     p.wait("BLOCK_JOB_READY")
     p.same("block-job-cancel", {"device": "m3"})  # ready: ends without a pivot, target complete
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
 
     p.same("blockdev-backup", {"device": "disk0", "target": "t4", "sync": "full", "job-id": "b4",
                                "on-target-error": "ignore"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
 
     p.same("blockdev-mirror", {"device": "disk0", "target": "t5", "sync": "full", "job-id": "m5",
                                "on-target-error": "ignore"})
     p.wait("BLOCK_JOB_ERROR")
     p.same("block-job-cancel", {"device": "m5", "force": True})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=True)
+    _ended(p, mask_offsets=True)
     p.quit(daemons)
     for n in ("t3", "t4"):
         p.compare(f"{n}.qcow2", "top.qcow2")
@@ -210,8 +210,7 @@ def test_stream_read_error_below(daemons: Daemons, tmp_path: Path, policy: str) 
     p.wait("BLOCK_JOB_ERROR")
     if policy == "stop":
         _resume_stopped(p, "j")  # io-status failed
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("top.qcow2")  # streamed (stop) or still over mid (the failed ones), alike in both
 
@@ -251,8 +250,7 @@ def test_commit_write_error_into_base(daemons: Daemons, tmp_path: Path, kind: st
     if kind == "active" and policy != "report":
         p.wait("BLOCK_JOB_READY")
         p.same("block-job-complete", {"device": "j"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=masked)
+    _ended(p, mask_offsets=masked)
     p.quit(daemons)
     if policy != "report":  # (a failed active commit got elsewhere in QEMU's order)
         p.compare("base.qcow2")
@@ -273,8 +271,7 @@ def test_failed_job_kept_until_dismissed(daemons: Daemons, tmp_path: Path) -> No
     p.same("query-jobs")
     p.hmp("info block-jobs")
     p.same("job-dismiss", {"id": "j"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
 
 
 def test_job_verbs_on_a_stopped_job(daemons: Daemons, tmp_path: Path) -> None:
@@ -296,8 +293,7 @@ def test_job_verbs_on_a_stopped_job(daemons: Daemons, tmp_path: Path) -> None:
     _wait_status(p, "pending")
     p.same("query-jobs")
     p.same("job-cancel", {"id": "m"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
     p.same("query-block")
 
 
@@ -330,8 +326,7 @@ def test_rule_matching(daemons: Daemons, tmp_path: Path, rules: str) -> None:
         p.wait("BLOCK_JOB_READY")
     p.same("query-block-jobs")
     p.same("block-job-cancel", {"device": "m"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("m.qcow2", "top.qcow2")
 
@@ -351,8 +346,7 @@ def test_blkdebug_drive_options(daemons: Daemons, tmp_path: Path, spec: str) -> 
     p.same("query-block")
     p.same("drive-backup", {"device": "disk0", "job-id": "b", "target": "DIR/b.qcow2", "sync": "full",
                             "format": "qcow2", "on-source-error": "ignore"})
-    _wait_status(p, "null")
-    _same_events(p, mask_offsets=False)
+    _ended(p, mask_offsets=False)
     p.quit(daemons)
     p.compare("b.qcow2")
 
@@ -385,8 +379,7 @@ def test_raw_nodes_over_blkdebug(daemons: Daemons, tmp_path: Path) -> None:
         if cmd == "drive-mirror":
             p.wait("BLOCK_JOB_READY")
             p.same("block-job-cancel", {"device": "j"})
-        _wait_status(p, "null")
-        _same_events(p, mask_offsets=True)
+        _ended(p, mask_offsets=True)
     p.quit(daemons)
     p.compare("t.raw", "top.qcow2")
     p.compare("m.raw", "s.raw")
