@@ -55,8 +55,6 @@ from __future__ import annotations
 import errno
 import os
 
-import numpy as np
-
 from vdkit.errors import UnsupportedError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.overlap import Metadata
@@ -66,10 +64,23 @@ TYPE_CHECKING = False  # typing and collections are not imported at run time (st
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import numpy as np
+
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
 
     BackingRead = Callable[[int, int], bytes]
+else:
+    np = None  # bound by _numpy(): a plain growth works on the image's own tables (lists when small)
+
+
+def _numpy() -> None:
+    """Import numpy for the resizes that walk tables in bulk (shrinking, preallocation, zeroing)."""
+    global np
+    import numpy
+
+    np = numpy
+
 
 def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
              backing: BackingRead | None = None, backing_size: int = 0) -> None:
@@ -95,8 +106,12 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         return
     cm = drv.clusters
     rc = drv.refcounts
-    rc.use_backend(tables.NUMPY)  # resize works on numpy tables (the refcount table, bulk lookups)
-    cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
+    if new_size < old_size or prealloc != "off" or backing_size > old_size:
+        # numpy tables (the refcount table, bulk lookups); a plain growth only grows the L1 table and
+        # keeps the backend the image was opened with (lists when its tables are small: no numpy import)
+        _numpy()
+        rc.use_backend(tables.NUMPY)
+        cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     needed = h.l1_entries_needed(new_size)
     if new_size > old_size:
         if needed > len(cm.l1):
@@ -315,6 +330,7 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
     io = drv.io
     cm = drv.clusters
     rc = drv.refcounts
+    _numpy()  # (create's falloc of a 0-byte image comes here directly)
     rc.use_backend(tables.NUMPY)
     cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     cs = drv.cluster_size
