@@ -213,6 +213,7 @@ def test_block_resize(daemons: Daemons) -> None:
     '{"driver": "qcow2"} {}',
     '{"driver": "qcow2",}',
     '{"driver": "qcow2", "node-name": "q", "file": "x", "file.filename": "DIR/r.raw"}',
+    '{"driver": qcow2}', '{"driver": "qcow2", "a": 01}', '{"driver" "qcow2"}', '{"driver": "qcow2", "a": 1, "a": 2',
     "{'driver': 'qcow2', 'node-name': 'q', 'file': {'driver': 'file', 'filename': 'DIR/nonexist'}}",
 ])
 def test_blockdev_option_errors(tmp_path: Path, text: str) -> None:

@@ -85,6 +85,11 @@ def test_json_names(served: tuple[Path, str]) -> None:
         'json:{"driver":"raw","file":{"filename":"r.raw","bogus":1}}', 'json:{"file":{"driver":"file"}}',
         'json:{"file":{"filename":123}}', 'json:{"driver":"qcow2","file":{"filename":"r.raw"}}',
         'json:{"driver":"raw","file":{"filename":"r.raw"},"x":{"a":[1]}}', 'json:{"file":{"filename":"nosuch.raw"}}',
+        # QEMU's parser (the one QMP is read with): its texts, the first error in the text winning
+        'json:{"driver":raw}', 'json:{"a":@}', 'json:{"a":01}', 'json:{"a" 1}', "json:{1:2}", 'json:{"a":tru}',
+        'json:{"a":"x', 'json:{"a":-}', 'json:{"a":"\\x"}', 'json:{"a":1,"a":2', 'json:{"a":{"b":1,"b":2},',
+        'json:{"driver":"raw","driver":"raw","file":{"filename":"r.raw"}}', 'json:{"a":1} @', 'json:{"a":"\\ud800"}',
+        'json:{"a":1.}', "json:1", "json:{'driver':'raw','file.filename':'r.raw','x':'\\'a'}",
         # names that stay plain
         "json:{'driver':'raw','file':{'filename':'r.raw'}}", 'json: {"file.filename":"r.raw"}',
         'json:{"driver":"raw","file.filename":"r.raw","file":{"driver":"file"}}',

@@ -32,9 +32,10 @@ PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # is used by formats that name files (VMDK extents).  ``block.target`` (the copy engine's targets) needs
 # only the driver table: formats subclass its Target in their ``copy_target`` slot.  ``protocols`` are
 # what bytes are read from besides local files (NBD); the NBD client shares ``nbd.wire`` (constants and
-# layouts only) with the server.
-LAYERS = ["errors", "record", "opts", "info.model", "io", "protocols", "block.driver", "formats", "block", "info",
-          "devices", "cli", "nbd", "monitor", "daemon"]
+# layouts only) with the server.  ``qjson`` (QEMU's JSON reader) needs nothing: QMP input and the JSON of
+# command lines (json: names, -blockdev) are read by it.
+LAYERS = ["errors", "record", "qjson", "opts", "info.model", "io", "protocols", "block.driver", "formats", "block",
+          "info", "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
                 ("block", "chain"): "block.driver", ("block", "target"): "block.driver", ("block", "secrets"): "opts",
                 ("info", "render_json"): "info.model",

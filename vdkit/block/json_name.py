@@ -22,44 +22,17 @@ def is_json_name(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
-class _DuplicateKey(ValueError):
-    """An object names a key twice: QEMU's JSON parser refuses it where Python's keeps the last (which
-    could open another file than the one a reader of the text sees first)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise _DuplicateKey
-    return out
-
-
 def loads(text: str) -> Any:
-    """One JSON value as QEMU's parser reads a command-line text (a ``json:`` name's, ``-blockdev {...}``):
-    single-quoted strings allowed, a key twice refused; errors are OpenErrors with its texts.
-
-    Python's decoder stands in for QEMU's, so a few texts are approximations: a duplicate key is found
-    as its object closes (an object that never closes, or a syntax error after the duplicate, reports
-    that error; QEMU reports whichever comes first), and a bad keyword is "expecting value"."""
-    import json
-
+    """One JSON value as QEMU reads a command-line text (a ``json:`` name's, ``-blockdev {...}``): with
+    the parser it reads QMP with (:func:`vdkit.qjson.loads`); errors are OpenErrors with its texts."""
     from vdkit.errors import OpenError
+    from vdkit.qjson import JsonError
+    from vdkit.qjson import loads as qjson_loads
 
-    text = _single_to_double(text)
-    if not text.strip():
-        raise OpenError("Expecting a JSON value")
-    start = len(text) - len(text.lstrip())
     try:
-        value, end = json.JSONDecoder(object_pairs_hook=_unique_keys).raw_decode(text, start)
-    except _DuplicateKey:
-        raise OpenError("JSON parse error, duplicate key") from None
-    except json.JSONDecodeError as exc:
-        eoi = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
-        what = "premature EOI" if eoi else "expecting value"
-        raise OpenError(f"JSON parse error, {what}") from None
-    if text[end:].strip():
-        raise OpenError("Expecting at most one JSON value")
-    return value
+        return qjson_loads(text.encode("utf-8"))
+    except JsonError as exc:
+        raise OpenError(str(exc)) from None
 
 
 def parse(name: str) -> dict[str, object]:
@@ -91,40 +64,3 @@ def flatten(tree: dict[str, Any]) -> dict[str, object]:
             flat[key] = value
     flat.update(nested)
     return flat
-
-
-def _single_to_double(text: str) -> str:
-    """QEMU's JSON parser takes 'single-quoted' strings: rewrite them as JSON strings."""
-    if "'" not in text:
-        return text
-    import json
-
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c == '"':  # copy a double-quoted string as it is
-            j = i + 1
-            while j < len(text) and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            out.append(text[i:j + 1])
-            i = j + 1
-        elif c == "'":
-            j = i + 1
-            buf: list[str] = []
-            while j < len(text) and text[j] != "'":
-                if text[j] == "\\" and j + 1 < len(text):
-                    buf.append(text[j + 1] if text[j + 1] in "'\\" else "\\" + text[j + 1])
-                    j += 2
-                    continue
-                buf.append(text[j])
-                j += 1
-            if j >= len(text):
-                out.append(text[i:])  # unterminated: let the parser report it
-                break
-            out.append(json.dumps("".join(buf)))
-            i = j + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
