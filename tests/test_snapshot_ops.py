@@ -21,11 +21,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import check_ok, qemu_img, qemu_io, require_tool
+from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.diff.test_snapshot_write import check_counts, guest, snapshot_list
 from vdkit.block.node import open_image
 from vdkit.errors import SnapshotNotFoundError, VdkitError
 from vdkit.formats.qcow2 import layout as L
+from vdkit.formats.qcow2.driver import Qcow2Driver
 from vdkit.formats.qcow2.snapshot import SnapshotEntry
 from vdkit.formats.qcow2.snapshot_ops import (
     find_by_id_and_name,
@@ -84,6 +85,48 @@ def test_library_errors(tmp_path: Path) -> None:
         node.snapshot_create("x", date_sec=0, date_nsec=0)
     info = check_ok("snapshot", "-l", str(img)).stdout
     assert "x" * 255 in info and "x" * 256 not in info
+
+
+@pytest.mark.parametrize("opts", ["", "cluster_size=4k,refcount_bits=8", "extended_l2=on", "refcount_bits=2"])
+def test_delete_gives_the_active_tree_its_tables_back(tmp_path: Path, opts: str) -> None:
+    """``snapshot -c`` copies the active L2 tables (their COPIED flags change: the originals stay with
+    the snapshot); deleting that snapshot points the active L1 at the snapshot's tables again where
+    they hold the wanted bytes, writing no table: the L1 entries, every L2 table and the guest
+    content are what they were, nothing leaks (qemu-img check), and a table shared with another
+    snapshot is copied instead."""
+    def vdkit_ok(*args: str) -> None:
+        r = vdkit_img(*args)
+        assert r.returncode == 0, r.stderr
+
+    img = tmp_path / "a.qcow2"
+    check_ok("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), str(img), "64M")
+    writes = ["-c", "write -P 1 0 3M", "-c", "write -P 2 40M 2M", "-c", "write -z 20M 1M"]
+    assert qemu_io(*writes, str(img)).returncode == 0
+
+    def tables() -> tuple[list[int], list[bytes]]:
+        with open_image(str(img), "qcow2") as node:
+            drv = node.driver
+            assert isinstance(drv, Qcow2Driver)
+            l1 = [int(e) for e in drv.clusters.l1]
+            cs = drv.header.cluster_size
+            return l1, [drv.file.pread(e & L.L1E_OFFSET_MASK, cs) for e in l1 if e & L.L1E_OFFSET_MASK]
+
+    before, content = tables(), guest(img)
+    assert before[1]  # (4k clusters: several tables)
+    vdkit_ok("snapshot", "-c", "s1", str(img))
+    assert tables()[0] != before[0]  # (the active tree moved to copies)
+    size = img.stat().st_size
+    vdkit_ok("snapshot", "-d", "s1", str(img))
+    assert tables() == before and img.stat().st_size == size
+    assert check_counts(img) == (0, {"corruptions": 0, "leaks": 0, "check-errors": 0})
+    assert guest(img) == content
+    # two snapshots share the original tables: deleting one leaves the other its tables
+    vdkit_ok("snapshot", "-c", "s1", str(img))
+    vdkit_ok("snapshot", "-c", "s2", str(img))
+    vdkit_ok("snapshot", "-d", "s2", str(img))
+    vdkit_ok("snapshot", "-d", "s1", str(img))
+    assert check_counts(img) == (0, {"corruptions": 0, "leaks": 0, "check-errors": 0})
+    assert guest(img) == content
 
 
 # -- model-based property test ----------------------------------------------------------------

@@ -11,7 +11,8 @@ clusters, refcount blocks and the refcount table likewise, and one header
 write switches to the new state.  A consequence visible in the file layout:
 after ``create`` the active tree has its own copies of the L2 tables whose
 flags changed instead of sharing them with the snapshot (the snapshot keeps
-the originals); data clusters are shared exactly as in QEMU.
+the originals; deleting it gives them back); data clusters are shared exactly
+as in QEMU.
 """
 
 from __future__ import annotations
@@ -296,12 +297,15 @@ def _unaligned_event(drv: Qcow2Driver, l1: Tab) -> VdkitError:
     return CorruptImageError("Input/output error", errno=5)
 
 
-def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, dict[int, _NewTable]]:
+def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab,
+                    reuse: dict[int, int] | None = None) -> tuple[Tab, dict[int, _NewTable]]:
     """The active L1 with COPIED flags for the refcounts the transaction leads to.
 
     L2 tables whose flags change are copied (the originals are reachable from
-    the current header and must not change before the switch).  Returns the
-    new L1 and the new L2 tables by offset.
+    the current header and must not change before the switch), or replaced by
+    a table the transaction frees that holds the wanted bytes already
+    (``reuse``: active table -> candidate, see :func:`_replace_table`).  Returns
+    the new L1 and the new L2 tables by offset.
     """
     geom = drv.geometry
     T = txn.T
@@ -339,7 +343,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
             raw = _raw(drv, t)
             new_raw = _copied_by_bytes(raw, geom.l2_entry_size, *by_bytes[t])
             if new_raw != raw:
-                _replace_table(drv, txn, offs, t, new_raw, replaced, meta)
+                _replace_table(drv, txn, offs, t, new_raw, replaced, meta, reuse)
             continue
         if rc is None:
             rc = all_rc[pos : pos + len(has)]
@@ -348,7 +352,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab) -> tuple[Tab, d
         T.clear_flag(want, L.OFLAG_COPIED, L.OFLAG_COMPRESSED)
         T.set_flag(want, T.take(has, T.positions_equal(rc, 1)), L.OFLAG_COPIED)
         if not T.equal(want, entries):
-            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced, meta)
+            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced, meta, reuse)
             new_tables[new_off] = (want, T.copy(bitmaps))
     # L1 entries: new offsets, COPIED iff the table's final refcount is 1
     out = T.zeros(len(l1))
@@ -392,10 +396,17 @@ def _copied_by_bytes(raw: bytes, entry_size: int, runs: Runs, ones: int) -> byte
 
 
 def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
-                   replaced: dict[int, int], meta: list[MetadataMap]) -> int:
+                   replaced: dict[int, int], meta: list[MetadataMap], reuse: dict[int, int] | None = None) -> int:
     """Stage ``data`` as the copy of the active L2 table at ``t`` (every L1 entry naming it moves to
     the copy); returns the copy's offset.  ``meta`` holds the metadata map once one was built (the
-    state does not change before the commit: one map serves every table)."""
+    state does not change before the commit: one map serves every table).
+
+    Where ``reuse`` names a table for ``t`` (delete: the deleted snapshot's table at the same L1
+    index) that holds ``data`` byte for byte and that nothing references once the transaction is
+    done, the L1 entries move to it instead and no table is written (a snapshot taken by
+    :func:`create` and deleted again puts the active tree back in its original tables, which kept
+    their COPIED flags).  Either way the current state's tables stay as they are until the header
+    switch."""
     # QEMU writes this table back in place: where the table names other metadata (a damaged
     # snapshot table reaching into it, say) its overlap check refuses; ours would go to a copy
     geom = drv.geometry
@@ -406,6 +417,14 @@ def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: 
     if first_overlap(meta[0], t, geom.cluster_size, Metadata.ACTIVE_L2) is not None:
         drv.check_metadata_write(t, geom.cluster_size, Metadata.ACTIVE_L2)  # (the corruption event)
     k = T.count_equal(offs, t)
+    old = None if reuse is None else reuse.get(t)
+    if (old is not None and old != t and not old % geom.cluster_size and _raw(drv, old) == data
+            and txn.count_new(old >> bits, (old >> bits) + 1, 0)  # (its count ends at 0)
+            and first_overlap(meta[0], old, geom.cluster_size) is None):  # (a damaged table: not metadata)
+        txn.add_refs([old >> bits] * k, 1)
+        txn.add_refs([t >> bits] * k, -1)
+        replaced[t] = old
+        return old
     new_off = txn.alloc(geom.cluster_size)
     if k > 1:
         txn.add_refs([new_off >> bits] * (k - 1), 1)
@@ -728,7 +747,12 @@ def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None
     tree.add_to(txn, -1)
     txn.add_range(victim.l1_table_offset, victim.l1_size * 8, -1)
     active_tree = _Tree(drv, active)
-    l1, new_tables = _rebuild_active(drv, txn, active)
+    # (an active table whose wanted bytes the snapshot's table at the same index holds goes back to it)
+    reuse: dict[int, int] = {}
+    for a, b in zip(T.tolist(active), T.tolist(snap_l1), strict=False):  # (the shorter table's entries)
+        if a & L.L1E_OFFSET_MASK and b & L.L1E_OFFSET_MASK:
+            reuse.setdefault(a & L.L1E_OFFSET_MASK, b & L.L1E_OFFSET_MASK)
+    l1, new_tables = _rebuild_active(drv, txn, active, reuse)
     _commit(drv, txn, l1=l1, old_l1=active, snapshots=remaining, new_tables=new_tables,
             trees=[tree, active_tree])
     return victim
