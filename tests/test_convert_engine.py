@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import check_ok, qemu_img, vdkit_img
 from tests.diff.io_corpus import KINDS, build
 from tests.helpers.patching import get_u64, set_u64
 from vdkit.block import io as bio
-from vdkit.block.copy import SECTOR, ZeroMap, _zero_sectors_numpy
+from vdkit.block.copy import SECTOR, ZeroMap, _zero_sectors_numpy, data_extent, pow2floor
 from vdkit.block.node import open_image
 from vdkit.block.progress import Progress
 
@@ -76,6 +78,56 @@ def test_zero_map_special_cases() -> None:
     buf = bytearray(b"\x01" * (4 * SECTOR))
     buf[300 : 300 + SECTOR] = bytes(SECTOR)
     assert zmap.sectors(buf, 4) == bytes(4)
+
+
+def _plan(zero: bytes, n: int, sector: int, min_sparse: int) -> list[tuple[int, bool]]:
+    """write_piece's walk over a zero map: (sectors, written) steps."""
+    out, i = [], 0
+    while i < n:
+        k, data = data_extent(zero, i, n - i, min_sparse, sector + i, pow2floor(min_sparse))
+        out.append((k, data))
+        i += k
+    return out
+
+
+@st.composite
+def _piece(draw: st.DrawFn) -> tuple[bytearray, int, int, int]:
+    """A data piece with zero stretches (on the -S alignment grid or off it, some at the piece's ends)
+    and sectors that start with a zero word but hold data further in; its first sector and -S (sectors)."""
+    n = draw(st.integers(1, 160))
+    sector = draw(st.integers(0, 300))
+    min_sparse = draw(st.sampled_from([1, 2, 3, 7, 8, 12, 16, 24, 64]))
+    a = pow2floor(min_sparse)
+    buf = bytearray(random.Random(draw(st.integers(0, 2**32))).randbytes(n * SECTOR))
+    for _ in range(draw(st.integers(0, 4))):
+        length = draw(st.sampled_from([1, 2, a - 1, a, a + 1, 2 * a, min_sparse, min_sparse + 1])) * SECTOR
+        length += draw(st.sampled_from([0, 0, 0, -1, 1, 100]))
+        where = draw(st.sampled_from(["start", "end", "grid", "grid", "any"]))
+        s = draw(st.integers(0, n - 1))
+        if where == "grid":  # from an aligned sector (alignment counts from the image's start)
+            s -= (sector + s) % a
+        start = 0 if where == "start" else max(0, n * SECTOR - length) if where == "end" else \
+            max(0, s) * SECTOR + draw(st.sampled_from([0, 0, 0, 8, 300]))
+        buf[start : start + max(0, length)] = bytes(len(buf[start : start + max(0, length)]))
+    for _ in range(draw(st.integers(0, 3))):
+        h = draw(st.integers(0, n - 1))
+        buf[h * SECTOR : h * SECTOR + 8] = bytes(8)
+    return buf, n, sector, min_sparse
+
+
+@settings(max_examples=300, deadline=None)
+@given(piece=_piece())
+def test_all_data_means_one_write(piece: tuple[bytearray, int, int, int]) -> None:
+    """ZeroMap.all_data (heads read every `alignment` sectors, and the first sector) is only
+    true where the full zero map would make write_piece write the piece whole, in one write."""
+    buf, n, sector, min_sparse = piece
+    zmap = ZeroMap(n * SECTOR)
+    a = pow2floor(min_sparse)
+    zero = zmap.sectors(buf, n)
+    if zmap.all_data(buf, n, -sector % a, a):
+        assert _plan(zero, n, sector, min_sparse) == [(n, True)]
+    if zero == bytes(n) and not any(buf[i * SECTOR : i * SECTOR + 8] == bytes(8) for i in range(n)):
+        assert zmap.all_data(buf, n, -sector % a, a)  # no zero first word: nothing more to read
 
 
 def test_progress_float32_like_numpy(capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,8 +290,9 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
     """Data runs of a locked raw/qcow2 source are mapped (not read) and copied file to file by the kernel.
 
     The outputs (bytes and allocation map) equal qemu-img's for a qcow2 -> raw and a raw -> qcow2
-    copy of data with zero sectors, zero clusters, holes and a partial last cluster; with -U (the
-    file not locked against resizing) nothing is mapped.
+    copy of data with zero sectors, zero clusters, holes and a partial last cluster, at the default
+    -S (pages faulted in by the zero scan) and at -S 0 and 1M (populated by madvise first); with -U
+    (the file not locked against resizing) nothing is mapped.
     """
     import os
 
@@ -257,12 +310,15 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
         f.write(rnd.randbytes((2 << 20) + 1536))
     check_ok("convert", "-f", "raw", "-O", "qcow2", "src.raw", "src.qcow2", cwd=workdir)
     mapped: list[int] = []
+    populated: list[bool] = []
     copied: list[int] = []
     real_map, real_cfr = bcopy.Mapped.__init__, os.copy_file_range
 
-    def count_map(self: bcopy.Mapped, file: object, offset: int, length: int, windows: object = None) -> None:
+    def count_map(self: bcopy.Mapped, file: object, offset: int, length: int, windows: object = None,
+                  populate: bool = True) -> None:
         mapped.append(length)
-        real_map(self, file, offset, length, windows)  # type: ignore[arg-type]
+        populated.append(populate)
+        real_map(self, file, offset, length, windows, populate=populate)  # type: ignore[arg-type]
 
     def count_cfr(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
         copied.append(count)
@@ -272,9 +328,14 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(os, "copy_file_range", count_cfr)
     monkeypatch.chdir(workdir)
     u = ["-U"] if share else []
-    for src, fmt, out in (("src.qcow2", "raw", "raw"), ("src.raw", "qcow2", "qcow2")):
-        check_ok("convert", *u, "-O", fmt, src, f"q.{out}", cwd=workdir)
-        assert main(["convert", *u, "-O", fmt, src, f"v.{out}"]) == 0
+    for src, fmt, out, sparse in (("src.qcow2", "raw", "raw", []), ("src.raw", "qcow2", "qcow2", []),
+                                  ("src.qcow2", "raw", "raw", ["-S", "0"]),
+                                  ("src.raw", "qcow2", "qcow2", ["-S", "1M"])):
+        (workdir / f"v.{out}").unlink(missing_ok=True)
+        check_ok("convert", *u, *sparse, "-O", fmt, src, f"q.{out}", cwd=workdir)
+        populated.clear()
+        assert main(["convert", *u, *sparse, "-O", fmt, src, f"v.{out}"]) == 0
+        assert share or set(populated) == {bool(sparse)}
         assert check_ok("compare", f"q.{out}", f"v.{out}", cwd=workdir).returncode == 0
         q_map = check_ok("map", "--output=json", f"q.{out}", cwd=workdir).stdout
         assert check_ok("map", "--output=json", f"v.{out}", cwd=workdir).stdout == q_map
@@ -284,8 +345,8 @@ def test_mapped_pieces_and_kernel_copy(workdir: Path, monkeypatch: pytest.Monkey
         assert not mapped and not copied
     else:
         assert mapped and copied  # raw -> qcow2 writes from the mapping, qcow2 -> raw copies in the kernel
-        # pieces were views of windows faulted in by madvise(MADV_POPULATE_READ) through ctypes (the
-        # GIL released), which this kernel knows: a refusal would have switched back to MAP_POPULATE
+        # pieces were views of windows faulted in by the scan or by madvise(MADV_POPULATE_READ) through
+        # ctypes (the GIL released), which this kernel knows: a refusal would switch back to MAP_POPULATE
         assert bcopy._madvise() is not None
 
 

@@ -317,6 +317,30 @@ class ZeroMap:
     def is_zero(self, buf: bytearray | memoryview, length: int) -> bool:
         return self.zeros.startswith(memoryview(buf)[:length])
 
+    def all_data(self, buf: bytearray | memoryview, n: int, first: int, step: int) -> bool:
+        """Whether ``buf[:n*512]`` is sure to be written whole: sector 0 and every ``step``-th
+        sector from ``first`` start with a non-zero word.
+
+        With ``step`` the walk's alignment (``-S``'s power of two, ``first`` the piece's first
+        aligned sector), that is enough for :func:`data_extent` to take the piece as one data
+        run: a zero stretch it skips inside a piece is ``-S`` sectors or more and so holds an
+        aligned sector, a shorter one after data is swallowed up to the next aligned sector, and
+        only a piece that is zeros throughout is skipped whatever its length (hence sector 0).
+        At the default ``-S 4k`` this reads one word per 4 KiB instead of one per sector (each
+        in its own cache line, mostly not cached); anything else gets :meth:`sectors`.
+        """
+        words = memoryview(buf)[: n * SECTOR].cast("Q")
+        per = SECTOR // 8
+        if not words[0]:
+            return False
+        heads = words[first * per :: step * per].tobytes()
+        p = heads.find(_Z8)
+        while p >= 0:
+            if not p % 8:
+                return False
+            p = heads.find(_Z8, p + 8 - p % 8)  # zero bytes across two words: not a zero word
+        return True
+
     def sectors(self, buf: bytearray | memoryview, n: int) -> bytes:
         """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
         end = n * SECTOR
@@ -462,7 +486,7 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
         done = 0
         mapping = not compressed and target.maps_sources
         with ReadAhead(copier, zmap, sparse=bool(min_sparse) and not compressed, mapping=mapping,
-                       depth=in_flight) as pieces:
+                       depth=in_flight, zeros_written=not (has_zero_init and min_sparse)) as pieces:
             for piece in pieces:
                 if isinstance(piece, IOFailure):
                     raise piece.report() from piece.exc
@@ -515,6 +539,7 @@ def _write_error(exc: BaseException, offset: int) -> BaseException:
 
 
 _MADV_DONTNEED = 4
+_FAULT_AROUND = 64 << 10  # Linux's default fault_around_bytes: a read fault maps this much around it
 _MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range in, as MAP_POPULATE does at mmap time
 _madvise_fn: object = False  # not looked up yet
 
@@ -631,11 +656,16 @@ class Mapped:
     With ``windows`` the piece is a view of a shared :class:`MapWindow`, its pages faulted in
     by ``madvise`` without the GIL and dropped again when it is closed (the process's resident
     set stays that of the pieces in flight); otherwise it is a mapping of its own.
+    ``populate=False`` leaves the faulting to the first reader of the pages: the zero scan at
+    the default ``-S`` reads a word of every page, and each of its faults maps the pages around
+    (the kernel's fault-around, 64 KiB), which costs half of what ``MADV_POPULATE_READ``'s walk
+    over every page does; a ``copy_file_range`` target never needs the pages mapped at all.
     """
 
     __slots__ = ("mm", "view", "file", "offset", "window", "length")
 
-    def __init__(self, file: ImageFile, offset: int, length: int, windows: MapWindows | None = None) -> None:
+    def __init__(self, file: ImageFile, offset: int, length: int, windows: MapWindows | None = None, *,
+                 populate: bool = True) -> None:
         import mmap
 
         self.file = file
@@ -647,12 +677,13 @@ class Mapped:
             w = self.window = windows.window_for(file, offset, length)
             w.users += 1
             self.view = memoryview(w.mm)[offset - w.start : offset - w.start + length]
-            if not w.advise(offset, length, _MADV_POPULATE_READ):
+            if populate and not w.advise(offset, length, _MADV_POPULATE_READ):
                 global _madvise_fn
                 _madvise_fn = None  # an older kernel: this piece faults in as it is read, the next are mapped
             return
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in instead of one per page
+        # one fault-in instead of one per page
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         self.mm = mmap.mmap(file.fd, offset - start + length, flags, mmap.PROT_READ, offset=start)
         self.view = memoryview(self.mm)[offset - start :]
 
@@ -689,7 +720,7 @@ class ReadAhead:
     DEPTH = 4
 
     def __init__(self, copier: Copier, zmap: ZeroMap, *, sparse: bool, mapping: bool = False,
-                 depth: int | None = None) -> None:
+                 depth: int | None = None, zeros_written: bool = True) -> None:
         import queue
         import threading
         from collections import deque  # (queue imports it already)
@@ -698,6 +729,9 @@ class ReadAhead:
         self.zmap = zmap
         self.sparse = sparse
         self.mapping = mapping
+        # False: the writer does nothing with a zero piece (the target reads as zeros, -S is not 0),
+        # so neither it nor a backing piece (never written) is queued: one hand-off less per hole
+        self.zeros_written = zeros_written
         # buffers (each with the mapped piece last written from it, to unmap) or None: stop
         self._pool: queue.SimpleQueue[tuple[bytearray, Mapped | None] | None] = queue.SimpleQueue()
         # empty until a piece is read into it (see _sized): a mapped piece only needs the token, and
@@ -712,6 +746,9 @@ class ReadAhead:
         self._reads = 0  # reads in flight (protocol files that take several: Copier.async_extent)
         self._stop = False
         self._windows = MapWindows() if mapping else None  # the reader thread's (see Mapped)
+        # the zero scan (ZeroMap.all_data) reads a word every `alignment` sectors: when that is within
+        # the kernel's fault-around, its faults map every page and populating first is wasted work
+        self._populate = not (sparse and copier.alignment * SECTOR <= _FAULT_AROUND)
         self._thread = threading.Thread(target=self._run, name="vdkit-convert-read", daemon=True)
 
     def __enter__(self) -> ReadAhead:
@@ -754,7 +791,7 @@ class ReadAhead:
         if host is None:
             return None
         try:
-            return Mapped(host[0], host[1], n * SECTOR, self._windows)
+            return Mapped(host[0], host[1], n * SECTOR, self._windows, populate=self._populate)
         except (OSError, ValueError, OverflowError):  # cannot be mapped: read it instead
             return None
 
@@ -768,6 +805,9 @@ class ReadAhead:
                 n = c.step(sector)
                 status = c.status
                 if status != BLK_DATA:
+                    if status == BLK_BACKING or not self.zeros_written:
+                        sector += n
+                        continue
                     piece: Piece = (sector, n, status, None, None, None)
                     if pending:
                         pending.append((piece, None, None))
@@ -799,7 +839,7 @@ class ReadAhead:
                 if mapped is None:
                     buf = self._sized(buf)
                     c.readinto(sector, n, memoryview(buf))
-                zero = self.zmap.sectors(buf if mapped is None else mapped.view, n) if self.sparse else None
+                zero = self._zeros(buf if mapped is None else mapped.view, sector, n)
                 out.put((sector, n, status, buf, zero, mapped))
                 sector += n
             while pending and not self._stop:
@@ -811,6 +851,15 @@ class ReadAhead:
         finally:
             self._release_pending()  # no read may still be filling a buffer once the walk ends
             out.put(None)
+
+    def _zeros(self, buf: bytearray | memoryview, sector: int, n: int) -> bytes | None:
+        """The piece's zero-sector map for :func:`data_extent` (None when nothing is skipped)."""
+        if not self.sparse:
+            return None
+        a = self.copier.alignment
+        if self.zmap.all_data(buf, n, -sector % a, a):
+            return bytes(n)
+        return self.zmap.sectors(buf, n)
 
     def _sized(self, buf: bytearray) -> bytearray:
         """``buf``, or a buffer of a whole piece in place of an empty one (the pool starts with those)."""
@@ -847,7 +896,7 @@ class ReadAhead:
             except (VdkitError, OSError) as exc:
                 raise IOFailure(exc, f"error while reading at byte {sector * SECTOR}") from exc
             assert buf is not None
-            zero = self.zmap.sectors(buf, n) if self.sparse else None
+            zero = self._zeros(buf, sector, n)
             piece = (sector, n, status, buf, zero, None)
         self._out.put(piece)
 
