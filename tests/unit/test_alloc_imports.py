@@ -59,7 +59,7 @@ def test_snapshots_without_numpy(tmp_path: Path) -> None:
     check_ok("check", str(img))
 
 
-@pytest.mark.parametrize("opts", ["", "cluster_size=4k", "compat=0.10,cluster_size=512"])
+@pytest.mark.parametrize("opts", ["", "cluster_size=4k", "compat=0.10,cluster_size=512", "extended_l2=on"])
 def test_convert_to_qcow2_without_numpy(tmp_path: Path, opts: str) -> None:
     """``convert -O qcow2`` of a small image writes its data through list L1/L2 tables (data, zeros and
     holes; the smallest clusters need several L2 tables): no numpy, and the file qemu-img writes."""

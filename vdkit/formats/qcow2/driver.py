@@ -397,14 +397,12 @@ class Qcow2Driver(FormatDriver):
 
     def _writer_backend(self) -> Backend:
         """The table backend of a writable image's cluster map: lists when its tables are small
-        (a ``convert -O qcow2`` of a small image then never imports numpy, ~90 ms), numpy for big ones,
-        for extended L2 (its runs are classified by numpy only) and where numpy is loaded already (the
-        daemon), unless ``VDKIT_TABLES`` forces one."""
+        (a ``convert -O qcow2`` of a small image then never imports numpy, ~90 ms; extended L2 too, its
+        runs classified by ``Qcow2IO._list_runs_extended``), numpy for big ones and where numpy is
+        loaded already (the daemon), unless ``VDKIT_TABLES`` forces one."""
         from vdkit.io import tables
 
         h = self.header
-        if self.geometry.extended_l2:
-            return tables.NUMPY
         # the L1 and as many L2 tables as it can name, up to the L2 cache's 16 MiB
         held = h.l1_size * 8 + min(h.l1_size * h.cluster_size, 16 << 20)
         T = tables.backend_for(held)

@@ -42,7 +42,6 @@ from vdkit.formats.qcow2.overlap import (
     first_overlap,
     metadata_end,
 )
-from vdkit.io import tables
 from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
@@ -284,9 +283,7 @@ class Qcow2IO:
         if isinstance(entries, list):
             if not self.geom.extended_l2:
                 return self._list_runs(entries, l2_off, base, first)
-            # (extended L2 is classified by numpy only: a writer picks numpy tables for it, but a snapshot
-            # operation's cluster map may hold lists)
-            entries, bitmaps = tables.NUMPY.convert(entries), tables.NUMPY.convert(bitmaps)
+            return self._list_runs_extended(entries, bitmaps, l2_off, base, first)
         kinds, hosts, valid, unit = self._classify(entries, bitmaps, l2_off, first)
         return _coalesce(kinds, hosts, valid, unit, base)
 
@@ -333,6 +330,79 @@ class Qcow2IO:
             kind, start, host0 = k, i, host
             nxt = None if host is None else host + step
         out.append(Run(_KINDS[kind], base + start * cs, (n - start) * cs, host0))
+        return out
+
+    def _list_runs_extended(self, entries: Sequence[int], bitmaps: Sequence[int], l2_off: int, base: int,
+                            first: int = 0) -> list[Run]:
+        """:meth:`_classify` + :func:`_coalesce` for extended L2 entries from index ``first``, in Python
+        (same runs, same errors, reported in the same order).  A cluster's 32 subclusters are taken as
+        stretches of one kind (most often one stretch: all data, all zero or all unallocated), never
+        one by one; the stretches then merge into runs by :func:`_coalesce`'s rule."""
+        if not entries:
+            return []
+        cs = self.cluster_size
+        scs = cs // 32
+        data_file = self.geom.has_data_file
+        full = 0xFFFFFFFF
+        bad_comp: list[int] = []
+        invalid: list[int] = []
+        unaligned: list[int] = []
+        # (kind, host valid, first unit's host, units) per stretch, in order
+        stretches: list[tuple[int, bool, int, int]] = []
+        add = stretches.append
+        for i, (e, b) in enumerate(zip(entries, bitmaps, strict=True)):
+            if not e and not b:
+                add((Kind.UNALLOCATED, False, 0, 32))
+                continue
+            off = e & _MASK_OFF
+            has_off = bool(off) or bool(data_file and e & _COPIED)
+            if e & _COMPRESSED:
+                if data_file:
+                    bad_comp.append(i)
+                    add((Kind.CORRUPT, True, l2_off, 32))
+                else:
+                    add((Kind.COMPRESSED, True, e, 32))
+                continue
+            alloc, zero = b & full, b >> 32
+            if (has_off and alloc & zero) or (not has_off and alloc):
+                invalid.append(i)
+                add((Kind.CORRUPT, True, l2_off, 32))
+                continue
+            if has_off and off & (cs - 1):
+                unaligned.append(i)
+                add((Kind.CORRUPT, True, l2_off, 32))
+                continue
+            if zero == full or not zero and alloc in (0, full):
+                add((Kind.ZERO if zero else Kind.DATA if alloc else Kind.UNALLOCATED, has_off, off, 32))
+                continue
+            k0: int = -1
+            s0 = 0
+            for sc in range(32):  # (a mixed bitmap: its stretches of one kind)
+                sk = Kind.ZERO if zero >> sc & 1 else Kind.DATA if alloc >> sc & 1 else Kind.UNALLOCATED
+                if sk != k0:
+                    if k0 >= 0:
+                        add((k0, has_off, off + s0 * scs, sc - s0))
+                    k0, s0 = sk, sc
+            add((k0, has_off, off + s0 * scs, 32 - s0))
+        for i in bad_comp:
+            self._bad[(l2_off, first + i)] = self._compressed_msg(l2_off, first + i)
+        for i in invalid:
+            self._bad[(l2_off, first + i)] = (
+                f"Invalid cluster entry found  (L2 offset: {_hx(l2_off)}, L2 index: {_hx(first + i)})")
+        for i in unaligned:
+            self._bad[(l2_off, first + i)] = self._unaligned_msg(entries[i] & _MASK_OFF, l2_off, first + i)
+        out: list[Run] = []
+        kind: int = -1
+        valid, start, unit, host0, nxt = False, 0, 0, 0, 0
+        for k, v, h, count in stretches:
+            step = 0 if k in (Kind.COMPRESSED, Kind.CORRUPT) else scs
+            if k != kind or v != valid or (v and h != nxt):
+                if kind >= 0:
+                    out.append(Run(_KINDS[kind], base + start * scs, (unit - start) * scs, host0 if valid else None))
+                kind, valid, start, host0 = k, v, unit, h
+            nxt = h + count * step
+            unit += count
+        out.append(Run(_KINDS[kind], base + start * scs, (unit - start) * scs, host0 if valid else None))
         return out
 
     @staticmethod
