@@ -646,6 +646,60 @@ class MapWindows:
             self.current = None
 
 
+def file_holes(fd: int, offset: int, length: int, min_sectors: int) -> list[tuple[int, int]]:
+    """Sector ranges ``(first, end)`` of ``[offset, offset+length)`` of the file ``fd`` that are holes
+    (``SEEK_HOLE``/``SEEK_DATA``), counted from ``offset``, each at least ``min_sectors`` long.
+
+    Why: a format's block status says where a data run lies in its file, not whether the file
+    stores all of it.  qemu-img's VHD (vpc) writer leaves the unwritten part of every block a hole
+    of the file; mapping it had the kernel zero-fill page-cache pages only for the zero scan to
+    find zeros.  A hole reads as zeros, so its sectors are zero sectors without being read, and the
+    zero map (so what is written) is the same.  Nothing on a file system that cannot tell (all
+    data then) or on any error.
+    """
+    import errno
+    import os
+
+    end = offset + length
+    holes: list[tuple[int, int]] = []
+    pos = offset
+    try:
+        while pos < end:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            if hole >= end:
+                break
+            try:
+                data = min(end, os.lseek(fd, hole, os.SEEK_DATA))
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # (ENXIO: a hole up to the end of the file)
+                    raise
+                data = end
+            first = -(-(hole - offset) // SECTOR)  # whole sectors inside the hole only
+            last = (data - offset) // SECTOR
+            if last - first >= max(1, min_sectors):
+                holes.append((first, last))
+            pos = data
+    except OSError:
+        return []
+    return holes
+
+
+def zero_sectors_around(zmap: ZeroMap, view: memoryview, n: int, holes: list[tuple[int, int]]) -> bytes:
+    """:meth:`ZeroMap.sectors` of ``view[:n*512]`` whose sectors in ``holes`` are known zeros: those
+    are not read, the rest is scanned sector by sector (the whole-piece shortcut of
+    :meth:`ZeroMap.all_data` does not hold for a part of a piece)."""
+    flags = bytearray(n)
+    pos = 0
+    for first, last in holes:
+        if first > pos:
+            flags[pos:first] = zmap.sectors(view[pos * SECTOR : first * SECTOR], first - pos)
+        flags[first:last] = zmap.ones[: last - first]
+        pos = last
+    if pos < n:
+        flags[pos:n] = zmap.sectors(view[pos * SECTOR : n * SECTOR], n - pos)
+    return bytes(flags)
+
+
 class Mapped:
     """A data piece read in place: the source file's pages mapped read-only, not copied.
 
@@ -662,7 +716,7 @@ class Mapped:
     over every page does; a ``copy_file_range`` target never needs the pages mapped at all.
     """
 
-    __slots__ = ("mm", "view", "file", "offset", "window", "length")
+    __slots__ = ("mm", "view", "file", "offset", "window", "length", "holes")
 
     def __init__(self, file: ImageFile, offset: int, length: int, windows: MapWindows | None = None, *,
                  populate: bool = True) -> None:
@@ -671,6 +725,7 @@ class Mapped:
         self.file = file
         self.offset = offset
         self.length = length
+        self.holes: list[tuple[int, int]] = []  # sectors of the piece that are holes of the file (file_holes)
         self.window: MapWindow | None = None
         self.mm: mmap.mmap | None = None
         if windows is not None and _madvise() is not None:
@@ -686,6 +741,17 @@ class Mapped:
         flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         self.mm = mmap.mmap(file.fd, offset - start + length, flags, mmap.PROT_READ, offset=start)
         self.view = memoryview(self.mm)[offset - start :]
+
+    def populate_around(self, holes: list[tuple[int, int]]) -> None:
+        """Fault in the piece's pages except the holes' (:func:`file_holes`: never read)."""
+        w = self.window
+        if w is None:
+            return
+        pos = 0
+        for first, last in [*holes, (self.length // SECTOR, self.length // SECTOR)]:
+            if first * SECTOR > pos and not w.advise(self.offset + pos, first * SECTOR - pos, _MADV_POPULATE_READ):
+                return  # (refused: the pages fault in as they are read)
+            pos = last * SECTOR
 
     def close(self) -> None:
         self.view.release()
@@ -790,10 +856,17 @@ class ReadAhead:
         host = self.copier.host_extent(sector, n)
         if host is None:
             return None
+        # holes of the file inside the piece are zeros the scan need not read (-S 0 writes them: read)
+        holes = file_holes(host[0].fd, host[1], n * SECTOR, self.copier.min_sparse) if self.sparse else []
         try:
-            return Mapped(host[0], host[1], n * SECTOR, self._windows, populate=self._populate)
+            m = Mapped(host[0], host[1], n * SECTOR, self._windows, populate=self._populate and not holes)
         except (OSError, ValueError, OverflowError):  # cannot be mapped: read it instead
             return None
+        if holes:
+            m.holes = holes
+            if self._populate:
+                m.populate_around(holes)
+        return m
 
     def _run(self) -> None:
         c = self.copier
@@ -839,7 +912,10 @@ class ReadAhead:
                 if mapped is None:
                     buf = self._sized(buf)
                     c.readinto(sector, n, memoryview(buf))
-                zero = self._zeros(buf if mapped is None else mapped.view, sector, n)
+                if mapped is not None and mapped.holes:
+                    zero: bytes | None = zero_sectors_around(self.zmap, mapped.view, n, mapped.holes)
+                else:
+                    zero = self._zeros(buf if mapped is None else mapped.view, sector, n)
                 out.put((sector, n, status, buf, zero, mapped))
                 sector += n
             while pending and not self._stop:
