@@ -110,3 +110,13 @@ def test_check_repairs_and_growth_without_numpy(tmp_path: Path, damage: str) -> 
     mods = _imports(["check", "v.qcow2"], tmp_path)
     assert "numpy" not in mods and "vdkit.formats.qcow2.check" not in mods, sorted(mods)
     check_ok("check", str(v))
+    # marked corrupt but consistent: -r all proves it so by runs and clears the bit, as qemu-img does
+    with open(v, "r+b") as f:
+        f.seek(72)
+        f.write((2).to_bytes(8, "big"))
+    q.write_bytes(v.read_bytes())
+    mods = _imports(["check", "-r", "all", "v.qcow2"], tmp_path)
+    assert "numpy" not in mods and "vdkit.formats.qcow2.check" not in mods, sorted(mods)
+    qemu_img("check", "-r", "all", str(q))
+    assert v.read_bytes() == q.read_bytes()
+    assert v.read_bytes()[72:80] == bytes(8)

@@ -1443,16 +1443,7 @@ class _Checker:
 
     def mark_clean(self) -> None:
         """Clear the dirty and corrupt bits once nothing is left to repair."""
-        h = self.h
-        if h.version < 3:
-            return
-        incompat = int.from_bytes(self.f.pread(72, 8), "big")
-        cleared = incompat & ~(L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT)
-        if cleared != incompat:
-            self.f.flush()
-            self.f.pwrite(72, cleared.to_bytes(8, "big"))
-            self.header_changed(incompatible_features=cleared)
-            self.f.flush()
+        self.drv.mark_consistent()
 
 
 # A check walks small tables in Python entry by entry, which costs more per byte of tables than the

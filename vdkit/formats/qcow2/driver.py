@@ -583,6 +583,17 @@ class Qcow2Driver(FormatDriver):
         self.file.flush()
         self._write_incompatible(self.header.incompatible_features & ~L.INCOMPAT_DIRTY)
 
+    def mark_consistent(self) -> None:
+        """After a check that left nothing to repair: clear the dirty and corrupt bits (QEMU's mark
+        clean and mark consistent), as the file holds them (a repair may have rewritten the header)."""
+        if self.header.version < 3:
+            return
+        incompat = int.from_bytes(self.file.pread(72, 8), "big")
+        cleared = incompat & ~(L.INCOMPAT_DIRTY | L.INCOMPAT_CORRUPT)
+        if cleared != incompat:
+            self.file.flush()  # (what the repair wrote is durable before the bits go)
+            self._write_incompatible(cleared)
+
     def _write_incompatible(self, value: int) -> None:
         self.file.pwrite(72, value.to_bytes(8, "big"))
         self.file.flush()
@@ -794,15 +805,18 @@ class Qcow2Driver(FormatDriver):
         return specific_info(self)
 
     def check(self, repair: str | None, report: CheckReport) -> CheckResult:
-        """A read-only check first tries the proof by runs (:mod:`.check_runs`: a consistent image,
-        the usual case, without loading the full walk's module or numpy); anything it cannot prove
-        clean goes to the full walk (:mod:`.check`), which reports in QEMU's order."""
-        if repair is None and not self.dead:
+        """A check first tries the proof by runs (:mod:`.check_runs`: a consistent image, the usual
+        case, without loading the full walk's module or numpy; a repair then has nothing to do but
+        clear the dirty and corrupt bits); anything it cannot prove clean goes to the full walk
+        (:mod:`.check`), which reports and repairs in QEMU's order."""
+        if not self.dead:
             from vdkit.formats.qcow2 import check_runs
 
             if check_runs.ENABLED:
                 clean = check_runs.check_clean(self)
                 if clean is not None:
+                    if repair is not None:
+                        self.mark_consistent()
                     return clean
         from vdkit.formats.qcow2.check import check
 
