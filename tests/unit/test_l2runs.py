@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import Geometry
-from vdkit.formats.qcow2.l2runs import l2_runs
+from vdkit.formats.qcow2.l2runs import l2_runs, same_runs
 from vdkit.io import tables
 
 COPIED = L.OFLAG_COPIED
@@ -90,3 +90,39 @@ def test_runs_of_a_written_table() -> None:
     runs = l2_runs(struct.pack(">8192Q", *entries), 8, bits)
     assert runs is not None
     assert (runs.starts, runs.lens, runs.used) == ([100, 5000], [1024, 1024], [(0, 1024), (4096, 5120)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(piece, max_size=30), bits=st.sampled_from([9, 12, 16]), extended=st.booleans(),
+       flips=st.lists(st.integers(0, 2**20), max_size=8), seed=st.integers(0, 2**32))
+def test_same_runs_means_the_same_clusters(pieces: list[tuple], bits: int, extended: bool, flips: list[int],
+                                           seed: int) -> None:
+    """A table and a copy with some COPIED flags flipped (and sometimes another change): where
+    same_runs says yes, both tables' runs name the same hosts and the same used entries."""
+    if extended:
+        bits = 14
+    geom = Geometry(cluster_bits=bits, extended_l2=extended)
+    n = geom.l2_entries
+    entries = _table(pieces, bits, n)
+    other = list(entries)
+    for f in flips:
+        other[f % n] ^= COPIED
+    rnd = random.Random(seed)
+    if rnd.random() < 0.2:
+        other[rnd.randrange(n)] ^= 1 << rnd.randrange(64)  # (a change beyond the flags: not the same runs)
+    bitmaps = [rnd.getrandbits(64) for _ in range(n)] if extended else []
+
+    def pack(es: list[int]) -> bytes:
+        words = [w for pair in zip(es, bitmaps, strict=True) for w in pair] if extended else es
+        return struct.pack(f">{len(words)}Q", *words)
+
+    a, b = pack(entries), pack(other)
+    rb = l2_runs(b, geom.l2_entry_size, bits)
+    if rb is None or not same_runs(a, b, geom.l2_entry_size, rb.used):
+        return  # (snapshot_ops shares only runs the walk found)
+    assert all(x & ~COPIED == y & ~COPIED for x, y in zip(entries, other, strict=True))
+    ra = l2_runs(a, geom.l2_entry_size, bits)
+    if ra is None:
+        return  # (the walk refuses the other one, e.g. fragmented by the flips)
+    hosts = [[c for s, k in zip(r.starts, r.lens, strict=True) for c in range(s, s + k)] for r in (ra, rb)]
+    assert hosts[0] == hosts[1] and ra.used == rb.used

@@ -166,3 +166,29 @@ def _run_length(words: bytes, k: int, e: int, cs: int, limit: int, probe: int = 
         if size == limit:
             return size
         size *= 8
+
+
+
+def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[int, int]]) -> bool:
+    """Whether the L2 table ``raw`` has the runs and used stretches of ``other`` (whose used stretches
+    are ``other_used``): their bytes are equal but for the COPIED flags, every entry's first byte is
+    0x00 or 0x80 in both, and the same entries are used (an entry of the COPIED flag alone is used
+    in one table only).
+
+    A snapshot taken and deleted again leaves such a pair (the active tree's copy and the snapshot's
+    original): the copy's runs are then the original's, for a few C-speed passes over the bytes
+    instead of the walk :func:`l2_runs` makes.  The runs may differ where COPIED changed within
+    one (the walk would cut it there); they name the same clusters."""
+    if len(raw) != len(other):
+        return False
+    top, other_top = raw[0::entry_size], other[0::entry_size]
+    if top.translate(None, _FLAGS_OK) or other_top.translate(None, _FLAGS_OK):
+        return False
+    if top != other_top:
+        mixed = bytearray(raw)
+        mixed[0::entry_size] = other_top
+        if mixed != other:
+            return False
+    elif raw != other:
+        return False
+    return used_stretches(entry_words(raw, entry_size)) == other_used

@@ -31,7 +31,7 @@ from vdkit.errors import EFBIG, ENOENT, ENOTSUP, CorruptImageError, SnapshotNotF
 from vdkit.errors import hexalt as _hx  # C's %#x
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.cluster import encode_l1, read_l1
-from vdkit.formats.qcow2.l2runs import Runs, l2_runs
+from vdkit.formats.qcow2.l2runs import Runs, l2_runs, same_runs
 from vdkit.formats.qcow2.overlap import Metadata, first_overlap
 from vdkit.formats.qcow2.refcount import Transaction, covered
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, serialize_snapshot_table, table_size
@@ -191,6 +191,18 @@ def _runs(drv: Qcow2Driver, T: Backend, offset: int) -> Runs | None:
         runs = l2_runs(_raw(drv, offset), geom.l2_entry_size, geom.cluster_bits)
     _l2_runs[offset] = runs
     return runs
+
+
+def _share_runs(drv: Qcow2Driver, pairs: dict[int, int]) -> None:
+    """Give each table of ``pairs`` (table -> a table whose runs were found) those runs where the two
+    are equal but for COPIED flags (:func:`~vdkit.formats.qcow2.l2runs.same_runs`): after a snapshot
+    of vdkit's, the active tree's tables are such copies of the snapshot's, walked once then."""
+    geom = drv.geometry
+    for a, b in pairs.items():
+        runs = _l2_runs.get(b)
+        if (runs is not None and a not in _l2_runs and not a % drv.cluster_size
+                and same_runs(_raw(drv, a), _raw(drv, b), geom.l2_entry_size, runs.used)):
+            _l2_runs[a] = runs
 
 
 def _validate_snapshot_l1(drv: Qcow2Driver, e: SnapshotEntry) -> None:
@@ -746,12 +758,13 @@ def delete(drv: Qcow2Driver, *, snapshot_id: str | None = None, name: str | None
     tree = _Tree(drv, snap_l1)
     tree.add_to(txn, -1)
     txn.add_range(victim.l1_table_offset, victim.l1_size * 8, -1)
-    active_tree = _Tree(drv, active)
     # (an active table whose wanted bytes the snapshot's table at the same index holds goes back to it)
     reuse: dict[int, int] = {}
     for a, b in zip(T.tolist(active), T.tolist(snap_l1), strict=False):  # (the shorter table's entries)
         if a & L.L1E_OFFSET_MASK and b & L.L1E_OFFSET_MASK:
             reuse.setdefault(a & L.L1E_OFFSET_MASK, b & L.L1E_OFFSET_MASK)
+    _share_runs(drv, reuse)
+    active_tree = _Tree(drv, active)
     l1, new_tables = _rebuild_active(drv, txn, active, reuse)
     _commit(drv, txn, l1=l1, old_l1=active, snapshots=remaining, new_tables=new_tables,
             trees=[tree, active_tree])
