@@ -68,11 +68,22 @@ def _flagged(data: bytes, lo: int, hi: int) -> list[int] | None:
 ENABLED = True
 
 
+_ZEROS = b""
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes to compare with, one buffer kept for every call (not zeroed again each time)."""
+    global _ZEROS
+    if len(_ZEROS) < n:
+        _ZEROS = bytes(n)
+    return memoryview(_ZEROS)[:n]
+
+
 def _nonzero_entries(raw: bytes) -> compress[int]:
     """Indices of the non-zero 8-byte entries of a table, found at C speed: the zero tail (most of a
     refcount table) by a bisection of ``endswith`` on zeros (memcmp; ``rstrip`` tests byte by byte),
     the rest's words tested in native order (zero either way)."""
-    zeros = memoryview(bytes(len(raw)))
+    zeros = _zeros(len(raw))
     lo, hi = 0, len(raw) // 8  # entries of the zero tail: at least lo, at most hi
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -118,8 +129,6 @@ class _Runs:
         if self.n > 2**31 - 1:
             raise _Fallback
         self.runs: list[tuple[int, int]] = []  # (first cluster, length): each referenced once
-        self.zero_table = bytes(self.cs)
-        self.zero_chunk = b""
 
     def add(self, offset: int, size: int) -> None:
         """Reference ``[offset, offset + size)`` bytes once (as the full check's ``inc``)."""
@@ -185,21 +194,28 @@ class _Runs:
     def chunk(self, data: bytes, res: CheckResult) -> None:
         """Tables read together.  A sparse table's entries are found by ``memchr`` (``bytes.find``) of
         the COPIED flag's byte and the zero flag's byte at their places in an entry, and decoded; a
-        table with many of those bytes goes to :func:`.l2runs.l2_runs`.  With the entries found
-        cleared, the tables must be all zeros (no other entry used): one ``memcmp`` for all."""
+        table with many of those bytes goes to :func:`.l2runs.l2_runs`, which proves all of it (the
+        entries outside its used stretches are zero).  With the sparse tables' entries found cleared,
+        the tables must be all zeros (no other entry used): one ``memcmp`` for all."""
         cs = self.cs
-        rest = bytearray(data)
+        rest: bytearray | None = None  # (only when a sparse table needs the zero proof)
+        dense: list[int] = []
         for lo in range(0, len(data), cs):
             hi = lo + cs
             where = _flagged(data, lo, hi)
             if where is None:
                 self.dense_table(data[lo:hi], res)
-                rest[lo:hi] = self.zero_table
+                dense.append(lo)
             else:
+                if rest is None:
+                    rest = bytearray(data)
                 self.sparse_table(data, where, rest, res)
-        if len(self.zero_chunk) < len(rest):
-            self.zero_chunk = bytes(len(rest))
-        if rest != memoryview(self.zero_chunk)[: len(rest)]:  # (memcmp, no copy)
+        if rest is None:
+            return
+        zeros = _zeros(len(rest))
+        for lo in dense:
+            rest[lo : lo + cs] = zeros[:cs]
+        if rest != zeros:  # (memcmp, no copy)
             raise _Fallback
 
     def dense_table(self, raw: bytes, res: CheckResult) -> None:
