@@ -534,3 +534,56 @@ def test_mapped_windows(workdir: Path, monkeypatch: pytest.MonkeyPatch, window: 
     else:
         assert windows and all(w.mm.closed for w in windows)
         assert len(windows) <= (2 * (24 << 20)) // window + 2
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["allocated", "refused"])
+def test_raw_target_allocates_what_it_writes(workdir: Path, monkeypatch: pytest.MonkeyPatch, refused: bool) -> None:
+    """A raw target on ext4 gets the blocks of each big data write allocated first (fallocate keeping
+    the size): bytes, map and allocated blocks (after writeback) equal qemu-img's output for data with
+    -S holes inside it, short writes, a zero cluster and a partial last cluster; a refused allocation
+    (no space) is not asked again and the writes go on as before."""
+    import os
+
+    from vdkit.block import target as btarget
+    from vdkit.cli.main import main
+    from vdkit.io.file import ImageFile
+
+    rnd = random.Random(3)
+    size = (6 << 20) + 1536
+    with open(workdir / "src.raw", "wb") as f:
+        f.truncate(size)
+        f.write(rnd.randbytes(1 << 20) + bytes(64 << 10) + rnd.randbytes(3 << 19))  # a 64 KiB hole inside data
+        f.seek(3 << 20)
+        f.write(rnd.randbytes(70 << 10))  # a short data run
+        f.seek(4 << 20)
+        f.write(bytes(1 << 20) + rnd.randbytes((1 << 20) + 1536))  # zeros written as data, partial end
+    check_ok("convert", "-f", "raw", "-O", "qcow2", "src.raw", "src.qcow2", cwd=workdir)
+    calls: list[tuple[int, int]] = []
+    real = ImageFile.allocate
+
+    def allocate(self: ImageFile, offset: int, length: int) -> bool:
+        calls.append((offset, length))
+        return False if refused else real(self, offset, length)
+
+    monkeypatch.setattr(ImageFile, "allocate", allocate)
+    monkeypatch.chdir(workdir)
+    check_ok("convert", "-O", "raw", "src.qcow2", "q.raw", cwd=workdir)
+    assert main(["convert", "-O", "raw", "src.qcow2", "v.raw"]) == 0
+    assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()
+    q_map = check_ok("map", "--output=json", "q.raw", cwd=workdir).stdout
+    assert check_ok("map", "--output=json", "v.raw", cwd=workdir).stdout == q_map
+    blocks = []
+    for name in ("q.raw", "v.raw"):
+        fd = os.open(workdir / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # ext4 counts delayed allocations differently until they are written out
+            blocks.append(os.fstat(fd).st_blocks)
+        finally:
+            os.close(fd)
+    assert blocks[0] == blocks[1]
+    with ImageFile(workdir / "v.raw", readonly=True) as f:
+        ext4 = f.fs_magic() == btarget._EXT_MAGIC
+    if refused:
+        assert len(calls) == int(ext4)
+    else:
+        assert ext4 == bool(calls) and all(length >= btarget._ALLOCATE_MIN for _, length in calls)

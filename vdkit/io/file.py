@@ -67,11 +67,14 @@ def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
     that imported this module about 20 ms.
     """
     import ctypes
-    import ctypes.util
 
     for name in ("libc.so.6", None):
         try:
-            libc = ctypes.CDLL(name or ctypes.util.find_library("c"), use_errno=True)
+            if name is None:
+                import ctypes.util  # (imports subprocess and more: about 3 MB and some ms)
+
+                name = ctypes.util.find_library("c")
+            libc = ctypes.CDLL(name, use_errno=True)
             fn = libc.fallocate
         except (OSError, AttributeError, TypeError):
             continue
@@ -256,6 +259,25 @@ class ImageFile:
         except OSError:
             return BlockStatus(DATA | OFFSET_VALID, length, offset, self.filename)
         return BlockStatus(DATA | OFFSET_VALID, min(length, max(hole - offset, 1)), offset, self.filename)
+
+    def allocate(self, offset: int, length: int) -> bool:
+        """Allocate the blocks of ``[offset, offset+length)`` (``fallocate`` keeping the size); False
+        where the file system, the kernel or the free space refuses (the caller writes anyway)."""
+        fallocate = _fallocate()
+        return fallocate is not None and fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+    def fs_magic(self) -> int | None:
+        """The file system's type (``statfs``'s ``f_type``, e.g. ``0xEF53`` for ext2/3/4), or None."""
+        try:
+            import ctypes
+
+            fstatfs = ctypes.CDLL(None, use_errno=True).fstatfs
+        except (OSError, AttributeError, ImportError):
+            return None
+        buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+        if fstatfs(self.fd, buf) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buf).value  # f_type comes first (a long where it is one)
 
     def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
         """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can.
