@@ -390,21 +390,20 @@ def _copied_by_bytes(raw: bytes, entry_size: int, runs: Runs, ones: int) -> byte
     (COPIED cleared everywhere), or every count 1 with a host in each used entry (COPIED set on every
     used entry: ``runs.used``).
 
-    COPIED is the top bit of an entry's first byte: the flags of a whole table change by one
-    ``bytes.translate`` of those bytes instead of one big-integer operation per entry."""
-    top = raw[0::entry_size]
-    if not ones:
-        new_top = top.translate(_CLEAR_TOP)
-    else:
-        marked = bytearray(top)
-        for a, b in runs.used:
-            marked[a:b] = top[a:b].translate(_SET_TOP)
-        new_top = bytes(marked)
-    if new_top == top:
-        return raw
-    out = bytearray(raw)
-    out[0::entry_size] = new_top
-    return bytes(out)
+    COPIED is the top bit of an entry's first byte: the flags of a used stretch change by one
+    ``bytes.translate`` of those bytes instead of one big-integer operation per entry (the unused
+    entries are zeros: nothing to clear there, and a mostly empty table costs its used part)."""
+    out = None
+    flags = _SET_TOP if ones else _CLEAR_TOP
+    for a, b in runs.used:
+        span = slice(a * entry_size, b * entry_size, entry_size)
+        top = raw[span]
+        new_top = top.translate(flags)
+        if new_top != top:
+            if out is None:
+                out = bytearray(raw)
+            out[span] = new_top
+    return raw if out is None else bytes(out)
 
 
 def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
