@@ -277,8 +277,8 @@ class Qcow2Driver(FormatDriver):
             raise _io_error(exc) from exc
 
     def store_dirty_bitmaps(self) -> None:
-        if self.dirty_bitmaps is None or self.dead or self.readonly or self.file.readonly:
-            return
+        if not self.dirty_bitmaps or self.dead or self.readonly or self.file.readonly:
+            return  # (no bitmap: nothing to store, and the bitmap modules, which import numpy, stay unloaded)
         from vdkit.formats.qcow2 import bitmaps as qbitmaps
 
         try:

@@ -14,8 +14,6 @@ unallocated), which keeps snapshots and other referenced structures intact.
 
 from __future__ import annotations
 
-import numpy as np
-
 from vdkit.formats.qcow2 import layout as L
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
@@ -46,9 +44,8 @@ def make_empty(drv: Qcow2Driver) -> None:
     f.flush()
     f.pwrite(cs, (2 * cs).to_bytes(8, "big"))
     f.flush()
-    values = np.zeros(entries_per_block, dtype=np.uint64)
-    values[: 3 + l1_clusters] = 1
-    f.pwrite(2 * cs, encode_block(values, h.refcount_bits))
+    used = 3 + l1_clusters  # header, refcount table and block, L1 (a list: no numpy import for this)
+    f.pwrite(2 * cs, encode_block([1] * used + [0] * (entries_per_block - used), h.refcount_bits))
     f.flush()
     f.pwrite(72, h.incompatible_features.to_bytes(8, "big"))
     f.flush()

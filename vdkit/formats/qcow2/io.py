@@ -598,7 +598,7 @@ class Qcow2IO:
             if vals is None:
                 continue
             lim = min(epb, end_cluster - rt * epb)
-            count += int(np.count_nonzero(vals[:lim]))
+            count += rc.T.count_nonzero(vals, 0, lim)
             if count >= threshold:
                 return True
         return count >= threshold
