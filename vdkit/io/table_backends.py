@@ -521,6 +521,11 @@ class _Small(Backend):
         raw = bytes(raw)
         if bits >= 8:
             n = len(raw) * 8 // bits
+            w = bits // 8
+            if w > 1:  # counts below 256 (the usual): every entry's last byte is its value
+                zeros = bytes(n)
+                if all(raw[k::w] == zeros for k in range(w - 1)):
+                    return list(raw[w - 1 :: w])
             return list(struct.unpack(f">{n}{_STRUCT_CODES[bits]}", raw))
         per_byte = 8 // bits
         out = bytearray(len(raw) * per_byte)
@@ -614,8 +619,11 @@ class _Small(Backend):
         if not len(keys):
             return []
         lo, hi = min(keys), max(keys)
-        if lo >= 0 and hi // per - lo // per < 64:  # a few second-level tables (the common case): one
-            flat: list[int] = []                     # flat list of them, read by a listcomp
+        spanned = hi // per - lo // per + 1
+        # keys dense in a few second-level tables (the common case): one flat list of them, read by a
+        # listcomp; a few keys (an L1's tables) are looked up one by one instead of copying the tables
+        if lo >= 0 and spanned <= 64 and len(keys) * 8 >= spanned * per:
+            flat: list[int] = []
             for b in range(lo // per, hi // per + 1):
                 vals = lookup(b)
                 flat += [0] * per if vals is None else vals
