@@ -106,9 +106,9 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         return
     cm = drv.clusters
     rc = drv.refcounts
-    if new_size < old_size or prealloc != "off" or backing_size > old_size:
-        # numpy tables (the refcount table, bulk lookups); a plain growth only grows the L1 table and
-        # keeps the backend the image was opened with (lists when its tables are small: no numpy import)
+    if prealloc != "off" or backing_size > old_size:
+        # numpy tables (bulk lookups); a growth without them (it only grows the L1 table) and a shrink
+        # keep the backend the image was opened with (lists when its tables are small: no numpy import)
         _numpy()
         rc.use_backend(tables.NUMPY)
         cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
@@ -129,7 +129,7 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         if zero_write:
             _zero_new_area(drv, old_size, new_size, backing)
     else:
-        if ((rc.table != 0) & ((rc.table & np.uint64(L.REFT_OFFSET_MASK)) == 0)).any():
+        if any(not rc.table[i] & L.REFT_OFFSET_MASK for i in rc.T.nonzero(rc.table)):
             # a refcount table entry with reserved bits only: QEMU's refcount table shrink (after the
             # discard has changed the image) dies on an assertion there; vdkit changes nothing
             raise VdkitError("Failed to discard unused refblocks: Invalid argument", errno=errno.EINVAL)
@@ -450,8 +450,8 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
                 old = int(entries[idx])
                 if old or int(bitmaps[idx]):
                     changed = True
-                    entries[idx] = np.uint64(0)
-                    bitmaps[idx] = np.uint64(0)
+                    entries[idx] = 0
+                    bitmaps[idx] = 0
                     if old & L.OFLAG_COMPRESSED or old & L.L2E_OFFSET_MASK:
                         to_free.append(old)
             if changed:  # a table the discard leaves as it was is not written back (QEMU's cache)
@@ -459,15 +459,15 @@ def _shrink(drv: Qcow2Driver, new_size: int, old_size: int, needed: int) -> None
         pos = t_end
     # 2. L1 entries past the new end: zero them on disk, then free their trees
     if len(cm.l1) > needed:
-        dropped = cm.l1[needed:].copy()
-        cm.l1[needed:] = 0
+        dropped = cm.T.tolist(cm.l1[needed:])  # (a copy)
+        cm.l1[needed:] = cm.T.zeros(len(cm.l1) - needed)
         # (QEMU zeroes these entries without testing refcount blocks: a damaged refcount table entry
         # naming the L1 table's cluster does not stop it, seed 235)
         io._check_overlap(cm.l1_offset + needed * 8, 8 * (len(cm.l1) - needed),
                           ignore=Metadata.ACTIVE_L1 | Metadata.REFCOUNT_BLOCK)
         drv.file.pwrite(cm.l1_offset + needed * 8, bytes(8 * (len(cm.l1) - needed)))
         drv.file.flush()
-        for e in dropped.tolist():
+        for e in dropped:
             l2_off = int(e) & L.L1E_OFFSET_MASK
             if not l2_off:
                 continue
@@ -513,8 +513,8 @@ class _TransientTables:
             else:
                 break
         if c >= self.run_end:
-            window = np.arange(c + 1, c + 4097, dtype=np.int64)
-            self.ahead = window[rc.get_many(window) == 0][::-1].tolist()
+            counts = rc.T.tolist(rc.get_many(rc.T.arange(c + 1, c + 4097)))
+            self.ahead = [c + 1 + k for k in range(len(counts) - 1, -1, -1) if not counts[k]]
             self.seen = rc.changes
         return c
 
@@ -563,11 +563,12 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
     cs = drv.cluster_size
     cb = drv.header.cluster_bits
     epb = rc.entries_per_block
-    new_table = rc.table.copy()
+    T = rc.T
+    new_table = T.copy(rc.table)
     # Damaged tables fail as QEMU's two passes fail: first every block is loaded (an unaligned one
     # cannot be) and the table without the unused ones written; then each dropped block must have
     # been counted exactly once by a block in the table.
-    for i in np.flatnonzero(rc.table).tolist():
+    for i in T.nonzero(rc.table):
         off = int(rc.table[i]) & L.REFT_OFFSET_MASK
         if not off:
             continue
@@ -577,17 +578,17 @@ def _shrink_reftable(drv: Qcow2Driver) -> None:
         if vals is None:
             continue
         own = off >> cb
-        nonzero = np.count_nonzero(vals)
+        nonzero = T.count_nonzero(vals, 0, len(vals))
         if own // epb == i and vals[own % epb] != 0:
             nonzero -= 1
         if nonzero == 0:
             new_table[i] = 0
-    if np.array_equal(new_table, rc.table):
+    if T.equal(new_table, rc.table):
         return
     drv.io._check_overlap(rc.table_offset, rc.table_clusters * cs, ignore=Metadata.REFCOUNT_TABLE)
-    drv.file.pwrite(rc.table_offset, new_table.astype(">u8").tobytes())
+    drv.file.pwrite(rc.table_offset, T.encode_u64(new_table))
     drv.file.flush()
-    for i in np.flatnonzero(rc.table != new_table).tolist():
+    for i in [i for i in T.nonzero(rc.table) if not new_table[i]]:  # (the blocks dropped above)
         off = rc.block_offset(i)
         _check_unused_refblock(drv, off)
         rc.table[i] = 0
@@ -625,9 +626,9 @@ def _cut_file(drv: Qcow2Driver) -> None:
         if vals is None:
             continue
         lim = min(epb, nb - i * epb)
-        nz = np.flatnonzero(vals[:lim])
-        if len(nz):
-            last = i * epb + int(nz[-1])
+        nz = rc.T.nonzero(rc.T.get_slice(vals, 0, lim))
+        if nz:
+            last = i * epb + nz[-1]
             break
     if last < 0:
         # no cluster counted at all (a refcount table past the end of the file reads as zeros):
