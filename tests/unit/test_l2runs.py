@@ -110,6 +110,9 @@ def test_same_runs_means_the_same_clusters(pieces: list[tuple], bits: int, exten
     rnd = random.Random(seed)
     if rnd.random() < 0.2:
         other[rnd.randrange(n)] ^= 1 << rnd.randrange(64)  # (a change beyond the flags: not the same runs)
+    if rnd.random() < 0.3:  # an entry of the COPIED flag alone: used in one table, a zero entry in the other
+        j = rnd.randrange(n)
+        entries[j], other[j] = (COPIED, 0) if rnd.random() < 0.5 else (0, COPIED)
     bitmaps = [rnd.getrandbits(64) for _ in range(n)] if extended else []
 
     def pack(es: list[int]) -> bytes:

@@ -171,24 +171,34 @@ def _run_length(words: bytes, k: int, e: int, cs: int, limit: int, probe: int = 
 
 def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[int, int]]) -> bool:
     """Whether the L2 table ``raw`` has the runs and used stretches of ``other`` (whose used stretches
-    are ``other_used``): their bytes are equal but for the COPIED flags, every entry's first byte is
-    0x00 or 0x80 in both, and the same entries are used (an entry of the COPIED flag alone is used
-    in one table only).
+    are ``other_used``): their bytes are equal but for the COPIED flags, every used entry's first
+    byte is 0x00 or 0x80 in both, and the same entries are used (an entry of the COPIED flag alone
+    in ``other`` is a zero entry in ``raw``).
 
     A snapshot taken and deleted again leaves such a pair (the active tree's copy and the snapshot's
-    original): the copy's runs are then the original's, for a few C-speed passes over the bytes
-    instead of the walk :func:`l2_runs` makes.  The runs may differ where COPIED changed within
-    one (the walk would cut it there); they name the same clusters."""
+    original): the copy's runs are then the original's, for a few C-speed passes over the used
+    bytes instead of the walk :func:`l2_runs` makes.  The runs may differ where COPIED changed
+    within one (the walk would cut it there); they name the same clusters."""
     if len(raw) != len(other):
         return False
-    top, other_top = raw[0::entry_size], other[0::entry_size]
-    if top.translate(None, _FLAGS_OK) or other_top.translate(None, _FLAGS_OK):
-        return False
-    if top != other_top:
-        mixed = bytearray(raw)
-        mixed[0::entry_size] = other_top
-        if mixed != other:
+    pos = 0
+    for a, b in other_used:
+        lo, hi = a * entry_size, b * entry_size
+        if raw[pos:lo] != other[pos:lo]:  # (between the used stretches: zeros in both)
             return False
-    elif raw != other:
-        return False
-    return used_stretches(entry_words(raw, entry_size)) == other_used
+        seg, other_seg = raw[lo:hi], other[lo:hi]
+        if seg != other_seg:
+            top, other_top = seg[0::entry_size], other_seg[0::entry_size]
+            if top.translate(None, _FLAGS_OK) or other_top.translate(None, _FLAGS_OK):
+                return False
+            mixed = bytearray(seg)
+            mixed[0::entry_size] = other_top
+            if mixed != other_seg:
+                return False
+            q = seg.find(_ZERO_ENTRY)  # (a zero entry here: the COPIED flag alone in ``other``)
+            while q >= 0:
+                if not q % entry_size:
+                    return False
+                q = seg.find(_ZERO_ENTRY, q + 1)
+        pos = hi
+    return raw[pos:] == other[pos:]
