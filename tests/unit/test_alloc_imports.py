@@ -90,9 +90,10 @@ def _set_refcount(path: Path, cluster: int, value: int) -> None:
 @pytest.mark.parametrize("damage", ["leak", "missing reference"])
 def test_check_repairs_and_growth_without_numpy(tmp_path: Path, damage: str) -> None:
     """``check -r leaks``/``-r all`` of a small damaged image (a leaked cluster, or a data cluster whose
-    refcount is 0, which rebuilds the refcount structure) and ``resize`` growing and shrinking it (data
-    cut) run on lists: no numpy, and each leaves the bytes qemu-img's run leaves on a copy; a
-    consistent image's check is proven by runs without even the full walk's module."""
+    refcount is 0, which rebuilds the refcount structure) and ``resize`` growing (also with metadata
+    preallocation) and shrinking it (data cut) run on lists: no numpy, and each leaves the bytes
+    qemu-img's run leaves on a copy; a consistent image's check is proven by runs without even the
+    full walk's module."""
     v, q = tmp_path / "v.qcow2", tmp_path / "q.qcow2"
     check_ok("create", "-q", "-f", "qcow2", str(v), "1G")
     qemu_io("-c", "write -P 1 0 1M", "-c", "write -P 2 300M 192k", str(v))
@@ -100,7 +101,8 @@ def test_check_repairs_and_growth_without_numpy(tmp_path: Path, damage: str) -> 
     _set_refcount(v, 40, 1) if damage == "leak" else _set_refcount(v, 5, 0)
     repairs = [["check", "-r", "leaks"]] if damage == "leak" else []  # (-r leaks cannot rebuild: exit 1)
     for args in (*repairs, ["check", "-r", "all"], ["resize", "--shrink", "{}", "301M"],
-                 ["resize", "--shrink", "{}", "200M"], ["resize", "{}", "+3G"], ["resize", "{}", "+1T"]):
+                 ["resize", "--shrink", "{}", "200M"], ["resize", "--preallocation=metadata", "{}", "+5M"],
+                 ["resize", "{}", "+3G"], ["resize", "{}", "+1T"]):
         if "{}" not in args:
             args.append("{}")
         q.write_bytes(v.read_bytes())

@@ -64,22 +64,11 @@ TYPE_CHECKING = False  # typing and collections are not imported at run time (st
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import numpy as np
-
     from vdkit.formats.qcow2.driver import Qcow2Driver
     from vdkit.io.file import ImageFile
+    from vdkit.io.tables import Tab
 
     BackingRead = Callable[[int, int], bytes]
-else:
-    np = None  # bound by _numpy(): a plain growth works on the image's own tables (lists when small)
-
-
-def _numpy() -> None:
-    """Import numpy for the resizes that walk tables in bulk (shrinking, preallocation, zeroing)."""
-    global np
-    import numpy
-
-    np = numpy
 
 
 def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
@@ -106,10 +95,10 @@ def truncate(drv: Qcow2Driver, new_size: int, prealloc: str = "off", *,
         return
     cm = drv.clusters
     rc = drv.refcounts
-    if prealloc != "off" or backing_size > old_size:
-        # numpy tables (bulk lookups); a growth without them (it only grows the L1 table) and a shrink
-        # keep the backend the image was opened with (lists when its tables are small: no numpy import)
-        _numpy()
+    if backing_size > old_size:
+        # numpy tables for the zeroing over a longer backing (falloc/full preallocation switches in
+        # _prealloc_falloc); growth, metadata preallocation and shrinking keep the backend the image
+        # was opened with (lists when its tables are small: no numpy import)
         rc.use_backend(tables.NUMPY)
         cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     needed = h.l1_entries_needed(new_size)
@@ -260,7 +249,7 @@ def _prealloc_request(drv: Qcow2Driver, pos: int, req_end: int, backing: Backing
                 break
             if old & L.OFLAG_ZERO and not ext:
                 _write_data(drv, off, _head_bytes(drv, max(pos, g << cb), backing))
-                entries[idx] = np.uint64(off | L.OFLAG_COPIED)
+                entries[idx] = off | L.OFLAG_COPIED
                 io._finish_update(l2_off, False, [])
             if host_at_pos < 0:
                 host_at_pos = off + (pos - (g << cb))
@@ -309,19 +298,16 @@ def _write_data(drv: Qcow2Driver, host: int, data: bytes) -> None:
         drv.io.data_file.pwrite(host, data)
 
 
-def _link(drv: Qcow2Driver, entries: np.ndarray, bitmaps: np.ndarray, idx: int, host: int, nb: int, *,
+def _link(drv: Qcow2Driver, entries: Tab, bitmaps: Tab, idx: int, host: int, nb: int, *,
           keep_bitmaps: bool) -> list[int]:
     """Point entries ``idx..idx+nb`` at ``host...``; returns the old entries that held references."""
-    cs = drv.cluster_size
-    old = entries[idx : idx + nb].copy()
-    entries[idx : idx + nb] = (np.arange(nb, dtype=np.uint64) * np.uint64(cs) + np.uint64(host)) | \
-        np.uint64(L.OFLAG_COPIED)
+    T = tables.of(entries)
+    old = T.tolist(T.get_slice(entries, idx, idx + nb))
+    T.set_strided(entries, idx, 1, host | L.OFLAG_COPIED, nb, drv.cluster_size)  # (hosts stay below bit 56)
     if not keep_bitmaps:
-        bitmaps[idx : idx + nb] = np.uint64(0xFFFFFFFF)
-    held = (old & np.uint64(L.OFLAG_COMPRESSED)) != 0
-    if not drv.header.has_data_file:
-        held |= (old & np.uint64(L.L2E_OFFSET_MASK)) != 0
-    return [int(e) for e in old[held]]
+        T.set_strided(bitmaps, idx, 1, 0xFFFFFFFF, nb, 0)
+    held = L.OFLAG_COMPRESSED if drv.header.has_data_file else L.OFLAG_COMPRESSED | L.L2E_OFFSET_MASK
+    return [int(e) for e in old if e & held]
 
 
 def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing: BackingRead | None, *,
@@ -330,8 +316,7 @@ def _prealloc_falloc(drv: Qcow2Driver, start: int, end: int, mode: str, backing:
     io = drv.io
     cm = drv.clusters
     rc = drv.refcounts
-    _numpy()  # (create's falloc of a 0-byte image comes here directly)
-    rc.use_backend(tables.NUMPY)
+    rc.use_backend(tables.NUMPY)  # (the refcount area's bulk allocation: numpy only)
     cm.use_backend(tables.NUMPY)  # (and the cluster map's tables: a small writable image holds lists)
     cs = drv.cluster_size
     n_l2 = drv.geometry.l2_entries
