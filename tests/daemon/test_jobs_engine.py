@@ -100,6 +100,22 @@ def test_job_that_finishes_by_itself() -> None:
     assert rig.jobs.jobs == []
 
 
+def test_a_failing_clean_step_is_logged_and_the_job_still_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A driver's clean that raises (a bug) is reported through logging (imported only then) and the job
+    still concludes: the engine's end of a job is never lost with its thread."""
+
+    class FailingClean(FakeDriver):
+        def clean(self, job: Job) -> None:
+            raise RuntimeError("clean broke")
+
+    rig = Rig()
+    job = rig.start(FailingClean(2))
+    rig.wait_status("null")
+    job.join()
+    assert rig.seq()[-2:] == ["concluded", "null"]
+    assert any("block job j: clean failed" in r.getMessage() and r.exc_info for r in caplog.records), caplog.records
+
+
 def test_speed_pause_cancel() -> None:
     """speed 1: one chunk, then a sleep; a pause under the lock is immediate; force cancel of a paused job."""
     rig = Rig()

@@ -78,7 +78,6 @@ States, verbs and transitions are QEMU 7.2's (``block-jobs.md`` §3.3, §3.7).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import threading
 import time
@@ -92,7 +91,6 @@ from vdkit.opts import id_wellformed
 if TYPE_CHECKING:
     from vdkit.block.node import Node
 
-log = logging.getLogger(__name__)
 
 Emit = Callable[[str, "dict[str, Any] | None"], None]
 _T = TypeVar("_T")
@@ -376,7 +374,10 @@ class Job:
         try:
             step(self)
         except Exception:  # noqa: BLE001 - the job's end must not be lost with its thread
-            log.exception("block job %s: %s failed", self.id, getattr(step, "__name__", "step"))
+            import logging  # (only for this bug report: logging pulls in re, traceback, ... ~13 ms of start-up)
+
+            logging.getLogger(__name__).exception("block job %s: %s failed", self.id,
+                                                  getattr(step, "__name__", "step"))
 
     def _abort(self) -> None:
         self._transition(S.ABORTING)
