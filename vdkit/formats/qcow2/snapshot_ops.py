@@ -146,6 +146,7 @@ def _active_l1(drv: Qcow2Driver, T: Backend) -> Tab:
 _l2_read: dict[int, tuple[Tab, Tab]] = {}  # the list tables one operation decoded, by offset
 _l2_raw: dict[int, bytes] = {}  # the tables one operation read, as bytes
 _l2_runs: dict[int, Runs | None] = {}  # their host runs (l2runs.l2_runs)
+_maps: list[MetadataMap] = []  # the overlap test's map of the state the operation started from
 
 
 def _forget_tables() -> None:
@@ -153,6 +154,15 @@ def _forget_tables() -> None:
     _l2_read.clear()
     _l2_raw.clear()
     _l2_runs.clear()
+    _maps.clear()
+
+
+def _metadata_map(drv: Qcow2Driver) -> MetadataMap:
+    """The metadata map of the overlap test (:meth:`Qcow2Driver.metadata_map`), built once per
+    operation: nothing it describes changes before the commit's header switch."""
+    if not _maps:
+        _maps.append(drv.metadata_map())
+    return _maps[0]
 
 
 def _raw(drv: Qcow2Driver, offset: int) -> bytes:
@@ -325,7 +335,6 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab,
     offs = geom.l1_tables(l1)
     new_tables: dict[int, _NewTable] = {}
     replaced: dict[int, int] = {}
-    meta: list[MetadataMap] = []
     distinct = T.tolist(T.unique_sorted(T.masked_nonzero(offs, L.L1E_OFFSET_MASK)))
     # Data refcounts are final before any table is copied: look them all up at once.
     found: list[tuple[int, Tab, Tab, Tab, Tab | None]] = []  # (table, entries, bitmaps, hosts' positions, counts)
@@ -355,7 +364,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab,
             raw = _raw(drv, t)
             new_raw = _copied_by_bytes(raw, geom.l2_entry_size, *by_bytes[t])
             if new_raw != raw:
-                _replace_table(drv, txn, offs, t, new_raw, replaced, meta, reuse)
+                _replace_table(drv, txn, offs, t, new_raw, replaced, reuse)
             continue
         if rc is None:
             rc = all_rc[pos : pos + len(has)]
@@ -364,7 +373,7 @@ def _rebuild_active(drv: Qcow2Driver, txn: Transaction, l1: Tab,
         T.clear_flag(want, L.OFLAG_COPIED, L.OFLAG_COMPRESSED)
         T.set_flag(want, T.take(has, T.positions_equal(rc, 1)), L.OFLAG_COPIED)
         if not T.equal(want, entries):
-            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced, meta, reuse)
+            new_off = _replace_table(drv, txn, offs, t, geom.encode_l2(want, bitmaps), replaced, reuse)
             new_tables[new_off] = (want, T.copy(bitmaps))
     # L1 entries: new offsets, COPIED iff the table's final refcount is 1
     out = T.zeros(len(l1))
@@ -407,10 +416,9 @@ def _copied_by_bytes(raw: bytes, entry_size: int, runs: Runs, ones: int) -> byte
 
 
 def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
-                   replaced: dict[int, int], meta: list[MetadataMap], reuse: dict[int, int] | None = None) -> int:
+                   replaced: dict[int, int], reuse: dict[int, int] | None = None) -> int:
     """Stage ``data`` as the copy of the active L2 table at ``t`` (every L1 entry naming it moves to
-    the copy); returns the copy's offset.  ``meta`` holds the metadata map once one was built (the
-    state does not change before the commit: one map serves every table).
+    the copy); returns the copy's offset.
 
     Where ``reuse`` names a table for ``t`` (delete: the deleted snapshot's table at the same L1
     index) that holds ``data`` byte for byte and that nothing references once the transaction is
@@ -423,15 +431,14 @@ def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: 
     geom = drv.geometry
     T = txn.T
     bits = geom.cluster_bits
-    if not meta:
-        meta.append(drv.metadata_map())
-    if first_overlap(meta[0], t, geom.cluster_size, Metadata.ACTIVE_L2) is not None:
+    meta = _metadata_map(drv)
+    if first_overlap(meta, t, geom.cluster_size, Metadata.ACTIVE_L2) is not None:
         drv.check_metadata_write(t, geom.cluster_size, Metadata.ACTIVE_L2)  # (the corruption event)
     k = T.count_equal(offs, t)
     old = None if reuse is None else reuse.get(t)
     if (old is not None and old != t and not old % geom.cluster_size and _raw(drv, old) == data
             and txn.count_new(old >> bits, (old >> bits) + 1, 0)  # (its count ends at 0)
-            and first_overlap(meta[0], old, geom.cluster_size) is None):  # (a damaged table: not metadata)
+            and first_overlap(meta, old, geom.cluster_size) is None):  # (a damaged table: not metadata)
         txn.add_refs([old >> bits] * k, 1)
         txn.add_refs([t >> bits] * k, -1)
         replaced[t] = old
@@ -598,15 +605,27 @@ def _commit(
     if l1_off == cm.l1_offset:
         kept_l1s.append((l1_off, len(l1)))
     _refuse_freed_l1_clusters(drv, txn, kept_l1s)
-    meta = _in_use_clusters(drv, T, trees)
+    in_use = _in_use_clusters(drv, T, trees)
+    rc = drv.refcounts
+    check = rc.overlap_check
+    if check is not None:  # (the old refcount blocks' test, on the one map of this state)
+        meta = _metadata_map(drv)
+
+        def check_on_map(off: int, n: int, ignore: Metadata) -> None:
+            if first_overlap(meta, off, n, ignore) is not None:
+                check(off, n, ignore)  # (the corruption event)
+
+        rc.overlap_check = check_on_map
     _forget_tables()
     try:
-        txn.commit(header, meta, drv.metadata_overlap)  # a write into metadata: QEMU's corruption event
+        txn.commit(header, in_use, drv.metadata_overlap)  # a write into metadata: QEMU's corruption event
     except BaseException:
         # Whatever reached the disk sits in free clusters; forget cached state.
         drv.clusters.l2.drop()
         drv.refcounts.drop_cache()
         raise
+    finally:
+        rc.overlap_check = check
     # the cluster map keeps its kind of table (numpy's unless this operation read it as a list)
     cm.l1 = l1 if tables.of(cm.l1) is T else tables.of(cm.l1).convert(l1)
     cm.l1_offset = l1_off
