@@ -158,9 +158,13 @@ class ParallelsDriver(FormatDriver):
         self.file.pwrite(HEADER.size + 4 * i, value.to_bytes(4, "little"))
 
     def _data_end(self) -> int:
+        """The end of the last allocated cluster (or of the header): one ``max`` per BAT page, at C
+        speed, rather than a Python step per entry (info of a full 1 GiB image walked 1024)."""
         end = max(self.data_off * 512, self.header_bytes)
-        for _i, e in self._entries():
-            end = max(end, e * self.mult + self.cs)
+        for page in range(0, self.bat_entries, PAGE):
+            data = self.file.pread(HEADER.size + 4 * page, 4 * min(PAGE, self.bat_entries - page))
+            if data.count(0) != len(data):
+                end = max(end, max(_u32s(data)) * self.mult + self.cs)
         return end
 
     def _entries(self) -> Iterator[tuple[int, int]]:
