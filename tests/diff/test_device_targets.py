@@ -11,9 +11,12 @@ match.  Loop devices need root, as ``make test`` runs; without them the test fai
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -186,6 +189,20 @@ def test_qcow2_on_device_fails(loops: Callable[[str, int], Loop], workdir: Path,
     assert rc == 1 and err
 
 
+@contextlib.contextmanager
+def _only_user_of(dev: str) -> Iterator[None]:
+    """Hold a lock file shared by every test worker while ``dev`` is used: both tools take QEMU's image
+    locks on the device itself, so a run of this test in another xdist worker on the same device at the
+    same moment makes one of them fail with a lock conflict the other did not see."""
+    path = Path(tempfile.gettempdir()) / f"vdkit-tests{dev.replace('/', '-')}.lock"
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.mark.parametrize("dev", ["/dev/null", "/dev/full"])
 @pytest.mark.parametrize("args", [
     ["convert", "-O", "raw", "src.raw"],
@@ -202,8 +219,9 @@ def test_character_devices(workdir: Path, dev: str, args: list[str]) -> None:
     """Nothing can be created on /dev/null or /dev/full, and a failed creation never removes them."""
     _sources(workdir)
     argv = [dev if a == "@" else a for a in args] + ([] if "@" in args else [dev])
-    q = qemu_img(*argv, cwd=workdir)
-    v = vdkit_img(*argv, cwd=workdir)
+    with _only_user_of(dev):
+        q = qemu_img(*argv, cwd=workdir)
+        v = vdkit_img(*argv, cwd=workdir)
     if not stat.S_ISCHR(os.stat(dev).st_mode):  # put the machine right before failing
         minor = {"/dev/null": 3, "/dev/full": 7}[dev]
         os.mknod(dev + ".vdkit-restore", 0o666 | stat.S_IFCHR, os.makedev(1, minor))
