@@ -161,23 +161,23 @@ class ParallelsDriver(FormatDriver):
         """The end of the last allocated cluster (or of the header): one ``max`` per BAT page, at C
         speed, rather than a Python step per entry (info of a full 1 GiB image walked 1024)."""
         end = max(self.data_off * 512, self.header_bytes)
+        for _page, t in self._used_pages():
+            end = max(end, max(t) * self.mult + self.cs)
+        return end
+
+    def _used_pages(self) -> Iterator[tuple[int, array[int]]]:
+        """``(first index, entries)`` of each BAT page with an allocated entry, read from the file."""
         for page in range(0, self.bat_entries, PAGE):
             data = self.file.pread(HEADER.size + 4 * page, 4 * min(PAGE, self.bat_entries - page))
             if data.count(0) != len(data):
-                end = max(end, max(_u32s(data)) * self.mult + self.cs)
-        return end
+                yield page, _u32s(data)
 
     def _entries(self) -> Iterator[tuple[int, int]]:
         """``(index, entry)`` of the allocated BAT entries, a page at a time."""
-        for page in range(0, self.bat_entries, PAGE):
-            n = min(PAGE, self.bat_entries - page)
-            data = self.file.pread(HEADER.size + 4 * page, 4 * n)
-            if data.count(0) == len(data):
-                continue
-            t = _u32s(data)
-            for k in range(n):
-                if t[k]:
-                    yield page + k, t[k]
+        for page, t in self._used_pages():
+            for k, e in enumerate(t):
+                if e:
+                    yield page + k, e
 
     def _run(self, offset: int, length: int) -> tuple[int, int]:
         """``(host offset or -1, length)`` of the run of like clusters at ``offset``."""
