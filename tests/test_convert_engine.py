@@ -23,7 +23,7 @@ from tests.conftest import check_ok, qemu_img, vdkit_img
 from tests.diff.io_corpus import KINDS, build
 from tests.helpers.patching import get_u64, set_u64
 from vdkit.block import io as bio
-from vdkit.block.copy import SECTOR, ZeroMap, _zero_sectors_numpy, data_extent, pow2floor
+from vdkit.block.copy import SECTOR, ZeroMap, _zero_prefix, _zero_sectors_numpy, data_extent, pow2floor
 from vdkit.block.node import open_image
 from vdkit.block.progress import Progress
 
@@ -51,6 +51,13 @@ def test_zero_map_matches_definition(seed: int) -> None:
     assert zmap.sectors(buf, n) == _reference(buf, n)
     assert _zero_sectors_numpy(buf, n) == _reference(buf, n)
     assert zmap.is_zero(buf, n * SECTOR) == (not any(buf[: n * SECTOR]))
+
+
+@given(st.binary(max_size=3000), st.integers(0, 3000))
+def test_zero_prefix_counts_leading_zero_bytes(tail: bytes, zeros: int) -> None:
+    """_zero_prefix (startswith comparisons) equals the plain definition, lstrip's count."""
+    data = bytes(zeros) + tail
+    assert _zero_prefix(bytes(6000), memoryview(data)) == len(data) - len(data.lstrip(b"\x00"))
 
 
 def test_zero_map_special_cases() -> None:

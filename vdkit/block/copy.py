@@ -353,6 +353,7 @@ class ZeroMap:
         if p == 0 and zeros.startswith(mv):
             return self.ones[:n]
         flags = bytearray(n)
+        hv = memoryview(heads)
         stretches = 0
         while p >= 0:
             if p % 8:  # a zero word across two sectors' heads: realign (earlier aligned ones were seen)
@@ -364,7 +365,7 @@ class ZeroMap:
             s = p // 8
             # sectors from s whose first word is zero (the first non-zero byte of heads ends them):
             # usually exactly the zero stretch, confirmed with one comparison
-            e = (len(heads) - len(heads[p:].lstrip(b"\x00"))) // 8
+            e = s + _zero_prefix(zeros, hv[p:]) // 8
             if zeros.startswith(mv[s * SECTOR : e * SECTOR]):
                 k = e - s
             else:
@@ -387,6 +388,29 @@ class ZeroMap:
             else:
                 step = k // 2
         return pos - s
+
+
+def _zero_prefix(zeros: bytes, view: memoryview) -> int:
+    """How many leading bytes of ``view`` are zero (``len(zeros) >= len(view)``).
+
+    Doubling then halving ``startswith`` comparisons: each a ``memcmp`` that stops at the first
+    difference, where ``bytes.lstrip(b"\\x00")`` calls ``memchr`` once per byte it strips.
+    """
+    n = len(view)
+    if zeros.startswith(view):
+        return n
+    lo, step = 0, 64  # view[:lo] is known zero
+    while lo + step < n and zeros.startswith(view[lo : lo + step]):
+        lo += step
+        step *= 2
+    hi = min(n, lo + step)  # view[lo:hi] holds a non-zero byte
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if zeros.startswith(view[lo:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _zero_sectors_numpy(buf: bytearray | memoryview, n: int) -> bytes:
