@@ -46,13 +46,17 @@ class Source:
     """One source image and where it starts in the concatenation (sectors)."""
 
 
-    __slots__ = ("node", "start", "sectors", "alignment")
+    __slots__ = ("node", "start", "sectors", "alignment", "size")
 
-    def __init__(self, node: Node, start: int, sectors: int, alignment: int) -> None:
+    def __init__(self, node: Node, start: int, sectors: int, alignment: int, size: int | None = None) -> None:
         self.node = node
         self.start = start  # first sector in the concatenation
         self.sectors = sectors
         self.alignment = alignment  # sectors
+        # bytes, as the copy started: a source is open for the whole copy, locked against resizing
+        # unless force-shared, and qemu-img too takes each size once (a raw file's size is an fstat:
+        # three per piece released and retook the GIL as many times in the read-ahead thread)
+        self.size = sectors * SECTOR if size is None else size
 
 
 class Copier:
@@ -110,7 +114,7 @@ class Copier:
                     if st.flags & OFFSET_VALID and st.file is not None:
                         self._host = (0, st.file, st.offset - offset)
                 else:
-                    e = chain_status(node, offset, count)
+                    e = chain_status(node, offset, count, src.size)
                     flags = (DATA if e.data else 0) | (ZERO if e.zero else 0)
                     count = e.length
                     if e.offset is not None and e.filename is not None:
@@ -166,7 +170,7 @@ class Copier:
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR
         length = n * SECTOR
-        if offset + length > src.node.driver.virtual_size:
+        if offset + length > src.size:
             return None
         key = (id(src.node), depth, filename)
         if key not in self._plain:
@@ -193,7 +197,7 @@ class Copier:
         depth, filename, delta = self._host
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR
-        if offset + n * SECTOR > src.node.driver.virtual_size or offset + delta < 0:
+        if offset + n * SECTOR > src.size or offset + delta < 0:
             return None
         key = (id(src.node), depth, "async:" + filename)
         if key not in self._plain:
@@ -209,7 +213,7 @@ class Copier:
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR
         length = n * SECTOR
-        size = src.node.driver.virtual_size
+        size = src.size
         part = max(0, min(length, size - offset))
         try:
             if part:
@@ -465,9 +469,10 @@ def sources_of(nodes: list[Node]) -> list[Source]:
     sources: list[Source] = []
     start = 0
     for node in nodes:
-        sectors = (node.driver.virtual_size + SECTOR - 1) // SECTOR
+        size = node.driver.virtual_size
+        sectors = (size + SECTOR - 1) // SECTOR
         cs = node.driver.cluster_size or SECTOR
-        sources.append(Source(node, start, sectors, max(1, cs // SECTOR)))
+        sources.append(Source(node, start, sectors, max(1, cs // SECTOR), size))
         start += sectors
     return sources
 
@@ -670,6 +675,17 @@ class MapWindows:
             self.current = None
 
 
+def next_hole(fd: int, offset: int) -> int:
+    """Where the first hole of the file ``fd`` at or after ``offset`` starts (``SEEK_HOLE``; the end
+    of the file is one); ``offset`` on any error (nothing known)."""
+    import os
+
+    try:
+        return os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError:
+        return offset
+
+
 def file_holes(fd: int, offset: int, length: int, min_sectors: int) -> list[tuple[int, int]]:
     """Sector ranges ``(first, end)`` of ``[offset, offset+length)`` of the file ``fd`` that are holes
     (``SEEK_HOLE``/``SEEK_DATA``), counted from ``offset``, each at least ``min_sectors`` long.
@@ -836,6 +852,8 @@ class ReadAhead:
         self._reads = 0  # reads in flight (protocol files that take several: Copier.async_extent)
         self._stop = False
         self._windows = MapWindows() if mapping else None  # the reader thread's (see Mapped)
+        # (file, start, end): a range of a mapped source file known to hold no hole (see _map)
+        self._hole_free: tuple[ImageFile | None, int, int] = (None, 0, 0)
         # the zero scan (ZeroMap.all_data) reads a word every `alignment` sectors: when that is within
         # the kernel's fault-around, its faults map every page and populating first is wasted work
         self._populate = not (sparse and copier.alignment * SECTOR <= _FAULT_AROUND)
@@ -881,7 +899,15 @@ class ReadAhead:
         if host is None:
             return None
         # holes of the file inside the piece are zeros the scan need not read (-S 0 writes them: read)
-        holes = file_holes(host[0].fd, host[1], n * SECTOR, self.copier.min_sparse) if self.sparse else []
+        holes: list[tuple[int, int]] = []
+        if self.sparse:
+            file, offset = host
+            end = offset + n * SECTOR
+            if file is not self._hole_free[0] or not self._hole_free[1] <= offset < end <= self._hole_free[2]:
+                # one SEEK_HOLE tells how far the file has no hole: the next pieces up to there ask nothing
+                self._hole_free = (file, offset, next_hole(file.fd, offset))
+            if end > self._hole_free[2]:
+                holes = file_holes(file.fd, offset, n * SECTOR, self.copier.min_sparse)
         try:
             m = Mapped(host[0], host[1], n * SECTOR, self._windows, populate=self._populate and not holes)
         except (OSError, ValueError, OverflowError):  # cannot be mapped: read it instead

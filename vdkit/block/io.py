@@ -37,13 +37,14 @@ if TYPE_CHECKING:
     from vdkit.block.node import Node
 
 
-def layer_status(node: Node, offset: int, length: int) -> BlockStatus:
+def layer_status(node: Node, offset: int, length: int, size: int | None = None) -> BlockStatus:
     """Block status of ``node`` alone at ``offset`` (``bdrv_block_status`` of one layer).
 
-    ``length`` is clipped to the node's size; a query at or past the end
-    returns a zero-length status.
+    ``length`` is clipped to the node's size (``size`` when the caller knows it); a query at or
+    past the end returns a zero-length status.
     """
-    size = node.driver.virtual_size
+    if size is None:
+        size = node.driver.virtual_size
     if offset >= size:
         return BlockStatus(0, 0)
     st = node.driver.block_status(offset, min(length, size - offset))
@@ -98,13 +99,15 @@ class MapEntry:
         return self.offset is None or self.offset + self.length == nxt.offset
 
 
-def chain_status(node: Node, offset: int, length: int) -> MapEntry:
-    """One map entry at ``offset``: the first layer (top-down) that reports data or zeros."""
+def chain_status(node: Node, offset: int, length: int, size: int | None = None) -> MapEntry:
+    """One map entry at ``offset``: the first layer (top-down) that reports data or zeros
+    (``size``: the top node's, when the caller knows it)."""
     depth = 0
     cur: Node | None = node
     st = BlockStatus(0, length)
     while cur is not None:
-        st = layer_status(cur, offset, length)
+        st = layer_status(cur, offset, length, size)
+        size = None
         if st.length == 0:  # beyond this layer's end (cannot happen for the top)
             st = BlockStatus(ZERO | ALLOCATED, length)
             break
