@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from tests.conftest import check_ok, qemu_img, qemu_io, require_tool, vdkit_img
 from tests.diff.test_snapshot_write import check_counts, guest, snapshot_list
 from vdkit.block.node import open_image
+from vdkit.block.snapshot import ICOUNT_UNUSED
 from vdkit.errors import SnapshotNotFoundError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.formats.qcow2.driver import Qcow2Driver
@@ -74,7 +75,7 @@ def test_library_errors(tmp_path: Path) -> None:
         with pytest.raises(SnapshotNotFoundError):
             node.snapshot_delete(name="nope")
         e = node.snapshot_create("x" * 300, date_sec=5, date_nsec=6, icount=None)
-        assert e.name == "x" * 255 and e.id_str == "1" and e.icount == L.ICOUNT_UNUSED
+        assert e.name == "x" * 255 and e.id_str == "1" and e.icount == ICOUNT_UNUSED
     with open_image(str(img), readonly=True) as node, pytest.raises(VdkitError):
         node.snapshot_create("ro", date_sec=0, date_nsec=0)
     raw = tmp_path / "r.raw"

@@ -40,7 +40,8 @@ _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "blo
                 ("block", "chain"): "block.driver", ("block", "target"): "block.driver", ("block", "secrets"): "opts",
                 ("info", "render_json"): "info.model",
                 ("block", "dirty_bitmap"): "block.driver",
-                ("info", "model"): "info.model", ("info", "monitor_model"): "info.model", ("nbd", "wire"): "io"}
+                ("info", "model"): "info.model", ("info", "monitor_model"): "info.model",
+                ("info", "extra_model"): "info.model", ("nbd", "wire"): "io"}
 # Front ends are siblings: none may import another.
 SIBLINGS = {"cli": {"monitor", "daemon", "nbd"}, "monitor": {"cli"}, "nbd": {"cli", "monitor"}}
 

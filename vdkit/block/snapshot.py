@@ -11,7 +11,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
     from typing import Protocol, TypeVar
 
     class _Snapshot(Protocol):
@@ -128,10 +128,11 @@ def snapshot_info(entry: SnapshotRecord) -> SnapshotInfo:
                         clock % 1_000_000_000, icount)
 
 
-def snapshot_infos(driver: FormatDriver) -> list[SnapshotInfo]:
-    """Listed snapshots; none where the driver cannot do snapshots (qcow2 with an
-    external data file), as qemu-img treats "not supported" as an empty list."""
+def snapshot_infos(driver: FormatDriver, entries: Sequence[SnapshotRecord] | None = None) -> list[SnapshotInfo]:
+    """Listed snapshots (``entries``: what ``driver.snapshots()`` just gave, not asked again); none
+    where the driver cannot do snapshots (qcow2 with an external data file), as qemu-img treats "not
+    supported" as an empty list."""
     unsupported = getattr(driver, "snapshot_unsupported_reason", None)
     if unsupported is not None and unsupported() is not None:
         return []
-    return [snapshot_info(e) for e in driver.snapshots()]
+    return [snapshot_info(e) for e in (driver.snapshots() if entries is None else entries)]

@@ -24,7 +24,7 @@ from vdkit.errors import OpenError, UsageError
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.driver import CheckResult, FormatDriver
-    from vdkit.info.model import ImageCheck
+    from vdkit.info.extra_model import ImageCheck
 
 LONGOPTS = [
     LongOpt("help", False, "h"),
@@ -166,7 +166,7 @@ def _repaired_preamble(leaks_fixed: int, corruptions_fixed: int) -> str:
 
 
 def _model(filename: str, fmt: str, r: CheckResult) -> ImageCheck:
-    from vdkit.info.model import ImageCheck
+    from vdkit.info.extra_model import ImageCheck
 
     def nz(v: int) -> int | None:
         return v or None

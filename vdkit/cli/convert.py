@@ -17,9 +17,9 @@ described above) writing through :mod:`vdkit.block.target`.
 from __future__ import annotations
 
 from vdkit.cli.main import write_out
-from vdkit.cli.options import CACHE_MODES, LongOpt, cvtnum, getopt_long, open_args, spec_names
+from vdkit.cli.options import LongOpt, cvtnum, getopt_long, open_args, spec_names
 from vdkit.errors import UsageError, VdkitError
-from vdkit.opts import split_items
+from vdkit.opts import CACHE_MODES, split_items
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def parse(argv: list[str]) -> ConvertArgs:
             a.snapshot = value
         elif key == "S":
             try:
-                from vdkit.cli.options import strtosz
+                from vdkit.opts import strtosz
 
                 sval = strtosz(value or "")
             except ValueError:

@@ -10,14 +10,13 @@ long options may be abbreviated to any unique prefix, ``--opt=value`` and
 from __future__ import annotations
 
 from vdkit.errors import SpecNames, UsageError, VdkitError
-from vdkit.opts import CACHE_MODES as _CACHE_TABLE
-from vdkit.opts import SizeRangeError as SizeRangeError  # re-exported
-from vdkit.opts import strtosz as strtosz
 from vdkit.record import field, record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from vdkit.block.objects import QomObject as QomObject  # re-exported: the daemon's -object
+# vdkit.opts (sizes, cache modes, creation options) is imported by the functions that use it: info,
+# snapshot and map parse no size, and the module is about a thirtieth of a bare interpreter start.
 
 
 class ObjectError(VdkitError):
@@ -144,6 +143,7 @@ def cvtnum(name: str, value: str, min_value: int = 0, max_value: int = 2**63 - 1
     """qemu-img's size argument check, with its two-line error for bad syntax."""
     from vdkit.cli.main import PROG
     from vdkit.errors import VdkitError
+    from vdkit.opts import SizeRangeError, strtosz
 
     warnings: list[str] = []
     try:
@@ -178,9 +178,6 @@ def image_opts(spec: str, parsed: dict[str, object] | None = None) -> tuple[str,
     return interpreter.image_opts(spec, parsed)
 
 
-CACHE_MODES = tuple(_CACHE_TABLE)  # qemu-img checks the name only
-
-
 def check_cache_modes(p: Parsed, *, cache: str | None = "t", src_cache: str | None = "T") -> None:
     """qemu-img's cache-mode checks (``-t``, then ``-T``), which come before the images are opened.
 
@@ -188,6 +185,7 @@ def check_cache_modes(p: Parsed, *, cache: str | None = "t", src_cache: str | No
     value is an error in qemu-img, so it is one here too.
     """
     from vdkit.errors import VdkitError
+    from vdkit.opts import CACHE_MODES  # qemu-img checks the name only
 
     for key, what in ((cache, "cache"), (src_cache, "source cache")):
         value = p.last(key) if key is not None else None

@@ -9,8 +9,6 @@ nodes) and job filters.  The counterpart of QEMU's ``block/qapi.c``.
 
 from __future__ import annotations
 
-from vdkit.block.snapshot import snapshot_info as snapshot_info  # re-exported: the monitor lists entries
-from vdkit.block.snapshot import snapshot_infos
 from vdkit.info.model import ImageInfo
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
@@ -50,9 +48,13 @@ def image_info(node: Node, *, nested: bool = False, hole: Hole | None = None) ->
         info.backing_filename = stored
         info.full_backing_filename = node.backing_filename_resolved
         info.backing_filename_format = driver.backing_format
-    snaps = snapshot_infos(driver)
-    if snaps:
-        info.snapshots = snaps
+    entries = driver.snapshots()
+    if entries:  # the generic snapshot layer loads only for an image that lists some
+        from vdkit.block.snapshot import snapshot_infos
+
+        snaps = snapshot_infos(driver, entries)
+        if snaps:
+            info.snapshots = snaps
     spec = driver.specific_info()
     if spec is not None:
         info.format_specific = spec

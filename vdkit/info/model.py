@@ -9,7 +9,7 @@ them, the renderers print them, and the CLI, QMP and HMP share all three.
 
 from __future__ import annotations
 
-from vdkit.record import field, record
+from vdkit.record import record
 
 
 @record
@@ -22,50 +22,6 @@ class SnapshotInfo:
     vm_clock_sec: int
     vm_clock_nsec: int
     icount: int | None = None
-
-
-@record
-class Qcow2BitmapInfo:
-    name: str
-    granularity: int
-    flags: list[str] = field(default_factory=list)
-
-
-@record
-class LuksSlotInfo:
-    active: bool
-    key_offset: int
-    iters: int | None = None
-    stripes: int | None = None
-
-    # schema order: active, iters, stripes, key-offset
-    __qapi_order__ = ("active", "iters", "stripes", "key_offset")
-
-
-@record
-class LuksInfo:
-    """``ImageInfoSpecificQCow2Encryption`` with format ``luks`` (flat union)."""
-
-    cipher_alg: str
-    cipher_mode: str
-    ivgen_alg: str
-    hash_alg: str
-    payload_offset: int
-    master_key_iters: int
-    uuid: str
-    slots: list[LuksSlotInfo]
-    ivgen_hash_alg: str | None = None
-    format: str = "luks"
-
-    __qapi_order__ = (
-        "format", "cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg",
-        "payload_offset", "master_key_iters", "uuid", "slots",
-    )
-
-
-@record
-class AesEncryptionInfo:
-    format: str = "aes"
 
 
 @record
@@ -119,12 +75,20 @@ class ImageInfo:
     )
 
 
-# The monitor's (QMP) block shapes live in ``monitor_model``: ``vdkit-img`` never builds them, and each
-# class costs its share of every start.  They are still importable from here (``__getattr__`` below).
+# Shapes that ``info`` of a plain image never builds live in other modules, because each record class
+# costs its share of every start (about a three-hundredth of a bare interpreter each): the monitor's
+# (QMP) block shapes in ``monitor_model``, qcow2's bitmap and encryption info and the check result in
+# ``extra_model``.  They are still importable from here (``__getattr__`` below).
 _MONITOR_SHAPES = frozenset(("BlockdevCacheInfo", "BlockDirtyInfo", "BlockDeviceInfo", "BlockInfo",
                              "BlockDeviceStats", "BlockStatsSpecificFile", "BlockStats", "StatusInfo"))
+_EXTRA_SHAPES = frozenset(("Qcow2BitmapInfo", "LuksSlotInfo", "LuksInfo", "AesEncryptionInfo", "ImageCheck"))
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from vdkit.info.extra_model import AesEncryptionInfo as AesEncryptionInfo
+    from vdkit.info.extra_model import ImageCheck as ImageCheck
+    from vdkit.info.extra_model import LuksInfo as LuksInfo
+    from vdkit.info.extra_model import LuksSlotInfo as LuksSlotInfo
+    from vdkit.info.extra_model import Qcow2BitmapInfo as Qcow2BitmapInfo
     from vdkit.info.monitor_model import BlockdevCacheInfo as BlockdevCacheInfo
     from vdkit.info.monitor_model import BlockDeviceInfo as BlockDeviceInfo
     from vdkit.info.monitor_model import BlockDeviceStats as BlockDeviceStats
@@ -136,27 +100,13 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> object:
-    """The monitor's shapes, imported on first use."""
+    """The monitor's and the extra shapes, imported on first use."""
     if name in _MONITOR_SHAPES:
         import vdkit.info.monitor_model as shapes
 
         return getattr(shapes, name)
+    if name in _EXTRA_SHAPES:
+        import vdkit.info.extra_model as extra
+
+        return getattr(extra, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@record
-class ImageCheck:
-    """``qemu-img check`` result (QAPI ``ImageCheck``); counters are present only when non-zero."""
-
-    filename: str
-    format: str
-    check_errors: int
-    image_end_offset: int | None = None
-    corruptions: int | None = None
-    leaks: int | None = None
-    corruptions_fixed: int | None = None
-    leaks_fixed: int | None = None
-    total_clusters: int | None = None
-    allocated_clusters: int | None = None
-    fragmented_clusters: int | None = None
-    compressed_clusters: int | None = None

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from vdkit.block.driver import CorruptionEvent
 from vdkit.block.protocol_node import protocol_name, protocol_node
-from vdkit.block.snapshot import find_id_then_name
+from vdkit.block.snapshot import find_id_then_name, snapshot_info
 from vdkit.devices.graph import chain_depth
 from vdkit.devices.throttle import THROTTLE_KEYS, ThrottleConfig
 from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
-from vdkit.info.collect import filter_image_info, image_info, snapshot_info
+from vdkit.info.collect import filter_image_info, image_info
 from vdkit.info.model import (
     BlockdevCacheInfo,
     BlockDeviceInfo,

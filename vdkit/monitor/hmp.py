@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vdkit.block.snapshot import snapshot_info
 from vdkit.errors import VdkitError
 from vdkit.info import render_human
-from vdkit.info.collect import snapshot_info
 from vdkit.info.model import BlockDeviceInfo, BlockInfo, SnapshotInfo
 from vdkit.monitor import block_cmds, nbd_cmds
 from vdkit.monitor.commands import CommandContext, CommandRegistry

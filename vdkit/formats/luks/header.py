@@ -18,7 +18,7 @@ from vdkit.record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vdkit.info.model import LuksInfo
+    from vdkit.info.extra_model import LuksInfo
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_MAX_HEADER = 16 * 1024 * 1024
@@ -164,7 +164,7 @@ def parse_luks_header(raw: bytes) -> LuksHeader:
 
 def luks_info(raw: bytes) -> LuksInfo:
     """LUKS header -> the QAPI encryption info (iterations and stripes only for active slots)."""
-    from vdkit.info.model import LuksInfo, LuksSlotInfo
+    from vdkit.info.extra_model import LuksInfo, LuksSlotInfo
 
     hdr = parse_luks_header(raw)
     return LuksInfo(

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from vdkit.formats.qcow2 import layout as L
-from vdkit.info.model import (
-    AesEncryptionInfo,
-    ImageInfoSpecific,
-    ImageInfoSpecificQcow2,
-    LuksInfo,
-    Qcow2BitmapInfo,
-)
+from vdkit.info.model import ImageInfoSpecific, ImageInfoSpecificQcow2
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.info.extra_model import AesEncryptionInfo, LuksInfo
 
 
 def specific_info(driver: Qcow2Driver) -> ImageInfoSpecific:
@@ -29,6 +24,8 @@ def _qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
 
         encrypt = luks_info(raw) if raw is not None else None
     elif h.crypt_method == L.CRYPT_AES:
+        from vdkit.info.extra_model import AesEncryptionInfo
+
         encrypt = AesEncryptionInfo()
     spec = ImageInfoSpecificQcow2(
         compat="0.10" if h.version == 2 else "1.1",
@@ -45,6 +42,8 @@ def _qcow2_specific(driver: Qcow2Driver) -> ImageInfoSpecificQcow2:
             spec.data_file_raw = h.data_file_raw
         bitmaps = driver.bitmaps
         if bitmaps:
+            from vdkit.info.extra_model import Qcow2BitmapInfo
+
             spec.bitmaps = [
                 Qcow2BitmapInfo(
                     name=b.name,

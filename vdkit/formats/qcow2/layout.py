@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import struct
 
-# The generic snapshot descriptor truncates IDs and names to these lengths.
-from vdkit.block.snapshot import ICOUNT_UNUSED as ICOUNT_UNUSED  # re-exported (qcow2's own names)
-from vdkit.block.snapshot import MAX_SNAPSHOT_ID_LEN as MAX_SNAPSHOT_ID_LEN
-from vdkit.block.snapshot import MAX_SNAPSHOT_NAME_LEN as MAX_SNAPSHOT_NAME_LEN
+# (The generic snapshot descriptor's limits and "no icount" marker are vdkit.block.snapshot's: that
+# module loads only for an image with snapshots.)
 
 MAGIC = b"QFI\xfb"
 

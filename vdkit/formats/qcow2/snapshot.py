@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 
+from vdkit.block.snapshot import ICOUNT_UNUSED
 from vdkit.errors import OpenError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.record import field, record
@@ -33,7 +34,7 @@ class SnapshotEntry:
     vm_clock_nsec: int
     vm_state_size: int
     disk_size: int
-    icount: int = L.ICOUNT_UNUSED
+    icount: int = ICOUNT_UNUSED
     extra_data_size: int = L.SNAPSHOT_EXTRA_SIZE
     unknown_extra: bytes = field(default=b"", repr=False)
 
@@ -79,7 +80,7 @@ def parse_snapshot_table(
     # unpack in place where the table is complete, copy only where the file ended early.
     fixed_struct, fixed_size = L.SNAPSHOT_HEADER, L.SNAPSHOT_HEADER.size
     extra_struct, known_extra = L.SNAPSHOT_EXTRA, L.SNAPSHOT_EXTRA_SIZE
-    max_extra, max_table, unused = L.MAX_SNAPSHOT_EXTRA_DATA, L.MAX_SNAPSHOT_TABLE_SIZE, L.ICOUNT_UNUSED
+    max_extra, max_table, unused = L.MAX_SNAPSHOT_EXTRA_DATA, L.MAX_SNAPSHOT_TABLE_SIZE, ICOUNT_UNUSED
     buf_len = len(buf)
     for i in range(nb_snapshots):
         entry_start = off

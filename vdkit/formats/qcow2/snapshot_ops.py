@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 import sys
 
+from vdkit.block.snapshot import ICOUNT_UNUSED, MAX_SNAPSHOT_NAME_LEN
 from vdkit.block.snapshot import (  # the generic lookup, used here and re-exported for callers
     find_by_id_and_name as find_by_id_and_name,
 )
@@ -706,9 +707,9 @@ def create(
             vm_state = None  # an empty state is a disk-only snapshot
     entry = SnapshotEntry(
         l1_table_offset=0, l1_size=len(active), id_str=next_snapshot_id(entries),
-        name=_trunc(name, L.MAX_SNAPSHOT_NAME_LEN), date_sec=date_sec & 0xFFFFFFFF,
+        name=_trunc(name, MAX_SNAPSHOT_NAME_LEN), date_sec=date_sec & 0xFFFFFFFF,
         date_nsec=date_nsec & 0xFFFFFFFF, vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
-        disk_size=h.size, icount=L.ICOUNT_UNUSED if icount is None else icount & 0xFFFFFFFFFFFFFFFF,
+        disk_size=h.size, icount=ICOUNT_UNUSED if icount is None else icount & 0xFFFFFFFFFFFFFFFF,
     )
     txn = Transaction(drv.refcounts)
     disk_entries = h.l1_entries_needed()
