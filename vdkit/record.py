@@ -75,68 +75,84 @@ def record(
 
 
 def _build(cls: Any, frozen: bool, slots: bool) -> Any:
-    # Runs once per record class at import, for every class on the start-up path: kept to one pass
-    # over the annotations with the common case (string annotations, no record bases) inline.
-    names: list[str] = []
-    defaults: dict[str, Any] = {}
-    hidden: list[str] = []
-    if cls.__bases__ != (object,):
+    # Runs once per record class at import, for every class on the start-up path: one pass over the
+    # annotations with the common case (string annotations, no record bases, no field()) inline, and
+    # the class attributes set one by one (each dunder set on a class updates its slots).
+    body = cls.__dict__
+    if cls.__bases__ == (object,):
+        names: list[str] = []
+        defaults: dict[str, Any] = {}
+    else:
+        names = []
+        defaults = {}
         for base in reversed(cls.__mro__[1:]):
             for name in getattr(base, "__record_fields__", ()):
                 if name not in names:
                     names.append(name)
             defaults.update(getattr(base, "__record_defaults__", {}))
-    body = cls.__dict__
-    declared: list[str] = []  # fields given a field(...) in this class body
+    hidden: list[str] | None = None
+    declared: list[str] | None = None  # fields given a field(...) in this class body
+    seen_default = False
     for name, annotation in body.get("__annotations__", {}).items():
-        if ("ClassVar" in annotation and _is_classvar(annotation)) if isinstance(annotation, str) \
+        if "ClassVar" in annotation and _is_classvar(annotation) if annotation.__class__ is str \
                 else _is_classvar(annotation):
             continue
         if name not in names:
             names.append(name)
         value = body.get(name, MISSING)
         if value.__class__ is Field:
+            if declared is None:
+                declared = []
             declared.append(name)
             if not value.repr:
+                if hidden is None:
+                    hidden = []
                 hidden.append(name)
             value = value.default if value.default_factory is MISSING else Field(MISSING, value.default_factory, True)
         if value is not MISSING:
             defaults[name] = value
+            seen_default = True
         elif name in defaults:
             del defaults[name]
-
-    seen_default = False
-    for name in names:
-        if name in defaults:
-            seen_default = True
-        elif seen_default:
-            raise TypeError(f"non-default argument {name!r} follows default argument")
+    if seen_default or defaults:
+        seen_default = False
+        for name in names:
+            if name in defaults:
+                seen_default = True
+            elif seen_default:
+                raise TypeError(f"non-default argument {name!r} follows default argument")
 
     fields_ = tuple(names)
-    attrs: dict[str, Any] = {
-        "__init__": _deferred_init(),
-        "__record_fields__": fields_,
-        "__record_defaults__": defaults,
-        "__record_repr__": tuple(n for n in names if n not in hidden) if hidden else fields_,
-        "__match_args__": fields_,
-        "__repr__": _repr,
-        "__eq__": _eq,
-        "__hash__": _hash if frozen else None,
-    }
-    if frozen:
-        attrs["__setattr__"] = _frozen_setattr
-        attrs["__delattr__"] = _frozen_delattr
+    shown = fields_ if hidden is None else tuple(n for n in names if n not in hidden)
     if slots:
+        attrs: dict[str, Any] = {
+            "__init__": _deferred_init(), "__record_fields__": fields_, "__record_defaults__": defaults,
+            "__record_repr__": shown, "__match_args__": fields_, "__repr__": _repr, "__eq__": _eq,
+            "__hash__": _hash if frozen else None,
+        }
+        if frozen:
+            attrs["__setattr__"] = _frozen_setattr
+            attrs["__delattr__"] = _frozen_delattr
         body_dict = {k: v for k, v in body.items() if k not in names and k not in ("__dict__", "__weakref__")}
         body_dict.update(attrs, __slots__=tuple(n for n in names if n not in getattr(cls, "__record_fields__", ())))
         return type(cls)(cls.__name__, cls.__bases__, body_dict)
-    for name in declared:
-        if name in defaults and defaults[name].__class__ is not Field:
-            setattr(cls, name, defaults[name])
-        else:
-            delattr(cls, name)
-    for key, value in attrs.items():
-        setattr(cls, key, value)
+    if declared is not None:
+        for name in declared:
+            if name in defaults and defaults[name].__class__ is not Field:
+                setattr(cls, name, defaults[name])
+            else:
+                delattr(cls, name)
+    cls.__init__ = _deferred_init()
+    cls.__record_fields__ = fields_
+    cls.__record_defaults__ = defaults
+    cls.__record_repr__ = shown
+    setattr(cls, "__match_args__", fields_)  # noqa: B010 - mypy refuses the assignment form for this name
+    cls.__repr__ = _repr
+    cls.__eq__ = _eq
+    cls.__hash__ = _hash if frozen else None
+    if frozen:
+        cls.__setattr__ = _frozen_setattr
+        cls.__delattr__ = _frozen_delattr
     return cls
 
 

@@ -211,11 +211,15 @@ def _teardown_needed() -> bool:
     """Whether something outside vdkit waits for the interpreter's exit: atexit callbacks (coverage,
     logging, a user's sitecustomize), a profiler or tracer (cProfile, pdb, trace write their results
     after the script returns), or a thread that is not a daemon (the interpreter joins it)."""
-    import atexit
-
-    ncallbacks = getattr(atexit, "_ncallbacks", None)  # CPython's; elsewhere assume there are some
-    if ncallbacks is None or ncallbacks() or sys.getprofile() is not None or sys.gettrace() is not None:
+    if sys.getprofile() is not None or sys.gettrace() is not None:
         return True
+    # Whoever registered a callback imported atexit (registering is its Python API; C code calls it
+    # through the module too), so a process without the module has none, and does not import it.
+    atexit = sys.modules.get("atexit")
+    if atexit is not None:
+        ncallbacks = getattr(atexit, "_ncallbacks", None)  # CPython's; elsewhere assume there are some
+        if ncallbacks is None or ncallbacks():
+            return True
     threading = sys.modules.get("threading")
     if threading is None:
         return False
