@@ -124,7 +124,7 @@ class BackupJob(JobDriver):
             # only what the top image allocates is copied (the rest is in the target's backing file)
             keep = DirtyBitmap(None, self.cluster, self.size)
             mark_allocated(keep, [self.source], self.size)
-            self.copy.bits &= keep.bits
+            self.copy.intersect(keep)
             job.len = job.offset + self.copy.count()
         if self.sync == "none":
             while True:
@@ -201,9 +201,10 @@ class BackupJob(JobDriver):
                 # the bitmap says what the backup lacks: what was left to copy, and every write since
                 left = DirtyBitmap(None, bm.granularity, bm.size)
                 left.merge_from(self.copy)
-                bm.bits = left.bits | succ.bits
+                left.merge_from(succ)
+                bm.bits = left.bits
             else:
-                bm.bits |= succ.bits  # nothing taken: the writes made meanwhile are added back
+                bm.merge_from(succ)  # nothing taken: the writes made meanwhile are added back
             bm.enabled = succ.enabled
             bm.successor = None
             bm.busy = False

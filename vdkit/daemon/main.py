@@ -34,7 +34,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-# Before numpy is first imported (the monitor's bitmap code imports it): no BLAS thread pool, since the
+# Before numpy is first imported (the qcow2 code of big images imports it): no BLAS thread pool, since the
 # daemon does no linear algebra, and every thread it has starts after _main blocks the stop signals.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
