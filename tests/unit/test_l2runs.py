@@ -129,3 +129,36 @@ def test_same_runs_means_the_same_clusters(pieces: list[tuple], bits: int, exten
         return  # (the walk refuses the other one, e.g. fragmented by the flips)
     hosts = [[c for s, k in zip(r.starts, r.lens, strict=True) for c in range(s, s + k)] for r in (ra, rb)]
     assert hosts[0] == hosts[1] and ra.used == rb.used
+
+
+def _naive_run_length(entries: list[int], k: int, cs: int, limit: int) -> int:
+    m = 1
+    while m < limit and entries[k + m] == entries[k] + m * cs:
+        m += 1
+    return m
+
+
+@settings(max_examples=400, deadline=None)
+@given(bits=st.integers(9, 21), start=st.integers(0, (1 << 47) - 1), near=st.integers(0, 5),
+       length=st.integers(1, 3000), cut=st.integers(0, 3000), change=st.integers(0, 63),
+       low=st.sampled_from([0, 1, 0x1FE, 0x155]), copied=st.booleans(), probe=st.sampled_from([1, 16, 3000]))
+def test_run_length_equals_an_entry_walk(bits: int, start: int, near: int, length: int, cut: int, change: int,
+                                         low: int, copied: bool, probe: int) -> None:
+    """_run_length (bytes built from repeated bytes, compared whole) finds where an arithmetic run of
+    entries ends, as an entry-by-entry comparison does: runs across byte carries of the cluster
+    number (starting just below a multiple of 2^8, 2^16, ... when ``near``), with low bits, the
+    COPIED flag and one entry changed in any bit (``cut``, ``change``) or none."""
+    from vdkit.formats.qcow2.l2runs import _run_length
+
+    cs = 1 << bits
+    top = (1 << (56 - bits)) - 1  # the largest cluster number
+    u = min(start >> bits, top)
+    if near:
+        u = max(0, ((u >> (8 * near)) + 1 << (8 * near)) - length // 2 - 1) & top
+    n = min(length, top - u + 1)
+    entries = [(COPIED if copied else 0) | ((u + i) << bits) | (low & (cs - 1)) for i in range(n)]
+    if cut < n:
+        entries[cut] ^= 1 << change
+    words = struct.pack(f">{n}Q", *entries)
+    limit = min(n, ((1 << 64) - 1 - entries[0]) // cs + 1)  # (as l2_runs bounds it)
+    assert _run_length(words, 0, entries[0], cs, limit, min(probe, limit)) == _naive_run_length(entries, 0, cs, limit)

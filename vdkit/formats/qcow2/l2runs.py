@@ -5,13 +5,12 @@ of consecutive host clusters.  Walking the references run by run (refcount chang
 COPIED flags of a whole table by one byte translation) is what lets a snapshot of gigabytes cost
 little more than reading its tables.  Decoding a table into one Python integer per entry would cost
 more than all the rest, so the runs are found in the table's bytes: unused stretches by
-``bytes.find``/``lstrip``, and a run by comparing the table's bytes with the entries the run would
-have (``struct.pack`` of a ``range``), its length found by galloping and bisection (``memcmp``).
+``bytes.find``/``lstrip``, and a run by comparing the table's bytes with the bytes the run would
+have (built from repeated bytes, :func:`_expected`), its length found by galloping and bisection
+(``memcmp``).
 """
 
 from __future__ import annotations
-
-import struct
 
 from vdkit.formats.qcow2 import layout as L
 
@@ -54,12 +53,16 @@ def _next_used(words: bytes, i: int, n: int) -> int:
     """Index of the first non-zero entry at or after ``i`` (``n`` if none)."""
     p = 8 * i
     size = len(words)
-    while p < size:
-        chunk = words[p : p + _CHUNK]
-        if chunk != _ZEROS[: len(chunk)]:  # (memcmp; lstrip only on the chunk: it tests byte by byte)
-            return (p + len(chunk) - len(chunk.lstrip(b"\0"))) // 8
+    # (startswith compares in place: zero chunks are skipped without copying them; then 64 bytes at
+    # a time, and lstrip, which tests byte by byte, only on the last 64)
+    while p + _CHUNK <= size and words.startswith(_ZEROS, p):
         p += _CHUNK
-    return n
+    while p < size and words.startswith(_ZEROS[: min(64, size - p)], p):
+        p += 64
+    if p >= size:
+        return n
+    chunk = words[p : p + 64]
+    return (p + len(chunk) - len(chunk.lstrip(b"\0"))) // 8
 
 
 def used_stretches(words: bytes) -> list[tuple[int, int]]:
@@ -98,8 +101,6 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
     the flag bits, which is checked at the run's last entry.
     """
     words = entry_words(raw, entry_size)
-    if words[0::8].translate(None, _FLAGS_OK):
-        return None
     cs = 1 << cluster_bits
     used = used_stretches(words)
     starts: list[int] = []
@@ -109,6 +110,8 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
         k = first
         while k < end:
             e = int.from_bytes(words[8 * k : 8 * k + 8], "big")
+            if e >> 56 not in (0, 0x80):  # (the run's entries have its first byte: tested once a run)
+                return None  # compressed, or reserved bits: the entry-by-entry walk's
             off = e & L.L2E_OFFSET_MASK
             if off & (cs - 1):
                 return None  # misaligned: reported by the entry-by-entry walk
@@ -131,42 +134,92 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
     return Runs(starts, lens, used)
 
 
-_ONE = (1).to_bytes(8, "big")
-_consts: dict[tuple[int, int], tuple[int, int]] = {}  # (slots, cs) -> (Σ 2^(64j), cs·Σ j·2^(64j)) for j < slots
+_patterns: dict[tuple[int, int], bytes] = {}  # (cluster_bits, shift) -> one period of a fast column
 
 
-def _ramp(m: int, cs: int) -> tuple[int, int]:
-    """``(Σ_{j<m} 2^(64j), cs·Σ_{j<m} j·2^(64j))``: slot j (from the least significant) holds 1, and j·cs."""
-    hit = _consts.get((m, cs))
+def _pattern(c: int, s: int) -> bytes:
+    """One period of the byte at bit ``s`` of ``w << c`` for consecutive ``w`` from 0: ``2^(s+8-c)``
+    bytes (each value repeated ``2^(s-c)`` times when ``s >= c``; ``(w << (c-s)) & 255`` otherwise)."""
+    hit = _patterns.get((c, s))
     if hit is None:
-        if len(_consts) > 64:  # (a few sizes recur: the probes, the lengths of used stretches)
-            _consts.clear()
-        ones = int.from_bytes(_ONE * m, "big")
-        steps = int.from_bytes(struct.pack(f">{m}Q", *range((m - 1) * cs, -1, -cs)), "big") if m > 1 else 0
-        hit = _consts[m, cs] = (ones, steps)
+        ramp = bytes(range(256))
+        if s >= c:
+            rep = 1 << (s - c)
+            out = bytearray(256 * rep)
+            for t in range(rep):
+                out[t::rep] = ramp
+            hit = bytes(out)
+        else:
+            hit = ramp[: 256 >> (c - s)].translate(bytes((b << (c - s)) & 255 for b in range(256)))
+        _patterns[c, s] = hit
     return hit
+
+
+def _expected(e: int, c: int, m: int) -> bytes | bytearray:
+    """The big-endian bytes of the ``m`` entries ``e, e + 2^c, e + 2^(c+1), ...`` (all below 2^64).
+
+    Built from repeated bytes, not entry by entry: the byte columns holding the low bits of the
+    cluster number change from entry to entry (a period of at most 2^15 entries, sliced from
+    :func:`_pattern` and put in with one strided assignment each); every other byte changes at
+    most once every 256 entries, so the entries with those columns cleared are a few repeated
+    8-byte values."""
+    fast = [s for s in range(0, 64, 8) if s + 8 > c and s < c + 8]  # (bit positions of the columns)
+    top = fast[-1] + 8 - c  # the cluster number's bits below ``top`` live in the fast columns
+    fast_mask = 0
+    for s in fast:
+        fast_mask |= 0xFF << s
+    u = e >> c
+    low = e & ((1 << c) - 1)
+    pieces = []
+    j = 0
+    while j < m:
+        n = min(m - j, (1 << top) - ((u + j) & ((1 << top) - 1)))
+        pieces.append(((e + (j << c)) & ~fast_mask).to_bytes(8, "big") * n)
+        j += n
+    out = bytearray(b"".join(pieces))
+    for s in fast:
+        pat = _pattern(c, s)
+        period = len(pat)
+        off = u % period
+        col = (pat * ((off + m + period - 1) // period))[off : off + m]
+        if s < c and (low >> s) & 255:  # (bits of the entry below the cluster offset in this byte)
+            col = col.translate(bytes(b | ((low >> s) & 255) for b in range(256)))
+        out[7 - s // 8 :: 8] = col
+    return out
+
+
+def _first_diff(a: bytes, b: bytes | bytearray) -> int:
+    """The index of the first 8-byte entry where ``a`` and ``b`` (same length, different) differ."""
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # (bisection by slices: memcmp, no per-byte step in Python)
+        mid = (lo + hi) // 2 & ~7
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    while a[lo : lo + 8] == b[lo : lo + 8]:
+        lo += 8
+    return lo // 8
 
 
 def _run_length(words: bytes, k: int, e: int, cs: int, limit: int, probe: int = _FIRST_PROBE) -> int:
     """How many entries from ``k`` on (1..``limit``) are ``e, e + cs, ...``.
 
-    The expected entries of ``s`` slots are one big integer, ``(e + (s-1)·cs)·Σ 2^(64j) − cs·Σ j·2^(64j)``
-    (slot j from the least significant holds ``e + (s-1-j)·cs``: no slot borrows or carries, the
-    entries being far below 2^64), compared with the table's bytes as one integer: the most
-    significant bit of their XOR is in the first entry that differs.  Probes grow eightfold from
-    ``probe`` entries, so a short run costs little and a long one about one conversion of its bytes.
+    The table's bytes are compared with the bytes those entries would have (:func:`_expected`, made
+    of repeated bytes at C speed); probes grow eightfold from ``probe`` entries, so a short run costs
+    little and a long one about one comparison of its bytes.
     """
+    c = cs.bit_length() - 1
     size = probe
     while True:
         size = min(size, limit)
-        ones, steps = _ramp(size, cs)
-        diff = int.from_bytes(words[8 * k : 8 * (k + size)], "big") ^ ((e + (size - 1) * cs) * ones - steps)
-        if diff:
-            return size - 1 - (diff.bit_length() - 1) // 64
+        seg = words[8 * k : 8 * (k + size)]
+        want = _expected(e, c, size)
+        if seg != want:
+            return _first_diff(seg, want)
         if size == limit:
             return size
         size *= 8
-
 
 
 def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[int, int]]) -> bool:
