@@ -697,28 +697,20 @@ def file_holes(fd: int, offset: int, length: int, min_sectors: int) -> list[tupl
     zero map (so what is written) is the same.  Nothing on a file system that cannot tell (all
     data then) or on any error.
     """
-    import errno
-    import os
+    from vdkit.io.file import seek_extent  # (loaded with the files the copy reads)
 
     end = offset + length
     holes: list[tuple[int, int]] = []
     pos = offset
     try:
         while pos < end:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            if hole >= end:
-                break
-            try:
-                data = min(end, os.lseek(fd, hole, os.SEEK_DATA))
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # (ENXIO: a hole up to the end of the file)
-                    raise
-                data = end
-            first = -(-(hole - offset) // SECTOR)  # whole sectors inside the hole only
-            last = (data - offset) // SECTOR
-            if last - first >= max(1, min_sectors):
-                holes.append((first, last))
-            pos = data
+            data, stop = seek_extent(fd, pos)
+            if not data:
+                first = -(-(pos - offset) // SECTOR)  # whole sectors inside the hole only
+                last = (min(end, stop) - offset) // SECTOR
+                if last - first >= max(1, min_sectors):
+                    holes.append((first, last))
+            pos = stop
     except OSError:
         return []
     return holes

@@ -37,6 +37,26 @@ def zero_fill(view: memoryview) -> None:
         view[at : at + n] = _ZEROS[:n]
 
 
+def seek_extent(fd: int, offset: int) -> tuple[bool, int]:
+    """``(data, end)``: whether ``offset`` of the file ``fd`` lies in data or in a hole (``SEEK_DATA``,
+    then ``SEEK_HOLE``), and where that extent ends: at the next hole for data (the end of the file is
+    one), at the next data for a hole (``MAX_OFFSET + 1`` past the last data, or past the end).
+
+    The one walk of a file's holes: block status of a plain file and convert's holes inside a mapped
+    piece (:func:`vdkit.block.copy.file_holes`) both step with it.  Raises ``OSError`` when the file
+    system cannot tell (or ``fd`` is no file): callers take everything for data then.
+    """
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        return False, MAX_OFFSET + 1  # (ENXIO: no data from offset on)
+    if data > offset:
+        return False, data
+    return True, os.lseek(fd, offset, os.SEEK_HOLE)
+
+
 def _check_range(offset: int, length: int) -> None:
     if offset < 0 or offset + length > MAX_OFFSET:
         raise OSError(errno.EIO, f"offset {offset} (length {length}) exceeds the maximum of {MAX_OFFSET}")
@@ -247,18 +267,12 @@ class ImageFile:
         the file system cannot tell, everything is data.
         """
         try:
-            data = os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # trailing hole
-                return BlockStatus(ZERO | OFFSET_VALID, length, offset, self.filename)
-            return BlockStatus(DATA | OFFSET_VALID, length, offset, self.filename)
-        if data > offset:
-            return BlockStatus(ZERO | OFFSET_VALID, min(length, data - offset), offset, self.filename)
-        try:
-            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+            data, end = seek_extent(self.fd, offset)
         except OSError:
             return BlockStatus(DATA | OFFSET_VALID, length, offset, self.filename)
-        return BlockStatus(DATA | OFFSET_VALID, min(length, max(hole - offset, 1)), offset, self.filename)
+        if not data:  # (up to the next data, or the whole request past the last)
+            return BlockStatus(ZERO | OFFSET_VALID, min(length, end - offset), offset, self.filename)
+        return BlockStatus(DATA | OFFSET_VALID, min(length, max(end - offset, 1)), offset, self.filename)
 
     def allocate(self, offset: int, length: int) -> bool:
         """Allocate the blocks of ``[offset, offset+length)`` (``fallocate`` keeping the size); False
