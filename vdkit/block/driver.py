@@ -13,12 +13,12 @@ import errno
 from vdkit.errors import CorruptImageError, UnsupportedError
 
 # Block status lives at the bottom (the file protocol answers it too); re-exported for formats.
-from vdkit.io.status import ALLOCATED as ALLOCATED
-from vdkit.io.status import DATA as DATA
-from vdkit.io.status import EOF as EOF
-from vdkit.io.status import OFFSET_VALID as OFFSET_VALID
-from vdkit.io.status import ZERO as ZERO
-from vdkit.io.status import BlockStatus as BlockStatus
+from vdkit.io import ALLOCATED as ALLOCATED
+from vdkit.io import DATA as DATA
+from vdkit.io import EOF as EOF
+from vdkit.io import OFFSET_VALID as OFFSET_VALID
+from vdkit.io import ZERO as ZERO
+from vdkit.io import BlockStatus as BlockStatus
 from vdkit.record import record
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)

@@ -369,7 +369,7 @@ class RawWindow:
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """The file's status at the same bytes (host offsets are the file's, as QEMU's map shows)."""
-        from vdkit.io.status import OFFSET_VALID, ZERO, BlockStatus
+        from vdkit.io import OFFSET_VALID, ZERO, BlockStatus
 
         n = self._inside(offset, length)
         if n <= 0:

@@ -13,8 +13,8 @@ import os
 import stat
 
 from vdkit.errors import OpenError, os_error_message
+from vdkit.io import DATA, OFFSET_VALID, ZERO, BlockStatus
 from vdkit.io.locks import ImageLock, LockMode
-from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

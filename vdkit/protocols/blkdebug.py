@@ -56,7 +56,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from vdkit.io.status import BlockStatus
+    from vdkit.io import BlockStatus
 
 PREFIXES = ("blkdebug",)
 
@@ -212,7 +212,7 @@ class BlkdebugFile(ImageFile):
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         """The image file's status, naming the image (QEMU passes block status down to it)."""
-        from vdkit.io.status import BlockStatus
+        from vdkit.io import BlockStatus
 
         self.rules.check(_STATUS, offset, length)
         st = super().block_status(offset, length)

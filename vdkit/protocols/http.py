@@ -27,7 +27,7 @@ import errno as _errno
 import os
 
 from vdkit.errors import OpenError, VdkitError
-from vdkit.io.status import DATA, OFFSET_VALID, BlockStatus
+from vdkit.io import DATA, OFFSET_VALID, BlockStatus
 from vdkit.protocols import RemoteFile
 from vdkit.record import record
 

@@ -33,7 +33,7 @@ import os
 
 import vdkit.nbd.wire as w
 from vdkit.errors import OpenError, VdkitError
-from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
+from vdkit.io import DATA, OFFSET_VALID, ZERO, BlockStatus
 from vdkit.protocols import RemoteFile
 from vdkit.record import record
 

@@ -35,7 +35,7 @@ import errno as _errno
 import os
 
 from vdkit.errors import OpenError, VdkitError
-from vdkit.io.status import DATA, OFFSET_VALID, ZERO, BlockStatus
+from vdkit.io import DATA, OFFSET_VALID, ZERO, BlockStatus
 from vdkit.protocols import RemoteFile
 
 TYPE_CHECKING = False

@@ -554,7 +554,7 @@ class Qcow2IO:
 
     def _file_zero(self, host: int, n: int) -> tuple[int, bool]:
         """Is the data file a hole at ``host``?  Returns the (possibly shortened) length and the answer."""
-        from vdkit.io.status import ZERO
+        from vdkit.io import ZERO
 
         f = self.data_file
         total = (f.size() + 511) // 512 * 512
