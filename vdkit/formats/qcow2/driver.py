@@ -725,7 +725,7 @@ class Qcow2Driver(FormatDriver):
         from vdkit.formats.qcow2.target import Qcow2Target
 
         zero = zero_init(node, created=created, target_is_zero=target_is_zero, has_backing=has_backing)
-        return Qcow2Target(node, has_zero_init=zero, compressed=compressed)
+        return Qcow2Target(node, has_zero_init=zero, compressed=compressed, created=created)
 
     def open_children(self, ctx: OpenContext) -> None:
         """The external data file, if the image has one (through the caller's open policy)."""

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from vdkit.block.node import Node
     from vdkit.formats.qcow2.driver import Qcow2Driver
+    from vdkit.io.file import ImageFile
 
 
 class Qcow2Target(Target):
@@ -28,18 +29,45 @@ class Qcow2Target(Target):
 
     maps_sources = True
 
-    def __init__(self, node: Node, *, has_zero_init: bool, compressed: bool) -> None:
+    def __init__(self, node: Node, *, has_zero_init: bool, compressed: bool, created: bool = False) -> None:
         super().__init__(node, has_zero_init=has_zero_init)
         driver: Qcow2Driver = node.driver  # type: ignore[assignment]
         self.driver = driver
         self.io = driver.io
         self.cluster_size = driver.cluster_size or 65536
         self.compressed = compressed  # qemu-img aligns the file end after any -c conversion
+        self._ahead: ImageFile | None = None
         if not compressed and self.WRITERS:
             self.io.start_pipeline(self.WRITERS, self.IN_FLIGHT_BYTES)
+            if created:
+                self._allocate_ahead()
 
     WRITERS = 2  # data writes running at once (3 gained nothing on 2 cores, and lost under load)
     IN_FLIGHT_BYTES = 8 << 20
+    ALLOCATE_AHEAD = 64 << 20
+
+    def _allocate_ahead(self) -> None:
+        """On ext4, have the image file allocate its blocks ahead of the writes that grow it
+        (:meth:`ImageFile.allocate_ahead`).  A new image filled by the copy grows by whole clusters
+        written in file order (data, L2 tables, refcount blocks), so no gap is allocated that
+        qemu-img's file would leave a hole, and the blocks past the end are given back by
+        :meth:`finish` or :meth:`abort`."""
+        from vdkit.block.target import _EXT_MAGIC
+        from vdkit.io.file import ImageFile
+
+        f = self.driver.file
+        if self.driver.header.has_data_file or type(f) is not ImageFile or f.is_device:
+            return
+        if f.fs_magic() == _EXT_MAGIC:
+            # the file's last cluster may be written in part (a new image's L1 table): its tail stays a hole
+            cs = self.cluster_size
+            f.allocate_ahead(self.ALLOCATE_AHEAD, -(-f.size() // cs) * cs)
+            self._ahead = f
+
+    def _end_allocate_ahead(self) -> None:
+        if self._ahead is not None:
+            f, self._ahead = self._ahead, None
+            f.end_allocate_ahead()
 
     def _raise_failure(self) -> None:
         failure = self.io.write_failure()
@@ -71,6 +99,7 @@ class Qcow2Target(Target):
         self.wait()
         self.io.stop_pipeline()
         self.driver.flush()
+        self._end_allocate_ahead()
         if self.compressed:
             if self.driver.header.has_data_file:
                 # qemu-img's final "align the end" compressed write fails (ENOTSUP) without a message
@@ -82,5 +111,6 @@ class Qcow2Target(Target):
     def abort(self) -> None:
         try:
             self.io.stop_pipeline()  # (the writes in flight end first; the entries of failed ones are emptied)
+            self._end_allocate_ahead()
         finally:
             self.node.close()
