@@ -234,8 +234,7 @@ def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: b
     ``locked``: also require this process to hold it locked against resizing (for mappings,
     whose pages must not vanish).
     """
-    from vdkit.io.file import ImageFile
-    from vdkit.io.locks import Perm
+    from vdkit.io.file import ImageFile, Perm
 
     layer: Node | None = node
     level = 0

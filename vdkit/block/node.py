@@ -22,8 +22,7 @@ from vdkit.block.chain import (
 from vdkit.block.driver import OpenContext
 from vdkit.errors import OpenError, UnsupportedError, VdkitError
 from vdkit.formats import registry
-from vdkit.io.file import ImageFile
-from vdkit.io.locks import LockMode
+from vdkit.io.file import ImageFile, LockMode
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -327,7 +326,7 @@ def open_image(
     a raw image's lock then refuses nothing (formats with metadata still
     refuse).  ``resize``: the caller will resize the image (a raw image's lock
     takes the resize permission only then).  See
-    :meth:`vdkit.io.locks.LockMode.for_image`.  ``on_open`` is called with the
+    :meth:`vdkit.io.file.LockMode.for_image`.  ``on_open`` is called with the
     driver as soon as the image's format has opened: where QEMU prints what
     opening printed (the probed-raw warning), before a raw file is locked.
     ``own_backing`` (with ``backing=False``): the caller opens the backing

@@ -929,7 +929,7 @@ def _open_pidfile(path: str) -> int:
     """
     import fcntl
 
-    from vdkit.io.locks import _F_OFD_SETLK, _FLOCK
+    from vdkit.io.file import _F_OFD_SETLK, _FLOCK
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -223,7 +223,7 @@ def set_node_readonly(node: Node, ro: bool) -> None:
     QEMU makes the old active image read-only after an external snapshot,
     which drops its write permission, so other processes may read it.
     """
-    from vdkit.io.locks import LockMode
+    from vdkit.io.file import LockMode
 
     if node.readonly == ro:
         return
@@ -238,7 +238,7 @@ def set_node_readonly(node: Node, ro: bool) -> None:
         lock.acquire()
 
 
-# QEMU's permission bits (vdkit.io.locks.Perm) and the one only the graph knows: changing children
+# QEMU's permission bits (vdkit.io.file.Perm) and the one only the graph knows: changing children
 _CR, _W, _WU, _RS, _GRAPH_MOD = 0x1, 0x2, 0x4, 0x8, 0x10
 _ALL = 0x1F
 _PASSTHROUGH = _CR | _W | _WU | _RS
@@ -286,7 +286,7 @@ def child_perms(driver: str, ro: bool, role: str, perm: int, shared: int) -> tup
 
 
 def _perm_names(bits: int) -> str:
-    from vdkit.io.locks import PERM_NAMES
+    from vdkit.io.file import PERM_NAMES
 
     return ", ".join(n for p, n in PERM_NAMES.items() if bits & p)
 
@@ -316,7 +316,7 @@ def lock_file_node(machine: DeviceRegistry, child: GraphNode, pending: tuple[str
 
     On a refusal the bytes held before are taken again and the lock error raised.
     """
-    from vdkit.io.locks import LockMode
+    from vdkit.io.file import LockMode
 
     f = child.file
     lock = getattr(f, "lock", None) if isinstance(f, ImageFile) else None
@@ -379,7 +379,7 @@ def open_file_node(machine: DeviceRegistry, opts: dict[str, Any], *, name: str |
 
     filename = opts["filename"]
     force_share = bool(opts.get("force-share", False))
-    from vdkit.io.locks import LockMode
+    from vdkit.io.file import LockMode
 
     try:
         f = ImageFile(filename, readonly=ro, lock=False)

@@ -119,7 +119,7 @@ _loaded: dict[str, ModuleType] = {}
 
 # Formats whose file is the guest data as-is (QEMU's raw, whose file child is filter-like): the file's
 # lock takes the user's permissions unchanged.  Every other format keeps metadata in its file and refuses
-# others' writes and resizes while open (vdkit.io.locks.LockMode.for_image), writes it at open (so needs a
+# others' writes and resizes while open (vdkit.io.file.LockMode.for_image), writes it at open (so needs a
 # writable file) and makes a resize of its file a permission conflict (monitor.graph_cmds asks these).
 PASSES_PERMISSIONS = frozenset({"raw"})
 

@@ -14,7 +14,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from vdkit.errors import VdkitError
-from vdkit.io.locks import Perm
+from vdkit.io.file import Perm
 from vdkit.monitor.commands import Arg, opt
 from vdkit.record import record
 
@@ -299,8 +299,7 @@ def hold_lock(node: Node, *, perms: int = 0, unshared: int = 0) -> Callable[[], 
     intermediate nodes refuse others' consistent reads.  Returns what drops them again (nothing if the
     node was reopened or closed meanwhile: its file then holds its own bytes).  Graph nodes' files
     follow :func:`vdkit.devices.graph.lock_file_node` instead."""
-    from vdkit.io.file import ImageFile
-    from vdkit.io.locks import LockMode
+    from vdkit.io.file import ImageFile, LockMode
 
     f = node.driver.file
     lock = f.lock if type(f) is ImageFile else None

@@ -290,7 +290,7 @@ def _start_mirror(machine: DeviceRegistry, src: _MirrorSource, target: Node, arg
 
         job_driver.listed_target = Medium(target, [(names[0], names[1])], False, [(names[2], names[3])])
     from vdkit.block.jobs import JobFilter
-    from vdkit.io.locks import Perm
+    from vdkit.io.file import Perm
     from vdkit.monitor.job_cmds import hold_lock
 
     filter_name = args.get("filter-node-name")  # blockdev-mirror's: QEMU opens the named filter first
@@ -397,7 +397,7 @@ def _graph_target_use(machine: DeviceRegistry, g: GraphNode) -> Callable[[], Non
     """A mirror's BlockBackend on a graph target (writes, shares unchanged writes only): the file node's
     lock bytes follow (QEMU: the target's file refuses others' reads too); the returned function ends it."""
     from vdkit.devices.graph import lock_file_node
-    from vdkit.io.locks import Perm
+    from vdkit.io.file import Perm
 
     def relock() -> None:
         if g.child is not None and g.child.file is not None:

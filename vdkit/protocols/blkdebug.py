@@ -433,7 +433,7 @@ def open_blockdev(opts: dict[str, Any], *, readonly: bool, auto_read_only: bool)
             raise
         ro = True
         f = BlkdebugFile(image["filename"], rules, readonly=True)
-    from vdkit.io.locks import LockMode
+    from vdkit.io.file import LockMode
 
     if image.get("locking") != "off":
         f.take_lock(LockMode(0, 0))  # nobody uses a new node yet: no bytes until a parent needs some
