@@ -41,7 +41,7 @@ from itertools import compress
 from vdkit.block.driver import CheckResult
 from vdkit.errors import VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap
+from vdkit.formats.qcow2.overlap import NAMES, NONE, Metadata, MetadataMap, first_overlap, overlap_text
 from vdkit.formats.qcow2.snapshot import SnapshotEntry, TableRepairs, parse_snapshot_table
 from vdkit.io import tables
 from vdkit.record import cached_property, replace
@@ -392,7 +392,7 @@ class _Checker:
         name = self.overlap(offset, size, ignore)
         if name is None:
             return False
-        self.signal_corruption(f"Preventing invalid write on metadata (overlaps with {name})")
+        self.signal_corruption(overlap_text(name))
         return True
 
     def disk_refcounts(self, start: int, end: int) -> tuple[Tab, Tab]:

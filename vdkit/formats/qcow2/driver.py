@@ -371,8 +371,14 @@ class Qcow2Driver(FormatDriver):
             return
         name = self.metadata_overlap(host, host + size, ignore)
         if name is not None:
-            raise self.signal_corruption(
-                f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
+            raise self.overlap_event(name, host, size)
+
+    def overlap_event(self, name: str, host: int, size: int) -> CorruptionEvent:
+        """The corruption event of a write of ``[host, host+size)`` refused because it meets the metadata
+        structure ``name`` (both overlap tests, the engine's and the map built here, raise it)."""
+        from vdkit.formats.qcow2.overlap import overlap_text
+
+        return self.signal_corruption(overlap_text(name), offset=host, size=size)
 
     def metadata_overlap(self, lo: int, hi: int, ignore: Metadata | None = None) -> str | None:
         """The name of the first metadata structure (but ``ignore``) with a cluster in ``[lo, hi)``, or None."""

@@ -1339,9 +1339,7 @@ class Qcow2IO:
             if len(self._no_overlap) < 65536:
                 self._no_overlap.add(key)
             return
-        name = NAMES[hit]
-        raise drv.signal_corruption(
-            f"Preventing invalid write on metadata (overlaps with {name})", offset=host, size=size)
+        raise drv.overlap_event(NAMES[hit], host, size)
 
     def metadata_map(self) -> MetadataMap:
         """The metadata in memory, as the overlap test sees it (QEMU's runtime state)."""

@@ -99,6 +99,12 @@ NAMES: dict[Metadata, str] = {
 }
 
 
+def overlap_text(name: str) -> str:
+    """QEMU's corruption event for a write refused because it would meet the metadata structure ``name``
+    (the one text of the I/O engine, the driver's metadata writers, refcount transactions and check)."""
+    return f"Preventing invalid write on metadata (overlaps with {name})"
+
+
 @record(frozen=True, slots=True)
 class MetadataMap:
     """The metadata a writer holds in memory, as the overlap test sees it.

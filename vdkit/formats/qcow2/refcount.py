@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from vdkit.errors import EFBIG, EINVAL, CorruptImageError, VdkitError, hexalt
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.overlap import Metadata
+from vdkit.formats.qcow2.overlap import Metadata, overlap_text
 from vdkit.io import tables
 
 TYPE_CHECKING = False  # typing and collections are not imported at run time (start-up cost)
@@ -959,8 +959,7 @@ class Transaction:
                     name = name_of(first * cs, (last + 1) * cs)
                     if name is not None:
                         raise self.rc.on_corruption(  # type: ignore[call-arg]
-                            f"Preventing invalid write on metadata (overlaps with {name})",
-                            offset=off, size=len(data))
+                            overlap_text(name), offset=off, size=len(data))
             raise CorruptImageError(
                 f"Preventing invalid write on metadata (cluster {hit[0]} is in use but has refcount 0)",
                 errno=5,
