@@ -8,6 +8,8 @@ qemu-img and qemu-io fail.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,12 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import held_by_qemu_io, require_tool
 from tests.data import generate as g
 from tests.data.compare import run_qemu, run_vdkit, same
 from vdkit.block.node import open_image
 from vdkit.errors import LockError
+from vdkit.io.file import flock_bytes, flock_type
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +212,16 @@ def _ofd_locked(inode: str, byte: int) -> bool:
                 if int(start) <= byte <= (int(end) if end != "EOF" else byte):
                     return True
     return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(ltype=st.sampled_from([fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK]), start=st.integers(0, 2**63 - 1),
+       length=st.integers(0, 2**63 - 1), pid=st.integers(-(2**31), 2**31 - 1))
+def test_flock_bytes_are_the_c_struct(ltype: int, start: int, length: int, pid: int) -> None:
+    """The lock requests built by hand (no ``struct`` import at start-up) are the bytes of C's ``struct
+    flock`` as ``struct`` lays it out natively, and ``l_type`` reads back from any returned one."""
+    import struct
+
+    layout = struct.Struct("@hhqqi4x")
+    assert flock_bytes(ltype, start, length) == layout.pack(ltype, os.SEEK_SET, start, length, 0)
+    assert flock_type(layout.pack(ltype, os.SEEK_CUR, start, length, pid)) == ltype

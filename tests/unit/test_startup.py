@@ -76,6 +76,22 @@ def test_info_imports_only_what_it_needs(images: Path, bare: set[str], fmt: str,
     assert len(ours) <= INFO_BUDGET, f"{len(ours)} vdkit modules: {ours}"
 
 
+@pytest.mark.parametrize(("fmt", "opts"), [("qcow2", []), ("qcow2", ["-o", "compat=0.10"]), ("raw", [])])
+def test_info_without_struct(tmp_path: Path, bare: set[str], fmt: str, opts: list[str]) -> None:
+    """``info`` of a plain qcow2 image (v3 with its feature table, or v2) or a raw one decodes its
+    header and packs its lock requests without ``struct`` (the module and its C module cost a few
+    hundredths of a bare start), and prints what qemu-img prints."""
+    check_ok("create", "-q", "-f", fmt, *opts, str(tmp_path / "img"), "64M")
+    for command in (["info"], ["info", "--output=json"]):
+        stdlib, _ = _extra([*command, "img"], tmp_path, bare)
+        assert not {"struct", "_struct"} & stdlib, sorted(stdlib)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        ours = subprocess.run([sys.executable, str(SCRIPT), *command, "img"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        theirs = subprocess.run(["qemu-img", *command, "img"], cwd=tmp_path, capture_output=True, text=True)
+        assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+
+
 def test_installed_entry_points_are_the_scripts() -> None:
     """pip installs scripts/ as they are; [project.scripts] would bring back its wrapper's ``import re``."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -929,7 +929,7 @@ def _open_pidfile(path: str) -> int:
     """
     import fcntl
 
-    from vdkit.io.file import _F_OFD_SETLK, _FLOCK
+    from vdkit.io.file import _F_OFD_SETLK, flock_bytes
 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -937,7 +937,7 @@ def _open_pidfile(path: str) -> int:
         raise PidfileError(f"cannot create PID file: Could not create '{path}': {os.strerror(exc.errno or 0)}") \
             from None
     try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        fcntl.fcntl(fd, _F_OFD_SETLK, flock_bytes(fcntl.F_WRLCK, 0, 0))
     except OSError as exc:
         os.close(fd)
         raise PidfileError(f"cannot create PID file: Cannot lock pid file: {os.strerror(exc.errno or 0)}") \

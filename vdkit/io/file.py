@@ -29,7 +29,7 @@ import errno
 import fcntl
 import os
 import stat
-import struct
+import sys
 
 from vdkit.errors import LockError, OpenError, os_error_message
 from vdkit.io import DATA, OFFSET_VALID, ZERO, BlockStatus
@@ -68,10 +68,23 @@ PERM_NAMES = {
 }
 ALL_PERMS = list(PERM_NAMES)
 
-# struct flock on Linux/x86_64 and aarch64: short, short, off_t, off_t, pid_t (+pad)
-_FLOCK = struct.Struct("@hhqqi4x")
 _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+
+
+def flock_bytes(ltype: int, start: int, length: int) -> bytes:
+    """A ``struct flock`` for ``fcntl`` (Linux on x86_64 and aarch64: short l_type, short l_whence,
+    4 bytes of padding, off_t l_start, off_t l_len, pid_t l_pid, 4 bytes of padding; native byte order),
+    whence ``SEEK_SET`` and pid 0 as OFD locks require.  Built by hand: the ``struct`` module and its C
+    module are a few hundredths of a bare interpreter start, and every open takes locks."""
+    order = sys.byteorder
+    return (ltype.to_bytes(2, order, signed=True) + os.SEEK_SET.to_bytes(2, order) + bytes(4)
+            + start.to_bytes(8, order, signed=True) + length.to_bytes(8, order, signed=True) + bytes(8))
+
+
+def flock_type(raw: bytes) -> int:
+    """``l_type`` of a ``struct flock`` that ``F_OFD_GETLK`` returned."""
+    return int.from_bytes(raw[:2], sys.byteorder, signed=True)
 
 
 @record(frozen=True)
@@ -122,12 +135,12 @@ class ImageLock:
         self.mode = mode
 
     def _setlk(self, ltype: int, byte: int) -> None:
-        fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(ltype, os.SEEK_SET, byte, 1, 0))
+        fcntl.fcntl(self.fd, _F_OFD_SETLK, flock_bytes(ltype, byte, 1))
 
     def _conflicts(self, byte: int) -> bool:
         """True if another file description holds a lock on ``byte``."""
-        res = fcntl.fcntl(self.fd, _F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-        return bool(_FLOCK.unpack(res)[0] != fcntl.F_UNLCK)
+        res = fcntl.fcntl(self.fd, _F_OFD_GETLK, flock_bytes(fcntl.F_WRLCK, byte, 1))
+        return flock_type(res) != fcntl.F_UNLCK
 
     def _hint(self) -> str:
         return f"Is another process using the image [{self.filename}]?"
@@ -158,7 +171,7 @@ class ImageLock:
 
     def release(self) -> None:
         try:
-            fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+            fcntl.fcntl(self.fd, _F_OFD_SETLK, flock_bytes(fcntl.F_UNLCK, 0, 0))
         except OSError:
             pass
 

@@ -8,8 +8,6 @@ limits before anything is allocated for it.
 
 from __future__ import annotations
 
-import struct
-
 from vdkit.errors import CorruptImageError, OpenError, UnsupportedError, VdkitError
 from vdkit.formats.qcow2 import layout as L
 from vdkit.record import field, record, replace
@@ -135,6 +133,11 @@ def _unsupported_features(mask: int, table: tuple[FeatureName, ...]) -> str:
     return ", ".join(names)
 
 
+def _be(buf: bytes, start: int, end: int) -> int:
+    """The big-endian unsigned number in ``buf[start:end]``."""
+    return int.from_bytes(buf[start:end], "big")
+
+
 def _validate_table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str, cluster_size: int) -> None:
     if entries > max_bytes // entry_len:
         raise OpenError(f"{name} too large")
@@ -150,31 +153,28 @@ def parse_header(cluster0: bytes, *, readonly: bool = True, check_mode: bool = F
     """
     if len(cluster0) < L.V2_HEADER_SIZE or cluster0[:4] != L.MAGIC:
         raise OpenError("Image is not in qcow2 format")
-    (
-        _magic,
-        version,
-        backing_file_offset,
-        backing_file_size,
-        cluster_bits,
-        size,
-        crypt_method,
-        l1_size,
-        l1_table_offset,
-        refcount_table_offset,
-        refcount_table_clusters,
-        nb_snapshots,
-        snapshots_offset,
-    ) = L.HEADER_V2.unpack_from(cluster0)
+    # Big-endian fields of the v2 part (L.HEADER_V2), decoded without struct (start-up cost).
+    version = _be(cluster0, 4, 8)
+    backing_file_offset = _be(cluster0, 8, 16)
+    backing_file_size = _be(cluster0, 16, 20)
+    cluster_bits = _be(cluster0, 20, 24)
+    size = _be(cluster0, 24, 32)
+    crypt_method = _be(cluster0, 32, 36)
+    l1_size = _be(cluster0, 36, 40)
+    l1_table_offset = _be(cluster0, 40, 48)
+    refcount_table_offset = _be(cluster0, 48, 56)
+    refcount_table_clusters = _be(cluster0, 56, 60)
+    nb_snapshots = _be(cluster0, 60, 64)
+    snapshots_offset = _be(cluster0, 64, 72)
     if version not in (2, 3):
         raise UnsupportedError(f"Unsupported qcow2 version {version}")
     if not L.MIN_CLUSTER_BITS <= cluster_bits <= L.MAX_CLUSTER_BITS:
         raise UnsupportedError(f"Unsupported cluster size: 2^{cluster_bits}")
     cluster_size = 1 << cluster_bits
     hdr: dict[str, object] = {}
-    if version == 3:
-        incompat, compat, autoclear, refcount_order, header_length = L.HEADER_V3_EXTRA.unpack_from(
-            cluster0, L.V2_HEADER_SIZE
-        )
+    if version == 3:  # L.HEADER_V3_EXTRA (cluster 0 holds at least 512 bytes)
+        incompat, compat, autoclear = _be(cluster0, 72, 80), _be(cluster0, 80, 88), _be(cluster0, 88, 96)
+        refcount_order, header_length = _be(cluster0, 96, 100), _be(cluster0, 100, 104)
         if header_length < L.V3_MIN_HEADER_SIZE:
             raise OpenError("qcow2 header too short")
         if header_length > cluster_size:
@@ -299,10 +299,10 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
     end = min(end, len(buf))
     while off < end:
         # Any bytes left start another extension; a header that does not fit is "too large".
-        if off + L.EXT_HEADER.size > end:
+        if off + L.EXT_HEADER_SIZE > end:
             raise OpenError("Header extension too large")
-        ext_type, ext_len = L.EXT_HEADER.unpack_from(buf, off)
-        off += L.EXT_HEADER.size
+        ext_type, ext_len = _be(buf, off, off + 4), _be(buf, off + 4, off + 8)  # L.EXT_HEADER
+        off += L.EXT_HEADER_SIZE
         if ext_len > end - off:
             raise OpenError("Header extension too large")
         data = bytes(buf[off : off + ext_len])
@@ -315,13 +315,13 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
             fmt_name = data.split(b"\0", 1)[0]
             out["backing_format"] = fmt_name.decode("utf-8", "replace") if fmt_name else None
         elif ext_type == L.EXT_FEATURE_TABLE:
-            for i in range(ext_len // L.FEATURE_ENTRY.size):
-                ftype, bit, name = L.FEATURE_ENTRY.unpack_from(data, i * L.FEATURE_ENTRY.size)
-                features.append(FeatureName(ftype, bit, name.split(b"\0", 1)[0].decode("utf-8", "replace")))
+            for at in range(0, ext_len // L.FEATURE_ENTRY_SIZE * L.FEATURE_ENTRY_SIZE, L.FEATURE_ENTRY_SIZE):
+                name = data[at + 2 : at + L.FEATURE_ENTRY_SIZE]  # L.FEATURE_ENTRY: type, bit, 46-byte name
+                features.append(FeatureName(data[at], data[at + 1], name.split(b"\0", 1)[0].decode("utf-8", "replace")))
         elif ext_type == L.EXT_BITMAPS:
-            if ext_len != L.BITMAPS_EXT.size:
+            if ext_len != L.BITMAPS_EXT_SIZE:
                 raise OpenError("bitmaps_ext: Invalid extension length")
-            nb, reserved, dsize, doff = L.BITMAPS_EXT.unpack(data)
+            nb, reserved, dsize, doff = _be(data, 0, 4), _be(data, 4, 8), _be(data, 8, 16), _be(data, 16, 24)
             if not bitmaps_trusted:
                 out["bitmaps_inconsistent"] = True
                 out["bitmaps"] = BitmapsExtension(nb, dsize, doff)
@@ -345,9 +345,9 @@ def parse_extensions(buf: bytes, start: int, end: int, cluster_size: int, *,
         elif ext_type == L.EXT_CRYPTO_HEADER:
             if crypt_method != L.CRYPT_LUKS:
                 raise OpenError("CRYPTO header extension only expected with LUKS encryption method")
-            if ext_len != L.CRYPTO_EXT.size:
-                raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT.size}")
-            out["crypto"] = CryptoExtension(*L.CRYPTO_EXT.unpack(data))
+            if ext_len != L.CRYPTO_EXT_SIZE:
+                raise OpenError(f"CRYPTO header extension size {ext_len}, but expected size {L.CRYPTO_EXT_SIZE}")
+            out["crypto"] = CryptoExtension(_be(data, 0, 8), _be(data, 8, 16))
         elif ext_type == L.EXT_DATA_FILE:
             out["data_file"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")  # a C string
         else:
@@ -375,6 +375,7 @@ def serialize_header(h: Qcow2Header) -> bytes:
     Returns the bytes of cluster 0 up to the end of the backing file name; the
     backing file offset and size fields are computed here.
     """
+    import struct
     if h.version == 2:
         header_length = L.V2_HEADER_SIZE
     else:

@@ -2,29 +2,60 @@
 
 No I/O and no ``enum`` here (its import costs half an interpreter start, and
 every ``info`` of a qcow2 image reads this module): the small code sets are
-int constants in plain classes.  Field names follow the qcow2 specification
-(docs/interop/qcow2.txt in QEMU); limits are those QEMU 7.2 enforces, so an
-image QEMU refuses is refused here with the same words.
+int constants in plain classes, and the ``struct.Struct`` layouts are made on
+first use (``__getattr__``): ``info`` decodes cluster 0 with ``int.from_bytes``
+(:func:`.header.parse_header`) and never imports ``struct`` and its C module.
+Field names follow the qcow2 specification (docs/interop/qcow2.txt in QEMU);
+limits are those QEMU 7.2 enforces, so an image QEMU refuses is refused here
+with the same words.
 """
 
 from __future__ import annotations
 
-import struct
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import struct
+
+    from vdkit.formats.qcow2.cluster_type import ClusterType as ClusterType
 
 # (The generic snapshot descriptor's limits and "no icount" marker are vdkit.block.snapshot's: that
 # module loads only for an image with snapshots.)
 
 MAGIC = b"QFI\xfb"
 
-# Header: the 72-byte v2 part, the 32 mandatory v3 bytes, and the optional
-# compression-type byte plus padding that QEMU 7.2 always writes.
-HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
-HEADER_V3_EXTRA = struct.Struct(">QQQII")
+# The binary layouts, as ``struct`` formats; the module attribute of each name is its ``struct.Struct``,
+# made on first use (``__getattr__`` below).
+_STRUCTS = {
+    # Header: the 72-byte v2 part, the 32 mandatory v3 bytes (the optional compression-type byte plus
+    # the padding that QEMU 7.2 always writes follow)
+    "HEADER_V2": ">4sIQIIQIIQQIIQ",
+    "HEADER_V3_EXTRA": ">QQQII",
+    "EXT_HEADER": ">II",  # header extension: type, length
+    "FEATURE_ENTRY": ">BB46s",
+    "BITMAPS_EXT": ">IIQQ",
+    "CRYPTO_EXT": ">QQ",
+    "BITMAP_DIR_ENTRY": ">QIIBBHI",
+    # snapshot table entry: fixed part (40 bytes) and known extra data (24 bytes)
+    "SNAPSHOT_HEADER": ">QIHHIIQII",
+    "SNAPSHOT_EXTRA": ">QQQ",
+}
+if TYPE_CHECKING:
+    HEADER_V2: struct.Struct
+    HEADER_V3_EXTRA: struct.Struct
+    EXT_HEADER: struct.Struct
+    FEATURE_ENTRY: struct.Struct
+    BITMAPS_EXT: struct.Struct
+    CRYPTO_EXT: struct.Struct
+    BITMAP_DIR_ENTRY: struct.Struct
+    SNAPSHOT_HEADER: struct.Struct
+    SNAPSHOT_EXTRA: struct.Struct
 V2_HEADER_SIZE = 72
 V3_MIN_HEADER_SIZE = 104
 V3_HEADER_SIZE = 112  # what QEMU 7.2 writes: 104 + compression type + padding
-
-EXT_HEADER = struct.Struct(">II")
+EXT_HEADER_SIZE = 8
+FEATURE_ENTRY_SIZE = 48
+BITMAPS_EXT_SIZE = 24
+CRYPTO_EXT_SIZE = 16
 
 # Header extension types
 EXT_END = 0x00000000
@@ -33,11 +64,6 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO_HEADER = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
-
-FEATURE_ENTRY = struct.Struct(">BB46s")
-BITMAPS_EXT = struct.Struct(">IIQQ")
-CRYPTO_EXT = struct.Struct(">QQ")
-BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 
 
 class FeatureType:
@@ -111,19 +137,18 @@ MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 MAX_HOST_OFFSET = (1 << 56) - 1
 
-# Snapshot table entry: fixed part (40 bytes) and known extra data (24 bytes).
-SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
-SNAPSHOT_EXTRA = struct.Struct(">QQQ")
-SNAPSHOT_EXTRA_SIZE = SNAPSHOT_EXTRA.size
-
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from vdkit.formats.qcow2.cluster_type import ClusterType as ClusterType
+SNAPSHOT_EXTRA_SIZE = 24  # SNAPSHOT_EXTRA's
 
 
 def __getattr__(name: str) -> object:
-    """``ClusterType`` is imported on first use, never by ``info``."""
+    """The ``struct.Struct`` layouts and ``ClusterType``, made or imported on first use (``info`` of an
+    image without snapshots or bitmaps needs none of them)."""
+    fmt = _STRUCTS.get(name)
+    if fmt is not None:
+        import struct
+
+        layout = globals()[name] = struct.Struct(fmt)  # later reads find the module attribute
+        return layout
     if name == "ClusterType":
         from vdkit.formats.qcow2.cluster_type import ClusterType
 
