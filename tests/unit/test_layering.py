@@ -27,7 +27,8 @@ PKG = Path(__file__).resolve().parents[2] / "vdkit"
 # ``block.secrets`` (the --object secret store the luks format and the rbd protocol look keys up in, as
 # QEMU's secret objects sit below its block layer) needs only errors: it sits with ``opts``.
 # ``info.render_json`` (QEMU's JSON writer: QDict key order, escaping) needs only ``record``: it sits
-# with the QAPI shapes, so protocols can name nodes ``json:{...}``.
+# with the QAPI shapes, so protocols can name nodes ``json:{...}``; so does the ``info`` package itself
+# (its ``__init__``: the records' QObject form both renderers build on).
 # ``block.chain`` (backing-name resolution, the open policy, the chain walker) needs nothing above it and
 # is used by formats that name files (VMDK extents).  ``block.target`` (the copy engine's targets) needs
 # only the driver table: formats subclass its Target in their ``copy_target`` slot.  ``protocols`` are
@@ -38,7 +39,7 @@ LAYERS = ["errors", "record", "qjson", "opts", "info.model", "io", "protocols", 
           "info", "devices", "cli", "nbd", "monitor", "daemon"]
 _LOW_MODULES = {("block", "driver"): "block.driver", ("block", "snapshot"): "block.driver",
                 ("block", "chain"): "block.driver", ("block", "target"): "block.driver", ("block", "secrets"): "opts",
-                ("info", "render_json"): "info.model",
+                ("info", "render_json"): "info.model", ("info", ""): "info.model", ("info", "__init__"): "info.model",
                 ("block", "dirty_bitmap"): "block.driver",
                 ("info", "model"): "info.model", ("info", "monitor_model"): "info.model",
                 ("info", "extra_model"): "info.model", ("nbd", "wire"): "io"}

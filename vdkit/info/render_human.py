@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from vdkit.info.render_json import qdict_order, to_qobject
+from vdkit.info import qdict_order, to_qobject
 from vdkit.record import replace
 
 TYPE_CHECKING = False
