@@ -233,6 +233,8 @@ class L2Cache:
         self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # least recently used first
         self._dirty: set[int] = set()
         self._capacity = max(8, cache_bytes // geom.cluster_size)
+        if self.T is tables.SMALL:  # a full table of Python ints is ~5x numpy's bytes: hold fewer
+            self._capacity = min(self._capacity, max(8, tables.NUMPY_MIN_BYTES // geom.cluster_size))
         self.depends_on: Callable[[], None] | None = None
         self.before_write: Callable[[], None] | None = None
 

@@ -410,12 +410,31 @@ class Qcow2Driver(FormatDriver):
         from vdkit.io import tables
 
         h = self.header
-        # the L1 and as many L2 tables as it can name, up to the L2 cache's 16 MiB
-        held = h.l1_size * 8 + min(h.l1_size * h.cluster_size, 16 << 20)
+        # the L1 and the L2 tables it names, up to the L2 cache's 16 MiB: a new image's, however big
+        # its disk, names none (``convert`` of a 2 TB sparse disk imported numpy only to hold them,
+        # ten times qemu-img's whole run); the list L2 cache holds no more than numpy's threshold
+        # (see L2Cache._capacity), so an image that fills many tables stays within that memory
+        held = h.l1_size * 8
+        if held < tables.NUMPY_MIN_BYTES:
+            held += min(self._l1_tables(tables.NUMPY_MIN_BYTES // h.cluster_size + 1) * h.cluster_size, 16 << 20)
         T = tables.backend_for(held)
         if T is tables.SMALL and tables.FORCE is None and "numpy" in sys.modules:
             T = tables.NUMPY
         return T
+
+    def _l1_tables(self, limit: int) -> int:
+        """How many L2 tables the active L1 names (counting stops at ``limit``)."""
+        h = self.header
+        raw = self.file.pread(h.l1_table_offset, h.l1_size * 8)
+        if raw.count(0) == len(raw):  # (a new image: one pass in C)
+            return 0
+        count = 0
+        for entry in memoryview(raw[: len(raw) // 8 * 8]).cast("Q"):
+            if entry:
+                count += 1
+                if count >= limit:
+                    break
+        return count
 
     def _l1_switched(self, offset: int, size: int) -> None:
         self.header = self.header.evolve(l1_table_offset=offset, l1_size=size)
