@@ -25,6 +25,23 @@ alternate (bench/harness.py).  After every sample the image the job wrote is
 compared with the pristine data image (``qemu-img compare``) before any figure
 is printed.
 
+**Page state.**  On this kind of VM (virtio-balloon free page reporting) the
+host takes back guest memory that has stayed free for about two seconds, and the
+first touch of such a page costs a host fault (6-8 us per 4 KiB page, counted as
+system time of the thread that touches it: ``copy_folio_from_iter_atomic`` in
+the job's writes).  A job writes 3/4 GiB into new page-cache pages, so its CPU
+doubles when they come from reported memory (seen for both daemons).  Each
+sample therefore copies its chain into a new folder and deletes the previous
+sample's images only after the ``sync``, just before its daemon starts: both
+daemons' jobs then begin writing within their start-up and warm-up (well under
+the two seconds on a quiet machine) of that free, onto pages still backed.
+(Before, ``fresh_chain`` overwrote the previous images before the sync: whether a
+job still found the freed pages backed then depended on the sync's duration plus
+the daemon's start-up and warm-up, 0.35-0.66 s for vdkit against 0.10-0.18 s for
+QEMU, the likely cause of the commit's CPU being bimodal from run to run, 0.26-0.37
+s or 0.60-0.78 s.)  On a loaded machine other processes' frees start reporting
+passes at any moment, and both daemons' figures still swing.
+
 **query-block latency.**  One more run of each job per daemon and round sends
 ``query-block`` every 20 ms (client round trip, ``perf_counter``) while the
 daemon is idle (before the job) and while the job runs; the medians and the
@@ -159,6 +176,13 @@ def fresh_chain(pristine: Path, folder: Path) -> None:
     (folder / "dst.qcow2").unlink(missing_ok=True)
 
 
+def sample_folder(folder: Path) -> tuple[Path, list[Path]]:
+    """A new folder for a sample's chain in ``folder`` and the previous samples' folders (to delete after
+    the sync: see the module doc's "Page state")."""
+    old = [p for p in folder.iterdir() if p.is_dir()]
+    return folder / ("b" if (folder / "a").exists() else "a"), old
+
+
 def run_job(q: Qmp, job: Job, folder: Path, device: str, job_id: str,
             probe: list[float] | None = None) -> tuple[float | None, float]:
     """Run ``job`` on ``device``; (ready timestamp or None, completed timestamp).  With ``probe``: a
@@ -188,9 +212,12 @@ def job_once(cmd: list[str], folder: Path, pristine: Path, warm: Path, job: Job,
     """One job on a fresh daemon: (time to READY or COMPLETED, time to COMPLETED), from the job's events.
 
     ``latency``: (idle, busy) lists that get query-block round trips before and during the job."""
+    folder, old = sample_folder(folder)
     fresh_chain(pristine, folder)
     fresh_chain(warm, folder / "w")
     subprocess.run(["sync"], check=True)
+    for p in old:
+        shutil.rmtree(p)
     sock = folder / "qmp.sock"
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen([*cmd, "-drive", f"file={folder / job.drive},if=none,id=disk0",
