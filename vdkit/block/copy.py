@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from vdkit.block.target import WriteFailed
 from vdkit.errors import VdkitError
+from vdkit.io.file import find_aligned
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -336,20 +337,14 @@ class ZeroMap:
         per = SECTOR // 8
         if not words[0]:
             return False
-        heads = words[first * per :: step * per].tobytes()
-        p = heads.find(_Z8)
-        while p >= 0:
-            if not p % 8:
-                return False
-            p = heads.find(_Z8, p + 8 - p % 8)  # zero bytes across two words: not a zero word
-        return True
+        return find_aligned(words[first * per :: step * per].tobytes(), _Z8) < 0
 
     def sectors(self, buf: bytearray | memoryview, n: int) -> bytes:
         """One byte per sector of ``buf[:n*512]``: 1 where the sector is all zeros."""
         end = n * SECTOR
         mv = memoryview(buf)[:end]
         heads = mv.cast("Q")[:: SECTOR // 8].tobytes()  # word 0 of every sector
-        p = heads.find(_Z8)
+        p = find_aligned(heads, _Z8)
         if p < 0:
             return bytes(n)
         zeros = self.zeros
@@ -359,8 +354,8 @@ class ZeroMap:
         hv = memoryview(heads)
         stretches = 0
         while p >= 0:
-            if p % 8:  # a zero word across two sectors' heads: realign (earlier aligned ones were seen)
-                p = heads.find(_Z8, p + 8 - p % 8)
+            if p % 8:  # a zero word across two sectors' heads (the call only then: one per stretch costs)
+                p = find_aligned(heads, _Z8, p)
                 continue
             stretches += 1
             if stretches > _MAX_STRETCHES:

@@ -202,6 +202,20 @@ def zero_fill(view: memoryview) -> None:
         view[at : at + n] = _ZEROS[:n]
 
 
+def find_aligned(data: bytes, pattern: bytes, start: int = 0, align: int = 8) -> int:
+    """The first offset at or after ``start`` that is a multiple of ``align`` and where ``data`` holds
+    ``pattern``, or -1.
+
+    ``bytes.find`` runs at ``memchr`` speed but matches anywhere, while a zero word counts only on its
+    boundary (a zero sector's first word among the heads of convert's zero scan, an unused entry of an
+    L2 table read from an image): a match across two words restarts the search at the next boundary.
+    """
+    p = data.find(pattern, start)
+    while p > 0 and p % align:
+        p = data.find(pattern, p + align - p % align)
+    return p
+
+
 def seek_extent(fd: int, offset: int) -> tuple[bool, int]:
     """``(data, end)``: whether ``offset`` of the file ``fd`` lies in data or in a hole (``SEEK_DATA``,
     then ``SEEK_HOLE``), and where that extent ends: at the next hole for data (the end of the file is
@@ -454,22 +468,26 @@ class ImageFile:
         return fallocate is not None and fallocate(self.fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
     def allocate_ahead(self, chunk: int, start: int) -> None:
-        """From now on allocate the file's blocks from ``start`` on ahead of the writes that reach
-        past it, ``chunk`` bytes at a time (a quarter of its growth so far once that is more, up to
-        1 GiB), in file order (``fallocate`` keeping the size), until :meth:`end_allocate_ahead`.
+        """From now on allocate the file's blocks from ``start + chunk`` on ahead of the writes that
+        reach past that, ``chunk`` bytes at a time (a quarter of its growth so far once that is more,
+        up to 1 GiB), in file order (``fallocate`` keeping the size), until :meth:`end_allocate_ahead`.
 
         Why: a file written in order at its end (a new qcow2 image filled by ``convert``) on ext4
         otherwise pays the delayed-allocation bookkeeping of every block it writes (about a third of
         the writers' system time), and fallocating each write on its own fragments the file.  Only
         for files that grow by writes that cover every byte they pass (a gap would be allocated
         rather than left a hole: ``start`` is past the unwritten tail of the last block written so
-        far); :meth:`end_allocate_ahead` gives back what lies past the end.
+        far); :meth:`end_allocate_ahead` gives back what lies past the end.  The first ``chunk``
+        past ``start`` is written as usual: a small copy neither allocates ahead nor pays the
+        truncation that gives the rest back (3-4 ms on ext4).
         """
         import threading
 
         self._ahead_lock = threading.Lock()  # (the qcow2 engine's writer threads write at once)
         self._ahead_chunk = chunk
-        self._ahead_end = self._ahead_start = max(start, self.size())
+        self._ahead_start = max(start, self.size())
+        self._ahead_end = self._ahead_start + chunk
+        self._ahead_done = False
 
     def _allocate_to(self, end: int) -> None:
         with self._ahead_lock:
@@ -481,6 +499,7 @@ class ImageFile:
             new_end = end + chunk - end % chunk
             if self.allocate(start, new_end - start):
                 self._ahead_end = new_end
+                self._ahead_done = True
             else:  # refused (no space, no extents): plain writes, which say what they must
                 self._ahead_end = MAX_OFFSET + 1
 
@@ -492,7 +511,7 @@ class ImageFile:
         with self._ahead_lock:
             self._ahead_end = MAX_OFFSET + 1
             del self._ahead_chunk
-        if self.fd >= 0:
+        if self._ahead_done and self.fd >= 0:
             os.ftruncate(self.fd, self.size())
 
     def fs_magic(self) -> int | None:

@@ -13,6 +13,7 @@ have (built from repeated bytes, :func:`_expected`), its length found by gallopi
 from __future__ import annotations
 
 from vdkit.formats.qcow2 import layout as L
+from vdkit.io.file import find_aligned
 
 _FLAGS_OK = b"\x00\x80"  # an entry's first byte here: no flag but COPIED (not compressed, no reserved bits)
 _ZERO_ENTRY = bytes(8)
@@ -74,16 +75,8 @@ def used_stretches(words: bytes) -> list[tuple[int, int]]:
         first = _next_used(words, i, n)
         if first >= n:
             break
-        p = 8 * first
-        while True:  # the next zero entry: 8 zero bytes at an entry boundary
-            q = words.find(_ZERO_ENTRY, p)
-            if q < 0:
-                end = n
-                break
-            if not q % 8:
-                end = q // 8
-                break
-            p = q + 1
+        q = find_aligned(words, _ZERO_ENTRY, 8 * first)  # the next zero entry
+        end = n if q < 0 else q // 8
         out.append((first, end))
         i = end
     return out
