@@ -75,16 +75,21 @@ class Sample:
 
 def run(cmd: Sequence[str], *, cwd: Path | None = None, out: Path | None = None, sync: bool = False,
         env: dict[str, str] | None = None) -> Sample:
-    """One whole process: ``out`` deleted and ``sync`` first when asked; its wall time, CPU and max RSS.
+    """One whole process: ``sync`` then ``out`` deleted first when asked; its wall time, CPU and max RSS.
 
     The command runs under ``/usr/bin/time``: a child's rusage counts the memory of the process it
     was forked from (the pages a fork copies and ``exec`` drops), so a large benchmark script would
     inflate every figure; ``time`` is a small parent and reports its child's own peak.
     """
-    if out is not None:
-        out.unlink(missing_ok=True)
     if sync or out is not None:
         os.sync()
+    if out is not None:
+        # deleted after the sync, just before the run: the page-cache pages it frees are the ones the
+        # run's writes take, as on any machine.  This VM's balloon reports freed memory to the host
+        # about 2 s after it is freed and a touch then costs a host fault (512 MiB into a new file:
+        # 0.12 s of system time right after a delete, 0.6-1.2 s after 2-5 s); deleted before a sync
+        # of a few seconds, a sample's speed depended on how long that sync took (see bench/jobs.py)
+        out.unlink(missing_ok=True)
     rss_file = Path(tempfile.gettempdir()) / f"vdkit-bench-rss.{os.getpid()}"
     t0 = time.perf_counter()
     proc = subprocess.Popen([TIME, "-q", "-f", "%M", "-o", str(rss_file), *cmd], cwd=cwd, env=env,
