@@ -22,7 +22,7 @@ from tests.data.compare import run_qemu
 from vdkit.block.node import open_image
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import parse_header, serialize_header
+from vdkit.formats.qcow2.layout import parse_header, serialize_header
 from vdkit.formats.qcow2.snapshot import parse_snapshot_table
 from vdkit.info.collect import image_info
 

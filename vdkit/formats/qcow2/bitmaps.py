@@ -33,7 +33,7 @@ import errno
 from vdkit.block.dirty_bitmap import MAX_NAME_SIZE, DirtyBitmap
 from vdkit.errors import VdkitError
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import BitmapsExtension
+from vdkit.formats.qcow2.layout import BitmapsExtension
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import os
 
 from vdkit.errors import VdkitError, os_error_message
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
+from vdkit.formats.qcow2.layout import Qcow2Header, serialize_header
 from vdkit.formats.qcow2.refcount import RefcountArea
 from vdkit.io import tables
 from vdkit.io.file import ImageFile, remove_new_file

@@ -15,7 +15,7 @@ import sys
 from vdkit.block.driver import CorruptionEvent, CorruptionReport, FormatDriver
 from vdkit.errors import CorruptImageError, OpenError, VdkitError
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import Qcow2Header, parse_header, serialize_header
+from vdkit.formats.qcow2.layout import Qcow2Header, parse_header, serialize_header
 from vdkit.io.file import ImageFile
 from vdkit.record import cached_property, record
 
@@ -773,7 +773,7 @@ class Qcow2Driver(FormatDriver):
 
     def change_backing_file(self, name: str | None, fmt: str | None) -> None:
         """Rewrite the header with the new backing reference (one write of cluster 0's header part)."""
-        from vdkit.formats.qcow2.header import serialize_header
+        from vdkit.formats.qcow2.layout import serialize_header
 
         if name and fmt is None:
             raise VdkitError("backing format must be specified")
