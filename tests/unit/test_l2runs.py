@@ -28,6 +28,7 @@ piece = st.one_of(
     st.tuples(st.just("entry"), st.sampled_from([
         1,  # zero flag, no host
         COPIED | 1,
+        COPIED,  # the flag alone (Runs.bare)
         L.OFLAG_COMPRESSED | 0x1234,  # compressed
         (1 << 57) | (7 << 16),  # a reserved bit
         0x200,  # misaligned for clusters over 512 bytes
@@ -79,6 +80,7 @@ def test_runs_equal_the_entry_walk(pieces: list[tuple], bits: int, extended: boo
     assert hosts == geom.l2_references(tables.SMALL.array(entries))
     assert [i for a, b in runs.used for i in range(a, b)] == used
     assert runs.used_entries == len(used)
+    assert runs.bare == (COPIED in entries)
 
 
 def test_runs_of_a_written_table() -> None:
@@ -121,6 +123,8 @@ def test_same_runs_means_the_same_clusters(pieces: list[tuple], bits: int, exten
 
     a, b = pack(entries), pack(other)
     rb = l2_runs(b, geom.l2_entry_size, bits)
+    if rb is not None:  # (the zero-entry search skipped where the runs saw no bare COPIED flag: same answer)
+        assert same_runs(a, b, geom.l2_entry_size, rb.used, rb.bare) == same_runs(a, b, geom.l2_entry_size, rb.used)
     if rb is None or not same_runs(a, b, geom.l2_entry_size, rb.used):
         return  # (snapshot_ops shares only runs the walk found)
     assert all(x & ~COPIED == y & ~COPIED for x, y in zip(entries, other, strict=True))
@@ -162,3 +166,21 @@ def test_run_length_equals_an_entry_walk(bits: int, start: int, near: int, lengt
     words = struct.pack(f">{n}Q", *entries)
     limit = min(n, ((1 << 64) - 1 - entries[0]) // cs + 1)  # (as l2_runs bounds it)
     assert _run_length(words, 0, entries[0], cs, limit, min(probe, limit)) == _naive_run_length(entries, 0, cs, limit)
+
+
+def test_same_runs_refuses_an_entry_between_the_stretches() -> None:
+    """An entry of the COPIED flag alone (or anything) where ``other`` has none, before, between or
+    after its used stretches: not the same used entries."""
+    bits = 16
+    other = [0] * 8192
+    other[100:200] = [COPIED | ((500 + i) << bits) for i in range(100)]
+    other[4000:4100] = [COPIED | ((900 + i) << bits) for i in range(100)]
+    b = struct.pack(">8192Q", *other)
+    rb = l2_runs(b, 8, bits)
+    assert rb is not None and not rb.bare
+    cleared = [e & ~COPIED for e in other]
+    assert same_runs(struct.pack(">8192Q", *cleared), b, 8, rb.used, rb.bare)
+    for j, extra in ((5, COPIED), (3000, COPIED), (8191, 1 << bits), (4100, COPIED)):
+        entries = list(cleared)
+        entries[j] = extra
+        assert not same_runs(struct.pack(">8192Q", *entries), b, 8, rb.used, rb.bare)

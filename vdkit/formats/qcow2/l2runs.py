@@ -24,12 +24,13 @@ class Runs:
     """The host runs of one L2 table: clusters ``starts[j] .. starts[j] + lens[j] - 1`` in table order,
     and the stretches ``(first, end)`` of used (non-zero) entries."""
 
-    __slots__ = ("starts", "lens", "used")
+    __slots__ = ("starts", "lens", "used", "bare")
 
-    def __init__(self, starts: list[int], lens: list[int], used: list[tuple[int, int]]) -> None:
+    def __init__(self, starts: list[int], lens: list[int], used: list[tuple[int, int]], bare: bool = True) -> None:
         self.starts = starts
         self.lens = lens
         self.used = used
+        self.bare = bare  # whether a used entry may be the COPIED flag alone (False: l2_runs saw none)
 
     @property
     def used_entries(self) -> int:
@@ -99,6 +100,7 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
     starts: list[int] = []
     lens: list[int] = []
     runs = done = 0
+    bare = False
     for first, end in used:
         k = first
         while k < end:
@@ -108,6 +110,8 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
             off = e & L.L2E_OFFSET_MASK
             if off & (cs - 1):
                 return None  # misaligned: reported by the entry-by-entry walk
+            if e == L.OFLAG_COPIED:  # (only a run's first entry can be: the next one has a host)
+                bare = True
             limit = min(end - k, ((1 << 64) - 1 - e) // cs + 1)  # (no entry past 2^64 - 1)
             # (a stretch is mostly one run: its first run is tried whole; later ones gallop up)
             m = _run_length(words, k, e, cs, limit, limit if k == first else _FIRST_PROBE)
@@ -124,7 +128,7 @@ def l2_runs(raw: bytes, entry_size: int, cluster_bits: int, max_runs: int = 64) 
             runs += 1
             if runs > max_runs and runs * 4 > done:
                 return None
-    return Runs(starts, lens, used)
+    return Runs(starts, lens, used, bare)
 
 
 _patterns: dict[tuple[int, int], bytes] = {}  # (cluster_bits, shift) -> one period of a fast column
@@ -215,11 +219,22 @@ def _run_length(words: bytes, k: int, e: int, cs: int, limit: int, probe: int = 
         size *= 8
 
 
-def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[int, int]]) -> bool:
+def _zeros_at(words: bytes, lo: int, hi: int) -> bool:
+    """Whether ``words[lo:hi]`` is all zeros (compared in place, 4 KiB at a time)."""
+    while hi - lo >= _CHUNK:
+        if not words.startswith(_ZEROS, lo):
+            return False
+        lo += _CHUNK
+    return words.startswith(_ZEROS[: hi - lo], lo)
+
+
+def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[int, int]],
+              other_bare: bool = True) -> bool:
     """Whether the L2 table ``raw`` has the runs and used stretches of ``other`` (whose used stretches
     are ``other_used``): their bytes are equal but for the COPIED flags, every used entry's first
     byte is 0x00 or 0x80 in both, and the same entries are used (an entry of the COPIED flag alone
-    in ``other`` is a zero entry in ``raw``).
+    in ``other`` is a zero entry in ``raw``; ``other_bare`` False: ``other`` has no such entry,
+    :attr:`Runs.bare`).
 
     A snapshot taken and deleted again leaves such a pair (the active tree's copy and the snapshot's
     original): the copy's runs are then the original's, for a few C-speed passes over the used
@@ -230,7 +245,8 @@ def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[
     pos = 0
     for a, b in other_used:
         lo, hi = a * entry_size, b * entry_size
-        if raw[pos:lo] != other[pos:lo]:  # (between the used stretches: zeros in both)
+        # (between the used stretches: zeros in both; ``other``'s are, without bitmap words between)
+        if not (_zeros_at(raw, pos, lo) if entry_size == 8 else raw[pos:lo] == other[pos:lo]):
             return False
         seg, other_seg = raw[lo:hi], other[lo:hi]
         if seg != other_seg:
@@ -241,10 +257,9 @@ def same_runs(raw: bytes, other: bytes, entry_size: int, other_used: list[tuple[
             mixed[0::entry_size] = other_top
             if mixed != other_seg:
                 return False
-            q = seg.find(_ZERO_ENTRY)  # (a zero entry here: the COPIED flag alone in ``other``)
-            while q >= 0:
-                if not q % entry_size:
-                    return False
-                q = seg.find(_ZERO_ENTRY, q + 1)
+            if other_bare and find_aligned(seg, _ZERO_ENTRY, 0, entry_size) >= 0:
+                return False  # (a zero entry here: the COPIED flag alone in ``other``)
         pos = hi
+    if entry_size == 8:
+        return _zeros_at(raw, pos, len(raw))
     return raw[pos:] == other[pos:]

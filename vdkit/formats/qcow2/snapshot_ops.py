@@ -212,7 +212,7 @@ def _share_runs(drv: Qcow2Driver, pairs: dict[int, int]) -> None:
     for a, b in pairs.items():
         runs = _l2_runs.get(b)
         if (runs is not None and a not in _l2_runs and not a % drv.cluster_size
-                and same_runs(_raw(drv, a), _raw(drv, b), geom.l2_entry_size, runs.used)):
+                and same_runs(_raw(drv, a), _raw(drv, b), geom.l2_entry_size, runs.used, runs.bare)):
             _l2_runs[a] = runs
 
 
@@ -403,17 +403,23 @@ def _copied_by_bytes(raw: bytes, entry_size: int, runs: Runs, ones: int) -> byte
     COPIED is the top bit of an entry's first byte: the flags of a used stretch change by one
     ``bytes.translate`` of those bytes instead of one big-integer operation per entry (the unused
     entries are zeros: nothing to clear there, and a mostly empty table costs its used part)."""
-    out = None
+    parts: list[memoryview | bytearray] = []
+    view = memoryview(raw)
+    pos = 0
     flags = _SET_TOP if ones else _CLEAR_TOP
     for a, b in runs.used:
-        span = slice(a * entry_size, b * entry_size, entry_size)
-        top = raw[span]
+        lo, hi = a * entry_size, b * entry_size
+        top = raw[lo:hi:entry_size]
         new_top = top.translate(flags)
         if new_top != top:
-            if out is None:
-                out = bytearray(raw)
-            out[span] = new_top
-    return raw if out is None else bytes(out)
+            seg = bytearray(view[lo:hi])
+            seg[0::entry_size] = new_top
+            parts += (view[pos:lo], seg)
+            pos = hi
+    if not parts:
+        return raw
+    parts.append(view[pos:])
+    return b"".join(parts)  # (the unchanged bytes copied once, from views)
 
 
 def _replace_table(drv: Qcow2Driver, txn: Transaction, offs: Tab, t: int, data: bytes,
