@@ -172,40 +172,6 @@ class DirtyBitmap:
         if known is not None:
             self._set = known + _popcount(bits[fa : la + 1]) - before
 
-    def _runs(self, a: int, b: int) -> Iterator[tuple[int, int]]:
-        """Runs ``[lo, hi)`` of set granules within ``[a, b)``.
-
-        Clean stretches are skipped by ``memcmp`` (:meth:`_first_set`); from a
-        set granule on, a 64-byte word is read as one int and the runs inside it
-        are cut out with bit tricks (a few small-int operations per run, about
-        what numpy's windows cost per run); a run reaching the word's end goes
-        on to its first clear granule, whole 0xff bytes skipped by ``memcmp``.
-        """
-        bits = self._bits
-        lim = min(len(bits), (b + 7) >> 3)
-        pos = a
-        while (pos := self._first_set(pos, b)) >= 0:
-            fb = pos >> 3
-            base = fb << 3
-            top = min(b, (fb + _WORD) << 3, lim << 3) - base  # the word's granules below b
-            mask = ((1 << top) - 1) >> (pos & 7) << (pos & 7)  # (and none below pos)
-            word = int.from_bytes(bits[fb : fb + _WORD], "little") & mask
-            while word:
-                low = word & -word  # the lowest run's first bit; adding it carries through the run
-                ends = word + low
-                hi = (ends ^ word).bit_length() - 1  # (the run's bits and the one the carry stopped at)
-                if hi >= top:  # set to the word's end: it may go on
-                    hi = self._first_clear(base + top, b) - base if base + top < b else top
-                    yield base + low.bit_length() - 1, base + hi
-                    break
-                yield base + low.bit_length() - 1, base + hi
-                word &= ends  # the run cleared
-            else:
-                hi = top
-            pos = base + hi
-            if pos >= b:
-                return
-
     def _first_set(self, a: int, b: int) -> int:
         """The first set granule in ``[a, b)``, or -1 (an index of every non-zero byte of a 64 GiB disk's
         bitmap cost 6 ms per job step: the bytes are searched from ``a`` on, see :func:`_first_nonzero`)."""
@@ -301,16 +267,50 @@ class DirtyBitmap:
         return 0 <= i < self.granules and self.is_set(i)
 
     def dirty_runs(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
-        """``(offset, length)`` of every run of dirty granules within ``[start, end)`` (clipped to the disk)."""
+        """``(offset, length)`` of every run of dirty granules within ``[start, end)`` (clipped to the disk).
+
+        Clean stretches are skipped by ``memcmp`` (:meth:`_first_set`); from a
+        set granule on, a 64-byte word is read as one int and the runs inside it
+        are cut out with bit tricks (a few small-int operations per run, about
+        what numpy's windows cost per run); a run reaching the word's end goes
+        on to its first clear granule, whole 0xff bytes skipped by ``memcmp``.
+        One generator, the clipping by comparisons: an NBD client's block status
+        of a fragmented bitmap asks for thousands of runs at a time.
+        """
         end = self.size if end is None else min(end, self.size)
         if start >= end:
             return
-        a = start >> self.shift
-        b = min(self.granules, (end + self.granularity - 1) >> self.shift)
         sh = self.shift
-        for lo, hi in self._runs(a, b):
-            off = max(start, lo << sh)  # (the runs lie in [a, b): each clipped one is still non-empty)
-            yield off, min(end, hi << sh) - off
+        bits = self._bits
+        pos = start >> sh
+        b = min(self.granules, (end + self.granularity - 1) >> sh)
+        lim = min(len(bits), (b + 7) >> 3)
+        while (pos := self._first_set(pos, b)) >= 0:
+            fb = pos >> 3
+            base = fb << 3
+            top = min(b, (fb + _WORD) << 3, lim << 3) - base  # the word's granules below b
+            mask = ((1 << top) - 1) >> (pos & 7) << (pos & 7)  # (and none below pos)
+            word = int.from_bytes(bits[fb : fb + _WORD], "little") & mask
+            while word:
+                low = word & -word  # the lowest run's first bit; adding it carries through the run
+                ends = word + low
+                hi = (ends ^ word).bit_length() - 1  # (the run's bits and the one the carry stopped at)
+                off = (base + low.bit_length() - 1) << sh
+                if off < start:  # (the first run, from inside its first granule)
+                    off = start
+                if hi >= top:  # set to the word's end: it may go on
+                    hi = self._first_clear(base + top, b) - base if base + top < b else top
+                    stop = (base + hi) << sh
+                    yield off, (end if stop > end else stop) - off
+                    break
+                stop = (base + hi) << sh
+                yield off, (end if stop > end else stop) - off
+                word &= ends  # the run cleared
+            else:
+                hi = top
+            pos = base + hi
+            if pos >= b:
+                return
 
     def merge_from(self, other: DirtyBitmap) -> None:
         """Set every range ``other`` marks (granularities may differ; sizes must match)."""
