@@ -86,7 +86,9 @@ def _first_nonzero(buf: bytearray, start: int, end: int, fill: memoryview = _ZER
                 start = mid
             else:
                 e = mid
-        x = int.from_bytes(buf[start:e], "little") ^ int.from_bytes(fill[: e - start], "little")
+        x = int.from_bytes(buf[start:e], "little")
+        if fill is not _ZEROS:
+            x ^= int.from_bytes(fill[: e - start], "little")
         return start + (((x & -x).bit_length() - 1) >> 3)
     return -1
 
@@ -285,8 +287,15 @@ class DirtyBitmap:
         pos = start >> sh
         b = min(self.granules, (end + self.granularity - 1) >> sh)
         lim = min(len(bits), (b + 7) >> 3)
-        while (pos := self._first_set(pos, b)) >= 0:
-            fb = pos >> 3
+        while True:
+            fb = pos >> 3  # (the first set granule from pos: _first_set, inline for the sparse walks)
+            if fb >= lim:
+                return
+            if not bits[fb] >> (pos & 7):
+                fb = _first_nonzero(bits, fb + 1, lim)
+                if fb < 0:
+                    return
+                pos = fb << 3
             base = fb << 3
             top = min(b, (fb + _WORD) << 3, lim << 3) - base  # the word's granules below b
             mask = ((1 << top) - 1) >> (pos & 7) << (pos & 7)  # (and none below pos)
