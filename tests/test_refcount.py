@@ -214,3 +214,98 @@ def test_in_place_allocation_cut_at_every_write_only_leaks(tmp_path: Path) -> No
         run(cut, n)
         rc, counts = _check(cut)
         assert rc in (0, 3) and counts["corruptions"] == 0, (n, counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=300), st.data())
+def test_zero_scan_of_a_blocks_bytes_equals_the_backends(counts: list[int], data: st.DataObject) -> None:
+    """find_free's scan of a block held as bytes (Refcounts._low, counts below 256) answers as the
+    backends' zero_scan on the block's values: the leading free run, the first run of ``n`` free
+    clusters, or where the trailing free run starts."""
+    from vdkit.formats.qcow2.refcount import _zero_scan_low
+    from vdkit.io import tables
+
+    counts = [c if c < 2 else 0 for c in counts]  # (half free: runs of every length)
+    start = data.draw(st.integers(0, len(counts) - 1))
+    n = data.draw(st.integers(0, 12))
+    got = _zero_scan_low(bytes(counts), start, n)
+    for want in (tables.SMALL.zero_scan(list(counts), start, n),
+                 tables.NUMPY.zero_scan(tables.NUMPY.array(counts), start, n)):
+        assert got[:2] == want[:2]
+        assert got[1] >= 0 or got[2] == want[2]  # (the final run's start: only asked when no run was found)
+
+
+def test_counts_from_bytes_follow_changes(tmp_path: Path) -> None:
+    """The bytes kept of a block read from the disk (count_range, find_free) are dropped when its
+    counts change in place: a freed cluster is found free and counted at 0 at once."""
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "8M")
+    qemu_io("-c", "write 0 1M", str(img))
+    with open_image(str(img), "qcow2", readonly=False) as node:
+        drv = node.driver
+        assert isinstance(drv, Qcow2Driver)
+        rc = drv.refcounts
+        rc.use_backend(tables_small())
+        rc.drop_cache()
+        used = rc.count_range(0, 64, 1)
+        assert used > 16 and rc.count_range(0, 64, 0) == 64 - used
+        host = rc.find_free(1, 0)
+        rc.update(host << drv.header.cluster_bits, drv.cluster_size, 1)  # take one, then give it back
+        assert rc.count_range(host, host + 1, 1) == 1 and rc.find_free(1, 0) != host
+        rc.update(host << drv.header.cluster_bits, drv.cluster_size, -1)
+        assert rc.count_range(host, host + 1, 0) == 1 and rc.find_free(1, 0) == host
+        rc.drop_cache()
+        rc.free_hint = 0
+
+
+def tables_small() -> object:
+    from vdkit.io import tables
+
+    return tables.SMALL
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 2, 4, 8]), st.data())
+def test_counts_changed_in_bytes_equal_entry_by_entry(w: int, data: st.DataObject) -> None:
+    """_add_in_bytes (a transaction's refcount block rewritten in its bytes: the last bytes translated
+    where no entry carries or borrows, big-integer additions elsewhere) gives the counts, the
+    refusal of a count leaving its range and the lowest new zero that one addition per entry gives."""
+    from vdkit.formats.qcow2.refcount import _add_in_bytes
+
+    top = (1 << (8 * w)) - 1
+    n = data.draw(st.integers(1, 64))
+    near = sorted({c for c in (0, 1, 2, 255, 256, 257, 511, top - 1, top) if c <= top})
+    counts = data.draw(st.lists(st.sampled_from(near), min_size=n, max_size=n))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, n), max_size=8))) | {0, n})
+    segs = [(a, b, data.draw(st.sampled_from([-1, 0, 1]))) for a, b in zip(cuts, cuts[1:], strict=False) if b > a
+            and data.draw(st.booleans())]
+    new = list(counts)
+    zero = -1
+    for a, b, v in segs:
+        for i in range(a, b):
+            new[i] += v
+            if zero < 0 and v <= 0 and new[i] == 0:
+                zero = i
+    got = _add_in_bytes(b"".join(c.to_bytes(w, "big") for c in counts), w, segs)
+    if any(not 0 <= c <= top for c in new):
+        assert got is None
+        return
+    assert got == (b"".join(c.to_bytes(w, "big") for c in new), zero)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 12), st.integers(-2, 2), st.booleans()), max_size=12),
+       st.lists(st.integers(0, 80), min_size=1, max_size=10))
+def test_deltas_at_one_key_equals_the_lookup(adds: list[tuple[int, int, int, bool]], keys: list[int]) -> None:
+    """Deltas.at (a transaction's change to one cluster, as count_new asks for one: summed from the
+    additions without rebuilding the segments, or searched in them) equals the lookup's."""
+    from vdkit.io import tables
+
+    for T in (tables.SMALL, tables.NUMPY):
+        d = T.deltas()
+        for lo, n, addend, query in adds:
+            d.add_range(lo, lo + n, addend)
+            if query:  # (segments built: the search in them)
+                d.lookup(T.indices([lo]))
+            for k in keys:
+                assert d.at(k) == int(T.tolist(d.lookup(T.indices([k])))[0])

@@ -65,6 +65,19 @@ def test_u64(vals: list[int]) -> None:
     assert S.decode_u64(raw + b"xyz") == N.decode_u64(raw + b"xyz").tolist() == vals
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(500, 3000), at=st.lists(st.tuples(st.integers(0, 2999), st.integers(1, 2**64 - 1)), max_size=8))
+def test_u64_of_big_sparse_tables(n: int, at: list[tuple[int, int]]) -> None:
+    """Big tables (a refcount table, a big L1) decode and encode piece by piece, zero pieces skipped:
+    the same as one struct call, with entries in any piece, at a piece's edges, in the partial last one."""
+    vals = [0] * n
+    for i, v in at:
+        vals[i % n] = v
+    raw = struct.pack(f">{n}Q", *vals)
+    assert S.encode_u64(vals) == raw
+    assert S.decode_u64(raw + b"xyz") == vals
+
+
 @settings(max_examples=300, deadline=None)
 @given(vals=st.lists(st.integers(0, 7), min_size=1, max_size=60), data=st.data())
 def test_slices(vals: list[int], data: st.DataObject) -> None:

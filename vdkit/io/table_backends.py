@@ -190,6 +190,10 @@ class Deltas:
         """The sum for every key (0 where none)."""
         raise NotImplementedError
 
+    def at(self, key: int) -> int:
+        """The sum for one key."""
+        return int(self.plus_range([0], key)[0])
+
     def plus(self, cur: Tab, keys: Tab) -> Tab:
         """``cur[i]`` plus the sum for ``keys[i]``, as signed integers."""
         raise NotImplementedError
@@ -425,6 +429,13 @@ class _SmallDeltas(Deltas):
             a = b
         return out
 
+    def at(self, key: int) -> int:
+        if self._segs is None:  # (the running sum's changes up to the key: no rebuild of the segments)
+            return sum([v for k, v in self._sum.items() if k <= key])
+        los, his, vals = self._segs
+        i = bisect_right(his, key)
+        return vals[i] if i < len(los) and los[i] <= key else 0
+
     def plus(self, cur: Tab, keys: Tab) -> Tab:
         return list(map(add, cur, self.lookup(keys)))
 
@@ -473,6 +484,10 @@ class _SmallDeltas(Deltas):
         return lowest
 
 
+_U64_PIECE = 256  # entries of a big table tested for zeros at once by decode_u64/encode_u64
+_U64_ZEROS = bytes(8 * _U64_PIECE)
+
+
 def run_cuts(keys: Tab) -> list[int]:
     """Indices ``i`` where ``keys[i]`` is not ``keys[i - 1] + 1``: the starts of runs of consecutive
     keys but the first (found at C speed)."""
@@ -512,10 +527,29 @@ class _Small(Backend):
 
     def decode_u64(self, raw: bytes | bytearray | memoryview) -> Tab:
         n = len(raw) // 8
-        return list(struct.unpack(f">{n}Q", raw[: n * 8]))
+        if n < 2 * _U64_PIECE:
+            return list(struct.unpack(f">{n}Q", raw[: n * 8]))
+        # (a refcount table or a big L1 is mostly zeros: only the pieces holding entries are unpacked,
+        # the others found zero by comparing them in place)
+        raw = bytes(raw)
+        out = [0] * n
+        step = 8 * _U64_PIECE
+        for p in range(0, n * 8, step):
+            if not raw.startswith(_U64_ZEROS, p):
+                q = min(p + step, n * 8)
+                out[p // 8 : q // 8] = struct.unpack(f">{(q - p) // 8}Q", raw[p:q])
+        return out
 
     def encode_u64(self, t: Tab) -> bytes:
-        return struct.pack(f">{len(t)}Q", *t)
+        n = len(t)
+        if n < 2 * _U64_PIECE:
+            return struct.pack(f">{n}Q", *t)
+        parts = []  # (pieces of zeros: list.count tests them, no conversion of each entry)
+        for i in range(0, n, _U64_PIECE):
+            piece = t[i : i + _U64_PIECE]
+            k = len(piece)
+            parts.append(_U64_ZEROS[: 8 * k] if piece.count(0) == k else struct.pack(f">{k}Q", *piece))
+        return b"".join(parts)
 
     def decode_refcounts(self, raw: bytes | bytearray | memoryview, bits: int) -> Tab:
         raw = bytes(raw)

@@ -102,12 +102,79 @@ def _io(op: Callable[[], object], offset: int) -> bytes:
         raise VdkitError(os.strerror(code), errno=code) from None
 
 
+_PLUS_ONE = bytes(range(1, 256)) + b"\0"  # a byte plus one (mod 256), for bytes.translate
+_MINUS_ONE = b"\xff" + bytes(range(255))  # a byte minus one (mod 256)
+
+
+def _zero_entry(data: bytes | bytearray, a: int, b: int, width: int) -> int:
+    """The index of the first ``width``-byte entry of ``data[a:b]`` that is 0, -1 if none: the
+    candidates are the entries whose last byte is 0 (found by memchr in the last bytes)."""
+    low = data[a + width - 1 : b : width]
+    j = low.find(0)
+    while j >= 0 and width > 1 and any(data[a + j * width : a + j * width + width - 1]):
+        j = low.find(0, j + 1)
+    return j
+
+
 def _aligned_find(data: bytes, pattern: bytes, width: int) -> int:
     """The first occurrence of ``pattern`` in ``data`` at a multiple of ``width``, -1 if none."""
     i = data.find(pattern)
     while i >= 0 and i % width:
         i = data.find(pattern, i + 1)
     return i
+
+
+def _zero_scan_low(low: bytes, start: int, n: int) -> tuple[int, int, int]:
+    """``Backend.zero_scan`` of a block's counts held as bytes (``Refcounts._low``): memchr and
+    in-place compares instead of a Python comparison per entry."""
+    size = len(low)
+    rest = low[start:]
+    lead = len(rest) - len(rest.lstrip(b"\0"))
+    if lead >= n:
+        return lead, start, -1
+    i = start + lead
+    zeros = bytes(n)
+    while True:
+        z = low.find(b"\0", i)
+        if z < 0:
+            return lead, -1, start + len(rest.rstrip(b"\0"))
+        if z + n > size:
+            return lead, -1, z + len(low[z:].rstrip(b"\0"))
+        if low.startswith(zeros, z):
+            return lead, z, -1
+        nz = low[z : z + n].lstrip(b"\0")
+        i = z + n - len(nz)  # (the first non-zero count after z: inside the n, as they are not all 0)
+
+
+def _add_in_bytes(raw: bytes, w: int, segs: list[tuple[int, int, int]]) -> tuple[bytes, int] | None:
+    """The block ``raw`` of ``w``-byte big-endian counts with ``v`` (-1, 0 or 1) added to entries
+    ``first .. end-1`` for each ``(first, end, v)`` of ``segs`` (sorted, disjoint), and the lowest
+    entry of a segment with ``v <= 0`` that is 0 afterwards (-1: none); None where a count would
+    leave its range.  Where no entry's last byte would carry or borrow (the usual), only the last
+    bytes change, by one translation; otherwise a segment is one big-integer addition of
+    ``±Σ 2^(8w·j)``, no entry carrying into its neighbour once none is at the limit it would cross."""
+    out = bytearray(raw)
+    zero = -1
+    one = bytes(w - 1) + b"\1"
+    for lo, hi, v in segs:
+        a, b = lo * w, hi * w
+        if v:
+            low = raw[a + w - 1 : b : w]  # (the entries' last bytes)
+            if (0xFF if v > 0 else 0) not in low:
+                out[a + w - 1 : b : w] = low.translate(_PLUS_ONE if v > 0 else _MINUS_ONE)
+            else:
+                seg = raw[a:b]
+                limit = b"\xff" * w if v > 0 else bytes(w)
+                if _aligned_find(seg, limit, w) >= 0:
+                    return None
+                x = int.from_bytes(seg, "big")
+                ones = int.from_bytes(one * (hi - lo), "big")
+                out[a:b] = (x + ones if v > 0 else x - ones).to_bytes(b - a, "big")
+        if zero < 0 and v <= 0:
+            at = _zero_entry(out, a, b, w)
+            if at >= 0:
+                zero = lo + at
+    return bytes(out), zero
 
 
 class _Restart(Exception):
@@ -237,6 +304,11 @@ class Refcounts:
         # rt_index -> decoded values; dirty rt indices; LRU order
         self._blocks: dict[int, Tab] = {}  # least recently used first
         self._dirty: set[int] = set()
+        # rt_index -> the last bytes of a cached list block's entries, as read from the disk, where
+        # every count is below 256 (the usual): its counts byte by byte, which bytes.count and
+        # bytes.find scan at C speed (a list's count/index compare int objects one by one).
+        # Dropped whenever the block's values change or leave the cache.
+        self._low: dict[int, bytes] = {}
         self._capacity = max(8, cache_bytes // self.cluster_size)
         # Write ordering: callables to run before our dirty blocks may be written
         # (set when a decrement must wait for the L2 tables that dropped the reference).
@@ -248,6 +320,7 @@ class Refcounts:
         if T is self.T:
             return
         self.table = T.convert(self.table)
+        self._low.clear()
         for rt in list(self._blocks):
             self._blocks[rt] = T.convert(self._blocks[rt])
         self.T = T
@@ -284,18 +357,36 @@ class Refcounts:
         raw = _io(lambda: self.file.pread(off, self.cluster_size), off)
         if len(raw) < self.cluster_size:  # a block (partly) past the end of the file reads as zeros, as in QEMU
             raw = bytes(raw).ljust(self.cluster_size, b"\0")
-        vals = self.T.decode_refcounts(raw, self.bits)
+        low = self._low_bytes(raw)
+        vals = self.T.decode_refcounts(raw, self.bits) if low is None else list(low)
         self._insert(rt_index, vals)
+        if low is not None:
+            self._low[rt_index] = low
         return vals
+
+    def _low_bytes(self, raw: bytes | bytearray | memoryview) -> bytes | None:
+        """The counts of a block of list tables as bytes, when all are below 256 (None otherwise)."""
+        if self.T is not tables.SMALL or self.bits < 8:
+            return None
+        raw = bytes(raw)
+        w = self.bits // 8
+        if w == 1:
+            return raw
+        zeros = bytes(len(raw) // w)
+        if all(raw[k::w] == zeros for k in range(w - 1)):
+            return raw[w - 1 :: w]
+        return None
 
     def _insert(self, rt_index: int, vals: Tab) -> None:
         self._blocks.pop(rt_index, None)
+        self._low.pop(rt_index, None)
         self._blocks[rt_index] = vals
         while len(self._blocks) > self._capacity:
             victim = next(iter(self._blocks))
             if victim in self._dirty:
                 self._write_block(victim)
             del self._blocks[victim]
+            self._low.pop(victim, None)
 
     def _write_block(self, rt_index: int) -> None:
         if self.depends_on is not None:
@@ -323,6 +414,7 @@ class Refcounts:
     def drop_cache(self) -> None:
         """Forget decoded blocks (dirty ones too): used after a crash-abandon."""
         self._blocks.clear()
+        self._low.clear()
         self._dirty.clear()
 
     @property
@@ -346,8 +438,11 @@ class Refcounts:
             rt, i = divmod(lo, epb)
             end = min(hi, lo - i + epb)
             vals = self.block_values(rt)
+            low = self._low.get(rt)
             if vals is None:
                 n += end - lo if value == 0 else 0
+            elif low is not None:
+                n += low.count(value, i, i + end - lo) if 0 <= value < 256 else 0
             else:
                 n += self.T.count_equal(self.T.get_slice(vals, i, i + end - lo), value)
             lo = end
@@ -379,7 +474,9 @@ class Refcounts:
         idx = ci % epb
         if idx + n <= epb and ci + n <= limit:
             vals = self.block_values(ci // epb)
-            if vals is not None and not T.any_nonzero(vals, idx, idx + n):
+            low = self._low.get(ci // epb)
+            if vals is not None and (low.startswith(bytes(n), idx) if low is not None
+                                     else not T.any_nonzero(vals, idx, idx + n)):
                 return ci
         while True:
             if ci + (n - run) > limit:
@@ -389,7 +486,8 @@ class Refcounts:
             seg = epb - ci % epb
             lead = seg
             if vals is not None:
-                lead, first, tail = T.zero_scan(vals, ci % epb, n)
+                low = self._low.get(ci // epb)
+                lead, first, tail = T.zero_scan(vals, ci % epb, n) if low is None else _zero_scan_low(low, ci % epb, n)
             if lead == seg:  # no block, or nothing counted from ci on: the run goes on
                 if run == 0:
                     run_start = ci
@@ -445,6 +543,7 @@ class Refcounts:
                 if not T.fits(vals, idx, end, addend, self.refcount_max):
                     raise RefcountOverflow("Invalid argument", errno=EINVAL)
                 done.append((rt, idx, T.get_slice(vals, idx, end)))
+                self._low.pop(rt, None)
                 zeros = T.add_slice(vals, idx, end, addend)  # block indices now 0 (decrements only)
                 if zeros:
                     self.free_hint = min(self.free_hint, rt * epb + zeros[0])
@@ -458,6 +557,7 @@ class Refcounts:
             for rt, idx, old in reversed(done):
                 vals = self.block_values(rt)
                 if vals is not None:
+                    self._low.pop(rt, None)
                     T.set_slice(vals, idx, old)
                     self._dirty.add(rt)  # it may have been written back meanwhile
             raise
@@ -471,6 +571,7 @@ class Refcounts:
         """
         for j in self.T.positions_in(self.table, L.REFT_OFFSET_MASK, offsets):
             self._blocks.pop(j, None)
+            self._low.pop(j, None)
             self._dirty.discard(j)
 
     _l2_flush: Callable[[], None] | None = None
@@ -642,6 +743,7 @@ class Refcounts:
             else:
                 vals = self.block_values(i)
                 assert vals is not None
+                self._low.pop(i, None)
                 T.add_slice(vals, lo, hi, 1)
                 self._dirty.add(i)
         self.flush()
@@ -666,6 +768,7 @@ class Refcounts:
         for i in list(self._blocks):
             if i >= len(new_table):
                 self._blocks.pop(i, None)
+                self._low.pop(i, None)
                 self._dirty.discard(i)
         if self.on_table_switch is not None:
             self.on_table_switch(plan.table_offset, plan.table_clusters)
@@ -684,6 +787,7 @@ class Refcounts:
             self._dirty.discard(rt)
             if vals is None:
                 self._blocks.pop(rt, None)
+                self._low.pop(rt, None)
             else:
                 self._insert(rt, vals)
         self.free_hint = min(self.free_hint, free_hint)
@@ -793,6 +897,8 @@ class Transaction:
     def count_new(self, lo: int, hi: int, value: int) -> int:
         """How many of clusters ``lo .. hi-1`` have the count ``value`` after this transaction: piece by
         piece of equal change, counted in the blocks' values (no new count computed one by one)."""
+        if hi - lo == 1:  # (one cluster, as _replace_table asks: its count and change, no segment search)
+            return int(self.rc.get(lo) + self._deltas.at(lo) == value)
         return sum(self.rc.count_range(a, b, value - d) for a, b, d in self._deltas.pieces(lo, hi))
 
     def new_refcounts_range(self, lo: int, hi: int) -> Tab:
@@ -901,11 +1007,7 @@ class Transaction:
         """Block ``rt`` with this transaction's changes made in its bytes, and the lowest changed
         index now 0 (-1: none), for entries of whole bytes changed by one up or down (a snapshot's
         usual change); None otherwise (or where a count would leave its range: the caller's
-        entry-by-entry update refuses it).
-
-        Each run of equal change is one big-integer addition of ``±Σ 2^(bits·j)`` over its bytes:
-        no entry carries into its neighbour once no entry is at the limit the change would cross
-        (found with ``bytes.find``)."""
+        entry-by-entry update refuses it).  The changes are made by :func:`_add_in_bytes`."""
         rc = self.rc
         bits = rc.bits
         epb = rc.entries_per_block
@@ -916,26 +1018,8 @@ class Transaction:
         off = rc.block_offset(rt)
         raw = bytes(rc.cluster_size) if off == 0 else _io(lambda: rc.file.pread(off, rc.cluster_size), off)
         raw = bytes(raw).ljust(rc.cluster_size, b"\0")  # (a block past the end of the file reads as zeros)
-        out = bytearray(raw)
         base = rt * epb
-        zero = -1
-        one = bytes(w - 1) + b"\1"
-        for lo, hi, v in segs:
-            a, b = (lo - base) * w, (hi - base) * w
-            seg = raw[a:b]
-            if v:
-                limit = b"\xff" * w if v > 0 else bytes(w)
-                if _aligned_find(seg, limit, w) >= 0:
-                    return None
-                x = int.from_bytes(seg, "big")
-                ones = int.from_bytes(one * (hi - lo), "big")
-                seg = (x + ones if v > 0 else x - ones).to_bytes(b - a, "big")
-                out[a:b] = seg
-            if zero < 0 and v <= 0:
-                at = _aligned_find(seg, bytes(w), w)
-                if at >= 0:
-                    zero = lo - base + at // w
-        return bytes(out), zero
+        return _add_in_bytes(raw, w, [(lo - base, hi - base, v) for lo, hi, v in segs])
 
     def check_overlap(self, in_use: Sequence[tuple[Tab, Tab | None]],
                       name_of: Callable[[int, int], str | None] | None = None) -> None:
