@@ -448,6 +448,22 @@ class Refcounts:
             lo = end
         return n
 
+    def any_above(self, lo: int, hi: int, limit: int) -> bool:
+        """Whether some cluster of ``lo .. hi-1`` (``0 <= lo``) has a count above ``limit``: a block
+        whose counts are all below 256 (its bytes kept) is answered without looking at them."""
+        epb = self.entries_per_block
+        while lo < hi:
+            rt, i = divmod(lo, epb)
+            end = min(hi, lo - i + epb)
+            vals = self.block_values(rt)
+            if vals is not None and not (limit >= 255 and rt in self._low):
+                if limit < 0 or int(max(self.T.get_slice(vals, i, i + end - lo))) > limit:
+                    return True
+            elif vals is None and limit < 0:
+                return True
+            lo = end
+        return False
+
     def get_range(self, lo: int, hi: int) -> Tab:
         """Refcounts of clusters ``lo .. hi-1`` (``0 <= lo``): slices of the blocks, 0 where none."""
         T = self.T
@@ -905,17 +921,26 @@ class Transaction:
         """:meth:`new_refcounts` of the clusters ``lo .. hi-1``."""
         return self._deltas.plus_range(self.rc.get_range(lo, hi), lo)
 
-    def check_peak(self, increments: Iterable[tuple[Tab, int]]) -> None:
+    def check_peak(self, increments: Iterable[tuple[Tab, Tab | None, int]]) -> None:
         """Fail (EINVAL) if current counts plus ``increments`` alone would overflow.
 
         QEMU applies the increments of an operation before its decrements, so
         it fails on a transient overflow even when the net result would fit;
         callers use this to fail exactly where QEMU fails.  ``increments``
-        holds (clusters, times) pairs.
+        holds (clusters, None, times) and (run starts, run lengths, times).
         """
         adds = self.T.deltas()
-        for arr, times in increments:
-            adds.add(arr, times)
+        for arr, lens, times in increments:
+            if lens is None:
+                adds.add(arr, times)
+            else:
+                adds.add_runs(arr, lens, times)
+        segs = adds.segments(0, 1 << 63)
+        if segs is not None:  # (runs of equal sum: each asks the counts of its range, no key by key)
+            for lo, hi, v in segs:
+                if v > 0 and self.rc.any_above(lo, hi, self.rc.refcount_max - v):
+                    raise RefcountOverflow("Invalid argument", errno=EINVAL)
+            return
         keys, sums = adds.items()
         if not len(keys):
             return

@@ -269,16 +269,10 @@ class _Tree:
             else:
                 txn.add_runs(starts, lens, addend * k)
 
-    def increments(self) -> list[tuple[Tab, int]]:
-        """(clusters, times) pairs of one more reference to this whole tree."""
-        T = self.T
-        out = [(self.l2_clusters, 1)]
-        for starts, lens, k in self.parts:
-            if lens is None:
-                out.append((starts, k))
-            else:
-                out.append((T.concat([T.arange(a, a + n) for a, n in zip(starts, lens, strict=True)]), k))
-        return out
+    def increments(self) -> list[tuple[Tab, Tab | None, int]]:
+        """One more reference to this whole tree, as ``Transaction.check_peak`` takes it: (clusters,
+        None, times) and (run starts, run lengths, times)."""
+        return [(self.l2_clusters, None, 1), *self.parts]
 
 
 def _as_runs(refs: list[int]) -> tuple[list[int], list[int]]:
