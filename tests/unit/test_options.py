@@ -12,7 +12,7 @@ import pytest
 
 from tests.data import generate as g
 from tests.data.compare import same
-from vdkit.cli.options import LongOpt, getopt_long, output_format
+from vdkit.cli.main import LongOpt, getopt_long, output_format
 from vdkit.errors import UsageError, VdkitError
 
 LONG = [

@@ -11,8 +11,7 @@ failed action, so the file is what qemu-img leaves.
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long, mutually_exclusive_image_opts, open_args, spec_names
+from vdkit.cli.main import LongOpt, cvtnum, getopt_long, mutually_exclusive_image_opts, open_args, spec_names, write_out
 from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-from vdkit.cli.main import PROG, write_err, write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
+    PROG,
     LongOpt,
     check_cache_modes,
     getopt_long,
@@ -18,6 +18,8 @@ from vdkit.cli.options import (
     open_args,
     output_format,
     spec_names,
+    write_err,
+    write_out,
 )
 from vdkit.errors import OpenError, UsageError
 

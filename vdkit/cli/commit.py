@@ -10,8 +10,7 @@ base is never open twice in this process (QEMU's image locks would refuse).
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
     LongOpt,
     check_cache_modes,
     cvtnum,
@@ -19,6 +18,7 @@ from vdkit.cli.options import (
     mutually_exclusive_image_opts,
     open_args,
     spec_names,
+    write_out,
 )
 from vdkit.errors import UsageError, VdkitError
 

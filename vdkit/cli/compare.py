@@ -11,15 +11,16 @@ does.
 
 from __future__ import annotations
 
-from vdkit.cli.main import error, write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
     LongOpt,
     ObjectError,
     check_cache_modes,
+    error,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     spec_names,
+    write_out,
 )
 from vdkit.errors import UsageError, VdkitError
 

@@ -16,8 +16,7 @@ described above) writing through :mod:`vdkit.block.target`.
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long, open_args, spec_names
+from vdkit.cli.main import LongOpt, cvtnum, getopt_long, open_args, spec_names, write_out
 from vdkit.errors import UsageError, VdkitError
 from vdkit.opts import CACHE_MODES, split_items
 
@@ -349,7 +348,7 @@ def _open_target_spec(a: ConvertArgs) -> Node:
     ``--image-opts``; the compression check can only follow the open.
     """
     from vdkit.block.node import open_image
-    from vdkit.cli.options import image_opts
+    from vdkit.cli.main import image_opts
 
     if a.out_fmt_given:
         raise VdkitError("--image-opts and --format are mutually exclusive")

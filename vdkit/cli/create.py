@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import errno
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long
+from vdkit.cli.main import LongOpt, cvtnum, getopt_long, write_out
 from vdkit.errors import UnsupportedError, UsageError, VdkitError
 from vdkit.opts import CreateOpts, OptDesc, split_options, valid_option_list, with_file_options
 

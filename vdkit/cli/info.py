@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
     LongOpt,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     output_format,
     spec_names,
+    warn,
+    write_out,
 )
 from vdkit.errors import UsageError
 

@@ -7,8 +7,7 @@ parses arguments and prints.
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, cvtnum, getopt_long, output_format
+from vdkit.cli.main import LongOpt, cvtnum, getopt_long, output_format, write_out
 from vdkit.errors import UsageError
 
 LONGOPTS = [

@@ -6,8 +6,7 @@ renders entries the way ``qemu-img map`` prints them (cli-output.md §5).
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
     LongOpt,
     cvtnum,
     getopt_long,
@@ -15,6 +14,7 @@ from vdkit.cli.options import (
     open_args,
     output_format,
     spec_names,
+    write_out,
 )
 from vdkit.errors import UsageError, VdkitError, hexalt
 

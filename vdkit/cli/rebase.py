@@ -15,14 +15,14 @@ from __future__ import annotations
 import errno
 import os
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import (
+from vdkit.cli.main import (
     LongOpt,
     check_cache_modes,
     getopt_long,
     mutually_exclusive_image_opts,
     open_args,
     spec_names,
+    write_out,
 )
 from vdkit.errors import UsageError, VdkitError
 

@@ -8,8 +8,7 @@ and is taken off before option parsing, so ``resize img -1G`` works without
 
 from __future__ import annotations
 
-from vdkit.cli.main import write_out
-from vdkit.cli.options import LongOpt, getopt_long, mutually_exclusive_image_opts, open_args, spec_names
+from vdkit.cli.main import LongOpt, getopt_long, mutually_exclusive_image_opts, open_args, spec_names, write_out
 from vdkit.errors import UsageError, VdkitError
 
 TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cost)

@@ -11,8 +11,7 @@ prints nothing.
 
 from __future__ import annotations
 
-from vdkit.cli.main import warn, write_out
-from vdkit.cli.options import LongOpt, getopt_long, open_args, output_format, spec_names
+from vdkit.cli.main import LongOpt, getopt_long, open_args, output_format, spec_names, warn, write_out
 from vdkit.errors import UsageError
 
 LONGOPTS = [

@@ -53,7 +53,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vdkit.cli.options import QomObject
+    from vdkit.cli.main import QomObject
     from vdkit.devices.registry import Medium
 
 
@@ -778,10 +778,10 @@ _CREATION_ERRORS = ("Missing 'dir' property value", "Either 'file' or 'data' mus
 
 
 def _object(cfg: Config, text: str) -> None:
-    """``-object``: qemu-img's object rules (:func:`vdkit.cli.options.add_object`), qemu-system's texts."""
+    """``-object``: qemu-img's object rules (:func:`vdkit.cli.main.add_object`), qemu-system's texts."""
     import re
 
-    from vdkit.cli.options import add_object
+    from vdkit.cli.main import add_object
 
     try:
         add_object(text, cfg.objects)
