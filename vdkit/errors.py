@@ -75,12 +75,8 @@ class SnapshotNotFoundError(VdkitError):
     """No snapshot matched the lookup."""
 
 
-class DeviceNotFoundError(VdkitError):
-    qmp_class = "DeviceNotFound"
-
-
-class CommandNotFoundError(VdkitError):
-    qmp_class = "CommandNotFound"
+# (The monitor's own error classes, DeviceNotFound and CommandNotFound, are vdkit.monitor.commands':
+# every class here is created by every vdkit-img start.)
 
 
 def os_error_message(exc: OSError) -> str:

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdkit.errors import CommandNotFoundError, VdkitError
-from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
+from vdkit.errors import VdkitError
+from vdkit.monitor.commands import Arg, CommandContext, CommandNotFoundError, CommandRegistry, opt, validate
 from vdkit.monitor.qmp_wire import NEED_DATA, InputError, QmpSession, Request
 
 

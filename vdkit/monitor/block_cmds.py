@@ -22,7 +22,7 @@ from vdkit.block.protocol_node import protocol_name, protocol_node
 from vdkit.block.snapshot import find_id_then_name, snapshot_info
 from vdkit.devices.graph import chain_depth
 from vdkit.devices.throttle import THROTTLE_KEYS, ThrottleConfig
-from vdkit.errors import DeviceNotFoundError, VdkitError, os_error_message
+from vdkit.errors import VdkitError, os_error_message
 from vdkit.info.collect import filter_image_info, image_info
 from vdkit.info.model import (
     BlockdevCacheInfo,
@@ -36,7 +36,7 @@ from vdkit.info.model import (
 )
 from vdkit.info.render_json import dumps_compact, to_qobject
 from vdkit.monitor import bitmap_cmds, external_snapshot, mirror_cmds, nbd_cmds
-from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt, validate
+from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, DeviceNotFoundError, opt, validate
 from vdkit.monitor.qmp_wire import RawJson
 from vdkit.protocols.registry import is_protocol
 

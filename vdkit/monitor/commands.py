@@ -18,13 +18,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vdkit.errors import CommandNotFoundError, VdkitError
+from vdkit.errors import VdkitError
 from vdkit.info.render_json import to_qobject
 from vdkit.monitor.qmp_wire import RawJson
 
 if TYPE_CHECKING:
     from vdkit.devices.registry import DeviceRegistry
     from vdkit.monitor.qmp_wire import QmpSession
+
+class DeviceNotFoundError(VdkitError):
+    """No device, node or job of the given name (QMP's ``DeviceNotFound`` error class)."""
+
+    qmp_class = "DeviceNotFound"
+
+
+class CommandNotFoundError(VdkitError):
+    """An unknown command, or one the capabilities negotiation does not allow yet (``CommandNotFound``)."""
+
+    qmp_class = "CommandNotFound"
+
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "bool": "boolean", "array": "array", "object": "object",
                "number": "number"}

@@ -634,7 +634,7 @@ def block_stream(ctx: CommandContext, args: dict[str, Any]) -> None:
 def block_commit(ctx: CommandContext, args: dict[str, Any]) -> None:
     """``block-commit`` (``block-jobs.md`` §4): intermediate (top below the root) or active."""
     from vdkit.block.commit import CommitJob
-    from vdkit.errors import DeviceNotFoundError
+    from vdkit.monitor.commands import DeviceNotFoundError
 
     machine = ctx.machine
     device = args["device"]
