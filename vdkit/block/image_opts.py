@@ -196,7 +196,7 @@ _NULL = "null"  # _take_backing's answer for "backing": null (and QEMU's depreca
 
 def _take_backing(raw: dict[str, object]) -> list[object]:
     """Take the ``backing`` member and the ``backing.*`` keys out of ``raw``: [] when there are none,
-    else [what :func:`_remember_backing` records] (a :class:`vdkit.block.chain.BackingOverride`, or
+    else [what :func:`_remember_backing` records] (a :class:`vdkit.block.secrets.BackingOverride`, or
     ``_NULL``).
 
     A nested object is interpreted when the backing opens (:func:`_backing_node`): QEMU reports its
@@ -206,7 +206,7 @@ def _take_backing(raw: dict[str, object]) -> list[object]:
     keys = [k for k in raw if k == "backing" or k.startswith("backing.")]
     if not keys:
         return []
-    from vdkit.block.chain import BackingOverride
+    from vdkit.block.secrets import BackingOverride
     from vdkit.info.render_json import qdict_order
 
     top = raw.pop("backing", {})
@@ -314,8 +314,7 @@ def _backing_format_only(sub: dict[str, object]) -> str | None:
 
 def _remember_backing(filename: str, backing: object) -> None:
     """Record what the options said about ``filename``'s backing child for :mod:`vdkit.block.node`."""
-    from vdkit.block.chain import BackingOverride
-    from vdkit.block.secrets import set_open_option, table
+    from vdkit.block.secrets import BackingOverride, set_open_option, table
 
     if backing == _NULL:
         set_open_option(filename, "backing", "null")

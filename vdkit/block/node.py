@@ -13,7 +13,6 @@ import os
 
 from vdkit.block.chain import (
     QEMU_PROTOCOLS,
-    BackingOverride,
     BackingWalk,
     OpenPolicy,
     protocol_of,
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from vdkit.block.dirty_bitmap import DirtyBitmap
     from vdkit.block.driver import FormatDriver
     from vdkit.block.io import MapEntry
+    from vdkit.block.secrets import BackingOverride
     from vdkit.block.snapshot import SnapshotRecord
     from vdkit.info.model import SnapshotInfo
     from vdkit.protocols.nbd import NbdFile

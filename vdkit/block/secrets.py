@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from vdkit.record import record
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -111,3 +113,26 @@ def forget_backing(name: str) -> None:
     scope.table("backing").pop(name, None)
     if scope.options.get((name, "backing")) is not None:
         scope.options[(name, "backing")] = ""
+
+
+@record(frozen=True)
+class BackingOverride:
+    """What ``json:``/``--image-opts`` said about a node's ``backing`` child besides ``null``.
+
+    QEMU takes a ``backing`` member (an object, dotted ``backing.*`` keys, a node-name string, or any
+    other scalar) only where it opens the backing child: a command that opens images without their
+    backing (``info``, ``bitmap``, ``rebase -u``) leaves the member unused and refuses it by its first
+    key in QDict order (``unused``).  Where the backing is opened, ``kind`` says how: ``"node"``
+    opens what ``open(image's resolved backing name or None, image's backing format)`` answers (the
+    option interpreter lives with the front end); unless the object gives ``file.filename``
+    (``explicit``) the image's backing name is still resolved first, so its errors (no base
+    directory over NBD) stay; ``"ref"`` names a node that a qemu-img process never has;
+    ``"default"`` (a number, a boolean, an empty object) changes nothing where the image has a
+    backing file and is unused where it has none; ``"unused"`` is always left over.
+    """
+
+    kind: str
+    unused: str
+    ref: str | None = None
+    open: Callable[[str | None, str | None], tuple[str, str | None]] | None = None
+    explicit: bool = False
