@@ -25,7 +25,7 @@ SCRIPT = ROOT / "scripts" / "vdkit-img"
 CHEAP_STDLIB = {"__future__", "atexit", "errno", "fcntl", "gc", "struct", "_struct", "zlib"}
 # vdkit modules `info` of one image may import, at most (the format's own package included): raise it
 # only for a module that pays for itself, and look for one to merge or defer first.
-INFO_BUDGET = 25
+INFO_BUDGET = 23
 # vdkit modules `info` has no use for: sizes and creation options (vdkit.opts), the shapes of qcow2
 # bitmaps, encryption and check results (vdkit.info.extra_model); and the generic snapshot layer
 # (vdkit.block.snapshot) unless the image lists snapshots.  Each module costs its import (a
