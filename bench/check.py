@@ -27,7 +27,7 @@ import harness as h
 import numpy as np
 
 from vdkit.formats.qcow2 import layout as L
-from vdkit.formats.qcow2.header import Qcow2Header, serialize_header
+from vdkit.formats.qcow2.layout import Qcow2Header, serialize_header
 
 CLUSTER_BITS = 16
 CS = 1 << CLUSTER_BITS
