@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.conftest import qemu_img, qemu_io
 from tests.daemon.conftest import Daemons, normalise
+from tests.helpers.patching import set_bitmap_in_use
 from tests.helpers.qemu_io import qemu_io_script
 from tests.nbd.conftest import short_sock
 
@@ -197,7 +198,7 @@ def test_inconsistent_and_read_only_bitmaps(daemons: Daemons, tmp_path: Path) ->
         g.bitmap_add(img, "torn")
         assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / d / "ro.qcow2"), "4M").returncode == 0
         g.bitmap_add(tmp_path / d / "ro.qcow2", "rb", disabled=True)
-        _set_in_use(img, "torn")
+        set_bitmap_in_use(img, "torn")
     drives = ["-drive", "file=a.qcow2,if=none,id=disk0", "-drive", "file=ro.qcow2,if=none,id=disk1,readonly=on"]
     p = Pair(daemons, tmp_path, drives, ["disk0"])
     p.same("query-block")
@@ -214,30 +215,6 @@ def test_inconsistent_and_read_only_bitmaps(daemons: Daemons, tmp_path: Path) ->
     p.same("query-block")
     p.quit(daemons)
     _files_equal(tmp_path, "a.qcow2", "ro.qcow2")
-
-
-def _set_in_use(img: Path, name: str) -> None:
-    """Set the in_use flag of bitmap ``name`` in the directory (what a crashed writer leaves)."""
-    import struct
-
-    raw = bytearray(img.read_bytes())
-    hdr_len = struct.unpack_from(">I", raw, 100)[0]
-    off = hdr_len
-    while True:
-        t, n = struct.unpack_from(">II", raw, off)
-        if t == 0x23852875:
-            _, _, dsize, doff = struct.unpack_from(">IIQQ", raw, off + 8)
-            break
-        assert t != 0
-        off += 8 + ((n + 7) & ~7)
-    p = doff
-    while p < doff + dsize:
-        _, _, flags, _, _, nsize, esize = struct.unpack_from(">QIIBBHI", raw, p)
-        if raw[p + 24 : p + 24 + nsize] == name.encode():
-            struct.pack_into(">I", raw, p + 12, flags | 1)
-        p += (24 + nsize + esize + 7) & ~7
-    img.write_bytes(bytes(raw))
-
 
 
 def test_killed_daemon_leaves_bitmaps_in_use_never_wrong(daemons: Daemons, tmp_path: Path) -> None:

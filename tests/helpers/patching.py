@@ -96,3 +96,24 @@ def patched_copy(src: Path, dst: Path, fields: Iterable[Field], *, size: int | N
     if size is not None:
         data = data[:size] + bytes(max(0, size - len(data)))
     dst.write_bytes(bytes(data))
+
+
+def set_bitmap_in_use(img: Path, name: str) -> None:
+    """Set the in_use flag of bitmap ``name`` in the directory (what a crashed writer leaves)."""
+    raw = bytearray(img.read_bytes())
+    hdr_len = struct.unpack_from(">I", raw, 100)[0]
+    off = hdr_len
+    while True:
+        t, n = struct.unpack_from(">II", raw, off)
+        if t == 0x23852875:
+            _, _, dsize, doff = struct.unpack_from(">IIQQ", raw, off + 8)
+            break
+        assert t != 0
+        off += 8 + ((n + 7) & ~7)
+    p = doff
+    while p < doff + dsize:
+        _, _, flags, _, _, nsize, esize = struct.unpack_from(">QIIBBHI", raw, p)
+        if raw[p + 24 : p + 24 + nsize] == name.encode():
+            struct.pack_into(">I", raw, p + 12, flags | 1)
+        p += (24 + nsize + esize + 7) & ~7
+    img.write_bytes(bytes(raw))

@@ -474,7 +474,8 @@ def sources_of(nodes: list[Node]) -> list[Source]:
 def convert_copy(sources: list[Source], target: Target, progress: Progress, *, has_backing: bool,
                  compressed: bool, min_sparse: int, has_zero_init: bool | None = None,
                  in_flight: int | None = None,
-                 before_abort: Callable[[BaseException], None] | None = None) -> None:
+                 before_abort: Callable[[BaseException], None] | None = None,
+                 before_finish: Callable[[Node], None] | None = None) -> None:
     """Copy the concatenated ``sources`` into ``target`` as qemu-img convert does, then finish it.
 
     ``has_backing``: the target has a backing file (ranges the sources leave
@@ -485,7 +486,8 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
     On any failure the target is aborted (closed), after ``before_abort`` got the exception: qemu-img
     reports a failed copy before it closes the target, whose cache flushes may report more.
     ``in_flight`` bounds the pieces read ahead of the writes (qemu-img's ``-m``; default
-    :attr:`ReadAhead.DEPTH`).
+    :attr:`ReadAhead.DEPTH`).  ``before_finish`` gets the target's node once every write is done and
+    before it is finished (``convert --bitmaps`` adds the source's bitmaps there).
     """
     try:
         copier = Copier(sources, target_has_backing=has_backing, compressed=compressed,
@@ -543,6 +545,8 @@ def convert_copy(sources: list[Source], target: Target, progress: Progress, *, h
                 target.wait()
             except WriteFailed as wf:
                 raise _write_error(wf.exc, wf.offset) from wf.exc
+        if before_finish is not None:  # (every write is done: convert --bitmaps adds the bitmaps here)
+            before_finish(target.node)
         target.finish()
     except BaseException as exc:
         if before_abort is not None:
@@ -1033,10 +1037,12 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
     if status == BLK_ZERO:
         if not has_zero_init:
             target.write_zeroes(sector * SECTOR, n * SECTOR)
+            target.written(sector * SECTOR, n * SECTOR)
         return
     assert data is not None
     if not copier.min_sparse:
         _write(target, sector * SECTOR, data, mapped, 0, compressed=copier.compressed)
+        target.written(sector * SECTOR, n * SECTOR)
         return
     if copier.compressed:
         # one cluster at a time, as qemu-img: an all-zero cluster is skipped (or zeroed), not compressed
@@ -1047,6 +1053,9 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
                 target.write((sector + i) * SECTOR, data[i * SECTOR:(i + k) * SECTOR], compressed=True)
             elif not has_zero_init:
                 target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
+            else:
+                continue
+            target.written((sector + i) * SECTOR, k * SECTOR)
         return
     assert zero is not None
     i = 0
@@ -1054,8 +1063,10 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
         if is_data:
             _write(target, (sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], mapped, i * SECTOR)
+            target.written((sector + i) * SECTOR, k * SECTOR)
         elif not has_zero_init:
             target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
+            target.written((sector + i) * SECTOR, k * SECTOR)
         i += k
 
 

@@ -350,6 +350,9 @@ class FormatDriver:
                                                           has_backing=has_backing))
 
     # -- persistent dirty bitmaps (vdkit.block.dirty_bitmap) ------------------------------------
+    # the image can store bitmaps (``qemu-img convert --bitmaps`` asks the source and the target)
+    supports_persistent_bitmaps = False
+
     def load_dirty_bitmaps(self) -> list[DirtyBitmap]:
         """The bitmaps the image stores, newest first (a writable open marks them in use on disk)."""
         return []

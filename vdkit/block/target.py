@@ -55,6 +55,16 @@ class Target:
     def __init__(self, node: Node, *, has_zero_init: bool) -> None:
         self.node = node
         self.has_zero_init = has_zero_init
+        # the image's recording dirty bitmaps (an existing target, -n): every write marks them, as
+        # QEMU's block layer does for any write to a node (a new image has none)
+        self.recording = [b for b in node.bitmaps if b.enabled and not b.inconsistent and not b.readonly]
+
+    def written(self, offset: int, length: int) -> None:
+        """``[offset, offset+length)`` was written (data or zeros): the recording bitmaps mark it."""
+        if self.recording:
+            from vdkit.block.dirty_bitmap import mark_write
+
+            mark_write(self.recording, offset, length)
 
     def write(self, offset: int, data: bytes | memoryview, *, compressed: bool = False) -> None:
         raise NotImplementedError

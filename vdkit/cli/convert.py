@@ -68,6 +68,8 @@ class ConvertArgs:
         self.salvage = False
         self.src_cache: str | None = None
         self.in_flight: int | None = None  # -m
+        self.bitmaps = False  # --bitmaps: the source's persistent bitmaps are copied too
+        self.skip_broken_bitmaps = False
 
 
 def parse(argv: list[str]) -> ConvertArgs:
@@ -134,16 +136,22 @@ def parse(argv: list[str]) -> ConvertArgs:
             a.salvage = True
         elif key == "r":
             cvtnum("rate limit", value or "")  # validated; a rate limit changes no byte of the result
-        elif key in ("W", "bitmaps", "skip-broken-bitmaps"):
-            pass  # out-of-order writes, bitmap copying: no effect on the data
+        elif key == "W":
+            pass  # out-of-order writes: no effect on the result
+        elif key == "bitmaps":
+            a.bitmaps = True
+        elif key == "skip-broken-bitmaps":
+            a.skip_broken_bitmaps = True
         elif key == "image-opts":
             a.image_opts = True
         elif key == "target-image-opts":
             a.target_image_opts = True
         # --object: created (checked) by getopt_long; objects do not change a copy
+    # qemu-img's checks after option parsing, in its order
+    if a.skip_broken_bitmaps and not a.bitmaps:
+        raise VdkitError("Use of --skip-broken-bitmaps requires --bitmaps")
     if a.quiet:
         a.progress = False
-    # qemu-img's checks after option parsing, in its order
     if a.compressed and a.copy_offload:
         raise VdkitError("Cannot enable copy offloading when -c is used")
     if a.sparse_given and a.copy_offload:
@@ -197,6 +205,8 @@ def run(a: ConvertArgs) -> int:
         # under --target-image-opts -O is refused when the target is opened (after the sources)
         if not registry.is_known(a.out_fmt) and not a.target_image_opts:
             raise VdkitError(f"Unknown file format '{a.out_fmt}'")
+        if a.bitmaps:
+            _check_bitmap_source(nodes, skip_broken=a.skip_broken_bitmaps)
         backing = a.backing or _option_value(a.options, "backing_file")
         if a.target_is_zero and backing:
             # qemu-img says so and stops, but exits with status 0
@@ -277,6 +287,14 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     sources = sources_of(nodes)
     total_bytes = sum(s.sectors for s in sources) * SECTOR
     target = _open_target(a, total_bytes)
+    copy_bitmaps = None
+    if a.bitmaps:
+        if not target.node.driver.supports_persistent_bitmaps:
+            target.abort()  # (the new file stays, as qemu-img leaves it)
+            raise VdkitError(f"Format driver '{target.node.driver.format_name}' does not support bitmaps")
+
+        def copy_bitmaps(dst: Node) -> None:
+            _copy_bitmaps(nodes[0], dst, skip_broken=a.skip_broken_bitmaps)
     progress = Progress(a.progress)
     reported: list[BaseException] = []
 
@@ -292,7 +310,7 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     try:
         convert_copy(sources, target, progress, has_backing=a.backing is not None, compressed=a.compressed,
                      min_sparse=a.min_sparse, has_zero_init=target.has_zero_init and not a.backing,
-                     in_flight=a.in_flight, before_abort=report_first)
+                     in_flight=a.in_flight, before_abort=report_first, before_finish=copy_bitmaps)
     except VdkitError as exc:
         if exc in reported:
             return 1
@@ -300,6 +318,51 @@ def _convert(a: ConvertArgs, nodes: list[Node]) -> int:
     progress.set(100.0)
     progress.end()
     return 0
+
+
+# -- --bitmaps: the single source's persistent bitmaps, checked before the copy, added after it ---
+
+def _check_bitmap_source(nodes: list[Node], *, skip_broken: bool) -> None:
+    if len(nodes) > 1:
+        raise VdkitError("Copying bitmaps only possible with single source")
+    src = nodes[0]
+    if not src.driver.supports_persistent_bitmaps:
+        raise VdkitError("Source lacks bitmap support")
+    if skip_broken:
+        return
+    for bm in src.bitmaps:  # (QEMU's order: the last one loaded first)
+        if bm.persistent and bm.inconsistent:
+            from vdkit.cli.main import PROG
+
+            raise VdkitError(f"Cannot copy inconsistent bitmap '{bm.name}'",
+                             hint=f"Try --skip-broken-bitmaps, or use '{PROG} bitmap --remove' to delete it")
+
+
+def _copy_bitmaps(src: Node, dst: Node, *, skip_broken: bool) -> None:
+    """Each persistent bitmap of ``src`` as a new persistent bitmap of ``dst`` (same name, granularity and
+    enabled state) holding the same bits, once the data is copied; inconsistent ones skipped with a
+    warning under ``--skip-broken-bitmaps`` (refused before the copy otherwise)."""
+    from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, add_bitmap
+
+    for bm in src.bitmaps:
+        if not bm.persistent or bm.name is None:
+            continue
+        if bm.inconsistent and skip_broken:
+            from vdkit.cli.main import warn
+
+            warn(f"Skipping inconsistent bitmap '{bm.name}'")
+            continue
+        try:
+            new = add_bitmap(dst, bm.name, granularity=bm.granularity, persistent=True, disabled=not bm.enabled,
+                             label=dst.filename)
+        except VdkitError as exc:
+            raise VdkitError(f"Failed to create bitmap {bm.name}: {exc.message}") from exc
+        try:
+            bm.check(CHECK_ALLOW_RO)
+            new.check(CHECK_DEFAULT)
+            new.merge_from(bm)
+        except VdkitError as exc:
+            raise VdkitError(f"Failed to populate bitmap {bm.name}: {exc.message}") from exc
 
 
 # -- the target: created (unless -n) and opened here, written by vdkit.block.copy -----------------

@@ -118,7 +118,7 @@ Command syntax:
            -d snapshot] filename
 
 Options qemu-img accepts that cannot change the result are accepted and checked but have no effect:
-convert -T/-C/-W/-r/--salvage/--bitmaps, commit -t/-r, rebase -t/-T, check/compare -T.  (convert -m N
+convert -T/-C/-W/-r/--salvage, commit -t/-r, rebase -t/-T, check/compare -T.  (convert -m N
 sets how many pieces are read ahead of the writes.)
 """
 

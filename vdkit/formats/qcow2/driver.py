@@ -261,6 +261,10 @@ class Qcow2Driver(FormatDriver):
         except OSError as exc:
             raise _io_error(exc) from exc
 
+    @property
+    def supports_persistent_bitmaps(self) -> bool:  # type: ignore[override]
+        return self.header.version >= 3  # (the bitmaps extension is a version 3 feature)
+
     def can_store_bitmap(self, name: str, granularity: int, label: str) -> None:
         from vdkit.formats.qcow2 import bitmaps as qbitmaps
 
