@@ -600,20 +600,12 @@ def _file_layout(path: Path) -> tuple[list[tuple[int, int]], int]:
     """(data ranges by SEEK_DATA/SEEK_HOLE, st_blocks) after the file is written out."""
     import os
 
+    from tests.conftest import data_extents
+
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # ext4 counts delayed allocations differently until they are written out
-        size = os.fstat(fd).st_size
-        ranges = []
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            pos = os.lseek(fd, data, os.SEEK_HOLE)
-            ranges.append((data, pos))
-        return ranges, os.fstat(fd).st_blocks
+        return data_extents(path), os.fstat(fd).st_blocks
     finally:
         os.close(fd)
 

@@ -12,7 +12,6 @@ damage sweep under an address-space limit.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import struct
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_same, check_ok, qemu_img, vdkit_img
+from tests.conftest import assert_same, check_ok, data_extents, qemu_img, vdkit_img
 from tests.formats.ro_diff import same_read_side
 from tests.helpers.disk import PATTERN, src_raw
 from tests.helpers.limited import Sweep, run_limited
@@ -108,26 +107,7 @@ def masked(path: Path) -> tuple[bytes, list[tuple[int, int]]]:
             assert L.crc_ok(bytes(data[pos:pos + length])), f"{path}: log entry at {pos:#x}"
             data[pos + 4:pos + 8] = bytes(4)
             data[pos + 32:pos + 48] = bytes(16)
-    return bytes(data), _extents(path)
-
-
-def _extents(path: Path) -> list[tuple[int, int]]:
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            out.append((start, end))
-            pos = end
-    finally:
-        os.close(fd)
-    return out
+    return bytes(data), data_extents(path)
 
 
 def same_masked(q: Path, v: Path) -> None:
