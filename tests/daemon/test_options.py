@@ -91,9 +91,12 @@ def test_help_lists_the_accepted_options() -> None:
             "-machine": "q35", "-M": "q35", "-accel": "tcg", "-m": "1G", "-name": "x", "-display": "none",
             "-blockdev": "driver=file,node-name=f,filename=x", "-object": "secret,id=s0,data=x"}
     assert listed == {"-h", "-help", *args, "-nographic", "-S", "-daemonize", "-nodefaults", "-v"}
-    for opt in listed - {"-h", "-help"}:
-        parse_args([opt, args[opt]] if opt in args else [opt])  # each is accepted
-        parse_args(["-" + opt, args[opt]] if opt in args else ["-" + opt])
+    from vdkit.block.secrets import OpenScope
+
+    with OpenScope():  # (-object secret registers s0: in a scope of its own, not this process's)
+        for opt in listed - {"-h", "-help"}:
+            parse_args([opt, args[opt]] if opt in args else [opt])  # each is accepted
+            parse_args(["-" + opt, args[opt]] if opt in args else ["-" + opt])
     with pytest.raises(OptionError, match="invalid option"):
         parse_args(["-hda", "x"])
     # the lines copied from qemu-system-x86_64 -h read as there
