@@ -49,7 +49,7 @@ class Source:
 
     __slots__ = ("node", "start", "sectors", "alignment", "size")
 
-    def __init__(self, node: Node, start: int, sectors: int, alignment: int, size: int | None = None) -> None:
+    def __init__(self, node: Node, start: int, sectors: int, alignment: int, size: int) -> None:
         self.node = node
         self.start = start  # first sector in the concatenation
         self.sectors = sectors
@@ -57,7 +57,7 @@ class Source:
         # bytes, as the copy started: a source is open for the whole copy, locked against resizing
         # unless force-shared, and qemu-img too takes each size once (a raw file's size is an fstat:
         # three per piece released and retook the GIL as many times in the read-ahead thread)
-        self.size = sectors * SECTOR if size is None else size
+        self.size = size
 
 
 class Copier:
@@ -1036,13 +1036,11 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         return
     if status == BLK_ZERO:
         if not has_zero_init:
-            target.write_zeroes(sector * SECTOR, n * SECTOR)
-            target.written(sector * SECTOR, n * SECTOR)
+            _write_zeroes(target, sector * SECTOR, n * SECTOR)
         return
     assert data is not None
     if not copier.min_sparse:
         _write(target, sector * SECTOR, data, mapped, 0, compressed=copier.compressed)
-        target.written(sector * SECTOR, n * SECTOR)
         return
     if copier.compressed:
         # one cluster at a time, as qemu-img: an all-zero cluster is skipped (or zeroed), not compressed
@@ -1050,12 +1048,9 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         for i in range(0, n, cs):
             k = min(cs, n - i)
             if not zmap.zeros.startswith(data[i * SECTOR:(i + k) * SECTOR]):
-                target.write((sector + i) * SECTOR, data[i * SECTOR:(i + k) * SECTOR], compressed=True)
+                _write(target, (sector + i) * SECTOR, data[i * SECTOR:(i + k) * SECTOR], None, 0, compressed=True)
             elif not has_zero_init:
-                target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
-            else:
-                continue
-            target.written((sector + i) * SECTOR, k * SECTOR)
+                _write_zeroes(target, (sector + i) * SECTOR, k * SECTOR)
         return
     assert zero is not None
     i = 0
@@ -1063,10 +1058,8 @@ def write_piece(target: Target, copier: Copier, zmap: ZeroMap, status: int, sect
         k, is_data = data_extent(zero, i, n - i, copier.min_sparse, sector + i, copier.alignment)
         if is_data:
             _write(target, (sector + i) * SECTOR, data[i * SECTOR : (i + k) * SECTOR], mapped, i * SECTOR)
-            target.written((sector + i) * SECTOR, k * SECTOR)
         elif not has_zero_init:
-            target.write_zeroes((sector + i) * SECTOR, k * SECTOR)
-            target.written((sector + i) * SECTOR, k * SECTOR)
+            _write_zeroes(target, (sector + i) * SECTOR, k * SECTOR)
         i += k
 
 
@@ -1077,6 +1070,12 @@ def _write(target: Target, offset: int, data: bytes | memoryview, mapped: Mapped
         target.write_from_file(offset, data, mapped.file.fd, mapped.offset + at)
     else:
         target.write(offset, data, compressed=compressed)
+    target.written(offset, len(data))
+
+
+def _write_zeroes(target: Target, offset: int, length: int) -> None:
+    target.write_zeroes(offset, length)
+    target.written(offset, length)
 
 
 def pow2floor(v: int) -> int:
