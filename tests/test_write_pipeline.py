@@ -126,7 +126,7 @@ def small_cache(self, *a, **k):
     self._capacity = 1  # every new table evicts the last one: tables go out while data is in flight
 
 cluster.L2Cache.__init__ = small_cache
-real_pwritev, real_pwrite = ImageFile.pwritev, ImageFile.pwrite
+real_write_parts, real_pwrite = ImageFile.write_parts, ImageFile.pwrite
 count = 0
 tables = 0
 lock = threading.Lock()
@@ -137,39 +137,47 @@ def pwrite(self, off, data):
         tables += 1
     real_pwrite(self, off, data)
 
-def pwritev(self, off, bufs):
+def write_parts(self, off, parts):  # (the writer thread's every data write: buffers or file copies)
     global count
     if os.path.abspath(self.filename) == target and threading.current_thread() is not threading.main_thread():
         with lock:
             count += 1
             hit = count == nth
         if hit:
+            with open(target + ".seen", "w") as f:  # tables written so far, the kinds of this write's parts
+                f.write(" ".join([str(tables), *sorted({type(p).__name__ for p in parts})]))
             if mode == "kill":
-                with open(target + ".tables", "w") as f:
-                    f.write(str(tables))
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(5, "Input/output error")
-    real_pwritev(self, off, bufs)
+    real_write_parts(self, off, parts)
 
-ImageFile.pwritev, ImageFile.pwrite = pwritev, pwrite
+ImageFile.write_parts, ImageFile.pwrite = write_parts, pwrite
 from vdkit.cli.main import main
-sys.exit(main(["convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", sys.argv[3], sys.argv[4]]))
+sys.exit(main(["convert", *sys.argv[5:], "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", sys.argv[3],
+               sys.argv[4]]))
 """
 
 
+@pytest.mark.parametrize("source", ["mapped", "read"])
 @pytest.mark.parametrize("mode", ["kill", "fail"])
-def test_convert_interrupted_with_writes_in_flight(tmp_path: Path, table_backend: str, mode: str) -> None:
+def test_convert_interrupted_with_writes_in_flight(tmp_path: Path, table_backend: str, mode: str,
+                                                   source: str) -> None:
+    """``mapped``: the data is copied from the source file by the kernel (``copy_file_range``);
+    ``read`` (``-U``: the source is not locked against resizing, so not mapped): written from buffers."""
     src = _source(tmp_path / "src.raw", 24)
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT)
+    share = ["-U"] if source == "read" else []
     for nth in (2, 6, 11):  # of 12 data writes (1 MiB each)
         out = tmp_path / f"{mode}{nth}.qcow2"
-        p = subprocess.run([sys.executable, str(script), mode, str(nth), "src.raw", out.name], cwd=tmp_path,
+        p = subprocess.run([sys.executable, str(script), mode, str(nth), "src.raw", out.name, *share], cwd=tmp_path,
                            capture_output=True, text=True, env=tool_env({"PYTHONPATH": str(ROOT)}), timeout=300)
+        tables, *kinds = (tmp_path / f"{out.name}.seen").read_text().split()
+        assert kinds == (["FileBytes"] if source == "mapped" else ["memoryview"])
         if mode == "kill":
             assert p.returncode == -9, p.stderr
             # tables went out while data was in flight (else the barrier was never tested)
-            assert int((tmp_path / f"{out.name}.tables").read_text()) > 0
+            assert int(tables) > 0
             r = qemu_img("check", str(out))
             assert r.returncode in (0, 3), r.stdout + r.stderr  # leaked clusters at most: no corruption
             assert "ERROR" not in r.stdout + r.stderr

@@ -135,30 +135,14 @@ class RawTarget(Target):
         self.file.pwrite(offset, data)
 
     def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
-        """``copy_file_range``: no copy through this process, and a shared extent where the file
-        system reflinks (XFS, btrfs); qemu-img 7.2 copies every byte through user space unless
-        given ``-C``.  Where the kernel cannot (other file systems, old kernels), a plain write."""
-        done = 0
+        """The kernel copies the bytes file to file (:meth:`ImageFile.write_parts`)."""
         self._allocate_for(offset, len(data))
         if self._copy_range:
-            import errno
-            import os
+            from vdkit.io.file import FileBytes
 
-            length = len(data)
-            try:
-                while done < length:
-                    n = os.copy_file_range(fd, self.file.fd, length - done, src_offset + done, offset + done)
-                    if n <= 0:
-                        break
-                    done += n
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
-                                     errno.ETXTBSY, errno.EPERM):
-                    raise
-                self._copy_range = False
-            if done == length:
-                return
-        self.file.pwrite(offset + done, data[done:])
+            self.file.write_parts(offset, [FileBytes(data, fd, src_offset)])
+        else:
+            self.file.pwrite(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.file.punch_hole(offset, length)

@@ -27,7 +27,9 @@ TYPE_CHECKING = False  # typing itself is not imported at run time (start-up cos
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    Buffer = bytes | bytearray | memoryview
+    from vdkit.io.file import FileBytes
+
+    Buffer = bytes | bytearray | memoryview | FileBytes  # (only their lengths are looked at here)
 
 
 class Job:

@@ -42,6 +42,7 @@ from vdkit.formats.qcow2.overlap import (
     first_overlap,
     metadata_end,
 )
+from vdkit.io.file import FileBytes, ImageFile
 from vdkit.record import cached_property, record
 
 TYPE_CHECKING = False  # typing, collections and dataclasses are not imported at run time (start-up cost)
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vdkit.formats.qcow2.driver import Qcow2Driver
-    from vdkit.io.file import ImageFile
     from vdkit.io.inflight import InFlight, Job
     from vdkit.io.tables import Backend, Tab
 
@@ -731,7 +731,6 @@ class Qcow2IO:
         The caller must keep each write's buffer unchanged until :meth:`after_writes` says it is done,
         and end with :meth:`stop_pipeline` (which waits).  ``max_bytes`` bounds the data in flight.
         """
-        from vdkit.io.file import ImageFile
         from vdkit.io.inflight import InFlight
 
         # only a local file takes positional writes from several threads (an NBD or RBD file is one
@@ -821,8 +820,8 @@ class Qcow2IO:
             return False
         return True
 
-    def _submit_segments(self, segments: list[tuple[int, bytes | memoryview]], token: tuple[int, int, int, int],
-                         ) -> None:
+    def _submit_segments(self, segments: list[tuple[int, bytes | memoryview | FileBytes]],
+                         token: tuple[int, int, int, int]) -> None:
         """:meth:`_write_segments` in the writer threads (the overlap checks here, first)."""
         assert self._pipe is not None
         l2 = self.drv.clusters.l2
@@ -831,7 +830,7 @@ class Qcow2IO:
         f = self.data_file
         for off, length, parts in _coalesced(segments):
             self._check_overlap(off, length)
-            self._pipe.submit(f.pwritev, off, parts, token)
+            self._pipe.submit(f.write_parts, off, parts, token)
 
     def _writable(self) -> None:
         if self.drv.readonly:
@@ -1015,8 +1014,14 @@ class Qcow2IO:
             return guest - guest % self.cluster_size
         return self.drv.refcounts.alloc_clusters(nb * self.cluster_size)
 
-    def write(self, offset: int, data: bytes, backing: BackingRead | None = None) -> None:
-        """Guest write: in place where the cluster is exclusively ours, else allocate with copy-on-write."""
+    def write(self, offset: int, data: bytes, backing: BackingRead | None = None, *,
+              source: tuple[int, int] | None = None) -> None:
+        """Guest write: in place where the cluster is exclusively ours, else allocate with copy-on-write.
+
+        ``source``: ``data`` are also the bytes at ``(fd, offset)`` of another local file (a mapped
+        piece of ``convert``'s source): whole new clusters are then copied file to file by the
+        kernel (:class:`FileBytes`), the rest is written from ``data``.
+        """
         self._writable()
         self._check_range(offset, len(data))
         if self._write_owned_cluster(offset, data):
@@ -1024,11 +1029,14 @@ class Qcow2IO:
         span = self.geom.l1_span
         pos, end = offset, offset + len(data)
         view = memoryview(data)
+        if source is not None and type(self.data_file) is not ImageFile:
+            source = None  # (only a plain local file takes a copy from another)
         try:
             while pos < end:
                 i1 = pos // span
                 t_end = min(end, (i1 + 1) * span)
-                self._write_table(i1, pos, view[pos - offset : t_end - offset], backing)
+                part = None if source is None else (source[0], source[1] + pos - offset)
+                self._write_table(i1, pos, view[pos - offset : t_end - offset], backing, part)
                 pos = t_end
         except CorruptionEvent:
             self._keep_completed()
@@ -1093,7 +1101,8 @@ class Qcow2IO:
         self._write_inplace(offset // cs, entries, bitmaps, offset, offset + n, memoryview(data), None)
         return True
 
-    def _write_table(self, i1: int, start: int, data: memoryview, backing: BackingRead | None) -> None:
+    def _write_table(self, i1: int, start: int, data: memoryview, backing: BackingRead | None,
+                     source: tuple[int, int] | None = None) -> None:
         """The part of a guest write inside one L2 table.
 
         Clusters we own exclusively are written in place; every maximal run
@@ -1138,7 +1147,7 @@ class Qcow2IO:
                         self._write_new_extended(c, run, host, entries, bitmaps, start, end, data, backing,
                                                  to_free)
                         continue
-                    segments = self._new_cluster_segments(c, run, host, start, end, data, backing)
+                    segments = self._new_cluster_segments(c, run, host, start, end, data, backing, source)
                     lo = i0 + a + pa
                     # into empty entries only (nothing to free): the entries change now; no table naming
                     # them is written before the data
@@ -1201,24 +1210,27 @@ class Qcow2IO:
         return T.flag_runs(entries, lo, hi, _COPIED, some, _COMPRESSED)
 
     def _new_cluster_segments(self, c: int, run: int, host: int, start: int, end: int, data: memoryview,
-                              backing: BackingRead | None) -> list[tuple[int, bytes | memoryview]]:
+                              backing: BackingRead | None, source: tuple[int, int] | None = None,
+                              ) -> list[tuple[int, bytes | memoryview | FileBytes]]:
         """(host, bytes) to write into ``run`` new clusters from cluster ``c`` (standard L2).
 
-        Clusters the write covers come straight from ``data`` (one slice);
-        a partly covered first or last cluster is completed from the current
+        Clusters the write covers come straight from ``data`` (one slice, or the same bytes in the
+        ``source`` file); a partly covered first or last cluster is completed from the current
         view (copy-on-write), computed before any entry changes.
         """
         cs = self.cluster_size
         lo, hi = c * cs, (c + run) * cs
         head = lo < start
         tail = hi > end and (run > 1 or not head)
-        segments: list[tuple[int, bytes | memoryview]] = []
+        segments: list[tuple[int, bytes | memoryview | FileBytes]] = []
         if head:
             segments.append((host, self._overlay(lo, lo + cs, start, end, data, backing)))
         full_lo = lo + cs if head else lo
         full_hi = hi - cs if tail else hi
         if full_hi > full_lo:
-            segments.append((host + full_lo - lo, data[full_lo - start : full_hi - start]))
+            whole = data[full_lo - start : full_hi - start]
+            segments.append((host + full_lo - lo, whole if source is None
+                             else FileBytes(whole, source[0], source[1] + full_lo - start)))
         if tail:
             segments.append((host + hi - cs - lo, self._overlay(hi - cs, hi, start, end, data, backing)))
         return segments
@@ -1295,12 +1307,15 @@ class Qcow2IO:
         buf[lo - cstart : hi - cstart] = self._overlay(lo, hi, start, end, data, backing)
         return 0, bytes(buf)
 
-    def _write_segments(self, segments: list[tuple[int, bytes | memoryview]]) -> None:
+    def _write_segments(self, segments: Sequence[tuple[int, bytes | memoryview | FileBytes]]) -> None:
         """Write (host, bytes) pieces, neighbours together in one vectored call."""
         f = self.data_file
         for off, length, parts in _coalesced(segments):
             self._check_overlap(off, length)
-            f.pwritev(off, parts)
+            if type(f) is ImageFile:
+                f.write_parts(off, parts)
+            else:  # (never given FileBytes: see write)
+                f.pwritev(off, parts)  # type: ignore[arg-type]
 
     def _check_overlap(self, host: int, size: int, *, ignore: Metadata | None = None) -> None:
         """Refuse a data write into the image's own metadata (QEMU's default "cached" overlap check).
@@ -1697,13 +1712,13 @@ def _coalesce(kinds: np.ndarray, hosts: np.ndarray, valid: np.ndarray, unit: int
                                      hosts[starts].tolist(), valid[starts].tolist(), strict=True)]
 
 
-def _coalesced(segments: Sequence[tuple[int, bytes | memoryview]]
-               ) -> Iterator[tuple[int, int, list[bytes | bytearray | memoryview]]]:
+def _coalesced(segments: Sequence[tuple[int, bytes | memoryview | FileBytes]]
+               ) -> Iterator[tuple[int, int, list[bytes | bytearray | memoryview | FileBytes]]]:
     """(host, bytes) pieces as ``(host, length, parts)``: neighbours joined for one vectored write."""
     i = 0
     while i < len(segments):
         off, chunk = segments[i]
-        parts: list[bytes | bytearray | memoryview] = [chunk]
+        parts: list[bytes | bytearray | memoryview | FileBytes] = [chunk]
         nxt = off + len(chunk)
         i += 1
         while i < len(segments) and segments[i][0] == nxt:
