@@ -413,13 +413,31 @@ class _FakeInFlight:
         view[n:] = bytes(len(view) - n)
 
 
+def _walks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each copy, whether its walk ran in a read-ahead thread (``ReadAhead(threaded=)``)."""
+    from vdkit.block import copy as bcopy
+
+    threaded: list[bool] = []
+    real = bcopy.ReadAhead.__init__
+
+    def init(self: bcopy.ReadAhead, *args: object, **kw: object) -> None:
+        threaded.append(bool(kw.get("threaded", True)))
+        real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bcopy.ReadAhead, "__init__", init)
+    return threaded
+
+
 @pytest.mark.parametrize("depth", ["1", "2", "4", "16"])
 @pytest.mark.parametrize("sparse", ["4k", "0"])
-def test_reads_in_flight(workdir: Path, monkeypatch: pytest.MonkeyPatch, depth: str, sparse: str) -> None:
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_reads_in_flight(workdir: Path, monkeypatch: pytest.MonkeyPatch, depth: str, sparse: str, fmt: str) -> None:
     """Data pieces of a source that takes reads in flight (RBD) are read several at a time into the copy's
     buffers and written in order: bytes and allocation map equal qemu-img's for data, zeros written as
     data, short zero stretches, holes and a partial last piece, for -m 1..16 and -S 0; no buffer is
-    passed on or reused before its read is done, at most -m reads are in flight, none is left behind."""
+    passed on or reused before its read is done, at most -m reads are in flight, none is left behind.
+    A raw target is written in the caller's thread while a read-ahead thread walks the source; a qcow2
+    target's writes run in a writer thread and the walk in the caller's."""
     from vdkit.block import copy as bcopy
     from vdkit.cli.main import main
 
@@ -441,22 +459,26 @@ def test_reads_in_flight(workdir: Path, monkeypatch: pytest.MonkeyPatch, depth: 
 
     monkeypatch.setattr(bcopy, "async_file", fake_async_file)
     monkeypatch.chdir(workdir)
-    args = ["convert", "-m", depth, "-S", sparse, "-f", "raw", "-O", "raw", "src.raw"]
-    check_ok(*args, "q.raw", cwd=workdir)
-    assert main([*args, "v.raw"]) == 0
-    assert (workdir / "q.raw").read_bytes() == (workdir / "v.raw").read_bytes()
-    q_map = check_ok("map", "--output=json", "q.raw", cwd=workdir).stdout
-    assert check_ok("map", "--output=json", "v.raw", cwd=workdir).stdout == q_map
+    threaded = _walks(monkeypatch)
+    args = ["convert", "-m", depth, "-S", sparse, "-f", "raw", "-O", fmt, "src.raw"]
+    check_ok(*args, f"q.{fmt}", cwd=workdir)
+    assert main([*args, f"v.{fmt}"]) == 0
+    assert threaded == [fmt == "raw"]
+    assert (workdir / f"q.{fmt}").read_bytes() == (workdir / f"v.{fmt}").read_bytes()
+    q_map = check_ok("map", "--output=json", f"q.{fmt}", cwd=workdir).stdout
+    assert check_ok("map", "--output=json", f"v.{fmt}", cwd=workdir).stdout == q_map
     assert len(fakes) == 1 and fakes[0].started >= 6 and not fakes[0].in_flight
     if depth != "1":
         assert fakes[0].most > 1
 
 
 @pytest.mark.parametrize("fail_at", [0, 1, 4])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_read_in_flight_fails(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                              fail_at: int) -> None:
+                              fail_at: int, fmt: str) -> None:
     """A read in flight that fails is reported as the same read done synchronously is (qemu-img's text,
-    its piece's offset), after every piece before it was written; the reads behind it are waited for."""
+    its piece's offset), after every piece before it was written; the reads behind it are waited for.
+    Both ways of walking (a read-ahead thread for raw, the caller's thread for qcow2)."""
     import errno
     import os
 
@@ -476,7 +498,9 @@ def test_read_in_flight_fails(workdir: Path, monkeypatch: pytest.MonkeyPatch, ca
     monkeypatch.chdir(workdir)
     with monkeypatch.context() as m:
         m.setattr(bcopy, "async_file", fake_async_file)
-        assert main(["convert", "-m", "8", "-f", "raw", "-O", "raw", "src.raw", "v.raw"]) == 1
+        threaded = _walks(m)
+        assert main(["convert", "-m", "8", "-f", "raw", "-O", fmt, "src.raw", f"v.{fmt}"]) == 1
+        assert threaded == [fmt == "raw"]
     in_flight_err = capsys.readouterr().err
     assert not fakes[0].in_flight
     pieces = 0
@@ -492,11 +516,57 @@ def test_read_in_flight_fails(workdir: Path, monkeypatch: pytest.MonkeyPatch, ca
 
     monkeypatch.setattr(bcopy.Copier, "readinto", failing)
     monkeypatch.setattr(bcopy.Copier, "host_extent", lambda self, sector, n: None)
-    assert main(["convert", "-f", "raw", "-O", "raw", "src.raw", "s.raw"]) == 1
+    assert main(["convert", "-f", "raw", "-O", fmt, "src.raw", f"s.{fmt}"]) == 1
     assert capsys.readouterr().err == in_flight_err
     assert f"error while reading at byte {fail_at * (2 << 20)}: Input/output error" in in_flight_err
+    if fmt == "qcow2":
+        assert qemu_img("check", "v.qcow2", cwd=workdir).returncode == 0
+        check_ok("convert", "-O", "raw", "v.qcow2", "v.raw", cwd=workdir)
     written = (workdir / "v.raw").read_bytes()[: fail_at * (2 << 20)]
     assert written == (workdir / "src.raw").read_bytes()[: fail_at * (2 << 20)]
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_write_fails_with_reads_in_flight(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], fail_at: int) -> None:
+    """A qcow2 target's write failing while the walk (in the caller's thread) has reads in flight:
+    qemu-img's message, an image ``qemu-img check`` finds clean, and every read finished before the
+    copy returns (the walk is closed, its buffers no longer the reads')."""
+    import errno
+    import os
+
+    from vdkit.block import copy as bcopy
+    from vdkit.cli.main import main
+    from vdkit.io.file import ImageFile
+
+    rnd = random.Random(5)
+    with open(workdir / "src.raw", "wb") as f:
+        f.write(rnd.randbytes(16 << 20))
+    fakes: list[_FakeInFlight] = []
+
+    def fake_async_file(node: object, filename: str, layer: int) -> _FakeInFlight:
+        fake = _FakeInFlight(node.driver.file.fd, filename, 8)  # type: ignore[attr-defined]
+        fakes.append(fake)
+        return fake
+
+    real, writes = ImageFile.write_parts, []
+
+    def failing(self: ImageFile, offset: int, parts: list[bytes | bytearray | memoryview]) -> None:
+        writes.append(offset)
+        if len(writes) == fail_at + 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(self, offset, parts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bcopy, "async_file", fake_async_file)
+    monkeypatch.setattr(ImageFile, "write_parts", failing)
+    monkeypatch.chdir(workdir)
+    threaded = _walks(monkeypatch)
+    assert main(["convert", "-m", "8", "-f", "raw", "-O", "qcow2", "src.raw", "v.qcow2"]) == 1
+    assert threaded == [False]
+    err = capsys.readouterr().err
+    assert err.startswith("vdkit-img: error while writing at byte ") and err.endswith(": Input/output error\n"), err
+    assert fakes[0].started > fail_at + 1 and not fakes[0].in_flight
+    assert qemu_img("check", "v.qcow2", cwd=workdir).returncode == 0
 
 
 @pytest.mark.parametrize("window", [3 << 20, 32 << 20, 0], ids=["3M", "32M", "no-madvise"])

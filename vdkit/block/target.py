@@ -51,6 +51,9 @@ class Target:
     compressed_only = False  # the format takes compressed writes only (vmdk streamOptimized)
     # data may come as views of mapped source files (block.copy.Mapped): writes must not keep them
     maps_sources = False
+    # the data writes run in a thread of their own (write returns before the data is written, and
+    # after_writes says when): the copy then reads in the caller's thread (block.copy.ReadAhead)
+    writes_behind = False
 
     def __init__(self, node: Node, *, has_zero_init: bool) -> None:
         self.node = node

@@ -739,6 +739,11 @@ class Qcow2IO:
         if self._pipe is None and type(f) is ImageFile:
             self._pipe = InFlight(threads, max_bytes)
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether allocating writes return before their data is written (:meth:`start_pipeline`)."""
+        return self._pipe is not None
+
     def stop_pipeline(self) -> None:
         """Wait for the writes in flight and go back to synchronous writes (a failure stays pending)."""
         pipe = self._pipe

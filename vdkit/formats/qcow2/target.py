@@ -41,6 +41,7 @@ class Qcow2Target(Target):
         self._ahead: ImageFile | None = None
         if not compressed and self.WRITERS:
             self.io.start_pipeline(self.WRITERS, self.IN_FLIGHT_BYTES)
+            self.writes_behind = self.io.pipelined
             if created:
                 self._allocate_ahead()
 
