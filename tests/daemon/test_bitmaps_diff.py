@@ -147,6 +147,16 @@ EDIT_CASES: list[tuple[str, dict[str, Any]]] = [
     ("transaction", {"actions": [
         {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "t1", "persistent": True}},
         {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "p1"}}]}),
+    # a merge in a transaction that fails later is undone (p2 is stored: the files show it), then one that stays
+    ("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-merge", "data": {"node": "disk0", "target": "p2", "bitmaps": ["p1", "b0"]}},
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "p1"}}]}),
+    ("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-merge", "data": {"node": "disk0", "target": "p2",
+                                                       "bitmaps": [{"node": "disk1", "name": "s1"}]}},
+        {"type": "block-dirty-bitmap-merge", "data": {"node": "disk0", "target": "p2", "bitmaps": ["nob"]}}]}),
+    ("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-merge", "data": {"node": "disk0", "target": "p2", "bitmaps": ["b0"]}}]}),
 ]
 
 

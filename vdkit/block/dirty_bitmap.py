@@ -27,7 +27,7 @@ from vdkit.errors import VdkitError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from vdkit.block.node import Node
 
@@ -450,6 +450,24 @@ def add_bitmap(node: Node, name: str, *, granularity: int | None, persistent: bo
     bm = DirtyBitmap(name, granularity, node.size, enabled=not disabled, persistent=persistent)
     node.bitmaps.insert(0, bm)
     return bm
+
+
+def merge_bitmaps(target: DirtyBitmap, sources: Iterable[DirtyBitmap]) -> None:
+    """Set in ``target`` every granule one of ``sources`` marks: the one merge behind QMP's
+    ``block-dirty-bitmap-merge``, ``qemu-img bitmap --merge`` and ``convert --bitmaps``.
+
+    Each source is checked (a read-only one may be read) and gathered into a bitmap of the
+    target's shape as it comes, so a lazy ``sources`` that fails to find its next bitmap fails
+    after the earlier ones were checked, as QEMU's loop over its list does; the target is checked
+    last.  ``target`` changes only after every check passed and then cannot fail, so a caller
+    that keeps its old bits (a transaction) has all it needs to undo.
+    """
+    union = DirtyBitmap(None, target.granularity, target.size)
+    for src in sources:
+        src.check(CHECK_ALLOW_RO)
+        union.merge_from(src)
+    target.check(CHECK_DEFAULT)
+    target.merge_from(union)
 
 
 def remove_bitmap(node: Node, bm: DirtyBitmap) -> None:

@@ -98,13 +98,7 @@ def run(filename: str, fmt: str | None, name: str, actions: list[tuple[str, str 
 
 def _apply(node: Node, src: Node, name: str, op: str, value: str | None, *, granularity: int | None,
            add_disabled: bool, label: str) -> None:
-    from vdkit.block.dirty_bitmap import (
-        CHECK_ALLOW_RO,
-        CHECK_DEFAULT,
-        DirtyBitmap,
-        add_bitmap,
-        remove_bitmap,
-    )
+    from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, add_bitmap, merge_bitmaps, remove_bitmap
 
     if op == "add":
         add_bitmap(node, name, granularity=granularity, persistent=True, disabled=add_disabled, label=label)
@@ -125,8 +119,4 @@ def _apply(node: Node, src: Node, name: str, op: str, value: str | None, *, gran
         source = src.find_bitmap(value)
         if source is None:
             raise VdkitError(f"Dirty bitmap '{value}' not found")
-        source.check(CHECK_ALLOW_RO)
-        anon = DirtyBitmap(None, bm.granularity, bm.size)
-        anon.merge_from(source)
-        bm.check(CHECK_DEFAULT)
-        bm.merge_from(anon)
+        merge_bitmaps(bm, [source])

@@ -342,7 +342,7 @@ def _copy_bitmaps(src: Node, dst: Node, *, skip_broken: bool) -> None:
     """Each persistent bitmap of ``src`` as a new persistent bitmap of ``dst`` (same name, granularity and
     enabled state) holding the same bits, once the data is copied; inconsistent ones skipped with a
     warning under ``--skip-broken-bitmaps`` (refused before the copy otherwise)."""
-    from vdkit.block.dirty_bitmap import CHECK_ALLOW_RO, CHECK_DEFAULT, add_bitmap
+    from vdkit.block.dirty_bitmap import add_bitmap, merge_bitmaps
 
     for bm in src.bitmaps:
         if not bm.persistent or bm.name is None:
@@ -358,9 +358,7 @@ def _copy_bitmaps(src: Node, dst: Node, *, skip_broken: bool) -> None:
         except VdkitError as exc:
             raise VdkitError(f"Failed to create bitmap {bm.name}: {exc.message}") from exc
         try:
-            bm.check(CHECK_ALLOW_RO)
-            new.check(CHECK_DEFAULT)
-            new.merge_from(bm)
+            merge_bitmaps(new, [bm])
         except VdkitError as exc:
             raise VdkitError(f"Failed to populate bitmap {bm.name}: {exc.message}") from exc
 

@@ -20,6 +20,7 @@ from vdkit.block.dirty_bitmap import (
     CHECK_RO,
     DirtyBitmap,
     add_bitmap,
+    merge_bitmaps,
     remove_bitmap,
 )
 from vdkit.errors import VdkitError
@@ -27,7 +28,7 @@ from vdkit.info.model import BlockDirtyInfo
 from vdkit.monitor.commands import Arg, CommandContext, CommandRegistry, opt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from vdkit.block.node import Node
     from vdkit.devices.registry import DeviceRegistry
@@ -153,11 +154,10 @@ def block_dirty_bitmap_disable(ctx: CommandContext, args: dict[str, Any]) -> Non
     bm.enabled = False
 
 
-def merged(machine: DeviceRegistry, args: dict[str, Any]) -> tuple[DirtyBitmap, DirtyBitmap]:
-    """(target, what it becomes): the sources merged into a copy, so a failure changes nothing."""
-    node, dst = _find(machine, args["node"], args["target"])
-    anon = DirtyBitmap(None, dst.granularity, dst.size)
-    for src_ref in args["bitmaps"]:
+def _merge_sources(machine: DeviceRegistry, node: Node, refs: list[Any]) -> Iterator[DirtyBitmap]:
+    """The ``bitmaps`` of a merge one by one (a name on the target's node, or a node and a name), found
+    as the merge reaches each: a missing one fails after the ones before it were checked."""
+    for src_ref in refs:
         if isinstance(src_ref, str):
             src = node.find_bitmap(src_ref)
             if src is None:
@@ -167,17 +167,20 @@ def merged(machine: DeviceRegistry, args: dict[str, Any]) -> tuple[DirtyBitmap, 
             _, src = _find(machine, src_ref["node"], src_ref["name"])
         else:
             raise VdkitError("Invalid parameter type for 'bitmaps', expected: BlockDirtyBitmapOrStr")
-        src.check(CHECK_ALLOW_RO)
-        anon.merge_from(src)
-    dst.check(CHECK_DEFAULT)
-    result = dst.copy(dst.name)
-    result.merge_from(anon)
-    return dst, result
+        yield src
+
+
+def merge(machine: DeviceRegistry, args: dict[str, Any]) -> tuple[DirtyBitmap, bytearray]:
+    """Merge ``bitmaps`` into ``target``: (the target, its bits before), which undo the merge; a
+    failure changes nothing."""
+    node, dst = _find(machine, args["node"], args["target"])
+    old = dst.bits.copy()
+    merge_bitmaps(dst, _merge_sources(machine, node, args["bitmaps"]))
+    return dst, old
 
 
 def block_dirty_bitmap_merge(ctx: CommandContext, args: dict[str, Any]) -> None:
-    dst, result = merged(ctx.machine, args)
-    dst.bits = result.bits
+    merge(ctx.machine, args)
 
 
 # -- transaction actions (prepare; the returned callable undoes) ------------------------------------
@@ -199,9 +202,7 @@ def prepare_action(machine: DeviceRegistry, kind: str, data: dict[str, Any]) -> 
         remove(machine, data)
         return lambda: None
     if kind == "block-dirty-bitmap-merge":
-        dst, result = merged(machine, data)
-        old = dst.bits
-        dst.bits = result.bits
+        dst, old = merge(machine, data)
 
         def undo_merge() -> None:
             dst.bits = old
