@@ -613,6 +613,20 @@ def test_mapped_windows(workdir: Path, monkeypatch: pytest.MonkeyPatch, window: 
         assert len(windows) <= (2 * (24 << 20)) // window + 2
 
 
+def test_allocate_asks_on_ext4_what_stat_sees(tmp_path: Path) -> None:
+    """``ImageFile.on_ext4``, which the allocating tests below take as given, against coreutils'
+    ``stat -f`` on the same folder (ext2/3/4's magic, ``ef53``)."""
+    import subprocess
+
+    from vdkit.io.file import ImageFile
+
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    seen = subprocess.run(["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True, check=True)
+    with ImageFile(path, readonly=True) as f:
+        assert f.on_ext4() == (seen.stdout.strip() == "ef53")
+
+
 @pytest.mark.parametrize("refused", [False, True], ids=["allocated", "refused"])
 def test_raw_target_allocates_what_it_writes(workdir: Path, monkeypatch: pytest.MonkeyPatch, refused: bool) -> None:
     """A raw target on ext4 gets the blocks of each big data write allocated first (fallocate keeping
@@ -659,7 +673,7 @@ def test_raw_target_allocates_what_it_writes(workdir: Path, monkeypatch: pytest.
             os.close(fd)
     assert blocks[0] == blocks[1]
     with ImageFile(workdir / "v.raw", readonly=True) as f:
-        ext4 = f.fs_magic() == btarget._EXT_MAGIC
+        ext4 = f.on_ext4()
     if refused:
         assert len(calls) == int(ext4)
     else:
@@ -691,7 +705,6 @@ def test_qcow2_target_allocates_ahead(workdir: Path, monkeypatch: pytest.MonkeyP
     file may have an extent more than qemu-img's, and from five extents on one 4 KiB tree block.)
     A refused allocation is not asked again and the writes go on as before; a copy smaller than the
     first chunk, and an image of clusters below 64 KiB, allocate nothing ahead."""
-    from vdkit.block import target as btarget
     from vdkit.cli.main import main
     from vdkit.formats.qcow2.target import Qcow2Target
     from vdkit.io.file import ImageFile
@@ -730,7 +743,7 @@ def test_qcow2_target_allocates_ahead(workdir: Path, monkeypatch: pytest.MonkeyP
     if mode in ("refused", "small-copy"):  # written as before: the same blocks
         assert v_blocks == q_blocks
     with ImageFile(workdir / "v.qcow2", readonly=True) as f:
-        ext4 = f.fs_magic() == btarget._EXT_MAGIC
+        ext4 = f.on_ext4()
     ahead = ext4 and opts != "cluster_size=4096"  # (not below 64 KiB clusters: see Qcow2Target)
     if not ahead or mode in ("refused", "small-copy"):
         assert len(calls) == int(ahead and mode == "refused")

@@ -101,7 +101,6 @@ class Target:
         self.node.close()
 
 
-_EXT_MAGIC = 0xEF53  # statfs f_type of ext2/3/4
 _ALLOCATE_MIN = 128 << 10  # smaller writes save less than the extra system call costs
 
 
@@ -129,7 +128,7 @@ class RawTarget(Target):
         if self._allocate is False or length < _ALLOCATE_MIN:
             return
         if self._allocate is None:  # (asked at the first big write: small copies never import ctypes)
-            self._allocate = self.file.fs_magic() == _EXT_MAGIC
+            self._allocate = self.file.on_ext4()
         if self._allocate and not self.file.allocate(offset, length):
             self._allocate = False  # refused (no space, no extents: ext3): the write says what it must
 

@@ -44,6 +44,8 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # and a request beyond this fails with EIO as in QEMU (rather than overflowing an off_t).
 MAX_OFFSET = (1 << 63) - 512
 
+_EXT_MAGIC = 0xEF53  # statfs f_type of ext2/3/4 (ImageFile.on_ext4)
+
 
 # -- QEMU's image locks ----------------------------------------------------------------------------
 
@@ -585,6 +587,12 @@ class ImageFile:
         if fstatfs(self.fd, buf) != 0:
             return None
         return ctypes.c_long.from_buffer(buf).value  # f_type comes first (a long where it is one)
+
+    def on_ext4(self) -> bool:
+        """The file lies on ext4, where the convert targets allocate blocks ahead of their writes
+        (``RawTarget``, ``Qcow2Target``).  ext2 and ext3 share its magic: their ``fallocate`` is
+        refused, and a refused allocation turns the targets' allocating off."""
+        return self.fs_magic() == _EXT_MAGIC
 
     def punch_hole(self, offset: int, length: int, *, extend: bool = True) -> None:
         """Make ``[offset, offset+length)`` read as zeros, deallocating it where the file system can.

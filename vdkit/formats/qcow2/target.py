@@ -61,7 +61,6 @@ class Qcow2Target(Target):
         written in file order (data, L2 tables, refcount blocks), so no gap is allocated that
         qemu-img's file would leave a hole, and the blocks past the end are given back by
         :meth:`finish` or :meth:`abort`."""
-        from vdkit.block.target import _EXT_MAGIC
         from vdkit.io.file import ImageFile
 
         f = self.driver.file
@@ -72,7 +71,7 @@ class Qcow2Target(Target):
             # the file allocated to the image but never written: holes in qemu-img's file that an
             # allocation ahead would fill (1 KiB clusters, 64-bit refcounts: 120 KiB more of 50 MiB)
             return
-        if f.fs_magic() == _EXT_MAGIC:
+        if f.on_ext4():
             # the file's last cluster may be written in part (a new image's L1 table): its tail stays a hole
             cs = self.cluster_size
             f.allocate_ahead(self.ALLOCATE_AHEAD, -(-f.size() // cs) * cs)
