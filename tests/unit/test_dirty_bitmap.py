@@ -8,7 +8,10 @@ the model), the pieces a qcow2 store writes, and resizing must agree with the mo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -193,3 +196,53 @@ def test_search_boundaries() -> None:
             bm.set_dirty(lo * 512, length * 512)
             bm.set_dirty((lo + length + 2) * 512, 512)
             assert list(bm.dirty_runs()) == [(lo * 512, length * 512), ((lo + length + 2) * 512, 512)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(size=st.integers(1, 1 << 22), shift=st.integers(9, 16),
+       sources=st.lists(st.tuples(st.integers(9, 16), spans), max_size=4),
+       fail=st.sampled_from([None, "busy", "readonly", "inconsistent", "missing", "target busy", "target readonly"]),
+       at=st.integers(0, 3))
+def test_merge_bitmaps_all_or_nothing(size: int, shift: int, sources: list[tuple[int, list[tuple[int, int]]]],
+                                      fail: str | None, at: int) -> None:
+    """merge_bitmaps sets each target granule that a byte marked in some source falls in (sources of any
+    granularity), or, when a source cannot be used, cannot be found, or the target cannot be changed,
+    raises that bitmap's error and leaves the target as it was."""
+    from vdkit.block.dirty_bitmap import merge_bitmaps
+    from vdkit.errors import VdkitError
+
+    target = DirtyBitmap("t", 1 << shift, size)
+    target.set_dirty(0, 1)
+    srcs: list[DirtyBitmap] = []
+    want = {0}
+    for i, (s, marks) in enumerate(sources):
+        bm = DirtyBitmap(f"s{i}", 1 << s, size)
+        for off, length in marks:
+            bm.set_dirty(off % size, length)
+        for off, length in bm.dirty_runs():
+            want.update(range(off >> shift, min(off + length - 1, size - 1) // (1 << shift) + 1))
+        srcs.append(bm)
+    before = bytes(target.bits)
+    bad = None
+    if fail is not None and fail.startswith("target"):
+        bad = target
+        target.busy, target.readonly = fail == "target busy", fail == "target readonly"
+    elif fail is not None and srcs:
+        bad = srcs[at % len(srcs)]
+        bad.busy, bad.readonly, bad.inconsistent = fail == "busy", fail == "readonly", fail == "inconsistent"
+
+    def lookup() -> Iterator[DirtyBitmap]:
+        for bm in srcs:
+            if fail == "missing" and bm is bad:
+                raise VdkitError(f"Dirty bitmap '{bm.name}' not found")
+            yield bm
+
+    if bad is None or fail == "readonly":  # (a read-only source may be read)
+        merge_bitmaps(target, lookup())
+        assert {g for g in range(target.granules) if target.is_set(g)} == want
+        assert target.count() == len(want) << shift
+        return
+    with pytest.raises(VdkitError) as err:
+        merge_bitmaps(target, lookup())
+    assert f"'{bad.name}'" in err.value.message
+    assert bytes(target.bits) == before
