@@ -162,8 +162,9 @@ sys.exit(main(["convert", *sys.argv[5:], "-f", "raw", "-O", "qcow2", "-o", "clus
 @pytest.mark.parametrize("mode", ["kill", "fail"])
 def test_convert_interrupted_with_writes_in_flight(tmp_path: Path, table_backend: str, mode: str,
                                                    source: str) -> None:
-    """``mapped``: the data is copied from the source file by the kernel (``copy_file_range``);
-    ``read`` (``-U``: the source is not locked against resizing, so not mapped): written from buffers."""
+    """``mapped``: the data goes as views of the mapped source (``FileBytes``: copied by the kernel where
+    the file system shares extents, else written from the mapping); ``read`` (``-U``: the source is not
+    locked against resizing, so not mapped): written from buffers."""
     src = _source(tmp_path / "src.raw", 24)
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT)

@@ -137,7 +137,8 @@ class RawTarget(Target):
         self.file.pwrite(offset, data)
 
     def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
-        """The kernel copies the bytes file to file (:meth:`ImageFile.write_parts`)."""
+        """Through :meth:`ImageFile.write_parts`: a shared extent where the file system can (else a
+        write from the mapped view)."""
         self._allocate_for(offset, len(data))
         if self._copy_range:
             from vdkit.io.file import FileBytes

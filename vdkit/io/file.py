@@ -45,6 +45,10 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 MAX_OFFSET = (1 << 63) - 512
 
 _EXT_MAGIC = 0xEF53  # statfs f_type of ext2/3/4 (ImageFile.on_ext4)
+# statfs f_type of the file systems whose copy_file_range can share extents or copy server-side
+# (ImageFile.shares_extents): XFS, btrfs, bcachefs, ZFS (block cloning), OCFS2, NFS, SMB2 and CIFS
+_SHARING_FS = frozenset({0x58465342, 0x9123683E, 0xCA451A4E, 0x2FC12FC1, 0x7461636F, 0x6969, 0xFE534D42,
+                         0xFF534D42})
 
 
 # -- QEMU's image locks ----------------------------------------------------------------------------
@@ -449,10 +453,13 @@ class ImageFile:
 
     def write_parts(self, offset: int, parts: list[bytes | bytearray | memoryview | FileBytes]) -> None:
         """:meth:`pwritev` of parts back to back at ``offset``, where a :class:`FileBytes` part is
-        copied from its file by the kernel (``copy_file_range``): no copy through this process, and
-        a shared extent where the file system reflinks (XFS, btrfs).  qemu-img 7.2 copies every byte
-        through user space unless given ``-C``.  Where the kernel cannot (another file system, an old
-        kernel, a device), the part's bytes are written as usual."""
+        copied from its file by the kernel (``copy_file_range``) on a file system that can share the
+        extent instead of copying (:meth:`shares_extents`: XFS, btrfs, ...).  qemu-img 7.2 copies
+        every byte through user space unless given ``-C``.  Elsewhere (ext4, tmpfs: the kernel would
+        copy page by page through a pipe, which cost more CPU than a write from the part's mapped
+        view once the zero scan has mapped its pages: 2 GiB raw -> qcow2 0.73 against 0.60 s, one
+        core busy 0.57 against 0.48; qcow2 -> raw 0.53 against 0.44), and where the kernel refuses
+        (another file system, an old kernel, a device), the part's bytes are written as usual."""
         buffers: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if type(part) is not FileBytes:
@@ -467,13 +474,15 @@ class ImageFile:
         if buffers:
             self.pwritev(offset, buffers)
 
-    _copy_range = True  # False once copy_file_range was refused for this file
+    _copy_range: bool | None = None  # whether FileBytes go by copy_file_range (None: not asked yet)
 
     def _copy_in(self, offset: int, part: FileBytes) -> None:
         length = len(part)
         _check_range(offset, length)
         done = 0
-        if self._copy_range and not self.is_device:
+        if self._copy_range is None:
+            self._copy_range = not self.is_device and self.shares_extents()
+        if self._copy_range:
             if offset + length > self._ahead_end:
                 self._allocate_to(offset + length)
             try:
@@ -587,6 +596,11 @@ class ImageFile:
         if fstatfs(self.fd, buf) != 0:
             return None
         return ctypes.c_long.from_buffer(buf).value  # f_type comes first (a long where it is one)
+
+    def shares_extents(self) -> bool:
+        """The file lies on a file system whose ``copy_file_range`` can share the source's extents
+        (a reflink, or a server-side copy) rather than copy the bytes through the page cache."""
+        return self.fs_magic() in _SHARING_FS
 
     def on_ext4(self) -> bool:
         """The file lies on ext4, where the convert targets allocate blocks ahead of their writes

@@ -1025,7 +1025,7 @@ class Qcow2IO:
 
         ``source``: ``data`` are also the bytes at ``(fd, offset)`` of another local file (a mapped
         piece of ``convert``'s source): whole new clusters are then copied file to file by the
-        kernel (:class:`FileBytes`), the rest is written from ``data``.
+        kernel where the file system shares extents (:class:`FileBytes`), the rest is written from ``data``.
         """
         self._writable()
         self._check_range(offset, len(data))

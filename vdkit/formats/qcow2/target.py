@@ -9,8 +9,9 @@ Uncompressed data is written in a writer thread while the copy goes on (the
 engine's pipeline, :meth:`vdkit.formats.qcow2.io.Qcow2IO.start_pipeline`): the
 copy hands each buffer back through :meth:`after_writes` once its data is
 written, and a failed write is reported by the next call as :class:`WriteFailed`.
-Whole new clusters whose bytes lie in a mapped source file are copied by the
-kernel from that file (:meth:`write_from_file`), not through this process.
+Whole new clusters whose bytes lie in a mapped source file are copied from
+that file by the kernel where the file system shares extents (XFS, btrfs:
+:meth:`write_from_file`), else written from the mapping.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ class Qcow2Target(Target):
 
     # data writes running at once.  One: ext4 takes the inode's lock for each buffered write, so a
     # second writer into the same file only waits for it, spinning (a quarter of a 2 GiB raw -> qcow2
-    # convert's CPU once the kernel copied the data, rwsem_spin_on_owner in perf); 2 GiB raw -> qcow2,
-    # medians of 9-11 interleaved runs, ratio to qemu-img: idle 1.05-1.15 vs 0.86, one core busy
-    # 0.93-1.15 vs 0.89; a streamOptimized vmdk source (pwritev from buffers) 2.25 vs 2.07
+    # convert's CPU in one perf profile, rwsem_spin_on_owner); a streamOptimized vmdk source, medians
+    # of 5 interleaved runs, ratio to qemu-img: 2.25 against 2.07
     WRITERS = 1
     IN_FLIGHT_BYTES = 8 << 20
     ALLOCATE_AHEAD = 64 << 20
@@ -98,7 +98,8 @@ class Qcow2Target(Target):
             self.io.write(offset, data)  # type: ignore[arg-type]  # (a view: no copy)
 
     def write_from_file(self, offset: int, data: memoryview, fd: int, src_offset: int) -> None:
-        """Whole new clusters are copied file to file by the kernel (:meth:`Qcow2IO.write`'s ``source``)."""
+        """Whole new clusters may share the source's extents (:meth:`Qcow2IO.write`'s ``source``, where
+        the file system can: :meth:`ImageFile.write_parts`)."""
         self._raise_failure()
         self.io.write(offset, data, source=(fd, src_offset))  # type: ignore[arg-type]  # (a view: no copy)
 
