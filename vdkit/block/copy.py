@@ -80,6 +80,8 @@ class Copier:
         # where the current status run's bytes lie plainly in a host file: (layer depth, file name,
         # host offset - guest offset), or None (see host_extent)
         self._host: tuple[int, str, int] | None = None
+        # or, for a data run at no known offset, the layer depth to ask (FormatDriver.data_location)
+        self._locate: int | None = None
         self._plain: dict[tuple[int, int, str], tuple[ImageFile, int] | None] = {}
 
     def _source_at(self, sector: int) -> Source:
@@ -108,7 +110,7 @@ class Copier:
             count = n * SECTOR
             node = src.node
             try:
-                self._host = None
+                self._host = self._locate = None
                 if self.target_has_backing:
                     st = layer_status(node, offset, count)
                     flags, count = st.flags, st.length
@@ -120,6 +122,8 @@ class Copier:
                     count = e.length
                     if e.offset is not None and e.filename is not None:
                         self._host = (e.depth, e.filename, e.offset - offset)
+                    elif e.data and not e.zero:
+                        self._locate = e.depth
             except (VdkitError, OSError) as exc:
                 raise IOFailure(exc, f"error while reading block status at offset {offset}") from exc
             n = (count + SECTOR - 1) // SECTOR
@@ -165,13 +169,26 @@ class Copier:
         (its own or a qcow2 external data file) that this process holds locked against resizing
         (so the range mapped stays inside the file: no ``-U``) and that is long enough.
         """
-        if self._host is None:
-            return None
-        depth, filename, delta = self._host
         src = self._source_at(sector)
         offset = (sector - src.start) * SECTOR
         length = n * SECTOR
         if offset + length > src.size:
+            return None
+        if self._host is not None:
+            depth, filename, delta = self._host
+        elif self._locate is not None:  # asked per piece: a run's bytes need not follow each other
+            depth = self._locate
+            layer: Node | None = src.node
+            for _ in range(depth):
+                layer = layer.backing if layer is not None else None
+            try:
+                where = None if layer is None else layer.driver.data_location(offset, length)
+            except (VdkitError, OSError):
+                where = None  # (then read, which reports what it must)
+            if where is None or where[2] < length:
+                return None
+            filename, delta = where[0], where[1] - offset
+        else:
             return None
         key = (id(src.node), depth, filename)
         if key not in self._plain:

@@ -289,6 +289,13 @@ class FormatDriver:
         """Status of the run at ``offset`` in this layer only (see :mod:`vdkit.block.io`)."""
         raise UnsupportedError(f"Driver '{self.format_name}' does not support block status")
 
+    def data_location(self, offset: int, length: int) -> tuple[str, int, int] | None:
+        """Where this layer's guest bytes at ``offset`` lie as they are in its file, when
+        :meth:`block_status` names no offset because QEMU 7.2's driver reports none (so ``map``
+        must not either): ``(file name, host offset, how many of the ``length`` bytes follow each
+        other there)``, or None.  The copy engine maps data runs by it (``block.copy.Copier``)."""
+        return None
+
     def status_runs(self, offset: int, end: int) -> Iterator[BlockStatus]:
         """This layer's statuses covering ``[offset, end)`` in order: :meth:`block_status` asked at
         each run's start (at most 1 GiB a query, as qemu-img map asks); a format whose runs are at

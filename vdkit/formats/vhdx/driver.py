@@ -379,6 +379,25 @@ class VhdxDriver(FormatDriver):
         # QEMU 7.2's vhdx driver has no block status: everything is data, at no known offset.
         return BlockStatus(DATA, length)
 
+    def data_location(self, offset: int, length: int) -> tuple[str, int, int] | None:
+        """Fully present blocks following each other in the file from ``offset`` (what
+        :meth:`readinto` would read with one request); None unless the first one is."""
+        bs = self.block_size
+        start = -1
+        pos = 0
+        while pos < length:
+            block, inner = divmod(offset + pos, bs)
+            entry = self._entry(block)
+            if entry & L.BAT_STATE_MASK != L.PAYLOAD_FULLY_PRESENT:
+                break
+            host = (entry & L.BAT_OFFSET_MASK) + inner
+            if start < 0:
+                start = host
+            elif host != start + pos:
+                break
+            pos += min(length - pos, bs - inner)
+        return None if start < 0 else (self.file.filename, start, pos)
+
     # -- writing --------------------------------------------------------------------------------
     def _first_write(self) -> None:
         if self._session_guid is None:
