@@ -120,9 +120,9 @@ class RawTarget(Target):
 
         super().__init__(node, has_zero_init=has_zero_init)
         self.file = node.driver.file
-        # a plain local file: bytes already in another file are copied by the kernel
-        self._copy_range = type(self.file) is ImageFile and not self.file.is_device
-        self._allocate: bool | None = None if self._copy_range else False  # None: not known yet
+        # a plain local file: bytes already in another file go through write_parts, blocks may be allocated
+        self._local = type(self.file) is ImageFile and not self.file.is_device
+        self._allocate: bool | None = None if self._local else False  # None: not known yet
 
     def _allocate_for(self, offset: int, length: int) -> None:
         if self._allocate is False or length < _ALLOCATE_MIN:
@@ -140,7 +140,7 @@ class RawTarget(Target):
         """Through :meth:`ImageFile.write_parts`: a shared extent where the file system can (else a
         write from the mapped view)."""
         self._allocate_for(offset, len(data))
-        if self._copy_range:
+        if self._local:
             from vdkit.io.file import FileBytes
 
             self.file.write_parts(offset, [FileBytes(data, fd, src_offset)])

@@ -462,6 +462,8 @@ class ImageFile:
         (another file system, an old kernel, a device), the part's bytes are written as usual."""
         buffers: list[bytes | bytearray | memoryview] = []
         for part in parts:
+            if type(part) is FileBytes and not self._copies():
+                part = part.view  # (with its neighbours in one pwritev, as any buffer)
             if type(part) is not FileBytes:
                 buffers.append(part)  # type: ignore[arg-type]
                 continue
@@ -476,29 +478,32 @@ class ImageFile:
 
     _copy_range: bool | None = None  # whether FileBytes go by copy_file_range (None: not asked yet)
 
+    def _copies(self) -> bool:
+        """Whether FileBytes go by ``copy_file_range`` (asked at the first one: only a copy from a
+        mapped source pays the ``fstatfs``; False once the kernel refused)."""
+        if self._copy_range is None:
+            self._copy_range = not self.is_device and self.shares_extents()
+        return self._copy_range
+
     def _copy_in(self, offset: int, part: FileBytes) -> None:
         length = len(part)
         _check_range(offset, length)
+        if offset + length > self._ahead_end:
+            self._allocate_to(offset + length)
         done = 0
-        if self._copy_range is None:
-            self._copy_range = not self.is_device and self.shares_extents()
-        if self._copy_range:
-            if offset + length > self._ahead_end:
-                self._allocate_to(offset + length)
-            try:
-                while done < length:
-                    n = os.copy_file_range(part.fd, self.fd, length - done, part.offset + done, offset + done)
-                    if n <= 0:
-                        break
-                    done += n
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
-                                     errno.ETXTBSY, errno.EPERM):
-                    raise
-                self._copy_range = False
-            if done == length:
-                return
-        self.pwrite(offset + done, part.view[done:])
+        try:
+            while done < length:
+                n = os.copy_file_range(part.fd, self.fd, length - done, part.offset + done, offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
+                                 errno.ETXTBSY, errno.EPERM):
+                raise
+            self._copy_range = False
+        if done < length:
+            self.pwrite(offset + done, part.view[done:])
 
     def truncate(self, size: int) -> None:
         """Set the file's length; a device keeps its size, and only a size it already has is accepted.

@@ -346,34 +346,22 @@ class VhdxDriver(FormatDriver):
 
     def readinto(self, offset: int, view: memoryview, backing: Callable[[int, int], bytes] | None = None) -> None:
         """Guest bytes into ``view``: blocks that follow each other in the file are read with one
-        request, absent ones zero-filled in place (no copies)."""
+        request (:meth:`data_location`), absent ones zero-filled in place (no copies)."""
         bs = self.block_size
         pos = 0
         n = len(view)
-        run_at = run_host = run_len = 0  # the pending host-contiguous read
         while pos < n:
-            block, inner = divmod(offset + pos, bs)
-            k = min(n - pos, bs - inner)
-            entry = self._entry(block)
-            state = entry & L.BAT_STATE_MASK
-            if state == L.PAYLOAD_FULLY_PRESENT:
-                host = (entry & L.BAT_OFFSET_MASK) + inner
-                if run_len and host == run_host + run_len:
-                    run_len += k
-                else:
-                    if run_len:
-                        self.file.readinto(run_host, view[run_at : run_at + run_len])
-                    run_at, run_host, run_len = pos, host, k
+            where = self.data_location(offset + pos, n - pos)
+            if where is not None:
+                _, host, k = where
+                self.file.readinto(host, view[pos : pos + k])
             else:
-                if run_len:  # earlier data first, as the requests went before
-                    self.file.readinto(run_host, view[run_at : run_at + run_len])
-                    run_len = 0
-                if state in (4, L.PAYLOAD_PARTIALLY_PRESENT):
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                block, inner = divmod(offset + pos, bs)
+                k = min(n - pos, bs - inner)
+                if self._entry(block) & L.BAT_STATE_MASK in (4, L.PAYLOAD_PARTIALLY_PRESENT):
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))  # (after the data before it was read)
                 zero_fill(view[pos : pos + k])
             pos += k
-        if run_len:
-            self.file.readinto(run_host, view[run_at : run_at + run_len])
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         # QEMU 7.2's vhdx driver has no block status: everything is data, at no known offset.
