@@ -178,9 +178,7 @@ class Copier:
             depth, filename, delta = self._host
         elif self._locate is not None:  # asked per piece: a run's bytes need not follow each other
             depth = self._locate
-            layer: Node | None = src.node
-            for _ in range(depth):
-                layer = layer.backing if layer is not None else None
+            layer = layer_at(src.node, depth)
             try:
                 where = None if layer is None else layer.driver.data_location(offset, length)
             except (VdkitError, OSError):
@@ -271,12 +269,18 @@ def plain_file(node: Node, filename: str, depth: int | None = None, *, locked: b
     return None
 
 
-def async_file(node: Node, filename: str, depth: int) -> AsyncFile | None:
-    """The file named ``filename`` in the layer ``depth`` below ``node`` if that layer stores plain,
-    unencrypted data in it and the file takes reads in flight (a protocol's ``start_readinto``)."""
+def layer_at(node: Node, depth: int) -> Node | None:
+    """The layer ``depth`` below ``node`` in its backing chain (None past its end)."""
     layer: Node | None = node
     for _ in range(depth):
         layer = layer.backing if layer is not None else None
+    return layer
+
+
+def async_file(node: Node, filename: str, depth: int) -> AsyncFile | None:
+    """The file named ``filename`` in the layer ``depth`` below ``node`` if that layer stores plain,
+    unencrypted data in it and the file takes reads in flight (a protocol's ``start_readinto``)."""
+    layer = layer_at(node, depth)
     if layer is None:
         return None
     drv = layer.driver
